@@ -1,0 +1,489 @@
+"""`MeritFeatureExtractor`: MERIT's input contract as code.
+
+The most common complaint about ECG foundation models is an undocumented preprocessing contract. Ours is this file,
+saved with every checkpoint as `preprocessor_config.json`:
+
+1. read: an array `(num_samples, num_leads)` as WFDB gives it, with `lead_names` and a **required** `sampling_rate`;
+   or the path of a WFDB record (header + signal file);
+2. leads: names matched case-insensitively (`AVR`, `aVR`, `avr`) and reordered to `lead_names` of the config; a
+   missing lead raises, unless `derive_limb_leads=True` asks for the documented repair (Einthoven / Goldberger);
+3. NaN / inf: raise naming the record and lead, unless `nan_policy="interpolate"` (linear in time);
+4. units: converted to mV (`V`, `mV`, `uV`/`µV`/`μV`); an unknown unit raises; a signal that says mV but is
+   hundreds of mV wide (almost always µV mislabelled) raises;
+5. resample to `sampling_rate` with a polyphase filter (scipy); an input whose Nyquist frequency is below the
+   low-pass cut-off cannot reach the model's band and raises;
+6. band-pass (zero-phase Butterworth, 0.67-40 Hz by default, ST-MEM);
+7. window: records longer than `num_samples` are cropped (`crop="center"` for inference, `"random"` for
+   training, `"start"`); shorter ones raise unless `padding=True`, which pads with zeros at the end and returns
+   `ecg_attention_mask`;
+8. normalise each record (`normalization="zscore_lead"` by default: every lead to mean 0, std 1).
+
+Every error names the record (its path, or its index in the batch) and the problem. This file is Hub remote code:
+it imports numpy, scipy and transformers only; `wfdb` is imported when a path is given.
+"""
+
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import signal as sp_signal
+from transformers import BatchFeature
+from transformers.feature_extraction_utils import FeatureExtractionMixin
+
+from .configuration_merit import STANDARD_LEAD_NAMES
+
+UNIT_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3, "nv": 1e-6}
+NAN_POLICIES = ("raise", "interpolate")
+NORMALIZATIONS = ("zscore_lead", "zscore_record", "none")
+CROPS = ("center", "random", "start")
+
+
+class EcgInputError(ValueError):
+    """A record that breaks the input contract. The message names the record and the problem."""
+
+
+def read_wfdb_record(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a WFDB record (`path` without extension, or with `.hea`) and validate what the header claims.
+
+    Returns `{"signal": (num_samples, num_leads) float64 in the header's units, "sampling_rate", "lead_names",
+    "units", "record": str(path)}`. Raises `EcgInputError` naming the file for a missing or corrupt header, a missing
+    or short signal file, and a header whose signal lines disagree with its record line.
+    """
+    record_path = Path(path)
+    if record_path.suffix in (".hea", ".dat"):
+        record_path = record_path.with_suffix("")
+    header = record_path.with_suffix(".hea")
+    if not header.is_file():
+        raise EcgInputError(f"{header}: WFDB header not found")
+    try:
+        import wfdb
+    except ImportError as error:  # pragma: no cover - wfdb is a dependency of merit_hf
+        raise ImportError("reading WFDB records needs `pip install wfdb`") from error
+    try:
+        meta = wfdb.rdheader(str(record_path))
+    except Exception as error:  # wfdb raises bare TypeError/IndexError on malformed headers
+        raise EcgInputError(f"{header}: corrupt or truncated WFDB header ({type(error).__name__}: {error})") from error
+    if not meta.sig_name or meta.n_sig is None or len(meta.sig_name) != meta.n_sig:
+        raise EcgInputError(
+            f"{header}: corrupt or truncated WFDB header (record line declares {meta.n_sig} signals, "
+            f"{len(meta.sig_name or [])} signal lines found)"
+        )
+    if not meta.fs or meta.fs <= 0:
+        raise EcgInputError(f"{header}: header gives no valid sampling frequency ({meta.fs})")
+    for file_name in sorted(set(meta.file_name or [])):
+        data_file = record_path.parent / file_name
+        if not data_file.is_file():
+            raise EcgInputError(f"{header}: signal file {data_file.name} is missing")
+    try:
+        record = wfdb.rdrecord(str(record_path))
+    except Exception as error:
+        raise EcgInputError(f"{record_path}: cannot read the signal ({type(error).__name__}: {error})") from error
+    signal = record.p_signal
+    if signal is None or signal.ndim != 2 or signal.shape[1] != meta.n_sig:
+        raise EcgInputError(f"{record_path}: signal file does not hold {meta.n_sig} signals")
+    if meta.sig_len and signal.shape[0] != meta.sig_len:
+        raise EcgInputError(
+            f"{record_path}: signal file holds {signal.shape[0]} samples, header declares {meta.sig_len} (truncated?)"
+        )
+    return {
+        "signal": signal,
+        "sampling_rate": float(meta.fs),
+        "lead_names": list(meta.sig_name),
+        "units": list(record.units or ["mV"] * meta.n_sig),
+        "record": str(record_path),
+    }
+
+
+class MeritFeatureExtractor(FeatureExtractionMixin):
+    r"""
+    Turns raw 12-lead ECG records into MERIT's `ecg_values` `(batch, num_leads, num_samples)` float32.
+
+    Args:
+        lead_names (`list[str]`): output lead order (the model's `lead_names`).
+        sampling_rate (`int`, defaults to 250): output sampling rate in Hz (ST-MEM).
+        num_samples (`int`, defaults to 2250): output window (9 s at 250 Hz, ST-MEM).
+        highpass_hz (`float` or `None`, defaults to 0.67): high-pass cut-off; `None` turns it off (ST-MEM).
+        lowpass_hz (`float` or `None`, defaults to 40.0): low-pass cut-off; `None` turns it off (ST-MEM).
+        filter_order (`int`, defaults to 2): order of each Butterworth stage (applied forwards and backwards).
+        normalization (`str`, defaults to `"zscore_lead"`): `"zscore_lead"`, `"zscore_record"` (one mean and std
+            over all leads and samples, ST-MEM) or `"none"` (keep mV).
+        crop (`str`, defaults to `"center"`): where to cut a longer record: `"center"`, `"random"` or `"start"`.
+        padding (`bool`, defaults to `False`): zero-pad shorter records (and return `ecg_attention_mask`) instead of
+            raising.
+        nan_policy (`str`, defaults to `"raise"`): `"raise"` or `"interpolate"` (linear in time; an all-NaN lead
+            still raises).
+        derive_limb_leads (`bool`, defaults to `False`): rebuild missing limb leads from two measured ones
+            (III = II - I, aVR = -(I + II) / 2, aVL = I - II / 2, aVF = II - I / 2). Off by default: a missing lead
+            is an error unless you ask for the repair.
+        max_amplitude_mv (`float`, defaults to 30.0): a lead whose 99th percentile of |x - median| exceeds this
+            (after unit conversion) raises as a likely unit error (an ECG spans a few mV).
+        min_sampling_rate_factor (`float`, defaults to 2.0): inputs below `factor * lowpass_hz` Hz raise (their
+            Nyquist band does not reach the low-pass cut-off).
+        seed (`int` or `None`): seed of the generator used by `crop="random"`.
+
+    Example:
+
+    ```python
+    >>> import numpy as np
+    >>> from merit_hf import MeritFeatureExtractor
+    >>> fe = MeritFeatureExtractor()
+    >>> signal = np.random.randn(5000, 12) * 0.1  # (num_samples, num_leads) in mV, as wfdb gives it
+    >>> leads = ["I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+    >>> fe(signal, sampling_rate=500, lead_names=leads, return_tensors="np")["ecg_values"].shape
+    (1, 12, 2250)
+    ```"""
+
+    model_input_names = ["ecg_values", "ecg_attention_mask"]
+
+    def __init__(
+        self,
+        lead_names: list[str] | tuple[str, ...] = STANDARD_LEAD_NAMES,
+        sampling_rate: int = 250,
+        num_samples: int = 2250,
+        highpass_hz: float | None = 0.67,
+        lowpass_hz: float | None = 40.0,
+        filter_order: int = 2,
+        normalization: str = "zscore_lead",
+        crop: str = "center",
+        padding: bool = False,
+        nan_policy: str = "raise",
+        derive_limb_leads: bool = False,
+        max_amplitude_mv: float = 30.0,
+        min_sampling_rate_factor: float = 2.0,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.lead_names = list(lead_names)
+        self.sampling_rate = int(sampling_rate)
+        self.num_samples = int(num_samples)
+        self.highpass_hz = highpass_hz
+        self.lowpass_hz = lowpass_hz
+        self.filter_order = int(filter_order)
+        self.normalization = normalization
+        self.crop = crop
+        self.padding = bool(padding)
+        self.nan_policy = nan_policy
+        self.derive_limb_leads = bool(derive_limb_leads)
+        self.max_amplitude_mv = float(max_amplitude_mv)
+        self.min_sampling_rate_factor = float(min_sampling_rate_factor)
+        self.seed = seed
+        self._validate_settings()
+        self._rng = np.random.default_rng(seed)
+
+    def _validate_settings(self) -> None:
+        name = type(self).__name__
+        checks = [
+            (self.sampling_rate > 0, "sampling_rate", f"must be positive, got {self.sampling_rate}"),
+            (self.num_samples > 0, "num_samples", f"must be positive, got {self.num_samples}"),
+            (self.normalization in NORMALIZATIONS, "normalization", f"must be one of {NORMALIZATIONS}"),
+            (self.crop in CROPS, "crop", f"must be one of {CROPS}, got {self.crop!r}"),
+            (self.nan_policy in NAN_POLICIES, "nan_policy", f"must be one of {NAN_POLICIES}"),
+            (len({n.lower() for n in self.lead_names}) == len(self.lead_names), "lead_names", "has duplicates"),
+        ]
+        nyquist = self.sampling_rate / 2
+        if self.lowpass_hz is not None:
+            checks.append((0 < self.lowpass_hz < nyquist, "lowpass_hz", f"must be in (0, {nyquist}) Hz"))
+        if self.highpass_hz is not None:
+            upper = self.lowpass_hz if self.lowpass_hz is not None else nyquist
+            checks.append((0 < self.highpass_hz < upper, "highpass_hz", f"must be in (0, {upper}) Hz"))
+        for ok, field, problem in checks:
+            if not ok:
+                raise ValueError(f"{name}.{field}: {problem}")
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output.pop("_rng", None)
+        return output
+
+    @classmethod
+    def from_model_config(cls, ecg_config, **kwargs) -> MeritFeatureExtractor:
+        """The feature extractor that matches a `MeritEcgConfig` (leads, rate, window)."""
+        return cls(
+            lead_names=ecg_config.lead_names,
+            sampling_rate=ecg_config.sampling_rate,
+            num_samples=ecg_config.num_samples,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------------------------------------------------------
+    def __call__(
+        self,
+        ecgs: Any,
+        sampling_rate: float | list[float] | None = None,
+        lead_names: list[str] | list[list[str]] | None = None,
+        units: str | list[str] | None = "mV",
+        return_tensors: str | None = None,
+        padding: bool | None = None,
+        crop: str | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        r"""
+        Args:
+            ecgs: one record or a list: arrays `(num_samples, num_leads)` (the WFDB layout), or paths of WFDB records.
+            sampling_rate: sampling rate in Hz of the arrays (one for all, or one per record). Required for arrays;
+                read from the header for paths (passing a different one for a path raises).
+            lead_names: lead names of the arrays' columns (one list for all, or one per record). Required for arrays.
+            units: unit of the arrays (`"mV"`, `"uV"`/`"µV"`, `"V"`), one for all leads or one per lead.
+            return_tensors: `"pt"`, `"np"` or `None` (lists).
+            padding, crop: override the instance settings for this call.
+        """
+        if kwargs:
+            raise TypeError(f"{type(self).__name__}() got unexpected arguments {sorted(kwargs)}")
+        records = self._as_list(ecgs)
+        if not records:
+            raise EcgInputError("no ECG given (empty list)")
+        padding = self.padding if padding is None else padding
+        crop = self.crop if crop is None else crop
+        if crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+        values, masks = [], []
+        for index, record in enumerate(records):
+            rate = self._per_record(sampling_rate, index, len(records), "sampling_rate")
+            names = lead_names[index] if _is_list_of_lists(lead_names) else lead_names
+            ecg, mask = self.process_one(record, rate, names, units, padding=padding, crop=crop, index=index)
+            values.append(ecg)
+            masks.append(mask)
+        data = {"ecg_values": np.stack(values).astype(np.float32)}
+        if padding:
+            data["ecg_attention_mask"] = np.stack(masks).astype(np.int64)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    @staticmethod
+    def _as_list(ecgs: Any) -> list:
+        if isinstance(ecgs, (str, os.PathLike)):
+            return [ecgs]
+        if isinstance(ecgs, np.ndarray):
+            if ecgs.ndim == 3:
+                return list(ecgs)
+            return [ecgs]
+        if hasattr(ecgs, "numpy") and hasattr(ecgs, "dim"):  # a torch tensor
+            array = ecgs.detach().cpu().numpy()
+            return list(array) if array.ndim == 3 else [array]
+        return list(ecgs)
+
+    @staticmethod
+    def _per_record(value, index: int, count: int, field: str):
+        if isinstance(value, (list, tuple)):
+            if len(value) != count:
+                raise EcgInputError(f"{field}: {len(value)} values given for {count} records")
+            return value[index]
+        return value
+
+    def process_one(
+        self,
+        record: Any,
+        sampling_rate: float | None,
+        lead_names: list[str] | None,
+        units: str | list[str] | None = "mV",
+        padding: bool = False,
+        crop: str = "center",
+        index: int = 0,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One record through the whole contract; returns `(ecg (num_leads, num_samples), attention mask)`."""
+        if isinstance(record, (str, os.PathLike)):
+            read = read_wfdb_record(record)
+            name = read["record"]
+            if sampling_rate is not None and float(sampling_rate) != read["sampling_rate"]:
+                raise EcgInputError(
+                    f"{name}: sampling_rate={sampling_rate} given but the header says {read['sampling_rate']} Hz"
+                )
+            signal, sampling_rate, lead_names, units = (
+                read["signal"],
+                read["sampling_rate"],
+                read["lead_names"],
+                read["units"],
+            )
+        else:
+            name = f"record {index}"
+            signal = np.asarray(record, dtype=np.float64)
+        if sampling_rate is None:
+            raise EcgInputError(
+                f"{name}: sampling_rate is required (the rate in Hz of this array); the model expects "
+                f"{self.sampling_rate} Hz and resamples from whatever you give"
+            )
+        if lead_names is None:
+            raise EcgInputError(
+                f"{name}: lead_names is required (the name of each column), e.g. {list(self.lead_names)}"
+            )
+        signal = self._check_shape(signal, lead_names, name)
+        signal = self._to_millivolt(signal, units, name)
+        signal, lead_names = self._select_leads(signal, list(lead_names), name)
+        signal = self._handle_non_finite(signal, name)
+        self._check_amplitude(signal, name)
+        signal = self._resample(signal, float(sampling_rate), name)
+        signal = self._band_pass(signal)
+        signal, mask = self._fit_window(signal, name, padding=padding, crop=crop)
+        return self._normalize(signal, mask), mask
+
+    # ------------------------------------------------------------------------------------------------------------------
+    def _check_shape(self, signal: np.ndarray, lead_names: list[str], name: str) -> np.ndarray:
+        if signal.ndim != 2:
+            raise EcgInputError(f"{name}: expected a 2-D array (num_samples, num_leads), got shape {signal.shape}")
+        if signal.shape[1] != len(lead_names):
+            hint = " (transposed? arrays are (num_samples, num_leads) as WFDB gives them)"
+            raise EcgInputError(
+                f"{name}: {len(lead_names)} lead names for an array of shape {signal.shape}"
+                + (hint if signal.shape[0] == len(lead_names) else "")
+            )
+        return signal
+
+    def _select_leads(self, signal: np.ndarray, lead_names: list[str], name: str) -> tuple[np.ndarray, list[str]]:
+        wanted = {lead.lower(): lead for lead in self.lead_names}
+        position: dict[str, int] = {}
+        for column, lead in enumerate(lead_names):
+            key = str(lead).strip().lower()
+            if key not in wanted:
+                raise EcgInputError(f"{name}: unknown lead name {lead!r}; expected leads {list(self.lead_names)}")
+            if key in position:
+                raise EcgInputError(f"{name}: lead {lead!r} appears twice")
+            position[key] = column
+        missing = [lead for key, lead in wanted.items() if key not in position]
+        columns = {key: signal[:, col] for key, col in position.items()}
+        if missing and self.derive_limb_leads:
+            columns = _derive_limb_leads(columns, name)
+            missing = [lead for key, lead in wanted.items() if key not in columns]
+        if missing:
+            repair = "" if self.derive_limb_leads else " (derive_limb_leads=True rebuilds limb leads from two)"
+            raise EcgInputError(
+                f"{name}: {len(position)} leads given, {len(self.lead_names)} expected; missing {missing}{repair}"
+            )
+        ordered = np.stack([columns[lead.lower()] for lead in self.lead_names], axis=1)
+        return ordered, list(self.lead_names)
+
+    def _to_millivolt(self, signal: np.ndarray, units: str | list[str] | None, name: str) -> np.ndarray:
+        units = "mV" if units is None else units
+        per_lead = [units] * signal.shape[1] if isinstance(units, str) else list(units)
+        if len(per_lead) != signal.shape[1]:
+            raise EcgInputError(f"{name}: {len(per_lead)} units given for {signal.shape[1]} leads")
+        factors = []
+        for unit in per_lead:
+            key = str(unit).strip().lower()
+            if key not in UNIT_TO_MV:
+                raise EcgInputError(f"{name}: unknown unit {unit!r}; expected one of mV, uV (µV), V")
+            factors.append(UNIT_TO_MV[key])
+        return signal * np.asarray(factors)[None, :]
+
+    def _handle_non_finite(self, signal: np.ndarray, name: str) -> np.ndarray:
+        bad = ~np.isfinite(signal)
+        if not bad.any():
+            return signal
+        for column in np.flatnonzero(bad.any(axis=0)):
+            lead = self.lead_names[column]
+            count = int(bad[:, column].sum())
+            if self.nan_policy == "raise":
+                raise EcgInputError(
+                    f"{name}: lead {lead} has {count} NaN/inf samples (nan_policy='interpolate' repairs gaps)"
+                )
+            if count == len(signal):
+                raise EcgInputError(f"{name}: lead {lead} is entirely NaN/inf; nothing to interpolate from")
+        signal = signal.copy()
+        time = np.arange(len(signal))
+        for column in np.flatnonzero(bad.any(axis=0)):
+            good = ~bad[:, column]
+            signal[:, column] = np.interp(time, time[good], signal[good, column])
+        return signal
+
+    def _check_amplitude(self, signal: np.ndarray, name: str) -> None:
+        spread = np.percentile(np.abs(signal - np.median(signal, axis=0)), 99, axis=0)
+        too_wide = np.flatnonzero(spread > self.max_amplitude_mv)
+        if too_wide.size:
+            leads = [self.lead_names[i] for i in too_wide]
+            raise EcgInputError(
+                f"{name}: leads {leads} span {spread[too_wide].max():.0f} mV after unit conversion (an ECG spans a "
+                f"few mV); the signal is probably in µV: pass units='uV'"
+            )
+
+    def _resample(self, signal: np.ndarray, sampling_rate: float, name: str) -> np.ndarray:
+        if not np.isfinite(sampling_rate) or sampling_rate <= 0:
+            raise EcgInputError(f"{name}: invalid sampling_rate {sampling_rate}")
+        if self.lowpass_hz is not None and sampling_rate < self.min_sampling_rate_factor * self.lowpass_hz:
+            raise EcgInputError(
+                f"{name}: {sampling_rate:g} Hz cannot reach the model's band: its Nyquist frequency "
+                f"{sampling_rate / 2:g} Hz is below the {self.lowpass_hz:g} Hz low-pass cut-off "
+                f"(at least {self.min_sampling_rate_factor * self.lowpass_hz:g} Hz needed)"
+            )
+        if sampling_rate == self.sampling_rate:
+            return signal
+        ratio = Fraction(self.sampling_rate / sampling_rate).limit_denominator(1000)
+        if abs(float(ratio) * sampling_rate - self.sampling_rate) > 1e-6 * self.sampling_rate:
+            raise EcgInputError(f"{name}: cannot resample {sampling_rate:g} Hz to {self.sampling_rate} Hz exactly")
+        return sp_signal.resample_poly(signal, ratio.numerator, ratio.denominator, axis=0)
+
+    def _band_pass(self, signal: np.ndarray) -> np.ndarray:
+        low, high = self.highpass_hz, self.lowpass_hz
+        if low is None and high is None:
+            return signal
+        if low is not None and high is not None:
+            sos = sp_signal.butter(self.filter_order, [low, high], btype="bandpass", fs=self.sampling_rate, output="sos")
+        elif low is not None:
+            sos = sp_signal.butter(self.filter_order, low, btype="highpass", fs=self.sampling_rate, output="sos")
+        else:
+            sos = sp_signal.butter(self.filter_order, high, btype="lowpass", fs=self.sampling_rate, output="sos")
+        return sp_signal.sosfiltfilt(sos, signal, axis=0)
+
+    def _fit_window(
+        self, signal: np.ndarray, name: str, padding: bool, crop: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        length, window = signal.shape[0], self.num_samples
+        mask = np.ones(window, dtype=np.int64)
+        if length < window:
+            if not padding:
+                raise EcgInputError(
+                    f"{name}: {length} samples at {self.sampling_rate} Hz ({length / self.sampling_rate:.2f} s) is "
+                    f"shorter than the {window}-sample window; pass padding=True to zero-pad it"
+                )
+            padded = np.zeros((window, signal.shape[1]))
+            padded[:length] = signal
+            mask[length:] = 0
+            return padded.T, mask
+        if crop == "start":
+            start = 0
+        elif crop == "random":
+            start = int(self._rng.integers(0, length - window + 1))
+        else:
+            start = (length - window) // 2
+        return signal[start : start + window].T, mask
+
+    def _normalize(self, signal: np.ndarray, mask: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+        if self.normalization == "none":
+            return signal
+        valid = signal[:, mask.astype(bool)]
+        if self.normalization == "zscore_record":
+            mean, std = valid.mean(), valid.std()
+        else:
+            mean, std = valid.mean(axis=1, keepdims=True), valid.std(axis=1, keepdims=True)
+        normalized = (signal - mean) / (std + eps)
+        normalized[:, ~mask.astype(bool)] = 0.0
+        return normalized
+
+
+def _is_list_of_lists(value) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and isinstance(value[0], (list, tuple))
+
+
+def _derive_limb_leads(columns: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
+    """Einthoven (I + III = II) and Goldberger (augmented leads) from any two of I, II, III."""
+    lead_i, lead_ii, lead_iii = columns.get("i"), columns.get("ii"), columns.get("iii")
+    if lead_i is None and lead_ii is not None and lead_iii is not None:
+        lead_i = lead_ii - lead_iii
+    if lead_ii is None and lead_i is not None and lead_iii is not None:
+        lead_ii = lead_i + lead_iii
+    if lead_i is None or lead_ii is None:
+        raise EcgInputError(f"{name}: cannot derive limb leads: two of I, II, III are needed")
+    derived = {
+        "i": lead_i,
+        "ii": lead_ii,
+        "iii": lead_ii - lead_i,
+        "avr": -(lead_i + lead_ii) / 2,
+        "avl": lead_i - lead_ii / 2,
+        "avf": lead_ii - lead_i / 2,
+    }
+    return {**derived, **columns}
+
+
+__all__ = ["EcgInputError", "MeritFeatureExtractor", "read_wfdb_record"]

@@ -1,0 +1,129 @@
+"""Shared fixtures: tiny configs with random weights, a tokenizer trained here, and the real PTB-XL records.
+
+Nothing here downloads anything: the Hub is forced offline and HF_HOME is private to the test session.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="merit_hf_test_hf_home_")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_nltk = REPO_ROOT / ".venv" / "nltk_data"
+if _nltk.is_dir():
+    os.environ.setdefault("NLTK_DATA", str(_nltk))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+BUNDLED_PTBXL = REPO_ROOT / "data" / "ptbxl_sample"
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+TINY_REPORTS = [
+    "sinus rhythm normal ecg",
+    "sinus rhythm left ventricular hypertrophy",
+    "atrial fibrillation with rapid ventricular response",
+    "sinus bradycardia st depression in lateral leads",
+    "sinus tachycardia inferior myocardial infarction",
+    "left bundle branch block",
+    "right bundle branch block incomplete",
+    "first degree av block sinus rhythm",
+]
+
+
+def tiny_ecg_config(**overrides):
+    from merit_hf import MeritEcgConfig
+
+    values = {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "decoder_hidden_size": 16,
+        "decoder_num_hidden_layers": 1,
+        "decoder_num_attention_heads": 2,
+        "decoder_intermediate_size": 32,
+    }
+    values.update(overrides)
+    return MeritEcgConfig(**values)
+
+
+def tiny_text_config(vocab_size: int = 120):
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+
+
+def tiny_merit_config(ecg_overrides: dict | None = None, **overrides):
+    from merit_hf import MeritConfig
+
+    return MeritConfig(
+        ecg_config=tiny_ecg_config(**(ecg_overrides or {})),
+        text_config=tiny_text_config(),
+        projection_dim=16,
+        **overrides,
+    )
+
+
+def train_tiny_tokenizer(directory: Path, texts=TINY_REPORTS):
+    """A WordPiece (BERT-style) tokenizer trained here on a few reports, saved and reloaded the standard way."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    backend.train_from_iterator(list(texts) * 4, trainers.WordPieceTrainer(vocab_size=120, special_tokens=special))
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        special_tokens=[("[CLS]", backend.token_to_id("[CLS]")), ("[SEP]", backend.token_to_id("[SEP]"))],
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    tokenizer.save_pretrained(directory)
+    reloaded = AutoTokenizer.from_pretrained(directory)
+    assert len(reloaded) == backend.get_vocab_size(), "tokenizer lost its vocabulary on reload"
+    return reloaded
+
+
+@pytest.fixture
+def tokenizer(tmp_path):
+    return train_tiny_tokenizer(tmp_path / "tokenizer")
+
+
+@pytest.fixture
+def ptbxl_dir() -> Path:
+    return BUNDLED_PTBXL
+
+
+@pytest.fixture
+def shared_ptbxl_dir() -> Path:
+    path = SHARED_DATA / "ptbxl_subset500"
+    if not path.is_dir():
+        pytest.skip(f"{path} not present (the shared data folder sits beside the checkout)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
