@@ -64,6 +64,8 @@ def tiny_text_config(vocab_size: int = 120):
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
 
 

@@ -78,6 +78,7 @@ def read_wfdb_record(path: str | os.PathLike) -> dict[str, Any]:
         data_file = record_path.parent / file_name
         if not data_file.is_file():
             raise EcgInputError(f"{header}: signal file {data_file.name} is missing")
+        _check_signal_file_size(meta, file_name, data_file)
     try:
         record = wfdb.rdrecord(str(record_path))
     except Exception as error:
@@ -96,6 +97,26 @@ def read_wfdb_record(path: str | os.PathLike) -> dict[str, Any]:
         "units": list(record.units or ["mV"] * meta.n_sig),
         "record": str(record_path),
     }
+
+
+# Bytes per sample of the common WFDB storage formats (the WFDB "signal" specification).
+_WFDB_BYTES_PER_SAMPLE = {"8": 1.0, "16": 2.0, "24": 3.0, "32": 4.0, "61": 2.0, "80": 1.0, "160": 2.0, "212": 1.5}
+
+
+def _check_signal_file_size(meta, file_name: str, data_file: Path) -> None:
+    """A signal file shorter than its header declares is truncated; say so before wfdb fails on a reshape."""
+    columns = [i for i, name in enumerate(meta.file_name) if name == file_name]
+    formats = {str(meta.fmt[i]) for i in columns}
+    if len(formats) != 1 or not meta.sig_len or (fmt := formats.pop()) not in _WFDB_BYTES_PER_SAMPLE:
+        return
+    offset = max((meta.byte_offset or [0] * len(meta.fmt))[i] or 0 for i in columns)
+    expected = offset + int(meta.sig_len * len(columns) * _WFDB_BYTES_PER_SAMPLE[fmt])
+    actual = data_file.stat().st_size
+    if actual < expected:
+        raise EcgInputError(
+            f"{data_file}: signal file holds {actual} bytes, the header declares {meta.sig_len} samples x "
+            f"{len(columns)} signals in format {fmt} ({expected} bytes): truncated"
+        )
 
 
 class MeritFeatureExtractor(FeatureExtractionMixin):
@@ -419,16 +440,16 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         if low is None and high is None:
             return signal
         if low is not None and high is not None:
-            sos = sp_signal.butter(self.filter_order, [low, high], btype="bandpass", fs=self.sampling_rate, output="sos")
+            sos = sp_signal.butter(
+                self.filter_order, [low, high], btype="bandpass", fs=self.sampling_rate, output="sos"
+            )
         elif low is not None:
             sos = sp_signal.butter(self.filter_order, low, btype="highpass", fs=self.sampling_rate, output="sos")
         else:
             sos = sp_signal.butter(self.filter_order, high, btype="lowpass", fs=self.sampling_rate, output="sos")
         return sp_signal.sosfiltfilt(sos, signal, axis=0)
 
-    def _fit_window(
-        self, signal: np.ndarray, name: str, padding: bool, crop: str
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _fit_window(self, signal: np.ndarray, name: str, padding: bool, crop: str) -> tuple[np.ndarray, np.ndarray]:
         length, window = signal.shape[0], self.num_samples
         mask = np.ones(window, dtype=np.int64)
         if length < window:

@@ -260,9 +260,7 @@ class MeritEcgEmbeddings(nn.Module):
         self.position_embeddings = nn.Parameter(
             torch.zeros(config.num_patches_per_lead + 2, config.hidden_size), requires_grad=False
         )
-        self.separator_token = (
-            nn.Parameter(torch.zeros(config.hidden_size)) if config.use_separator_tokens else None
-        )
+        self.separator_token = nn.Parameter(torch.zeros(config.hidden_size)) if config.use_separator_tokens else None
 
     def forward(
         self,
@@ -283,9 +281,7 @@ class MeritEcgEmbeddings(nn.Module):
         mask = ids_restore = None
         token_mask = patch_attention_mask
         if apply_masking:
-            embeddings, mask, ids_restore, token_mask = self.random_masking(
-                embeddings, patch_attention_mask, noise
-            )
+            embeddings, mask, ids_restore, token_mask = self.random_masking(embeddings, patch_attention_mask, noise)
 
         if self.separator_token is not None:
             first = self.separator_token + self.position_embeddings[0] + lead_embeddings

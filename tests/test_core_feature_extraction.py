@@ -1,0 +1,232 @@
+"""The input contract on real PTB-XL records and on every kind of bad input named in the issue."""
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+import wfdb
+from transformers import AutoFeatureExtractor
+
+from merit_hf import MeritFeatureExtractor
+from merit_hf.feature_extraction_merit import EcgInputError, read_wfdb_record
+
+PTBXL_LEADS = ["I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+
+
+def _record(ptbxl_dir, ecg_id, rate=100):
+    suffix = "lr" if rate == 100 else "hr"
+    return ptbxl_dir / f"records{rate}" / "00000" / f"{ecg_id:05d}_{suffix}"
+
+
+def _signal(ptbxl_dir, ecg_id=1, rate=500):
+    signal, fields = wfdb.rdsamp(str(_record(ptbxl_dir, ecg_id, rate)))
+    return signal, fields
+
+
+def test_real_record_path_and_array_agree(ptbxl_dir):
+    fe = MeritFeatureExtractor()
+    from_path = fe(str(_record(ptbxl_dir, 1, 500)), return_tensors="np")["ecg_values"]
+    signal, fields = _signal(ptbxl_dir)
+    assert fields["sig_name"] == PTBXL_LEADS  # PTB-XL writes AVR/AVL/AVF in upper case
+    from_array = fe(signal, sampling_rate=500, lead_names=fields["sig_name"], return_tensors="np")["ecg_values"]
+    assert from_path.shape == (1, 12, 2250) and from_path.dtype == np.float32
+    np.testing.assert_array_equal(from_path, from_array)
+    np.testing.assert_allclose(from_path[0].mean(axis=1), 0.0, atol=1e-5)  # z-score per lead
+    np.testing.assert_allclose(from_path[0].std(axis=1), 1.0, atol=1e-3)
+
+
+@pytest.mark.parametrize("ecg_id", [1, 2, 5, 9, 12])
+def test_100_hz_and_500_hz_versions_agree(ptbxl_dir, ecg_id):
+    """PTB-XL's 100 Hz files are a downsampled copy of the 500 Hz ones; after resampling both to 250 Hz and
+    band-passing to 0.67-40 Hz, each lead must correlate at >= 0.97 and differ by < 0.1 standard deviations on
+    average (measured: correlation 0.977-0.996, mean |difference| 0.035-0.083 on ecg_id 1-100)."""
+    fe = MeritFeatureExtractor()
+    low = fe(str(_record(ptbxl_dir, ecg_id, 100)), return_tensors="np")["ecg_values"][0]
+    high = fe(str(_record(ptbxl_dir, ecg_id, 500)), return_tensors="np")["ecg_values"][0]
+    correlations = [np.corrcoef(low[lead], high[lead])[0, 1] for lead in range(12)]
+    assert min(correlations) >= 0.97
+    assert np.abs(low - high).mean() < 0.1
+
+
+def test_100_hz_and_500_hz_on_all_shared_records(shared_ptbxl_dir):
+    fe = MeritFeatureExtractor()
+    worst = []
+    for ecg_id in range(1, 101, 9):
+        low = fe(str(_record(shared_ptbxl_dir, ecg_id, 100)), return_tensors="np")["ecg_values"][0]
+        high = fe(str(_record(shared_ptbxl_dir, ecg_id, 500)), return_tensors="np")["ecg_values"][0]
+        worst.append(min(np.corrcoef(low[k], high[k])[0, 1] for k in range(12)))
+    assert min(worst) >= 0.97
+
+
+def test_lead_names_are_matched_case_insensitively_and_reordered(ptbxl_dir):
+    fe = MeritFeatureExtractor()
+    signal, fields = _signal(ptbxl_dir)
+    reference = fe(signal, sampling_rate=500, lead_names=PTBXL_LEADS, return_tensors="np")["ecg_values"]
+    order = np.random.default_rng(0).permutation(12)
+    shuffled_names = [PTBXL_LEADS[i].lower() if i % 2 else PTBXL_LEADS[i] for i in order]
+    shuffled = fe(signal[:, order], sampling_rate=500, lead_names=shuffled_names, return_tensors="np")["ecg_values"]
+    np.testing.assert_array_equal(reference, shuffled)
+
+
+def test_units_are_converted(ptbxl_dir):
+    fe = MeritFeatureExtractor(normalization="none")
+    signal, _ = _signal(ptbxl_dir)
+    mv = fe(signal, sampling_rate=500, lead_names=PTBXL_LEADS, return_tensors="np")["ecg_values"]
+    uv = fe(signal * 1000, sampling_rate=500, lead_names=PTBXL_LEADS, units="uV", return_tensors="np")["ecg_values"]
+    micro = fe(signal * 1000, sampling_rate=500, lead_names=PTBXL_LEADS, units="µV", return_tensors="np")
+    np.testing.assert_allclose(mv, uv, atol=1e-5)
+    np.testing.assert_allclose(mv, micro["ecg_values"], atol=1e-5)
+
+
+def test_missing_limb_leads_can_be_derived_on_request(ptbxl_dir):
+    signal, _ = _signal(ptbxl_dir)
+    keep = [0, 1] + list(range(6, 12))  # I, II, V1-V6: what 8-lead devices record
+    names = [PTBXL_LEADS[i] for i in keep]
+    with pytest.raises(EcgInputError, match=re.escape("record 0: 8 leads given, 12 expected; missing ['III', 'aVR'")):
+        MeritFeatureExtractor()(signal[:, keep], sampling_rate=500, lead_names=names)
+    repaired = MeritFeatureExtractor(derive_limb_leads=True)(signal[:, keep], sampling_rate=500, lead_names=names)
+    original = MeritFeatureExtractor()(signal, sampling_rate=500, lead_names=PTBXL_LEADS)
+    # PTB-XL's recorded limb leads obey Einthoven/Goldberger up to quantisation
+    np.testing.assert_allclose(repaired["ecg_values"], original["ecg_values"], atol=0.05)
+
+
+def test_nan_interpolation_on_request(ptbxl_dir):
+    signal, _ = _signal(ptbxl_dir)
+    broken = signal.copy()
+    broken[1000:1003, 4] = np.nan
+    with pytest.raises(EcgInputError, match="record 0: lead aVL has 3 NaN/inf samples"):
+        MeritFeatureExtractor()(broken, sampling_rate=500, lead_names=PTBXL_LEADS)
+    repaired = MeritFeatureExtractor(nan_policy="interpolate")(broken, sampling_rate=500, lead_names=PTBXL_LEADS)
+    assert np.isfinite(repaired["ecg_values"]).all()
+    broken[:, 4] = np.inf
+    with pytest.raises(EcgInputError, match="lead aVL is entirely NaN/inf"):
+        MeritFeatureExtractor(nan_policy="interpolate")(broken, sampling_rate=500, lead_names=PTBXL_LEADS)
+
+
+def test_padding_on_request_returns_an_attention_mask(ptbxl_dir):
+    signal, _ = _signal(ptbxl_dir)
+    short = signal[:2000]  # 4 s at 500 Hz -> 1000 samples at 250 Hz
+    with pytest.raises(EcgInputError, match="record 0: 1000 samples at 250 Hz .* shorter than the 2250-sample window"):
+        MeritFeatureExtractor()(short, sampling_rate=500, lead_names=PTBXL_LEADS)
+    out = MeritFeatureExtractor(padding=True)(short, sampling_rate=500, lead_names=PTBXL_LEADS, return_tensors="np")
+    assert out["ecg_attention_mask"].sum() == 1000
+    assert (out["ecg_values"][0, :, 1000:] == 0).all()
+
+
+def test_random_crop_is_seeded(ptbxl_dir):
+    signal, _ = _signal(ptbxl_dir)
+    a = MeritFeatureExtractor(crop="random", seed=3)(signal, sampling_rate=500, lead_names=PTBXL_LEADS)
+    b = MeritFeatureExtractor(crop="random", seed=3)(signal, sampling_rate=500, lead_names=PTBXL_LEADS)
+    np.testing.assert_array_equal(a["ecg_values"], b["ecg_values"])
+
+
+def test_save_and_auto_load(tmp_path):
+    fe = MeritFeatureExtractor(lowpass_hz=45.0, normalization="zscore_record", seed=7)
+    fe.save_pretrained(tmp_path)
+    assert (tmp_path / "preprocessor_config.json").is_file()
+    reloaded = AutoFeatureExtractor.from_pretrained(tmp_path)
+    assert isinstance(reloaded, MeritFeatureExtractor)
+    assert (reloaded.lowpass_hz, reloaded.normalization, reloaded.seed) == (45.0, "zscore_record", 7)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input: each its own message naming the record
+# ---------------------------------------------------------------------------------------------------------------------
+BAD_ARRAYS = [
+    ({"drop": 4}, "record 0: 12 lead names for an array of shape (5000, 8)"),
+    ({"rename": ("V6", "V7")}, "record 0: unknown lead name 'V7'"),
+    ({"nan_lead": 7}, "record 0: lead V2 has 5000 NaN/inf samples"),
+    ({"sampling_rate": None}, "record 0: sampling_rate is required"),
+    ({"sampling_rate": 50}, "record 0: 50 Hz cannot reach the model's band"),
+    ({"units": "furlongs"}, "record 0: unknown unit 'furlongs'"),
+    ({"scale": 1000.0}, "the signal is probably in µV: pass units='uV'"),
+    ({"lead_names": None}, "record 0: lead_names is required"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD_ARRAYS)
+def test_bad_arrays_raise_clear_errors(ptbxl_dir, change, message):
+    signal, _ = _signal(ptbxl_dir)
+    names = list(PTBXL_LEADS)
+    kwargs = {"sampling_rate": 500, "units": "mV"}
+    if "drop" in change:
+        signal = signal[:, :8]
+    if "rename" in change:
+        names[names.index(change["rename"][0])] = change["rename"][1]
+    if "nan_lead" in change:
+        signal = signal.copy()
+        signal[:, change["nan_lead"]] = np.nan
+    if "scale" in change:
+        signal = signal * change["scale"]
+    for key in ("sampling_rate", "units"):
+        if key in change:
+            kwargs[key] = change[key]
+    lead_names = change.get("lead_names", names)
+    with pytest.raises(EcgInputError, match=re.escape(message)):
+        MeritFeatureExtractor()(signal, lead_names=lead_names, **kwargs)
+
+
+def test_transposed_array_gets_a_hint(ptbxl_dir):
+    signal, _ = _signal(ptbxl_dir)
+    with pytest.raises(EcgInputError, match="transposed"):
+        MeritFeatureExtractor()(signal.T, sampling_rate=500, lead_names=PTBXL_LEADS)
+
+
+def test_the_failing_record_of_a_batch_is_named(ptbxl_dir):
+    signal, _ = _signal(ptbxl_dir)
+    broken = signal.copy()
+    broken[10, 0] = np.inf
+    with pytest.raises(EcgInputError, match="record 2: lead I has 1 NaN/inf samples"):
+        MeritFeatureExtractor()([signal, signal, broken], sampling_rate=500, lead_names=PTBXL_LEADS)
+
+
+@pytest.fixture
+def record_copy(ptbxl_dir, tmp_path):
+    for suffix in (".hea", ".dat"):
+        shutil.copy(_record(ptbxl_dir, 1, 500).with_suffix(suffix), tmp_path / f"00001_hr{suffix}")
+    return tmp_path / "00001_hr"
+
+
+def test_corrupt_header_names_the_file(record_copy):
+    header = record_copy.with_suffix(".hea")
+    header.write_text(header.read_text().splitlines()[0] + "\n")  # record line only: signal lines lost
+    with pytest.raises(EcgInputError, match=rf"{re.escape(str(header))}: corrupt or truncated WFDB header"):
+        read_wfdb_record(record_copy)
+
+
+def test_garbage_header_names_the_file(record_copy):
+    header = record_copy.with_suffix(".hea")
+    header.write_text("this is not a header\n")
+    with pytest.raises(EcgInputError, match=rf"{re.escape(str(header))}: corrupt or truncated WFDB header"):
+        MeritFeatureExtractor()(str(record_copy))
+
+
+def test_missing_signal_file_names_it(record_copy):
+    record_copy.with_suffix(".dat").unlink()
+    with pytest.raises(EcgInputError, match="signal file 00001_hr.dat is missing"):
+        read_wfdb_record(record_copy)
+
+
+def test_truncated_signal_file_is_detected(record_copy):
+    data = record_copy.with_suffix(".dat")
+    data.write_bytes(data.read_bytes()[:50_000])
+    with pytest.raises(EcgInputError, match=r"00001_hr.dat: signal file holds 50000 bytes, the header declares 5000"):
+        read_wfdb_record(record_copy)
+
+
+def test_header_rate_conflict_is_an_error(record_copy):
+    with pytest.raises(EcgInputError, match="sampling_rate=250 given but the header says 500.0 Hz"):
+        MeritFeatureExtractor()(str(record_copy), sampling_rate=250)
+
+
+def test_missing_header(tmp_path):
+    with pytest.raises(EcgInputError, match="WFDB header not found"):
+        MeritFeatureExtractor()(str(tmp_path / "nothing"))
+
+
+def test_invalid_settings_name_the_field():
+    with pytest.raises(ValueError, match=r"MeritFeatureExtractor.lowpass_hz: must be in \(0, 125.0\) Hz"):
+        MeritFeatureExtractor(lowpass_hz=200.0)
+    with pytest.raises(ValueError, match="MeritFeatureExtractor.nan_policy"):
+        MeritFeatureExtractor(nan_policy="ignore")

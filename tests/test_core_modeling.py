@@ -1,0 +1,268 @@
+"""Model behaviour on tiny configs: loss values against hand computation, masking, attention kernels, save/load,
+strict loading, classification, gradient checkpointing and the ablation switches."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoModelForPreTraining
+
+from merit_hf import MeritEcgModel, MeritForEcgClassification, MeritForPreTraining, MeritModel
+from merit_hf.modeling_merit import contrastive_loss, masked_patch_reconstruction_loss
+from tests.conftest import tiny_ecg_config, tiny_merit_config
+
+BATCH = 3
+
+
+def _inputs(batch=BATCH, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ecg = torch.randn(batch, 12, 2250, generator=generator)
+    input_ids = torch.randint(5, 120, (batch, 9), generator=generator)
+    noise = torch.rand(batch, 12, 30, generator=generator)
+    return ecg, input_ids, noise
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Losses against hand computation
+# ---------------------------------------------------------------------------------------------------------------------
+def test_masked_patch_mse_equals_hand_computation():
+    # one ECG, one lead, 3 patches of 2 samples; patches 0 and 2 hidden
+    ecg = torch.tensor([[[1.0, 3.0, 0.0, 0.0, 2.0, 2.0]]])
+    prediction = torch.tensor([[[[0.0, 3.0], [5.0, 5.0], [2.0, 4.0]]]])
+    mask = torch.tensor([[[1.0, 0.0, 1.0]]])
+    loss = masked_patch_reconstruction_loss(ecg, prediction, mask, patch_size=2, norm_pix_loss=False)
+    # patch 0: ((0-1)^2 + (3-3)^2)/2 = 0.5 ; patch 2: ((2-2)^2 + (4-2)^2)/2 = 2.0 ; mean over hidden = 1.25
+    assert loss.item() == pytest.approx(1.25)
+
+    normalised = masked_patch_reconstruction_loss(ecg, prediction, mask, patch_size=2, norm_pix_loss=True)
+    # patch 0 target normalised: mean 2, std 1 -> (-1, 1); error ((0+1)^2 + (3-1)^2)/2 = 2.5
+    # patch 2 target is constant 2 -> (0, 0) (eps keeps it finite); error (4 + 16)/2 = 10 ; mean = 6.25
+    assert normalised.item() == pytest.approx(6.25, rel=1e-4)
+
+
+def test_masked_patch_mse_ignores_visible_patches():
+    ecg = torch.randn(2, 12, 2250)
+    prediction = torch.randn(2, 12, 30, 75)
+    mask = (torch.rand(2, 12, 30) > 0.5).float()
+    loss = masked_patch_reconstruction_loss(ecg, prediction, mask, 75, True)
+    visible = mask == 0
+    changed = prediction.clone()
+    changed[visible] += 100.0
+    assert torch.equal(loss, masked_patch_reconstruction_loss(ecg, changed, mask, 75, True))
+    hidden_changed = prediction.clone()
+    hidden_changed[~visible] += 1.0
+    assert masked_patch_reconstruction_loss(ecg, hidden_changed, mask, 75, True) > loss
+
+
+def test_info_nce_equals_hand_computation():
+    ecg = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text = F.normalize(torch.tensor([[1.0, 1.0], [0.0, 1.0]]), dim=-1)
+    scale = torch.tensor(2.0)
+    loss = contrastive_loss(ecg, text, scale, gather=False)
+    s = 2.0 / math.sqrt(2.0)
+    # logits_per_ecg = [[s, 0], [s, 2]]
+    row = (-math.log(math.exp(s) / (math.exp(s) + 1)) - math.log(math.exp(2) / (math.exp(s) + math.exp(2)))) / 2
+    col = (-math.log(math.exp(s) / (math.exp(s) + math.exp(s))) - math.log(math.exp(2) / (1 + math.exp(2)))) / 2
+    assert loss.item() == pytest.approx((row + col) / 2, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pretraining model
+# ---------------------------------------------------------------------------------------------------------------------
+def test_pretraining_output_and_loss_composition():
+    model = MeritForPreTraining(tiny_merit_config(contrastive_weight=0.5)).eval()
+    ecg, input_ids, noise = _inputs()
+    out = model(ecg, input_ids=input_ids, noise=noise)
+    assert out.logits.shape == (BATCH, 12, 30, 75)
+    assert torch.equal(out.mask.sum(-1), torch.full((BATCH, 12), 23.0))  # 30 - int(30 * 0.25) hidden per lead
+    expected = masked_patch_reconstruction_loss(ecg, out.logits, out.mask, 75, True)
+    assert torch.allclose(out.reconstruction_loss, expected)
+    assert torch.allclose(out.loss, out.reconstruction_loss + 0.5 * out.contrastive_loss)
+    assert out.logits_per_ecg.shape == (BATCH, BATCH)
+    assert torch.allclose(out.logit_scale, torch.tensor(1 / 0.07), rtol=1e-5)
+
+
+def test_noise_fixes_the_mask_per_lead():
+    model = MeritForPreTraining(tiny_merit_config()).eval()
+    ecg, input_ids, noise = _inputs()
+    first = model(ecg, input_ids=input_ids, noise=noise)
+    second = model(ecg, input_ids=input_ids, noise=noise)
+    assert torch.equal(first.mask, second.mask) and torch.equal(first.loss, second.loss)
+    # the 7 smallest noise values of each lead are the visible patches
+    visible = torch.zeros_like(noise)
+    visible.scatter_(2, noise.argsort(-1)[..., :7], 1.0)
+    assert torch.equal(first.mask, 1 - visible)
+    # leads are masked independently
+    assert not torch.equal(first.mask[0, 0], first.mask[0, 1])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "present", "absent"),
+    [
+        ({"contrastive_weight": 0.0}, ["reconstruction_loss", "logits"], ["contrastive_loss", "logits_per_ecg"]),
+        ({"reconstruction_weight": 0.0}, ["contrastive_loss"], ["reconstruction_loss", "logits", "mask"]),
+        ({"contrastive_input": "masked"}, ["reconstruction_loss", "contrastive_loss"], []),
+    ],
+)
+def test_ablation_switches(overrides, present, absent):
+    model = MeritForPreTraining(tiny_merit_config(**overrides))
+    ecg, input_ids, noise = _inputs()
+    needs_text = overrides.get("contrastive_weight", 1.0) > 0
+    out = model(ecg, input_ids=input_ids if needs_text else None, noise=noise)
+    for name in present:
+        assert out[name] is not None, name
+    for name in absent:
+        assert out.get(name) is None, name
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+
+
+def test_contrastive_branch_needs_text():
+    model = MeritForPreTraining(tiny_merit_config())
+    with pytest.raises(ValueError, match="contrastive_weight > 0 needs the tokenised reports"):
+        model(torch.randn(2, 12, 2250))
+
+
+def test_logit_scale_is_clamped():
+    model = MeritModel(tiny_merit_config())
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    assert model.clamped_logit_scale().item() == pytest.approx(100.0, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Encoder details
+# ---------------------------------------------------------------------------------------------------------------------
+def test_sdpa_and_eager_attention_agree():
+    eager = MeritEcgModel._from_config(tiny_ecg_config(), attn_implementation="eager").eval()
+    sdpa = MeritEcgModel._from_config(tiny_ecg_config(), attn_implementation="sdpa").eval()
+    sdpa.load_state_dict(eager.state_dict())
+    assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
+    ecg = torch.randn(2, 12, 2250)
+    mask = torch.ones(2, 2250, dtype=torch.long)
+    mask[1, 1500:] = 0
+    for kwargs in ({}, {"ecg_attention_mask": mask}):
+        a, b = eager(ecg, **kwargs), sdpa(ecg, **kwargs)
+        torch.testing.assert_close(a.last_hidden_state, b.last_hidden_state, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a.pooler_output, b.pooler_output, atol=1e-5, rtol=1e-4)
+
+
+def test_padding_is_ignored():
+    model = MeritEcgModel(tiny_ecg_config()).eval()
+    ecg = torch.randn(1, 12, 2250)
+    mask = torch.ones(1, 2250, dtype=torch.long)
+    mask[:, 1500:] = 0  # patches 20..29 are padding
+    ecg[:, :, 1500:] = 0
+    other = ecg.clone()
+    other[:, :, 1500:] = 5.0
+    a = model(ecg, ecg_attention_mask=mask).pooler_output
+    b = model(other, ecg_attention_mask=mask).pooler_output
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, model(ecg).pooler_output)
+
+
+def test_wrong_input_shape_is_explained():
+    model = MeritEcgModel(tiny_ecg_config())
+    with pytest.raises(ValueError, match=r"ecg_values must have shape \(batch, 12 leads, 2250 samples\) at 250 Hz"):
+        model(torch.randn(1, 8, 2250))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = MeritForPreTraining(tiny_merit_config())
+    ecg, input_ids, noise = _inputs()
+    model(ecg, input_ids=input_ids, noise=noise).loss.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    model.train()
+    assert model.merit.ecg_model.layers[0].gradient_checkpointing
+    model(ecg, input_ids=input_ids, noise=noise).loss.backward()
+    for name, grad in reference.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Saving and strict loading
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def saved_pretraining(tmp_path):
+    model = MeritForPreTraining(tiny_merit_config()).eval()
+    model.save_pretrained(tmp_path)
+    return model, tmp_path
+
+
+def test_save_load_gives_identical_outputs(saved_pretraining):
+    model, folder = saved_pretraining
+    ecg, input_ids, noise = _inputs()
+    reloaded = AutoModelForPreTraining.from_pretrained(folder).eval()
+    assert type(reloaded) is MeritForPreTraining
+    a, b = model(ecg, input_ids=input_ids, noise=noise), reloaded(ecg, input_ids=input_ids, noise=noise)
+    for name in ("loss", "reconstruction_loss", "contrastive_loss", "logits", "mask"):
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_encoder_and_two_towers_load_from_a_pretraining_checkpoint(saved_pretraining):
+    model, folder = saved_pretraining
+    ecg = torch.randn(2, 12, 2250)
+    two_towers = AutoModel.from_pretrained(folder).eval()
+    assert type(two_towers) is MeritModel
+    torch.testing.assert_close(
+        two_towers.get_ecg_features(ecg).pooler_output, model.merit.get_ecg_features(ecg).pooler_output
+    )
+    encoder = MeritEcgModel.from_pretrained(folder).eval()
+    torch.testing.assert_close(encoder(ecg).pooler_output, model.merit.ecg_model(ecg).pooler_output)
+
+
+def test_classifier_keeps_the_encoder_and_creates_the_head(saved_pretraining):
+    model, folder = saved_pretraining
+    id2label = {0: "NORM", 1: "MI", 2: "STTC"}
+    classifier = MeritForEcgClassification.from_pretrained(folder, id2label=id2label).eval()
+    assert classifier.config.num_labels == 3 and classifier.config.problem_type == "multi_label_classification"
+    ecg = torch.randn(2, 12, 2250)
+    torch.testing.assert_close(classifier.ecg_model(ecg).pooler_output, model.merit.ecg_model(ecg).pooler_output)
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    out = classifier(ecg, labels=labels)
+    assert out.loss.item() == pytest.approx(F.binary_cross_entropy_with_logits(out.logits, labels).item())
+    with pytest.raises(ValueError, match="multi-hot labels of shape"):
+        classifier(ecg, labels=torch.tensor([0, 2]))
+
+
+def test_missing_weights_raise_instead_of_random_init(saved_pretraining):
+    _, folder = saved_pretraining
+    weights = load_file(folder / "model.safetensors")
+    del weights["merit.ecg_model.layers.0.attention.qkv.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing weights \['merit.ecg_model.layers.0.attention.qkv.weight'\]"):
+        MeritForPreTraining.from_pretrained(folder)
+    with pytest.raises(ValueError, match="Refusing to return a model with randomly initialised weights"):
+        AutoModel.from_pretrained(folder)
+
+
+def test_unexpected_weights_raise(saved_pretraining):
+    _, folder = saved_pretraining
+    weights = load_file(folder / "model.safetensors")
+    weights["merit.ecg_model.extra_head.weight"] = torch.zeros(2, 2)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"unexpected weights \['merit.ecg_model.extra_head.weight'\]"):
+        MeritForPreTraining.from_pretrained(folder)
+
+
+def test_pickle_checkpoints_are_refused(saved_pretraining):
+    model, folder = saved_pretraining
+    (folder / "model.safetensors").unlink()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(OSError, match=r"pickled weights \['pytorch_model.bin'\] are refused"):
+        MeritForPreTraining.from_pretrained(folder)
+    with pytest.raises(ValueError, match="safetensors checkpoints only"):
+        MeritForPreTraining.from_pretrained(folder, use_safetensors=False)
+
+
+def test_truncated_checkpoint_names_the_file(saved_pretraining):
+    _, folder = saved_pretraining
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(OSError, match="corrupt or truncated"):
+        MeritForPreTraining.from_pretrained(folder)

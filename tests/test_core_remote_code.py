@@ -1,0 +1,139 @@
+"""The Hub remote-code path: a folder written by save_pretrained loads with `trust_remote_code=True` in a process
+that cannot import merit_hf, and gives the same embeddings; plus the processor for ECG-report pairs."""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import wfdb
+
+from merit_hf import MeritFeatureExtractor, MeritForPreTraining, MeritProcessor
+from tests.conftest import tiny_merit_config
+
+BLOCK_MERIT_HF = """
+import importlib.abc, sys
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "merit_hf" or name.startswith("merit_hf."):
+            raise ImportError("merit_hf is blocked in this process")
+sys.meta_path.insert(0, _Block())
+"""
+
+
+@pytest.fixture
+def hub_folder(tmp_path, tokenizer):
+    model = MeritForPreTraining(tiny_merit_config()).eval()
+    processor = MeritProcessor(MeritFeatureExtractor(), tokenizer)
+    folder = tmp_path / "merit-tiny"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)  # transformers 5 nests the feature extractor in processor_config.json
+    processor.feature_extractor.save_pretrained(folder)  # and its own preprocessor_config.json for other tools
+    return model, processor, folder
+
+
+def test_saved_folder_holds_code_and_auto_map(hub_folder):
+    _, _, folder = hub_folder
+    names = {p.name for p in folder.iterdir()}
+    for expected in (
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "configuration_merit.py",
+        "modeling_merit.py",
+        "feature_extraction_merit.py",
+        "processing_merit.py",
+    ):
+        assert expected in names, expected
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    assert auto_map == {
+        "AutoConfig": "configuration_merit.MeritConfig",
+        "AutoModel": "modeling_merit.MeritModel",
+        "AutoModelForPreTraining": "modeling_merit.MeritForPreTraining",
+    }
+    allowed = {"torch", "numpy", "scipy", "transformers", "huggingface_hub", "wfdb"}
+    for code_file in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(code_file.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:  # relative imports stay inside the folder
+                continue
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
+                for name in names:
+                    top = name.split(".")[0]
+                    assert top in allowed or top in sys.stdlib_module_names, (code_file.name, name)
+
+
+def test_remote_code_round_trip_without_merit_hf(hub_folder, ptbxl_dir, tmp_path):
+    model, processor, folder = hub_folder
+    record = ptbxl_dir / "records500" / "00000" / "00001_hr"
+    signal, fields = wfdb.rdsamp(str(record))
+    batch = processor.feature_extractor(signal, sampling_rate=500, lead_names=fields["sig_name"], return_tensors="pt")
+    with torch.no_grad():
+        expected = model.merit.get_ecg_features(**batch).pooler_output.numpy()
+    np.save(tmp_path / "expected.npy", expected)
+    script = BLOCK_MERIT_HF + textwrap.dedent(
+        f"""
+        import numpy as np, torch, wfdb
+        from transformers import AutoFeatureExtractor, AutoModel, AutoModelForPreTraining, AutoProcessor
+        folder = {str(folder)!r}
+        try:
+            import merit_hf  # noqa: F401
+            raise SystemExit("merit_hf should not be importable here")
+        except ImportError:
+            pass
+        model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        fe = AutoFeatureExtractor.from_pretrained(folder, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        pretraining = AutoModelForPreTraining.from_pretrained(folder, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert type(fe).__name__ == "MeritFeatureExtractor", type(fe)
+        assert type(processor).__name__ == "MeritProcessor", type(processor)
+        assert type(pretraining).__name__ == "MeritForPreTraining"
+        signal, fields = wfdb.rdsamp({str(record)!r})
+        batch = fe(signal, sampling_rate=500, lead_names=fields["sig_name"], return_tensors="pt")
+        with torch.no_grad():
+            emb = model.get_ecg_features(**batch).pooler_output.numpy()
+        np.testing.assert_allclose(emb, np.load({str(tmp_path / "expected.npy")!r}), rtol=1e-5, atol=1e-6)
+        pairs = processor(ecgs={str(record)!r}, text=["sinus rhythm"], return_tensors="pt")
+        assert pairs["ecg_values"].shape == (1, 12, 2250) and pairs["input_ids"].shape[0] == 1
+        print("REMOTE-OK", model.__class__.__module__)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env["HF_HOME"] = str(tmp_path / "fresh_hf_home")
+    env["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REMOTE-OK transformers_modules" in result.stdout
+
+
+def test_processor_pairs_ecgs_with_reports(ptbxl_dir, tokenizer):
+    processor = MeritProcessor(MeritFeatureExtractor(), tokenizer, max_length=16)
+    record = str(ptbxl_dir / "records100" / "00000" / "00001_lr")
+    batch = processor(ecgs=[record, record], text=["sinus rhythm normal ecg", "left bundle branch block"])
+    assert batch["ecg_values"].shape == (2, 12, 2250)
+    assert batch["input_ids"].shape[0] == 2 and batch["attention_mask"].shape == batch["input_ids"].shape
+    decoded = tokenizer.decode(batch["input_ids"][1], skip_special_tokens=True)
+    assert decoded == "left bundle branch block"
+    with pytest.raises(ValueError, match="text 1: empty report '  '"):
+        processor(ecgs=[record, record], text=["sinus rhythm", "  "])
+
+
+def test_processor_expands_ecg_placeholders(ptbxl_dir, tokenizer):
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<ecg>"]})
+    processor = MeritProcessor(MeritFeatureExtractor(), tokenizer, ecg_seq_length=4)
+    record = str(ptbxl_dir / "records100" / "00000" / "00001_lr")
+    batch = processor(ecgs=[record], text=["<ecg> sinus rhythm"])
+    ecg_id = tokenizer.convert_tokens_to_ids("<ecg>")
+    assert int((batch["input_ids"] == ecg_id).sum()) == 4
+    with pytest.raises(ValueError, match="2 <ecg> placeholders in the text for 1 ECGs"):
+        processor(ecgs=[record], text=["<ecg> <ecg> sinus rhythm"])
+    with pytest.raises(ValueError, match="0 <ecg> placeholders in the text for 1 ECGs"):
+        processor(ecgs=[record], text=["sinus rhythm"])
