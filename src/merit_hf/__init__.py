@@ -1,8 +1,16 @@
 """merit_hf: MERIT (Multimodal ECG Representation via Information Theory) as a Hugging Face-native library."""
 
-from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForPreTraining, AutoProcessor
+from transformers import (
+    AutoConfig,
+    AutoFeatureExtractor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForPreTraining,
+    AutoProcessor,
+)
 
-from .configuration_merit import STANDARD_LEAD_NAMES, MeritConfig, MeritEcgConfig
+from .configuration_merit import STANDARD_LEAD_NAMES, MeritConfig, MeritEcgConfig, MeritReportConfig
+from .evaluation.zero_shot import zero_shot_classify
 from .feature_extraction_merit import MeritFeatureExtractor
 from .modeling_merit import (
     MeritEcgModel,
@@ -10,6 +18,8 @@ from .modeling_merit import (
     MeritForPreTraining,
     MeritModel,
 )
+from .modeling_merit_report import MeritForReportGeneration
+from .pipelines import ZeroShotEcgClassificationPipeline  # importing it registers "zero-shot-ecg-classification"
 from .processing_merit import MeritProcessor
 
 __version__ = "0.1.0"
@@ -22,6 +32,10 @@ AutoModelForPreTraining.register(MeritConfig, MeritForPreTraining, exist_ok=True
 AutoFeatureExtractor.register(MeritConfig, MeritFeatureExtractor, exist_ok=True)
 AutoFeatureExtractor.register(MeritEcgConfig, MeritFeatureExtractor, exist_ok=True)
 AutoProcessor.register(MeritConfig, MeritProcessor, exist_ok=True)
+AutoConfig.register(MeritReportConfig.model_type, MeritReportConfig, exist_ok=True)
+AutoModelForCausalLM.register(MeritReportConfig, MeritForReportGeneration, exist_ok=True)
+AutoFeatureExtractor.register(MeritReportConfig, MeritFeatureExtractor, exist_ok=True)
+AutoProcessor.register(MeritReportConfig, MeritProcessor, exist_ok=True)
 
 # `save_pretrained` then writes `auto_map` and copies the code files, so the Hub folder loads with
 # `trust_remote_code=True` for users who never installed merit_hf.
@@ -32,6 +46,8 @@ MeritModel.register_for_auto_class("AutoModel")
 MeritForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 MeritFeatureExtractor.register_for_auto_class("AutoFeatureExtractor")
 MeritProcessor.register_for_auto_class("AutoProcessor")
+MeritReportConfig.register_for_auto_class()
+MeritForReportGeneration.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
     "STANDARD_LEAD_NAMES",
@@ -41,6 +57,10 @@ __all__ = [
     "MeritFeatureExtractor",
     "MeritForEcgClassification",
     "MeritForPreTraining",
+    "MeritForReportGeneration",
     "MeritModel",
     "MeritProcessor",
+    "MeritReportConfig",
+    "ZeroShotEcgClassificationPipeline",
+    "zero_shot_classify",
 ]

@@ -24,6 +24,17 @@ def _require(condition: bool, config_name: str, field: str, problem: str) -> Non
         raise ValueError(f"{config_name}.{field}: {problem}")
 
 
+def _require_positive_ints(config, fields: tuple[str, ...]) -> None:
+    for field in fields:
+        value = getattr(config, field)
+        _require(
+            isinstance(value, int) and not isinstance(value, bool) and value > 0,
+            type(config).__name__,
+            field,
+            f"must be a positive integer, got {value!r}",
+        )
+
+
 @strict
 class MeritEcgConfig(PreTrainedConfig):
     r"""
@@ -90,21 +101,26 @@ class MeritEcgConfig(PreTrainedConfig):
         self.lead_names = list(self.lead_names)
         super().__post_init__(**kwargs)
         name = type(self).__name__
-        for field in (
-            "num_leads",
-            "sampling_rate",
-            "num_samples",
-            "patch_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "decoder_hidden_size",
-            "decoder_num_hidden_layers",
-            "decoder_num_attention_heads",
-            "decoder_intermediate_size",
-        ):
-            _require(getattr(self, field) > 0, name, field, f"must be a positive integer, got {getattr(self, field)}")
+        _require_positive_ints(
+            self,
+            (
+                "num_leads",
+                "sampling_rate",
+                "num_samples",
+                "patch_size",
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "intermediate_size",
+                "decoder_hidden_size",
+                "decoder_num_hidden_layers",
+                "decoder_num_attention_heads",
+                "decoder_intermediate_size",
+            ),
+        )
+        _require(
+            isinstance(self.mask_ratio, (int, float)), name, "mask_ratio", f"must be a number, got {self.mask_ratio!r}"
+        )
         _require(
             len(self.lead_names) == self.num_leads,
             name,
@@ -147,6 +163,15 @@ class MeritEcgConfig(PreTrainedConfig):
             value = getattr(self, field)
             _require(0.0 <= value < 1.0, name, field, f"must be in [0, 1), got {value}")
 
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> MeritEcgConfig:
+        """Named shapes (timm-style names: width, patch size). `"base-p75"` is ST-MEM's ViT-B/75 (about 71 GFLOP per
+        ECG); `"small-p125"` is ViT-S width with 125-sample patches (about 7 times fewer FLOPs, faster than
+        HuBERT-ECG base on CPU: see benchmarks/README.md); `"tiny-p75"` is for tests and the quick-start."""
+        if name not in MERIT_ECG_PRESETS:
+            raise ValueError(f"unknown MeritEcgConfig preset {name!r}; choose one of {sorted(MERIT_ECG_PRESETS)}")
+        return cls(**{**MERIT_ECG_PRESETS[name], **overrides})
+
     @property
     def num_patches_per_lead(self) -> int:
         return self.num_samples // self.patch_size
@@ -159,6 +184,28 @@ class MeritEcgConfig(PreTrainedConfig):
     @property
     def tokens_per_lead(self) -> int:
         return self.num_patches_per_lead + (2 if self.use_separator_tokens else 0)
+
+
+MERIT_ECG_PRESETS: dict[str, dict] = {
+    "base-p75": {},
+    "small-p125": {
+        "patch_size": 125,
+        "hidden_size": 384,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 6,
+        "intermediate_size": 1536,
+    },
+    "tiny-p75": {
+        "hidden_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "intermediate_size": 512,
+        "decoder_hidden_size": 64,
+        "decoder_num_hidden_layers": 2,
+        "decoder_num_attention_heads": 4,
+        "decoder_intermediate_size": 256,
+    },
+}
 
 
 @strict
@@ -218,7 +265,7 @@ class MeritConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         name = type(self).__name__
-        _require(self.projection_dim > 0, name, "projection_dim", f"must be positive, got {self.projection_dim}")
+        _require_positive_ints(self, ("projection_dim",))
         _require(
             self.text_pooling in TEXT_POOLINGS,
             name,
@@ -253,4 +300,94 @@ class MeritConfig(PreTrainedConfig):
         )
 
 
-__all__ = ["MeritConfig", "MeritEcgConfig", "STANDARD_LEAD_NAMES"]
+@strict
+class MeritReportConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`MeritForReportGeneration`]: the MERIT ECG encoder, a projector and any causal language model,
+    shaped like LLaVA (`LlavaConfig`): one `<ecg>` placeholder in the prompt is expanded by the processor into
+    `ecg_seq_length` tokens, whose input embeddings the model overwrites with the projected ECG tokens.
+
+    The ECG tokens are each lead's patch tokens average-pooled in time to `ecg_tokens_per_lead` tokens, so
+    `ecg_seq_length = num_leads * ecg_tokens_per_lead`. The default of 5 per lead (60 tokens for 12 leads) follows
+    anyECG-chat's 12 x 5 patch layout for a 10 s record; `ecg_tokens_per_lead = num_patches_per_lead` keeps every
+    patch token (LLaVA / ECG-Chat keep all).
+
+    Args:
+        ecg_config (`dict` or [`MeritEcgConfig`]): the ECG encoder.
+        text_config (`dict` or `PreTrainedConfig`): any causal LM that `AutoModelForCausalLM` can build. Defaults to a
+            Llama shape with 32064 tokens (LLaVA-1.5's padded vocabulary, whose id 32000 is the placeholder).
+        ecg_token_index (`int`, defaults to 32000): id of the `<ecg>` placeholder in the LM vocabulary.
+        ecg_tokens_per_lead (`int`, defaults to 5): soft tokens per lead after pooling in time.
+        ecg_seq_length (`int`, *optional*): soft tokens per ECG; derived from the two fields above when not given and
+            checked against them when given (the processor reads it).
+        projector_hidden_act (`str`, defaults to `"gelu"`): activation of the Linear-GELU-Linear projector (LLaVA-1.5).
+        projector_bias (`bool`, defaults to `True`): bias in both projector layers.
+        freeze_ecg_encoder (`bool`, defaults to `True`): keep the encoder frozen (ECG-Chat, GEM); `False` trains it
+            too (anyECG-chat, Q-HEART).
+        initializer_range (`float`): std of the projector's truncated-normal init.
+
+    Example:
+
+    ```python
+    >>> from transformers import LlamaConfig
+    >>> from merit_hf import MeritEcgConfig, MeritReportConfig
+    >>> config = MeritReportConfig(ecg_config=MeritEcgConfig(), text_config=LlamaConfig(vocab_size=32064))
+    >>> config.ecg_seq_length
+    60
+    ```"""
+
+    model_type = "merit_report"
+    attribute_map = {"ecg_token_id": "ecg_token_index"}
+    sub_configs_defaults = {
+        "ecg_config": MeritEcgConfig,
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama", init_kwargs={"vocab_size": 32064}),
+    }
+
+    ecg_config: dict | MeritEcgConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    ecg_token_index: int = 32000
+    ecg_tokens_per_lead: int = 5
+    ecg_seq_length: int | None = None
+    projector_hidden_act: str = "gelu"
+    projector_bias: bool = True
+    freeze_ecg_encoder: bool = True
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        name = type(self).__name__
+        # The LM's own tying lives in text_config; the wrapper mirrors it so that save/load keeps it.
+        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        patches = self.ecg_config.num_patches_per_lead
+        _require(
+            1 <= self.ecg_tokens_per_lead <= patches,
+            name,
+            "ecg_tokens_per_lead",
+            f"must be between 1 and the {patches} patches per lead, got {self.ecg_tokens_per_lead}",
+        )
+        derived = self.ecg_config.num_leads * self.ecg_tokens_per_lead
+        if self.ecg_seq_length is None:
+            self.ecg_seq_length = derived
+        _require(
+            self.ecg_seq_length == derived,
+            name,
+            "ecg_seq_length",
+            f"is {self.ecg_seq_length} but num_leads x ecg_tokens_per_lead = {derived}",
+        )
+        vocab_size = getattr(self.text_config, "vocab_size", None)
+        _require(
+            vocab_size is None or 0 <= self.ecg_token_index < vocab_size,
+            name,
+            "ecg_token_index",
+            f"{self.ecg_token_index} is outside the language model's vocabulary of {vocab_size} tokens",
+        )
+        _require(
+            getattr(self.text_config, "is_encoder_decoder", False) is False,
+            name,
+            "text_config",
+            "must describe a decoder-only causal LM (is_encoder_decoder=True given)",
+        )
+
+
+__all__ = ["MERIT_ECG_PRESETS", "MeritConfig", "MeritEcgConfig", "MeritReportConfig", "STANDARD_LEAD_NAMES"]

@@ -530,45 +530,42 @@ class _StrictLoadingMixin:
         return (model, info) if wants_info else model
 
 
-class MeritEcgPreTrainedModel(_StrictLoadingMixin, PreTrainedModel):
-    config_class = MeritEcgConfig
-    config: MeritEcgConfig
-    base_model_prefix = "ecg_model"
+class MeritBasePreTrainedModel(_StrictLoadingMixin, PreTrainedModel):
+    """What every MERIT model shares: strict safetensors loading, the attention kernels it supports, gradient
+    checkpointing of `MeritEcgLayer`, and the transformers-5 style init of MERIT's own modules."""
+
     main_input_name = "ecg_values"
-    input_modalities = ("ecg",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["MeritEcgLayer"]
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        _init_merit_module(self, module, self.config)
+
+
+class MeritEcgPreTrainedModel(MeritBasePreTrainedModel):
+    config_class = MeritEcgConfig
+    config: MeritEcgConfig
+    base_model_prefix = "ecg_model"
+    input_modalities = ("ecg",)
     _family_auto_map = {
         "AutoConfig": "configuration_merit.MeritEcgConfig",
         "AutoModel": "modeling_merit.MeritEcgModel",
     }
 
-    def _init_weights(self, module: nn.Module) -> None:
-        _init_merit_module(self, module, self.config)
 
-
-class MeritPreTrainedModel(_StrictLoadingMixin, PreTrainedModel):
+class MeritPreTrainedModel(MeritBasePreTrainedModel):
     config_class = MeritConfig
     config: MeritConfig
     base_model_prefix = "merit"
-    main_input_name = "ecg_values"
     input_modalities = ("ecg", "text")
-    supports_gradient_checkpointing = True
-    _no_split_modules = ["MeritEcgLayer"]
-    _supports_sdpa = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
     _family_auto_map = {
         "AutoConfig": "configuration_merit.MeritConfig",
         "AutoModel": "modeling_merit.MeritModel",
         "AutoModelForPreTraining": "modeling_merit.MeritForPreTraining",
     }
-
-    def _init_weights(self, module: nn.Module) -> None:
-        _init_merit_module(self, module, self.config)
 
 
 def _init_merit_module(model: PreTrainedModel, module: nn.Module, config) -> None:
@@ -1067,6 +1064,7 @@ class MeritForEcgClassification(MeritPreTrainedModel):
 
 
 __all__ = [
+    "MeritBasePreTrainedModel",
     "MeritEcgModel",
     "MeritEcgPreTrainedModel",
     "MeritForEcgClassification",

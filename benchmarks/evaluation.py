@@ -1,0 +1,152 @@
+"""The evaluation suite in one command: linear probe, zero-shot and robustness on PTB-XL, each next to a random-init
+encoder under the same harness, written as results JSONs plus one markdown summary.
+
+    # the bundled 500 records (smoke-test scale) and the quick-start model:
+    python benchmarks/evaluation.py configs/probe_quickstart.yaml
+    # the full protocol on the full PTB-XL (all label sets, 1/10/100 %, 3 seeds):
+    python benchmarks/evaluation.py configs/probe_ptbxl_full.yaml --model_name_or_path <checkpoint> \\
+        --dataset <ptb-xl-1.0.3 folder or converted dataset> --zero_shot_label_sets superclass subclass
+
+Outputs in `output_dir`: `linear-probe_<label set>_<fraction>_seed<seed>.json`, `zero-shot_<label set>_seed<seed>.json`,
+`robustness_<label set>_seed<seed>.json` (schema `merit_hf.results/v1`, see `merit_hf.evaluation.results`) and
+`summary.md` (the tables, with the machine and the wall time).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from merit_hf.evaluation.robustness import robustness_table, run_robustness
+from merit_hf.evaluation.zero_shot import evaluate_zero_shot
+from merit_hf.training.arguments import parse_arguments
+from merit_hf.training.probe import (
+    ProbeArguments,
+    load_dataset_dict,
+    load_encoder,
+    load_feature_extractor,
+    probe_features,
+    run_linear_probe,
+    run_name,
+)
+
+
+@dataclass
+class SuiteArguments:
+    """What the suite adds to the probe's arguments."""
+
+    zero_shot_label_sets: list[str] = field(default_factory=lambda: ["superclass"])
+    robustness_label_sets: list[str] = field(default_factory=lambda: ["superclass"])
+    skip_zero_shot: bool = field(default=False, metadata={"help": "For ECG-only checkpoints (no text tower)."})
+
+
+def _cell(entry: dict[str, Any] | None, metric: str) -> str:
+    value = ((entry or {}).get("metrics") or {}).get(metric) or {}
+    if value.get("value") is None:
+        return "n/a"
+    if value.get("ci_low") is None:
+        return f"{value['value']:.3f}"
+    return f"{value['value']:.3f} [{value['ci_low']:.3f}, {value['ci_high']:.3f}]"
+
+
+def _row(results: dict[str, Any], name: str, metrics: tuple[str, ...]) -> str:
+    cells = [f"{_cell(results['model'], m)} | {_cell(results.get('baseline'), m)}" for m in metrics]
+    counts = results["dataset"].get("num_records", {})
+    size = f"{counts.get('train', '?')}/{counts.get('validation', '?')}/{counts.get('test', '?')}"
+    return f"| {name} | {size} | " + " | ".join(cells) + " |"
+
+
+def summary_markdown(runs: dict[str, dict[str, Any]], arguments: ProbeArguments, seconds: float) -> str:
+    metrics = ("macro_auroc", "macro_f1", "macro_f1_max_over_thresholds")
+    header = " | ".join(f"{m} model | {m} random-init" for m in metrics)
+    lines = [
+        f"# Evaluation of `{arguments.model_name_or_path}` on `{arguments.dataset}`",
+        "",
+        f"Machine: {platform.node() or 'unknown'} ({platform.machine()}, {platform.processor() or 'cpu'}), "
+        f"Python {platform.python_version()}; wall time {seconds:.0f} s. Values are fractions (x100 for %), "
+        "[95% bootstrap CI]; n = train/validation/test records with a label of the set.",
+        "",
+        f"| run | n | {header} |",
+        "| --- | --- | " + " | ".join("---" for _ in range(2 * len(metrics))) + " |",
+    ]
+    lines += [_row(results, name, metrics) for name, results in runs.items() if results["task"] != "robustness"]
+    for name, results in runs.items():
+        if results["task"] == "robustness":
+            lines += ["", f"## Robustness ({name}), model", "", robustness_table(results, "model")]
+            lines += ["", f"## Robustness ({name}), random-init encoder", "", robustness_table(results, "baseline")]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    arguments, suite = parse_arguments([ProbeArguments, SuiteArguments], sys.argv[1:] if argv is None else argv)
+    if not arguments.model_name_or_path:
+        raise ValueError("model_name_or_path: required")
+    start = time.perf_counter()
+    output_dir = Path(arguments.output_dir)
+    dataset_dict = load_dataset_dict(arguments.dataset, arguments.sampling_rate)
+    encoder, _ = load_encoder(arguments.model_name_or_path)
+    feature_extractor = load_feature_extractor(arguments.model_name_or_path, encoder)
+    runs: dict[str, dict[str, Any]] = {}
+    for seed in arguments.seeds:
+        features = probe_features(encoder, feature_extractor, dataset_dict, seed, arguments.baseline, arguments)
+        for label_set in arguments.label_sets:
+            for fraction in arguments.label_fractions:
+                name = run_name("linear-probe", label_set, fraction, seed)
+                runs[name] = run_linear_probe(
+                    encoder,
+                    dataset_dict,
+                    label_set,
+                    fraction,
+                    seed,
+                    arguments.baseline,
+                    feature_extractor,
+                    arguments,
+                    features,
+                    output_dir / f"{name}.json",
+                )
+        if not suite.skip_zero_shot:
+            for label_set in suite.zero_shot_label_sets:
+                name = f"zero-shot_{label_set}_seed{seed}"
+                runs[name] = evaluate_zero_shot(
+                    arguments.model_name_or_path,
+                    dataset_dict,
+                    label_set,
+                    seed=seed,
+                    baseline=arguments.baseline,
+                    num_bootstrap=arguments.num_bootstrap,
+                    batch_size=arguments.batch_size,
+                    output_file=output_dir / f"{name}.json",
+                )
+        for label_set in suite.robustness_label_sets:
+            name = f"robustness_{label_set}_seed{seed}"
+            runs[name] = run_robustness(
+                encoder,
+                dataset_dict,
+                label_set,
+                seed,
+                arguments.baseline,
+                feature_extractor,
+                arguments,
+                output_file=output_dir / f"{name}.json",
+            )
+    seconds = time.perf_counter() - start
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "summary.md").write_text(summary_markdown(runs, arguments, seconds), encoding="utf-8")
+    summary = {
+        name: {
+            role: results[role]["metrics"]["macro_auroc"]["value"]
+            for role in ("model", "baseline")
+            if results.get(role)
+        }
+        for name, results in runs.items()
+    }
+    return summary
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(), indent=2))

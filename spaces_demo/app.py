@@ -1,0 +1,457 @@
+"""MERIT ECG demo: a Gradio Blocks app for clinician-researchers (runs as a Hugging Face Space or locally).
+
+Upload a WFDB record (`.hea` + `.dat`) or pick a bundled real PTB-XL record, and see the 12 leads on an ECG grid,
+zero-shot scores per class, the nearest bundled examples in embedding space, and a generated report. The app only
+wires the UI to tested merit_hf functions: `read_wfdb_record` and the feature extractor (the input contract),
+`zero_shot_classify`, `encode_ecgs`, and `MeritForReportGeneration.generate`.
+
+Run locally (one command, from the repository root; http://127.0.0.1:7860):
+
+    GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1 .venv/bin/python spaces_demo/app.py
+
+Settings (environment): `MERIT_MODEL` (folder or Hub id of a MERIT two-tower checkpoint; default the quick-start
+output, then `org/merit-ecg`), `MERIT_REPORT_MODEL` (a report model folder or Hub id, or a report adapter folder
+written by `merit_hf.training.report_lora`; unset: the report panel says it is unavailable), `GRADIO_SERVER_NAME`
+(default 127.0.0.1; Spaces set 0.0.0.0), `GRADIO_SERVER_PORT` (default 7860). Never launched with `share=True`.
+
+Input policy (stated in the UI): one 12-lead WFDB record at 100, 250, 500 or 1000 Hz (the rates of PTB-XL,
+MIMIC-IV-ECG and the model), 9 to 60 s long, at most 5 MB; it is resampled to the model's rate by the feature
+extractor and the panel says so. Anything else gets a readable error, and nothing is read outside the upload.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import json  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gradio as gr  # noqa: E402
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import wfdb  # noqa: E402
+
+from merit_hf import zero_shot_classify  # noqa: E402
+from merit_hf.evaluation.zero_shot import encode_ecgs, load_class_descriptions  # noqa: E402
+from merit_hf.feature_extraction_merit import EcgInputError, read_wfdb_record  # noqa: E402
+
+APP_DIR = Path(__file__).resolve().parent
+EXAMPLES_DIR = APP_DIR / "examples"
+REPO_ROOT = APP_DIR.parent
+DEFAULT_MODELS = (REPO_ROOT / "quickstart_output" / "model", REPO_ROOT / "quickstart_output")
+DEFAULT_HUB_MODEL = "org/merit-ecg"
+ACCEPTED_RATES = (100, 250, 500, 1000)
+MIN_SECONDS, MAX_SECONDS = 9.0, 60.0
+MAX_UPLOAD_BYTES = 5 * 1024 * 1024
+REQUIRED_LEADS = 12
+LABEL_SETS = ("superclass", "rhythm", "form", "subclass")
+MAX_NEW_TOKENS = int(os.environ.get("MERIT_REPORT_MAX_NEW_TOKENS", "64"))
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+RELEASE_HIDDEN_SIZE = 768
+GRID_FINE, GRID_BOLD = "#fbd5d5", "#f08080"
+PLOT_LIMIT_MV = 4.0
+DISCLAIMER = (
+    "**Research demo, not a medical device.** Nothing shown here may be used to diagnose, treat or triage anyone. "
+    "Zero-shot scores are cosine similarities between the ECG and text descriptions, not probabilities."
+)
+INPUT_POLICY = (
+    f"Accepted: one 12-lead WFDB record (`.hea` + `.dat`, upload both) at {', '.join(map(str, ACCEPTED_RATES))} Hz, "
+    f"{MIN_SECONDS:g}-{MAX_SECONDS:g} s, at most {MAX_UPLOAD_BYTES // 2**20} MB. It is resampled to the model's rate."
+)
+
+
+class DemoInputError(ValueError):
+    """An upload the demo refuses; the message is shown to the user as is."""
+
+
+@dataclass
+class DemoModels:
+    model: torch.nn.Module
+    processor: object
+    name: str
+    warning: str | None = None
+    report_model: torch.nn.Module | None = None
+    report_processor: object | None = None
+    report_status: str = "No report model configured (set MERIT_REPORT_MODEL): report generation is unavailable."
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def default_model_path() -> str:
+    if os.environ.get("MERIT_MODEL"):
+        return os.environ["MERIT_MODEL"]
+    return next((str(path) for path in DEFAULT_MODELS if (path / "config.json").is_file()), DEFAULT_HUB_MODEL)
+
+
+def load_models(model_path: str, report_model_path: str | None = None) -> DemoModels:
+    """The two-tower model (zero-shot, embeddings) and, if given, the report model, on CPU in eval mode."""
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(model_path, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
+    ecg_config = model.config.ecg_config
+    warning = None
+    if ecg_config.hidden_size < RELEASE_HIDDEN_SIZE:
+        warning = (
+            f"This model is small (hidden size {ecg_config.hidden_size}, {ecg_config.num_hidden_layers} layers), "
+            "a test or quick-start model with random or barely trained weights: **its scores, neighbours and "
+            "reports are meaningless**. They only show that the pipeline runs."
+        )
+    models = DemoModels(model=model, processor=processor, name=str(model_path), warning=warning)
+    if report_model_path:
+        models.report_model, models.report_processor = load_report_model(report_model_path)
+        models.report_status = f"Report model: `{report_model_path}` (greedy decoding, {MAX_NEW_TOKENS} new tokens)."
+    return models
+
+
+def load_report_model(path: str):
+    from merit_hf import MeritForReportGeneration, MeritProcessor
+
+    if (Path(path) / "adapter_config.json").is_file():  # a LoRA adapter folder from merit_hf.training.report_lora
+        from merit_hf.training.report_lora import load_report_model as load_adapter
+
+        return load_adapter(path)
+    return MeritForReportGeneration.from_pretrained(path).eval(), MeritProcessor.from_pretrained(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Input: uploads are copied into a private folder and checked before any signal is read
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _upload_path(item) -> Path:
+    return Path(item if isinstance(item, (str, os.PathLike)) else getattr(item, "path", None) or item.name)
+
+
+def stage_upload(files: list, workdir: Path) -> Path:
+    """Copy the uploaded `.hea` + `.dat` into `workdir` under their own base names; returns the record path
+    (without extension). Only these copies are ever read."""
+    paths = [_upload_path(item) for item in files]
+    total = sum(path.stat().st_size for path in paths)
+    if total > MAX_UPLOAD_BYTES:
+        raise DemoInputError(f"The upload is {total / 2**20:.1f} MB; the demo takes records up to 5 MB.")
+    for path in paths:
+        if path.suffix.lower() not in (".hea", ".dat") or not SAFE_NAME.match(path.name):
+            raise DemoInputError(
+                f"'{path.name}' is not part of a WFDB record: upload the header (.hea) and signal (.dat) files only."
+            )
+        shutil.copyfile(path, workdir / path.name)
+    headers = sorted(p.name for p in paths if p.suffix.lower() == ".hea")
+    if len(headers) != 1:
+        found = ", ".join(headers) if headers else "none"
+        raise DemoInputError(f"Upload exactly one WFDB header (.hea) with its .dat file; headers found: {found}.")
+    return workdir / Path(headers[0]).stem
+
+
+def check_record(record: Path) -> dict:
+    """Read the header only and apply the demo's policy; raises `DemoInputError` with a readable message."""
+    header_path = record.with_suffix(".hea")
+    for name in _signal_file_names(header_path):
+        # wfdb's parser would reject a path with a message about syntax; say what is wrong instead.
+        if Path(name).name != name or not SAFE_NAME.match(name):
+            raise DemoInputError(
+                f"'{header_path.name}' names the signal file '{name}', outside the upload; the demo only reads the "
+                "files you upload."
+            )
+    try:
+        header = wfdb.rdheader(str(record))
+    except Exception as error:
+        raise DemoInputError(f"'{record.name}.hea' is not a readable WFDB header ({type(error).__name__}).") from error
+    if not header.sig_name or not header.fs:
+        raise DemoInputError(f"'{record.name}.hea' is not a readable WFDB header (no signals or no sampling rate).")
+    for name in sorted(set(header.file_name or [])):
+        if Path(name).name != name or not SAFE_NAME.match(name):
+            raise DemoInputError(
+                f"'{record.name}.hea' names the signal file '{name}', outside the upload; the demo only reads the "
+                "files you upload."
+            )
+        if not (record.parent / name).is_file():
+            raise DemoInputError(f"'{record.name}.hea' needs the signal file '{name}', which was not uploaded.")
+    if header.n_sig != REQUIRED_LEADS:
+        raise DemoInputError(
+            f"'{record.name}' has {header.n_sig} leads; the demo needs a standard 12-lead ECG "
+            "(I, II, III, aVR, aVL, aVF, V1-V6)."
+        )
+    if float(header.fs) not in ACCEPTED_RATES:
+        raise DemoInputError(
+            f"'{record.name}' is sampled at {header.fs:g} Hz; the demo accepts "
+            f"{', '.join(map(str, ACCEPTED_RATES))} Hz (the rates it was checked on)."
+        )
+    seconds = (header.sig_len or 0) / float(header.fs)
+    if not MIN_SECONDS <= seconds <= MAX_SECONDS:
+        raise DemoInputError(
+            f"'{record.name}' lasts {seconds:.1f} s; the demo takes records of {MIN_SECONDS:g} to {MAX_SECONDS:g} s."
+        )
+    return {"sampling_rate": float(header.fs), "seconds": seconds}
+
+
+def _signal_file_names(header_path: Path) -> list[str]:
+    """First field of each signal line of a WFDB header (the signal file), read as text before any parsing."""
+    try:
+        lines = header_path.read_bytes()[:65536].decode("ascii").splitlines()
+    except UnicodeDecodeError as error:
+        raise DemoInputError(f"'{header_path.name}' is not a WFDB header (not plain text).") from error
+    lines = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return [line.split()[0] for line in lines[1:]]
+
+
+def read_record(record: Path) -> dict:
+    check_record(record)
+    try:
+        return read_wfdb_record(record)
+    except EcgInputError as error:  # the message names the record by its private path: keep only the file name
+        raise DemoInputError(str(error).replace(f"{record.parent}{os.sep}", "")) from error
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def plot_ecg(signal_mv: np.ndarray, sampling_rate: float, lead_names: list[str], title: str):
+    """The 12 leads on ECG paper (fine lines every 0.04 s and 0.1 mV, bold every 0.2 s and 0.5 mV, as 25 mm/s and
+    10 mm/mV paper), limb leads left, chest leads right, the first 10 s."""
+    samples = min(len(signal_mv), int(10 * sampling_rate))
+    seconds = samples / sampling_rate
+    time = np.arange(samples) / sampling_rate
+    rows, columns = 6, 2
+    figure, axes = plt.subplots(rows, columns, figsize=(16, 9.5), sharex=True, squeeze=False)
+    low = float(np.clip(np.floor(signal_mv[:samples].min() * 2) / 2, -PLOT_LIMIT_MV, -1.5))
+    high = float(np.clip(np.ceil(signal_mv[:samples].max() * 2) / 2, 1.5, PLOT_LIMIT_MV))
+    # Grid lines as two line collections per axis: thousands of matplotlib ticks would take seconds to lay out.
+    fine_x, bold_x = np.arange(0, seconds + 1e-9, 0.04), np.arange(0, seconds + 1e-9, 0.2)
+    fine_y, bold_y = np.arange(low, high + 1e-9, 0.1), np.arange(low, high + 1e-9, 0.5)
+    for index in range(rows * columns):
+        axis = axes[index % rows, index // rows]
+        axis.vlines(fine_x, low, high, colors=GRID_FINE, linewidth=0.3)
+        axis.hlines(fine_y, 0, seconds, colors=GRID_FINE, linewidth=0.3)
+        axis.vlines(bold_x, low, high, colors=GRID_BOLD, linewidth=0.6)
+        axis.hlines(bold_y, 0, seconds, colors=GRID_BOLD, linewidth=0.6)
+        if index < len(lead_names):
+            axis.plot(time, signal_mv[:samples, index], color="black", linewidth=0.7)
+            axis.text(0.05, high - 0.15, lead_names[index], fontsize=10, fontweight="bold", va="top")
+        axis.set_xlim(0, seconds)
+        axis.set_ylim(low, high)
+        axis.set_facecolor("#fff7f7")
+        axis.set_yticks([])
+        axis.set_xticks(np.arange(0, seconds + 1e-9, 1.0))
+        axis.tick_params(length=0, labelbottom=index % rows == rows - 1)
+    for axis in axes[-1]:
+        axis.set_xlabel("time (s); grid: 0.04 s and 0.1 mV (fine), 0.2 s and 0.5 mV (bold)")
+    figure.suptitle(title, fontsize=12)
+    figure.subplots_adjust(left=0.02, right=0.99, bottom=0.07, top=0.94, wspace=0.04, hspace=0.12)
+    return figure
+
+
+def zero_shot_table(models: DemoModels, ecg_values: torch.Tensor, label_set: str) -> list[list]:
+    descriptions = load_class_descriptions(label_set)
+    labels = list(descriptions)
+    result = zero_shot_classify(
+        models.model, models.processor, ecg_values=ecg_values, candidate_labels=labels, class_descriptions=label_set
+    )
+    scores = result["scores"][0]
+    order = np.argsort(-scores, kind="stable")
+    return [[labels[i], descriptions[labels[i]][0], round(float(scores[i]), 4)] for i in order]
+
+
+def example_catalogue() -> list[dict]:
+    return json.loads((EXAMPLES_DIR / "examples.json").read_text(encoding="utf-8"))
+
+
+def example_choices() -> list[tuple[str, str]]:
+    return [
+        (f"PTB-XL {item['ecg_id']}: {item['superclass']}, {_codes_text(item)}", item["record"])
+        for item in example_catalogue()
+    ]
+
+
+def _codes_text(item: dict) -> str:
+    return "; ".join(code["description"] for code in item["scp_codes"].values())
+
+
+class ExampleIndex:
+    """Embeddings of the bundled examples (computed once per model), for nearest-neighbour search."""
+
+    def __init__(self, models: DemoModels):
+        self.items = example_catalogue()
+        feature_extractor = models.processor.feature_extractor
+        ecg_values = feature_extractor(
+            [str(EXAMPLES_DIR / item["record"]) for item in self.items], return_tensors="pt"
+        )
+        self.embeddings = encode_ecgs(models.model, ecg_values["ecg_values"])
+
+    def nearest(self, models: DemoModels, ecg_values: torch.Tensor, count: int = 3) -> list[list]:
+        query = encode_ecgs(models.model, ecg_values)
+        similarity = (query @ self.embeddings.T)[0].numpy()
+        order = np.argsort(-similarity, kind="stable")[:count]
+        return [
+            [
+                f"PTB-XL {self.items[i]['ecg_id']}",
+                self.items[i]["superclass"],
+                _codes_text(self.items[i]),
+                round(float(similarity[i]), 4),
+            ]
+            for i in order
+        ]
+
+
+def generate_report(models: DemoModels, signal: np.ndarray, record: dict) -> str:
+    if models.report_model is None:
+        return models.report_status
+    processor = models.report_processor
+    inputs = processor(
+        ecgs=signal,
+        text=[processor.format_prompt()],
+        sampling_rate=record["sampling_rate"],
+        lead_names=record["lead_names"],
+        units=record["units"],
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        new_tokens = models.report_model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    return processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The app
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def analyse(models: DemoModels, index: ExampleIndex, files: list | None, example: str | None, label_set: str):
+    """Everything the page shows for one record. Raises `DemoInputError` / `EcgInputError` for bad input."""
+    with tempfile.TemporaryDirectory(prefix="merit_demo_upload_") as workdir:
+        if files:
+            record_path = stage_upload(files, Path(workdir))
+        elif example:
+            names = {item["record"] for item in index.items}
+            if example not in names:
+                raise DemoInputError(f"Unknown example '{example}'.")
+            record_path = EXAMPLES_DIR / example
+        else:
+            raise DemoInputError("Upload a WFDB record (.hea + .dat) or pick a bundled example first.")
+        record = read_record(record_path)
+    name = Path(record["record"]).name
+    units = record["units"]
+    try:
+        ecg_values = models.processor.feature_extractor(
+            record["signal"],
+            sampling_rate=record["sampling_rate"],
+            lead_names=record["lead_names"],
+            units=units,
+            return_tensors="pt",
+        )["ecg_values"]
+    except EcgInputError as error:
+        raise DemoInputError(str(error).replace("record 0", f"'{name}'")) from error
+    to_mv = np.array([{"uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3}.get(u.lower(), 1.0) for u in units])
+    signal_mv = record["signal"] * to_mv
+    rate = record["sampling_rate"]
+    seconds = len(record["signal"]) / rate
+    figure = plot_ecg(
+        signal_mv,
+        rate,
+        record["lead_names"],
+        f"{name}: {len(record['lead_names'])} leads, {rate:g} Hz, {seconds:.1f} s",
+    )
+    model_rate = models.processor.feature_extractor.sampling_rate
+    window = models.processor.feature_extractor.num_samples / model_rate
+    resampled = f"Resampled {rate:g} Hz -> {model_rate} Hz; the" if rate != model_rate else "The"
+    status = (
+        f"Record `{name}`: {len(record['lead_names'])} leads, {rate:g} Hz, {seconds:.1f} s. "
+        f"{resampled} model reads the central {window:g} s."
+    )
+    scores = zero_shot_table(models, ecg_values, label_set)
+    neighbours = index.nearest(models, ecg_values)
+    report = generate_report(models, record["signal"], record)
+    return figure, scores, neighbours, report, status
+
+
+def create_demo(models: DemoModels) -> gr.Blocks:
+    index = ExampleIndex(models)
+    # The page opens on the first bundled example, computed now, so a visitor sees a result before doing anything.
+    first = index.items[0]["record"]
+    figure, first_scores, first_neighbours, first_report, first_status = analyse(
+        models, index, None, first, "superclass"
+    )
+
+    def run(files, example, label_set):
+        try:
+            figure, scores, neighbours, report, status = analyse(models, index, files, example, label_set)
+        except (DemoInputError, EcgInputError) as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        plt.close(figure)
+        return figure, scores, neighbours, report, status
+
+    with gr.Blocks(title="MERIT ECG demo") as demo:
+        gr.Markdown("# MERIT: 12-lead ECG embeddings, zero-shot scores and reports")
+        gr.Markdown(DISCLAIMER)
+        gr.Markdown(f"Model: `{models.name}`. {models.report_status}")
+        if models.warning:
+            gr.Markdown(f"⚠️ {models.warning}", elem_id="model-warning")
+        with gr.Row():
+            with gr.Column(scale=1):
+                files = gr.File(label="WFDB record (.hea + .dat)", file_count="multiple", file_types=[".hea", ".dat"])
+                example = gr.Dropdown(
+                    choices=example_choices(),
+                    value=first,
+                    label="...or a bundled PTB-XL record (CC BY 4.0); an upload takes precedence",
+                )
+                label_set = gr.Dropdown(choices=list(LABEL_SETS), value="superclass", label="Zero-shot classes")
+                button = gr.Button("Analyse", variant="primary")
+                gr.Markdown(INPUT_POLICY)
+                status = gr.Markdown(first_status)
+            with gr.Column(scale=3):
+                plot = gr.Plot(figure, label="12-lead ECG (first 10 s)", elem_id="ecg-plot")
+        with gr.Row():
+            scores = gr.Dataframe(
+                first_scores,
+                headers=["class", "description", "score (cosine)"],
+                label="Zero-shot scores",
+                interactive=False,
+            )
+            neighbours = gr.Dataframe(
+                first_neighbours,
+                headers=["example", "class", "PTB-XL statements", "similarity"],
+                label="Nearest bundled examples (embedding cosine similarity)",
+                interactive=False,
+            )
+        report = gr.Textbox(
+            first_report, label="Generated report (unreviewed machine text)", lines=4, interactive=False
+        )
+        button.click(
+            run,
+            inputs=[files, example, label_set],
+            outputs=[plot, scores, neighbours, report, status],
+            api_name="analyse",
+        )
+    plt.close(figure)
+
+    return demo
+
+
+def main() -> None:
+    models = load_models(default_model_path(), os.environ.get("MERIT_REPORT_MODEL") or None)
+    demo = create_demo(models)
+    demo.queue(default_concurrency_limit=2).launch(
+        server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+        share=False,
+        show_error=True,
+        max_file_size="10mb",
+    )
+
+
+if __name__ == "__main__":
+    main()

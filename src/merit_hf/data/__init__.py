@@ -1,0 +1,58 @@
+"""PTB-XL and MIMIC-IV-ECG as `datasets`: strict WFDB reading, SCP label sets, reports, converters, loaders, collator.
+
+- `wfdb_records`: one record read and validated (leads, rate, units, NaN/inf, header/data agreement);
+- `labels`: SCP-ECG statements -> `superclass` / `subclass` / `form` / `rhythm` / `all`, `multi_hot`;
+- `reports`: report cleaning, PTB-XL language tags, MIMIC `report_0..report_17` joining;
+- `conversion`: rows in memory or as resumable Parquet shards, and the conversion report;
+- `ptbxl`, `mimic_iv_ecg`: the two dataset builders; `loading`: runtime loaders; `collator`: `MeritCollator`.
+"""
+
+from ..feature_extraction_merit import EcgInputError
+from .collator import MeritCollator, precompute_ecg_values
+from .conversion import ConversionReport, RecordFailure
+from .labels import (
+    DEFAULT_LABEL_THRESHOLD,
+    LABEL_SETS,
+    ScpCodeError,
+    ScpStatements,
+    label_names,
+    multi_hot,
+    parse_scp_codes,
+)
+from .loading import label_fraction_subset, load_mimic_iv_ecg, load_ptbxl
+from .mimic_iv_ecg import LEAD_NAMES_MIMIC, build_mimic_iv_ecg, convert_mimic_iv_ecg, mimic_iv_ecg_features
+from .ptbxl import LEAD_NAMES_PTBXL, PTBXL_SPLITS, build_ptbxl, convert_ptbxl, ptbxl_features, read_ptbxl_database
+from .reports import clean_report, join_mimic_report, report_language
+from .wfdb_records import read_ecg_record
+
+__all__ = [
+    "DEFAULT_LABEL_THRESHOLD",
+    "LABEL_SETS",
+    "LEAD_NAMES_MIMIC",
+    "LEAD_NAMES_PTBXL",
+    "PTBXL_SPLITS",
+    "ConversionReport",
+    "EcgInputError",
+    "MeritCollator",
+    "RecordFailure",
+    "ScpCodeError",
+    "ScpStatements",
+    "build_mimic_iv_ecg",
+    "build_ptbxl",
+    "clean_report",
+    "convert_mimic_iv_ecg",
+    "convert_ptbxl",
+    "join_mimic_report",
+    "label_fraction_subset",
+    "label_names",
+    "load_mimic_iv_ecg",
+    "load_ptbxl",
+    "mimic_iv_ecg_features",
+    "multi_hot",
+    "parse_scp_codes",
+    "precompute_ecg_values",
+    "ptbxl_features",
+    "read_ecg_record",
+    "read_ptbxl_database",
+    "report_language",
+]

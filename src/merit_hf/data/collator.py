@@ -1,0 +1,156 @@
+"""`MeritCollator`: dataset rows -> a model batch (`ecg_values`, tokenised `report`, multi-hot `labels`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .labels import LABEL_SETS, multi_hot
+
+logger = logging.getLogger(__name__)
+
+EMPTY_REPORT_POLICIES = ("raise", "drop")
+
+
+class MeritCollator:
+    r"""
+    Collates rows of a `merit_hf.data` dataset for `DataLoader` / `Trainer`.
+
+    Each row's `signal` `(num_samples, num_leads)` goes through the feature extractor with that row's `sampling_rate`
+    and `lead_names`, so PTB-XL at 100 or 500 Hz and MIMIC-IV-ECG can be mixed. Rows that already hold a
+    pre-processed `ecg_values` `(num_leads, num_samples)` (e.g. from `dataset.map` with the same feature extractor)
+    are stacked as they are.
+
+    Args:
+        feature_extractor (`MeritFeatureExtractor`): the model's input contract.
+        tokenizer (*optional*): tokenises `report`; its outputs (`input_ids`, `attention_mask`, ...) join the batch.
+        label_set (`str`, *optional*): one of `LABEL_SETS`; adds `labels` `(batch, num_classes)` float32 multi-hot.
+        num_classes (`int`, *optional*): required with `label_set`: `len(label_names(dataset, label_set))`.
+        max_length (`int`, defaults to 128): reports are truncated to this many tokens.
+        empty_report (`str`, defaults to `"raise"`): what a row with an empty `report` does when a tokenizer is
+            given: `"raise"` (`ValueError` naming the `ecg_id`) or `"drop"` (the row leaves the batch with a logged
+            warning, counted in `num_dropped_empty_reports`). Rows are never silently dropped; to drop them before
+            training instead, `dataset.filter(lambda row: row["report"] != "")`.
+
+    Example:
+
+    ```python
+    >>> from torch.utils.data import DataLoader
+    >>> from merit_hf import MeritFeatureExtractor
+    >>> from merit_hf.data import MeritCollator, build_ptbxl, label_names
+    >>> ptbxl = build_ptbxl("data/ptbxl_sample").with_format("numpy")
+    >>> collator = MeritCollator(MeritFeatureExtractor(), label_set="superclass", num_classes=5)
+    >>> batch = next(iter(DataLoader(ptbxl["train"], batch_size=8, collate_fn=collator)))
+    >>> batch["ecg_values"].shape, batch["labels"].shape
+    (torch.Size([8, 12, 2250]), torch.Size([8, 5]))
+    ```"""
+
+    def __init__(
+        self,
+        feature_extractor,
+        tokenizer=None,
+        label_set: str | None = None,
+        num_classes: int | None = None,
+        max_length: int = 128,
+        empty_report: str = "raise",
+    ):
+        if label_set is not None and label_set not in LABEL_SETS:
+            raise ValueError(f"MeritCollator.label_set must be one of {LABEL_SETS}, got {label_set!r}")
+        if label_set is not None and (num_classes is None or num_classes < 1):
+            raise ValueError(
+                f"MeritCollator.num_classes is required with label_set={label_set!r}: pass "
+                f"len(label_names(dataset, {label_set!r}))"
+            )
+        if empty_report not in EMPTY_REPORT_POLICIES:
+            raise ValueError(
+                f"MeritCollator.empty_report must be one of {EMPTY_REPORT_POLICIES}, got {empty_report!r}"
+            )
+        self.feature_extractor = feature_extractor
+        self.tokenizer = tokenizer
+        self.label_set = label_set
+        self.num_classes = num_classes
+        self.max_length = max_length
+        self.empty_report = empty_report
+        self.num_dropped_empty_reports = 0
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        rows = list(rows)
+        if self.tokenizer is not None:
+            rows = self._handle_empty_reports(rows)
+        if not rows:
+            raise ValueError("MeritCollator: no rows left to collate (every report in the batch was empty)")
+        batch = self._ecg_values(rows)
+        if self.tokenizer is not None:
+            reports = [str(row["report"]) for row in rows]
+            tokens = self.tokenizer(
+                reports, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+            batch.update(dict(tokens))
+        if self.label_set is not None:
+            indices = [[int(index) for index in row[self.label_set]] for row in rows]
+            batch["labels"] = torch.from_numpy(np.stack([multi_hot(row, self.num_classes) for row in indices]))
+        return batch
+
+    def _ecg_values(self, rows: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if all("ecg_values" in row for row in rows):
+            values = np.stack([np.asarray(row["ecg_values"], dtype=np.float32) for row in rows])
+            return {"ecg_values": torch.from_numpy(values)}
+        features = self.feature_extractor(
+            [np.asarray(row["signal"], dtype=np.float32) for row in rows],
+            sampling_rate=[float(row["sampling_rate"]) for row in rows],
+            lead_names=[list(row["lead_names"]) for row in rows],
+            return_tensors="pt",
+        )
+        return dict(features)
+
+    def _handle_empty_reports(self, rows: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        kept = []
+        for position, row in enumerate(rows):
+            if str(row.get("report") or "").strip():
+                kept.append(row)
+                continue
+            record = f"ecg_id {row['ecg_id']}" if "ecg_id" in row else f"row {position} of the batch"
+            if self.empty_report == "raise":
+                raise ValueError(
+                    f"MeritCollator: {record} has an empty report; filter such rows out or use empty_report='drop'"
+                )
+            self.num_dropped_empty_reports += 1
+            logger.warning("MeritCollator: dropped %s (empty report); %d dropped so far", record,
+                           self.num_dropped_empty_reports)  # fmt: skip
+        return kept
+
+
+def precompute_ecg_values(dataset, feature_extractor, batch_size: int = 64, num_proc: int | None = None):
+    """Store the feature extractor's output as an `ecg_values` column `Array2D((num_leads, num_samples), float32)`,
+    which `MeritCollator` then stacks without recomputing (the `signal` column is kept).
+
+    Worth it when the same records are read for many epochs: resampling and filtering cost more than reading. The
+    stored values are fixed, so a `crop="random"` augmentation of the feature extractor no longer varies per epoch.
+    """
+    from datasets import Array2D
+
+    num_leads, num_samples = len(feature_extractor.lead_names), feature_extractor.num_samples
+    features = dataset.features.copy()
+    features["ecg_values"] = Array2D(shape=(num_leads, num_samples), dtype="float32")
+
+    def add_values(batch: dict) -> dict:
+        values = feature_extractor(
+            [np.asarray(signal, dtype=np.float32) for signal in batch["signal"]],
+            sampling_rate=[float(rate) for rate in batch["sampling_rate"]],
+            lead_names=[list(names) for names in batch["lead_names"]],
+            return_tensors="np",
+        )["ecg_values"]
+        return {"ecg_values": values}
+
+    return (
+        dataset.with_format("numpy")
+        .map(add_values, batched=True, batch_size=batch_size, num_proc=num_proc, features=features)
+        .with_format(None)
+    )
+
+
+__all__ = ["MeritCollator", "precompute_ecg_values"]

@@ -1,0 +1,208 @@
+"""Runtime loaders: saved PTB-XL / MIMIC-IV-ECG datasets from a local folder or a Hub dataset repo.
+
+Only Arrow / Parquet files are read, never a loading script (no `trust_remote_code` for data). What is accepted:
+
+- a folder written by `dataset.save_to_disk(...)` (read with `load_from_disk`, memory-mapped, no copy);
+- a folder written by the converters (`dataset_scripts/`): `{config}/{split}-*.parquet` (PTB-XL, `config` =
+  `100hz` / `500hz`) or `data/{split}-*.parquet` (MIMIC-IV-ECG); read with the `parquet` builder, which converts
+  them once into the `datasets` cache, memory-mapped after that (or streams them with `streaming=True`);
+- a Hub dataset id with the same files and a `configs:` card (`load_dataset(repo_id, name=config)`).
+
+Multi-process training: pass `rank` and `world_size` (e.g. `accelerator.process_index`, `accelerator.num_processes`)
+and each process gets its part through `datasets.distributed.split_dataset_by_node`. For streaming, a number of
+Parquet shards divisible by `world_size` gives each process whole shards; otherwise every process reads all shards
+and keeps one example in `world_size`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset, load_from_disk
+from datasets.distributed import split_dataset_by_node
+
+from .labels import LABEL_SETS
+from .mimic_iv_ecg import MIMIC_OUTPUT_FOLDER
+from .ptbxl import PTBXL_SPLITS, ptbxl_config_name
+
+logger = logging.getLogger(__name__)
+
+MIMIC_CONFIG = "default"  # Hub configuration; its files are data/train-*.parquet (MIMIC_OUTPUT_FOLDER)
+MIMIC_SPLITS = ("train",)
+SPLIT_ORDER = ("train", "validation", "test")
+AnyDataset = Dataset | DatasetDict | IterableDataset | IterableDatasetDict
+
+
+def load_ptbxl(
+    path_or_repo_id: str | os.PathLike,
+    split: str | None = None,
+    streaming: bool = False,
+    label_fraction: float = 1.0,
+    label_set: str | None = None,
+    seed: int = 0,
+    sampling_rate: int = 100,
+    drop_unlabeled: bool = True,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> AnyDataset:
+    """Load a converted PTB-XL dataset (all splits as a `DatasetDict`, or one `split`).
+
+    Args:
+        path_or_repo_id: a local folder (converter output or `save_to_disk`) or a Hub dataset id.
+        split: `"train"`, `"validation"`, `"test"` or `None` for all three.
+        streaming: return an `IterableDataset(Dict)` that reads the Parquet shards as it goes.
+        label_fraction: keep this fraction of the **train** split (validation and test stay whole), chosen by
+            `label_fraction_subset` (stratified on `label_set`, or on `superclass` when none is given).
+        label_set: one of `LABEL_SETS`; with `drop_unlabeled` the records without any class of this set are dropped
+            from every split (the PTB-XL benchmark protocol, Strodthoff et al. 2021), and the count is logged.
+        seed: seed of the label-fraction subset.
+        sampling_rate: 100 or 500: which configuration (`100hz` / `500hz`) of a converter folder or Hub repo.
+        rank, world_size: this process's part of the data (`split_dataset_by_node`).
+    """
+    if label_set is not None and label_set not in LABEL_SETS:
+        raise ValueError(f"label_set must be one of {LABEL_SETS}, got {label_set!r}")
+    if not 0.0 < label_fraction <= 1.0:
+        raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}")
+    if streaming and label_fraction < 1.0:
+        raise ValueError("label_fraction < 1 needs the whole train split to stratify; load with streaming=False")
+    if split is not None and split not in PTBXL_SPLITS:
+        raise ValueError(f"split must be one of {list(PTBXL_SPLITS)} or None, got {split!r}")
+    dataset = _load(path_or_repo_id, ptbxl_config_name(sampling_rate), split, streaming)
+    if label_set is not None and drop_unlabeled:
+        dataset = _map_splits(dataset, lambda part, _: _drop_unlabeled(part, label_set))
+    if label_fraction < 1.0:
+        stratify_on = label_set or "superclass"
+        dataset = _map_splits(
+            dataset,
+            lambda part, name: (
+                label_fraction_subset(part, label_fraction, stratify_on, seed) if name == "train" else part
+            ),
+            split,
+        )
+    return _split_by_node(dataset, rank, world_size)
+
+
+def load_mimic_iv_ecg(
+    path_or_repo_id: str | os.PathLike,
+    split: str | None = "train",
+    streaming: bool = True,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> AnyDataset:
+    """Load a converted MIMIC-IV-ECG dataset, streaming by default (about 800k ECGs, ~190 GB as float32 Arrow).
+
+    Example (one process of a multi-GPU run):
+
+    ```python
+    >>> from accelerate import PartialState
+    >>> state = PartialState()
+    >>> mimic = load_mimic_iv_ecg("mimic_iv_ecg_merit", rank=state.process_index, world_size=state.num_processes)
+    >>> mimic = mimic.shuffle(seed=0, buffer_size=10_000).with_format("numpy")
+    ```"""
+    if split is not None and split not in MIMIC_SPLITS:
+        raise ValueError(f"split must be one of {MIMIC_SPLITS} or None, got {split!r}")
+    dataset = _load(path_or_repo_id, MIMIC_CONFIG, split, streaming, folder=MIMIC_OUTPUT_FOLDER)
+    return _split_by_node(dataset, rank, world_size)
+
+
+def label_fraction_subset(dataset: Dataset, fraction: float, label_set: str, seed: int = 0) -> Dataset:
+    """A reproducible, stratified `fraction` of `dataset` (rows kept in their original order).
+
+    Each row is put in the group of its rarest class of `label_set` (counted in `dataset`; rows without a class form
+    one group). Rows are shuffled within their group with `seed` and ranked by their position in it, `(rank + 0.5) /
+    group_size`, ties broken by a seeded draw; the first `round(fraction * num_rows)` rows of that order are kept
+    (at least one). So every group is represented in proportion, and the subsets are nested: with the same seed the
+    1 % subset lies inside the 10 % subset.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if label_set not in dataset.column_names:
+        raise KeyError(f"no {label_set!r} column to stratify on; the dataset has {dataset.column_names}")
+    labels = dataset[label_set][:]
+    counts: dict[int, int] = {}
+    for row in labels:
+        for index in row:
+            counts[index] = counts.get(index, 0) + 1
+    groups = np.array([min(row, key=lambda index: (counts[index], index)) if row else -1 for row in labels])
+    rng = np.random.default_rng(seed)
+    position = np.empty(len(groups))
+    for group in np.unique(groups):
+        members = np.flatnonzero(groups == group)
+        position[rng.permutation(members)] = (np.arange(len(members)) + 0.5) / len(members)
+    order = np.lexsort((rng.random(len(groups)), position))
+    keep = max(1, round(fraction * len(groups)))
+    return dataset.select(np.sort(order[:keep]))
+
+
+def _load(
+    path_or_repo_id: str | os.PathLike, config: str, split: str | None, streaming: bool, folder: str | None = None
+) -> AnyDataset:
+    """`folder`: the sub-folder of a local converter output (defaults to `config`)."""
+    path = Path(path_or_repo_id)
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            dataset = load_from_disk(str(path))
+            if split is not None:
+                dataset = dataset[split]
+            return _to_iterable(dataset) if streaming else dataset
+        data_dir = path / (folder or config)
+        if not data_dir.is_dir() and not any(path.glob("*.parquet")):
+            found = sorted(child.name for child in path.iterdir() if child.is_dir() and any(child.glob("*.parquet")))
+            raise FileNotFoundError(
+                f"{path}: no {data_dir.name}/ folder of Parquet shards (found {found or 'none'}) and no save_to_disk "
+                "folder; convert the dataset first (dataset_scripts/)"
+            )
+        data_dir = data_dir if data_dir.is_dir() else path
+        data_files = {
+            name: str(data_dir / f"{name}-*.parquet") for name in _splits_in(data_dir) if split in (None, name)
+        }
+        if not data_files:
+            raise FileNotFoundError(f"{data_dir}: no {split or '{split}'}-*.parquet shards")
+        dataset = load_dataset("parquet", data_files=data_files, streaming=streaming)
+        return dataset[split] if split is not None else dataset
+    if os.path.exists(path):
+        raise NotADirectoryError(f"{path}: expected a dataset folder or a Hub dataset id")
+    return load_dataset(str(path_or_repo_id), name=config, split=split, streaming=streaming)
+
+
+def _splits_in(folder: Path) -> list[str]:
+    """Split names of `{split}-*.parquet` files, train / validation / test first."""
+    names = {file.name.split("-")[0] for file in folder.glob("*.parquet")}
+    return sorted(names, key=lambda name: (SPLIT_ORDER.index(name) if name in SPLIT_ORDER else len(SPLIT_ORDER), name))
+
+
+def _to_iterable(dataset: Dataset | DatasetDict) -> IterableDataset | IterableDatasetDict:
+    if isinstance(dataset, DatasetDict):
+        return IterableDatasetDict({name: part.to_iterable_dataset() for name, part in dataset.items()})
+    return dataset.to_iterable_dataset()
+
+
+def _map_splits(dataset: AnyDataset, function, split: str | None = None) -> AnyDataset:
+    if isinstance(dataset, (DatasetDict, IterableDatasetDict)):
+        return type(dataset)({name: function(part, name) for name, part in dataset.items()})
+    return function(dataset, split)
+
+
+def _drop_unlabeled(dataset: Dataset | IterableDataset, label_set: str) -> Dataset | IterableDataset:
+    if isinstance(dataset, IterableDataset):
+        return dataset.filter(lambda row: len(row[label_set]) > 0)
+    keep = [index for index, row in enumerate(dataset[label_set][:]) if row]
+    if len(keep) < dataset.num_rows:
+        logger.info(
+            "dropped %d of %d records with no %s label", dataset.num_rows - len(keep), dataset.num_rows, label_set
+        )
+    return dataset.select(keep) if len(keep) < dataset.num_rows else dataset
+
+
+def _split_by_node(dataset: AnyDataset, rank: int | None, world_size: int | None) -> AnyDataset:
+    if rank is None and world_size is None:
+        return dataset
+    if rank is None or world_size is None or not 0 <= rank < world_size:
+        raise ValueError(f"rank and world_size go together, with 0 <= rank < world_size; got {rank}, {world_size}")
+    return _map_splits(dataset, lambda part, _: split_dataset_by_node(part, rank=rank, world_size=world_size))
+
+
+__all__ = ["label_fraction_subset", "load_mimic_iv_ecg", "load_ptbxl"]

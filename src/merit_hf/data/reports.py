@@ -1,0 +1,87 @@
+"""Report text: PTB-XL reports with a language tag, and MIMIC-IV-ECG reports joined from `report_0..report_17`.
+
+Rules (both datasets): leading / trailing whitespace is stripped and runs of whitespace become one space; nothing else
+is rewritten (no lower-casing, no spelling fixes, no removal of clinical phrases), so the text stays the source's.
+
+PTB-XL writes reports in German (most), English and Swedish; some Swedish ones carry mis-encoded characters from the
+original export, kept as they are. `report_language` is a tag from word markers (below): `"de"`, `"en"`, `"sv"`,
+`"und"` (text with no marker) or `""` (empty report, e.g. ecg_id 443, whose report is a single space).
+
+MIMIC-IV-ECG splits the machine report over `report_0..report_17`, with blank fields in between (e.g. study 40689238:
+"Sinus rhythm", "Possible right atrial abnormality", blank, "Borderline ECG"). The report is the non-blank fields
+in column order, each without a trailing period, joined with ". ":
+"Sinus rhythm. Possible right atrial abnormality. Borderline ECG". MIMIC reports are English (`"en"`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+
+MIMIC_REPORT_COLUMNS = tuple(f"report_{index}" for index in range(18))
+MIMIC_REPORT_SEPARATOR = ". "
+REPORT_LANGUAGES = ("de", "en", "sv", "und", "")
+
+# Words (after case folding) that occur in one language's PTB-XL reports only. A report is tagged with the language
+# that has the most marker words; a tie or no marker gives "und".
+_LANGUAGE_MARKERS = {
+    "de": {
+        "sinusrhythmus", "normales", "ekg", "linkstyp", "rechtstyp", "lagetyp", "steillage", "niederspannung",
+        "periphere", "schenkelblock", "rechtsschenkelblock", "linksschenkelblock", "vorhofflimmern", "vorhofflattern",
+        "arrhythmie", "sonst", "mit", "und", "nicht", "ausgeschlossen", "auszuschliessen", "wahrscheinlich", "alt",
+        "infarkt", "inferiorer", "anteriorer", "unspezifisches", "unspezifische", "abnormales", "pathologische",
+        "ueberdrehter", "überdrehter", "bestätigter", "unbestätigter", "bericht", "sinustachykardie",
+        "sinusbradykardie", "hemiblock", "linksanteriorer", "linksposteriorer", "kammer", "vorhof", "st-senkung",
+        "st-hebung", "erregungsrückbildungsstörung", "myokardschaden", "hypertrophie", "linkshypertrophie",
+        "lagetypen", "überleitung", "teilweise", "bei", "jetzt", "nach", "vermutlich", "möglich", "zeichen",
+        "schlechte", "neg",
+    },
+    "en": {
+        "rhythm", "the", "with", "and", "of", "is", "are", "may", "be", "to", "due", "or", "this", "no", "not",
+        "wave", "waves", "lead", "leads", "axis", "deviation", "fibrillation", "flutter", "infarction", "pathology",
+        "ischaemia", "ischemia", "requested", "trace", "possible", "probable", "left", "right", "ventricular",
+        "hypertrophy", "bundle", "branch", "unconfirmed", "report", "ecg", "changes", "segments",
+        "depressed", "inverted", "definite", "otherwise", "voltage", "voltages", "suggesting", "excluded", "atrial",
+        "arrhythmia", "complexes", "incomplete", "old", "myocardial", "consistent", "disease", "heart",
+    },
+    "sv": {
+        "sinusrytm", "vänster", "höger", "el-axel", "skänkelblock", "vänstersidigt", "högersidigt", "inkomplett",
+        "förmaksflimmer", "förmaksfladder", "sänkning", "såsom", "vid", "eller", "belastning", "kammarhypertrofi",
+        "ischemi", "normalt", "avvikande", "sinustachykardi", "sinusbradykardi", "ospecifik", "ospecifikt",
+        "t-förändring", "förlopp", "sannolikt", "tidigare", "utan", "och", "förändringar",
+    },
+}  # fmt: skip
+_WORD = re.compile(r"[^\W\d_]+(?:-[^\W\d_]+)*")
+
+
+def clean_report(text: object) -> str:
+    """Strip the text and collapse runs of whitespace; `None` / NaN give `""`."""
+    if text is None or (isinstance(text, float) and math.isnan(text)):
+        return ""
+    return " ".join(str(text).split())
+
+
+def report_language(text: str) -> str:
+    """Language tag of a PTB-XL report: `"de"`, `"en"`, `"sv"`, `"und"` (no marker) or `""` (empty)."""
+    cleaned = clean_report(text)
+    if not cleaned:
+        return ""
+    words = _WORD.findall(cleaned.casefold())
+    scores = {language: sum(word in markers for word in words) for language, markers in _LANGUAGE_MARKERS.items()}
+    best = max(scores.values())
+    winners = [language for language, score in scores.items() if score == best]
+    return winners[0] if best > 0 and len(winners) == 1 else "und"
+
+
+def join_mimic_report(row: Mapping[str, object]) -> str:
+    """The report of one `machine_measurements.csv` row: `report_0..report_17` in order, blanks skipped."""
+    statements = []
+    for column in MIMIC_REPORT_COLUMNS:
+        statement = clean_report(row.get(column)).rstrip(".").rstrip()
+        if statement:
+            statements.append(statement)
+    return MIMIC_REPORT_SEPARATOR.join(statements)
+
+
+__all__ = ["MIMIC_REPORT_COLUMNS", "REPORT_LANGUAGES", "clean_report", "join_mimic_report", "report_language"]

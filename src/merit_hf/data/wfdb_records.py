@@ -1,0 +1,86 @@
+"""Strict reading of one 12-lead WFDB record for dataset conversion.
+
+`merit_hf.feature_extraction_merit.read_wfdb_record` checks the file level (header present and parseable, signal file
+present, header and data agree). This module adds what a dataset row needs: the 12 standard leads (names matched
+case-insensitively, none missing, none repeated, nothing else), the expected sampling rate, a known unit converted to
+mV, and finite values. The row stores the signal as float32 `(num_samples, 12)` in the standard order
+`I II III aVR aVL aVF V1-V6`, so that every row of every dataset has the same columns (MIMIC-IV-ECG writes aVF before
+aVL, PTB-XL writes `AVR`). Every error is an `EcgInputError` whose message starts with the record's path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from ..configuration_merit import STANDARD_LEAD_NAMES
+from ..feature_extraction_merit import UNIT_TO_MV, EcgInputError, read_wfdb_record
+
+
+def read_ecg_record(
+    path: str | os.PathLike,
+    sampling_rate: float | None = None,
+    num_samples: int | None = None,
+    lead_names: tuple[str, ...] | list[str] = STANDARD_LEAD_NAMES,
+) -> dict[str, Any]:
+    """Read and validate a WFDB record; returns `{"signal": float32 (num_samples, num_leads) in mV, "sampling_rate",
+    "lead_names", "record"}` with the leads in the order of `lead_names`.
+
+    Args:
+        path: the record, without extension or with `.hea`.
+        sampling_rate: the rate the dataset promises (Hz); another rate in the header raises.
+        num_samples: the length the dataset promises; another length raises.
+        lead_names: the leads the record must hold, exactly (case-insensitive); the output order.
+    """
+    read = read_wfdb_record(path)
+    name = read["record"] + ".hea"
+    if sampling_rate is not None and read["sampling_rate"] != float(sampling_rate):
+        raise EcgInputError(
+            f"{name}: sampling rate {read['sampling_rate']:g} Hz, expected {float(sampling_rate):g} Hz"
+        )
+    signal = read["signal"]
+    if num_samples is not None and signal.shape[0] != num_samples:
+        raise EcgInputError(f"{name}: {signal.shape[0]} samples, expected {num_samples}")
+    columns = _lead_columns(read["lead_names"], lead_names, name)
+    factors = []
+    for lead, unit in zip(read["lead_names"], read["units"]):
+        key = str(unit).strip().lower()
+        if key not in UNIT_TO_MV:
+            raise EcgInputError(f"{name}: lead {lead} has unknown unit {unit!r}; expected mV, uV (µV) or V")
+        factors.append(UNIT_TO_MV[key])
+    signal = (signal * np.asarray(factors)[None, :])[:, columns]
+    finite = np.isfinite(signal)
+    if not finite.all():
+        bad = np.flatnonzero(~finite.all(axis=0))
+        details = ", ".join(f"{lead_names[i]} ({int((~finite[:, i]).sum())} samples)" for i in bad)
+        raise EcgInputError(f"{name}: NaN/inf values in lead {details}")
+    return {
+        "signal": signal.astype(np.float32),
+        "sampling_rate": int(round(read["sampling_rate"])),
+        "lead_names": list(lead_names),
+        "record": read["record"],
+    }
+
+
+def _lead_columns(found: list[str], wanted: tuple[str, ...] | list[str], name: str) -> list[int]:
+    """Column of each wanted lead in the file; raises if the file's lead set is not exactly `wanted`."""
+    position: dict[str, int] = {}
+    for column, lead in enumerate(found):
+        key = lead.strip().lower()
+        if key in position:
+            raise EcgInputError(f"{name}: lead {lead} appears twice (leads {found})")
+        position[key] = column
+    wanted_keys = [lead.lower() for lead in wanted]
+    missing = [lead for lead in wanted if lead.lower() not in position]
+    extra = [lead for lead in found if lead.strip().lower() not in wanted_keys]
+    if missing or extra:
+        raise EcgInputError(
+            f"{name}: wrong lead set {found}: missing {missing}, unexpected {extra}; expected the {len(wanted)} leads "
+            f"{list(wanted)} (case-insensitive)"
+        )
+    return [position[key] for key in wanted_keys]
+
+
+__all__ = ["EcgInputError", "read_ecg_record"]

@@ -1,0 +1,1 @@
+"""Local `evaluate` metric modules for generated reports, one folder each, loaded with `evaluate.load(<folder>)`."""

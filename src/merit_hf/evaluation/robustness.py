@@ -1,0 +1,295 @@
+"""Robustness of a trained linear probe under named distribution shifts, for a model and its random-init twin.
+
+The probe (`merit_hf.training.probe`) is trained once on clean training features (records with a label of the set,
+as in the probe protocol); its F1 thresholds are chosen on the clean validation split. Then the **test** split is evaluated under each shift:
+
+| kind | shift | what changes |
+| --- | --- | --- |
+| input | `resampled_<rate>hz` | the records are resampled (PTB-XL's 100 Hz records upsampled) and given at that rate |
+| input | `white_noise_<snr>db` | Gaussian noise at the stated SNR per lead (`shifts.add_white_noise`) |
+| input | `baseline_wander_<snr>db` | 0.3 Hz sinusoidal drift at the stated SNR per lead (`shifts.add_baseline_wander`) |
+| input | `limb_leads_only`, `precordial_leads_only`, `lead_II_only` | the other leads are zeroed |
+| group | `device_<group>_to_other` | the probe is retrained on training records of the most frequent device family (the
+  device name's first word, e.g. `CS-12`) and tested on test records of the other families; `device_<group>_in` is
+  the same probe on test records of its own family |
+| group | `site_<site>_to_other` / `site_<site>_in` | the same with the recording site |
+| subgroup | `age_<lo>_<hi>`, `sex_<name>` | the clean probe on a test subgroup (PTB-XL codes age > 89 as 300) |
+
+SNR: `10 log10(P_signal / P_noise)` with powers around each lead's mean, measured on the raw record in mV.
+
+Every entry reports macro AUROC and macro F1 (with clean-validation thresholds) with bootstrap CIs, and the number
+of records; the results JSON is `task="robustness"` with a `shifts` mapping (schema in
+`merit_hf.evaluation.results`). `robustness_table` renders one markdown table per model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..training.probe import (
+    ProbeArguments,
+    extract_features,
+    fit_linear_probe,
+    label_matrix,
+    label_names,
+    labeled_dataset_dict,
+    load_encoder,
+    load_feature_extractor,
+    probe_features,
+    probe_protocol,
+    random_init_like,
+)
+from .metrics import best_f1_thresholds, classification_metrics
+from .results import build_results, write_results
+from .shifts import LIMB_LEADS, add_baseline_wander, add_white_noise, resample_record, zero_leads
+
+PRECORDIAL_LEADS = ("V1", "V2", "V3", "V4", "V5", "V6")
+AGE_BINS = ((0, 40), (40, 65), (65, 1000))
+# PTB-XL gives age 300 to patients older than 89 (anonymisation); the last bin includes them.
+
+
+def input_shifts(
+    resample_rates: Sequence[int] = (500,),
+    noise_snrs_db: Sequence[float] = (20, 10, 5),
+    wander_snrs_db: Sequence[float] = (10, 0),
+    wander_frequency_hz: float = 0.3,
+    seed: int = 0,
+) -> dict[str, tuple[str, Callable]]:
+    """`{name: (description, transform)}`; a transform maps `(signal, rate, lead_names, row) -> (signal, rate)`.
+    Random shifts draw from `numpy.random.default_rng([seed, row])`, so every record gets the same noise on every run.
+    """
+    shifts: dict[str, tuple[str, Callable]] = {}
+    for rate in resample_rates:
+        shifts[f"resampled_{rate}hz"] = (
+            f"records resampled to {rate} Hz (scipy polyphase) and given at {rate} Hz",
+            lambda signal, sr, leads, row, rate=rate: resample_record(signal, sr, rate),
+        )
+    for snr in noise_snrs_db:
+        shifts[f"white_noise_{snr:g}db"] = (
+            f"additive Gaussian noise, SNR {snr:g} dB per lead",
+            lambda signal, sr, leads, row, snr=snr: (
+                add_white_noise(signal, snr, np.random.default_rng([seed, row])),
+                sr,
+            ),
+        )
+    for snr in wander_snrs_db:
+        shifts[f"baseline_wander_{snr:g}db"] = (
+            f"{wander_frequency_hz:g} Hz baseline wander, SNR {snr:g} dB per lead",
+            lambda signal, sr, leads, row, snr=snr: (
+                add_baseline_wander(signal, sr, snr, np.random.default_rng([seed, row]), wander_frequency_hz),
+                sr,
+            ),
+        )
+    for name, keep in (
+        ("limb_leads_only", LIMB_LEADS),
+        ("precordial_leads_only", PRECORDIAL_LEADS),
+        ("lead_II_only", ("II",)),
+    ):
+        shifts[name] = (
+            f"only {', '.join(keep)} kept; the other leads zeroed",
+            lambda signal, sr, leads, row, keep=keep: (zero_leads(signal, leads, keep), sr),
+        )
+    return shifts
+
+
+def device_family(device: str | None) -> str:
+    """The device family: the first word of PTB-XL's `device` field (`"CS-12   E"` -> `"CS-12"`)."""
+    return (device or "unknown").split()[0] if (device or "").strip() else "unknown"
+
+
+def _group_values(dataset, column: str) -> np.ndarray:
+    values = dataset[column]
+    if column == "device":
+        return np.array([device_family(value) for value in values], dtype=object)
+    return np.array(["unknown" if value is None else str(value) for value in values], dtype=object)
+
+
+def _metrics(y_true, scores, names, thresholds, arguments, seed) -> dict[str, Any]:
+    return classification_metrics(
+        y_true, scores, names, thresholds=thresholds, num_bootstrap=arguments.num_bootstrap, seed=seed
+    )
+
+
+def run_robustness(
+    model_or_path,
+    dataset_dict,
+    label_set: str = "superclass",
+    seed: int = 0,
+    baseline: bool = True,
+    feature_extractor=None,
+    arguments: ProbeArguments | None = None,
+    shifts: dict[str, tuple[str, Callable]] | None = None,
+    group_columns: Sequence[str] = ("device", "site"),
+    output_file: str | Path | None = None,
+) -> dict[str, Any]:
+    """Train the linear probe on clean features, then evaluate the test split under every shift (see the module
+    docstring) for the model and, with `baseline`, its random-init twin. Returns the results dict."""
+    arguments = arguments or ProbeArguments()
+    encoder, model_name = load_encoder(model_or_path)
+    feature_extractor = feature_extractor or load_feature_extractor(model_or_path, encoder)
+    shifts = input_shifts(seed=seed) if shifts is None else shifts
+    dataset_dict = labeled_dataset_dict(dataset_dict, label_set)
+    features = probe_features(encoder, feature_extractor, dataset_dict, seed, baseline, arguments)
+    encoders = {"model": encoder}
+    if baseline:
+        encoders["baseline"] = random_init_like(encoder, seed)
+    names = label_names(dataset_dict["train"], label_set)
+    labels = {split: label_matrix(dataset_dict[split], label_set) for split in ("train", "validation", "test")}
+    test = dataset_dict["test"]
+    probe_kwargs = {
+        "learning_rate": arguments.learning_rate,
+        "max_epochs": arguments.max_epochs,
+        "patience": arguments.patience,
+        "batch_size": arguments.probe_batch_size,
+        "weight_decay": arguments.weight_decay,
+        "seed": seed,
+    }
+
+    def fit(role: str, rows: np.ndarray | None = None):
+        train_rows = np.arange(len(labels["train"])) if rows is None else rows
+        probe = fit_linear_probe(
+            features[role]["train"][train_rows],
+            labels["train"][train_rows],
+            features[role]["validation"],
+            labels["validation"],
+            **probe_kwargs,
+        )
+        thresholds = best_f1_thresholds(labels["validation"], probe.decision_function(features[role]["validation"]))
+        return probe, thresholds
+
+    clean = {role: fit(role) for role in encoders}
+    entries = {}
+    for role, (probe, thresholds) in clean.items():
+        entries[role] = {
+            "name_or_path": model_name if role == "model" else "random-init",
+            "init": "pretrained" if role == "model" else f"random (seed {seed}, same config)",
+            **_metrics(
+                labels["test"], probe.decision_function(features[role]["test"]), names, thresholds, arguments, seed
+            ),
+        }
+
+    shift_results: dict[str, dict[str, Any]] = {}
+    for name, (description, transform) in shifts.items():
+        shift_results[name] = {"kind": "input", "description": description}
+        for role, role_encoder in encoders.items():
+            probe, thresholds = clean[role]
+            shifted = extract_features(
+                role_encoder,
+                feature_extractor,
+                test,
+                arguments.batch_size,
+                transform=transform,
+                cache_dir=arguments.cache_dir,
+                cache_tag=f"{name}_seed{seed}",
+            )
+            shift_results[name][role] = _metrics(
+                labels["test"], probe.decision_function(shifted), names, thresholds, arguments, seed
+            )
+
+    for column in group_columns:
+        train_groups = _group_values(dataset_dict["train"], column)
+        test_groups = _group_values(test, column)
+        values, counts = np.unique(train_groups, return_counts=True)
+        source = values[np.argmax(counts)]
+        source_rows = np.flatnonzero(train_groups == source)
+        for suffix, test_rows in (("in", test_groups == source), ("to_other", test_groups != source)):
+            key = f"{column}_{source}_{suffix}"
+            target = f"{column} {source}" if suffix == "in" else f"{column}s other than {source}"
+            shift_results[key] = {
+                "kind": "group",
+                "description": f"probe trained on {len(source_rows)} training records of {column} {source}, "
+                f"tested on test records of {target}",
+            }
+            rows = np.flatnonzero(test_rows)
+            for role in encoders:
+                probe, thresholds = fit(role, source_rows)
+                shift_results[key][role] = (
+                    _metrics(
+                        labels["test"][rows],
+                        probe.decision_function(features[role]["test"][rows]),
+                        names,
+                        thresholds,
+                        arguments,
+                        seed,
+                    )
+                    if len(rows)
+                    else {"metrics": {}, "num_records": 0}
+                )
+
+    subgroups = []
+    ages = np.array([np.nan if age is None else age for age in test["age"]], dtype=np.float64)
+    for low, high in AGE_BINS:
+        label = f"age_{low}_{high}" if high < 1000 else f"age_{low}_plus"
+        subgroups.append((label, f"test records with {low} <= age < {high}", (ages >= low) & (ages < high)))
+    sex_feature = test.features["sex"]
+    sexes = np.array(test["sex"])
+    for index, sex in enumerate(getattr(sex_feature, "names", [])):
+        subgroups.append((f"sex_{sex}", f"test records of sex {sex}", sexes == index))
+    for key, description, mask in subgroups:
+        rows = np.flatnonzero(mask)
+        shift_results[key] = {"kind": "subgroup", "description": description}
+        for role, (probe, thresholds) in clean.items():
+            shift_results[key][role] = (
+                _metrics(
+                    labels["test"][rows],
+                    probe.decision_function(features[role]["test"][rows]),
+                    names,
+                    thresholds,
+                    arguments,
+                    seed,
+                )
+                if len(rows)
+                else {"metrics": {}, "num_records": 0}
+            )
+
+    results = build_results(
+        task="robustness",
+        dataset_dict=dataset_dict,
+        label_set=label_set,
+        label_names=names,
+        label_fraction=1.0,
+        seed=seed,
+        protocol=probe_protocol(arguments, robustness="linear probe trained on clean data; test split shifted"),
+        model=entries["model"],
+        baseline=entries.get("baseline"),
+        extra={"shifts": shift_results},
+    )
+    if output_file is not None:
+        write_results(results, output_file)
+    return results
+
+
+def _cell(entry: dict[str, Any] | None, metric: str) -> str:
+    value = ((entry or {}).get("metrics") or {}).get(metric) or {}
+    if value.get("value") is None:
+        return "n/a"
+    if value.get("ci_low") is None:
+        return f"{value['value']:.3f}"
+    return f"{value['value']:.3f} [{value['ci_low']:.3f}, {value['ci_high']:.3f}]"
+
+
+def robustness_table(results: dict[str, Any], role: str = "model", metric: str = "macro_auroc") -> str:
+    """One markdown table for `role` (`"model"` or `"baseline"`): every shift, its n, the metric with CI, and the
+    change from the clean test split."""
+    clean_entry = results[role]
+    clean_value = (clean_entry["metrics"].get(metric) or {}).get("value")
+    lines = [
+        f"| shift | kind | n | {metric} [95% CI] | change |",
+        "| --- | --- | --- | --- | --- |",
+        f"| clean | - | {clean_entry['num_records']} | {_cell(clean_entry, metric)} | - |",
+    ]
+    for name, shift in results["shifts"].items():
+        entry = shift.get(role) or {}
+        value = ((entry.get("metrics") or {}).get(metric) or {}).get("value")
+        change = f"{value - clean_value:+.3f}" if value is not None and clean_value is not None else "n/a"
+        lines.append(
+            f"| {name} | {shift['kind']} | {entry.get('num_records', 0)} | {_cell(entry, metric)} | {change} |"
+        )
+    return "\n".join(lines)
+
+
+__all__ = ["AGE_BINS", "device_family", "input_shifts", "robustness_table", "run_robustness"]

@@ -1,0 +1,331 @@
+"""Zero-shot ECG classification with MERIT's two towers: one score per (ECG, class), no softmax across classes.
+
+A class is described by text, never by a trained head. For every class we embed each of its descriptions through
+every hypothesis template, L2-normalise, average and re-normalise (prompt ensembling, as CLIP and open_clip do).
+The score of an ECG for a class is the cosine similarity of the normalised ECG embedding and that class embedding
+(MERL's zero-shot score, `utils/zeroshot_val.py`), in [-1, 1]. Classes are scored independently because PTB-XL
+statements co-occur (`multi_label=True`); `multi_label=False` applies a softmax over the candidates, scaled by the
+model's learnt temperature, for one-of-N questions.
+
+Class descriptions are data: `prompts/ptbxl_prompts.json` holds several descriptions of every class of every PTB-XL
+label set (`superclass`, `subclass`, `form`, `rhythm`, `all`), written by us from `scp_statements.csv`.
+
+Example:
+
+```python
+>>> from merit_hf import zero_shot_classify
+>>> out = zero_shot_classify(model, processor, signal, ["NORM", "MI"], class_descriptions="superclass",
+...                          sampling_rate=100, lead_names=leads)  # doctest: +SKIP
+>>> out["labels"], out["scores"].shape  # doctest: +SKIP
+(['NORM', 'MI'], (1, 2))
+```
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+PTBXL_PROMPTS_PATH = Path(__file__).resolve().parent / "prompts" / "ptbxl_prompts.json"
+DEFAULT_HYPOTHESIS_TEMPLATE = "{}"
+TEXT_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@lru_cache(maxsize=4)
+def _read_prompt_file(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as handle:
+        prompts = json.load(handle)
+    if not isinstance(prompts.get("label_sets"), dict):
+        raise ValueError(f"{path}: a prompt file needs a 'label_sets' object of {{label_set: {{class: [texts]}}}}")
+    return prompts
+
+
+def load_class_descriptions(label_set: str, path: str | Path | None = None) -> dict[str, list[str]]:
+    """The descriptions of every class of `label_set` from a prompt file (default: the shipped PTB-XL file),
+    in the file's class order (alphabetical, as `merit_hf.data` orders classes)."""
+    path = str(path or PTBXL_PROMPTS_PATH)
+    label_sets = _read_prompt_file(path)["label_sets"]
+    if label_set not in label_sets:
+        raise ValueError(f"{path}: no label set {label_set!r}; it has {sorted(label_sets)}")
+    return {name: list(texts) for name, texts in label_sets[label_set].items()}
+
+
+def _templates(hypothesis_template: str | Sequence[str]) -> list[str]:
+    templates = [hypothesis_template] if isinstance(hypothesis_template, str) else list(hypothesis_template)
+    if not templates:
+        raise ValueError("hypothesis_template is empty; give a string with '{}', e.g. 'an ECG showing {}'")
+    for template in templates:
+        if not isinstance(template, str) or "{}" not in template:
+            raise ValueError(
+                f"hypothesis_template {template!r} has no '{{}}' placeholder for the class description, "
+                "e.g. 'an ECG showing {}'"
+            )
+    return templates
+
+
+def class_prompts(
+    candidate_labels: Sequence[str],
+    hypothesis_template: str | Sequence[str] = DEFAULT_HYPOTHESIS_TEMPLATE,
+    class_descriptions: Mapping[str, Sequence[str]] | str | None = None,
+) -> list[list[str]]:
+    """The texts that describe each candidate label: `template.format(description)` for every template and
+    description. Without `class_descriptions` the label itself is the description (free text).
+
+    Raises `ValueError` for an empty or duplicated candidate list, a template without `{}`, and a label that
+    `class_descriptions` (a mapping, or the name of a label set of the shipped PTB-XL prompt file) does not know.
+    """
+    if isinstance(candidate_labels, str):
+        candidate_labels = [candidate_labels]
+    labels = list(candidate_labels)
+    if not labels:
+        raise ValueError("candidate_labels is empty; give at least one class name")
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise ValueError(f"candidate_labels has duplicates {duplicates}")
+    templates = _templates(hypothesis_template)
+    if isinstance(class_descriptions, str):
+        class_descriptions = load_class_descriptions(class_descriptions)
+    prompts = []
+    for label in labels:
+        if not isinstance(label, str) or not label.strip():
+            raise ValueError(f"candidate label {label!r} is not a non-empty string")
+        if class_descriptions is None:
+            descriptions = [label]
+        elif label in class_descriptions:
+            descriptions = list(class_descriptions[label])
+        else:
+            raise ValueError(f"unknown label {label!r}: the class descriptions know {sorted(class_descriptions)}")
+        if not descriptions:
+            raise ValueError(f"label {label!r} has no description")
+        prompts.append([template.format(description) for description in descriptions for template in templates])
+    return prompts
+
+
+def _two_tower(model):
+    """The `MeritModel` inside `model` (itself, or `MeritForPreTraining.merit`)."""
+    for candidate in (model, getattr(model, "merit", None)):
+        if (
+            candidate is not None
+            and hasattr(candidate, "get_ecg_features")
+            and hasattr(candidate, "get_text_features")
+        ):
+            return candidate
+    raise TypeError(
+        f"zero-shot classification needs MERIT's two towers (MeritModel or MeritForPreTraining), got "
+        f"{type(model).__name__}; a classification checkpoint has no text tower"
+    )
+
+
+@torch.no_grad()
+def encode_class_prompts(model, tokenizer, prompts: Sequence[Sequence[str]], max_length: int = 128) -> torch.Tensor:
+    """One L2-normalised embedding per class `(num_classes, projection_dim)`: the normalised mean of the normalised
+    embeddings of its prompts (prompt ensembling)."""
+    merit = _two_tower(model)
+    texts = [text for class_texts in prompts for text in class_texts]
+    tokens = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    tokens = {key: value.to(merit.device) for key, value in tokens.items() if key in TEXT_INPUT_NAMES}
+    embeddings = F.normalize(merit.get_text_features(**tokens).pooler_output.float(), dim=-1)
+    sizes = [len(class_texts) for class_texts in prompts]
+    means = torch.stack([chunk.mean(dim=0) for chunk in embeddings.split(sizes)])
+    return F.normalize(means, dim=-1)
+
+
+@torch.no_grad()
+def encode_ecgs(model, ecg_values: torch.Tensor, batch_size: int = 32, ecg_attention_mask=None) -> torch.Tensor:
+    """L2-normalised projected ECG embeddings `(num_ecgs, projection_dim)`, computed in batches."""
+    merit = _two_tower(model)
+    outputs = []
+    for start in range(0, len(ecg_values), batch_size):
+        batch = ecg_values[start : start + batch_size].to(merit.device, dtype=merit.dtype)
+        mask = None if ecg_attention_mask is None else ecg_attention_mask[start : start + batch_size].to(merit.device)
+        outputs.append(merit.get_ecg_features(batch, ecg_attention_mask=mask).pooler_output.float())
+    return F.normalize(torch.cat(outputs), dim=-1)
+
+
+@torch.no_grad()
+def similarity_scores(
+    model, ecg_embeddings: torch.Tensor, class_embeddings: torch.Tensor, multi_label: bool = True
+) -> np.ndarray:
+    """Cosine similarities `(num_ecgs, num_classes)`; with `multi_label=False`, a softmax over the classes of the
+    similarities times the model's clamped temperature (CLIP)."""
+    similarities = ecg_embeddings.float() @ class_embeddings.float().T
+    if not multi_label:
+        scale = _two_tower(model).clamped_logit_scale().float().to(similarities.device)
+        similarities = (scale * similarities).softmax(dim=-1)
+    return similarities.cpu().numpy()
+
+
+def zero_shot_classify(
+    model,
+    processor,
+    ecgs: Any = None,
+    candidate_labels: Sequence[str] = (),
+    hypothesis_template: str | Sequence[str] = DEFAULT_HYPOTHESIS_TEMPLATE,
+    multi_label: bool = True,
+    class_descriptions: Mapping[str, Sequence[str]] | str | None = None,
+    sampling_rate: float | Sequence[float] | None = None,
+    lead_names: Sequence[str] | None = None,
+    units: str | Sequence[str] | None = "mV",
+    ecg_values: torch.Tensor | None = None,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    r"""
+    Score ECGs against class descriptions with a MERIT two-tower model.
+
+    Args:
+        model: a `MeritModel` (or `MeritForPreTraining`).
+        processor: a `MeritProcessor` (its feature extractor validates the records, its tokenizer the prompts).
+        ecgs: one record or a list, as the feature extractor takes them (arrays `(num_samples, num_leads)` with
+            `sampling_rate` and `lead_names`, or WFDB paths). Alternatively pass `ecg_values`.
+        candidate_labels: the classes to score, in the order the scores come back.
+        hypothesis_template: a string with `{}` (or a list of them, ensembled), filled with each description.
+        multi_label: `True` (default): independent per-class cosine similarities, no softmax across labels.
+            `False`: a softmax over the candidates.
+        class_descriptions: `None` (each label is its own description), a mapping label -> descriptions, or the
+            name of a PTB-XL label set of the shipped prompt file (`"superclass"`, `"subclass"`, `"form"`, `"rhythm"`,
+            `"all"`); a label it does not know raises.
+        ecg_values: already extracted `(num_ecgs, num_leads, num_samples)` input instead of `ecgs`.
+
+    Returns:
+        `{"labels": list(candidate_labels), "scores": np.ndarray (num_ecgs, num_labels)}`.
+    """
+    prompts = class_prompts(candidate_labels, hypothesis_template, class_descriptions)
+    if (ecgs is None) == (ecg_values is None):
+        raise ValueError("give exactly one of ecgs (raw records) and ecg_values (feature-extractor output)")
+    ecg_attention_mask = None
+    if ecg_values is None:
+        features = processor.feature_extractor(
+            ecgs, sampling_rate=sampling_rate, lead_names=lead_names, units=units, return_tensors="pt"
+        )
+        ecg_values, ecg_attention_mask = features["ecg_values"], features.get("ecg_attention_mask")
+    class_embeddings = encode_class_prompts(model, processor.tokenizer, prompts, max_length=processor.max_length)
+    ecg_embeddings = encode_ecgs(model, torch.as_tensor(ecg_values), batch_size, ecg_attention_mask)
+    scores = similarity_scores(model, ecg_embeddings, class_embeddings, multi_label=multi_label)
+    labels = [candidate_labels] if isinstance(candidate_labels, str) else list(candidate_labels)
+    return {"labels": labels, "scores": scores}
+
+
+def random_ecg_tower_like(model, seed: int = 0):
+    """The zero-shot baseline: a copy of the two-tower model whose ECG encoder and ECG projection are re-drawn at
+    random under `seed`; the text tower, its projection and the temperature are kept, so only the ECG side is
+    untrained."""
+    baseline = copy.deepcopy(_two_tower(model))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = type(baseline)._from_config(baseline.config)
+    baseline.ecg_model.load_state_dict(fresh.ecg_model.state_dict())
+    baseline.ecg_projection.load_state_dict(fresh.ecg_projection.state_dict())
+    baseline.name_or_path = "random-init ECG tower"
+    return baseline.eval()
+
+
+def _dataset_scores(model, processor, dataset, prompts, batch_size: int) -> np.ndarray:
+    from ..training.probe import ecg_values_batch
+
+    class_embeddings = encode_class_prompts(model, processor.tokenizer, prompts, max_length=processor.max_length)
+    columns = dataset.select_columns(["signal", "sampling_rate", "lead_names"])
+    embeddings = []
+    for start in range(0, len(dataset), batch_size):
+        ecg_values = ecg_values_batch(processor.feature_extractor, columns[start : start + batch_size], crop="center")
+        embeddings.append(encode_ecgs(model, ecg_values, batch_size))
+    return similarity_scores(model, torch.cat(embeddings), class_embeddings)
+
+
+def evaluate_zero_shot(
+    model_or_path,
+    dataset_dict,
+    label_set: str = "superclass",
+    processor=None,
+    hypothesis_template: str | Sequence[str] = DEFAULT_HYPOTHESIS_TEMPLATE,
+    prompt_file: str | Path | None = None,
+    seed: int = 0,
+    baseline: bool = True,
+    num_bootstrap: int = 1000,
+    batch_size: int = 64,
+    output_file: str | Path | None = None,
+) -> dict[str, Any]:
+    """Zero-shot PTB-XL evaluation of every class of `label_set` with the shipped prompts, for the model and its
+    random-ECG-tower twin (`random_ecg_tower_like`), on the records with a `label_set` label (as the probe). Scores are cosine similarities; `macro_auroc` needs no
+    threshold, `macro_f1` uses per-class thresholds chosen on the validation split, and
+    `macro_f1_max_over_thresholds` is MERL's test-split "F1". Returns the results dict
+    (`merit_hf.evaluation.results`)."""
+    from ..training.probe import label_matrix, label_names, labeled_dataset_dict
+    from .metrics import best_f1_thresholds, classification_metrics
+    from .results import build_results, write_results
+
+    if isinstance(model_or_path, (str, Path)):
+        from transformers import AutoModel, AutoProcessor
+
+        model = AutoModel.from_pretrained(str(model_or_path)).eval()
+        processor = processor or AutoProcessor.from_pretrained(str(model_or_path))
+    else:
+        model = model_or_path.eval()
+    if processor is None:
+        raise ValueError("evaluate_zero_shot needs a processor (MeritProcessor) when given a model instance")
+    dataset_dict = labeled_dataset_dict(dataset_dict, label_set)
+    names = label_names(dataset_dict["test"], label_set)
+    descriptions = load_class_descriptions(label_set, prompt_file)
+    prompts = class_prompts(names, hypothesis_template, descriptions)
+    models = {"model": _two_tower(model)}
+    if baseline:
+        models["baseline"] = random_ecg_tower_like(model, seed)
+    entries = {}
+    for role, role_model in models.items():
+        validation_scores = _dataset_scores(role_model, processor, dataset_dict["validation"], prompts, batch_size)
+        test_scores = _dataset_scores(role_model, processor, dataset_dict["test"], prompts, batch_size)
+        thresholds = best_f1_thresholds(label_matrix(dataset_dict["validation"], label_set), validation_scores)
+        entries[role] = {
+            "name_or_path": str(model_or_path) if role == "model" else "random-init ECG tower",
+            "init": "pretrained" if role == "model" else f"ECG encoder + projection random (seed {seed})",
+            **classification_metrics(
+                label_matrix(dataset_dict["test"], label_set), test_scores, names, thresholds, num_bootstrap, seed
+            ),
+        }
+    protocol = {
+        "scores": "cosine similarity of L2-normalised ECG and class embeddings; no softmax across classes",
+        "prompts": str(prompt_file or PTBXL_PROMPTS_PATH),
+        "hypothesis_templates": _templates(hypothesis_template),
+        "prompt_ensembling": "mean of normalised prompt embeddings per class, re-normalised",
+        "f1_thresholds": "per class, the F1-maximising threshold on the validation split",
+        "num_bootstrap": num_bootstrap,
+    }
+    results = build_results(
+        task="zero-shot",
+        dataset_dict=dataset_dict,
+        label_set=label_set,
+        label_names=names,
+        label_fraction=None,
+        seed=seed,
+        protocol=protocol,
+        model=entries["model"],
+        baseline=entries.get("baseline"),
+        dataset_extra={
+            "num_records": {split: len(dataset_dict[split]) for split in ("train", "validation", "test")},
+            "unlabeled_records": f"records without a {label_set} label are left out of every split",
+        },
+    )
+    if output_file is not None:
+        write_results(results, output_file)
+    return results
+
+
+__all__ = [
+    "DEFAULT_HYPOTHESIS_TEMPLATE",
+    "evaluate_zero_shot",
+    "random_ecg_tower_like",
+    "PTBXL_PROMPTS_PATH",
+    "class_prompts",
+    "encode_class_prompts",
+    "encode_ecgs",
+    "load_class_descriptions",
+    "similarity_scores",
+    "zero_shot_classify",
+]

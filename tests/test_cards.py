@@ -1,0 +1,169 @@
+"""Model cards rendered from a results JSON written by our own evaluation code, and the card checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from huggingface_hub import ModelCard
+
+from merit_hf import MeritFeatureExtractor
+from merit_hf.cards import (
+    CardError,
+    collect_results,
+    dataset_card_problems,
+    main,
+    model_card_problems,
+    pair_with_baselines,
+    render_model_card,
+)
+from merit_hf.evaluation import build_results, classification_metrics, write_results
+from tests.conftest import REPO_ROOT
+
+LABELS = ["CD", "HYP", "MI", "NORM", "STTC"]
+
+
+def results_from_our_metrics(label_fraction: float = 0.1, task: str = "linear-probe") -> dict:
+    """A results JSON as `merit_hf.evaluation` writes it; the numbers come from its metric code on fixed scores."""
+    rng = np.random.default_rng(0)
+    y_true = (rng.random((60, len(LABELS))) < 0.3).astype(int)
+    trained = y_true * 0.5 + rng.random(y_true.shape)
+    random_init = rng.random(y_true.shape)
+    model = {"name_or_path": "org/merit-ecg", "init": "pretrained"}
+    model.update(classification_metrics(y_true, trained, LABELS, num_bootstrap=20))
+    baseline = {"name_or_path": "random-init", "init": "random (seed 0, same config)"}
+    baseline.update(classification_metrics(y_true, random_init, LABELS, num_bootstrap=20))
+    return build_results(
+        task=task,
+        dataset_dict={},
+        label_set="superclass",
+        label_names=LABELS,
+        label_fraction=label_fraction,
+        seed=0,
+        protocol={"classifier": "logistic regression on pooler_output", "epochs": 10},
+        model=model,
+        baseline=baseline,
+    )
+
+
+@pytest.fixture
+def results_file(tmp_path) -> Path:
+    return write_results(results_from_our_metrics(), tmp_path / "results.json")
+
+
+@pytest.fixture
+def encoder_folder(tmp_path) -> Path:
+    folder = tmp_path / "merit-ecg"
+    MeritFeatureExtractor().save_pretrained(folder)
+    config = {"model_type": "merit", "ecg_config": {"hidden_size": 32, "num_hidden_layers": 2, "patch_size": 75}}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_model_card_values_come_from_the_results_json(results_file, encoder_folder):
+    results = json.loads(results_file.read_text())
+    card = render_model_card(results_file, "org/merit-ecg", model_folder=encoder_folder, datasets=["org/ptbxl-merit"])
+
+    reparsed = ModelCard(str(card))  # what the Hub stores and parses back
+    data = reparsed.data.to_dict()
+    assert data["library_name"] == "transformers"
+    assert data["pipeline_tag"] == "feature-extraction"
+    assert data["license"] == "apache-2.0"
+    assert {"ecg", "custom_code"} <= set(data["tags"])
+    assert data["datasets"] == ["org/ptbxl-merit"]
+    assert model_card_problems(reparsed) == []
+
+    index = {result.metric_name.split(" (")[0]: result for result in reparsed.data.eval_results}
+    assert set(index) == {"macro_auroc", "macro_f1_max_over_thresholds"}
+    for name, result in index.items():
+        assert result.metric_value == round(results["model"]["metrics"][name]["value"], 4)
+        assert result.dataset_type == "org/ptbxl-merit"
+        assert result.dataset_name == "PTB-XL"
+        assert result.dataset_config == "superclass"
+        assert result.task_type == "multi-label-classification"
+    assert index["macro_auroc"].metric_type == "roc_auc"
+
+    text = reparsed.text
+    model_auroc = results["model"]["metrics"]["macro_auroc"]
+    baseline_auroc = results["baseline"]["metrics"]["macro_auroc"]["value"]
+    row = next(
+        line for line in text.splitlines() if line.startswith("| task=linear-probe") and "| macro_auroc |" in line
+    )
+    assert f"{model_auroc['value']:.3f} [{model_auroc['ci_low']:.3f}, {model_auroc['ci_high']:.3f}]" in row
+    assert f"| {baseline_auroc:.3f} [" in row
+    assert "label_set=superclass" in row and "label_fraction=0.1" in row
+    assert "| leads, in this order | I II III aVR aVL aVF V1 V2 V3 V4 V5 V6 |" in text
+    assert "250 Hz (any input rate >= 80 Hz is resampled" in text
+    assert "Research use only" in text and "Wagner" in text
+    assert 'AutoModel.from_pretrained("org/merit-ecg", trust_remote_code=True)' in text
+
+
+def test_several_runs_pair_each_number_with_its_baseline():
+    runs = [results_from_our_metrics(fraction) for fraction in (0.01, 1.0)]
+    pairs = pair_with_baselines(collect_results(runs))
+    assert [entry.field("label_fraction") for entry, _ in pairs] == ["0.01", "1"]
+    for (entry, baseline), run in zip(pairs, runs, strict=True):
+        assert baseline is not None and baseline.is_baseline
+        assert baseline.metrics["macro_auroc"]["value"] == run["baseline"]["metrics"]["macro_auroc"]["value"]
+        assert entry.metrics["macro_auroc"]["value"] == run["model"]["metrics"]["macro_auroc"]["value"]
+
+
+def test_report_model_card_needs_and_names_its_base_model(results_file, tmp_path):
+    folder = tmp_path / "merit-report"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "merit_report"}))
+    with pytest.raises(CardError, match="needs base_model"):
+        render_model_card(results_file, "org/merit-report", model_folder=folder)
+    card = render_model_card(results_file, "org/merit-report", model_folder=folder, base_model="org/tiny-llm")
+    assert card.data.base_model == "org/tiny-llm"
+    assert card.data.pipeline_tag == "text-generation"
+    assert "report-generation" in card.data.tags
+
+
+def test_results_without_a_trained_model_are_refused(tmp_path):
+    results = results_from_our_metrics()
+    with pytest.raises(CardError, match="only baseline entries"):
+        render_model_card({"baseline": results["baseline"]}, "org/x")
+    with pytest.raises(CardError, match="no result entry"):
+        render_model_card({"task": "linear-probe"}, "org/x")
+    with pytest.raises(CardError, match="results JSON not found"):
+        render_model_card(tmp_path / "missing.json", "org/x")
+
+
+def test_cards_cli_renders_and_checks(results_file, encoder_folder, tmp_path, capsys):
+    output = tmp_path / "README.md"
+    main(
+        [
+            "model",
+            str(results_file),
+            "--repo-id",
+            "org/merit-ecg",
+            "--model-folder",
+            str(encoder_folder),
+            "-o",
+            str(output),
+        ]
+    )
+    main(["check", str(output)])
+    assert capsys.readouterr().out.endswith(": ok\n")
+
+
+def test_dataset_card_checks(tmp_path):
+    bad = tmp_path / "README.md"
+    bad.write_text("---\nlicense: cc-by-4.0\n---\n# A dataset\n")
+    assert dataset_card_problems(bad) == [
+        "metadata 'pretty_name' is missing",
+        "metadata 'tags' is missing",
+        "no citation of the source data",
+        "the text does not state the licence",
+    ]
+
+
+@pytest.mark.parametrize("name", ["ptbxl", "mimic_iv_ecg"])
+def test_shipped_dataset_cards_are_complete(name):
+    card = REPO_ROOT / "dataset_scripts" / name / "README.md"
+    if not card.is_file():
+        pytest.skip(f"{card} not written yet (dataset scripts, issue 4)")
+    assert dataset_card_problems(card) == []

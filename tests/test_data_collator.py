@@ -1,0 +1,100 @@
+"""`MeritCollator` on real PTB-XL rows: the feature extractor per row, tokenised reports, multi-hot labels."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from merit_hf import MeritFeatureExtractor
+from merit_hf.data import MeritCollator, build_ptbxl, label_names, precompute_ecg_values
+from tests.conftest import BUNDLED_PTBXL
+
+
+@pytest.fixture(scope="module")
+def rows():
+    """ecg_ids 1-12 at 500 Hz and 440-445 at 100 Hz (443 has an empty report), as numpy rows."""
+    hr = build_ptbxl(BUNDLED_PTBXL, sampling_rate=500, ecg_ids=range(1, 13))
+    lr = build_ptbxl(BUNDLED_PTBXL, sampling_rate=100, ecg_ids=range(440, 446))
+    found = {}
+    for dataset in (hr, lr):
+        for split in dataset.values():
+            for row in split.with_format("numpy"):
+                found[int(row["ecg_id"])] = row
+    return found
+
+
+def test_ecg_values_are_the_feature_extractor_output(rows):
+    extractor = MeritFeatureExtractor()
+    batch = MeritCollator(extractor)([rows[1], rows[441]])  # 500 Hz and 100 Hz in one batch
+    assert set(batch) == {"ecg_values"} and batch["ecg_values"].dtype == torch.float32
+    assert batch["ecg_values"].shape == (2, 12, 2250)
+    for position, ecg_id in enumerate((1, 441)):
+        row = rows[ecg_id]
+        expected = extractor(row["signal"], sampling_rate=int(row["sampling_rate"]), lead_names=list(row["lead_names"]),
+                             return_tensors="np")["ecg_values"][0]  # fmt: skip
+        np.testing.assert_allclose(batch["ecg_values"][position].numpy(), expected, rtol=1e-6)
+
+
+def test_labels_and_reports(rows, tokenizer):
+    collator = MeritCollator(MeritFeatureExtractor(), tokenizer=tokenizer, label_set="superclass", num_classes=5)
+    batch = collator([rows[1], rows[8]])
+    # ecg_id 1: NORM (index 3); ecg_id 8: IMI 35 % -> MI (index 2)
+    torch.testing.assert_close(batch["labels"], torch.tensor([[0.0, 0, 0, 1, 0], [0, 0, 1, 0, 0]]))
+    assert batch["input_ids"].shape[0] == 2 and batch["attention_mask"].shape == batch["input_ids"].shape
+    expected = tokenizer(str(rows[8]["report"]), truncation=True, max_length=128)["input_ids"]
+    assert batch["input_ids"][1][: len(expected)].tolist() == expected
+
+
+def test_empty_report_raises_by_default(rows, tokenizer):
+    collator = MeritCollator(MeritFeatureExtractor(), tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="ecg_id 443 has an empty report"):
+        collator([rows[442], rows[443]])
+    # without a tokenizer the report is not used, so an empty one is no problem
+    assert MeritCollator(MeritFeatureExtractor())([rows[443]])["ecg_values"].shape == (1, 12, 2250)
+
+
+def test_empty_report_drop_is_counted_and_logged(rows, tokenizer, caplog):
+    collator = MeritCollator(MeritFeatureExtractor(), tokenizer=tokenizer, label_set="rhythm", num_classes=12,
+                             empty_report="drop")  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="merit_hf.data.collator"):
+        batch = collator([rows[442], rows[443], rows[444]])
+    assert batch["ecg_values"].shape[0] == batch["labels"].shape[0] == batch["input_ids"].shape[0] == 2
+    assert collator.num_dropped_empty_reports == 1
+    assert "dropped ecg_id 443 (empty report)" in caplog.text
+
+
+def test_stored_preprocessed_values(rows):
+    stored = [{"ecg_values": np.full((12, 2250), float(i), dtype=np.float32)} for i in range(2)]
+    batch = MeritCollator(MeritFeatureExtractor())(stored)
+    assert batch["ecg_values"][1].unique().tolist() == [1.0]
+
+
+def test_arguments_are_checked():
+    with pytest.raises(ValueError, match=r"num_classes is required with label_set='form'"):
+        MeritCollator(MeritFeatureExtractor(), label_set="form")
+    with pytest.raises(ValueError, match="label_set must be one of"):
+        MeritCollator(MeritFeatureExtractor(), label_set="diagnostic", num_classes=44)
+    with pytest.raises(ValueError, match="empty_report must be one of"):
+        MeritCollator(MeritFeatureExtractor(), empty_report="ignore")
+
+
+def test_dataloader_end_to_end():
+    ptbxl = build_ptbxl(BUNDLED_PTBXL, sampling_rate=100, ecg_ids=range(1, 41))
+    num_classes = len(label_names(ptbxl, "subclass"))
+    collator = MeritCollator(MeritFeatureExtractor(), label_set="subclass", num_classes=num_classes)
+    loader = DataLoader(ptbxl["train"].with_format("numpy"), batch_size=8, collate_fn=collator)
+    batches = list(loader)
+    assert sum(batch["ecg_values"].shape[0] for batch in batches) == ptbxl["train"].num_rows
+    assert batches[0]["labels"].shape == (8, 23) and torch.isfinite(batches[0]["ecg_values"]).all()
+
+
+def test_precomputed_ecg_values_match_the_collator():
+    dataset = build_ptbxl(BUNDLED_PTBXL, sampling_rate=100, ecg_ids=range(1, 9))["train"]
+    extractor = MeritFeatureExtractor()
+    stored = precompute_ecg_values(dataset, extractor, batch_size=4)
+    assert stored.features["ecg_values"].shape == (12, 2250) and "signal" in stored.column_names
+    stored_batch = MeritCollator(extractor)(list(stored.with_format("numpy")))
+    fresh_batch = MeritCollator(extractor)(list(dataset.with_format("numpy")))
+    torch.testing.assert_close(stored_batch["ecg_values"], fresh_batch["ecg_values"])

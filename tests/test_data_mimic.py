@@ -1,0 +1,143 @@
+"""MIMIC-IV-ECG conversion on records written here in the exact PhysioNet layout (real PTB-XL 500 Hz signals),
+with the real `machine_measurements.csv` header and blank-field row."""
+
+import json
+import runpy
+
+import numpy as np
+import pytest
+import wfdb
+from datasets import load_dataset
+
+import merit_hf.data.conversion as conversion
+from merit_hf.data import build_mimic_iv_ecg, convert_mimic_iv_ecg, load_mimic_iv_ecg
+from tests.conftest import BUNDLED_PTBXL, REPO_ROOT
+from tests.test_data_reports import MIMIC_MEASUREMENTS_HEADER, MIMIC_MEASUREMENTS_ROW
+
+MIMIC_LEADS = ["I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6"]
+TO_MIMIC_ORDER = [0, 1, 2, 3, 5, 4, 6, 7, 8, 9, 10, 11]  # PTB-XL order -> MIMIC order (aVF before aVL)
+# (subject_id, study_id): the first is the real study of the metadata row; the others follow its id pattern
+STUDIES = [(10000032, 40689238), (10000032, 41000001), (10001725, 42000002), (10001725, 43000003),
+           (10002428, 44000004), (10002428, 45000005)]  # fmt: skip
+
+
+def ptbxl_500hz(ecg_id):
+    return wfdb.rdsamp(str(BUNDLED_PTBXL / f"records500/00000/{ecg_id:05d}_hr"))[0]
+
+
+def write_mimic_record(root, subject_id, study_id, signal):
+    path = f"files/p{str(subject_id)[:4]}/p{subject_id}/s{study_id}/{study_id}"
+    folder = root / path.rsplit("/", 1)[0]
+    folder.mkdir(parents=True, exist_ok=True)
+    wfdb.wrsamp(str(study_id), fs=500, units=["mV"] * 12, sig_name=MIMIC_LEADS, p_signal=signal[:, TO_MIMIC_ORDER],
+                fmt=["16"] * 12, adc_gain=[1000.0] * 12, baseline=[0] * 12, write_dir=str(folder))  # fmt: skip
+    return path
+
+
+@pytest.fixture
+def mimic_root(tmp_path):
+    root = tmp_path / "mimic-iv-ecg"
+    records, measurements = (
+        ["subject_id,study_id,file_name,ecg_time,path"],
+        [MIMIC_MEASUREMENTS_HEADER, MIMIC_MEASUREMENTS_ROW],
+    )
+    for ecg_id, (subject_id, study_id) in enumerate(STUDIES, start=1):
+        path = write_mimic_record(root, subject_id, study_id, ptbxl_500hz(ecg_id))
+        records.append(f"{subject_id},{study_id},{study_id},2180-07-23 08:44:00,{path}")
+        if ecg_id not in (1, 6):  # study 6 has no machine_measurements row
+            blanks = "," * 15
+            measurements.append(
+                f"{subject_id},{study_id},6848296,2180-07-23 08:44:00,Sinus rhythm,,Normal ECG{blanks},"
+                "0.005-150 Hz,60 Hz notch Baseline filter,659,40,128,170,258,518,81,77,79"
+            )
+    (root / "record_list.csv").write_text("\n".join(records) + "\n")
+    (root / "machine_measurements.csv").write_text("\n".join(measurements) + "\n")
+    return root
+
+
+def test_build_reads_the_layout(mimic_root):
+    dataset = build_mimic_iv_ecg(mimic_root)
+    assert dataset.num_rows == 6 and dataset.features["signal"].shape == (5000, 12)
+    first = dataset.with_format("numpy")[0]
+    assert (first["ecg_id"], first["patient_id"], first["cart_id"]) == (40689238, 10000032, 6848296)
+    assert first["report"] == "Sinus rhythm. Possible right atrial abnormality. Borderline ECG"
+    assert first["report_language"] == "en" and first["bandwidth"] == "0.005-150 Hz"
+    assert (first["rr_interval"], first["qrs_axis"]) == (659.0, 77.0)
+    assert first["path"] == "files/p1000/p10000032/s40689238/40689238"
+    assert list(first["lead_names"]) == ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+    np.testing.assert_array_equal(first["signal"], ptbxl_500hz(1).astype(np.float32))  # back in standard order
+    assert dataset[1]["report"] == "Sinus rhythm. Normal ECG"
+    last = dataset[5]
+    assert (last["report"], last["report_language"], last["cart_id"], last["rr_interval"]) == ("", "", None, None)
+
+
+def test_unreadable_record_is_reported(mimic_root, tmp_path):
+    signal = ptbxl_500hz(7)
+    signal[:50, 4] = np.nan  # PTB-XL column 4 is aVL
+    path = write_mimic_record(mimic_root, 10003046, 46000006, signal)
+    with (mimic_root / "record_list.csv").open("a") as handle:
+        handle.write(f"10003046,46000006,46000006,2180-07-23 08:44:00,{path}\n")
+    with pytest.raises(ValueError, match=r"46000006\.hea: NaN/inf values in lead aVL \(50 samples\)"):
+        build_mimic_iv_ecg(mimic_root)
+    report = convert_mimic_iv_ecg(mimic_root, tmp_path / "out", records_per_shard=4)
+    assert (report.total, report.written, report.failed) == (7, 6, 1)
+    saved = json.loads((tmp_path / "out" / "data" / "conversion_report.json").read_text())
+    assert saved["failed"] == 1 and saved["failures"][0]["record"].endswith(path)
+    assert "NaN/inf values in lead aVL (50 samples)" in saved["failures"][0]["reason"]
+    assert load_mimic_iv_ecg(tmp_path / "out", streaming=False).num_rows == 6
+
+
+def test_resume_after_crash_gives_one_row_per_record(mimic_root, tmp_path, monkeypatch):
+    output = tmp_path / "out"
+    write_shard = conversion._write_shard
+
+    def crash_on_second_shard(job, **kwargs):
+        shard, _ = job
+        if shard.index == 1:
+            shard.parquet.with_name(shard.parquet.name + ".tmp").write_bytes(b"half a shard")
+            raise KeyboardInterrupt("killed mid-shard")
+        return write_shard(job, **kwargs)
+
+    monkeypatch.setattr(conversion, "_write_shard", crash_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        convert_mimic_iv_ecg(mimic_root, output, records_per_shard=2)
+    assert sorted(path.name for path in (output / "data").glob("*.parquet")) == ["train-00000-of-00003.parquet"]
+    assert not (output / "data" / "conversion_report.json").exists()
+
+    monkeypatch.setattr(conversion, "_write_shard", write_shard)
+    with pytest.raises(ValueError, match="the interrupted conversion had another input or records_per_shard"):
+        convert_mimic_iv_ecg(mimic_root, output, records_per_shard=3)
+    report = convert_mimic_iv_ecg(mimic_root, output, records_per_shard=2)
+    assert (report.total, report.written, report.failed) == (6, 6, 0)
+    ids = load_mimic_iv_ecg(output, streaming=False)["ecg_id"][:]
+    assert sorted(ids) == sorted(study for _, study in STUDIES) and len(ids) == len(set(ids))
+    assert not list((output / "data").glob("*.tmp"))
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):
+        convert_mimic_iv_ecg(mimic_root, output, records_per_shard=2)
+    assert convert_mimic_iv_ecg(mimic_root, output, records_per_shard=6, overwrite=True).written == 6
+    assert len(list((output / "data").glob("*.parquet"))) == 1
+
+
+def test_parallel_conversion_and_split_by_node(mimic_root, tmp_path):
+    output = tmp_path / "out"
+    report = convert_mimic_iv_ecg(mimic_root, output, records_per_shard=2, num_proc=2)
+    assert report.written == 6
+    full = load_mimic_iv_ecg(output)  # streaming by default
+    assert [row["ecg_id"] for row in full] == [study for _, study in STUDIES]
+    parts = [[row["ecg_id"] for row in load_mimic_iv_ecg(output, rank=rank, world_size=2)] for rank in (0, 1)]
+    assert not set(parts[0]) & set(parts[1]) and sorted(parts[0] + parts[1]) == sorted(s for _, s in STUDIES)
+    with pytest.raises(ValueError, match="rank and world_size go together"):
+        load_mimic_iv_ecg(output, rank=2, world_size=2)
+
+
+def test_convert_cli(mimic_root, tmp_path):
+    script = runpy.run_path(str(REPO_ROOT / "dataset_scripts/mimic_iv_ecg/convert.py"), run_name="mimic_convert")
+    output = tmp_path / "out"
+    assert (
+        script["main"](["--mimic_root", str(mimic_root), "--output_dir", str(output), "--records_per_shard", "3"]) == 0
+    )
+    card = (output / "README.md").read_text()
+    assert "license: odbl" in card and "path: data/train-*.parquet" in card
+    assert len(list((output / "data").glob("train-*-of-00002.parquet"))) == 2
+    by_card = load_dataset(str(output), name="default", split="train", streaming=True)  # as from the Hub
+    assert [row["ecg_id"] for row in by_card] == [study for _, study in STUDIES]

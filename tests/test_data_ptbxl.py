@@ -1,0 +1,251 @@
+"""PTB-XL as `datasets` on the real records: folds, labels, reports, both rates, conversion, loading, fractions."""
+
+import json
+import runpy
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import wfdb
+from datasets import load_dataset
+
+from merit_hf.data import (
+    LABEL_SETS,
+    EcgInputError,
+    ScpCodeError,
+    build_ptbxl,
+    convert_ptbxl,
+    label_fraction_subset,
+    label_names,
+    load_ptbxl,
+)
+from tests.conftest import BUNDLED_PTBXL, REPO_ROOT
+
+NO_SUPERCLASS = [17, 18, 20, 23, 34, 143, 144, 190, 382, 385, 449, 498]
+FOLD_SIZES = {1: 58, 2: 51, 3: 34, 4: 42, 5: 47, 6: 33, 7: 44, 8: 44, 9: 81, 10: 66}
+
+
+@pytest.fixture(scope="module")
+def ptbxl():
+    return build_ptbxl(BUNDLED_PTBXL, sampling_rate=100)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    output = tmp_path_factory.mktemp("ptbxl_merit")
+    report = convert_ptbxl(BUNDLED_PTBXL, output, sampling_rate=100, records_per_shard=150)
+    return output, report
+
+
+def row_of(dataset, ecg_id):
+    index = dataset["ecg_id"][:].index(ecg_id)
+    return dataset[index]
+
+
+def test_splits_follow_strat_fold(ptbxl):
+    assert {split: ptbxl[split].num_rows for split in ptbxl} == {"train": 353, "validation": 81, "test": 66}
+    assert sum(FOLD_SIZES[fold] for fold in range(1, 9)) == 353
+    for split, folds in {"train": set(range(1, 9)), "validation": {9}, "test": {10}}.items():
+        assert set(ptbxl[split]["strat_fold"]) == folds
+    counts = pd.Series(sum((ptbxl[split]["strat_fold"][:] for split in ptbxl), [])).value_counts().to_dict()
+    assert counts == FOLD_SIZES
+    patients = {split: set(ptbxl[split]["patient_id"]) for split in ptbxl}
+    assert not patients["train"] & patients["test"] and not patients["validation"] & patients["test"]
+
+
+def test_features_are_explicit(ptbxl):
+    features = ptbxl["train"].features
+    assert features["signal"].shape == (1000, 12) and features["signal"].dtype == "float32"
+    assert features["ecg_id"].dtype == "int32"
+    assert label_names(ptbxl, "superclass") == ["CD", "HYP", "MI", "NORM", "STTC"]
+    assert {name: len(label_names(features, name)) for name in LABEL_SETS} == {
+        "superclass": 5, "subclass": 23, "form": 19, "rhythm": 12, "all": 71,
+    }  # fmt: skip
+    assert features["sex"].names == ["male", "female"]
+
+
+def test_ecg_id_1_row(ptbxl):
+    row = row_of(ptbxl["train"], 1)
+    assert json.loads(row["scp_codes"]) == {"NORM": 100.0, "LVOLT": 0.0, "SR": 0.0}
+    names = {name: label_names(ptbxl, name) for name in LABEL_SETS}
+    decoded = {name: [names[name][index] for index in row[name]] for name in LABEL_SETS}
+    assert decoded == {
+        "superclass": ["NORM"], "subclass": ["NORM"], "form": ["LVOLT"], "rhythm": ["SR"], "all": ["LVOLT", "NORM", "SR"],
+    }  # fmt: skip
+    assert row["superclass"] == [3] and row["rhythm"] == [names["rhythm"].index("SR")]
+    assert (row["patient_id"], row["age"], row["sex"], row["strat_fold"]) == (15709, 56.0, 1, 3)
+    assert row["report"] == "sinusrhythmus periphere niederspannung" and row["report_language"] == "de"
+    assert row["lead_names"] == ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+    assert row["sampling_rate"] == 100 and row["height"] is None and row["device"] == "CS-12   E"
+    signal = np.asarray(row["signal"], dtype=np.float32)
+    np.testing.assert_array_equal(
+        signal, wfdb.rdsamp(str(BUNDLED_PTBXL / "records100/00000/00001_lr"))[0].astype(np.float32)
+    )
+
+
+def test_ecg_id_39_row_in_validation(ptbxl):
+    row = row_of(ptbxl["validation"], 39)
+    names = label_names(ptbxl, "superclass")
+    assert [names[index] for index in row["superclass"]] == ["MI", "STTC"]
+
+
+def test_records_without_superclass(ptbxl):
+    empty = sorted(
+        ecg_id
+        for split in ptbxl.values()
+        for ecg_id, labels in zip(split["ecg_id"][:], split["superclass"][:])
+        if not labels
+    )
+    assert empty == NO_SUPERCLASS
+
+
+def test_empty_report_of_ecg_id_443(ptbxl):
+    rows = [
+        (split, ecg_id)
+        for split in ptbxl
+        for ecg_id, report in zip(ptbxl[split]["ecg_id"][:], ptbxl[split]["report"][:])
+        if not report
+    ]
+    assert [ecg_id for _, ecg_id in rows] == [443]
+    assert row_of(ptbxl[rows[0][0]], 443)["report_language"] == ""
+
+
+def test_500hz_against_100hz():
+    hr = build_ptbxl(BUNDLED_PTBXL, sampling_rate=500, ecg_ids=range(1, 13))
+    assert hr["train"].features["signal"].shape == (5000, 12)
+    assert {split: hr[split].num_rows for split in hr} == {"train": 9, "validation": 2, "test": 1}
+    lr = build_ptbxl(BUNDLED_PTBXL, sampling_rate=100, ecg_ids=[1])
+    signal_500 = np.asarray(row_of(hr["train"], 1)["signal"])
+    signal_100 = np.asarray(lr["train"][0]["signal"])
+    assert row_of(hr["train"], 1)["sampling_rate"] == 500 and row_of(hr["train"], 1)["filename"].endswith("00001_hr")
+    # the 100 Hz file is PTB-XL's downsampled copy of the 500 Hz one: same 10 s, closely matching samples
+    assert np.corrcoef(signal_500[::5].ravel(), signal_100.ravel())[0, 1] > 0.95
+    assert row_of(hr["train"], 1)["superclass"] == lr["train"][0]["superclass"]
+
+
+def test_missing_500hz_files_are_reported_or_raise():
+    with pytest.raises(EcgInputError, match=r"records500/00000/00013_hr\.hea: WFDB header not found"):
+        build_ptbxl(BUNDLED_PTBXL, sampling_rate=500, ecg_ids=range(12, 15))
+    dataset, report = build_ptbxl(BUNDLED_PTBXL, 500, ecg_ids=range(12, 15), on_error="skip", return_report=True)
+    assert (report.total, report.written, report.failed) == (3, 1, 2)
+    assert report.failures[0].record.endswith("records500/00000/00013_hr")
+    assert "00013_hr.hea: WFDB header not found" in report.failures[0].reason
+    assert sum(part.num_rows for part in dataset.values()) == 1
+
+
+def test_unknown_scp_code_names_the_record(tmp_path):
+    root = tmp_path / "ptbxl"
+    (root / "records100" / "00000").mkdir(parents=True)
+    shutil.copy(BUNDLED_PTBXL / "scp_statements.csv", root)
+    table = pd.read_csv(BUNDLED_PTBXL / "ptbxl_database.csv").head(2)
+    table.loc[1, "scp_codes"] = "{'NORM': 80.0, 'XYZ': 0.0}"
+    table.to_csv(root / "ptbxl_database.csv", index=False)
+    for ecg_id in (1, 2):
+        for suffix in (".hea", ".dat"):
+            shutil.copy(BUNDLED_PTBXL / f"records100/00000/{ecg_id:05d}_lr{suffix}", root / "records100" / "00000")
+    with pytest.raises(ScpCodeError, match=r"00002_lr\.hea \(ecg_id 2\): unknown SCP code\(s\) \['XYZ'\]"):
+        build_ptbxl(root)
+
+
+def test_bad_sampling_rate():
+    with pytest.raises(ValueError, match="sampling_rate must be one of \\[100, 500\\]"):
+        build_ptbxl(BUNDLED_PTBXL, sampling_rate=250)
+
+
+def test_convert_then_load_round_trip(converted, ptbxl):
+    output, report = converted
+    assert (report.total, report.written, report.failed) == (500, 500, 0)
+    assert sorted(path.name for path in (output / "100hz").glob("*.parquet")) == [
+        "test-00000-of-00001.parquet", "train-00000-of-00003.parquet", "train-00001-of-00003.parquet",
+        "train-00002-of-00003.parquet", "validation-00000-of-00001.parquet",
+    ]  # fmt: skip
+    assert json.loads((output / "100hz" / "conversion_report.json").read_text())["written"] == 500
+    loaded = load_ptbxl(output)
+    assert list(loaded) == ["train", "validation", "test"]
+    assert loaded["train"].features == ptbxl["train"].features
+    assert loaded["validation"]["ecg_id"][:5] == ptbxl["validation"]["ecg_id"][:5]
+    assert (
+        loaded["test"].with_format("numpy")[3]["signal"].tolist()
+        == ptbxl["test"].with_format("numpy")[3]["signal"].tolist()
+    )
+    assert loaded["train"].cache_files, "a loaded dataset is memory-mapped from Arrow files"
+
+
+def test_streaming_load(converted):
+    stream = load_ptbxl(converted[0], split="validation", streaming=True)
+    first = next(iter(stream))
+    assert first["ecg_id"] == 8 and first["superclass"] == [2]
+
+
+def test_refuses_to_overwrite_a_finished_conversion(converted):
+    with pytest.raises(FileExistsError, match="a finished conversion is already there"):
+        convert_ptbxl(BUNDLED_PTBXL, converted[0], sampling_rate=100)
+
+
+def test_missing_config_is_named(converted):
+    with pytest.raises(FileNotFoundError, match=r"no 500hz/ folder of Parquet shards \(found \['100hz'\]\)"):
+        load_ptbxl(converted[0], sampling_rate=500)
+
+
+def test_label_set_drops_unlabeled_records(converted):
+    loaded = load_ptbxl(converted[0], label_set="superclass")
+    assert sum(part.num_rows for part in loaded.values()) == 500 - len(NO_SUPERCLASS)
+
+
+def test_label_fraction_is_reproducible_nested_and_stratified(ptbxl):
+    train = ptbxl["train"]
+    ten = label_fraction_subset(train, 0.1, "superclass", seed=0)
+    assert ten.num_rows == 35
+    assert ten["ecg_id"][:] == label_fraction_subset(train, 0.1, "superclass", seed=0)["ecg_id"][:]
+    assert ten["ecg_id"][:] != label_fraction_subset(train, 0.1, "superclass", seed=1)["ecg_id"][:]
+    assert ten["ecg_id"][:] == sorted(ten["ecg_id"][:])
+    one = label_fraction_subset(train, 0.01, "superclass", seed=0)
+    assert one.num_rows == 4 and set(one["ecg_id"][:]) <= set(ten["ecg_id"][:])
+    thirty = label_fraction_subset(train, 0.3, "superclass", seed=0)
+    assert set(ten["ecg_id"][:]) <= set(thirty["ecg_id"][:])
+    # every superclass keeps roughly its share (rarest-class strata)
+    names = label_names(train, "superclass")
+    full = pd.Series([names[i] for row in train["superclass"][:] for i in row]).value_counts(normalize=True)
+    part = pd.Series([names[i] for row in thirty["superclass"][:] for i in row]).value_counts(normalize=True)
+    assert set(part.index) == set(full.index)
+    assert (part - full).abs().max() < 0.05
+
+
+def test_load_with_label_fraction(converted):
+    loaded = load_ptbxl(converted[0], label_fraction=0.1, label_set="superclass", seed=0)
+    # of the 12 records without a superclass, 1 is in train (fold 1), 9 in validation, 2 in test
+    assert loaded["train"].num_rows == round(0.1 * (353 - 1))
+    assert loaded["validation"].num_rows == 81 - 9 and loaded["test"].num_rows == 66 - 2
+    with pytest.raises(ValueError, match="label_fraction < 1 needs the whole train split"):
+        load_ptbxl(converted[0], streaming=True, label_fraction=0.1)
+
+
+def test_shared_subset_500hz(shared_ptbxl_dir):
+    hr = build_ptbxl(shared_ptbxl_dir, sampling_rate=500, ecg_ids=range(1, 101))
+    assert sum(part.num_rows for part in hr.values()) == 100
+    assert {split: hr[split].num_rows for split in hr} == {"train": 67, "validation": 21, "test": 12}
+
+
+def load_script(path):
+    return runpy.run_path(str(path), run_name=f"{path.parent.name}_{path.stem}")
+
+
+def test_convert_cli_writes_shards_and_card(tmp_path):
+    root = tmp_path / "ptbxl"
+    (root / "records100" / "00000").mkdir(parents=True)
+    shutil.copy(BUNDLED_PTBXL / "scp_statements.csv", root)
+    table = pd.read_csv(BUNDLED_PTBXL / "ptbxl_database.csv")
+    table[table["ecg_id"].isin([1, 8, 9])].to_csv(root / "ptbxl_database.csv", index=False)
+    for ecg_id in (1, 8, 9):  # folds 3, 9, 10: one record per split
+        for suffix in (".hea", ".dat"):
+            shutil.copy(BUNDLED_PTBXL / f"records100/00000/{ecg_id:05d}_lr{suffix}", root / "records100" / "00000")
+    script = load_script(REPO_ROOT / "dataset_scripts" / "ptbxl" / "convert.py")
+    assert script["main"](["--ptbxl_root", str(root), "--output_dir", str(tmp_path / "out")]) == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "license: cc-by-4.0" in card and "path: 100hz/train-*.parquet" in card
+    loaded = load_ptbxl(tmp_path / "out")
+    assert {split: loaded[split]["ecg_id"][:] for split in loaded} == {"train": [1], "validation": [8], "test": [9]}
+    # the card's `configs:` resolve as they would on the Hub
+    by_card = load_dataset(str(tmp_path / "out"), name="100hz", split="validation")
+    assert by_card["ecg_id"][:] == [8] and by_card.features["superclass"].feature.names[0] == "CD"

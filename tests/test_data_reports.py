@@ -1,0 +1,66 @@
+"""Report cleaning: PTB-XL language tags on real reports, MIMIC report_0..report_17 joining on the real row."""
+
+import csv
+import io
+
+import pandas as pd
+import pytest
+
+from merit_hf.data import clean_report, join_mimic_report, report_language
+from tests.conftest import BUNDLED_PTBXL, SHARED_DATA
+
+# MIMIC-IV-ECG v1.0 (ODbL 1.0, Gow et al. 2023), machine_measurements.csv: the real header and the one real row of
+# ../shared/data/mimic_iv_ecg_metadata (study 40689238, blank report_2 between two statements).
+MIMIC_MEASUREMENTS_HEADER = (
+    "subject_id,study_id,cart_id,ecg_time,report_0,report_1,report_2,report_3,report_4,report_5,report_6,report_7,"
+    "report_8,report_9,report_10,report_11,report_12,report_13,report_14,report_15,report_16,report_17,bandwidth,"
+    "filtering,rr_interval,p_onset,p_end,qrs_onset,qrs_end,t_end,p_axis,qrs_axis,t_axis"
+)
+MIMIC_MEASUREMENTS_ROW = (
+    "10000032,40689238,6848296,2180-07-23 08:44:00,Sinus rhythm,Possible right atrial abnormality,,Borderline ECG,"
+    ",,,,,,,,,,,,,,0.005-150 Hz,60 Hz notch Baseline filter,659,40,128,170,258,518,81,77,79"
+)
+
+
+def mimic_row() -> dict:
+    return next(csv.DictReader(io.StringIO(MIMIC_MEASUREMENTS_HEADER + "\n" + MIMIC_MEASUREMENTS_ROW + "\n")))
+
+
+def test_vendored_mimic_row_is_the_real_one():
+    path = SHARED_DATA / "mimic_iv_ecg_metadata" / "machine_measurements.csv"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    assert path.read_text().splitlines() == [MIMIC_MEASUREMENTS_HEADER, MIMIC_MEASUREMENTS_ROW]
+
+
+def test_mimic_report_joins_in_order_and_skips_blanks():
+    row = mimic_row()
+    assert row["report_2"] == ""
+    assert join_mimic_report(row) == "Sinus rhythm. Possible right atrial abnormality. Borderline ECG"
+
+
+def test_mimic_report_rules():
+    row = {"report_0": "  Sinus  rhythm. ", "report_1": float("nan"), "report_3": "Normal ECG", "report_17": " "}
+    assert join_mimic_report(row) == "Sinus rhythm. Normal ECG"
+    assert join_mimic_report({}) == ""
+
+
+def test_clean_report():
+    assert clean_report("sinus rhythm.   normal\tecg. ") == "sinus rhythm. normal ecg."
+    assert clean_report(None) == clean_report(float("nan")) == clean_report(" ") == ""
+
+
+def test_ptbxl_report_languages_on_real_reports():
+    reports = pd.read_csv(BUNDLED_PTBXL / "ptbxl_database.csv", index_col="ecg_id")["report"]
+    assert reports[1] == "sinusrhythmus periphere niederspannung" and report_language(reports[1]) == "de"
+    assert reports[443] == " " and report_language(reports[443]) == ""
+    english = reports[reports.str.startswith("sinus rhythm. normal ecg")]
+    swedish = reports[reports.str.startswith("sinusrytm")]
+    assert len(english) > 10 and {report_language(text) for text in english} == {"en"}
+    assert len(swedish) > 10 and {report_language(text) for text in swedish} == {"sv"}
+    counts = pd.Series([report_language(text) for text in reports]).value_counts().to_dict()
+    assert counts == {"de": 269, "en": 160, "sv": 70, "": 1}
+
+
+def test_report_language_undetermined():
+    assert report_language("12345 ...") == "und"

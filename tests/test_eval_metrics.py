@@ -1,0 +1,107 @@
+"""Classification metrics against hand-computed values and scikit-learn; the results JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score, precision_recall_curve, roc_auc_score
+
+from merit_hf.evaluation.metrics import (
+    best_f1_thresholds,
+    bootstrap_ci,
+    classification_metrics,
+    macro_auroc,
+    macro_f1,
+    macro_f1_max_over_thresholds,
+    per_class_auroc,
+    per_class_f1,
+)
+from merit_hf.evaluation.results import SCHEMA, read_results, write_results
+
+# 4 records, 3 classes. Class 0: positives score 0.9 and 0.4, negatives 0.6 and 0.1 -> 3 of 4 pairs ordered: 0.75.
+# Class 1: perfectly ordered -> 1.0. Class 2: no positive -> absent.
+Y_TRUE = np.array([[1, 1, 0], [0, 1, 0], [1, 0, 0], [0, 0, 0]])
+Y_SCORE = np.array([[0.9, 0.8, 0.1], [0.6, 0.7, 0.2], [0.4, 0.3, 0.3], [0.1, 0.2, 0.4]])
+
+
+def test_auroc_hand_computed_and_absent_class_reported():
+    np.testing.assert_allclose(per_class_auroc(Y_TRUE, Y_SCORE)[:2], [0.75, 1.0])
+    assert math.isnan(per_class_auroc(Y_TRUE, Y_SCORE)[2])
+    assert macro_auroc(Y_TRUE, Y_SCORE) == pytest.approx((0.75 + 1.0) / 2)
+    report = classification_metrics(Y_TRUE, Y_SCORE, ["A", "B", "C"], num_bootstrap=0)
+    assert report["absent_classes"] == ["C"]
+    assert report["per_class"]["C"] == {"auroc": None, "f1": None, "num_positive": 0}
+    assert report["metrics"]["macro_auroc"] == {"value": pytest.approx(0.875)}
+
+
+def test_ties_count_one_half():
+    assert per_class_auroc([[1], [0]], [[0.5], [0.5]])[0] == pytest.approx(0.5)
+
+
+def test_f1_at_validation_thresholds_hand_computed():
+    # thresholds 0.5 / 0.5 / 0.5: class 0 predicts records 0, 1 -> tp 1, fp 1, fn 1 -> F1 0.5;
+    # class 1 predicts records 0, 1 -> tp 2 -> F1 1.0; class 2 absent (NaN, excluded).
+    thresholds = np.array([0.5, 0.5, 0.5])
+    np.testing.assert_allclose(per_class_f1(Y_TRUE, Y_SCORE, thresholds)[:2], [0.5, 1.0])
+    assert macro_f1(Y_TRUE, Y_SCORE, thresholds) == pytest.approx(0.75)
+
+
+def test_best_thresholds_and_max_f1_variant():
+    # class 0: predicting >= 0.4 gives tp 2, fp 1 -> F1 0.8, the best; class 2 has no positive -> +inf.
+    thresholds = best_f1_thresholds(Y_TRUE, Y_SCORE)
+    assert thresholds[0] == pytest.approx(0.4)
+    assert thresholds[1] == pytest.approx(0.7)
+    assert thresholds[2] == np.inf
+    assert macro_f1_max_over_thresholds(Y_TRUE, Y_SCORE) == pytest.approx((0.8 + 1.0) / 2)
+
+
+def test_metrics_equal_scikit_learn_on_random_data_with_ties():
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 2, (200, 6))
+    y_score = np.round(rng.normal(size=(200, 6)) + y_true, 1)
+    expected_auroc = [roc_auc_score(y_true[:, c], y_score[:, c]) for c in range(6)]
+    np.testing.assert_allclose(per_class_auroc(y_true, y_score), expected_auroc, atol=1e-12)
+    thresholds = best_f1_thresholds(y_true, y_score)
+    for c in range(6):
+        precision, recall, _ = precision_recall_curve(y_true[:, c], y_score[:, c])
+        best = np.max(2 * precision * recall / np.clip(precision + recall, 1e-12, None))
+        assert f1_score(y_true[:, c], y_score[:, c] >= thresholds[c]) == pytest.approx(best)
+    fixed = np.zeros(6)
+    expected_f1 = [f1_score(y_true[:, c], y_score[:, c] >= 0, zero_division=0) for c in range(6)]
+    np.testing.assert_allclose(per_class_f1(y_true, y_score, fixed), expected_f1)
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_value():
+    rng = np.random.default_rng(1)
+    y_true = rng.integers(0, 2, (120, 3))
+    y_score = rng.normal(size=(120, 3)) + y_true
+    first = bootstrap_ci(macro_auroc, y_true, y_score, num_resamples=200, seed=3)
+    assert first == bootstrap_ci(macro_auroc, y_true, y_score, num_resamples=200, seed=3)
+    assert first[0] < macro_auroc(y_true, y_score) < first[1]
+    with pytest.raises(ValueError, match="confidence"):
+        bootstrap_ci(macro_auroc, y_true, y_score, confidence=1.5)
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="multi-hot"):
+        macro_auroc([[2, 0]], [[0.1, 0.2]])
+    with pytest.raises(ValueError, match="must both be"):
+        macro_auroc([[1, 0]], [[0.1, 0.2, 0.3]])
+    with pytest.raises(ValueError, match="one value per class"):
+        macro_f1(Y_TRUE, Y_SCORE, [0.5])
+
+
+def test_results_json_round_trip(tmp_path):
+    report = classification_metrics(Y_TRUE, Y_SCORE, ["A", "B", "C"], thresholds=[0.5] * 3, num_bootstrap=10)
+    results = {"schema": SCHEMA, "model": report, "nan": float("nan"), "numpy": np.float32(0.5)}
+    path = write_results(results, tmp_path / "r.json")
+    loaded = read_results(path)
+    assert loaded["nan"] is None and loaded["numpy"] == 0.5
+    assert loaded["model"]["metrics"]["macro_f1"]["value"] == pytest.approx(0.75)
+    assert set(loaded["model"]["metrics"]["macro_auroc"]) == {"value", "ci_low", "ci_high"}
+    (tmp_path / "other.json").write_text(json.dumps({"schema": "x"}))
+    with pytest.raises(ValueError, match="not a merit_hf.results/v1"):
+        read_results(tmp_path / "other.json")

@@ -1,0 +1,188 @@
+"""Linear probe, label fractions, fine-tuning and the probe script, on synthetic features and a small synthetic
+dataset in the `merit_hf.data` PTB-XL schema (the real records are exercised by the benchmark, not the tests)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from datasets import Array2D, ClassLabel, Dataset, DatasetDict, Features, List, Value
+
+from merit_hf import MeritModel
+from merit_hf.evaluation.metrics import macro_auroc
+from merit_hf.evaluation.results import SCHEMA, read_results
+from merit_hf.training.probe import (
+    ProbeArguments,
+    fit_linear_probe,
+    label_fraction_rows,
+    label_matrix,
+    main,
+    random_init_like,
+    run_fine_tune,
+    run_linear_probe,
+)
+
+from .conftest import tiny_merit_config
+
+LEADS = ["I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+CLASSES = ["CD", "HYP", "MI", "NORM", "STTC"]
+
+
+def synthetic_ptbxl(sizes=(24, 10, 12), seed: int = 0) -> DatasetDict:
+    """Records in the PTB-XL schema (100 Hz, 1000 x 12, mV): a 1.2 Hz 'heartbeat' whose amplitude depends on the
+    first class, plus noise; devices, sites, ages and sexes vary so every robustness group is populated."""
+    features = Features(
+        {
+            "ecg_id": Value("int32"),
+            "signal": Array2D(shape=(1000, 12), dtype="float32"),
+            "lead_names": List(Value("string")),
+            "sampling_rate": Value("int32"),
+            "superclass": List(ClassLabel(names=CLASSES)),
+            "age": Value("float32"),
+            "sex": ClassLabel(names=["male", "female"]),
+            "device": Value("string"),
+            "site": Value("int32"),
+        }
+    )
+    rng = np.random.default_rng(seed)
+    time = np.arange(1000) / 100
+    splits, ecg_id = {}, 0
+    for split, size in zip(("train", "validation", "test"), sizes):
+        rows = []
+        for index in range(size):
+            classes = sorted({index % 5, (index * 3 + 1) % 5}) if index % 4 else [index % 5]
+            amplitude = 0.5 + 0.3 * classes[0]
+            signal = amplitude * np.sin(2 * np.pi * 1.2 * time)[:, None] + 0.05 * rng.standard_normal((1000, 12))
+            rows.append(
+                {
+                    "ecg_id": ecg_id,
+                    "signal": signal.astype(np.float32),
+                    "lead_names": LEADS,
+                    "sampling_rate": 100,
+                    "superclass": classes,
+                    "age": float(20 + 7 * index),
+                    "sex": index % 2,
+                    "device": "CS-12   E" if index % 3 else "AT-6 C 5.5",
+                    "site": index % 2,
+                }
+            )
+            ecg_id += 1
+        splits[split] = Dataset.from_list(rows, features=features)
+    return DatasetDict(splits)
+
+
+@pytest.fixture(scope="module")
+def ptbxl_like() -> DatasetDict:
+    return synthetic_ptbxl()
+
+
+def test_probe_recovers_a_planted_linear_signal():
+    rng = np.random.default_rng(0)
+    weights = rng.normal(size=(16, 3))
+    features = rng.normal(size=(600, 16)) * rng.uniform(0.5, 5, size=16)  # unequal scales: standardisation matters
+    labels = ((features / features.std(axis=0)) @ weights > 0).astype(np.float32)
+    probe = fit_linear_probe(
+        features[:400], labels[:400], features[400:500], labels[400:500], learning_rate=0.05, max_epochs=30, seed=0
+    )
+    assert macro_auroc(labels[500:], probe.decision_function(features[500:])) > 0.98
+    noise = rng.normal(size=features.shape)
+    chance = fit_linear_probe(noise[:400], labels[:400], noise[400:500], labels[400:500], max_epochs=10, seed=0)
+    assert macro_auroc(labels[500:], chance.decision_function(noise[500:])) < 0.65
+
+
+def test_early_stopping_stops_after_patience_epochs_without_gain():
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(200, 8))
+    labels = (rng.random((200, 2)) > 0.5).astype(np.float32)  # no signal: validation AUROC stops improving
+    probe = fit_linear_probe(features[:100], labels[:100], features[100:], labels[100:], max_epochs=100, patience=3)
+    assert probe.epochs_run == probe.best_epoch + 3 < 100
+
+
+def test_label_fractions_are_reproducible_nested_and_stratified():
+    rng = np.random.default_rng(0)
+    rows = []
+    for index in range(1000):
+        rare = index % 50 == 0  # class 4 is rare: 20 records
+        rows.append([4] if rare else [int(rng.integers(0, 4))])
+    dataset = Dataset.from_dict(
+        {"superclass": rows}, features=Features({"superclass": List(ClassLabel(names=CLASSES))})
+    )
+    ten = label_fraction_rows(dataset, "superclass", 0.1, seed=0)
+    assert len(ten) == 100
+    np.testing.assert_array_equal(ten, label_fraction_rows(dataset, "superclass", 0.1, seed=0))
+    assert not np.array_equal(ten, label_fraction_rows(dataset, "superclass", 0.1, seed=1))
+    labels = label_matrix(dataset, "superclass")
+    assert labels[ten, 4].sum() == 2  # 10 % of the 20 rare records, not left to chance
+    one = label_fraction_rows(dataset, "superclass", 0.01, seed=0)
+    assert len(one) == 10 and set(one) <= set(ten)
+    np.testing.assert_array_equal(label_fraction_rows(dataset, "superclass", 1.0), np.arange(1000))
+
+
+def test_random_init_baseline_is_seeded_and_differs_from_the_model():
+    model = MeritModel(tiny_merit_config())
+    first = random_init_like(model.ecg_model, seed=5)
+    second = random_init_like(model.ecg_model, seed=5)
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert np.array_equal(a.numpy(), b.numpy()), name
+    assert first.config.to_dict() == model.ecg_model.config.to_dict()
+    assert any(
+        not np.array_equal(a.numpy(), b.numpy())
+        for a, b in zip(first.state_dict().values(), random_init_like(model.ecg_model, seed=6).state_dict().values())
+    )
+
+
+def test_run_linear_probe_writes_results_with_baseline(ptbxl_like, tmp_path):
+    torch.manual_seed(123)  # not the baseline's seed 0: the two encoders must differ
+    model = MeritModel(tiny_merit_config()).eval()
+    arguments = ProbeArguments(max_epochs=5, num_bootstrap=20, cache_dir=str(tmp_path / "c"))
+    results = run_linear_probe(
+        model, ptbxl_like, "superclass", 0.5, seed=0, arguments=arguments, output_file=tmp_path / "r.json"
+    )
+    saved = read_results(tmp_path / "r.json")
+    assert saved["schema"] == SCHEMA and saved["task"] == "linear-probe"
+    assert saved["dataset"]["name"] == "ptb-xl" and saved["dataset"]["split"] == "test"
+    assert saved["label_set"] == "superclass" and saved["label_fraction"] == 0.5
+    assert saved["dataset"]["num_records"]["train"] == 12
+    assert saved["dataset"]["classes_without_training_positives"] == []
+    for role in ("model", "baseline"):
+        metrics = saved[role]["metrics"]
+        assert set(metrics) == {"macro_auroc", "macro_f1", "macro_f1_max_over_thresholds"}
+        assert 0 <= metrics["macro_auroc"]["value"] <= 1
+        assert metrics["macro_auroc"]["ci_low"] <= metrics["macro_auroc"]["ci_high"]
+        assert list(saved[role]["per_class"]) == CLASSES
+    assert saved["baseline"]["name_or_path"] == "random-init"
+    assert results["model"]["metrics"] == saved["model"]["metrics"]
+    assert len(list((tmp_path / "c").glob("features_*.npy"))) == 6  # 3 splits x (model, baseline), cached
+
+
+def test_probe_script_from_yaml(ptbxl_like, tmp_path):
+    model_dir, data_dir = tmp_path / "model", tmp_path / "data"
+    MeritModel(tiny_merit_config()).save_pretrained(model_dir)
+    ptbxl_like.save_to_disk(str(data_dir))
+    config = {
+        "model_name_or_path": str(model_dir),
+        "dataset": str(data_dir),
+        "label_sets": ["superclass"],
+        "label_fractions": [1.0],
+        "max_epochs": 3,
+        "num_bootstrap": 0,
+        "output_dir": str(tmp_path / "out"),
+    }
+    (tmp_path / "probe.yaml").write_text(yaml.safe_dump(config))
+    summary = main([str(tmp_path / "probe.yaml"), "--seeds", "1"])
+    assert list(summary) == ["linear-probe_superclass_1_seed1"]
+    assert set(summary["linear-probe_superclass_1_seed1"]) == {"model", "baseline"}
+    saved = read_results(tmp_path / "out" / "linear-probe_superclass_1_seed1.json")
+    assert saved["model"]["name_or_path"] == str(model_dir) and saved["seed"] == 1
+    with pytest.raises(ValueError, match="label_sets"):
+        main([str(tmp_path / "probe.yaml"), "--label_sets", "diagnostic"])
+
+
+def test_fine_tune_runs_and_reports_both_encoders():
+    model = MeritModel(tiny_merit_config()).eval()
+    arguments = ProbeArguments(mode="finetune", finetune_max_epochs=1, batch_size=8, num_bootstrap=0)
+    results = run_fine_tune(model, synthetic_ptbxl(sizes=(8, 6, 6)), "superclass", 1.0, seed=0, arguments=arguments)
+    assert results["task"] == "fine-tune"
+    assert results["model"]["training"]["epochs_run"] == 1
+    assert results["baseline"]["metrics"]["macro_auroc"]["value"] is not None

@@ -1,0 +1,118 @@
+"""Robustness shifts change the input exactly as stated (measured on a real PTB-XL record), and the robustness
+evaluation reports every shift for the model and the random-init baseline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import wfdb
+
+from merit_hf import MeritModel
+from merit_hf.evaluation.robustness import device_family, input_shifts, robustness_table, run_robustness
+from merit_hf.evaluation.shifts import (
+    LIMB_LEADS,
+    add_baseline_wander,
+    add_white_noise,
+    measured_snr_db,
+    resample_record,
+    signal_power,
+    zero_leads,
+)
+from merit_hf.training.probe import ProbeArguments
+
+from .conftest import BUNDLED_PTBXL, tiny_merit_config
+from .test_eval_probe import synthetic_ptbxl
+
+
+@pytest.fixture(scope="module")
+def record():
+    signal, fields = wfdb.rdsamp(str(BUNDLED_PTBXL / "records100" / "00000" / "00001_lr"))
+    return signal, fields["fs"], list(fields["sig_name"])
+
+
+@pytest.mark.parametrize("snr_db", [20.0, 10.0, 0.0])
+def test_white_noise_has_the_stated_snr(record, snr_db):
+    signal, _, _ = record
+    noisy = add_white_noise(signal, snr_db, np.random.default_rng(0))
+    np.testing.assert_allclose(measured_snr_db(signal, noisy), snr_db, atol=0.5)
+    residual = noisy - signal
+    assert abs(residual.mean()) < 0.05 * residual.std()  # zero-mean noise, not a shifted baseline
+
+
+@pytest.mark.parametrize("snr_db", [10.0, 0.0])
+def test_baseline_wander_has_the_stated_snr_and_frequency(record, snr_db):
+    signal, rate, _ = record
+    wandering = add_baseline_wander(signal, rate, snr_db, np.random.default_rng(0), frequency_hz=0.3)
+    np.testing.assert_allclose(measured_snr_db(signal, wandering), snr_db, atol=0.5)
+    drift = wandering[:, 0] - signal[:, 0]
+    spectrum = np.abs(np.fft.rfft(drift - drift.mean()))
+    frequencies = np.fft.rfftfreq(len(drift), 1 / rate)
+    assert frequencies[np.argmax(spectrum)] == pytest.approx(0.3, abs=0.1)
+    with pytest.raises(ValueError, match="frequency_hz"):
+        add_baseline_wander(signal, rate, 10, np.random.default_rng(0), frequency_hz=80)
+
+
+def test_missing_leads_are_zeroed_and_the_others_kept(record):
+    signal, _, leads = record  # PTB-XL writes AVR/AVL/AVF: matching is case-insensitive
+    limb = zero_leads(signal, leads, LIMB_LEADS)
+    np.testing.assert_array_equal(limb[:, :6], signal[:, :6])
+    assert np.all(limb[:, 6:] == 0)
+    only_ii = zero_leads(signal, leads, ("II",))
+    assert np.count_nonzero(signal_power(only_ii)) == 1 and np.array_equal(only_ii[:, 1], signal[:, 1])
+    with pytest.raises(ValueError, match="V7"):
+        zero_leads(signal, leads, ("V7",))
+
+
+def test_resampling_changes_rate_and_length_but_not_the_waveform(record):
+    signal, rate, _ = record
+    upsampled, new_rate = resample_record(signal, rate, 500)
+    assert new_rate == 500 and upsampled.shape == (5000, 12)
+    back, _ = resample_record(upsampled, 500, rate)
+    np.testing.assert_allclose(back[50:-50], signal[50:-50], atol=0.02)  # mV; edges excluded (filter transients)
+
+
+def test_device_family():
+    assert device_family("CS-12   E") == "CS-12"
+    assert device_family("AT-6 C 5.5") == "AT-6"
+    assert device_family(None) == "unknown"
+
+
+def test_robustness_reports_every_shift_for_model_and_baseline(tmp_path):
+    torch.manual_seed(7)
+    model = MeritModel(tiny_merit_config()).eval()
+    data = synthetic_ptbxl(sizes=(16, 8, 10))
+    arguments = ProbeArguments(max_epochs=3, num_bootstrap=10)
+    shifts = input_shifts(noise_snrs_db=(10,), wander_snrs_db=(0,))
+    results = run_robustness(
+        model, data, "superclass", arguments=arguments, shifts=shifts, output_file=tmp_path / "robustness.json"
+    )
+    assert results["task"] == "robustness" and (tmp_path / "robustness.json").is_file()
+    expected = {
+        "resampled_500hz",
+        "white_noise_10db",
+        "baseline_wander_0db",
+        "limb_leads_only",
+        "precordial_leads_only",
+        "lead_II_only",
+        "device_CS-12_in",
+        "device_CS-12_to_other",
+        "site_0_in",
+        "site_0_to_other",
+        "age_0_40",
+        "age_40_65",
+        "age_65_plus",
+        "sex_male",
+        "sex_female",
+    }
+    assert set(results["shifts"]) == expected
+    for name, shift in results["shifts"].items():
+        assert {"model", "baseline", "kind", "description"} <= set(shift), name
+    assert results["shifts"]["device_CS-12_to_other"]["model"]["num_records"] == 4  # test rows 0, 3, 6, 9
+    assert results["shifts"]["sex_female"]["model"]["num_records"] == 5
+    clean = results["model"]["metrics"]["macro_auroc"]["value"]
+    noisy = results["shifts"]["white_noise_10db"]["model"]["metrics"]["macro_auroc"]["value"]
+    assert clean is not None and noisy is not None
+    table = robustness_table(results)
+    assert table.count("\n") == len(expected) + 2 and "| clean | - | 10 |" in table
+    assert "baseline_wander_0db" in robustness_table(results, role="baseline")

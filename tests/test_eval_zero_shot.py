@@ -1,0 +1,193 @@
+"""Zero-shot classification: scores per requested label in order, prompt ensembling, errors, the prompt file, the
+registered pipeline."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import pipeline
+
+from merit_hf import MeritFeatureExtractor, MeritModel, MeritProcessor, zero_shot_classify
+from merit_hf.evaluation.zero_shot import (
+    PTBXL_PROMPTS_PATH,
+    class_prompts,
+    evaluate_zero_shot,
+    load_class_descriptions,
+    random_ecg_tower_like,
+)
+from merit_hf.pipelines import ZERO_SHOT_ECG_TASK, ZeroShotEcgClassificationPipeline
+
+from .conftest import BUNDLED_PTBXL, tiny_merit_config
+from .test_eval_probe import synthetic_ptbxl
+
+LEADS = ["I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+
+
+@pytest.fixture
+def model_and_processor(tokenizer):
+    model = MeritModel(tiny_merit_config()).eval()
+    feature_extractor = MeritFeatureExtractor.from_model_config(model.config.ecg_config)
+    return model, MeritProcessor(feature_extractor, tokenizer)
+
+
+def _ecgs(count=2, seed=0):
+    rng = np.random.default_rng(seed)
+    time = np.arange(2500) / 250
+    return [
+        0.8 * np.sin(2 * np.pi * 1.1 * time)[:, None] + 0.05 * rng.standard_normal((2500, 12)) for _ in range(count)
+    ]
+
+
+def test_scores_for_exactly_the_requested_labels_in_order(model_and_processor):
+    model, processor = model_and_processor
+    labels = ["sinus rhythm", "atrial fibrillation", "left bundle branch block"]
+    out = zero_shot_classify(model, processor, _ecgs(), labels, sampling_rate=250, lead_names=LEADS)
+    assert out["labels"] == labels and out["scores"].shape == (2, 3)
+    assert np.all(np.abs(out["scores"]) <= 1 + 1e-6)  # cosine similarities
+    reversed_out = zero_shot_classify(model, processor, _ecgs(), labels[::-1], sampling_rate=250, lead_names=LEADS)
+    np.testing.assert_allclose(reversed_out["scores"], out["scores"][:, ::-1], atol=1e-6)
+    # per-class scores: adding a label leaves the others unchanged (no softmax across labels)
+    more = zero_shot_classify(
+        model, processor, _ecgs(), [*labels, "sinus bradycardia"], sampling_rate=250, lead_names=LEADS
+    )
+    np.testing.assert_allclose(more["scores"][:, :3], out["scores"], atol=1e-6)
+    single = zero_shot_classify(
+        model, processor, _ecgs(), labels, multi_label=False, sampling_rate=250, lead_names=LEADS
+    )
+    np.testing.assert_allclose(single["scores"].sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_scores_equal_the_hand_computed_ensemble(model_and_processor, tokenizer):
+    model, processor = model_and_processor
+    descriptions = {"NORM": ["normal ecg", "sinus rhythm normal ecg"], "MI": ["inferior myocardial infarction"]}
+    templates = ["{}", "ecg: {}"]
+    out = zero_shot_classify(
+        model,
+        processor,
+        _ecgs(1),
+        ["MI", "NORM"],
+        templates,
+        class_descriptions=descriptions,
+        sampling_rate=250,
+        lead_names=LEADS,
+    )
+    with torch.no_grad():
+        ecg_values = processor.feature_extractor(_ecgs(1), sampling_rate=250, lead_names=LEADS, return_tensors="pt")
+        ecg = F.normalize(model.get_ecg_features(ecg_values["ecg_values"]).pooler_output, dim=-1)
+        expected = []
+        for label in ["MI", "NORM"]:
+            texts = [template.format(text) for text in descriptions[label] for template in templates]
+            tokens = tokenizer(texts, padding=True, return_tensors="pt")
+            text = F.normalize(model.get_text_features(**tokens).pooler_output, dim=-1)
+            expected.append(F.normalize(text.mean(dim=0), dim=-1))
+        expected = (ecg @ torch.stack(expected).T).numpy()
+    np.testing.assert_allclose(out["scores"], expected, atol=1e-5)
+
+
+def test_clear_errors(model_and_processor):
+    model, processor = model_and_processor
+    kwargs = {"sampling_rate": 250, "lead_names": LEADS}
+    with pytest.raises(ValueError, match="unknown label 'MIX'.*know \\['CD', 'HYP', 'MI', 'NORM', 'STTC'\\]"):
+        zero_shot_classify(model, processor, _ecgs(1), ["MI", "MIX"], class_descriptions="superclass", **kwargs)
+    with pytest.raises(ValueError, match="candidate_labels is empty"):
+        zero_shot_classify(model, processor, _ecgs(1), [], **kwargs)
+    with pytest.raises(ValueError, match="has no '\\{\\}' placeholder"):
+        zero_shot_classify(model, processor, _ecgs(1), ["MI"], hypothesis_template="an ECG showing", **kwargs)
+    with pytest.raises(ValueError, match="duplicates \\['MI'\\]"):
+        zero_shot_classify(model, processor, _ecgs(1), ["MI", "MI"], **kwargs)
+    with pytest.raises(ValueError, match="no label set 'diagnostic'"):
+        load_class_descriptions("diagnostic")
+    with pytest.raises(TypeError, match="needs MERIT's two towers"):
+        zero_shot_classify(model.ecg_model, processor, _ecgs(1), ["MI"], **kwargs)
+
+
+def test_prompt_file_covers_every_ptbxl_label_set():
+    with open(BUNDLED_PTBXL / "scp_statements.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    flag = lambda value: value.strip() not in ("", "0", "0.0")  # noqa: E731
+    expected = {
+        "superclass": sorted({row["diagnostic_class"] for row in rows if row["diagnostic_class"]}),
+        "subclass": sorted({row["diagnostic_subclass"] for row in rows if row["diagnostic_subclass"]}),
+        "form": sorted(row[""] for row in rows if flag(row["form"])),
+        "rhythm": sorted(row[""] for row in rows if flag(row["rhythm"])),
+        "all": sorted(row[""] for row in rows),
+    }
+    assert {name: len(names) for name, names in expected.items()} == {
+        "superclass": 5,
+        "subclass": 23,
+        "form": 19,
+        "rhythm": 12,
+        "all": 71,
+    }
+    for label_set, names in expected.items():
+        descriptions = load_class_descriptions(label_set, PTBXL_PROMPTS_PATH)
+        assert list(descriptions) == names, label_set
+        assert all(len(texts) >= 2 and all(text.strip() for text in texts) for texts in descriptions.values())
+    assert class_prompts(["AFIB"], ["{}", "ecg: {}"], "rhythm") == [
+        [
+            "atrial fibrillation",
+            "ecg: atrial fibrillation",
+            "irregularly irregular rhythm without p waves, atrial fibrillation",
+            "ecg: irregularly irregular rhythm without p waves, atrial fibrillation",
+        ]
+    ]
+
+
+def test_registered_pipeline_from_a_saved_folder(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    classifier = pipeline(ZERO_SHOT_ECG_TASK, model=str(tmp_path), device="cpu")
+    assert isinstance(classifier, ZeroShotEcgClassificationPipeline)
+    ecg = _ecgs(1)[0]
+    output = classifier(
+        ecg,
+        candidate_labels=["NORM", "MI", "CD"],
+        class_descriptions="superclass",
+        sampling_rate=250,
+        lead_names=LEADS,
+    )
+    assert sorted(item["label"] for item in output) == ["CD", "MI", "NORM"]
+    scores = [item["score"] for item in output]
+    assert scores == sorted(scores, reverse=True)
+    direct = zero_shot_classify(
+        model,
+        processor,
+        ecg,
+        ["NORM", "MI", "CD"],
+        class_descriptions="superclass",
+        sampling_rate=250,
+        lead_names=LEADS,
+    )
+    np.testing.assert_allclose(
+        [{item["label"]: item["score"] for item in output}[label] for label in direct["labels"]],
+        direct["scores"][0],
+        atol=1e-5,
+    )
+    batch = classifier([ecg, ecg], candidate_labels=["NORM", "MI"], sampling_rate=250, lead_names=LEADS)
+    assert len(batch) == 2 and batch[0] == batch[1]
+    record = BUNDLED_PTBXL / "records100" / "00000" / "00001_lr"
+    assert len(classifier(str(record), candidate_labels=["SR", "AFIB"], class_descriptions="rhythm")) == 2
+
+
+def test_zero_shot_evaluation_on_a_dataset_with_a_random_ecg_tower_baseline(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    baseline = random_ecg_tower_like(model, seed=3)
+    changed = {
+        name for name, weight in model.state_dict().items() if not torch.equal(weight, baseline.state_dict()[name])
+    }
+    assert changed and all(name.startswith(("ecg_model.", "ecg_projection.")) for name in changed)
+    assert "ecg_projection.fc1.weight" in changed and "ecg_model.layers.0.mlp.fc1.weight" in changed
+    data = synthetic_ptbxl(sizes=(2, 8, 10))
+    results = evaluate_zero_shot(
+        model, data, "superclass", processor=processor, num_bootstrap=10, output_file=tmp_path / "zs.json"
+    )
+    assert results["task"] == "zero-shot" and results["label_names"] == ["CD", "HYP", "MI", "NORM", "STTC"]
+    for role in ("model", "baseline"):
+        assert set(results[role]["metrics"]) == {"macro_auroc", "macro_f1", "macro_f1_max_over_thresholds"}
+        assert results[role]["num_records"] == 10
+    assert results["baseline"]["name_or_path"] == "random-init ECG tower"

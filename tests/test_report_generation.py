@@ -1,0 +1,484 @@
+"""ECG-conditioned report generation: config, processor (placeholders, labels, chat template), model (scatter, count
+check, generate), PEFT LoRA (one step, save/reload), the training script end to end, and bad input.
+
+The LM is a tiny Llama with a SentencePiece tokenizer trained here (no download)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import BUNDLED_PTBXL, REPO_ROOT, TINY_REPORTS, tiny_ecg_config
+
+ECG_CONFIG = {"sampling_rate": 100, "num_samples": 1000, "patch_size": 50}
+SPM_VOCAB_SIZE = 64
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def train_sentencepiece_tokenizer(directory):
+    """SentencePiece BPE trained on the tiny reports, wrapped the way that keeps its vocabulary (see env.md §3)."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    corpus = directory / "corpus.txt"
+    corpus.write_text("\n".join(f"{report}. write the report of this 12-lead ecg." for report in TINY_REPORTS * 8))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(directory / "sp"),
+        vocab_size=SPM_VOCAB_SIZE,
+        model_type="bpe",
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        minloglevel=2,
+    )
+    shutil.copy(directory / "sp.model", directory / "tokenizer.model")
+    tokenizer = LlamaTokenizer.from_pretrained(directory, add_bos_token=True, add_eos_token=False, pad_token="<pad>")
+    return tokenizer
+
+
+def tiny_llama(vocab_size: int, tie_word_embeddings: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+    """A saved tiny causal LM with its tokenizer (what `--language_model` points to)."""
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tiny_lm")
+    tokenizer = train_sentencepiece_tokenizer(directory / "spm")
+    tiny_llama(len(tokenizer)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def parts(lm_dir):
+    """(model, processor) built from a random tiny encoder and the saved tiny LM."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from merit_hf import MeritEcgModel, MeritFeatureExtractor, MeritForReportGeneration, MeritProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
+    ecg_config = tiny_ecg_config(**ECG_CONFIG)
+    model = MeritForReportGeneration.from_parts(
+        MeritEcgModel(ecg_config), AutoModelForCausalLM.from_pretrained(lm_dir), tokenizer, ecg_tokens_per_lead=2
+    )
+    processor = MeritProcessor(
+        MeritFeatureExtractor.from_model_config(ecg_config), tokenizer, ecg_seq_length=model.config.ecg_seq_length
+    )
+    return model.eval(), processor
+
+
+def ecg_batch(count: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(scale=0.3, size=(1000, 12)) for _ in range(count)]
+
+
+def ecg_kwargs(count: int, seed: int = 0):
+    return {"ecgs": ecg_batch(count, seed), "sampling_rate": 100, "lead_names": list(tiny_ecg_config().lead_names)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizer and config
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_sentencepiece_tokenizer_keeps_its_vocabulary(tmp_path):
+    import sentencepiece as spm
+
+    tokenizer = train_sentencepiece_tokenizer(tmp_path)
+    pieces = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    # The direct constructor LlamaTokenizer(vocab_file=...) silently gives 3 tokens; this wrapping must not.
+    assert len(tokenizer) == pieces.get_piece_size() == SPM_VOCAB_SIZE
+    assert tokenizer("sinus rhythm", add_special_tokens=False)["input_ids"] == pieces.encode("sinus rhythm")
+
+
+def test_report_config_derives_and_validates_ecg_seq_length():
+    from transformers import LlamaConfig
+
+    from merit_hf import MeritReportConfig
+
+    ecg_config = tiny_ecg_config(**ECG_CONFIG)
+    text_config = LlamaConfig(vocab_size=100, hidden_size=32, num_attention_heads=4, intermediate_size=64)
+    config = MeritReportConfig(
+        ecg_config=ecg_config, text_config=text_config, ecg_token_index=99, ecg_tokens_per_lead=3
+    )
+    assert config.ecg_seq_length == 12 * 3
+    with pytest.raises(ValueError, match=r"MeritReportConfig.ecg_seq_length: is 10 but num_leads x"):
+        MeritReportConfig(ecg_config=ecg_config, text_config=text_config, ecg_token_index=99, ecg_seq_length=10)
+    with pytest.raises(ValueError, match=r"MeritReportConfig.ecg_token_index: 100 is outside .* 100 tokens"):
+        MeritReportConfig(ecg_config=ecg_config, text_config=text_config, ecg_token_index=100)
+    with pytest.raises(ValueError, match=r"MeritReportConfig.ecg_tokens_per_lead: must be between 1 and the 20"):
+        MeritReportConfig(ecg_config=ecg_config, text_config=text_config, ecg_token_index=1, ecg_tokens_per_lead=21)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Processor
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_processor_expands_one_placeholder_per_ecg(parts):
+    model, processor = parts
+    batch = processor(**ecg_kwargs(2), text=[processor.format_prompt()] * 2)
+    ecg_id = model.config.ecg_token_index
+    assert model.config.ecg_seq_length == 24
+    assert (batch["input_ids"] == ecg_id).sum(-1).tolist() == [24, 24]
+    assert batch["ecg_values"].shape == (2, 12, 1000)
+    # Prompts for generate() are left-padded: the last position is a real token in every row.
+    assert (batch["attention_mask"][:, -1] == 1).all()
+
+
+@pytest.mark.parametrize(
+    ("texts", "message"),
+    [
+        (["no placeholder here"], "0 <ecg> placeholders in the text for 1 ECGs"),
+        (["<ecg> and <ecg>"], "2 <ecg> placeholders in the text for 1 ECGs"),
+    ],
+)
+def test_processor_rejects_placeholder_count_mismatch(parts, texts, message):
+    _, processor = parts
+    with pytest.raises(ValueError, match=message):
+        processor(**ecg_kwargs(1), text=texts)
+
+
+def test_processor_rejects_misplaced_placeholders(parts):
+    _, processor = parts
+    with pytest.raises(
+        ValueError, match=r"text 0: 2 <ecg> placeholders; with one prompt per ECG each prompt needs exactly one"
+    ):
+        processor(**ecg_kwargs(2), text=["<ecg> <ecg> two", "none"])
+
+
+def test_processor_rejects_empty_reference_report(parts):
+    _, processor = parts
+    with pytest.raises(ValueError, match=r"report 1: empty reference report '  '"):
+        processor(**ecg_kwargs(2), reports=["sinus rhythm", "  "])
+
+
+def test_processor_rejects_ecg_that_breaks_the_input_contract(parts):
+    from merit_hf.feature_extraction_merit import EcgInputError
+
+    _, processor = parts
+    kwargs = ecg_kwargs(1)
+    kwargs["ecgs"][0][:, 3] = np.nan
+    with pytest.raises(EcgInputError, match=r"lead aVR"):
+        processor(**kwargs, reports=["sinus rhythm"])
+
+
+def test_labels_mask_prompt_ecg_and_padding(parts):
+    model, processor = parts
+    reports = ["sinus rhythm normal ecg", "left bundle branch block with a longer report text"]
+    batch = processor(**ecg_kwargs(2), reports=reports)
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    prompt_ids = processor.tokenizer(processor._expand_ecg_tokens([processor.format_prompt()], None))["input_ids"][0]
+    tokenizer = processor.tokenizer
+    for row, report in enumerate(reports):
+        report_ids = tokenizer(report, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        length = len(prompt_ids) + len(report_ids)
+        assert ids[row, : len(prompt_ids)].tolist() == prompt_ids
+        assert (labels[row, : len(prompt_ids)] == -100).all()  # prompt, BOS and all ECG tokens
+        assert (
+            labels[row, len(prompt_ids) : length].tolist() == report_ids == ids[row, len(prompt_ids) : length].tolist()
+        )
+        assert (labels[row, length:] == -100).all() and (mask[row, length:] == 0).all()  # right padding
+    assert not ((ids == model.config.ecg_token_index) & (labels != -100)).any()
+    decoded = tokenizer.decode(labels[0][labels[0] != -100], skip_special_tokens=True)
+    assert decoded == reports[0]
+
+
+def test_chat_template_prompt_and_labels(parts):
+    model, processor = parts
+    processor.tokenizer.chat_template = CHAT_TEMPLATE
+    prompt = processor.format_prompt("Describe it.")
+    assert prompt == "<|user|>\n<ecg>\nDescribe it.\n<|assistant|>\n"
+    batch = processor(**ecg_kwargs(1), text=[prompt], reports=["sinus rhythm"])
+    report_ids = processor.tokenizer("sinus rhythm", add_special_tokens=False)["input_ids"]
+    kept = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    assert kept == report_ids + [processor.tokenizer.eos_token_id]
+    assert (batch["input_ids"] == model.config.ecg_token_index).sum() == model.config.ecg_seq_length
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_ecg_tokens_are_scattered_at_placeholders(parts):
+    model, processor = parts
+    batch = processor(**ecg_kwargs(2), text=[processor.format_prompt()] * 2)
+    embeds, features = model.embed_inputs(batch["input_ids"], batch["ecg_values"])
+    placeholder = batch["input_ids"] == model.config.ecg_token_index
+    assert features.shape == (2, 24, 32)
+    torch.testing.assert_close(embeds[placeholder], features.reshape(-1, 32))
+    torch.testing.assert_close(embeds[~placeholder], model.get_input_embeddings()(batch["input_ids"])[~placeholder])
+
+
+def test_model_count_check_raises_a_clear_error(parts):
+    model, processor = parts
+    batch = processor(**ecg_kwargs(2), text=[processor.format_prompt()] * 2)
+    with pytest.raises(
+        ValueError, match=r"input_ids hold 48 <ecg> token positions .* but 3 ECG\(s\) x ecg_seq_length 24"
+    ):
+        model(input_ids=batch["input_ids"], ecg_values=torch.cat([batch["ecg_values"], batch["ecg_values"][:1]]))
+    with pytest.raises(ValueError, match=r"input_ids hold 48 <ecg> token positions but no ecg_values were given"):
+        model(input_ids=batch["input_ids"])
+
+
+def test_generate_returns_only_new_tokens_and_matches_a_manual_greedy_loop(parts):
+    model, processor = parts
+    batch = processor(**ecg_kwargs(1), text=[processor.format_prompt()])
+    new = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert new.shape == (1, 5)
+    ids = batch["input_ids"]
+    expected = []
+    for _ in range(5):
+        logits = model(input_ids=ids, ecg_values=batch["ecg_values"]).logits[:, -1]
+        logits[:, model.config.ecg_token_index] = -float("inf")  # suppressed by the generation config
+        logits[:, processor.tokenizer.eos_token_id] = -float("inf")  # min_new_tokens
+        token = logits.argmax(-1, keepdim=True)
+        expected.append(token.item())
+        ids = torch.cat([ids, token], dim=1)
+    assert new[0].tolist() == expected
+
+
+def test_save_pretrained_and_auto_class_reload(parts, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    model, processor = parts
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_merit_report.MeritForReportGeneration"
+    assert {"modeling_merit_report.py", "modeling_merit.py", "configuration_merit.py"} <= {
+        p.name for p in tmp_path.iterdir()
+    }
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    reprocessor = AutoProcessor.from_pretrained(tmp_path)
+    assert type(reloaded).__name__ == "MeritForReportGeneration"
+    batch = reprocessor(**ecg_kwargs(2), reports=TINY_REPORTS[:2])
+    torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+def test_tied_embeddings_survive_save_and_reload(lm_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from merit_hf import MeritEcgModel, MeritForReportGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
+    model = MeritForReportGeneration.from_parts(
+        MeritEcgModel(tiny_ecg_config(**ECG_CONFIG)), tiny_llama(len(tokenizer), tie_word_embeddings=True), tokenizer
+    )
+    model.save_pretrained(tmp_path)
+    reloaded = MeritForReportGeneration.from_pretrained(tmp_path)
+    head, embeddings = reloaded.get_output_embeddings().weight, reloaded.get_input_embeddings().weight
+    assert head.data_ptr() == embeddings.data_ptr()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LoRA
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_lora_targets_only_the_language_model(parts):
+    from peft import get_peft_model
+
+    from merit_hf.training.report_lora import ReportTrainingArguments, lora_config
+
+    model, _ = parts
+    peft_model = get_peft_model(model, lora_config(ReportTrainingArguments(lora_target_modules=["q_proj", "v_proj"])))
+    trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in name or "multi_modal_projector" in name for name in trainable)
+    assert all(name.startswith("base_model.model.language_model.") for name in trainable if ".lora_" in name)
+    assert len([name for name in trainable if ".lora_A." in name]) == 2 * 2  # 2 layers x (q_proj, v_proj)
+    assert not any("ecg_encoder" in name for name in trainable)
+
+
+def test_one_lora_step_lowers_the_loss_and_adapter_reload_is_identical(parts, tmp_path):
+    from peft import PeftModel, get_peft_model
+
+    from merit_hf import MeritForReportGeneration
+    from merit_hf.training.report_lora import (
+        ReportTrainingArguments,
+        base_fingerprint,
+        load_report_model,
+        lora_config,
+        save_report_adapter,
+    )
+
+    model, processor = parts
+    model.save_pretrained(tmp_path / "base")
+    fingerprint = base_fingerprint(model)
+    peft_model = get_peft_model(model, lora_config(ReportTrainingArguments(lora_r=4, lora_alpha=8, lora_dropout=0.0)))
+    batch = processor(**ecg_kwargs(4), reports=TINY_REPORTS[:4])
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model.train()
+    loss_before = peft_model(**batch).loss
+    loss_before.backward()
+    optimizer.step()
+    peft_model.eval()
+    with torch.no_grad():
+        loss_after = peft_model(**batch).loss
+        logits = peft_model(**batch).logits
+    assert loss_after < loss_before.detach()
+
+    prompts = processor(**ecg_kwargs(2, seed=1), text=[processor.format_prompt()] * 2)
+    generated = peft_model.generate(**prompts, max_new_tokens=6, do_sample=False)
+    save_report_adapter(peft_model, processor, model.generation_config, tmp_path / "adapter", fingerprint)
+    saved = {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "generation_config.json"} <= saved
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as handle:
+        assert any("multi_modal_projector" in key for key in handle.keys())  # noqa: SIM118
+
+    reloaded, reprocessor = load_report_model(
+        tmp_path / "adapter", MeritForReportGeneration.from_pretrained(tmp_path / "base")
+    )
+    assert isinstance(reloaded, PeftModel)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, logits, rtol=0, atol=0)
+    assert torch.equal(reloaded.generate(**prompts, max_new_tokens=6, do_sample=False), generated)
+    assert reprocessor.ecg_seq_length == processor.ecg_seq_length
+
+
+def test_adapter_for_another_base_model_raises(parts, lm_dir, tmp_path):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from merit_hf import MeritEcgModel, MeritForReportGeneration
+    from merit_hf.training.report_lora import (
+        ReportTrainingArguments,
+        base_fingerprint,
+        load_report_model,
+        lora_config,
+        save_report_adapter,
+    )
+
+    model, processor = parts
+    fingerprint = base_fingerprint(model)
+    peft_model = get_peft_model(copy.deepcopy(model), lora_config(ReportTrainingArguments(lora_r=2)))
+    save_report_adapter(peft_model, processor, model.generation_config, tmp_path, fingerprint)
+    torch.manual_seed(1)  # another random encoder: same shapes, other weights
+    other = MeritForReportGeneration.from_parts(
+        MeritEcgModel(tiny_ecg_config(**ECG_CONFIG)),
+        AutoModelForCausalLM.from_pretrained(lm_dir),
+        AutoTokenizer.from_pretrained(lm_dir),
+        ecg_tokens_per_lead=2,
+    )
+    with pytest.raises(ValueError, match=r"adapter was saved for another base model \(ecg_encoder_sha256: adapter"):
+        load_report_model(tmp_path, other)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training script and reference reports
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_ptbxl_reference_rule_drops_or_rejects_non_english_reports():
+    from merit_hf.training.report_lora import read_ptbxl_reports
+
+    examples, counts = read_ptbxl_reports(BUNDLED_PTBXL, folds=[9, 10])
+    assert examples and counts["de"] > 0
+    assert len(examples) == counts["en"]
+    assert not any("edit:" in example["report"].lower() for example in examples)
+    with pytest.raises(ValueError, match=r"ecg_id \d+: report in language '(de|sv)'"):
+        read_ptbxl_reports(BUNDLED_PTBXL, folds=[9, 10], non_english="error")
+
+
+def test_report_lora_script_end_to_end(lm_dir, tmp_path):
+    from merit_hf.training.report_lora import load_report_model, main
+
+    output_dir = tmp_path / "run"
+    results = main(
+        [
+            str(REPO_ROOT / "configs" / "report_tiny.yaml"),
+            "--language_model",
+            str(lm_dir),
+            "--ptbxl_dir",
+            str(BUNDLED_PTBXL),
+            "--output_dir",
+            str(output_dir),
+            "--compute_meteor",
+            "false",
+            "--use_cpu",
+            "true",
+        ]
+    )
+    assert results["num_train_reports"] == 16 and results["num_eval_reports"] == 4
+    assert results["lora_loss_last"] < results["alignment_loss_first"]
+    assert 0.0 <= results["eval"]["bleu_4"] <= 1.0 and "rougeL" in results["eval"]
+    assert results["generation_speed"]["tokens_per_second"] > 0
+    adapter = output_dir / "adapter"
+    generation_config = json.loads((adapter / "generation_config.json").read_text())
+    assert generation_config["max_new_tokens"] == 8
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 4 and adapter_config["modules_to_save"] == ["multi_modal_projector"]
+    model, processor = load_report_model(adapter)
+    predictions = [json.loads(line) for line in (output_dir / "predictions.jsonl").read_text().splitlines()]
+    first = predictions[0]
+    batch = processor(ecgs=[first["record"]], text=[processor.format_prompt()], return_tensors="pt", crop="center")
+    new_tokens = model.generate(**batch)
+    assert processor.batch_decode(new_tokens, skip_special_tokens=True)[0] == first["generated"]
+
+
+def test_mimic_reports_are_joined_and_readable(tmp_path):
+    import wfdb
+
+    from merit_hf import MeritFeatureExtractor
+    from merit_hf.training.report_lora import ReportExamples, read_mimic_reports
+
+    signal, fields = wfdb.rdsamp(str(BUNDLED_PTBXL / "records500" / "00000" / "00001_hr"))
+    record_dir = tmp_path / "files" / "p1000" / "p10000032" / "s40689238"
+    record_dir.mkdir(parents=True)
+    wfdb.wrsamp(
+        "40689238",
+        fs=500,
+        units=["mV"] * 12,
+        sig_name=fields["sig_name"],
+        p_signal=signal,
+        fmt=["16"] * 12,
+        adc_gain=[1000.0] * 12,
+        baseline=[0] * 12,
+        write_dir=str(record_dir),
+    )
+    (tmp_path / "record_list.csv").write_text(
+        "subject_id,study_id,file_name,ecg_time,path\n"
+        "10000032,40689238,40689238,2180-07-23 08:44:00,files/p1000/p10000032/s40689238/40689238\n"
+    )
+    columns = ",".join(f"report_{index}" for index in range(18))
+    statements = ["Sinus rhythm", "Possible right atrial abnormality", "", "Borderline ECG"] + [""] * 14
+    (tmp_path / "machine_measurements.csv").write_text(
+        f"subject_id,study_id,{columns}\n10000032,40689238,{','.join(statements)}\n10000033,40689239,{',' * 17}\n"
+    )
+    examples = read_mimic_reports(tmp_path)
+    assert [example["report"] for example in examples] == [
+        "Sinus rhythm. Possible right atrial abnormality. Borderline ECG"
+    ]
+    dataset = ReportExamples(examples, MeritFeatureExtractor.from_model_config(tiny_ecg_config(**ECG_CONFIG)))
+    assert dataset[0]["ecg_values"].shape == (12, 1000)

@@ -1,0 +1,310 @@
+"""The Gradio Space (`spaces_demo/app.py`) driven over HTTP with `gradio_client` on 127.0.0.1: every feature on a
+bundled real PTB-XL record and on an upload, every bad input (a readable error, the app keeps serving), and one
+headless-Chromium screenshot of the page checked to contain the ECG plot.
+
+The model is a tiny random-weight MERIT (and a tiny random report model) built here: the values are checked against
+direct calls of the same merit_hf functions, never for clinical meaning.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+import wfdb
+
+from merit_hf import (
+    MeritEcgModel,
+    MeritFeatureExtractor,
+    MeritForPreTraining,
+    MeritForReportGeneration,
+    MeritProcessor,
+)
+from tests.conftest import BUNDLED_PTBXL, REPO_ROOT, tiny_ecg_config, tiny_merit_config, train_tiny_tokenizer
+from tests.test_report_generation import tiny_llama, train_sentencepiece_tokenizer
+
+gradio_client = pytest.importorskip("gradio_client")
+pytest.importorskip("gradio")
+pytest.importorskip("matplotlib")
+
+APP_PATH = REPO_ROOT / "spaces_demo" / "app.py"
+UPLOAD_RECORD = BUNDLED_PTBXL / "records100" / "00000" / "00001_lr"
+STANDARD_LEADS = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+
+
+def load_app_module():
+    spec = importlib.util.spec_from_file_location("merit_space_app", APP_PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory):
+    """The app on a free loopback port, with a tiny MERIT model and a tiny report model saved here."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("space")
+    model_dir, report_dir = root / "merit", root / "merit-report"
+    model = MeritForPreTraining(tiny_merit_config())  # what the quick-start saves
+    feature_extractor = MeritFeatureExtractor.from_model_config(model.config.ecg_config)
+    model.save_pretrained(model_dir)
+    MeritProcessor(feature_extractor, train_tiny_tokenizer(root / "tokenizer")).save_pretrained(model_dir)
+    feature_extractor.save_pretrained(model_dir)
+
+    lm_tokenizer = train_sentencepiece_tokenizer(root / "spm")
+    report_model = MeritForReportGeneration.from_parts(
+        MeritEcgModel(tiny_ecg_config()), tiny_llama(len(lm_tokenizer)), lm_tokenizer, ecg_tokens_per_lead=2
+    )
+    report_model.save_pretrained(report_dir)
+    MeritProcessor(feature_extractor, lm_tokenizer, ecg_seq_length=report_model.config.ecg_seq_length).save_pretrained(
+        report_dir
+    )
+
+    app = load_app_module()
+    app.MAX_NEW_TOKENS = 8  # a random tiny LM: the length only costs time
+    models = app.load_models(str(model_dir), str(report_dir))
+    demo = app.create_demo(models)
+    demo.queue().launch(
+        server_name="127.0.0.1",
+        prevent_thread_lock=True,
+        share=False,
+        show_error=True,
+        quiet=True,
+        max_file_size="20mb",
+    )
+    client = gradio_client.Client(demo.local_url, verbose=False)
+    yield app, models, client, demo.local_url
+    client.close() if hasattr(client, "close") else None
+    demo.close()
+
+
+def analyse(client, files=None, example=None, label_set="superclass"):
+    files = [gradio_client.handle_file(str(path)) for path in files] if files else None
+    return client.predict(files, example, label_set, api_name="/analyse")
+
+
+def decode_plot(plot: dict) -> np.ndarray:
+    """The figure as Gradio sends it (a data URL, WebP in Gradio 6) as RGB floats in [0, 1]."""
+    from PIL import Image
+
+    assert plot["type"] == "matplotlib"
+    data = plot["plot"].split(",", 1)[1]
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"), dtype=np.float64) / 255
+
+
+def grid_fraction(image: np.ndarray) -> float:
+    """Fraction of pixels in the salmon of the ECG grid's large squares (#f08080, anti-aliased and lossy-encoded)."""
+    red, green, blue = image[..., 0], image[..., 1], image[..., 2]
+    grid = (red > 0.85) & (green > 0.45) & (green < 0.7) & (np.abs(green - blue) < 0.06)
+    return float(grid.mean())
+
+
+def test_bundled_example_shows_every_feature(space):
+    app, models, client, _ = space
+    figure, scores, neighbours, report, status = analyse(client, example="00003_lr")
+
+    image = decode_plot(figure)
+    assert image.shape[0] > 400 and image.shape[1] > 800
+    assert grid_fraction(image) > 0.001, "no ECG grid on the plot"
+
+    record = str(app.EXAMPLES_DIR / "00003_lr")
+    ecg_values = models.processor.feature_extractor(record, return_tensors="pt")["ecg_values"]
+    direct = app.zero_shot_classify(
+        models.model,
+        models.processor,
+        ecg_values=ecg_values,
+        candidate_labels=["CD", "HYP", "MI", "NORM", "STTC"],
+        class_descriptions="superclass",
+    )
+    got = {row[0]: row[2] for row in scores["data"]}
+    assert set(got) == {"CD", "HYP", "MI", "NORM", "STTC"}
+    for label, score in zip(direct["labels"], direct["scores"][0], strict=True):
+        assert got[label] == pytest.approx(float(score), abs=1e-4)
+
+    assert neighbours["data"][0][0] == "PTB-XL 3" and neighbours["data"][0][3] == pytest.approx(1.0, abs=1e-4)
+    assert len(neighbours["data"]) == 3
+
+    read = app.read_wfdb_record(record)
+    assert report == app.generate_report(models, read["signal"], read)
+    assert "Resampled 100 Hz -> 250 Hz" in status and "00003_lr" in status
+
+
+def test_uploaded_record_and_other_label_set(space, tmp_path):
+    _, _, client, _ = space
+    files = [UPLOAD_RECORD.with_suffix(".hea"), UPLOAD_RECORD.with_suffix(".dat")]
+    _, scores, _, _, status = analyse(client, files=files, label_set="rhythm")
+    assert "`00001_lr`: 12 leads, 100 Hz, 10.0 s" in status
+    assert "SR" in {row[0] for row in scores["data"]}
+
+
+def write_record(directory, name, num_leads=12, rate=500, seconds=10.0, file_name=None):
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    signal = rng.normal(scale=0.2, size=(int(rate * seconds), num_leads))
+    wfdb.wrsamp(
+        name,
+        fs=rate,
+        units=["mV"] * num_leads,
+        sig_name=STANDARD_LEADS[:num_leads],
+        p_signal=signal,
+        fmt=["16"] * num_leads,
+        write_dir=str(directory),
+    )
+    if file_name is not None:
+        header = directory / f"{name}.hea"
+        header.write_text(header.read_text().replace(f"{name}.dat", file_name))
+    return [directory / f"{name}.hea", directory / f"{name}.dat"]
+
+
+def bad_not_wfdb(tmp_path):
+    (tmp_path / "notes.hea").write_text("this is a discharge letter, not a header\n")
+    (tmp_path / "notes.dat").write_bytes(b"\x00" * 100)
+    return [tmp_path / "notes.hea", tmp_path / "notes.dat"]
+
+
+def bad_other_file_type(tmp_path):
+    (tmp_path / "ecg.txt").write_text("1,2,3\n")
+    return [tmp_path / "ecg.txt"]
+
+
+def bad_missing_dat(tmp_path):
+    return write_record(tmp_path, "lonely")[:1]
+
+
+def bad_outside_file(tmp_path):
+    secret = tmp_path / "secret.dat"
+    shutil.copyfile(UPLOAD_RECORD.with_suffix(".dat"), secret)
+    files = write_record(tmp_path / "upload", "escape", rate=100, file_name="../secret.dat")
+    return files[:1]
+
+
+def bad_too_long(tmp_path):
+    return write_record(tmp_path, "holter", seconds=120.0)
+
+
+def bad_too_big(tmp_path):
+    files = write_record(tmp_path, "bulky", seconds=10.0)
+    with open(files[1], "ab") as handle:
+        handle.write(b"\0" * 6 * 2**20)
+    return files
+
+
+def bad_two_leads(tmp_path):
+    return write_record(tmp_path, "twolead", num_leads=2)
+
+
+def bad_200_hz(tmp_path):
+    return write_record(tmp_path, "rate200", rate=200)
+
+
+def bad_truncated_dat(tmp_path):
+    files = write_record(tmp_path, "cut", rate=100)
+    data = files[1].read_bytes()
+    files[1].write_bytes(data[: len(data) // 2])
+    return files
+
+
+BAD_INPUTS = {
+    "not_wfdb": (bad_not_wfdb, "'notes.hea' is not a readable WFDB header"),
+    "other_file_type": (bad_other_file_type, "Invalid file type. Please upload a file that is one of these formats"),
+    "missing_dat": (bad_missing_dat, "'lonely.hea' needs the signal file 'lonely.dat', which was not uploaded"),
+    "file_outside_upload": (bad_outside_file, "names the signal file '../secret.dat', outside the upload"),
+    "too_long": (bad_too_long, "'holter' lasts 120.0 s; the demo takes records of 9 to 60 s"),
+    "too_big": (bad_too_big, "The upload is 6.1 MB; the demo takes records up to 5 MB"),
+    "two_leads": (bad_two_leads, "'twolead' has 2 leads; the demo needs a standard 12-lead ECG"),
+    "200_hz": (bad_200_hz, "'rate200' is sampled at 200 Hz; the demo accepts 100, 250, 500, 1000 Hz"),
+    "truncated_dat": (bad_truncated_dat, re.compile(r"cut\.dat: .*truncated")),  # wording of read_wfdb_record
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gives_a_readable_error(space, tmp_path, case):
+    _, _, client, _ = space
+    make, message = BAD_INPUTS[case]
+    with pytest.raises(gradio_client.exceptions.AppError) as error:
+        analyse(client, files=make(tmp_path))
+    text = str(error.value)
+    assert message.search(text) if isinstance(message, re.Pattern) else message in text, text
+    assert "Traceback" not in text and tempfile.gettempdir() not in text  # no stack, no server paths
+
+
+def test_no_input_and_unknown_example_are_refused(space):
+    _, _, client, _ = space
+    with pytest.raises(gradio_client.exceptions.AppError, match="Upload a WFDB record"):
+        client.predict(None, None, "superclass", api_name="/analyse")
+    with pytest.raises(gradio_client.exceptions.AppError, match="../../etc/passwd is not in the list of choices"):
+        analyse(client, example="../../etc/passwd")
+
+
+def test_app_still_serves_after_bad_inputs(space):
+    _, _, client, _ = space
+    _, scores, *_ = analyse(client, example="00131_lr")
+    assert len(scores["data"]) == 5
+
+
+def test_screenshot_in_headless_chromium_shows_the_plot(space, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium); screenshot test skipped")
+    _, _, _, url = space
+    screenshot = tmp_path / "space.png"
+    command = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium_profile'}",
+        "--window-size=1400,1600",
+        "--hide-scrollbars",
+        "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",  # loopback only
+        "--virtual-time-budget=15000",
+        f"--screenshot={screenshot}",
+        url,
+    ]
+    subprocess.run(command, capture_output=True, timeout=120, check=False)
+    assert screenshot.is_file(), "chromium wrote no screenshot"
+    import matplotlib.image
+
+    image = matplotlib.image.imread(screenshot)[..., :3]
+    grid = grid_fraction(image)
+    assert grid > 0.0005, f"the ECG grid covers {grid:.5f} of the page: the plot is not on the screenshot"
+
+
+def test_report_panel_says_unavailable_without_a_report_model():
+    app = load_app_module()
+    models = app.DemoModels(model=None, processor=None, name="org/merit-ecg")
+    assert app.generate_report(models, np.zeros((1000, 12)), {}) == (
+        "No report model configured (set MERIT_REPORT_MODEL): report generation is unavailable."
+    )
+
+
+def test_space_card_matches_the_app():
+    import gradio
+    from huggingface_hub import SpaceCard
+
+    card = SpaceCard.load(REPO_ROOT / "spaces_demo" / "README.md")
+    assert card.data.sdk == "gradio"
+    assert card.data.sdk_version == gradio.__version__, "pin sdk_version to the Gradio the tests ran"
+    assert (REPO_ROOT / "spaces_demo" / card.data.app_file).is_file()
+    assert "org/merit-ecg" in card.data.models
+    app = load_app_module()
+    assert app.DEFAULT_HUB_MODEL in card.data.models
+    for item in app.example_catalogue():
+        for suffix in (".hea", ".dat"):
+            assert (app.EXAMPLES_DIR / f"{item['record']}{suffix}").is_file()
+    assert (app.EXAMPLES_DIR / "LICENSE.txt").read_text().startswith("Creative Commons Attribution 4.0")
