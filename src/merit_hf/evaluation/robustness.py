@@ -161,6 +161,12 @@ def run_robustness(
         thresholds = best_f1_thresholds(labels["validation"], probe.decision_function(features[role]["validation"]))
         return probe, thresholds
 
+    def score_test_rows(role: str, probe, thresholds, rows: np.ndarray) -> dict[str, Any]:
+        if not len(rows):
+            return {"metrics": {}, "num_records": 0}
+        scores = probe.decision_function(features[role]["test"][rows])
+        return _metrics(labels["test"][rows], scores, names, thresholds, arguments, seed)
+
     clean = {role: fit(role) for role in encoders}
     entries = {}
     for role, (probe, thresholds) in clean.items():
@@ -206,19 +212,7 @@ def run_robustness(
             }
             rows = np.flatnonzero(test_rows)
             for role in encoders:
-                probe, thresholds = fit(role, source_rows)
-                shift_results[key][role] = (
-                    _metrics(
-                        labels["test"][rows],
-                        probe.decision_function(features[role]["test"][rows]),
-                        names,
-                        thresholds,
-                        arguments,
-                        seed,
-                    )
-                    if len(rows)
-                    else {"metrics": {}, "num_records": 0}
-                )
+                shift_results[key][role] = score_test_rows(role, *fit(role, source_rows), rows)
 
     subgroups = []
     ages = np.array([np.nan if age is None else age for age in test["age"]], dtype=np.float64)
@@ -233,18 +227,7 @@ def run_robustness(
         rows = np.flatnonzero(mask)
         shift_results[key] = {"kind": "subgroup", "description": description}
         for role, (probe, thresholds) in clean.items():
-            shift_results[key][role] = (
-                _metrics(
-                    labels["test"][rows],
-                    probe.decision_function(features[role]["test"][rows]),
-                    names,
-                    thresholds,
-                    arguments,
-                    seed,
-                )
-                if len(rows)
-                else {"metrics": {}, "num_records": 0}
-            )
+            shift_results[key][role] = score_test_rows(role, probe, thresholds, rows)
 
     results = build_results(
         task="robustness",
