@@ -27,9 +27,26 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
-from datasets import Dataset, Features
+from datasets import Array2D, Dataset, Features, List, Value
 from datasets.arrow_writer import get_parquet_column_options
 from tqdm.auto import tqdm
+
+from ..configuration_merit import STANDARD_LEAD_NAMES
+
+
+def ecg_report_features(num_samples: int) -> dict:
+    """The columns every merit_hf ECG dataset shares (PTB-XL, MIMIC-IV-ECG), so that one collator reads them all:
+    the signal as float32 `(num_samples, 12)` in the standard lead order, its lead names and rate, and the report."""
+    return {
+        "ecg_id": Value("int32"),
+        "patient_id": Value("int32"),
+        "signal": Array2D(shape=(num_samples, len(STANDARD_LEAD_NAMES)), dtype="float32"),
+        "lead_names": List(Value("string")),
+        "sampling_rate": Value("int32"),
+        "report": Value("string"),
+        "report_language": Value("string"),
+    }
+
 
 logger = logging.getLogger(__name__)
 

@@ -32,10 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from datasets import Array2D, Dataset, Features, List, Value
+from datasets import Dataset, Features, Value
 
-from ..configuration_merit import STANDARD_LEAD_NAMES
-from .conversion import ConversionReport, raise_first_failure, read_rows, rows_to_dataset, write_parquet_shards
+from .conversion import (
+    ConversionReport,
+    ecg_report_features,
+    raise_first_failure,
+    read_rows,
+    rows_to_dataset,
+    write_parquet_shards,
+)
 from .reports import MIMIC_REPORT_COLUMNS, join_mimic_report
 from .wfdb_records import read_ecg_record
 
@@ -58,13 +64,7 @@ def mimic_iv_ecg_features() -> Features:
     """The explicit `Features` of the MIMIC-IV-ECG dataset."""
     return Features(
         {
-            "ecg_id": Value("int32"),
-            "patient_id": Value("int32"),
-            "signal": Array2D(shape=(MIMIC_NUM_SAMPLES, len(STANDARD_LEAD_NAMES)), dtype="float32"),
-            "lead_names": List(Value("string")),
-            "sampling_rate": Value("int32"),
-            "report": Value("string"),
-            "report_language": Value("string"),
+            **ecg_report_features(MIMIC_NUM_SAMPLES),
             "ecg_time": Value("string"),
             "path": Value("string"),
             "cart_id": Value("int32"),

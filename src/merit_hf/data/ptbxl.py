@@ -34,10 +34,16 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from datasets import Array2D, ClassLabel, DatasetDict, Features, List, Value
+from datasets import ClassLabel, DatasetDict, Features, List, Value
 
-from ..configuration_merit import STANDARD_LEAD_NAMES
-from .conversion import ConversionReport, raise_first_failure, read_rows, rows_to_dataset, write_parquet_shards
+from .conversion import (
+    ConversionReport,
+    ecg_report_features,
+    raise_first_failure,
+    read_rows,
+    rows_to_dataset,
+    write_parquet_shards,
+)
 from .labels import DEFAULT_LABEL_THRESHOLD, LABEL_SETS, ScpStatements, parse_scp_codes
 from .reports import clean_report, report_language
 from .wfdb_records import read_ecg_record
@@ -64,13 +70,7 @@ def ptbxl_features(statements: ScpStatements, sampling_rate: int) -> Features:
     labels = {name: List(ClassLabel(names=statements.names[name])) for name in LABEL_SETS}
     return Features(
         {
-            "ecg_id": Value("int32"),
-            "patient_id": Value("int32"),
-            "signal": Array2D(shape=(num_samples, len(STANDARD_LEAD_NAMES)), dtype="float32"),
-            "lead_names": List(Value("string")),
-            "sampling_rate": Value("int32"),
-            "report": Value("string"),
-            "report_language": Value("string"),
+            **ecg_report_features(num_samples),
             "scp_codes": Value("string"),
             **labels,
             "strat_fold": Value("int32"),
