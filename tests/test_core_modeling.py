@@ -149,6 +149,62 @@ def test_sdpa_and_eager_attention_agree():
         torch.testing.assert_close(a.pooler_output, b.pooler_output, atol=1e-5, rtol=1e-4)
 
 
+def _ran(kernel: str, function) -> bool:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        function()
+    return any(event.name == kernel for event in prof.events())
+
+
+def test_sdpa_on_cpu_in_bf16_runs_two_matmuls_and_agrees_with_fp32():
+    """On CPU PyTorch's fused SDPA kernel computes bf16 in fp32 and is slower than two bf16 matmuls, so the SDPA
+    setting takes the matmul path there (benchmarks/README.md); fp32 keeps the fused kernel."""
+    model = MeritEcgModel._from_config(tiny_ecg_config(), attn_implementation="sdpa").eval()
+    ecg = torch.randn(2, 12, 2250)
+    mask = torch.ones(2, 2250, dtype=torch.long)
+    mask[1, 1500:] = 0
+    fused = "aten::_scaled_dot_product_flash_attention_for_cpu"
+    with torch.no_grad():
+        assert _ran(fused, lambda: model(ecg))
+        for kwargs in ({}, {"ecg_attention_mask": mask}):
+            reference = model(ecg, **kwargs).pooler_output
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert not _ran(fused, lambda: model(ecg, **kwargs))  # noqa: B023
+                low = model(ecg, **kwargs).pooler_output.float()
+            assert F.cosine_similarity(low, reference).min() > 0.99
+    pretraining = MeritForPreTraining._from_config(tiny_merit_config(), attn_implementation="sdpa")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = pretraining(
+            ecg, input_ids=torch.randint(5, 100, (2, 16)), attention_mask=torch.ones(2, 16, dtype=torch.long)
+        ).loss
+    loss.backward()
+    grads = [p.grad for p in pretraining.merit.ecg_model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_models_compile_as_one_graph():
+    """`torch.compile(model, fullgraph=True)` traces the encoder (with and without padding) and the whole pretraining
+    step without a graph break, and computes what eager computes."""
+    encoder = MeritEcgModel(tiny_ecg_config()).eval()
+    compiled = torch.compile(encoder, fullgraph=True, backend="eager")
+    ecg = torch.randn(2, 12, 2250)
+    mask = torch.ones(2, 2250, dtype=torch.long)
+    mask[1, 1500:] = 0
+    with torch.no_grad():
+        for kwargs in ({}, {"ecg_attention_mask": mask}):
+            torch.testing.assert_close(compiled(ecg, **kwargs).pooler_output, encoder(ecg, **kwargs).pooler_output)
+    model = MeritForPreTraining(tiny_merit_config())
+    batch = {
+        "ecg_values": ecg,
+        "input_ids": torch.randint(5, 100, (2, 16)),
+        "attention_mask": torch.ones(2, 16, dtype=torch.long),
+        "noise": torch.rand(2, 12, 30),
+    }
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(**batch).loss, model(**batch).loss)
+
+
 def test_padding_is_ignored():
     model = MeritEcgModel(tiny_ecg_config()).eval()
     ecg = torch.randn(1, 12, 2250)

@@ -11,6 +11,7 @@ contrastive branch follows CLIP / MERL. See `MeritEcgConfig` and `MeritConfig` f
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,16 +138,37 @@ def eager_attention_forward(
     attention_mask: torch.Tensor | None,
     scaling: float,
     dropout: float = 0.0,
+    upcast_softmax: bool = True,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain matmul-softmax-matmul attention; the reference that the fused kernels are checked against."""
-    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    """Plain matmul-softmax-matmul attention; the reference that the fused kernels are checked against.
+
+    `upcast_softmax=False` keeps the softmax in the input dtype (PyTorch's CPU softmax still accumulates bf16/fp16
+    in fp32): the path SDPA takes for bf16/fp16 on CPU, see `_attention_function`."""
+    attn_weights = torch.matmul(query, key.transpose(2, 3)).mul_(scaling)
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
-    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    if upcast_softmax:
+        attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    else:
+        attn_weights = attn_weights.softmax(dim=-1)
     attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
     return attn_output, attn_weights
+
+
+# Two matmuls and a softmax in the input dtype: SDPA takes this path for bf16/fp16 on CPU, where PyTorch's fused CPU
+# kernel computes in fp32 and is slower than two bf16 matmuls (benchmarks/attention_kernels.py, benchmarks/README.md).
+matmul_attention_forward = functools.partial(eager_attention_forward, upcast_softmax=False)
+
+
+def _attention_function(config, query: torch.Tensor) -> Callable:
+    """The kernel `config._attn_implementation` names, except SDPA for bf16/fp16 on CPU (see
+    `matmul_attention_forward`); fp32 on CPU and every dtype on GPUs keep the fused kernel."""
+    implementation = config._attn_implementation
+    if implementation == "sdpa" and query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16):
+        return matmul_attention_forward
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
 
 
 class MeritEcgAttention(nn.Module):
@@ -169,9 +191,7 @@ class MeritEcgAttention(nn.Module):
         batch_size, seq_len, _ = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch_size, seq_len, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        attention_interface = _attention_function(self.config, query)
         attn_output, attn_weights = attention_interface(
             self,
             query,
@@ -219,8 +239,9 @@ class MeritEcgLayer(GradientCheckpointingLayer):
 
 
 def _additive_key_mask(key_is_valid: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """`(batch, seq)` of 1/0 -> additive `(batch, 1, 1, seq)` mask, or `None` when every key is valid."""
-    if key_is_valid is None or bool(key_is_valid.all()):
+    """`(batch, seq)` of 1/0 -> additive `(batch, 1, 1, seq)` mask, or `None` when every key is valid (a check that
+    reads the data, so it is skipped under `torch.compile`, which then always gets the mask)."""
+    if key_is_valid is None or (not torch.compiler.is_compiling() and bool(key_is_valid.all())):
         return None
     mask = torch.zeros(key_is_valid.shape, dtype=dtype, device=key_is_valid.device)
     mask = mask.masked_fill(key_is_valid == 0, torch.finfo(dtype).min)
