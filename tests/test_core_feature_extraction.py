@@ -230,3 +230,37 @@ def test_invalid_settings_name_the_field():
         MeritFeatureExtractor(lowpass_hz=200.0)
     with pytest.raises(ValueError, match="MeritFeatureExtractor.nan_policy"):
         MeritFeatureExtractor(nan_policy="ignore")
+
+
+def test_reader_matches_wfdb_on_every_bundled_record(ptbxl_dir):
+    """The numpy reader for format-16 records gives wfdb.rdrecord's float64 signal bit for bit, and its units."""
+    paths = sorted(ptbxl_dir.glob("records*/*/*.hea"))
+    assert len(paths) >= 500
+    for header in paths:
+        ours = read_wfdb_record(header)
+        theirs = wfdb.rdrecord(str(header.with_suffix("")))
+        np.testing.assert_array_equal(ours["signal"], theirs.p_signal, err_msg=str(header))
+        assert ours["units"] == theirs.units and ours["lead_names"] == theirs.sig_name
+
+
+def test_invalid_format16_samples_become_nan_as_in_wfdb(record_copy):
+    data = record_copy.with_suffix(".dat")
+    raw = bytearray(data.read_bytes())
+    raw[(100 * 12 + 3) * 2 : (100 * 12 + 3) * 2 + 2] = (-32768).to_bytes(2, "little", signed=True)  # sample 100, aVR
+    data.write_bytes(bytes(raw))
+    signal = read_wfdb_record(record_copy)["signal"]
+    np.testing.assert_array_equal(signal, wfdb.rdrecord(str(record_copy)).p_signal)
+    assert np.isnan(signal[100, 3]) and np.isnan(signal).sum() == 1
+    with pytest.raises(EcgInputError, match=r"00001_hr: lead aVR has 1 NaN/inf samples"):
+        MeritFeatureExtractor()(str(record_copy))
+
+
+def test_other_storage_formats_are_read_by_wfdb(ptbxl_dir, tmp_path):
+    signal, fields = _signal(ptbxl_dir)
+    wfdb.wrsamp(
+        "format212", fs=500, units=fields["units"], sig_name=fields["sig_name"], p_signal=signal,
+        fmt=["212"] * 12, adc_gain=[1000.0] * 12, baseline=[0] * 12, write_dir=str(tmp_path),
+    )  # fmt: skip
+    record = read_wfdb_record(tmp_path / "format212")
+    np.testing.assert_array_equal(record["signal"], wfdb.rdrecord(str(tmp_path / "format212")).p_signal)
+    np.testing.assert_allclose(record["signal"], signal, atol=1e-3)

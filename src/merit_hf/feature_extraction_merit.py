@@ -79,11 +79,13 @@ def read_wfdb_record(path: str | os.PathLike) -> dict[str, Any]:
         if not data_file.is_file():
             raise EcgInputError(f"{header}: signal file {data_file.name} is missing")
         _check_signal_file_size(meta, file_name, data_file)
-    try:
-        record = wfdb.rdrecord(str(record_path))
-    except Exception as error:
-        raise EcgInputError(f"{record_path}: cannot read the signal ({type(error).__name__}: {error})") from error
-    signal = record.p_signal
+    signal, units = _read_format16(meta, record_path), meta.units
+    if signal is None:  # any other layout: wfdb reads it (and parses the header once more)
+        try:
+            record = wfdb.rdrecord(str(record_path))
+        except Exception as error:
+            raise EcgInputError(f"{record_path}: cannot read the signal ({type(error).__name__}: {error})") from error
+        signal, units = record.p_signal, record.units
     if signal is None or signal.ndim != 2 or signal.shape[1] != meta.n_sig:
         raise EcgInputError(f"{record_path}: signal file does not hold {meta.n_sig} signals")
     if meta.sig_len and signal.shape[0] != meta.sig_len:
@@ -94,9 +96,38 @@ def read_wfdb_record(path: str | os.PathLike) -> dict[str, Any]:
         "signal": signal,
         "sampling_rate": float(meta.fs),
         "lead_names": list(meta.sig_name),
-        "units": list(record.units or ["mV"] * meta.n_sig),
+        "units": list(units or ["mV"] * meta.n_sig),
         "record": str(record_path),
     }
+
+
+def _read_format16(meta, record_path: Path) -> np.ndarray | None:
+    """The signal of a record stored the way PTB-XL and MIMIC-IV-ECG store theirs (one file, format 16, one sample
+    per frame, no skew), read with numpy from the header already parsed, converted exactly as `wfdb.rdrecord`
+    converts it (float64 `(digital - baseline) / adc_gain`, the format's invalid value -32768 as NaN). `None` for any
+    other layout."""
+    files = set(meta.file_name or [])
+    if (
+        len(files) != 1
+        or any(str(fmt) != "16" for fmt in meta.fmt or [None])
+        or any(spf not in (None, 1) for spf in meta.samps_per_frame or [])
+        or any(skew not in (None, 0) for skew in meta.skew or [])
+        or len(set(meta.byte_offset or [0])) != 1
+        or not meta.adc_gain
+        or meta.baseline is None
+    ):
+        return None
+    offset = (meta.byte_offset or [0])[0] or 0
+    data_file = record_path.parent / files.pop()
+    digital = np.fromfile(data_file, dtype="<i2", offset=offset)
+    length = meta.sig_len or digital.size // meta.n_sig
+    digital = digital[: length * meta.n_sig].reshape(length, meta.n_sig)
+    invalid = digital == -32768
+    signal = digital.astype(np.float64)
+    np.subtract(signal, np.asarray(meta.baseline, dtype=np.float64), signal)
+    np.divide(signal, np.asarray(meta.adc_gain, dtype=np.float64), signal)
+    signal[invalid] = np.nan
+    return signal
 
 
 # Bytes per sample of the common WFDB storage formats (the WFDB "signal" specification).
