@@ -174,6 +174,32 @@ def test_checkpoint_and_final_folder_reload_to_identical_outputs(reference, asse
     assert torch.equal(a.loss, b.loss) and torch.equal(a.ecg_embeds, b.ecg_embeds)
 
 
+def test_torch_compile_trains_like_eager_and_saves_plain_weights(reference, assets, tmp_path):
+    """`--torch_compile true` logs the eager run's losses and writes checkpoints and a model folder without the
+    compile wrapper in the weight names, so eager runs can resume from them and `from_pretrained` (strict) loads them.
+    The backend here is aot_eager: it traces forward and backward as inductor does but generates no code (fast)."""
+    from safetensors.torch import load_file
+
+    from merit_hf import MeritForPreTraining
+
+    _, eager = reference
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = run_main(
+        base_argv(
+            assets, tmp_path, per_device_train_batch_size=8, torch_compile="true", torch_compile_backend="aot_eager"
+        )
+    )
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # train and eval graphs were compiled
+    torch.testing.assert_close(
+        torch.tensor(compiled["loss_history"]), torch.tensor(eager["loss_history"]), rtol=1e-4, atol=1e-5
+    )
+    assert compiled["eval_loss"] == pytest.approx(eager["eval_loss"], rel=1e-4)
+    keys = list(load_file(tmp_path / "checkpoints" / f"checkpoint-{STEPS}" / "model.safetensors"))
+    assert keys and not [key for key in keys if "_orig_mod" in key]
+    MeritForPreTraining.from_pretrained(tmp_path / "model")
+
+
 def test_resume_after_kill_continues_the_same_loss_curve(assets, tmp_path):
     """A run killed (SIGKILL) mid-way and resumed with `latest` logs the same losses as one that never stopped:
     same step, optimizer, scheduler, RNG (dropout is on here) and data position."""

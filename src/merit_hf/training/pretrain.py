@@ -51,7 +51,13 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    GradientAccumulationPlugin,
+    ProjectConfiguration,
+    TorchDynamoPlugin,
+    set_seed,
+)
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_scheduler
@@ -145,6 +151,14 @@ class PretrainingArguments:
         },
     )
     use_cpu: bool = field(default=False, metadata={"help": "Train on CPU even when a GPU is present."})
+    torch_compile: bool = field(
+        default=False,
+        metadata={"help": "torch.compile the model (Accelerate's TorchDynamoPlugin); the model traces as one graph."},
+    )
+    torch_compile_backend: str = field(default="inductor", metadata={"help": "Any torch.compile backend."})
+    torch_compile_mode: str | None = field(
+        default=None, metadata={"help": "torch.compile mode: None, 'reduce-overhead', 'max-autotune', ..."}
+    )
     logging_steps: int = field(default=10)
     eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (and at the end)."})
     save_steps: int = field(default=500, metadata={"help": "save_state every N steps (and at the end)."})
@@ -430,6 +444,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         step_scheduler_with_optimizer=False,
         log_with=(report_to if report_to != ["all"] else "all") or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
+        dynamo_plugin=(
+            TorchDynamoPlugin(backend=train_args.torch_compile_backend, mode=train_args.torch_compile_mode)
+            if train_args.torch_compile
+            else None  # Accelerate's default: what `accelerate config` / ACCELERATE_DYNAMO_* say
+        ),
     )
     set_seed(train_args.seed)
 
@@ -477,6 +496,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         lr=train_args.learning_rate,
         betas=(train_args.adam_beta1, train_args.adam_beta2),
         eps=train_args.adam_epsilon,
+        fused=True,  # one kernel per step instead of a loop over tensors (PyTorch's CPU default)
     )
     scheduler = get_scheduler(
         train_args.lr_scheduler_type,

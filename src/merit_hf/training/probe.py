@@ -590,7 +590,7 @@ def fine_tune(
     random_crops._rng = np.random.default_rng(seed)
 
     loader = torch.utils.data.DataLoader(range(len(train)), batch_size=arguments.batch_size, shuffle=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=arguments.finetune_learning_rate)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=arguments.finetune_learning_rate, fused=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     best_score, best_state, best_epoch, stale, epoch = -np.inf, None, 0, 0, 0
     for epoch in range(1, arguments.finetune_max_epochs + 1):

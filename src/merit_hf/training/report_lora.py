@@ -356,7 +356,7 @@ def _train_stage(
 ) -> list[float]:
     """One stage: AdamW on the parameters that require grad, warm-up + schedule, returns the logged losses."""
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=training_args.weight_decay)
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=training_args.weight_decay, fused=True)
     steps = epochs * math.ceil(len(loader) / training_args.gradient_accumulation_steps)
     scheduler = get_scheduler(
         training_args.lr_scheduler_type,
