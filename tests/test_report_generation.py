@@ -482,3 +482,58 @@ def test_mimic_reports_are_joined_and_readable(tmp_path):
     ]
     dataset = ReportExamples(examples, MeritFeatureExtractor.from_model_config(tiny_ecg_config(**ECG_CONFIG)))
     assert dataset[0]["ecg_values"].shape == (12, 1000)
+
+
+def test_report_model_loads_as_remote_code_without_merit_hf(parts, tmp_path):
+    """The saved report-generation folder loads with `trust_remote_code=True` in a process that cannot import
+    merit_hf, and gives the same logits and the same greedy report."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from tests.test_core_remote_code import BLOCK_MERIT_HF
+
+    model, processor = parts
+    folder = tmp_path / "merit-report"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    ecgs = np.stack(ecg_batch(2))
+    np.save(tmp_path / "ecgs.npy", ecgs)
+    batch = processor(ecgs=list(ecgs), sampling_rate=100, lead_names=list(tiny_ecg_config().lead_names),
+                      text=[processor.format_prompt()] * 2)  # fmt: skip
+    with torch.no_grad():
+        np.save(tmp_path / "logits.npy", model(**batch).logits.numpy())
+        np.save(tmp_path / "tokens.npy", model.generate(**batch, max_new_tokens=6, do_sample=False).numpy())
+    script = BLOCK_MERIT_HF + textwrap.dedent(
+        f"""
+        import numpy as np, torch
+        from transformers import AutoModelForCausalLM, AutoProcessor
+        try:
+            import merit_hf  # noqa: F401
+            raise SystemExit("merit_hf should not be importable here")
+        except ImportError:
+            pass
+        folder = {str(folder)!r}
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert type(processor).__name__ == "MeritProcessor", type(processor)
+        ecgs = np.load({str(tmp_path / "ecgs.npy")!r})
+        batch = processor(ecgs=list(ecgs), sampling_rate=100, lead_names={list(tiny_ecg_config().lead_names)!r},
+                          text=[processor.format_prompt()] * 2)
+        with torch.no_grad():
+            logits = model(**batch).logits.numpy()
+            tokens = model.generate(**batch, max_new_tokens=6, do_sample=False).numpy()
+        np.testing.assert_allclose(logits, np.load({str(tmp_path / "logits.npy")!r}), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(tokens, np.load({str(tmp_path / "tokens.npy")!r}))
+        print("REMOTE-OK", type(model).__module__)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HOME=str(tmp_path / "fresh_hf_home"), HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REMOTE-OK transformers_modules" in result.stdout
