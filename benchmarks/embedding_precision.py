@@ -1,0 +1,112 @@
+"""Are bf16 embeddings good enough? The same encoder embeds the same records in fp32 and under bf16 autocast; this
+reports how close the two embeddings are (cosine per record) and what a linear probe makes of each (superclass
+macro AUROC on the test split, same probe protocol and seed), plus the cosine for a random-init ViT-B/75, whose 12
+layers are where bf16 rounding would pile up.
+
+    python benchmarks/embedding_precision.py                         # the quick-start model on the bundled records
+    python benchmarks/embedding_precision.py --model_name_or_path <checkpoint> --dataset <PTB-XL folder>
+
+Writes `benchmarks/results/embedding_precision_<device>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from merit_hf import MeritEcgConfig, MeritEcgModel, MeritFeatureExtractor
+from merit_hf.training.probe import (
+    SPLITS,
+    extract_features,
+    load_dataset_dict,
+    load_encoder,
+    load_feature_extractor,
+    run_linear_probe,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cosine_per_record(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(axis=1)
+
+
+def summary(cosines: np.ndarray) -> dict:
+    return {
+        "records": int(cosines.size),
+        "min": round(float(cosines.min()), 6),
+        "median": round(float(np.median(cosines)), 6),
+        "p01": round(float(np.quantile(cosines, 0.01)), 6),
+    }
+
+
+def embed_both(encoder, feature_extractor, dataset, device: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    fp32 = extract_features(encoder, feature_extractor, dataset, batch_size, device=device)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        bf16 = extract_features(encoder, feature_extractor, dataset, batch_size, device=device)
+    return fp32, bf16
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", default="quickstart_output/model")
+    parser.add_argument("--dataset", default="quickstart_output/ptbxl_dataset")
+    parser.add_argument("--sampling_rate", type=int, default=100)
+    parser.add_argument("--label_set", default="superclass")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    dataset_dict = load_dataset_dict(args.dataset, args.sampling_rate)
+    encoder, name = load_encoder(args.model_name_or_path)
+    feature_extractor = load_feature_extractor(args.model_name_or_path, encoder)
+    features = {"fp32": {}, "bf16": {}}
+    for split in SPLITS:
+        features["fp32"][split], features["bf16"][split] = embed_both(
+            encoder, feature_extractor, dataset_dict[split], args.device, args.batch_size
+        )
+    cosines = np.concatenate([cosine_per_record(features["fp32"][s], features["bf16"][s]) for s in SPLITS])
+    probes = {}
+    for precision, split_features in features.items():
+        results = run_linear_probe(
+            encoder, dataset_dict, args.label_set, baseline=False, feature_extractor=feature_extractor,
+            features={"model": split_features},
+        )  # fmt: skip
+        auroc = results["model"]["metrics"]["macro_auroc"]
+        probes[precision] = {key: round(auroc[key], 4) for key in ("value", "ci_low", "ci_high")}
+
+    torch.manual_seed(0)
+    base = MeritEcgModel(MeritEcgConfig.from_preset("base-p75"))
+    base_extractor = MeritFeatureExtractor.from_model_config(base.config)
+    test = dataset_dict["test"].select(range(min(64, len(dataset_dict["test"]))))
+    base_fp32, base_bf16 = embed_both(base, base_extractor, test, args.device, 8)
+
+    report = {
+        "machine": {
+            "device": torch.cuda.get_device_name()
+            if args.device == "cuda"
+            else platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+        },
+        "model": name,
+        "dataset": args.dataset,
+        "cosine_fp32_vs_bf16": summary(cosines),
+        f"linear_probe_{args.label_set}_test": probes,
+        "random_init_base_p75_cosine_fp32_vs_bf16": summary(cosine_per_record(base_fp32, base_bf16)),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"embedding_precision_{args.device}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

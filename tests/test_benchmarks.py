@@ -1,0 +1,39 @@
+"""The encoder benchmark's measuring code runs (tiny shape, one round): the numbers in benchmarks/README.md come
+from it, so it must not rot between the runs that refresh them."""
+
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import encoder_throughput  # noqa: E402
+
+
+@pytest.mark.parametrize("row, mode", [("merit_encoder", "infer"), ("merit_pretraining", "train")])
+def test_encoder_throughput_group_measures_every_variant(row, mode):
+    results = encoder_throughput.measure_group(row, "tiny-p75", mode, batch=2, rounds=2, device="cpu", dtype="fp32")
+    by_variant = {result["variant"]: result for result in results["results"]}
+    assert set(by_variant) == {"sdpa", "stmem_einsum"}
+    for result in by_variant.values():
+        assert result["ecgs_per_second"] > 0 and result["gflop_per_ecg_forward"] > 0
+        assert 0 < result["fraction_of_matmul_peak"] < 2  # a model cannot run far above a plain matmul
+    assert by_variant["sdpa"]["gflop_per_ecg_forward"] == by_variant["stmem_einsum"]["gflop_per_ecg_forward"]
+    low, high = by_variant["sdpa"]["vs_einsum_reference_range"]
+    assert low <= by_variant["sdpa"]["vs_einsum_reference"] <= high
+
+
+def test_einsum_reference_computes_the_same_attention():
+    import torch
+
+    from merit_hf import MeritEcgConfig, MeritEcgModel
+
+    encoder_throughput._register_einsum()
+    model = MeritEcgModel(MeritEcgConfig.from_preset("tiny-p75")).eval()
+    ecg = torch.randn(2, 12, model.config.num_samples)
+    with torch.no_grad():
+        fused = model(ecg).pooler_output
+        encoder_throughput.set_attention(model, "stmem_einsum")
+        reference = model(ecg).pooler_output
+    torch.testing.assert_close(reference, fused, atol=1e-5, rtol=1e-4)
