@@ -51,7 +51,9 @@ def build(config_path: Path, batch_size: int, device: torch.device):
     text_path = resolve_text_model(model_args.text_model_name_or_path)
     torch.manual_seed(0)
     model = build_model(model_args, text_path).to(device).train()
-    optimizer = torch.optim.AdamW(parameter_groups(model, train_args.weight_decay), lr=train_args.learning_rate)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, train_args.weight_decay), lr=train_args.learning_rate, fused=True
+    )  # as the pretraining script builds it
     with tempfile.TemporaryDirectory() as scratch:
         build_ptbxl(REPO_ROOT / "data" / "ptbxl_sample", sampling_rate=100, ecg_ids=range(1, 200)).save_to_disk(
             scratch

@@ -199,6 +199,27 @@ def test_torch_compile_trains_like_eager_and_saves_plain_weights(reference, asse
     assert keys and not [key for key in keys if "_orig_mod" in key]
     MeritForPreTraining.from_pretrained(tmp_path / "model")
 
+    # Each kind of run resumes from the other's checkpoint and continues the same loss curve.
+    middle = STEPS // 2
+    eager_from_compiled = run_main(
+        base_argv(
+            assets, tmp_path / "eager_from_compiled", per_device_train_batch_size=8,
+            resume_from_checkpoint=str(tmp_path / "checkpoints" / f"checkpoint-{middle}"),
+        )
+    )  # fmt: skip
+    compiled_from_eager = run_main(
+        base_argv(
+            assets, tmp_path / "compiled_from_eager", per_device_train_batch_size=8, torch_compile="true",
+            torch_compile_backend="aot_eager",
+            resume_from_checkpoint=str(reference[0] / "checkpoints" / f"checkpoint-{middle}"),
+        )
+    )  # fmt: skip
+    for resumed in (eager_from_compiled, compiled_from_eager):
+        assert resumed["steps_this_run"] == STEPS - middle
+        torch.testing.assert_close(
+            torch.tensor(resumed["loss_history"]), torch.tensor(eager["loss_history"][middle:]), rtol=1e-4, atol=1e-5
+        )
+
 
 def test_resume_after_kill_continues_the_same_loss_curve(assets, tmp_path):
     """A run killed (SIGKILL) mid-way and resumed with `latest` logs the same losses as one that never stopped:
