@@ -183,6 +183,23 @@ def test_sdpa_on_cpu_in_bf16_runs_two_matmuls_and_agrees_with_fp32():
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
+def test_a_model_loaded_in_bf16_takes_the_feature_extractors_float32(saved_pretraining):
+    """`from_pretrained(..., dtype=torch.bfloat16)` is the usual way to halve memory; the float32 `ecg_values` of the
+    feature extractor must work with it and give nearly the fp32 embedding."""
+    _, folder = saved_pretraining
+    ecg = torch.randn(2, 12, 2250)
+    full = MeritModel.from_pretrained(folder).eval()
+    half = MeritModel.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    assert half.ecg_model.embeddings.patch_projection.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        reference = full.get_ecg_features(ecg).pooler_output
+        low = half.get_ecg_features(ecg).pooler_output
+        encoder_only = MeritEcgModel.from_pretrained(folder, dtype=torch.bfloat16).eval()(ecg).pooler_output
+    assert low.dtype == torch.bfloat16
+    assert F.cosine_similarity(low.float(), reference).min() > 0.99
+    torch.testing.assert_close(encoder_only, half.ecg_model(ecg).pooler_output)
+
+
 def test_models_compile_as_one_graph():
     """`torch.compile(model, fullgraph=True)` traces the encoder (with and without padding) and the whole pretraining
     step without a graph break, and computes what eager computes."""

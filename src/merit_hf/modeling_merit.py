@@ -705,6 +705,8 @@ class MeritEcgModel(MeritEcgPreTrainedModel):
             Hide `config.mask_ratio` of each lead's patches (pretraining); embeddings for downstream use see all.
         """
         self._check_input(ecg_values)
+        # The feature extractor gives float32; a model loaded with `dtype=torch.bfloat16` (or half) computes in that.
+        ecg_values = ecg_values.to(self.embeddings.patch_projection.weight.dtype)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_attentions = bool(output_attentions if output_attentions is not None else self.config.output_attentions)
         output_hidden_states = bool(
