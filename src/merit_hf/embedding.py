@@ -1,0 +1,235 @@
+"""Embed a whole ECG dataset with a MERIT encoder.
+
+`embed_dataset` adds the encoder's `pooler_output` as a column through `datasets.map`. A map-style dataset is
+cached under a fingerprint of the weights, the feature-extractor settings and the precision, so a re-run after a crash
+reuses what was done; a streamed dataset (`IterableDataset`, e.g. MIMIC-IV-ECG) is embedded lazily, batch by batch,
+as it is read. The command line writes `ecg_id` plus the embedding of every record to Parquet:
+
+    python -m merit_hf.embedding --model_name_or_path quickstart_output/model --dataset data/ptbxl_sample \\
+        --output_dir embeddings --precision bf16
+    accelerate launch --multi_gpu --num_processes 8 -m merit_hf.embedding --model_name_or_path <checkpoint> \\
+        --dataset_name mimic_iv_ecg --dataset <converted MIMIC-IV-ECG> --splits train --output_dir mimic_embeddings
+
+For many ECGs on CPU pick a `small-p125` checkpoint and `--precision bf16` (benchmarks/README.md). Every record is
+centre-cropped to the encoder's window, as in the linear-probe protocol.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .feature_extraction_merit import MeritFeatureExtractor
+from .training.arguments import parse_arguments
+from .training.probe import _model_fingerprint, ecg_encoder, ecg_values_batch, load_encoder, load_feature_extractor
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+REQUIRED_COLUMNS = ("signal", "sampling_rate", "lead_names")
+
+
+def embed_dataset(
+    dataset,
+    model,
+    feature_extractor: MeritFeatureExtractor | None = None,
+    batch_size: int = 64,
+    precision: str = "fp32",
+    device: torch.device | str | None = None,
+    column: str = "ecg_embedding",
+    keep_columns: Sequence[str] = ("ecg_id",),
+):
+    """`dataset` (a `datasets.Dataset` or `IterableDataset` in the merit_hf schema) with the MERIT embedding of every
+    record in `column` (float32, `hidden_size` wide) and only `keep_columns` of the others.
+
+    Args:
+        model: any MERIT model (its ECG encoder is used) or a checkpoint folder / Hub id.
+        feature_extractor: defaults to the checkpoint's, else the one matching the encoder config.
+        precision: `"fp32"`, `"bf16"` or `"fp16"` (autocast; bf16 needs AVX512-BF16/AMX on CPU to be fast).
+        device: defaults to CUDA when available.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    columns = list(dataset.column_names or (dataset.features or {}))
+    missing = [name for name in REQUIRED_COLUMNS if name not in columns]
+    if missing:
+        raise ValueError(f"the dataset has no column {missing} (it has {columns}); it must follow the merit_hf schema")
+    unknown = [name for name in keep_columns if name not in columns]
+    if unknown:
+        raise ValueError(f"keep_columns: {unknown} are not columns of the dataset ({columns})")
+    encoder, _ = load_encoder(model) if isinstance(model, (str, Path)) else (ecg_encoder(model), None)
+    feature_extractor = feature_extractor or load_feature_extractor(model, encoder)
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    encoder = encoder.to(device).eval()
+    autocast_dtype = PRECISIONS[precision]
+
+    def embed(rows: dict[str, list]) -> dict[str, Any]:
+        ecg_values = ecg_values_batch(feature_extractor, rows, crop="center").to(device)
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None),
+        ):
+            pooled = encoder(ecg_values).pooler_output
+        return {column: pooled.float().cpu().numpy()}
+
+    options: dict[str, Any] = {
+        "batched": True,
+        "batch_size": batch_size,
+        "remove_columns": [name for name in columns if name not in keep_columns],
+    }
+    if hasattr(dataset, "_fingerprint"):  # map-style: a fingerprint that a re-run reproduces, so its cache is reused
+        key = [_model_fingerprint(encoder), feature_extractor.to_json_string(), precision, column, list(keep_columns)]
+        options["new_fingerprint"] = hashlib.sha1(
+            json.dumps([dataset._fingerprint, key, batch_size]).encode()
+        ).hexdigest()
+        options["desc"] = "embedding"
+    return dataset.map(embed, **options)
+
+
+def write_parquet(embedded, path: str | Path, batch_size: int = 1000) -> int:
+    """Write an embedded dataset (map-style or streamed) to one Parquet file; returns the number of rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(path.suffix + ".partial")  # a crash leaves only this, never a file that looks complete
+    if isinstance(embedded, Dataset):
+        embedded.to_parquet(str(partial))
+        partial.replace(path)
+        return len(embedded)
+    rows, writer = 0, None
+    try:
+        for batch in embedded.iter(batch_size=batch_size):
+            table = pa.Table.from_pydict(batch)
+            writer = writer or pq.ParquetWriter(str(partial), table.schema)
+            writer.write_table(table)
+            rows += table.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    partial.replace(path)
+    return rows
+
+
+@dataclass
+class EmbeddingArguments:
+    """What to embed, with which model, and where the Parquet files go."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A MERIT checkpoint (any class). Required."}
+    )
+    dataset: str = field(
+        default="data/ptbxl_sample",
+        metadata={"help": "A PTB-XL folder, a converted dataset (folder or Hub id) or, with mimic_iv_ecg, MIMIC's."},
+    )
+    dataset_name: str = field(default="ptbxl", metadata={"help": "'ptbxl' or 'mimic_iv_ecg'."})
+    sampling_rate: int = field(default=100, metadata={"help": "Which PTB-XL records to read (100 or 500 Hz)."})
+    splits: list[str] = field(default_factory=lambda: ["train", "validation", "test"])
+    streaming: bool = field(default=False, metadata={"help": "Stream the splits (always on for MIMIC-IV-ECG)."})
+    output_dir: str = field(default="embeddings", metadata={"help": "One `<split>.parquet` per split."})
+    batch_size: int = field(default=64)
+    precision: str = field(default="fp32", metadata={"help": "'fp32', 'bf16' or 'fp16' (autocast)."})
+    keep_columns: list[str] = field(default_factory=lambda: ["ecg_id"], metadata={"help": "Columns kept beside it."})
+    use_cpu: bool = field(
+        default=False, metadata={"help": "Embed on CPU even with a GPU (with `accelerate launch`: CPU processes)."}
+    )
+    num_shards: int | None = field(
+        default=None, metadata={"help": "Split every split into N shards (default: the number of launched processes)."}
+    )
+    shard_index: int | None = field(
+        default=None, metadata={"help": "Which shard this process embeds (default: its process index)."}
+    )
+
+    def __post_init__(self):
+        if self.dataset_name not in ("ptbxl", "mimic_iv_ecg"):
+            raise ValueError(f"dataset_name: must be 'ptbxl' or 'mimic_iv_ecg', got {self.dataset_name!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if (self.num_shards is None) != (self.shard_index is None):
+            raise ValueError("num_shards and shard_index go together: give both or neither")
+        if self.num_shards is not None and not 0 <= self.shard_index < self.num_shards:
+            raise ValueError(f"shard_index: must be in [0, {self.num_shards}), got {self.shard_index}")
+
+
+def load_split(arguments: EmbeddingArguments, split: str, shard_index: int = 0, num_shards: int = 1):
+    """One split, streamed or map-style, and of it the `shard_index`-th of `num_shards` parts."""
+    from datasets import Dataset
+    from datasets.distributed import split_dataset_by_node
+
+    from .data import build_ptbxl, load_mimic_iv_ecg, load_ptbxl
+
+    if arguments.dataset_name == "mimic_iv_ecg":
+        dataset = load_mimic_iv_ecg(arguments.dataset, split=split, streaming=True)
+    elif (Path(arguments.dataset) / "ptbxl_database.csv").is_file():  # a PhysioNet folder, read in memory
+        splits = build_ptbxl(arguments.dataset, sampling_rate=arguments.sampling_rate)
+        if split not in splits:
+            raise ValueError(f"split {split!r}: {arguments.dataset} has {sorted(splits)}")
+        dataset = splits[split].to_iterable_dataset() if arguments.streaming else splits[split]
+    else:
+        dataset = load_ptbxl(
+            arguments.dataset,
+            split=split,
+            streaming=arguments.streaming,
+            sampling_rate=arguments.sampling_rate,
+            drop_unlabeled=False,
+        )
+    if num_shards == 1:
+        return dataset
+    if isinstance(dataset, Dataset):
+        return dataset.shard(num_shards=num_shards, index=shard_index, contiguous=True)
+    return split_dataset_by_node(dataset, rank=shard_index, world_size=num_shards)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Embed every split of `--dataset`; returns `{split: {"path", "rows"}}` (also `output_dir/embeddings.json`)."""
+    (arguments,) = parse_arguments((EmbeddingArguments,), sys.argv[1:] if argv is None else argv)
+    if arguments.model_name_or_path is None:
+        raise ValueError("--model_name_or_path is required")
+    from accelerate import PartialState
+
+    state = PartialState(cpu=arguments.use_cpu)  # under `accelerate launch`: one shard per process and device
+    num_shards = arguments.num_shards if arguments.num_shards is not None else state.num_processes
+    shard_index = arguments.shard_index if arguments.shard_index is not None else state.process_index
+    encoder, name = load_encoder(arguments.model_name_or_path)
+    feature_extractor = load_feature_extractor(arguments.model_name_or_path, encoder)
+    output_dir = Path(arguments.output_dir)
+    suffix = f"-{shard_index:05d}-of-{num_shards:05d}" if num_shards > 1 else ""
+    written = {}
+    for split in arguments.splits:
+        embedded = embed_dataset(
+            load_split(arguments, split, shard_index, num_shards),
+            encoder,
+            feature_extractor,
+            batch_size=arguments.batch_size,
+            precision=arguments.precision,
+            device=state.device,
+            keep_columns=arguments.keep_columns,
+        )
+        path = output_dir / f"{split}{suffix}.parquet"
+        written[split] = {"path": str(path), "rows": write_parquet(embedded, path)}
+        print(f"{split}: {written[split]['rows']} embeddings -> {path}", flush=True)
+    summary = {
+        "model": name,
+        "dataset": arguments.dataset,
+        "precision": arguments.precision,
+        "hidden_size": encoder.config.hidden_size,
+        "shard": {"index": shard_index, "num_shards": num_shards},
+        "splits": written,
+    }
+    (output_dir / f"embeddings{suffix}.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

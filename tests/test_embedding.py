@@ -1,0 +1,158 @@
+"""Embedding a whole dataset: map-style and streamed give the linear probe's features, the map-style cache is reused
+by a re-run, bf16 stays close to fp32, bad settings are named, and the command line writes loadable Parquet."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from merit_hf import MeritEcgModel, MeritFeatureExtractor, MeritForPreTraining
+from merit_hf.embedding import embed_dataset, main
+from merit_hf.training.probe import extract_features
+from tests.conftest import BUNDLED_PTBXL, tiny_ecg_config, tiny_merit_config
+
+
+@pytest.fixture(scope="module")
+def splits():
+    from merit_hf.data import build_ptbxl
+
+    return build_ptbxl(BUNDLED_PTBXL, sampling_rate=100, ecg_ids=range(1, 61))
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    return MeritEcgModel(tiny_ecg_config()).eval()
+
+
+def test_map_style_and_streamed_give_the_probe_features(splits, encoder):
+    feature_extractor = MeritFeatureExtractor.from_model_config(encoder.config)
+    split = splits["train"]
+    expected = extract_features(encoder, feature_extractor, split, batch_size=16)
+    embedded = embed_dataset(split, encoder, feature_extractor, batch_size=7, device="cpu")
+    assert embedded.column_names == ["ecg_id", "ecg_embedding"]
+    assert embedded["ecg_id"] == split["ecg_id"]
+    np.testing.assert_allclose(np.asarray(embedded["ecg_embedding"]), expected, rtol=1e-4, atol=1e-5)
+    streamed = embed_dataset(split.to_iterable_dataset(), encoder, feature_extractor, batch_size=5, device="cpu")
+    rows = list(streamed)
+    assert [row["ecg_id"] for row in rows] == split["ecg_id"]
+    np.testing.assert_allclose(np.stack([row["ecg_embedding"] for row in rows]), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_rerun_reuses_the_cached_embeddings(splits, encoder, tmp_path):
+    from datasets import load_from_disk
+
+    splits["test"].save_to_disk(str(tmp_path / "test"))
+    split = load_from_disk(str(tmp_path / "test"))
+    first = embed_dataset(split, encoder, batch_size=8, device="cpu")
+    calls = []
+    hook = encoder.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        second = embed_dataset(split, encoder, batch_size=8, device="cpu")
+        assert not calls, "the cached embeddings were computed again"
+        assert second._fingerprint == first._fingerprint and second["ecg_embedding"] == first["ecg_embedding"]
+        embed_dataset(split, encoder, batch_size=8, device="cpu", precision="bf16")
+        assert calls, "another precision must not reuse the fp32 cache"
+    finally:
+        hook.remove()
+
+
+def test_bf16_embeddings_stay_close(splits, encoder):
+    full = np.asarray(embed_dataset(splits["test"], encoder, device="cpu")["ecg_embedding"])
+    half = np.asarray(embed_dataset(splits["test"], encoder, device="cpu", precision="bf16")["ecg_embedding"])
+    cosine = (full * half).sum(1) / np.linalg.norm(full, axis=1) / np.linalg.norm(half, axis=1)
+    assert cosine.min() > 0.99 and not np.array_equal(full, half)
+
+
+def test_bad_settings_are_named(splits, encoder):
+    with pytest.raises(ValueError, match="precision: must be one of"):
+        embed_dataset(splits["test"], encoder, precision="int8")
+    with pytest.raises(ValueError, match=r"the dataset has no column \['signal'\]"):
+        embed_dataset(splits["test"].remove_columns("signal"), encoder)
+    with pytest.raises(ValueError, match=r"keep_columns: \['record_id'\] are not columns"):
+        embed_dataset(splits["test"], encoder, keep_columns=["record_id"])
+    with pytest.raises(ValueError, match="--model_name_or_path is required"):
+        main(["--output_dir", "unused"])
+
+
+def test_command_line_writes_parquet_per_split(tmp_path):
+    from datasets import load_dataset
+
+    torch.manual_seed(0)
+    folder = tmp_path / "model"
+    model = MeritForPreTraining(tiny_merit_config())
+    model.save_pretrained(folder)
+    MeritFeatureExtractor.from_model_config(model.config.ecg_config).save_pretrained(folder)
+    out = tmp_path / "embeddings"
+    summary = main(["--model_name_or_path", str(folder), "--dataset", str(BUNDLED_PTBXL), "--splits", "validation",
+                    "test", "--output_dir", str(out), "--precision", "bf16", "--batch_size", "32"])  # fmt: skip
+    assert json.loads((out / "embeddings.json").read_text()) == summary
+    assert summary["hidden_size"] == model.config.ecg_config.hidden_size
+    for split in ("validation", "test"):
+        table = load_dataset("parquet", data_files=str(out / f"{split}.parquet"), split="train")
+        assert len(table) == summary["splits"][split]["rows"] > 0
+        assert len(table[0]["ecg_embedding"]) == model.config.ecg_config.hidden_size
+    streamed = main(["--model_name_or_path", str(folder), "--dataset", str(BUNDLED_PTBXL), "--splits", "test",
+                     "--output_dir", str(tmp_path / "streamed"), "--precision", "bf16", "--batch_size", "32",
+                     "--streaming", "true"])  # fmt: skip
+    a = load_dataset("parquet", data_files=str(out / "test.parquet"), split="train")
+    b = load_dataset("parquet", data_files=streamed["splits"]["test"]["path"], split="train")
+    assert a["ecg_id"] == b["ecg_id"]
+    np.testing.assert_allclose(np.asarray(a["ecg_embedding"]), np.asarray(b["ecg_embedding"]), rtol=1e-5, atol=1e-6)
+    assert not list((tmp_path / "streamed").glob("*.partial"))
+
+
+@pytest.mark.parametrize("streaming", ["false", "true"])
+def test_shards_together_give_the_whole_split(tmp_path, streaming):
+    """What `accelerate launch --num_processes N` does: process i embeds shard i of N and writes its own file."""
+    from datasets import load_dataset
+
+    torch.manual_seed(0)
+    folder = tmp_path / "model"
+    MeritEcgModel(tiny_ecg_config()).save_pretrained(folder)
+    common = ["--model_name_or_path", str(folder), "--dataset", str(BUNDLED_PTBXL), "--splits", "test",
+              "--streaming", streaming]  # fmt: skip
+    whole = main([*common, "--output_dir", str(tmp_path / "whole")])
+    for index in (0, 1):
+        main([*common, "--output_dir", str(tmp_path / "sharded"), "--num_shards", "2", "--shard_index", str(index)])
+    files = sorted(str(path) for path in (tmp_path / "sharded").glob("test-*-of-00002.parquet"))
+    assert len(files) == 2 and len(list((tmp_path / "sharded").glob("embeddings-*.json"))) == 2
+    sharded = load_dataset("parquet", data_files=files, split="train")
+    full = load_dataset("parquet", data_files=whole["splits"]["test"]["path"], split="train")
+    order = np.argsort(sharded["ecg_id"])
+    assert sorted(sharded["ecg_id"]) == sorted(full["ecg_id"]) and len(full) == whole["splits"]["test"]["rows"]
+    reference = np.asarray(full["ecg_embedding"])[np.argsort(full["ecg_id"])]
+    np.testing.assert_allclose(np.asarray(sharded["ecg_embedding"])[order], reference, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="num_shards and shard_index go together"):
+        main([*common, "--output_dir", str(tmp_path / "bad"), "--num_shards", "2"])
+
+
+@pytest.mark.slow
+def test_accelerate_launch_embeds_one_shard_per_process(tmp_path):
+    import subprocess
+
+    from datasets import load_dataset
+
+    from tests.conftest import REPO_ROOT
+    from tests.test_pretrain import ACCELERATE, free_port, subprocess_env
+
+    torch.manual_seed(0)
+    folder = tmp_path / "model"
+    MeritEcgModel(tiny_ecg_config()).save_pretrained(folder)
+    common = ["--model_name_or_path", str(folder), "--dataset", str(BUNDLED_PTBXL), "--splits", "test"]
+    whole = main([*common, "--output_dir", str(tmp_path / "whole")])
+    launch = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+              "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "merit_hf.embedding"]  # fmt: skip
+    done = subprocess.run([*launch, *common, "--output_dir", str(tmp_path / "launched"), "--use_cpu", "true"],
+                          env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = sorted(str(path) for path in (tmp_path / "launched").glob("test-*-of-00002.parquet"))
+    assert len(files) == 2
+    launched = load_dataset("parquet", data_files=files, split="train")
+    full = load_dataset("parquet", data_files=whole["splits"]["test"]["path"], split="train")
+    assert sorted(launched["ecg_id"]) == sorted(full["ecg_id"])
+    reference = np.asarray(full["ecg_embedding"])[np.argsort(full["ecg_id"])]
+    np.testing.assert_allclose(
+        np.asarray(launched["ecg_embedding"])[np.argsort(launched["ecg_id"])], reference, rtol=1e-4, atol=1e-5
+    )
