@@ -156,3 +156,19 @@ def test_accelerate_launch_embeds_one_shard_per_process(tmp_path):
     np.testing.assert_allclose(
         np.asarray(launched["ecg_embedding"])[np.argsort(launched["ecg_id"])], reference, rtol=1e-4, atol=1e-5
     )
+
+
+def test_command_line_reads_a_converted_dataset(splits, encoder, tmp_path):
+    """A converted (`save_to_disk`) PTB-XL goes through `load_ptbxl`, all records kept, sharded by its `rank`."""
+    from datasets import load_dataset
+
+    splits.save_to_disk(str(tmp_path / "converted"))
+    encoder.save_pretrained(tmp_path / "model")
+    common = ["--model_name_or_path", str(tmp_path / "model"), "--dataset", str(tmp_path / "converted"),
+              "--splits", "test", "--sampling_rate", "100"]  # fmt: skip
+    whole = main([*common, "--output_dir", str(tmp_path / "whole")])
+    assert whole["splits"]["test"]["rows"] == len(splits["test"])
+    half = main([*common, "--output_dir", str(tmp_path / "half"), "--num_shards", "2", "--shard_index", "1"])
+    table = load_dataset("parquet", data_files=half["splits"]["test"]["path"], split="train")
+    assert table["ecg_id"] == splits["test"]["ecg_id"][len(splits["test"]) - len(table) :]
+    assert 0 < len(table) < len(splits["test"])

@@ -162,33 +162,40 @@ class EmbeddingArguments:
             raise ValueError(f"shard_index: must be in [0, {self.num_shards}), got {self.shard_index}")
 
 
-def load_split(arguments: EmbeddingArguments, split: str, shard_index: int = 0, num_shards: int = 1):
-    """One split, streamed or map-style, and of it the `shard_index`-th of `num_shards` parts."""
-    from datasets import Dataset
+def load_splits(arguments: EmbeddingArguments, shard_index: int = 0, num_shards: int = 1) -> dict[str, Any]:
+    """The requested splits, streamed or map-style, each cut to the `shard_index`-th of `num_shards` parts
+    (`split_dataset_by_node`, through the loaders' own `rank` / `world_size` where they have them)."""
     from datasets.distributed import split_dataset_by_node
 
     from .data import build_ptbxl, load_mimic_iv_ecg, load_ptbxl
 
+    node = {"rank": shard_index, "world_size": num_shards} if num_shards > 1 else {}
     if arguments.dataset_name == "mimic_iv_ecg":
-        dataset = load_mimic_iv_ecg(arguments.dataset, split=split, streaming=True)
-    elif (Path(arguments.dataset) / "ptbxl_database.csv").is_file():  # a PhysioNet folder, read in memory
-        splits = build_ptbxl(arguments.dataset, sampling_rate=arguments.sampling_rate)
-        if split not in splits:
-            raise ValueError(f"split {split!r}: {arguments.dataset} has {sorted(splits)}")
-        dataset = splits[split].to_iterable_dataset() if arguments.streaming else splits[split]
-    else:
-        dataset = load_ptbxl(
-            arguments.dataset,
-            split=split,
-            streaming=arguments.streaming,
-            sampling_rate=arguments.sampling_rate,
-            drop_unlabeled=False,
-        )
-    if num_shards == 1:
-        return dataset
-    if isinstance(dataset, Dataset):
-        return dataset.shard(num_shards=num_shards, index=shard_index, contiguous=True)
-    return split_dataset_by_node(dataset, rank=shard_index, world_size=num_shards)
+        return {
+            split: load_mimic_iv_ecg(arguments.dataset, split=split, streaming=True, **node)
+            for split in arguments.splits
+        }
+    if not (Path(arguments.dataset) / "ptbxl_database.csv").is_file():  # converted PTB-XL: folder or Hub id
+        return {
+            split: load_ptbxl(
+                arguments.dataset,
+                split=split,
+                streaming=arguments.streaming,
+                sampling_rate=arguments.sampling_rate,
+                drop_unlabeled=False,
+                **node,
+            )
+            for split in arguments.splits
+        }
+    everything = build_ptbxl(arguments.dataset, sampling_rate=arguments.sampling_rate)  # a PhysioNet folder, read once
+    unknown = [split for split in arguments.splits if split not in everything]
+    if unknown:
+        raise ValueError(f"splits {unknown}: {arguments.dataset} has {sorted(everything)}")
+    splits = {}
+    for split in arguments.splits:
+        dataset = everything[split].to_iterable_dataset() if arguments.streaming else everything[split]
+        splits[split] = split_dataset_by_node(dataset, **node) if node else dataset
+    return splits
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -206,9 +213,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     output_dir = Path(arguments.output_dir)
     suffix = f"-{shard_index:05d}-of-{num_shards:05d}" if num_shards > 1 else ""
     written = {}
-    for split in arguments.splits:
+    for split, dataset in load_splits(arguments, shard_index, num_shards).items():
         embedded = embed_dataset(
-            load_split(arguments, split, shard_index, num_shards),
+            dataset,
             encoder,
             feature_extractor,
             batch_size=arguments.batch_size,
