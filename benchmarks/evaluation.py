@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from merit_hf.evaluation.results import metric_cell
 from merit_hf.evaluation.robustness import robustness_table, run_robustness
 from merit_hf.evaluation.zero_shot import evaluate_zero_shot
 from merit_hf.training.arguments import parse_arguments
@@ -45,17 +46,8 @@ class SuiteArguments:
     skip_zero_shot: bool = field(default=False, metadata={"help": "For ECG-only checkpoints (no text tower)."})
 
 
-def _cell(entry: dict[str, Any] | None, metric: str) -> str:
-    value = ((entry or {}).get("metrics") or {}).get(metric) or {}
-    if value.get("value") is None:
-        return "n/a"
-    if value.get("ci_low") is None:
-        return f"{value['value']:.3f}"
-    return f"{value['value']:.3f} [{value['ci_low']:.3f}, {value['ci_high']:.3f}]"
-
-
 def _row(results: dict[str, Any], name: str, metrics: tuple[str, ...]) -> str:
-    cells = [f"{_cell(results['model'], m)} | {_cell(results.get('baseline'), m)}" for m in metrics]
+    cells = [f"{metric_cell(results['model'], m)} | {metric_cell(results.get('baseline'), m)}" for m in metrics]
     counts = results["dataset"].get("num_records", {})
     size = f"{counts.get('train', '?')}/{counts.get('validation', '?')}/{counts.get('test', '?')}"
     return f"| {name} | {size} | " + " | ".join(cells) + " |"

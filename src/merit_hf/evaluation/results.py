@@ -115,6 +115,24 @@ def build_results(
     return results
 
 
+def encoder_identity(role: str, model_name: str, seed: int) -> dict[str, str]:
+    """`name_or_path` and `init` of a results entry: the evaluated model (`role="model"`), or its random-init twin
+    drawn with `seed` (`role="baseline"`, `merit_hf.training.probe.random_init_like`)."""
+    if role == "model":
+        return {"name_or_path": model_name, "init": "pretrained"}
+    return {"name_or_path": "random-init", "init": f"random (seed {seed}, same config)"}
+
+
+def metric_cell(entry: dict[str, Any] | None, metric: str) -> str:
+    """One metric of a results entry for a markdown table: `0.750 [0.663, 0.827]`, `0.750` or `n/a`."""
+    value = ((entry or {}).get("metrics") or {}).get(metric) or {}
+    if value.get("value") is None:
+        return "n/a"
+    if value.get("ci_low") is None:
+        return f"{value['value']:.3f}"
+    return f"{value['value']:.3f} [{value['ci_low']:.3f}, {value['ci_high']:.3f}]"
+
+
 def _json_safe(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(key): _json_safe(item) for key, item in value.items()}
@@ -143,4 +161,14 @@ def read_results(path: str | Path) -> dict[str, Any]:
     return results
 
 
-__all__ = ["DATASET_NAME", "SCHEMA", "TASKS", "build_results", "environment", "read_results", "write_results"]
+__all__ = [
+    "DATASET_NAME",
+    "SCHEMA",
+    "TASKS",
+    "build_results",
+    "encoder_identity",
+    "environment",
+    "metric_cell",
+    "read_results",
+    "write_results",
+]

@@ -44,7 +44,7 @@ from ..training.probe import (
     random_init_like,
 )
 from .metrics import best_f1_thresholds, classification_metrics
-from .results import build_results, write_results
+from .results import build_results, encoder_identity, metric_cell, write_results
 from .shifts import LIMB_LEADS, add_baseline_wander, add_white_noise, resample_record, zero_leads
 
 PRECORDIAL_LEADS = ("V1", "V2", "V3", "V4", "V5", "V6")
@@ -140,14 +140,6 @@ def run_robustness(
     names = label_names(dataset_dict["train"], label_set)
     labels = {split: label_matrix(dataset_dict[split], label_set) for split in ("train", "validation", "test")}
     test = dataset_dict["test"]
-    probe_kwargs = {
-        "learning_rate": arguments.learning_rate,
-        "max_epochs": arguments.max_epochs,
-        "patience": arguments.patience,
-        "batch_size": arguments.probe_batch_size,
-        "weight_decay": arguments.weight_decay,
-        "seed": seed,
-    }
 
     def fit(role: str, rows: np.ndarray | None = None):
         train_rows = np.arange(len(labels["train"])) if rows is None else rows
@@ -156,7 +148,7 @@ def run_robustness(
             labels["train"][train_rows],
             features[role]["validation"],
             labels["validation"],
-            **probe_kwargs,
+            **arguments.linear_probe_options(seed),
         )
         thresholds = best_f1_thresholds(labels["validation"], probe.decision_function(features[role]["validation"]))
         return probe, thresholds
@@ -171,8 +163,7 @@ def run_robustness(
     entries = {}
     for role, (probe, thresholds) in clean.items():
         entries[role] = {
-            "name_or_path": model_name if role == "model" else "random-init",
-            "init": "pretrained" if role == "model" else f"random (seed {seed}, same config)",
+            **encoder_identity(role, model_name, seed),
             **_metrics(
                 labels["test"], probe.decision_function(features[role]["test"]), names, thresholds, arguments, seed
             ),
@@ -246,15 +237,6 @@ def run_robustness(
     return results
 
 
-def _cell(entry: dict[str, Any] | None, metric: str) -> str:
-    value = ((entry or {}).get("metrics") or {}).get(metric) or {}
-    if value.get("value") is None:
-        return "n/a"
-    if value.get("ci_low") is None:
-        return f"{value['value']:.3f}"
-    return f"{value['value']:.3f} [{value['ci_low']:.3f}, {value['ci_high']:.3f}]"
-
-
 def robustness_table(results: dict[str, Any], role: str = "model", metric: str = "macro_auroc") -> str:
     """One markdown table for `role` (`"model"` or `"baseline"`): every shift, its n, the metric with CI, and the
     change from the clean test split."""
@@ -263,14 +245,14 @@ def robustness_table(results: dict[str, Any], role: str = "model", metric: str =
     lines = [
         f"| shift | kind | n | {metric} [95% CI] | change |",
         "| --- | --- | --- | --- | --- |",
-        f"| clean | - | {clean_entry['num_records']} | {_cell(clean_entry, metric)} | - |",
+        f"| clean | - | {clean_entry['num_records']} | {metric_cell(clean_entry, metric)} | - |",
     ]
     for name, shift in results["shifts"].items():
         entry = shift.get(role) or {}
         value = ((entry.get("metrics") or {}).get(metric) or {}).get("value")
         change = f"{value - clean_value:+.3f}" if value is not None and clean_value is not None else "n/a"
         lines.append(
-            f"| {name} | {shift['kind']} | {entry.get('num_records', 0)} | {_cell(entry, metric)} | {change} |"
+            f"| {name} | {shift['kind']} | {entry.get('num_records', 0)} | {metric_cell(entry, metric)} | {change} |"
         )
     return "\n".join(lines)
 

@@ -57,7 +57,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..evaluation.metrics import best_f1_thresholds, classification_metrics, macro_auroc
-from ..evaluation.results import build_results, write_results
+from ..evaluation.results import build_results, encoder_identity, write_results
 from ..feature_extraction_merit import MeritFeatureExtractor
 from ..modeling_merit import MeritEcgModel, MeritForEcgClassification
 from .arguments import parse_arguments
@@ -114,6 +114,17 @@ class ProbeArguments:
         for name in ("batch_size", "max_epochs", "patience", "probe_batch_size", "finetune_max_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+    def linear_probe_options(self, seed: int) -> dict[str, Any]:
+        """The keyword arguments of `fit_linear_probe` that these settings give."""
+        return {
+            "learning_rate": self.learning_rate,
+            "max_epochs": self.max_epochs,
+            "patience": self.patience,
+            "batch_size": self.probe_batch_size,
+            "weight_decay": self.weight_decay,
+            "seed": seed,
+        }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -496,12 +507,7 @@ def run_linear_probe(
             labels["train"],
             split_features["validation"],
             labels["validation"],
-            learning_rate=arguments.learning_rate,
-            max_epochs=arguments.max_epochs,
-            patience=arguments.patience,
-            batch_size=arguments.probe_batch_size,
-            weight_decay=arguments.weight_decay,
-            seed=seed,
+            **arguments.linear_probe_options(seed),
         )
         scores = evaluate_scores(
             labels["test"],
@@ -514,8 +520,7 @@ def run_linear_probe(
         )
         scores["training"] = {"best_epoch": probe.best_epoch, "epochs_run": probe.epochs_run}
         entries[role] = {
-            "name_or_path": model_name if role == "model" else "random-init",
-            "init": "pretrained" if role == "model" else f"random (seed {seed}, same config)",
+            **encoder_identity(role, model_name, seed),
             **scores,
         }
     results = build_results(
@@ -652,8 +657,7 @@ def run_fine_tune(
         )
         scores["training"] = training
         entries[role] = {
-            "name_or_path": model_name if role == "model" else "random-init",
-            "init": "pretrained" if role == "model" else f"random (seed {seed}, same config)",
+            **encoder_identity(role, model_name, seed),
             **scores,
         }
     protocol = probe_protocol(
