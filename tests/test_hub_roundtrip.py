@@ -32,6 +32,7 @@ from merit_hf.hub import HubFolderError, check_model_folder, populate_cache, pus
 from tests.conftest import BUNDLED_PTBXL, tiny_merit_config
 from tests.hub_server import FakeHub
 from tests.test_cards import results_from_our_metrics
+from tests.test_core_remote_code import BLOCK_MERIT_HF
 
 REPO_ID = "org/merit-ecg"
 TOKEN = "hf_fake_token"
@@ -39,13 +40,10 @@ RECORD = BUNDLED_PTBXL / "records100" / "00000" / "00001_lr"
 REPORT = "sinus rhythm normal ecg"
 
 # Runs in a child process that cannot import merit_hf: the model code must come from the repo (or the cache).
-CHILD = """
-import importlib.abc, json, sys
-class _Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "merit_hf" or name.startswith("merit_hf."):
-            raise ImportError("merit_hf is blocked in this process")
-sys.meta_path.insert(0, _Block())
+CHILD = (
+    BLOCK_MERIT_HF
+    + """
+import json, sys
 import torch
 from huggingface_hub import constants
 from transformers import AutoModel, AutoProcessor
@@ -64,6 +62,7 @@ for repo_id, cache_dir, online in json.loads(sys.argv[1]):
     results.append(outputs(repo_id, cache_dir))
 print("RESULT" + json.dumps(results))
 """
+)
 
 
 def reference_outputs(model: MeritModel, processor: MeritProcessor) -> dict:
