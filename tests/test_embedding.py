@@ -76,6 +76,15 @@ def test_bad_settings_are_named(splits, encoder):
         main(["--output_dir", "unused"])
 
 
+def test_an_empty_stream_is_named_not_written(splits, encoder, tmp_path):
+    from merit_hf.embedding import write_parquet
+
+    empty = embed_dataset(splits["test"].to_iterable_dataset().filter(lambda row: False), encoder, device="cpu")
+    with pytest.raises(ValueError, match=r"empty\.parquet: the streamed split yielded no records"):
+        write_parquet(empty, tmp_path / "empty.parquet")
+    assert not list(tmp_path.iterdir())
+
+
 def test_command_line_writes_parquet_per_split(tmp_path):
     from datasets import load_dataset
 

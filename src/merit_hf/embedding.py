@@ -116,6 +116,8 @@ def write_parquet(embedded, path: str | Path, batch_size: int = 1000) -> int:
     finally:
         if writer is not None:
             writer.close()
+    if writer is None:
+        raise ValueError(f"{path}: the streamed split yielded no records, so there is nothing to write")
     partial.replace(path)
     return rows
 
