@@ -181,3 +181,79 @@ def test_command_line_reads_a_converted_dataset(splits, encoder, tmp_path):
     table = load_dataset("parquet", data_files=half["splits"]["test"]["path"], split="train")
     assert table["ecg_id"] == splits["test"]["ecg_id"][len(splits["test"]) - len(table) :]
     assert 0 < len(table) < len(splits["test"])
+
+
+def _stream(num_rows: int, fail_at: int | None, seen: list):
+    """A streamed 'embedded' dataset of `num_rows` rows in two shards; its map raises at ecg_id `fail_at`."""
+    from datasets import Dataset, IterableDataset
+
+    shards = [Dataset.from_dict({"ecg_id": list(range(start, stop))}) for start, stop in ((0, 23), (23, num_rows))]
+    stream = IterableDataset.from_generator(
+        lambda shards: (row for shard in shards for row in shard), gen_kwargs={"shards": shards}
+    )
+
+    def embed(rows):
+        seen.extend(rows["ecg_id"])
+        if fail_at is not None and fail_at in rows["ecg_id"]:
+            raise RuntimeError("the job stopped")
+        return {"ecg_embedding": [[float(i), -float(i)] for i in rows["ecg_id"]]}
+
+    return stream.map(embed, batched=True, batch_size=4)
+
+
+def test_a_stopped_streamed_write_resumes_after_its_last_part(tmp_path):
+    import pyarrow.parquet as pq
+
+    from merit_hf.embedding import write_parquet
+
+    path, seen = tmp_path / "train.parquet", []
+    with pytest.raises(RuntimeError, match="the job stopped"):
+        write_parquet(_stream(50, 37, seen), path, batch_size=5, resume_key="a", checkpoint_every=10)
+    assert not path.exists()
+    progress = json.loads((tmp_path / "train.parquet.partial" / "progress.json").read_text())
+    assert progress["rows"] == 30 and progress["parts"] == 3
+    with pytest.raises(ValueError, match=r"train\.parquet\.partial: an unfinished write of other embeddings"):
+        write_parquet(_stream(50, None, []), path, resume_key="b", checkpoint_every=10)
+    seen = []
+    assert write_parquet(_stream(50, None, seen), path, batch_size=5, resume_key="a", checkpoint_every=10) == 50
+    assert min(seen) >= 28, "the resumed run embedded rows of the finished parts again"
+    table = pq.read_table(path).to_pydict()
+    assert table["ecg_id"] == list(range(50))
+    assert table["ecg_embedding"] == [[float(i), -float(i)] for i in range(50)]
+    assert not (tmp_path / "train.parquet.partial").exists()
+
+
+def test_a_streamed_command_line_run_resumes(tmp_path, monkeypatch):
+    from datasets import load_dataset
+
+    torch.manual_seed(0)
+    folder = tmp_path / "model"
+    MeritEcgModel(tiny_ecg_config()).save_pretrained(folder)
+    common = ["--model_name_or_path", str(folder), "--dataset", str(BUNDLED_PTBXL), "--splits", "train",
+              "--streaming", "true", "--batch_size", "16", "--checkpoint_every", "64"]  # fmt: skip
+    whole = main([*common, "--output_dir", str(tmp_path / "whole")])
+    calls, forward = [], MeritEcgModel.forward
+
+    def stop_after_five_batches(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(MeritEcgModel, "forward", stop_after_five_batches)
+    with pytest.raises(KeyboardInterrupt):
+        main([*common, "--output_dir", str(tmp_path / "resumed")])
+    assert json.loads((tmp_path / "resumed" / "train.parquet.partial" / "progress.json").read_text())["rows"] == 64
+    with pytest.raises(ValueError, match="an unfinished write of other embeddings"):
+        main([*common, "--output_dir", str(tmp_path / "resumed"), "--precision", "bf16"])
+    calls.clear()
+    calls.extend([0] * 1000)  # past the stop: count the batches the resumed run embeds
+    resumed = main([*common, "--output_dir", str(tmp_path / "resumed")])
+    rows = whole["splits"]["train"]["rows"]
+    assert resumed["splits"]["train"]["rows"] == rows
+    # `datasets` restarts a batched map at the start of the batch it stopped in: at most one batch is embedded twice
+    assert len(calls) - 1000 <= -(-(rows - 64) // 16) + 1, "the resumed run did not start after the finished part"
+    a = load_dataset("parquet", data_files=whole["splits"]["train"]["path"], split="train")
+    b = load_dataset("parquet", data_files=resumed["splits"]["train"]["path"], split="train")
+    assert a["ecg_id"] == b["ecg_id"]
+    np.testing.assert_allclose(np.asarray(a["ecg_embedding"]), np.asarray(b["ecg_embedding"]), rtol=1e-5, atol=1e-6)

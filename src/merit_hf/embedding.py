@@ -3,7 +3,8 @@
 `embed_dataset` adds the encoder's `pooler_output` as a column through `datasets.map`. A map-style dataset is
 cached under a fingerprint of the weights, the feature-extractor settings and the precision, so a re-run after a crash
 reuses what was done; a streamed dataset (`IterableDataset`, e.g. MIMIC-IV-ECG) is embedded lazily, batch by batch,
-as it is read. The command line writes `ecg_id` plus the embedding of every record to Parquet:
+as it is read. The command line writes `ecg_id` plus the embedding of every record to Parquet; a streamed split is
+written in parts with the stream's state, so a run that stops resumes after its last finished part (`write_parquet`):
 
     python -m merit_hf.embedding --model_name_or_path quickstart_output/model --dataset data/ptbxl_sample \\
         --output_dir embeddings --precision bf16
@@ -93,33 +94,118 @@ def embed_dataset(
     return dataset.map(embed, **options)
 
 
-def write_parquet(embedded, path: str | Path, batch_size: int = 1000) -> int:
-    """Write an embedded dataset (map-style or streamed) to one Parquet file; returns the number of rows."""
+def write_parquet(
+    embedded, path: str | Path, batch_size: int = 1000, resume_key: str | None = None, checkpoint_every: int = 10_000
+) -> int:
+    """Write an embedded dataset (map-style or streamed) to one Parquet file; returns the number of rows.
+
+    A map-style dataset is written in one go (its `datasets` cache is what a re-run reuses). A streamed one goes to
+    `<path>.partial/` first: a part file every `checkpoint_every` rows, each followed by the stream's `state_dict()`
+    in `progress.json`. If the job stops, the next call with the same `resume_key` (model, settings, data) resumes the
+    stream after the last finished part instead of embedding everything again; a different key is an error naming the
+    folder, never a file that mixes two models. The parts are joined into `path` at the end and the folder removed.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
     from datasets import Dataset
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(path.suffix + ".partial")  # a crash leaves only this, never a file that looks complete
     if isinstance(embedded, Dataset):
+        partial = path.with_name(path.name + ".partial")  # a crash leaves only this, never a file that looks complete
         embedded.to_parquet(str(partial))
         partial.replace(path)
         return len(embedded)
-    rows, writer = 0, None
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every: must be >= 1, got {checkpoint_every}")
+    parts = _StreamParts(path.with_name(path.name + ".partial"), resume_key)
+    if parts.state is not None:
+        embedded.load_state_dict(parts.state)
+    writer, part_rows = None, 0
     try:
-        for batch in embedded.iter(batch_size=batch_size):
+        for batch in embedded.iter(batch_size=min(batch_size, checkpoint_every)):
             table = pa.Table.from_pydict(batch)
-            writer = writer or pq.ParquetWriter(str(partial), table.schema)
+            writer = writer or pq.ParquetWriter(str(parts.unfinished), table.schema)
             writer.write_table(table)
-            rows += table.num_rows
+            part_rows += table.num_rows
+            if part_rows >= checkpoint_every:
+                writer.close()
+                parts.finish_part(part_rows, embedded.state_dict())
+                writer, part_rows = None, 0
     finally:
         if writer is not None:
             writer.close()
-    if writer is None:
+    if writer is not None:
+        parts.finish_part(part_rows, embedded.state_dict())
+    if parts.rows == 0:
+        parts.remove()
         raise ValueError(f"{path}: the streamed split yielded no records, so there is nothing to write")
-    partial.replace(path)
-    return rows
+    return parts.join_into(path)
+
+
+class _StreamParts:
+    """The `<file>.partial/` folder of a streamed write: finished parts plus `progress.json` (rows, parts, the
+    stream state after the last finished part, and the key of what is being embedded)."""
+
+    def __init__(self, folder: Path, key: str | None):
+        self.folder, self.key = folder, key
+        self.progress = folder / "progress.json"
+        self.rows, self.parts, self.state = 0, 0, None
+        if folder.is_file():  # what a crashed map-style write leaves: incomplete by construction
+            folder.unlink()
+        if self.progress.is_file():
+            progress = json.loads(self.progress.read_text())
+            if key is None:
+                raise ValueError(
+                    f"{folder}: an unfinished write is there; pass its resume_key to resume it, or delete it"
+                )
+            if progress["key"] != key:
+                raise ValueError(
+                    f"{folder}: an unfinished write of other embeddings is there (another model, feature-extractor "
+                    "setting, precision or dataset); delete the folder to start this one from the beginning"
+                )
+            self.rows, self.parts, self.state = progress["rows"], progress["parts"], progress["state"]
+            print(f"{folder}: resuming after {self.rows} rows in {self.parts} finished parts", flush=True)
+        elif folder.exists() and any(folder.iterdir()):
+            raise ValueError(f"{folder}: exists without progress.json, so it cannot be resumed; delete it")
+        folder.mkdir(parents=True, exist_ok=True)
+        self.unfinished = folder / "unfinished.parquet"  # overwritten: whatever a crash left of it is not counted
+
+    def part(self, index: int) -> Path:
+        return self.folder / f"part-{index:05d}.parquet"
+
+    def finish_part(self, rows: int, state: dict) -> None:
+        self.unfinished.replace(self.part(self.parts))
+        self.rows, self.parts = self.rows + rows, self.parts + 1
+        progress = {"key": self.key, "rows": self.rows, "parts": self.parts, "state": state}
+        scratch = self.progress.with_suffix(".tmp")
+        scratch.write_text(json.dumps(progress))
+        scratch.replace(self.progress)
+
+    def join_into(self, path: Path) -> int:
+        import pyarrow.parquet as pq
+
+        joined = self.folder / "joined.parquet"
+        writer = None
+        try:
+            for index in range(self.parts):
+                table = pq.read_table(self.part(index))
+                writer = writer or pq.ParquetWriter(str(joined), table.schema)
+                writer.write_table(table)
+        finally:
+            if writer is not None:
+                writer.close()
+        rows = pq.read_metadata(joined).num_rows
+        if rows != self.rows:
+            raise RuntimeError(f"{self.folder}: the parts hold {rows} rows, progress.json counted {self.rows}")
+        joined.replace(path)
+        self.remove()
+        return rows
+
+    def remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @dataclass
@@ -150,6 +236,10 @@ class EmbeddingArguments:
     shard_index: int | None = field(
         default=None, metadata={"help": "Which shard this process embeds (default: its process index)."}
     )
+    checkpoint_every: int = field(
+        default=10_000,
+        metadata={"help": "Streamed splits: rows per finished part; a stopped run resumes after the last one."},
+    )
 
     def __post_init__(self):
         if self.dataset_name not in ("ptbxl", "mimic_iv_ecg"):
@@ -158,6 +248,8 @@ class EmbeddingArguments:
             raise ValueError(f"precision: must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every: must be >= 1, got {self.checkpoint_every}")
         if (self.num_shards is None) != (self.shard_index is None):
             raise ValueError("num_shards and shard_index go together: give both or neither")
         if self.num_shards is not None and not 0 <= self.shard_index < self.num_shards:
@@ -214,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     feature_extractor = load_feature_extractor(arguments.model_name_or_path, encoder)
     output_dir = Path(arguments.output_dir)
     suffix = f"-{shard_index:05d}-of-{num_shards:05d}" if num_shards > 1 else ""
+    what = [_model_fingerprint(encoder), feature_extractor.to_json_string(), arguments.precision, arguments.dataset]
+    what += [arguments.dataset_name, arguments.sampling_rate, arguments.keep_columns, shard_index, num_shards]
     written = {}
     for split, dataset in load_splits(arguments, shard_index, num_shards).items():
         embedded = embed_dataset(
@@ -226,8 +320,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             keep_columns=arguments.keep_columns,
         )
         path = output_dir / f"{split}{suffix}.parquet"
-        written[split] = {"path": str(path), "rows": write_parquet(embedded, path)}
-        print(f"{split}: {written[split]['rows']} embeddings -> {path}", flush=True)
+        resume_key = hashlib.sha1(json.dumps([*what, split]).encode()).hexdigest()
+        rows = write_parquet(embedded, path, resume_key=resume_key, checkpoint_every=arguments.checkpoint_every)
+        written[split] = {"path": str(path), "rows": rows}
+        print(f"{split}: {rows} embeddings -> {path}", flush=True)
     summary = {
         "model": name,
         "dataset": arguments.dataset,
