@@ -174,6 +174,25 @@ def test_registered_pipeline_from_a_saved_folder(model_and_processor, tmp_path):
     assert len(classifier(str(record), candidate_labels=["SR", "AFIB"], class_descriptions="rhythm")) == 2
 
 
+@pytest.mark.parametrize("multi_label", [True, False])
+def test_pipeline_batch_size_gives_the_unbatched_result(model_and_processor, multi_label):
+    model, processor = model_and_processor
+    classifier = pipeline(ZERO_SHOT_ECG_TASK, model=model, processor=processor, device="cpu")
+    ecgs, labels = _ecgs(3, seed=1), ["NORM", "MI", "CD"]  # batch_size=2: one full batch, then a partial one
+    kwargs = {"multi_label": multi_label, "sampling_rate": 250, "lead_names": LEADS}
+    one_by_one = classifier(ecgs, candidate_labels=labels, batch_size=1, **kwargs)
+    batched = classifier(ecgs, candidate_labels=labels, batch_size=2, **kwargs)
+    assert len(batched) == len(one_by_one) == 3
+    for single, batch in zip(one_by_one, batched):
+        assert [item["label"] for item in batch] == [item["label"] for item in single]
+        np.testing.assert_allclose([item["score"] for item in batch], [item["score"] for item in single], atol=1e-5)
+    direct = zero_shot_classify(model, processor, ecgs, labels, **kwargs)
+    assert {item["label"]: item["score"] for item in batched[2]} == pytest.approx(
+        dict(zip(labels, direct["scores"][2].tolist())), abs=1e-5
+    )
+    assert one_by_one[0] != one_by_one[1]  # the records differ, so a mix-up would show
+
+
 def test_zero_shot_evaluation_on_a_dataset_with_a_random_ecg_tower_baseline(model_and_processor, tmp_path):
     model, processor = model_and_processor
     baseline = random_ecg_tower_like(model, seed=3)

@@ -85,16 +85,17 @@ class ZeroShotEcgClassificationPipeline(Pipeline):
         for name, value in (("sampling_rate", sampling_rate), ("lead_names", lead_names), ("units", units)):
             if value is not None:
                 preprocess[name] = value
-        forward = {}
+        forward, postprocess = {}, {}
         if candidate_labels is not None:
-            forward["candidate_labels"] = candidate_labels
+            labels = [candidate_labels] if isinstance(candidate_labels, str) else list(candidate_labels)
+            forward["candidate_labels"] = postprocess["candidate_labels"] = labels
         if class_descriptions is not None:
             forward["class_descriptions"] = class_descriptions
         if hypothesis_template is not None:
             forward["hypothesis_template"] = hypothesis_template
         if multi_label is not None:
             forward["multi_label"] = multi_label
-        return preprocess, forward, {}
+        return preprocess, forward, postprocess
 
     def preprocess(self, ecg, sampling_rate=None, lead_names=None, units="mV"):
         features = self.processor.feature_extractor(
@@ -121,20 +122,18 @@ class ZeroShotEcgClassificationPipeline(Pipeline):
     ):
         if candidate_labels is None:
             raise ValueError(f"{ZERO_SHOT_ECG_TASK} needs candidate_labels")
-        labels = [candidate_labels] if isinstance(candidate_labels, str) else list(candidate_labels)
-        class_embeddings = self._class_embeddings(labels, hypothesis_template, class_descriptions)
+        class_embeddings = self._class_embeddings(candidate_labels, hypothesis_template, class_descriptions)
         ecg_embeddings = encode_ecgs(
             self.model, model_inputs["ecg_values"], ecg_attention_mask=model_inputs.get("ecg_attention_mask")
         )
-        scores = similarity_scores(self.model, ecg_embeddings, class_embeddings, multi_label=multi_label)
-        return {"labels": labels, "scores": scores[0]}
+        # Keep the batch axis: with batch_size > 1, transformers splits every output along axis 0 into one
+        # `(1, num_labels)` row per ECG. The labels, shared by the whole batch, reach `postprocess` as a parameter.
+        return {"scores": similarity_scores(self.model, ecg_embeddings, class_embeddings, multi_label=multi_label)}
 
-    def postprocess(self, model_outputs) -> list[dict[str, Any]]:
-        order = np.argsort(-model_outputs["scores"], kind="stable")
-        return [
-            {"label": model_outputs["labels"][index], "score": float(model_outputs["scores"][index])}
-            for index in order
-        ]
+    def postprocess(self, model_outputs, candidate_labels) -> list[dict[str, Any]]:
+        scores = model_outputs["scores"][0]
+        order = np.argsort(-scores, kind="stable")
+        return [{"label": candidate_labels[index], "score": float(scores[index])} for index in order]
 
 
 PIPELINE_REGISTRY.register_pipeline(
