@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 import wfdb
 from transformers import AutoFeatureExtractor
 
@@ -112,6 +113,35 @@ def test_padding_on_request_returns_an_attention_mask(ptbxl_dir):
     out = MeritFeatureExtractor(padding=True)(short, sampling_rate=500, lead_names=PTBXL_LEADS, return_tensors="np")
     assert out["ecg_attention_mask"].sum() == 1000
     assert (out["ecg_values"][0, :, 1000:] == 0).all()
+
+
+def test_return_attention_mask_forces_or_drops_the_mask(ptbxl_dir):
+    signal, _ = _signal(ptbxl_dir)
+    short = signal[:2000]  # 1000 samples at 250 Hz
+    fe = MeritFeatureExtractor()
+    plain = fe(signal, sampling_rate=500, lead_names=PTBXL_LEADS, return_tensors="np")
+    assert list(plain) == ["ecg_values"]  # None: a mask only with padding
+    forced = fe(signal, sampling_rate=500, lead_names=PTBXL_LEADS, return_tensors="np", return_attention_mask=True)
+    np.testing.assert_array_equal(forced["ecg_attention_mask"], np.ones((1, 2250), dtype=np.int64))
+    np.testing.assert_array_equal(forced["ecg_values"], plain["ecg_values"])
+    both = fe([signal, short], sampling_rate=500, lead_names=PTBXL_LEADS, padding=True, return_tensors="np")
+    assert both["ecg_attention_mask"].sum(axis=1).tolist() == [2250, 1000]
+    dropped = fe([signal, short], sampling_rate=500, lead_names=PTBXL_LEADS, padding=True, return_attention_mask=False)
+    assert list(dropped) == ["ecg_values"]
+    np.testing.assert_array_equal(dropped["ecg_values"], both["ecg_values"])
+
+
+def test_per_record_sampling_rates_as_an_array_or_tensor(ptbxl_dir):
+    high, _ = _signal(ptbxl_dir, rate=500)
+    low, _ = _signal(ptbxl_dir, rate=100)
+    fe = MeritFeatureExtractor()
+    expected = fe([high, low], sampling_rate=[500, 100], lead_names=PTBXL_LEADS)["ecg_values"]
+    for rates in (np.array([500, 100]), torch.tensor([500.0, 100.0])):
+        np.testing.assert_array_equal(
+            fe([high, low], sampling_rate=rates, lead_names=PTBXL_LEADS)["ecg_values"], expected
+        )
+    with pytest.raises(EcgInputError, match=re.escape("sampling_rate: 3 values given for 2 records")):
+        fe([high, low], sampling_rate=np.array([500, 100, 250]), lead_names=PTBXL_LEADS)
 
 
 def test_random_crop_is_seeded(ptbxl_dir):

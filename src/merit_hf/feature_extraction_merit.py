@@ -272,17 +272,21 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         return_tensors: str | None = None,
         padding: bool | None = None,
         crop: str | None = None,
+        return_attention_mask: bool | None = None,
         **kwargs,
     ) -> BatchFeature:
         r"""
         Args:
             ecgs: one record or a list: arrays `(num_samples, num_leads)` (the WFDB layout), or paths of WFDB records.
-            sampling_rate: sampling rate in Hz of the arrays (one for all, or one per record). Required for arrays;
-                read from the header for paths (passing a different one for a path raises).
+            sampling_rate: sampling rate in Hz of the arrays (one for all, or one per record as a list, tuple or 1-D
+                array). Required for arrays; read from the header for paths (passing a different one for a path
+                raises).
             lead_names: lead names of the arrays' columns (one list for all, or one per record). Required for arrays.
             units: unit of the arrays (`"mV"`, `"uV"`/`"µV"`, `"V"`), one for all leads or one per lead.
             return_tensors: `"pt"`, `"np"` or `None` (lists).
             padding, crop: override the instance settings for this call.
+            return_attention_mask: return `ecg_attention_mask` (1 on signal, 0 on padding): `True` always (all ones
+                when nothing was padded), `False` never, `None` (default) when `padding` is on.
         """
         if kwargs:
             raise TypeError(f"{type(self).__name__}() got unexpected arguments {sorted(kwargs)}")
@@ -301,7 +305,8 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             values.append(ecg)
             masks.append(mask)
         data = {"ecg_values": np.stack(values).astype(np.float32)}
-        if padding:
+        with_mask = padding if return_attention_mask is None else return_attention_mask
+        if with_mask:
             data["ecg_attention_mask"] = np.stack(masks).astype(np.int64)
         return BatchFeature(data=data, tensor_type=return_tensors)
 
@@ -320,6 +325,8 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
 
     @staticmethod
     def _per_record(value, index: int, count: int, field: str):
+        if hasattr(value, "tolist") and np.ndim(value) == 1:  # a 1-D numpy array or torch tensor: one per record
+            value = value.tolist()
         if isinstance(value, (list, tuple)):
             if len(value) != count:
                 raise EcgInputError(f"{field}: {len(value)} values given for {count} records")
