@@ -339,3 +339,116 @@ def test_truncated_checkpoint_names_the_file(saved_pretraining):
     path.write_bytes(path.read_bytes()[:5000])
     with pytest.raises(OSError, match="corrupt or truncated"):
         MeritForPreTraining.from_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fine-tuning and sharing flows a transformers user expects
+# ---------------------------------------------------------------------------------------------------------------------
+def test_a_fine_tuned_classifier_gets_a_new_label_set_only_when_asked(saved_pretraining, tmp_path):
+    _, folder = saved_pretraining
+    three = MeritForEcgClassification.from_pretrained(folder, num_labels=3).eval()
+    three.save_pretrained(tmp_path / "three")
+    five_names = dict(enumerate(["NORM", "IMI", "AMI", "LVH", "LBBB"]))
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # transformers' own refusal, keys in its report
+        MeritForEcgClassification.from_pretrained(tmp_path / "three", id2label=five_names)
+    five = MeritForEcgClassification.from_pretrained(
+        tmp_path / "three", id2label=five_names, ignore_mismatched_sizes=True
+    )
+    assert five.config.num_labels == 5 and five.config.id2label == five_names
+    assert five.classifier.weight.shape == (5, 32)
+    ecg = torch.randn(2, 12, 2250)
+    torch.testing.assert_close(five.eval().ecg_model(ecg).pooler_output, three.ecg_model(ecg).pooler_output)
+    # the flag re-creates heads only: an encoder of another shape still raises
+    weights = load_file(tmp_path / "three" / "model.safetensors")
+    weights["ecg_model.norm.weight"] = torch.ones(7)
+    save_file(weights, tmp_path / "three" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"wrong shape \['ecg_model\.norm\.weight'\]"):
+        MeritForEcgClassification.from_pretrained(tmp_path / "three", ignore_mismatched_sizes=True)
+
+
+def test_each_saved_class_lists_the_auto_classes_that_load_its_folder(saved_pretraining, tmp_path):
+    import json
+
+    model, folder = saved_pretraining
+    auto_map = {
+        type(m).__name__: json.loads((m.save_pretrained(tmp_path / type(m).__name__) or tmp_path / type(m).__name__
+                                      / "config.json").read_text())["auto_map"]
+        for m in (MeritEcgModel.from_pretrained(folder), MeritModel.from_pretrained(folder),
+                  MeritForEcgClassification.from_pretrained(folder, num_labels=2))
+    }  # fmt: skip
+    assert set(auto_map["MeritEcgModel"]) == {"AutoConfig", "AutoModel"}
+    assert set(auto_map["MeritModel"]) == {"AutoConfig", "AutoModel", "AutoModelForSequenceClassification"}
+    assert auto_map["MeritForEcgClassification"] == {
+        "AutoConfig": "configuration_merit.MeritConfig",
+        "AutoModelForSequenceClassification": "modeling_merit.MeritForEcgClassification",
+    }
+    # a re-saved encoder keeps its own weight names, not the loading key mapping's inverse
+    keys = set(load_file(tmp_path / "MeritEcgModel" / "model.safetensors"))
+    assert keys == set(MeritEcgModel(model.config.ecg_config).state_dict())
+
+
+def test_the_classifier_loads_an_encoder_only_folder(saved_pretraining, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    _, folder = saved_pretraining
+    encoder = MeritEcgModel.from_pretrained(folder).eval()
+    encoder.save_pretrained(tmp_path / "encoder")
+    classifier = MeritForEcgClassification.from_pretrained(
+        tmp_path / "encoder", id2label={0: "AFIB", 1: "SR"}, problem_type="single_label_classification"
+    ).eval()
+    assert classifier.config.num_labels == 2 and classifier.config.problem_type == "single_label_classification"
+    ecg = torch.randn(2, 12, 2250)
+    torch.testing.assert_close(classifier.ecg_model(ecg).pooler_output, encoder(ecg).pooler_output)
+    assert type(AutoModelForSequenceClassification.from_pretrained(folder, num_labels=4)) is MeritForEcgClassification
+
+
+def test_loading_from_a_subfolder(saved_pretraining, tmp_path):
+    model, folder = saved_pretraining
+    model.save_pretrained(tmp_path / "repo" / "pretraining")
+    reloaded = MeritForPreTraining.from_pretrained(tmp_path / "repo", subfolder="pretraining")
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))
+    assert type(AutoModel.from_pretrained(tmp_path / "repo", subfolder="pretraining")) is MeritModel
+    with pytest.raises(OSError, match="no model.safetensors found"):
+        MeritForPreTraining.from_pretrained(tmp_path, subfolder="repo")
+
+
+def test_output_flags_reach_the_encoder_everywhere(caplog):
+    ecg, input_ids, _ = _inputs()
+    torch.manual_seed(0)
+    config = tiny_merit_config(num_labels=2)
+    classifier = MeritForEcgClassification(config).eval()
+    classifier.set_attn_implementation("eager")
+    out = classifier(ecg, output_hidden_states=True, output_attentions=True)
+    assert len(out.hidden_states) == 3 and len(out.attentions) == 2
+    assert out.attentions[0].shape == (BATCH, 4, 384, 384)  # 12 leads x (30 patches + 2 separators)
+    torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(BATCH, 4, 384))
+    two_towers = MeritModel(config).eval()
+    out = two_towers(ecg, input_ids=input_ids, output_hidden_states=True)
+    assert len(out.ecg_model_output.hidden_states) == 3 and len(out.text_model_output.hidden_states) == 2
+    torch.testing.assert_close(
+        F.normalize(out.ecg_model_output.pooler_output, dim=-1), out.ecg_embeds
+    )  # the tower output is the projected, not yet normalised, embedding
+    assert len(two_towers.get_ecg_features(ecg, output_hidden_states=True).hidden_states) == 3
+    assert isinstance(two_towers(ecg, input_ids=input_ids, return_dict=False)[-1], tuple)
+    # SDPA cannot return attention weights: said once, and none are made up
+    sdpa = MeritEcgModel(tiny_ecg_config()).eval()
+    with caplog.at_level("WARNING"):
+        assert sdpa(ecg, output_attentions=True).attentions is None
+    assert "attn_implementation='eager'" in caplog.text
+    with pytest.raises(ValueError, match="MeritForPreTraining returns losses, not hidden_states"):
+        MeritForPreTraining(config)(ecg, input_ids=input_ids, output_hidden_states=True)
+
+
+def test_trainer_sees_that_pretraining_returns_its_loss():
+    from transformers.utils import can_return_loss
+
+    assert can_return_loss(MeritForPreTraining) and not can_return_loss(MeritModel)
+    ecg, input_ids, noise = _inputs()
+    model = MeritForPreTraining(tiny_merit_config()).eval()
+    out = model(ecg, input_ids=input_ids, noise=noise, return_loss=False)
+    assert out.loss is None and out.reconstruction_loss is not None
+
+
+def test_a_mistyped_problem_type_is_refused():
+    with pytest.raises(ValueError, match="problem_type: must be one of"):
+        tiny_merit_config(problem_type="multi_label")

@@ -4,6 +4,7 @@ that cannot import merit_hf, and gives the same embeddings; plus the processor f
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -55,6 +56,7 @@ def test_saved_folder_holds_code_and_auto_map(hub_folder):
         "AutoConfig": "configuration_merit.MeritConfig",
         "AutoModel": "modeling_merit.MeritModel",
         "AutoModelForPreTraining": "modeling_merit.MeritForPreTraining",
+        "AutoModelForSequenceClassification": "modeling_merit.MeritForEcgClassification",
     }
     allowed = {"torch", "numpy", "scipy", "transformers", "huggingface_hub", "wfdb"}
     for code_file in sorted(folder.glob("*.py")):
@@ -101,6 +103,20 @@ def test_remote_code_round_trip_without_merit_hf(hub_folder, ptbxl_dir, tmp_path
         np.testing.assert_allclose(emb, np.load({str(tmp_path / "expected.npy")!r}), rtol=1e-5, atol=1e-6)
         pairs = processor(ecgs={str(record)!r}, text=["sinus rhythm"], return_tensors="pt")
         assert pairs["ecg_values"].shape == (1, 12, 2250) and pairs["input_ids"].shape[0] == 1
+        # fine-tune-and-share: a classifier made from the pretraining folder, saved, loads again from its own folder
+        from transformers import AutoModelForSequenceClassification
+        classifier = AutoModelForSequenceClassification.from_pretrained(
+            folder, trust_remote_code=True, id2label={{0: "NORM", 1: "MI", 2: "CD"}}
+        ).eval()
+        assert type(classifier).__name__ == "MeritForEcgClassification"
+        classifier.save_pretrained({str(tmp_path / "classifier")!r})
+        again = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / "classifier")!r},
+                                                                   trust_remote_code=True).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(again(**batch).logits, classifier(**batch).logits)
+            torch.testing.assert_close(classifier.ecg_model(**batch).pooler_output,
+                                       model.ecg_model(**batch).pooler_output)
+        assert again.config.id2label == {{0: "NORM", 1: "MI", 2: "CD"}}
         print("REMOTE-OK", model.__class__.__module__)
         """
     )
@@ -137,3 +153,18 @@ def test_processor_expands_ecg_placeholders(ptbxl_dir, tokenizer):
         processor(ecgs=[record], text=["<ecg> <ecg> sinus rhythm"])
     with pytest.raises(ValueError, match="0 <ecg> placeholders in the text for 1 ECGs"):
         processor(ecgs=[record], text=["sinus rhythm"])
+
+
+def test_processor_rejects_ecg_report_count_mismatch(ptbxl_dir, tokenizer):
+    processor = MeritProcessor(MeritFeatureExtractor(), tokenizer, max_length=16)
+    record = str(ptbxl_dir / "records100" / "00000" / "00001_lr")
+    with pytest.raises(ValueError, match=re.escape("2 ECGs for 1 reports; give one report per ECG")):
+        processor(ecgs=[record, record], text=["sinus rhythm"])
+    with pytest.raises(ValueError, match=re.escape("1 ECGs for 2 reports; give one report per ECG")):
+        processor(ecgs=record, text=["sinus rhythm", "left bundle branch block"])
+    # Report generation may put several ECGs in one prompt: there the placeholders are counted instead.
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<ecg>"]})
+    generation = MeritProcessor(MeritFeatureExtractor(), tokenizer, ecg_seq_length=2)
+    batch = generation(ecgs=[record, record], text=["<ecg> then <ecg>"])
+    assert batch["ecg_values"].shape == (2, 12, 2250) and batch["input_ids"].shape[0] == 1
+    assert int((batch["input_ids"] == tokenizer.convert_tokens_to_ids("<ecg>")).sum()) == 4

@@ -6,6 +6,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForPreTraining,
+    AutoModelForSequenceClassification,
     AutoProcessor,
 )
 
@@ -29,6 +30,7 @@ AutoConfig.register(MeritConfig.model_type, MeritConfig, exist_ok=True)
 AutoModel.register(MeritEcgConfig, MeritEcgModel, exist_ok=True)
 AutoModel.register(MeritConfig, MeritModel, exist_ok=True)
 AutoModelForPreTraining.register(MeritConfig, MeritForPreTraining, exist_ok=True)
+AutoModelForSequenceClassification.register(MeritConfig, MeritForEcgClassification, exist_ok=True)
 AutoFeatureExtractor.register(MeritConfig, MeritFeatureExtractor, exist_ok=True)
 AutoFeatureExtractor.register(MeritEcgConfig, MeritFeatureExtractor, exist_ok=True)
 AutoProcessor.register(MeritConfig, MeritProcessor, exist_ok=True)
@@ -44,6 +46,7 @@ MeritConfig.register_for_auto_class()
 MeritEcgModel.register_for_auto_class("AutoModel")
 MeritModel.register_for_auto_class("AutoModel")
 MeritForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+MeritForEcgClassification.register_for_auto_class("AutoModelForSequenceClassification")
 MeritFeatureExtractor.register_for_auto_class("AutoFeatureExtractor")
 MeritProcessor.register_for_auto_class("AutoProcessor")
 MeritReportConfig.register_for_auto_class()

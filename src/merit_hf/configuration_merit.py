@@ -16,6 +16,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 STANDARD_LEAD_NAMES = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 CONTRASTIVE_INPUTS = ("full", "masked")
+PROBLEM_TYPES = (None, "multi_label_classification", "single_label_classification", "regression")
 TEXT_POOLINGS = ("mean", "cls", "pooler")
 
 
@@ -297,6 +298,12 @@ class MeritConfig(PreTrainedConfig):
             name,
             "text_config",
             "must describe an encoder (is_decoder=True given); causal LMs belong in MeritReportConfig",
+        )
+        _require(
+            self.problem_type in PROBLEM_TYPES,
+            name,
+            "problem_type",
+            f"must be one of {PROBLEM_TYPES}, got {self.problem_type!r}",
         )
 
 

@@ -19,19 +19,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, PreTrainedModel
+from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
-from .configuration_merit import MeritConfig, MeritEcgConfig
+from .configuration_merit import PROBLEM_TYPES, MeritConfig, MeritEcgConfig
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Outputs
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -66,6 +69,7 @@ class MeritOutput(ModelOutput):
     logits_per_ecg (`torch.FloatTensor` of shape `(ecg_batch_size, text_batch_size)`): scaled cosine similarities.
     logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, ecg_batch_size)`): the transpose.
     ecg_embeds, text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`): L2-normalised embeddings.
+    ecg_model_output, text_model_output (`BaseModelOutputWithPooling`): each tower's `get_*_features` output.
     """
 
     loss: torch.FloatTensor | None = None
@@ -73,8 +77,11 @@ class MeritOutput(ModelOutput):
     logits_per_text: torch.FloatTensor | None = None
     ecg_embeds: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
-    ecg_model_output: MeritEcgModelOutput | None = None
+    ecg_model_output: BaseModelOutputWithPooling | None = None
     text_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple:
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in super().to_tuple())
 
 
 @dataclass
@@ -491,20 +498,23 @@ class _StrictLoadingMixin:
     """`from_pretrained` that never hands back silently random weights.
 
     Missing keys raise unless they belong to a head that a fine-tuning run is expected to create
-    (`_heads_created_on_load`); unexpected keys raise unless they belong to a MERIT part that this class drops on
-    purpose (`_keys_to_ignore_on_load_unexpected`, e.g. the decoder when only the encoder is wanted). Checkpoints are
-    read from safetensors only: pickled `.bin` files can run code and are refused.
+    (`_heads_created_on_load`); so do weights of the wrong shape, unless they belong to such a head and
+    `ignore_mismatched_sizes=True` asks for a new one (a new label set). Unexpected keys raise unless they belong to a
+    MERIT part that this class drops on purpose (`_keys_to_ignore_on_load_unexpected`, e.g. the decoder when only the
+    encoder is wanted). Checkpoints are read from safetensors only: pickled `.bin` files can run code and are refused.
     """
 
     _heads_created_on_load: tuple[str, ...] = ()
     _checkpoint_key_mapping: dict[str, str] | None = None
-    _family_auto_map: dict[str, str] = {}
+    _auto_map: dict[str, str] = {}
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        # transformers writes only the saved class into `auto_map`; add the family so that `AutoModel` and
-        # `AutoModelForPreTraining` both resolve from one Hub folder with `trust_remote_code=True`.
-        if self._auto_class is not None or type(self).__name__ in self._family_auto_map.values():
-            self.config.auto_map = {**self._family_auto_map, **(getattr(self.config, "auto_map", None) or {})}
+        # `auto_map` lists exactly the Auto classes that can load the folder being written (transformers would only
+        # add the saved class to whatever a loaded config carried, e.g. a pretraining folder's `AutoModel` entry in a
+        # classifier's folder, which then fails on the missing text tower).
+        self.config.auto_map = dict(self._auto_map)
+        # MERIT's weight names are its own: never write them back through a loading `key_mapping`.
+        kwargs.setdefault("save_original_format", False)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
@@ -518,7 +528,7 @@ class _StrictLoadingMixin:
             )
         kwargs["use_safetensors"] = True
         wants_info = kwargs.pop("output_loading_info", False)
-        local = Path(str(pretrained_model_name_or_path))
+        local = Path(str(pretrained_model_name_or_path)) / kwargs.get("subfolder", "")
         if local.is_dir() and not any(local.glob("*.safetensors")):
             found = sorted(p.name for p in local.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
             problem = f"pickled weights {found} are refused" if found else "no model.safetensors found"
@@ -540,8 +550,18 @@ class _StrictLoadingMixin:
         if info["unexpected_keys"]:
             unexpected = sorted(info["unexpected_keys"])
             problems.append(f"unexpected weights {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        if info.get("mismatched_keys"):
-            problems.append(f"weights of the wrong shape {sorted(info['mismatched_keys'])[:8]}")
+        mismatched = [
+            key
+            for key, *_ in info.get("mismatched_keys") or ()
+            if not (kwargs.get("ignore_mismatched_sizes") and key.startswith(cls._heads_created_on_load or ("\0",)))
+        ]
+        if mismatched:
+            hint = (
+                " (a new head for another label set: ignore_mismatched_sizes=True)"
+                if cls._heads_created_on_load
+                else ""
+            )
+            problems.append(f"weights of the wrong shape {sorted(mismatched)[:8]}{hint}")
         if problems:
             raise ValueError(
                 f"{pretrained_model_name_or_path}: checkpoint does not match {cls.__name__}: "
@@ -571,10 +591,7 @@ class MeritEcgPreTrainedModel(MeritBasePreTrainedModel):
     config: MeritEcgConfig
     base_model_prefix = "ecg_model"
     input_modalities = ("ecg",)
-    _family_auto_map = {
-        "AutoConfig": "configuration_merit.MeritEcgConfig",
-        "AutoModel": "modeling_merit.MeritEcgModel",
-    }
+    _auto_map = {"AutoConfig": "configuration_merit.MeritEcgConfig", "AutoModel": "modeling_merit.MeritEcgModel"}
 
 
 class MeritPreTrainedModel(MeritBasePreTrainedModel):
@@ -582,10 +599,10 @@ class MeritPreTrainedModel(MeritBasePreTrainedModel):
     config: MeritConfig
     base_model_prefix = "merit"
     input_modalities = ("ecg", "text")
-    _family_auto_map = {
+    _auto_map = {
         "AutoConfig": "configuration_merit.MeritConfig",
         "AutoModel": "modeling_merit.MeritModel",
-        "AutoModelForPreTraining": "modeling_merit.MeritForPreTraining",
+        "AutoModelForSequenceClassification": "modeling_merit.MeritForEcgClassification",
     }
 
 
@@ -718,6 +735,12 @@ class MeritEcgModel(MeritEcgPreTrainedModel):
             ecg_values, patch_attention_mask, noise=noise, apply_masking=apply_masking
         )
         attention_mask = _additive_key_mask(token_mask, embeddings.dtype)
+        if output_attentions and self.config._attn_implementation != "eager":
+            logger.warning_once(
+                f"attn_implementation={self.config._attn_implementation!r} does not return attention weights; load "
+                "the model with attn_implementation='eager' (or call set_attn_implementation('eager')) to get them"
+            )
+            output_attentions = False
         hidden_states, all_hidden_states, all_attentions = _run_layers(
             self.layers, embeddings, attention_mask, output_hidden_states, output_attentions
         )
@@ -790,18 +813,29 @@ class MeritModel(MeritPreTrainedModel):
         ecg_attention_mask: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         apply_masking: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
         r"""
         Returns a `BaseModelOutputWithPooling` whose `pooler_output` `(batch_size, projection_dim)` is the projected,
-        not yet normalised, ECG embedding (as `CLIPModel.get_image_features` in transformers 5).
+        not yet normalised, ECG embedding (as `CLIPModel.get_image_features` in transformers 5); `last_hidden_state`,
+        `hidden_states` and `attentions` are the ECG encoder's.
         """
         ecg_output = self.ecg_model(
-            ecg_values, ecg_attention_mask=ecg_attention_mask, noise=noise, apply_masking=apply_masking
+            ecg_values,
+            ecg_attention_mask=ecg_attention_mask,
+            noise=noise,
+            apply_masking=apply_masking,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         return BaseModelOutputWithPooling(
             last_hidden_state=ecg_output.last_hidden_state,
             pooler_output=self.ecg_projection(ecg_output.pooler_output),
+            hidden_states=ecg_output.hidden_states,
+            attentions=ecg_output.attentions,
         )
 
     def get_text_features(
@@ -809,16 +843,25 @@ class MeritModel(MeritPreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
-        r"""Returns a `BaseModelOutputWithPooling` whose `pooler_output` is the projected text embedding."""
+        r"""Returns a `BaseModelOutputWithPooling` whose `pooler_output` is the projected text embedding;
+        `last_hidden_state`, `hidden_states` and `attentions` are the text encoder's."""
         text_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             text_inputs["token_type_ids"] = token_type_ids
-        text_output = self.text_model(**text_inputs)
+        for name, value in (("output_attentions", output_attentions), ("output_hidden_states", output_hidden_states)):
+            if value is not None:
+                text_inputs[name] = value
+        text_output = self.text_model(**text_inputs, return_dict=True)
         pooled = _pool_text(text_output, attention_mask, self.config.text_pooling)
         return BaseModelOutputWithPooling(
-            last_hidden_state=text_output.last_hidden_state, pooler_output=self.text_projection(pooled)
+            last_hidden_state=text_output.last_hidden_state,
+            pooler_output=self.text_projection(pooled),
+            hidden_states=text_output.hidden_states,
+            attentions=text_output.attentions,
         )
 
     def forward(
@@ -829,6 +872,8 @@ class MeritModel(MeritPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         ecg_attention_mask: torch.Tensor | None = None,
         return_loss: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MeritOutput | tuple:
@@ -836,12 +881,16 @@ class MeritModel(MeritPreTrainedModel):
         ecg_values (`torch.FloatTensor` of shape `(batch_size, num_leads, num_samples)`): from the feature extractor.
         input_ids, attention_mask, token_type_ids: the tokenised reports (or prompts).
         return_loss (`bool`): also return the symmetric InfoNCE loss (pairs on the diagonal).
+
+        `ecg_model_output` and `text_model_output` hold each tower's output (with `hidden_states` / `attentions` when
+        asked), their `pooler_output` being the projected, not yet normalised, embedding.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        ecg_embeds = F.normalize(self.get_ecg_features(ecg_values, ecg_attention_mask).pooler_output, dim=-1)
-        text_embeds = F.normalize(
-            self.get_text_features(input_ids, attention_mask, token_type_ids).pooler_output, dim=-1
-        )
+        flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        ecg_output = self.get_ecg_features(ecg_values, ecg_attention_mask, **flags)
+        text_output = self.get_text_features(input_ids, attention_mask, token_type_ids, **flags)
+        ecg_embeds = F.normalize(ecg_output.pooler_output, dim=-1)
+        text_embeds = F.normalize(text_output.pooler_output, dim=-1)
         scale = self.clamped_logit_scale()
         logits_per_ecg = scale * ecg_embeds @ text_embeds.t()
         loss = None
@@ -853,6 +902,8 @@ class MeritModel(MeritPreTrainedModel):
             logits_per_text=logits_per_ecg.t(),
             ecg_embeds=ecg_embeds,
             text_embeds=text_embeds,
+            ecg_model_output=ecg_output,
+            text_model_output=text_output,
         )
         return output if return_dict else output.to_tuple()
 
@@ -927,6 +978,10 @@ class MeritForPreTraining(MeritPreTrainedModel):
     ```"""
 
     _keys_to_ignore_on_load_unexpected = [r"^classifier\."]
+    _auto_map = {
+        **MeritPreTrainedModel._auto_map,
+        "AutoModelForPreTraining": "modeling_merit.MeritForPreTraining",
+    }
 
     def __init__(self, config: MeritConfig):
         super().__init__(config)
@@ -944,6 +999,7 @@ class MeritForPreTraining(MeritPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         ecg_attention_mask: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
+        return_loss: bool = True,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MeritForPreTrainingOutput | tuple:
@@ -953,7 +1009,15 @@ class MeritForPreTraining(MeritPreTrainedModel):
         ecg_attention_mask (`torch.LongTensor` of shape `(batch_size, num_samples)`, *optional*): 1 real, 0 padding.
         noise (`torch.FloatTensor` of shape `(batch_size, num_leads, num_patches_per_lead)`, *optional*): fixes the
             masking (the smallest noise stays visible).
+        return_loss (`bool`, defaults to `True`): the losses need no labels, so they are always computed; the
+            argument tells `Trainer` so (it then reports `eval_loss`). `False` leaves `loss` out of the output.
         """
+        for flag in ("output_attentions", "output_hidden_states"):
+            if kwargs.get(flag):
+                raise ValueError(
+                    f"MeritForPreTraining returns losses, not {flag.removeprefix('output_')}: call "
+                    f"model.merit.get_ecg_features(..., {flag}=True) or get_text_features for them"
+                )
         config = self.config
         return_dict = return_dict if return_dict is not None else config.return_dict
         use_reconstruction = config.reconstruction_weight > 0
@@ -1002,7 +1066,7 @@ class MeritForPreTraining(MeritPreTrainedModel):
             loss = loss + config.contrastive_weight * contrastive
 
         output = MeritForPreTrainingOutput(
-            loss=loss,
+            loss=loss if return_loss else None,
             reconstruction_loss=reconstruction_loss,
             contrastive_loss=contrastive,
             logits=predicted,
@@ -1022,7 +1086,9 @@ class MeritForEcgClassification(MeritPreTrainedModel):
     The MERIT ECG encoder with a linear head on `pooler_output`. Multi-label (one sigmoid per class, BCE) unless
     `config.problem_type` says otherwise, because PTB-XL statements co-occur. Class names live in `config.id2label`.
 
-    Loading a pretraining checkpoint keeps the encoder and creates the head; every other missing weight raises.
+    `from_pretrained` takes a pretraining, two-tower or encoder-only (`MeritEcgModel`) checkpoint: it keeps the
+    encoder and creates the head; every other missing weight raises. A fine-tuned classifier gets a head for another
+    label set with `ignore_mismatched_sizes=True`.
 
     Example:
 
@@ -1033,6 +1099,11 @@ class MeritForEcgClassification(MeritPreTrainedModel):
     ```"""
 
     _heads_created_on_load = ("classifier.",)
+    _auto_map = {
+        "AutoConfig": "configuration_merit.MeritConfig",
+        "AutoModelForSequenceClassification": "modeling_merit.MeritForEcgClassification",
+    }
+    _encoder_only_key_mapping = {r"^(embeddings|layers|norm|pooler_norm)\.": r"ecg_model.\1."}
     _keys_to_ignore_on_load_unexpected = [
         r"^decoder\.",
         r"text_model\.",
@@ -1050,11 +1121,27 @@ class MeritForEcgClassification(MeritPreTrainedModel):
         self.classifier = nn.Linear(config.ecg_config.hidden_size, config.num_labels)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        if "config" not in kwargs:  # an encoder-only folder: wrap its MeritEcgConfig, map its weights under ecg_model.
+            hub = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+            config_dict, _ = PreTrainedConfig.get_config_dict(
+                pretrained_model_name_or_path, **{k: kwargs[k] for k in hub if k in kwargs}
+            )
+            if config_dict.get("model_type") == MeritEcgConfig.model_type:
+                config_fields = {k: kwargs.pop(k) for k in list(kwargs) if k in _CLASSIFIER_CONFIG_FIELDS}
+                config_dict.pop("auto_map", None)
+                kwargs["config"] = MeritConfig(ecg_config=config_dict, **config_fields)
+                kwargs.setdefault("key_mapping", cls._encoder_only_key_mapping)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
     def forward(
         self,
         ecg_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         ecg_attention_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> SequenceClassifierOutput | tuple:
@@ -1064,12 +1151,20 @@ class MeritForEcgClassification(MeritPreTrainedModel):
             `problem_type="single_label_classification"`; values for `"regression"`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        ecg_output = self.ecg_model(ecg_values, ecg_attention_mask=ecg_attention_mask)
+        ecg_output = self.ecg_model(
+            ecg_values,
+            ecg_attention_mask=ecg_attention_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
         logits = self.classifier(self.dropout(ecg_output.pooler_output))
         loss = None
         if labels is not None:
             loss = self._loss(logits, labels)
-        output = SequenceClassifierOutput(loss=loss, logits=logits)
+        output = SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=ecg_output.hidden_states, attentions=ecg_output.attentions
+        )
         return output if return_dict else output.to_tuple()
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -1083,7 +1178,13 @@ class MeritForEcgClassification(MeritPreTrainedModel):
             return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
         if problem_type == "single_label_classification":
             return F.cross_entropy(logits, labels.long().view(-1))
-        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).squeeze(-1))
+        if problem_type == "regression":
+            return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).squeeze(-1))
+        raise ValueError(f"problem_type must be one of {PROBLEM_TYPES[1:]}, got {problem_type!r}")
+
+
+# What `MeritForEcgClassification.from_pretrained(encoder_folder, ...)` passes to the new `MeritConfig`.
+_CLASSIFIER_CONFIG_FIELDS = ("num_labels", "id2label", "label2id", "problem_type", "return_dict")
 
 
 __all__ = [

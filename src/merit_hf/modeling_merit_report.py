@@ -55,7 +55,7 @@ class MeritReportPreTrainedModel(MeritBasePreTrainedModel):
     base_model_prefix = ""
     main_input_name = "input_ids"
     input_modalities = ("ecg", "text")
-    _family_auto_map = {
+    _auto_map = {
         "AutoConfig": "configuration_merit.MeritReportConfig",
         "AutoModelForCausalLM": "modeling_merit_report.MeritForReportGeneration",
     }

@@ -81,7 +81,8 @@ class MeritProcessor(ProcessorMixin):
         r"""
         Args:
             ecgs: records for the feature extractor (arrays `(num_samples, num_leads)` or WFDB paths).
-            text: one report/prompt or a list. An empty report raises (it would train the model to match silence).
+            text: one report/prompt or a list. An empty report raises (it would train the model to match silence);
+                with `ecgs` (and no `ecg_seq_length`) there must be one report per ECG.
             sampling_rate, lead_names, units: passed to the feature extractor (required for arrays).
             return_tensors, padding, truncation, max_length: passed to the tokenizer.
             reports: target reports for report generation, one per prompt in `text` (`text` defaults to
@@ -117,6 +118,8 @@ class MeritProcessor(ProcessorMixin):
             for index, item in enumerate(texts):
                 if not isinstance(item, str) or not item.strip():
                     raise ValueError(f"text {index}: empty report {item!r}; drop the pair or give its report")
+            if self.ecg_seq_length is None and num_ecgs is not None and len(texts) != num_ecgs:
+                raise ValueError(f"{num_ecgs} ECGs for {len(texts)} reports; give one report per ECG")
             texts = self._expand_ecg_tokens(texts, num_ecgs)
             if self.ecg_seq_length is not None:
                 # Prompts for generate(): left padding, so that every prompt ends where generation starts.
