@@ -103,10 +103,17 @@ def test_resume_after_crash_gives_one_row_per_record(mimic_root, tmp_path, monke
         convert_mimic_iv_ecg(mimic_root, output, records_per_shard=2)
     assert sorted(path.name for path in (output / "data").glob("*.parquet")) == ["train-00000-of-00003.parquet"]
     assert not (output / "data" / "conversion_report.json").exists()
+    with pytest.raises(ValueError, match="an unfinished conversion .*rerun the same conversion command"):
+        load_mimic_iv_ecg(output)  # never a silently partial dataset
 
     monkeypatch.setattr(conversion, "_write_shard", write_shard)
-    with pytest.raises(ValueError, match="the interrupted conversion had another input or records_per_shard"):
+    with pytest.raises(ValueError, match=r"the interrupted conversion differs in \['records_per_shard', 'splits'\]"):
         convert_mimic_iv_ecg(mimic_root, output, records_per_shard=3)
+    measurements = (mimic_root / "machine_measurements.csv").read_text()
+    (mimic_root / "machine_measurements.csv").write_text(measurements.replace("Normal ECG", "Abnormal ECG", 1))
+    with pytest.raises(ValueError, match=r"differs in \['splits'\]"):  # a changed report is another input
+        convert_mimic_iv_ecg(mimic_root, output, records_per_shard=2)
+    (mimic_root / "machine_measurements.csv").write_text(measurements)
     report = convert_mimic_iv_ecg(mimic_root, output, records_per_shard=2)
     assert (report.total, report.written, report.failed) == (6, 6, 0)
     ids = load_mimic_iv_ecg(output, streaming=False)["ecg_id"][:]

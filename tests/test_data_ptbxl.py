@@ -212,6 +212,47 @@ def test_label_fraction_is_reproducible_nested_and_stratified(ptbxl):
     assert (part - full).abs().max() < 0.05
 
 
+def test_a_small_fraction_still_has_every_class_its_budget_reaches(ptbxl):
+    train = ptbxl["train"]
+    for label_set in ("subclass", "form", "rhythm"):
+        present = {index for row in train[label_set][:] for index in row}
+        ten = label_fraction_subset(train, 0.1, label_set, seed=0)
+        covered = {index for row in ten[label_set][:] for index in row}
+        assert ten.num_rows == round(0.1 * train.num_rows)
+        # every class is some row's rarest class here, and 35 rows are more than the classes
+        assert covered == present, (label_set, sorted(present - covered))
+        assert set(ten["ecg_id"][:]) <= set(label_fraction_subset(train, 0.3, label_set, seed=0)["ecg_id"][:])
+
+
+def test_a_resumed_conversion_keeps_its_label_rules(tmp_path, monkeypatch):
+    from merit_hf.data import conversion, load_ptbxl
+
+    output, write_shard = tmp_path / "out", conversion._write_shard
+
+    def crash_on_second_shard(job, **kwargs):
+        if job[0].index == 1:
+            raise KeyboardInterrupt("killed")
+        return write_shard(job, **kwargs)
+
+    monkeypatch.setattr(conversion, "_write_shard", crash_on_second_shard)
+    ids = range(1, 41)
+    with pytest.raises(KeyboardInterrupt):
+        convert_ptbxl(BUNDLED_PTBXL, output, ecg_ids=ids, records_per_shard=10, label_threshold=0)
+    monkeypatch.setattr(conversion, "_write_shard", write_shard)
+    with pytest.raises(ValueError, match=r"an unfinished conversion \(conversion_plan.json is there"):
+        load_ptbxl(output)
+    with pytest.raises(ValueError, match=r"differs in \['settings'\].*'label_threshold': \(0.0, 100.0\)"):
+        convert_ptbxl(BUNDLED_PTBXL, output, ecg_ids=ids, records_per_shard=10, label_threshold=100)
+    convert_ptbxl(BUNDLED_PTBXL, output, ecg_ids=ids, records_per_shard=10, label_threshold=0)
+    report = json.loads((output / "100hz" / "conversion_report.json").read_text())
+    assert report["settings"] == {"sampling_rate": 100, "label_threshold": 0.0} and report["written"] == 40
+    assert sum(part.num_rows for part in load_ptbxl(output).values()) == 40
+    # a shard lost after the conversion finished is named, not skipped
+    next((output / "100hz").glob("train-00001-of-*.parquet")).unlink()
+    with pytest.raises(ValueError, match=r"split 'train' is incomplete or mixed: shards \[1\]"):
+        load_ptbxl(output)
+
+
 def test_load_with_label_fraction(converted):
     loaded = load_ptbxl(converted[0], label_fraction=0.1, label_set="superclass", seed=0)
     # of the 12 records without a superclass, 1 is in train (fold 1), 9 in validation, 2 in test

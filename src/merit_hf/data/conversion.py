@@ -169,9 +169,14 @@ def write_parquet_shards(
     num_proc: int = 1,
     overwrite: bool = False,
     desc: str = "converting",
+    settings: dict[str, Any] | None = None,
 ) -> ConversionReport:
     """Write `tasks` (`{split: [task, ...]}`) as `output_dir/{split}-{i:05d}-of-{n:05d}.parquet`, resumably (a split
     with no task writes no file: an empty Parquet file breaks `datasets`' Parquet builder).
+
+    `settings` (JSON values, e.g. a label threshold) are what else decides the rows. A resumed conversion must have the
+    same records (their content: metadata and reports), `features`, `records_per_shard` and `settings` as the
+    interrupted one, so that no dataset mixes two rule sets; the settings are kept in the finished report.
 
     Returns the report of the whole conversion (also saved as `conversion_report.json`, which marks the folder as
     finished).
@@ -183,18 +188,27 @@ def write_parquet_shards(
         split: {
             "records": len(split_tasks),
             "num_shards": -(-len(split_tasks) // records_per_shard),  # an empty split writes no file
-            "records_sha256": hashlib.sha256("\n".join(map(record_name, split_tasks)).encode()).hexdigest(),
+            "records_sha256": _sha256(split_tasks),
         }
         for split, split_tasks in tasks.items()
     }
-    plan = {"records_per_shard": records_per_shard, "splits": plan}
+    plan = {
+        "records_per_shard": records_per_shard,
+        "settings": settings or {},
+        "features_sha256": _sha256(features.to_dict()),
+        "splits": plan,
+    }
     plan_path = output_dir / PLAN_FILE
     if plan_path.exists():
         previous = json.loads(plan_path.read_text())
         if previous != plan:
+            differ = sorted(key for key in plan.keys() | previous.keys() if plan.get(key) != previous.get(key))
+            details = {key: (previous.get("settings", {}).get(key), value) for key, value in plan["settings"].items()}
+            changed = {key: pair for key, pair in details.items() if pair[0] != pair[1]}
             raise ValueError(
-                f"{plan_path}: the interrupted conversion had another input or records_per_shard "
-                f"({previous['records_per_shard']}); pass overwrite=True to start again"
+                f"{plan_path}: the interrupted conversion differs in {differ}"
+                + (f" (settings before -> now: {changed})" if changed else "")
+                + "; rerun it with its settings and input to resume, or pass overwrite=True to start again"
             )
         logger.info("%s: resuming an interrupted conversion", output_dir)
     else:
@@ -223,11 +237,16 @@ def write_parquet_shards(
             failures = [RecordFailure(**failure) for failure in saved["failures"]]
             report = report.merge(ConversionReport(saved["total"], saved["total"] - len(failures), failures))
     shutil.rmtree(output_dir / PROGRESS_DIR)
-    report.save(output_dir / REPORT_FILE)
+    _write_json_atomic(output_dir / REPORT_FILE, {**report.to_dict(), "settings": plan["settings"]})
     plan_path.unlink()
     if report.failures:
         logger.warning("%s: %s", output_dir, report.summary())
     return report
+
+
+def _sha256(value: Any) -> str:
+    """Of a JSON rendering; values JSON cannot hold (NaN, timestamps) go through `str`."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ The 71 statements and their categories come from PTB-XL's `scp_statements.csv` (
 
 Class names are sorted alphabetically, so class indices depend only on `scp_statements.csv`.
 
-Likelihood threshold: PTB-XL gives each diagnostic statement a likelihood (0, 15, 35, 50, 80 or 100 %) and writes
-0 for form and rhythm statements, which have none. A diagnostic statement (`diagnostic == 1`) counts only if its
+Likelihood threshold: PTB-XL gives each diagnostic statement a likelihood (0, 15, 35, 50, 80 or 100 %); form and
+rhythm statements carry 0 or 100, which is not a likelihood (in the 500 records of the shared subset: 574 times 0,
+27 times 100). A diagnostic statement (`diagnostic == 1`) counts only if its
 likelihood is `>= label_threshold`; other statements always count. The default 0 keeps every statement, as the
 PTB-XL benchmark does (Strodthoff et al. 2021, "Deep learning for ECG analysis: benchmarks and insights from
 PTB-XL"), so a record with `{"NORM": 80.0, "SBRAD": 0.0}` is NORM + SBRAD.

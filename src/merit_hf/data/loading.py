@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -112,10 +113,13 @@ def label_fraction_subset(dataset: Dataset, fraction: float, label_set: str, see
     """A reproducible, stratified `fraction` of `dataset` (rows kept in their original order).
 
     Each row is put in the group of its rarest class of `label_set` (counted in `dataset`; rows without a class form
-    one group). Rows are shuffled within their group with `seed` and ranked by their position in it, `(rank + 0.5) /
-    group_size`, ties broken by a seeded draw; the first `round(fraction * num_rows)` rows of that order are kept
-    (at least one). So every group is represented in proportion, and the subsets are nested: with the same seed the
-    1 % subset lies inside the 10 % subset.
+    one group). Rows are shuffled within their group with `seed`. One row of every class group comes first, rarest
+    class first, so that a small fraction still has a positive of every class the budget can reach (proportional
+    sampling alone reaches a class of g rows only above a fraction of about 0.5 / g). The other rows follow, ranked by
+    their position in their group, `(rank + 0.5) / group_size`, ties broken by a seeded draw; the first
+    `round(fraction * num_rows)` rows of that one order are kept (at least one). So the subsets are nested (with the
+    same seed the 1 % subset lies inside the 10 % subset) and every group is represented in proportion beyond its
+    first row.
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
@@ -128,11 +132,15 @@ def label_fraction_subset(dataset: Dataset, fraction: float, label_set: str, see
             counts[index] = counts.get(index, 0) + 1
     groups = np.array([min(row, key=lambda index: (counts[index], index)) if row else -1 for row in labels])
     rng = np.random.default_rng(seed)
-    position = np.empty(len(groups))
+    rank = np.empty(len(groups), dtype=np.int64)
+    size = np.empty(len(groups), dtype=np.int64)
     for group in np.unique(groups):
         members = np.flatnonzero(groups == group)
-        position[rng.permutation(members)] = (np.arange(len(members)) + 0.5) / len(members)
-    order = np.lexsort((rng.random(len(groups)), position))
+        rank[rng.permutation(members)] = np.arange(len(members))
+        size[members] = len(members)
+    first = (rank == 0) & (groups != -1)
+    within = np.where(first, size, (rank + 0.5) / size)  # first rows: rarest class first; the rest: by position
+    order = np.lexsort((rng.random(len(groups)), within, ~first))
     keep = max(1, round(fraction * len(groups)))
     return dataset.select(np.sort(order[:keep]))
 
@@ -156,6 +164,7 @@ def _load(
                 "folder; convert the dataset first (dataset_scripts/)"
             )
         data_dir = data_dir if data_dir.is_dir() else path
+        _check_finished(data_dir)
         data_files = {
             name: str(data_dir / f"{name}-*.parquet") for name in _splits_in(data_dir) if split in (None, name)
         }
@@ -166,6 +175,29 @@ def _load(
     if os.path.exists(path):
         raise NotADirectoryError(f"{path}: expected a dataset folder or a Hub dataset id")
     return load_dataset(str(path_or_repo_id), name=config, split=split, streaming=streaming)
+
+
+def _check_finished(folder: Path) -> None:
+    """A converter's output folder is loaded only when its conversion finished and no shard is missing."""
+    from .conversion import PLAN_FILE, REPORT_FILE
+
+    if (folder / PLAN_FILE).exists():
+        raise ValueError(
+            f"{folder}: an unfinished conversion ({PLAN_FILE} is there, {REPORT_FILE} is not); rerun the same "
+            "conversion command to finish it before loading"
+        )
+    shards: dict[tuple[str, int], set[int]] = {}
+    for file in folder.glob("*.parquet"):
+        match = re.fullmatch(r"(.+)-(\d{5})-of-(\d{5})\.parquet", file.name)
+        if match:
+            shards.setdefault((match[1], int(match[3])), set()).add(int(match[2]))
+    for (split, count), found in sorted(shards.items()):
+        missing = sorted(set(range(count)) - found)
+        if missing or len({n for s, n in shards if s == split}) > 1:
+            raise ValueError(
+                f"{folder}: split {split!r} is incomplete or mixed: shards {missing[:10]} of {count} are missing "
+                f"(or shards of two conversions are there); convert it again"
+            )
 
 
 def _splits_in(folder: Path) -> list[str]:

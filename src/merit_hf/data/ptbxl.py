@@ -229,6 +229,7 @@ def convert_ptbxl(
         num_proc=num_proc,
         overwrite=overwrite,
         desc=f"PTB-XL {sampling_rate} Hz",
+        settings={"sampling_rate": sampling_rate, "label_threshold": float(label_threshold)},
     )
 
 
