@@ -25,9 +25,9 @@ from tests.conftest import REPO_ROOT
 LABELS = ["CD", "HYP", "MI", "NORM", "STTC"]
 
 
-def results_from_our_metrics(label_fraction: float = 0.1, task: str = "linear-probe") -> dict:
+def results_from_our_metrics(label_fraction: float = 0.1, task: str = "linear-probe", seed: int = 0) -> dict:
     """A results JSON as `merit_hf.evaluation` writes it; the numbers come from its metric code on fixed scores."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     y_true = (rng.random((60, len(LABELS))) < 0.3).astype(int)
     trained = y_true * 0.5 + rng.random(y_true.shape)
     random_init = rng.random(y_true.shape)
@@ -41,7 +41,7 @@ def results_from_our_metrics(label_fraction: float = 0.1, task: str = "linear-pr
         label_set="superclass",
         label_names=LABELS,
         label_fraction=label_fraction,
-        seed=0,
+        seed=seed,
         protocol={"classifier": "logistic regression on pooler_output", "epochs": 10},
         model=model,
         baseline=baseline,
@@ -108,6 +108,21 @@ def test_several_runs_pair_each_number_with_its_baseline():
         assert baseline is not None and baseline.is_baseline
         assert baseline.metrics["macro_auroc"]["value"] == run["baseline"]["metrics"]["macro_auroc"]["value"]
         assert entry.metrics["macro_auroc"]["value"] == run["model"]["metrics"]["macro_auroc"]["value"]
+
+
+def test_each_seed_is_paired_with_its_own_baseline(encoder_folder, tmp_path):
+    runs = [results_from_our_metrics(1.0, seed=seed) for seed in (0, 1)]
+    pairs = pair_with_baselines(collect_results(runs))
+    assert [entry.field("seed") for entry, _ in pairs] == ["0", "1"]
+    for (entry, baseline), run in zip(pairs, runs, strict=True):
+        assert baseline.metrics["macro_auroc"]["value"] == run["baseline"]["metrics"]["macro_auroc"]["value"]
+    files = [write_results(run, tmp_path / f"seed{index}.json") for index, run in enumerate(runs)]
+    card = render_model_card(files, "org/merit-ecg", model_folder=encoder_folder)
+    names = [metric.metric_name for metric in card.data.eval_results]
+    assert len(names) == len(set(names)), "two seeds gave the same model-index metric name"
+    rows = [line for line in str(card).splitlines() if line.startswith("| ") and "| macro_auroc |" in line]
+    assert len(rows) == 2 and "seed=0" in rows[0] and "seed=1" in rows[1]
+    assert f"{runs[1]['baseline']['metrics']['macro_auroc']['value']:.3f}" in rows[1]
 
 
 def test_report_model_card_needs_and_names_its_base_model(results_file, tmp_path):

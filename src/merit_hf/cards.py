@@ -40,7 +40,7 @@ from huggingface_hub import DatasetCard, EvalResult, ModelCard, ModelCardData
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "merit_model_card.md"  # ships in the wheel
 BASELINE_PATTERN = re.compile(r"random|baseline|scratch", re.IGNORECASE)
 VARIANT_FIELDS = ("encoder", "variant", "init", "model_variant")
-SETTING_FIELDS = ("dataset", "task", "label_set", "protocol", "label_fraction", "split", "fold")
+SETTING_FIELDS = ("dataset", "task", "label_set", "protocol", "label_fraction", "seed", "split", "fold")
 CONTAINER_KEYS = {"results", "evaluations", "runs", "entries", "model"}
 SKIPPED_KEYS = {
     "metrics",
