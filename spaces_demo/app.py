@@ -137,8 +137,12 @@ def _upload_path(item) -> Path:
 
 
 def stage_upload(files: list, workdir: Path) -> Path:
-    """Copy the uploaded `.hea` + `.dat` into `workdir` under their own base names; returns the record path
-    (without extension). Only these copies are ever read."""
+    """Copy the uploaded `.hea` + `.dat` into `workdir`; returns the record path (without extension). Only these
+    copies are ever read.
+
+    Extensions are matched in any case (`.HEA`, `.Dat`): the header is copied as `<stem>.hea`, which is what wfdb
+    opens, and each signal file under the name the header gives it (its signal lines name their data file, e.g.
+    `00001_lr.dat` while the upload is `00001_lr.DAT`)."""
     paths = [_upload_path(item) for item in files]
     total = sum(path.stat().st_size for path in paths)
     if total > MAX_UPLOAD_BYTES:
@@ -148,12 +152,17 @@ def stage_upload(files: list, workdir: Path) -> Path:
             raise DemoInputError(
                 f"'{path.name}' is not part of a WFDB record: upload the header (.hea) and signal (.dat) files only."
             )
-        shutil.copyfile(path, workdir / path.name)
-    headers = sorted(p.name for p in paths if p.suffix.lower() == ".hea")
+    headers = sorted((p for p in paths if p.suffix.lower() == ".hea"), key=lambda p: p.name)
     if len(headers) != 1:
-        found = ", ".join(headers) if headers else "none"
+        found = ", ".join(p.name for p in headers) if headers else "none"
         raise DemoInputError(f"Upload exactly one WFDB header (.hea) with its .dat file; headers found: {found}.")
-    return workdir / Path(headers[0]).stem
+    record = workdir / headers[0].stem
+    shutil.copyfile(headers[0], record.with_suffix(".hea"))
+    named_in_header = {name.lower(): name for name in _signal_file_names(record.with_suffix(".hea"))}
+    for path in paths:
+        if path.suffix.lower() == ".dat":
+            shutil.copyfile(path, workdir / named_in_header.get(path.name.lower(), path.name))
+    return record
 
 
 def check_record(record: Path) -> dict:
@@ -330,19 +339,28 @@ def generate_report(models: DemoModels, signal: np.ndarray, record: dict) -> str
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _select_record(index: ExampleIndex, files: list | None, example: str | None, workdir: Path) -> Path:
+    """The uploaded record (staged into `workdir`), else the chosen bundled example."""
+    if files:
+        return stage_upload(files, workdir)
+    if example:
+        if example not in {item["record"] for item in index.items}:
+            raise DemoInputError(f"Unknown example '{example}'.")
+        return EXAMPLES_DIR / example
+    raise DemoInputError("Upload a WFDB record (.hea + .dat) or pick a bundled example first.")
+
+
 def analyse(models: DemoModels, index: ExampleIndex, files: list | None, example: str | None, label_set: str):
     """Everything the page shows for one record. Raises `DemoInputError` / `EcgInputError` for bad input."""
     with tempfile.TemporaryDirectory(prefix="merit_demo_upload_") as workdir:
-        if files:
-            record_path = stage_upload(files, Path(workdir))
-        elif example:
-            names = {item["record"] for item in index.items}
-            if example not in names:
-                raise DemoInputError(f"Unknown example '{example}'.")
-            record_path = EXAMPLES_DIR / example
-        else:
-            raise DemoInputError("Upload a WFDB record (.hea + .dat) or pick a bundled example first.")
-        record = read_record(record_path)
+        try:
+            record = read_record(_select_record(index, files, example, Path(workdir)))
+        except OSError as error:  # a file gone or unreadable: name it, never the private folder it was copied to
+            name = Path(error.filename).name if error.filename else "the record"
+            raise DemoInputError(
+                f"'{name}' could not be read ({error.strerror or type(error).__name__}); upload the record's .hea "
+                "and .dat files again."
+            ) from error
     name = Path(record["record"]).name
     units = record["units"]
     try:

@@ -439,12 +439,61 @@ def test_report_lora_script_end_to_end(lm_dir, tmp_path):
     assert generation_config["max_new_tokens"] == 8
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())
     assert adapter_config["r"] == 4 and adapter_config["modules_to_save"] == ["multi_modal_projector"]
+    from safetensors import safe_open
+
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as handle:  # the frozen encoder stays in base_model/
+        assert not any(".ecg_encoder." in key for key in handle.keys())  # noqa: SIM118
     model, processor = load_report_model(adapter)
     predictions = [json.loads(line) for line in (output_dir / "predictions.jsonl").read_text().splitlines()]
     first = predictions[0]
     batch = processor(ecgs=[first["record"]], text=[processor.format_prompt()], return_tensors="pt", crop="center")
     new_tokens = model.generate(**batch)
     assert processor.batch_decode(new_tokens, skip_special_tokens=True)[0] == first["generated"]
+
+
+def test_report_lora_saves_and_reloads_a_trained_encoder(lm_dir, tmp_path, monkeypatch):
+    """`--freeze_ecg_encoder false`: the encoder trained in stage 2 goes into the adapter (PEFT `modules_to_save`), so
+    the reloaded model gives the trained model's logits; base_model/ keeps the starting encoder the fingerprint
+    names, and a base holding any other encoder is refused."""
+    from safetensors import safe_open
+
+    from merit_hf import MeritForReportGeneration
+    from merit_hf.training import report_lora
+
+    trained = {}
+    save_report_adapter = report_lora.save_report_adapter
+
+    def keep_trained_model(peft_model, *args):
+        trained["model"] = peft_model
+        save_report_adapter(peft_model, *args)
+
+    monkeypatch.setattr(report_lora, "save_report_adapter", keep_trained_model)
+    output_dir = tmp_path / "run"
+    arguments = {"language_model": lm_dir, "ptbxl_dir": BUNDLED_PTBXL, "output_dir": output_dir, "use_cpu": "true",
+                 "freeze_ecg_encoder": "false", "do_eval": "false"}  # fmt: skip
+    report_lora.main(
+        [str(REPO_ROOT / "configs" / "report_tiny.yaml")]
+        + [item for name, value in arguments.items() for item in (f"--{name}", str(value))]
+    )
+    adapter = output_dir / "adapter"
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert adapter_config["modules_to_save"] == ["multi_modal_projector", "ecg_encoder"]
+    start = MeritForReportGeneration.from_pretrained(output_dir / "base_model").ecg_encoder.state_dict()
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as handle:
+        assert len([key for key in handle.keys() if ".ecg_encoder." in key]) == len(start)  # noqa: SIM118
+
+    model, processor = report_lora.load_report_model(adapter)
+    reloaded = model.base_model.model.ecg_encoder.modules_to_save["default"].state_dict()
+    assert any(not torch.equal(reloaded[name], tensor) for name, tensor in start.items())
+    batch = processor(ecgs=[str(BUNDLED_PTBXL / "records100" / "00000" / "00001_lr")], reports=["sinus rhythm"],
+                      return_tensors="pt", crop="center")  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, trained["model"].eval()(**batch).logits, rtol=0, atol=0)
+
+    trained_as_base = MeritForReportGeneration.from_pretrained(output_dir / "base_model")
+    trained_as_base.ecg_encoder.load_state_dict(reloaded)
+    with pytest.raises(ValueError, match=r"adapter was saved for another base model \(ecg_encoder_sha256: adapter"):
+        report_lora.load_report_model(adapter, trained_as_base)
 
 
 def test_mimic_reports_are_joined_and_readable(tmp_path):

@@ -147,6 +147,31 @@ def test_uploaded_record_and_other_label_set(space, tmp_path):
     assert "SR" in {row[0] for row in scores["data"]}
 
 
+@pytest.mark.parametrize(("header", "data"), [(".HEA", ".DAT"), (".Hea", ".dAt")])
+def test_upload_with_upper_or_mixed_case_extensions(space, tmp_path, header, data):
+    """Some exports upper-case the file names but not the header, which still names `00001_lr.dat`."""
+    _, _, client, _ = space
+    files = [tmp_path / f"00001_lr{header}", tmp_path / f"00001_lr{data}"]
+    shutil.copyfile(UPLOAD_RECORD.with_suffix(".hea"), files[0])
+    shutil.copyfile(UPLOAD_RECORD.with_suffix(".dat"), files[1])
+    _, scores, neighbours, report, status = analyse(client, files=files)
+    _, lower_scores, lower_neighbours, lower_report, lower_status = analyse(
+        client, files=[UPLOAD_RECORD.with_suffix(".hea"), UPLOAD_RECORD.with_suffix(".dat")]
+    )
+    assert "`00001_lr`: 12 leads, 100 Hz, 10.0 s" in status and status == lower_status
+    assert scores["data"] == lower_scores["data"] and neighbours["data"] == lower_neighbours["data"]
+    assert report == lower_report
+
+
+def test_unreadable_upload_is_a_readable_error(space, tmp_path):
+    app, models, _, _ = space
+    with pytest.raises(app.DemoInputError) as error:
+        app.analyse(models, app.ExampleIndex(models), [tmp_path / "gone.hea"], None, "superclass")
+    assert str(error.value) == (
+        "'gone.hea' could not be read (No such file or directory); upload the record's .hea and .dat files again."
+    )
+
+
 def write_record(directory, name, num_leads=12, rate=500, seconds=10.0, file_name=None):
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)

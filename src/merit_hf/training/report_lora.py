@@ -2,7 +2,8 @@
 
 Two stages (LLaVA / ECG-Chat): (1) projector alignment, where only `multi_modal_projector` trains and the encoder and
 LM stay frozen; (2) LoRA on the language model only (a regex on its module names, never on the encoder), with the
-projector still training through PEFT's `modules_to_save`. The loss is the LM's next-token loss on the report tokens
+projector still training through PEFT's `modules_to_save` (and the encoder too with `--freeze_ecg_encoder false`, so
+that the adapter holds the encoder that was trained). The loss is the LM's next-token loss on the report tokens
 only (`MeritProcessor` puts -100 on the prompt, the ECG tokens and the padding).
 
 One CPU (the quick path; a tiny model in seconds, SmolLM2-135M in minutes):
@@ -21,10 +22,11 @@ No machine translation is done. An annotator's trailing `Edit: ...` note (e.g. "
 removed from PTB-XL reports, since it is a label edit, not report text. MIMIC-IV-ECG: `report_0..report_17` joined
 by `merit_hf.data.reports.join_mimic_report` (English machine statements).
 
-Outputs in `output_dir`: `base_model/` (the frozen base: encoder + LM + stage-1 projector, `save_pretrained`),
-`adapter/` (LoRA weights + projector in `adapter_model.safetensors`, `adapter_config.json`, `generation_config.json`,
-the processor with its `<ecg>` token, and `merit_report_base.json`, the fingerprint of the base the adapter belongs
-to), `predictions.jsonl` and `report_results.json`. Reload with `load_report_model(output_dir / "adapter")`.
+Outputs in `output_dir`: `base_model/` (the frozen base: starting encoder + LM + stage-1 projector,
+`save_pretrained`), `adapter/` (LoRA weights + projector, and the trained encoder with `--freeze_ecg_encoder false`,
+in `adapter_model.safetensors`; `adapter_config.json`, `generation_config.json`, the processor with its `<ecg>` token,
+and `merit_report_base.json`, the fingerprint of the base the adapter belongs to), `predictions.jsonl` and
+`report_results.json`. Reload with `load_report_model(output_dir / "adapter")`.
 """
 
 from __future__ import annotations
@@ -78,7 +80,9 @@ class ReportModelArguments:
         default=None, metadata={"help": "MeritEcgConfig fields for a random-init encoder (JSON on the command line)."}
     )
     ecg_tokens_per_lead: int = field(default=5, metadata={"help": "Soft tokens per lead (time-pooled patches)."})
-    freeze_ecg_encoder: bool = field(default=True, metadata={"help": "False: train the encoder too."})
+    freeze_ecg_encoder: bool = field(
+        default=True, metadata={"help": "False: train the encoder too in stage 2 (saved in the adapter)."}
+    )
     condition_on_ecg: bool = field(default=True, metadata={"help": "False: the no-ECG baseline (text prompt only)."})
 
 
@@ -261,10 +265,11 @@ def build_report_model(model_args: ReportModelArguments, tokenizer, language_mod
     )
 
 
-def lora_config(training_args: ReportTrainingArguments):
+def lora_config(training_args: ReportTrainingArguments, train_ecg_encoder: bool = False):
     """LoRA on the language model only: a regex that `re.fullmatch`es `language_model.<...>.<target>` (never the
     encoder or the projector, unlike `target_modules="all-linear"`); the projector trains fully via
-    `modules_to_save`."""
+    `modules_to_save`, and so does the encoder when `train_ecg_encoder`: PEFT saves only LoRA weights and
+    `modules_to_save`, so an encoder trained any other way would be lost from the adapter."""
     from peft import LoraConfig
 
     targets = "|".join(re.escape(name) for name in training_args.lora_target_modules)
@@ -273,7 +278,7 @@ def lora_config(training_args: ReportTrainingArguments):
         lora_alpha=training_args.lora_alpha,
         lora_dropout=training_args.lora_dropout,
         target_modules=rf"language_model\..*\.({targets})",
-        modules_to_save=["multi_modal_projector"],
+        modules_to_save=["multi_modal_projector"] + (["ecg_encoder"] if train_ecg_encoder else []),
     )
 
 
@@ -316,7 +321,8 @@ def load_report_model(adapter_dir: str | Path, base_model: MeritForReportGenerat
     """`(PeftModel, MeritProcessor)` from a folder written by this script.
 
     `base_model` defaults to the `base_model_name_or_path` recorded in `adapter_config.json`. Raises `ValueError`
-    naming the differences when the adapter was trained on another base model.
+    naming the differences when the adapter was trained on another base model. An encoder trained with the adapter
+    (`--freeze_ecg_encoder false`) is in the adapter and replaces the base's (PEFT's `modules_to_save`).
     """
     from peft import PeftModel
 
@@ -495,16 +501,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model.save_pretrained(base_dir)
         processor.save_pretrained(base_dir)
 
-    # --- stage 2: LoRA on the language model, projector in modules_to_save
+    # --- stage 2: LoRA on the language model, projector (and a trained encoder) in modules_to_save
     from peft import get_peft_model
 
-    peft_model = get_peft_model(model, lora_config(training_args))
+    train_ecg_encoder = not model_args.freeze_ecg_encoder and model_args.condition_on_ecg
+    peft_model = get_peft_model(model, lora_config(training_args, train_ecg_encoder))
     if not model_args.condition_on_ecg:  # the projector gets no gradient without ECG tokens
         for parameter in peft_model.base_model.model.multi_modal_projector.parameters():
             parameter.requires_grad_(False)
     peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
-    if model_args.freeze_ecg_encoder is False:
-        model.ecg_encoder.requires_grad_(True)
     losses = _train_stage(
         "lora",
         accelerator,
