@@ -163,8 +163,8 @@ def test_probe_script_from_yaml(ptbxl_like, tmp_path):
     config = {
         "model_name_or_path": str(model_dir),
         "dataset": str(data_dir),
-        "label_sets": ["superclass"],
-        "label_fractions": [1.0],
+        "label_sets": "superclass",  # a YAML scalar for a list field: one label set
+        "label_fractions": ["1e0"],  # a string, as PyYAML reads an unquoted 1e0
         "max_epochs": 3,
         "num_bootstrap": 0,
         "output_dir": str(tmp_path / "out"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -290,6 +291,52 @@ def test_incompatible_checkpoint_refused_with_the_differing_fields(reference, as
         run_main(base_argv(assets, tmp_path, resume_from_checkpoint="latest", ecg_config=wider))
     with pytest.raises(ValueError, match=r"per_device_train_batch_size: checkpoint 8, this run 4"):
         run_main(base_argv(assets, tmp_path, resume_from_checkpoint="latest", per_device_train_batch_size=4))
+
+
+def test_fresh_run_refuses_an_earlier_run_and_overwrite_starts_again(reference, assets, tmp_path):
+    """A run that does not resume would rotate the earlier run's checkpoints in among its own (by step), and
+    `latest` would later resume the earlier run; it refuses, and `--overwrite_output_dir true` starts clean."""
+    output_dir, _ = reference
+    message = (
+        f"{output_dir}: holds an earlier run (2 checkpoint(s) up to checkpoint-{STEPS}, model/). Continue it with "
+        "--resume_from_checkpoint latest, start again with --overwrite_output_dir true"
+    )
+    with pytest.raises(FileExistsError, match=re.escape(message)):
+        run_main(base_argv(assets, output_dir))
+    with pytest.raises(ValueError, match="--overwrite_output_dir: removes the checkpoints that"):
+        run_main(base_argv(assets, output_dir, overwrite_output_dir="true", resume_from_checkpoint="latest"))
+
+    for name in ("checkpoints", "model"):
+        shutil.copytree(output_dir / name, tmp_path / name)
+    shutil.copy(output_dir / "log_history.jsonl", tmp_path / "log_history.jsonl")
+    (tmp_path / "checkpoints" / "checkpoint-99").mkdir()  # an interrupted save of the earlier run
+    results = run_main(base_argv(assets, tmp_path, overwrite_output_dir="true", max_steps=2, save_steps=1))
+    assert results["global_step"] == 2 and results["steps_this_run"] == 2
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    assert [entry["step"] for entry in read_log_history(tmp_path)] == [1, 2]
+
+
+@pytest.mark.parametrize("streaming", ["false", "true"])
+def test_split_smaller_than_one_batch_is_refused(assets, tmp_path, streaming):
+    """3 records and batches of 4 (the last incomplete batch is dropped): a map-style split would divide by zero
+    and a stream would loop over empty epochs forever."""
+    if streaming == "true":
+        pytest.importorskip("torchdata", reason="streamed pretraining needs torchdata's StatefulDataLoader")
+        message = "--train_split 'train': epoch 0 of the stream gave process 0 of 1 no full batch of 4 records"
+    else:
+        message = "--train_split 'train': 3 records, fewer than one batch of 4 per process x 1 process(es)"
+    argv = base_argv(assets, tmp_path, max_train_samples=3, per_device_train_batch_size=4, streaming=streaming)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_main(argv)
+
+
+def test_misspelled_ecg_config_key_is_refused(assets, tmp_path):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("--ecg_config: 'mask_rato' is not a field of MeritEcgConfig; did you mean 'mask_ratio'?"),
+    ):
+        run_main(base_argv(assets, tmp_path, ecg_config='{"mask_rato": 0.5}'))
+    assert not (tmp_path / "checkpoints").exists()
 
 
 @pytest.mark.parametrize(

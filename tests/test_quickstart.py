@@ -24,7 +24,7 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     try:
-        results = quickstart.main(
+        run = lambda: quickstart.main(  # noqa: E731
             [
                 "--output_dir",
                 str(tmp_path),
@@ -44,12 +44,15 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
                 '{"hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64}',
             ]  # fmt: skip
         )
+        first = run()
+        results = run()  # a rerun in the same folder starts again instead of refusing or mixing the two runs
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
         torch.set_num_threads(threads)
     assert results["data"]["records"] == {"train": 353, "validation": 81, "test": 66}
-    assert results["pretraining"]["global_step"] == 2
+    assert results["pretraining"]["global_step"] == first["pretraining"]["global_step"] == 2
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-2"]
     for key in ("macro_auroc", "baseline_macro_auroc"):
         assert 0.0 <= results["probe"][key]["value"] <= 1.0
     remote = results["remote_code_check"]

@@ -175,6 +175,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     counts = {split: part.num_rows for split, part in dataset_dict.items()}
 
     print(f"[2/4] Pretraining MERIT ({arguments.config})", flush=True)
+    if not any(
+        flag.split("=")[0] in ("--resume_from_checkpoint", "--overwrite_output_dir") for flag in pretrain_flags
+    ):
+        pretrain_flags = [*pretrain_flags, "--overwrite_output_dir", "true"]  # a rerun starts again, never mixes runs
     train_results = pretrain.main(
         [arguments.config, "--data_dir", str(dataset_path), "--output_dir", str(output_dir), *pretrain_flags]
     )

@@ -28,6 +28,9 @@ Resume after a crash, with the same step, optimizer, scheduler, RNG and data pos
 
     python -m merit_hf.training.pretrain configs/tiny.yaml --resume_from_checkpoint latest
 
+A run that does not resume refuses an `output_dir` that holds an earlier run's checkpoints or model (the two would
+mix); `--overwrite_output_dir true` removes them and starts again.
+
 Ablations by flag alone: `--contrastive_weight 0` (reconstruction only), `--reconstruction_weight 0` (contrastive
 only), `--contrastive_input masked`, `--ecg_config '{"mask_ratio": 0.5}'`.
 
@@ -66,11 +69,13 @@ from ..configuration_merit import MeritConfig, MeritEcgConfig
 from ..feature_extraction_merit import MeritFeatureExtractor
 from ..modeling_merit import MeritForPreTraining
 from ..processing_merit import MeritProcessor
-from .arguments import arguments_to_dict, as_mapping, parse_arguments
+from .arguments import arguments_to_dict, config_from_argument, parse_arguments
 
 TRAINING_STATE_FILE = "training_state.json"
 LOG_HISTORY_FILE = "log_history.jsonl"
 RESULTS_FILE = "train_results.json"
+# Everything a run writes in output_dir; `--overwrite_output_dir true` removes these (and nothing else) first.
+RUN_OUTPUTS = ("checkpoints", "model", "runs", LOG_HISTORY_FILE, RESULTS_FILE)
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 # Fields that depend on where a checkpoint was written, not on what it is.
 _CONFIG_FIELDS_IGNORED_ON_RESUME = {"transformers_version", "_name_or_path", "architectures", "auto_map", "dtype"}
@@ -131,6 +136,13 @@ class PretrainingArguments:
     """How to train. Optimiser defaults follow ST-MEM (AdamW, betas 0.9/0.95, cosine with warm-up)."""
 
     output_dir: str = field(default="outputs/pretrain", metadata={"help": "Checkpoints, logs and the final model."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start again in an output_dir that holds an earlier run: remove its checkpoints, model, logs and "
+            "results first. Without it, a run that does not resume refuses such a folder."
+        },
+    )
     seed: int = field(default=42, metadata={"help": "Seed of init, data order and masking."})
     per_device_train_batch_size: int = field(default=32)
     per_device_eval_batch_size: int = field(default=64)
@@ -181,6 +193,11 @@ class PretrainingArguments:
                 raise ValueError(f"--{name}: must be at least 1, got {getattr(self, name)}")
         if self.logging_steps < 1:
             raise ValueError(f"--logging_steps: must be at least 1, got {self.logging_steps}")
+        if self.overwrite_output_dir and self.resume_from_checkpoint is not None:
+            raise ValueError(
+                "--overwrite_output_dir: removes the checkpoints that --resume_from_checkpoint "
+                f"{self.resume_from_checkpoint!r} would continue from; give one or the other"
+            )
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, PretrainingArguments)
@@ -208,7 +225,7 @@ def resolve_text_model(name_or_path: str) -> str:
 
 def build_model(model_args: ModelArguments, text_path: str) -> MeritForPreTraining:
     """`MeritForPreTraining` with a random ECG tower and the text tower from `text_path`."""
-    ecg_config = MeritEcgConfig(**as_mapping(model_args.ecg_config, "ecg_config"))
+    ecg_config = config_from_argument(MeritEcgConfig, model_args.ecg_config, "ecg_config")
     overrides = {
         name: getattr(model_args, name)
         for name in (
@@ -374,6 +391,30 @@ def find_checkpoint(output_dir: Path, resume_from_checkpoint: str | None) -> Pat
     return path
 
 
+def check_output_dir_free(output_dir: Path) -> None:
+    """Refuse to start a new run where an earlier one left complete checkpoints or a model: its checkpoints would be
+    rotated in among the new run's (by step), and `latest` would later resume the wrong run."""
+    checkpoints = complete_checkpoints(output_dir)
+    earlier = [f"{len(checkpoints)} checkpoint(s) up to {checkpoints[-1].name}"] if checkpoints else []
+    if (output_dir / "model").is_dir():
+        earlier.append("model/")
+    if earlier:
+        raise FileExistsError(
+            f"{output_dir}: holds an earlier run ({', '.join(earlier)}). Continue it with "
+            "--resume_from_checkpoint latest, start again with --overwrite_output_dir true (removes its checkpoints, "
+            "model, logs and results), or choose another --output_dir."
+        )
+
+
+def remove_run_outputs(output_dir: Path) -> None:
+    for name in RUN_OUTPUTS:
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def comparable_config(config: MeritConfig) -> dict[str, Any]:
     """The model config as a flat `{dotted.name: value}` dict, without fields that only say where it came from."""
     flat: dict[str, Any] = {}
@@ -433,6 +474,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Pretrain MERIT; returns the final metrics (also written to `output_dir/train_results.json`)."""
     model_args, data_args, train_args = parse_arguments(ARGUMENT_CLASSES, sys.argv[1:] if argv is None else argv)
     output_dir = Path(train_args.output_dir)
+    resume_path = find_checkpoint(output_dir, train_args.resume_from_checkpoint)
+    if resume_path is None and not train_args.overwrite_output_dir:
+        check_output_dir_free(output_dir)
     report_to = [name for name in train_args.report_to if name != "none"]
     accelerator = Accelerator(
         cpu=train_args.use_cpu,
@@ -451,6 +495,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ),
     )
     set_seed(train_args.seed)
+    if train_args.overwrite_output_dir and accelerator.is_main_process:
+        remove_run_outputs(output_dir)
+    accelerator.wait_for_everyone()
 
     # Model, feature extractor, tokenizer: the three things the Hub folder will hold.
     text_path = resolve_text_model(model_args.text_model_name_or_path)
@@ -507,6 +554,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if not streaming:
         train_loader = accelerator.prepare(train_loader)
+        if len(train_loader) == 0:  # a stream's length is unknown: the training loop checks each epoch instead
+            raise ValueError(
+                f"--train_split {data_args.train_split!r}: {len(train_split)} records, fewer than one batch of "
+                f"{train_args.per_device_train_batch_size} per process x {accelerator.num_processes} process(es); "
+                "lower --per_device_train_batch_size or use more records"
+            )
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
 
@@ -522,7 +575,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Resume: everything Accelerate holds (model, optimizer, scheduler, RNG, gradient-accumulation phase), plus the
     # step and, for a stream, the per-process stream position.
     global_step = resumed_epoch = 0
-    resume_path = find_checkpoint(output_dir, train_args.resume_from_checkpoint)
     if resume_path is not None:
         saved = json.loads((resume_path / TRAINING_STATE_FILE).read_text())
         check_checkpoint_compatible(resume_path, saved, run_identity)
@@ -569,6 +621,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     steps_this_run = 0
     model.train()
+    resumed_mid_stream = streaming and resume_path is not None  # its first epoch may hold no batch left
     while global_step < train_args.max_steps:
         if streaming:
             train_split.set_epoch(epoch)
@@ -576,7 +629,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         else:
             train_loader.set_epoch(epoch)
             batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        batches_this_epoch = 0
         for batch_index, batch in enumerate(isolated_from_global_rng(batches), start=skip):
+            batches_this_epoch += 1
             batch = {key: value.to(accelerator.device) for key, value in batch.items()}
             ecg_ids = batch.pop("ecg_id")
             noise = masking_noise(ecg_ids.tolist(), (train_args.seed, epoch), num_patches).to(accelerator.device)
@@ -626,7 +681,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     rotate_checkpoints(output_dir, train_args.save_total_limit)
             if global_step >= train_args.max_steps:
                 break
-        epoch, skip = epoch + 1, 0
+        if batches_this_epoch == 0 and not resumed_mid_stream:  # would loop over empty epochs forever
+            raise ValueError(
+                f"--train_split {data_args.train_split!r}: epoch {epoch} of the stream gave process "
+                f"{accelerator.process_index} of {accelerator.num_processes} no full batch of "
+                f"{train_args.per_device_train_batch_size} records; lower --per_device_train_batch_size or use more "
+                "records"
+            )
+        epoch, skip, resumed_mid_stream = epoch + 1, 0, False
     progress.close()
     runtime = time.perf_counter() - start
 

@@ -56,7 +56,7 @@ from ..feature_extraction_merit import MeritFeatureExtractor
 from ..modeling_merit import MeritEcgModel
 from ..modeling_merit_report import MeritForReportGeneration
 from ..processing_merit import DEFAULT_REPORT_INSTRUCTION, MeritProcessor
-from .arguments import arguments_to_dict, as_mapping, parse_arguments
+from .arguments import arguments_to_dict, config_from_argument, parse_arguments
 
 BASE_FINGERPRINT_FILE = "merit_report_base.json"
 RESULTS_FILE = "report_results.json"
@@ -255,7 +255,7 @@ def build_report_model(model_args: ReportModelArguments, tokenizer, language_mod
     if model_args.ecg_encoder:
         ecg_encoder = MeritEcgModel.from_pretrained(model_args.ecg_encoder)
     else:
-        ecg_encoder = MeritEcgModel(MeritEcgConfig(**as_mapping(model_args.ecg_config, "ecg_config")))
+        ecg_encoder = MeritEcgModel(config_from_argument(MeritEcgConfig, model_args.ecg_config, "ecg_config"))
     return MeritForReportGeneration.from_parts(
         ecg_encoder,
         language_model,

@@ -1,0 +1,87 @@
+"""Argument parsing shared by the training jobs: YAML scalars and strings for list fields, `None` on the command line
+for optional fields, and config mappings checked against the config's fields."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from merit_hf import MeritEcgConfig
+from merit_hf.training.arguments import config_from_argument, parse_arguments
+from merit_hf.training.pretrain import ARGUMENT_CLASSES
+from merit_hf.training.probe import ProbeArguments
+
+
+def write_yaml(tmp_path, text: str) -> str:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_yaml_scalar_for_a_list_field_is_a_one_element_list(tmp_path):
+    *_, train_args = parse_arguments(ARGUMENT_CLASSES, [write_yaml(tmp_path, "report_to: none\n")])
+    assert train_args.report_to == ["none"]
+    (probe_args,) = parse_arguments([ProbeArguments], [write_yaml(tmp_path, "label_sets: form\nseeds: 3\n")])
+    assert probe_args.label_sets == ["form"] and probe_args.seeds == [3]
+
+
+def test_yaml_list_elements_take_the_declared_type(tmp_path):
+    yaml_path = write_yaml(tmp_path, "label_fractions: [1e-2, 0.1, 1]\nseeds: ['4', 5]\n")
+    (probe_args,) = parse_arguments([ProbeArguments], [yaml_path])
+    assert probe_args.label_fractions == [0.01, 0.1, 1.0] and probe_args.seeds == [4, 5]
+    assert [type(value) for value in probe_args.label_fractions + probe_args.seeds] == [float] * 3 + [int] * 2
+    (probe_args,) = parse_arguments([ProbeArguments], [yaml_path, "--label_fractions", "0.5"])  # the flag wins
+    assert probe_args.label_fractions == [0.5]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("label_fractions: [0.1, ten]\n", "label_fractions: expected a list of float, got element 'ten'"),
+        ("seeds: [1.5]\n", "seeds: expected a list of int, got element 1.5"),
+        ("seeds: [true]\n", "seeds: expected a list of int, got element True"),
+    ],
+)
+def test_yaml_list_element_of_the_wrong_type_names_the_field(tmp_path, text, message):
+    with pytest.raises(ValueError, match=re.escape(f"job.yaml: {message}")):
+        parse_arguments([ProbeArguments], [write_yaml(tmp_path, text)])
+
+
+@pytest.mark.parametrize("none", ["None", "none", "null"])
+def test_none_on_the_command_line_turns_an_optional_field_off(none):
+    flags = ["--max_grad_norm", "--save_total_limit", "--eval_split", "--resume_from_checkpoint", "--ecg_config"]
+    model_args, data_args, train_args = parse_arguments(
+        ARGUMENT_CLASSES, [item for flag in flags for item in (flag, none)]
+    )
+    assert train_args.max_grad_norm is None and train_args.save_total_limit is None
+    assert data_args.eval_split is None and train_args.resume_from_checkpoint is None
+    assert model_args.ecg_config is None
+
+
+def test_optional_fields_still_parse_their_type_and_reject_other_text(capsys):
+    *_, train_args = parse_arguments(ARGUMENT_CLASSES, ["--max_grad_norm", "0.5", "--save_total_limit", "3"])
+    assert train_args.max_grad_norm == 0.5 and train_args.save_total_limit == 3
+    with pytest.raises(SystemExit):
+        parse_arguments(ARGUMENT_CLASSES, ["--max_grad_norm", "off"])
+    assert "argument --max_grad_norm/--max-grad-norm: invalid float value: 'off'" in capsys.readouterr().err
+
+
+def test_config_from_argument_refuses_an_unknown_key_and_names_the_closest():
+    with pytest.raises(
+        ValueError,
+        match=re.escape("--ecg_config: 'mask_rato' is not a field of MeritEcgConfig; did you mean 'mask_ratio'?"),
+    ):
+        config_from_argument(MeritEcgConfig, '{"mask_rato": 0.5}', "ecg_config")
+    with pytest.raises(
+        ValueError, match=re.escape("'hiden_size' is not a field of MeritEcgConfig; did you mean 'hidden_size'?")
+    ):
+        config_from_argument(MeritEcgConfig, {"hiden_size": 64}, "ecg_config")
+    with pytest.raises(ValueError, match=r"'zzz' is not a field of MeritEcgConfig; fields are \[.*'mask_ratio'"):
+        config_from_argument(MeritEcgConfig, {"zzz": 1}, "ecg_config")
+    # Its own fields, PreTrainedConfig's and the keys of a saved config.json are accepted.
+    config = config_from_argument(
+        MeritEcgConfig, {"mask_ratio": 0.5, "output_hidden_states": True, "model_type": "merit_ecg"}, "ecg_config"
+    )
+    assert config.mask_ratio == 0.5 and config.output_hidden_states is True
+    assert config_from_argument(MeritEcgConfig, None, "ecg_config").to_dict() == MeritEcgConfig().to_dict()
