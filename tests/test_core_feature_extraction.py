@@ -276,8 +276,14 @@ def test_reader_matches_wfdb_on_every_bundled_record(ptbxl_dir):
 def test_invalid_format16_samples_become_nan_as_in_wfdb(record_copy):
     data = record_copy.with_suffix(".dat")
     raw = bytearray(data.read_bytes())
-    raw[(100 * 12 + 3) * 2 : (100 * 12 + 3) * 2 + 2] = (-32768).to_bytes(2, "little", signed=True)  # sample 100, aVR
+    position = (100 * 12 + 3) * 2  # sample 100, aVR
+    old_value = int.from_bytes(raw[position : position + 2], "little", signed=True)
+    raw[position : position + 2] = (-32768).to_bytes(2, "little", signed=True)
     data.write_bytes(bytes(raw))
+    # WFDB counts the invalid value in the checksum: the header of a record written with it says so
+    header = record_copy.with_suffix(".hea")
+    checksum = (53190 - old_value - 32768) % 65536
+    header.write_text(header.read_text().replace("82 53190 0 AVR", f"82 {checksum} 0 AVR"))
     signal = read_wfdb_record(record_copy)["signal"]
     np.testing.assert_array_equal(signal, wfdb.rdrecord(str(record_copy)).p_signal)
     assert np.isnan(signal[100, 3]) and np.isnan(signal).sum() == 1

@@ -1,13 +1,18 @@
 """Strict WFDB reading: real PTB-XL values, and each bad input with its message naming the file."""
 
+import shutil
+
 import numpy as np
+import pandas as pd
 import pytest
 import wfdb
 
-from merit_hf.data import EcgInputError, read_ecg_record
+from merit_hf.data import EcgInputError, build_ptbxl, read_ecg_record
 from tests.conftest import BUNDLED_PTBXL
 
 RECORD_1_LR = BUNDLED_PTBXL / "records100" / "00000" / "00001_lr"
+RECORD_2_LR = BUNDLED_PTBXL / "records100" / "00000" / "00002_lr"
+RECORD_1_HR = BUNDLED_PTBXL / "records500" / "00000" / "00001_hr"
 PTBXL_LEADS = ["I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6"]
 
 
@@ -115,3 +120,114 @@ def test_unknown_unit(tmp_path):
 def test_shared_copy_reads_the_same(shared_ptbxl_dir):
     shared = read_ecg_record(shared_ptbxl_dir / "records100" / "00000" / "00001_lr")
     np.testing.assert_array_equal(shared["signal"], read_ecg_record(RECORD_1_LR)["signal"])
+
+
+def set_gain_one(path, lead=None):
+    """Make the header say gain 1 /mV (for every lead, or one): the 1000-per-mV data now read as µV labelled mV."""
+    header = path.with_suffix(".hea")
+    lines = header.read_text().splitlines()
+    lines = [line.replace("1000.0(0)/mV", "1.0(0)/mV") if lead in (None, line.split()[-1]) else line for line in lines]
+    header.write_text("\n".join(lines) + "\n")
+
+
+def cut_last_signal_line(path):
+    """The header of an interrupted copy: the V6 line ends after `00001_lr.dat 16 1000` (no units, no lead name)."""
+    header = path.with_suffix(".hea")
+    text = header.read_text()
+    header.write_text(text[: text.index(text.splitlines()[12]) + 20])
+
+
+def test_microvolts_labelled_millivolts_are_refused(tmp_path):
+    path = copy_record(RECORD_1_LR, tmp_path)
+    set_gain_one(path, lead="V2")
+    # V2's 99th percentile of |x - median| is 1.217 mV; read at gain 1 it is 1217 "mV"
+    with pytest.raises(
+        EcgInputError,
+        match=rf"{path}\.hea: leads \['V2'\] span up to 1217 mV after unit conversion, above the 30 mV an ECG can "
+        r"span: the header's units or ADC gain are probably wrong \(µV stored as mV",
+    ):
+        read_ecg_record(path)
+    set_gain_one(path)
+    all_leads = r"\['I', 'II', 'III', 'aVR', 'aVL', 'aVF', 'V1', 'V2', 'V3', 'V4', 'V5', 'V6'\]"
+    with pytest.raises(EcgInputError, match=rf"{path}\.hea: leads {all_leads} span up to 1217 mV"):
+        read_ecg_record(path)
+    # the threshold is an argument: raised above the spread, the record reads as 1000 x the true signal
+    wide = read_ecg_record(path, max_amplitude_mv=2000.0)["signal"]
+    np.testing.assert_allclose(wide, read_ecg_record(RECORD_1_LR)["signal"] * 1000, rtol=1e-6)
+
+
+def test_longer_signal_file_disagrees_with_header(tmp_path):
+    path = copy_record(RECORD_1_LR, tmp_path)
+    shutil.copyfile(RECORD_1_HR.with_suffix(".dat"), path.with_suffix(".dat"))  # the 500 Hz file of the same ECG
+    with pytest.raises(
+        EcgInputError,
+        match=rf"{path}\.dat: header and data disagree: the signal file holds 120000 bytes, the header declares 1000 "
+        r"samples x 12 signals in format 16 \(24000 bytes\)",
+    ):
+        read_ecg_record(path)
+
+
+def test_checksums_name_the_leads_that_fail(tmp_path):
+    path = copy_record(RECORD_1_LR, tmp_path)
+    data = path.with_suffix(".dat")
+    digital = np.fromfile(data, dtype="<i2").reshape(1000, 12)
+    digital[500, 9] += 1  # one sample of V4, file size unchanged
+    digital.tofile(data)
+    with pytest.raises(
+        EcgInputError, match=rf"{path}\.dat: header and data disagree: the checksum of leads \['V4'\] does not match"
+    ):
+        read_ecg_record(path)
+    shutil.copyfile(RECORD_2_LR.with_suffix(".dat"), data)  # another record's file of the same size
+    leads = r"\['I', 'II', 'III', 'AVR', 'AVL', 'AVF', 'V1', 'V2', 'V3', 'V4', 'V5', 'V6'\]"
+    with pytest.raises(EcgInputError, match=rf"{path}\.dat: header and data disagree: the checksum of leads {leads}"):
+        read_ecg_record(path)
+
+
+def test_checksums_compare_modulo_65536(tmp_path):
+    path = copy_record(RECORD_1_LR, tmp_path)
+    header = path.with_suffix(".hea")
+    header.write_text(header.read_text().replace("-119 1508 0 I", f"-119 {1508 - 65536} 0 I"))  # the signed form
+    np.testing.assert_array_equal(read_ecg_record(path)["signal"], read_ecg_record(RECORD_1_LR)["signal"])
+
+
+def test_header_cut_mid_line(tmp_path):
+    path = copy_record(RECORD_1_LR, tmp_path)
+    cut_last_signal_line(path)
+    assert path.with_suffix(".hea").read_text().endswith("00001_lr.dat 16 1000")
+    with pytest.raises(
+        EcgInputError, match=rf"{path}\.hea: corrupt or truncated WFDB header \(signal line 12 has no lead name\)"
+    ):
+        read_ecg_record(path)
+
+
+def test_conversion_lists_bad_records_and_writes_the_rest(tmp_path):
+    root = tmp_path / "ptbxl"
+    records = root / "records100" / "00000"
+    records.mkdir(parents=True)
+    shutil.copy(BUNDLED_PTBXL / "scp_statements.csv", root)
+    table = pd.read_csv(BUNDLED_PTBXL / "ptbxl_database.csv")
+    table[table.ecg_id.isin([1, 2, 3, 4])].to_csv(root / "ptbxl_database.csv", index=False)
+    paths = {
+        ecg_id: copy_record(BUNDLED_PTBXL / f"records100/00000/{ecg_id:05d}_lr", records) for ecg_id in (1, 2, 3, 4)
+    }
+    set_gain_one(paths[2])
+    shutil.copyfile(RECORD_1_HR.with_suffix(".dat"), paths[3].with_suffix(".dat"))
+    cut_last_signal_line(paths[4])
+    dataset, report = build_ptbxl(root, 100, on_error="skip", return_report=True)
+    assert (report.total, report.written, report.failed) == (4, 1, 3)
+    assert [row for part in dataset.values() for row in part["ecg_id"]] == [1]
+    reasons = {failure.record: failure.reason for failure in report.failures}
+    assert reasons.keys() == {str(paths[ecg_id]) for ecg_id in (2, 3, 4)}
+    assert reasons[str(paths[2])].startswith(f"{paths[2]}.hea: leads ") and "ADC gain" in reasons[str(paths[2])]
+    assert reasons[str(paths[3])].startswith(f"{paths[3]}.dat: header and data disagree")
+    assert (
+        reasons[str(paths[4])] == f"{paths[4]}.hea: corrupt or truncated WFDB header (signal line 12 has no lead name)"
+    )
+
+
+def test_one_spike_is_not_a_unit_error(tmp_path):
+    signal = wfdb.rdsamp(str(RECORD_1_LR))[0]
+    signal[500, 6] = 31.0  # a 31 mV artefact in V1 (int16 at 1000/mV holds 32.767): range above 30 mV, spread not
+    path = write_record(tmp_path, "spike", signal, PTBXL_LEADS)
+    v1 = read_ecg_record(path)["signal"][:, 6]
+    assert v1[500] == 31.0 and np.ptp(v1) > 30.0

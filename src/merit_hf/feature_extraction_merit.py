@@ -40,6 +40,8 @@ UNIT_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3, "nv": 1
 NAN_POLICIES = ("raise", "interpolate")
 NORMALIZATIONS = ("zscore_lead", "zscore_record", "none")
 CROPS = ("center", "random", "start")
+# An ECG spans a few mV; a lead whose 99th percentile of |x - median| exceeds this is almost always a unit error.
+DEFAULT_MAX_AMPLITUDE_MV = 30.0
 
 
 class EcgInputError(ValueError):
@@ -50,8 +52,9 @@ def read_wfdb_record(path: str | os.PathLike) -> dict[str, Any]:
     """Read a WFDB record (`path` without extension, or with `.hea`) and validate what the header claims.
 
     Returns `{"signal": (num_samples, num_leads) float64 in the header's units, "sampling_rate", "lead_names",
-    "units", "record": str(path)}`. Raises `EcgInputError` naming the file for a missing or corrupt header, a missing
-    or short signal file, and a header whose signal lines disagree with its record line.
+    "units", "record": str(path)}`. Raises `EcgInputError` naming the file for a missing, corrupt or truncated header
+    (signal lines missing or without a lead name), a missing signal file, and a signal file that does not belong to
+    its header (shorter or longer than the header declares, or, for format-16 records, failing the header's checksums).
     """
     record_path = Path(path)
     if record_path.suffix in (".hea", ".dat"):
@@ -72,6 +75,10 @@ def read_wfdb_record(path: str | os.PathLike) -> dict[str, Any]:
             f"{header}: corrupt or truncated WFDB header (record line declares {meta.n_sig} signals, "
             f"{len(meta.sig_name or [])} signal lines found)"
         )
+    # A signal line cut short (an interrupted copy) still parses, with the lead name as None.
+    unnamed = [line for line, lead in enumerate(meta.sig_name, start=1) if not (lead or "").strip()]
+    if unnamed:
+        raise EcgInputError(f"{header}: corrupt or truncated WFDB header (signal line {unnamed[0]} has no lead name)")
     if not meta.fs or meta.fs <= 0:
         raise EcgInputError(f"{header}: header gives no valid sampling frequency ({meta.fs})")
     for file_name in sorted(set(meta.file_name or [])):
@@ -105,7 +112,8 @@ def _read_format16(meta, record_path: Path) -> np.ndarray | None:
     """The signal of a record stored the way PTB-XL and MIMIC-IV-ECG store theirs (one file, format 16, one sample
     per frame, no skew), read with numpy from the header already parsed, converted exactly as `wfdb.rdrecord`
     converts it (float64 `(digital - baseline) / adc_gain`, the format's invalid value -32768 as NaN). `None` for any
-    other layout."""
+    other layout. The header's per-signal checksums (16-bit sum of the digital samples, invalid values included, as
+    `wfdb` computes them when writing) are verified: a mismatch means the file does not hold the header's data."""
     files = set(meta.file_name or [])
     if (
         len(files) != 1
@@ -122,6 +130,7 @@ def _read_format16(meta, record_path: Path) -> np.ndarray | None:
     digital = np.fromfile(data_file, dtype="<i2", offset=offset)
     length = meta.sig_len or digital.size // meta.n_sig
     digital = digital[: length * meta.n_sig].reshape(length, meta.n_sig)
+    _check_checksums(meta, digital, data_file)
     invalid = digital == -32768
     signal = digital.astype(np.float64)
     np.subtract(signal, np.asarray(meta.baseline, dtype=np.float64), signal)
@@ -130,24 +139,60 @@ def _read_format16(meta, record_path: Path) -> np.ndarray | None:
     return signal
 
 
+def _check_checksums(meta, digital: np.ndarray, data_file: Path) -> None:
+    """Compare the header's checksums (where given) with the 16-bit sums of `digital` `(num_samples, num_signals)`."""
+    if not meta.checksum:
+        return
+    sums = digital.sum(axis=0, dtype=np.int64)
+    failing = [
+        meta.sig_name[column]
+        for column, checksum in enumerate(meta.checksum)
+        if checksum is not None and (int(sums[column]) - checksum) % 65536
+    ]
+    if failing:
+        raise EcgInputError(
+            f"{data_file}: header and data disagree: the checksum of leads {failing} does not match the header "
+            "(the signal file belongs to another record, or is corrupt)"
+        )
+
+
 # Bytes per sample of the common WFDB storage formats (the WFDB "signal" specification).
 _WFDB_BYTES_PER_SAMPLE = {"8": 1.0, "16": 2.0, "24": 3.0, "32": 4.0, "61": 2.0, "80": 1.0, "160": 2.0, "212": 1.5}
 
 
 def _check_signal_file_size(meta, file_name: str, data_file: Path) -> None:
-    """A signal file shorter than its header declares is truncated; say so before wfdb fails on a reshape."""
+    """A signal file shorter than its header declares is truncated, one longer belongs to another header: say so
+    before wfdb fails on a reshape or silently reads the first samples of the wrong data."""
     columns = [i for i, name in enumerate(meta.file_name) if name == file_name]
     formats = {str(meta.fmt[i]) for i in columns}
     if len(formats) != 1 or not meta.sig_len or (fmt := formats.pop()) not in _WFDB_BYTES_PER_SAMPLE:
         return
     offset = max((meta.byte_offset or [0] * len(meta.fmt))[i] or 0 for i in columns)
-    expected = offset + int(meta.sig_len * len(columns) * _WFDB_BYTES_PER_SAMPLE[fmt])
+    samples = meta.sig_len * sum((meta.samps_per_frame or [1] * len(meta.fmt))[i] or 1 for i in columns)
+    # Format 212 packs two samples in 3 bytes; an odd sample count ends on a padded 2-byte pair.
+    expected = samples * _WFDB_BYTES_PER_SAMPLE[fmt]
+    shortest, longest = offset + int(expected), offset + int(np.ceil(expected))
     actual = data_file.stat().st_size
-    if actual < expected:
-        raise EcgInputError(
-            f"{data_file}: signal file holds {actual} bytes, the header declares {meta.sig_len} samples x "
-            f"{len(columns)} signals in format {fmt} ({expected} bytes): truncated"
-        )
+    declares = (
+        f"the header declares {meta.sig_len} samples x {len(columns)} signals in format {fmt} ({shortest} bytes)"
+    )
+    if actual < shortest:
+        raise EcgInputError(f"{data_file}: signal file holds {actual} bytes, {declares}: truncated")
+    skewed = any((meta.skew or [0] * len(meta.fmt))[i] for i in columns)  # skew reads frames past sig_len
+    if actual > longest and not skewed:
+        raise EcgInputError(f"{data_file}: header and data disagree: the signal file holds {actual} bytes, {declares}")
+
+
+def leads_too_wide(signal: np.ndarray, max_amplitude_mv: float) -> tuple[np.ndarray, float]:
+    """Columns of `signal` `(num_samples, num_leads)` in mV whose 99th percentile of |x - median| exceeds
+    `max_amplitude_mv`, and the widest of those spreads (0 if none). An ECG spans a few mV: a lead hundreds of mV wide
+    is almost always µV labelled mV (a wrong unit or ADC gain). Shared by the feature extractor and dataset reading."""
+    if not (np.ptp(signal, axis=0) > max_amplitude_mv).any():
+        # |x - median| never exceeds the peak-to-peak range: the usual record skips the order statistics (exact)
+        return np.array([], dtype=np.int64), 0.0
+    spread = np.percentile(np.abs(signal - np.median(signal, axis=0)), 99, axis=0)
+    too_wide = np.flatnonzero(spread > max_amplitude_mv)
+    return too_wide, float(spread[too_wide].max()) if too_wide.size else 0.0
 
 
 class MeritFeatureExtractor(FeatureExtractionMixin):
@@ -204,7 +249,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         padding: bool = False,
         nan_policy: str = "raise",
         derive_limb_leads: bool = False,
-        max_amplitude_mv: float = 30.0,
+        max_amplitude_mv: float = DEFAULT_MAX_AMPLITUDE_MV,
         min_sampling_rate_factor: float = 2.0,
         seed: int | None = None,
         **kwargs,
@@ -448,12 +493,11 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         return signal
 
     def _check_amplitude(self, signal: np.ndarray, name: str) -> None:
-        spread = np.percentile(np.abs(signal - np.median(signal, axis=0)), 99, axis=0)
-        too_wide = np.flatnonzero(spread > self.max_amplitude_mv)
+        too_wide, spread = leads_too_wide(signal, self.max_amplitude_mv)
         if too_wide.size:
             leads = [self.lead_names[i] for i in too_wide]
             raise EcgInputError(
-                f"{name}: leads {leads} span {spread[too_wide].max():.0f} mV after unit conversion (an ECG spans a "
+                f"{name}: leads {leads} span {spread:.0f} mV after unit conversion (an ECG spans a "
                 f"few mV); the signal is probably in µV: pass units='uV'"
             )
 

@@ -3,7 +3,8 @@
 `merit_hf.feature_extraction_merit.read_wfdb_record` checks the file level (header present and parseable, signal file
 present, header and data agree). This module adds what a dataset row needs: the 12 standard leads (names matched
 case-insensitively, none missing, none repeated, nothing else), the expected sampling rate, a known unit converted to
-mV, and finite values. The row stores the signal as float32 `(num_samples, 12)` in the standard order
+mV, finite values, and a plausible amplitude (the feature extractor's check, so that a record it would refuse is
+never written to a dataset). The row stores the signal as float32 `(num_samples, 12)` in the standard order
 `I II III aVR aVL aVF V1-V6`, so that every row of every dataset has the same columns (MIMIC-IV-ECG writes aVF before
 aVL, PTB-XL writes `AVR`). Every error is an `EcgInputError` whose message starts with the record's path.
 """
@@ -16,7 +17,13 @@ from typing import Any
 import numpy as np
 
 from ..configuration_merit import STANDARD_LEAD_NAMES
-from ..feature_extraction_merit import UNIT_TO_MV, EcgInputError, read_wfdb_record
+from ..feature_extraction_merit import (
+    DEFAULT_MAX_AMPLITUDE_MV,
+    UNIT_TO_MV,
+    EcgInputError,
+    leads_too_wide,
+    read_wfdb_record,
+)
 
 
 def read_ecg_record(
@@ -24,6 +31,7 @@ def read_ecg_record(
     sampling_rate: float | None = None,
     num_samples: int | None = None,
     lead_names: tuple[str, ...] | list[str] = STANDARD_LEAD_NAMES,
+    max_amplitude_mv: float = DEFAULT_MAX_AMPLITUDE_MV,
 ) -> dict[str, Any]:
     """Read and validate a WFDB record; returns `{"signal": float32 (num_samples, num_leads) in mV, "sampling_rate",
     "lead_names", "record"}` with the leads in the order of `lead_names`.
@@ -33,6 +41,9 @@ def read_ecg_record(
         sampling_rate: the rate the dataset promises (Hz); another rate in the header raises.
         num_samples: the length the dataset promises; another length raises.
         lead_names: the leads the record must hold, exactly (case-insensitive); the output order.
+        max_amplitude_mv: a lead whose 99th percentile of |x - median| exceeds this (in mV, after unit conversion)
+            raises: the header's units or ADC gain are wrong (µV stored as mV, gain 1 instead of 1000). The same
+            check and default as `MeritFeatureExtractor(max_amplitude_mv=...)`.
     """
     read = read_wfdb_record(path)
     name = read["record"] + ".hea"
@@ -56,6 +67,13 @@ def read_ecg_record(
         bad = np.flatnonzero(~finite.all(axis=0))
         details = ", ".join(f"{lead_names[i]} ({int((~finite[:, i]).sum())} samples)" for i in bad)
         raise EcgInputError(f"{name}: NaN/inf values in lead {details}")
+    too_wide, spread = leads_too_wide(signal, max_amplitude_mv)
+    if too_wide.size:
+        raise EcgInputError(
+            f"{name}: leads {[lead_names[i] for i in too_wide]} span up to {spread:.0f} mV after unit conversion, "
+            f"above the {max_amplitude_mv:g} mV an ECG can span: the header's units or ADC gain are probably wrong "
+            "(µV stored as mV, or a gain of 1 instead of 1000)"
+        )
     return {
         "signal": signal.astype(np.float32),
         "sampling_rate": int(round(read["sampling_rate"])),
