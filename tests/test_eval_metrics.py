@@ -18,6 +18,7 @@ from merit_hf.evaluation.metrics import (
     macro_f1_max_over_thresholds,
     per_class_auroc,
     per_class_f1,
+    present_classes,
 )
 from merit_hf.evaluation.results import SCHEMA, read_results, write_results
 
@@ -83,6 +84,27 @@ def test_bootstrap_interval_is_seeded_and_brackets_the_value():
     assert first[0] < macro_auroc(y_true, y_score) < first[1]
     with pytest.raises(ValueError, match="confidence"):
         bootstrap_ci(macro_auroc, y_true, y_score, confidence=1.5)
+
+
+def test_bootstrap_keeps_the_class_set_of_the_estimate():
+    """Rare classes (one positive each) score low; a resample that lost them would average only the good classes and
+    lift the interval above the estimate. Resamples are kept only when they hold every class, so it brackets it."""
+    rng = np.random.default_rng(0)
+    y_true = np.zeros((300, 8), int)
+    y_true[:, :4] = rng.random((300, 4)) < 0.3
+    for c in range(4, 8):
+        y_true[rng.integers(300), c] = 1
+    y_score = rng.standard_normal(y_true.shape)
+    y_score[:, :4] += 2.0 * y_true[:, :4]
+    for metric in (macro_auroc, macro_f1_max_over_thresholds):
+        low, high = bootstrap_ci(metric, y_true, y_score, num_resamples=200, seed=0)
+        assert low < metric(y_true, y_score) < high, metric.__name__
+    low, high = bootstrap_ci(macro_auroc, y_true, y_score, num_resamples=200, seed=0)
+    # centred on the estimate (dropping the rare classes per resample put the centre 0.85 half-widths above it)
+    assert abs((low + high) / 2 - macro_auroc(y_true, y_score)) < 0.25 * (high - low) / 2
+    seen = []
+    bootstrap_ci(lambda t, s: seen.append(present_classes(t).all()) or 0.0, y_true, y_score, num_resamples=50)
+    assert len(seen) == 50 and all(seen)
 
 
 def test_bad_inputs_raise():

@@ -12,6 +12,7 @@ from merit_hf import MeritModel
 from merit_hf.evaluation.robustness import device_family, input_shifts, robustness_table, run_robustness
 from merit_hf.evaluation.shifts import (
     LIMB_LEADS,
+    acquired_at_rate,
     add_baseline_wander,
     add_white_noise,
     measured_snr_db,
@@ -72,6 +73,54 @@ def test_resampling_changes_rate_and_length_but_not_the_waveform(record):
     np.testing.assert_allclose(back[50:-50], signal[50:-50], atol=0.02)  # mV; edges excluded (filter transients)
 
 
+def test_a_low_rate_device_keeps_nothing_above_half_its_rate(record):
+    """The shift must reach the model: the feature extractor resamples every rate to its own, so only the content
+    the device could not capture is left to change."""
+    from scipy.signal import welch
+
+    from merit_hf import MeritFeatureExtractor
+
+    signal, rate, leads = record
+    shifted, shifted_rate = acquired_at_rate(signal, rate, 50)
+    assert shifted_rate == rate and shifted.shape == signal.shape
+    frequencies, clean_power = welch(signal, fs=rate, axis=0, nperseg=256)
+    _, shifted_power = welch(shifted, fs=rate, axis=0, nperseg=256)
+    above, below = frequencies > 27, (frequencies > 1) & (frequencies < 20)
+    assert shifted_power[above].sum() < 0.01 * clean_power[above].sum()
+    np.testing.assert_allclose(shifted_power[below].sum(), clean_power[below].sum(), rtol=0.05)
+    fe = MeritFeatureExtractor()
+    a = fe(signal, sampling_rate=rate, lead_names=leads)["ecg_values"]
+    b = fe(shifted, sampling_rate=rate, lead_names=leads)["ecg_values"]
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) > 0.05  # the model input changes
+    with pytest.raises(ValueError, match="below the record's 100 Hz"):
+        acquired_at_rate(signal, rate, 500)
+
+
+def test_shift_features_are_cached_per_parameters(tmp_path):
+    from merit_hf import MeritEcgModel, MeritFeatureExtractor
+    from merit_hf.training.probe import extract_features
+
+    from .conftest import tiny_ecg_config
+
+    torch.manual_seed(0)
+    model = MeritModel(tiny_merit_config()).eval()
+    data = synthetic_ptbxl(sizes=(16, 8, 10))
+    arguments = ProbeArguments(max_epochs=2, num_bootstrap=0, cache_dir=str(tmp_path / "cache"))
+    slow, fast = (input_shifts(device_rates=(), noise_snrs_db=(), wander_snrs_db=(0,), wander_frequency_hz=f)
+                  for f in (0.3, 5.0))  # fmt: skip
+    first = run_robustness(model, data, "superclass", arguments=arguments, shifts=slow, group_columns=())
+    second = run_robustness(model, data, "superclass", arguments=arguments, shifts=fast, group_columns=())
+    uncached = run_robustness(
+        model, data, "superclass", arguments=ProbeArguments(max_epochs=2, num_bootstrap=0), shifts=fast,
+        group_columns=(),
+    )  # fmt: skip
+    auroc = lambda r: r["shifts"]["baseline_wander_0db"]["model"]["metrics"]["macro_auroc"]["value"]  # noqa: E731
+    assert auroc(second) == auroc(uncached) and auroc(second) != auroc(first)
+    with pytest.raises(ValueError, match="name the transform in cache_tag"):
+        extract_features(MeritEcgModel(tiny_ecg_config()), MeritFeatureExtractor(), data["test"],
+                         transform=lambda *row: row[:2], cache_dir=tmp_path / "c")  # fmt: skip
+
+
 def test_device_family():
     assert device_family("CS-12   E") == "CS-12"
     assert device_family("AT-6 C 5.5") == "AT-6"
@@ -89,7 +138,7 @@ def test_robustness_reports_every_shift_for_model_and_baseline(tmp_path):
     )
     assert results["task"] == "robustness" and (tmp_path / "robustness.json").is_file()
     expected = {
-        "resampled_500hz",
+        "acquired_at_50hz",
         "white_noise_10db",
         "baseline_wander_0db",
         "limb_leads_only",

@@ -210,3 +210,4 @@ def test_zero_shot_evaluation_on_a_dataset_with_a_random_ecg_tower_baseline(mode
         assert set(results[role]["metrics"]) == {"macro_auroc", "macro_f1", "macro_f1_max_over_thresholds"}
         assert results[role]["num_records"] == 10
     assert results["baseline"]["name_or_path"] == "random-init ECG tower"
+    assert results["model"]["name_or_path"] == (model.name_or_path or "MeritModel")  # not the module's repr

@@ -4,8 +4,11 @@ Each shift takes one record as WFDB gives it, `signal` `(num_samples, num_leads)
 `sampling_rate`, and returns a new `(signal, sampling_rate)`. They change the input exactly as their name says, and
 the tests measure it:
 
-- `resample_record(signal, rate, target_rate)`: the same record presented at another sampling rate (PTB-XL's 100 Hz
-  records upsampled with scipy's polyphase filter), so the model sees a rate it was not probed on;
+- `acquired_at_rate(signal, rate, device_rate)`: what a device sampling at `device_rate` keeps of the record (resampled
+  down to `device_rate` and back to its own rate with scipy's polyphase filter: nothing above `device_rate / 2`).
+  Presenting a record at another rate alone would change nothing the model sees: the feature extractor resamples
+  every input to the model's rate;
+- `resample_record(signal, rate, target_rate)`: the polyphase resampling itself;
 - `add_white_noise(signal, snr_db, rng)`: Gaussian noise scaled per lead so that
   `10 log10(P_signal / P_noise) = snr_db`, with powers measured around each lead's mean;
 - `add_baseline_wander(signal, rate, snr_db, frequency_hz, rng)`: a sinusoid at `frequency_hz` (respiration-like,
@@ -105,8 +108,20 @@ def resample_record(signal: np.ndarray, sampling_rate: float, target_rate: float
     return sp_signal.resample_poly(signal, ratio.numerator, ratio.denominator, axis=0), float(target_rate)
 
 
+def acquired_at_rate(signal: np.ndarray, sampling_rate: float, device_rate: float) -> tuple[np.ndarray, float]:
+    """The record as a `device_rate` Hz device would have captured it, returned at its own `sampling_rate`."""
+    if not 0 < device_rate < sampling_rate:
+        raise ValueError(
+            f"device_rate must be below the record's {sampling_rate:g} Hz to change it, got {device_rate:g} Hz"
+        )
+    low, _ = resample_record(signal, sampling_rate, device_rate)
+    restored, _ = resample_record(low, device_rate, sampling_rate)
+    return restored[: len(signal)], float(sampling_rate)
+
+
 __all__ = [
     "LIMB_LEADS",
+    "acquired_at_rate",
     "add_baseline_wander",
     "add_white_noise",
     "measured_snr_db",

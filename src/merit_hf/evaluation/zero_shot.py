@@ -268,6 +268,10 @@ def evaluate_zero_shot(
         processor = processor or AutoProcessor.from_pretrained(str(model_or_path))
     else:
         model = model_or_path.eval()
+    # a model instance is named by where it was loaded from (its repr is the whole module tree)
+    model_name = (
+        str(model_or_path) if isinstance(model_or_path, (str, Path)) else model.name_or_path or type(model).__name__
+    )
     if processor is None:
         raise ValueError("evaluate_zero_shot needs a processor (MeritProcessor) when given a model instance")
     dataset_dict = labeled_dataset_dict(dataset_dict, label_set)
@@ -283,7 +287,7 @@ def evaluate_zero_shot(
         test_scores = _dataset_scores(role_model, processor, dataset_dict["test"], prompts, batch_size)
         thresholds = best_f1_thresholds(label_matrix(dataset_dict["validation"], label_set), validation_scores)
         entries[role] = {
-            "name_or_path": str(model_or_path) if role == "model" else "random-init ECG tower",
+            "name_or_path": model_name if role == "model" else "random-init ECG tower",
             "init": "pretrained" if role == "model" else f"ECG encoder + projection random (seed {seed})",
             **classification_metrics(
                 label_matrix(dataset_dict["test"], label_set), test_scores, names, thresholds, num_bootstrap, seed

@@ -273,6 +273,8 @@ def extract_features(
     the dataset fingerprint and `cache_tag` (name a `transform` there), and read back on the next call.
     """
     cache_file = None
+    if cache_dir is not None and transform is not None and cache_tag == "clean":
+        raise ValueError("extract_features: name the transform in cache_tag, or its features are cached as the clean ones")
     if cache_dir is not None:
         key = hashlib.sha1(
             json.dumps(
