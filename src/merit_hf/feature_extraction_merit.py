@@ -271,6 +271,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         self.seed = seed
         self._validate_settings()
         self._rng = np.random.default_rng(seed)
+        self._rng_worker_seed = None  # the DataLoader worker the generator was last seeded for
 
     def _validate_settings(self) -> None:
         name = type(self).__name__
@@ -295,6 +296,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
         output.pop("_rng", None)
+        output.pop("_rng_worker_seed", None)
         return output
 
     @classmethod
@@ -419,8 +421,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         signal, lead_names = self._select_leads(signal, list(lead_names), name)
         signal = self._handle_non_finite(signal, name)
         self._check_amplitude(signal, name)
-        signal = self._resample(signal, float(sampling_rate), name)
-        signal = self._band_pass(signal)
+        signal = self._resample_and_filter(signal, float(sampling_rate), name)
         signal, mask = self._fit_window(signal, name, padding=padding, crop=crop)
         return self._normalize(signal, mask), mask
 
@@ -428,6 +429,8 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
     def _check_shape(self, signal: np.ndarray, lead_names: list[str], name: str) -> np.ndarray:
         if signal.ndim != 2:
             raise EcgInputError(f"{name}: expected a 2-D array (num_samples, num_leads), got shape {signal.shape}")
+        if signal.shape[0] < 2:
+            raise EcgInputError(f"{name}: {signal.shape[0]} samples; a record needs at least 2")
         if signal.shape[1] != len(lead_names):
             hint = " (transposed? arrays are (num_samples, num_leads) as WFDB gives them)"
             raise EcgInputError(
@@ -501,7 +504,33 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
                 f"few mV); the signal is probably in µV: pass units='uV'"
             )
 
-    def _resample(self, signal: np.ndarray, sampling_rate: float, name: str) -> np.ndarray:
+    def _resample_and_filter(self, signal: np.ndarray, sampling_rate: float, name: str) -> np.ndarray:
+        """Resample to `self.sampling_rate` and band-pass, with neither touching the record's edges: each lead is
+        taken around its mean and extended by 1 s of odd reflection (value and slope continue) before both steps,
+        and the extension is cut off after. Without this, `resample_poly`'s zero padding turns a lead's offset into
+        a step at each end, which the 0.67 Hz high-pass rings out for about half a second into the window, and the
+        output would depend on a DC offset that the high-pass is meant to remove."""
+        up, down = self._resample_ratio(sampling_rate, name)
+        length = len(signal)
+        mean = signal.mean(axis=0)
+        pad = min(int(round(sampling_rate)), length - 1)
+        centred = signal - mean
+        extended = np.concatenate(
+            [2 * centred[:1] - centred[pad:0:-1], centred, 2 * centred[-1:] - centred[-2 : -pad - 2 : -1]]
+        )
+        if (up, down) != (1, 1):
+            extended = sp_signal.resample_poly(extended, up, down, axis=0)
+        try:
+            extended = self._band_pass(extended)
+        except ValueError as error:  # sosfiltfilt's minimum length
+            raise EcgInputError(
+                f"{name}: {length} samples are too short for the band-pass filter ({error})"
+            ) from error
+        start = int(round(pad * up / down))  # whole samples for every integer rate (1 s -> `self.sampling_rate`)
+        resampled = extended[start : start + -(-length * up // down)]
+        return resampled if self.highpass_hz is not None else resampled + mean  # DC is signal when nothing removes it
+
+    def _resample_ratio(self, sampling_rate: float, name: str) -> tuple[int, int]:
         if not np.isfinite(sampling_rate) or sampling_rate <= 0:
             raise EcgInputError(f"{name}: invalid sampling_rate {sampling_rate}")
         if self.lowpass_hz is not None and sampling_rate < self.min_sampling_rate_factor * self.lowpass_hz:
@@ -510,12 +539,10 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
                 f"{sampling_rate / 2:g} Hz is below the {self.lowpass_hz:g} Hz low-pass cut-off "
                 f"(at least {self.min_sampling_rate_factor * self.lowpass_hz:g} Hz needed)"
             )
-        if sampling_rate == self.sampling_rate:
-            return signal
-        ratio = Fraction(self.sampling_rate / sampling_rate).limit_denominator(1000)
+        ratio = (Fraction(self.sampling_rate) / Fraction(sampling_rate)).limit_denominator(10_000)
         if abs(float(ratio) * sampling_rate - self.sampling_rate) > 1e-6 * self.sampling_rate:
             raise EcgInputError(f"{name}: cannot resample {sampling_rate:g} Hz to {self.sampling_rate} Hz exactly")
-        return sp_signal.resample_poly(signal, ratio.numerator, ratio.denominator, axis=0)
+        return ratio.numerator, ratio.denominator
 
     def _band_pass(self, signal: np.ndarray) -> np.ndarray:
         low, high = self.highpass_hz, self.lowpass_hz
@@ -547,10 +574,24 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         if crop == "start":
             start = 0
         elif crop == "random":
-            start = int(self._rng.integers(0, length - window + 1))
+            start = int(self._crop_generator().integers(0, length - window + 1))
         else:
             start = (length - window) // 2
         return signal[start : start + window].T, mask
+
+    def _crop_generator(self) -> np.random.Generator:
+        """The generator of random crops. In a DataLoader worker it is re-seeded from the worker's own seed (set by
+        torch per worker and epoch, reproducible under a seeded DataLoader), combined with `seed`: forked workers
+        would otherwise all inherit one generator state and cut the same crops."""
+        try:
+            from torch.utils.data import get_worker_info
+        except ImportError:  # pragma: no cover - torch is a dependency of merit_hf
+            return self._rng
+        worker = get_worker_info()
+        if worker is not None and worker.seed != self._rng_worker_seed:
+            self._rng_worker_seed = worker.seed
+            self._rng = np.random.default_rng([0 if self.seed is None else self.seed, worker.seed])
+        return self._rng
 
     def _normalize(self, signal: np.ndarray, mask: np.ndarray, eps: float = 1e-6) -> np.ndarray:
         if self.normalization == "none":

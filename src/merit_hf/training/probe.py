@@ -274,7 +274,9 @@ def extract_features(
     """
     cache_file = None
     if cache_dir is not None and transform is not None and cache_tag == "clean":
-        raise ValueError("extract_features: name the transform in cache_tag, or its features are cached as the clean ones")
+        raise ValueError(
+            "extract_features: name the transform in cache_tag, or its features are cached as the clean ones"
+        )
     if cache_dir is not None:
         key = hashlib.sha1(
             json.dumps(
