@@ -9,7 +9,7 @@ Schema `merit_hf.results/v1` (one file per run: one task, one label set, one lab
   "dataset": {
     "name": "ptb-xl", "version": "1.0.3", "source": "<folder or Hub id>",
     "split": "test", "splits": "PTB-XL strat_fold 1-8 train, 9 validation, 10 test",
-    "num_records": {"train": 17084, "train_available": 17084, "validation": 2146, "test": 2158},
+    "num_records": {"train": 17084, "validation": 2146, "test": 2158, "in_splits": {"train": ..., ...}},
     "train_label_counts": {"CD": ..., ...}
   },
   "label_set": "superclass", "label_names": ["CD", "HYP", "MI", "NORM", "STTC"],
