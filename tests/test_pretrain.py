@@ -385,16 +385,27 @@ def launch_argv(*launcher_flags: str) -> list[str]:
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_double_batch(reference, assets, tmp_path):
+    """Training and evaluation. 25 eval records in global batches of 16: the last batch is 9 records, which
+    Accelerate pads with duplicates on 2 processes; they must not act as contrastive negatives (they did: the eval
+    contrastive loss then depended on the number of processes)."""
     _, expected = reference
     argv = launch_argv("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()))
-    argv += base_argv(assets, tmp_path, per_device_train_batch_size=4, use_cpu="true")
+    argv += base_argv(assets, tmp_path / "two", per_device_train_batch_size=4, use_cpu="true", max_eval_samples=25,
+                      per_device_eval_batch_size=8)  # fmt: skip
     done = subprocess.run(argv, env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=LAUNCH_TIMEOUT_S)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads((tmp_path / "train_results.json").read_text())
+    results = json.loads((tmp_path / "two" / "train_results.json").read_text())
     assert results["num_processes"] == 2 and results["total_batch_size"] == 8
     torch.testing.assert_close(torch.tensor(results["loss_history"]), torch.tensor(expected["loss_history"]),
                                rtol=1e-5, atol=1e-5)  # fmt: skip
+    run_main(base_argv(assets, tmp_path / "one", per_device_train_batch_size=8, max_eval_samples=25,
+                       per_device_eval_batch_size=16))  # fmt: skip
+    evals = [[row for row in read_log_history(tmp_path / run) if "eval_loss" in row] for run in ("two", "one")]
+    assert len(evals[0]) == len(evals[1]) >= 1
+    for two, one in zip(*evals):
+        for name in ("eval_loss", "eval_reconstruction_loss", "eval_contrastive_loss"):
+            assert two[name] == pytest.approx(one[name], rel=1e-5), name
 
 
 @pytest.mark.slow

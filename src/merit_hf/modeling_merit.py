@@ -473,17 +473,27 @@ def _gather_with_grad(features: torch.Tensor) -> torch.Tensor:
 
 
 def contrastive_loss(
-    ecg_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, gather: bool = True
+    ecg_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    gather: bool = True,
+    sample_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP): `(CE(s * E T^T, I) + CE(s * T E^T, I)) / 2` over L2-normalised embeddings.
 
     With `gather=True` under `torch.distributed`, embeddings from all processes form one `(N*b, N*b)` matrix and the
     gather keeps gradients, so after DDP's gradient averaging N processes of batch b train exactly like one process
     of batch N*b (InfoNCE's bound `log(batch) - loss` grows with the batch, which is why the gather matters).
+    `sample_mask` (`(b,)` bool) keeps only those pairs, as anchors and as negatives: a distributed eval's last batch
+    is padded with duplicates that would otherwise act as false negatives.
     """
     if gather:
         ecg_embeds = _gather_with_grad(ecg_embeds)
         text_embeds = _gather_with_grad(text_embeds)
+        if sample_mask is not None:
+            sample_mask = _gather_with_grad(sample_mask.float()) > 0.5
+    if sample_mask is not None:
+        ecg_embeds, text_embeds = ecg_embeds[sample_mask], text_embeds[sample_mask]
     logits_per_ecg = logit_scale * ecg_embeds @ text_embeds.t()
     labels = torch.arange(logits_per_ecg.shape[0], device=logits_per_ecg.device)
     return (F.cross_entropy(logits_per_ecg, labels) + F.cross_entropy(logits_per_ecg.t(), labels)) / 2
@@ -999,6 +1009,7 @@ class MeritForPreTraining(MeritPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         ecg_attention_mask: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
+        sample_mask: torch.Tensor | None = None,
         return_loss: bool = True,
         return_dict: bool | None = None,
         **kwargs,
@@ -1009,6 +1020,8 @@ class MeritForPreTraining(MeritPreTrainedModel):
         ecg_attention_mask (`torch.LongTensor` of shape `(batch_size, num_samples)`, *optional*): 1 real, 0 padding.
         noise (`torch.FloatTensor` of shape `(batch_size, num_leads, num_patches_per_lead)`, *optional*): fixes the
             masking (the smallest noise stays visible).
+        sample_mask (`torch.BoolTensor` of shape `(batch_size,)`, *optional*): the records that count in both losses
+            (`False`: padding, e.g. the duplicates that fill a distributed eval's last batch); all by default.
         return_loss (`bool`, defaults to `True`): the losses need no labels, so they are always computed; the
             argument tells `Trainer` so (it then reports `eval_loss`). `False` leaves `loss` out of the output.
         """
@@ -1040,10 +1053,13 @@ class MeritForPreTraining(MeritPreTrainedModel):
             predicted = self.decoder(
                 masked_output.last_hidden_state, masked_output.ids_restore, masked_output.patch_attention_mask
             )
+            hidden = masked_output.mask
+            if sample_mask is not None:
+                hidden = hidden * sample_mask.to(hidden.dtype)[:, None, None]
             reconstruction_loss = masked_patch_reconstruction_loss(
                 ecg_values,
                 predicted,
-                masked_output.mask,
+                hidden,
                 config.ecg_config.patch_size,
                 config.ecg_config.norm_pix_loss,
                 masked_output.patch_attention_mask,
@@ -1061,7 +1077,9 @@ class MeritForPreTraining(MeritPreTrainedModel):
                 self.merit.get_text_features(input_ids, attention_mask, token_type_ids).pooler_output, dim=-1
             )
             scale = self.merit.clamped_logit_scale()
-            contrastive = contrastive_loss(ecg_embeds, text_embeds, scale, gather=config.gather_contrastive_features)
+            contrastive = contrastive_loss(
+                ecg_embeds, text_embeds, scale, gather=config.gather_contrastive_features, sample_mask=sample_mask
+            )
             logits_per_ecg = scale * ecg_embeds @ text_embeds.t()
             loss = loss + config.contrastive_weight * contrastive
 

@@ -723,18 +723,30 @@ def _as_tensor(value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, eval_loader, accelerator: Accelerator, seed: int, num_patches: tuple[int, int]) -> dict:
-    """Mean losses over the eval split, per record (`gather_for_metrics` drops the padding of the last batch)."""
+    """Mean losses over the eval split, per record. The duplicates that pad the last batch to equal sizes on every
+    process are kept out of the losses (`sample_mask`) and then dropped (`gather_for_metrics`), so the numbers do not
+    depend on the number of processes."""
     model.eval()
     per_record = []
     for batch in eval_loader:
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         ecg_ids = batch.pop("ecg_id")
         noise = masking_noise(ecg_ids.tolist(), (seed, -1), num_patches).to(accelerator.device)
-        output = model(**batch, noise=noise)
+        output = model(**batch, noise=noise, sample_mask=_real_records(accelerator, len(ecg_ids)))
         losses = torch.stack([_as_tensor(getattr(output, name), output.loss) for name in _LOSS_NAMES]).float()
         per_record.append(accelerator.gather_for_metrics(losses[None].expand(len(ecg_ids), -1).contiguous()))
     means = torch.cat(per_record).mean(dim=0).tolist()
     return {f"eval_{name}": value for name, value in zip(_LOSS_NAMES, means)}
+
+
+def _real_records(accelerator: Accelerator, batch_size: int) -> torch.Tensor | None:
+    """Which rows of this process's batch are real records: all but in the last batch of a padded eval loader, whose
+    gathered rows (process after process) hold `remainder` real records first (what `gather_for_metrics` keeps)."""
+    state = accelerator.gradient_state
+    if not state.end_of_dataloader or state.remainder <= 0:
+        return None
+    first = accelerator.process_index * batch_size
+    return torch.arange(first, first + batch_size, device=accelerator.device) < state.remainder
 
 
 def save_checkpoint(
