@@ -154,6 +154,19 @@ def test_processor_expands_one_placeholder_per_ecg(parts):
     assert (batch["attention_mask"][:, -1] == 1).all()
 
 
+def test_generation_prompts_longer_than_max_length_are_kept_whole(parts):
+    """`max_length` bounds reports: a prompt past it (24 ECG tokens + a chat turn > 16) is neither cut nor refused."""
+    model, processor = parts
+    processor.tokenizer.chat_template = CHAT_TEMPLATE
+    processor.max_length = 16
+    prompt = processor.format_prompt("Write the report of this 12-lead ECG.")
+    full_ids = processor.tokenizer(processor._expand_ecg_tokens([prompt], None))["input_ids"][0]
+    batch = processor(**ecg_kwargs(1), text=[prompt])
+    assert len(full_ids) > 16
+    assert batch["input_ids"][0].tolist() == full_ids  # the opened assistant turn included
+    assert model.generate(**batch, max_new_tokens=2, min_new_tokens=2).shape == (1, 2)
+
+
 @pytest.mark.parametrize(
     ("texts", "message"),
     [
@@ -267,6 +280,48 @@ def test_generate_returns_only_new_tokens_and_matches_a_manual_greedy_loop(parts
     assert new[0].tolist() == expected
 
 
+def test_generate_infers_the_padding_mask_of_left_padded_prompts(parts):
+    """Without `attention_mask`, padding is found from `pad_token_id` (pad != EOS), as transformers does."""
+    model, processor = parts
+    prompts = [processor.format_prompt(), "<ecg>\nWrite the report of this 12-lead ECG, sinus rhythm or not.\n"]
+    batch = processor(**ecg_kwargs(2), text=prompts)
+    assert (batch["attention_mask"][0] == 0).sum() > 0  # row 0 is left-padded
+    options = {"max_new_tokens": 4, "min_new_tokens": 4, "output_scores": True, "return_dict_in_generate": True}
+    with_mask = model.generate(**batch, **options)
+    without_mask = model.generate(input_ids=batch["input_ids"], ecg_values=batch["ecg_values"], **options)
+    assert torch.equal(without_mask.sequences, with_mask.sequences)
+    for step_without, step_with in zip(without_mask.scores, with_mask.scores):
+        torch.testing.assert_close(step_without, step_with, rtol=0, atol=0)
+
+
+def test_generate_never_emits_the_ecg_placeholder(parts):
+    """A model built from its config (no generation config from `from_parts`) whose head prefers `<ecg>`: generate
+    suppresses it, even when the caller's settings clear `suppress_tokens`, instead of failing mid-decoding."""
+    from merit_hf import MeritForReportGeneration
+
+    built, processor = parts
+    model = MeritForReportGeneration(built.config).eval()
+    model.load_state_dict(built.state_dict())
+    assert model.generation_config.suppress_tokens is None
+    ecg_id = model.config.ecg_token_index
+    head = model.language_model.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[ecg_id] = 100.0
+    model.language_model.lm_head = biased
+    batch = processor(**ecg_kwargs(2), text=[processor.format_prompt()] * 2)
+    with torch.no_grad():
+        last = model(**batch).logits[:, -1]
+    assert last.argmax(-1).tolist() == [ecg_id, ecg_id]
+    last[:, [ecg_id, processor.tokenizer.eos_token_id]] = -float("inf")  # suppressed, and min_new_tokens
+    for options in ({}, {"suppress_tokens": None}):
+        new = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, **options)
+        assert new.shape == (2, 4) and not (new == ecg_id).any()
+        assert new[:, 0].tolist() == last.argmax(-1).tolist()
+
+
 def test_save_pretrained_and_auto_class_reload(parts, tmp_path):
     from transformers import AutoModelForCausalLM, AutoProcessor
 
@@ -322,7 +377,6 @@ def test_lora_targets_only_the_language_model(parts):
 def test_one_lora_step_lowers_the_loss_and_adapter_reload_is_identical(parts, tmp_path):
     from peft import PeftModel, get_peft_model
 
-    from merit_hf import MeritForReportGeneration
     from merit_hf.training.report_lora import (
         ReportTrainingArguments,
         base_fingerprint,
@@ -349,7 +403,9 @@ def test_one_lora_step_lowers_the_loss_and_adapter_reload_is_identical(parts, tm
 
     prompts = processor(**ecg_kwargs(2, seed=1), text=[processor.format_prompt()] * 2)
     generated = peft_model.generate(**prompts, max_new_tokens=6, do_sample=False)
-    save_report_adapter(peft_model, processor, model.generation_config, tmp_path / "adapter", fingerprint)
+    save_report_adapter(
+        peft_model, processor, model.generation_config, tmp_path / "adapter", fingerprint, tmp_path / "base"
+    )
     saved = {p.name for p in (tmp_path / "adapter").iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "generation_config.json"} <= saved
     from safetensors import safe_open
@@ -357,9 +413,10 @@ def test_one_lora_step_lowers_the_loss_and_adapter_reload_is_identical(parts, tm
     with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as handle:
         assert any("multi_modal_projector" in key for key in handle.keys())  # noqa: SIM118
 
-    reloaded, reprocessor = load_report_model(
-        tmp_path / "adapter", MeritForReportGeneration.from_pretrained(tmp_path / "base")
-    )
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tmp_path / "base")
+
+    reloaded, reprocessor = load_report_model(tmp_path / "adapter")  # the base found from adapter_config.json
     assert isinstance(reloaded, PeftModel)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, logits, rtol=0, atol=0)
@@ -367,7 +424,7 @@ def test_one_lora_step_lowers_the_loss_and_adapter_reload_is_identical(parts, tm
     assert reprocessor.ecg_seq_length == processor.ecg_seq_length
 
 
-def test_adapter_for_another_base_model_raises(parts, lm_dir, tmp_path):
+def test_adapter_for_another_or_no_base_model_raises(parts, lm_dir, tmp_path):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -384,6 +441,9 @@ def test_adapter_for_another_base_model_raises(parts, lm_dir, tmp_path):
     fingerprint = base_fingerprint(model)
     peft_model = get_peft_model(copy.deepcopy(model), lora_config(ReportTrainingArguments(lora_r=2)))
     save_report_adapter(peft_model, processor, model.generation_config, tmp_path, fingerprint)
+    # A base built with from_parts has no path: nothing to find the base from, and no Hub look-up of `None`.
+    with pytest.raises(ValueError, match=r"adapter_config.json names no base model .*; pass base_model=\.\.\."):
+        load_report_model(tmp_path)
     torch.manual_seed(1)  # another random encoder: same shapes, other weights
     other = MeritForReportGeneration.from_parts(
         MeritEcgModel(tiny_ecg_config(**ECG_CONFIG)),
@@ -463,9 +523,9 @@ def test_report_lora_saves_and_reloads_a_trained_encoder(lm_dir, tmp_path, monke
     trained = {}
     save_report_adapter = report_lora.save_report_adapter
 
-    def keep_trained_model(peft_model, *args):
+    def keep_trained_model(peft_model, *args, **kwargs):
         trained["model"] = peft_model
-        save_report_adapter(peft_model, *args)
+        save_report_adapter(peft_model, *args, **kwargs)
 
     monkeypatch.setattr(report_lora, "save_report_adapter", keep_trained_model)
     output_dir = tmp_path / "run"

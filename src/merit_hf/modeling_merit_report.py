@@ -230,7 +230,8 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
         Write reports. Takes the processor's output (`input_ids`, `attention_mask`, `ecg_values`) plus any
         `GenerationConfig` field (`max_new_tokens`, `num_beams`, ...) and returns **only the generated tokens**,
         `(batch_size, num_new_tokens)` (or a `GenerateOutput` whose `sequences` are those tokens). Batched prompts
-        must be left-padded (the processor does so when no `reports` are given).
+        must be left-padded (the processor does so when no `reports` are given). Without `attention_mask`, the mask
+        is inferred from `pad_token_id` as transformers does for `input_ids`. `<ecg>` is never generated.
         """
         if input_ids is None:
             if ecg_values is not None:
@@ -238,8 +239,26 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
             return super().generate(attention_mask=attention_mask, **kwargs)
         inputs_embeds, _ = self.embed_inputs(input_ids, ecg_values, ecg_attention_mask)
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            # transformers infers the mask only for `input_ids`, never for the `inputs_embeds` passed on: do it here.
+            generation_kwargs = dict(kwargs)
+            generation_config, _ = self._prepare_generation_config(
+                generation_kwargs.pop("generation_config", None), **generation_kwargs
+            )
+            self._prepare_special_tokens(
+                generation_config, kwargs_has_attention_mask=False, device=input_ids.device, batch_size=len(input_ids)
+            )
+            attention_mask = self._prepare_attention_mask_for_generation(input_ids, generation_config, {})
         return super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+    def _prepare_generation_config(self, *args, **kwargs):
+        """transformers' merge of the caller's and the model's generation settings, with `<ecg>` always in
+        `suppress_tokens`: an emitted placeholder has no ECG to stand for (and would stop the decoding with the count
+        error), whatever generation config the caller or the checkpoint gives."""
+        generation_config, model_kwargs = super()._prepare_generation_config(*args, **kwargs)
+        suppress_tokens = list(generation_config.suppress_tokens or [])
+        if self.config.ecg_token_index not in suppress_tokens:
+            generation_config.suppress_tokens = [*suppress_tokens, self.config.ecg_token_index]
+        return generation_config, model_kwargs
 
     @classmethod
     def from_parts(
@@ -291,9 +310,7 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
         model = cls(config)
         model.ecg_encoder.load_state_dict(ecg_encoder.state_dict())
         model.language_model.load_state_dict(language_model.state_dict())
-        # Never emit the placeholder itself.
         model.generation_config = language_model.generation_config
-        model.generation_config.suppress_tokens = [ecg_token_index]
         return model.to(language_model.dtype)
 
 

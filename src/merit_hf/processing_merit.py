@@ -22,9 +22,9 @@ class MeritProcessor(ProcessorMixin):
       copies, the positions where the model scatters the projected ECG tokens (LLaVA's scheme). The number of
       placeholders must equal the number of ECGs (and with one prompt per ECG, each prompt holds exactly one).
       `format_prompt()` writes the prompt, through the tokenizer's chat template when it has one. Prompts alone are
-      left-padded for `generate()`; with `reports=` the report follows each prompt (then EOS), padding is on the
-      right and `labels` copy the report tokens and hold -100 on the prompt, the ECG tokens and the padding, so
-      the loss is taken on the report only.
+      left-padded for `generate()` and never truncated; with `reports=` the report follows each prompt (then EOS),
+      padding is on the right and `labels` copy the report tokens and hold -100 on the prompt, the ECG tokens and
+      the padding, so the loss is taken on the report only.
 
     Args:
         feature_extractor ([`MeritFeatureExtractor`]): the input contract.
@@ -32,7 +32,7 @@ class MeritProcessor(ProcessorMixin):
         ecg_token (`str`, defaults to `"<ecg>"`): placeholder for one ECG in a prompt.
         ecg_seq_length (`int`, *optional*): soft tokens per ECG; `None` leaves placeholders alone.
         max_length (`int`, defaults to 128): truncation length of reports (MERL uses up to 256 for MedCPT); for
-            prompt + report, the report is cut so that the whole fits.
+            prompt + report, the report is cut so that the whole fits. Prompts for `generate()` are never cut.
         report_instruction (`str`): the user turn after `<ecg>` in `format_prompt()`.
         use_chat_template (`bool`, defaults to `True`): let `format_prompt()` use the tokenizer's chat template when
             it has one (an instruct LLM); a plain `"<ecg>\n{instruction}\n"` otherwise.
@@ -84,7 +84,8 @@ class MeritProcessor(ProcessorMixin):
             text: one report/prompt or a list. An empty report raises (it would train the model to match silence);
                 with `ecgs` (and no `ecg_seq_length`) there must be one report per ECG.
             sampling_rate, lead_names, units: passed to the feature extractor (required for arrays).
-            return_tensors, padding, truncation, max_length: passed to the tokenizer.
+            return_tensors, padding, truncation, max_length: passed to the tokenizer (for reports; prompts for
+                `generate()`, with `ecg_seq_length` and no `reports`, are never truncated).
             reports: target reports for report generation, one per prompt in `text` (`text` defaults to
                 `format_prompt()` once per ECG); adds `labels`. Needs `ecg_seq_length`.
             kwargs: other feature-extractor arguments (`padding` of the window is `ecg_padding`, `crop`).
@@ -121,15 +122,18 @@ class MeritProcessor(ProcessorMixin):
             if self.ecg_seq_length is None and num_ecgs is not None and len(texts) != num_ecgs:
                 raise ValueError(f"{num_ecgs} ECGs for {len(texts)} reports; give one report per ECG")
             texts = self._expand_ecg_tokens(texts, num_ecgs)
+            max_length = max_length or self.max_length
             if self.ecg_seq_length is not None:
-                # Prompts for generate(): left padding, so that every prompt ends where generation starts.
+                # Prompts for generate(): left padding, so that every prompt ends where generation starts, and no
+                # truncation, which would drop <ecg> tokens or the end of the prompt (the opened assistant turn).
                 kwargs.setdefault("padding_side", "left")
                 kwargs.setdefault("add_special_tokens", not self._starts_with_bos(texts[0]))
+                truncation, max_length = False, None
             text_inputs = self.tokenizer(
                 texts,
                 padding=padding,
                 truncation=truncation,
-                max_length=max_length or self.max_length,
+                max_length=max_length,
                 return_tensors=return_tensors,
                 **kwargs,
             )

@@ -307,10 +307,23 @@ def base_fingerprint(model: MeritForReportGeneration) -> dict[str, Any]:
 
 
 def save_report_adapter(
-    peft_model, processor: MeritProcessor, generation_config: GenerationConfig, directory: str | Path, base: dict
+    peft_model,
+    processor: MeritProcessor,
+    generation_config: GenerationConfig,
+    directory: str | Path,
+    base: dict,
+    base_model_path: str | Path | None = None,
 ) -> None:
-    """Adapter (LoRA + projector), processor, `generation_config.json` and the base fingerprint in one folder."""
+    """Adapter (LoRA + projector), processor, `generation_config.json` and the base fingerprint in one folder.
+
+    `base_model_path` (the base's folder or Hub id) goes to `adapter_config.json` as `base_model_name_or_path`, so
+    that `load_report_model(directory)` finds the base; without it PEFT records the base's own `name_or_path`
+    (none for a model built with `from_parts`).
+    """
     directory = Path(directory)
+    if base_model_path is not None:
+        for adapter_config in peft_model.peft_config.values():
+            adapter_config.base_model_name_or_path = str(base_model_path)
     peft_model.save_pretrained(directory)
     processor.save_pretrained(directory)
     generation_config.save_pretrained(directory)
@@ -320,9 +333,10 @@ def save_report_adapter(
 def load_report_model(adapter_dir: str | Path, base_model: MeritForReportGeneration | str | None = None):
     """`(PeftModel, MeritProcessor)` from a folder written by this script.
 
-    `base_model` defaults to the `base_model_name_or_path` recorded in `adapter_config.json`. Raises `ValueError`
-    naming the differences when the adapter was trained on another base model. An encoder trained with the adapter
-    (`--freeze_ecg_encoder false`) is in the adapter and replaces the base's (PEFT's `modules_to_save`).
+    `base_model` defaults to the `base_model_name_or_path` recorded in `adapter_config.json` (`ValueError` when it
+    names none). Raises `ValueError` naming the differences when the adapter was trained on another base model. An
+    encoder trained with the adapter (`--freeze_ecg_encoder false`) is in the adapter and replaces the base's
+    (PEFT's `modules_to_save`).
     """
     from peft import PeftModel
 
@@ -332,7 +346,12 @@ def load_report_model(adapter_dir: str | Path, base_model: MeritForReportGenerat
         raise FileNotFoundError(f"{fingerprint_file}: not a merit_hf report adapter (no base fingerprint)")
     if base_model is None or isinstance(base_model, str):
         if base_model is None:
-            base_model = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+            base_model = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            if not base_model:
+                raise ValueError(
+                    f"{adapter_dir}: adapter_config.json names no base model (base_model_name_or_path is empty); "
+                    "pass base_model=... (the base MeritForReportGeneration or its folder)"
+                )
         base_model = MeritForReportGeneration.from_pretrained(base_model)
     expected = json.loads(fingerprint_file.read_text())
     found = base_fingerprint(base_model)
@@ -509,7 +528,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not model_args.condition_on_ecg:  # the projector gets no gradient without ECG tokens
         for parameter in peft_model.base_model.model.multi_modal_projector.parameters():
             parameter.requires_grad_(False)
-    peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
     losses = _train_stage(
         "lora",
         accelerator,
@@ -531,12 +549,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "repetition_penalty": training_args.repetition_penalty,
             "pad_token_id": tokenizer.pad_token_id,
             "eos_token_id": tokenizer.eos_token_id,
-            "suppress_tokens": [model.config.ecg_token_index],
         }
     )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_report_adapter(peft_model, processor, generation_config, output_dir / "adapter", fingerprint)
+        save_report_adapter(
+            peft_model, processor, generation_config, output_dir / "adapter", fingerprint, base_model_path=base_dir
+        )
 
     # --- evaluation: generate for the eval reports and score them
     if training_args.do_eval and eval_examples:
