@@ -1,7 +1,8 @@
 """A loopback fake of the Hugging Face Hub HTTP API, for tests that run the *unmodified* huggingface_hub and
 transformers client code end to end (create repo, preupload, Xet or Git-LFS upload, commit, download).
 
-It implements the routes that huggingface_hub 2.4 really calls (`../shared/notes/hub.md` §2) and nothing more. It
+It implements the routes that huggingface_hub 2.4 really calls (`../shared/notes/hub.md` §2), plus
+`PUT /api/{type}s/{repo}/settings` as `HfApi.update_repo_settings` sends it (visibility only), and nothing more. It
 listens on 127.0.0.1 only and needs the standard library plus `hf_xet`, which huggingface_hub already depends on.
 
 What it is not: huggingface.co. It has no auth, no permissions, no gated repos, no rate limits, no CDN redirects, no
@@ -380,7 +381,9 @@ class _Handler(BaseHTTPRequestHandler):
         url = f"{self.hub.endpoint}/{URL_PREFIX[repo_type]}{repo_id}"
         if (repo_type, repo_id) in self.hub.repos:
             raise HubError(409, "You already created this repo", extra={"url": url})
-        self.hub.create_repo(repo_type, repo_id, bool(payload.get("private")))
+        # huggingface_hub 2.x sends `visibility`; older clients sent `private`
+        private = payload.get("visibility") == "private" or bool(payload.get("private"))
+        self.hub.create_repo(repo_type, repo_id, private)
         self._send(200, _json_body({"url": url, "name": repo_id}))
 
     def _api(self, repo: Repo, rest: list[str], query: dict, body: bytes):
@@ -422,6 +425,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, _json_body({}))
         if action == "refs":
             return self._send(200, _json_body(self._refs(repo, query.get("include_prs") in ("1", "true"))))
+        if action == "settings" and self.command == "PUT":  # update_repo_settings; only visibility is kept
+            payload = json.loads(body)
+            if "visibility" in payload or "private" in payload:
+                repo.private = payload.get("visibility") == "private" or bool(payload.get("private"))
+            return self._send(200, _json_body({}))
         if action == "tree":
             commit = repo.commits[hub.resolve_revision(repo, rest[1])]
             return self._send(200, _json_body(self._tree(commit, "/".join(rest[2:]), query.get("recursive"))))

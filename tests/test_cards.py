@@ -7,17 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from huggingface_hub import ModelCard
+from huggingface_hub import DatasetCard, ModelCard
 
 from merit_hf import MeritFeatureExtractor
 from merit_hf.cards import (
     CardError,
     collect_results,
     dataset_card_problems,
+    dataset_config_problems,
     main,
     model_card_problems,
     pair_with_baselines,
     render_model_card,
+    write_dataset_card,
 )
 from merit_hf.evaluation import build_results, classification_metrics, write_results
 from tests.conftest import REPO_ROOT
@@ -182,3 +184,53 @@ def test_shipped_dataset_cards_are_complete(name):
     if not card.is_file():
         pytest.skip(f"{card} not written yet (dataset scripts, issue 4)")
     assert dataset_card_problems(card) == []
+
+
+TWO_CONFIG_CARD = """---
+license: cc-by-4.0
+pretty_name: Two rates
+tags:
+- ecg
+configs:
+- config_name: 100hz
+  default: true
+  data_files:
+  - split: train
+    path: 100hz/train-*.parquet
+  - split: test
+    path: 100hz/test-*.parquet
+- config_name: 500hz
+  data_files:
+  - split: train
+    path: 500hz/train-*.parquet
+---
+# Two rates
+
+Licence CC BY 4.0; cite https://doi.org/10.1038/s41597-020-0495-6.
+"""
+
+
+def test_dataset_card_configs_need_their_files(tmp_path, capsys):
+    template = tmp_path / "template.md"
+    template.write_text(TWO_CONFIG_CARD)
+    folder = tmp_path / "converted"
+    (folder / "100hz").mkdir(parents=True)
+    (folder / "100hz" / "train-00000-of-00001.parquet").write_bytes(b"PAR1")
+
+    assert dataset_config_problems(template, folder) == [
+        f"configs entry '100hz': data_files 100hz/test-*.parquet match no file in {folder}",
+        f"configs entry '500hz': data_files 500hz/train-*.parquet match no file in {folder}",
+    ]
+    # a config without any file is left out of the written card; a partial one stays, for the check to name
+    card = write_dataset_card(template, folder)
+    assert [config["config_name"] for config in DatasetCard.load(card).data.configs] == ["100hz"]
+    assert dataset_card_problems(card, data_folder=folder) == [
+        f"configs entry '100hz': data_files 100hz/test-*.parquet match no file in {folder}"
+    ]
+    (folder / "100hz" / "test-00000-of-00001.parquet").write_bytes(b"PAR1")
+    assert dataset_card_problems(card, data_folder=folder) == []
+    assert dataset_card_problems(template) == []  # without a data folder: the shipped template is complete
+    main(["check", str(card), "--kind", "dataset", "--data-folder", str(folder)])
+    assert capsys.readouterr().out == f"{card}: ok\n"
+    with pytest.raises(SystemExit, match="configs entry '500hz': data_files 500hz/train-\\*.parquet match no file"):
+        main(["check", str(template), "--kind", "dataset", "--data-folder", str(folder)])

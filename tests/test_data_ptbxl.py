@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 import wfdb
 from datasets import load_dataset
+from huggingface_hub import DatasetCard
 
+from merit_hf.cards import dataset_card_problems
 from merit_hf.data import (
     LABEL_SETS,
     EcgInputError,
@@ -20,6 +22,7 @@ from merit_hf.data import (
     label_names,
     load_ptbxl,
 )
+from merit_hf.hub import check_dataset_folder
 from tests.conftest import BUNDLED_PTBXL, REPO_ROOT
 
 NO_SUPERCLASS = [17, 18, 20, 23, 34, 143, 144, 190, 382, 385, 449, 498]
@@ -290,3 +293,16 @@ def test_convert_cli_writes_shards_and_card(tmp_path):
     # the card's `configs:` resolve as they would on the Hub
     by_card = load_dataset(str(tmp_path / "out"), name="100hz", split="validation")
     assert by_card["ecg_id"][:] == [8] and by_card.features["superclass"].feature.names[0] == "CD"
+    # a 100 Hz conversion does not announce the 500hz config (the shipped template keeps both)
+    template = REPO_ROOT / "dataset_scripts" / "ptbxl" / "README.md"
+    assert [config["config_name"] for config in DatasetCard.load(template).data.configs] == ["100hz", "500hz"]
+    written = DatasetCard.load(tmp_path / "out" / "README.md")
+    assert [config["config_name"] for config in written.data.configs] == ["100hz"]
+    assert written.text == DatasetCard.load(template).text
+    assert dataset_card_problems(tmp_path / "out" / "README.md", data_folder=tmp_path / "out") == []
+    assert check_dataset_folder(tmp_path / "out") == []
+    shutil.copyfile(template, tmp_path / "out" / "README.md")  # the template as-is: push refuses it
+    assert check_dataset_folder(tmp_path / "out") == [
+        "configs entry '500hz': data_files 500hz/train-*.parquet, 500hz/validation-*.parquet, "
+        f"500hz/test-*.parquet match no file in {tmp_path / 'out'}"
+    ]

@@ -24,11 +24,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers.utils.hub
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 
 from merit_hf import MeritFeatureExtractor, MeritModel, MeritProcessor
 from merit_hf.cards import render_model_card
-from merit_hf.hub import HubFolderError, check_model_folder, populate_cache, push_dataset, push_model
+from merit_hf.hub import (
+    HubFolderError,
+    check_model_folder,
+    populate_cache,
+    push_dataset,
+    push_folder,
+    push_model,
+    pushed_files,
+)
 from tests.conftest import BUNDLED_PTBXL, tiny_merit_config
 from tests.hub_server import FakeHub
 from tests.test_cards import results_from_our_metrics
@@ -120,6 +129,8 @@ def fake_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(
         constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
     )
+    # transformers' HfApi singleton (from_pretrained resolves revisions with it) keeps the first endpoint it saw
+    monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)
     yield hub
     hub.stop()
 
@@ -207,11 +218,88 @@ def test_refuses_folders_that_would_not_load(model_folder, tmp_path):
     assert check_model_folder(folder) == []
     (folder / "modeling_merit.py").unlink()
     (folder / "pytorch_model.bin").write_bytes(b"pickle")
+    (folder / "heads").mkdir()
+    (folder / "heads" / "probe.pt").write_bytes(b"pickle")
     with pytest.raises(HubFolderError) as error:
         push_model(folder, REPO_ID, endpoint="http://127.0.0.1:9")  # fails before any request
     message = str(error.value)
     assert "auto_map names modeling_merit.MeritModel but modeling_merit.py is missing" in message
-    assert "pickled weights ['pytorch_model.bin']" in message
+    assert "pickled weights ['heads/probe.pt', 'pytorch_model.bin']" in message
+
+
+def add_training_run_outputs(folder: Path) -> None:
+    """What a pretraining output_dir (`checkpoints/checkpoint-<step>/`, `runs/`) or a Trainer one holds beside it."""
+    for name in ("checkpoints/checkpoint-20/optimizer.bin", "checkpoint-5/rng_state.pth", "runs/events.out.1"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"\x80\x04pickle")
+    (folder / "checkpoints" / "checkpoint-20" / "trainer_state.json").write_text("{}")
+
+
+def test_repush_leaves_exactly_the_folder(model_folder, fake_hub, tmp_path, monkeypatch):
+    """A stale adapter_config.json from an earlier push would make `AutoModel.from_pretrained(repo)` follow the
+    adapter; training-run outputs (optimizer states, pickles) are never uploaded."""
+    from transformers import AutoModel
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    model, processor, folder = model_folder
+    add_training_run_outputs(folder)
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "base_model_name_or_path": "org/llm"}')
+    (folder / "adapter_model.safetensors").write_bytes(b"not read")
+    (folder / "notes").mkdir()
+    (folder / "notes" / "old.txt").write_text("from the first push")
+    push_model(folder, REPO_ID, token=TOKEN, endpoint=fake_hub.endpoint)
+    api = HfApi(endpoint=fake_hub.endpoint)
+    assert "adapter_config.json" in pushed_files(folder) and "notes/old.txt" in pushed_files(folder)
+    assert not [path for path in api.list_repo_files(REPO_ID) if path.startswith(("checkpoint", "runs/"))]
+
+    for name in ("adapter_config.json", "adapter_model.safetensors", "notes/old.txt"):
+        (folder / name).unlink()
+    push_model(folder, REPO_ID, token=TOKEN, endpoint=fake_hub.endpoint, commit_message="encoder only")
+    assert sorted(api.list_repo_files(REPO_ID)) == sorted([".gitattributes", *pushed_files(folder)])
+    assert "notes/old.txt" not in pushed_files(folder) and "config.json" in pushed_files(folder)
+
+    reloaded = AutoModel.from_pretrained(REPO_ID, trust_remote_code=True, cache_dir=tmp_path / "cache").eval()
+    assert same_outputs(reference_outputs(model, processor), reference_outputs(reloaded, processor))
+
+
+def test_private_is_applied_to_an_existing_public_repo(model_folder, fake_hub, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    _, _, folder = model_folder
+    api = HfApi(endpoint=fake_hub.endpoint)
+    push_model(folder, REPO_ID, token=TOKEN, endpoint=fake_hub.endpoint)
+    push_model(folder, REPO_ID + "-new", private=True, token=TOKEN, endpoint=fake_hub.endpoint)
+    assert (api.model_info(REPO_ID).private, api.model_info(REPO_ID + "-new").private) == (False, True)
+
+    (folder / "notes.txt").write_text("not for the public")
+    requests_before = len(fake_hub.request_log)
+    push_model(folder, REPO_ID, private=True, token=TOKEN, endpoint=fake_hub.endpoint)
+    assert api.model_info(REPO_ID).private
+    requests = fake_hub.request_log[requests_before:]
+    # made private before the new files are committed
+    assert requests.index(f"PUT /api/models/{REPO_ID}/settings") < requests.index(
+        f"POST /api/models/{REPO_ID}/commit/main"
+    )
+    push_model(folder, REPO_ID, private=None, token=TOKEN, endpoint=fake_hub.endpoint)  # None never publishes
+    assert api.model_info(REPO_ID).private
+
+
+def test_pull_request_with_a_branch_is_refused_before_any_request(model_folder, fake_hub):
+    _, _, folder = model_folder
+    with pytest.raises(ValueError, match="create_pr with revision 'dev': the Hub opens pull requests against main"):
+        push_model(folder, REPO_ID, create_pr=True, revision="dev", token=TOKEN, endpoint=fake_hub.endpoint)
+    assert fake_hub.request_log == [] and fake_hub.repos == {}
+
+
+def test_push_folder_does_not_grow_the_ignore_list(tmp_path, fake_hub, monkeypatch):
+    """upload_folder appends its own patterns to the list it is given; ours must stay as it is."""
+    from merit_hf.hub import DEFAULT_IGNORE_PATTERNS
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    before = list(DEFAULT_IGNORE_PATTERNS)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.txt").write_text("hello")
+    push_folder(tmp_path / "folder", "org/notes", token=TOKEN, endpoint=fake_hub.endpoint)
+    assert before == DEFAULT_IGNORE_PATTERNS
 
 
 def test_push_converted_dataset(fake_hub, tmp_path, monkeypatch):
@@ -277,10 +365,7 @@ def test_command_line_renders_the_card_and_pushes(model_folder, fake_hub, tmp_pa
 
 def test_transformers_push_to_hub_reaches_the_same_server(model_folder, fake_hub, tmp_path, monkeypatch):
     """`model.push_to_hub` / `processor.push_to_hub` (transformers' own upload path) on the loopback Hub."""
-    import transformers.utils.hub
-
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
-    monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)  # its HfApi singleton keeps the first endpoint
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     model, processor, _ = model_folder
     model.push_to_hub("org/merit-ecg-transformers", commit_message="push_to_hub")

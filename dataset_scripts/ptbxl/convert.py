@@ -3,21 +3,22 @@
     # one rate per run; both can go to the same output folder (configs `100hz` and `500hz`)
     python dataset_scripts/ptbxl/convert.py --ptbxl_root physionet.org/files/ptb-xl/1.0.3 --output_dir ptbxl_merit \
         --sampling_rate 500 --num_proc 8
-    hf upload <user>/ptbxl-merit ptbxl_merit --repo-type dataset   # optional
+    python -m merit_hf.hub push ptbxl_merit <user>/ptbxl-merit --repo-type dataset   # optional: checked upload
 
 Rerunning after a crash resumes; a finished configuration is replaced only with `--overwrite`. Unreadable records
-are listed in `<output_dir>/<config>/conversion_report.json`. All logic lives in `merit_hf.data.ptbxl`.
+are listed in `<output_dir>/<config>/conversion_report.json`. The dataset card `<output_dir>/README.md` is this
+folder's, listing only the configs converted so far. All logic lives in `merit_hf.data.ptbxl`.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from merit_hf.cards import write_dataset_card
 from merit_hf.data import DEFAULT_LABEL_THRESHOLD, convert_ptbxl
 
 CARD = Path(__file__).with_name("README.md")
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         records_per_shard=args.records_per_shard,
         overwrite=args.overwrite,
     )
-    shutil.copyfile(CARD, Path(args.output_dir) / "README.md")
+    write_dataset_card(CARD, args.output_dir)
     print(report.summary())
     return 0
 

@@ -19,6 +19,7 @@ present (schema `merit_hf.results/v1` of `merit_hf.evaluation.results`): `datase
 ```bash
 python -m merit_hf.cards model results.json --model-folder quickstart_output --repo-id org/merit-ecg -o README.md
 python -m merit_hf.cards check dataset_scripts/ptbxl/README.md --kind dataset
+python -m merit_hf.cards check ptbxl_merit/README.md --kind dataset --data-folder ptbxl_merit  # configs have files
 ```
 """
 
@@ -435,9 +436,12 @@ def model_card_problems(card: ModelCard | str | os.PathLike) -> list[str]:
     return problems
 
 
-def dataset_card_problems(card: DatasetCard | str | os.PathLike) -> list[str]:
+def dataset_card_problems(
+    card: DatasetCard | str | os.PathLike, data_folder: str | os.PathLike | None = None
+) -> list[str]:
     """Problems of a dataset card (the converted PTB-XL / MIMIC-IV-ECG cards beside `dataset_scripts/`): required
-    metadata, a citation of the source data, and a licence statement in the text."""
+    metadata, a citation of the source data, and a licence statement in the text. With `data_folder` (the converted
+    folder the card goes with), also every `configs:` entry must have its data there ([`dataset_config_problems`])."""
     card = card if isinstance(card, DatasetCard) else DatasetCard.load(card)
     data = card.data.to_dict()
     problems = [f"metadata {key!r} is missing" for key in REQUIRED_DATASET_METADATA if not data.get(key)]
@@ -446,7 +450,65 @@ def dataset_card_problems(card: DatasetCard | str | os.PathLike) -> list[str]:
         problems.append("no citation of the source data")
     if "licen" not in text:
         problems.append("the text does not state the licence")
+    if data_folder is not None:
+        problems.extend(dataset_config_problems(card, data_folder))
     return problems
+
+
+def dataset_config_problems(card: DatasetCard | str | os.PathLike, folder: str | os.PathLike) -> list[str]:
+    """The `configs:` entries of a dataset card with `data_files` patterns that match no file in `folder` (resolved as
+    `load_dataset(folder)` resolves them): after a push, `load_dataset(repo, name)` would fail on each of them."""
+    card = card if isinstance(card, DatasetCard) else DatasetCard.load(card)
+    return [
+        f"configs entry {name!r}: data_files {', '.join(patterns)} match no file in {folder}"
+        for name, patterns in _unmatched_data_files(card, folder).items()
+    ]
+
+
+def write_dataset_card(template: str | os.PathLike, folder: str | os.PathLike) -> Path:
+    """Write the dataset card `template` (which lists every configuration a conversion can produce) to
+    `folder/README.md`, keeping only the `configs:` entries that have data in `folder`: a 100 Hz conversion must not
+    announce a `500hz` config. An entry with only some of its files stays, for [`dataset_config_problems`] to name."""
+    card = DatasetCard.load(template)
+    unmatched = _unmatched_data_files(card, folder)
+    configs = card.data.to_dict().get("configs")
+    if configs:  # an entry goes when all of its patterns are unmatched
+        card.data.configs = [
+            config
+            for config in configs
+            if unmatched.get(config.get("config_name", "default")) != _data_file_patterns(config)
+        ]
+    path = Path(folder) / "README.md"
+    card.save(path)
+    return path
+
+
+def _data_file_patterns(config: Mapping) -> list[str]:
+    """The path patterns of one `configs:` entry; `data_files` is a pattern, a list of patterns, or a list of
+    `{split, path}` whose `path` is a pattern or a list of them (the `datasets` card format)."""
+    data_files = config.get("data_files") or []
+    patterns = []
+    for entry in data_files if isinstance(data_files, list) else [data_files]:
+        paths = entry.get("path", []) if isinstance(entry, Mapping) else entry
+        patterns.extend(paths if isinstance(paths, list) else [paths])
+    return patterns
+
+
+def _unmatched_data_files(card: DatasetCard, folder: str | os.PathLike) -> dict[str, list[str]]:
+    """`{config_name: [patterns that match no file in folder]}` for the card's `configs:` entries with such patterns."""
+    from datasets.data_files import resolve_pattern
+
+    unmatched = {}
+    for config in card.data.to_dict().get("configs") or []:
+        missing = []
+        for pattern in _data_file_patterns(config):
+            try:
+                resolve_pattern(pattern, str(folder))
+            except FileNotFoundError:
+                missing.append(pattern)
+        if missing:
+            unmatched[config.get("config_name", "default")] = missing
+    return unmatched
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -463,6 +525,7 @@ def main(argv: list[str] | None = None) -> None:
     check = commands.add_parser("check", help="check a model or dataset card")
     check.add_argument("card")
     check.add_argument("--kind", choices=("model", "dataset"), default="model")
+    check.add_argument("--data-folder", help="dataset only: the converted folder whose files the `configs:` name")
     args = parser.parse_args(argv)
     if args.command == "model":
         card = render_model_card(
@@ -476,7 +539,10 @@ def main(argv: list[str] | None = None) -> None:
         card.save(args.output)
         print(f"wrote {args.output}")
         return
-    problems = (model_card_problems if args.kind == "model" else dataset_card_problems)(args.card)
+    if args.kind == "model":
+        problems = model_card_problems(args.card)
+    else:
+        problems = dataset_card_problems(args.card, data_folder=args.data_folder)
     if problems:
         raise SystemExit(f"{args.card}: " + "; ".join(problems))
     print(f"{args.card}: ok")
@@ -491,10 +557,12 @@ __all__ = [
     "ResultEntry",
     "collect_results",
     "dataset_card_problems",
+    "dataset_config_problems",
     "evaluation_table",
     "input_contract",
     "load_results",
     "model_card_problems",
     "pair_with_baselines",
     "render_model_card",
+    "write_dataset_card",
 ]

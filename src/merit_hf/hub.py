@@ -32,7 +32,19 @@ from pathlib import Path
 from huggingface_hub import HfApi
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-DEFAULT_IGNORE_PATTERNS = [".*", "**/.*", "__pycache__/*", "**/__pycache__/*", "*.pyc", "checkpoint-*/*", "runs/*"]
+# Never uploaded (fnmatch on the path relative to the folder; `*` also matches `/`): hidden files, Python caches, and
+# training-run outputs holding optimizer states and pickles: `checkpoints/checkpoint-<step>/` and TensorBoard `runs/`
+# (merit_hf.training.pretrain's output_dir), `checkpoint-<step>/` (the Trainer's).
+DEFAULT_IGNORE_PATTERNS = [
+    ".*",
+    "**/.*",
+    "__pycache__/*",
+    "**/__pycache__/*",
+    "*.pyc",
+    "checkpoints/*",
+    "checkpoint-*/*",
+    "runs/*",
+]
 DATA_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".csv")
 # Files that the Hub stores through LFS/Xet; the offline cache names their blobs by sha256 like the client does.
 LARGE_FILE_SUFFIXES = (".safetensors", ".parquet", ".arrow", ".npy", ".npz", ".h5", ".dat")
@@ -58,12 +70,13 @@ class PushResult:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def check_model_folder(folder: str | os.PathLike) -> list[str]:
+def check_model_folder(folder: str | os.PathLike, ignore_patterns: list[str] | None = None) -> list[str]:
     """Problems that would stop `from_pretrained(repo, trust_remote_code=True)` after a push; `[]` when none.
 
     Checks: `config.json` exists; its `auto_map` names code files that are present (users without merit_hf get the
-    code from the repo); weights are safetensors (pickles can execute code and are refused by merit_hf); a PEFT
-    adapter (`adapter_config.json`) comes with its `adapter_model.safetensors`; a model card `README.md` exists.
+    code from the repo); no file that the push would upload, in any subfolder, is a pickle (`.bin`, `.pt`, ...: they
+    can execute code and are refused by merit_hf); a PEFT adapter (`adapter_config.json`) comes with its
+    `adapter_model.safetensors`; a model card `README.md` exists. `ignore_patterns` as in [`push_folder`].
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -82,7 +95,7 @@ def check_model_folder(folder: str | os.PathLike) -> list[str]:
             module = reference.split("--")[-1].rsplit(".", 1)[0]
             if not (folder / f"{module}.py").is_file():
                 problems.append(f"auto_map names {reference} but {module}.py is missing")
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    pickles = [path for path in pushed_files(folder, ignore_patterns) if path.endswith(PICKLE_SUFFIXES)]
     if pickles:
         problems.append(f"pickled weights {pickles} (merit_hf loads safetensors only; re-save with save_pretrained)")
     if (folder / "adapter_config.json").is_file() and not (folder / "adapter_model.safetensors").is_file():
@@ -95,20 +108,37 @@ def check_model_folder(folder: str | os.PathLike) -> list[str]:
 
 
 def check_dataset_folder(folder: str | os.PathLike) -> list[str]:
-    """Problems of a converted dataset folder: it needs data files (Parquet/Arrow/JSONL/CSV) and a card `README.md`.
-    Dataset loading scripts are refused: the Hub no longer runs them, and data must not need `trust_remote_code`."""
+    """Problems of a converted dataset folder: it needs data files (Parquet/Arrow/JSONL/CSV) and a card `README.md`
+    whose `configs:` all resolve to files in the folder ([`merit_hf.cards.dataset_config_problems`]), or
+    `load_dataset(repo, config)` would fail after the push. Dataset loading scripts are refused: the Hub no longer
+    runs them, and data must not need `trust_remote_code`."""
+    from .cards import dataset_config_problems
+
     folder = Path(folder)
     if not folder.is_dir():
         return [f"{folder} is not a folder"]
     problems = []
     if not any(p.suffix in DATA_SUFFIXES for p in folder.rglob("*") if p.is_file()):
         problems.append(f"no data files ({', '.join(DATA_SUFFIXES)})")
-    if not (folder / "README.md").is_file():
+    if (folder / "README.md").is_file():
+        problems.extend(dataset_config_problems(folder / "README.md", folder))
+    else:
         problems.append("README.md (the dataset card) is missing")
     scripts = sorted(p.name for p in folder.glob("*.py"))
     if scripts:
         problems.append(f"Python files {scripts}: push the converted data, not a loading script")
     return problems
+
+
+def pushed_files(folder: str | os.PathLike, ignore_patterns: list[str] | None = None) -> list[str]:
+    """The files [`push_folder`] uploads, as `/`-separated paths relative to `folder`: every file below it that no
+    ignore pattern matches, filtered by huggingface_hub's own `filter_repo_objects` as `upload_folder` does."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    folder = Path(folder)
+    paths = sorted(path.relative_to(folder).as_posix() for path in folder.glob("**/*") if path.is_file())
+    patterns = DEFAULT_IGNORE_PATTERNS if ignore_patterns is None else ignore_patterns
+    return list(filter_repo_objects(paths, ignore_patterns=patterns))
 
 
 def _as_list(value) -> list:
@@ -139,26 +169,40 @@ def push_folder(
     endpoint: str | None = None,
     ignore_patterns: list[str] | None = None,
 ) -> PushResult:
-    """Upload a folder as one commit (no checks; `push_model` / `push_dataset` check first).
+    """Upload a folder as one commit (no checks; `push_model` / `push_dataset` check first). The branch then holds
+    exactly the folder's files: files of earlier pushes that the folder no longer has are deleted in the same commit
+    (except `.gitattributes`, which huggingface_hub always keeps), so no stale file (e.g. an old
+    `adapter_config.json`, which `from_pretrained` would follow) outlives a push.
 
     Args:
-        folder: the folder to upload; hidden files, `__pycache__`, `checkpoint-*` and `runs/` are skipped.
+        folder: the folder to upload; files matched by `ignore_patterns` are skipped (see [`pushed_files`]).
         repo_id: `"org/name"`; created if missing.
         repo_type: `"model"` or `"dataset"`.
         revision: branch to commit to (created from `main` if missing); `None` is `main`.
         tag: tag the new commit (e.g. `"v0.1"`). Not allowed with `create_pr` (a PR is not released yet).
-        create_pr: open a pull request instead of committing to the branch.
-        commit_message, private, token: as in `HfApi.upload_folder` / `create_repo`.
+        create_pr: open a pull request against `main` instead of committing to it (not with another `revision`).
+        private: `True` makes the repo private before anything is uploaded, also an existing public one; `False` or
+            `None` only apply when the repo is created (an existing private repo is never made public).
+        commit_message, token: as in `HfApi.upload_folder`.
         endpoint: Hub URL; `None` reads `HF_ENDPOINT` (default https://huggingface.co).
+        ignore_patterns: `None` is `DEFAULT_IGNORE_PATTERNS` (hidden files, caches, `checkpoints/`, `checkpoint-*/`,
+            `runs/`).
     """
     if tag and create_pr:
         raise ValueError("tag and create_pr together: tag the commit after the pull request is merged")
+    branch = revision or "main"
+    if create_pr and branch != "main":
+        raise ValueError(
+            f"create_pr with revision {branch!r}: the Hub opens pull requests against main; drop the revision"
+        )
     if repo_type not in ("model", "dataset"):
         raise ValueError(f"repo_type must be 'model' or 'dataset', got {repo_type!r}")
     folder = Path(folder)
     api = HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
-    branch = revision or "main"
+    # create_repo(exist_ok=True) leaves an existing repo's visibility as it is.
+    if private and not api.repo_info(repo_id, repo_type=repo_type).private:
+        api.update_repo_settings(repo_id, private=True, repo_type=repo_type)
     if branch != "main":
         api.create_branch(repo_id, branch=branch, repo_type=repo_type, exist_ok=True)
     info = api.upload_folder(
@@ -168,7 +212,9 @@ def push_folder(
         revision=branch,
         create_pr=create_pr,
         commit_message=commit_message or f"Upload {folder.name} with merit_hf",
-        ignore_patterns=DEFAULT_IGNORE_PATTERNS if ignore_patterns is None else ignore_patterns,
+        # a copy: upload_folder appends its own patterns to the list it is given
+        ignore_patterns=list(DEFAULT_IGNORE_PATTERNS if ignore_patterns is None else ignore_patterns),
+        delete_patterns="*",
     )
     if tag:
         api.create_tag(repo_id, tag=tag, revision=info.oid, repo_type=repo_type, exist_ok=False)
@@ -210,7 +256,7 @@ def push_model(
 
         card = render_model_card(results, repo_id=repo_id, model_folder=folder, **(card_kwargs or {}))
         card.save(folder / "README.md")
-    _raise_if(check_model_folder(folder), folder, "model")
+    _raise_if(check_model_folder(folder, push_kwargs.get("ignore_patterns")), folder, "model")
     return push_folder(folder, repo_id, repo_type="model", **push_kwargs)
 
 
@@ -239,12 +285,13 @@ def populate_cache(
     `HF_HUB_OFFLINE=1` `from_pretrained(repo_id)` loads it on a machine that cannot reach the Hub.
 
     The layout is huggingface_hub's (`blobs/`, `snapshots/<commit>/` with relative links, `refs/<revision>`). The
-    commit id is a hash of the folder's contents (it is not the Hub's commit id). Returns the snapshot folder.
+    commit id is a hash of the folder's contents (it is not the Hub's commit id). The files are those a push would
+    upload ([`pushed_files`]). Returns the snapshot folder.
     """
     from huggingface_hub import constants
 
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not _ignored(p.relative_to(folder)))
+    files = [folder / path for path in pushed_files(folder)]
     if not files:
         raise HubFolderError(f"{folder}: no files to cache")
     digests = {path: _blob_name(path) for path in files}
@@ -272,10 +319,6 @@ def populate_cache(
     return snapshot
 
 
-def _ignored(relative: Path) -> bool:
-    return any(part.startswith(".") or part == "__pycache__" for part in relative.parts) or relative.suffix == ".pyc"
-
-
 def _blob_name(path: Path) -> str:
     data = path.read_bytes()
     if path.suffix in LARGE_FILE_SUFFIXES:
@@ -300,7 +343,9 @@ def main(argv: list[str] | None = None) -> dict:
     push.add_argument("--tag", help="tag the new commit, e.g. v0.1")
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     push.add_argument("--message", help="commit message")
-    push.add_argument("--private", action="store_true", default=None)
+    push.add_argument(
+        "--private", action="store_true", default=None, help="make the repo private (also an existing public one)"
+    )
     push.add_argument("--endpoint", help="Hub URL (default: $HF_ENDPOINT or https://huggingface.co)")
     cache = commands.add_parser("cache", help="put a folder into the local HF cache as repo_id (offline use)")
     cache.add_argument("folder")
@@ -347,4 +392,5 @@ __all__ = [
     "push_dataset",
     "push_folder",
     "push_model",
+    "pushed_files",
 ]
