@@ -29,12 +29,11 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_merit import PROBLEM_TYPES, MeritConfig, MeritEcgConfig
 
+logger = logging.get_logger(__name__)
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Outputs
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-logger = logging.get_logger(__name__)
 
 
 @dataclass
