@@ -111,6 +111,24 @@ def test_random_crops_differ_between_dataloader_workers(ptbxl_dir):
     np.testing.assert_array_equal(np.stack(batches), np.stack(again))  # reproducible under a seeded loader
 
 
+def test_extra_leads_raise_unless_asked_to_drop(ptbxl_dir, tmp_path):
+    """A 15-lead record (12 + Frank vx, vy, vz, as PTB's) from a real record, as an array and as a WFDB record."""
+    signal, fields = _signal(ptbxl_dir)
+    frank = np.stack([signal[:, 0] - signal[:, 6], signal[:, 1] * 0.5, signal[:, 7] - signal[:, 8]], axis=1)
+    fifteen, names = np.concatenate([signal, frank], axis=1), [*fields["sig_name"], "vx", "vy", "vz"]
+    with pytest.raises(EcgInputError, match=r"unknown lead name 'vx'.*drop_extra_leads=True"):
+        MeritFeatureExtractor()(fifteen, sampling_rate=500, lead_names=names)
+    dropping = MeritFeatureExtractor(drop_extra_leads=True)
+    twelve = MeritFeatureExtractor()(signal, sampling_rate=500, lead_names=fields["sig_name"])["ecg_values"]
+    np.testing.assert_array_equal(dropping(fifteen, sampling_rate=500, lead_names=names)["ecg_values"], twelve)
+    wfdb.wrsamp("r15", fs=500, units=["mV"] * 15, sig_name=names, p_signal=fifteen, fmt=["16"] * 15,
+                write_dir=str(tmp_path))  # fmt: skip
+    from_file = dropping(str(tmp_path / "r15"))["ecg_values"]
+    np.testing.assert_allclose(from_file, twelve, atol=2e-3)  # 16-bit storage
+    dropping.save_pretrained(tmp_path / "fe")
+    assert MeritFeatureExtractor.from_pretrained(tmp_path / "fe").drop_extra_leads is True
+
+
 def test_lead_names_are_matched_case_insensitively_and_reordered(ptbxl_dir):
     fe = MeritFeatureExtractor()
     signal, fields = _signal(ptbxl_dir)

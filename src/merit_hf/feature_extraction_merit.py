@@ -6,7 +6,8 @@ saved with every checkpoint as `preprocessor_config.json`:
 1. read: an array `(num_samples, num_leads)` as WFDB gives it, with `lead_names` and a **required** `sampling_rate`;
    or the path of a WFDB record (header + signal file);
 2. leads: names matched case-insensitively (`AVR`, `aVR`, `avr`) and reordered to `lead_names` of the config; a
-   missing lead raises, unless `derive_limb_leads=True` asks for the documented repair (Einthoven / Goldberger);
+   missing lead raises, unless `derive_limb_leads=True` asks for the documented repair (Einthoven / Goldberger); so
+   does a lead the model does not use (e.g. the Frank X/Y/Z leads of a 15-lead record), unless `drop_extra_leads=True`;
 3. NaN / inf: raise naming the record and lead, unless `nan_policy="interpolate"` (linear in time);
 4. units: converted to mV (`V`, `mV`, `uV`/`µV`/`μV`); an unknown unit raises; a signal that says mV but is
    hundreds of mV wide (almost always µV mislabelled) raises;
@@ -216,6 +217,8 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         derive_limb_leads (`bool`, defaults to `False`): rebuild missing limb leads from two measured ones
             (III = II - I, aVR = -(I + II) / 2, aVL = I - II / 2, aVF = II - I / 2). Off by default: a missing lead
             is an error unless you ask for the repair.
+        drop_extra_leads (`bool`, defaults to `False`): drop leads that are not in `lead_names` (e.g. the Frank
+            leads `vx`, `vy`, `vz` of PTB's 15-lead records) instead of raising on them.
         max_amplitude_mv (`float`, defaults to 30.0): a lead whose 99th percentile of |x - median| exceeds this
             (after unit conversion) raises as a likely unit error (an ECG spans a few mV).
         min_sampling_rate_factor (`float`, defaults to 2.0): inputs below `factor * lowpass_hz` Hz raise (their
@@ -249,6 +252,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         padding: bool = False,
         nan_policy: str = "raise",
         derive_limb_leads: bool = False,
+        drop_extra_leads: bool = False,
         max_amplitude_mv: float = DEFAULT_MAX_AMPLITUDE_MV,
         min_sampling_rate_factor: float = 2.0,
         seed: int | None = None,
@@ -266,6 +270,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         self.padding = bool(padding)
         self.nan_policy = nan_policy
         self.derive_limb_leads = bool(derive_limb_leads)
+        self.drop_extra_leads = bool(drop_extra_leads)
         self.max_amplitude_mv = float(max_amplitude_mv)
         self.min_sampling_rate_factor = float(min_sampling_rate_factor)
         self.seed = seed
@@ -445,7 +450,12 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         for column, lead in enumerate(lead_names):
             key = str(lead).strip().lower()
             if key not in wanted:
-                raise EcgInputError(f"{name}: unknown lead name {lead!r}; expected leads {list(self.lead_names)}")
+                if self.drop_extra_leads:
+                    continue
+                raise EcgInputError(
+                    f"{name}: unknown lead name {lead!r}; expected leads {list(self.lead_names)} "
+                    "(drop_extra_leads=True drops leads the model does not use)"
+                )
             if key in position:
                 raise EcgInputError(f"{name}: lead {lead!r} appears twice")
             position[key] = column
