@@ -44,6 +44,7 @@ def embed_dataset(
     device: torch.device | str | None = None,
     column: str = "ecg_embedding",
     keep_columns: Sequence[str] = ("ecg_id",),
+    weights_fingerprint: str | None = None,
 ):
     """`dataset` (a `datasets.Dataset` or `IterableDataset` in the merit_hf schema) with the MERIT embedding of every
     record in `column` (float32, `hidden_size` wide) and only `keep_columns` of the others.
@@ -53,6 +54,8 @@ def embed_dataset(
         feature_extractor: defaults to the checkpoint's, else the one matching the encoder config.
         precision: `"fp32"`, `"bf16"` or `"fp16"` (autocast; bf16 needs AVX512-BF16/AMX on CPU to be fast).
         device: defaults to CUDA when available.
+        weights_fingerprint: the encoder's weight fingerprint for the map-style cache key, when the caller has it
+            (the command line computes it once for all splits); computed here otherwise.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision: must be one of {sorted(PRECISIONS)}, got {precision!r}")
@@ -86,7 +89,8 @@ def embed_dataset(
         "remove_columns": [name for name in columns if name not in keep_columns],
     }
     if hasattr(dataset, "_fingerprint"):  # map-style: a fingerprint that a re-run reproduces, so its cache is reused
-        key = [_model_fingerprint(encoder), feature_extractor.to_json_string(), precision, column, list(keep_columns)]
+        weights = weights_fingerprint or _model_fingerprint(encoder)
+        key = [weights, feature_extractor.to_json_string(), precision, column, list(keep_columns)]
         options["new_fingerprint"] = hashlib.sha1(
             json.dumps([dataset._fingerprint, key, batch_size]).encode()
         ).hexdigest()
@@ -306,7 +310,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     feature_extractor = load_feature_extractor(arguments.model_name_or_path, encoder)
     output_dir = Path(arguments.output_dir)
     suffix = f"-{shard_index:05d}-of-{num_shards:05d}" if num_shards > 1 else ""
-    what = [_model_fingerprint(encoder), feature_extractor.to_json_string(), arguments.precision, arguments.dataset]
+    weights = _model_fingerprint(encoder)  # once: the cache key of every map-style split and the resume key
+    what = [weights, feature_extractor.to_json_string(), arguments.precision, arguments.dataset]
     what += [arguments.dataset_name, arguments.sampling_rate, arguments.keep_columns, shard_index, num_shards]
     written = {}
     for split, dataset in load_splits(arguments, shard_index, num_shards).items():
@@ -318,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             precision=arguments.precision,
             device=state.device,
             keep_columns=arguments.keep_columns,
+            weights_fingerprint=weights,
         )
         path = output_dir / f"{split}{suffix}.parquet"
         resume_key = hashlib.sha1(json.dumps([*what, split]).encode()).hexdigest()
