@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -53,6 +54,8 @@ logger = logging.getLogger(__name__)
 PLAN_FILE = "conversion_plan.json"
 REPORT_FILE = "conversion_report.json"
 PROGRESS_DIR = ".progress"
+# `ShardPaths.parquet` names: split, shard index, shard count (the loaders parse them to find a missing shard).
+SHARD_FILE_PATTERN = re.compile(r"(.+)-(\d{5})-of-(\d{5})\.parquet")
 PARQUET_ROWS_PER_GROUP = 100  # streaming reads a row group at a time: 100 ECGs at 500 Hz are 24 MB as float32
 PARQUET_COMPRESSION = "zstd"
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -179,7 +178,7 @@ def _load(
 
 def _check_finished(folder: Path) -> None:
     """A converter's output folder is loaded only when its conversion finished and no shard is missing."""
-    from .conversion import PLAN_FILE, REPORT_FILE
+    from .conversion import PLAN_FILE, REPORT_FILE, SHARD_FILE_PATTERN
 
     if (folder / PLAN_FILE).exists():
         raise ValueError(
@@ -188,7 +187,7 @@ def _check_finished(folder: Path) -> None:
         )
     shards: dict[tuple[str, int], set[int]] = {}
     for file in folder.glob("*.parquet"):
-        match = re.fullmatch(r"(.+)-(\d{5})-of-(\d{5})\.parquet", file.name)
+        match = SHARD_FILE_PATTERN.fullmatch(file.name)
         if match:
             shards.setdefault((match[1], int(match[3])), set()).add(int(match[2]))
     for (split, count), found in sorted(shards.items()):
