@@ -18,6 +18,7 @@ STANDARD_LEAD_NAMES = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", 
 CONTRASTIVE_INPUTS = ("full", "masked")
 PROBLEM_TYPES = (None, "multi_label_classification", "single_label_classification", "regression")
 TEXT_POOLINGS = ("mean", "cls", "pooler")
+INITIALIZER_SCHEMES = ("xavier_uniform", "trunc_normal")
 
 
 def _require(condition: bool, config_name: str, field: str, problem: str) -> None:
@@ -55,7 +56,14 @@ class MeritEcgConfig(PreTrainedConfig):
         hidden_act (`str`): activation of the MLPs.
         hidden_dropout_prob, attention_probs_dropout_prob (`float`): dropout rates.
         layer_norm_eps (`float`): LayerNorm epsilon.
-        initializer_range (`float`): std of the truncated-normal init of linear layers.
+        initializer_range (`float`, defaults to 0.02): std of the normal init of the lead, separator and mask token
+            embeddings (ViT-MAE), and of linear layers under `initializer_scheme="trunc_normal"`.
+        initializer_scheme (`str`, defaults to `"xavier_uniform"`): init of the linear layers of the ECG tower, the
+            decoder and the projection heads. `"xavier_uniform"` with zero bias is what ViT-MAE's and ST-MEM's code
+            do; `"trunc_normal"` (std `initializer_range`, BERT/ViT) starves the masked-modelling branch: at
+            initialisation its gradient into the encoder was 1e-4 of the contrastive one, against 1.3 with xavier
+            (measured on the quick-start model; benchmarks/README.md). Only new weights are initialised: a
+            checkpoint's own weights are loaded as saved, whatever this field says.
         qkv_bias (`bool`): bias on query/key/value projections.
         use_separator_tokens (`bool`): add ST-MEM's learnable [SEP] token at both ends of every lead.
         mask_ratio (`float`, defaults to 0.75): fraction of each lead's patches hidden in masked ECG modelling.
@@ -89,6 +97,7 @@ class MeritEcgConfig(PreTrainedConfig):
     attention_probs_dropout_prob: float = 0.0
     layer_norm_eps: float = 1e-6
     initializer_range: float = 0.02
+    initializer_scheme: str = "xavier_uniform"
     qkv_bias: bool = True
     use_separator_tokens: bool = True
     mask_ratio: float = 0.75
@@ -163,6 +172,12 @@ class MeritEcgConfig(PreTrainedConfig):
         for field in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             value = getattr(self, field)
             _require(0.0 <= value < 1.0, name, field, f"must be in [0, 1), got {value}")
+        _require(
+            self.initializer_scheme in INITIALIZER_SCHEMES,
+            name,
+            "initializer_scheme",
+            f"must be one of {INITIALIZER_SCHEMES}, got {self.initializer_scheme!r}",
+        )
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> MeritEcgConfig:
@@ -228,7 +243,9 @@ class MeritConfig(PreTrainedConfig):
             how sentence-transformers models were trained), `"cls"` (first token) or `"pooler"` (the encoder's
             `pooler_output`, MERL's choice for MedCPT).
         logit_scale_init_value (`float`, defaults to ln(1/0.07)): initial log inverse temperature (CLIP).
-        logit_scale_max (`float`, defaults to ln(100)): the log inverse temperature is clamped here (CLIP).
+        logit_scale_max (`float`, defaults to ln(100)): cap of the log inverse temperature (CLIP). Training clamps
+            the parameter after each optimizer step (`MeritModel.clamp_logit_scale_`, open_clip's recipe), never
+            inside `forward`, where a clamp would leave a capped temperature with no gradient to come back by.
         reconstruction_weight (`float`, defaults to 1.0): weight of the masked-patch MSE.
         contrastive_weight (`float`, defaults to 1.0): weight of the symmetric InfoNCE.
         contrastive_input (`str`, defaults to `"full"`): which ECG the contrastive branch embeds: `"full"` (a second,

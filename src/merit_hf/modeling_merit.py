@@ -445,7 +445,10 @@ def masked_patch_reconstruction_loss(
     """Mean squared error over hidden patches only (ViT-MAE / ST-MEM).
 
     Per patch: the mean over its samples of `(prediction - target)^2`; then the mean over hidden patches that hold
-    signal. With `norm_pix_loss`, each target patch is normalised by its own mean and standard deviation first.
+    signal. With `norm_pix_loss`, each target patch is normalised by its own mean and standard deviation first. That
+    standard deviation is the biased one (divided by `patch_size`; ViT-MAE divides by `patch_size - 1`): it only
+    rescales the target by `sqrt(P / (P - 1))` (1.007 for P = 75). In these units a loss of 1.0 is what predicting each
+    hidden patch's own mean scores, the baseline of `benchmarks/masked_modelling.py`.
     Visible patches contribute nothing, so changing their prediction leaves the loss unchanged.
     """
     target = patchify(ecg_values, patch_size)
@@ -577,7 +580,19 @@ class _StrictLoadingMixin:
                 + "; ".join(problems)
                 + ". Refusing to return a model with randomly initialised weights."
             )
+        for module in model.modules():
+            if isinstance(module, MeritModel):
+                module.clamp_logit_scale_()
         return (model, info) if wants_info else model
+
+
+def _frozen_parts_to_eval(module: nn.Module) -> None:
+    for child in module.children():
+        parameters = list(child.parameters())
+        if parameters and not any(parameter.requires_grad for parameter in parameters):
+            child.eval()
+        else:
+            _frozen_parts_to_eval(child)
 
 
 class MeritBasePreTrainedModel(_StrictLoadingMixin, PreTrainedModel):
@@ -591,8 +606,36 @@ class MeritBasePreTrainedModel(_StrictLoadingMixin, PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    # Parameters that are embeddings rather than weights: no weight decay (ST-MEM's `no_weight_decay`, timm).
+    _no_weight_decay_parameters = ("lead_embeddings", "separator_token", "mask_token", "logit_scale")
+
     def _init_weights(self, module: nn.Module) -> None:
         _init_merit_module(self, module, self.config)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters an optimizer should not decay (timm's convention): biases, norms and every other
+        1-D parameter, embedding tables (`nn.Embedding`, e.g. the text tower's), MERIT's lead / separator / mask
+        token embeddings and the logit scale. Decaying an embedding pulls it towards zero for no regularising gain;
+        ST-MEM and ViT-MAE exclude theirs."""
+        names = set()
+        for module_name, module in self.named_modules():
+            for name, parameter in module.named_parameters(recurse=False):
+                full_name = f"{module_name}.{name}" if module_name else name
+                if (
+                    parameter.ndim < 2
+                    or isinstance(module, (nn.Embedding, nn.LayerNorm))
+                    or name in self._no_weight_decay_parameters
+                ):
+                    names.add(full_name)
+        return names
+
+    def train(self, mode: bool = True):
+        """`nn.Module.train`, except that a part whose parameters are all frozen stays in eval mode: a frozen text
+        tower (LiT) then runs exactly as at inference, without dropout noise in the embeddings it is aligned to."""
+        super().train(mode)
+        if mode:
+            _frozen_parts_to_eval(self)
+        return self
 
 
 class MeritEcgPreTrainedModel(MeritBasePreTrainedModel):
@@ -617,10 +660,23 @@ class MeritPreTrainedModel(MeritBasePreTrainedModel):
 
 def _init_merit_module(model: PreTrainedModel, module: nn.Module, config) -> None:
     """transformers-5 style init: every write goes through `transformers.initialization`, which skips tensors that a
-    checkpoint already filled."""
+    checkpoint already filled (so loading never re-initialises a trained weight).
+
+    Linear layers of the ECG tower, the decoder and the projection heads follow `MeritEcgConfig.initializer_scheme`:
+    `"xavier_uniform"` with zero bias by default, as ViT-MAE's and ST-MEM's code do. With the truncated normal of std
+    0.02 that BERT/ViT use (`"trunc_normal"`, this project's scheme before it was measured) the masked-modelling
+    gradient reaching the encoder was 1e-4 of the contrastive one on the quick-start model, and masked modelling did
+    not train the encoder (benchmarks/README.md, "Masked ECG modelling"). Embedding vectors (lead, separator and
+    mask tokens) keep a normal of std `initializer_range` (ViT-MAE's mask token); position tables are fixed sin-cos.
+    The text tower is a sub-model and keeps its own `_init_weights`.
+    """
     std = config.initializer_range
+    ecg_config = config.ecg_config if isinstance(config, MeritConfig) else config
     if isinstance(module, nn.Linear):
-        init.trunc_normal_(module.weight, std=std)
+        if ecg_config.initializer_scheme == "xavier_uniform":
+            init.xavier_uniform_(module.weight)
+        else:
+            init.trunc_normal_(module.weight, std=std)
         if module.bias is not None:
             init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
@@ -813,8 +869,19 @@ class MeritModel(MeritPreTrainedModel):
         self.post_init()
 
     def clamped_logit_scale(self) -> torch.Tensor:
-        """exp of the log inverse temperature, clamped at `config.logit_scale_max` (CLIP clamps at 100)."""
+        """The inverse temperature `exp(logit_scale)` with the log clamped at `config.logit_scale_max` (CLIP: 100).
+
+        For inference only: in `forward` the scale is `exp(logit_scale)` unclamped, because a clamp there has zero
+        gradient above the cap and a temperature that reached it could never come back. Training keeps the
+        parameter in range instead with `clamp_logit_scale_()` after every optimizer step (open_clip's recipe)."""
         return self.logit_scale.clamp(max=self.config.logit_scale_max).exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clamp the `logit_scale` parameter in place to `[0, config.logit_scale_max]` (open_clip clamps to
+        `[0, ln 100]` after each optimizer step). Also applied on load, so a checkpoint stored above the cap gives the
+        logits it gave when the clamp was inside `forward`."""
+        self.logit_scale.clamp_(0.0, self.config.logit_scale_max)
 
     def get_ecg_features(
         self,
@@ -900,7 +967,7 @@ class MeritModel(MeritPreTrainedModel):
         text_output = self.get_text_features(input_ids, attention_mask, token_type_ids, **flags)
         ecg_embeds = F.normalize(ecg_output.pooler_output, dim=-1)
         text_embeds = F.normalize(text_output.pooler_output, dim=-1)
-        scale = self.clamped_logit_scale()
+        scale = self.logit_scale.exp()
         logits_per_ecg = scale * ecg_embeds @ text_embeds.t()
         loss = None
         if return_loss:
@@ -1000,6 +1067,27 @@ class MeritForPreTraining(MeritPreTrainedModel):
 
     from_text_pretrained = MeritModel.__dict__["from_text_pretrained"]
 
+    def clamp_logit_scale_(self) -> None:
+        """See `MeritModel.clamp_logit_scale_`: call it after every optimizer step."""
+        self.merit.clamp_logit_scale_()
+
+    def freeze_unused_parameters(self, freeze_text_model: bool = False) -> None:
+        """Stop gradients to the parameters that no loss term reaches (a weight of 0 switches its branch off; DDP
+        also refuses parameters that get no gradient) and, with `freeze_text_model`, to the text encoder (LiT).
+        Frozen parts then stay in eval mode under `train()`."""
+        config = self.config
+        if config.contrastive_weight == 0:
+            merit = self.merit
+            for module in (merit.text_model, merit.text_projection, merit.ecg_projection):
+                module.requires_grad_(False)
+            merit.logit_scale.requires_grad_(False)
+            merit.ecg_model.pooler_norm.requires_grad_(False)
+        if config.reconstruction_weight == 0:
+            self.decoder.requires_grad_(False)
+        if freeze_text_model:
+            self.merit.text_model.requires_grad_(False)
+        self.train(self.training)
+
     def forward(
         self,
         ecg_values: torch.Tensor,
@@ -1075,7 +1163,7 @@ class MeritForPreTraining(MeritPreTrainedModel):
             text_embeds = F.normalize(
                 self.merit.get_text_features(input_ids, attention_mask, token_type_ids).pooler_output, dim=-1
             )
-            scale = self.merit.clamped_logit_scale()
+            scale = self.merit.logit_scale.exp()
             contrastive = contrastive_loss(
                 ecg_embeds, text_embeds, scale, gather=config.gather_contrastive_features, sample_mask=sample_mask
             )

@@ -80,6 +80,11 @@ MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 # Fields that depend on where a checkpoint was written, not on what it is.
 _CONFIG_FIELDS_IGNORED_ON_RESUME = {"transformers_version", "_name_or_path", "architectures", "auto_map", "dtype"}
 _LOSS_NAMES = ("loss", "reconstruction_loss", "contrastive_loss")
+_GRADIENT_NORM_NAMES = (
+    "encoder_grad_norm_reconstruction",
+    "encoder_grad_norm_contrastive",
+    "reconstruction_gradient_share",
+)
 
 
 @dataclass
@@ -238,17 +243,7 @@ def build_model(model_args: ModelArguments, text_path: str) -> MeritForPreTraini
         if getattr(model_args, name) is not None
     }
     model = MeritForPreTraining.from_text_pretrained(text_path, ecg_config=ecg_config, **overrides)
-    config = model.config
-    # Parameters that no loss term reaches must not train (DDP also refuses parameters without gradient).
-    if config.contrastive_weight == 0:
-        for module in (model.merit.text_model, model.merit.text_projection, model.merit.ecg_projection):
-            module.requires_grad_(False)
-        model.merit.logit_scale.requires_grad_(False)
-        model.merit.ecg_model.pooler_norm.requires_grad_(False)
-    if config.reconstruction_weight == 0:
-        model.decoder.requires_grad_(False)
-    if model_args.freeze_text_model:
-        model.merit.text_model.requires_grad_(False)
+    model.freeze_unused_parameters(freeze_text_model=model_args.freeze_text_model)
     return model
 
 
@@ -265,12 +260,40 @@ def masking_noise(ecg_ids: Sequence[int], stream: Sequence[int], shape: tuple[in
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norms and other 1-D parameters (timm / ViT-MAE)."""
+    """AdamW groups: no weight decay on what `model.no_weight_decay()` names (biases, norms, embeddings, the logit
+    scale: timm / ViT-MAE / ST-MEM), or on 1-D parameters for a model without that method."""
+    excluded = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
-    for parameter in model.parameters():
+    for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+            (no_decay if name in excluded or parameter.ndim < 2 else decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def loss_term_gradient_norms(model: MeritForPreTraining, output) -> dict[str, float]:
+    """L2 norm of the gradient that each weighted loss term sends into the ECG encoder, on this batch.
+
+    The two terms of MERIT's objective only help each other if both reach the shared encoder; this is how a run shows
+    that one term does not starve the other (with `initializer_scheme="trunc_normal"` the masked-modelling share was
+    1e-4). `reconstruction_gradient_share` is `r / (r + c)`: 0.5 when both pull equally hard. Costs one extra backward
+    pass per term, so pretraining computes it on logging steps only.
+    """
+    config = model.config
+    parameters = [parameter for parameter in model.merit.ecg_model.parameters() if parameter.requires_grad]
+    norms = {}
+    for name, weight in (("reconstruction", config.reconstruction_weight), ("contrastive", config.contrastive_weight)):
+        term = getattr(output, f"{name}_loss")
+        if term is None or weight == 0:
+            continue
+        gradients = torch.autograd.grad(weight * term, parameters, retain_graph=True, allow_unused=True)
+        squares = [gradient.float().pow(2).sum() for gradient in gradients if gradient is not None]
+        norms[f"encoder_grad_norm_{name}"] = torch.stack(squares).sum().sqrt().item() if squares else 0.0
+    if len(norms) == 2:
+        total = norms["encoder_grad_norm_reconstruction"] + norms["encoder_grad_norm_contrastive"]
+        norms["reconstruction_gradient_share"] = (
+            norms["encoder_grad_norm_reconstruction"] / total if total else math.nan
+        )
+    return norms
 
 
 def isolated_from_global_rng(batches: Iterable) -> Iterator:
@@ -616,6 +639,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         disable=train_args.disable_tqdm or not accelerator.is_local_main_process,
     )
     step_losses: list[torch.Tensor] = []
+    gradient_norms: dict[str, float] = {}
     history: list[dict[str, float]] = []
     last_eval: dict[str, float] = {}
     start = time.perf_counter()
@@ -647,11 +671,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         "learning rate or use bf16 instead of fp16."
                     )
                 step_losses.append(gathered.mean(dim=0))
+                if accelerator.sync_gradients and (global_step + 1) % train_args.logging_steps == 0:
+                    gradient_norms = loss_term_gradient_norms(unwrapped, output)
                 accelerator.backward(output.loss)
                 if accelerator.sync_gradients and train_args.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                unwrapped.clamp_logit_scale_()  # open_clip: clamp the parameter after the step, never in forward
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
@@ -661,6 +688,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             step_losses.clear()
             record = {"step": global_step, "epoch": epoch, "learning_rate": scheduler.get_last_lr()[0]}
             record.update({f"train_{name}": value for name, value in zip(_LOSS_NAMES, step_mean)})
+            if global_step % train_args.logging_steps == 0:
+                record.update(gradient_norms)
             history.append(record)
             progress.update(1)
             progress.set_postfix(loss=f"{step_mean[0]:.4f}")
@@ -706,6 +735,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         **({key: value for key, value in history[-1].items() if key.startswith("train_")} if history else {}),
         **last_eval,
         "loss_history": [entry["train_loss"] for entry in history],
+        "reconstruction_loss_history": [entry["train_reconstruction_loss"] for entry in history],
+        "encoder_gradient_norms": [
+            {key: value for key, value in entry.items() if key == "step" or key in _GRADIENT_NORM_NAMES}
+            for entry in history
+            if "encoder_grad_norm_reconstruction" in entry or "encoder_grad_norm_contrastive" in entry
+        ],
         "model_dir": str(model_dir),
         "output_dir": str(output_dir),
     }
