@@ -118,8 +118,8 @@ def test_shift_features_are_cached_per_parameters(tmp_path):
     model = MeritModel(tiny_merit_config()).eval()
     data = synthetic_ptbxl(sizes=(16, 8, 10))
     arguments = ProbeArguments(max_epochs=2, num_bootstrap=0, cache_dir=str(tmp_path / "cache"))
-    slow, fast = (input_shifts(device_rates=(), noise_snrs_db=(), wander_snrs_db=(0,), wander_frequency_hz=f)
-                  for f in (0.3, 5.0))  # fmt: skip
+    slow, fast = (input_shifts(device_rates=(), noise_snrs_db=(), wander_snrs_db=(0,), wander_frequency_hz=f,
+                               lead_counts=()) for f in (0.3, 5.0))  # fmt: skip
     first = run_robustness(model, data, "superclass", arguments=arguments, shifts=slow, group_columns=())
     second = run_robustness(model, data, "superclass", arguments=arguments, shifts=fast, group_columns=())
     uncached = run_robustness(
