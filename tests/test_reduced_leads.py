@@ -146,6 +146,25 @@ def test_lead_mask_leaves_the_missing_leads_tokens_out(records):
         torch.testing.assert_close(model(full, lead_mask=lead_mask).pooler_output, expected)
 
 
+def test_lead_mask_with_padding_compiles_as_one_graph():
+    """`torch.compile(fullgraph=True)` traces the lead mask (alone and with padding) without a graph break, and a
+    missing lead stays out when the record is padded too."""
+    model = MeritEcgModel(tiny_ecg_config()).eval()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    ecg = torch.randn(2, 12, 2250)
+    lead_mask = torch.ones(2, 12, dtype=torch.bool)
+    lead_mask[0, 3:] = False
+    padding = torch.ones(2, 2250, dtype=torch.long)
+    padding[1, 1500:] = 0
+    other = ecg.clone()
+    other[0, 3:] = 7.0
+    with torch.no_grad():
+        for kwargs in ({"lead_mask": lead_mask}, {"lead_mask": lead_mask, "ecg_attention_mask": padding}):
+            expected = model(ecg, **kwargs).pooler_output
+            torch.testing.assert_close(compiled(ecg, **kwargs).pooler_output, expected)
+            torch.testing.assert_close(model(other, **kwargs).pooler_output, expected)
+
+
 def test_pretraining_loss_leaves_the_missing_leads_out(records):
     full, subset, lead_mask = _dropped_and_subset(records, ["I", "V3"])
     model = MeritForPreTraining(tiny_merit_config(contrastive_weight=0.0)).eval()
