@@ -98,3 +98,25 @@ def test_precomputed_ecg_values_match_the_collator():
     stored_batch = MeritCollator(extractor)(list(stored.with_format("numpy")))
     fresh_batch = MeritCollator(extractor)(list(dataset.with_format("numpy")))
     torch.testing.assert_close(stored_batch["ecg_values"], fresh_batch["ecg_values"])
+
+
+def test_precomputed_values_keep_the_lead_mask():
+    """Rows given only leads I and II: the stored `lead_mask` column reaches the batch as the collator computes it."""
+    from datasets import Dataset
+
+    dataset = build_ptbxl(BUNDLED_PTBXL, sampling_rate=100, ecg_ids=range(1, 5))["train"].with_format("numpy")
+    two_leads = Dataset.from_list(
+        [
+            {"signal": row["signal"][:, :2], "sampling_rate": row["sampling_rate"], "lead_names": ["I", "II"]}
+            for row in dataset
+        ]  # fmt: skip
+    )
+    extractor = MeritFeatureExtractor(missing_leads="mask")
+    stored = precompute_ecg_values(two_leads, extractor, batch_size=2)
+    stored_batch = MeritCollator(extractor)(list(stored.with_format("numpy")))
+    fresh_batch = MeritCollator(extractor)(list(two_leads.with_format("numpy")))
+    assert stored_batch["lead_mask"].tolist() == [[True, True] + [False] * 10] * len(two_leads)
+    torch.testing.assert_close(stored_batch["lead_mask"], fresh_batch["lead_mask"])
+    torch.testing.assert_close(stored_batch["ecg_values"], fresh_batch["ecg_values"])
+    with pytest.raises(ValueError, match="precompute_ecg_values stores one window per record"):
+        precompute_ecg_values(two_leads, MeritFeatureExtractor(window="sliding"))

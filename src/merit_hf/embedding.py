@@ -12,11 +12,16 @@ written in parts with the stream's state, so a run that stops resumes after its 
         --dataset_name mimic_iv_ecg --dataset <converted MIMIC-IV-ECG> --splits train --output_dir mimic_embeddings
 
 For many ECGs on CPU pick a `small-p125` checkpoint and `--precision bf16` (benchmarks/README.md). Every record is
-centre-cropped to the encoder's window, as in the linear-probe protocol.
+centre-cropped to the encoder's window, as in the linear-probe protocol; long records (a 60 s strip, a Holter) can
+instead be embedded window by window and pooled per record, and records without some leads from the leads they have:
+
+    python -m merit_hf.embedding --model_name_or_path <checkpoint> --dataset <data> --window sliding \
+        --window_pooling mean --missing_leads mask
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import sys
@@ -27,9 +32,17 @@ from typing import Any
 
 import torch
 
-from .feature_extraction_merit import MeritFeatureExtractor
+from .feature_extraction_merit import MISSING_LEAD_POLICIES, WINDOWS, MeritFeatureExtractor
+from .modeling_merit import WINDOW_POOLINGS
 from .training.arguments import parse_arguments
-from .training.probe import _model_fingerprint, ecg_encoder, ecg_values_batch, load_encoder, load_feature_extractor
+from .training.probe import (
+    _model_fingerprint,
+    ecg_encoder,
+    ecg_model_inputs,
+    load_encoder,
+    load_feature_extractor,
+    record_embeddings,
+)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 REQUIRED_COLUMNS = ("signal", "sampling_rate", "lead_names")
@@ -45,6 +58,7 @@ def embed_dataset(
     column: str = "ecg_embedding",
     keep_columns: Sequence[str] = ("ecg_id",),
     weights_fingerprint: str | None = None,
+    window_pooling: str = "mean",
 ):
     """`dataset` (a `datasets.Dataset` or `IterableDataset` in the merit_hf schema) with the MERIT embedding of every
     record in `column` (float32, `hidden_size` wide) and only `keep_columns` of the others.
@@ -56,9 +70,13 @@ def embed_dataset(
         device: defaults to CUDA when available.
         weights_fingerprint: the encoder's weight fingerprint for the map-style cache key, when the caller has it
             (the command line computes it once for all splits); computed here otherwise.
+        window_pooling: `"mean"` or `"max"` of the window embeddings of a record, when the feature extractor cuts
+            records into windows (`window="sliding"`); each record still gets one embedding.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision: must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if window_pooling not in WINDOW_POOLINGS:
+        raise ValueError(f"window_pooling: must be one of {WINDOW_POOLINGS}, got {window_pooling!r}")
     columns = list(dataset.column_names or (dataset.features or {}))
     missing = [name for name in REQUIRED_COLUMNS if name not in columns]
     if missing:
@@ -75,12 +93,12 @@ def embed_dataset(
     autocast_dtype = PRECISIONS[precision]
 
     def embed(rows: dict[str, list]) -> dict[str, Any]:
-        ecg_values = ecg_values_batch(feature_extractor, rows, crop="center").to(device)
+        inputs = ecg_model_inputs(feature_extractor, rows, crop="center")
         with (
             torch.inference_mode(),
             torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None),
         ):
-            pooled = encoder(ecg_values).pooler_output
+            pooled = record_embeddings(encoder, inputs, device, window_pooling)
         return {column: pooled.float().cpu().numpy()}
 
     options: dict[str, Any] = {
@@ -91,6 +109,8 @@ def embed_dataset(
     if hasattr(dataset, "_fingerprint"):  # map-style: a fingerprint that a re-run reproduces, so its cache is reused
         weights = weights_fingerprint or _model_fingerprint(encoder)
         key = [weights, feature_extractor.to_json_string(), precision, column, list(keep_columns)]
+        if feature_extractor.window == "sliding":  # keys of single-window runs stay what they were
+            key.append(window_pooling)
         options["new_fingerprint"] = hashlib.sha1(
             json.dumps([dataset._fingerprint, key, batch_size]).encode()
         ).hexdigest()
@@ -244,6 +264,25 @@ class EmbeddingArguments:
         default=10_000,
         metadata={"help": "Streamed splits: rows per finished part; a stopped run resumes after the last one."},
     )
+    window: str | None = field(
+        default=None,
+        metadata={
+            "help": "'single': one centre window per record; 'sliding': every window of the record, pooled per "
+            "record (--window_stride, --window_pooling). Default: the checkpoint's feature-extractor setting."
+        },
+    )
+    window_stride: int | None = field(
+        default=None,
+        metadata={"help": "With --window sliding: samples (at the model's rate) between windows; default one window."},
+    )
+    window_pooling: str = field(default="mean", metadata={"help": "'mean' or 'max' of a record's window embeddings."})
+    missing_leads: str | None = field(
+        default=None,
+        metadata={
+            "help": "'mask': a record without some of the model's leads is embedded from the leads it has (the "
+            "missing ones are left out); 'raise'. Default: the checkpoint's feature-extractor setting."
+        },
+    )
 
     def __post_init__(self):
         if self.dataset_name not in ("ptbxl", "mimic_iv_ecg"):
@@ -254,6 +293,15 @@ class EmbeddingArguments:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every: must be >= 1, got {self.checkpoint_every}")
+        for name, value, allowed in (
+            ("window", self.window, WINDOWS),
+            ("window_pooling", self.window_pooling, WINDOW_POOLINGS),
+            ("missing_leads", self.missing_leads, MISSING_LEAD_POLICIES),
+        ):
+            if value is not None and value not in allowed:
+                raise ValueError(f"{name}: must be one of {allowed}, got {value!r}")
+        if self.window_stride is not None and self.window != "sliding":
+            raise ValueError("window_stride: only with --window sliding")
         if (self.num_shards is None) != (self.shard_index is None):
             raise ValueError("num_shards and shard_index go together: give both or neither")
         if self.num_shards is not None and not 0 <= self.shard_index < self.num_shards:
@@ -296,6 +344,20 @@ def load_splits(arguments: EmbeddingArguments, shard_index: int = 0, num_shards:
     return splits
 
 
+def with_input_settings(feature_extractor: MeritFeatureExtractor, arguments: EmbeddingArguments):
+    """A copy of the checkpoint's feature extractor with the command line's window and missing-lead settings."""
+    settings = {"window": arguments.window, "window_stride": arguments.window_stride}
+    settings["missing_leads"] = arguments.missing_leads
+    settings = {name: value for name, value in settings.items() if value is not None}
+    if not settings:
+        return feature_extractor
+    adjusted = copy.deepcopy(feature_extractor)
+    for name, value in settings.items():
+        setattr(adjusted, name, value)
+    adjusted._validate_settings()
+    return adjusted
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Embed every split of `--dataset`; returns `{split: {"path", "rows"}}` (also `output_dir/embeddings.json`)."""
     (arguments,) = parse_arguments((EmbeddingArguments,), sys.argv[1:] if argv is None else argv)
@@ -307,12 +369,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     num_shards = arguments.num_shards if arguments.num_shards is not None else state.num_processes
     shard_index = arguments.shard_index if arguments.shard_index is not None else state.process_index
     encoder, name = load_encoder(arguments.model_name_or_path)
-    feature_extractor = load_feature_extractor(arguments.model_name_or_path, encoder)
+    feature_extractor = with_input_settings(load_feature_extractor(arguments.model_name_or_path, encoder), arguments)
     output_dir = Path(arguments.output_dir)
     suffix = f"-{shard_index:05d}-of-{num_shards:05d}" if num_shards > 1 else ""
     weights = _model_fingerprint(encoder)  # once: the cache key of every map-style split and the resume key
     what = [weights, feature_extractor.to_json_string(), arguments.precision, arguments.dataset]
     what += [arguments.dataset_name, arguments.sampling_rate, arguments.keep_columns, shard_index, num_shards]
+    if feature_extractor.window == "sliding":
+        what.append(arguments.window_pooling)
     written = {}
     for split, dataset in load_splits(arguments, shard_index, num_shards).items():
         embedded = embed_dataset(
@@ -324,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             device=state.device,
             keep_columns=arguments.keep_columns,
             weights_fingerprint=weights,
+            window_pooling=arguments.window_pooling,
         )
         path = output_dir / f"{split}{suffix}.parquet"
         resume_key = hashlib.sha1(json.dumps([*what, split]).encode()).hexdigest()
@@ -335,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "dataset": arguments.dataset,
         "precision": arguments.precision,
         "hidden_size": encoder.config.hidden_size,
+        "window": feature_extractor.window,
+        **({"window_pooling": arguments.window_pooling} if feature_extractor.window == "sliding" else {}),
         "shard": {"index": shard_index, "num_shards": num_shards},
         "splits": written,
     }

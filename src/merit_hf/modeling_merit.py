@@ -49,7 +49,8 @@ class MeritEcgModelOutput(ModelOutput):
     ids_restore (`torch.LongTensor` of shape `(batch_size, num_leads, num_patches_per_lead)`, *optional*):
         Indices that undo the per-lead shuffle; only when masking was applied.
     patch_attention_mask (`torch.FloatTensor` of shape `(batch_size, num_leads, num_patches_per_lead)`, *optional*):
-        1 for a patch that holds signal, 0 for a patch made only of padding; only when `ecg_attention_mask` is given.
+        1 for a patch that holds signal, 0 for a patch made only of padding or of a lead missing from the record;
+        only when `ecg_attention_mask` or `lead_mask` is given.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -295,8 +296,10 @@ class MeritEcgEmbeddings(nn.Module):
         patch_attention_mask: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         apply_masking: bool = False,
+        lead_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Returns `(embeddings, mask, ids_restore, token_attention_mask)`; the last three may be `None`."""
+        """Returns `(embeddings, mask, ids_restore, token_attention_mask)`; the last three may be `None`. A lead that
+        `lead_mask` `(batch, num_leads)` marks missing has all its tokens, [SEP] included, invalid in the last."""
         config = self.config
         batch_size, num_leads, _ = ecg_values.shape
         num_patches = config.num_patches_per_lead
@@ -318,6 +321,8 @@ class MeritEcgEmbeddings(nn.Module):
             embeddings = torch.cat([first, embeddings, last], dim=2)
             if token_mask is not None:
                 ones = token_mask.new_ones(batch_size, num_leads, 1)
+                if lead_mask is not None:
+                    ones = lead_mask.to(token_mask.dtype)[:, :, None]
                 token_mask = torch.cat([ones, token_mask, ones], dim=2)
         tokens_per_lead = embeddings.shape[2]
         embeddings = embeddings.reshape(batch_size, num_leads * tokens_per_lead, -1)
@@ -499,6 +504,52 @@ def contrastive_loss(
     logits_per_ecg = logit_scale * ecg_embeds @ text_embeds.t()
     labels = torch.arange(logits_per_ecg.shape[0], device=logits_per_ecg.device)
     return (F.cross_entropy(logits_per_ecg, labels) + F.cross_entropy(logits_per_ecg.t(), labels)) / 2
+
+
+WINDOW_POOLINGS = ("mean", "max")
+
+
+def pool_window_embeddings(
+    window_embeddings: torch.Tensor,
+    record_index: torch.Tensor,
+    pooling: str = "mean",
+    num_records: int | None = None,
+) -> torch.Tensor:
+    """One embedding per record from the embeddings of its windows (`MeritFeatureExtractor(window="sliding")`).
+
+    A long record (a 60 s rhythm strip, a Holter hour) is embedded window by window, since the encoder's positions
+    cover one window; `"mean"` pools the windows (the record's average state), `"max"` takes each feature's largest
+    value over the windows (keeps what one window shows, e.g. a short run of ectopy).
+
+    Args:
+        window_embeddings (`torch.FloatTensor` of shape `(num_windows, hidden_size)`): e.g. `pooler_output`.
+        record_index (`torch.LongTensor` of shape `(num_windows,)`): the record of each window, as the feature
+            extractor returns it.
+        pooling (`str`, defaults to `"mean"`): `"mean"` or `"max"`.
+        num_records (`int`, *optional*): defaults to `record_index.max() + 1`; every record needs a window.
+
+    Returns:
+        `torch.FloatTensor` of shape `(num_records, hidden_size)`.
+    """
+    if pooling not in WINDOW_POOLINGS:
+        raise ValueError(f"pooling must be one of {WINDOW_POOLINGS}, got {pooling!r}")
+    record_index = torch.as_tensor(record_index, device=window_embeddings.device).long()
+    if window_embeddings.dim() != 2 or tuple(record_index.shape) != (window_embeddings.shape[0],):
+        raise ValueError(
+            f"window_embeddings (num_windows, hidden_size) and record_index (num_windows,) must agree, got "
+            f"{tuple(window_embeddings.shape)} and {tuple(record_index.shape)}"
+        )
+    num_records = int(record_index.max()) + 1 if num_records is None else int(num_records)
+    counts = torch.bincount(record_index, minlength=num_records)
+    if len(counts) != num_records or bool((counts == 0).any()):
+        raise ValueError(
+            f"record_index must give every one of {num_records} records at least one window, got counts "
+            f"{counts.tolist()}"
+        )
+    pooled = window_embeddings.new_zeros(num_records, window_embeddings.shape[1])
+    index = record_index[:, None].expand_as(window_embeddings)
+    reduce = "mean" if pooling == "mean" else "amax"
+    return pooled.scatter_reduce(0, index, window_embeddings, reduce=reduce, include_self=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -764,6 +815,35 @@ class MeritEcgModel(MeritEcgPreTrainedModel):
         valid = ecg_attention_mask.reshape(batch_size, config.num_patches_per_lead, config.patch_size).any(-1)
         return valid.float()[:, None, :].expand(-1, config.num_leads, -1).contiguous()
 
+    def _check_lead_mask(self, lead_mask: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+        """`lead_mask` as bool `(batch, num_leads)`, after checking its shape and that every record has a lead."""
+        if lead_mask is None:
+            return None
+        num_leads = self.config.num_leads
+        if tuple(lead_mask.shape) != (batch_size, num_leads):
+            raise ValueError(
+                f"lead_mask must have shape (batch, {num_leads}) (True for a recorded lead, in config.lead_names "
+                f"order), got {tuple(lead_mask.shape)}"
+            )
+        lead_mask = lead_mask.bool()
+        if not torch.compiler.is_compiling():
+            empty = torch.nonzero(~lead_mask.any(dim=1)).flatten().tolist()
+            if empty:
+                raise ValueError(f"lead_mask: records {empty} have no lead; an ECG needs at least one recorded lead")
+        return lead_mask
+
+    def _token_validity(
+        self, ecg_attention_mask: torch.Tensor | None, lead_mask: torch.Tensor | None, batch_size: int
+    ) -> torch.Tensor | None:
+        """`(batch, num_leads, num_patches_per_lead)` 1/0: a patch counts when it holds signal of a recorded lead.
+        Invalid patches are left out as attention keys and of the pooling, so a missing lead's tokens take no part
+        in any other token's representation (never fed as zeros)."""
+        patch_attention_mask = self._patch_attention_mask(ecg_attention_mask, batch_size)
+        if lead_mask is None:
+            return patch_attention_mask
+        leads = lead_mask.float()[:, :, None].expand(-1, -1, self.config.num_patches_per_lead)
+        return leads.contiguous() if patch_attention_mask is None else patch_attention_mask * leads
+
     def forward(
         self,
         ecg_values: torch.Tensor,
@@ -773,6 +853,7 @@ class MeritEcgModel(MeritEcgPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        lead_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> MeritEcgModelOutput | tuple:
         r"""
@@ -785,6 +866,11 @@ class MeritEcgModel(MeritEcgPreTrainedModel):
             Fixes which patches masking hides (the smallest noise stays visible). Only used with `apply_masking`.
         apply_masking (`bool`, defaults to `False`):
             Hide `config.mask_ratio` of each lead's patches (pretraining); embeddings for downstream use see all.
+        lead_mask (`torch.BoolTensor` of shape `(batch_size, num_leads)`, *optional*):
+            `True` for a lead the record has, `False` for a missing one (from the feature extractor with
+            `missing_leads="mask"`). A missing lead's tokens are never attention keys and are left out of pooling,
+            so the output is what the recorded leads alone give, whatever values the missing leads hold; its own
+            positions in `last_hidden_state` carry no meaning.
         """
         self._check_input(ecg_values)
         # The feature extractor gives float32; a model loaded with `dtype=torch.bfloat16` (or half) computes in that.
@@ -795,9 +881,10 @@ class MeritEcgModel(MeritEcgPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         batch_size = ecg_values.shape[0]
-        patch_attention_mask = self._patch_attention_mask(ecg_attention_mask, batch_size)
+        lead_mask = self._check_lead_mask(lead_mask, batch_size)
+        patch_attention_mask = self._token_validity(ecg_attention_mask, lead_mask, batch_size)
         embeddings, mask, ids_restore, token_mask = self.embeddings(
-            ecg_values, patch_attention_mask, noise=noise, apply_masking=apply_masking
+            ecg_values, patch_attention_mask, noise=noise, apply_masking=apply_masking, lead_mask=lead_mask
         )
         attention_mask = _additive_key_mask(token_mask, embeddings.dtype)
         if output_attentions and self.config._attn_implementation != "eager":
@@ -891,12 +978,14 @@ class MeritModel(MeritPreTrainedModel):
         apply_masking: bool = False,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        lead_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
         r"""
         Returns a `BaseModelOutputWithPooling` whose `pooler_output` `(batch_size, projection_dim)` is the projected,
         not yet normalised, ECG embedding (as `CLIPModel.get_image_features` in transformers 5); `last_hidden_state`,
-        `hidden_states` and `attentions` are the ECG encoder's.
+        `hidden_states` and `attentions` are the ECG encoder's. `lead_mask` `(batch_size, num_leads)`: see
+        `MeritEcgModel.forward` (missing leads are left out).
         """
         ecg_output = self.ecg_model(
             ecg_values,
@@ -906,6 +995,7 @@ class MeritModel(MeritPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            lead_mask=lead_mask,
         )
         return BaseModelOutputWithPooling(
             last_hidden_state=ecg_output.last_hidden_state,
@@ -951,19 +1041,22 @@ class MeritModel(MeritPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        lead_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> MeritOutput | tuple:
         r"""
         ecg_values (`torch.FloatTensor` of shape `(batch_size, num_leads, num_samples)`): from the feature extractor.
         input_ids, attention_mask, token_type_ids: the tokenised reports (or prompts).
         return_loss (`bool`): also return the symmetric InfoNCE loss (pairs on the diagonal).
+        lead_mask (`torch.BoolTensor` of shape `(batch_size, num_leads)`, *optional*): recorded leads (the missing
+            ones are left out, see `MeritEcgModel.forward`).
 
         `ecg_model_output` and `text_model_output` hold each tower's output (with `hidden_states` / `attentions` when
         asked), their `pooler_output` being the projected, not yet normalised, embedding.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
-        ecg_output = self.get_ecg_features(ecg_values, ecg_attention_mask, **flags)
+        ecg_output = self.get_ecg_features(ecg_values, ecg_attention_mask, lead_mask=lead_mask, **flags)
         text_output = self.get_text_features(input_ids, attention_mask, token_type_ids, **flags)
         ecg_embeds = F.normalize(ecg_output.pooler_output, dim=-1)
         text_embeds = F.normalize(text_output.pooler_output, dim=-1)
@@ -1099,6 +1192,7 @@ class MeritForPreTraining(MeritPreTrainedModel):
         sample_mask: torch.Tensor | None = None,
         return_loss: bool = True,
         return_dict: bool | None = None,
+        lead_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> MeritForPreTrainingOutput | tuple:
         r"""
@@ -1111,6 +1205,8 @@ class MeritForPreTraining(MeritPreTrainedModel):
             (`False`: padding, e.g. the duplicates that fill a distributed eval's last batch); all by default.
         return_loss (`bool`, defaults to `True`): the losses need no labels, so they are always computed; the
             argument tells `Trainer` so (it then reports `eval_loss`). `False` leaves `loss` out of the output.
+        lead_mask (`torch.BoolTensor` of shape `(batch_size, num_leads)`, *optional*): recorded leads; a missing
+            lead's tokens are left out of the encoder and its patches out of the reconstruction loss.
         """
         for flag in ("output_attentions", "output_hidden_states"):
             if kwargs.get(flag):
@@ -1131,7 +1227,7 @@ class MeritForPreTraining(MeritPreTrainedModel):
         masked_output = None
         if use_reconstruction or (use_contrastive and config.contrastive_input == "masked"):
             masked_output = ecg_model(
-                ecg_values, ecg_attention_mask=ecg_attention_mask, noise=noise, apply_masking=True
+                ecg_values, ecg_attention_mask=ecg_attention_mask, noise=noise, apply_masking=True, lead_mask=lead_mask
             )
 
         loss = 0.0
@@ -1158,7 +1254,9 @@ class MeritForPreTraining(MeritPreTrainedModel):
             if config.contrastive_input == "masked":
                 ecg_pooled = masked_output.pooler_output
             else:
-                ecg_pooled = ecg_model(ecg_values, ecg_attention_mask=ecg_attention_mask).pooler_output
+                ecg_pooled = ecg_model(
+                    ecg_values, ecg_attention_mask=ecg_attention_mask, lead_mask=lead_mask
+                ).pooler_output
             ecg_embeds = F.normalize(self.merit.ecg_projection(ecg_pooled), dim=-1)
             text_embeds = F.normalize(
                 self.merit.get_text_features(input_ids, attention_mask, token_type_ids).pooler_output, dim=-1
@@ -1248,12 +1346,15 @@ class MeritForEcgClassification(MeritPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        lead_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> SequenceClassifierOutput | tuple:
         r"""
         labels (`torch.FloatTensor` of shape `(batch_size, num_labels)`, *optional*):
             Multi-hot targets for multi-label classification (the default); class indices `(batch_size,)` for
             `problem_type="single_label_classification"`; values for `"regression"`.
+        lead_mask (`torch.BoolTensor` of shape `(batch_size, num_leads)`, *optional*): recorded leads (the missing
+            ones are left out, see `MeritEcgModel.forward`).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         ecg_output = self.ecg_model(
@@ -1262,6 +1363,7 @@ class MeritForEcgClassification(MeritPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            lead_mask=lead_mask,
         )
         logits = self.classifier(self.dropout(ecg_output.pooler_output))
         loss = None
@@ -1302,4 +1404,5 @@ __all__ = [
     "MeritPreTrainedModel",
     "contrastive_loss",
     "masked_patch_reconstruction_loss",
+    "pool_window_embeddings",
 ]

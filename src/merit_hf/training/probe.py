@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 from ..evaluation.metrics import best_f1_thresholds, classification_metrics, macro_auroc
 from ..evaluation.results import build_results, encoder_identity, write_results
 from ..feature_extraction_merit import MeritFeatureExtractor
-from ..modeling_merit import MeritEcgModel, MeritForEcgClassification
+from ..modeling_merit import MeritEcgModel, MeritForEcgClassification, pool_window_embeddings
 from .arguments import parse_arguments
 
 logger = logging.getLogger(__name__)
@@ -68,8 +68,8 @@ LABEL_SETS = ("superclass", "subclass", "form", "rhythm", "all")
 MODES = ("linear", "finetune")
 SPLITS = ("train", "validation", "test")
 # A record transform used by the robustness evaluation: (signal, sampling_rate, lead_names, row index) ->
-# (signal, sampling_rate).
-RecordTransform = Callable[[np.ndarray, float, list, int], tuple[np.ndarray, float]]
+# (signal, sampling_rate), or (signal, sampling_rate, lead_names) when it changes which leads the record has.
+RecordTransform = Callable[[np.ndarray, float, list, int], tuple]
 
 
 @dataclass
@@ -231,6 +231,27 @@ def _model_fingerprint(encoder: MeritEcgModel) -> str:
     return digest.hexdigest()[:16]
 
 
+def ecg_model_inputs(
+    feature_extractor: MeritFeatureExtractor,
+    rows: dict[str, list],
+    transform: RecordTransform | None = None,
+    start: int = 0,
+    crop: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run a batch of dataset rows (`signal`, `sampling_rate`, `lead_names`) through the feature extractor; returns
+    its tensors: `ecg_values`, and `lead_mask` / `record_index` / `ecg_attention_mask` when its settings give them."""
+    signals, rates, names = [], [], []
+    for offset, (signal, rate, leads) in enumerate(zip(rows["signal"], rows["sampling_rate"], rows["lead_names"])):
+        signal, leads = np.asarray(signal, dtype=np.float64), list(leads)
+        if transform is not None:
+            signal, rate, *new_leads = transform(signal, float(rate), leads, start + offset)
+            leads = list(new_leads[0]) if new_leads else leads
+        signals.append(signal)
+        rates.append(float(rate))
+        names.append(leads)
+    return dict(feature_extractor(signals, sampling_rate=rates, lead_names=names, crop=crop, return_tensors="pt"))
+
+
 def ecg_values_batch(
     feature_extractor: MeritFeatureExtractor,
     rows: dict[str, list],
@@ -238,22 +259,26 @@ def ecg_values_batch(
     start: int = 0,
     crop: str | None = None,
 ) -> torch.Tensor:
-    """Run a batch of dataset rows (`signal`, `sampling_rate`, `lead_names`) through the feature extractor."""
-    signals, rates = [], []
-    for offset, (signal, rate, leads) in enumerate(zip(rows["signal"], rows["sampling_rate"], rows["lead_names"])):
-        signal = np.asarray(signal, dtype=np.float64)
-        if transform is not None:
-            signal, rate = transform(signal, float(rate), list(leads), start + offset)
-        signals.append(signal)
-        rates.append(float(rate))
-    features = feature_extractor(
-        signals,
-        sampling_rate=rates,
-        lead_names=[list(leads) for leads in rows["lead_names"]],
-        crop=crop,
-        return_tensors="pt",
-    )
-    return features["ecg_values"]
+    """`ecg_values` only of `ecg_model_inputs` (for 12-lead, single-window settings)."""
+    return ecg_model_inputs(feature_extractor, rows, transform, start, crop)["ecg_values"]
+
+
+def encoder_inputs(inputs: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The feature extractor's tensors that a MERIT model takes (`ecg_values`, `ecg_attention_mask`, `lead_mask`),
+    on `device`."""
+    names = ("ecg_values", "ecg_attention_mask", "lead_mask")
+    return {name: inputs[name].to(device) for name in names if inputs.get(name) is not None}
+
+
+def record_embeddings(
+    encoder: MeritEcgModel, inputs: dict[str, torch.Tensor], device: torch.device | str, window_pooling: str = "mean"
+) -> torch.Tensor:
+    """`pooler_output` of every record `(num_records, hidden_size)` from `ecg_model_inputs`: missing leads left out
+    (`lead_mask`), and the windows of `window="sliding"` pooled back per record (`pool_window_embeddings`)."""
+    pooled = encoder(**encoder_inputs(inputs, device)).pooler_output
+    if "record_index" in inputs:
+        pooled = pool_window_embeddings(pooled, inputs["record_index"].to(pooled.device), window_pooling)
+    return pooled
 
 
 @torch.no_grad()
@@ -292,8 +317,8 @@ def extract_features(
     columns = ["signal", "sampling_rate", "lead_names"]
     for start in tqdm(range(0, len(dataset), batch_size), desc="features", leave=False, disable=len(dataset) < 1000):
         rows = dataset.select_columns(columns)[start : start + batch_size]
-        ecg_values = ecg_values_batch(feature_extractor, rows, transform, start, crop="center").to(device)
-        outputs.append(encoder(ecg_values.to(encoder.dtype)).pooler_output.float().cpu().numpy())
+        inputs = ecg_model_inputs(feature_extractor, rows, transform, start, crop="center")
+        outputs.append(record_embeddings(encoder, inputs, device).float().cpu().numpy())
     features = np.concatenate(outputs).astype(np.float32)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -567,8 +592,8 @@ def _predict(accelerator, model, feature_extractor, dataset, batch_size) -> np.n
     logits = []
     columns = dataset.select_columns(["signal", "sampling_rate", "lead_names"])
     for start in range(0, len(dataset), batch_size):
-        ecg_values = ecg_values_batch(feature_extractor, columns[start : start + batch_size], crop="center")
-        logits.append(model(ecg_values.to(accelerator.device)).logits.float().cpu().numpy())
+        inputs = ecg_model_inputs(feature_extractor, columns[start : start + batch_size], crop="center")
+        logits.append(model(**encoder_inputs(inputs, accelerator.device)).logits.float().cpu().numpy())
     return np.concatenate(logits)
 
 
@@ -606,8 +631,10 @@ def fine_tune(
         model.train()
         for rows in tqdm(loader, desc=f"fine-tune epoch {epoch}", disable=not accelerator.is_main_process):
             rows = rows.cpu().tolist()
-            ecg_values = ecg_values_batch(random_crops, train_columns[rows], crop="random")
-            outputs = model(ecg_values.to(accelerator.device), labels=train_labels[rows].to(accelerator.device))
+            inputs = ecg_model_inputs(random_crops, train_columns[rows], crop="random")
+            outputs = model(
+                **encoder_inputs(inputs, accelerator.device), labels=train_labels[rows].to(accelerator.device)
+            )
             accelerator.backward(outputs.loss)
             optimizer.step()
             optimizer.zero_grad()
