@@ -178,7 +178,7 @@ def test_dataset_card_checks(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("name", ["ptbxl", "mimic_iv_ecg"])
+@pytest.mark.parametrize("name", ["ptbxl", "mimic_iv_ecg", "wfdb"])
 def test_shipped_dataset_cards_are_complete(name):
     card = REPO_ROOT / "dataset_scripts" / name / "README.md"
     if not card.is_file():
