@@ -74,8 +74,11 @@ def test_stored_preprocessed_values(rows):
 def test_arguments_are_checked():
     with pytest.raises(ValueError, match=r"num_classes is required with label_set='form'"):
         MeritCollator(MeritFeatureExtractor(), label_set="form")
-    with pytest.raises(ValueError, match="label_set must be one of"):
-        MeritCollator(MeritFeatureExtractor(), label_set="diagnostic", num_classes=44)
+    leads = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+    signal = np.sin(np.linspace(0, 60, 1000, dtype=np.float32))[:, None].repeat(12, axis=1)
+    row = {"signal": signal, "sampling_rate": 100, "lead_names": leads, "form": [0]}
+    with pytest.raises(KeyError, match=r"row 0 of the batch has no 'diagnostic' label column .*PTB-XL label sets"):
+        MeritCollator(MeritFeatureExtractor(), label_set="diagnostic", num_classes=44)([row])
     with pytest.raises(ValueError, match="empty_report must be one of"):
         MeritCollator(MeritFeatureExtractor(), empty_report="ignore")
 

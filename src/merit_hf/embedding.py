@@ -10,6 +10,8 @@ written in parts with the stream's state, so a run that stops resumes after its 
         --output_dir embeddings --precision bf16
     accelerate launch --multi_gpu --num_processes 8 -m merit_hf.embedding --model_name_or_path <checkpoint> \\
         --dataset_name mimic_iv_ecg --dataset <converted MIMIC-IV-ECG> --splits train --output_dir mimic_embeddings
+    python -m merit_hf.embedding --model_name_or_path <checkpoint> --dataset_name wfdb --dataset <converted folder> \\
+        --split_fractions 0.8 0.1 0.1 --split_seed 0 --keep_columns ecg_id record   # any WFDB folder, converted
 
 For many ECGs on CPU pick a `small-p125` checkpoint and `--precision bf16` (benchmarks/README.md). Every record is
 centre-cropped to the encoder's window, as in the linear-probe protocol; long records (a 60 s strip, a Holter) can
@@ -32,6 +34,7 @@ from typing import Any
 
 import torch
 
+from .data.wfdb_folder import DEFAULT_SPLIT_FRACTIONS
 from .feature_extraction_merit import MISSING_LEAD_POLICIES, WINDOWS, MeritFeatureExtractor
 from .modeling_merit import WINDOW_POOLINGS
 from .training.arguments import parse_arguments
@@ -45,6 +48,7 @@ from .training.probe import (
 )
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DATASET_NAMES = ("ptbxl", "mimic_iv_ecg", "wfdb")
 REQUIRED_COLUMNS = ("signal", "sampling_rate", "lead_names")
 
 
@@ -241,9 +245,14 @@ class EmbeddingArguments:
     )
     dataset: str = field(
         default="data/ptbxl_sample",
-        metadata={"help": "A PTB-XL folder, a converted dataset (folder or Hub id) or, with mimic_iv_ecg, MIMIC's."},
+        metadata={
+            "help": "A PTB-XL folder, a converted dataset (folder or Hub id) or, with mimic_iv_ecg / wfdb, theirs."
+        },
     )
-    dataset_name: str = field(default="ptbxl", metadata={"help": "'ptbxl' or 'mimic_iv_ecg'."})
+    dataset_name: str = field(
+        default="ptbxl",
+        metadata={"help": "'ptbxl', 'mimic_iv_ecg' or 'wfdb' (a folder converted by dataset_scripts/wfdb)."},
+    )
     sampling_rate: int = field(default=100, metadata={"help": "Which PTB-XL records to read (100 or 500 Hz)."})
     splits: list[str] = field(default_factory=lambda: ["train", "validation", "test"])
     streaming: bool = field(default=False, metadata={"help": "Stream the splits (always on for MIMIC-IV-ECG)."})
@@ -283,10 +292,18 @@ class EmbeddingArguments:
             "missing ones are left out); 'raise'. Default: the checkpoint's feature-extractor setting."
         },
     )
+    split_column: str | None = field(
+        default=None, metadata={"help": "wfdb: a column of train / validation / test (else a seeded split)."}
+    )
+    split_fractions: list[float] = field(
+        default_factory=lambda: list(DEFAULT_SPLIT_FRACTIONS),
+        metadata={"help": "wfdb: train, validation, test fractions of the seeded split (patients kept whole)."},
+    )
+    split_seed: int = field(default=0, metadata={"help": "wfdb: the seed of that split."})
 
     def __post_init__(self):
-        if self.dataset_name not in ("ptbxl", "mimic_iv_ecg"):
-            raise ValueError(f"dataset_name: must be 'ptbxl' or 'mimic_iv_ecg', got {self.dataset_name!r}")
+        if self.dataset_name not in DATASET_NAMES:
+            raise ValueError(f"dataset_name: must be one of {DATASET_NAMES}, got {self.dataset_name!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if self.batch_size < 1:
@@ -313,9 +330,21 @@ def load_splits(arguments: EmbeddingArguments, shard_index: int = 0, num_shards:
     (`split_dataset_by_node`, through the loaders' own `rank` / `world_size` where they have them)."""
     from datasets.distributed import split_dataset_by_node
 
-    from .data import build_ptbxl, load_mimic_iv_ecg, load_ptbxl
+    from .data import build_ptbxl, load_mimic_iv_ecg, load_ptbxl, load_wfdb_dataset
 
     node = {"rank": shard_index, "world_size": num_shards} if num_shards > 1 else {}
+    if arguments.dataset_name == "wfdb":
+        everything = load_wfdb_dataset(
+            arguments.dataset, split_column=arguments.split_column, split_fractions=arguments.split_fractions,
+            seed=arguments.split_seed, streaming=arguments.streaming,
+        )  # fmt: skip
+        unknown = [split for split in arguments.splits if split not in everything]
+        if unknown:
+            raise ValueError(f"splits {unknown}: {arguments.dataset} has {sorted(everything)}")
+        return {
+            split: split_dataset_by_node(everything[split], **node) if node else everything[split]
+            for split in arguments.splits
+        }
     if arguments.dataset_name == "mimic_iv_ecg":
         return {
             split: load_mimic_iv_ecg(arguments.dataset, split=split, streaming=True, **node)
@@ -377,6 +406,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     what += [arguments.dataset_name, arguments.sampling_rate, arguments.keep_columns, shard_index, num_shards]
     if feature_extractor.window == "sliding":
         what.append(arguments.window_pooling)
+    if arguments.dataset_name == "wfdb":  # the split decides which records a split file holds
+        what += [arguments.split_column, arguments.split_fractions, arguments.split_seed]
     written = {}
     for split, dataset in load_splits(arguments, shard_index, num_shards).items():
         embedded = embed_dataset(

@@ -28,6 +28,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .configuration_merit import PROBLEM_TYPES, MeritConfig, MeritEcgConfig
+from .pipeline_merit import custom_pipelines_for
 
 logger = logging.get_logger(__name__)
 
@@ -570,12 +571,17 @@ class _StrictLoadingMixin:
     _heads_created_on_load: tuple[str, ...] = ()
     _checkpoint_key_mapping: dict[str, str] | None = None
     _auto_map: dict[str, str] = {}
+    _pipeline_auto_class: str | None = None  # the Auto class that the folder's ECG pipelines load it with
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # `auto_map` lists exactly the Auto classes that can load the folder being written (transformers would only
         # add the saved class to whatever a loaded config carried, e.g. a pretraining folder's `AutoModel` entry in a
         # classifier's folder, which then fails on the missing text tower).
         self.config.auto_map = dict(self._auto_map)
+        if self._pipeline_auto_class is not None:  # pipeline_merit.py is copied with this file (a relative import)
+            self.config.custom_pipelines = custom_pipelines_for(
+                self._pipeline_auto_class, classifier=self._pipeline_auto_class != "AutoModel"
+            )
         # MERIT's weight names are its own: never write them back through a loading `key_mapping`.
         kwargs.setdefault("save_original_format", False)
         return super().save_pretrained(save_directory, *args, **kwargs)
@@ -695,6 +701,7 @@ class MeritEcgPreTrainedModel(MeritBasePreTrainedModel):
     base_model_prefix = "ecg_model"
     input_modalities = ("ecg",)
     _auto_map = {"AutoConfig": "configuration_merit.MeritEcgConfig", "AutoModel": "modeling_merit.MeritEcgModel"}
+    _pipeline_auto_class = "AutoModel"
 
 
 class MeritPreTrainedModel(MeritBasePreTrainedModel):
@@ -707,6 +714,7 @@ class MeritPreTrainedModel(MeritBasePreTrainedModel):
         "AutoModel": "modeling_merit.MeritModel",
         "AutoModelForSequenceClassification": "modeling_merit.MeritForEcgClassification",
     }
+    _pipeline_auto_class = "AutoModel"
 
 
 def _init_merit_module(model: PreTrainedModel, module: nn.Module, config) -> None:
@@ -1302,6 +1310,7 @@ class MeritForEcgClassification(MeritPreTrainedModel):
     ```"""
 
     _heads_created_on_load = ("classifier.",)
+    _pipeline_auto_class = "AutoModelForSequenceClassification"
     _auto_map = {
         "AutoConfig": "configuration_merit.MeritConfig",
         "AutoModelForSequenceClassification": "modeling_merit.MeritForEcgClassification",

@@ -28,7 +28,10 @@ class MeritCollator:
     Args:
         feature_extractor (`MeritFeatureExtractor`): the model's input contract.
         tokenizer (*optional*): tokenises `report`; its outputs (`input_ids`, `attention_mask`, ...) join the batch.
-        label_set (`str`, *optional*): one of `LABEL_SETS`; adds `labels` `(batch, num_classes)` float32 multi-hot.
+        label_set (`str`, *optional*): a `List(ClassLabel)` column (a PTB-XL label set of `LABEL_SETS`, or a label
+            column of a converted WFDB folder); adds `labels` `(batch, num_classes)` float32 multi-hot. Without it,
+            rows that already hold multi-hot `labels` (`merit_hf.training.classification.add_trainer_columns`) have
+            them stacked.
         num_classes (`int`, *optional*): required with `label_set`: `len(label_names(dataset, label_set))`.
         max_length (`int`, defaults to 128): reports are truncated to this many tokens.
         empty_report (`str`, defaults to `"raise"`): what a row with an empty `report` does when a tokenizer is
@@ -58,8 +61,6 @@ class MeritCollator:
         max_length: int = 128,
         empty_report: str = "raise",
     ):
-        if label_set is not None and label_set not in LABEL_SETS:
-            raise ValueError(f"MeritCollator.label_set must be one of {LABEL_SETS}, got {label_set!r}")
         if label_set is not None and (num_classes is None or num_classes < 1):
             raise ValueError(
                 f"MeritCollator.num_classes is required with label_set={label_set!r}: pass "
@@ -91,8 +92,16 @@ class MeritCollator:
             )
             batch.update(dict(tokens))
         if self.label_set is not None:
+            missing = [position for position, row in enumerate(rows) if self.label_set not in row]
+            if missing:
+                raise KeyError(
+                    f"MeritCollator: row {missing[0]} of the batch has no {self.label_set!r} label column (it has "
+                    f"{sorted(rows[missing[0]])}); PTB-XL label sets are {LABEL_SETS}"
+                )
             indices = [[int(index) for index in row[self.label_set]] for row in rows]
             batch["labels"] = torch.from_numpy(np.stack([multi_hot(row, self.num_classes) for row in indices]))
+        elif all("labels" in row for row in rows):
+            batch["labels"] = torch.from_numpy(np.stack([np.asarray(row["labels"], dtype=np.float32) for row in rows]))
         return batch
 
     def _ecg_values(self, rows: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:

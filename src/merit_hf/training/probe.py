@@ -66,6 +66,7 @@ logger = logging.getLogger(__name__)
 
 LABEL_SETS = ("superclass", "subclass", "form", "rhythm", "all")
 MODES = ("linear", "finetune")
+DATASET_NAMES = ("ptbxl", "wfdb")
 SPLITS = ("train", "validation", "test")
 # A record transform used by the robustness evaluation: (signal, sampling_rate, lead_names, row index) ->
 # (signal, sampling_rate), or (signal, sampling_rate, lead_names) when it changes which leads the record has.
@@ -83,9 +84,24 @@ class ProbeArguments:
         default="data/ptbxl_sample",
         metadata={"help": "A PTB-XL folder (PhysioNet layout) or a DatasetDict saved with save_to_disk."},
     )
+    dataset_name: str = field(
+        default="ptbxl",
+        metadata={"help": "'ptbxl', or 'wfdb': a folder converted by dataset_scripts/wfdb (its own label columns)."},
+    )
+    split_column: str | None = field(
+        default=None, metadata={"help": "wfdb: a column of train / validation / test (else a seeded split)."}
+    )
+    split_fractions: list[float] = field(
+        default_factory=lambda: [0.8, 0.1, 0.1],
+        metadata={"help": "wfdb: train, validation, test fractions of the seeded split (patients kept whole)."},
+    )
+    split_seed: int = field(default=0, metadata={"help": "wfdb: the seed of that split."})
     sampling_rate: int = field(default=100, metadata={"help": "Which PTB-XL records to read (100 or 500 Hz)."})
     mode: str = field(default="linear", metadata={"help": f"One of {MODES}."})
-    label_sets: list[str] = field(default_factory=lambda: ["superclass"], metadata={"help": f"Of {LABEL_SETS}."})
+    label_sets: list[str] = field(
+        default_factory=lambda: ["superclass"],
+        metadata={"help": f"Of {LABEL_SETS}; with wfdb, label columns of the converted folder."},
+    )
     label_fractions: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "E.g. 0.01 0.1 1.0."})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Label draw, head init, bootstrap."})
     baseline: bool = field(default=True, metadata={"help": "Also run a random-init encoder under the same harness."})
@@ -105,7 +121,9 @@ class ProbeArguments:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode: must be one of {MODES}, got {self.mode!r}")
-        for label_set in self.label_sets:
+        if self.dataset_name not in DATASET_NAMES:
+            raise ValueError(f"dataset_name: must be one of {DATASET_NAMES}, got {self.dataset_name!r}")
+        for label_set in self.label_sets if self.dataset_name == "ptbxl" else ():
             if label_set not in LABEL_SETS:
                 raise ValueError(f"label_sets: {label_set!r} is not one of {LABEL_SETS}")
         for fraction in self.label_fractions:
@@ -440,6 +458,22 @@ def _dataset_info(dataset_dict, label_set: str, rows: dict[str, np.ndarray]) -> 
     }
 
 
+def _dataset_description(arguments: ProbeArguments) -> dict[str, Any]:
+    """What the results JSON says of a dataset that is not PTB-XL (its name, and how its splits were drawn)."""
+    if arguments.dataset_name != "wfdb":
+        return {}
+    splits = (
+        f"column {arguments.split_column!r}"
+        if arguments.split_column
+        else f"seeded split {arguments.split_fractions} (seed {arguments.split_seed}), patients kept whole"
+    )
+    return {
+        "name": arguments.dataset,
+        "version": None,
+        "splits": f"WFDB folder: train / validation / test by {splits}",
+    }
+
+
 def probe_protocol(arguments: ProbeArguments | None = None, **overrides) -> dict[str, Any]:
     """The protocol fields written into every results JSON."""
     arguments = arguments or ProbeArguments()
@@ -562,7 +596,7 @@ def run_linear_probe(
         protocol=probe_protocol(arguments),
         model=entries["model"],
         baseline=entries.get("baseline"),
-        dataset_extra=_dataset_info(dataset_dict, label_set, rows),
+        dataset_extra={**_dataset_info(dataset_dict, label_set, rows), **_dataset_description(arguments)},
     )
     if output_file is not None:
         write_results(results, output_file)
@@ -642,7 +676,7 @@ def fine_tune(
             validation_labels,
             _predict(accelerator, model, feature_extractor, validation, arguments.batch_size),
         )
-        if score > best_score:
+        if best_state is None or score > best_score:  # a NaN score (one class in validation) still keeps a state
             best_score, best_epoch, stale = score, epoch, 0
             best_state = copy.deepcopy(accelerator.unwrap_model(model).state_dict())
         else:
@@ -710,7 +744,7 @@ def run_fine_tune(
         protocol=protocol,
         model=entries["model"],
         baseline=entries.get("baseline"),
-        dataset_extra=_dataset_info(dataset_dict, label_set, rows),
+        dataset_extra={**_dataset_info(dataset_dict, label_set, rows), **_dataset_description(arguments)},
     )
     if output_file is not None:
         write_results(results, output_file)
@@ -720,12 +754,18 @@ def run_fine_tune(
 # ----------------------------------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------------------------------
-def load_dataset_dict(path: str | Path, sampling_rate: int = 100):
+def load_dataset_dict(path: str | Path, sampling_rate: int = 100, arguments: ProbeArguments | None = None):
     """PTB-XL as a `DatasetDict`: from a PhysioNet PTB-XL folder (read in memory with `merit_hf.data.build_ptbxl`;
     fine for the bundled sample, slow for the full set), or from a converted dataset (`dataset_scripts/ptbxl`,
-    `save_to_disk` folder or Hub id, via `merit_hf.data.load_ptbxl`)."""
-    from ..data import build_ptbxl, load_ptbxl
+    `save_to_disk` folder or Hub id, via `merit_hf.data.load_ptbxl`). With `arguments.dataset_name == "wfdb"`, a
+    converted WFDB folder split as `arguments` say (`merit_hf.data.load_wfdb_dataset`)."""
+    from ..data import build_ptbxl, load_ptbxl, load_wfdb_dataset
 
+    if arguments is not None and arguments.dataset_name == "wfdb":
+        return load_wfdb_dataset(
+            str(path), split_column=arguments.split_column, split_fractions=arguments.split_fractions,
+            seed=arguments.split_seed,
+        )  # fmt: skip
     if (Path(path) / "ptbxl_database.csv").is_file():
         return build_ptbxl(path, sampling_rate=sampling_rate)
     return load_ptbxl(str(path), sampling_rate=sampling_rate)
@@ -741,7 +781,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     (arguments,) = parse_arguments([ProbeArguments], sys.argv[1:] if argv is None else argv)
     if not arguments.model_name_or_path:
         raise ValueError("model_name_or_path: required (a MERIT checkpoint folder or Hub id)")
-    dataset_dict = load_dataset_dict(arguments.dataset, arguments.sampling_rate)
+    dataset_dict = load_dataset_dict(arguments.dataset, arguments.sampling_rate, arguments)
     encoder, _ = load_encoder(arguments.model_name_or_path)
     feature_extractor = load_feature_extractor(arguments.model_name_or_path, encoder)
     summary: dict[str, Any] = {}
