@@ -226,7 +226,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "ablation.json"))
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        help="only combine these result files (e.g. one per seed, run in parallel) into --output",
+    )
     args = parser.parse_args()
+    if args.merge:
+        merge_results([Path(path) for path in args.merge], Path(args.output))
+        return
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     started = time.perf_counter()
@@ -300,7 +309,13 @@ def main() -> None:
                 }
             print(json.dumps({k: v for k, v in run.items() if k != "pretraining"}, default=float))
             results.append(run)
+            write_results(results, args, ecg_config, dataset, device, started)
+    print(markdown_table(summarise(results, args.label_sets), args.label_sets))
+    print(f"total {time.perf_counter() - started:.0f} s -> {args.output}")
 
+
+def write_results(results: list[dict], args, ecg_config: dict, dataset, device, started: float) -> None:
+    """Rewritten after every arm, so a stopped run keeps what it finished."""
     summary = summarise(results, args.label_sets)
     output = {
         "benchmark": "ablation",
@@ -320,8 +335,19 @@ def main() -> None:
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(output, indent=2, default=_json_default) + "\n")
-    print(markdown_table(summary, args.label_sets))
-    print(f"total {time.perf_counter() - started:.0f} s -> {args.output}")
+
+
+def merge_results(paths: list[Path], output: Path) -> None:
+    """One file from runs of the same settings split by seed."""
+    parts = [json.loads(path.read_text()) for path in paths]
+    merged = dict(parts[0])
+    merged["runs"] = [run for part in parts for run in part["runs"]]
+    merged["settings"] = dict(parts[0]["settings"], seeds=sorted({run["seed"] for run in merged["runs"]}))
+    merged["seconds"] = max(part["seconds"] for part in parts)
+    label_sets = merged["settings"]["label_sets"]
+    merged["summary"] = summarise(merged["runs"], label_sets)
+    output.write_text(json.dumps(merged, indent=2, default=_json_default) + "\n")
+    print(markdown_table(merged["summary"], label_sets))
 
 
 def load_or_compute_text_features(texts: list[str], args) -> torch.Tensor:

@@ -24,6 +24,7 @@ import json
 import math
 import platform
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -105,11 +106,11 @@ def train(
         ),
         contrastive_weight=0.0,
     )
-    model = MeritForPreTraining(config)
+    device = torch.device(args.device)
+    model = MeritForPreTraining(config).to(device)
     model.freeze_unused_parameters()
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, args.weight_decay), lr=args.learning_rate, betas=(0.9, 0.95), fused=True
-    )
+    optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate, betas=(0.9, 0.95))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.steps)
     generator = torch.Generator().manual_seed(args.seed)
     curve = []
@@ -117,7 +118,8 @@ def train(
     for step in range(1, args.steps + 1):
         model.train()
         index = torch.randint(0, len(train_ids), (args.batch_size,), generator=generator)
-        loss = model(train_values[index]).reconstruction_loss
+        with autocast:
+            loss = model(train_values[index].to(device)).reconstruction_loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -132,9 +134,11 @@ def train(
 @torch.no_grad()
 def evaluate(model, values: torch.Tensor, noise: torch.Tensor, batch_size: int = 64) -> float:
     model.eval()
+    device = next(model.parameters()).device
     total = count = 0.0
     for first in range(0, len(values), batch_size):
-        output = model(values[first : first + batch_size], noise=noise[first : first + batch_size])
+        chunk = slice(first, first + batch_size)
+        output = model(values[chunk].to(device), noise=noise[chunk].to(device))
         hidden = output.mask.sum().item()
         total += output.reconstruction_loss.item() * hidden
         count += hidden
@@ -153,12 +157,16 @@ def main() -> None:
     parser.add_argument("--eval_every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--mask_ratio", type=float, default=None, help="override the config's mask_ratio")
     parser.add_argument("--schemes", nargs="+", default=["xavier_uniform", "trunc_normal"])
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "masked_modelling_cpu.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     ecg_config = yaml.safe_load(Path(args.config).read_text())["ecg_config"]
+    if args.mask_ratio is not None:
+        ecg_config["mask_ratio"] = args.mask_ratio
     model_config = MeritEcgConfig(**ecg_config)
     feature_extractor = MeritFeatureExtractor.from_model_config(model_config)
     dataset = build_ptbxl(Path(args.data_dir), sampling_rate=100)
@@ -176,7 +184,12 @@ def main() -> None:
     }
     result = {
         "benchmark": "masked_modelling",
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": args.threads},
+        "machine": {
+            "platform": platform.platform(),
+            "device": args.device,
+            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+            "threads": args.threads,
+        },
         "torch": torch.__version__,
         "settings": {k: v for k, v in vars(args).items() if k != "output"},
         "ecg_config": ecg_config,
