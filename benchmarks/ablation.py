@@ -40,7 +40,7 @@ from merit_hf import MeritConfig, MeritEcgConfig, MeritFeatureExtractor, MeritFo
 from merit_hf.data import build_ptbxl
 from merit_hf.evaluation.metrics import bootstrap_ci, macro_auroc
 from merit_hf.evaluation.zero_shot import class_prompts, load_class_descriptions
-from merit_hf.training.pretrain import loss_term_gradient_norms, parameter_groups
+from merit_hf.training.pretrain import ReconstructionWeightBalancer, loss_term_gradient_norms, parameter_groups
 from merit_hf.training.probe import fit_linear_probe, label_matrix, label_names, probe_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +111,7 @@ def build_arm_model(ecg_config: dict, weights: dict, text_table: torch.Tensor, a
         ),
         projection_dim=args.projection_dim,
         contrastive_input=args.contrastive_input,
+        loss_balancing=args.loss_balancing,
         **weights,
     )
     model = MeritForPreTraining(config)
@@ -135,24 +136,31 @@ def pretrain(
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.steps)
     generator = torch.Generator().manual_seed(seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    balancer = ReconstructionWeightBalancer(model.config)
     curve = []
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         model.train()
         rows = torch.randperm(len(train_values), generator=generator)[: args.batch_size]
         batch = {"ecg_values": train_values[rows].to(device)}
+        if balancer.enabled:
+            batch["reconstruction_weight"] = balancer.weight
         if model.config.contrastive_weight > 0:
             batch["input_ids"] = report_ids[rows, None].to(device)
             batch["attention_mask"] = torch.ones_like(batch["input_ids"])
         with autocast:
             output = model(**batch)
         record = None
-        if step % args.log_every == 0 or step == args.steps:
-            record = {"step": step, "loss": output.loss.item()}
+        logging_step = step % args.log_every == 0 or step == args.steps
+        if logging_step or balancer.due(step):
+            norms = loss_term_gradient_norms(model, output, balancer.weight)
+            balancer.update(norms)
+        if logging_step:
+            record = {"step": step, "loss": output.loss.item(), "reconstruction_weight": balancer.weight}
             for name in ("reconstruction_loss", "contrastive_loss"):
                 if getattr(output, name) is not None:
                     record[name] = getattr(output, name).item()
-            record.update(loss_term_gradient_norms(model, output))
+            record.update(norms)
         output.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -217,6 +225,7 @@ def main() -> None:
     parser.add_argument("--weight_decay", type=float, default=0.05)
     parser.add_argument("--projection_dim", type=int, default=128)
     parser.add_argument("--contrastive_input", default="full", choices=["full", "masked"])
+    parser.add_argument("--loss_balancing", default="fixed", choices=["fixed", "gradient_norm"])
     parser.add_argument("--ecg_config", default=None, help="JSON overrides of the ECG tower")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=list(ARMS))

@@ -188,3 +188,33 @@ def test_checkpoint_from_before_the_init_change_loads_unchanged(tmp_path):
     reloaded = MeritForPreTraining.from_pretrained(tmp_path)
     for (name, before), (_, after) in zip(model.state_dict().items(), reloaded.state_dict().items(), strict=True):
         torch.testing.assert_close(before, after, msg=name)
+
+
+def test_balancer_moves_the_reconstruction_weight_halfway_to_equal_pull_within_its_bounds():
+    from merit_hf.training.pretrain import ReconstructionWeightBalancer
+
+    balancer = ReconstructionWeightBalancer(tiny_merit_config(loss_balancing="gradient_norm"))
+    assert balancer.enabled and balancer.due(1) and not balancer.due(2) and balancer.due(11)
+    # Reconstruction pulls 100x weaker at weight 1: equal pull needs weight 100; half-way in log space is 10.
+    balancer.update({"encoder_grad_norm_reconstruction": 0.01, "encoder_grad_norm_contrastive": 1.0})
+    assert balancer.weight == pytest.approx(10.0)
+    # At weight 10 it now sends 0.1 (raw 0.01): the target stays 100, the weight moves to sqrt(10 * 100).
+    balancer.update({"encoder_grad_norm_reconstruction": 0.1, "encoder_grad_norm_contrastive": 1.0})
+    assert balancer.weight == pytest.approx(1000**0.5)
+    for _ in range(40):  # a term that never answers is not boosted past the bound
+        balancer.update({"encoder_grad_norm_reconstruction": 1e-9 * balancer.weight, "encoder_grad_norm_contrastive": 1.0})
+    assert balancer.weight == pytest.approx(100.0, rel=1e-3)
+    balancer.load_state_dict({"weight": 2.0})
+    assert balancer.state_dict() == {"weight": 2.0}
+    assert not ReconstructionWeightBalancer(tiny_merit_config()).enabled  # "fixed" by default
+
+
+def test_forward_takes_the_reconstruction_weight_of_the_step():
+    model = MeritForPreTraining(tiny_merit_config())
+    batch = {"ecg_values": torch.randn(3, 12, 2250), "input_ids": torch.randint(5, 100, (3, 6)),
+             "noise": torch.rand(3, 12, 30)}  # fmt: skip
+    output = model(**batch, reconstruction_weight=3.0)
+    expected = 3.0 * output.reconstruction_loss + output.contrastive_loss
+    torch.testing.assert_close(output.loss, expected)
+    with pytest.raises(ValueError, match="MeritConfig.loss_balancing: must be one of"):
+        tiny_merit_config(loss_balancing="gradnorm")

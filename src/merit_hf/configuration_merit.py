@@ -16,6 +16,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 STANDARD_LEAD_NAMES = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 CONTRASTIVE_INPUTS = ("full", "masked")
+LOSS_BALANCINGS = ("fixed", "gradient_norm")
 PROBLEM_TYPES = (None, "multi_label_classification", "single_label_classification", "regression")
 TEXT_POOLINGS = ("mean", "cls", "pooler")
 INITIALIZER_SCHEMES = ("xavier_uniform", "trunc_normal")
@@ -248,6 +249,28 @@ class MeritConfig(PreTrainedConfig):
             inside `forward`, where a clamp would leave a capped temperature with no gradient to come back by.
         reconstruction_weight (`float`, defaults to 1.0): weight of the masked-patch MSE.
         contrastive_weight (`float`, defaults to 1.0): weight of the symmetric InfoNCE.
+
+            What the weights mean. MERIT maximises information the ECG embedding Z keeps about the signal X and about
+            the report T. With a Gaussian decoder of noise variance s^2, the Barber-Agakov bound gives
+            I(Z; X_hidden) >= const - D / (2 s^2) * MSE (D: hidden samples, MSE: their mean, what
+            `reconstruction_loss` is), and InfoNCE gives I(Z; T) >= log N - contrastive_loss (N: the batch). So
+            maximising I(Z; X_hidden) + beta * I(Z; T) is minimising
+            `reconstruction_weight * reconstruction_loss + contrastive_weight * contrastive_loss` with
+            `reconstruction_weight / contrastive_weight = D / (2 s^2 beta)`. The bound fixes the ratio only once the
+            decoder's noise s^2 and beta (nats of report information worth one nat of signal information) are
+            chosen, and the paper gives neither. The defaults 1 : 1 are therefore set by measurement: with xavier
+            init both terms send gradients of the same size into the encoder at the start (ratio 0.9 on the
+            quick-start model), and benchmarks/README.md ("Ablation") shows how the share moves during training.
+        loss_balancing (`str`, defaults to `"fixed"`): `"fixed"` uses the two weights as given. `"gradient_norm"`
+            rescales the reconstruction weight during pretraining so that both terms send gradients of the same norm
+            into the ECG encoder (re-measured every `loss_balancing_interval` optimizer steps, smoothed, within
+            `loss_balancing_max_ratio` of `reconstruction_weight` either way): the contrastive term otherwise takes
+            over the shared encoder and masked modelling stalls (benchmarks/README.md, "Ablation"). The training
+            loop applies it (`merit_hf.training.pretrain.ReconstructionWeightBalancer`); the model's own
+            `forward` takes the weight as `reconstruction_weight=`.
+        loss_balancing_interval (`int`, defaults to 10): optimizer steps between two measurements.
+        loss_balancing_max_ratio (`float`, defaults to 100.0): bound of the balanced weight relative to
+            `reconstruction_weight`.
         contrastive_input (`str`, defaults to `"full"`): which ECG the contrastive branch embeds: `"full"` (a second,
             unmasked pass) or `"masked"` (reuse the masked pass, FLIP-style, cheaper).
         gather_contrastive_features (`bool`, defaults to `True`): under `torch.distributed`, gather both embeddings
@@ -278,6 +301,9 @@ class MeritConfig(PreTrainedConfig):
     contrastive_weight: float = 1.0
     contrastive_input: str = "full"
     gather_contrastive_features: bool = True
+    loss_balancing: str = "fixed"
+    loss_balancing_interval: int = 10
+    loss_balancing_max_ratio: float = 100.0
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -298,6 +324,19 @@ class MeritConfig(PreTrainedConfig):
         )
         for field in ("reconstruction_weight", "contrastive_weight"):
             _require(getattr(self, field) >= 0, name, field, f"must be >= 0, got {getattr(self, field)}")
+        _require(
+            self.loss_balancing in LOSS_BALANCINGS,
+            name,
+            "loss_balancing",
+            f"must be one of {LOSS_BALANCINGS}, got {self.loss_balancing!r}",
+        )
+        _require_positive_ints(self, ("loss_balancing_interval",))
+        _require(
+            self.loss_balancing_max_ratio >= 1,
+            name,
+            "loss_balancing_max_ratio",
+            f"must be >= 1, got {self.loss_balancing_max_ratio}",
+        )
         _require(
             self.reconstruction_weight > 0 or self.contrastive_weight > 0,
             name,

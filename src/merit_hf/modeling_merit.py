@@ -1201,11 +1201,14 @@ class MeritForPreTraining(MeritPreTrainedModel):
         return_loss: bool = True,
         return_dict: bool | None = None,
         lead_mask: torch.Tensor | None = None,
+        reconstruction_weight: float | None = None,
         **kwargs,
     ) -> MeritForPreTrainingOutput | tuple:
         r"""
         ecg_values (`torch.FloatTensor` of shape `(batch_size, num_leads, num_samples)`): from the feature extractor.
         input_ids, attention_mask, token_type_ids: the tokenised reports; required when `contrastive_weight > 0`.
+        reconstruction_weight (`float`, *optional*): this call's weight of the reconstruction term instead of
+            `config.reconstruction_weight` (the weight `config.loss_balancing="gradient_norm"` adapts in training).
         ecg_attention_mask (`torch.LongTensor` of shape `(batch_size, num_samples)`, *optional*): 1 real, 0 padding.
         noise (`torch.FloatTensor` of shape `(batch_size, num_leads, num_patches_per_lead)`, *optional*): fixes the
             masking (the smallest noise stays visible).
@@ -1255,7 +1258,8 @@ class MeritForPreTraining(MeritPreTrainedModel):
                 config.ecg_config.norm_pix_loss,
                 masked_output.patch_attention_mask,
             )
-            loss = loss + config.reconstruction_weight * reconstruction_loss
+            weight = config.reconstruction_weight if reconstruction_weight is None else reconstruction_weight
+            loss = loss + weight * reconstruction_loss
 
         contrastive = logits_per_ecg = ecg_embeds = text_embeds = scale = None
         if use_contrastive:

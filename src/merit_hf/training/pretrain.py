@@ -84,6 +84,7 @@ _GRADIENT_NORM_NAMES = (
     "encoder_grad_norm_reconstruction",
     "encoder_grad_norm_contrastive",
     "reconstruction_gradient_share",
+    "reconstruction_weight",
 )
 
 
@@ -107,6 +108,11 @@ class ModelArguments:
     contrastive_weight: float | None = field(default=None, metadata={"help": "0 = reconstruction only."})
     contrastive_input: str | None = field(default=None, metadata={"help": "'full' or 'masked'."})
     text_pooling: str | None = field(default=None, metadata={"help": "'mean', 'cls' or 'pooler'."})
+    loss_balancing: str | None = field(
+        default=None,
+        metadata={"help": "'fixed' or 'gradient_norm' (both terms pull the encoder equally hard; MeritConfig)."},
+    )
+    loss_balancing_interval: int | None = field(default=None, metadata={"help": "Steps between measurements."})
     freeze_text_model: bool = field(
         default=False,
         metadata={"help": "Keep the pretrained text encoder fixed and train only its projection (LiT-style)."},
@@ -239,6 +245,8 @@ def build_model(model_args: ModelArguments, text_path: str) -> MeritForPreTraini
             "contrastive_weight",
             "contrastive_input",
             "text_pooling",
+            "loss_balancing",
+            "loss_balancing_interval",
         )
         if getattr(model_args, name) is not None
     }
@@ -270,18 +278,23 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def loss_term_gradient_norms(model: MeritForPreTraining, output) -> dict[str, float]:
+def loss_term_gradient_norms(
+    model: MeritForPreTraining, output, reconstruction_weight: float | None = None
+) -> dict[str, float]:
     """L2 norm of the gradient that each weighted loss term sends into the ECG encoder, on this batch.
 
     The two terms of MERIT's objective only help each other if both reach the shared encoder; this is how a run shows
     that one term does not starve the other (with `initializer_scheme="trunc_normal"` the masked-modelling share was
     1e-4). `reconstruction_gradient_share` is `r / (r + c)`: 0.5 when both pull equally hard. Costs one extra backward
-    pass per term, so pretraining computes it on logging steps only.
+    pass per term, so pretraining computes it on logging and balancing steps only. `reconstruction_weight`: the
+    weight this step used, if not the config's (loss balancing).
     """
     config = model.config
+    if reconstruction_weight is None:
+        reconstruction_weight = config.reconstruction_weight
     parameters = [parameter for parameter in model.merit.ecg_model.parameters() if parameter.requires_grad]
     norms = {}
-    for name, weight in (("reconstruction", config.reconstruction_weight), ("contrastive", config.contrastive_weight)):
+    for name, weight in (("reconstruction", reconstruction_weight), ("contrastive", config.contrastive_weight)):
         term = getattr(output, f"{name}_loss")
         if term is None or weight == 0:
             continue
@@ -493,6 +506,49 @@ def truncate_log_history(path: Path, last_step: int) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+class ReconstructionWeightBalancer:
+    """`MeritConfig.loss_balancing`: the reconstruction weight each step uses.
+
+    `"fixed"`: always `config.reconstruction_weight`. `"gradient_norm"`: every `config.loss_balancing_interval` steps
+    the two terms' gradient norms into the encoder are measured (`loss_term_gradient_norms`), and the weight moves
+    halfway (in log space) towards the one that makes them equal, `contrastive_weight * g_con / g_rec`, within
+    `loss_balancing_max_ratio` of `reconstruction_weight` either way. Its state goes into checkpoints (Accelerate's
+    `register_for_checkpointing`), so a resumed run continues with the same weight.
+    """
+
+    def __init__(self, config: MeritConfig):
+        self.enabled = (
+            config.loss_balancing == "gradient_norm"
+            and config.reconstruction_weight > 0
+            and config.contrastive_weight > 0
+        )
+        self.interval = config.loss_balancing_interval
+        self.base = config.reconstruction_weight
+        self.contrastive_weight = config.contrastive_weight
+        self.max_ratio = config.loss_balancing_max_ratio
+        self.weight = config.reconstruction_weight
+
+    def due(self, step: int) -> bool:
+        """Whether optimizer step `step` (1-based) measures the gradients."""
+        return self.enabled and (step - 1) % self.interval == 0
+
+    def update(self, norms: dict[str, float]) -> None:
+        """`norms` from `loss_term_gradient_norms` at the current weight."""
+        weighted = norms.get("encoder_grad_norm_reconstruction", 0.0)
+        contrastive = norms.get("encoder_grad_norm_contrastive", 0.0)
+        if not (self.enabled and weighted > 0 and contrastive > 0 and math.isfinite(weighted + contrastive)):
+            return
+        raw = weighted / self.weight
+        target = min(max(contrastive / raw, self.base / self.max_ratio), self.base * self.max_ratio)
+        self.weight = math.exp(0.5 * math.log(self.weight) + 0.5 * math.log(target))
+
+    def state_dict(self) -> dict[str, float]:
+        return {"weight": self.weight}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.weight = float(state["weight"])
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Pretrain MERIT; returns the final metrics (also written to `output_dir/train_results.json`)."""
     model_args, data_args, train_args = parse_arguments(ARGUMENT_CLASSES, sys.argv[1:] if argv is None else argv)
@@ -575,6 +631,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         num_training_steps=train_args.max_steps,
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    balancer = ReconstructionWeightBalancer(accelerator.unwrap_model(model).config)
+    if balancer.enabled:
+        accelerator.register_for_checkpointing(balancer)
     if not streaming:
         train_loader = accelerator.prepare(train_loader)
         if len(train_loader) == 0:  # a stream's length is unknown: the training loop checks each epoch instead
@@ -660,6 +719,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             ecg_ids = batch.pop("ecg_id")
             noise = masking_noise(ecg_ids.tolist(), (train_args.seed, epoch), num_patches).to(accelerator.device)
             with accelerator.accumulate(model):
+                if balancer.enabled:  # a tensor, so a compiled model does not recompile when it changes
+                    batch["reconstruction_weight"] = torch.tensor(balancer.weight, device=accelerator.device)
                 output = model(**batch, noise=noise)
                 losses = torch.stack([_as_tensor(getattr(output, name), output.loss) for name in _LOSS_NAMES]).detach()
                 gathered = accelerator.gather(losses[None])
@@ -671,8 +732,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         "learning rate or use bf16 instead of fp16."
                     )
                 step_losses.append(gathered.mean(dim=0))
-                if accelerator.sync_gradients and (global_step + 1) % train_args.logging_steps == 0:
-                    gradient_norms = loss_term_gradient_norms(unwrapped, output)
+                logging_step = (global_step + 1) % train_args.logging_steps == 0
+                if accelerator.sync_gradients and (logging_step or balancer.due(global_step + 1)):
+                    gradient_norms = loss_term_gradient_norms(unwrapped, output, balancer.weight)
+                    balancer.update(gradient_norms)
                 accelerator.backward(output.loss)
                 if accelerator.sync_gradients and train_args.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
@@ -690,6 +753,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             record.update({f"train_{name}": value for name, value in zip(_LOSS_NAMES, step_mean)})
             if global_step % train_args.logging_steps == 0:
                 record.update(gradient_norms)
+            if balancer.enabled:
+                record["reconstruction_weight"] = balancer.weight
             history.append(record)
             progress.update(1)
             progress.set_postfix(loss=f"{step_mean[0]:.4f}")
