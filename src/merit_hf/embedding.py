@@ -17,6 +17,7 @@ centre-cropped to the encoder's window, as in the linear-probe protocol.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
@@ -30,6 +31,7 @@ import torch
 from .feature_extraction_merit import MeritFeatureExtractor
 from .training.arguments import parse_arguments
 from .training.probe import _model_fingerprint, ecg_encoder, ecg_values_batch, load_encoder, load_feature_extractor
+from .training.throughput import ThroughputMeter
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 REQUIRED_COLUMNS = ("signal", "sampling_rate", "lead_names")
@@ -45,6 +47,7 @@ def embed_dataset(
     column: str = "ecg_embedding",
     keep_columns: Sequence[str] = ("ecg_id",),
     weights_fingerprint: str | None = None,
+    meter: ThroughputMeter | None = None,
 ):
     """`dataset` (a `datasets.Dataset` or `IterableDataset` in the merit_hf schema) with the MERIT embedding of every
     record in `column` (float32, `hidden_size` wide) and only `keep_columns` of the others.
@@ -56,6 +59,8 @@ def embed_dataset(
         device: defaults to CUDA when available.
         weights_fingerprint: the encoder's weight fingerprint for the map-style cache key, when the caller has it
             (the command line computes it once for all splits); computed here otherwise.
+        meter: a `merit_hf.training.throughput.ThroughputMeter` that times each batch as it is embedded (the feature
+            extractor as data wait, FLOPs per ECG of the encoder's forward); nothing is timed when `None`.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision: must be one of {sorted(PRECISIONS)}, got {precision!r}")
@@ -73,9 +78,15 @@ def embed_dataset(
     )
     encoder = encoder.to(device).eval()
     autocast_dtype = PRECISIONS[precision]
+    if meter is not None and meter.model is None:
+        meter.model = encoder
 
     def embed(rows: dict[str, list]) -> dict[str, Any]:
-        ecg_values = ecg_values_batch(feature_extractor, rows, crop="center").to(device)
+        with meter.waiting() if meter is not None else contextlib.nullcontext():
+            ecg_values = ecg_values_batch(feature_extractor, rows, crop="center").to(device)
+        if meter is not None:
+            meter.count_flops_once(lambda batch: encoder(**batch).pooler_output, {"ecg_values": ecg_values}, False)
+            meter.step(len(ecg_values))
         with (
             torch.inference_mode(),
             torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None),
@@ -315,6 +326,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     what += [arguments.dataset_name, arguments.sampling_rate, arguments.keep_columns, shard_index, num_shards]
     written = {}
     for split, dataset in load_splits(arguments, shard_index, num_shards).items():
+        meter = ThroughputMeter(state.device)
         embedded = embed_dataset(
             dataset,
             encoder,
@@ -324,12 +336,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             device=state.device,
             keep_columns=arguments.keep_columns,
             weights_fingerprint=weights,
+            meter=meter,
         )
         path = output_dir / f"{split}{suffix}.parquet"
         resume_key = hashlib.sha1(json.dumps([*what, split]).encode()).hexdigest()
         rows = write_parquet(embedded, path, resume_key=resume_key, checkpoint_every=arguments.checkpoint_every)
         written[split] = {"path": str(path), "rows": rows}
         print(f"{split}: {rows} embeddings -> {path}", flush=True)
+        totals = meter.totals()
+        if totals["steps_measured"]:  # nothing was embedded when the datasets cache already held the split
+            written[split]["throughput"] = totals
+            shown = ", ".join(f"{key} {value:.4g}" for key, value in totals.items() if not isinstance(value, str))
+            print(f"{split}: {shown}", flush=True)
     summary = {
         "model": name,
         "dataset": arguments.dataset,

@@ -233,10 +233,12 @@ class ThroughputMeter:
         return metrics
 
     def totals(self) -> dict[str, float]:
-        """The same metrics over every interval so far (call `interval()` first to close the last one), plus
+        """The same metrics over the whole run (an interval still open is closed first), plus
         `ecgs_seen`, `measured_seconds`, `limited_by` (`"data"` when the run waited for batches more than
         `DATA_BOUND_FRACTION` of its time, else `"step"`), `flops_per_ecg`, `peak_tflops` and, on CUDA,
         `peak_memory_gib`."""
+        if self._interval["steps"]:
+            self.interval()
         run = self._run
         totals = self._metrics(max(run["seconds"], 1e-9), run["data_wait"], run["steps"], run["samples"])
         totals.update(ecgs_seen=run["samples"], measured_seconds=run["seconds"], steps_measured=run["steps"])
