@@ -5,15 +5,32 @@
 
 Step benchmark: the model of `--config` (`MeritForPreTraining`, both losses, AdamW), a batch of real PTB-XL records
 from `data/ptbxl_sample` through the feature extractor with their real reports, `--warmup_steps` untimed steps, then
-`--steps` timed ones. FLOPs of one step (forward + backward) are counted with `torch.utils.flop_counter`. On a GPU the
+`--steps` timed ones. FLOPs of one step (forward + backward) are counted by `merit_hf.training.throughput`. On a GPU the
 step runs under bf16 autocast and model FLOPs utilisation = achieved FLOP/s / the GPU's dense bf16 peak
-(`--peak_tflops`, 989 for an H100 SXM).
+(`--peak_tflops`, default by GPU name: 989 for an H100 / H200 SXM).
 
 Scaling benchmark: the pretraining script itself (`configs/quickstart.yaml`, `--scaling_steps` steps, same total
 batch) as 1 process with 1 thread, 1 process with all cores, and `accelerate launch --multi_gpu --num_processes 2`
 with 1 thread each (gloo).
 
-Writes JSON (`--output`, default `benchmarks/results/pretrain_throughput.json`); `benchmarks/README.md`
+End to end (`--end_to_end`): the pretraining script itself on `--data_dir` (default `../shared/data/ptbxl_2k`, a
+PhysioNet PTB-XL folder read with `merit_hf.data.build_ptbxl`), against the same step alone on one real batch of it,
+in one run: persistent workers (the default), workers restarted every epoch, and `ecg_values` precomputed. The
+script's own throughput log gives its rate over the steady intervals (the first, with worker start-up and warm-up,
+left out) and its data-wait share; where it is below 90 % of the step alone, `limited_by` says which stage limits.
+Writes `results/pretrain_end_to_end_<device>.json`. On a GPU, as issue 18 ran it:
+
+    python benchmarks/pretrain_throughput.py --end_to_end --config configs/base.yaml --e2e_batch_size 128 \
+        --e2e_num_workers 8 --e2e_flags --text_model_name_or_path <text encoder folder>
+
+Memory and MFU options (`--memory_options`): one pretraining step of `base-p75` (batch 64 and 256) with each
+activation-checkpointing option (`merit_hf.training.activation_checkpointing`; add `compile` and
+`"compile + selective"` to `--options` for regional `torch.compile`), and `small-p125` without (batch 64, 256, 512:
+where it stops being launch-bound); peak memory and MFU against the GPU's dense bf16 peak. Same step as the GPU
+figures of issue 14 (both losses, MiniLM-shaped random text tower, 64-token reports, bf16 autocast, fused AdamW).
+Writes `results/pretrain_memory_mfu_<device>.json`.
+
+The default mode writes `--output` (default `benchmarks/results/pretrain_throughput.json`); `benchmarks/README.md`
 shows the latest numbers and the machine they came from.
 """
 
@@ -229,8 +246,8 @@ def _time_steps(step, warmup: int, steps: int, device: torch.device) -> float:
 
 def _data_flags(args) -> list[str]:
     """Flags the step alone and every script run share: the data and `--e2e_flags` (e.g. a frozen text tower)."""
-    return ["--data_dir", args.data_dir, "--source_sampling_rate", str(args.source_sampling_rate),
-            "--streaming", "false", *args.e2e_flags]  # fmt: skip
+    return ["--dataset_name", "ptbxl", "--data_dir", args.data_dir, "--source_sampling_rate",
+            str(args.source_sampling_rate), "--streaming", "false", *args.e2e_flags]  # fmt: skip
 
 
 def end_to_end_script(args, extra: list[str]) -> dict:
