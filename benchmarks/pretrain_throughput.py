@@ -475,8 +475,8 @@ def main() -> None:
                         help=f"of {list(MEMORY_OPTIONS) + list(COMPILE_OPTIONS)}")  # fmt: skip
     memory.add_argument("--memory_presets", nargs=2, default=["base-p75", "small-p125"],
                         help="the preset measured with every option, and the one measured without (launch-bound)")  # fmt: skip
-    memory.add_argument("--base_batches", type=int, nargs="+", default=[64, 256])
-    memory.add_argument("--small_batches", type=int, nargs="+", default=[64, 256, 512])
+    memory.add_argument("--base_batches", type=int, nargs="*", default=[64, 256])
+    memory.add_argument("--small_batches", type=int, nargs="*", default=[64, 256, 512])
     memory.add_argument("--memory_warmup_steps", type=int, default=3)
     memory.add_argument("--memory_steps", type=int, default=10)
     memory.add_argument("--single_memory_group", nargs=2, metavar=("PRESET", "BATCH"), help=argparse.SUPPRESS)
