@@ -56,9 +56,9 @@ def test_meter_separates_data_wait_from_step_time_and_excludes_evaluation():
         with meter.excluded():
             time.sleep(0.05)  # evaluation: counted nowhere
     interval = meter.interval()
-    assert 0.03 <= interval["data_wait_seconds_per_step"] < 0.045
-    assert 0.04 <= interval["seconds_per_step"] < 0.06, interval  # 0.03 wait + 0.01 step, not the 0.05 eval
-    assert 0.6 < interval["data_wait_fraction"] < 0.85
+    assert 0.03 <= interval["data_wait_seconds_per_step"] < 0.06
+    assert 0.04 <= interval["seconds_per_step"] < 0.09, interval  # 0.03 wait + 0.01 step, not the 0.05 eval
+    assert 0.5 < interval["data_wait_fraction"] < 0.9
     assert interval["ecgs_per_second"] * interval["seconds_per_step"] == pytest.approx(8)
     assert "mfu" not in interval and meter.peak_tflops is None  # CPU: no peak, no MFU
     assert "data-bound" in meter.data_bound_message(interval)
