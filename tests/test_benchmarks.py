@@ -74,3 +74,17 @@ def test_reduced_lead_benchmark_writes_one_row_per_lead_count(tmp_path):
     assert written["task"] == "robustness" and "leads_6_masked" in written["shifts"]
     table = (tmp_path / "out" / "reduced_leads.md").read_text()
     assert "| 2 | I, II |" in table and table.count("\n| ") == 9  # header, rule, clean, six lead counts
+
+
+def test_pretraining_memory_options_group_runs_every_option():
+    """The GPU measurement of issue 14 item 4 (peak memory and MFU per option) runs on CPU, tiny shape, one step."""
+    import pretrain_throughput
+
+    results = pretrain_throughput.memory_options_group("tiny-p75", 1, ["none", "selective", "full, half the layers"],
+                                                       warmup=0, steps=1, peak_tflops=1.0)  # fmt: skip
+    assert [result["option"] for result in results] == ["none", "selective", "full, half the layers"]
+    for result in results:
+        assert "error" not in result, result
+        assert result["ecgs_per_second"] > 0 and result["gflops_per_ecg"] > 0
+        assert result["mfu"] == pytest.approx(result["achieved_tflops"])  # against the given 1 TFLOP/s peak
+    assert len({result["gflops_per_ecg"] for result in results}) == 1  # model FLOPs: recomputation not counted

@@ -102,6 +102,9 @@ def test_command_line_writes_parquet_per_split(tmp_path):
         table = load_dataset("parquet", data_files=str(out / f"{split}.parquet"), split="train")
         assert len(table) == summary["splits"][split]["rows"] > 0
         assert len(table[0]["ecg_embedding"]) == model.config.ecg_config.hidden_size
+        throughput = summary["splits"][split]["throughput"]  # merit_hf.training.throughput, per split
+        assert throughput["ecgs_seen"] == len(table) and throughput["flops_per_ecg"] > 0
+        assert throughput["ecgs_per_second"] * throughput["measured_seconds"] == pytest.approx(len(table))
     streamed = main(["--model_name_or_path", str(folder), "--dataset", str(BUNDLED_PTBXL), "--splits", "test",
                      "--output_dir", str(tmp_path / "streamed"), "--precision", "bf16", "--batch_size", "32",
                      "--streaming", "true"])  # fmt: skip

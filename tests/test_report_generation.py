@@ -523,6 +523,10 @@ def test_report_lora_script_end_to_end(lm_dir, tmp_path):
     assert results["lora_loss_last"] < results["alignment_loss_first"]
     assert 0.0 <= results["eval"]["bleu_4"] <= 1.0 and "rougeL" in results["eval"]
     assert results["generation_speed"]["tokens_per_second"] > 0
+    for stage in ("alignment", "lora"):  # throughput totals of each stage (merit_hf.training.throughput)
+        throughput = results[f"{stage}_throughput"]
+        assert throughput["ecgs_seen"] == 16 and throughput["flops_per_ecg"] > 0  # 16 reports, 1 epoch
+        assert throughput["ecgs_per_second"] * throughput["measured_seconds"] == pytest.approx(throughput["ecgs_seen"])
     adapter = output_dir / "adapter"
     generation_config = json.loads((adapter / "generation_config.json").read_text())
     assert generation_config["max_new_tokens"] == 8

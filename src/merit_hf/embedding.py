@@ -23,6 +23,7 @@ instead be embedded window by window and pooled per record, and records without 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -42,10 +43,12 @@ from .training.probe import (
     _model_fingerprint,
     ecg_encoder,
     ecg_model_inputs,
+    encoder_inputs,
     load_encoder,
     load_feature_extractor,
     record_embeddings,
 )
+from .training.throughput import ThroughputMeter
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DATASET_NAMES = ("ptbxl", "mimic_iv_ecg", "wfdb")
@@ -63,6 +66,7 @@ def embed_dataset(
     keep_columns: Sequence[str] = ("ecg_id",),
     weights_fingerprint: str | None = None,
     window_pooling: str = "mean",
+    meter: ThroughputMeter | None = None,
 ):
     """`dataset` (a `datasets.Dataset` or `IterableDataset` in the merit_hf schema) with the MERIT embedding of every
     record in `column` (float32, `hidden_size` wide) and only `keep_columns` of the others.
@@ -76,6 +80,8 @@ def embed_dataset(
             (the command line computes it once for all splits); computed here otherwise.
         window_pooling: `"mean"` or `"max"` of the window embeddings of a record, when the feature extractor cuts
             records into windows (`window="sliding"`); each record still gets one embedding.
+        meter: a `merit_hf.training.throughput.ThroughputMeter` that times each batch as it is embedded (the feature
+            extractor as data wait, FLOPs per ECG of the encoder's forward); nothing is timed when `None`.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision: must be one of {sorted(PRECISIONS)}, got {precision!r}")
@@ -95,9 +101,15 @@ def embed_dataset(
     )
     encoder = encoder.to(device).eval()
     autocast_dtype = PRECISIONS[precision]
+    if meter is not None and meter.model is None:
+        meter.model = encoder
 
     def embed(rows: dict[str, list]) -> dict[str, Any]:
-        inputs = ecg_model_inputs(feature_extractor, rows, crop="center")
+        with meter.waiting() if meter is not None else contextlib.nullcontext():
+            inputs = ecg_model_inputs(feature_extractor, rows, crop="center")
+        if meter is not None:
+            meter.count_flops_once(lambda batch: encoder(**batch).pooler_output, encoder_inputs(inputs, device), False)
+            meter.step(len(inputs["ecg_values"]))
         with (
             torch.inference_mode(),
             torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None),
@@ -410,6 +422,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         what += [arguments.split_column, arguments.split_fractions, arguments.split_seed]
     written = {}
     for split, dataset in load_splits(arguments, shard_index, num_shards).items():
+        meter = ThroughputMeter(state.device)
         embedded = embed_dataset(
             dataset,
             encoder,
@@ -420,12 +433,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             keep_columns=arguments.keep_columns,
             weights_fingerprint=weights,
             window_pooling=arguments.window_pooling,
+            meter=meter,
         )
         path = output_dir / f"{split}{suffix}.parquet"
         resume_key = hashlib.sha1(json.dumps([*what, split]).encode()).hexdigest()
         rows = write_parquet(embedded, path, resume_key=resume_key, checkpoint_every=arguments.checkpoint_every)
         written[split] = {"path": str(path), "rows": rows}
         print(f"{split}: {rows} embeddings -> {path}", flush=True)
+        totals = meter.totals()
+        if totals["steps_measured"]:  # nothing was embedded when the datasets cache already held the split
+            written[split]["throughput"] = totals
+            shown = ", ".join(f"{key} {value:.4g}" for key, value in totals.items() if not isinstance(value, str))
+            print(f"{split}: {shown}", flush=True)
     summary = {
         "model": name,
         "dataset": arguments.dataset,

@@ -69,7 +69,9 @@ from ..configuration_merit import MeritConfig, MeritEcgConfig
 from ..feature_extraction_merit import MeritFeatureExtractor
 from ..modeling_merit import MeritForPreTraining
 from ..processing_merit import MeritProcessor
+from .activation_checkpointing import enable_activation_checkpointing
 from .arguments import arguments_to_dict, config_from_argument, parse_arguments
+from .throughput import ThroughputMeter, dataloader_options
 
 TRAINING_STATE_FILE = "training_state.json"
 LOG_HISTORY_FILE = "log_history.jsonl"
@@ -140,6 +142,25 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval records."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader workers per process."})
+    dataloader_persistent_workers: bool = field(
+        default=True,
+        metadata={
+            "help": "Keep the workers between epochs (else they start again, dataset copy and all, each epoch)."
+        },
+    )
+    dataloader_pin_memory: bool = field(
+        default=True, metadata={"help": "Pinned host memory and asynchronous copies to the GPU (no effect on CPU)."}
+    )
+    dataloader_prefetch_factor: int | None = field(
+        default=None, metadata={"help": "Batches each worker prepares ahead (PyTorch's default, 2, when None)."}
+    )
+    precompute_ecg_values: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the feature extractor once per record before training and keep ecg_values (map-style "
+            "splits): the fast path for many epochs. Pretraining crops the centre, so the values are the same."
+        },
+    )
 
 
 @dataclass
@@ -195,6 +216,25 @@ class PretrainingArguments:
     )
     run_name: str = field(default="merit-pretrain")
     disable_tqdm: bool = field(default=False)
+    # Speed and memory (merit_hf.training.throughput, merit_hf.training.activation_checkpointing)
+    peak_tflops: float | None = field(
+        default=None,
+        metadata={"help": "Per-device peak TFLOP/s for the logged MFU; default: the GPU's dense bf16 peak by name."},
+    )
+    activation_checkpointing: str = field(
+        default="none",
+        metadata={
+            "help": "ECG encoder layers: 'none', 'full' (recompute each layer) or 'selective' (keep matmul and "
+            "attention outputs, recompute the element-wise work): less memory, same loss."
+        },
+    )
+    activation_checkpointing_layers: int | None = field(
+        default=None, metadata={"help": "Checkpoint only the first N encoder layers (all when None)."}
+    )
+    torch_compile_regional: bool = field(
+        default=False,
+        metadata={"help": "With --torch_compile: compile each repeated Transformer layer once (fast to compile)."},
+    )
 
     def __post_init__(self):
         if self.mixed_precision not in MIXED_PRECISIONS:
@@ -385,6 +425,21 @@ def _with_reports(split, max_samples: int | None):
     return split.with_format("numpy")  # signals as arrays, not nested lists
 
 
+def precomputed(split, feature_extractor: MeritFeatureExtractor):
+    """`split` with `ecg_values` stored once (`merit_hf.data.precompute_ecg_values`), so no epoch resamples or filters
+    again; `None` stays `None`. A streamed split is refused: it is read once, so there is nothing to reuse."""
+    from ..data import precompute_ecg_values
+
+    if split is None:
+        return None
+    if not hasattr(split, "select"):
+        raise ValueError(
+            "--precompute_ecg_values: needs a map-style split (--streaming false); a stream would run the feature "
+            "extractor as often as without it"
+        )
+    return precompute_ecg_values(split, feature_extractor).with_format("numpy")
+
+
 class PretrainingCollator:
     """`merit_hf.data.MeritCollator` (feature extractor + tokenizer) plus each record's `ecg_id`, which keys its
     masking noise."""
@@ -563,12 +618,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=train_args.gradient_accumulation_steps, sync_with_dataloader=False
         ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_args.seed),
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=train_args.seed, non_blocking=data_args.dataloader_pin_memory
+        ),
         step_scheduler_with_optimizer=False,
         log_with=(report_to if report_to != ["all"] else "all") or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
         dynamo_plugin=(
-            TorchDynamoPlugin(backend=train_args.torch_compile_backend, mode=train_args.torch_compile_mode)
+            TorchDynamoPlugin(
+                backend=train_args.torch_compile_backend,
+                mode=train_args.torch_compile_mode,
+                use_regional_compilation=train_args.torch_compile_regional,
+            )
             if train_args.torch_compile
             else None  # Accelerate's default: what `accelerate config` / ACCELERATE_DYNAMO_* say
         ),
@@ -581,6 +642,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Model, feature extractor, tokenizer: the three things the Hub folder will hold.
     text_path = resolve_text_model(model_args.text_model_name_or_path)
     model = build_model(model_args, text_path)
+    enable_activation_checkpointing(
+        model, train_args.activation_checkpointing, train_args.activation_checkpointing_layers
+    )
     feature_extractor = MeritFeatureExtractor.from_model_config(model.config.ecg_config)
     tokenizer = AutoTokenizer.from_pretrained(text_path)
     collator = PretrainingCollator(feature_extractor, tokenizer, model_args.max_report_length)
@@ -589,6 +653,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # a streamed split is cut by node with `split_dataset_by_node`, and its loader's state is the stream position.
     with accelerator.main_process_first():
         train_split, eval_split = load_pretraining_splits(data_args)
+        if data_args.precompute_ecg_values:
+            train_split, eval_split = (precomputed(split, feature_extractor) for split in (train_split, eval_split))
     streaming = data_args.streaming or data_args.dataset_name == "mimic_iv_ecg"
     if streaming:
         from datasets.distributed import split_dataset_by_node
@@ -600,13 +666,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             train_split, rank=accelerator.process_index, world_size=accelerator.num_processes
         )
     loader_class = stream_loader_class() if streaming else DataLoader
+    loader_options = dataloader_options(
+        data_args.dataloader_num_workers,
+        data_args.dataloader_pin_memory,
+        data_args.dataloader_persistent_workers,
+        data_args.dataloader_prefetch_factor,
+        accelerator.device,
+    )
     train_loader = loader_class(
         train_split,
         batch_size=train_args.per_device_train_batch_size,
         shuffle=not streaming,
         drop_last=True,  # every contrastive batch has the same size, on every process
         collate_fn=collator,
-        num_workers=data_args.dataloader_num_workers,
+        **loader_options,
     )
     eval_loader = None
     if eval_split is not None:
@@ -614,7 +687,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             eval_split,
             batch_size=train_args.per_device_eval_batch_size,
             collate_fn=collator,
-            num_workers=data_args.dataloader_num_workers,
+            **loader_options,
         )
 
     optimizer = torch.optim.AdamW(
@@ -630,6 +703,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         num_warmup_steps=train_args.warmup_steps,
         num_training_steps=train_args.max_steps,
     )
+    # The meter counts FLOPs on the eager model (before prepare wraps or compiles it).
+    meter = ThroughputMeter(accelerator.device, train_args.peak_tflops, accelerator.num_processes, model)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     balancer = ReconstructionWeightBalancer(accelerator.unwrap_model(model).config)
     if balancer.enabled:
@@ -713,11 +788,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             train_loader.set_epoch(epoch)
             batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         batches_this_epoch = 0
-        for batch_index, batch in enumerate(isolated_from_global_rng(batches), start=skip):
+        for batch_index, batch in enumerate(meter.timed(isolated_from_global_rng(batches)), start=skip):
             batches_this_epoch += 1
             batch = {key: value.to(accelerator.device) for key, value in batch.items()}
             ecg_ids = batch.pop("ecg_id")
             noise = masking_noise(ecg_ids.tolist(), (train_args.seed, epoch), num_patches).to(accelerator.device)
+            if meter.count_flops_once(lambda rows: meter.model(**rows).loss, {**batch, "noise": noise}):
+                accelerator.print(meter.describe())
             with accelerator.accumulate(model):
                 if balancer.enabled:  # a tensor, so a compiled model does not recompile when it changes
                     batch["reconstruction_weight"] = torch.tensor(balancer.weight, device=accelerator.device)
@@ -747,6 +824,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             scheduler.step()
             global_step += 1
             steps_this_run += 1
+            meter.step(total_batch)
             step_mean = torch.stack(step_losses).mean(dim=0).tolist()
             step_losses.clear()
             record = {"step": global_step, "epoch": epoch, "learning_rate": scheduler.get_last_lr()[0]}
@@ -757,20 +835,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 record["reconstruction_weight"] = balancer.weight
             history.append(record)
             progress.update(1)
-            progress.set_postfix(loss=f"{step_mean[0]:.4f}")
+            progress.set_postfix(loss=f"{step_mean[0]:.4f}", **meter.postfix)
             if train_args.eval_steps and global_step % train_args.eval_steps == 0 and eval_loader is not None:
-                last_eval = evaluate(model, eval_loader, accelerator, train_args.seed, num_patches)
+                with meter.excluded():
+                    last_eval = evaluate(model, eval_loader, accelerator, train_args.seed, num_patches)
                 record.update(last_eval)
                 model.train()
             if global_step % train_args.logging_steps == 0 or global_step == train_args.max_steps:
+                record.update(meter.interval())
+                if message := meter.data_bound_message(record):
+                    accelerator.print(f"step {global_step}: {message}")
                 accelerator.log(record, step=global_step)
                 if accelerator.is_main_process:
                     with log_history_path.open("a") as handle:
                         handle.write(json.dumps(record) + "\n")
             if global_step % train_args.save_steps == 0 or global_step == train_args.max_steps:
-                save_checkpoint(
-                    accelerator, output_dir, global_step, epoch, run_identity, train_loader if streaming else None
-                )
+                with meter.excluded():
+                    save_checkpoint(
+                        accelerator, output_dir, global_step, epoch, run_identity, train_loader if streaming else None
+                    )
                 if accelerator.is_main_process:
                     rotate_checkpoints(output_dir, train_args.save_total_limit)
             if global_step >= train_args.max_steps:
@@ -806,6 +889,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for entry in history
             if "encoder_grad_norm_reconstruction" in entry or "encoder_grad_norm_contrastive" in entry
         ],
+        "throughput": meter.totals(),
         "model_dir": str(model_dir),
         "output_dir": str(output_dir),
     }

@@ -61,6 +61,7 @@ from ..evaluation.results import build_results, encoder_identity, write_results
 from ..feature_extraction_merit import MeritFeatureExtractor
 from ..modeling_merit import MeritEcgModel, MeritForEcgClassification, pool_window_embeddings
 from .arguments import parse_arguments
+from .throughput import ThroughputMeter
 
 logger = logging.getLogger(__name__)
 
@@ -659,23 +660,29 @@ def fine_tune(
 
     loader = torch.utils.data.DataLoader(range(len(train)), batch_size=arguments.batch_size, shuffle=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=arguments.finetune_learning_rate, fused=True)
+    meter = ThroughputMeter(accelerator.device, num_processes=accelerator.num_processes, model=model)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     best_score, best_state, best_epoch, stale, epoch = -np.inf, None, 0, 0, 0
     for epoch in range(1, arguments.finetune_max_epochs + 1):
         model.train()
-        for rows in tqdm(loader, desc=f"fine-tune epoch {epoch}", disable=not accelerator.is_main_process):
+        batches = tqdm(loader, desc=f"fine-tune epoch {epoch}", disable=not accelerator.is_main_process)
+        for rows in meter.timed(batches):
             rows = rows.cpu().tolist()
-            inputs = ecg_model_inputs(random_crops, train_columns[rows], crop="random")
-            outputs = model(
-                **encoder_inputs(inputs, accelerator.device), labels=train_labels[rows].to(accelerator.device)
-            )
+            with meter.waiting():
+                inputs = ecg_model_inputs(random_crops, train_columns[rows], crop="random")
+            batch = {**encoder_inputs(inputs, accelerator.device), "labels": train_labels[rows].to(accelerator.device)}
+            meter.count_flops_once(lambda batch: meter.model(**batch).loss, batch)
+            outputs = model(**batch)
             accelerator.backward(outputs.loss)
             optimizer.step()
             optimizer.zero_grad()
-        score = _validation_score(
-            validation_labels,
-            _predict(accelerator, model, feature_extractor, validation, arguments.batch_size),
-        )
+            meter.step(len(rows) * accelerator.num_processes)
+        logger.info("fine-tune epoch %d: %s", epoch, meter.interval())
+        with meter.excluded():
+            score = _validation_score(
+                validation_labels,
+                _predict(accelerator, model, feature_extractor, validation, arguments.batch_size),
+            )
         if best_state is None or score > best_score:  # a NaN score (one class in validation) still keeps a state
             best_score, best_epoch, stale = score, epoch, 0
             best_state = copy.deepcopy(accelerator.unwrap_model(model).state_dict())
@@ -687,7 +694,8 @@ def fine_tune(
     unwrapped.load_state_dict(best_state)
     validation_logits = _predict(accelerator, unwrapped, feature_extractor, validation, arguments.batch_size)
     test_logits = _predict(accelerator, unwrapped, feature_extractor, test, arguments.batch_size)
-    return validation_logits, test_logits, {"best_epoch": best_epoch, "epochs_run": epoch}
+    training = {"best_epoch": best_epoch, "epochs_run": epoch, "throughput": meter.totals()}
+    return validation_logits, test_logits, training
 
 
 def run_fine_tune(
