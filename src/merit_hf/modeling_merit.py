@@ -730,7 +730,7 @@ def _init_merit_module(model: PreTrainedModel, module: nn.Module, config) -> Non
     The text tower is a sub-model and keeps its own `_init_weights`.
     """
     std = config.initializer_range
-    ecg_config = config.ecg_config if isinstance(config, MeritConfig) else config
+    ecg_config = getattr(config, "ecg_config", None) or config  # the ECG tower's config holds the scheme
     if isinstance(module, nn.Linear):
         if ecg_config.initializer_scheme == "xavier_uniform":
             init.xavier_uniform_(module.weight)
