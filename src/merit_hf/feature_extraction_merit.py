@@ -36,6 +36,7 @@ from transformers import BatchFeature
 from transformers.feature_extraction_utils import FeatureExtractionMixin
 
 from .configuration_merit import STANDARD_LEAD_NAMES
+from .wfdb_header_merit import WfdbHeader, WfdbHeaderError, parse_wfdb_header, wfdb_read_differences
 
 UNIT_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3, "nv": 1e-6}
 NAN_POLICIES = ("raise", "interpolate")
@@ -43,6 +44,10 @@ NORMALIZATIONS = ("zscore_lead", "zscore_record", "none")
 CROPS = ("center", "random", "start")
 # An ECG spans a few mV; a lead whose 99th percentile of |x - median| exceeds this is almost always a unit error.
 DEFAULT_MAX_AMPLITUDE_MV = 30.0
+# Below this a lead carries no ECG: not recorded (zeros, a constant), or mV data labelled µV (1000x too small). The
+# smallest lead of 1,987 real PTB-XL records spans 0.079 mV (measured; `_check_amplitude`'s statistic).
+DEFAULT_MIN_AMPLITUDE_MV = 0.02
+FLAT_LEAD_POLICIES = ("raise", "zero", "drop")
 
 
 class EcgInputError(ValueError):
@@ -57,12 +62,9 @@ def read_wfdb_record(path: str | os.PathLike) -> dict[str, Any]:
     (signal lines missing or without a lead name), a missing signal file, and a signal file that does not belong to
     its header (shorter or longer than the header declares, or, for format-16 records, failing the header's checksums).
     """
-    record_path = Path(path)
-    if record_path.suffix in (".hea", ".dat"):
-        record_path = record_path.with_suffix("")
+    record_path = _wfdb_record_path(path)
     header = record_path.with_suffix(".hea")
-    if not header.is_file():
-        raise EcgInputError(f"{header}: WFDB header not found")
+    fields = read_wfdb_header(record_path)
     try:
         import wfdb
     except ImportError as error:  # pragma: no cover - wfdb is a dependency of merit_hf
@@ -71,42 +73,61 @@ def read_wfdb_record(path: str | os.PathLike) -> dict[str, Any]:
         meta = wfdb.rdheader(str(record_path))
     except Exception as error:  # wfdb raises bare TypeError/IndexError on malformed headers
         raise EcgInputError(f"{header}: corrupt or truncated WFDB header ({type(error).__name__}: {error})") from error
-    if not meta.sig_name or meta.n_sig is None or len(meta.sig_name) != meta.n_sig:
-        raise EcgInputError(
-            f"{header}: corrupt or truncated WFDB header (record line declares {meta.n_sig} signals, "
-            f"{len(meta.sig_name or [])} signal lines found)"
-        )
-    # A signal line cut short (an interrupted copy) still parses, with the lead name as None.
-    unnamed = [line for line, lead in enumerate(meta.sig_name, start=1) if not (lead or "").strip()]
-    if unnamed:
-        raise EcgInputError(f"{header}: corrupt or truncated WFDB header (signal line {unnamed[0]} has no lead name)")
-    if not meta.fs or meta.fs <= 0:
-        raise EcgInputError(f"{header}: header gives no valid sampling frequency ({meta.fs})")
+    differences = wfdb_read_differences(fields, meta)
+    if differences:
+        raise EcgInputError(f"{header}: wfdb reads this header differently from its text: {'; '.join(differences)}")
     for file_name in sorted(set(meta.file_name or [])):
         data_file = record_path.parent / file_name
         if not data_file.is_file():
             raise EcgInputError(f"{header}: signal file {data_file.name} is missing")
         _check_signal_file_size(meta, file_name, data_file)
-    signal, units = _read_format16(meta, record_path), meta.units
+    signal = _read_format16(meta, record_path)
     if signal is None:  # any other layout: wfdb reads it (and parses the header once more)
         try:
             record = wfdb.rdrecord(str(record_path))
         except Exception as error:
             raise EcgInputError(f"{record_path}: cannot read the signal ({type(error).__name__}: {error})") from error
-        signal, units = record.p_signal, record.units
+        signal = record.p_signal
     if signal is None or signal.ndim != 2 or signal.shape[1] != meta.n_sig:
         raise EcgInputError(f"{record_path}: signal file does not hold {meta.n_sig} signals")
     if meta.sig_len and signal.shape[0] != meta.sig_len:
         raise EcgInputError(
             f"{record_path}: signal file holds {signal.shape[0]} samples, header declares {meta.sig_len} (truncated?)"
         )
-    return {
+    if signal.shape[0] == 0:
+        raise EcgInputError(f"{record_path}: the signal file holds no samples")
+    return {  # names and units as the header writes them (wfdb drops their non-ASCII characters: µV would be V)
         "signal": signal,
-        "sampling_rate": float(meta.fs),
-        "lead_names": list(meta.sig_name),
-        "units": list(units or ["mV"] * meta.n_sig),
+        "sampling_rate": fields.sampling_rate,
+        "lead_names": fields.lead_names,
+        "units": [line.units for line in fields.signals],
         "record": str(record_path),
     }
+
+
+def _wfdb_record_path(path: str | os.PathLike) -> Path:
+    record_path = Path(path)
+    return record_path.with_suffix("") if record_path.suffix in (".hea", ".dat") else record_path
+
+
+def read_wfdb_header(path: str | os.PathLike) -> WfdbHeader:
+    """The fields of a WFDB record's header (`path` without extension, or with `.hea`) as its text writes them, read
+    before `wfdb` substitutes a default for a missing or invalid one (see `wfdb_header_merit`). Raises
+    `EcgInputError` naming the header file, the line, the field and its value: for a missing or unreadable header, an
+    uncalibrated lead (ADC gain 0 or none), a missing or non-positive sampling frequency, a signal line without a lead
+    name, a record or file name wfdb cannot read (non-ASCII), a multi-segment record. The one check every reader of
+    records uses (the feature extractor, the dataset reader and converters, the Space)."""
+    header = _wfdb_record_path(path).with_suffix(".hea")
+    if not header.is_file():
+        raise EcgInputError(f"{header}: WFDB header not found")
+    try:
+        text = header.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise EcgInputError(f"{header}: not a WFDB header (not UTF-8 or ASCII text: {error})") from error
+    try:
+        return parse_wfdb_header(text)
+    except WfdbHeaderError as error:
+        raise EcgInputError(f"{header}: {error}") from error
 
 
 def _read_format16(meta, record_path: Path) -> np.ndarray | None:
@@ -129,6 +150,11 @@ def _read_format16(meta, record_path: Path) -> np.ndarray | None:
     offset = (meta.byte_offset or [0])[0] or 0
     data_file = record_path.parent / files.pop()
     digital = np.fromfile(data_file, dtype="<i2", offset=offset)
+    if not meta.sig_len and (data_file.stat().st_size - offset) % (2 * meta.n_sig):
+        raise EcgInputError(
+            f"{data_file}: the header gives no number of samples, and the signal file's {data_file.stat().st_size} "
+            f"bytes are not a whole number of {meta.n_sig}-signal frames (truncated?)"
+        )
     length = meta.sig_len or digital.size // meta.n_sig
     digital = digital[: length * meta.n_sig].reshape(length, meta.n_sig)
     _check_checksums(meta, digital, data_file)
@@ -196,6 +222,93 @@ def leads_too_wide(signal: np.ndarray, max_amplitude_mv: float) -> tuple[np.ndar
     return too_wide, float(spread[too_wide].max()) if too_wide.size else 0.0
 
 
+def _maybe_flat_columns(signal: np.ndarray, min_amplitude_mv: float) -> np.ndarray:
+    """Columns that may be flat, found without sorting (the exact percentile costs 5x more and would slow every
+    record down). A flat lead has 99 % of its samples within `min_amplitude_mv` of its median, an interval that meets
+    at most three consecutive bins `min_amplitude_mv` * 2 wide (two, plus one for rounding at a bin's edge); a lead
+    with no three bins holding that many samples cannot be flat, so no flat lead is ever missed (the cap on far
+    values only merges bins)."""
+    if min_amplitude_mv <= 0:
+        return np.array([], dtype=np.int64)
+    num_samples, num_leads = signal.shape
+    scaled = signal - signal.min(axis=0)  # finite input: at worst inf, capped next
+    scaled *= 0.5 / min_amplitude_mv
+    bins = np.minimum(scaled, 4 * num_samples, out=scaled).astype(np.int64)  # truncation = floor (all >= 0)
+    width = int(bins.max()) + 3
+    bins += np.arange(num_leads) * width
+    counts = np.bincount(bins.ravel(), minlength=num_leads * width).reshape(num_leads, width)
+    most_in_three = (counts[:, :-2] + counts[:, 1:-1] + counts[:, 2:]).max(axis=1)
+    return np.flatnonzero(most_in_three >= int(np.floor(0.99 * (num_samples - 1))) + 1)
+
+
+def check_lead_amplitudes(
+    signal: np.ndarray,
+    lead_names: list[str],
+    record: str,
+    max_amplitude_mv: float = DEFAULT_MAX_AMPLITUDE_MV,
+    min_amplitude_mv: float = DEFAULT_MIN_AMPLITUDE_MV,
+    flat_lead_policy: str = "raise",
+    from_header: bool = False,
+) -> tuple[np.ndarray, list[str]]:
+    """The amplitude check of every reader (the feature extractor and `merit_hf.data.read_ecg_record`): a lead wider
+    than `max_amplitude_mv` raises (µV labelled mV); a flat lead (99th percentile of |x - median| below
+    `min_amplitude_mv`: not recorded, or mV labelled µV) raises, or with `flat_lead_policy="zero"` is set to 0, or
+    with `"drop"` is removed (the caller treats it as a lead that was not recorded). A record whose every lead is flat
+    always raises: nothing is left to read.
+
+    Args:
+        signal: `(num_samples, num_leads)` in mV, finite.
+        lead_names: the name of each column (for the messages and the result).
+        record: the record's name (its path or batch index), which every message starts with.
+        from_header: the units came from a WFDB header (the hint then names the header's units and ADC gain, not the
+            `units` argument).
+
+    Returns:
+        `(signal, flat_leads)`: the signal (flat columns zeroed or removed) and the names of the flat leads, in order.
+    """
+    if flat_lead_policy not in FLAT_LEAD_POLICIES:
+        raise ValueError(f"flat_lead_policy must be one of {FLAT_LEAD_POLICIES}, got {flat_lead_policy!r}")
+    too_wide, widest = leads_too_wide(signal, max_amplitude_mv)
+    if too_wide.size:
+        hint = (
+            "the header's units or ADC gain are probably wrong (µV stored as mV, or a gain of 1 instead of 1000)"
+            if from_header
+            else "the signal is probably in µV: pass units='uV'"
+        )
+        raise EcgInputError(
+            f"{record}: leads {[lead_names[i] for i in too_wide]} span up to {widest:.0f} mV after unit conversion, "
+            f"above the {max_amplitude_mv:g} mV an ECG can span: {hint}"
+        )
+    candidates = _maybe_flat_columns(signal, min_amplitude_mv)
+    if not candidates.size:
+        return signal, []
+    spread = np.full(signal.shape[1], np.inf)
+    part = signal[:, candidates]
+    spread[candidates] = np.percentile(np.abs(part - np.median(part, axis=0)), 99, axis=0)
+    flat = np.flatnonzero(spread < min_amplitude_mv)
+    if not flat.size:
+        return signal, []
+    flat_leads = [lead_names[i] for i in flat]
+    described = (
+        f"{record}: leads {flat_leads} are flat (at most {spread[flat].max():.2g} mV of signal, below "
+        f"min_amplitude_mv={min_amplitude_mv:g})"
+    )
+    units = "the header's units and ADC gain" if from_header else "`units`"
+    if flat.size == signal.shape[1]:
+        cause = "no lead was recorded" if not spread.any() else f"mV labelled µV (1000x too small)? check {units}"
+        raise EcgInputError(f"{described}: every lead is flat, {cause}")
+    if flat_lead_policy == "raise":
+        raise EcgInputError(
+            f"{described}: a lead that was not recorded, or a unit 1000x too small (check {units}); "
+            "flat_lead_policy='zero' or 'drop' reads the record without these leads"
+        )
+    if flat_lead_policy == "zero":
+        signal = signal.copy()
+        signal[:, flat] = 0.0
+        return signal, flat_leads
+    return np.delete(signal, flat, axis=1), flat_leads
+
+
 class MeritFeatureExtractor(FeatureExtractionMixin):
     r"""
     Turns raw 12-lead ECG records into MERIT's `ecg_values` `(batch, num_leads, num_samples)` float32.
@@ -221,6 +334,12 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             leads `vx`, `vy`, `vz` of PTB's 15-lead records) instead of raising on them.
         max_amplitude_mv (`float`, defaults to 30.0): a lead whose 99th percentile of |x - median| exceeds this
             (after unit conversion) raises as a likely unit error (an ECG spans a few mV).
+        min_amplitude_mv (`float`, defaults to 0.02): a lead whose 99th percentile of |x - median| is below this is
+            flat: not recorded, or mV data labelled µV (1000x too small). What happens is `flat_lead_policy`.
+        flat_lead_policy (`str`, defaults to `"raise"`): `"raise"`; `"zero"` (the lead is fed as zeros, never
+            z-scored noise); or `"drop"` (the lead is treated as not recorded, for reduced-lead input: today a
+            missing limb lead is rebuilt with `derive_limb_leads=True`, any other raises). A record whose every lead
+            is flat always raises.
         min_sampling_rate_factor (`float`, defaults to 2.0): inputs below `factor * lowpass_hz` Hz raise (their
             Nyquist band does not reach the low-pass cut-off).
         seed (`int` or `None`): seed of the generator used by `crop="random"`.
@@ -255,6 +374,8 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         drop_extra_leads: bool = False,
         max_amplitude_mv: float = DEFAULT_MAX_AMPLITUDE_MV,
         min_sampling_rate_factor: float = 2.0,
+        min_amplitude_mv: float = DEFAULT_MIN_AMPLITUDE_MV,
+        flat_lead_policy: str = "raise",
         seed: int | None = None,
         **kwargs,
     ):
@@ -273,6 +394,8 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         self.drop_extra_leads = bool(drop_extra_leads)
         self.max_amplitude_mv = float(max_amplitude_mv)
         self.min_sampling_rate_factor = float(min_sampling_rate_factor)
+        self.min_amplitude_mv = float(min_amplitude_mv)
+        self.flat_lead_policy = flat_lead_policy
         self.seed = seed
         self._validate_settings()
         self._rng = np.random.default_rng(seed)
@@ -286,6 +409,12 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             (self.normalization in NORMALIZATIONS, "normalization", f"must be one of {NORMALIZATIONS}"),
             (self.crop in CROPS, "crop", f"must be one of {CROPS}, got {self.crop!r}"),
             (self.nan_policy in NAN_POLICIES, "nan_policy", f"must be one of {NAN_POLICIES}"),
+            (self.flat_lead_policy in FLAT_LEAD_POLICIES, "flat_lead_policy", f"must be one of {FLAT_LEAD_POLICIES}"),
+            (
+                0 <= self.min_amplitude_mv < self.max_amplitude_mv,
+                "min_amplitude_mv",
+                "must be in [0, max_amplitude_mv)",
+            ),
             (len({n.lower() for n in self.lead_names}) == len(self.lead_names), "lead_names", "has duplicates"),
         ]
         nyquist = self.sampling_rate / 2
@@ -411,7 +540,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             )
         else:
             name = f"record {index}"
-            signal = np.asarray(record, dtype=np.float64)
+            signal = _as_float_array(record, name)
         if sampling_rate is None:
             raise EcgInputError(
                 f"{name}: sampling_rate is required (the rate in Hz of this array); the model expects "
@@ -425,7 +554,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         signal = self._to_millivolt(signal, units, name)
         signal, lead_names = self._select_leads(signal, list(lead_names), name)
         signal = self._handle_non_finite(signal, name)
-        self._check_amplitude(signal, name)
+        signal = self._check_amplitude(signal, name, from_header=isinstance(record, (str, os.PathLike)))
         signal = self._resample_and_filter(signal, float(sampling_rate), name)
         signal, mask = self._fit_window(signal, name, padding=padding, crop=crop)
         return self._normalize(signal, mask), mask
@@ -465,7 +594,13 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             columns = _derive_limb_leads(columns, name)
             missing = [lead for key, lead in wanted.items() if key not in columns]
         if missing:
-            repair = "" if self.derive_limb_leads else " (derive_limb_leads=True rebuilds limb leads from two)"
+            derivable = {"i", "ii", "iii", "avr", "avl", "avf"}
+            helps = {lead.lower() for lead in missing} <= derivable and len({"i", "ii", "iii"} & position.keys()) >= 2
+            repair = (
+                " (derive_limb_leads=True rebuilds limb leads from two)"
+                if helps and not self.derive_limb_leads
+                else ""
+            )
             raise EcgInputError(
                 f"{name}: {len(position)} leads given, {len(self.lead_names)} expected; missing {missing}{repair}"
             )
@@ -505,14 +640,25 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             signal[:, column] = np.interp(time, time[good], signal[good, column])
         return signal
 
-    def _check_amplitude(self, signal: np.ndarray, name: str) -> None:
-        too_wide, spread = leads_too_wide(signal, self.max_amplitude_mv)
-        if too_wide.size:
-            leads = [self.lead_names[i] for i in too_wide]
-            raise EcgInputError(
-                f"{name}: leads {leads} span {spread:.0f} mV after unit conversion (an ECG spans a "
-                f"few mV); the signal is probably in µV: pass units='uV'"
-            )
+    def _check_amplitude(self, signal: np.ndarray, name: str, from_header: bool = False) -> np.ndarray:
+        """`check_lead_amplitudes` with this extractor's bounds and `flat_lead_policy`; a dropped lead then goes
+        through `_select_leads` as one that was not recorded (a limb lead is rebuilt if `derive_limb_leads`)."""
+        signal, flat = check_lead_amplitudes(
+            signal,
+            list(self.lead_names),
+            name,
+            self.max_amplitude_mv,
+            self.min_amplitude_mv,
+            self.flat_lead_policy,
+            from_header=from_header,
+        )
+        if flat and self.flat_lead_policy == "drop":
+            kept = [lead for lead in self.lead_names if lead not in flat]
+            try:
+                signal, _ = self._select_leads(signal, kept, name)
+            except EcgInputError as error:
+                raise EcgInputError(f"{error} (flat_lead_policy='drop' dropped the flat leads {flat})") from error
+        return signal
 
     def _resample_and_filter(self, signal: np.ndarray, sampling_rate: float, name: str) -> np.ndarray:
         """Resample to `self.sampling_rate` and band-pass, with neither touching the record's edges: each lead is
@@ -616,6 +762,20 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         return normalized
 
 
+def _as_float_array(record: Any, name: str) -> np.ndarray:
+    """`record` as float64; text or anything else that is not numbers raises naming the record."""
+    try:
+        array = np.asarray(record)
+        if array.dtype.kind in "US":  # numbers as text mean a parsing step went wrong upstream: say so
+            raise TypeError(f"an array of text (dtype {array.dtype})")
+        return array.astype(np.float64)
+    except (TypeError, ValueError) as error:
+        raise EcgInputError(
+            f"{name}: not an array of numbers ({error}); pass the signal as numbers (num_samples, num_leads) or the "
+            "path of a WFDB record"
+        ) from error
+
+
 def _is_list_of_lists(value) -> bool:
     return isinstance(value, (list, tuple)) and len(value) > 0 and isinstance(value[0], (list, tuple))
 
@@ -640,4 +800,4 @@ def _derive_limb_leads(columns: dict[str, np.ndarray], name: str) -> dict[str, n
     return {**derived, **columns}
 
 
-__all__ = ["EcgInputError", "MeritFeatureExtractor", "read_wfdb_record"]
+__all__ = ["EcgInputError", "MeritFeatureExtractor", "check_lead_amplitudes", "read_wfdb_header", "read_wfdb_record"]
