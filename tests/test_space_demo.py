@@ -328,7 +328,7 @@ def test_space_card_matches_the_app():
     assert (REPO_ROOT / "spaces_demo" / card.data.app_file).is_file()
     assert "org/merit-ecg" in card.data.models
     app = load_app_module()
-    assert app.DEFAULT_HUB_MODEL in card.data.models
+    assert app.SPACE_MODEL in card.data.models
     for item in app.example_catalogue():
         for suffix in (".hea", ".dat"):
             assert (app.EXAMPLES_DIR / f"{item['record']}{suffix}").is_file()
