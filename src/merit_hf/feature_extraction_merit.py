@@ -10,7 +10,8 @@ saved with every checkpoint as `preprocessor_config.json`:
    does a lead the model does not use (e.g. the Frank X/Y/Z leads of a 15-lead record), unless `drop_extra_leads=True`;
 3. NaN / inf: raise naming the record and lead, unless `nan_policy="interpolate"` (linear in time);
 4. units: converted to mV (`V`, `mV`, `uV`/`µV`/`μV`); an unknown unit raises; a signal that says mV but is
-   hundreds of mV wide (almost always µV mislabelled) raises;
+   hundreds of mV wide (almost always µV mislabelled) raises, and so does a flat lead (not recorded, or mV labelled
+   µV) unless `flat_lead_policy` asks to zero or drop it;
 5. resample to `sampling_rate` with a polyphase filter (scipy); an input whose Nyquist frequency is below the
    low-pass cut-off cannot reach the model's band and raises;
 6. band-pass (zero-phase Butterworth, 0.67-40 Hz by default, ST-MEM);
@@ -59,8 +60,9 @@ def read_wfdb_record(path: str | os.PathLike) -> dict[str, Any]:
 
     Returns `{"signal": (num_samples, num_leads) float64 in the header's units, "sampling_rate", "lead_names",
     "units", "record": str(path)}`. Raises `EcgInputError` naming the file for a missing, corrupt or truncated header
-    (signal lines missing or without a lead name), a missing signal file, and a signal file that does not belong to
-    its header (shorter or longer than the header declares, or, for format-16 records, failing the header's checksums).
+    (signal lines missing or without a lead name), a field wfdb would replace by a default (`read_wfdb_header`), a
+    missing signal file, and a signal file that does not belong to its header (shorter or longer than the header
+    declares, or failing the header's checksums). Lead names and units are the header's own text.
     """
     record_path = _wfdb_record_path(path)
     header = record_path.with_suffix(".hea")
@@ -84,10 +86,19 @@ def read_wfdb_record(path: str | os.PathLike) -> dict[str, Any]:
     signal = _read_format16(meta, record_path)
     if signal is None:  # any other layout: wfdb reads it (and parses the header once more)
         try:
-            record = wfdb.rdrecord(str(record_path))
+            record = wfdb.rdrecord(str(record_path), physical=False)
+            digital = record.d_signal
+            if (
+                digital is not None
+                and not any(meta.skew or [])
+                and all(n in (None, 1) for n in meta.samps_per_frame or [])
+            ):
+                _check_checksums(meta, digital, record_path)  # wfdb never checks them: a wrong format reads garbage
+            signal = record.dac() if digital is not None else None
+        except EcgInputError:
+            raise
         except Exception as error:
             raise EcgInputError(f"{record_path}: cannot read the signal ({type(error).__name__}: {error})") from error
-        signal = record.p_signal
     if signal is None or signal.ndim != 2 or signal.shape[1] != meta.n_sig:
         raise EcgInputError(f"{record_path}: signal file does not hold {meta.n_sig} signals")
     if meta.sig_len and signal.shape[0] != meta.sig_len:

@@ -24,6 +24,7 @@ of records; the results JSON is `task="robustness"` with a `shifts` mapping (sch
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -171,6 +172,9 @@ def run_robustness(
             ),
         }
 
+    # The lead-subset shifts zero leads on purpose, which the extractor refuses by default: feed them as zeros.
+    shifted_extractor = copy.copy(feature_extractor)
+    shifted_extractor.flat_lead_policy = "zero"
     shift_results: dict[str, dict[str, Any]] = {}
     for name, (description, transform) in shifts.items():
         shift_results[name] = {"kind": "input", "description": description}
@@ -178,7 +182,7 @@ def run_robustness(
             probe, thresholds = clean[role]
             shifted = extract_features(
                 role_encoder,
-                feature_extractor,
+                shifted_extractor,
                 test,
                 arguments.batch_size,
                 transform=transform,
