@@ -75,7 +75,7 @@ def test_an_offset_changes_nothing_and_a_flat_lead_stays_flat(ptbxl_dir, rate):
     np.testing.assert_allclose(shifted, reference, atol=1e-5)
     flat = signal.copy()
     flat[:, 3] = 3.7  # a lead-off electrode at a constant 3.7 mV: refused by default, exactly zero when asked
-    with pytest.raises(EcgInputError, match=r"record 0: leads \['aVR'\] are flat"):
+    with pytest.raises(EcgInputError, match=r"record 0: leads \['AVR'\] are flat"):
         fe(flat, sampling_rate=rate, lead_names=fields["sig_name"])
     zeroed = MeritFeatureExtractor(flat_lead_policy="zero")
     assert np.abs(zeroed(flat, sampling_rate=rate, lead_names=fields["sig_name"])["ecg_values"][0, 3]).max() == 0

@@ -131,7 +131,7 @@ def test_flat_lead_policies_in_the_feature_extractor(record):
     read = read_wfdb_record(record)
     signal = read["signal"].copy()
     signal[:, 3] = 0.37  # aVR: a lead-off electrode at a constant offset
-    with pytest.raises(EcgInputError, match=r"record 0: leads \['aVR'\] are flat"):
+    with pytest.raises(EcgInputError, match=r"record 0: leads \['AVR'\] are flat"):  # named as the record names it
         MeritFeatureExtractor()(signal, sampling_rate=100, lead_names=PTBXL_LEADS)
     out = MeritFeatureExtractor(flat_lead_policy="zero")(signal, sampling_rate=100, lead_names=PTBXL_LEADS)
     assert not out["ecg_values"][0, 3].any() and out["ecg_values"][0, 2].std() > 0.5
@@ -143,8 +143,19 @@ def test_flat_lead_policies_in_the_feature_extractor(record):
     np.testing.assert_array_equal(derived(signal, sampling_rate=100, lead_names=PTBXL_LEADS)["ecg_values"], expected)
     chest = read["signal"].copy()
     chest[:, 9] = 0.0
-    with pytest.raises(EcgInputError, match=r"missing \['V4'\] \(flat_lead_policy='drop' dropped the flat leads"):
+    with pytest.raises(
+        EcgInputError, match=r"leads \['V4'\] are flat .* flat_lead_policy='drop' leaves them out, which"
+    ):
         MeritFeatureExtractor(flat_lead_policy="drop")(chest, sampling_rate=100, lead_names=PTBXL_LEADS)
+    with pytest.raises(EcgInputError, match=r"record 0: 11 leads given, 12 expected; missing \['V4'\]"):
+        MeritFeatureExtractor(flat_lead_policy="drop", derive_limb_leads=True)(
+            chest, sampling_rate=100, lead_names=PTBXL_LEADS
+        )
+    nan_lead = read["signal"].copy()
+    nan_lead[:, 4] = 0.0
+    nan_lead[10, 4] = np.nan  # a lead with NaN is the NaN check's: it names the NaN, not flatness
+    with pytest.raises(EcgInputError, match=r"record 0: lead aVL has 1 NaN/inf samples"):
+        MeritFeatureExtractor()(nan_lead, sampling_rate=100, lead_names=PTBXL_LEADS)
     with pytest.raises(ValueError, match="flat_lead_policy: must be one of"):
         MeritFeatureExtractor(flat_lead_policy="ignore")
 

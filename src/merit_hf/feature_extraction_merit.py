@@ -239,9 +239,9 @@ def _maybe_flat_columns(signal: np.ndarray, min_amplitude_mv: float) -> np.ndarr
     at most three consecutive bins `min_amplitude_mv` * 2 wide (two, plus one for rounding at a bin's edge); a lead
     with no three bins holding that many samples cannot be flat, so no flat lead is ever missed (the cap on far
     values only merges bins)."""
-    if min_amplitude_mv <= 0:
-        return np.array([], dtype=np.int64)
     num_samples, num_leads = signal.shape
+    if min_amplitude_mv <= 0 or not num_leads:
+        return np.array([], dtype=np.int64)
     scaled = signal - signal.min(axis=0)  # finite input: at worst inf, capped next
     scaled *= 0.5 / min_amplitude_mv
     bins = np.minimum(scaled, 4 * num_samples, out=scaled).astype(np.int64)  # truncation = floor (all >= 0)
@@ -290,7 +290,8 @@ def check_lead_amplitudes(
             f"{record}: leads {[lead_names[i] for i in too_wide]} span up to {widest:.0f} mV after unit conversion, "
             f"above the {max_amplitude_mv:g} mV an ECG can span: {hint}"
         )
-    candidates = _maybe_flat_columns(signal, min_amplitude_mv)
+    checkable = np.flatnonzero(np.isfinite(signal).all(axis=0))  # a lead with NaN/inf is left to the NaN check
+    candidates = checkable[_maybe_flat_columns(signal[:, checkable], min_amplitude_mv)]
     if not candidates.size:
         return signal, []
     spread = np.full(signal.shape[1], np.inf)
@@ -348,9 +349,10 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         min_amplitude_mv (`float`, defaults to 0.02): a lead whose 99th percentile of |x - median| is below this is
             flat: not recorded, or mV data labelled µV (1000x too small). What happens is `flat_lead_policy`.
         flat_lead_policy (`str`, defaults to `"raise"`): `"raise"`; `"zero"` (the lead is fed as zeros, never
-            z-scored noise); or `"drop"` (the lead is treated as not recorded, for reduced-lead input: today a
-            missing limb lead is rebuilt with `derive_limb_leads=True`, any other raises). A record whose every lead
-            is flat always raises.
+            z-scored noise); or `"drop"` (the lead is removed from the record before leads are matched, exactly as
+            if it had not been recorded: for reduced-lead input, where a missing lead is left out; a limb lead is
+            rebuilt with `derive_limb_leads=True`; otherwise it raises). A record whose every lead is flat always
+            raises.
         min_sampling_rate_factor (`float`, defaults to 2.0): inputs below `factor * lowpass_hz` Hz raise (their
             Nyquist band does not reach the low-pass cut-off).
         seed (`int` or `None`): seed of the generator used by `crop="random"`.
@@ -563,9 +565,12 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             )
         signal = self._check_shape(signal, lead_names, name)
         signal = self._to_millivolt(signal, units, name)
+        signal, lead_names = self._check_flat_leads(
+            signal, list(lead_names), name, isinstance(record, (str, os.PathLike))
+        )
         signal, lead_names = self._select_leads(signal, list(lead_names), name)
         signal = self._handle_non_finite(signal, name)
-        signal = self._check_amplitude(signal, name, from_header=isinstance(record, (str, os.PathLike)))
+        self._check_amplitude(signal, name)
         signal = self._resample_and_filter(signal, float(sampling_rate), name)
         signal, mask = self._fit_window(signal, name, padding=padding, crop=crop)
         return self._normalize(signal, mask), mask
@@ -618,6 +623,33 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         ordered = np.stack([columns[lead.lower()] for lead in self.lead_names], axis=1)
         return ordered, list(self.lead_names)
 
+    def _check_flat_leads(
+        self, signal: np.ndarray, lead_names: list[str], name: str, from_header: bool
+    ) -> tuple[np.ndarray, list[str]]:
+        """`check_lead_amplitudes`' lower bound on the record's own columns (mV), before leads are matched: a flat
+        lead raises, or is zeroed, or is dropped (`flat_lead_policy`), and a dropped lead then goes through lead
+        matching as one the record does not have. Leads with NaN/inf are `nan_policy`'s; the upper bound stays in
+        `_check_amplitude`, after the leads are chosen."""
+        drop = self.flat_lead_policy == "drop"
+        if drop and getattr(self, "missing_leads", "raise") == "raise" and not self.derive_limb_leads:
+            policy = "raise"  # nothing could stand in for a dropped lead: say so rather than "missing lead"
+        else:
+            policy = self.flat_lead_policy
+        try:
+            signal, flat = check_lead_amplitudes(
+                signal, lead_names, name, np.inf, self.min_amplitude_mv, policy, from_header=from_header
+            )
+        except EcgInputError as error:
+            if policy == self.flat_lead_policy:
+                raise
+            raise EcgInputError(
+                f"{error}. flat_lead_policy='drop' leaves them out, which needs missing_leads='mask' (reduced-lead "
+                "input) or, for limb leads, derive_limb_leads=True"
+            ) from error
+        if drop and flat:
+            lead_names = [lead for lead in lead_names if lead not in flat]
+        return signal, lead_names
+
     def _to_millivolt(self, signal: np.ndarray, units: str | list[str] | None, name: str) -> np.ndarray:
         units = "mV" if units is None else units
         per_lead = [units] * signal.shape[1] if isinstance(units, str) else list(units)
@@ -651,25 +683,14 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             signal[:, column] = np.interp(time, time[good], signal[good, column])
         return signal
 
-    def _check_amplitude(self, signal: np.ndarray, name: str, from_header: bool = False) -> np.ndarray:
-        """`check_lead_amplitudes` with this extractor's bounds and `flat_lead_policy`; a dropped lead then goes
-        through `_select_leads` as one that was not recorded (a limb lead is rebuilt if `derive_limb_leads`)."""
-        signal, flat = check_lead_amplitudes(
-            signal,
-            list(self.lead_names),
-            name,
-            self.max_amplitude_mv,
-            self.min_amplitude_mv,
-            self.flat_lead_policy,
-            from_header=from_header,
-        )
-        if flat and self.flat_lead_policy == "drop":
-            kept = [lead for lead in self.lead_names if lead not in flat]
-            try:
-                signal, _ = self._select_leads(signal, kept, name)
-            except EcgInputError as error:
-                raise EcgInputError(f"{error} (flat_lead_policy='drop' dropped the flat leads {flat})") from error
-        return signal
+    def _check_amplitude(self, signal: np.ndarray, name: str) -> None:
+        too_wide, spread = leads_too_wide(signal, self.max_amplitude_mv)
+        if too_wide.size:
+            leads = [self.lead_names[i] for i in too_wide]
+            raise EcgInputError(
+                f"{name}: leads {leads} span {spread:.0f} mV after unit conversion (an ECG spans a "
+                f"few mV); the signal is probably in µV: pass units='uV'"
+            )
 
     def _resample_and_filter(self, signal: np.ndarray, sampling_rate: float, name: str) -> np.ndarray:
         """Resample to `self.sampling_rate` and band-pass, with neither touching the record's edges: each lead is
