@@ -226,7 +226,9 @@ def test_duplicate_ecg_id_is_refused_before_anything_is_written(tmp_path):
 @pytest.fixture
 def model_folder(tmp_path):
     folder = tmp_path / "model"
-    MeritModel(tiny_merit_config()).save_pretrained(folder)
+    model = MeritModel(tiny_merit_config())
+    model.save_pretrained(folder)
+    MeritFeatureExtractor.from_model_config(model.config.ecg_config).save_pretrained(folder)
     (folder / "README.md").write_text(
         "---\nlicense: apache-2.0\n---\n# a model\nUnits: 10 mm/mV, see docs/usage.md.\n"
     )
