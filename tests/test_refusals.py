@@ -156,6 +156,12 @@ def test_flat_lead_policies_in_the_feature_extractor(record):
     nan_lead[10, 4] = np.nan  # a lead with NaN is the NaN check's: it names the NaN, not flatness
     with pytest.raises(EcgInputError, match=r"record 0: lead aVL has 1 NaN/inf samples"):
         MeritFeatureExtractor()(nan_lead, sampling_rate=100, lead_names=PTBXL_LEADS)
+    frank = np.concatenate([read["signal"], np.zeros((len(signal), 1))], axis=1)  # a flat lead the model never uses
+    kept = MeritFeatureExtractor(drop_extra_leads=True)(frank, sampling_rate=100, lead_names=[*PTBXL_LEADS, "vx"])
+    np.testing.assert_array_equal(
+        kept["ecg_values"],
+        MeritFeatureExtractor()(read["signal"], sampling_rate=100, lead_names=PTBXL_LEADS)["ecg_values"],
+    )
     with pytest.raises(ValueError, match="flat_lead_policy: must be one of"):
         MeritFeatureExtractor(flat_lead_policy="ignore")
 

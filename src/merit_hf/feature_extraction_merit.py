@@ -626,18 +626,28 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
     def _check_flat_leads(
         self, signal: np.ndarray, lead_names: list[str], name: str, from_header: bool
     ) -> tuple[np.ndarray, list[str]]:
-        """`check_lead_amplitudes`' lower bound on the record's own columns (mV), before leads are matched: a flat
-        lead raises, or is zeroed, or is dropped (`flat_lead_policy`), and a dropped lead then goes through lead
-        matching as one the record does not have. Leads with NaN/inf are `nan_policy`'s; the upper bound stays in
-        `_check_amplitude`, after the leads are chosen."""
+        """`check_lead_amplitudes`' lower bound on the record's own columns (mV) of the model's leads, before leads
+        are matched: a flat lead raises, or is zeroed, or is dropped (`flat_lead_policy`), and a dropped lead then
+        goes through lead matching as one the record does not have. Leads the model does not use are lead matching's
+        (`drop_extra_leads`), leads with NaN/inf `nan_policy`'s; the upper bound stays in `_check_amplitude`."""
+        wanted = {lead.lower() for lead in self.lead_names}
+        used = [column for column, lead in enumerate(lead_names) if str(lead).strip().lower() in wanted]
+        if not used:
+            return signal, lead_names
         drop = self.flat_lead_policy == "drop"
         if drop and getattr(self, "missing_leads", "raise") == "raise" and not self.derive_limb_leads:
             policy = "raise"  # nothing could stand in for a dropped lead: say so rather than "missing lead"
         else:
-            policy = self.flat_lead_policy
+            policy = "zero" if drop else self.flat_lead_policy  # the zeroed columns are then removed below
         try:
-            signal, flat = check_lead_amplitudes(
-                signal, lead_names, name, np.inf, self.min_amplitude_mv, policy, from_header=from_header
+            checked, flat = check_lead_amplitudes(
+                signal[:, used],
+                [lead_names[column] for column in used],
+                name,
+                np.inf,
+                self.min_amplitude_mv,
+                policy,
+                from_header=from_header,
             )
         except EcgInputError as error:
             if policy == self.flat_lead_policy:
@@ -646,8 +656,13 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
                 f"{error}. flat_lead_policy='drop' leaves them out, which needs missing_leads='mask' (reduced-lead "
                 "input) or, for limb leads, derive_limb_leads=True"
             ) from error
-        if drop and flat:
-            lead_names = [lead for lead in lead_names if lead not in flat]
+        if not flat:
+            return signal, lead_names
+        if drop:
+            kept = [column for column, lead in enumerate(lead_names) if lead not in flat]
+            return signal[:, kept], [lead_names[column] for column in kept]
+        signal = signal.copy()
+        signal[:, used] = checked
         return signal, lead_names
 
     def _to_millivolt(self, signal: np.ndarray, units: str | list[str] | None, name: str) -> np.ndarray:
