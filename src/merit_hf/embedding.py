@@ -11,8 +11,9 @@ written in parts with the stream's state, so a run that stops resumes after its 
     accelerate launch --multi_gpu --num_processes 8 -m merit_hf.embedding --model_name_or_path <checkpoint> \\
         --dataset_name mimic_iv_ecg --dataset <converted MIMIC-IV-ECG> --splits train --output_dir mimic_embeddings
 
-For many ECGs on CPU pick a `small-p125` checkpoint and `--precision bf16` (benchmarks/README.md). Every record is
-centre-cropped to the encoder's window, as in the linear-probe protocol.
+`--precision auto` (the default) runs bf16 weights on a GPU and the fastest accurate path on a CPU (bf16, int8 or fp32,
+from what the CPU reports; `merit_hf.inference_precision`). For many ECGs on CPU pick a `small-p125` checkpoint
+(benchmarks/README.md). Every record is centre-cropped to the encoder's window, as in the linear-probe protocol.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from typing import Any
 import torch
 
 from .feature_extraction_merit import MeritFeatureExtractor
+from .inference_precision import PRECISIONS, prepare_for_inference, resolve_precision
 from .training.arguments import parse_arguments
 from .training.probe import _model_fingerprint, ecg_encoder, ecg_values_batch, load_encoder, load_feature_extractor
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 REQUIRED_COLUMNS = ("signal", "sampling_rate", "lead_names")
 
 
@@ -40,7 +41,7 @@ def embed_dataset(
     model,
     feature_extractor: MeritFeatureExtractor | None = None,
     batch_size: int = 64,
-    precision: str = "fp32",
+    precision: str = "auto",
     device: torch.device | str | None = None,
     column: str = "ecg_embedding",
     keep_columns: Sequence[str] = ("ecg_id",),
@@ -52,13 +53,15 @@ def embed_dataset(
     Args:
         model: any MERIT model (its ECG encoder is used) or a checkpoint folder / Hub id.
         feature_extractor: defaults to the checkpoint's, else the one matching the encoder config.
-        precision: `"fp32"`, `"bf16"` or `"fp16"` (autocast; bf16 needs AVX512-BF16/AMX on CPU to be fast).
+        precision: `"auto"` (bf16 weights on a GPU, the CPU's fastest accurate path), `"fp32"`, `"bf16"`, `"fp16"`,
+            `"int8"` (CPU) or `"fp8"` (Hopper-class GPUs); see `merit_hf.inference_precision`. The caller's model is
+            never cast: a converted copy runs.
         device: defaults to CUDA when available.
         weights_fingerprint: the encoder's weight fingerprint for the map-style cache key, when the caller has it
             (the command line computes it once for all splits); computed here otherwise.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"precision: must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        raise ValueError(f"precision: must be one of {list(PRECISIONS)}, got {precision!r}")
     columns = list(dataset.column_names or (dataset.features or {}))
     missing = [name for name in REQUIRED_COLUMNS if name not in columns]
     if missing:
@@ -71,16 +74,13 @@ def embed_dataset(
     device = (
         torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
-    encoder = encoder.to(device).eval()
-    autocast_dtype = PRECISIONS[precision]
+    precision = resolve_precision(precision, device)  # the cache key names what ran, not "auto"
+    runner = prepare_for_inference(encoder, precision, device)
 
     def embed(rows: dict[str, list]) -> dict[str, Any]:
         ecg_values = ecg_values_batch(feature_extractor, rows, crop="center").to(device)
-        with (
-            torch.inference_mode(),
-            torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None),
-        ):
-            pooled = encoder(ecg_values).pooler_output
+        with torch.inference_mode():
+            pooled = runner(ecg_values).pooler_output
         return {column: pooled.float().cpu().numpy()}
 
     options: dict[str, Any] = {
@@ -89,7 +89,7 @@ def embed_dataset(
         "remove_columns": [name for name in columns if name not in keep_columns],
     }
     if hasattr(dataset, "_fingerprint"):  # map-style: a fingerprint that a re-run reproduces, so its cache is reused
-        weights = weights_fingerprint or _model_fingerprint(encoder)
+        weights = weights_fingerprint or _model_fingerprint(encoder)  # of the caller's weights, not the copy's
         key = [weights, feature_extractor.to_json_string(), precision, column, list(keep_columns)]
         options["new_fingerprint"] = hashlib.sha1(
             json.dumps([dataset._fingerprint, key, batch_size]).encode()
@@ -229,7 +229,13 @@ class EmbeddingArguments:
     streaming: bool = field(default=False, metadata={"help": "Stream the splits (always on for MIMIC-IV-ECG)."})
     output_dir: str = field(default="embeddings", metadata={"help": "One `<split>.parquet` per split."})
     batch_size: int = field(default=64)
-    precision: str = field(default="fp32", metadata={"help": "'fp32', 'bf16' or 'fp16' (autocast)."})
+    precision: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto' (bf16 weights on a GPU; on CPU bf16, int8 or fp32 from what the CPU reports), 'fp32', "
+            "'bf16', 'fp16', 'int8' (CPU) or 'fp8' (Hopper-class GPU, needs torchao)."
+        },
+    )
     keep_columns: list[str] = field(default_factory=lambda: ["ecg_id"], metadata={"help": "Columns kept beside it."})
     use_cpu: bool = field(
         default=False, metadata={"help": "Embed on CPU even with a GPU (with `accelerate launch`: CPU processes)."}
@@ -249,7 +255,7 @@ class EmbeddingArguments:
         if self.dataset_name not in ("ptbxl", "mimic_iv_ecg"):
             raise ValueError(f"dataset_name: must be 'ptbxl' or 'mimic_iv_ecg', got {self.dataset_name!r}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision: must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+            raise ValueError(f"precision: must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
         if self.checkpoint_every < 1:
@@ -311,7 +317,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     output_dir = Path(arguments.output_dir)
     suffix = f"-{shard_index:05d}-of-{num_shards:05d}" if num_shards > 1 else ""
     weights = _model_fingerprint(encoder)  # once: the cache key of every map-style split and the resume key
-    what = [weights, feature_extractor.to_json_string(), arguments.precision, arguments.dataset]
+    precision = resolve_precision(arguments.precision, state.device)
+    what = [weights, feature_extractor.to_json_string(), precision, arguments.dataset]
     what += [arguments.dataset_name, arguments.sampling_rate, arguments.keep_columns, shard_index, num_shards]
     written = {}
     for split, dataset in load_splits(arguments, shard_index, num_shards).items():
@@ -320,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             encoder,
             feature_extractor,
             batch_size=arguments.batch_size,
-            precision=arguments.precision,
+            precision=precision,
             device=state.device,
             keep_columns=arguments.keep_columns,
             weights_fingerprint=weights,
@@ -333,7 +340,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary = {
         "model": name,
         "dataset": arguments.dataset,
-        "precision": arguments.precision,
+        "precision": precision,
+        "precision_requested": arguments.precision,
         "hidden_size": encoder.config.hidden_size,
         "shard": {"index": shard_index, "num_shards": num_shards},
         "splits": written,
