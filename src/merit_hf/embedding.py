@@ -11,9 +11,10 @@ written in parts with the stream's state, so a run that stops resumes after its 
     accelerate launch --multi_gpu --num_processes 8 -m merit_hf.embedding --model_name_or_path <checkpoint> \\
         --dataset_name mimic_iv_ecg --dataset <converted MIMIC-IV-ECG> --splits train --output_dir mimic_embeddings
 
-`--precision auto` (the default) runs bf16 weights on a GPU and the fastest accurate path on a CPU (bf16, int8 or fp32,
-from what the CPU reports; `merit_hf.inference_precision`). For many ECGs on CPU pick a `small-p125` checkpoint
-(benchmarks/README.md). Every record is centre-cropped to the encoder's window, as in the linear-probe protocol.
+`--precision auto` (the default) runs bf16 weights on a GPU and, on a CPU, bf16 where the CPU computes it natively,
+else fp32 (`merit_hf.inference_precision`); `--precision int8` is faster still on most CPUs, at a small accuracy cost
+(benchmarks/README.md). For many ECGs on CPU pick a `small-p125` checkpoint. Every record is centre-cropped to the
+encoder's window, as in the linear-probe protocol.
 """
 
 from __future__ import annotations
@@ -232,7 +233,7 @@ class EmbeddingArguments:
     precision: str = field(
         default="auto",
         metadata={
-            "help": "'auto' (bf16 weights on a GPU; on CPU bf16, int8 or fp32 from what the CPU reports), 'fp32', "
+            "help": "'auto' (bf16 weights on a GPU; on CPU bf16 or fp32 from what the CPU reports), 'fp32', "
             "'bf16', 'fp16', 'int8' (CPU) or 'fp8' (Hopper-class GPU, needs torchao)."
         },
     )

@@ -50,7 +50,7 @@ class ZeroShotEcgClassificationPipeline(Pipeline):
         multi_label (`bool`, defaults to `True`): independent scores per class (no softmax across labels).
         sampling_rate, lead_names, units: for array input, as in the feature extractor.
         precision (`str`, defaults to `"auto"`): of the ECG tower, as `merit_hf.inference_precision` resolves it
-            (bf16 weights on a GPU; on CPU bf16, int8 or fp32 from what the CPU reports). Also accepted by
+            (bf16 weights on a GPU; on CPU bf16 or fp32 from what the CPU reports). Also accepted by
             `pipeline(..., precision=...)`.
     """
 
