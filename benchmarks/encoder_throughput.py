@@ -23,8 +23,9 @@ what this machine really does. Peak memory is the max RSS of a fresh process tha
 
     python benchmarks/encoder_throughput.py                # fp32, every preset -> results/encoder_throughput_<device>.json
     python benchmarks/encoder_throughput.py --dtypes fp32 bf16 --compile --rounds 5   # the run in benchmarks/README.md
-    python benchmarks/encoder_throughput.py --dtypes bf16 --presets base-p75 small-p125 --rounds 10   # on a GPU:
-        # batch 256: autocast vs bf16 weights vs fp8 vs the einsum reference -> results/encoder_throughput_cuda.json
+    python benchmarks/encoder_throughput.py --dtypes bf16 --modes infer --presets base-p75 small-p125 --rounds 10
+        # on a GPU, batch 256: autocast vs bf16 weights vs fp8 vs the einsum reference, and HuBERT-ECG base
+        # -> results/encoder_throughput_cuda.json
 """
 
 from __future__ import annotations
@@ -321,6 +322,7 @@ def main(argv=None) -> dict:
         help="1: add bf16-weights and fp8 inference variants in bf16 groups (default: 1 on CUDA, 0 on CPU)",
     )
     parser.add_argument("--skip_hubert", action="store_true", help="leave out the HuBERT-ECG base rows")
+    parser.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
     parser.add_argument("--skip_memory", action="store_true", help="no peak-RSS processes (CPU)")
     parser.add_argument("--output", help="results JSON (default: benchmarks/results/encoder_throughput_<device>.json)")
     parser.add_argument("--single", choices=["group", "memory"], help=argparse.SUPPRESS)
@@ -355,10 +357,10 @@ def main(argv=None) -> dict:
     groups = []
     for dtype in dtypes:
         for preset in args.presets:
-            for mode in ("infer", "train"):
+            for mode in args.modes:
                 groups.append(("merit_encoder" if mode == "infer" else "merit_pretraining", preset, mode, dtype))
         if not args.skip_hubert:
-            groups += [("hubert_ecg_base", "-", mode, dtype) for mode in ("infer", "train")]
+            groups += [("hubert_ecg_base", "-", mode, dtype) for mode in args.modes]
     results, skipped = [], {}
     for row, preset, mode, dtype in groups:
         measured = _in_subprocess(

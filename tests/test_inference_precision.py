@@ -144,3 +144,25 @@ def test_only_int8_makes_a_records_embedding_depend_on_its_batch():
         differences[precision] = (alone - batched).abs().max().item()
         assert F.cosine_similarity(alone, batched).item() > 0.999
     assert differences["fp32"] < 1e-5 < differences["int8"]
+
+
+def test_fp8_hands_torchao_the_block_linears_with_scaled_mm_shapes(monkeypatch):
+    """What `precision="fp8"` asks torchao for (torchao itself needs an FP8 GPU, so it is stood in for here): float8
+    dynamic quantisation with per-row scales, of the Transformer blocks' linears whose sizes `torch._scaled_mm`
+    takes (multiples of 16); the patch projection (75 inputs) and the heads stay bf16."""
+    import types
+
+    calls = []
+    fake = types.ModuleType("torchao.quantization")
+    fake.PerRow = lambda: "per-row"
+    fake.Float8DynamicActivationFloat8WeightConfig = lambda granularity: ("float8", granularity)
+    fake.quantize_ = lambda module, config, filter_fn: calls.append(
+        (config, [name for name, child in module.named_modules() if filter_fn(child, name)])
+    )
+    monkeypatch.setitem(sys.modules, "torchao.quantization", fake)
+    model = MeritEcgModel(tiny_ecg_config(hidden_size=64, intermediate_size=128))
+    assert _quantize_fp8(model) is model
+    (config, chosen), expected = calls[0], []
+    for index in range(model.config.num_hidden_layers):
+        expected += [f"layers.{index}.{name}" for name in ("attention.qkv", "attention.proj", "mlp.fc1", "mlp.fc2")]
+    assert config == ("float8", "per-row") and chosen == expected
