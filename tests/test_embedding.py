@@ -253,7 +253,8 @@ def test_a_streamed_command_line_run_resumes(tmp_path, monkeypatch):
     folder = tmp_path / "model"
     MeritEcgModel(tiny_ecg_config()).save_pretrained(folder)
     common = ["--model_name_or_path", str(folder), "--dataset", str(BUNDLED_PTBXL), "--splits", "train",
-              "--streaming", "true", "--batch_size", "16", "--checkpoint_every", "64", "--precision", "fp32"]  # fmt: skip
+              "--streaming", "true", "--batch_size", "16", "--checkpoint_every", "64",
+              "--precision", "fp32"]  # fmt: skip
     whole = main([*common, "--output_dir", str(tmp_path / "whole")])
     calls, forward = [], MeritEcgModel.forward
 

@@ -79,10 +79,8 @@ def test_fp8_without_torchao_says_how_to_install_it(monkeypatch):
 
 def test_the_cpu_is_read_from_proc_cpuinfo(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text(
-        "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu avx512_bf16 amx_bf16 amx_tile\n\n"
-        "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu avx512_bf16 amx_bf16 amx_tile\n"
-    )
+    core = "model name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu avx512_bf16 amx_bf16 amx_tile\n"
+    cpuinfo.write_text(f"processor\t: 0\n{core}\nprocessor\t: 1\n{core}")
     model_name, flags = _read_cpuinfo(cpuinfo)
     assert model_name == "Intel(R) Xeon(R) Platinum 8480+"
     assert flags == {"fpu", "avx512_bf16", "amx_bf16", "amx_tile"}

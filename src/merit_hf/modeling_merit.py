@@ -168,10 +168,10 @@ def eager_attention_forward(
 # Two matmuls and a softmax in the input dtype: the alternative to PyTorch's fused SDPA kernel for bf16/fp16 on CPU.
 matmul_attention_forward = functools.partial(eager_attention_forward, upcast_softmax=False)
 
-# bf16/fp16 attention on CPU: the fused SDPA kernel or `matmul_attention_forward`, whichever this CPU runs faster. The
-# winner depends on the CPU (AMX, AVX512-BF16), its load, oneDNN and torch: two matmuls were 1.6x faster on one AMD EPYC
-# VM, the fused kernel 1.6x faster on a loaded one of the same kind (benchmarks/README.md). So it is timed once per
-# process at first use for each (dtype, heads, tokens, head size, threads), never fixed from one machine.
+# bf16/fp16 attention on CPU: the fused SDPA kernel or `matmul_attention_forward`, whichever this CPU runs faster.
+# The winner depends on the CPU (AMX, AVX512-BF16), its load, oneDNN and torch: two matmuls were 1.6x faster on one
+# AMD EPYC VM, the fused kernel 1.6x faster on a loaded one of the same kind (benchmarks/README.md). So it is timed
+# once per process at first use for each (dtype, heads, tokens, head size, threads), never fixed from one machine.
 # `MERIT_CPU_ATTENTION=sdpa` or `=matmul` fixes it (benchmarks, runs that must be reproducible bit for bit).
 CPU_ATTENTION_ENV = "MERIT_CPU_ATTENTION"
 _cpu_attention_choice: dict[tuple, str] = {}
