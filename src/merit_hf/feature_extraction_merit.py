@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 from fractions import Fraction
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,8 @@ def leads_too_wide(signal: np.ndarray, max_amplitude_mv: float) -> tuple[np.ndar
     """Columns of `signal` `(num_samples, num_leads)` in mV whose 99th percentile of |x - median| exceeds
     `max_amplitude_mv`, and the widest of those spreads (0 if none). An ECG spans a few mV: a lead hundreds of mV wide
     is almost always µV labelled mV (a wrong unit or ADC gain). Shared by the feature extractor and dataset reading."""
+    if signal.size and signal.max() - signal.min() <= max_amplitude_mv:  # bounds every lead's range: one pass
+        return np.array([], dtype=np.int64), 0.0
     if not (np.ptp(signal, axis=0) > max_amplitude_mv).any():
         # |x - median| never exceeds the peak-to-peak range: the usual record skips the order statistics (exact)
         return np.array([], dtype=np.int64), 0.0
@@ -325,6 +328,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         padding: bool | None = None,
         crop: str | None = None,
         return_attention_mask: bool | None = None,
+        device: str | Any | None = None,
         **kwargs,
     ) -> BatchFeature:
         r"""
@@ -339,6 +343,11 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             padding, crop: override the instance settings for this call.
             return_attention_mask: return `ecg_attention_mask` (1 on signal, 0 on padding): `True` always (all ones
                 when nothing was padded), `False` never, `None` (default) when `padding` is on.
+            device: `None` (default) resamples and filters one record at a time with scipy; `"cpu"`, `"cuda"` (or a
+                `torch.device`) does it for the whole batch at once on tensors there (`feature_extraction_torch_merit`:
+                the same validation and errors, scipy's filters, float32; tests/test_core_feature_extraction_torch.py
+                bounds the difference, benchmarks/README.md the speed). With `return_tensors="pt"` the tensors stay on
+                that device.
         """
         if kwargs:
             raise TypeError(f"{type(self).__name__}() got unexpected arguments {sorted(kwargs)}")
@@ -349,6 +358,10 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         crop = self.crop if crop is None else crop
         if crop not in CROPS:
             raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+        with_mask = padding if return_attention_mask is None else return_attention_mask
+        if device is not None:
+            return self._batched_on_device(records, sampling_rate, lead_names, units, padding, crop, device,
+                                           with_mask, return_tensors)  # fmt: skip
         values, masks = [], []
         for index, record in enumerate(records):
             rate = self._per_record(sampling_rate, index, len(records), "sampling_rate")
@@ -357,9 +370,24 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             values.append(ecg)
             masks.append(mask)
         data = {"ecg_values": np.stack(values).astype(np.float32)}
-        with_mask = padding if return_attention_mask is None else return_attention_mask
         if with_mask:
             data["ecg_attention_mask"] = np.stack(masks).astype(np.int64)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _batched_on_device(
+        self, records, sampling_rate, lead_names, units, padding, crop, device, with_mask, return_tensors
+    ) -> BatchFeature:
+        """`__call__` with `device=`: the batched torch DSP, the outputs left on `device` for `return_tensors="pt"`."""
+        import torch
+
+        from .feature_extraction_torch_merit import extract_batch
+
+        values, mask = extract_batch(
+            self, records, sampling_rate, lead_names, units, padding, crop, torch.device(device)
+        )
+        data = {"ecg_values": values, "ecg_attention_mask": mask} if with_mask else {"ecg_values": values}
+        if return_tensors != "pt":
+            data = {key: value.cpu().numpy() for key, value in data.items()}
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     @staticmethod
@@ -396,6 +424,22 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         index: int = 0,
     ) -> tuple[np.ndarray, np.ndarray]:
         """One record through the whole contract; returns `(ecg (num_leads, num_samples), attention mask)`."""
+        signal, sampling_rate, name = self.validate_one(record, sampling_rate, lead_names, units, index=index)
+        signal = self._resample_and_filter(signal, sampling_rate, name)
+        signal, mask = self._fit_window(signal, name, padding=padding, crop=crop)
+        return self._normalize(signal, mask), mask
+
+    def validate_one(
+        self,
+        record: Any,
+        sampling_rate: float | None,
+        lead_names: list[str] | None,
+        units: str | list[str] | None = "mV",
+        index: int = 0,
+    ) -> tuple[np.ndarray, float, str]:
+        """Steps 1-4 of the contract for one record (read, leads, NaN, units and amplitude): returns `(signal
+        (num_samples, num_leads) in mV in `lead_names` order, sampling_rate, name)`. The one validation of both the
+        scipy path and the batched torch path (`device=`), which differ only in the DSP that follows."""
         if isinstance(record, (str, os.PathLike)):
             read = read_wfdb_record(record)
             name = read["record"]
@@ -426,9 +470,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         signal, lead_names = self._select_leads(signal, list(lead_names), name)
         signal = self._handle_non_finite(signal, name)
         self._check_amplitude(signal, name)
-        signal = self._resample_and_filter(signal, float(sampling_rate), name)
-        signal, mask = self._fit_window(signal, name, padding=padding, crop=crop)
-        return self._normalize(signal, mask), mask
+        return signal, float(sampling_rate), name
 
     # ------------------------------------------------------------------------------------------------------------------
     def _check_shape(self, signal: np.ndarray, lead_names: list[str], name: str) -> np.ndarray:
@@ -469,6 +511,8 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             raise EcgInputError(
                 f"{name}: {len(position)} leads given, {len(self.lead_names)} expected; missing {missing}{repair}"
             )
+        if [position.get(lead.lower()) for lead in self.lead_names] == list(range(signal.shape[1])):
+            return signal, list(self.lead_names)  # already the model's leads in its order: no copy
         ordered = np.stack([columns[lead.lower()] for lead in self.lead_names], axis=1)
         return ordered, list(self.lead_names)
 
@@ -483,6 +527,8 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             if key not in UNIT_TO_MV:
                 raise EcgInputError(f"{name}: unknown unit {unit!r}; expected one of mV, uV (µV), V")
             factors.append(UNIT_TO_MV[key])
+        if all(factor == 1.0 for factor in factors):
+            return signal  # already mV: no copy
         return signal * np.asarray(factors)[None, :]
 
     def _handle_non_finite(self, signal: np.ndarray, name: str) -> np.ndarray:
@@ -555,18 +601,13 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         return ratio.numerator, ratio.denominator
 
     def _band_pass(self, signal: np.ndarray) -> np.ndarray:
-        low, high = self.highpass_hz, self.lowpass_hz
-        if low is None and high is None:
-            return signal
-        if low is not None and high is not None:
-            sos = sp_signal.butter(
-                self.filter_order, [low, high], btype="bandpass", fs=self.sampling_rate, output="sos"
-            )
-        elif low is not None:
-            sos = sp_signal.butter(self.filter_order, low, btype="highpass", fs=self.sampling_rate, output="sos")
-        else:
-            sos = sp_signal.butter(self.filter_order, high, btype="lowpass", fs=self.sampling_rate, output="sos")
-        return sp_signal.sosfiltfilt(sos, signal, axis=0)
+        sos = self._band_pass_sos()
+        return signal if sos is None else sp_signal.sosfiltfilt(sos, signal, axis=0)
+
+    def _band_pass_sos(self) -> np.ndarray | None:
+        """The Butterworth filter as second-order sections (`None` when both cut-offs are off): the one design of
+        both paths, cached (designing it took a quarter of the per-record time)."""
+        return _butterworth_sos(self.filter_order, self.highpass_hz, self.lowpass_hz, self.sampling_rate)
 
     def _fit_window(self, signal: np.ndarray, name: str, padding: bool, crop: str) -> tuple[np.ndarray, np.ndarray]:
         length, window = signal.shape[0], self.num_samples
@@ -614,6 +655,19 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         normalized = (signal - mean) / (std + eps)
         normalized[:, ~mask.astype(bool)] = 0.0
         return normalized
+
+
+@lru_cache(maxsize=32)
+def _butterworth_sos(order: int, low: float | None, high: float | None, sampling_rate: int) -> np.ndarray | None:
+    if low is None and high is None:
+        return None
+    if low is not None and high is not None:
+        sos = sp_signal.butter(order, [low, high], btype="bandpass", fs=sampling_rate, output="sos")
+    elif low is not None:
+        sos = sp_signal.butter(order, low, btype="highpass", fs=sampling_rate, output="sos")
+    else:
+        sos = sp_signal.butter(order, high, btype="lowpass", fs=sampling_rate, output="sos")
+    return sos
 
 
 def _is_list_of_lists(value) -> bool:
