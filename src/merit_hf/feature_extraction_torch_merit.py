@@ -35,9 +35,15 @@ if TYPE_CHECKING:
 # On the CPU a batch goes through the DSP this many records at a time, so that its intermediates (about 0.3 MB a
 # record) stay in cache: 1.7x faster than the whole batch of 64 at once on the 2-core machine (benchmarks/README.md).
 CPU_RECORDS_PER_CHUNK = 8
-# Samples per block of the blocked IIR filter: each output sample costs this many multiply-adds in one matrix product,
-# and a record of n samples has n / FILTER_BLOCK blocks whose states are carried by an (n / FILTER_BLOCK)^2 product.
+# Output positions per block of the resampling matrix product: each output sample costs about
+# `RESAMPLE_BLOCK * down / up + filter taps` multiply-adds.
+RESAMPLE_BLOCK = 32
+MAX_RESAMPLE_MATRIX = 2**20  # entries
+# Samples per block of the blocked IIR filter (each output sample costs this many multiply-adds in one matrix product),
+# and blocks per segment whose starting states come from one matrix product (2.7 minutes at 250 Hz; longer records
+# take one small step per segment).
 FILTER_BLOCK = 64
+SEGMENT_BLOCKS = 64
 
 
 @lru_cache(maxsize=64)
@@ -71,21 +77,54 @@ def polyphase_filter(up: int, down: int) -> tuple[np.ndarray, int]:
     return weights, left
 
 
+@lru_cache(maxsize=64)
+def _resample_blocks(up: int, down: int) -> tuple[np.ndarray, int, int]:
+    """`polyphase_filter` as one matrix for a block of output positions: `(window, positions * up)`, applied to input
+    windows of `window` samples taken every `positions * down` (a matrix product runs about 6x more multiply-adds a
+    second than the depthwise convolution on the CPU, which outweighs the zeros). `positions` is `RESAMPLE_BLOCK`,
+    or fewer where unusual rates (large `up` and `down`, e.g. 1001 Hz) would make the matrix large."""
+    weights, _ = polyphase_filter(up, down)
+    taps = weights.shape[-1]
+    positions = RESAMPLE_BLOCK
+    while positions > 1 and ((positions - 1) * down + taps) * positions * up > MAX_RESAMPLE_MATRIX:
+        positions //= 2
+    window = (positions - 1) * down + taps
+    matrix = np.zeros((window, positions * up))
+    for position in range(positions):
+        matrix[position * down : position * down + taps, position * up : (position + 1) * up] = weights[:, 0].T
+    return matrix, window, positions
+
+
+@lru_cache(maxsize=64)
+def _resample_matrix_on(up: int, down: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.as_tensor(_resample_blocks(up, down)[0], dtype=dtype, device=device)
+
+
+def resample_padding(up: int, down: int, length: int) -> tuple[int, int]:
+    """The zeros `resample_poly_padded` needs before and after a signal of `length` samples."""
+    _, left = polyphase_filter(up, down)
+    _, window, positions = _resample_blocks(up, down)
+    blocks = -(-(-(-length * up // down)) // (up * positions))
+    return left, max(0, (blocks - 1) * positions * down + window - (length + left))
+
+
+def resample_poly_padded(padded: torch.Tensor, up: int, down: int, length: int) -> torch.Tensor:
+    """`scipy.signal.resample_poly(x, up, down, axis=-1)` for `(rows, length)` signals given already zero-padded by
+    `resample_padding` (callers write the signal into that buffer, which saves a pass over it)."""
+    _, window, positions = _resample_blocks(up, down)
+    rows, out_length = len(padded), -(-length * up // down)
+    blocks = -(-out_length // (up * positions))
+    windows = padded.unfold(1, window, positions * down)[:, :blocks]  # (rows, blocks, window), overlapping
+    output = windows @ _resample_matrix_on(up, down, padded.device, padded.dtype)
+    return output.reshape(rows, -1)[:, :out_length]
+
+
 def resample_poly(signals: torch.Tensor, up: int, down: int) -> torch.Tensor:
     """`scipy.signal.resample_poly(signals, up, down, axis=-1)` (zero padding at the ends) for `(rows, length)`."""
     if up == down == 1:
         return signals
-    weights, left = polyphase_filter(up, down)
-    length = signals.shape[-1]
-    out_length = -(-length * up // down)
-    positions = -(-out_length // up)
-    right = max(0, (positions - 1) * down + weights.shape[-1] - (length + left))
-    rows = len(signals)
-    padded = torch.nn.functional.pad(signals, (left, right))[None]  # (1, rows, length): rows as channels
-    kernel = torch.as_tensor(weights, dtype=signals.dtype, device=signals.device).repeat(rows, 1, 1)
-    # depthwise (one group per row): 16x faster on CPU than one input channel with the rows as the batch
-    phases = torch.nn.functional.conv1d(padded, kernel, stride=down, groups=rows)[0, :, :positions]
-    return phases.reshape(rows, up, positions).transpose(1, 2).reshape(rows, -1)[:, :out_length]
+    left, right = resample_padding(up, down, signals.shape[-1])
+    return resample_poly_padded(torch.nn.functional.pad(signals, (left, right)), up, down, signals.shape[-1])
 
 
 def filtfilt_padlen(sos: np.ndarray) -> int:
@@ -94,13 +133,14 @@ def filtfilt_padlen(sos: np.ndarray) -> int:
     return 3 * ntaps
 
 
-@lru_cache(maxsize=64)
-def _block_operators(sos_bytes: bytes, num_blocks: int) -> tuple[np.ndarray, ...]:
-    """`scipy.signal.sosfilt` as matrices on blocks of `FILTER_BLOCK` samples, each column computed by `sosfilt`
-    itself from a unit input or state (so the state layout and `sosfilt_zi` are scipy's): `toeplitz` (block input ->
-    block output, zero state), `to_state` (block input -> state after it), `from_state` (state -> block output),
-    `initial` (`x[0]` -> the state at the start of every block, from `sosfilt_zi * x[0]`) and `carry` (the inputs of
-    blocks `j` -> the state at the start of block `b > j`, through the block-to-block transition `A ** (b - 1 - j)`)."""
+@lru_cache(maxsize=16)
+def _block_operators(sos_bytes: bytes) -> tuple[np.ndarray, ...]:
+    """`scipy.signal.sosfilt` as matrices on blocks of `FILTER_BLOCK` samples, each computed by `sosfilt` itself from
+    a unit input or state (so the state layout and `sosfilt_zi` are scipy's): `toeplitz` (block input -> block
+    output from a zero state), `to_state` (block input -> the state after it), `from_state` (a block's starting state
+    -> its output), `transition` (state -> the state one block later), `initial` (`sosfilt_zi`), `powers` (a
+    segment's starting state -> the starting state of each of its `SEGMENT_BLOCKS` blocks) and `carry` (the inputs
+    of block `j` -> the starting state of every later block `b` of the segment, `transition ** (b - 1 - j)`)."""
     sos = np.frombuffer(sos_bytes).reshape(-1, 6).copy()  # sosfilt needs a writable array
     block, state_size = FILTER_BLOCK, 2 * len(sos)
     zeros_state = np.zeros((len(sos), 2))
@@ -119,52 +159,84 @@ def _block_operators(sos_bytes: bytes, num_blocks: int) -> tuple[np.ndarray, ...
         from_state[k], final = sp_signal.sosfilt(sos, np.zeros(block), zi=unit.reshape(len(sos), 2))
         transition[k] = final.reshape(-1)
     # In scipy's state coordinates a high-pass near 0 Hz keeps large states that cancel in the output (x27 here),
-    # which float32 turns into 1e-3 errors on z-scored leads; in coordinates where `from_state` has orthonormal rows
-    # a state is as large as what it adds to the output.
+    # which float32 turned into 1e-3 errors on z-scored leads; in coordinates where `from_state` has orthonormal
+    # rows a state is as large as what it adds to the output (1.6e-7 relative error in float32).
     # (scipy state = new state @ to_scipy; from_state = U S V^T, to_scipy = (U S)^-1 = S^-1 U^T)
     left, singular, right = np.linalg.svd(from_state, full_matrices=False)
     to_scipy, from_scipy = (left / singular).T, left * singular
     to_state, from_state, transition = to_state @ from_scipy, right, to_scipy @ transition @ from_scipy
-    powers = [np.eye(state_size)]
-    for _ in range(num_blocks):
-        powers.append(powers[-1] @ transition)
-    zi = sp_signal.sosfilt_zi(sos).reshape(-1) @ from_scipy
-    initial = np.concatenate([zi @ powers[b] for b in range(num_blocks)])
-    carry = np.zeros((num_blocks * state_size, num_blocks * state_size))
-    for j in range(num_blocks):
-        for b in range(j + 1, num_blocks):
-            carry[j * state_size : (j + 1) * state_size, b * state_size : (b + 1) * state_size] = powers[b - 1 - j]
-    return toeplitz, to_state, from_state, initial, carry
+    initial = sp_signal.sosfilt_zi(sos).reshape(-1) @ from_scipy
+    power = [np.eye(state_size)]
+    for _ in range(SEGMENT_BLOCKS):
+        power.append(power[-1] @ transition)
+    powers = np.concatenate(power[:SEGMENT_BLOCKS], axis=1)
+    carry = np.zeros((SEGMENT_BLOCKS * state_size, SEGMENT_BLOCKS * state_size))
+    for j in range(SEGMENT_BLOCKS):
+        for b in range(j + 1, SEGMENT_BLOCKS):
+            carry[j * state_size : (j + 1) * state_size, b * state_size : (b + 1) * state_size] = power[b - 1 - j]
+    return toeplitz, to_state, from_state, transition, initial, powers, carry
 
 
-def sosfilt(signals: torch.Tensor, sos: np.ndarray) -> torch.Tensor:
-    """`scipy.signal.sosfilt(sos, signals, zi=sosfilt_zi(sos) * signals[:, :1])` for `(rows, length)`, as matrix
-    products on blocks (no loop over time): the output of each block is its own input through the filter plus the
-    state it starts in, and that state is the first sample's initial state and every earlier block's input carried
-    forward. Exact in exact arithmetic."""
-    rows, length = signals.shape
-    num_blocks = -(-length // FILTER_BLOCK)
-    operators = _block_operators(np.ascontiguousarray(sos, dtype=np.float64).tobytes(), num_blocks)
-    toeplitz, to_state, from_state, initial, carry = (
-        torch.as_tensor(operator, dtype=signals.dtype, device=signals.device) for operator in operators
+@lru_cache(maxsize=16)
+def _block_operators_on(sos_bytes: bytes, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.as_tensor(operator, dtype=dtype, device=device) for operator in _block_operators(sos_bytes))
+
+
+def sosfilt(blocks: torch.Tensor, sos: np.ndarray) -> torch.Tensor:
+    """`scipy.signal.sosfilt(sos, x, zi=sosfilt_zi(sos) * x[:, :1])` for `x` `(rows, num_blocks * FILTER_BLOCK)`,
+    as matrix products on blocks (no loop over time within a segment of `SEGMENT_BLOCKS` blocks, one step per
+    segment): the output of each block is its own input through the filter plus the state it starts in, and that
+    state is the segment's starting state and every earlier block's input carried forward. Exact in exact
+    arithmetic; zeros after the signal change only outputs after it."""
+    rows, length = blocks.shape
+    num_blocks = length // FILTER_BLOCK
+    key = np.ascontiguousarray(sos, dtype=np.float64).tobytes()
+    toeplitz, to_state, from_state, transition, initial, powers, carry = _block_operators_on(
+        key, blocks.device, blocks.dtype
     )
-    blocks = torch.nn.functional.pad(signals, (0, num_blocks * FILTER_BLOCK - length)).reshape(rows, num_blocks, -1)
-    states = torch.addmm(signals[:, :1] * initial, (blocks @ to_state).reshape(rows, -1), carry)
-    output = blocks @ toeplitz + states.reshape(rows, num_blocks, -1) @ from_state
-    return output.reshape(rows, -1)[:, :length]
+    state_size = len(initial)
+    flat = blocks.reshape(rows * num_blocks, FILTER_BLOCK)
+    inputs = (flat @ to_state).reshape(rows, num_blocks, state_size)  # each block's input -> the state after it
+    states = []
+    state = blocks[:, :1] * initial  # sosfilt_zi * x[0]
+    for first in range(0, num_blocks, SEGMENT_BLOCKS):
+        count = min(SEGMENT_BLOCKS, num_blocks - first)
+        size = count * state_size
+        segment = inputs[:, first : first + count].reshape(rows, size)
+        starts = torch.addmm(state @ powers[:, :size], segment, carry[:size, :size])  # (rows, count * state_size)
+        states.append(starts)
+        state = starts[:, -state_size:] @ transition + inputs[:, first + count - 1]
+    states = torch.cat(states, dim=1) if len(states) > 1 else states[0]
+    return (flat @ toeplitz).addmm_(states.reshape(rows * num_blocks, state_size), from_state).reshape(rows, length)
 
 
-def sosfiltfilt(signals: torch.Tensor, sos: np.ndarray) -> torch.Tensor:
-    """`scipy.signal.sosfiltfilt(sos, signals, axis=-1)` (odd padding, default `padlen`) for `(rows, length)`: the
-    forward pass, then the same on the reversed output. The caller checks `length > filtfilt_padlen(sos)`."""
+@lru_cache(maxsize=64)
+def _reversal(length: int, padded: int, device: torch.device) -> torch.Tensor:
+    """Indices that reverse the first `length` of `padded` samples and read a zero sample (`length`) after them."""
+    return torch.cat([torch.arange(length - 1, -1, -1), torch.full((padded - length,), length)]).to(device)
+
+
+def sosfiltfilt(signals: torch.Tensor, sos: np.ndarray, start: int = 0, count: int | None = None) -> torch.Tensor:
+    """`scipy.signal.sosfiltfilt(sos, signals, axis=-1)[:, start : start + count]` (odd padding, default `padlen`)
+    for `(rows, length)`: the forward pass, then the same on its reversed output. The signal goes into a buffer of
+    whole blocks once, and each reversal is one gather. The caller checks `length > filtfilt_padlen(sos)`."""
     padlen = filtfilt_padlen(sos)
+    rows, length = signals.shape
+    count = length - start if count is None else count
+    extended = length + 2 * padlen
+    padded = -(-(extended + 1) // FILTER_BLOCK) * FILTER_BLOCK  # at least one zero after the signal
+    buffer = signals.new_empty(rows, padded)
     first, last = signals[:, :1], signals[:, -1:]
-    extended = torch.cat(
-        [2 * first - signals[:, 1 : padlen + 1].flip(-1), signals, 2 * last - signals[:, -padlen - 1 : -1].flip(-1)],
-        dim=-1,
-    )
-    backward = sosfilt(sosfilt(extended, sos).flip(-1), sos).flip(-1)
-    return backward[:, padlen:-padlen]
+    buffer[:, :padlen] = 2 * first - signals[:, 1 : padlen + 1].flip(-1)
+    buffer[:, padlen : padlen + length] = signals
+    buffer[:, padlen + length : extended] = 2 * last - signals[:, -padlen - 1 : -1].flip(-1)
+    buffer[:, extended:] = 0
+    forward = sosfilt(buffer, sos)
+    forward[:, extended] = 0
+    backward = sosfilt(forward.index_select(1, _reversal(extended, padded, signals.device)), sos)
+    # output sample t (of the unpadded signal) is backward[extended - 1 - padlen - t]
+    last_index = extended - 1 - padlen - start
+    return backward[:, last_index - count + 1 : last_index + 1].flip(-1)
 
 
 def resample_and_filter(
@@ -173,30 +245,41 @@ def resample_and_filter(
     """`MeritFeatureExtractor._resample_and_filter` for a batch `(rows, length)` of leads recorded at one rate: each
     lead around its mean, extended by 1 s of odd reflection at both ends, resampled, band-passed, the extension cut;
     `keep_mean` adds the mean back (when no high-pass removes DC)."""
-    length = signals.shape[-1]
+    rows, length = signals.shape
     mean = signals.mean(dim=-1, keepdim=True)
     pad = min(int(round(sampling_rate)), length - 1)
-    centred = signals - mean
-    first, last = centred[:, :1], centred[:, -1:]
-    extended = torch.cat(
-        [2 * first - centred[:, 1 : pad + 1].flip(-1), centred, 2 * last - centred[:, length - pad - 1 : -1].flip(-1)],
-        dim=-1,
-    )
-    extended = resample_poly(extended, up, down)
+    extended = length + 2 * pad
+    left, right = resample_padding(up, down, extended) if (up, down) != (1, 1) else (0, 0)
+    buffer = signals.new_empty(rows, left + extended + right)  # the odd extension, inside resample_poly's zeros
+    buffer[:, :left] = 0
+    buffer[:, left : left + pad] = 2 * signals[:, :1] - mean - signals[:, 1 : pad + 1].flip(-1)
+    torch.sub(signals, mean, out=buffer[:, left + pad : left + pad + length])
+    buffer[:, left + pad + length : left + extended] = 2 * signals[:, -1:] - mean - signals[:, -pad - 1 : -1].flip(-1)
+    buffer[:, left + extended :] = 0
+    resampled = buffer if (up, down) == (1, 1) else resample_poly_padded(buffer, up, down, extended)
+    start, count = int(round(pad * up / down)), -(-length * up // down)
     if sos is not None:
-        extended = sosfiltfilt(extended, sos)
-    start = int(round(pad * up / down))
-    resampled = extended[:, start : start + -(-length * up // down)]
+        resampled = sosfiltfilt(resampled, sos, start, count)
+    else:
+        resampled = resampled[:, start : start + count]
     return resampled + mean if keep_mean else resampled
 
 
-def normalize(values: torch.Tensor, mask: torch.Tensor, normalization: str, eps: float = 1e-6) -> torch.Tensor:
+def normalize(
+    values: torch.Tensor, mask: torch.Tensor, normalization: str, padded: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
     """`MeritFeatureExtractor._normalize` for a batch `(batch, num_leads, num_samples)` with `mask`
-    `(batch, num_samples)`: mean and (population) std over the unpadded samples, padding set back to zero."""
+    `(batch, num_samples)`: mean and (population) std over the unpadded samples, padding set back to zero. With
+    `padded=False` (the caller knows the mask is all ones) one fused reduction does."""
+    dims = (1, 2) if normalization == "zscore_record" else (2,)
+    if not padded:
+        if normalization == "none":
+            return values
+        std, mean = torch.std_mean(values, dim=dims, correction=0, keepdim=True)
+        return (values - mean) / (std + eps)
     valid = mask[:, None, :].to(values.dtype)
     if normalization == "none":
         return values * valid
-    dims = (1, 2) if normalization == "zscore_record" else (2,)
     count = valid.expand_as(values).sum(dim=dims, keepdim=True)
     mean = (values * valid).sum(dim=dims, keepdim=True) / count
     std = ((((values - mean) * valid) ** 2).sum(dim=dims, keepdim=True) / count).sqrt()
@@ -259,7 +342,8 @@ def extract_batch(
             filtered = filtered.reshape(len(members), num_leads, -1)
             at = torch.as_tensor(members, device=device)
             windowed = filtered.gather(2, window_index[at][:, None, :].expand(-1, num_leads, -1))
-            values[at] = normalize(windowed, mask[at], fe.normalization)
+            padded = not all(masks[index].all() for index in members)
+            values[at] = normalize(windowed, mask[at], fe.normalization, padded)
     return values, mask
 
 
