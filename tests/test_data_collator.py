@@ -98,3 +98,12 @@ def test_precomputed_ecg_values_match_the_collator():
     stored_batch = MeritCollator(extractor)(list(stored.with_format("numpy")))
     fresh_batch = MeritCollator(extractor)(list(dataset.with_format("numpy")))
     torch.testing.assert_close(stored_batch["ecg_values"], fresh_batch["ecg_values"])
+
+
+def test_feature_extraction_device_runs_the_batched_torch_path(rows):
+    extractor = MeritFeatureExtractor()
+    batch = [rows[1], rows[2], rows[441]]  # two rates: two groups of the batched path
+    expected = MeritCollator(extractor)(batch)["ecg_values"]
+    batched = MeritCollator(extractor, feature_extraction_device="cpu")(batch)["ecg_values"]
+    assert batched.device.type == "cpu" and batched.dtype == torch.float32
+    torch.testing.assert_close(batched, expected, rtol=0, atol=1e-4)

@@ -45,6 +45,7 @@ def embed_dataset(
     column: str = "ecg_embedding",
     keep_columns: Sequence[str] = ("ecg_id",),
     weights_fingerprint: str | None = None,
+    feature_extraction_device: torch.device | str | None = None,
 ):
     """`dataset` (a `datasets.Dataset` or `IterableDataset` in the merit_hf schema) with the MERIT embedding of every
     record in `column` (float32, `hidden_size` wide) and only `keep_columns` of the others.
@@ -56,6 +57,10 @@ def embed_dataset(
         device: defaults to CUDA when available.
         weights_fingerprint: the encoder's weight fingerprint for the map-style cache key, when the caller has it
             (the command line computes it once for all splits); computed here otherwise.
+        feature_extraction_device: `None` (default) prepares each record with the feature extractor's scipy path on
+            the CPU; `"encoder"` runs its batched torch path on the encoder's device (each process's own GPU under
+            `accelerate launch`), or name a device (`"cpu"`). Equal to the scipy path within float32 rounding
+            (tests/test_core_feature_extraction_torch.py); speed in benchmarks/README.md.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision: must be one of {sorted(PRECISIONS)}, got {precision!r}")
@@ -73,9 +78,10 @@ def embed_dataset(
     )
     encoder = encoder.to(device).eval()
     autocast_dtype = PRECISIONS[precision]
+    extraction_device = device if feature_extraction_device == "encoder" else feature_extraction_device
 
     def embed(rows: dict[str, list]) -> dict[str, Any]:
-        ecg_values = ecg_values_batch(feature_extractor, rows, crop="center").to(device)
+        ecg_values = ecg_values_batch(feature_extractor, rows, crop="center", device=extraction_device).to(device)
         with (
             torch.inference_mode(),
             torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None),
@@ -91,6 +97,7 @@ def embed_dataset(
     if hasattr(dataset, "_fingerprint"):  # map-style: a fingerprint that a re-run reproduces, so its cache is reused
         weights = weights_fingerprint or _model_fingerprint(encoder)
         key = [weights, feature_extractor.to_json_string(), precision, column, list(keep_columns)]
+        key += [str(extraction_device)] if extraction_device is not None else []  # float32 rounding apart
         options["new_fingerprint"] = hashlib.sha1(
             json.dumps([dataset._fingerprint, key, batch_size]).encode()
         ).hexdigest()
@@ -244,6 +251,13 @@ class EmbeddingArguments:
         default=10_000,
         metadata={"help": "Streamed splits: rows per finished part; a stopped run resumes after the last one."},
     )
+    feature_extraction_device: str | None = field(
+        default=None,
+        metadata={
+            "help": "Default: the feature extractor's scipy path, record by record on the CPU. 'encoder': its batched "
+            "torch path on the embedding device (each process's GPU); or a device such as 'cpu'."
+        },
+    )
 
     def __post_init__(self):
         if self.dataset_name not in ("ptbxl", "mimic_iv_ecg"):
@@ -313,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     weights = _model_fingerprint(encoder)  # once: the cache key of every map-style split and the resume key
     what = [weights, feature_extractor.to_json_string(), arguments.precision, arguments.dataset]
     what += [arguments.dataset_name, arguments.sampling_rate, arguments.keep_columns, shard_index, num_shards]
+    what += [arguments.feature_extraction_device] if arguments.feature_extraction_device is not None else []
     written = {}
     for split, dataset in load_splits(arguments, shard_index, num_shards).items():
         embedded = embed_dataset(
@@ -324,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             device=state.device,
             keep_columns=arguments.keep_columns,
             weights_fingerprint=weights,
+            feature_extraction_device=arguments.feature_extraction_device,
         )
         path = output_dir / f"{split}{suffix}.parquet"
         resume_key = hashlib.sha1(json.dumps([*what, split]).encode()).hexdigest()

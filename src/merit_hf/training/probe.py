@@ -237,8 +237,10 @@ def ecg_values_batch(
     transform: RecordTransform | None = None,
     start: int = 0,
     crop: str | None = None,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Run a batch of dataset rows (`signal`, `sampling_rate`, `lead_names`) through the feature extractor."""
+    """Run a batch of dataset rows (`signal`, `sampling_rate`, `lead_names`) through the feature extractor (its
+    batched torch path on `device` when given, its scipy path otherwise)."""
     signals, rates = [], []
     for offset, (signal, rate, leads) in enumerate(zip(rows["signal"], rows["sampling_rate"], rows["lead_names"])):
         signal = np.asarray(signal, dtype=np.float64)
@@ -252,6 +254,7 @@ def ecg_values_batch(
         lead_names=[list(leads) for leads in rows["lead_names"]],
         crop=crop,
         return_tensors="pt",
+        **({"device": device} if device is not None else {}),
     )
     return features["ecg_values"]
 
