@@ -114,7 +114,8 @@ def resample_poly_padded(padded: torch.Tensor, up: int, down: int, length: int) 
     _, window, positions = _resample_blocks(up, down)
     rows, out_length = len(padded), -(-length * up // down)
     blocks = -(-out_length // (up * positions))
-    windows = padded.unfold(1, window, positions * down)[:, :blocks]  # (rows, blocks, window), overlapping
+    # (rows * blocks, window): overlapping windows, copied once (a batched product on the strided view copies each)
+    windows = padded.unfold(1, window, positions * down)[:, :blocks].reshape(rows * blocks, window)
     output = windows @ _resample_matrix_on(up, down, padded.device, padded.dtype)
     return output.reshape(rows, -1)[:, :out_length]
 
