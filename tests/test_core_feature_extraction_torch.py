@@ -15,7 +15,7 @@ from merit_hf.feature_extraction_merit import EcgInputError, read_wfdb_record
 from merit_hf.feature_extraction_torch_merit import resample_poly, sosfiltfilt
 
 PTBXL_LEADS = ["I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6"]
-# Measured on the 1,112 bundled and shared records: 5.9e-6 (float32 arithmetic against scipy's float64); asserted
+# Measured on the 1,112 bundled and shared records: 6.2e-6 (float32 arithmetic against scipy's float64); asserted
 # with headroom for other BLAS builds.
 MAX_ABS_ERROR = 1e-4
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -77,7 +77,7 @@ def _compare_on_records(records: list[dict]) -> tuple[float, float]:
 
 
 def test_every_bundled_record_matches_the_scipy_path(ptbxl_dir):
-    """500 records at 100 Hz and 12 at 500 Hz, in one mixed batch: per-lead correlation >= 0.999 (in fact 1 - 1e-11)
+    """500 records at 100 Hz and 12 at 500 Hz, in one mixed batch: per-lead correlation >= 0.999 (in fact >= 1 - 2.4e-7)
     and the largest difference of any z-scored sample below `MAX_ABS_ERROR`."""
     records = _bundled_records(ptbxl_dir)
     assert len(records) == 512

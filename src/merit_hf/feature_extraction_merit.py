@@ -20,7 +20,8 @@ saved with every checkpoint as `preprocessor_config.json`:
 8. normalise each record (`normalization="zscore_lead"` by default: every lead to mean 0, std 1).
 
 Every error names the record (its path, or its index in the batch) and the problem. This file is Hub remote code:
-it imports numpy, scipy and transformers only; `wfdb` is imported when a path is given.
+it imports numpy, scipy and transformers only; `wfdb` is imported when a path is given, torch and
+`feature_extraction_torch_merit.py` (steps 5-8 batched on tensors) when `device=` is.
 """
 
 from __future__ import annotations

@@ -6,16 +6,18 @@ tensors, on the CPU or a GPU, so that preparing ECGs does not set the pace of a 
 extractor's own checks, in the same order and with the same errors, before any tensor is built. Only the DSP differs,
 and it reproduces scipy's rather than approximating it:
 
-- `scipy.signal.resample_poly`: the same Kaiser-windowed FIR (designed by scipy, once per `(up, down)`), applied as a
-  polyphase `conv1d` (one output channel per phase, stride `down`), so no multiplication by an inserted zero;
-- `scipy.signal.sosfiltfilt`: a stable IIR filter is a convolution with its impulse response, and its response to the
-  initial state `sosfilt_zi * x[0]` is `x[0]` times a fixed signal. Both are computed by scipy once per length, the
-  impulse response cut where its remaining L1 mass is below `IMPULSE_TAIL` of the total (far below float32
-  resolution), and each of the two passes is one FFT convolution plus that edge term, with scipy's odd padding.
+- `scipy.signal.resample_poly`: the same Kaiser-windowed FIR (designed by scipy, once per `(up, down)`), applied
+  polyphase (no multiplication by an inserted zero) as one matrix product on overlapping windows of the signal;
+- `scipy.signal.sosfiltfilt`: the IIR filter runs on blocks of `FILTER_BLOCK` samples as matrix products, whose
+  columns scipy's `sosfilt` computed from unit inputs and states: each block's output is its input through the
+  filter plus the response to the state it starts in, and the starting states come from `sosfilt_zi * x[0]` and the
+  earlier blocks' inputs, carried by powers of the block-to-block transition. scipy's odd padding, both passes.
 
 What is left between the two paths is float32 arithmetic (measured in tests/test_core_feature_extraction_torch.py).
 Records are batched by `(resampling ratio, length)`; a batch of PTB-XL or MIMIC-IV-ECG records is one or two groups.
-This file is Hub remote code: it imports numpy, scipy and torch only.
+On a CPU shared with other processes give torch one thread (`torch.set_num_threads(1)`, as DataLoader workers have):
+two threads fighting for two busy cores made this path 14x slower than scipy, one thread 2.6x faster
+(benchmarks/README.md). This file is Hub remote code: it imports numpy, scipy and torch only.
 """
 
 from __future__ import annotations
@@ -33,15 +35,15 @@ if TYPE_CHECKING:
     from .feature_extraction_merit import MeritFeatureExtractor
 
 # On the CPU a batch goes through the DSP this many records at a time, so that its intermediates (about 0.3 MB a
-# record) stay in cache: 1.7x faster than the whole batch of 64 at once on the 2-core machine (benchmarks/README.md).
+# record) stay in cache: 1.3-1.7x faster than the whole batch of 64 at once, single-threaded on the 2-core machine.
 CPU_RECORDS_PER_CHUNK = 8
 # Output positions per block of the resampling matrix product: each output sample costs about
 # `RESAMPLE_BLOCK * down / up + filter taps` multiply-adds.
 RESAMPLE_BLOCK = 32
 MAX_RESAMPLE_MATRIX = 2**20  # entries
 # Samples per block of the blocked IIR filter (each output sample costs this many multiply-adds in one matrix product),
-# and blocks per segment whose starting states come from one matrix product (2.7 minutes at 250 Hz; longer records
-# take one small step per segment).
+# and blocks per segment whose starting states come from one matrix product (16 s at 250 Hz; a longer record takes one
+# small step per segment).
 FILTER_BLOCK = 64
 SEGMENT_BLOCKS = 64
 
