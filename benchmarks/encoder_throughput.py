@@ -111,20 +111,11 @@ def set_attention(model, implementation: str) -> None:
 
 
 def _flops_per_ecg(model, inputs, batch) -> float:
-    """Counted on the eager path: FlopCounterMode does not see inside the fused CPU attention kernel, and the
-    arithmetic is the same whichever kernel runs it."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Forward FLOPs per ECG, counted by the package's one FLOP counter (eager attention: FlopCounterMode does not see
+    inside the fused CPU attention kernel, and the arithmetic is the same whichever kernel runs it)."""
+    from merit_hf.training.throughput import count_flops_per_sample
 
-    saved = [c._attn_implementation for c in _attention_configs(model)]
-    set_attention(model, "eager")
-    counter = FlopCounterMode(display=False)
-    try:
-        with counter, torch.no_grad():
-            model(**inputs)
-    finally:
-        for config, implementation in zip(_attention_configs(model), saved):
-            config._attn_implementation = implementation
-    return counter.get_total_flops() / batch
+    return count_flops_per_sample(model, lambda rows: model(**rows), inputs, backward=False, max_rows=batch)
 
 
 def matmul_peak_tflops(device: str, dtype: str, size: int = 4096) -> float:

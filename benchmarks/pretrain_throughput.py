@@ -5,15 +5,32 @@
 
 Step benchmark: the model of `--config` (`MeritForPreTraining`, both losses, AdamW), a batch of real PTB-XL records
 from `data/ptbxl_sample` through the feature extractor with their real reports, `--warmup_steps` untimed steps, then
-`--steps` timed ones. FLOPs of one step (forward + backward) are counted with `torch.utils.flop_counter`. On a GPU the
+`--steps` timed ones. FLOPs of one step (forward + backward) are counted by `merit_hf.training.throughput`. On a GPU the
 step runs under bf16 autocast and model FLOPs utilisation = achieved FLOP/s / the GPU's dense bf16 peak
-(`--peak_tflops`, 989 for an H100 SXM).
+(`--peak_tflops`, default by GPU name: 989 for an H100 / H200 SXM).
 
 Scaling benchmark: the pretraining script itself (`configs/quickstart.yaml`, `--scaling_steps` steps, same total
 batch) as 1 process with 1 thread, 1 process with all cores, and `accelerate launch --multi_gpu --num_processes 2`
 with 1 thread each (gloo).
 
-Writes JSON (`--output`, default `benchmarks/results/pretrain_throughput.json`); `benchmarks/README.md`
+End to end (`--end_to_end`): the pretraining script itself on `--data_dir` (default `../shared/data/ptbxl_2k`, a
+PhysioNet PTB-XL folder read with `merit_hf.data.build_ptbxl`), against the same step alone on one real batch of it,
+in one run: persistent workers (the default), workers restarted every epoch, and `ecg_values` precomputed. The
+script's own throughput log gives its rate over the steady intervals (the first, with worker start-up and warm-up,
+left out) and its data-wait share; where it is below 90 % of the step alone, `limited_by` says which stage limits.
+Writes `results/pretrain_end_to_end_<device>.json`. On a GPU, as issue 18 ran it:
+
+    python benchmarks/pretrain_throughput.py --end_to_end --config configs/base.yaml --e2e_batch_size 128 \
+        --e2e_num_workers 8 --e2e_flags --text_model_name_or_path <text encoder folder>
+
+Memory and MFU options (`--memory_options`): one pretraining step of `base-p75` (batch 64 and 256) with each
+activation-checkpointing option (`merit_hf.training.activation_checkpointing`; add `compile` and
+`"compile + selective"` to `--options` for regional `torch.compile`), and `small-p125` without (batch 64, 256, 512:
+where it stops being launch-bound); peak memory and MFU against the GPU's dense bf16 peak. Same step as the GPU
+figures of issue 14 (both losses, MiniLM-shaped random text tower, 64-token reports, bf16 autocast, fused AdamW).
+Writes `results/pretrain_memory_mfu_<device>.json`.
+
+The default mode writes `--output` (default `benchmarks/results/pretrain_throughput.json`); `benchmarks/README.md`
 shows the latest numbers and the machine they came from.
 """
 
@@ -31,7 +48,8 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+
+from merit_hf.training.throughput import count_flops_per_sample, default_peak_tflops
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MIMIC_IV_ECG_RECORDS = 800_035  # MIMIC-IV-ECG v1.0 diagnostic ECGs
@@ -80,12 +98,7 @@ def step_benchmark(args) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    with FlopCounterMode(display=False) as counter:
-        with autocast:
-            loss = model(**batch).loss
-        loss.backward()
-    optimizer.zero_grad(set_to_none=True)
-    flops_per_step = counter.get_total_flops()
+    flops_per_step = count_flops_per_sample(model, lambda rows: model(**rows).loss, batch) * args.batch_size
     for _ in range(args.warmup_steps):
         train_step()
     if device.type == "cuda":
@@ -159,6 +172,244 @@ def scaling_benchmark(args) -> dict:
     return results
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# End to end: the pretraining script against its own step alone (issue: does the data path keep the GPU busy?)
+# ----------------------------------------------------------------------------------------------------------------------
+END_TO_END_VARIANTS = {  # name: extra flags of the pretraining script
+    "persistent workers (default)": [],
+    "workers restarted every epoch": ["--dataloader_persistent_workers", "false"],
+    "ecg_values precomputed": ["--precompute_ecg_values", "true"],
+}
+
+
+def end_to_end_step_alone(args, device: torch.device) -> dict:
+    """The config's training step on one real batch of `--data_dir`, repeated: what the script would reach if data
+    and loop cost nothing. Same precision as the script (bf16 autocast on a GPU), same fused AdamW and clipping."""
+    from transformers import AutoTokenizer
+
+    from merit_hf.feature_extraction_merit import MeritFeatureExtractor
+    from merit_hf.training.arguments import parse_arguments
+    from merit_hf.training.pretrain import (
+        ARGUMENT_CLASSES,
+        PretrainingCollator,
+        build_model,
+        load_pretraining_splits,
+        masking_noise,
+        parameter_groups,
+        resolve_text_model,
+    )
+
+    model_args, data_args, train_args = parse_arguments(ARGUMENT_CLASSES, [args.config, *_data_flags(args)])
+    text_path = resolve_text_model(model_args.text_model_name_or_path)
+    torch.manual_seed(0)
+    model = build_model(model_args, text_path).to(device).train()
+    optimizer = torch.optim.AdamW(parameter_groups(model, train_args.weight_decay), lr=1e-4, fused=True)
+    train_split, _ = load_pretraining_splits(data_args)
+    feature_extractor = MeritFeatureExtractor.from_model_config(model.config.ecg_config)
+    collator = PretrainingCollator(
+        feature_extractor, AutoTokenizer.from_pretrained(text_path), model_args.max_report_length
+    )
+    batch = collator([train_split[index] for index in range(args.e2e_batch_size)])
+    ecg_ids = batch.pop("ecg_id").tolist()
+    ecg = model.config.ecg_config
+    batch["noise"] = masking_noise(ecg_ids, (0, 0), (ecg.num_leads, ecg.num_patches_per_lead))
+    batch = {key: value.to(device) for key, value in batch.items()}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def train_step():
+        with autocast:
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = _time_steps(train_step, args.e2e_warmup_steps, args.e2e_step_alone_steps, device)
+    return {
+        "batch_size": args.e2e_batch_size,
+        "seconds_per_step": seconds,
+        "ecgs_per_second": args.e2e_batch_size / seconds,
+    }
+
+
+def _time_steps(step, warmup: int, steps: int, device: torch.device) -> float:
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def _data_flags(args) -> list[str]:
+    """Flags the step alone and every script run share: the data and `--e2e_flags` (e.g. a frozen text tower)."""
+    return ["--dataset_name", "ptbxl", "--data_dir", args.data_dir, "--source_sampling_rate",
+            str(args.source_sampling_rate), "--streaming", "false", *args.e2e_flags]  # fmt: skip
+
+
+def end_to_end_script(args, extra: list[str]) -> dict:
+    """The pretraining script itself (a fresh process) on `--data_dir`; its `train_results.json` throughput totals,
+    and the same over the steady intervals (the first logged interval, with worker start-up and warm-up, left out)."""
+    with tempfile.TemporaryDirectory() as output_dir:
+        command = [
+            sys.executable, "-m", "merit_hf.training.pretrain", args.config, *_data_flags(args),
+            "--output_dir", output_dir, "--max_steps", str(args.e2e_steps), "--logging_steps", str(args.e2e_logging_steps),
+            "--save_steps", "1000000", "--eval_split", "validation", "--max_eval_samples", "1", "--report_to", "none",
+            "--disable_tqdm", "true", "--per_device_train_batch_size", str(args.e2e_batch_size),
+            "--dataloader_num_workers", str(args.e2e_num_workers), "--seed", "0", *extra,
+        ]  # fmt: skip
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=REPO_ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True,
+                              text=True, timeout=3600)  # fmt: skip
+        wall = time.perf_counter() - start
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+        results = json.loads((Path(output_dir) / "train_results.json").read_text())
+        log = [json.loads(line) for line in (Path(output_dir) / "log_history.jsonl").read_text().splitlines()]
+    steady = log[1:] or log
+    seconds = sum(entry["seconds_per_step"] * args.e2e_logging_steps for entry in steady)
+    waited = sum(entry["data_wait_seconds_per_step"] * args.e2e_logging_steps for entry in steady)
+    return {
+        "flags": extra,
+        "process_wall_seconds": wall,
+        "whole_run": results["throughput"],
+        "steady": {
+            "intervals": len(steady),
+            "ecgs_per_second": args.e2e_batch_size * args.e2e_logging_steps * len(steady) / seconds,
+            "data_wait_fraction": waited / seconds,
+            "seconds_per_step": seconds / (args.e2e_logging_steps * len(steady)),
+        },
+    }
+
+
+def end_to_end_benchmark(args) -> dict:
+    """Step alone and the script's variants, in one run; which stage limits where the script is below 90 %."""
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    step = end_to_end_step_alone(args, device)
+    variants = {name: end_to_end_script(args, flags) for name, flags in END_TO_END_VARIANTS.items()}
+    for result in variants.values():
+        steady = result["steady"]
+        steady["of_step_alone"] = steady["ecgs_per_second"] / step["ecgs_per_second"]
+        steady["limited_by"] = _limiting_stage(steady)
+    return {"config": args.config, "data_dir": args.data_dir, "device": str(device), "step_alone": step,
+            "script": variants, "num_workers": args.e2e_num_workers}  # fmt: skip
+
+
+def _limiting_stage(steady: dict) -> str:
+    if steady["of_step_alone"] >= 0.9:
+        return "nothing: end to end is at least 90 % of the step alone"
+    if steady["data_wait_fraction"] > 0.1:
+        return (f"data: the loop waits {steady['data_wait_fraction']:.0%} of the time for batches (feature extractor "
+                "in the workers); add workers or precompute ecg_values")  # fmt: skip
+    return ("the loop around the step (host work between steps: masking noise, loss gathering, host syncs, "
+            "optimizer/scheduler), not data")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Memory and MFU options of one pretraining step (issue: base-p75 at batch 256 within 40 GB, >= 35 % MFU)
+# ----------------------------------------------------------------------------------------------------------------------
+MEMORY_OPTIONS = {  # name: (activation checkpointing mode, layers or None for all, regional torch.compile)
+    "none": ("none", None, False),
+    "selective": ("selective", None, False),
+    "full, half the layers": ("full", "half", False),
+    "full": ("full", None, False),
+}
+COMPILE_OPTIONS = {"compile": ("none", None, True), "compile + selective": ("selective", None, True)}
+
+
+def memory_options_group(preset: str, batch_size: int, options: list[str], warmup: int, steps: int,
+                         peak_tflops: float | None) -> list[dict]:  # fmt: skip
+    """Every option of one (preset, batch) in one process on the same weights and inputs: the step of the GPU
+    measurements in issue 14 (both losses, MiniLM-shaped text tower, 64-token reports, bf16 autocast on CUDA, fused
+    AdamW). Peak memory per option after `reset_peak_memory_stats`; an option that runs out of memory says so."""
+    from accelerate.utils import compile_regions
+    from transformers import BertConfig
+
+    from merit_hf import MeritConfig, MeritEcgConfig, MeritForPreTraining
+    from merit_hf.training.activation_checkpointing import enable_activation_checkpointing
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ecg_config = MeritEcgConfig.from_preset(preset)
+    text = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+    torch.manual_seed(0)
+    model = MeritForPreTraining(MeritConfig(ecg_config=ecg_config, text_config=text)).to(device).train()
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        "ecg_values": torch.randn(batch_size, 12, ecg_config.num_samples, generator=generator),
+        "input_ids": torch.randint(1000, 20000, (batch_size, 64), generator=generator),
+        "attention_mask": torch.ones(batch_size, 64, dtype=torch.long),
+        "noise": torch.rand(batch_size, 12, ecg_config.num_patches_per_lead, generator=generator),
+    }
+    batch = {key: value.to(device) for key, value in batch.items()}
+    flops_per_ecg = count_flops_per_sample(model, lambda rows: model(**rows).loss, batch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    peak = peak_tflops if peak_tflops is not None else default_peak_tflops(device)
+    results = []
+    for name in options:
+        mode, layers, compiled = {**MEMORY_OPTIONS, **COMPILE_OPTIONS}[name]
+        num_layers = ecg_config.num_hidden_layers // 2 if layers == "half" else layers
+        enable_activation_checkpointing(model, mode, num_layers)
+        forward = compile_regions(model) if compiled else model
+
+        def train_step(forward=forward):
+            with autocast:
+                loss = forward(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+
+        result = {"preset": preset, "batch_size": batch_size, "option": name, "device": str(device)}
+        try:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            result["first_step_seconds"] = _time_steps(train_step, 0, 1, device)  # compiling included
+            seconds = _time_steps(train_step, warmup, steps, device)
+        except Exception as error:  # out of memory above all: the other options still run
+            result["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            results.append(result)
+            continue
+        result.update(seconds_per_step=seconds, ecgs_per_second=batch_size / seconds,
+                      gflops_per_ecg=flops_per_ecg / 1e9, achieved_tflops=batch_size * flops_per_ecg / seconds / 1e12)  # fmt: skip
+        if peak:
+            result["mfu"] = result["achieved_tflops"] / peak
+        if device.type == "cuda":
+            result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            result["gpu"] = torch.cuda.get_device_name()
+        print(json.dumps(result), file=sys.stderr, flush=True)
+        results.append(result)
+    return results
+
+
+def memory_options_benchmark(args) -> list[dict]:
+    """One process per (preset, batch), so peak memory starts clean and an out-of-memory stays in its group."""
+    base, small = args.memory_presets
+    groups = [(base, batch, args.options) for batch in args.base_batches]
+    groups += [(small, batch, ["none"]) for batch in args.small_batches]
+    results = []
+    for preset, batch, options in groups:
+        command = [sys.executable, __file__, "--single_memory_group", preset, str(batch), "--options", *options,
+                   "--memory_warmup_steps", str(args.memory_warmup_steps), "--memory_steps", str(args.memory_steps)]  # fmt: skip
+        if args.peak_tflops is not None:
+            command += ["--peak_tflops", str(args.peak_tflops)]
+        done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=3600)
+        if done.returncode != 0:
+            results.append({"preset": preset, "batch_size": batch, "error": done.stderr[-2000:]})
+            continue
+        results.extend(json.loads(done.stdout.strip().splitlines()[-1]))
+        for result in results[-len(options) :]:
+            print({key: value for key, value in result.items() if key != "gpu"}, flush=True)
+    return results
+
+
 def mimic_projection(step: dict, epochs: int, gpus: int, assumed_mfu: float, peak_tflops: float) -> dict:
     """Time for `epochs` passes over MIMIC-IV-ECG on `gpus` GPUs: from the measured rate when the step ran on a GPU,
     otherwise from the counted FLOPs at an assumed utilisation (an estimate, said so in the output)."""
@@ -177,6 +428,17 @@ def mimic_projection(step: dict, epochs: int, gpus: int, assumed_mfu: float, pea
     return projection
 
 
+def _machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/base.yaml")
@@ -184,7 +446,8 @@ def main() -> None:
     parser.add_argument("--warmup_steps", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--cpu", action="store_true", help="benchmark the CPU even when a GPU is present")
-    parser.add_argument("--peak_tflops", type=float, default=989.0, help="GPU dense bf16 peak (H100 SXM: 989)")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="GPU dense bf16 peak; default by GPU name (merit_hf.training.throughput; H100/H200: 989)")  # fmt: skip
     parser.add_argument("--assumed_mfu", type=float, default=0.4, help="for the GPU estimate when no GPU ran")
     parser.add_argument("--epochs", type=int, default=20, help="epochs of MIMIC-IV-ECG for the projection")
     parser.add_argument("--gpus", type=int, default=8)
@@ -193,10 +456,56 @@ def main() -> None:
     parser.add_argument("--scaling_config", default="configs/quickstart.yaml")
     parser.add_argument("--scaling_steps", type=int, default=20)
     parser.add_argument("--scaling_batch_size", type=int, default=32)
-    parser.add_argument("--output", default=str(REPO_ROOT / "benchmarks" / "results" / "pretrain_throughput.json"))
+    parser.add_argument("--output", default=None, help="results JSON (default: one file per mode in results/)")
+    end_to_end = parser.add_argument_group("--end_to_end: the script against its step alone, on --data_dir")
+    end_to_end.add_argument("--end_to_end", action="store_true")
+    end_to_end.add_argument("--data_dir", default=str(REPO_ROOT.parent / "shared" / "data" / "ptbxl_2k"))
+    end_to_end.add_argument("--source_sampling_rate", type=int, default=100)
+    end_to_end.add_argument("--e2e_batch_size", type=int, default=128)
+    end_to_end.add_argument("--e2e_num_workers", type=int, default=8)
+    end_to_end.add_argument("--e2e_steps", type=int, default=60, help="script steps (4 epochs of ptbxl_2k at 128)")
+    end_to_end.add_argument("--e2e_logging_steps", type=int, default=5)
+    end_to_end.add_argument("--e2e_warmup_steps", type=int, default=3)
+    end_to_end.add_argument("--e2e_step_alone_steps", type=int, default=20)
+    end_to_end.add_argument("--e2e_flags", nargs=argparse.REMAINDER, default=[],
+                            help="last: pretraining-script flags for both, e.g. --e2e_flags --freeze_text_model true")  # fmt: skip
+    memory = parser.add_argument_group("--memory_options: peak memory and MFU per activation-checkpointing option")
+    memory.add_argument("--memory_options", action="store_true")
+    memory.add_argument("--options", nargs="+", default=list(MEMORY_OPTIONS),
+                        help=f"of {list(MEMORY_OPTIONS) + list(COMPILE_OPTIONS)}")  # fmt: skip
+    memory.add_argument("--memory_presets", nargs=2, default=["base-p75", "small-p125"],
+                        help="the preset measured with every option, and the one measured without (launch-bound)")  # fmt: skip
+    memory.add_argument("--base_batches", type=int, nargs="*", default=[64, 256])
+    memory.add_argument("--small_batches", type=int, nargs="*", default=[64, 256, 512])
+    memory.add_argument("--memory_warmup_steps", type=int, default=3)
+    memory.add_argument("--memory_steps", type=int, default=10)
+    memory.add_argument("--single_memory_group", nargs=2, metavar=("PRESET", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.chdir(REPO_ROOT)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    device_name = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    if args.single_memory_group:
+        preset, batch = args.single_memory_group
+        group = memory_options_group(preset, int(batch), args.options, args.memory_warmup_steps, args.memory_steps,
+                                     args.peak_tflops)  # fmt: skip
+        print(json.dumps(group))
+        return
+    if args.end_to_end or args.memory_options:
+        name = "pretrain_end_to_end" if args.end_to_end else "pretrain_memory_mfu"
+        result = {"machine": _machine()}
+        if args.end_to_end:
+            result["end_to_end"] = end_to_end_benchmark(args)
+        else:
+            result["memory_options"] = memory_options_benchmark(args)
+        output = Path(args.output or REPO_ROOT / "benchmarks" / "results" / f"{name}_{device_name}.json")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        print(f"wrote {output}")
+        return
+    args.output = args.output or str(REPO_ROOT / "benchmarks" / "results" / "pretrain_throughput.json")
+    # The step's MFU and the MIMIC projection's GPU estimate: this GPU's peak, else an H100 SXM's.
+    args.peak_tflops = args.peak_tflops or default_peak_tflops(device_name) or 989.0
 
     previous = Path(args.output)
     if args.skip_step and previous.is_file():
@@ -204,13 +513,7 @@ def main() -> None:
     else:
         step = step_benchmark(args)
     result = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cuda": torch.cuda.is_available(),
-        },  # fmt: skip
+        "machine": _machine(),
         "step": step,
         "mimic_iv_ecg_projection": mimic_projection(step, args.epochs, args.gpus, args.assumed_mfu, args.peak_tflops),
     }

@@ -14,9 +14,11 @@ output, then `org/merit-ecg`), `MERIT_REPORT_MODEL` (a report model folder or Hu
 written by `merit_hf.training.report_lora`; unset: the report panel says it is unavailable), `GRADIO_SERVER_NAME`
 (default 127.0.0.1; Spaces set 0.0.0.0), `GRADIO_SERVER_PORT` (default 7860). Never launched with `share=True`.
 
-Input policy (stated in the UI): one 12-lead WFDB record at 100, 250, 500 or 1000 Hz (the rates of PTB-XL,
-MIMIC-IV-ECG and the model), 9 to 60 s long, at most 5 MB; it is resampled to the model's rate by the feature
-extractor and the panel says so. Anything else gets a readable error, and nothing is read outside the upload.
+Input policy (stated in the UI): one WFDB record with 1 to 12 of the standard leads (a 12-lead ECG, the 6 limb leads,
+a 2-lead Holter, a single-lead device) at 100, 250, 500 or 1000 Hz (the rates of PTB-XL, MIMIC-IV-ECG and the
+model), 9 to 60 s long, at most 5 MB; it is resampled to the model's rate by the feature extractor and the panel says
+so. Limb leads are derived from two of I, II, III; leads still missing are left out of the model (`lead_mask`), never
+fed as zeros, and the panel lists them. Anything else gets a readable error, and nothing is read outside the upload.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ DEFAULT_HUB_MODEL = "org/merit-ecg"
 ACCEPTED_RATES = (100, 250, 500, 1000)
 MIN_SECONDS, MAX_SECONDS = 9.0, 60.0
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024
-REQUIRED_LEADS = 12
+MAX_LEADS = 12
 LABEL_SETS = ("superclass", "rhythm", "form", "subclass")
 MAX_NEW_TOKENS = int(os.environ.get("MERIT_REPORT_MAX_NEW_TOKENS", "64"))
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -65,8 +67,10 @@ DISCLAIMER = (
     "Zero-shot scores are cosine similarities between the ECG and text descriptions, not probabilities."
 )
 INPUT_POLICY = (
-    f"Accepted: one 12-lead WFDB record (`.hea` + `.dat`, upload both) at {', '.join(map(str, ACCEPTED_RATES))} Hz, "
-    f"{MIN_SECONDS:g}-{MAX_SECONDS:g} s, at most {MAX_UPLOAD_BYTES // 2**20} MB. It is resampled to the model's rate."
+    "Accepted: one WFDB record (`.hea` + `.dat`, upload both) with 1 to 12 of the standard leads (12-lead, limb "
+    f"leads, 2-lead, single-lead) at {', '.join(map(str, ACCEPTED_RATES))} Hz, {MIN_SECONDS:g}-{MAX_SECONDS:g} s, at "
+    f"most {MAX_UPLOAD_BYTES // 2**20} MB. It is resampled to the model's rate; limb leads are derived from two of "
+    "I, II, III, and leads still missing are left out of the model (not fed as zeros)."
 )
 
 
@@ -110,11 +114,21 @@ def load_models(model_path: str, report_model_path: str | None = None) -> DemoMo
             "a test or quick-start model with random or barely trained weights: **its scores, neighbours and "
             "reports are meaningless**. They only show that the pipeline runs."
         )
+    accept_reduced_leads(processor.feature_extractor)
     models = DemoModels(model=model, processor=processor, name=str(model_path), warning=warning)
     if report_model_path:
         models.report_model, models.report_processor = load_report_model(report_model_path)
+        accept_reduced_leads(models.report_processor.feature_extractor)
         models.report_status = f"Report model: `{report_model_path}` (greedy decoding, {MAX_NEW_TOKENS} new tokens)."
     return models
+
+
+def accept_reduced_leads(feature_extractor) -> None:
+    """The demo's lead policy on the model's own feature extractor: limb leads derived from two of I, II, III, and
+    the leads still missing left out of the model (`lead_mask`). A 12-lead record is processed exactly as before."""
+    feature_extractor.derive_limb_leads = True
+    feature_extractor.missing_leads = "mask"
+    feature_extractor._validate_settings()
 
 
 def load_report_model(path: str):
@@ -189,9 +203,9 @@ def check_record(record: Path) -> dict:
             )
         if not (record.parent / name).is_file():
             raise DemoInputError(f"'{record.name}.hea' needs the signal file '{name}', which was not uploaded.")
-    if header.n_sig != REQUIRED_LEADS:
+    if header.n_sig > MAX_LEADS:
         raise DemoInputError(
-            f"'{record.name}' has {header.n_sig} leads; the demo needs a standard 12-lead ECG "
+            f"'{record.name}' has {header.n_sig} leads; the demo takes 1 to {MAX_LEADS} of the standard leads "
             "(I, II, III, aVR, aVL, aVF, V1-V6)."
         )
     if float(header.fs) not in ACCEPTED_RATES:
@@ -265,11 +279,18 @@ def plot_ecg(signal_mv: np.ndarray, sampling_rate: float, lead_names: list[str],
     return figure
 
 
-def zero_shot_table(models: DemoModels, ecg_values: torch.Tensor, label_set: str) -> list[list]:
+def zero_shot_table(
+    models: DemoModels, ecg_values: torch.Tensor, label_set: str, lead_mask: torch.Tensor | None = None
+) -> list[list]:
     descriptions = load_class_descriptions(label_set)
     labels = list(descriptions)
     result = zero_shot_classify(
-        models.model, models.processor, ecg_values=ecg_values, candidate_labels=labels, class_descriptions=label_set
+        models.model,
+        models.processor,
+        ecg_values=ecg_values,
+        candidate_labels=labels,
+        class_descriptions=label_set,
+        lead_mask=lead_mask,
     )
     scores = result["scores"][0]
     order = np.argsort(-scores, kind="stable")
@@ -302,8 +323,10 @@ class ExampleIndex:
         )
         self.embeddings = encode_ecgs(models.model, ecg_values["ecg_values"])
 
-    def nearest(self, models: DemoModels, ecg_values: torch.Tensor, count: int = 3) -> list[list]:
-        query = encode_ecgs(models.model, ecg_values)
+    def nearest(
+        self, models: DemoModels, ecg_values: torch.Tensor, count: int = 3, lead_mask: torch.Tensor | None = None
+    ) -> list[list]:
+        query = encode_ecgs(models.model, ecg_values, lead_mask=lead_mask)
         similarity = (query @ self.embeddings.T)[0].numpy()
         order = np.argsort(-similarity, kind="stable")[:count]
         return [
@@ -363,14 +386,15 @@ def analyse(models: DemoModels, index: ExampleIndex, files: list | None, example
             ) from error
     name = Path(record["record"]).name
     units = record["units"]
+    feature_extractor = models.processor.feature_extractor
     try:
-        ecg_values = models.processor.feature_extractor(
+        features = feature_extractor(
             record["signal"],
             sampling_rate=record["sampling_rate"],
             lead_names=record["lead_names"],
             units=units,
             return_tensors="pt",
-        )["ecg_values"]
+        )
     except EcgInputError as error:
         raise DemoInputError(str(error).replace("record 0", f"'{name}'")) from error
     to_mv = np.array([{"uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3}.get(u.lower(), 1.0) for u in units])
@@ -383,17 +407,31 @@ def analyse(models: DemoModels, index: ExampleIndex, files: list | None, example
         record["lead_names"],
         f"{name}: {len(record['lead_names'])} leads, {rate:g} Hz, {seconds:.1f} s",
     )
-    model_rate = models.processor.feature_extractor.sampling_rate
-    window = models.processor.feature_extractor.num_samples / model_rate
+    model_rate = feature_extractor.sampling_rate
+    window = feature_extractor.num_samples / model_rate
     resampled = f"Resampled {rate:g} Hz -> {model_rate} Hz; the" if rate != model_rate else "The"
+    ecg_values, lead_mask = features["ecg_values"], features.get("lead_mask")
     status = (
         f"Record `{name}`: {len(record['lead_names'])} leads, {rate:g} Hz, {seconds:.1f} s. "
         f"{resampled} model reads the central {window:g} s."
+        + lead_status(feature_extractor.lead_names, record["lead_names"], lead_mask)
     )
-    scores = zero_shot_table(models, ecg_values, label_set)
-    neighbours = index.nearest(models, ecg_values)
+    scores = zero_shot_table(models, ecg_values, label_set, lead_mask)
+    neighbours = index.nearest(models, ecg_values, lead_mask=lead_mask)
     report = generate_report(models, record["signal"], record)
     return figure, scores, neighbours, report, status
+
+
+def lead_status(model_leads: list[str], recorded: list[str], lead_mask: torch.Tensor | None) -> str:
+    """What the model made of a record with fewer leads: the limb leads derived, and the leads left out."""
+    present = [True] * len(model_leads) if lead_mask is None else lead_mask[0].tolist()
+    recorded = {str(lead).strip().lower() for lead in recorded}
+    derived = [lead for lead, used in zip(model_leads, present) if used and lead.lower() not in recorded]
+    missing = [lead for lead, used in zip(model_leads, present) if not used]
+    text = f" Derived from the recorded limb leads: {', '.join(derived)}." if derived else ""
+    if missing:
+        text += f" Not recorded, left out of the model: {', '.join(missing)}."
+    return text
 
 
 def create_demo(models: DemoModels) -> gr.Blocks:

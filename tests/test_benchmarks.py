@@ -9,6 +9,7 @@ from tests.conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import encoder_throughput  # noqa: E402
+import reduced_leads  # noqa: E402
 
 
 @pytest.mark.parametrize("row, mode", [("merit_encoder", "infer"), ("merit_pretraining", "train")])
@@ -46,3 +47,44 @@ def test_einsum_reference_runs_in_every_layer_and_computes_the_same_attention(mo
         reference = model(ecg).pooler_output
     assert len(calls) == model.config.num_hidden_layers
     torch.testing.assert_close(reference, fused, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_reduced_lead_benchmark_writes_one_row_per_lead_count(tmp_path):
+    """The reduced-lead benchmark on the bundled records with a tiny random model: every lead count gets its masked
+    and zero-filled value, and 12 leads (nothing missing) equal each other."""
+    import json
+
+    import torch
+
+    from merit_hf import MeritEcgModel, MeritFeatureExtractor
+    from tests.conftest import BUNDLED_PTBXL, tiny_ecg_config
+
+    torch.manual_seed(0)
+    MeritEcgModel(tiny_ecg_config()).save_pretrained(tmp_path / "model")
+    MeritFeatureExtractor.from_model_config(tiny_ecg_config()).save_pretrained(tmp_path / "model")
+    summary = reduced_leads.main(["--model_name_or_path", str(tmp_path / "model"), "--dataset", str(BUNDLED_PTBXL),
+                                  "--output_dir", str(tmp_path / "out"), "--max_epochs", "2", "--num_bootstrap", "0",
+                                  "--baseline", "false"])  # fmt: skip
+    rows = summary["robustness_superclass_seed0"]
+    assert sorted(rows) == [1, 2, 3, 6, 8, 12]
+    assert rows[12]["masked"] == rows[12]["zeroed"] is not None
+    assert rows[1]["masked"] != rows[1]["zeroed"]
+    written = json.loads((tmp_path / "out" / "robustness_superclass_seed0.json").read_text())
+    assert written["task"] == "robustness" and "leads_6_masked" in written["shifts"]
+    table = (tmp_path / "out" / "reduced_leads.md").read_text()
+    assert "| 2 | I, II |" in table and table.count("\n| ") == 9  # header, rule, clean, six lead counts
+
+
+def test_pretraining_memory_options_group_runs_every_option():
+    """The GPU measurement of issue 14 item 4 (peak memory and MFU per option) runs on CPU, tiny shape, one step."""
+    import pretrain_throughput
+
+    results = pretrain_throughput.memory_options_group("tiny-p75", 1, ["none", "selective", "full, half the layers"],
+                                                       warmup=0, steps=1, peak_tflops=1.0)  # fmt: skip
+    assert [result["option"] for result in results] == ["none", "selective", "full, half the layers"]
+    for result in results:
+        assert "error" not in result, result
+        assert result["ecgs_per_second"] > 0 and result["gflops_per_ecg"] > 0
+        assert result["mfu"] == pytest.approx(result["achieved_tflops"])  # against the given 1 TFLOP/s peak
+    assert len({result["gflops_per_ecg"] for result in results}) == 1  # model FLOPs: recomputation not counted

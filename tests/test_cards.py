@@ -98,6 +98,9 @@ def test_model_card_values_come_from_the_results_json(results_file, encoder_fold
     assert "label_set=superclass" in row and "label_fraction=0.1" in row
     assert "| leads, in this order | I II III aVR aVL aVF V1 V2 V3 V4 V5 V6 |" in text
     assert "250 Hz (any input rate >= 80 Hz is resampled" in text
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()  # the range the card states is the package's own
+    assert '"transformers>=5.24,<6"' in pyproject and "It needs\n`transformers>=5.24,<6`" in text
+    assert 'pipeline("feature-extraction", model="org/merit-ecg", trust_remote_code=True)' in text
     assert "Research use only" in text and "Wagner" in text
     assert 'AutoModel.from_pretrained("org/merit-ecg", trust_remote_code=True)' in text
 
@@ -178,7 +181,7 @@ def test_dataset_card_checks(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("name", ["ptbxl", "mimic_iv_ecg"])
+@pytest.mark.parametrize("name", ["ptbxl", "mimic_iv_ecg", "wfdb"])
 def test_shipped_dataset_cards_are_complete(name):
     card = REPO_ROOT / "dataset_scripts" / name / "README.md"
     if not card.is_file():

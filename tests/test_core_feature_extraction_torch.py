@@ -198,3 +198,38 @@ def test_bad_input_raises_the_same_error_on_both_paths(ptbxl_dir, what, batch, c
         fe(batch(signal), **kwargs)
     with pytest.raises(EcgInputError, match=re.escape(str(scipy_error.value))):
         fe(batch(signal), **kwargs, device="cpu")
+
+
+@pytest.mark.parametrize("normalization", ["zscore_lead", "zscore_record", "none"])
+def test_missing_leads_give_the_scipy_paths_lead_mask_and_values(ptbxl_dir, normalization):
+    """`missing_leads="mask"`: a full record, one with I, II and V1-V6 (limb leads not derived), one with lead II
+    alone; missing leads zero, `zscore_record` over the recorded leads only, `lead_mask` as the scipy path's."""
+    signal, names = _signal(ptbxl_dir)
+    eight = [0, 1, *range(6, 12)]
+    settings = {"missing_leads": "mask", "normalization": normalization}
+    ecgs = [signal, signal[:, eight], signal[:, [1]]]
+    lead_names = [names, [names[i] for i in eight], [names[1]]]
+    expected, actual = _both_paths(settings, ecgs, sampling_rate=500, lead_names=lead_names, return_tensors="pt")
+    torch.testing.assert_close(actual["lead_mask"], expected["lead_mask"])
+    assert actual["lead_mask"].sum(dim=1).tolist() == [12, 8, 1]
+    torch.testing.assert_close(actual["ecg_values"], expected["ecg_values"], rtol=0, atol=MAX_ABS_ERROR)
+    assert (actual["ecg_values"][1, 2:6] == 0).all() and (actual["ecg_values"][2, [0, *range(2, 12)]] == 0).all()
+    full = MeritFeatureExtractor()(signal, sampling_rate=500, lead_names=names, return_lead_mask=True, device="cpu")
+    assert full["lead_mask"].tolist() == [[True] * 12]
+
+
+@pytest.mark.parametrize("settings", [{}, {"window_stride": 700}, {"window_stride": 1000, "padding": True}])
+def test_sliding_windows_give_the_scipy_paths_windows(ptbxl_dir, settings):
+    """`window="sliding"`: the same windows (stride, end-aligned last window, a padded short record), `record_index`
+    and masks, records of two rates in one batch."""
+    signal, names = _signal(ptbxl_dir)
+    settings = {"window": "sliding", **settings}
+    ecgs = [signal, signal[::5]] + ([signal[:1800]] if settings.get("padding") else [signal[:4600]])
+    expected, actual = _both_paths(
+        settings, ecgs, sampling_rate=[500, 100, 500], lead_names=names, return_tensors="pt"
+    )
+    assert actual["record_index"].tolist() == expected["record_index"].tolist()
+    assert len(actual["record_index"]) > 3
+    if "ecg_attention_mask" in expected:
+        torch.testing.assert_close(actual["ecg_attention_mask"], expected["ecg_attention_mask"])
+    torch.testing.assert_close(actual["ecg_values"], expected["ecg_values"], rtol=0, atol=MAX_ABS_ERROR)

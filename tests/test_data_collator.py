@@ -74,8 +74,11 @@ def test_stored_preprocessed_values(rows):
 def test_arguments_are_checked():
     with pytest.raises(ValueError, match=r"num_classes is required with label_set='form'"):
         MeritCollator(MeritFeatureExtractor(), label_set="form")
-    with pytest.raises(ValueError, match="label_set must be one of"):
-        MeritCollator(MeritFeatureExtractor(), label_set="diagnostic", num_classes=44)
+    leads = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+    signal = np.sin(np.linspace(0, 60, 1000, dtype=np.float32))[:, None].repeat(12, axis=1)
+    row = {"signal": signal, "sampling_rate": 100, "lead_names": leads, "form": [0]}
+    with pytest.raises(KeyError, match=r"row 0 of the batch has no 'diagnostic' label column .*PTB-XL label sets"):
+        MeritCollator(MeritFeatureExtractor(), label_set="diagnostic", num_classes=44)([row])
     with pytest.raises(ValueError, match="empty_report must be one of"):
         MeritCollator(MeritFeatureExtractor(), empty_report="ignore")
 
@@ -107,3 +110,25 @@ def test_feature_extraction_device_runs_the_batched_torch_path(rows):
     batched = MeritCollator(extractor, feature_extraction_device="cpu")(batch)["ecg_values"]
     assert batched.device.type == "cpu" and batched.dtype == torch.float32
     torch.testing.assert_close(batched, expected, rtol=0, atol=1e-4)
+
+
+def test_precomputed_values_keep_the_lead_mask():
+    """Rows given only leads I and II: the stored `lead_mask` column reaches the batch as the collator computes it."""
+    from datasets import Dataset
+
+    dataset = build_ptbxl(BUNDLED_PTBXL, sampling_rate=100, ecg_ids=range(1, 5))["train"].with_format("numpy")
+    two_leads = Dataset.from_list(
+        [
+            {"signal": row["signal"][:, :2], "sampling_rate": row["sampling_rate"], "lead_names": ["I", "II"]}
+            for row in dataset
+        ]  # fmt: skip
+    )
+    extractor = MeritFeatureExtractor(missing_leads="mask")
+    stored = precompute_ecg_values(two_leads, extractor, batch_size=2)
+    stored_batch = MeritCollator(extractor)(list(stored.with_format("numpy")))
+    fresh_batch = MeritCollator(extractor)(list(two_leads.with_format("numpy")))
+    assert stored_batch["lead_mask"].tolist() == [[True, True] + [False] * 10] * len(two_leads)
+    torch.testing.assert_close(stored_batch["lead_mask"], fresh_batch["lead_mask"])
+    torch.testing.assert_close(stored_batch["ecg_values"], fresh_batch["ecg_values"])
+    with pytest.raises(ValueError, match="precompute_ecg_values stores one window per record"):
+        precompute_ecg_values(two_leads, MeritFeatureExtractor(window="sliding"))

@@ -102,6 +102,9 @@ def test_command_line_writes_parquet_per_split(tmp_path):
         table = load_dataset("parquet", data_files=str(out / f"{split}.parquet"), split="train")
         assert len(table) == summary["splits"][split]["rows"] > 0
         assert len(table[0]["ecg_embedding"]) == model.config.ecg_config.hidden_size
+        throughput = summary["splits"][split]["throughput"]  # merit_hf.training.throughput, per split
+        assert throughput["ecgs_seen"] == len(table) and throughput["flops_per_ecg"] > 0
+        assert throughput["ecgs_per_second"] * throughput["measured_seconds"] == pytest.approx(len(table))
     streamed = main(["--model_name_or_path", str(folder), "--dataset", str(BUNDLED_PTBXL), "--splits", "test",
                      "--output_dir", str(tmp_path / "streamed"), "--precision", "bf16", "--batch_size", "32",
                      "--streaming", "true"])  # fmt: skip
@@ -110,6 +113,55 @@ def test_command_line_writes_parquet_per_split(tmp_path):
     assert a["ecg_id"] == b["ecg_id"]
     np.testing.assert_allclose(np.asarray(a["ecg_embedding"]), np.asarray(b["ecg_embedding"]), rtol=1e-5, atol=1e-6)
     assert not list((tmp_path / "streamed").glob("*.partial"))
+
+
+def test_long_and_reduced_lead_records_get_one_embedding_each(splits, encoder):
+    """A 60 s record (six real 10 s records one after the other), a 10 s one and a lead-II-only one: with
+    `window="sliding"` each record's windows are embedded and pooled back into one row, the missing leads left out."""
+    from datasets import Dataset
+
+    train = splits["train"].with_format("numpy")
+    leads = list(train[0]["lead_names"])
+    minute = np.concatenate([train[i]["signal"] for i in range(6)])
+    rows = [
+        {"ecg_id": 1, "signal": minute, "sampling_rate": 100.0, "lead_names": leads},
+        {"ecg_id": 2, "signal": train[6]["signal"], "sampling_rate": 100.0, "lead_names": leads},
+        {"ecg_id": 3, "signal": train[7]["signal"][:, 1:2], "sampling_rate": 100.0, "lead_names": ["II"]},
+    ]
+    dataset = Dataset.from_list(rows)
+    extractor = MeritFeatureExtractor.from_model_config(encoder.config, window="sliding", missing_leads="mask")
+    inputs = extractor([row["signal"] for row in rows], sampling_rate=100, lead_names=[r["lead_names"] for r in rows],
+                       return_tensors="pt")  # fmt: skip
+    assert inputs["record_index"].tolist() == [0] * 7 + [1] * 2 + [2] * 2
+    with torch.no_grad():
+        windows = encoder(inputs["ecg_values"], lead_mask=inputs["lead_mask"]).pooler_output
+    for pooling, reduce in (("mean", torch.mean), ("max", torch.amax)):
+        embedded = embed_dataset(dataset, encoder, extractor, batch_size=2, device="cpu", window_pooling=pooling)
+        expected = torch.stack([reduce(windows[rows], dim=0) for rows in (slice(0, 7), slice(7, 9), slice(9, 11))])
+        assert embedded["ecg_id"] == [1, 2, 3]
+        np.testing.assert_allclose(np.asarray(embedded["ecg_embedding"]), expected.numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"window_pooling: must be one of \('mean', 'max'\), got 'sum'"):
+        embed_dataset(dataset, encoder, extractor, window_pooling="sum")
+
+
+def test_command_line_embeds_long_records_window_by_window(tmp_path):
+    from datasets import load_dataset
+
+    torch.manual_seed(0)
+    folder = tmp_path / "model"
+    MeritEcgModel(tiny_ecg_config()).save_pretrained(folder)
+    MeritFeatureExtractor.from_model_config(tiny_ecg_config()).save_pretrained(folder)
+    common = ["--model_name_or_path", str(folder), "--dataset", str(BUNDLED_PTBXL), "--splits", "test"]
+    single = main([*common, "--output_dir", str(tmp_path / "single")])
+    sliding = main([*common, "--output_dir", str(tmp_path / "sliding"), "--window", "sliding", "--window_stride", "125",
+                    "--window_pooling", "max", "--missing_leads", "mask"])  # fmt: skip
+    assert (single["window"], sliding["window"], sliding["window_pooling"]) == ("single", "sliding", "max")
+    a = load_dataset("parquet", data_files=single["splits"]["test"]["path"], split="train")
+    b = load_dataset("parquet", data_files=sliding["splits"]["test"]["path"], split="train")
+    assert a["ecg_id"] == b["ecg_id"] and len(b) > 0
+    assert not np.allclose(np.asarray(a["ecg_embedding"]), np.asarray(b["ecg_embedding"]))
+    with pytest.raises(ValueError, match="window_stride: only with --window sliding"):
+        main([*common, "--output_dir", str(tmp_path / "bad"), "--window_stride", "125"])
 
 
 @pytest.mark.parametrize("streaming", ["false", "true"])

@@ -11,10 +11,12 @@ import wfdb
 from merit_hf import MeritModel
 from merit_hf.evaluation.robustness import device_family, input_shifts, robustness_table, run_robustness
 from merit_hf.evaluation.shifts import (
+    LEAD_SUBSETS,
     LIMB_LEADS,
     acquired_at_rate,
     add_baseline_wander,
     add_white_noise,
+    keep_leads,
     measured_snr_db,
     resample_record,
     signal_power,
@@ -65,6 +67,16 @@ def test_missing_leads_are_zeroed_and_the_others_kept(record):
         zero_leads(signal, leads, ("V7",))
 
 
+def test_a_reduced_lead_record_has_only_its_leads(record):
+    signal, _, leads = record
+    for count, keep in LEAD_SUBSETS.items():
+        kept, names = keep_leads(signal, leads, keep)
+        assert kept.shape == (len(signal), count) and [name.upper() for name in names] == [k.upper() for k in keep]
+        np.testing.assert_array_equal(kept, signal[:, [leads.index(name) for name in names]])
+    with pytest.raises(ValueError, match="V7"):
+        keep_leads(signal, leads, ("I", "V7"))
+
+
 def test_resampling_changes_rate_and_length_but_not_the_waveform(record):
     signal, rate, _ = record
     upsampled, new_rate = resample_record(signal, rate, 500)
@@ -106,8 +118,8 @@ def test_shift_features_are_cached_per_parameters(tmp_path):
     model = MeritModel(tiny_merit_config()).eval()
     data = synthetic_ptbxl(sizes=(16, 8, 10))
     arguments = ProbeArguments(max_epochs=2, num_bootstrap=0, cache_dir=str(tmp_path / "cache"))
-    slow, fast = (input_shifts(device_rates=(), noise_snrs_db=(), wander_snrs_db=(0,), wander_frequency_hz=f)
-                  for f in (0.3, 5.0))  # fmt: skip
+    slow, fast = (input_shifts(device_rates=(), noise_snrs_db=(), wander_snrs_db=(0,), wander_frequency_hz=f,
+                               lead_counts=()) for f in (0.3, 5.0))  # fmt: skip
     first = run_robustness(model, data, "superclass", arguments=arguments, shifts=slow, group_columns=())
     second = run_robustness(model, data, "superclass", arguments=arguments, shifts=fast, group_columns=())
     uncached = run_robustness(
@@ -132,7 +144,7 @@ def test_robustness_reports_every_shift_for_model_and_baseline(tmp_path):
     model = MeritModel(tiny_merit_config()).eval()
     data = synthetic_ptbxl(sizes=(16, 8, 10))
     arguments = ProbeArguments(max_epochs=3, num_bootstrap=10)
-    shifts = input_shifts(noise_snrs_db=(10,), wander_snrs_db=(0,))
+    shifts = input_shifts(noise_snrs_db=(10,), wander_snrs_db=(0,), lead_counts=(1, 12))
     results = run_robustness(
         model, data, "superclass", arguments=arguments, shifts=shifts, output_file=tmp_path / "robustness.json"
     )
@@ -144,6 +156,10 @@ def test_robustness_reports_every_shift_for_model_and_baseline(tmp_path):
         "limb_leads_only",
         "precordial_leads_only",
         "lead_II_only",
+        "leads_1_masked",
+        "leads_1_zeroed",
+        "leads_12_masked",
+        "leads_12_zeroed",
         "device_CS-12_in",
         "device_CS-12_to_other",
         "site_0_in",
@@ -162,6 +178,9 @@ def test_robustness_reports_every_shift_for_model_and_baseline(tmp_path):
     clean = results["model"]["metrics"]["macro_auroc"]["value"]
     noisy = results["shifts"]["white_noise_10db"]["model"]["metrics"]["macro_auroc"]["value"]
     assert clean is not None and noisy is not None
+    auroc = lambda name: results["shifts"][name]["model"]["metrics"]["macro_auroc"]["value"]  # noqa: E731
+    assert auroc("leads_12_masked") == auroc("leads_12_zeroed") == clean  # all leads recorded: the clean input
+    assert auroc("leads_1_masked") != auroc("leads_1_zeroed")  # left out is not fed as zeros
     table = robustness_table(results)
     assert table.count("\n") == len(expected) + 2 and "| clean | - | 10 |" in table
     assert "baseline_wander_0db" in robustness_table(results, role="baseline")

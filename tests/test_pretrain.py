@@ -143,6 +143,13 @@ def test_run_from_yaml_loss_falls_and_saves_loadable_folder(reference):
     logged = read_log_history(output_dir)
     assert [entry["step"] for entry in logged] == list(range(1, STEPS + 1))
     assert [entry["train_loss"] for entry in logged] == history
+    for entry in logged:  # both terms' pull on the encoder, every logged step
+        assert entry["encoder_grad_norm_reconstruction"] > 0 and entry["encoder_grad_norm_contrastive"] > 0
+        share = entry["encoder_grad_norm_reconstruction"] / (
+            entry["encoder_grad_norm_reconstruction"] + entry["encoder_grad_norm_contrastive"]
+        )
+        assert entry["reconstruction_gradient_share"] == pytest.approx(share)
+    assert len(results["encoder_gradient_norms"]) == STEPS
     assert list((output_dir / "runs").rglob("events.out.tfevents*")), "no TensorBoard event file"
     model_dir = output_dir / "model"
     for name in ("config.json", "model.safetensors", "modeling_merit.py", "preprocessor_config.json",
@@ -435,3 +442,14 @@ def test_two_machines_on_one_host_equal_one_machine(reference, assets, tmp_path)
     assert results["num_processes"] == 2
     torch.testing.assert_close(torch.tensor(results["loss_history"]), torch.tensor(expected["loss_history"]),
                                rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def test_gradient_norm_balancing_adapts_and_logs_the_reconstruction_weight(assets, tmp_path):
+    """tiny.yaml logs (and so measures) every step; the interval's own schedule is unit-tested in test_objective."""
+    argv = base_argv(assets, tmp_path, loss_balancing="gradient_norm", max_steps=4, save_steps=4, eval_steps=0)
+    results = run_main(argv)
+    weights = [entry["reconstruction_weight"] for entry in read_log_history(tmp_path)]
+    assert len(weights) == 4 and weights[0] != 1.0 and len(set(weights)) == 4
+    assert all(1 / 100 <= weight <= 100 for weight in weights)
+    assert [entry["reconstruction_weight"] for entry in results["encoder_gradient_norms"]] == weights
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["loss_balancing"] == "gradient_norm"

@@ -322,6 +322,35 @@ def test_generate_never_emits_the_ecg_placeholder(parts):
         assert new[:, 0].tolist() == last.argmax(-1).tolist()
 
 
+def test_missing_leads_soft_tokens_are_left_out_of_the_language_model(parts):
+    """A two-lead ECG (`lead_mask`): whatever the missing leads hold, the LM's logits and the generated tokens are
+    the same, because the encoder leaves those leads out and their `<ecg>` positions are masked in the LM."""
+    model, processor = parts
+    processor.feature_extractor.missing_leads = "mask"
+    try:
+        ecgs = [ecg[:, :2] for ecg in ecg_batch(2)]
+        batch = processor(ecgs=ecgs, sampling_rate=100, lead_names=["I", "II"], text=[processor.format_prompt()] * 2)
+    finally:
+        processor.feature_extractor.missing_leads = "raise"
+    lead_mask = batch["lead_mask"]
+    assert lead_mask.tolist() == [[True, True] + [False] * 10] * 2
+    other = batch["ecg_values"].clone()
+    other[:, 2:] = torch.randn_like(other[:, 2:]) * 3
+    masked = model.mask_missing_lead_tokens(batch["input_ids"], batch["attention_mask"], lead_mask)
+    seen = masked.bool()  # the logits at masked positions are never read (no labels, no next token there)
+    with torch.no_grad():
+        logits = model(**batch).logits[seen]
+        torch.testing.assert_close(logits, model(**{**batch, "ecg_values": other}).logits[seen])
+        assert not torch.allclose(logits, model(**{**batch, "lead_mask": None}).logits[seen])
+    placeholders = batch["input_ids"] == model.config.ecg_token_index
+    per_lead = model.config.ecg_tokens_per_lead
+    assert masked[placeholders].reshape(2, 12, per_lead)[:, :2].all()
+    assert not masked[placeholders].reshape(2, 12, per_lead)[:, 2:].any()
+    options = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False}
+    new = model.generate(**batch, **options)
+    assert torch.equal(new, model.generate(**{**batch, "ecg_values": other}, **options))
+
+
 def test_save_pretrained_and_auto_class_reload(parts, tmp_path):
     from transformers import AutoModelForCausalLM, AutoProcessor
 
@@ -494,6 +523,10 @@ def test_report_lora_script_end_to_end(lm_dir, tmp_path):
     assert results["lora_loss_last"] < results["alignment_loss_first"]
     assert 0.0 <= results["eval"]["bleu_4"] <= 1.0 and "rougeL" in results["eval"]
     assert results["generation_speed"]["tokens_per_second"] > 0
+    for stage in ("alignment", "lora"):  # throughput totals of each stage (merit_hf.training.throughput)
+        throughput = results[f"{stage}_throughput"]
+        assert throughput["ecgs_seen"] == 16 and throughput["flops_per_ecg"] > 0  # 16 reports, 1 epoch
+        assert throughput["ecgs_per_second"] * throughput["measured_seconds"] == pytest.approx(throughput["ecgs_seen"])
     adapter = output_dir / "adapter"
     generation_config = json.loads((adapter / "generation_config.json").read_text())
     assert generation_config["max_new_tokens"] == 8

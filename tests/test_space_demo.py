@@ -172,15 +172,17 @@ def test_unreadable_upload_is_a_readable_error(space, tmp_path):
     )
 
 
-def write_record(directory, name, num_leads=12, rate=500, seconds=10.0, file_name=None):
+def write_record(directory, name, num_leads=12, rate=500, seconds=10.0, file_name=None, lead_names=None):
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
+    lead_names = lead_names or STANDARD_LEADS[:num_leads]
+    num_leads = len(lead_names)
     signal = rng.normal(scale=0.2, size=(int(rate * seconds), num_leads))
     wfdb.wrsamp(
         name,
         fs=rate,
         units=["mV"] * num_leads,
-        sig_name=STANDARD_LEADS[:num_leads],
+        sig_name=lead_names,
         p_signal=signal,
         fmt=["16"] * num_leads,
         write_dir=str(directory),
@@ -224,8 +226,12 @@ def bad_too_big(tmp_path):
     return files
 
 
-def bad_two_leads(tmp_path):
-    return write_record(tmp_path, "twolead", num_leads=2)
+def bad_fifteen_leads(tmp_path):
+    return write_record(tmp_path, "frank", lead_names=[*STANDARD_LEADS, "vx", "vy", "vz"])
+
+
+def bad_unknown_leads(tmp_path):
+    return write_record(tmp_path, "channels", lead_names=["ECG1", "ECG2"])
 
 
 def bad_200_hz(tmp_path):
@@ -246,7 +252,8 @@ BAD_INPUTS = {
     "file_outside_upload": (bad_outside_file, "names the signal file '../secret.dat', outside the upload"),
     "too_long": (bad_too_long, "'holter' lasts 120.0 s; the demo takes records of 9 to 60 s"),
     "too_big": (bad_too_big, "The upload is 6.1 MB; the demo takes records up to 5 MB"),
-    "two_leads": (bad_two_leads, "'twolead' has 2 leads; the demo needs a standard 12-lead ECG"),
+    "fifteen_leads": (bad_fifteen_leads, "'frank' has 15 leads; the demo takes 1 to 12 of the standard leads"),
+    "unknown_leads": (bad_unknown_leads, "'channels': unknown lead name 'ECG1'; expected leads ['I', 'II', 'III'"),
     "200_hz": (bad_200_hz, "'rate200' is sampled at 200 Hz; the demo accepts 100, 250, 500, 1000 Hz"),
     "truncated_dat": (bad_truncated_dat, re.compile(r"cut\.dat: .*truncated")),  # wording of read_wfdb_record
 }
@@ -261,6 +268,44 @@ def test_bad_input_gives_a_readable_error(space, tmp_path, case):
     text = str(error.value)
     assert message.search(text) if isinstance(message, re.Pattern) else message in text, text
     assert "Traceback" not in text and tempfile.gettempdir() not in text  # no stack, no server paths
+
+
+LIMB = "I, II, III, aVR, aVL, aVF"
+CHEST = "V1, V2, V3, V4, V5, V6"
+
+
+@pytest.mark.parametrize(
+    ("leads", "derived", "left_out"),
+    [
+        (["I"], None, f"II, III, aVR, aVL, aVF, {CHEST}"),  # a single-lead device
+        (["I", "II"], "III, aVR, aVL, aVF", CHEST),  # a two-lead Holter: the other limb leads derived
+        (STANDARD_LEADS[:6], None, CHEST),  # the six limb leads
+    ],
+)
+def test_reduced_lead_uploads_leave_the_missing_leads_out(space, tmp_path, leads, derived, left_out):
+    """1-, 2- and 6-lead uploads: the page says which leads were derived and which left out, and its scores,
+    neighbours and report are those of the merit_hf functions given the feature extractor's `lead_mask`."""
+    app, models, client, _ = space
+    files = write_record(tmp_path, "reduced", lead_names=leads)
+    _, scores, neighbours, report, status = analyse(client, files=files)
+    assert f"`reduced`: {len(leads)} leads, 500 Hz, 10.0 s" in status
+    assert (f"Derived from the recorded limb leads: {derived}." in status) == (derived is not None)
+    assert f"Not recorded, left out of the model: {left_out}." in status
+
+    read = app.read_wfdb_record(files[0])
+    features = models.processor.feature_extractor(
+        read["signal"], sampling_rate=500, lead_names=read["lead_names"], return_tensors="pt"
+    )
+    labels = ["CD", "HYP", "MI", "NORM", "STTC"]
+    common = {"ecg_values": features["ecg_values"], "candidate_labels": labels, "class_descriptions": "superclass"}
+    direct = app.zero_shot_classify(models.model, models.processor, lead_mask=features["lead_mask"], **common)
+    zero_filled = app.zero_shot_classify(models.model, models.processor, **common)
+    got = {row[0]: row[2] for row in scores["data"]}
+    for label, score in zip(labels, direct["scores"][0], strict=True):
+        assert got[label] == pytest.approx(float(score), abs=1e-4)
+    assert not np.allclose(direct["scores"], zero_filled["scores"], atol=1e-3), "the missing leads were fed as zeros"
+    assert len(neighbours["data"]) == 3
+    assert report == app.generate_report(models, read["signal"], read)
 
 
 def test_no_input_and_unknown_example_are_refused(space):

@@ -18,6 +18,7 @@ from .modeling_merit import (
     MeritForEcgClassification,
     MeritForPreTraining,
     MeritModel,
+    pool_window_embeddings,
 )
 from .modeling_merit_report import MeritForReportGeneration
 from .pipelines import ZeroShotEcgClassificationPipeline  # importing it registers "zero-shot-ecg-classification"
@@ -65,5 +66,6 @@ __all__ = [
     "MeritProcessor",
     "MeritReportConfig",
     "ZeroShotEcgClassificationPipeline",
+    "pool_window_embeddings",
     "zero_shot_classify",
 ]

@@ -405,12 +405,34 @@ def render_model_card(
         evaluation=evaluation,
         training=_training_text(runs, model_folder),
         data_citations=("Data:\n\n" + citations) if citations else "",
+        transformers_requirement=transformers_requirement(),
     )
     card = ModelCard(body)
     problems = model_card_problems(card)
     if problems:
         raise CardError("rendered card is invalid: " + "; ".join(problems))
     return card
+
+
+def transformers_requirement() -> str:
+    """The transformers version range the remote code needs: merit_hf's own requirement (pyproject.toml), read from
+    the installed package's metadata so that the card and the package cannot disagree."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+
+    try:
+        requirements = requires("merit_hf") or []
+    except PackageNotFoundError as error:
+        raise CardError(
+            "merit_hf is not installed (pip install -e .): its transformers requirement is unknown"
+        ) from error
+    for text in requirements:
+        requirement = Requirement(text)
+        if requirement.name.lower() == "transformers" and requirement.marker is None:
+            specifiers = sorted(str(specifier) for specifier in requirement.specifier)
+            return "transformers" + ",".join(sorted(specifiers, key=lambda specifier: specifier.startswith("<")))
+    raise CardError("merit_hf's metadata names no transformers requirement")
 
 
 def _default_metric_definitions() -> dict[str, str]:

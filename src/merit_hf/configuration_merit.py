@@ -16,8 +16,10 @@ from transformers.configuration_utils import SubConfigSpec
 
 STANDARD_LEAD_NAMES = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 CONTRASTIVE_INPUTS = ("full", "masked")
+LOSS_BALANCINGS = ("fixed", "gradient_norm")
 PROBLEM_TYPES = (None, "multi_label_classification", "single_label_classification", "regression")
 TEXT_POOLINGS = ("mean", "cls", "pooler")
+INITIALIZER_SCHEMES = ("xavier_uniform", "trunc_normal")
 
 
 def _require(condition: bool, config_name: str, field: str, problem: str) -> None:
@@ -55,7 +57,14 @@ class MeritEcgConfig(PreTrainedConfig):
         hidden_act (`str`): activation of the MLPs.
         hidden_dropout_prob, attention_probs_dropout_prob (`float`): dropout rates.
         layer_norm_eps (`float`): LayerNorm epsilon.
-        initializer_range (`float`): std of the truncated-normal init of linear layers.
+        initializer_range (`float`, defaults to 0.02): std of the normal init of the lead, separator and mask token
+            embeddings (ViT-MAE), and of linear layers under `initializer_scheme="trunc_normal"`.
+        initializer_scheme (`str`, defaults to `"xavier_uniform"`): init of the linear layers of the ECG tower, the
+            decoder and the projection heads. `"xavier_uniform"` with zero bias is what ViT-MAE's and ST-MEM's code
+            do; `"trunc_normal"` (std `initializer_range`, BERT/ViT) starves the masked-modelling branch: at
+            initialisation its gradient into the encoder was 1e-4 of the contrastive one, against 1.3 with xavier
+            (measured on the quick-start model; benchmarks/README.md). Only new weights are initialised: a
+            checkpoint's own weights are loaded as saved, whatever this field says.
         qkv_bias (`bool`): bias on query/key/value projections.
         use_separator_tokens (`bool`): add ST-MEM's learnable [SEP] token at both ends of every lead.
         mask_ratio (`float`, defaults to 0.75): fraction of each lead's patches hidden in masked ECG modelling.
@@ -89,6 +98,7 @@ class MeritEcgConfig(PreTrainedConfig):
     attention_probs_dropout_prob: float = 0.0
     layer_norm_eps: float = 1e-6
     initializer_range: float = 0.02
+    initializer_scheme: str = "xavier_uniform"
     qkv_bias: bool = True
     use_separator_tokens: bool = True
     mask_ratio: float = 0.75
@@ -163,6 +173,12 @@ class MeritEcgConfig(PreTrainedConfig):
         for field in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             value = getattr(self, field)
             _require(0.0 <= value < 1.0, name, field, f"must be in [0, 1), got {value}")
+        _require(
+            self.initializer_scheme in INITIALIZER_SCHEMES,
+            name,
+            "initializer_scheme",
+            f"must be one of {INITIALIZER_SCHEMES}, got {self.initializer_scheme!r}",
+        )
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> MeritEcgConfig:
@@ -228,9 +244,33 @@ class MeritConfig(PreTrainedConfig):
             how sentence-transformers models were trained), `"cls"` (first token) or `"pooler"` (the encoder's
             `pooler_output`, MERL's choice for MedCPT).
         logit_scale_init_value (`float`, defaults to ln(1/0.07)): initial log inverse temperature (CLIP).
-        logit_scale_max (`float`, defaults to ln(100)): the log inverse temperature is clamped here (CLIP).
+        logit_scale_max (`float`, defaults to ln(100)): cap of the log inverse temperature (CLIP). Training clamps
+            the parameter after each optimizer step (`MeritModel.clamp_logit_scale_`, open_clip's recipe), never
+            inside `forward`, where a clamp would leave a capped temperature with no gradient to come back by.
         reconstruction_weight (`float`, defaults to 1.0): weight of the masked-patch MSE.
         contrastive_weight (`float`, defaults to 1.0): weight of the symmetric InfoNCE.
+
+            What the weights mean. MERIT maximises information the ECG embedding Z keeps about the signal X and about
+            the report T. With a Gaussian decoder of noise variance s^2, the Barber-Agakov bound gives
+            I(Z; X_hidden) >= const - D / (2 s^2) * MSE (D: hidden samples, MSE: their mean, what
+            `reconstruction_loss` is), and InfoNCE gives I(Z; T) >= log N - contrastive_loss (N: the batch). So
+            maximising I(Z; X_hidden) + beta * I(Z; T) is minimising
+            `reconstruction_weight * reconstruction_loss + contrastive_weight * contrastive_loss` with
+            `reconstruction_weight / contrastive_weight = D / (2 s^2 beta)`. The bound fixes the ratio only once the
+            decoder's noise s^2 and beta (nats of report information worth one nat of signal information) are
+            chosen, and the paper gives neither. The defaults 1 : 1 are therefore set by measurement: with xavier
+            init both terms send gradients of the same size into the encoder at the start (ratio 0.9 on the
+            quick-start model), and benchmarks/README.md ("Ablation") shows how the share moves during training.
+        loss_balancing (`str`, defaults to `"fixed"`): `"fixed"` uses the two weights as given. `"gradient_norm"`
+            rescales the reconstruction weight during pretraining so that both terms send gradients of the same norm
+            into the ECG encoder (re-measured every `loss_balancing_interval` optimizer steps, smoothed, within
+            `loss_balancing_max_ratio` of `reconstruction_weight` either way): the contrastive term otherwise takes
+            over the shared encoder and masked modelling stalls (benchmarks/README.md, "Ablation"). The training
+            loop applies it (`merit_hf.training.pretrain.ReconstructionWeightBalancer`); the model's own
+            `forward` takes the weight as `reconstruction_weight=`.
+        loss_balancing_interval (`int`, defaults to 10): optimizer steps between two measurements.
+        loss_balancing_max_ratio (`float`, defaults to 100.0): bound of the balanced weight relative to
+            `reconstruction_weight`.
         contrastive_input (`str`, defaults to `"full"`): which ECG the contrastive branch embeds: `"full"` (a second,
             unmasked pass) or `"masked"` (reuse the masked pass, FLIP-style, cheaper).
         gather_contrastive_features (`bool`, defaults to `True`): under `torch.distributed`, gather both embeddings
@@ -261,6 +301,9 @@ class MeritConfig(PreTrainedConfig):
     contrastive_weight: float = 1.0
     contrastive_input: str = "full"
     gather_contrastive_features: bool = True
+    loss_balancing: str = "fixed"
+    loss_balancing_interval: int = 10
+    loss_balancing_max_ratio: float = 100.0
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -281,6 +324,19 @@ class MeritConfig(PreTrainedConfig):
         )
         for field in ("reconstruction_weight", "contrastive_weight"):
             _require(getattr(self, field) >= 0, name, field, f"must be >= 0, got {getattr(self, field)}")
+        _require(
+            self.loss_balancing in LOSS_BALANCINGS,
+            name,
+            "loss_balancing",
+            f"must be one of {LOSS_BALANCINGS}, got {self.loss_balancing!r}",
+        )
+        _require_positive_ints(self, ("loss_balancing_interval",))
+        _require(
+            self.loss_balancing_max_ratio >= 1,
+            name,
+            "loss_balancing_max_ratio",
+            f"must be >= 1, got {self.loss_balancing_max_ratio}",
+        )
         _require(
             self.reconstruction_weight > 0 or self.contrastive_weight > 0,
             name,

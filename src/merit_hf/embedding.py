@@ -10,13 +10,21 @@ written in parts with the stream's state, so a run that stops resumes after its 
         --output_dir embeddings --precision bf16
     accelerate launch --multi_gpu --num_processes 8 -m merit_hf.embedding --model_name_or_path <checkpoint> \\
         --dataset_name mimic_iv_ecg --dataset <converted MIMIC-IV-ECG> --splits train --output_dir mimic_embeddings
+    python -m merit_hf.embedding --model_name_or_path <checkpoint> --dataset_name wfdb --dataset <converted folder> \\
+        --split_fractions 0.8 0.1 0.1 --split_seed 0 --keep_columns ecg_id record   # any WFDB folder, converted
 
 For many ECGs on CPU pick a `small-p125` checkpoint and `--precision bf16` (benchmarks/README.md). Every record is
-centre-cropped to the encoder's window, as in the linear-probe protocol.
+centre-cropped to the encoder's window, as in the linear-probe protocol; long records (a 60 s strip, a Holter) can
+instead be embedded window by window and pooled per record, and records without some leads from the leads they have:
+
+    python -m merit_hf.embedding --model_name_or_path <checkpoint> --dataset <data> --window sliding \
+        --window_pooling mean --missing_leads mask
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 import sys
@@ -27,11 +35,23 @@ from typing import Any
 
 import torch
 
-from .feature_extraction_merit import MeritFeatureExtractor
+from .data.wfdb_folder import DEFAULT_SPLIT_FRACTIONS
+from .feature_extraction_merit import MISSING_LEAD_POLICIES, WINDOWS, MeritFeatureExtractor
+from .modeling_merit import WINDOW_POOLINGS
 from .training.arguments import parse_arguments
-from .training.probe import _model_fingerprint, ecg_encoder, ecg_values_batch, load_encoder, load_feature_extractor
+from .training.probe import (
+    _model_fingerprint,
+    ecg_encoder,
+    ecg_model_inputs,
+    encoder_inputs,
+    load_encoder,
+    load_feature_extractor,
+    record_embeddings,
+)
+from .training.throughput import ThroughputMeter
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DATASET_NAMES = ("ptbxl", "mimic_iv_ecg", "wfdb")
 REQUIRED_COLUMNS = ("signal", "sampling_rate", "lead_names")
 
 
@@ -45,6 +65,8 @@ def embed_dataset(
     column: str = "ecg_embedding",
     keep_columns: Sequence[str] = ("ecg_id",),
     weights_fingerprint: str | None = None,
+    window_pooling: str = "mean",
+    meter: ThroughputMeter | None = None,
     feature_extraction_device: torch.device | str | None = None,
 ):
     """`dataset` (a `datasets.Dataset` or `IterableDataset` in the merit_hf schema) with the MERIT embedding of every
@@ -57,6 +79,10 @@ def embed_dataset(
         device: defaults to CUDA when available.
         weights_fingerprint: the encoder's weight fingerprint for the map-style cache key, when the caller has it
             (the command line computes it once for all splits); computed here otherwise.
+        window_pooling: `"mean"` or `"max"` of the window embeddings of a record, when the feature extractor cuts
+            records into windows (`window="sliding"`); each record still gets one embedding.
+        meter: a `merit_hf.training.throughput.ThroughputMeter` that times each batch as it is embedded (the feature
+            extractor as data wait, FLOPs per ECG of the encoder's forward); nothing is timed when `None`.
         feature_extraction_device: `None` (default) prepares each record with the feature extractor's scipy path on
             the CPU; `"encoder"` runs its batched torch path on the encoder's device (each process's own GPU under
             `accelerate launch`), or name a device (`"cpu"`). Equal to the scipy path within float32 rounding
@@ -64,6 +90,8 @@ def embed_dataset(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision: must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if window_pooling not in WINDOW_POOLINGS:
+        raise ValueError(f"window_pooling: must be one of {WINDOW_POOLINGS}, got {window_pooling!r}")
     columns = list(dataset.column_names or (dataset.features or {}))
     missing = [name for name in REQUIRED_COLUMNS if name not in columns]
     if missing:
@@ -78,15 +106,21 @@ def embed_dataset(
     )
     encoder = encoder.to(device).eval()
     autocast_dtype = PRECISIONS[precision]
+    if meter is not None and meter.model is None:
+        meter.model = encoder
     extraction_device = device if feature_extraction_device == "encoder" else feature_extraction_device
 
     def embed(rows: dict[str, list]) -> dict[str, Any]:
-        ecg_values = ecg_values_batch(feature_extractor, rows, crop="center", device=extraction_device).to(device)
+        with meter.waiting() if meter is not None else contextlib.nullcontext():
+            inputs = ecg_model_inputs(feature_extractor, rows, crop="center", device=extraction_device)
+        if meter is not None:
+            meter.count_flops_once(lambda batch: encoder(**batch).pooler_output, encoder_inputs(inputs, device), False)
+            meter.step(len(inputs["ecg_values"]))
         with (
             torch.inference_mode(),
             torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None),
         ):
-            pooled = encoder(ecg_values).pooler_output
+            pooled = record_embeddings(encoder, inputs, device, window_pooling)
         return {column: pooled.float().cpu().numpy()}
 
     options: dict[str, Any] = {
@@ -97,6 +131,8 @@ def embed_dataset(
     if hasattr(dataset, "_fingerprint"):  # map-style: a fingerprint that a re-run reproduces, so its cache is reused
         weights = weights_fingerprint or _model_fingerprint(encoder)
         key = [weights, feature_extractor.to_json_string(), precision, column, list(keep_columns)]
+        if feature_extractor.window == "sliding":  # keys of single-window runs stay what they were
+            key.append(window_pooling)
         key += [str(extraction_device)] if extraction_device is not None else []  # float32 rounding apart
         options["new_fingerprint"] = hashlib.sha1(
             json.dumps([dataset._fingerprint, key, batch_size]).encode()
@@ -228,9 +264,14 @@ class EmbeddingArguments:
     )
     dataset: str = field(
         default="data/ptbxl_sample",
-        metadata={"help": "A PTB-XL folder, a converted dataset (folder or Hub id) or, with mimic_iv_ecg, MIMIC's."},
+        metadata={
+            "help": "A PTB-XL folder, a converted dataset (folder or Hub id) or, with mimic_iv_ecg / wfdb, theirs."
+        },
     )
-    dataset_name: str = field(default="ptbxl", metadata={"help": "'ptbxl' or 'mimic_iv_ecg'."})
+    dataset_name: str = field(
+        default="ptbxl",
+        metadata={"help": "'ptbxl', 'mimic_iv_ecg' or 'wfdb' (a folder converted by dataset_scripts/wfdb)."},
+    )
     sampling_rate: int = field(default=100, metadata={"help": "Which PTB-XL records to read (100 or 500 Hz)."})
     splits: list[str] = field(default_factory=lambda: ["train", "validation", "test"])
     streaming: bool = field(default=False, metadata={"help": "Stream the splits (always on for MIMIC-IV-ECG)."})
@@ -251,6 +292,33 @@ class EmbeddingArguments:
         default=10_000,
         metadata={"help": "Streamed splits: rows per finished part; a stopped run resumes after the last one."},
     )
+    window: str | None = field(
+        default=None,
+        metadata={
+            "help": "'single': one centre window per record; 'sliding': every window of the record, pooled per "
+            "record (--window_stride, --window_pooling). Default: the checkpoint's feature-extractor setting."
+        },
+    )
+    window_stride: int | None = field(
+        default=None,
+        metadata={"help": "With --window sliding: samples (at the model's rate) between windows; default one window."},
+    )
+    window_pooling: str = field(default="mean", metadata={"help": "'mean' or 'max' of a record's window embeddings."})
+    missing_leads: str | None = field(
+        default=None,
+        metadata={
+            "help": "'mask': a record without some of the model's leads is embedded from the leads it has (the "
+            "missing ones are left out); 'raise'. Default: the checkpoint's feature-extractor setting."
+        },
+    )
+    split_column: str | None = field(
+        default=None, metadata={"help": "wfdb: a column of train / validation / test (else a seeded split)."}
+    )
+    split_fractions: list[float] = field(
+        default_factory=lambda: list(DEFAULT_SPLIT_FRACTIONS),
+        metadata={"help": "wfdb: train, validation, test fractions of the seeded split (patients kept whole)."},
+    )
+    split_seed: int = field(default=0, metadata={"help": "wfdb: the seed of that split."})
     feature_extraction_device: str | None = field(
         default=None,
         metadata={
@@ -260,14 +328,23 @@ class EmbeddingArguments:
     )
 
     def __post_init__(self):
-        if self.dataset_name not in ("ptbxl", "mimic_iv_ecg"):
-            raise ValueError(f"dataset_name: must be 'ptbxl' or 'mimic_iv_ecg', got {self.dataset_name!r}")
+        if self.dataset_name not in DATASET_NAMES:
+            raise ValueError(f"dataset_name: must be one of {DATASET_NAMES}, got {self.dataset_name!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every: must be >= 1, got {self.checkpoint_every}")
+        for name, value, allowed in (
+            ("window", self.window, WINDOWS),
+            ("window_pooling", self.window_pooling, WINDOW_POOLINGS),
+            ("missing_leads", self.missing_leads, MISSING_LEAD_POLICIES),
+        ):
+            if value is not None and value not in allowed:
+                raise ValueError(f"{name}: must be one of {allowed}, got {value!r}")
+        if self.window_stride is not None and self.window != "sliding":
+            raise ValueError("window_stride: only with --window sliding")
         if (self.num_shards is None) != (self.shard_index is None):
             raise ValueError("num_shards and shard_index go together: give both or neither")
         if self.num_shards is not None and not 0 <= self.shard_index < self.num_shards:
@@ -279,9 +356,21 @@ def load_splits(arguments: EmbeddingArguments, shard_index: int = 0, num_shards:
     (`split_dataset_by_node`, through the loaders' own `rank` / `world_size` where they have them)."""
     from datasets.distributed import split_dataset_by_node
 
-    from .data import build_ptbxl, load_mimic_iv_ecg, load_ptbxl
+    from .data import build_ptbxl, load_mimic_iv_ecg, load_ptbxl, load_wfdb_dataset
 
     node = {"rank": shard_index, "world_size": num_shards} if num_shards > 1 else {}
+    if arguments.dataset_name == "wfdb":
+        everything = load_wfdb_dataset(
+            arguments.dataset, split_column=arguments.split_column, split_fractions=arguments.split_fractions,
+            seed=arguments.split_seed, streaming=arguments.streaming,
+        )  # fmt: skip
+        unknown = [split for split in arguments.splits if split not in everything]
+        if unknown:
+            raise ValueError(f"splits {unknown}: {arguments.dataset} has {sorted(everything)}")
+        return {
+            split: split_dataset_by_node(everything[split], **node) if node else everything[split]
+            for split in arguments.splits
+        }
     if arguments.dataset_name == "mimic_iv_ecg":
         return {
             split: load_mimic_iv_ecg(arguments.dataset, split=split, streaming=True, **node)
@@ -310,6 +399,20 @@ def load_splits(arguments: EmbeddingArguments, shard_index: int = 0, num_shards:
     return splits
 
 
+def with_input_settings(feature_extractor: MeritFeatureExtractor, arguments: EmbeddingArguments):
+    """A copy of the checkpoint's feature extractor with the command line's window and missing-lead settings."""
+    settings = {"window": arguments.window, "window_stride": arguments.window_stride}
+    settings["missing_leads"] = arguments.missing_leads
+    settings = {name: value for name, value in settings.items() if value is not None}
+    if not settings:
+        return feature_extractor
+    adjusted = copy.deepcopy(feature_extractor)
+    for name, value in settings.items():
+        setattr(adjusted, name, value)
+    adjusted._validate_settings()
+    return adjusted
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Embed every split of `--dataset`; returns `{split: {"path", "rows"}}` (also `output_dir/embeddings.json`)."""
     (arguments,) = parse_arguments((EmbeddingArguments,), sys.argv[1:] if argv is None else argv)
@@ -321,15 +424,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     num_shards = arguments.num_shards if arguments.num_shards is not None else state.num_processes
     shard_index = arguments.shard_index if arguments.shard_index is not None else state.process_index
     encoder, name = load_encoder(arguments.model_name_or_path)
-    feature_extractor = load_feature_extractor(arguments.model_name_or_path, encoder)
+    feature_extractor = with_input_settings(load_feature_extractor(arguments.model_name_or_path, encoder), arguments)
     output_dir = Path(arguments.output_dir)
     suffix = f"-{shard_index:05d}-of-{num_shards:05d}" if num_shards > 1 else ""
     weights = _model_fingerprint(encoder)  # once: the cache key of every map-style split and the resume key
     what = [weights, feature_extractor.to_json_string(), arguments.precision, arguments.dataset]
     what += [arguments.dataset_name, arguments.sampling_rate, arguments.keep_columns, shard_index, num_shards]
+    if feature_extractor.window == "sliding":
+        what.append(arguments.window_pooling)
+    if arguments.dataset_name == "wfdb":  # the split decides which records a split file holds
+        what += [arguments.split_column, arguments.split_fractions, arguments.split_seed]
     what += [arguments.feature_extraction_device] if arguments.feature_extraction_device is not None else []
     written = {}
     for split, dataset in load_splits(arguments, shard_index, num_shards).items():
+        meter = ThroughputMeter(state.device)
         embedded = embed_dataset(
             dataset,
             encoder,
@@ -339,6 +447,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             device=state.device,
             keep_columns=arguments.keep_columns,
             weights_fingerprint=weights,
+            window_pooling=arguments.window_pooling,
+            meter=meter,
             feature_extraction_device=arguments.feature_extraction_device,
         )
         path = output_dir / f"{split}{suffix}.parquet"
@@ -346,11 +456,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         rows = write_parquet(embedded, path, resume_key=resume_key, checkpoint_every=arguments.checkpoint_every)
         written[split] = {"path": str(path), "rows": rows}
         print(f"{split}: {rows} embeddings -> {path}", flush=True)
+        totals = meter.totals()
+        if totals["steps_measured"]:  # nothing was embedded when the datasets cache already held the split
+            written[split]["throughput"] = totals
+            shown = ", ".join(f"{key} {value:.4g}" for key, value in totals.items() if not isinstance(value, str))
+            print(f"{split}: {shown}", flush=True)
     summary = {
         "model": name,
         "dataset": arguments.dataset,
         "precision": arguments.precision,
         "hidden_size": encoder.config.hidden_size,
+        "window": feature_extractor.window,
+        **({"window_pooling": arguments.window_pooling} if feature_extractor.window == "sliding" else {}),
         "shard": {"index": shard_index, "num_shards": num_shards},
         "splits": written,
     }

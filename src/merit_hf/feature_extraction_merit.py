@@ -8,6 +8,8 @@ saved with every checkpoint as `preprocessor_config.json`:
 2. leads: names matched case-insensitively (`AVR`, `aVR`, `avr`) and reordered to `lead_names` of the config; a
    missing lead raises, unless `derive_limb_leads=True` asks for the documented repair (Einthoven / Goldberger); so
    does a lead the model does not use (e.g. the Frank X/Y/Z leads of a 15-lead record), unless `drop_extra_leads=True`;
+   with `missing_leads="mask"`, any subset of the leads is accepted: the missing ones are zeros in `ecg_values` and
+   `False` in the returned `lead_mask` `(batch, num_leads)`, and the models leave their tokens out;
 3. NaN / inf: raise naming the record and lead, unless `nan_policy="interpolate"` (linear in time);
 4. units: converted to mV (`V`, `mV`, `uV`/`µV`/`μV`); an unknown unit raises; a signal that says mV but is
    hundreds of mV wide (almost always µV mislabelled) raises;
@@ -16,7 +18,8 @@ saved with every checkpoint as `preprocessor_config.json`:
 6. band-pass (zero-phase Butterworth, 0.67-40 Hz by default, ST-MEM);
 7. window: records longer than `num_samples` are cropped (`crop="center"` for inference, `"random"` for
    training, `"start"`); shorter ones raise unless `padding=True`, which pads with zeros at the end and returns
-   `ecg_attention_mask`;
+   `ecg_attention_mask`; `window="sliding"` instead cuts the whole record into windows every `window_stride` samples
+   (the last one aligned to the record's end) and returns `record_index`, the record each window came from;
 8. normalise each record (`normalization="zscore_lead"` by default: every lead to mean 0, std 1).
 
 Every error names the record (its path, or its index in the batch) and the problem. This file is Hub remote code:
@@ -43,6 +46,8 @@ UNIT_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3, "nv": 1
 NAN_POLICIES = ("raise", "interpolate")
 NORMALIZATIONS = ("zscore_lead", "zscore_record", "none")
 CROPS = ("center", "random", "start")
+MISSING_LEAD_POLICIES = ("raise", "mask")
+WINDOWS = ("single", "sliding")
 # An ECG spans a few mV; a lead whose 99th percentile of |x - median| exceeds this is almost always a unit error.
 DEFAULT_MAX_AMPLITUDE_MV = 30.0
 
@@ -223,6 +228,18 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             is an error unless you ask for the repair.
         drop_extra_leads (`bool`, defaults to `False`): drop leads that are not in `lead_names` (e.g. the Frank
             leads `vx`, `vy`, `vz` of PTB's 15-lead records) instead of raising on them.
+        missing_leads (`str`, defaults to `"raise"`): what a record without some of `lead_names` does: `"raise"`,
+            or `"mask"`: any non-empty subset is accepted, the missing leads are zeros in `ecg_values`, and
+            `lead_mask` `(batch, num_leads)` (`True` = recorded) is returned; the models then leave the missing
+            leads' tokens out (a wearable's lead I, a Holter's two leads). With `derive_limb_leads=True` the limb
+            leads that can be derived are derived first, and only the rest is masked.
+        window (`str`, defaults to `"single"`): `"single"` (one `num_samples` window per record, see `crop`) or
+            `"sliding"`: every window of `num_samples` samples, `window_stride` apart, the last one aligned to the
+            record's end so that the whole record is covered; each window is normalised on its own (as the model
+            saw its training crops) and `record_index` `(num_windows,)` says which record it came from
+            (`pool_window_embeddings` pools the window embeddings back per record).
+        window_stride (`int`, *optional*): samples (at `sampling_rate`) between window starts with
+            `window="sliding"`; defaults to `num_samples` (windows that touch, no overlap).
         max_amplitude_mv (`float`, defaults to 30.0): a lead whose 99th percentile of |x - median| exceeds this
             (after unit conversion) raises as a likely unit error (an ECG spans a few mV).
         min_sampling_rate_factor (`float`, defaults to 2.0): inputs below `factor * lowpass_hz` Hz raise (their
@@ -241,7 +258,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
     (1, 12, 2250)
     ```"""
 
-    model_input_names = ["ecg_values", "ecg_attention_mask"]
+    model_input_names = ["ecg_values", "ecg_attention_mask", "lead_mask"]
 
     def __init__(
         self,
@@ -260,6 +277,9 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         max_amplitude_mv: float = DEFAULT_MAX_AMPLITUDE_MV,
         min_sampling_rate_factor: float = 2.0,
         seed: int | None = None,
+        missing_leads: str = "raise",
+        window: str = "single",
+        window_stride: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -278,6 +298,9 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         self.max_amplitude_mv = float(max_amplitude_mv)
         self.min_sampling_rate_factor = float(min_sampling_rate_factor)
         self.seed = seed
+        self.missing_leads = missing_leads
+        self.window = window
+        self.window_stride = None if window_stride is None else int(window_stride)
         self._validate_settings()
         self._rng = np.random.default_rng(seed)
         self._rng_worker_seed = None  # the DataLoader worker the generator was last seeded for
@@ -291,6 +314,17 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             (self.crop in CROPS, "crop", f"must be one of {CROPS}, got {self.crop!r}"),
             (self.nan_policy in NAN_POLICIES, "nan_policy", f"must be one of {NAN_POLICIES}"),
             (len({n.lower() for n in self.lead_names}) == len(self.lead_names), "lead_names", "has duplicates"),
+            (
+                self.missing_leads in MISSING_LEAD_POLICIES,
+                "missing_leads",
+                f"must be one of {MISSING_LEAD_POLICIES}, got {self.missing_leads!r}",
+            ),
+            (self.window in WINDOWS, "window", f"must be one of {WINDOWS}, got {self.window!r}"),
+            (
+                self.window_stride is None or self.window_stride > 0,
+                "window_stride",
+                f"must be positive, got {self.window_stride}",
+            ),
         ]
         nyquist = self.sampling_rate / 2
         if self.lowpass_hz is not None:
@@ -304,6 +338,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
+        output["window"] = self.window  # transformers drops a `window` attribute (audio extractors' window arrays)
         output.pop("_rng", None)
         output.pop("_rng_worker_seed", None)
         return output
@@ -330,6 +365,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         crop: str | None = None,
         return_attention_mask: bool | None = None,
         device: str | Any | None = None,
+        return_lead_mask: bool | None = None,
         **kwargs,
     ) -> BatchFeature:
         r"""
@@ -349,6 +385,11 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
                 the same validation and errors, scipy's filters, float32; tests/test_core_feature_extraction_torch.py
                 bounds the difference, benchmarks/README.md the speed). With `return_tensors="pt"` the tensors stay on
                 that device.
+            return_lead_mask: return `lead_mask` `(batch, num_leads)` bool (`True` = the lead was recorded): `True`
+                always, `False` never, `None` (default) when `missing_leads="mask"`.
+
+        With `window="sliding"` the batch holds one row per window, and `record_index` `(num_windows,)` gives the
+        index of the record each window came from.
         """
         if kwargs:
             raise TypeError(f"{type(self).__name__}() got unexpected arguments {sorted(kwargs)}")
@@ -360,33 +401,54 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         if crop not in CROPS:
             raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
         with_mask = padding if return_attention_mask is None else return_attention_mask
+        with_lead_mask = self.missing_leads == "mask" if return_lead_mask is None else return_lead_mask
         if device is not None:
             return self._batched_on_device(records, sampling_rate, lead_names, units, padding, crop, device,
-                                           with_mask, return_tensors)  # fmt: skip
-        values, masks = [], []
+                                           with_mask, with_lead_mask, return_tensors)  # fmt: skip
+        values, masks, lead_masks, record_index = [], [], [], []
         for index, record in enumerate(records):
             rate = self._per_record(sampling_rate, index, len(records), "sampling_rate")
             names = lead_names[index] if _is_list_of_lists(lead_names) else lead_names
-            ecg, mask = self.process_one(record, rate, names, units, padding=padding, crop=crop, index=index)
+            ecg, mask, present = self.process_one(record, rate, names, units, padding=padding, crop=crop, index=index)
             values.append(ecg)
             masks.append(mask)
-        data = {"ecg_values": np.stack(values).astype(np.float32)}
+            lead_masks.append(np.broadcast_to(present, (len(ecg), len(present))))
+            record_index.append(np.full(len(ecg), index, dtype=np.int64))
+        data = {"ecg_values": np.concatenate(values).astype(np.float32)}
         if with_mask:
-            data["ecg_attention_mask"] = np.stack(masks).astype(np.int64)
+            data["ecg_attention_mask"] = np.concatenate(masks).astype(np.int64)
+        if with_lead_mask:
+            data["lead_mask"] = np.concatenate(lead_masks).astype(bool)
+        if self.window == "sliding":
+            data["record_index"] = np.concatenate(record_index)
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def _batched_on_device(
-        self, records, sampling_rate, lead_names, units, padding, crop, device, with_mask, return_tensors
+        self,
+        records,
+        sampling_rate,
+        lead_names,
+        units,
+        padding,
+        crop,
+        device,
+        with_mask,
+        with_lead_mask,
+        return_tensors,
     ) -> BatchFeature:
         """`__call__` with `device=`: the batched torch DSP, the outputs left on `device` for `return_tensors="pt"`."""
         import torch
 
         from .feature_extraction_torch_merit import extract_batch
 
-        values, mask = extract_batch(
-            self, records, sampling_rate, lead_names, units, padding, crop, torch.device(device)
-        )
-        data = {"ecg_values": values, "ecg_attention_mask": mask} if with_mask else {"ecg_values": values}
+        outputs = extract_batch(self, records, sampling_rate, lead_names, units, padding, crop, torch.device(device))
+        data = {"ecg_values": outputs["ecg_values"]}
+        if with_mask:
+            data["ecg_attention_mask"] = outputs["ecg_attention_mask"]
+        if with_lead_mask:
+            data["lead_mask"] = outputs["lead_mask"]
+        if self.window == "sliding":
+            data["record_index"] = outputs["record_index"]
         if return_tensors != "pt":
             data = {key: value.cpu().numpy() for key, value in data.items()}
         return BatchFeature(data=data, tensor_type=return_tensors)
@@ -423,12 +485,17 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         padding: bool = False,
         crop: str = "center",
         index: int = 0,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """One record through the whole contract; returns `(ecg (num_leads, num_samples), attention mask)`."""
-        signal, sampling_rate, name = self.validate_one(record, sampling_rate, lead_names, units, index=index)
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One record through the whole contract; returns `(ecg (num_windows, num_leads, num_samples), attention masks
+        (num_windows, num_samples), lead_mask (num_leads,) bool)`, with one window unless `window="sliding"`."""
+        signal, sampling_rate, name, present = self.validate_one(record, sampling_rate, lead_names, units, index=index)
         signal = self._resample_and_filter(signal, sampling_rate, name)
-        signal, mask = self._fit_window(signal, name, padding=padding, crop=crop)
-        return self._normalize(signal, mask), mask
+        if self.window == "sliding":
+            windows = self._sliding_windows(signal, name, padding=padding)
+        else:
+            windows = [self._fit_window(signal, name, padding=padding, crop=crop)]
+        ecgs = np.stack([self._normalize(window, mask, present) for window, mask in windows])
+        return ecgs, np.stack([mask for _, mask in windows]), present
 
     def validate_one(
         self,
@@ -437,10 +504,11 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         lead_names: list[str] | None,
         units: str | list[str] | None = "mV",
         index: int = 0,
-    ) -> tuple[np.ndarray, float, str]:
+    ) -> tuple[np.ndarray, float, str, np.ndarray]:
         """Steps 1-4 of the contract for one record (read, leads, NaN, units and amplitude): returns `(signal
-        (num_samples, num_leads) in mV in `lead_names` order, sampling_rate, name)`. The one validation of both the
-        scipy path and the batched torch path (`device=`), which differ only in the DSP that follows."""
+        (num_samples, num_leads) in mV in the model's lead order (missing leads zero), sampling_rate, name, present
+        (num_leads,) bool)`. The one validation of both the scipy path and the batched torch path (`device=`), which
+        differ only in the DSP that follows."""
         if isinstance(record, (str, os.PathLike)):
             read = read_wfdb_record(record)
             name = read["record"]
@@ -468,10 +536,10 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             )
         signal = self._check_shape(signal, lead_names, name)
         signal = self._to_millivolt(signal, units, name)
-        signal, lead_names = self._select_leads(signal, list(lead_names), name)
+        signal, present = self._select_leads(signal, list(lead_names), name)
         signal = self._handle_non_finite(signal, name)
         self._check_amplitude(signal, name)
-        return signal, float(sampling_rate), name
+        return signal, float(sampling_rate), name, present
 
     # ------------------------------------------------------------------------------------------------------------------
     def _check_shape(self, signal: np.ndarray, lead_names: list[str], name: str) -> np.ndarray:
@@ -487,7 +555,9 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             )
         return signal
 
-    def _select_leads(self, signal: np.ndarray, lead_names: list[str], name: str) -> tuple[np.ndarray, list[str]]:
+    def _select_leads(self, signal: np.ndarray, lead_names: list[str], name: str) -> tuple[np.ndarray, np.ndarray]:
+        """The record's columns in `self.lead_names` order, and which of them were recorded (`(num_leads,)` bool; a
+        missing lead is a column of zeros, allowed only with `missing_leads="mask"`)."""
         wanted = {lead.lower(): lead for lead in self.lead_names}
         position: dict[str, int] = {}
         for column, lead in enumerate(lead_names):
@@ -504,18 +574,26 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             position[key] = column
         missing = [lead for key, lead in wanted.items() if key not in position]
         columns = {key: signal[:, col] for key, col in position.items()}
-        if missing and self.derive_limb_leads:
+        if missing and self.derive_limb_leads and (self.missing_leads == "raise" or _can_derive_limb_leads(columns)):
             columns = _derive_limb_leads(columns, name)
             missing = [lead for key, lead in wanted.items() if key not in columns]
+        if missing and self.missing_leads == "mask":
+            if not columns:
+                raise EcgInputError(f"{name}: none of the leads {list(self.lead_names)} is in the record")
+            present = np.array([lead.lower() in columns for lead in self.lead_names])
+            absent = np.zeros(len(signal))
+            ordered = np.stack([columns.get(lead.lower(), absent) for lead in self.lead_names], axis=1)
+            return ordered, present
         if missing:
-            repair = "" if self.derive_limb_leads else " (derive_limb_leads=True rebuilds limb leads from two)"
+            repair = "" if self.derive_limb_leads else "derive_limb_leads=True rebuilds limb leads from two; "
             raise EcgInputError(
-                f"{name}: {len(position)} leads given, {len(self.lead_names)} expected; missing {missing}{repair}"
+                f"{name}: {len(position)} leads given, {len(self.lead_names)} expected; missing {missing} ({repair}"
+                "missing_leads='mask' leaves the missing leads out)"
             )
         if [position.get(lead.lower()) for lead in self.lead_names] == list(range(signal.shape[1])):
-            return signal, list(self.lead_names)  # already the model's leads in its order: no copy
+            return signal, np.ones(len(self.lead_names), dtype=bool)  # already the model's leads in order: no copy
         ordered = np.stack([columns[lead.lower()] for lead in self.lead_names], axis=1)
-        return ordered, list(self.lead_names)
+        return ordered, np.ones(len(self.lead_names), dtype=bool)
 
     def _to_millivolt(self, signal: np.ndarray, units: str | list[str] | None, name: str) -> np.ndarray:
         units = "mV" if units is None else units
@@ -631,6 +709,18 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             start = (length - window) // 2
         return signal[start : start + window].T, mask
 
+    def _sliding_windows(self, signal: np.ndarray, name: str, padding: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every `num_samples` window `window_stride` apart, plus one aligned to the end when the stride leaves a
+        tail, so that no part of the record is left out; a record no longer than one window gives that window."""
+        length, window = signal.shape[0], self.num_samples
+        if length <= window:
+            return [self._fit_window(signal, name, padding=padding, crop="start")]
+        starts = list(range(0, length - window + 1, self.window_stride or window))
+        if starts[-1] + window < length:
+            starts.append(length - window)
+        mask = np.ones(window, dtype=np.int64)
+        return [(signal[start : start + window].T, mask) for start in starts]
+
     def _crop_generator(self) -> np.random.Generator:
         """The generator of random crops. In a DataLoader worker it is re-seeded from the worker's own seed (set by
         torch per worker and epoch, reproducible under a seeded DataLoader), combined with `seed`: forked workers
@@ -645,16 +735,19 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             self._rng = np.random.default_rng([0 if self.seed is None else self.seed, worker.seed])
         return self._rng
 
-    def _normalize(self, signal: np.ndarray, mask: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    def _normalize(self, signal: np.ndarray, mask: np.ndarray, present: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+        """Normalise over the recorded samples of the recorded leads (a missing lead's zeros never shift the record's
+        statistics); padding and missing leads stay exactly 0."""
         if self.normalization == "none":
             return signal
         valid = signal[:, mask.astype(bool)]
         if self.normalization == "zscore_record":
-            mean, std = valid.mean(), valid.std()
+            mean, std = valid[present].mean(), valid[present].std()
         else:
             mean, std = valid.mean(axis=1, keepdims=True), valid.std(axis=1, keepdims=True)
         normalized = (signal - mean) / (std + eps)
         normalized[:, ~mask.astype(bool)] = 0.0
+        normalized[~present] = 0.0
         return normalized
 
 
@@ -673,6 +766,11 @@ def _butterworth_sos(order: int, low: float | None, high: float | None, sampling
 
 def _is_list_of_lists(value) -> bool:
     return isinstance(value, (list, tuple)) and len(value) > 0 and isinstance(value[0], (list, tuple))
+
+
+def _can_derive_limb_leads(columns: dict[str, np.ndarray]) -> bool:
+    """Whether two of I, II, III are there, from which Einthoven and Goldberger give the other four limb leads."""
+    return sum(lead in columns for lead in ("i", "ii", "iii")) >= 2
 
 
 def _derive_limb_leads(columns: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:

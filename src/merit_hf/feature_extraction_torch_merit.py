@@ -3,8 +3,10 @@
 The scipy path resamples and filters one record at a time; this one does the same arithmetic on a whole batch of
 tensors, on the CPU or a GPU, so that preparing ECGs does not set the pace of a GPU that embeds them. Validation
 (shape, units, leads, NaN, amplitude, rates, lengths) is not repeated here: every record goes through the feature
-extractor's own checks, in the same order and with the same errors, before any tensor is built. Only the DSP differs,
-and it reproduces scipy's rather than approximating it:
+extractor's own checks, in the same order and with the same errors, before any tensor is built; the windows (one
+crop, or every window of `window="sliding"`) are its own code applied to sample positions, and missing leads
+(`missing_leads="mask"`) are zero and left out of the statistics as there. Only the DSP differs, and it reproduces
+scipy's rather than approximating it:
 
 - `scipy.signal.resample_poly`: the same Kaiser-windowed FIR (designed by scipy, once per `(up, down)`), applied
   polyphase (no multiplication by an inserted zero) as one matrix product on overlapping windows of the signal;
@@ -269,21 +271,30 @@ def resample_and_filter(
 
 
 def normalize(
-    values: torch.Tensor, mask: torch.Tensor, normalization: str, padded: bool = True, eps: float = 1e-6
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    normalization: str,
+    padded: bool = True,
+    present: torch.Tensor | None = None,
+    eps: float = 1e-6,
 ) -> torch.Tensor:
     """`MeritFeatureExtractor._normalize` for a batch `(batch, num_leads, num_samples)` with `mask`
-    `(batch, num_samples)`: mean and (population) std over the unpadded samples, padding set back to zero. With
-    `padded=False` (the caller knows the mask is all ones) one fused reduction does."""
+    `(batch, num_samples)` and `present` `(batch, num_leads)` bool (`None`: every lead recorded): mean and
+    (population) std over the unpadded samples of the recorded leads, padding and missing leads set to zero. With
+    `padded=False` and `present=None` (the caller knows both are all ones) one fused reduction does."""
     dims = (1, 2) if normalization == "zscore_record" else (2,)
-    if not padded:
+    if not padded and present is None:
         if normalization == "none":
             return values
         std, mean = torch.std_mean(values, dim=dims, correction=0, keepdim=True)
         return (values - mean) / (std + eps)
     valid = mask[:, None, :].to(values.dtype)
+    if present is not None:
+        valid = valid * present[:, :, None].to(values.dtype)
     if normalization == "none":
         return values * valid
-    count = valid.expand_as(values).sum(dim=dims, keepdim=True)
+    # a missing lead has no samples: its (zero) statistics are never used, the count only kept off zero
+    count = valid.expand_as(values).sum(dim=dims, keepdim=True).clamp_min(1)
     mean = (values * valid).sum(dim=dims, keepdim=True) / count
     std = ((((values - mean) * valid) ** 2).sum(dim=dims, keepdim=True) / count).sqrt()
     return (values - mean) / (std + eps) * valid
@@ -298,21 +309,25 @@ def extract_batch(
     padding: bool,
     crop: str,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`ecg_values` `(batch, num_leads, num_samples)` float32 and the attention mask `(batch, num_samples)` int64, on
-    `device`, for what `MeritFeatureExtractor.__call__` was given. Every record is validated first, in order, by the
-    feature extractor's own code (so the first bad record raises the same error as on the scipy path, and random
-    crops draw the same numbers); the DSP then runs once per group of records with one rate and length."""
+) -> dict[str, torch.Tensor]:
+    """What `MeritFeatureExtractor.__call__` returns for what it was given, as tensors on `device`: `ecg_values`
+    `(num_windows, num_leads, num_samples)` float32, `ecg_attention_mask` `(num_windows, num_samples)` int64,
+    `lead_mask` `(num_windows, num_leads)` bool and `record_index` `(num_windows,)` int64 (one window per record
+    unless `window="sliding"`). Every record is validated first, in order, by the feature extractor's own code (so
+    the first bad record raises the same error as on the scipy path, and random crops draw the same numbers); the
+    windows are the feature extractor's own `_fit_window` / `_sliding_windows` applied to sample positions; the DSP
+    then runs once per group of records with one rate and length."""
     fe = feature_extractor
     sos = fe._band_pass_sos()
     padlen = filtfilt_padlen(sos) if sos is not None else 0
     groups: dict[tuple[int, int, int], list[int]] = {}
     rates: dict[tuple[int, int, int], float] = {}
-    signals, windows, masks = [], [], []
+    signals, windows, masks, presents, rows = [], [], [], [], []
+    num_windows = 0
     for index, record in enumerate(records):
         rate = fe._per_record(sampling_rate, index, len(records), "sampling_rate")
         names = lead_names[index] if _is_list_of_lists(lead_names) else lead_names
-        signal, rate, name = fe.validate_one(record, rate, names, units, index=index)
+        signal, rate, name, present = fe.validate_one(record, rate, names, units, index=index)
         up, down = fe._resample_ratio(rate, name)
         length = len(signal)
         pad = min(int(round(rate)), length - 1)
@@ -323,16 +338,25 @@ def extract_batch(
                 f"must be greater than padlen, which is {padlen}.)"
             )
         positions = np.arange(-(-length * up // down))[:, None]
-        window, mask = fe._fit_window(positions, name, padding=padding, crop=crop)  # the same crop as scipy's
+        if fe.window == "sliding":  # the same windows as the scipy path's
+            record_windows = fe._sliding_windows(positions, name, padding=padding)
+        else:  # the same crop as scipy's
+            record_windows = [fe._fit_window(positions, name, padding=padding, crop=crop)]
+        for window, mask in record_windows:
+            windows.append(window[0].astype(np.int64))
+            masks.append(mask)
+        rows.append(np.arange(num_windows, num_windows + len(record_windows)))
+        num_windows += len(record_windows)
         signals.append(signal)
-        windows.append(window[0].astype(np.int64))
-        masks.append(mask)
+        presents.append(present)
         groups.setdefault((up, down, length), []).append(index)
         rates[(up, down, length)] = rate
     window_index = torch.as_tensor(np.stack(windows), device=device)
     mask = torch.as_tensor(np.stack(masks), device=device)
+    record_index = np.repeat(np.arange(len(records)), [len(record_rows) for record_rows in rows])
+    present = torch.as_tensor(np.stack(presents), device=device)
     num_leads = len(fe.lead_names)
-    values = torch.empty((len(records), num_leads, fe.num_samples), dtype=torch.float32, device=device)
+    values = torch.empty((num_windows, num_leads, fe.num_samples), dtype=torch.float32, device=device)
     chunk = CPU_RECORDS_PER_CHUNK if device.type == "cpu" else len(records)
     for (up, down, length), group in groups.items():
         for start in range(0, len(group), chunk):
@@ -343,11 +367,25 @@ def extract_batch(
             batch = torch.from_numpy(stacked).to(device).reshape(-1, length)
             filtered = resample_and_filter(batch, rates[(up, down, length)], up, down, sos, fe.highpass_hz is None)
             filtered = filtered.reshape(len(members), num_leads, -1)
-            at = torch.as_tensor(members, device=device)
+            member_rows = np.concatenate([rows[index] for index in members])
+            at = torch.as_tensor(member_rows, device=device)
+            if len(member_rows) != len(members):  # sliding windows: each window reads its own record
+                local = np.repeat(np.arange(len(members)), [len(rows[index]) for index in members])
+                filtered = filtered.index_select(0, torch.as_tensor(local, device=device))
             windowed = filtered.gather(2, window_index[at][:, None, :].expand(-1, num_leads, -1))
-            padded = not all(masks[index].all() for index in members)
-            values[at] = normalize(windowed, mask[at], fe.normalization, padded)
-    return values, mask
+            padded = not all(masks[row].all() for row in member_rows)
+            member_present = present[torch.as_tensor(record_index[member_rows], device=device)]
+            all_present = all(presents[index].all() for index in members)
+            values[at] = normalize(
+                windowed, mask[at], fe.normalization, padded, None if all_present else member_present
+            )
+    record_index = torch.as_tensor(record_index, device=device)
+    return {
+        "ecg_values": values,
+        "ecg_attention_mask": mask,
+        "lead_mask": present[record_index],
+        "record_index": record_index,
+    }
 
 
 __all__ = ["extract_batch", "normalize", "resample_and_filter", "resample_poly", "sosfiltfilt"]

@@ -34,7 +34,8 @@ from huggingface_hub import HfApi
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Never uploaded (fnmatch on the path relative to the folder; `*` also matches `/`): hidden files, Python caches, and
 # training-run outputs holding optimizer states and pickles: `checkpoints/checkpoint-<step>/` and TensorBoard `runs/`
-# (merit_hf.training.pretrain's output_dir), `checkpoint-<step>/` (the Trainer's).
+# (merit_hf.training.pretrain's output_dir), `checkpoint-<step>/` (the Trainer's); and the Trainer's run records beside
+# the model, `training_args.bin` (a pickle of TrainingArguments, not weights) and `trainer_state.json`.
 DEFAULT_IGNORE_PATTERNS = [
     ".*",
     "**/.*",
@@ -44,6 +45,10 @@ DEFAULT_IGNORE_PATTERNS = [
     "checkpoints/*",
     "checkpoint-*/*",
     "runs/*",
+    "training_args.bin",
+    "**/training_args.bin",
+    "trainer_state.json",
+    "**/trainer_state.json",
 ]
 DATA_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".csv")
 # Files that the Hub stores through LFS/Xet; the offline cache names their blobs by sha256 like the client does.
@@ -76,7 +81,10 @@ def check_model_folder(folder: str | os.PathLike, ignore_patterns: list[str] | N
     Checks: `config.json` exists; its `auto_map` names code files that are present (users without merit_hf get the
     code from the repo); no file that the push would upload, in any subfolder, is a pickle (`.bin`, `.pt`, ...: they
     can execute code and are refused by merit_hf); a PEFT adapter (`adapter_config.json`) comes with its
-    `adapter_model.safetensors`; a model card `README.md` exists. `ignore_patterns` as in [`push_folder`].
+    `adapter_model.safetensors`; the feature extractor (`preprocessor_config.json`, or a processor's
+    `processor_config.json` that holds it) is there, since without it users cannot reproduce the input contract; a
+    model card `README.md` exists. A `Trainer` output folder passes: its `training_args.bin` and `trainer_state.json`
+    are never uploaded (`DEFAULT_IGNORE_PATTERNS`). `ignore_patterns` as in [`push_folder`].
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -102,9 +110,21 @@ def check_model_folder(folder: str | os.PathLike, ignore_patterns: list[str] | N
         problems.append("adapter_config.json without adapter_model.safetensors")
     if not adapter_only and not any(folder.glob("*.safetensors")):
         problems.append("no *.safetensors weights")
+    if not adapter_only and not _has_feature_extractor(folder):
+        problems.append(
+            "preprocessor_config.json is missing: save the feature extractor with the model "
+            "(Trainer(..., processing_class=feature_extractor) or feature_extractor.save_pretrained(folder))"
+        )
     if not (folder / "README.md").is_file():
         problems.append("README.md (the model card) is missing: render one with merit_hf.cards")
     return problems
+
+
+def _has_feature_extractor(folder: Path) -> bool:
+    if (folder / "preprocessor_config.json").is_file():
+        return True
+    processor = folder / "processor_config.json"
+    return processor.is_file() and "feature_extractor" in json.loads(processor.read_text())
 
 
 def check_dataset_folder(folder: str | os.PathLike) -> list[str]:

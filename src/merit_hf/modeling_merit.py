@@ -28,6 +28,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .configuration_merit import PROBLEM_TYPES, MeritConfig, MeritEcgConfig
+from .pipeline_merit import custom_pipelines_for
 
 logger = logging.get_logger(__name__)
 
@@ -49,7 +50,8 @@ class MeritEcgModelOutput(ModelOutput):
     ids_restore (`torch.LongTensor` of shape `(batch_size, num_leads, num_patches_per_lead)`, *optional*):
         Indices that undo the per-lead shuffle; only when masking was applied.
     patch_attention_mask (`torch.FloatTensor` of shape `(batch_size, num_leads, num_patches_per_lead)`, *optional*):
-        1 for a patch that holds signal, 0 for a patch made only of padding; only when `ecg_attention_mask` is given.
+        1 for a patch that holds signal, 0 for a patch made only of padding or of a lead missing from the record;
+        only when `ecg_attention_mask` or `lead_mask` is given.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -295,8 +297,10 @@ class MeritEcgEmbeddings(nn.Module):
         patch_attention_mask: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         apply_masking: bool = False,
+        lead_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Returns `(embeddings, mask, ids_restore, token_attention_mask)`; the last three may be `None`."""
+        """Returns `(embeddings, mask, ids_restore, token_attention_mask)`; the last three may be `None`. A lead that
+        `lead_mask` `(batch, num_leads)` marks missing has all its tokens, [SEP] included, invalid in the last."""
         config = self.config
         batch_size, num_leads, _ = ecg_values.shape
         num_patches = config.num_patches_per_lead
@@ -318,6 +322,8 @@ class MeritEcgEmbeddings(nn.Module):
             embeddings = torch.cat([first, embeddings, last], dim=2)
             if token_mask is not None:
                 ones = token_mask.new_ones(batch_size, num_leads, 1)
+                if lead_mask is not None:
+                    ones = lead_mask.to(token_mask.dtype)[:, :, None]
                 token_mask = torch.cat([ones, token_mask, ones], dim=2)
         tokens_per_lead = embeddings.shape[2]
         embeddings = embeddings.reshape(batch_size, num_leads * tokens_per_lead, -1)
@@ -445,7 +451,10 @@ def masked_patch_reconstruction_loss(
     """Mean squared error over hidden patches only (ViT-MAE / ST-MEM).
 
     Per patch: the mean over its samples of `(prediction - target)^2`; then the mean over hidden patches that hold
-    signal. With `norm_pix_loss`, each target patch is normalised by its own mean and standard deviation first.
+    signal. With `norm_pix_loss`, each target patch is normalised by its own mean and standard deviation first. That
+    standard deviation is the biased one (divided by `patch_size`; ViT-MAE divides by `patch_size - 1`): it only
+    rescales the target by `sqrt(P / (P - 1))` (1.007 for P = 75). In these units a loss of 1.0 is what predicting each
+    hidden patch's own mean scores, the baseline of `benchmarks/masked_modelling.py`.
     Visible patches contribute nothing, so changing their prediction leaves the loss unchanged.
     """
     target = patchify(ecg_values, patch_size)
@@ -498,6 +507,52 @@ def contrastive_loss(
     return (F.cross_entropy(logits_per_ecg, labels) + F.cross_entropy(logits_per_ecg.t(), labels)) / 2
 
 
+WINDOW_POOLINGS = ("mean", "max")
+
+
+def pool_window_embeddings(
+    window_embeddings: torch.Tensor,
+    record_index: torch.Tensor,
+    pooling: str = "mean",
+    num_records: int | None = None,
+) -> torch.Tensor:
+    """One embedding per record from the embeddings of its windows (`MeritFeatureExtractor(window="sliding")`).
+
+    A long record (a 60 s rhythm strip, a Holter hour) is embedded window by window, since the encoder's positions
+    cover one window; `"mean"` pools the windows (the record's average state), `"max"` takes each feature's largest
+    value over the windows (keeps what one window shows, e.g. a short run of ectopy).
+
+    Args:
+        window_embeddings (`torch.FloatTensor` of shape `(num_windows, hidden_size)`): e.g. `pooler_output`.
+        record_index (`torch.LongTensor` of shape `(num_windows,)`): the record of each window, as the feature
+            extractor returns it.
+        pooling (`str`, defaults to `"mean"`): `"mean"` or `"max"`.
+        num_records (`int`, *optional*): defaults to `record_index.max() + 1`; every record needs a window.
+
+    Returns:
+        `torch.FloatTensor` of shape `(num_records, hidden_size)`.
+    """
+    if pooling not in WINDOW_POOLINGS:
+        raise ValueError(f"pooling must be one of {WINDOW_POOLINGS}, got {pooling!r}")
+    record_index = torch.as_tensor(record_index, device=window_embeddings.device).long()
+    if window_embeddings.dim() != 2 or tuple(record_index.shape) != (window_embeddings.shape[0],):
+        raise ValueError(
+            f"window_embeddings (num_windows, hidden_size) and record_index (num_windows,) must agree, got "
+            f"{tuple(window_embeddings.shape)} and {tuple(record_index.shape)}"
+        )
+    num_records = int(record_index.max()) + 1 if num_records is None else int(num_records)
+    counts = torch.bincount(record_index, minlength=num_records)
+    if len(counts) != num_records or bool((counts == 0).any()):
+        raise ValueError(
+            f"record_index must give every one of {num_records} records at least one window, got counts "
+            f"{counts.tolist()}"
+        )
+    pooled = window_embeddings.new_zeros(num_records, window_embeddings.shape[1])
+    index = record_index[:, None].expand_as(window_embeddings)
+    reduce = "mean" if pooling == "mean" else "amax"
+    return pooled.scatter_reduce(0, index, window_embeddings, reduce=reduce, include_self=False)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Pretrained-model bases: initialisation and strict, safetensors-only loading
 # ----------------------------------------------------------------------------------------------------------------------
@@ -516,12 +571,17 @@ class _StrictLoadingMixin:
     _heads_created_on_load: tuple[str, ...] = ()
     _checkpoint_key_mapping: dict[str, str] | None = None
     _auto_map: dict[str, str] = {}
+    _pipeline_auto_class: str | None = None  # the Auto class that the folder's ECG pipelines load it with
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # `auto_map` lists exactly the Auto classes that can load the folder being written (transformers would only
         # add the saved class to whatever a loaded config carried, e.g. a pretraining folder's `AutoModel` entry in a
         # classifier's folder, which then fails on the missing text tower).
         self.config.auto_map = dict(self._auto_map)
+        if self._pipeline_auto_class is not None:  # pipeline_merit.py is copied with this file (a relative import)
+            self.config.custom_pipelines = custom_pipelines_for(
+                self._pipeline_auto_class, classifier=self._pipeline_auto_class != "AutoModel"
+            )
         # MERIT's weight names are its own: never write them back through a loading `key_mapping`.
         kwargs.setdefault("save_original_format", False)
         return super().save_pretrained(save_directory, *args, **kwargs)
@@ -577,7 +637,19 @@ class _StrictLoadingMixin:
                 + "; ".join(problems)
                 + ". Refusing to return a model with randomly initialised weights."
             )
+        for module in model.modules():
+            if isinstance(module, MeritModel):
+                module.clamp_logit_scale_()
         return (model, info) if wants_info else model
+
+
+def _frozen_parts_to_eval(module: nn.Module) -> None:
+    for child in module.children():
+        parameters = list(child.parameters())
+        if parameters and not any(parameter.requires_grad for parameter in parameters):
+            child.eval()
+        else:
+            _frozen_parts_to_eval(child)
 
 
 class MeritBasePreTrainedModel(_StrictLoadingMixin, PreTrainedModel):
@@ -591,8 +663,36 @@ class MeritBasePreTrainedModel(_StrictLoadingMixin, PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    # Parameters that are embeddings rather than weights: no weight decay (ST-MEM's `no_weight_decay`, timm).
+    _no_weight_decay_parameters = ("lead_embeddings", "separator_token", "mask_token", "logit_scale")
+
     def _init_weights(self, module: nn.Module) -> None:
         _init_merit_module(self, module, self.config)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters an optimizer should not decay (timm's convention): biases, norms and every other
+        1-D parameter, embedding tables (`nn.Embedding`, e.g. the text tower's), MERIT's lead / separator / mask
+        token embeddings and the logit scale. Decaying an embedding pulls it towards zero for no regularising gain;
+        ST-MEM and ViT-MAE exclude theirs."""
+        names = set()
+        for module_name, module in self.named_modules():
+            for name, parameter in module.named_parameters(recurse=False):
+                full_name = f"{module_name}.{name}" if module_name else name
+                if (
+                    parameter.ndim < 2
+                    or isinstance(module, (nn.Embedding, nn.LayerNorm))
+                    or name in self._no_weight_decay_parameters
+                ):
+                    names.add(full_name)
+        return names
+
+    def train(self, mode: bool = True):
+        """`nn.Module.train`, except that a part whose parameters are all frozen stays in eval mode: a frozen text
+        tower (LiT) then runs exactly as at inference, without dropout noise in the embeddings it is aligned to."""
+        super().train(mode)
+        if mode:
+            _frozen_parts_to_eval(self)
+        return self
 
 
 class MeritEcgPreTrainedModel(MeritBasePreTrainedModel):
@@ -601,6 +701,7 @@ class MeritEcgPreTrainedModel(MeritBasePreTrainedModel):
     base_model_prefix = "ecg_model"
     input_modalities = ("ecg",)
     _auto_map = {"AutoConfig": "configuration_merit.MeritEcgConfig", "AutoModel": "modeling_merit.MeritEcgModel"}
+    _pipeline_auto_class = "AutoModel"
 
 
 class MeritPreTrainedModel(MeritBasePreTrainedModel):
@@ -613,14 +714,28 @@ class MeritPreTrainedModel(MeritBasePreTrainedModel):
         "AutoModel": "modeling_merit.MeritModel",
         "AutoModelForSequenceClassification": "modeling_merit.MeritForEcgClassification",
     }
+    _pipeline_auto_class = "AutoModel"
 
 
 def _init_merit_module(model: PreTrainedModel, module: nn.Module, config) -> None:
     """transformers-5 style init: every write goes through `transformers.initialization`, which skips tensors that a
-    checkpoint already filled."""
+    checkpoint already filled (so loading never re-initialises a trained weight).
+
+    Linear layers of the ECG tower, the decoder and the projection heads follow `MeritEcgConfig.initializer_scheme`:
+    `"xavier_uniform"` with zero bias by default, as ViT-MAE's and ST-MEM's code do. With the truncated normal of std
+    0.02 that BERT/ViT use (`"trunc_normal"`, this project's scheme before it was measured) the masked-modelling
+    gradient reaching the encoder was 1e-4 of the contrastive one on the quick-start model, and masked modelling did
+    not train the encoder (benchmarks/README.md, "Masked ECG modelling"). Embedding vectors (lead, separator and
+    mask tokens) keep a normal of std `initializer_range` (ViT-MAE's mask token); position tables are fixed sin-cos.
+    The text tower is a sub-model and keeps its own `_init_weights`.
+    """
     std = config.initializer_range
+    ecg_config = config.ecg_config if isinstance(config, MeritConfig) else config
     if isinstance(module, nn.Linear):
-        init.trunc_normal_(module.weight, std=std)
+        if ecg_config.initializer_scheme == "xavier_uniform":
+            init.xavier_uniform_(module.weight)
+        else:
+            init.trunc_normal_(module.weight, std=std)
         if module.bias is not None:
             init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
@@ -708,6 +823,35 @@ class MeritEcgModel(MeritEcgPreTrainedModel):
         valid = ecg_attention_mask.reshape(batch_size, config.num_patches_per_lead, config.patch_size).any(-1)
         return valid.float()[:, None, :].expand(-1, config.num_leads, -1).contiguous()
 
+    def _check_lead_mask(self, lead_mask: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+        """`lead_mask` as bool `(batch, num_leads)`, after checking its shape and that every record has a lead."""
+        if lead_mask is None:
+            return None
+        num_leads = self.config.num_leads
+        if tuple(lead_mask.shape) != (batch_size, num_leads):
+            raise ValueError(
+                f"lead_mask must have shape (batch, {num_leads}) (True for a recorded lead, in config.lead_names "
+                f"order), got {tuple(lead_mask.shape)}"
+            )
+        lead_mask = lead_mask.bool()
+        if not torch.compiler.is_compiling():
+            empty = torch.nonzero(~lead_mask.any(dim=1)).flatten().tolist()
+            if empty:
+                raise ValueError(f"lead_mask: records {empty} have no lead; an ECG needs at least one recorded lead")
+        return lead_mask
+
+    def _token_validity(
+        self, ecg_attention_mask: torch.Tensor | None, lead_mask: torch.Tensor | None, batch_size: int
+    ) -> torch.Tensor | None:
+        """`(batch, num_leads, num_patches_per_lead)` 1/0: a patch counts when it holds signal of a recorded lead.
+        Invalid patches are left out as attention keys and of the pooling, so a missing lead's tokens take no part
+        in any other token's representation (never fed as zeros)."""
+        patch_attention_mask = self._patch_attention_mask(ecg_attention_mask, batch_size)
+        if lead_mask is None:
+            return patch_attention_mask
+        leads = lead_mask.float()[:, :, None].expand(-1, -1, self.config.num_patches_per_lead)
+        return leads.contiguous() if patch_attention_mask is None else patch_attention_mask * leads
+
     def forward(
         self,
         ecg_values: torch.Tensor,
@@ -717,6 +861,7 @@ class MeritEcgModel(MeritEcgPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        lead_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> MeritEcgModelOutput | tuple:
         r"""
@@ -729,6 +874,11 @@ class MeritEcgModel(MeritEcgPreTrainedModel):
             Fixes which patches masking hides (the smallest noise stays visible). Only used with `apply_masking`.
         apply_masking (`bool`, defaults to `False`):
             Hide `config.mask_ratio` of each lead's patches (pretraining); embeddings for downstream use see all.
+        lead_mask (`torch.BoolTensor` of shape `(batch_size, num_leads)`, *optional*):
+            `True` for a lead the record has, `False` for a missing one (from the feature extractor with
+            `missing_leads="mask"`). A missing lead's tokens are never attention keys and are left out of pooling,
+            so the output is what the recorded leads alone give, whatever values the missing leads hold; its own
+            positions in `last_hidden_state` carry no meaning.
         """
         self._check_input(ecg_values)
         # The feature extractor gives float32; a model loaded with `dtype=torch.bfloat16` (or half) computes in that.
@@ -739,9 +889,10 @@ class MeritEcgModel(MeritEcgPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         batch_size = ecg_values.shape[0]
-        patch_attention_mask = self._patch_attention_mask(ecg_attention_mask, batch_size)
+        lead_mask = self._check_lead_mask(lead_mask, batch_size)
+        patch_attention_mask = self._token_validity(ecg_attention_mask, lead_mask, batch_size)
         embeddings, mask, ids_restore, token_mask = self.embeddings(
-            ecg_values, patch_attention_mask, noise=noise, apply_masking=apply_masking
+            ecg_values, patch_attention_mask, noise=noise, apply_masking=apply_masking, lead_mask=lead_mask
         )
         attention_mask = _additive_key_mask(token_mask, embeddings.dtype)
         if output_attentions and self.config._attn_implementation != "eager":
@@ -813,8 +964,19 @@ class MeritModel(MeritPreTrainedModel):
         self.post_init()
 
     def clamped_logit_scale(self) -> torch.Tensor:
-        """exp of the log inverse temperature, clamped at `config.logit_scale_max` (CLIP clamps at 100)."""
+        """The inverse temperature `exp(logit_scale)` with the log clamped at `config.logit_scale_max` (CLIP: 100).
+
+        For inference only: in `forward` the scale is `exp(logit_scale)` unclamped, because a clamp there has zero
+        gradient above the cap and a temperature that reached it could never come back. Training keeps the
+        parameter in range instead with `clamp_logit_scale_()` after every optimizer step (open_clip's recipe)."""
         return self.logit_scale.clamp(max=self.config.logit_scale_max).exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clamp the `logit_scale` parameter in place to `[0, config.logit_scale_max]` (open_clip clamps to
+        `[0, ln 100]` after each optimizer step). Also applied on load, so a checkpoint stored above the cap gives the
+        logits it gave when the clamp was inside `forward`."""
+        self.logit_scale.clamp_(0.0, self.config.logit_scale_max)
 
     def get_ecg_features(
         self,
@@ -824,12 +986,14 @@ class MeritModel(MeritPreTrainedModel):
         apply_masking: bool = False,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        lead_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
         r"""
         Returns a `BaseModelOutputWithPooling` whose `pooler_output` `(batch_size, projection_dim)` is the projected,
         not yet normalised, ECG embedding (as `CLIPModel.get_image_features` in transformers 5); `last_hidden_state`,
-        `hidden_states` and `attentions` are the ECG encoder's.
+        `hidden_states` and `attentions` are the ECG encoder's. `lead_mask` `(batch_size, num_leads)`: see
+        `MeritEcgModel.forward` (missing leads are left out).
         """
         ecg_output = self.ecg_model(
             ecg_values,
@@ -839,6 +1003,7 @@ class MeritModel(MeritPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            lead_mask=lead_mask,
         )
         return BaseModelOutputWithPooling(
             last_hidden_state=ecg_output.last_hidden_state,
@@ -884,23 +1049,26 @@ class MeritModel(MeritPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        lead_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> MeritOutput | tuple:
         r"""
         ecg_values (`torch.FloatTensor` of shape `(batch_size, num_leads, num_samples)`): from the feature extractor.
         input_ids, attention_mask, token_type_ids: the tokenised reports (or prompts).
         return_loss (`bool`): also return the symmetric InfoNCE loss (pairs on the diagonal).
+        lead_mask (`torch.BoolTensor` of shape `(batch_size, num_leads)`, *optional*): recorded leads (the missing
+            ones are left out, see `MeritEcgModel.forward`).
 
         `ecg_model_output` and `text_model_output` hold each tower's output (with `hidden_states` / `attentions` when
         asked), their `pooler_output` being the projected, not yet normalised, embedding.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
-        ecg_output = self.get_ecg_features(ecg_values, ecg_attention_mask, **flags)
+        ecg_output = self.get_ecg_features(ecg_values, ecg_attention_mask, lead_mask=lead_mask, **flags)
         text_output = self.get_text_features(input_ids, attention_mask, token_type_ids, **flags)
         ecg_embeds = F.normalize(ecg_output.pooler_output, dim=-1)
         text_embeds = F.normalize(text_output.pooler_output, dim=-1)
-        scale = self.clamped_logit_scale()
+        scale = self.logit_scale.exp()
         logits_per_ecg = scale * ecg_embeds @ text_embeds.t()
         loss = None
         if return_loss:
@@ -1000,6 +1168,27 @@ class MeritForPreTraining(MeritPreTrainedModel):
 
     from_text_pretrained = MeritModel.__dict__["from_text_pretrained"]
 
+    def clamp_logit_scale_(self) -> None:
+        """See `MeritModel.clamp_logit_scale_`: call it after every optimizer step."""
+        self.merit.clamp_logit_scale_()
+
+    def freeze_unused_parameters(self, freeze_text_model: bool = False) -> None:
+        """Stop gradients to the parameters that no loss term reaches (a weight of 0 switches its branch off; DDP
+        also refuses parameters that get no gradient) and, with `freeze_text_model`, to the text encoder (LiT).
+        Frozen parts then stay in eval mode under `train()`."""
+        config = self.config
+        if config.contrastive_weight == 0:
+            merit = self.merit
+            for module in (merit.text_model, merit.text_projection, merit.ecg_projection):
+                module.requires_grad_(False)
+            merit.logit_scale.requires_grad_(False)
+            merit.ecg_model.pooler_norm.requires_grad_(False)
+        if config.reconstruction_weight == 0:
+            self.decoder.requires_grad_(False)
+        if freeze_text_model:
+            self.merit.text_model.requires_grad_(False)
+        self.train(self.training)
+
     def forward(
         self,
         ecg_values: torch.Tensor,
@@ -1011,11 +1200,15 @@ class MeritForPreTraining(MeritPreTrainedModel):
         sample_mask: torch.Tensor | None = None,
         return_loss: bool = True,
         return_dict: bool | None = None,
+        lead_mask: torch.Tensor | None = None,
+        reconstruction_weight: float | None = None,
         **kwargs,
     ) -> MeritForPreTrainingOutput | tuple:
         r"""
         ecg_values (`torch.FloatTensor` of shape `(batch_size, num_leads, num_samples)`): from the feature extractor.
         input_ids, attention_mask, token_type_ids: the tokenised reports; required when `contrastive_weight > 0`.
+        reconstruction_weight (`float`, *optional*): this call's weight of the reconstruction term instead of
+            `config.reconstruction_weight` (the weight `config.loss_balancing="gradient_norm"` adapts in training).
         ecg_attention_mask (`torch.LongTensor` of shape `(batch_size, num_samples)`, *optional*): 1 real, 0 padding.
         noise (`torch.FloatTensor` of shape `(batch_size, num_leads, num_patches_per_lead)`, *optional*): fixes the
             masking (the smallest noise stays visible).
@@ -1023,6 +1216,8 @@ class MeritForPreTraining(MeritPreTrainedModel):
             (`False`: padding, e.g. the duplicates that fill a distributed eval's last batch); all by default.
         return_loss (`bool`, defaults to `True`): the losses need no labels, so they are always computed; the
             argument tells `Trainer` so (it then reports `eval_loss`). `False` leaves `loss` out of the output.
+        lead_mask (`torch.BoolTensor` of shape `(batch_size, num_leads)`, *optional*): recorded leads; a missing
+            lead's tokens are left out of the encoder and its patches out of the reconstruction loss.
         """
         for flag in ("output_attentions", "output_hidden_states"):
             if kwargs.get(flag):
@@ -1043,7 +1238,7 @@ class MeritForPreTraining(MeritPreTrainedModel):
         masked_output = None
         if use_reconstruction or (use_contrastive and config.contrastive_input == "masked"):
             masked_output = ecg_model(
-                ecg_values, ecg_attention_mask=ecg_attention_mask, noise=noise, apply_masking=True
+                ecg_values, ecg_attention_mask=ecg_attention_mask, noise=noise, apply_masking=True, lead_mask=lead_mask
             )
 
         loss = 0.0
@@ -1063,19 +1258,22 @@ class MeritForPreTraining(MeritPreTrainedModel):
                 config.ecg_config.norm_pix_loss,
                 masked_output.patch_attention_mask,
             )
-            loss = loss + config.reconstruction_weight * reconstruction_loss
+            weight = config.reconstruction_weight if reconstruction_weight is None else reconstruction_weight
+            loss = loss + weight * reconstruction_loss
 
         contrastive = logits_per_ecg = ecg_embeds = text_embeds = scale = None
         if use_contrastive:
             if config.contrastive_input == "masked":
                 ecg_pooled = masked_output.pooler_output
             else:
-                ecg_pooled = ecg_model(ecg_values, ecg_attention_mask=ecg_attention_mask).pooler_output
+                ecg_pooled = ecg_model(
+                    ecg_values, ecg_attention_mask=ecg_attention_mask, lead_mask=lead_mask
+                ).pooler_output
             ecg_embeds = F.normalize(self.merit.ecg_projection(ecg_pooled), dim=-1)
             text_embeds = F.normalize(
                 self.merit.get_text_features(input_ids, attention_mask, token_type_ids).pooler_output, dim=-1
             )
-            scale = self.merit.clamped_logit_scale()
+            scale = self.merit.logit_scale.exp()
             contrastive = contrastive_loss(
                 ecg_embeds, text_embeds, scale, gather=config.gather_contrastive_features, sample_mask=sample_mask
             )
@@ -1116,6 +1314,7 @@ class MeritForEcgClassification(MeritPreTrainedModel):
     ```"""
 
     _heads_created_on_load = ("classifier.",)
+    _pipeline_auto_class = "AutoModelForSequenceClassification"
     _auto_map = {
         "AutoConfig": "configuration_merit.MeritConfig",
         "AutoModelForSequenceClassification": "modeling_merit.MeritForEcgClassification",
@@ -1160,12 +1359,15 @@ class MeritForEcgClassification(MeritPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        lead_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> SequenceClassifierOutput | tuple:
         r"""
         labels (`torch.FloatTensor` of shape `(batch_size, num_labels)`, *optional*):
             Multi-hot targets for multi-label classification (the default); class indices `(batch_size,)` for
             `problem_type="single_label_classification"`; values for `"regression"`.
+        lead_mask (`torch.BoolTensor` of shape `(batch_size, num_leads)`, *optional*): recorded leads (the missing
+            ones are left out, see `MeritEcgModel.forward`).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         ecg_output = self.ecg_model(
@@ -1174,6 +1376,7 @@ class MeritForEcgClassification(MeritPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            lead_mask=lead_mask,
         )
         logits = self.classifier(self.dropout(ecg_output.pooler_output))
         loss = None
@@ -1214,4 +1417,5 @@ __all__ = [
     "MeritPreTrainedModel",
     "contrastive_loss",
     "masked_patch_reconstruction_loss",
+    "pool_window_embeddings",
 ]

@@ -111,7 +111,10 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
         self.language_model.set_output_embeddings(value)
 
     def get_ecg_features(
-        self, ecg_values: torch.Tensor, ecg_attention_mask: torch.Tensor | None = None
+        self,
+        ecg_values: torch.Tensor,
+        ecg_attention_mask: torch.Tensor | None = None,
+        lead_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         r"""
         Encode ECGs into the soft tokens the LM reads.
@@ -119,13 +122,17 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
         Args:
             ecg_values (`torch.FloatTensor` of shape `(num_ecgs, num_leads, num_samples)`): feature-extractor output.
             ecg_attention_mask (`torch.LongTensor` of shape `(num_ecgs, num_samples)`, *optional*): padding mask.
+            lead_mask (`torch.BoolTensor` of shape `(num_ecgs, num_leads)`, *optional*): recorded leads; the encoder
+                leaves the missing ones out (their soft tokens are then masked in the LM, see `forward`).
 
         Returns:
             `torch.FloatTensor` of shape `(num_ecgs, ecg_seq_length, text_hidden_size)`.
         """
         ecg_config = self.config.ecg_config
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_ecg_encoder):
-            hidden = self.ecg_encoder(ecg_values, ecg_attention_mask=ecg_attention_mask).last_hidden_state
+            hidden = self.ecg_encoder(
+                ecg_values, ecg_attention_mask=ecg_attention_mask, lead_mask=lead_mask
+            ).last_hidden_state
         per_lead = hidden.reshape(hidden.shape[0], ecg_config.num_leads, ecg_config.tokens_per_lead, -1)
         if ecg_config.use_separator_tokens:
             per_lead = per_lead[:, :, 1:-1]
@@ -150,11 +157,31 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
             )
         return placeholder_mask
 
+    def mask_missing_lead_tokens(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, lead_mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The LM's `attention_mask` with 0 at the `<ecg>` positions that stand for missing leads (`lead_mask`
+        `(num_ecgs, num_leads)`): the soft tokens are lead after lead, `ecg_tokens_per_lead` each, and those of a
+        lead the record does not have are left out of the LM's attention, as the encoder leaves out its patches."""
+        if lead_mask is None or bool(lead_mask.all()):
+            return attention_mask
+        placeholders = input_ids == self.config.ecg_token_index
+        valid = lead_mask.bool().to(input_ids.device).repeat_interleave(self.config.ecg_tokens_per_lead, dim=1)
+        if int(placeholders.sum()) != valid.numel():
+            raise ValueError(
+                f"lead_mask {tuple(lead_mask.shape)} gives {valid.numel()} ECG tokens, input_ids hold "
+                f"{int(placeholders.sum())} <ecg> positions"
+            )
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.clone()
+        attention_mask[placeholders] = attention_mask[placeholders] * valid.flatten().to(attention_mask.dtype)
+        return attention_mask
+
     def embed_inputs(
         self,
         input_ids: torch.Tensor,
         ecg_values: torch.Tensor | None = None,
         ecg_attention_mask: torch.Tensor | None = None,
+        lead_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token embeddings of `input_ids` with the projected ECG tokens scattered into the `<ecg>` positions.
 
@@ -169,7 +196,7 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
                     "ECGs the prompt refers to, or a prompt without <ecg>"
                 )
             return inputs_embeds, None
-        ecg_features = self.get_ecg_features(ecg_values, ecg_attention_mask)
+        ecg_features = self.get_ecg_features(ecg_values, ecg_attention_mask, lead_mask)
         placeholder_mask = self.get_placeholder_mask(input_ids, ecg_features)
         inputs_embeds = inputs_embeds.masked_scatter(
             placeholder_mask[..., None].to(inputs_embeds.device), ecg_features.to(inputs_embeds.dtype)
@@ -186,6 +213,7 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        lead_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> MeritReportOutput:
         r"""
@@ -195,6 +223,9 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
             The ECGs, in the order of their `<ecg>` placeholders. Leave out for text-only prompts.
         ecg_attention_mask (`torch.LongTensor` of shape `(num_ecgs, num_samples)`, *optional*):
             Padding mask of the ECGs (feature extractor with `padding=True`).
+        lead_mask (`torch.BoolTensor` of shape `(num_ecgs, num_leads)`, *optional*):
+            Recorded leads (feature extractor with `missing_leads="mask"`): the encoder leaves the missing ones out,
+            and their `<ecg>` positions are masked in the LM's `attention_mask`.
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Next-token targets, -100 where no loss is taken (prompt, ECG tokens, padding); the processor builds them.
         inputs_embeds (`torch.FloatTensor`, *optional*):
@@ -204,7 +235,9 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         ecg_features = None
         if inputs_embeds is None:
-            inputs_embeds, ecg_features = self.embed_inputs(input_ids, ecg_values, ecg_attention_mask)
+            inputs_embeds, ecg_features = self.embed_inputs(input_ids, ecg_values, ecg_attention_mask, lead_mask)
+            if ecg_values is not None:
+                attention_mask = self.mask_missing_lead_tokens(input_ids, attention_mask, lead_mask)
         elif ecg_values is not None:
             raise ValueError("ecg_values cannot be combined with inputs_embeds; embed the prompt with embed_inputs()")
         outputs = self.language_model(
@@ -224,6 +257,7 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
         ecg_values: torch.FloatTensor | None = None,
         ecg_attention_mask: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        lead_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.LongTensor:
         r"""
@@ -237,7 +271,7 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
             if ecg_values is not None:
                 raise ValueError("generate() needs input_ids holding <ecg> placeholders to place ecg_values")
             return super().generate(attention_mask=attention_mask, **kwargs)
-        inputs_embeds, _ = self.embed_inputs(input_ids, ecg_values, ecg_attention_mask)
+        inputs_embeds, _ = self.embed_inputs(input_ids, ecg_values, ecg_attention_mask, lead_mask)
         if attention_mask is None:
             # transformers infers the mask only for `input_ids`, never for the `inputs_embeds` passed on: do it here.
             generation_kwargs = dict(kwargs)
@@ -248,6 +282,8 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
                 generation_config, kwargs_has_attention_mask=False, device=input_ids.device, batch_size=len(input_ids)
             )
             attention_mask = self._prepare_attention_mask_for_generation(input_ids, generation_config, {})
+        if ecg_values is not None:
+            attention_mask = self.mask_missing_lead_tokens(input_ids, attention_mask, lead_mask)
         return super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
     def _prepare_generation_config(self, *args, **kwargs):

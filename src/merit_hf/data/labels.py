@@ -154,9 +154,8 @@ def multi_hot(label_indices: Iterable[int] | Iterable[Iterable[int]], num_classe
 
 
 def label_names(dataset_or_features, label_set: str) -> list[str]:
-    """The class names of `label_set` stored in a dataset's (or `Features`') `List(ClassLabel)` column."""
-    if label_set not in LABEL_SETS:
-        raise ValueError(f"label_set must be one of {LABEL_SETS}, got {label_set!r}")
+    """The class names of `label_set` stored in a dataset's (or `Features`') `List(ClassLabel)` column: a PTB-XL
+    label set (`LABEL_SETS`) or a label column of a converted WFDB folder."""
     features = getattr(dataset_or_features, "features", dataset_or_features)
     if isinstance(features, Mapping) and "train" in features and hasattr(features["train"], "features"):
         features = features["train"].features  # a DatasetDict

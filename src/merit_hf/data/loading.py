@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from datasets.distributed import split_dataset_by_node
 from .labels import LABEL_SETS
 from .mimic_iv_ecg import MIMIC_OUTPUT_FOLDER
 from .ptbxl import PTBXL_SPLITS, ptbxl_config_name
+from .wfdb_folder import DEFAULT_SPLIT_FRACTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +108,50 @@ def load_mimic_iv_ecg(
         raise ValueError(f"split must be one of {MIMIC_SPLITS} or None, got {split!r}")
     dataset = _load(path_or_repo_id, MIMIC_CONFIG, split, streaming, folder=MIMIC_OUTPUT_FOLDER)
     return _split_by_node(dataset, rank, world_size)
+
+
+def load_wfdb_dataset(
+    path_or_repo_id: str | os.PathLike,
+    split: str | None = None,
+    split_column: str | None = None,
+    split_fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
+    seed: int = 0,
+    streaming: bool = False,
+) -> AnyDataset:
+    """Load a converted WFDB folder (`dataset_scripts/wfdb/convert.py`; a folder, a `save_to_disk` folder or a Hub
+    id) as train / validation / test (a `DatasetDict`, or one `split`).
+
+    Args:
+        split_column: a column holding `train` / `validation` / `test` per record (e.g. kept from the labels CSV
+            with `--metadata_columns split`); without it, a seeded split by `split_fractions` that keeps every
+            patient in one split (`merit_hf.data.wfdb_folder.split_wfdb_dataset`).
+        split_fractions: train, validation and test fractions of the records (summing to 1).
+        seed: the seed of that split: the same seed gives the same split.
+        streaming: the splits as `IterableDataset`s (the split is drawn on the memory-mapped table first).
+
+    Example:
+
+    ```python
+    >>> from merit_hf.data import load_wfdb_dataset
+    >>> ludb = load_wfdb_dataset("ludb_merit", split_fractions=(0.7, 0.15, 0.15), seed=0)  # doctest: +SKIP
+    >>> ludb["train"].features["rhythm"].feature.names  # doctest: +SKIP
+    ```"""
+    from .wfdb_folder import WFDB_CONFIG, WFDB_OUTPUT_FOLDER, WFDB_RECORDS_SPLIT, WFDB_SPLITS, split_wfdb_dataset
+
+    if split is not None and split not in WFDB_SPLITS:
+        raise ValueError(f"split must be one of {WFDB_SPLITS} or None, got {split!r}")
+    records = _load(path_or_repo_id, WFDB_CONFIG, None, False, folder=WFDB_OUTPUT_FOLDER)
+    if isinstance(records, DatasetDict):
+        if WFDB_RECORDS_SPLIT not in records:
+            raise ValueError(
+                f"{path_or_repo_id}: no {WFDB_RECORDS_SPLIT!r} split (it has {sorted(records)}); convert the folder with "
+                "dataset_scripts/wfdb/convert.py"
+            )
+        records = records[WFDB_RECORDS_SPLIT]
+    dataset = split_wfdb_dataset(records, split_column, split_fractions, seed)
+    if split is not None:
+        dataset = dataset[split]
+    return _to_iterable(dataset) if streaming else dataset
 
 
 def label_fraction_subset(dataset: Dataset, fraction: float, label_set: str, seed: int = 0) -> Dataset:
@@ -236,4 +282,4 @@ def _split_by_node(dataset: AnyDataset, rank: int | None, world_size: int | None
     return _map_splits(dataset, lambda part, _: split_dataset_by_node(part, rank=rank, world_size=world_size))
 
 
-__all__ = ["label_fraction_subset", "load_mimic_iv_ecg", "load_ptbxl"]
+__all__ = ["label_fraction_subset", "load_mimic_iv_ecg", "load_ptbxl", "load_wfdb_dataset"]

@@ -30,7 +30,7 @@ def read_ecg_record(
     path: str | os.PathLike,
     sampling_rate: float | None = None,
     num_samples: int | None = None,
-    lead_names: tuple[str, ...] | list[str] = STANDARD_LEAD_NAMES,
+    lead_names: tuple[str, ...] | list[str] | None = STANDARD_LEAD_NAMES,
     max_amplitude_mv: float = DEFAULT_MAX_AMPLITUDE_MV,
 ) -> dict[str, Any]:
     """Read and validate a WFDB record; returns `{"signal": float32 (num_samples, num_leads) in mV, "sampling_rate",
@@ -40,7 +40,9 @@ def read_ecg_record(
         path: the record, without extension or with `.hea`.
         sampling_rate: the rate the dataset promises (Hz); another rate in the header raises.
         num_samples: the length the dataset promises; another length raises.
-        lead_names: the leads the record must hold, exactly (case-insensitive); the output order.
+        lead_names: the leads the record must hold, exactly (case-insensitive); the output order. `None` keeps the
+            leads the record holds, in its order and spelling (any subset, e.g. a 2-lead Holter; a lead named twice
+            still raises).
         max_amplitude_mv: a lead whose 99th percentile of |x - median| exceeds this (in mV, after unit conversion)
             raises: the header's units or ADC gain are wrong (µV stored as mV, gain 1 instead of 1000). The same
             check and default as `MeritFeatureExtractor(max_amplitude_mv=...)`.
@@ -54,6 +56,10 @@ def read_ecg_record(
     signal = read["signal"]
     if num_samples is not None and signal.shape[0] != num_samples:
         raise EcgInputError(f"{name}: {signal.shape[0]} samples, expected {num_samples}")
+    if read["signal"].shape[0] == 0:
+        raise EcgInputError(f"{name}: the record holds no samples")
+    if lead_names is None:
+        lead_names = [lead.strip() for lead in read["lead_names"]]
     columns = _lead_columns(read["lead_names"], lead_names, name)
     factors = []
     for lead, unit in zip(read["lead_names"], read["units"]):
@@ -76,7 +82,7 @@ def read_ecg_record(
         )
     return {
         "signal": signal.astype(np.float32),
-        "sampling_rate": int(round(read["sampling_rate"])),
+        "sampling_rate": int(read["sampling_rate"]) if read["sampling_rate"].is_integer() else read["sampling_rate"],
         "lead_names": list(lead_names),
         "record": read["record"],
     }

@@ -9,6 +9,7 @@ as in the probe protocol); its F1 thresholds are chosen on the clean validation 
 | input | `white_noise_<snr>db` | Gaussian noise at the stated SNR per lead (`shifts.add_white_noise`) |
 | input | `baseline_wander_<snr>db` | 0.3 Hz sinusoidal drift at the stated SNR per lead on the raw record (`shifts.add_baseline_wander`); the extractor's 0.67 Hz high-pass removes most of it, so this measures the input contract more than the encoder |
 | input | `limb_leads_only`, `precordial_leads_only`, `lead_II_only` | the other leads are zeroed |
+| input | `leads_<n>_masked` / `leads_<n>_zeroed` for n in 1, 2, 3, 6, 8, 12 | only the `shifts.LEAD_SUBSETS[n]` leads recorded: left out of the encoder (`lead_mask`, feature extractor with `missing_leads="mask"`), or fed as zeros (what a model without `lead_mask` has to do) |
 | group | `device_<group>_to_other` | the probe is retrained on training records of the most frequent device family (the
   device name's first word, e.g. `CS-12`) and tested on test records of the other families; `device_<group>_in` is
   the same probe on test records of its own family |
@@ -24,6 +25,7 @@ of records; the results JSON is `task="robustness"` with a `shifts` mapping (sch
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,9 +48,17 @@ from ..training.probe import (
 )
 from .metrics import best_f1_thresholds, classification_metrics
 from .results import build_results, encoder_identity, metric_cell, write_results
-from .shifts import LIMB_LEADS, acquired_at_rate, add_baseline_wander, add_white_noise, zero_leads
+from .shifts import (
+    LEAD_SUBSETS,
+    LIMB_LEADS,
+    PRECORDIAL_LEADS,
+    acquired_at_rate,
+    add_baseline_wander,
+    add_white_noise,
+    keep_leads,
+    zero_leads,
+)
 
-PRECORDIAL_LEADS = ("V1", "V2", "V3", "V4", "V5", "V6")
 AGE_BINS = ((0, 40), (40, 65), (65, 1000))
 # PTB-XL gives age 300 to patients older than 89 (anonymisation); the last bin includes them.
 
@@ -59,8 +69,10 @@ def input_shifts(
     wander_snrs_db: Sequence[float] = (10, 0),
     wander_frequency_hz: float = 0.3,
     seed: int = 0,
+    lead_counts: Sequence[int] = tuple(LEAD_SUBSETS),
 ) -> dict[str, tuple[str, Callable]]:
-    """`{name: (description, transform)}`; a transform maps `(signal, rate, lead_names, row) -> (signal, rate)`.
+    """`{name: (description, transform)}`; a transform maps `(signal, rate, lead_names, row) -> (signal, rate)`, or
+    `(signal, rate, lead_names)` for a record that has fewer leads (the `leads_<n>_masked` rows).
     Random shifts draw from `numpy.random.default_rng([seed, row])`, so every record gets the same noise on every run.
     """
     shifts: dict[str, tuple[str, Callable]] = {}
@@ -95,7 +107,27 @@ def input_shifts(
             f"only {', '.join(keep)} kept; the other leads zeroed",
             lambda signal, sr, leads, row, keep=keep: (zero_leads(signal, leads, keep), sr),
         )
+    for count in lead_counts:
+        keep = LEAD_SUBSETS[count]
+        shifts[f"leads_{count}_masked"] = (
+            f"{count} leads recorded ({', '.join(keep)}); the others left out of the encoder (lead_mask)",
+            _recorded_leads_only(keep),
+        )
+        shifts[f"leads_{count}_zeroed"] = (
+            f"{count} leads recorded ({', '.join(keep)}); the others fed as zeros (no lead_mask)",
+            lambda signal, sr, leads, row, keep=keep: (zero_leads(signal, leads, keep), sr),
+        )
     return shifts
+
+
+def _recorded_leads_only(keep: Sequence[str]) -> Callable:
+    """A transform to the record that has only the `keep` leads (their columns and names; the others are gone)."""
+
+    def transform(signal, sampling_rate, lead_names, row):
+        kept, names = keep_leads(signal, lead_names, keep)
+        return kept, sampling_rate, names
+
+    return transform
 
 
 def device_family(device: str | None) -> str:
@@ -171,6 +203,10 @@ def run_robustness(
             ),
         }
 
+    # Records with fewer leads are embedded from the leads they have; a 12-lead record gets exactly what the clean
+    # feature extractor gives it (its lead_mask is all True).
+    reduced_leads = copy.deepcopy(feature_extractor)
+    reduced_leads.missing_leads = "mask"
     shift_results: dict[str, dict[str, Any]] = {}
     for name, (description, transform) in shifts.items():
         shift_results[name] = {"kind": "input", "description": description}
@@ -178,7 +214,7 @@ def run_robustness(
             probe, thresholds = clean[role]
             shifted = extract_features(
                 role_encoder,
-                feature_extractor,
+                reduced_leads,
                 test,
                 arguments.batch_size,
                 transform=transform,

@@ -14,7 +14,10 @@ the tests measure it:
 - `add_baseline_wander(signal, rate, snr_db, frequency_hz, rng)`: a sinusoid at `frequency_hz` (respiration-like,
   0.3 Hz by default) with random phase per lead, scaled to the same SNR definition;
 - `zero_leads(signal, lead_names, keep)`: every lead not in `keep` set to 0 (a missing lead, as zeros);
-  `LIMB_LEADS` keeps the six frontal leads, `("I",)` a single-lead recording.
+  `LIMB_LEADS` keeps the six frontal leads, `("I",)` a single-lead recording;
+- `keep_leads(signal, lead_names, keep)`: the record as a device with only the `keep` leads records it (the other
+  columns gone, not zeroed), for a feature extractor with `missing_leads="mask"`; `LEAD_SUBSETS` are the reduced
+  lead sets by lead count.
 
 Group shifts (devices, sites, age, sex) select records instead of changing them; they live in
 `merit_hf.evaluation.robustness`.
@@ -29,6 +32,18 @@ import numpy as np
 from scipy import signal as sp_signal
 
 LIMB_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF")
+PRECORDIAL_LEADS = ("V1", "V2", "V3", "V4", "V5", "V6")
+# The reduced lead sets of the PhysioNet/CinC Challenge 2021 ("Will Two Do?": 2, 3 and 6 leads), plus a single lead
+# (lead I, as a watch or a handheld device records it), the eight independent leads (the other four limb leads are
+# linear combinations of I and II) and all twelve.
+LEAD_SUBSETS = {
+    1: ("I",),
+    2: ("I", "II"),
+    3: ("I", "II", "V2"),
+    6: LIMB_LEADS,
+    8: ("I", "II", *PRECORDIAL_LEADS),
+    12: LIMB_LEADS + PRECORDIAL_LEADS,
+}
 
 
 def _as_signal(signal: np.ndarray) -> np.ndarray:
@@ -99,6 +114,20 @@ def zero_leads(signal: np.ndarray, lead_names: Sequence[str], keep: Sequence[str
     return shifted
 
 
+def keep_leads(signal: np.ndarray, lead_names: Sequence[str], keep: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """The columns of the leads in `keep` (case-insensitive, in `keep` order) and their names, as a record that only
+    has those leads; returns `(signal (num_samples, len(keep)), lead_names)`."""
+    signal = _as_signal(signal)
+    if len(lead_names) != signal.shape[1]:
+        raise ValueError(f"{len(lead_names)} lead names for {signal.shape[1]} leads")
+    names = [str(name).lower() for name in lead_names]
+    unknown = [lead for lead in keep if lead.lower() not in names]
+    if unknown:
+        raise ValueError(f"leads to keep {unknown} are not in the record's leads {list(lead_names)}")
+    columns = [names.index(lead.lower()) for lead in keep]
+    return signal[:, columns].copy(), [lead_names[column] for column in columns]
+
+
 def resample_record(signal: np.ndarray, sampling_rate: float, target_rate: float) -> tuple[np.ndarray, float]:
     """Resample with scipy's polyphase filter (the feature extractor's own method); returns `(signal, target_rate)`."""
     signal = _as_signal(signal)
@@ -120,10 +149,13 @@ def acquired_at_rate(signal: np.ndarray, sampling_rate: float, device_rate: floa
 
 
 __all__ = [
+    "LEAD_SUBSETS",
     "LIMB_LEADS",
+    "PRECORDIAL_LEADS",
     "acquired_at_rate",
     "add_baseline_wander",
     "add_white_noise",
+    "keep_leads",
     "measured_snr_db",
     "resample_record",
     "signal_power",

@@ -139,14 +139,18 @@ def encode_class_prompts(model, tokenizer, prompts: Sequence[Sequence[str]], max
 
 
 @torch.no_grad()
-def encode_ecgs(model, ecg_values: torch.Tensor, batch_size: int = 32, ecg_attention_mask=None) -> torch.Tensor:
-    """L2-normalised projected ECG embeddings `(num_ecgs, projection_dim)`, computed in batches."""
+def encode_ecgs(
+    model, ecg_values: torch.Tensor, batch_size: int = 32, ecg_attention_mask=None, lead_mask=None
+) -> torch.Tensor:
+    """L2-normalised projected ECG embeddings `(num_ecgs, projection_dim)`, computed in batches (`lead_mask`: the
+    missing leads are left out)."""
     merit = _two_tower(model)
     outputs = []
     for start in range(0, len(ecg_values), batch_size):
         batch = ecg_values[start : start + batch_size].to(merit.device, dtype=merit.dtype)
         mask = None if ecg_attention_mask is None else ecg_attention_mask[start : start + batch_size].to(merit.device)
-        outputs.append(merit.get_ecg_features(batch, ecg_attention_mask=mask).pooler_output.float())
+        leads = None if lead_mask is None else torch.as_tensor(lead_mask[start : start + batch_size]).to(merit.device)
+        outputs.append(merit.get_ecg_features(batch, ecg_attention_mask=mask, lead_mask=leads).pooler_output.float())
     return F.normalize(torch.cat(outputs), dim=-1)
 
 
@@ -176,6 +180,7 @@ def zero_shot_classify(
     units: str | Sequence[str] | None = "mV",
     ecg_values: torch.Tensor | None = None,
     batch_size: int = 32,
+    lead_mask: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     r"""
     Score ECGs against class descriptions with a MERIT two-tower model.
@@ -193,6 +198,8 @@ def zero_shot_classify(
             name of a PTB-XL label set of the shipped prompt file (`"superclass"`, `"subclass"`, `"form"`, `"rhythm"`,
             `"all"`); a label it does not know raises.
         ecg_values: already extracted `(num_ecgs, num_leads, num_samples)` input instead of `ecgs`.
+        lead_mask: with `ecg_values`, the feature extractor's `lead_mask` `(num_ecgs, num_leads)` (missing leads
+            are left out); with `ecgs` it comes from the feature extractor (`missing_leads="mask"`).
 
     Returns:
         `{"labels": list(candidate_labels), "scores": np.ndarray (num_ecgs, num_labels)}`.
@@ -206,8 +213,9 @@ def zero_shot_classify(
             ecgs, sampling_rate=sampling_rate, lead_names=lead_names, units=units, return_tensors="pt"
         )
         ecg_values, ecg_attention_mask = features["ecg_values"], features.get("ecg_attention_mask")
+        lead_mask = features.get("lead_mask")
     class_embeddings = encode_class_prompts(model, processor.tokenizer, prompts, max_length=processor.max_length)
-    ecg_embeddings = encode_ecgs(model, torch.as_tensor(ecg_values), batch_size, ecg_attention_mask)
+    ecg_embeddings = encode_ecgs(model, torch.as_tensor(ecg_values), batch_size, ecg_attention_mask, lead_mask)
     scores = similarity_scores(model, ecg_embeddings, class_embeddings, multi_label=multi_label)
     labels = [candidate_labels] if isinstance(candidate_labels, str) else list(candidate_labels)
     return {"labels": labels, "scores": scores}

@@ -69,7 +69,9 @@ from ..configuration_merit import MeritConfig, MeritEcgConfig
 from ..feature_extraction_merit import MeritFeatureExtractor
 from ..modeling_merit import MeritForPreTraining
 from ..processing_merit import MeritProcessor
+from .activation_checkpointing import enable_activation_checkpointing
 from .arguments import arguments_to_dict, config_from_argument, parse_arguments
+from .throughput import ThroughputMeter, dataloader_options
 
 TRAINING_STATE_FILE = "training_state.json"
 LOG_HISTORY_FILE = "log_history.jsonl"
@@ -80,6 +82,12 @@ MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 # Fields that depend on where a checkpoint was written, not on what it is.
 _CONFIG_FIELDS_IGNORED_ON_RESUME = {"transformers_version", "_name_or_path", "architectures", "auto_map", "dtype"}
 _LOSS_NAMES = ("loss", "reconstruction_loss", "contrastive_loss")
+_GRADIENT_NORM_NAMES = (
+    "encoder_grad_norm_reconstruction",
+    "encoder_grad_norm_contrastive",
+    "reconstruction_gradient_share",
+    "reconstruction_weight",
+)
 
 
 @dataclass
@@ -102,6 +110,11 @@ class ModelArguments:
     contrastive_weight: float | None = field(default=None, metadata={"help": "0 = reconstruction only."})
     contrastive_input: str | None = field(default=None, metadata={"help": "'full' or 'masked'."})
     text_pooling: str | None = field(default=None, metadata={"help": "'mean', 'cls' or 'pooler'."})
+    loss_balancing: str | None = field(
+        default=None,
+        metadata={"help": "'fixed' or 'gradient_norm' (both terms pull the encoder equally hard; MeritConfig)."},
+    )
+    loss_balancing_interval: int | None = field(default=None, metadata={"help": "Steps between measurements."})
     freeze_text_model: bool = field(
         default=False,
         metadata={"help": "Keep the pretrained text encoder fixed and train only its projection (LiT-style)."},
@@ -129,6 +142,25 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval records."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader workers per process."})
+    dataloader_persistent_workers: bool = field(
+        default=True,
+        metadata={
+            "help": "Keep the workers between epochs (else they start again, dataset copy and all, each epoch)."
+        },
+    )
+    dataloader_pin_memory: bool = field(
+        default=True, metadata={"help": "Pinned host memory and asynchronous copies to the GPU (no effect on CPU)."}
+    )
+    dataloader_prefetch_factor: int | None = field(
+        default=None, metadata={"help": "Batches each worker prepares ahead (PyTorch's default, 2, when None)."}
+    )
+    precompute_ecg_values: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the feature extractor once per record before training and keep ecg_values (map-style "
+            "splits): the fast path for many epochs. Pretraining crops the centre, so the values are the same."
+        },
+    )
 
 
 @dataclass
@@ -184,6 +216,25 @@ class PretrainingArguments:
     )
     run_name: str = field(default="merit-pretrain")
     disable_tqdm: bool = field(default=False)
+    # Speed and memory (merit_hf.training.throughput, merit_hf.training.activation_checkpointing)
+    peak_tflops: float | None = field(
+        default=None,
+        metadata={"help": "Per-device peak TFLOP/s for the logged MFU; default: the GPU's dense bf16 peak by name."},
+    )
+    activation_checkpointing: str = field(
+        default="none",
+        metadata={
+            "help": "ECG encoder layers: 'none', 'full' (recompute each layer) or 'selective' (keep matmul and "
+            "attention outputs, recompute the element-wise work): less memory, same loss."
+        },
+    )
+    activation_checkpointing_layers: int | None = field(
+        default=None, metadata={"help": "Checkpoint only the first N encoder layers (all when None)."}
+    )
+    torch_compile_regional: bool = field(
+        default=False,
+        metadata={"help": "With --torch_compile: compile each repeated Transformer layer once (fast to compile)."},
+    )
 
     def __post_init__(self):
         if self.mixed_precision not in MIXED_PRECISIONS:
@@ -234,21 +285,13 @@ def build_model(model_args: ModelArguments, text_path: str) -> MeritForPreTraini
             "contrastive_weight",
             "contrastive_input",
             "text_pooling",
+            "loss_balancing",
+            "loss_balancing_interval",
         )
         if getattr(model_args, name) is not None
     }
     model = MeritForPreTraining.from_text_pretrained(text_path, ecg_config=ecg_config, **overrides)
-    config = model.config
-    # Parameters that no loss term reaches must not train (DDP also refuses parameters without gradient).
-    if config.contrastive_weight == 0:
-        for module in (model.merit.text_model, model.merit.text_projection, model.merit.ecg_projection):
-            module.requires_grad_(False)
-        model.merit.logit_scale.requires_grad_(False)
-        model.merit.ecg_model.pooler_norm.requires_grad_(False)
-    if config.reconstruction_weight == 0:
-        model.decoder.requires_grad_(False)
-    if model_args.freeze_text_model:
-        model.merit.text_model.requires_grad_(False)
+    model.freeze_unused_parameters(freeze_text_model=model_args.freeze_text_model)
     return model
 
 
@@ -265,12 +308,45 @@ def masking_noise(ecg_ids: Sequence[int], stream: Sequence[int], shape: tuple[in
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norms and other 1-D parameters (timm / ViT-MAE)."""
+    """AdamW groups: no weight decay on what `model.no_weight_decay()` names (biases, norms, embeddings, the logit
+    scale: timm / ViT-MAE / ST-MEM), or on 1-D parameters for a model without that method."""
+    excluded = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
-    for parameter in model.parameters():
+    for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+            (no_decay if name in excluded or parameter.ndim < 2 else decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def loss_term_gradient_norms(
+    model: MeritForPreTraining, output, reconstruction_weight: float | None = None
+) -> dict[str, float]:
+    """L2 norm of the gradient that each weighted loss term sends into the ECG encoder, on this batch.
+
+    The two terms of MERIT's objective only help each other if both reach the shared encoder; this is how a run shows
+    that one term does not starve the other (with `initializer_scheme="trunc_normal"` the masked-modelling share was
+    1e-4). `reconstruction_gradient_share` is `r / (r + c)`: 0.5 when both pull equally hard. Costs one extra backward
+    pass per term, so pretraining computes it on logging and balancing steps only. `reconstruction_weight`: the
+    weight this step used, if not the config's (loss balancing).
+    """
+    config = model.config
+    if reconstruction_weight is None:
+        reconstruction_weight = config.reconstruction_weight
+    parameters = [parameter for parameter in model.merit.ecg_model.parameters() if parameter.requires_grad]
+    norms = {}
+    for name, weight in (("reconstruction", reconstruction_weight), ("contrastive", config.contrastive_weight)):
+        term = getattr(output, f"{name}_loss")
+        if term is None or weight == 0:
+            continue
+        gradients = torch.autograd.grad(weight * term, parameters, retain_graph=True, allow_unused=True)
+        squares = [gradient.float().pow(2).sum() for gradient in gradients if gradient is not None]
+        norms[f"encoder_grad_norm_{name}"] = torch.stack(squares).sum().sqrt().item() if squares else 0.0
+    if len(norms) == 2:
+        total = norms["encoder_grad_norm_reconstruction"] + norms["encoder_grad_norm_contrastive"]
+        norms["reconstruction_gradient_share"] = (
+            norms["encoder_grad_norm_reconstruction"] / total if total else math.nan
+        )
+    return norms
 
 
 def isolated_from_global_rng(batches: Iterable) -> Iterator:
@@ -347,6 +423,21 @@ def _with_reports(split, max_samples: int | None):
             split.select(range(min(max_samples, len(split)))) if hasattr(split, "select") else split.take(max_samples)
         )
     return split.with_format("numpy")  # signals as arrays, not nested lists
+
+
+def precomputed(split, feature_extractor: MeritFeatureExtractor):
+    """`split` with `ecg_values` stored once (`merit_hf.data.precompute_ecg_values`), so no epoch resamples or filters
+    again; `None` stays `None`. A streamed split is refused: it is read once, so there is nothing to reuse."""
+    from ..data import precompute_ecg_values
+
+    if split is None:
+        return None
+    if not hasattr(split, "select"):
+        raise ValueError(
+            "--precompute_ecg_values: needs a map-style split (--streaming false); a stream would run the feature "
+            "extractor as often as without it"
+        )
+    return precompute_ecg_values(split, feature_extractor).with_format("numpy")
 
 
 class PretrainingCollator:
@@ -470,6 +561,49 @@ def truncate_log_history(path: Path, last_step: int) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+class ReconstructionWeightBalancer:
+    """`MeritConfig.loss_balancing`: the reconstruction weight each step uses.
+
+    `"fixed"`: always `config.reconstruction_weight`. `"gradient_norm"`: every `config.loss_balancing_interval` steps
+    the two terms' gradient norms into the encoder are measured (`loss_term_gradient_norms`), and the weight moves
+    halfway (in log space) towards the one that makes them equal, `contrastive_weight * g_con / g_rec`, within
+    `loss_balancing_max_ratio` of `reconstruction_weight` either way. Its state goes into checkpoints (Accelerate's
+    `register_for_checkpointing`), so a resumed run continues with the same weight.
+    """
+
+    def __init__(self, config: MeritConfig):
+        self.enabled = (
+            config.loss_balancing == "gradient_norm"
+            and config.reconstruction_weight > 0
+            and config.contrastive_weight > 0
+        )
+        self.interval = config.loss_balancing_interval
+        self.base = config.reconstruction_weight
+        self.contrastive_weight = config.contrastive_weight
+        self.max_ratio = config.loss_balancing_max_ratio
+        self.weight = config.reconstruction_weight
+
+    def due(self, step: int) -> bool:
+        """Whether optimizer step `step` (1-based) measures the gradients."""
+        return self.enabled and (step - 1) % self.interval == 0
+
+    def update(self, norms: dict[str, float]) -> None:
+        """`norms` from `loss_term_gradient_norms` at the current weight."""
+        weighted = norms.get("encoder_grad_norm_reconstruction", 0.0)
+        contrastive = norms.get("encoder_grad_norm_contrastive", 0.0)
+        if not (self.enabled and weighted > 0 and contrastive > 0 and math.isfinite(weighted + contrastive)):
+            return
+        raw = weighted / self.weight
+        target = min(max(contrastive / raw, self.base / self.max_ratio), self.base * self.max_ratio)
+        self.weight = math.exp(0.5 * math.log(self.weight) + 0.5 * math.log(target))
+
+    def state_dict(self) -> dict[str, float]:
+        return {"weight": self.weight}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.weight = float(state["weight"])
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Pretrain MERIT; returns the final metrics (also written to `output_dir/train_results.json`)."""
     model_args, data_args, train_args = parse_arguments(ARGUMENT_CLASSES, sys.argv[1:] if argv is None else argv)
@@ -484,12 +618,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=train_args.gradient_accumulation_steps, sync_with_dataloader=False
         ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_args.seed),
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=train_args.seed, non_blocking=data_args.dataloader_pin_memory
+        ),
         step_scheduler_with_optimizer=False,
         log_with=(report_to if report_to != ["all"] else "all") or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
         dynamo_plugin=(
-            TorchDynamoPlugin(backend=train_args.torch_compile_backend, mode=train_args.torch_compile_mode)
+            TorchDynamoPlugin(
+                backend=train_args.torch_compile_backend,
+                mode=train_args.torch_compile_mode,
+                use_regional_compilation=train_args.torch_compile_regional,
+            )
             if train_args.torch_compile
             else None  # Accelerate's default: what `accelerate config` / ACCELERATE_DYNAMO_* say
         ),
@@ -502,6 +642,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Model, feature extractor, tokenizer: the three things the Hub folder will hold.
     text_path = resolve_text_model(model_args.text_model_name_or_path)
     model = build_model(model_args, text_path)
+    enable_activation_checkpointing(
+        model, train_args.activation_checkpointing, train_args.activation_checkpointing_layers
+    )
     feature_extractor = MeritFeatureExtractor.from_model_config(model.config.ecg_config)
     tokenizer = AutoTokenizer.from_pretrained(text_path)
     collator = PretrainingCollator(feature_extractor, tokenizer, model_args.max_report_length)
@@ -510,6 +653,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # a streamed split is cut by node with `split_dataset_by_node`, and its loader's state is the stream position.
     with accelerator.main_process_first():
         train_split, eval_split = load_pretraining_splits(data_args)
+        if data_args.precompute_ecg_values:
+            train_split, eval_split = (precomputed(split, feature_extractor) for split in (train_split, eval_split))
     streaming = data_args.streaming or data_args.dataset_name == "mimic_iv_ecg"
     if streaming:
         from datasets.distributed import split_dataset_by_node
@@ -521,13 +666,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             train_split, rank=accelerator.process_index, world_size=accelerator.num_processes
         )
     loader_class = stream_loader_class() if streaming else DataLoader
+    loader_options = dataloader_options(
+        data_args.dataloader_num_workers,
+        data_args.dataloader_pin_memory,
+        data_args.dataloader_persistent_workers,
+        data_args.dataloader_prefetch_factor,
+        accelerator.device,
+    )
     train_loader = loader_class(
         train_split,
         batch_size=train_args.per_device_train_batch_size,
         shuffle=not streaming,
         drop_last=True,  # every contrastive batch has the same size, on every process
         collate_fn=collator,
-        num_workers=data_args.dataloader_num_workers,
+        **loader_options,
     )
     eval_loader = None
     if eval_split is not None:
@@ -535,7 +687,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             eval_split,
             batch_size=train_args.per_device_eval_batch_size,
             collate_fn=collator,
-            num_workers=data_args.dataloader_num_workers,
+            **loader_options,
         )
 
     optimizer = torch.optim.AdamW(
@@ -551,7 +703,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         num_warmup_steps=train_args.warmup_steps,
         num_training_steps=train_args.max_steps,
     )
+    # The meter counts FLOPs on the eager model (before prepare wraps or compiles it).
+    meter = ThroughputMeter(accelerator.device, train_args.peak_tflops, accelerator.num_processes, model)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    balancer = ReconstructionWeightBalancer(accelerator.unwrap_model(model).config)
+    if balancer.enabled:
+        accelerator.register_for_checkpointing(balancer)
     if not streaming:
         train_loader = accelerator.prepare(train_loader)
         if len(train_loader) == 0:  # a stream's length is unknown: the training loop checks each epoch instead
@@ -616,6 +773,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         disable=train_args.disable_tqdm or not accelerator.is_local_main_process,
     )
     step_losses: list[torch.Tensor] = []
+    gradient_norms: dict[str, float] = {}
     history: list[dict[str, float]] = []
     last_eval: dict[str, float] = {}
     start = time.perf_counter()
@@ -630,12 +788,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             train_loader.set_epoch(epoch)
             batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         batches_this_epoch = 0
-        for batch_index, batch in enumerate(isolated_from_global_rng(batches), start=skip):
+        for batch_index, batch in enumerate(meter.timed(isolated_from_global_rng(batches)), start=skip):
             batches_this_epoch += 1
             batch = {key: value.to(accelerator.device) for key, value in batch.items()}
             ecg_ids = batch.pop("ecg_id")
             noise = masking_noise(ecg_ids.tolist(), (train_args.seed, epoch), num_patches).to(accelerator.device)
+            if meter.count_flops_once(lambda rows: meter.model(**rows).loss, {**batch, "noise": noise}):
+                accelerator.print(meter.describe())
             with accelerator.accumulate(model):
+                if balancer.enabled:  # a tensor, so a compiled model does not recompile when it changes
+                    batch["reconstruction_weight"] = torch.tensor(balancer.weight, device=accelerator.device)
                 output = model(**batch, noise=noise)
                 losses = torch.stack([_as_tensor(getattr(output, name), output.loss) for name in _LOSS_NAMES]).detach()
                 gathered = accelerator.gather(losses[None])
@@ -647,36 +809,51 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         "learning rate or use bf16 instead of fp16."
                     )
                 step_losses.append(gathered.mean(dim=0))
+                logging_step = (global_step + 1) % train_args.logging_steps == 0
+                if accelerator.sync_gradients and (logging_step or balancer.due(global_step + 1)):
+                    gradient_norms = loss_term_gradient_norms(unwrapped, output, balancer.weight)
+                    balancer.update(gradient_norms)
                 accelerator.backward(output.loss)
                 if accelerator.sync_gradients and train_args.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                unwrapped.clamp_logit_scale_()  # open_clip: clamp the parameter after the step, never in forward
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
             global_step += 1
             steps_this_run += 1
+            meter.step(total_batch)
             step_mean = torch.stack(step_losses).mean(dim=0).tolist()
             step_losses.clear()
             record = {"step": global_step, "epoch": epoch, "learning_rate": scheduler.get_last_lr()[0]}
             record.update({f"train_{name}": value for name, value in zip(_LOSS_NAMES, step_mean)})
+            if global_step % train_args.logging_steps == 0:
+                record.update(gradient_norms)
+            if balancer.enabled:
+                record["reconstruction_weight"] = balancer.weight
             history.append(record)
             progress.update(1)
-            progress.set_postfix(loss=f"{step_mean[0]:.4f}")
+            progress.set_postfix(loss=f"{step_mean[0]:.4f}", **meter.postfix)
             if train_args.eval_steps and global_step % train_args.eval_steps == 0 and eval_loader is not None:
-                last_eval = evaluate(model, eval_loader, accelerator, train_args.seed, num_patches)
+                with meter.excluded():
+                    last_eval = evaluate(model, eval_loader, accelerator, train_args.seed, num_patches)
                 record.update(last_eval)
                 model.train()
             if global_step % train_args.logging_steps == 0 or global_step == train_args.max_steps:
+                record.update(meter.interval())
+                if message := meter.data_bound_message(record):
+                    accelerator.print(f"step {global_step}: {message}")
                 accelerator.log(record, step=global_step)
                 if accelerator.is_main_process:
                     with log_history_path.open("a") as handle:
                         handle.write(json.dumps(record) + "\n")
             if global_step % train_args.save_steps == 0 or global_step == train_args.max_steps:
-                save_checkpoint(
-                    accelerator, output_dir, global_step, epoch, run_identity, train_loader if streaming else None
-                )
+                with meter.excluded():
+                    save_checkpoint(
+                        accelerator, output_dir, global_step, epoch, run_identity, train_loader if streaming else None
+                    )
                 if accelerator.is_main_process:
                     rotate_checkpoints(output_dir, train_args.save_total_limit)
             if global_step >= train_args.max_steps:
@@ -706,6 +883,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         **({key: value for key, value in history[-1].items() if key.startswith("train_")} if history else {}),
         **last_eval,
         "loss_history": [entry["train_loss"] for entry in history],
+        "reconstruction_loss_history": [entry["train_reconstruction_loss"] for entry in history],
+        "encoder_gradient_norms": [
+            {key: value for key, value in entry.items() if key == "step" or key in _GRADIENT_NORM_NAMES}
+            for entry in history
+            if "encoder_grad_norm_reconstruction" in entry or "encoder_grad_norm_contrastive" in entry
+        ],
+        "throughput": meter.totals(),
         "model_dir": str(model_dir),
         "output_dir": str(output_dir),
     }

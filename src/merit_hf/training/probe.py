@@ -59,17 +59,19 @@ from tqdm.auto import tqdm
 from ..evaluation.metrics import best_f1_thresholds, classification_metrics, macro_auroc
 from ..evaluation.results import build_results, encoder_identity, write_results
 from ..feature_extraction_merit import MeritFeatureExtractor
-from ..modeling_merit import MeritEcgModel, MeritForEcgClassification
+from ..modeling_merit import MeritEcgModel, MeritForEcgClassification, pool_window_embeddings
 from .arguments import parse_arguments
+from .throughput import ThroughputMeter
 
 logger = logging.getLogger(__name__)
 
 LABEL_SETS = ("superclass", "subclass", "form", "rhythm", "all")
 MODES = ("linear", "finetune")
+DATASET_NAMES = ("ptbxl", "wfdb")
 SPLITS = ("train", "validation", "test")
 # A record transform used by the robustness evaluation: (signal, sampling_rate, lead_names, row index) ->
-# (signal, sampling_rate).
-RecordTransform = Callable[[np.ndarray, float, list, int], tuple[np.ndarray, float]]
+# (signal, sampling_rate), or (signal, sampling_rate, lead_names) when it changes which leads the record has.
+RecordTransform = Callable[[np.ndarray, float, list, int], tuple]
 
 
 @dataclass
@@ -83,9 +85,24 @@ class ProbeArguments:
         default="data/ptbxl_sample",
         metadata={"help": "A PTB-XL folder (PhysioNet layout) or a DatasetDict saved with save_to_disk."},
     )
+    dataset_name: str = field(
+        default="ptbxl",
+        metadata={"help": "'ptbxl', or 'wfdb': a folder converted by dataset_scripts/wfdb (its own label columns)."},
+    )
+    split_column: str | None = field(
+        default=None, metadata={"help": "wfdb: a column of train / validation / test (else a seeded split)."}
+    )
+    split_fractions: list[float] = field(
+        default_factory=lambda: [0.8, 0.1, 0.1],
+        metadata={"help": "wfdb: train, validation, test fractions of the seeded split (patients kept whole)."},
+    )
+    split_seed: int = field(default=0, metadata={"help": "wfdb: the seed of that split."})
     sampling_rate: int = field(default=100, metadata={"help": "Which PTB-XL records to read (100 or 500 Hz)."})
     mode: str = field(default="linear", metadata={"help": f"One of {MODES}."})
-    label_sets: list[str] = field(default_factory=lambda: ["superclass"], metadata={"help": f"Of {LABEL_SETS}."})
+    label_sets: list[str] = field(
+        default_factory=lambda: ["superclass"],
+        metadata={"help": f"Of {LABEL_SETS}; with wfdb, label columns of the converted folder."},
+    )
     label_fractions: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "E.g. 0.01 0.1 1.0."})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Label draw, head init, bootstrap."})
     baseline: bool = field(default=True, metadata={"help": "Also run a random-init encoder under the same harness."})
@@ -105,7 +122,9 @@ class ProbeArguments:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode: must be one of {MODES}, got {self.mode!r}")
-        for label_set in self.label_sets:
+        if self.dataset_name not in DATASET_NAMES:
+            raise ValueError(f"dataset_name: must be one of {DATASET_NAMES}, got {self.dataset_name!r}")
+        for label_set in self.label_sets if self.dataset_name == "ptbxl" else ():
             if label_set not in LABEL_SETS:
                 raise ValueError(f"label_sets: {label_set!r} is not one of {LABEL_SETS}")
         for fraction in self.label_fractions:
@@ -231,6 +250,33 @@ def _model_fingerprint(encoder: MeritEcgModel) -> str:
     return digest.hexdigest()[:16]
 
 
+def ecg_model_inputs(
+    feature_extractor: MeritFeatureExtractor,
+    rows: dict[str, list],
+    transform: RecordTransform | None = None,
+    start: int = 0,
+    crop: str | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run a batch of dataset rows (`signal`, `sampling_rate`, `lead_names`) through the feature extractor (its
+    batched torch path on `device` when given, its scipy path otherwise); returns its tensors: `ecg_values`, and
+    `lead_mask` / `record_index` / `ecg_attention_mask` when its settings give them."""
+    signals, rates, names = [], [], []
+    for offset, (signal, rate, leads) in enumerate(zip(rows["signal"], rows["sampling_rate"], rows["lead_names"])):
+        signal, leads = np.asarray(signal, dtype=np.float64), list(leads)
+        if transform is not None:
+            signal, rate, *new_leads = transform(signal, float(rate), leads, start + offset)
+            leads = list(new_leads[0]) if new_leads else leads
+        signals.append(signal)
+        rates.append(float(rate))
+        names.append(leads)
+    on_device = {"device": device} if device is not None else {}
+    features = feature_extractor(
+        signals, sampling_rate=rates, lead_names=names, crop=crop, return_tensors="pt", **on_device
+    )
+    return dict(features)
+
+
 def ecg_values_batch(
     feature_extractor: MeritFeatureExtractor,
     rows: dict[str, list],
@@ -239,24 +285,26 @@ def ecg_values_batch(
     crop: str | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Run a batch of dataset rows (`signal`, `sampling_rate`, `lead_names`) through the feature extractor (its
-    batched torch path on `device` when given, its scipy path otherwise)."""
-    signals, rates = [], []
-    for offset, (signal, rate, leads) in enumerate(zip(rows["signal"], rows["sampling_rate"], rows["lead_names"])):
-        signal = np.asarray(signal, dtype=np.float64)
-        if transform is not None:
-            signal, rate = transform(signal, float(rate), list(leads), start + offset)
-        signals.append(signal)
-        rates.append(float(rate))
-    features = feature_extractor(
-        signals,
-        sampling_rate=rates,
-        lead_names=[list(leads) for leads in rows["lead_names"]],
-        crop=crop,
-        return_tensors="pt",
-        **({"device": device} if device is not None else {}),
-    )
-    return features["ecg_values"]
+    """`ecg_values` only of `ecg_model_inputs` (for 12-lead, single-window settings)."""
+    return ecg_model_inputs(feature_extractor, rows, transform, start, crop, device)["ecg_values"]
+
+
+def encoder_inputs(inputs: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The feature extractor's tensors that a MERIT model takes (`ecg_values`, `ecg_attention_mask`, `lead_mask`),
+    on `device`."""
+    names = ("ecg_values", "ecg_attention_mask", "lead_mask")
+    return {name: inputs[name].to(device) for name in names if inputs.get(name) is not None}
+
+
+def record_embeddings(
+    encoder: MeritEcgModel, inputs: dict[str, torch.Tensor], device: torch.device | str, window_pooling: str = "mean"
+) -> torch.Tensor:
+    """`pooler_output` of every record `(num_records, hidden_size)` from `ecg_model_inputs`: missing leads left out
+    (`lead_mask`), and the windows of `window="sliding"` pooled back per record (`pool_window_embeddings`)."""
+    pooled = encoder(**encoder_inputs(inputs, device)).pooler_output
+    if "record_index" in inputs:
+        pooled = pool_window_embeddings(pooled, inputs["record_index"].to(pooled.device), window_pooling)
+    return pooled
 
 
 @torch.no_grad()
@@ -295,8 +343,8 @@ def extract_features(
     columns = ["signal", "sampling_rate", "lead_names"]
     for start in tqdm(range(0, len(dataset), batch_size), desc="features", leave=False, disable=len(dataset) < 1000):
         rows = dataset.select_columns(columns)[start : start + batch_size]
-        ecg_values = ecg_values_batch(feature_extractor, rows, transform, start, crop="center").to(device)
-        outputs.append(encoder(ecg_values.to(encoder.dtype)).pooler_output.float().cpu().numpy())
+        inputs = ecg_model_inputs(feature_extractor, rows, transform, start, crop="center")
+        outputs.append(record_embeddings(encoder, inputs, device).float().cpu().numpy())
     features = np.concatenate(outputs).astype(np.float32)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -415,6 +463,22 @@ def _dataset_info(dataset_dict, label_set: str, rows: dict[str, np.ndarray]) -> 
         "unlabeled_records": f"records without a {label_set} label are left out of every split",
         "train_label_counts": counts,
         "classes_without_training_positives": [name for name, count in counts.items() if count == 0],
+    }
+
+
+def _dataset_description(arguments: ProbeArguments) -> dict[str, Any]:
+    """What the results JSON says of a dataset that is not PTB-XL (its name, and how its splits were drawn)."""
+    if arguments.dataset_name != "wfdb":
+        return {}
+    splits = (
+        f"column {arguments.split_column!r}"
+        if arguments.split_column
+        else f"seeded split {arguments.split_fractions} (seed {arguments.split_seed}), patients kept whole"
+    )
+    return {
+        "name": arguments.dataset,
+        "version": None,
+        "splits": f"WFDB folder: train / validation / test by {splits}",
     }
 
 
@@ -540,7 +604,7 @@ def run_linear_probe(
         protocol=probe_protocol(arguments),
         model=entries["model"],
         baseline=entries.get("baseline"),
-        dataset_extra=_dataset_info(dataset_dict, label_set, rows),
+        dataset_extra={**_dataset_info(dataset_dict, label_set, rows), **_dataset_description(arguments)},
     )
     if output_file is not None:
         write_results(results, output_file)
@@ -570,8 +634,8 @@ def _predict(accelerator, model, feature_extractor, dataset, batch_size) -> np.n
     logits = []
     columns = dataset.select_columns(["signal", "sampling_rate", "lead_names"])
     for start in range(0, len(dataset), batch_size):
-        ecg_values = ecg_values_batch(feature_extractor, columns[start : start + batch_size], crop="center")
-        logits.append(model(ecg_values.to(accelerator.device)).logits.float().cpu().numpy())
+        inputs = ecg_model_inputs(feature_extractor, columns[start : start + batch_size], crop="center")
+        logits.append(model(**encoder_inputs(inputs, accelerator.device)).logits.float().cpu().numpy())
     return np.concatenate(logits)
 
 
@@ -603,22 +667,30 @@ def fine_tune(
 
     loader = torch.utils.data.DataLoader(range(len(train)), batch_size=arguments.batch_size, shuffle=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=arguments.finetune_learning_rate, fused=True)
+    meter = ThroughputMeter(accelerator.device, num_processes=accelerator.num_processes, model=model)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     best_score, best_state, best_epoch, stale, epoch = -np.inf, None, 0, 0, 0
     for epoch in range(1, arguments.finetune_max_epochs + 1):
         model.train()
-        for rows in tqdm(loader, desc=f"fine-tune epoch {epoch}", disable=not accelerator.is_main_process):
+        batches = tqdm(loader, desc=f"fine-tune epoch {epoch}", disable=not accelerator.is_main_process)
+        for rows in meter.timed(batches):
             rows = rows.cpu().tolist()
-            ecg_values = ecg_values_batch(random_crops, train_columns[rows], crop="random")
-            outputs = model(ecg_values.to(accelerator.device), labels=train_labels[rows].to(accelerator.device))
+            with meter.waiting():
+                inputs = ecg_model_inputs(random_crops, train_columns[rows], crop="random")
+            batch = {**encoder_inputs(inputs, accelerator.device), "labels": train_labels[rows].to(accelerator.device)}
+            meter.count_flops_once(lambda batch: meter.model(**batch).loss, batch)
+            outputs = model(**batch)
             accelerator.backward(outputs.loss)
             optimizer.step()
             optimizer.zero_grad()
-        score = _validation_score(
-            validation_labels,
-            _predict(accelerator, model, feature_extractor, validation, arguments.batch_size),
-        )
-        if score > best_score:
+            meter.step(len(rows) * accelerator.num_processes)
+        logger.info("fine-tune epoch %d: %s", epoch, meter.interval())
+        with meter.excluded():
+            score = _validation_score(
+                validation_labels,
+                _predict(accelerator, model, feature_extractor, validation, arguments.batch_size),
+            )
+        if best_state is None or score > best_score:  # a NaN score (one class in validation) still keeps a state
             best_score, best_epoch, stale = score, epoch, 0
             best_state = copy.deepcopy(accelerator.unwrap_model(model).state_dict())
         else:
@@ -629,7 +701,8 @@ def fine_tune(
     unwrapped.load_state_dict(best_state)
     validation_logits = _predict(accelerator, unwrapped, feature_extractor, validation, arguments.batch_size)
     test_logits = _predict(accelerator, unwrapped, feature_extractor, test, arguments.batch_size)
-    return validation_logits, test_logits, {"best_epoch": best_epoch, "epochs_run": epoch}
+    training = {"best_epoch": best_epoch, "epochs_run": epoch, "throughput": meter.totals()}
+    return validation_logits, test_logits, training
 
 
 def run_fine_tune(
@@ -686,7 +759,7 @@ def run_fine_tune(
         protocol=protocol,
         model=entries["model"],
         baseline=entries.get("baseline"),
-        dataset_extra=_dataset_info(dataset_dict, label_set, rows),
+        dataset_extra={**_dataset_info(dataset_dict, label_set, rows), **_dataset_description(arguments)},
     )
     if output_file is not None:
         write_results(results, output_file)
@@ -696,12 +769,18 @@ def run_fine_tune(
 # ----------------------------------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------------------------------
-def load_dataset_dict(path: str | Path, sampling_rate: int = 100):
+def load_dataset_dict(path: str | Path, sampling_rate: int = 100, arguments: ProbeArguments | None = None):
     """PTB-XL as a `DatasetDict`: from a PhysioNet PTB-XL folder (read in memory with `merit_hf.data.build_ptbxl`;
     fine for the bundled sample, slow for the full set), or from a converted dataset (`dataset_scripts/ptbxl`,
-    `save_to_disk` folder or Hub id, via `merit_hf.data.load_ptbxl`)."""
-    from ..data import build_ptbxl, load_ptbxl
+    `save_to_disk` folder or Hub id, via `merit_hf.data.load_ptbxl`). With `arguments.dataset_name == "wfdb"`, a
+    converted WFDB folder split as `arguments` say (`merit_hf.data.load_wfdb_dataset`)."""
+    from ..data import build_ptbxl, load_ptbxl, load_wfdb_dataset
 
+    if arguments is not None and arguments.dataset_name == "wfdb":
+        return load_wfdb_dataset(
+            str(path), split_column=arguments.split_column, split_fractions=arguments.split_fractions,
+            seed=arguments.split_seed,
+        )  # fmt: skip
     if (Path(path) / "ptbxl_database.csv").is_file():
         return build_ptbxl(path, sampling_rate=sampling_rate)
     return load_ptbxl(str(path), sampling_rate=sampling_rate)
@@ -717,7 +796,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     (arguments,) = parse_arguments([ProbeArguments], sys.argv[1:] if argv is None else argv)
     if not arguments.model_name_or_path:
         raise ValueError("model_name_or_path: required (a MERIT checkpoint folder or Hub id)")
-    dataset_dict = load_dataset_dict(arguments.dataset, arguments.sampling_rate)
+    dataset_dict = load_dataset_dict(arguments.dataset, arguments.sampling_rate, arguments)
     encoder, _ = load_encoder(arguments.model_name_or_path)
     feature_extractor = load_feature_extractor(arguments.model_name_or_path, encoder)
     summary: dict[str, Any] = {}

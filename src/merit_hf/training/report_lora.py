@@ -57,6 +57,7 @@ from ..modeling_merit import MeritEcgModel
 from ..modeling_merit_report import MeritForReportGeneration
 from ..processing_merit import DEFAULT_REPORT_INSTRUCTION, MeritProcessor
 from .arguments import arguments_to_dict, config_from_argument, parse_arguments
+from .throughput import ThroughputMeter
 
 BASE_FINGERPRINT_FILE = "merit_report_base.json"
 RESULTS_FILE = "report_results.json"
@@ -378,8 +379,9 @@ def _train_stage(
     epochs: int,
     learning_rate: float,
     training_args: ReportTrainingArguments,
-) -> list[float]:
-    """One stage: AdamW on the parameters that require grad, warm-up + schedule, returns the logged losses."""
+) -> tuple[list[float], dict[str, Any]]:
+    """One stage: AdamW on the parameters that require grad, warm-up + schedule; returns the logged losses and the
+    stage's throughput totals (`merit_hf.training.throughput`)."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=training_args.weight_decay, fused=True)
     steps = epochs * math.ceil(len(loader) / training_args.gradient_accumulation_steps)
@@ -389,13 +391,15 @@ def _train_stage(
         num_warmup_steps=int(training_args.warmup_ratio * steps),
         num_training_steps=steps,
     )
+    meter = ThroughputMeter(accelerator.device, num_processes=accelerator.num_processes, model=model)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     model.train()
     losses, step = [], 0
     progress = tqdm(total=steps, desc=name, disable=not accelerator.is_local_main_process)
     for _ in range(epochs):
-        for batch in loader:
+        for batch in meter.timed(loader):
             batch.pop("index")
+            meter.count_flops_once(lambda rows: meter.model(**rows).loss, batch)
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
@@ -406,13 +410,21 @@ def _train_stage(
                 optimizer.zero_grad()
             if accelerator.sync_gradients:
                 step += 1
+                meter.step(
+                    len(batch["input_ids"]) * accelerator.num_processes * accelerator.gradient_accumulation_steps
+                )
                 progress.update(1)
                 mean_loss = accelerator.gather(loss.detach()[None]).mean().item()
                 losses.append(mean_loss)
                 if step % training_args.logging_steps == 0 or step == steps:
-                    accelerator.print(f"{name} step {step}/{steps} loss {mean_loss:.4f}")
+                    interval = meter.interval()
+                    progress.set_postfix(loss=f"{mean_loss:.4f}", **meter.postfix)
+                    accelerator.print(
+                        f"{name} step {step}/{steps} loss {mean_loss:.4f}, "
+                        + ", ".join(f"{key} {value:.4g}" for key, value in interval.items())
+                    )
     progress.close()
-    return losses
+    return losses, meter.totals()
 
 
 def generate_reports(
@@ -501,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if model_args.condition_on_ecg and training_args.alignment_epochs > 0:
         model.requires_grad_(False)
         model.multi_modal_projector.requires_grad_(True)
-        losses = _train_stage(
+        losses, results["alignment_throughput"] = _train_stage(
             "alignment",
             accelerator,
             model,
@@ -528,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not model_args.condition_on_ecg:  # the projector gets no gradient without ECG tokens
         for parameter in peft_model.base_model.model.multi_modal_projector.parameters():
             parameter.requires_grad_(False)
-    losses = _train_stage(
+    losses, results["lora_throughput"] = _train_stage(
         "lora",
         accelerator,
         peft_model,

@@ -1,0 +1,192 @@
+"""Any WFDB folder -> `datasets`: real PTB-XL records copied into a hospital-like layout with a custom labels CSV,
+converted, loaded with a patient-level split, embedded and probed through the command lines."""
+
+from __future__ import annotations
+
+import ast
+import json
+import runpy
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import wfdb
+
+from merit_hf import MeritFeatureExtractor, MeritForPreTraining
+from merit_hf.data import (
+    EcgInputError,
+    WfdbFolderSpec,
+    build_wfdb_dataset,
+    convert_wfdb_folder,
+    label_names,
+    load_wfdb_dataset,
+    read_ecg_record,
+)
+from tests.conftest import REPO_ROOT, SHARED_DATA, tiny_merit_config
+
+SUBSET = SHARED_DATA / "ptbxl_subset500"
+
+
+def copy_record(source, folder, name):
+    """A PTB-XL record under a new name (the header's record and file names rewritten)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for suffix in (".hea", ".dat"):
+        data = source.with_suffix(suffix).read_bytes()
+        if suffix == ".hea":
+            data = data.replace(source.name.encode(), name.encode())
+        (folder / f"{name}{suffix}").write_bytes(data)
+    return folder / name
+
+
+def hospital_folder(tmp_path, num_records: int):
+    """`num_records` real PTB-XL 100 Hz records as `export/<site>/<patient>/ecg<ecg_id>.{hea,dat}` (not PTB-XL's
+    layout), and a labels CSV keyed by file name: `rhythm` (SR / SBRAD / other, from scp_codes), patient, site."""
+    database = pd.read_csv(SUBSET / "ptbxl_database.csv").sort_values("ecg_id").head(num_records)
+    wfdb_dir, rows = tmp_path / "export", []
+    for meta in database.to_dict("records"):
+        codes = ast.literal_eval(meta["scp_codes"])
+        rhythm = "sinus rhythm" if "SR" in codes else "sinus bradycardia" if "SBRAD" in codes else "other"
+        patient = int(meta["patient_id"]) % 17  # several records per patient, to test the patient-level split
+        name = f"ecg{int(meta['ecg_id'])}"
+        copy_record(SUBSET / meta["filename_lr"], wfdb_dir / f"site{int(meta['site'] or 0) % 2}" / f"p{patient}", name)
+        rows.append({"file": name, "rhythm": rhythm, "patient": f"P{patient}", "report": meta["report"]})
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame(rows).to_csv(labels, index=False)
+    return wfdb_dir, labels, rows
+
+
+def write_record(folder, name, signal, leads, fs):
+    folder.mkdir(parents=True, exist_ok=True)
+    wfdb.wrsamp(name, fs=fs, units=["mV"] * len(leads), sig_name=leads, p_signal=signal, fmt=["16"] * len(leads),
+                adc_gain=[1000.0] * len(leads), baseline=[0] * len(leads), write_dir=str(folder))  # fmt: skip
+    return folder / name
+
+
+def test_leads_rate_and_length_are_kept_as_recorded_and_bad_records_are_reported(tmp_path):
+    wfdb_dir = tmp_path / "holter"
+    time = np.arange(250 * 30) / 250
+    two_leads = np.stack([np.sin(2 * np.pi * 1.1 * time), 0.5 * np.cos(2 * np.pi * 1.1 * time)], axis=1)
+    write_record(wfdb_dir / "a", "two_lead", two_leads, ["MLII", "V5"], fs=250)  # 30 s, 2 leads, 250 Hz
+    copy_record(SUBSET / "records100" / "00000" / "00001_lr", wfdb_dir / "b", "twelve")
+    broken = copy_record(SUBSET / "records100" / "00000" / "00002_lr", wfdb_dir / "b", "broken")
+    broken.with_suffix(".dat").write_bytes(broken.with_suffix(".dat").read_bytes()[:1000])  # cut short
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame({"id": ["a/two_lead", "twelve", "ghost"], "dx": ["AF,PVC", "NORM", "NORM"]}).to_csv(labels)
+    spec = WfdbFolderSpec(str(wfdb_dir), labels_csv=str(labels), id_column="id", label_columns=("dx",))
+
+    report = convert_wfdb_folder(spec, tmp_path / "out")
+    assert (report.total, report.written, report.failed) == (3, 2, 1)
+    assert report.failures[0].record == str(wfdb_dir / "b" / "broken")
+    assert report.failures[0].reason.endswith(
+        "broken.dat: signal file holds 1000 bytes, the header declares 1000 "
+        "samples x 12 signals in format 16 (24000 bytes): truncated"
+    )
+    saved = json.loads((tmp_path / "out" / "data" / "conversion_report.json").read_text())
+    assert saved["failed"] == 1 and saved["settings"]["records_without_labels_row"] == 1  # b/broken has no row
+    records = load_wfdb_dataset(tmp_path / "out", split_fractions=(1.0, 0.0, 0.0))["train"]
+    by_record = {row["record"]: row for row in records}
+    holter = by_record["a/two_lead"]
+    assert holter["lead_names"] == ["MLII", "V5"] and holter["sampling_rate"] == 250.0
+    np.testing.assert_allclose(np.asarray(holter["signal"]), two_leads, atol=5e-4)  # the 1 µV ADC grid
+    assert label_names(records, "dx") == ["AF", "NORM", "PVC"]
+    assert holter["dx"] == [0, 2] and by_record["b/twelve"]["dx"] == [1]
+    twelve = read_ecg_record(SUBSET / "records100" / "00000" / "00001_lr", lead_names=None)
+    np.testing.assert_array_equal(np.asarray(by_record["b/twelve"]["signal"], dtype=np.float32), twelve["signal"])
+    ptbxl_spelling = ["I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+    assert by_record["b/twelve"]["lead_names"] == twelve["lead_names"] == ptbxl_spelling  # kept as recorded
+
+    with pytest.raises(FileExistsError, match="a finished conversion is already there"):
+        convert_wfdb_folder(spec, tmp_path / "out")
+    with pytest.raises(EcgInputError, match=r"broken\.dat: signal file holds 1000 bytes.*truncated"):
+        build_wfdb_dataset(spec)  # in memory, on_error="raise" names the first bad record
+
+
+def test_bad_csv_input_is_named(tmp_path):
+    wfdb_dir, labels, _ = hospital_folder(tmp_path, 3)
+    with pytest.raises(ValueError, match="no id column 'ID'"):
+        build_wfdb_dataset(WfdbFolderSpec(str(wfdb_dir), labels_csv=str(labels), id_column="ID"))
+    with pytest.raises(ValueError, match=r"no column\(s\) \['Rhythm'\]"):
+        build_wfdb_dataset(
+            WfdbFolderSpec(str(wfdb_dir), labels_csv=str(labels), id_column="file", label_columns=("Rhythm",))
+        )
+    with pytest.raises(ValueError, match="clash with the dataset's own columns"):
+        WfdbFolderSpec(str(wfdb_dir), labels_csv=str(labels), id_column="file", label_columns=("signal",))
+    table = pd.read_csv(labels)
+    pd.concat([table, table.head(1)]).to_csv(labels, index=False)
+    with pytest.raises(ValueError, match=r"record site\d/p\d/ecg1 has two rows"):
+        build_wfdb_dataset(WfdbFolderSpec(str(wfdb_dir), labels_csv=str(labels), id_column="file"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no WFDB header"):
+        build_wfdb_dataset(WfdbFolderSpec(str(tmp_path / "empty")))
+
+
+def test_splits_keep_patients_whole_are_seeded_and_follow_a_column(tmp_path):
+    wfdb_dir, labels, rows = hospital_folder(tmp_path, 40)
+    split_of = {row["file"]: ("train", "validation", "test")[index % 3] for index, row in enumerate(rows)}
+    table = pd.read_csv(labels).assign(split=lambda frame: frame["file"].map(split_of))
+    table.to_csv(labels, index=False)
+    spec = WfdbFolderSpec(
+        str(wfdb_dir), labels_csv=str(labels), id_column="file", label_columns=("rhythm",),
+        patient_column="patient", metadata_columns=("split",),
+    )  # fmt: skip
+    convert_wfdb_folder(spec, tmp_path / "out")
+    a = load_wfdb_dataset(tmp_path / "out", split_fractions=(0.6, 0.2, 0.2), seed=3)
+    b = load_wfdb_dataset(tmp_path / "out", split_fractions=(0.6, 0.2, 0.2), seed=3)
+    c = load_wfdb_dataset(tmp_path / "out", split_fractions=(0.6, 0.2, 0.2), seed=4)
+    assert sum(len(part) for part in a.values()) == 40 and all(len(part) for part in a.values())
+    assert all(a[name]["record"] == b[name]["record"] for name in a)
+    assert any(a[name]["record"] != c[name]["record"] for name in a)
+    patients = {name: set(part["patient_id"]) for name, part in a.items()}
+    assert not (patients["train"] & patients["test"]) and not (patients["train"] & patients["validation"])
+    by_column = load_wfdb_dataset(tmp_path / "out", split_column="split")
+    for name, part in by_column.items():
+        assert {split_of[record.rsplit("/", 1)[-1]] for record in part["record"]} == {name}
+    with pytest.raises(ValueError, match=r"split_column 'rhythm': record .* has .*every value must be one of"):
+        load_wfdb_dataset(tmp_path / "out", split_column="rhythm")
+    with pytest.raises(ValueError, match="three fractions"):
+        load_wfdb_dataset(tmp_path / "out", split_fractions=(0.5, 0.5))
+
+
+@pytest.mark.slow
+def test_wfdb_folder_end_to_end_convert_embed_probe_finetune(tmp_path):
+    """The README recipe: convert -> embed -> linear probe -> fine-tune, by the command lines."""
+    from merit_hf.embedding import main as embed_main
+    from merit_hf.training.probe import main as probe_main
+
+    wfdb_dir, labels, rows = hospital_folder(tmp_path, 60)
+    convert = runpy.run_path(str(REPO_ROOT / "dataset_scripts" / "wfdb" / "convert.py"), run_name="wfdb_convert")
+    out = tmp_path / "hospital_merit"
+    assert convert["main"](["--wfdb_dir", str(wfdb_dir), "--output_dir", str(out), "--labels_csv", str(labels),
+                         "--id_column", "file", "--label_columns", "rhythm", "--patient_column", "patient",
+                         "--reports_csv", str(labels), "--report_column", "report"]) == 0  # fmt: skip
+    assert (out / "README.md").is_file() and "data/records-*.parquet" in (out / "README.md").read_text()
+    data = load_wfdb_dataset(out, seed=0)
+    row = data["train"][0]
+    assert row["report"] and row["report"] == next(r["report"] for r in rows if row["record"].endswith(r["file"]))
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    model = MeritForPreTraining(tiny_merit_config())
+    model.save_pretrained(model_dir)
+    MeritFeatureExtractor.from_model_config(model.config.ecg_config).save_pretrained(model_dir)
+    summary = embed_main(["--model_name_or_path", str(model_dir), "--dataset_name", "wfdb", "--dataset", str(out),
+                          "--keep_columns", "ecg_id", "record", "--output_dir", str(tmp_path / "emb")])  # fmt: skip
+    assert {split: info["rows"] for split, info in summary["splits"].items()} == {
+        split: len(part) for split, part in data.items()
+    }
+    common = ["--model_name_or_path", str(model_dir), "--dataset_name", "wfdb", "--dataset", str(out),
+              "--label_sets", "rhythm", "--num_bootstrap", "0", "--batch_size", "16",
+              "--split_fractions", "0.6", "0.2", "0.2", "--split_seed", "1"]  # fmt: skip
+    linear = probe_main([*common, "--output_dir", str(tmp_path / "probe"), "--max_epochs", "5"])
+    finetune = probe_main([*common, "--output_dir", str(tmp_path / "ft"), "--mode", "finetune",
+                           "--finetune_max_epochs", "1"])  # fmt: skip
+    for summary, folder in ((linear, "probe"), (finetune, "ft")):
+        (name,) = summary
+        assert set(summary[name]) == {"model", "baseline"}
+        results = json.loads((tmp_path / folder / f"{name}.json").read_text())
+        assert (
+            results["dataset"]["name"] == str(out)
+            and "seeded split [0.6, 0.2, 0.2] (seed 1)" in results["dataset"]["splits"]
+        )
+        assert results["label_names"] == sorted({row["rhythm"] for row in rows})

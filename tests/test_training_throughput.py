@@ -1,0 +1,231 @@
+"""Throughput logging (step time, data wait, ECGs/s, FLOPs, MFU) in the training loops, the DataLoader options, and
+activation checkpointing that leaves the pretraining loss and gradients unchanged."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+import torch
+
+from tests.conftest import BUNDLED_PTBXL, REPO_ROOT, tiny_text_config, train_tiny_tokenizer
+
+TINY_YAML = REPO_ROOT / "configs" / "tiny.yaml"
+INTERVAL_FIELDS = ("seconds_per_step", "data_wait_seconds_per_step", "data_wait_fraction", "ecgs_per_second")
+
+
+def tiny_pretraining_model(**ecg_overrides):
+    from merit_hf import MeritConfig, MeritEcgConfig, MeritForPreTraining
+
+    ecg = MeritEcgConfig(
+        sampling_rate=100, num_samples=1000, patch_size=50, hidden_size=32, num_hidden_layers=3,
+        num_attention_heads=4, intermediate_size=64, decoder_hidden_size=16, decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2, decoder_intermediate_size=32, **ecg_overrides,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return MeritForPreTraining(MeritConfig(ecg_config=ecg, text_config=tiny_text_config(), projection_dim=16))
+
+
+def tiny_batch(batch_size: int = 4) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return {
+        "ecg_values": torch.randn(batch_size, 12, 1000, generator=generator),
+        "input_ids": torch.randint(5, 120, (batch_size, 9), generator=generator),
+        "attention_mask": torch.ones(batch_size, 9, dtype=torch.long),
+        "noise": torch.rand(batch_size, 12, 20, generator=generator),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The meter on its own
+# ----------------------------------------------------------------------------------------------------------------------
+def test_meter_separates_data_wait_from_step_time_and_excludes_evaluation():
+    from merit_hf.training.throughput import ThroughputMeter
+
+    def slow_batches():
+        for _ in range(4):
+            time.sleep(0.03)
+            yield 8
+
+    meter = ThroughputMeter("cpu")
+    for samples in meter.timed(slow_batches()):
+        time.sleep(0.01)  # the "step"
+        meter.step(samples)
+        with meter.excluded():
+            time.sleep(0.05)  # evaluation: counted nowhere
+    interval = meter.interval()
+    assert 0.03 <= interval["data_wait_seconds_per_step"] < 0.06
+    assert 0.04 <= interval["seconds_per_step"] < 0.09, interval  # 0.03 wait + 0.01 step, not the 0.05 eval
+    assert 0.5 < interval["data_wait_fraction"] < 0.9
+    assert interval["ecgs_per_second"] * interval["seconds_per_step"] == pytest.approx(8)
+    assert "mfu" not in interval and meter.peak_tflops is None  # CPU: no peak, no MFU
+    assert "data-bound" in meter.data_bound_message(interval)
+    assert meter.data_bound_message(interval) is None  # said once
+    totals = meter.totals()
+    assert totals["ecgs_seen"] == 32 and totals["steps_measured"] == 4 and totals["limited_by"] == "data"
+
+
+def test_default_peak_by_gpu_name(monkeypatch):
+    from merit_hf.training import throughput
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, peak in (("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
+                       ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0),
+                       ("NVIDIA GeForce RTX 3090", None)):  # fmt: skip
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert throughput.default_peak_tflops("cuda") == peak, name
+    assert throughput.default_peak_tflops("cpu") is None
+
+
+def test_flop_count_is_forward_plus_backward_and_leaves_the_model_as_it_was():
+    from merit_hf.training.throughput import count_flops_per_sample
+
+    model = tiny_pretraining_model().train()
+    batch = tiny_batch()
+    state = torch.random.get_rng_state()
+    training = count_flops_per_sample(model, lambda rows: model(**rows).loss, batch)
+    forward = count_flops_per_sample(model, lambda rows: model(**rows).loss, batch, backward=False)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert model.training and all(p.grad is None for p in model.parameters())
+    assert model.config.ecg_config._attn_implementation != "eager"  # restored after counting with eager attention
+    # Backward costs about twice the forward (the patch embedding's input needs no gradient, hence a little less).
+    assert 2.5 * forward < training < 3.0 * forward
+    # Per sample: the same from 2 rows of a batch of 4 as from a batch of 2.
+    halves = {k: v[:2] for k, v in batch.items()}
+    assert count_flops_per_sample(model, lambda rows: model(**rows).loss, halves) == pytest.approx(training, rel=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Activation checkpointing: same loss, same gradients
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("mode", "num_layers"), [("full", None), ("selective", None), ("full", 1)])
+def test_activation_checkpointing_keeps_loss_and_gradients(mode, num_layers):
+    from merit_hf.training.activation_checkpointing import enable_activation_checkpointing
+
+    batch = tiny_batch()
+
+    def loss_and_gradients(model):
+        output = model(**batch)
+        output.loss.backward()
+        return output.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain_grads = loss_and_gradients(tiny_pretraining_model().train())
+    model = tiny_pretraining_model().train()
+    chosen = enable_activation_checkpointing(model, mode, num_layers)
+    assert chosen == (num_layers if num_layers is not None else 3)
+    assert [layer.gradient_checkpointing for layer in model.merit.ecg_model.layers] == [i < chosen for i in range(3)]
+    loss, grads = loss_and_gradients(model)
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == plain_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_activation_checkpointing_refuses_unknown_mode_and_layer_count():
+    from merit_hf.training.activation_checkpointing import enable_activation_checkpointing
+
+    model = tiny_pretraining_model()
+    with pytest.raises(ValueError, match="activation_checkpointing: must be one of"):
+        enable_activation_checkpointing(model, "some")
+    with pytest.raises(ValueError, match="between 0 and the encoder's 3 layers, got 4"):
+        enable_activation_checkpointing(model, "full", 4)
+
+
+def test_dataloader_options_only_where_they_apply():
+    from merit_hf.training.throughput import dataloader_options
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert dataloader_options(0, True, True, 4, cpu) == {"num_workers": 0, "pin_memory": False}
+    assert dataloader_options(2, True, True, 4, cuda) == {
+        "num_workers": 2, "pin_memory": True, "persistent_workers": True, "prefetch_factor": 4,
+    }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loops
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pretraining_assets(tmp_path_factory):
+    from transformers import BertModel
+
+    from merit_hf.data import build_ptbxl
+
+    root = tmp_path_factory.mktemp("throughput_assets")
+    tokenizer = train_tiny_tokenizer(root / "text")
+    torch.manual_seed(0)
+    BertModel(tiny_text_config(vocab_size=len(tokenizer))).save_pretrained(root / "text")
+    build_ptbxl(BUNDLED_PTBXL, sampling_rate=100, ecg_ids=range(1, 81)).save_to_disk(str(root / "ptbxl"))
+    return {"text": str(root / "text"), "data": str(root / "ptbxl")}
+
+
+def run_pretraining(argv: list[str]) -> dict:
+    from accelerate.state import AcceleratorState, GradientState
+
+    from merit_hf.training import pretrain
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        return pretrain.main(argv)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+@pytest.mark.slow
+def test_pretraining_logs_throughput_per_interval_and_in_totals(pretraining_assets, tmp_path):
+    output_dir = tmp_path / "run"
+    argv = [str(TINY_YAML), "--text_model_name_or_path", pretraining_assets["text"], "--data_dir",
+            pretraining_assets["data"], "--output_dir", str(output_dir), "--max_steps", "6", "--logging_steps", "2",
+            "--save_steps", "3", "--eval_steps", "3", "--report_to", "none", "--disable_tqdm", "true",
+            "--precompute_ecg_values", "true", "--activation_checkpointing", "selective"]  # fmt: skip
+    results = run_pretraining(argv)
+    logged = [json.loads(line) for line in (output_dir / "log_history.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in logged] == [2, 4, 6]
+    for entry in logged:
+        assert all(entry[name] > 0 or name.startswith("data_wait") for name in INTERVAL_FIELDS), entry
+        assert entry["achieved_tflops"] > 0 and "mfu" not in entry  # no MFU on CPU without --peak_tflops
+        assert entry["ecgs_per_second"] * entry["seconds_per_step"] == pytest.approx(8)  # 8 ECGs per step
+    totals = results["throughput"]
+    assert totals["ecgs_seen"] == 6 * 8 and totals["steps_measured"] == 6
+    assert totals["ecgs_per_second"] * totals["measured_seconds"] == pytest.approx(totals["ecgs_seen"])
+    # Evaluation and checkpoints are left out: the measured time is below the whole run's.
+    assert totals["measured_seconds"] < results["train_runtime_s"]
+    assert totals["flops_per_ecg"] > 1e6 and totals["limited_by"] in ("data", "step")
+    written = json.loads((output_dir / "train_results.json").read_text())
+    assert written["throughput"]["ecgs_seen"] == 48
+
+
+@pytest.mark.slow
+def test_pretraining_mfu_against_a_given_peak(pretraining_assets, tmp_path):
+    argv = [str(TINY_YAML), "--text_model_name_or_path", pretraining_assets["text"], "--data_dir",
+            pretraining_assets["data"], "--output_dir", str(tmp_path / "run"), "--max_steps", "2", "--logging_steps",
+            "1", "--save_steps", "2", "--max_eval_samples", "8", "--report_to", "none", "--disable_tqdm", "true",
+            "--peak_tflops", "0.5", "--dataloader_num_workers", "1"]  # fmt: skip
+    totals = run_pretraining(argv)["throughput"]
+    assert totals["peak_tflops"] == 0.5
+    assert totals["mfu"] == pytest.approx(totals["achieved_tflops"] / 0.5)
+    assert totals["achieved_tflops"] == pytest.approx(totals["ecgs_per_second"] * totals["flops_per_ecg"] / 1e12)
+
+
+def test_fine_tune_reports_throughput(tmp_path):
+    from merit_hf import MeritEcgConfig, MeritEcgModel, MeritFeatureExtractor
+    from merit_hf.data import build_ptbxl
+    from merit_hf.training.probe import ProbeArguments, fine_tune, probe_rows
+
+    config = MeritEcgConfig(sampling_rate=100, num_samples=1000, patch_size=50, hidden_size=32, num_hidden_layers=1,
+                            num_attention_heads=4, intermediate_size=64)  # fmt: skip
+    torch.manual_seed(0)
+    encoder = MeritEcgModel(config)
+    dataset = build_ptbxl(BUNDLED_PTBXL, sampling_rate=100, ecg_ids=range(1, 121))
+    rows = probe_rows(dataset, "superclass")
+    arguments = ProbeArguments(mode="finetune", batch_size=16, finetune_max_epochs=1)
+    *_, training = fine_tune(encoder, MeritFeatureExtractor.from_model_config(config), dataset, "superclass", rows,
+                             arguments)  # fmt: skip
+    throughput = training["throughput"]
+    steps = math.ceil(len(rows["train"]) / 16)
+    assert throughput["steps_measured"] == steps and throughput["ecgs_seen"] == len(rows["train"])
+    assert throughput["ecgs_per_second"] * throughput["measured_seconds"] == pytest.approx(len(rows["train"]))
+    assert throughput["flops_per_ecg"] > 0 and 0 < throughput["data_wait_fraction"] < 1
