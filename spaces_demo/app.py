@@ -10,7 +10,8 @@ Run locally (one command, from the repository root; http://127.0.0.1:7860):
     GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1 .venv/bin/python spaces_demo/app.py
 
 Settings (environment): `MERIT_MODEL` (folder or Hub id of a MERIT two-tower checkpoint; default the quick-start
-output, then `org/merit-ecg`), `MERIT_REPORT_MODEL` (a report model folder or Hub id, or a report adapter folder
+output; with neither, the app stops and says to set it: it never picks a Hub model by itself, and loads every model
+with merit_hf's own classes, never code from the Hub), `MERIT_REPORT_MODEL` (a report model folder or Hub id, or a report adapter folder
 written by `merit_hf.training.report_lora`; unset: the report panel says it is unavailable), `GRADIO_SERVER_NAME`
 (default 127.0.0.1; Spaces set 0.0.0.0), `GRADIO_SERVER_PORT` (default 7860). Never launched with `share=True`.
 
@@ -41,17 +42,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import wfdb  # noqa: E402
 
 from merit_hf import zero_shot_classify  # noqa: E402
 from merit_hf.evaluation.zero_shot import encode_ecgs, load_class_descriptions  # noqa: E402
-from merit_hf.feature_extraction_merit import EcgInputError, read_wfdb_record  # noqa: E402
+from merit_hf.feature_extraction_merit import EcgInputError, read_wfdb_header, read_wfdb_record  # noqa: E402
 
 APP_DIR = Path(__file__).resolve().parent
 EXAMPLES_DIR = APP_DIR / "examples"
 REPO_ROOT = APP_DIR.parent
 DEFAULT_MODELS = (REPO_ROOT / "quickstart_output" / "model", REPO_ROOT / "quickstart_output")
-DEFAULT_HUB_MODEL = "org/merit-ecg"
+SPACE_MODEL = "org/merit-ecg"  # what the Space card declares; the deployed Space sets MERIT_MODEL to it
 ACCEPTED_RATES = (100, 250, 500, 1000)
 MIN_SECONDS, MAX_SECONDS = 9.0, 60.0
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024
@@ -59,6 +59,8 @@ MAX_LEADS = 12
 LABEL_SETS = ("superclass", "rhythm", "form", "subclass")
 MAX_NEW_TOKENS = int(os.environ.get("MERIT_REPORT_MAX_NEW_TOKENS", "64"))
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# `rec (1).dat`: how browsers name a second download of `rec.dat`
+BROWSER_COPY = re.compile(r"^(?P<stem>.+?) \((?P<copy>\d+)\)(?P<suffix>\.[A-Za-z]+)$")
 RELEASE_HIDDEN_SIZE = 768
 GRID_FINE, GRID_BOLD = "#fbd5d5", "#f08080"
 PLOT_LIMIT_MV = 4.0
@@ -95,17 +97,26 @@ class DemoModels:
 
 
 def default_model_path() -> str:
+    """`MERIT_MODEL`, else the quick-start output; never a Hub model nobody named (whoever owns that id would
+    choose what the app runs)."""
     if os.environ.get("MERIT_MODEL"):
         return os.environ["MERIT_MODEL"]
-    return next((str(path) for path in DEFAULT_MODELS if (path / "config.json").is_file()), DEFAULT_HUB_MODEL)
+    local = next((str(path) for path in DEFAULT_MODELS if (path / "config.json").is_file()), None)
+    if local is None:
+        raise SystemExit(
+            f"No model: set MERIT_MODEL to a MERIT checkpoint folder or Hub id (the Space uses {SPACE_MODEL}), or run "
+            f"the quick-start (python -m merit_hf.quickstart) to write {DEFAULT_MODELS[0]}."
+        )
+    return local
 
 
 def load_models(model_path: str, report_model_path: str | None = None) -> DemoModels:
-    """The two-tower model (zero-shot, embeddings) and, if given, the report model, on CPU in eval mode."""
-    from transformers import AutoModel, AutoProcessor
+    """The two-tower model (zero-shot, embeddings) and, if given, the report model, on CPU in eval mode. Loaded with
+    merit_hf's own classes: the Python files a checkpoint carries (its remote code) are never run."""
+    from merit_hf import MeritModel, MeritProcessor
 
-    model = AutoModel.from_pretrained(model_path, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
+    model = MeritModel.from_pretrained(model_path).eval()
+    processor = MeritProcessor.from_pretrained(model_path)
     ecg_config = model.config.ecg_config
     warning = None
     if ecg_config.hidden_size < RELEASE_HIDDEN_SIZE:
@@ -161,22 +172,37 @@ def stage_upload(files: list, workdir: Path) -> Path:
     total = sum(path.stat().st_size for path in paths)
     if total > MAX_UPLOAD_BYTES:
         raise DemoInputError(f"The upload is {total / 2**20:.1f} MB; the demo takes records up to 5 MB.")
-    for path in paths:
-        if path.suffix.lower() not in (".hea", ".dat") or not SAFE_NAME.match(path.name):
-            raise DemoInputError(
-                f"'{path.name}' is not part of a WFDB record: upload the header (.hea) and signal (.dat) files only."
-            )
-    headers = sorted((p for p in paths if p.suffix.lower() == ".hea"), key=lambda p: p.name)
+    names = {path: upload_name(path) for path in paths}
+    headers = sorted((p for p in paths if p.suffix.lower() == ".hea"), key=lambda p: names[p])
     if len(headers) != 1:
         found = ", ".join(p.name for p in headers) if headers else "none"
         raise DemoInputError(f"Upload exactly one WFDB header (.hea) with its .dat file; headers found: {found}.")
-    record = workdir / headers[0].stem
+    record = workdir / Path(names[headers[0]]).stem
     shutil.copyfile(headers[0], record.with_suffix(".hea"))
     named_in_header = {name.lower(): name for name in _signal_file_names(record.with_suffix(".hea"))}
     for path in paths:
         if path.suffix.lower() == ".dat":
-            shutil.copyfile(path, workdir / named_in_header.get(path.name.lower(), path.name))
+            shutil.copyfile(path, workdir / named_in_header.get(names[path].lower(), names[path]))
     return record
+
+
+def upload_name(path: Path) -> str:
+    """The name an uploaded file is read under: its own, or for a browser's renamed second download (`rec (1).dat`,
+    `rec (1).hea`) the original `rec.dat`. Raises `DemoInputError` for anything that is not a WFDB file name."""
+    name = path.name
+    copy = BROWSER_COPY.match(name)
+    if copy:
+        name = copy["stem"] + copy["suffix"]
+    if Path(name).suffix.lower() not in (".hea", ".dat"):
+        raise DemoInputError(
+            f"'{path.name}' is not part of a WFDB record: upload the header (.hea) and signal (.dat) files only."
+        )
+    if not SAFE_NAME.match(name):
+        raise DemoInputError(
+            f"'{path.name}': a WFDB record's files may only have ASCII letters, digits, '_', '-' and '.' in their "
+            "names (wfdb cannot read others); rename the files, and the names inside the .hea, and upload again."
+        )
+    return name
 
 
 def check_record(record: Path) -> dict:
@@ -190,12 +216,11 @@ def check_record(record: Path) -> dict:
                 "files you upload."
             )
     try:
-        header = wfdb.rdheader(str(record))
-    except Exception as error:
-        raise DemoInputError(f"'{record.name}.hea' is not a readable WFDB header ({type(error).__name__}).") from error
-    if not header.sig_name or not header.fs:
-        raise DemoInputError(f"'{record.name}.hea' is not a readable WFDB header (no signals or no sampling rate).")
-    for name in sorted(set(header.file_name or [])):
+        header = read_wfdb_header(record)  # the reader's own check: the fields as written, no default substituted
+    except EcgInputError as error:
+        problem = str(error).replace(f"{record.parent}{os.sep}", "")
+        raise DemoInputError(f"'{record.name}.hea' is not a readable WFDB header: {problem}") from error
+    for name in sorted({line.file_name for line in header.signals}):
         if Path(name).name != name or not SAFE_NAME.match(name):
             raise DemoInputError(
                 f"'{record.name}.hea' names the signal file '{name}', outside the upload; the demo only reads the "
@@ -203,22 +228,26 @@ def check_record(record: Path) -> dict:
             )
         if not (record.parent / name).is_file():
             raise DemoInputError(f"'{record.name}.hea' needs the signal file '{name}', which was not uploaded.")
-    if header.n_sig > MAX_LEADS:
+    if len(header.signals) > MAX_LEADS:
         raise DemoInputError(
-            f"'{record.name}' has {header.n_sig} leads; the demo takes 1 to {MAX_LEADS} of the standard leads "
+            f"'{record.name}' has {len(header.signals)} leads; the demo takes 1 to {MAX_LEADS} of the standard leads "
             "(I, II, III, aVR, aVL, aVF, V1-V6)."
         )
-    if float(header.fs) not in ACCEPTED_RATES:
+    if header.sampling_rate not in ACCEPTED_RATES:
         raise DemoInputError(
-            f"'{record.name}' is sampled at {header.fs:g} Hz; the demo accepts "
+            f"'{record.name}' is sampled at {header.sampling_rate:g} Hz; the demo accepts "
             f"{', '.join(map(str, ACCEPTED_RATES))} Hz (the rates it was checked on)."
         )
-    seconds = (header.sig_len or 0) / float(header.fs)
+    if header.num_samples is not None:
+        check_duration(record, header.num_samples / header.sampling_rate)
+    return {"sampling_rate": header.sampling_rate, "num_samples": header.num_samples}
+
+
+def check_duration(record: Path, seconds: float) -> None:
     if not MIN_SECONDS <= seconds <= MAX_SECONDS:
         raise DemoInputError(
             f"'{record.name}' lasts {seconds:.1f} s; the demo takes records of {MIN_SECONDS:g} to {MAX_SECONDS:g} s."
         )
-    return {"sampling_rate": float(header.fs), "seconds": seconds}
 
 
 def _signal_file_names(header_path: Path) -> list[str]:
@@ -232,11 +261,14 @@ def _signal_file_names(header_path: Path) -> list[str]:
 
 
 def read_record(record: Path) -> dict:
-    check_record(record)
+    checked = check_record(record)
     try:
-        return read_wfdb_record(record)
+        read = read_wfdb_record(record)
     except EcgInputError as error:  # the message names the record by its private path: keep only the file name
         raise DemoInputError(str(error).replace(f"{record.parent}{os.sep}", "")) from error
+    if checked["num_samples"] is None:  # a header without a length: the signal file's length is the record's
+        check_duration(record, len(read["signal"]) / read["sampling_rate"])
+    return read
 
 
 # ----------------------------------------------------------------------------------------------------------------------

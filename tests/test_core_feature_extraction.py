@@ -74,8 +74,11 @@ def test_an_offset_changes_nothing_and_a_flat_lead_stays_flat(ptbxl_dir, rate):
     shifted = fe(signal + np.linspace(-3, 5, 12), sampling_rate=rate, lead_names=fields["sig_name"])["ecg_values"]
     np.testing.assert_allclose(shifted, reference, atol=1e-5)
     flat = signal.copy()
-    flat[:, 3] = 3.7  # a lead-off electrode at a constant 3.7 mV
-    assert np.abs(fe(flat, sampling_rate=rate, lead_names=fields["sig_name"])["ecg_values"][0, 3]).max() < 1e-3
+    flat[:, 3] = 3.7  # a lead-off electrode at a constant 3.7 mV: refused by default, exactly zero when asked
+    with pytest.raises(EcgInputError, match=r"record 0: leads \['AVR'\] are flat"):
+        fe(flat, sampling_rate=rate, lead_names=fields["sig_name"])
+    zeroed = MeritFeatureExtractor(flat_lead_policy="zero")
+    assert np.abs(zeroed(flat, sampling_rate=rate, lead_names=fields["sig_name"])["ecg_values"][0, 3]).max() == 0
 
 
 def test_rates_that_resample_exactly_and_records_too_short(ptbxl_dir):
@@ -86,7 +89,7 @@ def test_rates_that_resample_exactly_and_records_too_short(ptbxl_dir):
     with pytest.raises(EcgInputError, match="record 0: 1 samples; a record needs at least 2"):
         fe(np.zeros((1, 12)), sampling_rate=500, lead_names=PTBXL_LEADS)
     with pytest.raises(EcgInputError, match="record 0: 5 samples are too short for the band-pass filter"):
-        fe(np.zeros((5, 12)), sampling_rate=500, lead_names=PTBXL_LEADS)
+        fe(np.random.default_rng(0).standard_normal((5, 12)), sampling_rate=500, lead_names=PTBXL_LEADS)
 
 
 def test_random_crops_differ_between_dataloader_workers(ptbxl_dir):

@@ -180,7 +180,14 @@ BAD_BATCHES = [
     ("an unknown unit", lambda s: [s], {"units": "furlongs"}),
     ("a transposed array", lambda s: [s.T], {}),
     ("the first of two bad records", lambda s: [s, s[:5], _with_nan(s)], {}),
+    ("a flat lead", lambda s: [s, _with_flat_lead(s)], {}),
 ]
+
+
+def _with_flat_lead(signal):
+    flat = signal.copy()
+    flat[:, 7] = 0.0
+    return flat
 
 
 def _with_nan(signal):
@@ -214,6 +221,10 @@ def test_missing_leads_give_the_scipy_paths_lead_mask_and_values(ptbxl_dir, norm
     assert actual["lead_mask"].sum(dim=1).tolist() == [12, 8, 1]
     torch.testing.assert_close(actual["ecg_values"], expected["ecg_values"], rtol=0, atol=MAX_ABS_ERROR)
     assert (actual["ecg_values"][1, 2:6] == 0).all() and (actual["ecg_values"][2, [0, *range(2, 12)]] == 0).all()
+    dropped = {**settings, "flat_lead_policy": "drop"}  # a dropped flat lead is a missing lead on both paths
+    expected, actual = _both_paths(dropped, [signal, _with_flat_lead(signal)], sampling_rate=500, lead_names=names)
+    assert actual["lead_mask"][1].tolist() == expected["lead_mask"][1].tolist() == [True] * 7 + [False] + [True] * 4
+    np.testing.assert_allclose(actual["ecg_values"], expected["ecg_values"], rtol=0, atol=MAX_ABS_ERROR)
     full = MeritFeatureExtractor()(signal, sampling_rate=500, lead_names=names, return_lead_mask=True, device="cpu")
     assert full["lead_mask"].tolist() == [[True] * 12]
 

@@ -245,6 +245,13 @@ def bad_truncated_dat(tmp_path):
     return files
 
 
+def bad_flat(tmp_path):
+    """Every lead flat (a recorder that stored nothing): refused, never zero-shot scores of zeros."""
+    wfdb.wrsamp("flat", fs=500, units=["mV"] * 12, sig_name=STANDARD_LEADS, p_signal=np.zeros((5000, 12)),
+                fmt=["16"] * 12, adc_gain=[1000.0] * 12, baseline=[0] * 12, write_dir=str(tmp_path))  # fmt: skip
+    return [tmp_path / "flat.hea", tmp_path / "flat.dat"]
+
+
 BAD_INPUTS = {
     "not_wfdb": (bad_not_wfdb, "'notes.hea' is not a readable WFDB header"),
     "other_file_type": (bad_other_file_type, "Invalid file type. Please upload a file that is one of these formats"),
@@ -256,6 +263,7 @@ BAD_INPUTS = {
     "unknown_leads": (bad_unknown_leads, "'channels': unknown lead name 'ECG1'; expected leads ['I', 'II', 'III'"),
     "200_hz": (bad_200_hz, "'rate200' is sampled at 200 Hz; the demo accepts 100, 250, 500, 1000 Hz"),
     "truncated_dat": (bad_truncated_dat, re.compile(r"cut\.dat: .*truncated")),  # wording of read_wfdb_record
+    "flat": (bad_flat, "every lead is flat, no lead was recorded"),
 }
 
 
@@ -373,8 +381,74 @@ def test_space_card_matches_the_app():
     assert (REPO_ROOT / "spaces_demo" / card.data.app_file).is_file()
     assert "org/merit-ecg" in card.data.models
     app = load_app_module()
-    assert app.DEFAULT_HUB_MODEL in card.data.models
+    assert app.SPACE_MODEL in card.data.models
     for item in app.example_catalogue():
         for suffix in (".hea", ".dat"):
             assert (app.EXAMPLES_DIR / f"{item['record']}{suffix}").is_file()
     assert (app.EXAMPLES_DIR / "LICENSE.txt").read_text().startswith("Creative Commons Attribution 4.0")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What the Space refuses without a server (tests/test_refusals.py has the reader's side)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_no_model_configured_says_set_merit_model(monkeypatch, tmp_path):
+    app = load_app_module()
+    monkeypatch.delenv("MERIT_MODEL", raising=False)
+    monkeypatch.setattr(app, "DEFAULT_MODELS", (tmp_path / "quickstart_output" / "model",))
+    with pytest.raises(SystemExit, match="No model: set MERIT_MODEL to a MERIT checkpoint folder or Hub id"):
+        app.default_model_path()
+    monkeypatch.setenv("MERIT_MODEL", "org/my-own-merit")
+    assert app.default_model_path() == "org/my-own-merit"
+
+
+def test_models_load_with_merit_hf_classes_never_the_checkpoints_code(tmp_path, tokenizer):
+    folder = tmp_path / "merit"
+    model = MeritForPreTraining(tiny_merit_config())
+    model.save_pretrained(folder)
+    MeritProcessor(MeritFeatureExtractor.from_model_config(model.config.ecg_config), tokenizer).save_pretrained(folder)
+    marker = tmp_path / "remote_code_ran"
+    for name in ("modeling_merit.py", "configuration_merit.py"):  # code a Hub account could have changed
+        (folder / name).write_text(f"open({str(marker)!r}, 'w').write('ran')\nraise RuntimeError('remote code')\n")
+    models = load_app_module().load_models(str(folder))
+    assert type(models.model).__module__ == "merit_hf.modeling_merit" and not marker.exists()
+
+
+def test_record_checks_use_the_readers_header_check(tmp_path):
+    app = load_app_module()
+    files = write_record(tmp_path / "gain", "gain0", rate=500)
+    lines = files[0].read_text().splitlines()
+    fields = lines[1].split()
+    fields[2] = "0(0)/mV"  # lead I uncalibrated: wfdb would read it at gain 200
+    files[0].write_text("\n".join([lines[0], " ".join(fields), *lines[2:]]) + "\n")
+    with pytest.raises(app.DemoInputError, match=r"'gain0.hea' is not a readable WFDB header: gain0.hea: signal line 1 "
+                       r"\(lead I\): ADC gain 0 means uncalibrated"):  # fmt: skip
+        app.read_record(files[0].with_suffix(""))
+    files = write_record(tmp_path / "rate", "negative", rate=500)
+    files[0].write_text(files[0].read_text().replace("negative 12 500 5000", "negative 12 -500 5000"))
+    with pytest.raises(app.DemoInputError, match=r"sampling frequency '-500' is not a positive number"):
+        app.read_record(files[0].with_suffix(""))
+
+
+def test_header_without_length_is_timed_from_its_signal(tmp_path):
+    app = load_app_module()
+    files = write_record(tmp_path, "nolength", rate=500, seconds=5.0)
+    files[0].write_text(files[0].read_text().replace("nolength 12 500 2500", "nolength 12 500"))
+    with pytest.raises(app.DemoInputError, match=r"'nolength' lasts 5.0 s; the demo takes records of 9 to 60 s"):
+        app.read_record(files[0].with_suffix(""))
+
+
+def test_browser_renamed_download_and_non_ascii_names(tmp_path):
+    app = load_app_module()
+    hea, dat = write_record(tmp_path / "download", "00001_lr", rate=100)
+    renamed = [hea.with_name("00001_lr (1).hea"), dat.with_name("00001_lr (1).dat")]
+    hea.rename(renamed[0])
+    dat.rename(renamed[1])
+    (tmp_path / "work").mkdir()
+    staged = app.stage_upload(renamed, tmp_path / "work")
+    assert staged.name == "00001_lr" and app.read_record(staged)["signal"].shape == (1000, 12)
+    unicode_file = tmp_path / "écg.hea"
+    unicode_file.write_text("écg 12 100 1000\n")
+    with pytest.raises(app.DemoInputError, match=r"'écg.hea': a WFDB record's files may only have ASCII letters"):
+        app.stage_upload([unicode_file], tmp_path / "work2")

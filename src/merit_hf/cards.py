@@ -294,13 +294,25 @@ def _protocol_text(runs: list[dict]) -> str:
         protocol = run.get("protocol")
         name = ", ".join(_format_scalar(run[key]) for key in ("task", "label_set", "label_fraction") if key in run)
         if isinstance(protocol, Mapping):
-            settings = "; ".join(f"{key}={value}" for key, value in protocol.items())
+            settings = "; ".join(f"{key}={public_path(value)}" for key, value in protocol.items())
             lines.append(f"- {name or 'run'}: {settings}")
         elif protocol:
             lines.append(f"- {name or 'run'}: {protocol}")
     splits = {run["dataset"].get("splits") for run in runs if isinstance(run.get("dataset"), Mapping)} - {None}
     text = "\n".join(lines) or "- The results JSON does not record the harness settings."
     return text + ("\n\nSplits: " + "; ".join(sorted(splits)) if splits else "")
+
+
+def public_path(value: Any) -> Any:
+    """A local absolute path (a prompt file in a virtualenv, a data folder) as its file name: a card is public, and
+    the path says nothing to its readers but tells them the author's folder layout. Other values unchanged."""
+    if isinstance(value, str) and _is_local_path(value):
+        return Path(value.replace("\\", "/")).name
+    return value
+
+
+def _is_local_path(text: str) -> bool:
+    return bool(re.match(r"^(/|~/|[A-Za-z]:[\\/])", text)) and "://" not in text
 
 
 def _evaluation_dataset(runs: list[dict], datasets: list[str] | None) -> tuple[str, str]:

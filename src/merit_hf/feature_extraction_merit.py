@@ -12,7 +12,8 @@ saved with every checkpoint as `preprocessor_config.json`:
    `False` in the returned `lead_mask` `(batch, num_leads)`, and the models leave their tokens out;
 3. NaN / inf: raise naming the record and lead, unless `nan_policy="interpolate"` (linear in time);
 4. units: converted to mV (`V`, `mV`, `uV`/`µV`/`μV`); an unknown unit raises; a signal that says mV but is
-   hundreds of mV wide (almost always µV mislabelled) raises;
+   hundreds of mV wide (almost always µV mislabelled) raises, and so does a flat lead (not recorded, or mV labelled
+   µV) unless `flat_lead_policy` asks to zero or drop it;
 5. resample to `sampling_rate` with a polyphase filter (scipy); an input whose Nyquist frequency is below the
    low-pass cut-off cannot reach the model's band and raises;
 6. band-pass (zero-phase Butterworth, 0.67-40 Hz by default, ST-MEM);
@@ -41,6 +42,7 @@ from transformers import BatchFeature
 from transformers.feature_extraction_utils import FeatureExtractionMixin
 
 from .configuration_merit import STANDARD_LEAD_NAMES
+from .wfdb_header_merit import WfdbHeader, WfdbHeaderError, parse_wfdb_header, wfdb_read_differences
 
 UNIT_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3, "nv": 1e-6}
 NAN_POLICIES = ("raise", "interpolate")
@@ -50,6 +52,10 @@ MISSING_LEAD_POLICIES = ("raise", "mask")
 WINDOWS = ("single", "sliding")
 # An ECG spans a few mV; a lead whose 99th percentile of |x - median| exceeds this is almost always a unit error.
 DEFAULT_MAX_AMPLITUDE_MV = 30.0
+# Below this a lead carries no ECG: not recorded (zeros, a constant), or mV data labelled µV (1000x too small). The
+# smallest lead of 1,987 real PTB-XL records spans 0.079 mV (measured; `_check_amplitude`'s statistic).
+DEFAULT_MIN_AMPLITUDE_MV = 0.02
+FLAT_LEAD_POLICIES = ("raise", "zero", "drop")
 
 
 class EcgInputError(ValueError):
@@ -61,15 +67,13 @@ def read_wfdb_record(path: str | os.PathLike) -> dict[str, Any]:
 
     Returns `{"signal": (num_samples, num_leads) float64 in the header's units, "sampling_rate", "lead_names",
     "units", "record": str(path)}`. Raises `EcgInputError` naming the file for a missing, corrupt or truncated header
-    (signal lines missing or without a lead name), a missing signal file, and a signal file that does not belong to
-    its header (shorter or longer than the header declares, or, for format-16 records, failing the header's checksums).
+    (signal lines missing or without a lead name), a field wfdb would replace by a default (`read_wfdb_header`), a
+    missing signal file, and a signal file that does not belong to its header (shorter or longer than the header
+    declares, or failing the header's checksums). Lead names and units are the header's own text.
     """
-    record_path = Path(path)
-    if record_path.suffix in (".hea", ".dat"):
-        record_path = record_path.with_suffix("")
+    record_path = _wfdb_record_path(path)
     header = record_path.with_suffix(".hea")
-    if not header.is_file():
-        raise EcgInputError(f"{header}: WFDB header not found")
+    fields = read_wfdb_header(record_path)
     try:
         import wfdb
     except ImportError as error:  # pragma: no cover - wfdb is a dependency of merit_hf
@@ -78,42 +82,70 @@ def read_wfdb_record(path: str | os.PathLike) -> dict[str, Any]:
         meta = wfdb.rdheader(str(record_path))
     except Exception as error:  # wfdb raises bare TypeError/IndexError on malformed headers
         raise EcgInputError(f"{header}: corrupt or truncated WFDB header ({type(error).__name__}: {error})") from error
-    if not meta.sig_name or meta.n_sig is None or len(meta.sig_name) != meta.n_sig:
-        raise EcgInputError(
-            f"{header}: corrupt or truncated WFDB header (record line declares {meta.n_sig} signals, "
-            f"{len(meta.sig_name or [])} signal lines found)"
-        )
-    # A signal line cut short (an interrupted copy) still parses, with the lead name as None.
-    unnamed = [line for line, lead in enumerate(meta.sig_name, start=1) if not (lead or "").strip()]
-    if unnamed:
-        raise EcgInputError(f"{header}: corrupt or truncated WFDB header (signal line {unnamed[0]} has no lead name)")
-    if not meta.fs or meta.fs <= 0:
-        raise EcgInputError(f"{header}: header gives no valid sampling frequency ({meta.fs})")
+    differences = wfdb_read_differences(fields, meta)
+    if differences:
+        raise EcgInputError(f"{header}: wfdb reads this header differently from its text: {'; '.join(differences)}")
     for file_name in sorted(set(meta.file_name or [])):
         data_file = record_path.parent / file_name
         if not data_file.is_file():
             raise EcgInputError(f"{header}: signal file {data_file.name} is missing")
         _check_signal_file_size(meta, file_name, data_file)
-    signal, units = _read_format16(meta, record_path), meta.units
+    signal = _read_format16(meta, record_path)
     if signal is None:  # any other layout: wfdb reads it (and parses the header once more)
         try:
-            record = wfdb.rdrecord(str(record_path))
+            record = wfdb.rdrecord(str(record_path), physical=False)
+            digital = record.d_signal
+            if (
+                digital is not None
+                and not any(meta.skew or [])
+                and all(n in (None, 1) for n in meta.samps_per_frame or [])
+            ):
+                _check_checksums(meta, digital, record_path)  # wfdb never checks them: a wrong format reads garbage
+            signal = record.dac() if digital is not None else None
+        except EcgInputError:
+            raise
         except Exception as error:
             raise EcgInputError(f"{record_path}: cannot read the signal ({type(error).__name__}: {error})") from error
-        signal, units = record.p_signal, record.units
     if signal is None or signal.ndim != 2 or signal.shape[1] != meta.n_sig:
         raise EcgInputError(f"{record_path}: signal file does not hold {meta.n_sig} signals")
     if meta.sig_len and signal.shape[0] != meta.sig_len:
         raise EcgInputError(
             f"{record_path}: signal file holds {signal.shape[0]} samples, header declares {meta.sig_len} (truncated?)"
         )
-    return {
+    if signal.shape[0] == 0:
+        raise EcgInputError(f"{record_path}: the signal file holds no samples")
+    return {  # names and units as the header writes them (wfdb drops their non-ASCII characters: µV would be V)
         "signal": signal,
-        "sampling_rate": float(meta.fs),
-        "lead_names": list(meta.sig_name),
-        "units": list(units or ["mV"] * meta.n_sig),
+        "sampling_rate": fields.sampling_rate,
+        "lead_names": fields.lead_names,
+        "units": [line.units for line in fields.signals],
         "record": str(record_path),
     }
+
+
+def _wfdb_record_path(path: str | os.PathLike) -> Path:
+    record_path = Path(path)
+    return record_path.with_suffix("") if record_path.suffix in (".hea", ".dat") else record_path
+
+
+def read_wfdb_header(path: str | os.PathLike) -> WfdbHeader:
+    """The fields of a WFDB record's header (`path` without extension, or with `.hea`) as its text writes them, read
+    before `wfdb` substitutes a default for a missing or invalid one (see `wfdb_header_merit`). Raises
+    `EcgInputError` naming the header file, the line, the field and its value: for a missing or unreadable header, an
+    uncalibrated lead (ADC gain 0 or none), a missing or non-positive sampling frequency, a signal line without a lead
+    name, a record or file name wfdb cannot read (non-ASCII), a multi-segment record. The one check every reader of
+    records uses (the feature extractor, the dataset reader and converters, the Space)."""
+    header = _wfdb_record_path(path).with_suffix(".hea")
+    if not header.is_file():
+        raise EcgInputError(f"{header}: WFDB header not found")
+    try:
+        text = header.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise EcgInputError(f"{header}: not a WFDB header (not UTF-8 or ASCII text: {error})") from error
+    try:
+        return parse_wfdb_header(text)
+    except WfdbHeaderError as error:
+        raise EcgInputError(f"{header}: {error}") from error
 
 
 def _read_format16(meta, record_path: Path) -> np.ndarray | None:
@@ -136,6 +168,11 @@ def _read_format16(meta, record_path: Path) -> np.ndarray | None:
     offset = (meta.byte_offset or [0])[0] or 0
     data_file = record_path.parent / files.pop()
     digital = np.fromfile(data_file, dtype="<i2", offset=offset)
+    if not meta.sig_len and (data_file.stat().st_size - offset) % (2 * meta.n_sig):
+        raise EcgInputError(
+            f"{data_file}: the header gives no number of samples, and the signal file's {data_file.stat().st_size} "
+            f"bytes are not a whole number of {meta.n_sig}-signal frames (truncated?)"
+        )
     length = meta.sig_len or digital.size // meta.n_sig
     digital = digital[: length * meta.n_sig].reshape(length, meta.n_sig)
     _check_checksums(meta, digital, data_file)
@@ -205,6 +242,94 @@ def leads_too_wide(signal: np.ndarray, max_amplitude_mv: float) -> tuple[np.ndar
     return too_wide, float(spread[too_wide].max()) if too_wide.size else 0.0
 
 
+def _maybe_flat_columns(signal: np.ndarray, min_amplitude_mv: float) -> np.ndarray:
+    """Columns that may be flat, found without sorting (the exact percentile costs 5x more and would slow every
+    record down). A flat lead has 99 % of its samples within `min_amplitude_mv` of its median, an interval that meets
+    at most three consecutive bins `min_amplitude_mv` * 2 wide (two, plus one for rounding at a bin's edge); a lead
+    with no three bins holding that many samples cannot be flat, so no flat lead is ever missed (the cap on far
+    values only merges bins)."""
+    num_samples, num_leads = signal.shape
+    if min_amplitude_mv <= 0 or not num_leads:
+        return np.array([], dtype=np.int64)
+    scaled = signal - signal.min(axis=0)  # finite input: at worst inf, capped next
+    scaled *= 0.5 / min_amplitude_mv
+    bins = np.minimum(scaled, 4 * num_samples, out=scaled).astype(np.int64)  # truncation = floor (all >= 0)
+    width = int(bins.max()) + 3
+    bins += np.arange(num_leads) * width
+    counts = np.bincount(bins.ravel(), minlength=num_leads * width).reshape(num_leads, width)
+    most_in_three = (counts[:, :-2] + counts[:, 1:-1] + counts[:, 2:]).max(axis=1)
+    return np.flatnonzero(most_in_three >= int(np.floor(0.99 * (num_samples - 1))) + 1)
+
+
+def check_lead_amplitudes(
+    signal: np.ndarray,
+    lead_names: list[str],
+    record: str,
+    max_amplitude_mv: float = DEFAULT_MAX_AMPLITUDE_MV,
+    min_amplitude_mv: float = DEFAULT_MIN_AMPLITUDE_MV,
+    flat_lead_policy: str = "raise",
+    from_header: bool = False,
+) -> tuple[np.ndarray, list[str]]:
+    """The amplitude check of every reader (the feature extractor and `merit_hf.data.read_ecg_record`): a lead wider
+    than `max_amplitude_mv` raises (µV labelled mV); a flat lead (99th percentile of |x - median| below
+    `min_amplitude_mv`: not recorded, or mV labelled µV) raises, or with `flat_lead_policy="zero"` is set to 0, or
+    with `"drop"` is removed (the caller treats it as a lead that was not recorded). A record whose every lead is flat
+    always raises: nothing is left to read.
+
+    Args:
+        signal: `(num_samples, num_leads)` in mV, finite.
+        lead_names: the name of each column (for the messages and the result).
+        record: the record's name (its path or batch index), which every message starts with.
+        from_header: the units came from a WFDB header (the hint then names the header's units and ADC gain, not the
+            `units` argument).
+
+    Returns:
+        `(signal, flat_leads)`: the signal (flat columns zeroed or removed) and the names of the flat leads, in order.
+    """
+    if flat_lead_policy not in FLAT_LEAD_POLICIES:
+        raise ValueError(f"flat_lead_policy must be one of {FLAT_LEAD_POLICIES}, got {flat_lead_policy!r}")
+    too_wide, widest = leads_too_wide(signal, max_amplitude_mv)
+    if too_wide.size:
+        hint = (
+            "the header's units or ADC gain are probably wrong (µV stored as mV, or a gain of 1 instead of 1000)"
+            if from_header
+            else "the signal is probably in µV: pass units='uV'"
+        )
+        raise EcgInputError(
+            f"{record}: leads {[lead_names[i] for i in too_wide]} span up to {widest:.0f} mV after unit conversion, "
+            f"above the {max_amplitude_mv:g} mV an ECG can span: {hint}"
+        )
+    checkable = np.flatnonzero(np.isfinite(signal).all(axis=0))  # a lead with NaN/inf is left to the NaN check
+    candidates = checkable[_maybe_flat_columns(signal[:, checkable], min_amplitude_mv)]
+    if not candidates.size:
+        return signal, []
+    spread = np.full(signal.shape[1], np.inf)
+    part = signal[:, candidates]
+    spread[candidates] = np.percentile(np.abs(part - np.median(part, axis=0)), 99, axis=0)
+    flat = np.flatnonzero(spread < min_amplitude_mv)
+    if not flat.size:
+        return signal, []
+    flat_leads = [lead_names[i] for i in flat]
+    described = (
+        f"{record}: leads {flat_leads} are flat (at most {spread[flat].max():.2g} mV of signal, below "
+        f"min_amplitude_mv={min_amplitude_mv:g})"
+    )
+    units = "the header's units and ADC gain" if from_header else "`units`"
+    if flat.size == signal.shape[1]:
+        cause = "no lead was recorded" if not spread.any() else f"mV labelled µV (1000x too small)? check {units}"
+        raise EcgInputError(f"{described}: every lead is flat, {cause}")
+    if flat_lead_policy == "raise":
+        raise EcgInputError(
+            f"{described}: a lead that was not recorded, or a unit 1000x too small (check {units}); "
+            "flat_lead_policy='zero' or 'drop' reads the record without these leads"
+        )
+    if flat_lead_policy == "zero":
+        signal = signal.copy()
+        signal[:, flat] = 0.0
+        return signal, flat_leads
+    return np.delete(signal, flat, axis=1), flat_leads
+
+
 class MeritFeatureExtractor(FeatureExtractionMixin):
     r"""
     Turns raw 12-lead ECG records into MERIT's `ecg_values` `(batch, num_leads, num_samples)` float32.
@@ -242,6 +367,13 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             `window="sliding"`; defaults to `num_samples` (windows that touch, no overlap).
         max_amplitude_mv (`float`, defaults to 30.0): a lead whose 99th percentile of |x - median| exceeds this
             (after unit conversion) raises as a likely unit error (an ECG spans a few mV).
+        min_amplitude_mv (`float`, defaults to 0.02): a lead whose 99th percentile of |x - median| is below this is
+            flat: not recorded, or mV data labelled µV (1000x too small). What happens is `flat_lead_policy`.
+        flat_lead_policy (`str`, defaults to `"raise"`): `"raise"`; `"zero"` (the lead is fed as zeros, never
+            z-scored noise); or `"drop"` (the lead is removed from the record before leads are matched, exactly as
+            if it had not been recorded: for reduced-lead input, where a missing lead is left out; a limb lead is
+            rebuilt with `derive_limb_leads=True`; otherwise it raises). A record whose every lead is flat always
+            raises.
         min_sampling_rate_factor (`float`, defaults to 2.0): inputs below `factor * lowpass_hz` Hz raise (their
             Nyquist band does not reach the low-pass cut-off).
         seed (`int` or `None`): seed of the generator used by `crop="random"`.
@@ -276,6 +408,8 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         drop_extra_leads: bool = False,
         max_amplitude_mv: float = DEFAULT_MAX_AMPLITUDE_MV,
         min_sampling_rate_factor: float = 2.0,
+        min_amplitude_mv: float = DEFAULT_MIN_AMPLITUDE_MV,
+        flat_lead_policy: str = "raise",
         seed: int | None = None,
         missing_leads: str = "raise",
         window: str = "single",
@@ -297,6 +431,8 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         self.drop_extra_leads = bool(drop_extra_leads)
         self.max_amplitude_mv = float(max_amplitude_mv)
         self.min_sampling_rate_factor = float(min_sampling_rate_factor)
+        self.min_amplitude_mv = float(min_amplitude_mv)
+        self.flat_lead_policy = flat_lead_policy
         self.seed = seed
         self.missing_leads = missing_leads
         self.window = window
@@ -313,6 +449,12 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             (self.normalization in NORMALIZATIONS, "normalization", f"must be one of {NORMALIZATIONS}"),
             (self.crop in CROPS, "crop", f"must be one of {CROPS}, got {self.crop!r}"),
             (self.nan_policy in NAN_POLICIES, "nan_policy", f"must be one of {NAN_POLICIES}"),
+            (self.flat_lead_policy in FLAT_LEAD_POLICIES, "flat_lead_policy", f"must be one of {FLAT_LEAD_POLICIES}"),
+            (
+                0 <= self.min_amplitude_mv < self.max_amplitude_mv,
+                "min_amplitude_mv",
+                "must be in [0, max_amplitude_mv)",
+            ),
             (len({n.lower() for n in self.lead_names}) == len(self.lead_names), "lead_names", "has duplicates"),
             (
                 self.missing_leads in MISSING_LEAD_POLICIES,
@@ -524,7 +666,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             )
         else:
             name = f"record {index}"
-            signal = np.asarray(record, dtype=np.float64)
+            signal = _as_float_array(record, name)
         if sampling_rate is None:
             raise EcgInputError(
                 f"{name}: sampling_rate is required (the rate in Hz of this array); the model expects "
@@ -536,6 +678,9 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             )
         signal = self._check_shape(signal, lead_names, name)
         signal = self._to_millivolt(signal, units, name)
+        signal, lead_names = self._check_flat_leads(
+            signal, list(lead_names), name, isinstance(record, (str, os.PathLike))
+        )
         signal, present = self._select_leads(signal, list(lead_names), name)
         signal = self._handle_non_finite(signal, name)
         self._check_amplitude(signal, name)
@@ -585,7 +730,11 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             ordered = np.stack([columns.get(lead.lower(), absent) for lead in self.lead_names], axis=1)
             return ordered, present
         if missing:
-            repair = "" if self.derive_limb_leads else "derive_limb_leads=True rebuilds limb leads from two; "
+            derivable = {"i", "ii", "iii", "avr", "avl", "avf"}
+            helps = {lead.lower() for lead in missing} <= derivable and len({"i", "ii", "iii"} & position.keys()) >= 2
+            repair = (
+                "derive_limb_leads=True rebuilds limb leads from two; " if helps and not self.derive_limb_leads else ""
+            )
             raise EcgInputError(
                 f"{name}: {len(position)} leads given, {len(self.lead_names)} expected; missing {missing} ({repair}"
                 "missing_leads='mask' leaves the missing leads out)"
@@ -594,6 +743,48 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             return signal, np.ones(len(self.lead_names), dtype=bool)  # already the model's leads in order: no copy
         ordered = np.stack([columns[lead.lower()] for lead in self.lead_names], axis=1)
         return ordered, np.ones(len(self.lead_names), dtype=bool)
+
+    def _check_flat_leads(
+        self, signal: np.ndarray, lead_names: list[str], name: str, from_header: bool
+    ) -> tuple[np.ndarray, list[str]]:
+        """`check_lead_amplitudes`' lower bound on the record's own columns (mV) of the model's leads, before leads
+        are matched: a flat lead raises, or is zeroed, or is dropped (`flat_lead_policy`), and a dropped lead then
+        goes through lead matching as one the record does not have. Leads the model does not use are lead matching's
+        (`drop_extra_leads`), leads with NaN/inf `nan_policy`'s; the upper bound stays in `_check_amplitude`."""
+        wanted = {lead.lower() for lead in self.lead_names}
+        used = [column for column, lead in enumerate(lead_names) if str(lead).strip().lower() in wanted]
+        if not used:
+            return signal, lead_names
+        drop = self.flat_lead_policy == "drop"
+        if drop and getattr(self, "missing_leads", "raise") == "raise" and not self.derive_limb_leads:
+            policy = "raise"  # nothing could stand in for a dropped lead: say so rather than "missing lead"
+        else:
+            policy = "zero" if drop else self.flat_lead_policy  # the zeroed columns are then removed below
+        try:
+            checked, flat = check_lead_amplitudes(
+                signal[:, used],
+                [lead_names[column] for column in used],
+                name,
+                np.inf,
+                self.min_amplitude_mv,
+                policy,
+                from_header=from_header,
+            )
+        except EcgInputError as error:
+            if policy == self.flat_lead_policy:
+                raise
+            raise EcgInputError(
+                f"{error}. flat_lead_policy='drop' leaves them out, which needs missing_leads='mask' (reduced-lead "
+                "input) or, for limb leads, derive_limb_leads=True"
+            ) from error
+        if not flat:
+            return signal, lead_names
+        if drop:
+            kept = [column for column, lead in enumerate(lead_names) if lead not in flat]
+            return signal[:, kept], [lead_names[column] for column in kept]
+        signal = signal.copy()
+        signal[:, used] = checked
+        return signal, lead_names
 
     def _to_millivolt(self, signal: np.ndarray, units: str | list[str] | None, name: str) -> np.ndarray:
         units = "mV" if units is None else units
@@ -764,6 +955,20 @@ def _butterworth_sos(order: int, low: float | None, high: float | None, sampling
     return sos
 
 
+def _as_float_array(record: Any, name: str) -> np.ndarray:
+    """`record` as float64; text or anything else that is not numbers raises naming the record."""
+    try:
+        array = np.asarray(record)
+        if array.dtype.kind in "US":  # numbers as text mean a parsing step went wrong upstream: say so
+            raise TypeError(f"an array of text (dtype {array.dtype})")
+        return array.astype(np.float64)
+    except (TypeError, ValueError) as error:
+        raise EcgInputError(
+            f"{name}: not an array of numbers ({error}); pass the signal as numbers (num_samples, num_leads) or the "
+            "path of a WFDB record"
+        ) from error
+
+
 def _is_list_of_lists(value) -> bool:
     return isinstance(value, (list, tuple)) and len(value) > 0 and isinstance(value[0], (list, tuple))
 
@@ -793,4 +998,4 @@ def _derive_limb_leads(columns: dict[str, np.ndarray], name: str) -> dict[str, n
     return {**derived, **columns}
 
 
-__all__ = ["EcgInputError", "MeritFeatureExtractor", "read_wfdb_record"]
+__all__ = ["EcgInputError", "MeritFeatureExtractor", "check_lead_amplitudes", "read_wfdb_header", "read_wfdb_record"]

@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import sys
 from dataclasses import asdict, dataclass
@@ -53,6 +55,13 @@ DEFAULT_IGNORE_PATTERNS = [
 DATA_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".csv")
 # Files that the Hub stores through LFS/Xet; the offline cache names their blobs by sha256 like the client does.
 LARGE_FILE_SUFFIXES = (".safetensors", ".parquet", ".arrow", ".npy", ".npz", ".h5", ".dat")
+# A Hugging Face access token (`hf_` and 30-odd letters and digits), e.g. pasted into notes or printed in a log.
+HUB_TOKEN = re.compile(r"hf_[A-Za-z0-9]{30,}")
+# An absolute local path in Markdown: `/a/b` (not inside a URL or after a word: `mm/mV`), `~/a`, `C:\a`.
+LOCAL_PATH_IN_TEXT = re.compile(r"(?<![\w/:.~-])(?:/|~/)(?:[\w.+-]+/)+[\w.+-]+|\b[A-Za-z]:\\[^\s`'\")]+")
+TEXT_SCAN_LIMIT = 64 * 2**20  # bytes; larger pushed files are data (weights, shards) and are not read
+
+logger = logging.getLogger(__name__)
 
 
 class HubFolderError(ValueError):
@@ -117,6 +126,44 @@ def check_model_folder(folder: str | os.PathLike, ignore_patterns: list[str] | N
         )
     if not (folder / "README.md").is_file():
         problems.append("README.md (the model card) is missing: render one with merit_hf.cards")
+    return problems + leak_problems(folder, ignore_patterns)
+
+
+def leak_problems(folder: str | os.PathLike, ignore_patterns: list[str] | None = None) -> list[str]:
+    """What a push would publish by mistake, one problem per file: a Hugging Face token (`hf_` + 30 or more letters
+    and digits) in any text file it uploads (notes, logs, configs), and an absolute local path in a JSON config or a
+    Markdown card (it shows the author's folder layout, and nobody else can load from it). Binary and data files
+    (`LARGE_FILE_SUFFIXES`, files with NUL bytes or above `TEXT_SCAN_LIMIT`) are not read."""
+    folder = Path(folder)
+    problems = []
+    for name in pushed_files(folder, ignore_patterns):
+        path = folder / name
+        if name.endswith(LARGE_FILE_SUFFIXES) or path.stat().st_size > TEXT_SCAN_LIMIT:
+            continue
+        data = path.read_bytes()
+        if b"\0" in data[:8192]:
+            continue
+        text = data.decode("utf-8", errors="replace")
+        token = HUB_TOKEN.search(text)
+        if token:
+            line = text.count("\n", 0, token.start()) + 1
+            problems.append(
+                f"{name} holds a Hugging Face token (line {line}: {token[0][:7]}...): remove the file or the token "
+                "before pushing, and revoke the token at https://huggingface.co/settings/tokens"
+            )
+        if name.endswith(".json"):
+            try:
+                paths = _local_paths_in_json(json.loads(text), "")
+            except json.JSONDecodeError:
+                paths = []
+            problems += [
+                f"{name}: {key} is the local path {value!r} (nobody else can load from it): set it to a Hub id or ''"
+                for key, value in paths
+            ]
+        elif name.endswith(".md"):
+            found = sorted(set(LOCAL_PATH_IN_TEXT.findall(text)))
+            if found:
+                problems.append(f"{name} names local paths {found[:5]}: write file names or Hub ids instead")
     return problems
 
 
@@ -125,6 +172,45 @@ def _has_feature_extractor(folder: Path) -> bool:
         return True
     processor = folder / "processor_config.json"
     return processor.is_file() and "feature_extractor" in json.loads(processor.read_text())
+
+
+def _local_paths_in_json(value, key: str) -> list[tuple[str, str]]:
+    if isinstance(value, dict):
+        return [pair for k, v in value.items() for pair in _local_paths_in_json(v, f"{key}.{k}" if key else k)]
+    if isinstance(value, list):
+        return [pair for i, v in enumerate(value) for pair in _local_paths_in_json(v, f"{key}[{i}]")]
+    if isinstance(value, str) and re.match(r"^(/[^/]|~/|[A-Za-z]:[\\/])", value):
+        return [(key, value)]
+    return []
+
+
+def clear_local_name_or_path(folder: str | os.PathLike) -> list[str]:
+    """Set every `_name_or_path` (at any depth: `text_config._name_or_path`) of the folder's `*.json` that holds an
+    absolute local path to `""`, in place, and return `"file: key"` for each. transformers writes there where a
+    sub-model was loaded from (e.g. a text encoder inside a virtualenv) and never reads it back to load, so the
+    local path only tells the world the author's folder layout; `""` is what a config built from scratch holds."""
+    cleared = []
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            config = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        keys = [
+            key
+            for key, _ in _local_paths_in_json(config, "")
+            if key.split(".")[-1] == "_name_or_path" and "[" not in key
+        ]
+        for key in keys:
+            node = config
+            for part in key.split(".")[:-1]:
+                node = node[part]
+            node["_name_or_path"] = ""
+            cleared.append(f"{path.name}: {key}")
+        if keys:
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if cleared:
+        logger.warning("cleared local paths before the push (never read when loading): %s", ", ".join(cleared))
+    return cleared
 
 
 def check_dataset_folder(folder: str | os.PathLike) -> list[str]:
@@ -147,7 +233,7 @@ def check_dataset_folder(folder: str | os.PathLike) -> list[str]:
     scripts = sorted(p.name for p in folder.glob("*.py"))
     if scripts:
         problems.append(f"Python files {scripts}: push the converted data, not a loading script")
-    return problems
+    return problems + leak_problems(folder)
 
 
 def pushed_files(folder: str | os.PathLike, ignore_patterns: list[str] | None = None) -> list[str]:
@@ -263,7 +349,10 @@ def push_model(
 
     With `results` (the evaluation results JSON, or its path), the model card `README.md` is first rendered into the
     folder by [`merit_hf.cards.render_model_card`] (`card_kwargs` go to it), so the card's numbers are the ones our
-    evaluation wrote. The folder is checked by [`check_model_folder`] before anything is sent.
+    evaluation wrote. The folder is checked by [`check_model_folder`] before anything is sent: nothing is uploaded
+    if a text file holds a Hub token or a config or card holds an absolute local path ([`leak_problems`]); a local
+    `_name_or_path` (where a sub-model was loaded from, never read to load) is first set to `""` in place
+    ([`clear_local_name_or_path`]).
 
     Example:
 
@@ -276,6 +365,7 @@ def push_model(
 
         card = render_model_card(results, repo_id=repo_id, model_folder=folder, **(card_kwargs or {}))
         card.save(folder / "README.md")
+    clear_local_name_or_path(folder)
     _raise_if(check_model_folder(folder, push_kwargs.get("ignore_patterns")), folder, "model")
     return push_folder(folder, repo_id, repo_type="model", **push_kwargs)
 

@@ -640,6 +640,17 @@ class _StrictLoadingMixin:
         for module in model.modules():
             if isinstance(module, MeritModel):
                 module.clamp_logit_scale_()
+        # A diverged run saves NaN weights without complaint; every output of the model would then be NaN.
+        not_finite = [
+            name
+            for name, tensor in model.state_dict().items()
+            if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all()
+        ]
+        if not_finite:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: weights {not_finite[:8]}{' ...' if len(not_finite) > 8 else ''} "
+                "hold NaN or inf values (a diverged training run, or a corrupt file); refusing to load them"
+            )
         return (model, info) if wants_info else model
 
 
@@ -730,7 +741,7 @@ def _init_merit_module(model: PreTrainedModel, module: nn.Module, config) -> Non
     The text tower is a sub-model and keeps its own `_init_weights`.
     """
     std = config.initializer_range
-    ecg_config = config.ecg_config if isinstance(config, MeritConfig) else config
+    ecg_config = getattr(config, "ecg_config", None) or config  # the ECG tower's config holds the scheme
     if isinstance(module, nn.Linear):
         if ecg_config.initializer_scheme == "xavier_uniform":
             init.xavier_uniform_(module.weight)

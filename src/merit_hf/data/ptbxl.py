@@ -138,6 +138,12 @@ def read_ptbxl_database(ptbxl_root: str | os.PathLike, ecg_ids: Iterable[int] | 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; ptbxl_root must be a PhysioNet PTB-XL folder")
     table = pd.read_csv(path).sort_values("ecg_id")
+    duplicated = sorted(set(table["ecg_id"][table["ecg_id"].duplicated()]))
+    if duplicated:  # written once per row, a repeated ecg_id would be two dataset rows of one ECG
+        raise ValueError(
+            f"{path}: ecg_id(s) {duplicated[:10]} listed more than once ({len(duplicated)} in all); each ECG must have "
+            "one row: remove the repeated rows"
+        )
     if ecg_ids is not None:
         wanted = sorted({int(ecg_id) for ecg_id in ecg_ids})
         missing = sorted(set(wanted) - set(table["ecg_id"]))

@@ -3,8 +3,8 @@
 `merit_hf.feature_extraction_merit.read_wfdb_record` checks the file level (header present and parseable, signal file
 present, header and data agree). This module adds what a dataset row needs: the 12 standard leads (names matched
 case-insensitively, none missing, none repeated, nothing else), the expected sampling rate, a known unit converted to
-mV, finite values, and a plausible amplitude (the feature extractor's check, so that a record it would refuse is
-never written to a dataset). The row stores the signal as float32 `(num_samples, 12)` in the standard order
+mV, finite values, and a plausible amplitude, neither hundreds of mV wide nor flat (the feature extractor's check,
+so that a record it would refuse is never written to a dataset). The row stores the signal as float32 `(num_samples, 12)` in the standard order
 `I II III aVR aVL aVF V1-V6`, so that every row of every dataset has the same columns (MIMIC-IV-ECG writes aVF before
 aVL, PTB-XL writes `AVR`). Every error is an `EcgInputError` whose message starts with the record's path.
 """
@@ -19,9 +19,10 @@ import numpy as np
 from ..configuration_merit import STANDARD_LEAD_NAMES
 from ..feature_extraction_merit import (
     DEFAULT_MAX_AMPLITUDE_MV,
+    DEFAULT_MIN_AMPLITUDE_MV,
     UNIT_TO_MV,
     EcgInputError,
-    leads_too_wide,
+    check_lead_amplitudes,
     read_wfdb_record,
 )
 
@@ -32,9 +33,11 @@ def read_ecg_record(
     num_samples: int | None = None,
     lead_names: tuple[str, ...] | list[str] | None = STANDARD_LEAD_NAMES,
     max_amplitude_mv: float = DEFAULT_MAX_AMPLITUDE_MV,
+    min_amplitude_mv: float = DEFAULT_MIN_AMPLITUDE_MV,
+    flat_lead_policy: str = "raise",
 ) -> dict[str, Any]:
     """Read and validate a WFDB record; returns `{"signal": float32 (num_samples, num_leads) in mV, "sampling_rate",
-    "lead_names", "record"}` with the leads in the order of `lead_names`.
+    "lead_names", "record", "flat_leads"}` with the leads in the order of `lead_names`.
 
     Args:
         path: the record, without extension or with `.hea`.
@@ -46,6 +49,10 @@ def read_ecg_record(
         max_amplitude_mv: a lead whose 99th percentile of |x - median| exceeds this (in mV, after unit conversion)
             raises: the header's units or ADC gain are wrong (µV stored as mV, gain 1 instead of 1000). The same
             check and default as `MeritFeatureExtractor(max_amplitude_mv=...)`.
+        min_amplitude_mv, flat_lead_policy: a lead whose 99th percentile of |x - median| is below `min_amplitude_mv`
+            is flat (not recorded, or mV labelled µV): `"raise"` (default), `"zero"` (kept as zeros) or `"drop"`
+            (left out of `signal` and `lead_names`, as a lead that was not recorded: the input for reduced-lead
+            use). `flat_leads` lists them. The feature extractor's check and defaults (`check_lead_amplitudes`).
     """
     read = read_wfdb_record(path)
     name = read["record"] + ".hea"
@@ -73,18 +80,16 @@ def read_ecg_record(
         bad = np.flatnonzero(~finite.all(axis=0))
         details = ", ".join(f"{lead_names[i]} ({int((~finite[:, i]).sum())} samples)" for i in bad)
         raise EcgInputError(f"{name}: NaN/inf values in lead {details}")
-    too_wide, spread = leads_too_wide(signal, max_amplitude_mv)
-    if too_wide.size:
-        raise EcgInputError(
-            f"{name}: leads {[lead_names[i] for i in too_wide]} span up to {spread:.0f} mV after unit conversion, "
-            f"above the {max_amplitude_mv:g} mV an ECG can span: the header's units or ADC gain are probably wrong "
-            "(µV stored as mV, or a gain of 1 instead of 1000)"
-        )
+    signal, flat_leads = check_lead_amplitudes(
+        signal, list(lead_names), name, max_amplitude_mv, min_amplitude_mv, flat_lead_policy, from_header=True
+    )
+    kept = [lead for lead in lead_names if not (flat_lead_policy == "drop" and lead in flat_leads)]
     return {
         "signal": signal.astype(np.float32),
         "sampling_rate": int(read["sampling_rate"]) if read["sampling_rate"].is_integer() else read["sampling_rate"],
-        "lead_names": list(lead_names),
+        "lead_names": kept,
         "record": read["record"],
+        "flat_leads": flat_leads,
     }
 
 

@@ -207,6 +207,7 @@ def run_robustness(
     # feature extractor gives it (its lead_mask is all True).
     reduced_leads = copy.deepcopy(feature_extractor)
     reduced_leads.missing_leads = "mask"
+    reduced_leads.flat_lead_policy = "zero"  # the *_zeroed shifts feed zeros on purpose
     shift_results: dict[str, dict[str, Any]] = {}
     for name, (description, transform) in shifts.items():
         shift_results[name] = {"kind": "input", "description": description}
