@@ -1,7 +1,8 @@
-"""Are bf16 embeddings good enough? The same encoder embeds the same records in fp32 and under bf16 autocast; this
-reports how close the two embeddings are (cosine per record) and what a linear probe makes of each (superclass
-macro AUROC on the test split, same probe protocol and seed), plus the cosine for a random-init ViT-B/75, whose 12
-layers are where bf16 rounding would pile up.
+"""Are low-precision embeddings good enough? The same encoder embeds the same records in fp32 and in every other
+inference precision this device runs (`merit_hf.inference_precision`: bf16 weights, bf16 autocast, int8 dynamic
+quantisation on CPU, fp8 on Hopper-class GPUs); this reports how close each is to fp32 (cosine per record) and what a
+linear probe makes of each (superclass macro AUROC on the test split with its bootstrap CI, same probe protocol and
+seed), plus the cosine for a random-init ViT-B/75, whose 12 layers are where rounding would pile up.
 
     python benchmarks/embedding_precision.py                         # the quick-start model on the bundled records
     python benchmarks/embedding_precision.py --model_name_or_path <checkpoint> --dataset <PTB-XL folder>
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from merit_hf import MeritEcgConfig, MeritEcgModel, MeritFeatureExtractor
+from merit_hf.inference_precision import cpu_capability, prepare_for_inference
 from merit_hf.training.probe import (
     SPLITS,
     extract_features,
@@ -47,11 +49,27 @@ def summary(cosines: np.ndarray) -> dict:
     }
 
 
-def embed_both(encoder, feature_extractor, dataset, device: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    fp32 = extract_features(encoder, feature_extractor, dataset, batch_size, device=device)
-    with torch.autocast(device_type=device, dtype=torch.bfloat16):
-        bf16 = extract_features(encoder, feature_extractor, dataset, batch_size, device=device)
-    return fp32, bf16
+def precisions_for(device: str) -> list[str]:
+    """fp32 first (the reference), then every other precision `device` runs."""
+    if device == "cpu":
+        return ["fp32", "bf16", "bf16-autocast", "int8"]
+    precisions = ["fp32", "bf16", "bf16-autocast"]
+    try:
+        import torchao  # noqa: F401
+
+        if torch.cuda.get_device_capability() >= (8, 9):
+            precisions.append("fp8")
+    except ImportError:
+        pass
+    return precisions
+
+
+def embed(encoder, feature_extractor, dataset, device: str, batch_size: int, precision: str) -> np.ndarray:
+    if precision == "bf16-autocast":  # how the library ran bf16 before the weights were cast
+        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+            return extract_features(encoder, feature_extractor, dataset, batch_size, device=device)
+    runner = prepare_for_inference(encoder, precision, device)
+    return extract_features(runner, feature_extractor, dataset, batch_size, device=device)
 
 
 def main(argv=None) -> dict:
@@ -67,12 +85,20 @@ def main(argv=None) -> dict:
     dataset_dict = load_dataset_dict(args.dataset, args.sampling_rate)
     encoder, name = load_encoder(args.model_name_or_path)
     feature_extractor = load_feature_extractor(args.model_name_or_path, encoder)
-    features = {"fp32": {}, "bf16": {}}
-    for split in SPLITS:
-        features["fp32"][split], features["bf16"][split] = embed_both(
-            encoder, feature_extractor, dataset_dict[split], args.device, args.batch_size
+    precisions = precisions_for(args.device)
+    features = {
+        precision: {
+            split: embed(encoder, feature_extractor, dataset_dict[split], args.device, args.batch_size, precision)
+            for split in SPLITS
+        }
+        for precision in precisions
+    }
+    cosines = {
+        precision: summary(
+            np.concatenate([cosine_per_record(features["fp32"][s], features[precision][s]) for s in SPLITS])
         )
-    cosines = np.concatenate([cosine_per_record(features["fp32"][s], features["bf16"][s]) for s in SPLITS])
+        for precision in precisions[1:]
+    }
     probes = {}
     for precision, split_features in features.items():
         results = run_linear_probe(
@@ -86,20 +112,27 @@ def main(argv=None) -> dict:
     base = MeritEcgModel(MeritEcgConfig.from_preset("base-p75"))
     base_extractor = MeritFeatureExtractor.from_model_config(base.config)
     test = dataset_dict["test"].select(range(min(64, len(dataset_dict["test"]))))
-    base_fp32, base_bf16 = embed_both(base, base_extractor, test, args.device, 8)
+    base_features = {
+        precision: embed(base, base_extractor, test, args.device, 8, precision) for precision in precisions
+    }
 
     report = {
         "machine": {
             "device": torch.cuda.get_device_name()
             if args.device == "cuda"
             else platform.processor() or platform.machine(),
+            "cpu": cpu_capability().summary(),
+            "threads": torch.get_num_threads(),
             "torch": torch.__version__,
         },
         "model": name,
         "dataset": args.dataset,
-        "cosine_fp32_vs_bf16": summary(cosines),
+        "cosine_to_fp32": cosines,
         f"linear_probe_{args.label_set}_test": probes,
-        "random_init_base_p75_cosine_fp32_vs_bf16": summary(cosine_per_record(base_fp32, base_bf16)),
+        "random_init_base_p75_cosine_to_fp32": {
+            precision: summary(cosine_per_record(base_features["fp32"], base_features[precision]))
+            for precision in precisions[1:]
+        },
     }
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"embedding_precision_{args.device}.json"

@@ -6,6 +6,10 @@ Variants of one shape (fp32 on CPU; on a CUDA device fp32 and bf16 autocast, wit
 - `sdpa+compile` (with `--compile`): the same model under `torch.compile` (inductor, default mode);
 - `stmem_einsum`: the same weights with attention written the way the published ECG encoders write it (ST-MEM:
   `einsum` scores, softmax, `einsum`; no fused kernel), registered as an attention function. This is the reference.
+- `sdpa+bf16_weights`, `sdpa+fp8` (inference in bf16, with `--precision_variants`, on by default on CUDA): the model
+  as `merit_hf.inference_precision.prepare_for_inference` runs it for `precision="bf16"` (weights cast, no autocast:
+  the default on GPUs) and `"fp8"` (torchao float8 dynamic quantisation of the block linears; needs torchao and a GPU
+  of compute capability 8.9+, otherwise the JSON says why it was skipped).
 - HuBERT-ECG base: transformers' `HubertModel` with HuBERT-ECG's published base configuration (768 x 12, conv
   feature encoder kernels (10, 3, 3, 2, 2) strides (4, 2, 2, 2, 2), i.e. its `downsampling_factor=5` setting),
   random weights, input 12 leads x 5 s at 100 Hz concatenated to 6000 samples (93 frames).
@@ -19,6 +23,9 @@ what this machine really does. Peak memory is the max RSS of a fresh process tha
 
     python benchmarks/encoder_throughput.py                # fp32, every preset -> results/encoder_throughput_<device>.json
     python benchmarks/encoder_throughput.py --dtypes fp32 bf16 --compile --rounds 5   # the run in benchmarks/README.md
+    python benchmarks/encoder_throughput.py --dtypes bf16 --modes infer --presets base-p75 small-p125 --rounds 10
+        # on a GPU, batch 256: autocast vs bf16 weights vs fp8 vs the einsum reference, and HuBERT-ECG base
+        # -> results/encoder_throughput_cuda.json
 """
 
 from __future__ import annotations
@@ -141,6 +148,23 @@ def _variants(row: str, compile_model: bool) -> list[str]:
     return ["sdpa", "stmem_einsum"] + (["sdpa+compile"] if compile_model else [])
 
 
+PRECISION_VARIANTS = {"sdpa+bf16_weights": "bf16", "sdpa+fp8": "fp8"}
+
+
+def _precision_models(model, device: str) -> tuple[dict, dict]:
+    """`{variant: prepared model}` for the inference-precision variants this device can run, and `{variant: why}`
+    for those it cannot (fp8 without torchao or FP8 tensor cores)."""
+    from merit_hf.inference_precision import prepare_for_inference
+
+    prepared, skipped = {}, {}
+    for name, precision in PRECISION_VARIANTS.items():
+        try:
+            prepared[name] = prepare_for_inference(model, precision, device)
+        except (ValueError, ImportError) as error:
+            skipped[name] = str(error)
+    return prepared, skipped
+
+
 def _step_function(model, inputs, mode: str, device: str, dtype: str):
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == "bf16")
     if mode == "train":
@@ -164,7 +188,9 @@ def _step_function(model, inputs, mode: str, device: str, dtype: str):
     return step
 
 
-def measure_group(row, preset, mode, batch, rounds, device, dtype, compile_model=False) -> dict:
+def measure_group(
+    row, preset, mode, batch, rounds, device, dtype, compile_model=False, precision_variants=False
+) -> dict:
     """Every variant of one (shape, mode, dtype), interleaved round by round on the same weights and inputs."""
     _register_einsum()
     torch.manual_seed(0)
@@ -175,34 +201,42 @@ def measure_group(row, preset, mode, batch, rounds, device, dtype, compile_model
     step = _step_function(model, inputs, mode, device, dtype)
     variants = _variants(row, compile_model)
     forwards = dict.fromkeys(variants, model)
+    steps = dict.fromkeys(variants, step)
     if "sdpa+compile" in variants:
         forwards["sdpa+compile"] = torch.compile(model)
+    skipped = {}
+    if precision_variants and mode == "infer" and row == "merit_encoder" and dtype == "bf16":
+        prepared, skipped = _precision_models(model, device)
+        for name, prepared_model in prepared.items():  # their own dtype: no autocast around them
+            variants.append(name)
+            forwards[name] = prepared_model
+            steps[name] = _step_function(prepared_model, inputs, mode, device, "fp32")
     synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     compile_seconds = None
     for name in variants:  # warm-up (and compilation) of every variant
-        set_attention(model, name.removesuffix("+compile"))
+        set_attention(model, name.split("+")[0])
         start = time.perf_counter()
-        step(forwards[name])
+        steps[name](forwards[name])
         synchronize()
         if name.endswith("+compile"):
             compile_seconds = time.perf_counter() - start
-        step(forwards[name])
+        steps[name](forwards[name])
         synchronize()
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name in variants:
-            set_attention(model, name.removesuffix("+compile"))
+            set_attention(model, name.split("+")[0])
             start = time.perf_counter()
-            step(forwards[name])
+            steps[name](forwards[name])
             synchronize()
             times[name].append(time.perf_counter() - start)
     peak = matmul_peak_tflops(device, dtype)
     gpu_memory = {}
     if device == "cuda":
         for name in variants:
-            set_attention(model, name.removesuffix("+compile"))
+            set_attention(model, name.split("+")[0])
             torch.cuda.reset_peak_memory_stats()
-            step(forwards[name])
+            steps[name](forwards[name])
             synchronize()
             gpu_memory[name] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     step_flops = flops * batch * (3.0 if mode == "train" else 1.0)  # backward costs about twice the forward
@@ -235,8 +269,13 @@ def measure_group(row, preset, mode, batch, rounds, device, dtype, compile_model
             result["compile_seconds"] = round(compile_seconds, 1)
         if name in gpu_memory:
             result["peak_memory_mib"] = gpu_memory[name]
+        if name in PRECISION_VARIANTS:
+            result["weights"] = PRECISION_VARIANTS[name]
+        if "sdpa" in times and name in PRECISION_VARIANTS:
+            pairs = [ref / mine for ref, mine in zip(times["sdpa"], times[name])]
+            result["vs_sdpa_autocast"] = round(statistics.median(pairs), 3)
         results.append(result)
-    return {"results": results}
+    return {"results": results, "skipped": skipped}
 
 
 def measure_cpu_memory(row, preset, variant, mode, batch, dtype) -> dict:
@@ -267,13 +306,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (each variant once per round)")
     parser.add_argument("--dtypes", nargs="+", default=None, help="fp32 and/or bf16 (autocast); default fp32 on CPU")
     parser.add_argument("--compile", action="store_true", help="add the torch.compile variant (slow to compile)")
+    parser.add_argument(
+        "--precision_variants",
+        type=int,
+        default=None,
+        help="1: add bf16-weights and fp8 inference variants in bf16 groups (default: 1 on CUDA, 0 on CPU)",
+    )
     parser.add_argument("--skip_hubert", action="store_true", help="leave out the HuBERT-ECG base rows")
+    parser.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
     parser.add_argument("--skip_memory", action="store_true", help="no peak-RSS processes (CPU)")
     parser.add_argument("--output", help="results JSON (default: benchmarks/results/encoder_throughput_<device>.json)")
     parser.add_argument("--single", choices=["group", "memory"], help=argparse.SUPPRESS)
     parser.add_argument("--row"), parser.add_argument("--preset"), parser.add_argument("--variant")
     parser.add_argument("--mode"), parser.add_argument("--batch", type=int), parser.add_argument("--dtype")
     parser.add_argument("--compile_model", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--with_precisions", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.single == "group":
         result = measure_group(
@@ -285,6 +332,7 @@ def main(argv=None) -> dict:
             args.device,
             args.dtype,
             bool(args.compile_model),
+            bool(args.with_precisions),
         )
         print(json.dumps(result))
         return result
@@ -294,23 +342,27 @@ def main(argv=None) -> dict:
         return result
 
     on_gpu = args.device == "cuda"
+    precision_variants = on_gpu if args.precision_variants is None else bool(args.precision_variants)
     dtypes = args.dtypes or (["fp32", "bf16"] if on_gpu else ["fp32"])
     batches = {"infer": 256 if on_gpu else 8, "train": 64 if on_gpu else 4}
     groups = []
     for dtype in dtypes:
         for preset in args.presets:
-            for mode in ("infer", "train"):
+            for mode in args.modes:
                 groups.append(("merit_encoder" if mode == "infer" else "merit_pretraining", preset, mode, dtype))
         if not args.skip_hubert:
-            groups += [("hubert_ecg_base", "-", mode, dtype) for mode in ("infer", "train")]
-    results = []
+            groups += [("hubert_ecg_base", "-", mode, dtype) for mode in args.modes]
+    results, skipped = [], {}
     for row, preset, mode, dtype in groups:
-        group = _in_subprocess(
+        measured = _in_subprocess(
             single="group", row=row, preset=preset, mode=mode, batch=batches[mode], rounds=args.rounds,
-            device=args.device, dtype=dtype, compile_model=int(args.compile),
-        )["results"]  # fmt: skip
-        for result in group:
-            if not on_gpu and not args.skip_memory and not result["variant"].endswith("+compile"):
+            device=args.device, dtype=dtype, compile_model=int(args.compile), with_precisions=int(precision_variants),
+        )  # fmt: skip
+        for name, why in measured.get("skipped", {}).items():
+            skipped[f"{preset}/{name}"] = why
+            print(f"{preset:>16} {name}: skipped ({why})", flush=True)
+        for result in measured["results"]:
+            if not on_gpu and not args.skip_memory and result["variant"] in ("sdpa", "stmem_einsum"):
                 result["peak_memory_mib"] = _in_subprocess(
                     single="memory", row=row, preset=preset, variant=result["variant"], mode=mode,
                     batch=batches[mode], dtype=dtype,
@@ -318,7 +370,7 @@ def main(argv=None) -> dict:
             results.append(result)
             ratio = result.get("vs_einsum_reference")
             print(
-                f"{result['preset']:>16} {result['variant']:>13} {mode:>5} {dtype:>4}: "
+                f"{result['preset']:>16} {result['variant']:>17} {mode:>5} {dtype:>4}: "
                 f"{result['ecgs_per_second']:8.2f} ECGs/s  {result['gflop_per_ecg_forward']:7.2f} GFLOP/ECG  "
                 f"{result['achieved_tflops']:.3f} TFLOP/s ({result['fraction_of_matmul_peak']:.0%} of matmul peak)"
                 + (f"  {ratio:.2f}x einsum ref." if ratio else "")
@@ -335,7 +387,7 @@ def main(argv=None) -> dict:
         for result in results:
             if peak and result["dtype"] == "bf16":
                 result["mfu_vs_dense_bf16_peak"] = round(result["achieved_tflops"] / peak, 4)
-    report = {"machine": machine, "results": results, "cross_ratios": _cross_ratios(results)}
+    report = {"machine": machine, "results": results, "cross_ratios": _cross_ratios(results), "skipped": skipped}
     RESULTS.mkdir(exist_ok=True)
     out = Path(args.output) if args.output else RESULTS / f"encoder_throughput_{args.device}.json"
     out.write_text(json.dumps(report, indent=2))

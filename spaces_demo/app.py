@@ -111,11 +111,15 @@ def default_model_path() -> str:
 
 
 def load_models(model_path: str, report_model_path: str | None = None) -> DemoModels:
-    """The two-tower model (zero-shot, embeddings) and, if given, the report model, on CPU in eval mode. Loaded with
-    merit_hf's own classes: the Python files a checkpoint carries (its remote code) are never run."""
+    """The two-tower model (zero-shot, embeddings; on the GPU when the Space has one) and, if given, the report model
+    (CPU), in eval mode. Loaded with merit_hf's own classes: the Python files a checkpoint carries (its remote code)
+    are never run. The ECG tower runs in `precision="auto"` (`merit_hf.inference_precision`): bf16 weights on a GPU,
+    the fastest accurate path on the CPU the Space runs on."""
     from merit_hf import MeritModel, MeritProcessor
 
     model = MeritModel.from_pretrained(model_path).eval()
+    if torch.cuda.is_available():
+        model = model.to("cuda")
     processor = MeritProcessor.from_pretrained(model_path)
     ecg_config = model.config.ecg_config
     warning = None
@@ -359,7 +363,7 @@ class ExampleIndex:
         self, models: DemoModels, ecg_values: torch.Tensor, count: int = 3, lead_mask: torch.Tensor | None = None
     ) -> list[list]:
         query = encode_ecgs(models.model, ecg_values, lead_mask=lead_mask)
-        similarity = (query @ self.embeddings.T)[0].numpy()
+        similarity = (query @ self.embeddings.T)[0].cpu().numpy()
         order = np.argsort(-similarity, kind="stable")[:count]
         return [
             [

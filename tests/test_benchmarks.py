@@ -88,3 +88,30 @@ def test_pretraining_memory_options_group_runs_every_option():
         assert result["ecgs_per_second"] > 0 and result["gflops_per_ecg"] > 0
         assert result["mfu"] == pytest.approx(result["achieved_tflops"])  # against the given 1 TFLOP/s peak
     assert len({result["gflops_per_ecg"] for result in results}) == 1  # model FLOPs: recomputation not counted
+
+
+def test_encoder_throughput_measures_bf16_weights_and_says_why_fp8_is_skipped_on_cpu():
+    """The GPU run compares autocast, bf16 weights and fp8; on a CPU the same code measures bf16 weights and records
+    why fp8 cannot run there."""
+    results = encoder_throughput.measure_group(
+        "merit_encoder", "tiny-p75", "infer", batch=2, rounds=1, device="cpu", dtype="bf16", precision_variants=True
+    )
+    by_variant = {result["variant"]: result for result in results["results"]}
+    assert set(by_variant) == {"sdpa", "stmem_einsum", "sdpa+bf16_weights"}
+    assert (
+        by_variant["sdpa+bf16_weights"]["weights"] == "bf16" and "vs_sdpa_autocast" in by_variant["sdpa+bf16_weights"]
+    )
+    assert "needs a CUDA GPU with FP8 tensor cores" in results["skipped"]["sdpa+fp8"]
+
+
+def test_cpu_inference_times_every_precision_against_the_references():
+    import cpu_inference
+
+    result = cpu_inference.measure_preset("tiny-p75", batch=2, rounds=1, with_hubert=False)
+    assert set(result["ecgs_per_second"]) == {
+        "einsum_ref/fp32", "merit/fp32", "einsum_ref/bf16-autocast", "einsum_ref/bf16", "merit/bf16-sdpa",
+        "merit/bf16-matmul", "einsum_ref/int8", "merit/int8",
+    }  # fmt: skip
+    assert all(rate > 0 for rate in result["ecgs_per_second"].values())
+    assert list(result["bf16_attention_picked_by_the_model"].values())[0] in ("sdpa", "matmul")
+    assert all(0.99 < cosine <= 1.0 + 1e-6 for cosine in result["min_cosine_to_fp32_pooled_output"].values())

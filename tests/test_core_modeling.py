@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForPreTraining
 
-from merit_hf import MeritEcgModel, MeritForEcgClassification, MeritForPreTraining, MeritModel
+from merit_hf import MeritEcgModel, MeritForEcgClassification, MeritForPreTraining, MeritModel, modeling_merit
 from merit_hf.modeling_merit import contrastive_loss, masked_patch_reconstruction_loss
 from tests.conftest import tiny_ecg_config, tiny_merit_config
 
@@ -157,9 +157,11 @@ def _ran(kernel: str, function) -> bool:
     return any(event.name == kernel for event in prof.events())
 
 
-def test_sdpa_on_cpu_in_bf16_runs_two_matmuls_and_agrees_with_fp32():
-    """On CPU PyTorch's fused SDPA kernel computes bf16 in fp32 and is slower than two bf16 matmuls, so the SDPA
-    setting takes the matmul path there (benchmarks/README.md); fp32 keeps the fused kernel."""
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
+def test_sdpa_on_cpu_in_bf16_runs_the_chosen_kernel_and_agrees_with_fp32(kernel, monkeypatch):
+    """bf16 attention on CPU runs the fused SDPA kernel or two bf16 matmuls (whichever the CPU runs faster; here fixed
+    through MERIT_CPU_ATTENTION); fp32 always keeps the fused kernel. Both agree with fp32, masks included."""
+    monkeypatch.setenv(modeling_merit.CPU_ATTENTION_ENV, kernel)
     model = MeritEcgModel._from_config(tiny_ecg_config(), attn_implementation="sdpa").eval()
     ecg = torch.randn(2, 12, 2250)
     mask = torch.ones(2, 2250, dtype=torch.long)
@@ -170,7 +172,7 @@ def test_sdpa_on_cpu_in_bf16_runs_two_matmuls_and_agrees_with_fp32():
         for kwargs in ({}, {"ecg_attention_mask": mask}):
             reference = model(ecg, **kwargs).pooler_output
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                assert not _ran(fused, lambda: model(ecg, **kwargs))  # noqa: B023
+                assert _ran(fused, lambda: model(ecg, **kwargs)) == (kernel == "sdpa")  # noqa: B023
                 low = model(ecg, **kwargs).pooler_output.float()
             assert F.cosine_similarity(low, reference).min() > 0.99
     pretraining = MeritForPreTraining._from_config(tiny_merit_config(), attn_implementation="sdpa")
@@ -181,6 +183,40 @@ def test_sdpa_on_cpu_in_bf16_runs_two_matmuls_and_agrees_with_fp32():
     loss.backward()
     grads = [p.grad for p in pretraining.merit.ecg_model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("faster", ["sdpa", "matmul"])
+def test_bf16_attention_on_cpu_is_the_kernel_timed_faster_once_per_shape(faster, monkeypatch, caplog):
+    """Which bf16 kernel wins depends on the CPU (AMX, AVX512-BF16) and torch, so it is timed on the machine at first
+    use, once per shape, and logged; the timing is injected here so both outcomes are tested on any CPU."""
+    import logging
+
+    monkeypatch.delenv(modeling_merit.CPU_ATTENTION_ENV, raising=False)
+    monkeypatch.setattr(modeling_merit, "_cpu_attention_choice", {})
+    timings = []
+
+    def timed(dtype, batch_size, num_heads, num_tokens, head_dim):
+        timings.append((dtype, batch_size, num_heads, num_tokens, head_dim))
+        return {"sdpa": 1.0, "matmul": 2.0} if faster == "sdpa" else {"sdpa": 2.0, "matmul": 1.0}
+
+    monkeypatch.setattr(modeling_merit, "time_cpu_attention_kernels", timed)
+    model = MeritEcgModel._from_config(tiny_ecg_config(), attn_implementation="sdpa").eval().to(torch.bfloat16)
+    fused = "aten::_scaled_dot_product_flash_attention_for_cpu"
+    with torch.no_grad(), caplog.at_level(logging.DEBUG, logger="merit_hf.modeling_merit"):
+        assert _ran(fused, lambda: model(torch.randn(2, 12, 2250))) == (faster == "sdpa")
+        model(torch.randn(3, 12, 2250))  # another batch size: the same choice, not timed again
+    config = model.config
+    assert timings == [(torch.bfloat16, 2, config.num_attention_heads, timings[0][3], timings[0][4])]
+    assert f"CPU torch.bfloat16 attention for {config.num_attention_heads} heads" in caplog.text
+    assert f": {faster} (timed:" in caplog.text
+    monkeypatch.setenv(modeling_merit.CPU_ATTENTION_ENV, "flash")
+    with pytest.raises(ValueError, match="MERIT_CPU_ATTENTION: must be 'sdpa' or 'matmul', got 'flash'"):
+        model(torch.randn(2, 12, 2250))
+
+
+def test_the_cpu_attention_timer_times_both_kernels():
+    seconds = modeling_merit.time_cpu_attention_kernels(torch.bfloat16, 2, 2, 32, 16, repeats=1)
+    assert set(seconds) == {"sdpa", "matmul"} and all(0 < value < 10 for value in seconds.values())
 
 
 def test_a_model_loaded_in_bf16_takes_the_feature_extractors_float32(saved_pretraining):

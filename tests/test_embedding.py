@@ -9,6 +9,7 @@ import torch
 
 from merit_hf import MeritEcgModel, MeritFeatureExtractor, MeritForPreTraining
 from merit_hf.embedding import embed_dataset, main
+from merit_hf.inference_precision import prepare_for_inference
 from merit_hf.training.probe import extract_features
 from tests.conftest import BUNDLED_PTBXL, tiny_ecg_config, tiny_merit_config
 
@@ -30,11 +31,13 @@ def test_map_style_and_streamed_give_the_probe_features(splits, encoder):
     feature_extractor = MeritFeatureExtractor.from_model_config(encoder.config)
     split = splits["train"]
     expected = extract_features(encoder, feature_extractor, split, batch_size=16)
-    embedded = embed_dataset(split, encoder, feature_extractor, batch_size=7, device="cpu")
+    embedded = embed_dataset(split, encoder, feature_extractor, batch_size=7, device="cpu", precision="fp32")
     assert embedded.column_names == ["ecg_id", "ecg_embedding"]
     assert embedded["ecg_id"] == split["ecg_id"]
     np.testing.assert_allclose(np.asarray(embedded["ecg_embedding"]), expected, rtol=1e-4, atol=1e-5)
-    streamed = embed_dataset(split.to_iterable_dataset(), encoder, feature_extractor, batch_size=5, device="cpu")
+    streamed = embed_dataset(
+        split.to_iterable_dataset(), encoder, feature_extractor, batch_size=5, device="cpu", precision="fp32"
+    )
     rows = list(streamed)
     assert [row["ecg_id"] for row in rows] == split["ecg_id"]
     np.testing.assert_allclose(np.stack([row["ecg_embedding"] for row in rows]), expected, rtol=1e-4, atol=1e-5)
@@ -45,29 +48,48 @@ def test_a_rerun_reuses_the_cached_embeddings(splits, encoder, tmp_path):
 
     splits["test"].save_to_disk(str(tmp_path / "test"))
     split = load_from_disk(str(tmp_path / "test"))
-    first = embed_dataset(split, encoder, batch_size=8, device="cpu")
+    first = embed_dataset(split, encoder, batch_size=8, device="cpu", precision="fp32")
     calls = []
-    hook = encoder.register_forward_hook(lambda *args: calls.append(1))
+    bf16_copy = prepare_for_inference(encoder, "bf16", "cpu")  # the copy embed_dataset runs for bf16 (cached)
+    hooks = [module.register_forward_hook(lambda *args: calls.append(1)) for module in (encoder, bf16_copy)]
     try:
-        second = embed_dataset(split, encoder, batch_size=8, device="cpu")
+        second = embed_dataset(split, encoder, batch_size=8, device="cpu", precision="fp32")
         assert not calls, "the cached embeddings were computed again"
         assert second._fingerprint == first._fingerprint and second["ecg_embedding"] == first["ecg_embedding"]
         embed_dataset(split, encoder, batch_size=8, device="cpu", precision="bf16")
         assert calls, "another precision must not reuse the fp32 cache"
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
 
 
 def test_bf16_embeddings_stay_close(splits, encoder):
-    full = np.asarray(embed_dataset(splits["test"], encoder, device="cpu")["ecg_embedding"])
-    half = np.asarray(embed_dataset(splits["test"], encoder, device="cpu", precision="bf16")["ecg_embedding"])
-    cosine = (full * half).sum(1) / np.linalg.norm(full, axis=1) / np.linalg.norm(half, axis=1)
-    assert cosine.min() > 0.99 and not np.array_equal(full, half)
+    full = np.asarray(embed_dataset(splits["test"], encoder, device="cpu", precision="fp32")["ecg_embedding"])
+    weights = {name: value.clone() for name, value in encoder.state_dict().items()}
+    for precision in ("bf16", "int8"):
+        low = np.asarray(embed_dataset(splits["test"], encoder, device="cpu", precision=precision)["ecg_embedding"])
+        cosine = (full * low).sum(1) / np.linalg.norm(full, axis=1) / np.linalg.norm(low, axis=1)
+        assert cosine.min() > 0.99 and not np.array_equal(full, low), precision
+    # the caller's encoder is never cast or quantised: a converted copy ran
+    assert all(torch.equal(value, weights[name]) for name, value in encoder.state_dict().items())
+    assert encoder.layers[0].mlp.fc1.weight.dtype == torch.float32
+
+
+def test_auto_precision_is_resolved_before_it_keys_the_cache(splits, encoder, monkeypatch):
+    """'auto' is whatever it resolves to on this machine: the same cache as that precision named explicitly."""
+    from merit_hf import embedding
+
+    monkeypatch.setattr(embedding, "resolve_precision", lambda precision, device: "fp32")
+    auto = embed_dataset(splits["test"], encoder, device="cpu")
+    explicit = embed_dataset(splits["test"], encoder, device="cpu", precision="fp32")
+    assert auto._fingerprint == explicit._fingerprint
 
 
 def test_bad_settings_are_named(splits, encoder):
     with pytest.raises(ValueError, match="precision: must be one of"):
-        embed_dataset(splits["test"], encoder, precision="int8")
+        embed_dataset(splits["test"], encoder, precision="fp64")
+    with pytest.raises(ValueError, match="precision 'fp8' needs a CUDA GPU with FP8 tensor cores"):
+        embed_dataset(splits["test"], encoder, precision="fp8", device="cpu")
     with pytest.raises(ValueError, match=r"the dataset has no column \['signal'\]"):
         embed_dataset(splits["test"].remove_columns("signal"), encoder)
     with pytest.raises(ValueError, match=r"keep_columns: \['record_id'\] are not columns"):
@@ -173,7 +195,7 @@ def test_shards_together_give_the_whole_split(tmp_path, streaming):
     folder = tmp_path / "model"
     MeritEcgModel(tiny_ecg_config()).save_pretrained(folder)
     common = ["--model_name_or_path", str(folder), "--dataset", str(BUNDLED_PTBXL), "--splits", "test",
-              "--streaming", streaming]  # fmt: skip
+              "--streaming", streaming, "--precision", "fp32"]  # fmt: skip
     whole = main([*common, "--output_dir", str(tmp_path / "whole")])
     for index in (0, 1):
         main([*common, "--output_dir", str(tmp_path / "sharded"), "--num_shards", "2", "--shard_index", str(index)])
@@ -201,7 +223,8 @@ def test_accelerate_launch_embeds_one_shard_per_process(tmp_path):
     torch.manual_seed(0)
     folder = tmp_path / "model"
     MeritEcgModel(tiny_ecg_config()).save_pretrained(folder)
-    common = ["--model_name_or_path", str(folder), "--dataset", str(BUNDLED_PTBXL), "--splits", "test"]
+    common = ["--model_name_or_path", str(folder), "--dataset", str(BUNDLED_PTBXL), "--splits", "test",
+              "--precision", "fp32"]  # fmt: skip
     whole = main([*common, "--output_dir", str(tmp_path / "whole")])
     launch = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
               "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "merit_hf.embedding"]  # fmt: skip
@@ -282,7 +305,8 @@ def test_a_streamed_command_line_run_resumes(tmp_path, monkeypatch):
     folder = tmp_path / "model"
     MeritEcgModel(tiny_ecg_config()).save_pretrained(folder)
     common = ["--model_name_or_path", str(folder), "--dataset", str(BUNDLED_PTBXL), "--splits", "train",
-              "--streaming", "true", "--batch_size", "16", "--checkpoint_every", "64"]  # fmt: skip
+              "--streaming", "true", "--batch_size", "16", "--checkpoint_every", "64",
+              "--precision", "fp32"]  # fmt: skip
     whole = main([*common, "--output_dir", str(tmp_path / "whole")])
     calls, forward = [], MeritEcgModel.forward
 
@@ -316,8 +340,8 @@ def test_batched_feature_extraction_on_the_encoder_device(splits, encoder, tmp_p
     """`feature_extraction_device="encoder"` (the torch path, here on the CPU) embeds as the scipy path does, under
     its own cache key; the command line passes it through."""
     split = splits["test"]
-    scipy_path = embed_dataset(split, encoder, device="cpu")
-    torch_path = embed_dataset(split, encoder, device="cpu", feature_extraction_device="encoder")
+    scipy_path = embed_dataset(split, encoder, precision="fp32", device="cpu")  # "auto" may be bf16 on this CPU
+    torch_path = embed_dataset(split, encoder, precision="fp32", device="cpu", feature_extraction_device="encoder")
     assert torch_path._fingerprint != scipy_path._fingerprint
     np.testing.assert_allclose(
         np.asarray(torch_path["ecg_embedding"]), np.asarray(scipy_path["ecg_embedding"]), rtol=1e-4, atol=1e-5

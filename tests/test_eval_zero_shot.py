@@ -74,6 +74,7 @@ def test_scores_equal_the_hand_computed_ensemble(model_and_processor, tokenizer)
         class_descriptions=descriptions,
         sampling_rate=250,
         lead_names=LEADS,
+        precision="fp32",  # the hand computation below runs the fp32 model
     )
     with torch.no_grad():
         ecg_values = processor.feature_extractor(_ecgs(1), sampling_rate=250, lead_names=LEADS, return_tensors="pt")
@@ -86,6 +87,23 @@ def test_scores_equal_the_hand_computed_ensemble(model_and_processor, tokenizer)
             expected.append(F.normalize(text.mean(dim=0), dim=-1))
         expected = (ecg @ torch.stack(expected).T).numpy()
     np.testing.assert_allclose(out["scores"], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["auto", "bf16", "int8"])
+def test_every_cpu_precision_scores_close_to_fp32_and_leaves_the_model_alone(model_and_processor, precision):
+    model, processor = model_and_processor
+    weight = model.ecg_model.layers[0].mlp.fc1.weight
+    kwargs = {"sampling_rate": 250, "lead_names": LEADS, "class_descriptions": "superclass"}
+    reference = zero_shot_classify(model, processor, _ecgs(), ["NORM", "MI", "CD"], precision="fp32", **kwargs)
+    low = zero_shot_classify(model, processor, _ecgs(), ["NORM", "MI", "CD"], precision=precision, **kwargs)
+    np.testing.assert_allclose(low["scores"], reference["scores"], atol=0.02)
+    assert model.ecg_model.layers[0].mlp.fc1.weight is weight and weight.dtype == torch.float32
+    classifier = pipeline(ZERO_SHOT_ECG_TASK, model=model, processor=processor, device="cpu", precision=precision)
+    output = classifier(_ecgs(1)[0], candidate_labels=["NORM", "MI", "CD"], **kwargs)
+    scores = {item["label"]: item["score"] for item in output}
+    np.testing.assert_allclose([scores[label] for label in ["NORM", "MI", "CD"]], reference["scores"][0], atol=0.02)
+    with pytest.raises(ValueError, match="precision 'fp8' needs a CUDA GPU"):
+        classifier(_ecgs(1)[0], candidate_labels=["NORM"], precision="fp8", **kwargs)
 
 
 def test_clear_errors(model_and_processor):

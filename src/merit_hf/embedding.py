@@ -13,9 +13,12 @@ written in parts with the stream's state, so a run that stops resumes after its 
     python -m merit_hf.embedding --model_name_or_path <checkpoint> --dataset_name wfdb --dataset <converted folder> \\
         --split_fractions 0.8 0.1 0.1 --split_seed 0 --keep_columns ecg_id record   # any WFDB folder, converted
 
-For many ECGs on CPU pick a `small-p125` checkpoint and `--precision bf16` (benchmarks/README.md). Every record is
-centre-cropped to the encoder's window, as in the linear-probe protocol; long records (a 60 s strip, a Holter) can
-instead be embedded window by window and pooled per record, and records without some leads from the leads they have:
+`--precision auto` (the default) runs bf16 weights on a GPU and, on a CPU, bf16 where the CPU computes it natively,
+else fp32 (`merit_hf.inference_precision`); `--precision int8` is faster still on most CPUs, at a small accuracy cost
+(benchmarks/README.md). For many ECGs on CPU pick a `small-p125` checkpoint. Every record is centre-cropped to the
+encoder's window, as in the linear-probe protocol.
+Long records (a 60 s strip, a Holter) can instead be embedded window by window and pooled per record, and records
+without some leads from the leads they have:
 
     python -m merit_hf.embedding --model_name_or_path <checkpoint> --dataset <data> --window sliding \
         --window_pooling mean --missing_leads mask
@@ -37,6 +40,7 @@ import torch
 
 from .data.wfdb_folder import DEFAULT_SPLIT_FRACTIONS
 from .feature_extraction_merit import MISSING_LEAD_POLICIES, WINDOWS, MeritFeatureExtractor
+from .inference_precision import PRECISIONS, prepare_for_inference, resolve_precision
 from .modeling_merit import WINDOW_POOLINGS
 from .training.arguments import parse_arguments
 from .training.probe import (
@@ -50,7 +54,6 @@ from .training.probe import (
 )
 from .training.throughput import ThroughputMeter
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DATASET_NAMES = ("ptbxl", "mimic_iv_ecg", "wfdb")
 REQUIRED_COLUMNS = ("signal", "sampling_rate", "lead_names")
 
@@ -60,7 +63,7 @@ def embed_dataset(
     model,
     feature_extractor: MeritFeatureExtractor | None = None,
     batch_size: int = 64,
-    precision: str = "fp32",
+    precision: str = "auto",
     device: torch.device | str | None = None,
     column: str = "ecg_embedding",
     keep_columns: Sequence[str] = ("ecg_id",),
@@ -75,7 +78,9 @@ def embed_dataset(
     Args:
         model: any MERIT model (its ECG encoder is used) or a checkpoint folder / Hub id.
         feature_extractor: defaults to the checkpoint's, else the one matching the encoder config.
-        precision: `"fp32"`, `"bf16"` or `"fp16"` (autocast; bf16 needs AVX512-BF16/AMX on CPU to be fast).
+        precision: `"auto"` (bf16 weights on a GPU, the CPU's fastest accurate path), `"fp32"`, `"bf16"`, `"fp16"`,
+            `"int8"` (CPU) or `"fp8"` (Hopper-class GPUs); see `merit_hf.inference_precision`. The caller's model is
+            never cast: a converted copy runs.
         device: defaults to CUDA when available.
         weights_fingerprint: the encoder's weight fingerprint for the map-style cache key, when the caller has it
             (the command line computes it once for all splits); computed here otherwise.
@@ -89,7 +94,7 @@ def embed_dataset(
             (tests/test_core_feature_extraction_torch.py); speed in benchmarks/README.md.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"precision: must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        raise ValueError(f"precision: must be one of {list(PRECISIONS)}, got {precision!r}")
     if window_pooling not in WINDOW_POOLINGS:
         raise ValueError(f"window_pooling: must be one of {WINDOW_POOLINGS}, got {window_pooling!r}")
     columns = list(dataset.column_names or (dataset.features or {}))
@@ -104,23 +109,20 @@ def embed_dataset(
     device = (
         torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
-    encoder = encoder.to(device).eval()
-    autocast_dtype = PRECISIONS[precision]
+    precision = resolve_precision(precision, device)  # the cache key names what ran, not "auto"
+    runner = prepare_for_inference(encoder, precision, device)
     if meter is not None and meter.model is None:
-        meter.model = encoder
+        meter.model = runner
     extraction_device = device if feature_extraction_device == "encoder" else feature_extraction_device
 
     def embed(rows: dict[str, list]) -> dict[str, Any]:
         with meter.waiting() if meter is not None else contextlib.nullcontext():
             inputs = ecg_model_inputs(feature_extractor, rows, crop="center", device=extraction_device)
         if meter is not None:
-            meter.count_flops_once(lambda batch: encoder(**batch).pooler_output, encoder_inputs(inputs, device), False)
+            meter.count_flops_once(lambda batch: runner(**batch).pooler_output, encoder_inputs(inputs, device), False)
             meter.step(len(inputs["ecg_values"]))
-        with (
-            torch.inference_mode(),
-            torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None),
-        ):
-            pooled = record_embeddings(encoder, inputs, device, window_pooling)
+        with torch.inference_mode():
+            pooled = record_embeddings(runner, inputs, device, window_pooling)
         return {column: pooled.float().cpu().numpy()}
 
     options: dict[str, Any] = {
@@ -129,7 +131,7 @@ def embed_dataset(
         "remove_columns": [name for name in columns if name not in keep_columns],
     }
     if hasattr(dataset, "_fingerprint"):  # map-style: a fingerprint that a re-run reproduces, so its cache is reused
-        weights = weights_fingerprint or _model_fingerprint(encoder)
+        weights = weights_fingerprint or _model_fingerprint(encoder)  # of the caller's weights, not the copy's
         key = [weights, feature_extractor.to_json_string(), precision, column, list(keep_columns)]
         if feature_extractor.window == "sliding":  # keys of single-window runs stay what they were
             key.append(window_pooling)
@@ -277,7 +279,13 @@ class EmbeddingArguments:
     streaming: bool = field(default=False, metadata={"help": "Stream the splits (always on for MIMIC-IV-ECG)."})
     output_dir: str = field(default="embeddings", metadata={"help": "One `<split>.parquet` per split."})
     batch_size: int = field(default=64)
-    precision: str = field(default="fp32", metadata={"help": "'fp32', 'bf16' or 'fp16' (autocast)."})
+    precision: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto' (bf16 weights on a GPU; on CPU bf16 or fp32 from what the CPU reports), 'fp32', "
+            "'bf16', 'fp16', 'int8' (CPU) or 'fp8' (Hopper-class GPU, needs torchao)."
+        },
+    )
     keep_columns: list[str] = field(default_factory=lambda: ["ecg_id"], metadata={"help": "Columns kept beside it."})
     use_cpu: bool = field(
         default=False, metadata={"help": "Embed on CPU even with a GPU (with `accelerate launch`: CPU processes)."}
@@ -331,7 +339,7 @@ class EmbeddingArguments:
         if self.dataset_name not in DATASET_NAMES:
             raise ValueError(f"dataset_name: must be one of {DATASET_NAMES}, got {self.dataset_name!r}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision: must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+            raise ValueError(f"precision: must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
         if self.checkpoint_every < 1:
@@ -428,7 +436,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     output_dir = Path(arguments.output_dir)
     suffix = f"-{shard_index:05d}-of-{num_shards:05d}" if num_shards > 1 else ""
     weights = _model_fingerprint(encoder)  # once: the cache key of every map-style split and the resume key
-    what = [weights, feature_extractor.to_json_string(), arguments.precision, arguments.dataset]
+    precision = resolve_precision(arguments.precision, state.device)
+    what = [weights, feature_extractor.to_json_string(), precision, arguments.dataset]
     what += [arguments.dataset_name, arguments.sampling_rate, arguments.keep_columns, shard_index, num_shards]
     if feature_extractor.window == "sliding":
         what.append(arguments.window_pooling)
@@ -443,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             encoder,
             feature_extractor,
             batch_size=arguments.batch_size,
-            precision=arguments.precision,
+            precision=precision,
             device=state.device,
             keep_columns=arguments.keep_columns,
             weights_fingerprint=weights,
@@ -464,7 +473,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary = {
         "model": name,
         "dataset": arguments.dataset,
-        "precision": arguments.precision,
+        "precision": precision,
+        "precision_requested": arguments.precision,
         "hidden_size": encoder.config.hidden_size,
         "window": feature_extractor.window,
         **({"window_pooling": arguments.window_pooling} if feature_extractor.window == "sliding" else {}),

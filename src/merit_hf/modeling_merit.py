@@ -12,6 +12,8 @@ contrastive branch follows CLIP / MERL. See `MeritEcgConfig` and `MeritConfig` f
 from __future__ import annotations
 
 import functools
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +154,7 @@ def eager_attention_forward(
     """Plain matmul-softmax-matmul attention; the reference that the fused kernels are checked against.
 
     `upcast_softmax=False` keeps the softmax in the input dtype (PyTorch's CPU softmax still accumulates bf16/fp16
-    in fp32): the path SDPA takes for bf16/fp16 on CPU, see `_attention_function`."""
+    in fp32): the path SDPA may take for bf16/fp16 on CPU, see `_attention_function`."""
     attn_weights = torch.matmul(query, key.transpose(2, 3)).mul_(scaling)
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
@@ -165,16 +167,76 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-# Two matmuls and a softmax in the input dtype: SDPA takes this path for bf16/fp16 on CPU, where PyTorch's fused CPU
-# kernel computes in fp32 and is slower than two bf16 matmuls (benchmarks/attention_kernels.py, benchmarks/README.md).
+# Two matmuls and a softmax in the input dtype: the alternative to PyTorch's fused SDPA kernel for bf16/fp16 on CPU.
 matmul_attention_forward = functools.partial(eager_attention_forward, upcast_softmax=False)
+
+# bf16/fp16 attention on CPU: the fused SDPA kernel or `matmul_attention_forward`, whichever this CPU runs faster.
+# The winner depends on the CPU (AMX, AVX512-BF16), its load, oneDNN and torch: two matmuls were 1.6x faster on one
+# AMD EPYC VM, the fused kernel 1.6x faster on a loaded one of the same kind (benchmarks/README.md). So it is timed
+# once per process at first use for each (dtype, heads, tokens, head size, threads), never fixed from one machine.
+# `MERIT_CPU_ATTENTION=sdpa` or `=matmul` fixes it (benchmarks, runs that must be reproducible bit for bit).
+CPU_ATTENTION_ENV = "MERIT_CPU_ATTENTION"
+_cpu_attention_choice: dict[tuple, str] = {}
+
+
+def time_cpu_attention_kernels(
+    dtype: torch.dtype, batch_size: int, num_heads: int, num_tokens: int, head_dim: int, repeats: int = 3
+) -> dict[str, float]:
+    """Best-of-`repeats` seconds of one attention call per kernel (`"sdpa"`, `"matmul"`) on random q, k, v laid out
+    as `MeritEcgAttention` makes them (views into one projection), interleaved so that machine drift hits both."""
+    qkv = torch.randn(batch_size, num_tokens, 3, num_heads, head_dim, dtype=dtype)
+    query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    module = nn.Module().eval()
+    scaling = head_dim**-0.5
+    kernels = {
+        "sdpa": lambda: F.scaled_dot_product_attention(query, key, value, scale=scaling),
+        "matmul": lambda: matmul_attention_forward(module, query, key, value, None, scaling),
+    }
+    best = dict.fromkeys(kernels, float("inf"))
+    with torch.no_grad():
+        for run in kernels.values():  # warm-up: oneDNN builds its kernels on the first call
+            run()
+        for _ in range(repeats):
+            for name, run in kernels.items():
+                start = time.perf_counter()
+                run()
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def cpu_reduced_precision_attention(query: torch.Tensor) -> str:
+    """`"sdpa"` or `"matmul"`: the faster bf16/fp16 attention kernel on this CPU for `query`'s shape (see above)."""
+    forced = os.environ.get(CPU_ATTENTION_ENV)
+    if forced:
+        if forced not in ("sdpa", "matmul"):
+            raise ValueError(f"{CPU_ATTENTION_ENV}: must be 'sdpa' or 'matmul', got {forced!r}")
+        return forced
+    if torch.compiler.is_compiling():  # no timing inside a trace; inductor fuses around the kernel anyway
+        return "sdpa"
+    batch_size, num_heads, num_tokens, head_dim = query.shape
+    key = (query.dtype, num_heads, num_tokens, head_dim, torch.get_num_threads())
+    if key not in _cpu_attention_choice:
+        seconds = time_cpu_attention_kernels(query.dtype, min(batch_size, 16), num_heads, num_tokens, head_dim)
+        _cpu_attention_choice[key] = min(seconds, key=seconds.get)
+        logger.debug(
+            "CPU %s attention for %d heads x %d tokens x %d, %d threads: %s (timed: %s)",
+            query.dtype, num_heads, num_tokens, head_dim, key[-1], _cpu_attention_choice[key],
+            {name: f"{value * 1000:.2f} ms" for name, value in seconds.items()},
+        )  # fmt: skip
+    return _cpu_attention_choice[key]
 
 
 def _attention_function(config, query: torch.Tensor) -> Callable:
-    """The kernel `config._attn_implementation` names, except SDPA for bf16/fp16 on CPU (see
-    `matmul_attention_forward`); fp32 on CPU and every dtype on GPUs keep the fused kernel."""
+    """The kernel `config._attn_implementation` names, except that SDPA for bf16/fp16 on CPU runs whichever of the
+    fused kernel and `matmul_attention_forward` is faster on this CPU (`cpu_reduced_precision_attention`); fp32 on
+    CPU and every dtype on GPUs keep the fused kernel."""
     implementation = config._attn_implementation
-    if implementation == "sdpa" and query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16):
+    if (
+        implementation == "sdpa"
+        and query.device.type == "cpu"
+        and query.dtype in (torch.bfloat16, torch.float16)
+        and cpu_reduced_precision_attention(query) == "matmul"
+    ):
         return matmul_attention_forward
     return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
 

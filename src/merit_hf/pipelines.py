@@ -49,6 +49,9 @@ class ZeroShotEcgClassificationPipeline(Pipeline):
         hypothesis_template (`str` or `list[str]`, defaults to `"{}"`): template(s) with `{}`.
         multi_label (`bool`, defaults to `True`): independent scores per class (no softmax across labels).
         sampling_rate, lead_names, units: for array input, as in the feature extractor.
+        precision (`str`, defaults to `"auto"`): of the ECG tower, as `merit_hf.inference_precision` resolves it
+            (bf16 weights on a GPU; on CPU bf16 or fp32 from what the CPU reports). Also accepted by
+            `pipeline(..., precision=...)`.
     """
 
     _load_processor = None
@@ -77,6 +80,7 @@ class ZeroShotEcgClassificationPipeline(Pipeline):
         sampling_rate=None,
         lead_names=None,
         units=None,
+        precision=None,
         **kwargs,
     ):
         if kwargs:
@@ -95,6 +99,11 @@ class ZeroShotEcgClassificationPipeline(Pipeline):
             forward["hypothesis_template"] = hypothesis_template
         if multi_label is not None:
             forward["multi_label"] = multi_label
+        if precision is not None:
+            from .inference_precision import resolve_precision
+
+            resolve_precision(precision, self.device)  # a precision this device cannot run fails here, not mid-batch
+            forward["precision"] = precision
         return preprocess, forward, postprocess
 
     def preprocess(self, ecg, sampling_rate=None, lead_names=None, units="mV"):
@@ -119,6 +128,7 @@ class ZeroShotEcgClassificationPipeline(Pipeline):
         class_descriptions=None,
         hypothesis_template=DEFAULT_HYPOTHESIS_TEMPLATE,
         multi_label=True,
+        precision="auto",
     ):
         if candidate_labels is None:
             raise ValueError(f"{ZERO_SHOT_ECG_TASK} needs candidate_labels")
@@ -128,6 +138,7 @@ class ZeroShotEcgClassificationPipeline(Pipeline):
             model_inputs["ecg_values"],
             ecg_attention_mask=model_inputs.get("ecg_attention_mask"),
             lead_mask=model_inputs.get("lead_mask"),
+            precision=precision,
         )
         # Keep the batch axis: with batch_size > 1, transformers splits every output along axis 0 into one
         # `(1, num_labels)` row per ECG. The labels, shared by the whole batch, reach `postprocess` as a parameter.

@@ -140,18 +140,36 @@ def encode_class_prompts(model, tokenizer, prompts: Sequence[Sequence[str]], max
 
 @torch.no_grad()
 def encode_ecgs(
-    model, ecg_values: torch.Tensor, batch_size: int = 32, ecg_attention_mask=None, lead_mask=None
+    model,
+    ecg_values: torch.Tensor,
+    batch_size: int = 32,
+    ecg_attention_mask=None,
+    lead_mask=None,
+    precision: str = "auto",
 ) -> torch.Tensor:
-    """L2-normalised projected ECG embeddings `(num_ecgs, projection_dim)`, computed in batches (`lead_mask`: the
-    missing leads are left out)."""
+    """L2-normalised projected ECG embeddings `(num_ecgs, projection_dim)`, computed in batches on the model's device
+    in `precision` (`merit_hf.inference_precision`: `"auto"` is bf16 weights on a GPU and the CPU's fastest accurate
+    path; the model itself is never cast, a converted copy of its ECG tower runs). `lead_mask`: the missing leads are
+    left out."""
+    from ..inference_precision import prepare_for_inference
+
     merit = _two_tower(model)
+    encoder = prepare_for_inference(merit.ecg_model, precision, merit.device)
+    projection = prepare_for_inference(merit.ecg_projection, precision, merit.device)
     outputs = []
     for start in range(0, len(ecg_values), batch_size):
-        batch = ecg_values[start : start + batch_size].to(merit.device, dtype=merit.dtype)
+        batch = ecg_values[start : start + batch_size].to(merit.device, dtype=torch.float32)
         mask = None if ecg_attention_mask is None else ecg_attention_mask[start : start + batch_size].to(merit.device)
         leads = None if lead_mask is None else torch.as_tensor(lead_mask[start : start + batch_size]).to(merit.device)
-        outputs.append(merit.get_ecg_features(batch, ecg_attention_mask=mask, lead_mask=leads).pooler_output.float())
+        pooled = encoder(batch, ecg_attention_mask=mask, lead_mask=leads).pooler_output  # as `get_ecg_features`
+        outputs.append(projection(pooled.to(_input_dtype(projection))).float())
     return F.normalize(torch.cat(outputs), dim=-1)
+
+
+def _input_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype a module computes in: its weights' (a dynamically quantised layer takes float32)."""
+    parameter = next(module.parameters(), None)
+    return parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
 
 
 @torch.no_grad()
@@ -181,6 +199,7 @@ def zero_shot_classify(
     ecg_values: torch.Tensor | None = None,
     batch_size: int = 32,
     lead_mask: torch.Tensor | None = None,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     r"""
     Score ECGs against class descriptions with a MERIT two-tower model.
@@ -200,6 +219,9 @@ def zero_shot_classify(
         ecg_values: already extracted `(num_ecgs, num_leads, num_samples)` input instead of `ecgs`.
         lead_mask: with `ecg_values`, the feature extractor's `lead_mask` `(num_ecgs, num_leads)` (missing leads
             are left out); with `ecgs` it comes from the feature extractor (`missing_leads="mask"`).
+        precision: of the ECG tower (`merit_hf.inference_precision`): `"auto"` (default) runs bf16 weights on a GPU
+            and the fastest accurate path on a CPU; `"fp32"`, `"bf16"`, `"fp16"`, `"int8"` (CPU), `"fp8"` (Hopper).
+            The model is never cast: a converted copy of its ECG tower runs, kept until its weights change.
 
     Returns:
         `{"labels": list(candidate_labels), "scores": np.ndarray (num_ecgs, num_labels)}`.
@@ -215,7 +237,9 @@ def zero_shot_classify(
         ecg_values, ecg_attention_mask = features["ecg_values"], features.get("ecg_attention_mask")
         lead_mask = features.get("lead_mask")
     class_embeddings = encode_class_prompts(model, processor.tokenizer, prompts, max_length=processor.max_length)
-    ecg_embeddings = encode_ecgs(model, torch.as_tensor(ecg_values), batch_size, ecg_attention_mask, lead_mask)
+    ecg_embeddings = encode_ecgs(
+        model, torch.as_tensor(ecg_values), batch_size, ecg_attention_mask, lead_mask, precision
+    )
     scores = similarity_scores(model, ecg_embeddings, class_embeddings, multi_label=multi_label)
     labels = [candidate_labels] if isinstance(candidate_labels, str) else list(candidate_labels)
     return {"labels": labels, "scores": scores}
@@ -243,7 +267,8 @@ def _dataset_scores(model, processor, dataset, prompts, batch_size: int) -> np.n
     embeddings = []
     for start in range(0, len(dataset), batch_size):
         ecg_values = ecg_values_batch(processor.feature_extractor, columns[start : start + batch_size], crop="center")
-        embeddings.append(encode_ecgs(model, ecg_values, batch_size))
+        # fp32: evaluation numbers must not depend on the CPU they were computed on
+        embeddings.append(encode_ecgs(model, ecg_values, batch_size, precision="fp32"))
     return similarity_scores(model, torch.cat(embeddings), class_embeddings)
 
 

@@ -1,0 +1,177 @@
+"""CPU inference in every precision, against the references, interleaved in one process.
+
+For each preset (default `base-p75` and `small-p125`), inference batch 8, 2 threads, random weights (speed does not
+depend on them), one round times every variant once, and a ratio is the median over rounds of the paired ratio
+`reference time / variant time`, so drift of a shared machine cancels:
+
+- `merit/<precision>`: `MeritEcgModel` prepared by `merit_hf.inference_precision.prepare_for_inference` (fp32, bf16
+  weights, int8 dynamic quantisation), as the embedding command line runs it. In bf16 both attention kernels are
+  timed (`merit/bf16-sdpa`, `merit/bf16-matmul`: the fused SDPA kernel and two bf16 matmuls, fixed through
+  `MERIT_CPU_ATTENTION`) and the JSON says which one the model picked by itself on this CPU.
+- `einsum_ref/<precision>`: the same weights with attention written the way ST-MEM writes it (`einsum` scores,
+  softmax, `einsum`; `encoder_throughput.einsum_attention`), in fp32, bf16 weights, bf16 autocast (how ST-MEM's own
+  code runs bf16) and with the same int8 linear layers. The bf16 ratio is taken against the faster of its two bf16
+  forms.
+- `hubert_ecg_base/<precision>`: transformers' `HubertModel` with HuBERT-ECG base's configuration
+  (`encoder_throughput.build`), fp32 and bf16 weights.
+
+Also: the cosine of each precision's pooled output to fp32 on the same input, and the CPU's model name and flags.
+
+    python benchmarks/cpu_inference.py                       # -> benchmarks/results/cpu_inference.json
+    python benchmarks/cpu_inference.py --presets tiny-p75 --rounds 2 --output /tmp/smoke.json   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from encoder_throughput import _register_einsum, build, set_attention  # noqa: E402
+
+from merit_hf import modeling_merit  # noqa: E402
+from merit_hf.inference_precision import cpu_capability, prepare_for_inference  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = {
+    "every precision vs the einsum reference in the same precision": 1.0,
+    "bf16 vs the einsum reference (fp32)": 1.5,
+    "int8 vs the einsum reference (fp32)": 2.0,
+}
+
+
+def _variants(preset: str, batch: int, with_hubert: bool) -> tuple[dict, dict]:
+    """`{name: (model, inputs, attention, autocast, forced_cpu_attention)}` and the fp32 model's pooled output."""
+    _register_einsum()
+    torch.manual_seed(0)
+    fp32, make_input = build("merit_encoder", preset, "sdpa")
+    fp32 = prepare_for_inference(fp32, "fp32", "cpu")
+    inputs = make_input(batch)
+    models = {precision: prepare_for_inference(fp32, precision, "cpu") for precision in ("bf16", "int8")}
+    models["fp32"] = fp32
+    variants = {
+        "einsum_ref/fp32": (fp32, inputs, "stmem_einsum", False, None),
+        "merit/fp32": (fp32, inputs, "sdpa", False, None),
+        "einsum_ref/bf16-autocast": (fp32, inputs, "stmem_einsum", True, None),
+        "einsum_ref/bf16": (models["bf16"], inputs, "stmem_einsum", False, None),
+        "merit/bf16-sdpa": (models["bf16"], inputs, "sdpa", False, "sdpa"),
+        "merit/bf16-matmul": (models["bf16"], inputs, "sdpa", False, "matmul"),
+        "einsum_ref/int8": (models["int8"], inputs, "stmem_einsum", False, None),
+        "merit/int8": (models["int8"], inputs, "sdpa", False, None),
+    }
+    if with_hubert:
+        hubert, make_hubert_input = build("hubert_ecg_base", "-", "sdpa")
+        hubert_inputs = make_hubert_input(batch)
+        variants["hubert_ecg_base/fp32"] = (hubert.eval(), hubert_inputs, "sdpa", False, None)
+        variants["hubert_ecg_base/bf16"] = (
+            copy.deepcopy(hubert).to(torch.bfloat16).eval(),
+            {k: v.to(torch.bfloat16) for k, v in hubert_inputs.items()},
+            "sdpa",
+            False,
+            None,
+        )
+    return variants, models
+
+
+def _run(variant) -> torch.Tensor:
+    model, inputs, attention, autocast, forced = variant
+    if forced:
+        os.environ[modeling_merit.CPU_ATTENTION_ENV] = forced
+    else:
+        os.environ.pop(modeling_merit.CPU_ATTENTION_ENV, None)
+    set_attention(model, attention)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        output = model(**inputs)
+    return output.pooler_output if getattr(output, "pooler_output", None) is not None else output.last_hidden_state
+
+
+def _paired(times: dict, reference: str, name: str) -> dict:
+    pairs = [ref / mine for ref, mine in zip(times[reference], times[name])]
+    return {"median": round(statistics.median(pairs), 3), "range": [round(min(pairs), 3), round(max(pairs), 3)]}
+
+
+def measure_preset(preset: str, batch: int, rounds: int, with_hubert: bool = True) -> dict:
+    variants, models = _variants(preset, batch, with_hubert)
+    saved_choice = dict(modeling_merit._cpu_attention_choice)
+    modeling_merit._cpu_attention_choice.clear()
+    _run((models["bf16"], variants["merit/fp32"][1], "sdpa", False, None))  # lets the model time and pick its kernel
+    picked = {str(key): value for key, value in modeling_merit._cpu_attention_choice.items()}
+    modeling_merit._cpu_attention_choice.update(saved_choice)
+    reference_output = _run(variants["merit/fp32"]).float()
+    cosine = {}
+    for name in ("merit/bf16-sdpa", "merit/bf16-matmul", "merit/int8"):
+        output = _run(variants[name]).float()
+        cosine[name] = round(F.cosine_similarity(output, reference_output).min().item(), 6)
+    for variant in variants.values():  # warm-up
+        _run(variant)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, variant in variants.items():
+            start = time.perf_counter()
+            _run(variant)
+            times[name].append(time.perf_counter() - start)
+    os.environ.pop(modeling_merit.CPU_ATTENTION_ENV, None)
+    rates = {name: round(batch / statistics.median(seconds), 3) for name, seconds in times.items()}
+    bf16_reference = max(("einsum_ref/bf16", "einsum_ref/bf16-autocast"), key=lambda name: rates[name])
+    bf16_kernel = next(iter(picked.values()), None)
+    merit_bf16 = f"merit/bf16-{bf16_kernel}" if bf16_kernel else "merit/bf16-sdpa"
+    ratios = {
+        "fp32 vs einsum_ref/fp32": _paired(times, "einsum_ref/fp32", "merit/fp32"),
+        f"bf16 (as picked: {merit_bf16}) vs {bf16_reference}": _paired(times, bf16_reference, merit_bf16),
+        f"bf16 (as picked: {merit_bf16}) vs einsum_ref/fp32": _paired(times, "einsum_ref/fp32", merit_bf16),
+        "int8 vs einsum_ref/int8": _paired(times, "einsum_ref/int8", "merit/int8"),
+        "int8 vs einsum_ref/fp32": _paired(times, "einsum_ref/fp32", "merit/int8"),
+        "bf16-sdpa vs bf16-matmul": _paired(times, "merit/bf16-matmul", "merit/bf16-sdpa"),
+    }
+    if with_hubert:
+        ratios["merit/fp32 vs hubert_ecg_base/fp32"] = _paired(times, "hubert_ecg_base/fp32", "merit/fp32")
+        ratios[f"{merit_bf16} vs hubert_ecg_base/bf16"] = _paired(times, "hubert_ecg_base/bf16", merit_bf16)
+        ratios["merit/int8 vs hubert_ecg_base/bf16"] = _paired(times, "hubert_ecg_base/bf16", "merit/int8")
+    return {
+        "preset": preset,
+        "batch": batch,
+        "rounds": rounds,
+        "ecgs_per_second": rates,
+        "ratios": ratios,
+        "bf16_attention_picked_by_the_model": picked,
+        "min_cosine_to_fp32_pooled_output": cosine,
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["base-p75", "small-p125"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--skip_hubert", action="store_true")
+    parser.add_argument("--output", default=str(RESULTS / "cpu_inference.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = []
+    for preset in args.presets:
+        result = measure_preset(preset, args.batch, args.rounds, with_hubert=not args.skip_hubert)
+        results.append(result)
+        print(json.dumps(result, indent=2), flush=True)
+    report = {
+        "machine": {"cpu": cpu_capability().summary(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "targets": TARGETS,
+        "results": results,
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.output}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Inference precision: what 'auto' resolves to on CPUs with and without AMX / AVX512-BF16 / VNNI (capabilities
+injected, so CI's CPU does not decide what is tested), the errors for precisions a device cannot run, and what
+`prepare_for_inference` does to a model (a converted copy, cached until the weights change; never the original)."""
+
+import logging
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from merit_hf import MeritEcgModel
+from merit_hf.inference_precision import (
+    CpuCapability,
+    _quantize_fp8,
+    _read_cpuinfo,
+    cpu_capability,
+    prepare_for_inference,
+    resolve_precision,
+)
+from tests.conftest import tiny_ecg_config
+
+SAPPHIRE_RAPIDS = CpuCapability(
+    "Intel(R) Xeon(R) Platinum 8480+",
+    frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"}),
+    "AVX512",
+)
+ZEN4 = CpuCapability("AMD EPYC 9654", frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"}), "AVX512")
+CASCADE_LAKE = CpuCapability("Intel(R) Xeon(R) Gold 6248", frozenset({"avx2", "avx512f", "avx512_vnni"}), "AVX512")
+HASWELL = CpuCapability("Intel(R) Xeon(R) CPU E5-2680 v3", frozenset({"avx2", "fma"}), "AVX2")
+
+
+@pytest.mark.parametrize(
+    "capability, expected",
+    [(SAPPHIRE_RAPIDS, "bf16"), (ZEN4, "bf16"), (CASCADE_LAKE, "fp32"), (HASWELL, "fp32")],
+    ids=["amx", "avx512_bf16", "vnni_only", "neither"],
+)
+def test_auto_on_cpu_follows_what_the_cpu_reports(capability, expected, caplog):
+    with caplog.at_level(logging.DEBUG, logger="merit_hf.inference_precision"):
+        assert resolve_precision("auto", "cpu", capability=capability) == expected
+    assert f"precision 'auto' on cpu -> {expected} ({capability.model_name}" in caplog.text
+    for explicit in ("fp32", "bf16", "fp16", "int8"):  # an explicit precision is kept whatever the CPU
+        assert resolve_precision(explicit, "cpu", capability=capability) == explicit
+
+
+def test_auto_on_cuda_is_bf16_weights_where_the_gpu_has_bf16():
+    assert resolve_precision("auto", "cuda", cuda_capability=(9, 0)) == "bf16"
+    assert resolve_precision("auto", "cuda:1", cuda_capability=(8, 0)) == "bf16"
+    assert resolve_precision("auto", "cuda", cuda_capability=(7, 0)) == "fp32"  # V100: no bf16
+    assert resolve_precision("fp32", "cuda", cuda_capability=(9, 0)) == "fp32"
+    assert resolve_precision("fp8", "cuda", cuda_capability=(9, 0)) == "fp8"
+    assert resolve_precision("fp8", "cuda", cuda_capability=(8, 9)) == "fp8"
+
+
+def test_precisions_a_device_cannot_run_are_named():
+    with pytest.raises(
+        ValueError, match=r"precision: must be one of \['auto', 'fp32', 'bf16', 'fp16', 'int8', 'fp8'\]"
+    ):
+        resolve_precision("fp64", "cpu")
+    with pytest.raises(
+        ValueError, match="precision 'fp8' needs a CUDA GPU with FP8 tensor cores .* this device is cpu"
+    ):
+        resolve_precision("fp8", "cpu", capability=SAPPHIRE_RAPIDS)
+    with pytest.raises(ValueError, match=r"cuda has compute capability 8\.0\. Use 'bf16' there"):
+        resolve_precision("fp8", "cuda", cuda_capability=(8, 0))
+    with pytest.raises(ValueError, match="precision 'int8' is CPU inference"):
+        resolve_precision("int8", "cuda", cuda_capability=(9, 0))
+    model = MeritEcgModel(tiny_ecg_config())
+    with pytest.raises(ValueError, match="precision 'fp8' needs a CUDA GPU"):
+        prepare_for_inference(model, "fp8", "cpu")
+
+
+def test_fp8_without_torchao_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # as if torchao were not installed
+    with pytest.raises(ImportError, match=r"pip install 'merit_hf\[fp8\]'"):
+        _quantize_fp8(MeritEcgModel(tiny_ecg_config()))
+
+
+def test_the_cpu_is_read_from_proc_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    core = "model name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu avx512_bf16 amx_bf16 amx_tile\n"
+    cpuinfo.write_text(f"processor\t: 0\n{core}\nprocessor\t: 1\n{core}")
+    model_name, flags = _read_cpuinfo(cpuinfo)
+    assert model_name == "Intel(R) Xeon(R) Platinum 8480+"
+    assert flags == {"fpu", "avx512_bf16", "amx_bf16", "amx_tile"}
+    capability = CpuCapability(model_name, flags, "AVX512")
+    assert capability.amx_bf16 and capability.native_bf16 and not capability.int8_dot_product
+    assert _read_cpuinfo(tmp_path / "absent") is None
+    here = cpu_capability()  # this machine, whatever it is
+    assert here.summary()["torch_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert resolve_precision("auto", "cpu") in ("bf16", "int8", "fp32")
+
+
+def test_prepare_returns_a_cached_converted_copy_and_never_touches_the_model():
+    torch.manual_seed(0)
+    model = MeritEcgModel(tiny_ecg_config()).train()
+    original = {name: value.clone() for name, value in model.state_dict().items()}
+    assert prepare_for_inference(model, "fp32", "cpu") is model and not model.training  # already fp32 on CPU
+    bf16 = prepare_for_inference(model, "bf16", "cpu")
+    assert bf16 is not model and bf16.layers[0].mlp.fc1.weight.dtype == torch.bfloat16 and not bf16.training
+    assert prepare_for_inference(model, "bf16", "cpu") is bf16  # cached: a loop of calls converts once
+    assert all(torch.equal(value, original[name]) for name, value in model.state_dict().items())
+    with torch.no_grad():  # an optimizer step or load_state_dict writes in place: the copy is stale
+        model.layers[0].mlp.fc1.weight.add_(1.0)
+    fresh = prepare_for_inference(model, "bf16", "cpu")
+    assert fresh is not bf16
+    torch.testing.assert_close(
+        fresh.layers[0].mlp.fc1.weight.float(), model.layers[0].mlp.fc1.weight, atol=0.02, rtol=0.01
+    )
+
+
+def test_int8_quantises_the_block_linears_only_and_stays_close_to_fp32():
+    torch.manual_seed(0)
+    model = MeritEcgModel(tiny_ecg_config()).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # PyTorch's deprecation notice is not passed on to users
+        int8 = prepare_for_inference(model, "int8", "cpu")
+    block = int8.layers[0]
+    for layer in (block.attention.qkv, block.attention.proj, block.mlp.fc1, block.mlp.fc2):
+        assert layer._get_name() == "DynamicQuantizedLinear" and layer.weight().dtype == torch.qint8
+    assert type(int8.embeddings.patch_projection) is torch.nn.Linear  # the raw signal's projection stays fp32
+    assert type(model.layers[0].mlp.fc1) is torch.nn.Linear
+    ecg = torch.randn(3, 12, model.config.num_samples)
+    with torch.inference_mode():
+        reference, low = model(ecg).pooler_output, int8(ecg).pooler_output
+    assert F.cosine_similarity(low, reference).min() > 0.99 and not torch.equal(low, reference)
+
+
+def test_only_int8_makes_a_records_embedding_depend_on_its_batch():
+    """Why 'auto' never picks int8: dynamic quantisation scales activations per batch, so the same record embeds
+    differently beside louder records (by far more than fp32's rounding)."""
+    torch.manual_seed(0)
+    model = MeritEcgModel(tiny_ecg_config()).eval()
+    ecg = torch.randn(4, 12, model.config.num_samples)
+    ecg[1:] *= 5  # louder batch-mates: a larger activation range
+    differences = {}
+    for precision in ("fp32", "int8"):
+        runner = prepare_for_inference(model, precision, "cpu")
+        with torch.inference_mode():
+            alone, batched = runner(ecg[:1]).pooler_output, runner(ecg).pooler_output[:1]
+        differences[precision] = (alone - batched).abs().max().item()
+        assert F.cosine_similarity(alone, batched).item() > 0.999
+    assert differences["fp32"] < 1e-5 < differences["int8"]
+
+
+def test_fp8_hands_torchao_the_block_linears_with_scaled_mm_shapes(monkeypatch):
+    """What `precision="fp8"` asks torchao for (torchao itself needs an FP8 GPU, so it is stood in for here): float8
+    dynamic quantisation with per-row scales, of the Transformer blocks' linears whose sizes `torch._scaled_mm`
+    takes (multiples of 16); the patch projection (75 inputs) and the heads stay bf16."""
+    import types
+
+    calls = []
+    fake = types.ModuleType("torchao.quantization")
+    fake.PerRow = lambda: "per-row"
+    fake.Float8DynamicActivationFloat8WeightConfig = lambda granularity: ("float8", granularity)
+    fake.quantize_ = lambda module, config, filter_fn: calls.append(
+        (config, [name for name, child in module.named_modules() if filter_fn(child, name)])
+    )
+    monkeypatch.setitem(sys.modules, "torchao.quantization", fake)
+    model = MeritEcgModel(tiny_ecg_config(hidden_size=64, intermediate_size=128))
+    assert _quantize_fp8(model) is model
+    (config, chosen), expected = calls[0], []
+    for index in range(model.config.num_hidden_layers):
+        expected += [f"layers.{index}.{name}" for name in ("attention.qkv", "attention.proj", "mlp.fc1", "mlp.fc2")]
+    assert config == ("float8", "per-row") and chosen == expected
