@@ -158,7 +158,9 @@ def test_long_and_reduced_lead_records_get_one_embedding_each(splits, encoder):
     with torch.no_grad():
         windows = encoder(inputs["ecg_values"], lead_mask=inputs["lead_mask"]).pooler_output
     for pooling, reduce in (("mean", torch.mean), ("max", torch.amax)):
-        embedded = embed_dataset(dataset, encoder, extractor, batch_size=2, device="cpu", window_pooling=pooling)
+        embedded = embed_dataset(
+            dataset, encoder, extractor, batch_size=2, device="cpu", window_pooling=pooling, precision="fp32"
+        )
         expected = torch.stack([reduce(windows[rows], dim=0) for rows in (slice(0, 7), slice(7, 9), slice(9, 11))])
         assert embedded["ecg_id"] == [1, 2, 3]
         np.testing.assert_allclose(np.asarray(embedded["ecg_embedding"]), expected.numpy(), rtol=1e-4, atol=1e-5)
