@@ -48,6 +48,7 @@ def test_saved_folder_holds_code_and_auto_map(hub_folder):
         "configuration_merit.py",
         "modeling_merit.py",
         "feature_extraction_merit.py",
+        "feature_extraction_torch_merit.py",  # the batched path (`device=`), a relative import of the one above
         "processing_merit.py",
     ):
         assert expected in names, expected
@@ -98,6 +99,8 @@ def test_remote_code_round_trip_without_merit_hf(hub_folder, ptbxl_dir, tmp_path
         assert type(pretraining).__name__ == "MeritForPreTraining"
         signal, fields = wfdb.rdsamp({str(record)!r})
         batch = fe(signal, sampling_rate=500, lead_names=fields["sig_name"], return_tensors="pt")
+        batched = fe(signal, sampling_rate=500, lead_names=fields["sig_name"], return_tensors="pt", device="cpu")
+        torch.testing.assert_close(batched["ecg_values"], batch["ecg_values"], rtol=0, atol=1e-4)
         with torch.no_grad():
             emb = model.get_ecg_features(**batch).pooler_output.numpy()
         np.testing.assert_allclose(emb, np.load({str(tmp_path / "expected.npy")!r}), rtol=1e-5, atol=1e-6)

@@ -103,6 +103,15 @@ def test_precomputed_ecg_values_match_the_collator():
     torch.testing.assert_close(stored_batch["ecg_values"], fresh_batch["ecg_values"])
 
 
+def test_feature_extraction_device_runs_the_batched_torch_path(rows):
+    extractor = MeritFeatureExtractor()
+    batch = [rows[1], rows[2], rows[441]]  # two rates: two groups of the batched path
+    expected = MeritCollator(extractor)(batch)["ecg_values"]
+    batched = MeritCollator(extractor, feature_extraction_device="cpu")(batch)["ecg_values"]
+    assert batched.device.type == "cpu" and batched.dtype == torch.float32
+    torch.testing.assert_close(batched, expected, rtol=0, atol=1e-4)
+
+
 def test_precomputed_values_keep_the_lead_mask():
     """Rows given only leads I and II: the stored `lead_mask` column reaches the batch as the collator computes it."""
     from datasets import Dataset

@@ -336,3 +336,21 @@ def test_a_streamed_command_line_run_resumes(tmp_path, monkeypatch):
     b = load_dataset("parquet", data_files=resumed["splits"]["train"]["path"], split="train")
     assert a["ecg_id"] == b["ecg_id"]
     np.testing.assert_allclose(np.asarray(a["ecg_embedding"]), np.asarray(b["ecg_embedding"]), rtol=1e-5, atol=1e-6)
+
+
+def test_batched_feature_extraction_on_the_encoder_device(splits, encoder, tmp_path):
+    """`feature_extraction_device="encoder"` (the torch path, here on the CPU) embeds as the scipy path does, under
+    its own cache key; the command line passes it through."""
+    split = splits["test"]
+    scipy_path = embed_dataset(split, encoder, precision="fp32", device="cpu")  # "auto" may be bf16 on this CPU
+    torch_path = embed_dataset(split, encoder, precision="fp32", device="cpu", feature_extraction_device="encoder")
+    assert torch_path._fingerprint != scipy_path._fingerprint
+    np.testing.assert_allclose(
+        np.asarray(torch_path["ecg_embedding"]), np.asarray(scipy_path["ecg_embedding"]), rtol=1e-4, atol=1e-5
+    )
+    folder = tmp_path / "model"
+    model = MeritForPreTraining(tiny_merit_config())
+    model.save_pretrained(folder)
+    summary = main(["--model_name_or_path", str(folder), "--dataset", str(BUNDLED_PTBXL), "--splits", "validation",
+                    "--output_dir", str(tmp_path / "out"), "--feature_extraction_device", "encoder"])  # fmt: skip
+    assert summary["splits"]["validation"]["rows"] > 0

@@ -70,6 +70,7 @@ def embed_dataset(
     weights_fingerprint: str | None = None,
     window_pooling: str = "mean",
     meter: ThroughputMeter | None = None,
+    feature_extraction_device: torch.device | str | None = None,
 ):
     """`dataset` (a `datasets.Dataset` or `IterableDataset` in the merit_hf schema) with the MERIT embedding of every
     record in `column` (float32, `hidden_size` wide) and only `keep_columns` of the others.
@@ -87,6 +88,10 @@ def embed_dataset(
             records into windows (`window="sliding"`); each record still gets one embedding.
         meter: a `merit_hf.training.throughput.ThroughputMeter` that times each batch as it is embedded (the feature
             extractor as data wait, FLOPs per ECG of the encoder's forward); nothing is timed when `None`.
+        feature_extraction_device: `None` (default) prepares each record with the feature extractor's scipy path on
+            the CPU; `"encoder"` runs its batched torch path on the encoder's device (each process's own GPU under
+            `accelerate launch`), or name a device (`"cpu"`). Equal to the scipy path within float32 rounding
+            (tests/test_core_feature_extraction_torch.py); speed in benchmarks/README.md.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision: must be one of {list(PRECISIONS)}, got {precision!r}")
@@ -108,10 +113,11 @@ def embed_dataset(
     runner = prepare_for_inference(encoder, precision, device)
     if meter is not None and meter.model is None:
         meter.model = runner
+    extraction_device = device if feature_extraction_device == "encoder" else feature_extraction_device
 
     def embed(rows: dict[str, list]) -> dict[str, Any]:
         with meter.waiting() if meter is not None else contextlib.nullcontext():
-            inputs = ecg_model_inputs(feature_extractor, rows, crop="center")
+            inputs = ecg_model_inputs(feature_extractor, rows, crop="center", device=extraction_device)
         if meter is not None:
             meter.count_flops_once(lambda batch: runner(**batch).pooler_output, encoder_inputs(inputs, device), False)
             meter.step(len(inputs["ecg_values"]))
@@ -129,6 +135,7 @@ def embed_dataset(
         key = [weights, feature_extractor.to_json_string(), precision, column, list(keep_columns)]
         if feature_extractor.window == "sliding":  # keys of single-window runs stay what they were
             key.append(window_pooling)
+        key += [str(extraction_device)] if extraction_device is not None else []  # float32 rounding apart
         options["new_fingerprint"] = hashlib.sha1(
             json.dumps([dataset._fingerprint, key, batch_size]).encode()
         ).hexdigest()
@@ -320,6 +327,13 @@ class EmbeddingArguments:
         metadata={"help": "wfdb: train, validation, test fractions of the seeded split (patients kept whole)."},
     )
     split_seed: int = field(default=0, metadata={"help": "wfdb: the seed of that split."})
+    feature_extraction_device: str | None = field(
+        default=None,
+        metadata={
+            "help": "Default: the feature extractor's scipy path, record by record on the CPU. 'encoder': its batched "
+            "torch path on the embedding device (each process's GPU); or a device such as 'cpu'."
+        },
+    )
 
     def __post_init__(self):
         if self.dataset_name not in DATASET_NAMES:
@@ -429,6 +443,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         what.append(arguments.window_pooling)
     if arguments.dataset_name == "wfdb":  # the split decides which records a split file holds
         what += [arguments.split_column, arguments.split_fractions, arguments.split_seed]
+    what += [arguments.feature_extraction_device] if arguments.feature_extraction_device is not None else []
     written = {}
     for split, dataset in load_splits(arguments, shard_index, num_shards).items():
         meter = ThroughputMeter(state.device)
@@ -443,6 +458,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             weights_fingerprint=weights,
             window_pooling=arguments.window_pooling,
             meter=meter,
+            feature_extraction_device=arguments.feature_extraction_device,
         )
         path = output_dir / f"{split}{suffix}.parquet"
         resume_key = hashlib.sha1(json.dumps([*what, split]).encode()).hexdigest()

@@ -24,13 +24,15 @@ saved with every checkpoint as `preprocessor_config.json`:
 8. normalise each record (`normalization="zscore_lead"` by default: every lead to mean 0, std 1).
 
 Every error names the record (its path, or its index in the batch) and the problem. This file is Hub remote code:
-it imports numpy, scipy and transformers only; `wfdb` is imported when a path is given.
+it imports numpy, scipy and transformers only; `wfdb` is imported when a path is given, torch and
+`feature_extraction_torch_merit.py` (steps 5-8 batched on tensors) when `device=` is.
 """
 
 from __future__ import annotations
 
 import os
 from fractions import Fraction
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +232,8 @@ def leads_too_wide(signal: np.ndarray, max_amplitude_mv: float) -> tuple[np.ndar
     """Columns of `signal` `(num_samples, num_leads)` in mV whose 99th percentile of |x - median| exceeds
     `max_amplitude_mv`, and the widest of those spreads (0 if none). An ECG spans a few mV: a lead hundreds of mV wide
     is almost always µV labelled mV (a wrong unit or ADC gain). Shared by the feature extractor and dataset reading."""
+    if signal.size and signal.max() - signal.min() <= max_amplitude_mv:  # bounds every lead's range: one pass
+        return np.array([], dtype=np.int64), 0.0
     if not (np.ptp(signal, axis=0) > max_amplitude_mv).any():
         # |x - median| never exceeds the peak-to-peak range: the usual record skips the order statistics (exact)
         return np.array([], dtype=np.int64), 0.0
@@ -502,6 +506,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         padding: bool | None = None,
         crop: str | None = None,
         return_attention_mask: bool | None = None,
+        device: str | Any | None = None,
         return_lead_mask: bool | None = None,
         **kwargs,
     ) -> BatchFeature:
@@ -517,6 +522,11 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             padding, crop: override the instance settings for this call.
             return_attention_mask: return `ecg_attention_mask` (1 on signal, 0 on padding): `True` always (all ones
                 when nothing was padded), `False` never, `None` (default) when `padding` is on.
+            device: `None` (default) resamples and filters one record at a time with scipy; `"cpu"`, `"cuda"` (or a
+                `torch.device`) does it for the whole batch at once on tensors there (`feature_extraction_torch_merit`:
+                the same validation and errors, scipy's filters, float32; tests/test_core_feature_extraction_torch.py
+                bounds the difference, benchmarks/README.md the speed). With `return_tensors="pt"` the tensors stay on
+                that device.
             return_lead_mask: return `lead_mask` `(batch, num_leads)` bool (`True` = the lead was recorded): `True`
                 always, `False` never, `None` (default) when `missing_leads="mask"`.
 
@@ -532,6 +542,11 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         crop = self.crop if crop is None else crop
         if crop not in CROPS:
             raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+        with_mask = padding if return_attention_mask is None else return_attention_mask
+        with_lead_mask = self.missing_leads == "mask" if return_lead_mask is None else return_lead_mask
+        if device is not None:
+            return self._batched_on_device(records, sampling_rate, lead_names, units, padding, crop, device,
+                                           with_mask, with_lead_mask, return_tensors)  # fmt: skip
         values, masks, lead_masks, record_index = [], [], [], []
         for index, record in enumerate(records):
             rate = self._per_record(sampling_rate, index, len(records), "sampling_rate")
@@ -542,14 +557,42 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             lead_masks.append(np.broadcast_to(present, (len(ecg), len(present))))
             record_index.append(np.full(len(ecg), index, dtype=np.int64))
         data = {"ecg_values": np.concatenate(values).astype(np.float32)}
-        with_mask = padding if return_attention_mask is None else return_attention_mask
         if with_mask:
             data["ecg_attention_mask"] = np.concatenate(masks).astype(np.int64)
-        with_lead_mask = self.missing_leads == "mask" if return_lead_mask is None else return_lead_mask
         if with_lead_mask:
             data["lead_mask"] = np.concatenate(lead_masks).astype(bool)
         if self.window == "sliding":
             data["record_index"] = np.concatenate(record_index)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _batched_on_device(
+        self,
+        records,
+        sampling_rate,
+        lead_names,
+        units,
+        padding,
+        crop,
+        device,
+        with_mask,
+        with_lead_mask,
+        return_tensors,
+    ) -> BatchFeature:
+        """`__call__` with `device=`: the batched torch DSP, the outputs left on `device` for `return_tensors="pt"`."""
+        import torch
+
+        from .feature_extraction_torch_merit import extract_batch
+
+        outputs = extract_batch(self, records, sampling_rate, lead_names, units, padding, crop, torch.device(device))
+        data = {"ecg_values": outputs["ecg_values"]}
+        if with_mask:
+            data["ecg_attention_mask"] = outputs["ecg_attention_mask"]
+        if with_lead_mask:
+            data["lead_mask"] = outputs["lead_mask"]
+        if self.window == "sliding":
+            data["record_index"] = outputs["record_index"]
+        if return_tensors != "pt":
+            data = {key: value.cpu().numpy() for key, value in data.items()}
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     @staticmethod
@@ -587,6 +630,27 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One record through the whole contract; returns `(ecg (num_windows, num_leads, num_samples), attention masks
         (num_windows, num_samples), lead_mask (num_leads,) bool)`, with one window unless `window="sliding"`."""
+        signal, sampling_rate, name, present = self.validate_one(record, sampling_rate, lead_names, units, index=index)
+        signal = self._resample_and_filter(signal, sampling_rate, name)
+        if self.window == "sliding":
+            windows = self._sliding_windows(signal, name, padding=padding)
+        else:
+            windows = [self._fit_window(signal, name, padding=padding, crop=crop)]
+        ecgs = np.stack([self._normalize(window, mask, present) for window, mask in windows])
+        return ecgs, np.stack([mask for _, mask in windows]), present
+
+    def validate_one(
+        self,
+        record: Any,
+        sampling_rate: float | None,
+        lead_names: list[str] | None,
+        units: str | list[str] | None = "mV",
+        index: int = 0,
+    ) -> tuple[np.ndarray, float, str, np.ndarray]:
+        """Steps 1-4 of the contract for one record (read, leads, NaN, units and amplitude): returns `(signal
+        (num_samples, num_leads) in mV in the model's lead order (missing leads zero), sampling_rate, name, present
+        (num_leads,) bool)`. The one validation of both the scipy path and the batched torch path (`device=`), which
+        differ only in the DSP that follows."""
         if isinstance(record, (str, os.PathLike)):
             read = read_wfdb_record(record)
             name = read["record"]
@@ -620,13 +684,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         signal, present = self._select_leads(signal, list(lead_names), name)
         signal = self._handle_non_finite(signal, name)
         self._check_amplitude(signal, name)
-        signal = self._resample_and_filter(signal, float(sampling_rate), name)
-        if self.window == "sliding":
-            windows = self._sliding_windows(signal, name, padding=padding)
-        else:
-            windows = [self._fit_window(signal, name, padding=padding, crop=crop)]
-        ecgs = np.stack([self._normalize(window, mask, present) for window, mask in windows])
-        return ecgs, np.stack([mask for _, mask in windows]), present
+        return signal, float(sampling_rate), name, present
 
     # ------------------------------------------------------------------------------------------------------------------
     def _check_shape(self, signal: np.ndarray, lead_names: list[str], name: str) -> np.ndarray:
@@ -681,6 +739,8 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
                 f"{name}: {len(position)} leads given, {len(self.lead_names)} expected; missing {missing} ({repair}"
                 "missing_leads='mask' leaves the missing leads out)"
             )
+        if [position.get(lead.lower()) for lead in self.lead_names] == list(range(signal.shape[1])):
+            return signal, np.ones(len(self.lead_names), dtype=bool)  # already the model's leads in order: no copy
         ordered = np.stack([columns[lead.lower()] for lead in self.lead_names], axis=1)
         return ordered, np.ones(len(self.lead_names), dtype=bool)
 
@@ -737,6 +797,8 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             if key not in UNIT_TO_MV:
                 raise EcgInputError(f"{name}: unknown unit {unit!r}; expected one of mV, uV (µV), V")
             factors.append(UNIT_TO_MV[key])
+        if all(factor == 1.0 for factor in factors):
+            return signal  # already mV: no copy
         return signal * np.asarray(factors)[None, :]
 
     def _handle_non_finite(self, signal: np.ndarray, name: str) -> np.ndarray:
@@ -809,18 +871,13 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         return ratio.numerator, ratio.denominator
 
     def _band_pass(self, signal: np.ndarray) -> np.ndarray:
-        low, high = self.highpass_hz, self.lowpass_hz
-        if low is None and high is None:
-            return signal
-        if low is not None and high is not None:
-            sos = sp_signal.butter(
-                self.filter_order, [low, high], btype="bandpass", fs=self.sampling_rate, output="sos"
-            )
-        elif low is not None:
-            sos = sp_signal.butter(self.filter_order, low, btype="highpass", fs=self.sampling_rate, output="sos")
-        else:
-            sos = sp_signal.butter(self.filter_order, high, btype="lowpass", fs=self.sampling_rate, output="sos")
-        return sp_signal.sosfiltfilt(sos, signal, axis=0)
+        sos = self._band_pass_sos()
+        return signal if sos is None else sp_signal.sosfiltfilt(sos, signal, axis=0)
+
+    def _band_pass_sos(self) -> np.ndarray | None:
+        """The Butterworth filter as second-order sections (`None` when both cut-offs are off): the one design of
+        both paths, cached (designing it took a quarter of the per-record time)."""
+        return _butterworth_sos(self.filter_order, self.highpass_hz, self.lowpass_hz, self.sampling_rate)
 
     def _fit_window(self, signal: np.ndarray, name: str, padding: bool, crop: str) -> tuple[np.ndarray, np.ndarray]:
         length, window = signal.shape[0], self.num_samples
@@ -883,6 +940,19 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         normalized[:, ~mask.astype(bool)] = 0.0
         normalized[~present] = 0.0
         return normalized
+
+
+@lru_cache(maxsize=32)
+def _butterworth_sos(order: int, low: float | None, high: float | None, sampling_rate: int) -> np.ndarray | None:
+    if low is None and high is None:
+        return None
+    if low is not None and high is not None:
+        sos = sp_signal.butter(order, [low, high], btype="bandpass", fs=sampling_rate, output="sos")
+    elif low is not None:
+        sos = sp_signal.butter(order, low, btype="highpass", fs=sampling_rate, output="sos")
+    else:
+        sos = sp_signal.butter(order, high, btype="lowpass", fs=sampling_rate, output="sos")
+    return sos
 
 
 def _as_float_array(record: Any, name: str) -> np.ndarray:

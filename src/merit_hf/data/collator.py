@@ -38,6 +38,10 @@ class MeritCollator:
             given: `"raise"` (`ValueError` naming the `ecg_id`) or `"drop"` (the row leaves the batch with a logged
             warning, counted in `num_dropped_empty_reports`). Rows are never silently dropped; to drop them before
             training instead, `dataset.filter(lambda row: row["report"] != "")`.
+        feature_extraction_device (`str` or `torch.device`, *optional*): run the feature extractor's batched torch
+            path there (`"cpu"`, `"cuda"`; see `MeritFeatureExtractor.__call__`'s `device`) instead of its per-record
+            scipy path (the default). `ecg_values` then stays on that device; with `"cuda"` use it in the main
+            process (`num_workers=0`): CUDA cannot run in forked DataLoader workers.
 
     Example:
 
@@ -60,6 +64,7 @@ class MeritCollator:
         num_classes: int | None = None,
         max_length: int = 128,
         empty_report: str = "raise",
+        feature_extraction_device: str | torch.device | None = None,
     ):
         if label_set is not None and (num_classes is None or num_classes < 1):
             raise ValueError(
@@ -77,6 +82,7 @@ class MeritCollator:
         self.max_length = max_length
         self.empty_report = empty_report
         self.num_dropped_empty_reports = 0
+        self.feature_extraction_device = feature_extraction_device
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         rows = list(rows)
@@ -118,6 +124,7 @@ class MeritCollator:
             sampling_rate=[float(row["sampling_rate"]) for row in rows],
             lead_names=[list(row["lead_names"]) for row in rows],
             return_tensors="pt",
+            **({"device": self.feature_extraction_device} if self.feature_extraction_device is not None else {}),
         )
         return dict(features)
 

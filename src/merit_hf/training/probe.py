@@ -256,9 +256,11 @@ def ecg_model_inputs(
     transform: RecordTransform | None = None,
     start: int = 0,
     crop: str | None = None,
+    device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Run a batch of dataset rows (`signal`, `sampling_rate`, `lead_names`) through the feature extractor; returns
-    its tensors: `ecg_values`, and `lead_mask` / `record_index` / `ecg_attention_mask` when its settings give them."""
+    """Run a batch of dataset rows (`signal`, `sampling_rate`, `lead_names`) through the feature extractor (its
+    batched torch path on `device` when given, its scipy path otherwise); returns its tensors: `ecg_values`, and
+    `lead_mask` / `record_index` / `ecg_attention_mask` when its settings give them."""
     signals, rates, names = [], [], []
     for offset, (signal, rate, leads) in enumerate(zip(rows["signal"], rows["sampling_rate"], rows["lead_names"])):
         signal, leads = np.asarray(signal, dtype=np.float64), list(leads)
@@ -268,7 +270,11 @@ def ecg_model_inputs(
         signals.append(signal)
         rates.append(float(rate))
         names.append(leads)
-    return dict(feature_extractor(signals, sampling_rate=rates, lead_names=names, crop=crop, return_tensors="pt"))
+    on_device = {"device": device} if device is not None else {}
+    features = feature_extractor(
+        signals, sampling_rate=rates, lead_names=names, crop=crop, return_tensors="pt", **on_device
+    )
+    return dict(features)
 
 
 def ecg_values_batch(
@@ -277,9 +283,10 @@ def ecg_values_batch(
     transform: RecordTransform | None = None,
     start: int = 0,
     crop: str | None = None,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """`ecg_values` only of `ecg_model_inputs` (for 12-lead, single-window settings)."""
-    return ecg_model_inputs(feature_extractor, rows, transform, start, crop)["ecg_values"]
+    return ecg_model_inputs(feature_extractor, rows, transform, start, crop, device)["ecg_values"]
 
 
 def encoder_inputs(inputs: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:

@@ -1,0 +1,155 @@
+"""Feature-extraction throughput: the per-record scipy path against the batched torch path (`device=`), side by side.
+
+The records are real PTB-XL 500 Hz records (the shared subset, else the bundled ones, cycled to `--num_records`)
+already in memory as float64 arrays, as `wfdb` gives them; every variant turns the same batch into `base-p75`'s input
+(`MeritFeatureExtractor.from_model_config(MeritEcgConfig.from_preset("base-p75"))`: 250 Hz, 2250 samples, 0.67-40 Hz,
+z-score per lead), validation included. The variants run interleaved, one batch each per round, and a speed-up is
+the median over rounds of `scipy time / variant time`, so drift of a shared machine cancels:
+
+- `scipy`: `fe(records, ...)`, the default path, one record at a time;
+- `torch_cpu`: `fe(records, ..., device="cpu")` with torch's default intra-op threads, and `torch_cpu_1_thread`
+  with `torch.set_num_threads(1)` (what a DataLoader worker runs with);
+- on CUDA, `torch_cuda`: `fe(records, ..., device="cuda")`, from the numpy arrays to `ecg_values` on the GPU
+  (validation on the CPU, one host-to-device copy of float32 signals); `validation_only`: the CPU-side checks alone
+  (the bound of that end-to-end rate); `dsp_only_cuda_<batch>`: the DSP alone on signals already on the GPU
+  (`resample_and_filter` + window + z-score) at `--gpu_batches`, what the GPU itself sustains (on a CPU-only
+  machine the same two run on the CPU, the DSP at the batch of `--num_records`).
+
+    python benchmarks/feature_extraction.py                        # -> results/feature_extraction_<device>.json
+    python benchmarks/feature_extraction.py --rounds 3 --num_records 16 --output /tmp/smoke.json   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from merit_hf import MeritEcgConfig, MeritFeatureExtractor
+from merit_hf.feature_extraction_merit import read_wfdb_record
+from merit_hf.feature_extraction_torch_merit import normalize, resample_and_filter
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+
+
+def ptbxl_500hz(num_records: int) -> list[dict]:
+    for root in (REPO_ROOT.parent / "shared" / "data" / "ptbxl_subset500", REPO_ROOT / "data" / "ptbxl_sample"):
+        paths = sorted((root / "records500" / "00000").glob("*_hr.hea"))
+        if paths:
+            records = [read_wfdb_record(path.with_suffix("")) for path in paths[:num_records]]
+            return [records[i % len(records)] for i in range(num_records)]
+    raise FileNotFoundError("no PTB-XL 500 Hz records found")
+
+
+def timed(function, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    function()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def one_thread(function):
+    def run():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return function()
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
+
+
+def dsp_only(fe: MeritFeatureExtractor, signals: torch.Tensor, rate: float):
+    """The torch path's DSP on `(batch, leads, samples)` already on the device: what the GPU itself sustains."""
+    up, down = fe._resample_ratio(rate, "benchmark")
+    sos = fe._band_pass_sos()
+    batch, leads, length = signals.shape
+    start = (-(-length * up // down) - fe.num_samples) // 2
+    mask = torch.ones(batch, fe.num_samples, dtype=torch.int64, device=signals.device)
+
+    def run():
+        filtered = resample_and_filter(signals.reshape(-1, length), rate, up, down, sos, False)
+        window = filtered.reshape(batch, leads, -1)[:, :, start : start + fe.num_samples]
+        return normalize(window, mask, fe.normalization, padded=False)
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num_records", type=int, default=64, help="the batch: PTB-XL 500 Hz records in memory")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--gpu_batches", type=int, nargs="+", default=[64, 1024, 4096])
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    records = ptbxl_500hz(args.num_records)
+    signals = [record["signal"] for record in records]
+    leads = records[0]["lead_names"]
+    fe = MeritFeatureExtractor.from_model_config(MeritEcgConfig.from_preset("base-p75"))
+    call = {"sampling_rate": 500, "lead_names": leads, "return_tensors": "pt"}
+    variants = {
+        "scipy": lambda: fe(signals, **call),
+        "torch_cpu": lambda: fe(signals, **call, device="cpu"),
+        "torch_cpu_1_thread": one_thread(lambda: fe(signals, **call, device="cpu")),
+    }
+    if device == "cuda":
+        variants["torch_cuda"] = lambda: fe(signals, **call, device="cuda")
+    variants["validation_only"] = lambda: [fe.validate_one(signal, 500, leads) for signal in signals]
+    batches = args.gpu_batches if device == "cuda" else [args.num_records]
+    for batch in batches:
+        stacked = np.stack([signals[i % len(signals)].T for i in range(batch)]).astype(np.float32)
+        variants[f"dsp_only_{device}_{batch}"] = dsp_only(fe, torch.from_numpy(stacked).to(device), 500.0)
+    expected = variants["scipy"]()["ecg_values"].numpy()
+    max_abs_error = {}
+    for name, run in variants.items():  # warm-up: filter design, operators on the device, CUDA kernels
+        output = run()
+        if isinstance(output, dict) or hasattr(output, "keys"):
+            max_abs_error[name] = float(np.abs(output["ecg_values"].float().cpu().numpy() - expected).max())
+    seconds = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, run in variants.items():
+            seconds[name].append(timed(run, device if "cuda" in name else "cpu"))
+    sizes = dict.fromkeys(variants, args.num_records)
+    sizes.update({f"dsp_only_{device}_{batch}": batch for batch in batches})
+    results = {
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
+        f"load average {os.getloadavg()[0]:.1f} at the end",
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "num_records": args.num_records,
+        "rounds": args.rounds,
+        "input": "PTB-XL 500 Hz, 5000 x 12 float64 in memory -> base-p75 (250 Hz, 2250 samples)",
+        "ecgs_per_s_median": {name: sizes[name] / statistics.median(times) for name, times in seconds.items()},
+        "ecgs_per_s_best": {name: sizes[name] / min(times) for name, times in seconds.items()},
+        "speedup_vs_scipy_median": {
+            name: statistics.median(
+                (scipy / sizes["scipy"]) / (own / sizes[name]) for scipy, own in zip(seconds["scipy"], times)
+            )
+            for name, times in seconds.items()
+            if name != "scipy"
+        },
+        "max_abs_error_vs_scipy": max_abs_error,
+    }
+    output = Path(args.output or RESULTS / f"feature_extraction_{device}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,391 @@
+"""The batched torch path of `MeritFeatureExtractor` (`fe(records, ..., device="cpu" | "cuda")`).
+
+The scipy path resamples and filters one record at a time; this one does the same arithmetic on a whole batch of
+tensors, on the CPU or a GPU, so that preparing ECGs does not set the pace of a GPU that embeds them. Validation
+(shape, units, leads, NaN, amplitude, rates, lengths) is not repeated here: every record goes through the feature
+extractor's own checks, in the same order and with the same errors, before any tensor is built; the windows (one
+crop, or every window of `window="sliding"`) are its own code applied to sample positions, and missing leads
+(`missing_leads="mask"`) are zero and left out of the statistics as there. Only the DSP differs, and it reproduces
+scipy's rather than approximating it:
+
+- `scipy.signal.resample_poly`: the same Kaiser-windowed FIR (designed by scipy, once per `(up, down)`), applied
+  polyphase (no multiplication by an inserted zero) as one matrix product on overlapping windows of the signal;
+- `scipy.signal.sosfiltfilt`: the IIR filter runs on blocks of `FILTER_BLOCK` samples as matrix products, whose
+  columns scipy's `sosfilt` computed from unit inputs and states: each block's output is its input through the
+  filter plus the response to the state it starts in, and the starting states come from `sosfilt_zi * x[0]` and the
+  earlier blocks' inputs, carried by powers of the block-to-block transition. scipy's odd padding, both passes.
+
+What is left between the two paths is float32 arithmetic (measured in tests/test_core_feature_extraction_torch.py).
+Records are batched by `(resampling ratio, length)`; a batch of PTB-XL or MIMIC-IV-ECG records is one or two groups.
+On a CPU shared with other processes give torch one thread (`torch.set_num_threads(1)`, as DataLoader workers have):
+two threads fighting for two busy cores made this path 14x slower than scipy, one thread 2.6x faster
+(benchmarks/README.md). This file is Hub remote code: it imports numpy, scipy and torch only.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from scipy import signal as sp_signal
+
+from .feature_extraction_merit import EcgInputError, _is_list_of_lists
+
+if TYPE_CHECKING:
+    from .feature_extraction_merit import MeritFeatureExtractor
+
+# On the CPU a batch goes through the DSP this many records at a time, so that its intermediates (about 0.3 MB a
+# record) stay in cache: 1.3-1.7x faster than the whole batch of 64 at once, single-threaded on the 2-core machine.
+CPU_RECORDS_PER_CHUNK = 8
+# Output positions per block of the resampling matrix product: each output sample costs about
+# `RESAMPLE_BLOCK * down / up + filter taps` multiply-adds.
+RESAMPLE_BLOCK = 32
+MAX_RESAMPLE_MATRIX = 2**20  # entries
+# Samples per block of the blocked IIR filter (each output sample costs this many multiply-adds in one matrix product),
+# and blocks per segment whose starting states come from one matrix product (16 s at 250 Hz; a longer record takes one
+# small step per segment).
+FILTER_BLOCK = 64
+SEGMENT_BLOCKS = 64
+
+
+@lru_cache(maxsize=64)
+def polyphase_filter(up: int, down: int) -> tuple[np.ndarray, int]:
+    """`resample_poly(x, up, down)`'s FIR as `conv1d` weights `(up, 1, taps)` (one output phase per channel, to be
+    applied with stride `down`) and the zeros to put before `x`. Output sample `up * m + q` is channel `q` at
+    position `m`. The filter and its placement are scipy's own (`firwin`, Kaiser beta 5, `half_len = 10 * max(up,
+    down)`, `n_pre_pad`, `n_pre_remove`), so the outputs agree to rounding (tested)."""
+    max_rate = max(up, down)
+    half_len = 10 * max_rate
+    taps = sp_signal.firwin(2 * half_len + 1, 1.0 / max_rate, window=("kaiser", 5.0)) * up
+    n_pre_pad = down - half_len % down
+    n_pre_remove = (half_len + n_pre_pad) // down
+    full = np.concatenate([np.zeros(n_pre_pad), taps])
+    # y[i] = sum_j x[j] full[(i + n_pre_remove) * down - j * up]; with i = up * m + q this is
+    # sum_k g_q[k] x[down * m + a_q - k], where (q + n_pre_remove) * down = up * a_q + p_q and g_q[k] = full[up * k + p_q]
+    num_k = -(-len(full) // up)
+    phases = np.zeros((up, num_k))
+    offsets = np.zeros(up, dtype=np.int64)
+    for q in range(up):
+        offsets[q], p = divmod((q + n_pre_remove) * down, up)
+        phase = full[p::up]
+        phases[q, : len(phase)] = phase
+    left = max(0, num_k - 1 - int(offsets.min()))
+    width = int(offsets.max()) + left + 1
+    weights = np.zeros((up, 1, width))
+    for q in range(up):  # cross-correlation position s = a_q + left - k
+        positions = offsets[q] + left - np.arange(num_k)
+        keep = positions >= 0
+        weights[q, 0, positions[keep]] = phases[q, keep]
+    return weights, left
+
+
+@lru_cache(maxsize=64)
+def _resample_blocks(up: int, down: int) -> tuple[np.ndarray, int, int]:
+    """`polyphase_filter` as one matrix for a block of output positions: `(window, positions * up)`, applied to input
+    windows of `window` samples taken every `positions * down` (a matrix product runs about 6x more multiply-adds a
+    second than the depthwise convolution on the CPU, which outweighs the zeros). `positions` is `RESAMPLE_BLOCK`,
+    or fewer where unusual rates (large `up` and `down`, e.g. 1001 Hz) would make the matrix large."""
+    weights, _ = polyphase_filter(up, down)
+    taps = weights.shape[-1]
+    positions = RESAMPLE_BLOCK
+    while positions > 1 and ((positions - 1) * down + taps) * positions * up > MAX_RESAMPLE_MATRIX:
+        positions //= 2
+    window = (positions - 1) * down + taps
+    matrix = np.zeros((window, positions * up))
+    for position in range(positions):
+        matrix[position * down : position * down + taps, position * up : (position + 1) * up] = weights[:, 0].T
+    return matrix, window, positions
+
+
+@lru_cache(maxsize=64)
+def _resample_matrix_on(up: int, down: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.as_tensor(_resample_blocks(up, down)[0], dtype=dtype, device=device)
+
+
+def resample_padding(up: int, down: int, length: int) -> tuple[int, int]:
+    """The zeros `resample_poly_padded` needs before and after a signal of `length` samples."""
+    _, left = polyphase_filter(up, down)
+    _, window, positions = _resample_blocks(up, down)
+    blocks = -(-(-(-length * up // down)) // (up * positions))
+    return left, max(0, (blocks - 1) * positions * down + window - (length + left))
+
+
+def resample_poly_padded(padded: torch.Tensor, up: int, down: int, length: int) -> torch.Tensor:
+    """`scipy.signal.resample_poly(x, up, down, axis=-1)` for `(rows, length)` signals given already zero-padded by
+    `resample_padding` (callers write the signal into that buffer, which saves a pass over it)."""
+    _, window, positions = _resample_blocks(up, down)
+    rows, out_length = len(padded), -(-length * up // down)
+    blocks = -(-out_length // (up * positions))
+    # (rows * blocks, window): overlapping windows, copied once (a batched product on the strided view copies each)
+    windows = padded.unfold(1, window, positions * down)[:, :blocks].reshape(rows * blocks, window)
+    output = windows @ _resample_matrix_on(up, down, padded.device, padded.dtype)
+    return output.reshape(rows, -1)[:, :out_length]
+
+
+def resample_poly(signals: torch.Tensor, up: int, down: int) -> torch.Tensor:
+    """`scipy.signal.resample_poly(signals, up, down, axis=-1)` (zero padding at the ends) for `(rows, length)`."""
+    if up == down == 1:
+        return signals
+    left, right = resample_padding(up, down, signals.shape[-1])
+    return resample_poly_padded(torch.nn.functional.pad(signals, (left, right)), up, down, signals.shape[-1])
+
+
+def filtfilt_padlen(sos: np.ndarray) -> int:
+    """The odd-extension length of `scipy.signal.sosfiltfilt` (its default `padlen`): 3 x the filter's taps."""
+    ntaps = 2 * len(sos) + 1 - min(int((sos[:, 2] == 0).sum()), int((sos[:, 5] == 0).sum()))
+    return 3 * ntaps
+
+
+@lru_cache(maxsize=16)
+def _block_operators(sos_bytes: bytes) -> tuple[np.ndarray, ...]:
+    """`scipy.signal.sosfilt` as matrices on blocks of `FILTER_BLOCK` samples, each computed by `sosfilt` itself from
+    a unit input or state (so the state layout and `sosfilt_zi` are scipy's): `toeplitz` (block input -> block
+    output from a zero state), `to_state` (block input -> the state after it), `from_state` (a block's starting state
+    -> its output), `transition` (state -> the state one block later), `initial` (`sosfilt_zi`), `powers` (a
+    segment's starting state -> the starting state of each of its `SEGMENT_BLOCKS` blocks) and `carry` (the inputs
+    of block `j` -> the starting state of every later block `b` of the segment, `transition ** (b - 1 - j)`)."""
+    sos = np.frombuffer(sos_bytes).reshape(-1, 6).copy()  # sosfilt needs a writable array
+    block, state_size = FILTER_BLOCK, 2 * len(sos)
+    zeros_state = np.zeros((len(sos), 2))
+    toeplitz = np.zeros((block, block))
+    to_state = np.zeros((block, state_size))
+    for j in range(block):
+        impulse = np.zeros(block)
+        impulse[j] = 1.0
+        toeplitz[j], final = sp_signal.sosfilt(sos, impulse, zi=zeros_state)
+        to_state[j] = final.reshape(-1)
+    from_state = np.zeros((state_size, block))
+    transition = np.zeros((state_size, state_size))
+    for k in range(state_size):
+        unit = np.zeros(state_size)
+        unit[k] = 1.0
+        from_state[k], final = sp_signal.sosfilt(sos, np.zeros(block), zi=unit.reshape(len(sos), 2))
+        transition[k] = final.reshape(-1)
+    # In scipy's state coordinates a high-pass near 0 Hz keeps large states that cancel in the output (x27 here),
+    # which float32 turned into 1e-3 errors on z-scored leads; in coordinates where `from_state` has orthonormal
+    # rows a state is as large as what it adds to the output (1.6e-7 relative error in float32).
+    # (scipy state = new state @ to_scipy; from_state = U S V^T, to_scipy = (U S)^-1 = S^-1 U^T)
+    left, singular, right = np.linalg.svd(from_state, full_matrices=False)
+    to_scipy, from_scipy = (left / singular).T, left * singular
+    to_state, from_state, transition = to_state @ from_scipy, right, to_scipy @ transition @ from_scipy
+    initial = sp_signal.sosfilt_zi(sos).reshape(-1) @ from_scipy
+    power = [np.eye(state_size)]
+    for _ in range(SEGMENT_BLOCKS):
+        power.append(power[-1] @ transition)
+    powers = np.concatenate(power[:SEGMENT_BLOCKS], axis=1)
+    carry = np.zeros((SEGMENT_BLOCKS * state_size, SEGMENT_BLOCKS * state_size))
+    for j in range(SEGMENT_BLOCKS):
+        for b in range(j + 1, SEGMENT_BLOCKS):
+            carry[j * state_size : (j + 1) * state_size, b * state_size : (b + 1) * state_size] = power[b - 1 - j]
+    return toeplitz, to_state, from_state, transition, initial, powers, carry
+
+
+@lru_cache(maxsize=16)
+def _block_operators_on(sos_bytes: bytes, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.as_tensor(operator, dtype=dtype, device=device) for operator in _block_operators(sos_bytes))
+
+
+def sosfilt(blocks: torch.Tensor, sos: np.ndarray) -> torch.Tensor:
+    """`scipy.signal.sosfilt(sos, x, zi=sosfilt_zi(sos) * x[:, :1])` for `x` `(rows, num_blocks * FILTER_BLOCK)`,
+    as matrix products on blocks (no loop over time within a segment of `SEGMENT_BLOCKS` blocks, one step per
+    segment): the output of each block is its own input through the filter plus the state it starts in, and that
+    state is the segment's starting state and every earlier block's input carried forward. Exact in exact
+    arithmetic; zeros after the signal change only outputs after it."""
+    rows, length = blocks.shape
+    num_blocks = length // FILTER_BLOCK
+    key = np.ascontiguousarray(sos, dtype=np.float64).tobytes()
+    toeplitz, to_state, from_state, transition, initial, powers, carry = _block_operators_on(
+        key, blocks.device, blocks.dtype
+    )
+    state_size = len(initial)
+    flat = blocks.reshape(rows * num_blocks, FILTER_BLOCK)
+    inputs = (flat @ to_state).reshape(rows, num_blocks, state_size)  # each block's input -> the state after it
+    states = []
+    state = blocks[:, :1] * initial  # sosfilt_zi * x[0]
+    for first in range(0, num_blocks, SEGMENT_BLOCKS):
+        count = min(SEGMENT_BLOCKS, num_blocks - first)
+        size = count * state_size
+        segment = inputs[:, first : first + count].reshape(rows, size)
+        starts = torch.addmm(state @ powers[:, :size], segment, carry[:size, :size])  # (rows, count * state_size)
+        states.append(starts)
+        state = starts[:, -state_size:] @ transition + inputs[:, first + count - 1]
+    states = torch.cat(states, dim=1) if len(states) > 1 else states[0]
+    return (flat @ toeplitz).addmm_(states.reshape(rows * num_blocks, state_size), from_state).reshape(rows, length)
+
+
+@lru_cache(maxsize=64)
+def _reversal(length: int, padded: int, device: torch.device) -> torch.Tensor:
+    """Indices that reverse the first `length` of `padded` samples and read a zero sample (`length`) after them."""
+    return torch.cat([torch.arange(length - 1, -1, -1), torch.full((padded - length,), length)]).to(device)
+
+
+def sosfiltfilt(signals: torch.Tensor, sos: np.ndarray, start: int = 0, count: int | None = None) -> torch.Tensor:
+    """`scipy.signal.sosfiltfilt(sos, signals, axis=-1)[:, start : start + count]` (odd padding, default `padlen`)
+    for `(rows, length)`: the forward pass, then the same on its reversed output. The signal goes into a buffer of
+    whole blocks once, and each reversal is one gather. The caller checks `length > filtfilt_padlen(sos)`."""
+    padlen = filtfilt_padlen(sos)
+    rows, length = signals.shape
+    count = length - start if count is None else count
+    extended = length + 2 * padlen
+    padded = -(-(extended + 1) // FILTER_BLOCK) * FILTER_BLOCK  # at least one zero after the signal
+    buffer = signals.new_empty(rows, padded)
+    first, last = signals[:, :1], signals[:, -1:]
+    buffer[:, :padlen] = 2 * first - signals[:, 1 : padlen + 1].flip(-1)
+    buffer[:, padlen : padlen + length] = signals
+    buffer[:, padlen + length : extended] = 2 * last - signals[:, -padlen - 1 : -1].flip(-1)
+    buffer[:, extended:] = 0
+    forward = sosfilt(buffer, sos)
+    forward[:, extended] = 0
+    backward = sosfilt(forward.index_select(1, _reversal(extended, padded, signals.device)), sos)
+    # output sample t (of the unpadded signal) is backward[extended - 1 - padlen - t]
+    last_index = extended - 1 - padlen - start
+    return backward[:, last_index - count + 1 : last_index + 1].flip(-1)
+
+
+def resample_and_filter(
+    signals: torch.Tensor, sampling_rate: float, up: int, down: int, sos: np.ndarray | None, keep_mean: bool
+) -> torch.Tensor:
+    """`MeritFeatureExtractor._resample_and_filter` for a batch `(rows, length)` of leads recorded at one rate: each
+    lead around its mean, extended by 1 s of odd reflection at both ends, resampled, band-passed, the extension cut;
+    `keep_mean` adds the mean back (when no high-pass removes DC)."""
+    rows, length = signals.shape
+    mean = signals.mean(dim=-1, keepdim=True)
+    pad = min(int(round(sampling_rate)), length - 1)
+    extended = length + 2 * pad
+    left, right = resample_padding(up, down, extended) if (up, down) != (1, 1) else (0, 0)
+    buffer = signals.new_empty(rows, left + extended + right)  # the odd extension, inside resample_poly's zeros
+    buffer[:, :left] = 0
+    buffer[:, left : left + pad] = 2 * signals[:, :1] - mean - signals[:, 1 : pad + 1].flip(-1)
+    torch.sub(signals, mean, out=buffer[:, left + pad : left + pad + length])
+    buffer[:, left + pad + length : left + extended] = 2 * signals[:, -1:] - mean - signals[:, -pad - 1 : -1].flip(-1)
+    buffer[:, left + extended :] = 0
+    resampled = buffer if (up, down) == (1, 1) else resample_poly_padded(buffer, up, down, extended)
+    start, count = int(round(pad * up / down)), -(-length * up // down)
+    if sos is not None:
+        resampled = sosfiltfilt(resampled, sos, start, count)
+    else:
+        resampled = resampled[:, start : start + count]
+    return resampled + mean if keep_mean else resampled
+
+
+def normalize(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    normalization: str,
+    padded: bool = True,
+    present: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """`MeritFeatureExtractor._normalize` for a batch `(batch, num_leads, num_samples)` with `mask`
+    `(batch, num_samples)` and `present` `(batch, num_leads)` bool (`None`: every lead recorded): mean and
+    (population) std over the unpadded samples of the recorded leads, padding and missing leads set to zero. With
+    `padded=False` and `present=None` (the caller knows both are all ones) one fused reduction does."""
+    dims = (1, 2) if normalization == "zscore_record" else (2,)
+    if not padded and present is None:
+        if normalization == "none":
+            return values
+        std, mean = torch.std_mean(values, dim=dims, correction=0, keepdim=True)
+        return (values - mean) / (std + eps)
+    valid = mask[:, None, :].to(values.dtype)
+    if present is not None:
+        valid = valid * present[:, :, None].to(values.dtype)
+    if normalization == "none":
+        return values * valid
+    # a missing lead has no samples: its (zero) statistics are never used, the count only kept off zero
+    count = valid.expand_as(values).sum(dim=dims, keepdim=True).clamp_min(1)
+    mean = (values * valid).sum(dim=dims, keepdim=True) / count
+    std = ((((values - mean) * valid) ** 2).sum(dim=dims, keepdim=True) / count).sqrt()
+    return (values - mean) / (std + eps) * valid
+
+
+def extract_batch(
+    feature_extractor: MeritFeatureExtractor,
+    records: list,
+    sampling_rate: Any,
+    lead_names: Any,
+    units: Any,
+    padding: bool,
+    crop: str,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """What `MeritFeatureExtractor.__call__` returns for what it was given, as tensors on `device`: `ecg_values`
+    `(num_windows, num_leads, num_samples)` float32, `ecg_attention_mask` `(num_windows, num_samples)` int64,
+    `lead_mask` `(num_windows, num_leads)` bool and `record_index` `(num_windows,)` int64 (one window per record
+    unless `window="sliding"`). Every record is validated first, in order, by the feature extractor's own code (so
+    the first bad record raises the same error as on the scipy path, and random crops draw the same numbers); the
+    windows are the feature extractor's own `_fit_window` / `_sliding_windows` applied to sample positions; the DSP
+    then runs once per group of records with one rate and length."""
+    fe = feature_extractor
+    sos = fe._band_pass_sos()
+    padlen = filtfilt_padlen(sos) if sos is not None else 0
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    rates: dict[tuple[int, int, int], float] = {}
+    signals, windows, masks, presents, rows = [], [], [], [], []
+    num_windows = 0
+    for index, record in enumerate(records):
+        rate = fe._per_record(sampling_rate, index, len(records), "sampling_rate")
+        names = lead_names[index] if _is_list_of_lists(lead_names) else lead_names
+        signal, rate, name, present = fe.validate_one(record, rate, names, units, index=index)
+        up, down = fe._resample_ratio(rate, name)
+        length = len(signal)
+        pad = min(int(round(rate)), length - 1)
+        resampled_length = -(-(length + 2 * pad) * up // down)
+        if sos is not None and resampled_length <= padlen:  # what the scipy path's sosfiltfilt raises
+            raise EcgInputError(
+                f"{name}: {length} samples are too short for the band-pass filter (The length of the input vector x "
+                f"must be greater than padlen, which is {padlen}.)"
+            )
+        positions = np.arange(-(-length * up // down))[:, None]
+        if fe.window == "sliding":  # the same windows as the scipy path's
+            record_windows = fe._sliding_windows(positions, name, padding=padding)
+        else:  # the same crop as scipy's
+            record_windows = [fe._fit_window(positions, name, padding=padding, crop=crop)]
+        for window, mask in record_windows:
+            windows.append(window[0].astype(np.int64))
+            masks.append(mask)
+        rows.append(np.arange(num_windows, num_windows + len(record_windows)))
+        num_windows += len(record_windows)
+        signals.append(signal)
+        presents.append(present)
+        groups.setdefault((up, down, length), []).append(index)
+        rates[(up, down, length)] = rate
+    window_index = torch.as_tensor(np.stack(windows), device=device)
+    mask = torch.as_tensor(np.stack(masks), device=device)
+    record_index = np.repeat(np.arange(len(records)), [len(record_rows) for record_rows in rows])
+    present = torch.as_tensor(np.stack(presents), device=device)
+    num_leads = len(fe.lead_names)
+    values = torch.empty((num_windows, num_leads, fe.num_samples), dtype=torch.float32, device=device)
+    chunk = CPU_RECORDS_PER_CHUNK if device.type == "cpu" else len(records)
+    for (up, down, length), group in groups.items():
+        for start in range(0, len(group), chunk):
+            members = group[start : start + chunk]
+            stacked = np.empty((len(members), num_leads, length), dtype=np.float32)  # one copy: transposed, float32
+            for row, index in enumerate(members):
+                stacked[row] = signals[index].T
+            batch = torch.from_numpy(stacked).to(device).reshape(-1, length)
+            filtered = resample_and_filter(batch, rates[(up, down, length)], up, down, sos, fe.highpass_hz is None)
+            filtered = filtered.reshape(len(members), num_leads, -1)
+            member_rows = np.concatenate([rows[index] for index in members])
+            at = torch.as_tensor(member_rows, device=device)
+            if len(member_rows) != len(members):  # sliding windows: each window reads its own record
+                local = np.repeat(np.arange(len(members)), [len(rows[index]) for index in members])
+                filtered = filtered.index_select(0, torch.as_tensor(local, device=device))
+            windowed = filtered.gather(2, window_index[at][:, None, :].expand(-1, num_leads, -1))
+            padded = not all(masks[row].all() for row in member_rows)
+            member_present = present[torch.as_tensor(record_index[member_rows], device=device)]
+            all_present = all(presents[index].all() for index in members)
+            values[at] = normalize(
+                windowed, mask[at], fe.normalization, padded, None if all_present else member_present
+            )
+    record_index = torch.as_tensor(record_index, device=device)
+    return {
+        "ecg_values": values,
+        "ecg_attention_mask": mask,
+        "lead_mask": present[record_index],
+        "record_index": record_index,
+    }
+
+
+__all__ = ["extract_batch", "normalize", "resample_and_filter", "resample_poly", "sosfiltfilt"]
