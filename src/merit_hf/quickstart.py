@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if key in train_results
         },
         "first_train_loss": history[0] if history else None,
+        "reconstruction": _reconstruction_summary(train_results),
         "probe": {
             "label_set": arguments.label_set,
             "macro_auroc": probe_results["model"]["metrics"]["macro_auroc"],
@@ -228,6 +229,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
+def _reconstruction_summary(train_results: dict[str, Any]) -> dict[str, float] | None:
+    """How the masked-modelling branch did: its loss curve and its share of the gradient into the encoder (both
+    branches must train the encoder; `merit_hf.training.pretrain.loss_term_gradient_norms`)."""
+    losses = train_results.get("reconstruction_loss_history") or []
+    norms = [
+        entry for entry in train_results.get("encoder_gradient_norms", []) if "reconstruction_gradient_share" in entry
+    ]
+    if not losses or not norms:
+        return None
+    shares = [entry["reconstruction_gradient_share"] for entry in norms]
+    return {
+        "first": losses[0],
+        "last": losses[-1],
+        "lowest": min(losses),
+        "first_share": shares[0],
+        "first_share_step": norms[0]["step"],
+        "mean_share": sum(shares) / len(shares),
+        "last_weight": norms[-1].get("reconstruction_weight", 1.0),
+    }
+
+
 def print_summary(results: dict[str, Any], train_results: dict[str, Any], probe_results: dict[str, Any]) -> None:
     pretraining, counts = results["pretraining"], results["data"]["records"]
     model_dir, output_dir = results["model_dir"], results["output_dir"]
@@ -241,6 +263,15 @@ def print_summary(results: dict[str, Any], train_results: dict[str, Any], probe_
         f"{pretraining['train_loss']:.3f} (reconstruction {pretraining['train_reconstruction_loss']:.3f}, "
         f"contrastive {pretraining['train_contrastive_loss']:.3f})",
     ]
+    reconstruction = results["reconstruction"]
+    if reconstruction:
+        lines.append(
+            f"              masked modelling: reconstruction {reconstruction['first']:.3f} -> "
+            f"{reconstruction['lowest']:.3f} (lowest; 1.0 = predicting each hidden patch's mean); its share of the "
+            f"encoder's gradient {reconstruction['first_share']:.2f} at step {reconstruction['first_share_step']}, "
+            f"{reconstruction['mean_share']:.2f} on "
+            f"average (0.5 = both terms pull equally; weight {reconstruction['last_weight']:.1f})"
+        )
     if "eval_loss" in pretraining:
         lines.append(
             f"              validation loss {pretraining['eval_loss']:.3f} (reconstruction "
