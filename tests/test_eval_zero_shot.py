@@ -159,8 +159,12 @@ def test_registered_pipeline_from_a_saved_folder(model_and_processor, tmp_path):
     model, processor = model_and_processor
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
-    classifier = pipeline(ZERO_SHOT_ECG_TASK, model=str(tmp_path), device="cpu")
-    assert isinstance(classifier, ZeroShotEcgClassificationPipeline)
+    # the folder declares the task in config.custom_pipelines (its own pipeline_merit.py), which transformers runs
+    # only with trust_remote_code=True, with or without merit_hf imported
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        pipeline(ZERO_SHOT_ECG_TASK, model=str(tmp_path), device="cpu")
+    classifier = pipeline(ZERO_SHOT_ECG_TASK, model=str(tmp_path), device="cpu", trust_remote_code=True)
+    assert type(classifier).__name__ == ZeroShotEcgClassificationPipeline.__name__
     ecg = _ecgs(1)[0]
     output = classifier(
         ecg,

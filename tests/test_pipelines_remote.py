@@ -1,6 +1,7 @@
 """ECG pipelines from a saved folder with only `trust_remote_code=True`, in a process that cannot import merit_hf:
 the card's `feature-extraction` task (and `ecg-feature-extraction`) gives the encoder's embedding, `ecg-classification`
-a fine-tuned classifier's per-class scores; both equal what the model computes in this process."""
+a fine-tuned classifier's per-class scores; both equal what the model computes in this process. So does
+`zero-shot-ecg-classification` from a two-tower folder, with free-text labels and PTB-XL label sets."""
 
 from __future__ import annotations
 
@@ -14,12 +15,42 @@ import numpy as np
 import pytest
 import torch
 
-from merit_hf import MeritFeatureExtractor, MeritForEcgClassification, MeritForPreTraining
+from merit_hf import (
+    MeritFeatureExtractor,
+    MeritForEcgClassification,
+    MeritForPreTraining,
+    MeritProcessor,
+    zero_shot_classify,
+)
+from merit_hf.evaluation.zero_shot import PTBXL_PROMPTS_PATH
 from tests.conftest import BUNDLED_PTBXL, tiny_merit_config
 from tests.test_core_remote_code import BLOCK_MERIT_HF
 
 RECORD = BUNDLED_PTBXL / "records100" / "00000" / "00001_lr"
 LABELS = {0: "CD", 1: "MI", 2: "NORM"}
+FRESH_PROCESS_PREAMBLE = """
+import numpy as np
+from transformers import pipeline
+try:
+    import merit_hf  # noqa: F401
+    raise SystemExit("merit_hf should not be importable here")
+except ImportError:
+    pass
+"""
+
+
+def _run_without_merit_hf(tmp_path, body: str, marker: str) -> None:
+    """Run `body` (after `import numpy as np` and `from transformers import pipeline`) in a fresh Python process
+    that cannot import merit_hf, with an empty HF cache; it must print `marker`."""
+    script = BLOCK_MERIT_HF + FRESH_PROCESS_PREAMBLE + textwrap.dedent(body)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HOME"] = str(tmp_path / "fresh_hf_home")
+    env["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert marker in result.stdout
 
 
 @pytest.mark.slow
@@ -35,7 +66,8 @@ def test_pipelines_from_saved_folders_without_merit_hf(tmp_path):
         classifier.classifier.bias.copy_(torch.tensor([-1.0, 0.5, 2.0]))  # distinct scores, a known order
     classifier.save_pretrained(classifier_folder)
     feature_extractor.save_pretrained(classifier_folder)
-    for folder, tasks in ((encoder_folder, {"feature-extraction", "ecg-feature-extraction"}),
+    two_tower_tasks = {"feature-extraction", "ecg-feature-extraction", "zero-shot-ecg-classification"}
+    for folder, tasks in ((encoder_folder, two_tower_tasks),
                           (classifier_folder, {"feature-extraction", "ecg-feature-extraction", "ecg-classification"})):  # fmt: skip
         assert (folder / "pipeline_merit.py").is_file()
         assert set(json.loads((folder / "config.json").read_text())["custom_pipelines"]) == tasks
@@ -46,15 +78,8 @@ def test_pipelines_from_saved_folders_without_merit_hf(tmp_path):
         scores = torch.sigmoid(classifier(**batch).logits[0]).numpy()
     np.save(tmp_path / "embedding.npy", embedding)
     np.save(tmp_path / "scores.npy", scores)
-    script = BLOCK_MERIT_HF + textwrap.dedent(
-        f"""
-        import numpy as np, wfdb
-        from transformers import pipeline
-        try:
-            import merit_hf  # noqa: F401
-            raise SystemExit("merit_hf should not be importable here")
-        except ImportError:
-            pass
+    body = f"""
+        import wfdb
         expected = np.load({str(tmp_path / "embedding.npy")!r})
         for task in ("feature-extraction", "ecg-feature-extraction"):
             embed = pipeline(task, model={str(encoder_folder)!r}, trust_remote_code=True, device="cpu")
@@ -73,12 +98,48 @@ def test_pipelines_from_saved_folders_without_merit_hf(tmp_path):
         assert len(classify({str(RECORD)!r}, top_k=1)) == 1
         print("PIPELINES-OK")
         """
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HOME"] = str(tmp_path / "fresh_hf_home")
-    env["HF_HUB_OFFLINE"] = "1"
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "PIPELINES-OK" in result.stdout
+    _run_without_merit_hf(tmp_path, body, "PIPELINES-OK")
+
+
+@pytest.mark.slow
+def test_zero_shot_pipeline_from_a_saved_two_tower_folder_without_merit_hf(tmp_path, tokenizer):
+    """`zero-shot-ecg-classification` from a saved MeritForPreTraining folder in a fresh process: free-text labels and
+    `class_descriptions="superclass"` (read from the folder's zero_shot_prompts.json) score as `zero_shot_classify`
+    does here."""
+    torch.manual_seed(0)
+    pretraining = MeritForPreTraining(tiny_merit_config()).eval()
+    processor = MeritProcessor(MeritFeatureExtractor.from_model_config(tiny_merit_config().ecg_config), tokenizer)
+    folder = tmp_path / "merit"
+    pretraining.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    assert "zero-shot-ecg-classification" in json.loads((folder / "config.json").read_text())["custom_pipelines"]
+    assert json.loads((folder / "zero_shot_prompts.json").read_text()) == json.loads(PTBXL_PROMPTS_PATH.read_text())
+
+    free_text = ["sinus rhythm", "atrial fibrillation", "myocardial infarction"]
+    superclass = ["NORM", "MI", "CD", "STTC", "HYP"]
+    expected = {
+        "free": zero_shot_classify(pretraining, processor, str(RECORD), free_text, precision="fp32")["scores"][0],
+        "superclass": zero_shot_classify(
+            pretraining, processor, str(RECORD), superclass, class_descriptions="superclass", precision="fp32"
+        )["scores"][0],
+    }
+    np.savez(tmp_path / "zero_shot.npz", **expected)
+    body = f"""
+        expected = np.load({str(tmp_path / "zero_shot.npz")!r})
+        classify = pipeline("zero-shot-ecg-classification", model={str(folder)!r}, trust_remote_code=True,
+                            device="cpu")
+        assert type(classify).__module__.startswith("transformers_modules"), type(classify).__module__
+        for key, labels, kwargs in (("free", {free_text!r}, {{"precision": "fp32"}}),
+                                    ("superclass", {superclass!r}, {{"class_descriptions": "superclass"}})):
+            out = classify({str(RECORD)!r}, candidate_labels=labels, **kwargs)  # "auto" is fp32 on CPU here
+            scores = {{entry["label"]: entry["score"] for entry in out}}
+            np.testing.assert_allclose([scores[label] for label in labels], expected[key], rtol=1e-5, atol=1e-5)
+            assert [entry["score"] for entry in out] == sorted(scores.values(), reverse=True)
+        try:
+            classify({str(RECORD)!r}, candidate_labels=["NORM"], class_descriptions="no-such-set")
+            raise SystemExit("an unknown label set should raise")
+        except ValueError as error:
+            assert "no-such-set" in str(error), error
+        print("ZERO-SHOT-OK")
+        """
+    _run_without_merit_hf(tmp_path, body, "ZERO-SHOT-OK")

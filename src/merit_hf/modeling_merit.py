@@ -30,7 +30,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .configuration_merit import PROBLEM_TYPES, MeritConfig, MeritEcgConfig
-from .pipeline_merit import custom_pipelines_for
+from .pipeline_merit import custom_pipelines_for, save_zero_shot_prompts
 
 logger = logging.get_logger(__name__)
 
@@ -642,11 +642,19 @@ class _StrictLoadingMixin:
         self.config.auto_map = dict(self._auto_map)
         if self._pipeline_auto_class is not None:  # pipeline_merit.py is copied with this file (a relative import)
             self.config.custom_pipelines = custom_pipelines_for(
-                self._pipeline_auto_class, classifier=self._pipeline_auto_class != "AutoModel"
+                self._pipeline_auto_class,
+                classifier=self._pipeline_auto_class != "AutoModel",
+                two_tower=hasattr(self, "get_text_features")
+                or hasattr(getattr(self, "merit", None), "get_text_features"),
             )
         # MERIT's weight names are its own: never write them back through a loading `key_mapping`.
         kwargs.setdefault("save_original_format", False)
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if "zero-shot-ecg-classification" in (getattr(self.config, "custom_pipelines", None) or {}) and kwargs.get(
+            "is_main_process", True
+        ):  # the prompt file behind class_descriptions="superclass" in the folder's zero-shot pipeline
+            save_zero_shot_prompts(save_directory, self.name_or_path)
+        return result
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):

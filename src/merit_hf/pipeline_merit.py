@@ -17,17 +17,39 @@ give the encoder's `pooler_output` (`hidden_size` floats per ECG), the embedding
 linear probe use. `"ecg-classification"` gives a fine-tuned `MeritForEcgClassification`'s per-class scores: one sigmoid
 per class for multi-label models (the default; they do not sum to 1), a softmax for single-label ones. Inputs go
 through the checkpoint's own feature extractor, so its input contract (leads, units, rate, window) applies.
+
+`"zero-shot-ecg-classification"` (two-tower MeritModel / MeritForPreTraining folders) scores an ECG against class
+descriptions: free-text `candidate_labels`, or `class_descriptions="superclass"` (a PTB-XL label set of the prompt file
+that `save_pretrained` writes beside the model, `zero_shot_prompts.json`). Per-class cosine similarities of prompt-
+ensembled class embeddings (see `merit_hf.evaluation.zero_shot`, which imports these helpers from here).
 """
 
 from __future__ import annotations
 
+import copy
+import importlib
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import Pipeline
+
+from .processing_merit import MeritProcessor
 
 ECG_FEATURE_EXTRACTION_TASKS = ("feature-extraction", "ecg-feature-extraction")
 ECG_CLASSIFICATION_TASK = "ecg-classification"
+ZERO_SHOT_ECG_TASK = "zero-shot-ecg-classification"
+ZERO_SHOT_PROMPTS_FILE = "zero_shot_prompts.json"  # the prompt file save_pretrained writes beside a two-tower model
+# the shipped PTB-XL prompt file (present when this file runs from the merit_hf package, not from a Hub folder)
+PTBXL_PROMPTS_PATH = Path(__file__).resolve().parent / "evaluation" / "prompts" / "ptbxl_prompts.json"
+DEFAULT_HYPOTHESIS_TEMPLATE = "{}"
+TEXT_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class _MeritEcgPipeline(Pipeline):
@@ -123,9 +145,366 @@ class MeritEcgClassificationPipeline(_MeritEcgPipeline):
         return [{"label": id2label[index], "score": float(scores[index])} for index in order][:top_k]
 
 
-def custom_pipelines_for(auto_class: str, classifier: bool = False) -> dict[str, dict[str, Any]]:
+# ----------------------------------------------------------------------------------------------------------------------
+# Zero-shot classification: prompt ensembling and scoring (merit_hf.evaluation.zero_shot re-exports these)
+
+
+@lru_cache(maxsize=4)
+def _read_prompt_file(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as handle:
+        prompts = json.load(handle)
+    if not isinstance(prompts.get("label_sets"), dict):
+        raise ValueError(f"{path}: a prompt file needs a 'label_sets' object of {{label_set: {{class: [texts]}}}}")
+    return prompts
+
+
+def load_class_descriptions(label_set: str, path: str | Path | None = None) -> dict[str, list[str]]:
+    """The descriptions of every class of `label_set` from a prompt file (default: the shipped PTB-XL file),
+    in the file's class order (alphabetical, as `merit_hf.data` orders classes)."""
+    path = str(path or PTBXL_PROMPTS_PATH)
+    label_sets = _read_prompt_file(path)["label_sets"]
+    if label_set not in label_sets:
+        raise ValueError(f"{path}: no label set {label_set!r}; it has {sorted(label_sets)}")
+    return {name: list(texts) for name, texts in label_sets[label_set].items()}
+
+
+def _templates(hypothesis_template: str | Sequence[str]) -> list[str]:
+    templates = [hypothesis_template] if isinstance(hypothesis_template, str) else list(hypothesis_template)
+    if not templates:
+        raise ValueError("hypothesis_template is empty; give a string with '{}', e.g. 'an ECG showing {}'")
+    for template in templates:
+        if not isinstance(template, str) or "{}" not in template:
+            raise ValueError(
+                f"hypothesis_template {template!r} has no '{{}}' placeholder for the class description, "
+                "e.g. 'an ECG showing {}'"
+            )
+    return templates
+
+
+def class_prompts(
+    candidate_labels: Sequence[str],
+    hypothesis_template: str | Sequence[str] = DEFAULT_HYPOTHESIS_TEMPLATE,
+    class_descriptions: Mapping[str, Sequence[str]] | str | None = None,
+    prompt_file: str | Path | None = None,
+) -> list[list[str]]:
+    """The texts that describe each candidate label: `template.format(description)` for every template and
+    description. Without `class_descriptions` the label itself is the description (free text).
+
+    Raises `ValueError` for an empty or duplicated candidate list, a template without `{}`, and a label that
+    `class_descriptions` (a mapping, or the name of a label set of `prompt_file`, by default the shipped PTB-XL
+    prompt file) does not know.
+    """
+    if isinstance(candidate_labels, str):
+        candidate_labels = [candidate_labels]
+    labels = list(candidate_labels)
+    if not labels:
+        raise ValueError("candidate_labels is empty; give at least one class name")
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise ValueError(f"candidate_labels has duplicates {duplicates}")
+    templates = _templates(hypothesis_template)
+    if isinstance(class_descriptions, str):
+        class_descriptions = load_class_descriptions(class_descriptions, prompt_file)
+    prompts = []
+    for label in labels:
+        if not isinstance(label, str) or not label.strip():
+            raise ValueError(f"candidate label {label!r} is not a non-empty string")
+        if class_descriptions is None:
+            descriptions = [label]
+        elif label in class_descriptions:
+            descriptions = list(class_descriptions[label])
+        else:
+            raise ValueError(f"unknown label {label!r}: the class descriptions know {sorted(class_descriptions)}")
+        if not descriptions:
+            raise ValueError(f"label {label!r} has no description")
+        prompts.append([template.format(description) for description in descriptions for template in templates])
+    return prompts
+
+
+def _two_tower(model):
+    """The `MeritModel` inside `model` (itself, or `MeritForPreTraining.merit`)."""
+    for candidate in (model, getattr(model, "merit", None)):
+        if (
+            candidate is not None
+            and hasattr(candidate, "get_ecg_features")
+            and hasattr(candidate, "get_text_features")
+        ):
+            return candidate
+    raise TypeError(
+        f"zero-shot classification needs MERIT's two towers (MeritModel or MeritForPreTraining), got "
+        f"{type(model).__name__}; a classification checkpoint has no text tower"
+    )
+
+
+@torch.no_grad()
+def encode_class_prompts(model, tokenizer, prompts: Sequence[Sequence[str]], max_length: int = 128) -> torch.Tensor:
+    """One L2-normalised embedding per class `(num_classes, projection_dim)`: the normalised mean of the normalised
+    embeddings of its prompts (prompt ensembling)."""
+    merit = _two_tower(model)
+    texts = [text for class_texts in prompts for text in class_texts]
+    tokens = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    tokens = {key: value.to(merit.device) for key, value in tokens.items() if key in TEXT_INPUT_NAMES}
+    embeddings = F.normalize(merit.get_text_features(**tokens).pooler_output.float(), dim=-1)
+    sizes = [len(class_texts) for class_texts in prompts]
+    means = torch.stack([chunk.mean(dim=0) for chunk in embeddings.split(sizes)])
+    return F.normalize(means, dim=-1)
+
+
+_FALLBACK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _precision_module():
+    """`merit_hf.inference_precision` when merit_hf is installed (CPU capability detection, int8, fp8), else None:
+    a Hub folder run without merit_hf falls back to plain dtype casts."""
+    try:
+        return importlib.import_module("merit_hf.inference_precision")
+    except ImportError:
+        return None
+
+
+def _fallback_precision(precision: str, device) -> torch.dtype:
+    """Without merit_hf: `"auto"` is bf16 on a GPU and fp32 elsewhere; fp32/bf16/fp16 are dtype casts."""
+    if precision == "auto":
+        precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
+    if precision not in _FALLBACK_DTYPES:
+        raise ValueError(
+            f"precision {precision!r} needs merit_hf installed (pip install merit_hf); without it this pipeline "
+            f"runs 'auto' or {sorted(_FALLBACK_DTYPES)}"
+        )
+    return _FALLBACK_DTYPES[precision]
+
+
+def check_precision(precision: str, device) -> None:
+    """Fail at call time for a precision this device cannot run, not mid-batch."""
+    tools = _precision_module()
+    if tools is not None:
+        tools.resolve_precision(precision, device)
+    else:
+        _fallback_precision(precision, device)
+
+
+def _prepare_for_inference(module: torch.nn.Module, precision: str, device) -> torch.nn.Module:
+    tools = _precision_module()
+    if tools is not None:
+        return tools.prepare_for_inference(module, precision, device)
+    dtype = _fallback_precision(precision, device)
+    parameter = next(module.parameters(), None)
+    if parameter is None or parameter.dtype == dtype:
+        return module
+    return copy.deepcopy(module).to(dtype)  # the model itself is never cast
+
+
+@torch.no_grad()
+def encode_ecgs(
+    model,
+    ecg_values: torch.Tensor,
+    batch_size: int = 32,
+    ecg_attention_mask=None,
+    lead_mask=None,
+    precision: str = "auto",
+) -> torch.Tensor:
+    """L2-normalised projected ECG embeddings `(num_ecgs, projection_dim)`, computed in batches on the model's device
+    in `precision` (`merit_hf.inference_precision`: `"auto"` is bf16 weights on a GPU and the CPU's fastest accurate
+    path; the model itself is never cast, a converted copy of its ECG tower runs). `lead_mask`: the missing leads are
+    left out."""
+    merit = _two_tower(model)
+    encoder = _prepare_for_inference(merit.ecg_model, precision, merit.device)
+    projection = _prepare_for_inference(merit.ecg_projection, precision, merit.device)
+    outputs = []
+    for start in range(0, len(ecg_values), batch_size):
+        batch = ecg_values[start : start + batch_size].to(merit.device, dtype=torch.float32)
+        mask = None if ecg_attention_mask is None else ecg_attention_mask[start : start + batch_size].to(merit.device)
+        leads = None if lead_mask is None else torch.as_tensor(lead_mask[start : start + batch_size]).to(merit.device)
+        pooled = encoder(batch, ecg_attention_mask=mask, lead_mask=leads).pooler_output  # as `get_ecg_features`
+        outputs.append(projection(pooled.to(_input_dtype(projection))).float())
+    return F.normalize(torch.cat(outputs), dim=-1)
+
+
+def _input_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype a module computes in: its weights' (a dynamically quantised layer takes float32)."""
+    parameter = next(module.parameters(), None)
+    return parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+
+
+@torch.no_grad()
+def similarity_scores(
+    model, ecg_embeddings: torch.Tensor, class_embeddings: torch.Tensor, multi_label: bool = True
+) -> np.ndarray:
+    """Cosine similarities `(num_ecgs, num_classes)`; with `multi_label=False`, a softmax over the classes of the
+    similarities times the model's clamped temperature (CLIP)."""
+    similarities = ecg_embeddings.float() @ class_embeddings.float().T
+    if not multi_label:
+        scale = _two_tower(model).clamped_logit_scale().float().to(similarities.device)
+        similarities = (scale * similarities).softmax(dim=-1)
+    return similarities.cpu().numpy()
+
+
+def _folder_prompt_file(name_or_path: str | None) -> str | None:
+    """The `zero_shot_prompts.json` of a saved model (a local folder or a Hub repository), or None."""
+    if not name_or_path:
+        return None
+    local = Path(str(name_or_path)) / ZERO_SHOT_PROMPTS_FILE
+    if local.is_file():
+        return str(local)
+    if Path(str(name_or_path)).is_dir():
+        return None
+    try:
+        from transformers.utils import cached_file
+
+        return cached_file(
+            str(name_or_path),
+            ZERO_SHOT_PROMPTS_FILE,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
+    except (OSError, ValueError):
+        return None
+
+
+def save_zero_shot_prompts(save_directory: str | Path, name_or_path: str | None = None) -> Path | None:
+    """Write the zero-shot prompt file beside a saved two-tower model, so that `class_descriptions="superclass"`
+    works from the folder without merit_hf: the shipped PTB-XL file, or else the one the model was loaded with.
+    Returns the written path (None when neither exists)."""
+    source = PTBXL_PROMPTS_PATH if PTBXL_PROMPTS_PATH.is_file() else _folder_prompt_file(name_or_path)
+    if source is None:
+        return None
+    target = Path(save_directory) / ZERO_SHOT_PROMPTS_FILE
+    if Path(source).resolve() != target.resolve():
+        _read_prompt_file(str(source))  # never ship a broken prompt file
+        shutil.copyfile(source, target)
+    return target
+
+
+class ZeroShotEcgClassificationPipeline(Pipeline):
+    r"""
+    Zero-shot ECG classification: scores one ECG (an array `(num_samples, num_leads)` with `sampling_rate` and
+    `lead_names`, or a WFDB record path) against free-text or PTB-XL class descriptions.
+
+    Call arguments:
+        candidate_labels (`list[str]`): the classes.
+        class_descriptions (`str` or `dict`, *optional*): a label set of the model folder's `zero_shot_prompts.json`
+            (the shipped PTB-XL prompts: `"superclass"`, ...) or a mapping label -> descriptions; by default each
+            label is its own description.
+        hypothesis_template (`str` or `list[str]`, defaults to `"{}"`): template(s) with `{}`.
+        multi_label (`bool`, defaults to `True`): independent scores per class (no softmax across labels).
+        sampling_rate, lead_names, units: for array input, as in the feature extractor.
+        precision (`str`, defaults to `"auto"`): of the ECG tower, as `merit_hf.inference_precision` resolves it
+            (bf16 weights on a GPU; on CPU bf16 or fp32 from what the CPU reports). Without merit_hf installed,
+            `"auto"` is bf16 on a GPU and fp32 on CPU. Also accepted by `pipeline(..., precision=...)`.
+    """
+
+    _load_processor = None
+    _load_feature_extractor = None
+    _load_tokenizer = None
+    _load_image_processor = False
+    _load_video_processor = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.processor is None:
+            if self.feature_extractor is None or self.tokenizer is None:
+                raise ValueError(
+                    f"{ZERO_SHOT_ECG_TASK} needs a MeritProcessor (processor=...) or both a feature_extractor and a "
+                    "tokenizer"
+                )
+            self.processor = MeritProcessor(self.feature_extractor, self.tokenizer)
+        self._class_embedding_cache: dict[tuple, torch.Tensor] = {}
+
+    def _sanitize_parameters(
+        self,
+        candidate_labels=None,
+        class_descriptions=None,
+        hypothesis_template=None,
+        multi_label=None,
+        sampling_rate=None,
+        lead_names=None,
+        units=None,
+        precision=None,
+        **kwargs,
+    ):
+        if kwargs:
+            raise TypeError(f"{type(self).__name__} got unexpected arguments {sorted(kwargs)}")
+        preprocess = {}
+        for name, value in (("sampling_rate", sampling_rate), ("lead_names", lead_names), ("units", units)):
+            if value is not None:
+                preprocess[name] = value
+        forward, postprocess = {}, {}
+        if candidate_labels is not None:
+            labels = [candidate_labels] if isinstance(candidate_labels, str) else list(candidate_labels)
+            forward["candidate_labels"] = postprocess["candidate_labels"] = labels
+        if class_descriptions is not None:
+            forward["class_descriptions"] = class_descriptions
+        if hypothesis_template is not None:
+            forward["hypothesis_template"] = hypothesis_template
+        if multi_label is not None:
+            forward["multi_label"] = multi_label
+        if precision is not None:
+            check_precision(precision, self.device)
+            forward["precision"] = precision
+        return preprocess, forward, postprocess
+
+    def preprocess(self, ecg, sampling_rate=None, lead_names=None, units="mV"):
+        features = self.processor.feature_extractor(
+            ecg, sampling_rate=sampling_rate, lead_names=lead_names, units=units, return_tensors="pt"
+        )
+        return dict(features)
+
+    def _prompt_file(self) -> str | None:
+        """The model folder's prompt file; inside the merit_hf package the shipped one when the folder has none."""
+        found = _folder_prompt_file(getattr(self.model, "name_or_path", None))
+        if found is None and not PTBXL_PROMPTS_PATH.is_file():
+            raise ValueError(
+                f"class_descriptions names a label set, but the model folder {self.model.name_or_path!r} has no "
+                f"{ZERO_SHOT_PROMPTS_FILE} (save the model with merit_hf to write it); pass free-text candidate_labels "
+                "or a mapping label -> descriptions instead"
+            )
+        return found
+
+    def _class_embeddings(self, candidate_labels, hypothesis_template, class_descriptions) -> torch.Tensor:
+        prompt_file = self._prompt_file() if isinstance(class_descriptions, str) else None
+        prompts = class_prompts(candidate_labels, hypothesis_template, class_descriptions, prompt_file)
+        key = tuple(tuple(texts) for texts in prompts)
+        if key not in self._class_embedding_cache:
+            self._class_embedding_cache[key] = encode_class_prompts(
+                self.model, self.processor.tokenizer, prompts, max_length=self.processor.max_length
+            )
+        return self._class_embedding_cache[key]
+
+    def _forward(
+        self,
+        model_inputs,
+        candidate_labels=None,
+        class_descriptions=None,
+        hypothesis_template=DEFAULT_HYPOTHESIS_TEMPLATE,
+        multi_label=True,
+        precision="auto",
+    ):
+        if candidate_labels is None:
+            raise ValueError(f"{ZERO_SHOT_ECG_TASK} needs candidate_labels")
+        class_embeddings = self._class_embeddings(candidate_labels, hypothesis_template, class_descriptions)
+        ecg_embeddings = encode_ecgs(
+            self.model,
+            model_inputs["ecg_values"],
+            ecg_attention_mask=model_inputs.get("ecg_attention_mask"),
+            lead_mask=model_inputs.get("lead_mask"),
+            precision=precision,
+        )
+        # Keep the batch axis: with batch_size > 1, transformers splits every output along axis 0 into one
+        # `(1, num_labels)` row per ECG. The labels, shared by the whole batch, reach `postprocess` as a parameter.
+        return {"scores": similarity_scores(self.model, ecg_embeddings, class_embeddings, multi_label=multi_label)}
+
+    def postprocess(self, model_outputs, candidate_labels) -> list[dict[str, Any]]:
+        scores = model_outputs["scores"][0]
+        order = np.argsort(-scores, kind="stable")
+        return [{"label": candidate_labels[index], "score": float(scores[index])} for index in order]
+
+
+def custom_pipelines_for(
+    auto_class: str, classifier: bool = False, two_tower: bool = False
+) -> dict[str, dict[str, Any]]:
     """The `config.custom_pipelines` entry of a MERIT model saved for the Hub: the embedding tasks for every model,
-    `ecg-classification` for a classifier. `auto_class` is the transformers Auto class that loads the model."""
+    `ecg-classification` for a classifier, `zero-shot-ecg-classification` for a two-tower model. `auto_class` is the
+    transformers Auto class that loads the model."""
     tasks = {
         task: {"impl": f"pipeline_merit.{MeritEcgFeatureExtractionPipeline.__name__}", "pt": [auto_class]}
         for task in ECG_FEATURE_EXTRACTION_TASKS
@@ -133,13 +512,27 @@ def custom_pipelines_for(auto_class: str, classifier: bool = False) -> dict[str,
     if classifier:
         tasks[ECG_CLASSIFICATION_TASK] = {"impl": f"pipeline_merit.{MeritEcgClassificationPipeline.__name__}",
                                           "pt": [auto_class]}  # fmt: skip
+    if two_tower:
+        tasks[ZERO_SHOT_ECG_TASK] = {"impl": f"pipeline_merit.{ZeroShotEcgClassificationPipeline.__name__}",
+                                     "pt": [auto_class], "type": "multimodal"}  # fmt: skip
     return tasks
 
 
 __all__ = [
+    "DEFAULT_HYPOTHESIS_TEMPLATE",
     "ECG_CLASSIFICATION_TASK",
     "ECG_FEATURE_EXTRACTION_TASKS",
     "MeritEcgClassificationPipeline",
     "MeritEcgFeatureExtractionPipeline",
+    "PTBXL_PROMPTS_PATH",
+    "ZERO_SHOT_ECG_TASK",
+    "ZERO_SHOT_PROMPTS_FILE",
+    "ZeroShotEcgClassificationPipeline",
+    "class_prompts",
     "custom_pipelines_for",
+    "encode_class_prompts",
+    "encode_ecgs",
+    "load_class_descriptions",
+    "save_zero_shot_prompts",
+    "similarity_scores",
 ]

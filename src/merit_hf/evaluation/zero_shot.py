@@ -24,165 +24,26 @@ Example:
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-PTBXL_PROMPTS_PATH = Path(__file__).resolve().parent / "prompts" / "ptbxl_prompts.json"
-DEFAULT_HYPOTHESIS_TEMPLATE = "{}"
-TEXT_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
-
-
-@lru_cache(maxsize=4)
-def _read_prompt_file(path: str) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as handle:
-        prompts = json.load(handle)
-    if not isinstance(prompts.get("label_sets"), dict):
-        raise ValueError(f"{path}: a prompt file needs a 'label_sets' object of {{label_set: {{class: [texts]}}}}")
-    return prompts
-
-
-def load_class_descriptions(label_set: str, path: str | Path | None = None) -> dict[str, list[str]]:
-    """The descriptions of every class of `label_set` from a prompt file (default: the shipped PTB-XL file),
-    in the file's class order (alphabetical, as `merit_hf.data` orders classes)."""
-    path = str(path or PTBXL_PROMPTS_PATH)
-    label_sets = _read_prompt_file(path)["label_sets"]
-    if label_set not in label_sets:
-        raise ValueError(f"{path}: no label set {label_set!r}; it has {sorted(label_sets)}")
-    return {name: list(texts) for name, texts in label_sets[label_set].items()}
-
-
-def _templates(hypothesis_template: str | Sequence[str]) -> list[str]:
-    templates = [hypothesis_template] if isinstance(hypothesis_template, str) else list(hypothesis_template)
-    if not templates:
-        raise ValueError("hypothesis_template is empty; give a string with '{}', e.g. 'an ECG showing {}'")
-    for template in templates:
-        if not isinstance(template, str) or "{}" not in template:
-            raise ValueError(
-                f"hypothesis_template {template!r} has no '{{}}' placeholder for the class description, "
-                "e.g. 'an ECG showing {}'"
-            )
-    return templates
-
-
-def class_prompts(
-    candidate_labels: Sequence[str],
-    hypothesis_template: str | Sequence[str] = DEFAULT_HYPOTHESIS_TEMPLATE,
-    class_descriptions: Mapping[str, Sequence[str]] | str | None = None,
-) -> list[list[str]]:
-    """The texts that describe each candidate label: `template.format(description)` for every template and
-    description. Without `class_descriptions` the label itself is the description (free text).
-
-    Raises `ValueError` for an empty or duplicated candidate list, a template without `{}`, and a label that
-    `class_descriptions` (a mapping, or the name of a label set of the shipped PTB-XL prompt file) does not know.
-    """
-    if isinstance(candidate_labels, str):
-        candidate_labels = [candidate_labels]
-    labels = list(candidate_labels)
-    if not labels:
-        raise ValueError("candidate_labels is empty; give at least one class name")
-    duplicates = sorted({label for label in labels if labels.count(label) > 1})
-    if duplicates:
-        raise ValueError(f"candidate_labels has duplicates {duplicates}")
-    templates = _templates(hypothesis_template)
-    if isinstance(class_descriptions, str):
-        class_descriptions = load_class_descriptions(class_descriptions)
-    prompts = []
-    for label in labels:
-        if not isinstance(label, str) or not label.strip():
-            raise ValueError(f"candidate label {label!r} is not a non-empty string")
-        if class_descriptions is None:
-            descriptions = [label]
-        elif label in class_descriptions:
-            descriptions = list(class_descriptions[label])
-        else:
-            raise ValueError(f"unknown label {label!r}: the class descriptions know {sorted(class_descriptions)}")
-        if not descriptions:
-            raise ValueError(f"label {label!r} has no description")
-        prompts.append([template.format(description) for description in descriptions for template in templates])
-    return prompts
-
-
-def _two_tower(model):
-    """The `MeritModel` inside `model` (itself, or `MeritForPreTraining.merit`)."""
-    for candidate in (model, getattr(model, "merit", None)):
-        if (
-            candidate is not None
-            and hasattr(candidate, "get_ecg_features")
-            and hasattr(candidate, "get_text_features")
-        ):
-            return candidate
-    raise TypeError(
-        f"zero-shot classification needs MERIT's two towers (MeritModel or MeritForPreTraining), got "
-        f"{type(model).__name__}; a classification checkpoint has no text tower"
-    )
-
-
-@torch.no_grad()
-def encode_class_prompts(model, tokenizer, prompts: Sequence[Sequence[str]], max_length: int = 128) -> torch.Tensor:
-    """One L2-normalised embedding per class `(num_classes, projection_dim)`: the normalised mean of the normalised
-    embeddings of its prompts (prompt ensembling)."""
-    merit = _two_tower(model)
-    texts = [text for class_texts in prompts for text in class_texts]
-    tokens = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    tokens = {key: value.to(merit.device) for key, value in tokens.items() if key in TEXT_INPUT_NAMES}
-    embeddings = F.normalize(merit.get_text_features(**tokens).pooler_output.float(), dim=-1)
-    sizes = [len(class_texts) for class_texts in prompts]
-    means = torch.stack([chunk.mean(dim=0) for chunk in embeddings.split(sizes)])
-    return F.normalize(means, dim=-1)
-
-
-@torch.no_grad()
-def encode_ecgs(
-    model,
-    ecg_values: torch.Tensor,
-    batch_size: int = 32,
-    ecg_attention_mask=None,
-    lead_mask=None,
-    precision: str = "auto",
-) -> torch.Tensor:
-    """L2-normalised projected ECG embeddings `(num_ecgs, projection_dim)`, computed in batches on the model's device
-    in `precision` (`merit_hf.inference_precision`: `"auto"` is bf16 weights on a GPU and the CPU's fastest accurate
-    path; the model itself is never cast, a converted copy of its ECG tower runs). `lead_mask`: the missing leads are
-    left out."""
-    from ..inference_precision import prepare_for_inference
-
-    merit = _two_tower(model)
-    encoder = prepare_for_inference(merit.ecg_model, precision, merit.device)
-    projection = prepare_for_inference(merit.ecg_projection, precision, merit.device)
-    outputs = []
-    for start in range(0, len(ecg_values), batch_size):
-        batch = ecg_values[start : start + batch_size].to(merit.device, dtype=torch.float32)
-        mask = None if ecg_attention_mask is None else ecg_attention_mask[start : start + batch_size].to(merit.device)
-        leads = None if lead_mask is None else torch.as_tensor(lead_mask[start : start + batch_size]).to(merit.device)
-        pooled = encoder(batch, ecg_attention_mask=mask, lead_mask=leads).pooler_output  # as `get_ecg_features`
-        outputs.append(projection(pooled.to(_input_dtype(projection))).float())
-    return F.normalize(torch.cat(outputs), dim=-1)
-
-
-def _input_dtype(module: torch.nn.Module) -> torch.dtype:
-    """The dtype a module computes in: its weights' (a dynamically quantised layer takes float32)."""
-    parameter = next(module.parameters(), None)
-    return parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
-
-
-@torch.no_grad()
-def similarity_scores(
-    model, ecg_embeddings: torch.Tensor, class_embeddings: torch.Tensor, multi_label: bool = True
-) -> np.ndarray:
-    """Cosine similarities `(num_ecgs, num_classes)`; with `multi_label=False`, a softmax over the classes of the
-    similarities times the model's clamped temperature (CLIP)."""
-    similarities = ecg_embeddings.float() @ class_embeddings.float().T
-    if not multi_label:
-        scale = _two_tower(model).clamped_logit_scale().float().to(similarities.device)
-        similarities = (scale * similarities).softmax(dim=-1)
-    return similarities.cpu().numpy()
+# The prompt-ensembling helpers live in the Hub remote-code file so that a saved folder's zero-shot pipeline runs
+# without merit_hf; they are re-exported here under their established names.
+from ..pipeline_merit import (
+    DEFAULT_HYPOTHESIS_TEMPLATE,
+    PTBXL_PROMPTS_PATH,
+    _templates,
+    _two_tower,
+    class_prompts,
+    encode_class_prompts,
+    encode_ecgs,
+    load_class_descriptions,
+    similarity_scores,
+)
 
 
 def zero_shot_classify(
