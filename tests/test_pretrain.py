@@ -274,7 +274,7 @@ def test_nan_loss_stops_before_checkpoint_and_names_step_and_batch(assets, tmp_p
     def poisoned(self, *args, **kwargs):
         output = original(self, *args, **kwargs)
         calls["count"] += 1
-        if calls["count"] == 3:
+        if calls["count"] == 4:  # the third step: the throughput meter's FLOP count runs one forward pass first
             output.loss = output.loss * float("nan")
         return output
 

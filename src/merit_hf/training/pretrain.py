@@ -46,7 +46,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -319,7 +319,10 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
 
 
 def loss_term_gradient_norms(
-    model: MeritForPreTraining, output, reconstruction_weight: float | None = None
+    model: MeritForPreTraining,
+    output,
+    reconstruction_weight: float | None = None,
+    forward: Callable[[], Any] | None = None,
 ) -> dict[str, float]:
     """L2 norm of the gradient that each weighted loss term sends into the ECG encoder, on this batch.
 
@@ -327,7 +330,9 @@ def loss_term_gradient_norms(
     that one term does not starve the other (with `initializer_scheme="trunc_normal"` the masked-modelling share was
     1e-4). `reconstruction_gradient_share` is `r / (r + c)`: 0.5 when both pull equally hard. Costs one extra backward
     pass per term, so pretraining computes it on logging and balancing steps only. `reconstruction_weight`: the
-    weight this step used, if not the config's (loss balancing).
+    weight this step used, if not the config's (loss balancing). `forward`: returns a fresh output of the same batch,
+    used once per term instead of back-propagating `output`'s graph twice, which selective activation checkpointing
+    and `torch.compile`'s donated buffers refuse (one extra forward pass per term).
     """
     config = model.config
     if reconstruction_weight is None:
@@ -338,7 +343,9 @@ def loss_term_gradient_norms(
         term = getattr(output, f"{name}_loss")
         if term is None or weight == 0:
             continue
-        gradients = torch.autograd.grad(weight * term, parameters, retain_graph=True, allow_unused=True)
+        if forward is not None:
+            term = getattr(forward(), f"{name}_loss")
+        gradients = torch.autograd.grad(weight * term, parameters, retain_graph=forward is None, allow_unused=True)
         squares = [gradient.float().pow(2).sum() for gradient in gradients if gradient is not None]
         norms[f"encoder_grad_norm_{name}"] = torch.stack(squares).sum().sqrt().item() if squares else 0.0
     if len(norms) == 2:
@@ -707,6 +714,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     meter = ThroughputMeter(accelerator.device, train_args.peak_tflops, accelerator.num_processes, model)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     balancer = ReconstructionWeightBalancer(accelerator.unwrap_model(model).config)
+    # Selective checkpointing and compiled backward passes run once per graph: measure each term on a fresh forward.
+    fresh_graph_per_term = train_args.torch_compile or train_args.activation_checkpointing != "none"
     if balancer.enabled:
         accelerator.register_for_checkpointing(balancer)
     if not streaming:
@@ -811,7 +820,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 step_losses.append(gathered.mean(dim=0))
                 logging_step = (global_step + 1) % train_args.logging_steps == 0
                 if accelerator.sync_gradients and (logging_step or balancer.due(global_step + 1)):
-                    gradient_norms = loss_term_gradient_norms(unwrapped, output, balancer.weight)
+                    again = (lambda: unwrapped(**batch, noise=noise)) if fresh_graph_per_term else None
+                    with accelerator.autocast():
+                        gradient_norms = loss_term_gradient_norms(unwrapped, output, balancer.weight, again)
                     balancer.update(gradient_norms)
                 accelerator.backward(output.loss)
                 if accelerator.sync_gradients and train_args.max_grad_norm is not None:
