@@ -99,15 +99,21 @@ def add_baseline_wander(
     return signal + _scale_to_snr(signal, wander, snr_db)
 
 
-def zero_leads(signal: np.ndarray, lead_names: Sequence[str], keep: Sequence[str]) -> np.ndarray:
-    """Set every lead whose name (case-insensitive) is not in `keep` to zero."""
-    signal = _as_signal(signal)
+def _lowercase_names_holding(signal: np.ndarray, lead_names: Sequence[str], keep: Sequence[str]) -> list[str]:
+    """The record's lead names in lower case, after checking there is one per column and `keep` names only those."""
     if len(lead_names) != signal.shape[1]:
         raise ValueError(f"{len(lead_names)} lead names for {signal.shape[1]} leads")
     names = [str(name).lower() for name in lead_names]
     unknown = [lead for lead in keep if lead.lower() not in names]
     if unknown:
         raise ValueError(f"leads to keep {unknown} are not in the record's leads {list(lead_names)}")
+    return names
+
+
+def zero_leads(signal: np.ndarray, lead_names: Sequence[str], keep: Sequence[str]) -> np.ndarray:
+    """Set every lead whose name (case-insensitive) is not in `keep` to zero."""
+    signal = _as_signal(signal)
+    names = _lowercase_names_holding(signal, lead_names, keep)
     wanted = {lead.lower() for lead in keep}
     shifted = signal.copy()
     shifted[:, [name not in wanted for name in names]] = 0.0
@@ -118,12 +124,7 @@ def keep_leads(signal: np.ndarray, lead_names: Sequence[str], keep: Sequence[str
     """The columns of the leads in `keep` (case-insensitive, in `keep` order) and their names, as a record that only
     has those leads; returns `(signal (num_samples, len(keep)), lead_names)`."""
     signal = _as_signal(signal)
-    if len(lead_names) != signal.shape[1]:
-        raise ValueError(f"{len(lead_names)} lead names for {signal.shape[1]} leads")
-    names = [str(name).lower() for name in lead_names]
-    unknown = [lead for lead in keep if lead.lower() not in names]
-    if unknown:
-        raise ValueError(f"leads to keep {unknown} are not in the record's leads {list(lead_names)}")
+    names = _lowercase_names_holding(signal, lead_names, keep)
     columns = [names.index(lead.lower()) for lead in keep]
     return signal[:, columns].copy(), [lead_names[column] for column in columns]
 
