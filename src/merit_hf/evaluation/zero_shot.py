@@ -121,13 +121,14 @@ def random_ecg_tower_like(model, seed: int = 0):
 
 
 def _dataset_scores(model, processor, dataset, prompts, batch_size: int) -> np.ndarray:
-    from ..training.probe import ecg_values_batch
+    from ..training.probe import ecg_model_inputs
 
     class_embeddings = encode_class_prompts(model, processor.tokenizer, prompts, max_length=processor.max_length)
     columns = dataset.select_columns(["signal", "sampling_rate", "lead_names"])
     embeddings = []
     for start in range(0, len(dataset), batch_size):
-        ecg_values = ecg_values_batch(processor.feature_extractor, columns[start : start + batch_size], crop="center")
+        rows = columns[start : start + batch_size]
+        ecg_values = ecg_model_inputs(processor.feature_extractor, rows, crop="center")["ecg_values"]
         # fp32: evaluation numbers must not depend on the CPU they were computed on
         embeddings.append(encode_ecgs(model, ecg_values, batch_size, precision="fp32"))
     return similarity_scores(model, torch.cat(embeddings), class_embeddings)

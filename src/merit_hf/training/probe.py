@@ -277,18 +277,6 @@ def ecg_model_inputs(
     return dict(features)
 
 
-def ecg_values_batch(
-    feature_extractor: MeritFeatureExtractor,
-    rows: dict[str, list],
-    transform: RecordTransform | None = None,
-    start: int = 0,
-    crop: str | None = None,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """`ecg_values` only of `ecg_model_inputs` (for 12-lead, single-window settings)."""
-    return ecg_model_inputs(feature_extractor, rows, transform, start, crop, device)["ecg_values"]
-
-
 def encoder_inputs(inputs: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
     """The feature extractor's tensors that a MERIT model takes (`ecg_values`, `ecg_attention_mask`, `lead_mask`),
     on `device`."""
