@@ -108,6 +108,21 @@ def train_tiny_tokenizer(directory: Path, texts=TINY_REPORTS):
     return reloaded
 
 
+def run_pretraining(argv: list[str]) -> dict:
+    """`merit_hf.training.pretrain.main` in this process, with Accelerate's process-wide state reset around it."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from merit_hf.training import pretrain
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        return pretrain.main(argv)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
 @pytest.fixture
 def tokenizer(tmp_path):
     return train_tiny_tokenizer(tmp_path / "tokenizer")

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import BUNDLED_PTBXL, REPO_ROOT, tiny_text_config, train_tiny_tokenizer
+from tests.conftest import BUNDLED_PTBXL, REPO_ROOT, run_pretraining, tiny_text_config, train_tiny_tokenizer
 
 TINY_YAML = REPO_ROOT / "configs" / "tiny.yaml"
 PYTHON = sys.executable
@@ -76,21 +76,6 @@ def base_argv(assets, output_dir, **overrides) -> list[str]:
     return argv
 
 
-def run_main(argv: list[str]) -> dict:
-    """`pretrain.main` in this process, with Accelerate's process-wide state reset around it."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    from merit_hf.training import pretrain
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
-        return pretrain.main(argv)
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-
-
 def subprocess_env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("ACCELERATE_USE_CPU", None)
@@ -111,7 +96,7 @@ def read_log_history(output_dir: Path) -> list[dict]:
 def reference(assets, tmp_path_factory):
     """1 process, batch 8, from YAML plus flags; TensorBoard on."""
     output_dir = tmp_path_factory.mktemp("reference")
-    results = run_main(base_argv(assets, output_dir, per_device_train_batch_size=8, report_to="tensorboard"))
+    results = run_pretraining(base_argv(assets, output_dir, per_device_train_batch_size=8, report_to="tensorboard"))
     return output_dir, results
 
 
@@ -193,7 +178,7 @@ def test_torch_compile_trains_like_eager_and_saves_plain_weights(reference, asse
     _, eager = reference
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled = run_main(
+    compiled = run_pretraining(
         base_argv(
             assets, tmp_path, per_device_train_batch_size=8, torch_compile="true", torch_compile_backend="aot_eager"
         )
@@ -209,13 +194,13 @@ def test_torch_compile_trains_like_eager_and_saves_plain_weights(reference, asse
 
     # Each kind of run resumes from the other's checkpoint and continues the same loss curve.
     middle = STEPS // 2
-    eager_from_compiled = run_main(
+    eager_from_compiled = run_pretraining(
         base_argv(
             assets, tmp_path / "eager_from_compiled", per_device_train_batch_size=8,
             resume_from_checkpoint=str(tmp_path / "checkpoints" / f"checkpoint-{middle}"),
         )
     )  # fmt: skip
-    compiled_from_eager = run_main(
+    compiled_from_eager = run_pretraining(
         base_argv(
             assets, tmp_path / "compiled_from_eager", per_device_train_batch_size=8, torch_compile="true",
             torch_compile_backend="aot_eager",
@@ -235,7 +220,7 @@ def test_resume_after_kill_continues_the_same_loss_curve(assets, tmp_path):
     steps = 24
     overrides = {"max_steps": steps, "save_steps": 3, "eval_steps": 0, "save_total_limit": 2,
                  "ecg_config": '{"hidden_dropout_prob": 0.1}'}  # fmt: skip
-    uninterrupted = run_main(base_argv(assets, tmp_path / "uninterrupted", **overrides))["loss_history"]
+    uninterrupted = run_pretraining(base_argv(assets, tmp_path / "uninterrupted", **overrides))["loss_history"]
 
     killed_dir = tmp_path / "killed"
     argv = [PYTHON, "-m", "merit_hf.training.pretrain", *base_argv(assets, killed_dir, **overrides)]
@@ -282,7 +267,7 @@ def test_nan_loss_stops_before_checkpoint_and_names_step_and_batch(assets, tmp_p
     with pytest.raises(
         FloatingPointError, match=r"non-finite loss at step 3 \(epoch 0, batch 2 of the epoch.*ecg_ids"
     ):
-        run_main(base_argv(assets, tmp_path, save_steps=1, eval_steps=0))
+        run_pretraining(base_argv(assets, tmp_path, save_steps=1, eval_steps=0))
     saved = sorted(path.name for path in (tmp_path / "checkpoints").iterdir())
     assert saved == ["checkpoint-1", "checkpoint-2"]
     assert not (tmp_path / "model").exists()
@@ -295,9 +280,9 @@ def test_incompatible_checkpoint_refused_with_the_differing_fields(reference, as
     with pytest.raises(
         ValueError, match=r"incompatible with this run.*ecg_config.hidden_size: checkpoint 32, this run 64"
     ):
-        run_main(base_argv(assets, tmp_path, resume_from_checkpoint="latest", ecg_config=wider))
+        run_pretraining(base_argv(assets, tmp_path, resume_from_checkpoint="latest", ecg_config=wider))
     with pytest.raises(ValueError, match=r"per_device_train_batch_size: checkpoint 8, this run 4"):
-        run_main(base_argv(assets, tmp_path, resume_from_checkpoint="latest", per_device_train_batch_size=4))
+        run_pretraining(base_argv(assets, tmp_path, resume_from_checkpoint="latest", per_device_train_batch_size=4))
 
 
 def test_fresh_run_refuses_an_earlier_run_and_overwrite_starts_again(reference, assets, tmp_path):
@@ -309,15 +294,15 @@ def test_fresh_run_refuses_an_earlier_run_and_overwrite_starts_again(reference, 
         "--resume_from_checkpoint latest, start again with --overwrite_output_dir true"
     )
     with pytest.raises(FileExistsError, match=re.escape(message)):
-        run_main(base_argv(assets, output_dir))
+        run_pretraining(base_argv(assets, output_dir))
     with pytest.raises(ValueError, match="--overwrite_output_dir: removes the checkpoints that"):
-        run_main(base_argv(assets, output_dir, overwrite_output_dir="true", resume_from_checkpoint="latest"))
+        run_pretraining(base_argv(assets, output_dir, overwrite_output_dir="true", resume_from_checkpoint="latest"))
 
     for name in ("checkpoints", "model"):
         shutil.copytree(output_dir / name, tmp_path / name)
     shutil.copy(output_dir / "log_history.jsonl", tmp_path / "log_history.jsonl")
     (tmp_path / "checkpoints" / "checkpoint-99").mkdir()  # an interrupted save of the earlier run
-    results = run_main(base_argv(assets, tmp_path, overwrite_output_dir="true", max_steps=2, save_steps=1))
+    results = run_pretraining(base_argv(assets, tmp_path, overwrite_output_dir="true", max_steps=2, save_steps=1))
     assert results["global_step"] == 2 and results["steps_this_run"] == 2
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
     assert [entry["step"] for entry in read_log_history(tmp_path)] == [1, 2]
@@ -334,7 +319,7 @@ def test_split_smaller_than_one_batch_is_refused(assets, tmp_path, streaming):
         message = "--train_split 'train': 3 records, fewer than one batch of 4 per process x 1 process(es)"
     argv = base_argv(assets, tmp_path, max_train_samples=3, per_device_train_batch_size=4, streaming=streaming)
     with pytest.raises(ValueError, match=re.escape(message)):
-        run_main(argv)
+        run_pretraining(argv)
 
 
 def test_misspelled_ecg_config_key_is_refused(assets, tmp_path):
@@ -342,7 +327,7 @@ def test_misspelled_ecg_config_key_is_refused(assets, tmp_path):
         ValueError,
         match=re.escape("--ecg_config: 'mask_rato' is not a field of MeritEcgConfig; did you mean 'mask_ratio'?"),
     ):
-        run_main(base_argv(assets, tmp_path, ecg_config='{"mask_rato": 0.5}'))
+        run_pretraining(base_argv(assets, tmp_path, ecg_config='{"mask_rato": 0.5}'))
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -356,7 +341,9 @@ def test_misspelled_ecg_config_key_is_refused(assets, tmp_path):
 def test_ablations_run_by_flag(assets, tmp_path, flag, off, on, frozen):
     from merit_hf import MeritForPreTraining
 
-    results = run_main(base_argv(assets, tmp_path, **{flag: 0, "max_steps": 3, "save_steps": 3, "eval_steps": 0}))
+    results = run_pretraining(
+        base_argv(assets, tmp_path, **{flag: 0, "max_steps": 3, "save_steps": 3, "eval_steps": 0})
+    )
     assert results[f"train_{off}"] == 0.0 and results[f"train_{on}"] > 0
     assert results["train_loss"] == pytest.approx(results[f"train_{on}"])
     trained = MeritForPreTraining.from_pretrained(tmp_path / "model")
@@ -373,12 +360,12 @@ def test_streaming_split_trains_and_resumes_at_the_stream_position(assets, tmp_p
     buffer is not part of a stream's state (a `datasets` limit), so this compares runs with a buffer of 1."""
     pytest.importorskip("torchdata", reason="streamed pretraining needs torchdata's StatefulDataLoader")
     stream = {"streaming": "true", "shuffle_buffer_size": 1, "max_steps": 6, "save_steps": 3, "eval_steps": 0}
-    full = run_main(base_argv(assets, tmp_path / "full", **stream))
+    full = run_pretraining(base_argv(assets, tmp_path / "full", **stream))
     assert full["global_step"] == 6 and all(torch.isfinite(torch.tensor(full["loss_history"])))
     shutil.copytree(
         tmp_path / "full" / "checkpoints" / "checkpoint-3", tmp_path / "resumed" / "checkpoints" / "checkpoint-3"
     )
-    resumed = run_main(base_argv(assets, tmp_path / "resumed", resume_from_checkpoint="latest", **stream))
+    resumed = run_pretraining(base_argv(assets, tmp_path / "resumed", resume_from_checkpoint="latest", **stream))
     assert resumed["steps_this_run"] == 3 and resumed["loss_history"] == full["loss_history"][3:]
 
 
@@ -406,7 +393,7 @@ def test_two_processes_equal_one_process_with_double_batch(reference, assets, tm
     assert results["num_processes"] == 2 and results["total_batch_size"] == 8
     torch.testing.assert_close(torch.tensor(results["loss_history"]), torch.tensor(expected["loss_history"]),
                                rtol=1e-5, atol=1e-5)  # fmt: skip
-    run_main(base_argv(assets, tmp_path / "one", per_device_train_batch_size=8, max_eval_samples=25,
+    run_pretraining(base_argv(assets, tmp_path / "one", per_device_train_batch_size=8, max_eval_samples=25,
                        per_device_eval_batch_size=16))  # fmt: skip
     evals = [[row for row in read_log_history(tmp_path / run) if "eval_loss" in row] for run in ("two", "one")]
     assert len(evals[0]) == len(evals[1]) >= 1
@@ -447,7 +434,7 @@ def test_two_machines_on_one_host_equal_one_machine(reference, assets, tmp_path)
 def test_gradient_norm_balancing_adapts_and_logs_the_reconstruction_weight(assets, tmp_path):
     """tiny.yaml logs (and so measures) every step; the interval's own schedule is unit-tested in test_objective."""
     argv = base_argv(assets, tmp_path, loss_balancing="gradient_norm", max_steps=4, save_steps=4, eval_steps=0)
-    results = run_main(argv)
+    results = run_pretraining(argv)
     weights = [entry["reconstruction_weight"] for entry in read_log_history(tmp_path)]
     assert len(weights) == 4 and weights[0] != 1.0 and len(set(weights)) == 4
     assert all(1 / 100 <= weight <= 100 for weight in weights)

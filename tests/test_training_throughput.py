@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import BUNDLED_PTBXL, REPO_ROOT, tiny_text_config, train_tiny_tokenizer
+from tests.conftest import BUNDLED_PTBXL, REPO_ROOT, run_pretraining, tiny_text_config, train_tiny_tokenizer
 
 TINY_YAML = REPO_ROOT / "configs" / "tiny.yaml"
 INTERVAL_FIELDS = ("seconds_per_step", "data_wait_seconds_per_step", "data_wait_fraction", "ecgs_per_second")
@@ -158,20 +158,6 @@ def pretraining_assets(tmp_path_factory):
     BertModel(tiny_text_config(vocab_size=len(tokenizer))).save_pretrained(root / "text")
     build_ptbxl(BUNDLED_PTBXL, sampling_rate=100, ecg_ids=range(1, 81)).save_to_disk(str(root / "ptbxl"))
     return {"text": str(root / "text"), "data": str(root / "ptbxl")}
-
-
-def run_pretraining(argv: list[str]) -> dict:
-    from accelerate.state import AcceleratorState, GradientState
-
-    from merit_hf.training import pretrain
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
-        return pretrain.main(argv)
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
 
 
 @pytest.mark.slow
