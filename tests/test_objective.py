@@ -202,7 +202,9 @@ def test_balancer_moves_the_reconstruction_weight_halfway_to_equal_pull_within_i
     balancer.update({"encoder_grad_norm_reconstruction": 0.1, "encoder_grad_norm_contrastive": 1.0})
     assert balancer.weight == pytest.approx(1000**0.5)
     for _ in range(40):  # a term that never answers is not boosted past the bound
-        balancer.update({"encoder_grad_norm_reconstruction": 1e-9 * balancer.weight, "encoder_grad_norm_contrastive": 1.0})
+        balancer.update(
+            {"encoder_grad_norm_reconstruction": 1e-9 * balancer.weight, "encoder_grad_norm_contrastive": 1.0}
+        )
     assert balancer.weight == pytest.approx(100.0, rel=1e-3)
     balancer.load_state_dict({"weight": 2.0})
     assert balancer.state_dict() == {"weight": 2.0}
