@@ -70,7 +70,7 @@ def frozen_text_features(texts: list[str], text_model_path: str, batch_size: int
     them before the projection (same tokenizer, truncation and pooling)."""
     from transformers import AutoModel, AutoTokenizer
 
-    from merit_hf.modeling_merit import _pool_text
+    from merit_hf.models.merit.modeling_merit import _pool_text
 
     tokenizer = AutoTokenizer.from_pretrained(text_model_path)
     tower = AutoModel.from_pretrained(text_model_path).eval()

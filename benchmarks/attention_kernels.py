@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from merit_hf.modeling_merit import matmul_attention_forward
+from merit_hf.models.merit.modeling_merit import matmul_attention_forward
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

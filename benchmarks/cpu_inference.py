@@ -4,7 +4,7 @@ For each preset (default `base-p75` and `small-p125`), inference batch 8, 2 thre
 depend on them), one round times every variant once, and a ratio is the median over rounds of the paired ratio
 `reference time / variant time`, so drift of a shared machine cancels:
 
-- `merit/<precision>`: `MeritEcgModel` prepared by `merit_hf.inference_precision.prepare_for_inference` (fp32, bf16
+- `merit/<precision>`: `MeritEcgModel` prepared by `merit_hf.models.merit.inference_precision.prepare_for_inference` (fp32, bf16
   weights, int8 dynamic quantisation), as the embedding command line runs it. In bf16 both attention kernels are
   timed (`merit/bf16-sdpa`, `merit/bf16-matmul`: the fused SDPA kernel and two bf16 matmuls, fixed through
   `MERIT_CPU_ATTENTION`) and the JSON says which one the model picked by itself on this CPU.
@@ -38,8 +38,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from encoder_throughput import _register_einsum, build, set_attention  # noqa: E402
 
-from merit_hf import modeling_merit  # noqa: E402
-from merit_hf.inference_precision import cpu_capability, prepare_for_inference  # noqa: E402
+from merit_hf.models.merit import modeling_merit  # noqa: E402
+from merit_hf.models.merit.inference_precision import cpu_capability, prepare_for_inference  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {

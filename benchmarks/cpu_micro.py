@@ -48,7 +48,7 @@ def optimizer_step() -> dict:
 def wfdb_reader() -> dict:
     import wfdb
 
-    import merit_hf.feature_extraction_merit as fem
+    import merit_hf.models.merit.feature_extraction_merit as fem
 
     sample = ROOT.parent / "data" / "ptbxl_sample"
     headers = sorted(sample.glob("records100/*/*.hea"))[:300] + sorted(sample.glob("records500/*/*.hea"))

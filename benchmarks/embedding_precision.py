@@ -1,5 +1,5 @@
 """Are low-precision embeddings good enough? The same encoder embeds the same records in fp32 and in every other
-inference precision this device runs (`merit_hf.inference_precision`: bf16 weights, bf16 autocast, int8 dynamic
+inference precision this device runs (`merit_hf.models.merit.inference_precision`: bf16 weights, bf16 autocast, int8 dynamic
 quantisation on CPU, fp8 on Hopper-class GPUs); this reports how close each is to fp32 (cosine per record) and what a
 linear probe makes of each (superclass macro AUROC on the test split with its bootstrap CI, same probe protocol and
 seed), plus the cosine for a random-init ViT-B/75, whose 12 layers are where rounding would pile up.
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from merit_hf import MeritEcgConfig, MeritEcgModel, MeritFeatureExtractor
-from merit_hf.inference_precision import cpu_capability, prepare_for_inference
+from merit_hf.models.merit.inference_precision import cpu_capability, prepare_for_inference
 from merit_hf.training.probe import (
     SPLITS,
     extract_features,

@@ -7,7 +7,7 @@ Variants of one shape (fp32 on CPU; on a CUDA device fp32 and bf16 autocast, wit
 - `stmem_einsum`: the same weights with attention written the way the published ECG encoders write it (ST-MEM:
   `einsum` scores, softmax, `einsum`; no fused kernel), registered as an attention function. This is the reference.
 - `sdpa+bf16_weights`, `sdpa+fp8` (inference in bf16, with `--precision_variants`, on by default on CUDA): the model
-  as `merit_hf.inference_precision.prepare_for_inference` runs it for `precision="bf16"` (weights cast, no autocast:
+  as `merit_hf.models.merit.inference_precision.prepare_for_inference` runs it for `precision="bf16"` (weights cast, no autocast:
   the default on GPUs) and `"fp8"` (torchao float8 dynamic quantisation of the block linears; needs torchao and a GPU
   of compute capability 8.9+, otherwise the JSON says why it was skipped).
 - HuBERT-ECG base: transformers' `HubertModel` with HuBERT-ECG's published base configuration (768 x 12, conv
@@ -120,7 +120,7 @@ def set_attention(model, implementation: str) -> None:
 def _flops_per_ecg(model, inputs, batch) -> float:
     """Forward FLOPs per ECG, counted by the package's one FLOP counter (eager attention: FlopCounterMode does not see
     inside the fused CPU attention kernel, and the arithmetic is the same whichever kernel runs it)."""
-    from merit_hf.training.throughput import count_flops_per_sample
+    from merit_hf.utils.throughput import count_flops_per_sample
 
     return count_flops_per_sample(model, lambda rows: model(**rows), inputs, backward=False, max_rows=batch)
 
@@ -154,7 +154,7 @@ PRECISION_VARIANTS = {"sdpa+bf16_weights": "bf16", "sdpa+fp8": "fp8"}
 def _precision_models(model, device: str) -> tuple[dict, dict]:
     """`{variant: prepared model}` for the inference-precision variants this device can run, and `{variant: why}`
     for those it cannot (fp8 without torchao or FP8 tensor cores)."""
-    from merit_hf.inference_precision import prepare_for_inference
+    from merit_hf.models.merit.inference_precision import prepare_for_inference
 
     prepared, skipped = {}, {}
     for name, precision in PRECISION_VARIANTS.items():

@@ -25,7 +25,6 @@ from typing import Any
 from merit_hf.evaluation.results import metric_cell
 from merit_hf.evaluation.robustness import robustness_table, run_robustness
 from merit_hf.evaluation.zero_shot import evaluate_zero_shot
-from merit_hf.training.arguments import parse_arguments
 from merit_hf.training.probe import (
     ProbeArguments,
     load_dataset_dict,
@@ -35,6 +34,7 @@ from merit_hf.training.probe import (
     run_linear_probe,
     run_name,
 )
+from merit_hf.utils.arguments import parse_arguments
 
 
 @dataclass

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from merit_hf import MeritEcgConfig, MeritFeatureExtractor
-from merit_hf.feature_extraction_merit import read_wfdb_record
-from merit_hf.feature_extraction_torch_merit import normalize, resample_and_filter
+from merit_hf.models.merit.feature_extraction_merit import read_wfdb_record
+from merit_hf.models.merit.feature_extraction_torch_merit import normalize, resample_and_filter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results"

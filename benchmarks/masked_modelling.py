@@ -34,7 +34,7 @@ from transformers import BertConfig, get_scheduler
 
 from merit_hf import MeritConfig, MeritEcgConfig, MeritFeatureExtractor, MeritForPreTraining
 from merit_hf.data import build_ptbxl
-from merit_hf.modeling_merit import patchify
+from merit_hf.models.merit.modeling_merit import patchify
 from merit_hf.training.pretrain import masking_noise, parameter_groups
 
 ROOT = Path(__file__).resolve().parents[1]

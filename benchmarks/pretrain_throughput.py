@@ -5,7 +5,7 @@
 
 Step benchmark: the model of `--config` (`MeritForPreTraining`, both losses, AdamW), a batch of real PTB-XL records
 from `data/ptbxl_sample` through the feature extractor with their real reports, `--warmup_steps` untimed steps, then
-`--steps` timed ones. FLOPs of one step (forward + backward) are counted by `merit_hf.training.throughput`. On a GPU the
+`--steps` timed ones. FLOPs of one step (forward + backward) are counted by `merit_hf.utils.throughput`. On a GPU the
 step runs under bf16 autocast and model FLOPs utilisation = achieved FLOP/s / the GPU's dense bf16 peak
 (`--peak_tflops`, default by GPU name: 989 for an H100 / H200 SXM).
 
@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from merit_hf.training.throughput import count_flops_per_sample, default_peak_tflops
+from merit_hf.utils.throughput import count_flops_per_sample, default_peak_tflops
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MIMIC_IV_ECG_RECORDS = 800_035  # MIMIC-IV-ECG v1.0 diagnostic ECGs
@@ -61,9 +61,9 @@ def build(config_path: Path, batch_size: int, device: torch.device):
     from transformers import AutoTokenizer
 
     from merit_hf.data import MeritCollator, build_ptbxl
-    from merit_hf.feature_extraction_merit import MeritFeatureExtractor
-    from merit_hf.training.arguments import parse_arguments
+    from merit_hf.models.merit.feature_extraction_merit import MeritFeatureExtractor
     from merit_hf.training.pretrain import ARGUMENT_CLASSES, build_model, parameter_groups, resolve_text_model
+    from merit_hf.utils.arguments import parse_arguments
 
     model_args, _, train_args = parse_arguments(ARGUMENT_CLASSES, [str(config_path)])
     text_path = resolve_text_model(model_args.text_model_name_or_path)
@@ -187,8 +187,7 @@ def end_to_end_step_alone(args, device: torch.device) -> dict:
     and loop cost nothing. Same precision as the script (bf16 autocast on a GPU), same fused AdamW and clipping."""
     from transformers import AutoTokenizer
 
-    from merit_hf.feature_extraction_merit import MeritFeatureExtractor
-    from merit_hf.training.arguments import parse_arguments
+    from merit_hf.models.merit.feature_extraction_merit import MeritFeatureExtractor
     from merit_hf.training.pretrain import (
         ARGUMENT_CLASSES,
         PretrainingCollator,
@@ -198,6 +197,7 @@ def end_to_end_step_alone(args, device: torch.device) -> dict:
         parameter_groups,
         resolve_text_model,
     )
+    from merit_hf.utils.arguments import parse_arguments
 
     model_args, data_args, train_args = parse_arguments(ARGUMENT_CLASSES, [args.config, *_data_flags(args)])
     text_path = resolve_text_model(model_args.text_model_name_or_path)
@@ -447,7 +447,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--cpu", action="store_true", help="benchmark the CPU even when a GPU is present")
     parser.add_argument("--peak_tflops", type=float, default=None,
-                        help="GPU dense bf16 peak; default by GPU name (merit_hf.training.throughput; H100/H200: 989)")  # fmt: skip
+                        help="GPU dense bf16 peak; default by GPU name (merit_hf.utils.throughput; H100/H200: 989)")  # fmt: skip
     parser.add_argument("--assumed_mfu", type=float, default=0.4, help="for the GPU estimate when no GPU ran")
     parser.add_argument("--epochs", type=int, default=20, help="epochs of MIMIC-IV-ECG for the projection")
     parser.add_argument("--gpus", type=int, default=8)

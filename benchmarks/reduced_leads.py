@@ -22,8 +22,8 @@ from typing import Any
 from merit_hf.evaluation.results import metric_cell
 from merit_hf.evaluation.robustness import input_shifts, run_robustness
 from merit_hf.evaluation.shifts import LEAD_SUBSETS
-from merit_hf.training.arguments import parse_arguments
 from merit_hf.training.probe import ProbeArguments, load_dataset_dict, load_encoder, load_feature_extractor
+from merit_hf.utils.arguments import parse_arguments
 
 
 def lead_count_shifts(seed: int) -> dict:

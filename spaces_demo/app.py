@@ -45,7 +45,7 @@ import torch  # noqa: E402
 
 from merit_hf import zero_shot_classify  # noqa: E402
 from merit_hf.evaluation.zero_shot import encode_ecgs, load_class_descriptions  # noqa: E402
-from merit_hf.feature_extraction_merit import EcgInputError, read_wfdb_header, read_wfdb_record  # noqa: E402
+from merit_hf.models.merit.feature_extraction_merit import EcgInputError, read_wfdb_header, read_wfdb_record  # noqa: E402
 
 APP_DIR = Path(__file__).resolve().parent
 EXAMPLES_DIR = APP_DIR / "examples"
@@ -113,7 +113,7 @@ def default_model_path() -> str:
 def load_models(model_path: str, report_model_path: str | None = None) -> DemoModels:
     """The two-tower model (zero-shot, embeddings; on the GPU when the Space has one) and, if given, the report model
     (CPU), in eval mode. Loaded with merit_hf's own classes: the Python files a checkpoint carries (its remote code)
-    are never run. The ECG tower runs in `precision="auto"` (`merit_hf.inference_precision`): bf16 weights on a GPU,
+    are never run. The ECG tower runs in `precision="auto"` (`merit_hf.models.merit.inference_precision`): bf16 weights on a GPU,
     the fastest accurate path on the CPU the Space runs on."""
     from merit_hf import MeritModel, MeritProcessor
 

@@ -10,7 +10,8 @@ import pytest
 from huggingface_hub import DatasetCard, ModelCard
 
 from merit_hf import MeritFeatureExtractor
-from merit_hf.cards import (
+from merit_hf.evaluation import build_results, classification_metrics, write_results
+from merit_hf.hub.cards import (
     CardError,
     collect_results,
     dataset_card_problems,
@@ -21,7 +22,6 @@ from merit_hf.cards import (
     render_model_card,
     write_dataset_card,
 )
-from merit_hf.evaluation import build_results, classification_metrics, write_results
 from tests.conftest import REPO_ROOT
 
 LABELS = ["CD", "HYP", "MI", "NORM", "STTC"]

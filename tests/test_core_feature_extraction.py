@@ -10,7 +10,7 @@ import wfdb
 from transformers import AutoFeatureExtractor
 
 from merit_hf import MeritFeatureExtractor
-from merit_hf.feature_extraction_merit import EcgInputError, read_wfdb_record
+from merit_hf.models.merit.feature_extraction_merit import EcgInputError, read_wfdb_record
 
 PTBXL_LEADS = ["I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6"]
 

@@ -11,8 +11,8 @@ import torch
 from scipy import signal as sp_signal
 
 from merit_hf import MeritFeatureExtractor
-from merit_hf.feature_extraction_merit import EcgInputError, read_wfdb_record
-from merit_hf.feature_extraction_torch_merit import resample_poly, sosfiltfilt
+from merit_hf.models.merit.feature_extraction_merit import EcgInputError, read_wfdb_record
+from merit_hf.models.merit.feature_extraction_torch_merit import resample_poly, sosfiltfilt
 
 PTBXL_LEADS = ["I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6"]
 # Measured on the 1,112 bundled and shared records: 6.2e-6 (float32 arithmetic against scipy's float64); asserted

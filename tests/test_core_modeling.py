@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForPreTraining
 
 from merit_hf import MeritEcgModel, MeritForEcgClassification, MeritForPreTraining, MeritModel, modeling_merit
-from merit_hf.modeling_merit import contrastive_loss, masked_patch_reconstruction_loss
+from merit_hf.models.merit.modeling_merit import contrastive_loss, masked_patch_reconstruction_loss
 from tests.conftest import tiny_ecg_config, tiny_merit_config
 
 BATCH = 3
@@ -202,7 +202,7 @@ def test_bf16_attention_on_cpu_is_the_kernel_timed_faster_once_per_shape(faster,
     monkeypatch.setattr(modeling_merit, "time_cpu_attention_kernels", timed)
     model = MeritEcgModel._from_config(tiny_ecg_config(), attn_implementation="sdpa").eval().to(torch.bfloat16)
     fused = "aten::_scaled_dot_product_flash_attention_for_cpu"
-    with torch.no_grad(), caplog.at_level(logging.DEBUG, logger="merit_hf.modeling_merit"):
+    with torch.no_grad(), caplog.at_level(logging.DEBUG, logger="merit_hf.models.merit.modeling_merit"):
         assert _ran(fused, lambda: model(torch.randn(2, 12, 2250))) == (faster == "sdpa")
         model(torch.randn(3, 12, 2250))  # another batch size: the same choice, not timed again
     config = model.config

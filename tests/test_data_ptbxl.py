@@ -11,7 +11,6 @@ import wfdb
 from datasets import load_dataset
 from huggingface_hub import DatasetCard
 
-from merit_hf.cards import dataset_card_problems
 from merit_hf.data import (
     LABEL_SETS,
     EcgInputError,
@@ -23,6 +22,7 @@ from merit_hf.data import (
     load_ptbxl,
 )
 from merit_hf.hub import check_dataset_folder
+from merit_hf.hub.cards import dataset_card_problems
 from tests.conftest import BUNDLED_PTBXL, REPO_ROOT
 
 NO_SUPERCLASS = [17, 18, 20, 23, 34, 143, 144, 190, 382, 385, 449, 498]

@@ -9,7 +9,7 @@ import torch
 
 from merit_hf import MeritEcgModel, MeritFeatureExtractor, MeritForPreTraining
 from merit_hf.embedding import embed_dataset, main
-from merit_hf.inference_precision import prepare_for_inference
+from merit_hf.models.merit.inference_precision import prepare_for_inference
 from merit_hf.training.probe import extract_features
 from tests.conftest import BUNDLED_PTBXL, tiny_ecg_config, tiny_merit_config
 
@@ -124,7 +124,7 @@ def test_command_line_writes_parquet_per_split(tmp_path):
         table = load_dataset("parquet", data_files=str(out / f"{split}.parquet"), split="train")
         assert len(table) == summary["splits"][split]["rows"] > 0
         assert len(table[0]["ecg_embedding"]) == model.config.ecg_config.hidden_size
-        throughput = summary["splits"][split]["throughput"]  # merit_hf.training.throughput, per split
+        throughput = summary["splits"][split]["throughput"]  # merit_hf.utils.throughput, per split
         assert throughput["ecgs_seen"] == len(table) and throughput["flops_per_ecg"] > 0
         assert throughput["ecgs_per_second"] * throughput["measured_seconds"] == pytest.approx(len(table))
     streamed = main(["--model_name_or_path", str(folder), "--dataset", str(BUNDLED_PTBXL), "--splits", "test",

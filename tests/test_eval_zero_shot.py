@@ -19,7 +19,7 @@ from merit_hf.evaluation.zero_shot import (
     load_class_descriptions,
     random_ecg_tower_like,
 )
-from merit_hf.pipelines import ZERO_SHOT_ECG_TASK, ZeroShotEcgClassificationPipeline
+from merit_hf.models.merit import ZERO_SHOT_ECG_TASK, ZeroShotEcgClassificationPipeline
 
 from .conftest import BUNDLED_PTBXL, tiny_merit_config
 from .test_eval_probe import synthetic_ptbxl

@@ -28,7 +28,6 @@ import transformers.utils.hub
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 
 from merit_hf import MeritFeatureExtractor, MeritModel, MeritProcessor
-from merit_hf.cards import render_model_card
 from merit_hf.hub import (
     HubFolderError,
     check_model_folder,
@@ -38,6 +37,7 @@ from merit_hf.hub import (
     push_model,
     pushed_files,
 )
+from merit_hf.hub.cards import render_model_card
 from tests.conftest import BUNDLED_PTBXL, tiny_merit_config
 from tests.hub_server import FakeHub
 from tests.test_cards import results_from_our_metrics

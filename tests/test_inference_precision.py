@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from merit_hf import MeritEcgModel
-from merit_hf.inference_precision import (
+from merit_hf.models.merit.inference_precision import (
     CpuCapability,
     _quantize_fp8,
     _read_cpuinfo,
@@ -37,7 +37,7 @@ HASWELL = CpuCapability("Intel(R) Xeon(R) CPU E5-2680 v3", frozenset({"avx2", "f
     ids=["amx", "avx512_bf16", "vnni_only", "neither"],
 )
 def test_auto_on_cpu_follows_what_the_cpu_reports(capability, expected, caplog):
-    with caplog.at_level(logging.DEBUG, logger="merit_hf.inference_precision"):
+    with caplog.at_level(logging.DEBUG, logger="merit_hf.models.merit.inference_precision"):
         assert resolve_precision("auto", "cpu", capability=capability) == expected
     assert f"precision 'auto' on cpu -> {expected} ({capability.model_name}" in caplog.text
     for explicit in ("fp32", "bf16", "fp16", "int8"):  # an explicit precision is kept whatever the CPU

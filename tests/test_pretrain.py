@@ -102,8 +102,8 @@ def reference(assets, tmp_path_factory):
 
 # ----------------------------------------------------------------------------------------------------------------------
 def test_arguments_yaml_then_flags_and_unknown_keys(tmp_path):
-    from merit_hf.training.arguments import parse_arguments
     from merit_hf.training.pretrain import ARGUMENT_CLASSES
+    from merit_hf.utils.arguments import parse_arguments
 
     model_args, data_args, train_args = parse_arguments(ARGUMENT_CLASSES, [str(TINY_YAML), "--max_steps", "3"])
     assert train_args.max_steps == 3 and train_args.per_device_train_batch_size == 8  # flag wins, YAML kept

@@ -19,7 +19,7 @@ from merit_hf import (
     MeritModel,
     pool_window_embeddings,
 )
-from merit_hf.feature_extraction_merit import EcgInputError, read_wfdb_record
+from merit_hf.models.merit.feature_extraction_merit import EcgInputError, read_wfdb_record
 from tests.conftest import BUNDLED_PTBXL, tiny_ecg_config, tiny_merit_config
 
 LEADS = ["I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6"]

@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merit_hf import MeritFeatureExtractor, MeritModel
-from merit_hf.cards import public_path
 from merit_hf.data import EcgInputError, convert_ptbxl, read_ecg_record
 from merit_hf.data.ptbxl import read_ptbxl_database
-from merit_hf.feature_extraction_merit import read_wfdb_record
 from merit_hf.hub import HubFolderError, check_model_folder, clear_local_name_or_path, leak_problems, push_model
+from merit_hf.hub.cards import public_path
+from merit_hf.models.merit.feature_extraction_merit import read_wfdb_record
 from tests.conftest import SHARED_DATA, tiny_merit_config
 
 SUBSET = SHARED_DATA / "ptbxl_subset500"

@@ -195,7 +195,7 @@ def test_processor_rejects_empty_reference_report(parts):
 
 
 def test_processor_rejects_ecg_that_breaks_the_input_contract(parts):
-    from merit_hf.feature_extraction_merit import EcgInputError
+    from merit_hf.models.merit.feature_extraction_merit import EcgInputError
 
     _, processor = parts
     kwargs = ecg_kwargs(1)
@@ -523,7 +523,7 @@ def test_report_lora_script_end_to_end(lm_dir, tmp_path):
     assert results["lora_loss_last"] < results["alignment_loss_first"]
     assert 0.0 <= results["eval"]["bleu_4"] <= 1.0 and "rougeL" in results["eval"]
     assert results["generation_speed"]["tokens_per_second"] > 0
-    for stage in ("alignment", "lora"):  # throughput totals of each stage (merit_hf.training.throughput)
+    for stage in ("alignment", "lora"):  # throughput totals of each stage (merit_hf.utils.throughput)
         throughput = results[f"{stage}_throughput"]
         assert throughput["ecgs_seen"] == 16 and throughput["flops_per_ecg"] > 0  # 16 reports, 1 epoch
         assert throughput["ecgs_per_second"] * throughput["measured_seconds"] == pytest.approx(throughput["ecgs_seen"])

@@ -412,7 +412,7 @@ def test_models_load_with_merit_hf_classes_never_the_checkpoints_code(tmp_path, 
     for name in ("modeling_merit.py", "configuration_merit.py"):  # code a Hub account could have changed
         (folder / name).write_text(f"open({str(marker)!r}, 'w').write('ran')\nraise RuntimeError('remote code')\n")
     models = load_app_module().load_models(str(folder))
-    assert type(models.model).__module__ == "merit_hf.modeling_merit" and not marker.exists()
+    assert type(models.model).__module__ == "merit_hf.models.merit.modeling_merit" and not marker.exists()
 
 
 def test_record_checks_use_the_readers_header_check(tmp_path):

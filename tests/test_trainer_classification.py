@@ -70,7 +70,7 @@ def test_trainer_output_loads_and_passes_the_push_checks(trained):
     trainer, data, names, _, folder = trained
     assert (folder / "preprocessor_config.json").is_file() and (folder / "training_args.bin").is_file()
     problems = check_model_folder(folder)
-    assert problems == ["README.md (the model card) is missing: render one with merit_hf.cards"]
+    assert problems == ["README.md (the model card) is missing: render one with merit_hf.hub.cards"]
     model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
     feature_extractor = AutoFeatureExtractor.from_pretrained(folder, trust_remote_code=True)
     assert feature_extractor.to_dict() == trainer.processing_class.to_dict()

@@ -8,9 +8,9 @@ import re
 import pytest
 
 from merit_hf import MeritEcgConfig
-from merit_hf.training.arguments import config_from_argument, parse_arguments
 from merit_hf.training.pretrain import ARGUMENT_CLASSES
 from merit_hf.training.probe import ProbeArguments
+from merit_hf.utils.arguments import config_from_argument, parse_arguments
 
 
 def write_yaml(tmp_path, text: str) -> str:

@@ -42,7 +42,7 @@ def tiny_batch(batch_size: int = 4) -> dict[str, torch.Tensor]:
 # The meter on its own
 # ----------------------------------------------------------------------------------------------------------------------
 def test_meter_separates_data_wait_from_step_time_and_excludes_evaluation():
-    from merit_hf.training.throughput import ThroughputMeter
+    from merit_hf.utils.throughput import ThroughputMeter
 
     def slow_batches():
         for _ in range(4):
@@ -80,7 +80,7 @@ def test_default_peak_by_gpu_name(monkeypatch):
 
 
 def test_flop_count_is_forward_plus_backward_and_leaves_the_model_as_it_was():
-    from merit_hf.training.throughput import count_flops_per_sample
+    from merit_hf.utils.throughput import count_flops_per_sample
 
     model = tiny_pretraining_model().train()
     batch = tiny_batch()
@@ -134,7 +134,7 @@ def test_activation_checkpointing_refuses_unknown_mode_and_layer_count():
 
 
 def test_dataloader_options_only_where_they_apply():
-    from merit_hf.training.throughput import dataloader_options
+    from merit_hf.utils.throughput import dataloader_options
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert dataloader_options(0, True, True, 4, cpu) == {"num_workers": 0, "pin_memory": False}

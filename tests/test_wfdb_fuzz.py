@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from merit_hf.data import read_ecg_record
-from merit_hf.feature_extraction_merit import EcgInputError, read_wfdb_record
+from merit_hf.models.merit.feature_extraction_merit import EcgInputError, read_wfdb_record
 from tests.conftest import SHARED_DATA
 
 SOURCE = SHARED_DATA / "ptbxl_subset500" / "records100" / "00000" / "00317_lr"

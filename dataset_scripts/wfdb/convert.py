@@ -18,8 +18,8 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from merit_hf.cards import write_dataset_card
 from merit_hf.data import WfdbFolderSpec, convert_wfdb_folder
+from merit_hf.hub.cards import write_dataset_card
 
 CARD = Path(__file__).with_name("README.md")
 

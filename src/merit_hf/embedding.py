@@ -14,7 +14,7 @@ written in parts with the stream's state, so a run that stops resumes after its 
         --split_fractions 0.8 0.1 0.1 --split_seed 0 --keep_columns ecg_id record   # any WFDB folder, converted
 
 `--precision auto` (the default) runs bf16 weights on a GPU and, on a CPU, bf16 where the CPU computes it natively,
-else fp32 (`merit_hf.inference_precision`); `--precision int8` is faster still on most CPUs, at a small accuracy cost
+else fp32 (`merit_hf.models.merit.inference_precision`); `--precision int8` is faster still on most CPUs, at a small accuracy cost
 (benchmarks/README.md). For many ECGs on CPU pick a `small-p125` checkpoint. Every record is centre-cropped to the
 encoder's window, as in the linear-probe protocol.
 Long records (a 60 s strip, a Holter) can instead be embedded window by window and pooled per record, and records
@@ -39,11 +39,7 @@ from typing import Any
 import torch
 
 from .data.wfdb_folder import DEFAULT_SPLIT_FRACTIONS
-from .feature_extraction_merit import MISSING_LEAD_POLICIES, WINDOWS, MeritFeatureExtractor
-from .inference_precision import PRECISIONS, prepare_for_inference, resolve_precision
-from .modeling_merit import WINDOW_POOLINGS
-from .training.arguments import parse_arguments
-from .training.probe import (
+from .evaluation.probe import (
     _model_fingerprint,
     ecg_encoder,
     ecg_model_inputs,
@@ -52,7 +48,11 @@ from .training.probe import (
     load_feature_extractor,
     record_embeddings,
 )
-from .training.throughput import ThroughputMeter
+from .models.merit.feature_extraction_merit import MISSING_LEAD_POLICIES, WINDOWS, MeritFeatureExtractor
+from .models.merit.inference_precision import PRECISIONS, prepare_for_inference, resolve_precision
+from .models.merit.modeling_merit import WINDOW_POOLINGS
+from .utils.arguments import parse_arguments
+from .utils.throughput import ThroughputMeter
 
 DATASET_NAMES = ("ptbxl", "mimic_iv_ecg", "wfdb")
 REQUIRED_COLUMNS = ("signal", "sampling_rate", "lead_names")
@@ -79,14 +79,14 @@ def embed_dataset(
         model: any MERIT model (its ECG encoder is used) or a checkpoint folder / Hub id.
         feature_extractor: defaults to the checkpoint's, else the one matching the encoder config.
         precision: `"auto"` (bf16 weights on a GPU, the CPU's fastest accurate path), `"fp32"`, `"bf16"`, `"fp16"`,
-            `"int8"` (CPU) or `"fp8"` (Hopper-class GPUs); see `merit_hf.inference_precision`. The caller's model is
+            `"int8"` (CPU) or `"fp8"` (Hopper-class GPUs); see `merit_hf.models.merit.inference_precision`. The caller's model is
             never cast: a converted copy runs.
         device: defaults to CUDA when available.
         weights_fingerprint: the encoder's weight fingerprint for the map-style cache key, when the caller has it
             (the command line computes it once for all splits); computed here otherwise.
         window_pooling: `"mean"` or `"max"` of the window embeddings of a record, when the feature extractor cuts
             records into windows (`window="sliding"`); each record still gets one embedding.
-        meter: a `merit_hf.training.throughput.ThroughputMeter` that times each batch as it is embedded (the feature
+        meter: a `merit_hf.utils.throughput.ThroughputMeter` that times each batch as it is embedded (the feature
             extractor as data wait, FLOPs per ECG of the encoder's forward); nothing is timed when `None`.
         feature_extraction_device: `None` (default) prepares each record with the feature extractor's scipy path on
             the CPU; `"encoder"` runs its batched torch path on the encoder's device (each process's own GPU under

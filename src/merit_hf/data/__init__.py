@@ -8,7 +8,8 @@
   recorded, labels and reports from CSV files); `loading`: runtime loaders; `collator`: `MeritCollator`.
 """
 
-from ..feature_extraction_merit import EcgInputError
+from ..models.merit.feature_extraction_merit import EcgInputError
+from ..models.wfdb_io import read_ecg_record
 from .collator import MeritCollator, precompute_ecg_values
 from .conversion import ConversionReport, RecordFailure
 from .labels import (
@@ -25,7 +26,6 @@ from .mimic_iv_ecg import LEAD_NAMES_MIMIC, build_mimic_iv_ecg, convert_mimic_iv
 from .ptbxl import LEAD_NAMES_PTBXL, PTBXL_SPLITS, build_ptbxl, convert_ptbxl, ptbxl_features, read_ptbxl_database
 from .reports import clean_report, join_mimic_report, report_language
 from .wfdb_folder import WfdbFolderSpec, build_wfdb_dataset, convert_wfdb_folder, split_wfdb_dataset
-from .wfdb_records import read_ecg_record
 
 __all__ = [
     "DEFAULT_LABEL_THRESHOLD",

@@ -32,7 +32,7 @@ from datasets import Array2D, Dataset, Features, List, Value
 from datasets.arrow_writer import get_parquet_column_options
 from tqdm.auto import tqdm
 
-from ..configuration_merit import STANDARD_LEAD_NAMES
+from ..models.merit.configuration_merit import STANDARD_LEAD_NAMES
 
 
 def ecg_report_features(num_samples: int) -> dict:

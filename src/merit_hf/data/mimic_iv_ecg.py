@@ -34,6 +34,7 @@ from typing import Any
 import pandas as pd
 from datasets import Dataset, Features, Value
 
+from ..models.wfdb_io import read_ecg_record
 from .conversion import (
     ConversionReport,
     ecg_report_features,
@@ -43,7 +44,6 @@ from .conversion import (
     write_parquet_shards,
 )
 from .reports import MIMIC_REPORT_COLUMNS, join_mimic_report
-from .wfdb_records import read_ecg_record
 
 logger = logging.getLogger(__name__)
 

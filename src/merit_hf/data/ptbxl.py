@@ -36,6 +36,7 @@ from typing import Any
 import pandas as pd
 from datasets import ClassLabel, DatasetDict, Features, List, Value
 
+from ..models.wfdb_io import read_ecg_record
 from .conversion import (
     ConversionReport,
     ecg_report_features,
@@ -46,7 +47,6 @@ from .conversion import (
 )
 from .labels import DEFAULT_LABEL_THRESHOLD, LABEL_SETS, ScpStatements, parse_scp_codes
 from .reports import clean_report, report_language
-from .wfdb_records import read_ecg_record
 
 logger = logging.getLogger(__name__)
 

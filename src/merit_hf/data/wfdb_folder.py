@@ -1,7 +1,7 @@
 """Any folder of WFDB records (a hospital export, LUDB, PhysioNet/CinC 2021, CPSC 2021, ...) as a `datasets` table.
 
 Records are found by their `.hea` header, in any sub-folder; each is read and validated as PTB-XL records are
-(`merit_hf.data.wfdb_records.read_ecg_record`: header and signal file agree, known units converted to mV, no NaN/inf,
+(`merit_hf.models.wfdb_io.read_ecg_record`: header and signal file agree, known units converted to mV, no NaN/inf,
 a plausible amplitude) but kept **as recorded**: any lead subset, in the header's order and spelling, at the header's
 sampling rate, at full length. Records that cannot be read are listed with file and reason in
 `conversion_report.json` (`merit_hf.data.conversion`, the machinery the PTB-XL converter uses: resumable Parquet
@@ -45,9 +45,9 @@ import numpy as np
 import pandas as pd
 from datasets import Array2D, ClassLabel, Dataset, DatasetDict, Features, List, Value
 
+from ..models.wfdb_io import EcgInputError, read_ecg_record
 from .conversion import ConversionReport, raise_first_failure, read_rows, rows_to_dataset, write_parquet_shards
 from .reports import clean_report, report_language
-from .wfdb_records import EcgInputError, read_ecg_record
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from ..training.probe import (
+from .metrics import best_f1_thresholds, classification_metrics
+from .probe import (
     ProbeArguments,
     extract_features,
     fit_linear_probe,
@@ -46,7 +47,6 @@ from ..training.probe import (
     probe_protocol,
     random_init_like,
 )
-from .metrics import best_f1_thresholds, classification_metrics
 from .results import build_results, encoder_identity, metric_cell, write_results
 from .shifts import (
     LEAD_SUBSETS,

@@ -33,7 +33,7 @@ import torch
 
 # The prompt-ensembling helpers live in the Hub remote-code file so that a saved folder's zero-shot pipeline runs
 # without merit_hf; they are re-exported here under their established names.
-from ..pipeline_merit import (
+from ..models.merit.pipeline_merit import (
     DEFAULT_HYPOTHESIS_TEMPLATE,
     PTBXL_PROMPTS_PATH,
     _templates,
@@ -80,7 +80,7 @@ def zero_shot_classify(
         ecg_values: already extracted `(num_ecgs, num_leads, num_samples)` input instead of `ecgs`.
         lead_mask: with `ecg_values`, the feature extractor's `lead_mask` `(num_ecgs, num_leads)` (missing leads
             are left out); with `ecgs` it comes from the feature extractor (`missing_leads="mask"`).
-        precision: of the ECG tower (`merit_hf.inference_precision`): `"auto"` (default) runs bf16 weights on a GPU
+        precision: of the ECG tower (`merit_hf.models.merit.inference_precision`): `"auto"` (default) runs bf16 weights on a GPU
             and the fastest accurate path on a CPU; `"fp32"`, `"bf16"`, `"fp16"`, `"int8"` (CPU), `"fp8"` (Hopper).
             The model is never cast: a converted copy of its ECG tower runs, kept until its weights change.
 
@@ -121,7 +121,7 @@ def random_ecg_tower_like(model, seed: int = 0):
 
 
 def _dataset_scores(model, processor, dataset, prompts, batch_size: int) -> np.ndarray:
-    from ..training.probe import ecg_model_inputs
+    from .probe import ecg_model_inputs
 
     class_embeddings = encode_class_prompts(model, processor.tokenizer, prompts, max_length=processor.max_length)
     columns = dataset.select_columns(["signal", "sampling_rate", "lead_names"])
@@ -152,8 +152,8 @@ def evaluate_zero_shot(
     threshold, `macro_f1` uses per-class thresholds chosen on the validation split, and
     `macro_f1_max_over_thresholds` is MERL's test-split "F1". Returns the results dict
     (`merit_hf.evaluation.results`)."""
-    from ..training.probe import label_matrix, label_names, labeled_dataset_dict
     from .metrics import best_f1_thresholds, classification_metrics
+    from .probe import label_matrix, label_names, labeled_dataset_dict
     from .results import build_results, write_results
 
     if isinstance(model_or_path, (str, Path)):

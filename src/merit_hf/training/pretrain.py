@@ -65,13 +65,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_scheduler
 
-from ..configuration_merit import MeritConfig, MeritEcgConfig
-from ..feature_extraction_merit import MeritFeatureExtractor
-from ..modeling_merit import MeritForPreTraining
-from ..processing_merit import MeritProcessor
+from ..models.merit.configuration_merit import MeritConfig, MeritEcgConfig
+from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
+from ..models.merit.modeling_merit import MeritForPreTraining
+from ..models.merit.processing_merit import MeritProcessor
+from ..utils.arguments import arguments_to_dict, config_from_argument, parse_arguments
+from ..utils.throughput import ThroughputMeter, dataloader_options
 from .activation_checkpointing import enable_activation_checkpointing
-from .arguments import arguments_to_dict, config_from_argument, parse_arguments
-from .throughput import ThroughputMeter, dataloader_options
 
 TRAINING_STATE_FILE = "training_state.json"
 LOG_HISTORY_FILE = "log_history.jsonl"
@@ -216,7 +216,7 @@ class PretrainingArguments:
     )
     run_name: str = field(default="merit-pretrain")
     disable_tqdm: bool = field(default=False)
-    # Speed and memory (merit_hf.training.throughput, merit_hf.training.activation_checkpointing)
+    # Speed and memory (merit_hf.utils.throughput, merit_hf.training.activation_checkpointing)
     peak_tflops: float | None = field(
         default=None,
         metadata={"help": "Per-device peak TFLOP/s for the logged MFU; default: the GPU's dense bf16 peak by name."},

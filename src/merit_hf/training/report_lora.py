@@ -50,14 +50,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, get_scheduler
 
-from ..configuration_merit import MeritEcgConfig
 from ..data.reports import clean_report, join_mimic_report, report_language
-from ..feature_extraction_merit import MeritFeatureExtractor
-from ..modeling_merit import MeritEcgModel
-from ..modeling_merit_report import MeritForReportGeneration
-from ..processing_merit import DEFAULT_REPORT_INSTRUCTION, MeritProcessor
-from .arguments import arguments_to_dict, config_from_argument, parse_arguments
-from .throughput import ThroughputMeter
+from ..models.merit.configuration_merit import MeritEcgConfig
+from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
+from ..models.merit.modeling_merit import MeritEcgModel
+from ..models.merit.modeling_merit_report import MeritForReportGeneration
+from ..models.merit.processing_merit import DEFAULT_REPORT_INSTRUCTION, MeritProcessor
+from ..utils.arguments import arguments_to_dict, config_from_argument, parse_arguments
+from ..utils.throughput import ThroughputMeter
 
 BASE_FINGERPRINT_FILE = "merit_report_base.json"
 RESULTS_FILE = "report_results.json"
@@ -381,7 +381,7 @@ def _train_stage(
     training_args: ReportTrainingArguments,
 ) -> tuple[list[float], dict[str, Any]]:
     """One stage: AdamW on the parameters that require grad, warm-up + schedule; returns the logged losses and the
-    stage's throughput totals (`merit_hf.training.throughput`)."""
+    stage's throughput totals (`merit_hf.utils.throughput`)."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=training_args.weight_decay, fused=True)
     steps = epochs * math.ceil(len(loader) / training_args.gradient_accumulation_steps)

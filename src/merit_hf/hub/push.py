@@ -1,7 +1,7 @@
 """Share MERIT checkpoints and converted datasets on the Hugging Face Hub.
 
 `push_model` and `push_dataset` check that a folder is Hub-ready, optionally render its card from an evaluation
-results JSON ([`merit_hf.cards`]), then upload it with `HfApi.upload_folder` (Xet or Git-LFS, whichever the client
+results JSON ([`merit_hf.hub.cards`]), then upload it with `HfApi.upload_folder` (Xet or Git-LFS, whichever the client
 picks), to a branch, a pull request, and/or a tag. `populate_cache` puts a folder into the Hugging Face cache as if
 it had been downloaded, for machines behind a firewall.
 
@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -125,7 +124,7 @@ def check_model_folder(folder: str | os.PathLike, ignore_patterns: list[str] | N
             "(Trainer(..., processing_class=feature_extractor) or feature_extractor.save_pretrained(folder))"
         )
     if not (folder / "README.md").is_file():
-        problems.append("README.md (the model card) is missing: render one with merit_hf.cards")
+        problems.append("README.md (the model card) is missing: render one with merit_hf.hub.cards")
     return problems + leak_problems(folder, ignore_patterns)
 
 
@@ -215,7 +214,7 @@ def clear_local_name_or_path(folder: str | os.PathLike) -> list[str]:
 
 def check_dataset_folder(folder: str | os.PathLike) -> list[str]:
     """Problems of a converted dataset folder: it needs data files (Parquet/Arrow/JSONL/CSV) and a card `README.md`
-    whose `configs:` all resolve to files in the folder ([`merit_hf.cards.dataset_config_problems`]), or
+    whose `configs:` all resolve to files in the folder ([`merit_hf.hub.cards.dataset_config_problems`]), or
     `load_dataset(repo, config)` would fail after the push. Dataset loading scripts are refused: the Hub no longer
     runs them, and data must not need `trust_remote_code`."""
     from .cards import dataset_config_problems
@@ -348,7 +347,7 @@ def push_model(
     who never installed merit_hf.
 
     With `results` (the evaluation results JSON, or its path), the model card `README.md` is first rendered into the
-    folder by [`merit_hf.cards.render_model_card`] (`card_kwargs` go to it), so the card's numbers are the ones our
+    folder by [`merit_hf.hub.cards.render_model_card`] (`card_kwargs` go to it), so the card's numbers are the ones our
     evaluation wrote. The folder is checked by [`check_model_folder`] before anything is sent: nothing is uploaded
     if a text file holds a Hub token or a config or card holds an absolute local path ([`leak_problems`]); a local
     `_name_or_path` (where a sub-model was loaded from, never read to load) is first set to `""` in place
@@ -484,13 +483,6 @@ def main(argv: list[str] | None = None) -> dict:
             summary = asdict(push_model(args.folder, args.repo_id, results=args.results, **kwargs))
     print(json.dumps(summary, indent=2))
     return summary
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except HubFolderError as error:
-        sys.exit(f"error: {error}")
 
 
 __all__ = [

@@ -47,7 +47,7 @@ ECG_CLASSIFICATION_TASK = "ecg-classification"
 ZERO_SHOT_ECG_TASK = "zero-shot-ecg-classification"
 ZERO_SHOT_PROMPTS_FILE = "zero_shot_prompts.json"  # the prompt file save_pretrained writes beside a two-tower model
 # the shipped PTB-XL prompt file (present when this file runs from the merit_hf package, not from a Hub folder)
-PTBXL_PROMPTS_PATH = Path(__file__).resolve().parent / "evaluation" / "prompts" / "ptbxl_prompts.json"
+PTBXL_PROMPTS_PATH = Path(__file__).resolve().parent / "prompts" / "ptbxl_prompts.json"
 DEFAULT_HYPOTHESIS_TEMPLATE = "{}"
 TEXT_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -254,10 +254,10 @@ _FALLBACK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch
 
 
 def _precision_module():
-    """`merit_hf.inference_precision` when merit_hf is installed (CPU capability detection, int8, fp8), else None:
+    """`merit_hf.models.merit.inference_precision` when merit_hf is installed (CPU capability detection, int8, fp8), else None:
     a Hub folder run without merit_hf falls back to plain dtype casts."""
     try:
-        return importlib.import_module("merit_hf.inference_precision")
+        return importlib.import_module("merit_hf.models.merit.inference_precision")
     except ImportError:
         return None
 
@@ -304,7 +304,7 @@ def encode_ecgs(
     precision: str = "auto",
 ) -> torch.Tensor:
     """L2-normalised projected ECG embeddings `(num_ecgs, projection_dim)`, computed in batches on the model's device
-    in `precision` (`merit_hf.inference_precision`: `"auto"` is bf16 weights on a GPU and the CPU's fastest accurate
+    in `precision` (`merit_hf.models.merit.inference_precision`: `"auto"` is bf16 weights on a GPU and the CPU's fastest accurate
     path; the model itself is never cast, a converted copy of its ECG tower runs). `lead_mask`: the missing leads are
     left out."""
     merit = _two_tower(model)
@@ -388,7 +388,7 @@ class ZeroShotEcgClassificationPipeline(Pipeline):
         hypothesis_template (`str` or `list[str]`, defaults to `"{}"`): template(s) with `{}`.
         multi_label (`bool`, defaults to `True`): independent scores per class (no softmax across labels).
         sampling_rate, lead_names, units: for array input, as in the feature extractor.
-        precision (`str`, defaults to `"auto"`): of the ECG tower, as `merit_hf.inference_precision` resolves it
+        precision (`str`, defaults to `"auto"`): of the ECG tower, as `merit_hf.models.merit.inference_precision` resolves it
             (bf16 weights on a GPU; on CPU bf16 or fp32 from what the CPU reports). Without merit_hf installed,
             `"auto"` is bf16 on a GPU and fp32 on CPU. Also accepted by `pipeline(..., precision=...)`.
     """

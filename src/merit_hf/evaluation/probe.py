@@ -1,0 +1,620 @@
+"""Linear probing and full fine-tuning on PTB-XL, always next to a random-init encoder under the same harness.
+
+Published PTB-XL numbers for one method differ by up to 31 points between papers because the protocol is not
+pinned (`shared/notes/anchors.md` §3). This file is the protocol:
+
+- splits: PTB-XL's `strat_fold`s, folds 1-8 train, 9 validation (early stopping, F1 thresholds), 10 test;
+- label sets `superclass`, `subclass`, `form`, `rhythm`, `all` (names from `scp_statements.csv`, via
+  `merit_hf.data`); records with no label of the set are left out of every split for that set, as in the PTB-XL
+  benchmark (Strodthoff et al. 2021) and MERL's split files;
+- label fractions 1 / 10 / 100 % of the **training** records, drawn by `merit_hf.data.label_fraction_subset`
+  (stratified on each record's rarest class, seeded, nested); validation and test are never subsampled;
+- **linear probe** (`mode="linear"`): the encoder is frozen; its `pooler_output` (the LayerNorm of the mean patch
+  token, before the contrastive projection) is computed once per split and cached; a linear layer is trained on
+  standardised features with BCE and Adam (MERL's probe: lr 1e-3), early stopping on validation macro AUROC;
+- **fine-tune** (`mode="finetune"`): `MeritForEcgClassification`, encoder and head trained with AdamW under
+  Accelerate (random crops in training, centre crops in evaluation), early stopping on validation macro AUROC;
+- **baseline**: the same architecture with random weights (`random_init_like`, seeded) through the same code. A
+  randomly initialised encoder with a linear probe matches many pretrained ECG models (arXiv 2602.17531), so no
+  number is reported without it;
+- metrics (`merit_hf.evaluation.metrics`): macro AUROC, macro F1 at per-class thresholds chosen on validation,
+  the max-F1-over-thresholds variant (named as such), per-class AUROC, bootstrap 95 % CIs on the test split.
+
+Every run writes a results JSON (`merit_hf.evaluation.results`, schema in its docstring).
+
+Run (1 CPU, N GPUs and M nodes alike):
+
+    python -m merit_hf.training.probe configs/probe_quickstart.yaml
+    accelerate launch -m merit_hf.training.probe configs/probe_ptbxl_full.yaml --mode finetune
+    accelerate launch --multi_gpu --num_machines M --num_processes N ... -m merit_hf.training.probe <config>
+
+The linear probe runs on the main process (features are small); fine-tuning uses every process.
+
+From Python (the quick-start's evaluation step):
+
+    from merit_hf.evaluation.probe import run_linear_probe
+    results = run_linear_probe("quickstart_output/model", dataset_dict, "superclass", label_fraction=0.1)
+    results["model"]["metrics"]["macro_auroc"]["value"], results["baseline"]["metrics"]["macro_auroc"]["value"]
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
+from ..models.merit.modeling_merit import MeritEcgModel, pool_window_embeddings
+from .metrics import best_f1_thresholds, classification_metrics, macro_auroc
+from .results import build_results, encoder_identity, write_results
+
+logger = logging.getLogger(__name__)
+
+LABEL_SETS = ("superclass", "subclass", "form", "rhythm", "all")
+MODES = ("linear", "finetune")
+DATASET_NAMES = ("ptbxl", "wfdb")
+SPLITS = ("train", "validation", "test")
+# A record transform used by the robustness evaluation: (signal, sampling_rate, lead_names, row index) ->
+# (signal, sampling_rate), or (signal, sampling_rate, lead_names) when it changes which leads the record has.
+RecordTransform = Callable[[np.ndarray, float, list, int], tuple]
+
+
+@dataclass
+class ProbeArguments:
+    """What to evaluate, on which data, and how (the protocol above). Every field can be set in YAML or by flag."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A MERIT checkpoint folder or Hub id (any MERIT class). Required."}
+    )
+    dataset: str = field(
+        default="data/ptbxl_sample",
+        metadata={"help": "A PTB-XL folder (PhysioNet layout) or a DatasetDict saved with save_to_disk."},
+    )
+    dataset_name: str = field(
+        default="ptbxl",
+        metadata={"help": "'ptbxl', or 'wfdb': a folder converted by dataset_scripts/wfdb (its own label columns)."},
+    )
+    split_column: str | None = field(
+        default=None, metadata={"help": "wfdb: a column of train / validation / test (else a seeded split)."}
+    )
+    split_fractions: list[float] = field(
+        default_factory=lambda: [0.8, 0.1, 0.1],
+        metadata={"help": "wfdb: train, validation, test fractions of the seeded split (patients kept whole)."},
+    )
+    split_seed: int = field(default=0, metadata={"help": "wfdb: the seed of that split."})
+    sampling_rate: int = field(default=100, metadata={"help": "Which PTB-XL records to read (100 or 500 Hz)."})
+    mode: str = field(default="linear", metadata={"help": f"One of {MODES}."})
+    label_sets: list[str] = field(
+        default_factory=lambda: ["superclass"],
+        metadata={"help": f"Of {LABEL_SETS}; with wfdb, label columns of the converted folder."},
+    )
+    label_fractions: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "E.g. 0.01 0.1 1.0."})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Label draw, head init, bootstrap."})
+    baseline: bool = field(default=True, metadata={"help": "Also run a random-init encoder under the same harness."})
+    output_dir: str = field(default="results/probe", metadata={"help": "Where the results JSON files go."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Feature cache on disk (keyed by model + data)."})
+    batch_size: int = field(default=64, metadata={"help": "Feature-extraction and fine-tuning batch size."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Linear probe learning rate (Adam; MERL)."})
+    max_epochs: int = field(default=100, metadata={"help": "Linear probe epochs at most (MERL: 100)."})
+    patience: int = field(default=10, metadata={"help": "Epochs without validation AUROC gain before stopping."})
+    probe_batch_size: int = field(default=128, metadata={"help": "Linear probe mini-batch size."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Weight decay of the linear probe."})
+    finetune_learning_rate: float = field(default=1e-4, metadata={"help": "Fine-tuning learning rate (AdamW)."})
+    finetune_max_epochs: int = field(default=20, metadata={"help": "Fine-tuning epochs at most."})
+    finetune_patience: int = field(default=5, metadata={"help": "Fine-tuning early-stopping patience (epochs)."})
+    num_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the test CIs (0: none)."})
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode: must be one of {MODES}, got {self.mode!r}")
+        if self.dataset_name not in DATASET_NAMES:
+            raise ValueError(f"dataset_name: must be one of {DATASET_NAMES}, got {self.dataset_name!r}")
+        for label_set in self.label_sets if self.dataset_name == "ptbxl" else ():
+            if label_set not in LABEL_SETS:
+                raise ValueError(f"label_sets: {label_set!r} is not one of {LABEL_SETS}")
+        for fraction in self.label_fractions:
+            if not 0 < fraction <= 1:
+                raise ValueError(f"label_fractions: {fraction} is not in (0, 1]")
+        for name in ("batch_size", "max_epochs", "patience", "probe_batch_size", "finetune_max_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+    def linear_probe_options(self, seed: int) -> dict[str, Any]:
+        """The keyword arguments of `fit_linear_probe` that these settings give."""
+        return {
+            "learning_rate": self.learning_rate,
+            "max_epochs": self.max_epochs,
+            "patience": self.patience,
+            "batch_size": self.probe_batch_size,
+            "weight_decay": self.weight_decay,
+            "seed": seed,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Labels and label fractions
+# ----------------------------------------------------------------------------------------------------------------------
+def label_names(dataset, label_set: str) -> list[str]:
+    """Class names of `label_set` from the dataset's `List(ClassLabel)` feature."""
+    if label_set not in dataset.features:
+        raise ValueError(f"the dataset has no label column {label_set!r}; it has {sorted(dataset.features)}")
+    return list(dataset.features[label_set].feature.names)
+
+
+def label_matrix(dataset, label_set: str) -> np.ndarray:
+    """Multi-hot targets `(num_records, num_classes)` float32 from the `List(ClassLabel)` column."""
+    names = label_names(dataset, label_set)
+    matrix = np.zeros((len(dataset), len(names)), dtype=np.float32)
+    for row, indices in enumerate(dataset[label_set]):
+        matrix[row, list(indices)] = 1.0
+    return matrix
+
+
+def label_fraction_rows(dataset, label_set: str, fraction: float, seed: int = 0) -> np.ndarray:
+    """Row indices of the `fraction` of `dataset` whose labels are used: `merit_hf.data.label_fraction_subset`
+    (stratified on each record's rarest class of `label_set`, seeded, nested across fractions), as indices so that
+    features cached for the whole split can be reused."""
+    from ..data import label_fraction_subset
+
+    if fraction == 1:
+        return np.arange(len(dataset))
+    indexed = dataset.select_columns([label_set]).add_column("_row", list(range(len(dataset))))
+    return np.asarray(label_fraction_subset(indexed, fraction, label_set, seed)["_row"], dtype=np.int64)
+
+
+def probe_rows(dataset_dict, label_set: str, label_fraction: float = 1.0, seed: int = 0) -> dict[str, np.ndarray]:
+    """The rows of each split that the protocol uses for `label_set`: records with at least one class of the set
+    (the PTB-XL benchmark drops the others from every split, Strodthoff et al. 2021, as MERL's split files do), and
+    of those, `label_fraction` of the training rows (`label_fraction_rows`)."""
+    rows = {split: np.flatnonzero(label_matrix(dataset_dict[split], label_set).any(axis=1)) for split in SPLITS}
+    for split, kept in rows.items():
+        if len(kept) == 0:
+            raise ValueError(f"the {split} split has no record with a {label_set} label")
+    subset = label_fraction_rows(dataset_dict["train"].select(rows["train"]), label_set, label_fraction, seed)
+    rows["train"] = rows["train"][subset]
+    return rows
+
+
+def labeled_dataset_dict(dataset_dict, label_set: str):
+    """Each split restricted to its records with a `label_set` label (`probe_rows` at label fraction 1)."""
+    from datasets import DatasetDict
+
+    rows = probe_rows(dataset_dict, label_set)
+    return DatasetDict({split: dataset_dict[split].select(rows[split]) for split in SPLITS})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models: the encoder of any MERIT checkpoint, and its random-init twin
+# ----------------------------------------------------------------------------------------------------------------------
+def ecg_encoder(model) -> MeritEcgModel:
+    """The `MeritEcgModel` inside any MERIT model (itself, `.ecg_model`, or `.merit.ecg_model`)."""
+    if isinstance(model, MeritEcgModel):
+        return model
+    for path in ("ecg_model", "merit.ecg_model"):
+        module = model
+        for name in path.split("."):
+            module = getattr(module, name, None)
+        if isinstance(module, MeritEcgModel):
+            return module
+    raise TypeError(f"{type(model).__name__} holds no MERIT ECG encoder (MeritEcgModel)")
+
+
+def load_encoder(model_or_path) -> tuple[MeritEcgModel, str]:
+    """`(encoder, name)` from a model instance or a checkpoint folder / Hub id of any MERIT class."""
+    if isinstance(model_or_path, (str, Path)):
+        return MeritEcgModel.from_pretrained(str(model_or_path)), str(model_or_path)
+    return ecg_encoder(model_or_path), getattr(model_or_path, "name_or_path", "") or type(model_or_path).__name__
+
+
+def random_init_like(encoder: MeritEcgModel, seed: int = 0) -> MeritEcgModel:
+    """The random-init baseline: an encoder of the same config with fresh weights drawn under `seed`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        baseline = MeritEcgModel._from_config(copy.deepcopy(encoder.config))
+    baseline.name_or_path = "random-init"
+    return baseline.eval()
+
+
+def load_feature_extractor(model_or_path, encoder: MeritEcgModel) -> MeritFeatureExtractor:
+    """The checkpoint's saved feature extractor when it has one, else the one matching the encoder config."""
+    if isinstance(model_or_path, (str, Path)):
+        try:
+            return MeritFeatureExtractor.from_pretrained(str(model_or_path))
+        except OSError:
+            logger.info("%s has no preprocessor_config.json; using the encoder config's contract", model_or_path)
+    return MeritFeatureExtractor.from_model_config(encoder.config)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Features (computed once, cached)
+# ----------------------------------------------------------------------------------------------------------------------
+def _model_fingerprint(encoder: MeritEcgModel) -> str:
+    digest = hashlib.sha1(encoder.config.to_json_string().encode())
+    for tensor in encoder.state_dict().values():
+        digest.update(tensor.detach().cpu().float().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def ecg_model_inputs(
+    feature_extractor: MeritFeatureExtractor,
+    rows: dict[str, list],
+    transform: RecordTransform | None = None,
+    start: int = 0,
+    crop: str | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run a batch of dataset rows (`signal`, `sampling_rate`, `lead_names`) through the feature extractor (its
+    batched torch path on `device` when given, its scipy path otherwise); returns its tensors: `ecg_values`, and
+    `lead_mask` / `record_index` / `ecg_attention_mask` when its settings give them."""
+    signals, rates, names = [], [], []
+    for offset, (signal, rate, leads) in enumerate(zip(rows["signal"], rows["sampling_rate"], rows["lead_names"])):
+        signal, leads = np.asarray(signal, dtype=np.float64), list(leads)
+        if transform is not None:
+            signal, rate, *new_leads = transform(signal, float(rate), leads, start + offset)
+            leads = list(new_leads[0]) if new_leads else leads
+        signals.append(signal)
+        rates.append(float(rate))
+        names.append(leads)
+    on_device = {"device": device} if device is not None else {}
+    features = feature_extractor(
+        signals, sampling_rate=rates, lead_names=names, crop=crop, return_tensors="pt", **on_device
+    )
+    return dict(features)
+
+
+def encoder_inputs(inputs: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The feature extractor's tensors that a MERIT model takes (`ecg_values`, `ecg_attention_mask`, `lead_mask`),
+    on `device`."""
+    names = ("ecg_values", "ecg_attention_mask", "lead_mask")
+    return {name: inputs[name].to(device) for name in names if inputs.get(name) is not None}
+
+
+def record_embeddings(
+    encoder: MeritEcgModel, inputs: dict[str, torch.Tensor], device: torch.device | str, window_pooling: str = "mean"
+) -> torch.Tensor:
+    """`pooler_output` of every record `(num_records, hidden_size)` from `ecg_model_inputs`: missing leads left out
+    (`lead_mask`), and the windows of `window="sliding"` pooled back per record (`pool_window_embeddings`)."""
+    pooled = encoder(**encoder_inputs(inputs, device)).pooler_output
+    if "record_index" in inputs:
+        pooled = pool_window_embeddings(pooled, inputs["record_index"].to(pooled.device), window_pooling)
+    return pooled
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: MeritEcgModel,
+    feature_extractor: MeritFeatureExtractor,
+    dataset,
+    batch_size: int = 64,
+    transform: RecordTransform | None = None,
+    cache_dir: str | Path | None = None,
+    cache_tag: str = "clean",
+    device: torch.device | str | None = None,
+) -> np.ndarray:
+    """The encoder's `pooler_output` for every record `(num_records, hidden_size)` float32, centre-cropped.
+
+    With `cache_dir`, features are saved as `.npy` under a key of the model weights, the feature-extractor settings,
+    the dataset fingerprint and `cache_tag` (name a `transform` there), and read back on the next call.
+    """
+    cache_file = None
+    if cache_dir is not None and transform is not None and cache_tag == "clean":
+        raise ValueError(
+            "extract_features: name the transform in cache_tag, or its features are cached as the clean ones"
+        )
+    if cache_dir is not None:
+        key = hashlib.sha1(
+            json.dumps(
+                [_model_fingerprint(encoder), feature_extractor.to_json_string(), dataset._fingerprint, cache_tag]
+            ).encode()
+        ).hexdigest()[:20]
+        cache_file = Path(cache_dir) / f"features_{key}.npy"
+        if cache_file.is_file():
+            return np.load(cache_file)
+    device = torch.device(device) if device is not None else encoder.device
+    encoder = encoder.to(device).eval()
+    outputs = []
+    columns = ["signal", "sampling_rate", "lead_names"]
+    for start in tqdm(range(0, len(dataset), batch_size), desc="features", leave=False, disable=len(dataset) < 1000):
+        rows = dataset.select_columns(columns)[start : start + batch_size]
+        inputs = ecg_model_inputs(feature_extractor, rows, transform, start, crop="center")
+        outputs.append(record_embeddings(encoder, inputs, device).float().cpu().numpy())
+    features = np.concatenate(outputs).astype(np.float32)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache_file, features)
+    return features
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The linear probe
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class LinearProbe:
+    """A trained linear probe: standardisation fitted on the training features, then one linear layer."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    weight: np.ndarray
+    bias: np.ndarray
+    best_epoch: int
+    epochs_run: int
+
+    def decision_function(self, features: np.ndarray) -> np.ndarray:
+        """Logits `(num_records, num_classes)`."""
+        standardised = (np.asarray(features, dtype=np.float64) - self.mean) / self.std
+        return standardised @ self.weight.T + self.bias
+
+
+def _validation_score(y_true: np.ndarray, logits: np.ndarray) -> float:
+    score = macro_auroc(y_true, logits)
+    return -np.inf if math.isnan(score) else score
+
+
+def fit_linear_probe(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    validation_features: np.ndarray,
+    validation_labels: np.ndarray,
+    learning_rate: float = 1e-3,
+    max_epochs: int = 100,
+    patience: int = 10,
+    batch_size: int = 128,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> LinearProbe:
+    """Train a linear layer with BCE on standardised features (Adam), keeping the epoch with the best validation
+    macro AUROC and stopping after `patience` epochs without improvement."""
+    train_features = np.asarray(train_features, dtype=np.float64)
+    mean = train_features.mean(axis=0)
+    std = train_features.std(axis=0) + 1e-6
+    generator = torch.Generator().manual_seed(seed)
+    x_train = torch.as_tensor((train_features - mean) / std, dtype=torch.float32)
+    y_train = torch.as_tensor(train_labels, dtype=torch.float32)
+    x_val = torch.as_tensor((np.asarray(validation_features) - mean) / std, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layer = nn.Linear(x_train.shape[1], y_train.shape[1])
+    optimizer = torch.optim.Adam(layer.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    best_score, best_state, best_epoch, stale, epoch = -np.inf, copy.deepcopy(layer.state_dict()), 0, 0, 0
+    for epoch in range(1, max_epochs + 1):
+        layer.train()
+        for rows in torch.randperm(len(x_train), generator=generator).split(batch_size):
+            loss = F.binary_cross_entropy_with_logits(layer(x_train[rows]), y_train[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            score = _validation_score(validation_labels, layer(x_val).numpy())
+        if score > best_score:
+            best_score, best_state, best_epoch, stale = score, copy.deepcopy(layer.state_dict()), epoch, 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    return LinearProbe(
+        mean=mean,
+        std=std,
+        weight=best_state["weight"].double().numpy(),
+        bias=best_state["bias"].double().numpy(),
+        best_epoch=best_epoch,
+        epochs_run=epoch,
+    )
+
+
+def evaluate_scores(
+    test_labels: np.ndarray,
+    test_scores: np.ndarray,
+    validation_labels: np.ndarray,
+    validation_scores: np.ndarray,
+    names: Sequence[str],
+    num_bootstrap: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Test metrics with F1 thresholds chosen on validation (see `merit_hf.evaluation.metrics`)."""
+    thresholds = best_f1_thresholds(validation_labels, validation_scores)
+    return classification_metrics(
+        test_labels, test_scores, names, thresholds=thresholds, num_bootstrap=num_bootstrap, seed=seed
+    )
+
+
+def _dataset_info(dataset_dict, label_set: str, rows: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Record counts, and the classes the probe never saw a positive of (their head is untrained; they stay in the
+    macro mean, as in every published protocol, but are named)."""
+    counts = dict(
+        zip(
+            label_names(dataset_dict["train"], label_set),
+            label_matrix(dataset_dict["train"], label_set)[rows["train"]].sum(axis=0).astype(int).tolist(),
+        )
+    )
+    return {
+        "num_records": {
+            "train": int(len(rows["train"])),
+            "validation": int(len(rows["validation"])),
+            "test": int(len(rows["test"])),
+            "in_splits": {split: len(dataset_dict[split]) for split in SPLITS},
+        },
+        "unlabeled_records": f"records without a {label_set} label are left out of every split",
+        "train_label_counts": counts,
+        "classes_without_training_positives": [name for name, count in counts.items() if count == 0],
+    }
+
+
+def _dataset_description(arguments: ProbeArguments) -> dict[str, Any]:
+    """What the results JSON says of a dataset that is not PTB-XL (its name, and how its splits were drawn)."""
+    if arguments.dataset_name != "wfdb":
+        return {}
+    splits = (
+        f"column {arguments.split_column!r}"
+        if arguments.split_column
+        else f"seeded split {arguments.split_fractions} (seed {arguments.split_seed}), patients kept whole"
+    )
+    return {
+        "name": arguments.dataset,
+        "version": None,
+        "splits": f"WFDB folder: train / validation / test by {splits}",
+    }
+
+
+def probe_protocol(arguments: ProbeArguments | None = None, **overrides) -> dict[str, Any]:
+    """The protocol fields written into every results JSON."""
+    arguments = arguments or ProbeArguments()
+    protocol = {
+        "splits": "PTB-XL strat_fold 1-8 train, 9 validation, 10 test",
+        "features": "encoder pooler_output (LayerNorm of the mean patch token), centre crop, frozen",
+        "head": "linear layer on features standardised with training mean/std, BCE, Adam",
+        "learning_rate": arguments.learning_rate,
+        "max_epochs": arguments.max_epochs,
+        "patience": arguments.patience,
+        "batch_size": arguments.probe_batch_size,
+        "weight_decay": arguments.weight_decay,
+        "early_stopping": "best validation macro AUROC",
+        "f1_thresholds": "per class, the F1-maximising threshold on validation",
+        "label_fraction_sampling": "merit_hf.data.label_fraction_subset: stratified on the rarest class, seeded, nested",
+        "num_bootstrap": arguments.num_bootstrap,
+    }
+    protocol.update(overrides)
+    return protocol
+
+
+def probe_features(
+    encoder: MeritEcgModel,
+    feature_extractor: MeritFeatureExtractor,
+    dataset_dict,
+    seed: int = 0,
+    baseline: bool = True,
+    arguments: ProbeArguments | None = None,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Frozen features of every split, `{"model": {split: array}, "baseline": {...}}`, computed once and shared by
+    every label set and label fraction (the baseline encoder is drawn with `seed`)."""
+    arguments = arguments or ProbeArguments()
+    encoders = {"model": encoder}
+    if baseline:
+        encoders["baseline"] = random_init_like(encoder, seed)
+    return {
+        role: {
+            split: extract_features(
+                role_encoder,
+                feature_extractor,
+                dataset_dict[split],
+                arguments.batch_size,
+                cache_dir=arguments.cache_dir,
+            )
+            for split in SPLITS
+        }
+        for role, role_encoder in encoders.items()
+    }
+
+
+def run_linear_probe(
+    model_or_path,
+    dataset_dict,
+    label_set: str = "superclass",
+    label_fraction: float = 1.0,
+    seed: int = 0,
+    baseline: bool = True,
+    feature_extractor: MeritFeatureExtractor | None = None,
+    arguments: ProbeArguments | None = None,
+    features: dict[str, dict[str, np.ndarray]] | None = None,
+    output_file: str | Path | None = None,
+) -> dict[str, Any]:
+    """Linear probe of a MERIT encoder (and of its random-init twin) on one label set and label fraction.
+
+    Args:
+        model_or_path: a MERIT model (any class) or checkpoint folder / Hub id.
+        dataset_dict: a `DatasetDict` with `train` / `validation` / `test` in the `merit_hf.data` PTB-XL schema.
+        label_set: `"superclass"`, `"subclass"`, `"form"`, `"rhythm"` or `"all"`.
+        label_fraction: fraction of the training records whose labels are used (stratified, seeded).
+        seed: label draw, head init and bootstrap seed; also the random-init seed of the baseline.
+        baseline: also probe the random-init encoder.
+        feature_extractor: defaults to the checkpoint's, else the one matching the encoder config.
+        arguments: hyper-parameters (`ProbeArguments`); defaults to the protocol's.
+        features: precomputed `{"model": {split: array}, "baseline": {...}}` (shared across label sets/fractions).
+        output_file: write the results JSON there.
+
+    Returns:
+        The results dict (`merit_hf.evaluation.results` schema): `results["model"]["metrics"]["macro_auroc"]["value"]`
+        and the same under `results["baseline"]`.
+    """
+    arguments = arguments or ProbeArguments()
+    encoder, model_name = load_encoder(model_or_path)
+    feature_extractor = feature_extractor or load_feature_extractor(model_or_path, encoder)
+    if features is None or (baseline and "baseline" not in features):
+        features = probe_features(encoder, feature_extractor, dataset_dict, seed, baseline, arguments)
+    names = label_names(dataset_dict["train"], label_set)
+    rows = probe_rows(dataset_dict, label_set, label_fraction, seed)
+    labels = {split: label_matrix(dataset_dict[split], label_set)[rows[split]] for split in SPLITS}
+    entries = {}
+    for role in ("model", "baseline") if baseline else ("model",):
+        split_features = {split: features[role][split][rows[split]] for split in SPLITS}
+        probe = fit_linear_probe(
+            split_features["train"],
+            labels["train"],
+            split_features["validation"],
+            labels["validation"],
+            **arguments.linear_probe_options(seed),
+        )
+        scores = evaluate_scores(
+            labels["test"],
+            probe.decision_function(split_features["test"]),
+            labels["validation"],
+            probe.decision_function(split_features["validation"]),
+            names,
+            arguments.num_bootstrap,
+            seed,
+        )
+        scores["training"] = {"best_epoch": probe.best_epoch, "epochs_run": probe.epochs_run}
+        entries[role] = {
+            **encoder_identity(role, model_name, seed),
+            **scores,
+        }
+    results = build_results(
+        task="linear-probe",
+        dataset_dict=dataset_dict,
+        label_set=label_set,
+        label_names=names,
+        label_fraction=label_fraction,
+        seed=seed,
+        protocol=probe_protocol(arguments),
+        model=entries["model"],
+        baseline=entries.get("baseline"),
+        dataset_extra={**_dataset_info(dataset_dict, label_set, rows), **_dataset_description(arguments)},
+    )
+    if output_file is not None:
+        write_results(results, output_file)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------------
+def load_dataset_dict(path: str | Path, sampling_rate: int = 100, arguments: ProbeArguments | None = None):
+    """PTB-XL as a `DatasetDict`: from a PhysioNet PTB-XL folder (read in memory with `merit_hf.data.build_ptbxl`;
+    fine for the bundled sample, slow for the full set), or from a converted dataset (`dataset_scripts/ptbxl`,
+    `save_to_disk` folder or Hub id, via `merit_hf.data.load_ptbxl`). With `arguments.dataset_name == "wfdb"`, a
+    converted WFDB folder split as `arguments` say (`merit_hf.data.load_wfdb_dataset`)."""
+    from ..data import build_ptbxl, load_ptbxl, load_wfdb_dataset
+
+    if arguments is not None and arguments.dataset_name == "wfdb":
+        return load_wfdb_dataset(
+            str(path), split_column=arguments.split_column, split_fractions=arguments.split_fractions,
+            seed=arguments.split_seed,
+        )  # fmt: skip
+    if (Path(path) / "ptbxl_database.csv").is_file():
+        return build_ptbxl(path, sampling_rate=sampling_rate)
+    return load_ptbxl(str(path), sampling_rate=sampling_rate)
+
+
+def run_name(task: str, label_set: str, label_fraction: float, seed: int) -> str:
+    return f"{task}_{label_set}_{label_fraction:g}_seed{seed}"

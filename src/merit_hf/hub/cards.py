@@ -1,0 +1,602 @@
+"""Model cards rendered from the evaluation results JSON, and checks for model and dataset cards.
+
+Every number on a card comes from the results JSON that `merit_hf.evaluation` wrote, never typed by hand (timm's
+habit). The card's YAML carries `library_name`, `pipeline_tag`, `license`, `tags`, `datasets`, `base_model` (report
+model) and a `model-index` with the real values; its body states intended use and limits, the input contract read
+from the checkpoint's `preprocessor_config.json`, the protocol, and the random-init encoder baseline next to every
+number.
+
+Results JSON: any nesting of objects and lists whose leaves are *result entries*, objects with a `"metrics"` mapping
+`{metric_name: {"value", "ci_low", "ci_high"}}` or `{metric_name: number}` (the layout of
+`merit_hf.evaluation.metrics.classification_metrics`). The keys on the way down and the scalar fields of the entry
+and its parents (`task`, `label_set`, `protocol`, `label_fraction`, `split`, ...) name the setting. An entry is the
+**random-init baseline** when its `encoder` / `variant` / `init` field or a key on its path mentions `random`,
+`baseline` or `scratch`; it is paired with the trained entry of the same setting. Top-level fields read when
+present (schema `merit_hf.results/v1` of `merit_hf.evaluation.results`): `dataset` (name or object with `name` and
+`splits`), `task`, `label_set`, `label_fraction`, `protocol` (object or text), `training` (object or text),
+`metric_definitions` (name -> definition).
+
+```bash
+python -m merit_hf.hub.cards model results.json --model-folder quickstart_output --repo-id org/merit-ecg -o README.md
+python -m merit_hf.hub.cards check dataset_scripts/ptbxl/README.md --kind dataset
+python -m merit_hf.hub.cards check ptbxl_merit/README.md --kind dataset --data-folder ptbxl_merit  # configs have files
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import string
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import DatasetCard, EvalResult, ModelCard, ModelCardData
+
+DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "merit_model_card.md"  # ships in the wheel
+BASELINE_PATTERN = re.compile(r"random|baseline|scratch", re.IGNORECASE)
+VARIANT_FIELDS = ("encoder", "variant", "init", "model_variant")
+SETTING_FIELDS = ("dataset", "task", "label_set", "protocol", "label_fraction", "seed", "split", "fold")
+CONTAINER_KEYS = {"results", "evaluations", "runs", "entries", "model"}
+SKIPPED_KEYS = {
+    "metrics",
+    "per_class",
+    "absent_classes",
+    "metric_definitions",
+    "training",
+    "config",
+    "thresholds",
+    "protocol",
+    "environment",
+    "dataset",
+    "label_names",
+}
+METRIC_TYPES = {"auroc": "roc_auc", "auc": "roc_auc", "f1": "f1", "accuracy": "accuracy", "bleu": "bleu"}
+DEFAULT_TAGS = [
+    "ecg",
+    "electrocardiogram",
+    "medical",
+    "time-series",
+    "contrastive-learning",
+    "masked-modeling",
+    "merit",
+]
+DATASET_NAMES = {"ptb-xl": "PTB-XL", "ptbxl": "PTB-XL", "mimic": "MIMIC-IV-ECG"}
+DATA_CITATIONS = {
+    "PTB-XL": "PTB-XL: Wagner, P. et al. (2020). PTB-XL, a large publicly available electrocardiography dataset. "
+    "Scientific Data 7, 154. https://doi.org/10.1038/s41597-020-0495-6 (CC BY 4.0).",
+    "MIMIC-IV-ECG": "MIMIC-IV-ECG: Gow, B. et al. (2023). MIMIC-IV-ECG: Diagnostic Electrocardiogram Matched Subset "
+    "(version 1.0). PhysioNet. https://doi.org/10.13026/4nqg-sb35 (ODbL 1.0).",
+}
+REQUIRED_MODEL_METADATA = ("library_name", "license", "tags", "pipeline_tag")
+REQUIRED_DATASET_METADATA = ("license", "pretty_name", "tags")
+
+
+class CardError(ValueError):
+    """A results JSON or card that cannot give a truthful card; the message says what is missing."""
+
+
+@dataclass
+class ResultEntry:
+    setting: tuple[tuple[str, str], ...]
+    variant: str
+    metrics: dict[str, dict[str, float | None]]
+    num_records: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_baseline(self) -> bool:
+        return bool(BASELINE_PATTERN.search(self.variant))
+
+    def setting_text(self) -> str:
+        return ", ".join(value if not key else f"{key}={value}" for key, value in self.setting) or "default"
+
+    def field(self, name: str) -> str | None:
+        return dict(self.setting).get(name)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading the results JSON
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_results(results: str | os.PathLike | Mapping | list) -> list[dict]:
+    """One or several results JSONs (paths or loaded objects) as a list of dicts."""
+    if isinstance(results, list):
+        return [item for entry in results for item in load_results(entry)]
+    if isinstance(results, Mapping):
+        return [dict(results)]
+    path = Path(results)
+    if not path.is_file():
+        raise CardError(f"{path}: results JSON not found (run the evaluation first)")
+    try:
+        return [json.loads(path.read_text())]
+    except json.JSONDecodeError as error:
+        raise CardError(f"{path}: not valid JSON ({error})") from error
+
+
+def collect_results(results: Mapping | list) -> list[ResultEntry]:
+    """Every result entry of one or several results JSONs, with its setting and whether it is the baseline."""
+    entries: list[ResultEntry] = []
+    _walk(results, path=[], inherited={}, entries=entries)
+    if not entries:
+        raise CardError('the results JSON holds no result entry (an object with a "metrics" mapping)')
+    return entries
+
+
+def _walk(node: Any, path: list[str], inherited: dict[str, Any], entries: list[ResultEntry]) -> None:
+    if isinstance(node, list):
+        for item in node:
+            _walk(item, path, inherited, entries)
+        return
+    if not isinstance(node, Mapping):
+        return
+    scalars = {k: v for k, v in node.items() if isinstance(v, (str, int, float, bool)) and k not in ("value",)}
+    context = {**inherited, **scalars}
+    if isinstance(node.get("metrics"), Mapping):
+        entries.append(_entry(node, path, context))
+    for key, value in node.items():
+        if key not in SKIPPED_KEYS and isinstance(value, (Mapping, list)):
+            _walk(value, [*path, str(key)], context, entries)
+
+
+def _entry(node: Mapping, path: list[str], context: dict[str, Any]) -> ResultEntry:
+    variant_parts = [str(context[name]) for name in VARIANT_FIELDS if name in context]
+    variant_parts += [part for part in path if BASELINE_PATTERN.search(part)]
+    setting = [("", part) for part in path if not BASELINE_PATTERN.search(part) and part not in CONTAINER_KEYS]
+    setting += [(name, _format_scalar(context[name])) for name in SETTING_FIELDS if name in context]
+    metrics = {}
+    for name, value in node["metrics"].items():
+        if isinstance(value, Mapping):
+            metrics[name] = {key: _as_float(value.get(key)) for key in ("value", "ci_low", "ci_high")}
+        elif isinstance(value, (int, float)) or value is None:
+            metrics[name] = {"value": _as_float(value), "ci_low": None, "ci_high": None}
+    return ResultEntry(
+        setting=tuple(setting),
+        variant=" ".join(variant_parts) or "merit",
+        metrics=metrics,
+        num_records=node.get("num_records"),
+    )
+
+
+def _as_float(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _format_scalar(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def pair_with_baselines(entries: list[ResultEntry]) -> list[tuple[ResultEntry, ResultEntry | None]]:
+    """Each trained entry with the random-init baseline of the same setting (`None` when there is none)."""
+    baselines = {entry.setting: entry for entry in entries if entry.is_baseline}
+    return [(entry, baselines.get(entry.setting)) for entry in entries if not entry.is_baseline]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _format_value(metric: Mapping | None) -> str:
+    if metric is None or metric.get("value") is None:
+        return "n/a"
+    text = f"{metric['value']:.3f}"
+    if metric.get("ci_low") is not None and metric.get("ci_high") is not None:
+        text += f" [{metric['ci_low']:.3f}, {metric['ci_high']:.3f}]"
+    return text
+
+
+def evaluation_table(pairs: list[tuple[ResultEntry, ResultEntry | None]]) -> str:
+    """A Markdown table: one row per (setting, metric), the model next to its random-init baseline."""
+    lines = [
+        "| setting | metric | this model | random-init encoder | records |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for entry, baseline in pairs:
+        for name, metric in entry.metrics.items():
+            base = _format_value(baseline.metrics.get(name)) if baseline else "not run"
+            records = entry.num_records if entry.num_records is not None else ""
+            lines.append(f"| {entry.setting_text()} | {name} | {_format_value(metric)} | {base} | {records} |")
+    return "\n".join(lines)
+
+
+def eval_results_for_index(
+    pairs: list[tuple[ResultEntry, ResultEntry | None]], dataset_id: str, dataset_name: str
+) -> list[EvalResult]:
+    """`model-index` entries for the trained model's values (the baseline stays in the card body)."""
+    results = []
+    for entry, _ in pairs:
+        zero_shot = "zero" in entry.setting_text().lower()
+        for name, metric in entry.metrics.items():
+            if metric["value"] is None:
+                continue
+            metric_type = next((t for key, t in METRIC_TYPES.items() if key in name.lower()), name)
+            results.append(
+                EvalResult(
+                    task_type="zero-shot-classification" if zero_shot else "multi-label-classification",
+                    task_name="Zero-shot ECG classification" if zero_shot else "ECG classification",
+                    dataset_type=dataset_id,
+                    dataset_name=dataset_name,
+                    dataset_config=entry.field("label_set") or entry.field("task"),
+                    dataset_split=entry.field("split") or "test",
+                    metric_type=metric_type,
+                    metric_name=f"{name} ({entry.setting_text()})",
+                    metric_value=round(metric["value"], 4),
+                )
+            )
+    return results
+
+
+def input_contract(model_folder: str | os.PathLike | None) -> str:
+    """The preprocessing contract as read from the checkpoint's `preprocessor_config.json`."""
+    if model_folder is None or not (Path(model_folder) / "preprocessor_config.json").is_file():
+        return (
+            "No `preprocessor_config.json` was found next to this card: load the feature extractor from the same "
+            "repository and read its settings there."
+        )
+    config = json.loads((Path(model_folder) / "preprocessor_config.json").read_text())
+    rate, window = config.get("sampling_rate"), config.get("num_samples")
+    seconds = f" ({window / rate:g} s)" if rate and window else ""
+    low, high = config.get("highpass_hz"), config.get("lowpass_hz")
+    minimum = (config.get("min_sampling_rate_factor") or 2) * high if high else None
+    rows = [
+        ("leads, in this order", " ".join(config.get("lead_names", []))),
+        (
+            "sampling rate",
+            f"{rate} Hz (any input rate >= {minimum:g} Hz is resampled, polyphase)" if minimum else rate,
+        ),
+        (
+            "window",
+            f"{window} samples{seconds}; longer records cropped ({config.get('crop')}), shorter ones "
+            f"{'zero-padded with a mask' if config.get('padding') else 'refused'}",
+        ),
+        ("band-pass", f"{low}-{high} Hz, Butterworth order {config.get('filter_order')}, zero-phase"),
+        ("units", "converted to mV (V, mV, uV); unknown units refused"),
+        ("normalisation", config.get("normalization")),
+        ("NaN / inf", config.get("nan_policy")),
+        ("missing limb leads", "derived (Einthoven/Goldberger)" if config.get("derive_limb_leads") else "refused"),
+    ]
+    return "\n".join(["| item | value |", "| --- | --- |", *[f"| {key} | {value} |" for key, value in rows]])
+
+
+def _training_text(runs: list[dict], model_folder: str | os.PathLike | None) -> str:
+    parts = []
+    for training in (run.get("training") for run in runs):
+        if isinstance(training, str):
+            parts.append(training)
+        elif isinstance(training, Mapping):
+            parts.append("\n".join(f"- `{key}`: {value}" for key, value in training.items()))
+    if model_folder is not None and (Path(model_folder) / "config.json").is_file():
+        config = json.loads((Path(model_folder) / "config.json").read_text())
+        ecg = config.get("ecg_config", config)
+        keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size", "mask_ratio")
+        shape = ", ".join(f"{key}={ecg[key]}" for key in keys if key in ecg)
+        weights = ", ".join(
+            f"{key}={config[key]}" for key in ("reconstruction_weight", "contrastive_weight") if key in config
+        )
+        parts.append(f"Architecture (`config.json`): {shape}." + (f" Loss weights: {weights}." if weights else ""))
+    return "\n\n".join(parts) or "The training run did not record its settings in the results JSON."
+
+
+def _protocol_text(runs: list[dict]) -> str:
+    """Each run's harness settings, as the evaluation recorded them."""
+    lines = []
+    for run in runs:
+        protocol = run.get("protocol")
+        name = ", ".join(_format_scalar(run[key]) for key in ("task", "label_set", "label_fraction") if key in run)
+        if isinstance(protocol, Mapping):
+            settings = "; ".join(f"{key}={public_path(value)}" for key, value in protocol.items())
+            lines.append(f"- {name or 'run'}: {settings}")
+        elif protocol:
+            lines.append(f"- {name or 'run'}: {protocol}")
+    splits = {run["dataset"].get("splits") for run in runs if isinstance(run.get("dataset"), Mapping)} - {None}
+    text = "\n".join(lines) or "- The results JSON does not record the harness settings."
+    return text + ("\n\nSplits: " + "; ".join(sorted(splits)) if splits else "")
+
+
+def public_path(value: Any) -> Any:
+    """A local absolute path (a prompt file in a virtualenv, a data folder) as its file name: a card is public, and
+    the path says nothing to its readers but tells them the author's folder layout. Other values unchanged."""
+    if isinstance(value, str) and _is_local_path(value):
+        return Path(value.replace("\\", "/")).name
+    return value
+
+
+def _is_local_path(text: str) -> bool:
+    return bool(re.match(r"^(/|~/|[A-Za-z]:[\\/])", text)) and "://" not in text
+
+
+def _evaluation_dataset(runs: list[dict], datasets: list[str] | None) -> tuple[str, str]:
+    """`(id, display name)` of the evaluation data: the Hub id when one is given, else the results' name."""
+    dataset = runs[0].get("dataset")
+    name = dataset.get("name") if isinstance(dataset, Mapping) else dataset
+    dataset_id = str(name or (datasets or ["PTB-XL"])[0])
+    if datasets:
+        dataset_id = next((d for d in datasets if _display_name(d) == _display_name(dataset_id)), dataset_id)
+    return dataset_id, _display_name(dataset_id)
+
+
+def _display_name(dataset_id: str) -> str:
+    lowered = dataset_id.lower().replace("_", "-")
+    return next((name for key, name in DATASET_NAMES.items() if key in lowered), dataset_id)
+
+
+def render_model_card(
+    results: str | os.PathLike | Mapping | list,
+    repo_id: str,
+    *,
+    model_folder: str | os.PathLike | None = None,
+    model_name: str | None = None,
+    license: str = "apache-2.0",  # noqa: A002 - the Hub's metadata key
+    datasets: list[str] | None = None,
+    base_model: str | list[str] | None = None,
+    pipeline_tag: str | None = None,
+    extra_tags: list[str] | None = None,
+    template: str | os.PathLike = DEFAULT_TEMPLATE,
+) -> ModelCard:
+    """Render a MERIT model card from a results JSON; the returned `ModelCard` parses and carries `model-index`.
+
+    Args:
+        results: the results JSON(s) written by `merit_hf.evaluation` (paths or loaded objects; a list for
+            several runs, e.g. linear probe at 1/10/100 % labels and zero-shot).
+        repo_id: the Hub repository the card is for (used in the usage snippet).
+        model_folder: the `save_pretrained` folder; its `preprocessor_config.json` gives the input contract and its
+            `config.json` the architecture. A report model (`model_type` `"merit_report"`) gets
+            `pipeline_tag: text-generation`, the encoder gets `feature-extraction`.
+        datasets: Hub ids of the training/evaluation datasets (YAML `datasets`).
+        base_model: for the report model, the language model it was adapted from (YAML `base_model`).
+        template: a `string.Template` Markdown file with `$metadata`, `$title`, ... placeholders.
+    """
+    runs = load_results(results)
+    pairs = pair_with_baselines(collect_results(runs))
+    if not pairs:
+        raise CardError("the results JSON holds only baseline entries: there is no trained model to describe")
+    config = {}
+    if model_folder is not None and (Path(model_folder) / "config.json").is_file():
+        config = json.loads((Path(model_folder) / "config.json").read_text())
+    is_report = config.get("model_type") == "merit_report"
+    if is_report and not base_model:
+        raise CardError("a report-generation card needs base_model (the language model it was adapted from)")
+    dataset_id, dataset_name = _evaluation_dataset(runs, datasets)
+    name = model_name or repo_id.split("/")[-1]
+    card_data = ModelCardData(
+        model_name=name,
+        library_name="transformers",
+        pipeline_tag=pipeline_tag or ("text-generation" if is_report else "feature-extraction"),
+        license=license,
+        tags=[*DEFAULT_TAGS, *(["report-generation"] if is_report else []), "custom_code", *(extra_tags or [])],
+        datasets=datasets,
+        base_model=base_model,
+        eval_results=eval_results_for_index(pairs, dataset_id, dataset_name),
+    )
+    definitions = {key: value for run in runs for key, value in (run.get("metric_definitions") or {}).items()}
+    definitions = definitions or _default_metric_definitions()
+    evaluation = "\n\n".join(
+        [
+            "Protocol, as each evaluation run recorded it:\n\n" + _protocol_text(runs),
+            f"Evaluation data: {dataset_name} (`{dataset_id}`). Values are from the results JSON written by "
+            "`merit_hf.evaluation`; brackets are 95% bootstrap intervals when the evaluation computed them. The "
+            "random-init column is the same architecture with untrained weights, run through the same harness: "
+            "the gap between the two columns is what pretraining adds.",
+            evaluation_table(pairs),
+            "Metric definitions:\n\n" + "\n".join(f"- `{key}`: {value}" for key, value in definitions.items()),
+        ]
+    )
+    used = {dataset_name, *(_display_name(d) for d in (datasets or []))}
+    citations = "\n".join(f"- {DATA_CITATIONS[key]}" for key in DATA_CITATIONS if key in used)
+    body = string.Template(Path(template).read_text()).substitute(
+        metadata=card_data.to_yaml(),
+        title=name,
+        repo_id=repo_id,
+        summary=(
+            "An ECG-conditioned report generator: the MERIT ECG encoder, a projector and a causal language model."
+            if is_report
+            else "A 12-lead ECG encoder pretrained with MERIT's two branches on one encoder: masked ECG modelling "
+            "(structure) and ECG-report contrastive alignment (semantics), with a text tower for zero-shot "
+            "classification."
+        ),
+        intended_use=(
+            "- Intended: research on ECG representation learning; embeddings for linear probes and fine-tuning; "
+            "zero-shot scoring of ECGs against text descriptions"
+            + ("; drafting report text for review" if is_report else "")
+            + ".\n- Not intended: diagnosis, triage or any clinical decision; use on populations, devices or lead "
+            "systems unlike the training data without new validation.\n- Known limits: the evaluation data come "
+            "from few hospitals and devices; performance across age, sex and ethnicity was not audited; "
+            "zero-shot scores are cosine similarities, not calibrated probabilities."
+        ),
+        input_contract=input_contract(model_folder),
+        evaluation=evaluation,
+        training=_training_text(runs, model_folder),
+        data_citations=("Data:\n\n" + citations) if citations else "",
+        transformers_requirement=transformers_requirement(),
+    )
+    card = ModelCard(body)
+    problems = model_card_problems(card)
+    if problems:
+        raise CardError("rendered card is invalid: " + "; ".join(problems))
+    return card
+
+
+def transformers_requirement() -> str:
+    """The transformers version range the remote code needs: merit_hf's own requirement (pyproject.toml), read from
+    the installed package's metadata so that the card and the package cannot disagree."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+
+    try:
+        requirements = requires("merit_hf") or []
+    except PackageNotFoundError as error:
+        raise CardError(
+            "merit_hf is not installed (pip install -e .): its transformers requirement is unknown"
+        ) from error
+    for text in requirements:
+        requirement = Requirement(text)
+        if requirement.name.lower() == "transformers" and requirement.marker is None:
+            specifiers = sorted(str(specifier) for specifier in requirement.specifier)
+            return "transformers" + ",".join(sorted(specifiers, key=lambda specifier: specifier.startswith("<")))
+    raise CardError("merit_hf's metadata names no transformers requirement")
+
+
+def _default_metric_definitions() -> dict[str, str]:
+    try:
+        from ..evaluation.metrics import METRIC_DEFINITIONS
+    except ImportError:  # pragma: no cover - evaluation is part of merit_hf
+        return {}
+    return dict(METRIC_DEFINITIONS)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def model_card_problems(card: ModelCard | str | os.PathLike) -> list[str]:
+    """Problems of a model card: missing required metadata, or a `model-index` that does not parse back."""
+    card = card if isinstance(card, ModelCard) else ModelCard.load(card)
+    data = card.data.to_dict()
+    problems = [f"metadata {key!r} is missing" for key in REQUIRED_MODEL_METADATA if not data.get(key)]
+    if "model-index" in data and not card.data.eval_results:
+        problems.append("model-index does not parse into eval results")
+    return problems
+
+
+def dataset_card_problems(
+    card: DatasetCard | str | os.PathLike, data_folder: str | os.PathLike | None = None
+) -> list[str]:
+    """Problems of a dataset card (the converted PTB-XL / MIMIC-IV-ECG cards beside `dataset_scripts/`): required
+    metadata, a citation of the source data, and a licence statement in the text. With `data_folder` (the converted
+    folder the card goes with), also every `configs:` entry must have its data there ([`dataset_config_problems`])."""
+    card = card if isinstance(card, DatasetCard) else DatasetCard.load(card)
+    data = card.data.to_dict()
+    problems = [f"metadata {key!r} is missing" for key in REQUIRED_DATASET_METADATA if not data.get(key)]
+    text = card.text.lower()
+    if "doi.org" not in text and "citation" not in text and "cite" not in text:
+        problems.append("no citation of the source data")
+    if "licen" not in text:
+        problems.append("the text does not state the licence")
+    if data_folder is not None:
+        problems.extend(dataset_config_problems(card, data_folder))
+    return problems
+
+
+def dataset_config_problems(card: DatasetCard | str | os.PathLike, folder: str | os.PathLike) -> list[str]:
+    """The `configs:` entries of a dataset card with `data_files` patterns that match no file in `folder` (resolved as
+    `load_dataset(folder)` resolves them): after a push, `load_dataset(repo, name)` would fail on each of them."""
+    card = card if isinstance(card, DatasetCard) else DatasetCard.load(card)
+    return [
+        f"configs entry {name!r}: data_files {', '.join(patterns)} match no file in {folder}"
+        for name, patterns in _unmatched_data_files(card, folder).items()
+    ]
+
+
+def write_dataset_card(template: str | os.PathLike, folder: str | os.PathLike) -> Path:
+    """Write the dataset card `template` (which lists every configuration a conversion can produce) to
+    `folder/README.md`, keeping only the `configs:` entries that have data in `folder`: a 100 Hz conversion must not
+    announce a `500hz` config. An entry with only some of its files stays, for [`dataset_config_problems`] to name."""
+    card = DatasetCard.load(template)
+    unmatched = _unmatched_data_files(card, folder)
+    configs = card.data.to_dict().get("configs")
+    if configs:  # an entry goes when all of its patterns are unmatched
+        card.data.configs = [
+            config
+            for config in configs
+            if unmatched.get(config.get("config_name", "default")) != _data_file_patterns(config)
+        ]
+    path = Path(folder) / "README.md"
+    card.save(path)
+    return path
+
+
+def _data_file_patterns(config: Mapping) -> list[str]:
+    """The path patterns of one `configs:` entry; `data_files` is a pattern, a list of patterns, or a list of
+    `{split, path}` whose `path` is a pattern or a list of them (the `datasets` card format)."""
+    data_files = config.get("data_files") or []
+    patterns = []
+    for entry in data_files if isinstance(data_files, list) else [data_files]:
+        paths = entry.get("path", []) if isinstance(entry, Mapping) else entry
+        patterns.extend(paths if isinstance(paths, list) else [paths])
+    return patterns
+
+
+def _unmatched_data_files(card: DatasetCard, folder: str | os.PathLike) -> dict[str, list[str]]:
+    """`{config_name: [patterns that match no file in folder]}` for the card's `configs:` entries with such patterns."""
+    from datasets.data_files import resolve_pattern
+
+    unmatched = {}
+    for config in card.data.to_dict().get("configs") or []:
+        missing = []
+        for pattern in _data_file_patterns(config):
+            try:
+                resolve_pattern(pattern, str(folder))
+            except FileNotFoundError:
+                missing.append(pattern)
+        if missing:
+            unmatched[config.get("config_name", "default")] = missing
+    return unmatched
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m merit_hf.hub.cards", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    model = commands.add_parser("model", help="render a model card from a results JSON")
+    model.add_argument("results", nargs="+", help="one or several results JSONs")
+    model.add_argument("--repo-id", required=True)
+    model.add_argument("--model-folder")
+    model.add_argument("--dataset", action="append", dest="datasets", help="Hub dataset id (repeatable)")
+    model.add_argument("--base-model")
+    model.add_argument("--license", default="apache-2.0")
+    model.add_argument("-o", "--output", required=True)
+    check = commands.add_parser("check", help="check a model or dataset card")
+    check.add_argument("card")
+    check.add_argument("--kind", choices=("model", "dataset"), default="model")
+    check.add_argument("--data-folder", help="dataset only: the converted folder whose files the `configs:` name")
+    args = parser.parse_args(argv)
+    if args.command == "model":
+        card = render_model_card(
+            args.results if len(args.results) > 1 else args.results[0],
+            args.repo_id,
+            model_folder=args.model_folder,
+            datasets=args.datasets,
+            base_model=args.base_model,
+            license=args.license,
+        )
+        card.save(args.output)
+        print(f"wrote {args.output}")
+        return
+    if args.kind == "model":
+        problems = model_card_problems(args.card)
+    else:
+        problems = dataset_card_problems(args.card, data_folder=args.data_folder)
+    if problems:
+        raise SystemExit(f"{args.card}: " + "; ".join(problems))
+    print(f"{args.card}: ok")
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = [
+    "CardError",
+    "ResultEntry",
+    "collect_results",
+    "dataset_card_problems",
+    "dataset_config_problems",
+    "evaluation_table",
+    "input_contract",
+    "load_results",
+    "model_card_problems",
+    "pair_with_baselines",
+    "render_model_card",
+    "write_dataset_card",
+]

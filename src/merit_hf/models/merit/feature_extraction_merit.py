@@ -1,0 +1,1001 @@
+"""`MeritFeatureExtractor`: MERIT's input contract as code.
+
+The most common complaint about ECG foundation models is an undocumented preprocessing contract. Ours is this file,
+saved with every checkpoint as `preprocessor_config.json`:
+
+1. read: an array `(num_samples, num_leads)` as WFDB gives it, with `lead_names` and a **required** `sampling_rate`;
+   or the path of a WFDB record (header + signal file);
+2. leads: names matched case-insensitively (`AVR`, `aVR`, `avr`) and reordered to `lead_names` of the config; a
+   missing lead raises, unless `derive_limb_leads=True` asks for the documented repair (Einthoven / Goldberger); so
+   does a lead the model does not use (e.g. the Frank X/Y/Z leads of a 15-lead record), unless `drop_extra_leads=True`;
+   with `missing_leads="mask"`, any subset of the leads is accepted: the missing ones are zeros in `ecg_values` and
+   `False` in the returned `lead_mask` `(batch, num_leads)`, and the models leave their tokens out;
+3. NaN / inf: raise naming the record and lead, unless `nan_policy="interpolate"` (linear in time);
+4. units: converted to mV (`V`, `mV`, `uV`/`µV`/`μV`); an unknown unit raises; a signal that says mV but is
+   hundreds of mV wide (almost always µV mislabelled) raises, and so does a flat lead (not recorded, or mV labelled
+   µV) unless `flat_lead_policy` asks to zero or drop it;
+5. resample to `sampling_rate` with a polyphase filter (scipy); an input whose Nyquist frequency is below the
+   low-pass cut-off cannot reach the model's band and raises;
+6. band-pass (zero-phase Butterworth, 0.67-40 Hz by default, ST-MEM);
+7. window: records longer than `num_samples` are cropped (`crop="center"` for inference, `"random"` for
+   training, `"start"`); shorter ones raise unless `padding=True`, which pads with zeros at the end and returns
+   `ecg_attention_mask`; `window="sliding"` instead cuts the whole record into windows every `window_stride` samples
+   (the last one aligned to the record's end) and returns `record_index`, the record each window came from;
+8. normalise each record (`normalization="zscore_lead"` by default: every lead to mean 0, std 1).
+
+Every error names the record (its path, or its index in the batch) and the problem. This file is Hub remote code:
+it imports numpy, scipy and transformers only; `wfdb` is imported when a path is given, torch and
+`feature_extraction_torch_merit.py` (steps 5-8 batched on tensors) when `device=` is.
+"""
+
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import signal as sp_signal
+from transformers import BatchFeature
+from transformers.feature_extraction_utils import FeatureExtractionMixin
+
+from .configuration_merit import STANDARD_LEAD_NAMES
+from .wfdb_header_merit import WfdbHeader, WfdbHeaderError, parse_wfdb_header, wfdb_read_differences
+
+UNIT_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3, "nv": 1e-6}
+NAN_POLICIES = ("raise", "interpolate")
+NORMALIZATIONS = ("zscore_lead", "zscore_record", "none")
+CROPS = ("center", "random", "start")
+MISSING_LEAD_POLICIES = ("raise", "mask")
+WINDOWS = ("single", "sliding")
+# An ECG spans a few mV; a lead whose 99th percentile of |x - median| exceeds this is almost always a unit error.
+DEFAULT_MAX_AMPLITUDE_MV = 30.0
+# Below this a lead carries no ECG: not recorded (zeros, a constant), or mV data labelled µV (1000x too small). The
+# smallest lead of 1,987 real PTB-XL records spans 0.079 mV (measured; `_check_amplitude`'s statistic).
+DEFAULT_MIN_AMPLITUDE_MV = 0.02
+FLAT_LEAD_POLICIES = ("raise", "zero", "drop")
+
+
+class EcgInputError(ValueError):
+    """A record that breaks the input contract. The message names the record and the problem."""
+
+
+def read_wfdb_record(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a WFDB record (`path` without extension, or with `.hea`) and validate what the header claims.
+
+    Returns `{"signal": (num_samples, num_leads) float64 in the header's units, "sampling_rate", "lead_names",
+    "units", "record": str(path)}`. Raises `EcgInputError` naming the file for a missing, corrupt or truncated header
+    (signal lines missing or without a lead name), a field wfdb would replace by a default (`read_wfdb_header`), a
+    missing signal file, and a signal file that does not belong to its header (shorter or longer than the header
+    declares, or failing the header's checksums). Lead names and units are the header's own text.
+    """
+    record_path = _wfdb_record_path(path)
+    header = record_path.with_suffix(".hea")
+    fields = read_wfdb_header(record_path)
+    try:
+        import wfdb
+    except ImportError as error:  # pragma: no cover - wfdb is a dependency of merit_hf
+        raise ImportError("reading WFDB records needs `pip install wfdb`") from error
+    try:
+        meta = wfdb.rdheader(str(record_path))
+    except Exception as error:  # wfdb raises bare TypeError/IndexError on malformed headers
+        raise EcgInputError(f"{header}: corrupt or truncated WFDB header ({type(error).__name__}: {error})") from error
+    differences = wfdb_read_differences(fields, meta)
+    if differences:
+        raise EcgInputError(f"{header}: wfdb reads this header differently from its text: {'; '.join(differences)}")
+    for file_name in sorted(set(meta.file_name or [])):
+        data_file = record_path.parent / file_name
+        if not data_file.is_file():
+            raise EcgInputError(f"{header}: signal file {data_file.name} is missing")
+        _check_signal_file_size(meta, file_name, data_file)
+    signal = _read_format16(meta, record_path)
+    if signal is None:  # any other layout: wfdb reads it (and parses the header once more)
+        try:
+            record = wfdb.rdrecord(str(record_path), physical=False)
+            digital = record.d_signal
+            if (
+                digital is not None
+                and not any(meta.skew or [])
+                and all(n in (None, 1) for n in meta.samps_per_frame or [])
+            ):
+                _check_checksums(meta, digital, record_path)  # wfdb never checks them: a wrong format reads garbage
+            signal = record.dac() if digital is not None else None
+        except EcgInputError:
+            raise
+        except Exception as error:
+            raise EcgInputError(f"{record_path}: cannot read the signal ({type(error).__name__}: {error})") from error
+    if signal is None or signal.ndim != 2 or signal.shape[1] != meta.n_sig:
+        raise EcgInputError(f"{record_path}: signal file does not hold {meta.n_sig} signals")
+    if meta.sig_len and signal.shape[0] != meta.sig_len:
+        raise EcgInputError(
+            f"{record_path}: signal file holds {signal.shape[0]} samples, header declares {meta.sig_len} (truncated?)"
+        )
+    if signal.shape[0] == 0:
+        raise EcgInputError(f"{record_path}: the signal file holds no samples")
+    return {  # names and units as the header writes them (wfdb drops their non-ASCII characters: µV would be V)
+        "signal": signal,
+        "sampling_rate": fields.sampling_rate,
+        "lead_names": fields.lead_names,
+        "units": [line.units for line in fields.signals],
+        "record": str(record_path),
+    }
+
+
+def _wfdb_record_path(path: str | os.PathLike) -> Path:
+    record_path = Path(path)
+    return record_path.with_suffix("") if record_path.suffix in (".hea", ".dat") else record_path
+
+
+def read_wfdb_header(path: str | os.PathLike) -> WfdbHeader:
+    """The fields of a WFDB record's header (`path` without extension, or with `.hea`) as its text writes them, read
+    before `wfdb` substitutes a default for a missing or invalid one (see `wfdb_header_merit`). Raises
+    `EcgInputError` naming the header file, the line, the field and its value: for a missing or unreadable header, an
+    uncalibrated lead (ADC gain 0 or none), a missing or non-positive sampling frequency, a signal line without a lead
+    name, a record or file name wfdb cannot read (non-ASCII), a multi-segment record. The one check every reader of
+    records uses (the feature extractor, the dataset reader and converters, the Space)."""
+    header = _wfdb_record_path(path).with_suffix(".hea")
+    if not header.is_file():
+        raise EcgInputError(f"{header}: WFDB header not found")
+    try:
+        text = header.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise EcgInputError(f"{header}: not a WFDB header (not UTF-8 or ASCII text: {error})") from error
+    try:
+        return parse_wfdb_header(text)
+    except WfdbHeaderError as error:
+        raise EcgInputError(f"{header}: {error}") from error
+
+
+def _read_format16(meta, record_path: Path) -> np.ndarray | None:
+    """The signal of a record stored the way PTB-XL and MIMIC-IV-ECG store theirs (one file, format 16, one sample
+    per frame, no skew), read with numpy from the header already parsed, converted exactly as `wfdb.rdrecord`
+    converts it (float64 `(digital - baseline) / adc_gain`, the format's invalid value -32768 as NaN). `None` for any
+    other layout. The header's per-signal checksums (16-bit sum of the digital samples, invalid values included, as
+    `wfdb` computes them when writing) are verified: a mismatch means the file does not hold the header's data."""
+    files = set(meta.file_name or [])
+    if (
+        len(files) != 1
+        or any(str(fmt) != "16" for fmt in meta.fmt or [None])
+        or any(spf not in (None, 1) for spf in meta.samps_per_frame or [])
+        or any(skew not in (None, 0) for skew in meta.skew or [])
+        or len(set(meta.byte_offset or [0])) != 1
+        or not meta.adc_gain
+        or meta.baseline is None
+    ):
+        return None
+    offset = (meta.byte_offset or [0])[0] or 0
+    data_file = record_path.parent / files.pop()
+    digital = np.fromfile(data_file, dtype="<i2", offset=offset)
+    if not meta.sig_len and (data_file.stat().st_size - offset) % (2 * meta.n_sig):
+        raise EcgInputError(
+            f"{data_file}: the header gives no number of samples, and the signal file's {data_file.stat().st_size} "
+            f"bytes are not a whole number of {meta.n_sig}-signal frames (truncated?)"
+        )
+    length = meta.sig_len or digital.size // meta.n_sig
+    digital = digital[: length * meta.n_sig].reshape(length, meta.n_sig)
+    _check_checksums(meta, digital, data_file)
+    invalid = digital == -32768
+    signal = digital.astype(np.float64)
+    np.subtract(signal, np.asarray(meta.baseline, dtype=np.float64), signal)
+    np.divide(signal, np.asarray(meta.adc_gain, dtype=np.float64), signal)
+    signal[invalid] = np.nan
+    return signal
+
+
+def _check_checksums(meta, digital: np.ndarray, data_file: Path) -> None:
+    """Compare the header's checksums (where given) with the 16-bit sums of `digital` `(num_samples, num_signals)`."""
+    if not meta.checksum:
+        return
+    sums = digital.sum(axis=0, dtype=np.int64)
+    failing = [
+        meta.sig_name[column]
+        for column, checksum in enumerate(meta.checksum)
+        if checksum is not None and (int(sums[column]) - checksum) % 65536
+    ]
+    if failing:
+        raise EcgInputError(
+            f"{data_file}: header and data disagree: the checksum of leads {failing} does not match the header "
+            "(the signal file belongs to another record, or is corrupt)"
+        )
+
+
+# Bytes per sample of the common WFDB storage formats (the WFDB "signal" specification).
+_WFDB_BYTES_PER_SAMPLE = {"8": 1.0, "16": 2.0, "24": 3.0, "32": 4.0, "61": 2.0, "80": 1.0, "160": 2.0, "212": 1.5}
+
+
+def _check_signal_file_size(meta, file_name: str, data_file: Path) -> None:
+    """A signal file shorter than its header declares is truncated, one longer belongs to another header: say so
+    before wfdb fails on a reshape or silently reads the first samples of the wrong data."""
+    columns = [i for i, name in enumerate(meta.file_name) if name == file_name]
+    formats = {str(meta.fmt[i]) for i in columns}
+    if len(formats) != 1 or not meta.sig_len or (fmt := formats.pop()) not in _WFDB_BYTES_PER_SAMPLE:
+        return
+    offset = max((meta.byte_offset or [0] * len(meta.fmt))[i] or 0 for i in columns)
+    samples = meta.sig_len * sum((meta.samps_per_frame or [1] * len(meta.fmt))[i] or 1 for i in columns)
+    # Format 212 packs two samples in 3 bytes; an odd sample count ends on a padded 2-byte pair.
+    expected = samples * _WFDB_BYTES_PER_SAMPLE[fmt]
+    shortest, longest = offset + int(expected), offset + int(np.ceil(expected))
+    actual = data_file.stat().st_size
+    declares = (
+        f"the header declares {meta.sig_len} samples x {len(columns)} signals in format {fmt} ({shortest} bytes)"
+    )
+    if actual < shortest:
+        raise EcgInputError(f"{data_file}: signal file holds {actual} bytes, {declares}: truncated")
+    skewed = any((meta.skew or [0] * len(meta.fmt))[i] for i in columns)  # skew reads frames past sig_len
+    if actual > longest and not skewed:
+        raise EcgInputError(f"{data_file}: header and data disagree: the signal file holds {actual} bytes, {declares}")
+
+
+def leads_too_wide(signal: np.ndarray, max_amplitude_mv: float) -> tuple[np.ndarray, float]:
+    """Columns of `signal` `(num_samples, num_leads)` in mV whose 99th percentile of |x - median| exceeds
+    `max_amplitude_mv`, and the widest of those spreads (0 if none). An ECG spans a few mV: a lead hundreds of mV wide
+    is almost always µV labelled mV (a wrong unit or ADC gain). Shared by the feature extractor and dataset reading."""
+    if signal.size and signal.max() - signal.min() <= max_amplitude_mv:  # bounds every lead's range: one pass
+        return np.array([], dtype=np.int64), 0.0
+    if not (np.ptp(signal, axis=0) > max_amplitude_mv).any():
+        # |x - median| never exceeds the peak-to-peak range: the usual record skips the order statistics (exact)
+        return np.array([], dtype=np.int64), 0.0
+    spread = np.percentile(np.abs(signal - np.median(signal, axis=0)), 99, axis=0)
+    too_wide = np.flatnonzero(spread > max_amplitude_mv)
+    return too_wide, float(spread[too_wide].max()) if too_wide.size else 0.0
+
+
+def _maybe_flat_columns(signal: np.ndarray, min_amplitude_mv: float) -> np.ndarray:
+    """Columns that may be flat, found without sorting (the exact percentile costs 5x more and would slow every
+    record down). A flat lead has 99 % of its samples within `min_amplitude_mv` of its median, an interval that meets
+    at most three consecutive bins `min_amplitude_mv` * 2 wide (two, plus one for rounding at a bin's edge); a lead
+    with no three bins holding that many samples cannot be flat, so no flat lead is ever missed (the cap on far
+    values only merges bins)."""
+    num_samples, num_leads = signal.shape
+    if min_amplitude_mv <= 0 or not num_leads:
+        return np.array([], dtype=np.int64)
+    scaled = signal - signal.min(axis=0)  # finite input: at worst inf, capped next
+    scaled *= 0.5 / min_amplitude_mv
+    bins = np.minimum(scaled, 4 * num_samples, out=scaled).astype(np.int64)  # truncation = floor (all >= 0)
+    width = int(bins.max()) + 3
+    bins += np.arange(num_leads) * width
+    counts = np.bincount(bins.ravel(), minlength=num_leads * width).reshape(num_leads, width)
+    most_in_three = (counts[:, :-2] + counts[:, 1:-1] + counts[:, 2:]).max(axis=1)
+    return np.flatnonzero(most_in_three >= int(np.floor(0.99 * (num_samples - 1))) + 1)
+
+
+def check_lead_amplitudes(
+    signal: np.ndarray,
+    lead_names: list[str],
+    record: str,
+    max_amplitude_mv: float = DEFAULT_MAX_AMPLITUDE_MV,
+    min_amplitude_mv: float = DEFAULT_MIN_AMPLITUDE_MV,
+    flat_lead_policy: str = "raise",
+    from_header: bool = False,
+) -> tuple[np.ndarray, list[str]]:
+    """The amplitude check of every reader (the feature extractor and `merit_hf.data.read_ecg_record`): a lead wider
+    than `max_amplitude_mv` raises (µV labelled mV); a flat lead (99th percentile of |x - median| below
+    `min_amplitude_mv`: not recorded, or mV labelled µV) raises, or with `flat_lead_policy="zero"` is set to 0, or
+    with `"drop"` is removed (the caller treats it as a lead that was not recorded). A record whose every lead is flat
+    always raises: nothing is left to read.
+
+    Args:
+        signal: `(num_samples, num_leads)` in mV, finite.
+        lead_names: the name of each column (for the messages and the result).
+        record: the record's name (its path or batch index), which every message starts with.
+        from_header: the units came from a WFDB header (the hint then names the header's units and ADC gain, not the
+            `units` argument).
+
+    Returns:
+        `(signal, flat_leads)`: the signal (flat columns zeroed or removed) and the names of the flat leads, in order.
+    """
+    if flat_lead_policy not in FLAT_LEAD_POLICIES:
+        raise ValueError(f"flat_lead_policy must be one of {FLAT_LEAD_POLICIES}, got {flat_lead_policy!r}")
+    too_wide, widest = leads_too_wide(signal, max_amplitude_mv)
+    if too_wide.size:
+        hint = (
+            "the header's units or ADC gain are probably wrong (µV stored as mV, or a gain of 1 instead of 1000)"
+            if from_header
+            else "the signal is probably in µV: pass units='uV'"
+        )
+        raise EcgInputError(
+            f"{record}: leads {[lead_names[i] for i in too_wide]} span up to {widest:.0f} mV after unit conversion, "
+            f"above the {max_amplitude_mv:g} mV an ECG can span: {hint}"
+        )
+    checkable = np.flatnonzero(np.isfinite(signal).all(axis=0))  # a lead with NaN/inf is left to the NaN check
+    candidates = checkable[_maybe_flat_columns(signal[:, checkable], min_amplitude_mv)]
+    if not candidates.size:
+        return signal, []
+    spread = np.full(signal.shape[1], np.inf)
+    part = signal[:, candidates]
+    spread[candidates] = np.percentile(np.abs(part - np.median(part, axis=0)), 99, axis=0)
+    flat = np.flatnonzero(spread < min_amplitude_mv)
+    if not flat.size:
+        return signal, []
+    flat_leads = [lead_names[i] for i in flat]
+    described = (
+        f"{record}: leads {flat_leads} are flat (at most {spread[flat].max():.2g} mV of signal, below "
+        f"min_amplitude_mv={min_amplitude_mv:g})"
+    )
+    units = "the header's units and ADC gain" if from_header else "`units`"
+    if flat.size == signal.shape[1]:
+        cause = "no lead was recorded" if not spread.any() else f"mV labelled µV (1000x too small)? check {units}"
+        raise EcgInputError(f"{described}: every lead is flat, {cause}")
+    if flat_lead_policy == "raise":
+        raise EcgInputError(
+            f"{described}: a lead that was not recorded, or a unit 1000x too small (check {units}); "
+            "flat_lead_policy='zero' or 'drop' reads the record without these leads"
+        )
+    if flat_lead_policy == "zero":
+        signal = signal.copy()
+        signal[:, flat] = 0.0
+        return signal, flat_leads
+    return np.delete(signal, flat, axis=1), flat_leads
+
+
+class MeritFeatureExtractor(FeatureExtractionMixin):
+    r"""
+    Turns raw 12-lead ECG records into MERIT's `ecg_values` `(batch, num_leads, num_samples)` float32.
+
+    Args:
+        lead_names (`list[str]`): output lead order (the model's `lead_names`).
+        sampling_rate (`int`, defaults to 250): output sampling rate in Hz (ST-MEM).
+        num_samples (`int`, defaults to 2250): output window (9 s at 250 Hz, ST-MEM).
+        highpass_hz (`float` or `None`, defaults to 0.67): high-pass cut-off; `None` turns it off (ST-MEM).
+        lowpass_hz (`float` or `None`, defaults to 40.0): low-pass cut-off; `None` turns it off (ST-MEM).
+        filter_order (`int`, defaults to 2): order of each Butterworth stage (applied forwards and backwards).
+        normalization (`str`, defaults to `"zscore_lead"`): `"zscore_lead"`, `"zscore_record"` (one mean and std
+            over all leads and samples, ST-MEM) or `"none"` (keep mV).
+        crop (`str`, defaults to `"center"`): where to cut a longer record: `"center"`, `"random"` or `"start"`.
+        padding (`bool`, defaults to `False`): zero-pad shorter records (and return `ecg_attention_mask`) instead of
+            raising.
+        nan_policy (`str`, defaults to `"raise"`): `"raise"` or `"interpolate"` (linear in time; an all-NaN lead
+            still raises).
+        derive_limb_leads (`bool`, defaults to `False`): rebuild missing limb leads from two measured ones
+            (III = II - I, aVR = -(I + II) / 2, aVL = I - II / 2, aVF = II - I / 2). Off by default: a missing lead
+            is an error unless you ask for the repair.
+        drop_extra_leads (`bool`, defaults to `False`): drop leads that are not in `lead_names` (e.g. the Frank
+            leads `vx`, `vy`, `vz` of PTB's 15-lead records) instead of raising on them.
+        missing_leads (`str`, defaults to `"raise"`): what a record without some of `lead_names` does: `"raise"`,
+            or `"mask"`: any non-empty subset is accepted, the missing leads are zeros in `ecg_values`, and
+            `lead_mask` `(batch, num_leads)` (`True` = recorded) is returned; the models then leave the missing
+            leads' tokens out (a wearable's lead I, a Holter's two leads). With `derive_limb_leads=True` the limb
+            leads that can be derived are derived first, and only the rest is masked.
+        window (`str`, defaults to `"single"`): `"single"` (one `num_samples` window per record, see `crop`) or
+            `"sliding"`: every window of `num_samples` samples, `window_stride` apart, the last one aligned to the
+            record's end so that the whole record is covered; each window is normalised on its own (as the model
+            saw its training crops) and `record_index` `(num_windows,)` says which record it came from
+            (`pool_window_embeddings` pools the window embeddings back per record).
+        window_stride (`int`, *optional*): samples (at `sampling_rate`) between window starts with
+            `window="sliding"`; defaults to `num_samples` (windows that touch, no overlap).
+        max_amplitude_mv (`float`, defaults to 30.0): a lead whose 99th percentile of |x - median| exceeds this
+            (after unit conversion) raises as a likely unit error (an ECG spans a few mV).
+        min_amplitude_mv (`float`, defaults to 0.02): a lead whose 99th percentile of |x - median| is below this is
+            flat: not recorded, or mV data labelled µV (1000x too small). What happens is `flat_lead_policy`.
+        flat_lead_policy (`str`, defaults to `"raise"`): `"raise"`; `"zero"` (the lead is fed as zeros, never
+            z-scored noise); or `"drop"` (the lead is removed from the record before leads are matched, exactly as
+            if it had not been recorded: for reduced-lead input, where a missing lead is left out; a limb lead is
+            rebuilt with `derive_limb_leads=True`; otherwise it raises). A record whose every lead is flat always
+            raises.
+        min_sampling_rate_factor (`float`, defaults to 2.0): inputs below `factor * lowpass_hz` Hz raise (their
+            Nyquist band does not reach the low-pass cut-off).
+        seed (`int` or `None`): seed of the generator used by `crop="random"`.
+
+    Example:
+
+    ```python
+    >>> import numpy as np
+    >>> from merit_hf import MeritFeatureExtractor
+    >>> fe = MeritFeatureExtractor()
+    >>> signal = np.random.randn(5000, 12) * 0.1  # (num_samples, num_leads) in mV, as wfdb gives it
+    >>> leads = ["I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+    >>> fe(signal, sampling_rate=500, lead_names=leads, return_tensors="np")["ecg_values"].shape
+    (1, 12, 2250)
+    ```"""
+
+    model_input_names = ["ecg_values", "ecg_attention_mask", "lead_mask"]
+
+    def __init__(
+        self,
+        lead_names: list[str] | tuple[str, ...] = STANDARD_LEAD_NAMES,
+        sampling_rate: int = 250,
+        num_samples: int = 2250,
+        highpass_hz: float | None = 0.67,
+        lowpass_hz: float | None = 40.0,
+        filter_order: int = 2,
+        normalization: str = "zscore_lead",
+        crop: str = "center",
+        padding: bool = False,
+        nan_policy: str = "raise",
+        derive_limb_leads: bool = False,
+        drop_extra_leads: bool = False,
+        max_amplitude_mv: float = DEFAULT_MAX_AMPLITUDE_MV,
+        min_sampling_rate_factor: float = 2.0,
+        min_amplitude_mv: float = DEFAULT_MIN_AMPLITUDE_MV,
+        flat_lead_policy: str = "raise",
+        seed: int | None = None,
+        missing_leads: str = "raise",
+        window: str = "single",
+        window_stride: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.lead_names = list(lead_names)
+        self.sampling_rate = int(sampling_rate)
+        self.num_samples = int(num_samples)
+        self.highpass_hz = highpass_hz
+        self.lowpass_hz = lowpass_hz
+        self.filter_order = int(filter_order)
+        self.normalization = normalization
+        self.crop = crop
+        self.padding = bool(padding)
+        self.nan_policy = nan_policy
+        self.derive_limb_leads = bool(derive_limb_leads)
+        self.drop_extra_leads = bool(drop_extra_leads)
+        self.max_amplitude_mv = float(max_amplitude_mv)
+        self.min_sampling_rate_factor = float(min_sampling_rate_factor)
+        self.min_amplitude_mv = float(min_amplitude_mv)
+        self.flat_lead_policy = flat_lead_policy
+        self.seed = seed
+        self.missing_leads = missing_leads
+        self.window = window
+        self.window_stride = None if window_stride is None else int(window_stride)
+        self._validate_settings()
+        self._rng = np.random.default_rng(seed)
+        self._rng_worker_seed = None  # the DataLoader worker the generator was last seeded for
+
+    def _validate_settings(self) -> None:
+        name = type(self).__name__
+        checks = [
+            (self.sampling_rate > 0, "sampling_rate", f"must be positive, got {self.sampling_rate}"),
+            (self.num_samples > 0, "num_samples", f"must be positive, got {self.num_samples}"),
+            (self.normalization in NORMALIZATIONS, "normalization", f"must be one of {NORMALIZATIONS}"),
+            (self.crop in CROPS, "crop", f"must be one of {CROPS}, got {self.crop!r}"),
+            (self.nan_policy in NAN_POLICIES, "nan_policy", f"must be one of {NAN_POLICIES}"),
+            (self.flat_lead_policy in FLAT_LEAD_POLICIES, "flat_lead_policy", f"must be one of {FLAT_LEAD_POLICIES}"),
+            (
+                0 <= self.min_amplitude_mv < self.max_amplitude_mv,
+                "min_amplitude_mv",
+                "must be in [0, max_amplitude_mv)",
+            ),
+            (len({n.lower() for n in self.lead_names}) == len(self.lead_names), "lead_names", "has duplicates"),
+            (
+                self.missing_leads in MISSING_LEAD_POLICIES,
+                "missing_leads",
+                f"must be one of {MISSING_LEAD_POLICIES}, got {self.missing_leads!r}",
+            ),
+            (self.window in WINDOWS, "window", f"must be one of {WINDOWS}, got {self.window!r}"),
+            (
+                self.window_stride is None or self.window_stride > 0,
+                "window_stride",
+                f"must be positive, got {self.window_stride}",
+            ),
+        ]
+        nyquist = self.sampling_rate / 2
+        if self.lowpass_hz is not None:
+            checks.append((0 < self.lowpass_hz < nyquist, "lowpass_hz", f"must be in (0, {nyquist}) Hz"))
+        if self.highpass_hz is not None:
+            upper = self.lowpass_hz if self.lowpass_hz is not None else nyquist
+            checks.append((0 < self.highpass_hz < upper, "highpass_hz", f"must be in (0, {upper}) Hz"))
+        for ok, field, problem in checks:
+            if not ok:
+                raise ValueError(f"{name}.{field}: {problem}")
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output["window"] = self.window  # transformers drops a `window` attribute (audio extractors' window arrays)
+        output.pop("_rng", None)
+        output.pop("_rng_worker_seed", None)
+        return output
+
+    @classmethod
+    def from_model_config(cls, ecg_config, **kwargs) -> MeritFeatureExtractor:
+        """The feature extractor that matches a `MeritEcgConfig` (leads, rate, window)."""
+        return cls(
+            lead_names=ecg_config.lead_names,
+            sampling_rate=ecg_config.sampling_rate,
+            num_samples=ecg_config.num_samples,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------------------------------------------------------
+    def __call__(
+        self,
+        ecgs: Any,
+        sampling_rate: float | list[float] | None = None,
+        lead_names: list[str] | list[list[str]] | None = None,
+        units: str | list[str] | None = "mV",
+        return_tensors: str | None = None,
+        padding: bool | None = None,
+        crop: str | None = None,
+        return_attention_mask: bool | None = None,
+        device: str | Any | None = None,
+        return_lead_mask: bool | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        r"""
+        Args:
+            ecgs: one record or a list: arrays `(num_samples, num_leads)` (the WFDB layout), or paths of WFDB records.
+            sampling_rate: sampling rate in Hz of the arrays (one for all, or one per record as a list, tuple or 1-D
+                array). Required for arrays; read from the header for paths (passing a different one for a path
+                raises).
+            lead_names: lead names of the arrays' columns (one list for all, or one per record). Required for arrays.
+            units: unit of the arrays (`"mV"`, `"uV"`/`"µV"`, `"V"`), one for all leads or one per lead.
+            return_tensors: `"pt"`, `"np"` or `None` (lists).
+            padding, crop: override the instance settings for this call.
+            return_attention_mask: return `ecg_attention_mask` (1 on signal, 0 on padding): `True` always (all ones
+                when nothing was padded), `False` never, `None` (default) when `padding` is on.
+            device: `None` (default) resamples and filters one record at a time with scipy; `"cpu"`, `"cuda"` (or a
+                `torch.device`) does it for the whole batch at once on tensors there (`feature_extraction_torch_merit`:
+                the same validation and errors, scipy's filters, float32; tests/test_core_feature_extraction_torch.py
+                bounds the difference, benchmarks/README.md the speed). With `return_tensors="pt"` the tensors stay on
+                that device.
+            return_lead_mask: return `lead_mask` `(batch, num_leads)` bool (`True` = the lead was recorded): `True`
+                always, `False` never, `None` (default) when `missing_leads="mask"`.
+
+        With `window="sliding"` the batch holds one row per window, and `record_index` `(num_windows,)` gives the
+        index of the record each window came from.
+        """
+        if kwargs:
+            raise TypeError(f"{type(self).__name__}() got unexpected arguments {sorted(kwargs)}")
+        records = self._as_list(ecgs)
+        if not records:
+            raise EcgInputError("no ECG given (empty list)")
+        padding = self.padding if padding is None else padding
+        crop = self.crop if crop is None else crop
+        if crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+        with_mask = padding if return_attention_mask is None else return_attention_mask
+        with_lead_mask = self.missing_leads == "mask" if return_lead_mask is None else return_lead_mask
+        if device is not None:
+            return self._batched_on_device(records, sampling_rate, lead_names, units, padding, crop, device,
+                                           with_mask, with_lead_mask, return_tensors)  # fmt: skip
+        values, masks, lead_masks, record_index = [], [], [], []
+        for index, record in enumerate(records):
+            rate = self._per_record(sampling_rate, index, len(records), "sampling_rate")
+            names = lead_names[index] if _is_list_of_lists(lead_names) else lead_names
+            ecg, mask, present = self.process_one(record, rate, names, units, padding=padding, crop=crop, index=index)
+            values.append(ecg)
+            masks.append(mask)
+            lead_masks.append(np.broadcast_to(present, (len(ecg), len(present))))
+            record_index.append(np.full(len(ecg), index, dtype=np.int64))
+        data = {"ecg_values": np.concatenate(values).astype(np.float32)}
+        if with_mask:
+            data["ecg_attention_mask"] = np.concatenate(masks).astype(np.int64)
+        if with_lead_mask:
+            data["lead_mask"] = np.concatenate(lead_masks).astype(bool)
+        if self.window == "sliding":
+            data["record_index"] = np.concatenate(record_index)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _batched_on_device(
+        self,
+        records,
+        sampling_rate,
+        lead_names,
+        units,
+        padding,
+        crop,
+        device,
+        with_mask,
+        with_lead_mask,
+        return_tensors,
+    ) -> BatchFeature:
+        """`__call__` with `device=`: the batched torch DSP, the outputs left on `device` for `return_tensors="pt"`."""
+        import torch
+
+        from .feature_extraction_torch_merit import extract_batch
+
+        outputs = extract_batch(self, records, sampling_rate, lead_names, units, padding, crop, torch.device(device))
+        data = {"ecg_values": outputs["ecg_values"]}
+        if with_mask:
+            data["ecg_attention_mask"] = outputs["ecg_attention_mask"]
+        if with_lead_mask:
+            data["lead_mask"] = outputs["lead_mask"]
+        if self.window == "sliding":
+            data["record_index"] = outputs["record_index"]
+        if return_tensors != "pt":
+            data = {key: value.cpu().numpy() for key, value in data.items()}
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    @staticmethod
+    def _as_list(ecgs: Any) -> list:
+        if isinstance(ecgs, (str, os.PathLike)):
+            return [ecgs]
+        if isinstance(ecgs, np.ndarray):
+            if ecgs.ndim == 3:
+                return list(ecgs)
+            return [ecgs]
+        if hasattr(ecgs, "numpy") and hasattr(ecgs, "dim"):  # a torch tensor
+            array = ecgs.detach().cpu().numpy()
+            return list(array) if array.ndim == 3 else [array]
+        return list(ecgs)
+
+    @staticmethod
+    def _per_record(value, index: int, count: int, field: str):
+        if hasattr(value, "tolist") and np.ndim(value) == 1:  # a 1-D numpy array or torch tensor: one per record
+            value = value.tolist()
+        if isinstance(value, (list, tuple)):
+            if len(value) != count:
+                raise EcgInputError(f"{field}: {len(value)} values given for {count} records")
+            return value[index]
+        return value
+
+    def process_one(
+        self,
+        record: Any,
+        sampling_rate: float | None,
+        lead_names: list[str] | None,
+        units: str | list[str] | None = "mV",
+        padding: bool = False,
+        crop: str = "center",
+        index: int = 0,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One record through the whole contract; returns `(ecg (num_windows, num_leads, num_samples), attention masks
+        (num_windows, num_samples), lead_mask (num_leads,) bool)`, with one window unless `window="sliding"`."""
+        signal, sampling_rate, name, present = self.validate_one(record, sampling_rate, lead_names, units, index=index)
+        signal = self._resample_and_filter(signal, sampling_rate, name)
+        if self.window == "sliding":
+            windows = self._sliding_windows(signal, name, padding=padding)
+        else:
+            windows = [self._fit_window(signal, name, padding=padding, crop=crop)]
+        ecgs = np.stack([self._normalize(window, mask, present) for window, mask in windows])
+        return ecgs, np.stack([mask for _, mask in windows]), present
+
+    def validate_one(
+        self,
+        record: Any,
+        sampling_rate: float | None,
+        lead_names: list[str] | None,
+        units: str | list[str] | None = "mV",
+        index: int = 0,
+    ) -> tuple[np.ndarray, float, str, np.ndarray]:
+        """Steps 1-4 of the contract for one record (read, leads, NaN, units and amplitude): returns `(signal
+        (num_samples, num_leads) in mV in the model's lead order (missing leads zero), sampling_rate, name, present
+        (num_leads,) bool)`. The one validation of both the scipy path and the batched torch path (`device=`), which
+        differ only in the DSP that follows."""
+        if isinstance(record, (str, os.PathLike)):
+            read = read_wfdb_record(record)
+            name = read["record"]
+            if sampling_rate is not None and float(sampling_rate) != read["sampling_rate"]:
+                raise EcgInputError(
+                    f"{name}: sampling_rate={sampling_rate} given but the header says {read['sampling_rate']} Hz"
+                )
+            signal, sampling_rate, lead_names, units = (
+                read["signal"],
+                read["sampling_rate"],
+                read["lead_names"],
+                read["units"],
+            )
+        else:
+            name = f"record {index}"
+            signal = _as_float_array(record, name)
+        if sampling_rate is None:
+            raise EcgInputError(
+                f"{name}: sampling_rate is required (the rate in Hz of this array); the model expects "
+                f"{self.sampling_rate} Hz and resamples from whatever you give"
+            )
+        if lead_names is None:
+            raise EcgInputError(
+                f"{name}: lead_names is required (the name of each column), e.g. {list(self.lead_names)}"
+            )
+        signal = self._check_shape(signal, lead_names, name)
+        signal = self._to_millivolt(signal, units, name)
+        signal, lead_names = self._check_flat_leads(
+            signal, list(lead_names), name, isinstance(record, (str, os.PathLike))
+        )
+        signal, present = self._select_leads(signal, list(lead_names), name)
+        signal = self._handle_non_finite(signal, name)
+        self._check_amplitude(signal, name)
+        return signal, float(sampling_rate), name, present
+
+    # ------------------------------------------------------------------------------------------------------------------
+    def _check_shape(self, signal: np.ndarray, lead_names: list[str], name: str) -> np.ndarray:
+        if signal.ndim != 2:
+            raise EcgInputError(f"{name}: expected a 2-D array (num_samples, num_leads), got shape {signal.shape}")
+        if signal.shape[0] < 2:
+            raise EcgInputError(f"{name}: {signal.shape[0]} samples; a record needs at least 2")
+        if signal.shape[1] != len(lead_names):
+            hint = " (transposed? arrays are (num_samples, num_leads) as WFDB gives them)"
+            raise EcgInputError(
+                f"{name}: {len(lead_names)} lead names for an array of shape {signal.shape}"
+                + (hint if signal.shape[0] == len(lead_names) else "")
+            )
+        return signal
+
+    def _select_leads(self, signal: np.ndarray, lead_names: list[str], name: str) -> tuple[np.ndarray, np.ndarray]:
+        """The record's columns in `self.lead_names` order, and which of them were recorded (`(num_leads,)` bool; a
+        missing lead is a column of zeros, allowed only with `missing_leads="mask"`)."""
+        wanted = {lead.lower(): lead for lead in self.lead_names}
+        position: dict[str, int] = {}
+        for column, lead in enumerate(lead_names):
+            key = str(lead).strip().lower()
+            if key not in wanted:
+                if self.drop_extra_leads:
+                    continue
+                raise EcgInputError(
+                    f"{name}: unknown lead name {lead!r}; expected leads {list(self.lead_names)} "
+                    "(drop_extra_leads=True drops leads the model does not use)"
+                )
+            if key in position:
+                raise EcgInputError(f"{name}: lead {lead!r} appears twice")
+            position[key] = column
+        missing = [lead for key, lead in wanted.items() if key not in position]
+        columns = {key: signal[:, col] for key, col in position.items()}
+        if missing and self.derive_limb_leads and (self.missing_leads == "raise" or _can_derive_limb_leads(columns)):
+            columns = _derive_limb_leads(columns, name)
+            missing = [lead for key, lead in wanted.items() if key not in columns]
+        if missing and self.missing_leads == "mask":
+            if not columns:
+                raise EcgInputError(f"{name}: none of the leads {list(self.lead_names)} is in the record")
+            present = np.array([lead.lower() in columns for lead in self.lead_names])
+            absent = np.zeros(len(signal))
+            ordered = np.stack([columns.get(lead.lower(), absent) for lead in self.lead_names], axis=1)
+            return ordered, present
+        if missing:
+            derivable = {"i", "ii", "iii", "avr", "avl", "avf"}
+            helps = {lead.lower() for lead in missing} <= derivable and len({"i", "ii", "iii"} & position.keys()) >= 2
+            repair = (
+                "derive_limb_leads=True rebuilds limb leads from two; " if helps and not self.derive_limb_leads else ""
+            )
+            raise EcgInputError(
+                f"{name}: {len(position)} leads given, {len(self.lead_names)} expected; missing {missing} ({repair}"
+                "missing_leads='mask' leaves the missing leads out)"
+            )
+        if [position.get(lead.lower()) for lead in self.lead_names] == list(range(signal.shape[1])):
+            return signal, np.ones(len(self.lead_names), dtype=bool)  # already the model's leads in order: no copy
+        ordered = np.stack([columns[lead.lower()] for lead in self.lead_names], axis=1)
+        return ordered, np.ones(len(self.lead_names), dtype=bool)
+
+    def _check_flat_leads(
+        self, signal: np.ndarray, lead_names: list[str], name: str, from_header: bool
+    ) -> tuple[np.ndarray, list[str]]:
+        """`check_lead_amplitudes`' lower bound on the record's own columns (mV) of the model's leads, before leads
+        are matched: a flat lead raises, or is zeroed, or is dropped (`flat_lead_policy`), and a dropped lead then
+        goes through lead matching as one the record does not have. Leads the model does not use are lead matching's
+        (`drop_extra_leads`), leads with NaN/inf `nan_policy`'s; the upper bound stays in `_check_amplitude`."""
+        wanted = {lead.lower() for lead in self.lead_names}
+        used = [column for column, lead in enumerate(lead_names) if str(lead).strip().lower() in wanted]
+        if not used:
+            return signal, lead_names
+        drop = self.flat_lead_policy == "drop"
+        if drop and getattr(self, "missing_leads", "raise") == "raise" and not self.derive_limb_leads:
+            policy = "raise"  # nothing could stand in for a dropped lead: say so rather than "missing lead"
+        else:
+            policy = "zero" if drop else self.flat_lead_policy  # the zeroed columns are then removed below
+        try:
+            checked, flat = check_lead_amplitudes(
+                signal[:, used],
+                [lead_names[column] for column in used],
+                name,
+                np.inf,
+                self.min_amplitude_mv,
+                policy,
+                from_header=from_header,
+            )
+        except EcgInputError as error:
+            if policy == self.flat_lead_policy:
+                raise
+            raise EcgInputError(
+                f"{error}. flat_lead_policy='drop' leaves them out, which needs missing_leads='mask' (reduced-lead "
+                "input) or, for limb leads, derive_limb_leads=True"
+            ) from error
+        if not flat:
+            return signal, lead_names
+        if drop:
+            kept = [column for column, lead in enumerate(lead_names) if lead not in flat]
+            return signal[:, kept], [lead_names[column] for column in kept]
+        signal = signal.copy()
+        signal[:, used] = checked
+        return signal, lead_names
+
+    def _to_millivolt(self, signal: np.ndarray, units: str | list[str] | None, name: str) -> np.ndarray:
+        units = "mV" if units is None else units
+        per_lead = [units] * signal.shape[1] if isinstance(units, str) else list(units)
+        if len(per_lead) != signal.shape[1]:
+            raise EcgInputError(f"{name}: {len(per_lead)} units given for {signal.shape[1]} leads")
+        factors = []
+        for unit in per_lead:
+            key = str(unit).strip().lower()
+            if key not in UNIT_TO_MV:
+                raise EcgInputError(f"{name}: unknown unit {unit!r}; expected one of mV, uV (µV), V")
+            factors.append(UNIT_TO_MV[key])
+        if all(factor == 1.0 for factor in factors):
+            return signal  # already mV: no copy
+        return signal * np.asarray(factors)[None, :]
+
+    def _handle_non_finite(self, signal: np.ndarray, name: str) -> np.ndarray:
+        bad = ~np.isfinite(signal)
+        if not bad.any():
+            return signal
+        for column in np.flatnonzero(bad.any(axis=0)):
+            lead = self.lead_names[column]
+            count = int(bad[:, column].sum())
+            if self.nan_policy == "raise":
+                raise EcgInputError(
+                    f"{name}: lead {lead} has {count} NaN/inf samples (nan_policy='interpolate' repairs gaps)"
+                )
+            if count == len(signal):
+                raise EcgInputError(f"{name}: lead {lead} is entirely NaN/inf; nothing to interpolate from")
+        signal = signal.copy()
+        time = np.arange(len(signal))
+        for column in np.flatnonzero(bad.any(axis=0)):
+            good = ~bad[:, column]
+            signal[:, column] = np.interp(time, time[good], signal[good, column])
+        return signal
+
+    def _check_amplitude(self, signal: np.ndarray, name: str) -> None:
+        too_wide, spread = leads_too_wide(signal, self.max_amplitude_mv)
+        if too_wide.size:
+            leads = [self.lead_names[i] for i in too_wide]
+            raise EcgInputError(
+                f"{name}: leads {leads} span {spread:.0f} mV after unit conversion (an ECG spans a "
+                f"few mV); the signal is probably in µV: pass units='uV'"
+            )
+
+    def _resample_and_filter(self, signal: np.ndarray, sampling_rate: float, name: str) -> np.ndarray:
+        """Resample to `self.sampling_rate` and band-pass, with neither touching the record's edges: each lead is
+        taken around its mean and extended by 1 s of odd reflection (value and slope continue) before both steps,
+        and the extension is cut off after. Without this, `resample_poly`'s zero padding turns a lead's offset into
+        a step at each end, which the 0.67 Hz high-pass rings out for about half a second into the window, and the
+        output would depend on a DC offset that the high-pass is meant to remove."""
+        up, down = self._resample_ratio(sampling_rate, name)
+        length = len(signal)
+        mean = signal.mean(axis=0)
+        pad = min(int(round(sampling_rate)), length - 1)
+        centred = signal - mean
+        extended = np.concatenate(
+            [2 * centred[:1] - centred[pad:0:-1], centred, 2 * centred[-1:] - centred[-2 : -pad - 2 : -1]]
+        )
+        if (up, down) != (1, 1):
+            extended = sp_signal.resample_poly(extended, up, down, axis=0)
+        try:
+            extended = self._band_pass(extended)
+        except ValueError as error:  # sosfiltfilt's minimum length
+            raise EcgInputError(
+                f"{name}: {length} samples are too short for the band-pass filter ({error})"
+            ) from error
+        start = int(round(pad * up / down))  # whole samples for every integer rate (1 s -> `self.sampling_rate`)
+        resampled = extended[start : start + -(-length * up // down)]
+        return resampled if self.highpass_hz is not None else resampled + mean  # DC is signal when nothing removes it
+
+    def _resample_ratio(self, sampling_rate: float, name: str) -> tuple[int, int]:
+        if not np.isfinite(sampling_rate) or sampling_rate <= 0:
+            raise EcgInputError(f"{name}: invalid sampling_rate {sampling_rate}")
+        if self.lowpass_hz is not None and sampling_rate < self.min_sampling_rate_factor * self.lowpass_hz:
+            raise EcgInputError(
+                f"{name}: {sampling_rate:g} Hz cannot reach the model's band: its Nyquist frequency "
+                f"{sampling_rate / 2:g} Hz is below the {self.lowpass_hz:g} Hz low-pass cut-off "
+                f"(at least {self.min_sampling_rate_factor * self.lowpass_hz:g} Hz needed)"
+            )
+        ratio = (Fraction(self.sampling_rate) / Fraction(sampling_rate)).limit_denominator(10_000)
+        if abs(float(ratio) * sampling_rate - self.sampling_rate) > 1e-6 * self.sampling_rate:
+            raise EcgInputError(f"{name}: cannot resample {sampling_rate:g} Hz to {self.sampling_rate} Hz exactly")
+        return ratio.numerator, ratio.denominator
+
+    def _band_pass(self, signal: np.ndarray) -> np.ndarray:
+        sos = self._band_pass_sos()
+        return signal if sos is None else sp_signal.sosfiltfilt(sos, signal, axis=0)
+
+    def _band_pass_sos(self) -> np.ndarray | None:
+        """The Butterworth filter as second-order sections (`None` when both cut-offs are off): the one design of
+        both paths, cached (designing it took a quarter of the per-record time)."""
+        return _butterworth_sos(self.filter_order, self.highpass_hz, self.lowpass_hz, self.sampling_rate)
+
+    def _fit_window(self, signal: np.ndarray, name: str, padding: bool, crop: str) -> tuple[np.ndarray, np.ndarray]:
+        length, window = signal.shape[0], self.num_samples
+        mask = np.ones(window, dtype=np.int64)
+        if length < window:
+            if not padding:
+                raise EcgInputError(
+                    f"{name}: {length} samples at {self.sampling_rate} Hz ({length / self.sampling_rate:.2f} s) is "
+                    f"shorter than the {window}-sample window; pass padding=True to zero-pad it"
+                )
+            padded = np.zeros((window, signal.shape[1]))
+            padded[:length] = signal
+            mask[length:] = 0
+            return padded.T, mask
+        if crop == "start":
+            start = 0
+        elif crop == "random":
+            start = int(self._crop_generator().integers(0, length - window + 1))
+        else:
+            start = (length - window) // 2
+        return signal[start : start + window].T, mask
+
+    def _sliding_windows(self, signal: np.ndarray, name: str, padding: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every `num_samples` window `window_stride` apart, plus one aligned to the end when the stride leaves a
+        tail, so that no part of the record is left out; a record no longer than one window gives that window."""
+        length, window = signal.shape[0], self.num_samples
+        if length <= window:
+            return [self._fit_window(signal, name, padding=padding, crop="start")]
+        starts = list(range(0, length - window + 1, self.window_stride or window))
+        if starts[-1] + window < length:
+            starts.append(length - window)
+        mask = np.ones(window, dtype=np.int64)
+        return [(signal[start : start + window].T, mask) for start in starts]
+
+    def _crop_generator(self) -> np.random.Generator:
+        """The generator of random crops. In a DataLoader worker it is re-seeded from the worker's own seed (set by
+        torch per worker and epoch, reproducible under a seeded DataLoader), combined with `seed`: forked workers
+        would otherwise all inherit one generator state and cut the same crops."""
+        try:
+            from torch.utils.data import get_worker_info
+        except ImportError:  # pragma: no cover - torch is a dependency of merit_hf
+            return self._rng
+        worker = get_worker_info()
+        if worker is not None and worker.seed != self._rng_worker_seed:
+            self._rng_worker_seed = worker.seed
+            self._rng = np.random.default_rng([0 if self.seed is None else self.seed, worker.seed])
+        return self._rng
+
+    def _normalize(self, signal: np.ndarray, mask: np.ndarray, present: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+        """Normalise over the recorded samples of the recorded leads (a missing lead's zeros never shift the record's
+        statistics); padding and missing leads stay exactly 0."""
+        if self.normalization == "none":
+            return signal
+        valid = signal[:, mask.astype(bool)]
+        if self.normalization == "zscore_record":
+            mean, std = valid[present].mean(), valid[present].std()
+        else:
+            mean, std = valid.mean(axis=1, keepdims=True), valid.std(axis=1, keepdims=True)
+        normalized = (signal - mean) / (std + eps)
+        normalized[:, ~mask.astype(bool)] = 0.0
+        normalized[~present] = 0.0
+        return normalized
+
+
+@lru_cache(maxsize=32)
+def _butterworth_sos(order: int, low: float | None, high: float | None, sampling_rate: int) -> np.ndarray | None:
+    if low is None and high is None:
+        return None
+    if low is not None and high is not None:
+        sos = sp_signal.butter(order, [low, high], btype="bandpass", fs=sampling_rate, output="sos")
+    elif low is not None:
+        sos = sp_signal.butter(order, low, btype="highpass", fs=sampling_rate, output="sos")
+    else:
+        sos = sp_signal.butter(order, high, btype="lowpass", fs=sampling_rate, output="sos")
+    return sos
+
+
+def _as_float_array(record: Any, name: str) -> np.ndarray:
+    """`record` as float64; text or anything else that is not numbers raises naming the record."""
+    try:
+        array = np.asarray(record)
+        if array.dtype.kind in "US":  # numbers as text mean a parsing step went wrong upstream: say so
+            raise TypeError(f"an array of text (dtype {array.dtype})")
+        return array.astype(np.float64)
+    except (TypeError, ValueError) as error:
+        raise EcgInputError(
+            f"{name}: not an array of numbers ({error}); pass the signal as numbers (num_samples, num_leads) or the "
+            "path of a WFDB record"
+        ) from error
+
+
+def _is_list_of_lists(value) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and isinstance(value[0], (list, tuple))
+
+
+def _can_derive_limb_leads(columns: dict[str, np.ndarray]) -> bool:
+    """Whether two of I, II, III are there, from which Einthoven and Goldberger give the other four limb leads."""
+    return sum(lead in columns for lead in ("i", "ii", "iii")) >= 2
+
+
+def _derive_limb_leads(columns: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
+    """Einthoven (I + III = II) and Goldberger (augmented leads) from any two of I, II, III."""
+    lead_i, lead_ii, lead_iii = columns.get("i"), columns.get("ii"), columns.get("iii")
+    if lead_i is None and lead_ii is not None and lead_iii is not None:
+        lead_i = lead_ii - lead_iii
+    if lead_ii is None and lead_i is not None and lead_iii is not None:
+        lead_ii = lead_i + lead_iii
+    if lead_i is None or lead_ii is None:
+        raise EcgInputError(f"{name}: cannot derive limb leads: two of I, II, III are needed")
+    derived = {
+        "i": lead_i,
+        "ii": lead_ii,
+        "iii": lead_ii - lead_i,
+        "avr": -(lead_i + lead_ii) / 2,
+        "avl": lead_i - lead_ii / 2,
+        "avf": lead_ii - lead_i / 2,
+    }
+    return {**derived, **columns}
+
+
+__all__ = ["EcgInputError", "MeritFeatureExtractor", "check_lead_amplitudes", "read_wfdb_header", "read_wfdb_record"]

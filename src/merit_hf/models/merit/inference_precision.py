@@ -1,0 +1,301 @@
+"""Inference precision: one resolver for every place merit_hf embeds ECGs (the embedding command line,
+`zero_shot_classify`, the pipeline, the Space).
+
+`precision` is one of:
+
+- `"auto"` (the default): on a CUDA GPU, **bf16 weights** (the model is cast, no autocast: 1.2x autocast's speed for
+  ViT-B/75 on an H200, cosine 0.99999 to fp32 embeddings); fp32 on GPUs without native bf16 (before Ampere). On CPU,
+  the fastest accurate path for the CPU it runs on, decided from what the CPU reports (`CpuCapability`):
+  bf16 weights when it computes bf16 natively (AMX-BF16 or AVX512-BF16; cosine 0.99999 to fp32), else fp32. The
+  choice is logged at debug level (`logging.getLogger("merit_hf.models.merit.inference_precision")`). `auto` never picks int8:
+  it is the fastest path on some CPUs but costs more accuracy (cosine 0.9998 for ViT-B/75) and, because activations
+  are quantised per batch, a record's embedding then depends slightly on the records batched with it (tested).
+- `"fp32"`, `"bf16"`, `"fp16"`: the weights in that dtype on any device (bf16 on a CPU without native bf16 runs,
+  slowly; fp16 is for GPUs without bf16, such as V100 and T4).
+- `"int8"` (CPU only): dynamic int8 quantisation (int8 weights, activations quantised per batch) of every
+  `nn.Linear` inside the Transformer blocks (over 99 % of the FLOPs) through PyTorch's own
+  `torch.ao.quantization.quantize_dynamic` (fbgemm/oneDNN kernels); the patch projection, pooling and heads stay
+  fp32. PyTorch marks `torch.ao.quantization` deprecated in favour of torchao, but torchao 0.18's CPU int8 path
+  (`Int8DynamicActivationInt8WeightConfig`) ran 4x slower than it in eager mode on our CPUs, so we keep the
+  working one (benchmarks/README.md, "CPU inference").
+- `"fp8"` (CUDA GPUs with FP8 tensor cores only, compute capability 8.9+: Ada, Hopper, Blackwell): torchao's float8
+  dynamic quantisation (e4m3 weights and activations, per-row scales) of the same linear layers, on bf16 weights.
+  Needs the optional extra `pip install merit_hf[fp8]` (torchao); anywhere else it is a clear error.
+
+`prepare_for_inference(module, precision, device)` never changes the module it is given: it returns the module itself
+when it is already in that precision on that device, else a converted copy in eval mode. The copy is kept with the
+module and reused while the module's parameters are unchanged (a training step or `load_state_dict` makes a new
+one), so calling `zero_shot_classify` in a loop does not convert the model every time.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import platform
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "fp8")
+FP8_MIN_CUDA_CAPABILITY = (8, 9)
+INT8_DOT_PRODUCT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class CpuCapability:
+    """What a CPU reports: its model name, its feature flags (as `/proc/cpuinfo` names them) and the vector ISA
+    PyTorch dispatches to (`torch.backends.cpu.get_cpu_capability()`). Tests build one by hand for CPUs CI lacks."""
+
+    model_name: str
+    flags: frozenset[str]
+    torch_capability: str
+
+    @property
+    def amx_bf16(self) -> bool:
+        return "amx_bf16" in self.flags
+
+    @property
+    def avx512_bf16(self) -> bool:
+        return "avx512_bf16" in self.flags
+
+    @property
+    def native_bf16(self) -> bool:
+        """bf16 matmuls run in hardware (AMX tiles or AVX512-BF16 dot products), at 2-4x fp32 speed."""
+        return self.amx_bf16 or self.avx512_bf16
+
+    @property
+    def int8_dot_product(self) -> bool:
+        return bool(self.flags & INT8_DOT_PRODUCT_FLAGS)
+
+    def summary(self) -> dict:
+        """The facts a benchmark records beside its numbers."""
+        return {
+            "model_name": self.model_name,
+            "torch_capability": self.torch_capability,
+            "amx_bf16": self.amx_bf16,
+            "avx512_bf16": self.avx512_bf16,
+            "int8_dot_product": self.int8_dot_product,
+            "flags": sorted(self.flags),
+        }
+
+
+def _read_cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str, frozenset[str]] | None:
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    model_name, flags = "", frozenset()
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        name = name.strip()
+        if name == "model name" and not model_name:
+            model_name = value.strip()
+        elif name == "flags" and not flags:
+            flags = frozenset(value.split())
+    return model_name, flags
+
+
+def _flags_from_torch() -> frozenset[str]:
+    """Where there is no /proc/cpuinfo (macOS, Windows): the flags PyTorch's own CPU probes answer for."""
+    probes = {
+        "amx_bf16": "_is_amx_tile_supported",
+        "amx_fp16": "_is_amx_fp16_supported",
+        "avx512_bf16": "_is_avx512_bf16_supported",
+        "avx512_vnni": "_is_vnni_supported",
+    }
+    found = set()
+    for flag, probe in probes.items():
+        function = getattr(torch.cpu, probe, None)
+        if function is not None and function():
+            found.add(flag)
+    return frozenset(found)
+
+
+@functools.cache
+def cpu_capability() -> CpuCapability:
+    """This machine's `CpuCapability` (read once per process)."""
+    read = _read_cpuinfo()
+    model_name, flags = read if read is not None else (platform.processor() or platform.machine(), _flags_from_torch())
+    return CpuCapability(model_name, flags, torch.backends.cpu.get_cpu_capability())
+
+
+def _cpu_choice(capability: CpuCapability) -> tuple[str, str]:
+    if capability.native_bf16:
+        kind = "AMX-BF16" if capability.amx_bf16 else "AVX512-BF16"
+        return "bf16", f"the CPU computes bf16 natively ({kind})"
+    int8 = " ('int8' is faster on it, opt in)" if capability.int8_dot_product else ""
+    return "fp32", f"no native bf16, which would run emulated and slower than fp32{int8}"
+
+
+def resolve_precision(
+    precision: str = "auto",
+    device: torch.device | str = "cpu",
+    capability: CpuCapability | None = None,
+    cuda_capability: tuple[int, int] | None = None,
+) -> str:
+    """The concrete precision (`"fp32"`, `"bf16"`, `"fp16"`, `"int8"` or `"fp8"`) that `precision` means on `device`.
+
+    Args:
+        capability: the CPU's (default: this machine's `cpu_capability()`); tests pass others.
+        cuda_capability: the GPU's compute capability (default: `torch.cuda.get_device_capability(device)`).
+
+    Raises `ValueError` for an unknown precision, int8 on a GPU, and fp8 anywhere but a CUDA GPU with FP8 tensor
+    cores.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: must be one of {list(PRECISIONS)}, got {precision!r}")
+    device = torch.device(device)
+    if device.type == "cuda" and cuda_capability is None:
+        cuda_capability = torch.cuda.get_device_capability(device)
+    if precision == "int8" and device.type != "cpu":
+        raise ValueError(
+            f"precision 'int8' is CPU inference (PyTorch dynamic quantisation); on {device} use 'bf16' or 'fp8'"
+        )
+    if precision == "fp8":
+        if device.type != "cuda":
+            raise ValueError(
+                f"precision 'fp8' needs a CUDA GPU with FP8 tensor cores (compute capability "
+                f"{FP8_MIN_CUDA_CAPABILITY[0]}.{FP8_MIN_CUDA_CAPABILITY[1]}+: Ada, Hopper, Blackwell); this device is "
+                f"{device}. On CPU use 'auto', 'bf16' or 'int8'"
+            )
+        if tuple(cuda_capability) < FP8_MIN_CUDA_CAPABILITY:
+            raise ValueError(
+                f"precision 'fp8' needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell); {device} "
+                f"has compute capability {cuda_capability[0]}.{cuda_capability[1]}. Use 'bf16' there"
+            )
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        choice, why = ("bf16", "a CUDA GPU with native bf16") if cuda_capability[0] >= 8 else ("fp32", "no bf16")
+    elif device.type == "cpu":
+        capability = capability or cpu_capability()
+        choice, why = _cpu_choice(capability)
+        why = f"{capability.model_name or 'CPU'}: {why}"
+    else:  # mps, xpu, ...: their bf16 support varies, so the exact path
+        choice, why = "fp32", f"{device.type} device"
+    logger.debug("precision 'auto' on %s -> %s (%s)", device, choice, why)
+    return choice
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    return any("quantized" in type(child).__module__ for child in module.modules())
+
+
+def _state(module: nn.Module) -> tuple[torch.dtype | None, torch.device | None]:
+    parameter = next(module.parameters(), None)
+    return (parameter.dtype, parameter.device) if parameter is not None else (None, None)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def _block_linears(module: nn.Module) -> dict[str, nn.Linear]:
+    """Every `nn.Linear` inside a Transformer block (attention q/k/v + output, MLP): what int8 and fp8 quantise."""
+    from .modeling_merit import MeritEcgLayer
+
+    linears = {}
+    for block_name, block in module.named_modules():
+        if isinstance(block, MeritEcgLayer):
+            for name, child in block.named_modules():
+                if isinstance(child, nn.Linear):
+                    linears[f"{block_name}.{name}" if block_name else name] = child
+    return linears
+
+
+def _quantize_int8(module: nn.Module) -> nn.Module:
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    names = set(_block_linears(module))
+    with warnings.catch_warnings():  # PyTorch's deprecation notice for torch.ao.quantization (see the module doc)
+        warnings.filterwarnings(
+            "ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning
+        )
+        warnings.filterwarnings("ignore", message=r".*torch\.quantize_per_tensor.*deprecated", category=UserWarning)
+        return quantize_dynamic(module, names, dtype=torch.qint8, inplace=True)
+
+
+def _quantize_fp8(module: nn.Module) -> nn.Module:
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    except ImportError as error:
+        raise ImportError(
+            "precision 'fp8' needs torchao: pip install 'merit_hf[fp8]' (or pip install torchao)"
+        ) from error
+    # torch._scaled_mm needs both matmul dimensions divisible by 16
+    chosen = {
+        id(linear)
+        for linear in _block_linears(module).values()
+        if linear.in_features % 16 == 0 and linear.out_features % 16 == 0
+    }
+    quantize_(
+        module,
+        Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+        filter_fn=lambda child, _name: id(child) in chosen,
+    )
+    return module
+
+
+def _convert(module: nn.Module, precision: str, device: torch.device) -> nn.Module:
+    converted = copy.deepcopy(module)
+    if precision == "int8":
+        return _quantize_int8(converted.to(device=device, dtype=torch.float32).eval())
+    if precision == "fp8":
+        return _quantize_fp8(converted.to(device=device, dtype=torch.bfloat16).eval())
+    return converted.to(device=device, dtype=_DTYPES[precision]).eval()
+
+
+def _parameters_signature(module: nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer is replaced or written in place (optimizer steps, `load_state_dict`)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return tuple((tensor.data_ptr(), tensor._version) for tensor in tensors)
+
+
+_prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def prepare_for_inference(
+    module: nn.Module, precision: str = "auto", device: torch.device | str | None = None
+) -> nn.Module:
+    """`module` ready for inference in `precision` (see the module doc) on `device` (default: the module's own).
+
+    Returns `module` itself, in eval mode, when it already is in that precision on that device; otherwise a converted
+    copy, cached beside `module` until its parameters change. The caller's module is never cast or quantised.
+    """
+    dtype, current_device = _state(module)
+    device = torch.device(device) if device is not None else (current_device or torch.device("cpu"))
+    resolved = resolve_precision(precision, device)
+    if (
+        resolved in _DTYPES
+        and not _is_quantized(module)
+        and dtype in (None, _DTYPES[resolved])
+        and (current_device is None or _same_device(current_device, device))
+    ):
+        return module.eval()
+    signature = (resolved, str(device), _parameters_signature(module))
+    cached = _prepared.get(module)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    converted = _convert(module, resolved, device)
+    _prepared[module] = (signature, converted)
+    logger.debug("%s converted to %s on %s for inference", type(module).__name__, resolved, device)
+    return converted
+
+
+__all__ = [
+    "PRECISIONS",
+    "CpuCapability",
+    "cpu_capability",
+    "prepare_for_inference",
+    "resolve_precision",
+]

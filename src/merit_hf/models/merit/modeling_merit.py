@@ -1,0 +1,1502 @@
+"""MERIT models: the lead-wise ECG Transformer, its masked-modelling decoder, the ECG-report two-tower model, the
+pretraining objective and the classification head.
+
+This file is Hub remote code: it imports only torch, transformers, huggingface_hub and its sibling files.
+
+The objective (MERIT, arXiv 2605.27583) is one information-theoretic target split into two tractable bounds on the
+same encoder: a Gaussian decoder turns the bound on I(Z; X) into the MSE of masked patches (structure), and InfoNCE
+bounds I(Z; T) with the clinical report (semantics). Layout, masking and decoder follow ST-MEM (ICLR 2024); the
+contrastive branch follows CLIP / MERL. See `MeritEcgConfig` and `MeritConfig` for every default and its source.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, logging
+
+from .configuration_merit import PROBLEM_TYPES, MeritConfig, MeritEcgConfig
+from .pipeline_merit import custom_pipelines_for, save_zero_shot_prompts
+
+logger = logging.get_logger(__name__)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MeritEcgModelOutput(ModelOutput):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+        Encoder output tokens, lead after lead; each lead holds `[SEP] patches... [SEP]` (visible patches only when
+        masking was applied).
+    pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+        LayerNorm of the mean over the (visible, non-padding) patch tokens of all leads (ST-MEM's feature).
+    mask (`torch.FloatTensor` of shape `(batch_size, num_leads, num_patches_per_lead)`, *optional*):
+        1 for a hidden patch, 0 for a visible one; only when masking was applied.
+    ids_restore (`torch.LongTensor` of shape `(batch_size, num_leads, num_patches_per_lead)`, *optional*):
+        Indices that undo the per-lead shuffle; only when masking was applied.
+    patch_attention_mask (`torch.FloatTensor` of shape `(batch_size, num_leads, num_patches_per_lead)`, *optional*):
+        1 for a patch that holds signal, 0 for a patch made only of padding or of a lead missing from the record;
+        only when `ecg_attention_mask` or `lead_mask` is given.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    mask: torch.FloatTensor | None = None
+    ids_restore: torch.LongTensor | None = None
+    patch_attention_mask: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class MeritOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, *optional*): symmetric InfoNCE, when `return_loss=True`.
+    logits_per_ecg (`torch.FloatTensor` of shape `(ecg_batch_size, text_batch_size)`): scaled cosine similarities.
+    logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, ecg_batch_size)`): the transpose.
+    ecg_embeds, text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`): L2-normalised embeddings.
+    ecg_model_output, text_model_output (`BaseModelOutputWithPooling`): each tower's `get_*_features` output.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_ecg: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    ecg_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    ecg_model_output: BaseModelOutputWithPooling | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple:
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in super().to_tuple())
+
+
+@dataclass
+class MeritForPreTrainingOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`):
+        `reconstruction_weight * reconstruction_loss + contrastive_weight * contrastive_loss`.
+    reconstruction_loss (`torch.FloatTensor` of shape `()`, *optional*): MSE over hidden patches only.
+    contrastive_loss (`torch.FloatTensor` of shape `()`, *optional*): symmetric InfoNCE over the (gathered) batch.
+    logits (`torch.FloatTensor` of shape `(batch_size, num_leads, num_patches_per_lead, patch_size)`, *optional*):
+        Reconstructed patches (in normalised-patch units when `norm_pix_loss=True`).
+    mask (`torch.FloatTensor` of shape `(batch_size, num_leads, num_patches_per_lead)`, *optional*):
+        1 for a hidden patch, 0 for a visible one.
+    ids_restore (`torch.LongTensor`, *optional*): undoes the per-lead shuffle.
+    logits_per_ecg, logits_per_text (`torch.FloatTensor`, *optional*): local scaled similarities.
+    ecg_embeds, text_embeds (`torch.FloatTensor`, *optional*): L2-normalised local embeddings.
+    logit_scale (`torch.FloatTensor` of shape `()`, *optional*): the clamped inverse temperature used.
+    """
+
+    loss: torch.FloatTensor | None = None
+    reconstruction_loss: torch.FloatTensor | None = None
+    contrastive_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    mask: torch.FloatTensor | None = None
+    ids_restore: torch.LongTensor | None = None
+    logits_per_ecg: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    ecg_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    logit_scale: torch.FloatTensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def sincos_position_table(num_positions: int, dim: int) -> torch.Tensor:
+    """Fixed 1-D sine-cosine table `(num_positions, dim)` (Transformer / ViT-MAE), shared by all leads (ST-MEM)."""
+    if dim % 2:
+        raise ValueError(f"sin-cos position embeddings need an even size, got {dim}")
+    positions = torch.arange(num_positions, dtype=torch.float64)[:, None]
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = positions * omega[None]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1).float()
+
+
+def patchify(ecg_values: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """`(batch, num_leads, num_samples)` -> `(batch, num_leads, num_patches, patch_size)`."""
+    batch_size, num_leads, num_samples = ecg_values.shape
+    if num_samples % patch_size:
+        raise ValueError(f"ecg_values has {num_samples} samples per lead, not a multiple of patch_size {patch_size}")
+    return ecg_values.reshape(batch_size, num_leads, num_samples // patch_size, patch_size)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    upcast_softmax: bool = True,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain matmul-softmax-matmul attention; the reference that the fused kernels are checked against.
+
+    `upcast_softmax=False` keeps the softmax in the input dtype (PyTorch's CPU softmax still accumulates bf16/fp16
+    in fp32): the path SDPA may take for bf16/fp16 on CPU, see `_attention_function`."""
+    attn_weights = torch.matmul(query, key.transpose(2, 3)).mul_(scaling)
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    if upcast_softmax:
+        attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    else:
+        attn_weights = attn_weights.softmax(dim=-1)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+# Two matmuls and a softmax in the input dtype: the alternative to PyTorch's fused SDPA kernel for bf16/fp16 on CPU.
+matmul_attention_forward = functools.partial(eager_attention_forward, upcast_softmax=False)
+
+# bf16/fp16 attention on CPU: the fused SDPA kernel or `matmul_attention_forward`, whichever this CPU runs faster.
+# The winner depends on the CPU (AMX, AVX512-BF16), its load, oneDNN and torch: two matmuls were 1.6x faster on one
+# AMD EPYC VM, the fused kernel 1.6x faster on a loaded one of the same kind (benchmarks/README.md). So it is timed
+# once per process at first use for each (dtype, heads, tokens, head size, threads), never fixed from one machine.
+# `MERIT_CPU_ATTENTION=sdpa` or `=matmul` fixes it (benchmarks, runs that must be reproducible bit for bit).
+CPU_ATTENTION_ENV = "MERIT_CPU_ATTENTION"
+_cpu_attention_choice: dict[tuple, str] = {}
+
+
+def time_cpu_attention_kernels(
+    dtype: torch.dtype, batch_size: int, num_heads: int, num_tokens: int, head_dim: int, repeats: int = 3
+) -> dict[str, float]:
+    """Best-of-`repeats` seconds of one attention call per kernel (`"sdpa"`, `"matmul"`) on random q, k, v laid out
+    as `MeritEcgAttention` makes them (views into one projection), interleaved so that machine drift hits both."""
+    qkv = torch.randn(batch_size, num_tokens, 3, num_heads, head_dim, dtype=dtype)
+    query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    module = nn.Module().eval()
+    scaling = head_dim**-0.5
+    kernels = {
+        "sdpa": lambda: F.scaled_dot_product_attention(query, key, value, scale=scaling),
+        "matmul": lambda: matmul_attention_forward(module, query, key, value, None, scaling),
+    }
+    best = dict.fromkeys(kernels, float("inf"))
+    with torch.no_grad():
+        for run in kernels.values():  # warm-up: oneDNN builds its kernels on the first call
+            run()
+        for _ in range(repeats):
+            for name, run in kernels.items():
+                start = time.perf_counter()
+                run()
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def cpu_reduced_precision_attention(query: torch.Tensor) -> str:
+    """`"sdpa"` or `"matmul"`: the faster bf16/fp16 attention kernel on this CPU for `query`'s shape (see above)."""
+    forced = os.environ.get(CPU_ATTENTION_ENV)
+    if forced:
+        if forced not in ("sdpa", "matmul"):
+            raise ValueError(f"{CPU_ATTENTION_ENV}: must be 'sdpa' or 'matmul', got {forced!r}")
+        return forced
+    if torch.compiler.is_compiling():  # no timing inside a trace; inductor fuses around the kernel anyway
+        return "sdpa"
+    batch_size, num_heads, num_tokens, head_dim = query.shape
+    key = (query.dtype, num_heads, num_tokens, head_dim, torch.get_num_threads())
+    if key not in _cpu_attention_choice:
+        seconds = time_cpu_attention_kernels(query.dtype, min(batch_size, 16), num_heads, num_tokens, head_dim)
+        _cpu_attention_choice[key] = min(seconds, key=seconds.get)
+        logger.debug(
+            "CPU %s attention for %d heads x %d tokens x %d, %d threads: %s (timed: %s)",
+            query.dtype, num_heads, num_tokens, head_dim, key[-1], _cpu_attention_choice[key],
+            {name: f"{value * 1000:.2f} ms" for name, value in seconds.items()},
+        )  # fmt: skip
+    return _cpu_attention_choice[key]
+
+
+def _attention_function(config, query: torch.Tensor) -> Callable:
+    """The kernel `config._attn_implementation` names, except that SDPA for bf16/fp16 on CPU runs whichever of the
+    fused kernel and `matmul_attention_forward` is faster on this CPU (`cpu_reduced_precision_attention`); fp32 on
+    CPU and every dtype on GPUs keep the fused kernel."""
+    implementation = config._attn_implementation
+    if (
+        implementation == "sdpa"
+        and query.device.type == "cpu"
+        and query.dtype in (torch.bfloat16, torch.float16)
+        and cpu_reduced_precision_attention(query) == "matmul"
+    ):
+        return matmul_attention_forward
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+
+
+class MeritEcgAttention(nn.Module):
+    """Multi-head self-attention; `config._attn_implementation` picks eager, SDPA or another registered kernel."""
+
+    def __init__(self, config: MeritEcgConfig, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.config = config
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=config.qkv_bias)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, seq_len, _ = hidden_states.shape
+        qkv = self.qkv(hidden_states).view(batch_size, seq_len, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        attention_interface = _attention_function(self.config, query)
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(batch_size, seq_len, -1)
+        return self.proj(attn_output), attn_weights
+
+
+class MeritEcgMLP(nn.Module):
+    def __init__(self, config: MeritEcgConfig, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.dropout(self.act(self.fc1(hidden_states)))))
+
+
+class MeritEcgLayer(GradientCheckpointingLayer):
+    """Pre-norm Transformer block (ViT): `x + attn(LN(x))`, then `x + mlp(LN(x))`."""
+
+    def __init__(self, config: MeritEcgConfig, hidden_size: int, num_heads: int, intermediate_size: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.attention = MeritEcgAttention(config, hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MeritEcgMLP(config, hidden_size, intermediate_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_output, attn_weights = self.attention(self.norm1(hidden_states), attention_mask, **kwargs)
+        hidden_states = hidden_states + self.dropout(attn_output)
+        hidden_states = hidden_states + self.mlp(self.norm2(hidden_states))
+        return hidden_states, attn_weights
+
+
+def _additive_key_mask(key_is_valid: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """`(batch, seq)` of 1/0 -> additive `(batch, 1, 1, seq)` mask, or `None` when every key is valid (a check that
+    reads the data, so it is skipped under `torch.compile`, which then always gets the mask)."""
+    if key_is_valid is None or (not torch.compiler.is_compiling() and bool(key_is_valid.all())):
+        return None
+    mask = torch.zeros(key_is_valid.shape, dtype=dtype, device=key_is_valid.device)
+    mask = mask.masked_fill(key_is_valid == 0, torch.finfo(dtype).min)
+    return mask[:, None, None, :]
+
+
+def _run_layers(
+    layers: nn.ModuleList,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    output_hidden_states: bool,
+    output_attentions: bool,
+) -> tuple[torch.Tensor, tuple | None, tuple | None]:
+    all_hidden_states = (hidden_states,) if output_hidden_states else None
+    all_attentions = () if output_attentions else None
+    for layer in layers:
+        hidden_states, attn_weights = layer(hidden_states, attention_mask)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        if output_attentions:
+            all_attentions += (attn_weights,)
+    return hidden_states, all_hidden_states, all_attentions
+
+
+class MeritEcgEmbeddings(nn.Module):
+    """Lead-wise patch embeddings (ST-MEM): every lead is cut into patches of `patch_size` samples, each patch is
+    embedded by LayerNorm -> Linear -> LayerNorm, then gets the fixed sin-cos embedding of its time position (shared
+    by all leads) and the learnable embedding of its lead. A learnable [SEP] token closes each lead at both ends."""
+
+    def __init__(self, config: MeritEcgConfig):
+        super().__init__()
+        self.config = config
+        self.patch_norm_in = nn.LayerNorm(config.patch_size, eps=config.layer_norm_eps)
+        self.patch_projection = nn.Linear(config.patch_size, config.hidden_size)
+        self.patch_norm_out = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.lead_embeddings = nn.Parameter(torch.zeros(config.num_leads, config.hidden_size))
+        self.position_embeddings = nn.Parameter(
+            torch.zeros(config.num_patches_per_lead + 2, config.hidden_size), requires_grad=False
+        )
+        self.separator_token = nn.Parameter(torch.zeros(config.hidden_size)) if config.use_separator_tokens else None
+
+    def forward(
+        self,
+        ecg_values: torch.Tensor,
+        patch_attention_mask: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        apply_masking: bool = False,
+        lead_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Returns `(embeddings, mask, ids_restore, token_attention_mask)`; the last three may be `None`. A lead that
+        `lead_mask` `(batch, num_leads)` marks missing has all its tokens, [SEP] included, invalid in the last."""
+        config = self.config
+        batch_size, num_leads, _ = ecg_values.shape
+        num_patches = config.num_patches_per_lead
+        patches = patchify(ecg_values, config.patch_size)
+        embeddings = self.patch_norm_out(self.patch_projection(self.patch_norm_in(patches)))
+        lead_embeddings = self.lead_embeddings[None, :, None, :]
+        embeddings = embeddings + self.position_embeddings[1 : num_patches + 1] + lead_embeddings
+
+        mask = ids_restore = None
+        token_mask = patch_attention_mask
+        if apply_masking:
+            embeddings, mask, ids_restore, token_mask = self.random_masking(embeddings, patch_attention_mask, noise)
+
+        if self.separator_token is not None:
+            first = self.separator_token + self.position_embeddings[0] + lead_embeddings
+            last = self.separator_token + self.position_embeddings[num_patches + 1] + lead_embeddings
+            first = first.expand(batch_size, num_leads, 1, -1)
+            last = last.expand(batch_size, num_leads, 1, -1)
+            embeddings = torch.cat([first, embeddings, last], dim=2)
+            if token_mask is not None:
+                ones = token_mask.new_ones(batch_size, num_leads, 1)
+                if lead_mask is not None:
+                    ones = lead_mask.to(token_mask.dtype)[:, :, None]
+                token_mask = torch.cat([ones, token_mask, ones], dim=2)
+        tokens_per_lead = embeddings.shape[2]
+        embeddings = embeddings.reshape(batch_size, num_leads * tokens_per_lead, -1)
+        if token_mask is not None:
+            token_mask = token_mask.reshape(batch_size, num_leads * tokens_per_lead)
+        return embeddings, mask, ids_restore, token_mask
+
+    def random_masking(
+        self,
+        embeddings: torch.Tensor,
+        patch_attention_mask: torch.Tensor | None,
+        noise: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per-lead random masking (ST-MEM): every lead keeps `num_visible_patches` patches at its own random positions.
+
+        `noise` of shape `(batch_size, num_leads, num_patches_per_lead)` fixes the choice (patches with the smallest
+        noise stay visible), so tests are deterministic, as in ViT-MAE.
+        """
+        batch_size, num_leads, num_patches, hidden_size = embeddings.shape
+        expected = (batch_size, num_leads, num_patches)
+        if noise is None:
+            noise = torch.rand(expected, device=embeddings.device)
+        elif tuple(noise.shape) != expected:
+            raise ValueError(f"noise must have shape {expected} (batch, leads, patches), got {tuple(noise.shape)}")
+        num_visible = self.config.num_visible_patches
+        ids_shuffle = torch.argsort(noise, dim=-1)
+        ids_restore = torch.argsort(ids_shuffle, dim=-1)
+        ids_keep = ids_shuffle[..., :num_visible]
+        kept = torch.gather(embeddings, 2, ids_keep[..., None].expand(-1, -1, -1, hidden_size))
+        mask = torch.ones(expected, device=embeddings.device)
+        mask[..., :num_visible] = 0
+        mask = torch.gather(mask, 2, ids_restore)
+        kept_attention = None
+        if patch_attention_mask is not None:
+            kept_attention = torch.gather(patch_attention_mask, 2, ids_keep)
+        return kept, mask, ids_restore, kept_attention
+
+
+class MeritEcgDecoder(nn.Module):
+    """Light decoder of masked ECG modelling (ST-MEM): encoder tokens are projected to `decoder_hidden_size`, hidden
+    patches are filled with a learnable mask token, and each lead is decoded on its own (its tokens attend only to
+    each other) into `patch_size` samples per patch."""
+
+    def __init__(self, config: MeritEcgConfig):
+        super().__init__()
+        self.config = config
+        self.decoder_embed = nn.Linear(config.hidden_size, config.decoder_hidden_size)
+        self.mask_token = nn.Parameter(torch.zeros(config.decoder_hidden_size))
+        self.decoder_position_embeddings = nn.Parameter(
+            torch.zeros(config.num_patches_per_lead + 2, config.decoder_hidden_size), requires_grad=False
+        )
+        self.layers = nn.ModuleList(
+            [
+                MeritEcgLayer(
+                    config,
+                    config.decoder_hidden_size,
+                    config.decoder_num_attention_heads,
+                    config.decoder_intermediate_size,
+                )
+                for _ in range(config.decoder_num_hidden_layers)
+            ]
+        )
+        self.norm = nn.LayerNorm(config.decoder_hidden_size, eps=config.layer_norm_eps)
+        self.head = nn.Linear(config.decoder_hidden_size, config.patch_size)
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        ids_restore: torch.Tensor,
+        patch_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`hidden_states` `(batch, leads * tokens_per_visible_lead, hidden)` -> patches `(batch, leads, N, P)`."""
+        config = self.config
+        batch_size, num_leads, num_patches = ids_restore.shape
+        separators = 2 if config.use_separator_tokens else 0
+        x = self.decoder_embed(hidden_states).reshape(batch_size, num_leads, -1, config.decoder_hidden_size)
+        body = x[:, :, 1:-1] if separators else x
+        num_hidden = num_patches - body.shape[2]
+        mask_tokens = self.mask_token.expand(batch_size, num_leads, num_hidden, -1)
+        body = torch.cat([body, mask_tokens], dim=2)
+        body = torch.gather(body, 2, ids_restore[..., None].expand(-1, -1, -1, config.decoder_hidden_size))
+        body = body + self.decoder_position_embeddings[1 : num_patches + 1]
+        key_valid = patch_attention_mask
+        if separators:
+            first = x[:, :, :1] + self.decoder_position_embeddings[0]
+            last = x[:, :, -1:] + self.decoder_position_embeddings[num_patches + 1]
+            body = torch.cat([first, body, last], dim=2)
+            if key_valid is not None:
+                ones = key_valid.new_ones(batch_size, num_leads, 1)
+                key_valid = torch.cat([ones, key_valid, ones], dim=2)
+        tokens = body.reshape(batch_size * num_leads, body.shape[2], -1)
+        if key_valid is not None:
+            key_valid = key_valid.reshape(batch_size * num_leads, -1)
+        attention_mask = _additive_key_mask(key_valid, tokens.dtype)
+        tokens, _, _ = _run_layers(self.layers, tokens, attention_mask, False, False)
+        patches = self.head(self.norm(tokens))
+        if separators:
+            patches = patches[:, 1:-1]
+        return patches.reshape(batch_size, num_leads, num_patches, config.patch_size)
+
+
+class MeritProjectionHead(nn.Module):
+    """Linear -> activation -> Linear into the shared ECG-report space (MERL's text head, used for both towers)."""
+
+    def __init__(self, input_size: int, projection_dim: int, hidden_act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(input_size, projection_dim)
+        self.act = ACT2FN[hidden_act]
+        self.fc2 = nn.Linear(projection_dim, projection_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(features)))
+
+
+def masked_patch_reconstruction_loss(
+    ecg_values: torch.Tensor,
+    predicted_patches: torch.Tensor,
+    mask: torch.Tensor,
+    patch_size: int,
+    norm_pix_loss: bool,
+    patch_attention_mask: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Mean squared error over hidden patches only (ViT-MAE / ST-MEM).
+
+    Per patch: the mean over its samples of `(prediction - target)^2`; then the mean over hidden patches that hold
+    signal. With `norm_pix_loss`, each target patch is normalised by its own mean and standard deviation first. That
+    standard deviation is the biased one (divided by `patch_size`; ViT-MAE divides by `patch_size - 1`): it only
+    rescales the target by `sqrt(P / (P - 1))` (1.007 for P = 75). In these units a loss of 1.0 is what predicting each
+    hidden patch's own mean scores, the baseline of `benchmarks/masked_modelling.py`.
+    Visible patches contribute nothing, so changing their prediction leaves the loss unchanged.
+    """
+    target = patchify(ecg_values, patch_size)
+    if norm_pix_loss:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True, unbiased=False)
+        target = (target - mean) / (var + eps) ** 0.5
+    per_patch = ((predicted_patches.float() - target.float()) ** 2).mean(dim=-1)
+    weights = mask.float()
+    if patch_attention_mask is not None:
+        weights = weights * patch_attention_mask.float()
+    return (per_patch * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def _gather_with_grad(features: torch.Tensor) -> torch.Tensor:
+    """All-gather across processes keeping the autograd graph (open_clip's `gather_with_grad`)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return features
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(features.contiguous()), dim=0)
+
+
+def contrastive_loss(
+    ecg_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    gather: bool = True,
+    sample_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP): `(CE(s * E T^T, I) + CE(s * T E^T, I)) / 2` over L2-normalised embeddings.
+
+    With `gather=True` under `torch.distributed`, embeddings from all processes form one `(N*b, N*b)` matrix and the
+    gather keeps gradients, so after DDP's gradient averaging N processes of batch b train exactly like one process
+    of batch N*b (InfoNCE's bound `log(batch) - loss` grows with the batch, which is why the gather matters).
+    `sample_mask` (`(b,)` bool) keeps only those pairs, as anchors and as negatives: a distributed eval's last batch
+    is padded with duplicates that would otherwise act as false negatives.
+    """
+    if gather:
+        ecg_embeds = _gather_with_grad(ecg_embeds)
+        text_embeds = _gather_with_grad(text_embeds)
+        if sample_mask is not None:
+            sample_mask = _gather_with_grad(sample_mask.float()) > 0.5
+    if sample_mask is not None:
+        ecg_embeds, text_embeds = ecg_embeds[sample_mask], text_embeds[sample_mask]
+    logits_per_ecg = logit_scale * ecg_embeds @ text_embeds.t()
+    labels = torch.arange(logits_per_ecg.shape[0], device=logits_per_ecg.device)
+    return (F.cross_entropy(logits_per_ecg, labels) + F.cross_entropy(logits_per_ecg.t(), labels)) / 2
+
+
+WINDOW_POOLINGS = ("mean", "max")
+
+
+def pool_window_embeddings(
+    window_embeddings: torch.Tensor,
+    record_index: torch.Tensor,
+    pooling: str = "mean",
+    num_records: int | None = None,
+) -> torch.Tensor:
+    """One embedding per record from the embeddings of its windows (`MeritFeatureExtractor(window="sliding")`).
+
+    A long record (a 60 s rhythm strip, a Holter hour) is embedded window by window, since the encoder's positions
+    cover one window; `"mean"` pools the windows (the record's average state), `"max"` takes each feature's largest
+    value over the windows (keeps what one window shows, e.g. a short run of ectopy).
+
+    Args:
+        window_embeddings (`torch.FloatTensor` of shape `(num_windows, hidden_size)`): e.g. `pooler_output`.
+        record_index (`torch.LongTensor` of shape `(num_windows,)`): the record of each window, as the feature
+            extractor returns it.
+        pooling (`str`, defaults to `"mean"`): `"mean"` or `"max"`.
+        num_records (`int`, *optional*): defaults to `record_index.max() + 1`; every record needs a window.
+
+    Returns:
+        `torch.FloatTensor` of shape `(num_records, hidden_size)`.
+    """
+    if pooling not in WINDOW_POOLINGS:
+        raise ValueError(f"pooling must be one of {WINDOW_POOLINGS}, got {pooling!r}")
+    record_index = torch.as_tensor(record_index, device=window_embeddings.device).long()
+    if window_embeddings.dim() != 2 or tuple(record_index.shape) != (window_embeddings.shape[0],):
+        raise ValueError(
+            f"window_embeddings (num_windows, hidden_size) and record_index (num_windows,) must agree, got "
+            f"{tuple(window_embeddings.shape)} and {tuple(record_index.shape)}"
+        )
+    num_records = int(record_index.max()) + 1 if num_records is None else int(num_records)
+    counts = torch.bincount(record_index, minlength=num_records)
+    if len(counts) != num_records or bool((counts == 0).any()):
+        raise ValueError(
+            f"record_index must give every one of {num_records} records at least one window, got counts "
+            f"{counts.tolist()}"
+        )
+    pooled = window_embeddings.new_zeros(num_records, window_embeddings.shape[1])
+    index = record_index[:, None].expand_as(window_embeddings)
+    reduce = "mean" if pooling == "mean" else "amax"
+    return pooled.scatter_reduce(0, index, window_embeddings, reduce=reduce, include_self=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pretrained-model bases: initialisation and strict, safetensors-only loading
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _StrictLoadingMixin:
+    """`from_pretrained` that never hands back silently random weights.
+
+    Missing keys raise unless they belong to a head that a fine-tuning run is expected to create
+    (`_heads_created_on_load`); so do weights of the wrong shape, unless they belong to such a head and
+    `ignore_mismatched_sizes=True` asks for a new one (a new label set). Unexpected keys raise unless they belong to a
+    MERIT part that this class drops on purpose (`_keys_to_ignore_on_load_unexpected`, e.g. the decoder when only the
+    encoder is wanted). Checkpoints are read from safetensors only: pickled `.bin` files can run code and are refused.
+    """
+
+    _heads_created_on_load: tuple[str, ...] = ()
+    _checkpoint_key_mapping: dict[str, str] | None = None
+    _auto_map: dict[str, str] = {}
+    _pipeline_auto_class: str | None = None  # the Auto class that the folder's ECG pipelines load it with
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # `auto_map` lists exactly the Auto classes that can load the folder being written (transformers would only
+        # add the saved class to whatever a loaded config carried, e.g. a pretraining folder's `AutoModel` entry in a
+        # classifier's folder, which then fails on the missing text tower).
+        self.config.auto_map = dict(self._auto_map)
+        if self._pipeline_auto_class is not None:  # pipeline_merit.py is copied with this file (a relative import)
+            self.config.custom_pipelines = custom_pipelines_for(
+                self._pipeline_auto_class,
+                classifier=self._pipeline_auto_class != "AutoModel",
+                two_tower=hasattr(self, "get_text_features")
+                or hasattr(getattr(self, "merit", None), "get_text_features"),
+            )
+        # MERIT's weight names are its own: never write them back through a loading `key_mapping`.
+        kwargs.setdefault("save_original_format", False)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if "zero-shot-ecg-classification" in (getattr(self.config, "custom_pipelines", None) or {}) and kwargs.get(
+            "is_main_process", True
+        ):  # the prompt file behind class_descriptions="superclass" in the folder's zero-shot pipeline
+            save_zero_shot_prompts(save_directory, self.name_or_path)
+        return result
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        if cls._checkpoint_key_mapping is not None:
+            kwargs.setdefault("key_mapping", cls._checkpoint_key_mapping)
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: merit_hf loads safetensors checkpoints only "
+                "(pickled .bin files can execute code); convert the checkpoint with save_pretrained first"
+            )
+        kwargs["use_safetensors"] = True
+        wants_info = kwargs.pop("output_loading_info", False)
+        local = Path(str(pretrained_model_name_or_path)) / kwargs.get("subfolder", "")
+        if local.is_dir() and not any(local.glob("*.safetensors")):
+            found = sorted(p.name for p in local.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
+            problem = f"pickled weights {found} are refused" if found else "no model.safetensors found"
+            raise OSError(f"{local}: {problem}; merit_hf loads safetensors checkpoints only")
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except Exception as error:  # the safetensors reader's own messages do not say which file broke
+            if "safetensors" in type(error).__module__ or "deserializ" in str(error).lower():
+                raise OSError(
+                    f"{pretrained_model_name_or_path}: the safetensors checkpoint is corrupt or truncated ({error})"
+                ) from error
+            raise
+        missing = [k for k in info["missing_keys"] if not k.startswith(cls._heads_created_on_load or ("\0",))]
+        problems = []
+        if missing:
+            problems.append(f"missing weights {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}")
+        if info["unexpected_keys"]:
+            unexpected = sorted(info["unexpected_keys"])
+            problems.append(f"unexpected weights {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        mismatched = [
+            key
+            for key, *_ in info.get("mismatched_keys") or ()
+            if not (kwargs.get("ignore_mismatched_sizes") and key.startswith(cls._heads_created_on_load or ("\0",)))
+        ]
+        if mismatched:
+            hint = (
+                " (a new head for another label set: ignore_mismatched_sizes=True)"
+                if cls._heads_created_on_load
+                else ""
+            )
+            problems.append(f"weights of the wrong shape {sorted(mismatched)[:8]}{hint}")
+        if problems:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: checkpoint does not match {cls.__name__}: "
+                + "; ".join(problems)
+                + ". Refusing to return a model with randomly initialised weights."
+            )
+        for module in model.modules():
+            if isinstance(module, MeritModel):
+                module.clamp_logit_scale_()
+        # A diverged run saves NaN weights without complaint; every output of the model would then be NaN.
+        not_finite = [
+            name
+            for name, tensor in model.state_dict().items()
+            if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all()
+        ]
+        if not_finite:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: weights {not_finite[:8]}{' ...' if len(not_finite) > 8 else ''} "
+                "hold NaN or inf values (a diverged training run, or a corrupt file); refusing to load them"
+            )
+        return (model, info) if wants_info else model
+
+
+def _frozen_parts_to_eval(module: nn.Module) -> None:
+    for child in module.children():
+        parameters = list(child.parameters())
+        if parameters and not any(parameter.requires_grad for parameter in parameters):
+            child.eval()
+        else:
+            _frozen_parts_to_eval(child)
+
+
+class MeritBasePreTrainedModel(_StrictLoadingMixin, PreTrainedModel):
+    """What every MERIT model shares: strict safetensors loading, the attention kernels it supports, gradient
+    checkpointing of `MeritEcgLayer`, and the transformers-5 style init of MERIT's own modules."""
+
+    main_input_name = "ecg_values"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MeritEcgLayer"]
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    # Parameters that are embeddings rather than weights: no weight decay (ST-MEM's `no_weight_decay`, timm).
+    _no_weight_decay_parameters = ("lead_embeddings", "separator_token", "mask_token", "logit_scale")
+
+    def _init_weights(self, module: nn.Module) -> None:
+        _init_merit_module(self, module, self.config)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters an optimizer should not decay (timm's convention): biases, norms and every other
+        1-D parameter, embedding tables (`nn.Embedding`, e.g. the text tower's), MERIT's lead / separator / mask
+        token embeddings and the logit scale. Decaying an embedding pulls it towards zero for no regularising gain;
+        ST-MEM and ViT-MAE exclude theirs."""
+        names = set()
+        for module_name, module in self.named_modules():
+            for name, parameter in module.named_parameters(recurse=False):
+                full_name = f"{module_name}.{name}" if module_name else name
+                if (
+                    parameter.ndim < 2
+                    or isinstance(module, (nn.Embedding, nn.LayerNorm))
+                    or name in self._no_weight_decay_parameters
+                ):
+                    names.add(full_name)
+        return names
+
+    def train(self, mode: bool = True):
+        """`nn.Module.train`, except that a part whose parameters are all frozen stays in eval mode: a frozen text
+        tower (LiT) then runs exactly as at inference, without dropout noise in the embeddings it is aligned to."""
+        super().train(mode)
+        if mode:
+            _frozen_parts_to_eval(self)
+        return self
+
+
+class MeritEcgPreTrainedModel(MeritBasePreTrainedModel):
+    config_class = MeritEcgConfig
+    config: MeritEcgConfig
+    base_model_prefix = "ecg_model"
+    input_modalities = ("ecg",)
+    _auto_map = {"AutoConfig": "configuration_merit.MeritEcgConfig", "AutoModel": "modeling_merit.MeritEcgModel"}
+    _pipeline_auto_class = "AutoModel"
+
+
+class MeritPreTrainedModel(MeritBasePreTrainedModel):
+    config_class = MeritConfig
+    config: MeritConfig
+    base_model_prefix = "merit"
+    input_modalities = ("ecg", "text")
+    _auto_map = {
+        "AutoConfig": "configuration_merit.MeritConfig",
+        "AutoModel": "modeling_merit.MeritModel",
+        "AutoModelForSequenceClassification": "modeling_merit.MeritForEcgClassification",
+    }
+    _pipeline_auto_class = "AutoModel"
+
+
+def _init_merit_module(model: PreTrainedModel, module: nn.Module, config) -> None:
+    """transformers-5 style init: every write goes through `transformers.initialization`, which skips tensors that a
+    checkpoint already filled (so loading never re-initialises a trained weight).
+
+    Linear layers of the ECG tower, the decoder and the projection heads follow `MeritEcgConfig.initializer_scheme`:
+    `"xavier_uniform"` with zero bias by default, as ViT-MAE's and ST-MEM's code do. With the truncated normal of std
+    0.02 that BERT/ViT use (`"trunc_normal"`, this project's scheme before it was measured) the masked-modelling
+    gradient reaching the encoder was 1e-4 of the contrastive one on the quick-start model, and masked modelling did
+    not train the encoder (benchmarks/README.md, "Masked ECG modelling"). Embedding vectors (lead, separator and
+    mask tokens) keep a normal of std `initializer_range` (ViT-MAE's mask token); position tables are fixed sin-cos.
+    The text tower is a sub-model and keeps its own `_init_weights`.
+    """
+    std = config.initializer_range
+    ecg_config = getattr(config, "ecg_config", None) or config  # the ECG tower's config holds the scheme
+    if isinstance(module, nn.Linear):
+        if ecg_config.initializer_scheme == "xavier_uniform":
+            init.xavier_uniform_(module.weight)
+        else:
+            init.trunc_normal_(module.weight, std=std)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        init.ones_(module.weight)
+        init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        PreTrainedModel._init_weights(model, module)
+    elif isinstance(module, MeritEcgEmbeddings):
+        table = sincos_position_table(*module.position_embeddings.shape)
+        init.copy_(module.position_embeddings, table)
+        init.normal_(module.lead_embeddings, std=std)
+        if module.separator_token is not None:
+            init.normal_(module.separator_token, std=std)
+    elif isinstance(module, MeritEcgDecoder):
+        table = sincos_position_table(*module.decoder_position_embeddings.shape)
+        init.copy_(module.decoder_position_embeddings, table)
+        init.normal_(module.mask_token, std=std)
+    elif isinstance(module, MeritModel):
+        init.constant_(module.logit_scale, model.config.logit_scale_init_value)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class MeritEcgModel(MeritEcgPreTrainedModel):
+    r"""
+    The MERIT ECG encoder: lead-wise patch tokens through a pre-norm Transformer; `pooler_output` is the LayerNorm of
+    the mean patch token, the feature used for linear probing.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from merit_hf import MeritEcgConfig, MeritEcgModel
+    >>> config = MeritEcgConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    >>> model = MeritEcgModel(config)
+    >>> model(torch.randn(2, 12, 2250)).pooler_output.shape
+    torch.Size([2, 64])
+    ```"""
+
+    # Loads the encoder out of any MERIT checkpoint (two-tower, pretraining or classification) too.
+    _checkpoint_key_mapping = {r"^merit\.ecg_model\.": "", r"^ecg_model\.": ""}
+    _keys_to_ignore_on_load_unexpected = [
+        r"^(merit\.)?decoder\.",
+        r"text_model\.",
+        r"text_projection\.",
+        r"ecg_projection\.",
+        r"logit_scale",
+        r"^classifier\.",
+    ]
+
+    def __init__(self, config: MeritEcgConfig):
+        super().__init__(config)
+        self.embeddings = MeritEcgEmbeddings(config)
+        self.layers = nn.ModuleList(
+            [
+                MeritEcgLayer(config, config.hidden_size, config.num_attention_heads, config.intermediate_size)
+                for _ in range(config.num_hidden_layers)
+            ]
+        )
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.pooler_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def _check_input(self, ecg_values: torch.Tensor) -> None:
+        config = self.config
+        expected = (config.num_leads, config.num_samples)
+        if ecg_values.dim() != 3 or tuple(ecg_values.shape[1:]) != expected:
+            raise ValueError(
+                f"ecg_values must have shape (batch, {expected[0]} leads, {expected[1]} samples) at "
+                f"{config.sampling_rate} Hz, got {tuple(ecg_values.shape)}; run the MeritFeatureExtractor first"
+            )
+
+    def _patch_attention_mask(self, ecg_attention_mask: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+        if ecg_attention_mask is None:
+            return None
+        config = self.config
+        if tuple(ecg_attention_mask.shape) != (batch_size, config.num_samples):
+            raise ValueError(
+                f"ecg_attention_mask must have shape (batch, {config.num_samples}), got {tuple(ecg_attention_mask.shape)}"
+            )
+        valid = ecg_attention_mask.reshape(batch_size, config.num_patches_per_lead, config.patch_size).any(-1)
+        return valid.float()[:, None, :].expand(-1, config.num_leads, -1).contiguous()
+
+    def _check_lead_mask(self, lead_mask: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+        """`lead_mask` as bool `(batch, num_leads)`, after checking its shape and that every record has a lead."""
+        if lead_mask is None:
+            return None
+        num_leads = self.config.num_leads
+        if tuple(lead_mask.shape) != (batch_size, num_leads):
+            raise ValueError(
+                f"lead_mask must have shape (batch, {num_leads}) (True for a recorded lead, in config.lead_names "
+                f"order), got {tuple(lead_mask.shape)}"
+            )
+        lead_mask = lead_mask.bool()
+        if not torch.compiler.is_compiling():
+            empty = torch.nonzero(~lead_mask.any(dim=1)).flatten().tolist()
+            if empty:
+                raise ValueError(f"lead_mask: records {empty} have no lead; an ECG needs at least one recorded lead")
+        return lead_mask
+
+    def _token_validity(
+        self, ecg_attention_mask: torch.Tensor | None, lead_mask: torch.Tensor | None, batch_size: int
+    ) -> torch.Tensor | None:
+        """`(batch, num_leads, num_patches_per_lead)` 1/0: a patch counts when it holds signal of a recorded lead.
+        Invalid patches are left out as attention keys and of the pooling, so a missing lead's tokens take no part
+        in any other token's representation (never fed as zeros)."""
+        patch_attention_mask = self._patch_attention_mask(ecg_attention_mask, batch_size)
+        if lead_mask is None:
+            return patch_attention_mask
+        leads = lead_mask.float()[:, :, None].expand(-1, -1, self.config.num_patches_per_lead)
+        return leads.contiguous() if patch_attention_mask is None else patch_attention_mask * leads
+
+    def forward(
+        self,
+        ecg_values: torch.Tensor,
+        ecg_attention_mask: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        apply_masking: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        lead_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> MeritEcgModelOutput | tuple:
+        r"""
+        ecg_values (`torch.FloatTensor` of shape `(batch_size, num_leads, num_samples)`):
+            Output of [`MeritFeatureExtractor`]: leads in `config.lead_names` order, `config.sampling_rate` Hz.
+        ecg_attention_mask (`torch.LongTensor` of shape `(batch_size, num_samples)`, *optional*):
+            1 for real samples, 0 for padding (from the feature extractor with `padding=True`). Patches made only of
+            padding are ignored as attention keys and in pooling.
+        noise (`torch.FloatTensor` of shape `(batch_size, num_leads, num_patches_per_lead)`, *optional*):
+            Fixes which patches masking hides (the smallest noise stays visible). Only used with `apply_masking`.
+        apply_masking (`bool`, defaults to `False`):
+            Hide `config.mask_ratio` of each lead's patches (pretraining); embeddings for downstream use see all.
+        lead_mask (`torch.BoolTensor` of shape `(batch_size, num_leads)`, *optional*):
+            `True` for a lead the record has, `False` for a missing one (from the feature extractor with
+            `missing_leads="mask"`). A missing lead's tokens are never attention keys and are left out of pooling,
+            so the output is what the recorded leads alone give, whatever values the missing leads hold; its own
+            positions in `last_hidden_state` carry no meaning.
+        """
+        self._check_input(ecg_values)
+        # The feature extractor gives float32; a model loaded with `dtype=torch.bfloat16` (or half) computes in that.
+        ecg_values = ecg_values.to(self.embeddings.patch_projection.weight.dtype)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_attentions = bool(output_attentions if output_attentions is not None else self.config.output_attentions)
+        output_hidden_states = bool(
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        batch_size = ecg_values.shape[0]
+        lead_mask = self._check_lead_mask(lead_mask, batch_size)
+        patch_attention_mask = self._token_validity(ecg_attention_mask, lead_mask, batch_size)
+        embeddings, mask, ids_restore, token_mask = self.embeddings(
+            ecg_values, patch_attention_mask, noise=noise, apply_masking=apply_masking, lead_mask=lead_mask
+        )
+        attention_mask = _additive_key_mask(token_mask, embeddings.dtype)
+        if output_attentions and self.config._attn_implementation != "eager":
+            logger.warning_once(
+                f"attn_implementation={self.config._attn_implementation!r} does not return attention weights; load "
+                "the model with attn_implementation='eager' (or call set_attn_implementation('eager')) to get them"
+            )
+            output_attentions = False
+        hidden_states, all_hidden_states, all_attentions = _run_layers(
+            self.layers, embeddings, attention_mask, output_hidden_states, output_attentions
+        )
+        hidden_states = self.norm(hidden_states)
+        pooled = self.pooler_norm(self._mean_patch_token(hidden_states, token_mask))
+        output = MeritEcgModelOutput(
+            last_hidden_state=hidden_states,
+            pooler_output=pooled,
+            mask=mask,
+            ids_restore=ids_restore,
+            patch_attention_mask=patch_attention_mask,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _mean_patch_token(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+        batch_size, seq_len, hidden_size = hidden_states.shape
+        per_lead = hidden_states.reshape(batch_size, self.config.num_leads, -1, hidden_size)
+        weights = torch.ones(per_lead.shape[:3], device=hidden_states.device, dtype=hidden_states.dtype)
+        if token_mask is not None:
+            weights = token_mask.reshape(weights.shape).to(hidden_states.dtype)
+        if self.config.use_separator_tokens:
+            weights = weights.clone()
+            weights[:, :, 0] = 0
+            weights[:, :, -1] = 0
+        total = (per_lead * weights[..., None]).sum(dim=(1, 2))
+        return total / weights.sum(dim=(1, 2))[:, None].clamp(min=1.0)
+
+
+class MeritModel(MeritPreTrainedModel):
+    r"""
+    MERIT's two towers: the ECG encoder and a text encoder, each followed by a projection into a shared space where
+    scaled cosine similarity scores ECG-report pairs (CLIP-style).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import BertConfig
+    >>> from merit_hf import MeritConfig, MeritEcgConfig, MeritModel
+    >>> ecg = MeritEcgConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    >>> text = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    >>> model = MeritModel(MeritConfig(ecg_config=ecg, text_config=text, projection_dim=16))
+    >>> model.get_ecg_features(torch.randn(2, 12, 2250)).pooler_output.shape
+    torch.Size([2, 16])
+    ```"""
+
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^classifier\."]
+
+    def __init__(self, config: MeritConfig):
+        super().__init__(config)
+        self.ecg_model = MeritEcgModel._from_config(config.ecg_config)
+        self.text_model = _text_encoder_from_config(config)
+        text_hidden = config.text_config.hidden_size
+        self.ecg_projection = MeritProjectionHead(
+            config.ecg_config.hidden_size, config.projection_dim, config.projection_hidden_act
+        )
+        self.text_projection = MeritProjectionHead(text_hidden, config.projection_dim, config.projection_hidden_act)
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.post_init()
+
+    def clamped_logit_scale(self) -> torch.Tensor:
+        """The inverse temperature `exp(logit_scale)` with the log clamped at `config.logit_scale_max` (CLIP: 100).
+
+        For inference only: in `forward` the scale is `exp(logit_scale)` unclamped, because a clamp there has zero
+        gradient above the cap and a temperature that reached it could never come back. Training keeps the
+        parameter in range instead with `clamp_logit_scale_()` after every optimizer step (open_clip's recipe)."""
+        return self.logit_scale.clamp(max=self.config.logit_scale_max).exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clamp the `logit_scale` parameter in place to `[0, config.logit_scale_max]` (open_clip clamps to
+        `[0, ln 100]` after each optimizer step). Also applied on load, so a checkpoint stored above the cap gives the
+        logits it gave when the clamp was inside `forward`."""
+        self.logit_scale.clamp_(0.0, self.config.logit_scale_max)
+
+    def get_ecg_features(
+        self,
+        ecg_values: torch.Tensor,
+        ecg_attention_mask: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        apply_masking: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        lead_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        r"""
+        Returns a `BaseModelOutputWithPooling` whose `pooler_output` `(batch_size, projection_dim)` is the projected,
+        not yet normalised, ECG embedding (as `CLIPModel.get_image_features` in transformers 5); `last_hidden_state`,
+        `hidden_states` and `attentions` are the ECG encoder's. `lead_mask` `(batch_size, num_leads)`: see
+        `MeritEcgModel.forward` (missing leads are left out).
+        """
+        ecg_output = self.ecg_model(
+            ecg_values,
+            ecg_attention_mask=ecg_attention_mask,
+            noise=noise,
+            apply_masking=apply_masking,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            lead_mask=lead_mask,
+        )
+        return BaseModelOutputWithPooling(
+            last_hidden_state=ecg_output.last_hidden_state,
+            pooler_output=self.ecg_projection(ecg_output.pooler_output),
+            hidden_states=ecg_output.hidden_states,
+            attentions=ecg_output.attentions,
+        )
+
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        r"""Returns a `BaseModelOutputWithPooling` whose `pooler_output` is the projected text embedding;
+        `last_hidden_state`, `hidden_states` and `attentions` are the text encoder's."""
+        text_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            text_inputs["token_type_ids"] = token_type_ids
+        for name, value in (("output_attentions", output_attentions), ("output_hidden_states", output_hidden_states)):
+            if value is not None:
+                text_inputs[name] = value
+        text_output = self.text_model(**text_inputs, return_dict=True)
+        pooled = _pool_text(text_output, attention_mask, self.config.text_pooling)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=text_output.last_hidden_state,
+            pooler_output=self.text_projection(pooled),
+            hidden_states=text_output.hidden_states,
+            attentions=text_output.attentions,
+        )
+
+    def forward(
+        self,
+        ecg_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        ecg_attention_mask: torch.Tensor | None = None,
+        return_loss: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        lead_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> MeritOutput | tuple:
+        r"""
+        ecg_values (`torch.FloatTensor` of shape `(batch_size, num_leads, num_samples)`): from the feature extractor.
+        input_ids, attention_mask, token_type_ids: the tokenised reports (or prompts).
+        return_loss (`bool`): also return the symmetric InfoNCE loss (pairs on the diagonal).
+        lead_mask (`torch.BoolTensor` of shape `(batch_size, num_leads)`, *optional*): recorded leads (the missing
+            ones are left out, see `MeritEcgModel.forward`).
+
+        `ecg_model_output` and `text_model_output` hold each tower's output (with `hidden_states` / `attentions` when
+        asked), their `pooler_output` being the projected, not yet normalised, embedding.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        ecg_output = self.get_ecg_features(ecg_values, ecg_attention_mask, lead_mask=lead_mask, **flags)
+        text_output = self.get_text_features(input_ids, attention_mask, token_type_ids, **flags)
+        ecg_embeds = F.normalize(ecg_output.pooler_output, dim=-1)
+        text_embeds = F.normalize(text_output.pooler_output, dim=-1)
+        scale = self.logit_scale.exp()
+        logits_per_ecg = scale * ecg_embeds @ text_embeds.t()
+        loss = None
+        if return_loss:
+            loss = contrastive_loss(ecg_embeds, text_embeds, scale, gather=self.config.gather_contrastive_features)
+        output = MeritOutput(
+            loss=loss,
+            logits_per_ecg=logits_per_ecg,
+            logits_per_text=logits_per_ecg.t(),
+            ecg_embeds=ecg_embeds,
+            text_embeds=text_embeds,
+            ecg_model_output=ecg_output,
+            text_model_output=text_output,
+        )
+        return output if return_dict else output.to_tuple()
+
+    @classmethod
+    def from_text_pretrained(
+        cls, text_model_name_or_path: str, ecg_config: MeritEcgConfig | dict | None = None, **config_kwargs
+    ) -> MeritPreTrainedModel:
+        """Build a new MERIT model (random ECG tower) whose text tower starts from a pretrained encoder, as MERL starts
+        from MedCPT. Works on `MeritModel` and `MeritForPreTraining`."""
+        from transformers import AutoConfig
+
+        text_config = AutoConfig.from_pretrained(text_model_name_or_path)
+        config = MeritConfig(ecg_config=ecg_config, text_config=text_config, **config_kwargs)
+        model = cls(config)
+        pretrained_text = AutoModel.from_pretrained(text_model_name_or_path)
+        merit = model if isinstance(model, MeritModel) else model.merit
+        incompatible = merit.text_model.load_state_dict(pretrained_text.state_dict(), strict=False)
+        if incompatible.missing_keys:
+            raise ValueError(
+                f"{text_model_name_or_path}: text encoder weights missing for {incompatible.missing_keys[:8]}"
+            )
+        return model
+
+
+def _text_encoder_from_config(config: MeritConfig) -> PreTrainedModel:
+    """`AutoModel.from_config(text_config)`, without BERT's pooler layer when it would get no gradient (DDP refuses
+    parameters that take no part in the loss)."""
+    if config.text_pooling != "pooler":
+        try:
+            return AutoModel.from_config(config.text_config, add_pooling_layer=False)
+        except TypeError:
+            pass
+    return AutoModel.from_config(config.text_config)
+
+
+def _pool_text(text_output, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    hidden = text_output.last_hidden_state
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "pooler":
+        if getattr(text_output, "pooler_output", None) is None:
+            raise ValueError("text_pooling='pooler' but the text encoder returns no pooler_output")
+        return text_output.pooler_output
+    if attention_mask is None:
+        return hidden.mean(dim=1)
+    weights = attention_mask.to(hidden.dtype)[..., None]
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+class MeritForPreTraining(MeritPreTrainedModel):
+    r"""
+    MERIT pretraining: masked ECG modelling (per-lead decoder, MSE on hidden patches) and ECG-report contrastive
+    alignment (symmetric InfoNCE) on one ECG encoder.
+
+    `loss = reconstruction_weight * reconstruction_loss + contrastive_weight * contrastive_loss`; a weight of 0 skips
+    that branch, so "reconstruction only" needs no text and "contrastive only" runs no decoder.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import BertConfig
+    >>> from merit_hf import MeritConfig, MeritEcgConfig, MeritForPreTraining
+    >>> ecg = MeritEcgConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+    ...                      decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2)
+    >>> text = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    ...                   intermediate_size=64)
+    >>> model = MeritForPreTraining(MeritConfig(ecg_config=ecg, text_config=text, projection_dim=16))
+    >>> out = model(torch.randn(2, 12, 2250), input_ids=torch.randint(0, 100, (2, 8)))
+    >>> sorted(k for k in ("loss", "reconstruction_loss", "contrastive_loss") if out[k] is not None)
+    ['contrastive_loss', 'loss', 'reconstruction_loss']
+    ```"""
+
+    _keys_to_ignore_on_load_unexpected = [r"^classifier\."]
+    _auto_map = {
+        **MeritPreTrainedModel._auto_map,
+        "AutoModelForPreTraining": "modeling_merit.MeritForPreTraining",
+    }
+
+    def __init__(self, config: MeritConfig):
+        super().__init__(config)
+        self.merit = MeritModel(config)
+        self.decoder = MeritEcgDecoder(config.ecg_config)
+        self.post_init()
+
+    from_text_pretrained = MeritModel.__dict__["from_text_pretrained"]
+
+    def clamp_logit_scale_(self) -> None:
+        """See `MeritModel.clamp_logit_scale_`: call it after every optimizer step."""
+        self.merit.clamp_logit_scale_()
+
+    def freeze_unused_parameters(self, freeze_text_model: bool = False) -> None:
+        """Stop gradients to the parameters that no loss term reaches (a weight of 0 switches its branch off; DDP
+        also refuses parameters that get no gradient) and, with `freeze_text_model`, to the text encoder (LiT).
+        Frozen parts then stay in eval mode under `train()`."""
+        config = self.config
+        if config.contrastive_weight == 0:
+            merit = self.merit
+            for module in (merit.text_model, merit.text_projection, merit.ecg_projection):
+                module.requires_grad_(False)
+            merit.logit_scale.requires_grad_(False)
+            merit.ecg_model.pooler_norm.requires_grad_(False)
+        if config.reconstruction_weight == 0:
+            self.decoder.requires_grad_(False)
+        if freeze_text_model:
+            self.merit.text_model.requires_grad_(False)
+        self.train(self.training)
+
+    def forward(
+        self,
+        ecg_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        ecg_attention_mask: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        sample_mask: torch.Tensor | None = None,
+        return_loss: bool = True,
+        return_dict: bool | None = None,
+        lead_mask: torch.Tensor | None = None,
+        reconstruction_weight: float | None = None,
+        **kwargs,
+    ) -> MeritForPreTrainingOutput | tuple:
+        r"""
+        ecg_values (`torch.FloatTensor` of shape `(batch_size, num_leads, num_samples)`): from the feature extractor.
+        input_ids, attention_mask, token_type_ids: the tokenised reports; required when `contrastive_weight > 0`.
+        reconstruction_weight (`float`, *optional*): this call's weight of the reconstruction term instead of
+            `config.reconstruction_weight` (the weight `config.loss_balancing="gradient_norm"` adapts in training).
+        ecg_attention_mask (`torch.LongTensor` of shape `(batch_size, num_samples)`, *optional*): 1 real, 0 padding.
+        noise (`torch.FloatTensor` of shape `(batch_size, num_leads, num_patches_per_lead)`, *optional*): fixes the
+            masking (the smallest noise stays visible).
+        sample_mask (`torch.BoolTensor` of shape `(batch_size,)`, *optional*): the records that count in both losses
+            (`False`: padding, e.g. the duplicates that fill a distributed eval's last batch); all by default.
+        return_loss (`bool`, defaults to `True`): the losses need no labels, so they are always computed; the
+            argument tells `Trainer` so (it then reports `eval_loss`). `False` leaves `loss` out of the output.
+        lead_mask (`torch.BoolTensor` of shape `(batch_size, num_leads)`, *optional*): recorded leads; a missing
+            lead's tokens are left out of the encoder and its patches out of the reconstruction loss.
+        """
+        for flag in ("output_attentions", "output_hidden_states"):
+            if kwargs.get(flag):
+                raise ValueError(
+                    f"MeritForPreTraining returns losses, not {flag.removeprefix('output_')}: call "
+                    f"model.merit.get_ecg_features(..., {flag}=True) or get_text_features for them"
+                )
+        config = self.config
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        use_reconstruction = config.reconstruction_weight > 0
+        use_contrastive = config.contrastive_weight > 0
+        if use_contrastive and input_ids is None:
+            raise ValueError(
+                "contrastive_weight > 0 needs the tokenised reports (input_ids); pass them, or set "
+                "contrastive_weight=0 for reconstruction-only pretraining"
+            )
+        ecg_model = self.merit.ecg_model
+        masked_output = None
+        if use_reconstruction or (use_contrastive and config.contrastive_input == "masked"):
+            masked_output = ecg_model(
+                ecg_values, ecg_attention_mask=ecg_attention_mask, noise=noise, apply_masking=True, lead_mask=lead_mask
+            )
+
+        loss = 0.0
+        reconstruction_loss = predicted = None
+        if use_reconstruction:
+            predicted = self.decoder(
+                masked_output.last_hidden_state, masked_output.ids_restore, masked_output.patch_attention_mask
+            )
+            hidden = masked_output.mask
+            if sample_mask is not None:
+                hidden = hidden * sample_mask.to(hidden.dtype)[:, None, None]
+            reconstruction_loss = masked_patch_reconstruction_loss(
+                ecg_values,
+                predicted,
+                hidden,
+                config.ecg_config.patch_size,
+                config.ecg_config.norm_pix_loss,
+                masked_output.patch_attention_mask,
+            )
+            weight = config.reconstruction_weight if reconstruction_weight is None else reconstruction_weight
+            loss = loss + weight * reconstruction_loss
+
+        contrastive = logits_per_ecg = ecg_embeds = text_embeds = scale = None
+        if use_contrastive:
+            if config.contrastive_input == "masked":
+                ecg_pooled = masked_output.pooler_output
+            else:
+                ecg_pooled = ecg_model(
+                    ecg_values, ecg_attention_mask=ecg_attention_mask, lead_mask=lead_mask
+                ).pooler_output
+            ecg_embeds = F.normalize(self.merit.ecg_projection(ecg_pooled), dim=-1)
+            text_embeds = F.normalize(
+                self.merit.get_text_features(input_ids, attention_mask, token_type_ids).pooler_output, dim=-1
+            )
+            scale = self.merit.logit_scale.exp()
+            contrastive = contrastive_loss(
+                ecg_embeds, text_embeds, scale, gather=config.gather_contrastive_features, sample_mask=sample_mask
+            )
+            logits_per_ecg = scale * ecg_embeds @ text_embeds.t()
+            loss = loss + config.contrastive_weight * contrastive
+
+        output = MeritForPreTrainingOutput(
+            loss=loss if return_loss else None,
+            reconstruction_loss=reconstruction_loss,
+            contrastive_loss=contrastive,
+            logits=predicted,
+            mask=masked_output.mask if masked_output is not None else None,
+            ids_restore=masked_output.ids_restore if masked_output is not None else None,
+            logits_per_ecg=logits_per_ecg,
+            logits_per_text=logits_per_ecg.t() if logits_per_ecg is not None else None,
+            ecg_embeds=ecg_embeds,
+            text_embeds=text_embeds,
+            logit_scale=scale,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class MeritForEcgClassification(MeritPreTrainedModel):
+    r"""
+    The MERIT ECG encoder with a linear head on `pooler_output`. Multi-label (one sigmoid per class, BCE) unless
+    `config.problem_type` says otherwise, because PTB-XL statements co-occur. Class names live in `config.id2label`.
+
+    `from_pretrained` takes a pretraining, two-tower or encoder-only (`MeritEcgModel`) checkpoint: it keeps the
+    encoder and creates the head; every other missing weight raises. A fine-tuned classifier gets a head for another
+    label set with `ignore_mismatched_sizes=True`.
+
+    Example:
+
+    ```python
+    >>> model = MeritForEcgClassification.from_pretrained(
+    ...     "path/to/merit", id2label={0: "NORM", 1: "MI", 2: "STTC", 3: "CD", 4: "HYP"}
+    ... )  # doctest: +SKIP
+    ```"""
+
+    _heads_created_on_load = ("classifier.",)
+    _pipeline_auto_class = "AutoModelForSequenceClassification"
+    _auto_map = {
+        "AutoConfig": "configuration_merit.MeritConfig",
+        "AutoModelForSequenceClassification": "modeling_merit.MeritForEcgClassification",
+    }
+    _encoder_only_key_mapping = {r"^(embeddings|layers|norm|pooler_norm)\.": r"ecg_model.\1."}
+    _keys_to_ignore_on_load_unexpected = [
+        r"^decoder\.",
+        r"text_model\.",
+        r"text_projection\.",
+        r"ecg_projection\.",
+        r"logit_scale",
+    ]
+
+    def __init__(self, config: MeritConfig):
+        super().__init__(config)
+        if config.problem_type is None:
+            config.problem_type = "multi_label_classification"
+        self.ecg_model = MeritEcgModel._from_config(config.ecg_config)
+        self.dropout = nn.Dropout(config.ecg_config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.ecg_config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        if "config" not in kwargs:  # an encoder-only folder: wrap its MeritEcgConfig, map its weights under ecg_model.
+            hub = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+            config_dict, _ = PreTrainedConfig.get_config_dict(
+                pretrained_model_name_or_path, **{k: kwargs[k] for k in hub if k in kwargs}
+            )
+            if config_dict.get("model_type") == MeritEcgConfig.model_type:
+                config_fields = {k: kwargs.pop(k) for k in list(kwargs) if k in _CLASSIFIER_CONFIG_FIELDS}
+                config_dict.pop("auto_map", None)
+                kwargs["config"] = MeritConfig(ecg_config=config_dict, **config_fields)
+                kwargs.setdefault("key_mapping", cls._encoder_only_key_mapping)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def forward(
+        self,
+        ecg_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        ecg_attention_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        lead_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput | tuple:
+        r"""
+        labels (`torch.FloatTensor` of shape `(batch_size, num_labels)`, *optional*):
+            Multi-hot targets for multi-label classification (the default); class indices `(batch_size,)` for
+            `problem_type="single_label_classification"`; values for `"regression"`.
+        lead_mask (`torch.BoolTensor` of shape `(batch_size, num_leads)`, *optional*): recorded leads (the missing
+            ones are left out, see `MeritEcgModel.forward`).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        ecg_output = self.ecg_model(
+            ecg_values,
+            ecg_attention_mask=ecg_attention_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            lead_mask=lead_mask,
+        )
+        logits = self.classifier(self.dropout(ecg_output.pooler_output))
+        loss = None
+        if labels is not None:
+            loss = self._loss(logits, labels)
+        output = SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=ecg_output.hidden_states, attentions=ecg_output.attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        problem_type = self.config.problem_type
+        if problem_type == "multi_label_classification":
+            if labels.shape != logits.shape:
+                raise ValueError(
+                    f"multi-label classification needs multi-hot labels of shape {tuple(logits.shape)}, got "
+                    f"{tuple(labels.shape)}; for one class per ECG set problem_type='single_label_classification'"
+                )
+            return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        if problem_type == "single_label_classification":
+            return F.cross_entropy(logits, labels.long().view(-1))
+        if problem_type == "regression":
+            return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).squeeze(-1))
+        raise ValueError(f"problem_type must be one of {PROBLEM_TYPES[1:]}, got {problem_type!r}")
+
+
+# What `MeritForEcgClassification.from_pretrained(encoder_folder, ...)` passes to the new `MeritConfig`.
+_CLASSIFIER_CONFIG_FIELDS = ("num_labels", "id2label", "label2id", "problem_type", "return_dict")
+
+
+__all__ = [
+    "MeritBasePreTrainedModel",
+    "MeritEcgModel",
+    "MeritEcgPreTrainedModel",
+    "MeritForEcgClassification",
+    "MeritForPreTraining",
+    "MeritModel",
+    "MeritPreTrainedModel",
+    "contrastive_loss",
+    "masked_patch_reconstruction_loss",
+    "pool_window_embeddings",
+]

@@ -1,0 +1,172 @@
+"""Arguments of the training jobs: dataclasses filled from a YAML file, flags, or both (flags win).
+
+Every job is run the same way, whatever the hardware:
+
+    accelerate launch -m merit_hf.training.<job> configs/<name>.yaml --learning_rate 1e-4
+
+The YAML file holds every field of the job's dataclasses as top-level keys; a key that no dataclass has raises (a
+typo would otherwise be ignored silently). Fields typed `dict | str` take a mapping in YAML and a JSON string on the
+command line (`--ecg_config '{"mask_ratio": 0.5}'`), which is merged over the YAML mapping (so one key can be
+changed without repeating the others); `as_mapping` turns either into a dict, and `config_from_argument` builds a
+transformers config from it, refusing keys the config does not have.
+
+A `list[...]` field given one YAML scalar (`report_to: none`) becomes a one-element list, and YAML list elements are
+converted to the declared element type (PyYAML reads `1e-2` as a string). An `X | None` field takes `None`, `none` or
+`null` on the command line as YAML's `null`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from argparse import ArgumentTypeError
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
+
+YAML_SUFFIXES = (".yaml", ".yml")
+NONE_STRINGS = ("None", "none", "null")
+
+
+def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple:
+    """Parse `argv` (`[config.yaml] [--flag value ...]`) into one instance of each dataclass.
+
+    The YAML file, when given first, sets the defaults; flags after it override single fields, and a JSON flag for a
+    field that YAML gives as a mapping is merged into that mapping.
+    """
+    argv = list(argv) if argv is not None else []
+    parser = HfArgumentParser(list(dataclass_types))
+    optional = {name for name, hint in _field_types(dataclass_types).items() if type(None) in typing.get_args(hint)}
+    for action in parser._actions:
+        if action.dest in optional and action.type is not None:
+            action.type = _none_or(action.type)
+    from_yaml: dict[str, Any] = {}
+    if argv and argv[0].endswith(YAML_SUFFIXES):
+        from_yaml = read_yaml_arguments(argv.pop(0), dataclass_types)
+        parser.set_defaults(**from_yaml)
+    parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    for instance in parsed:
+        for field in dataclasses.fields(instance):
+            value = getattr(instance, field.name)
+            if isinstance(from_yaml.get(field.name), dict) and isinstance(value, str):
+                setattr(instance, field.name, {**from_yaml[field.name], **as_mapping(value, field.name)})
+    return parsed
+
+
+def read_yaml_arguments(path: str | Path, dataclass_types: Sequence[type]) -> dict[str, Any]:
+    """The YAML file as a dict, after checking that every key is a field of one of `dataclass_types`; values of
+    `list[...]` fields are lists of the declared element type."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of argument names to values, got {type(values).__name__}")
+    known = {field.name for cls in dataclass_types for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown arguments {unknown}; known arguments are {sorted(known)}")
+    for name, hint in _field_types(dataclass_types).items():
+        element_type = _list_element_type(hint)
+        if element_type is not None and name in values:
+            items = values[name] if isinstance(values[name], (list, tuple)) else [values[name]]
+            values[name] = [_convert_element(item, element_type, f"{path}: {name}") for item in items]
+    return values
+
+
+def _field_types(dataclass_types: Sequence[type]) -> dict[str, Any]:
+    """`{field name: resolved type hint}` over all `dataclass_types` (annotations are strings under PEP 563)."""
+    return {name: hint for cls in dataclass_types for name, hint in typing.get_type_hints(cls).items()}
+
+
+def _list_element_type(hint: Any) -> type | None:
+    """`X` for a `list[X]` (or `list[X] | None`) hint, else None."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hints = [inner for inner in typing.get_args(hint) if inner is not type(None)]
+        hint = hints[0] if len(hints) == 1 else None
+    return typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
+
+
+def _convert_element(value: Any, element_type: type, where: str) -> Any:
+    """`value` as `element_type`, converting strings (YAML's `1e-2`) and ints for floats, never bools to numbers or
+    floats to ints."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if (
+        isinstance(value, str)
+        or type(value) is element_type
+        or element_type is str
+        or (element_type is float and is_number)
+    ):
+        try:
+            return (string_to_bool if element_type is bool else element_type)(value)
+        except (ArgumentTypeError, TypeError, ValueError):
+            pass
+    raise ValueError(f"{where}: expected a list of {element_type.__name__}, got element {value!r}")
+
+
+def _none_or(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse `type` that reads `None`/`none`/`null` as None and anything else with `parse`."""
+
+    def parse_optional(text: str) -> Any:
+        return None if text in NONE_STRINGS else parse(text)
+
+    parse_optional.__name__ = getattr(parse, "__name__", "value")  # argparse's "invalid <name> value: ..." errors
+    return parse_optional
+
+
+def as_mapping(value: dict | str | None, field: str) -> dict[str, Any]:
+    """A `dict | str` argument as a dict: YAML gives a mapping, the command line a JSON string."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--{field}: expected a JSON object, got {value!r} ({error})") from error
+    if not isinstance(parsed, dict):
+        raise ValueError(f"--{field}: expected a JSON object, got {value!r}")
+    return parsed
+
+
+def config_from_argument(config_class: type, value: dict | str | None, field: str):
+    """`config_class(**mapping)` for a `dict | str` argument, refusing keys that are not fields of the config.
+
+    transformers configs keep unknown keyword arguments as attributes, so `{"mask_rato": 0.5}` would otherwise train
+    with the default mask ratio and save a stray key. Known keys are the config's init fields (its own and
+    `PreTrainedConfig`'s) plus the keys of its `to_dict()` (what a saved `config.json` holds).
+    """
+    mapping = as_mapping(value, field)
+    known = sorted(
+        {item.name for item in dataclasses.fields(config_class) if item.init} | set(config_class().to_dict())
+    )
+    for key in mapping:
+        if key not in known:
+            closest = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {closest[0]!r}?" if closest else f"; fields are {known}"
+            raise ValueError(f"--{field}: {key!r} is not a field of {config_class.__name__}{hint}")
+    return config_class(**mapping)
+
+
+def arguments_to_dict(*arguments) -> dict[str, Any]:
+    """All fields of the given dataclass instances in one flat dict (for trackers and the saved run config)."""
+    merged: dict[str, Any] = {}
+    for instance in arguments:
+        merged.update(dataclasses.asdict(instance))
+    return merged
+
+
+__all__ = [
+    "arguments_to_dict",
+    "as_mapping",
+    "config_from_argument",
+    "parse_arguments",
+    "read_yaml_arguments",
+]
