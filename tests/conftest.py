@@ -23,6 +23,20 @@ if _nltk.is_dir():
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+RUN_SLOW = os.environ.get("RUN_SLOW", "").lower() in ("1", "true", "yes")
+
+
+def pytest_collection_modifyitems(config, items):
+    """transformers' convention: tests marked `slow` (multi-process, end to end, browser, the loopback Hub) run only
+    with `RUN_SLOW=1`. `.ci/run` runs the default suite, then `RUN_SLOW=1 pytest -m slow`."""
+    if RUN_SLOW:
+        return
+    skip = pytest.mark.skip(reason="slow: run with RUN_SLOW=1 (CI does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 BUNDLED_PTBXL = REPO_ROOT / "data" / "ptbxl_sample"
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 TINY_REPORTS = [
