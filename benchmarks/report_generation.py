@@ -69,12 +69,12 @@ def constant_report_baseline(quick: bool) -> dict:
     import yaml
 
     from merit_hf.evaluation.report_metrics import compute_report_metrics
-    from merit_hf.training.report_lora import read_ptbxl_reports
+    from merit_hf.training.report_lora import load_ptbxl_rows, read_ptbxl_reports
 
     settings = yaml.safe_load(CONFIG.read_text())
-    ptbxl_dir = REPO_ROOT / settings["ptbxl_dir"]
-    train, _ = read_ptbxl_reports(ptbxl_dir, settings["train_folds"])
-    evaluation, _ = read_ptbxl_reports(ptbxl_dir, settings["eval_folds"])
+    ptbxl = load_ptbxl_rows(REPO_ROOT / settings["ptbxl_dir"], settings["ptbxl_sampling_rate"])
+    train, _ = read_ptbxl_reports(ptbxl, settings["train_folds"])
+    evaluation, _ = read_ptbxl_reports(ptbxl, settings["eval_folds"])
     if quick:
         evaluation = evaluation[:4]
     report = collections.Counter(example["report"] for example in train).most_common(1)[0][0]
@@ -116,6 +116,7 @@ def measure_generation_speed(language_model: Path, ecg_encoder: str, new_tokens:
         ReportModelArguments,
         build_report_model,
         load_language_model,
+        load_ptbxl_rows,
         read_ptbxl_reports,
     )
 
@@ -127,8 +128,9 @@ def measure_generation_speed(language_model: Path, ecg_encoder: str, new_tokens:
 
     feature_extractor = MeritFeatureExtractor.from_model_config(model.config.ecg_config)
     processor = MeritProcessor(feature_extractor, tokenizer, ecg_seq_length=model.config.ecg_seq_length)
-    examples, _ = read_ptbxl_reports(REPO_ROOT / settings["ptbxl_dir"], settings["eval_folds"])
-    dataset = ReportExamples(examples[:16], feature_extractor)
+    ptbxl = load_ptbxl_rows(REPO_ROOT / settings["ptbxl_dir"], settings["ptbxl_sampling_rate"])
+    examples, _ = read_ptbxl_reports(ptbxl, settings["eval_folds"], limit=16)
+    dataset = ReportExamples(examples, feature_extractor)
     speeds = {}
     for with_ecg in (True, False):
         prompt = processor.format_prompt()
@@ -141,7 +143,7 @@ def measure_generation_speed(language_model: Path, ecg_encoder: str, new_tokens:
             kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
             model.generate(**batch, **kwargs)  # warm-up
             start = time.perf_counter()
-            output = model.generate(**batch, **kwargs)
+            output = model.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1] :]  # the new tokens
             seconds = time.perf_counter() - start
             name = f"{'with' if with_ecg else 'without'}_ecg_batch_{batch_size}"
             speeds[name] = {

@@ -147,12 +147,13 @@ def accept_reduced_leads(feature_extractor) -> None:
 
 
 def load_report_model(path: str):
+    """`(model, processor)` from a report model folder (`save_pretrained`) or a LoRA adapter folder."""
     from merit_hf import MeritForReportGeneration, MeritProcessor
 
     if (Path(path) / "adapter_config.json").is_file():  # a LoRA adapter folder from merit_hf.training.report_lora
-        from merit_hf.training.report_lora import load_report_model as load_adapter
+        from merit_hf.training.report_lora import load_report_adapter
 
-        return load_adapter(path)
+        return load_report_adapter(path)
     return MeritForReportGeneration.from_pretrained(path).eval(), MeritProcessor.from_pretrained(path)
 
 
@@ -389,7 +390,8 @@ def generate_report(models: DemoModels, signal: np.ndarray, record: dict) -> str
         return_tensors="pt",
     )
     with torch.no_grad():
-        new_tokens = models.report_model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        generated = models.report_model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    new_tokens = generated[:, inputs["input_ids"].shape[1] :]  # generate() returns the prompt, then the report
     return processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
 
 

@@ -164,7 +164,8 @@ def test_generation_prompts_longer_than_max_length_are_kept_whole(parts):
     batch = processor(**ecg_kwargs(1), text=[prompt])
     assert len(full_ids) > 16
     assert batch["input_ids"][0].tolist() == full_ids  # the opened assistant turn included
-    assert model.generate(**batch, max_new_tokens=2, min_new_tokens=2).shape == (1, 2)
+    generated = model.generate(**batch, max_new_tokens=2, min_new_tokens=2)
+    assert generated.shape == (1, len(full_ids) + 2) and generated[0, : len(full_ids)].tolist() == full_ids
 
 
 @pytest.mark.parametrize(
@@ -252,6 +253,48 @@ def test_ecg_tokens_are_scattered_at_placeholders(parts):
     torch.testing.assert_close(embeds[~placeholder], model.get_input_embeddings()(batch["input_ids"])[~placeholder])
 
 
+def test_get_ecg_features_returns_the_encoder_output_with_the_soft_tokens_as_pooler_output(parts):
+    """One return type for `get_ecg_features` in every MERIT class (`BaseModelOutputWithPooling`, as CLIP's and
+    LLaVA's `get_image_features`): here `pooler_output` holds the projected soft tokens that `embed_inputs` scatters,
+    and `last_hidden_state` the encoder's tokens."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    model, processor = parts
+    batch = processor(**ecg_kwargs(2), text=[processor.format_prompt()] * 2)
+    with torch.no_grad():
+        output = model.get_ecg_features(batch["ecg_values"], output_hidden_states=True)
+        _, scattered = model.embed_inputs(batch["input_ids"], batch["ecg_values"])
+        encoder = model.ecg_model(batch["ecg_values"])
+    assert isinstance(output, BaseModelOutputWithPooling)
+    assert output.pooler_output.shape == (2, model.config.ecg_seq_length, 32)
+    assert torch.equal(output.pooler_output, scattered)
+    assert torch.equal(output.last_hidden_state, encoder.last_hidden_state)
+    assert len(output.hidden_states) == model.config.ecg_config.num_hidden_layers + 1
+
+
+def test_ecg_inputs_reach_only_the_prefill_step_of_generation(parts):
+    """`prepare_inputs_for_generation` passes `ecg_values` / `ecg_attention_mask` / `lead_mask` on the first step (or
+    every step without a cache), and masks the missing leads' `<ecg>` positions in every step's attention mask."""
+    model, processor = parts
+    batch = processor(**ecg_kwargs(1), text=[processor.format_prompt()])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    lead_mask = torch.tensor([[True, True] + [False] * 10])
+    ecg = {"ecg_values": batch["ecg_values"], "ecg_attention_mask": torch.ones(1, 1000), "lead_mask": lead_mask}
+    grown = torch.cat([ids, torch.tensor([[5]])], dim=1)
+    grown_mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
+    first = model.prepare_inputs_for_generation(ids, attention_mask=mask, is_first_iteration=True, **ecg)
+    later = model.prepare_inputs_for_generation(grown, attention_mask=grown_mask, is_first_iteration=False, **ecg)
+    no_cache = model.prepare_inputs_for_generation(
+        grown, attention_mask=grown_mask, is_first_iteration=False, use_cache=False, **ecg
+    )
+    assert all(first[name] is value for name, value in ecg.items())
+    assert not any(name in later for name in ecg)
+    assert all(no_cache[name] is value for name, value in ecg.items())
+    masked = model.mask_missing_lead_tokens(grown, grown_mask, lead_mask)
+    assert torch.equal(later["attention_mask"], masked) and masked.sum() < grown_mask.sum()
+    assert torch.equal(first["attention_mask"], masked[:, :-1])
+
+
 def test_model_count_check_raises_a_clear_error(parts):
     model, processor = parts
     batch = processor(**ecg_kwargs(2), text=[processor.format_prompt()] * 2)
@@ -263,12 +306,15 @@ def test_model_count_check_raises_a_clear_error(parts):
         model(input_ids=batch["input_ids"])
 
 
-def test_generate_returns_only_new_tokens_and_matches_a_manual_greedy_loop(parts):
+def test_generate_returns_the_prompt_then_new_tokens_of_a_manual_greedy_loop(parts):
+    """transformers' own `generate` (as LLaVA's): the prompt, then the new tokens, which are those of a greedy loop
+    over the full forward pass (ECG scattered every step) although `ecg_values` reach only the prefill step."""
     model, processor = parts
     batch = processor(**ecg_kwargs(1), text=[processor.format_prompt()])
-    new = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, do_sample=False)
-    assert new.shape == (1, 5)
+    generated = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     ids = batch["input_ids"]
+    assert generated.shape == (1, ids.shape[1] + 5) and torch.equal(generated[:, : ids.shape[1]], ids)
+    new = generated[:, ids.shape[1] :]
     expected = []
     for _ in range(5):
         logits = model(input_ids=ids, ecg_values=batch["ecg_values"]).logits[:, -1]
@@ -294,16 +340,19 @@ def test_generate_infers_the_padding_mask_of_left_padded_prompts(parts):
         torch.testing.assert_close(step_without, step_with, rtol=0, atol=0)
 
 
-def test_generate_never_emits_the_ecg_placeholder(parts):
-    """A model built from its config (no generation config from `from_parts`) whose head prefers `<ecg>`: generate
-    suppresses it, even when the caller's settings clear `suppress_tokens`, instead of failing mid-decoding."""
+def test_generate_never_emits_the_ecg_placeholder(parts, tmp_path):
+    """A model built from its config (no generation config from `from_parts`) whose head prefers `<ecg>`: its
+    generation config suppresses it (also after save and reload); a caller who clears `suppress_tokens` gets a clear
+    error at the step that emitted it, never a report with an ECG-less placeholder."""
     from merit_hf import MeritForReportGeneration
 
     built, processor = parts
     model = MeritForReportGeneration(built.config).eval()
     model.load_state_dict(built.state_dict())
-    assert model.generation_config.suppress_tokens is None
     ecg_id = model.config.ecg_token_index
+    assert model.generation_config.suppress_tokens == [ecg_id] == built.generation_config.suppress_tokens
+    model.save_pretrained(tmp_path)
+    assert MeritForReportGeneration.from_pretrained(tmp_path).generation_config.suppress_tokens == [ecg_id]
     head = model.language_model.lm_head
     biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
     with torch.no_grad():
@@ -316,10 +365,13 @@ def test_generate_never_emits_the_ecg_placeholder(parts):
         last = model(**batch).logits[:, -1]
     assert last.argmax(-1).tolist() == [ecg_id, ecg_id]
     last[:, [ecg_id, processor.tokenizer.eos_token_id]] = -float("inf")  # suppressed, and min_new_tokens
-    for options in ({}, {"suppress_tokens": None}):
-        new = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, **options)
-        assert new.shape == (2, 4) and not (new == ecg_id).any()
-        assert new[:, 0].tolist() == last.argmax(-1).tolist()
+    new = model.generate(**batch, max_new_tokens=4, min_new_tokens=4)[:, batch["input_ids"].shape[1] :]
+    assert new.shape == (2, 4) and not (new == ecg_id).any()
+    assert new[:, 0].tolist() == last.argmax(-1).tolist()
+    with pytest.raises(
+        ValueError, match=rf"generate\(\) produced the <ecg> placeholder \(id {ecg_id}\), which has no"
+    ):
+        model.generate(**batch, max_new_tokens=4, min_new_tokens=4, suppress_tokens=None)
 
 
 def test_missing_leads_soft_tokens_are_left_out_of_the_language_model(parts):
@@ -369,6 +421,91 @@ def test_save_pretrained_and_auto_class_reload(parts, tmp_path):
     torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 
 
+def rename_safetensors_keys(path, old: str, new: str) -> None:
+    """Rewrite a safetensors file with `old` replaced by `new` in its weight names (a checkpoint of an older layout)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(path, "pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key.replace(old, new): handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    save_file(tensors, path, metadata=metadata)
+
+
+def test_folder_saved_with_the_old_ecg_encoder_names_loads_bit_identically(parts, tmp_path):
+    """A folder written when the encoder was `ecg_encoder` (weights `ecg_encoder.*`) loads into `ecg_model` through
+    transformers' key renaming: every tensor equal, the same logits, and a new save writes `ecg_model.*`."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from merit_hf import MeritForReportGeneration
+
+    model, processor = parts
+    model.save_pretrained(tmp_path / "old")
+    rename_safetensors_keys(tmp_path / "old" / "model.safetensors", "ecg_model.", "ecg_encoder.")
+    with safe_open(tmp_path / "old" / "model.safetensors", "pt") as handle:
+        names = list(handle.keys())  # noqa: SIM118
+    assert any(name.startswith("ecg_encoder.") for name in names)
+    assert not any(name.startswith("ecg_model.") for name in names)
+    batch = processor(**ecg_kwargs(2), reports=TINY_REPORTS[:2])
+    for loader in (MeritForReportGeneration.from_pretrained, AutoModelForCausalLM.from_pretrained):
+        reloaded = loader(tmp_path / "old").eval()
+        assert type(reloaded) is MeritForReportGeneration
+        expected = model.state_dict()
+        assert reloaded.state_dict().keys() == expected.keys()
+        assert all(torch.equal(tensor, expected[name]) for name, tensor in reloaded.state_dict().items())
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+    reloaded.save_pretrained(tmp_path / "new")
+    with safe_open(tmp_path / "new" / "model.safetensors", "pt") as handle:
+        assert sorted(handle.keys()) == sorted(  # noqa: SIM118
+            name.replace("ecg_encoder.", "ecg_model.") for name in names
+        )
+
+
+def test_adapter_saved_with_the_old_ecg_encoder_module_name_loads(parts, tmp_path):
+    """An adapter whose trained encoder was saved as `ecg_encoder` (`modules_to_save` and weight names) loads onto
+    `ecg_model` with the adapter's encoder weights, giving the adapted model's logits."""
+    from peft import get_peft_model
+
+    from merit_hf.training.report_lora import (
+        ReportTrainingArguments,
+        base_fingerprint,
+        load_report_adapter,
+        lora_config,
+        save_report_adapter,
+    )
+
+    model, processor = parts
+    model.save_pretrained(tmp_path / "base")
+    fingerprint = base_fingerprint(model)
+    arguments = ReportTrainingArguments(lora_r=2, lora_dropout=0.0)
+    peft_model = get_peft_model(copy.deepcopy(model), lora_config(arguments, train_ecg_encoder=True)).eval()
+    trained_encoder = peft_model.base_model.model.ecg_model.modules_to_save["default"]
+    with torch.no_grad():
+        for parameter in trained_encoder.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+    save_report_adapter(
+        peft_model, processor, model.generation_config, tmp_path / "adapter", fingerprint, tmp_path / "base"
+    )
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    adapter_config = json.loads(config_file.read_text())
+    assert adapter_config["modules_to_save"] == ["multi_modal_projector", "ecg_model"]
+    adapter_config["modules_to_save"] = ["multi_modal_projector", "ecg_encoder"]
+    config_file.write_text(json.dumps(adapter_config))
+    rename_safetensors_keys(tmp_path / "adapter" / "adapter_model.safetensors", ".ecg_model.", ".ecg_encoder.")
+
+    reloaded, _ = load_report_adapter(tmp_path / "adapter")
+    loaded_encoder = reloaded.base_model.model.ecg_model.modules_to_save["default"].state_dict()
+    assert all(torch.equal(tensor, loaded_encoder[name]) for name, tensor in trained_encoder.state_dict().items())
+    batch = processor(**ecg_kwargs(2), reports=TINY_REPORTS[:2])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, peft_model(**batch).logits, rtol=0, atol=0)
+
+
 def test_tied_embeddings_survive_save_and_reload(lm_dir, tmp_path):
     from transformers import AutoTokenizer
 
@@ -400,7 +537,7 @@ def test_lora_targets_only_the_language_model(parts):
     assert trainable and all(".lora_" in name or "multi_modal_projector" in name for name in trainable)
     assert all(name.startswith("base_model.model.language_model.") for name in trainable if ".lora_" in name)
     assert len([name for name in trainable if ".lora_A." in name]) == 2 * 2  # 2 layers x (q_proj, v_proj)
-    assert not any("ecg_encoder" in name for name in trainable)
+    assert not any("ecg_model" in name for name in trainable)
 
 
 def test_one_lora_step_lowers_the_loss_and_adapter_reload_is_identical(parts, tmp_path):
@@ -409,7 +546,7 @@ def test_one_lora_step_lowers_the_loss_and_adapter_reload_is_identical(parts, tm
     from merit_hf.training.report_lora import (
         ReportTrainingArguments,
         base_fingerprint,
-        load_report_model,
+        load_report_adapter,
         lora_config,
         save_report_adapter,
     )
@@ -445,7 +582,7 @@ def test_one_lora_step_lowers_the_loss_and_adapter_reload_is_identical(parts, tm
     adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(tmp_path / "base")
 
-    reloaded, reprocessor = load_report_model(tmp_path / "adapter")  # the base found from adapter_config.json
+    reloaded, reprocessor = load_report_adapter(tmp_path / "adapter")  # the base found from adapter_config.json
     assert isinstance(reloaded, PeftModel)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, logits, rtol=0, atol=0)
@@ -461,7 +598,7 @@ def test_adapter_for_another_or_no_base_model_raises(parts, lm_dir, tmp_path):
     from merit_hf.training.report_lora import (
         ReportTrainingArguments,
         base_fingerprint,
-        load_report_model,
+        load_report_adapter,
         lora_config,
         save_report_adapter,
     )
@@ -472,7 +609,7 @@ def test_adapter_for_another_or_no_base_model_raises(parts, lm_dir, tmp_path):
     save_report_adapter(peft_model, processor, model.generation_config, tmp_path, fingerprint)
     # A base built with from_parts has no path: nothing to find the base from, and no Hub look-up of `None`.
     with pytest.raises(ValueError, match=r"adapter_config.json names no base model .*; pass base_model=\.\.\."):
-        load_report_model(tmp_path)
+        load_report_adapter(tmp_path)
     torch.manual_seed(1)  # another random encoder: same shapes, other weights
     other = MeritForReportGeneration.from_parts(
         MeritEcgModel(tiny_ecg_config(**ECG_CONFIG)),
@@ -481,7 +618,7 @@ def test_adapter_for_another_or_no_base_model_raises(parts, lm_dir, tmp_path):
         ecg_tokens_per_lead=2,
     )
     with pytest.raises(ValueError, match=r"adapter was saved for another base model \(ecg_encoder_sha256: adapter"):
-        load_report_model(tmp_path, other)
+        load_report_adapter(tmp_path, other)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -489,19 +626,85 @@ def test_adapter_for_another_or_no_base_model_raises(parts, lm_dir, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def test_ptbxl_reference_rule_drops_or_rejects_non_english_reports():
+@pytest.fixture(scope="module")
+def bundled_ptbxl_rows():
+    """The bundled PTB-XL records at 100 Hz as `merit_hf.data.build_ptbxl` gives them (all folds, ecg_id order)."""
+    from merit_hf.training.report_lora import load_ptbxl_rows
+
+    return load_ptbxl_rows(BUNDLED_PTBXL, sampling_rate=100)
+
+
+def test_ptbxl_reference_rule_drops_or_rejects_non_english_reports(bundled_ptbxl_rows):
     from merit_hf.training.report_lora import read_ptbxl_reports
 
-    examples, counts = read_ptbxl_reports(BUNDLED_PTBXL, folds=[9, 10])
+    examples, counts = read_ptbxl_reports(bundled_ptbxl_rows, folds=[9, 10])
     assert examples and counts["de"] > 0
     assert len(examples) == counts["en"]
-    assert not any("edit:" in example["report"].lower() for example in examples)
-    with pytest.raises(ValueError, match=r"ecg_id \d+: report in language '(de|sv)'"):
-        read_ptbxl_reports(BUNDLED_PTBXL, folds=[9, 10], non_english="error")
+    first_three, _ = read_ptbxl_reports(bundled_ptbxl_rows, folds=[9, 10], limit=3)
+    assert [example["ecg_id"] for example in first_three] == [example["ecg_id"] for example in examples[:3]]
+    with pytest.raises(ValueError, match=r"PTB-XL ecg_id \d+: report in language '(de|sv)'"):
+        read_ptbxl_reports(bundled_ptbxl_rows, folds=[9, 10], non_english="error")
+
+
+def test_references_are_the_pretraining_reports_of_the_csv_and_the_ecgs_of_the_wfdb_files(bundled_ptbxl_rows):
+    """Report generation reads `merit_hf.data`, as pretraining does: the references are the csv's reports with only
+    whitespace normalised (an annotator's `Edit: ...` note is kept, as pretraining keeps it), for exactly the records
+    of the folds whose report is English or has no language marker, in ecg_id order. The ECG input is the feature
+    extractor's on the records as `merit_hf.data.read_ecg_record` reads them (float32, as the datasets store them),
+    within float32 rounding of the feature extractor's on the WFDB paths."""
+    import pandas as pd
+
+    from merit_hf import MeritFeatureExtractor
+    from merit_hf.data import read_ecg_record, report_language
+    from merit_hf.training.report_lora import ReportExamples, read_ptbxl_reports
+
+    folds = [1, 2, 3, 4, 5, 6, 7, 8]
+    examples, _ = read_ptbxl_reports(bundled_ptbxl_rows, folds=folds)
+    table = pd.read_csv(BUNDLED_PTBXL / "ptbxl_database.csv").sort_values("ecg_id")
+    table = table[table["strat_fold"].isin(folds)]
+    expected = {
+        int(row.ecg_id): " ".join(str(row.report).split())
+        for row in table.itertuples()
+        if report_language(" ".join(str(row.report).split())) in ("en", "und")
+    }
+    assert [int(example["ecg_id"]) for example in examples] == list(expected)
+    assert [example["report"] for example in examples] == list(expected.values())
+    assert any("edit:" in report.lower() for report in expected.values())  # the case the old own cleaning removed
+
+    feature_extractor = MeritFeatureExtractor.from_model_config(tiny_ecg_config(**ECG_CONFIG))
+    records = [str(BUNDLED_PTBXL / example["filename"]) for example in examples[:3]]
+    signals = [read_ecg_record(record, sampling_rate=100, num_samples=1000)["signal"] for record in records]
+    ecg_values = ReportExamples(examples[:3], feature_extractor).ecg_values
+    from_signals = feature_extractor(signals, sampling_rate=100, lead_names=list(tiny_ecg_config().lead_names),
+                                     return_tensors="pt", crop="center")["ecg_values"]  # fmt: skip
+    assert torch.equal(ecg_values, from_signals)
+    from_paths = feature_extractor(records, return_tensors="pt", crop="center")["ecg_values"]
+    torch.testing.assert_close(ecg_values, from_paths, rtol=0, atol=1e-5)
+
+
+def test_ptbxl_reports_load_from_a_converted_folder(bundled_ptbxl_rows, tmp_path):
+    """A converted PTB-XL folder (`merit_hf.data.convert_ptbxl`, read with `load_ptbxl`) gives the same examples."""
+    from merit_hf.data import convert_ptbxl
+    from merit_hf.training.report_lora import load_ptbxl_rows, read_ptbxl_reports
+
+    folds = list(range(1, 11))
+    english = {int(example["ecg_id"]) for example in read_ptbxl_reports(bundled_ptbxl_rows, folds, limit=10)[0]}
+    keep = [index for index, ecg_id in enumerate(bundled_ptbxl_rows["ecg_id"]) if ecg_id in english or index < 20]
+    rows = bundled_ptbxl_rows.select(keep)
+    convert_ptbxl(BUNDLED_PTBXL, tmp_path / "converted", sampling_rate=100, ecg_ids=rows["ecg_id"])
+    converted = load_ptbxl_rows(tmp_path / "converted", sampling_rate=100)
+    assert converted["ecg_id"] == rows["ecg_id"]
+    expected, expected_counts = read_ptbxl_reports(rows, folds)
+    examples, counts = read_ptbxl_reports(converted, folds)
+    assert examples and counts == expected_counts
+    for example, reference in zip(examples, expected, strict=True):
+        assert example["report"] == reference["report"] and example["filename"] == reference["filename"]
+        np.testing.assert_array_equal(example["signal"], reference["signal"])
 
 
 def test_report_lora_script_end_to_end(lm_dir, tmp_path):
-    from merit_hf.training.report_lora import load_report_model, main
+    from merit_hf.data import read_ecg_record
+    from merit_hf.training.report_lora import load_report_adapter, main
 
     output_dir = tmp_path / "run"
     results = main(
@@ -535,12 +738,14 @@ def test_report_lora_script_end_to_end(lm_dir, tmp_path):
     from safetensors import safe_open
 
     with safe_open(adapter / "adapter_model.safetensors", "pt") as handle:  # the frozen encoder stays in base_model/
-        assert not any(".ecg_encoder." in key for key in handle.keys())  # noqa: SIM118
-    model, processor = load_report_model(adapter)
+        assert not any(".ecg_model." in key for key in handle.keys())  # noqa: SIM118
+    model, processor = load_report_adapter(adapter)
     predictions = [json.loads(line) for line in (output_dir / "predictions.jsonl").read_text().splitlines()]
     first = predictions[0]
-    batch = processor(ecgs=[first["record"]], text=[processor.format_prompt()], return_tensors="pt", crop="center")
-    new_tokens = model.generate(**batch)
+    record = read_ecg_record(str(BUNDLED_PTBXL / first["filename"]), sampling_rate=100, num_samples=1000)
+    batch = processor(ecgs=[record["signal"]], sampling_rate=100, lead_names=record["lead_names"],
+                      text=[processor.format_prompt()], return_tensors="pt", crop="center")  # fmt: skip
+    new_tokens = model.generate(**batch)[:, batch["input_ids"].shape[1] :]
     assert processor.batch_decode(new_tokens, skip_special_tokens=True)[0] == first["generated"]
 
 
@@ -570,13 +775,13 @@ def test_report_lora_saves_and_reloads_a_trained_encoder(lm_dir, tmp_path, monke
     )
     adapter = output_dir / "adapter"
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())
-    assert adapter_config["modules_to_save"] == ["multi_modal_projector", "ecg_encoder"]
-    start = MeritForReportGeneration.from_pretrained(output_dir / "base_model").ecg_encoder.state_dict()
+    assert adapter_config["modules_to_save"] == ["multi_modal_projector", "ecg_model"]
+    start = MeritForReportGeneration.from_pretrained(output_dir / "base_model").ecg_model.state_dict()
     with safe_open(adapter / "adapter_model.safetensors", "pt") as handle:
-        assert len([key for key in handle.keys() if ".ecg_encoder." in key]) == len(start)  # noqa: SIM118
+        assert len([key for key in handle.keys() if ".ecg_model." in key]) == len(start)  # noqa: SIM118
 
-    model, processor = report_lora.load_report_model(adapter)
-    reloaded = model.base_model.model.ecg_encoder.modules_to_save["default"].state_dict()
+    model, processor = report_lora.load_report_adapter(adapter)
+    reloaded = model.base_model.model.ecg_model.modules_to_save["default"].state_dict()
     assert any(not torch.equal(reloaded[name], tensor) for name, tensor in start.items())
     batch = processor(ecgs=[str(BUNDLED_PTBXL / "records100" / "00000" / "00001_lr")], reports=["sinus rhythm"],
                       return_tensors="pt", crop="center")  # fmt: skip
@@ -584,15 +789,18 @@ def test_report_lora_saves_and_reloads_a_trained_encoder(lm_dir, tmp_path, monke
         torch.testing.assert_close(model(**batch).logits, trained["model"].eval()(**batch).logits, rtol=0, atol=0)
 
     trained_as_base = MeritForReportGeneration.from_pretrained(output_dir / "base_model")
-    trained_as_base.ecg_encoder.load_state_dict(reloaded)
+    trained_as_base.ecg_model.load_state_dict(reloaded)
     with pytest.raises(ValueError, match=r"adapter was saved for another base model \(ecg_encoder_sha256: adapter"):
-        report_lora.load_report_model(adapter, trained_as_base)
+        report_lora.load_report_adapter(adapter, trained_as_base)
 
 
 def test_mimic_reports_are_joined_and_readable(tmp_path):
+    """MIMIC-IV-ECG through `merit_hf.data`: the PhysioNet folder (`build_mimic_iv_ecg`) and its conversion
+    (`load_mimic_iv_ecg`, streamed) give the joined report; the study without one is left out."""
     import wfdb
 
     from merit_hf import MeritFeatureExtractor
+    from merit_hf.data import convert_mimic_iv_ecg
     from merit_hf.training.report_lora import ReportExamples, read_mimic_reports
 
     signal, fields = wfdb.rdsamp(str(BUNDLED_PTBXL / "records500" / "00000" / "00001_hr"))
@@ -616,12 +824,18 @@ def test_mimic_reports_are_joined_and_readable(tmp_path):
     columns = ",".join(f"report_{index}" for index in range(18))
     statements = ["Sinus rhythm", "Possible right atrial abnormality", "", "Borderline ECG"] + [""] * 14
     (tmp_path / "machine_measurements.csv").write_text(
-        f"subject_id,study_id,{columns}\n10000032,40689238,{','.join(statements)}\n10000033,40689239,{',' * 17}\n"
+        f"subject_id,study_id,cart_id,{columns}\n10000032,40689238,6848296,{','.join(statements)}\n"
+        f"10000033,40689239,6848296,{',' * 17}\n"
     )
     examples = read_mimic_reports(tmp_path)
-    assert [example["report"] for example in examples] == [
-        "Sinus rhythm. Possible right atrial abnormality. Borderline ECG"
+    assert [(example["ecg_id"], example["report"]) for example in examples] == [
+        (40689238, "Sinus rhythm. Possible right atrial abnormality. Borderline ECG")
     ]
+    assert read_mimic_reports(tmp_path, limit=1)[0]["report"] == examples[0]["report"]
+    convert_mimic_iv_ecg(tmp_path, tmp_path / "converted")
+    converted = read_mimic_reports(tmp_path / "converted")
+    assert [example["report"] for example in converted] == [examples[0]["report"]]
+    np.testing.assert_array_equal(converted[0]["signal"], examples[0]["signal"])
     dataset = ReportExamples(examples, MeritFeatureExtractor.from_model_config(tiny_ecg_config(**ECG_CONFIG)))
     assert dataset[0]["ecg_values"].shape == (12, 1000)
 

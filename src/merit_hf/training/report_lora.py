@@ -16,22 +16,23 @@ N GPUs:
 
 Baselines by flag alone: `--ecg_encoder ''` (random-init encoder), `--condition_on_ecg false` (no ECG in the prompt).
 
-References: PTB-XL reports in English (`merit_hf.data.reports.report_language == "en"`). Rule for the others (German,
-Swedish): `non_english_reports: drop` (default) leaves them out and logs how many; `error` raises on the first one.
-No machine translation is done. An annotator's trailing `Edit: ...` note (e.g. "Edit: NORM 100, (NORM 100)") is
-removed from PTB-XL reports, since it is a label edit, not report text. MIMIC-IV-ECG: `report_0..report_17` joined
-by `merit_hf.data.reports.join_mimic_report` (English machine statements).
+Data: read through `merit_hf.data` as pretraining reads it (`build_ptbxl` / `load_ptbxl`, `build_mimic_iv_ecg` /
+`load_mimic_iv_ecg`), so the references are the datasets' `report` text, cleaned once by `merit_hf.data.reports`:
+the same rows and the same text that pretraining aligns the ECGs with. References: PTB-XL reports in English
+(`report_language` `"en"`, or `"und"`: no language marker). Rule for the others (German, Swedish):
+`non_english_reports: drop` (default) leaves them out and logs how many; `error` raises on the first one. No machine
+translation is done. MIMIC-IV-ECG: `report_0..report_17` joined by `merit_hf.data.reports.join_mimic_report`
+(English machine statements).
 
 Outputs in `output_dir`: `base_model/` (the frozen base: starting encoder + LM + stage-1 projector,
 `save_pretrained`), `adapter/` (LoRA weights + projector, and the trained encoder with `--freeze_ecg_encoder false`,
 in `adapter_model.safetensors`; `adapter_config.json`, `generation_config.json`, the processor with its `<ecg>` token,
 and `merit_report_base.json`, the fingerprint of the base the adapter belongs to), `predictions.jsonl` and
-`report_results.json`. Reload with `load_report_model(output_dir / "adapter")`.
+`report_results.json`. Reload with `load_report_adapter(output_dir / "adapter")`.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -46,11 +47,13 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from datasets import Dataset, IterableDataset, concatenate_datasets
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, get_scheduler
 
-from ..data.reports import clean_report, join_mimic_report, report_language
+from ..data import build_mimic_iv_ecg, build_ptbxl, load_mimic_iv_ecg, load_ptbxl
+from ..data.mimic_iv_ecg import MEASUREMENTS_FILE, read_mimic_tasks
 from ..models.merit.configuration_merit import MeritEcgConfig
 from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
 from ..models.merit.modeling_merit import MeritEcgModel
@@ -63,7 +66,6 @@ BASE_FINGERPRINT_FILE = "merit_report_base.json"
 RESULTS_FILE = "report_results.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 NON_ENGLISH_RULES = ("drop", "error")
-_PTBXL_EDIT_NOTE = re.compile(r"\s*edit:.*$", flags=re.IGNORECASE)
 
 
 @dataclass
@@ -89,9 +91,15 @@ class ReportModelArguments:
 
 @dataclass
 class ReportDataArguments:
-    ptbxl_dir: str | None = field(default="data/ptbxl_sample", metadata={"help": "PhysioNet PTB-XL folder."})
+    ptbxl_dir: str | None = field(
+        default="data/ptbxl_sample",
+        metadata={"help": "PhysioNet PTB-XL folder, or a converted one (merit_hf.data.load_ptbxl: Parquet, Hub id)."},
+    )
     ptbxl_sampling_rate: int = field(default=100, metadata={"help": "100 (records100) or 500 (records500)."})
-    mimic_dir: str | None = field(default=None, metadata={"help": "MIMIC-IV-ECG folder (machine_measurements.csv)."})
+    mimic_dir: str | None = field(
+        default=None,
+        metadata={"help": "MIMIC-IV-ECG PhysioNet folder (machine_measurements.csv), or a converted one."},
+    )
     train_folds: list[int] = field(default_factory=lambda: list(range(1, 9)), metadata={"help": "PTB-XL folds."})
     eval_folds: list[int] = field(default_factory=lambda: [9, 10], metadata={"help": "PTB-XL folds to score."})
     non_english_reports: str = field(default="drop", metadata={"help": "'drop' or 'error' (see module docstring)."})
@@ -139,66 +147,69 @@ class ReportTrainingArguments:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def read_ptbxl_reports(
-    ptbxl_dir: str | Path, folds: Sequence[int], sampling_rate: int = 100, non_english: str = "drop"
-) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """`[{"record": path, "report": str, "ecg_id": int}]` for the English reports of `folds`, plus counts per language.
+def load_ptbxl_rows(ptbxl_dir: str | Path, sampling_rate: int = 100) -> Dataset:
+    """Every PTB-XL record as `merit_hf.data` gives it to pretraining, all folds in one `Dataset` in `ecg_id` order:
+    `build_ptbxl` for a PhysioNet folder, `load_ptbxl` for a converted one (Parquet shards, `save_to_disk`, Hub id)."""
+    if (Path(ptbxl_dir) / "ptbxl_database.csv").is_file():
+        splits = build_ptbxl(ptbxl_dir, sampling_rate=sampling_rate)
+    else:
+        splits = load_ptbxl(ptbxl_dir, sampling_rate=sampling_rate)
+    return concatenate_datasets(list(splits.values())).sort("ecg_id")
 
-    Rules: reports are cleaned (`clean_report`, then a trailing `Edit: ...` note is removed); empty reports are left
-    out; non-English ones are left out (`"drop"`) or raise (`"error"`).
+
+def read_ptbxl_reports(
+    ptbxl: Dataset, folds: Sequence[int], non_english: str = "drop", limit: int | None = None
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The English reports of `folds` (at most `limit`, in `ecg_id` order) as examples (`ReportExamples`), plus the
+    count of each `report_language` in those folds.
+
+    `ptbxl` comes from `load_ptbxl_rows`: the report text is the dataset's `report` (`merit_hf.data.reports`), the
+    very text pretraining aligns the ECGs with. Empty reports are left out; non-English ones are left out
+    (`"drop"`) or raise (`"error"`).
     """
     if non_english not in NON_ENGLISH_RULES:
         raise ValueError(f"non_english_reports must be one of {NON_ENGLISH_RULES}, got {non_english!r}")
-    if sampling_rate not in (100, 500):
-        raise ValueError(f"ptbxl_sampling_rate must be 100 or 500, got {sampling_rate}")
-    ptbxl_dir = Path(ptbxl_dir)
-    database = ptbxl_dir / "ptbxl_database.csv"
-    if not database.is_file():
-        raise FileNotFoundError(f"{database}: PTB-XL database file not found")
-    column = "filename_lr" if sampling_rate == 100 else "filename_hr"
-    examples, counts = [], {}
-    with database.open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            if int(float(row["strat_fold"])) not in folds:
-                continue
-            report = _PTBXL_EDIT_NOTE.sub("", clean_report(row["report"]))
-            language = report_language(report)
-            counts[language or "empty"] = counts.get(language or "empty", 0) + 1
-            if not report:
-                continue
-            if language not in ("en", "und"):
-                if non_english == "error":
-                    raise ValueError(
-                        f"{database}: ecg_id {row['ecg_id']}: report in language {language!r} ({report[:50]!r}); "
-                        "only English references are used (non_english_reports: drop leaves these out)"
-                    )
-                continue
-            record = ptbxl_dir / row[column]
-            if not record.with_suffix(".hea").is_file():
-                raise FileNotFoundError(f"{record}.hea: WFDB header of ecg_id {row['ecg_id']} not found")
-            examples.append({"record": str(record), "report": report, "ecg_id": int(float(row["ecg_id"]))})
-    return examples, counts
+    wanted = {int(fold) for fold in folds}
+    metadata = ptbxl.select_columns(["ecg_id", "strat_fold", "report", "report_language"])
+    keep, counts = [], {}
+    for index, row in enumerate(metadata):
+        if row["strat_fold"] not in wanted:
+            continue
+        language = row["report_language"]
+        counts[language or "empty"] = counts.get(language or "empty", 0) + 1
+        if not language:
+            continue
+        if language not in ("en", "und"):
+            if non_english == "error":
+                raise ValueError(
+                    f"PTB-XL ecg_id {row['ecg_id']}: report in language {language!r} ({row['report'][:50]!r}); "
+                    "only English references are used (non_english_reports: drop leaves these out)"
+                )
+            continue
+        keep.append(index)
+    return report_examples(ptbxl.select(keep[:limit])), counts
 
 
 def read_mimic_reports(mimic_dir: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """`[{"record": path, "report": str, "study_id": int}]` from MIMIC-IV-ECG's `record_list.csv` and
-    `machine_measurements.csv` (report = `join_mimic_report`); studies with no statement are left out."""
-    mimic_dir = Path(mimic_dir)
-    paths = {}
-    with (mimic_dir / "record_list.csv").open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            paths[row["study_id"]] = mimic_dir / row["path"]
-    examples = []
-    with (mimic_dir / "machine_measurements.csv").open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            report = join_mimic_report(row)
-            if report and row["study_id"] in paths:
-                examples.append(
-                    {"record": str(paths[row["study_id"]]), "report": report, "study_id": int(row["study_id"])}
-                )
-            if limit is not None and len(examples) >= limit:
-                break
-    return examples
+    """The first `limit` (or all) MIMIC-IV-ECG records with a report, as examples (`ReportExamples`): streamed by
+    `load_mimic_iv_ecg` from a converted folder, or built by `build_mimic_iv_ecg` from a PhysioNet folder (only the
+    studies needed when `limit` is given). The report is `merit_hf.data.reports.join_mimic_report`'s, as in
+    pretraining."""
+    if (Path(mimic_dir) / MEASUREMENTS_FILE).is_file():
+        study_ids = [task["study_id"] for task in read_mimic_tasks(mimic_dir) if task["report"]][:limit]
+        mimic = build_mimic_iv_ecg(mimic_dir, study_ids=study_ids)
+    else:
+        mimic = load_mimic_iv_ecg(mimic_dir, split="train", streaming=True)
+    with_report = mimic.filter(lambda report: bool(report), input_columns=["report"])
+    return report_examples(with_report.take(limit) if limit is not None else with_report)
+
+
+def report_examples(rows: Dataset | IterableDataset) -> list[dict[str, Any]]:
+    """`[{"ecg_id", "report", "signal", "sampling_rate", "lead_names"}]` from rows of a `merit_hf.data` dataset (the
+    columns PTB-XL and MIMIC-IV-ECG share), plus `filename` for PTB-XL (the record, relative to its folder)."""
+    columns = ["ecg_id", "report", "signal", "sampling_rate", "lead_names"]
+    columns += [name for name in ("filename",) if name in (rows.column_names or ())]
+    return [dict(row) for row in rows.select_columns(columns).with_format("numpy")]
 
 
 class ReportExamples(torch.utils.data.Dataset):
@@ -206,8 +217,13 @@ class ReportExamples(torch.utils.data.Dataset):
 
     def __init__(self, examples: list[dict[str, Any]], feature_extractor: MeritFeatureExtractor):
         self.examples = examples
-        records = [example["record"] for example in examples]
-        self.ecg_values = feature_extractor(records, return_tensors="pt", crop="center")["ecg_values"]
+        self.ecg_values = feature_extractor(
+            [example["signal"] for example in examples],
+            sampling_rate=[float(example["sampling_rate"]) for example in examples],
+            lead_names=[list(example["lead_names"]) for example in examples],
+            return_tensors="pt",
+            crop="center",
+        )["ecg_values"]
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -279,7 +295,7 @@ def lora_config(training_args: ReportTrainingArguments, train_ecg_encoder: bool 
         lora_alpha=training_args.lora_alpha,
         lora_dropout=training_args.lora_dropout,
         target_modules=rf"language_model\..*\.({targets})",
-        modules_to_save=["multi_modal_projector"] + (["ecg_encoder"] if train_ecg_encoder else []),
+        modules_to_save=["multi_modal_projector"] + (["ecg_model"] if train_ecg_encoder else []),
     )
 
 
@@ -303,7 +319,7 @@ def base_fingerprint(model: MeritForReportGeneration) -> dict[str, Any]:
         "ecg_seq_length": config.ecg_seq_length,
         "ecg_token_index": config.ecg_token_index,
         "language_model_sha256": digest(model.language_model),
-        "ecg_encoder_sha256": digest(model.ecg_encoder),
+        "ecg_encoder_sha256": digest(model.ecg_model),
     }
 
 
@@ -318,7 +334,7 @@ def save_report_adapter(
     """Adapter (LoRA + projector), processor, `generation_config.json` and the base fingerprint in one folder.
 
     `base_model_path` (the base's folder or Hub id) goes to `adapter_config.json` as `base_model_name_or_path`, so
-    that `load_report_model(directory)` finds the base; without it PEFT records the base's own `name_or_path`
+    that `load_report_adapter(directory)` finds the base; without it PEFT records the base's own `name_or_path`
     (none for a model built with `from_parts`).
     """
     directory = Path(directory)
@@ -331,15 +347,16 @@ def save_report_adapter(
     (directory / BASE_FINGERPRINT_FILE).write_text(json.dumps(base, indent=2) + "\n")
 
 
-def load_report_model(adapter_dir: str | Path, base_model: MeritForReportGeneration | str | None = None):
-    """`(PeftModel, MeritProcessor)` from a folder written by this script.
+def load_report_adapter(adapter_dir: str | Path, base_model: MeritForReportGeneration | str | None = None):
+    """`(PeftModel, MeritProcessor)` from an adapter folder written by this script (`save_report_adapter`).
 
     `base_model` defaults to the `base_model_name_or_path` recorded in `adapter_config.json` (`ValueError` when it
     names none). Raises `ValueError` naming the differences when the adapter was trained on another base model. An
     encoder trained with the adapter (`--freeze_ecg_encoder false`) is in the adapter and replaces the base's
-    (PEFT's `modules_to_save`).
+    (PEFT's `modules_to_save`); adapters saved while the encoder was named `ecg_encoder` load too (the module and its
+    weights are renamed to `ecg_model` on the way in).
     """
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
     adapter_dir = Path(adapter_dir)
     fingerprint_file = adapter_dir / BASE_FINGERPRINT_FILE
@@ -360,8 +377,15 @@ def load_report_model(adapter_dir: str | Path, base_model: MeritForReportGenerat
     if differences:
         described = ", ".join(f"{key}: adapter {want!r} vs base {got!r}" for key, (want, got) in differences.items())
         raise ValueError(f"{adapter_dir}: adapter was saved for another base model ({described})")
-    base_model.generation_config = GenerationConfig.from_pretrained(adapter_dir)
-    model = PeftModel.from_pretrained(base_model, adapter_dir)
+    base_model.generation_config = base_model.suppress_ecg_token(GenerationConfig.from_pretrained(adapter_dir))
+    adapter_config = PeftConfig.from_pretrained(adapter_dir)
+    if adapter_config.modules_to_save:
+        adapter_config.modules_to_save = [
+            "ecg_model" if name == "ecg_encoder" else name for name in adapter_config.modules_to_save
+        ]
+    model = PeftModel.from_pretrained(
+        base_model, adapter_dir, config=adapter_config, key_mapping=MeritForReportGeneration._checkpoint_key_mapping
+    )
     processor = MeritProcessor.from_pretrained(adapter_dir)
     return model.eval(), processor
 
@@ -439,6 +463,7 @@ def generate_reports(
         start = time.perf_counter()
         output = unwrapped.generate(**batch, generation_config=generation_config)
         seconds += time.perf_counter() - start
+        output = output[:, batch["input_ids"].shape[1] :]  # generate() returns the prompt, then the new tokens
         not_pad = output != processor.tokenizer.pad_token_id
         new_tokens += int(not_pad.sum())
         decoded = processor.batch_decode(output, skip_special_tokens=True)
@@ -483,16 +508,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # --- data
     train_examples, eval_examples, language_counts = [], [], {}
     if data_args.ptbxl_dir:
+        ptbxl = load_ptbxl_rows(data_args.ptbxl_dir, data_args.ptbxl_sampling_rate)
         train_examples, language_counts = read_ptbxl_reports(
-            data_args.ptbxl_dir, data_args.train_folds, data_args.ptbxl_sampling_rate, data_args.non_english_reports
+            ptbxl, data_args.train_folds, data_args.non_english_reports, data_args.max_train_reports
         )
         eval_examples, _ = read_ptbxl_reports(
-            data_args.ptbxl_dir, data_args.eval_folds, data_args.ptbxl_sampling_rate, data_args.non_english_reports
+            ptbxl, data_args.eval_folds, data_args.non_english_reports, data_args.max_eval_reports
         )
     if data_args.mimic_dir:  # English machine statements; trained on, scored on PTB-XL's eval folds
         train_examples += read_mimic_reports(data_args.mimic_dir, data_args.max_train_reports)
     train_examples = train_examples[: data_args.max_train_reports]
-    eval_examples = eval_examples[: data_args.max_eval_reports]
     if not train_examples:
         raise ValueError("no training reports left after the language rule; check ptbxl_dir / mimic_dir and folds")
     accelerator.print(
@@ -591,7 +616,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             accelerator.print(format_report_metrics(metrics))
             with (output_dir / PREDICTIONS_FILE).open("w") as handle:
                 for example, prediction in zip(eval_examples, predictions):
-                    handle.write(json.dumps({**example, "generated": prediction}) + "\n")
+                    record = {"ecg_id": int(example["ecg_id"]), "filename": str(example.get("filename", ""))}
+                    handle.write(json.dumps({**record, "report": example["report"], "generated": prediction}) + "\n")
     if accelerator.is_main_process:
         (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=str) + "\n")
     accelerator.end_training()

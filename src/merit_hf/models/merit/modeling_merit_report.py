@@ -10,14 +10,15 @@ This file is Hub remote code: it imports only torch, transformers and its siblin
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
 
 from .configuration_merit import MeritReportConfig
 from .modeling_merit import MeritBasePreTrainedModel, MeritEcgModel
@@ -63,11 +64,12 @@ class MeritReportPreTrainedModel(MeritBasePreTrainedModel):
 
 class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
     r"""
-    ECG-conditioned report generation: `ecg_encoder` ([`MeritEcgModel`]) -> `multi_modal_projector` -> soft tokens at
+    ECG-conditioned report generation: `ecg_model` ([`MeritEcgModel`]) -> `multi_modal_projector` -> soft tokens at
     the `<ecg>` positions of `language_model` (any `AutoModelForCausalLM`).
 
-    `generate()` embeds the prompt, scatters the ECG tokens and decodes from those embeddings, so it returns **only
-    the new tokens** (as `generate(inputs_embeds=...)` does). It works the same on the PEFT-wrapped model.
+    `generate()` is transformers' own, as for `LlavaForConditionalGeneration`: it returns the prompt followed by the
+    new tokens, `ecg_values` are read on the first (prefill) step only (`prepare_inputs_for_generation`), and `<ecg>`
+    is in the model's `generation_config.suppress_tokens`. It works the same on the PEFT-wrapped model.
 
     Example:
 
@@ -76,26 +78,41 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
     >>> model = MeritForReportGeneration.from_pretrained("path/to/merit-report")  # doctest: +SKIP
     >>> processor = MeritProcessor.from_pretrained("path/to/merit-report")  # doctest: +SKIP
     >>> inputs = processor(ecgs=signal, sampling_rate=500, lead_names=leads, text=processor.format_prompt())  # doctest: +SKIP
-    >>> new_tokens = model.generate(**inputs, max_new_tokens=64)  # doctest: +SKIP
+    >>> generated = model.generate(**inputs, max_new_tokens=64)  # doctest: +SKIP
+    >>> new_tokens = generated[:, inputs["input_ids"].shape[1] :]  # doctest: +SKIP
     >>> processor.batch_decode(new_tokens, skip_special_tokens=True)  # doctest: +SKIP
     ```"""
 
-    _keys_to_ignore_on_load_unexpected = [r"^ecg_encoder\.decoder\."]
+    _keys_to_ignore_on_load_unexpected = [r"^ecg_model\.decoder\."]
+    # Folders saved before the encoder was named `ecg_model` (as in every other MERIT class) hold `ecg_encoder.*`
+    # weights: renamed on load by transformers' `key_mapping` (`WeightRenaming`), and by PEFT for adapters.
+    _checkpoint_key_mapping = {r"^ecg_encoder\.": "ecg_model."}
 
     def __init__(self, config: MeritReportConfig):
         super().__init__(config)
-        self.ecg_encoder = MeritEcgModel(config.ecg_config)
+        self.ecg_model = MeritEcgModel(config.ecg_config)
         self.multi_modal_projector = MeritReportProjector(config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
+        self.generation_config = self.suppress_ecg_token(self.generation_config)
         if config.freeze_ecg_encoder:
-            self.ecg_encoder.requires_grad_(False)
+            self.ecg_model.requires_grad_(False)
 
     def train(self, mode: bool = True) -> MeritForReportGeneration:
         super().train(mode)
         if self.config.freeze_ecg_encoder:  # a frozen encoder stays deterministic (no dropout) while the rest trains
-            self.ecg_encoder.eval()
+            self.ecg_model.eval()
         return self
+
+    def suppress_ecg_token(self, generation_config: GenerationConfig) -> GenerationConfig:
+        """A copy of `generation_config` with `<ecg>` in `suppress_tokens`: an emitted placeholder has no ECG to stand
+        for. The model's own generation config always holds it (set here on construction, in `from_parts` and by
+        `merit_hf.training.report_lora` when it loads a generation config)."""
+        generation_config = copy.deepcopy(generation_config)
+        suppress_tokens = list(generation_config.suppress_tokens or [])
+        if self.config.ecg_token_index not in suppress_tokens:
+            generation_config.suppress_tokens = [*suppress_tokens, self.config.ecg_token_index]
+        return generation_config
 
     # The LM's own embeddings and head, so that `resize_token_embeddings`, tying and generation see them.
     def get_input_embeddings(self) -> nn.Module:
@@ -115,7 +132,10 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
         ecg_values: torch.Tensor,
         ecg_attention_mask: torch.Tensor | None = None,
         lead_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
         r"""
         Encode ECGs into the soft tokens the LM reads.
 
@@ -126,13 +146,22 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
                 leaves the missing ones out (their soft tokens are then masked in the LM, see `forward`).
 
         Returns:
-            `torch.FloatTensor` of shape `(num_ecgs, ecg_seq_length, text_hidden_size)`.
+            `BaseModelOutputWithPooling` whose `pooler_output` `(num_ecgs, ecg_seq_length, text_hidden_size)` holds the
+            projected soft tokens (as `LlavaModel.get_image_features` and `MeritModel.get_ecg_features` put the
+            projected features in `pooler_output`); `last_hidden_state`, `hidden_states` and `attentions` are the ECG
+            encoder's.
         """
         ecg_config = self.config.ecg_config
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_ecg_encoder):
-            hidden = self.ecg_encoder(
-                ecg_values, ecg_attention_mask=ecg_attention_mask, lead_mask=lead_mask
-            ).last_hidden_state
+            ecg_output = self.ecg_model(
+                ecg_values,
+                ecg_attention_mask=ecg_attention_mask,
+                lead_mask=lead_mask,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
+        hidden = ecg_output.last_hidden_state
         per_lead = hidden.reshape(hidden.shape[0], ecg_config.num_leads, ecg_config.tokens_per_lead, -1)
         if ecg_config.use_separator_tokens:
             per_lead = per_lead[:, :, 1:-1]
@@ -142,7 +171,12 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
             per_lead.reshape(num_ecgs * num_leads, num_patches, width).transpose(1, 2), self.config.ecg_tokens_per_lead
         ).transpose(1, 2)
         tokens = pooled.reshape(num_ecgs, num_leads * self.config.ecg_tokens_per_lead, width)
-        return self.multi_modal_projector(tokens.to(self.multi_modal_projector.linear_1.weight.dtype))
+        return BaseModelOutputWithPooling(
+            last_hidden_state=hidden,
+            pooler_output=self.multi_modal_projector(tokens.to(self.multi_modal_projector.linear_1.weight.dtype)),
+            hidden_states=ecg_output.hidden_states,
+            attentions=ecg_output.attentions,
+        )
 
     def get_placeholder_mask(self, input_ids: torch.Tensor, ecg_features: torch.Tensor) -> torch.Tensor:
         """Positions of `<ecg>` tokens, `(batch, seq_len)`; raises when their number does not match the ECG tokens."""
@@ -196,7 +230,7 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
                     "ECGs the prompt refers to, or a prompt without <ecg>"
                 )
             return inputs_embeds, None
-        ecg_features = self.get_ecg_features(ecg_values, ecg_attention_mask, lead_mask)
+        ecg_features = self.get_ecg_features(ecg_values, ecg_attention_mask, lead_mask).pooler_output
         placeholder_mask = self.get_placeholder_mask(input_ids, ecg_features)
         inputs_embeds = inputs_embeds.masked_scatter(
             placeholder_mask[..., None].to(inputs_embeds.device), ecg_features.to(inputs_embeds.dtype)
@@ -229,7 +263,7 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Next-token targets, -100 where no loss is taken (prompt, ECG tokens, padding); the processor builds them.
         inputs_embeds (`torch.FloatTensor`, *optional*):
-            Ready embeddings (ECG tokens already in place): what `generate()` passes on its first step.
+            Ready embeddings (ECG tokens already in place, e.g. from `embed_inputs`).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
@@ -250,51 +284,37 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
         )
         return MeritReportOutput(**outputs, ecg_hidden_states=ecg_features)
 
-    @torch.no_grad()
-    def generate(
+    def prepare_inputs_for_generation(
         self,
-        input_ids: torch.LongTensor | None = None,
+        input_ids: torch.LongTensor,
         ecg_values: torch.FloatTensor | None = None,
         ecg_attention_mask: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
         lead_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
         **kwargs,
-    ) -> torch.LongTensor:
-        r"""
-        Write reports. Takes the processor's output (`input_ids`, `attention_mask`, `ecg_values`) plus any
-        `GenerationConfig` field (`max_new_tokens`, `num_beams`, ...) and returns **only the generated tokens**,
-        `(batch_size, num_new_tokens)` (or a `GenerateOutput` whose `sequences` are those tokens). Batched prompts
-        must be left-padded (the processor does so when no `reports` are given). Without `attention_mask`, the mask
-        is inferred from `pad_token_id` as transformers does for `input_ids`. `<ecg>` is never generated.
+    ) -> dict:
+        """transformers' step inputs, plus the ECG inputs on the prefill step only (as `LlavaForConditionalGeneration`
+        passes `pixel_values`): after it the `<ecg>` positions live in the cache. With `use_cache=False` every step
+        reads the whole sequence, so the ECGs go with every step.
+
+        `input_ids` is the whole sequence so far, so the `<ecg>` positions of missing leads (`lead_mask`) are masked
+        in the `attention_mask` of every step, not only the first. A generated `<ecg>` (only possible when the
+        caller removes it from `suppress_tokens`) raises: it has no ECG to stand for.
         """
-        if input_ids is None:
-            if ecg_values is not None:
-                raise ValueError("generate() needs input_ids holding <ecg> placeholders to place ecg_values")
-            return super().generate(attention_mask=attention_mask, **kwargs)
-        inputs_embeds, _ = self.embed_inputs(input_ids, ecg_values, ecg_attention_mask, lead_mask)
-        if attention_mask is None:
-            # transformers infers the mask only for `input_ids`, never for the `inputs_embeds` passed on: do it here.
-            generation_kwargs = dict(kwargs)
-            generation_config, _ = self._prepare_generation_config(
-                generation_kwargs.pop("generation_config", None), **generation_kwargs
+        if not is_first_iteration and bool((input_ids[:, -1] == self.config.ecg_token_index).any()):
+            raise ValueError(
+                f"generate() produced the <ecg> placeholder (id {self.config.ecg_token_index}), which has no ECG to "
+                "stand for; keep it in generation_config.suppress_tokens (the model's generation config has it)"
             )
-            self._prepare_special_tokens(
-                generation_config, kwargs_has_attention_mask=False, device=input_ids.device, batch_size=len(input_ids)
-            )
-            attention_mask = self._prepare_attention_mask_for_generation(input_ids, generation_config, {})
         if ecg_values is not None:
             attention_mask = self.mask_missing_lead_tokens(input_ids, attention_mask, lead_mask)
-        return super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
-
-    def _prepare_generation_config(self, *args, **kwargs):
-        """transformers' merge of the caller's and the model's generation settings, with `<ecg>` always in
-        `suppress_tokens`: an emitted placeholder has no ECG to stand for (and would stop the decoding with the count
-        error), whatever generation config the caller or the checkpoint gives."""
-        generation_config, model_kwargs = super()._prepare_generation_config(*args, **kwargs)
-        suppress_tokens = list(generation_config.suppress_tokens or [])
-        if self.config.ecg_token_index not in suppress_tokens:
-            generation_config.suppress_tokens = [*suppress_tokens, self.config.ecg_token_index]
-        return generation_config, model_kwargs
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, attention_mask=attention_mask, is_first_iteration=is_first_iteration, **kwargs
+        )
+        if is_first_iteration or not kwargs.get("use_cache", True):
+            model_inputs.update(ecg_values=ecg_values, ecg_attention_mask=ecg_attention_mask, lead_mask=lead_mask)
+        return model_inputs
 
     @classmethod
     def from_parts(
@@ -344,9 +364,9 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
             **config_kwargs,
         )
         model = cls(config)
-        model.ecg_encoder.load_state_dict(ecg_encoder.state_dict())
+        model.ecg_model.load_state_dict(ecg_encoder.state_dict())
         model.language_model.load_state_dict(language_model.state_dict())
-        model.generation_config = language_model.generation_config
+        model.generation_config = model.suppress_ecg_token(language_model.generation_config)
         return model.to(language_model.dtype)
 
 
