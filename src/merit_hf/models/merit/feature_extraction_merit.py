@@ -583,7 +583,8 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
 
         from .feature_extraction_torch_merit import extract_batch
 
-        outputs = extract_batch(self, records, sampling_rate, lead_names, units, padding, crop, torch.device(device))
+        prepared = self._prepare_for_device(records, sampling_rate, lead_names, units, padding, crop)
+        outputs = extract_batch(self, prepared, torch.device(device))
         data = {"ecg_values": outputs["ecg_values"]}
         if with_mask:
             data["ecg_attention_mask"] = outputs["ecg_attention_mask"]
@@ -594,6 +595,48 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         if return_tensors != "pt":
             data = {key: value.cpu().numpy() for key, value in data.items()}
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _prepare_for_device(self, records, sampling_rate, lead_names, units, padding, crop) -> list[dict[str, Any]]:
+        """Every record through this class's own checks, in order, before the batched DSP (`extract_batch`) builds
+        any tensor: `validate_one`, the band-pass filter's minimum length (what `sosfiltfilt` raises on the scipy
+        path), and the windows, which are `_fit_window` / `_sliding_windows` applied to sample positions (so random
+        crops draw the same numbers as on the scipy path). One dict per record: `signal` (mV, model lead order),
+        `sampling_rate`, `up` / `down` (the resampling ratio), `present`, `windows` (each window's sample positions
+        after resampling) and `masks`."""
+        from .feature_extraction_torch_merit import filtfilt_padlen
+
+        sos = self._band_pass_sos()
+        padlen = filtfilt_padlen(sos) if sos is not None else 0
+        prepared = []
+        for index, record in enumerate(records):
+            rate = self._per_record(sampling_rate, index, len(records), "sampling_rate")
+            names = lead_names[index] if _is_list_of_lists(lead_names) else lead_names
+            signal, rate, name, present = self.validate_one(record, rate, names, units, index=index)
+            up, down = self._resample_ratio(rate, name)
+            length = len(signal)
+            pad = min(int(round(rate)), length - 1)
+            if sos is not None and -(-(length + 2 * pad) * up // down) <= padlen:  # what the scipy path raises
+                raise EcgInputError(
+                    f"{name}: {length} samples are too short for the band-pass filter (The length of the input "
+                    f"vector x must be greater than padlen, which is {padlen}.)"
+                )
+            positions = np.arange(-(-length * up // down))[:, None]
+            if self.window == "sliding":
+                record_windows = self._sliding_windows(positions, name, padding=padding)
+            else:
+                record_windows = [self._fit_window(positions, name, padding=padding, crop=crop)]
+            prepared.append(
+                {
+                    "signal": signal,
+                    "sampling_rate": rate,
+                    "up": up,
+                    "down": down,
+                    "present": present,
+                    "windows": [window[0].astype(np.int64) for window, _ in record_windows],
+                    "masks": [mask for _, mask in record_windows],
+                }
+            )
+        return prepared
 
     @staticmethod
     def _as_list(ecgs: Any) -> list:
