@@ -600,20 +600,18 @@ def run_linear_probe(
 # Data
 # ----------------------------------------------------------------------------------------------------------------------
 def load_dataset_dict(path: str | Path, sampling_rate: int = 100, arguments: ProbeArguments | None = None):
-    """PTB-XL as a `DatasetDict`: from a PhysioNet PTB-XL folder (read in memory with `merit_hf.data.build_ptbxl`;
-    fine for the bundled sample, slow for the full set), or from a converted dataset (`dataset_scripts/ptbxl`,
-    `save_to_disk` folder or Hub id, via `merit_hf.data.load_ptbxl`). With `arguments.dataset_name == "wfdb"`, a
-    converted WFDB folder split as `arguments` say (`merit_hf.data.load_wfdb_dataset`)."""
-    from ..data import build_ptbxl, load_ptbxl, load_wfdb_dataset
+    """PTB-XL as a `DatasetDict` (a converted dataset: `dataset_scripts/ptbxl`, `save_to_disk` folder or Hub id; or
+    the PhysioNet folder itself, read in memory: fine for the bundled sample, slow for the full set); with
+    `arguments.dataset_name == "wfdb"`, a converted WFDB folder split as `arguments` say. Through
+    `merit_hf.data.load_dataset`."""
+    from ..data import load_dataset
 
-    if arguments is not None and arguments.dataset_name == "wfdb":
-        return load_wfdb_dataset(
-            str(path), split_column=arguments.split_column, split_fractions=arguments.split_fractions,
-            seed=arguments.split_seed,
-        )  # fmt: skip
-    if (Path(path) / "ptbxl_database.csv").is_file():
-        return build_ptbxl(path, sampling_rate=sampling_rate)
-    return load_ptbxl(str(path), sampling_rate=sampling_rate)
+    if arguments is None:
+        return load_dataset("ptbxl", str(path), sampling_rate=sampling_rate)
+    return load_dataset(
+        arguments.dataset_name, str(path), sampling_rate=sampling_rate, split_column=arguments.split_column,
+        split_fractions=arguments.split_fractions, seed=arguments.split_seed,
+    )  # fmt: skip
 
 
 def run_name(task: str, label_set: str, label_fraction: float, seed: int) -> str:
