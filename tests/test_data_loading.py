@@ -98,5 +98,7 @@ def test_mimic_streams_by_default(mimic_root, tmp_path):  # noqa: F811
 
 
 def test_an_unknown_name_is_refused(small_ptbxl):
-    with pytest.raises(ValueError, match=r"dataset name must be one of \('ptbxl', 'mimic_iv_ecg', 'wfdb'\), got 'ptb'"):
+    with pytest.raises(
+        ValueError, match=r"dataset name must be one of \('ptbxl', 'mimic_iv_ecg', 'wfdb'\), got 'ptb'"
+    ):
         load_dataset("ptb", small_ptbxl)
