@@ -132,3 +132,25 @@ def test_precomputed_values_keep_the_lead_mask():
     torch.testing.assert_close(stored_batch["ecg_values"], fresh_batch["ecg_values"])
     with pytest.raises(ValueError, match="precompute_ecg_values stores one window per record"):
         precompute_ecg_values(two_leads, MeritFeatureExtractor(window="sliding"))
+
+
+def test_the_collator_gives_what_the_processor_gives(rows, tokenizer):
+    """One rows -> batch path: the collator's batch is `MeritProcessor`'s output for the rows' signals and reports,
+    and the probe's `ecg_model_inputs` (columns of rows) is the same `ecg_values`."""
+    from merit_hf import MeritProcessor
+    from merit_hf.evaluation.probe import ecg_model_inputs
+
+    extractor = MeritFeatureExtractor()
+    chosen = [rows[1], rows[8], rows[441]]  # 500 Hz and 100 Hz
+    batch = MeritCollator(extractor, tokenizer=tokenizer, max_length=16)(chosen)
+    expected = MeritProcessor(extractor, tokenizer, max_length=16)(
+        ecgs=[row["signal"] for row in chosen],
+        text=[str(row["report"]) for row in chosen],
+        sampling_rate=[int(row["sampling_rate"]) for row in chosen],
+        lead_names=[list(row["lead_names"]) for row in chosen],
+    )
+    assert set(batch) == set(expected) and batch["input_ids"].shape[1] <= 16
+    for name, value in expected.items():
+        assert torch.equal(batch[name], value), name
+    columns = {name: [row[name] for row in chosen] for name in ("signal", "sampling_rate", "lead_names")}
+    assert torch.equal(ecg_model_inputs(extractor, columns)["ecg_values"], batch["ecg_values"])

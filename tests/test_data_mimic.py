@@ -77,13 +77,13 @@ def test_unreadable_record_is_reported(mimic_root, tmp_path):
     path = write_mimic_record(mimic_root, 10003046, 46000006, signal)
     with (mimic_root / "record_list.csv").open("a") as handle:
         handle.write(f"10003046,46000006,46000006,2180-07-23 08:44:00,{path}\n")
-    with pytest.raises(ValueError, match=r"46000006\.hea: NaN/inf values in lead aVL \(50 samples\)"):
+    with pytest.raises(ValueError, match=r"46000006\.hea: lead aVL has 50 NaN/inf samples"):
         build_mimic_iv_ecg(mimic_root)
     report = convert_mimic_iv_ecg(mimic_root, tmp_path / "out", records_per_shard=4)
     assert (report.total, report.written, report.failed) == (7, 6, 1)
     saved = json.loads((tmp_path / "out" / "data" / "conversion_report.json").read_text())
     assert saved["failed"] == 1 and saved["failures"][0]["record"].endswith(path)
-    assert "NaN/inf values in lead aVL (50 samples)" in saved["failures"][0]["reason"]
+    assert "lead aVL has 50 NaN/inf samples" in saved["failures"][0]["reason"]
     assert load_mimic_iv_ecg(tmp_path / "out", streaming=False).num_rows == 6
 
 

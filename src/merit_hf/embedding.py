@@ -362,49 +362,24 @@ class EmbeddingArguments:
 def load_splits(arguments: EmbeddingArguments, shard_index: int = 0, num_shards: int = 1) -> dict[str, Any]:
     """The requested splits, streamed or map-style, each cut to the `shard_index`-th of `num_shards` parts
     (`split_dataset_by_node`, through the loaders' own `rank` / `world_size` where they have them)."""
-    from datasets.distributed import split_dataset_by_node
-
-    from .data import build_ptbxl, load_mimic_iv_ecg, load_ptbxl, load_wfdb_dataset
+    from .data import load_dataset
 
     node = {"rank": shard_index, "world_size": num_shards} if num_shards > 1 else {}
-    if arguments.dataset_name == "wfdb":
-        everything = load_wfdb_dataset(
-            arguments.dataset, split_column=arguments.split_column, split_fractions=arguments.split_fractions,
-            seed=arguments.split_seed, streaming=arguments.streaming,
-        )  # fmt: skip
-        unknown = [split for split in arguments.splits if split not in everything]
-        if unknown:
-            raise ValueError(f"splits {unknown}: {arguments.dataset} has {sorted(everything)}")
-        return {
-            split: split_dataset_by_node(everything[split], **node) if node else everything[split]
-            for split in arguments.splits
-        }
-    if arguments.dataset_name == "mimic_iv_ecg":
-        return {
-            split: load_mimic_iv_ecg(arguments.dataset, split=split, streaming=True, **node)
-            for split in arguments.splits
-        }
-    if not (Path(arguments.dataset) / "ptbxl_database.csv").is_file():  # converted PTB-XL: folder or Hub id
-        return {
-            split: load_ptbxl(
-                arguments.dataset,
-                split=split,
-                streaming=arguments.streaming,
-                sampling_rate=arguments.sampling_rate,
-                drop_unlabeled=False,
-                **node,
-            )
-            for split in arguments.splits
-        }
-    everything = build_ptbxl(arguments.dataset, sampling_rate=arguments.sampling_rate)  # a PhysioNet folder, read once
+    everything = load_dataset(
+        arguments.dataset_name,
+        arguments.dataset,
+        streaming=arguments.streaming or None,  # None: the loader's default (MIMIC-IV-ECG always streams)
+        sampling_rate=arguments.sampling_rate,
+        drop_unlabeled=False,
+        split_column=arguments.split_column,
+        split_fractions=arguments.split_fractions,
+        seed=arguments.split_seed,
+        **node,
+    )
     unknown = [split for split in arguments.splits if split not in everything]
     if unknown:
         raise ValueError(f"splits {unknown}: {arguments.dataset} has {sorted(everything)}")
-    splits = {}
-    for split in arguments.splits:
-        dataset = everything[split].to_iterable_dataset() if arguments.streaming else everything[split]
-        splits[split] = split_dataset_by_node(dataset, **node) if node else dataset
-    return splits
+    return {split: everything[split] for split in arguments.splits}
 
 
 def with_input_settings(feature_extractor: MeritFeatureExtractor, arguments: EmbeddingArguments):

@@ -122,15 +122,15 @@ def prepare_dataset(data_dir: Path, output_dir: Path):
     """The bundled PTB-XL records as a `DatasetDict`, built once and saved for both pretraining and the probe."""
     from datasets import load_from_disk
 
-    from .data import build_ptbxl
+    from .data import is_physionet_ptbxl, load_dataset
 
-    if not (data_dir / "ptbxl_database.csv").is_file():
+    if not is_physionet_ptbxl(data_dir):
         raise FileNotFoundError(
             f"{data_dir}: no PTB-XL folder (ptbxl_database.csv) here. The quick-start uses the records bundled in the "
             "repository's data/ptbxl_sample: run it from a clone (bash .ci/setup_env.sh), or pass --data_dir"
         )
     saved = output_dir / DATASET_DIR
-    build_ptbxl(data_dir, sampling_rate=100).save_to_disk(str(saved))
+    load_dataset("ptbxl", data_dir, sampling_rate=100).save_to_disk(str(saved))
     return load_from_disk(str(saved)), saved
 
 

@@ -1,11 +1,12 @@
 """PTB-XL and MIMIC-IV-ECG as `datasets`: strict WFDB reading, SCP label sets, reports, converters, loaders, collator.
 
-- `wfdb_records`: one record read and validated (leads, rate, units, NaN/inf, header/data agreement);
+- `read_ecg_record` (`merit_hf.models.wfdb_io`): one record read and validated by the input contract;
 - `labels`: SCP-ECG statements -> `superclass` / `subclass` / `form` / `rhythm` / `all`, `multi_hot`;
 - `reports`: report cleaning, PTB-XL language tags, MIMIC `report_0..report_17` joining;
 - `conversion`: rows in memory or as resumable Parquet shards, and the conversion report;
 - `ptbxl`, `mimic_iv_ecg`: the two dataset builders; `wfdb_folder`: any folder of WFDB records (leads and rate as
-  recorded, labels and reports from CSV files); `loading`: runtime loaders; `collator`: `MeritCollator`.
+  recorded, labels and reports from CSV files); `loading`: runtime loaders behind one `load_dataset(name, path)`;
+  `collator`: `MeritCollator`, the one rows -> batch path.
 """
 
 from ..models.merit.feature_extraction_merit import EcgInputError
@@ -21,13 +22,29 @@ from .labels import (
     multi_hot,
     parse_scp_codes,
 )
-from .loading import label_fraction_subset, load_mimic_iv_ecg, load_ptbxl, load_wfdb_dataset
+from .loading import (
+    DATASET_NAMES,
+    label_fraction_subset,
+    load_dataset,
+    load_mimic_iv_ecg,
+    load_ptbxl,
+    load_wfdb_dataset,
+)
 from .mimic_iv_ecg import LEAD_NAMES_MIMIC, build_mimic_iv_ecg, convert_mimic_iv_ecg, mimic_iv_ecg_features
-from .ptbxl import LEAD_NAMES_PTBXL, PTBXL_SPLITS, build_ptbxl, convert_ptbxl, ptbxl_features, read_ptbxl_database
-from .reports import clean_report, join_mimic_report, report_language
+from .ptbxl import (
+    LEAD_NAMES_PTBXL,
+    PTBXL_SPLITS,
+    build_ptbxl,
+    convert_ptbxl,
+    is_physionet_ptbxl,
+    ptbxl_features,
+    read_ptbxl_database,
+)
+from .reports import clean_report, drop_empty_reports, has_report, join_mimic_report, report_language
 from .wfdb_folder import WfdbFolderSpec, build_wfdb_dataset, convert_wfdb_folder, split_wfdb_dataset
 
 __all__ = [
+    "DATASET_NAMES",
     "DEFAULT_LABEL_THRESHOLD",
     "LABEL_SETS",
     "LEAD_NAMES_MIMIC",
@@ -47,9 +64,13 @@ __all__ = [
     "convert_mimic_iv_ecg",
     "convert_ptbxl",
     "convert_wfdb_folder",
+    "drop_empty_reports",
+    "has_report",
+    "is_physionet_ptbxl",
     "join_mimic_report",
     "label_fraction_subset",
     "label_names",
+    "load_dataset",
     "load_mimic_iv_ecg",
     "load_ptbxl",
     "load_wfdb_dataset",

@@ -1,4 +1,8 @@
-"""`MeritCollator`: dataset rows -> a model batch (`ecg_values`, tokenised `report`, multi-hot `labels`)."""
+"""`MeritCollator`: dataset rows -> a model batch (`ecg_values`, tokenised `report`, multi-hot `labels`).
+
+The one way rows become tensors: `MeritCollator.model_inputs` hands the rows' signals, rates and lead names (and
+reports) to `MeritProcessor`, the object saved with every checkpoint, so training, the probe, zero-shot evaluation,
+the embedding CLI and `precompute_ecg_values` feed the model exactly what a user of the Hub folder gets."""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..models.merit.processing_merit import MeritProcessor
 from .labels import LABEL_SETS, multi_hot
+from .reports import has_report
 
 logger = logging.getLogger(__name__)
 
@@ -21,9 +27,10 @@ class MeritCollator:
     Collates rows of a `merit_hf.data` dataset for `DataLoader` / `Trainer`.
 
     Each row's `signal` `(num_samples, num_leads)` goes through the feature extractor with that row's `sampling_rate`
-    and `lead_names`, so PTB-XL at 100 or 500 Hz and MIMIC-IV-ECG can be mixed. Rows that already hold a
-    pre-processed `ecg_values` `(num_leads, num_samples)` (e.g. from `dataset.map` with the same feature extractor)
-    are stacked as they are.
+    and `lead_names`, so PTB-XL at 100 or 500 Hz and MIMIC-IV-ECG can be mixed; with a tokenizer, ECGs and reports go
+    through `MeritProcessor` together (`model_inputs`). Rows that already hold a pre-processed `ecg_values`
+    `(num_leads, num_samples)` (e.g. from `precompute_ecg_values` with the same feature extractor) are stacked as
+    they are.
 
     Args:
         feature_extractor (`MeritFeatureExtractor`): the model's input contract.
@@ -83,6 +90,9 @@ class MeritCollator:
         self.empty_report = empty_report
         self.num_dropped_empty_reports = 0
         self.feature_extraction_device = feature_extraction_device
+        self.processor = (
+            None if tokenizer is None else MeritProcessor(feature_extractor, tokenizer, max_length=max_length)
+        )
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         rows = list(rows)
@@ -90,13 +100,18 @@ class MeritCollator:
             rows = self._handle_empty_reports(rows)
         if not rows:
             raise ValueError("MeritCollator: no rows left to collate (every report in the batch was empty)")
-        batch = self._ecg_values(rows)
-        if self.tokenizer is not None:
-            reports = [str(row["report"]) for row in rows]
-            tokens = self.tokenizer(
-                reports, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        reports = [str(row["report"]) for row in rows] if self.tokenizer is not None else None
+        if all("ecg_values" in row for row in rows):
+            batch = self._stored_ecg_values(rows)
+            if reports is not None:
+                batch.update(self.processor(text=reports, return_tensors="pt"))
+        else:
+            batch = self.model_inputs(
+                [row["signal"] for row in rows],
+                [row["sampling_rate"] for row in rows],
+                [row["lead_names"] for row in rows],
+                reports=reports,
             )
-            batch.update(dict(tokens))
         if self.label_set is not None:
             missing = [position for position, row in enumerate(rows) if self.label_set not in row]
             if missing:
@@ -110,28 +125,46 @@ class MeritCollator:
             batch["labels"] = torch.from_numpy(np.stack([np.asarray(row["labels"], dtype=np.float32) for row in rows]))
         return batch
 
-    def _ecg_values(self, rows: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        if all("ecg_values" in row for row in rows):
-            values = np.stack([np.asarray(row["ecg_values"], dtype=np.float32) for row in rows])
-            batch = {"ecg_values": torch.from_numpy(values)}
-            if all("lead_mask" in row for row in rows):  # stored by precompute_ecg_values with missing_leads="mask"
-                batch["lead_mask"] = torch.from_numpy(
-                    np.stack([np.asarray(row["lead_mask"], dtype=bool) for row in rows])
-                )
-            return batch
-        features = self.feature_extractor(
-            [np.asarray(row["signal"], dtype=np.float32) for row in rows],
-            sampling_rate=[float(row["sampling_rate"]) for row in rows],
-            lead_names=[list(row["lead_names"]) for row in rows],
-            return_tensors="pt",
-            **({"device": self.feature_extraction_device} if self.feature_extraction_device is not None else {}),
-        )
-        return dict(features)
+    def model_inputs(
+        self,
+        signals: Sequence[Any],
+        sampling_rates: Sequence[float],
+        lead_names: Sequence[Sequence[str]],
+        reports: Sequence[str] | None = None,
+        crop: str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The model's inputs for records given as columns (each `signal` `(num_samples, num_leads)`, its rate and
+        lead names): `ecg_values` (and `lead_mask` / `record_index` / `ecg_attention_mask` when the feature extractor's
+        settings give them) from the feature extractor, on `feature_extraction_device` when set; with `reports`, also
+        the tokenised reports, both through `MeritProcessor`. `crop` overrides the feature extractor's for this call.
+        Signals keep their dtype (dataset rows are float32; a robustness transform's float64 output stays float64)."""
+        ecgs = {
+            "sampling_rate": [float(rate) for rate in sampling_rates],
+            "lead_names": [list(leads) for leads in lead_names],
+            "crop": crop,
+            "return_tensors": "pt",
+        }
+        if self.feature_extraction_device is not None:
+            ecgs["device"] = self.feature_extraction_device
+        signals = [np.asarray(signal) for signal in signals]
+        if reports is None:
+            return dict(self.feature_extractor(signals, **ecgs))
+        if self.processor is None:
+            raise ValueError("MeritCollator: reports need a tokenizer; pass tokenizer= to tokenise them")
+        return dict(self.processor(ecgs=signals, text=list(reports), **ecgs))
+
+    @staticmethod
+    def _stored_ecg_values(rows: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        values = np.stack([np.asarray(row["ecg_values"], dtype=np.float32) for row in rows])
+        batch = {"ecg_values": torch.from_numpy(values)}
+        if all("lead_mask" in row for row in rows):  # stored by precompute_ecg_values with missing_leads="mask"
+            batch["lead_mask"] = torch.from_numpy(np.stack([np.asarray(row["lead_mask"], dtype=bool) for row in rows]))
+        return batch
 
     def _handle_empty_reports(self, rows: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
         kept = []
         for position, row in enumerate(rows):
-            if str(row.get("report") or "").strip():
+            if has_report(row.get("report")):
                 kept.append(row)
                 continue
             record = f"ecg_id {row['ecg_id']}" if "ecg_id" in row else f"row {position} of the batch"
@@ -166,16 +199,13 @@ def precompute_ecg_values(dataset, feature_extractor, batch_size: int = 64, num_
     if with_lead_mask:
         features["lead_mask"] = List(Value("bool"), length=num_leads)
 
+    collator = MeritCollator(feature_extractor)
+
     def add_values(batch: dict) -> dict:
-        extracted = feature_extractor(
-            [np.asarray(signal, dtype=np.float32) for signal in batch["signal"]],
-            sampling_rate=[float(rate) for rate in batch["sampling_rate"]],
-            lead_names=[list(names) for names in batch["lead_names"]],
-            return_tensors="np",
-        )
+        extracted = collator.model_inputs(batch["signal"], batch["sampling_rate"], batch["lead_names"])
         if with_lead_mask:
-            return {"ecg_values": extracted["ecg_values"], "lead_mask": extracted["lead_mask"]}
-        return {"ecg_values": extracted["ecg_values"]}
+            return {"ecg_values": extracted["ecg_values"].numpy(), "lead_mask": extracted["lead_mask"].numpy()}
+        return {"ecg_values": extracted["ecg_values"].numpy()}
 
     return (
         dataset.with_format("numpy")

@@ -1,12 +1,15 @@
-"""Runtime loaders: saved PTB-XL / MIMIC-IV-ECG datasets from a local folder or a Hub dataset repo.
+"""Runtime loaders: saved PTB-XL / MIMIC-IV-ECG / WFDB-folder datasets from a local folder or a Hub dataset repo.
 
-Only Arrow / Parquet files are read, never a loading script (no `trust_remote_code` for data). What is accepted:
+`load_dataset(name, path)` is the one entry point of the probe, the embedding CLI, the quick-start and pretraining;
+it hands over to `load_ptbxl`, `load_mimic_iv_ecg` or `load_wfdb_dataset`. Only Arrow / Parquet files are read, never a loading script (no `trust_remote_code` for data). What is accepted:
 
 - a folder written by `dataset.save_to_disk(...)` (read with `load_from_disk`, memory-mapped, no copy);
 - a folder written by the converters (`dataset_scripts/`): `{config}/{split}-*.parquet` (PTB-XL, `config` =
   `100hz` / `500hz`) or `data/{split}-*.parquet` (MIMIC-IV-ECG); read with the `parquet` builder, which converts
   them once into the `datasets` cache, memory-mapped after that (or streams them with `streaming=True`);
-- a Hub dataset id with the same files and a `configs:` card (`load_dataset(repo_id, name=config)`).
+- a Hub dataset id with the same files and a `configs:` card (`datasets.load_dataset(repo_id, name=config)`);
+- for PTB-XL only, the PhysioNet folder itself (`is_physionet_ptbxl`): built in memory with `build_ptbxl` (fine for
+  a sample, slow for the whole set: convert it once instead).
 
 Multi-process training: pass `rank` and `world_size` (e.g. `accelerator.process_index`, `accelerator.num_processes`)
 and each process gets its part through `datasets.distributed.split_dataset_by_node`. For streaming, a number of
@@ -22,20 +25,93 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_from_disk
+from datasets import load_dataset as hf_load_dataset
 from datasets.distributed import split_dataset_by_node
 
 from .labels import LABEL_SETS
 from .mimic_iv_ecg import MIMIC_OUTPUT_FOLDER
-from .ptbxl import PTBXL_SPLITS, ptbxl_config_name
+from .ptbxl import PTBXL_SPLITS, build_ptbxl, is_physionet_ptbxl, ptbxl_config_name
+from .reports import drop_empty_reports as _drop_empty_reports
 from .wfdb_folder import DEFAULT_SPLIT_FRACTIONS
 
 logger = logging.getLogger(__name__)
 
+DATASET_NAMES = ("ptbxl", "mimic_iv_ecg", "wfdb")
 MIMIC_CONFIG = "default"  # Hub configuration; its files are data/train-*.parquet (MIMIC_OUTPUT_FOLDER)
 MIMIC_SPLITS = ("train",)
 SPLIT_ORDER = ("train", "validation", "test")
 AnyDataset = Dataset | DatasetDict | IterableDataset | IterableDatasetDict
+
+
+def load_dataset(
+    name: str,
+    path_or_repo_id: str | os.PathLike,
+    split: str | None = None,
+    streaming: bool | None = None,
+    sampling_rate: int = 100,
+    rank: int | None = None,
+    world_size: int | None = None,
+    drop_empty_reports: bool = False,
+    label_fraction: float = 1.0,
+    label_set: str | None = None,
+    drop_unlabeled: bool = True,
+    split_column: str | None = None,
+    split_fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
+    seed: int = 0,
+) -> AnyDataset:
+    """Load dataset `name` from `path_or_repo_id`: the one entry point of the probe, the embedding CLI, the quick-start
+    and pretraining, so that every one of them accepts the same inputs.
+
+    Args:
+        name: `"ptbxl"` (`load_ptbxl`: a converted folder, a Hub id, or the PhysioNet folder itself), `"mimic_iv_ecg"`
+            (`load_mimic_iv_ecg`) or `"wfdb"` (a converted WFDB folder, `load_wfdb_dataset`).
+        split: one split, or `None` for a `DatasetDict` of all.
+        streaming: `IterableDataset`s; `None` is the loader's default (MIMIC-IV-ECG streams, the others do not).
+        sampling_rate: PTB-XL only: which records, 100 or 500 Hz (the other datasets keep their recorded rates).
+        rank, world_size: this process's part of the data (`split_dataset_by_node`).
+        drop_empty_reports: keep only the records with a report (`merit_hf.data.reports.drop_empty_reports`): the
+            ECG-report pairs of pretraining and report generation, with the cleaned report text of the conversion.
+        label_fraction, label_set, drop_unlabeled: PTB-XL only, see `load_ptbxl` (`seed` seeds the label fraction).
+        split_column, split_fractions: WFDB folders only, see `load_wfdb_dataset` (`seed` seeds the split).
+
+    Example:
+
+    ```python
+    >>> from merit_hf.data import load_dataset
+    >>> ptbxl = load_dataset("ptbxl", "data/ptbxl_sample", sampling_rate=100)  # the PhysioNet folder, in memory
+    >>> sorted(ptbxl), ptbxl["validation"].num_rows
+    (['test', 'train', 'validation'], 81)
+    ```"""
+    if name == "ptbxl":
+        dataset = load_ptbxl(
+            path_or_repo_id,
+            split=split,
+            streaming=bool(streaming),
+            label_fraction=label_fraction,
+            label_set=label_set,
+            seed=seed,
+            sampling_rate=sampling_rate,
+            drop_unlabeled=drop_unlabeled,
+            rank=rank,
+            world_size=world_size,
+        )
+    elif name == "mimic_iv_ecg":
+        dataset = load_mimic_iv_ecg(
+            path_or_repo_id, split=split, streaming=True if streaming is None else streaming, rank=rank,
+            world_size=world_size,
+        )  # fmt: skip
+    elif name == "wfdb":
+        dataset = load_wfdb_dataset(
+            path_or_repo_id, split=split, split_column=split_column, split_fractions=split_fractions, seed=seed,
+            streaming=bool(streaming),
+        )  # fmt: skip
+        dataset = _split_by_node(dataset, rank, world_size)
+    else:
+        raise ValueError(f"dataset name must be one of {DATASET_NAMES}, got {name!r}")
+    if drop_empty_reports:
+        dataset = _map_splits(dataset, lambda part, _: _drop_empty_reports(part))
+    return dataset
 
 
 def load_ptbxl(
@@ -53,7 +129,8 @@ def load_ptbxl(
     """Load a converted PTB-XL dataset (all splits as a `DatasetDict`, or one `split`).
 
     Args:
-        path_or_repo_id: a local folder (converter output or `save_to_disk`) or a Hub dataset id.
+        path_or_repo_id: a local folder (converter output or `save_to_disk`), a Hub dataset id, or the PhysioNet
+            PTB-XL folder itself (built in memory with `build_ptbxl`).
         split: `"train"`, `"validation"`, `"test"` or `None` for all three.
         streaming: return an `IterableDataset(Dict)` that reads the Parquet shards as it goes.
         label_fraction: keep this fraction of the **train** split (validation and test stay whole), chosen by
@@ -72,7 +149,12 @@ def load_ptbxl(
         raise ValueError("label_fraction < 1 needs the whole train split to stratify; load with streaming=False")
     if split is not None and split not in PTBXL_SPLITS:
         raise ValueError(f"split must be one of {list(PTBXL_SPLITS)} or None, got {split!r}")
-    dataset = _load(path_or_repo_id, ptbxl_config_name(sampling_rate), split, streaming)
+    if is_physionet_ptbxl(path_or_repo_id):
+        dataset = build_ptbxl(path_or_repo_id, sampling_rate=sampling_rate)
+        dataset = dataset[split] if split is not None else dataset
+        dataset = _to_iterable(dataset) if streaming else dataset
+    else:
+        dataset = _load(path_or_repo_id, ptbxl_config_name(sampling_rate), split, streaming)
     if label_set is not None and drop_unlabeled:
         dataset = _map_splits(dataset, lambda part, _: _drop_unlabeled(part, label_set))
     if label_fraction < 1.0:
@@ -215,11 +297,11 @@ def _load(
         }
         if not data_files:
             raise FileNotFoundError(f"{data_dir}: no {split or '{split}'}-*.parquet shards")
-        dataset = load_dataset("parquet", data_files=data_files, streaming=streaming)
+        dataset = hf_load_dataset("parquet", data_files=data_files, streaming=streaming)
         return dataset[split] if split is not None else dataset
     if os.path.exists(path):
         raise NotADirectoryError(f"{path}: expected a dataset folder or a Hub dataset id")
-    return load_dataset(str(path_or_repo_id), name=config, split=split, streaming=streaming)
+    return hf_load_dataset(str(path_or_repo_id), name=config, split=split, streaming=streaming)
 
 
 def _check_finished(folder: Path) -> None:
@@ -282,4 +364,4 @@ def _split_by_node(dataset: AnyDataset, rank: int | None, world_size: int | None
     return _map_splits(dataset, lambda part, _: split_dataset_by_node(part, rank=rank, world_size=world_size))
 
 
-__all__ = ["label_fraction_subset", "load_mimic_iv_ecg", "load_ptbxl", "load_wfdb_dataset"]
+__all__ = ["DATASET_NAMES", "label_fraction_subset", "load_dataset", "load_mimic_iv_ecg", "load_ptbxl", "load_wfdb_dataset"]

@@ -132,6 +132,13 @@ class PtbxlRecordReader:
         }
 
 
+def is_physionet_ptbxl(path: str | os.PathLike) -> bool:
+    """Whether `path` is a PhysioNet PTB-XL folder itself (it holds `ptbxl_database.csv`), which is read in memory
+    with `build_ptbxl`, rather than a converted dataset (Parquet shards, a `save_to_disk` folder or a Hub id). The
+    one place this is decided: the loaders (`load_ptbxl`, `load_dataset`) and the quick-start ask it."""
+    return (Path(path) / DATABASE_FILE).is_file()
+
+
 def read_ptbxl_database(ptbxl_root: str | os.PathLike, ecg_ids: Iterable[int] | None = None) -> list[dict[str, Any]]:
     """The rows of `ptbxl_database.csv` (all, or those of `ecg_ids`), ordered by `ecg_id`."""
     path = Path(ptbxl_root) / DATABASE_FILE
@@ -267,6 +274,7 @@ __all__ = [
     "PtbxlRecordReader",
     "build_ptbxl",
     "convert_ptbxl",
+    "is_physionet_ptbxl",
     "ptbxl_config_name",
     "ptbxl_features",
     "read_ptbxl_database",

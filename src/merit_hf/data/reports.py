@@ -19,6 +19,20 @@ import math
 import re
 from collections.abc import Mapping
 
+
+def has_report(report: str | None) -> bool:
+    """Whether a row's `report` holds text: the one test of an empty report (`""`, whitespace, a missing value) that
+    every user of reports applies (`drop_empty_reports`, `MeritCollator`'s `empty_report`)."""
+    return bool(str(report or "").strip())
+
+
+def drop_empty_reports(dataset):
+    """`dataset` (a `Dataset` or `IterableDataset`) without the rows whose `report` is empty (`has_report`): the
+    ECG-report pairs of pretraining and report generation, where a record without a report has nothing to align
+    with or to generate."""
+    return dataset.filter(has_report, input_columns=["report"])
+
+
 MIMIC_REPORT_COLUMNS = tuple(f"report_{index}" for index in range(18))
 MIMIC_REPORT_SEPARATOR = ". "
 REPORT_LANGUAGES = ("de", "en", "sv", "und", "")
@@ -84,4 +98,12 @@ def join_mimic_report(row: Mapping[str, object]) -> str:
     return MIMIC_REPORT_SEPARATOR.join(statements)
 
 
-__all__ = ["MIMIC_REPORT_COLUMNS", "REPORT_LANGUAGES", "clean_report", "join_mimic_report", "report_language"]
+__all__ = [
+    "MIMIC_REPORT_COLUMNS",
+    "REPORT_LANGUAGES",
+    "clean_report",
+    "drop_empty_reports",
+    "has_report",
+    "join_mimic_report",
+    "report_language",
+]

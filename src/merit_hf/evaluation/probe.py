@@ -255,23 +255,23 @@ def ecg_model_inputs(
     crop: str | None = None,
     device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Run a batch of dataset rows (`signal`, `sampling_rate`, `lead_names`) through the feature extractor (its
-    batched torch path on `device` when given, its scipy path otherwise); returns its tensors: `ecg_values`, and
-    `lead_mask` / `record_index` / `ecg_attention_mask` when its settings give them."""
-    signals, rates, names = [], [], []
-    for offset, (signal, rate, leads) in enumerate(zip(rows["signal"], rows["sampling_rate"], rows["lead_names"])):
-        signal, leads = np.asarray(signal, dtype=np.float64), list(leads)
-        if transform is not None:
-            signal, rate, *new_leads = transform(signal, float(rate), leads, start + offset)
-            leads = list(new_leads[0]) if new_leads else leads
-        signals.append(signal)
-        rates.append(float(rate))
-        names.append(leads)
-    on_device = {"device": device} if device is not None else {}
-    features = feature_extractor(
-        signals, sampling_rate=rates, lead_names=names, crop=crop, return_tensors="pt", **on_device
-    )
-    return dict(features)
+    """Run a batch of dataset rows (`signal`, `sampling_rate`, `lead_names`), after `transform` when given, through
+    the one rows -> batch path (`merit_hf.data.MeritCollator.model_inputs`: the feature extractor's batched torch path
+    on `device` when given, its scipy path otherwise); returns its tensors: `ecg_values`, and `lead_mask` /
+    `record_index` / `ecg_attention_mask` when its settings give them."""
+    from ..data import MeritCollator
+
+    signals, rates, names = rows["signal"], rows["sampling_rate"], rows["lead_names"]
+    if transform is not None:
+        signals, rates, names = [], [], []
+        for offset, (signal, rate, leads) in enumerate(zip(rows["signal"], rows["sampling_rate"], rows["lead_names"])):
+            signal, rate, *new_leads = transform(np.asarray(signal, dtype=np.float64), float(rate), list(leads),
+                                                 start + offset)  # fmt: skip
+            signals.append(signal)
+            rates.append(rate)
+            names.append(new_leads[0] if new_leads else leads)
+    collator = MeritCollator(feature_extractor, feature_extraction_device=device)
+    return collator.model_inputs(signals, rates, names, crop=crop)
 
 
 def encoder_inputs(inputs: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -600,20 +600,18 @@ def run_linear_probe(
 # Data
 # ----------------------------------------------------------------------------------------------------------------------
 def load_dataset_dict(path: str | Path, sampling_rate: int = 100, arguments: ProbeArguments | None = None):
-    """PTB-XL as a `DatasetDict`: from a PhysioNet PTB-XL folder (read in memory with `merit_hf.data.build_ptbxl`;
-    fine for the bundled sample, slow for the full set), or from a converted dataset (`dataset_scripts/ptbxl`,
-    `save_to_disk` folder or Hub id, via `merit_hf.data.load_ptbxl`). With `arguments.dataset_name == "wfdb"`, a
-    converted WFDB folder split as `arguments` say (`merit_hf.data.load_wfdb_dataset`)."""
-    from ..data import build_ptbxl, load_ptbxl, load_wfdb_dataset
+    """PTB-XL as a `DatasetDict` (a converted dataset: `dataset_scripts/ptbxl`, `save_to_disk` folder or Hub id; or
+    the PhysioNet folder itself, read in memory: fine for the bundled sample, slow for the full set); with
+    `arguments.dataset_name == "wfdb"`, a converted WFDB folder split as `arguments` say. Through
+    `merit_hf.data.load_dataset`."""
+    from ..data import load_dataset
 
-    if arguments is not None and arguments.dataset_name == "wfdb":
-        return load_wfdb_dataset(
-            str(path), split_column=arguments.split_column, split_fractions=arguments.split_fractions,
-            seed=arguments.split_seed,
-        )  # fmt: skip
-    if (Path(path) / "ptbxl_database.csv").is_file():
-        return build_ptbxl(path, sampling_rate=sampling_rate)
-    return load_ptbxl(str(path), sampling_rate=sampling_rate)
+    if arguments is None:
+        return load_dataset("ptbxl", str(path), sampling_rate=sampling_rate)
+    return load_dataset(
+        arguments.dataset_name, str(path), sampling_rate=sampling_rate, split_column=arguments.split_column,
+        split_fractions=arguments.split_fractions, seed=arguments.split_seed,
+    )  # fmt: skip
 
 
 def run_name(task: str, label_set: str, label_fraction: float, seed: int) -> str:

@@ -1,12 +1,13 @@
-"""Strict reading of one 12-lead WFDB record for dataset conversion.
+"""Strict reading of one WFDB record for dataset conversion.
 
-`merit_hf.models.merit.feature_extraction_merit.read_wfdb_record` checks the file level (header present and parseable, signal file
-present, header and data agree). This module adds what a dataset row needs: the 12 standard leads (names matched
-case-insensitively, none missing, none repeated, nothing else), the expected sampling rate, a known unit converted to
-mV, finite values, and a plausible amplitude, neither hundreds of mV wide nor flat (the feature extractor's check,
-so that a record it would refuse is never written to a dataset). The row stores the signal as float32 `(num_samples, 12)` in the standard order
+The checks are the input contract's, run by its one implementation: `read_wfdb_record` (the file level: header
+present and parseable, signal file present, header and data agree) and `MeritFeatureExtractor.validate_signal` (units
+converted to mV, the leads matched case-insensitively with none missing, none repeated and nothing else, finite
+values, a plausible amplitude, neither hundreds of mV wide nor flat), so that a record the feature extractor would
+refuse is never written to a dataset. What this module adds is what a dataset promises beyond the contract: the
+sampling rate and length of its records, and the signal as float32 `(num_samples, num_leads)` in the standard order
 `I II III aVR aVL aVF V1-V6`, so that every row of every dataset has the same columns (MIMIC-IV-ECG writes aVF before
-aVL, PTB-XL writes `AVR`). Every error is an `EcgInputError` whose message starts with the record's path.
+aVL, PTB-XL writes `AVR`). Every error is an `EcgInputError` whose message starts with the record's header file.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from .merit.configuration_merit import STANDARD_LEAD_NAMES
 from .merit.feature_extraction_merit import (
     DEFAULT_MAX_AMPLITUDE_MV,
     DEFAULT_MIN_AMPLITUDE_MV,
-    UNIT_TO_MV,
     EcgInputError,
-    check_lead_amplitudes,
+    MeritFeatureExtractor,
     read_wfdb_record,
 )
 
@@ -60,30 +60,27 @@ def read_ecg_record(
         raise EcgInputError(
             f"{name}: sampling rate {read['sampling_rate']:g} Hz, expected {float(sampling_rate):g} Hz"
         )
-    signal = read["signal"]
-    if num_samples is not None and signal.shape[0] != num_samples:
-        raise EcgInputError(f"{name}: {signal.shape[0]} samples, expected {num_samples}")
-    if read["signal"].shape[0] == 0:
-        raise EcgInputError(f"{name}: the record holds no samples")
-    if lead_names is None:
-        lead_names = [lead.strip() for lead in read["lead_names"]]
-    columns = _lead_columns(read["lead_names"], lead_names, name)
-    factors = []
-    for lead, unit in zip(read["lead_names"], read["units"]):
-        key = str(unit).strip().lower()
-        if key not in UNIT_TO_MV:
-            raise EcgInputError(f"{name}: lead {lead} has unknown unit {unit!r}; expected mV, uV (µV) or V")
-        factors.append(UNIT_TO_MV[key])
-    signal = (signal * np.asarray(factors)[None, :])[:, columns]
-    finite = np.isfinite(signal)
-    if not finite.all():
-        bad = np.flatnonzero(~finite.all(axis=0))
-        details = ", ".join(f"{lead_names[i]} ({int((~finite[:, i]).sum())} samples)" for i in bad)
-        raise EcgInputError(f"{name}: NaN/inf values in lead {details}")
-    signal, flat_leads = check_lead_amplitudes(
-        signal, list(lead_names), name, max_amplitude_mv, min_amplitude_mv, flat_lead_policy, from_header=True
+    if num_samples is not None and read["signal"].shape[0] != num_samples:
+        raise EcgInputError(f"{name}: {read['signal'].shape[0]} samples, expected {num_samples}")
+    if lead_names is None:  # the record's own leads, once each (a repeated lead then raises when leads are matched)
+        own: dict[str, str] = {}
+        for lead in read["lead_names"]:
+            own.setdefault(lead.strip().lower(), lead.strip())
+        lead_names = list(own.values())
+    contract = MeritFeatureExtractor(
+        lead_names=lead_names,
+        max_amplitude_mv=max_amplitude_mv,
+        min_amplitude_mv=min_amplitude_mv,
+        flat_lead_policy="zero" if flat_lead_policy == "drop" else flat_lead_policy,  # dropped below, by column
     )
+    signal, _, flat_leads = contract.validate_signal(
+        read["signal"], read["lead_names"], read["units"], name, from_header=True
+    )
+    flat = {lead.strip().lower() for lead in flat_leads}
+    flat_leads = [lead for lead in lead_names if lead.lower() in flat]  # in the output's order and spelling
     kept = [lead for lead in lead_names if not (flat_lead_policy == "drop" and lead in flat_leads)]
+    if len(kept) < len(lead_names):
+        signal = signal[:, [column for column, lead in enumerate(lead_names) if lead in kept]]
     return {
         "signal": signal.astype(np.float32),
         "sampling_rate": int(read["sampling_rate"]) if read["sampling_rate"].is_integer() else read["sampling_rate"],
@@ -91,25 +88,6 @@ def read_ecg_record(
         "record": read["record"],
         "flat_leads": flat_leads,
     }
-
-
-def _lead_columns(found: list[str], wanted: tuple[str, ...] | list[str], name: str) -> list[int]:
-    """Column of each wanted lead in the file; raises if the file's lead set is not exactly `wanted`."""
-    position: dict[str, int] = {}
-    for column, lead in enumerate(found):
-        key = lead.strip().lower()
-        if key in position:
-            raise EcgInputError(f"{name}: lead {lead} appears twice (leads {found})")
-        position[key] = column
-    wanted_keys = [lead.lower() for lead in wanted]
-    missing = [lead for lead in wanted if lead.lower() not in position]
-    extra = [lead for lead in found if lead.strip().lower() not in wanted_keys]
-    if missing or extra:
-        raise EcgInputError(
-            f"{name}: wrong lead set {found}: missing {missing}, unexpected {extra}; expected the {len(wanted)} leads "
-            f"{list(wanted)} (case-insensitive)"
-        )
-    return [position[key] for key in wanted_keys]
 
 
 __all__ = ["EcgInputError", "read_ecg_record"]

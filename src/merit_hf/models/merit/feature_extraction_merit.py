@@ -53,7 +53,7 @@ WINDOWS = ("single", "sliding")
 # An ECG spans a few mV; a lead whose 99th percentile of |x - median| exceeds this is almost always a unit error.
 DEFAULT_MAX_AMPLITUDE_MV = 30.0
 # Below this a lead carries no ECG: not recorded (zeros, a constant), or mV data labelled µV (1000x too small). The
-# smallest lead of 1,987 real PTB-XL records spans 0.079 mV (measured; `_check_amplitude`'s statistic).
+# smallest lead of 1,987 real PTB-XL records spans 0.079 mV (measured; `leads_too_wide`'s statistic).
 DEFAULT_MIN_AMPLITUDE_MV = 0.02
 FLAT_LEAD_POLICIES = ("raise", "zero", "drop")
 
@@ -261,6 +261,25 @@ def _maybe_flat_columns(signal: np.ndarray, min_amplitude_mv: float) -> np.ndarr
     return np.flatnonzero(most_in_three >= int(np.floor(0.99 * (num_samples - 1))) + 1)
 
 
+def check_max_amplitude(
+    signal: np.ndarray, lead_names: list[str], record: str, max_amplitude_mv: float, from_header: bool = False
+) -> None:
+    """Raise if a lead of `signal` `(num_samples, num_leads)` in mV is wider than `max_amplitude_mv` (`leads_too_wide`):
+    almost always µV labelled mV. The hint names what to fix: the header's units or gain for a WFDB record
+    (`from_header`), the `units` argument for an array."""
+    too_wide, widest = leads_too_wide(signal, max_amplitude_mv)
+    if too_wide.size:
+        hint = (
+            "the header's units or ADC gain are probably wrong (µV stored as mV, or a gain of 1 instead of 1000)"
+            if from_header
+            else "the signal is probably in µV: pass units='uV'"
+        )
+        raise EcgInputError(
+            f"{record}: leads {[lead_names[i] for i in too_wide]} span up to {widest:.0f} mV after unit conversion, "
+            f"above the {max_amplitude_mv:g} mV an ECG can span: {hint}"
+        )
+
+
 def check_lead_amplitudes(
     signal: np.ndarray,
     lead_names: list[str],
@@ -288,17 +307,7 @@ def check_lead_amplitudes(
     """
     if flat_lead_policy not in FLAT_LEAD_POLICIES:
         raise ValueError(f"flat_lead_policy must be one of {FLAT_LEAD_POLICIES}, got {flat_lead_policy!r}")
-    too_wide, widest = leads_too_wide(signal, max_amplitude_mv)
-    if too_wide.size:
-        hint = (
-            "the header's units or ADC gain are probably wrong (µV stored as mV, or a gain of 1 instead of 1000)"
-            if from_header
-            else "the signal is probably in µV: pass units='uV'"
-        )
-        raise EcgInputError(
-            f"{record}: leads {[lead_names[i] for i in too_wide]} span up to {widest:.0f} mV after unit conversion, "
-            f"above the {max_amplitude_mv:g} mV an ECG can span: {hint}"
-        )
+    check_max_amplitude(signal, lead_names, record, max_amplitude_mv, from_header)
     checkable = np.flatnonzero(np.isfinite(signal).all(axis=0))  # a lead with NaN/inf is left to the NaN check
     candidates = checkable[_maybe_flat_columns(signal[:, checkable], min_amplitude_mv)]
     if not candidates.size:
@@ -583,7 +592,8 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
 
         from .feature_extraction_torch_merit import extract_batch
 
-        outputs = extract_batch(self, records, sampling_rate, lead_names, units, padding, crop, torch.device(device))
+        prepared = self._prepare_for_device(records, sampling_rate, lead_names, units, padding, crop)
+        outputs = extract_batch(self, prepared, torch.device(device))
         data = {"ecg_values": outputs["ecg_values"]}
         if with_mask:
             data["ecg_attention_mask"] = outputs["ecg_attention_mask"]
@@ -594,6 +604,48 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         if return_tensors != "pt":
             data = {key: value.cpu().numpy() for key, value in data.items()}
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _prepare_for_device(self, records, sampling_rate, lead_names, units, padding, crop) -> list[dict[str, Any]]:
+        """Every record through this class's own checks, in order, before the batched DSP (`extract_batch`) builds
+        any tensor: `validate_one`, the band-pass filter's minimum length (what `sosfiltfilt` raises on the scipy
+        path), and the windows, which are `_fit_window` / `_sliding_windows` applied to sample positions (so random
+        crops draw the same numbers as on the scipy path). One dict per record: `signal` (mV, model lead order),
+        `sampling_rate`, `up` / `down` (the resampling ratio), `present`, `windows` (each window's sample positions
+        after resampling) and `masks`."""
+        from .feature_extraction_torch_merit import filtfilt_padlen
+
+        sos = self._band_pass_sos()
+        padlen = filtfilt_padlen(sos) if sos is not None else 0
+        prepared = []
+        for index, record in enumerate(records):
+            rate = self._per_record(sampling_rate, index, len(records), "sampling_rate")
+            names = lead_names[index] if _is_list_of_lists(lead_names) else lead_names
+            signal, rate, name, present = self.validate_one(record, rate, names, units, index=index)
+            up, down = self._resample_ratio(rate, name)
+            length = len(signal)
+            pad = min(int(round(rate)), length - 1)
+            if sos is not None and -(-(length + 2 * pad) * up // down) <= padlen:  # what the scipy path raises
+                raise EcgInputError(
+                    f"{name}: {length} samples are too short for the band-pass filter (The length of the input "
+                    f"vector x must be greater than padlen, which is {padlen}.)"
+                )
+            positions = np.arange(-(-length * up // down))[:, None]
+            if self.window == "sliding":
+                record_windows = self._sliding_windows(positions, name, padding=padding)
+            else:
+                record_windows = [self._fit_window(positions, name, padding=padding, crop=crop)]
+            prepared.append(
+                {
+                    "signal": signal,
+                    "sampling_rate": rate,
+                    "up": up,
+                    "down": down,
+                    "present": present,
+                    "windows": [window[0].astype(np.int64) for window, _ in record_windows],
+                    "masks": [mask for _, mask in record_windows],
+                }
+            )
+        return prepared
 
     @staticmethod
     def _as_list(ecgs: Any) -> list:
@@ -676,15 +728,35 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             raise EcgInputError(
                 f"{name}: lead_names is required (the name of each column), e.g. {list(self.lead_names)}"
             )
-        signal = self._check_shape(signal, lead_names, name)
-        signal = self._to_millivolt(signal, units, name)
-        signal, lead_names = self._check_flat_leads(
-            signal, list(lead_names), name, isinstance(record, (str, os.PathLike))
+        signal, present, _ = self.validate_signal(
+            signal, lead_names, units, name, from_header=isinstance(record, (str, os.PathLike))
         )
+        return signal, float(sampling_rate), name, present
+
+    def validate_signal(
+        self,
+        signal: np.ndarray,
+        lead_names: list[str],
+        units: str | list[str] | None,
+        name: str,
+        from_header: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Steps 2-4 of the contract on a signal already read: shape, units to mV, flat leads, lead matching and
+        order, NaN/inf and amplitude. Returns `(signal (num_samples, num_leads) in mV in the model's lead order
+        (missing leads zero), present (num_leads,) bool, flat leads)`. The one implementation of these checks: the
+        feature extractor's two paths and the dataset reader (`merit_hf.models.wfdb_io.read_ecg_record`) call it.
+
+        Args:
+            name: what every error starts with (a path, a header file, `record 3`).
+            from_header: the units came from a WFDB header (the hints then name its units and ADC gain).
+        """
+        signal = self._check_shape(signal, lead_names, name)
+        signal = self._to_millivolt(signal, units, name, lead_names)
+        signal, lead_names, flat_leads = self._check_flat_leads(signal, list(lead_names), name, from_header)
         signal, present = self._select_leads(signal, list(lead_names), name)
         signal = self._handle_non_finite(signal, name)
-        self._check_amplitude(signal, name)
-        return signal, float(sampling_rate), name, present
+        check_max_amplitude(signal, self.lead_names, name, self.max_amplitude_mv, from_header)
+        return signal, present, flat_leads
 
     # ------------------------------------------------------------------------------------------------------------------
     def _check_shape(self, signal: np.ndarray, lead_names: list[str], name: str) -> np.ndarray:
@@ -746,15 +818,16 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
 
     def _check_flat_leads(
         self, signal: np.ndarray, lead_names: list[str], name: str, from_header: bool
-    ) -> tuple[np.ndarray, list[str]]:
+    ) -> tuple[np.ndarray, list[str], list[str]]:
         """`check_lead_amplitudes`' lower bound on the record's own columns (mV) of the model's leads, before leads
         are matched: a flat lead raises, or is zeroed, or is dropped (`flat_lead_policy`), and a dropped lead then
         goes through lead matching as one the record does not have. Leads the model does not use are lead matching's
-        (`drop_extra_leads`), leads with NaN/inf `nan_policy`'s; the upper bound stays in `_check_amplitude`."""
+        (`drop_extra_leads`), leads with NaN/inf `nan_policy`'s; the upper bound is `check_max_amplitude`'s, after
+        leads are matched. Returns `(signal, lead_names, flat leads)`."""
         wanted = {lead.lower() for lead in self.lead_names}
         used = [column for column, lead in enumerate(lead_names) if str(lead).strip().lower() in wanted]
         if not used:
-            return signal, lead_names
+            return signal, lead_names, []
         drop = self.flat_lead_policy == "drop"
         if drop and getattr(self, "missing_leads", "raise") == "raise" and not self.derive_limb_leads:
             policy = "raise"  # nothing could stand in for a dropped lead: say so rather than "missing lead"
@@ -778,24 +851,27 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
                 "input) or, for limb leads, derive_limb_leads=True"
             ) from error
         if not flat:
-            return signal, lead_names
+            return signal, lead_names, []
         if drop:
             kept = [column for column, lead in enumerate(lead_names) if lead not in flat]
-            return signal[:, kept], [lead_names[column] for column in kept]
+            return signal[:, kept], [lead_names[column] for column in kept], flat
         signal = signal.copy()
         signal[:, used] = checked
-        return signal, lead_names
+        return signal, lead_names, flat
 
-    def _to_millivolt(self, signal: np.ndarray, units: str | list[str] | None, name: str) -> np.ndarray:
+    def _to_millivolt(
+        self, signal: np.ndarray, units: str | list[str] | None, name: str, lead_names: list[str]
+    ) -> np.ndarray:
         units = "mV" if units is None else units
         per_lead = [units] * signal.shape[1] if isinstance(units, str) else list(units)
         if len(per_lead) != signal.shape[1]:
             raise EcgInputError(f"{name}: {len(per_lead)} units given for {signal.shape[1]} leads")
         factors = []
-        for unit in per_lead:
+        for lead, unit in zip(lead_names, per_lead):
             key = str(unit).strip().lower()
             if key not in UNIT_TO_MV:
-                raise EcgInputError(f"{name}: unknown unit {unit!r}; expected one of mV, uV (µV), V")
+                which = "" if isinstance(units, str) else f"lead {lead} has "
+                raise EcgInputError(f"{name}: {which}unknown unit {unit!r}; expected one of mV, uV (µV), V")
             factors.append(UNIT_TO_MV[key])
         if all(factor == 1.0 for factor in factors):
             return signal  # already mV: no copy
@@ -820,15 +896,6 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             good = ~bad[:, column]
             signal[:, column] = np.interp(time, time[good], signal[good, column])
         return signal
-
-    def _check_amplitude(self, signal: np.ndarray, name: str) -> None:
-        too_wide, spread = leads_too_wide(signal, self.max_amplitude_mv)
-        if too_wide.size:
-            leads = [self.lead_names[i] for i in too_wide]
-            raise EcgInputError(
-                f"{name}: leads {leads} span {spread:.0f} mV after unit conversion (an ECG spans a "
-                f"few mV); the signal is probably in µV: pass units='uV'"
-            )
 
     def _resample_and_filter(self, signal: np.ndarray, sampling_rate: float, name: str) -> np.ndarray:
         """Resample to `self.sampling_rate` and band-pass, with neither touching the record's edges: each lead is
@@ -998,4 +1065,11 @@ def _derive_limb_leads(columns: dict[str, np.ndarray], name: str) -> dict[str, n
     return {**derived, **columns}
 
 
-__all__ = ["EcgInputError", "MeritFeatureExtractor", "check_lead_amplitudes", "read_wfdb_header", "read_wfdb_record"]
+__all__ = [
+    "EcgInputError",
+    "MeritFeatureExtractor",
+    "check_lead_amplitudes",
+    "check_max_amplitude",
+    "read_wfdb_header",
+    "read_wfdb_record",
+]

@@ -25,16 +25,11 @@ two threads fighting for two busy cores made this path 14x slower than scipy, on
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from scipy import signal as sp_signal
-
-from .feature_extraction_merit import EcgInputError, _is_list_of_lists
-
-if TYPE_CHECKING:
-    from .feature_extraction_merit import MeritFeatureExtractor
 
 # On the CPU a batch goes through the DSP this many records at a time, so that its intermediates (about 0.3 MB a
 # record) stay in cache: 1.3-1.7x faster than the whole batch of 64 at once, single-threaded on the 2-core machine.
@@ -301,63 +296,40 @@ def normalize(
 
 
 def extract_batch(
-    feature_extractor: MeritFeatureExtractor,
-    records: list,
-    sampling_rate: Any,
-    lead_names: Any,
-    units: Any,
-    padding: bool,
-    crop: str,
-    device: torch.device,
+    feature_extractor: Any, prepared: list[dict[str, Any]], device: torch.device
 ) -> dict[str, torch.Tensor]:
     """What `MeritFeatureExtractor.__call__` returns for what it was given, as tensors on `device`: `ecg_values`
     `(num_windows, num_leads, num_samples)` float32, `ecg_attention_mask` `(num_windows, num_samples)` int64,
     `lead_mask` `(num_windows, num_leads)` bool and `record_index` `(num_windows,)` int64 (one window per record
-    unless `window="sliding"`). Every record is validated first, in order, by the feature extractor's own code (so
-    the first bad record raises the same error as on the scipy path, and random crops draw the same numbers); the
-    windows are the feature extractor's own `_fit_window` / `_sliding_windows` applied to sample positions; the DSP
-    then runs once per group of records with one rate and length."""
+    unless `window="sliding"`). `prepared` is one entry per record from the feature extractor's
+    `_prepare_for_device`, which validated it, in order, with its own code (so the first bad record raises the same
+    error as on the scipy path, and random crops draw the same numbers) and placed its windows (`windows`: the sample
+    positions of each, `masks`); the DSP runs here once per group of records with one
+    rate and length. `feature_extractor` is the `MeritFeatureExtractor` (its filter, leads, window length and
+    normalisation are read; it is not imported here, so that this module depends on nothing of the package)."""
     fe = feature_extractor
     sos = fe._band_pass_sos()
-    padlen = filtfilt_padlen(sos) if sos is not None else 0
     groups: dict[tuple[int, int, int], list[int]] = {}
     rates: dict[tuple[int, int, int], float] = {}
     signals, windows, masks, presents, rows = [], [], [], [], []
     num_windows = 0
-    for index, record in enumerate(records):
-        rate = fe._per_record(sampling_rate, index, len(records), "sampling_rate")
-        names = lead_names[index] if _is_list_of_lists(lead_names) else lead_names
-        signal, rate, name, present = fe.validate_one(record, rate, names, units, index=index)
-        up, down = fe._resample_ratio(rate, name)
-        length = len(signal)
-        pad = min(int(round(rate)), length - 1)
-        resampled_length = -(-(length + 2 * pad) * up // down)
-        if sos is not None and resampled_length <= padlen:  # what the scipy path's sosfiltfilt raises
-            raise EcgInputError(
-                f"{name}: {length} samples are too short for the band-pass filter (The length of the input vector x "
-                f"must be greater than padlen, which is {padlen}.)"
-            )
-        positions = np.arange(-(-length * up // down))[:, None]
-        if fe.window == "sliding":  # the same windows as the scipy path's
-            record_windows = fe._sliding_windows(positions, name, padding=padding)
-        else:  # the same crop as scipy's
-            record_windows = [fe._fit_window(positions, name, padding=padding, crop=crop)]
-        for window, mask in record_windows:
-            windows.append(window[0].astype(np.int64))
-            masks.append(mask)
-        rows.append(np.arange(num_windows, num_windows + len(record_windows)))
-        num_windows += len(record_windows)
+    for index, record in enumerate(prepared):
+        signal, rate, up, down = record["signal"], record["sampling_rate"], record["up"], record["down"]
+        windows.extend(record["windows"])
+        masks.extend(record["masks"])
+        rows.append(np.arange(num_windows, num_windows + len(record["windows"])))
+        num_windows += len(record["windows"])
         signals.append(signal)
-        presents.append(present)
-        groups.setdefault((up, down, length), []).append(index)
-        rates[(up, down, length)] = rate
+        presents.append(record["present"])
+        groups.setdefault((up, down, len(signal)), []).append(index)
+        rates[(up, down, len(signal))] = rate
     window_index = torch.as_tensor(np.stack(windows), device=device)
     mask = torch.as_tensor(np.stack(masks), device=device)
-    record_index = np.repeat(np.arange(len(records)), [len(record_rows) for record_rows in rows])
+    record_index = np.repeat(np.arange(len(prepared)), [len(record_rows) for record_rows in rows])
     present = torch.as_tensor(np.stack(presents), device=device)
     num_leads = len(fe.lead_names)
     values = torch.empty((num_windows, num_leads, fe.num_samples), dtype=torch.float32, device=device)
-    chunk = CPU_RECORDS_PER_CHUNK if device.type == "cpu" else len(records)
+    chunk = CPU_RECORDS_PER_CHUNK if device.type == "cpu" else len(prepared)
     for (up, down, length), group in groups.items():
         for start in range(0, len(group), chunk):
             members = group[start : start + chunk]

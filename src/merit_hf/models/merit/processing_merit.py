@@ -88,7 +88,8 @@ class MeritProcessor(ProcessorMixin):
                 `generate()`, with `ecg_seq_length` and no `reports`, are never truncated).
             reports: target reports for report generation, one per prompt in `text` (`text` defaults to
                 `format_prompt()` once per ECG); adds `labels`. Needs `ecg_seq_length`.
-            kwargs: other feature-extractor arguments (`padding` of the window is `ecg_padding`, `crop`).
+            kwargs: other feature-extractor arguments (`padding` of the window is `ecg_padding`, `crop`, `device`:
+                its batched torch path).
         """
         if ecgs is None and text is None:
             raise ValueError("MeritProcessor needs ecgs, text, or both")
@@ -97,7 +98,11 @@ class MeritProcessor(ProcessorMixin):
         data: dict[str, Any] = {}
         num_ecgs = None
         if ecgs is not None:
-            fe_kwargs = {"crop": kwargs.pop("crop", None), "padding": kwargs.pop("ecg_padding", None)}
+            fe_kwargs = {
+                "crop": kwargs.pop("crop", None),
+                "padding": kwargs.pop("ecg_padding", None),
+                "device": kwargs.pop("device", None),
+            }
             ecg_features = self.feature_extractor(
                 ecgs,
                 sampling_rate=sampling_rate,

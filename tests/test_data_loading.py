@@ -1,0 +1,104 @@
+"""`merit_hf.data.load_dataset(name, path)`: the one loader of the probe, the embedding CLI, the quick-start and
+pretraining; PTB-XL from its PhysioNet folder or converted, MIMIC-IV-ECG streamed by default, empty reports dropped
+on request."""
+
+import shutil
+
+import pandas as pd
+import pytest
+from datasets import Dataset, IterableDataset, IterableDatasetDict
+
+from merit_hf.data import (
+    build_ptbxl,
+    convert_mimic_iv_ecg,
+    drop_empty_reports,
+    has_report,
+    is_physionet_ptbxl,
+    load_dataset,
+)
+from tests.conftest import BUNDLED_PTBXL
+from tests.test_data_mimic import mimic_root  # noqa: F401 (fixture)
+
+ECG_IDS = (440, 441, 442, 443, 444, 445)  # 443's report is a single space
+
+
+@pytest.fixture(scope="module")
+def small_ptbxl(tmp_path_factory):
+    """A PhysioNet PTB-XL folder of six real records (100 Hz), in the exact PhysioNet layout."""
+    root = tmp_path_factory.mktemp("ptbxl")
+    shutil.copy(BUNDLED_PTBXL / "scp_statements.csv", root)
+    table = pd.read_csv(BUNDLED_PTBXL / "ptbxl_database.csv")
+    table[table.ecg_id.isin(ECG_IDS)].to_csv(root / "ptbxl_database.csv", index=False)
+    (root / "records100" / "00000").mkdir(parents=True)
+    for ecg_id in ECG_IDS:
+        for suffix in (".hea", ".dat"):
+            name = f"records100/00000/{ecg_id:05d}_lr{suffix}"
+            shutil.copy(BUNDLED_PTBXL / name, root / name)
+    return root
+
+
+def ecg_ids(dataset):
+    return [int(row["ecg_id"]) for row in dataset]
+
+
+def test_the_physionet_folder_is_told_apart_from_a_converted_one(small_ptbxl, tmp_path):
+    assert is_physionet_ptbxl(small_ptbxl) and is_physionet_ptbxl(str(small_ptbxl))
+    build_ptbxl(small_ptbxl).save_to_disk(str(tmp_path / "saved"))
+    assert not is_physionet_ptbxl(tmp_path / "saved")
+    assert not is_physionet_ptbxl("org/ptb-xl")  # a Hub id
+
+
+def test_ptbxl_from_the_physionet_folder_and_converted_are_the_same_rows(small_ptbxl, tmp_path):
+    built = build_ptbxl(small_ptbxl)
+    built.save_to_disk(str(tmp_path / "saved"))
+    for source in (small_ptbxl, tmp_path / "saved"):
+        loaded = load_dataset("ptbxl", source)
+        assert sorted(loaded) == sorted(built)
+        for split in built:
+            assert loaded[split]["ecg_id"][:] == built[split]["ecg_id"][:]
+            assert loaded[split]["report"][:] == built[split]["report"][:]
+    everything = [ecg_id for split in built.values() for ecg_id in split["ecg_id"][:]]
+    assert sorted(everything) == list(ECG_IDS)
+
+
+def test_one_split_streamed_and_cut_by_node(small_ptbxl):
+    split = next(name for name, part in build_ptbxl(small_ptbxl).items() if part.num_rows >= 2)
+    whole = load_dataset("ptbxl", small_ptbxl, split=split)
+    assert isinstance(whole, Dataset)
+    streamed = load_dataset("ptbxl", small_ptbxl, split=split, streaming=True)
+    assert isinstance(streamed, IterableDataset) and ecg_ids(streamed) == whole["ecg_id"][:]
+    parts = [ecg_ids(load_dataset("ptbxl", small_ptbxl, split=split, rank=rank, world_size=2)) for rank in (0, 1)]
+    assert sorted(parts[0] + parts[1]) == sorted(whole["ecg_id"][:]) and parts[0] and parts[1]
+
+
+def test_empty_reports_are_dropped_on_request_only(small_ptbxl):
+    kept = load_dataset("ptbxl", small_ptbxl)
+    assert 443 in [ecg_id for part in kept.values() for ecg_id in part["ecg_id"][:]]
+    paired = load_dataset("ptbxl", small_ptbxl, drop_empty_reports=True)
+    remaining = [ecg_id for part in paired.values() for ecg_id in part["ecg_id"][:]]
+    assert sorted(remaining) == [440, 441, 442, 444, 445]
+    assert all(report.strip() for part in paired.values() for report in part["report"][:])
+
+
+def test_has_report_is_the_one_test_of_an_empty_report():
+    assert [has_report(text) for text in ("sinus rhythm", "", " ", "\n\t", None)] == [True, False, False, False, False]
+    rows = Dataset.from_dict({"ecg_id": [1, 2, 3], "report": ["a", " ", ""]})
+    assert drop_empty_reports(rows)["ecg_id"] == [1]
+    assert [row["ecg_id"] for row in drop_empty_reports(rows.to_iterable_dataset())] == [1]
+
+
+def test_mimic_streams_by_default(mimic_root, tmp_path):  # noqa: F811
+    convert_mimic_iv_ecg(mimic_root, tmp_path / "out", records_per_shard=4)
+    streamed = load_dataset("mimic_iv_ecg", tmp_path / "out")
+    assert isinstance(streamed, IterableDatasetDict) and list(streamed) == ["train"]
+    assert len(ecg_ids(streamed["train"])) == 6
+    # study 6 has no machine_measurements row: an empty report
+    paired = load_dataset("mimic_iv_ecg", tmp_path / "out", split="train", streaming=False, drop_empty_reports=True)
+    assert isinstance(paired, Dataset) and paired.num_rows == 5
+
+
+def test_an_unknown_name_is_refused(small_ptbxl):
+    with pytest.raises(
+        ValueError, match=r"dataset name must be one of \('ptbxl', 'mimic_iv_ecg', 'wfdb'\), got 'ptb'"
+    ):
+        load_dataset("ptb", small_ptbxl)
