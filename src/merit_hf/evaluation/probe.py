@@ -60,7 +60,7 @@ from ..models.fingerprint import model_fingerprint
 from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
 from ..models.merit.modeling_merit import MeritEcgModel, pool_window_embeddings
 from .metrics import best_f1_thresholds, classification_metrics, macro_auroc
-from .results import build_results, encoder_identity, write_results
+from .results import EvaluationResults, build_results, encoder_identity, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -522,7 +522,7 @@ def run_linear_probe(
     arguments: ProbeArguments | None = None,
     features: dict[str, dict[str, np.ndarray]] | None = None,
     output_file: str | Path | None = None,
-) -> dict[str, Any]:
+) -> EvaluationResults:
     """Linear probe of a MERIT encoder (and of its random-init twin) on one label set and label fraction.
 
     Args:
@@ -538,8 +538,8 @@ def run_linear_probe(
         output_file: write the results JSON there.
 
     Returns:
-        The results dict (`merit_hf.evaluation.results` schema): `results["model"]["metrics"]["macro_auroc"]["value"]`
-        and the same under `results["baseline"]`.
+        The run's `EvaluationResults` (`merit_hf.evaluation.results`): `results.model.metrics["macro_auroc"].value`
+        and the same under `results.baseline`.
     """
     arguments = arguments or ProbeArguments()
     encoder, model_name = load_encoder(model_or_path)
