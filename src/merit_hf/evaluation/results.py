@@ -325,7 +325,7 @@ def build_results(
 
 def encoder_identity(role: str, model_name: str, seed: int) -> dict[str, str]:
     """`name_or_path` and `init` of a results entry: the evaluated model (`role="model"`), or its random-init twin
-    drawn with `seed` (`role="baseline"`, `merit_hf.training.probe.random_init_like`)."""
+    drawn with `seed` (`role="baseline"`, `merit_hf.evaluation.probe.random_init_like`)."""
     if role == "model":
         return {"name_or_path": model_name, "init": "pretrained"}
     return {"name_or_path": "random-init", "init": f"random (seed {seed}, same config)"}

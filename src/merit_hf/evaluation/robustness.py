@@ -1,6 +1,6 @@
 """Robustness of a trained linear probe under named distribution shifts, for a model and its random-init twin.
 
-The probe (`merit_hf.training.probe`) is trained once on clean training features (records with a label of the set,
+The probe (`merit_hf.evaluation.probe`) is trained once on clean training features (records with a label of the set,
 as in the probe protocol); its F1 thresholds are chosen on the clean validation split. Then the **test** split is evaluated under each shift:
 
 | kind | shift | what changes |
