@@ -39,7 +39,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from merit_hf import MeritConfig, MeritEcgConfig, MeritFeatureExtractor, MeritForPreTraining
 from merit_hf.data import build_ptbxl
 from merit_hf.evaluation.metrics import bootstrap_ci, macro_auroc
-from merit_hf.evaluation.zero_shot import class_prompts, load_class_descriptions
+from merit_hf.models.merit.pipeline_merit import class_prompts, load_class_descriptions
 from merit_hf.training.pretrain import ReconstructionWeightBalancer, loss_term_gradient_norms, parameter_groups
 from merit_hf.training.probe import fit_linear_probe, label_matrix, label_names, probe_rows
 

@@ -44,8 +44,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from merit_hf import zero_shot_classify  # noqa: E402
-from merit_hf.evaluation.zero_shot import encode_ecgs, load_class_descriptions  # noqa: E402
 from merit_hf.models.merit.feature_extraction_merit import EcgInputError, read_wfdb_header, read_wfdb_record  # noqa: E402
+from merit_hf.models.merit.pipeline_merit import encode_ecgs, load_class_descriptions  # noqa: E402
 
 APP_DIR = Path(__file__).resolve().parent
 EXAMPLES_DIR = APP_DIR / "examples"

@@ -11,23 +11,29 @@ from huggingface_hub import DatasetCard, ModelCard
 
 from merit_hf import MeritFeatureExtractor
 from merit_hf.evaluation import build_results, classification_metrics, write_results
+from merit_hf.evaluation.results import EvaluationResults, read_results
 from merit_hf.hub.cards import (
     CardError,
-    collect_results,
+    card_rows,
     dataset_card_problems,
     dataset_config_problems,
+    load_results,
     main,
     model_card_problems,
-    pair_with_baselines,
     render_model_card,
     write_dataset_card,
 )
 from tests.conftest import REPO_ROOT
 
 LABELS = ["CD", "HYP", "MI", "NORM", "STTC"]
+SHIPPED_RESULTS = REPO_ROOT / "benchmarks" / "results" / "evaluation" / "quickstart"
+# the runs model_cards/examples/merit-ecg-quickstart.md was rendered from (model_cards/README.md)
+EXAMPLE_CARD_RUNS = ("linear-probe_superclass_1_seed0", "zero-shot_superclass_seed0", "linear-probe_rhythm_1_seed0")
 
 
-def results_from_our_metrics(label_fraction: float = 0.1, task: str = "linear-probe", seed: int = 0) -> dict:
+def results_from_our_metrics(
+    label_fraction: float = 0.1, task: str = "linear-probe", seed: int = 0
+) -> EvaluationResults:
     """A results JSON as `merit_hf.evaluation` writes it; the numbers come from its metric code on fixed scores."""
     rng = np.random.default_rng(seed)
     y_true = (rng.random((60, len(LABELS))) < 0.3).astype(int)
@@ -107,27 +113,28 @@ def test_model_card_values_come_from_the_results_json(results_file, encoder_fold
 
 def test_several_runs_pair_each_number_with_its_baseline():
     runs = [results_from_our_metrics(fraction) for fraction in (0.01, 1.0)]
-    pairs = pair_with_baselines(collect_results(runs))
-    assert [entry.field("label_fraction") for entry, _ in pairs] == ["0.01", "1"]
-    for (entry, baseline), run in zip(pairs, runs, strict=True):
-        assert baseline is not None and baseline.is_baseline
-        assert baseline.metrics["macro_auroc"]["value"] == run["baseline"]["metrics"]["macro_auroc"]["value"]
-        assert entry.metrics["macro_auroc"]["value"] == run["model"]["metrics"]["macro_auroc"]["value"]
+    rows = card_rows(load_results([runs[0], runs[1].to_dict()]))  # a run as an object or as its JSON layout
+    assert [row.field("label_fraction") for row in rows] == ["0.01", "1"]
+    for row, run in zip(rows, runs, strict=True):
+        assert row.baseline is not None and row.baseline.name_or_path == "random-init"
+        assert row.baseline.metrics["macro_auroc"].value == run.baseline.metrics["macro_auroc"].value
+        assert row.model.metrics["macro_auroc"].value == run.model.metrics["macro_auroc"].value
+        assert row.model.metrics["macro_auroc"].value != row.baseline.metrics["macro_auroc"].value
 
 
 def test_each_seed_is_paired_with_its_own_baseline(encoder_folder, tmp_path):
     runs = [results_from_our_metrics(1.0, seed=seed) for seed in (0, 1)]
-    pairs = pair_with_baselines(collect_results(runs))
-    assert [entry.field("seed") for entry, _ in pairs] == ["0", "1"]
-    for (entry, baseline), run in zip(pairs, runs, strict=True):
-        assert baseline.metrics["macro_auroc"]["value"] == run["baseline"]["metrics"]["macro_auroc"]["value"]
+    rows = card_rows(runs)
+    assert [row.field("seed") for row in rows] == ["0", "1"]
+    for row, run in zip(rows, runs, strict=True):
+        assert row.baseline.metrics["macro_auroc"].value == run.baseline.metrics["macro_auroc"].value
     files = [write_results(run, tmp_path / f"seed{index}.json") for index, run in enumerate(runs)]
     card = render_model_card(files, "org/merit-ecg", model_folder=encoder_folder)
     names = [metric.metric_name for metric in card.data.eval_results]
     assert len(names) == len(set(names)), "two seeds gave the same model-index metric name"
     rows = [line for line in str(card).splitlines() if line.startswith("| ") and "| macro_auroc |" in line]
     assert len(rows) == 2 and "seed=0" in rows[0] and "seed=1" in rows[1]
-    assert f"{runs[1]['baseline']['metrics']['macro_auroc']['value']:.3f}" in rows[1]
+    assert f"{runs[1].baseline.metrics['macro_auroc'].value:.3f}" in rows[1]
 
 
 def test_report_model_card_needs_and_names_its_base_model(results_file, tmp_path):
@@ -143,13 +150,59 @@ def test_report_model_card_needs_and_names_its_base_model(results_file, tmp_path
 
 
 def test_results_without_a_trained_model_are_refused(tmp_path):
-    results = results_from_our_metrics()
-    with pytest.raises(CardError, match="only baseline entries"):
-        render_model_card({"baseline": results["baseline"]}, "org/x")
-    with pytest.raises(CardError, match="no result entry"):
-        render_model_card({"task": "linear-probe"}, "org/x")
+    results = results_from_our_metrics().to_dict()
+    with pytest.raises(CardError, match="the results file has no model"):
+        render_model_card({**results, "model": None}, "org/x")
+    with pytest.raises(CardError, match=r"not a merit_hf.results/v1 results file \(schema None\)"):
+        render_model_card({"task": "linear-probe", "baseline": results["baseline"]}, "org/x")
+    (tmp_path / "entry.json").write_text(json.dumps({**results, "model": {"name_or_path": "org/x"}}))
+    with pytest.raises(CardError, match=r"entry.json: malformed .*'metrics' mapping"):
+        render_model_card(tmp_path / "entry.json", "org/x")
     with pytest.raises(CardError, match="results JSON not found"):
         render_model_card(tmp_path / "missing.json", "org/x")
+
+
+def _section(text: str, start: str, end: str) -> str:
+    return text[text.index(start) : text.index(end)]
+
+
+def test_the_shipped_results_files_still_render_the_shipped_example_card():
+    """The results files written before `EvaluationResults` existed give, number for number, the card that
+    model_cards/examples holds (its model-index and its evaluation section; the rest comes from the model folder)."""
+    example = ModelCard.load(REPO_ROOT / "model_cards" / "examples" / "merit-ecg-quickstart.md")
+    files = [SHIPPED_RESULTS / f"{name}.json" for name in EXAMPLE_CARD_RUNS]
+    card = render_model_card(files, "org/merit-ecg-quickstart", datasets=["org/ptbxl-merit"])
+    assert card.data.to_dict()["model-index"] == example.data.to_dict()["model-index"]
+    assert _section(card.text, "## Evaluation", "## Training") == _section(
+        example.text, "## Evaluation", "## Training"
+    )
+    assert (
+        "| task=linear-probe, label_set=superclass, label_fraction=1, seed=0 | macro_auroc | 0.831 [0.759, 0.897] | "
+        "0.725 [0.616, 0.819] | 64 |" in card.text
+    )
+
+
+def test_a_robustness_run_gives_each_shift_its_own_model_and_baseline_rows():
+    """Shifts are read from the run's `shifts`, not guessed from names: `baseline_wander_0db` is a shift of the model
+    (the name-matching reader of 0.1 took it for a baseline and left its row out)."""
+    path = SHIPPED_RESULTS / "robustness_superclass_seed0.json"
+    raw = json.loads(path.read_text())
+    rows = {row.field("shift"): row for row in card_rows(load_results(path))}
+    assert list(rows) == [None, *raw["shifts"]]
+    wander = rows["baseline_wander_0db"]
+    assert (
+        wander.model.metrics["macro_auroc"].value
+        == raw["shifts"]["baseline_wander_0db"]["model"]["metrics"]["macro_auroc"]["value"]
+    )
+    assert (
+        wander.baseline.metrics["macro_auroc"].value
+        == raw["shifts"]["baseline_wander_0db"]["baseline"]["metrics"]["macro_auroc"]["value"]
+    )
+    assert (
+        wander.setting_text() == "task=robustness, label_set=superclass, label_fraction=1, seed=0, "
+        "shift=baseline_wander_0db"
+    )
+    assert rows[None].model == read_results(path).model
 
 
 def test_cards_cli_renders_and_checks(results_file, encoder_folder, tmp_path, capsys):

@@ -27,6 +27,22 @@ def encoder():
     return MeritEcgModel(tiny_ecg_config()).eval()
 
 
+def test_the_model_fingerprint_changes_with_any_weight_and_only_with_the_weights(encoder):
+    import copy
+
+    from merit_hf.models.fingerprint import model_fingerprint
+
+    fingerprint = model_fingerprint(encoder)
+    assert len(fingerprint) == 16 and model_fingerprint(copy.deepcopy(encoder)) == fingerprint
+    changed = copy.deepcopy(encoder)
+    with torch.no_grad():
+        next(changed.parameters()).view(-1)[0] += 1e-3
+    assert model_fingerprint(changed) != fingerprint
+    other_config = MeritEcgModel(tiny_ecg_config(mask_ratio=0.5))  # same tensors' shapes, another config
+    other_config.load_state_dict(encoder.state_dict())
+    assert model_fingerprint(other_config) != fingerprint
+
+
 def test_map_style_and_streamed_give_the_probe_features(splits, encoder):
     feature_extractor = MeritFeatureExtractor.from_model_config(encoder.config)
     split = splits["train"]
@@ -99,11 +115,11 @@ def test_bad_settings_are_named(splits, encoder):
 
 
 def test_an_empty_stream_is_named_not_written(splits, encoder, tmp_path):
-    from merit_hf.embedding import write_parquet
+    from merit_hf.embedding import write_embeddings_parquet
 
     empty = embed_dataset(splits["test"].to_iterable_dataset().filter(lambda row: False), encoder, device="cpu")
     with pytest.raises(ValueError, match=r"empty\.parquet: the streamed split yielded no records"):
-        write_parquet(empty, tmp_path / "empty.parquet")
+        write_embeddings_parquet(empty, tmp_path / "empty.parquet")
     assert not list(tmp_path.iterdir())
 
 
@@ -281,18 +297,21 @@ def _stream(num_rows: int, fail_at: int | None, seen: list):
 def test_a_stopped_streamed_write_resumes_after_its_last_part(tmp_path):
     import pyarrow.parquet as pq
 
-    from merit_hf.embedding import write_parquet
+    from merit_hf.embedding import write_embeddings_parquet
 
     path, seen = tmp_path / "train.parquet", []
     with pytest.raises(RuntimeError, match="the job stopped"):
-        write_parquet(_stream(50, 37, seen), path, batch_size=5, resume_key="a", checkpoint_every=10)
+        write_embeddings_parquet(_stream(50, 37, seen), path, batch_size=5, resume_key="a", checkpoint_every=10)
     assert not path.exists()
     progress = json.loads((tmp_path / "train.parquet.partial" / "progress.json").read_text())
     assert progress["rows"] == 30 and progress["parts"] == 3
     with pytest.raises(ValueError, match=r"train\.parquet\.partial: an unfinished write of other embeddings"):
-        write_parquet(_stream(50, None, []), path, resume_key="b", checkpoint_every=10)
+        write_embeddings_parquet(_stream(50, None, []), path, resume_key="b", checkpoint_every=10)
     seen = []
-    assert write_parquet(_stream(50, None, seen), path, batch_size=5, resume_key="a", checkpoint_every=10) == 50
+    assert (
+        write_embeddings_parquet(_stream(50, None, seen), path, batch_size=5, resume_key="a", checkpoint_every=10)
+        == 50
+    )
     assert min(seen) >= 28, "the resumed run embedded rows of the finished parts again"
     table = pq.read_table(path).to_pydict()
     assert table["ecg_id"] == list(range(50))

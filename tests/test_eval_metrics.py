@@ -20,7 +20,16 @@ from merit_hf.evaluation.metrics import (
     per_class_f1,
     present_classes,
 )
-from merit_hf.evaluation.results import SCHEMA, read_results, write_results
+from merit_hf.evaluation.results import (
+    EvaluationResults,
+    MetricValue,
+    build_results,
+    format_metric,
+    metric_cell,
+    read_results,
+    write_results,
+)
+from tests.conftest import REPO_ROOT
 
 # 4 records, 3 classes. Class 0: positives score 0.9 and 0.4, negatives 0.6 and 0.1 -> 3 of 4 pairs ordered: 0.75.
 # Class 1: perfectly ordered -> 1.0. Class 2: no positive -> absent.
@@ -118,12 +127,50 @@ def test_bad_inputs_raise():
 
 def test_results_json_round_trip(tmp_path):
     report = classification_metrics(Y_TRUE, Y_SCORE, ["A", "B", "C"], thresholds=[0.5] * 3, num_bootstrap=10)
-    results = {"schema": SCHEMA, "model": report, "nan": float("nan"), "numpy": np.float32(0.5)}
+    protocol = {"nan": float("nan"), "numpy": np.float32(0.5)}
+    results = build_results("linear-probe", {}, "superclass", ["A", "B", "C"], 1.0, 0, protocol, report, None)
     path = write_results(results, tmp_path / "r.json")
+    written = json.loads(path.read_text())
+    assert list(written) == [
+        "schema", "task", "dataset", "label_set", "label_names", "label_fraction", "seed", "protocol",
+        "metric_definitions", "model", "baseline", "environment", "created",
+    ]  # fmt: skip
+    assert written["protocol"] == {"nan": None, "numpy": 0.5} and written["baseline"] is None
+    assert list(written["model"]) == ["metrics", "per_class", "absent_classes", "num_records"]
     loaded = read_results(path)
-    assert loaded["nan"] is None and loaded["numpy"] == 0.5
-    assert loaded["model"]["metrics"]["macro_f1"]["value"] == pytest.approx(0.75)
-    assert set(loaded["model"]["metrics"]["macro_auroc"]) == {"value", "ci_low", "ci_high"}
+    assert isinstance(loaded, EvaluationResults) and loaded.to_dict() == written
+    assert loaded.model.metrics["macro_f1"].value == pytest.approx(0.75)
+    assert loaded.model.metrics["macro_auroc"].ci is not None and loaded.baseline is None
+    assert loaded["model"]["metrics"]["macro_f1"] == written["model"]["metrics"]["macro_f1"]  # 0.1's dict access
     (tmp_path / "other.json").write_text(json.dumps({"schema": "x"}))
-    with pytest.raises(ValueError, match="not a merit_hf.results/v1"):
+    with pytest.raises(ValueError, match="other.json: not a merit_hf.results/v1"):
         read_results(tmp_path / "other.json")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "linear-probe_superclass_1_seed0",
+        "linear-probe_rhythm_1_seed0",
+        "zero-shot_superclass_seed0",
+        "robustness_superclass_seed0",
+    ],
+)
+def test_results_files_written_before_the_dataclass_read_and_write_back_unchanged(name, tmp_path):
+    path = REPO_ROOT / "benchmarks" / "results" / "evaluation" / "quickstart" / f"{name}.json"
+    results = read_results(path)
+    assert (
+        results.model.metrics["macro_auroc"].value
+        == json.loads(path.read_text())["model"]["metrics"]["macro_auroc"]["value"]
+    )
+    assert write_results(results, tmp_path / "again.json").read_text() == path.read_text()
+
+
+def test_one_formatter_writes_every_metric_cell():
+    assert format_metric(MetricValue(0.8305, (0.7594, 0.8971))) == "0.831 [0.759, 0.897]"
+    assert format_metric(MetricValue(0.8305)) == "0.831"  # no bootstrap
+    assert format_metric(MetricValue(0.8305, (None, None))) == "0.831"  # bootstrap undefined
+    assert format_metric(MetricValue(None, (0.1, 0.2))) == format_metric(None) == "n/a"
+    entry = {"metrics": {"macro_auroc": {"value": 0.5, "ci_low": 0.25, "ci_high": 0.75}}}
+    assert metric_cell(entry, "macro_auroc") == "0.500 [0.250, 0.750]"
+    assert metric_cell(entry, "macro_f1") == metric_cell(None, "macro_auroc") == "n/a"

@@ -12,14 +12,9 @@ import torch.nn.functional as F
 from transformers import pipeline
 
 from merit_hf import MeritFeatureExtractor, MeritModel, MeritProcessor, zero_shot_classify
-from merit_hf.evaluation.zero_shot import (
-    PTBXL_PROMPTS_PATH,
-    class_prompts,
-    evaluate_zero_shot,
-    load_class_descriptions,
-    random_ecg_tower_like,
-)
+from merit_hf.evaluation.zero_shot import evaluate_zero_shot, random_ecg_tower_like
 from merit_hf.models.merit import ZERO_SHOT_ECG_TASK, ZeroShotEcgClassificationPipeline
+from merit_hf.models.merit.pipeline_merit import PTBXL_PROMPTS_PATH, class_prompts, load_class_descriptions
 
 from .conftest import BUNDLED_PTBXL, tiny_merit_config
 from .test_eval_probe import synthetic_ptbxl

@@ -22,7 +22,7 @@ from merit_hf import (
     MeritProcessor,
     zero_shot_classify,
 )
-from merit_hf.evaluation.zero_shot import PTBXL_PROMPTS_PATH
+from merit_hf.models.merit.pipeline_merit import PTBXL_PROMPTS_PATH
 from tests.conftest import BUNDLED_PTBXL, tiny_merit_config
 from tests.test_core_remote_code import BLOCK_MERIT_HF
 

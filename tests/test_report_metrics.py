@@ -106,12 +106,16 @@ def test_clinical_accuracy_macro_f1_by_hand():
 
 
 def test_compute_report_metrics_prints_every_number_with_its_definition():
-    from merit_hf.evaluation.report_metrics import METRIC_DEFINITIONS, compute_report_metrics, format_report_metrics
+    from merit_hf.evaluation.report_metrics import (
+        REPORT_METRIC_DEFINITIONS,
+        compute_report_metrics,
+        format_report_metrics,
+    )
 
     results = compute_report_metrics([PREDICTION], [REFERENCE], meteor=False)
     assert results["bleu_4"] == pytest.approx((5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** (1 / 4))
     text = format_report_metrics(results)
-    assert f"bleu_4             {results['bleu_4']:.4f}  {METRIC_DEFINITIONS['bleu_4']}" in text.splitlines()
+    assert f"bleu_4             {results['bleu_4']:.4f}  {REPORT_METRIC_DEFINITIONS['bleu_4']}" in text.splitlines()
     assert "meteor" not in text
 
 

@@ -4,7 +4,6 @@ Layers, each importing only those before it (`tests/test_layers.py`): `utils` an
 files, WFDB I/O) <- `data` <- `evaluation` <- `training` <- apps (`quickstart`, `embedding`, `hub`).
 """
 
-from .evaluation.zero_shot import zero_shot_classify
 from .models.merit import (
     STANDARD_LEAD_NAMES,
     MeritConfig,
@@ -20,6 +19,7 @@ from .models.merit import (
     ZeroShotEcgClassificationPipeline,
     pool_window_embeddings,
 )
+from .models.merit.pipeline_merit import zero_shot_classify
 
 __version__ = "0.1.0"
 

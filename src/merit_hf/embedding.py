@@ -4,7 +4,7 @@
 cached under a fingerprint of the weights, the feature-extractor settings and the precision, so a re-run after a crash
 reuses what was done; a streamed dataset (`IterableDataset`, e.g. MIMIC-IV-ECG) is embedded lazily, batch by batch,
 as it is read. The command line writes `ecg_id` plus the embedding of every record to Parquet; a streamed split is
-written in parts with the stream's state, so a run that stops resumes after its last finished part (`write_parquet`):
+written in parts with the stream's state, so a run that stops resumes after its last finished part (`write_embeddings_parquet`):
 
     python -m merit_hf.embedding --model_name_or_path quickstart_output/model --dataset data/ptbxl_sample \\
         --output_dir embeddings --precision bf16
@@ -40,7 +40,6 @@ import torch
 
 from .data.wfdb_folder import DEFAULT_SPLIT_FRACTIONS
 from .evaluation.probe import (
-    _model_fingerprint,
     ecg_encoder,
     ecg_model_inputs,
     encoder_inputs,
@@ -48,6 +47,7 @@ from .evaluation.probe import (
     load_feature_extractor,
     record_embeddings,
 )
+from .models.fingerprint import model_fingerprint
 from .models.merit.feature_extraction_merit import MISSING_LEAD_POLICIES, WINDOWS, MeritFeatureExtractor
 from .models.merit.inference_precision import PRECISIONS, prepare_for_inference, resolve_precision
 from .models.merit.modeling_merit import WINDOW_POOLINGS
@@ -131,7 +131,7 @@ def embed_dataset(
         "remove_columns": [name for name in columns if name not in keep_columns],
     }
     if hasattr(dataset, "_fingerprint"):  # map-style: a fingerprint that a re-run reproduces, so its cache is reused
-        weights = weights_fingerprint or _model_fingerprint(encoder)  # of the caller's weights, not the copy's
+        weights = weights_fingerprint or model_fingerprint(encoder)  # of the caller's weights, not the copy's
         key = [weights, feature_extractor.to_json_string(), precision, column, list(keep_columns)]
         if feature_extractor.window == "sliding":  # keys of single-window runs stay what they were
             key.append(window_pooling)
@@ -143,7 +143,7 @@ def embed_dataset(
     return dataset.map(embed, **options)
 
 
-def write_parquet(
+def write_embeddings_parquet(
     embedded, path: str | Path, batch_size: int = 1000, resume_key: str | None = None, checkpoint_every: int = 10_000
 ) -> int:
     """Write an embedded dataset (map-style or streamed) to one Parquet file; returns the number of rows.
@@ -410,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     feature_extractor = with_input_settings(load_feature_extractor(arguments.model_name_or_path, encoder), arguments)
     output_dir = Path(arguments.output_dir)
     suffix = f"-{shard_index:05d}-of-{num_shards:05d}" if num_shards > 1 else ""
-    weights = _model_fingerprint(encoder)  # once: the cache key of every map-style split and the resume key
+    weights = model_fingerprint(encoder)  # once: the cache key of every map-style split and the resume key
     precision = resolve_precision(arguments.precision, state.device)
     what = [weights, feature_extractor.to_json_string(), precision, arguments.dataset]
     what += [arguments.dataset_name, arguments.sampling_rate, arguments.keep_columns, shard_index, num_shards]
@@ -437,7 +437,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
         path = output_dir / f"{split}{suffix}.parquet"
         resume_key = hashlib.sha1(json.dumps([*what, split]).encode()).hexdigest()
-        rows = write_parquet(embedded, path, resume_key=resume_key, checkpoint_every=arguments.checkpoint_every)
+        rows = write_embeddings_parquet(
+            embedded, path, resume_key=resume_key, checkpoint_every=arguments.checkpoint_every
+        )
         written[split] = {"path": str(path), "rows": rows}
         print(f"{split}: {rows} embeddings -> {path}", flush=True)
         totals = meter.totals()

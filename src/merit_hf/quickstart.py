@@ -29,7 +29,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .evaluation.results import EvaluationResults
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS_FILE = "quickstart_results.json"
@@ -134,7 +137,7 @@ def prepare_dataset(data_dir: Path, output_dir: Path):
     return load_from_disk(str(saved)), saved
 
 
-def probe(model_dir: Path, dataset_dict, label_set: str, num_bootstrap: int, output_file: Path) -> dict[str, Any]:
+def probe(model_dir: Path, dataset_dict, label_set: str, num_bootstrap: int, output_file: Path) -> EvaluationResults:
     """Linear probe of the pretrained encoder and of a random-init one (`merit_hf.training.probe`)."""
     from .training.probe import ProbeArguments, run_linear_probe
 
@@ -142,13 +145,6 @@ def probe(model_dir: Path, dataset_dict, label_set: str, num_bootstrap: int, out
     return run_linear_probe(
         str(model_dir), dataset_dict, label_set, baseline=True, arguments=arguments, output_file=output_file
     )
-
-
-def _auroc(entry: dict[str, Any]) -> str:
-    metric = entry["metrics"]["macro_auroc"]
-    if metric.get("ci_low") is None:
-        return f"{metric['value']:.3f}"
-    return f"{metric['value']:.3f} (95% CI {metric['ci_low']:.3f}-{metric['ci_high']:.3f})"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -215,8 +211,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "reconstruction": _reconstruction_summary(train_results),
         "probe": {
             "label_set": arguments.label_set,
-            "macro_auroc": probe_results["model"]["metrics"]["macro_auroc"],
-            "baseline_macro_auroc": probe_results["baseline"]["metrics"]["macro_auroc"],
+            "macro_auroc": probe_results.model.metrics["macro_auroc"].to_dict(),
+            "baseline_macro_auroc": probe_results.baseline.metrics["macro_auroc"].to_dict(),
             "results_file": str(probe_file),
         },
         "remote_code_check": remote,
@@ -250,7 +246,9 @@ def _reconstruction_summary(train_results: dict[str, Any]) -> dict[str, float] |
     }
 
 
-def print_summary(results: dict[str, Any], train_results: dict[str, Any], probe_results: dict[str, Any]) -> None:
+def print_summary(results: dict[str, Any], train_results: dict[str, Any], probe_results: EvaluationResults) -> None:
+    from .evaluation.results import format_metric
+
     pretraining, counts = results["pretraining"], results["data"]["records"]
     model_dir, output_dir = results["model_dir"], results["output_dir"]
     lines = [
@@ -278,9 +276,9 @@ def print_summary(results: dict[str, Any], train_results: dict[str, Any], probe_
             f"{pretraining['eval_reconstruction_loss']:.3f}, contrastive {pretraining['eval_contrastive_loss']:.3f})"
         )
     lines += [
-        f"  probe       linear probe on {results['probe']['label_set']}, test fold 10, macro AUROC:",
-        f"              MERIT (pretrained)  {_auroc(probe_results['model'])}",
-        f"              random-init encoder {_auroc(probe_results['baseline'])}",
+        f"  probe       linear probe on {results['probe']['label_set']}, test fold 10, macro AUROC [95% CI]:",
+        f"              MERIT (pretrained)  {format_metric(probe_results.model.metrics['macro_auroc'])}",
+        f"              random-init encoder {format_metric(probe_results.baseline.metrics['macro_auroc'])}",
         f"  model       {model_dir}  (model + feature extractor + processor + code; loads in a clean process with",
         "              AutoModel.from_pretrained(folder, trust_remote_code=True): "
         f"{results['remote_code_check']['model_class'].rsplit('.', 1)[-1]})",

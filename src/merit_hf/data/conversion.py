@@ -274,7 +274,7 @@ def _write_shard(job: tuple[ShardPaths, Sequence[Any]], row_fn, record_name, fea
     report = ConversionReport(len(tasks), len(rows), failures)
     _write_json_atomic(shard.failures, report.to_dict())
     temporary = shard.parquet.with_name(shard.parquet.name + ".tmp")
-    write_parquet(rows_to_dataset(rows, features), temporary)
+    write_dataset_parquet(rows_to_dataset(rows, features), temporary)
     os.replace(temporary, shard.parquet)
     return len(tasks)
 
@@ -286,7 +286,7 @@ def rows_to_dataset(rows: list[dict], features: Features) -> Dataset:
     return Dataset.from_list(rows, features=features)
 
 
-def write_parquet(dataset: Dataset, path: str | os.PathLike) -> None:
+def write_dataset_parquet(dataset: Dataset, path: str | os.PathLike) -> None:
     """`dataset.to_parquet` with zstd instead of snappy, in row groups of `PARQUET_ROWS_PER_GROUP`; the `Features`
     travel in the schema metadata. `datasets`' dictionary encoding stays on: ECG samples lie on the ADC grid
     (0.001 mV in PTB-XL), so a record has few distinct values and the float32 signal ends up smaller than the
@@ -319,6 +319,6 @@ __all__ = [
     "raise_first_failure",
     "read_rows",
     "rows_to_dataset",
-    "write_parquet",
+    "write_dataset_parquet",
     "write_parquet_shards",
 ]

@@ -1,40 +1,40 @@
-"""Linear probing and full fine-tuning on PTB-XL, always next to a random-init encoder under the same harness.
+"""The PTB-XL probe protocol, and the linear probe that runs it; always next to a random-init encoder under the same
+harness.
 
 Published PTB-XL numbers for one method differ by up to 31 points between papers because the protocol is not
 pinned (`shared/notes/anchors.md` §3). This file is the protocol:
 
 - splits: PTB-XL's `strat_fold`s, folds 1-8 train, 9 validation (early stopping, F1 thresholds), 10 test;
-- label sets `superclass`, `subclass`, `form`, `rhythm`, `all` (names from `scp_statements.csv`, via
-  `merit_hf.data`); records with no label of the set are left out of every split for that set, as in the PTB-XL
+- label sets `superclass`, `subclass`, `form`, `rhythm`, `all` (`merit_hf.data.labels.LABEL_SETS`, names from
+  `scp_statements.csv`); records with no label of the set are left out of every split for that set, as in the PTB-XL
   benchmark (Strodthoff et al. 2021) and MERL's split files;
 - label fractions 1 / 10 / 100 % of the **training** records, drawn by `merit_hf.data.label_fraction_subset`
   (stratified on each record's rarest class, seeded, nested); validation and test are never subsampled;
-- **linear probe** (`mode="linear"`): the encoder is frozen; its `pooler_output` (the LayerNorm of the mean patch
-  token, before the contrastive projection) is computed once per split and cached; a linear layer is trained on
-  standardised features with BCE and Adam (MERL's probe: lr 1e-3), early stopping on validation macro AUROC;
-- **fine-tune** (`mode="finetune"`): `MeritForEcgClassification`, encoder and head trained with AdamW under
-  Accelerate (random crops in training, centre crops in evaluation), early stopping on validation macro AUROC;
+- **linear probe** (`run_linear_probe`): the encoder is frozen; its `pooler_output` (the LayerNorm of the mean patch
+  token, before the contrastive projection) is computed once per split and cached under the weights' fingerprint
+  (`merit_hf.models.fingerprint`); a linear layer is trained on standardised features with BCE and Adam (MERL's
+  probe: lr 1e-3), early stopping on validation macro AUROC;
 - **baseline**: the same architecture with random weights (`random_init_like`, seeded) through the same code. A
   randomly initialised encoder with a linear probe matches many pretrained ECG models (arXiv 2602.17531), so no
   number is reported without it;
 - metrics (`merit_hf.evaluation.metrics`): macro AUROC, macro F1 at per-class thresholds chosen on validation,
   the max-F1-over-thresholds variant (named as such), per-class AUROC, bootstrap 95 % CIs on the test split.
 
-Every run writes a results JSON (`merit_hf.evaluation.results`, schema in its docstring).
+Full fine-tuning under the same protocol trains, so it lives in the training layer (`merit_hf.training.finetune`),
+and builds on the pieces here (splits, labels, `evaluate_scores`, `probe_protocol`). The zero-shot and robustness
+evaluations (`zero_shot`, `robustness`) reuse the labelled splits and the features. Every run writes a results JSON
+(`merit_hf.evaluation.results`, schema in its docstring).
 
-Run (1 CPU, N GPUs and M nodes alike):
+Run (1 CPU, N GPUs and M nodes alike; the command line lives in `merit_hf.training.probe`, which also fine-tunes):
 
     python -m merit_hf.training.probe configs/probe_quickstart.yaml
     accelerate launch -m merit_hf.training.probe configs/probe_ptbxl_full.yaml --mode finetune
-    accelerate launch --multi_gpu --num_machines M --num_processes N ... -m merit_hf.training.probe <config>
-
-The linear probe runs on the main process (features are small); fine-tuning uses every process.
 
 From Python (the quick-start's evaluation step):
 
     from merit_hf.evaluation.probe import run_linear_probe
     results = run_linear_probe("quickstart_output/model", dataset_dict, "superclass", label_fraction=0.1)
-    results["model"]["metrics"]["macro_auroc"]["value"], results["baseline"]["metrics"]["macro_auroc"]["value"]
+    results.model.metrics["macro_auroc"].value, results.baseline.metrics["macro_auroc"].value
 """
 
 from __future__ import annotations
@@ -55,14 +55,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data.labels import LABEL_SETS
+from ..models.fingerprint import model_fingerprint
 from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
 from ..models.merit.modeling_merit import MeritEcgModel, pool_window_embeddings
 from .metrics import best_f1_thresholds, classification_metrics, macro_auroc
-from .results import build_results, encoder_identity, write_results
+from .results import EvaluationResults, build_results, encoder_identity, write_results
 
 logger = logging.getLogger(__name__)
 
-LABEL_SETS = ("superclass", "subclass", "form", "rhythm", "all")
 MODES = ("linear", "finetune")
 DATASET_NAMES = ("ptbxl", "wfdb")
 SPLITS = ("train", "validation", "test")
@@ -240,13 +241,6 @@ def load_feature_extractor(model_or_path, encoder: MeritEcgModel) -> MeritFeatur
 # ----------------------------------------------------------------------------------------------------------------------
 # Features (computed once, cached)
 # ----------------------------------------------------------------------------------------------------------------------
-def _model_fingerprint(encoder: MeritEcgModel) -> str:
-    digest = hashlib.sha1(encoder.config.to_json_string().encode())
-    for tensor in encoder.state_dict().values():
-        digest.update(tensor.detach().cpu().float().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def ecg_model_inputs(
     feature_extractor: MeritFeatureExtractor,
     rows: dict[str, list],
@@ -316,7 +310,7 @@ def extract_features(
     if cache_dir is not None:
         key = hashlib.sha1(
             json.dumps(
-                [_model_fingerprint(encoder), feature_extractor.to_json_string(), dataset._fingerprint, cache_tag]
+                [model_fingerprint(encoder), feature_extractor.to_json_string(), dataset._fingerprint, cache_tag]
             ).encode()
         ).hexdigest()[:20]
         cache_file = Path(cache_dir) / f"features_{key}.npy"
@@ -528,7 +522,7 @@ def run_linear_probe(
     arguments: ProbeArguments | None = None,
     features: dict[str, dict[str, np.ndarray]] | None = None,
     output_file: str | Path | None = None,
-) -> dict[str, Any]:
+) -> EvaluationResults:
     """Linear probe of a MERIT encoder (and of its random-init twin) on one label set and label fraction.
 
     Args:
@@ -544,8 +538,8 @@ def run_linear_probe(
         output_file: write the results JSON there.
 
     Returns:
-        The results dict (`merit_hf.evaluation.results` schema): `results["model"]["metrics"]["macro_auroc"]["value"]`
-        and the same under `results["baseline"]`.
+        The run's `EvaluationResults` (`merit_hf.evaluation.results`): `results.model.metrics["macro_auroc"].value`
+        and the same under `results.baseline`.
     """
     arguments = arguments or ProbeArguments()
     encoder, model_name = load_encoder(model_or_path)

@@ -2,7 +2,7 @@
 
 Published ECG report scores are not comparable with each other: each repository tokenises, smooths and picks
 references differently (`notes/genanchors.md` §1.4). Every number here therefore carries its definition
-(`METRIC_DEFINITIONS`, printed by `format_report_metrics`). The n-gram metrics are local `evaluate` modules in
+(`REPORT_METRIC_DEFINITIONS`, printed by `format_report_metrics`). The n-gram metrics are local `evaluate` modules in
 `metric_modules/` (the Hub's `bleu` / `rouge` / `meteor` scripts need a download): sacrebleu, rouge-score, and NLTK with
 WordNet 3.0 from `NLTK_DATA`. Nothing here downloads anything.
 
@@ -31,7 +31,8 @@ from ..data.reports import clean_report, report_language
 METRIC_MODULES_DIR = Path(__file__).resolve().parent / "metric_modules"
 ACCEPTED_REFERENCE_LANGUAGES = ("en", "und")
 
-METRIC_DEFINITIONS = {
+# Named apart from `merit_hf.evaluation.metrics.METRIC_DEFINITIONS` (the classification metrics of a results JSON).
+REPORT_METRIC_DEFINITIONS = {
     **{
         f"bleu_{n}": f"corpus BLEU-{n} (cumulative 1..{n}-gram precisions x brevity penalty), sacrebleu 13a tokens, "
         "lower-cased, exp smoothing, 1 reference"
@@ -121,7 +122,7 @@ def clinical_accuracy(predictions: Sequence[str], references: Sequence[str]) -> 
 def compute_report_metrics(predictions: Sequence[str], references: Sequence[str], meteor: bool = True) -> dict:
     """All report metrics of generated `predictions` against one English reference each.
 
-    `meteor=False` skips METEOR (for machines without WordNet). See `METRIC_DEFINITIONS` for every number.
+    `meteor=False` skips METEOR (for machines without WordNet). See `REPORT_METRIC_DEFINITIONS` for every number.
     """
     predictions = [clean_report(text) for text in predictions]
     check_reports(predictions, references)
@@ -138,15 +139,15 @@ def compute_report_metrics(predictions: Sequence[str], references: Sequence[str]
 def format_report_metrics(results: dict) -> str:
     """One line per number: `name  value  definition`."""
     lines = []
-    for name, definition in METRIC_DEFINITIONS.items():
+    for name, definition in REPORT_METRIC_DEFINITIONS.items():
         if name in results:
             lines.append(f"{name:<18} {results[name]:.4f}  {definition}")
     return "\n".join(lines)
 
 
 __all__ = [
-    "METRIC_DEFINITIONS",
     "METRIC_MODULES_DIR",
+    "REPORT_METRIC_DEFINITIONS",
     "REPORT_STATEMENTS",
     "check_reports",
     "clinical_accuracy",

@@ -33,12 +33,20 @@ Metric values are fractions in [0, 1] (multiply by 100 for the papers' percentag
 example AUROC of a class absent from the test split, listed in `absent_classes`). `baseline` is `null` only when a
 run was asked to skip it. Robustness files add `"shifts": {shift name: {"model": {...}, "baseline": {...},
 "description": "..."}}`, each entry in the `model` layout above.
+
+In Python a results file is an `EvaluationResults`: `build_results` makes one, `write_results` writes it in the layout
+above and `read_results` reads one back (any v1 file, old ones included), and `merit_hf.hub.cards` renders model cards
+from it. Its parts are typed: `results.model` and `results.baseline` are `ResultEntry`s whose `metrics` map names to
+`MetricValue`s, and `results.shifts` maps a shift name to a `ShiftResult`. `format_metric` is the one way a metric is
+written in a table or a printout (`0.831 [0.759, 0.897]`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -50,6 +58,204 @@ SCHEMA = "merit_hf.results/v1"
 DATASET_NAME = "ptb-xl"
 PTBXL_VERSION = "1.0.3"
 TASKS = ("linear-probe", "fine-tune", "zero-shot", "robustness")
+
+
+@dataclass(frozen=True)
+class MetricValue:
+    """One metric of one entry: its value (`None` when undefined) and, when the evaluation bootstrapped it, the 95%
+    interval `ci = (low, high)` (`None` when no bootstrap ran; either bound `None` when it was undefined)."""
+
+    value: float | None
+    ci: tuple[float | None, float | None] | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MetricValue:
+        ci = (data.get("ci_low"), data.get("ci_high")) if "ci_low" in data or "ci_high" in data else None
+        return cls(value=data.get("value"), ci=ci)
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.ci is None:
+            return {"value": self.value}
+        return {"value": self.value, "ci_low": self.ci[0], "ci_high": self.ci[1]}
+
+
+def format_metric(metric: MetricValue | None) -> str:
+    """A metric as every table and printout of merit_hf writes it: `0.831 [0.759, 0.897]` (value and 95% bootstrap
+    interval), `0.831` without an interval, `n/a` when the value is undefined or the metric was not computed."""
+    if metric is None or metric.value is None:
+        return "n/a"
+    if metric.ci is None or None in metric.ci:
+        return f"{metric.value:.3f}"
+    return f"{metric.value:.3f} [{metric.ci[0]:.3f}, {metric.ci[1]:.3f}]"
+
+
+@dataclass
+class ResultEntry:
+    """The test-split numbers of one encoder in one setting (`classification_metrics`' layout), with its identity
+    (`name_or_path`, `init`) where the entry has one: the top-level `model` / `baseline` entries do, shift entries
+    do not. `per_class` maps a class to `{"auroc", "f1", "num_positive"}`; `extra` keeps any other field (the
+    probe's `training`) in its place."""
+
+    metrics: dict[str, MetricValue]
+    num_records: int | None = None
+    name_or_path: str | None = None
+    init: str | None = None
+    per_class: dict[str, dict[str, Any]] | None = None
+    absent_classes: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ResultEntry:
+        known = ("name_or_path", "init", "metrics", "per_class", "absent_classes", "num_records")
+        if not isinstance(data.get("metrics"), Mapping):
+            raise ValueError(f"a results entry needs a 'metrics' mapping; it has {sorted(data)}")
+        return cls(
+            metrics={name: MetricValue.from_dict(value) for name, value in data["metrics"].items()},
+            num_records=data.get("num_records"),
+            name_or_path=data.get("name_or_path"),
+            init=data.get("init"),
+            per_class=data.get("per_class"),
+            absent_classes=data.get("absent_classes"),
+            extra={key: value for key, value in data.items() if key not in known},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON layout, fields in the order the harness has always written them; absent fields stay absent."""
+        data = {"name_or_path": self.name_or_path, "init": self.init}
+        data = {key: value for key, value in data.items() if value is not None}
+        data["metrics"] = {name: metric.to_dict() for name, metric in self.metrics.items()}
+        if self.per_class is not None:
+            data["per_class"] = self.per_class
+        if self.absent_classes is not None:
+            data["absent_classes"] = self.absent_classes
+        if self.num_records is not None:
+            data["num_records"] = self.num_records
+        return {**data, **self.extra}
+
+
+@dataclass
+class ShiftResult:
+    """One robustness shift: its kind (`input`, `group`, `subgroup`), what it does, and the entry of each encoder."""
+
+    kind: str
+    description: str
+    model: ResultEntry | None = None
+    baseline: ResultEntry | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ShiftResult:
+        return cls(
+            kind=data["kind"],
+            description=data["description"],
+            model=ResultEntry.from_dict(data["model"]) if data.get("model") is not None else None,
+            baseline=ResultEntry.from_dict(data["baseline"]) if data.get("baseline") is not None else None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"kind": self.kind, "description": self.description}
+        for role in ("model", "baseline"):
+            if getattr(self, role) is not None:
+                data[role] = getattr(self, role).to_dict()
+        return data
+
+
+@dataclass
+class EvaluationResults:
+    """One evaluation run (one task, label set, label fraction and seed): what `build_results` makes, `write_results`
+    writes and `read_results` reads, in the `merit_hf.results/v1` layout of this module's docstring.
+
+    The model's entry is always there; `baseline` is the random-init encoder under the same harness (`None` only when
+    the run was asked to skip it), so every number can be read next to the one it must beat. `extra` keeps the
+    top-level fields of a file that this class does not name, so a file read and written again is unchanged.
+
+    Example:
+
+    ```python
+    >>> results = read_results("benchmarks/results/evaluation/quickstart/linear-probe_superclass_1_seed0.json")
+    >>> format_metric(results.model.metrics["macro_auroc"]), format_metric(results.baseline.metrics["macro_auroc"])
+    ('0.831 [0.759, 0.897]', '0.725 [0.616, 0.819]')
+    ```
+    """
+
+    task: str
+    dataset: dict[str, Any]
+    label_set: str
+    label_names: list[str]
+    label_fraction: float | None
+    seed: int
+    protocol: dict[str, Any]
+    model: ResultEntry
+    baseline: ResultEntry | None = None
+    shifts: dict[str, ShiftResult] | None = None
+    metric_definitions: dict[str, str] = field(default_factory=lambda: dict(METRIC_DEFINITIONS))
+    environment: dict[str, str | None] = field(default_factory=dict)
+    created: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str | Path | None = None) -> EvaluationResults:
+        """Read the v1 layout; a `ValueError` naming `source` (the file) for any other schema or a missing field."""
+        where = f"{source}: " if source is not None else ""
+        if data.get("schema") != SCHEMA:
+            raise ValueError(f"{where}not a {SCHEMA} results file (schema {data.get('schema')!r})")
+        missing = [name for name in ("task", "label_set", "model") if data.get(name) is None]
+        if missing:
+            raise ValueError(f"{where}the results file has no {', '.join(missing)}")
+        known = (
+            "schema", "task", "dataset", "label_set", "label_names", "label_fraction", "seed", "protocol",
+            "metric_definitions", "model", "baseline", "shifts", "environment", "created",
+        )  # fmt: skip
+        try:
+            return cls(
+                task=data["task"],
+                dataset=dict(data.get("dataset") or {}),
+                label_set=data["label_set"],
+                label_names=list(data.get("label_names") or []),
+                label_fraction=data.get("label_fraction"),
+                seed=data.get("seed"),
+                protocol=data.get("protocol") or {},
+                model=ResultEntry.from_dict(data["model"]),
+                baseline=ResultEntry.from_dict(data["baseline"]) if data.get("baseline") is not None else None,
+                shifts=(
+                    {name: ShiftResult.from_dict(shift) for name, shift in data["shifts"].items()}
+                    if data.get("shifts") is not None
+                    else None
+                ),
+                metric_definitions=dict(data.get("metric_definitions") or {}),
+                environment=dict(data.get("environment") or {}),
+                created=data.get("created"),
+                extra={key: value for key, value in data.items() if key not in known},
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{where}malformed {SCHEMA} results file: {error}") from error
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON layout, keys in the order `build_results` has always written them."""
+        data = {
+            "schema": SCHEMA,
+            "task": self.task,
+            "dataset": self.dataset,
+            "label_set": self.label_set,
+            "label_names": self.label_names,
+            "label_fraction": self.label_fraction,
+            "seed": self.seed,
+            "protocol": self.protocol,
+            "metric_definitions": self.metric_definitions,
+            "model": self.model.to_dict(),
+            "baseline": self.baseline.to_dict() if self.baseline is not None else None,
+        }
+        if self.shifts is not None:
+            data["shifts"] = {name: shift.to_dict() for name, shift in self.shifts.items()}
+        return {**data, **self.extra, "environment": self.environment, "created": self.created}
+
+    def __getitem__(self, key: str) -> Any:
+        """Read access in the JSON layout (`results["model"]["metrics"]["macro_auroc"]["value"]`), as the harness
+        returned plain dicts in 0.1; kept for one release, use the attributes."""
+        return self.to_dict()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """`dict.get` over the JSON layout (see `__getitem__`); kept for one release."""
+        return self.to_dict().get(key, default)
 
 
 def _package_version(name: str) -> str | None:
@@ -80,12 +286,15 @@ def build_results(
     label_fraction: float | None,
     seed: int,
     protocol: dict[str, Any],
-    model: dict[str, Any],
-    baseline: dict[str, Any] | None,
+    model: Mapping[str, Any],
+    baseline: Mapping[str, Any] | None,
     dataset_extra: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Assemble one results dict in the schema above."""
+    shifts: Mapping[str, Mapping[str, Any]] | None = None,
+) -> EvaluationResults:
+    """Assemble one run's `EvaluationResults` from the harness's entries (`classification_metrics` layout plus
+    `name_or_path` / `init`) and, for robustness, its `shifts` (`{name: {"kind", "description", "model",
+    "baseline"}}`); `extra` adds other top-level fields."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     dataset = {
@@ -96,41 +305,38 @@ def build_results(
         "splits": "PTB-XL strat_fold 1-8 train, 9 validation, 10 test",
         **(dataset_extra or {}),
     }
-    results = {
-        "schema": SCHEMA,
-        "task": task,
-        "dataset": dataset,
-        "label_set": label_set,
-        "label_names": list(label_names),
-        "label_fraction": label_fraction,
-        "seed": seed,
-        "protocol": protocol,
-        "metric_definitions": METRIC_DEFINITIONS,
-        "model": model,
-        "baseline": baseline,
-        **(extra or {}),
-        "environment": environment(),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    return results
+    return EvaluationResults(
+        task=task,
+        dataset=dataset,
+        label_set=label_set,
+        label_names=list(label_names),
+        label_fraction=label_fraction,
+        seed=seed,
+        protocol=protocol,
+        metric_definitions=dict(METRIC_DEFINITIONS),
+        model=ResultEntry.from_dict(model),
+        baseline=ResultEntry.from_dict(baseline) if baseline is not None else None,
+        shifts={name: ShiftResult.from_dict(shift) for name, shift in shifts.items()} if shifts is not None else None,
+        extra=dict(extra or {}),
+        environment=environment(),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
 
 
 def encoder_identity(role: str, model_name: str, seed: int) -> dict[str, str]:
     """`name_or_path` and `init` of a results entry: the evaluated model (`role="model"`), or its random-init twin
-    drawn with `seed` (`role="baseline"`, `merit_hf.training.probe.random_init_like`)."""
+    drawn with `seed` (`role="baseline"`, `merit_hf.evaluation.probe.random_init_like`)."""
     if role == "model":
         return {"name_or_path": model_name, "init": "pretrained"}
     return {"name_or_path": "random-init", "init": f"random (seed {seed}, same config)"}
 
 
-def metric_cell(entry: dict[str, Any] | None, metric: str) -> str:
-    """One metric of a results entry for a markdown table: `0.750 [0.663, 0.827]`, `0.750` or `n/a`."""
-    value = ((entry or {}).get("metrics") or {}).get(metric) or {}
-    if value.get("value") is None:
-        return "n/a"
-    if value.get("ci_low") is None:
-        return f"{value['value']:.3f}"
-    return f"{value['value']:.3f} [{value['ci_low']:.3f}, {value['ci_high']:.3f}]"
+def metric_cell(entry: ResultEntry | Mapping[str, Any] | None, metric: str) -> str:
+    """One metric of a results entry for a markdown table (`format_metric`); `n/a` when the entry or metric is
+    missing. The entry may also be in its JSON layout (a loaded file's `["model"]`)."""
+    if isinstance(entry, Mapping):
+        entry = ResultEntry.from_dict(entry) if entry else None
+    return format_metric(entry.metrics.get(metric) if entry is not None else None)
 
 
 def _json_safe(value: Any) -> Any:
@@ -145,29 +351,32 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_results(results: dict[str, Any], path: str | Path) -> Path:
-    """Write `results` as indented JSON (NaN/inf become `null`, numpy scalars plain numbers)."""
+def write_results(results: EvaluationResults, path: str | Path) -> Path:
+    """Write `results` as indented JSON in the v1 layout (NaN/inf become `null`, numpy scalars plain numbers)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(_json_safe(results.to_dict()), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return path
 
 
-def read_results(path: str | Path) -> dict[str, Any]:
-    """Read a results JSON and check its schema tag."""
-    results = json.loads(Path(path).read_text(encoding="utf-8"))
-    if results.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: not a {SCHEMA} results file (schema {results.get('schema')!r})")
-    return results
+def read_results(path: str | Path) -> EvaluationResults:
+    """Read a results JSON (any `merit_hf.results/v1` file, including those written before `EvaluationResults`);
+    `ValueError` naming the file for another schema or a malformed one."""
+    return EvaluationResults.from_dict(json.loads(Path(path).read_text(encoding="utf-8")), source=path)
 
 
 __all__ = [
     "DATASET_NAME",
     "SCHEMA",
     "TASKS",
+    "EvaluationResults",
+    "MetricValue",
+    "ResultEntry",
+    "ShiftResult",
     "build_results",
     "encoder_identity",
     "environment",
+    "format_metric",
     "metric_cell",
     "read_results",
     "write_results",

@@ -1,6 +1,6 @@
 """Robustness of a trained linear probe under named distribution shifts, for a model and its random-init twin.
 
-The probe (`merit_hf.training.probe`) is trained once on clean training features (records with a label of the set,
+The probe (`merit_hf.evaluation.probe`) is trained once on clean training features (records with a label of the set,
 as in the probe protocol); its F1 thresholds are chosen on the clean validation split. Then the **test** split is evaluated under each shift:
 
 | kind | shift | what changes |
@@ -47,7 +47,7 @@ from .probe import (
     probe_protocol,
     random_init_like,
 )
-from .results import build_results, encoder_identity, metric_cell, write_results
+from .results import EvaluationResults, build_results, encoder_identity, format_metric, write_results
 from .shifts import (
     LEAD_SUBSETS,
     LIMB_LEADS,
@@ -159,9 +159,10 @@ def run_robustness(
     shifts: dict[str, tuple[str, Callable]] | None = None,
     group_columns: Sequence[str] = ("device", "site"),
     output_file: str | Path | None = None,
-) -> dict[str, Any]:
+) -> EvaluationResults:
     """Train the linear probe on clean features, then evaluate the test split under every shift (see the module
-    docstring) for the model and, with `baseline`, its random-init twin. Returns the results dict."""
+    docstring) for the model and, with `baseline`, its random-init twin. Returns the run's `EvaluationResults`, the
+    shifts in `results.shifts`."""
     arguments = arguments or ProbeArguments()
     encoder, model_name = load_encoder(model_or_path)
     feature_extractor = feature_extractor or load_feature_extractor(model_or_path, encoder)
@@ -270,30 +271,31 @@ def run_robustness(
         protocol=probe_protocol(arguments, robustness="linear probe trained on clean data; test split shifted"),
         model=entries["model"],
         baseline=entries.get("baseline"),
-        extra={"shifts": shift_results},
+        shifts=shift_results,
     )
     if output_file is not None:
         write_results(results, output_file)
     return results
 
 
-def robustness_table(results: dict[str, Any], role: str = "model", metric: str = "macro_auroc") -> str:
+def robustness_table(results: EvaluationResults, role: str = "model", metric: str = "macro_auroc") -> str:
     """One markdown table for `role` (`"model"` or `"baseline"`): every shift, its n, the metric with CI, and the
     change from the clean test split."""
-    clean_entry = results[role]
-    clean_value = (clean_entry["metrics"].get(metric) or {}).get("value")
+    clean_entry = getattr(results, role)
+    clean = clean_entry.metrics.get(metric)
     lines = [
         f"| shift | kind | n | {metric} [95% CI] | change |",
         "| --- | --- | --- | --- | --- |",
-        f"| clean | - | {clean_entry['num_records']} | {metric_cell(clean_entry, metric)} | - |",
+        f"| clean | - | {clean_entry.num_records} | {format_metric(clean)} | - |",
     ]
-    for name, shift in results["shifts"].items():
-        entry = shift.get(role) or {}
-        value = ((entry.get("metrics") or {}).get(metric) or {}).get("value")
+    for name, shift in (results.shifts or {}).items():
+        entry = getattr(shift, role)
+        metric_value = entry.metrics.get(metric) if entry is not None else None
+        value = metric_value.value if metric_value is not None else None
+        clean_value = clean.value if clean is not None else None
         change = f"{value - clean_value:+.3f}" if value is not None and clean_value is not None else "n/a"
-        lines.append(
-            f"| {name} | {shift['kind']} | {entry.get('num_records', 0)} | {metric_cell(entry, metric)} | {change} |"
-        )
+        num_records = (entry.num_records or 0) if entry is not None else 0
+        lines.append(f"| {name} | {shift.kind} | {num_records} | {format_metric(metric_value)} | {change} |")
     return "\n".join(lines)
 
 

@@ -6,15 +6,11 @@ model) and a `model-index` with the real values; its body states intended use an
 from the checkpoint's `preprocessor_config.json`, the protocol, and the random-init encoder baseline next to every
 number.
 
-Results JSON: any nesting of objects and lists whose leaves are *result entries*, objects with a `"metrics"` mapping
-`{metric_name: {"value", "ci_low", "ci_high"}}` or `{metric_name: number}` (the layout of
-`merit_hf.evaluation.metrics.classification_metrics`). The keys on the way down and the scalar fields of the entry
-and its parents (`task`, `label_set`, `protocol`, `label_fraction`, `split`, ...) name the setting. An entry is the
-**random-init baseline** when its `encoder` / `variant` / `init` field or a key on its path mentions `random`,
-`baseline` or `scratch`; it is paired with the trained entry of the same setting. Top-level fields read when
-present (schema `merit_hf.results/v1` of `merit_hf.evaluation.results`): `dataset` (name or object with `name` and
-`splits`), `task`, `label_set`, `label_fraction`, `protocol` (object or text), `training` (object or text),
-`metric_definitions` (name -> definition).
+Results: the `merit_hf.results/v1` files that the evaluation harness writes (any of them, old ones included), read as
+`merit_hf.evaluation.results.EvaluationResults`. Each run gives one row group of the card's table, its setting
+(`task`, `label_set`, `label_fraction`, `seed`) named from the run's fields, its model entry beside its `baseline`
+entry (the random-init encoder of the same run); a robustness run adds one row group per shift. The protocol, the
+dataset and the metric definitions come from the same files.
 
 ```bash
 python -m merit_hf.hub.cards model results.json --model-folder quickstart_output --repo-id org/merit-ecg -o README.md
@@ -27,35 +23,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import string
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import DatasetCard, EvalResult, ModelCard, ModelCardData
 
+from ..evaluation.metrics import METRIC_DEFINITIONS
+from ..evaluation.results import EvaluationResults, ResultEntry, format_metric, read_results
+
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "merit_model_card.md"  # ships in the wheel
-BASELINE_PATTERN = re.compile(r"random|baseline|scratch", re.IGNORECASE)
-VARIANT_FIELDS = ("encoder", "variant", "init", "model_variant")
-SETTING_FIELDS = ("dataset", "task", "label_set", "protocol", "label_fraction", "seed", "split", "fold")
-CONTAINER_KEYS = {"results", "evaluations", "runs", "entries", "model"}
-SKIPPED_KEYS = {
-    "metrics",
-    "per_class",
-    "absent_classes",
-    "metric_definitions",
-    "training",
-    "config",
-    "thresholds",
-    "protocol",
-    "environment",
-    "dataset",
-    "label_names",
-}
 METRIC_TYPES = {"auroc": "roc_auc", "auc": "roc_auc", "f1": "f1", "accuracy": "accuracy", "bleu": "bleu"}
 DEFAULT_TAGS = [
     "ecg",
@@ -81,104 +62,69 @@ class CardError(ValueError):
     """A results JSON or card that cannot give a truthful card; the message says what is missing."""
 
 
-@dataclass
-class ResultEntry:
-    setting: tuple[tuple[str, str], ...]
-    variant: str
-    metrics: dict[str, dict[str, float | None]]
-    num_records: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+@dataclass(frozen=True)
+class CardRow:
+    """One setting of the card's table: the trained model's entry beside the random-init baseline of the same run
+    (`None` when the run skipped it)."""
 
-    @property
-    def is_baseline(self) -> bool:
-        return bool(BASELINE_PATTERN.search(self.variant))
+    setting: tuple[tuple[str, str], ...]
+    task: str
+    label_set: str
+    split: str
+    model: ResultEntry
+    baseline: ResultEntry | None
 
     def setting_text(self) -> str:
-        return ", ".join(value if not key else f"{key}={value}" for key, value in self.setting) or "default"
+        return ", ".join(f"{key}={value}" for key, value in self.setting)
 
     def field(self, name: str) -> str | None:
         return dict(self.setting).get(name)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Reading the results JSON
+# Reading the results
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def load_results(results: str | os.PathLike | Mapping | list) -> list[dict]:
-    """One or several results JSONs (paths or loaded objects) as a list of dicts."""
+def load_results(results: str | os.PathLike | Mapping | EvaluationResults | list) -> list[EvaluationResults]:
+    """One or several results (paths, loaded JSON objects or `EvaluationResults`) as a list of `EvaluationResults`."""
     if isinstance(results, list):
         return [item for entry in results for item in load_results(entry)]
-    if isinstance(results, Mapping):
-        return [dict(results)]
-    path = Path(results)
-    if not path.is_file():
-        raise CardError(f"{path}: results JSON not found (run the evaluation first)")
+    if isinstance(results, EvaluationResults):
+        return [results]
     try:
-        return [json.loads(path.read_text())]
+        if isinstance(results, Mapping):
+            return [EvaluationResults.from_dict(results)]
+        path = Path(results)
+        if not path.is_file():
+            raise CardError(f"{path}: results JSON not found (run the evaluation first)")
+        return [read_results(path)]
     except json.JSONDecodeError as error:
-        raise CardError(f"{path}: not valid JSON ({error})") from error
+        raise CardError(f"{results}: not valid JSON ({error})") from error
+    except CardError:
+        raise
+    except ValueError as error:
+        raise CardError(str(error)) from error
 
 
-def collect_results(results: Mapping | list) -> list[ResultEntry]:
-    """Every result entry of one or several results JSONs, with its setting and whether it is the baseline."""
-    entries: list[ResultEntry] = []
-    _walk(results, path=[], inherited={}, entries=entries)
-    if not entries:
-        raise CardError('the results JSON holds no result entry (an object with a "metrics" mapping)')
-    return entries
-
-
-def _walk(node: Any, path: list[str], inherited: dict[str, Any], entries: list[ResultEntry]) -> None:
-    if isinstance(node, list):
-        for item in node:
-            _walk(item, path, inherited, entries)
-        return
-    if not isinstance(node, Mapping):
-        return
-    scalars = {k: v for k, v in node.items() if isinstance(v, (str, int, float, bool)) and k not in ("value",)}
-    context = {**inherited, **scalars}
-    if isinstance(node.get("metrics"), Mapping):
-        entries.append(_entry(node, path, context))
-    for key, value in node.items():
-        if key not in SKIPPED_KEYS and isinstance(value, (Mapping, list)):
-            _walk(value, [*path, str(key)], context, entries)
-
-
-def _entry(node: Mapping, path: list[str], context: dict[str, Any]) -> ResultEntry:
-    variant_parts = [str(context[name]) for name in VARIANT_FIELDS if name in context]
-    variant_parts += [part for part in path if BASELINE_PATTERN.search(part)]
-    setting = [("", part) for part in path if not BASELINE_PATTERN.search(part) and part not in CONTAINER_KEYS]
-    setting += [(name, _format_scalar(context[name])) for name in SETTING_FIELDS if name in context]
-    metrics = {}
-    for name, value in node["metrics"].items():
-        if isinstance(value, Mapping):
-            metrics[name] = {key: _as_float(value.get(key)) for key in ("value", "ci_low", "ci_high")}
-        elif isinstance(value, (int, float)) or value is None:
-            metrics[name] = {"value": _as_float(value), "ci_low": None, "ci_high": None}
-    return ResultEntry(
-        setting=tuple(setting),
-        variant=" ".join(variant_parts) or "merit",
-        metrics=metrics,
-        num_records=node.get("num_records"),
-    )
-
-
-def _as_float(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
+def card_rows(runs: list[EvaluationResults]) -> list[CardRow]:
+    """Every setting of the runs, in order: each run's model and baseline, then, for a robustness run, each shift's."""
+    rows = []
+    for run in runs:
+        setting = [("task", run.task), ("label_set", run.label_set)]
+        setting += [(name, _format_scalar(value)) for name, value in (("label_fraction", run.label_fraction),
+                                                                      ("seed", run.seed)) if value is not None]  # fmt: skip
+        split = str(run.dataset.get("split") or "test")
+        rows.append(CardRow(tuple(setting), run.task, run.label_set, split, run.model, run.baseline))
+        for name, shift in (run.shifts or {}).items():
+            if shift.model is not None:
+                shifted = (*setting, ("shift", name))
+                rows.append(CardRow(shifted, run.task, run.label_set, split, shift.model, shift.baseline))
+    return rows
 
 
 def _format_scalar(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def pair_with_baselines(entries: list[ResultEntry]) -> list[tuple[ResultEntry, ResultEntry | None]]:
-    """Each trained entry with the random-init baseline of the same setting (`None` when there is none)."""
-    baselines = {entry.setting: entry for entry in entries if entry.is_baseline}
-    return [(entry, baselines.get(entry.setting)) for entry in entries if not entry.is_baseline]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -186,38 +132,27 @@ def pair_with_baselines(entries: list[ResultEntry]) -> list[tuple[ResultEntry, R
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _format_value(metric: Mapping | None) -> str:
-    if metric is None or metric.get("value") is None:
-        return "n/a"
-    text = f"{metric['value']:.3f}"
-    if metric.get("ci_low") is not None and metric.get("ci_high") is not None:
-        text += f" [{metric['ci_low']:.3f}, {metric['ci_high']:.3f}]"
-    return text
-
-
-def evaluation_table(pairs: list[tuple[ResultEntry, ResultEntry | None]]) -> str:
+def evaluation_table(rows: list[CardRow]) -> str:
     """A Markdown table: one row per (setting, metric), the model next to its random-init baseline."""
     lines = [
         "| setting | metric | this model | random-init encoder | records |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for entry, baseline in pairs:
-        for name, metric in entry.metrics.items():
-            base = _format_value(baseline.metrics.get(name)) if baseline else "not run"
-            records = entry.num_records if entry.num_records is not None else ""
-            lines.append(f"| {entry.setting_text()} | {name} | {_format_value(metric)} | {base} | {records} |")
+    for row in rows:
+        for name, metric in row.model.metrics.items():
+            base = format_metric(row.baseline.metrics.get(name)) if row.baseline else "not run"
+            records = row.model.num_records if row.model.num_records is not None else ""
+            lines.append(f"| {row.setting_text()} | {name} | {format_metric(metric)} | {base} | {records} |")
     return "\n".join(lines)
 
 
-def eval_results_for_index(
-    pairs: list[tuple[ResultEntry, ResultEntry | None]], dataset_id: str, dataset_name: str
-) -> list[EvalResult]:
+def eval_results_for_index(rows: list[CardRow], dataset_id: str, dataset_name: str) -> list[EvalResult]:
     """`model-index` entries for the trained model's values (the baseline stays in the card body)."""
     results = []
-    for entry, _ in pairs:
-        zero_shot = "zero" in entry.setting_text().lower()
-        for name, metric in entry.metrics.items():
-            if metric["value"] is None:
+    for row in rows:
+        zero_shot = row.task == "zero-shot"
+        for name, metric in row.model.metrics.items():
+            if metric.value is None:
                 continue
             metric_type = next((t for key, t in METRIC_TYPES.items() if key in name.lower()), name)
             results.append(
@@ -226,11 +161,11 @@ def eval_results_for_index(
                     task_name="Zero-shot ECG classification" if zero_shot else "ECG classification",
                     dataset_type=dataset_id,
                     dataset_name=dataset_name,
-                    dataset_config=entry.field("label_set") or entry.field("task"),
-                    dataset_split=entry.field("split") or "test",
+                    dataset_config=row.label_set,
+                    dataset_split=row.split,
                     metric_type=metric_type,
-                    metric_name=f"{name} ({entry.setting_text()})",
-                    metric_value=round(metric["value"], 4),
+                    metric_name=f"{name} ({row.setting_text()})",
+                    metric_value=round(metric.value, 4),
                 )
             )
     return results
@@ -268,9 +203,9 @@ def input_contract(model_folder: str | os.PathLike | None) -> str:
     return "\n".join(["| item | value |", "| --- | --- |", *[f"| {key} | {value} |" for key, value in rows]])
 
 
-def _training_text(runs: list[dict], model_folder: str | os.PathLike | None) -> str:
+def _training_text(runs: list[EvaluationResults], model_folder: str | os.PathLike | None) -> str:
     parts = []
-    for training in (run.get("training") for run in runs):
+    for training in (run.extra.get("training") for run in runs):
         if isinstance(training, str):
             parts.append(training)
         elif isinstance(training, Mapping):
@@ -287,18 +222,15 @@ def _training_text(runs: list[dict], model_folder: str | os.PathLike | None) -> 
     return "\n\n".join(parts) or "The training run did not record its settings in the results JSON."
 
 
-def _protocol_text(runs: list[dict]) -> str:
+def _protocol_text(runs: list[EvaluationResults]) -> str:
     """Each run's harness settings, as the evaluation recorded them."""
     lines = []
     for run in runs:
-        protocol = run.get("protocol")
-        name = ", ".join(_format_scalar(run[key]) for key in ("task", "label_set", "label_fraction") if key in run)
-        if isinstance(protocol, Mapping):
-            settings = "; ".join(f"{key}={public_path(value)}" for key, value in protocol.items())
-            lines.append(f"- {name or 'run'}: {settings}")
-        elif protocol:
-            lines.append(f"- {name or 'run'}: {protocol}")
-    splits = {run["dataset"].get("splits") for run in runs if isinstance(run.get("dataset"), Mapping)} - {None}
+        name = ", ".join(_format_scalar(value) for value in (run.task, run.label_set, run.label_fraction))
+        if run.protocol:
+            settings = "; ".join(f"{key}={public_path(value)}" for key, value in run.protocol.items())
+            lines.append(f"- {name}: {settings}")
+    splits = {run.dataset.get("splits") for run in runs} - {None}
     text = "\n".join(lines) or "- The results JSON does not record the harness settings."
     return text + ("\n\nSplits: " + "; ".join(sorted(splits)) if splits else "")
 
@@ -315,10 +247,9 @@ def _is_local_path(text: str) -> bool:
     return bool(re.match(r"^(/|~/|[A-Za-z]:[\\/])", text)) and "://" not in text
 
 
-def _evaluation_dataset(runs: list[dict], datasets: list[str] | None) -> tuple[str, str]:
+def _evaluation_dataset(runs: list[EvaluationResults], datasets: list[str] | None) -> tuple[str, str]:
     """`(id, display name)` of the evaluation data: the Hub id when one is given, else the results' name."""
-    dataset = runs[0].get("dataset")
-    name = dataset.get("name") if isinstance(dataset, Mapping) else dataset
+    name = runs[0].dataset.get("name")
     dataset_id = str(name or (datasets or ["PTB-XL"])[0])
     if datasets:
         dataset_id = next((d for d in datasets if _display_name(d) == _display_name(dataset_id)), dataset_id)
@@ -331,7 +262,7 @@ def _display_name(dataset_id: str) -> str:
 
 
 def render_model_card(
-    results: str | os.PathLike | Mapping | list,
+    results: str | os.PathLike | Mapping | EvaluationResults | list,
     repo_id: str,
     *,
     model_folder: str | os.PathLike | None = None,
@@ -346,7 +277,7 @@ def render_model_card(
     """Render a MERIT model card from a results JSON; the returned `ModelCard` parses and carries `model-index`.
 
     Args:
-        results: the results JSON(s) written by `merit_hf.evaluation` (paths or loaded objects; a list for
+        results: the results written by `merit_hf.evaluation` (paths, loaded JSON or `EvaluationResults`; a list for
             several runs, e.g. linear probe at 1/10/100 % labels and zero-shot).
         repo_id: the Hub repository the card is for (used in the usage snippet).
         model_folder: the `save_pretrained` folder; its `preprocessor_config.json` gives the input contract and its
@@ -357,9 +288,7 @@ def render_model_card(
         template: a `string.Template` Markdown file with `$metadata`, `$title`, ... placeholders.
     """
     runs = load_results(results)
-    pairs = pair_with_baselines(collect_results(runs))
-    if not pairs:
-        raise CardError("the results JSON holds only baseline entries: there is no trained model to describe")
+    rows = card_rows(runs)
     config = {}
     if model_folder is not None and (Path(model_folder) / "config.json").is_file():
         config = json.loads((Path(model_folder) / "config.json").read_text())
@@ -376,10 +305,10 @@ def render_model_card(
         tags=[*DEFAULT_TAGS, *(["report-generation"] if is_report else []), "custom_code", *(extra_tags or [])],
         datasets=datasets,
         base_model=base_model,
-        eval_results=eval_results_for_index(pairs, dataset_id, dataset_name),
+        eval_results=eval_results_for_index(rows, dataset_id, dataset_name),
     )
-    definitions = {key: value for run in runs for key, value in (run.get("metric_definitions") or {}).items()}
-    definitions = definitions or _default_metric_definitions()
+    definitions = {key: value for run in runs for key, value in run.metric_definitions.items()}
+    definitions = definitions or dict(METRIC_DEFINITIONS)
     evaluation = "\n\n".join(
         [
             "Protocol, as each evaluation run recorded it:\n\n" + _protocol_text(runs),
@@ -387,7 +316,7 @@ def render_model_card(
             "`merit_hf.evaluation`; brackets are 95% bootstrap intervals when the evaluation computed them. The "
             "random-init column is the same architecture with untrained weights, run through the same harness: "
             "the gap between the two columns is what pretraining adds.",
-            evaluation_table(pairs),
+            evaluation_table(rows),
             "Metric definitions:\n\n" + "\n".join(f"- `{key}`: {value}" for key, value in definitions.items()),
         ]
     )
@@ -445,14 +374,6 @@ def transformers_requirement() -> str:
             specifiers = sorted(str(specifier) for specifier in requirement.specifier)
             return "transformers" + ",".join(sorted(specifiers, key=lambda specifier: specifier.startswith("<")))
     raise CardError("merit_hf's metadata names no transformers requirement")
-
-
-def _default_metric_definitions() -> dict[str, str]:
-    try:
-        from ..evaluation.metrics import METRIC_DEFINITIONS
-    except ImportError:  # pragma: no cover - evaluation is part of merit_hf
-        return {}
-    return dict(METRIC_DEFINITIONS)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -588,15 +509,14 @@ if __name__ == "__main__":
 
 __all__ = [
     "CardError",
-    "ResultEntry",
-    "collect_results",
+    "CardRow",
+    "card_rows",
     "dataset_card_problems",
     "dataset_config_problems",
     "evaluation_table",
     "input_contract",
     "load_results",
     "model_card_problems",
-    "pair_with_baselines",
     "render_model_card",
     "write_dataset_card",
 ]

@@ -21,7 +21,8 @@ through the checkpoint's own feature extractor, so its input contract (leads, un
 `"zero-shot-ecg-classification"` (two-tower MeritModel / MeritForPreTraining folders) scores an ECG against class
 descriptions: free-text `candidate_labels`, or `class_descriptions="superclass"` (a PTB-XL label set of the prompt file
 that `save_pretrained` writes beside the model, `zero_shot_prompts.json`). Per-class cosine similarities of prompt-
-ensembled class embeddings (see `merit_hf.evaluation.zero_shot`, which imports these helpers from here).
+ensembled class embeddings; `zero_shot_classify` is the same scoring as a function over many ECGs
+(`merit_hf.zero_shot_classify`), and `merit_hf.evaluation.zero_shot` evaluates it on a labelled dataset.
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ class MeritEcgClassificationPipeline(_MeritEcgPipeline):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Zero-shot classification: prompt ensembling and scoring (merit_hf.evaluation.zero_shot re-exports these)
+# Zero-shot classification: prompt ensembling and scoring, here so that a saved folder runs it without merit_hf
+# (`merit_hf.zero_shot_classify`; the dataset-level evaluation, `merit_hf.evaluation.zero_shot`, imports them)
 
 
 @lru_cache(maxsize=4)
@@ -168,7 +170,8 @@ def load_class_descriptions(label_set: str, path: str | Path | None = None) -> d
     return {name: list(texts) for name, texts in label_sets[label_set].items()}
 
 
-def _templates(hypothesis_template: str | Sequence[str]) -> list[str]:
+def hypothesis_templates(hypothesis_template: str | Sequence[str]) -> list[str]:
+    """`hypothesis_template` as a list of templates, each checked to hold the `{}` a description goes into."""
     templates = [hypothesis_template] if isinstance(hypothesis_template, str) else list(hypothesis_template)
     if not templates:
         raise ValueError("hypothesis_template is empty; give a string with '{}', e.g. 'an ECG showing {}'")
@@ -202,7 +205,7 @@ def class_prompts(
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:
         raise ValueError(f"candidate_labels has duplicates {duplicates}")
-    templates = _templates(hypothesis_template)
+    templates = hypothesis_templates(hypothesis_template)
     if isinstance(class_descriptions, str):
         class_descriptions = load_class_descriptions(class_descriptions, prompt_file)
     prompts = []
@@ -221,8 +224,9 @@ def class_prompts(
     return prompts
 
 
-def _two_tower(model):
-    """The `MeritModel` inside `model` (itself, or `MeritForPreTraining.merit`)."""
+def two_tower_model(model):
+    """The two-tower `MeritModel` inside `model` (itself, or `MeritForPreTraining.merit`); `TypeError` for a model
+    without a text tower."""
     for candidate in (model, getattr(model, "merit", None)):
         if (
             candidate is not None
@@ -240,7 +244,7 @@ def _two_tower(model):
 def encode_class_prompts(model, tokenizer, prompts: Sequence[Sequence[str]], max_length: int = 128) -> torch.Tensor:
     """One L2-normalised embedding per class `(num_classes, projection_dim)`: the normalised mean of the normalised
     embeddings of its prompts (prompt ensembling)."""
-    merit = _two_tower(model)
+    merit = two_tower_model(model)
     texts = [text for class_texts in prompts for text in class_texts]
     tokens = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     tokens = {key: value.to(merit.device) for key, value in tokens.items() if key in TEXT_INPUT_NAMES}
@@ -307,7 +311,7 @@ def encode_ecgs(
     in `precision` (`merit_hf.models.merit.inference_precision`: `"auto"` is bf16 weights on a GPU and the CPU's fastest accurate
     path; the model itself is never cast, a converted copy of its ECG tower runs). `lead_mask`: the missing leads are
     left out."""
-    merit = _two_tower(model)
+    merit = two_tower_model(model)
     encoder = _prepare_for_inference(merit.ecg_model, precision, merit.device)
     projection = _prepare_for_inference(merit.ecg_projection, precision, merit.device)
     outputs = []
@@ -334,9 +338,69 @@ def similarity_scores(
     similarities times the model's clamped temperature (CLIP)."""
     similarities = ecg_embeddings.float() @ class_embeddings.float().T
     if not multi_label:
-        scale = _two_tower(model).clamped_logit_scale().float().to(similarities.device)
+        scale = two_tower_model(model).clamped_logit_scale().float().to(similarities.device)
         similarities = (scale * similarities).softmax(dim=-1)
     return similarities.cpu().numpy()
+
+
+def zero_shot_classify(
+    model,
+    processor,
+    ecgs: Any = None,
+    candidate_labels: Sequence[str] = (),
+    hypothesis_template: str | Sequence[str] = DEFAULT_HYPOTHESIS_TEMPLATE,
+    multi_label: bool = True,
+    class_descriptions: Mapping[str, Sequence[str]] | str | None = None,
+    sampling_rate: float | Sequence[float] | None = None,
+    lead_names: Sequence[str] | None = None,
+    units: str | Sequence[str] | None = "mV",
+    ecg_values: torch.Tensor | None = None,
+    batch_size: int = 32,
+    lead_mask: torch.Tensor | None = None,
+    precision: str = "auto",
+) -> dict[str, Any]:
+    r"""
+    Score ECGs against class descriptions with a MERIT two-tower model.
+
+    Args:
+        model: a `MeritModel` (or `MeritForPreTraining`).
+        processor: a `MeritProcessor` (its feature extractor validates the records, its tokenizer the prompts).
+        ecgs: one record or a list, as the feature extractor takes them (arrays `(num_samples, num_leads)` with
+            `sampling_rate` and `lead_names`, or WFDB paths). Alternatively pass `ecg_values`.
+        candidate_labels: the classes to score, in the order the scores come back.
+        hypothesis_template: a string with `{}` (or a list of them, ensembled), filled with each description.
+        multi_label: `True` (default): independent per-class cosine similarities, no softmax across labels.
+            `False`: a softmax over the candidates.
+        class_descriptions: `None` (each label is its own description), a mapping label -> descriptions, or the
+            name of a PTB-XL label set of the shipped prompt file (`"superclass"`, `"subclass"`, `"form"`, `"rhythm"`,
+            `"all"`); a label it does not know raises.
+        ecg_values: already extracted `(num_ecgs, num_leads, num_samples)` input instead of `ecgs`.
+        lead_mask: with `ecg_values`, the feature extractor's `lead_mask` `(num_ecgs, num_leads)` (missing leads
+            are left out); with `ecgs` it comes from the feature extractor (`missing_leads="mask"`).
+        precision: of the ECG tower (`merit_hf.models.merit.inference_precision`): `"auto"` (default) runs bf16 weights on a GPU
+            and the fastest accurate path on a CPU; `"fp32"`, `"bf16"`, `"fp16"`, `"int8"` (CPU), `"fp8"` (Hopper).
+            The model is never cast: a converted copy of its ECG tower runs, kept until its weights change.
+
+    Returns:
+        `{"labels": list(candidate_labels), "scores": np.ndarray (num_ecgs, num_labels)}`.
+    """
+    prompts = class_prompts(candidate_labels, hypothesis_template, class_descriptions)
+    if (ecgs is None) == (ecg_values is None):
+        raise ValueError("give exactly one of ecgs (raw records) and ecg_values (feature-extractor output)")
+    ecg_attention_mask = None
+    if ecg_values is None:
+        features = processor.feature_extractor(
+            ecgs, sampling_rate=sampling_rate, lead_names=lead_names, units=units, return_tensors="pt"
+        )
+        ecg_values, ecg_attention_mask = features["ecg_values"], features.get("ecg_attention_mask")
+        lead_mask = features.get("lead_mask")
+    class_embeddings = encode_class_prompts(model, processor.tokenizer, prompts, max_length=processor.max_length)
+    ecg_embeddings = encode_ecgs(
+        model, torch.as_tensor(ecg_values), batch_size, ecg_attention_mask, lead_mask, precision
+    )
+    scores = similarity_scores(model, ecg_embeddings, class_embeddings, multi_label=multi_label)
+    labels = [candidate_labels] if isinstance(candidate_labels, str) else list(candidate_labels)
+    return {"labels": labels, "scores": scores}
 
 
 def _folder_prompt_file(name_or_path: str | None) -> str | None:
@@ -532,7 +596,10 @@ __all__ = [
     "custom_pipelines_for",
     "encode_class_prompts",
     "encode_ecgs",
+    "hypothesis_templates",
     "load_class_descriptions",
     "save_zero_shot_prompts",
     "similarity_scores",
+    "two_tower_model",
+    "zero_shot_classify",
 ]
