@@ -1,5 +1,6 @@
 """`transformers.Trainer` with default arguments fine-tunes `MeritForEcgClassification`, reports the project's
-metrics, saves the feature extractor, and its output folder passes `hub push`'s checks."""
+metrics, saves the feature extractor, and its output folder passes `hub push`'s checks; the probe protocol's
+fine-tuning (`merit_hf.training.finetune`) runs on the same Trainer, with early stopping and the best epoch kept."""
 
 from __future__ import annotations
 
@@ -8,14 +9,15 @@ import pytest
 import torch
 from transformers import AutoFeatureExtractor, AutoModelForSequenceClassification, Trainer, TrainingArguments
 
-from merit_hf import MeritFeatureExtractor, MeritForEcgClassification, MeritForPreTraining
+from merit_hf import MeritEcgModel, MeritFeatureExtractor, MeritForEcgClassification, MeritForPreTraining
 from merit_hf.data import MeritCollator, build_ptbxl, label_names
 from merit_hf.evaluation.metrics import macro_auroc
+from merit_hf.evaluation.probe import ProbeArguments, label_matrix, probe_rows
 from merit_hf.hub import check_model_folder
+from merit_hf.training import finetune
 from merit_hf.training.classification import add_trainer_columns, compute_metrics_for
-from tests.conftest import BUNDLED_PTBXL, tiny_merit_config
-
-pytestmark = pytest.mark.slow  # a real Trainer run end to end (about 25 s on 2 shared cores)
+from tests.conftest import BUNDLED_PTBXL, tiny_ecg_config, tiny_merit_config
+from tests.test_eval_probe import synthetic_ptbxl
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +52,7 @@ def trained(tmp_path_factory):
     return trainer, data, names, before, tmp_path / "run"
 
 
+@pytest.mark.slow  # a real Trainer run end to end (about 25 s on 2 shared cores)
 def test_trainer_trains_with_default_arguments_and_reports_the_project_metrics(trained):
     trainer, data, names, before, _ = trained
     assert trainer.args.remove_unused_columns is True
@@ -66,6 +69,7 @@ def test_trainer_trains_with_default_arguments_and_reports_the_project_metrics(t
     assert "eval_macro_f1_max_over_thresholds" in metrics
 
 
+@pytest.mark.slow
 def test_trainer_output_loads_and_passes_the_push_checks(trained):
     trainer, data, names, _, folder = trained
     assert (folder / "preprocessor_config.json").is_file() and (folder / "training_args.bin").is_file()
@@ -87,3 +91,100 @@ def test_trainer_output_loads_and_passes_the_push_checks(trained):
     finally:
         (folder / "pytorch_model.bin").unlink()
         (folder / "preprocessor_config.json.away").rename(folder / "preprocessor_config.json")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The probe protocol's fine-tuning on the Trainer (tiny encoder, synthetic records: seconds)
+# ----------------------------------------------------------------------------------------------------------------------
+def tiny_encoder(seed: int = 123):
+    """A one-layer encoder at the synthetic records' own rate and length (no resampling, a 9 s crop of 10 s)."""
+    torch.manual_seed(seed)
+    config = tiny_ecg_config(sampling_rate=100, num_samples=900, patch_size=50, num_hidden_layers=1)
+    encoder = MeritEcgModel(config)
+    return encoder, MeritFeatureExtractor.from_model_config(config)
+
+
+def recording_compute_metrics(monkeypatch) -> list[float]:
+    """The macro AUROC of every `compute_metrics` call of `fine_tune`'s Trainer, in order: one per epoch on
+    validation, then the two final `predict` calls (validation, test)."""
+    recorded = []
+
+    def recording(names, **kwargs):
+        compute = compute_metrics_for(names, **kwargs)
+
+        def compute_and_record(prediction):
+            metrics = compute(prediction)
+            recorded.append(metrics["macro_auroc"])
+            return metrics
+
+        return compute_and_record
+
+    monkeypatch.setattr(finetune, "compute_metrics_for", recording)
+    return recorded
+
+
+def test_fine_tune_keeps_the_best_epoch_and_stops_after_patience(monkeypatch, tmp_path):
+    recorded = recording_compute_metrics(monkeypatch)
+    data = synthetic_ptbxl(sizes=(16, 8, 6))
+    rows = probe_rows(data, "superclass")
+    encoder, feature_extractor = tiny_encoder()
+    arguments = ProbeArguments(
+        mode="finetune", batch_size=8, finetune_learning_rate=3e-3, finetune_max_epochs=5, finetune_patience=1
+    )
+    validation_logits, test_logits, training = finetune.fine_tune(
+        encoder, feature_extractor, data, "superclass", rows, arguments, seed=0, checkpoint_dir=tmp_path / "run"
+    )
+    epochs = recorded[: training["epochs_run"]]
+    assert len(recorded) == training["epochs_run"] + 2
+    assert training["best_epoch"] == int(np.argmax(epochs)) + 1 < training["epochs_run"]  # not simply the last epoch
+    assert training["epochs_run"] == min(5, training["best_epoch"] + 1)
+    validation_labels = label_matrix(data["validation"].select(rows["validation"]), "superclass")
+    assert macro_auroc(validation_labels, validation_logits) == pytest.approx(max(epochs), abs=1e-9)
+    assert test_logits.shape == (len(rows["test"]), 5) and test_logits.dtype == np.float32
+    assert not (tmp_path / "run").exists()  # the Trainer's checkpoints are removed
+
+
+def test_fine_tune_without_improvement_stops_at_epoch_one_plus_patience(monkeypatch):
+    recorded = recording_compute_metrics(monkeypatch)
+    data = synthetic_ptbxl(sizes=(8, 6, 6))
+    encoder, feature_extractor = tiny_encoder()
+    arguments = ProbeArguments(  # learning rate 0: every epoch scores the same, so only epoch 1 is ever best
+        mode="finetune", batch_size=8, finetune_learning_rate=0.0, finetune_max_epochs=10, finetune_patience=1
+    )
+    *_, training = finetune.fine_tune(encoder, feature_extractor, data, "superclass", probe_rows(data, "superclass"),
+                                      arguments)  # fmt: skip
+    assert (training["best_epoch"], training["epochs_run"]) == (1, 2)
+    assert len(set(recorded[:2])) == 1
+
+
+def test_fine_tune_is_reproducible_under_its_seed():
+    data = synthetic_ptbxl(sizes=(8, 6, 6))
+    rows = probe_rows(data, "superclass")
+    arguments = ProbeArguments(mode="finetune", batch_size=8, finetune_learning_rate=1e-3, finetune_max_epochs=1)
+
+    def test_logits(seed: int) -> np.ndarray:
+        encoder, feature_extractor = tiny_encoder()
+        return finetune.fine_tune(encoder, feature_extractor, data, "superclass", rows, arguments, seed=seed)[1]
+
+    first = test_logits(0)
+    np.testing.assert_array_equal(first, test_logits(0))
+    assert not np.allclose(first, test_logits(1))  # head initialisation, shuffling and crops follow the seed
+
+
+def test_fine_tune_crops_randomly_in_training_and_centrally_in_evaluation():
+    encoder, feature_extractor = tiny_encoder()
+    random_crops = finetune.with_crop(feature_extractor, "random", seed=3)
+    assert (random_crops.crop, random_crops.seed, feature_extractor.crop) == ("random", 3, "center")
+    signal = np.random.default_rng(0).standard_normal((1000, 12)).astype(np.float32)  # longer than the window
+    leads = feature_extractor.lead_names
+
+    def crops(extractor, times: int) -> list[np.ndarray]:
+        return [extractor(signal, sampling_rate=100, lead_names=leads)["ecg_values"] for _ in range(times)]
+
+    first, second = crops(random_crops, 2)
+    assert not np.array_equal(first, second)
+    again = crops(finetune.with_crop(feature_extractor, "random", seed=3), 2)
+    np.testing.assert_array_equal(first, again[0])
+    np.testing.assert_array_equal(second, again[1])
+    centre = crops(finetune.with_crop(random_crops, "center"), 1)[0]
+    np.testing.assert_array_equal(centre, crops(feature_extractor, 1)[0])

@@ -1,5 +1,5 @@
 """Sharing (an app layer): `push` (checks and uploads model and dataset folders), `cards` (model and dataset cards
-rendered from results JSONs). `python -m merit_hf.hub push|cache ...` is the command line."""
+rendered from results JSONs). `python -m merit_hf.hub push ...` is the command line."""
 
 from .push import (
     DEFAULT_IGNORE_PATTERNS,
@@ -10,7 +10,6 @@ from .push import (
     clear_local_name_or_path,
     leak_problems,
     main,
-    populate_cache,
     push_dataset,
     push_folder,
     push_model,
@@ -26,7 +25,6 @@ __all__ = [
     "clear_local_name_or_path",
     "leak_problems",
     "main",
-    "populate_cache",
     "push_dataset",
     "push_folder",
     "push_model",

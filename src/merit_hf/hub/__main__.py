@@ -1,4 +1,4 @@
-"""`python -m merit_hf.hub push|cache ...`: see `merit_hf.hub.push`."""
+"""`python -m merit_hf.hub push ...`: see `merit_hf.hub.push`."""
 
 import sys
 

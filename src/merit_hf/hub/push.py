@@ -2,8 +2,7 @@
 
 `push_model` and `push_dataset` check that a folder is Hub-ready, optionally render its card from an evaluation
 results JSON ([`merit_hf.hub.cards`]), then upload it with `HfApi.upload_folder` (Xet or Git-LFS, whichever the client
-picks), to a branch, a pull request, and/or a tag. `populate_cache` puts a folder into the Hugging Face cache as if
-it had been downloaded, for machines behind a firewall.
+picks), to a branch, a pull request, and/or a tag.
 
 Command line:
 
@@ -11,22 +10,21 @@ Command line:
 python -m merit_hf.hub push quickstart_output org/merit-ecg --results results.json --tag v0.1
 python -m merit_hf.hub push quickstart_output org/merit-ecg --create-pr --message "Retrained on fold 1-8"
 python -m merit_hf.hub push converted/ptbxl org/ptbxl-merit --repo-type dataset
-python -m merit_hf.hub cache quickstart_output org/merit-ecg   # offline: from_pretrained("org/merit-ecg") works
 ```
 
 Then, for anyone (merit_hf not needed, the model code travels with the checkpoint):
-`AutoModel.from_pretrained("org/merit-ecg", trust_remote_code=True)`.
+`AutoModel.from_pretrained("org/merit-ecg", trust_remote_code=True)`. Offline, load the folder itself by path (the
+same call with the folder in place of the repo id), or copy a Hugging Face cache filled by `hf download org/merit-ecg`
+on a connected machine and set `HF_HUB_OFFLINE=1`.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
 import re
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,7 +50,7 @@ DEFAULT_IGNORE_PATTERNS = [
     "**/trainer_state.json",
 ]
 DATA_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".csv")
-# Files that the Hub stores through LFS/Xet; the offline cache names their blobs by sha256 like the client does.
+# Weights and data, never read by the leak checks (they are not text).
 LARGE_FILE_SUFFIXES = (".safetensors", ".parquet", ".arrow", ".npy", ".npz", ".h5", ".dat")
 # A Hugging Face access token (`hf_` and 30-odd letters and digits), e.g. pasted into notes or printed in a log.
 HUB_TOKEN = re.compile(r"hf_[A-Za-z0-9]{30,}")
@@ -378,64 +376,6 @@ def push_dataset(folder: str | os.PathLike, repo_id: str, **push_kwargs) -> Push
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Offline cache
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def populate_cache(
-    folder: str | os.PathLike,
-    repo_id: str,
-    *,
-    repo_type: str = "model",
-    revision: str = "main",
-    cache_dir: str | os.PathLike | None = None,
-) -> Path:
-    """Put a folder into the Hugging Face cache as if `snapshot_download(repo_id)` had fetched it, so that with
-    `HF_HUB_OFFLINE=1` `from_pretrained(repo_id)` loads it on a machine that cannot reach the Hub.
-
-    The layout is huggingface_hub's (`blobs/`, `snapshots/<commit>/` with relative links, `refs/<revision>`). The
-    commit id is a hash of the folder's contents (it is not the Hub's commit id). The files are those a push would
-    upload ([`pushed_files`]). Returns the snapshot folder.
-    """
-    from huggingface_hub import constants
-
-    folder = Path(folder)
-    files = [folder / path for path in pushed_files(folder)]
-    if not files:
-        raise HubFolderError(f"{folder}: no files to cache")
-    digests = {path: _blob_name(path) for path in files}
-    commit = hashlib.sha1(
-        "".join(f"{p.relative_to(folder).as_posix()}:{d}\n" for p, d in digests.items()).encode()
-    ).hexdigest()
-    cache = Path(cache_dir or constants.HF_HUB_CACHE)
-    repo_dir = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
-    snapshot = repo_dir / "snapshots" / commit
-    for path, digest in digests.items():
-        blob = repo_dir / "blobs" / digest
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        if not blob.exists():
-            shutil.copyfile(path, blob)
-        link = snapshot / path.relative_to(folder)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        try:
-            link.symlink_to(os.path.relpath(blob, link.parent))
-        except OSError:  # no symlinks (Windows without developer mode): huggingface_hub copies too
-            shutil.copyfile(blob, link)
-    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
-    (repo_dir / "refs" / revision).write_text(commit)
-    return snapshot
-
-
-def _blob_name(path: Path) -> str:
-    data = path.read_bytes()
-    if path.suffix in LARGE_FILE_SUFFIXES:
-        return hashlib.sha256(data).hexdigest()
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -456,31 +396,22 @@ def main(argv: list[str] | None = None) -> dict:
         "--private", action="store_true", default=None, help="make the repo private (also an existing public one)"
     )
     push.add_argument("--endpoint", help="Hub URL (default: $HF_ENDPOINT or https://huggingface.co)")
-    cache = commands.add_parser("cache", help="put a folder into the local HF cache as repo_id (offline use)")
-    cache.add_argument("folder")
-    cache.add_argument("repo_id")
-    cache.add_argument("--repo-type", choices=("model", "dataset"), default="model")
-    cache.add_argument("--cache-dir", help="default: the huggingface_hub cache ($HF_HOME/hub)")
     args = parser.parse_args(argv)
 
-    if args.command == "cache":
-        snapshot = populate_cache(args.folder, args.repo_id, repo_type=args.repo_type, cache_dir=args.cache_dir)
-        summary = {"repo_id": args.repo_id, "snapshot": str(snapshot)}
+    kwargs = {
+        "revision": args.revision,
+        "tag": args.tag,
+        "create_pr": args.create_pr,
+        "commit_message": args.message,
+        "private": args.private,
+        "endpoint": args.endpoint,
+    }
+    if args.repo_type == "dataset":
+        if args.results:
+            parser.error("--results renders a model card; dataset cards live beside the dataset scripts")
+        summary = asdict(push_dataset(args.folder, args.repo_id, **kwargs))
     else:
-        kwargs = {
-            "revision": args.revision,
-            "tag": args.tag,
-            "create_pr": args.create_pr,
-            "commit_message": args.message,
-            "private": args.private,
-            "endpoint": args.endpoint,
-        }
-        if args.repo_type == "dataset":
-            if args.results:
-                parser.error("--results renders a model card; dataset cards live beside the dataset scripts")
-            summary = asdict(push_dataset(args.folder, args.repo_id, **kwargs))
-        else:
-            summary = asdict(push_model(args.folder, args.repo_id, results=args.results, **kwargs))
+        summary = asdict(push_model(args.folder, args.repo_id, results=args.results, **kwargs))
     print(json.dumps(summary, indent=2))
     return summary
 
@@ -490,7 +421,6 @@ __all__ = [
     "PushResult",
     "check_dataset_folder",
     "check_model_folder",
-    "populate_cache",
     "push_dataset",
     "push_folder",
     "push_model",

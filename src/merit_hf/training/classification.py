@@ -28,9 +28,10 @@ Example (the README recipe):
 >>> trainer.train(); trainer.save_model()  # doctest: +SKIP
 ```
 
-Precomputed inputs are fixed: the random-crop augmentation of `merit_hf.training.probe`'s fine-tuning is not
-applied. For it, keep the raw columns (`TrainingArguments(remove_unused_columns=False)`) and give
-`MeritCollator(feature_extractor, label_set=...)` a feature extractor with `crop="random"`.
+Precomputed inputs are fixed: the random-crop augmentation of the probe protocol's fine-tuning is not applied. For
+it, do as `merit_hf.training.finetune` does: keep the raw columns (`TrainingArguments(remove_unused_columns=False)`)
+and give `MeritCollator(feature_extractor, label_set=..., num_classes=...)` a feature extractor with `crop="random"`
+(`finetune.with_crop`); evaluation rows that hold precomputed centre-cropped `ecg_values` are stacked as they are.
 """
 
 from __future__ import annotations

@@ -1,27 +1,35 @@
 """Full fine-tuning of a MERIT encoder with a linear head (`MeritForEcgClassification`) under the probe protocol
 (`merit_hf.evaluation.probe`), next to its random-init twin: `run_fine_tune` returns the same results layout as
-`run_linear_probe`. Run it with `python -m merit_hf.training.probe --mode finetune`."""
+`run_linear_probe`. Run it with `python -m merit_hf.training.probe --mode finetune`.
+
+The loop is `transformers.Trainer`'s: one evaluation per epoch on the validation split, `EarlyStoppingCallback` on
+its macro AUROC (`compute_metrics_for`, the metrics of `merit_hf.evaluation.metrics`) and `load_best_model_at_end`, so
+the test logits come from the best epoch. Training rows go through `MeritCollator` with a feature extractor that cuts
+a seeded random crop per record and epoch; validation and test rows get centre crops, computed once
+(`precompute_ecg_values`), which the same collator stacks. `ThroughputCallback` puts the `ThroughputMeter` of every
+other loop of the package on the Trainer's events.
+"""
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import logging
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
+from ..data.collator import MeritCollator, precompute_ecg_values
 from ..evaluation.probe import (
     SPLITS,
     ProbeArguments,
     _dataset_description,
     _dataset_info,
-    _validation_score,
-    ecg_model_inputs,
-    encoder_inputs,
     evaluate_scores,
     label_matrix,
     label_names,
@@ -35,8 +43,14 @@ from ..evaluation.results import build_results, encoder_identity, write_results
 from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
 from ..models.merit.modeling_merit import MeritEcgModel, MeritForEcgClassification
 from ..utils.throughput import ThroughputMeter
+from .classification import compute_metrics_for
 
 logger = logging.getLogger(__name__)
+
+RECORD_COLUMNS = ["signal", "sampling_rate", "lead_names"]
+# AdamW's weight decay: torch.optim.AdamW's default, which the protocol has used since its first runs; the Trainer
+# leaves biases and LayerNorm weights out of it.
+WEIGHT_DECAY = 0.01
 
 
 def _classifier_from(encoder: MeritEcgModel, names: Sequence[str]) -> MeritForEcgClassification:
@@ -53,15 +67,67 @@ def _classifier_from(encoder: MeritEcgModel, names: Sequence[str]) -> MeritForEc
     return model
 
 
-@torch.no_grad()
-def _predict(accelerator, model, feature_extractor, dataset, batch_size) -> np.ndarray:
-    model.eval()
-    logits = []
-    columns = dataset.select_columns(["signal", "sampling_rate", "lead_names"])
-    for start in range(0, len(dataset), batch_size):
-        inputs = ecg_model_inputs(feature_extractor, columns[start : start + batch_size], crop="center")
-        logits.append(model(**encoder_inputs(inputs, accelerator.device)).logits.float().cpu().numpy())
-    return np.concatenate(logits)
+def with_crop(feature_extractor: MeritFeatureExtractor, crop: str, seed: int | None = None) -> MeritFeatureExtractor:
+    """A copy of `feature_extractor` that cuts `crop` windows (`"random"`: from a generator seeded with `seed`)."""
+    return type(feature_extractor).from_dict({**feature_extractor.to_dict(), "crop": crop, "seed": seed})
+
+
+class ThroughputCallback(TrainerCallback):
+    """`ThroughputMeter` on `Trainer` events. The Trainer fetches (and collates: the feature extractor runs there)
+    each batch between one step's end and the next step's begin, so that gap is the data wait; the step itself runs
+    between `on_step_begin` and `on_step_end`; evaluation and checkpoints (after `on_epoch_end`) are excluded. FLOPs
+    are counted once at `on_train_begin` on `flops_batch` (centre-cropped training rows: the count does not depend on
+    the crop, and the random crops stay as they would be). Each step trained `min(global batch, rows left in the
+    epoch)` ECGs, `num_train_rows` per epoch."""
+
+    def __init__(self, meter: ThroughputMeter, flops_batch: dict[str, torch.Tensor], num_train_rows: int):
+        self.meter = meter
+        self.flops_batch = flops_batch
+        self.num_train_rows = num_train_rows
+        self._open = contextlib.ExitStack()  # the meter's `waiting()` or `excluded()` span now open, if any
+        self._rows_left = 0
+
+    def _switch(self, span: contextlib.AbstractContextManager | None) -> None:
+        self._open.close()
+        if span is not None:
+            self._open.enter_context(span)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        batch = {name: value.to(model.device) for name, value in self.flops_batch.items()}
+        self.meter.count_flops_once(lambda rows: model(**rows).loss, batch)
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self._rows_left = self.num_train_rows
+        self._switch(self.meter.waiting())
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._switch(None)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        rows = min(args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+                   self._rows_left)  # fmt: skip
+        self._rows_left -= rows
+        self.meter.step(rows)
+        self._switch(self.meter.waiting())
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._switch(None)
+        logger.info("fine-tune epoch %d: %s", round(state.epoch), self.meter.interval())
+        self._switch(self.meter.excluded())
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._switch(None)
+
+
+def _remove_checkpoints(folder: Path, whole: bool) -> None:
+    """Remove the Trainer's `checkpoint-<step>` folders, and `folder` itself when it is ours or left empty."""
+    if whole:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for checkpoint in folder.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def fine_tune(
@@ -72,62 +138,90 @@ def fine_tune(
     rows: dict[str, np.ndarray],
     arguments: ProbeArguments,
     seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """Fine-tune encoder + head on `rows` of each split (`probe_rows`); returns `(validation_logits, test_logits,
-    training_info)` of the best epoch."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    checkpoint_dir: str | Path | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Fine-tune encoder + head on `rows` of each split (`probe_rows`) with `transformers.Trainer`; returns
+    `(validation_logits, test_logits, training_info)` of the best epoch.
 
-    accelerator = Accelerator()
-    set_seed(seed)
+    `checkpoint_dir` holds the Trainer's best checkpoint during the run and is removed at the end; `None` is a
+    temporary folder, which only works on one process (every process must read the best checkpoint back: on several,
+    give a folder they all see). When the validation macro AUROC cannot be computed in any epoch (no class with both
+    positives and negatives), no epoch is best and the last one is kept.
+    """
     names = label_names(dataset_dict["train"], label_set)
+    columns = [*RECORD_COLUMNS, label_set]
+    train = dataset_dict["train"].select(rows["train"]).select_columns(columns)
+    centre_crops = with_crop(feature_extractor, "center")
+    evaluation = {
+        split: precompute_ecg_values(
+            dataset_dict[split].select(rows[split]).select_columns(columns), centre_crops, arguments.batch_size
+        )
+        for split in ("validation", "test")
+    }
+    random_crops = MeritCollator(with_crop(feature_extractor, "random", seed), label_set=label_set,
+                                 num_classes=len(names))  # fmt: skip
+    temporary = tempfile.mkdtemp(prefix="merit_fine_tune_") if checkpoint_dir is None else None
+    training_arguments = TrainingArguments(
+        output_dir=str(checkpoint_dir or temporary),
+        per_device_train_batch_size=arguments.batch_size,
+        per_device_eval_batch_size=arguments.batch_size,
+        learning_rate=arguments.finetune_learning_rate,
+        weight_decay=WEIGHT_DECAY,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,  # no clipping, as in the protocol's runs so far
+        num_train_epochs=arguments.finetune_max_epochs,
+        eval_strategy="epoch",
+        save_strategy="best",
+        metric_for_best_model="macro_auroc",
+        greater_is_better=True,
+        load_best_model_at_end=True,
+        save_only_model=True,
+        save_total_limit=1,
+        logging_strategy="epoch",
+        remove_unused_columns=False,  # the collator reads the raw record columns
+        dataloader_pin_memory=torch.cuda.is_available(),
+        report_to="none",
+        seed=seed,
+    )
+    if temporary is not None and training_arguments.world_size > 1:
+        raise ValueError(
+            f"fine_tune on {training_arguments.world_size} processes: give checkpoint_dir, a folder every process "
+            "sees (each reads the best checkpoint back)"
+        )
+    set_seed(seed)  # the head's initialisation
     model = _classifier_from(encoder, names)
-    train, validation, test = (dataset_dict[split].select(rows[split]) for split in SPLITS)
-    train_labels = torch.as_tensor(label_matrix(train, label_set))
-    validation_labels = label_matrix(validation, label_set)
-    train_columns = train.select_columns(["signal", "sampling_rate", "lead_names"])
-    random_crops = copy.deepcopy(feature_extractor)
-    random_crops.seed = seed
-    random_crops._rng = np.random.default_rng(seed)
-
-    loader = torch.utils.data.DataLoader(range(len(train)), batch_size=arguments.batch_size, shuffle=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=arguments.finetune_learning_rate, fused=True)
-    meter = ThroughputMeter(accelerator.device, num_processes=accelerator.num_processes, model=model)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    best_score, best_state, best_epoch, stale, epoch = -np.inf, None, 0, 0, 0
-    for epoch in range(1, arguments.finetune_max_epochs + 1):
-        model.train()
-        batches = tqdm(loader, desc=f"fine-tune epoch {epoch}", disable=not accelerator.is_main_process)
-        for rows in meter.timed(batches):
-            rows = rows.cpu().tolist()
-            with meter.waiting():
-                inputs = ecg_model_inputs(random_crops, train_columns[rows], crop="random")
-            batch = {**encoder_inputs(inputs, accelerator.device), "labels": train_labels[rows].to(accelerator.device)}
-            meter.count_flops_once(lambda batch: meter.model(**batch).loss, batch)
-            outputs = model(**batch)
-            accelerator.backward(outputs.loss)
-            optimizer.step()
-            optimizer.zero_grad()
-            meter.step(len(rows) * accelerator.num_processes)
-        logger.info("fine-tune epoch %d: %s", epoch, meter.interval())
-        with meter.excluded():
-            score = _validation_score(
-                validation_labels,
-                _predict(accelerator, model, feature_extractor, validation, arguments.batch_size),
-            )
-        if best_state is None or score > best_score:  # a NaN score (one class in validation) still keeps a state
-            best_score, best_epoch, stale = score, epoch, 0
-            best_state = copy.deepcopy(accelerator.unwrap_model(model).state_dict())
-        else:
-            stale += 1
-            if stale >= arguments.finetune_patience:
-                break
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.load_state_dict(best_state)
-    validation_logits = _predict(accelerator, unwrapped, feature_extractor, validation, arguments.batch_size)
-    test_logits = _predict(accelerator, unwrapped, feature_extractor, test, arguments.batch_size)
-    training = {"best_epoch": best_epoch, "epochs_run": epoch, "throughput": meter.totals()}
-    return validation_logits, test_logits, training
+    meter = ThroughputMeter(training_arguments.device, num_processes=training_arguments.world_size, model=model)
+    flops_batch = MeritCollator(centre_crops, label_set=label_set, num_classes=len(names))(
+        [train[index] for index in range(min(2, len(train)))]
+    )
+    trainer = Trainer(
+        model,
+        training_arguments,
+        data_collator=random_crops,
+        train_dataset=train,
+        eval_dataset=evaluation["validation"],
+        compute_metrics=compute_metrics_for(names),
+        callbacks=[
+            EarlyStoppingCallback(early_stopping_patience=arguments.finetune_patience),
+            ThroughputCallback(meter, flops_batch, len(train)),
+        ],
+    )
+    try:
+        trainer.train()
+        validation_logits = trainer.predict(evaluation["validation"]).predictions
+        test_logits = trainer.predict(evaluation["test"]).predictions
+    finally:
+        trainer.accelerator.wait_for_everyone()
+        if trainer.is_world_process_zero():
+            _remove_checkpoints(Path(training_arguments.output_dir), whole=temporary is not None)
+    epochs_run = round(trainer.state.epoch)
+    best_epoch = next(
+        (round(entry["epoch"]) for entry in trainer.state.log_history
+         if "eval_macro_auroc" in entry and entry["step"] == trainer.state.best_global_step),
+        epochs_run,
+    )  # fmt: skip
+    training = {"best_epoch": best_epoch, "epochs_run": epochs_run, "throughput": meter.totals()}
+    return np.asarray(validation_logits, dtype=np.float32), np.asarray(test_logits, dtype=np.float32), training
 
 
 def run_fine_tune(
@@ -154,8 +248,13 @@ def run_fine_tune(
     if baseline:
         encoders["baseline"] = random_init_like(encoder, seed)
     for role, role_encoder in encoders.items():
+        checkpoint_dir = (
+            None
+            if output_file is None
+            else Path(output_file).with_name(f"{Path(output_file).stem}_{role}_checkpoints")
+        )
         validation_logits, test_logits, training = fine_tune(
-            role_encoder, feature_extractor, dataset_dict, label_set, rows, arguments, seed
+            role_encoder, feature_extractor, dataset_dict, label_set, rows, arguments, seed, checkpoint_dir
         )
         scores = evaluate_scores(
             labels["test"], test_logits, labels["validation"], validation_logits, names, arguments.num_bootstrap, seed
@@ -168,7 +267,11 @@ def run_fine_tune(
     protocol = probe_protocol(
         arguments,
         features="end to end: MeritForEcgClassification (encoder + linear head on pooler_output)",
-        head="linear head, BCE, AdamW; random crop in training, centre crop in evaluation",
+        head=(
+            "linear head, BCE, transformers.Trainer: AdamW (weight decay on all but biases and norms), constant "
+            "learning rate; random crop in training, centre crop in evaluation"
+        ),
+        weight_decay=WEIGHT_DECAY,
         learning_rate=arguments.finetune_learning_rate,
         max_epochs=arguments.finetune_max_epochs,
         patience=arguments.finetune_patience,

@@ -1,5 +1,6 @@
 """`python -m merit_hf.training.probe`: the probe protocol's command line (`merit_hf.evaluation.probe`), linear
-probing (`--mode linear`, the default) or full fine-tuning (`--mode finetune`, `merit_hf.training.finetune`).
+probing (`--mode linear`, the default) or full fine-tuning (`--mode finetune`: `merit_hf.training.finetune`, on
+`transformers.Trainer` with early stopping).
 
 Run (1 CPU, N GPUs and M nodes alike):
 

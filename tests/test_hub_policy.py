@@ -1,0 +1,370 @@
+"""Our push policy, against a mocked `HfApi` (autospec: every call must match huggingface_hub's real signatures).
+
+What we decide, and test here: which files a push uploads and which it never does, the folders it refuses before any
+request (pickles, missing code or feature extractor or card, Hub tokens, local paths), the local `_name_or_path` it
+clears, the model card it renders from a results JSON, and the arguments of each `HfApi` call (one `upload_folder`
+commit that deletes stale files, branch, pull request, tag, privacy). What huggingface_hub does with those calls on
+the wire is its own business; `tests/test_hub_roundtrip.py` runs the real client against a loopback Hub
+(`RUN_SLOW=1`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+from huggingface_hub import HfApi
+from huggingface_hub.utils import filter_repo_objects
+
+from merit_hf import MeritFeatureExtractor, MeritModel
+from merit_hf.hub import (
+    DEFAULT_IGNORE_PATTERNS,
+    HubFolderError,
+    PushResult,
+    main,
+    push_dataset,
+    push_folder,
+    push_model,
+    pushed_files,
+)
+from merit_hf.hub import push as push_module
+from tests.conftest import tiny_merit_config
+from tests.test_cards import results_from_our_metrics
+
+REPO_ID = "org/merit-ecg"
+ENDPOINT = "http://hub.invalid"
+TOKEN = "hf_test"
+COMMIT = "c0ffee" * 6 + "c0de"
+# What a Trainer or pretraining output_dir holds beside the model, and what editors and Python leave behind.
+RUN_OUTPUTS = [
+    ".git/config",
+    ".ipynb_checkpoints/notes.txt",
+    "__pycache__/modeling_merit.cpython-311.pyc",
+    "checkpoints/checkpoint-20/optimizer.bin",
+    "checkpoints/checkpoint-20/trainer_state.json",
+    "checkpoint-5/rng_state.pth",
+    "runs/events.out.tfevents.1",
+    "training_args.bin",
+    "trainer_state.json",
+    "eval/trainer_state.json",
+    "eval/.DS_Store",
+]
+
+
+@pytest.fixture
+def hf_api():
+    """`merit_hf.hub.push.HfApi` replaced by an autospec mock; `hf_api.return_value` is the client instance."""
+    with mock.patch.object(push_module, "HfApi", autospec=True) as api_class:
+        api = api_class.return_value
+        api.upload_folder.return_value = SimpleNamespace(
+            oid=COMMIT, commit_url=f"{ENDPOINT}/{REPO_ID}/commit/{COMMIT}", pr_url=None
+        )
+        api.repo_info.return_value = SimpleNamespace(private=False)
+        yield api_class
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("saved") / "model"
+    model = MeritModel(tiny_merit_config())
+    model.save_pretrained(folder)
+    MeritFeatureExtractor.from_model_config(model.config.ecg_config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def model_folder(saved_model, tmp_path) -> Path:
+    """A Hub-ready model folder (weights, code, feature extractor, card), a fresh copy per test."""
+    folder = tmp_path / "merit-ecg"
+    folder.mkdir()
+    for path in saved_model.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# MERIT\nUnits: mV, 10 mm/mV.\n")
+    return folder
+
+
+def write(folder: Path, name: str, data: bytes = b"\x80\x04pickle") -> None:
+    (folder / name).parent.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(data)
+
+
+def call_names(api) -> list[str]:
+    return [name for name, _, _ in api.mock_calls]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What is uploaded
+# ----------------------------------------------------------------------------------------------------------------------
+def test_push_model_is_one_upload_folder_commit_that_leaves_exactly_the_folder(model_folder, hf_api):
+    result = push_model(model_folder, REPO_ID, token=TOKEN, endpoint=ENDPOINT)
+    api = hf_api.return_value
+    hf_api.assert_called_once_with(endpoint=ENDPOINT, token=TOKEN)
+    assert call_names(api) == ["create_repo", "upload_folder"]  # no branch, tag or settings call
+    api.create_repo.assert_called_once_with(REPO_ID, repo_type="model", private=None, exist_ok=True)
+    upload = api.upload_folder.call_args.kwargs
+    assert upload == {
+        "repo_id": REPO_ID,
+        "folder_path": model_folder,
+        "repo_type": "model",
+        "revision": "main",
+        "create_pr": False,
+        "commit_message": "Upload merit-ecg with merit_hf",
+        "ignore_patterns": DEFAULT_IGNORE_PATTERNS,
+        "delete_patterns": "*",  # files of earlier pushes that the folder no longer has go in the same commit
+    }
+    assert upload["ignore_patterns"] is not DEFAULT_IGNORE_PATTERNS  # upload_folder appends to the list it gets
+    assert result == PushResult(
+        repo_id=REPO_ID,
+        repo_type="model",
+        revision="main",
+        commit_oid=COMMIT,
+        commit_url=f"{ENDPOINT}/{REPO_ID}/commit/{COMMIT}",
+        pr_url=None,
+        tag=None,
+    )
+
+
+def test_training_run_outputs_are_never_uploaded(model_folder, hf_api):
+    model_files = sorted(path.name for path in model_folder.iterdir())
+    for name in RUN_OUTPUTS:
+        write(model_folder, name)
+    write(model_folder, "notes/eval.txt", b"kept: any other file is uploaded")
+    assert pushed_files(model_folder) == sorted([*model_files, "notes/eval.txt"])
+    push_model(model_folder, REPO_ID, endpoint=ENDPOINT)  # the pickles among them are not refused: not uploaded
+    # huggingface_hub, given the patterns we pass, skips the same files as our checks did
+    upload = hf_api.return_value.upload_folder.call_args.kwargs
+    every_file = sorted(p.relative_to(model_folder).as_posix() for p in model_folder.rglob("*") if p.is_file())
+    assert list(filter_repo_objects(every_file, ignore_patterns=upload["ignore_patterns"])) == pushed_files(
+        model_folder
+    )
+
+
+def test_custom_ignore_patterns_reach_both_the_checks_and_the_upload(model_folder, hf_api):
+    write(model_folder, "heads/probe.pt")
+    with pytest.raises(HubFolderError, match=r"pickled weights \['heads/probe.pt'\]"):
+        push_model(model_folder, REPO_ID, endpoint=ENDPOINT)
+    patterns = [*DEFAULT_IGNORE_PATTERNS, "heads/*"]
+    push_model(model_folder, REPO_ID, endpoint=ENDPOINT, ignore_patterns=patterns)
+    assert hf_api.return_value.upload_folder.call_args.kwargs["ignore_patterns"] == patterns
+
+
+def test_repeated_pushes_do_not_grow_the_ignore_list(tmp_path, hf_api):
+    before = list(DEFAULT_IGNORE_PATTERNS)
+    hf_api.return_value.upload_folder.side_effect = lambda **kwargs: (
+        kwargs["ignore_patterns"].append(".git/*"),  # what upload_folder does
+        SimpleNamespace(oid=COMMIT, commit_url="", pr_url=None),
+    )[1]
+    write(tmp_path / "folder", "notes.txt", b"hello")
+    for _ in range(2):
+        push_folder(tmp_path / "folder", "org/notes", endpoint=ENDPOINT)
+    assert before == DEFAULT_IGNORE_PATTERNS
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Branch, pull request, tag, privacy
+# ----------------------------------------------------------------------------------------------------------------------
+def test_tag_names_the_new_commit_after_the_upload(model_folder, hf_api):
+    result = push_model(model_folder, REPO_ID, tag="v0.1", commit_message="Release", endpoint=ENDPOINT)
+    api = hf_api.return_value
+    assert call_names(api) == ["create_repo", "upload_folder", "create_tag"]
+    assert api.upload_folder.call_args.kwargs["commit_message"] == "Release"
+    api.create_tag.assert_called_once_with(REPO_ID, tag="v0.1", revision=COMMIT, repo_type="model", exist_ok=False)
+    assert result.tag == "v0.1"
+
+
+def test_revision_is_a_branch_created_before_the_upload(model_folder, hf_api):
+    result = push_model(model_folder, REPO_ID, revision="v2", endpoint=ENDPOINT)
+    api = hf_api.return_value
+    assert call_names(api) == ["create_repo", "create_branch", "upload_folder"]
+    api.create_branch.assert_called_once_with(REPO_ID, branch="v2", repo_type="model", exist_ok=True)
+    assert api.upload_folder.call_args.kwargs["revision"] == "v2" and result.revision == "v2"
+
+
+def test_create_pr_opens_a_pull_request_against_main(model_folder, hf_api):
+    api = hf_api.return_value
+    api.upload_folder.return_value = SimpleNamespace(oid=COMMIT, commit_url="", pr_url=f"{ENDPOINT}/discussions/1")
+    result = push_model(model_folder, REPO_ID, create_pr=True, endpoint=ENDPOINT)
+    upload = api.upload_folder.call_args.kwargs
+    assert (upload["create_pr"], upload["revision"]) == (True, "main")
+    assert result.pr_url == f"{ENDPOINT}/discussions/1"
+    assert "create_tag" not in call_names(api)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"create_pr": True, "tag": "v1"}, "tag and create_pr together: tag the commit after the pull request"),
+        ({"create_pr": True, "revision": "dev"}, "create_pr with revision 'dev': the Hub opens pull requests against"),
+        ({"repo_type": "space"}, "repo_type must be 'model' or 'dataset', got 'space'"),
+    ],
+)
+def test_contradictory_arguments_are_refused_before_any_request(model_folder, hf_api, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        push_folder(model_folder, REPO_ID, endpoint=ENDPOINT, **kwargs)
+    hf_api.assert_not_called()
+
+
+def test_private_makes_an_existing_public_repo_private_before_the_upload(model_folder, hf_api):
+    api = hf_api.return_value
+    push_model(model_folder, REPO_ID, private=True, endpoint=ENDPOINT)
+    assert call_names(api) == ["create_repo", "repo_info", "update_repo_settings", "upload_folder"]
+    api.create_repo.assert_called_once_with(REPO_ID, repo_type="model", private=True, exist_ok=True)
+    api.update_repo_settings.assert_called_once_with(REPO_ID, private=True, repo_type="model")
+
+    api.reset_mock()
+    api.repo_info.return_value = SimpleNamespace(private=True)
+    push_model(model_folder, REPO_ID, private=True, endpoint=ENDPOINT)  # already private: no settings call
+    assert call_names(api) == ["create_repo", "repo_info", "upload_folder"]
+
+    for private in (None, False):  # never publishes an existing private repo, nor asks
+        api.reset_mock()
+        push_model(model_folder, REPO_ID, private=private, endpoint=ENDPOINT)
+        assert call_names(api) == ["create_repo", "upload_folder"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Refused before any request
+# ----------------------------------------------------------------------------------------------------------------------
+def test_pickles_missing_code_and_missing_feature_extractor_are_refused(model_folder, hf_api):
+    (model_folder / "modeling_merit.py").unlink()
+    (model_folder / "preprocessor_config.json").unlink()
+    write(model_folder, "pytorch_model.bin")
+    write(model_folder, "heads/probe.pt")
+    with pytest.raises(HubFolderError) as error:
+        push_model(model_folder, REPO_ID, endpoint=ENDPOINT)
+    message = str(error.value)
+    assert message.startswith(f"{model_folder}: not a Hub-ready model folder: ")
+    assert "auto_map names modeling_merit.MeritModel but modeling_merit.py is missing" in message
+    assert "pickled weights ['heads/probe.pt', 'pytorch_model.bin']" in message
+    assert "preprocessor_config.json is missing: save the feature extractor with the model" in message
+    hf_api.assert_not_called()
+
+
+def test_a_folder_without_card_or_weights_is_refused(model_folder, hf_api):
+    (model_folder / "README.md").unlink()
+    (model_folder / "model.safetensors").unlink()
+    with pytest.raises(HubFolderError) as error:
+        push_model(model_folder, REPO_ID, endpoint=ENDPOINT)
+    assert "no *.safetensors weights" in str(error.value)
+    assert "README.md (the model card) is missing: render one with merit_hf.hub.cards" in str(error.value)
+    hf_api.assert_not_called()
+
+
+def test_a_token_or_a_local_path_is_refused(model_folder, hf_api):
+    token = "hf_" + "aB3dE5gH7jK9mN1pQ3sT5vW7yZ9bC1dE"
+    write(model_folder, "logs/train.log", f"step 1\nHF_TOKEN={token}\n".encode())
+    with pytest.raises(HubFolderError, match=r"logs/train.log holds a Hugging Face token \(line 2: hf_aB3d\.\.\.\)"):
+        push_model(model_folder, REPO_ID, endpoint=ENDPOINT)
+    (model_folder / "logs" / "train.log").unlink()
+    (model_folder / "README.md").write_text("# MERIT\nPrompts in /home/me/merit/prompts.json\n")
+    with pytest.raises(HubFolderError, match=r"README.md names local paths \['/home/me/merit/prompts.json'\]"):
+        push_model(model_folder, REPO_ID, endpoint=ENDPOINT)
+    (model_folder / "README.md").write_text("# MERIT\n")
+    config = json.loads((model_folder / "preprocessor_config.json").read_text())
+    (model_folder / "preprocessor_config.json").write_text(json.dumps({**config, "prompts": "/home/me/p.json"}))
+    with pytest.raises(HubFolderError, match=r"preprocessor_config.json: prompts is the local path '/home/me/p.json'"):
+        push_model(model_folder, REPO_ID, endpoint=ENDPOINT)
+    hf_api.assert_not_called()
+
+
+def test_a_local_name_or_path_is_cleared_before_the_upload(model_folder, hf_api):
+    config = json.loads((model_folder / "config.json").read_text())
+    config["text_config"]["_name_or_path"] = "/home/me/.venv/lib/python3.11/site-packages/minilm/model"
+    (model_folder / "config.json").write_text(json.dumps(config))
+    uploaded = {}
+    hf_api.return_value.upload_folder.side_effect = lambda **kwargs: (
+        uploaded.update(json.loads((kwargs["folder_path"] / "config.json").read_text())),
+        SimpleNamespace(oid=COMMIT, commit_url="", pr_url=None),
+    )[1]
+    push_model(model_folder, REPO_ID, endpoint=ENDPOINT)
+    assert uploaded["text_config"]["_name_or_path"] == ""
+    assert uploaded["ecg_config"] == config["ecg_config"]
+
+
+def test_a_trainer_output_folder_passes_and_its_run_records_stay_home(model_folder, hf_api):
+    write(model_folder, "training_args.bin")
+    (model_folder / "trainer_state.json").write_text('{"log_history": []}')
+    push_model(model_folder, REPO_ID, endpoint=ENDPOINT)
+    assert not {"training_args.bin", "trainer_state.json"} & set(pushed_files(model_folder))
+    hf_api.return_value.upload_folder.assert_called_once()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Cards
+# ----------------------------------------------------------------------------------------------------------------------
+def test_results_render_the_model_card_before_the_upload(model_folder, hf_api, tmp_path):
+    from merit_hf.evaluation import write_results
+
+    results = write_results(results_from_our_metrics(), tmp_path / "results.json")
+    (model_folder / "README.md").unlink()
+    card_at_upload = []
+    hf_api.return_value.upload_folder.side_effect = lambda **kwargs: (
+        card_at_upload.append((kwargs["folder_path"] / "README.md").read_text()),
+        SimpleNamespace(oid=COMMIT, commit_url="", pr_url=None),
+    )[1]
+    push_model(
+        model_folder, REPO_ID, results=results, card_kwargs={"datasets": ["org/ptbxl-merit"]}, endpoint=ENDPOINT
+    )
+    (card,) = card_at_upload
+    assert card == (model_folder / "README.md").read_text()
+    assert "model-index" in card and f'AutoModel.from_pretrained("{REPO_ID}", trust_remote_code=True)' in card
+    assert "org/ptbxl-merit" in card
+
+
+def test_dataset_push_needs_data_and_a_card_whose_configs_resolve(tmp_path, hf_api):
+    folder = tmp_path / "ptbxl-merit"
+    write(folder, "loader.py", b"import datasets\n")
+    with pytest.raises(HubFolderError) as error:
+        push_dataset(folder, "org/ptbxl-merit", endpoint=ENDPOINT)
+    message = str(error.value)
+    assert "no data files (.parquet, .arrow, .jsonl, .csv)" in message
+    assert "README.md (the dataset card) is missing" in message
+    assert "Python files ['loader.py']: push the converted data, not a loading script" in message
+    (folder / "loader.py").unlink()
+    write(folder, "data/test-00000-of-00001.parquet", b"PAR1")
+    (folder / "README.md").write_text(
+        "---\nlicense: cc-by-4.0\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+        "    path: data/train-*.parquet\n---\n# PTB-XL\n"
+    )
+    with pytest.raises(HubFolderError, match=r"data/train-\*\.parquet"):
+        push_dataset(folder, "org/ptbxl-merit", endpoint=ENDPOINT)
+    hf_api.assert_not_called()
+    (folder / "README.md").write_text("---\nlicense: cc-by-4.0\n---\n# PTB-XL\n")
+    push_dataset(folder, "org/ptbxl-merit", tag="v1", endpoint=ENDPOINT)
+    api = hf_api.return_value
+    api.create_repo.assert_called_once_with("org/ptbxl-merit", repo_type="dataset", private=None, exist_ok=True)
+    assert api.upload_folder.call_args.kwargs["repo_type"] == "dataset"
+    api.create_tag.assert_called_once_with("org/ptbxl-merit", tag="v1", revision=COMMIT, repo_type="dataset",
+                                           exist_ok=False)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------------
+def test_command_line_passes_every_option(model_folder, hf_api, capsys):
+    summary = main(["push", str(model_folder), REPO_ID, "--revision", "dev", "--tag", "v1", "--message", "m",
+                    "--private", "--endpoint", ENDPOINT])  # fmt: skip
+    hf_api.assert_called_once_with(endpoint=ENDPOINT, token=None)
+    api = hf_api.return_value
+    api.create_repo.assert_called_once_with(REPO_ID, repo_type="model", private=True, exist_ok=True)
+    upload = api.upload_folder.call_args.kwargs
+    assert (upload["revision"], upload["commit_message"], upload["create_pr"]) == ("dev", "m", False)
+    assert summary["tag"] == "v1" and json.loads(capsys.readouterr().out) == summary
+
+
+def test_command_line_refuses_a_card_for_a_dataset_and_has_no_cache_command(tmp_path, hf_api):
+    with pytest.raises(SystemExit):
+        main(["push", str(tmp_path), "org/d", "--repo-type", "dataset", "--results", "r.json"])
+    with pytest.raises(SystemExit):  # offline use goes through the library: from_pretrained(folder)
+        main(["cache", str(tmp_path), "org/d"])
+    hf_api.assert_not_called()
+
+
+def test_the_mock_follows_huggingface_hub_signatures(hf_api):
+    """autospec: a call our code might make with a wrong keyword fails here as it would against the real client."""
+    with pytest.raises(TypeError):
+        hf_api.return_value.upload_folder(repo_id=REPO_ID, folder="x")
+    assert isinstance(hf_api.return_value, HfApi)
