@@ -423,7 +423,7 @@ def evaluate_scores(
     )
 
 
-def _dataset_info(dataset_dict, label_set: str, rows: dict[str, np.ndarray]) -> dict[str, Any]:
+def dataset_info(dataset_dict, label_set: str, rows: dict[str, np.ndarray]) -> dict[str, Any]:
     """Record counts, and the classes the probe never saw a positive of (their head is untrained; they stay in the
     macro mean, as in every published protocol, but are named)."""
     counts = dict(
@@ -445,7 +445,7 @@ def _dataset_info(dataset_dict, label_set: str, rows: dict[str, np.ndarray]) -> 
     }
 
 
-def _dataset_description(arguments: ProbeArguments) -> dict[str, Any]:
+def dataset_description(arguments: ProbeArguments) -> dict[str, Any]:
     """What the results JSON says of a dataset that is not PTB-XL (its name, and how its splits were drawn)."""
     if arguments.dataset_name != "wfdb":
         return {}
@@ -583,7 +583,7 @@ def run_linear_probe(
         protocol=probe_protocol(arguments),
         model=entries["model"],
         baseline=entries.get("baseline"),
-        dataset_extra={**_dataset_info(dataset_dict, label_set, rows), **_dataset_description(arguments)},
+        dataset_extra={**dataset_info(dataset_dict, label_set, rows), **dataset_description(arguments)},
     )
     if output_file is not None:
         write_results(results, output_file)

@@ -28,8 +28,8 @@ from ..data.collator import MeritCollator, precompute_ecg_values
 from ..evaluation.probe import (
     SPLITS,
     ProbeArguments,
-    _dataset_description,
-    _dataset_info,
+    dataset_description,
+    dataset_info,
     evaluate_scores,
     label_matrix,
     label_names,
@@ -287,7 +287,7 @@ def run_fine_tune(
         protocol=protocol,
         model=entries["model"],
         baseline=entries.get("baseline"),
-        dataset_extra={**_dataset_info(dataset_dict, label_set, rows), **_dataset_description(arguments)},
+        dataset_extra={**dataset_info(dataset_dict, label_set, rows), **dataset_description(arguments)},
     )
     if output_file is not None:
         write_results(results, output_file)
