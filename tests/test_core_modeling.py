@@ -475,6 +475,23 @@ def test_output_flags_reach_the_encoder_everywhere(caplog):
         MeritForPreTraining(config)(ecg, input_ids=input_ids, output_hidden_states=True)
 
 
+@pytest.mark.slow  # flex attention compiles its kernel: about 20 s on 2 CPU cores with a cold inductor cache
+def test_flex_attention_takes_the_padding_and_lead_masks():
+    """The key mask is built for the kernel the config names (a BlockMask for flex); a 4D additive mask crashed it."""
+    ecg, _, _ = _inputs(batch=2)
+    model = MeritEcgModel(tiny_ecg_config()).eval()
+    attention_mask = torch.ones(2, 2250, dtype=torch.long)
+    attention_mask[1, 1500:] = 0
+    lead_mask = torch.ones(2, 12, dtype=torch.bool)
+    lead_mask[0, 6:] = False
+    outputs = {}
+    for implementation in ("eager", "flex_attention"):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            outputs[implementation] = model(ecg, ecg_attention_mask=attention_mask, lead_mask=lead_mask).pooler_output
+    torch.testing.assert_close(outputs["flex_attention"], outputs["eager"])
+
+
 def test_hidden_states_are_the_embeddings_then_each_layer_before_the_final_norm():
     ecg, _, _ = _inputs()
     model = MeritEcgModel(tiny_ecg_config()).eval()
