@@ -47,7 +47,10 @@ def _raises_value_error(config_class: type[PreTrainedConfig]) -> type[PreTrained
         except StrictDataclassClassValidationError as error:  # a validate_* hook raised the ValueError below
             raise error.__cause__ from None
         except StrictDataclassFieldValidationError as error:
-            field = re.match(r"Validation error for field '([^']+)'", str(error)).group(1)
+            named = re.match(r"Validation error for field '([^']+)'", str(error))
+            if named is None:  # a message format this code does not know: keep huggingface_hub's error
+                raise
+            field = named.group(1)
             problem = str(error.__cause__).removeprefix(f"Field '{field}' ")
             raise ValueError(f"{config_class.__name__}.{field}: {problem}") from None
 
