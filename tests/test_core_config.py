@@ -40,7 +40,8 @@ def test_any_text_auto_config():
         ({"hidden_size": 100}, "MeritEcgConfig.hidden_size: 100 is not divisible by num_attention_heads 12"),
         ({"mask_ratio": 1.0}, "MeritEcgConfig.mask_ratio: must be in [0, 1), got 1.0"),
         ({"num_leads": 8}, "MeritEcgConfig.lead_names: has 12 names but num_leads is 8"),
-        ({"hidden_size": "big"}, "MeritEcgConfig.hidden_size: must be a positive integer, got 'big'"),
+        ({"hidden_size": "big"}, "MeritEcgConfig.hidden_size: expected int, got str (value: 'big')"),
+        ({"hidden_size": 0}, "MeritEcgConfig.hidden_size: must be a positive integer, got 0"),
         ({"lead_names": ["I"] * 12}, "MeritEcgConfig.lead_names: contains duplicates"),
     ],
 )
@@ -52,8 +53,8 @@ def test_ecg_config_validation_names_the_field(kwargs, message):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"contrastive_input": "both"}, "MeritConfig.contrastive_input: must be one of"),
-        ({"text_pooling": "max"}, "MeritConfig.text_pooling: must be one of"),
+        ({"contrastive_input": "both"}, "MeritConfig.contrastive_input: expected one of ('full', 'masked'), got both"),
+        ({"text_pooling": "max"}, "MeritConfig.text_pooling: expected one of ('mean', 'cls', 'pooler'), got max"),
         ({"contrastive_weight": 0.0, "reconstruction_weight": 0.0}, "no loss would be trained"),
         ({"contrastive_weight": -1.0}, "MeritConfig.contrastive_weight: must be >= 0"),
         ({"projection_dim": 0}, "MeritConfig.projection_dim: must be a positive integer"),
@@ -63,3 +64,14 @@ def test_ecg_config_validation_names_the_field(kwargs, message):
 def test_merit_config_validation_names_the_field(kwargs, message):
     with pytest.raises(ValueError, match=__import__("re").escape(message)):
         MeritConfig(**kwargs)
+
+
+def test_a_config_broken_after_it_was_built_is_refused_when_saved(tmp_path):
+    from huggingface_hub.errors import StrictDataclassError
+
+    config = tiny_merit_config()
+    config.ecg_config.mask_ratio = 1.0  # no check at assignment: the shapes are checked together
+    with pytest.raises(StrictDataclassError, match=__import__("re").escape("mask_ratio: must be in [0, 1), got 1.0")):
+        config.ecg_config.save_pretrained(tmp_path)
+    with pytest.raises(StrictDataclassError, match="expected one of"):
+        config.contrastive_input = "both"  # a Literal field is checked at once

@@ -466,13 +466,66 @@ def test_output_flags_reach_the_encoder_everywhere(caplog):
     )  # the tower output is the projected, not yet normalised, embedding
     assert len(two_towers.get_ecg_features(ecg, output_hidden_states=True).hidden_states) == 3
     assert isinstance(two_towers(ecg, input_ids=input_ids, return_dict=False)[-1], tuple)
-    # SDPA cannot return attention weights: said once, and none are made up
+    # SDPA cannot return attention weights: said once, and none are made up (an empty tuple, as CLIP in transformers 5)
     sdpa = MeritEcgModel(tiny_ecg_config()).eval()
     with caplog.at_level("WARNING"):
-        assert sdpa(ecg, output_attentions=True).attentions is None
+        assert sdpa(ecg, output_attentions=True).attentions == ()
     assert "attn_implementation='eager'" in caplog.text
     with pytest.raises(ValueError, match="MeritForPreTraining returns losses, not hidden_states"):
         MeritForPreTraining(config)(ecg, input_ids=input_ids, output_hidden_states=True)
+
+
+@pytest.mark.slow  # flex attention compiles its kernel: about 20 s on 2 CPU cores with a cold inductor cache
+def test_flex_attention_takes_the_padding_and_lead_masks():
+    """The key mask is built for the kernel the config names (a BlockMask for flex); a 4D additive mask crashed it."""
+    ecg, _, _ = _inputs(batch=2)
+    model = MeritEcgModel(tiny_ecg_config()).eval()
+    attention_mask = torch.ones(2, 2250, dtype=torch.long)
+    attention_mask[1, 1500:] = 0
+    lead_mask = torch.ones(2, 12, dtype=torch.bool)
+    lead_mask[0, 6:] = False
+    outputs = {}
+    for implementation in ("eager", "flex_attention"):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            outputs[implementation] = model(ecg, ecg_attention_mask=attention_mask, lead_mask=lead_mask).pooler_output
+    torch.testing.assert_close(outputs["flex_attention"], outputs["eager"])
+
+
+def test_hidden_states_are_the_embeddings_then_each_layer_before_the_final_norm():
+    ecg, _, _ = _inputs()
+    model = MeritEcgModel(tiny_ecg_config()).eval()
+    attention_mask = torch.ones(BATCH, 2250, dtype=torch.long)
+    attention_mask[1, 1500:] = 0  # padding: every layer runs with the same key mask
+    with torch.no_grad():
+        out = model(ecg, ecg_attention_mask=attention_mask, output_hidden_states=True)
+        embeddings, _, _, token_mask = model.embeddings(ecg, out.patch_attention_mask)
+        key_mask = torch.where(token_mask.bool(), 0.0, torch.finfo(torch.float32).min)[:, None, None, :]
+        expected = [embeddings]
+        for layer in model.layers:
+            expected.append(layer(expected[-1], key_mask))
+    assert len(out.hidden_states) == len(model.layers) + 1
+    for index, (got, want) in enumerate(zip(out.hidden_states, expected)):
+        torch.testing.assert_close(got, want, msg=f"hidden state {index}")
+    torch.testing.assert_close(model.norm(out.hidden_states[-1]), out.last_hidden_state)
+
+
+def test_return_dict_false_in_the_config_gives_tuples_from_every_class():
+    ecg, input_ids, noise = _inputs()
+    config = tiny_merit_config(return_dict=False, num_labels=2)
+    encoder = MeritEcgModel(tiny_ecg_config(return_dict=False)).eval()
+    pooled = encoder(ecg)[1]
+    assert isinstance(encoder(ecg), tuple) and pooled.shape == (BATCH, 32)
+    assert isinstance(MeritForEcgClassification(config).eval()(ecg), tuple)
+    pretraining = MeritForPreTraining(config).eval()
+    out = pretraining(ecg, input_ids=input_ids, noise=noise)
+    assert isinstance(out, tuple) and out[0].ndim == 0  # the loss first
+    two_towers = pretraining.merit
+    assert isinstance(two_towers(ecg, input_ids=input_ids), tuple)
+    assert isinstance(two_towers.get_ecg_features(ecg), tuple)
+    features = two_towers.get_ecg_features(ecg, return_dict=True).pooler_output
+    torch.testing.assert_close(features, two_towers.get_ecg_features(ecg)[1])
+    assert isinstance(pretraining(ecg, input_ids=input_ids, noise=noise, return_dict=True).loss, torch.Tensor)
 
 
 def test_trainer_sees_that_pretraining_returns_its_loss():

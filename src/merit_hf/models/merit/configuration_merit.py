@@ -6,38 +6,71 @@ recipe and named in the docstring (ST-MEM, ICLR 2024, for the ECG tower; MERL, I
 contrastive branch).
 """
 
-from __future__ import annotations
-
+import functools
 import math
+import re
+from typing import Literal, get_args
 
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+# No `from __future__ import annotations` in this file: `@strict` checks each field against its annotation only when
+# the annotation is a real type, not a string.
 STANDARD_LEAD_NAMES = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
-CONTRASTIVE_INPUTS = ("full", "masked")
-LOSS_BALANCINGS = ("fixed", "gradient_norm")
+ContrastiveInput = Literal["full", "masked"]
+LossBalancing = Literal["fixed", "gradient_norm"]
+TextPooling = Literal["mean", "cls", "pooler"]
+InitializerScheme = Literal["xavier_uniform", "trunc_normal"]
+CONTRASTIVE_INPUTS = get_args(ContrastiveInput)
+LOSS_BALANCINGS = get_args(LossBalancing)
+TEXT_POOLINGS = get_args(TextPooling)
+INITIALIZER_SCHEMES = get_args(InitializerScheme)
+# `PreTrainedConfig.problem_type` is annotated as a string there, so `@strict` does not check it: validated below.
 PROBLEM_TYPES = (None, "multi_label_classification", "single_label_classification", "regression")
-TEXT_POOLINGS = ("mean", "cls", "pooler")
-INITIALIZER_SCHEMES = ("xavier_uniform", "trunc_normal")
 
 
-def _require(condition: bool, config_name: str, field: str, problem: str) -> None:
+def _raises_value_error(config_class: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
+    """Building the config raises `ValueError("<Config>.<field>: <problem>")`, as MERIT's configs always have.
+
+    `@strict` checks every field against its type (`Literal` choices included) and then runs the `validate_*` hooks,
+    but reports a failure as huggingface_hub's `StrictDataclassError`, which is no `ValueError` and, for a field of
+    the wrong type, does not name the config. Later `validate()` calls (`save_pretrained` runs one) keep its errors.
+    """
+    init = config_class.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except StrictDataclassClassValidationError as error:  # a validate_* hook raised the ValueError below
+            raise error.__cause__ from None
+        except StrictDataclassFieldValidationError as error:
+            named = re.match(r"Validation error for field '([^']+)'", str(error))
+            if named is None:  # a message format this code does not know: keep huggingface_hub's error
+                raise
+            field = named.group(1)
+            problem = str(error.__cause__).removeprefix(f"Field '{field}' ")
+            raise ValueError(f"{config_class.__name__}.{field}: {problem}") from None
+
+    config_class.__init__ = __init__
+    return config_class
+
+
+def _check(condition: bool, config: PreTrainedConfig, field: str, problem: str) -> None:
     if not condition:
-        raise ValueError(f"{config_name}.{field}: {problem}")
+        raise ValueError(f"{type(config).__name__}.{field}: {problem}")
 
 
-def _require_positive_ints(config, fields: tuple[str, ...]) -> None:
+def _check_positive(config: PreTrainedConfig, fields: tuple[str, ...]) -> None:
+    """Integer fields that count something (their type is already checked by `@strict`)."""
     for field in fields:
         value = getattr(config, field)
-        _require(
-            isinstance(value, int) and not isinstance(value, bool) and value > 0,
-            type(config).__name__,
-            field,
-            f"must be a positive integer, got {value!r}",
-        )
+        _check(value > 0, config, field, f"must be a positive integer, got {value!r}")
 
 
+@_raises_value_error
 @strict
 class MeritEcgConfig(PreTrainedConfig):
     r"""
@@ -94,14 +127,14 @@ class MeritEcgConfig(PreTrainedConfig):
     num_attention_heads: int = 12
     intermediate_size: int = 3072
     hidden_act: str = "gelu"
-    hidden_dropout_prob: float = 0.0
-    attention_probs_dropout_prob: float = 0.0
+    hidden_dropout_prob: float | int = 0.0
+    attention_probs_dropout_prob: float | int = 0.0
     layer_norm_eps: float = 1e-6
     initializer_range: float = 0.02
-    initializer_scheme: str = "xavier_uniform"
+    initializer_scheme: InitializerScheme = "xavier_uniform"
     qkv_bias: bool = True
     use_separator_tokens: bool = True
-    mask_ratio: float = 0.75
+    mask_ratio: float | int = 0.75
     decoder_hidden_size: int = 256
     decoder_num_hidden_layers: int = 4
     decoder_num_attention_heads: int = 4
@@ -111,8 +144,11 @@ class MeritEcgConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         self.lead_names = list(self.lead_names)
         super().__post_init__(**kwargs)
-        name = type(self).__name__
-        _require_positive_ints(
+
+    def validate_architecture(self):
+        """Part of `@strict`-powered validation (at construction and on `save_pretrained`): the shapes fit together."""
+        super().validate_architecture()
+        _check_positive(
             self,
             (
                 "num_leads",
@@ -129,59 +165,50 @@ class MeritEcgConfig(PreTrainedConfig):
                 "decoder_intermediate_size",
             ),
         )
-        _require(
-            isinstance(self.mask_ratio, (int, float)), name, "mask_ratio", f"must be a number, got {self.mask_ratio!r}"
-        )
-        _require(
-            len(self.lead_names) == self.num_leads,
-            name,
+        leads = self.lead_names
+        _check(
+            len(leads) == self.num_leads,
+            self,
             "lead_names",
-            f"has {len(self.lead_names)} names but num_leads is {self.num_leads}",
+            f"has {len(leads)} names but num_leads is {self.num_leads}",
         )
-        _require(
-            len({lead.lower() for lead in self.lead_names}) == len(self.lead_names),
-            name,
+        _check(
+            len({lead.lower() for lead in leads}) == len(leads),
+            self,
             "lead_names",
-            f"contains duplicates (case-insensitive): {self.lead_names}",
+            f"contains duplicates (case-insensitive): {leads}",
         )
-        _require(
+        _check(
             self.num_samples % self.patch_size == 0,
-            name,
+            self,
             "num_samples",
             f"{self.num_samples} is not a multiple of patch_size {self.patch_size}",
         )
-        _require(
+        _check(
             self.hidden_size % self.num_attention_heads == 0,
-            name,
+            self,
             "hidden_size",
             f"{self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}",
         )
-        _require(
+        _check(
             self.decoder_hidden_size % self.decoder_num_attention_heads == 0,
-            name,
+            self,
             "decoder_hidden_size",
             f"{self.decoder_hidden_size} is not divisible by decoder_num_attention_heads "
             f"{self.decoder_num_attention_heads}",
         )
-        _require(0.0 <= self.mask_ratio < 1.0, name, "mask_ratio", f"must be in [0, 1), got {self.mask_ratio}")
-        _require(
+        for field in ("mask_ratio", "hidden_dropout_prob", "attention_probs_dropout_prob"):
+            value = getattr(self, field)
+            _check(0.0 <= value < 1.0, self, field, f"must be in [0, 1), got {value}")
+        _check(
             self.num_visible_patches >= 1,
-            name,
+            self,
             "mask_ratio",
             f"{self.mask_ratio} leaves no visible patch out of {self.num_patches_per_lead} per lead",
         )
-        for field in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-            value = getattr(self, field)
-            _require(0.0 <= value < 1.0, name, field, f"must be in [0, 1), got {value}")
-        _require(
-            self.initializer_scheme in INITIALIZER_SCHEMES,
-            name,
-            "initializer_scheme",
-            f"must be one of {INITIALIZER_SCHEMES}, got {self.initializer_scheme!r}",
-        )
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> MeritEcgConfig:
+    def from_preset(cls, name: str, **overrides) -> "MeritEcgConfig":
         """Named shapes (timm-style names: width, patch size). `"base-p75"` is ST-MEM's ViT-B/75 (about 71 GFLOP per
         ECG); `"small-p125"` is ViT-S width with 125-sample patches (about 7 times fewer FLOPs, faster than
         HuBERT-ECG base on CPU: see benchmarks/README.md); `"tiny-p75"` is for tests and the quick-start."""
@@ -225,6 +252,7 @@ MERIT_ECG_PRESETS: dict[str, dict] = {
 }
 
 
+@_raises_value_error
 @strict
 class MeritConfig(PreTrainedConfig):
     r"""
@@ -294,75 +322,58 @@ class MeritConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     projection_dim: int = 256
     projection_hidden_act: str = "gelu"
-    text_pooling: str = "mean"
-    logit_scale_init_value: float = math.log(1 / 0.07)
-    logit_scale_max: float = math.log(100.0)
-    reconstruction_weight: float = 1.0
-    contrastive_weight: float = 1.0
-    contrastive_input: str = "full"
+    text_pooling: TextPooling = "mean"
+    logit_scale_init_value: float | int = math.log(1 / 0.07)
+    logit_scale_max: float | int = math.log(100.0)
+    reconstruction_weight: float | int = 1.0
+    contrastive_weight: float | int = 1.0
+    contrastive_input: ContrastiveInput = "full"
     gather_contrastive_features: bool = True
-    loss_balancing: str = "fixed"
+    loss_balancing: LossBalancing = "fixed"
     loss_balancing_interval: int = 10
-    loss_balancing_max_ratio: float = 100.0
+    loss_balancing_max_ratio: float | int = 100.0
     initializer_range: float = 0.02
 
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        name = type(self).__name__
-        _require_positive_ints(self, ("projection_dim",))
-        _require(
-            self.text_pooling in TEXT_POOLINGS,
-            name,
-            "text_pooling",
-            f"must be one of {TEXT_POOLINGS}, got {self.text_pooling!r}",
-        )
-        _require(
-            self.contrastive_input in CONTRASTIVE_INPUTS,
-            name,
-            "contrastive_input",
-            f"must be one of {CONTRASTIVE_INPUTS}, got {self.contrastive_input!r}",
-        )
+    def validate_architecture(self):
+        """Part of `@strict`-powered validation (at construction and on `save_pretrained`): the losses, the
+        temperature and the towers make sense together."""
+        super().validate_architecture()
+        _check_positive(self, ("projection_dim", "loss_balancing_interval"))
         for field in ("reconstruction_weight", "contrastive_weight"):
-            _require(getattr(self, field) >= 0, name, field, f"must be >= 0, got {getattr(self, field)}")
-        _require(
-            self.loss_balancing in LOSS_BALANCINGS,
-            name,
-            "loss_balancing",
-            f"must be one of {LOSS_BALANCINGS}, got {self.loss_balancing!r}",
-        )
-        _require_positive_ints(self, ("loss_balancing_interval",))
-        _require(
+            _check(getattr(self, field) >= 0, self, field, f"must be >= 0, got {getattr(self, field)}")
+        _check(
             self.loss_balancing_max_ratio >= 1,
-            name,
+            self,
             "loss_balancing_max_ratio",
             f"must be >= 1, got {self.loss_balancing_max_ratio}",
         )
-        _require(
+        _check(
             self.reconstruction_weight > 0 or self.contrastive_weight > 0,
-            name,
+            self,
             "contrastive_weight",
             "and reconstruction_weight are both 0: no loss would be trained",
         )
-        _require(
+        _check(
             self.logit_scale_init_value <= self.logit_scale_max,
-            name,
+            self,
             "logit_scale_init_value",
             f"{self.logit_scale_init_value} is above logit_scale_max {self.logit_scale_max}",
         )
-        _require(
+        _check(
             getattr(self.text_config, "is_decoder", False) is False,
-            name,
+            self,
             "text_config",
             "must describe an encoder (is_decoder=True given); causal LMs belong in MeritReportConfig",
         )
-        _require(
+        _check(
             self.problem_type in PROBLEM_TYPES,
-            name,
+            self,
             "problem_type",
             f"must be one of {PROBLEM_TYPES}, got {self.problem_type!r}",
         )
 
 
+@_raises_value_error
 @strict
 class MeritReportConfig(PreTrainedConfig):
     r"""
@@ -419,35 +430,39 @@ class MeritReportConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        name = type(self).__name__
         # The LM's own tying lives in text_config; the wrapper mirrors it so that save/load keeps it.
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        if self.ecg_seq_length is None:
+            self.ecg_seq_length = self.ecg_config.num_leads * self.ecg_tokens_per_lead
+
+    def validate_architecture(self):
+        """Part of `@strict`-powered validation (at construction and on `save_pretrained`): the ECG tokens fit the
+        encoder's patches and the placeholder fits the language model's vocabulary."""
+        super().validate_architecture()
         patches = self.ecg_config.num_patches_per_lead
-        _require(
+        _check(
             1 <= self.ecg_tokens_per_lead <= patches,
-            name,
+            self,
             "ecg_tokens_per_lead",
             f"must be between 1 and the {patches} patches per lead, got {self.ecg_tokens_per_lead}",
         )
         derived = self.ecg_config.num_leads * self.ecg_tokens_per_lead
-        if self.ecg_seq_length is None:
-            self.ecg_seq_length = derived
-        _require(
+        _check(
             self.ecg_seq_length == derived,
-            name,
+            self,
             "ecg_seq_length",
             f"is {self.ecg_seq_length} but num_leads x ecg_tokens_per_lead = {derived}",
         )
         vocab_size = getattr(self.text_config, "vocab_size", None)
-        _require(
+        _check(
             vocab_size is None or 0 <= self.ecg_token_index < vocab_size,
-            name,
+            self,
             "ecg_token_index",
             f"{self.ecg_token_index} is outside the language model's vocabulary of {vocab_size} tokens",
         )
-        _require(
+        _check(
             getattr(self.text_config, "is_encoder_decoder", False) is False,
-            name,
+            self,
             "text_config",
             "must describe a decoder-only causal LM (is_encoder_decoder=True given)",
         )

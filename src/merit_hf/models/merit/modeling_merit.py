@@ -11,7 +11,6 @@ contrastive branch follows CLIP / MERL. See `MeritEcgConfig` and `MeritConfig` f
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from collections.abc import Callable
@@ -24,10 +23,12 @@ from torch import nn
 from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, can_return_tuple, logging
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_merit import PROBLEM_TYPES, MeritConfig, MeritEcgConfig
 from .pipeline_merit import custom_pipelines_for, save_zero_shot_prompts
@@ -167,8 +168,26 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-# Two matmuls and a softmax in the input dtype: the alternative to PyTorch's fused SDPA kernel for bf16/fp16 on CPU.
-matmul_attention_forward = functools.partial(eager_attention_forward, upcast_softmax=False)
+def matmul_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Two matmuls and a softmax in the input dtype: the alternative to PyTorch's fused SDPA kernel for bf16/fp16 on
+    CPU. It stands in for SDPA, so it takes SDPA's boolean mask (`True`: attend) and, like SDPA, returns no weights."""
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        zero = torch.zeros((), dtype=query.dtype, device=query.device)
+        attention_mask = torch.where(attention_mask, zero, torch.finfo(query.dtype).min)
+    attn_output, _ = eager_attention_forward(
+        module, query, key, value, attention_mask, scaling, dropout, upcast_softmax=False
+    )
+    return attn_output, None
+
 
 # bf16/fp16 attention on CPU: the fused SDPA kernel or `matmul_attention_forward`, whichever this CPU runs faster.
 # The winner depends on the CPU (AMX, AVX512-BF16), its load, oneDNN and torch: two matmuls were 1.6x faster on one
@@ -301,39 +320,10 @@ class MeritEcgLayer(GradientCheckpointingLayer):
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn_output, attn_weights = self.attention(self.norm1(hidden_states), attention_mask, **kwargs)
+    ) -> torch.Tensor:
+        attn_output, _ = self.attention(self.norm1(hidden_states), attention_mask, **kwargs)
         hidden_states = hidden_states + self.dropout(attn_output)
-        hidden_states = hidden_states + self.mlp(self.norm2(hidden_states))
-        return hidden_states, attn_weights
-
-
-def _additive_key_mask(key_is_valid: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """`(batch, seq)` of 1/0 -> additive `(batch, 1, 1, seq)` mask, or `None` when every key is valid (a check that
-    reads the data, so it is skipped under `torch.compile`, which then always gets the mask)."""
-    if key_is_valid is None or (not torch.compiler.is_compiling() and bool(key_is_valid.all())):
-        return None
-    mask = torch.zeros(key_is_valid.shape, dtype=dtype, device=key_is_valid.device)
-    mask = mask.masked_fill(key_is_valid == 0, torch.finfo(dtype).min)
-    return mask[:, None, None, :]
-
-
-def _run_layers(
-    layers: nn.ModuleList,
-    hidden_states: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    output_hidden_states: bool,
-    output_attentions: bool,
-) -> tuple[torch.Tensor, tuple | None, tuple | None]:
-    all_hidden_states = (hidden_states,) if output_hidden_states else None
-    all_attentions = () if output_attentions else None
-    for layer in layers:
-        hidden_states, attn_weights = layer(hidden_states, attention_mask)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-        if output_attentions:
-            all_attentions += (attn_weights,)
-    return hidden_states, all_hidden_states, all_attentions
+        return hidden_states + self.mlp(self.norm2(hidden_states))
 
 
 class MeritEcgEmbeddings(nn.Module):
@@ -480,8 +470,9 @@ class MeritEcgDecoder(nn.Module):
         tokens = body.reshape(batch_size * num_leads, body.shape[2], -1)
         if key_valid is not None:
             key_valid = key_valid.reshape(batch_size * num_leads, -1)
-        attention_mask = _additive_key_mask(key_valid, tokens.dtype)
-        tokens, _, _ = _run_layers(self.layers, tokens, attention_mask, False, False)
+        attention_mask = create_bidirectional_mask(config=config, inputs_embeds=tokens, attention_mask=key_valid)
+        for layer in self.layers:
+            tokens = layer(tokens, attention_mask)
         patches = self.head(self.norm(tokens))
         if separators:
             patches = patches[:, 1:-1]
@@ -781,6 +772,9 @@ class MeritEcgPreTrainedModel(MeritBasePreTrainedModel):
     config: MeritEcgConfig
     base_model_prefix = "ecg_model"
     input_modalities = ("ecg",)
+    # What `output_hidden_states` / `output_attentions` collect (transformers' `capture_outputs` hooks): each
+    # encoder layer's output after the embeddings, and each attention's weights (eager attention only).
+    _can_record_outputs = {"hidden_states": MeritEcgLayer, "attentions": MeritEcgAttention}
     _auto_map = {"AutoConfig": "configuration_merit.MeritEcgConfig", "AutoModel": "modeling_merit.MeritEcgModel"}
     _pipeline_auto_class = "AutoModel"
 
@@ -933,15 +927,13 @@ class MeritEcgModel(MeritEcgPreTrainedModel):
         leads = lead_mask.float()[:, :, None].expand(-1, -1, self.config.num_patches_per_lead)
         return leads.contiguous() if patch_attention_mask is None else patch_attention_mask * leads
 
+    @capture_outputs(tie_last_hidden_states=False)  # hidden_states[-1] is the last layer's output, before `norm`
     def forward(
         self,
         ecg_values: torch.Tensor,
         ecg_attention_mask: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         apply_masking: bool = False,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         lead_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> MeritEcgModelOutput | tuple:
@@ -960,43 +952,43 @@ class MeritEcgModel(MeritEcgPreTrainedModel):
             `missing_leads="mask"`). A missing lead's tokens are never attention keys and are left out of pooling,
             so the output is what the recorded leads alone give, whatever values the missing leads hold; its own
             positions in `last_hidden_state` carry no meaning.
+        output_hidden_states, output_attentions, return_dict (`bool`, *optional*):
+            transformers' output flags (defaults from the config). The hidden states are the embeddings and each
+            layer's output; attention weights come with `attn_implementation="eager"` only.
         """
         self._check_input(ecg_values)
         # The feature extractor gives float32; a model loaded with `dtype=torch.bfloat16` (or half) computes in that.
         ecg_values = ecg_values.to(self.embeddings.patch_projection.weight.dtype)
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        output_attentions = bool(output_attentions if output_attentions is not None else self.config.output_attentions)
-        output_hidden_states = bool(
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
         batch_size = ecg_values.shape[0]
         lead_mask = self._check_lead_mask(lead_mask, batch_size)
         patch_attention_mask = self._token_validity(ecg_attention_mask, lead_mask, batch_size)
         embeddings, mask, ids_restore, token_mask = self.embeddings(
             ecg_values, patch_attention_mask, noise=noise, apply_masking=apply_masking, lead_mask=lead_mask
         )
-        attention_mask = _additive_key_mask(token_mask, embeddings.dtype)
-        if output_attentions and self.config._attn_implementation != "eager":
+        # `None` when every token is valid (a check that reads the data, so it is skipped under `torch.compile`).
+        attention_mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=embeddings, attention_mask=token_mask
+        )
+        if (
+            kwargs.get("output_attentions", self.config.output_attentions)
+            and self.config._attn_implementation != "eager"
+        ):
             logger.warning_once(
                 f"attn_implementation={self.config._attn_implementation!r} does not return attention weights; load "
                 "the model with attn_implementation='eager' (or call set_attn_implementation('eager')) to get them"
             )
-            output_attentions = False
-        hidden_states, all_hidden_states, all_attentions = _run_layers(
-            self.layers, embeddings, attention_mask, output_hidden_states, output_attentions
-        )
+        hidden_states = embeddings
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask)
         hidden_states = self.norm(hidden_states)
         pooled = self.pooler_norm(self._mean_patch_token(hidden_states, token_mask))
-        output = MeritEcgModelOutput(
+        return MeritEcgModelOutput(
             last_hidden_state=hidden_states,
             pooler_output=pooled,
             mask=mask,
             ids_restore=ids_restore,
             patch_attention_mask=patch_attention_mask,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
         )
-        return output if return_dict else output.to_tuple()
 
     def _mean_patch_token(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         batch_size, seq_len, hidden_size = hidden_states.shape
@@ -1059,6 +1051,7 @@ class MeritModel(MeritPreTrainedModel):
         logits it gave when the clamp was inside `forward`."""
         self.logit_scale.clamp_(0.0, self.config.logit_scale_max)
 
+    @can_return_tuple
     def get_ecg_features(
         self,
         ecg_values: torch.Tensor,
@@ -1069,22 +1062,21 @@ class MeritModel(MeritPreTrainedModel):
         output_hidden_states: bool | None = None,
         lead_mask: torch.Tensor | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPooling:
+    ) -> BaseModelOutputWithPooling | tuple:
         r"""
         Returns a `BaseModelOutputWithPooling` whose `pooler_output` `(batch_size, projection_dim)` is the projected,
         not yet normalised, ECG embedding (as `CLIPModel.get_image_features` in transformers 5); `last_hidden_state`,
         `hidden_states` and `attentions` are the ECG encoder's. `lead_mask` `(batch_size, num_leads)`: see
-        `MeritEcgModel.forward` (missing leads are left out).
+        `MeritEcgModel.forward` (missing leads are left out). A tuple with `return_dict=False`.
         """
         ecg_output = self.ecg_model(
             ecg_values,
             ecg_attention_mask=ecg_attention_mask,
             noise=noise,
             apply_masking=apply_masking,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
             lead_mask=lead_mask,
+            return_dict=True,
+            **_output_flags(output_attentions, output_hidden_states),
         )
         return BaseModelOutputWithPooling(
             last_hidden_state=ecg_output.last_hidden_state,
@@ -1093,6 +1085,7 @@ class MeritModel(MeritPreTrainedModel):
             attentions=ecg_output.attentions,
         )
 
+    @can_return_tuple
     def get_text_features(
         self,
         input_ids: torch.Tensor,
@@ -1101,15 +1094,14 @@ class MeritModel(MeritPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPooling:
+    ) -> BaseModelOutputWithPooling | tuple:
         r"""Returns a `BaseModelOutputWithPooling` whose `pooler_output` is the projected text embedding;
-        `last_hidden_state`, `hidden_states` and `attentions` are the text encoder's."""
+        `last_hidden_state`, `hidden_states` and `attentions` are the text encoder's. A tuple with
+        `return_dict=False`."""
         text_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             text_inputs["token_type_ids"] = token_type_ids
-        for name, value in (("output_attentions", output_attentions), ("output_hidden_states", output_hidden_states)):
-            if value is not None:
-                text_inputs[name] = value
+        text_inputs.update(_output_flags(output_attentions, output_hidden_states))
         text_output = self.text_model(**text_inputs, return_dict=True)
         pooled = _pool_text(text_output, attention_mask, self.config.text_pooling)
         return BaseModelOutputWithPooling(
@@ -1119,6 +1111,7 @@ class MeritModel(MeritPreTrainedModel):
             attentions=text_output.attentions,
         )
 
+    @can_return_tuple
     def forward(
         self,
         ecg_values: torch.Tensor,
@@ -1129,7 +1122,6 @@ class MeritModel(MeritPreTrainedModel):
         return_loss: bool = False,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         lead_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> MeritOutput | tuple:
@@ -1143,8 +1135,11 @@ class MeritModel(MeritPreTrainedModel):
         `ecg_model_output` and `text_model_output` hold each tower's output (with `hidden_states` / `attentions` when
         asked), their `pooler_output` being the projected, not yet normalised, embedding.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        flags = {
+            "output_attentions": output_attentions,
+            "output_hidden_states": output_hidden_states,
+            "return_dict": True,
+        }
         ecg_output = self.get_ecg_features(ecg_values, ecg_attention_mask, lead_mask=lead_mask, **flags)
         text_output = self.get_text_features(input_ids, attention_mask, token_type_ids, **flags)
         ecg_embeds = F.normalize(ecg_output.pooler_output, dim=-1)
@@ -1154,7 +1149,7 @@ class MeritModel(MeritPreTrainedModel):
         loss = None
         if return_loss:
             loss = contrastive_loss(ecg_embeds, text_embeds, scale, gather=self.config.gather_contrastive_features)
-        output = MeritOutput(
+        return MeritOutput(
             loss=loss,
             logits_per_ecg=logits_per_ecg,
             logits_per_text=logits_per_ecg.t(),
@@ -1163,7 +1158,6 @@ class MeritModel(MeritPreTrainedModel):
             ecg_model_output=ecg_output,
             text_model_output=text_output,
         )
-        return output if return_dict else output.to_tuple()
 
     @classmethod
     def from_text_pretrained(
@@ -1184,6 +1178,12 @@ class MeritModel(MeritPreTrainedModel):
                 f"{text_model_name_or_path}: text encoder weights missing for {incompatible.missing_keys[:8]}"
             )
         return model
+
+
+def _output_flags(output_attentions: bool | None, output_hidden_states: bool | None) -> dict[str, bool]:
+    """The output flags a caller set; one left `None` is not passed on, so the tower falls back to its own config."""
+    flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+    return {name: value for name, value in flags.items() if value is not None}
 
 
 def _text_encoder_from_config(config: MeritConfig) -> PreTrainedModel:
@@ -1270,6 +1270,7 @@ class MeritForPreTraining(MeritPreTrainedModel):
             self.merit.text_model.requires_grad_(False)
         self.train(self.training)
 
+    @can_return_tuple
     def forward(
         self,
         ecg_values: torch.Tensor,
@@ -1280,7 +1281,6 @@ class MeritForPreTraining(MeritPreTrainedModel):
         noise: torch.Tensor | None = None,
         sample_mask: torch.Tensor | None = None,
         return_loss: bool = True,
-        return_dict: bool | None = None,
         lead_mask: torch.Tensor | None = None,
         reconstruction_weight: float | None = None,
         **kwargs,
@@ -1307,7 +1307,6 @@ class MeritForPreTraining(MeritPreTrainedModel):
                     f"model.merit.get_ecg_features(..., {flag}=True) or get_text_features for them"
                 )
         config = self.config
-        return_dict = return_dict if return_dict is not None else config.return_dict
         use_reconstruction = config.reconstruction_weight > 0
         use_contrastive = config.contrastive_weight > 0
         if use_contrastive and input_ids is None:
@@ -1351,9 +1350,8 @@ class MeritForPreTraining(MeritPreTrainedModel):
                     ecg_values, ecg_attention_mask=ecg_attention_mask, lead_mask=lead_mask
                 ).pooler_output
             ecg_embeds = F.normalize(self.merit.ecg_projection(ecg_pooled), dim=-1)
-            text_embeds = F.normalize(
-                self.merit.get_text_features(input_ids, attention_mask, token_type_ids).pooler_output, dim=-1
-            )
+            text_features = self.merit.get_text_features(input_ids, attention_mask, token_type_ids, return_dict=True)
+            text_embeds = F.normalize(text_features.pooler_output, dim=-1)
             scale = self.merit.logit_scale.exp()
             contrastive = contrastive_loss(
                 ecg_embeds, text_embeds, scale, gather=config.gather_contrastive_features, sample_mask=sample_mask
@@ -1361,7 +1359,7 @@ class MeritForPreTraining(MeritPreTrainedModel):
             logits_per_ecg = scale * ecg_embeds @ text_embeds.t()
             loss = loss + config.contrastive_weight * contrastive
 
-        output = MeritForPreTrainingOutput(
+        return MeritForPreTrainingOutput(
             loss=loss if return_loss else None,
             reconstruction_loss=reconstruction_loss,
             contrastive_loss=contrastive,
@@ -1374,7 +1372,6 @@ class MeritForPreTraining(MeritPreTrainedModel):
             text_embeds=text_embeds,
             logit_scale=scale,
         )
-        return output if return_dict else output.to_tuple()
 
 
 class MeritForEcgClassification(MeritPreTrainedModel):
@@ -1432,6 +1429,7 @@ class MeritForEcgClassification(MeritPreTrainedModel):
                 kwargs.setdefault("key_mapping", cls._encoder_only_key_mapping)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
+    @can_return_tuple
     def forward(
         self,
         ecg_values: torch.Tensor,
@@ -1439,7 +1437,6 @@ class MeritForEcgClassification(MeritPreTrainedModel):
         ecg_attention_mask: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         lead_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> SequenceClassifierOutput | tuple:
@@ -1450,23 +1447,20 @@ class MeritForEcgClassification(MeritPreTrainedModel):
         lead_mask (`torch.BoolTensor` of shape `(batch_size, num_leads)`, *optional*): recorded leads (the missing
             ones are left out, see `MeritEcgModel.forward`).
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         ecg_output = self.ecg_model(
             ecg_values,
             ecg_attention_mask=ecg_attention_mask,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
             lead_mask=lead_mask,
+            return_dict=True,
+            **_output_flags(output_attentions, output_hidden_states),
         )
         logits = self.classifier(self.dropout(ecg_output.pooler_output))
         loss = None
         if labels is not None:
             loss = self._loss(logits, labels)
-        output = SequenceClassifierOutput(
+        return SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=ecg_output.hidden_states, attentions=ecg_output.attentions
         )
-        return output if return_dict else output.to_tuple()
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         problem_type = self.config.problem_type
