@@ -19,9 +19,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.utils import can_return_tuple
 
 from .configuration_merit import MeritReportConfig
-from .modeling_merit import MeritBasePreTrainedModel, MeritEcgModel
+from .modeling_merit import MeritBasePreTrainedModel, MeritEcgModel, _output_flags
 
 
 @dataclass
@@ -127,6 +128,7 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_output_embeddings(value)
 
+    @can_return_tuple
     def get_ecg_features(
         self,
         ecg_values: torch.Tensor,
@@ -157,9 +159,8 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
                 ecg_values,
                 ecg_attention_mask=ecg_attention_mask,
                 lead_mask=lead_mask,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
                 return_dict=True,
+                **_output_flags(output_attentions, output_hidden_states),
             )
         hidden = ecg_output.last_hidden_state
         per_lead = hidden.reshape(hidden.shape[0], ecg_config.num_leads, ecg_config.tokens_per_lead, -1)
@@ -230,7 +231,7 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
                     "ECGs the prompt refers to, or a prompt without <ecg>"
                 )
             return inputs_embeds, None
-        ecg_features = self.get_ecg_features(ecg_values, ecg_attention_mask, lead_mask).pooler_output
+        ecg_features = self.get_ecg_features(ecg_values, ecg_attention_mask, lead_mask, return_dict=True).pooler_output
         placeholder_mask = self.get_placeholder_mask(input_ids, ecg_features)
         inputs_embeds = inputs_embeds.masked_scatter(
             placeholder_mask[..., None].to(inputs_embeds.device), ecg_features.to(inputs_embeds.dtype)
