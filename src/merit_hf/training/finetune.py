@@ -87,8 +87,7 @@ def fine_tune(
     validation_labels = label_matrix(validation, label_set)
     train_columns = train.select_columns(["signal", "sampling_rate", "lead_names"])
     random_crops = copy.deepcopy(feature_extractor)
-    random_crops.seed = seed
-    random_crops._rng = np.random.default_rng(seed)
+    random_crops.set_crop_seed(seed)
 
     loader = torch.utils.data.DataLoader(range(len(train)), batch_size=arguments.batch_size, shuffle=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=arguments.finetune_learning_rate, fused=True)
