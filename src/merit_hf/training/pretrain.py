@@ -648,7 +648,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     feature_extractor = MeritFeatureExtractor.from_model_config(model.config.ecg_config)
     tokenizer = AutoTokenizer.from_pretrained(text_path)
     collator = PretrainingCollator(feature_extractor, tokenizer, model_args.max_report_length)
-    train_split, train_loader, eval_loader, streaming = make_dataloaders(
+    train_loader, eval_loader, streaming = make_dataloaders(
         accelerator, data_args, train_args, feature_extractor, collator
     )
     optimizer, scheduler = make_optimizer(model, train_args)
@@ -659,7 +659,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     balancer = ReconstructionWeightBalancer(unwrapped.config)
     if balancer.enabled:
         accelerator.register_for_checkpointing(balancer)
-    train_loader, eval_loader = prepare_dataloaders(accelerator, train_loader, eval_loader, streaming, data_args)
+    train_loader, eval_loader = prepare_dataloaders(
+        accelerator, train_loader, eval_loader, streaming, data_args.train_split
+    )
     objective = PretrainingObjective(unwrapped.config)  # the contrastive term over every process's batch
     run_identity = {
         "model_config": comparable_config(unwrapped.config),
@@ -718,11 +720,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             )
             logging_step = (global_step + 1) % train_args.logging_steps == 0
             if accelerator.sync_gradients and (logging_step or balancer.due(global_step + 1)):
-                again = lambda: objective(unwrapped(**batch, noise=noise), balancer.weight)  # noqa: E731
+                again = (
+                    (lambda: objective(unwrapped(**batch, noise=noise), balancer.weight))
+                    if fresh_graph_per_term
+                    else None
+                )
                 with accelerator.autocast():
-                    gradient_norms = loss_term_gradient_norms(
-                        unwrapped, losses, balancer.weight, again if fresh_graph_per_term else None
-                    )
+                    gradient_norms = loss_term_gradient_norms(unwrapped, losses, balancer.weight, again)
                 balancer.update(gradient_norms)
             accelerator.backward(losses.loss)
             if accelerator.sync_gradients and train_args.max_grad_norm is not None:
@@ -834,7 +838,7 @@ def make_dataloaders(
     feature_extractor: MeritFeatureExtractor,
     collator: PretrainingCollator,
 ):
-    """`(train_split, train_loader, eval_loader, streaming)`, not yet prepared. A map-style split is sharded by
+    """`(train_loader, eval_loader, streaming)`, not yet prepared. A map-style split is sharded by
     `prepare` (each process takes every N-th batch of one seeded order); a streamed split is cut by node with
     `split_dataset_by_node`, and its loader's state is the stream position."""
     with accelerator.main_process_first():
@@ -871,7 +875,7 @@ def make_dataloaders(
         eval_loader = DataLoader(
             eval_split, batch_size=train_args.per_device_eval_batch_size, collate_fn=collator, **loader_options
         )
-    return train_split, train_loader, eval_loader, streaming
+    return train_loader, eval_loader, streaming
 
 
 def make_optimizer(model: MeritForPreTraining, train_args: PretrainingArguments):
