@@ -420,6 +420,24 @@ def test_two_processes_equal_one_process_with_double_batch(reference, assets, tm
 
 
 @pytest.mark.slow
+def test_eval_where_one_process_holds_only_padding_equals_one_process(assets, tmp_path):
+    """20 eval records in global batches of 16: the last 4 all sit on process 0 and process 1's last batch is
+    padding only (it runs one row, so that it takes part in the contrastive gather, and keeps none of it)."""
+    flags = {"max_steps": 2, "save_steps": 2, "eval_steps": 2, "max_eval_samples": 20}
+    argv = launch_argv("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()))
+    argv += base_argv(assets, tmp_path / "two", per_device_train_batch_size=4, use_cpu="true",
+                      per_device_eval_batch_size=8, **flags)  # fmt: skip
+    done = subprocess.run(argv, env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT_S)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "train_results.json").read_text())
+    one = run_pretraining(base_argv(assets, tmp_path / "one", per_device_train_batch_size=8,
+                                    per_device_eval_batch_size=16, **flags))  # fmt: skip
+    for name in ("eval_loss", "eval_reconstruction_loss", "eval_contrastive_loss"):
+        assert two[name] == pytest.approx(one[name], rel=1e-5), name
+
+
+@pytest.mark.slow
 def test_two_machines_on_one_host_equal_one_machine(reference, assets, tmp_path):
     """`--num_machines 2` with `--machine_rank 0/1` and `--main_process_ip 127.0.0.1`: the multi-node path."""
     _, expected = reference
