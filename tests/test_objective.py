@@ -225,3 +225,71 @@ def test_forward_takes_the_reconstruction_weight_of_the_step():
         ValueError, match=r"MeritConfig.loss_balancing: expected one of \('fixed', 'gradient_norm'\), got gradnorm"
     ):
         tiny_merit_config(loss_balancing="gradnorm")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The training-side objective (merit_hf.training.losses): the contrastive term over every process's batch
+# ----------------------------------------------------------------------------------------------------------------------
+def test_objective_on_one_process_is_the_model_loss_term_for_term():
+    from merit_hf.training.losses import PretrainingObjective
+
+    model = MeritForPreTraining(tiny_merit_config(contrastive_weight=0.5))
+    batch = {"ecg_values": torch.randn(3, 12, 2250), "input_ids": torch.randint(5, 100, (3, 6)),
+             "noise": torch.rand(3, 12, 30)}  # fmt: skip
+    output = model(**batch)
+    losses = PretrainingObjective(model.config)(output)
+    for name in ("loss", "reconstruction_loss", "contrastive_loss"):
+        assert torch.equal(getattr(losses, name), getattr(output, name)), name
+    balanced = PretrainingObjective(model.config)(output, reconstruction_weight=3.0)
+    torch.testing.assert_close(balanced.loss, 3.0 * output.reconstruction_loss + 0.5 * output.contrastive_loss)
+    reconstruction_only = MeritForPreTraining(tiny_merit_config(contrastive_weight=0.0))
+    losses = PretrainingObjective(reconstruction_only.config)(reconstruction_only(batch["ecg_values"]))
+    assert losses.contrastive_loss is None and torch.equal(losses.loss, losses.reconstruction_loss)
+
+
+def _contrastive_on_two_processes(rank: int, port: int, ecg, text, out_dir) -> None:
+    """One of two gloo processes: the gathered loss and local gradients for even and uneven splits of the rows."""
+    import os
+
+    import torch.distributed as dist
+
+    from merit_hf.training.losses import ContrastiveLoss
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    results = {}
+    for split in ((2, 2), (3, 1), (4, 0)):
+        start = sum(split[:rank])
+        local_ecg = ecg[start : start + split[rank]].clone().requires_grad_(True)
+        local_text = text[start : start + split[rank]].clone().requires_grad_(True)
+        loss = ContrastiveLoss(equal_batches=split[0] == split[1])(local_ecg, local_text, torch.tensor(10.0))
+        loss.backward()
+        results[split] = (loss.detach(), local_ecg.grad, local_text.grad)
+    torch.save(results, out_dir / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_contrastive_loss_over_two_processes_equals_one_process_over_all_rows(tmp_path):
+    """Every process gets the loss of the whole gathered batch, and after DDP's averaging (here: / 2) the gradient
+    of each process's rows is the one-process gradient, also when processes hold different numbers of rows (an
+    eval's last batch without its padding; one process may hold none)."""
+    import torch.multiprocessing as mp
+
+    from merit_hf.training.losses import ContrastiveLoss
+    from tests.test_pretrain import free_port
+
+    generator = torch.Generator().manual_seed(0)
+    ecg = torch.nn.functional.normalize(torch.randn(4, 8, generator=generator), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(4, 8, generator=generator), dim=-1)
+    one_ecg, one_text = ecg.clone().requires_grad_(True), text.clone().requires_grad_(True)
+    expected = ContrastiveLoss()(one_ecg, one_text, torch.tensor(10.0))
+    expected.backward()
+    mp.spawn(_contrastive_on_two_processes, args=(free_port(), ecg, text, tmp_path), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    for split in ((2, 2), (3, 1), (4, 0)):
+        for rank, results in enumerate(ranks):
+            loss, ecg_grad, text_grad = results[split]
+            torch.testing.assert_close(loss, expected.detach(), msg=f"{split} rank {rank}")
+        torch.testing.assert_close(torch.cat([results[split][1] for results in ranks]) / 2, one_ecg.grad)
+        torch.testing.assert_close(torch.cat([results[split][2] for results in ranks]) / 2, one_text.grad)

@@ -152,7 +152,7 @@ def test_checkpoint_and_final_folder_reload_to_identical_outputs(reference, asse
     output_dir, _ = reference
     final = MeritForPreTraining.from_pretrained(output_dir / "model").eval()
     from_checkpoint = MeritForPreTraining(final.config).eval()
-    weights = load_file(output_dir / "checkpoints" / f"checkpoint-{STEPS}" / "model.safetensors")
+    weights = load_file(output_dir / "checkpoints" / f"checkpoint_{STEPS}" / "model.safetensors")
     from_checkpoint.load_state_dict(weights, strict=False)  # tied / non-persistent buffers are not in the file
     processor = AutoProcessor.from_pretrained(output_dir / "model")
     signal_ = torch.randn(2, 1000, 12).numpy() * 0.2
@@ -188,7 +188,7 @@ def test_torch_compile_trains_like_eager_and_saves_plain_weights(reference, asse
         torch.tensor(compiled["loss_history"]), torch.tensor(eager["loss_history"]), rtol=1e-4, atol=1e-5
     )
     assert compiled["eval_loss"] == pytest.approx(eager["eval_loss"], rel=1e-4)
-    keys = list(load_file(tmp_path / "checkpoints" / f"checkpoint-{STEPS}" / "model.safetensors"))
+    keys = list(load_file(tmp_path / "checkpoints" / f"checkpoint_{STEPS}" / "model.safetensors"))
     assert keys and not [key for key in keys if "_orig_mod" in key]
     MeritForPreTraining.from_pretrained(tmp_path / "model")
 
@@ -197,14 +197,14 @@ def test_torch_compile_trains_like_eager_and_saves_plain_weights(reference, asse
     eager_from_compiled = run_pretraining(
         base_argv(
             assets, tmp_path / "eager_from_compiled", per_device_train_batch_size=8,
-            resume_from_checkpoint=str(tmp_path / "checkpoints" / f"checkpoint-{middle}"),
+            resume_from_checkpoint=str(tmp_path / "checkpoints" / f"checkpoint_{middle}"),
         )
     )  # fmt: skip
     compiled_from_eager = run_pretraining(
         base_argv(
             assets, tmp_path / "compiled_from_eager", per_device_train_batch_size=8, torch_compile="true",
             torch_compile_backend="aot_eager",
-            resume_from_checkpoint=str(reference[0] / "checkpoints" / f"checkpoint-{middle}"),
+            resume_from_checkpoint=str(reference[0] / "checkpoints" / f"checkpoint_{middle}"),
         )
     )  # fmt: skip
     for resumed in (eager_from_compiled, compiled_from_eager):
@@ -226,11 +226,11 @@ def test_resume_after_kill_continues_the_same_loss_curve(assets, tmp_path):
     argv = [PYTHON, "-m", "merit_hf.training.pretrain", *base_argv(assets, killed_dir, **overrides)]
     process = subprocess.Popen(argv, env=subprocess_env(), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)  # fmt: skip
-    marker = killed_dir / "checkpoints" / "checkpoint-9" / "training_state.json"
+    marker = killed_dir / "checkpoints" / "checkpoint_9" / "training_state.json"
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     while not marker.is_file():
         assert process.poll() is None, process.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "the run never reached checkpoint-9"
+        assert time.monotonic() < deadline, "the run never reached checkpoint_9"
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
@@ -247,7 +247,24 @@ def test_resume_after_kill_continues_the_same_loss_curve(assets, tmp_path):
     logged = read_log_history(killed_dir)
     assert [entry["step"] for entry in logged] == list(range(1, steps + 1))
     assert [entry["train_loss"] for entry in logged] == uninterrupted  # bit for bit
-    assert len(list((killed_dir / "checkpoints").glob("checkpoint-*"))) == 2  # save_total_limit
+    assert len(list((killed_dir / "checkpoints").glob("checkpoint_*"))) == 2  # save_total_limit
+
+
+def test_checkpoint_named_by_an_earlier_version_resumes_with_latest(reference, assets, tmp_path):
+    """Before Accelerate named the checkpoints, merit_hf wrote `checkpoint-<step>`: `latest` still finds one and the
+    run continues the same loss curve in `checkpoint_<step>` folders. A half-written checkpoint past the one resumed
+    (a kill while saving) is removed, not refused by Accelerate as an existing folder."""
+    output_dir, expected = reference
+    middle = STEPS // 2
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(output_dir / "checkpoints" / f"checkpoint_{middle}", checkpoints / f"checkpoint-{middle}")
+    (checkpoints / f"checkpoint_{STEPS}").mkdir()  # interrupted: no training_state.json
+    resumed = run_pretraining(
+        base_argv(assets, tmp_path, per_device_train_batch_size=8, resume_from_checkpoint="latest")
+    )
+    assert resumed["steps_this_run"] == STEPS - middle
+    assert resumed["loss_history"] == expected["loss_history"][middle:]
+    assert sorted(path.name for path in checkpoints.iterdir()) == [f"checkpoint-{middle}", f"checkpoint_{STEPS}"]
 
 
 def test_nan_loss_stops_before_checkpoint_and_names_step_and_batch(assets, tmp_path, monkeypatch):
@@ -260,7 +277,7 @@ def test_nan_loss_stops_before_checkpoint_and_names_step_and_batch(assets, tmp_p
         output = original(self, *args, **kwargs)
         calls["count"] += 1
         if calls["count"] == 4:  # the third step: the throughput meter's FLOP count runs one forward pass first
-            output.loss = output.loss * float("nan")
+            output.reconstruction_loss = output.reconstruction_loss * float("nan")
         return output
 
     monkeypatch.setattr(MeritForPreTraining, "forward", poisoned)
@@ -269,7 +286,7 @@ def test_nan_loss_stops_before_checkpoint_and_names_step_and_batch(assets, tmp_p
     ):
         run_pretraining(base_argv(assets, tmp_path, save_steps=1, eval_steps=0))
     saved = sorted(path.name for path in (tmp_path / "checkpoints").iterdir())
-    assert saved == ["checkpoint-1", "checkpoint-2"]
+    assert saved == ["checkpoint_1", "checkpoint_2"]
     assert not (tmp_path / "model").exists()
 
 
@@ -290,7 +307,7 @@ def test_fresh_run_refuses_an_earlier_run_and_overwrite_starts_again(reference, 
     `latest` would later resume the earlier run; it refuses, and `--overwrite_output_dir true` starts clean."""
     output_dir, _ = reference
     message = (
-        f"{output_dir}: holds an earlier run (2 checkpoint(s) up to checkpoint-{STEPS}, model/). Continue it with "
+        f"{output_dir}: holds an earlier run (2 checkpoint(s) up to checkpoint_{STEPS}, model/). Continue it with "
         "--resume_from_checkpoint latest, start again with --overwrite_output_dir true"
     )
     with pytest.raises(FileExistsError, match=re.escape(message)):
@@ -301,10 +318,10 @@ def test_fresh_run_refuses_an_earlier_run_and_overwrite_starts_again(reference, 
     for name in ("checkpoints", "model"):
         shutil.copytree(output_dir / name, tmp_path / name)
     shutil.copy(output_dir / "log_history.jsonl", tmp_path / "log_history.jsonl")
-    (tmp_path / "checkpoints" / "checkpoint-99").mkdir()  # an interrupted save of the earlier run
+    (tmp_path / "checkpoints" / "checkpoint_99").mkdir()  # an interrupted save of the earlier run
     results = run_pretraining(base_argv(assets, tmp_path, overwrite_output_dir="true", max_steps=2, save_steps=1))
     assert results["global_step"] == 2 and results["steps_this_run"] == 2
-    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["checkpoint_1", "checkpoint_2"]
     assert [entry["step"] for entry in read_log_history(tmp_path)] == [1, 2]
 
 
@@ -363,7 +380,7 @@ def test_streaming_split_trains_and_resumes_at_the_stream_position(assets, tmp_p
     full = run_pretraining(base_argv(assets, tmp_path / "full", **stream))
     assert full["global_step"] == 6 and all(torch.isfinite(torch.tensor(full["loss_history"])))
     shutil.copytree(
-        tmp_path / "full" / "checkpoints" / "checkpoint-3", tmp_path / "resumed" / "checkpoints" / "checkpoint-3"
+        tmp_path / "full" / "checkpoints" / "checkpoint_3", tmp_path / "resumed" / "checkpoints" / "checkpoint_3"
     )
     resumed = run_pretraining(base_argv(assets, tmp_path / "resumed", resume_from_checkpoint="latest", **stream))
     assert resumed["steps_this_run"] == 3 and resumed["loss_history"] == full["loss_history"][3:]
@@ -400,6 +417,24 @@ def test_two_processes_equal_one_process_with_double_batch(reference, assets, tm
     for two, one in zip(*evals):
         for name in ("eval_loss", "eval_reconstruction_loss", "eval_contrastive_loss"):
             assert two[name] == pytest.approx(one[name], rel=1e-5), name
+
+
+@pytest.mark.slow
+def test_eval_where_one_process_holds_only_padding_equals_one_process(assets, tmp_path):
+    """20 eval records in global batches of 16: the last 4 all sit on process 0 and process 1's last batch is
+    padding only (it runs one row, so that it takes part in the contrastive gather, and keeps none of it)."""
+    flags = {"max_steps": 2, "save_steps": 2, "eval_steps": 2, "max_eval_samples": 20}
+    argv = launch_argv("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()))
+    argv += base_argv(assets, tmp_path / "two", per_device_train_batch_size=4, use_cpu="true",
+                      per_device_eval_batch_size=8, **flags)  # fmt: skip
+    done = subprocess.run(argv, env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT_S)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "train_results.json").read_text())
+    one = run_pretraining(base_argv(assets, tmp_path / "one", per_device_train_batch_size=8,
+                                    per_device_eval_batch_size=16, **flags))  # fmt: skip
+    for name in ("eval_loss", "eval_reconstruction_loss", "eval_contrastive_loss"):
+        assert two[name] == pytest.approx(one[name], rel=1e-5), name
 
 
 @pytest.mark.slow

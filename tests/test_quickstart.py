@@ -52,7 +52,7 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
         torch.set_num_threads(threads)
     assert results["data"]["records"] == {"train": 353, "validation": 81, "test": 66}
     assert results["pretraining"]["global_step"] == first["pretraining"]["global_step"] == 2
-    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-2"]
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["checkpoint_2"]
     for key in ("macro_auroc", "baseline_macro_auroc"):
         assert 0.0 <= results["probe"][key]["value"] <= 1.0
     remote = results["remote_code_check"]

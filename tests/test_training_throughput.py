@@ -90,8 +90,9 @@ def test_flop_count_is_forward_plus_backward_and_leaves_the_model_as_it_was():
     assert torch.equal(torch.random.get_rng_state(), state)
     assert model.training and all(p.grad is None for p in model.parameters())
     assert model.config.ecg_config._attn_implementation != "eager"  # restored after counting with eager attention
-    # Backward costs about twice the forward (the patch embedding's input needs no gradient, hence a little less).
-    assert 2.5 * forward < training < 3.0 * forward
+    # Backward costs at most twice the forward (each counted matmul needs the gradient of both inputs, or less). The
+    # bound was strict while the forward also computed the similarity matrix a second time, without a backward.
+    assert 2.5 * forward < training <= 3.0 * forward
     # Per sample: the same from 2 rows of a batch of 4 as from a batch of 2.
     halves = {k: v[:2] for k, v in batch.items()}
     assert count_flops_per_sample(model, lambda rows: model(**rows).loss, halves) == pytest.approx(training, rel=1e-3)

@@ -1,10 +1,11 @@
 """MERIT pretraining with Accelerate: masked ECG modelling plus ECG-report contrastive alignment, the same script on
 one CPU, N GPUs or M nodes.
 
-The loss is `MeritForPreTraining`'s own (this script never re-implements it). Under `torch.distributed` the model
-gathers both embeddings from every process **with gradient** before InfoNCE, so N processes of batch b train like one
-process of batch N*b; masking noise is drawn per record from `(seed, epoch, ecg_id)`, so the masks, and hence the
-losses, do not depend on how records are spread over processes either.
+The reconstruction term is `MeritForPreTraining`'s own; the contrastive term is computed here, by
+`merit_hf.training.losses.PretrainingObjective` (open_clip's `ClipLoss` shape), which gathers both embeddings from every
+process **with gradient** before InfoNCE, so N processes of batch b train like one process of batch N*b. Masking noise is
+drawn per record from `(seed, epoch, ecg_id)`, so the masks, and hence the losses, do not depend on how records are
+spread over processes either.
 
 One CPU (or one GPU):
 
@@ -34,7 +35,8 @@ mix); `--overwrite_output_dir true` removes them and starts again.
 Ablations by flag alone: `--contrastive_weight 0` (reconstruction only), `--reconstruction_weight 0` (contrastive
 only), `--contrastive_input masked`, `--ecg_config '{"mask_ratio": 0.5}'`.
 
-Outputs in `output_dir`: `checkpoints/checkpoint-<step>/` (Accelerate state + `training_state.json`),
+Outputs in `output_dir`: `checkpoints/checkpoint_<step>/` (Accelerate state + `training_state.json`; Accelerate names
+and rotates them; folders named `checkpoint-<step>` by earlier versions still resume),
 `log_history.jsonl` (one line per logged step), `runs/` (TensorBoard), `model/` (the Hub-ready folder: model,
 feature extractor, processor with tokenizer, remote code) and `train_results.json`.
 """
@@ -72,6 +74,7 @@ from ..models.merit.processing_merit import MeritProcessor
 from ..utils.arguments import arguments_to_dict, config_from_argument, parse_arguments
 from ..utils.throughput import ThroughputMeter, dataloader_options
 from .activation_checkpointing import enable_activation_checkpointing
+from .losses import PretrainingLosses, PretrainingObjective
 
 TRAINING_STATE_FILE = "training_state.json"
 LOG_HISTORY_FILE = "log_history.jsonl"
@@ -320,7 +323,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
 
 def loss_term_gradient_norms(
     model: MeritForPreTraining,
-    output,
+    losses,
     reconstruction_weight: float | None = None,
     forward: Callable[[], Any] | None = None,
 ) -> dict[str, float]:
@@ -330,9 +333,11 @@ def loss_term_gradient_norms(
     that one term does not starve the other (with `initializer_scheme="trunc_normal"` the masked-modelling share was
     1e-4). `reconstruction_gradient_share` is `r / (r + c)`: 0.5 when both pull equally hard. Costs one extra backward
     pass per term, so pretraining computes it on logging and balancing steps only. `reconstruction_weight`: the
-    weight this step used, if not the config's (loss balancing). `forward`: returns a fresh output of the same batch,
-    used once per term instead of back-propagating `output`'s graph twice, which selective activation checkpointing
-    and `torch.compile`'s donated buffers refuse (one extra forward pass per term).
+    weight this step used, if not the config's (loss balancing). `losses`: anything holding `reconstruction_loss` and
+    `contrastive_loss` (a `MeritForPreTraining` output, or the `PretrainingLosses` of the pretraining objective).
+    `forward`: returns fresh `losses` of the same batch, used once per term instead of back-propagating `losses`'s
+    graph twice, which selective activation checkpointing and `torch.compile`'s donated buffers refuse (one extra
+    forward pass per term).
     """
     config = model.config
     if reconstruction_weight is None:
@@ -340,7 +345,7 @@ def loss_term_gradient_norms(
     parameters = [parameter for parameter in model.merit.ecg_model.parameters() if parameter.requires_grad]
     norms = {}
     for name, weight in (("reconstruction", reconstruction_weight), ("contrastive", config.contrastive_weight)):
-        term = getattr(output, f"{name}_loss")
+        term = getattr(losses, f"{name}_loss")
         if term is None or weight == 0:
             continue
         if forward is not None:
@@ -467,17 +472,25 @@ class PretrainingCollator:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def checkpoint_dir(output_dir: Path, step: int) -> Path:
-    return output_dir / "checkpoints" / f"checkpoint-{step}"
+def checkpoint_step(path: Path) -> int:
+    """The step in a checkpoint folder's name: `checkpoint_<step>` (Accelerate's automatic naming, which this script
+    keys by step) or `checkpoint-<step>` (merit_hf before 0.2; still resumed)."""
+    return int(path.name.replace("-", "_").rsplit("_", 1)[1])
+
+
+def all_checkpoints(output_dir: Path) -> list[Path]:
+    """Every checkpoint folder of `output_dir`, complete or not, oldest first."""
+    return sorted((output_dir / "checkpoints").glob("checkpoint[-_]*[0-9]"), key=checkpoint_step)
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     """Checkpoints whose `training_state.json` exists (it is written last), oldest first."""
-    found = [path.parent for path in (output_dir / "checkpoints").glob(f"checkpoint-*/{TRAINING_STATE_FILE}")]
-    return sorted(found, key=lambda path: int(path.name.rsplit("-", 1)[1]))
+    return [path for path in all_checkpoints(output_dir) if (path / TRAINING_STATE_FILE).is_file()]
 
 
 def find_checkpoint(output_dir: Path, resume_from_checkpoint: str | None) -> Path | None:
+    """`latest` is the newest *complete* checkpoint: Accelerate's own pick (`load_state()` without a folder) would
+    take the newest folder even when a kill interrupted its writing."""
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
@@ -487,6 +500,15 @@ def find_checkpoint(output_dir: Path, resume_from_checkpoint: str | None) -> Pat
     if not (path / TRAINING_STATE_FILE).is_file():
         raise FileNotFoundError(f"{path}: not a complete merit_hf checkpoint (no {TRAINING_STATE_FILE})")
     return path
+
+
+def remove_checkpoints_after(output_dir: Path, step: int) -> None:
+    """Remove the checkpoints of `output_dir` written after `step`, where this run starts: they belong to a run that
+    was interrupted (a half-written one, or one ahead of the checkpoint resumed from) and Accelerate refuses to write
+    a checkpoint into an existing folder."""
+    for path in all_checkpoints(output_dir):
+        if checkpoint_step(path) > step:
+            shutil.rmtree(path)
 
 
 def check_output_dir_free(output_dir: Path) -> None:
@@ -547,14 +569,6 @@ def check_checkpoint_compatible(path: Path, saved: dict[str, Any], expected: dic
         )
 
 
-def rotate_checkpoints(output_dir: Path, save_total_limit: int | None) -> None:
-    if save_total_limit is None:
-        return
-    checkpoints = complete_checkpoints(output_dir)
-    for old in checkpoints[: max(0, len(checkpoints) - save_total_limit)]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def truncate_log_history(path: Path, last_step: int) -> None:
     """Drop lines a killed run logged after its last checkpoint, so the resumed run's lines follow on exactly."""
     if not path.is_file():
@@ -613,34 +627,13 @@ class ReconstructionWeightBalancer:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Pretrain MERIT; returns the final metrics (also written to `output_dir/train_results.json`)."""
+    # ---- Set-up: arguments, output folder, Accelerate, model, data, optimizer, resume, trackers ----------------------
     model_args, data_args, train_args = parse_arguments(ARGUMENT_CLASSES, sys.argv[1:] if argv is None else argv)
     output_dir = Path(train_args.output_dir)
     resume_path = find_checkpoint(output_dir, train_args.resume_from_checkpoint)
     if resume_path is None and not train_args.overwrite_output_dir:
         check_output_dir_free(output_dir)
-    report_to = [name for name in train_args.report_to if name != "none"]
-    accelerator = Accelerator(
-        cpu=train_args.use_cpu,
-        mixed_precision=resolve_mixed_precision(train_args.mixed_precision, train_args.use_cpu),
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=train_args.gradient_accumulation_steps, sync_with_dataloader=False
-        ),
-        dataloader_config=DataLoaderConfiguration(
-            use_seedable_sampler=True, data_seed=train_args.seed, non_blocking=data_args.dataloader_pin_memory
-        ),
-        step_scheduler_with_optimizer=False,
-        log_with=(report_to if report_to != ["all"] else "all") or None,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
-        dynamo_plugin=(
-            TorchDynamoPlugin(
-                backend=train_args.torch_compile_backend,
-                mode=train_args.torch_compile_mode,
-                use_regional_compilation=train_args.torch_compile_regional,
-            )
-            if train_args.torch_compile
-            else None  # Accelerate's default: what `accelerate config` / ACCELERATE_DYNAMO_* say
-        ),
-    )
+    accelerator = make_accelerator(train_args, data_args.dataloader_pin_memory)
     set_seed(train_args.seed)
     if train_args.overwrite_output_dir and accelerator.is_main_process:
         remove_run_outputs(output_dir)
@@ -655,81 +648,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     feature_extractor = MeritFeatureExtractor.from_model_config(model.config.ecg_config)
     tokenizer = AutoTokenizer.from_pretrained(text_path)
     collator = PretrainingCollator(feature_extractor, tokenizer, model_args.max_report_length)
-
-    # Data: map-style splits go through `prepare` (each process takes every N-th batch of one seeded order);
-    # a streamed split is cut by node with `split_dataset_by_node`, and its loader's state is the stream position.
-    with accelerator.main_process_first():
-        train_split, eval_split = load_pretraining_splits(data_args)
-        if data_args.precompute_ecg_values:
-            train_split, eval_split = (precomputed(split, feature_extractor) for split in (train_split, eval_split))
-    streaming = data_args.streaming or data_args.dataset_name == "mimic_iv_ecg"
-    if streaming:
-        from datasets.distributed import split_dataset_by_node
-
-        if not hasattr(train_split, "state_dict"):
-            train_split = train_split.to_iterable_dataset(num_shards=max(1, accelerator.num_processes))
-        train_split = train_split.shuffle(seed=train_args.seed, buffer_size=data_args.shuffle_buffer_size)
-        train_split = split_dataset_by_node(
-            train_split, rank=accelerator.process_index, world_size=accelerator.num_processes
-        )
-    loader_class = stream_loader_class() if streaming else DataLoader
-    loader_options = dataloader_options(
-        data_args.dataloader_num_workers,
-        data_args.dataloader_pin_memory,
-        data_args.dataloader_persistent_workers,
-        data_args.dataloader_prefetch_factor,
-        accelerator.device,
+    train_loader, eval_loader, streaming = make_dataloaders(
+        accelerator, data_args, train_args, feature_extractor, collator
     )
-    train_loader = loader_class(
-        train_split,
-        batch_size=train_args.per_device_train_batch_size,
-        shuffle=not streaming,
-        drop_last=True,  # every contrastive batch has the same size, on every process
-        collate_fn=collator,
-        **loader_options,
-    )
-    eval_loader = None
-    if eval_split is not None:
-        eval_loader = DataLoader(
-            eval_split,
-            batch_size=train_args.per_device_eval_batch_size,
-            collate_fn=collator,
-            **loader_options,
-        )
-
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, train_args.weight_decay),
-        lr=train_args.learning_rate,
-        betas=(train_args.adam_beta1, train_args.adam_beta2),
-        eps=train_args.adam_epsilon,
-        fused=True,  # one kernel per step instead of a loop over tensors (PyTorch's CPU default)
-    )
-    scheduler = get_scheduler(
-        train_args.lr_scheduler_type,
-        optimizer,
-        num_warmup_steps=train_args.warmup_steps,
-        num_training_steps=train_args.max_steps,
-    )
+    optimizer, scheduler = make_optimizer(model, train_args)
     # The meter counts FLOPs on the eager model (before prepare wraps or compiles it).
     meter = ThroughputMeter(accelerator.device, train_args.peak_tflops, accelerator.num_processes, model)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    balancer = ReconstructionWeightBalancer(accelerator.unwrap_model(model).config)
-    # Selective checkpointing and compiled backward passes run once per graph: measure each term on a fresh forward.
-    fresh_graph_per_term = train_args.torch_compile or train_args.activation_checkpointing != "none"
+    unwrapped = accelerator.unwrap_model(model)
+    balancer = ReconstructionWeightBalancer(unwrapped.config)
     if balancer.enabled:
         accelerator.register_for_checkpointing(balancer)
-    if not streaming:
-        train_loader = accelerator.prepare(train_loader)
-        if len(train_loader) == 0:  # a stream's length is unknown: the training loop checks each epoch instead
-            raise ValueError(
-                f"--train_split {data_args.train_split!r}: {len(train_split)} records, fewer than one batch of "
-                f"{train_args.per_device_train_batch_size} per process x {accelerator.num_processes} process(es); "
-                "lower --per_device_train_batch_size or use more records"
-            )
-    if eval_loader is not None:
-        eval_loader = accelerator.prepare(eval_loader)
-
-    unwrapped = accelerator.unwrap_model(model)
+    train_loader, eval_loader = prepare_dataloaders(
+        accelerator, train_loader, eval_loader, streaming, data_args.train_split
+    )
+    objective = PretrainingObjective(unwrapped.config)  # the contrastive term over every process's batch
     run_identity = {
         "model_config": comparable_config(unwrapped.config),
         "num_processes": accelerator.num_processes,
@@ -737,36 +670,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "gradient_accumulation_steps": train_args.gradient_accumulation_steps,
         "seed": train_args.seed,
     }
-
-    # Resume: everything Accelerate holds (model, optimizer, scheduler, RNG, gradient-accumulation phase), plus the
-    # step and, for a stream, the per-process stream position.
-    global_step = resumed_epoch = 0
-    if resume_path is not None:
-        saved = json.loads((resume_path / TRAINING_STATE_FILE).read_text())
-        check_checkpoint_compatible(resume_path, saved, run_identity)
-        accelerator.load_state(str(resume_path))
-        global_step = saved["global_step"]
-        if streaming:
-            stream_state = resume_path / f"stream_state_rank{accelerator.process_index}.json"
-            train_loader.load_state_dict(json.loads(stream_state.read_text()))
-            resumed_epoch = saved["epoch"]
-        accelerator.print(f"Resumed from {resume_path} at step {global_step}")
-    log_history_path = output_dir / LOG_HISTORY_FILE
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        truncate_log_history(log_history_path, global_step)
-
-    hyperparameters = {
-        key: value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
-        for key, value in arguments_to_dict(model_args, data_args, train_args).items()
-    }
-    hyperparameters["num_processes"] = accelerator.num_processes
-    accelerator.init_trackers(train_args.run_name, config=hyperparameters)
+    global_step, epoch = resume(accelerator, resume_path, run_identity, train_loader if streaming else None)
+    start_logging(accelerator, output_dir, global_step, (model_args, data_args, train_args))
 
     num_patches = (unwrapped.config.ecg_config.num_leads, unwrapped.config.ecg_config.num_patches_per_lead)
-    micro_batches_per_epoch = None if streaming else len(train_loader)
-    consumed = global_step * train_args.gradient_accumulation_steps
-    epoch, skip = (resumed_epoch, 0) if streaming else divmod(consumed, micro_batches_per_epoch)
+    skip = 0
+    if not streaming:  # a map-style epoch has a known length: the step gives the epoch and the batches to skip
+        epoch, skip = divmod(global_step * train_args.gradient_accumulation_steps, len(train_loader))
     total_batch = (
         train_args.per_device_train_batch_size * accelerator.num_processes * train_args.gradient_accumulation_steps
     )
@@ -781,105 +691,81 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         desc="pretrain",
         disable=train_args.disable_tqdm or not accelerator.is_local_main_process,
     )
+    # Selective checkpointing and compiled backward passes run once per graph: measure each term on a fresh forward.
+    fresh_graph_per_term = train_args.torch_compile or train_args.activation_checkpointing != "none"
+    batches = meter.timed(
+        training_batches(accelerator, train_loader, streaming, epoch, skip, resume_path is not None, data_args)
+    )
     step_losses: list[torch.Tensor] = []
     gradient_norms: dict[str, float] = {}
     history: list[dict[str, float]] = []
     last_eval: dict[str, float] = {}
     start = time.perf_counter()
     steps_this_run = 0
+
+    # ---- The loop: one micro-batch per iteration, one optimizer step every gradient_accumulation_steps --------------
     model.train()
-    resumed_mid_stream = streaming and resume_path is not None  # its first epoch may hold no batch left
     while global_step < train_args.max_steps:
-        if streaming:
-            train_split.set_epoch(epoch)
-            batches: Iterable = train_loader
-        else:
-            train_loader.set_epoch(epoch)
-            batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        batches_this_epoch = 0
-        for batch_index, batch in enumerate(meter.timed(isolated_from_global_rng(batches)), start=skip):
-            batches_this_epoch += 1
-            batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-            ecg_ids = batch.pop("ecg_id")
-            noise = masking_noise(ecg_ids.tolist(), (train_args.seed, epoch), num_patches).to(accelerator.device)
-            if meter.count_flops_once(lambda rows: meter.model(**rows).loss, {**batch, "noise": noise}):
-                accelerator.print(meter.describe())
-            with accelerator.accumulate(model):
-                if balancer.enabled:  # a tensor, so a compiled model does not recompile when it changes
-                    batch["reconstruction_weight"] = torch.tensor(balancer.weight, device=accelerator.device)
-                output = model(**batch, noise=noise)
-                losses = torch.stack([_as_tensor(getattr(output, name), output.loss) for name in _LOSS_NAMES]).detach()
-                gathered = accelerator.gather(losses[None])
-                if not torch.isfinite(gathered).all():
-                    raise FloatingPointError(
-                        f"non-finite loss at step {global_step + 1} (epoch {epoch}, batch {batch_index} of the epoch, "
-                        f"process {accelerator.process_index}: loss {losses.tolist()}; ecg_ids {ecg_ids.tolist()}). "
-                        "Stopped before the optimizer step; no checkpoint was written from this state. Lower the "
-                        "learning rate or use bf16 instead of fp16."
-                    )
-                step_losses.append(gathered.mean(dim=0))
-                logging_step = (global_step + 1) % train_args.logging_steps == 0
-                if accelerator.sync_gradients and (logging_step or balancer.due(global_step + 1)):
-                    again = (lambda: unwrapped(**batch, noise=noise)) if fresh_graph_per_term else None
-                    with accelerator.autocast():
-                        gradient_norms = loss_term_gradient_norms(unwrapped, output, balancer.weight, again)
-                    balancer.update(gradient_norms)
-                accelerator.backward(output.loss)
-                if accelerator.sync_gradients and train_args.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                unwrapped.clamp_logit_scale_()  # open_clip: clamp the parameter after the step, never in forward
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            global_step += 1
-            steps_this_run += 1
-            meter.step(total_batch)
-            step_mean = torch.stack(step_losses).mean(dim=0).tolist()
-            step_losses.clear()
-            record = {"step": global_step, "epoch": epoch, "learning_rate": scheduler.get_last_lr()[0]}
-            record.update({f"train_{name}": value for name, value in zip(_LOSS_NAMES, step_mean)})
-            if global_step % train_args.logging_steps == 0:
-                record.update(gradient_norms)
-            if balancer.enabled:
-                record["reconstruction_weight"] = balancer.weight
-            history.append(record)
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_mean[0]:.4f}", **meter.postfix)
-            if train_args.eval_steps and global_step % train_args.eval_steps == 0 and eval_loader is not None:
-                with meter.excluded():
-                    last_eval = evaluate(model, eval_loader, accelerator, train_args.seed, num_patches)
-                record.update(last_eval)
-                model.train()
-            if global_step % train_args.logging_steps == 0 or global_step == train_args.max_steps:
-                record.update(meter.interval())
-                if message := meter.data_bound_message(record):
-                    accelerator.print(f"step {global_step}: {message}")
-                accelerator.log(record, step=global_step)
-                if accelerator.is_main_process:
-                    with log_history_path.open("a") as handle:
-                        handle.write(json.dumps(record) + "\n")
-            if global_step % train_args.save_steps == 0 or global_step == train_args.max_steps:
-                with meter.excluded():
-                    save_checkpoint(
-                        accelerator, output_dir, global_step, epoch, run_identity, train_loader if streaming else None
-                    )
-                if accelerator.is_main_process:
-                    rotate_checkpoints(output_dir, train_args.save_total_limit)
-            if global_step >= train_args.max_steps:
-                break
-        if batches_this_epoch == 0 and not resumed_mid_stream:  # would loop over empty epochs forever
-            raise ValueError(
-                f"--train_split {data_args.train_split!r}: epoch {epoch} of the stream gave process "
-                f"{accelerator.process_index} of {accelerator.num_processes} no full batch of "
-                f"{train_args.per_device_train_batch_size} records; lower --per_device_train_batch_size or use more "
-                "records"
+        epoch, batch_index, batch = next(batches)
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        ecg_ids = batch.pop("ecg_id")
+        noise = masking_noise(ecg_ids.tolist(), (train_args.seed, epoch), num_patches).to(accelerator.device)
+        if meter.count_flops_once(lambda rows: meter.model(**rows).loss, {**batch, "noise": noise}):
+            accelerator.print(meter.describe())
+        with accelerator.accumulate(model):
+            with accelerator.autocast():  # the objective computes in the precision the model's forward does
+                losses = objective(model(**batch, noise=noise), balancer.weight)
+            step_losses.append(
+                mean_over_processes(accelerator, losses, ecg_ids, (global_step + 1, epoch, batch_index))
             )
-        epoch, skip, resumed_mid_stream = epoch + 1, 0, False
+            logging_step = (global_step + 1) % train_args.logging_steps == 0
+            if accelerator.sync_gradients and (logging_step or balancer.due(global_step + 1)):
+                again = (
+                    (lambda: objective(unwrapped(**batch, noise=noise), balancer.weight))
+                    if fresh_graph_per_term
+                    else None
+                )
+                with accelerator.autocast():
+                    gradient_norms = loss_term_gradient_norms(unwrapped, losses, balancer.weight, again)
+                balancer.update(gradient_norms)
+            accelerator.backward(losses.loss)
+            if accelerator.sync_gradients and train_args.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            unwrapped.clamp_logit_scale_()  # open_clip: clamp the parameter after the step, never in forward
+        if not accelerator.sync_gradients:
+            continue
+        scheduler.step()
+        global_step += 1
+        steps_this_run += 1
+        meter.step(total_batch)
+        step_mean = torch.stack(step_losses).mean(dim=0).tolist()
+        step_losses.clear()
+        record = {"step": global_step, "epoch": epoch, "learning_rate": scheduler.get_last_lr()[0]}
+        record.update({f"train_{name}": value for name, value in zip(_LOSS_NAMES, step_mean)})
+        if global_step % train_args.logging_steps == 0:
+            record.update(gradient_norms)
+        if balancer.enabled:
+            record["reconstruction_weight"] = balancer.weight
+        history.append(record)
+        progress.update(1)
+        progress.set_postfix(loss=f"{step_mean[0]:.4f}", **meter.postfix)
+        if eval_loader is not None and train_args.eval_steps and global_step % train_args.eval_steps == 0:
+            with meter.excluded():
+                last_eval = evaluate(model, eval_loader, accelerator, train_args.seed, num_patches)
+            record.update(last_eval)
+            model.train()
+        if global_step % train_args.logging_steps == 0 or global_step == train_args.max_steps:
+            record.update(meter.interval())
+            log_step(accelerator, output_dir, meter, record)
+        if global_step % train_args.save_steps == 0 or global_step == train_args.max_steps:
+            with meter.excluded():
+                save_checkpoint(accelerator, global_step, epoch, run_identity, train_loader if streaming else None)
     progress.close()
     runtime = time.perf_counter() - start
 
+    # ---- Finishing: a last evaluation, the Hub folder, the results ---------------------------------------------------
     if eval_loader is not None and not (train_args.eval_steps and global_step % train_args.eval_steps == 0):
         last_eval = evaluate(model, eval_loader, accelerator, train_args.seed, num_patches)
     model_dir = output_dir / "model"
@@ -893,13 +779,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "train_ecgs_per_second": steps_this_run * total_batch / runtime if runtime > 0 else math.nan,
         **({key: value for key, value in history[-1].items() if key.startswith("train_")} if history else {}),
         **last_eval,
-        "loss_history": [entry["train_loss"] for entry in history],
-        "reconstruction_loss_history": [entry["train_reconstruction_loss"] for entry in history],
-        "encoder_gradient_norms": [
-            {key: value for key, value in entry.items() if key == "step" or key in _GRADIENT_NORM_NAMES}
-            for entry in history
-            if "encoder_grad_norm_reconstruction" in entry or "encoder_grad_norm_contrastive" in entry
-        ],
+        **histories(history),
         "throughput": meter.totals(),
         "model_dir": str(model_dir),
         "output_dir": str(output_dir),
@@ -911,6 +791,234 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return results
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Set-up, loop and finishing steps of `main`
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def make_accelerator(train_args: PretrainingArguments, pin_memory: bool) -> Accelerator:
+    """Accelerate with the run's precision, accumulation, seeded data order, trackers and compile settings.
+    Checkpoints are named, and rotated (`save_total_limit`), by Accelerate (`automatic_checkpoint_naming`), under
+    `output_dir/checkpoints/checkpoint_<step>`."""
+    output_dir = Path(train_args.output_dir)
+    report_to = [name for name in train_args.report_to if name != "none"]
+    return Accelerator(
+        cpu=train_args.use_cpu,
+        mixed_precision=resolve_mixed_precision(train_args.mixed_precision, train_args.use_cpu),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=train_args.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=train_args.seed, non_blocking=pin_memory
+        ),
+        step_scheduler_with_optimizer=False,
+        log_with=(report_to if report_to != ["all"] else "all") or None,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir),
+            logging_dir=str(output_dir / "runs"),
+            automatic_checkpoint_naming=True,
+            total_limit=train_args.save_total_limit,
+        ),
+        dynamo_plugin=(
+            TorchDynamoPlugin(
+                backend=train_args.torch_compile_backend,
+                mode=train_args.torch_compile_mode,
+                use_regional_compilation=train_args.torch_compile_regional,
+            )
+            if train_args.torch_compile
+            else None  # Accelerate's default: what `accelerate config` / ACCELERATE_DYNAMO_* say
+        ),
+    )
+
+
+def make_dataloaders(
+    accelerator: Accelerator,
+    data_args: DataArguments,
+    train_args: PretrainingArguments,
+    feature_extractor: MeritFeatureExtractor,
+    collator: PretrainingCollator,
+):
+    """`(train_loader, eval_loader, streaming)`, not yet prepared. A map-style split is sharded by
+    `prepare` (each process takes every N-th batch of one seeded order); a streamed split is cut by node with
+    `split_dataset_by_node`, and its loader's state is the stream position."""
+    with accelerator.main_process_first():
+        train_split, eval_split = load_pretraining_splits(data_args)
+        if data_args.precompute_ecg_values:
+            train_split, eval_split = (precomputed(split, feature_extractor) for split in (train_split, eval_split))
+    streaming = data_args.streaming or data_args.dataset_name == "mimic_iv_ecg"
+    if streaming:
+        from datasets.distributed import split_dataset_by_node
+
+        if not hasattr(train_split, "state_dict"):
+            train_split = train_split.to_iterable_dataset(num_shards=max(1, accelerator.num_processes))
+        train_split = train_split.shuffle(seed=train_args.seed, buffer_size=data_args.shuffle_buffer_size)
+        train_split = split_dataset_by_node(
+            train_split, rank=accelerator.process_index, world_size=accelerator.num_processes
+        )
+    loader_options = dataloader_options(
+        data_args.dataloader_num_workers,
+        data_args.dataloader_pin_memory,
+        data_args.dataloader_persistent_workers,
+        data_args.dataloader_prefetch_factor,
+        accelerator.device,
+    )
+    train_loader = (stream_loader_class() if streaming else DataLoader)(
+        train_split,
+        batch_size=train_args.per_device_train_batch_size,
+        shuffle=not streaming,
+        drop_last=True,  # every contrastive batch has the same size, on every process
+        collate_fn=collator,
+        **loader_options,
+    )
+    eval_loader = None
+    if eval_split is not None:
+        eval_loader = DataLoader(
+            eval_split, batch_size=train_args.per_device_eval_batch_size, collate_fn=collator, **loader_options
+        )
+    return train_loader, eval_loader, streaming
+
+
+def make_optimizer(model: MeritForPreTraining, train_args: PretrainingArguments):
+    """AdamW (no weight decay where `parameter_groups` says) and the learning-rate schedule."""
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, train_args.weight_decay),
+        lr=train_args.learning_rate,
+        betas=(train_args.adam_beta1, train_args.adam_beta2),
+        eps=train_args.adam_epsilon,
+        fused=True,  # one kernel per step instead of a loop over tensors (PyTorch's CPU default)
+    )
+    scheduler = get_scheduler(
+        train_args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=train_args.warmup_steps,
+        num_training_steps=train_args.max_steps,
+    )
+    return optimizer, scheduler
+
+
+def prepare_dataloaders(accelerator: Accelerator, train_loader, eval_loader, streaming: bool, split_name: str):
+    """`accelerator.prepare` the loaders (a stream is already cut by node), refusing a map-style split too small for
+    one batch on every process (a stream's length is unknown: `training_batches` checks each epoch instead)."""
+    if not streaming:
+        batch_size = train_loader.batch_size
+        records = len(train_loader.dataset)
+        train_loader = accelerator.prepare(train_loader)
+        if len(train_loader) == 0:
+            raise ValueError(
+                f"--train_split {split_name!r}: {records} records, fewer than one batch of {batch_size} per process "
+                f"x {accelerator.num_processes} process(es); lower --per_device_train_batch_size or use more records"
+            )
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+    return train_loader, eval_loader
+
+
+def resume(accelerator: Accelerator, resume_path: Path | None, run_identity: dict, stream_loader=None):
+    """`(global_step, epoch)` where this run starts: `(0, 0)`, or a checkpoint's, after loading everything
+    Accelerate holds (model, optimizer, scheduler, RNG, gradient-accumulation phase, the balancer) and, for a stream,
+    this process's stream position. The epoch is the stream's; a map-style run derives it from the step."""
+    if resume_path is None:
+        return 0, 0
+    saved = json.loads((resume_path / TRAINING_STATE_FILE).read_text())
+    check_checkpoint_compatible(resume_path, saved, run_identity)
+    accelerator.load_state(str(resume_path))
+    if stream_loader is not None:
+        stream_state = resume_path / f"stream_state_rank{accelerator.process_index}.json"
+        stream_loader.load_state_dict(json.loads(stream_state.read_text()))
+    accelerator.print(f"Resumed from {resume_path} at step {saved['global_step']}")
+    return saved["global_step"], saved["epoch"]
+
+
+def start_logging(accelerator: Accelerator, output_dir: Path, global_step: int, arguments: Sequence) -> None:
+    """Drop what an interrupted run wrote after `global_step` (checkpoints, log lines), so this run's follow on
+    exactly, and start the trackers with the hyperparameters."""
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_checkpoints_after(output_dir, global_step)
+        truncate_log_history(output_dir / LOG_HISTORY_FILE, global_step)
+    accelerator.wait_for_everyone()
+    hyperparameters = {
+        key: value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+        for key, value in arguments_to_dict(*arguments).items()
+    }
+    hyperparameters["num_processes"] = accelerator.num_processes
+    accelerator.init_trackers(arguments[2].run_name, config=hyperparameters)
+
+
+def training_batches(
+    accelerator: Accelerator,
+    train_loader,
+    streaming: bool,
+    epoch: int,
+    skip: int,
+    resumed: bool,
+    data_args: DataArguments,
+) -> Iterator[tuple[int, int, dict]]:
+    """`(epoch, index of the batch in its epoch, batch)`, epoch after epoch without end, from `epoch` and, in a
+    map-style epoch, after its first `skip` batches (where a resumed run stopped). A stream that gives a process no
+    full batch in an epoch is refused (the loop would wait forever), except in the first epoch of a resumed run,
+    which may have had none left."""
+    first_epoch_may_be_empty = streaming and resumed
+    while True:
+        if streaming:
+            train_loader.dataset.set_epoch(epoch)
+            batches: Iterable = train_loader
+        else:
+            train_loader.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        count = 0
+        for count, batch in enumerate(isolated_from_global_rng(batches), start=1):
+            yield epoch, skip + count - 1, batch
+        if count == 0 and not first_epoch_may_be_empty:
+            raise ValueError(
+                f"--train_split {data_args.train_split!r}: epoch {epoch} of the stream gave process "
+                f"{accelerator.process_index} of {accelerator.num_processes} no full batch of "
+                f"{train_loader.batch_size} records; lower --per_device_train_batch_size or use more records"
+            )
+        epoch, skip, first_epoch_may_be_empty = epoch + 1, 0, False
+
+
+def mean_over_processes(
+    accelerator: Accelerator, losses: PretrainingLosses, ecg_ids: torch.Tensor, position: tuple[int, int, int]
+) -> torch.Tensor:
+    """`(loss, reconstruction_loss, contrastive_loss)` of this micro-batch, averaged over processes. A non-finite
+    value on any process stops the run before the optimizer step, naming the `(step, epoch, batch of the epoch)`,
+    the process and the records."""
+    values = torch.stack([_as_tensor(getattr(losses, name), losses.loss) for name in _LOSS_NAMES]).detach()
+    gathered = accelerator.gather(values[None])
+    if not torch.isfinite(gathered).all():
+        raise FloatingPointError(
+            f"non-finite loss at step {position[0]} (epoch {position[1]}, batch {position[2]} of the epoch, process "
+            f"{accelerator.process_index}: loss {values.tolist()}; ecg_ids {ecg_ids.tolist()}). Stopped before the "
+            "optimizer step; no checkpoint was written from this state. Lower the learning rate or use bf16 instead "
+            "of fp16."
+        )
+    return gathered.mean(dim=0)
+
+
+def log_step(accelerator: Accelerator, output_dir: Path, meter: ThroughputMeter, record: dict) -> None:
+    """One logged step: to the trackers and, on the main process, as a line of `log_history.jsonl`."""
+    if message := meter.data_bound_message(record):
+        accelerator.print(f"step {record['step']}: {message}")
+    accelerator.log(record, step=record["step"])
+    if accelerator.is_main_process:
+        with (output_dir / LOG_HISTORY_FILE).open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def histories(history: list[dict[str, float]]) -> dict[str, list]:
+    """The per-step curves `train_results.json` keeps: losses, and the encoder gradient norms where measured."""
+    return {
+        "loss_history": [entry["train_loss"] for entry in history],
+        "reconstruction_loss_history": [entry["train_reconstruction_loss"] for entry in history],
+        "encoder_gradient_norms": [
+            {key: value for key, value in entry.items() if key == "step" or key in _GRADIENT_NORM_NAMES}
+            for entry in history
+            if "encoder_grad_norm_reconstruction" in entry or "encoder_grad_norm_contrastive" in entry
+        ],
+    }
+
+
 def _as_tensor(value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """A loss term that is switched off (weight 0, so `None`) is reported as 0."""
     return value.float() if value is not None else torch.zeros((), device=like.device)
@@ -918,39 +1026,48 @@ def _as_tensor(value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, eval_loader, accelerator: Accelerator, seed: int, num_patches: tuple[int, int]) -> dict:
-    """Mean losses over the eval split, per record. The duplicates that pad the last batch to equal sizes on every
-    process are kept out of the losses (`sample_mask`) and then dropped (`gather_for_metrics`), so the numbers do not
-    depend on the number of processes."""
+    """Mean losses over the eval split, per record, the same for any number of processes.
+
+    The last batch is padded with duplicates so that every process gets one. They are left out of the model's batch
+    (so out of the reconstruction term, and no false negatives in the contrastive term, which gathers the real
+    records of every process); a process whose batch is all padding runs its first row and keeps nothing of it (the
+    model needs a record, the gather needs every process). `gather_for_metrics` then drops the padding's rows of the
+    per-record losses."""
     model.eval()
+    objective = PretrainingObjective(accelerator.unwrap_model(model).config, equal_batches=False)
     per_record = []
     for batch in eval_loader:
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         ecg_ids = batch.pop("ecg_id")
-        noise = masking_noise(ecg_ids.tolist(), (seed, -1), num_patches).to(accelerator.device)
-        output = model(**batch, noise=noise, sample_mask=_real_records(accelerator, len(ecg_ids)))
-        losses = torch.stack([_as_tensor(getattr(output, name), output.loss) for name in _LOSS_NAMES]).float()
-        per_record.append(accelerator.gather_for_metrics(losses[None].expand(len(ecg_ids), -1).contiguous()))
+        records = _num_real_records(accelerator, len(ecg_ids))
+        rows = max(records, 1)
+        noise = masking_noise(ecg_ids[:rows].tolist(), (seed, -1), num_patches).to(accelerator.device)
+        output = model(**{key: value[:rows] for key, value in batch.items()}, noise=noise)
+        if records == 0 and output.ecg_embeds is not None:  # the row it ran is padding: none of its pairs count
+            output.ecg_embeds, output.text_embeds = output.ecg_embeds[:0], output.text_embeds[:0]
+        with accelerator.autocast():
+            losses = objective(output)
+        values = torch.stack([_as_tensor(getattr(losses, name), losses.loss) for name in _LOSS_NAMES]).float()
+        per_record.append(accelerator.gather_for_metrics(values[None].expand(len(ecg_ids), -1).contiguous()))
     means = torch.cat(per_record).mean(dim=0).tolist()
     return {f"eval_{name}": value for name, value in zip(_LOSS_NAMES, means)}
 
 
-def _real_records(accelerator: Accelerator, batch_size: int) -> torch.Tensor | None:
-    """Which rows of this process's batch are real records: all but in the last batch of a padded eval loader, whose
+def _num_real_records(accelerator: Accelerator, batch_size: int) -> int:
+    """How many rows of this process's batch are records: all but in the last batch of a padded eval loader, whose
     gathered rows (process after process) hold `remainder` real records first (what `gather_for_metrics` keeps)."""
     state = accelerator.gradient_state
     if not state.end_of_dataloader or state.remainder <= 0:
-        return None
-    first = accelerator.process_index * batch_size
-    return torch.arange(first, first + batch_size, device=accelerator.device) < state.remainder
+        return batch_size
+    return min(max(state.remainder - accelerator.process_index * batch_size, 0), batch_size)
 
 
-def save_checkpoint(
-    accelerator: Accelerator, output_dir: Path, step: int, epoch: int, run_identity: dict, stream_loader=None
-) -> None:
-    """`save_state`, then each process's stream position, then `training_state.json` last: a checkpoint without that
-    file was interrupted while being written and is never resumed from."""
-    path = checkpoint_dir(output_dir, step)
-    accelerator.save_state(str(path))
+def save_checkpoint(accelerator: Accelerator, step: int, epoch: int, run_identity: dict, stream_loader=None) -> None:
+    """`save_state` (Accelerate names the folder `checkpoint_<step>` and removes the oldest beyond `save_total_limit`),
+    then each process's stream position, then `training_state.json` last: a checkpoint without that file was
+    interrupted while being written and is never resumed from."""
+    accelerator.project_configuration.iteration = step  # the number in Accelerate's automatic checkpoint name
+    path = Path(accelerator.save_state())
     if stream_loader is not None:
         state_file = path / f"stream_state_rank{accelerator.process_index}.json"
         state_file.write_text(json.dumps(stream_loader.state_dict()))

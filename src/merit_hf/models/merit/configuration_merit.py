@@ -301,8 +301,9 @@ class MeritConfig(PreTrainedConfig):
             `reconstruction_weight`.
         contrastive_input (`str`, defaults to `"full"`): which ECG the contrastive branch embeds: `"full"` (a second,
             unmasked pass) or `"masked"` (reuse the masked pass, FLIP-style, cheaper).
-        gather_contrastive_features (`bool`, defaults to `True`): under `torch.distributed`, gather both embeddings
-            from every process with gradient, so N processes of batch b equal one process of batch N*b.
+        gather_contrastive_features (`bool`, defaults to `True`): distributed pretraining gathers both embeddings
+            from every process with gradient, so N processes of batch b equal one process of batch N*b (the training
+            side does it, `merit_hf.training.losses.ContrastiveLoss`; the model's own loss is over its batch).
 
     Example:
 

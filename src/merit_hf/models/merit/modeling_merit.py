@@ -94,7 +94,8 @@ class MeritForPreTrainingOutput(ModelOutput):
     loss (`torch.FloatTensor` of shape `()`):
         `reconstruction_weight * reconstruction_loss + contrastive_weight * contrastive_loss`.
     reconstruction_loss (`torch.FloatTensor` of shape `()`, *optional*): MSE over hidden patches only.
-    contrastive_loss (`torch.FloatTensor` of shape `()`, *optional*): symmetric InfoNCE over the (gathered) batch.
+    contrastive_loss (`torch.FloatTensor` of shape `()`, *optional*): symmetric InfoNCE over this batch (pretraining
+        on several processes computes it over all their batches: `merit_hf.training.losses`).
     logits (`torch.FloatTensor` of shape `(batch_size, num_leads, num_patches_per_lead, patch_size)`, *optional*):
         Reconstructed patches (in normalised-patch units when `norm_pix_loss=True`).
     mask (`torch.FloatTensor` of shape `(batch_size, num_leads, num_patches_per_lead)`, *optional*):
@@ -522,40 +523,13 @@ def masked_patch_reconstruction_loss(
     return (per_patch * weights).sum() / weights.sum().clamp(min=1.0)
 
 
-def _gather_with_grad(features: torch.Tensor) -> torch.Tensor:
-    """All-gather across processes keeping the autograd graph (open_clip's `gather_with_grad`)."""
-    import torch.distributed as dist
+def contrastive_loss(logits_per_ecg: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP): `(CE(L, I) + CE(L^T, I)) / 2` for the scaled similarities `L = s * E T^T` of
+    L2-normalised embeddings, matching pairs on the diagonal.
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return features
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(features.contiguous()), dim=0)
-
-
-def contrastive_loss(
-    ecg_embeds: torch.Tensor,
-    text_embeds: torch.Tensor,
-    logit_scale: torch.Tensor,
-    gather: bool = True,
-    sample_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Symmetric InfoNCE (CLIP): `(CE(s * E T^T, I) + CE(s * T E^T, I)) / 2` over L2-normalised embeddings.
-
-    With `gather=True` under `torch.distributed`, embeddings from all processes form one `(N*b, N*b)` matrix and the
-    gather keeps gradients, so after DDP's gradient averaging N processes of batch b train exactly like one process
-    of batch N*b (InfoNCE's bound `log(batch) - loss` grows with the batch, which is why the gather matters).
-    `sample_mask` (`(b,)` bool) keeps only those pairs, as anchors and as negatives: a distributed eval's last batch
-    is padded with duplicates that would otherwise act as false negatives.
+    Over the batch it is given: a distributed run shares its batch across processes in the training code
+    (`merit_hf.training.losses.ContrastiveLoss`, as open_clip's `ClipLoss`), never in the model.
     """
-    if gather:
-        ecg_embeds = _gather_with_grad(ecg_embeds)
-        text_embeds = _gather_with_grad(text_embeds)
-        if sample_mask is not None:
-            sample_mask = _gather_with_grad(sample_mask.float()) > 0.5
-    if sample_mask is not None:
-        ecg_embeds, text_embeds = ecg_embeds[sample_mask], text_embeds[sample_mask]
-    logits_per_ecg = logit_scale * ecg_embeds @ text_embeds.t()
     labels = torch.arange(logits_per_ecg.shape[0], device=logits_per_ecg.device)
     return (F.cross_entropy(logits_per_ecg, labels) + F.cross_entropy(logits_per_ecg.t(), labels)) / 2
 
@@ -1128,7 +1102,7 @@ class MeritModel(MeritPreTrainedModel):
         r"""
         ecg_values (`torch.FloatTensor` of shape `(batch_size, num_leads, num_samples)`): from the feature extractor.
         input_ids, attention_mask, token_type_ids: the tokenised reports (or prompts).
-        return_loss (`bool`): also return the symmetric InfoNCE loss (pairs on the diagonal).
+        return_loss (`bool`): also return the symmetric InfoNCE loss over this batch (pairs on the diagonal).
         lead_mask (`torch.BoolTensor` of shape `(batch_size, num_leads)`, *optional*): recorded leads (the missing
             ones are left out, see `MeritEcgModel.forward`).
 
@@ -1146,9 +1120,7 @@ class MeritModel(MeritPreTrainedModel):
         text_embeds = F.normalize(text_output.pooler_output, dim=-1)
         scale = self.logit_scale.exp()
         logits_per_ecg = scale * ecg_embeds @ text_embeds.t()
-        loss = None
-        if return_loss:
-            loss = contrastive_loss(ecg_embeds, text_embeds, scale, gather=self.config.gather_contrastive_features)
+        loss = contrastive_loss(logits_per_ecg) if return_loss else None
         return MeritOutput(
             loss=loss,
             logits_per_ecg=logits_per_ecg,
@@ -1279,7 +1251,6 @@ class MeritForPreTraining(MeritPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         ecg_attention_mask: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
-        sample_mask: torch.Tensor | None = None,
         return_loss: bool = True,
         lead_mask: torch.Tensor | None = None,
         reconstruction_weight: float | None = None,
@@ -1293,8 +1264,6 @@ class MeritForPreTraining(MeritPreTrainedModel):
         ecg_attention_mask (`torch.LongTensor` of shape `(batch_size, num_samples)`, *optional*): 1 real, 0 padding.
         noise (`torch.FloatTensor` of shape `(batch_size, num_leads, num_patches_per_lead)`, *optional*): fixes the
             masking (the smallest noise stays visible).
-        sample_mask (`torch.BoolTensor` of shape `(batch_size,)`, *optional*): the records that count in both losses
-            (`False`: padding, e.g. the duplicates that fill a distributed eval's last batch); all by default.
         return_loss (`bool`, defaults to `True`): the losses need no labels, so they are always computed; the
             argument tells `Trainer` so (it then reports `eval_loss`). `False` leaves `loss` out of the output.
         lead_mask (`torch.BoolTensor` of shape `(batch_size, num_leads)`, *optional*): recorded leads; a missing
@@ -1327,13 +1296,10 @@ class MeritForPreTraining(MeritPreTrainedModel):
             predicted = self.decoder(
                 masked_output.last_hidden_state, masked_output.ids_restore, masked_output.patch_attention_mask
             )
-            hidden = masked_output.mask
-            if sample_mask is not None:
-                hidden = hidden * sample_mask.to(hidden.dtype)[:, None, None]
             reconstruction_loss = masked_patch_reconstruction_loss(
                 ecg_values,
                 predicted,
-                hidden,
+                masked_output.mask,
                 config.ecg_config.patch_size,
                 config.ecg_config.norm_pix_loss,
                 masked_output.patch_attention_mask,
@@ -1353,10 +1319,8 @@ class MeritForPreTraining(MeritPreTrainedModel):
             text_features = self.merit.get_text_features(input_ids, attention_mask, token_type_ids, return_dict=True)
             text_embeds = F.normalize(text_features.pooler_output, dim=-1)
             scale = self.merit.logit_scale.exp()
-            contrastive = contrastive_loss(
-                ecg_embeds, text_embeds, scale, gather=config.gather_contrastive_features, sample_mask=sample_mask
-            )
             logits_per_ecg = scale * ecg_embeds @ text_embeds.t()
+            contrastive = contrastive_loss(logits_per_ecg)
             loss = loss + config.contrastive_weight * contrastive
 
         return MeritForPreTrainingOutput(
