@@ -364,4 +364,11 @@ def _split_by_node(dataset: AnyDataset, rank: int | None, world_size: int | None
     return _map_splits(dataset, lambda part, _: split_dataset_by_node(part, rank=rank, world_size=world_size))
 
 
-__all__ = ["DATASET_NAMES", "label_fraction_subset", "load_dataset", "load_mimic_iv_ecg", "load_ptbxl", "load_wfdb_dataset"]
+__all__ = [
+    "DATASET_NAMES",
+    "label_fraction_subset",
+    "load_dataset",
+    "load_mimic_iv_ecg",
+    "load_ptbxl",
+    "load_wfdb_dataset",
+]
