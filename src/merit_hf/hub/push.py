@@ -32,7 +32,7 @@ from huggingface_hub import HfApi
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Never uploaded (fnmatch on the path relative to the folder; `*` also matches `/`): hidden files, Python caches, and
-# training-run outputs holding optimizer states and pickles: `checkpoints/checkpoint-<step>/` and TensorBoard `runs/`
+# training-run outputs holding optimizer states and pickles: `checkpoints/checkpoint_<step>/` and TensorBoard `runs/`
 # (merit_hf.training.pretrain's output_dir), `checkpoint-<step>/` (the Trainer's); and the Trainer's run records beside
 # the model, `training_args.bin` (a pickle of TrainingArguments, not weights) and `trainer_state.json`.
 DEFAULT_IGNORE_PATTERNS = [

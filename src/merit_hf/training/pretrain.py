@@ -209,7 +209,13 @@ class PretrainingArguments:
     logging_steps: int = field(default=10)
     eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (and at the end)."})
     save_steps: int = field(default=500, metadata={"help": "save_state every N steps (and at the end)."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Keep only the newest N checkpoints."})
+    save_total_limit: int | None = field(
+        default=2,
+        metadata={
+            "help": "Keep only the newest N checkpoints. Accelerate removes the oldest before it writes the next, so "
+            "with 1 a run killed while saving has no complete checkpoint to resume: keep at least 2."
+        },
+    )
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "'latest' (newest complete checkpoint in output_dir, if any) or a folder."}
     )
