@@ -4,8 +4,10 @@ Layers, each importing only those before it (`tests/test_layers.py`): `utils` an
 files, WFDB I/O) <- `data` <- `evaluation` <- `training` <- apps (`quickstart`, `embedding`, `hub`).
 """
 
+from .models import merit
 from .models.merit import (
     STANDARD_LEAD_NAMES,
+    ZERO_SHOT_ECG_TASK,
     MeritConfig,
     MeritEcgConfig,
     MeritEcgModel,
@@ -18,24 +20,9 @@ from .models.merit import (
     MeritReportConfig,
     ZeroShotEcgClassificationPipeline,
     pool_window_embeddings,
+    zero_shot_classify,
 )
-from .models.merit.pipeline_merit import zero_shot_classify
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "STANDARD_LEAD_NAMES",
-    "MeritConfig",
-    "MeritEcgConfig",
-    "MeritEcgModel",
-    "MeritFeatureExtractor",
-    "MeritForEcgClassification",
-    "MeritForPreTraining",
-    "MeritForReportGeneration",
-    "MeritModel",
-    "MeritProcessor",
-    "MeritReportConfig",
-    "ZeroShotEcgClassificationPipeline",
-    "pool_window_embeddings",
-    "zero_shot_classify",
-]
+__all__ = list(merit.__all__)  # the public names are the model layer's; the layers are imported by name

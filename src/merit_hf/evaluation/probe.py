@@ -581,8 +581,7 @@ def run_linear_probe(
         label_fraction=label_fraction,
         seed=seed,
         protocol=probe_protocol(arguments),
-        model=entries["model"],
-        baseline=entries.get("baseline"),
+        **entries,  # model, and baseline when it ran
         dataset_extra={**dataset_info(dataset_dict, label_set, rows), **dataset_description(arguments)},
     )
     if output_file is not None:

@@ -287,7 +287,7 @@ def build_results(
     seed: int,
     protocol: dict[str, Any],
     model: Mapping[str, Any],
-    baseline: Mapping[str, Any] | None,
+    baseline: Mapping[str, Any] | None = None,
     dataset_extra: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     shifts: Mapping[str, Mapping[str, Any]] | None = None,

@@ -269,8 +269,7 @@ def run_robustness(
         label_fraction=1.0,
         seed=seed,
         protocol=probe_protocol(arguments, robustness="linear probe trained on clean data; test split shifted"),
-        model=entries["model"],
-        baseline=entries.get("baseline"),
+        **entries,  # model, and baseline when it ran
         shifts=shift_results,
     )
     if output_file is not None:

@@ -138,8 +138,7 @@ def evaluate_zero_shot(
         label_fraction=None,
         seed=seed,
         protocol=protocol,
-        model=entries["model"],
-        baseline=entries.get("baseline"),
+        **entries,  # model, and baseline when it ran
         dataset_extra={
             "num_records": {split: len(dataset_dict[split]) for split in ("train", "validation", "test")},
             "unlabeled_records": f"records without a {label_set} label are left out of every split",

@@ -285,8 +285,7 @@ def run_fine_tune(
         label_fraction=label_fraction,
         seed=seed,
         protocol=protocol,
-        model=entries["model"],
-        baseline=entries.get("baseline"),
+        **entries,  # model, and baseline when it ran
         dataset_extra={**dataset_info(dataset_dict, label_set, rows), **dataset_description(arguments)},
     )
     if output_file is not None:

@@ -535,20 +535,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # --- stage 1: projector alignment (nothing else trains)
     results: dict[str, Any] = {"arguments": arguments_to_dict(model_args, data_args, training_args)}
     results["num_train_reports"], results["num_eval_reports"] = len(train_examples), len(eval_examples)
+
+    def train_stage(stage: str, module, epochs: int, learning_rate: float):
+        """One stage through `_train_stage`; its first and last loss and its throughput go into `results`."""
+        losses, results[f"{stage}_throughput"] = _train_stage(
+            stage, accelerator, module, train_loader, epochs, learning_rate, training_args
+        )
+        results[f"{stage}_loss_first"], results[f"{stage}_loss_last"] = losses[0], losses[-1]
+        return accelerator.unwrap_model(module)
+
     if model_args.condition_on_ecg and training_args.alignment_epochs > 0:
         model.requires_grad_(False)
         model.multi_modal_projector.requires_grad_(True)
-        losses, results["alignment_throughput"] = _train_stage(
-            "alignment",
-            accelerator,
-            model,
-            train_loader,
-            training_args.alignment_epochs,
-            training_args.alignment_learning_rate,
-            training_args,
-        )
-        results["alignment_loss_first"], results["alignment_loss_last"] = losses[0], losses[-1]
-        model = accelerator.unwrap_model(model)
+        model = train_stage("alignment", model, training_args.alignment_epochs, training_args.alignment_learning_rate)
         accelerator.free_memory()
     model.requires_grad_(False)
     base_dir = (output_dir / "base_model").resolve()
@@ -565,17 +564,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not model_args.condition_on_ecg:  # the projector gets no gradient without ECG tokens
         for parameter in peft_model.base_model.model.multi_modal_projector.parameters():
             parameter.requires_grad_(False)
-    losses, results["lora_throughput"] = _train_stage(
-        "lora",
-        accelerator,
-        peft_model,
-        train_loader,
-        training_args.lora_epochs,
-        training_args.learning_rate,
-        training_args,
-    )
-    results["lora_loss_first"], results["lora_loss_last"] = losses[0], losses[-1]
-    peft_model = accelerator.unwrap_model(peft_model)
+    peft_model = train_stage("lora", peft_model, training_args.lora_epochs, training_args.learning_rate)
 
     generation_config = GenerationConfig.from_dict(
         {

@@ -30,7 +30,7 @@ from .modeling_merit_report import MeritForReportGeneration
 
 # The pipeline itself is Hub remote code (pipeline_merit.py travels with a saved two-tower folder, where
 # `pipeline("zero-shot-ecg-classification", model=folder, trust_remote_code=True)` finds it without merit_hf).
-from .pipeline_merit import ZERO_SHOT_ECG_TASK, ZeroShotEcgClassificationPipeline
+from .pipeline_merit import ZERO_SHOT_ECG_TASK, ZeroShotEcgClassificationPipeline, zero_shot_classify
 from .processing_merit import MeritProcessor
 
 AutoConfig.register(MeritEcgConfig.model_type, MeritEcgConfig, exist_ok=True)
@@ -82,4 +82,5 @@ __all__ = [
     "MeritReportConfig",
     "ZeroShotEcgClassificationPipeline",
     "pool_window_embeddings",
+    "zero_shot_classify",
 ]

@@ -33,15 +33,11 @@ Returns:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class ReportBleu(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
-            ),
-            reference_urls=["https://github.com/mjpost/sacrebleu"],
-        )
+        text = datasets.Value("string")
+        features = datasets.Features({"predictions": text, "references": text})
+        info = evaluate.MetricInfo(_DESCRIPTION, _CITATION, features, _KWARGS_DESCRIPTION)
+        info.reference_urls = ["https://github.com/mjpost/sacrebleu"]
+        return info
 
     def _compute(self, predictions, references):
         results = {}

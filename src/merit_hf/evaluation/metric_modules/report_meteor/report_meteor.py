@@ -43,15 +43,11 @@ def tokenize(text):
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class ReportMeteor(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
-            ),
-            reference_urls=["https://www.nltk.org/api/nltk.translate.meteor_score.html"],
-        )
+        text = datasets.Value("string")
+        features = datasets.Features({"predictions": text, "references": text})
+        info = evaluate.MetricInfo(_DESCRIPTION, _CITATION, features, _KWARGS_DESCRIPTION)
+        info.reference_urls = ["https://www.nltk.org/api/nltk.translate.meteor_score.html"]
+        return info
 
     def _download_and_prepare(self, dl_manager):
         try:

@@ -32,15 +32,11 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class ReportRouge(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
-            ),
-            reference_urls=["https://github.com/google-research/google-research/tree/master/rouge"],
-        )
+        text = datasets.Value("string")
+        features = datasets.Features({"predictions": text, "references": text})
+        info = evaluate.MetricInfo(_DESCRIPTION, _CITATION, features, _KWARGS_DESCRIPTION)
+        info.reference_urls = ["https://github.com/google-research/google-research/tree/master/rouge"]
+        return info
 
     def _compute(self, predictions, references):
         scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
