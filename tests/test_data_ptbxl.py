@@ -87,6 +87,13 @@ def test_ecg_id_1_row(ptbxl):
     )
 
 
+def test_a_report_with_a_curators_note_keeps_it_in_its_own_column(ptbxl):
+    row = row_of(ptbxl["validation"], 293)  # csv: "sinus rhythm. normal ecg. Edit: NORM 100, (NORM 100)"
+    assert row["report"] == "sinus rhythm. normal ecg." and row["report_language"] == "en"
+    assert row["report_edit_note"] == "NORM 100, (NORM 100)"
+    assert row_of(ptbxl["train"], 1)["report_edit_note"] == ""
+
+
 def test_ecg_id_39_row_in_validation(ptbxl):
     row = row_of(ptbxl["validation"], 39)
     names = label_names(ptbxl, "superclass")

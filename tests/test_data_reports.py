@@ -6,7 +6,7 @@ import io
 import pandas as pd
 import pytest
 
-from merit_hf.data import clean_report, join_mimic_report, report_language
+from merit_hf.data import clean_report, join_mimic_report, report_language, split_ptbxl_edit_note
 from tests.conftest import BUNDLED_PTBXL, SHARED_DATA
 
 # MIMIC-IV-ECG v1.0 (ODbL 1.0, Gow et al. 2023), machine_measurements.csv: the real header and the one real row of
@@ -60,6 +60,20 @@ def test_ptbxl_report_languages_on_real_reports():
     assert len(swedish) > 10 and {report_language(text) for text in swedish} == {"sv"}
     counts = pd.Series([report_language(text) for text in reports]).value_counts().to_dict()
     assert counts == {"de": 269, "en": 160, "sv": 70, "": 1}
+
+
+def test_the_curators_edit_note_is_cut_off_every_real_ptbxl_report_and_kept_whole():
+    table = pd.read_csv(SHARED_DATA / "ptbxl_metadata_full" / "ptbxl_database_v1.0.1.csv", index_col="ecg_id")
+    split = {ecg_id: split_ptbxl_edit_note(text) for ecg_id, text in table["report"].items()}
+    with_note = {ecg_id: parts for ecg_id, parts in split.items() if parts[1]}
+    assert len(with_note) == 557  # every report holding "Edit:" (v1.0.1)
+    assert not any("edit:" in report.casefold() for report, _ in split.values())
+    for ecg_id, (report, note) in with_note.items():  # nothing lost: report + the note give the cleaned csv text
+        assert report and f"{report} Edit: {note}".strip() == clean_report(table.at[ecg_id, "report"]), ecg_id
+    assert split[293] == ("sinus rhythm. normal ecg.", "NORM 100, (NORM 100)")
+    assert split[480] == ("sinus rhythm. no definite pathology.", "NORM 100,")
+    assert split[1] == ("sinusrhythmus periphere niederspannung", "")
+    assert split_ptbxl_edit_note(float("nan")) == ("", "")
 
 
 def test_report_language_undetermined():

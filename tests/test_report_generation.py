@@ -647,15 +647,15 @@ def test_ptbxl_reference_rule_drops_or_rejects_non_english_reports(bundled_ptbxl
 
 
 def test_references_are_the_pretraining_reports_of_the_csv_and_the_ecgs_of_the_wfdb_files(bundled_ptbxl_rows):
-    """Report generation reads `merit_hf.data`, as pretraining does: the references are the csv's reports with only
-    whitespace normalised (an annotator's `Edit: ...` note is kept, as pretraining keeps it), for exactly the records
+    """Report generation reads `merit_hf.data`, as pretraining does: the references are the csv's reports with
+    whitespace normalised and the curators' `Edit: ...` note cut off (`split_ptbxl_edit_note`), for exactly the records
     of the folds whose report is English or has no language marker, in ecg_id order. The ECG input is the feature
     extractor's on the records as `merit_hf.data.read_ecg_record` reads them (float32, as the datasets store them),
     within float32 rounding of the feature extractor's on the WFDB paths."""
     import pandas as pd
 
     from merit_hf import MeritFeatureExtractor
-    from merit_hf.data import read_ecg_record, report_language
+    from merit_hf.data import read_ecg_record, report_language, split_ptbxl_edit_note
     from merit_hf.training.report_lora import ReportExamples, read_ptbxl_reports
 
     folds = [1, 2, 3, 4, 5, 6, 7, 8]
@@ -663,13 +663,14 @@ def test_references_are_the_pretraining_reports_of_the_csv_and_the_ecgs_of_the_w
     table = pd.read_csv(BUNDLED_PTBXL / "ptbxl_database.csv").sort_values("ecg_id")
     table = table[table["strat_fold"].isin(folds)]
     expected = {
-        int(row.ecg_id): " ".join(str(row.report).split())
+        int(row.ecg_id): split_ptbxl_edit_note(row.report)[0]
         for row in table.itertuples()
-        if report_language(" ".join(str(row.report).split())) in ("en", "und")
+        if report_language(split_ptbxl_edit_note(row.report)[0]) in ("en", "und")
     }
     assert [int(example["ecg_id"]) for example in examples] == list(expected)
     assert [example["report"] for example in examples] == list(expected.values())
-    assert any("edit:" in report.lower() for report in expected.values())  # the case the old own cleaning removed
+    assert not any("edit:" in report.lower() for report in expected.values())
+    assert expected[317] == "sinus rhythm. normal ecg."  # the csv's report ends "Edit: NORM 100, (NORM 100)"
 
     feature_extractor = MeritFeatureExtractor.from_model_config(tiny_ecg_config(**ECG_CONFIG))
     records = [str(BUNDLED_PTBXL / example["filename"]) for example in examples[:3]]

@@ -40,7 +40,14 @@ from .ptbxl import (
     ptbxl_features,
     read_ptbxl_database,
 )
-from .reports import clean_report, drop_empty_reports, has_report, join_mimic_report, report_language
+from .reports import (
+    clean_report,
+    drop_empty_reports,
+    has_report,
+    join_mimic_report,
+    report_language,
+    split_ptbxl_edit_note,
+)
 from .wfdb_folder import WfdbFolderSpec, build_wfdb_dataset, convert_wfdb_folder, split_wfdb_dataset
 
 __all__ = [
@@ -82,5 +89,6 @@ __all__ = [
     "read_ecg_record",
     "read_ptbxl_database",
     "report_language",
+    "split_ptbxl_edit_note",
     "split_wfdb_dataset",
 ]

@@ -9,7 +9,8 @@ human-validated reports). One row per ECG:
 | `signal` | `Array2D((num_samples, 12), float32)`, mV | `records100/` (1000 samples) or `records500/` (5000) |
 | `lead_names` | list of str | always `I II III aVR aVL aVF V1 ... V6` (the signal's column order) |
 | `sampling_rate` | int32 | 100 or 500 |
-| `report`, `report_language` | str | the report, whitespace-normalised; `de` / `en` / `sv` / `und` / `""` |
+| `report`, `report_language` | str | the report, whitespace-normalised, without the curators' `Edit:` note; `de` / `en` / `sv` / `und` / `""` |
+| `report_edit_note` | str | that note (`""` for most records; `merit_hf.data.reports.split_ptbxl_edit_note`) |
 | `scp_codes` | str | JSON `{code: likelihood}`, as in the csv |
 | `superclass`, `subclass`, `form`, `rhythm`, `all` | `List(ClassLabel)` | `scp_codes` + `scp_statements.csv` |
 | `strat_fold` | int32 | 1-10 |
@@ -46,7 +47,7 @@ from .conversion import (
     write_parquet_shards,
 )
 from .labels import DEFAULT_LABEL_THRESHOLD, LABEL_SETS, ScpStatements, parse_scp_codes
-from .reports import clean_report, report_language
+from .reports import report_language, split_ptbxl_edit_note
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ def ptbxl_features(statements: ScpStatements, sampling_rate: int) -> Features:
     return Features(
         {
             **ecg_report_features(num_samples),
+            "report_edit_note": Value("string"),
             "scp_codes": Value("string"),
             **labels,
             "strat_fold": Value("int32"),
@@ -107,7 +109,7 @@ class PtbxlRecordReader:
         name = f"{path}.hea (ecg_id {meta['ecg_id']})"
         scp_codes = parse_scp_codes(meta["scp_codes"], record=name)
         labels = self.statements.labels(scp_codes, threshold=self.label_threshold, record=name)
-        report = clean_report(meta["report"])
+        report, edit_note = split_ptbxl_edit_note(meta["report"])
         return {
             "ecg_id": int(meta["ecg_id"]),
             "patient_id": _optional(meta["patient_id"], int),
@@ -116,6 +118,7 @@ class PtbxlRecordReader:
             "sampling_rate": record["sampling_rate"],
             "report": report,
             "report_language": report_language(report),
+            "report_edit_note": edit_note,
             "scp_codes": json.dumps(scp_codes),
             **{name: [self.statements.names[name].index(label) for label in labels[name]] for name in LABEL_SETS},
             "strat_fold": int(meta["strat_fold"]),

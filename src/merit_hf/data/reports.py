@@ -7,6 +7,12 @@ PTB-XL writes reports in German (most), English and Swedish; some Swedish ones c
 original export, kept as they are. `report_language` is a tag from word markers (below): `"de"`, `"en"`, `"sv"`,
 `"und"` (text with no marker) or `""` (empty report, e.g. ecg_id 443, whose report is a single space).
 
+PTB-XL's curators appended a note to 557 of the 21,837 reports (v1.0.1), always last and always introduced by
+`Edit:`, e.g. "sinus rhythm. normal ecg. Edit: NORM 100, (NORM 100)". It restates the SCP labels (and free comments,
+often German), so left in the report it would hand the label to the text tower in contrastive pretraining, to a
+zero-shot prompt match and to report generation's references. `split_ptbxl_edit_note` cuts it off: the dataset's
+`report` is the cardiologist's text and `report_edit_note` keeps the note (nothing is lost).
+
 MIMIC-IV-ECG splits the machine report over `report_0..report_17`, with blank fields in between (e.g. study 40689238:
 "Sinus rhythm", "Possible right atrial abnormality", blank, "Borderline ECG"). The report is the non-blank fields
 in column order, each without a trailing period, joined with ". ":
@@ -76,6 +82,17 @@ def clean_report(text: object) -> str:
     return " ".join(str(text).split())
 
 
+_PTBXL_EDIT_NOTE = re.compile(r"\s*\bEdit:\s*")
+
+
+def split_ptbxl_edit_note(text: object) -> tuple[str, str]:
+    """`(report, note)` of a PTB-XL report: the text before the curators' `Edit:` note, and the note after it (`""`
+    when there is none), each whitespace-normalised (`clean_report`). See the module docstring for why."""
+    cleaned = clean_report(text)
+    parts = _PTBXL_EDIT_NOTE.split(cleaned, maxsplit=1)
+    return (parts[0].strip(), parts[1].strip()) if len(parts) == 2 else (cleaned, "")
+
+
 def report_language(text: str) -> str:
     """Language tag of a PTB-XL report: `"de"`, `"en"`, `"sv"`, `"und"` (no marker) or `""` (empty)."""
     cleaned = clean_report(text)
@@ -106,4 +123,5 @@ __all__ = [
     "has_report",
     "join_mimic_report",
     "report_language",
+    "split_ptbxl_edit_note",
 ]
