@@ -12,6 +12,7 @@ import encoder_throughput  # noqa: E402
 import reduced_leads  # noqa: E402
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row, mode", [("merit_encoder", "infer"), ("merit_pretraining", "train")])
 def test_encoder_throughput_group_measures_every_variant(row, mode):
     results = encoder_throughput.measure_group(row, "tiny-p75", mode, batch=2, rounds=2, device="cpu", dtype="fp32")
@@ -76,6 +77,7 @@ def test_reduced_lead_benchmark_writes_one_row_per_lead_count(tmp_path):
     assert "| 2 | I, II |" in table and table.count("\n| ") == 9  # header, rule, clean, six lead counts
 
 
+@pytest.mark.slow
 def test_pretraining_memory_options_group_runs_every_option():
     """The GPU measurement of issue 14 item 4 (peak memory and MFU per option) runs on CPU, tiny shape, one step."""
     import pretrain_throughput
@@ -90,6 +92,7 @@ def test_pretraining_memory_options_group_runs_every_option():
     assert len({result["gflops_per_ecg"] for result in results}) == 1  # model FLOPs: recomputation not counted
 
 
+@pytest.mark.slow
 def test_encoder_throughput_measures_bf16_weights_and_says_why_fp8_is_skipped_on_cpu():
     """The GPU run compares autocast, bf16 weights and fp8; on a CPU the same code measures bf16 weights and records
     why fp8 cannot run there."""
@@ -104,6 +107,7 @@ def test_encoder_throughput_measures_bf16_weights_and_says_why_fp8_is_skipped_on
     assert "needs a CUDA GPU with FP8 tensor cores" in results["skipped"]["sdpa+fp8"]
 
 
+@pytest.mark.slow
 def test_cpu_inference_times_every_precision_against_the_references():
     import cpu_inference
 

@@ -51,6 +51,7 @@ def test_100_hz_and_500_hz_versions_agree(ptbxl_dir, ecg_id):
     assert np.abs(low - high).mean() < 0.1
 
 
+@pytest.mark.slow
 def test_100_hz_and_500_hz_on_all_shared_records(shared_ptbxl_dir):
     fe = MeritFeatureExtractor()
     worst = []
@@ -346,6 +347,7 @@ def test_invalid_settings_name_the_field():
         MeritFeatureExtractor(nan_policy="ignore")
 
 
+@pytest.mark.slow
 def test_reader_matches_wfdb_on_every_bundled_record(ptbxl_dir):
     """The numpy reader for format-16 records gives wfdb.rdrecord's float64 signal bit for bit, and its units."""
     paths = sorted(ptbxl_dir.glob("records*/*/*.hea"))

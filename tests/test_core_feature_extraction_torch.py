@@ -76,6 +76,7 @@ def _compare_on_records(records: list[dict]) -> tuple[float, float]:
     return float(correlation.min()), float(np.abs(actual - expected).max())
 
 
+@pytest.mark.slow
 def test_every_bundled_record_matches_the_scipy_path(ptbxl_dir):
     """500 records at 100 Hz and 12 at 500 Hz, in one mixed batch: per-lead correlation >= 0.999 (in fact >= 1 - 2.4e-7)
     and the largest difference of any z-scored sample below `MAX_ABS_ERROR`."""

@@ -98,6 +98,7 @@ def test_noise_fixes_the_mask_per_lead():
     assert not torch.equal(first.mask[0, 0], first.mask[0, 1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "present", "absent"),
     [
@@ -157,6 +158,7 @@ def _ran(kernel: str, function) -> bool:
     return any(event.name == kernel for event in prof.events())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
 def test_sdpa_on_cpu_in_bf16_runs_the_chosen_kernel_and_agrees_with_fp32(kernel, monkeypatch):
     """bf16 attention on CPU runs the fused SDPA kernel or two bf16 matmuls (whichever the CPU runs faster; here fixed
@@ -236,6 +238,7 @@ def test_a_model_loaded_in_bf16_takes_the_feature_extractors_float32(saved_pretr
     torch.testing.assert_close(encoder_only, half.ecg_model(ecg).pooler_output)
 
 
+@pytest.mark.slow
 def test_models_compile_as_one_graph():
     """`torch.compile(model, fullgraph=True)` traces the encoder (with and without padding) and the whole pretraining
     step without a graph break, and computes what eager computes."""
@@ -278,6 +281,7 @@ def test_wrong_input_shape_is_explained():
         model(torch.randn(1, 8, 2250))
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     model = MeritForPreTraining(tiny_merit_config())
@@ -492,6 +496,7 @@ def test_flex_attention_takes_the_padding_and_lead_masks():
     torch.testing.assert_close(outputs["flex_attention"], outputs["eager"])
 
 
+@pytest.mark.slow
 def test_hidden_states_are_the_embeddings_then_each_layer_before_the_final_norm():
     ecg, _, _ = _inputs()
     model = MeritEcgModel(tiny_ecg_config()).eval()
@@ -510,6 +515,7 @@ def test_hidden_states_are_the_embeddings_then_each_layer_before_the_final_norm(
     torch.testing.assert_close(model.norm(out.hidden_states[-1]), out.last_hidden_state)
 
 
+@pytest.mark.slow
 def test_return_dict_false_in_the_config_gives_tuples_from_every_class():
     ecg, input_ids, noise = _inputs()
     config = tiny_merit_config(return_dict=False, num_labels=2)

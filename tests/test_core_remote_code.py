@@ -71,6 +71,7 @@ def test_saved_folder_holds_code_and_auto_map(hub_folder):
                     assert top in allowed or top in sys.stdlib_module_names, (code_file.name, name)
 
 
+@pytest.mark.slow
 def test_remote_code_round_trip_without_merit_hf(hub_folder, ptbxl_dir, tmp_path):
     model, processor, folder = hub_folder
     record = ptbxl_dir / "records500" / "00000" / "00001_hr"

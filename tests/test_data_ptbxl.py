@@ -46,6 +46,7 @@ def row_of(dataset, ecg_id):
     return dataset[index]
 
 
+@pytest.mark.slow
 def test_splits_follow_strat_fold(ptbxl):
     assert {split: ptbxl[split].num_rows for split in ptbxl} == {"train": 353, "validation": 81, "test": 66}
     assert sum(FOLD_SIZES[fold] for fold in range(1, 9)) == 353
@@ -163,6 +164,7 @@ def test_bad_sampling_rate():
         build_ptbxl(BUNDLED_PTBXL, sampling_rate=250)
 
 
+@pytest.mark.slow
 def test_convert_then_load_round_trip(converted, ptbxl):
     output, report = converted
     assert (report.total, report.written, report.failed) == (500, 500, 0)

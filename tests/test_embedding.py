@@ -43,6 +43,7 @@ def test_the_model_fingerprint_changes_with_any_weight_and_only_with_the_weights
     assert model_fingerprint(other_config) != fingerprint
 
 
+@pytest.mark.slow
 def test_map_style_and_streamed_give_the_probe_features(splits, encoder):
     feature_extractor = MeritFeatureExtractor.from_model_config(encoder.config)
     split = splits["train"]
@@ -79,6 +80,7 @@ def test_a_rerun_reuses_the_cached_embeddings(splits, encoder, tmp_path):
             hook.remove()
 
 
+@pytest.mark.slow
 def test_bf16_embeddings_stay_close(splits, encoder):
     full = np.asarray(embed_dataset(splits["test"], encoder, device="cpu", precision="fp32")["ecg_embedding"])
     weights = {name: value.clone() for name, value in encoder.state_dict().items()}
@@ -123,6 +125,7 @@ def test_an_empty_stream_is_named_not_written(splits, encoder, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_command_line_writes_parquet_per_split(tmp_path):
     from datasets import load_dataset
 
@@ -153,6 +156,7 @@ def test_command_line_writes_parquet_per_split(tmp_path):
     assert not list((tmp_path / "streamed").glob("*.partial"))
 
 
+@pytest.mark.slow
 def test_long_and_reduced_lead_records_get_one_embedding_each(splits, encoder):
     """A 60 s record (six real 10 s records one after the other), a 10 s one and a lead-II-only one: with
     `window="sliding"` each record's windows are embedded and pooled back into one row, the missing leads left out."""
@@ -184,6 +188,7 @@ def test_long_and_reduced_lead_records_get_one_embedding_each(splits, encoder):
         embed_dataset(dataset, encoder, extractor, window_pooling="sum")
 
 
+@pytest.mark.slow
 def test_command_line_embeds_long_records_window_by_window(tmp_path):
     from datasets import load_dataset
 
@@ -204,6 +209,7 @@ def test_command_line_embeds_long_records_window_by_window(tmp_path):
         main([*common, "--output_dir", str(tmp_path / "bad"), "--window_stride", "125"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("streaming", ["false", "true"])
 def test_shards_together_give_the_whole_split(tmp_path, streaming):
     """What `accelerate launch --num_processes N` does: process i embeds shard i of N and writes its own file."""
@@ -260,6 +266,7 @@ def test_accelerate_launch_embeds_one_shard_per_process(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_command_line_reads_a_converted_dataset(splits, encoder, tmp_path):
     """A converted (`save_to_disk`) PTB-XL goes through `load_ptbxl`, all records kept, sharded by its `rank`."""
     from datasets import load_dataset
@@ -319,6 +326,7 @@ def test_a_stopped_streamed_write_resumes_after_its_last_part(tmp_path):
     assert not (tmp_path / "train.parquet.partial").exists()
 
 
+@pytest.mark.slow
 def test_a_streamed_command_line_run_resumes(tmp_path, monkeypatch):
     from datasets import load_dataset
 
@@ -357,6 +365,7 @@ def test_a_streamed_command_line_run_resumes(tmp_path, monkeypatch):
     np.testing.assert_allclose(np.asarray(a["ecg_embedding"]), np.asarray(b["ecg_embedding"]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_batched_feature_extraction_on_the_encoder_device(splits, encoder, tmp_path):
     """`feature_extraction_device="encoder"` (the torch path, here on the CPU) embeds as the scipy path does, under
     its own cache key; the command line passes it through."""

@@ -77,6 +77,7 @@ def ptbxl_like() -> DatasetDict:
     return synthetic_ptbxl()
 
 
+@pytest.mark.slow
 def test_probe_recovers_a_planted_linear_signal():
     rng = np.random.default_rng(0)
     weights = rng.normal(size=(16, 3))
@@ -132,6 +133,7 @@ def test_random_init_baseline_is_seeded_and_differs_from_the_model():
     )
 
 
+@pytest.mark.slow
 def test_run_linear_probe_writes_results_with_baseline(ptbxl_like, tmp_path):
     torch.manual_seed(123)  # not the baseline's seed 0: the two encoders must differ
     model = MeritModel(tiny_merit_config()).eval()
@@ -179,6 +181,7 @@ def test_probe_script_from_yaml(ptbxl_like, tmp_path):
         main([str(tmp_path / "probe.yaml"), "--label_sets", "diagnostic"])
 
 
+@pytest.mark.slow
 def test_fine_tune_runs_and_reports_both_encoders():
     model = MeritModel(tiny_merit_config()).eval()
     arguments = ProbeArguments(mode="finetune", finetune_max_epochs=1, batch_size=8, num_bootstrap=0)

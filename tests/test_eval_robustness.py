@@ -108,6 +108,7 @@ def test_a_low_rate_device_keeps_nothing_above_half_its_rate(record):
         acquired_at_rate(signal, rate, 500)
 
 
+@pytest.mark.slow
 def test_shift_features_are_cached_per_parameters(tmp_path):
     from merit_hf import MeritEcgModel, MeritFeatureExtractor
     from merit_hf.training.probe import extract_features
@@ -139,6 +140,7 @@ def test_device_family():
     assert device_family(None) == "unknown"
 
 
+@pytest.mark.slow
 def test_robustness_reports_every_shift_for_model_and_baseline(tmp_path):
     torch.manual_seed(7)
     model = MeritModel(tiny_merit_config()).eval()

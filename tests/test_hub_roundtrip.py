@@ -140,6 +140,7 @@ def fake_hub(tmp_path, monkeypatch):
     hub.stop()
 
 
+@pytest.mark.slow
 def test_push_xet_and_lfs_then_from_pretrained_in_fresh_process(model_folder, fake_hub, tmp_path, monkeypatch):
     model, processor, folder = model_folder
     repos = {"xet": REPO_ID, "lfs": REPO_ID + "-lfs"}
@@ -180,6 +181,7 @@ def test_push_xet_and_lfs_then_from_pretrained_in_fresh_process(model_folder, fa
         assert same_outputs(expected, got), f"{repo_id} (online={online}) differs from the pushed model"
 
 
+@pytest.mark.slow
 def test_corrupted_weights_on_the_server_are_noticed(model_folder, fake_hub, tmp_path, monkeypatch):
     """huggingface_hub does not verify downloads: only comparing outputs catches a broken round trip."""
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
@@ -192,6 +194,7 @@ def test_corrupted_weights_on_the_server_are_noticed(model_folder, fake_hub, tmp
     assert not same_outputs(reference_outputs(model, processor), got)
 
 
+@pytest.mark.slow
 def test_pull_request_branch_and_tag(model_folder, fake_hub, tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     model, _, folder = model_folder
@@ -240,6 +243,7 @@ def add_training_run_outputs(folder: Path) -> None:
     (folder / "checkpoints" / "checkpoint-20" / "trainer_state.json").write_text("{}")
 
 
+@pytest.mark.slow
 def test_repush_leaves_exactly_the_folder(model_folder, fake_hub, tmp_path, monkeypatch):
     """A stale adapter_config.json from an earlier push would make `AutoModel.from_pretrained(repo)` follow the
     adapter; training-run outputs (optimizer states, pickles) are never uploaded."""
@@ -267,6 +271,7 @@ def test_repush_leaves_exactly_the_folder(model_folder, fake_hub, tmp_path, monk
     assert same_outputs(reference_outputs(model, processor), reference_outputs(reloaded, processor))
 
 
+@pytest.mark.slow
 def test_private_is_applied_to_an_existing_public_repo(model_folder, fake_hub, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     _, _, folder = model_folder
@@ -352,6 +357,7 @@ def test_command_line_renders_the_card_and_pushes(model_folder, fake_hub, tmp_pa
     assert "model-index" in card.read_text()
 
 
+@pytest.mark.slow
 def test_transformers_push_to_hub_reaches_the_same_server(model_folder, fake_hub, tmp_path, monkeypatch):
     """`model.push_to_hub` / `processor.push_to_hub` (transformers' own upload path) on the loopback Hub."""
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)

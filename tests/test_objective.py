@@ -57,6 +57,7 @@ def _quickstart_model(scheme: str):
     return build_model(arguments, text_path), text_path
 
 
+@pytest.mark.slow
 def test_both_terms_reach_the_encoder_at_init_with_the_quickstart_config(real_rows):
     """With xavier init the masked-modelling gradient into the encoder is within 10x of the contrastive one; with the
     std-0.02 init this project used before it was 1e-4 (the masked branch did not train the encoder)."""
@@ -86,6 +87,7 @@ def test_both_terms_reach_the_encoder_at_init_with_base_p75(real_rows, tmp_path)
     assert 0.1 < ratio < 10, ratio
 
 
+@pytest.mark.slow
 def test_logit_scale_can_decrease_after_reaching_the_cap():
     """The cap is applied to the parameter after the step (open_clip), so at the cap the gradient is not zero and a
     temperature that became too sharp can soften again."""

@@ -118,6 +118,7 @@ def test_arguments_yaml_then_flags_and_unknown_keys(tmp_path):
         parse_arguments(ARGUMENT_CLASSES, ["--mixed_precision", "fp8"])
 
 
+@pytest.mark.slow
 def test_run_from_yaml_loss_falls_and_saves_loadable_folder(reference):
     output_dir, results = reference
     history = results["loss_history"]
@@ -167,6 +168,7 @@ def test_checkpoint_and_final_folder_reload_to_identical_outputs(reference, asse
     assert torch.equal(a.loss, b.loss) and torch.equal(a.ecg_embeds, b.ecg_embeds)
 
 
+@pytest.mark.slow
 def test_torch_compile_trains_like_eager_and_saves_plain_weights(reference, assets, tmp_path):
     """`--torch_compile true` logs the eager run's losses and writes checkpoints and a model folder without the
     compile wrapper in the weight names, so eager runs can resume from them and `from_pretrained` (strict) loads them.
@@ -214,6 +216,7 @@ def test_torch_compile_trains_like_eager_and_saves_plain_weights(reference, asse
         )
 
 
+@pytest.mark.slow
 def test_resume_after_kill_continues_the_same_loss_curve(assets, tmp_path):
     """A run killed (SIGKILL) mid-way and resumed with `latest` logs the same losses as one that never stopped:
     same step, optimizer, scheduler, RNG (dropout is on here) and data position."""
@@ -372,6 +375,7 @@ def test_ablations_run_by_flag(assets, tmp_path, flag, off, on, frozen):
             assert torch.equal(tensor, initial.state_dict()[name]), name
 
 
+@pytest.mark.slow
 def test_streaming_split_trains_and_resumes_at_the_stream_position(assets, tmp_path):
     """A streamed split (`split_dataset_by_node`, StatefulDataLoader) resumes where its checkpoint was. The shuffle
     buffer is not part of a stream's state (a `datasets` limit), so this compares runs with a buffer of 1."""

@@ -146,6 +146,7 @@ def test_lead_mask_leaves_the_missing_leads_tokens_out(records):
         torch.testing.assert_close(model(full, lead_mask=lead_mask).pooler_output, expected)
 
 
+@pytest.mark.slow
 def test_lead_mask_with_padding_compiles_as_one_graph():
     """`torch.compile(fullgraph=True)` traces the lead mask (alone and with padding) without a graph break, and a
     missing lead stays out when the record is padded too."""

@@ -634,6 +634,7 @@ def bundled_ptbxl_rows():
     return load_ptbxl_rows(BUNDLED_PTBXL, sampling_rate=100)
 
 
+@pytest.mark.slow
 def test_ptbxl_reference_rule_drops_or_rejects_non_english_reports(bundled_ptbxl_rows):
     from merit_hf.training.report_lora import read_ptbxl_reports
 
@@ -703,6 +704,7 @@ def test_ptbxl_reports_load_from_a_converted_folder(bundled_ptbxl_rows, tmp_path
         np.testing.assert_array_equal(example["signal"], reference["signal"])
 
 
+@pytest.mark.slow
 def test_report_lora_script_end_to_end(lm_dir, tmp_path):
     from merit_hf.data import read_ecg_record
     from merit_hf.training.report_lora import load_report_adapter, main
@@ -750,6 +752,7 @@ def test_report_lora_script_end_to_end(lm_dir, tmp_path):
     assert processor.batch_decode(new_tokens, skip_special_tokens=True)[0] == first["generated"]
 
 
+@pytest.mark.slow
 def test_report_lora_saves_and_reloads_a_trained_encoder(lm_dir, tmp_path, monkeypatch):
     """`--freeze_ecg_encoder false`: the encoder trained in stage 2 goes into the adapter (PEFT `modules_to_save`), so
     the reloaded model gives the trained model's logits; base_model/ keeps the starting encoder the fingerprint
@@ -841,6 +844,7 @@ def test_mimic_reports_are_joined_and_readable(tmp_path):
     assert dataset[0]["ecg_values"].shape == (12, 1000)
 
 
+@pytest.mark.slow
 def test_report_model_loads_as_remote_code_without_merit_hf(parts, tmp_path):
     """The saved report-generation folder loads with `trust_remote_code=True` in a process that cannot import
     merit_hf, and gives the same logits and the same greedy report."""

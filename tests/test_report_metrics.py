@@ -62,6 +62,7 @@ def test_rouge_uses_the_stemmer():
     assert results["rouge1"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_meteor_matches_hand_computed_value(wordnet):
     meteor = _module("meteor")
     # Identical 6 words: Fmean 1, one chunk, penalty 0.5 * (1/6)^3.

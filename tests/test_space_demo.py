@@ -109,6 +109,7 @@ def grid_fraction(image: np.ndarray) -> float:
     return float(grid.mean())
 
 
+@pytest.mark.slow
 def test_bundled_example_shows_every_feature(space):
     app, models, client, _ = space
     figure, scores, neighbours, report, status = analyse(client, example="00003_lr")
@@ -147,6 +148,7 @@ def test_uploaded_record_and_other_label_set(space, tmp_path):
     assert "SR" in {row[0] for row in scores["data"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("header", "data"), [(".HEA", ".DAT"), (".Hea", ".dAt")])
 def test_upload_with_upper_or_mixed_case_extensions(space, tmp_path, header, data):
     """Some exports upper-case the file names but not the header, which still names `00001_lr.dat`."""
@@ -267,6 +269,7 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_gives_a_readable_error(space, tmp_path, case):
     _, _, client, _ = space
@@ -282,6 +285,7 @@ LIMB = "I, II, III, aVR, aVL, aVF"
 CHEST = "V1, V2, V3, V4, V5, V6"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("leads", "derived", "left_out"),
     [
@@ -330,6 +334,7 @@ def test_app_still_serves_after_bad_inputs(space):
     assert len(scores["data"]) == 5
 
 
+@pytest.mark.slow
 def test_screenshot_in_headless_chromium_shows_the_plot(space, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:

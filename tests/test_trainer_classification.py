@@ -123,6 +123,7 @@ def recording_compute_metrics(monkeypatch) -> list[float]:
     return recorded
 
 
+@pytest.mark.slow
 def test_fine_tune_keeps_the_best_epoch_and_stops_after_patience(monkeypatch, tmp_path):
     recorded = recording_compute_metrics(monkeypatch)
     data = synthetic_ptbxl(sizes=(16, 8, 6))
@@ -144,6 +145,7 @@ def test_fine_tune_keeps_the_best_epoch_and_stops_after_patience(monkeypatch, tm
     assert not (tmp_path / "run").exists()  # the Trainer's checkpoints are removed
 
 
+@pytest.mark.slow
 def test_fine_tune_without_improvement_stops_at_epoch_one_plus_patience(monkeypatch):
     recorded = recording_compute_metrics(monkeypatch)
     data = synthetic_ptbxl(sizes=(8, 6, 6))
@@ -157,6 +159,7 @@ def test_fine_tune_without_improvement_stops_at_epoch_one_plus_patience(monkeypa
     assert len(set(recorded[:2])) == 1
 
 
+@pytest.mark.slow
 def test_fine_tune_is_reproducible_under_its_seed():
     data = synthetic_ptbxl(sizes=(8, 6, 6))
     rows = probe_rows(data, "superclass")

@@ -79,6 +79,7 @@ def test_default_peak_by_gpu_name(monkeypatch):
     assert throughput.default_peak_tflops("cpu") is None
 
 
+@pytest.mark.slow
 def test_flop_count_is_forward_plus_backward_and_leaves_the_model_as_it_was():
     from merit_hf.utils.throughput import count_flops_per_sample
 
@@ -101,6 +102,7 @@ def test_flop_count_is_forward_plus_backward_and_leaves_the_model_as_it_was():
 # ----------------------------------------------------------------------------------------------------------------------
 # Activation checkpointing: same loss, same gradients
 # ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize(("mode", "num_layers"), [("full", None), ("selective", None), ("full", 1)])
 def test_activation_checkpointing_keeps_loss_and_gradients(mode, num_layers):
     from merit_hf.training.activation_checkpointing import enable_activation_checkpointing
@@ -197,6 +199,7 @@ def test_pretraining_mfu_against_a_given_peak(pretraining_assets, tmp_path):
     assert totals["achieved_tflops"] == pytest.approx(totals["ecgs_per_second"] * totals["flops_per_ecg"] / 1e12)
 
 
+@pytest.mark.slow
 def test_fine_tune_reports_throughput(tmp_path):
     from merit_hf import MeritEcgConfig, MeritEcgModel, MeritFeatureExtractor
     from merit_hf.data import build_ptbxl

@@ -236,6 +236,7 @@ def expected_signal(header: Header, digital: np.ndarray) -> np.ndarray:
     return np.stack(columns, axis=1)
 
 
+@pytest.mark.slow
 def test_fuzzed_headers_give_the_described_signal_or_an_ecg_input_error(tmp_path):
     if not SOURCE.with_suffix(".hea").is_file():
         pytest.skip(f"{SOURCE} not present (the shared data folder sits beside the checkout)")
