@@ -415,15 +415,13 @@ def load_pretraining_splits(data_args: DataArguments):
 
     if data_args.data_dir is None:
         raise ValueError("--data_dir: give the dataset folder (PhysioNet layout or a merit_hf.data folder)")
-    if data_args.dataset_name == "ptbxl":
-        if (Path(data_args.data_dir) / "ptbxl_database.csv").is_file():  # the PhysioNet folder itself
-            splits = merit_data.build_ptbxl(data_args.data_dir, sampling_rate=data_args.source_sampling_rate)
-        else:  # converted Parquet shards, a save_to_disk folder or a Hub dataset id
-            splits = merit_data.load_ptbxl(data_args.data_dir, sampling_rate=data_args.source_sampling_rate)
-    elif data_args.dataset_name == "mimic_iv_ecg":
-        splits = merit_data.load_mimic_iv_ecg(data_args.data_dir, streaming=True)
-    else:
+    if data_args.dataset_name not in ("ptbxl", "mimic_iv_ecg"):
         raise ValueError(f"--dataset_name: must be 'ptbxl' or 'mimic_iv_ecg', got {data_args.dataset_name!r}")
+    # PTB-XL: the PhysioNet folder itself (in memory), converted Parquet shards, a save_to_disk folder or a Hub id;
+    # MIMIC-IV-ECG streams
+    splits = merit_data.load_dataset(
+        data_args.dataset_name, data_args.data_dir, sampling_rate=data_args.source_sampling_rate
+    )
     for split in (data_args.train_split, data_args.eval_split):
         if split is not None and split not in splits:
             raise ValueError(f"{data_args.data_dir}: no split {split!r}; splits are {sorted(splits)}")
@@ -435,7 +433,9 @@ def load_pretraining_splits(data_args: DataArguments):
 
 
 def _with_reports(split, max_samples: int | None):
-    split = split.filter(lambda report: bool(report.strip()), input_columns=["report"])
+    from ..data import drop_empty_reports
+
+    split = drop_empty_reports(split)
     if max_samples is not None:
         split = (
             split.select(range(min(max_samples, len(split)))) if hasattr(split, "select") else split.take(max_samples)

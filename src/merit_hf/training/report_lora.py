@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, get_scheduler
 
-from ..data import build_mimic_iv_ecg, build_ptbxl, load_mimic_iv_ecg, load_ptbxl
+from ..data import build_mimic_iv_ecg, load_dataset, load_mimic_iv_ecg
 from ..data.mimic_iv_ecg import MEASUREMENTS_FILE, read_mimic_tasks
 from ..models.merit.configuration_merit import MeritEcgConfig
 from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
@@ -149,11 +149,9 @@ class ReportTrainingArguments:
 
 def load_ptbxl_rows(ptbxl_dir: str | Path, sampling_rate: int = 100) -> Dataset:
     """Every PTB-XL record as `merit_hf.data` gives it to pretraining, all folds in one `Dataset` in `ecg_id` order:
-    `build_ptbxl` for a PhysioNet folder, `load_ptbxl` for a converted one (Parquet shards, `save_to_disk`, Hub id)."""
-    if (Path(ptbxl_dir) / "ptbxl_database.csv").is_file():
-        splits = build_ptbxl(ptbxl_dir, sampling_rate=sampling_rate)
-    else:
-        splits = load_ptbxl(ptbxl_dir, sampling_rate=sampling_rate)
+    `merit_hf.data.load_dataset("ptbxl", ...)`: a PhysioNet folder (in memory) or a converted one (Parquet shards,
+    `save_to_disk`, Hub id)."""
+    splits = load_dataset("ptbxl", ptbxl_dir, sampling_rate=sampling_rate)
     return concatenate_datasets(list(splits.values())).sort("ecg_id")
 
 
