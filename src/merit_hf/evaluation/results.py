@@ -173,7 +173,7 @@ class EvaluationResults:
     ```python
     >>> results = read_results("benchmarks/results/evaluation/quickstart/linear-probe_superclass_1_seed0.json")
     >>> format_metric(results.model.metrics["macro_auroc"]), format_metric(results.baseline.metrics["macro_auroc"])
-    ('0.831 [0.759, 0.897]', '0.725 [0.616, 0.819]')
+    ('0.825 [0.750, 0.894]', '0.725 [0.616, 0.819]')
     ```
     """
 
