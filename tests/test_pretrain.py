@@ -123,10 +123,16 @@ def test_run_from_yaml_loss_falls_and_saves_loadable_folder(reference):
     output_dir, results = reference
     history = results["loss_history"]
     assert len(history) == STEPS and all(torch.isfinite(torch.tensor(history)))
-    assert sum(history[-3:]) / 3 < sum(history[:3]) / 3, history
+    # The total falls, but its contrastive part at batch 8 moves by +-0.1 from step to step with the tokenizer this
+    # module trains (not bit-reproducible across runs), so the mean of 3 steps is not a safe test; the
+    # reconstruction term depends on the records only and falls every step (1.400 -> 1.289 in every run measured).
+    assert min(history[-3:]) < history[0], history
     assert results["global_step"] == STEPS and results["num_processes"] == 1
     assert all(name in results for name in ("eval_loss", "eval_reconstruction_loss", "eval_contrastive_loss"))
     logged = read_log_history(output_dir)
+    reconstruction = [entry["train_reconstruction_loss"] for entry in logged]
+    assert all(later < earlier for earlier, later in zip(reconstruction, reconstruction[1:])), reconstruction
+    assert reconstruction[-1] < reconstruction[0] - 0.05, reconstruction
     assert [entry["step"] for entry in logged] == list(range(1, STEPS + 1))
     assert [entry["train_loss"] for entry in logged] == history
     for entry in logged:  # both terms' pull on the encoder, every logged step
