@@ -224,18 +224,6 @@ def test_random_crop_is_seeded(ptbxl_dir):
     np.testing.assert_array_equal(a["ecg_values"], b["ecg_values"])
 
 
-def test_set_crop_seed_starts_the_random_crops_again(ptbxl_dir):
-    signal, _ = _signal(ptbxl_dir)
-    fe = MeritFeatureExtractor(crop="random", seed=0)
-    first = [fe(signal, sampling_rate=500, lead_names=PTBXL_LEADS)["ecg_values"] for _ in range(3)]
-    fe.set_crop_seed(3)
-    fresh = MeritFeatureExtractor(crop="random", seed=3)
-    for _ in range(3):
-        expected = fresh(signal, sampling_rate=500, lead_names=PTBXL_LEADS)["ecg_values"]
-        np.testing.assert_array_equal(fe(signal, sampling_rate=500, lead_names=PTBXL_LEADS)["ecg_values"], expected)
-    assert fe.seed == 3 and not all(np.array_equal(first[0], crop) for crop in first[1:])  # the crops do move
-
-
 def test_save_and_auto_load(tmp_path):
     fe = MeritFeatureExtractor(lowpass_hz=45.0, normalization="zscore_record", seed=7)
     fe.save_pretrained(tmp_path)

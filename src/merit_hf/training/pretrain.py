@@ -418,24 +418,24 @@ def load_pretraining_splits(data_args: DataArguments):
     if data_args.dataset_name not in ("ptbxl", "mimic_iv_ecg"):
         raise ValueError(f"--dataset_name: must be 'ptbxl' or 'mimic_iv_ecg', got {data_args.dataset_name!r}")
     # PTB-XL: the PhysioNet folder itself (in memory), converted Parquet shards, a save_to_disk folder or a Hub id;
-    # MIMIC-IV-ECG streams
+    # MIMIC-IV-ECG streams. Records without a report have nothing to align with.
     splits = merit_data.load_dataset(
-        data_args.dataset_name, data_args.data_dir, sampling_rate=data_args.source_sampling_rate
+        data_args.dataset_name,
+        data_args.data_dir,
+        sampling_rate=data_args.source_sampling_rate,
+        drop_empty_reports=True,
     )
     for split in (data_args.train_split, data_args.eval_split):
         if split is not None and split not in splits:
             raise ValueError(f"{data_args.data_dir}: no split {split!r}; splits are {sorted(splits)}")
-    train = _with_reports(splits[data_args.train_split], data_args.max_train_samples)
+    train = _first_rows(splits[data_args.train_split], data_args.max_train_samples)
     eval_split = None
     if data_args.eval_split is not None:
-        eval_split = _with_reports(splits[data_args.eval_split], data_args.max_eval_samples)
+        eval_split = _first_rows(splits[data_args.eval_split], data_args.max_eval_samples)
     return train, eval_split
 
 
-def _with_reports(split, max_samples: int | None):
-    from ..data import drop_empty_reports
-
-    split = drop_empty_reports(split)
+def _first_rows(split, max_samples: int | None):
     if max_samples is not None:
         split = (
             split.select(range(min(max_samples, len(split)))) if hasattr(split, "select") else split.take(max_samples)

@@ -979,13 +979,6 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         mask = np.ones(window, dtype=np.int64)
         return [(signal[start : start + window].T, mask) for start in starts]
 
-    def set_crop_seed(self, seed: int | None) -> None:
-        """Start the random crops (`crop="random"`) again from `seed`, so a job that copies this extractor cuts the
-        same crops on every run (DataLoader workers still combine `seed` with their own seed)."""
-        self.seed = seed
-        self._rng = np.random.default_rng(seed)
-        self._rng_worker_seed = None
-
     def _crop_generator(self) -> np.random.Generator:
         """The generator of random crops. In a DataLoader worker it is re-seeded from the worker's own seed (set by
         torch per worker and epoch, reproducible under a seeded DataLoader), combined with `seed`: forked workers
