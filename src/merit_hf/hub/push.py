@@ -414,15 +414,3 @@ def main(argv: list[str] | None = None) -> dict:
         summary = asdict(push_model(args.folder, args.repo_id, results=args.results, **kwargs))
     print(json.dumps(summary, indent=2))
     return summary
-
-
-__all__ = [
-    "HubFolderError",
-    "PushResult",
-    "check_dataset_folder",
-    "check_model_folder",
-    "push_dataset",
-    "push_folder",
-    "push_model",
-    "pushed_files",
-]
