@@ -91,6 +91,7 @@ def baselines(ecg_values: torch.Tensor, mask: torch.Tensor, correlations: torch.
 
 def train(
     scheme: str,
+    decoder_attention: str,
     ecg_config: dict,
     train_values: torch.Tensor,
     train_ids: list[int],
@@ -100,7 +101,7 @@ def train(
 ) -> dict:
     torch.manual_seed(args.seed)
     config = MeritConfig(
-        ecg_config={**ecg_config, "initializer_scheme": scheme},
+        ecg_config={**ecg_config, "initializer_scheme": scheme, "decoder_attention": decoder_attention},
         text_config=BertConfig(
             vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=1, intermediate_size=16
         ),
@@ -127,7 +128,7 @@ def train(
         scheduler.step()
         if step % args.eval_every == 0 or step == args.steps:
             curve.append({"step": step, "train": loss.item(), "validation": evaluate(model, eval_values, eval_noise)})
-            print(f"  {scheme:>15} step {step:5d}  train {loss.item():.4f}  validation {curve[-1]['validation']:.4f}")
+            print(f"  {scheme:>15} {decoder_attention:>9} step {step:5d}  train {loss.item():.4f}  validation {curve[-1]['validation']:.4f}")
     return {"validation_loss": curve[-1]["validation"], "curve": curve, "seconds": time.perf_counter() - start}
 
 
@@ -145,6 +146,11 @@ def evaluate(model, values: torch.Tensor, noise: torch.Tensor, batch_size: int =
     return total / count
 
 
+def run_name(scheme: str, decoder_attention: str, decoder_attentions: list[str]) -> str:
+    """A run's key in the results: the init scheme, plus the decoder variant when more than one is compared."""
+    return scheme if len(decoder_attentions) == 1 else f"{scheme}/{decoder_attention}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default=str(ROOT / "data" / "ptbxl_sample"))
@@ -160,6 +166,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--mask_ratio", type=float, default=None, help="override the config's mask_ratio")
     parser.add_argument("--schemes", nargs="+", default=["xavier_uniform", "trunc_normal"])
+    parser.add_argument(
+        "--decoder_attention",
+        nargs="+",
+        default=None,
+        choices=["per_lead", "axial"],
+        help="decoder variants to run with every scheme (default: the config's own)",
+    )
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "masked_modelling_cpu.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -178,8 +191,12 @@ def main() -> None:
     visible = torch.argsort(torch.argsort(eval_noise, dim=-1), dim=-1) < model_config.num_visible_patches
     reference = baselines(eval_values, (~visible).float(), lead_correlations(train_values), model_config.patch_size)
     print(f"{len(train_ids)} train / {len(eval_ids)} validation records; baselines {reference}")
+    attentions = args.decoder_attention or [model_config.decoder_attention]
     runs = {
-        scheme: train(scheme, ecg_config, train_values, train_ids, eval_values, eval_noise, args)
+        run_name(scheme, attention, attentions): train(
+            scheme, attention, ecg_config, train_values, train_ids, eval_values, eval_noise, args
+        )
+        for attention in attentions
         for scheme in args.schemes
     }
     result = {
@@ -199,10 +216,10 @@ def main() -> None:
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    for scheme, run in runs.items():
+    for name, run in runs.items():
         gap = run["validation_loss"] - reference["cross_lead_copy"]
         print(
-            f"{scheme}: validation {run['validation_loss']:.4f} after {args.steps} steps "
+            f"{name}: validation {run['validation_loss']:.4f} after {args.steps} steps "
             f"(patch mean {reference['patch_mean']:.4f}, cross-lead copy {reference['cross_lead_copy']:.4f}, "
             f"gap {gap:+.4f}); {run['seconds']:.0f} s"
         )

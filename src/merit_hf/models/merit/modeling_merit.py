@@ -417,8 +417,14 @@ class MeritEcgEmbeddings(nn.Module):
 
 class MeritEcgDecoder(nn.Module):
     """Light decoder of masked ECG modelling (ST-MEM): encoder tokens are projected to `decoder_hidden_size`, hidden
-    patches are filled with a learnable mask token, and each lead is decoded on its own (its tokens attend only to
-    each other) into `patch_size` samples per patch."""
+    patches are filled with a learnable mask token, and the tokens are decoded into `patch_size` samples per patch.
+
+    `decoder_attention="per_lead"` (ST-MEM): each lead is decoded on its own, its tokens attend only to each other.
+    `"axial"`: even layers attend across the leads at one patch position, odd layers along one lead (axial attention,
+    as in video and spatio-temporal transformers), and a learnable decoder lead embedding marks every token's lead.
+    A hidden patch then reads the other leads' visible patches at the same moment directly, which is where most of
+    what can be predicted about it is (benchmarks/README.md, "Masked ECG modelling").
+    """
 
     def __init__(self, config: MeritEcgConfig):
         super().__init__()
@@ -428,6 +434,9 @@ class MeritEcgDecoder(nn.Module):
         self.decoder_position_embeddings = nn.Parameter(
             torch.zeros(config.num_patches_per_lead + 2, config.decoder_hidden_size), requires_grad=False
         )
+        self.decoder_lead_embeddings = None
+        if config.decoder_attention == "axial":
+            self.decoder_lead_embeddings = nn.Parameter(torch.zeros(config.num_leads, config.decoder_hidden_size))
         self.layers = nn.ModuleList(
             [
                 MeritEcgLayer(
@@ -468,16 +477,49 @@ class MeritEcgDecoder(nn.Module):
             if key_valid is not None:
                 ones = key_valid.new_ones(batch_size, num_leads, 1)
                 key_valid = torch.cat([ones, key_valid, ones], dim=2)
-        tokens = body.reshape(batch_size * num_leads, body.shape[2], -1)
-        if key_valid is not None:
-            key_valid = key_valid.reshape(batch_size * num_leads, -1)
-        attention_mask = create_bidirectional_mask(config=config, inputs_embeds=tokens, attention_mask=key_valid)
-        for layer in self.layers:
-            tokens = layer(tokens, attention_mask)
+        if self.decoder_lead_embeddings is None:
+            tokens = self._decode_per_lead(body, key_valid)
+        else:
+            tokens = self._decode_axial(body + self.decoder_lead_embeddings[:, None, :], key_valid)
         patches = self.head(self.norm(tokens))
-        if separators:
-            patches = patches[:, 1:-1]
-        return patches.reshape(batch_size, num_leads, num_patches, config.patch_size)
+        return patches[:, :, 1:-1] if separators else patches
+
+    def _decode_per_lead(self, tokens: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
+        """`(batch, leads, T, D)` -> the same shape; every lead is one sequence."""
+        batch_size, num_leads, length, width = tokens.shape
+        sequences = tokens.reshape(batch_size * num_leads, length, width)
+        if key_valid is not None:
+            key_valid = key_valid.reshape(batch_size * num_leads, length)
+        attention_mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=sequences, attention_mask=key_valid
+        )
+        for layer in self.layers:
+            sequences = layer(sequences, attention_mask)
+        return sequences.reshape(batch_size, num_leads, length, width)
+
+    def _decode_axial(self, tokens: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
+        """`(batch, leads, T, D)` -> the same shape; even layers attend across leads, odd layers along a lead."""
+        batch_size, num_leads, length, width = tokens.shape
+        across_mask = along_mask = None
+        if key_valid is not None:
+            across_mask = self._attention_mask(
+                key_valid.transpose(1, 2).reshape(batch_size * length, num_leads), tokens
+            )
+            along_mask = self._attention_mask(key_valid.reshape(batch_size * num_leads, length), tokens)
+        for index, layer in enumerate(self.layers):
+            if index % 2 == 0:  # across the leads, at one patch position
+                sequences = tokens.transpose(1, 2).reshape(batch_size * length, num_leads, width)
+                sequences = layer(sequences, across_mask)
+                tokens = sequences.reshape(batch_size, length, num_leads, width).transpose(1, 2)
+            else:  # along one lead
+                sequences = layer(tokens.reshape(batch_size * num_leads, length, width), along_mask)
+                tokens = sequences.reshape(batch_size, num_leads, length, width)
+        return tokens
+
+    def _attention_mask(self, key_valid: torch.Tensor, like: torch.Tensor):
+        """The attention implementation's mask for `(sequences, keys)` validity, in `like`'s dtype and device."""
+        inputs_embeds = like.new_empty(*key_valid.shape, 1)  # only its batch, length, dtype and device are read
+        return create_bidirectional_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=key_valid)
 
 
 class MeritProjectionHead(nn.Module):
@@ -710,7 +752,13 @@ class MeritBasePreTrainedModel(_StrictLoadingMixin, PreTrainedModel):
     _supports_attention_backend = True
 
     # Parameters that are embeddings rather than weights: no weight decay (ST-MEM's `no_weight_decay`, timm).
-    _no_weight_decay_parameters = ("lead_embeddings", "separator_token", "mask_token", "logit_scale")
+    _no_weight_decay_parameters = (
+        "lead_embeddings",
+        "decoder_lead_embeddings",
+        "separator_token",
+        "mask_token",
+        "logit_scale",
+    )
 
     def _init_weights(self, module: nn.Module) -> None:
         _init_merit_module(self, module, self.config)
@@ -802,6 +850,8 @@ def _init_merit_module(model: PreTrainedModel, module: nn.Module, config) -> Non
         table = sincos_position_table(*module.decoder_position_embeddings.shape)
         init.copy_(module.decoder_position_embeddings, table)
         init.normal_(module.mask_token, std=std)
+        if module.decoder_lead_embeddings is not None:
+            init.normal_(module.decoder_lead_embeddings, std=std)
     elif isinstance(module, MeritModel):
         init.constant_(module.logit_scale, model.config.logit_scale_init_value)
 
