@@ -148,16 +148,24 @@ def apply_ptbxl_version_to_dataset(dataset, version: str = DEFAULT_PTBXL_VERSION
     """A converted PTB-XL split (`Dataset` or `IterableDataset`) as `version` has it: v1.0.3's duplicates dropped.
 
     Its label columns were computed at conversion, so a kept twin whose `scp_codes` are not v1.0.3's consensus raises
-    (a `Dataset` at once; an `IterableDataset` when that row is read) instead of keeping stale labels."""
+    (a `Dataset` at once; an `IterableDataset` when that row is read) instead of keeping stale labels. A table without
+    `ecg_id` cannot be matched to PTB-XL's changes: it is returned as it is, with a warning."""
     from datasets import IterableDataset
 
     if check_ptbxl_version(version) == "as_is":
         return dataset
+    columns = set(dataset.column_names or ())
+    if "ecg_id" not in columns:
+        logger.warning("%s: no ecg_id column, so PTB-XL v1.0.3's changes cannot be applied; rows as stored", source)
+        return dataset
     changes = ptbxl_v1_0_3_changes()
+    inputs = ["ecg_id", "scp_codes"] if "scp_codes" in columns else ["ecg_id"]
 
-    def check(ecg_id: int, scp_codes: str) -> None:
+    def check(ecg_id: int, scp_codes: str | None = None) -> None:
         consensus = changes.consensus.get(int(ecg_id))
-        if consensus is not None and parse_scp_codes(scp_codes, record=f"{source} (ecg_id {ecg_id})") != consensus:
+        if consensus is None or scp_codes is None:
+            return
+        if parse_scp_codes(scp_codes, record=f"{source} (ecg_id {ecg_id})") != consensus:
             raise ValueError(
                 f"{source}: ecg_id {ecg_id} has scp_codes {scp_codes} but PTB-XL v1.0.3 gives it {consensus} (a "
                 "kept duplicate relabelled by consensus), and its label columns were computed at conversion: convert "
@@ -167,18 +175,19 @@ def apply_ptbxl_version_to_dataset(dataset, version: str = DEFAULT_PTBXL_VERSION
 
     if isinstance(dataset, IterableDataset):
 
-        def keep(ecg_id: int, scp_codes: str) -> bool:
+        def keep(ecg_id: int, scp_codes: str | None = None) -> bool:
             check(ecg_id, scp_codes)
             return int(ecg_id) not in changes.dropped
 
         logger.info(
             "%s: streaming; v1.0.3's %d duplicate ECGs are left out as rows are read", source, len(changes.dropped)
         )
-        return dataset.filter(keep, input_columns=["ecg_id", "scp_codes"])
+        return dataset.filter(keep, input_columns=inputs)
     ecg_ids = dataset["ecg_id"][:]
     relabel = [index for index, ecg_id in enumerate(ecg_ids) if int(ecg_id) in changes.consensus]
-    for index, scp_codes in zip(relabel, dataset.select(relabel)["scp_codes"][:]):
-        check(ecg_ids[index], scp_codes)
+    if relabel and "scp_codes" in columns:
+        for index, scp_codes in zip(relabel, dataset.select(relabel)["scp_codes"][:]):
+            check(ecg_ids[index], scp_codes)
     keep = [index for index, ecg_id in enumerate(ecg_ids) if int(ecg_id) not in changes.dropped]
     report = PtbxlVersionReport(version, dropped=sorted(int(ecg_ids[i]) for i in set(range(len(ecg_ids))) - set(keep)))
     if report.changed:
