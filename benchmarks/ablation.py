@@ -3,7 +3,8 @@
 Four arms on one ECG tower shape, identical data, optimizer, schedule and seeds:
 **both** (masked ECG modelling + ECG-report contrastive), **contrastive only** (`reconstruction_weight=0`),
 **reconstruction only** (`contrastive_weight=0`), **random init** (the same seed's initial weights, untrained).
-Pretraining on PTB-XL folds 1-8 of `../shared/data/ptbxl_2k` (1,987 real records at 100 Hz with their reports), then
+Pretraining on PTB-XL folds 1-8 of `../shared/data/ptbxl_2k` (1,987 real records at 100 Hz with their reports; its
+v1.0.1 metadata read with the loaders' `ptbxl_version="1.0.3"`, so v1.0.3's consensus labels apply), then
 per arm and seed: a linear probe (`merit_hf.training.probe.fit_linear_probe`, early-stopped on fold 9) for superclass,
 subclass, form and rhythm, macro AUROC on fold 10 with a bootstrap CI; zero-shot superclass (the shipped prompt file)
 for the arms that have a text tower trained with the ECG tower.
@@ -37,7 +38,7 @@ from transformers import BertConfig, get_scheduler
 from transformers.modeling_outputs import BaseModelOutput
 
 from merit_hf import MeritConfig, MeritEcgConfig, MeritFeatureExtractor, MeritForPreTraining
-from merit_hf.data import build_ptbxl
+from merit_hf.data import DEFAULT_PTBXL_VERSION, PTBXL_VERSIONS, build_ptbxl
 from merit_hf.evaluation.metrics import bootstrap_ci, macro_auroc
 from merit_hf.models.merit.pipeline_merit import class_prompts, load_class_descriptions
 from merit_hf.training.pretrain import ReconstructionWeightBalancer, loss_term_gradient_norms, parameter_groups
@@ -207,6 +208,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data" / "ptbxl_2k"))
     parser.add_argument(
+        "--ptbxl_version",
+        default=DEFAULT_PTBXL_VERSION,
+        choices=PTBXL_VERSIONS,
+        help="'1.0.3': v1.0.3's duplicates dropped and consensus labels (merit_hf.data.ptbxl_versions); 'as_is'",
+    )
+    parser.add_argument(
         "--config",
         default=str(ROOT / "configs" / "quickstart.yaml"),
         help="its ecg_config is the ECG tower of every arm",
@@ -252,7 +259,7 @@ def main() -> None:
     ecg_config = yaml.safe_load(Path(args.config).read_text())["ecg_config"]
     ecg_config.update(json.loads(args.ecg_config) if args.ecg_config else {})
     feature_extractor = MeritFeatureExtractor.from_model_config(MeritEcgConfig(**ecg_config))
-    dataset = build_ptbxl(args.data_dir, sampling_rate=100)
+    dataset = build_ptbxl(args.data_dir, sampling_rate=100, ptbxl_version=args.ptbxl_version)
     values = {split: ecg_tensors(dataset[split], feature_extractor) for split in ("train", "validation", "test")}
     print({split: len(dataset[split]) for split in dataset}, f"data ready in {time.perf_counter() - started:.0f} s")
 
@@ -338,6 +345,7 @@ def write_results(results: list[dict], args, ecg_config: dict, dataset, device, 
         "settings": {k: v for k, v in vars(args).items() if k != "output"},
         "ecg_config": ecg_config,
         "records": {split: len(dataset[split]) for split in dataset},
+        "labels": dataset["train"].info.description,  # which PTB-XL version the rows and labels follow
         "summary": summary,
         "runs": results,
         "seconds": time.perf_counter() - started,

@@ -20,13 +20,25 @@ from merit_hf.data import (
     label_fraction_subset,
     label_names,
     load_ptbxl,
+    ptbxl_v1_0_3_changes,
 )
 from merit_hf.hub import check_dataset_folder
 from merit_hf.hub.cards import dataset_card_problems
 from tests.conftest import BUNDLED_PTBXL, REPO_ROOT
 
-NO_SUPERCLASS = [17, 18, 20, 23, 34, 143, 144, 190, 382, 385, 449, 498]
-FOLD_SIZES = {1: 58, 2: 51, 3: 34, 4: 42, 5: 47, 6: 33, 7: 44, 8: 44, 9: 81, 10: 66}
+# The csv's (v1.0.1) rows; the loaders leave out the duplicates v1.0.3 drops (ptbxl_version="1.0.3", the default).
+CSV_NO_SUPERCLASS = [17, 18, 20, 23, 34, 143, 144, 190, 382, 385, 449, 498]
+CSV_FOLD_SIZES = {1: 58, 2: 51, 3: 34, 4: 42, 5: 47, 6: 33, 7: 44, 8: 44, 9: 81, 10: 66}
+_CSV = pd.read_csv(BUNDLED_PTBXL / "ptbxl_database.csv")
+DROPPED = _CSV[_CSV.ecg_id.isin(ptbxl_v1_0_3_changes().dropped)]  # 12 rows of ecg_id 137-462
+NUM_RECORDS = len(_CSV) - len(DROPPED)
+NO_SUPERCLASS = [ecg_id for ecg_id in CSV_NO_SUPERCLASS if ecg_id not in set(DROPPED.ecg_id)]
+FOLD_SIZES = {fold: size - int((DROPPED.strat_fold == fold).sum()) for fold, size in CSV_FOLD_SIZES.items()}
+SPLIT_SIZES = {
+    "train": sum(FOLD_SIZES[fold] for fold in range(1, 9)),
+    "validation": FOLD_SIZES[9],
+    "test": FOLD_SIZES[10],
+}
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +60,10 @@ def row_of(dataset, ecg_id):
 
 @pytest.mark.slow
 def test_splits_follow_strat_fold(ptbxl):
-    assert {split: ptbxl[split].num_rows for split in ptbxl} == {"train": 353, "validation": 81, "test": 66}
-    assert sum(FOLD_SIZES[fold] for fold in range(1, 9)) == 353
+    assert {split: ptbxl[split].num_rows for split in ptbxl} == SPLIT_SIZES
+    assert len(DROPPED) == 12 and SPLIT_SIZES == {"train": 353 - 9, "validation": 81 - 3, "test": 66}
+    raw = build_ptbxl(BUNDLED_PTBXL, sampling_rate=100, ptbxl_version="as_is")
+    assert {split: raw[split].num_rows for split in raw} == {"train": 353, "validation": 81, "test": 66}
     for split, folds in {"train": set(range(1, 9)), "validation": {9}, "test": {10}}.items():
         assert set(ptbxl[split]["strat_fold"]) == folds
     counts = pd.Series(sum((ptbxl[split]["strat_fold"][:] for split in ptbxl), [])).value_counts().to_dict()
@@ -167,12 +181,12 @@ def test_bad_sampling_rate():
 @pytest.mark.slow
 def test_convert_then_load_round_trip(converted, ptbxl):
     output, report = converted
-    assert (report.total, report.written, report.failed) == (500, 500, 0)
+    assert (report.total, report.written, report.failed) == (NUM_RECORDS, NUM_RECORDS, 0)
     assert sorted(path.name for path in (output / "100hz").glob("*.parquet")) == [
         "test-00000-of-00001.parquet", "train-00000-of-00003.parquet", "train-00001-of-00003.parquet",
         "train-00002-of-00003.parquet", "validation-00000-of-00001.parquet",
     ]  # fmt: skip
-    assert json.loads((output / "100hz" / "conversion_report.json").read_text())["written"] == 500
+    assert json.loads((output / "100hz" / "conversion_report.json").read_text())["written"] == NUM_RECORDS
     loaded = load_ptbxl(output)
     assert list(loaded) == ["train", "validation", "test"]
     assert loaded["train"].features == ptbxl["train"].features
@@ -202,18 +216,18 @@ def test_missing_config_is_named(converted):
 
 def test_label_set_drops_unlabeled_records(converted):
     loaded = load_ptbxl(converted[0], label_set="superclass")
-    assert sum(part.num_rows for part in loaded.values()) == 500 - len(NO_SUPERCLASS)
+    assert sum(part.num_rows for part in loaded.values()) == NUM_RECORDS - len(NO_SUPERCLASS)
 
 
 def test_label_fraction_is_reproducible_nested_and_stratified(ptbxl):
     train = ptbxl["train"]
     ten = label_fraction_subset(train, 0.1, "superclass", seed=0)
-    assert ten.num_rows == 35
+    assert ten.num_rows == round(0.1 * SPLIT_SIZES["train"])
     assert ten["ecg_id"][:] == label_fraction_subset(train, 0.1, "superclass", seed=0)["ecg_id"][:]
     assert ten["ecg_id"][:] != label_fraction_subset(train, 0.1, "superclass", seed=1)["ecg_id"][:]
     assert ten["ecg_id"][:] == sorted(ten["ecg_id"][:])
     one = label_fraction_subset(train, 0.01, "superclass", seed=0)
-    assert one.num_rows == 4 and set(one["ecg_id"][:]) <= set(ten["ecg_id"][:])
+    assert one.num_rows == round(0.01 * SPLIT_SIZES["train"]) and set(one["ecg_id"][:]) <= set(ten["ecg_id"][:])
     thirty = label_fraction_subset(train, 0.3, "superclass", seed=0)
     assert set(ten["ecg_id"][:]) <= set(thirty["ecg_id"][:])
     # every superclass keeps roughly its share (rarest-class strata)
@@ -257,7 +271,8 @@ def test_a_resumed_conversion_keeps_its_label_rules(tmp_path, monkeypatch):
         convert_ptbxl(BUNDLED_PTBXL, output, ecg_ids=ids, records_per_shard=10, label_threshold=100)
     convert_ptbxl(BUNDLED_PTBXL, output, ecg_ids=ids, records_per_shard=10, label_threshold=0)
     report = json.loads((output / "100hz" / "conversion_report.json").read_text())
-    assert report["settings"] == {"sampling_rate": 100, "label_threshold": 0.0} and report["written"] == 40
+    assert report["settings"] == {"sampling_rate": 100, "label_threshold": 0.0, "ptbxl_version": "1.0.3"}
+    assert report["written"] == 40
     assert sum(part.num_rows for part in load_ptbxl(output).values()) == 40
     # a shard lost after the conversion finished is named, not skipped
     next((output / "100hz").glob("train-00001-of-*.parquet")).unlink()
@@ -267,9 +282,11 @@ def test_a_resumed_conversion_keeps_its_label_rules(tmp_path, monkeypatch):
 
 def test_load_with_label_fraction(converted):
     loaded = load_ptbxl(converted[0], label_fraction=0.1, label_set="superclass", seed=0)
-    # of the 12 records without a superclass, 1 is in train (fold 1), 9 in validation, 2 in test
-    assert loaded["train"].num_rows == round(0.1 * (353 - 1))
-    assert loaded["validation"].num_rows == 81 - 9 and loaded["test"].num_rows == 66 - 2
+    # of the 11 records without a superclass (143 is a v1.0.3 duplicate), 1 is in train (fold 1), 8 in validation, 2 in
+    # test
+    assert loaded["train"].num_rows == round(0.1 * (SPLIT_SIZES["train"] - 1))
+    assert loaded["validation"].num_rows == SPLIT_SIZES["validation"] - 8
+    assert loaded["test"].num_rows == SPLIT_SIZES["test"] - 2
     with pytest.raises(ValueError, match="label_fraction < 1 needs the whole train split"):
         load_ptbxl(converted[0], streaming=True, label_fraction=0.1)
 

@@ -18,6 +18,8 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
     from accelerate.state import AcceleratorState, GradientState
 
     from merit_hf import quickstart
+    from merit_hf.data import PTBXL_SPLITS, apply_ptbxl_version, read_ptbxl_database
+    from tests.conftest import BUNDLED_PTBXL
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -50,7 +52,10 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
         torch.set_num_threads(threads)
-    assert results["data"]["records"] == {"train": 353, "validation": 81, "test": 66}
+    rows, _ = apply_ptbxl_version(read_ptbxl_database(BUNDLED_PTBXL))  # the sample's v1.0.1 rows as v1.0.3 has them
+    expected = {split: sum(row["strat_fold"] in folds for row in rows) for split, folds in PTBXL_SPLITS.items()}
+    assert results["data"]["records"] == expected and sum(expected.values()) == 488
+    assert "dropped 12 of v1.0.3's 38 duplicate ECGs" in results["data"]["labels"]
     assert results["pretraining"]["global_step"] == first["pretraining"]["global_step"] == 2
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["checkpoint_2"]
     for key in ("macro_auroc", "baseline_macro_auroc"):

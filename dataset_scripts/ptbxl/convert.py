@@ -18,7 +18,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from merit_hf.data import DEFAULT_LABEL_THRESHOLD, convert_ptbxl
+from merit_hf.data import DEFAULT_LABEL_THRESHOLD, DEFAULT_PTBXL_VERSION, PTBXL_VERSIONS, convert_ptbxl
 from merit_hf.hub.cards import write_dataset_card
 
 CARD = Path(__file__).with_name("README.md")
@@ -31,6 +31,13 @@ class PtbxlConversionArguments:
     sampling_rate: int = field(default=100, metadata={"help": "100 (records100) or 500 (records500)"})
     label_threshold: float = field(
         default=DEFAULT_LABEL_THRESHOLD, metadata={"help": "likelihood (%) a diagnostic statement needs to count"}
+    )
+    ptbxl_version: str = field(
+        default=DEFAULT_PTBXL_VERSION,
+        metadata={
+            "help": f"one of {PTBXL_VERSIONS}: '1.0.3' writes v1.0.3's rows and labels whatever metadata version the "
+            "folder holds (its duplicates dropped, consensus labels); 'as_is' the csv's rows"
+        },
     )
     num_proc: int = field(default=1, metadata={"help": "worker processes"})
     records_per_shard: int = field(default=2000, metadata={"help": "records per Parquet shard"})
@@ -45,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         args.output_dir,
         sampling_rate=args.sampling_rate,
         label_threshold=args.label_threshold,
+        ptbxl_version=args.ptbxl_version,
         num_proc=args.num_proc,
         records_per_shard=args.records_per_shard,
         overwrite=args.overwrite,

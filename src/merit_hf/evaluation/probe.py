@@ -56,6 +56,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.labels import LABEL_SETS
+from ..data.ptbxl_versions import DEFAULT_PTBXL_VERSION, PTBXL_VERSIONS, check_ptbxl_version
 from ..models.fingerprint import model_fingerprint
 from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
 from ..models.merit.modeling_merit import MeritEcgModel, pool_window_embeddings
@@ -95,6 +96,13 @@ class ProbeArguments:
         metadata={"help": "wfdb: train, validation, test fractions of the seeded split (patients kept whole)."},
     )
     split_seed: int = field(default=0, metadata={"help": "wfdb: the seed of that split."})
+    ptbxl_version: str = field(
+        default=DEFAULT_PTBXL_VERSION,
+        metadata={
+            "help": f"ptbxl, one of {PTBXL_VERSIONS}: '1.0.3' rows and labels follow PTB-XL v1.0.3 (its duplicates "
+            "dropped, consensus labels), whatever metadata version the folder holds; 'as_is' the rows as stored."
+        },
+    )
     sampling_rate: int = field(default=100, metadata={"help": "Which PTB-XL records to read (100 or 500 Hz)."})
     mode: str = field(default="linear", metadata={"help": f"One of {MODES}."})
     label_sets: list[str] = field(
@@ -122,6 +130,7 @@ class ProbeArguments:
             raise ValueError(f"mode: must be one of {MODES}, got {self.mode!r}")
         if self.dataset_name not in DATASET_NAMES:
             raise ValueError(f"dataset_name: must be one of {DATASET_NAMES}, got {self.dataset_name!r}")
+        check_ptbxl_version(self.ptbxl_version)
         for label_set in self.label_sets if self.dataset_name == "ptbxl" else ():
             if label_set not in LABEL_SETS:
                 raise ValueError(f"label_sets: {label_set!r} is not one of {LABEL_SETS}")
@@ -446,7 +455,10 @@ def dataset_info(dataset_dict, label_set: str, rows: dict[str, np.ndarray]) -> d
 
 
 def dataset_description(arguments: ProbeArguments) -> dict[str, Any]:
-    """What the results JSON says of a dataset that is not PTB-XL (its name, and how its splits were drawn)."""
+    """What the results JSON says of a dataset that is not PTB-XL (its name, and how its splits were drawn), or of
+    PTB-XL read with `ptbxl_version="as_is"` (its labels are then the folder's, not v1.0.3's)."""
+    if arguments.dataset_name == "ptbxl" and arguments.ptbxl_version == "as_is":
+        return {"version": "as_is: the metadata's own rows and labels (ptbxl_version='as_is'), not v1.0.3's"}
     if arguments.dataset_name != "wfdb":
         return {}
     splits = (
@@ -603,7 +615,7 @@ def load_dataset_dict(path: str | Path, sampling_rate: int = 100, arguments: Pro
         return load_dataset("ptbxl", str(path), sampling_rate=sampling_rate)
     return load_dataset(
         arguments.dataset_name, str(path), sampling_rate=sampling_rate, split_column=arguments.split_column,
-        split_fractions=arguments.split_fractions, seed=arguments.split_seed,
+        split_fractions=arguments.split_fractions, seed=arguments.split_seed, ptbxl_version=arguments.ptbxl_version,
     )  # fmt: skip
 
 

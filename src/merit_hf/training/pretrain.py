@@ -136,6 +136,13 @@ class DataArguments:
     source_sampling_rate: int = field(
         default=500, metadata={"help": "Which PTB-XL records to read (100 or 500 Hz); resampled to the model's."}
     )
+    ptbxl_version: str = field(
+        default="1.0.3",  # merit_hf.data.DEFAULT_PTBXL_VERSION (not imported here: the data layer loads lazily)
+        metadata={
+            "help": "PTB-XL: '1.0.3' rows and labels follow PTB-XL v1.0.3 (its duplicates dropped, consensus "
+            "labels), whatever metadata version the folder holds; 'as_is' the rows as stored."
+        },
+    )
     train_split: str = field(default="train", metadata={"help": "Split to pretrain on."})
     eval_split: str | None = field(default="validation", metadata={"help": "Split for the eval losses; None: none."})
     streaming: bool = field(
@@ -424,6 +431,7 @@ def load_pretraining_splits(data_args: DataArguments):
         data_args.data_dir,
         sampling_rate=data_args.source_sampling_rate,
         drop_empty_reports=True,
+        ptbxl_version=data_args.ptbxl_version,
     )
     for split in (data_args.train_split, data_args.eval_split):
         if split is not None and split not in splits:

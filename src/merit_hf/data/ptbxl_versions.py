@@ -1,0 +1,218 @@
+"""Which PTB-XL metadata version the labels follow: v1.0.3's changes applied to older `ptbxl_database.csv` files.
+
+PTB-XL's records are the same in every version; the metadata is not. v1.0.1's `ptbxl_database.csv` (the one bundled
+in `data/ptbxl_sample` and `shared/data/ptbxl_2k`) still holds 38 duplicate ECGs that v1.0.3 drops, and 16 kept twins
+whose `scp_codes` v1.0.3 replaces by a consensus of the twins (13 of them differ from the row's v1.0.1 codes, e.g.
+ecg_id 1371 loses IVCD, 3802 becomes IMI + ASMI + IVCD). v1.0.2 had dropped 36 of the 38 (its log gives no
+consensus); v1.0.3 supersedes it. The changes are vendored in `ptbxl_v1_0_3_changes.json` (parsed from PTB-XL's
+official v1.0.3 change log by `dataset_scripts/ptbxl/v1_0_3_changes.py`; CC BY 4.0, Wagner et al. 2020).
+
+`ptbxl_version` (an option of `build_ptbxl`, `convert_ptbxl`, `load_ptbxl` and `load_dataset("ptbxl", ...)`):
+
+- `"1.0.3"` (default): drop the duplicates the metadata still holds and write the consensus `scp_codes` into the kept
+  twins, so the label columns (`superclass`, `subclass`, ...) follow them. Metadata that is already v1.0.3 is left as
+  it is (a no-op). What changed is logged and written into each split's `info.description`.
+- `"as_is"`: the rows exactly as the CSV (or the converted dataset) has them, e.g. the raw v1.0.1 rows.
+
+A converted dataset (Parquet shards, `save_to_disk` folder, Hub id) carries labels computed at conversion: with
+`"1.0.3"` its duplicates are dropped the same way, but a kept twin whose `scp_codes` are not v1.0.3's cannot be
+relabelled without `scp_statements.csv`, so it raises, naming the record and the remedy (convert again: the
+converter applies v1.0.3's changes by default; or load with `ptbxl_version="as_is"`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .labels import parse_scp_codes
+
+logger = logging.getLogger(__name__)
+
+PTBXL_VERSIONS = ("1.0.3", "as_is")
+DEFAULT_PTBXL_VERSION = "1.0.3"
+CHANGES_FILE = Path(__file__).with_name("ptbxl_v1_0_3_changes.json")
+_SUMMARY_STARTS = ("PTB-XL labels follow", "PTB-XL metadata as is")
+
+
+@dataclass(frozen=True)
+class PtbxlChanges:
+    """PTB-XL v1.0.3's changes to older metadata: `dropped` (dropped ecg_id -> the kept ecg_id it duplicates) and
+    `consensus` (kept ecg_id -> its v1.0.3 `scp_codes`)."""
+
+    dropped: dict[int, int]
+    consensus: dict[int, dict[str, float]]
+    source: str = ""
+
+    @classmethod
+    def from_json(cls, path: str | Path = CHANGES_FILE) -> PtbxlChanges:
+        table = json.loads(Path(path).read_text(encoding="utf-8"))
+        return cls(
+            dropped={int(ecg_id): int(kept) for ecg_id, kept in table["dropped"].items()},
+            consensus={int(ecg_id): dict(codes) for ecg_id, codes in table["consensus_scp_codes"].items()},
+            source=str(path),
+        )
+
+
+@functools.cache
+def ptbxl_v1_0_3_changes() -> PtbxlChanges:
+    """The vendored table (`ptbxl_v1_0_3_changes.json`), read once."""
+    return PtbxlChanges.from_json(CHANGES_FILE)
+
+
+@dataclass
+class PtbxlVersionReport:
+    """What `apply_ptbxl_version` changed: the dropped duplicates and the relabelled kept twins (before, after)."""
+
+    version: str
+    dropped: list[int] = field(default_factory=list)
+    relabeled: dict[int, tuple[dict[str, float], dict[str, float]]] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.dropped or self.relabeled)
+
+    def summary(self) -> str:
+        """One sentence, for the log and the datasets' `info.description`."""
+        if self.version == "as_is":
+            return "PTB-XL metadata as is (ptbxl_version='as_is'): no duplicate dropped, no label changed"
+        if not self.changed:
+            return "PTB-XL labels follow v1.0.3 (ptbxl_version='1.0.3'): the metadata already matched v1.0.3"
+        relabeled = ", ".join(
+            f"{ecg_id} {sorted(before)} -> {sorted(after)}"
+            for ecg_id, (before, after) in sorted(self.relabeled.items())
+        )
+        dropped = ", ".join(map(str, self.dropped))
+        return (
+            f"PTB-XL labels follow v1.0.3 (ptbxl_version='1.0.3'): dropped {len(self.dropped)} of v1.0.3's 38 "
+            f"duplicate ECGs ({f'ecg_id {dropped}' if dropped else 'none was in the metadata'}); wrote v1.0.3's "
+            f"consensus scp_codes into {len(self.relabeled)} kept twin(s) ({relabeled or 'none needed it'}); "
+            "ptbxl_version='as_is' keeps the metadata's own rows"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ptbxl_version": self.version,
+            "dropped_ecg_ids": list(self.dropped),
+            "relabeled": {str(ecg_id): {"before": b, "after": a} for ecg_id, (b, a) in sorted(self.relabeled.items())},
+        }
+
+
+def check_ptbxl_version(version: str) -> str:
+    if version not in PTBXL_VERSIONS:
+        raise ValueError(
+            f"ptbxl_version must be one of {PTBXL_VERSIONS} ('1.0.3': labels follow PTB-XL v1.0.3, duplicates "
+            f"dropped; 'as_is': the metadata's rows unchanged), got {version!r}"
+        )
+    return version
+
+
+def apply_ptbxl_version(
+    rows: Iterable[dict[str, Any]], version: str = DEFAULT_PTBXL_VERSION, source: str = "ptbxl_database.csv"
+) -> tuple[list[dict[str, Any]], PtbxlVersionReport]:
+    """`ptbxl_database.csv` rows (dicts with `ecg_id` and `scp_codes`) as `version` has them, and what changed.
+
+    With `"1.0.3"`, rows of v1.0.3's dropped duplicates are left out and a kept twin whose codes differ from v1.0.3's
+    consensus gets the consensus as its `scp_codes` (JSON; `parse_scp_codes` reads both forms); the counts are logged.
+    Rows already as v1.0.3 has them pass unchanged, so applying it twice changes nothing."""
+    report = PtbxlVersionReport(check_ptbxl_version(version))
+    rows = list(rows)
+    if version == "as_is":
+        return rows, report
+    changes = ptbxl_v1_0_3_changes()
+    kept = []
+    for row in rows:
+        ecg_id = int(row["ecg_id"])
+        if ecg_id in changes.dropped:
+            report.dropped.append(ecg_id)
+            continue
+        consensus = changes.consensus.get(ecg_id)
+        if consensus is not None:
+            codes = parse_scp_codes(str(row["scp_codes"]), record=f"{source} (ecg_id {ecg_id})")
+            if codes != consensus:
+                report.relabeled[ecg_id] = (codes, dict(consensus))
+                row = {**row, "scp_codes": json.dumps(consensus)}
+        kept.append(row)
+    report.dropped.sort()
+    if report.changed:
+        logger.info("%s: %s", source, report.summary())
+    return kept, report
+
+
+def apply_ptbxl_version_to_dataset(dataset, version: str = DEFAULT_PTBXL_VERSION, source: str = "dataset"):
+    """A converted PTB-XL split (`Dataset` or `IterableDataset`) as `version` has it: v1.0.3's duplicates dropped.
+
+    Its label columns were computed at conversion, so a kept twin whose `scp_codes` are not v1.0.3's consensus raises
+    (a `Dataset` at once; an `IterableDataset` when that row is read) instead of keeping stale labels. A table without
+    `ecg_id` cannot be matched to PTB-XL's changes: it is returned as it is, with a warning."""
+    from datasets import IterableDataset
+
+    if check_ptbxl_version(version) == "as_is":
+        return dataset
+    columns = set(dataset.column_names or ())
+    if "ecg_id" not in columns:
+        logger.warning("%s: no ecg_id column, so PTB-XL v1.0.3's changes cannot be applied; rows as stored", source)
+        return dataset
+    changes = ptbxl_v1_0_3_changes()
+    inputs = ["ecg_id", "scp_codes"] if "scp_codes" in columns else ["ecg_id"]
+
+    def check(ecg_id: int, scp_codes: str | None = None) -> None:
+        consensus = changes.consensus.get(int(ecg_id))
+        if consensus is None or scp_codes is None:
+            return
+        if parse_scp_codes(scp_codes, record=f"{source} (ecg_id {ecg_id})") != consensus:
+            raise ValueError(
+                f"{source}: ecg_id {ecg_id} has scp_codes {scp_codes} but PTB-XL v1.0.3 gives it {consensus} (a "
+                "kept duplicate relabelled by consensus), and its label columns were computed at conversion: convert "
+                "the dataset again (dataset_scripts/ptbxl/convert.py applies v1.0.3's changes) or load it with "
+                "ptbxl_version='as_is'"
+            )
+
+    if isinstance(dataset, IterableDataset):
+
+        def keep(ecg_id: int, scp_codes: str | None = None) -> bool:
+            check(ecg_id, scp_codes)
+            return int(ecg_id) not in changes.dropped
+
+        logger.info(
+            "%s: streaming; v1.0.3's %d duplicate ECGs are left out as rows are read", source, len(changes.dropped)
+        )
+        return dataset.filter(keep, input_columns=inputs)
+    ecg_ids = dataset["ecg_id"][:]
+    relabel = [index for index, ecg_id in enumerate(ecg_ids) if int(ecg_id) in changes.consensus]
+    if relabel and "scp_codes" in columns:
+        for index, scp_codes in zip(relabel, dataset.select(relabel)["scp_codes"][:]):
+            check(ecg_ids[index], scp_codes)
+    keep = [index for index, ecg_id in enumerate(ecg_ids) if int(ecg_id) not in changes.dropped]
+    report = PtbxlVersionReport(version, dropped=sorted(int(ecg_ids[i]) for i in set(range(len(ecg_ids))) - set(keep)))
+    if report.changed:
+        logger.info("%s: %s", source, report.summary())
+        dataset = dataset.select(keep)
+    describe(dataset, report)
+    return dataset
+
+
+def describe(dataset, report: PtbxlVersionReport) -> None:
+    """Write `report.summary()` into `dataset.info.description` (kept by `save_to_disk`), after any description the
+    dataset already has, so that the version a dataset's labels follow travels with it."""
+    info = dataset.info
+    previous = [line for line in (info.description or "").splitlines() if not line.startswith(_SUMMARY_STARTS)]
+    info.description = "\n".join([*previous, report.summary()])
+
+
+__all__ = [
+    "CHANGES_FILE",
+    "DEFAULT_PTBXL_VERSION",
+    "PTBXL_VERSIONS",
+    "PtbxlChanges",
+    "PtbxlVersionReport",
+    "apply_ptbxl_version",
+    "apply_ptbxl_version_to_dataset",
+    "check_ptbxl_version",
+    "ptbxl_v1_0_3_changes",
+]
