@@ -128,7 +128,9 @@ def train(
         scheduler.step()
         if step % args.eval_every == 0 or step == args.steps:
             curve.append({"step": step, "train": loss.item(), "validation": evaluate(model, eval_values, eval_noise)})
-            print(f"  {scheme:>15} {decoder_attention:>9} step {step:5d}  train {loss.item():.4f}  validation {curve[-1]['validation']:.4f}")
+            print(
+                f"  {scheme:>15} {decoder_attention:>9} step {step:5d}  train {loss.item():.4f}  validation {curve[-1]['validation']:.4f}"
+            )
     return {"validation_loss": curve[-1]["validation"], "curve": curve, "seconds": time.perf_counter() - start}
 
 
@@ -173,6 +175,9 @@ def main() -> None:
         choices=["per_lead", "axial"],
         help="decoder variants to run with every scheme (default: the config's own)",
     )
+    parser.add_argument(
+        "--ptbxl_version", default="1.0.3", choices=["1.0.3", "as_is"], help="as_is: the csv's rows (all 500)"
+    )
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "masked_modelling_cpu.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -182,7 +187,7 @@ def main() -> None:
         ecg_config["mask_ratio"] = args.mask_ratio
     model_config = MeritEcgConfig(**ecg_config)
     feature_extractor = MeritFeatureExtractor.from_model_config(model_config)
-    dataset = build_ptbxl(Path(args.data_dir), sampling_rate=100)
+    dataset = build_ptbxl(Path(args.data_dir), sampling_rate=100, ptbxl_version=args.ptbxl_version)
     train_values, train_ids = ecg_tensors(dataset["train"], feature_extractor)
     eval_values, eval_ids = ecg_tensors(dataset["validation"], feature_extractor)
     shape = (model_config.num_leads, model_config.num_patches_per_lead)
