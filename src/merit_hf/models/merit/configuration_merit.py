@@ -76,7 +76,7 @@ def _check_positive(config: PreTrainedConfig, fields: tuple[str, ...]) -> None:
 class MeritEcgConfig(PreTrainedConfig):
     r"""
     Configuration of the MERIT ECG tower: a Transformer over lead-wise patches (ST-MEM layout) plus the light
-    per-lead decoder used by masked ECG modelling.
+    decoder used by masked ECG modelling (per lead as in ST-MEM, or axial: see `decoder_attention`).
 
     Defaults give ST-MEM's ViT-B/75: 12 leads x 2250 samples (9 s at 250 Hz), patches of 75 samples, so 30 patches
     per lead and 360 patch tokens, plus one learnable separator token at each end of each lead.

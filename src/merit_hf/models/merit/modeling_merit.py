@@ -1235,8 +1235,8 @@ def _pool_text(text_output, attention_mask: torch.Tensor | None, pooling: str) -
 
 class MeritForPreTraining(MeritPreTrainedModel):
     r"""
-    MERIT pretraining: masked ECG modelling (per-lead decoder, MSE on hidden patches) and ECG-report contrastive
-    alignment (symmetric InfoNCE) on one ECG encoder.
+    MERIT pretraining: masked ECG modelling (a light decoder, see `MeritEcgConfig.decoder_attention`; MSE on hidden
+    patches) and ECG-report contrastive alignment (symmetric InfoNCE) on one ECG encoder.
 
     `loss = reconstruction_weight * reconstruction_loss + contrastive_weight * contrastive_loss`; a weight of 0 skips
     that branch, so "reconstruction only" needs no text and "contrastive only" runs no decoder.
