@@ -119,3 +119,44 @@ def test_cpu_inference_times_every_precision_against_the_references():
     assert all(rate > 0 for rate in result["ecgs_per_second"].values())
     assert list(result["bf16_attention_picked_by_the_model"].values())[0] in ("sdpa", "matmul")
     assert all(0.99 < cosine <= 1.0 + 1e-6 for cosine in result["min_cosine_to_fp32_pooled_output"].values())
+
+
+def test_cross_lead_copy_baseline_is_exact_when_a_visible_lead_carries_the_hidden_signal():
+    """The masked-modelling benchmark's copy rule: a hidden patch of lead 0 whose twin lead 1 (here its negative) is
+    visible at that moment is copied exactly, sign included; the patch-mean rule scores 1.0 in the same units."""
+    import masked_modelling
+    import torch
+
+    torch.manual_seed(0)
+    signal = torch.randn(4, 1, 200)
+    values = torch.cat([signal, -signal, torch.randn(4, 10, 200)], dim=1)
+    mask = torch.zeros(4, 12, 4)  # patches of 50 samples; 1 = hidden
+    mask[:, 0, :2] = 1  # lead 0 hidden where lead 1 is visible, and the other way round
+    mask[:, 1, 2:] = 1
+    result = masked_modelling.baselines(values, mask, masked_modelling.lead_correlations(values), patch_size=50)
+    assert result["patch_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert result["cross_lead_copy"] == pytest.approx(0.0, abs=1e-8)
+    assert result["hidden_patches_with_a_visible_lead"] == 1.0
+    mask[:, 1, :2] = 1  # now the twin is hidden too: the copy rule falls back to other, unrelated leads
+    assert (
+        masked_modelling.baselines(values, mask, masked_modelling.lead_correlations(values), 50)["cross_lead_copy"]
+        > 0.5
+    )
+
+
+@pytest.mark.slow
+def test_masked_modelling_benchmark_compares_the_decoders(tmp_path, monkeypatch):
+    import json
+
+    import masked_modelling
+
+    output = tmp_path / "masked_modelling.json"
+    argv = ["masked_modelling.py", "--steps", "2", "--eval_every", "1", "--threads", "1", "--schemes",
+                "xavier_uniform", "--decoder_attention", "axial", "per_lead", "--output", str(output)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    masked_modelling.main()
+    result = json.loads(output.read_text())
+    assert set(result["runs"]) == {"xavier_uniform/axial", "xavier_uniform/per_lead"}
+    assert result["records"] == {"train": 344, "validation": 78}  # the bundled sample read as v1.0.3
+    assert 0.5 < result["baselines"]["cross_lead_copy"] < result["baselines"]["patch_mean"]
+    assert all(len(run["curve"]) == 2 for run in result["runs"].values())
