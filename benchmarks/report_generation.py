@@ -237,6 +237,13 @@ def main() -> None:
     print(f"wrote {args.json}")
 
 
+def read_predictions(run_dir: Path) -> list[dict]:
+    """The arm's `predictions.jsonl` (`ecg_id`, reference `report`, `generated`), kept in the JSON so that every
+    number of the table can be recomputed from it."""
+    lines = (run_dir / "predictions.jsonl").read_text().splitlines()
+    return [{key: json.loads(line)[key] for key in ("ecg_id", "report", "generated")} for line in lines]
+
+
 def write_record(args: argparse.Namespace, arms: dict, constant: dict, report_lora_flags: list[str]) -> None:
     record = {
         "command": " ".join(["python", "benchmarks/report_generation.py", *sys.argv[1:]]),
@@ -266,6 +273,7 @@ def write_record(args: argparse.Namespace, arms: dict, constant: dict, report_lo
                 "alignment_ecg_use_check": results.get("alignment_ecg_use_check"),
                 "lora_ecg_use_check": results.get("lora_ecg_use_check"),
                 "arguments": results["arguments"],
+                "predictions": read_predictions(Path(args.output_dir) / name),
             }
             for name, results in arms.items()
         },
