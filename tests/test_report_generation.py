@@ -238,6 +238,19 @@ def test_chat_template_prompt_and_labels(parts):
     assert (batch["input_ids"] == model.config.ecg_token_index).sum() == model.config.ecg_seq_length
 
 
+def test_plain_prompt_choice_survives_save_and_reload(parts, tmp_path):
+    """`use_chat_template=False` (report_lora's `--use_chat_template false`) is saved with the processor, so an adapter
+    reloaded later prompts the way it was trained."""
+    from merit_hf import MeritProcessor
+
+    _, processor = parts
+    processor.tokenizer.chat_template = CHAT_TEMPLATE
+    plain = MeritProcessor(processor.feature_extractor, processor.tokenizer, use_chat_template=False)
+    assert plain.format_prompt("Describe it.") == "<ecg>\nDescribe it.\n"
+    plain.save_pretrained(tmp_path)
+    assert MeritProcessor.from_pretrained(tmp_path).format_prompt("Describe it.") == "<ecg>\nDescribe it.\n"
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------------------------
@@ -704,6 +717,46 @@ def test_ptbxl_reports_load_from_a_converted_folder(bundled_ptbxl_rows, tmp_path
         np.testing.assert_array_equal(example["signal"], reference["signal"])
 
 
+def test_ecg_use_check_tells_an_ecg_blind_model_from_one_that_reads_the_ecg(parts):
+    """`ecg_use_check`: the loss with real and with shuffled ECGs is the model's own token-mean loss, equal for both
+    when the projector writes zeros whatever the ECG (so the ECG carries nothing), different once it does not."""
+    from accelerate import Accelerator
+
+    from merit_hf.models.merit.processing_merit import IGNORE_INDEX
+    from merit_hf.training.report_lora import ReportCollator, ReportExamples, ecg_use_check
+
+    model, processor = parts
+    lead_names = list(tiny_ecg_config().lead_names)
+    examples = [{"signal": signal, "sampling_rate": 100, "lead_names": lead_names, "report": report}
+                for signal, report in zip(ecg_batch(4), TINY_REPORTS)]  # fmt: skip
+    dataset = ReportExamples(examples, processor.feature_extractor)
+    shuffled = dataset.with_shuffled_ecgs(seed=0)
+    assert [item["report"] for item in shuffled] == [item["report"] for item in dataset]
+    for index in range(len(dataset)):  # every report gets another report's ECG, every ECG is used once
+        assert not torch.equal(shuffled[index]["ecg_values"], dataset[index]["ecg_values"])
+        assert sum(torch.equal(shuffled[index]["ecg_values"], item["ecg_values"]) for item in dataset) == 1
+
+    accelerator = Accelerator(cpu=True)
+    collator = ReportCollator(processor, processor.format_prompt(), condition_on_ecg=True, with_reports=True)
+    reads_ecg = ecg_use_check(accelerator, model, dataset, collator, batch_size=3)
+    assert reads_ecg["shuffled_minus_real"] != pytest.approx(0.0, abs=1e-6)
+    batch = collator([dataset[index] for index in range(4)])
+    batch.pop("index")
+    with torch.no_grad():
+        assert reads_ecg["real_ecg"] == pytest.approx(float(model(**batch).loss), rel=1e-5)  # batches of 3 + 1
+    assert reads_ecg["num_report_tokens"] == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    with torch.no_grad():  # the projector writes zeros: every ECG looks the same to the LM
+        model.multi_modal_projector.linear_2.weight.zero_()
+        model.multi_modal_projector.linear_2.bias.zero_()
+    blind = ecg_use_check(accelerator, model, dataset, collator, batch_size=3)
+    assert blind["shuffled_minus_real"] == pytest.approx(0.0, abs=1e-6)
+
+    text_only = ReportCollator(processor, "write the report.\n", condition_on_ecg=False, with_reports=True)
+    no_ecg = ecg_use_check(accelerator, model, dataset, text_only, batch_size=3)
+    assert set(no_ecg) == {"num_reports", "num_report_tokens", "no_ecg"} and no_ecg["no_ecg"] > 0
+
+
 @pytest.mark.slow
 def test_report_lora_script_end_to_end(lm_dir, tmp_path):
     from merit_hf.data import read_ecg_record
@@ -723,9 +776,17 @@ def test_report_lora_script_end_to_end(lm_dir, tmp_path):
             "false",
             "--use_cpu",
             "true",
+            "--check_folds",
+            "9",
+            "--max_check_reports",
+            "4",
         ]
     )
     assert results["num_train_reports"] == 16 and results["num_eval_reports"] == 4
+    for stage in ("alignment", "lora"):  # the ECG-use check on fold 9 after each stage
+        check = results[f"{stage}_ecg_use_check"]
+        assert check["num_reports"] == 4 and check["real_ecg"] > 0 and check["shuffled_ecg"] > 0
+    assert 1 <= results["eval"]["num_distinct_reports"] <= 4
     assert results["lora_loss_last"] < results["alignment_loss_first"]
     assert 0.0 <= results["eval"]["bleu_4"] <= 1.0 and "rougeL" in results["eval"]
     assert results["generation_speed"]["tokens_per_second"] > 0

@@ -120,6 +120,48 @@ def test_compute_report_metrics_prints_every_number_with_its_definition():
     assert "meteor" not in text
 
 
+def test_report_diversity_counts_distinct_reports_by_hand():
+    from merit_hf.evaluation.report_metrics import report_diversity
+
+    # "Sinus rhythm. Normal ECG." and "sinus rhythm.  normal ecg." are one report after normalisation: 3 distinct of 5,
+    # the most frequent written 3 times.
+    predictions = [
+        "Sinus rhythm. Normal ECG.",
+        "sinus rhythm.  normal ecg.",
+        "sinus rhythm. normal ecg.",
+        "atrial fibrillation.",
+        "sinus bradycardia.",
+    ]
+    references = ["sinus rhythm. normal ecg."] * 2 + ["atrial fibrillation.", "lvh.", "rbbb."]
+    results = report_diversity(predictions, references)
+    assert results["num_distinct_reports"] == 3
+    assert results["distinct_report_fraction"] == pytest.approx(3 / 5)
+    assert results["top_report_share"] == pytest.approx(3 / 5)
+    assert results["top_report"] == "sinus rhythm. normal ecg."
+    assert results["reference_num_distinct"] == 4
+    assert results["reference_distinct_fraction"] == pytest.approx(4 / 5)
+
+
+def test_a_collapsed_generator_scores_one_distinct_report():
+    from merit_hf.evaluation.report_metrics import compute_report_metrics
+
+    references = ["sinus rhythm. normal ecg.", "atrial fibrillation.", "sinus bradycardia. otherwise normal ecg."]
+    collapsed = compute_report_metrics(["sinus rhythm. normal ecg."] * 3, references, meteor=False)
+    assert collapsed["num_distinct_reports"] == 1
+    assert collapsed["distinct_report_fraction"] == pytest.approx(1 / 3)
+    assert collapsed["top_report_share"] == pytest.approx(1.0)
+    exact = compute_report_metrics(references, references, meteor=False)
+    assert exact["distinct_report_fraction"] == pytest.approx(1.0)
+    assert exact["top_report_share"] == pytest.approx(1 / 3)
+
+
+def test_report_diversity_of_nothing_raises():
+    from merit_hf.evaluation.report_metrics import report_diversity
+
+    with pytest.raises(ValueError, match="no generated reports to count"):
+        report_diversity([])
+
+
 @pytest.mark.parametrize(
     ("references", "message"),
     [

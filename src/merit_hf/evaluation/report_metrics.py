@@ -14,11 +14,17 @@ statements to regular expressions over English report text; each report becomes 
 and `clinical_macro_f1` is the mean over statements present in at least one reference of the per-statement F1
 (scikit-learn, generated vs reference sets). A negated mention ("no atrial fibrillation") still counts as a mention
 (no negation handling): this is a coarse, reproducible check, not a clinical judgement.
+
+Diversity: a model that writes one sentence for every ECG (the most frequent training report) scores as well as that
+constant report on every overlap metric, so the scores alone cannot tell it from a model that reads the ECG.
+`report_diversity` counts the distinct generated reports (`distinct_report_fraction`, `num_distinct_reports`,
+`top_report_share`), beside the same numbers for the references.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -45,6 +51,10 @@ REPORT_METRIC_DEFINITIONS = {
     "regex [a-z0-9]+ tokens, mean over pairs",
     "clinical_macro_f1": "macro F1 over the REPORT_STATEMENTS present in >= 1 reference: statements found by regex "
     "in generated vs reference reports (sklearn f1_score, zero_division=0); negations are not handled",
+    "distinct_report_fraction": "distinct generated reports / reports (after clean_report, lower-cased, whitespace "
+    "collapsed); 1 / n when one report is written for every ECG",
+    "top_report_share": "share of the reports that are the most frequent generated report (same normalisation)",
+    "reference_distinct_fraction": "distinct reference reports / reports (same normalisation), for comparison",
 }
 
 # Statement -> pattern over lower-cased English text. Built from PTB-XL's English reports and SCP statement names.
@@ -119,6 +129,33 @@ def clinical_accuracy(predictions: Sequence[str], references: Sequence[str]) -> 
     }
 
 
+def _normalised_report(report: str) -> str:
+    return " ".join(clean_report(report).lower().split())
+
+
+def report_diversity(predictions: Sequence[str], references: Sequence[str] | None = None) -> dict:
+    """How many different reports were written: `num_distinct_reports`, `distinct_report_fraction` (distinct / n),
+    `top_report_share` (count of the most frequent report / n) and `top_report` (its text); with `references`, also
+    `reference_num_distinct` and `reference_distinct_fraction`, what a model that writes each ECG's own report would
+    reach. Reports are compared after `clean_report`, lower-casing and collapsing whitespace, so that "Sinus rhythm."
+    and "sinus rhythm. " count as one report."""
+    if not predictions:
+        raise ValueError("no generated reports to count")
+    counts = Counter(_normalised_report(text) for text in predictions)
+    top_report, top_count = counts.most_common(1)[0]
+    results = {
+        "num_distinct_reports": len(counts),
+        "distinct_report_fraction": len(counts) / len(predictions),
+        "top_report_share": top_count / len(predictions),
+        "top_report": top_report,
+    }
+    if references is not None:
+        reference_count = len({_normalised_report(text) for text in references})
+        results["reference_num_distinct"] = reference_count
+        results["reference_distinct_fraction"] = reference_count / len(references)
+    return results
+
+
 def compute_report_metrics(predictions: Sequence[str], references: Sequence[str], meteor: bool = True) -> dict:
     """All report metrics of generated `predictions` against one English reference each.
 
@@ -132,6 +169,7 @@ def compute_report_metrics(predictions: Sequence[str], references: Sequence[str]
         results.update(load_report_metric_module(name).compute(predictions=predictions, references=references))
     results["bleu_signature"] = results.pop("signature")
     results.update(clinical_accuracy(predictions, references))
+    results.update(report_diversity(predictions, references))
     results["num_reports"] = len(references)
     return results
 
@@ -155,4 +193,5 @@ __all__ = [
     "extract_statements",
     "format_report_metrics",
     "load_report_metric_module",
+    "report_diversity",
 ]

@@ -16,6 +16,11 @@ N GPUs:
 
 Baselines by flag alone: `--ecg_encoder ''` (random-init encoder), `--condition_on_ecg false` (no ECG in the prompt).
 
+Does the model read the ECG? `--check_folds 9` measures, after each stage, the teacher-forced loss per report token on
+those folds with each report's own ECG and with the ECGs shuffled across reports (`ecg_use_check`): a model that
+writes the report prior whatever the ECG has the same loss both ways. Generated reports are scored with the fraction
+of distinct reports too (`merit_hf.evaluation.report_metrics.report_diversity`).
+
 Data: read through `merit_hf.data` as pretraining reads it (`build_ptbxl` / `load_ptbxl`, `build_mimic_iv_ecg` /
 `load_mimic_iv_ecg`), so the references are the datasets' `report` text, cleaned once by `merit_hf.data.reports`:
 the same rows and the same text that pretraining aligns the ECGs with. References: PTB-XL reports in English
@@ -33,6 +38,7 @@ and `merit_report_base.json`, the fingerprint of the base the adapter belongs to
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -45,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from datasets import Dataset, IterableDataset, concatenate_datasets
@@ -58,7 +65,7 @@ from ..models.merit.configuration_merit import MeritEcgConfig
 from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
 from ..models.merit.modeling_merit import MeritEcgModel
 from ..models.merit.modeling_merit_report import MeritForReportGeneration
-from ..models.merit.processing_merit import DEFAULT_REPORT_INSTRUCTION, MeritProcessor
+from ..models.merit.processing_merit import DEFAULT_REPORT_INSTRUCTION, IGNORE_INDEX, MeritProcessor
 from ..utils.arguments import arguments_to_dict, config_from_argument, parse_arguments
 from ..utils.throughput import ThroughputMeter
 
@@ -105,8 +112,23 @@ class ReportDataArguments:
     non_english_reports: str = field(default="drop", metadata={"help": "'drop' or 'error' (see module docstring)."})
     max_train_reports: int | None = field(default=None)
     max_eval_reports: int | None = field(default=None)
+    check_folds: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "PTB-XL folds for the ECG-use check: the teacher-forced report loss with each report's own ECG "
+            "and with the ECGs shuffled across reports, after each stage (`ecg_use_check`); empty: no check."
+        },
+    )
+    max_check_reports: int | None = field(default=None)
     instruction: str = field(default=DEFAULT_REPORT_INSTRUCTION, metadata={"help": "User turn after <ecg>."})
     max_length: int = field(default=192, metadata={"help": "Prompt + report tokens; the report is cut to fit."})
+    use_chat_template: bool = field(
+        default=True,
+        metadata={
+            "help": "False: the plain prompt '<ecg>\\n{instruction}\\n' instead of the LM's chat template (SmolLM2's "
+            "adds a ~30-token system turn to every sequence: a third of the compute on CPU)."
+        },
+    )
 
 
 @dataclass
@@ -228,6 +250,17 @@ class ReportExamples(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {"ecg_values": self.ecg_values[index], "report": self.examples[index]["report"], "index": index}
+
+    def with_shuffled_ecgs(self, seed: int = 0) -> ReportExamples:
+        """The same reports, each paired with another report's ECG (a derangement: no report keeps its own ECG, as a
+        cyclic shift of a random order moves every item), for the ECG-use check."""
+        if len(self) < 2:
+            raise ValueError(f"shuffling ECGs across reports needs at least 2 reports, got {len(self)}")
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        shuffled = copy.copy(self)
+        shuffled.ecg_values = self.ecg_values.clone()
+        shuffled.ecg_values[order] = self.ecg_values[order.roll(-1)]
+        return shuffled
 
 
 class ReportCollator:
@@ -449,6 +482,58 @@ def _train_stage(
     return losses, meter.totals()
 
 
+def report_token_losses(accelerator: Accelerator, model, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced next-token loss summed over each report's label tokens, and their count, per example in loader
+    order (gathered from every process without duplicates): `(loss_sums, token_counts)`, both `(num_examples,)`."""
+    model.eval()
+    sums, counts = [], []
+    with torch.no_grad():
+        for batch in loader:
+            batch.pop("index")
+            labels = batch.pop("labels")
+            logits = model(**batch).logits[:, :-1].float()
+            targets = labels[:, 1:]
+            losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+            per_example = torch.stack([losses.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1).float()], dim=1)
+            gathered = accelerator.gather_for_metrics(per_example)
+            sums.append(gathered[:, 0].cpu())
+            counts.append(gathered[:, 1].cpu())
+    return torch.cat(sums), torch.cat(counts)
+
+
+def ecg_use_check(
+    accelerator: Accelerator,
+    model,
+    dataset: ReportExamples,
+    collator: ReportCollator,
+    batch_size: int,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Does the model read the ECG? The mean loss per report token on `dataset` with each report's own ECG
+    (`real_ecg`) and with the ECGs shuffled across reports (`shuffled_ecg`, `ReportExamples.with_shuffled_ecgs`),
+    and `shuffled_minus_real`: about 0 when the ECG tokens carry nothing the LM uses (it writes the report prior
+    whatever the ECG), positive when it does; `real_ecg_better_fraction` is the share of reports whose own ECG
+    gives them the lower loss (0.5 by chance). Without ECG conditioning only `no_ecg` (the text-only loss)."""
+
+    def losses(examples: ReportExamples) -> tuple[torch.Tensor, torch.Tensor]:
+        loader = accelerator.prepare_data_loader(DataLoader(examples, batch_size=batch_size, collate_fn=collator))
+        return report_token_losses(accelerator, model, loader)
+
+    real_sums, counts = losses(dataset)
+    result: dict[str, Any] = {"num_reports": len(dataset), "num_report_tokens": int(counts.sum())}
+    if not collator.condition_on_ecg:
+        return {**result, "no_ecg": float(real_sums.sum() / counts.sum())}
+    shuffled_sums, _ = losses(dataset.with_shuffled_ecgs(seed))
+    real, shuffled = float(real_sums.sum() / counts.sum()), float(shuffled_sums.sum() / counts.sum())
+    return {
+        **result,
+        "real_ecg": real,
+        "shuffled_ecg": shuffled,
+        "shuffled_minus_real": shuffled - real,
+        "real_ecg_better_fraction": float((real_sums < shuffled_sums).float().mean()),
+    }
+
+
 def generate_reports(
     accelerator: Accelerator, model, processor: MeritProcessor, loader: DataLoader, generation_config: GenerationConfig
 ) -> tuple[dict[int, str], dict[str, float]]:
@@ -498,13 +583,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ecg_seq_length=model.config.ecg_seq_length,
         max_length=data_args.max_length,
         report_instruction=data_args.instruction,
+        use_chat_template=data_args.use_chat_template,
     )
     prompt = processor.format_prompt()
     if not model_args.condition_on_ecg:
         prompt = prompt.replace(f"{processor.ecg_token}\n", "")
 
     # --- data
-    train_examples, eval_examples, language_counts = [], [], {}
+    train_examples, eval_examples, check_examples, language_counts = [], [], [], {}
     if data_args.ptbxl_dir:
         ptbxl = load_ptbxl_rows(data_args.ptbxl_dir, data_args.ptbxl_sampling_rate)
         train_examples, language_counts = read_ptbxl_reports(
@@ -513,6 +599,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         eval_examples, _ = read_ptbxl_reports(
             ptbxl, data_args.eval_folds, data_args.non_english_reports, data_args.max_eval_reports
         )
+        if data_args.check_folds:
+            check_examples, _ = read_ptbxl_reports(
+                ptbxl, data_args.check_folds, data_args.non_english_reports, data_args.max_check_reports
+            )
     if data_args.mimic_dir:  # English machine statements; trained on, scored on PTB-XL's eval folds
         train_examples += read_mimic_reports(data_args.mimic_dir, data_args.max_train_reports)
     train_examples = train_examples[: data_args.max_train_reports]
@@ -534,13 +624,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"arguments": arguments_to_dict(model_args, data_args, training_args)}
     results["num_train_reports"], results["num_eval_reports"] = len(train_examples), len(eval_examples)
 
+    check_set = ReportExamples(check_examples, feature_extractor) if check_examples else None
+
     def train_stage(stage: str, module, epochs: int, learning_rate: float):
-        """One stage through `_train_stage`; its first and last loss and its throughput go into `results`."""
+        """One stage through `_train_stage`; its first and last loss, its throughput and the ECG-use check on
+        `check_folds` after it go into `results`."""
         losses, results[f"{stage}_throughput"] = _train_stage(
             stage, accelerator, module, train_loader, epochs, learning_rate, training_args
         )
         results[f"{stage}_loss_first"], results[f"{stage}_loss_last"] = losses[0], losses[-1]
-        return accelerator.unwrap_model(module)
+        module = accelerator.unwrap_model(module)
+        if check_set is not None:
+            collator = ReportCollator(processor, prompt, model_args.condition_on_ecg, with_reports=True)
+            check = ecg_use_check(
+                accelerator, module, check_set, collator, training_args.per_device_eval_batch_size, training_args.seed
+            )
+            results[f"{stage}_ecg_use_check"] = check
+            accelerator.print(f"{stage}: ECG-use check on folds {data_args.check_folds}: {json.dumps(check)}")
+        return module
 
     if model_args.condition_on_ecg and training_args.alignment_epochs > 0:
         model.requires_grad_(False)
