@@ -18,7 +18,7 @@ Steps, all offline, a few minutes on 2 CPU cores:
    `trust_remote_code=True` and embeds a record;
 5. a summary: where everything is, and the numbers (also in `quickstart_output/quickstart_results.json`).
 
-500 records are a smoke-test scale: nothing here reproduces the paper's numbers.
+The bundled sample (about 500 records) is a smoke-test scale: nothing here reproduces the paper's numbers.
 """
 
 from __future__ import annotations
@@ -308,7 +308,7 @@ def print_summary(results: dict[str, Any], train_results: dict[str, Any], probe_
         f"{results['remote_code_check']['model_class'].rsplit('.', 1)[-1]})",
         f"  results     {output_dir}/{RESULTS_FILE}, {results['probe']['results_file']}",
         f"  logs        tensorboard --logdir {output_dir}/runs ; {output_dir}/log_history.jsonl",
-        "  note        500 records is a smoke-test scale; these numbers do not reproduce the paper.",
+        "  note        the bundled sample is a smoke-test scale; these numbers do not reproduce the paper.",
         f"  data credit {PTBXL_CITATION}",
     ]
     print("\n".join(lines), flush=True)
