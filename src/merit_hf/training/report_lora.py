@@ -613,11 +613,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"(non-English {data_args.non_english_reports}ped): {language_counts}"
     )
     train_set = ReportExamples(train_examples, feature_extractor)
+    teacher_forced = ReportCollator(processor, prompt, model_args.condition_on_ecg, with_reports=True)
     train_loader = DataLoader(
-        train_set,
-        batch_size=training_args.per_device_train_batch_size,
-        shuffle=True,
-        collate_fn=ReportCollator(processor, prompt, model_args.condition_on_ecg, with_reports=True),
+        train_set, batch_size=training_args.per_device_train_batch_size, shuffle=True, collate_fn=teacher_forced
     )
 
     # --- stage 1: projector alignment (nothing else trains)
@@ -635,10 +633,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results[f"{stage}_loss_first"], results[f"{stage}_loss_last"] = losses[0], losses[-1]
         module = accelerator.unwrap_model(module)
         if check_set is not None:
-            collator = ReportCollator(processor, prompt, model_args.condition_on_ecg, with_reports=True)
             check = ecg_use_check(
-                accelerator, module, check_set, collator, training_args.per_device_eval_batch_size, training_args.seed
-            )
+                accelerator, module, check_set, teacher_forced, training_args.per_device_eval_batch_size,
+                training_args.seed,
+            )  # fmt: skip
             results[f"{stage}_ecg_use_check"] = check
             accelerator.print(f"{stage}: ECG-use check on folds {data_args.check_folds}: {json.dumps(check)}")
         return module
