@@ -82,6 +82,47 @@ def test_an_offset_changes_nothing_and_a_flat_lead_stays_flat(ptbxl_dir, rate):
     assert np.abs(zeroed(flat, sampling_rate=rate, lead_names=fields["sig_name"])["ecg_values"][0, 3]).max() == 0
 
 
+@pytest.mark.parametrize("num_samples", [5000, 1000, 257, 40, 3])
+def test_the_fast_flat_lead_test_never_misses_a_flat_lead(num_samples):
+    """`_maybe_flat_columns` (a histogram of every 8th sample, then of every sample for the leads it does not clear)
+    must return every lead the exact statistic calls flat (99th percentile of |x - median| below the limit), here on
+    leads built to sit at the limit: as many samples as a flat lead may have inside its interval, the rest far off and
+    placed on the subsampled positions, where they hurt the first test most; plus noise of every width and a lead
+    hundreds of mV wide (capped bins)."""
+    from merit_hf.models.merit.feature_extraction_merit import _maybe_flat_columns, check_lead_amplitudes
+
+    limit = 0.02
+    rng = np.random.default_rng(num_samples)
+    inside = int(np.floor(0.99 * (num_samples - 1))) + 1  # samples a flat lead has within `limit` of its median
+    columns, flat_by_construction = [], []
+    strided = np.arange(0, num_samples, 8)  # the first test's samples: outliers there hurt it most
+    order = np.concatenate([strided, np.setdiff1d(np.arange(num_samples), strided)])
+    for trial in range(60):
+        kind = trial % 4
+        if kind < 2:  # at the limit: all but one of the samples a flat lead may have off its interval, far off, or
+            # all of them, as far off as the percentile's interpolation lets a flat lead have them
+            lead = rng.uniform(-0.5, 0.5, num_samples) * limit + rng.normal(0, 2)
+            far = order[: num_samples - inside - (kind == 0)]
+            # the percentile interpolates between the last inside sample and the nearest outlier: that far, no more
+            frac = 0.99 * (num_samples - 1) % 1
+            size = rng.uniform(1, 50, len(far)) if kind == 0 else limit * min(40, 0.4 / frac if frac else 40)
+            lead[far] += rng.choice([-1, 1], len(far)) * size
+        elif kind == 2:  # noise of any width
+            lead = rng.normal(0, 10 ** rng.uniform(-3, 0), num_samples)
+        else:  # a constant, or a lead of hundreds of mV
+            lead = np.full(num_samples, rng.normal(0, 3)) if trial % 8 == 3 else rng.normal(0, 300, num_samples)
+        columns.append(lead)
+        flat_by_construction.append(kind == 0)
+    signal = np.stack(columns, axis=1)
+    exact = np.percentile(np.abs(signal - np.median(signal, axis=0)), 99, axis=0) < limit
+    assert exact[np.array(flat_by_construction)].all()  # the adversarial leads really are flat
+    assert exact.sum() >= 10 and (~exact).sum() >= 10
+    assert set(np.flatnonzero(exact)) <= set(_maybe_flat_columns(signal, limit).tolist())
+    names = [f"lead{i}" for i in range(signal.shape[1])]
+    _, flat = check_lead_amplitudes(signal, names, "test", np.inf, limit, flat_lead_policy="drop")
+    assert flat == [names[i] for i in np.flatnonzero(exact)]
+
+
 def test_rates_that_resample_exactly_and_records_too_short(ptbxl_dir):
     fe = MeritFeatureExtractor(padding=True)
     for rate in (2048, 1001, 360, 128):

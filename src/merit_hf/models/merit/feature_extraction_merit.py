@@ -232,7 +232,8 @@ def leads_too_wide(signal: np.ndarray, max_amplitude_mv: float) -> tuple[np.ndar
     """Columns of `signal` `(num_samples, num_leads)` in mV whose 99th percentile of |x - median| exceeds
     `max_amplitude_mv`, and the widest of those spreads (0 if none). An ECG spans a few mV: a lead hundreds of mV wide
     is almost always µV labelled mV (a wrong unit or ADC gain). Shared by the feature extractor and dataset reading."""
-    if signal.size and signal.max() - signal.min() <= max_amplitude_mv:  # bounds every lead's range: one pass
+    if max_amplitude_mv == np.inf or (signal.size and signal.max() - signal.min() <= max_amplitude_mv):
+        # the record's range bounds every lead's: one pass (none without a limit)
         return np.array([], dtype=np.int64), 0.0
     if not (np.ptp(signal, axis=0) > max_amplitude_mv).any():
         # |x - median| never exceeds the peak-to-peak range: the usual record skips the order statistics (exact)
@@ -242,23 +243,64 @@ def leads_too_wide(signal: np.ndarray, max_amplitude_mv: float) -> tuple[np.ndar
     return too_wide, float(spread[too_wide].max()) if too_wide.size else 0.0
 
 
+def all_finite(signal: np.ndarray) -> bool:
+    """Whether every value of `signal` is finite, in one pass that allocates nothing: a sum is finite only if every
+    term is (NaN and inf propagate; an overflow to inf falls back to the element-wise test)."""
+    return bool(np.isfinite(signal.sum())) or bool(np.isfinite(signal).all())
+
+
+def _most_in_three_bins(signal: np.ndarray, min_amplitude_mv: float) -> np.ndarray:
+    """Per column of `signal` `(num_samples, num_leads)` (finite): the most samples in three consecutive bins
+    `min_amplitude_mv * 2` wide. The bins of all leads share one origin (the minimum) and sit side by side in one
+    histogram, each lead's row padded so that rounding never moves a sample into its neighbour's row. A record wider
+    than `4 * num_samples` bins (hundreds of mV) counts each lead from its own minimum and caps the far values, which
+    only merges bins."""
+    num_samples, num_leads = signal.shape
+    scale = 0.5 / min_amplitude_mv
+    low = signal.min()
+    span = (signal.max() - low) * scale
+    if span < 4 * num_samples:
+        width = int(span) + 4  # bins 1 .. span + 2 of each row are used: rounding stays inside it
+        scaled = np.multiply(signal, scale)
+        scaled += np.arange(num_leads) * width + (1.0 - low * scale)
+        bins = scaled.astype(np.intp)  # truncation = floor (all >= 0)
+    else:  # each lead from its own minimum, so that one wide lead leaves the others' bins apart
+        scaled = signal - signal.min(axis=0)  # finite input: at worst inf, capped next
+        scaled *= scale
+        bins = np.minimum(scaled, 4 * num_samples, out=scaled).astype(np.int64)
+        width = int(bins.max()) + 3
+        bins += np.arange(num_leads) * width
+    counts = np.bincount(bins.ravel(), minlength=num_leads * width).reshape(num_leads, width)
+    return (counts[:, :-2] + counts[:, 1:-1] + counts[:, 2:]).max(axis=1)
+
+
+# Every this many samples of a lead go through `_maybe_flat_columns`' first, cheap test (on 1,987 PTB-XL records it
+# clears 99.4 % of leads at 100 Hz and 99.9 % at 500 Hz; the rest take the full test).
+FLAT_TEST_STRIDE = 8
+
+
 def _maybe_flat_columns(signal: np.ndarray, min_amplitude_mv: float) -> np.ndarray:
     """Columns that may be flat, found without sorting (the exact percentile costs 5x more and would slow every
     record down). A flat lead has 99 % of its samples within `min_amplitude_mv` of its median, an interval that meets
-    at most three consecutive bins `min_amplitude_mv` * 2 wide (two, plus one for rounding at a bin's edge); a lead
-    with no three bins holding that many samples cannot be flat, so no flat lead is ever missed (the cap on far
-    values only merges bins)."""
+    at most three consecutive bins `min_amplitude_mv` * 2 wide (two, plus one for rounding at a bin's edge), wherever
+    the bins start; a lead with no three bins holding that many samples cannot be flat, so no flat lead is ever
+    missed. `signal` is finite. First every `FLAT_TEST_STRIDE`-th sample: a flat lead has at most `outside` samples
+    off its interval, so at least `len(subsample) - outside` of the subsample in three bins; a lead with fewer cannot
+    be flat, and only the others are counted in full."""
     num_samples, num_leads = signal.shape
-    if min_amplitude_mv <= 0 or not num_leads:
+    if min_amplitude_mv <= 0 or not num_leads or not num_samples:
         return np.array([], dtype=np.int64)
-    scaled = signal - signal.min(axis=0)  # finite input: at worst inf, capped next
-    scaled *= 0.5 / min_amplitude_mv
-    bins = np.minimum(scaled, 4 * num_samples, out=scaled).astype(np.int64)  # truncation = floor (all >= 0)
-    width = int(bins.max()) + 3
-    bins += np.arange(num_leads) * width
-    counts = np.bincount(bins.ravel(), minlength=num_leads * width).reshape(num_leads, width)
-    most_in_three = (counts[:, :-2] + counts[:, 1:-1] + counts[:, 2:]).max(axis=1)
-    return np.flatnonzero(most_in_three >= int(np.floor(0.99 * (num_samples - 1))) + 1)
+    threshold = int(np.floor(0.99 * (num_samples - 1))) + 1
+    outside = num_samples - threshold
+    candidates = np.arange(num_leads)
+    subsample = signal[::FLAT_TEST_STRIDE]
+    if len(subsample) > outside:
+        candidates = np.flatnonzero(_most_in_three_bins(subsample, min_amplitude_mv) >= len(subsample) - outside)
+        if not candidates.size:
+            return candidates
+        if len(candidates) < num_leads:
+            signal = signal[:, candidates]
+    return candidates[_most_in_three_bins(signal, min_amplitude_mv) >= threshold]
 
 
 def check_max_amplitude(
@@ -308,8 +350,11 @@ def check_lead_amplitudes(
     if flat_lead_policy not in FLAT_LEAD_POLICIES:
         raise ValueError(f"flat_lead_policy must be one of {FLAT_LEAD_POLICIES}, got {flat_lead_policy!r}")
     check_max_amplitude(signal, lead_names, record, max_amplitude_mv, from_header)
-    checkable = np.flatnonzero(np.isfinite(signal).all(axis=0))  # a lead with NaN/inf is left to the NaN check
-    candidates = checkable[_maybe_flat_columns(signal[:, checkable], min_amplitude_mv)]
+    if all_finite(signal):
+        candidates = _maybe_flat_columns(signal, min_amplitude_mv)
+    else:  # a lead with NaN/inf is left to the NaN check
+        checkable = np.flatnonzero(np.isfinite(signal).all(axis=0))
+        candidates = checkable[_maybe_flat_columns(signal[:, checkable], min_amplitude_mv)]
     if not candidates.size:
         return signal, []
     spread = np.full(signal.shape[1], np.inf)
@@ -609,7 +654,8 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         """Every record through this class's own checks, in order, before the batched DSP (`extract_batch`) builds
         any tensor: `validate_one`, the band-pass filter's minimum length (what `sosfiltfilt` raises on the scipy
         path), and the windows, which are `_fit_window` / `_sliding_windows` applied to sample positions (so random
-        crops draw the same numbers as on the scipy path). One dict per record: `signal` (mV, model lead order),
+        crops draw the same numbers as on the scipy path). One dict per record: `signal` (`(num_leads, num_samples)`
+        float32, mV, model lead order),
         `sampling_rate`, `up` / `down` (the resampling ratio), `present`, `windows` (each window's sample positions
         after resampling) and `masks`."""
         from .feature_extraction_torch_merit import filtfilt_padlen
@@ -634,9 +680,11 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
                 record_windows = self._sliding_windows(positions, name, padding=padding)
             else:
                 record_windows = [self._fit_window(positions, name, padding=padding, crop=crop)]
+            leads_first = np.empty((signal.shape[1], length), dtype=np.float32)  # what the DSP reads, copied
+            leads_first[...] = signal.T  # while the record is still in cache from its checks
             prepared.append(
                 {
-                    "signal": signal,
+                    "signal": leads_first,
                     "sampling_rate": rate,
                     "up": up,
                     "down": down,
@@ -835,7 +883,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             policy = "zero" if drop else self.flat_lead_policy  # the zeroed columns are then removed below
         try:
             checked, flat = check_lead_amplitudes(
-                signal[:, used],
+                signal if len(used) == signal.shape[1] else signal[:, used],  # every column used: no copy
                 [lead_names[column] for column in used],
                 name,
                 np.inf,
@@ -878,6 +926,8 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         return signal * np.asarray(factors)[None, :]
 
     def _handle_non_finite(self, signal: np.ndarray, name: str) -> np.ndarray:
+        if all_finite(signal):
+            return signal
         bad = ~np.isfinite(signal)
         if not bad.any():
             return signal
@@ -1023,12 +1073,13 @@ def _butterworth_sos(order: int, low: float | None, high: float | None, sampling
 
 
 def _as_float_array(record: Any, name: str) -> np.ndarray:
-    """`record` as float64; text or anything else that is not numbers raises naming the record."""
+    """`record` as float64 (not copied when it already is: nothing downstream writes into it); text or anything else
+    that is not numbers raises naming the record."""
     try:
         array = np.asarray(record)
         if array.dtype.kind in "US":  # numbers as text mean a parsing step went wrong upstream: say so
             raise TypeError(f"an array of text (dtype {array.dtype})")
-        return array.astype(np.float64)
+        return array.astype(np.float64, copy=False)
     except (TypeError, ValueError) as error:
         raise EcgInputError(
             f"{name}: not an array of numbers ({error}); pass the signal as numbers (num_samples, num_leads) or the "

