@@ -11,6 +11,7 @@ import torch
 from scipy import signal as sp_signal
 
 from merit_hf import MeritFeatureExtractor
+from merit_hf.models.merit import feature_extraction_torch_merit
 from merit_hf.models.merit.feature_extraction_merit import EcgInputError, read_wfdb_record
 from merit_hf.models.merit.feature_extraction_torch_merit import resample_poly, sosfiltfilt
 
@@ -42,9 +43,13 @@ def test_resample_poly_is_scipys_to_rounding(up, down):
         np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("path", ["fft", "blocked"])
 @pytest.mark.parametrize("band", [(0.67, 40.0), (0.67, None), (None, 40.0)])
-def test_sosfiltfilt_is_scipys_to_rounding(band):
-    """Band-, high- and low-pass, from the shortest signal scipy accepts to one of several 64-block segments."""
+def test_sosfiltfilt_is_scipys_to_rounding(band, path, monkeypatch):
+    """Band-, high- and low-pass, from the shortest signal scipy accepts to one of several 64-block segments, through
+    the FFT (records up to `FFT_MAX_LENGTH` samples) and through the blocked filter (longer ones)."""
+    if path == "blocked":
+        monkeypatch.setattr(feature_extraction_torch_merit, "FFT_MAX_LENGTH", 0)
     fe = MeritFeatureExtractor(highpass_hz=band[0], lowpass_hz=band[1])
     sos = fe._band_pass_sos()
     signals = np.random.default_rng(1).standard_normal((2, 20_000)).cumsum(axis=-1)  # a wandering baseline
@@ -52,6 +57,8 @@ def test_sosfiltfilt_is_scipys_to_rounding(band):
         expected = sp_signal.sosfiltfilt(sos, signals[:, :length], axis=-1)
         actual = sosfiltfilt(torch.from_numpy(signals[:, :length]), sos).numpy()
         np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-9 * np.abs(expected).max())
+        single = sosfiltfilt(torch.from_numpy(signals[:, :length]).float(), sos).numpy()  # float32 rounding only
+        np.testing.assert_allclose(single, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
 def _bundled_records(root: Path) -> list[dict]:

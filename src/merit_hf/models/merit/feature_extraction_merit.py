@@ -635,10 +635,12 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         """`__call__` with `device=`: the batched torch DSP, the outputs left on `device` for `return_tensors="pt"`."""
         import torch
 
-        from .feature_extraction_torch_merit import extract_batch
+        from .feature_extraction_torch_merit import CPU_RECORDS_PER_CHUNK, extract_batch
 
-        prepared = self._prepare_for_device(records, sampling_rate, lead_names, units, padding, crop)
-        outputs = extract_batch(self, prepared, torch.device(device))
+        device = torch.device(device)
+        chunk = CPU_RECORDS_PER_CHUNK if device.type == "cpu" else len(records)
+        prepared = self._prepare_for_device(records, sampling_rate, lead_names, units, padding, crop, chunk)
+        outputs = extract_batch(self, prepared, device)
         data = {"ecg_values": outputs["ecg_values"]}
         if with_mask:
             data["ecg_attention_mask"] = outputs["ecg_attention_mask"]
@@ -650,19 +652,25 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             data = {key: value.cpu().numpy() for key, value in data.items()}
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def _prepare_for_device(self, records, sampling_rate, lead_names, units, padding, crop) -> list[dict[str, Any]]:
+    def _prepare_for_device(
+        self, records, sampling_rate, lead_names, units, padding, crop, chunk: int = 1
+    ) -> list[dict[str, Any]]:
         """Every record through this class's own checks, in order, before the batched DSP (`extract_batch`) builds
         any tensor: `validate_one`, the band-pass filter's minimum length (what `sosfiltfilt` raises on the scipy
         path), and the windows, which are `_fit_window` / `_sliding_windows` applied to sample positions (so random
         crops draw the same numbers as on the scipy path). One dict per record: `signal` (`(num_leads, num_samples)`
-        float32, mV, model lead order),
-        `sampling_rate`, `up` / `down` (the resampling ratio), `present`, `windows` (each window's sample positions
-        after resampling) and `masks`."""
+        float32, mV, model lead order), `stack` (`(array, slot)`: the signal is `array[slot]`, written while the record
+        is still in cache from its checks; the records of one rate and length fill `(chunk, num_leads, num_samples)`
+        arrays in order, which the DSP reads as they are), `sampling_rate`, `up` / `down` (the resampling ratio),
+        `present`, `windows` (each window's sample positions after resampling) and `masks`."""
         from .feature_extraction_torch_merit import filtfilt_padlen
 
         sos = self._band_pass_sos()
         padlen = filtfilt_padlen(sos) if sos is not None else 0
         prepared = []
+        stacks: dict[
+            tuple[int, int, int], tuple[np.ndarray, int]
+        ] = {}  # the array each group fills, and its next slot
         for index, record in enumerate(records):
             rate = self._per_record(sampling_rate, index, len(records), "sampling_rate")
             names = lead_names[index] if _is_list_of_lists(lead_names) else lead_names
@@ -680,11 +688,15 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
                 record_windows = self._sliding_windows(positions, name, padding=padding)
             else:
                 record_windows = [self._fit_window(positions, name, padding=padding, crop=crop)]
-            leads_first = np.empty((signal.shape[1], length), dtype=np.float32)  # what the DSP reads, copied
-            leads_first[...] = signal.T  # while the record is still in cache from its checks
+            stack, slot = stacks.get((up, down, length), (None, chunk))
+            if slot == chunk:  # a new array: at most `chunk` records, and no more than are left
+                stack, slot = np.empty((min(chunk, len(records) - index), signal.shape[1], length), np.float32), 0
+            stack[slot] = signal.T  # float32, leads first: what the DSP reads
+            stacks[(up, down, length)] = (stack, slot + 1)
             prepared.append(
                 {
-                    "signal": leads_first,
+                    "signal": stack[slot],
+                    "stack": (stack, slot),
                     "sampling_rate": rate,
                     "up": up,
                     "down": down,
