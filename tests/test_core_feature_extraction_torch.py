@@ -50,8 +50,14 @@ def test_sosfiltfilt_is_scipys_to_rounding(band, path, monkeypatch):
     the FFT (records up to `FFT_MAX_LENGTH` samples) and through the blocked filter (longer ones)."""
     if path == "blocked":
         monkeypatch.setattr(feature_extraction_torch_merit, "FFT_MAX_LENGTH", 0)
+    else:
+        monkeypatch.setattr(feature_extraction_torch_merit, "FFT_MIN_ROWS", 1)
     fe = MeritFeatureExtractor(highpass_hz=band[0], lowpass_hz=band[1])
     sos = fe._band_pass_sos()
+    if path == "fft":  # the operators pass their own check against scipy (else the blocked filter would stand in)
+        key, padding = sos.tobytes(), 2 * feature_extraction_torch_merit.filtfilt_padlen(sos)
+        for length, tolerance in [(16, 1e-15), (3030, 1e-15), (20_000, 1e-15), (3030, 1e-10)]:
+            assert feature_extraction_torch_merit._fft_operators(key, length + padding, tolerance) is not None
     signals = np.random.default_rng(1).standard_normal((2, 20_000)).cumsum(axis=-1)  # a wandering baseline
     for length in (16, 3030, 20_000):
         expected = sp_signal.sosfiltfilt(sos, signals[:, :length], axis=-1)
