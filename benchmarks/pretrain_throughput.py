@@ -15,9 +15,10 @@ with 1 thread each (gloo).
 
 End to end (`--end_to_end`): the pretraining script itself on `--data_dir` (default `../shared/data/ptbxl_2k`, a
 PhysioNet PTB-XL folder read with `merit_hf.data.build_ptbxl`), against the same step alone on one real batch of it,
-in one run: persistent workers (the default), workers restarted every epoch, and `ecg_values` precomputed. The
-script's own throughput log gives its rate over the steady intervals (the first, with worker start-up and warm-up,
-left out) and its data-wait share; where it is below 90 % of the step alone, `limited_by` says which stage limits.
+in one run: persistent workers (the default), workers restarted every epoch, `ecg_values` precomputed, and without
+the per-term gradient norms the default logs every logging step (`--gradient_norm_logging_steps 0`). The script's
+own throughput log gives its rate over the steady intervals (the first, with worker start-up and warm-up, left out),
+its data-wait and diagnostics shares; where it is below 90 % of the step alone, `limited_by` says which stage limits.
 Writes `results/pretrain_end_to_end_<device>.json`. On a GPU, as issue 18 ran it:
 
     python benchmarks/pretrain_throughput.py --end_to_end --config configs/base.yaml --e2e_batch_size 128 \
@@ -179,6 +180,7 @@ END_TO_END_VARIANTS = {  # name: extra flags of the pretraining script
     "persistent workers (default)": [],
     "workers restarted every epoch": ["--dataloader_persistent_workers", "false"],
     "ecg_values precomputed": ["--precompute_ecg_values", "true"],
+    "no per-term gradient norms": ["--gradient_norm_logging_steps", "0"],
 }
 
 
@@ -272,6 +274,7 @@ def end_to_end_script(args, extra: list[str]) -> dict:
     steady = log[1:] or log
     seconds = sum(entry["seconds_per_step"] * args.e2e_logging_steps for entry in steady)
     waited = sum(entry["data_wait_seconds_per_step"] * args.e2e_logging_steps for entry in steady)
+    diagnostics = sum(entry.get("diagnostics_seconds_per_step", 0.0) * args.e2e_logging_steps for entry in steady)
     return {
         "flags": extra,
         "process_wall_seconds": wall,
@@ -280,6 +283,7 @@ def end_to_end_script(args, extra: list[str]) -> dict:
             "intervals": len(steady),
             "ecgs_per_second": args.e2e_batch_size * args.e2e_logging_steps * len(steady) / seconds,
             "data_wait_fraction": waited / seconds,
+            "diagnostics_fraction": diagnostics / seconds,
             "seconds_per_step": seconds / (args.e2e_logging_steps * len(steady)),
         },
     }
@@ -304,6 +308,9 @@ def _limiting_stage(steady: dict) -> str:
     if steady["data_wait_fraction"] > 0.1:
         return (f"data: the loop waits {steady['data_wait_fraction']:.0%} of the time for batches (feature extractor "
                 "in the workers); add workers or precompute ecg_values")  # fmt: skip
+    if steady["diagnostics_fraction"] > 0.1:
+        return (f"diagnostics: the per-term gradient norms take {steady['diagnostics_fraction']:.0%} of the time "
+                "(two extra backward passes each; --gradient_norm_logging_steps)")  # fmt: skip
     return ("the loop around the step (host work between steps: masking noise, loss gathering, host syncs, "
             "optimizer/scheduler), not data")  # fmt: skip
 

@@ -77,6 +77,24 @@ def test_reduced_lead_benchmark_writes_one_row_per_lead_count(tmp_path):
     assert "| 2 | I, II |" in table and table.count("\n| ") == 9  # header, rule, clean, six lead counts
 
 
+def test_end_to_end_names_the_stage_that_limits_the_script():
+    """The end-to-end benchmark's verdict: nothing at 90 % of the step alone or more; else data (more than 10 % spent
+    waiting for batches), else the per-term gradient norms (more than 10 % of the time), else the loop."""
+    import pretrain_throughput
+
+    def verdict(of_step_alone, data=0.0, diagnostics=0.0):
+        steady = {"of_step_alone": of_step_alone, "data_wait_fraction": data, "diagnostics_fraction": diagnostics}
+        return pretrain_throughput._limiting_stage(steady)
+
+    assert verdict(0.95, data=0.5).startswith("nothing")
+    assert verdict(0.6, data=0.3, diagnostics=0.3).startswith("data: the loop waits 30%")
+    assert verdict(0.6, data=0.05, diagnostics=0.3).startswith("diagnostics: the per-term gradient norms take 30%")
+    assert verdict(0.6, data=0.05, diagnostics=0.05).startswith("the loop around the step")
+    assert pretrain_throughput.END_TO_END_VARIANTS["no per-term gradient norms"] == [
+        "--gradient_norm_logging_steps", "0"
+    ]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_pretraining_memory_options_group_runs_every_option():
     """The GPU measurement of issue 14 item 4 (peak memory and MFU per option) runs on CPU, tiny shape, one step."""

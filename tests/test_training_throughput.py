@@ -67,6 +67,27 @@ def test_meter_separates_data_wait_from_step_time_and_excludes_evaluation():
     assert totals["ecgs_seen"] == 32 and totals["steps_measured"] == 4 and totals["limited_by"] == "data"
 
 
+def test_meter_counts_diagnostics_in_the_step_and_shows_their_share():
+    from merit_hf.utils.throughput import ThroughputMeter
+
+    meter = ThroughputMeter("cpu")
+    for step in range(4):
+        time.sleep(0.01)  # the step
+        if step % 2 == 0:
+            with meter.diagnostics():
+                time.sleep(0.04)  # e.g. the per-term gradient norms, every other step
+        meter.step(8)
+    interval = meter.interval()
+    assert 0.02 <= interval["diagnostics_seconds_per_step"] < 0.04  # 0.08 s over 4 steps
+    assert 0.02 + 0.01 <= interval["seconds_per_step"] < 0.06, interval  # counted in the step time, not left out
+    assert 0.5 < interval["diagnostics_fraction"] < 0.9
+    quiet = ThroughputMeter("cpu")  # no diagnostics: no fields
+    quiet.step(8)
+    assert "diagnostics_fraction" not in quiet.interval()
+    totals = meter.totals()
+    assert totals["diagnostics_seconds_per_step"] == pytest.approx(interval["diagnostics_seconds_per_step"])
+
+
 def test_default_peak_by_gpu_name(monkeypatch):
     from merit_hf.training import throughput
 
@@ -177,14 +198,47 @@ def test_pretraining_logs_throughput_per_interval_and_in_totals(pretraining_asse
         assert all(entry[name] > 0 or name.startswith("data_wait") for name in INTERVAL_FIELDS), entry
         assert entry["achieved_tflops"] > 0 and "mfu" not in entry  # no MFU on CPU without --peak_tflops
         assert entry["ecgs_per_second"] * entry["seconds_per_step"] == pytest.approx(8)  # 8 ECGs per step
+        # the per-term gradient norms (every logging step by default) are timed as diagnostics
+        assert entry["gradient_norm_step"] == entry["step"] and 0 < entry["diagnostics_fraction"] < 1, entry
     totals = results["throughput"]
     assert totals["ecgs_seen"] == 6 * 8 and totals["steps_measured"] == 6
+    assert 0 < totals["diagnostics_seconds_per_step"] < totals["seconds_per_step"]
     assert totals["ecgs_per_second"] * totals["measured_seconds"] == pytest.approx(totals["ecgs_seen"])
     # Evaluation and checkpoints are left out: the measured time is below the whole run's.
     assert totals["measured_seconds"] < results["train_runtime_s"]
     assert totals["flops_per_ecg"] > 1e6 and totals["limited_by"] in ("data", "step")
     written = json.loads((output_dir / "train_results.json").read_text())
     assert written["throughput"]["ecgs_seen"] == 48
+
+
+@pytest.mark.slow
+def test_gradient_norm_logging_steps_sets_what_the_diagnostics_cost(pretraining_assets, tmp_path):
+    """`--gradient_norm_logging_steps 0`: no per-term gradient norms and no diagnostics time (fixed loss weights);
+    `3` with logging every step: measured on steps 3 and 6 only, each logged once, with the step it was measured on;
+    with loss balancing every 2 steps and `0`, the balancer's own measurements are logged (steps 1, 3, 5)."""
+
+    def run(name, *flags):
+        output_dir = tmp_path / name
+        argv = [str(TINY_YAML), "--text_model_name_or_path", pretraining_assets["text"], "--data_dir",
+                pretraining_assets["data"], "--output_dir", str(output_dir), "--max_steps", "6", "--logging_steps",
+                "1", "--save_steps", "6", "--max_eval_samples", "8", "--report_to", "none", "--disable_tqdm",
+                "true", *flags]  # fmt: skip
+        results = run_pretraining(argv)
+        logged = [json.loads(line) for line in (output_dir / "log_history.jsonl").read_text().splitlines()]
+        return results, logged
+
+    results, logged = run("never", "--gradient_norm_logging_steps", "0")
+    assert not any("encoder_grad_norm_reconstruction" in entry or "diagnostics_fraction" in entry for entry in logged)
+    assert results["encoder_gradient_norms"] == [] and "diagnostics_fraction" not in results["throughput"]
+    results, logged = run("every_third", "--gradient_norm_logging_steps", "3")
+    measured = [entry for entry in logged if "encoder_grad_norm_reconstruction" in entry]
+    assert [(entry["step"], entry["gradient_norm_step"]) for entry in measured] == [(3, 3), (6, 6)]
+    assert [entry["step"] for entry in results["encoder_gradient_norms"]] == [3, 6]
+    results, logged = run("balancing", "--gradient_norm_logging_steps", "0", "--loss_balancing", "gradient_norm",
+                          "--loss_balancing_interval", "2")  # fmt: skip
+    measured = [entry for entry in logged if "encoder_grad_norm_reconstruction" in entry]
+    assert [entry["gradient_norm_step"] for entry in measured] == [1, 3, 5]
+    assert all(entry["reconstruction_weight"] > 0 for entry in logged)
 
 
 @pytest.mark.slow

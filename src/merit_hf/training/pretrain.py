@@ -90,6 +90,7 @@ _GRADIENT_NORM_NAMES = (
     "encoder_grad_norm_contrastive",
     "reconstruction_gradient_share",
     "reconstruction_weight",
+    "gradient_norm_step",
 )
 
 
@@ -214,6 +215,14 @@ class PretrainingArguments:
         default=None, metadata={"help": "torch.compile mode: None, 'reduce-overhead', 'max-autotune', ..."}
     )
     logging_steps: int = field(default=10)
+    gradient_norm_logging_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Log each loss term's gradient norm into the ECG encoder (and the reconstruction share) every N "
+            "steps: two extra backward passes each time. None: every logging step; 0: never (loss balancing still "
+            "measures them every loss_balancing_interval steps, and those are logged)."
+        },
+    )
     eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (and at the end)."})
     save_steps: int = field(default=500, metadata={"help": "save_state every N steps (and at the end)."})
     save_total_limit: int | None = field(
@@ -260,6 +269,10 @@ class PretrainingArguments:
                 raise ValueError(f"--{name}: must be at least 1, got {getattr(self, name)}")
         if self.logging_steps < 1:
             raise ValueError(f"--logging_steps: must be at least 1, got {self.logging_steps}")
+        if self.gradient_norm_logging_steps is not None and self.gradient_norm_logging_steps < 0:
+            raise ValueError(
+                f"--gradient_norm_logging_steps: must be 0 (never) or more, got {self.gradient_norm_logging_steps}"
+            )
         if self.overwrite_output_dir and self.resume_from_checkpoint is not None:
             raise ValueError(
                 "--overwrite_output_dir: removes the checkpoints that --resume_from_checkpoint "
@@ -345,7 +358,8 @@ def loss_term_gradient_norms(
     The two terms of MERIT's objective only help each other if both reach the shared encoder; this is how a run shows
     that one term does not starve the other (with `initializer_scheme="trunc_normal"` the masked-modelling share was
     1e-4). `reconstruction_gradient_share` is `r / (r + c)`: 0.5 when both pull equally hard. Costs one extra backward
-    pass per term, so pretraining computes it on logging and balancing steps only. `reconstruction_weight`: the
+    pass per term, so pretraining computes it every `--gradient_norm_logging_steps` (default: every logging step)
+    and on balancing steps only, and logs the time it takes as `diagnostics_fraction`. `reconstruction_weight`: the
     weight this step used, if not the config's (loss balancing). `losses`: anything holding `reconstruction_loss` and
     `contrastive_loss` (a `MeritForPreTraining` output, or the `PretrainingLosses` of the pretraining objective).
     `forward`: returns fresh `losses` of the same batch, used once per term instead of back-propagating `losses`'s
@@ -707,6 +721,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     # Selective checkpointing and compiled backward passes run once per graph: measure each term on a fresh forward.
     fresh_graph_per_term = train_args.torch_compile or train_args.activation_checkpointing != "none"
+    gradient_norm_logging_steps = (
+        train_args.logging_steps
+        if train_args.gradient_norm_logging_steps is None
+        else train_args.gradient_norm_logging_steps
+    )
     batches = meter.timed(
         training_batches(accelerator, train_loader, streaming, epoch, skip, resume_path is not None, data_args)
     )
@@ -732,15 +751,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             step_losses.append(
                 mean_over_processes(accelerator, losses, ecg_ids, (global_step + 1, epoch, batch_index))
             )
-            logging_step = (global_step + 1) % train_args.logging_steps == 0
-            if accelerator.sync_gradients and (logging_step or balancer.due(global_step + 1)):
+            norm_logging = gradient_norm_logging_steps and (global_step + 1) % gradient_norm_logging_steps == 0
+            if accelerator.sync_gradients and (norm_logging or balancer.due(global_step + 1)):
                 again = (
                     (lambda: objective(unwrapped(**batch, noise=noise), balancer.weight))
                     if fresh_graph_per_term
                     else None
                 )
-                with accelerator.autocast():
+                with accelerator.autocast(), meter.diagnostics():
                     gradient_norms = loss_term_gradient_norms(unwrapped, losses, balancer.weight, again)
+                    gradient_norms["gradient_norm_step"] = global_step + 1  # logged with the next logging step
                 balancer.update(gradient_norms)
             accelerator.backward(losses.loss)
             if accelerator.sync_gradients and train_args.max_grad_norm is not None:
@@ -758,8 +778,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         step_losses.clear()
         record = {"step": global_step, "epoch": epoch, "learning_rate": scheduler.get_last_lr()[0]}
         record.update({f"train_{name}": value for name, value in zip(_LOSS_NAMES, step_mean)})
-        if global_step % train_args.logging_steps == 0:
-            record.update(gradient_norms)
+        if global_step % train_args.logging_steps == 0 and gradient_norms:
+            record.update(gradient_norms)  # the newest measurement, once
+            gradient_norms = {}
         if balancer.enabled:
             record["reconstruction_weight"] = balancer.weight
         history.append(record)

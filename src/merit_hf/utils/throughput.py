@@ -119,8 +119,9 @@ class ThroughputMeter:
 
     Hooks: iterate the batches through `timed(...)` (data wait; or wrap the batch preparation in `with
     meter.waiting():`), call `count_flops_once(...)` with the first batch,
-    `step(num_samples)` after each optimizer step, wrap evaluation and checkpoints in `with meter.excluded():`, and
-    call `interval()` where the loop logs; `totals()` at the end.
+    `step(num_samples)` after each optimizer step, wrap evaluation and checkpoints in `with meter.excluded():`,
+    diagnostics the run pays for inside the loop (the per-term gradient norms) in `with meter.diagnostics():` (counted,
+    and shown as their own share), and call `interval()` where the loop logs; `totals()` at the end.
 
     Args:
         device: where the model runs; CUDA adds peak memory and synchronises at interval ends so times are real.
@@ -143,7 +144,7 @@ class ThroughputMeter:
         self.flops_per_sample: float | None = None
         self.postfix: dict[str, str] = {}  # short strings for the progress bar, from the last interval
         self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
-        self._run = {"seconds": 0.0, "data_wait": 0.0, "steps": 0, "samples": 0}
+        self._run = {"seconds": 0.0, "data_wait": 0.0, "diagnostics": 0.0, "steps": 0, "samples": 0}
         self._peak_memory = 0
         self._excluded = 0.0
         self._reset_interval(time.perf_counter())
@@ -174,6 +175,21 @@ class ThroughputMeter:
             yield
         finally:
             self._interval["data_wait"] += time.perf_counter() - start
+
+    @contextlib.contextmanager
+    def diagnostics(self):
+        """Time spent inside counts in the interval, and also as `diagnostics_seconds_per_step` /
+        `diagnostics_fraction`: work the loop does for the log, not for the model (on CUDA, synchronised at both ends
+        so that the GPU work inside is what is counted)."""
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._cuda:
+                torch.cuda.synchronize(self.device)
+            self._interval["diagnostics"] += time.perf_counter() - start
 
     def count_flops_once(
         self,
@@ -216,12 +232,13 @@ class ThroughputMeter:
         seconds = max(now - self._interval["start"] - self._excluded, 1e-9)
         current = self._interval
         metrics = self._metrics(seconds, current["data_wait"], current["steps"], current["samples"])
+        metrics.update(self._diagnostics_metrics(seconds, current["diagnostics"], current["steps"]))
         if self._cuda:
             peak = torch.cuda.max_memory_allocated(self.device)
             self._peak_memory = max(self._peak_memory, peak)
             metrics["max_memory_allocated_gib"] = peak / GIB
             torch.cuda.reset_peak_memory_stats(self.device)
-        for key in ("data_wait", "steps", "samples"):
+        for key in ("data_wait", "diagnostics", "steps", "samples"):
             self._run[key] += current[key]
         self._run["seconds"] += seconds
         self._reset_interval(now)
@@ -241,6 +258,7 @@ class ThroughputMeter:
             self.interval()
         run = self._run
         totals = self._metrics(max(run["seconds"], 1e-9), run["data_wait"], run["steps"], run["samples"])
+        totals.update(self._diagnostics_metrics(max(run["seconds"], 1e-9), run["diagnostics"], run["steps"]))
         totals.update(ecgs_seen=run["samples"], measured_seconds=run["seconds"], steps_measured=run["steps"])
         totals["limited_by"] = "data" if totals["data_wait_fraction"] > DATA_BOUND_FRACTION else "step"
         if self.flops_per_sample is not None:
@@ -275,8 +293,17 @@ class ThroughputMeter:
 
     # -- internals ----------------------------------------------------------------------------------------------------
     def _reset_interval(self, now: float) -> None:
-        self._interval = {"start": now, "data_wait": 0.0, "steps": 0, "samples": 0}
+        self._interval = {"start": now, "data_wait": 0.0, "diagnostics": 0.0, "steps": 0, "samples": 0}
         self._excluded = 0.0
+
+    @staticmethod
+    def _diagnostics_metrics(seconds: float, diagnostics: float, steps: int) -> dict[str, float]:
+        if not diagnostics:
+            return {}
+        return {
+            "diagnostics_seconds_per_step": diagnostics / steps if steps else float("nan"),
+            "diagnostics_fraction": min(diagnostics / seconds, 1.0),
+        }
 
     def _metrics(self, seconds: float, data_wait: float, steps: int, samples: int) -> dict[str, float]:
         metrics = {
