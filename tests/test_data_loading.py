@@ -61,6 +61,19 @@ def test_ptbxl_from_the_physionet_folder_and_converted_are_the_same_rows(small_p
     assert sorted(everything) == list(ECG_IDS)
 
 
+def test_a_saved_split_without_rows_loads_empty_with_its_features(small_ptbxl, tmp_path):
+    """`save_to_disk` writes a split with no rows (a PTB-XL subset with no record of fold 10) without a data file, and
+    `datasets.load_from_disk` fails on it (IndexError in datasets 5.2); `load_dataset` brings it back empty."""
+    built = build_ptbxl(small_ptbxl)
+    built["test"] = built["test"].select([])
+    built.save_to_disk(str(tmp_path / "saved"))
+    loaded = load_dataset("ptbxl", tmp_path / "saved")
+    assert sorted(loaded) == sorted(built)
+    assert len(loaded["test"]) == 0 and loaded["test"].features == built["test"].features
+    assert loaded["train"]["ecg_id"][:] == built["train"]["ecg_id"][:]
+    assert len(load_dataset("ptbxl", tmp_path / "saved", split="test")) == 0
+
+
 def test_one_split_streamed_and_cut_by_node(small_ptbxl):
     split = next(name for name, part in build_ptbxl(small_ptbxl).items() if part.num_rows >= 2)
     whole = load_dataset("ptbxl", small_ptbxl, split=split)

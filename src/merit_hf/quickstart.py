@@ -133,9 +133,8 @@ def check_remote_code(model_dir: Path, record: Path) -> dict[str, Any]:
 def prepare_dataset(data_dir: Path, output_dir: Path, ptbxl_version: str = "1.0.3"):
     """The bundled PTB-XL records as a `DatasetDict`, built once and saved for both pretraining and the probe (rows and
     labels as `ptbxl_version` has them: `merit_hf.data.ptbxl_versions`)."""
-    from datasets import load_from_disk
-
     from .data import is_physionet_ptbxl, load_dataset
+    from .data.loading import load_saved
 
     if not is_physionet_ptbxl(data_dir):
         raise FileNotFoundError(
@@ -144,7 +143,7 @@ def prepare_dataset(data_dir: Path, output_dir: Path, ptbxl_version: str = "1.0.
         )
     saved = output_dir / DATASET_DIR
     load_dataset("ptbxl", data_dir, sampling_rate=100, ptbxl_version=ptbxl_version).save_to_disk(str(saved))
-    return load_from_disk(str(saved)), saved
+    return load_saved(saved), saved  # a --data_dir subset may leave a split without rows
 
 
 def probe(model_dir: Path, dataset_dict, label_set: str, num_bootstrap: int, output_file: Path) -> EvaluationResults:

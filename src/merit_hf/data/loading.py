@@ -19,13 +19,14 @@ and keeps one example in `world_size`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_from_disk
+from datasets import Dataset, DatasetDict, DatasetInfo, IterableDataset, IterableDatasetDict, load_from_disk
 from datasets import load_dataset as hf_load_dataset
 from datasets.distributed import split_dataset_by_node
 
@@ -297,7 +298,7 @@ def _load(
     path = Path(path_or_repo_id)
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-            dataset = load_from_disk(str(path))
+            dataset = load_saved(path)
             if split is not None:
                 dataset = dataset[split]
             return _to_iterable(dataset) if streaming else dataset
@@ -320,6 +321,29 @@ def _load(
     if os.path.exists(path):
         raise NotADirectoryError(f"{path}: expected a dataset folder or a Hub dataset id")
     return hf_load_dataset(str(path_or_repo_id), name=config, split=split, streaming=streaming)
+
+
+def load_saved(path: str | os.PathLike) -> Dataset | DatasetDict:
+    """`datasets.load_from_disk`, and also a folder in which a split was saved with no rows: `save_to_disk` writes
+    such a split without a data file, which `load_from_disk` then fails to read back (`IndexError` in datasets 5.2),
+    e.g. a PTB-XL subset with no record of fold 10. That split comes back empty, with its saved features."""
+    path = Path(path)
+    try:
+        return load_from_disk(str(path))
+    except IndexError:
+        if (path / "dataset_dict.json").is_file():
+            names = json.loads((path / "dataset_dict.json").read_text())["splits"]
+            return DatasetDict({name: _load_split(path / name) for name in names})
+        return _load_split(path)
+
+
+def _load_split(folder: Path) -> Dataset:
+    """One `save_to_disk` split folder; one without data files is rebuilt empty from its `dataset_info.json`."""
+    if json.loads((folder / "state.json").read_text()).get("_data_files"):
+        return Dataset.load_from_disk(str(folder))
+    info = DatasetInfo.from_directory(str(folder))
+    logger.info("%s: a split saved with no rows; loaded as an empty split", folder)
+    return Dataset.from_dict({name: [] for name in info.features}, features=info.features, info=info)
 
 
 def _check_finished(folder: Path) -> None:
