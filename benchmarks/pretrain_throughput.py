@@ -15,8 +15,9 @@ with 1 thread each (gloo).
 
 End to end (`--end_to_end`): the pretraining script itself on `--data_dir` (default `../shared/data/ptbxl_2k`, a
 PhysioNet PTB-XL folder read with `merit_hf.data.build_ptbxl`), against the same step alone on one real batch of it,
-in one run: persistent workers (the default), workers restarted every epoch, `ecg_values` precomputed, and without
-the per-term gradient norms the default logs every logging step (`--gradient_norm_logging_steps 0`). The script's
+in one run: persistent workers (the default), workers restarted every epoch, `ecg_values` precomputed, without
+the per-term gradient norms the default logs every logging step (`--gradient_norm_logging_steps 0`), and the feature
+extractor's batched torch path in the workers (`--feature_extraction_device cpu`). The script's
 own throughput log gives its rate over the steady intervals (the first, with worker start-up and warm-up, left out),
 its data-wait and diagnostics shares; where it is below 90 % of the step alone, `limited_by` says which stage limits.
 Writes `results/pretrain_end_to_end_<device>.json`. On a GPU, as issue 18 ran it:
@@ -181,6 +182,7 @@ END_TO_END_VARIANTS = {  # name: extra flags of the pretraining script
     "workers restarted every epoch": ["--dataloader_persistent_workers", "false"],
     "ecg_values precomputed": ["--precompute_ecg_values", "true"],
     "no per-term gradient norms": ["--gradient_norm_logging_steps", "0"],
+    "batched torch feature extractor": ["--feature_extraction_device", "cpu"],
 }
 
 

@@ -101,6 +101,9 @@ def test_precomputed_ecg_values_match_the_collator():
     stored_batch = MeritCollator(extractor)(list(stored.with_format("numpy")))
     fresh_batch = MeritCollator(extractor)(list(dataset.with_format("numpy")))
     torch.testing.assert_close(stored_batch["ecg_values"], fresh_batch["ecg_values"])
+    batched = precompute_ecg_values(dataset, extractor, batch_size=4, feature_extraction_device="cpu")
+    batched_values = MeritCollator(extractor)(list(batched.with_format("numpy")))["ecg_values"]
+    torch.testing.assert_close(batched_values, fresh_batch["ecg_values"], rtol=0, atol=1e-4)  # float32 rounding
 
 
 def test_feature_extraction_device_runs_the_batched_torch_path(rows):

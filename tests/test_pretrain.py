@@ -121,6 +121,10 @@ def test_arguments_yaml_then_flags_and_unknown_keys(tmp_path):
         parse_arguments(ARGUMENT_CLASSES, [str(bad)])
     with pytest.raises(ValueError, match="--mixed_precision: must be one of"):
         parse_arguments(ARGUMENT_CLASSES, ["--mixed_precision", "fp8"])
+    with pytest.raises(ValueError, match="--feature_extraction_device: None or 'cpu', got 'cuda'"):
+        parse_arguments(ARGUMENT_CLASSES, ["--feature_extraction_device", "cuda"])
+    (_, data_args, _) = parse_arguments(ARGUMENT_CLASSES, ["--feature_extraction_device", "cpu"])
+    assert data_args.feature_extraction_device == "cpu"
 
 
 @pytest.mark.slow

@@ -178,10 +178,17 @@ class MeritCollator:
         return kept
 
 
-def precompute_ecg_values(dataset, feature_extractor, batch_size: int = 64, num_proc: int | None = None):
+def precompute_ecg_values(
+    dataset,
+    feature_extractor,
+    batch_size: int = 64,
+    num_proc: int | None = None,
+    feature_extraction_device: str | torch.device | None = None,
+):
     """Store the feature extractor's output as an `ecg_values` column `Array2D((num_leads, num_samples), float32)`,
     which `MeritCollator` then stacks without recomputing (the `signal` column is kept); with
-    `missing_leads="mask"`, a `lead_mask` column (`num_leads` bools) beside it.
+    `missing_leads="mask"`, a `lead_mask` column (`num_leads` bools) beside it. `feature_extraction_device`: as
+    `MeritCollator`'s (the batched torch path; the values are moved back to the CPU to be stored).
 
     Worth it when the same records are read for many epochs: resampling and filtering cost more than reading. The
     stored values are fixed, so a `crop="random"` augmentation of the feature extractor no longer varies per epoch.
@@ -199,13 +206,16 @@ def precompute_ecg_values(dataset, feature_extractor, batch_size: int = 64, num_
     if with_lead_mask:
         features["lead_mask"] = List(Value("bool"), length=num_leads)
 
-    collator = MeritCollator(feature_extractor)
+    collator = MeritCollator(feature_extractor, feature_extraction_device=feature_extraction_device)
 
     def add_values(batch: dict) -> dict:
         extracted = collator.model_inputs(batch["signal"], batch["sampling_rate"], batch["lead_names"])
         if with_lead_mask:
-            return {"ecg_values": extracted["ecg_values"].numpy(), "lead_mask": extracted["lead_mask"].numpy()}
-        return {"ecg_values": extracted["ecg_values"].numpy()}
+            return {
+                "ecg_values": extracted["ecg_values"].cpu().numpy(),
+                "lead_mask": extracted["lead_mask"].cpu().numpy(),
+            }
+        return {"ecg_values": extracted["ecg_values"].cpu().numpy()}
 
     return (
         dataset.with_format("numpy")

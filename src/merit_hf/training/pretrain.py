@@ -172,6 +172,21 @@ class DataArguments:
             "splits): the fast path for many epochs. Pretraining crops the centre, so the values are the same."
         },
     )
+    feature_extraction_device: str | None = field(
+        default=None,
+        metadata={
+            "help": "None: the feature extractor's scipy path, one record at a time; 'cpu': its batched torch path "
+            "(scipy's filters, equal within float32 rounding; 3.5x faster in a one-thread DataLoader worker on the "
+            "2-core CPU, benchmarks/README.md), in the workers and for --precompute_ecg_values."
+        },
+    )
+
+    def __post_init__(self):
+        if self.feature_extraction_device not in (None, "cpu"):
+            raise ValueError(
+                f"--feature_extraction_device: None or 'cpu', got {self.feature_extraction_device!r} (the GPU path "
+                "would run in the training process beside the model; DataLoader workers cannot use CUDA)"
+            )
 
 
 @dataclass
@@ -465,7 +480,7 @@ def _first_rows(split, max_samples: int | None):
     return split.with_format("numpy")  # signals as arrays, not nested lists
 
 
-def precomputed(split, feature_extractor: MeritFeatureExtractor):
+def precomputed(split, feature_extractor: MeritFeatureExtractor, feature_extraction_device: str | None = None):
     """`split` with `ecg_values` stored once (`merit_hf.data.precompute_ecg_values`), so no epoch resamples or filters
     again; `None` stays `None`. A streamed split is refused: it is read once, so there is nothing to reuse."""
     from ..data import precompute_ecg_values
@@ -477,17 +492,30 @@ def precomputed(split, feature_extractor: MeritFeatureExtractor):
             "--precompute_ecg_values: needs a map-style split (--streaming false); a stream would run the feature "
             "extractor as often as without it"
         )
-    return precompute_ecg_values(split, feature_extractor).with_format("numpy")
+    return precompute_ecg_values(
+        split, feature_extractor, feature_extraction_device=feature_extraction_device
+    ).with_format("numpy")
 
 
 class PretrainingCollator:
     """`merit_hf.data.MeritCollator` (feature extractor + tokenizer) plus each record's `ecg_id`, which keys its
     masking noise."""
 
-    def __init__(self, feature_extractor: MeritFeatureExtractor, tokenizer, max_report_length: int):
+    def __init__(
+        self,
+        feature_extractor: MeritFeatureExtractor,
+        tokenizer,
+        max_report_length: int,
+        feature_extraction_device: str | None = None,
+    ):
         from ..data import MeritCollator
 
-        self.collator = MeritCollator(feature_extractor, tokenizer=tokenizer, max_length=max_report_length)
+        self.collator = MeritCollator(
+            feature_extractor,
+            tokenizer=tokenizer,
+            max_length=max_report_length,
+            feature_extraction_device=feature_extraction_device,
+        )
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = dict(self.collator(rows))
@@ -675,7 +703,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     feature_extractor = MeritFeatureExtractor.from_model_config(model.config.ecg_config)
     tokenizer = AutoTokenizer.from_pretrained(text_path)
-    collator = PretrainingCollator(feature_extractor, tokenizer, model_args.max_report_length)
+    collator = PretrainingCollator(
+        feature_extractor, tokenizer, model_args.max_report_length, data_args.feature_extraction_device
+    )
     train_loader, eval_loader, streaming = make_dataloaders(
         accelerator, data_args, train_args, feature_extractor, collator
     )
@@ -879,7 +909,10 @@ def make_dataloaders(
     with accelerator.main_process_first():
         train_split, eval_split = load_pretraining_splits(data_args)
         if data_args.precompute_ecg_values:
-            train_split, eval_split = (precomputed(split, feature_extractor) for split in (train_split, eval_split))
+            train_split, eval_split = (
+                precomputed(split, feature_extractor, data_args.feature_extraction_device)
+                for split in (train_split, eval_split)
+            )
     streaming = data_args.streaming or data_args.dataset_name == "mimic_iv_ecg"
     if streaming:
         from datasets.distributed import split_dataset_by_node
