@@ -325,9 +325,8 @@ def sosfiltfilt(signals: torch.Tensor, sos: np.ndarray, start: int = 0, count: i
     """`scipy.signal.sosfiltfilt(sos, signals, axis=-1)[:, start : start + count]` (odd padding, default `padlen`)
     for `(rows, length)`. Up to `FFT_MAX_LENGTH` samples (with the padding) and from `FFT_MIN_ROWS` rows, as one real
     FFT and its inverse plus a correction of rank 2 + the filter's order (`_fft_operators`); otherwise as the blocked
-    forward pass and the same
-    on its reversed output (the signal goes into a buffer of whole blocks once, each reversal is one gather). The
-    caller checks `length > filtfilt_padlen(sos)`."""
+    forward pass and the same on its reversed output (the signal goes into a buffer of whole blocks once, each
+    reversal is one gather). The caller checks `length > filtfilt_padlen(sos)`."""
     padlen = filtfilt_padlen(sos)
     rows, length = signals.shape
     count = length - start if count is None else count
@@ -394,29 +393,31 @@ def normalize(
     padded: bool = True,
     present: torch.Tensor | None = None,
     eps: float = 1e-6,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`MeritFeatureExtractor._normalize` for a batch `(batch, num_leads, num_samples)` with `mask`
     `(batch, num_samples)` and `present` `(batch, num_leads)` bool (`None`: every lead recorded): mean and
     (population) std over the unpadded samples of the recorded leads, padding and missing leads set to zero. With
-    `padded=False` and `present=None` (the caller knows both are all ones) one fused reduction does."""
+    `padded=False` and `present=None` (the caller knows both are all ones) two passes do. `out`: a tensor of
+    `values`' shape to write the result into (and return), else a new one."""
     dims = (1, 2) if normalization == "zscore_record" else (2,)
     if not padded and present is None:
         if normalization == "none":
-            return values
+            return values if out is None else out.copy_(values)
         # two passes (mean, then the centred squares): 10x faster than `torch.std_mean` on the CPU, and as exact
-        centred = values - values.mean(dim=dims, keepdim=True)
+        centred = torch.sub(values, values.mean(dim=dims, keepdim=True), out=out)
         std = centred.square().mean(dim=dims, keepdim=True).sqrt_()
         return centred.div_(std.add_(eps))
     valid = mask[:, None, :].to(values.dtype)
     if present is not None:
         valid = valid * present[:, :, None].to(values.dtype)
     if normalization == "none":
-        return values * valid
+        return torch.mul(values, valid, out=out)
     # a missing lead has no samples: its (zero) statistics are never used, the count only kept off zero
     count = valid.expand_as(values).sum(dim=dims, keepdim=True).clamp_min(1)
     mean = (values * valid).sum(dim=dims, keepdim=True) / count
     std = ((((values - mean) * valid) ** 2).sum(dim=dims, keepdim=True) / count).sqrt()
-    return (values - mean) / (std + eps) * valid
+    return torch.mul((values - mean) / (std + eps), valid, out=out)
 
 
 def extract_batch(
@@ -448,7 +449,7 @@ def extract_batch(
         presents.append(record["present"])
         groups.setdefault((up, down, length), []).append(index)
         rates[(up, down, length)] = rate
-    window_index = torch.as_tensor(np.stack(windows), device=device)
+    window_index = None  # the windows' sample positions, built only where a window is not a plain slice
     mask = torch.as_tensor(np.stack(masks), device=device)
     record_index = np.repeat(np.arange(len(prepared)), [len(record_rows) for record_rows in rows])
     present = torch.as_tensor(np.stack(presents), device=device)
@@ -472,23 +473,34 @@ def extract_batch(
             if len(member_rows) != len(members):  # sliding windows: each window reads its own record
                 local = np.repeat(np.arange(len(members)), [len(rows[index]) for index in members])
                 filtered = filtered.index_select(0, torch.as_tensor(local, device=device))
-            starts = [windows[row][0] for row in member_rows]
+            starts = [int(windows[row][0]) for row in member_rows]
             if all(
                 windows[row][-1] - start == fe.num_samples - 1 and masks[row].all()
                 for row, start in zip(member_rows, starts)
             ):
-                # every window a run of samples (no padding): slices, not a gather
-                windowed = torch.stack(
-                    [filtered[i, :, start : start + fe.num_samples] for i, start in enumerate(starts)]
+                # every window a run of samples (no padding): one view when they start together, else slices
+                windowed = (
+                    filtered[:, :, starts[0] : starts[0] + fe.num_samples]
+                    if len(set(starts)) == 1
+                    else torch.stack(
+                        [filtered[i, :, start : start + fe.num_samples] for i, start in enumerate(starts)]
+                    )
                 )
             else:
+                if window_index is None:
+                    window_index = torch.as_tensor(np.stack(windows), device=device)
                 windowed = filtered.gather(2, window_index[at][:, None, :].expand(-1, num_leads, -1))
             padded = not all(masks[row].all() for row in member_rows)
             member_present = present[torch.as_tensor(record_index[member_rows], device=device)]
             all_present = all(presents[index].all() for index in members)
-            values[at] = normalize(
-                windowed, mask[at], fe.normalization, padded, None if all_present else member_present
+            first_row = int(member_rows[0])
+            in_order = bool((member_rows == np.arange(first_row, first_row + len(member_rows))).all())
+            target = values[first_row : first_row + len(member_rows)] if in_order else None  # written in place
+            normalized = normalize(
+                windowed, mask[at], fe.normalization, padded, None if all_present else member_present, out=target
             )
+            if target is None:
+                values[at] = normalized
     record_index = torch.as_tensor(record_index, device=device)
     return {
         "ecg_values": values,
