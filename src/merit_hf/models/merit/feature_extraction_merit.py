@@ -878,6 +878,8 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
     def _select_leads(self, signal: np.ndarray, lead_names: list[str], name: str) -> tuple[np.ndarray, np.ndarray]:
         """The record's columns in `self.lead_names` order, and which of them were recorded (`(num_leads,)` bool; a
         missing lead is a column of zeros, allowed only with `missing_leads="mask"`)."""
+        if _lead_keys(lead_names) == _lead_keys(self.lead_names):  # already the model's leads in order: no copy
+            return signal, np.ones(len(self.lead_names), dtype=bool)
         wanted = {lead.lower(): lead for lead in self.lead_names}
         position: dict[str, int] = {}
         for column, lead in enumerate(lead_names):
@@ -927,8 +929,8 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         goes through lead matching as one the record does not have. Leads the model does not use are lead matching's
         (`drop_extra_leads`), leads with NaN/inf `nan_policy`'s; the upper bound is `check_max_amplitude`'s, after
         leads are matched. Returns `(signal, lead_names, flat leads)`."""
-        wanted = {lead.lower() for lead in self.lead_names}
-        used = [column for column, lead in enumerate(lead_names) if str(lead).strip().lower() in wanted]
+        wanted = set(_lead_keys(self.lead_names))
+        used = [column for column, key in enumerate(_lead_keys(lead_names)) if key in wanted]
         if not used:
             return signal, lead_names, []
         drop = self.flat_lead_policy == "drop"
@@ -966,6 +968,8 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         self, signal: np.ndarray, units: str | list[str] | None, name: str, lead_names: list[str]
     ) -> np.ndarray:
         units = "mV" if units is None else units
+        if isinstance(units, str) and UNIT_TO_MV.get(units.strip().lower()) == 1.0:
+            return signal  # already mV: no copy
         per_lead = [units] * signal.shape[1] if isinstance(units, str) else list(units)
         if len(per_lead) != signal.shape[1]:
             raise EcgInputError(f"{name}: {len(per_lead)} units given for {signal.shape[1]} leads")
@@ -1140,6 +1144,20 @@ def _as_float_array(record: Any, name: str) -> np.ndarray:
             f"{name}: not an array of numbers ({error}); pass the signal as numbers (num_samples, num_leads) or the "
             "path of a WFDB record"
         ) from error
+
+
+@lru_cache(maxsize=256)
+def _cached_lead_keys(lead_names: tuple) -> tuple[str, ...]:
+    return tuple(str(lead).strip().lower() for lead in lead_names)
+
+
+def _lead_keys(lead_names) -> tuple[str, ...]:
+    """Lead names as the matching compares them (stripped, lower case), cached per list of names: a batch repeats
+    the same dozen names for every record."""
+    try:
+        return _cached_lead_keys(tuple(lead_names))
+    except TypeError:  # names that cannot be hashed: no cache
+        return tuple(str(lead).strip().lower() for lead in lead_names)
 
 
 def _is_list_of_lists(value) -> bool:
