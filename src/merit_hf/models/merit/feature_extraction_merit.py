@@ -74,7 +74,7 @@ def read_wfdb_record(path: str | os.PathLike) -> dict[str, Any]:
 
     Records stored as PTB-XL and MIMIC-IV-ECG store theirs (one format-16 file) are read with numpy from the header
     as `read_wfdb_header` parsed it; `wfdb` reads every other layout, after a check that it parses the header to the
-    same fields (its parser took 10 ms a header, 10x the rest of reading a PTB-XL record).
+    same fields (its parser took about 4 ms a header, 17x the rest of reading a PTB-XL record).
     """
     record_path = _wfdb_record_path(path)
     fields = read_wfdb_header(record_path)
