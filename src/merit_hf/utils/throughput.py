@@ -146,7 +146,6 @@ class ThroughputMeter:
         self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
         self._run = {"seconds": 0.0, "data_wait": 0.0, "diagnostics": 0.0, "steps": 0, "samples": 0}
         self._peak_memory = 0
-        self._excluded = 0.0
         self._reset_interval(time.perf_counter())
         self.data_bound_warned = False
 
@@ -176,20 +175,10 @@ class ThroughputMeter:
         finally:
             self._interval["data_wait"] += time.perf_counter() - start
 
-    @contextlib.contextmanager
     def diagnostics(self):
         """Time spent inside counts in the interval, and also as `diagnostics_seconds_per_step` /
-        `diagnostics_fraction`: work the loop does for the log, not for the model (on CUDA, synchronised at both ends
-        so that the GPU work inside is what is counted)."""
-        if self._cuda:
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self._cuda:
-                torch.cuda.synchronize(self.device)
-            self._interval["diagnostics"] += time.perf_counter() - start
+        `diagnostics_fraction`: work the loop does for the log, not for the model."""
+        return self._synchronized("diagnostics")
 
     def count_flops_once(
         self,
@@ -210,9 +199,14 @@ class ThroughputMeter:
         self._interval["steps"] += 1
         self._interval["samples"] += num_samples
 
-    @contextlib.contextmanager
     def excluded(self):
         """Time spent inside (evaluation, checkpoints, the FLOP count) counts in no interval."""
+        return self._synchronized("excluded")
+
+    @contextlib.contextmanager
+    def _synchronized(self, account: str):
+        """Add the seconds spent inside to the interval's `account`; on CUDA synchronised at both ends, so that the
+        GPU work inside is what is counted."""
         if self._cuda:
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
@@ -221,7 +215,7 @@ class ThroughputMeter:
         finally:
             if self._cuda:
                 torch.cuda.synchronize(self.device)
-            self._excluded += time.perf_counter() - start
+            self._interval[account] += time.perf_counter() - start
 
     # -- reports ------------------------------------------------------------------------------------------------------
     def interval(self) -> dict[str, float]:
@@ -229,7 +223,7 @@ class ThroughputMeter:
         if self._cuda:
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
-        seconds = max(now - self._interval["start"] - self._excluded, 1e-9)
+        seconds = max(now - self._interval["start"] - self._interval["excluded"], 1e-9)
         current = self._interval
         metrics = self._metrics(seconds, current["data_wait"], current["steps"], current["samples"])
         metrics.update(self._diagnostics_metrics(seconds, current["diagnostics"], current["steps"]))
@@ -293,8 +287,14 @@ class ThroughputMeter:
 
     # -- internals ----------------------------------------------------------------------------------------------------
     def _reset_interval(self, now: float) -> None:
-        self._interval = {"start": now, "data_wait": 0.0, "diagnostics": 0.0, "steps": 0, "samples": 0}
-        self._excluded = 0.0
+        self._interval = {
+            "start": now,
+            "data_wait": 0.0,
+            "diagnostics": 0.0,
+            "excluded": 0.0,
+            "steps": 0,
+            "samples": 0,
+        }
 
     @staticmethod
     def _diagnostics_metrics(seconds: float, diagnostics: float, steps: int) -> dict[str, float]:
