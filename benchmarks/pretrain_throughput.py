@@ -39,6 +39,7 @@ shows the latest numbers and the machine they came from.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -226,10 +227,10 @@ def end_to_end_step_alone(args, device: torch.device) -> dict:
         batch["noise"] = masking_noise(ecg_ids, (0, 0), (ecg.num_leads, ecg.num_patches_per_lead))
         batches.append({key: value.to(device) for key, value in batch.items()})
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    steps = iter(range(10**9))
+    next_batch = itertools.cycle(batches)
 
     def train_step():
-        batch = batches[next(steps) % len(batches)]
+        batch = next(next_batch)
         with autocast:
             loss = model(**batch).loss
         loss.backward()

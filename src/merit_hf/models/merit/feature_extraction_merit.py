@@ -878,12 +878,12 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
     def _select_leads(self, signal: np.ndarray, lead_names: list[str], name: str) -> tuple[np.ndarray, np.ndarray]:
         """The record's columns in `self.lead_names` order, and which of them were recorded (`(num_leads,)` bool; a
         missing lead is a column of zeros, allowed only with `missing_leads="mask"`)."""
-        if _lead_keys(lead_names) == _lead_keys(self.lead_names):  # already the model's leads in order: no copy
+        keys = _lead_keys(lead_names)
+        if keys == _lead_keys(self.lead_names):  # already the model's leads in order: no copy
             return signal, np.ones(len(self.lead_names), dtype=bool)
         wanted = {lead.lower(): lead for lead in self.lead_names}
         position: dict[str, int] = {}
-        for column, lead in enumerate(lead_names):
-            key = str(lead).strip().lower()
+        for column, (lead, key) in enumerate(zip(lead_names, keys)):
             if key not in wanted:
                 if self.drop_extra_leads:
                     continue
