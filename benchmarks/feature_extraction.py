@@ -10,8 +10,10 @@ the median over rounds of `scipy time / variant time`, so drift of a shared mach
 - `torch_cpu`: `fe(records, ..., device="cpu")` with torch's default intra-op threads, and `torch_cpu_1_thread`
   with `torch.set_num_threads(1)` (what a DataLoader worker runs with);
 - on CUDA, `torch_cuda`: `fe(records, ..., device="cuda")`, from the numpy arrays to `ecg_values` on the GPU
-  (validation on the CPU, one host-to-device copy of float32 signals); `validation_only`: the CPU-side checks alone
-  (the bound of that end-to-end rate); `dsp_only_cuda_<batch>`: the DSP alone on signals already on the GPU
+  (validation on the CPU, one host-to-device copy of float32 signals); `validation_only`: the scipy path's checks,
+  record by record; `prepare_only`: what the torch path does on the CPU before its DSP (the float32 copies, one
+  batched screen that stands in for those checks, the windows: the bound of an end-to-end GPU rate);
+  `dsp_only_cuda_<batch>`: the DSP alone on signals already on the GPU
   (`resample_and_filter` + window + z-score) at `--gpu_batches`, what the GPU itself sustains (on a CPU-only
   machine the same two run on the CPU, the DSP at the batch of `--num_records`).
 
@@ -34,7 +36,7 @@ import torch
 
 from merit_hf import MeritEcgConfig, MeritFeatureExtractor
 from merit_hf.models.merit.feature_extraction_merit import read_wfdb_record
-from merit_hf.models.merit.feature_extraction_torch_merit import normalize, resample_and_filter
+from merit_hf.models.merit.feature_extraction_torch_merit import CPU_RECORDS_PER_CHUNK, normalize, resample_and_filter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -108,6 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
     if device == "cuda":
         variants["torch_cuda"] = lambda: fe(signals, **call, device="cuda")
     variants["validation_only"] = lambda: [fe.validate_one(signal, 500, leads) for signal in signals]
+    chunk = CPU_RECORDS_PER_CHUNK if device == "cpu" else len(signals)
+    # the torch path's side of the CPU before its DSP: the batched screen, float32 copies, windows
+    variants["prepare_only"] = lambda: fe._prepare_for_device(signals, 500, leads, "mV", False, "center", chunk)
     batches = args.gpu_batches if device == "cuda" else [args.num_records]
     for batch in batches:
         stacked = np.stack([signals[i % len(signals)].T for i in range(batch)]).astype(np.float32)

@@ -195,7 +195,57 @@ BAD_BATCHES = [
     ("a transposed array", lambda s: [s.T], {}),
     ("the first of two bad records", lambda s: [s, s[:5], _with_nan(s)], {}),
     ("a flat lead", lambda s: [s, _with_flat_lead(s)], {}),
+    # what the batched screen (`screen_records`) must never clear
+    ("a flat lead at the limit", lambda s: [s, _flat_at_the_limit(s, 0.0)], {}),
+    ("a flat lead at the limit, far from 0 mV", lambda s: [s, _flat_at_the_limit(s, 1000.0)], {}),
+    ("microvolts by a hair over the limit", lambda s: [s, _wide_by_a_hair(s)], {}),
+    ("an inf", lambda s: [s, _with_value(s, -np.inf)], {}),
+    ("a NaN before a too-short record", lambda s: [_with_nan(s), s[:5]], {}),
+    ("a NaN before a record of the wrong shape", lambda s: [s, _with_nan(s), s.T], {}),
+    ("a flat lead in a record with an invalid rate", lambda s: [_with_flat_lead(s)], {"sampling_rate": float("nan")}),
+    ("a wrong number of units", lambda s: [s], {"units": ["mV"] * 11}),
 ]
+
+
+def _flat_at_the_limit(signal, offset):
+    """Lead V2 flat at the limit, around `offset` mV (where float32 rounds): all but `flat_outside` samples 0.01999
+    mV from the median (`offset`), the rest 5 mV away but one, 0.0205 mV away (the 99th percentile interpolates
+    between the last sample inside and the first outside); every screen group holds samples on both sides (spans
+    0.03998 mV, a hair under the 0.04 it counts as quiet), and each outside sample sits in a group of its own: the
+    screen's worst case."""
+    from merit_hf.models.merit.feature_extraction_merit import flat_outside
+    from merit_hf.models.merit.feature_extraction_torch_merit import SCREEN_GROUP
+
+    num_samples = len(signal)
+    groups, outside = num_samples // SCREEN_GROUP, flat_outside(num_samples)
+    assert groups % 2 == 0 and (num_samples - SCREEN_GROUP * groups) % 2 == 0 and groups > outside
+    alternating = np.where(np.arange(groups) % 2 == 0, 1.0, -1.0)
+    parts = [alternating if part % 2 == 0 else -alternating for part in range(SCREEN_GROUP)]
+    tail = np.resize([1.0, -1.0], num_samples - SCREEN_GROUP * groups)
+    sign = np.concatenate([*parts, tail])
+    flat = signal.copy()
+    flat[:, 7] = offset + 0.01999 * sign
+    flat[:outside, 7] = offset + np.where(sign[:outside] > 0, 5.0, -0.0205)  # as many above the median as below
+    flat[1 : outside - 1 : 2, 7] = offset - 5.0
+    spread = np.percentile(np.abs(flat[:, 7] - np.median(flat[:, 7])), 99)
+    assert 0.0199 < spread < 0.02 and abs(np.median(flat[:, 7]) - offset) < 1e-9
+    return flat
+
+
+def _wide_by_a_hair(signal):
+    """Lead I: 98.9 % at 0 mV, 1.1 % at 30.0000005 mV: its 99th percentile of |x - median| is over the 30 mV limit,
+    and the float32 cast of 30.0000005 is 30.0 (a screen without rounding slack would clear it)."""
+    wide = signal.copy()
+    wide[:, 0] = 0.0
+    wide[: int(0.011 * len(signal)) + 1, 0] = 30.0000005
+    assert np.float32(30.0000005) == np.float32(30.0)
+    return wide
+
+
+def _with_value(signal, value):
+    changed = signal.copy()
+    changed[20, 5] = value
+    return changed
 
 
 def _with_flat_lead(signal):
@@ -258,3 +308,66 @@ def test_sliding_windows_give_the_scipy_paths_windows(ptbxl_dir, settings):
     if "ecg_attention_mask" in expected:
         torch.testing.assert_close(actual["ecg_attention_mask"], expected["ecg_attention_mask"])
     torch.testing.assert_close(actual["ecg_values"], expected["ecg_values"], rtol=0, atol=MAX_ABS_ERROR)
+
+
+def test_the_batched_screen_clears_real_records_and_only_validates_the_rest(ptbxl_dir, monkeypatch):
+    """The device path validates records with the model's leads in mV by one batched screen (`screen_records`) and
+    calls `validate_signal` only for what the screen cannot clear: none of the bundled records; a lead that repeats
+    every third of the record (every screen group quiet) is cleared by the exact flat-lead test, without it; the
+    same within 0.1 mV (not flat, but neither test can tell) goes through it; all come out as on the scipy path, and
+    so does float32 input."""
+    from merit_hf.models.merit.feature_extraction_torch_merit import SCREEN_GROUP, screen_records
+
+    calls = []
+    validate = MeritFeatureExtractor.validate_signal
+    monkeypatch.setattr(
+        MeritFeatureExtractor, "validate_signal", lambda self, *a, **k: calls.append(a[3]) or validate(self, *a, **k)
+    )
+    records = _bundled_records(ptbxl_dir)
+    fe = MeritFeatureExtractor()
+    for rate in (100, 500):
+        signals = [record["signal"] for record in records if record["sampling_rate"] == rate]
+        out = fe(signals, sampling_rate=rate, lead_names=records[0]["lead_names"], return_tensors="np", device="cpu")
+        assert len(out["ecg_values"]) == len(signals) > 10
+    assert calls == []
+
+    signal, names = _signal(ptbxl_dir)
+    third = len(signal) // SCREEN_GROUP
+    periodic = signal.copy()
+    periodic[:, 3] = np.tile(np.linspace(-1.0, 1.0, third), SCREEN_GROUP + 1)[: len(signal)]
+    narrow = signal.copy()  # the same within 0.1 mV: three of the exact test's bins hold it all, yet not flat
+    narrow[:, 4] = np.tile(np.linspace(-0.05, 0.05, third), SCREEN_GROUP + 1)[: len(signal)]
+    stack = torch.from_numpy(np.stack([periodic.T, narrow.T]).astype(np.float32))
+    checked, may_be_flat = screen_records(stack, fe.min_amplitude_mv, fe.max_amplitude_mv, 50)
+    assert checked.all() and may_be_flat[0, 3] and may_be_flat[1, 4] and may_be_flat.sum() == 2
+
+    batch = [signal, periodic, narrow, signal.astype(np.float32)]
+    expected, actual = _both_paths({}, batch, sampling_rate=500, lead_names=names, return_tensors="np")
+    np.testing.assert_allclose(actual["ecg_values"], expected["ecg_values"], rtol=0, atol=MAX_ABS_ERROR)
+    # the scipy path validates every record, the device path only the one the screen and the flat-lead test left
+    assert calls == ["record 0", "record 1", "record 2", "record 3", "record 2"]
+
+
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_the_screen_flags_every_flat_lead(offset):
+    """`screen_records` on random leads built near the flat limit (all but `outside - 1` samples within 0.019 mV of
+    a level, the rest 5 mV away): every one is flagged `may_be_flat`, wherever its outside samples fall and whatever
+    float32 does to values around 1000 mV; the same leads with 8x as many outside samples, spread over the record,
+    are mostly cleared."""
+    from merit_hf.models.merit.feature_extraction_merit import flat_outside
+    from merit_hf.models.merit.feature_extraction_torch_merit import screen_records
+
+    rng = np.random.default_rng(3)
+    num_samples, num_leads = 5000, 64
+    outside = flat_outside(num_samples)
+    leads = offset + rng.uniform(-0.019, 0.019, (num_leads, num_samples))
+    for lead in leads:
+        lead[rng.choice(num_samples, outside - 1, replace=False)] = offset + rng.choice([-1, 1], outside - 1) * 5
+    spread = np.percentile(np.abs(leads - np.median(leads, axis=1, keepdims=True)), 99, axis=1)
+    assert (spread < 0.02).all()  # flat, by the definition
+    _, may_be_flat = screen_records(torch.from_numpy(leads[None].astype(np.float32)), 0.02, np.inf, outside)
+    assert may_be_flat.all()
+    for lead in leads:
+        lead[rng.choice(num_samples, 8 * outside, replace=False)] = offset + rng.uniform(-5, 5, 8 * outside)
+    _, may_be_flat = screen_records(torch.from_numpy(leads[None].astype(np.float32)), 0.02, np.inf, outside)
+    assert may_be_flat.float().mean() < 0.1

@@ -322,6 +322,13 @@ def _most_in_three_bins(signal: np.ndarray, min_amplitude_mv: float) -> np.ndarr
 FLAT_TEST_STRIDE = 8
 
 
+def flat_outside(num_samples: int) -> int:
+    """How many samples of a flat lead of `num_samples` may lie `min_amplitude_mv` or more from its median. Its 99th
+    percentile of |x - median| (linear interpolation at position `0.99 * (num_samples - 1)` of the sorted values) is
+    below `min_amplitude_mv`, so are all sorted values up to that position's floor."""
+    return num_samples - (int(np.floor(0.99 * (num_samples - 1))) + 1)
+
+
 def _maybe_flat_columns(signal: np.ndarray, min_amplitude_mv: float) -> np.ndarray:
     """Columns that may be flat, found without sorting (the exact percentile costs 5x more and would slow every
     record down). A flat lead has 99 % of its samples within `min_amplitude_mv` of its median, an interval that meets
@@ -333,8 +340,8 @@ def _maybe_flat_columns(signal: np.ndarray, min_amplitude_mv: float) -> np.ndarr
     num_samples, num_leads = signal.shape
     if min_amplitude_mv <= 0 or not num_leads or not num_samples:
         return np.array([], dtype=np.int64)
-    threshold = int(np.floor(0.99 * (num_samples - 1))) + 1
-    outside = num_samples - threshold
+    outside = flat_outside(num_samples)
+    threshold = num_samples - outside
     candidates = np.arange(num_leads)
     subsample = signal[::FLAT_TEST_STRIDE]
     if len(subsample) > outside:
@@ -698,57 +705,135 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
     def _prepare_for_device(
         self, records, sampling_rate, lead_names, units, padding, crop, chunk: int = 1
     ) -> list[dict[str, Any]]:
-        """Every record through this class's own checks, in order, before the batched DSP (`extract_batch`) builds
-        any tensor: `validate_one`, the band-pass filter's minimum length (what `sosfiltfilt` raises on the scipy
-        path), and the windows, which are `_fit_window` / `_sliding_windows` applied to sample positions (so random
-        crops draw the same numbers as on the scipy path). One dict per record: `signal` (`(num_leads, num_samples)`
-        float32, mV, model lead order), `stack` (`(array, slot)`: the signal is `array[slot]`, written while the record
-        is still in cache from its checks; the records of one rate and length fill `(chunk, num_leads, num_samples)`
-        arrays in order, which the DSP reads as they are), `sampling_rate`, `up` / `down` (the resampling ratio),
-        `present`, `windows` (each window's sample positions after resampling) and `masks`."""
+        """Every record through this class's own checks, before the batched DSP (`extract_batch`) builds any tensor,
+        with the scipy path's errors in its order (the first bad record raises): validation, the band-pass filter's
+        minimum length (what `sosfiltfilt` raises on the scipy path), and the windows, which are `_fit_window` /
+        `_sliding_windows` applied to sample positions (so random crops draw the same numbers as on the scipy path; after
+        an error the generator may have drawn for records past the bad one, which the scipy path never reached).
+
+        Validation is batched where it can be: a record whose columns are the model's leads in order and in mV is
+        copied as it is and screened with the others of its batch (`_validate_pending`, `screen_records`); the few
+        the screen does not clear, and every other record, go through `validate_signal` record by record. Before any
+        error is raised the records screened so far are checked, so that an earlier record's error comes first.
+
+        One dict per record: `signal` (`(num_leads, num_samples)` float32, mV, model lead order), `stack` (`(array,
+        slot)`: the signal is `array[slot]`; the records of one rate and length fill `(chunk, num_leads,
+        num_samples)` arrays in order, which the DSP reads as they are), `sampling_rate`, `up` / `down` (the
+        resampling ratio), `present`, `windows` (each window's sample positions after resampling) and `masks`."""
         from .feature_extraction_torch_merit import filtfilt_padlen
 
         sos = self._band_pass_sos()
         padlen = filtfilt_padlen(sos) if sos is not None else 0
-        prepared = []
-        stacks: dict[
-            tuple[int, int, int], tuple[np.ndarray, int]
-        ] = {}  # the array each group fills, and its next slot
+        prepared: list[dict[str, Any]] = []
+        pending: list[tuple] = []  # records copied unchecked, to screen: (entry, signal as given, lead names, ...)
+        stacks: dict[tuple[int, int, int], tuple[np.ndarray, int]] = {}  # the array each group fills, its next slot
         for index, record in enumerate(records):
-            rate = self._per_record(sampling_rate, index, len(records), "sampling_rate")
-            names = lead_names[index] if _is_list_of_lists(lead_names) else lead_names
-            signal, rate, name, present = self.validate_one(record, rate, names, units, index=index)
-            up, down = self._resample_ratio(rate, name)
-            length = len(signal)
-            pad = min(int(round(rate)), length - 1)
-            if sos is not None and -(-(length + 2 * pad) * up // down) <= padlen:  # what the scipy path raises
-                raise EcgInputError(
-                    f"{name}: {length} samples are too short for the band-pass filter (The length of the input "
-                    f"vector x must be greater than padlen, which is {padlen}.)"
+            unchecked = None  # this record as read, while its validation is deferred to the screen
+            try:
+                rate = self._per_record(sampling_rate, index, len(records), "sampling_rate")
+                names = lead_names[index] if _is_list_of_lists(lead_names) else lead_names
+                signal, rate, name, names, record_units, from_header = self._read_input(
+                    record, rate, names, units, index
                 )
-            positions = np.arange(-(-length * up // down))[:, None]
-            if self.window == "sliding":
-                record_windows = self._sliding_windows(positions, name, padding=padding)
-            else:
-                record_windows = [self._fit_window(positions, name, padding=padding, crop=crop)]
-            stack, slot = stacks.get((up, down, length), (None, chunk))
-            if slot == chunk:  # a new array: at most `chunk` records, and no more than are left
-                stack, slot = np.empty((min(chunk, len(records) - index), signal.shape[1], length), np.float32), 0
-            stack[slot] = signal.T  # float32, leads first: what the DSP reads
-            stacks[(up, down, length)] = (stack, slot + 1)
-            prepared.append(
-                {
-                    "signal": stack[slot],
-                    "stack": (stack, slot),
-                    "sampling_rate": rate,
-                    "up": up,
-                    "down": down,
-                    "present": present,
-                    "windows": [window[0].astype(np.int64) for window, _ in record_windows],
-                    "masks": [mask for _, mask in record_windows],
-                }
-            )
+                if self._screenable(signal, names, record_units):
+                    self._check_shape(signal, names, name)
+                    unchecked = (signal, names, record_units, name, from_header)
+                    present = np.ones(len(self.lead_names), dtype=bool)
+                else:
+                    signal, present, _ = self.validate_signal(
+                        _as_float_array(signal, name), names, record_units, name, from_header
+                    )
+                entry = self._place(signal, rate, name, present, padding, crop, chunk, len(records) - index, stacks,
+                                    sos, padlen)  # fmt: skip
+            except Exception:
+                try:  # earlier records' errors, then this record's validation, come first on the scipy path
+                    self._validate_pending(pending)
+                    if unchecked is not None:
+                        signal, names, record_units, name, from_header = unchecked
+                        self.validate_signal(_as_float_array(signal, name), names, record_units, name, from_header)
+                except EcgInputError as earlier:
+                    raise earlier from None
+                raise
+            prepared.append(entry)
+            if unchecked is not None:
+                pending.append((entry, *unchecked))
+                if len(pending) == chunk:
+                    self._validate_pending(pending)
+        self._validate_pending(pending)
         return prepared
+
+    def _place(self, signal, rate, name, present, padding, crop, chunk, left, stacks, sos, padlen) -> dict[str, Any]:
+        """A record's `_prepare_for_device` entry: its resampling ratio, the filter's length check, its windows, and
+        its signal copied (float32, leads first) into the next slot of its group's array."""
+        up, down = self._resample_ratio(rate, name)
+        length = len(signal)
+        pad = min(int(round(rate)), length - 1)
+        if sos is not None and -(-(length + 2 * pad) * up // down) <= padlen:  # what the scipy path raises
+            raise EcgInputError(
+                f"{name}: {length} samples are too short for the band-pass filter (The length of the input "
+                f"vector x must be greater than padlen, which is {padlen}.)"
+            )
+        positions = np.arange(-(-length * up // down))[:, None]
+        if self.window == "sliding":
+            record_windows = self._sliding_windows(positions, name, padding=padding)
+        else:
+            record_windows = [self._fit_window(positions, name, padding=padding, crop=crop)]
+        stack, slot = stacks.get((up, down, length), (None, chunk))
+        if slot == chunk:  # a new array: at most `chunk` records, and no more than are left
+            stack, slot = np.empty((min(chunk, left), signal.shape[1], length), np.float32), 0
+        stack[slot] = signal.T  # float32, leads first: what the DSP reads
+        stacks[(up, down, length)] = (stack, slot + 1)
+        return {
+            "signal": stack[slot],
+            "stack": (stack, slot),
+            "sampling_rate": rate,
+            "up": up,
+            "down": down,
+            "present": present,
+            "windows": [window[0].astype(np.int64) for window, _ in record_windows],
+            "masks": [mask for _, mask in record_windows],
+        }
+
+    def _validate_pending(self, pending: list[tuple]) -> None:
+        """Validation of the records `_prepare_for_device` copied unchecked, in order, then forgotten: the batched
+        screen (`screen_records`) on each array they were copied into; the exact flat-lead test on the leads it
+        could not clear; `validate_signal` on the rest, which raises the scipy path's error or repairs the record
+        (its slot and `present` rewritten)."""
+        if not pending:
+            return
+        import torch
+
+        from .feature_extraction_torch_merit import screen_records
+
+        filled: dict[int, tuple[np.ndarray, int]] = {}  # each array, and the slots to screen
+        for entry, *_ in pending:
+            stack, slot = entry["stack"]
+            filled[id(stack)] = (stack, max(slot + 1, filled.get(id(stack), (stack, 0))[1]))
+        verdicts = {}
+        for key, (stack, count) in filled.items():
+            checked, may_be_flat = screen_records(
+                torch.from_numpy(stack[:count]),
+                self.min_amplitude_mv,
+                self.max_amplitude_mv,
+                flat_outside(stack.shape[-1]),
+            )
+            verdicts[key] = (checked.numpy(), may_be_flat.numpy())
+        for entry, signal, names, record_units, name, from_header in pending:
+            stack, slot = entry["stack"]
+            checked, may_be_flat = verdicts[id(stack)]
+            if checked[slot]:
+                leads = np.flatnonzero(may_be_flat[slot])
+                if (
+                    not leads.size
+                    or not _maybe_flat_columns(_as_float_array(signal, name)[:, leads], self.min_amplitude_mv).size
+                ):
+                    continue
+            signal_mv, present, _ = self.validate_signal(
+                _as_float_array(signal, name), names, record_units, name, from_header
+            )
+            stack[slot] = signal_mv.T
+            entry["present"] = present
+        pending.clear()
 
     @staticmethod
     def _as_list(ecgs: Any) -> list:
@@ -804,8 +889,19 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
     ) -> tuple[np.ndarray, float, str, np.ndarray]:
         """Steps 1-4 of the contract for one record (read, leads, NaN, units and amplitude): returns `(signal
         (num_samples, num_leads) in mV in the model's lead order (missing leads zero), sampling_rate, name, present
-        (num_leads,) bool)`. The one validation of both the scipy path and the batched torch path (`device=`), which
-        differ only in the DSP that follows."""
+        (num_leads,) bool)`. The one validation of the scipy path; the batched torch path (`device=`) runs the same
+        code on every record that its batched screen does not clear (`_prepare_for_device`)."""
+        signal, sampling_rate, name, lead_names, units, from_header = self._read_input(
+            record, sampling_rate, lead_names, units, index
+        )
+        signal, present, _ = self.validate_signal(_as_float_array(signal, name), lead_names, units, name, from_header)
+        return signal, sampling_rate, name, present
+
+    def _read_input(
+        self, record: Any, sampling_rate: float | None, lead_names: list[str] | None, units: Any, index: int
+    ) -> tuple[np.ndarray, float, str, list[str], Any, bool]:
+        """Step 1 of the contract: `(signal (num_samples, num_leads) float32 or float64, sampling_rate, name,
+        lead_names, units, from_header)` of an array or a WFDB record's path."""
         if isinstance(record, (str, os.PathLike)):
             read = read_wfdb_record(record)
             name = read["record"]
@@ -821,7 +917,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             )
         else:
             name = f"record {index}"
-            signal = _as_float_array(record, name)
+            signal = _as_float_array(record, name, keep_float32=True)
         if sampling_rate is None:
             raise EcgInputError(
                 f"{name}: sampling_rate is required (the rate in Hz of this array); the model expects "
@@ -831,10 +927,20 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             raise EcgInputError(
                 f"{name}: lead_names is required (the name of each column), e.g. {list(self.lead_names)}"
             )
-        signal, present, _ = self.validate_signal(
-            signal, lead_names, units, name, from_header=isinstance(record, (str, os.PathLike))
-        )
-        return signal, float(sampling_rate), name, present
+        return signal, float(sampling_rate), name, lead_names, units, isinstance(record, (str, os.PathLike))
+
+    def _screenable(self, signal: np.ndarray, lead_names: list[str], units: Any) -> bool:
+        """Whether validation of this record would only check it (`screen_records` can clear it): its columns are
+        the model's leads in order, in mV (nothing to reorder, derive, mask or convert)."""
+        if signal.ndim != 2 or signal.shape[1] != len(self.lead_names) or len(lead_names) != len(self.lead_names):
+            return False
+        if _lead_keys(lead_names) != _lead_keys(self.lead_names):
+            return False
+        units = "mV" if units is None else units
+        per_lead = [units] if isinstance(units, str) else list(units)
+        if len(per_lead) not in (1, signal.shape[1]) or (len(per_lead) == 1 and not isinstance(units, str)):
+            return False  # the wrong number of units: validation says so
+        return all(UNIT_TO_MV.get(str(unit).strip().lower()) == 1.0 for unit in per_lead)
 
     def validate_signal(
         self,
@@ -1041,10 +1147,10 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
                 f"{sampling_rate / 2:g} Hz is below the {self.lowpass_hz:g} Hz low-pass cut-off "
                 f"(at least {self.min_sampling_rate_factor * self.lowpass_hz:g} Hz needed)"
             )
-        ratio = (Fraction(self.sampling_rate) / Fraction(sampling_rate)).limit_denominator(10_000)
-        if abs(float(ratio) * sampling_rate - self.sampling_rate) > 1e-6 * self.sampling_rate:
+        up, down = _resampling_ratio(self.sampling_rate, float(sampling_rate))
+        if abs(up / down * sampling_rate - self.sampling_rate) > 1e-6 * self.sampling_rate:
             raise EcgInputError(f"{name}: cannot resample {sampling_rate:g} Hz to {self.sampling_rate} Hz exactly")
-        return ratio.numerator, ratio.denominator
+        return up, down
 
     def _band_pass(self, signal: np.ndarray) -> np.ndarray:
         sos = self._band_pass_sos()
@@ -1131,19 +1237,29 @@ def _butterworth_sos(order: int, low: float | None, high: float | None, sampling
     return sos
 
 
-def _as_float_array(record: Any, name: str) -> np.ndarray:
-    """`record` as float64 (not copied when it already is: nothing downstream writes into it); text or anything else
-    that is not numbers raises naming the record."""
+def _as_float_array(record: Any, name: str, keep_float32: bool = False) -> np.ndarray:
+    """`record` as float64 (not copied when it already is: nothing downstream writes into it; nor when it is float32
+    and `keep_float32`); text or anything else that is not numbers raises naming the record."""
     try:
         array = np.asarray(record)
         if array.dtype.kind in "US":  # numbers as text mean a parsing step went wrong upstream: say so
             raise TypeError(f"an array of text (dtype {array.dtype})")
+        if keep_float32 and array.dtype == np.float32:
+            return array
         return array.astype(np.float64, copy=False)
     except (TypeError, ValueError) as error:
         raise EcgInputError(
             f"{name}: not an array of numbers ({error}); pass the signal as numbers (num_samples, num_leads) or the "
             "path of a WFDB record"
         ) from error
+
+
+@lru_cache(maxsize=256)
+def _resampling_ratio(target_rate: int, sampling_rate: float) -> tuple[int, int]:
+    """`(up, down)` with `up / down` the closest fraction to `target_rate / sampling_rate` (denominator up to 10,000),
+    cached: a batch repeats one or two rates, and building the fraction costs 15 µs."""
+    ratio = (Fraction(target_rate) / Fraction(sampling_rate)).limit_denominator(10_000)
+    return ratio.numerator, ratio.denominator
 
 
 @lru_cache(maxsize=256)
