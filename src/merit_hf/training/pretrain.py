@@ -176,7 +176,7 @@ class DataArguments:
         default=None,
         metadata={
             "help": "None: the feature extractor's scipy path, one record at a time; 'cpu': its batched torch path "
-            "(scipy's filters, equal within float32 rounding; 3.5x faster in a one-thread DataLoader worker on the "
+            "(scipy's filters, equal within float32 rounding; 4.1-4.2x faster in a one-thread DataLoader worker on the "
             "2-core CPU, benchmarks/README.md), in the workers and for --precompute_ecg_values."
         },
     )

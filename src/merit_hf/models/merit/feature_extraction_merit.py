@@ -740,17 +740,14 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
                     unchecked = (signal, names, record_units, name, from_header)
                     present = np.ones(len(self.lead_names), dtype=bool)
                 else:
-                    signal, present, _ = self.validate_signal(
-                        _as_float_array(signal, name), names, record_units, name, from_header
-                    )
+                    signal, present, _ = self._validate_read(signal, names, record_units, name, from_header)
                 entry = self._place(signal, rate, name, present, padding, crop, chunk, len(records) - index, stacks,
                                     sos, padlen)  # fmt: skip
             except Exception:
                 try:  # earlier records' errors, then this record's validation, come first on the scipy path
                     self._validate_pending(pending)
                     if unchecked is not None:
-                        signal, names, record_units, name, from_header = unchecked
-                        self.validate_signal(_as_float_array(signal, name), names, record_units, name, from_header)
+                        self._validate_read(*unchecked)
                 except EcgInputError as earlier:
                     raise earlier from None
                 raise
@@ -821,16 +818,13 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         for entry, signal, names, record_units, name, from_header in pending:
             stack, slot = entry["stack"]
             checked, may_be_flat = verdicts[id(stack)]
-            if checked[slot]:
-                leads = np.flatnonzero(may_be_flat[slot])
-                if (
-                    not leads.size
-                    or not _maybe_flat_columns(_as_float_array(signal, name)[:, leads], self.min_amplitude_mv).size
-                ):
-                    continue
-            signal_mv, present, _ = self.validate_signal(
-                _as_float_array(signal, name), names, record_units, name, from_header
-            )
+            leads = np.flatnonzero(may_be_flat[slot])
+            if checked[slot] and not leads.size:
+                continue
+            signal = _as_float_array(signal, name)  # float64, as the checks see it
+            if checked[slot] and not _maybe_flat_columns(signal[:, leads], self.min_amplitude_mv).size:
+                continue
+            signal_mv, present, _ = self.validate_signal(signal, names, record_units, name, from_header)
             stack[slot] = signal_mv.T
             entry["present"] = present
         pending.clear()
@@ -894,8 +888,12 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         signal, sampling_rate, name, lead_names, units, from_header = self._read_input(
             record, sampling_rate, lead_names, units, index
         )
-        signal, present, _ = self.validate_signal(_as_float_array(signal, name), lead_names, units, name, from_header)
+        signal, present, _ = self._validate_read(signal, lead_names, units, name, from_header)
         return signal, sampling_rate, name, present
+
+    def _validate_read(self, signal, lead_names, units, name: str, from_header: bool):
+        """`validate_signal` on a signal as `_read_input` returned it (its checks run in float64)."""
+        return self.validate_signal(_as_float_array(signal, name), lead_names, units, name, from_header)
 
     def _read_input(
         self, record: Any, sampling_rate: float | None, lead_names: list[str] | None, units: Any, index: int
