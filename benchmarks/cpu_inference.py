@@ -9,8 +9,9 @@ depend on them), one round times every variant once, and a ratio is the median o
   timed (`merit/bf16-sdpa`, `merit/bf16-matmul`: the fused SDPA kernel and two bf16 matmuls, fixed through
   `MERIT_CPU_ATTENTION`) and the JSON says which one the model picked by itself on this CPU.
 - `einsum_ref/<precision>`: the same weights with attention written the way ST-MEM writes it (`einsum` scores,
-  softmax, `einsum`; `encoder_throughput.einsum_attention`), in fp32, bf16 weights, bf16 autocast (how ST-MEM's own
-  code runs bf16) and with the same int8 linear layers. The bf16 ratio is taken against the faster of its two bf16
+  softmax, `einsum`; `encoder_throughput.einsum_attention`) and plain `nn.Linear` layers, in fp32, bf16 weights
+  (cast with `.to()`, without the oneDNN-prepacked linear layers `prepare_for_inference` gives MERIT in bf16 on a
+  CPU), bf16 autocast (how ST-MEM's own code runs bf16) and with the same int8 linear layers. The bf16 ratio is taken against the faster of its two bf16
   forms.
 - `hubert_ecg_base/<precision>`: transformers' `HubertModel` with HuBERT-ECG base's configuration
   (`encoder_throughput.build`), fp32 and bf16 weights.
@@ -39,7 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from encoder_throughput import _register_einsum, build, set_attention  # noqa: E402
 
 from merit_hf.models.merit import modeling_merit  # noqa: E402
-from merit_hf.models.merit.inference_precision import cpu_capability, prepare_for_inference  # noqa: E402
+from merit_hf.models.merit.inference_precision import (  # noqa: E402
+    PrepackedLinear,
+    cpu_capability,
+    prepare_for_inference,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {
@@ -58,11 +63,12 @@ def _variants(preset: str, batch: int, with_hubert: bool) -> tuple[dict, dict]:
     inputs = make_input(batch)
     models = {precision: prepare_for_inference(fp32, precision, "cpu") for precision in ("bf16", "int8")}
     models["fp32"] = fp32
+    plain_bf16 = copy.deepcopy(fp32).to(torch.bfloat16).eval()  # nn.Linear as ST-MEM's code has it
     variants = {
         "einsum_ref/fp32": (fp32, inputs, "stmem_einsum", False, None),
         "merit/fp32": (fp32, inputs, "sdpa", False, None),
         "einsum_ref/bf16-autocast": (fp32, inputs, "stmem_einsum", True, None),
-        "einsum_ref/bf16": (models["bf16"], inputs, "stmem_einsum", False, None),
+        "einsum_ref/bf16": (plain_bf16, inputs, "stmem_einsum", False, None),
         "merit/bf16-sdpa": (models["bf16"], inputs, "sdpa", False, "sdpa"),
         "merit/bf16-matmul": (models["bf16"], inputs, "sdpa", False, "matmul"),
         "einsum_ref/int8": (models["int8"], inputs, "stmem_einsum", False, None),
@@ -144,6 +150,7 @@ def measure_preset(preset: str, batch: int, rounds: int, with_hubert: bool = Tru
         "ratios": ratios,
         "bf16_attention_picked_by_the_model": picked,
         "min_cosine_to_fp32_pooled_output": cosine,
+        "merit_bf16_linear_layers_prepacked": sum(isinstance(m, PrepackedLinear) for m in models["bf16"].modules()),
     }
 
 

@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from merit_hf import MeritEcgModel
 from merit_hf.models.merit.inference_precision import (
     CpuCapability,
+    PrepackedLinear,
     _quantize_fp8,
     _read_cpuinfo,
     cpu_capability,
+    cpu_prepacking_works,
     prepare_for_inference,
     resolve_precision,
 )
@@ -108,6 +110,49 @@ def test_prepare_returns_a_cached_converted_copy_and_never_touches_the_model():
     torch.testing.assert_close(
         fresh.layers[0].mlp.fc1.weight.float(), model.layers[0].mlp.fc1.weight, atol=0.02, rtol=0.01
     )
+
+
+@pytest.mark.skipif(not cpu_prepacking_works(), reason="this PyTorch build has no oneDNN linear prepacking")
+def test_bf16_on_cpu_prepacks_the_block_linears_and_fuses_the_mlps_gelu():
+    """bf16 on a CPU: the block's linear layers run oneDNN-reordered weights (the same result as `nn.Linear`), the
+    MLP's GELU inside fc1; the copy still copies, saves, moves and trains like the model it came from."""
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    model = MeritEcgModel(tiny_ecg_config()).eval()
+    bf16 = prepare_for_inference(model, "bf16", "cpu")
+    block = bf16.layers[0]
+    assert all(type(layer) is PrepackedLinear for layer in (block.attention.qkv, block.attention.proj, block.mlp.fc2))
+    assert block.mlp.fc1.activation == "gelu" and type(block.mlp.act) is torch.nn.Identity
+    assert (
+        type(bf16.embeddings.patch_projection) is torch.nn.Linear and type(model.layers[0].mlp.fc1) is torch.nn.Linear
+    )
+    hidden = torch.randn(2, 7, model.config.hidden_size, dtype=torch.bfloat16)
+    with torch.inference_mode():  # each layer alone: what nn.Linear computes (with GELU: to bf16 rounding)
+        for layer in (block.attention.qkv, block.attention.proj):
+            torch.testing.assert_close(layer(hidden), F.linear(hidden, layer.weight, layer.bias), rtol=0, atol=0)
+        fused = block.mlp.fc1(hidden).float()
+        unfused = F.gelu(F.linear(hidden, block.mlp.fc1.weight, block.mlp.fc1.bias).float())
+        torch.testing.assert_close(fused, unfused, rtol=0.02, atol=0.02)
+    ecg = torch.randn(3, 12, model.config.num_samples)
+    with torch.inference_mode():
+        reference, low = model(ecg).pooler_output, bf16(ecg).pooler_output.float()
+    assert F.cosine_similarity(low, reference).min() > 0.999
+    copied = copy.deepcopy(bf16)  # oneDNN's reordered weights cannot be copied: made again on first use
+    buffer = io.BytesIO()
+    torch.save(bf16.state_dict(), buffer)
+    assert set(bf16.state_dict()) == set(model.state_dict())
+    with torch.inference_mode():
+        assert torch.equal(copied(ecg).pooler_output, bf16(ecg).pooler_output)
+    with torch.no_grad():  # new weights: reordered again, not the stale copy
+        block.attention.proj.weight.mul_(2)
+        doubled = block.attention.proj(hidden)
+        torch.testing.assert_close(doubled, F.linear(hidden, block.attention.proj.weight, block.attention.proj.bias))
+    trained = copy.deepcopy(bf16).float().train()  # fp32 and autograd: plain nn.Linear (+ GELU), gradients flow
+    loss = trained(ecg).pooler_output.pow(2).sum()
+    loss.backward()
+    assert trained.layers[0].mlp.fc1.weight.grad is not None and trained.layers[0].mlp.fc1.weight.grad.abs().sum() > 0
 
 
 def test_int8_quantises_the_block_linears_only_and_stays_close_to_fp32():
