@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import runpy
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +29,7 @@ from merit_hf.hub.cards import (
     render_model_card,
     write_dataset_card,
 )
-from tests.conftest import REPO_ROOT
+from tests.conftest import BUNDLED_PTBXL, REPO_ROOT
 
 LABELS = ["CD", "HYP", "MI", "NORM", "STTC"]
 SHIPPED_RESULTS = REPO_ROOT / "benchmarks" / "results" / "evaluation" / "quickstart"
@@ -294,3 +300,139 @@ def test_dataset_card_configs_need_their_files(tmp_path, capsys):
     assert capsys.readouterr().out == f"{card}: ok\n"
     with pytest.raises(SystemExit, match="configs entry '500hz': data_files 500hz/train-\\*.parquet match no file"):
         main(["check", str(template), "--kind", "dataset", "--data-folder", str(folder)])
+
+
+@pytest.mark.parametrize(
+    "script", sorted(str(path.relative_to(REPO_ROOT)) for path in (REPO_ROOT / "dataset_scripts").glob("*/*.py"))
+)
+def test_dataset_scripts_print_their_help(script, monkeypatch, capsys):
+    """`python dataset_scripts/<name>/<script>.py --help` works (argparse formats every help string with `%`)."""
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO_ROOT / script), run_name="__main__")
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The card's "How to use" code runs, for each kind of MERIT folder
+# ----------------------------------------------------------------------------------------------------------------------
+CARD_REPO_ID = "org/merit-card-test"
+CARD_RECORD = "records100/00000/00001_lr"  # the record path the snippets show
+CLASS_NAMES = {0: "NORM", 1: "MI", 2: "CD"}
+# After the card's code: what each kind's snippets must have given (names the snippets define).
+SNIPPET_CHECKS = {
+    "encoder": """
+        assert type(model).__name__ == "MeritEcgModel", type(model)
+        assert type(classifier).__name__ == "MeritForEcgClassification" and classifier.config.num_labels == 5
+        """,
+    "two_tower": """
+        assert type(model).__name__ == "MeritModel", type(model)
+        """,
+    "classifier": """
+        assert type(model).__name__ == "MeritForEcgClassification" and tuple(logits.shape) == (1, 3)
+        assert sorted(score["label"] for score in scores) == ["CD", "MI", "NORM"], scores
+        """,
+    "report": """
+        assert type(model).__name__ == "MeritForReportGeneration", type(model)
+        assert isinstance(report, str), report
+        """,
+}
+
+
+def save_tiny_folder(kind: str, folder: Path) -> list[str]:
+    """A `save_pretrained` folder of one kind of MERIT model with its feature extractor (and, for the report model,
+    its processor); returns the lead names of its feature extractor."""
+    import torch
+
+    from merit_hf import (
+        MeritEcgModel,
+        MeritForEcgClassification,
+        MeritForReportGeneration,
+        MeritModel,
+        MeritProcessor,
+    )
+    from tests.conftest import tiny_ecg_config, tiny_merit_config
+
+    torch.manual_seed(0)
+    if kind == "report":
+        from tests.test_report_generation import ECG_CONFIG, tiny_llama, train_sentencepiece_tokenizer
+
+        tokenizer = train_sentencepiece_tokenizer(folder.parent / "spm")
+        ecg_config = tiny_ecg_config(**ECG_CONFIG)
+        model = MeritForReportGeneration.from_parts(
+            MeritEcgModel(ecg_config), tiny_llama(len(tokenizer)), tokenizer, ecg_tokens_per_lead=2
+        )
+        feature_extractor = MeritFeatureExtractor.from_model_config(ecg_config)
+        MeritProcessor(feature_extractor, tokenizer, ecg_seq_length=model.config.ecg_seq_length).save_pretrained(
+            folder
+        )
+    else:
+        model = {
+            "encoder": lambda: MeritEcgModel(tiny_ecg_config()),
+            "two_tower": lambda: MeritModel(tiny_merit_config()),
+            "classifier": lambda: MeritForEcgClassification(tiny_merit_config(id2label=CLASS_NAMES)),
+        }[kind]()
+        feature_extractor = MeritFeatureExtractor()
+    model.save_pretrained(folder)
+    feature_extractor.save_pretrained(folder)
+    return list(feature_extractor.lead_names)
+
+
+def card_python_blocks(card: ModelCard) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", _section(card.text, "## How to use", "## Intended use"), flags=re.DOTALL)
+
+
+@pytest.mark.parametrize(
+    ("kind", "auto_class"),
+    [
+        ("encoder", "AutoModel"),
+        ("two_tower", "AutoModel"),
+        ("classifier", "AutoModelForSequenceClassification"),
+        ("report", "AutoModelForCausalLM"),
+    ],
+)
+def test_each_kind_of_folder_gets_its_own_loading_code(kind, auto_class, results_file, tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    auto_map = {"encoder": {"AutoModel": "x"}, "two_tower": {"AutoModel": "x"},
+                "classifier": {"AutoModelForSequenceClassification": "x"}, "report": {}}[kind]  # fmt: skip
+    model_type = {"encoder": "merit_ecg", "report": "merit_report"}.get(kind, "merit")
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type, "auto_map": auto_map}))
+    card = render_model_card(results_file, CARD_REPO_ID, model_folder=folder, base_model="org/tiny-llm")
+    code = "\n".join(card_python_blocks(card))
+    assert f'{auto_class}.from_pretrained("{CARD_REPO_ID}", trust_remote_code=True)' in code
+    assert ("get_ecg_features" in code) == (kind == "two_tower")
+    assert ("generate(" in code) == (kind == "report")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["encoder", "two_tower", "classifier", "report"])
+def test_the_cards_how_to_use_code_runs_without_merit_hf(kind, results_file, tmp_path):
+    """The card's Python blocks, run as written in a process that cannot import merit_hf, with the saved tiny folder
+    for the repo id, a random 10 s 500 Hz signal and the feature extractor's lead names for `signal` and `leads`, and
+    a bundled PTB-XL record for the example path."""
+    from tests.test_core_remote_code import BLOCK_MERIT_HF
+
+    folder = tmp_path / "model"
+    leads = save_tiny_folder(kind, folder)
+    card = render_model_card(results_file, CARD_REPO_ID, model_folder=folder, base_model="org/tiny-llm")
+    blocks = card_python_blocks(card)
+    assert blocks, "the card shows no Python code"
+    code = "\n".join(blocks).replace(CARD_REPO_ID, str(folder)).replace(CARD_RECORD, str(BUNDLED_PTBXL / CARD_RECORD))
+    script = (
+        BLOCK_MERIT_HF
+        + "import numpy as np\n"
+        + "signal = np.random.default_rng(0).normal(scale=0.3, size=(5000, 12))\n"
+        + f"leads = {leads!r}\n"
+        + code
+        + textwrap.dedent(SNIPPET_CHECKS[kind])
+        + "print('SNIPPETS-OK')\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HOME=str(tmp_path / "fresh_hf_home"), HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, f"{code}\n{result.stderr[-3000:]}"
+    assert "SNIPPETS-OK" in result.stdout

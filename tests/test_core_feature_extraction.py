@@ -364,6 +364,30 @@ def test_header_rate_conflict_is_an_error(record_copy):
         MeritFeatureExtractor()(str(record_copy), sampling_rate=250)
 
 
+def test_a_path_with_other_lead_names_or_units_is_an_error(record_copy):
+    fe = MeritFeatureExtractor()
+    with pytest.raises(EcgInputError, match=r"lead_names=\['V6', .*given but the header names \['I', 'II'"):
+        fe(str(record_copy), lead_names=PTBXL_LEADS[::-1])
+    with pytest.raises(EcgInputError, match=r"units='uV' given but the header says \['mV', "):
+        fe(str(record_copy), units="uV")
+    with pytest.raises(EcgInputError, match=r"units='uV' given"):
+        fe(str(record_copy), units="uV", device="cpu")
+    expected = fe(str(record_copy))["ecg_values"]  # the header's own names and units, spelt otherwise, are no conflict
+    same = fe(str(record_copy), lead_names=[lead.lower() for lead in PTBXL_LEADS], units=["MV"] * 12)["ecg_values"]
+    np.testing.assert_array_equal(same, expected)
+
+
+def test_a_lead_named_twice_is_an_error_before_a_flat_copy_is_dropped(ptbxl_dir):
+    """A flat column named as another lead was dropped by name, taking its good twin with it."""
+    signal, _ = _signal(ptbxl_dir)
+    signal[:, 1] = 0.0
+    names = ["I", "I", *PTBXL_LEADS[2:]]
+    fe = MeritFeatureExtractor(flat_lead_policy="drop", missing_leads="mask")
+    for device in (None, "cpu"):
+        with pytest.raises(EcgInputError, match="record 0: lead 'I' appears twice"):
+            fe(signal, sampling_rate=500, lead_names=names, device=device)
+
+
 def test_missing_header(tmp_path):
     with pytest.raises(EcgInputError, match="WFDB header not found"):
         MeritFeatureExtractor()(str(tmp_path / "nothing"))

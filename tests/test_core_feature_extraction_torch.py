@@ -182,6 +182,11 @@ def test_tensors_stay_on_the_device_asked_for(ptbxl_dir, device):
     np.testing.assert_allclose(as_numpy["ecg_values"], reference, rtol=0, atol=MAX_ABS_ERROR)
 
 
+def _named_twice(column):
+    """The model's leads with column `column` named I, as column 0 is."""
+    return [*PTBXL_LEADS[:column], "I", *PTBXL_LEADS[column + 1 :]]
+
+
 BAD_BATCHES = [
     ("a NaN", lambda s: [s, _with_nan(s)], {}),
     ("a too-short record", lambda s: [s, s[:5]], {}),
@@ -204,6 +209,10 @@ BAD_BATCHES = [
     ("a NaN before a record of the wrong shape", lambda s: [s, _with_nan(s), s.T], {}),
     ("a flat lead in a record with an invalid rate", lambda s: [_with_flat_lead(s)], {"sampling_rate": float("nan")}),
     ("a wrong number of units", lambda s: [s], {"units": ["mV"] * 11}),
+    ("fewer lists of lead names than records", lambda s: [s, s, s], {"lead_names": [PTBXL_LEADS, PTBXL_LEADS]}),
+    ("no ECG at all", lambda s: None, {}),
+    ("a number instead of an ECG", lambda s: 3.0, {}),
+    ("a lead named twice, one copy flat", lambda s: [_with_flat_lead(s)], {"lead_names": _named_twice(7)}),
 ]
 
 

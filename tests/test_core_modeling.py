@@ -297,6 +297,34 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(model.get_parameter(name).grad, grad, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("model_class", [MeritEcgModel, MeritModel, MeritForPreTraining, MeritForEcgClassification])
+def test_input_embeddings_are_the_patch_projection_of_the_ecg_encoder(model_class):
+    config = tiny_ecg_config() if model_class is MeritEcgModel else tiny_merit_config()
+    model = model_class(config)
+    encoder = model if model_class is MeritEcgModel else getattr(model, "ecg_model", None) or model.merit.ecg_model
+    assert model.get_input_embeddings() is encoder.embeddings.patch_projection
+    projection = torch.nn.Linear(75, 32)
+    model.set_input_embeddings(projection)
+    assert encoder.embeddings.patch_projection is projection
+
+
+def test_lora_with_reentrant_gradient_checkpointing_trains_the_adapters():
+    """The PEFT recipe for a frozen encoder: `enable_input_require_grads()` hooks the patch projection, so reentrant
+    checkpointed layers (whose inputs would otherwise need no gradient) pass gradients to the LoRA weights."""
+    from peft import LoraConfig, get_peft_model
+
+    classifier = MeritForEcgClassification(tiny_merit_config(num_labels=2))
+    classifier.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    classifier.enable_input_require_grads()
+    model = get_peft_model(classifier, LoraConfig(r=4, target_modules=["qkv"], init_lora_weights=False))
+    model.train()
+    model(torch.randn(2, 12, 2250), labels=torch.ones(2, 2)).loss.backward()
+    lora = {name: p.grad for name, p in model.named_parameters() if "lora_" in name}
+    assert len(lora) == 2 * tiny_merit_config().ecg_config.num_hidden_layers  # A and B of each layer's qkv
+    for name, grad in lora.items():
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Saving and strict loading
 # ---------------------------------------------------------------------------------------------------------------------
@@ -416,7 +444,11 @@ def test_each_saved_class_lists_the_auto_classes_that_load_its_folder(saved_pret
         for m in (MeritEcgModel.from_pretrained(folder), MeritModel.from_pretrained(folder),
                   MeritForEcgClassification.from_pretrained(folder, num_labels=2))
     }  # fmt: skip
-    assert set(auto_map["MeritEcgModel"]) == {"AutoConfig", "AutoModel"}
+    assert auto_map["MeritEcgModel"] == {
+        "AutoConfig": "configuration_merit.MeritEcgConfig",
+        "AutoModel": "modeling_merit.MeritEcgModel",
+        "AutoModelForSequenceClassification": "modeling_merit.MeritForEcgClassificationFromEncoder",
+    }
     assert set(auto_map["MeritModel"]) == {"AutoConfig", "AutoModel", "AutoModelForSequenceClassification"}
     assert auto_map["MeritForEcgClassification"] == {
         "AutoConfig": "configuration_merit.MeritConfig",
@@ -440,6 +472,49 @@ def test_the_classifier_loads_an_encoder_only_folder(saved_pretraining, tmp_path
     ecg = torch.randn(2, 12, 2250)
     torch.testing.assert_close(classifier.ecg_model(ecg).pooler_output, encoder(ecg).pooler_output)
     assert type(AutoModelForSequenceClassification.from_pretrained(folder, num_labels=4)) is MeritForEcgClassification
+
+
+def test_auto_classifier_loads_encoder_only_and_two_tower_folders(saved_pretraining, tmp_path):
+    """`AutoModelForSequenceClassification` on an encoder-only folder (its `auto_map`, as README shows it) gives a
+    `MeritForEcgClassification` with the encoder's weights and the caller's head settings; a two-tower folder too."""
+    from transformers import AutoModelForSequenceClassification
+
+    model, folder = saved_pretraining
+    MeritEcgModel.from_pretrained(folder).save_pretrained(tmp_path / "encoder")
+    MeritModel.from_pretrained(folder).save_pretrained(tmp_path / "two-towers")
+    id2label = {0: "NORM", 1: "MI", 2: "STTC", 3: "CD", 4: "HYP"}
+    ecg = torch.randn(2, 12, 2250)
+    for source, remote in [("encoder", True), ("encoder", False), ("two-towers", True), ("two-towers", False)]:
+        classifier = AutoModelForSequenceClassification.from_pretrained(  # remote code, or merit_hf's registration
+            tmp_path / source, trust_remote_code=remote, id2label=id2label, output_hidden_states=True
+        ).eval()
+        assert type(classifier).__name__ == "MeritForEcgClassification", source
+        assert classifier.config.id2label == id2label
+        assert classifier.config.problem_type == "multi_label_classification"
+        with torch.no_grad():
+            out = classifier(ecg)
+            expected = model.merit.ecg_model(ecg).pooler_output
+            torch.testing.assert_close(classifier.ecg_model(ecg).pooler_output, expected)
+        assert out.logits.shape == (2, 5) and len(out.hidden_states) == 3, source
+
+
+def test_classifier_from_an_encoder_folder_takes_config_kwargs_into_its_config(saved_pretraining, tmp_path):
+    """Kwargs that are config attributes go into the new `MeritConfig` (as transformers' `from_pretrained` puts them
+    in the loaded config), whatever attribute they are; loading kwargs keep their meaning."""
+    _, folder = saved_pretraining
+    MeritEcgModel.from_pretrained(folder).save_pretrained(tmp_path / "encoder")
+    classifier = MeritForEcgClassification.from_pretrained(
+        tmp_path / "encoder", num_labels=2, output_hidden_states=True, output_attentions=True, return_dict=False,
+        attn_implementation="eager", dtype=torch.bfloat16,
+    )  # fmt: skip
+    config = classifier.config
+    assert (config.num_labels, config.output_hidden_states, config.output_attentions) == (2, True, True)
+    assert config.return_dict is False and config._attn_implementation == "eager"
+    assert classifier.dtype == torch.bfloat16
+    logits, hidden_states, attentions = classifier.eval()(torch.randn(1, 12, 2250))
+    assert logits.shape == (1, 2) and len(hidden_states) == 3 and attentions[0].shape == (1, 4, 384, 384)
+    with pytest.raises(ValueError, match="problem_type: must be one of"):
+        MeritForEcgClassification.from_pretrained(tmp_path / "encoder", problem_type="multi_label")
 
 
 def test_loading_from_a_subfolder(saved_pretraining, tmp_path):

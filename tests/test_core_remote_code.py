@@ -134,6 +134,49 @@ def test_remote_code_round_trip_without_merit_hf(hub_folder, ptbxl_dir, tmp_path
     assert "REMOTE-OK transformers_modules" in result.stdout
 
 
+@pytest.mark.slow
+def test_auto_classifier_from_encoder_only_and_two_tower_folders_without_merit_hf(tmp_path):
+    """README's fine-tuning start, `AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True,
+    id2label=...)`, on an encoder-only (`MeritEcgModel`) and a two-tower folder, in a process without merit_hf: the
+    folder's `auto_map` gives a `MeritForEcgClassification` holding the saved encoder and the caller's labels."""
+    from merit_hf import MeritEcgModel, MeritModel
+
+    two_towers = MeritModel(tiny_merit_config()).eval()
+    two_towers.save_pretrained(tmp_path / "two-towers")
+    two_towers.ecg_model.save_pretrained(tmp_path / "encoder")
+    ecg = torch.randn(2, 12, 2250, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = MeritEcgModel.from_pretrained(tmp_path / "encoder").eval()(ecg).pooler_output
+    torch.save({"ecg": ecg, "pooled": expected}, tmp_path / "expected.pt")
+    script = BLOCK_MERIT_HF + textwrap.dedent(
+        f"""
+        import torch
+        from transformers import AutoModelForSequenceClassification
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        id2label = {{0: "NORM", 1: "MI", 2: "CD"}}
+        for name in ("encoder", "two-towers"):
+            classifier = AutoModelForSequenceClassification.from_pretrained(
+                {str(tmp_path)!r} + "/" + name, trust_remote_code=True, id2label=id2label, output_hidden_states=True
+            ).eval()
+            assert type(classifier).__name__ == "MeritForEcgClassification", type(classifier)
+            assert type(classifier).__module__.startswith("transformers_modules"), type(classifier).__module__
+            assert classifier.config.id2label == id2label, classifier.config.id2label
+            with torch.no_grad():
+                out = classifier(expected["ecg"])
+                torch.testing.assert_close(classifier.ecg_model(expected["ecg"]).pooler_output, expected["pooled"])
+            assert out.logits.shape == (2, 3) and len(out.hidden_states) == 3
+        print("CLASSIFIERS-OK")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HOME=str(tmp_path / "fresh_hf_home"), HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "CLASSIFIERS-OK" in result.stdout
+
+
 def test_processor_pairs_ecgs_with_reports(ptbxl_dir, tokenizer):
     processor = MeritProcessor(MeritFeatureExtractor(), tokenizer, max_length=16)
     record = str(ptbxl_dir / "records100" / "00000" / "00001_lr")

@@ -87,6 +87,44 @@ def test_unreadable_record_is_reported(mimic_root, tmp_path):
     assert load_mimic_iv_ecg(tmp_path / "out", streaming=False).num_rows == 6
 
 
+def measurements_line(root, study_id):
+    return next(
+        line for line in (root / "machine_measurements.csv").read_text().splitlines() if f",{study_id}," in line
+    )
+
+
+def test_a_repeated_measurements_row_is_collapsed_and_a_conflicting_one_refused(mimic_root):
+    line = measurements_line(mimic_root, 41000001)
+    with (mimic_root / "machine_measurements.csv").open("a") as handle:
+        handle.write(line + "\n")
+    assert build_mimic_iv_ecg(mimic_root)[1]["report"] == "Sinus rhythm. Normal ECG"
+    with (mimic_root / "machine_measurements.csv").open("a") as handle:
+        handle.write(line.replace("Normal ECG", "Abnormal ECG") + "\n")
+    with pytest.raises(ValueError, match=r"machine_measurements\.csv: study_id\(s\) \[41000001\] listed twice with "):
+        build_mimic_iv_ecg(mimic_root)
+    assert build_mimic_iv_ecg(mimic_root, study_ids=[42000002])["ecg_id"] == [42000002]
+
+
+def test_a_non_numeric_measurement_names_its_study(mimic_root):
+    path = mimic_root / "machine_measurements.csv"
+    text = path.read_text()
+    for study_id, old, new in ((41000001, ",659,", ",abc,"), (42000002, ",6848296,", ",x1,")):
+        line = measurements_line(mimic_root, study_id)
+        text = text.replace(line, line.replace(old, new))
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"machine_measurements\.csv: rr_interval 'abc' of study_id 41000001 is not"):
+        build_mimic_iv_ecg(mimic_root)
+    dataset, report = build_mimic_iv_ecg(mimic_root, on_error="skip", return_report=True)
+    assert (report.total, report.written, report.failed) == (6, 4, 2)
+    assert [failure.reason for failure in report.failures] == [
+        f"{path}: rr_interval 'abc' of study_id 41000001 is not a number",
+        f"{path}: cart_id 'x1' of study_id 42000002 is not an integer",
+    ]
+    assert dataset["ecg_id"] == [40689238, 43000003, 44000004, 45000005]
+    assert dataset["cart_id"] == [6848296, 6848296, 6848296, None]
+    assert dataset["rr_interval"] == [659.0, 659.0, 659.0, None]
+
+
 def test_resume_after_crash_gives_one_row_per_record(mimic_root, tmp_path, monkeypatch):
     output = tmp_path / "out"
     write_shard = conversion._write_shard

@@ -1,7 +1,9 @@
 """Embedding a whole dataset: map-style and streamed give the linear probe's features, the map-style cache is reused
-by a re-run, bf16 stays close to fp32, bad settings are named, and the command line writes loadable Parquet."""
+by a re-run, bf16 stays close to fp32, bad settings and bad records are named, a feature extractor that disagrees with
+the model is refused, and the command line writes loadable Parquet."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +14,8 @@ from merit_hf.embedding import embed_dataset, main
 from merit_hf.models.merit.inference_precision import prepare_for_inference
 from merit_hf.training.probe import extract_features
 from tests.conftest import BUNDLED_PTBXL, tiny_ecg_config, tiny_merit_config
+
+LEADS = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +226,12 @@ def test_shards_together_give_the_whole_split(tmp_path, streaming):
               "--streaming", streaming, "--precision", "fp32"]  # fmt: skip
     whole = main([*common, "--output_dir", str(tmp_path / "whole")])
     for index in (0, 1):
-        main([*common, "--output_dir", str(tmp_path / "sharded"), "--num_shards", "2", "--shard_index", str(index)])
+        shard = main(
+            [*common, "--output_dir", str(tmp_path / "sharded"), "--num_shards", "2", "--shard_index", str(index)]
+        )
+        # each process embeds its own records only (a stream of one Parquet shard is split record by record)
+        test = shard["splits"]["test"]
+        assert test["throughput"]["ecgs_seen"] == test["rows"] < whole["splits"]["test"]["rows"], streaming
     files = sorted(str(path) for path in (tmp_path / "sharded").glob("test-*-of-00002.parquet"))
     assert len(files) == 2 and len(list((tmp_path / "sharded").glob("embeddings-*.json"))) == 2
     sharded = load_dataset("parquet", data_files=files, split="train")
@@ -382,3 +391,65 @@ def test_batched_feature_extraction_on_the_encoder_device(splits, encoder, tmp_p
     summary = main(["--model_name_or_path", str(folder), "--dataset", str(BUNDLED_PTBXL), "--splits", "validation",
                     "--output_dir", str(tmp_path / "out"), "--feature_extraction_device", "encoder"])  # fmt: skip
     assert summary["splits"]["validation"]["rows"] > 0
+
+
+def test_a_feature_extractor_that_disagrees_with_the_encoder_raises(splits, encoder, tmp_path):
+    """A saved preprocessor_config.json whose rate or lead order is not config.json's is refused, naming the folder,
+    the field and both values, by `embed_dataset` and by the command line (before any split is read)."""
+    with pytest.raises(ValueError, match="MeritEcgModel: the feature extractor's sampling_rate 500 does not match "
+                                         "the model config's sampling_rate 250"):  # fmt: skip
+        embed_dataset(splits["test"], encoder, MeritFeatureExtractor(sampling_rate=500))
+    folder = tmp_path / "model"
+    encoder.save_pretrained(folder)
+    MeritFeatureExtractor.from_model_config(encoder.config).save_pretrained(folder)
+    config_file = folder / "preprocessor_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "lead_names": LEADS[::-1]}))
+    message = re.escape(f"{folder}: the feature extractor's lead_names ['V6', 'V5', ")
+    with pytest.raises(ValueError, match=message + r".* does not match the model config's lead_names \['I', 'II', "):
+        embed_dataset(splits["test"], str(folder), device="cpu")
+    with pytest.raises(ValueError, match=message):
+        main(["--model_name_or_path", str(folder), "--dataset", "no/such/dataset", "--output_dir", str(tmp_path)])
+
+
+def test_a_bad_record_is_named_by_its_split_and_id(splits, encoder):
+    """The feature extractor names a record by its index in the batch; `embed_dataset` adds the split and the row's
+    id columns, map-style and streamed, and keeps the feature extractor's error as the cause."""
+    from datasets import Dataset
+
+    from merit_hf.data import EcgInputError
+
+    train = splits["train"].with_format("numpy")
+    rows = [
+        {"ecg_id": 11, "record": "a", "signal": train[0]["signal"], "sampling_rate": 100.0, "lead_names": LEADS},
+        {"ecg_id": 12, "record": "b", "signal": train[1]["signal"][:, 4:], "sampling_rate": 100.0,
+         "lead_names": LEADS[4:]},
+        {"ecg_id": 13, "record": "c", "signal": train[2]["signal"], "sampling_rate": 100.0, "lead_names": LEADS},
+    ]  # fmt: skip
+    dataset = Dataset.from_list(rows)
+    message = r"record 1: 8 leads given, 12 expected; missing \['I', 'II', 'III', 'aVR'\]"
+    with pytest.raises(EcgInputError, match=r"^split 'train', ecg_id 12, record 'b' \(record 1 of a batch of 3\): "
+                                            + message) as raised:  # fmt: skip
+        embed_dataset(dataset, encoder, batch_size=3, device="cpu", split="train")
+    assert isinstance(raised.value.__cause__, EcgInputError) and re.match(message, str(raised.value.__cause__))
+    streamed = embed_dataset(dataset.to_iterable_dataset(), encoder, batch_size=3, device="cpu")
+    with pytest.raises(EcgInputError, match=r"^the dataset, ecg_id 12, record 'b' \(record 1 of a batch of 3\)"):
+        list(streamed)
+
+
+def test_command_line_names_the_split_and_record_of_a_bad_wfdb_record(splits, encoder, tmp_path):
+    """`--dataset_name wfdb`: a converted folder with one 8-lead record fails naming the split and the record."""
+    import wfdb
+
+    from merit_hf.data import EcgInputError, WfdbFolderSpec, convert_wfdb_folder
+
+    signal = splits["train"].with_format("numpy")[0]["signal"][:, 4:].astype(np.float64)
+    (tmp_path / "export" / "ward").mkdir(parents=True)
+    wfdb.wrsamp("eight", fs=100, units=["mV"] * 8, sig_name=LEADS[4:], p_signal=signal, fmt=["16"] * 8,
+                adc_gain=[1000.0] * 8, baseline=[0] * 8, write_dir=str(tmp_path / "export" / "ward"))  # fmt: skip
+    convert_wfdb_folder(WfdbFolderSpec(str(tmp_path / "export")), tmp_path / "converted")
+    encoder.save_pretrained(tmp_path / "model")
+    with pytest.raises(EcgInputError, match=r"^split 'train', ecg_id 0, record 'ward/eight' \(record 0 of a batch of "
+                                            r"1\): record 0: 8 leads given, 12 expected"):  # fmt: skip
+        main(["--model_name_or_path", str(tmp_path / "model"), "--dataset_name", "wfdb", "--dataset",
+              str(tmp_path / "converted"), "--split_fractions", "1", "0", "0", "--splits", "train", "--keep_columns",
+              "ecg_id", "record", "--output_dir", str(tmp_path / "embeddings")])  # fmt: skip

@@ -1,9 +1,11 @@
 """Zero-shot classification: scores per requested label in order, prompt ensembling, errors, the prompt file, the
-registered pipeline."""
+registered pipeline, long records cut into windows, a feature extractor that disagrees with the model."""
 
 from __future__ import annotations
 
 import csv
+import json
+import re
 
 import numpy as np
 import pytest
@@ -228,3 +230,104 @@ def test_zero_shot_evaluation_on_a_dataset_with_a_random_ecg_tower_baseline(mode
         assert results[role]["num_records"] == 10
     assert results["baseline"]["name_or_path"] == "random-init ECG tower"
     assert results["model"]["name_or_path"] == (model.name_or_path or "MeritModel")  # not the module's repr
+
+
+def test_a_long_record_is_scored_from_the_mean_of_its_window_embeddings(model_and_processor, tokenizer):
+    """`window="sliding"`: one row of scores per record, from the projection of the mean of its windows' encoder
+    embeddings (the embedding command line's record embedding), missing leads left out; the pipeline agrees, one
+    record at a time or batched."""
+    model, processor = model_and_processor
+    processor.feature_extractor = MeritFeatureExtractor.from_model_config(
+        model.config.ecg_config, window="sliding", missing_leads="mask"
+    )
+    minute = np.concatenate(_ecgs(6, seed=2))[:, :3]  # 60 s at 250 Hz: 7 windows of 9 s; 10 s: 2 windows
+    ecgs, leads, labels = [minute, _ecgs(1, seed=3)[0][:, :3]], LEADS[:3], ["sinus rhythm", "atrial fibrillation"]
+    windows = processor.feature_extractor(ecgs, sampling_rate=250, lead_names=leads, return_tensors="pt")
+    assert windows["record_index"].tolist() == [0] * 7 + [1] * 2 and not windows["lead_mask"][:, 3:].any()
+    with torch.no_grad():
+        pooled = model.ecg_model(windows["ecg_values"], lead_mask=windows["lead_mask"]).pooler_output
+        ecg = F.normalize(model.ecg_projection(torch.stack([pooled[:7].mean(dim=0), pooled[7:].mean(dim=0)])), dim=-1)
+        tokens = tokenizer(labels, padding=True, return_tensors="pt")
+        text = F.normalize(model.get_text_features(**tokens).pooler_output, dim=-1)
+    expected = (ecg @ text.T).numpy()
+    out = zero_shot_classify(model, processor, ecgs, labels, sampling_rate=250, lead_names=leads, precision="fp32")
+    np.testing.assert_allclose(out["scores"], expected, atol=1e-5)
+    classifier = pipeline(ZERO_SHOT_ECG_TASK, model=model, processor=processor, device="cpu", precision="fp32")
+    for batch_size in (1, 2):
+        outputs = classifier(ecgs, candidate_labels=labels, sampling_rate=250, lead_names=leads, batch_size=batch_size)
+        for output, row in zip(outputs, expected, strict=True):
+            scores = {item["label"]: item["score"] for item in output}
+            np.testing.assert_allclose([scores[label] for label in labels], row, atol=1e-5)
+
+
+def test_a_processor_that_disagrees_with_the_model_raises(model_and_processor, tmp_path):
+    """processor_config.json's feature extractor with the leads reversed: the pipeline, `zero_shot_classify` and
+    `evaluate_zero_shot` refuse it, naming the model, the field and both values."""
+    model, processor = model_and_processor
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    config_file = tmp_path / "processor_config.json"
+    config = json.loads(config_file.read_text())
+    config["feature_extractor"]["lead_names"] = LEADS[::-1]
+    config_file.write_text(json.dumps(config))
+    message = re.escape(f"{tmp_path}: the feature extractor's lead_names ['V6', 'V5', ")
+    with pytest.raises(ValueError, match=message + ".*does not match the model config's lead_names \\['I', 'II', "):
+        pipeline(ZERO_SHOT_ECG_TASK, model=str(tmp_path), device="cpu", trust_remote_code=True)
+    model, processor = MeritModel.from_pretrained(tmp_path).eval(), MeritProcessor.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        zero_shot_classify(model, processor, _ecgs(1), ["MI"], sampling_rate=250, lead_names=LEADS)
+    with pytest.raises(ValueError, match=message):
+        evaluate_zero_shot(model, synthetic_ptbxl(sizes=(2, 2, 2)), processor=processor, baseline=False)
+
+
+def test_non_finite_ecg_values_raise_naming_the_rows(model_and_processor):
+    model, processor = model_and_processor
+    with pytest.raises(ValueError, match=r"ecg_values rows \[0\] hold NaN or inf values"):
+        zero_shot_classify(
+            model, processor, ecg_values=torch.full((1, 12, 2250), float("nan")), candidate_labels=["MI"]
+        )
+    ecg_values = torch.zeros(3, 12, 2250)
+    ecg_values[1, 4, 7], ecg_values[2, 0, 0] = float("inf"), float("nan")
+    with pytest.raises(ValueError, match=r"ecg_values rows \[1, 2\] hold NaN or inf values"):
+        zero_shot_classify(model, processor, ecg_values=ecg_values, candidate_labels=["MI"])
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{} and {}", r"has the placeholders \['\{\}', '\{\}'\]; it needs exactly one '\{\}'"),
+        ("an ECG showing {label}", r"has the placeholders \['\{label\}'\]; it needs exactly one '\{\}'"),
+        ("{0} or {1}", r"has the placeholders \['\{0\}', '\{1\}'\]"),
+        ("an ECG showing {{}}", r"has no '\{\}' placeholder"),
+        ("an ECG showing {", r"is not a format string \(Single '\{' encountered in format string\)"),
+    ],
+)
+def test_a_hypothesis_template_needs_exactly_one_placeholder(model_and_processor, template, message):
+    model, processor = model_and_processor
+    with pytest.raises(ValueError, match=f"hypothesis_template {re.escape(repr(template))} {message}"):
+        zero_shot_classify(model, processor, _ecgs(1), ["MI"], hypothesis_template=template, sampling_rate=250,
+                           lead_names=LEADS)  # fmt: skip
+    assert class_prompts(["MI"], "{{ECG}}: {}") == [["{ECG}: MI"]]
+
+
+def test_dataset_scores_leave_masked_leads_out_and_pool_windows_as_zero_shot_classify(model_and_processor):
+    """The evaluation's scores of a dataset of long 3-lead records are `zero_shot_classify`'s: missing leads left
+    out, one row per record (its windows pooled), whatever the batch size."""
+    from datasets import Dataset
+
+    from merit_hf.evaluation.zero_shot import _dataset_scores
+
+    model, processor = model_and_processor
+    processor.feature_extractor = MeritFeatureExtractor.from_model_config(
+        model.config.ecg_config, window="sliding", missing_leads="mask"
+    )
+    signals = [np.concatenate(_ecgs(2, seed=seed))[:, :3].astype(np.float32) for seed in range(3)]  # 20 s each
+    rows = [{"signal": signal, "sampling_rate": 250, "lead_names": LEADS[:3]} for signal in signals]
+    labels = ["NORM", "MI", "CD"]
+    expected = zero_shot_classify(model, processor, signals, labels, class_descriptions="superclass",
+                                  sampling_rate=250, lead_names=LEADS[:3], precision="fp32")["scores"]  # fmt: skip
+    assert expected.shape == (3, 3)
+    prompts = class_prompts(labels, class_descriptions="superclass")
+    for batch_size in (2, 3):
+        scores = _dataset_scores(model, processor, Dataset.from_list(rows), prompts, batch_size)
+        np.testing.assert_allclose(scores, expected, atol=1e-5)

@@ -249,7 +249,7 @@ def test_a_folder_without_card_or_weights_is_refused(model_folder, hf_api):
     with pytest.raises(HubFolderError) as error:
         push_model(model_folder, REPO_ID, endpoint=ENDPOINT)
     assert "no *.safetensors weights" in str(error.value)
-    assert "README.md (the model card) is missing: render one with merit_hf.hub.cards" in str(error.value)
+    assert push_module.MISSING_MODEL_CARD in str(error.value)
     hf_api.assert_not_called()
 
 

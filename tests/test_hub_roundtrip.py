@@ -370,3 +370,19 @@ def test_transformers_push_to_hub_reaches_the_same_server(model_folder, fake_hub
 
     reloaded = MeritModel.from_pretrained("org/merit-ecg-transformers", cache_dir=tmp_path / "cache").eval()
     assert same_outputs(reference_outputs(model, processor), reference_outputs(reloaded, processor))
+
+
+@pytest.mark.slow
+def test_save_pretrained_with_push_to_hub_uploads_the_zero_shot_prompts(model_folder, fake_hub, tmp_path, monkeypatch):
+    """`save_pretrained(push_to_hub=True)` uploads what it writes into the folder, the prompt file of the folder's
+    zero-shot pipeline included (transformers uploads inside its own `save_pretrained`, before that file existed)."""
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    model, _, _ = model_folder
+    model.save_pretrained(tmp_path / "saved", push_to_hub=True, repo_id="org/merit-ecg-saved", commit_message="save")
+    api = HfApi(endpoint=fake_hub.endpoint)
+    files = set(api.list_repo_files("org/merit-ecg-saved"))
+    assert {"config.json", "model.safetensors", "modeling_merit.py", "pipeline_merit.py"} <= files
+    assert "zero_shot_prompts.json" in files
+    prompts = hf_hub_download("org/merit-ecg-saved", "zero_shot_prompts.json", cache_dir=tmp_path / "cache")
+    assert Path(prompts).read_text() == (tmp_path / "saved" / "zero_shot_prompts.json").read_text()
+    assert api.list_repo_commits("org/merit-ecg-saved")[0].title == "save"

@@ -1,12 +1,15 @@
 """ECG pipelines from a saved folder with only `trust_remote_code=True`, in a process that cannot import merit_hf:
 the card's `feature-extraction` task (and `ecg-feature-extraction`) gives the encoder's embedding, `ecg-classification`
 a fine-tuned classifier's per-class scores; both equal what the model computes in this process. So does
-`zero-shot-ecg-classification` from a two-tower folder, with free-text labels and PTB-XL label sets."""
+`zero-shot-ecg-classification` from a two-tower folder, with free-text labels and PTB-XL label sets. In this process:
+masked leads are left out, the windows of a long record are pooled, and a feature extractor that disagrees with the
+model's config is refused."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -14,20 +17,24 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from transformers import pipeline
 
 from merit_hf import (
+    MeritEcgModel,
     MeritFeatureExtractor,
     MeritForEcgClassification,
     MeritForPreTraining,
     MeritProcessor,
+    pool_window_embeddings,
     zero_shot_classify,
 )
-from merit_hf.models.merit.pipeline_merit import PTBXL_PROMPTS_PATH
-from tests.conftest import BUNDLED_PTBXL, tiny_merit_config
+from merit_hf.models.merit.pipeline_merit import PTBXL_PROMPTS_PATH, _pool_windows
+from tests.conftest import BUNDLED_PTBXL, tiny_ecg_config, tiny_merit_config
 from tests.test_core_remote_code import BLOCK_MERIT_HF
 
 RECORD = BUNDLED_PTBXL / "records100" / "00000" / "00001_lr"
 LABELS = {0: "CD", 1: "MI", 2: "NORM"}
+LEADS = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
 FRESH_PROCESS_PREAMBLE = """
 import numpy as np
 from transformers import pipeline
@@ -143,3 +150,97 @@ def test_zero_shot_pipeline_from_a_saved_two_tower_folder_without_merit_hf(tmp_p
         print("ZERO-SHOT-OK")
         """
     _run_without_merit_hf(tmp_path, body, "ZERO-SHOT-OK")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# In this process, from saved folders (the pipeline code is the folder's copy, run with trust_remote_code=True)
+
+
+def _signal(seconds: float, sampling_rate: int, num_leads: int, seed: int = 0) -> np.ndarray:
+    """A plausible ECG-like array `(num_samples, num_leads)` in mV: a 1.1 Hz sine per lead plus noise."""
+    rng = np.random.default_rng(seed)
+    time = np.arange(int(seconds * sampling_rate)) / sampling_rate
+    phases = rng.uniform(0, np.pi, num_leads)
+    return 0.8 * np.sin(2 * np.pi * 1.1 * time[:, None] + phases) + 0.05 * rng.standard_normal((len(time), num_leads))
+
+
+def _save(folder, model, feature_extractor):
+    model.save_pretrained(folder)
+    feature_extractor.save_pretrained(folder)
+    return str(folder)
+
+
+def test_pipelines_leave_masked_leads_out(tmp_path):
+    """With `missing_leads="mask"`, a 3-lead record's other leads are left out (`lead_mask`), never fed as zeros."""
+    torch.manual_seed(0)
+    encoder = MeritEcgModel(tiny_ecg_config()).eval()
+    feature_extractor = MeritFeatureExtractor(missing_leads="mask")
+    embed = pipeline("feature-extraction", model=_save(tmp_path, encoder, feature_extractor), trust_remote_code=True)
+    signal, leads = _signal(10, 500, 3), ["I", "II", "III"]
+    batch = feature_extractor(signal, sampling_rate=500, lead_names=leads, return_tensors="pt")
+    assert batch["lead_mask"].tolist() == [[True] * 3 + [False] * 9]
+    with torch.no_grad():
+        expected = encoder(**batch).pooler_output[0]
+        zeros_fed = encoder(batch["ecg_values"]).pooler_output[0]
+    embedding = embed(signal, sampling_rate=500, lead_names=leads, return_tensors=True)
+    torch.testing.assert_close(embedding, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(embedding, zeros_fed, atol=1e-3), "the missing leads were fed as zeros"
+
+
+def test_pipelines_pool_every_window_of_a_long_record(tmp_path):
+    """`window="sliding"`: a 60 s record (7 windows) gets the mean of its windows' embeddings (`feature-extraction`)
+    and the scores of the mean of its windows' logits (`ecg-classification`), one record at a time or batched."""
+    torch.manual_seed(0)
+    encoder = MeritEcgModel(tiny_ecg_config()).eval()
+    classifier = MeritForEcgClassification(tiny_merit_config(id2label=LABELS)).eval()
+    feature_extractor = MeritFeatureExtractor(window="sliding")
+    embed = pipeline("feature-extraction", model=_save(tmp_path / "encoder", encoder, feature_extractor),
+                     trust_remote_code=True)  # fmt: skip
+    classify = pipeline("ecg-classification", model=_save(tmp_path / "classifier", classifier, feature_extractor),
+                        trust_remote_code=True)  # fmt: skip
+    minute, short = _signal(60, 500, 12, seed=1), _signal(10, 500, 12, seed=2)
+    windows = feature_extractor([minute, short], sampling_rate=500, lead_names=LEADS, return_tensors="pt")
+    assert windows["record_index"].tolist() == [0] * 7 + [1] * 2
+    with torch.no_grad():
+        window_embeddings = encoder(windows["ecg_values"]).pooler_output
+        window_logits = classifier(windows["ecg_values"]).logits
+    expected_embeddings = [window_embeddings[:7].mean(dim=0), window_embeddings[7:].mean(dim=0)]
+    expected_scores = [torch.sigmoid(window_logits[:7].mean(dim=0)), torch.sigmoid(window_logits[7:].mean(dim=0))]
+    # the first window alone (what the pipelines returned before they pooled) is another embedding
+    assert not torch.allclose(window_embeddings[0], expected_embeddings[0], atol=1e-3)
+    # the pipelines' pooling (remote code, which cannot import modeling_merit) is the embedding command line's
+    torch.testing.assert_close(
+        _pool_windows(window_embeddings, windows["record_index"]),
+        pool_window_embeddings(window_embeddings, windows["record_index"], "mean"),
+    )
+    kwargs = {"sampling_rate": 500, "lead_names": LEADS}
+    for batch_size in (1, 2):
+        embeddings = embed([minute, short], batch_size=batch_size, return_tensors=True, **kwargs)
+        scores = classify([minute, short], batch_size=batch_size, **kwargs)
+        for embedding, expected in zip(embeddings, expected_embeddings, strict=True):
+            torch.testing.assert_close(embedding, expected, rtol=1e-5, atol=1e-5)
+        for out, expected in zip(scores, expected_scores, strict=True):
+            by_label = {entry["label"]: entry["score"] for entry in out}
+            np.testing.assert_allclose([by_label[LABELS[i]] for i in range(3)], expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("field", "saved", "message"),
+    [
+        ("sampling_rate", 500, "sampling_rate 500 does not match the model config's sampling_rate 250"),
+        ("lead_names", LEADS[::-1], r"lead_names \['V6', .*\] does not match the model config's lead_names \['I', "),
+        ("num_samples", 2500, "num_samples 2500 does not match the model config's num_samples 2250"),
+    ],
+)
+def test_a_feature_extractor_that_disagrees_with_the_model_raises(tmp_path, field, saved, message):
+    """preprocessor_config.json edited against config.json: the pipelines refuse the folder, naming it, the field and
+    both values. Lead names compare as the feature extractor matches them (case-insensitively)."""
+    folder = _save(tmp_path, MeritForEcgClassification(tiny_merit_config(id2label=LABELS)), MeritFeatureExtractor())
+    config_file = tmp_path / "preprocessor_config.json"
+    settings = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**settings, field: saved}))
+    for task in ("feature-extraction", "ecg-classification"):
+        with pytest.raises(ValueError, match=f"{re.escape(folder)}: the feature extractor's {message}"):
+            pipeline(task, model=folder, trust_remote_code=True)
+    config_file.write_text(json.dumps({**settings, "lead_names": [lead.upper() for lead in LEADS]}))
+    assert pipeline("feature-extraction", model=folder, trust_remote_code=True)(str(RECORD))

@@ -70,3 +70,21 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
     assert (
         "MERIT quick-start done" in printed and "random-init encoder" in printed and str(tmp_path / "model") in printed
     )
+
+
+def test_every_console_script_exits_0_after_a_run(monkeypatch):
+    """A console script calls `sys.exit(function())`: a function that returns its results (a dict) would end every
+    successful run with exit status 1 and the dict on stderr."""
+    import importlib
+    import tomllib
+    from pathlib import Path
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts
+    for name, target in scripts.items():
+        module_name, function_name = target.split(":")
+        module = importlib.import_module(module_name)
+        monkeypatch.setattr(module, "main", lambda *args, **kwargs: {"results": 1})
+        with pytest.raises(SystemExit) as exit_status:
+            raise SystemExit(getattr(module, function_name)())
+        assert exit_status.value.code is None, name  # exit status 0

@@ -285,6 +285,24 @@ def test_get_ecg_features_returns_the_encoder_output_with_the_soft_tokens_as_poo
     assert len(output.hidden_states) == model.config.ecg_config.num_hidden_layers + 1
 
 
+def test_return_dict_false_gives_a_tuple_as_llava_does(parts):
+    """`forward(return_dict=False)` and `config.return_dict=False` give the output's tuple, loss first, as every other
+    MERIT class and `LlavaForConditionalGeneration` do; `generate()` still works (it asks for a dict)."""
+    model, processor = parts
+    batch = processor(**ecg_kwargs(2), reports=TINY_REPORTS[:2])
+    with torch.no_grad():
+        output = model(**batch)
+        as_tuple = model(**batch, return_dict=False)
+        assert isinstance(as_tuple, tuple)
+        assert torch.equal(as_tuple[0], output.loss) and torch.equal(as_tuple[1], output.logits)
+        assert torch.equal(as_tuple[-1], output.ecg_hidden_states)
+        model.config.return_dict = False
+        assert isinstance(model(**batch), tuple)
+        assert torch.equal(model(**batch, return_dict=True).logits, output.logits)
+        prompt = processor(**ecg_kwargs(1), text=[processor.format_prompt()])
+        assert model.generate(**prompt, max_new_tokens=2, do_sample=False).shape[0] == 1
+
+
 def test_ecg_inputs_reach_only_the_prefill_step_of_generation(parts):
     """`prepare_inputs_for_generation` passes `ecg_values` / `ecg_attention_mask` / `lead_mask` on the first step (or
     every step without a cache), and masks the missing leads' `<ecg>` positions in every step's attention mask."""

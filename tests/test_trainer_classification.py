@@ -14,6 +14,7 @@ from merit_hf.data import MeritCollator, build_ptbxl, label_names
 from merit_hf.evaluation.metrics import macro_auroc
 from merit_hf.evaluation.probe import ProbeArguments, label_matrix, probe_rows
 from merit_hf.hub import check_model_folder
+from merit_hf.hub.push import MISSING_MODEL_CARD
 from merit_hf.training import finetune
 from merit_hf.training.classification import add_trainer_columns, compute_metrics_for
 from tests.conftest import BUNDLED_PTBXL, tiny_ecg_config, tiny_merit_config
@@ -74,7 +75,7 @@ def test_trainer_output_loads_and_passes_the_push_checks(trained):
     trainer, data, names, _, folder = trained
     assert (folder / "preprocessor_config.json").is_file() and (folder / "training_args.bin").is_file()
     problems = check_model_folder(folder)
-    assert problems == ["README.md (the model card) is missing: render one with merit_hf.hub.cards"]
+    assert problems == [MISSING_MODEL_CARD]
     model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
     feature_extractor = AutoFeatureExtractor.from_pretrained(folder, trust_remote_code=True)
     assert feature_extractor.to_dict() == trainer.processing_class.to_dict()

@@ -30,7 +30,7 @@ class PtbxlConversionArguments:
     output_dir: str = field(metadata={"help": "output folder (a Hub dataset repo once uploaded)"})
     sampling_rate: int = field(default=100, metadata={"help": "100 (records100) or 500 (records500)"})
     label_threshold: float = field(
-        default=DEFAULT_LABEL_THRESHOLD, metadata={"help": "likelihood (%) a diagnostic statement needs to count"}
+        default=DEFAULT_LABEL_THRESHOLD, metadata={"help": "likelihood (%%) a diagnostic statement needs to count"}
     )
     ptbxl_version: str = field(
         default=DEFAULT_PTBXL_VERSION,

@@ -31,7 +31,7 @@ import copy
 import hashlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,14 +49,21 @@ from .evaluation.probe import (
     record_embeddings,
 )
 from .models.fingerprint import model_fingerprint
-from .models.merit.feature_extraction_merit import MISSING_LEAD_POLICIES, WINDOWS, MeritFeatureExtractor
+from .models.merit.feature_extraction_merit import (
+    MISSING_LEAD_POLICIES,
+    WINDOWS,
+    EcgInputError,
+    MeritFeatureExtractor,
+)
 from .models.merit.inference_precision import PRECISIONS, prepare_for_inference, resolve_precision
 from .models.merit.modeling_merit import WINDOW_POOLINGS
+from .models.merit.pipeline_merit import check_feature_extractor_matches
 from .utils.arguments import parse_arguments
 from .utils.throughput import ThroughputMeter
 
 DATASET_NAMES = ("ptbxl", "mimic_iv_ecg", "wfdb")
 REQUIRED_COLUMNS = ("signal", "sampling_rate", "lead_names")
+RECORD_ID_COLUMNS = ("ecg_id", "record", "study_id")  # what names a row in an error, whichever the dataset has
 
 
 def embed_dataset(
@@ -72,6 +79,7 @@ def embed_dataset(
     window_pooling: str = "mean",
     meter: ThroughputMeter | None = None,
     feature_extraction_device: torch.device | str | None = None,
+    split: str | None = None,
 ):
     """`dataset` (a `datasets.Dataset` or `IterableDataset` in the merit_hf schema) with the MERIT embedding of every
     record in `column` (float32, `hidden_size` wide) and only `keep_columns` of the others.
@@ -93,6 +101,12 @@ def embed_dataset(
             the CPU; `"encoder"` runs its batched torch path on the encoder's device (each process's own GPU under
             `accelerate launch`), or name a device (`"cpu"`). Equal to the scipy path within float32 rounding
             (tests/test_core_feature_extraction_torch.py); speed in benchmarks/README.md.
+        split: the split's name, for errors (default: the dataset's own `split`, when it has one).
+
+    Raises `ValueError` when the feature extractor's `sampling_rate`, `lead_names` or `num_samples` differ from the
+    encoder config's (`check_feature_extractor_matches`), and `EcgInputError` for a record that breaks the input
+    contract, naming the split and the row (its `ecg_id` / `record` / `study_id`) before the feature extractor's own
+    message (the original error is the `__cause__`).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision: must be one of {list(PRECISIONS)}, got {precision!r}")
@@ -107,6 +121,8 @@ def embed_dataset(
         raise ValueError(f"keep_columns: {unknown} are not columns of the dataset ({columns})")
     encoder, _ = load_encoder(model) if isinstance(model, (str, Path)) else (ecg_encoder(model), None)
     feature_extractor = feature_extractor or load_feature_extractor(model, encoder)
+    check_feature_extractor_matches(feature_extractor, encoder if isinstance(model, (str, Path)) else model)
+    split = split if split is not None else getattr(dataset, "split", None)
     device = (
         torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
@@ -116,9 +132,15 @@ def embed_dataset(
         meter.model = runner
     extraction_device = device if feature_extraction_device == "encoder" else feature_extraction_device
 
+    def inputs_of(rows: dict[str, list]) -> dict[str, torch.Tensor]:
+        return ecg_model_inputs(feature_extractor, rows, crop="center", device=extraction_device)
+
     def embed(rows: dict[str, list]) -> dict[str, Any]:
         with meter.waiting() if meter is not None else contextlib.nullcontext():
-            inputs = ecg_model_inputs(feature_extractor, rows, crop="center", device=extraction_device)
+            try:
+                inputs = inputs_of(rows)
+            except EcgInputError as error:  # it names the record by its index in this batch only
+                raise _named_record_error(error, rows, split, inputs_of) from error
         if meter is not None:
             meter.count_flops_once(lambda batch: runner(**batch).pooler_output, encoder_inputs(inputs, device), False)
             meter.step(len(inputs["ecg_values"]))
@@ -142,6 +164,24 @@ def embed_dataset(
         ).hexdigest()
         options["desc"] = "embedding"
     return dataset.map(embed, **options)
+
+
+def _named_record_error(
+    error: EcgInputError, rows: dict[str, list], split: str | None, inputs_of: Callable[[dict[str, list]], Any]
+) -> EcgInputError:
+    """`error` of a batch of `rows` prefixed with the split and the failing row's `RECORD_ID_COLUMNS`; the row is the
+    first one that fails again on its own (only run once a batch has failed)."""
+    ids = [name for name in RECORD_ID_COLUMNS if name in rows]
+    where = f"split {str(split)!r}" if split is not None else "the dataset"
+    size = len(rows["signal"])
+    for position in range(size):
+        try:
+            inputs_of({name: values[position : position + 1] for name, values in rows.items()})
+        except EcgInputError:
+            named = ", ".join(f"{name} {rows[name][position]!r}" for name in ids) or "a row without an id column"
+            return EcgInputError(f"{where}, {named} (record {position} of a batch of {size}): {error}")
+    named = "; ".join(f"{name} {rows[name]!r}" for name in ids) or f"{size} rows without an id column"
+    return EcgInputError(f"{where}, a batch of {named}: {error}")
 
 
 def write_embeddings_parquet(
@@ -418,6 +458,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     shard_index = arguments.shard_index if arguments.shard_index is not None else state.process_index
     encoder, name = load_encoder(arguments.model_name_or_path)
     feature_extractor = with_input_settings(load_feature_extractor(arguments.model_name_or_path, encoder), arguments)
+    check_feature_extractor_matches(feature_extractor, encoder)  # before any split is read
     output_dir = Path(arguments.output_dir)
     suffix = f"-{shard_index:05d}-of-{num_shards:05d}" if num_shards > 1 else ""
     weights = model_fingerprint(encoder)  # once: the cache key of every map-style split and the resume key
@@ -446,6 +487,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             window_pooling=arguments.window_pooling,
             meter=meter,
             feature_extraction_device=arguments.feature_extraction_device,
+            split=split,
         )
         path = output_dir / f"{split}{suffix}.parquet"
         resume_key = hashlib.sha1(json.dumps([*what, split]).encode()).hexdigest()

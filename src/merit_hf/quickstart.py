@@ -313,5 +313,11 @@ def print_summary(results: dict[str, Any], train_results: dict[str, Any], probe_
     print("\n".join(lines), flush=True)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `merit-quickstart` command: `main` without its return value (a console script exits with what its function
+    returns, and a dict would be exit status 1 printed to stderr)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

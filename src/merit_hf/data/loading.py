@@ -14,7 +14,9 @@ it hands over to `load_ptbxl`, `load_mimic_iv_ecg` or `load_wfdb_dataset`. Only 
 Multi-process training: pass `rank` and `world_size` (e.g. `accelerator.process_index`, `accelerator.num_processes`)
 and each process gets its part through `datasets.distributed.split_dataset_by_node`. For streaming, a number of
 Parquet shards divisible by `world_size` gives each process whole shards; otherwise every process reads all shards
-and keeps one example in `world_size`.
+and keeps one example in `world_size`, at that point of the stream (`_split_by_node`): a `map` added later (the
+embedding command line's, a collator's preprocessing) runs on the kept examples only. (`split_dataset_by_node` itself
+drops them after every later `map` has run on all of them, so each process would embed every record.)
 """
 
 from __future__ import annotations
@@ -403,7 +405,14 @@ def _split_by_node(dataset: AnyDataset, rank: int | None, world_size: int | None
         return dataset
     if rank is None or world_size is None or not 0 <= rank < world_size:
         raise ValueError(f"rank and world_size go together, with 0 <= rank < world_size; got {rank}, {world_size}")
-    return _map_splits(dataset, lambda part, _: split_dataset_by_node(part, rank=rank, world_size=world_size))
+    return _map_splits(dataset, lambda part, _: _node_part(part, rank, world_size))
+
+
+def _node_part(part: Dataset | IterableDataset, rank: int, world_size: int) -> Dataset | IterableDataset:
+    if isinstance(part, IterableDataset) and part.num_shards % world_size:
+        # one example in `world_size`, kept here rather than after the maps added later (as split_dataset_by_node would)
+        return part.filter(lambda _, index: index % world_size == rank, with_indices=True)
+    return split_dataset_by_node(part, rank=rank, world_size=world_size)
 
 
 __all__ = [

@@ -19,6 +19,9 @@ Row schema, shared with PTB-XL where the fields exist:
 | `rr_interval`, `p_onset`, `p_end`, `qrs_onset`, `qrs_end`, `t_end`, `p_axis`, `qrs_axis`, `t_axis` | float32 | as given (MIMIC writes 29999 for "not measured") |
 
 A record with no `machine_measurements.csv` row gets an empty report and null measurements; their number is logged.
+Repeated identical `machine_measurements.csv` rows of a study count once; rows of one study that differ are refused
+(`ValueError` naming the study_ids). A measurement that is not a number fails its record (named with its study_id),
+which `on_error="skip"` leaves out.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ MEASUREMENT_TEXT_COLUMNS = ("bandwidth", "filtering")
 MEASUREMENT_NUMBER_COLUMNS = (
     "rr_interval", "p_onset", "p_end", "qrs_onset", "qrs_end", "t_end", "p_axis", "qrs_axis", "t_axis",
 )  # fmt: skip
+MEASUREMENT_NUMBERS = {"cart_id": int, **dict.fromkeys(MEASUREMENT_NUMBER_COLUMNS, float)}
 
 
 def mimic_iv_ecg_features() -> Features:
@@ -84,6 +88,12 @@ class MimicRecordReader:
         return str(self.root / task["path"])
 
     def __call__(self, task: dict[str, Any]) -> dict[str, Any]:
+        for name, kind in MEASUREMENT_NUMBERS.items():
+            if isinstance(task[name], str):  # `read_mimic_tasks` keeps a cell that is not a `kind` as its text
+                raise ValueError(
+                    f"{self.root / MEASUREMENTS_FILE}: {name} {task[name]!r} of study_id {task['study_id']} is not "
+                    f"{'an integer' if kind is int else 'a number'}"
+                )
         record = read_ecg_record(
             self.record_name(task), sampling_rate=MIMIC_SAMPLING_RATE, num_samples=MIMIC_NUM_SAMPLES
         )
@@ -104,7 +114,8 @@ class MimicRecordReader:
 
 
 def read_mimic_tasks(mimic_root: str | os.PathLike, study_ids: Iterable[int] | None = None) -> list[dict[str, Any]]:
-    """One task per row of `record_list.csv` (in file order), with its report and measurements attached."""
+    """One task per row of `record_list.csv` (in file order), with its report and measurements attached (a
+    measurement that is not a number as its text, which `MimicRecordReader` refuses for that record alone)."""
     root = Path(mimic_root)
     records = _read_csv(root / RECORD_LIST_FILE, RECORD_LIST_COLUMNS)
     measurements = _read_csv(root / MEASUREMENTS_FILE, ("study_id", "cart_id", *MIMIC_REPORT_COLUMNS))
@@ -113,7 +124,14 @@ def read_mimic_tasks(mimic_root: str | os.PathLike, study_ids: Iterable[int] | N
     duplicated = records["study_id"][records["study_id"].duplicated()]
     if len(duplicated):
         raise ValueError(f"{root / RECORD_LIST_FILE}: study_id(s) {sorted(set(duplicated))[:10]} listed twice")
-    measurements = measurements.drop_duplicates("study_id").set_index("study_id")
+    measurements = measurements[measurements["study_id"].isin(records["study_id"])].drop_duplicates()
+    conflicting = measurements["study_id"][measurements["study_id"].duplicated()]
+    if len(conflicting):
+        raise ValueError(
+            f"{root / MEASUREMENTS_FILE}: study_id(s) {sorted(set(conflicting))[:10]} listed twice with different "
+            "values; keep one row per study"
+        )
+    measurements = measurements.set_index("study_id")
     tasks, unmatched = [], 0
     for record in records.to_dict("records"):
         study_id = int(record["study_id"])
@@ -203,10 +221,17 @@ def _text(value: Any) -> str | None:
     return str(value).strip()
 
 
-def _number(value: Any, kind: type) -> Any:
+def _number(value: Any, kind: type) -> int | float | str | None:
+    """A cell as `kind` (None if blank); one that is not a `kind` stays text. One such cell makes pandas read its
+    whole column as text ('659'), so each cell is parsed here and the bad one left for its record's reader to refuse.
+    """
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
-    return kind(value)
+    try:
+        number = float(value)
+    except ValueError:
+        return str(value)
+    return kind(number) if kind is float or number.is_integer() else str(value)
 
 
 __all__ = [

@@ -32,6 +32,7 @@ import torch
 from ..models.merit.pipeline_merit import (
     DEFAULT_HYPOTHESIS_TEMPLATE,
     PTBXL_PROMPTS_PATH,
+    check_feature_extractor_matches,
     class_prompts,
     encode_class_prompts,
     encode_ecgs,
@@ -61,14 +62,26 @@ def random_ecg_tower_like(model, seed: int = 0):
 
 
 def _dataset_scores(model, processor, dataset, prompts, batch_size: int) -> np.ndarray:
+    """Scores `(num_records, num_classes)`: missing leads left out (`lead_mask`), the windows of `window="sliding"`
+    pooled per record (as `encode_ecgs` does)."""
     class_embeddings = encode_class_prompts(model, processor.tokenizer, prompts, max_length=processor.max_length)
     columns = dataset.select_columns(["signal", "sampling_rate", "lead_names"])
     embeddings = []
     for start in range(0, len(dataset), batch_size):
         rows = columns[start : start + batch_size]
-        ecg_values = ecg_model_inputs(processor.feature_extractor, rows, crop="center")["ecg_values"]
+        inputs = ecg_model_inputs(processor.feature_extractor, rows, crop="center")
         # fp32: evaluation numbers must not depend on the CPU they were computed on
-        embeddings.append(encode_ecgs(model, ecg_values, batch_size, precision="fp32"))
+        embeddings.append(
+            encode_ecgs(
+                model,
+                inputs["ecg_values"],
+                batch_size,
+                ecg_attention_mask=inputs.get("ecg_attention_mask"),
+                lead_mask=inputs.get("lead_mask"),
+                precision="fp32",
+                record_index=inputs.get("record_index"),
+            )
+        )
     return similarity_scores(model, torch.cat(embeddings), class_embeddings)
 
 
@@ -103,6 +116,7 @@ def evaluate_zero_shot(
     )
     if processor is None:
         raise ValueError("evaluate_zero_shot needs a processor (MeritProcessor) when given a model instance")
+    check_feature_extractor_matches(processor.feature_extractor, model)
     dataset_dict = labeled_dataset_dict(dataset_dict, label_set)
     names = label_names(dataset_dict["test"], label_set)
     descriptions = load_class_descriptions(label_set, prompt_file)

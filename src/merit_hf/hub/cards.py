@@ -37,6 +37,9 @@ from ..evaluation.metrics import METRIC_DEFINITIONS
 from ..evaluation.results import EvaluationResults, ResultEntry, format_metric, read_results
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "merit_model_card.md"  # ships in the wheel
+# The "How to use" code of each kind of MERIT folder: the Auto class its `auto_map` has, and what that model returns.
+MODEL_KINDS = ("encoder", "two_tower", "classifier", "report")
+USAGE_TEMPLATES = {kind: DEFAULT_TEMPLATE.with_name(f"usage_{kind}.md") for kind in MODEL_KINDS}
 METRIC_TYPES = {"auroc": "roc_auc", "auc": "roc_auc", "f1": "f1", "accuracy": "accuracy", "bleu": "bleu"}
 DEFAULT_TAGS = [
     "ecg",
@@ -203,6 +206,22 @@ def input_contract(model_folder: str | os.PathLike | None) -> str:
     return "\n".join(["| item | value |", "| --- | --- |", *[f"| {key} | {value} |" for key, value in rows]])
 
 
+def model_kind(config: Mapping) -> str:
+    """The kind of MERIT model a folder's `config.json` holds (one of `MODEL_KINDS`): `"encoder"` (`MeritEcgModel`),
+    `"report"` (`MeritForReportGeneration`), `"classifier"` (`MeritForEcgClassification`: its `auto_map` has
+    `AutoModelForSequenceClassification` but no `AutoModel`), else `"two_tower"` (`MeritModel` /
+    `MeritForPreTraining`, and a card rendered without a model folder)."""
+    model_type = config.get("model_type")
+    if model_type == "merit_ecg":
+        return "encoder"
+    if model_type == "merit_report":
+        return "report"
+    auto_map = config.get("auto_map") or {}
+    if "AutoModelForSequenceClassification" in auto_map and "AutoModel" not in auto_map:
+        return "classifier"
+    return "two_tower"
+
+
 def _training_text(runs: list[EvaluationResults], model_folder: str | os.PathLike | None) -> str:
     parts = []
     for training in (run.extra.get("training") for run in runs):
@@ -281,8 +300,9 @@ def render_model_card(
             several runs, e.g. linear probe at 1/10/100 % labels and zero-shot).
         repo_id: the Hub repository the card is for (used in the usage snippet).
         model_folder: the `save_pretrained` folder; its `preprocessor_config.json` gives the input contract and its
-            `config.json` the architecture. A report model (`model_type` `"merit_report"`) gets
-            `pipeline_tag: text-generation`, the encoder gets `feature-extraction`.
+            `config.json` the architecture and the kind of model ([`model_kind`]), whose loading and inference
+            code the card shows. A report model (`model_type` `"merit_report"`) gets `pipeline_tag:
+            text-generation`, the others `feature-extraction`.
         datasets: Hub ids of the training/evaluation datasets (YAML `datasets`).
         base_model: for the report model, the language model it was adapted from (YAML `base_model`).
         template: a `string.Template` Markdown file with `$metadata`, `$title`, ... placeholders.
@@ -292,7 +312,8 @@ def render_model_card(
     config = {}
     if model_folder is not None and (Path(model_folder) / "config.json").is_file():
         config = json.loads((Path(model_folder) / "config.json").read_text())
-    is_report = config.get("model_type") == "merit_report"
+    kind = model_kind(config)
+    is_report = kind == "report"
     if is_report and not base_model:
         raise CardError("a report-generation card needs base_model (the language model it was adapted from)")
     dataset_id, dataset_name = _evaluation_dataset(runs, datasets)
@@ -326,6 +347,7 @@ def render_model_card(
         metadata=card_data.to_yaml(),
         title=name,
         repo_id=repo_id,
+        usage=string.Template(USAGE_TEMPLATES[kind].read_text()).substitute(repo_id=repo_id).strip(),
         summary=(
             "An ECG-conditioned report generator: the MERIT ECG encoder, a projector and a causal language model."
             if is_report
@@ -517,6 +539,7 @@ __all__ = [
     "input_contract",
     "load_results",
     "model_card_problems",
+    "model_kind",
     "render_model_card",
     "write_dataset_card",
 ]

@@ -81,6 +81,12 @@ class PushResult:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+MISSING_MODEL_CARD = (
+    "README.md (the model card) is missing: push with --results <evaluation JSON> (results= in push_model) to render "
+    "it, or render one with merit_hf.hub.cards"
+)
+
+
 def check_model_folder(folder: str | os.PathLike, ignore_patterns: list[str] | None = None) -> list[str]:
     """Problems that would stop `from_pretrained(repo, trust_remote_code=True)` after a push; `[]` when none.
 
@@ -122,7 +128,7 @@ def check_model_folder(folder: str | os.PathLike, ignore_patterns: list[str] | N
             "(Trainer(..., processing_class=feature_extractor) or feature_extractor.save_pretrained(folder))"
         )
     if not (folder / "README.md").is_file():
-        problems.append("README.md (the model card) is missing: render one with merit_hf.hub.cards")
+        problems.append(MISSING_MODEL_CARD)
     return problems + leak_problems(folder, ignore_patterns)
 
 

@@ -22,6 +22,7 @@ from .feature_extraction_merit import MeritFeatureExtractor
 from .modeling_merit import (
     MeritEcgModel,
     MeritForEcgClassification,
+    MeritForEcgClassificationFromEncoder,
     MeritForPreTraining,
     MeritModel,
     pool_window_embeddings,
@@ -39,6 +40,9 @@ AutoModel.register(MeritEcgConfig, MeritEcgModel, exist_ok=True)
 AutoModel.register(MeritConfig, MeritModel, exist_ok=True)
 AutoModelForPreTraining.register(MeritConfig, MeritForPreTraining, exist_ok=True)
 AutoModelForSequenceClassification.register(MeritConfig, MeritForEcgClassification, exist_ok=True)
+# an encoder-only folder's classifier (a `MeritForEcgClassification`, built by this stand-in: transformers registers a
+# model class only under its own config class)
+AutoModelForSequenceClassification.register(MeritEcgConfig, MeritForEcgClassificationFromEncoder, exist_ok=True)
 AutoFeatureExtractor.register(MeritConfig, MeritFeatureExtractor, exist_ok=True)
 AutoFeatureExtractor.register(MeritEcgConfig, MeritFeatureExtractor, exist_ok=True)
 AutoProcessor.register(MeritConfig, MeritProcessor, exist_ok=True)

@@ -31,6 +31,7 @@ it imports numpy, scipy and transformers only; `wfdb` is imported when a path is
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
@@ -605,7 +606,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         ecgs: Any,
         sampling_rate: float | list[float] | None = None,
         lead_names: list[str] | list[list[str]] | None = None,
-        units: str | list[str] | None = "mV",
+        units: str | list[str] | None = None,
         return_tensors: str | None = None,
         padding: bool | None = None,
         crop: str | None = None,
@@ -620,8 +621,10 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             sampling_rate: sampling rate in Hz of the arrays (one for all, or one per record as a list, tuple or 1-D
                 array). Required for arrays; read from the header for paths (passing a different one for a path
                 raises).
-            lead_names: lead names of the arrays' columns (one list for all, or one per record). Required for arrays.
-            units: unit of the arrays (`"mV"`, `"uV"`/`"µV"`, `"V"`), one for all leads or one per lead.
+            lead_names: lead names of the arrays' columns (one list for all, or one per record). Required for arrays;
+                read from the header for paths (passing different ones for a path raises).
+            units: unit of the arrays (`"mV"`, `"uV"`/`"µV"`, `"V"`), one for all leads or one per lead; `None`
+                (default) is mV for arrays. Read from the header for paths (passing different ones raises).
             return_tensors: `"pt"`, `"np"` or `None` (lists).
             padding, crop: override the instance settings for this call.
             return_attention_mask: return `ecg_attention_mask` (1 on signal, 0 on padding): `True` always (all ones
@@ -654,7 +657,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         values, masks, lead_masks, record_index = [], [], [], []
         for index, record in enumerate(records):
             rate = self._per_record(sampling_rate, index, len(records), "sampling_rate")
-            names = lead_names[index] if _is_list_of_lists(lead_names) else lead_names
+            names = self._per_record_names(lead_names, index, len(records))
             ecg, mask, present = self.process_one(record, rate, names, units, padding=padding, crop=crop, index=index)
             values.append(ecg)
             masks.append(mask)
@@ -731,7 +734,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             unchecked = None  # this record as read, while its validation is deferred to the screen
             try:
                 rate = self._per_record(sampling_rate, index, len(records), "sampling_rate")
-                names = lead_names[index] if _is_list_of_lists(lead_names) else lead_names
+                names = self._per_record_names(lead_names, index, len(records))
                 signal, rate, name, names, record_units, from_header = self._read_input(
                     record, rate, names, units, index
                 )
@@ -840,7 +843,21 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         if hasattr(ecgs, "numpy") and hasattr(ecgs, "dim"):  # a torch tensor
             array = ecgs.detach().cpu().numpy()
             return list(array) if array.ndim == 3 else [array]
-        return list(ecgs)
+        if isinstance(ecgs, Iterable) and not isinstance(ecgs, (bytes, Mapping)):  # a list, a data set's column
+            return list(ecgs)
+        raise EcgInputError(
+            "ecgs: expected an array (num_samples, num_leads), a WFDB record's path, or a list of them; got "
+            f"{type(ecgs).__name__}"
+        )
+
+    @staticmethod
+    def _per_record_names(lead_names, index: int, count: int):
+        """One list of lead names for every record, or one list per record."""
+        if not _is_list_of_lists(lead_names):
+            return lead_names
+        if len(lead_names) != count:
+            raise EcgInputError(f"lead_names: {len(lead_names)} lists of lead names given for {count} records")
+        return lead_names[index]
 
     @staticmethod
     def _per_record(value, index: int, count: int, field: str):
@@ -857,7 +874,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         record: Any,
         sampling_rate: float | None,
         lead_names: list[str] | None,
-        units: str | list[str] | None = "mV",
+        units: str | list[str] | None = None,
         padding: bool = False,
         crop: str = "center",
         index: int = 0,
@@ -878,7 +895,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         record: Any,
         sampling_rate: float | None,
         lead_names: list[str] | None,
-        units: str | list[str] | None = "mV",
+        units: str | list[str] | None = None,
         index: int = 0,
     ) -> tuple[np.ndarray, float, str, np.ndarray]:
         """Steps 1-4 of the contract for one record (read, leads, NaN, units and amplitude): returns `(signal
@@ -906,6 +923,16 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             if sampling_rate is not None and float(sampling_rate) != read["sampling_rate"]:
                 raise EcgInputError(
                     f"{name}: sampling_rate={sampling_rate} given but the header says {read['sampling_rate']} Hz"
+                )
+            if lead_names is not None and _lead_keys(lead_names) != _lead_keys(read["lead_names"]):
+                raise EcgInputError(
+                    f"{name}: lead_names={list(lead_names)} given but the header names {list(read['lead_names'])}; "
+                    "a record's lead names come from its header (leave lead_names unset for paths)"
+                )
+            if units is not None and _unit_factors(units, len(read["units"])) != _unit_factors(read["units"]):
+                raise EcgInputError(
+                    f"{name}: units={units!r} given but the header says {list(read['units'])}; a record's units come "
+                    "from its header (leave units unset for paths)"
                 )
             signal, sampling_rate, lead_names, units = (
                 read["signal"],
@@ -1034,9 +1061,16 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         (`drop_extra_leads`), leads with NaN/inf `nan_policy`'s; the upper bound is `check_max_amplitude`'s, after
         leads are matched. Returns `(signal, lead_names, flat leads)`."""
         wanted = set(_lead_keys(self.lead_names))
-        used = [column for column, key in enumerate(_lead_keys(lead_names)) if key in wanted]
+        keys = _lead_keys(lead_names)
+        used = [column for column, key in enumerate(keys) if key in wanted]
         if not used:
             return signal, lead_names, []
+        if len({keys[column] for column in used}) < len(used):  # before a flat copy could drop its twin by name
+            seen: set[str] = set()
+            for column in used:
+                if keys[column] in seen:
+                    raise EcgInputError(f"{name}: lead {lead_names[column]!r} appears twice")
+                seen.add(keys[column])
         drop = self.flat_lead_policy == "drop"
         if drop and getattr(self, "missing_leads", "raise") == "raise" and not self.derive_limb_leads:
             policy = "raise"  # nothing could stand in for a dropped lead: say so rather than "missing lead"
@@ -1272,6 +1306,12 @@ def _lead_keys(lead_names) -> tuple[str, ...]:
         return _cached_lead_keys(tuple(lead_names))
     except TypeError:  # names that cannot be hashed: no cache
         return tuple(str(lead).strip().lower() for lead in lead_names)
+
+
+def _unit_factors(units, num_leads: int | None = None) -> list:
+    """Each lead's factor to mV (`UNIT_TO_MV`; an unknown unit stands for itself), to compare two spellings."""
+    per_lead = [units] * (num_leads or 1) if isinstance(units, str) else list(units)
+    return [UNIT_TO_MV.get(str(unit).strip().lower(), str(unit)) for unit in per_lead]
 
 
 def _is_list_of_lists(value) -> bool:

@@ -656,11 +656,20 @@ class _StrictLoadingMixin:
             )
         # MERIT's weight names are its own: never write them back through a loading `key_mapping`.
         kwargs.setdefault("save_original_format", False)
+        # transformers uploads inside `super().save_pretrained`, before the files written below exist; so the folder
+        # is saved first and then pushed whole (`push_to_hub` saves it again into a temporary folder, through here).
+        push_to_hub = kwargs.pop("push_to_hub", False)
+        repo_id = kwargs.pop("repo_id", Path(save_directory).name)
+        hub_kwargs = {key: kwargs.pop(key) for key in ("commit_message", "create_pr", "private") if key in kwargs}
         result = super().save_pretrained(save_directory, *args, **kwargs)
-        if "zero-shot-ecg-classification" in (getattr(self.config, "custom_pipelines", None) or {}) and kwargs.get(
-            "is_main_process", True
-        ):  # the prompt file behind class_descriptions="superclass" in the folder's zero-shot pipeline
+        is_main_process = kwargs.get("is_main_process", True)
+        pipelines = getattr(self.config, "custom_pipelines", None) or {}
+        if "zero-shot-ecg-classification" in pipelines and is_main_process:
+            # the prompt file behind class_descriptions="superclass" in the folder's zero-shot pipeline
             save_zero_shot_prompts(save_directory, self.name_or_path)
+        if push_to_hub and is_main_process:
+            hub_kwargs.update({key: kwargs[key] for key in ("token", "max_shard_size") if key in kwargs})
+            self.push_to_hub(repo_id, **hub_kwargs)
         return result
 
     @classmethod
@@ -797,7 +806,12 @@ class MeritEcgPreTrainedModel(MeritBasePreTrainedModel):
     # What `output_hidden_states` / `output_attentions` collect (transformers' `capture_outputs` hooks): each
     # encoder layer's output after the embeddings, and each attention's weights (eager attention only).
     _can_record_outputs = {"hidden_states": MeritEcgLayer, "attentions": MeritEcgAttention}
-    _auto_map = {"AutoConfig": "configuration_merit.MeritEcgConfig", "AutoModel": "modeling_merit.MeritEcgModel"}
+    _auto_map = {
+        "AutoConfig": "configuration_merit.MeritEcgConfig",
+        "AutoModel": "modeling_merit.MeritEcgModel",
+        # a classifier starting from this encoder: a `MeritForEcgClassification` around it
+        "AutoModelForSequenceClassification": "modeling_merit.MeritForEcgClassificationFromEncoder",
+    }
     _pipeline_auto_class = "AutoModel"
 
 
@@ -812,6 +826,16 @@ class MeritPreTrainedModel(MeritBasePreTrainedModel):
         "AutoModelForSequenceClassification": "modeling_merit.MeritForEcgClassification",
     }
     _pipeline_auto_class = "AutoModel"
+
+    # The ECG encoder's patch projection (`MeritEcgModel.get_input_embeddings`) for every model that wraps it.
+    def _ecg_encoder(self) -> MeritEcgModel:
+        return self.merit.ecg_model if hasattr(self, "merit") else self.ecg_model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self._ecg_encoder().get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self._ecg_encoder().set_input_embeddings(value)
 
 
 def _init_merit_module(model: PreTrainedModel, module: nn.Module, config) -> None:
@@ -901,6 +925,15 @@ class MeritEcgModel(MeritEcgPreTrainedModel):
         self.pooler_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The linear patch projection, whose output is the first tensor that depends on weights (ViT returns its
+        patch embeddings the same way): `enable_input_require_grads()` hooks it, so that reentrant gradient
+        checkpointing with a frozen encoder (PEFT LoRA) still passes gradients to the adapters."""
+        return self.embeddings.patch_projection
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.embeddings.patch_projection = value
 
     def _check_input(self, ecg_values: torch.Tensor) -> None:
         config = self.config
@@ -1431,15 +1464,17 @@ class MeritForEcgClassification(MeritPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        if "config" not in kwargs:  # an encoder-only folder: wrap its MeritEcgConfig, map its weights under ecg_model.
+        # An encoder-only folder: its MeritEcgConfig is wrapped in a MeritConfig and its weights mapped under
+        # `ecg_model.`. The Auto classes pass that config in, already holding the caller's config kwargs.
+        config = kwargs.get("config")
+        if config is None or getattr(config, "model_type", None) == MeritEcgConfig.model_type:
             hub = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
             config_dict, _ = PreTrainedConfig.get_config_dict(
                 pretrained_model_name_or_path, **{k: kwargs[k] for k in hub if k in kwargs}
             )
-            if config_dict.get("model_type") == MeritEcgConfig.model_type:
-                config_fields = {k: kwargs.pop(k) for k in list(kwargs) if k in _CLASSIFIER_CONFIG_FIELDS}
-                config_dict.pop("auto_map", None)
-                kwargs["config"] = MeritConfig(ecg_config=config_dict, **config_fields)
+            if config is not None or config_dict.get("model_type") == MeritEcgConfig.model_type:
+                kwargs.pop("config", None)
+                kwargs = _encoder_only_classifier_kwargs(config_dict, config, kwargs)
                 kwargs.setdefault("key_mapping", cls._encoder_only_key_mapping)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
@@ -1466,7 +1501,11 @@ class MeritForEcgClassification(MeritPreTrainedModel):
             ecg_attention_mask=ecg_attention_mask,
             lead_mask=lead_mask,
             return_dict=True,
-            **_output_flags(output_attentions, output_hidden_states),
+            # the classifier's config decides, as in transformers (the encoder's own config is a copy inside it)
+            output_attentions=self.config.output_attentions if output_attentions is None else output_attentions,
+            output_hidden_states=(
+                self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+            ),
         )
         logits = self.classifier(self.dropout(ecg_output.pooler_output))
         loss = None
@@ -1492,8 +1531,64 @@ class MeritForEcgClassification(MeritPreTrainedModel):
         raise ValueError(f"problem_type must be one of {PROBLEM_TYPES[1:]}, got {problem_type!r}")
 
 
-# What `MeritForEcgClassification.from_pretrained(encoder_folder, ...)` passes to the new `MeritConfig`.
-_CLASSIFIER_CONFIG_FIELDS = ("num_labels", "id2label", "label2id", "problem_type", "return_dict")
+class MeritForEcgClassificationFromEncoder:
+    r"""
+    What `AutoModelForSequenceClassification` loads an encoder-only (`MeritEcgConfig`) folder with: it returns a
+    [`MeritForEcgClassification`] around that encoder, with a new head. It exists because transformers registers a
+    model class under a config class only when the model's `config_class` is that class, and the classifier's config
+    is a `MeritConfig` (the encoder config inside it).
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModelForSequenceClassification
+    >>> classifier = AutoModelForSequenceClassification.from_pretrained(
+    ...     "path/to/merit-ecg-encoder", trust_remote_code=True, id2label={0: "NORM", 1: "MI"}
+    ... )  # doctest: +SKIP
+    >>> type(classifier).__name__  # doctest: +SKIP
+    'MeritForEcgClassification'
+    ```"""
+
+    config_class = MeritEcgConfig
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> MeritForEcgClassification:
+        return MeritForEcgClassification.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    @classmethod
+    def _from_config(cls, config: MeritEcgConfig, **kwargs) -> MeritForEcgClassification:
+        kwargs = _encoder_only_classifier_kwargs(type(config)().to_dict(), config, kwargs)
+        return MeritForEcgClassification._from_config(kwargs.pop("config"), **kwargs)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoModelForSequenceClassification") -> None:
+        """Nothing to record: a saved classifier's `auto_map` names `MeritForEcgClassification` itself."""
+
+
+# `from_pretrained` arguments that transformers keeps for loading even where a config has an attribute of that name.
+_LOADING_KWARGS = ("dtype", "torch_dtype", "attn_implementation", "experts_implementation")
+
+
+def _encoder_only_classifier_kwargs(saved_dict: dict, given_config: PreTrainedConfig | None, kwargs: dict) -> dict:
+    """`MeritForEcgClassification.from_pretrained` kwargs for an encoder-only folder (`saved_dict`, its `config.json`):
+    `config` becomes a `MeritConfig` around the encoder config that takes the kwargs which are its attributes, as
+    transformers' `from_pretrained` puts them in the config it loads (`num_labels`, `id2label`, `problem_type`,
+    `output_hidden_states`, ...); the other kwargs stay for loading. `given_config` is the encoder config that an Auto
+    class loaded with those kwargs already in it: the attributes they changed are taken over."""
+    ecg_dict = dict(saved_dict) if given_config is None else given_config.to_dict()
+    for key in ("auto_map", "architectures", "custom_pipelines"):
+        ecg_dict.pop(key, None)
+    attributes = MeritConfig(ecg_config=ecg_dict)
+
+    def is_config_attribute(key: str) -> bool:
+        return key not in _LOADING_KWARGS and hasattr(attributes, key)
+
+    if given_config is not None:
+        saved = type(given_config).from_dict(saved_dict).to_dict()
+        changed = {key: value for key, value in ecg_dict.items() if saved.get(key) != value}
+        kwargs = {**{key: value for key, value in changed.items() if is_config_attribute(key)}, **kwargs}
+    config_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if is_config_attribute(key)}
+    return {**kwargs, "config": MeritConfig(ecg_config=ecg_dict, **config_kwargs)}  # validated as it is built
 
 
 __all__ = [
@@ -1501,6 +1596,7 @@ __all__ = [
     "MeritEcgModel",
     "MeritEcgPreTrainedModel",
     "MeritForEcgClassification",
+    "MeritForEcgClassificationFromEncoder",
     "MeritForPreTraining",
     "MeritModel",
     "MeritPreTrainedModel",

@@ -238,6 +238,7 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
         )
         return inputs_embeds, ecg_features
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -250,7 +251,7 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         lead_mask: torch.Tensor | None = None,
         **kwargs,
-    ) -> MeritReportOutput:
+    ) -> MeritReportOutput | tuple:
         r"""
         input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
             Tokenised prompt (and report, in training) from [`MeritProcessor`], `<ecg>` expanded to `ecg_seq_length`.
@@ -265,6 +266,7 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
             Next-token targets, -100 where no loss is taken (prompt, ECG tokens, padding); the processor builds them.
         inputs_embeds (`torch.FloatTensor`, *optional*):
             Ready embeddings (ECG tokens already in place, e.g. from `embed_inputs`).
+        return_dict (`bool`, *optional*): `False` (or `config.return_dict=False`) gives a tuple, as in Llava.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")

@@ -16,7 +16,11 @@ never installed merit_hf runs
 give the encoder's `pooler_output` (`hidden_size` floats per ECG), the embedding `python -m merit_hf.embedding` and the
 linear probe use. `"ecg-classification"` gives a fine-tuned `MeritForEcgClassification`'s per-class scores: one sigmoid
 per class for multi-label models (the default; they do not sum to 1), a softmax for single-label ones. Inputs go
-through the checkpoint's own feature extractor, so its input contract (leads, units, rate, window) applies.
+through the checkpoint's own feature extractor, so its input contract (leads, units, rate, window) applies; a feature
+extractor whose `sampling_rate`, `lead_names` or `num_samples` differ from the model config's raises
+(`check_feature_extractor_matches`). Missing leads (`missing_leads="mask"`) are left out, never fed as zeros, and a
+long record cut into windows (`window="sliding"`) gets one result from all its windows: the mean of their embeddings,
+as the embedding command line pools them (`pool_window_embeddings`, `window_pooling="mean"`).
 
 `"zero-shot-ecg-classification"` (two-tower MeritModel / MeritForPreTraining folders) scores an ECG against class
 descriptions: free-text `candidate_labels`, or `class_descriptions="superclass"` (a PTB-XL label set of the prompt file
@@ -31,6 +35,7 @@ import copy
 import importlib
 import json
 import shutil
+import string
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -51,6 +56,74 @@ ZERO_SHOT_PROMPTS_FILE = "zero_shot_prompts.json"  # the prompt file save_pretra
 PTBXL_PROMPTS_PATH = Path(__file__).resolve().parent / "prompts" / "ptbxl_prompts.json"
 DEFAULT_HYPOTHESIS_TEMPLATE = "{}"
 TEXT_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+ECG_INPUT_NAMES = ("ecg_values", "ecg_attention_mask", "lead_mask")  # the feature extractor's tensors a model takes
+INPUT_CONTRACT_FIELDS = ("sampling_rate", "lead_names", "num_samples")  # what a feature extractor and model must share
+
+
+def check_feature_extractor_matches(feature_extractor, model) -> None:
+    """Raise `ValueError` when `feature_extractor` prepares ECGs for another model than `model`: its `sampling_rate`,
+    `lead_names` (in order; case-insensitively, as the feature extractor and the config compare lead names) and
+    `num_samples` must be those of the model's ECG config (`config.ecg_config` of a two-tower, classification or
+    report model, the config itself of an encoder). A folder whose preprocessor_config.json disagrees with its
+    config.json would otherwise run and embed a resampled or lead-swapped ECG (V6 in lead I's slot)."""
+    config = getattr(model.config, "ecg_config", model.config)
+    name = getattr(model, "name_or_path", "") or type(model).__name__
+    for field in INPUT_CONTRACT_FIELDS:
+        given, expected = getattr(feature_extractor, field, None), getattr(config, field, None)
+        if given is None or expected is None:
+            continue
+        if field == "lead_names":
+            same = [str(lead).strip().lower() for lead in given] == [str(lead).strip().lower() for lead in expected]
+        else:
+            same = float(given) == float(expected)
+        if not same:
+            raise ValueError(
+                f"{name}: the feature extractor's {field} {given!r} does not match the model config's {field} "
+                f"{expected!r}; use the feature extractor saved with the model, or "
+                "MeritFeatureExtractor.from_model_config(<the model's ECG config>)"
+            )
+
+
+def check_finite_ecg_values(ecg_values: torch.Tensor) -> None:
+    """`ValueError` naming the rows of `ecg_values` `(num_ecgs, num_leads, num_samples)` that hold NaN or inf: the
+    feature extractor never returns them, but values built by hand can, and a NaN input gives NaN scores."""
+    finite = torch.isfinite(torch.as_tensor(ecg_values)).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        rows = torch.nonzero(~finite).flatten().tolist()
+        raise ValueError(
+            f"ecg_values rows {rows} hold NaN or inf values; pass raw records as ecgs (the feature extractor "
+            "interpolates or names each bad lead) or repair them first"
+        )
+
+
+def _record_item(features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One record's feature-extractor output as one pipeline item: each tensor `(num_windows, ...)` (one window, or
+    every window of `window="sliding"`) under a new leading axis, and `num_windows` `(1,)`. transformers' batching
+    (`pad_collate_fn`) concatenates 1-D tensors and pads the others along axis 1 after taking row 0 of each item, so
+    a batch keeps every window of every record (`(batch, max_windows, ...)`); `_record_windows` undoes it."""
+    item = {name: features[name][None] for name in ECG_INPUT_NAMES if features.get(name) is not None}
+    item["num_windows"] = torch.tensor([len(features["ecg_values"])])
+    return item
+
+
+def _record_windows(model_inputs: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The windows of every record of a batch of `_record_item`s, `(num_windows, ...)` as the model takes them, and
+    the record of each window `(num_windows,)`."""
+    counts = model_inputs["num_windows"].to(model_inputs["ecg_values"].device)
+    present = torch.arange(model_inputs["ecg_values"].shape[1], device=counts.device) < counts[:, None]
+    windows = {name: model_inputs[name][present] for name in ECG_INPUT_NAMES if model_inputs.get(name) is not None}
+    record_index = torch.arange(len(counts), device=counts.device).repeat_interleave(counts)
+    return windows, record_index
+
+
+def _pool_windows(window_outputs: torch.Tensor, record_index: torch.Tensor) -> torch.Tensor:
+    """The mean of each record's window outputs `(num_windows, width)` -> `(num_records, width)`, in float32: the
+    embedding command line's rule for `window="sliding"` (`pool_window_embeddings(..., "mean")`, the same
+    `scatter_reduce`; modeling_merit imports this module, so this one cannot import it back)."""
+    window_outputs = window_outputs.float()
+    index = record_index[:, None].expand_as(window_outputs)
+    pooled = window_outputs.new_zeros(int(record_index.max()) + 1, window_outputs.shape[1])
+    return pooled.scatter_reduce(0, index, window_outputs, reduce="mean", include_self=False)
 
 
 class _MeritEcgPipeline(Pipeline):
@@ -70,6 +143,7 @@ class _MeritEcgPipeline(Pipeline):
                 f"{type(self).__name__} needs the checkpoint's feature extractor (preprocessor_config.json) or "
                 "feature_extractor=..."
             )
+        check_feature_extractor_matches(self.feature_extractor, self.model)
 
     def _sanitize_parameters(self, sampling_rate=None, lead_names=None, units=None, **kwargs):
         preprocess = {
@@ -85,11 +159,12 @@ class _MeritEcgPipeline(Pipeline):
             raise TypeError(f"{type(self).__name__} got unexpected arguments {sorted(kwargs)}")
         return {}
 
-    def preprocess(self, ecg, sampling_rate=None, lead_names=None, units="mV"):
+    def preprocess(self, ecg, sampling_rate=None, lead_names=None, units=None):
         features = self.feature_extractor(
             ecg, sampling_rate=sampling_rate, lead_names=lead_names, units=units, return_tensors="pt"
         )
-        return {key: value.to(self.dtype) if value.is_floating_point() else value for key, value in features.items()}
+        item = _record_item(features)
+        return {key: value.to(self.dtype) if value.is_floating_point() else value for key, value in item.items()}
 
 
 def _ecg_encoder(model):
@@ -106,7 +181,9 @@ def _ecg_encoder(model):
 class MeritEcgFeatureExtractionPipeline(_MeritEcgPipeline):
     r"""
     The MERIT embedding of an ECG: the encoder's `pooler_output`, a list of `hidden_size` floats (a tensor with
-    `return_tensors=True`).
+    `return_tensors=True`). Leads the feature extractor masks (`missing_leads="mask"`) are left out; a record cut
+    into windows (`window="sliding"`) gets the mean of its windows' `pooler_output`, the embedding
+    `python -m merit_hf.embedding --window sliding` writes for it.
     """
 
     def _postprocess_parameters(self, return_tensors=None, **kwargs) -> dict[str, Any]:
@@ -114,9 +191,9 @@ class MeritEcgFeatureExtractionPipeline(_MeritEcgPipeline):
         return {} if return_tensors is None else {"return_tensors": return_tensors}
 
     def _forward(self, model_inputs):
-        encoder = _ecg_encoder(self.model)
-        output = encoder(model_inputs["ecg_values"], ecg_attention_mask=model_inputs.get("ecg_attention_mask"))
-        return {"embedding": output.pooler_output}
+        windows, record_index = _record_windows(model_inputs)
+        output = _ecg_encoder(self.model)(**windows)
+        return {"embedding": _pool_windows(output.pooler_output, record_index)}
 
     def postprocess(self, model_outputs, return_tensors: bool = False):
         embedding = model_outputs["embedding"][0].float()
@@ -127,7 +204,9 @@ class MeritEcgClassificationPipeline(_MeritEcgPipeline):
     r"""
     Per-class scores of a fine-tuned `MeritForEcgClassification`, sorted by score: `[{"label", "score"}, ...]`
     (`top_k` keeps the first k). Multi-label models (the default) score every class with its own sigmoid;
-    `problem_type="single_label_classification"` models with a softmax over the classes.
+    `problem_type="single_label_classification"` models with a softmax over the classes. A record cut into windows
+    (`window="sliding"`) is scored from the mean of its windows' logits: the linear head applied to the mean of the
+    windows' embeddings, the record embedding the `feature-extraction` task and the embedding command line give.
     """
 
     def _postprocess_parameters(self, top_k=None, **kwargs) -> dict[str, Any]:
@@ -135,7 +214,8 @@ class MeritEcgClassificationPipeline(_MeritEcgPipeline):
         return {} if top_k is None else {"top_k": top_k}
 
     def _forward(self, model_inputs):
-        return {"logits": self.model(**model_inputs).logits}
+        windows, record_index = _record_windows(model_inputs)
+        return {"logits": _pool_windows(self.model(**windows).logits, record_index)}
 
     def postprocess(self, model_outputs, top_k: int | None = None) -> list[dict[str, Any]]:
         logits = model_outputs["logits"][0].float()
@@ -171,15 +251,33 @@ def load_class_descriptions(label_set: str, path: str | Path | None = None) -> d
 
 
 def hypothesis_templates(hypothesis_template: str | Sequence[str]) -> list[str]:
-    """`hypothesis_template` as a list of templates, each checked to hold the `{}` a description goes into."""
+    """`hypothesis_template` as a list of templates, each checked to hold exactly one `{}`, where a description goes
+    (as transformers' zero-shot pipeline requires); literal braces are written `{{` and `}}`."""
     templates = [hypothesis_template] if isinstance(hypothesis_template, str) else list(hypothesis_template)
     if not templates:
         raise ValueError("hypothesis_template is empty; give a string with '{}', e.g. 'an ECG showing {}'")
     for template in templates:
-        if not isinstance(template, str) or "{}" not in template:
+        if not isinstance(template, str):
+            raise ValueError(
+                f"hypothesis_template {template!r} is not a string with '{{}}', e.g. 'an ECG showing {{}}'"
+            )
+        try:
+            fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        except ValueError as error:
+            raise ValueError(
+                f"hypothesis_template {template!r} is not a format string ({error}); write literal braces as "
+                "'{{' and '}}'"
+            ) from error
+        if not fields:
             raise ValueError(
                 f"hypothesis_template {template!r} has no '{{}}' placeholder for the class description, "
                 "e.g. 'an ECG showing {}'"
+            )
+        if fields != [""]:
+            placeholders = ["{" + field + "}" for field in fields]
+            raise ValueError(
+                f"hypothesis_template {template!r} has the placeholders {placeholders}; it needs exactly one '{{}}', "
+                "filled with each class description (write literal braces as '{{' and '}}')"
             )
     return templates
 
@@ -306,21 +404,27 @@ def encode_ecgs(
     ecg_attention_mask=None,
     lead_mask=None,
     precision: str = "auto",
+    record_index=None,
 ) -> torch.Tensor:
     """L2-normalised projected ECG embeddings `(num_ecgs, projection_dim)`, computed in batches on the model's device
     in `precision` (`merit_hf.models.merit.inference_precision`: `"auto"` is bf16 weights on a GPU and the CPU's fastest accurate
     path; the model itself is never cast, a converted copy of its ECG tower runs). `lead_mask`: the missing leads are
-    left out."""
+    left out. `record_index` (`window="sliding"`): the rows are windows, and each record's embedding is the projection
+    of the mean of its windows' encoder embeddings (the record embedding of the embedding command line), so the
+    result has one row per record."""
     merit = two_tower_model(model)
     encoder = _prepare_for_inference(merit.ecg_model, precision, merit.device)
     projection = _prepare_for_inference(merit.ecg_projection, precision, merit.device)
-    outputs = []
+    pooled = []
     for start in range(0, len(ecg_values), batch_size):
         batch = ecg_values[start : start + batch_size].to(merit.device, dtype=torch.float32)
         mask = None if ecg_attention_mask is None else ecg_attention_mask[start : start + batch_size].to(merit.device)
         leads = None if lead_mask is None else torch.as_tensor(lead_mask[start : start + batch_size]).to(merit.device)
-        pooled = encoder(batch, ecg_attention_mask=mask, lead_mask=leads).pooler_output  # as `get_ecg_features`
-        outputs.append(projection(pooled.to(_input_dtype(projection))).float())
+        pooled.append(encoder(batch, ecg_attention_mask=mask, lead_mask=leads).pooler_output)  # as `get_ecg_features`
+    pooled = torch.cat(pooled)
+    if record_index is not None:
+        pooled = _pool_windows(pooled, torch.as_tensor(record_index).to(pooled.device, dtype=torch.long))
+    outputs = [projection(chunk.to(_input_dtype(projection))).float() for chunk in pooled.split(batch_size)]
     return F.normalize(torch.cat(outputs), dim=-1)
 
 
@@ -353,7 +457,7 @@ def zero_shot_classify(
     class_descriptions: Mapping[str, Sequence[str]] | str | None = None,
     sampling_rate: float | Sequence[float] | None = None,
     lead_names: Sequence[str] | None = None,
-    units: str | Sequence[str] | None = "mV",
+    units: str | Sequence[str] | None = None,
     ecg_values: torch.Tensor | None = None,
     batch_size: int = 32,
     lead_mask: torch.Tensor | None = None,
@@ -374,7 +478,8 @@ def zero_shot_classify(
         class_descriptions: `None` (each label is its own description), a mapping label -> descriptions, or the
             name of a PTB-XL label set of the shipped prompt file (`"superclass"`, `"subclass"`, `"form"`, `"rhythm"`,
             `"all"`); a label it does not know raises.
-        ecg_values: already extracted `(num_ecgs, num_leads, num_samples)` input instead of `ecgs`.
+        ecg_values: already extracted `(num_ecgs, num_leads, num_samples)` input instead of `ecgs`; NaN or inf
+            values raise, naming the rows.
         lead_mask: with `ecg_values`, the feature extractor's `lead_mask` `(num_ecgs, num_leads)` (missing leads
             are left out); with `ecgs` it comes from the feature extractor (`missing_leads="mask"`).
         precision: of the ECG tower (`merit_hf.models.merit.inference_precision`): `"auto"` (default) runs bf16 weights on a GPU
@@ -382,21 +487,30 @@ def zero_shot_classify(
             The model is never cast: a converted copy of its ECG tower runs, kept until its weights change.
 
     Returns:
-        `{"labels": list(candidate_labels), "scores": np.ndarray (num_ecgs, num_labels)}`.
+        `{"labels": list(candidate_labels), "scores": np.ndarray (num_ecgs, num_labels)}`: one row per record, also
+        when the feature extractor cuts records into windows (`window="sliding"`; a record's ECG embedding is then
+        the projection of the mean of its windows' embeddings, as `encode_ecgs` pools them).
+
+    Raises `ValueError` for a hypothesis template without exactly one `{}`, for `ecgs` when the processor's feature
+    extractor has another `sampling_rate`, `lead_names` or `num_samples` than the model
+    (`check_feature_extractor_matches`), and for non-finite `ecg_values`.
     """
     prompts = class_prompts(candidate_labels, hypothesis_template, class_descriptions)
     if (ecgs is None) == (ecg_values is None):
         raise ValueError("give exactly one of ecgs (raw records) and ecg_values (feature-extractor output)")
-    ecg_attention_mask = None
+    ecg_attention_mask = record_index = None
     if ecg_values is None:
+        check_feature_extractor_matches(processor.feature_extractor, model)
         features = processor.feature_extractor(
             ecgs, sampling_rate=sampling_rate, lead_names=lead_names, units=units, return_tensors="pt"
         )
         ecg_values, ecg_attention_mask = features["ecg_values"], features.get("ecg_attention_mask")
-        lead_mask = features.get("lead_mask")
+        lead_mask, record_index = features.get("lead_mask"), features.get("record_index")
+    ecg_values = torch.as_tensor(ecg_values)
+    check_finite_ecg_values(ecg_values)
     class_embeddings = encode_class_prompts(model, processor.tokenizer, prompts, max_length=processor.max_length)
     ecg_embeddings = encode_ecgs(
-        model, torch.as_tensor(ecg_values), batch_size, ecg_attention_mask, lead_mask, precision
+        model, ecg_values, batch_size, ecg_attention_mask, lead_mask, precision, record_index=record_index
     )
     scores = similarity_scores(model, ecg_embeddings, class_embeddings, multi_label=multi_label)
     labels = [candidate_labels] if isinstance(candidate_labels, str) else list(candidate_labels)
@@ -442,7 +556,9 @@ def save_zero_shot_prompts(save_directory: str | Path, name_or_path: str | None 
 class ZeroShotEcgClassificationPipeline(Pipeline):
     r"""
     Zero-shot ECG classification: scores one ECG (an array `(num_samples, num_leads)` with `sampling_rate` and
-    `lead_names`, or a WFDB record path) against free-text or PTB-XL class descriptions.
+    `lead_names`, or a WFDB record path) against free-text or PTB-XL class descriptions. As `zero_shot_classify`:
+    masked leads are left out, and a record cut into windows (`window="sliding"`) is scored with the projection of the
+    mean of its windows' embeddings; a feature extractor that does not match the model config raises.
 
     Call arguments:
         candidate_labels (`list[str]`): the classes.
@@ -472,6 +588,7 @@ class ZeroShotEcgClassificationPipeline(Pipeline):
                     "tokenizer"
                 )
             self.processor = MeritProcessor(self.feature_extractor, self.tokenizer)
+        check_feature_extractor_matches(self.processor.feature_extractor, self.model)
         self._class_embedding_cache: dict[tuple, torch.Tensor] = {}
 
     def _sanitize_parameters(
@@ -507,11 +624,11 @@ class ZeroShotEcgClassificationPipeline(Pipeline):
             forward["precision"] = precision
         return preprocess, forward, postprocess
 
-    def preprocess(self, ecg, sampling_rate=None, lead_names=None, units="mV"):
+    def preprocess(self, ecg, sampling_rate=None, lead_names=None, units=None):
         features = self.processor.feature_extractor(
             ecg, sampling_rate=sampling_rate, lead_names=lead_names, units=units, return_tensors="pt"
         )
-        return dict(features)
+        return _record_item(features)
 
     def _prompt_file(self) -> str | None:
         """The model folder's prompt file; inside the merit_hf package the shipped one when the folder has none."""
@@ -546,12 +663,14 @@ class ZeroShotEcgClassificationPipeline(Pipeline):
         if candidate_labels is None:
             raise ValueError(f"{ZERO_SHOT_ECG_TASK} needs candidate_labels")
         class_embeddings = self._class_embeddings(candidate_labels, hypothesis_template, class_descriptions)
+        windows, record_index = _record_windows(model_inputs)
         ecg_embeddings = encode_ecgs(
             self.model,
-            model_inputs["ecg_values"],
-            ecg_attention_mask=model_inputs.get("ecg_attention_mask"),
-            lead_mask=model_inputs.get("lead_mask"),
+            windows["ecg_values"],
+            ecg_attention_mask=windows.get("ecg_attention_mask"),
+            lead_mask=windows.get("lead_mask"),
             precision=precision,
+            record_index=record_index,
         )
         # Keep the batch axis: with batch_size > 1, transformers splits every output along axis 0 into one
         # `(1, num_labels)` row per ECG. The labels, shared by the whole batch, reach `postprocess` as a parameter.
@@ -592,6 +711,8 @@ __all__ = [
     "ZERO_SHOT_ECG_TASK",
     "ZERO_SHOT_PROMPTS_FILE",
     "ZeroShotEcgClassificationPipeline",
+    "check_feature_extractor_matches",
+    "check_finite_ecg_values",
     "class_prompts",
     "custom_pipelines_for",
     "encode_class_prompts",

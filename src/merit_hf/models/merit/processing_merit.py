@@ -70,7 +70,7 @@ class MeritProcessor(ProcessorMixin):
         text: str | list[str] | None = None,
         sampling_rate: float | list[float] | None = None,
         lead_names: list[str] | list[list[str]] | None = None,
-        units: str | list[str] | None = "mV",
+        units: str | list[str] | None = None,
         return_tensors: str | None = "pt",
         padding: bool | str = True,
         truncation: bool = True,
@@ -83,7 +83,8 @@ class MeritProcessor(ProcessorMixin):
             ecgs: records for the feature extractor (arrays `(num_samples, num_leads)` or WFDB paths).
             text: one report/prompt or a list. An empty report raises (it would train the model to match silence);
                 with `ecgs` (and no `ecg_seq_length`) there must be one report per ECG.
-            sampling_rate, lead_names, units: passed to the feature extractor (required for arrays).
+            sampling_rate, lead_names, units: passed to the feature extractor (rate and names required for arrays;
+                units default to mV for arrays and come from the header for paths).
             return_tensors, padding, truncation, max_length: passed to the tokenizer (for reports; prompts for
                 `generate()`, with `ecg_seq_length` and no `reports`, are never truncated).
             reports: target reports for report generation, one per prompt in `text` (`text` defaults to
