@@ -51,6 +51,21 @@ TINY_REPORTS = [
 ]
 
 
+def run_in_fresh_process(script: str, tmp_path: Path, marker: str, context: str = "", timeout: int = 240) -> None:
+    """Run `script` in a new Python process without this checkout on `PYTHONPATH`, with an empty HF cache and the Hub
+    offline (what a user of a saved folder's remote code has); it must exit 0 and print `marker`."""
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HOME=str(tmp_path / "fresh_hf_home"), HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, f"{context}{result.stderr[-3000:]}"
+    assert marker in result.stdout, result.stdout[-2000:]
+
+
 def tiny_ecg_config(**overrides):
     from merit_hf import MeritEcgConfig
 

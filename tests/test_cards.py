@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import runpy
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -29,7 +27,7 @@ from merit_hf.hub.cards import (
     render_model_card,
     write_dataset_card,
 )
-from tests.conftest import BUNDLED_PTBXL, REPO_ROOT
+from tests.conftest import BUNDLED_PTBXL, REPO_ROOT, run_in_fresh_process
 
 LABELS = ["CD", "HYP", "MI", "NORM", "STTC"]
 SHIPPED_RESULTS = REPO_ROOT / "benchmarks" / "results" / "evaluation" / "quickstart"
@@ -429,10 +427,4 @@ def test_the_cards_how_to_use_code_runs_without_merit_hf(kind, results_file, tmp
         + textwrap.dedent(SNIPPET_CHECKS[kind])
         + "print('SNIPPETS-OK')\n"
     )
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HOME=str(tmp_path / "fresh_hf_home"), HF_HUB_OFFLINE="1")
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
-    )
-    assert result.returncode == 0, f"{code}\n{result.stderr[-3000:]}"
-    assert "SNIPPETS-OK" in result.stdout
+    run_in_fresh_process(script, tmp_path, "SNIPPETS-OK", context=f"{code}\n")

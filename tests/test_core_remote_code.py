@@ -3,9 +3,7 @@ that cannot import merit_hf, and gives the same embeddings; plus the processor f
 
 import ast
 import json
-import os
 import re
-import subprocess
 import sys
 import textwrap
 
@@ -15,7 +13,7 @@ import torch
 import wfdb
 
 from merit_hf import MeritFeatureExtractor, MeritForPreTraining, MeritProcessor
-from tests.conftest import tiny_merit_config
+from tests.conftest import run_in_fresh_process, tiny_merit_config
 
 BLOCK_MERIT_HF = """
 import importlib.abc, sys
@@ -124,14 +122,7 @@ def test_remote_code_round_trip_without_merit_hf(hub_folder, ptbxl_dir, tmp_path
         print("REMOTE-OK", model.__class__.__module__)
         """
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    env["HF_HOME"] = str(tmp_path / "fresh_hf_home")
-    env["HF_HUB_OFFLINE"] = "1"
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "REMOTE-OK transformers_modules" in result.stdout
+    run_in_fresh_process(script, tmp_path, "REMOTE-OK transformers_modules")
 
 
 @pytest.mark.slow
@@ -168,13 +159,7 @@ def test_auto_classifier_from_encoder_only_and_two_tower_folders_without_merit_h
         print("CLASSIFIERS-OK")
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HOME=str(tmp_path / "fresh_hf_home"), HF_HUB_OFFLINE="1")
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "CLASSIFIERS-OK" in result.stdout
+    run_in_fresh_process(script, tmp_path, "CLASSIFIERS-OK")
 
 
 def test_processor_pairs_ecgs_with_reports(ptbxl_dir, tokenizer):

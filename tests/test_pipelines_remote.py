@@ -8,10 +8,7 @@ model's config is refused."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -29,7 +26,7 @@ from merit_hf import (
     zero_shot_classify,
 )
 from merit_hf.models.merit.pipeline_merit import PTBXL_PROMPTS_PATH, _pool_windows
-from tests.conftest import BUNDLED_PTBXL, tiny_ecg_config, tiny_merit_config
+from tests.conftest import BUNDLED_PTBXL, run_in_fresh_process, tiny_ecg_config, tiny_merit_config
 from tests.test_core_remote_code import BLOCK_MERIT_HF
 
 RECORD = BUNDLED_PTBXL / "records100" / "00000" / "00001_lr"
@@ -49,15 +46,7 @@ except ImportError:
 def _run_without_merit_hf(tmp_path, body: str, marker: str) -> None:
     """Run `body` (after `import numpy as np` and `from transformers import pipeline`) in a fresh Python process
     that cannot import merit_hf, with an empty HF cache; it must print `marker`."""
-    script = BLOCK_MERIT_HF + FRESH_PROCESS_PREAMBLE + textwrap.dedent(body)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HOME"] = str(tmp_path / "fresh_hf_home")
-    env["HF_HUB_OFFLINE"] = "1"
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert marker in result.stdout
+    run_in_fresh_process(BLOCK_MERIT_HF + FRESH_PROCESS_PREAMBLE + textwrap.dedent(body), tmp_path, marker)
 
 
 @pytest.mark.slow

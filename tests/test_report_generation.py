@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import BUNDLED_PTBXL, REPO_ROOT, TINY_REPORTS, tiny_ecg_config
+from tests.conftest import BUNDLED_PTBXL, REPO_ROOT, TINY_REPORTS, run_in_fresh_process, tiny_ecg_config
 
 ECG_CONFIG = {"sampling_rate": 100, "num_samples": 1000, "patch_size": 50}
 SPM_VOCAB_SIZE = 64
@@ -927,9 +927,6 @@ def test_mimic_reports_are_joined_and_readable(tmp_path):
 def test_report_model_loads_as_remote_code_without_merit_hf(parts, tmp_path):
     """The saved report-generation folder loads with `trust_remote_code=True` in a process that cannot import
     merit_hf, and gives the same logits and the same greedy report."""
-    import os
-    import subprocess
-    import sys
     import textwrap
 
     from tests.test_core_remote_code import BLOCK_MERIT_HF
@@ -970,10 +967,4 @@ def test_report_model_loads_as_remote_code_without_merit_hf(parts, tmp_path):
         print("REMOTE-OK", type(model).__module__)
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HOME=str(tmp_path / "fresh_hf_home"), HF_HUB_OFFLINE="1")
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "REMOTE-OK transformers_modules" in result.stdout
+    run_in_fresh_process(script, tmp_path, "REMOTE-OK transformers_modules")
