@@ -22,10 +22,9 @@ from merit_hf import (
     MeritForEcgClassification,
     MeritForPreTraining,
     MeritProcessor,
-    pool_window_embeddings,
     zero_shot_classify,
 )
-from merit_hf.models.merit.pipeline_merit import PTBXL_PROMPTS_PATH, _pool_windows
+from merit_hf.models.merit.pipeline_merit import PTBXL_PROMPTS_PATH
 from tests.conftest import BUNDLED_PTBXL, run_in_fresh_process, tiny_ecg_config, tiny_merit_config
 from tests.test_core_remote_code import BLOCK_MERIT_HF
 
@@ -197,11 +196,6 @@ def test_pipelines_pool_every_window_of_a_long_record(tmp_path):
     expected_scores = [torch.sigmoid(window_logits[:7].mean(dim=0)), torch.sigmoid(window_logits[7:].mean(dim=0))]
     # the first window alone (what the pipelines returned before they pooled) is another embedding
     assert not torch.allclose(window_embeddings[0], expected_embeddings[0], atol=1e-3)
-    # the pipelines' pooling (remote code, which cannot import modeling_merit) is the embedding command line's
-    torch.testing.assert_close(
-        _pool_windows(window_embeddings, windows["record_index"]),
-        pool_window_embeddings(window_embeddings, windows["record_index"], "mean"),
-    )
     kwargs = {"sampling_rate": 500, "lead_names": LEADS}
     for batch_size in (1, 2):
         embeddings = embed([minute, short], batch_size=batch_size, return_tensors=True, **kwargs)

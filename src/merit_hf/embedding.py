@@ -56,8 +56,7 @@ from .models.merit.feature_extraction_merit import (
     MeritFeatureExtractor,
 )
 from .models.merit.inference_precision import PRECISIONS, prepare_for_inference, resolve_precision
-from .models.merit.modeling_merit import WINDOW_POOLINGS
-from .models.merit.pipeline_merit import check_feature_extractor_matches
+from .models.merit.pipeline_merit import WINDOW_POOLINGS, check_feature_extractor_matches
 from .utils.arguments import parse_arguments
 from .utils.throughput import ThroughputMeter
 

@@ -31,7 +31,11 @@ from transformers.utils import ModelOutput, can_return_tuple, logging
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_merit import PROBLEM_TYPES, MeritConfig, MeritEcgConfig
-from .pipeline_merit import custom_pipelines_for, save_zero_shot_prompts
+from .pipeline_merit import (  # pool_window_embeddings lives there, where the pipelines can use it
+    custom_pipelines_for,
+    pool_window_embeddings,
+    save_zero_shot_prompts,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -574,52 +578,6 @@ def contrastive_loss(logits_per_ecg: torch.Tensor) -> torch.Tensor:
     """
     labels = torch.arange(logits_per_ecg.shape[0], device=logits_per_ecg.device)
     return (F.cross_entropy(logits_per_ecg, labels) + F.cross_entropy(logits_per_ecg.t(), labels)) / 2
-
-
-WINDOW_POOLINGS = ("mean", "max")
-
-
-def pool_window_embeddings(
-    window_embeddings: torch.Tensor,
-    record_index: torch.Tensor,
-    pooling: str = "mean",
-    num_records: int | None = None,
-) -> torch.Tensor:
-    """One embedding per record from the embeddings of its windows (`MeritFeatureExtractor(window="sliding")`).
-
-    A long record (a 60 s rhythm strip, a Holter hour) is embedded window by window, since the encoder's positions
-    cover one window; `"mean"` pools the windows (the record's average state), `"max"` takes each feature's largest
-    value over the windows (keeps what one window shows, e.g. a short run of ectopy).
-
-    Args:
-        window_embeddings (`torch.FloatTensor` of shape `(num_windows, hidden_size)`): e.g. `pooler_output`.
-        record_index (`torch.LongTensor` of shape `(num_windows,)`): the record of each window, as the feature
-            extractor returns it.
-        pooling (`str`, defaults to `"mean"`): `"mean"` or `"max"`.
-        num_records (`int`, *optional*): defaults to `record_index.max() + 1`; every record needs a window.
-
-    Returns:
-        `torch.FloatTensor` of shape `(num_records, hidden_size)`.
-    """
-    if pooling not in WINDOW_POOLINGS:
-        raise ValueError(f"pooling must be one of {WINDOW_POOLINGS}, got {pooling!r}")
-    record_index = torch.as_tensor(record_index, device=window_embeddings.device).long()
-    if window_embeddings.dim() != 2 or tuple(record_index.shape) != (window_embeddings.shape[0],):
-        raise ValueError(
-            f"window_embeddings (num_windows, hidden_size) and record_index (num_windows,) must agree, got "
-            f"{tuple(window_embeddings.shape)} and {tuple(record_index.shape)}"
-        )
-    num_records = int(record_index.max()) + 1 if num_records is None else int(num_records)
-    counts = torch.bincount(record_index, minlength=num_records)
-    if len(counts) != num_records or bool((counts == 0).any()):
-        raise ValueError(
-            f"record_index must give every one of {num_records} records at least one window, got counts "
-            f"{counts.tolist()}"
-        )
-    pooled = window_embeddings.new_zeros(num_records, window_embeddings.shape[1])
-    index = record_index[:, None].expand_as(window_embeddings)
-    reduce = "mean" if pooling == "mean" else "amax"
-    return pooled.scatter_reduce(0, index, window_embeddings, reduce=reduce, include_self=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

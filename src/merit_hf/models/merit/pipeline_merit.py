@@ -116,14 +116,50 @@ def _record_windows(model_inputs: Mapping[str, torch.Tensor]) -> tuple[dict[str,
     return windows, record_index
 
 
-def _pool_windows(window_outputs: torch.Tensor, record_index: torch.Tensor) -> torch.Tensor:
-    """The mean of each record's window outputs `(num_windows, width)` -> `(num_records, width)`, in float32: the
-    embedding command line's rule for `window="sliding"` (`pool_window_embeddings(..., "mean")`, the same
-    `scatter_reduce`; modeling_merit imports this module, so this one cannot import it back)."""
-    window_outputs = window_outputs.float()
-    index = record_index[:, None].expand_as(window_outputs)
-    pooled = window_outputs.new_zeros(int(record_index.max()) + 1, window_outputs.shape[1])
-    return pooled.scatter_reduce(0, index, window_outputs, reduce="mean", include_self=False)
+WINDOW_POOLINGS = ("mean", "max")
+
+
+def pool_window_embeddings(
+    window_embeddings: torch.Tensor,
+    record_index: torch.Tensor,
+    pooling: str = "mean",
+    num_records: int | None = None,
+) -> torch.Tensor:
+    """One embedding per record from the embeddings of its windows (`MeritFeatureExtractor(window="sliding")`).
+
+    A long record (a 60 s rhythm strip, a Holter hour) is embedded window by window, since the encoder's positions
+    cover one window; `"mean"` pools the windows (the record's average state), `"max"` takes each feature's largest
+    value over the windows (keeps what one window shows, e.g. a short run of ectopy).
+
+    Args:
+        window_embeddings (`torch.FloatTensor` of shape `(num_windows, hidden_size)`): e.g. `pooler_output`.
+        record_index (`torch.LongTensor` of shape `(num_windows,)`): the record of each window, as the feature
+            extractor returns it.
+        pooling (`str`, defaults to `"mean"`): `"mean"` or `"max"`.
+        num_records (`int`, *optional*): defaults to `record_index.max() + 1`; every record needs a window.
+
+    Returns:
+        `torch.FloatTensor` of shape `(num_records, hidden_size)`.
+    """
+    if pooling not in WINDOW_POOLINGS:
+        raise ValueError(f"pooling must be one of {WINDOW_POOLINGS}, got {pooling!r}")
+    record_index = torch.as_tensor(record_index, device=window_embeddings.device).long()
+    if window_embeddings.dim() != 2 or tuple(record_index.shape) != (window_embeddings.shape[0],):
+        raise ValueError(
+            f"window_embeddings (num_windows, hidden_size) and record_index (num_windows,) must agree, got "
+            f"{tuple(window_embeddings.shape)} and {tuple(record_index.shape)}"
+        )
+    num_records = int(record_index.max()) + 1 if num_records is None else int(num_records)
+    counts = torch.bincount(record_index, minlength=num_records)
+    if len(counts) != num_records or bool((counts == 0).any()):
+        raise ValueError(
+            f"record_index must give every one of {num_records} records at least one window, got counts "
+            f"{counts.tolist()}"
+        )
+    pooled = window_embeddings.new_zeros(num_records, window_embeddings.shape[1])
+    index = record_index[:, None].expand_as(window_embeddings)
+    reduce = "mean" if pooling == "mean" else "amax"
+    return pooled.scatter_reduce(0, index, window_embeddings, reduce=reduce, include_self=False)
 
 
 class _MeritEcgPipeline(Pipeline):
@@ -193,7 +229,7 @@ class MeritEcgFeatureExtractionPipeline(_MeritEcgPipeline):
     def _forward(self, model_inputs):
         windows, record_index = _record_windows(model_inputs)
         output = _ecg_encoder(self.model)(**windows)
-        return {"embedding": _pool_windows(output.pooler_output, record_index)}
+        return {"embedding": pool_window_embeddings(output.pooler_output.float(), record_index)}
 
     def postprocess(self, model_outputs, return_tensors: bool = False):
         embedding = model_outputs["embedding"][0].float()
@@ -215,7 +251,7 @@ class MeritEcgClassificationPipeline(_MeritEcgPipeline):
 
     def _forward(self, model_inputs):
         windows, record_index = _record_windows(model_inputs)
-        return {"logits": _pool_windows(self.model(**windows).logits, record_index)}
+        return {"logits": pool_window_embeddings(self.model(**windows).logits.float(), record_index)}
 
     def postprocess(self, model_outputs, top_k: int | None = None) -> list[dict[str, Any]]:
         logits = model_outputs["logits"][0].float()
@@ -423,7 +459,7 @@ def encode_ecgs(
         pooled.append(encoder(batch, ecg_attention_mask=mask, lead_mask=leads).pooler_output)  # as `get_ecg_features`
     pooled = torch.cat(pooled)
     if record_index is not None:
-        pooled = _pool_windows(pooled, torch.as_tensor(record_index).to(pooled.device, dtype=torch.long))
+        pooled = pool_window_embeddings(pooled.float(), torch.as_tensor(record_index).to(pooled.device))
     outputs = [projection(chunk.to(_input_dtype(projection))).float() for chunk in pooled.split(batch_size)]
     return F.normalize(torch.cat(outputs), dim=-1)
 
