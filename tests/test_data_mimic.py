@@ -2,6 +2,7 @@
 with the real `machine_measurements.csv` header and blank-field row."""
 
 import json
+import re
 import runpy
 
 import numpy as np
@@ -123,6 +124,17 @@ def test_a_non_numeric_measurement_names_its_study(mimic_root):
     assert dataset["ecg_id"] == [40689238, 43000003, 44000004, 45000005]
     assert dataset["cart_id"] == [6848296, 6848296, 6848296, None]
     assert dataset["rr_interval"] == [659.0, 659.0, 659.0, None]
+
+
+@pytest.mark.parametrize("file_name", ["record_list.csv", "machine_measurements.csv"])
+def test_a_study_id_that_is_not_an_integer_is_named(mimic_root, file_name):
+    """Read as text, it would match no study: a bare int() error, or (measurements) an empty report logged as a count."""
+    path = mimic_root / file_name
+    path.write_text(path.read_text().replace("41000001", "41000001x", 1))
+    with pytest.raises(
+        ValueError, match=re.escape(f"{path}: study_id value(s) ['41000001x'] are not integers (1 in all)")
+    ):
+        build_mimic_iv_ecg(mimic_root)
 
 
 def test_resume_after_crash_gives_one_row_per_record(mimic_root, tmp_path, monkeypatch):

@@ -183,7 +183,8 @@ def test_unknown_scp_code_names_the_record(tmp_path):
 @pytest.mark.parametrize(
     "column, cell, problem",
     [("patient_id", "abc", "is not an integer"), ("age", "old", "is not a number"), ("sex", 0.5, "is not an integer"),
-     ("site", "?", "is not an integer"), ("validated_by_human", "yes", "is not True or False")],
+     ("site", "?", "is not an integer"), ("validated_by_human", "yes", "is not True or False"),
+     ("sex", 2, "is not 0 (male) or 1 (female)")],
 )  # fmt: skip
 def test_a_bad_metadata_cell_names_its_record_and_spoils_no_other(tmp_path, column, cell, problem):
     table = _CSV.head(3).astype({column: object})  # ecg_id 1-3, folds 3, 2, 5

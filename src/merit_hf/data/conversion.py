@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -33,6 +34,21 @@ from datasets.arrow_writer import get_parquet_column_options
 from tqdm.auto import tqdm
 
 from ..models.merit.configuration_merit import STANDARD_LEAD_NAMES
+
+
+def parse_number(value: Any, kind: type) -> int | float | str | None:
+    """A metadata cell as `kind` (`int` or `float`); `None` when blank. A cell that is not one (text, NaN as text, or
+    a fraction for `int`) comes back as its text, for the record's reader to refuse by name: one such cell makes
+    pandas read its whole column as text ('15709.0'), so every cell is parsed on its own."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if math.isnan(number) or (kind is int and not number.is_integer()):
+        return str(value)
+    return kind(number)
 
 
 def ecg_report_features(num_samples: int) -> dict:
@@ -315,6 +331,7 @@ def _write_json_atomic(path: Path, value: Any) -> None:
 __all__ = [
     "ConversionReport",
     "RecordFailure",
+    "parse_number",
     "prepare_output_dir",
     "raise_first_failure",
     "read_rows",

@@ -41,6 +41,7 @@ from ..models.wfdb_io import read_ecg_record
 from .conversion import (
     ConversionReport,
     ecg_report_features,
+    parse_number,
     raise_first_failure,
     read_rows,
     rows_to_dataset,
@@ -117,8 +118,9 @@ def read_mimic_tasks(mimic_root: str | os.PathLike, study_ids: Iterable[int] | N
     """One task per row of `record_list.csv` (in file order), with its report and measurements attached (a
     measurement that is not a number as its text, which `MimicRecordReader` refuses for that record alone)."""
     root = Path(mimic_root)
-    records = _read_csv(root / RECORD_LIST_FILE, RECORD_LIST_COLUMNS)
+    records = _integer_ids(_read_csv(root / RECORD_LIST_FILE, RECORD_LIST_COLUMNS), root / RECORD_LIST_FILE)
     measurements = _read_csv(root / MEASUREMENTS_FILE, ("study_id", "cart_id", *MIMIC_REPORT_COLUMNS))
+    measurements = _integer_ids(measurements, root / MEASUREMENTS_FILE)
     if study_ids is not None:
         records = records[records["study_id"].isin({int(study_id) for study_id in study_ids})]
     duplicated = records["study_id"][records["study_id"].duplicated()]
@@ -144,10 +146,10 @@ def read_mimic_tasks(mimic_root: str | os.PathLike, study_ids: Iterable[int] | N
                 "study_id": study_id,
                 "ecg_time": _text(record["ecg_time"]),
                 "path": str(record["path"]).strip(),
-                "cart_id": _number(row.get("cart_id"), int),
+                "cart_id": parse_number(row.get("cart_id"), int),
                 "report": join_mimic_report(row),
                 **{name: _text(row.get(name)) for name in MEASUREMENT_TEXT_COLUMNS},
-                **{name: _number(row.get(name), float) for name in MEASUREMENT_NUMBER_COLUMNS},
+                **{name: parse_number(row.get(name), float) for name in MEASUREMENT_NUMBER_COLUMNS},
             }
         )
     if unmatched:
@@ -215,23 +217,24 @@ def _read_csv(path: Path, required: Iterable[str]) -> pd.DataFrame:
     return table
 
 
+def _integer_ids(table: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """`table` with its `subject_id` / `study_id` columns as integers; a cell that is not one raises naming the file,
+    the column and the values (it would match no study: an empty report, or a bare int() error, without a word)."""
+    for column in ("subject_id", "study_id"):
+        if column not in table.columns:
+            continue
+        parsed = [parse_number(value, int) for value in table[column]]
+        bad = [value for value in parsed if not isinstance(value, int)]
+        if bad:
+            raise ValueError(f"{path}: {column} value(s) {bad[:10]} are not integers ({len(bad)} in all)")
+        table = table.assign(**{column: pd.array(parsed, dtype="int64")})
+    return table
+
+
 def _text(value: Any) -> str | None:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     return str(value).strip()
-
-
-def _number(value: Any, kind: type) -> int | float | str | None:
-    """A cell as `kind` (None if blank); one that is not a `kind` stays text. One such cell makes pandas read its
-    whole column as text ('659'), so each cell is parsed here and the bad one left for its record's reader to refuse.
-    """
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        return str(value)
-    return kind(number) if kind is float or number.is_integer() else str(value)
 
 
 __all__ = [

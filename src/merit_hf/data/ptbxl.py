@@ -44,6 +44,7 @@ from ..models.wfdb_io import read_ecg_record
 from .conversion import (
     ConversionReport,
     ecg_report_features,
+    parse_number,
     raise_first_failure,
     read_rows,
     rows_to_dataset,
@@ -149,16 +150,12 @@ class PtbxlRecordReader:
     # One cell that is not a number makes pandas read its whole column as text ('15709.0'), so a cell is parsed here,
     # record by record: the bad one fails its own record (skipped with `on_error="skip"`), the others keep their values.
     def _number(self, meta: dict[str, Any], column: str, kind: type) -> int | float | None:
-        value = meta[column]
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return None
-        try:
-            number = float(value)
-        except ValueError:
-            number = math.nan
-        if math.isnan(number) or (kind is int and not number.is_integer()):
+        number = parse_number(meta[column], kind)
+        if isinstance(number, str):
             raise ValueError(f"{self._cell(meta, column)} is not {'an integer' if kind is int else 'a number'}")
-        return kind(number)
+        if column == "sex" and number not in (None, 0, 1):  # the dataset's ClassLabel would fail naming no record
+            raise ValueError(f"{self._cell(meta, column)} is not 0 ({PTBXL_SEX_NAMES[0]}) or 1 ({PTBXL_SEX_NAMES[1]})")
+        return number
 
     def _flag(self, meta: dict[str, Any], column: str) -> bool:
         value = meta[column]
