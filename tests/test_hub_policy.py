@@ -279,6 +279,12 @@ def test_a_local_name_or_path_is_cleared_before_the_upload(model_folder, hf_api)
         uploaded.update(json.loads((kwargs["folder_path"] / "config.json").read_text())),
         SimpleNamespace(oid=COMMIT, commit_url="", pr_url=None),
     )[1]
+    (model_folder / "README.md").rename(model_folder / "card.md")  # a refused folder is left as it was
+    before = (model_folder / "config.json").read_bytes()
+    with pytest.raises(HubFolderError, match="README.md"):
+        push_model(model_folder, REPO_ID, endpoint=ENDPOINT)
+    assert (model_folder / "config.json").read_bytes() == before
+    (model_folder / "card.md").rename(model_folder / "README.md")
     push_model(model_folder, REPO_ID, endpoint=ENDPOINT)
     assert uploaded["text_config"]["_name_or_path"] == ""
     assert uploaded["ecg_config"] == config["ecg_config"]

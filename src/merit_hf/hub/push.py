@@ -355,7 +355,7 @@ def push_model(
     evaluation wrote. The folder is checked by [`check_model_folder`] before anything is sent: nothing is uploaded
     if a text file holds a Hub token or a config or card holds an absolute local path ([`leak_problems`]); a local
     `_name_or_path` (where a sub-model was loaded from, never read to load) is first set to `""` in place
-    ([`clear_local_name_or_path`]).
+    ([`clear_local_name_or_path`]), and restored if the folder is refused.
 
     Example:
 
@@ -368,8 +368,14 @@ def push_model(
 
         card = render_model_card(results, repo_id=repo_id, model_folder=folder, **(card_kwargs or {}))
         card.save(folder / "README.md")
+    configs = {path: path.read_bytes() for path in folder.glob("*.json")}
     clear_local_name_or_path(folder)
-    _raise_if(check_model_folder(folder, push_kwargs.get("ignore_patterns")), folder, "model")
+    try:
+        _raise_if(check_model_folder(folder, push_kwargs.get("ignore_patterns")), folder, "model")
+    except HubFolderError:  # a refused folder is left as it was
+        for path, content in configs.items():
+            path.write_bytes(content)
+        raise
     return push_folder(folder, repo_id, repo_type="model", **push_kwargs)
 
 
