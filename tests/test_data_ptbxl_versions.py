@@ -179,6 +179,28 @@ def test_v1_0_3_metadata_is_left_as_it_is(consensus, tmp_path):
     assert twice == once and not again.changed
 
 
+def test_ages_over_89_are_stored_as_300_as_v1_0_2_began_to():
+    """v1.0.2's "Change 0": ages above 89 are 300 for privacy. v1.0.1's csv holds 204 real ones (3 in the sample)."""
+    raw = {row["ecg_id"]: row["age"] for row in read_ptbxl_database(BUNDLED_PTBXL)}
+    rows, report = apply_ptbxl_version(read_ptbxl_database(BUNDLED_PTBXL))
+    assert report.ages_capped == [279, 282, 351] and [raw[ecg_id] for ecg_id in report.ages_capped] == [91, 91, 90]
+    ages = {row["ecg_id"]: row["age"] for row in rows}
+    assert [ages[ecg_id] for ecg_id in report.ages_capped] == [300.0] * 3 and max(
+        age for age in ages.values() if age is not None
+    ) == 300.0
+    assert all(ages[ecg_id] == raw[ecg_id] for ecg_id in ages if ecg_id not in report.ages_capped)
+    assert "stored the age of 3 patient(s) over 89 as 300" in report.summary()
+    assert apply_ptbxl_version(read_ptbxl_database(BUNDLED_PTBXL), "as_is")[0][278]["age"] == 91  # ecg_id 279
+    again = apply_ptbxl_version(rows)[1]
+    assert not again.ages_capped and not again.changed
+    full = _needs(METADATA_FULL) / "ptbxl_database_v1.0.1.csv"
+    table = pd.read_csv(full)
+    over = table[table.age > 89]
+    _, report = apply_ptbxl_version(table.to_dict("records"))
+    expected = sorted(set(over.ecg_id) - set(ptbxl_v1_0_3_changes().dropped))
+    assert len(over) == 204 and report.ages_capped == expected
+
+
 def test_the_bundled_sample_keeps_488_records_as_its_readme_says():
     rows, report = apply_ptbxl_version(read_ptbxl_database(BUNDLED_PTBXL))
     assert report.dropped == DROPPED_IN_SAMPLE and not report.relabeled

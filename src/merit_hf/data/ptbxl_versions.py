@@ -10,7 +10,8 @@ official v1.0.3 change log by `dataset_scripts/ptbxl/v1_0_3_changes.py`; CC BY 4
 `ptbxl_version` (an option of `build_ptbxl`, `convert_ptbxl`, `load_ptbxl` and `load_dataset("ptbxl", ...)`):
 
 - `"1.0.3"` (default): drop the duplicates the metadata still holds and write the consensus `scp_codes` into the kept
-  twins, so the label columns (`superclass`, `subclass`, ...) follow them. Metadata that is already v1.0.3 is left as
+  twins, so the label columns (`superclass`, `subclass`, ...) follow them; and store ages above 89 as 300, as v1.0.2
+  began to for privacy ("Change 0" of its change log; v1.0.1 still holds the real ages, 204 rows). Metadata that is already v1.0.3 is left as
   it is (a no-op). What changed is logged and written into each split's `info.description`.
 - `"as_is"`: the rows exactly as the CSV (or the converted dataset) has them, e.g. the raw v1.0.1 rows.
 
@@ -35,6 +36,7 @@ from .labels import parse_scp_codes
 logger = logging.getLogger(__name__)
 
 PTBXL_VERSIONS = ("1.0.3", "as_is")
+AGE_OVER_89 = 300  # what PTB-XL stores for patients older than 89 since v1.0.2
 DEFAULT_PTBXL_VERSION = "1.0.3"
 CHANGES_FILE = Path(__file__).with_name("ptbxl_v1_0_3_changes.json")
 _SUMMARY_STARTS = ("PTB-XL labels follow", "PTB-XL metadata as is")
@@ -72,10 +74,11 @@ class PtbxlVersionReport:
     version: str
     dropped: list[int] = field(default_factory=list)
     relabeled: dict[int, tuple[dict[str, float], dict[str, float]]] = field(default_factory=dict)
+    ages_capped: list[int] = field(default_factory=list)  # ecg_ids whose age over 89 became 300
 
     @property
     def changed(self) -> bool:
-        return bool(self.dropped or self.relabeled)
+        return bool(self.dropped or self.relabeled or self.ages_capped)
 
     def summary(self) -> str:
         """One sentence, for the log and the datasets' `info.description`."""
@@ -92,6 +95,7 @@ class PtbxlVersionReport:
             f"PTB-XL labels follow v1.0.3 (ptbxl_version='1.0.3'): dropped {len(self.dropped)} of v1.0.3's 38 "
             f"duplicate ECGs ({f'ecg_id {dropped}' if dropped else 'none was in the metadata'}); wrote v1.0.3's "
             f"consensus scp_codes into {len(self.relabeled)} kept twin(s) ({relabeled or 'none needed it'}); "
+            f"stored the age of {len(self.ages_capped)} patient(s) over 89 as 300, as v1.0.2 and later do; "
             "ptbxl_version='as_is' keeps the metadata's own rows"
         )
 
@@ -100,6 +104,7 @@ class PtbxlVersionReport:
             "ptbxl_version": self.version,
             "dropped_ecg_ids": list(self.dropped),
             "relabeled": {str(ecg_id): {"before": b, "after": a} for ecg_id, (b, a) in sorted(self.relabeled.items())},
+            "ages_capped_ecg_ids": list(self.ages_capped),
         }
 
 
@@ -118,8 +123,9 @@ def apply_ptbxl_version(
     """`ptbxl_database.csv` rows (dicts with `ecg_id` and `scp_codes`) as `version` has them, and what changed.
 
     With `"1.0.3"`, rows of v1.0.3's dropped duplicates are left out and a kept twin whose codes differ from v1.0.3's
-    consensus gets the consensus as its `scp_codes` (JSON; `parse_scp_codes` reads both forms); the counts are logged.
-    Rows already as v1.0.3 has them pass unchanged, so applying it twice changes nothing."""
+    consensus gets the consensus as its `scp_codes` (JSON; `parse_scp_codes` reads both forms), and an `age` above 89
+    becomes 300 (`AGE_OVER_89`); the counts are logged. Rows already as v1.0.3 has them pass unchanged, so applying it
+    twice changes nothing."""
     report = PtbxlVersionReport(check_ptbxl_version(version))
     rows = list(rows)
     if version == "as_is":
@@ -137,11 +143,23 @@ def apply_ptbxl_version(
             if codes != consensus:
                 report.relabeled[ecg_id] = (codes, dict(consensus))
                 row = {**row, "scp_codes": json.dumps(consensus)}
+        age = _age(row.get("age"))
+        if age is not None and 89 < age != AGE_OVER_89:
+            report.ages_capped.append(ecg_id)
+            row = {**row, "age": float(AGE_OVER_89)}
         kept.append(row)
     report.dropped.sort()
     if report.changed:
         logger.info("%s: %s", source, report.summary())
     return kept, report
+
+
+def _age(value: Any) -> float | None:
+    try:
+        age = float(value)
+    except (TypeError, ValueError):  # blank, or text the record reader refuses by name
+        return None
+    return None if age != age else age
 
 
 def apply_ptbxl_version_to_dataset(dataset, version: str = DEFAULT_PTBXL_VERSION, source: str = "dataset"):
