@@ -274,12 +274,19 @@ Licence CC BY 4.0; cite https://doi.org/10.1038/s41597-020-0495-6.
 """
 
 
+def _write_rows(path, num_rows: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"ecg_id": list(range(num_rows))}), path)
+
+
 def test_dataset_card_configs_need_their_files(tmp_path, capsys):
     template = tmp_path / "template.md"
     template.write_text(TWO_CONFIG_CARD)
     folder = tmp_path / "converted"
     (folder / "100hz").mkdir(parents=True)
-    (folder / "100hz" / "train-00000-of-00001.parquet").write_bytes(b"PAR1")
+    _write_rows(folder / "100hz" / "train-00000-of-00001.parquet", 1490)
 
     assert dataset_config_problems(template, folder) == [
         f"configs entry '100hz': data_files 100hz/test-*.parquet match no file in {folder}",
@@ -291,8 +298,23 @@ def test_dataset_card_configs_need_their_files(tmp_path, capsys):
     assert dataset_card_problems(card, data_folder=folder) == [
         f"configs entry '100hz': data_files 100hz/test-*.parquet match no file in {folder}"
     ]
-    (folder / "100hz" / "test-00000-of-00001.parquet").write_bytes(b"PAR1")
+    _write_rows(folder / "100hz" / "test-00000-of-00001.parquet", 255)
+    card = write_dataset_card(template, folder)  # the card gives this folder's rows, not the full data set's
+    data = DatasetCard.load(card).data.to_dict()
+    assert data["dataset_info"] == [
+        {
+            "config_name": "100hz",
+            "splits": [{"name": "train", "num_examples": 1490}, {"name": "test", "num_examples": 255}],
+        }
+    ]
+    assert data["size_categories"] == ["1K<n<10K"]
     assert dataset_card_problems(card, data_folder=folder) == []
+    _write_rows(folder / "100hz" / "test-00001-of-00001.parquet", 3)  # more rows than the card says
+    assert dataset_card_problems(card, data_folder=folder) == [
+        f"dataset_info '100hz' split 'test': num_examples 255, but the files in {folder} hold 258 rows (write the "
+        "card with write_dataset_card)"
+    ]
+    (folder / "100hz" / "test-00001-of-00001.parquet").unlink()
     assert dataset_card_problems(template) == []  # without a data folder: the shipped template is complete
     main(["check", str(card), "--kind", "dataset", "--data-folder", str(folder)])
     assert capsys.readouterr().out == f"{card}: ok\n"

@@ -436,16 +436,72 @@ def dataset_config_problems(card: DatasetCard | str | os.PathLike, folder: str |
     """The `configs:` entries of a dataset card with `data_files` patterns that match no file in `folder` (resolved as
     `load_dataset(folder)` resolves them): after a push, `load_dataset(repo, name)` would fail on each of them."""
     card = card if isinstance(card, DatasetCard) else DatasetCard.load(card)
-    return [
+    problems = [
         f"configs entry {name!r}: data_files {', '.join(patterns)} match no file in {folder}"
         for name, patterns in _unmatched_data_files(card, folder).items()
     ]
+    held = split_rows(card, folder)
+    for info in _as_list_of_dicts(card.data.to_dict().get("dataset_info")):
+        name = info.get("config_name", "default")
+        for split in info.get("splits") or []:
+            stated, found = split.get("num_examples"), held.get(name, {}).get(split.get("name"))
+            if stated is not None and found is not None and int(stated) != found:
+                problems.append(
+                    f"dataset_info {name!r} split {split.get('name')!r}: num_examples {stated}, but the files in "
+                    f"{folder} hold {found} rows (write the card with write_dataset_card)"
+                )
+    return problems
+
+
+def split_rows(card: DatasetCard, folder: str | os.PathLike) -> dict[str, dict[str, int]]:
+    """`{config_name: {split: rows}}` of the card's `configs:` entries whose Parquet files are in `folder` (rows read
+    from the files' footers)."""
+    import pyarrow.parquet as pq
+    from datasets.data_files import resolve_pattern
+
+    counts: dict[str, dict[str, int]] = {}
+    for config in card.data.to_dict().get("configs") or []:
+        data_files = config.get("data_files") or []
+        for entry in data_files if isinstance(data_files, list) else [data_files]:
+            if not isinstance(entry, Mapping) or "split" not in entry:
+                continue
+            paths = entry.get("path", [])
+            rows = 0
+            for pattern in paths if isinstance(paths, list) else [paths]:
+                try:
+                    files = resolve_pattern(pattern, str(folder))
+                except FileNotFoundError:
+                    continue
+                for file in files:
+                    try:
+                        rows += pq.read_metadata(file).num_rows
+                    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+                        raise ValueError(f"{file}: not a readable Parquet file ({error})") from error
+            counts.setdefault(config.get("config_name", "default"), {})[entry["split"]] = rows
+    return counts
+
+
+def size_category(num_rows: int) -> str:
+    """The Hub's `size_categories` bucket of a data set of `num_rows` examples."""
+    for bound, name in ((10**3, "n<1K"), (10**4, "1K<n<10K"), (10**5, "10K<n<100K"), (10**6, "100K<n<1M")):
+        if num_rows < bound:
+            return name
+    return "1M<n<10M" if num_rows < 10**7 else "n>10M"
+
+
+def _as_list_of_dicts(value) -> list[dict]:
+    if not value:
+        return []
+    return [value] if isinstance(value, Mapping) else list(value)
 
 
 def write_dataset_card(template: str | os.PathLike, folder: str | os.PathLike) -> Path:
     """Write the dataset card `template` (which lists every configuration a conversion can produce) to
     `folder/README.md`, keeping only the `configs:` entries that have data in `folder`: a 100 Hz conversion must not
-    announce a `500hz` config. An entry with only some of its files stays, for [`dataset_config_problems`] to name."""
+    announce a `500hz` config. An entry with only some of its files stays, for [`dataset_config_problems`] to name.
+    The YAML's `dataset_info` then gives each kept config's splits with the rows their files hold (`num_examples`),
+    and `size_categories` the bucket of the largest config: the numbers of this folder (a subset, or records the
+    conversion skipped), not of the data set the template describes."""
     card = DatasetCard.load(template)
     unmatched = _unmatched_data_files(card, folder)
     configs = card.data.to_dict().get("configs")
@@ -455,6 +511,13 @@ def write_dataset_card(template: str | os.PathLike, folder: str | os.PathLike) -
             for config in configs
             if unmatched.get(config.get("config_name", "default")) != _data_file_patterns(config)
         ]
+    counts = split_rows(card, folder)
+    if counts:
+        card.data.dataset_info = [
+            {"config_name": name, "splits": [{"name": split, "num_examples": rows} for split, rows in splits.items()]}
+            for name, splits in counts.items()
+        ]
+        card.data.size_categories = [size_category(max(sum(splits.values()) for splits in counts.values()))]
     path = Path(folder) / "README.md"
     card.save(path)
     return path
@@ -535,6 +598,8 @@ __all__ = [
     "card_rows",
     "dataset_card_problems",
     "dataset_config_problems",
+    "size_category",
+    "split_rows",
     "evaluation_table",
     "input_contract",
     "load_results",
