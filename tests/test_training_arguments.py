@@ -85,3 +85,16 @@ def test_config_from_argument_refuses_an_unknown_key_and_names_the_closest():
     )
     assert config.mask_ratio == 0.5 and config.output_hidden_states is True
     assert config_from_argument(MeritEcgConfig, None, "ecg_config").to_dict() == MeritEcgConfig().to_dict()
+
+
+def test_an_unknown_flag_names_the_trainer_equivalent_or_the_closest_flag():
+    """Before: transformers' 'Some specified arguments are not used by the HfArgumentParser' after a traceback."""
+    with pytest.raises(ValueError) as error:
+        parse_arguments(ARGUMENT_CLASSES, ["--num_train_epochs", "1", "--bf16=true", "--learning_rat", "1e-4"])
+    assert str(error.value) == (
+        "unknown flag(s): --num_train_epochs (a TrainingArguments flag; here: --max_steps); --bf16 (a "
+        "TrainingArguments flag; here: --mixed_precision bf16); --learning_rat (did you mean --learning_rate?) "
+        "(--help lists them)"
+    )
+    (probe,) = parse_arguments([ProbeArguments], ["--model_name_or_path", "m", "--dataset", "d"])  # known flags pass
+    assert probe.model_name_or_path == "m"

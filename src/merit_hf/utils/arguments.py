@@ -51,6 +51,12 @@ def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None 
     if argv and argv[0].endswith(YAML_SUFFIXES):
         from_yaml = read_yaml_arguments(argv.pop(0), dataclass_types)
         parser.set_defaults(**from_yaml)
+    known = {option for action in parser._actions for option in action.option_strings if option.startswith("--")}
+    unknown = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--") and arg.split("=", 1)[0] not in known]
+    if unknown:
+        raise ValueError(
+            "unknown flag(s): " + "; ".join(_unknown_flag_hint(flag, known) for flag in unknown) + " (--help lists them)"
+        )
     parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     for instance in parsed:
         for field in dataclasses.fields(instance):
@@ -58,6 +64,26 @@ def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None 
             if isinstance(from_yaml.get(field.name), dict) and isinstance(value, str):
                 setattr(instance, field.name, {**from_yaml[field.name], **as_mapping(value, field.name)})
     return parsed
+
+
+# transformers.TrainingArguments flags a Trainer user reaches for first, and what these scripts call the same setting
+TRAINER_EQUIVALENTS = {
+    "--num_train_epochs": "--max_steps",
+    "--bf16": "--mixed_precision bf16",
+    "--fp16": "--mixed_precision fp16",
+    "--eval_strategy": "--eval_steps",
+    "--evaluation_strategy": "--eval_steps",
+    "--save_strategy": "--save_steps",
+    "--no_cuda": "--use_cpu true",
+}
+
+
+def _unknown_flag_hint(flag: str, known: set[str]) -> str:
+    equivalent = TRAINER_EQUIVALENTS.get(flag)
+    if equivalent is not None and equivalent.split()[0] in known:
+        return f"{flag} (a TrainingArguments flag; here: {equivalent})"
+    closest = difflib.get_close_matches(flag, sorted(known), n=1)
+    return f"{flag} (did you mean {closest[0]}?)" if closest else flag
 
 
 def read_yaml_arguments(path: str | Path, dataclass_types: Sequence[type]) -> dict[str, Any]:
