@@ -82,6 +82,22 @@ class DemoInputError(ValueError):
     """An upload the demo refuses; the message is shown to the user as is."""
 
 
+# The library's errors end with the setting that would repair the input (`(nan_policy='interpolate' repairs gaps)`,
+# `; flat_lead_policy='zero' or 'drop' reads ...`), which a visitor of the page cannot set: the page leaves them out.
+_SETTING = r"(?:pass\s+)?[a-z_]+=(?:True|'[^']*')"
+_LIBRARY_HINTS = (
+    re.compile(rf"\s*\((?:[^()]|\([^()]*\))*?\b{_SETTING}(?:[^()]|\([^()]*\))*\)"),  # a parenthesis naming one
+    re.compile(rf"[.;]\s*{_SETTING}.*$"),  # a closing clause that starts with a setting
+)
+
+
+def for_visitors(message: str) -> str:
+    """`message` of the feature extractor without the library settings it suggests (the demo's own are fixed)."""
+    for pattern in _LIBRARY_HINTS:
+        message = pattern.sub("", message)
+    return message
+
+
 @dataclass
 class DemoModels:
     model: torch.nn.Module
@@ -272,7 +288,7 @@ def read_record(record: Path) -> dict:
     try:
         read = read_wfdb_record(record)
     except EcgInputError as error:  # the message names the record by its private path: keep only the file name
-        raise DemoInputError(str(error).replace(f"{record.parent}{os.sep}", "")) from error
+        raise DemoInputError(for_visitors(str(error).replace(f"{record.parent}{os.sep}", ""))) from error
     if checked["num_samples"] is None:  # a header without a length: the signal file's length is the record's
         check_duration(record, len(read["signal"]) / read["sampling_rate"])
     return read
@@ -436,7 +452,7 @@ def analyse(models: DemoModels, index: ExampleIndex, files: list | None, example
             return_tensors="pt",
         )
     except EcgInputError as error:
-        raise DemoInputError(str(error).replace("record 0", f"'{name}'")) from error
+        raise DemoInputError(for_visitors(str(error).replace("record 0", f"'{name}'"))) from error
     to_mv = np.array([{"uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3}.get(u.lower(), 1.0) for u in units])
     signal_mv = record["signal"] * to_mv
     rate = record["sampling_rate"]

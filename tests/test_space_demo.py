@@ -457,3 +457,28 @@ def test_browser_renamed_download_and_non_ascii_names(tmp_path):
     unicode_file.write_text("écg 12 100 1000\n")
     with pytest.raises(app.DemoInputError, match=r"'écg.hea': a WFDB record's files may only have ASCII letters"):
         app.stage_upload([unicode_file], tmp_path / "work2")
+
+
+def test_errors_leave_out_the_library_settings_a_visitor_cannot_set():
+    """The feature extractor's errors end with the setting that would repair the input; the page cannot take one."""
+    from merit_hf.models.merit.feature_extraction_merit import EcgInputError
+
+    app = load_app_module()
+    signal = wfdb.rdsamp(str(UPLOAD_RECORD))[0]
+    broken, flat, renamed = signal.copy(), signal.copy(), list(STANDARD_LEADS)
+    broken[10:20, 3] = np.nan
+    flat[:, 7] = 0.0
+    renamed[1] = "MLII"
+    strict = MeritFeatureExtractor(missing_leads="raise")
+    cases = [
+        (broken, STANDARD_LEADS, "lead aVR has 10 NaN/inf samples"),
+        (signal, renamed, "unknown lead name 'MLII'"),
+    ]
+    cases += [(flat, STANDARD_LEADS, "a lead that was not recorded, or a unit 1000x too small")]
+    cases += [(signal[:, :8], STANDARD_LEADS[:8], "8 leads given, 12 expected")]
+    for values, leads, kept in cases:
+        with pytest.raises(EcgInputError) as error:
+            strict(values, sampling_rate=100, lead_names=leads)
+        assert re.search(r"[a-z_]+=(True|')", str(error.value))  # the library names a setting ...
+        shown = app.for_visitors(str(error.value))
+        assert kept in shown and not re.search(r"[a-z_]+=(True|')", shown), shown  # ... the page does not
