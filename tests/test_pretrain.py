@@ -227,7 +227,7 @@ def test_torch_compile_trains_like_eager_and_saves_plain_weights(reference, asse
     for resumed in (eager_from_compiled, compiled_from_eager):
         assert resumed["steps_this_run"] == STEPS - middle
         torch.testing.assert_close(
-            torch.tensor(resumed["loss_history"]), torch.tensor(eager["loss_history"][middle:]), rtol=1e-4, atol=1e-5
+            torch.tensor(resumed["loss_history"]), torch.tensor(eager["loss_history"]), rtol=1e-4, atol=1e-5
         )
 
 
@@ -281,8 +281,91 @@ def test_checkpoint_named_by_an_earlier_version_resumes_with_latest(reference, a
         base_argv(assets, tmp_path, per_device_train_batch_size=8, resume_from_checkpoint="latest")
     )
     assert resumed["steps_this_run"] == STEPS - middle
-    assert resumed["loss_history"] == expected["loss_history"][middle:]
+    assert resumed["loss_history"] == expected["loss_history"]  # the steps before the checkpoint too
     assert sorted(path.name for path in checkpoints.iterdir()) == [f"checkpoint-{middle}", f"checkpoint_{STEPS}"]
+
+
+def _timing_free(results: dict) -> dict:
+    """train_results.json without what depends on the clock or on this invocation, flattened to `{path: value}`."""
+    flat = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}", inner)
+        elif isinstance(value, list):
+            flat[f"{prefix}.length"] = len(value)
+            for index, inner in enumerate(value):
+                walk(f"{prefix}[{index}]", inner)
+        else:
+            flat[prefix] = value
+
+    for key, value in results.items():
+        if key not in ("train_runtime_s", "train_ecgs_per_second", "steps_this_run", "model_dir", "output_dir"):
+            walk(
+                key, value if key != "throughput" else {name: value[name] for name in ("ecgs_seen", "steps_measured")}
+            )
+    return flat
+
+
+def _strict_json(path: Path) -> dict:
+    def refuse(constant: str):
+        raise ValueError(f"{path}: {constant} is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_resumed_run_results_cover_the_whole_run_and_a_finished_run_keeps_them(reference, assets, tmp_path):
+    """Resumed from the middle in a folder with no log of the first half, the run's train_results.json equals the
+    uninterrupted run's (histories, last losses, evaluation, ECGs seen): the checkpoint holds the run so far. Resumed
+    again with no steps left, it keeps the results (evaluation included) and writes no NaN."""
+    output_dir, _ = reference
+    expected = _strict_json(output_dir / "train_results.json")
+    middle = STEPS // 2
+    shutil.copytree(
+        output_dir / "checkpoints" / f"checkpoint_{middle}", tmp_path / "checkpoints" / f"checkpoint_{middle}"
+    )
+    argv = base_argv(assets, tmp_path, per_device_train_batch_size=8, resume_from_checkpoint="latest")
+    resumed = run_pretraining(argv)
+    assert resumed["steps_this_run"] == STEPS - middle and len(resumed["loss_history"]) == STEPS
+    assert _timing_free(_strict_json(tmp_path / "train_results.json")) == pytest.approx(_timing_free(expected))
+    assert resumed["throughput"]["ecgs_seen"] == STEPS * 8
+
+    finished = run_pretraining(argv)
+    assert finished["steps_this_run"] == 0 and finished["resume_notes"] == []
+    written = _strict_json(tmp_path / "train_results.json")
+    assert _timing_free(written) == pytest.approx(_timing_free(expected))
+    assert written["eval_loss"] == pytest.approx(expected["eval_loss"]) and written["train_loss"] is not None
+
+
+def test_evaluation_between_logging_steps_is_logged_on_its_own_line(assets, tmp_path):
+    """An evaluation at a step that does not log (step 3 here) gets its own line with step and epoch, as transformers'
+    Trainer logs one; where both fall on a step (the last), one line holds both."""
+    run_pretraining(base_argv(assets, tmp_path, max_steps=4, logging_steps=2, eval_steps=3, save_steps=4))
+    logged = read_log_history(tmp_path)
+    assert [entry["step"] for entry in logged] == [2, 3, 4]
+    assert "eval_loss" not in logged[0] and "train_loss" in logged[0]
+    assert sorted(logged[1]) == ["epoch", "eval_contrastive_loss", "eval_loss", "eval_reconstruction_loss", "step"]
+    assert "eval_loss" in logged[2] and "train_loss" in logged[2]
+
+
+def test_streamed_resume_with_a_shuffle_buffer_warns_and_notes_it(assets, tmp_path, caplog):
+    """`datasets` does not keep a stream's shuffle buffer in its state: the resume says so (once) and
+    train_results.json records it."""
+    pytest.importorskip("torchdata", reason="streamed pretraining needs torchdata's StatefulDataLoader")
+    stream = {"streaming": "true", "shuffle_buffer_size": 4, "max_steps": 2, "save_steps": 1, "eval_split": "None"}
+    run_pretraining(base_argv(assets, tmp_path, **stream))
+    checkpoint = tmp_path / "checkpoints" / "checkpoint_1"
+    with caplog.at_level("WARNING", logger="merit_hf.training.pretrain"):
+        resumed = run_pretraining(base_argv(assets, tmp_path, resume_from_checkpoint=str(checkpoint), **stream))
+    ours = [record for record in caplog.records if record.name == "merit_hf.training.pretrain"]
+    assert [record.levelname for record in ours] == ["WARNING"]
+    warnings = [record.getMessage() for record in ours]
+    assert (
+        "up to 4 records per process (--shuffle_buffer_size) that were in the buffer at the checkpoint" in warnings[0]
+    )
+    assert "are not seen again this epoch" in warnings[0]
+    assert resumed["steps_this_run"] == 1 and resumed["resume_notes"] == warnings
 
 
 def test_nan_loss_stops_before_checkpoint_and_names_step_and_batch(assets, tmp_path, monkeypatch):
@@ -402,7 +485,8 @@ def test_streaming_split_trains_and_resumes_at_the_stream_position(assets, tmp_p
         tmp_path / "full" / "checkpoints" / "checkpoint_3", tmp_path / "resumed" / "checkpoints" / "checkpoint_3"
     )
     resumed = run_pretraining(base_argv(assets, tmp_path / "resumed", resume_from_checkpoint="latest", **stream))
-    assert resumed["steps_this_run"] == 3 and resumed["loss_history"] == full["loss_history"][3:]
+    assert resumed["steps_this_run"] == 3 and resumed["loss_history"] == full["loss_history"]
+    assert resumed["resume_notes"] == []  # a buffer of 1 loses nothing
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -72,6 +72,31 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
     )
 
 
+def test_summary_prints_n_a_for_values_a_run_did_not_measure(capsys):
+    """A results file with `null`s (a value that was not finite, a resumed run with no steps left) or without the
+    train losses prints `n/a` where a number would be, instead of failing."""
+    from types import SimpleNamespace
+
+    from merit_hf.quickstart import print_summary
+
+    results = {
+        "pretraining": {"global_step": 2, "total_batch_size": 8, "train_ecgs_per_second": None, "eval_loss": None},
+        "data": {"records": {"train": 1, "validation": 1, "test": 1}, "source": "data"},
+        "first_train_loss": None,
+        "reconstruction": None,
+        "probe": {"label_set": "superclass", "results_file": "probe.json"},
+        "remote_code_check": {"model_class": "transformers_modules.x.MeritModel"},
+        "model_dir": "model",
+        "output_dir": "out",
+        "wall_time_s": 60.0,
+    }
+    entry = SimpleNamespace(metrics={"macro_auroc": None})
+    print_summary(results, {}, SimpleNamespace(model=entry, baseline=entry))
+    printed = capsys.readouterr().out
+    assert "n/a ECGs/s; train loss n/a -> n/a (reconstruction n/a, contrastive n/a)" in printed
+    assert "validation loss n/a (reconstruction n/a, contrastive n/a)" in printed
+
+
 def test_every_console_script_exits_0_after_a_run(monkeypatch):
     """A console script calls `sys.exit(function())`: a function that returns its results (a dict) would end every
     successful run with exit status 1 and the dict on stderr."""

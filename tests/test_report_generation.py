@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 
 import numpy as np
@@ -773,6 +774,111 @@ def test_ecg_use_check_tells_an_ecg_blind_model_from_one_that_reads_the_ecg(part
     text_only = ReportCollator(processor, "write the report.\n", condition_on_ecg=False, with_reports=True)
     no_ecg = ecg_use_check(accelerator, model, dataset, text_only, batch_size=3)
     assert set(no_ecg) == {"num_reports", "num_report_tokens", "no_ecg"} and no_ecg["no_ecg"] > 0
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("logging_steps", "0", "--logging_steps: must be at least 1, got 0"),
+        ("gradient_accumulation_steps", "0", "--gradient_accumulation_steps: must be at least 1, got 0"),
+        ("per_device_train_batch_size", "0", "--per_device_train_batch_size: must be at least 1, got 0"),
+        ("per_device_eval_batch_size", "0", "--per_device_eval_batch_size: must be at least 1, got 0"),
+        ("max_new_tokens", "0", "--max_new_tokens: must be at least 1, got 0"),
+        ("num_beams", "0", "--num_beams: must be at least 1, got 0"),
+        ("lora_r", "0", "--lora_r: must be at least 1, got 0"),
+        ("lora_epochs", "-1", "--lora_epochs: must be 0 (skip the stage) or more, got -1"),
+        ("alignment_epochs", "-1", "--alignment_epochs: must be 0 (skip the stage) or more, got -1"),
+        ("warmup_ratio", "1.5", "--warmup_ratio: must be between 0 and 1, got 1.5"),
+        ("mixed_precision", "fp8", "--mixed_precision: must be one of ('no', 'bf16', 'fp16'), got 'fp8'"),
+        ("max_length", "0", "--max_length: must be at least 1, got 0"),
+        ("max_train_reports", "-1", "--max_train_reports: must be None (all) or at least 0, got -1"),
+        ("max_eval_reports", "-2", "--max_eval_reports: must be None (all) or at least 0, got -2"),
+    ],
+)
+def test_report_lora_refuses_bad_settings_before_loading_anything(tmp_path, flag, value, message):
+    """Settings that would divide by zero, index an empty list or slice reports away are refused when the arguments
+    are parsed: before the language model (here a folder that does not exist) or any data is read."""
+    from merit_hf.training.report_lora import main
+
+    arguments = [str(REPO_ROOT / "configs" / "report_tiny.yaml"), "--language_model", str(tmp_path / "no_lm")]
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        main(arguments + ["--output_dir", str(tmp_path / "run"), f"--{flag}", value])
+    assert not (tmp_path / "run").exists()
+
+
+def test_stage_steps_come_from_the_sharded_loader():
+    """Step totals count this process's shard of the data (`accelerator.prepare`), not the whole loader: 40 reports
+    in batches of 8 are 5 batches on one process, 3 on each of 2 processes (the second pads its last batch)."""
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+
+    from merit_hf.training.report_lora import optimizer_steps
+
+    loader = DataLoader(list(range(40)), batch_size=8)
+    shards = [prepare_data_loader(loader, num_processes=2, process_index=rank) for rank in (0, 1)]
+    assert [len(shard) for shard in shards] == [3, 3]
+    assert optimizer_steps(loader, epochs=1, gradient_accumulation_steps=2) == 3
+    assert optimizer_steps(shards[0], epochs=1, gradient_accumulation_steps=2) == 2
+    assert optimizer_steps(shards[0], epochs=3, gradient_accumulation_steps=1) == 9
+
+
+def test_train_stage_counts_the_ecgs_of_each_micro_batch_and_logs_the_mean_loss_of_a_step(parts):
+    """With gradient accumulation, 5 reports in micro-batches of 2 are 3 micro-batches and 2 optimizer steps (the
+    last one partial): 5 ECGs seen, not 2 steps x 2 x 2, and each step's loss is the mean of its micro-batches'."""
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from merit_hf.training.report_lora import (
+        ReportCollator,
+        ReportExamples,
+        ReportTrainingArguments,
+        _train_stage,
+    )
+
+    model, processor = parts
+    lead_names = list(tiny_ecg_config().lead_names)
+    examples = [{"signal": signal, "sampling_rate": 100, "lead_names": lead_names, "report": report}
+                for signal, report in zip(ecg_batch(5), TINY_REPORTS)]  # fmt: skip
+    dataset = ReportExamples(examples, processor.feature_extractor)
+    collator = ReportCollator(processor, processor.format_prompt(), condition_on_ecg=True, with_reports=True)
+    model.requires_grad_(False)
+    model.multi_modal_projector.requires_grad_(True)
+    micro_losses = []
+    with torch.no_grad():  # learning rate 0: the weights stay, so each micro-batch's loss can be computed first
+        for start in (0, 2, 4):
+            batch = collator([dataset[index] for index in range(start, min(start + 2, 5))])
+            batch.pop("index")
+            micro_losses.append(float(model(**batch).loss))
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    training_args = ReportTrainingArguments(gradient_accumulation_steps=2, logging_steps=1, warmup_ratio=0.0)
+    loader = DataLoader(dataset, batch_size=2, collate_fn=collator)
+    losses, throughput = _train_stage("alignment", accelerator, model, loader, 1, 0.0, training_args)
+    assert losses == pytest.approx([(micro_losses[0] + micro_losses[1]) / 2, micro_losses[2]], rel=1e-5)
+    assert throughput["ecgs_seen"] == 5 and throughput["steps_measured"] == 2
+
+
+def test_report_lora_with_lora_epochs_0_trains_only_the_projector_and_saves_everything(lm_dir, tmp_path):
+    """`--lora_epochs 0` skips stage 2 as `--alignment_epochs 0` skips stage 1: the aligned base, an adapter that
+    reloads to it (LoRA starts as a no-op) and the results, which name the skipped stage."""
+    from merit_hf import MeritForReportGeneration
+    from merit_hf.training.report_lora import RESULTS_FILE, load_report_adapter, main
+
+    output_dir = tmp_path / "run"
+    arguments = {"language_model": lm_dir, "ptbxl_dir": BUNDLED_PTBXL, "output_dir": output_dir, "use_cpu": "true",
+                 "max_train_reports": 4, "lora_epochs": 0, "do_eval": "false"}  # fmt: skip
+    results = main(
+        [str(REPO_ROOT / "configs" / "report_tiny.yaml")]
+        + [item for name, value in arguments.items() for item in (f"--{name}", str(value))]
+    )
+    assert results["skipped_stages"] == {"lora": "--lora_epochs 0"}
+    assert "alignment_loss_last" in results and "lora_loss_last" not in results and "lora_throughput" not in results
+    assert json.loads((output_dir / RESULTS_FILE).read_text())["skipped_stages"] == {"lora": "--lora_epochs 0"}
+    model, processor = load_report_adapter(output_dir / "adapter")
+    base = MeritForReportGeneration.from_pretrained(output_dir / "base_model").eval()
+    batch = processor(ecgs=ecg_batch(1), sampling_rate=100, lead_names=list(tiny_ecg_config().lead_names),
+                      reports=["sinus rhythm"], return_tensors="pt", crop="center")  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, base(**batch).logits)
 
 
 @pytest.mark.slow

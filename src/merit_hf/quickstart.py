@@ -251,9 +251,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _reconstruction_summary(train_results: dict[str, Any]) -> dict[str, float] | None:
     """How the masked-modelling branch did: its loss curve and its share of the gradient into the encoder (both
     branches must train the encoder; `merit_hf.training.pretrain.loss_term_gradient_norms`)."""
-    losses = train_results.get("reconstruction_loss_history") or []
-    norms = [
-        entry for entry in train_results.get("encoder_gradient_norms", []) if "reconstruction_gradient_share" in entry
+    losses = [loss for loss in train_results.get("reconstruction_loss_history") or [] if loss is not None]
+    norms = [  # a share is null where neither term reached the encoder
+        entry
+        for entry in train_results.get("encoder_gradient_norms", [])
+        if entry.get("reconstruction_gradient_share") is not None
     ]
     if not losses or not norms:
         return None
@@ -280,9 +282,10 @@ def print_summary(results: dict[str, Any], train_results: dict[str, Any], probe_
         f"  data        {sum(counts.values())} real PTB-XL records: train {counts['train']}, validation "
         f"{counts['validation']}, test {counts['test']} ({results['data']['source']})",
         f"  pretraining {pretraining['global_step']} steps x {pretraining['total_batch_size']} ECG-report pairs, "
-        f"{pretraining['train_ecgs_per_second']:.1f} ECGs/s; train loss {results['first_train_loss']:.3f} -> "
-        f"{pretraining['train_loss']:.3f} (reconstruction {pretraining['train_reconstruction_loss']:.3f}, "
-        f"contrastive {pretraining['train_contrastive_loss']:.3f})",
+        f"{_number(pretraining.get('train_ecgs_per_second'), '.1f')} ECGs/s; train loss "
+        f"{_number(results['first_train_loss'])} -> {_number(pretraining.get('train_loss'))} (reconstruction "
+        f"{_number(pretraining.get('train_reconstruction_loss'))}, contrastive "
+        f"{_number(pretraining.get('train_contrastive_loss'))})",
     ]
     reconstruction = results["reconstruction"]
     if reconstruction:
@@ -295,8 +298,9 @@ def print_summary(results: dict[str, Any], train_results: dict[str, Any], probe_
         )
     if "eval_loss" in pretraining:
         lines.append(
-            f"              validation loss {pretraining['eval_loss']:.3f} (reconstruction "
-            f"{pretraining['eval_reconstruction_loss']:.3f}, contrastive {pretraining['eval_contrastive_loss']:.3f})"
+            f"              validation loss {_number(pretraining['eval_loss'])} (reconstruction "
+            f"{_number(pretraining.get('eval_reconstruction_loss'))}, contrastive "
+            f"{_number(pretraining.get('eval_contrastive_loss'))})"
         )
     lines += [
         f"  probe       linear probe on {results['probe']['label_set']}, test fold 10, macro AUROC [95% CI]:",
@@ -311,6 +315,12 @@ def print_summary(results: dict[str, Any], train_results: dict[str, Any], probe_
         f"  data credit {PTBXL_CITATION}",
     ]
     print("\n".join(lines), flush=True)
+
+
+def _number(value: float | None, spec: str = ".3f") -> str:
+    """`value` formatted, or "n/a" where train_results.json has none (`null`: a value that was not finite, or a run
+    that measured nothing)."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def cli() -> None:

@@ -37,13 +37,14 @@ only), `--contrastive_input masked`, `--ecg_config '{"mask_ratio": 0.5}'`.
 
 Outputs in `output_dir`: `checkpoints/checkpoint_<step>/` (Accelerate state + `training_state.json`; Accelerate names
 and rotates them; folders named `checkpoint-<step>` by earlier versions still resume),
-`log_history.jsonl` (one line per logged step), `runs/` (TensorBoard), `model/` (the Hub-ready folder: model,
+`log_history.jsonl` (one line per logged step, and one per evaluation between them), `runs/` (TensorBoard), `model/` (the Hub-ready folder: model,
 feature extractor, processor with tokenizer, remote code) and `train_results.json`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import sys
@@ -76,7 +77,12 @@ from ..utils.throughput import ThroughputMeter, dataloader_options
 from .activation_checkpointing import enable_activation_checkpointing
 from .losses import PretrainingLosses, PretrainingObjective
 
+logger = logging.getLogger(__name__)
+
 TRAINING_STATE_FILE = "training_state.json"
+# In each checkpoint: the run so far (per-step losses, last evaluation, time, throughput counts, resume notes), so a
+# resumed run's train_results.json covers the whole run.
+RUN_HISTORY_FILE = "run_history.json"
 LOG_HISTORY_FILE = "log_history.jsonl"
 RESULTS_FILE = "train_results.json"
 # Everything a run writes in output_dir; `--overwrite_output_dir true` removes these (and nothing else) first.
@@ -730,6 +736,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     global_step, epoch = resume(accelerator, resume_path, run_identity, train_loader if streaming else None)
     start_logging(accelerator, output_dir, global_step, (model_args, data_args, train_args))
+    earlier = load_run_history(resume_path)
+    meter.add_run_counts(earlier["throughput"])
+    resume_notes = earlier["resume_notes"]
+    if global_step < train_args.max_steps:
+        for note in resume_notes_for_stream(resume_path, streaming, data_args.shuffle_buffer_size):
+            if accelerator.is_main_process:
+                logger.warning(note)
+            resume_notes.append(note)
 
     num_patches = (unwrapped.config.ecg_config.num_leads, unwrapped.config.ecg_config.num_patches_per_lead)
     skip = 0
@@ -761,9 +775,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     step_losses: list[torch.Tensor] = []
     gradient_norms: dict[str, float] = {}
-    history: list[dict[str, float]] = []
-    last_eval: dict[str, float] = {}
-    start = time.perf_counter()
+    history: list[dict[str, float]] = earlier["history"]  # every step of the run, those before a resume included
+    last_eval: dict[str, float] = earlier["last_eval"]
+    start = time.perf_counter() - earlier["train_runtime_s"]
     steps_this_run = 0
 
     # ---- The loop: one micro-batch per iteration, one optimizer step every gradient_accumulation_steps --------------
@@ -816,7 +830,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         history.append(record)
         progress.update(1)
         progress.set_postfix(loss=f"{step_mean[0]:.4f}", **meter.postfix)
-        if eval_loader is not None and train_args.eval_steps and global_step % train_args.eval_steps == 0:
+        evaluated = eval_loader is not None and (
+            (bool(train_args.eval_steps) and global_step % train_args.eval_steps == 0)
+            or global_step == train_args.max_steps
+        )
+        if evaluated:
             with meter.excluded():
                 last_eval = evaluate(model, eval_loader, accelerator, train_args.seed, num_patches)
             record.update(last_eval)
@@ -824,14 +842,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if global_step % train_args.logging_steps == 0 or global_step == train_args.max_steps:
             record.update(meter.interval())
             log_step(accelerator, output_dir, meter, record)
+        elif evaluated:  # on its own line, as transformers' Trainer logs an evaluation
+            log_step(accelerator, output_dir, meter, {"step": global_step, "epoch": epoch, **last_eval})
         if global_step % train_args.save_steps == 0 or global_step == train_args.max_steps:
+            so_far = run_history(history, last_eval, time.perf_counter() - start, meter, resume_notes)
             with meter.excluded():
-                save_checkpoint(accelerator, global_step, epoch, run_identity, train_loader if streaming else None)
+                save_checkpoint(
+                    accelerator, global_step, epoch, run_identity, so_far, train_loader if streaming else None
+                )
     progress.close()
     runtime = time.perf_counter() - start
 
-    # ---- Finishing: a last evaluation, the Hub folder, the results ---------------------------------------------------
-    if eval_loader is not None and not (train_args.eval_steps and global_step % train_args.eval_steps == 0):
+    # ---- Finishing: the Hub folder, the results ----------------------------------------------------------------------
+    # The last step evaluated; a run resumed with no steps left has its checkpoint's evaluation, except one written by
+    # a merit_hf version that kept none.
+    if eval_loader is not None and not last_eval:
         last_eval = evaluate(model, eval_loader, accelerator, train_args.seed, num_patches)
     model_dir = output_dir / "model"
     save_hub_folder(accelerator, model, feature_extractor, tokenizer, model_args.max_report_length, model_dir)
@@ -841,16 +866,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "num_processes": accelerator.num_processes,
         "total_batch_size": total_batch,
         "train_runtime_s": runtime,
-        "train_ecgs_per_second": steps_this_run * total_batch / runtime if runtime > 0 else math.nan,
+        "train_ecgs_per_second": len(history) * total_batch / runtime if runtime > 0 else None,
         **({key: value for key, value in history[-1].items() if key.startswith("train_")} if history else {}),
         **last_eval,
         **histories(history),
         "throughput": meter.totals(),
+        "resume_notes": resume_notes,
         "model_dir": str(model_dir),
         "output_dir": str(output_dir),
     }
+    results = json_safe(results)
     if accelerator.is_main_process:
-        (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+        (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
         accelerator.print(f"Model, feature extractor and processor saved to {model_dir}")
     accelerator.end_training()
     return results
@@ -997,6 +1024,47 @@ def resume(accelerator: Accelerator, resume_path: Path | None, run_identity: dic
     return saved["global_step"], saved["epoch"]
 
 
+def load_run_history(resume_path: Path | None) -> dict[str, Any]:
+    """The run up to a checkpoint, as `run_history` wrote it: empty for a new run, or for a checkpoint of a merit_hf
+    version that did not write it (its train_results.json then covers only the resumed part)."""
+    earlier = {"history": [], "last_eval": {}, "train_runtime_s": 0.0, "throughput": {}, "resume_notes": []}
+    if resume_path is not None and (resume_path / RUN_HISTORY_FILE).is_file():
+        earlier.update(json.loads((resume_path / RUN_HISTORY_FILE).read_text()))
+    return earlier
+
+
+def run_history(
+    history: list[dict], last_eval: dict, runtime: float, meter: ThroughputMeter, resume_notes: list[str]
+) -> dict[str, Any]:
+    """What a checkpoint keeps of the run so far for train_results.json: the per-step values `histories` and the
+    results read, the last evaluation, the seconds since the run began and the throughput meter's counts."""
+    return json_safe(
+        {
+            "history": [{key: value for key, value in entry.items() if _kept_in_history(key)} for entry in history],
+            "last_eval": last_eval,
+            "train_runtime_s": runtime,
+            "throughput": meter.run_counts(),
+            "resume_notes": resume_notes,
+        }
+    )
+
+
+def _kept_in_history(key: str) -> bool:
+    return key == "step" or key.startswith("train_") or key in _GRADIENT_NORM_NAMES
+
+
+def resume_notes_for_stream(resume_path: Path | None, streaming: bool, shuffle_buffer_size: int) -> list[str]:
+    """What a resumed stream does not repeat exactly: `datasets` keeps the stream position in a checkpoint but not
+    its shuffle buffer, so the records that sat in the buffer are lost for that epoch and the order differs."""
+    if resume_path is None or not streaming or shuffle_buffer_size <= 1:
+        return []
+    return [
+        f"resumed a streamed split from {resume_path.name}: the stream's state does not hold its shuffle buffer, so "
+        f"up to {shuffle_buffer_size} records per process (--shuffle_buffer_size) that were in the buffer at the "
+        "checkpoint are not seen again this epoch, and the record order differs from an uninterrupted run"
+    ]
+
+
 def start_logging(accelerator: Accelerator, output_dir: Path, global_step: int, arguments: Sequence) -> None:
     """Drop what an interrupted run wrote after `global_step` (checkpoints, log lines), so this run's follow on
     exactly, and start the trackers with the hyperparameters."""
@@ -1065,13 +1133,26 @@ def mean_over_processes(
 
 
 def log_step(accelerator: Accelerator, output_dir: Path, meter: ThroughputMeter, record: dict) -> None:
-    """One logged step: to the trackers and, on the main process, as a line of `log_history.jsonl`."""
+    """One logged step (or one evaluation between logging steps): to the trackers and, on the main process, as a line
+    of `log_history.jsonl`."""
     if message := meter.data_bound_message(record):
         accelerator.print(f"step {record['step']}: {message}")
     accelerator.log(record, step=record["step"])
     if accelerator.is_main_process:
         with (output_dir / LOG_HISTORY_FILE).open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every NaN or infinity replaced by `None`: strict JSON (`json.dumps` would write `NaN`, which
+    JSON parsers other than Python's refuse)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(inner) for key, inner in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(inner) for inner in value]
+    return value
 
 
 def histories(history: list[dict[str, float]]) -> dict[str, list]:
@@ -1079,6 +1160,7 @@ def histories(history: list[dict[str, float]]) -> dict[str, list]:
     return {
         "loss_history": [entry["train_loss"] for entry in history],
         "reconstruction_loss_history": [entry["train_reconstruction_loss"] for entry in history],
+        "contrastive_loss_history": [entry["train_contrastive_loss"] for entry in history],
         "encoder_gradient_norms": [
             {key: value for key, value in entry.items() if key == "step" or key in _GRADIENT_NORM_NAMES}
             for entry in history
@@ -1130,10 +1212,13 @@ def _num_real_records(accelerator: Accelerator, batch_size: int) -> int:
     return min(max(state.remainder - accelerator.process_index * batch_size, 0), batch_size)
 
 
-def save_checkpoint(accelerator: Accelerator, step: int, epoch: int, run_identity: dict, stream_loader=None) -> None:
+def save_checkpoint(
+    accelerator: Accelerator, step: int, epoch: int, run_identity: dict, history: dict, stream_loader=None
+) -> None:
     """`save_state` (Accelerate names the folder `checkpoint_<step>` and removes the oldest beyond `save_total_limit`),
-    then each process's stream position, then `training_state.json` last: a checkpoint without that file was
-    interrupted while being written and is never resumed from."""
+    then each process's stream position and the run so far (`history`, from `run_history`), then
+    `training_state.json` last: a checkpoint without that file was interrupted while being written and is never
+    resumed from."""
     accelerator.project_configuration.iteration = step  # the number in Accelerate's automatic checkpoint name
     path = Path(accelerator.save_state())
     if stream_loader is not None:
@@ -1141,6 +1226,7 @@ def save_checkpoint(accelerator: Accelerator, step: int, epoch: int, run_identit
         state_file.write_text(json.dumps(stream_loader.state_dict()))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        (path / RUN_HISTORY_FILE).write_text(json.dumps(history, allow_nan=False) + "\n")
         state = {"global_step": step, "epoch": epoch, **run_identity}
         (path / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     accelerator.wait_for_everyone()

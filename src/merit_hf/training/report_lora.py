@@ -14,7 +14,9 @@ N GPUs:
 
     accelerate launch --multi_gpu --num_processes 8 -m merit_hf.training.report_lora configs/report_smollm2.yaml
 
-Baselines by flag alone: `--ecg_encoder ''` (random-init encoder), `--condition_on_ecg false` (no ECG in the prompt).
+Baselines by flag alone: `--ecg_encoder ''` (random-init encoder), `--condition_on_ecg false` (no ECG in the prompt),
+`--lora_epochs 0` (stage 1 only: the adapter holds the aligned projector and LoRA weights that change nothing).
+`--alignment_epochs 0` or `--lora_epochs 0` skips that stage; `report_results.json` names it in `skipped_stages`.
 
 Does the model read the ECG? `--check_folds 9` measures, after each stage, the teacher-forced loss per report token on
 those folds with each report's own ECG and with the ECGs shuffled across reports (`ecg_use_check`): a model that
@@ -73,6 +75,7 @@ BASE_FINGERPRINT_FILE = "merit_report_base.json"
 RESULTS_FILE = "report_results.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 NON_ENGLISH_RULES = ("drop", "error")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
 
 
 @dataclass
@@ -130,6 +133,14 @@ class ReportDataArguments:
         },
     )
 
+    def __post_init__(self):
+        if self.max_length < 1:
+            raise ValueError(f"--max_length: must be at least 1, got {self.max_length}")
+        for name in ("max_train_reports", "max_eval_reports", "max_check_reports"):
+            value = getattr(self, name)
+            if value is not None and value < 0:  # a negative slice end would silently drop reports from the end
+                raise ValueError(f"--{name}: must be None (all) or at least 0, got {value}")
+
 
 @dataclass
 class ReportTrainingArguments:
@@ -140,7 +151,10 @@ class ReportTrainingArguments:
     gradient_accumulation_steps: int = field(default=1)
     alignment_epochs: int = field(default=1, metadata={"help": "Stage 1 (projector only); 0 skips it."})
     alignment_learning_rate: float = field(default=1e-3)
-    lora_epochs: int = field(default=3, metadata={"help": "Stage 2 (LoRA on the LM + projector)."})
+    lora_epochs: int = field(
+        default=3,
+        metadata={"help": "Stage 2 (LoRA on the LM + projector); 0 skips it (the adapter then holds the base)."},
+    )
     learning_rate: float = field(default=2e-4)
     weight_decay: float = field(default=0.0)
     warmup_ratio: float = field(default=0.03)
@@ -162,6 +176,26 @@ class ReportTrainingArguments:
     mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16'."})
     use_cpu: bool = field(default=False)
     logging_steps: int = field(default=10)
+
+    def __post_init__(self):
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(f"--mixed_precision: must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}")
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "max_new_tokens",
+            "num_beams",
+            "lora_r",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name}: must be at least 1, got {getattr(self, name)}")
+        for name in ("alignment_epochs", "lora_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name}: must be 0 (skip the stage) or more, got {getattr(self, name)}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"--warmup_ratio: must be between 0 and 1, got {self.warmup_ratio}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -426,6 +460,14 @@ def load_report_adapter(adapter_dir: str | Path, base_model: MeritForReportGener
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def optimizer_steps(loader: DataLoader, epochs: int, gradient_accumulation_steps: int) -> int:
+    """Optimizer steps of `epochs` passes over `loader`: the loader as `accelerator.prepare` returns it (this
+    process's shard, so the total every process prints and schedules by), and one step per
+    `gradient_accumulation_steps` batches, the last partial group included (Accelerate syncs at the end of the
+    loader)."""
+    return epochs * math.ceil(len(loader) / gradient_accumulation_steps)
+
+
 def _train_stage(
     name: str,
     accelerator: Accelerator,
@@ -435,21 +477,26 @@ def _train_stage(
     learning_rate: float,
     training_args: ReportTrainingArguments,
 ) -> tuple[list[float], dict[str, Any]]:
-    """One stage: AdamW on the parameters that require grad, warm-up + schedule; returns the logged losses and the
-    stage's throughput totals (`merit_hf.utils.throughput`)."""
+    """One stage: AdamW on the parameters that require grad, warm-up + schedule; returns the loss of each optimizer
+    step (the mean of its micro-batches' losses over every process) and the stage's throughput totals
+    (`merit_hf.utils.throughput`; `ecgs_seen` counts the ECGs of every micro-batch on every process, the ones
+    Accelerate repeats to give every process a full last batch included: they are trained on too)."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=training_args.weight_decay, fused=True)
-    steps = epochs * math.ceil(len(loader) / training_args.gradient_accumulation_steps)
+    meter = ThroughputMeter(accelerator.device, num_processes=accelerator.num_processes, model=model)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    steps = optimizer_steps(loader, epochs, training_args.gradient_accumulation_steps)
+    # The prepared scheduler advances num_processes times per optimizer step (Accelerate's AcceleratedScheduler).
+    schedule_steps = steps * accelerator.num_processes
     scheduler = get_scheduler(
         training_args.lr_scheduler_type,
         optimizer,
-        num_warmup_steps=int(training_args.warmup_ratio * steps),
-        num_training_steps=steps,
+        num_warmup_steps=int(training_args.warmup_ratio * schedule_steps),
+        num_training_steps=schedule_steps,
     )
-    meter = ThroughputMeter(accelerator.device, num_processes=accelerator.num_processes, model=model)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    scheduler = accelerator.prepare(scheduler)
     model.train()
-    losses, step = [], 0
+    losses, step, micro_losses, micro_ecgs = [], 0, [], 0
     progress = tqdm(total=steps, desc=name, disable=not accelerator.is_local_main_process)
     for _ in range(epochs):
         for batch in meter.timed(loader):
@@ -463,13 +510,17 @@ def _train_stage(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
+            micro_losses.append(loss.detach())
+            micro_ecgs += len(batch["input_ids"])
             if accelerator.sync_gradients:
                 step += 1
-                meter.step(
-                    len(batch["input_ids"]) * accelerator.num_processes * accelerator.gradient_accumulation_steps
-                )
+                # One gather per step: this process's mean micro-batch loss and its ECG count.
+                local = torch.stack([torch.stack(micro_losses).mean().float(), loss.new_tensor(micro_ecgs).float()])
+                gathered = accelerator.gather(local[None])
+                mean_loss, ecgs = gathered[:, 0].mean().item(), int(gathered[:, 1].sum().item())
+                micro_losses, micro_ecgs = [], 0
+                meter.step(ecgs)
                 progress.update(1)
-                mean_loss = accelerator.gather(loss.detach()[None]).mean().item()
                 losses.append(mean_loss)
                 if step % training_args.logging_steps == 0 or step == steps:
                     interval = meter.interval()
@@ -624,9 +675,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     check_set = ReportExamples(check_examples, feature_extractor) if check_examples else None
 
+    def skip_stage(stage: str, reason: str) -> None:
+        results.setdefault("skipped_stages", {})[stage] = reason
+        accelerator.print(f"{stage}: skipped ({reason})")
+
     def train_stage(stage: str, module, epochs: int, learning_rate: float):
         """One stage through `_train_stage`; its first and last loss, its throughput and the ECG-use check on
-        `check_folds` after it go into `results`."""
+        `check_folds` after it go into `results`. With 0 epochs the stage is skipped, and `results["skipped_stages"]`
+        says so."""
+        if epochs == 0:
+            skip_stage(stage, f"--{stage}_epochs 0")
+            return module.to(accelerator.device)  # where prepare would have put it, for generation
         losses, results[f"{stage}_throughput"] = _train_stage(
             stage, accelerator, module, train_loader, epochs, learning_rate, training_args
         )
@@ -641,7 +700,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             accelerator.print(f"{stage}: ECG-use check on folds {data_args.check_folds}: {json.dumps(check)}")
         return module
 
-    if model_args.condition_on_ecg and training_args.alignment_epochs > 0:
+    if not model_args.condition_on_ecg:
+        skip_stage("alignment", "--condition_on_ecg false: no ECG tokens, so no projector to align")
+    else:
         model.requires_grad_(False)
         model.multi_modal_projector.requires_grad_(True)
         model = train_stage("alignment", model, training_args.alignment_epochs, training_args.alignment_learning_rate)

@@ -55,7 +55,9 @@ def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None 
     unknown = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--") and arg.split("=", 1)[0] not in known]
     if unknown:
         raise ValueError(
-            "unknown flag(s): " + "; ".join(_unknown_flag_hint(flag, known) for flag in unknown) + " (--help lists them)"
+            "unknown flag(s): "
+            + "; ".join(_unknown_flag_hint(flag, known) for flag in unknown)
+            + " (--help lists them)"
         )
     parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     for instance in parsed:

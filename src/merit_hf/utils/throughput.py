@@ -243,6 +243,22 @@ class ThroughputMeter:
             self.postfix["mem"] = f"{metrics['max_memory_allocated_gib']:.1f}G"
         return metrics
 
+    def run_counts(self) -> dict[str, float]:
+        """The whole run's raw counts (seconds, data wait, steps, samples), the interval still open included without
+        closing it: what a checkpoint keeps, so that a resumed run's `totals()` cover the whole run
+        (`add_run_counts`)."""
+        counts = dict(self._run)
+        for key in ("data_wait", "diagnostics", "steps", "samples"):
+            counts[key] += self._interval[key]
+        open_seconds = time.perf_counter() - self._interval["start"] - self._interval["excluded"]
+        counts["seconds"] += max(open_seconds, 0.0)
+        return counts
+
+    def add_run_counts(self, counts: dict[str, float]) -> None:
+        """Add an earlier part of the run (`run_counts` of a checkpoint) to the whole run's counts."""
+        for key in self._run:
+            self._run[key] += counts.get(key, 0)
+
     def totals(self) -> dict[str, float]:
         """The same metrics over the whole run (an interval still open is closed first), plus
         `ecgs_seen`, `measured_seconds`, `limited_by` (`"data"` when the run waited for batches more than
