@@ -193,7 +193,9 @@ def test_pretraining_logs_throughput_per_interval_and_in_totals(pretraining_asse
             "--precompute_ecg_values", "true", "--activation_checkpointing", "selective"]  # fmt: skip
     results = run_pretraining(argv)
     logged = [json.loads(line) for line in (output_dir / "log_history.jsonl").read_text().splitlines()]
-    assert [entry["step"] for entry in logged] == [2, 4, 6]
+    assert [entry["step"] for entry in logged] == [2, 3, 4, 6]  # step 3 evaluates between logging steps: its own line
+    evaluation = logged.pop(1)
+    assert "eval_loss" in evaluation and set(evaluation) - {"step", "epoch"} == {k for k in evaluation if "eval_" in k}
     for entry in logged:
         assert all(entry[name] > 0 or name.startswith("data_wait") for name in INTERVAL_FIELDS), entry
         assert entry["achieved_tflops"] > 0 and "mfu" not in entry  # no MFU on CPU without --peak_tflops
