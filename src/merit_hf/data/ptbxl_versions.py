@@ -11,8 +11,8 @@ official v1.0.3 change log by `dataset_scripts/ptbxl/v1_0_3_changes.py`; CC BY 4
 
 - `"1.0.3"` (default): drop the duplicates the metadata still holds and write the consensus `scp_codes` into the kept
   twins, so the label columns (`superclass`, `subclass`, ...) follow them; and store ages above 89 as 300, as v1.0.2
-  began to for privacy ("Change 0" of its change log; v1.0.1 still holds the real ages, 204 rows). Metadata that is already v1.0.3 is left as
-  it is (a no-op). What changed is logged and written into each split's `info.description`.
+  began to for privacy ("Change 0" of its change log; v1.0.1 still holds the real ages, 204 rows). Metadata that is
+  already v1.0.3 is left as it is (a no-op). What changed is logged and written into each split's `info.description`.
 - `"as_is"`: the rows exactly as the CSV (or the converted dataset) has them, e.g. the raw v1.0.1 rows.
 
 A converted dataset (Parquet shards, `save_to_disk` folder, Hub id) carries labels computed at conversion: with
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .conversion import parse_number
 from .labels import parse_scp_codes
 
 logger = logging.getLogger(__name__)
@@ -143,8 +144,8 @@ def apply_ptbxl_version(
             if codes != consensus:
                 report.relabeled[ecg_id] = (codes, dict(consensus))
                 row = {**row, "scp_codes": json.dumps(consensus)}
-        age = _age(row.get("age"))
-        if age is not None and 89 < age != AGE_OVER_89:
+        age = parse_number(row.get("age"), float)  # text stays text, for the record reader to refuse by name
+        if isinstance(age, float) and 89 < age != AGE_OVER_89:
             report.ages_capped.append(ecg_id)
             row = {**row, "age": float(AGE_OVER_89)}
         kept.append(row)
@@ -152,14 +153,6 @@ def apply_ptbxl_version(
     if report.changed:
         logger.info("%s: %s", source, report.summary())
     return kept, report
-
-
-def _age(value: Any) -> float | None:
-    try:
-        age = float(value)
-    except (TypeError, ValueError):  # blank, or text the record reader refuses by name
-        return None
-    return None if age != age else age
 
 
 def apply_ptbxl_version_to_dataset(dataset, version: str = DEFAULT_PTBXL_VERSION, source: str = "dataset"):

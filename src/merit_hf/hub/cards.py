@@ -461,13 +461,11 @@ def split_rows(card: DatasetCard, folder: str | os.PathLike) -> dict[str, dict[s
 
     counts: dict[str, dict[str, int]] = {}
     for config in card.data.to_dict().get("configs") or []:
-        data_files = config.get("data_files") or []
-        for entry in data_files if isinstance(data_files, list) else [data_files]:
-            if not isinstance(entry, Mapping) or "split" not in entry:
+        for split, patterns in _split_patterns(config):
+            if split is None:
                 continue
-            paths = entry.get("path", [])
             rows = 0
-            for pattern in paths if isinstance(paths, list) else [paths]:
+            for pattern in patterns:
                 try:
                     files = resolve_pattern(pattern, str(folder))
                 except FileNotFoundError:
@@ -477,7 +475,7 @@ def split_rows(card: DatasetCard, folder: str | os.PathLike) -> dict[str, dict[s
                         rows += pq.read_metadata(file).num_rows
                     except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
                         raise ValueError(f"{file}: not a readable Parquet file ({error})") from error
-            counts.setdefault(config.get("config_name", "default"), {})[entry["split"]] = rows
+            counts.setdefault(config.get("config_name", "default"), {})[split] = rows
     return counts
 
 
@@ -523,15 +521,23 @@ def write_dataset_card(template: str | os.PathLike, folder: str | os.PathLike) -
     return path
 
 
-def _data_file_patterns(config: Mapping) -> list[str]:
-    """The path patterns of one `configs:` entry; `data_files` is a pattern, a list of patterns, or a list of
-    `{split, path}` whose `path` is a pattern or a list of them (the `datasets` card format)."""
+def _split_patterns(config: Mapping) -> list[tuple[str | None, list[str]]]:
+    """`(split, path patterns)` of each `data_files` entry of one `configs:` entry (split `None` for a bare pattern);
+    `data_files` is a pattern, a list of patterns, or a list of `{split, path}` whose `path` is a pattern or a list of
+    them (the `datasets` card format)."""
     data_files = config.get("data_files") or []
-    patterns = []
+    entries = []
     for entry in data_files if isinstance(data_files, list) else [data_files]:
         paths = entry.get("path", []) if isinstance(entry, Mapping) else entry
-        patterns.extend(paths if isinstance(paths, list) else [paths])
-    return patterns
+        entries.append(
+            (entry.get("split") if isinstance(entry, Mapping) else None, paths if isinstance(paths, list) else [paths])
+        )
+    return entries
+
+
+def _data_file_patterns(config: Mapping) -> list[str]:
+    """The path patterns of one `configs:` entry, of every split."""
+    return [pattern for _, patterns in _split_patterns(config) for pattern in patterns]
 
 
 def _unmatched_data_files(card: DatasetCard, folder: str | os.PathLike) -> dict[str, list[str]]:

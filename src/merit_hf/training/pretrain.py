@@ -35,10 +35,11 @@ mix); `--overwrite_output_dir true` removes them and starts again.
 Ablations by flag alone: `--contrastive_weight 0` (reconstruction only), `--reconstruction_weight 0` (contrastive
 only), `--contrastive_input masked`, `--ecg_config '{"mask_ratio": 0.5}'`.
 
-Outputs in `output_dir`: `checkpoints/checkpoint_<step>/` (Accelerate state + `training_state.json`; Accelerate names
-and rotates them; folders named `checkpoint-<step>` by earlier versions still resume),
-`log_history.jsonl` (one line per logged step, and one per evaluation between them), `runs/` (TensorBoard), `model/` (the Hub-ready folder: model,
-feature extractor, processor with tokenizer, remote code) and `train_results.json`.
+Outputs in `output_dir`: `checkpoints/checkpoint_<step>/` (Accelerate state, `run_history.json` and
+`training_state.json`; Accelerate names and rotates them; folders named `checkpoint-<step>` by earlier versions still
+resume), `log_history.jsonl` (one line per logged step, and one per evaluation between them), `runs/` (TensorBoard),
+`model/` (the Hub-ready folder: model, feature extractor, processor with tokenizer, remote code) and
+`train_results.json`.
 """
 
 from __future__ import annotations

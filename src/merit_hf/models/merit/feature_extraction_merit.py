@@ -711,8 +711,8 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         """Every record through this class's own checks, before the batched DSP (`extract_batch`) builds any tensor,
         with the scipy path's errors in its order (the first bad record raises): validation, the band-pass filter's
         minimum length (what `sosfiltfilt` raises on the scipy path), and the windows, which are `_fit_window` /
-        `_sliding_windows` applied to sample positions (so random crops draw the same numbers as on the scipy path; after
-        an error the generator may have drawn for records past the bad one, which the scipy path never reached).
+        `_sliding_windows` applied to sample positions (so random crops draw the same numbers as on the scipy path;
+        after an error the generator may have drawn for records past the bad one, which the scipy path never reached).
 
         Validation is batched where it can be: a record whose columns are the model's leads in order and in mV is
         copied as it is and screened with the others of its batch (`_validate_pending`, `screen_records`); the few
@@ -961,11 +961,8 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             return False
         if _lead_keys(lead_names) != _lead_keys(self.lead_names):
             return False
-        units = "mV" if units is None else units
-        per_lead = [units] if isinstance(units, str) else list(units)
-        if len(per_lead) not in (1, signal.shape[1]) or (len(per_lead) == 1 and not isinstance(units, str)):
-            return False  # the wrong number of units: validation says so
-        return all(UNIT_TO_MV.get(str(unit).strip().lower()) == 1.0 for unit in per_lead)
+        factors = _unit_factors("mV" if units is None else units, signal.shape[1])
+        return len(factors) == signal.shape[1] and all(factor == 1.0 for factor in factors)  # else validation says why
 
     def validate_signal(
         self,
@@ -986,6 +983,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         """
         signal = self._check_shape(signal, lead_names, name)
         signal = self._to_millivolt(signal, units, name, lead_names)
+        self._check_duplicate_leads(lead_names, name)  # before a flat copy could be dropped with its twin's name
         signal, lead_names, flat_leads = self._check_flat_leads(signal, list(lead_names), name, from_header)
         signal, present = self._select_leads(signal, list(lead_names), name)
         signal = self._handle_non_finite(signal, name)
@@ -1006,6 +1004,18 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             )
         return signal
 
+    def _check_duplicate_leads(self, lead_names: list[str], name: str) -> None:
+        """A lead the model uses may name one column only (leads it does not use are lead matching's)."""
+        keys = _lead_keys(lead_names)
+        if keys == _lead_keys(self.lead_names):  # the model's leads in order: nothing twice
+            return
+        wanted, seen = set(_lead_keys(self.lead_names)), set()
+        for lead, key in zip(lead_names, keys):
+            if key in seen:
+                raise EcgInputError(f"{name}: lead {lead!r} appears twice")
+            if key in wanted:
+                seen.add(key)
+
     def _select_leads(self, signal: np.ndarray, lead_names: list[str], name: str) -> tuple[np.ndarray, np.ndarray]:
         """The record's columns in `self.lead_names` order, and which of them were recorded (`(num_leads,)` bool; a
         missing lead is a column of zeros, allowed only with `missing_leads="mask"`)."""
@@ -1022,8 +1032,6 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
                     f"{name}: unknown lead name {lead!r}; expected leads {list(self.lead_names)} "
                     "(drop_extra_leads=True drops leads the model does not use)"
                 )
-            if key in position:
-                raise EcgInputError(f"{name}: lead {lead!r} appears twice")
             position[key] = column
         missing = [lead for key, lead in wanted.items() if key not in position]
         columns = {key: signal[:, col] for key, col in position.items()}
@@ -1065,12 +1073,6 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         used = [column for column, key in enumerate(keys) if key in wanted]
         if not used:
             return signal, lead_names, []
-        if len({keys[column] for column in used}) < len(used):  # before a flat copy could drop its twin by name
-            seen: set[str] = set()
-            for column in used:
-                if keys[column] in seen:
-                    raise EcgInputError(f"{name}: lead {lead_names[column]!r} appears twice")
-                seen.add(keys[column])
         drop = self.flat_lead_policy == "drop"
         if drop and getattr(self, "missing_leads", "raise") == "raise" and not self.derive_limb_leads:
             policy = "raise"  # nothing could stand in for a dropped lead: say so rather than "missing lead"

@@ -6,8 +6,8 @@ tensors, on the CPU or a GPU, so that preparing ECGs does not set the pace of a 
 same errors, before any tensor is built. Only for records whose columns are already the model's leads in mV does one
 batched screen (`screen_records`) stand in for the record-by-record checks, and only where it proves they would pass.
 The windows (one crop, or every window of `window="sliding"`) are its own code applied to sample positions, and
-missing leads (`missing_leads="mask"`) are zero and left out of the statistics as there. Only the DSP differs, and it reproduces
-scipy's rather than approximating it:
+missing leads (`missing_leads="mask"`) are zero and left out of the statistics as there. Only the DSP differs, and it
+reproduces scipy's rather than approximating it:
 
 - `scipy.signal.resample_poly`: the same Kaiser-windowed FIR (designed by scipy, once per `(up, down)`), applied
   polyphase (no multiplication by an inserted zero) as matrix products on blocks of the signal read in place;

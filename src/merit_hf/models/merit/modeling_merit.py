@@ -33,6 +33,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_merit import PROBLEM_TYPES, MeritConfig, MeritEcgConfig
 from .pipeline_merit import (  # pool_window_embeddings lives there, where the pipelines can use it
     custom_pipelines_for,
+    ecg_encoder_of,
     pool_window_embeddings,
     save_zero_shot_prompts,
 )
@@ -786,14 +787,11 @@ class MeritPreTrainedModel(MeritBasePreTrainedModel):
     _pipeline_auto_class = "AutoModel"
 
     # The ECG encoder's patch projection (`MeritEcgModel.get_input_embeddings`) for every model that wraps it.
-    def _ecg_encoder(self) -> MeritEcgModel:
-        return self.merit.ecg_model if hasattr(self, "merit") else self.ecg_model
-
     def get_input_embeddings(self) -> nn.Module:
-        return self._ecg_encoder().get_input_embeddings()
+        return ecg_encoder_of(self).get_input_embeddings()
 
     def set_input_embeddings(self, value: nn.Module) -> None:
-        self._ecg_encoder().set_input_embeddings(value)
+        ecg_encoder_of(self).set_input_embeddings(value)
 
 
 def _init_merit_module(model: PreTrainedModel, module: nn.Module, config) -> None:

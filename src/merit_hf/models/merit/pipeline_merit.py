@@ -87,7 +87,7 @@ def check_feature_extractor_matches(feature_extractor, model) -> None:
 def check_finite_ecg_values(ecg_values: torch.Tensor) -> None:
     """`ValueError` naming the rows of `ecg_values` `(num_ecgs, num_leads, num_samples)` that hold NaN or inf: the
     feature extractor never returns them, but values built by hand can, and a NaN input gives NaN scores."""
-    finite = torch.isfinite(torch.as_tensor(ecg_values)).flatten(1).all(dim=1)
+    finite = torch.isfinite(ecg_values).flatten(1).all(dim=1)
     if not bool(finite.all()):
         rows = torch.nonzero(~finite).flatten().tolist()
         raise ValueError(
@@ -203,7 +203,7 @@ class _MeritEcgPipeline(Pipeline):
         return {key: value.to(self.dtype) if value.is_floating_point() else value for key, value in item.items()}
 
 
-def _ecg_encoder(model):
+def ecg_encoder_of(model):
     """The MERIT ECG encoder inside any MERIT model (itself, `.ecg_model`, or `.merit.ecg_model`)."""
     for path in ("", "ecg_model", "merit.ecg_model"):
         module = model
@@ -228,7 +228,7 @@ class MeritEcgFeatureExtractionPipeline(_MeritEcgPipeline):
 
     def _forward(self, model_inputs):
         windows, record_index = _record_windows(model_inputs)
-        output = _ecg_encoder(self.model)(**windows)
+        output = ecg_encoder_of(self.model)(**windows)
         return {"embedding": pool_window_embeddings(output.pooler_output.float(), record_index)}
 
     def postprocess(self, model_outputs, return_tensors: bool = False):
@@ -542,8 +542,9 @@ def zero_shot_classify(
         )
         ecg_values, ecg_attention_mask = features["ecg_values"], features.get("ecg_attention_mask")
         lead_mask, record_index = features.get("lead_mask"), features.get("record_index")
-    ecg_values = torch.as_tensor(ecg_values)
-    check_finite_ecg_values(ecg_values)
+    else:  # the feature extractor's own output is finite
+        ecg_values = torch.as_tensor(ecg_values)
+        check_finite_ecg_values(ecg_values)
     class_embeddings = encode_class_prompts(model, processor.tokenizer, prompts, max_length=processor.max_length)
     ecg_embeddings = encode_ecgs(
         model, ecg_values, batch_size, ecg_attention_mask, lead_mask, precision, record_index=record_index
