@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from merit_hf.evaluation.probe import dataset_description
 from merit_hf.evaluation.results import metric_cell
 from merit_hf.evaluation.robustness import robustness_table, run_robustness
 from merit_hf.evaluation.zero_shot import evaluate_zero_shot
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError("model_name_or_path: required")
     start = time.perf_counter()
     output_dir = Path(arguments.output_dir)
-    dataset_dict = load_dataset_dict(arguments.dataset, arguments.sampling_rate)
+    dataset_dict = load_dataset_dict(arguments.dataset, arguments.sampling_rate, arguments)
     encoder, _ = load_encoder(arguments.model_name_or_path)
     feature_extractor = load_feature_extractor(arguments.model_name_or_path, encoder)
     runs: dict[str, dict[str, Any]] = {}
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     num_bootstrap=arguments.num_bootstrap,
                     batch_size=arguments.batch_size,
                     output_file=output_dir / f"{name}.json",
+                    dataset_extra=dataset_description(arguments),
                 )
         for label_set in suite.robustness_label_sets:
             name = f"robustness_{label_set}_seed{seed}"

@@ -178,3 +178,23 @@ def test_masked_modelling_benchmark_compares_the_decoders(tmp_path, monkeypatch)
     assert result["records"] == {"train": 344, "validation": 78}  # the bundled sample read as v1.0.3
     assert 0.5 < result["baselines"]["cross_lead_copy"] < result["baselines"]["patch_mean"]
     assert all(len(run["curve"]) == 2 for run in result["runs"].values())
+
+
+def test_the_evaluation_suite_reads_the_dataset_as_its_arguments_say(monkeypatch):
+    """`--ptbxl_version as_is` / `--dataset_name wfdb` reach the loader (they were dropped, while the results JSONs
+    described the data by them)."""
+    import evaluation
+
+    class Loaded(Exception):
+        pass
+
+    seen = {}
+
+    def load_dataset_dict(path, sampling_rate=100, arguments=None):
+        seen.update(path=path, arguments=arguments)
+        raise Loaded
+
+    monkeypatch.setattr(evaluation, "load_dataset_dict", load_dataset_dict)
+    with pytest.raises(Loaded):
+        evaluation.main(["--model_name_or_path", "m", "--dataset", "folder", "--ptbxl_version", "as_is"])
+    assert seen["path"] == "folder" and seen["arguments"].ptbxl_version == "as_is"

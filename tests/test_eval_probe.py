@@ -100,6 +100,20 @@ def test_early_stopping_stops_after_patience_epochs_without_gain():
     assert probe.epochs_run == probe.best_epoch + 3 < 100
 
 
+def test_probe_without_a_validation_auroc_keeps_the_last_epoch_not_the_initialisation():
+    """Every validation record holds both classes, so the validation AUROC is undefined in every epoch: the probe
+    returned its untrained initialisation (best_epoch 0, test AUROC 0.59 on this planted signal)."""
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(300, 8))
+    labels = (features[:, :2] > 0).astype(np.float32)
+    validation_features, validation_labels = rng.normal(size=(20, 8)), np.ones((20, 2), np.float32)
+    probe = fit_linear_probe(
+        features[:200], labels[:200], validation_features, validation_labels, learning_rate=0.05, max_epochs=30
+    )
+    assert probe.best_epoch == probe.epochs_run == 30
+    assert macro_auroc(labels[200:], probe.decision_function(features[200:])) > 0.95
+
+
 def test_label_fractions_are_reproducible_nested_and_stratified():
     rng = np.random.default_rng(0)
     rows = []

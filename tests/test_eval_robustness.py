@@ -9,7 +9,13 @@ import torch
 import wfdb
 
 from merit_hf import MeritModel
-from merit_hf.evaluation.robustness import device_family, input_shifts, robustness_table, run_robustness
+from merit_hf.evaluation.robustness import (
+    device_family,
+    input_shifts,
+    reduced_lead_extractor,
+    robustness_table,
+    run_robustness,
+)
 from merit_hf.evaluation.shifts import (
     LEAD_SUBSETS,
     LIMB_LEADS,
@@ -108,6 +114,19 @@ def test_a_low_rate_device_keeps_nothing_above_half_its_rate(record):
         acquired_at_rate(signal, rate, 500)
 
 
+def test_masked_lead_shifts_feed_only_the_recorded_leads(record):
+    """A checkpoint whose feature extractor derives limb leads turned `leads_2_masked` (I, II) into six leads."""
+    from merit_hf import MeritFeatureExtractor
+
+    signal, rate, leads = record
+    extractor = reduced_lead_extractor(MeritFeatureExtractor(derive_limb_leads=True))
+    shifts = input_shifts(lead_counts=(1, 2, 3, 12))
+    for count in (1, 2, 3, 12):
+        kept, kept_rate, names = shifts[f"leads_{count}_masked"][1](signal, rate, leads, 0)
+        lead_mask = extractor(kept, sampling_rate=kept_rate, lead_names=names, return_tensors="np")["lead_mask"]
+        assert lead_mask.sum() == count, count
+
+
 @pytest.mark.slow
 def test_shift_features_are_cached_per_parameters(tmp_path):
     from merit_hf import MeritEcgModel, MeritFeatureExtractor
@@ -145,12 +164,13 @@ def test_robustness_reports_every_shift_for_model_and_baseline(tmp_path):
     torch.manual_seed(7)
     model = MeritModel(tiny_merit_config()).eval()
     data = synthetic_ptbxl(sizes=(16, 8, 10))
-    arguments = ProbeArguments(max_epochs=3, num_bootstrap=10)
+    arguments = ProbeArguments(max_epochs=3, num_bootstrap=10, ptbxl_version="as_is")
     shifts = input_shifts(noise_snrs_db=(10,), wander_snrs_db=(0,), lead_counts=(1, 12))
     results = run_robustness(
         model, data, "superclass", arguments=arguments, shifts=shifts, output_file=tmp_path / "robustness.json"
     )
     assert results["task"] == "robustness" and (tmp_path / "robustness.json").is_file()
+    assert results["dataset"]["version"].startswith("as_is")  # the rows as read, not v1.0.3's: said so
     expected = {
         "acquired_at_50hz",
         "white_noise_10db",

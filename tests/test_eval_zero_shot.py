@@ -221,10 +221,13 @@ def test_zero_shot_evaluation_on_a_dataset_with_a_random_ecg_tower_baseline(mode
     assert changed and all(name.startswith(("ecg_model.", "ecg_projection.")) for name in changed)
     assert "ecg_projection.fc1.weight" in changed and "ecg_model.layers.0.mlp.fc1.weight" in changed
     data = synthetic_ptbxl(sizes=(2, 8, 10))
+    described = {"name": "my-ecgs", "version": None, "splits": "WFDB folder: by column 'fold'"}  # not PTB-XL
     results = evaluate_zero_shot(
-        model, data, "superclass", processor=processor, num_bootstrap=10, output_file=tmp_path / "zs.json"
-    )
+        model, data, "superclass", processor=processor, num_bootstrap=10, output_file=tmp_path / "zs.json",
+        dataset_extra=described,
+    )  # fmt: skip
     assert results["task"] == "zero-shot" and results["label_names"] == ["CD", "HYP", "MI", "NORM", "STTC"]
+    assert {key: results["dataset"][key] for key in described} == described
     for role in ("model", "baseline"):
         assert set(results[role]["metrics"]) == {"macro_auroc", "macro_f1", "macro_f1_max_over_thresholds"}
         assert results[role]["num_records"] == 10

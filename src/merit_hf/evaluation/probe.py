@@ -360,11 +360,6 @@ class LinearProbe:
         return standardised @ self.weight.T + self.bias
 
 
-def _validation_score(y_true: np.ndarray, logits: np.ndarray) -> float:
-    score = macro_auroc(y_true, logits)
-    return -np.inf if math.isnan(score) else score
-
-
 def fit_linear_probe(
     train_features: np.ndarray,
     train_labels: np.ndarray,
@@ -378,7 +373,9 @@ def fit_linear_probe(
     seed: int = 0,
 ) -> LinearProbe:
     """Train a linear layer with BCE on standardised features (Adam), keeping the epoch with the best validation
-    macro AUROC and stopping after `patience` epochs without improvement."""
+    macro AUROC and stopping after `patience` epochs without improvement. When the validation macro AUROC is
+    undefined (no class has both a positive and a negative there), nothing can stop training: all `max_epochs` run
+    and the last epoch is kept, never the untrained initialisation."""
     train_features = np.asarray(train_features, dtype=np.float64)
     mean = train_features.mean(axis=0)
     std = train_features.std(axis=0) + 1e-6
@@ -399,8 +396,10 @@ def fit_linear_probe(
             loss.backward()
             optimizer.step()
         with torch.no_grad():
-            score = _validation_score(validation_labels, layer(x_val).numpy())
-        if score > best_score:
+            score = macro_auroc(validation_labels, layer(x_val).numpy())
+        if math.isnan(score):  # undefined in every epoch (the labels decide): keep the last one
+            best_state, best_epoch = copy.deepcopy(layer.state_dict()), epoch
+        elif score > best_score:
             best_score, best_state, best_epoch, stale = score, copy.deepcopy(layer.state_dict()), epoch, 0
         else:
             stale += 1

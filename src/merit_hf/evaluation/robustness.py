@@ -36,6 +36,7 @@ import numpy as np
 from .metrics import best_f1_thresholds, classification_metrics
 from .probe import (
     ProbeArguments,
+    dataset_description,
     extract_features,
     fit_linear_probe,
     label_matrix,
@@ -130,6 +131,18 @@ def _recorded_leads_only(keep: Sequence[str]) -> Callable:
     return transform
 
 
+def reduced_lead_extractor(feature_extractor):
+    """The feature extractor of the input shifts: records with fewer leads are embedded from the leads they have
+    (`missing_leads="mask"`), never from limb leads derived from them (`derive_limb_leads` off: `leads_2_masked` must
+    feed I and II, not the six limb leads rebuilt from them), and zeroed leads are fed as zeros (the `*_zeroed`
+    shifts). A 12-lead record gets exactly what the clean feature extractor gives it (its lead_mask is all True)."""
+    reduced_leads = copy.deepcopy(feature_extractor)
+    reduced_leads.missing_leads = "mask"
+    reduced_leads.derive_limb_leads = False
+    reduced_leads.flat_lead_policy = "zero"
+    return reduced_leads
+
+
 def device_family(device: str | None) -> str:
     """The device family: the first word of PTB-XL's `device` field (`"CS-12   E"` -> `"CS-12"`)."""
     return (device or "unknown").split()[0] if (device or "").strip() else "unknown"
@@ -204,11 +217,7 @@ def run_robustness(
             ),
         }
 
-    # Records with fewer leads are embedded from the leads they have; a 12-lead record gets exactly what the clean
-    # feature extractor gives it (its lead_mask is all True).
-    reduced_leads = copy.deepcopy(feature_extractor)
-    reduced_leads.missing_leads = "mask"
-    reduced_leads.flat_lead_policy = "zero"  # the *_zeroed shifts feed zeros on purpose
+    reduced_leads = reduced_lead_extractor(feature_extractor)
     shift_results: dict[str, dict[str, Any]] = {}
     for name, (description, transform) in shifts.items():
         shift_results[name] = {"kind": "input", "description": description}
@@ -271,6 +280,7 @@ def run_robustness(
         protocol=probe_protocol(arguments, robustness="linear probe trained on clean data; test split shifted"),
         **entries,  # model, and baseline when it ran
         shifts=shift_results,
+        dataset_extra=dataset_description(arguments),
     )
     if output_file is not None:
         write_results(results, output_file)
@@ -298,4 +308,4 @@ def robustness_table(results: EvaluationResults, role: str = "model", metric: st
     return "\n".join(lines)
 
 
-__all__ = ["AGE_BINS", "device_family", "input_shifts", "robustness_table", "run_robustness"]
+__all__ = ["AGE_BINS", "device_family", "input_shifts", "reduced_lead_extractor", "robustness_table", "run_robustness"]

@@ -97,12 +97,14 @@ def evaluate_zero_shot(
     num_bootstrap: int = 1000,
     batch_size: int = 64,
     output_file: str | Path | None = None,
+    dataset_extra: dict | None = None,
 ) -> EvaluationResults:
     """Zero-shot PTB-XL evaluation of every class of `label_set` with the shipped prompts, for the model and its
     random-ECG-tower twin (`random_ecg_tower_like`), on the records with a `label_set` label (as the probe). Scores
     are cosine similarities; `macro_auroc` needs no threshold, `macro_f1` uses per-class thresholds chosen on the
     validation split, and `macro_f1_max_over_thresholds` is MERL's test-split "F1". Returns the run's
-    `EvaluationResults` (`merit_hf.evaluation.results`)."""
+    `EvaluationResults` (`merit_hf.evaluation.results`). `dataset_extra` overrides what the results say of the dataset
+    (PTB-XL v1.0.3 by default; `merit_hf.evaluation.probe.dataset_description(arguments)` for other data)."""
     if isinstance(model_or_path, (str, Path)):
         from transformers import AutoModel, AutoProcessor
 
@@ -156,6 +158,7 @@ def evaluate_zero_shot(
         dataset_extra={
             "num_records": {split: len(dataset_dict[split]) for split in ("train", "validation", "test")},
             "unlabeled_records": f"records without a {label_set} label are left out of every split",
+            **(dataset_extra or {}),
         },
     )
     if output_file is not None:
