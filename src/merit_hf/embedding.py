@@ -41,7 +41,6 @@ import torch
 from .data.ptbxl_versions import DEFAULT_PTBXL_VERSION, PTBXL_VERSIONS, check_ptbxl_version
 from .data.wfdb_folder import DEFAULT_SPLIT_FRACTIONS
 from .evaluation.probe import (
-    ecg_encoder,
     ecg_model_inputs,
     encoder_inputs,
     load_encoder,
@@ -56,7 +55,7 @@ from .models.merit.feature_extraction_merit import (
     MeritFeatureExtractor,
 )
 from .models.merit.inference_precision import PRECISIONS, prepare_for_inference, resolve_precision
-from .models.merit.pipeline_merit import WINDOW_POOLINGS, check_feature_extractor_matches
+from .models.merit.pipeline_merit import WINDOW_POOLINGS, check_feature_extractor_matches, ecg_encoder_of
 from .utils.arguments import parse_arguments
 from .utils.throughput import ThroughputMeter
 
@@ -118,7 +117,7 @@ def embed_dataset(
     unknown = [name for name in keep_columns if name not in columns]
     if unknown:
         raise ValueError(f"keep_columns: {unknown} are not columns of the dataset ({columns})")
-    encoder, _ = load_encoder(model) if isinstance(model, (str, Path)) else (ecg_encoder(model), None)
+    encoder, _ = load_encoder(model) if isinstance(model, (str, Path)) else (ecg_encoder_of(model), None)
     feature_extractor = feature_extractor or load_feature_extractor(model, encoder)
     check_feature_extractor_matches(feature_extractor, encoder if isinstance(model, (str, Path)) else model)
     split = split if split is not None else getattr(dataset, "split", None)

@@ -60,6 +60,7 @@ from ..data.ptbxl_versions import DEFAULT_PTBXL_VERSION, PTBXL_VERSIONS, check_p
 from ..models.fingerprint import model_fingerprint
 from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
 from ..models.merit.modeling_merit import MeritEcgModel, pool_window_embeddings
+from ..models.merit.pipeline_merit import ecg_encoder_of
 from .metrics import best_f1_thresholds, classification_metrics, macro_auroc
 from .results import EvaluationResults, build_results, encoder_identity, write_results
 
@@ -208,24 +209,11 @@ def labeled_dataset_dict(dataset_dict, label_set: str):
 # ----------------------------------------------------------------------------------------------------------------------
 # Models: the encoder of any MERIT checkpoint, and its random-init twin
 # ----------------------------------------------------------------------------------------------------------------------
-def ecg_encoder(model) -> MeritEcgModel:
-    """The `MeritEcgModel` inside any MERIT model (itself, `.ecg_model`, or `.merit.ecg_model`)."""
-    if isinstance(model, MeritEcgModel):
-        return model
-    for path in ("ecg_model", "merit.ecg_model"):
-        module = model
-        for name in path.split("."):
-            module = getattr(module, name, None)
-        if isinstance(module, MeritEcgModel):
-            return module
-    raise TypeError(f"{type(model).__name__} holds no MERIT ECG encoder (MeritEcgModel)")
-
-
 def load_encoder(model_or_path) -> tuple[MeritEcgModel, str]:
     """`(encoder, name)` from a model instance or a checkpoint folder / Hub id of any MERIT class."""
     if isinstance(model_or_path, (str, Path)):
         return MeritEcgModel.from_pretrained(str(model_or_path)), str(model_or_path)
-    return ecg_encoder(model_or_path), getattr(model_or_path, "name_or_path", "") or type(model_or_path).__name__
+    return ecg_encoder_of(model_or_path), getattr(model_or_path, "name_or_path", "") or type(model_or_path).__name__
 
 
 def random_init_like(encoder: MeritEcgModel, seed: int = 0) -> MeritEcgModel:
