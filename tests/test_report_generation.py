@@ -372,6 +372,22 @@ def test_generate_infers_the_padding_mask_of_left_padded_prompts(parts):
         torch.testing.assert_close(step_without, step_with, rtol=0, atol=0)
 
 
+def test_generate_from_embed_inputs_gives_the_new_tokens_of_generate_from_input_ids(parts):
+    """`forward` takes `inputs_embeds` from `embed_inputs` (ECG tokens in place), and so does `generate`, as LLaVA's:
+    with a batch of left-padded prompts of uneven lengths it writes the same tokens as from `input_ids` + `ecg_values`
+    (and returns only them, as transformers does for embeddings)."""
+    model, processor = parts
+    prompts = [processor.format_prompt(), "<ecg>\nWrite the report of this 12-lead ECG, sinus rhythm or not.\n"]
+    batch = processor(**ecg_kwargs(2), text=prompts)
+    assert (batch["attention_mask"][0] == 0).sum() > 0  # uneven lengths: row 0 is left-padded
+    options = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
+    from_ids = model.generate(**batch, **options)[:, batch["input_ids"].shape[1] :]
+    with torch.no_grad():
+        inputs_embeds, _ = model.embed_inputs(batch["input_ids"], batch["ecg_values"])
+    from_embeds = model.generate(inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"], **options)
+    assert torch.equal(from_embeds, from_ids)
+
+
 def test_generate_never_emits_the_ecg_placeholder(parts, tmp_path):
     """A model built from its config (no generation config from `from_parts`) whose head prefers `<ecg>`: its
     generation config suppresses it (also after save and reload); a caller who clears `suppress_tokens` gets a clear
@@ -793,6 +809,7 @@ def test_ecg_use_check_tells_an_ecg_blind_model_from_one_that_reads_the_ecg(part
         ("max_length", "0", "--max_length: must be at least 1, got 0"),
         ("max_train_reports", "-1", "--max_train_reports: must be None (all) or at least 0, got -1"),
         ("max_eval_reports", "-2", "--max_eval_reports: must be None (all) or at least 0, got -2"),
+        ("eval_folds", "8", "--eval_folds: fold(s) [8] are in --train_folds too; the scored reports must be held out"),
     ],
 )
 def test_report_lora_refuses_bad_settings_before_loading_anything(tmp_path, flag, value, message):

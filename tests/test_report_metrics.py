@@ -49,6 +49,17 @@ def test_bleu_brevity_penalty():
     assert results["bleu_1"] == pytest.approx(math.exp(1 - 4 / 3))
 
 
+def test_bleu_exp_smoothing_by_hand():
+    # 13a tokens of "a b c d e" vs "a b x d e": 1..4-gram matches 4/5, 2/4, 0/3, 0/2. sacrebleu's exp smoothing gives
+    # the k-th zero order precision 1 / (2^k * its n-gram count): 1 / (2 * 3) and 1 / (4 * 2).
+    results = _module("bleu").compute(predictions=["a b c d e"], references=["a b x d e"])
+    assert results["bleu_3"] == pytest.approx((4 / 5 * 2 / 4 * 1 / 6) ** (1 / 3))
+    assert results["bleu_4"] == pytest.approx((4 / 5 * 2 / 4 * 1 / 6 * 1 / 8) ** (1 / 4))
+    # No smoothing when the predictions hold no n-gram of an order at all: exact two-word reports score BLEU-3 0.
+    exact = _module("bleu").compute(predictions=["sinus rhythm", "lvh"], references=["sinus rhythm", "lvh"])
+    assert exact["bleu_2"] == pytest.approx(1.0) and exact["bleu_3"] == exact["bleu_4"] == 0.0
+
+
 def test_rouge_matches_hand_computed_f1():
     # ROUGE-1: 5 of 6 unigrams on both sides; ROUGE-2: 3 of 5 bigrams; ROUGE-L: LCS "the cat sat on mat" = 5.
     results = _module("rouge").compute(predictions=[PREDICTION], references=[REFERENCE])
@@ -175,6 +186,14 @@ def test_bad_references_raise(references, message):
 
     with pytest.raises(ValueError, match=message):
         check_reports(["x"] * len(references), references)
+
+
+def test_several_references_per_report_are_refused_by_name():
+    from merit_hf.evaluation.report_metrics import compute_report_metrics
+
+    message = r"reference 0: one reference string per report is scored, got list \['sinus rhythm', 'normal ecg'\]"
+    with pytest.raises(ValueError, match=message):
+        compute_report_metrics(["sinus rhythm"], [["sinus rhythm", "normal ecg"]], meteor=False)
 
 
 def test_length_mismatch_raises():

@@ -84,13 +84,19 @@ _STATEMENT_PATTERNS = {name: re.compile(pattern) for name, pattern in REPORT_STA
 
 
 def check_reports(predictions: Sequence[str], references: Sequence[str]) -> None:
-    """Raise `ValueError` naming the pair for length mismatch, an empty reference or a non-English reference."""
+    """Raise `ValueError` naming the pair for length mismatch, a reference that is not one string (several
+    references per report are not supported), an empty reference or a non-English reference."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} generated reports for {len(references)} references")
     if not references:
         raise ValueError("no reports to score")
     for index, reference in enumerate(references):
-        if not isinstance(reference, str) or not clean_report(reference):
+        if not isinstance(reference, str):  # e.g. several references for one report, which no module here scores
+            raise ValueError(
+                f"reference {index}: one reference string per report is scored, got "
+                f"{type(reference).__name__} {reference!r}"
+            )
+        if not clean_report(reference):
             raise ValueError(f"reference {index}: empty reference report {reference!r}; drop the pair")
         language = report_language(reference)
         if language not in ACCEPTED_REFERENCE_LANGUAGES:

@@ -140,6 +140,11 @@ class ReportDataArguments:
             value = getattr(self, name)
             if value is not None and value < 0:  # a negative slice end would silently drop reports from the end
                 raise ValueError(f"--{name}: must be None (all) or at least 0, got {value}")
+        overlap = sorted(set(self.eval_folds) & set(self.train_folds))
+        if overlap:  # scores of reports trained on would pass for held-out ones
+            raise ValueError(
+                f"--eval_folds: fold(s) {overlap} are in --train_folds too; the scored reports must be held out"
+            )
 
 
 @dataclass

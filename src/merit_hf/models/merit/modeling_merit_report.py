@@ -294,12 +294,14 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
         ecg_attention_mask: torch.LongTensor | None = None,
         lead_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
         is_first_iteration: bool | None = False,
         **kwargs,
     ) -> dict:
         """transformers' step inputs, plus the ECG inputs on the prefill step only (as `LlavaForConditionalGeneration`
         passes `pixel_values`): after it the `<ecg>` positions live in the cache. With `use_cache=False` every step
-        reads the whole sequence, so the ECGs go with every step.
+        reads the whole sequence, so the ECGs go with every step. `inputs_embeds` (from `embed_inputs`, ECG tokens in
+        place) is named here because `generate()` accepts it only from models whose signature names it.
 
         `input_ids` is the whole sequence so far, so the `<ecg>` positions of missing leads (`lead_mask`) are masked
         in the `attention_mask` of every step, not only the first. A generated `<ecg>` (only possible when the
@@ -313,7 +315,11 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
         if ecg_values is not None:
             attention_mask = self.mask_missing_lead_tokens(input_ids, attention_mask, lead_mask)
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, attention_mask=attention_mask, is_first_iteration=is_first_iteration, **kwargs
+            input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
         )
         if is_first_iteration or not kwargs.get("use_cache", True):
             model_inputs.update(ecg_values=ecg_values, ecg_attention_mask=ecg_attention_mask, lead_mask=lead_mask)

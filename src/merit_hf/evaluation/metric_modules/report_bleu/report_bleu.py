@@ -10,8 +10,10 @@ import sacrebleu
 _DESCRIPTION = """
 Corpus-level cumulative BLEU-n for n = 1..4 (Papineni et al., 2002) computed by sacrebleu: the geometric mean of the
 modified 1..n-gram precisions over the whole corpus times the brevity penalty, with sacrebleu's `13a` tokenizer,
-lower-casing, and `exp` smoothing (a zero n-gram count k-th in a row gets precision 1 / 2^k; Chen & Cherry, 2014),
-one reference per prediction. Scores are in [0, 1] (sacrebleu's 0-100 divided by 100).
+lower-casing, and `exp` smoothing (the k-th order with no matching n-gram gets precision 1 / (2^k * its number of
+predicted n-grams); Chen & Cherry, 2014, method 3), one reference per prediction. An order of which the predictions
+hold no n-gram at all (every prediction shorter than n tokens) is not smoothed: BLEU-n is then 0. Scores are in
+[0, 1] (sacrebleu's 0-100 divided by 100).
 """
 
 _CITATION = """
