@@ -75,3 +75,11 @@ def test_a_config_broken_after_it_was_built_is_refused_when_saved(tmp_path):
         config.ecg_config.save_pretrained(tmp_path)
     with pytest.raises(StrictDataclassError, match="expected one of"):
         config.contrastive_input = "both"  # a Literal field is checked at once
+
+
+@pytest.mark.parametrize("mask_ratio, visible", [(0.5, 15), (0.75, 7), (0.8, 6), (0.9, 3), (0.7, 9), (0.6, 12)])
+def test_visible_patches_follow_the_mask_ratio_as_written(mask_ratio, visible):
+    """30 patches per lead: `int(30 * (1 - r))` on the written ratio; floats made 0.8 keep 5 and 0.9 keep 2 (0.833 and
+    0.933 masked)."""
+    config = MeritEcgConfig(mask_ratio=mask_ratio)
+    assert config.num_patches_per_lead == 30 and config.num_visible_patches == visible

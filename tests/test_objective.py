@@ -295,3 +295,49 @@ def test_contrastive_loss_over_two_processes_equals_one_process_over_all_rows(tm
             torch.testing.assert_close(loss, expected.detach(), msg=f"{split} rank {rank}")
         torch.testing.assert_close(torch.cat([results[split][1] for results in ranks]) / 2, one_ecg.grad)
         torch.testing.assert_close(torch.cat([results[split][2] for results in ranks]) / 2, one_text.grad)
+
+
+def _gradient_norms_on_two_processes(rank: int, port: int, batch, out_dir) -> None:
+    """One of two gloo processes: the per-term encoder gradient norms of its half of `batch` (rows 2 * rank, +1)."""
+    import os
+
+    import torch.distributed as dist
+
+    from merit_hf.training.losses import PretrainingObjective
+    from merit_hf.training.pretrain import loss_term_gradient_norms
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = MeritForPreTraining(tiny_merit_config())
+    half = {key: value[2 * rank : 2 * rank + 2] for key, value in batch.items()}
+    norms = loss_term_gradient_norms(model, PretrainingObjective(model.config)(model(**half)))
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(norms))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_gradient_norms_over_two_processes_equal_one_process_over_all_rows(tmp_path):
+    """Loss balancing sets the reconstruction weight from these norms: measured on each process's own rows, the
+    processes computed different weights (each training another objective, and a resume gave all of them the main
+    process's weight). They are the norms of the gradient DDP steps with: the same on every process, and the same as
+    one process of the whole batch."""
+    import torch.multiprocessing as mp
+
+    from merit_hf.training.losses import PretrainingObjective
+    from merit_hf.training.pretrain import loss_term_gradient_norms
+    from tests.test_pretrain import free_port
+
+    generator = torch.Generator().manual_seed(0)
+    batch = {"ecg_values": torch.randn(4, 12, 2250, generator=generator),
+             "input_ids": torch.randint(5, 100, (4, 6), generator=generator),
+             "noise": torch.rand(4, 12, 30, generator=generator)}  # fmt: skip
+    torch.manual_seed(0)
+    model = MeritForPreTraining(tiny_merit_config())
+    expected = loss_term_gradient_norms(model, PretrainingObjective(model.config)(model(**batch)))
+    mp.spawn(_gradient_norms_on_two_processes, args=(free_port(), batch, tmp_path), nprocs=2, join=True)
+    for rank in (0, 1):
+        norms = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert norms.keys() == expected.keys()
+        for name, value in expected.items():
+            assert norms[name] == pytest.approx(value, rel=1e-4), f"rank {rank}: {name}"

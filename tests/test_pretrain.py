@@ -523,6 +523,27 @@ def test_two_processes_equal_one_process_with_double_batch(reference, assets, tm
 
 
 @pytest.mark.slow
+def test_two_processes_with_loss_balancing_equal_one_process_with_double_batch(assets, tmp_path):
+    """The balanced reconstruction weight comes from the encoder gradient norms, which each process measured on its
+    own rows: the processes then trained with different weights, the logged one being process 0's, and neither the
+    weights nor the losses were those of one process (test_objective has the norms themselves)."""
+    flags = {"loss_balancing": "gradient_norm", "loss_balancing_interval": 1, "max_steps": 4, "save_steps": 4,
+             "eval_steps": 0}  # fmt: skip
+    argv = launch_argv("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()))
+    argv += base_argv(assets, tmp_path / "two", per_device_train_batch_size=4, use_cpu="true", **flags)
+    done = subprocess.run(argv, env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT_S)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_pretraining(base_argv(assets, tmp_path / "one", per_device_train_batch_size=8, **flags))
+    two, one = (read_log_history(tmp_path / run) for run in ("two", "one"))
+    assert len(two) == len(one) == 4
+    for name in ("reconstruction_weight", "train_loss", "encoder_grad_norm_reconstruction",
+                 "encoder_grad_norm_contrastive"):  # fmt: skip
+        torch.testing.assert_close(torch.tensor([row[name] for row in two]), torch.tensor([row[name] for row in one]),
+                                   rtol=1e-4, atol=1e-6, msg=name)  # fmt: skip
+
+
+@pytest.mark.slow
 def test_eval_where_one_process_holds_only_padding_equals_one_process(assets, tmp_path):
     """20 eval records in global batches of 16: the last 4 all sit on process 0 and process 1's last batch is
     padding only (it runs one row, so that it takes part in the contrastive gather, and keeps none of it)."""
@@ -570,11 +591,17 @@ def test_two_machines_on_one_host_equal_one_machine(reference, assets, tmp_path)
 
 
 def test_gradient_norm_balancing_adapts_and_logs_the_reconstruction_weight(assets, tmp_path):
-    """tiny.yaml logs (and so measures) every step; the interval's own schedule is unit-tested in test_objective."""
-    argv = base_argv(assets, tmp_path, loss_balancing="gradient_norm", max_steps=4, save_steps=4, eval_steps=0)
-    results = run_pretraining(argv)
-    weights = [entry["reconstruction_weight"] for entry in read_log_history(tmp_path)]
-    assert len(weights) == 4 and weights[0] != 1.0 and len(set(weights)) == 4
+    """The weight moves every `loss_balancing_interval` steps (here 2: at steps 1 and 3), however often the gradient
+    norms are measured for the log: tiny.yaml logs (and so measures) every step, and those measurements moved the
+    weight too, so a logging flag changed what was trained (`--gradient_norm_logging_steps 0` gave other losses)."""
+    flags = {"loss_balancing": "gradient_norm", "loss_balancing_interval": 2, "max_steps": 4, "save_steps": 4,
+             "eval_steps": 0}  # fmt: skip
+    results = run_pretraining(base_argv(assets, tmp_path / "logged", **flags))
+    weights = [entry["reconstruction_weight"] for entry in read_log_history(tmp_path / "logged")]
+    assert len(weights) == 4 and weights[0] != 1.0 and weights[0] == weights[1] != weights[2] == weights[3]
     assert all(1 / 100 <= weight <= 100 for weight in weights)
     assert [entry["reconstruction_weight"] for entry in results["encoder_gradient_norms"]] == weights
-    assert json.loads((tmp_path / "model" / "config.json").read_text())["loss_balancing"] == "gradient_norm"
+    assert json.loads((tmp_path / "logged" / "model" / "config.json").read_text())["loss_balancing"] == "gradient_norm"
+    unlogged = run_pretraining(base_argv(assets, tmp_path / "unlogged", gradient_norm_logging_steps=0, **flags))
+    assert [entry["reconstruction_weight"] for entry in read_log_history(tmp_path / "unlogged")] == weights
+    assert unlogged["loss_history"] == results["loss_history"]

@@ -57,6 +57,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import (
     DataLoaderConfiguration,
@@ -387,6 +388,11 @@ def loss_term_gradient_norms(
     `forward`: returns fresh `losses` of the same batch, used once per term instead of back-propagating `losses`'s
     graph twice, which selective activation checkpointing and `torch.compile`'s donated buffers refuse (one extra
     forward pass per term).
+
+    With several processes the norms are those of the gradient DDP steps with, the mean of the processes' gradients
+    (one all-reduce per term): the same on every process, so loss balancing gives all of them one weight, and the same
+    as one process of the whole batch. A process's own gradient is no estimate of it for the contrastive term, whose
+    gathered backward hands each process N times its rows' share of the whole batch's gradient.
     """
     config = model.config
     if reconstruction_weight is None:
@@ -400,8 +406,15 @@ def loss_term_gradient_norms(
         if forward is not None:
             term = getattr(forward(), f"{name}_loss")
         gradients = torch.autograd.grad(weight * term, parameters, retain_graph=forward is None, allow_unused=True)
-        squares = [gradient.float().pow(2).sum() for gradient in gradients if gradient is not None]
-        norms[f"encoder_grad_norm_{name}"] = torch.stack(squares).sum().sqrt().item() if squares else 0.0
+        gradients = [gradient.float().flatten() for gradient in gradients if gradient is not None]
+        if not gradients:
+            norms[f"encoder_grad_norm_{name}"] = 0.0
+            continue
+        gradient = torch.cat(gradients)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(gradient)
+            gradient /= dist.get_world_size()
+        norms[f"encoder_grad_norm_{name}"] = gradient.norm().item()
     if len(norms) == 2:
         total = norms["encoder_grad_norm_reconstruction"] + norms["encoder_grad_norm_contrastive"]
         norms["reconstruction_gradient_share"] = (
@@ -797,7 +810,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 mean_over_processes(accelerator, losses, ecg_ids, (global_step + 1, epoch, batch_index))
             )
             norm_logging = gradient_norm_logging_steps and (global_step + 1) % gradient_norm_logging_steps == 0
-            if accelerator.sync_gradients and (norm_logging or balancer.due(global_step + 1)):
+            balancing = accelerator.sync_gradients and balancer.due(global_step + 1)
+            if balancing or (accelerator.sync_gradients and norm_logging):
                 again = (
                     (lambda: objective(unwrapped(**batch, noise=noise), balancer.weight))
                     if fresh_graph_per_term
@@ -806,7 +820,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 with accelerator.autocast(), meter.diagnostics():
                     gradient_norms = loss_term_gradient_norms(unwrapped, losses, balancer.weight, again)
                     gradient_norms["gradient_norm_step"] = global_step + 1  # logged with the next logging step
-                balancer.update(gradient_norms)
+                if balancing:  # a measurement for the log only must not change what is trained
+                    balancer.update(gradient_norms)
             accelerator.backward(losses.loss)
             if accelerator.sync_gradients and train_args.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)

@@ -9,6 +9,7 @@ contrastive branch).
 import functools
 import math
 import re
+from fractions import Fraction
 from typing import Literal, get_args
 
 from huggingface_hub.dataclasses import strict
@@ -235,8 +236,10 @@ class MeritEcgConfig(PreTrainedConfig):
 
     @property
     def num_visible_patches(self) -> int:
-        """Patches per lead that stay visible under masking (ViT-MAE's `int(L * (1 - mask_ratio))`)."""
-        return int(self.num_patches_per_lead * (1 - self.mask_ratio))
+        """Patches per lead that stay visible under masking: ViT-MAE's `int(L * (1 - mask_ratio))`, computed on the
+        ratio as written (`Fraction(str(float(mask_ratio)))`): in floats `30 * (1 - 0.8)` is 5.999..., which would
+        keep 5 patches of 30, not 6."""
+        return int(self.num_patches_per_lead * (1 - Fraction(str(float(self.mask_ratio)))))
 
     @property
     def tokens_per_lead(self) -> int:
