@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from merit_hf import MeritConfig, MeritEcgConfig, MeritForPreTraining, MeritModel
@@ -341,3 +342,33 @@ def test_gradient_norms_over_two_processes_equal_one_process_over_all_rows(tmp_p
         assert norms.keys() == expected.keys()
         for name, value in expected.items():
             assert norms[name] == pytest.approx(value, rel=1e-4), f"rank {rank}: {name}"
+
+
+def test_identical_reports_in_a_batch_give_the_multi_positive_infonce_loss_and_gradient():
+    """Rows whose reports are the same text have the same text embedding (a deterministic tower); symmetric InfoNCE
+    with one positive per row then equals its multi-positive form, every row of that text a positive with the target
+    spread evenly: same loss, same gradient. The copies are no false negatives, only a loss floor of log k."""
+    from merit_hf.models.merit.modeling_merit import contrastive_loss
+
+    torch.manual_seed(0)
+    ecg = torch.randn(8, 16, requires_grad=True)
+    report_ids = torch.tensor([0, 1, 0, 2, 3, 0, 4, 1])  # report 0 three times, report 1 twice
+    text = F.normalize(torch.randn(5, 16), dim=-1)[report_ids]
+    same = (report_ids[:, None] == report_ids[None, :]).float()
+    target = same / same.sum(dim=1, keepdim=True)
+
+    def multi_positive(logits):
+        rows = -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+        columns = -(target * F.log_softmax(logits.t(), dim=1)).sum(dim=1).mean()
+        return (rows + columns) / 2
+
+    logits = 10.0 * F.normalize(ecg, dim=-1) @ text.t()
+    plain, multi = contrastive_loss(logits), multi_positive(logits)
+    (plain_gradient,) = torch.autograd.grad(plain, ecg, retain_graph=True)
+    (multi_gradient,) = torch.autograd.grad(multi, ecg)
+    torch.testing.assert_close(plain, multi, rtol=0, atol=1e-6)
+    torch.testing.assert_close(plain_gradient, multi_gradient, rtol=0, atol=1e-6)
+    assert plain_gradient.abs().max() > 1e-2  # a real gradient, not two zeros
+    floor = torch.log(same.sum(dim=1)).mean()  # perfect alignment still scores log k per row
+    perfect = contrastive_loss(1000.0 * text @ text.t())
+    assert torch.isclose(perfect, floor, atol=1e-4) and floor > 0.3
