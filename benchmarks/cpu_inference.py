@@ -5,7 +5,8 @@ depend on them), one round times every variant once, and a ratio is the median o
 `reference time / variant time`, so drift of a shared machine cancels:
 
 - `merit/<precision>`: `MeritEcgModel` prepared by `merit_hf.models.merit.inference_precision.prepare_for_inference` (fp32, bf16
-  weights, int8 dynamic quantisation), as the embedding command line runs it. In bf16 both attention kernels are
+  weights, int8 dynamic quantisation), as the embedding command line runs it. In fp32 the model times one block with
+  and without oneDNN-prepacked linear layers and keeps the faster (the JSON says which). In bf16 both attention kernels are
   timed (`merit/bf16-sdpa`, `merit/bf16-matmul`: the fused SDPA kernel and two bf16 matmuls, fixed through
   `MERIT_CPU_ATTENTION`) and the JSON says which one the model picked by itself on this CPU.
 - `einsum_ref/<precision>`: the same weights with attention written the way ST-MEM writes it (`einsum` scores,
@@ -42,6 +43,7 @@ from encoder_throughput import _register_einsum, build, set_attention  # noqa: E
 from merit_hf.models.merit import modeling_merit  # noqa: E402
 from merit_hf.models.merit.inference_precision import (  # noqa: E402
     PrepackedLinear,
+    _cpu_prepacking_choice,
     cpu_capability,
     prepare_for_inference,
 )
@@ -59,14 +61,13 @@ def _variants(preset: str, batch: int, with_hubert: bool) -> tuple[dict, dict]:
     _register_einsum()
     torch.manual_seed(0)
     fp32, make_input = build("merit_encoder", preset, "sdpa")
-    fp32 = prepare_for_inference(fp32, "fp32", "cpu")
+    fp32 = fp32.eval()  # nn.Linear as ST-MEM's code has it
     inputs = make_input(batch)
-    models = {precision: prepare_for_inference(fp32, precision, "cpu") for precision in ("bf16", "int8")}
-    models["fp32"] = fp32
-    plain_bf16 = copy.deepcopy(fp32).to(torch.bfloat16).eval()  # nn.Linear as ST-MEM's code has it
+    models = {precision: prepare_for_inference(fp32, precision, "cpu") for precision in ("fp32", "bf16", "int8")}
+    plain_bf16 = copy.deepcopy(fp32).to(torch.bfloat16).eval()
     variants = {
         "einsum_ref/fp32": (fp32, inputs, "stmem_einsum", False, None),
-        "merit/fp32": (fp32, inputs, "sdpa", False, None),
+        "merit/fp32": (models["fp32"], inputs, "sdpa", False, None),
         "einsum_ref/bf16-autocast": (fp32, inputs, "stmem_einsum", True, None),
         "einsum_ref/bf16": (plain_bf16, inputs, "stmem_einsum", False, None),
         "merit/bf16-sdpa": (models["bf16"], inputs, "sdpa", False, "sdpa"),
@@ -112,9 +113,9 @@ def measure_preset(preset: str, batch: int, rounds: int, with_hubert: bool = Tru
     _run((models["bf16"], variants["merit/fp32"][1], "sdpa", False, None))  # lets the model time and pick its kernel
     picked = {str(key): value for key, value in modeling_merit._cpu_attention_choice.items()}
     modeling_merit._cpu_attention_choice.update(saved_choice)
-    reference_output = _run(variants["merit/fp32"]).float()
-    cosine = {}
-    for name in ("merit/bf16-sdpa", "merit/bf16-matmul", "merit/int8"):
+    reference_output = _run((variants["einsum_ref/fp32"][0], variants["merit/fp32"][1], "sdpa", False, None)).float()
+    cosine = {}  # to the plain fp32 model (nn.Linear, SDPA)
+    for name in ("merit/fp32", "merit/bf16-sdpa", "merit/bf16-matmul", "merit/int8"):
         output = _run(variants[name]).float()
         cosine[name] = round(F.cosine_similarity(output, reference_output).min().item(), 6)
     for variant in variants.values():  # warm-up
@@ -151,6 +152,10 @@ def measure_preset(preset: str, batch: int, rounds: int, with_hubert: bool = Tru
         "bf16_attention_picked_by_the_model": picked,
         "min_cosine_to_fp32_pooled_output": cosine,
         "merit_bf16_linear_layers_prepacked": sum(isinstance(m, PrepackedLinear) for m in models["bf16"].modules()),
+        "merit_fp32_linear_layers_prepacked": sum(isinstance(m, PrepackedLinear) for m in models["fp32"].modules()),
+        "fp32_prepacking_timed_by_the_model": {
+            str(key): "prepacked" if value else "nn.Linear" for key, value in _cpu_prepacking_choice.items()
+        },
     }
 
 

@@ -137,6 +137,8 @@ def test_cpu_inference_times_every_precision_against_the_references():
     assert all(rate > 0 for rate in result["ecgs_per_second"].values())
     assert list(result["bf16_attention_picked_by_the_model"].values())[0] in ("sdpa", "matmul")
     assert all(0.99 < cosine <= 1.0 + 1e-6 for cosine in result["min_cosine_to_fp32_pooled_output"].values())
+    assert result["min_cosine_to_fp32_pooled_output"]["merit/fp32"] > 0.99999  # prepacked or not: float rounding
+    assert set(result["fp32_prepacking_timed_by_the_model"].values()) <= {"prepacked", "nn.Linear"}
 
 
 def test_cross_lead_copy_baseline_is_exact_when_a_visible_lead_carries_the_hidden_signal():

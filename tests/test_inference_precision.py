@@ -11,12 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from merit_hf import MeritEcgModel
+from merit_hf.models.merit import inference_precision
 from merit_hf.models.merit.inference_precision import (
+    CPU_PREPACK_ENV,
     CpuCapability,
     PrepackedLinear,
     _quantize_fp8,
     _read_cpuinfo,
     cpu_capability,
+    cpu_prepacking_pays,
     cpu_prepacking_works,
     prepare_for_inference,
     resolve_precision,
@@ -94,7 +97,8 @@ def test_the_cpu_is_read_from_proc_cpuinfo(tmp_path):
     assert resolve_precision("auto", "cpu") in ("bf16", "int8", "fp32")
 
 
-def test_prepare_returns_a_cached_converted_copy_and_never_touches_the_model():
+def test_prepare_returns_a_cached_converted_copy_and_never_touches_the_model(monkeypatch):
+    monkeypatch.setenv(CPU_PREPACK_ENV, "off")  # fp32 prepacking is timed; here fixed off, so fp32 needs no copy
     torch.manual_seed(0)
     model = MeritEcgModel(tiny_ecg_config()).train()
     original = {name: value.clone() for name, value in model.state_dict().items()}
@@ -110,6 +114,75 @@ def test_prepare_returns_a_cached_converted_copy_and_never_touches_the_model():
     torch.testing.assert_close(
         fresh.layers[0].mlp.fc1.weight.float(), model.layers[0].mlp.fc1.weight, atol=0.02, rtol=0.01
     )
+
+
+@pytest.mark.skipif(not cpu_prepacking_works(torch.float32), reason="this PyTorch build has no oneDNN prepacking")
+def test_fp32_on_cpu_prepacks_where_it_pays_in_a_copy_sharing_the_models_weights(monkeypatch):
+    """fp32 prepacked (`MERIT_CPU_PREPACK=on`): a copy whose block linears are `PrepackedLinear` on the model's own
+    tensors (no second copy of the weights), to float rounding of the model's output; the model is left as it is."""
+    monkeypatch.setenv(CPU_PREPACK_ENV, "on")
+    torch.manual_seed(0)
+    model = MeritEcgModel(tiny_ecg_config()).train()
+    fp32 = prepare_for_inference(model, "fp32", "cpu")
+    assert fp32 is not model and not fp32.training and model.training
+    assert prepare_for_inference(model, "fp32", "cpu") is fp32  # cached
+    block, original = fp32.layers[0], model.layers[0]
+    assert type(block.mlp.fc1) is PrepackedLinear and block.mlp.fc1.activation == "gelu"
+    assert type(original.mlp.fc1) is torch.nn.Linear and type(original.mlp.act) is not torch.nn.Identity
+    assert block.mlp.fc1.weight is original.mlp.fc1.weight  # shared, not copied
+    assert {id(t) for t in fp32.parameters()} == {id(t) for t in model.parameters()}
+    ecg = torch.randn(3, 12, model.config.num_samples)
+    with torch.inference_mode():
+        expected = model.eval()(ecg).pooler_output
+        torch.testing.assert_close(fp32(ecg).pooler_output, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # a training step on the model: the next call prepacks the new weights
+        model.layers[0].mlp.fc1.weight.mul_(0.5)
+    fresh = prepare_for_inference(model, "fp32", "cpu")
+    assert fresh is not fp32
+    with torch.inference_mode():
+        torch.testing.assert_close(fresh(ecg).pooler_output, model(ecg).pooler_output, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv(CPU_PREPACK_ENV, "sometimes")
+    with pytest.raises(ValueError, match="MERIT_CPU_PREPACK: must be 'on' or 'off', got 'sometimes'"):
+        prepare_for_inference(MeritEcgModel(tiny_ecg_config()), "fp32", "cpu")
+
+
+@pytest.mark.skipif(not cpu_prepacking_works(torch.float32), reason="this PyTorch build has no oneDNN prepacking")
+@pytest.mark.parametrize("prepacked_faster", [True, False])
+def test_fp32_prepacking_is_timed_once_per_shape_and_the_faster_kept(monkeypatch, caplog, prepacked_faster):
+    """Without `MERIT_CPU_PREPACK`, fp32 on a CPU times one block both ways (here the timer is injected, so the
+    CPU CI runs on does not decide the outcome), keeps the faster, logs it, and times once per block shape; bf16
+    always prepacks, fp16 never."""
+    monkeypatch.delenv(CPU_PREPACK_ENV, raising=False)
+    monkeypatch.setattr(inference_precision, "_cpu_prepacking_choice", {})
+    calls = []
+
+    def timer(block, num_tokens):
+        calls.append(num_tokens)
+        return {"nn.Linear": 2.0, "prepacked": 1.0 if prepacked_faster else 3.0}
+
+    monkeypatch.setattr(inference_precision, "time_cpu_prepacking", timer)
+    model = MeritEcgModel(tiny_ecg_config())
+    with caplog.at_level(logging.DEBUG, logger="merit_hf.models.merit.inference_precision"):
+        assert cpu_prepacking_pays(model, torch.float32) is prepacked_faster
+        fp32 = prepare_for_inference(model, "fp32", "cpu")
+    assert calls == [model.config.num_leads * model.config.tokens_per_lead]  # once, with the model's token count
+    assert (fp32 is not model) is prepacked_faster
+    assert (type(fp32.layers[0].attention.qkv) is PrepackedLinear) is prepacked_faster
+    chosen = "prepacked" if prepacked_faster else "nn.Linear"
+    assert f"CPU torch.float32 linear layers for blocks of {model.config.hidden_size} -> " in caplog.text
+    assert f"threads: {chosen} (timed:" in caplog.text
+    assert cpu_prepacking_pays(model, torch.bfloat16) and not cpu_prepacking_pays(model, torch.float16)
+    assert len(calls) == 1
+    assert not cpu_prepacking_pays(torch.nn.Linear(4, 4), torch.float32)  # no Transformer block: nothing to pack
+
+
+@pytest.mark.skipif(not cpu_prepacking_works(torch.float32), reason="this PyTorch build has no oneDNN prepacking")
+def test_the_prepacking_timer_times_both_forms_and_leaves_the_block_alone():
+    torch.manual_seed(0)
+    block = MeritEcgModel(tiny_ecg_config()).layers[0]
+    seconds = inference_precision.time_cpu_prepacking(block, num_tokens=8, batch_size=1, repeats=1)
+    assert set(seconds) == {"nn.Linear", "prepacked"} and all(0 < value < 60 for value in seconds.values())
+    assert type(block.mlp.fc1) is torch.nn.Linear and type(block.mlp.act) is not torch.nn.Identity
 
 
 @pytest.mark.skipif(not cpu_prepacking_works(), reason="this PyTorch build has no oneDNN linear prepacking")

@@ -15,7 +15,12 @@
   blocks keep their weights in oneDNN's own layout, reordered once (`PrepackedLinear`), and the MLP's first layer
   computes its GELU in the same call: bf16 linear layers already run on oneDNN, which otherwise reorders every weight
   on every call, and GELU then rounds once instead of twice. 1.05-1.08x faster on its own, 1.07-1.18x with the GELU,
-  outputs identical without the GELU (benchmarks/README.md, "CPU inference").
+  outputs identical without the GELU (benchmarks/README.md, "CPU inference"). fp32 linear layers run MKL or
+  OpenBLAS instead, and whether oneDNN's prepacked kernel beats them depends on the CPU, so in fp32 on a CPU one
+  Transformer block is timed both ways at first use (once per process for each block shape, token count and thread
+  count; `cpu_prepacking_pays`) and the faster is kept: prepacked, the model is a copy that shares the caller's
+  weights, and its outputs differ from `nn.Linear`'s by float rounding (about 1e-6). `MERIT_CPU_PREPACK=on` or `=off`
+  fixes the choice (benchmarks, runs that must match bit for bit across machines).
 - `"int8"` (CPU only): dynamic int8 quantisation (int8 weights, activations quantised per batch) of every
   `nn.Linear` inside the Transformer blocks (over 99 % of the FLOPs) through PyTorch's own
   `torch.ao.quantization.quantize_dynamic` (fbgemm/oneDNN kernels); the patch projection, pooling and heads stay
@@ -27,7 +32,8 @@
   Needs the optional extra `pip install merit_hf[fp8]` (torchao); anywhere else it is a clear error.
 
 `prepare_for_inference(module, precision, device)` never changes the module it is given: it returns the module itself
-when it is already in that precision on that device, else a converted copy in eval mode. The copy is kept with the
+when it is already in that precision on that device (and, in fp32 on a CPU, prepacking does not pay), else a converted
+copy in eval mode. The copy is kept with the
 module and reused while the module's parameters are unchanged (a training step or `load_state_dict` makes a new
 one), so calling `zero_shot_classify` in a loop does not convert the model every time.
 """
@@ -37,7 +43,9 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import os
 import platform
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +59,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "fp8")
 FP8_MIN_CUDA_CAPABILITY = (8, 9)
 INT8_DOT_PRODUCT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PREPACKED_DTYPES = (torch.bfloat16,)
+PREPACKED_DTYPES = (torch.bfloat16, torch.float32)
+CPU_PREPACK_ENV = "MERIT_CPU_PREPACK"
+_cpu_prepacking_choice: dict[tuple, bool] = {}
 
 
 class PrepackedLinear(nn.Linear):
@@ -345,14 +355,81 @@ def _quantize_fp8(module: nn.Module) -> nn.Module:
     return module
 
 
+def time_cpu_prepacking(block: nn.Module, num_tokens: int, batch_size: int = 2, repeats: int = 3) -> dict[str, float]:
+    """Best-of-`repeats` seconds of one forward of the Transformer block `block` with its linear layers as they are
+    (`"nn.Linear"`) and prepacked (`"prepacked"`), on random hidden states of `num_tokens` tokens in the block's dtype,
+    interleaved so that machine drift hits both. `block` itself is left as it is."""
+    plain = copy.deepcopy(block).eval()
+    packed = _prepack_block_linears(copy.deepcopy(block).eval())
+    parameter = next(block.parameters())
+    hidden_states = torch.randn(batch_size, num_tokens, block.norm1.normalized_shape[0], dtype=parameter.dtype)
+    variants = {"nn.Linear": plain, "prepacked": packed}
+    best = dict.fromkeys(variants, float("inf"))
+    with torch.inference_mode():
+        for run in variants.values():  # warm-up: oneDNN reorders the weights and builds its kernels on the first call
+            run(hidden_states)
+        for _ in range(repeats):
+            for name, run in variants.items():
+                start = time.perf_counter()
+                run(hidden_states)
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def cpu_prepacking_pays(module: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether `module`'s Transformer blocks run faster on this CPU in `dtype` with prepacked linear layers
+    (`PrepackedLinear`). bf16: always, where the operators work (oneDNN otherwise reorders every weight on every
+    call). fp32: timed on one of `module`'s blocks at first use (`time_cpu_prepacking`), once per process for each
+    (dtype, hidden size, MLP size, heads, tokens, threads), with the choice logged at debug level.
+    `MERIT_CPU_PREPACK=on` or `=off` fixes it."""
+    from .modeling_merit import MeritEcgLayer
+
+    if dtype not in PREPACKED_DTYPES:
+        return False
+    forced = os.environ.get(CPU_PREPACK_ENV)
+    if forced and forced not in ("on", "off"):
+        raise ValueError(f"{CPU_PREPACK_ENV}: must be 'on' or 'off', got {forced!r}")
+    block = next((child for child in module.modules() if isinstance(child, MeritEcgLayer)), None)
+    if block is None or forced == "off" or not cpu_prepacking_works(dtype):
+        return False
+    if forced == "on" or dtype == torch.bfloat16:
+        return True
+    config = block.attention.config
+    num_tokens = config.num_leads * config.tokens_per_lead
+    key = (
+        dtype,
+        block.mlp.fc1.in_features,
+        block.mlp.fc1.out_features,
+        block.attention.num_heads,
+        num_tokens,
+        torch.get_num_threads(),
+    )
+    if key not in _cpu_prepacking_choice:
+        seconds = time_cpu_prepacking(block, num_tokens)
+        _cpu_prepacking_choice[key] = seconds["prepacked"] < seconds["nn.Linear"]
+        logger.debug(
+            "CPU %s linear layers for blocks of %d -> %d, %d tokens, %d threads: %s (timed: %s)",
+            dtype, key[1], key[2], num_tokens, key[-1],
+            "prepacked" if _cpu_prepacking_choice[key] else "nn.Linear",
+            {name: f"{value * 1000:.2f} ms" for name, value in seconds.items()},
+        )  # fmt: skip
+    return _cpu_prepacking_choice[key]
+
+
 def _convert(module: nn.Module, precision: str, device: torch.device) -> nn.Module:
-    converted = copy.deepcopy(module)
     if precision == "int8":
-        return _quantize_int8(converted.to(device=device, dtype=torch.float32).eval())
+        return _quantize_int8(copy.deepcopy(module).to(device=device, dtype=torch.float32).eval())
     if precision == "fp8":
-        return _quantize_fp8(converted.to(device=device, dtype=torch.bfloat16).eval())
-    converted = converted.to(device=device, dtype=_DTYPES[precision]).eval()
-    if device.type == "cpu" and _DTYPES[precision] in PREPACKED_DTYPES and cpu_prepacking_works(_DTYPES[precision]):
+        return _quantize_fp8(copy.deepcopy(module).to(device=device, dtype=torch.bfloat16).eval())
+    dtype = _DTYPES[precision]
+    current_dtype, current_device = _state(module)
+    if current_dtype == dtype and current_device is not None and _same_device(current_device, device):
+        # already in that dtype on that device (fp32 on a CPU, to be prepacked): the copy shares the caller's tensors
+        shared = {id(tensor): tensor for tensor in (*module.parameters(), *module.buffers())}
+        converted = copy.deepcopy(module, memo=shared).eval()
+    else:
+        converted = copy.deepcopy(module).to(device=device, dtype=dtype).eval()
+    if device.type == "cpu" and cpu_prepacking_pays(converted, dtype):
         _prepack_block_linears(converted)
     return converted
 
@@ -382,6 +459,7 @@ def prepare_for_inference(
         and not _is_quantized(module)
         and dtype in (None, _DTYPES[resolved])
         and (current_device is None or _same_device(current_device, device))
+        and not (device.type == "cpu" and dtype is not None and cpu_prepacking_pays(module, dtype))
     ):
         return module.eval()
     signature = (resolved, str(device), _parameters_signature(module))
@@ -399,6 +477,7 @@ __all__ = [
     "CpuCapability",
     "PrepackedLinear",
     "cpu_capability",
+    "cpu_prepacking_pays",
     "prepare_for_inference",
     "resolve_precision",
 ]
