@@ -206,3 +206,12 @@ def test_robustness_reports_every_shift_for_model_and_baseline(tmp_path):
     table = robustness_table(results)
     assert table.count("\n") == len(expected) + 2 and "| clean | - | 10 |" in table
     assert "baseline_wander_0db" in robustness_table(results, role="baseline")
+
+
+def test_random_shifts_name_their_seed_so_cached_features_of_another_seed_are_not_reused():
+    """Shift features are cached under the shift's description: the noise and wander shifts name their seed, so
+    `input_shifts(seed=1)` never reads the features `input_shifts(seed=0)` cached; deterministic shifts stay shared."""
+    first, second = input_shifts(seed=0), input_shifts(seed=1)
+    random_shifts = {name for name in first if name.startswith(("white_noise", "baseline_wander"))}
+    assert random_shifts and all(first[name][0] != second[name][0] for name in random_shifts)
+    assert all(first[name][0] == second[name][0] for name in set(first) - random_shifts)

@@ -74,7 +74,9 @@ def input_shifts(
 ) -> dict[str, tuple[str, Callable]]:
     """`{name: (description, transform)}`; a transform maps `(signal, rate, lead_names, row) -> (signal, rate)`, or
     `(signal, rate, lead_names)` for a record that has fewer leads (the `leads_<n>_masked` rows).
-    Random shifts draw from `numpy.random.default_rng([seed, row])`, so every record gets the same noise on every run.
+    Random shifts draw from `numpy.random.default_rng([seed, row])`, so every record gets the same noise on every run;
+    their descriptions name `seed`, so shifts of another seed never share cached features (the cache is keyed by the
+    description).
     """
     shifts: dict[str, tuple[str, Callable]] = {}
     for rate in device_rates:
@@ -84,7 +86,7 @@ def input_shifts(
         )
     for snr in noise_snrs_db:
         shifts[f"white_noise_{snr:g}db"] = (
-            f"additive Gaussian noise, SNR {snr:g} dB per lead",
+            f"additive Gaussian noise, SNR {snr:g} dB per lead (noise seed {seed})",
             lambda signal, sr, leads, row, snr=snr: (
                 add_white_noise(signal, snr, np.random.default_rng([seed, row])),
                 sr,
@@ -93,7 +95,7 @@ def input_shifts(
     for snr in wander_snrs_db:
         shifts[f"baseline_wander_{snr:g}db"] = (
             f"{wander_frequency_hz:g} Hz baseline wander, SNR {snr:g} dB per lead on the raw record (before the "
-            "extractor's high-pass, which removes most of it)",
+            f"extractor's high-pass, which removes most of it; phase seed {seed})",
             lambda signal, sr, leads, row, snr=snr: (
                 add_baseline_wander(signal, sr, snr, np.random.default_rng([seed, row]), wander_frequency_hz),
                 sr,
