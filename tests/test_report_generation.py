@@ -286,6 +286,32 @@ def test_get_ecg_features_returns_the_encoder_output_with_the_soft_tokens_as_poo
     assert len(output.hidden_states) == model.config.ecg_config.num_hidden_layers + 1
 
 
+def test_soft_tokens_pool_only_the_real_patches_of_a_padded_ecg(parts):
+    """With `ecg_attention_mask`, each soft token is the mean of the real patches of its time bin (padding never enters
+    the LM); all ones gives the plain mean; a bin of padding only raises, naming the row."""
+    model, processor = parts
+    batch = processor(**ecg_kwargs(2), text=[processor.format_prompt()] * 2)
+    values = batch["ecg_values"]
+    config = model.config.ecg_config
+    full = torch.ones(2, config.num_samples, dtype=torch.long)
+    padded = full.clone()
+    padded[1, -300:] = 0  # 6 of 20 patches of 50 samples: the second bin of 10 keeps 4 real patches
+    with torch.no_grad():
+        plain = model.get_ecg_features(values).pooler_output
+        assert torch.equal(model.get_ecg_features(values, full).pooler_output, plain)
+        output = model.get_ecg_features(values, padded)
+        hidden = output.last_hidden_state.reshape(2, config.num_leads, config.tokens_per_lead, -1)
+        patches = hidden[:, :, 1:-1] if config.use_separator_tokens else hidden
+        expected_bin = patches[1, :, 10:14].mean(dim=1)  # row 1, second bin: its real patches only
+        expected = model.multi_modal_projector(expected_bin)
+        torch.testing.assert_close(output.pooler_output[1, 1::2], expected, rtol=1e-5, atol=1e-5)
+        padded[1, -600:] = 0  # 12 patches: the second bin is padding only
+        with pytest.raises(
+            ValueError, match=r"ECG rows \[1\]: a time bin of the 2 soft tokens per lead holds padding"
+        ):
+            model.get_ecg_features(values, padded)
+
+
 def test_return_dict_false_gives_a_tuple_as_llava_does(parts):
     """`forward(return_dict=False)` and `config.return_dict=False` give the output's tuple, loss first, as every other
     MERIT class and `LlavaForConditionalGeneration` do; `generate()` still works (it asks for a dict)."""
@@ -1091,3 +1117,16 @@ def test_report_model_loads_as_remote_code_without_merit_hf(parts, tmp_path):
         """
     )
     run_in_fresh_process(script, tmp_path, "REMOTE-OK transformers_modules")
+
+
+def test_generated_lengths_count_the_eos_and_stop_there_even_when_pad_is_eos():
+    """Generation speed counts what was generated: each row up to and including its first EOS; where the pad token
+    is the EOS token (load_language_model's choice for LMs without one) the EOS is not mistaken for padding."""
+    from merit_hf.training.report_lora import generated_lengths
+
+    eos = pad = 2
+    new_tokens = torch.tensor([[5, 6, eos, eos, eos], [7, 8, 9, 10, 11], [eos, eos, eos, eos, eos]])
+    assert generated_lengths(new_tokens, eos, pad).tolist() == [3, 5, 1]
+    assert generated_lengths(new_tokens, [eos, 99], pad).tolist() == [3, 5, 1]  # several EOS ids
+    padded = torch.tensor([[5, 6, 3, 0, 0], [7, 0, 0, 0, 0]])  # pad 0, EOS 3, second row cut by max_new_tokens
+    assert generated_lengths(padded, 3, 0).tolist() == [3, 1]

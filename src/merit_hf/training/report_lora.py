@@ -590,10 +590,20 @@ def ecg_use_check(
     }
 
 
+def generated_lengths(new_tokens: torch.Tensor, eos_token_id, pad_token_id: int) -> torch.Tensor:
+    """Tokens generated per row of `generate`'s new tokens: up to and including the first EOS (what follows is
+    padding, also where the pad token is the EOS token), or every non-pad token of a row that never ended."""
+    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    is_eos = torch.isin(new_tokens, torch.tensor(eos_ids, dtype=new_tokens.dtype, device=new_tokens.device))
+    first_eos = is_eos.int().argmax(dim=1)
+    return torch.where(is_eos.any(dim=1), first_eos + 1, (new_tokens != pad_token_id).sum(dim=1))
+
+
 def generate_reports(
     accelerator: Accelerator, model, processor: MeritProcessor, loader: DataLoader, generation_config: GenerationConfig
 ) -> tuple[dict[int, str], dict[str, float]]:
-    """Generated report per example index (gathered from every process), and generation speed."""
+    """Generated report per example index (gathered from every process), and generation speed over all processes:
+    the tokens every process generated (EOS included, `generated_lengths`) over the longest process's time."""
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
     texts, new_tokens, seconds = {}, 0, 0.0
@@ -603,12 +613,20 @@ def generate_reports(
         output = unwrapped.generate(**batch, generation_config=generation_config)
         seconds += time.perf_counter() - start
         output = output[:, batch["input_ids"].shape[1] :]  # generate() returns the prompt, then the new tokens
-        not_pad = output != processor.tokenizer.pad_token_id
-        new_tokens += int(not_pad.sum())
+        eos_token_id = generation_config.eos_token_id
+        eos_token_id = processor.tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+        new_tokens += int(generated_lengths(output, eos_token_id, processor.tokenizer.pad_token_id).sum())
         decoded = processor.batch_decode(output, skip_special_tokens=True)
         gathered = accelerator.gather_for_metrics(list(zip(indices.tolist(), decoded)), use_gather_object=True)
         texts.update(dict(gathered))
-    speed = {"generated_tokens": new_tokens, "generation_seconds": seconds, "tokens_per_second": new_tokens / seconds}
+    totals = accelerator.gather(torch.tensor([[new_tokens, seconds]], dtype=torch.float64, device=accelerator.device))
+    new_tokens, seconds = int(totals[:, 0].sum()), float(totals[:, 1].max())
+    speed = {
+        "generated_tokens": new_tokens,
+        "generation_seconds": seconds,
+        "tokens_per_second": new_tokens / seconds,
+        "processes": accelerator.num_processes,
+    }
     return texts, speed
 
 

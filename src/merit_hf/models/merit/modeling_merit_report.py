@@ -143,7 +143,8 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
 
         Args:
             ecg_values (`torch.FloatTensor` of shape `(num_ecgs, num_leads, num_samples)`): feature-extractor output.
-            ecg_attention_mask (`torch.LongTensor` of shape `(num_ecgs, num_samples)`, *optional*): padding mask.
+            ecg_attention_mask (`torch.LongTensor` of shape `(num_ecgs, num_samples)`, *optional*): padding mask; each
+                soft token is the mean of the real patches of its time bin (an all-padding bin raises).
             lead_mask (`torch.BoolTensor` of shape `(num_ecgs, num_leads)`, *optional*): recorded leads; the encoder
                 leaves the missing ones out (their soft tokens are then masked in the LM, see `forward`).
 
@@ -171,6 +172,8 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
         pooled = F.adaptive_avg_pool1d(
             per_lead.reshape(num_ecgs * num_leads, num_patches, width).transpose(1, 2), self.config.ecg_tokens_per_lead
         ).transpose(1, 2)
+        if ecg_attention_mask is not None:
+            pooled = self._pool_real_patches(per_lead, ecg_attention_mask, pooled)
         tokens = pooled.reshape(num_ecgs, num_leads * self.config.ecg_tokens_per_lead, width)
         return BaseModelOutputWithPooling(
             last_hidden_state=hidden,
@@ -178,6 +181,31 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
             hidden_states=ecg_output.hidden_states,
             attentions=ecg_output.attentions,
         )
+
+    def _pool_real_patches(
+        self, per_lead: torch.Tensor, ecg_attention_mask: torch.Tensor, pooled: torch.Tensor
+    ) -> torch.Tensor:
+        """The time pooling of `get_ecg_features` over the patches that hold recorded samples only (the encoder's
+        rule: a patch with any real sample is real), so padding never enters a soft token; `pooled` (the plain mean)
+        is returned as it is when nothing is padded. A soft token whose time bin holds padding only would reach the LM
+        unmasked, so it raises, naming the ECG rows."""
+        num_ecgs, num_leads, num_patches, width = per_lead.shape
+        real = ecg_attention_mask.reshape(num_ecgs, num_patches, -1).bool().any(-1)
+        if bool(real.all()):
+            return pooled
+        bins = self.config.ecg_tokens_per_lead
+        weights = real.to(per_lead.dtype)[:, None, :, None].expand(-1, num_leads, -1, -1)
+        summed = F.adaptive_avg_pool1d((per_lead * weights).reshape(-1, num_patches, width).transpose(1, 2), bins)
+        counts = F.adaptive_avg_pool1d(weights.reshape(-1, num_patches, 1).transpose(1, 2), bins)
+        empty = (counts == 0).reshape(num_ecgs, -1).any(dim=1)
+        if bool(empty.any()):
+            rows = torch.nonzero(empty).flatten().tolist()
+            raise ValueError(
+                f"ECG rows {rows}: a time bin of the {bins} soft tokens per lead holds padding only "
+                f"(ecg_attention_mask); pad less (records of at least {self.config.ecg_config.num_samples} samples "
+                "need no padding) or use fewer ecg_tokens_per_lead"
+            )
+        return (summed / counts).transpose(1, 2)
 
     def get_placeholder_mask(self, input_ids: torch.Tensor, ecg_features: torch.Tensor) -> torch.Tensor:
         """Positions of `<ecg>` tokens, `(batch, seq_len)`; raises when their number does not match the ECG tokens."""
