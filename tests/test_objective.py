@@ -372,3 +372,24 @@ def test_identical_reports_in_a_batch_give_the_multi_positive_infonce_loss_and_g
     floor = torch.log(same.sum(dim=1)).mean()  # perfect alignment still scores log k per row
     perfect = contrastive_loss(1000.0 * text @ text.t())
     assert torch.isclose(perfect, floor, atol=1e-4) and floor > 0.3
+
+
+def test_contrastive_logits_are_fp32_under_bf16_autocast():
+    """Under bf16 autocast the similarity matmul would round each cosine to 8 bits (x100 by the scale: errors of
+    about 0.4 in a logit); the logits and the loss come out as fp32 arithmetic gives them."""
+    from merit_hf.models.merit.modeling_merit import contrastive_loss, similarity_logits
+    from merit_hf.training.losses import ContrastiveLoss
+
+    torch.manual_seed(0)
+    ecg = F.normalize(torch.randn(16, 64), dim=-1)
+    text = F.normalize(torch.randn(16, 64), dim=-1)
+    scale = torch.tensor(100.0)
+    exact = scale * ecg.double() @ text.double().t()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = similarity_logits(ecg, text, scale)
+        loss = ContrastiveLoss(gather=False)(ecg, text, scale)
+        bf16 = scale * ecg @ text.t()  # what plain autocast gives
+    assert logits.dtype == torch.float32 and loss.dtype == torch.float32
+    assert (logits.double() - exact).abs().max() < 1e-4
+    assert (bf16.double() - exact).abs().max() > 0.05  # the error the fp32 path avoids
+    torch.testing.assert_close(loss, contrastive_loss(exact.float()), rtol=1e-5, atol=1e-5)

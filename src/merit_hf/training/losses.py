@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.merit.configuration_merit import MeritConfig
-from ..models.merit.modeling_merit import contrastive_loss
+from ..models.merit.modeling_merit import contrastive_loss, similarity_logits
 
 __all__ = ["ContrastiveLoss", "PretrainingLosses", "PretrainingObjective", "gather_with_grad"]
 
@@ -76,7 +76,7 @@ class ContrastiveLoss(nn.Module):
         if self.gather:
             ecg_embeds = gather_with_grad(ecg_embeds, self.equal_batches)
             text_embeds = gather_with_grad(text_embeds, self.equal_batches)
-        return contrastive_loss(logit_scale * ecg_embeds @ text_embeds.t())
+        return contrastive_loss(similarity_logits(ecg_embeds, text_embeds, logit_scale))
 
 
 @dataclass

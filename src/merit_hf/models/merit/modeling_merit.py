@@ -570,6 +570,17 @@ def masked_patch_reconstruction_loss(
     return (per_patch * weights).sum() / weights.sum().clamp(min=1.0)
 
 
+def similarity_logits(ecg_embeds: torch.Tensor, text_embeds: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`scale * ecg_embeds @ text_embeds.T`, in fp32 also under autocast. In bf16 a cosine keeps 8 bits (about 0.004
+    at 1), which the scale (up to 100) turns into logit errors of about 0.4; the matmul is `batch x batch x
+    projection_dim`, too small for its precision to cost time."""
+    device_type = ecg_embeds.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return similarity_logits(ecg_embeds, text_embeds, scale)
+    return scale.float() * ecg_embeds.float() @ text_embeds.float().t()
+
+
 def contrastive_loss(logits_per_ecg: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP): `(CE(L, I) + CE(L^T, I)) / 2` for the scaled similarities `L = s * E T^T` of
     L2-normalised embeddings, matching pairs on the diagonal.
@@ -1158,7 +1169,7 @@ class MeritModel(MeritPreTrainedModel):
         ecg_embeds = F.normalize(ecg_output.pooler_output, dim=-1)
         text_embeds = F.normalize(text_output.pooler_output, dim=-1)
         scale = self.logit_scale.exp()
-        logits_per_ecg = scale * ecg_embeds @ text_embeds.t()
+        logits_per_ecg = similarity_logits(ecg_embeds, text_embeds, scale)
         loss = contrastive_loss(logits_per_ecg) if return_loss else None
         return MeritOutput(
             loss=loss,
@@ -1358,7 +1369,7 @@ class MeritForPreTraining(MeritPreTrainedModel):
             text_features = self.merit.get_text_features(input_ids, attention_mask, token_type_ids, return_dict=True)
             text_embeds = F.normalize(text_features.pooler_output, dim=-1)
             scale = self.merit.logit_scale.exp()
-            logits_per_ecg = scale * ecg_embeds @ text_embeds.t()
+            logits_per_ecg = similarity_logits(ecg_embeds, text_embeds, scale)
             contrastive = contrastive_loss(logits_per_ecg)
             loss = loss + config.contrastive_weight * contrastive
 
