@@ -181,7 +181,7 @@ def scaling_benchmark(args) -> dict:
 END_TO_END_VARIANTS = {  # name: extra flags of the pretraining script
     "persistent workers (default)": [],
     "workers restarted every epoch": ["--dataloader_persistent_workers", "false"],
-    "ecg_values precomputed": ["--precompute_ecg_values", "true"],
+    "ecg_values precomputed": ["--precompute_ecg_values", "true", "--train_crop", "center"],
     "no per-term gradient norms": ["--gradient_norm_logging_steps", "0"],
     "batched torch feature extractor": ["--feature_extraction_device", "cpu"],
 }

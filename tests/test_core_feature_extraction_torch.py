@@ -380,3 +380,21 @@ def test_the_screen_flags_every_flat_lead(offset):
         lead[rng.choice(num_samples, 8 * outside, replace=False)] = offset + rng.uniform(-5, 5, 8 * outside)
     _, may_be_flat = screen_records(torch.from_numpy(leads[None].astype(np.float32)), 0.02, np.inf, outside)
     assert may_be_flat.float().mean() < 0.1
+
+
+def test_crop_seeds_give_each_record_its_own_crop_on_both_paths(ptbxl_dir):
+    """`crop_seeds`: a record's random crop comes from its own seed, whatever is batched with it, the same on the
+    scipy and the torch path; a seed is an int or a sequence such as (seed, epoch, ecg_id)."""
+    signal, leads = _signal(ptbxl_dir)
+    fe = MeritFeatureExtractor(crop="random")
+    alone = fe(signal, sampling_rate=500, lead_names=leads, crop_seeds=[(0, 1, 7)])["ecg_values"]
+    batched = fe([signal, signal, signal], sampling_rate=500, lead_names=leads, crop_seeds=[(0, 2, 7), (0, 1, 7), 5])
+    np.testing.assert_array_equal(batched["ecg_values"][1], alone[0])  # same seed, other records beside it
+    assert not np.array_equal(batched["ecg_values"][0], alone[0])  # another epoch: another crop
+    on_device = fe([signal, signal, signal], sampling_rate=500, lead_names=leads, crop_seeds=[(0, 2, 7), (0, 1, 7), 5],
+                   device="cpu")  # fmt: skip
+    assert np.abs(on_device["ecg_values"] - batched["ecg_values"]).max() < MAX_ABS_ERROR
+    with pytest.raises(ValueError, match="crop_seeds are the seeds of random crops; this call crops 'center'"):
+        fe(signal, sampling_rate=500, lead_names=leads, crop="center", crop_seeds=[1])
+    with pytest.raises(ValueError, match="crop_seeds: one seed per record, got 2 for 1 records"):
+        fe(signal, sampling_rate=500, lead_names=leads, crop_seeds=[1, 2])

@@ -605,3 +605,36 @@ def test_gradient_norm_balancing_adapts_and_logs_the_reconstruction_weight(asset
     unlogged = run_pretraining(base_argv(assets, tmp_path / "unlogged", gradient_norm_logging_steps=0, **flags))
     assert [entry["reconstruction_weight"] for entry in read_log_history(tmp_path / "unlogged")] == weights
     assert unlogged["loss_history"] == results["loss_history"]
+
+
+def test_training_crops_are_keyed_by_seed_epoch_and_ecg_id_also_in_persistent_workers(tmp_path):
+    """`--train_crop random`: a record's window position comes from (seed, epoch, ecg_id), as its masking noise: the
+    same whatever it is batched with and in a persistent DataLoader worker (the epoch is in shared memory), new in
+    the next epoch; the evaluation collator cuts the centre."""
+    from torch.utils.data import DataLoader
+
+    from merit_hf import MeritFeatureExtractor
+    from merit_hf.data import build_ptbxl
+    from merit_hf.training.pretrain import PretrainingCollator
+
+    rows = list(build_ptbxl(BUNDLED_PTBXL, sampling_rate=100, ecg_ids=range(1, 12))["train"])[:6]
+    tokenizer = train_tiny_tokenizer(tmp_path / "tokenizer")
+    extractor = MeritFeatureExtractor(sampling_rate=100, num_samples=800)  # 10 s records: 201 positions
+    train = PretrainingCollator(extractor, tokenizer, 32, crop="random", seed=4)
+    centre = PretrainingCollator(extractor, tokenizer, 32)
+    direct = {}
+    for epoch in (0, 1):
+        train.set_epoch(epoch)
+        direct[epoch] = train(rows)["ecg_values"]
+        reordered = train(rows[::-1])["ecg_values"].flip(0)
+        assert torch.equal(reordered, direct[epoch])  # a row's crop does not depend on its batch
+    assert not torch.equal(direct[0], direct[1])
+    assert not torch.equal(direct[0], centre(rows)["ecg_values"])
+    loader = DataLoader(rows, batch_size=3, collate_fn=train, num_workers=1, persistent_workers=True)
+    for epoch in (0, 1, 0):
+        train.set_epoch(epoch)
+        assert torch.equal(torch.cat([batch["ecg_values"] for batch in loader]), direct[epoch])
+    with pytest.raises(ValueError, match="--precompute_ecg_values stores one window per record"):
+        from merit_hf.training.pretrain import DataArguments
+
+        DataArguments(precompute_ecg_values=True)

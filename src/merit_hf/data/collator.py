@@ -7,7 +7,7 @@ the embedding CLI and `precompute_ecg_values` feed the model exactly what a user
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -94,7 +94,12 @@ class MeritCollator:
             None if tokenizer is None else MeritProcessor(feature_extractor, tokenizer, max_length=max_length)
         )
 
-    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, rows: Sequence[Mapping[str, Any]], crop_seeds: Callable[[Mapping[str, Any]], Any] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The batch of `rows`. `crop_seeds`: a function of a row giving the seed of its random crop (the feature
+        extractor's `crop_seeds`; pretraining keys it by seed, epoch and `ecg_id`); stored `ecg_values` are not
+        cropped again."""
         rows = list(rows)
         if self.tokenizer is not None:
             rows = self._handle_empty_reports(rows)
@@ -111,6 +116,7 @@ class MeritCollator:
                 [row["sampling_rate"] for row in rows],
                 [row["lead_names"] for row in rows],
                 reports=reports,
+                crop_seeds=None if crop_seeds is None else [crop_seeds(row) for row in rows],
             )
         if self.label_set is not None:
             missing = [position for position, row in enumerate(rows) if self.label_set not in row]
@@ -132,11 +138,13 @@ class MeritCollator:
         lead_names: Sequence[Sequence[str]],
         reports: Sequence[str] | None = None,
         crop: str | None = None,
+        crop_seeds: Sequence[Any] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The model's inputs for records given as columns (each `signal` `(num_samples, num_leads)`, its rate and
         lead names): `ecg_values` (and `lead_mask` / `record_index` / `ecg_attention_mask` when the feature extractor's
         settings give them) from the feature extractor, on `feature_extraction_device` when set; with `reports`, also
-        the tokenised reports, both through `MeritProcessor`. `crop` overrides the feature extractor's for this call.
+        the tokenised reports, both through `MeritProcessor`. `crop` overrides the feature extractor's for this call;
+        `crop_seeds` (one per record) seed its random crops.
         Signals keep their dtype (dataset rows are float32; a robustness transform's float64 output stays float64)."""
         ecgs = {
             "sampling_rate": [float(rate) for rate in sampling_rates],
@@ -144,6 +152,8 @@ class MeritCollator:
             "crop": crop,
             "return_tensors": "pt",
         }
+        if crop_seeds is not None:
+            ecgs["crop_seeds"] = crop_seeds
         if self.feature_extraction_device is not None:
             ecgs["device"] = self.feature_extraction_device
         signals = [np.asarray(signal) for signal in signals]

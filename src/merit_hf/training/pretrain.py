@@ -47,6 +47,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import shutil
 import sys
 import time
@@ -90,6 +91,7 @@ RESULTS_FILE = "train_results.json"
 # Everything a run writes in output_dir; `--overwrite_output_dir true` removes these (and nothing else) first.
 RUN_OUTPUTS = ("checkpoints", "model", "runs", LOG_HISTORY_FILE, RESULTS_FILE)
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+TRAIN_CROPS = ("random", "center")
 # Fields that depend on where a checkpoint was written, not on what it is.
 _CONFIG_FIELDS_IGNORED_ON_RESUME = {"transformers_version", "_name_or_path", "architectures", "auto_map", "dtype"}
 _LOSS_NAMES = ("loss", "reconstruction_loss", "contrastive_loss")
@@ -177,7 +179,14 @@ class DataArguments:
         default=False,
         metadata={
             "help": "Run the feature extractor once per record before training and keep ecg_values (map-style "
-            "splits): the fast path for many epochs. Pretraining crops the centre, so the values are the same."
+            "splits): the fast path for many epochs. The stored window is fixed, so it needs --train_crop center."
+        },
+    )
+    train_crop: str = field(
+        default="random",
+        metadata={
+            "help": "Where the training window is cut from a longer record: 'random' (a new position each epoch, "
+            "drawn from seed, epoch and ecg_id: reproducible and resumable) or 'center'. Evaluation cuts the centre."
         },
     )
     feature_extraction_device: str | None = field(
@@ -194,6 +203,13 @@ class DataArguments:
             raise ValueError(
                 f"--feature_extraction_device: None or 'cpu', got {self.feature_extraction_device!r} (the GPU path "
                 "would run in the training process beside the model; DataLoader workers cannot use CUDA)"
+            )
+        if self.train_crop not in TRAIN_CROPS:
+            raise ValueError(f"--train_crop: one of {list(TRAIN_CROPS)}, got {self.train_crop!r}")
+        if self.precompute_ecg_values and self.train_crop == "random":
+            raise ValueError(
+                "--precompute_ecg_values stores one window per record, so random crops could not vary: pass "
+                "--train_crop center with it"
             )
 
 
@@ -519,7 +535,13 @@ def precomputed(split, feature_extractor: MeritFeatureExtractor, feature_extract
 
 class PretrainingCollator:
     """`merit_hf.data.MeritCollator` (feature extractor + tokenizer) plus each record's `ecg_id`, which keys its
-    masking noise."""
+    masking noise.
+
+    `crop="random"` (training; DESIGN: random crop in training, as ST-MEM) cuts each record's window at a position
+    drawn from `(seed, epoch, ecg_id)`, as its masking noise is: the same in every run, whatever the number of
+    processes or workers, and after a resume, and new in every epoch. `set_epoch` sets the epoch; it is held in
+    shared memory, so DataLoader workers, persistent ones too, read the current one. `"center"` (evaluation, and
+    training with `--train_crop center`) cuts the middle."""
 
     def __init__(
         self,
@@ -527,9 +549,18 @@ class PretrainingCollator:
         tokenizer,
         max_report_length: int,
         feature_extraction_device: str | None = None,
+        crop: str = "center",
+        seed: int = 0,
     ):
         from ..data import MeritCollator
 
+        if crop not in TRAIN_CROPS:
+            raise ValueError(f"crop must be one of {TRAIN_CROPS}, got {crop!r}")
+        if feature_extractor.crop != crop:
+            feature_extractor = type(feature_extractor).from_dict({**feature_extractor.to_dict(), "crop": crop})
+        self.crop = crop
+        self.seed = seed
+        self._epoch = multiprocessing.Value("q", 0, lock=False)
         self.collator = MeritCollator(
             feature_extractor,
             tokenizer=tokenizer,
@@ -537,8 +568,15 @@ class PretrainingCollator:
             feature_extraction_device=feature_extraction_device,
         )
 
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.value = epoch
+
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = dict(self.collator(rows))
+        crop_seeds = None
+        if self.crop == "random":
+            key = (self.seed, self._epoch.value)
+            crop_seeds = lambda row: (*key, int(row["ecg_id"]))  # noqa: E731
+        batch = dict(self.collator(rows, crop_seeds=crop_seeds))
         batch["ecg_id"] = torch.tensor([int(row["ecg_id"]) for row in rows], dtype=torch.long)
         return batch
 
@@ -723,11 +761,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     feature_extractor = MeritFeatureExtractor.from_model_config(model.config.ecg_config)
     tokenizer = AutoTokenizer.from_pretrained(text_path)
-    collator = PretrainingCollator(
-        feature_extractor, tokenizer, model_args.max_report_length, data_args.feature_extraction_device
-    )
+    collators = {
+        role: PretrainingCollator(
+            feature_extractor,
+            tokenizer,
+            model_args.max_report_length,
+            data_args.feature_extraction_device,
+            crop=data_args.train_crop if role == "train" else "center",
+            seed=train_args.seed,
+        )
+        for role in ("train", "eval")
+    }
     train_loader, eval_loader, streaming = make_dataloaders(
-        accelerator, data_args, train_args, feature_extractor, collator
+        accelerator, data_args, train_args, feature_extractor, collators
     )
     optimizer, scheduler = make_optimizer(model, train_args)
     # The meter counts FLOPs on the eager model (before prepare wraps or compiles it).
@@ -944,9 +990,9 @@ def make_dataloaders(
     data_args: DataArguments,
     train_args: PretrainingArguments,
     feature_extractor: MeritFeatureExtractor,
-    collator: PretrainingCollator,
+    collators: dict[str, PretrainingCollator],
 ):
-    """`(train_loader, eval_loader, streaming)`, not yet prepared. A map-style split is sharded by
+    """`(train_loader, eval_loader, streaming)`, not yet prepared, with the `"train"` and `"eval"` collators. A map-style split is sharded by
     `prepare` (each process takes every N-th batch of one seeded order); a streamed split is cut by node with
     `split_dataset_by_node`, and its loader's state is the stream position."""
     with accelerator.main_process_first():
@@ -978,13 +1024,16 @@ def make_dataloaders(
         batch_size=train_args.per_device_train_batch_size,
         shuffle=not streaming,
         drop_last=True,  # every contrastive batch has the same size, on every process
-        collate_fn=collator,
+        collate_fn=collators["train"],
         **loader_options,
     )
     eval_loader = None
     if eval_split is not None:
         eval_loader = DataLoader(
-            eval_split, batch_size=train_args.per_device_eval_batch_size, collate_fn=collator, **loader_options
+            eval_split,
+            batch_size=train_args.per_device_eval_batch_size,
+            collate_fn=collators["eval"],
+            **loader_options,
         )
     return train_loader, eval_loader, streaming
 
@@ -1111,7 +1160,10 @@ def training_batches(
     full batch in an epoch is refused (the loop would wait forever), except in the first epoch of a resumed run,
     which may have had none left."""
     first_epoch_may_be_empty = streaming and resumed
+    collator = getattr(train_loader, "collate_fn", None)
     while True:
+        if hasattr(collator, "set_epoch"):  # PretrainingCollator: random crops keyed by the epoch
+            collator.set_epoch(epoch)
         if streaming:
             train_loader.dataset.set_epoch(epoch)
             batches: Iterable = train_loader

@@ -31,7 +31,7 @@ it imports numpy, scipy and transformers only; `wfdb` is imported when a path is
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
@@ -613,6 +613,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         return_attention_mask: bool | None = None,
         device: str | Any | None = None,
         return_lead_mask: bool | None = None,
+        crop_seeds: Sequence[Any] | None = None,
         **kwargs,
     ) -> BatchFeature:
         r"""
@@ -636,6 +637,10 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
                 that device.
             return_lead_mask: return `lead_mask` `(batch, num_leads)` bool (`True` = the lead was recorded): `True`
                 always, `False` never, `None` (default) when `missing_leads="mask"`.
+            crop_seeds: with `crop="random"`, one seed per record (an int or a sequence of ints, as
+                `numpy.random.default_rng` takes: pretraining passes `(seed, epoch, ecg_id)`): each record's crop is
+                drawn from its own seed, so it does not depend on the records batched with it, on the process or on
+                the worker; `None` (default) draws from the feature extractor's generator (`seed`).
 
         With `window="sliding"` the batch holds one row per window, and `record_index` `(num_windows,)` gives the
         index of the record each window came from.
@@ -651,14 +656,17 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
         with_mask = padding if return_attention_mask is None else return_attention_mask
         with_lead_mask = self.missing_leads == "mask" if return_lead_mask is None else return_lead_mask
+        crop_rngs = self._crop_rngs(crop_seeds, crop, len(records))
         if device is not None:
             return self._batched_on_device(records, sampling_rate, lead_names, units, padding, crop, device,
-                                           with_mask, with_lead_mask, return_tensors)  # fmt: skip
+                                           with_mask, with_lead_mask, return_tensors, crop_rngs)  # fmt: skip
         values, masks, lead_masks, record_index = [], [], [], []
         for index, record in enumerate(records):
             rate = self._per_record(sampling_rate, index, len(records), "sampling_rate")
             names = self._per_record_names(lead_names, index, len(records))
-            ecg, mask, present = self.process_one(record, rate, names, units, padding=padding, crop=crop, index=index)
+            ecg, mask, present = self.process_one(
+                record, rate, names, units, padding=padding, crop=crop, index=index, crop_rng=crop_rngs[index]
+            )
             values.append(ecg)
             masks.append(mask)
             lead_masks.append(np.broadcast_to(present, (len(ecg), len(present))))
@@ -684,6 +692,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         with_mask,
         with_lead_mask,
         return_tensors,
+        crop_rngs,
     ) -> BatchFeature:
         """`__call__` with `device=`: the batched torch DSP, the outputs left on `device` for `return_tensors="pt"`."""
         import torch
@@ -692,7 +701,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
 
         device = torch.device(device)
         chunk = CPU_RECORDS_PER_CHUNK if device.type == "cpu" else len(records)
-        prepared = self._prepare_for_device(records, sampling_rate, lead_names, units, padding, crop, chunk)
+        prepared = self._prepare_for_device(records, sampling_rate, lead_names, units, padding, crop, chunk, crop_rngs)
         outputs = extract_batch(self, prepared, device)
         data = {"ecg_values": outputs["ecg_values"]}
         if with_mask:
@@ -706,7 +715,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def _prepare_for_device(
-        self, records, sampling_rate, lead_names, units, padding, crop, chunk: int = 1
+        self, records, sampling_rate, lead_names, units, padding, crop, chunk: int = 1, crop_rngs=None
     ) -> list[dict[str, Any]]:
         """Every record through this class's own checks, before the batched DSP (`extract_batch`) builds any tensor,
         with the scipy path's errors in its order (the first bad record raises): validation, the band-pass filter's
@@ -745,7 +754,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
                 else:
                     signal, present, _ = self._validate_read(signal, names, record_units, name, from_header)
                 entry = self._place(signal, rate, name, present, padding, crop, chunk, len(records) - index, stacks,
-                                    sos, padlen)  # fmt: skip
+                                    sos, padlen, None if crop_rngs is None else crop_rngs[index])  # fmt: skip
             except Exception:
                 try:  # earlier records' errors, then this record's validation, come first on the scipy path
                     self._validate_pending(pending)
@@ -762,7 +771,9 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         self._validate_pending(pending)
         return prepared
 
-    def _place(self, signal, rate, name, present, padding, crop, chunk, left, stacks, sos, padlen) -> dict[str, Any]:
+    def _place(
+        self, signal, rate, name, present, padding, crop, chunk, left, stacks, sos, padlen, crop_rng=None
+    ) -> dict[str, Any]:
         """A record's `_prepare_for_device` entry: its resampling ratio, the filter's length check, its windows, and
         its signal copied (float32, leads first) into the next slot of its group's array."""
         up, down = self._resample_ratio(rate, name)
@@ -777,7 +788,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         if self.window == "sliding":
             record_windows = self._sliding_windows(positions, name, padding=padding)
         else:
-            record_windows = [self._fit_window(positions, name, padding=padding, crop=crop)]
+            record_windows = [self._fit_window(positions, name, padding=padding, crop=crop, crop_rng=crop_rng)]
         stack, slot = stacks.get((up, down, length), (None, chunk))
         if slot == chunk:  # a new array: at most `chunk` records, and no more than are left
             stack, slot = np.empty((min(chunk, left), signal.shape[1], length), np.float32), 0
@@ -878,15 +889,17 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         padding: bool = False,
         crop: str = "center",
         index: int = 0,
+        crop_rng: np.random.Generator | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One record through the whole contract; returns `(ecg (num_windows, num_leads, num_samples), attention masks
-        (num_windows, num_samples), lead_mask (num_leads,) bool)`, with one window unless `window="sliding"`."""
+        (num_windows, num_samples), lead_mask (num_leads,) bool)`, with one window unless `window="sliding"`.
+        `crop_rng`: the generator of a random crop (default: the feature extractor's)."""
         signal, sampling_rate, name, present = self.validate_one(record, sampling_rate, lead_names, units, index=index)
         signal = self._resample_and_filter(signal, sampling_rate, name)
         if self.window == "sliding":
             windows = self._sliding_windows(signal, name, padding=padding)
         else:
-            windows = [self._fit_window(signal, name, padding=padding, crop=crop)]
+            windows = [self._fit_window(signal, name, padding=padding, crop=crop, crop_rng=crop_rng)]
         ecgs = np.stack([self._normalize(window, mask, present) for window, mask in windows])
         return ecgs, np.stack([mask for _, mask in windows]), present
 
@@ -1195,7 +1208,9 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         both paths, cached (designing it took a quarter of the per-record time)."""
         return _butterworth_sos(self.filter_order, self.highpass_hz, self.lowpass_hz, self.sampling_rate)
 
-    def _fit_window(self, signal: np.ndarray, name: str, padding: bool, crop: str) -> tuple[np.ndarray, np.ndarray]:
+    def _fit_window(
+        self, signal: np.ndarray, name: str, padding: bool, crop: str, crop_rng: np.random.Generator | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         length, window = signal.shape[0], self.num_samples
         mask = np.ones(window, dtype=np.int64)
         if length < window:
@@ -1211,7 +1226,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         if crop == "start":
             start = 0
         elif crop == "random":
-            start = int(self._crop_generator().integers(0, length - window + 1))
+            start = int((crop_rng or self._crop_generator()).integers(0, length - window + 1))
         else:
             start = (length - window) // 2
         return signal[start : start + window].T, mask
@@ -1227,6 +1242,18 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             starts.append(length - window)
         mask = np.ones(window, dtype=np.int64)
         return [(signal[start : start + window].T, mask) for start in starts]
+
+    @staticmethod
+    def _crop_rngs(crop_seeds, crop: str, num_records: int) -> list[np.random.Generator | None]:
+        """One generator per record from `crop_seeds` (see `__call__`), or `None`s: the feature extractor's own."""
+        if crop_seeds is None:
+            return [None] * num_records
+        if crop != "random":
+            raise ValueError(f"crop_seeds are the seeds of random crops; this call crops {crop!r}")
+        crop_seeds = list(crop_seeds)
+        if len(crop_seeds) != num_records:
+            raise ValueError(f"crop_seeds: one seed per record, got {len(crop_seeds)} for {num_records} records")
+        return [np.random.default_rng(seed) for seed in crop_seeds]
 
     def _crop_generator(self) -> np.random.Generator:
         """The generator of random crops. In a DataLoader worker it is re-seeded from the worker's own seed (set by

@@ -90,7 +90,7 @@ class MeritProcessor(ProcessorMixin):
             reports: target reports for report generation, one per prompt in `text` (`text` defaults to
                 `format_prompt()` once per ECG); adds `labels`. Needs `ecg_seq_length`.
             kwargs: other feature-extractor arguments (`padding` of the window is `ecg_padding`, `crop`, `device`:
-                its batched torch path).
+                its batched torch path, `crop_seeds`).
         """
         if ecgs is None and text is None:
             raise ValueError("MeritProcessor needs ecgs, text, or both")
@@ -103,6 +103,7 @@ class MeritProcessor(ProcessorMixin):
                 "crop": kwargs.pop("crop", None),
                 "padding": kwargs.pop("ecg_padding", None),
                 "device": kwargs.pop("device", None),
+                "crop_seeds": kwargs.pop("crop_seeds", None),
             }
             ecg_features = self.feature_extractor(
                 ecgs,
