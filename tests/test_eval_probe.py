@@ -203,3 +203,10 @@ def test_fine_tune_runs_and_reports_both_encoders():
     assert results["task"] == "fine-tune"
     assert results["model"]["training"]["epochs_run"] == 1
     assert results["baseline"]["metrics"]["macro_auroc"]["value"] is not None
+
+
+@pytest.mark.parametrize("name", ["batch_size", "max_epochs", "patience", "finetune_max_epochs", "finetune_patience"])
+def test_counts_below_one_are_refused_naming_the_setting(name):
+    """A patience of 0 would stop fine-tuning after its first epoch; every count setting must be at least 1."""
+    with pytest.raises(ValueError, match=f"^{name}: must be >= 1, got 0$"):
+        ProbeArguments(**{name: 0})

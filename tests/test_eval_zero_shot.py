@@ -334,3 +334,32 @@ def test_dataset_scores_leave_masked_leads_out_and_pool_windows_as_zero_shot_cla
     for batch_size in (2, 3):
         scores = _dataset_scores(model, processor, Dataset.from_list(rows), prompts, batch_size)
         np.testing.assert_allclose(scores, expected, atol=1e-5)
+
+
+def test_inference_cuts_the_centre_even_with_a_random_crop_feature_extractor(model_and_processor):
+    """A folder saved with its training feature extractor (`crop="random"`) still scores deterministically: every
+    pipeline and `zero_shot_classify` cut the centre (the scores equal a centre-crop extractor's)."""
+    from merit_hf import MeritForEcgClassification
+    from merit_hf.models.merit.pipeline_merit import MeritEcgClassificationPipeline, MeritEcgFeatureExtractionPipeline
+
+    model, processor = model_and_processor
+    ecgs = _ecgs(2)  # 10 s at 250 Hz, longer than the tiny window: room for random crops
+    centre = processor.feature_extractor
+    random_crops = MeritFeatureExtractor.from_dict({**centre.to_dict(), "crop": "random", "seed": None})
+    shuffled = MeritProcessor(random_crops, processor.tokenizer)
+    labels = ["normal ecg", "atrial fibrillation"]
+    kwargs = {"sampling_rate": 250, "lead_names": LEADS, "candidate_labels": labels, "precision": "fp32"}
+    expected = zero_shot_classify(model, processor, ecgs, **kwargs)["scores"]
+    for _ in range(2):
+        np.testing.assert_array_equal(zero_shot_classify(model, shuffled, ecgs, **kwargs)["scores"], expected)
+    classifier = pipeline(ZERO_SHOT_ECG_TASK, model=model, processor=shuffled, device="cpu", precision="fp32")
+    first = classifier(ecgs[0], sampling_rate=250, lead_names=LEADS, candidate_labels=labels)
+    assert classifier(ecgs[0], sampling_rate=250, lead_names=LEADS, candidate_labels=labels) == first
+    torch.manual_seed(0)
+    head = MeritForEcgClassification(tiny_merit_config(id2label={0: "A", 1: "B"})).eval()
+    for pipeline_class in (MeritEcgClassificationPipeline, MeritEcgFeatureExtractionPipeline):
+        runs = [
+            pipeline_class(model=head, feature_extractor=extractor)(ecgs[0], sampling_rate=250, lead_names=LEADS)
+            for extractor in (random_crops, random_crops, centre)
+        ]
+        assert runs[0] == runs[1] == runs[2], pipeline_class.__name__

@@ -144,6 +144,7 @@ def test_fine_tune_keeps_the_best_epoch_and_stops_after_patience(monkeypatch, tm
     assert macro_auroc(validation_labels, validation_logits) == pytest.approx(max(epochs), abs=1e-9)
     assert test_logits.shape == (len(rows["test"]), 5) and test_logits.dtype == np.float32
     assert not (tmp_path / "run").exists()  # the Trainer's checkpoints are removed
+    assert (training["num_processes"], training["global_batch_size"]) == (1, 8)  # the batch each step really trained
 
 
 @pytest.mark.slow
@@ -192,3 +193,79 @@ def test_fine_tune_crops_randomly_in_training_and_centrally_in_evaluation():
     np.testing.assert_array_equal(second, again[1])
     centre = crops(finetune.with_crop(random_crops, "center"), 1)[0]
     np.testing.assert_array_equal(centre, crops(feature_extractor, 1)[0])
+
+
+@pytest.mark.slow
+def test_fine_tune_without_a_defined_validation_auroc_runs_every_epoch_and_keeps_the_last():
+    """One validation record: no class has both a positive and a negative there, so the macro AUROC is NaN in every
+    epoch and nothing can stop training, as in `fit_linear_probe` (before: early stopping counted the NaN epochs
+    against its patience and stopped at epoch 1 + patience)."""
+    data = synthetic_ptbxl(sizes=(8, 1, 6))
+    encoder, feature_extractor = tiny_encoder()
+    arguments = ProbeArguments(
+        mode="finetune", batch_size=8, finetune_learning_rate=1e-3, finetune_max_epochs=4, finetune_patience=1
+    )
+    *_, training = finetune.fine_tune(encoder, feature_extractor, data, "superclass", probe_rows(data, "superclass"),
+                                      arguments)  # fmt: skip
+    assert (training["best_epoch"], training["epochs_run"]) == (4, 4)
+
+
+def test_trainer_columns_leave_out_records_without_a_label_of_the_set():
+    """`add_trainer_columns` keeps the probe protocol's rows (`probe_rows`): a record with no class of the set is left
+    out of every split, not trained and scored as negative for every class (before: 5 of ecg_id 1-40 stayed, with
+    all-zero targets; for PTB-XL `form`, 65 % of the training records)."""
+    ptbxl = build_ptbxl(BUNDLED_PTBXL, sampling_rate=100, ecg_ids=range(1, 41))
+    feature_extractor = MeritFeatureExtractor.from_model_config(tiny_merit_config().ecg_config)
+    data = add_trainer_columns(ptbxl, feature_extractor, "superclass")
+    rows = probe_rows(ptbxl, "superclass")
+    assert sum(len(ptbxl[split]) - len(rows[split]) for split in rows) > 0  # the sample has unlabeled records
+    for split, kept in rows.items():
+        assert data[split]["ecg_id"] == ptbxl[split].select(kept)["ecg_id"]
+        assert np.asarray(data[split]["labels"]).sum(axis=1).min() >= 1
+
+
+@pytest.mark.parametrize("model_class", [MeritForEcgClassification, MeritForPreTraining])
+def test_gradient_accumulation_under_trainer_gives_the_update_of_the_whole_batch(model_class, tmp_path):
+    """MERIT's losses are batch means and take no `num_items_in_batch` (`accepts_loss_kwargs = False`): one SGD step
+    of 4 records equals one step of 2 x 2 accumulated; before, `Trainer` skipped its division by the accumulation
+    steps (it saw `**kwargs` in `forward`), which doubled the update and the logged loss."""
+    torch.manual_seed(0)
+    values = torch.randn(4, 12, tiny_ecg_config().num_samples)
+    rows = [{"ecg_values": values[index], "labels": torch.tensor([1.0, 0.0])} for index in range(4)]
+    if model_class is MeritForPreTraining:
+        rows = [{"ecg_values": row["ecg_values"]} for row in rows]  # reconstruction only: no text needed
+
+    def one_step(batch_size: int, accumulation: int) -> tuple[torch.Tensor, float]:
+        torch.manual_seed(1)
+        config = tiny_merit_config(reconstruction_weight=1.0, contrastive_weight=0.0)
+        config.ecg_config.hidden_dropout_prob = config.ecg_config.attention_probs_dropout_prob = 0.0
+        if model_class is MeritForEcgClassification:
+            config.id2label = {0: "A", 1: "B"}
+        model = model_class(config)
+        before = torch.cat([parameter.detach().flatten().clone() for parameter in model.parameters()])
+        arguments = TrainingArguments(
+            str(tmp_path / f"run{batch_size}"), max_steps=1, per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation, learning_rate=0.1, optim="sgd", max_grad_norm=0.0,
+            lr_scheduler_type="constant", report_to="none", use_cpu=True, save_strategy="no", logging_steps=1,
+            dataloader_drop_last=False,
+        )  # fmt: skip
+        noise = torch.rand(4, 12, config.ecg_config.num_patches_per_lead, generator=torch.Generator().manual_seed(2))
+
+        def collate(batch):
+            start = next(index for index, row in enumerate(rows) if row["ecg_values"] is batch[0]["ecg_values"])
+            stacked = {key: torch.stack([row[key] for row in batch]) for key in batch[0]}
+            if model_class is MeritForPreTraining:
+                stacked["noise"] = noise[start : start + len(batch)]
+            return stacked
+
+        trainer = Trainer(model, arguments, data_collator=collate, train_dataset=rows)
+        trainer._get_train_sampler = lambda *args, **kwargs: torch.utils.data.SequentialSampler(rows)
+        trainer.train()
+        after = torch.cat([parameter.detach().flatten() for parameter in model.parameters()])
+        return after - before, trainer.state.log_history[0]["loss"]
+
+    whole, whole_loss = one_step(4, 1)
+    accumulated, accumulated_loss = one_step(2, 2)
+    assert whole.norm() > 0
+    torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-6)
+    assert accumulated_loss == pytest.approx(whole_loss, rel=1e-4)

@@ -138,7 +138,14 @@ class ProbeArguments:
         for fraction in self.label_fractions:
             if not 0 < fraction <= 1:
                 raise ValueError(f"label_fractions: {fraction} is not in (0, 1]")
-        for name in ("batch_size", "max_epochs", "patience", "probe_batch_size", "finetune_max_epochs"):
+        for name in (
+            "batch_size",
+            "max_epochs",
+            "patience",
+            "probe_batch_size",
+            "finetune_max_epochs",
+            "finetune_patience",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
 

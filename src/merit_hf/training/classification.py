@@ -2,9 +2,10 @@
 
 `Trainer` keeps only the dataset columns that the model's `forward` takes (`remove_unused_columns=True`), so the rows
 must already hold the model inputs, as in transformers' audio and image classification examples:
-`add_trainer_columns` adds `ecg_values` (the feature extractor's output, centre-cropped) and multi-hot `labels`;
-`MeritCollator` stacks them. Pass the feature extractor as `processing_class` and `Trainer.save_model` writes
-`preprocessor_config.json` beside the weights, so the output folder loads with `trust_remote_code=True` and passes
+`add_trainer_columns` adds `ecg_values` (the feature extractor's output, centre-cropped) and multi-hot `labels`
+(records without a label of the set are left out, as in the probe protocol); `MeritCollator` stacks them. Pass the
+feature extractor as `processing_class` and `Trainer.save_model` writes `preprocessor_config.json` beside the
+weights, so the output folder loads with `trust_remote_code=True` and passes
 `python -m merit_hf.hub push`. `compute_metrics_for(label_names)` reports the project's metrics
 (`merit_hf.evaluation.metrics`).
 
@@ -32,10 +33,13 @@ Precomputed inputs are fixed: the random-crop augmentation of the probe protocol
 it, do as `merit_hf.training.finetune` does: keep the raw columns (`TrainingArguments(remove_unused_columns=False)`)
 and give `MeritCollator(feature_extractor, label_set=..., num_classes=...)` a feature extractor with `crop="random"`
 (`finetune.with_crop`); evaluation rows that hold precomputed centre-cropped `ecg_values` are stacked as they are.
+Raw training rows keep records without a label of the set: leave them out as the protocol does
+(`merit_hf.evaluation.probe.labeled_dataset_dict`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,12 +50,19 @@ from ..data.labels import label_names as dataset_label_names
 from ..data.labels import multi_hot
 from ..evaluation.metrics import classification_metrics
 
+logger = logging.getLogger(__name__)
+
 
 def add_trainer_columns(dataset, feature_extractor, label_set: str, batch_size: int = 64, num_proc: int | None = None):
     """`dataset` (a `Dataset` or `DatasetDict` in the merit_hf schema: PTB-XL, MIMIC-IV-ECG, a converted WFDB
     folder) with the two columns `MeritForEcgClassification.forward` takes: `ecg_values` `(num_leads, num_samples)`
     float32 and `labels`, the multi-hot float32 vector of `label_set` (a `List(ClassLabel)` column). The other
-    columns stay; `Trainer` drops them."""
+    columns stay; `Trainer` drops them.
+
+    Records without a class of `label_set` are left out (logged), as the probe protocol leaves them out of every split
+    (`merit_hf.evaluation.probe.probe_rows`, after the PTB-XL benchmark): their all-zero targets would train "no
+    class" on records that were never annotated for the set (two thirds of PTB-XL's records for `form`), and
+    `compute_metrics_for` would score validation rows that the protocol does not."""
     from datasets import DatasetDict, List, Value
 
     if isinstance(dataset, DatasetDict):
@@ -62,7 +73,11 @@ def add_trainer_columns(dataset, feature_extractor, label_set: str, batch_size: 
             }
         )
     num_classes = len(dataset_label_names(dataset, label_set))
-    with_values = precompute_ecg_values(dataset, feature_extractor, batch_size=batch_size, num_proc=num_proc)
+    labeled = dataset.filter(lambda indices: len(indices) > 0, input_columns=label_set, desc=f"{label_set} labeled")
+    if len(labeled) < len(dataset):
+        logger.info("add_trainer_columns: left out %d of %d records without a %s label", len(dataset) - len(labeled),
+                    len(dataset), label_set)  # fmt: skip
+    with_values = precompute_ecg_values(labeled, feature_extractor, batch_size=batch_size, num_proc=num_proc)
     features = with_values.features.copy()
     features["labels"] = List(Value("float32"), length=num_classes)
     return with_values.map(

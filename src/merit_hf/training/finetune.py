@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -119,6 +120,16 @@ class ThroughputCallback(TrainerCallback):
         self._switch(None)
 
 
+class DefinedMetricEarlyStoppingCallback(EarlyStoppingCallback):
+    """`EarlyStoppingCallback` for which an undefined (NaN) validation macro AUROC neither improves nor uses up the
+    patience. It is NaN in every epoch or in none (the validation labels decide: no class with both positives and
+    negatives), and then, as in `fit_linear_probe`, nothing can stop training: all epochs run and the last is kept."""
+
+    def check_metric_value(self, args, state, control, metric_value):
+        if not math.isnan(metric_value):
+            super().check_metric_value(args, state, control, metric_value)
+
+
 def _remove_checkpoints(folder: Path, whole: bool) -> None:
     """Remove the Trainer's `checkpoint-<step>` folders, and `folder` itself when it is ours or left empty."""
     if whole:
@@ -141,12 +152,13 @@ def fine_tune(
     checkpoint_dir: str | Path | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Fine-tune encoder + head on `rows` of each split (`probe_rows`) with `transformers.Trainer`; returns
-    `(validation_logits, test_logits, training_info)` of the best epoch.
+    `(validation_logits, test_logits, training_info)` of the best epoch. `arguments.batch_size` is the batch of each
+    process; `training_info` names the number of processes and the global batch they make.
 
     `checkpoint_dir` holds the Trainer's best checkpoint during the run and is removed at the end; `None` is a
     temporary folder, which only works on one process (every process must read the best checkpoint back: on several,
     give a folder they all see). When the validation macro AUROC cannot be computed in any epoch (no class with both
-    positives and negatives), no epoch is best and the last one is kept.
+    positives and negatives), no epoch is best: all epochs run and the last one is kept, as in `fit_linear_probe`.
     """
     names = label_names(dataset_dict["train"], label_set)
     columns = [*RECORD_COLUMNS, label_set]
@@ -202,7 +214,7 @@ def fine_tune(
         eval_dataset=evaluation["validation"],
         compute_metrics=compute_metrics_for(names),
         callbacks=[
-            EarlyStoppingCallback(early_stopping_patience=arguments.finetune_patience),
+            DefinedMetricEarlyStoppingCallback(early_stopping_patience=arguments.finetune_patience),
             ThroughputCallback(meter, flops_batch, len(train)),
         ],
     )
@@ -220,7 +232,14 @@ def fine_tune(
          if "eval_macro_auroc" in entry and entry["step"] == trainer.state.best_global_step),
         epochs_run,
     )  # fmt: skip
-    training = {"best_epoch": best_epoch, "epochs_run": epochs_run, "throughput": meter.totals()}
+    training = {
+        "best_epoch": best_epoch,
+        "epochs_run": epochs_run,
+        # `batch_size` is per process: on N processes each step trains N times as many records
+        "num_processes": training_arguments.world_size,
+        "global_batch_size": arguments.batch_size * training_arguments.world_size,
+        "throughput": meter.totals(),
+    }
     return np.asarray(validation_logits, dtype=np.float32), np.asarray(test_logits, dtype=np.float32), training
 
 

@@ -725,6 +725,9 @@ class MeritBasePreTrainedModel(_StrictLoadingMixin, PreTrainedModel):
 
     main_input_name = "ecg_values"
     supports_gradient_checkpointing = True
+    # The losses are means over the batch given and take no `num_items_in_batch`; without this, `Trainer` (seeing
+    # `**kwargs` in `forward`) would skip its division by the accumulation steps and scale by the processes.
+    accepts_loss_kwargs = False
     _no_split_modules = ["MeritEcgLayer"]
     _supports_sdpa = True
     _supports_flex_attn = True

@@ -196,8 +196,8 @@ class _MeritEcgPipeline(Pipeline):
         return {}
 
     def preprocess(self, ecg, sampling_rate=None, lead_names=None, units=None):
-        features = self.feature_extractor(
-            ecg, sampling_rate=sampling_rate, lead_names=lead_names, units=units, return_tensors="pt"
+        features = self.feature_extractor(  # inference cuts the centre, whatever crop the folder was trained with
+            ecg, sampling_rate=sampling_rate, lead_names=lead_names, units=units, return_tensors="pt", crop="center"
         )
         item = _record_item(features)
         return {key: value.to(self.dtype) if value.is_floating_point() else value for key, value in item.items()}
@@ -537,8 +537,8 @@ def zero_shot_classify(
     ecg_attention_mask = record_index = None
     if ecg_values is None:
         check_feature_extractor_matches(processor.feature_extractor, model)
-        features = processor.feature_extractor(
-            ecgs, sampling_rate=sampling_rate, lead_names=lead_names, units=units, return_tensors="pt"
+        features = processor.feature_extractor(  # the centre, whatever crop the folder was saved with
+            ecgs, sampling_rate=sampling_rate, lead_names=lead_names, units=units, return_tensors="pt", crop="center"
         )
         ecg_values, ecg_attention_mask = features["ecg_values"], features.get("ecg_attention_mask")
         lead_mask, record_index = features.get("lead_mask"), features.get("record_index")
@@ -662,8 +662,8 @@ class ZeroShotEcgClassificationPipeline(Pipeline):
         return preprocess, forward, postprocess
 
     def preprocess(self, ecg, sampling_rate=None, lead_names=None, units=None):
-        features = self.processor.feature_extractor(
-            ecg, sampling_rate=sampling_rate, lead_names=lead_names, units=units, return_tensors="pt"
+        features = self.processor.feature_extractor(  # the centre, whatever crop the folder was saved with
+            ecg, sampling_rate=sampling_rate, lead_names=lead_names, units=units, return_tensors="pt", crop="center"
         )
         return _record_item(features)
 
