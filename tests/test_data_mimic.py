@@ -175,6 +175,32 @@ def test_resume_after_crash_gives_one_row_per_record(mimic_root, tmp_path, monke
     assert len(list((output / "data").glob("*.parquet"))) == 1
 
 
+def test_a_conversion_killed_while_finishing_resumes(mimic_root, tmp_path, monkeypatch):
+    """Killed as it writes the final report (every shard done): the rerun finishes it from the shards' saved failures.
+    The folder of saved failures used to be removed first, so the rerun failed on it and only overwrite=True helped."""
+    output, write_json = tmp_path / "out", conversion._write_json_atomic
+
+    def killed_at_the_report(path, value):
+        if path.name == conversion.REPORT_FILE:
+            raise KeyboardInterrupt("killed while finishing")
+        write_json(path, value)
+
+    (mimic_root / "files/p1000/p10000032/s41000001/41000001.dat").unlink()
+    monkeypatch.setattr(conversion, "_write_json_atomic", killed_at_the_report)
+    with pytest.raises(KeyboardInterrupt):
+        convert_mimic_iv_ecg(mimic_root, output, records_per_shard=4)
+    monkeypatch.setattr(conversion, "_write_json_atomic", write_json)
+    report = convert_mimic_iv_ecg(mimic_root, output, records_per_shard=4)
+    assert (report.total, report.written, report.failed) == (6, 5, 1)
+    assert "signal file 41000001.dat is missing" in report.failures[0].reason
+    assert sorted(path.name for path in (output / "data").iterdir()) == [
+        "conversion_report.json", "train-00000-of-00002.parquet", "train-00001-of-00002.parquet"
+    ]  # fmt: skip
+    assert load_mimic_iv_ecg(output, streaming=False)["ecg_id"] == [s for _, s in STUDIES if s != 41000001]
+    (output / "data" / conversion.PLAN_FILE).write_text("{}")  # killed after the report, before the plan was removed
+    assert load_mimic_iv_ecg(output, streaming=False).num_rows == 5
+
+
 def test_parallel_conversion_and_split_by_node(mimic_root, tmp_path):
     output = tmp_path / "out"
     report = convert_mimic_iv_ecg(mimic_root, output, records_per_shard=2, num_proc=2)

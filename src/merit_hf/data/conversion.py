@@ -255,9 +255,11 @@ def write_parquet_shards(
             saved = json.loads(ShardPaths(output_dir, split, index, num_shards).failures.read_text())
             failures = [RecordFailure(**failure) for failure in saved["failures"]]
             report = report.merge(ConversionReport(saved["total"], saved["total"] - len(failures), failures))
-    shutil.rmtree(output_dir / PROGRESS_DIR)
+    # The report is the commit: until it is written, a rerun still finds the plan and the shards' failures to finish
+    # from (removing them first left a run killed here unable to resume or to load).
     _write_json_atomic(output_dir / REPORT_FILE, {**report.to_dict(), "settings": plan["settings"]})
     plan_path.unlink()
+    shutil.rmtree(output_dir / PROGRESS_DIR)
     if report.failures:
         logger.warning("%s: %s", output_dir, report.summary())
     return report

@@ -133,13 +133,12 @@ def read_mimic_tasks(mimic_root: str | os.PathLike, study_ids: Iterable[int] | N
             f"{root / MEASUREMENTS_FILE}: study_id(s) {sorted(set(conflicting))[:10]} listed twice with different "
             "values; keep one row per study"
         )
-    measurements = measurements.set_index("study_id")
+    measurements = measurements.set_index("study_id").to_dict("index")  # `.loc` per record took 4x longer
     tasks, unmatched = [], 0
     for record in records.to_dict("records"):
         study_id = int(record["study_id"])
-        found = study_id in measurements.index
-        unmatched += not found
-        row = measurements.loc[study_id].to_dict() if found else {}
+        unmatched += study_id not in measurements
+        row = measurements.get(study_id, {})
         tasks.append(
             {
                 "subject_id": int(record["subject_id"]),
