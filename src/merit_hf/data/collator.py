@@ -234,4 +234,10 @@ def precompute_ecg_values(
     )
 
 
-__all__ = ["MeritCollator", "precompute_ecg_values"]
+def with_crop(feature_extractor, crop: str, seed: int | None = None):
+    """A copy of `feature_extractor` that cuts `crop` windows (`"random"`: from a generator seeded with `seed`, or
+    from the `crop_seeds` a call gives), for the training and evaluation collators of one model."""
+    return type(feature_extractor).from_dict({**feature_extractor.to_dict(), "crop": crop, "seed": seed})
+
+
+__all__ = ["MeritCollator", "precompute_ecg_values", "with_crop"]

@@ -17,9 +17,8 @@ Parquet shards divisible by `world_size` gives each process whole shards; otherw
 and keeps one example in `world_size`, at that point of the stream (`_split_by_node`): a `map` added later (the
 embedding command line's, a collator's preprocessing) runs on the kept examples only. (`split_dataset_by_node` itself
 drops them after every later `map` has run on all of them, so each process would embed every record.)
-Streamed splits are filtered on Arrow batches where the stream has them (`_filter_stream`), so the rows after a
-filter stay Arrow: a filter on Python rows hands them on as Python lists, which `with_format("numpy")` converts value
-by value (a MIMIC-IV-ECG record took 40x longer to read, and its signal came back float64).
+Streamed splits are filtered on Arrow batches where the stream has them (`merit_hf.data.streams.filter_stream`),
+so the rows after a filter stay Arrow and `with_format("numpy")` reads them fast, as float32.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 from datasets import Dataset, DatasetDict, DatasetInfo, IterableDataset, IterableDatasetDict, load_from_disk
 from datasets import load_dataset as hf_load_dataset
 from datasets.distributed import split_dataset_by_node
@@ -41,7 +39,7 @@ from .mimic_iv_ecg import MIMIC_OUTPUT_FOLDER
 from .ptbxl import PTBXL_SPLITS, build_ptbxl, is_physionet_ptbxl, ptbxl_config_name
 from .ptbxl_versions import DEFAULT_PTBXL_VERSION, apply_ptbxl_version_to_dataset, check_ptbxl_version
 from .reports import drop_empty_reports as _drop_empty_reports
-from .reports import has_report
+from .streams import column_values, filter_stream
 from .wfdb_folder import DEFAULT_SPLIT_FRACTIONS
 
 logger = logging.getLogger(__name__)
@@ -123,7 +121,7 @@ def load_dataset(
     else:
         raise ValueError(f"dataset name must be one of {DATASET_NAMES}, got {name!r}")
     if drop_empty_reports:
-        dataset = _map_splits(dataset, lambda part, _: _drop_empty_reports_of(part))
+        dataset = _map_splits(dataset, lambda part, _: _drop_empty_reports(part))
     return dataset
 
 
@@ -394,38 +392,9 @@ def _map_splits(dataset: AnyDataset, function, split: str | None = None) -> AnyD
     return function(dataset, split)
 
 
-def _filter_stream(part: IterableDataset, keep, with_indices: bool = False) -> IterableDataset:
-    """`part` with the rows for which `keep(batch)` (or `keep(batch, indices)`) is true, `part`'s format kept; `keep`
-    reads a column as a list with `_values(batch, name)`. The batches are Arrow tables where the stream still has
-    them, so the rows after the filter stay Arrow; this is a `map` that returns fewer rows, since two Arrow `filter`s
-    in a row fail in datasets 5.2 (their mask columns clash). After a Python step (PTB-XL's version filter) the rows
-    are Python: an Arrow batch of them takes its types from their values (an empty label list as `list<null>`) and
-    cannot be joined to the next one, so they are filtered as Python batches."""
-    if part._ex_iterable.iter_arrow is None:
-        return part.filter(keep, with_indices=with_indices, batched=True)
-    format_type = part._formatting.format_type if part._formatting is not None else None
-
-    def kept(table: pa.Table, *indices) -> pa.Table:
-        return table.filter(pa.array(keep(table, *indices), type=pa.bool_()))
-
-    arrow = part.with_format("arrow")
-    return arrow.map(kept, with_indices=with_indices, batched=True, features=part.features).with_format(format_type)
-
-
-def _values(batch, name: str) -> list:
-    values = batch[name]
-    return values.to_pylist() if hasattr(values, "to_pylist") else list(values)
-
-
-def _drop_empty_reports_of(part: Dataset | IterableDataset) -> Dataset | IterableDataset:
-    if isinstance(part, IterableDataset):
-        return _filter_stream(part, lambda batch: [has_report(text) for text in _values(batch, "report")])
-    return _drop_empty_reports(part)
-
-
 def _drop_unlabeled(dataset: Dataset | IterableDataset, label_set: str) -> Dataset | IterableDataset:
     if isinstance(dataset, IterableDataset):
-        return _filter_stream(dataset, lambda batch: [len(labels) > 0 for labels in _values(batch, label_set)])
+        return filter_stream(dataset, lambda batch: [len(labels) > 0 for labels in column_values(batch, label_set)])
     keep = [index for index, row in enumerate(dataset[label_set][:]) if row]
     if len(keep) < dataset.num_rows:
         logger.info(
@@ -445,7 +414,7 @@ def _split_by_node(dataset: AnyDataset, rank: int | None, world_size: int | None
 def _node_part(part: Dataset | IterableDataset, rank: int, world_size: int) -> Dataset | IterableDataset:
     if isinstance(part, IterableDataset) and part.num_shards % world_size:
         # one example in `world_size`, kept here rather than after the maps added later (as split_dataset_by_node would)
-        return _filter_stream(part, lambda _, indices: [index % world_size == rank for index in indices], True)
+        return filter_stream(part, lambda _, indices: [index % world_size == rank for index in indices], True)
     return split_dataset_by_node(part, rank=rank, world_size=world_size)
 
 

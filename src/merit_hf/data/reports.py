@@ -35,7 +35,13 @@ def has_report(report: str | None) -> bool:
 def drop_empty_reports(dataset):
     """`dataset` (a `Dataset` or `IterableDataset`) without the rows whose `report` is empty (`has_report`): the
     ECG-report pairs of pretraining and report generation, where a record without a report has nothing to align
-    with or to generate."""
+    with or to generate. A stream keeps its rows Arrow (`merit_hf.data.streams.filter_stream`)."""
+    from datasets import IterableDataset
+
+    from .streams import column_values, filter_stream
+
+    if isinstance(dataset, IterableDataset):
+        return filter_stream(dataset, lambda batch: [has_report(text) for text in column_values(batch, "report")])
     return dataset.filter(has_report, input_columns=["report"])
 
 

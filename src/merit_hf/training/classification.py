@@ -32,7 +32,7 @@ Example (the README recipe):
 Precomputed inputs are fixed: the random-crop augmentation of the probe protocol's fine-tuning is not applied. For
 it, do as `merit_hf.training.finetune` does: keep the raw columns (`TrainingArguments(remove_unused_columns=False)`)
 and give `MeritCollator(feature_extractor, label_set=..., num_classes=...)` a feature extractor with `crop="random"`
-(`finetune.with_crop`); evaluation rows that hold precomputed centre-cropped `ecg_values` are stacked as they are.
+(`merit_hf.data.collator.with_crop`); evaluation rows that hold precomputed centre-cropped `ecg_values` are stacked as they are.
 Raw training rows keep records without a label of the set: leave them out as the protocol does
 (`merit_hf.evaluation.probe.labeled_dataset_dict`).
 """

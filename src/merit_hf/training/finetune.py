@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from ..data.collator import MeritCollator, precompute_ecg_values
+from ..data.collator import MeritCollator, precompute_ecg_values, with_crop
 from ..evaluation.probe import (
     SPLITS,
     ProbeArguments,
@@ -66,11 +66,6 @@ def _classifier_from(encoder: MeritEcgModel, names: Sequence[str]) -> MeritForEc
     model = MeritForEcgClassification(config)
     model.ecg_model.load_state_dict(encoder.state_dict())
     return model
-
-
-def with_crop(feature_extractor: MeritFeatureExtractor, crop: str, seed: int | None = None) -> MeritFeatureExtractor:
-    """A copy of `feature_extractor` that cuts `crop` windows (`"random"`: from a generator seeded with `seed`)."""
-    return type(feature_extractor).from_dict({**feature_extractor.to_dict(), "crop": crop, "seed": seed})
 
 
 class ThroughputCallback(TrainerCallback):

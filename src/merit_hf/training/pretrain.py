@@ -552,12 +552,11 @@ class PretrainingCollator:
         crop: str = "center",
         seed: int = 0,
     ):
-        from ..data import MeritCollator
+        from ..data.collator import MeritCollator, with_crop
 
         if crop not in TRAIN_CROPS:
             raise ValueError(f"crop must be one of {TRAIN_CROPS}, got {crop!r}")
-        if feature_extractor.crop != crop:
-            feature_extractor = type(feature_extractor).from_dict({**feature_extractor.to_dict(), "crop": crop})
+        feature_extractor = with_crop(feature_extractor, crop)
         self.crop = crop
         self.seed = seed
         self._epoch = multiprocessing.Value("q", 0, lock=False)
@@ -992,9 +991,9 @@ def make_dataloaders(
     feature_extractor: MeritFeatureExtractor,
     collators: dict[str, PretrainingCollator],
 ):
-    """`(train_loader, eval_loader, streaming)`, not yet prepared, with the `"train"` and `"eval"` collators. A map-style split is sharded by
-    `prepare` (each process takes every N-th batch of one seeded order); a streamed split is cut by node with
-    `split_dataset_by_node`, and its loader's state is the stream position."""
+    """`(train_loader, eval_loader, streaming)`, not yet prepared, with the `"train"` and `"eval"` collators. A
+    map-style split is sharded by `prepare` (each process takes every N-th batch of one seeded order); a streamed split
+    is cut by node with `split_dataset_by_node`, and its loader's state is the stream position."""
     with accelerator.main_process_first():
         train_split, eval_split = load_pretraining_splits(data_args)
         if data_args.precompute_ecg_values:

@@ -45,7 +45,6 @@ import functools
 import logging
 import os
 import platform
-import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -359,21 +358,14 @@ def time_cpu_prepacking(block: nn.Module, num_tokens: int, batch_size: int = 2, 
     """Best-of-`repeats` seconds of one forward of the Transformer block `block` with its linear layers as they are
     (`"nn.Linear"`) and prepacked (`"prepacked"`), on random hidden states of `num_tokens` tokens in the block's dtype,
     interleaved so that machine drift hits both. `block` itself is left as it is."""
+    from .modeling_merit import best_interleaved_seconds
+
     plain = copy.deepcopy(block).eval()
     packed = _prepack_block_linears(copy.deepcopy(block).eval())
     parameter = next(block.parameters())
     hidden_states = torch.randn(batch_size, num_tokens, block.norm1.normalized_shape[0], dtype=parameter.dtype)
-    variants = {"nn.Linear": plain, "prepacked": packed}
-    best = dict.fromkeys(variants, float("inf"))
-    with torch.inference_mode():
-        for run in variants.values():  # warm-up: oneDNN reorders the weights and builds its kernels on the first call
-            run(hidden_states)
-        for _ in range(repeats):
-            for name, run in variants.items():
-                start = time.perf_counter()
-                run(hidden_states)
-                best[name] = min(best[name], time.perf_counter() - start)
-    return best
+    runs = {"nn.Linear": lambda: plain(hidden_states), "prepacked": lambda: packed(hidden_states)}
+    return best_interleaved_seconds(runs, repeats)
 
 
 def cpu_prepacking_pays(module: nn.Module, dtype: torch.dtype) -> bool:

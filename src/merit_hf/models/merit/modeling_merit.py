@@ -217,12 +217,19 @@ def time_cpu_attention_kernels(
         "sdpa": lambda: F.scaled_dot_product_attention(query, key, value, scale=scaling),
         "matmul": lambda: matmul_attention_forward(module, query, key, value, None, scaling),
     }
-    best = dict.fromkeys(kernels, float("inf"))
-    with torch.no_grad():
-        for run in kernels.values():  # warm-up: oneDNN builds its kernels on the first call
+    return best_interleaved_seconds(kernels, repeats)
+
+
+def best_interleaved_seconds(runs: dict[str, Callable[[], object]], repeats: int = 3) -> dict[str, float]:
+    """Best-of-`repeats` seconds of each of `runs` (no arguments, run without autograd) after one warm-up call each
+    (oneDNN reorders weights and builds its kernels on the first call), interleaved round by round so that drift of a
+    shared machine hits every run alike: how merit_hf times the kernels it chooses between on a CPU."""
+    best = dict.fromkeys(runs, float("inf"))
+    with torch.inference_mode():
+        for run in runs.values():
             run()
         for _ in range(repeats):
-            for name, run in kernels.items():
+            for name, run in runs.items():
                 start = time.perf_counter()
                 run()
                 best[name] = min(best[name], time.perf_counter() - start)
