@@ -11,6 +11,7 @@ from datasets import Dataset, IterableDataset, IterableDatasetDict
 
 from merit_hf.data import (
     build_ptbxl,
+    conversion,
     convert_mimic_iv_ecg,
     drop_empty_reports,
     has_report,
@@ -140,3 +141,16 @@ def test_streamed_filters_keep_the_rows_arrow(mimic_root, tmp_path):  # noqa: F8
         parts = [list(node.with_format("numpy")) for node in nodes]
         assert [[int(row["ecg_id"]) for row in part] for part in parts] == expected
         assert {row["signal"].dtype for part in parts for row in part} == {np.dtype("float32")}
+
+
+def test_mimic_on_more_processes_than_files_reads_row_groups(mimic_root, tmp_path, monkeypatch):  # noqa: F811
+    """2 files for 3 processes: each process reads its own row groups (2 per file here) instead of every record."""
+    monkeypatch.setattr(conversion, "PARQUET_ROWS_PER_GROUP", 2)
+    convert_mimic_iv_ecg(mimic_root, tmp_path / "out", records_per_shard=3)
+    nodes = [
+        load_dataset("mimic_iv_ecg", tmp_path / "out", split="train", rank=rank, world_size=3) for rank in range(3)
+    ]
+    assert [node.num_shards for node in nodes] == [2, 1, 1]  # 2 files x 2 row groups, dealt to 3 processes
+    parts = [ecg_ids(node) for node in nodes]
+    assert sorted(sum(parts, [])) == sorted(ecg_ids(load_dataset("mimic_iv_ecg", tmp_path / "out", split="train")))
+    assert sorted(map(len, parts)) == [1, 2, 3]  # shards of 2, 1, 2, 1 records: (0, 3), (1,), (2,)

@@ -7,6 +7,7 @@ import re
 import runpy
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 from datasets import load_from_disk
@@ -221,6 +222,8 @@ def test_a_converted_dataset_gets_the_drops_and_a_stale_twin_raises(twins, conse
     assert "dropped 2 of" in loaded["validation"].info.description  # each split says what it lost
     streamed = load_ptbxl(tmp_path / "twins", split="validation", streaming=True)
     assert [row["ecg_id"] for row in streamed] == [144]  # 140 and 143 (fold 9) are left out as rows are read
+    # filtered on Arrow batches: the rows stay Arrow, so numpy reads the signal as stored (float32, not float64)
+    assert [row["signal"].dtype for row in streamed.with_format("numpy")] == [np.dtype("float32")]
     convert_ptbxl(consensus, tmp_path / "stale", ptbxl_version="as_is")
     with pytest.raises(ValueError, match=r"ecg_id 1371 has scp_codes .* convert the dataset again"):
         load_ptbxl(tmp_path / "stale")

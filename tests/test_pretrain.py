@@ -475,7 +475,7 @@ def test_ablations_run_by_flag(assets, tmp_path, flag, off, on, frozen):
 
 @pytest.mark.slow
 def test_streaming_split_trains_and_resumes_at_the_stream_position(assets, tmp_path):
-    """A streamed split (`split_dataset_by_node`, StatefulDataLoader) resumes where its checkpoint was. The shuffle
+    """A streamed split (`stream_part`, StatefulDataLoader) resumes where its checkpoint was. The shuffle
     buffer is not part of a stream's state (a `datasets` limit), so this compares runs with a buffer of 1."""
     pytest.importorskip("torchdata", reason="streamed pretraining needs torchdata's StatefulDataLoader")
     stream = {"streaming": "true", "shuffle_buffer_size": 1, "max_steps": 6, "save_steps": 3, "eval_steps": 0}
@@ -484,6 +484,14 @@ def test_streaming_split_trains_and_resumes_at_the_stream_position(assets, tmp_p
     shutil.copytree(
         tmp_path / "full" / "checkpoints" / "checkpoint_3", tmp_path / "resumed" / "checkpoints" / "checkpoint_3"
     )
+    # the stream position is one per DataLoader worker: another worker count is refused, naming the layout
+    other = base_argv(
+        assets, tmp_path / "resumed", resume_from_checkpoint="latest", dataloader_num_workers=1, **stream
+    )
+    with pytest.raises(
+        ValueError, match=r"stream_layout: checkpoint \{'num_shards': 1, 'dataloader_num_workers': 0\}"
+    ):
+        run_pretraining(other)
     resumed = run_pretraining(base_argv(assets, tmp_path / "resumed", resume_from_checkpoint="latest", **stream))
     assert resumed["steps_this_run"] == 3 and resumed["loss_history"] == full["loss_history"]
     assert resumed["resume_notes"] == []  # a buffer of 1 loses nothing

@@ -12,11 +12,10 @@ it hands over to `load_ptbxl`, `load_mimic_iv_ecg` or `load_wfdb_dataset`. Only 
   a sample, slow for the whole set: convert it once instead).
 
 Multi-process training: pass `rank` and `world_size` (e.g. `accelerator.process_index`, `accelerator.num_processes`)
-and each process gets its part through `datasets.distributed.split_dataset_by_node`. For streaming, a number of
-Parquet shards divisible by `world_size` gives each process whole shards; otherwise every process reads all shards
-and keeps one example in `world_size`, at that point of the stream (`_split_by_node`): a `map` added later (the
-embedding command line's, a collator's preprocessing) runs on the kept examples only. (`split_dataset_by_node` itself
-drops them after every later `map` has run on all of them, so each process would embed every record.)
+and each process gets its part: `datasets.distributed.split_dataset_by_node` for a map-style split; for a stream,
+whole shards (`merit_hf.data.streams.stream_part`), cut into Parquet row groups first where the files are fewer than
+the processes or their count is not a multiple of it, so no process reads another's records (MIMIC-IV-ECG's 801
+files on 8 processes: its 8,001 row groups of up to 100 records, 1,000 or 1,001 to each process).
 Streamed splits are filtered on Arrow batches where the stream has them (`merit_hf.data.streams.filter_stream`),
 so the rows after a filter stay Arrow and `with_format("numpy")` reads them fast, as float32.
 """
@@ -39,7 +38,7 @@ from .mimic_iv_ecg import MIMIC_OUTPUT_FOLDER
 from .ptbxl import PTBXL_SPLITS, build_ptbxl, is_physionet_ptbxl, ptbxl_config_name
 from .ptbxl_versions import DEFAULT_PTBXL_VERSION, apply_ptbxl_version_to_dataset, check_ptbxl_version
 from .reports import drop_empty_reports as _drop_empty_reports
-from .streams import column_values, filter_stream
+from .streams import column_values, filter_stream, stream_part
 from .wfdb_folder import DEFAULT_SPLIT_FRACTIONS
 
 logger = logging.getLogger(__name__)
@@ -380,10 +379,15 @@ def _splits_in(folder: Path) -> list[str]:
     return sorted(names, key=lambda name: (SPLIT_ORDER.index(name) if name in SPLIT_ORDER else len(SPLIT_ORDER), name))
 
 
+IN_MEMORY_STREAM_SHARDS = 64  # a table built in memory cannot be resharded later: enough for processes x workers
+
+
 def _to_iterable(dataset: Dataset | DatasetDict) -> IterableDataset | IterableDatasetDict:
+    """A split built in memory as a stream of up to `IN_MEMORY_STREAM_SHARDS` contiguous shards (in order), so that
+    processes and DataLoader workers each read their own."""
     if isinstance(dataset, DatasetDict):
-        return IterableDatasetDict({name: part.to_iterable_dataset() for name, part in dataset.items()})
-    return dataset.to_iterable_dataset()
+        return IterableDatasetDict({name: _to_iterable(part) for name, part in dataset.items()})
+    return dataset.to_iterable_dataset(num_shards=max(1, min(dataset.num_rows, IN_MEMORY_STREAM_SHARDS)))
 
 
 def _map_splits(dataset: AnyDataset, function, split: str | None = None) -> AnyDataset:
@@ -412,9 +416,8 @@ def _split_by_node(dataset: AnyDataset, rank: int | None, world_size: int | None
 
 
 def _node_part(part: Dataset | IterableDataset, rank: int, world_size: int) -> Dataset | IterableDataset:
-    if isinstance(part, IterableDataset) and part.num_shards % world_size:
-        # one example in `world_size`, kept here rather than after the maps added later (as split_dataset_by_node would)
-        return filter_stream(part, lambda _, indices: [index % world_size == rank for index in indices], True)
+    if isinstance(part, IterableDataset):
+        return stream_part(part, rank, world_size)
     return split_dataset_by_node(part, rank=rank, world_size=world_size)
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 from .conversion import parse_number
 from .labels import parse_scp_codes
+from .streams import column_values, filter_stream
 
 logger = logging.getLogger(__name__)
 
@@ -186,14 +187,17 @@ def apply_ptbxl_version_to_dataset(dataset, version: str = DEFAULT_PTBXL_VERSION
 
     if isinstance(dataset, IterableDataset):
 
-        def keep(ecg_id: int, scp_codes: str | None = None) -> bool:
-            check(ecg_id, scp_codes)
-            return int(ecg_id) not in changes.dropped
+        def keep(batch) -> list[bool]:
+            ecg_ids = column_values(batch, "ecg_id")
+            scp_codes = column_values(batch, "scp_codes") if "scp_codes" in inputs else [None] * len(ecg_ids)
+            for ecg_id, codes in zip(ecg_ids, scp_codes):
+                check(ecg_id, codes)
+            return [int(ecg_id) not in changes.dropped for ecg_id in ecg_ids]
 
         logger.info(
             "%s: streaming; v1.0.3's %d duplicate ECGs are left out as rows are read", source, len(changes.dropped)
         )
-        return dataset.filter(keep, input_columns=inputs)
+        return filter_stream(dataset, keep)  # on Arrow batches: the rows after it stay Arrow
     ecg_ids = dataset["ecg_id"][:]
     relabel = [index for index, ecg_id in enumerate(ecg_ids) if int(ecg_id) in changes.consensus]
     if relabel and "scp_codes" in columns:

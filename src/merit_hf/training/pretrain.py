@@ -664,6 +664,16 @@ def comparable_config(config: MeritConfig) -> dict[str, Any]:
     return flat
 
 
+# what a resumed run must share with its checkpoint besides the model config (`stream_layout`: None unless streamed)
+RUN_LAYOUT_KEYS = (
+    "num_processes",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+    "stream_layout",
+)
+
+
 def check_checkpoint_compatible(path: Path, saved: dict[str, Any], expected: dict[str, Any]) -> None:
     """Refuse a checkpoint written by a different model or batch layout, naming every field that differs."""
     differences = []
@@ -671,7 +681,7 @@ def check_checkpoint_compatible(path: Path, saved: dict[str, Any], expected: dic
     for key in sorted(set(saved_config) | set(expected_config)):
         if saved_config.get(key) != expected_config.get(key):
             differences.append(f"{key}: checkpoint {saved_config.get(key)!r}, this run {expected_config.get(key)!r}")
-    for key in ("num_processes", "per_device_train_batch_size", "gradient_accumulation_steps", "seed"):
+    for key in RUN_LAYOUT_KEYS:
         if saved.get(key) != expected[key]:
             differences.append(f"{key}: checkpoint {saved.get(key)!r}, this run {expected[key]!r}")
     if differences:
@@ -792,6 +802,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "per_device_train_batch_size": train_args.per_device_train_batch_size,
         "gradient_accumulation_steps": train_args.gradient_accumulation_steps,
         "seed": train_args.seed,
+        "stream_layout": stream_layout(train_loader) if streaming else None,
     }
     global_step, epoch = resume(accelerator, resume_path, run_identity, train_loader if streaming else None)
     start_logging(accelerator, output_dir, global_step, (model_args, data_args, train_args))
@@ -993,7 +1004,8 @@ def make_dataloaders(
 ):
     """`(train_loader, eval_loader, streaming)`, not yet prepared, with the `"train"` and `"eval"` collators. A
     map-style split is sharded by `prepare` (each process takes every N-th batch of one seeded order); a streamed split
-    is cut by node with `split_dataset_by_node`, and its loader's state is the stream position."""
+    gives each process whole shards (`stream_part`, at least one per DataLoader worker where the files allow), and its
+    loader's state is the stream position."""
     with accelerator.main_process_first():
         train_split, eval_split = load_pretraining_splits(data_args)
         if data_args.precompute_ecg_values:
@@ -1003,14 +1015,15 @@ def make_dataloaders(
             )
     streaming = data_args.streaming or data_args.dataset_name == "mimic_iv_ecg"
     if streaming:
-        from datasets.distributed import split_dataset_by_node
+        from ..data.streams import stream_part
 
-        if not hasattr(train_split, "state_dict"):
-            train_split = train_split.to_iterable_dataset(num_shards=max(1, accelerator.num_processes))
+        # whole shards for every process and DataLoader worker: no process reads another's records
+        workers = max(1, data_args.dataloader_num_workers)
+        if not hasattr(train_split, "state_dict"):  # precomputed `ecg_values`: a table in memory
+            shards = max(1, min(len(train_split), accelerator.num_processes * workers))
+            train_split = train_split.to_iterable_dataset(num_shards=shards)
+        train_split = stream_part(train_split, accelerator.process_index, accelerator.num_processes, workers)
         train_split = train_split.shuffle(seed=train_args.seed, buffer_size=data_args.shuffle_buffer_size)
-        train_split = split_dataset_by_node(
-            train_split, rank=accelerator.process_index, world_size=accelerator.num_processes
-        )
     loader_options = dataloader_options(
         data_args.dataloader_num_workers,
         data_args.dataloader_pin_memory,
@@ -1035,6 +1048,12 @@ def make_dataloaders(
             **loader_options,
         )
     return train_loader, eval_loader, streaming
+
+
+def stream_layout(train_loader) -> dict[str, int]:
+    """What a stream position saved in a checkpoint refers to: the stream's shards and the DataLoader workers that
+    read them (torchdata's loader keeps one position per worker and cannot take another worker count)."""
+    return {"num_shards": train_loader.dataset.num_shards, "dataloader_num_workers": train_loader.num_workers}
 
 
 def make_optimizer(model: MeritForPreTraining, train_args: PretrainingArguments):
