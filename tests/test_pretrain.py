@@ -497,6 +497,41 @@ def test_streaming_split_trains_and_resumes_at_the_stream_position(assets, tmp_p
     assert resumed["resume_notes"] == []  # a buffer of 1 loses nothing
 
 
+def test_a_streamed_parquet_epoch_does_not_wait_for_reader_threads(tmp_path, monkeypatch):
+    """datasets 5.2 fills a shuffle buffer from 10 Parquet shards at once on threads, and waits 5 s for them at the end
+    of every pass: an epoch of ptbxl_2k's 1,490 training records took 7-8 s to read instead of 1-2 s
+    (benchmarks/README.md). `--shuffle_buffer_input_shards 1`, the default, reads one shard at a time."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from merit_hf.training.pretrain import DataArguments, training_stream
+
+    for index in range(3):
+        pq.write_table(
+            pa.table({"ecg_id": list(range(index * 10, index * 10 + 10))}), tmp_path / f"train-{index}.parquet"
+        )
+    thread_waits = []
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.01)
+    real_sleep = time.sleep
+    monkeypatch.setattr(time, "sleep", lambda seconds: thread_waits.append(seconds) or real_sleep(seconds))
+
+    def epochs(**flags) -> list[list[int]]:
+        stream = datasets.load_dataset("parquet", data_dir=str(tmp_path), split="train", streaming=True)
+        stream = training_stream(stream, 0, 1, DataArguments(shuffle_buffer_size=8, **flags), seed=0)
+        passes = []
+        for epoch in range(2):
+            stream.set_epoch(epoch)
+            passes.append([row["ecg_id"] for row in stream])
+        return passes
+
+    assert all(sorted(rows) == list(range(30)) for rows in epochs(shuffle_buffer_input_shards=10))
+    assert thread_waits.count(0.01) == 2  # one wait at the end of each pass
+    thread_waits.clear()
+    assert all(sorted(rows) == list(range(30)) for rows in epochs())
+    assert 0.01 not in thread_waits
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Several processes (gloo on CPU)
 # ----------------------------------------------------------------------------------------------------------------------

@@ -160,6 +160,15 @@ class DataArguments:
         default=False, metadata={"help": "Stream the training split (always on for MIMIC-IV-ECG)."}
     )
     shuffle_buffer_size: int = field(default=10_000, metadata={"help": "Shuffle buffer of a streamed split."})
+    shuffle_buffer_input_shards: int = field(
+        default=1,
+        metadata={
+            "help": "Shards a streamed split's shuffle buffer is filled from at once (datasets' "
+            "max_buffer_input_shards; its default is 10). The shards come in a new random order each epoch, as row "
+            "groups of 100 records where they were resharded. Above 1, datasets 5.2 reads them on threads and waits "
+            "5 s for those threads at the end of every pass over Parquet files: once per epoch in every worker."
+        },
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval records."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader workers per process."})
@@ -206,6 +215,8 @@ class DataArguments:
             )
         if self.train_crop not in TRAIN_CROPS:
             raise ValueError(f"--train_crop: one of {list(TRAIN_CROPS)}, got {self.train_crop!r}")
+        if self.shuffle_buffer_input_shards < 1:
+            raise ValueError(f"--shuffle_buffer_input_shards: at least 1, got {self.shuffle_buffer_input_shards}")
         if self.precompute_ecg_values and self.train_crop == "random":
             raise ValueError(
                 "--precompute_ecg_values stores one window per record, so random crops could not vary: pass "
@@ -1015,15 +1026,9 @@ def make_dataloaders(
             )
     streaming = data_args.streaming or data_args.dataset_name == "mimic_iv_ecg"
     if streaming:
-        from ..data.streams import stream_part
-
-        # whole shards for every process and DataLoader worker: no process reads another's records
-        workers = max(1, data_args.dataloader_num_workers)
-        if not hasattr(train_split, "state_dict"):  # precomputed `ecg_values`: a table in memory
-            shards = max(1, min(len(train_split), accelerator.num_processes * workers))
-            train_split = train_split.to_iterable_dataset(num_shards=shards)
-        train_split = stream_part(train_split, accelerator.process_index, accelerator.num_processes, workers)
-        train_split = train_split.shuffle(seed=train_args.seed, buffer_size=data_args.shuffle_buffer_size)
+        train_split = training_stream(
+            train_split, accelerator.process_index, accelerator.num_processes, data_args, train_args.seed
+        )
     loader_options = dataloader_options(
         data_args.dataloader_num_workers,
         data_args.dataloader_pin_memory,
@@ -1048,6 +1053,24 @@ def make_dataloaders(
             **loader_options,
         )
     return train_loader, eval_loader, streaming
+
+
+def training_stream(train_split, rank: int, world_size: int, data_args: DataArguments, seed: int):
+    """Process `rank`'s shuffled stream of `train_split`: whole shards for every process and DataLoader worker, so no
+    process reads another's records (`stream_part`), then `shuffle` with a buffer filled from
+    `--shuffle_buffer_input_shards` shards at a time. A map-style split (PTB-XL, memory-mapped) is cut into
+    processes x workers shards first."""
+    from ..data.streams import stream_part
+
+    workers = max(1, data_args.dataloader_num_workers)
+    if not hasattr(train_split, "state_dict"):
+        train_split = train_split.to_iterable_dataset(num_shards=max(1, min(len(train_split), world_size * workers)))
+    train_split = stream_part(train_split, rank, world_size, workers)
+    return train_split.shuffle(
+        seed=seed,
+        buffer_size=data_args.shuffle_buffer_size,
+        max_buffer_input_shards=data_args.shuffle_buffer_input_shards,
+    )
 
 
 def stream_layout(train_loader) -> dict[str, int]:
