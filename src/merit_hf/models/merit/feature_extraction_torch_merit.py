@@ -520,8 +520,15 @@ def extract_batch(
             else:
                 stacked = np.stack([signals[index] for index in members])  # (members, leads, length) float32
             batch = torch.from_numpy(stacked).to(device).reshape(-1, length)
-            filtered = resample_and_filter(batch, rates[(up, down, length)], up, down, sos, fe.highpass_hz is None)
+            keep_mean = fe.highpass_hz is None
+            filtered = resample_and_filter(batch, rates[(up, down, length)], up, down, sos, keep_mean)
             filtered = filtered.reshape(len(members), num_leads, -1)
+            if keep_mean and fe.normalization != "zscore_lead":  # the leads' offsets, taken out in float64, back
+                offsets = np.stack([prepared[index]["offset"] for index in members])
+                if fe.normalization == "zscore_record":  # less what a record's z-score removes anyway
+                    recorded = np.stack([presents[index] for index in members])
+                    offsets -= (offsets * recorded).sum(axis=1, keepdims=True) / recorded.sum(axis=1, keepdims=True)
+                filtered += torch.as_tensor(offsets, dtype=filtered.dtype, device=device)[:, :, None]
             member_rows = np.concatenate([rows[index] for index in members])
             at = torch.as_tensor(member_rows, device=device)
             if len(member_rows) != len(members):  # sliding windows: each window reads its own record
