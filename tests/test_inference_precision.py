@@ -102,7 +102,11 @@ def test_prepare_returns_a_cached_converted_copy_and_never_touches_the_model(mon
     torch.manual_seed(0)
     model = MeritEcgModel(tiny_ecg_config()).train()
     original = {name: value.clone() for name, value in model.state_dict().items()}
-    assert prepare_for_inference(model, "fp32", "cpu") is model and not model.training  # already fp32 on CPU
+    in_training = prepare_for_inference(model, "fp32", "cpu")  # fp32 on CPU already, but in training mode
+    assert in_training is not model and not in_training.training and model.training  # left training (dropout on)
+    assert {id(t) for t in in_training.parameters()} == {id(t) for t in model.parameters()}  # its weights, shared
+    assert prepare_for_inference(model.eval(), "fp32", "cpu") is model  # in eval mode: the model itself
+    model.train()
     bf16 = prepare_for_inference(model, "bf16", "cpu")
     assert bf16 is not model and bf16.layers[0].mlp.fc1.weight.dtype == torch.bfloat16 and not bf16.training
     assert prepare_for_inference(model, "bf16", "cpu") is bf16  # cached: a loop of calls converts once
@@ -161,7 +165,7 @@ def test_fp32_prepacking_is_timed_once_per_shape_and_the_faster_kept(monkeypatch
         return {"nn.Linear": 2.0, "prepacked": 1.0 if prepacked_faster else 3.0}
 
     monkeypatch.setattr(inference_precision, "time_cpu_prepacking", timer)
-    model = MeritEcgModel(tiny_ecg_config())
+    model = MeritEcgModel(tiny_ecg_config()).eval()
     with caplog.at_level(logging.DEBUG, logger="merit_hf.models.merit.inference_precision"):
         assert cpu_prepacking_pays(model, torch.float32) is prepacked_faster
         fp32 = prepare_for_inference(model, "fp32", "cpu")
@@ -226,6 +230,47 @@ def test_bf16_on_cpu_prepacks_the_block_linears_and_fuses_the_mlps_gelu():
     loss = trained(ecg).pooler_output.pow(2).sum()
     loss.backward()
     assert trained.layers[0].mlp.fc1.weight.grad is not None and trained.layers[0].mlp.fc1.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_the_model_keeps_its_training_mode_whatever_the_cpu_chooses(monkeypatch, precision):
+    """A training loop that scores zero-shot between steps: whether fp32 runs the model itself or a prepacked copy
+    depends on the CPU (`cpu_prepacking_pays`), and the model was switched to eval mode (dropout off for the rest of
+    training) only where it ran itself. Now it never is, and what runs is in eval mode either way."""
+    for prepack in ("on", "off"):
+        monkeypatch.setenv(CPU_PREPACK_ENV, prepack)
+        model = MeritEcgModel(tiny_ecg_config()).train()
+        runner = prepare_for_inference(model, precision, "cpu")
+        assert model.training and not runner.training, (precision, prepack)
+        assert all(not module.training for module in runner.modules())
+
+
+def test_an_int8_model_runs_as_int8_or_not_at_all():
+    """`prepare_for_inference(int8_copy, "fp32")` returned the int8 copy as 'fp32' (and embed_dataset keyed its
+    cache by that name); bf16 or 'auto' failed mid-forward with a dtype error. Only int8 is accepted now."""
+    torch.manual_seed(0)
+    int8 = prepare_for_inference(MeritEcgModel(tiny_ecg_config()).eval(), "int8", "cpu")
+    assert prepare_for_inference(int8, "int8", "cpu") is int8
+    for precision in ("fp32", "bf16", "auto"):
+        with pytest.raises(ValueError, match=r"MeritEcgModel is already quantised to int8 .* pass the model it was"):
+            prepare_for_inference(int8, precision, "cpu")
+
+
+def test_bf16_on_a_gpu_without_bf16_is_an_error_and_every_choice_is_logged(caplog):
+    with pytest.raises(
+        ValueError, match=r"precision 'bf16' needs a GPU with bf16 .* cuda has compute capability 7\.5\. Use 'fp16'"
+    ):
+        resolve_precision("bf16", "cuda", cuda_capability=(7, 5))
+    assert resolve_precision("fp16", "cuda", cuda_capability=(7, 5)) == "fp16"
+    with caplog.at_level(logging.DEBUG, logger="merit_hf.models.merit.inference_precision"):
+        assert resolve_precision("bf16", "cpu", capability=HASWELL) == "bf16"
+        assert resolve_precision("bf16", "cpu", capability=ZEN4) == "bf16"
+        assert resolve_precision("int8", "cpu", capability=HASWELL) == "int8"
+    lines = caplog.text.splitlines()
+    assert f"precision 'bf16' on cpu (as asked): {HASWELL.model_name} has no native bf16, it runs emulated" in lines[0]
+    assert lines[1].endswith("precision 'bf16' on cpu (as asked)") and lines[2].endswith(
+        "precision 'int8' on cpu (as asked)"
+    )
 
 
 def test_int8_quantises_the_block_linears_only_and_stays_close_to_fp32():
