@@ -499,9 +499,7 @@ def prepare_for_inference(
     )
     if ready and not module.training:
         return module
-    # what the copy was made under: the CPU kernel choices are keyed by thread count and fixed by `CPU_PREPACK_ENV`
-    setting = (torch.get_num_threads(), os.environ.get(CPU_PREPACK_ENV)) if device.type == "cpu" else ()
-    signature = (resolved, str(device), setting, _parameters_signature(module))
+    signature = (resolved, str(device), _parameters_signature(module))
     cached = _prepared.get(module)
     if cached is not None and cached[0] == signature:
         return cached[1]
