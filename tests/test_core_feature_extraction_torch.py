@@ -429,3 +429,31 @@ def test_complex_input_raises_on_both_paths(ptbxl_dir):
     for device in (None, "cpu"):
         with pytest.raises(EcgInputError, match=r"record 1: not an array of numbers \(complex values"):
             MeritFeatureExtractor()([signal, signal + 0.1j], sampling_rate=500, lead_names=names, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tf32_set_by_the_caller_does_not_reach_the_dsp(ptbxl_dir, monkeypatch, device):
+    """`TrainingArguments(tf32=True)` / `allow_tf32 = True` (float32 matmul precision "high"): the resampling and
+    filtering products ran in TF32 on a GPU, about 1e-3 of a z-scored sample off. Inside the DSP the precision is
+    "highest"; the caller's setting is back after (on a GPU the output is also compared with the scipy path)."""
+    signal, names = _signal(ptbxl_dir)
+    seen = []
+    resample = feature_extraction_torch_merit.resample_poly_padded
+
+    def recording(*args):
+        seen.append(torch.get_float32_matmul_precision())
+        return resample(*args)
+
+    monkeypatch.setattr(feature_extraction_torch_merit, "resample_poly_padded", recording)
+    fe = MeritFeatureExtractor()
+    expected = fe([signal, signal[::5]], sampling_rate=[500, 100], lead_names=names, return_tensors="np")
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        actual = fe([signal, signal[::5]], sampling_rate=[500, 100], lead_names=names, return_tensors="np",
+                    device=device)  # fmt: skip
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert seen == ["highest", "highest"]
+    np.testing.assert_allclose(actual["ecg_values"], expected["ecg_values"], rtol=0, atol=MAX_ABS_ERROR)

@@ -28,6 +28,7 @@ two threads fighting for two busy cores made this path 14x slower than scipy, on
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import lru_cache, partial
 from typing import Any
 
@@ -474,7 +475,29 @@ def normalize(
     return torch.mul((values - mean) / (std + eps), valid, out=out)
 
 
+@contextmanager
+def full_float32_matmuls():
+    """float32 matrix products in full float32 inside the block (`torch.set_float32_matmul_precision("highest")`),
+    whatever the caller set: `TrainingArguments(tf32=True)` or `torch.backends.cuda.matmul.allow_tf32 = True`, usual
+    for training on a GPU, would run the resampling and filtering products in TF32 (10-bit mantissas, about 1e-3 of a
+    sample; "medium" may use bf16 on a CPU). The caller's setting is restored after."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def extract_batch(
+    feature_extractor: Any, prepared: list[dict[str, Any]], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """`_extract_batch` with its matrix products in full float32 (`full_float32_matmuls`)."""
+    with full_float32_matmuls():
+        return _extract_batch(feature_extractor, prepared, device)
+
+
+def _extract_batch(
     feature_extractor: Any, prepared: list[dict[str, Any]], device: torch.device
 ) -> dict[str, torch.Tensor]:
     """What `MeritFeatureExtractor.__call__` returns for what it was given, as tensors on `device`: `ecg_values`
