@@ -327,3 +327,20 @@ def test_fp8_hands_torchao_the_block_linears_with_scaled_mm_shapes(monkeypatch):
     for index in range(model.config.num_hidden_layers):
         expected += [f"layers.{index}.{name}" for name in ("attention.qkv", "attention.proj", "mlp.fc1", "mlp.fc2")]
     assert config == ("float8", "per-row") and chosen == expected
+
+
+@pytest.mark.parametrize("capability, auto", [((7, 5), torch.float32), ((8, 0), torch.bfloat16)], ids=["t4", "a100"])
+def test_the_pipelines_fallback_without_merit_hf_resolves_bf16_as_merit_hf_does(monkeypatch, capability, auto):
+    """A Hub folder's pipeline run without merit_hf casts to a dtype itself (`_fallback_precision`). Its "auto" was
+    bf16 on every GPU, a T4 or V100 included, where merit_hf picks fp32; and bf16 asked for there ran."""
+    from merit_hf.models.merit import pipeline_merit
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert pipeline_merit._fallback_precision("auto", "cuda") == auto
+    assert pipeline_merit._fallback_precision("auto", "cpu") == torch.float32
+    assert pipeline_merit._fallback_precision("fp16", "cuda") == torch.float16
+    if auto == torch.float32:
+        with pytest.raises(ValueError, match=r"precision 'bf16' needs a GPU with bf16 .* Use 'fp16' or 'fp32'"):
+            pipeline_merit._fallback_precision("bf16", "cuda")
+    else:
+        assert pipeline_merit._fallback_precision("bf16", "cuda") == torch.bfloat16

@@ -401,13 +401,22 @@ def _precision_module():
 
 
 def _fallback_precision(precision: str, device) -> torch.dtype:
-    """Without merit_hf: `"auto"` is bf16 on a GPU and fp32 elsewhere; fp32/bf16/fp16 are dtype casts."""
+    """Without merit_hf: `"auto"` is bf16 on a GPU with bf16 (compute capability 8.0+, Ampere and later) and fp32
+    elsewhere, as merit_hf resolves it; fp32/bf16/fp16 are dtype casts, bf16 refused on a GPU without it (a T4,
+    a V100)."""
+    device = torch.device(device)
+    bf16_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
     if precision == "auto":
-        precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
+        precision = "bf16" if bf16_gpu else "fp32"
     if precision not in _FALLBACK_DTYPES:
         raise ValueError(
             f"precision {precision!r} needs merit_hf installed (pip install merit_hf); without it this pipeline "
             f"runs 'auto' or {sorted(_FALLBACK_DTYPES)}"
+        )
+    if precision == "bf16" and device.type == "cuda" and not bf16_gpu:
+        raise ValueError(
+            f"precision 'bf16' needs a GPU with bf16 (compute capability 8.0+: Ampere and later); {device} has "
+            "none. Use 'fp16' or 'fp32'"
         )
     return _FALLBACK_DTYPES[precision]
 
@@ -606,8 +615,9 @@ class ZeroShotEcgClassificationPipeline(Pipeline):
         multi_label (`bool`, defaults to `True`): independent scores per class (no softmax across labels).
         sampling_rate, lead_names, units: for array input, as in the feature extractor.
         precision (`str`, defaults to `"auto"`): of the ECG tower, as `merit_hf.models.merit.inference_precision` resolves it
-            (bf16 weights on a GPU; on CPU bf16 or fp32 from what the CPU reports). Without merit_hf installed,
-            `"auto"` is bf16 on a GPU and fp32 on CPU. Also accepted by `pipeline(..., precision=...)`.
+            (bf16 weights on a GPU with bf16; on CPU bf16 or fp32 from what the CPU reports). Without merit_hf
+            installed, `"auto"` is bf16 on a GPU with bf16 (Ampere and later) and fp32 elsewhere. Also accepted by
+            `pipeline(..., precision=...)`.
     """
 
     _load_processor = None
