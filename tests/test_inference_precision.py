@@ -6,6 +6,7 @@ import logging
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -344,3 +345,34 @@ def test_the_pipelines_fallback_without_merit_hf_resolves_bf16_as_merit_hf_does(
             pipeline_merit._fallback_precision("bf16", "cuda")
     else:
         assert pipeline_merit._fallback_precision("bf16", "cuda") == torch.bfloat16
+
+
+@pytest.mark.parametrize("with_merit_hf", [True, False])
+def test_zero_shot_scores_of_a_model_in_training_do_not_depend_on_dropout(tmp_path, monkeypatch, with_merit_hf):
+    """A model scored between training steps: its text tower ran with dropout (class embeddings differed call to
+    call) and, without merit_hf's resolver, so did its ECG tower. Now the scores are the eval-mode model's and the
+    model goes on training."""
+    from merit_hf import MeritFeatureExtractor, MeritModel, MeritProcessor, zero_shot_classify
+    from merit_hf.models.merit import pipeline_merit
+    from tests.conftest import tiny_merit_config, train_tiny_tokenizer
+
+    if not with_merit_hf:  # what a Hub folder's pipeline does where merit_hf is not installed
+        monkeypatch.setattr(pipeline_merit, "_precision_module", lambda: None)
+    config = tiny_merit_config()
+    for sub_config in (config.text_config, config.ecg_config):
+        sub_config.hidden_dropout_prob = sub_config.attention_probs_dropout_prob = 0.3
+    torch.manual_seed(0)
+    model = MeritModel(config).train()
+    feature_extractor = MeritFeatureExtractor.from_model_config(config.ecg_config)
+    processor = MeritProcessor(feature_extractor, train_tiny_tokenizer(tmp_path / "tokenizer"))
+    ecg_values = torch.randn(2, config.ecg_config.num_leads, config.ecg_config.num_samples)
+    labels = ["sinus rhythm", "myocardial infarction"]
+
+    def scores(merit):
+        return zero_shot_classify(merit, processor, ecg_values=ecg_values, candidate_labels=labels, precision="fp32")
+
+    first, second = scores(model)["scores"], scores(model)["scores"]
+    assert model.training and all(module.training for module in model.modules())
+    expected = scores(model.eval())["scores"]
+    np.testing.assert_allclose(first, expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(second, expected, rtol=0, atol=1e-6)
