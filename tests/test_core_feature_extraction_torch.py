@@ -410,7 +410,8 @@ def test_crop_seeds_give_each_record_its_own_crop_on_both_paths(ptbxl_dir):
         {"highpass_hz": None, "normalization": "zscore_record", "missing_leads": "mask"},
     ],
 )
-def test_leads_far_from_zero_give_the_scipy_paths_output(ptbxl_dir, settings):
+@pytest.mark.parametrize("device", DEVICES)
+def test_leads_far_from_zero_give_the_scipy_paths_output(ptbxl_dir, settings, device):
     """Leads 300 mV off zero (electrode offsets reach that, and a DC-coupled recording keeps them;
     `max_amplitude_mv` bounds |x - median|, not |x|). A float32 copy of such a lead rounds its ECG to 3e-5 mV: the
     batched path was 5e-4 (z-scored) from the scipy path before it took the offsets out in float64."""
@@ -419,7 +420,9 @@ def test_leads_far_from_zero_give_the_scipy_paths_output(ptbxl_dir, settings):
     if settings.get("missing_leads") == "mask":
         ecgs, lead_names = [signal[:, :3] + 300.0, signal - 200.0], [names[:3], names]
         rates = [500, 500]
-    expected, actual = _both_paths(settings, ecgs, sampling_rate=rates, lead_names=lead_names, return_tensors="np")
+    arguments = {"sampling_rate": rates, "lead_names": lead_names, "return_tensors": "np"}
+    expected = MeritFeatureExtractor(**settings)(ecgs, **arguments)
+    actual = MeritFeatureExtractor(**settings)(ecgs, **arguments, device=device)
     np.testing.assert_allclose(actual["ecg_values"], expected["ecg_values"], rtol=0, atol=MAX_ABS_ERROR)
 
 
