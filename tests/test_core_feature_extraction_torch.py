@@ -398,3 +398,65 @@ def test_crop_seeds_give_each_record_its_own_crop_on_both_paths(ptbxl_dir):
         fe(signal, sampling_rate=500, lead_names=leads, crop="center", crop_seeds=[1])
     with pytest.raises(ValueError, match="crop_seeds: one seed per record, got 2 for 1 records"):
         fe(signal, sampling_rate=500, lead_names=leads, crop_seeds=[1, 2])
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"highpass_hz": None},  # the offsets are signal then: taken out and put back
+        {"highpass_hz": None, "normalization": "zscore_record"},
+        {"highpass_hz": None, "normalization": "none"},
+        {"highpass_hz": None, "normalization": "zscore_record", "missing_leads": "mask"},
+    ],
+)
+@pytest.mark.parametrize("device", DEVICES)
+def test_leads_far_from_zero_give_the_scipy_paths_output(ptbxl_dir, settings, device):
+    """Leads 300 mV off zero (electrode offsets reach that, and a DC-coupled recording keeps them;
+    `max_amplitude_mv` bounds |x - median|, not |x|). A float32 copy of such a lead rounds its ECG to 3e-5 mV: the
+    batched path was 5e-4 (z-scored) from the scipy path before it took the offsets out in float64."""
+    signal, names = _signal(ptbxl_dir)
+    ecgs, rates, lead_names = [signal + 300.0, signal[::5] - 200.0], [500, 100], [names, names]
+    if settings.get("missing_leads") == "mask":
+        ecgs, lead_names = [signal[:, :3] + 300.0, signal - 200.0], [names[:3], names]
+        rates = [500, 500]
+    arguments = {"sampling_rate": rates, "lead_names": lead_names, "return_tensors": "np"}
+    expected = MeritFeatureExtractor(**settings)(ecgs, **arguments)
+    actual = MeritFeatureExtractor(**settings)(ecgs, **arguments, device=device)
+    np.testing.assert_allclose(actual["ecg_values"], expected["ecg_values"], rtol=0, atol=MAX_ABS_ERROR)
+
+
+def test_complex_input_raises_on_both_paths(ptbxl_dir):
+    """numpy casts complex to float by dropping the imaginary part (a warning, not an error)."""
+    signal, names = _signal(ptbxl_dir)
+    for device in (None, "cpu"):
+        with pytest.raises(EcgInputError, match=r"record 1: not an array of numbers \(complex values"):
+            MeritFeatureExtractor()([signal, signal + 0.1j], sampling_rate=500, lead_names=names, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tf32_set_by_the_caller_does_not_reach_the_dsp(ptbxl_dir, monkeypatch, device):
+    """`TrainingArguments(tf32=True)` / `allow_tf32 = True` (float32 matmul precision "high"): the resampling and
+    filtering products ran in TF32 on a GPU, about 1e-3 of a z-scored sample off. Inside the DSP the precision is
+    "highest"; the caller's setting is back after (on a GPU the output is also compared with the scipy path)."""
+    signal, names = _signal(ptbxl_dir)
+    seen = []
+    resample = feature_extraction_torch_merit.resample_poly_padded
+
+    def recording(*args):
+        seen.append(torch.get_float32_matmul_precision())
+        return resample(*args)
+
+    monkeypatch.setattr(feature_extraction_torch_merit, "resample_poly_padded", recording)
+    fe = MeritFeatureExtractor()
+    expected = fe([signal, signal[::5]], sampling_rate=[500, 100], lead_names=names, return_tensors="np")
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        actual = fe([signal, signal[::5]], sampling_rate=[500, 100], lead_names=names, return_tensors="np",
+                    device=device)  # fmt: skip
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert seen == ["highest", "highest"]
+    np.testing.assert_allclose(actual["ecg_values"], expected["ecg_values"], rtol=0, atol=MAX_ABS_ERROR)

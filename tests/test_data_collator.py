@@ -157,3 +157,29 @@ def test_the_collator_gives_what_the_processor_gives(rows, tokenizer):
         assert torch.equal(batch[name], value), name
     columns = {name: [row[name] for row in chosen] for name in ("signal", "sampling_rate", "lead_names")}
     assert torch.equal(ecg_model_inputs(extractor, columns)["ecg_values"], batch["ecg_values"])
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_a_bad_record_is_named_by_its_row_not_its_place_in_the_batch(device):
+    """The feature extractor names a record by its position in the list it was given: in a batch of the collator
+    or of `precompute_ecg_values`' map that is "record 1" for the dataset's row 5, which is another, good record.
+    The error now starts with the failing row's `ecg_id` (and, precomputing, its row in the dataset), on both paths."""
+    from datasets import Dataset
+
+    dataset = build_ptbxl(BUNDLED_PTBXL, sampling_rate=100, ecg_ids=range(1, 9))["train"].with_format("numpy")
+    rows = list(dataset)
+    bad = {**rows[5], "signal": rows[5]["signal"].copy()}
+    bad["signal"][10, 2] = np.nan
+    rows[5] = bad
+    ecg_id = int(bad["ecg_id"])
+    extractor = MeritFeatureExtractor()
+    collator = MeritCollator(extractor, feature_extraction_device=device)
+    with pytest.raises(
+        ValueError, match=rf"^ecg_id {ecg_id} \(record 1 of a batch of 3\): record 1: lead III has 1 NaN"
+    ):
+        collator(rows[4:7])
+    broken = Dataset.from_list([{key: row[key] for key in ("ecg_id", "signal", "sampling_rate", "lead_names")}
+                                for row in rows])  # fmt: skip
+    message = rf"^ecg_id {ecg_id}, row 5 of the dataset \(record 1 of a batch of \d+\): record 1: lead III"
+    with pytest.raises(ValueError, match=message):
+        precompute_ecg_values(broken, extractor, batch_size=4, feature_extraction_device=device)

@@ -6,6 +6,7 @@ import logging
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,7 +103,11 @@ def test_prepare_returns_a_cached_converted_copy_and_never_touches_the_model(mon
     torch.manual_seed(0)
     model = MeritEcgModel(tiny_ecg_config()).train()
     original = {name: value.clone() for name, value in model.state_dict().items()}
-    assert prepare_for_inference(model, "fp32", "cpu") is model and not model.training  # already fp32 on CPU
+    in_training = prepare_for_inference(model, "fp32", "cpu")  # fp32 on CPU already, but in training mode
+    assert in_training is not model and not in_training.training and model.training  # left training (dropout on)
+    assert {id(t) for t in in_training.parameters()} == {id(t) for t in model.parameters()}  # its weights, shared
+    assert prepare_for_inference(model.eval(), "fp32", "cpu") is model  # in eval mode: the model itself
+    model.train()
     bf16 = prepare_for_inference(model, "bf16", "cpu")
     assert bf16 is not model and bf16.layers[0].mlp.fc1.weight.dtype == torch.bfloat16 and not bf16.training
     assert prepare_for_inference(model, "bf16", "cpu") is bf16  # cached: a loop of calls converts once
@@ -161,7 +166,7 @@ def test_fp32_prepacking_is_timed_once_per_shape_and_the_faster_kept(monkeypatch
         return {"nn.Linear": 2.0, "prepacked": 1.0 if prepacked_faster else 3.0}
 
     monkeypatch.setattr(inference_precision, "time_cpu_prepacking", timer)
-    model = MeritEcgModel(tiny_ecg_config())
+    model = MeritEcgModel(tiny_ecg_config()).eval()
     with caplog.at_level(logging.DEBUG, logger="merit_hf.models.merit.inference_precision"):
         assert cpu_prepacking_pays(model, torch.float32) is prepacked_faster
         fp32 = prepare_for_inference(model, "fp32", "cpu")
@@ -228,6 +233,47 @@ def test_bf16_on_cpu_prepacks_the_block_linears_and_fuses_the_mlps_gelu():
     assert trained.layers[0].mlp.fc1.weight.grad is not None and trained.layers[0].mlp.fc1.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_the_model_keeps_its_training_mode_whatever_the_cpu_chooses(monkeypatch, precision):
+    """A training loop that scores zero-shot between steps: whether fp32 runs the model itself or a prepacked copy
+    depends on the CPU (`cpu_prepacking_pays`), and the model was switched to eval mode (dropout off for the rest of
+    training) only where it ran itself. Now it never is, and what runs is in eval mode either way."""
+    for prepack in ("on", "off"):
+        monkeypatch.setenv(CPU_PREPACK_ENV, prepack)
+        model = MeritEcgModel(tiny_ecg_config()).train()
+        runner = prepare_for_inference(model, precision, "cpu")
+        assert model.training and not runner.training, (precision, prepack)
+        assert all(not module.training for module in runner.modules())
+
+
+def test_an_int8_model_runs_as_int8_or_not_at_all():
+    """`prepare_for_inference(int8_copy, "fp32")` returned the int8 copy as 'fp32' (and embed_dataset keyed its
+    cache by that name); bf16 or 'auto' failed mid-forward with a dtype error. Only int8 is accepted now."""
+    torch.manual_seed(0)
+    int8 = prepare_for_inference(MeritEcgModel(tiny_ecg_config()).eval(), "int8", "cpu")
+    assert prepare_for_inference(int8, "int8", "cpu") is int8
+    for precision in ("fp32", "bf16", "auto"):
+        with pytest.raises(ValueError, match=r"MeritEcgModel is already quantised to int8 .* pass the model it was"):
+            prepare_for_inference(int8, precision, "cpu")
+
+
+def test_bf16_on_a_gpu_without_bf16_is_an_error_and_every_choice_is_logged(caplog):
+    with pytest.raises(
+        ValueError, match=r"precision 'bf16' needs a GPU with bf16 .* cuda has compute capability 7\.5\. Use 'fp16'"
+    ):
+        resolve_precision("bf16", "cuda", cuda_capability=(7, 5))
+    assert resolve_precision("fp16", "cuda", cuda_capability=(7, 5)) == "fp16"
+    with caplog.at_level(logging.DEBUG, logger="merit_hf.models.merit.inference_precision"):
+        assert resolve_precision("bf16", "cpu", capability=HASWELL) == "bf16"
+        assert resolve_precision("bf16", "cpu", capability=ZEN4) == "bf16"
+        assert resolve_precision("int8", "cpu", capability=HASWELL) == "int8"
+    lines = caplog.text.splitlines()
+    assert f"precision 'bf16' on cpu (as asked): {HASWELL.model_name} has no native bf16, it runs emulated" in lines[0]
+    assert lines[1].endswith("precision 'bf16' on cpu (as asked)") and lines[2].endswith(
+        "precision 'int8' on cpu (as asked)"
+    )
+
+
 def test_int8_quantises_the_block_linears_only_and_stays_close_to_fp32():
     torch.manual_seed(0)
     model = MeritEcgModel(tiny_ecg_config()).eval()
@@ -282,3 +328,51 @@ def test_fp8_hands_torchao_the_block_linears_with_scaled_mm_shapes(monkeypatch):
     for index in range(model.config.num_hidden_layers):
         expected += [f"layers.{index}.{name}" for name in ("attention.qkv", "attention.proj", "mlp.fc1", "mlp.fc2")]
     assert config == ("float8", "per-row") and chosen == expected
+
+
+@pytest.mark.parametrize("capability, auto", [((7, 5), torch.float32), ((8, 0), torch.bfloat16)], ids=["t4", "a100"])
+def test_the_pipelines_fallback_without_merit_hf_resolves_bf16_as_merit_hf_does(monkeypatch, capability, auto):
+    """A Hub folder's pipeline run without merit_hf casts to a dtype itself (`_fallback_precision`). Its "auto" was
+    bf16 on every GPU, a T4 or V100 included, where merit_hf picks fp32; and bf16 asked for there ran."""
+    from merit_hf.models.merit import pipeline_merit
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert pipeline_merit._fallback_precision("auto", "cuda") == auto
+    assert pipeline_merit._fallback_precision("auto", "cpu") == torch.float32
+    assert pipeline_merit._fallback_precision("fp16", "cuda") == torch.float16
+    if auto == torch.float32:
+        with pytest.raises(ValueError, match=r"precision 'bf16' needs a GPU with bf16 .* Use 'fp16' or 'fp32'"):
+            pipeline_merit._fallback_precision("bf16", "cuda")
+    else:
+        assert pipeline_merit._fallback_precision("bf16", "cuda") == torch.bfloat16
+
+
+@pytest.mark.parametrize("with_merit_hf", [True, False])
+def test_zero_shot_scores_of_a_model_in_training_do_not_depend_on_dropout(tmp_path, monkeypatch, with_merit_hf):
+    """A model scored between training steps: its text tower ran with dropout (class embeddings differed call to
+    call) and, without merit_hf's resolver, so did its ECG tower. Now the scores are the eval-mode model's and the
+    model goes on training."""
+    from merit_hf import MeritFeatureExtractor, MeritModel, MeritProcessor, zero_shot_classify
+    from merit_hf.models.merit import pipeline_merit
+    from tests.conftest import tiny_merit_config, train_tiny_tokenizer
+
+    if not with_merit_hf:  # what a Hub folder's pipeline does where merit_hf is not installed
+        monkeypatch.setattr(pipeline_merit, "_precision_module", lambda: None)
+    config = tiny_merit_config()
+    for sub_config in (config.text_config, config.ecg_config):
+        sub_config.hidden_dropout_prob = sub_config.attention_probs_dropout_prob = 0.3
+    torch.manual_seed(0)
+    model = MeritModel(config).train()
+    feature_extractor = MeritFeatureExtractor.from_model_config(config.ecg_config)
+    processor = MeritProcessor(feature_extractor, train_tiny_tokenizer(tmp_path / "tokenizer"))
+    ecg_values = torch.randn(2, config.ecg_config.num_leads, config.ecg_config.num_samples)
+    labels = ["sinus rhythm", "myocardial infarction"]
+
+    def scores(merit):
+        return zero_shot_classify(merit, processor, ecg_values=ecg_values, candidate_labels=labels, precision="fp32")
+
+    first, second = scores(model)["scores"], scores(model)["scores"]
+    assert model.training and all(module.training for module in model.modules())
+    expected = scores(model.eval())["scores"]
+    np.testing.assert_allclose(first, expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(second, expected, rtol=0, atol=1e-6)

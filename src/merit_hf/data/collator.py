@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..models.merit.feature_extraction_merit import EcgInputError
 from ..models.merit.processing_merit import MeritProcessor
 from .labels import LABEL_SETS, multi_hot
 from .reports import has_report
@@ -20,6 +21,7 @@ from .reports import has_report
 logger = logging.getLogger(__name__)
 
 EMPTY_REPORT_POLICIES = ("raise", "drop")
+RECORD_ID_COLUMNS = ("ecg_id", "record", "study_id")  # what names a row in an error, whichever the dataset has
 
 
 class MeritCollator:
@@ -111,13 +113,20 @@ class MeritCollator:
             if reports is not None:
                 batch.update(self.processor(text=reports, return_tensors="pt"))
         else:
-            batch = self.model_inputs(
-                [row["signal"] for row in rows],
-                [row["sampling_rate"] for row in rows],
-                [row["lead_names"] for row in rows],
-                reports=reports,
-                crop_seeds=None if crop_seeds is None else [crop_seeds(row) for row in rows],
-            )
+            columns = {name: [row[name] for row in rows] for name in ("signal", "sampling_rate", "lead_names")}
+            try:
+                batch = self.model_inputs(
+                    columns["signal"],
+                    columns["sampling_rate"],
+                    columns["lead_names"],
+                    reports=reports,
+                    crop_seeds=None if crop_seeds is None else [crop_seeds(row) for row in rows],
+                )
+            except EcgInputError as error:  # it names the record by its position in this batch only
+                ids = {
+                    name: [row[name] for row in rows] for name in RECORD_ID_COLUMNS if all(name in row for row in rows)
+                }
+                raise self.named_record_error(error, {**columns, **ids}) from error
         if self.label_set is not None:
             missing = [position for position, row in enumerate(rows) if self.label_set not in row]
             if missing:
@@ -162,6 +171,32 @@ class MeritCollator:
         if self.processor is None:
             raise ValueError("MeritCollator: reports need a tokenizer; pass tokenizer= to tokenise them")
         return dict(self.processor(ecgs=signals, text=list(reports), **ecgs))
+
+    def named_record_error(
+        self, error: EcgInputError, rows: Mapping[str, Sequence[Any]], dataset_rows: Sequence[int] | None = None
+    ) -> EcgInputError:
+        """`error`, which the feature extractor raised for a batch of `rows` (columns `signal`, `sampling_rate`,
+        `lead_names` and any of `RECORD_ID_COLUMNS`) and which names a record by its position in the batch only,
+        prefixed with the `RECORD_ID_COLUMNS` (and `dataset_rows`: the rows' indices in their dataset) of the row
+        that caused it: the first that fails again on its own (run only once a batch has failed). `error` itself
+        when no row fails alone."""
+        size = len(rows["signal"])
+        for position in range(size):
+            try:
+                self.feature_extractor(
+                    [np.asarray(rows["signal"][position])],
+                    sampling_rate=[float(rows["sampling_rate"][position])],
+                    lead_names=[list(rows["lead_names"][position])],
+                )
+            except EcgInputError:
+                named = [f"{name} {_plain(rows[name][position])!r}" for name in RECORD_ID_COLUMNS if name in rows]
+                if dataset_rows is not None:
+                    named.append(f"row {dataset_rows[position]} of the dataset")
+                return EcgInputError(
+                    f"{', '.join(named) or 'a row without an id column'} (record {position} of a batch of {size}): "
+                    f"{error}"
+                )
+        return error
 
     @staticmethod
     def _stored_ecg_values(rows: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
@@ -218,8 +253,11 @@ def precompute_ecg_values(
 
     collator = MeritCollator(feature_extractor, feature_extraction_device=feature_extraction_device)
 
-    def add_values(batch: dict) -> dict:
-        extracted = collator.model_inputs(batch["signal"], batch["sampling_rate"], batch["lead_names"])
+    def add_values(batch: dict, indices: list[int]) -> dict:
+        try:
+            extracted = collator.model_inputs(batch["signal"], batch["sampling_rate"], batch["lead_names"])
+        except EcgInputError as error:  # it names the record by its position in this batch only
+            raise collator.named_record_error(error, batch, indices) from error
         if with_lead_mask:
             return {
                 "ecg_values": extracted["ecg_values"].cpu().numpy(),
@@ -229,9 +267,14 @@ def precompute_ecg_values(
 
     return (
         dataset.with_format("numpy")
-        .map(add_values, batched=True, batch_size=batch_size, num_proc=num_proc, features=features)
+        .map(add_values, batched=True, with_indices=True, batch_size=batch_size, num_proc=num_proc, features=features)
         .with_format(None)
     )
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar (rows in the numpy format) as the Python value it holds, for messages."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def with_crop(feature_extractor, crop: str, seed: int | None = None):

@@ -728,7 +728,8 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         the screen does not clear, and every other record, go through `validate_signal` record by record. Before any
         error is raised the records screened so far are checked, so that an earlier record's error comes first.
 
-        One dict per record: `signal` (`(num_leads, num_samples)` float32, mV, model lead order), `stack` (`(array,
+        One dict per record: `signal` (`(num_leads, num_samples)` float32, mV, model lead order, less `offset`),
+        `offset` (`(num_leads,)` float64: each lead's first sample, `_write_centred`), `stack` (`(array,
         slot)`: the signal is `array[slot]`; the records of one rate and length fill `(chunk, num_leads,
         num_samples)` arrays in order, which the DSP reads as they are), `sampling_rate`, `up` / `down` (the
         resampling ratio), `present`, `windows` (each window's sample positions after resampling) and `masks`."""
@@ -792,11 +793,12 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         stack, slot = stacks.get((up, down, length), (None, chunk))
         if slot == chunk:  # a new array: at most `chunk` records, and no more than are left
             stack, slot = np.empty((min(chunk, left), signal.shape[1], length), np.float32), 0
-        stack[slot] = signal.T  # float32, leads first: what the DSP reads
+        offset = _write_centred(stack[slot], signal)
         stacks[(up, down, length)] = (stack, slot + 1)
         return {
             "signal": stack[slot],
             "stack": (stack, slot),
+            "offset": offset,
             "sampling_rate": rate,
             "up": up,
             "down": down,
@@ -839,7 +841,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             if checked[slot] and not _maybe_flat_columns(signal[:, leads], self.min_amplitude_mv).size:
                 continue
             signal_mv, present, _ = self.validate_signal(signal, names, record_units, name, from_header)
-            stack[slot] = signal_mv.T
+            entry["offset"] = _write_centred(stack[slot], signal_mv)
             entry["present"] = present
         pending.clear()
 
@@ -1305,6 +1307,8 @@ def _as_float_array(record: Any, name: str, keep_float32: bool = False) -> np.nd
         array = np.asarray(record)
         if array.dtype.kind in "US":  # numbers as text mean a parsing step went wrong upstream: say so
             raise TypeError(f"an array of text (dtype {array.dtype})")
+        if array.dtype.kind == "c":  # numpy would drop the imaginary part with a warning: a silent wrong signal
+            raise TypeError(f"complex values (dtype {array.dtype}); an ECG is real")
         if keep_float32 and array.dtype == np.float32:
             return array
         return array.astype(np.float64, copy=False)
@@ -1313,6 +1317,20 @@ def _as_float_array(record: Any, name: str, keep_float32: bool = False) -> np.nd
             f"{name}: not an array of numbers ({error}); pass the signal as numbers (num_samples, num_leads) or the "
             "path of a WFDB record"
         ) from error
+
+
+def _write_centred(out: np.ndarray, signal: np.ndarray) -> np.ndarray:
+    """Write `signal` `(num_samples, num_leads)` into `out` `(num_leads, num_samples)` float32 (the batched DSP's
+    input) less each lead's first sample, subtracted in float64, and return those offsets `(num_leads,)` float64.
+    float32 keeps 24 bits of a value, not of the ECG riding on it: a lead 300 mV off zero (electrode offsets reach
+    that, and a DC-coupled recording keeps them; `max_amplitude_mv` bounds |x - median|, not |x|) would be rounded to
+    3e-5 mV, 5e-4 of a z-scored sample. Any value of the lead will do as its offset; the first costs no pass. A
+    NaN or inf there makes the whole lead non-finite, which the batched screen sends to the record-by-record
+    checks."""
+    offset = np.array(signal[0], dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, as wanted
+        np.subtract(signal.T, offset[:, None], out=out, dtype=np.float64, casting="same_kind")
+    return offset
 
 
 @lru_cache(maxsize=256)

@@ -28,6 +28,7 @@ two threads fighting for two busy cores made this path 14x slower than scipy, on
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import lru_cache, partial
 from typing import Any
 
@@ -474,7 +475,29 @@ def normalize(
     return torch.mul((values - mean) / (std + eps), valid, out=out)
 
 
+@contextmanager
+def full_float32_matmuls():
+    """float32 matrix products in full float32 inside the block (`torch.set_float32_matmul_precision("highest")`),
+    whatever the caller set: `TrainingArguments(tf32=True)` or `torch.backends.cuda.matmul.allow_tf32 = True`, usual
+    for training on a GPU, would run the resampling and filtering products in TF32 (10-bit mantissas, about 1e-3 of a
+    sample; "medium" may use bf16 on a CPU). The caller's setting is restored after."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def extract_batch(
+    feature_extractor: Any, prepared: list[dict[str, Any]], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """`_extract_batch` with its matrix products in full float32 (`full_float32_matmuls`)."""
+    with full_float32_matmuls():
+        return _extract_batch(feature_extractor, prepared, device)
+
+
+def _extract_batch(
     feature_extractor: Any, prepared: list[dict[str, Any]], device: torch.device
 ) -> dict[str, torch.Tensor]:
     """What `MeritFeatureExtractor.__call__` returns for what it was given, as tensors on `device`: `ecg_values`
@@ -520,8 +543,15 @@ def extract_batch(
             else:
                 stacked = np.stack([signals[index] for index in members])  # (members, leads, length) float32
             batch = torch.from_numpy(stacked).to(device).reshape(-1, length)
-            filtered = resample_and_filter(batch, rates[(up, down, length)], up, down, sos, fe.highpass_hz is None)
+            keep_mean = fe.highpass_hz is None
+            filtered = resample_and_filter(batch, rates[(up, down, length)], up, down, sos, keep_mean)
             filtered = filtered.reshape(len(members), num_leads, -1)
+            if keep_mean and fe.normalization != "zscore_lead":  # the leads' offsets, taken out in float64, back
+                offsets = np.stack([prepared[index]["offset"] for index in members])
+                if fe.normalization == "zscore_record":  # less what a record's z-score removes anyway
+                    recorded = np.stack([presents[index] for index in members])
+                    offsets -= (offsets * recorded).sum(axis=1, keepdims=True) / recorded.sum(axis=1, keepdims=True)
+                filtered += torch.as_tensor(offsets, dtype=filtered.dtype, device=device)[:, :, None]
             member_rows = np.concatenate([rows[index] for index in members])
             at = torch.as_tensor(member_rows, device=device)
             if len(member_rows) != len(members):  # sliding windows: each window reads its own record

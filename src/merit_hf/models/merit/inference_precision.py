@@ -10,8 +10,9 @@
   choice is logged at debug level (`logging.getLogger("merit_hf.models.merit.inference_precision")`). `auto` never picks int8:
   it is the fastest path on some CPUs but costs more accuracy (cosine 0.9998 for ViT-B/75) and, because activations
   are quantised per batch, a record's embedding then depends slightly on the records batched with it (tested).
-- `"fp32"`, `"bf16"`, `"fp16"`: the weights in that dtype on any device (bf16 on a CPU without native bf16 runs,
-  slowly; fp16 is for GPUs without bf16, such as V100 and T4). In bf16 on a CPU the linear layers of the Transformer
+- `"fp32"`, `"bf16"`, `"fp16"`: the weights in that dtype (bf16 on a CPU without native bf16 runs, emulated and
+  slowly, and the debug line says so; on a CUDA GPU without bf16, before Ampere, it is an error: fp16 is for GPUs
+  such as V100 and T4). In bf16 on a CPU the linear layers of the Transformer
   blocks keep their weights in oneDNN's own layout, reordered once (`PrepackedLinear`), and the MLP's first layer
   computes its GELU in the same call: bf16 linear layers already run on oneDNN, which otherwise reorders every weight
   on every call, and GELU then rounds once instead of twice. 1.05-1.08x faster on its own, 1.07-1.18x with the GELU,
@@ -31,9 +32,11 @@
   dynamic quantisation (e4m3 weights and activations, per-row scales) of the same linear layers, on bf16 weights.
   Needs the optional extra `pip install merit_hf[fp8]` (torchao); anywhere else it is a clear error.
 
-`prepare_for_inference(module, precision, device)` never changes the module it is given: it returns the module itself
-when it is already in that precision on that device (and, in fp32 on a CPU, prepacking does not pay), else a converted
-copy in eval mode. The copy is kept with the
+`prepare_for_inference(module, precision, device)` never changes the module it is given, its training mode included:
+it returns the module itself when it is already in that precision on that device and in eval mode (and, in fp32 on a
+CPU, prepacking does not pay), else a converted copy in eval mode (a module in training mode that needs no conversion:
+a copy sharing its weights). A module that `"int8"` already quantised runs only as int8: another precision is an
+error, never int8 under another name. The copy is kept with the
 module and reused while the module's parameters are unchanged (a training step or `load_state_dict` makes a new
 one), so calling `zero_shot_classify` in a loop does not convert the model every time.
 """
@@ -56,6 +59,7 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "fp8")
 FP8_MIN_CUDA_CAPABILITY = (8, 9)
+BF16_MIN_CUDA_CAPABILITY = (8, 0)
 INT8_DOT_PRODUCT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PREPACKED_DTYPES = (torch.bfloat16, torch.float32)
@@ -221,6 +225,18 @@ def _cpu_choice(capability: CpuCapability) -> tuple[str, str]:
     return "fp32", f"no native bf16, which would run emulated and slower than fp32{int8}"
 
 
+def _explicit_note(precision: str, device: torch.device, capability: CpuCapability | None) -> str:
+    """What the debug line of an explicit precision adds: that bf16 on this CPU is emulated, when it is."""
+    if precision != "bf16" or device.type != "cpu":
+        return ""
+    capability = capability or cpu_capability()
+    return (
+        ""
+        if capability.native_bf16
+        else f": {capability.model_name or 'this CPU'} has no native bf16, it runs emulated"
+    )
+
+
 def resolve_precision(
     precision: str = "auto",
     device: torch.device | str = "cpu",
@@ -233,8 +249,8 @@ def resolve_precision(
         capability: the CPU's (default: this machine's `cpu_capability()`); tests pass others.
         cuda_capability: the GPU's compute capability (default: `torch.cuda.get_device_capability(device)`).
 
-    Raises `ValueError` for an unknown precision, int8 on a GPU, and fp8 anywhere but a CUDA GPU with FP8 tensor
-    cores.
+    Raises `ValueError` for an unknown precision, int8 on a GPU, bf16 on a CUDA GPU without bf16 (before Ampere),
+    and fp8 anywhere but a CUDA GPU with FP8 tensor cores. Every choice is logged at debug level, `"auto"`'s with why.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision: must be one of {list(PRECISIONS)}, got {precision!r}")
@@ -257,10 +273,22 @@ def resolve_precision(
                 f"precision 'fp8' needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell); {device} "
                 f"has compute capability {cuda_capability[0]}.{cuda_capability[1]}. Use 'bf16' there"
             )
+    if precision == "bf16" and device.type == "cuda" and tuple(cuda_capability) < BF16_MIN_CUDA_CAPABILITY:
+        raise ValueError(
+            f"precision 'bf16' needs a GPU with bf16 (compute capability 8.0+: Ampere and later); {device} has compute "
+            f"capability {cuda_capability[0]}.{cuda_capability[1]}. Use 'fp16' (its fast half precision) or 'fp32'"
+        )
     if precision != "auto":
+        logger.debug(
+            "precision %r on %s (as asked)%s", precision, device, _explicit_note(precision, device, capability)
+        )
         return precision
     if device.type == "cuda":
-        choice, why = ("bf16", "a CUDA GPU with native bf16") if cuda_capability[0] >= 8 else ("fp32", "no bf16")
+        choice, why = (
+            ("bf16", "a CUDA GPU with native bf16")
+            if tuple(cuda_capability) >= BF16_MIN_CUDA_CAPABILITY
+            else ("fp32", "no bf16")
+        )
     elif device.type == "cpu":
         capability = capability or cpu_capability()
         choice, why = _cpu_choice(capability)
@@ -315,7 +343,7 @@ def _prepack_block_linears(module: nn.Module) -> nn.Module:
         )
         PrepackedLinear.convert(linear, "gelu" if fuse else "none")
         if fuse:
-            parent.act = nn.Identity()
+            parent.act = nn.Identity().train(parent.training)
     return module
 
 
@@ -410,20 +438,27 @@ def cpu_prepacking_pays(module: nn.Module, dtype: torch.dtype) -> bool:
 
 def _convert(module: nn.Module, precision: str, device: torch.device) -> nn.Module:
     if precision == "int8":
-        return _quantize_int8(copy.deepcopy(module).to(device=device, dtype=torch.float32).eval())
+        # quantize_dynamic's new layers start in training mode: eval() again (they compute the same either way)
+        return _quantize_int8(copy.deepcopy(module).to(device=device, dtype=torch.float32)).eval()
     if precision == "fp8":
         return _quantize_fp8(copy.deepcopy(module).to(device=device, dtype=torch.bfloat16).eval())
     dtype = _DTYPES[precision]
     current_dtype, current_device = _state(module)
     if current_dtype == dtype and current_device is not None and _same_device(current_device, device):
-        # already in that dtype on that device (fp32 on a CPU, to be prepacked): the copy shares the caller's tensors
-        shared = {id(tensor): tensor for tensor in (*module.parameters(), *module.buffers())}
-        converted = copy.deepcopy(module, memo=shared).eval()
+        # already in that dtype on that device (fp32 on a CPU to be prepacked, or a module in training mode): the
+        # copy shares the caller's tensors
+        converted = _shared_copy(module)
     else:
         converted = copy.deepcopy(module).to(device=device, dtype=dtype).eval()
     if device.type == "cpu" and cpu_prepacking_pays(converted, dtype):
         _prepack_block_linears(converted)
     return converted
+
+
+def _shared_copy(module: nn.Module) -> nn.Module:
+    """An eval-mode copy of `module` that shares its parameters and buffers (only the module objects are new)."""
+    shared = {id(tensor): tensor for tensor in (*module.parameters(), *module.buffers())}
+    return copy.deepcopy(module, memo=shared).eval()
 
 
 def _parameters_signature(module: nn.Module) -> tuple:
@@ -440,25 +475,35 @@ def prepare_for_inference(
 ) -> nn.Module:
     """`module` ready for inference in `precision` (see the module doc) on `device` (default: the module's own).
 
-    Returns `module` itself, in eval mode, when it already is in that precision on that device; otherwise a converted
-    copy, cached beside `module` until its parameters change. The caller's module is never cast or quantised.
+    Returns `module` itself when it already is in that precision on that device and in eval mode; otherwise a
+    converted copy in eval mode (for a module in training mode that needs no conversion, a copy sharing its weights),
+    cached beside `module` until its parameters change. The caller's module is never cast, quantised or switched to
+    eval mode (a training loop that scores zero-shot between steps keeps its dropout, whatever the CPU).
+
+    Raises `ValueError` for a module already quantised to int8 (what `"int8"` returns) asked for another precision.
     """
     dtype, current_device = _state(module)
     device = torch.device(device) if device is not None else (current_device or torch.device("cpu"))
     resolved = resolve_precision(precision, device)
-    if (
+    quantized = _is_quantized(module)
+    if quantized and resolved != "int8":
+        raise ValueError(
+            f"{type(module).__name__} is already quantised to int8 (prepare_for_inference(..., 'int8') returns such a "
+            f"copy); it cannot run in {resolved!r}: pass the model it was made from"
+        )
+    ready = quantized or (
         resolved in _DTYPES
-        and not _is_quantized(module)
         and dtype in (None, _DTYPES[resolved])
         and (current_device is None or _same_device(current_device, device))
         and not (device.type == "cpu" and dtype is not None and cpu_prepacking_pays(module, dtype))
-    ):
-        return module.eval()
+    )
+    if ready and not module.training:
+        return module
     signature = (resolved, str(device), _parameters_signature(module))
     cached = _prepared.get(module)
     if cached is not None and cached[0] == signature:
         return cached[1]
-    converted = _convert(module, resolved, device)
+    converted = _shared_copy(module) if ready else _convert(module, resolved, device)
     _prepared[module] = (signature, converted)
     logger.debug("%s converted to %s on %s for inference", type(module).__name__, resolved, device)
     return converted

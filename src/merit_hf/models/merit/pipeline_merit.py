@@ -37,6 +37,7 @@ import json
 import shutil
 import string
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -374,6 +375,20 @@ def two_tower_model(model):
     )
 
 
+@contextmanager
+def _in_eval_mode(module: torch.nn.Module):
+    """`module` in eval mode inside the block, each submodule's own mode restored after: class embeddings must not
+    depend on the text tower's dropout, and a model scored between training steps goes on training (the ECG tower
+    runs an eval copy, `_prepare_for_inference`)."""
+    modes = [(child, child.training) for child in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for child, training in modes:
+            child.training = training
+
+
 @torch.no_grad()
 def encode_class_prompts(model, tokenizer, prompts: Sequence[Sequence[str]], max_length: int = 128) -> torch.Tensor:
     """One L2-normalised embedding per class `(num_classes, projection_dim)`: the normalised mean of the normalised
@@ -382,7 +397,8 @@ def encode_class_prompts(model, tokenizer, prompts: Sequence[Sequence[str]], max
     texts = [text for class_texts in prompts for text in class_texts]
     tokens = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     tokens = {key: value.to(merit.device) for key, value in tokens.items() if key in TEXT_INPUT_NAMES}
-    embeddings = F.normalize(merit.get_text_features(**tokens).pooler_output.float(), dim=-1)
+    with _in_eval_mode(merit):
+        embeddings = F.normalize(merit.get_text_features(**tokens).pooler_output.float(), dim=-1)
     sizes = [len(class_texts) for class_texts in prompts]
     means = torch.stack([chunk.mean(dim=0) for chunk in embeddings.split(sizes)])
     return F.normalize(means, dim=-1)
@@ -401,13 +417,22 @@ def _precision_module():
 
 
 def _fallback_precision(precision: str, device) -> torch.dtype:
-    """Without merit_hf: `"auto"` is bf16 on a GPU and fp32 elsewhere; fp32/bf16/fp16 are dtype casts."""
+    """Without merit_hf: `"auto"` is bf16 on a GPU with bf16 (compute capability 8.0+, Ampere and later) and fp32
+    elsewhere, as merit_hf resolves it; fp32/bf16/fp16 are dtype casts, bf16 refused on a GPU without it (a T4,
+    a V100)."""
+    device = torch.device(device)
+    bf16_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
     if precision == "auto":
-        precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
+        precision = "bf16" if bf16_gpu else "fp32"
     if precision not in _FALLBACK_DTYPES:
         raise ValueError(
             f"precision {precision!r} needs merit_hf installed (pip install merit_hf); without it this pipeline "
             f"runs 'auto' or {sorted(_FALLBACK_DTYPES)}"
+        )
+    if precision == "bf16" and device.type == "cuda" and not bf16_gpu:
+        raise ValueError(
+            f"precision 'bf16' needs a GPU with bf16 (compute capability 8.0+: Ampere and later); {device} has "
+            "none. Use 'fp16' or 'fp32'"
         )
     return _FALLBACK_DTYPES[precision]
 
@@ -427,9 +452,9 @@ def _prepare_for_inference(module: torch.nn.Module, precision: str, device) -> t
         return tools.prepare_for_inference(module, precision, device)
     dtype = _fallback_precision(precision, device)
     parameter = next(module.parameters(), None)
-    if parameter is None or parameter.dtype == dtype:
+    if parameter is None or (parameter.dtype == dtype and not module.training):
         return module
-    return copy.deepcopy(module).to(dtype)  # the model itself is never cast
+    return copy.deepcopy(module).to(dtype).eval()  # the model itself is never cast, nor its training mode changed
 
 
 @torch.no_grad()
@@ -606,8 +631,9 @@ class ZeroShotEcgClassificationPipeline(Pipeline):
         multi_label (`bool`, defaults to `True`): independent scores per class (no softmax across labels).
         sampling_rate, lead_names, units: for array input, as in the feature extractor.
         precision (`str`, defaults to `"auto"`): of the ECG tower, as `merit_hf.models.merit.inference_precision` resolves it
-            (bf16 weights on a GPU; on CPU bf16 or fp32 from what the CPU reports). Without merit_hf installed,
-            `"auto"` is bf16 on a GPU and fp32 on CPU. Also accepted by `pipeline(..., precision=...)`.
+            (bf16 weights on a GPU with bf16; on CPU bf16 or fp32 from what the CPU reports). Without merit_hf
+            installed, `"auto"` is bf16 on a GPU with bf16 (Ampere and later) and fp32 elsewhere. Also accepted by
+            `pipeline(..., precision=...)`.
     """
 
     _load_processor = None
