@@ -58,8 +58,8 @@ Rows = Dataset | IterableDataset | Sequence[dict[str, Any]]
 
 
 def report_examples_features(feature_extractor: MeritFeatureExtractor) -> Features:
-    """The cached columns: `position` (the row's place in the source order), `ecg_id`, `report`, `filename` (the
-    PTB-XL record, `""` for sources without one) and the feature extractor's `ecg_values`."""
+    """The cached columns: `position` (the row's place in the source order), `ecg_id` (null for rows without one),
+    `report`, `filename` (the PTB-XL record, `""` for sources without one) and the feature extractor's `ecg_values`."""
     return Features(
         {
             "position": Value("int64"),
@@ -308,7 +308,7 @@ def _row_chunks(
             position += count
             continue
         for batch in _batches(part, chunk_size):
-            size = len(batch["ecg_id"])
+            size = len(batch["signal"])
             if remaining is not None:
                 size = min(size, limit - position)
             positions = np.arange(position, position + size)
@@ -359,7 +359,7 @@ def _extract(batch: dict[str, Any], feature_extractor: MeritFeatureExtractor) ->
                                   lead_names=kwargs["lead_names"][index], crop="center")  # fmt: skip
             except EcgInputError as error:
                 name = f"ecg_id {int(ids[index])}" if ids is not None else f"example {index} of its chunk"
-                raise EcgInputError(f"{name}: {error}") from error
+                raise EcgInputError(f"{name}: {str(error).removeprefix('record 0: ')}") from error
         raise
 
 
@@ -390,11 +390,11 @@ def _build_part(
         with ArrowWriter(features=features, path=str(temporary)) as writer:
             for positions, batch in _row_chunks(parts, limit, chunk_size, rank, world_size):
                 values = _extract(batch, feature_extractor)
-                filenames = batch.get("filename")
+                filenames, ecg_ids = batch.get("filename"), batch.get("ecg_id")
                 writer.write_batch(
                     {
                         "position": positions.tolist(),
-                        "ecg_id": [int(ecg_id) for ecg_id in batch["ecg_id"]],
+                        "ecg_id": [int(ecg_id) for ecg_id in ecg_ids] if ecg_ids is not None else [None] * len(values),
                         "report": [str(report) for report in batch["report"]],
                         "filename": [str(name) for name in filenames] if filenames is not None else [""] * len(values),
                         "ecg_values": values,
