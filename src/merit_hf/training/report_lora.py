@@ -29,7 +29,14 @@ the same rows and the same text that pretraining aligns the ECGs with. Reference
 (`report_language` `"en"`, or `"und"`: no language marker). Rule for the others (German, Swedish):
 `non_english_reports: drop` (default) leaves them out and logs how many; `error` raises on the first one. No machine
 translation is done. MIMIC-IV-ECG: `report_0..report_17` joined by `merit_hf.data.reports.join_mimic_report`
-(English machine statements).
+(English machine statements), streamed: all of it (no `--max_train_reports`) is read once and never held in memory.
+
+Examples: each record runs through the feature extractor once, `--examples_chunk_size` records at a time, into a
+memory-mapped Arrow cache (`merit_hf.training.report_examples`) under `--examples_cache_dir` (default
+`$HF_DATASETS_CACHE/merit_hf_report_examples`), keyed by the data, the limits and the feature extractor's settings: a
+second run with the same ones reuses it, a run killed while preparing leaves nothing that is read as finished. With N
+processes each prepares every N-th example and all of them read the one cache; batches are then sharded by
+`accelerator.prepare` as before.
 
 Outputs in `output_dir`: `base_model/` (the frozen base: starting encoder + LM + stage-1 projector,
 `save_pretrained`), `adapter/` (LoRA weights + projector, and the trained encoder with `--freeze_ecg_encoder false`,
