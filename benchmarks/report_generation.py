@@ -84,9 +84,9 @@ def constant_report_baseline(ptbxl_dir: Path, eval_folds: list[int], quick: bool
     train, _ = read_ptbxl_reports(ptbxl, settings["train_folds"])
     evaluation, _ = read_ptbxl_reports(ptbxl, eval_folds)
     if quick:
-        evaluation = evaluation[:4]
-    report = collections.Counter(example["report"] for example in train).most_common(1)[0][0]
-    references = [example["report"] for example in evaluation]
+        evaluation = evaluation.select(range(min(4, evaluation.num_rows)))
+    report = collections.Counter(train["report"]).most_common(1)[0][0]
+    references = list(evaluation["report"])
     return {"report": report, "eval": compute_report_metrics([report] * len(references), references)}
 
 

@@ -716,7 +716,7 @@ def test_ptbxl_reference_rule_drops_or_rejects_non_english_reports(bundled_ptbxl
     assert examples and counts["de"] > 0
     assert len(examples) == counts["en"]
     first_three, _ = read_ptbxl_reports(bundled_ptbxl_rows, folds=[9, 10], limit=3)
-    assert [example["ecg_id"] for example in first_three] == [example["ecg_id"] for example in examples[:3]]
+    assert list(first_three["ecg_id"]) == list(examples["ecg_id"])[:3]
     with pytest.raises(ValueError, match=r"PTB-XL ecg_id \d+: report in language '(de|sv)'"):
         read_ptbxl_reports(bundled_ptbxl_rows, folds=[9, 10], non_english="error")
 
@@ -748,9 +748,9 @@ def test_references_are_the_pretraining_reports_of_the_csv_and_the_ecgs_of_the_w
     assert expected[317] == "sinus rhythm. normal ecg."  # the csv's report ends "Edit: NORM 100, (NORM 100)"
 
     feature_extractor = MeritFeatureExtractor.from_model_config(tiny_ecg_config(**ECG_CONFIG))
-    records = [str(BUNDLED_PTBXL / example["filename"]) for example in examples[:3]]
+    records = [str(BUNDLED_PTBXL / filename) for filename in list(examples["filename"])[:3]]
     signals = [read_ecg_record(record, sampling_rate=100, num_samples=1000)["signal"] for record in records]
-    ecg_values = ReportExamples(examples[:3], feature_extractor).ecg_values
+    ecg_values = ReportExamples(examples.select(range(3)), feature_extractor).ecg_values
     from_signals = feature_extractor(signals, sampling_rate=100, lead_names=list(tiny_ecg_config().lead_names),
                                      return_tensors="pt", crop="center")["ecg_values"]  # fmt: skip
     assert torch.equal(ecg_values, from_signals)
@@ -764,7 +764,7 @@ def test_ptbxl_reports_load_from_a_converted_folder(bundled_ptbxl_rows, tmp_path
     from merit_hf.training.report_lora import load_ptbxl_rows, read_ptbxl_reports
 
     folds = list(range(1, 11))
-    english = {int(example["ecg_id"]) for example in read_ptbxl_reports(bundled_ptbxl_rows, folds, limit=10)[0]}
+    english = set(read_ptbxl_reports(bundled_ptbxl_rows, folds, limit=10)[0]["ecg_id"])
     keep = [index for index, ecg_id in enumerate(bundled_ptbxl_rows["ecg_id"]) if ecg_id in english or index < 20]
     rows = bundled_ptbxl_rows.select(keep)
     convert_ptbxl(BUNDLED_PTBXL, tmp_path / "converted", sampling_rate=100, ecg_ids=rows["ecg_id"])
@@ -773,7 +773,7 @@ def test_ptbxl_reports_load_from_a_converted_folder(bundled_ptbxl_rows, tmp_path
     expected, expected_counts = read_ptbxl_reports(rows, folds)
     examples, counts = read_ptbxl_reports(converted, folds)
     assert examples and counts == expected_counts
-    for example, reference in zip(examples, expected, strict=True):
+    for example, reference in zip(examples.with_format("numpy"), expected.with_format("numpy"), strict=True):
         assert example["report"] == reference["report"] and example["filename"] == reference["filename"]
         np.testing.assert_array_equal(example["signal"], reference["signal"])
 
@@ -1059,13 +1059,14 @@ def test_mimic_reports_are_joined_and_readable(tmp_path):
         f"subject_id,study_id,cart_id,{columns}\n10000032,40689238,6848296,{','.join(statements)}\n"
         f"10000033,40689239,6848296,{',' * 17}\n"
     )
-    examples = read_mimic_reports(tmp_path)
+    examples = list(read_mimic_reports(tmp_path).with_format("numpy"))  # a stream, read record by record
     assert [(example["ecg_id"], example["report"]) for example in examples] == [
         (40689238, "Sinus rhythm. Possible right atrial abnormality. Borderline ECG")
     ]
-    assert read_mimic_reports(tmp_path, limit=1)[0]["report"] == examples[0]["report"]
+    assert examples[0]["signal"].dtype == np.float32  # as the converted datasets store it
+    assert next(iter(read_mimic_reports(tmp_path, limit=1)))["report"] == examples[0]["report"]
     convert_mimic_iv_ecg(tmp_path, tmp_path / "converted")
-    converted = read_mimic_reports(tmp_path / "converted")
+    converted = list(read_mimic_reports(tmp_path / "converted").with_format("numpy"))
     assert [example["report"] for example in converted] == [examples[0]["report"]]
     np.testing.assert_array_equal(converted[0]["signal"], examples[0]["signal"])
     dataset = ReportExamples(examples, MeritFeatureExtractor.from_model_config(tiny_ecg_config(**ECG_CONFIG)))

@@ -29,7 +29,14 @@ the same rows and the same text that pretraining aligns the ECGs with. Reference
 (`report_language` `"en"`, or `"und"`: no language marker). Rule for the others (German, Swedish):
 `non_english_reports: drop` (default) leaves them out and logs how many; `error` raises on the first one. No machine
 translation is done. MIMIC-IV-ECG: `report_0..report_17` joined by `merit_hf.data.reports.join_mimic_report`
-(English machine statements).
+(English machine statements), streamed: all of it (no `--max_train_reports`) is read once and never held in memory.
+
+Examples: each record runs through the feature extractor once, `--examples_chunk_size` records at a time, into a
+memory-mapped Arrow cache (`merit_hf.training.report_examples`) under `--examples_cache_dir` (default
+`$HF_DATASETS_CACHE/merit_hf_report_examples`), keyed by the data, the limits and the feature extractor's settings: a
+second run with the same ones reuses it, a run killed while preparing leaves nothing that is read as finished. With N
+processes each prepares every N-th example and all of them read the one cache; batches are then sharded by
+`accelerator.prepare` as before.
 
 Outputs in `output_dir`: `base_model/` (the frozen base: starting encoder + LM + stage-1 projector,
 `save_pretrained`), `adapter/` (LoRA weights + projector, and the trained encoder with `--freeze_ecg_encoder false`,
@@ -40,7 +47,6 @@ and `merit_report_base.json`, the fingerprint of the base the adapter belongs to
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -61,8 +67,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, get_scheduler
 
-from ..data import build_mimic_iv_ecg, load_dataset, load_mimic_iv_ecg
-from ..data.mimic_iv_ecg import MEASUREMENTS_FILE, read_mimic_tasks
+from ..data import drop_empty_reports, load_dataset, load_mimic_iv_ecg
+from ..data.mimic_iv_ecg import MEASUREMENTS_FILE, MimicRecordReader, mimic_iv_ecg_features, read_mimic_tasks
 from ..models.merit.configuration_merit import MeritEcgConfig
 from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
 from ..models.merit.modeling_merit import MeritEcgModel
@@ -70,6 +76,7 @@ from ..models.merit.modeling_merit_report import MeritForReportGeneration
 from ..models.merit.processing_merit import DEFAULT_REPORT_INSTRUCTION, IGNORE_INDEX, MeritProcessor
 from ..utils.arguments import arguments_to_dict, config_from_argument, parse_arguments
 from ..utils.throughput import ThroughputMeter
+from .report_examples import DEFAULT_CHUNK_SIZE, ReportExamples, files_fingerprint, rows_fingerprint
 
 BASE_FINGERPRINT_FILE = "merit_report_base.json"
 RESULTS_FILE = "report_results.json"
@@ -123,6 +130,18 @@ class ReportDataArguments:
         },
     )
     max_check_reports: int | None = field(default=None)
+    examples_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the preprocessed examples are cached (memory-mapped Arrow, reused by later runs with the same "
+            "data, limits and feature extractor; merit_hf.training.report_examples). Default: "
+            "$HF_DATASETS_CACHE/merit_hf_report_examples; '' builds them in a temporary folder instead."
+        },
+    )
+    examples_chunk_size: int = field(
+        default=DEFAULT_CHUNK_SIZE,
+        metadata={"help": "Records run through the feature extractor at once while the examples are prepared."},
+    )
     instruction: str = field(default=DEFAULT_REPORT_INSTRUCTION, metadata={"help": "User turn after <ecg>."})
     max_length: int = field(default=192, metadata={"help": "Prompt + report tokens; the report is cut to fit."})
     use_chat_template: bool = field(
@@ -136,6 +155,8 @@ class ReportDataArguments:
     def __post_init__(self):
         if self.max_length < 1:
             raise ValueError(f"--max_length: must be at least 1, got {self.max_length}")
+        if self.examples_chunk_size < 1:
+            raise ValueError(f"--examples_chunk_size: must be at least 1, got {self.examples_chunk_size}")
         for name in ("max_train_reports", "max_eval_reports", "max_check_reports"):
             value = getattr(self, name)
             if value is not None and value < 0:  # a negative slice end would silently drop reports from the end
@@ -218,9 +239,10 @@ def load_ptbxl_rows(ptbxl_dir: str | Path, sampling_rate: int = 100) -> Dataset:
 
 def read_ptbxl_reports(
     ptbxl: Dataset, folds: Sequence[int], non_english: str = "drop", limit: int | None = None
-) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """The English reports of `folds` (at most `limit`, in `ecg_id` order) as examples (`ReportExamples`), plus the
-    count of each `report_language` in those folds.
+) -> tuple[Dataset, dict[str, int]]:
+    """The rows of the English reports of `folds` (at most `limit`, in `ecg_id` order; the `report_examples` columns,
+    selected, not copied: memory-mapped when `ptbxl` is) for `ReportExamples`, plus the count of each
+    `report_language` in those folds.
 
     `ptbxl` comes from `load_ptbxl_rows`: the report text is the dataset's `report` (`merit_hf.data.reports`), the
     very text pretraining aligns the ECGs with. Empty reports are left out; non-English ones are left out
@@ -246,60 +268,50 @@ def read_ptbxl_reports(
                 )
             continue
         keep.append(index)
-    return report_examples(ptbxl.select(keep[:limit])), counts
+    rows = ptbxl.select(keep[:limit])
+    return rows.select_columns([name for name in REPORT_EXAMPLE_COLUMNS if name in rows.column_names]), counts
 
 
-def read_mimic_reports(mimic_dir: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """The first `limit` (or all) MIMIC-IV-ECG records with a report, as examples (`ReportExamples`): streamed by
-    `load_mimic_iv_ecg` from a converted folder, or built by `build_mimic_iv_ecg` from a PhysioNet folder (only the
-    studies needed when `limit` is given). The report is `merit_hf.data.reports.join_mimic_report`'s, as in
-    pretraining."""
+def read_mimic_reports(mimic_dir: str | Path, limit: int | None = None) -> IterableDataset:
+    """The first `limit` (or all) MIMIC-IV-ECG records with a report, as a stream for `ReportExamples` (read once,
+    never held in memory): `load_mimic_iv_ecg` from a converted folder, or the records of a PhysioNet folder read one
+    by one as `build_mimic_iv_ecg` reads them (the studies without a report are not read). The report is
+    `merit_hf.data.reports.join_mimic_report`'s, as in pretraining."""
     if (Path(mimic_dir) / MEASUREMENTS_FILE).is_file():
-        study_ids = [task["study_id"] for task in read_mimic_tasks(mimic_dir) if task["report"]][:limit]
-        mimic = build_mimic_iv_ecg(mimic_dir, study_ids=study_ids)
+        tasks = [task for task in read_mimic_tasks(mimic_dir) if task["report"]][:limit]
+        mimic = IterableDataset.from_generator(
+            _read_mimic_records,
+            features=mimic_iv_ecg_features(),
+            gen_kwargs={"reader": MimicRecordReader(Path(mimic_dir)), "tasks": tasks},
+        )
     else:
         mimic = load_mimic_iv_ecg(mimic_dir, split="train", streaming=True)
-    with_report = mimic.filter(lambda report: bool(report), input_columns=["report"])
-    return report_examples(with_report.take(limit) if limit is not None else with_report)
+    with_report = drop_empty_reports(mimic)
+    return with_report.take(limit) if limit is not None else with_report
+
+
+def mimic_reports_fingerprint(mimic_dir: str | Path) -> str:
+    """The identity of `read_mimic_reports(mimic_dir)` for the examples cache: a PhysioNet folder's two CSV files, a
+    converted folder's shards and conversion report (names, sizes, modification times)."""
+    if (Path(mimic_dir) / MEASUREMENTS_FILE).is_file():
+        return files_fingerprint(mimic_dir, ["*.csv"])
+    return files_fingerprint(mimic_dir, ["**/*.parquet", "**/*.arrow", "**/*.json"])
+
+
+def _read_mimic_records(reader: MimicRecordReader, tasks: list[dict[str, Any]]):
+    for task in tasks:
+        yield reader(task)
+
+
+REPORT_EXAMPLE_COLUMNS = ("ecg_id", "report", "signal", "sampling_rate", "lead_names", "filename")
 
 
 def report_examples(rows: Dataset | IterableDataset) -> list[dict[str, Any]]:
     """`[{"ecg_id", "report", "signal", "sampling_rate", "lead_names"}]` from rows of a `merit_hf.data` dataset (the
-    columns PTB-XL and MIMIC-IV-ECG share), plus `filename` for PTB-XL (the record, relative to its folder)."""
-    columns = ["ecg_id", "report", "signal", "sampling_rate", "lead_names"]
-    columns += [name for name in ("filename",) if name in (rows.column_names or ())]
+    columns PTB-XL and MIMIC-IV-ECG share), plus `filename` for PTB-XL (the record, relative to its folder), in
+    memory: for a few rows (`ReportExamples` reads the rows themselves, a chunk at a time)."""
+    columns = [name for name in REPORT_EXAMPLE_COLUMNS if name in (rows.column_names or ())]
     return [dict(row) for row in rows.select_columns(columns).with_format("numpy")]
-
-
-class ReportExamples(torch.utils.data.Dataset):
-    """ECGs run through the feature extractor once (centre crop), with their reports."""
-
-    def __init__(self, examples: list[dict[str, Any]], feature_extractor: MeritFeatureExtractor):
-        self.examples = examples
-        self.ecg_values = feature_extractor(
-            [example["signal"] for example in examples],
-            sampling_rate=[float(example["sampling_rate"]) for example in examples],
-            lead_names=[list(example["lead_names"]) for example in examples],
-            return_tensors="pt",
-            crop="center",
-        )["ecg_values"]
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"ecg_values": self.ecg_values[index], "report": self.examples[index]["report"], "index": index}
-
-    def with_shuffled_ecgs(self, seed: int = 0) -> ReportExamples:
-        """The same reports, each paired with another report's ECG (a derangement: no report keeps its own ECG, as a
-        cyclic shift of a random order moves every item), for the ECG-use check."""
-        if len(self) < 2:
-            raise ValueError(f"shuffling ECGs across reports needs at least 2 reports, got {len(self)}")
-        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
-        shuffled = copy.copy(self)
-        shuffled.ecg_values = self.ecg_values.clone()
-        shuffled.ecg_values[order] = self.ecg_values[order.roll(-1)]
-        return shuffled
 
 
 class ReportCollator:
@@ -664,29 +676,54 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         prompt = prompt.replace(f"{processor.ecg_token}\n", "")
 
     # --- data
-    train_examples, eval_examples, check_examples, language_counts = [], [], [], {}
+    # Rows are selected here (PTB-XL) or streamed (MIMIC) and run through the feature extractor once, a chunk at a
+    # time, into a memory-mapped cache that every process reads (merit_hf.training.report_examples).
+    train_rows, train_fingerprints, eval_rows, check_rows, language_counts = [], [], None, None, {}
     if data_args.ptbxl_dir:
         ptbxl = load_ptbxl_rows(data_args.ptbxl_dir, data_args.ptbxl_sampling_rate)
-        train_examples, language_counts = read_ptbxl_reports(
+        ptbxl_train, language_counts = read_ptbxl_reports(
             ptbxl, data_args.train_folds, data_args.non_english_reports, data_args.max_train_reports
         )
-        eval_examples, _ = read_ptbxl_reports(
+        train_rows.append(ptbxl_train)
+        train_fingerprints.append(rows_fingerprint(ptbxl_train))
+        eval_rows, _ = read_ptbxl_reports(
             ptbxl, data_args.eval_folds, data_args.non_english_reports, data_args.max_eval_reports
         )
         if data_args.check_folds:
-            check_examples, _ = read_ptbxl_reports(
+            check_rows, _ = read_ptbxl_reports(
                 ptbxl, data_args.check_folds, data_args.non_english_reports, data_args.max_check_reports
             )
     if data_args.mimic_dir:  # English machine statements; trained on, scored on PTB-XL's eval folds
-        train_examples += read_mimic_reports(data_args.mimic_dir, data_args.max_train_reports)
-    train_examples = train_examples[: data_args.max_train_reports]
-    if not train_examples:
+        train_rows.append(read_mimic_reports(data_args.mimic_dir, data_args.max_train_reports))
+        train_fingerprints.append(mimic_reports_fingerprint(data_args.mimic_dir))
+    if not train_rows:
+        raise ValueError("no training data: give --ptbxl_dir and/or --mimic_dir")
+    examples_cache_dir = data_args.examples_cache_dir
+    if examples_cache_dir is None:
+        import datasets
+
+        examples_cache_dir = str(Path(datasets.config.HF_DATASETS_CACHE) / "merit_hf_report_examples")
+
+    def report_examples_of(rows, limit: int | None = None, fingerprint: str | None = None) -> ReportExamples:
+        return ReportExamples(
+            rows,
+            feature_extractor,
+            cache_dir=examples_cache_dir or None,
+            limit=limit,
+            chunk_size=data_args.examples_chunk_size,
+            fingerprint=fingerprint,
+            process=accelerator,
+        )
+
+    # PTB-XL's train reports first, then MIMIC's, at most max_train_reports in all
+    train_set = report_examples_of(train_rows, data_args.max_train_reports, json.dumps(train_fingerprints))
+    if not len(train_set):
         raise ValueError("no training reports left after the language rule; check ptbxl_dir / mimic_dir and folds")
+    num_eval_reports = 0 if eval_rows is None else eval_rows.num_rows
     accelerator.print(
-        f"reports: {len(train_examples)} train, {len(eval_examples)} eval; languages in the train folds "
+        f"reports: {len(train_set)} train, {num_eval_reports} eval; languages in the train folds "
         f"(non-English {data_args.non_english_reports}ped): {language_counts}"
     )
-    train_set = ReportExamples(train_examples, feature_extractor)
     teacher_forced = ReportCollator(processor, prompt, model_args.condition_on_ecg, with_reports=True)
     train_loader = DataLoader(
         train_set, batch_size=training_args.per_device_train_batch_size, shuffle=True, collate_fn=teacher_forced
@@ -694,9 +731,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # --- stage 1: projector alignment (nothing else trains)
     results: dict[str, Any] = {"arguments": arguments_to_dict(model_args, data_args, training_args)}
-    results["num_train_reports"], results["num_eval_reports"] = len(train_examples), len(eval_examples)
+    results["num_train_reports"], results["num_eval_reports"] = len(train_set), num_eval_reports
 
-    check_set = ReportExamples(check_examples, feature_extractor) if check_examples else None
+    check_set = report_examples_of(check_rows) if check_rows is not None and check_rows.num_rows else None
 
     def skip_stage(stage: str, reason: str) -> None:
         results.setdefault("skipped_stages", {})[stage] = reason
@@ -765,8 +802,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
 
     # --- evaluation: generate for the eval reports and score them
-    if training_args.do_eval and eval_examples:
-        eval_set = ReportExamples(eval_examples, feature_extractor)
+    if training_args.do_eval and num_eval_reports:
+        eval_set = report_examples_of(eval_rows)
         eval_loader = accelerator.prepare_data_loader(
             DataLoader(
                 eval_set,
@@ -779,14 +816,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if accelerator.is_main_process:
             from ..evaluation.report_metrics import compute_report_metrics, format_report_metrics
 
-            predictions = [texts[index] for index in range(len(eval_examples))]
-            references = [example["report"] for example in eval_examples]
+            predictions = [texts[index] for index in range(len(eval_set))]
+            references = eval_set.reports
             metrics = compute_report_metrics(predictions, references, meteor=training_args.compute_meteor)
             results["eval"] = metrics
             accelerator.print(format_report_metrics(metrics))
             with (output_dir / PREDICTIONS_FILE).open("w") as handle:
-                for example, prediction in zip(eval_examples, predictions):
-                    record = {"ecg_id": int(example["ecg_id"]), "filename": str(example.get("filename", ""))}
+                for example, prediction in zip(eval_set.dataset.select_columns(["ecg_id", "filename", "report"]),
+                                               predictions, strict=True):  # fmt: skip
+                    record = {"ecg_id": int(example["ecg_id"]), "filename": example["filename"]}
                     handle.write(json.dumps({**record, "report": example["report"], "generated": prediction}) + "\n")
     if accelerator.is_main_process:
         (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=str) + "\n")

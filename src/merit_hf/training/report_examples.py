@@ -1,0 +1,484 @@
+"""Report-generation examples preprocessed once into a memory-mapped Arrow cache, whatever the number of records.
+
+`ReportExamples` (what `merit_hf.training.report_lora` trains and scores on) runs the feature extractor over its rows
+`chunk_size` records at a time and writes each chunk's `ecg_values` straight to an Arrow file (`datasets`'
+`ArrowWriter`), so peak memory is one chunk whatever the number of records: all of MIMIC-IV-ECG (800k ECGs, ~86 GB
+of `ecg_values` at 12 x 2250 float32) is read once, as a stream, and never held in memory. The examples are then
+read back memory-mapped (`Dataset.from_file`); every process of a multi-process run maps the same files.
+
+Cache layout, `cache_dir/report-examples-<fingerprint>/`:
+
+- `part-<rank>-of-<world_size>.arrow`: the rows one process prepared (with N processes, process r prepares the rows
+  at positions r, r + N, ...: the feature extraction runs in parallel), columns `position`, `ecg_id`, `report`,
+  `filename`, `ecg_values` `Array2D((num_leads, num_samples), float32)`;
+- `report_examples.json`: written last (atomically) once every part is complete; it lists the parts and their row
+  counts. Only a folder with it is read as finished: a killed run leaves at most `*.incomplete-*` files and finished
+  parts (a rerun with the same number of processes keeps those), never a cache that passes for complete.
+
+The fingerprint covers what the values depend on: the rows (a `Dataset`'s `datasets` fingerprint, the content of a
+list of rows, or the `fingerprint` a caller gives for a stream, e.g. `files_fingerprint` of its folder), `limit`, the
+feature extractor's settings (`crop` and `seed` aside: the examples are always centre crops) and
+`REPORT_EXAMPLES_FORMAT_VERSION`; not the chunk size or the number of processes (the examples are the same). Change
+any of them and a new folder is built; old folders are left for the user to delete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Array2D, Dataset, Features, IterableDataset, Value, concatenate_datasets
+from datasets.arrow_writer import ArrowWriter
+from datasets.fingerprint import Hasher
+from tqdm.auto import tqdm
+
+from ..models.merit.feature_extraction_merit import EcgInputError, MeritFeatureExtractor
+
+logger = logging.getLogger(__name__)
+
+REPORT_EXAMPLES_FORMAT_VERSION = 1  # bump when the stored values change for the same inputs and settings
+DEFAULT_CHUNK_SIZE = 256  # records per feature-extractor call: ~60 MB of MIMIC signals + their ecg_values
+FINISHED_FILE = "report_examples.json"
+ROW_COLUMNS = ("ecg_id", "report", "signal", "sampling_rate", "lead_names")
+# What a feature extractor's output does not depend on here (`ReportExamples` always cuts the centre window).
+IGNORED_SETTINGS = ("crop", "seed")
+
+Rows = Dataset | IterableDataset | Sequence[dict[str, Any]]
+
+
+def report_examples_features(feature_extractor: MeritFeatureExtractor) -> Features:
+    """The cached columns: `position` (the row's place in the source order), `ecg_id` (null for rows without one),
+    `report`, `filename` (the PTB-XL record, `""` for sources without one) and the feature extractor's `ecg_values`."""
+    return Features(
+        {
+            "position": Value("int64"),
+            "ecg_id": Value("int64"),
+            "report": Value("string"),
+            "filename": Value("string"),
+            "ecg_values": Array2D(
+                shape=(len(feature_extractor.lead_names), feature_extractor.num_samples), dtype="float32"
+            ),
+        }
+    )
+
+
+def feature_extractor_settings(feature_extractor: MeritFeatureExtractor) -> dict[str, Any]:
+    """The settings the cached `ecg_values` depend on (`to_dict` less `IGNORED_SETTINGS`)."""
+    settings = feature_extractor.to_dict()
+    return {key: value for key, value in sorted(settings.items()) if key not in IGNORED_SETTINGS}
+
+
+def files_fingerprint(path: str | os.PathLike, patterns: Sequence[str]) -> str:
+    """A fingerprint of the files matching `patterns` under `path` (their names, sizes and modification times): the
+    identity of a streamed source (a converted Parquet folder), which has no `datasets` fingerprint. A `path` that is
+    not a local folder (a Hub id) is fingerprinted by its name alone."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return Hasher.hash(str(path))
+    entries = sorted(
+        (str(file.relative_to(folder)), file.stat().st_size, file.stat().st_mtime_ns)
+        for pattern in patterns
+        for file in folder.glob(pattern)
+        if file.is_file()
+    )
+    return Hasher.hash([str(folder.resolve()), entries])
+
+
+def rows_fingerprint(rows: Rows | Sequence[Rows]) -> str | None:
+    """The identity of `rows` (one source or a sequence of sources, read in order): a `Dataset`'s `datasets`
+    fingerprint (its files and the transforms that made it), a list of rows by its content; `None` for a stream
+    (`IterableDataset`), which has none (pass `fingerprint=` to cache one)."""
+    parts = _parts(rows)
+    fingerprints = []
+    for part in parts:
+        if isinstance(part, IterableDataset):
+            return None
+        fingerprints.append(part._fingerprint if isinstance(part, Dataset) else Hasher.hash(list(part)))
+    return Hasher.hash(fingerprints)
+
+
+def examples_fingerprint(source: str, limit: int | None, feature_extractor: MeritFeatureExtractor) -> str:
+    """The cache key: the rows' identity, `limit`, the feature extractor's settings and the format version."""
+    return Hasher.hash(
+        {
+            "format_version": REPORT_EXAMPLES_FORMAT_VERSION,
+            "rows": source,
+            "limit": limit,
+            "feature_extractor": feature_extractor_settings(feature_extractor),
+        }
+    )
+
+
+def prepare_report_examples(
+    rows: Rows | Sequence[Rows],
+    feature_extractor: MeritFeatureExtractor,
+    cache_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    fingerprint: str | None = None,
+    process=None,
+) -> tuple[Dataset, Path | None]:
+    """The examples of `rows` (the first `limit` of them, in order) as a memory-mapped `Dataset`
+    (`report_examples_features`), and the folder it lives in when that folder is temporary (the caller removes it).
+
+    Args:
+        rows: a `Dataset`, an `IterableDataset` or a list of row dicts with the columns `ROW_COLUMNS` (and optionally
+            `filename`); or a sequence of those, read one after the other.
+        feature_extractor: run on `chunk_size` records at a time (centre crop; `window="single"` only).
+        cache_dir: where `report-examples-<fingerprint>/` is looked up and built. `None`: a temporary folder (built
+            anew, by every process for itself).
+        limit: at most this many examples (`None`: all); a stream is read no further.
+        fingerprint: the identity of `rows` (what `rows_fingerprint` gives for a `Dataset` or a list); required to
+            cache a stream, which is otherwise built in a temporary folder (logged).
+        process: an `Accelerator` or `PartialState` (`process_index`, `num_processes`, `wait_for_everyone`). With a
+            `cache_dir` and several processes, each prepares every `num_processes`-th row and they share one cache.
+    """
+    if feature_extractor.window != "single":
+        raise ValueError(
+            "ReportExamples stores one window per record; use a feature extractor with window='single', got "
+            f"window={feature_extractor.window!r}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: must be at least 1, got {chunk_size}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit: must be None (all) or at least 0, got {limit}")
+    parts = _parts(rows)
+    source = fingerprint if fingerprint is not None else rows_fingerprint(parts)
+    rank, world_size = (0, 1) if process is None else (process.process_index, process.num_processes)
+    if cache_dir is None or source is None:
+        if cache_dir is not None:
+            logger.warning("report examples: a stream without a fingerprint is not cached; building it in a temporary "
+                           "folder (pass fingerprint=, e.g. files_fingerprint(folder, ['**/*.parquet']))")  # fmt: skip
+        directory = Path(tempfile.mkdtemp(prefix="report-examples-", dir=cache_dir))
+        try:
+            _build_part(directory, parts, feature_extractor, limit, chunk_size, 0, 1, show_progress=rank == 0)
+            _write_finished(directory, "uncached", {"limit": limit})
+            return _load(directory), directory
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+    key = examples_fingerprint(source, limit, feature_extractor)
+    directory = Path(cache_dir) / f"report-examples-{key}"
+    finished = _finished(directory) if rank == 0 else None
+    if world_size > 1:  # one decision for all processes, or some would wait at a barrier the others skip
+        from accelerate.utils import broadcast_object_list
+
+        finished = broadcast_object_list([finished])[0]
+    if finished:
+        logger.info("report examples: reusing %s (%d examples)", directory, finished["num_rows"])
+        return _load(directory), None
+    directory.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    _build_part(directory, parts, feature_extractor, limit, chunk_size, rank, world_size, show_progress=rank == 0)
+    if world_size > 1:
+        process.wait_for_everyone()
+    if rank == 0:
+        settings = {"rows": source, "limit": limit, "feature_extractor": feature_extractor_settings(feature_extractor)}
+        _write_finished(directory, key, settings, world_size)
+        logger.info("report examples: built %s in %.1f s over %d process(es)", directory,
+                    time.perf_counter() - start, world_size)  # fmt: skip
+    if world_size > 1:
+        process.wait_for_everyone()
+    return _load(directory), None
+
+
+class ReportExamples(torch.utils.data.Dataset):
+    """ECGs run through the feature extractor once (centre crop), with their reports, backed by a memory-mapped Arrow
+    cache (`prepare_report_examples`): an item is `{"ecg_values": (num_leads, num_samples) float32, "report", "index"}`.
+
+    Args:
+        examples: a `Dataset`, an `IterableDataset` (streamed once) or a list of rows with `ecg_id`, `report`,
+            `signal`, `sampling_rate`, `lead_names` (and optionally `filename`); or a sequence of those, in order.
+        feature_extractor: the model's input contract.
+        cache_dir, limit, chunk_size, fingerprint, process: see `prepare_report_examples`. Without `cache_dir` the
+            examples go to a temporary folder removed with this object.
+    """
+
+    def __init__(
+        self,
+        examples: Rows | Sequence[Rows],
+        feature_extractor: MeritFeatureExtractor,
+        cache_dir: str | os.PathLike | None = None,
+        limit: int | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        fingerprint: str | None = None,
+        process=None,
+    ):
+        self.dataset, temporary = prepare_report_examples(
+            examples, feature_extractor, cache_dir, limit, chunk_size, fingerprint, process
+        )
+        if temporary is not None:
+            self._cleanup = weakref.finalize(self, shutil.rmtree, str(temporary), True)
+        self._reports = self.dataset.select_columns(["report"])
+        self._values = self.dataset.with_format("torch", columns=["ecg_values"])
+        self._ecg_rows: np.ndarray | None = None  # with_shuffled_ecgs: the row whose ECG each report gets
+
+    def __len__(self) -> int:
+        return self.dataset.num_rows
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """A batch of items in one read (`DataLoader` calls this when a dataset has it)."""
+        indices = [int(index) for index in indices]
+        if any(not -len(self) <= index < len(self) for index in indices):
+            raise IndexError(f"ReportExamples: index out of range for {len(self)} examples: {indices}")
+        indices = [index % len(self) for index in indices]
+        reports = self._reports[indices]["report"]
+        ecg_rows = indices if self._ecg_rows is None else self._ecg_rows[indices].tolist()
+        ecg_values = self._values[ecg_rows]["ecg_values"]
+        return [
+            {"ecg_values": values, "report": report, "index": index}
+            for values, report, index in zip(ecg_values, reports, indices, strict=True)
+        ]
+
+    @property
+    def ecg_values(self) -> torch.Tensor:
+        """Every example's `ecg_values` `(num_examples, num_leads, num_samples)` in memory: for small sets only."""
+        rows = np.arange(len(self)) if self._ecg_rows is None else self._ecg_rows
+        return self._values[rows.tolist()]["ecg_values"]
+
+    @property
+    def reports(self) -> list[str]:
+        """Every example's report, in order."""
+        return list(self._reports["report"])
+
+    def with_shuffled_ecgs(self, seed: int = 0) -> ReportExamples:
+        """The same reports, each paired with another report's ECG (a derangement: no report keeps its own ECG, as a
+        cyclic shift of a random order moves every item), for the ECG-use check. Only the row order is stored (no
+        ECG is copied); the same `seed` gives the same pairs in every process."""
+        if len(self) < 2:
+            raise ValueError(f"shuffling ECGs across reports needs at least 2 reports, got {len(self)}")
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).numpy()
+        base = np.arange(len(self)) if self._ecg_rows is None else self._ecg_rows
+        ecg_rows = base.copy()
+        ecg_rows[order] = base[np.roll(order, -1)]
+        shuffled = object.__new__(type(self))
+        shuffled.__dict__.update(self.__dict__)
+        shuffled._ecg_rows = ecg_rows
+        return shuffled
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building and reading the cache
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _parts(rows: Rows | Sequence[Rows]) -> list[Rows]:
+    """`rows` as a list of sources: a single `Dataset` / `IterableDataset` / list of row dicts, or several."""
+    if isinstance(rows, (Dataset, IterableDataset)):
+        return [rows]
+    rows = list(rows)
+    if rows and all(isinstance(part, (Dataset, IterableDataset, list, tuple)) for part in rows):
+        return rows
+    return [rows]
+
+
+def _row_chunks(
+    parts: list[Rows], limit: int | None, chunk_size: int, rank: int, world_size: int
+) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
+    """`(positions, columns)` of at most `chunk_size` rows each: the rows of this process (positions `rank`,
+    `rank + world_size`, ...) among the first `limit` rows of `parts` read in order. A `Dataset` is read at those
+    positions only; a stream or a list is read in order (every process reads it all, keeping its own rows)."""
+    position = 0
+    for part in parts:
+        remaining = None if limit is None else limit - position
+        if remaining is not None and remaining <= 0:
+            return
+        if isinstance(part, Dataset):
+            count = part.num_rows if remaining is None else min(part.num_rows, remaining)
+            readable = part.select_columns(_columns(part.column_names)).with_format("numpy")
+            mine = np.arange(position, position + count)
+            mine = mine[mine % world_size == rank]
+            for start in range(0, len(mine), chunk_size):
+                chosen = mine[start : start + chunk_size]
+                yield chosen, readable[(chosen - position).tolist()]
+            position += count
+            continue
+        for batch in _batches(part, chunk_size):
+            size = len(batch["signal"])
+            if remaining is not None:
+                size = min(size, limit - position)
+            positions = np.arange(position, position + size)
+            keep = np.flatnonzero(positions % world_size == rank)
+            if len(keep):
+                yield positions[keep], {name: [values[index] for index in keep] for name, values in batch.items()}
+            position += size
+            if limit is not None and position >= limit:
+                return
+
+
+def _batches(part: IterableDataset | Sequence[dict[str, Any]], chunk_size: int) -> Iterable[dict[str, Any]]:
+    if isinstance(part, IterableDataset):
+        columns = _columns(part.column_names or list(part.features or ROW_COLUMNS))
+        return part.select_columns(columns).with_format("numpy").iter(batch_size=chunk_size)
+    columns = _columns(part[0]) if part else list(ROW_COLUMNS)
+    return (
+        {name: [row[name] for row in part[start : start + chunk_size]] for name in columns}
+        for start in range(0, len(part), chunk_size)
+    )
+
+
+def _columns(names: Iterable[str]) -> list[str]:
+    names = list(names)
+    missing = [name for name in ROW_COLUMNS if name not in names and name != "ecg_id"]
+    if missing:
+        raise KeyError(f"report examples need the columns {list(ROW_COLUMNS)}; missing {missing} (found {names})")
+    return [name for name in (*ROW_COLUMNS, "filename") if name in names]
+
+
+def _extract(batch: dict[str, Any], feature_extractor: MeritFeatureExtractor) -> np.ndarray:
+    """The chunk's `ecg_values` (records processed one by one, so a chunk gives the values of a single call); a
+    record that breaks the input contract is named by its `ecg_id`."""
+    signals = [np.asarray(signal) for signal in batch["signal"]]
+    kwargs = {
+        "sampling_rate": [float(rate) for rate in batch["sampling_rate"]],
+        "lead_names": [list(names) for names in batch["lead_names"]],
+        "return_tensors": "np",
+        "crop": "center",
+    }
+    try:
+        return feature_extractor(signals, **kwargs)["ecg_values"]
+    except EcgInputError:
+        ids = batch.get("ecg_id")
+        for index, signal in enumerate(signals):  # find the record and name it
+            try:
+                feature_extractor([signal], sampling_rate=kwargs["sampling_rate"][index],
+                                  lead_names=kwargs["lead_names"][index], crop="center")  # fmt: skip
+            except EcgInputError as error:
+                name = f"ecg_id {int(ids[index])}" if ids is not None else f"example {index} of its chunk"
+                raise EcgInputError(f"{name}: {str(error).removeprefix('record 0: ')}") from error
+        raise
+
+
+def _part_file(rank: int, world_size: int) -> str:
+    return f"part-{rank:05d}-of-{world_size:05d}.arrow"
+
+
+def _build_part(
+    directory: Path,
+    parts: list[Rows],
+    feature_extractor: MeritFeatureExtractor,
+    limit: int | None,
+    chunk_size: int,
+    rank: int,
+    world_size: int,
+    show_progress: bool,
+) -> None:
+    """This process's part file, written under a temporary name and renamed once complete (a finished part of an
+    earlier, killed run with the same settings and number of processes is kept)."""
+    path = directory / _part_file(rank, world_size)
+    if path.is_file() and _readable(path):
+        return
+    temporary = directory / f"{path.name}.incomplete-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    features = report_examples_features(feature_extractor)
+    total = None if limit is None else -(-limit // world_size)
+    progress = tqdm(total=total, desc="report examples", unit="ECG", disable=not show_progress)
+    try:
+        with ArrowWriter(features=features, path=str(temporary)) as writer:
+            for positions, batch in _row_chunks(parts, limit, chunk_size, rank, world_size):
+                values = _extract(batch, feature_extractor)
+                filenames, ecg_ids = batch.get("filename"), batch.get("ecg_id")
+                writer.write_batch(
+                    {
+                        "position": positions.tolist(),
+                        "ecg_id": [int(ecg_id) for ecg_id in ecg_ids] if ecg_ids is not None else [None] * len(values),
+                        "report": [str(report) for report in batch["report"]],
+                        "filename": [str(name) for name in filenames] if filenames is not None else [""] * len(values),
+                        "ecg_values": values,
+                    }
+                )
+                progress.update(len(values))
+            writer.finalize()
+        with open(temporary, "rb") as handle:  # on disk before the name says it is complete
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    finally:
+        progress.close()
+
+
+def _readable(path: Path) -> bool:
+    try:
+        Dataset.from_file(str(path))
+    except Exception:  # a part cut short (disk full, a copy interrupted) is rebuilt
+        logger.warning("report examples: %s is unreadable; rebuilding it", path)
+        return False
+    return True
+
+
+def _write_finished(directory: Path, key: str, settings: dict[str, Any], world_size: int = 1) -> None:
+    parts = sorted(directory.glob(f"part-*-of-{world_size:05d}.arrow"))
+    if len(parts) != world_size:
+        raise RuntimeError(f"{directory}: expected {world_size} part file(s), found {[part.name for part in parts]}")
+    record = {
+        "format_version": REPORT_EXAMPLES_FORMAT_VERSION,
+        "fingerprint": key,
+        "num_rows": 0,
+        "parts": [],
+        "settings": settings,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    for part in parts:
+        rows = Dataset.from_file(str(part)).num_rows
+        record["parts"].append({"file": part.name, "num_rows": rows})
+        record["num_rows"] += rows
+    temporary = directory / f"{FINISHED_FILE}.incomplete-{os.getpid()}"
+    temporary.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    os.replace(temporary, directory / FINISHED_FILE)
+
+
+def _finished(directory: Path) -> dict[str, Any] | None:
+    """The finished record of `directory` when its parts are all there with the rows it lists; `None` when it was
+    never finished. A finished folder whose parts are missing or changed is removed (and rebuilt), with a warning."""
+    path = directory / FINISHED_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    for part in record["parts"]:
+        file = directory / part["file"]
+        rows = Dataset.from_file(str(file)).num_rows if file.is_file() and _readable(file) else None
+        if rows != part["num_rows"]:
+            logger.warning("report examples: %s holds %s rows, %s expected; rebuilding %s", file, rows,
+                           part["num_rows"], directory)  # fmt: skip
+            shutil.rmtree(directory)
+            return None
+    return record
+
+
+def _load(directory: Path) -> Dataset:
+    """The examples of a finished folder, memory-mapped, in source order."""
+    record = json.loads((directory / FINISHED_FILE).read_text())
+    parts = [Dataset.from_file(str(directory / part["file"])) for part in record["parts"]]
+    dataset = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+    positions = dataset.data.column("position").to_numpy()
+    if np.any(positions[1:] < positions[:-1]):
+        dataset = dataset.select(np.argsort(positions, kind="stable"))
+    return dataset
+
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "REPORT_EXAMPLES_FORMAT_VERSION",
+    "ReportExamples",
+    "examples_fingerprint",
+    "feature_extractor_settings",
+    "files_fingerprint",
+    "prepare_report_examples",
+    "report_examples_features",
+    "rows_fingerprint",
+]

@@ -1,0 +1,313 @@
+"""`merit_hf.training.report_examples`: report-generation examples prepared a chunk at a time into a memory-mapped
+Arrow cache. The same tensors as the feature extractor run on all records at once (bundled PTB-XL, a tiny MIMIC-IV-ECG
+folder and its conversion), chunks bounded, memory independent of the number of records, the cache reused, rebuilt
+when a setting changes, and never read when half-written; two processes share one cache."""
+
+from __future__ import annotations
+
+import json
+import threading
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+from datasets import Array2D, Features, IterableDataset, List, Value
+
+from merit_hf import MeritFeatureExtractor
+from merit_hf.training import report_examples as report_examples_module
+from merit_hf.training.report_examples import ReportExamples, prepare_report_examples
+from tests.conftest import BUNDLED_PTBXL, TINY_REPORTS, tiny_ecg_config
+from tests.test_data_mimic import mimic_root  # noqa: F401  (fixture: a MIMIC-IV-ECG folder in the PhysioNet layout)
+
+ECG_CONFIG = {"sampling_rate": 100, "num_samples": 1000, "patch_size": 50}
+LEADS = list(tiny_ecg_config().lead_names)
+
+
+class CountingExtractor(MeritFeatureExtractor):
+    """Records how many ECGs each call is given."""
+
+    calls: list[int]
+
+    def __call__(self, ecgs, *args, **kwargs):
+        self.calls.append(len(ecgs))
+        return super().__call__(ecgs, *args, **kwargs)
+
+    def to_dict(self):  # the settings, as the plain feature extractor's (the cache key reads them)
+        return {key: value for key, value in super().to_dict().items() if key != "calls"}
+
+
+def counting_extractor(**settings) -> CountingExtractor:
+    extractor = CountingExtractor.from_model_config(tiny_ecg_config(**ECG_CONFIG), **settings)
+    extractor.calls = []
+    return extractor
+
+
+def synthetic_rows(count: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"ecg_id": 1000 + index, "report": TINY_REPORTS[index % len(TINY_REPORTS)], "sampling_rate": 100,
+             "lead_names": LEADS, "signal": rng.normal(scale=0.3, size=(1000, 12)).astype(np.float32)}
+            for index in range(count)]  # fmt: skip
+
+
+def synthetic_stream(count: int) -> IterableDataset:
+    """`count` records made as they are read: the source itself holds nothing."""
+    features = Features({"ecg_id": Value("int64"), "report": Value("string"), "sampling_rate": Value("int32"),
+                         "lead_names": List(Value("string")), "signal": Array2D((1000, 12), "float32")})  # fmt: skip
+
+    def generate(count):
+        rng = np.random.default_rng(0)
+        for index in range(count):
+            yield {"ecg_id": index, "report": "sinus rhythm", "sampling_rate": 100, "lead_names": LEADS,
+                   "signal": rng.normal(scale=0.3, size=(1000, 12)).astype(np.float32)}  # fmt: skip
+
+    return IterableDataset.from_generator(generate, features=features, gen_kwargs={"count": count})
+
+
+def all_at_once(rows: list[dict], extractor: MeritFeatureExtractor) -> torch.Tensor:
+    """What report_lora computed before the cache: the feature extractor on every record in one call."""
+    return MeritFeatureExtractor.__call__(
+        extractor,
+        [row["signal"] for row in rows],
+        sampling_rate=[float(row["sampling_rate"]) for row in rows],
+        lead_names=[list(row["lead_names"]) for row in rows],
+        return_tensors="pt",
+        crop="center",
+    )["ecg_values"]
+
+
+@pytest.fixture(scope="module")
+def bundled_rows():
+    from merit_hf.training.report_lora import load_ptbxl_rows, read_ptbxl_reports
+
+    rows, _ = read_ptbxl_reports(load_ptbxl_rows(BUNDLED_PTBXL, sampling_rate=100), folds=range(1, 11), limit=23)
+    return rows
+
+
+def test_bundled_ptbxl_examples_equal_the_in_memory_path(bundled_rows, tmp_path):
+    """Chunks of 5 (the last one partial) give bit-identical ecg_values, reports, ids and filenames, in order."""
+    from merit_hf.training.report_lora import report_examples
+
+    extractor = counting_extractor()
+    examples = ReportExamples(bundled_rows, extractor, cache_dir=tmp_path, chunk_size=5)
+    rows = report_examples(bundled_rows)
+    assert len(examples) == len(rows) == 23 and extractor.calls == [5, 5, 5, 5, 3]
+    assert torch.equal(examples.ecg_values, all_at_once(rows, extractor))
+    assert examples.reports == [row["report"] for row in rows]
+    assert examples.dataset["ecg_id"][:] == [int(row["ecg_id"]) for row in rows]
+    assert examples.dataset["filename"][:] == [row["filename"] for row in rows]
+    items = examples.__getitems__([4, 0, 22])
+    assert [item["index"] for item in items] == [4, 0, 22] and items[2]["report"] == rows[22]["report"]
+    assert (
+        torch.equal(items[0]["ecg_values"], examples[4]["ecg_values"])
+        and items[0]["ecg_values"].dtype == torch.float32
+    )
+
+
+def test_chunks_and_written_batches_never_exceed_the_chunk_size(monkeypatch, tmp_path):
+    from datasets.arrow_writer import ArrowWriter
+
+    written = []
+    write_batch = ArrowWriter.write_batch
+
+    def recording(self, batch, *args, **kwargs):
+        written.append(len(batch["ecg_values"]))
+        return write_batch(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(ArrowWriter, "write_batch", recording)
+    extractor = counting_extractor()
+    examples = ReportExamples(synthetic_stream(30), extractor, cache_dir=tmp_path, chunk_size=8, fingerprint="s30")
+    assert len(examples) == 30 and max(extractor.calls) <= 8 and max(written) <= 8 and sum(written) == 30
+
+
+def test_peak_memory_is_bounded_by_the_chunk_not_the_number_of_records(tmp_path):
+    """tracemalloc's peak (numpy and Arrow allocations included) while 48 or 144 streamed records are prepared in
+    chunks of 4 is about the same, and a fraction of preparing the 144 in one chunk."""
+
+    def peak(count: int, chunk_size: int) -> int:
+        stream = synthetic_stream(count)
+        tracemalloc.start()
+        prepare_report_examples(stream, counting_extractor(), tmp_path / f"{count}-{chunk_size}", None, chunk_size,
+                                fingerprint=f"{count}")  # fmt: skip
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak
+
+    small, large, whole = peak(48, 4), peak(144, 4), peak(144, 144)
+    assert large < 1.5 * small, (small, large)
+    assert 4 * large < whole, (large, whole)  # 144 records' ecg_values alone are 6.9 MB
+
+
+def test_the_cache_is_reused_and_rebuilt_when_the_data_limit_or_settings_change(tmp_path):
+    rows = synthetic_rows(6)
+    first = ReportExamples(rows, counting_extractor(), cache_dir=tmp_path, chunk_size=4)
+    again = counting_extractor()
+    reused = ReportExamples(rows, again, cache_dir=tmp_path, chunk_size=2)  # the chunk size changes nothing
+    assert again.calls == [] and torch.equal(reused.ecg_values, first.ecg_values)
+    assert len(list(tmp_path.glob("report-examples-*"))) == 1
+    cropped = counting_extractor(crop="random", seed=3)  # examples are centre crops whatever the extractor's crop
+    ReportExamples(rows, cropped, cache_dir=tmp_path)
+    assert cropped.calls == []
+    for changed, kwargs in (
+        (counting_extractor(highpass_hz=1.0), {}),  # a setting the values depend on
+        (counting_extractor(), {"limit": 5}),
+        (counting_extractor(), {"examples": synthetic_rows(6, seed=1)}),  # other signals
+    ):
+        built = ReportExamples(kwargs.pop("examples", rows), changed, cache_dir=tmp_path, **kwargs)
+        assert sum(changed.calls) == len(built) == 6 - ("limit" in kwargs)
+        assert torch.equal(built.ecg_values, first.ecg_values[:5]) == ("limit" in kwargs)
+    assert len(list(tmp_path.glob("report-examples-*"))) == 4
+    record = json.loads(next(tmp_path.glob("report-examples-*/report_examples.json")).read_text())
+    assert record["num_rows"] in (5, 6) and record["format_version"] == 1
+
+
+def test_a_failed_or_killed_build_is_not_read_as_finished(monkeypatch, tmp_path):
+    rows = synthetic_rows(10)
+    expected = ReportExamples(rows, counting_extractor(), chunk_size=4).ecg_values  # a temporary folder
+
+    class Killed(BaseException):
+        pass
+
+    calls = {"count": 0}
+    extract = report_examples_module._extract
+
+    def dies_on_the_second_chunk(batch, extractor):
+        calls["count"] += 1
+        if calls["count"] == 2:
+            raise Killed
+        return extract(batch, extractor)
+
+    monkeypatch.setattr(report_examples_module, "_extract", dies_on_the_second_chunk)
+    with pytest.raises(Killed):
+        ReportExamples(rows, counting_extractor(), cache_dir=tmp_path, chunk_size=4)
+    (folder,) = tmp_path.glob("report-examples-*")
+    assert sorted(path.name for path in folder.iterdir()) == []  # no part, no marker, no partial file
+    monkeypatch.setattr(report_examples_module, "_extract", extract)
+
+    # killed after its part was written, before the folder was marked finished: the part is kept, the marker written
+    write_finished = report_examples_module._write_finished
+    monkeypatch.setattr(
+        report_examples_module, "_write_finished", lambda *args, **kwargs: (_ for _ in ()).throw(Killed)
+    )
+    with pytest.raises(Killed):
+        ReportExamples(rows, counting_extractor(), cache_dir=tmp_path, chunk_size=4)
+    assert [path.name for path in folder.iterdir()] == ["part-00000-of-00001.arrow"]
+    monkeypatch.setattr(report_examples_module, "_write_finished", write_finished)
+    (folder / "part-00000-of-00001.arrow.incomplete-99-dead").write_bytes(b"left by a SIGKILL")
+    resumed = counting_extractor()
+    assert torch.equal(ReportExamples(rows, resumed, cache_dir=tmp_path).ecg_values, expected)
+    assert resumed.calls == []
+
+    # a finished folder whose part was cut short afterwards is rebuilt, not read
+    part = folder / "part-00000-of-00001.arrow"
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    rebuilt = counting_extractor()
+    assert torch.equal(ReportExamples(rows, rebuilt, cache_dir=tmp_path).ecg_values, expected)
+    assert sum(rebuilt.calls) == 10
+
+
+def test_a_record_that_breaks_the_contract_is_named_by_its_ecg_id(tmp_path):
+    from merit_hf.data import EcgInputError
+
+    rows = synthetic_rows(5)
+    rows[3]["signal"][:, 2] = np.nan
+    with pytest.raises(EcgInputError, match=r"^ecg_id 1003: (?!record).*NaN"):
+        ReportExamples(rows, counting_extractor(), cache_dir=tmp_path, chunk_size=4)
+    assert not list(tmp_path.glob("report-examples-*/*.arrow*"))
+
+
+def test_sliding_windows_are_refused():
+    with pytest.raises(ValueError, match="one window per record; use a feature extractor with window='single'"):
+        ReportExamples(synthetic_rows(2), counting_extractor(window="sliding"))
+
+
+def test_shuffled_ecgs_are_a_derangement_of_row_indices_not_a_copy(tmp_path):
+    examples = ReportExamples(synthetic_rows(7), counting_extractor(), cache_dir=tmp_path)
+    shuffled = examples.with_shuffled_ecgs(seed=0)
+    assert shuffled.dataset is examples.dataset and shuffled._ecg_rows.dtype == np.int64
+    assert sorted(shuffled._ecg_rows) == list(range(7)) and all(shuffled._ecg_rows != np.arange(7))
+    values = examples.ecg_values
+    for index in range(7):
+        item = shuffled[index]
+        assert item["report"] == examples[index]["report"] and item["index"] == index
+        assert torch.equal(item["ecg_values"], values[shuffled._ecg_rows[index]])
+    assert torch.equal(shuffled.ecg_values, values[torch.from_numpy(shuffled._ecg_rows)])
+    twice = shuffled.with_shuffled_ecgs(seed=1)  # a derangement of the shuffled pairs
+    assert all(twice._ecg_rows != shuffled._ecg_rows) and examples._ecg_rows is None
+
+
+def test_two_processes_prepare_one_shared_cache(monkeypatch, tmp_path):
+    """Two processes (threads standing in for them: the barrier and the broadcast are Accelerate's calls) each
+    prepare every second row; both read the whole set back in source order, and one process then reuses it."""
+    import accelerate.utils
+
+    rows, barrier, shared, results = synthetic_rows(9), threading.Barrier(2), {}, {}
+    local = threading.local()
+
+    def broadcast(objects, from_process=0):
+        if local.rank == from_process:
+            shared["value"] = objects[0]
+        barrier.wait()
+        return [shared["value"]]
+
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast)
+
+    class Process:
+        def __init__(self, rank):
+            self.process_index, self.num_processes = rank, 2
+
+        def wait_for_everyone(self):
+            barrier.wait()
+
+    def run(rank):
+        local.rank = rank
+        extractor = counting_extractor()
+        results[rank] = (ReportExamples(rows, extractor, tmp_path, chunk_size=2, process=Process(rank)), extractor)
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    expected = all_at_once(rows, counting_extractor())
+    for rank in (0, 1):
+        examples, extractor = results[rank]
+        assert sum(extractor.calls) == (5, 4)[rank]  # rows 0, 2, 4, 6, 8 and 1, 3, 5, 7
+        assert torch.equal(examples.ecg_values, expected) and examples.reports == [row["report"] for row in rows]
+    (folder,) = tmp_path.glob("report-examples-*")
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "part-00000-of-00002.arrow", "part-00001-of-00002.arrow", "report_examples.json"]  # fmt: skip
+    alone = counting_extractor()
+    assert torch.equal(ReportExamples(rows, alone, tmp_path).ecg_values, expected) and alone.calls == []
+
+
+def test_mimic_examples_stream_each_record_once_from_both_layouts(mimic_root, monkeypatch, tmp_path):  # noqa: F811
+    """MIMIC-IV-ECG through report_lora's reader: the PhysioNet folder is read record by record (each record with a
+    report once, the others never) and its conversion streamed; both give the tensors of the in-memory build."""
+    from merit_hf.data import build_mimic_iv_ecg, convert_mimic_iv_ecg
+    from merit_hf.data.mimic_iv_ecg import MimicRecordReader
+    from merit_hf.training.report_lora import mimic_reports_fingerprint, read_mimic_reports
+
+    rows = [dict(row) for row in build_mimic_iv_ecg(mimic_root).with_format("numpy") if row["report"]]
+    assert 1 < len(rows) < 6
+    expected = all_at_once(rows, counting_extractor())
+    read = []
+    reader_call = MimicRecordReader.__call__
+    monkeypatch.setattr(MimicRecordReader, "__call__", lambda self, task: read.append(task["study_id"]) or
+                        reader_call(self, task))  # fmt: skip
+    fingerprint = mimic_reports_fingerprint(mimic_root)
+    examples = ReportExamples(read_mimic_reports(mimic_root), counting_extractor(), tmp_path, chunk_size=2,
+                              fingerprint=fingerprint)  # fmt: skip
+    assert read == [row["ecg_id"] for row in rows]  # once each, in order, nothing without a report
+    assert torch.equal(examples.ecg_values, expected) and examples.reports == [row["report"] for row in rows]
+    assert examples.dataset["ecg_id"][:] == [row["ecg_id"] for row in rows]
+    again = counting_extractor()
+    ReportExamples(read_mimic_reports(mimic_root), again, tmp_path, fingerprint=fingerprint)
+    assert again.calls == [] and len(read) == len(rows)  # reused: the cache is looked up before any record is read
+
+    convert_mimic_iv_ecg(mimic_root, tmp_path / "converted")
+    converted = tmp_path / "converted"
+    assert mimic_reports_fingerprint(converted) != fingerprint
+    streamed = ReportExamples(read_mimic_reports(converted, limit=2), counting_extractor(), tmp_path, limit=2,
+                              fingerprint=mimic_reports_fingerprint(converted))  # fmt: skip
+    assert torch.equal(streamed.ecg_values, expected[:2])
