@@ -201,23 +201,14 @@ class ReportExamples(torch.utils.data.Dataset):
         examples: a `Dataset`, an `IterableDataset` (streamed once) or a list of rows with `ecg_id`, `report`,
             `signal`, `sampling_rate`, `lead_names` (and optionally `filename`); or a sequence of those, in order.
         feature_extractor: the model's input contract.
-        cache_dir, limit, chunk_size, fingerprint, process: see `prepare_report_examples`. Without `cache_dir` the
-            examples go to a temporary folder removed with this object.
+        args, options: `cache_dir`, `limit`, `chunk_size`, `fingerprint`, `process`, as `prepare_report_examples`
+            takes them. Without `cache_dir` the examples go to a temporary folder removed with this object.
     """
 
     def __init__(
-        self,
-        examples: Rows | Sequence[Rows],
-        feature_extractor: MeritFeatureExtractor,
-        cache_dir: str | os.PathLike | None = None,
-        limit: int | None = None,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-        fingerprint: str | None = None,
-        process=None,
+        self, examples: Rows | Sequence[Rows], feature_extractor: MeritFeatureExtractor, *args: Any, **options: Any
     ):
-        self.dataset, temporary = prepare_report_examples(
-            examples, feature_extractor, cache_dir, limit, chunk_size, fingerprint, process
-        )
+        self.dataset, temporary = prepare_report_examples(examples, feature_extractor, *args, **options)
         if temporary is not None:
             self._cleanup = weakref.finalize(self, shutil.rmtree, str(temporary), True)
         self._reports = self.dataset.select_columns(["report"])
