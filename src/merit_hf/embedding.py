@@ -61,6 +61,9 @@ from .utils.throughput import ThroughputMeter
 
 DATASET_NAMES = ("ptbxl", "mimic_iv_ecg", "wfdb")
 REQUIRED_COLUMNS = ("signal", "sampling_rate", "lead_names")
+# the shard layout of streamed splits: whole shards per process since stream_part, up to 64 for a folder built in
+# memory; a resume key from before it (a stream position in another layout) is refused, not misread
+STREAM_LAYOUT = "stream-layout-2"
 RECORD_ID_COLUMNS = ("ecg_id", "record", "study_id")  # what names a row in an error, whichever the dataset has
 
 
@@ -250,7 +253,8 @@ class _StreamParts:
             if progress["key"] != key:
                 raise ValueError(
                     f"{folder}: an unfinished write of other embeddings is there (another model, feature-extractor "
-                    "setting, precision or dataset); delete the folder to start this one from the beginning"
+                    "setting, precision or dataset, or a stream position from an earlier merit_hf's shard layout); delete the "
+                    "folder to start this one from the beginning"
                 )
             self.rows, self.parts, self.state = progress["rows"], progress["parts"], progress["state"]
             print(f"{folder}: resuming after {self.rows} rows in {self.parts} finished parts", flush=True)
@@ -470,6 +474,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if arguments.dataset_name == "ptbxl" and arguments.ptbxl_version != "1.0.3":  # which rows; old keys stay valid
         what.append(arguments.ptbxl_version)
     what += [arguments.feature_extraction_device] if arguments.feature_extraction_device is not None else []
+    if arguments.streaming or arguments.dataset_name == "mimic_iv_ecg":
+        # a saved stream position is only valid in the shard layout it was saved in (merit_hf.data.streams)
+        what.append(STREAM_LAYOUT)
     written = {}
     for split, dataset in load_splits(arguments, shard_index, num_shards).items():
         meter = ThroughputMeter(state.device)
