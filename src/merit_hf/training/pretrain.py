@@ -169,7 +169,13 @@ class DataArguments:
             "5 s for those threads at the end of every pass over Parquet files: once per epoch in every worker."
         },
     )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Use only N training records: the first N of a map-style split; of a stream split among processes "
+            "or DataLoader workers, N in all, each taking its share from the start of its own shards."
+        },
+    )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval records."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader workers per process."})
     dataloader_persistent_workers: bool = field(
