@@ -43,6 +43,7 @@ from ..evaluation.probe import (
 from ..evaluation.results import build_results, encoder_identity, write_results
 from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
 from ..models.merit.modeling_merit import MeritEcgModel, MeritForEcgClassification
+from ..utils.launch import is_first_launched_process, require_joined_processes
 from ..utils.throughput import ThroughputMeter
 from .classification import compute_metrics_for
 
@@ -189,7 +190,9 @@ def fine_tune(
         dataloader_pin_memory=torch.cuda.is_available(),
         report_to="none",
         seed=seed,
+        use_cpu=arguments.use_cpu,
     )
+    require_joined_processes(training_arguments.world_size)
     if temporary is not None and training_arguments.world_size > 1:
         raise ValueError(
             f"fine_tune on {training_arguments.world_size} processes: give checkpoint_dir, a folder every process "
@@ -302,6 +305,6 @@ def run_fine_tune(
         **entries,  # model, and baseline when it ran
         dataset_extra={**dataset_info(dataset_dict, label_set, rows), **dataset_description(arguments)},
     )
-    if output_file is not None:
+    if output_file is not None and is_first_launched_process():  # one writer: every process has the same results
         write_results(results, output_file)
     return results

@@ -78,6 +78,7 @@ from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
 from ..models.merit.modeling_merit import MeritForPreTraining
 from ..models.merit.processing_merit import MeritProcessor
 from ..utils.arguments import arguments_to_dict, config_from_argument, parse_arguments
+from ..utils.launch import require_joined_processes
 from ..utils.throughput import ThroughputMeter, dataloader_options
 from .activation_checkpointing import enable_activation_checkpointing
 from .losses import PretrainingLosses, PretrainingObjective
@@ -770,6 +771,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if resume_path is None and not train_args.overwrite_output_dir:
         check_output_dir_free(output_dir)
     accelerator = make_accelerator(train_args, data_args.dataloader_pin_memory)
+    require_joined_processes(accelerator.num_processes)
     set_seed(train_args.seed)
     if train_args.overwrite_output_dir and accelerator.is_main_process:
         remove_run_outputs(output_dir)

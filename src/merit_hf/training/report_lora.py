@@ -75,6 +75,7 @@ from ..models.merit.modeling_merit import MeritEcgModel
 from ..models.merit.modeling_merit_report import MeritForReportGeneration
 from ..models.merit.processing_merit import DEFAULT_REPORT_INSTRUCTION, IGNORE_INDEX, MeritProcessor
 from ..utils.arguments import arguments_to_dict, config_from_argument, parse_arguments
+from ..utils.launch import require_joined_processes
 from ..utils.throughput import ThroughputMeter
 from .report_examples import DEFAULT_CHUNK_SIZE, ReportExamples, files_fingerprint, rows_fingerprint
 
@@ -679,6 +680,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         mixed_precision=training_args.mixed_precision,
         gradient_accumulation_steps=training_args.gradient_accumulation_steps,
     )
+    require_joined_processes(accelerator.num_processes)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
