@@ -681,3 +681,120 @@ def test_training_crops_are_keyed_by_seed_epoch_and_ecg_id_also_in_persistent_wo
         from merit_hf.training.pretrain import DataArguments
 
         DataArguments(precompute_ecg_values=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Streamed splits on several processes: the processes' parts differ by up to a shard
+# ----------------------------------------------------------------------------------------------------------------------
+class _FlagAccelerator:
+    """What `until_a_process_runs_out` and `stream_layout` use of an `Accelerator`, for process 0 of 2: `gather`
+    puts the other process's value (the next of `others`) after this one's."""
+
+    num_processes, process_index, device = 2, 0, torch.device("cpu")
+
+    def __init__(self, others):
+        self.others = iter(others)
+
+    def gather(self, tensor):
+        return torch.cat([tensor, torch.tensor([next(self.others)], dtype=tensor.dtype)])
+
+
+def test_a_streamed_epoch_ends_on_every_process_when_one_runs_out():
+    """Process 0 has 3 batches, process 1 only 2: the epoch ends after 2 on both, naming process 1 as the one that ran
+    out. Process 1 used to go on into its next epoch (shards dealt anew) while process 0 finished this one."""
+    from merit_hf.training.pretrain import until_a_process_runs_out
+
+    empty = []
+    batches = until_a_process_runs_out(_FlagAccelerator([True, True, False]), ["a", "b", "c"], empty)
+    assert list(batches) == ["a", "b"] and empty == [1]
+    empty = []
+    assert list(until_a_process_runs_out(_FlagAccelerator([True, True]), ["a"], empty)) == ["a"] and empty == [0]
+
+
+def test_stream_layout_names_each_process_shard_count_where_they_differ(monkeypatch):
+    """3 shards on 2 processes are 2 and 1: the checkpoint held the main process's count, which the other process's
+    own count then contradicted, so a streamed 2-process run could not resume ("stream_layout: checkpoint
+    {'num_shards': 2, ...}, this run {'num_shards': 1, ...}")."""
+    from types import SimpleNamespace
+
+    from merit_hf.training import pretrain
+
+    loader = SimpleNamespace(dataset=SimpleNamespace(num_shards=2), num_workers=1)
+    for counts, expected in (([2, 1], [2, 1]), ([2, 2], 2)):
+        monkeypatch.setattr(pretrain, "gather_object", lambda objects, counts=counts: list(counts))
+        layout = pretrain.stream_layout(loader, _FlagAccelerator([]))
+        assert layout == {"num_shards": expected, "dataloader_num_workers": 1}
+    assert pretrain.stream_layout(loader) == {"num_shards": 2, "dataloader_num_workers": 1}
+
+
+TRACE_SCRIPT = """
+import json, os, sys
+from merit_hf.training import pretrain
+
+batches = pretrain.training_batches
+
+
+def traced(*args, **kwargs):  # every batch the training loop takes: its epoch and records, per process
+    for epoch, index, batch in batches(*args, **kwargs):
+        with open(os.path.join(sys.argv[-1], f"rank{os.environ['RANK']}.jsonl"), "a") as log:
+            log.write(json.dumps({"epoch": epoch, "ids": batch["ecg_id"].tolist()}) + "\\n")
+        yield epoch, index, batch
+
+
+pretrain.training_batches = traced
+pretrain.main(sys.argv[1:-1])
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_stream_uneven_shards_in_step_and_resume_exactly(assets, tmp_path):
+    """A converted MIMIC-IV-ECG folder of 3 files (5, 5 and 2 records) on 2 processes: one process reads 2 files,
+    the other 1. Both stay in the same epoch (it ends on both when one runs out), no record is trained twice in an
+    epoch, and a resume from a checkpoint takes the same batches and gives the same losses. Before, the process with
+    fewer records ran ahead by epochs, and the resume was refused ("stream_layout: checkpoint {'num_shards': 2, ...},
+    this run {'num_shards': 1, ...}")."""
+    pytest.importorskip("torchdata", reason="streamed pretraining needs torchdata's StatefulDataLoader")
+    from merit_hf.data import convert_mimic_iv_ecg
+    from tests.test_data_mimic import MIMIC_MEASUREMENTS_HEADER, ptbxl_500hz, write_mimic_record
+
+    root, records, measurements = tmp_path / "mimic", ["subject_id,study_id,file_name,ecg_time,path"], []
+    for index in range(12):
+        subject_id, study_id = 10000000 + index, 40000000 + index
+        path = write_mimic_record(root, subject_id, study_id, ptbxl_500hz(index + 1))
+        records.append(f"{subject_id},{study_id},{study_id},2180-07-23 08:44:00,{path}")
+        measurements.append(f"{subject_id},{study_id},6848296,2180-07-23 08:44:00,Sinus rhythm{',' * 17},"
+                            "0.005-150 Hz,60 Hz notch Baseline filter,659,40,128,170,258,518,81,77,79")  # fmt: skip
+    (root / "record_list.csv").write_text("\n".join(records) + "\n")
+    (root / "machine_measurements.csv").write_text("\n".join([MIMIC_MEASUREMENTS_HEADER, *measurements]) + "\n")
+    assert convert_mimic_iv_ecg(root, tmp_path / "converted", records_per_shard=5).written == 12
+    script = tmp_path / "traced_pretrain.py"
+    script.write_text(TRACE_SCRIPT)
+    flags = {"dataset_name": "mimic_iv_ecg", "data_dir": tmp_path / "converted", "eval_split": "None",
+             "dataloader_num_workers": 1, "shuffle_buffer_size": 1, "max_steps": 8, "save_steps": 4, "eval_steps": 0,
+             "per_device_train_batch_size": 2, "use_cpu": "true"}  # fmt: skip
+
+    def launch(run: str, **overrides) -> list[list[dict]]:
+        (tmp_path / f"{run}_trace").mkdir()
+        argv = [ACCELERATE, "launch", "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()), str(script),
+                *base_argv(assets, tmp_path / run, **{**flags, **overrides}), str(tmp_path / f"{run}_trace")]  # fmt: skip
+        done = subprocess.run(argv, env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=LAUNCH_TIMEOUT_S)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        return [[json.loads(line) for line in (tmp_path / f"{run}_trace" / f"rank{rank}.jsonl").read_text().splitlines()]
+                for rank in (0, 1)]  # fmt: skip
+
+    full = launch("full")
+    assert len(full[0]) == len(full[1]) == 8
+    assert [step["epoch"] for step in full[0]] == [step["epoch"] for step in full[1]]
+    for epoch in {step["epoch"] for step in full[0]}:
+        ids = [ecg_id for rank in full for step in rank if step["epoch"] == epoch for ecg_id in step["ids"]]
+        assert len(ids) == len(set(ids)), f"epoch {epoch} trained a record twice: {sorted(ids)}"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "checkpoint_4",
+                    tmp_path / "resumed" / "checkpoints" / "checkpoint_4")  # fmt: skip
+    resumed = launch("resumed", resume_from_checkpoint="latest")
+    assert resumed == [rank[4:] for rank in full]
+    losses = [
+        json.loads((tmp_path / run / "train_results.json").read_text())["loss_history"] for run in ("full", "resumed")
+    ]
+    assert losses[0] == losses[1]

@@ -16,8 +16,8 @@ from datasets import Array2D, Features, IterableDataset, List, Value
 
 from merit_hf import MeritFeatureExtractor
 from merit_hf.training import report_examples as report_examples_module
-from merit_hf.training.report_examples import ReportExamples, prepare_report_examples
-from tests.conftest import BUNDLED_PTBXL, TINY_REPORTS, tiny_ecg_config
+from merit_hf.training.report_examples import ReportExamples, feature_extractor_settings, prepare_report_examples
+from tests.conftest import BUNDLED_PTBXL, TINY_REPORTS, tiny_ecg_config, train_tiny_tokenizer
 from tests.test_data_mimic import mimic_root  # noqa: F401  (fixture: a MIMIC-IV-ECG folder in the PhysioNet layout)
 
 ECG_CONFIG = {"sampling_rate": 100, "num_samples": 1000, "patch_size": 50}
@@ -236,21 +236,31 @@ def test_shuffled_ecgs_are_a_derangement_of_row_indices_not_a_copy(tmp_path):
     assert all(twice._ecg_rows != shuffled._ecg_rows) and examples._ecg_rows is None
 
 
-def test_two_processes_prepare_one_shared_cache(monkeypatch, tmp_path):
-    """Two processes (threads standing in for them: the barrier and the broadcast are Accelerate's calls) each
-    prepare every second row; both read the whole set back in source order, and one process then reuses it."""
+def run_two_processes(monkeypatch, rows, cache_dirs) -> dict:
+    """`ReportExamples(rows, ...)` in two processes (threads standing in for them: the barriers, the broadcast and the
+    gather are Accelerate's calls), process r caching under `cache_dirs[r]`: `{rank: (examples, extractor)}`."""
     import accelerate.utils
 
-    rows, barrier, shared, results = synthetic_rows(9), threading.Barrier(2), {}, {}
+    barrier, shared, results = threading.Barrier(2), {}, {}
     local = threading.local()
 
     def broadcast(objects, from_process=0):
         if local.rank == from_process:
             shared["value"] = objects[0]
         barrier.wait()
-        return [shared["value"]]
+        value = shared["value"]
+        barrier.wait()
+        return [value]
+
+    def gather(objects):
+        shared[local.rank] = list(objects)
+        barrier.wait()
+        gathered = shared[0] + shared[1]
+        barrier.wait()
+        return gathered
 
     monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast)
+    monkeypatch.setattr(accelerate.utils, "gather_object", gather)
 
     class Process:
         def __init__(self, rank):
@@ -262,13 +272,22 @@ def test_two_processes_prepare_one_shared_cache(monkeypatch, tmp_path):
     def run(rank):
         local.rank = rank
         extractor = counting_extractor()
-        results[rank] = (ReportExamples(rows, extractor, tmp_path, chunk_size=2, process=Process(rank)), extractor)
+        examples = ReportExamples(rows, extractor, cache_dirs[rank], chunk_size=2, process=Process(rank))
+        results[rank] = (examples, extractor)
 
     threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
+    return results
+
+
+def test_two_processes_prepare_one_shared_cache(monkeypatch, tmp_path):
+    """Two processes each prepare every second row; both read the whole set back in source order, and one process
+    then reuses it."""
+    rows = synthetic_rows(9)
+    results = run_two_processes(monkeypatch, rows, [tmp_path, tmp_path])
     expected = all_at_once(rows, counting_extractor())
     for rank in (0, 1):
         examples, extractor = results[rank]
@@ -277,8 +296,55 @@ def test_two_processes_prepare_one_shared_cache(monkeypatch, tmp_path):
     (folder,) = tmp_path.glob("report-examples-*")
     assert sorted(path.name for path in folder.iterdir()) == [
         "part-00000-of-00002.arrow", "part-00001-of-00002.arrow", "report_examples.json"]  # fmt: skip
+    assert sorted(path.name for path in tmp_path.iterdir()) == [folder.name]  # no probe file left behind
     alone = counting_extractor()
     assert torch.equal(ReportExamples(rows, alone, tmp_path).ecg_values, expected) and alone.calls == []
+
+
+def test_processes_on_nodes_with_their_own_cache_folders_each_build_the_whole_set(monkeypatch, tmp_path):
+    """Two nodes whose cache folders are on their own disks (the default `$HF_DATASETS_CACHE` often is): each
+    node's processes build the whole set in their folder. The main process used to wait for a part that the other
+    node had written to its own disk ("expected 2 part file(s)")."""
+    rows = synthetic_rows(9)
+    results = run_two_processes(monkeypatch, rows, [tmp_path / "node0", tmp_path / "node1"])
+    expected = all_at_once(rows, counting_extractor())
+    for rank in (0, 1):
+        examples, extractor = results[rank]
+        assert sum(extractor.calls) == 9
+        assert torch.equal(examples.ecg_values, expected)
+        (folder,) = (tmp_path / f"node{rank}").glob("report-examples-*")
+        assert sorted(path.name for path in folder.iterdir()) == ["part-00000-of-00001.arrow", "report_examples.json"]
+
+
+def test_processes_that_disagree_on_the_examples_are_refused_naming_what_differs(monkeypatch, tmp_path):
+    """Saving a processor adds `auto_map` to its feature extractor in place, on the main process only; that made the
+    processes compute different cache keys for the same examples (report_lora's eval set failed on 2 processes).
+    It no longer changes the key, and a setting that does differ is named, by every process."""
+    from merit_hf import MeritProcessor
+
+    extractor = counting_extractor()
+    before = feature_extractor_settings(extractor)
+    MeritProcessor(extractor, train_tiny_tokenizer(tmp_path / "tokenizer"), ecg_seq_length=12).save_pretrained(
+        tmp_path / "saved"
+    )
+    assert "auto_map" in extractor.to_dict() and feature_extractor_settings(extractor) == before
+
+    rows = synthetic_rows(3)
+    original = ReportExamples.__init__
+
+    def differing(self, examples, feature_extractor, *args, process=None, **kwargs):
+        if process.process_index == 1:
+            feature_extractor.highpass_hz = 0.5
+        original(self, examples, feature_extractor, *args, process=process, **kwargs)
+
+    monkeypatch.setattr(ReportExamples, "__init__", differing)
+    errors = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(threading, "excepthook", lambda hook: errors.setdefault(hook.thread.name, hook.exc_value))
+        run_two_processes(monkeypatch, rows, [tmp_path / "cache", tmp_path / "cache"])
+    assert len(errors) == 2
+    for error in errors.values():
+        assert "disagree on the examples' cache key" in str(error) and "'highpass_hz': (0.67, 0.5)" in str(error)
 
 
 def test_mimic_examples_stream_each_record_once_from_both_layouts(mimic_root, monkeypatch, tmp_path):  # noqa: F811

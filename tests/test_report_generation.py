@@ -865,39 +865,80 @@ def test_stage_steps_come_from_the_sharded_loader():
     assert optimizer_steps(shards[0], epochs=3, gradient_accumulation_steps=1) == 9
 
 
-def test_train_stage_counts_the_ecgs_of_each_micro_batch_and_logs_the_mean_loss_of_a_step(parts):
-    """With gradient accumulation, 5 reports in micro-batches of 2 are 3 micro-batches and 2 optimizer steps (the
-    last one partial): 5 ECGs seen, not 2 steps x 2 x 2, and each step's loss is the mean of its micro-batches'."""
-    from accelerate import Accelerator
-    from torch.utils.data import DataLoader
-
-    from merit_hf.training.report_lora import (
-        ReportCollator,
-        ReportExamples,
-        ReportTrainingArguments,
-        _train_stage,
-    )
+def _train_stage_inputs(parts, count: int = 5):
+    """A tiny stage-1 setup: the projector trains, `count` examples with reports of different lengths."""
+    from merit_hf.training.report_lora import ReportCollator, ReportExamples
 
     model, processor = parts
     lead_names = list(tiny_ecg_config().lead_names)
     examples = [{"signal": signal, "sampling_rate": 100, "lead_names": lead_names, "report": report}
-                for signal, report in zip(ecg_batch(5), TINY_REPORTS)]  # fmt: skip
+                for signal, report in zip(ecg_batch(count), TINY_REPORTS)]  # fmt: skip
     dataset = ReportExamples(examples, processor.feature_extractor)
     collator = ReportCollator(processor, processor.format_prompt(), condition_on_ecg=True, with_reports=True)
     model.requires_grad_(False)
     model.multi_modal_projector.requires_grad_(True)
-    micro_losses = []
-    with torch.no_grad():  # learning rate 0: the weights stay, so each micro-batch's loss can be computed first
-        for start in (0, 2, 4):
-            batch = collator([dataset[index] for index in range(start, min(start + 2, 5))])
+    return model, dataset, collator
+
+
+def test_train_stage_counts_the_ecgs_of_each_micro_batch_and_logs_the_mean_loss_of_a_step(parts):
+    """With gradient accumulation, 5 reports in micro-batches of 2 are 3 micro-batches and 2 optimizer steps (the
+    last one partial): 5 ECGs seen, not 2 steps x 2 x 2, and each step's loss is the loss per report token of the
+    step's whole batch (what the model computes on those reports at once), not the mean of the micro-batches'."""
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from merit_hf.training.report_lora import ReportTrainingArguments, _train_stage
+
+    model, dataset, collator = _train_stage_inputs(parts)
+    step_losses = []
+    with torch.no_grad():  # learning rate 0: the weights stay, so each step's loss can be computed first
+        for rows in ([0, 1, 2, 3], [4]):
+            batch = collator([dataset[index] for index in rows])
             batch.pop("index")
-            micro_losses.append(float(model(**batch).loss))
+            step_losses.append(float(model(**batch).loss))
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
     training_args = ReportTrainingArguments(gradient_accumulation_steps=2, logging_steps=1, warmup_ratio=0.0)
     loader = DataLoader(dataset, batch_size=2, collate_fn=collator)
     losses, throughput = _train_stage("alignment", accelerator, model, loader, 1, 0.0, training_args)
-    assert losses == pytest.approx([(micro_losses[0] + micro_losses[1]) / 2, micro_losses[2]], rel=1e-5)
+    assert losses == pytest.approx(step_losses, rel=1e-5)
     assert throughput["ecgs_seen"] == 5 and throughput["steps_measured"] == 2
+
+
+def test_accumulated_micro_batches_step_on_the_gradient_of_their_whole_batch(parts, monkeypatch):
+    """4 reports of different lengths: 2 micro-batches of 2 accumulated give the gradient of one batch of 4 (the mean
+    per report token). Each micro-batch's mean loss, averaged, weighted the tokens of the shorter reports more."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from torch.utils.data import DataLoader
+
+    from merit_hf.training.report_lora import ReportTrainingArguments, _train_stage
+
+    model, dataset, collator = _train_stage_inputs(parts, count=4)
+    recorded = []
+
+    class RecordingOptimizer(torch.optim.SGD):  # records the gradient each step is taken on
+        def __init__(self, params, lr, weight_decay=0.0, fused=None):
+            super().__init__(params, lr=lr)
+
+        def step(self, closure=None):
+            recorded.append(torch.cat([p.grad.flatten().clone() for g in self.param_groups for p in g["params"]]))
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingOptimizer)
+    gradients = []
+    for accumulation, batch_size in ((1, 4), (2, 2)):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        recorded.clear()
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+        training_args = ReportTrainingArguments(gradient_accumulation_steps=accumulation, warmup_ratio=0.0,
+                                                max_grad_norm=1e9)  # fmt: skip
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
+        _train_stage("alignment", accelerator, model, loader, 1, 0.0, training_args)
+        assert len(recorded) == 1
+        gradients.append(recorded[0])
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-5, atol=1e-7)
 
 
 def test_report_lora_with_lora_epochs_0_trains_only_the_projector_and_saves_everything(lm_dir, tmp_path):
@@ -978,6 +1019,65 @@ def test_report_lora_script_end_to_end(lm_dir, tmp_path):
                       text=[processor.format_prompt()], return_tensors="pt", crop="center")  # fmt: skip
     new_tokens = model.generate(**batch)[:, batch["input_ids"].shape[1] :]
     assert processor.batch_decode(new_tokens, skip_special_tokens=True)[0] == first["generated"]
+
+
+@pytest.mark.slow
+def test_report_lora_on_two_processes_equals_one_process(lm_dir, tmp_path):
+    """`accelerate launch --num_processes 2` (gloo), batch 2 with 2 accumulated micro-batches, against one process
+    with batch 8: the same losses, ECG-use checks, generated reports, scores and counts. Three defects made them
+    differ or fail: the eval examples' cache key changed once the main process had saved the processor (the run
+    stopped: "expected 2 part file(s)"); the shuffled order depended on the number of processes; and each process's
+    (and micro-batch's) mean loss weighted its report tokens otherwise than one batch does. The one-process run
+    builds its examples in a temporary folder (`--examples_cache_dir ''`), the two processes in a shared cache."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    flags = {"language_model": lm_dir, "ptbxl_dir": BUNDLED_PTBXL, "compute_meteor": "false", "use_cpu": "true",
+             "check_folds": 9, "max_check_reports": 5, "max_eval_reports": 5, "per_device_eval_batch_size": 2}  # fmt: skip
+
+    def argv(output_dir, **overrides) -> list[str]:
+        values = {**flags, "output_dir": output_dir, **overrides}
+        return [str(REPO_ROOT / "configs" / "report_tiny.yaml")] + [
+            item for name, value in values.items() for item in (f"--{name}", str(value))
+        ]
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--mixed_precision", "no",
+                "--dynamo_backend", "no", "--num_processes", "2", "--num_machines", "1", "--main_process_port",
+                str(port), "-m", "merit_hf.training.report_lora"]  # fmt: skip
+    two_dir = tmp_path / "two"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("ACCELERATE_USE_CPU", None)
+    done = subprocess.run(
+        launcher + argv(two_dir, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                        examples_cache_dir=tmp_path / "cache"),  # fmt: skip
+        env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    from merit_hf.training.report_lora import PREDICTIONS_FILE, RESULTS_FILE, main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = main(argv(tmp_path / "one", per_device_train_batch_size=8, examples_cache_dir=""))
+    finally:
+        torch.set_num_threads(threads)
+    two = json.loads((two_dir / RESULTS_FILE).read_text())
+    for stage in ("alignment", "lora"):
+        for name in ("loss_first", "loss_last"):
+            assert two[f"{stage}_{name}"] == pytest.approx(one[f"{stage}_{name}"], rel=1e-5), f"{stage}_{name}"
+        for name in ("real_ecg", "shuffled_ecg"):
+            assert two[f"{stage}_ecg_use_check"][name] == pytest.approx(one[f"{stage}_ecg_use_check"][name], rel=1e-5)
+        assert two[f"{stage}_throughput"]["ecgs_seen"] == one[f"{stage}_throughput"]["ecgs_seen"] == 16
+    assert two["eval"] == json.loads(json.dumps(one["eval"], default=str))  # the same reports, so the same scores
+    assert two["generation_speed"]["generated_tokens"] == one["generation_speed"]["generated_tokens"]
+    assert (two_dir / PREDICTIONS_FILE).read_text() == (tmp_path / "one" / PREDICTIONS_FILE).read_text()
+    assert len(list((tmp_path / "cache").glob("report-examples-*/part-00001-of-00002.arrow"))) == 3
 
 
 @pytest.mark.slow

@@ -269,3 +269,24 @@ def test_gradient_accumulation_under_trainer_gives_the_update_of_the_whole_batch
     assert whole.norm() > 0
     torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-6)
     assert accumulated_loss == pytest.approx(whole_loss, rel=1e-4)
+
+
+def test_fine_tuning_crops_are_keyed_by_seed_epoch_and_ecg_id():
+    """A record's random crop comes from `(seed, epoch, ecg_id)`: the same in any batch and in another process's
+    collator, new in the next epoch (`CropEpochCallback`). One generator seeded with the seed per process made the
+    crops depend on the number of processes, and every process cut the same windows."""
+    rows = list(build_ptbxl(BUNDLED_PTBXL, sampling_rate=100, ecg_ids=range(1, 12))["train"].with_format("numpy"))[:6]
+    extractor = MeritFeatureExtractor(sampling_rate=100, num_samples=800, crop="random")  # 10 s records: 201 positions
+
+    def collator():
+        return finetune.KeyedCropCollator(extractor, label_set="superclass", num_classes=5, seed=3)
+
+    one, other = collator(), collator()
+    whole = one(rows)["ecg_values"]
+    halves = torch.cat([other(rows[3:])["ecg_values"], other(rows[:3])["ecg_values"]])
+    torch.testing.assert_close(torch.cat([halves[3:], halves[:3]]), whole, rtol=0, atol=0)
+    callback = finetune.CropEpochCallback(one)
+    callback.on_epoch_begin(None, None, None)  # epoch 0
+    assert torch.equal(one(rows)["ecg_values"], whole)
+    callback.on_epoch_begin(None, None, None)  # epoch 1
+    assert not torch.equal(one(rows)["ecg_values"], whole)

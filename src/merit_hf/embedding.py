@@ -57,6 +57,7 @@ from .models.merit.feature_extraction_merit import (
 from .models.merit.inference_precision import PRECISIONS, prepare_for_inference, resolve_precision
 from .models.merit.pipeline_merit import WINDOW_POOLINGS, check_feature_extractor_matches, ecg_encoder_of
 from .utils.arguments import parse_arguments
+from .utils.launch import require_joined_processes
 from .utils.throughput import ThroughputMeter
 
 DATASET_NAMES = ("ptbxl", "mimic_iv_ecg", "wfdb")
@@ -456,6 +457,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from accelerate import PartialState
 
     state = PartialState(cpu=arguments.use_cpu)  # under `accelerate launch`: one shard per process and device
+    if arguments.num_shards is None:
+        require_joined_processes(state.num_processes)
     num_shards = arguments.num_shards if arguments.num_shards is not None else state.num_processes
     shard_index = arguments.shard_index if arguments.shard_index is not None else state.process_index
     encoder, name = load_encoder(arguments.model_name_or_path)

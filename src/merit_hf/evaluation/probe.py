@@ -125,6 +125,12 @@ class ProbeArguments:
     finetune_max_epochs: int = field(default=20, metadata={"help": "Fine-tuning epochs at most."})
     finetune_patience: int = field(default=5, metadata={"help": "Fine-tuning early-stopping patience (epochs)."})
     num_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the test CIs (0: none)."})
+    use_cpu: bool = field(
+        default=False,
+        metadata={
+            "help": "Fine-tune on CPU even with a GPU (with `accelerate launch`: CPU processes, joined by gloo)."
+        },
+    )
 
     def __post_init__(self):
         if self.mode not in MODES:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import multiprocessing
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -43,6 +44,7 @@ from ..evaluation.probe import (
 from ..evaluation.results import build_results, encoder_identity, write_results
 from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
 from ..models.merit.modeling_merit import MeritEcgModel, MeritForEcgClassification
+from ..utils.launch import is_first_launched_process, require_joined_processes
 from ..utils.throughput import ThroughputMeter
 from .classification import compute_metrics_for
 
@@ -115,6 +117,38 @@ class ThroughputCallback(TrainerCallback):
         self._switch(None)
 
 
+class KeyedCropCollator(MeritCollator):
+    """`MeritCollator` whose random crops are drawn from `(seed, epoch, ecg_id)`, as pretraining's are: a record's
+    window is the same whatever the number of processes or DataLoader workers and whatever it is batched with, and
+    new each epoch (`set_epoch`, called by `CropEpochCallback`). The crops came from one generator seeded with `seed`
+    in each process: they depended on the number of processes (2 processes of batch 16 fine-tuned otherwise than one
+    of batch 32), and every process cut the same sequence of windows."""
+
+    def __init__(self, *args, seed: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seed = seed
+        self._epoch = multiprocessing.Value("q", 0, lock=False)  # shared with DataLoader workers
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.value = epoch
+
+    def __call__(self, rows, crop_seeds=None) -> dict[str, torch.Tensor]:
+        key = (self.seed, self._epoch.value)
+        return super().__call__(rows, crop_seeds=crop_seeds or (lambda row: (*key, int(row["ecg_id"]))))
+
+
+class CropEpochCallback(TrainerCallback):
+    """Tells a `KeyedCropCollator` the epoch that begins (0, 1, ...)."""
+
+    def __init__(self, collator: KeyedCropCollator):
+        self.collator = collator
+        self.epoch = 0
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.set_epoch(self.epoch)
+        self.epoch += 1
+
+
 class DefinedMetricEarlyStoppingCallback(EarlyStoppingCallback):
     """`EarlyStoppingCallback` for which an undefined (NaN) validation macro AUROC neither improves nor uses up the
     patience. It is NaN in every epoch or in none (the validation labels decide: no class with both positives and
@@ -157,7 +191,8 @@ def fine_tune(
     """
     names = label_names(dataset_dict["train"], label_set)
     columns = [*RECORD_COLUMNS, label_set]
-    train = dataset_dict["train"].select(rows["train"]).select_columns(columns)
+    keyed = "ecg_id" in dataset_dict["train"].column_names  # PTB-XL and WFDB folders: crops keyed by the record
+    train = dataset_dict["train"].select(rows["train"]).select_columns(columns + ["ecg_id"] * keyed)
     centre_crops = with_crop(feature_extractor, "center")
     evaluation = {
         split: precompute_ecg_values(
@@ -165,8 +200,11 @@ def fine_tune(
         )
         for split in ("validation", "test")
     }
-    random_crops = MeritCollator(with_crop(feature_extractor, "random", seed), label_set=label_set,
-                                 num_classes=len(names))  # fmt: skip
+    random_crop_extractor = with_crop(feature_extractor, "random", seed)
+    if keyed:
+        random_crops = KeyedCropCollator(random_crop_extractor, label_set=label_set, num_classes=len(names), seed=seed)
+    else:
+        random_crops = MeritCollator(random_crop_extractor, label_set=label_set, num_classes=len(names))
     temporary = tempfile.mkdtemp(prefix="merit_fine_tune_") if checkpoint_dir is None else None
     training_arguments = TrainingArguments(
         output_dir=str(checkpoint_dir or temporary),
@@ -189,7 +227,9 @@ def fine_tune(
         dataloader_pin_memory=torch.cuda.is_available(),
         report_to="none",
         seed=seed,
+        use_cpu=arguments.use_cpu,
     )
+    require_joined_processes(training_arguments.world_size)
     if temporary is not None and training_arguments.world_size > 1:
         raise ValueError(
             f"fine_tune on {training_arguments.world_size} processes: give checkpoint_dir, a folder every process "
@@ -211,6 +251,7 @@ def fine_tune(
         callbacks=[
             DefinedMetricEarlyStoppingCallback(early_stopping_patience=arguments.finetune_patience),
             ThroughputCallback(meter, flops_batch, len(train)),
+            *([CropEpochCallback(random_crops)] if keyed else []),
         ],
     )
     try:
@@ -302,6 +343,6 @@ def run_fine_tune(
         **entries,  # model, and baseline when it ran
         dataset_extra={**dataset_info(dataset_dict, label_set, rows), **dataset_description(arguments)},
     )
-    if output_file is not None:
+    if output_file is not None and is_first_launched_process():  # one writer: every process has the same results
         write_results(results, output_file)
     return results

@@ -44,6 +44,7 @@ resume), `log_history.jsonl` (one line per logged step, and one per evaluation b
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -65,6 +66,7 @@ from accelerate.utils import (
     GradientAccumulationPlugin,
     ProjectConfiguration,
     TorchDynamoPlugin,
+    gather_object,
     set_seed,
 )
 from torch.utils.data import DataLoader
@@ -76,6 +78,7 @@ from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
 from ..models.merit.modeling_merit import MeritForPreTraining
 from ..models.merit.processing_merit import MeritProcessor
 from ..utils.arguments import arguments_to_dict, config_from_argument, parse_arguments
+from ..utils.launch import require_joined_processes
 from ..utils.throughput import ThroughputMeter, dataloader_options
 from .activation_checkpointing import enable_activation_checkpointing
 from .losses import PretrainingLosses, PretrainingObjective
@@ -774,6 +777,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if resume_path is None and not train_args.overwrite_output_dir:
         check_output_dir_free(output_dir)
     accelerator = make_accelerator(train_args, data_args.dataloader_pin_memory)
+    require_joined_processes(accelerator.num_processes)
     set_seed(train_args.seed)
     if train_args.overwrite_output_dir and accelerator.is_main_process:
         remove_run_outputs(output_dir)
@@ -819,7 +823,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "per_device_train_batch_size": train_args.per_device_train_batch_size,
         "gradient_accumulation_steps": train_args.gradient_accumulation_steps,
         "seed": train_args.seed,
-        "stream_layout": stream_layout(train_loader) if streaming else None,
+        "stream_layout": stream_layout(train_loader, accelerator) if streaming else None,
     }
     global_step, epoch = resume(accelerator, resume_path, run_identity, train_loader if streaming else None)
     start_logging(accelerator, output_dir, global_step, (model_args, data_args, train_args))
@@ -1079,10 +1083,17 @@ def training_stream(train_split, rank: int, world_size: int, data_args: DataArgu
     )
 
 
-def stream_layout(train_loader) -> dict[str, int]:
+def stream_layout(train_loader, accelerator: Accelerator | None = None) -> dict[str, Any]:
     """What a stream position saved in a checkpoint refers to: the stream's shards and the DataLoader workers that
-    read them (torchdata's loader keeps one position per worker and cannot take another worker count)."""
-    return {"num_shards": train_loader.dataset.num_shards, "dataloader_num_workers": train_loader.num_workers}
+    read them (torchdata's loader keeps one position per worker and cannot take another worker count). With several
+    processes, `num_shards` is their common shard count, or the list of each one's where they differ (3 files on 2
+    processes: `[2, 1]`): the checkpoint keeps the main process's layout, and a process with another count refused
+    to resume from it."""
+    num_shards = train_loader.dataset.num_shards
+    if accelerator is not None and accelerator.num_processes > 1:
+        counts = gather_object([num_shards])
+        num_shards = counts[0] if len(set(counts)) == 1 else counts
+    return {"num_shards": num_shards, "dataloader_num_workers": train_loader.num_workers}
 
 
 def make_optimizer(model: MeritForPreTraining, train_args: PretrainingArguments):
@@ -1205,15 +1216,19 @@ def training_batches(
     """`(epoch, index of the batch in its epoch, batch)`, epoch after epoch without end, from `epoch` and, in a
     map-style epoch, after its first `skip` batches (where a resumed run stopped). A stream that gives a process no
     full batch in an epoch is refused (the loop would wait forever), except in the first epoch of a resumed run,
-    which may have had none left."""
+    which may have had none left. A streamed epoch ends on every process when one has no batch left
+    (`until_a_process_runs_out`)."""
     first_epoch_may_be_empty = streaming and resumed
     collator = getattr(train_loader, "collate_fn", None)
+    empty_processes = [accelerator.process_index]
     while True:
         if hasattr(collator, "set_epoch"):  # PretrainingCollator: random crops keyed by the epoch
             collator.set_epoch(epoch)
         if streaming:
             train_loader.dataset.set_epoch(epoch)
             batches: Iterable = train_loader
+            if accelerator.num_processes > 1:
+                batches = until_a_process_runs_out(accelerator, batches, empty_processes)
         else:
             train_loader.set_epoch(epoch)
             batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
@@ -1222,11 +1237,28 @@ def training_batches(
             yield epoch, skip + count - 1, batch
         if count == 0 and not first_epoch_may_be_empty:
             raise ValueError(
-                f"--train_split {data_args.train_split!r}: epoch {epoch} of the stream gave process "
-                f"{accelerator.process_index} of {accelerator.num_processes} no full batch of "
+                f"--train_split {data_args.train_split!r}: epoch {epoch} of the stream gave "
+                f"process{'es' if len(empty_processes) > 1 else ''} {', '.join(map(str, empty_processes))} of "
+                f"{accelerator.num_processes} no full batch of "
                 f"{train_loader.batch_size} records; lower --per_device_train_batch_size or use more records"
             )
         epoch, skip, first_epoch_may_be_empty = epoch + 1, 0, False
+
+
+def until_a_process_runs_out(accelerator: Accelerator, batches: Iterable, empty_processes: list[int]) -> Iterator:
+    """`batches` (this process's part of a streamed epoch) as long as every process has a next batch; when one has
+    none, the epoch ends on every process, and `empty_processes` is set to the ranks that had none. The processes'
+    parts differ by up to a shard (a row group of 100 records, or a short last file): without this, a process with
+    fewer records went on into its next epoch, where the shards are dealt anew, while the others finished theirs;
+    the processes then drifted apart by epochs, training the records of the smaller parts more often and, at times,
+    a record on two processes at once. The records a longer part has left are not trained in that epoch, as a
+    map-style epoch leaves out what does not fill a last batch on every process. One flag per batch is gathered."""
+    for batch in itertools.chain(batches, [None]):
+        has_batch = accelerator.gather(torch.tensor([batch is not None], device=accelerator.device))
+        if not bool(has_batch.all()):
+            empty_processes[:] = torch.nonzero(~has_batch).flatten().tolist()
+            return
+        yield batch
 
 
 def mean_over_processes(

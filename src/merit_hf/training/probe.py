@@ -8,8 +8,9 @@ Run (1 CPU, N GPUs and M nodes alike):
     accelerate launch -m merit_hf.training.probe configs/probe_ptbxl_full.yaml --mode finetune
     accelerate launch --multi_gpu --num_machines M --num_processes N ... -m merit_hf.training.probe <config>
 
-The linear probe runs on the main process (features are small); fine-tuning uses every process. The names of
-`merit_hf.evaluation.probe` stay importable from here for one release.
+The linear probe runs on the main process (features are small; the other processes stop at once); fine-tuning uses
+every process (without a GPU, add `--use_cpu true` to join them: otherwise each would fine-tune alone, and this is
+refused). The names of `merit_hf.evaluation.probe` stay importable from here for one release.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..evaluation.probe import (
     run_name,
 )
 from ..utils.arguments import parse_arguments
+from ..utils.launch import is_first_launched_process
 from .finetune import fine_tune, run_fine_tune  # noqa: F401
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     (arguments,) = parse_arguments([ProbeArguments], sys.argv[1:] if argv is None else argv)
     if not arguments.model_name_or_path:
         raise ValueError("model_name_or_path: required (a MERIT checkpoint folder or Hub id)")
+    if arguments.mode == "linear" and not is_first_launched_process():
+        logger.info("linear probe: it runs on the main process; this process has nothing to do")
+        return {}
     dataset_dict = load_dataset_dict(arguments.dataset, arguments.sampling_rate, arguments)
     encoder, _ = load_encoder(arguments.model_name_or_path)
     feature_extractor = load_feature_extractor(arguments.model_name_or_path, encoder)
@@ -91,4 +96,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(), indent=2))
+    summary = main()
+    if is_first_launched_process():
+        print(json.dumps(summary, indent=2))

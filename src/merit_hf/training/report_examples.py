@@ -51,8 +51,10 @@ REPORT_EXAMPLES_FORMAT_VERSION = 1  # bump when the stored values change for the
 DEFAULT_CHUNK_SIZE = 256  # records per feature-extractor call: ~60 MB of MIMIC signals + their ecg_values
 FINISHED_FILE = "report_examples.json"
 ROW_COLUMNS = ("ecg_id", "report", "signal", "sampling_rate", "lead_names")
-# What a feature extractor's output does not depend on here (`ReportExamples` always cuts the centre window).
-IGNORED_SETTINGS = ("crop", "seed")
+# What a feature extractor's output does not depend on here: `ReportExamples` always cuts the centre window, and
+# `auto_map` / `processor_class` are what saving it (`MeritProcessor.save_pretrained`) adds to it in place, on the main
+# process only: with them, the processes of a run computed different keys for the same examples once one had saved.
+IGNORED_SETTINGS = ("crop", "seed", "auto_map", "processor_class")
 
 Rows = Dataset | IterableDataset | Sequence[dict[str, Any]]
 
@@ -169,25 +171,32 @@ def prepare_report_examples(
             shutil.rmtree(directory, ignore_errors=True)
             raise
     key = examples_fingerprint(source, limit, feature_extractor)
+    if world_size > 1:
+        _check_same_key(key, source, limit, feature_extractor)
     directory = Path(cache_dir) / f"report-examples-{key}"
-    finished = _finished(directory) if rank == 0 else None
-    if world_size > 1:  # one decision for all processes, or some would wait at a barrier the others skip
-        from accelerate.utils import broadcast_object_list
+    # The processes that see this folder (all of them on a shared filesystem; those of one node where the cache is
+    # on each node's own disk) build it together; its first process decides for them and writes the finished record.
+    group = _processes_sharing(Path(cache_dir), process) if world_size > 1 else [0]
+    leader, group_rank, group_size = group[0], group.index(rank), len(group)
+    finished = _finished(directory) if rank == leader else None
+    if world_size > 1:  # one decision per folder, and every process takes part in every barrier below
+        from accelerate.utils import gather_object
 
-        finished = broadcast_object_list([finished])[0]
+        finished = gather_object([finished])[leader]
     if finished:
         logger.info("report examples: reusing %s (%d examples)", directory, finished["num_rows"])
         return _load(directory), None
     directory.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    _build_part(directory, parts, feature_extractor, limit, chunk_size, rank, world_size, show_progress=rank == 0)
+    _build_part(directory, parts, feature_extractor, limit, chunk_size, group_rank, group_size,
+                show_progress=rank == leader)  # fmt: skip
     if world_size > 1:
         process.wait_for_everyone()
-    if rank == 0:
+    if rank == leader:
         settings = {"rows": source, "limit": limit, "feature_extractor": feature_extractor_settings(feature_extractor)}
-        _write_finished(directory, key, settings, world_size)
+        _write_finished(directory, key, settings, group_size)
         logger.info("report examples: built %s in %.1f s over %d process(es)", directory,
-                    time.perf_counter() - start, world_size)  # fmt: skip
+                    time.perf_counter() - start, group_size)  # fmt: skip
     if world_size > 1:
         process.wait_for_everyone()
     return _load(directory), None
@@ -352,6 +361,66 @@ def _extract(batch: dict[str, Any], feature_extractor: MeritFeatureExtractor) ->
                 name = f"ecg_id {int(ids[index])}" if ids is not None else f"example {index} of its chunk"
                 raise EcgInputError(f"{name}: {str(error).removeprefix('record 0: ')}") from error
         raise
+
+
+def _processes_sharing(cache_dir: Path, process) -> list[int]:
+    """The ranks of the processes that see the same `cache_dir` as this one, in order. Each process leaves a probe
+    file there and looks for the others': on a filesystem every process shares, all of them; with the cache on each
+    node's own disk (`$HF_DATASETS_CACHE` often is), the processes of this node. Without this, the main process waited
+    for the parts that other nodes had written to their own disks. A shared filesystem that shows a probe late only
+    makes its nodes build the same parts twice (each part is written under a temporary name and renamed)."""
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    rank, world_size = process.process_index, process.num_processes
+    token = broadcast_object_list([uuid.uuid4().hex if rank == 0 else None])[0]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    probe = cache_dir / f".report-examples-probe-{token}-{rank:05d}"
+    probe.touch()
+    try:
+        process.wait_for_everyone()
+        seen = [
+            other
+            for other in range(world_size)
+            if (cache_dir / f".report-examples-probe-{token}-{other:05d}").exists()
+        ]
+        groups = gather_object([seen])
+        process.wait_for_everyone()
+    finally:
+        probe.unlink(missing_ok=True)
+    if any(groups[other] != seen for other in seen):
+        raise RuntimeError(
+            f"report examples: the processes see {cache_dir} inconsistently ({dict(enumerate(groups))}: the ranks whose "
+            "files each process sees there); give --examples_cache_dir a folder every process shares, or one on each "
+            "node's own disk"
+        )
+    return seen
+
+
+def _check_same_key(key: str, source: str, limit: int | None, feature_extractor: MeritFeatureExtractor) -> None:
+    """Raise, in every process, when the processes computed different cache keys: each would build the part of its
+    own folder, and the main process would find the others' parts missing. The error names what differs from the
+    main process's inputs (rows, limit, feature-extractor settings)."""
+    from accelerate.utils import gather_object
+
+    inputs = {"rows": source, "limit": limit, **feature_extractor_settings(feature_extractor)}
+    gathered = gather_object([(key, inputs)])
+    if len({gathered_key for gathered_key, _ in gathered}) == 1:
+        return
+    main = gathered[0][1]
+    differences = {
+        rank: {
+            name: (main.get(name), theirs.get(name))
+            for name in sorted(main.keys() | theirs.keys())
+            if main.get(name) != theirs.get(name)
+        }  # fmt: skip
+        for rank, (_, theirs) in enumerate(gathered)
+        if rank
+    }
+    raise RuntimeError(
+        "report examples: the processes disagree on the examples' cache key (keys "
+        f"{[gathered_key for gathered_key, _ in gathered]}); what differs from process 0, as {{process: {{input: "
+        f"(process 0's, its own)}}}}: {differences}"
+    )
 
 
 def _part_file(rank: int, world_size: int) -> str:

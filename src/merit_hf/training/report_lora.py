@@ -75,6 +75,7 @@ from ..models.merit.modeling_merit import MeritEcgModel
 from ..models.merit.modeling_merit_report import MeritForReportGeneration
 from ..models.merit.processing_merit import DEFAULT_REPORT_INSTRUCTION, IGNORE_INDEX, MeritProcessor
 from ..utils.arguments import arguments_to_dict, config_from_argument, parse_arguments
+from ..utils.launch import require_joined_processes
 from ..utils.throughput import ThroughputMeter
 from .report_examples import DEFAULT_CHUNK_SIZE, ReportExamples, files_fingerprint, rows_fingerprint
 
@@ -495,9 +496,16 @@ def _train_stage(
     training_args: ReportTrainingArguments,
 ) -> tuple[list[float], dict[str, Any]]:
     """One stage: AdamW on the parameters that require grad, warm-up + schedule; returns the loss of each optimizer
-    step (the mean of its micro-batches' losses over every process) and the stage's throughput totals
-    (`merit_hf.utils.throughput`; `ecgs_seen` counts the ECGs of every micro-batch on every process, the ones
-    Accelerate repeats to give every process a full last batch included: they are trained on too)."""
+    step and the stage's throughput totals (`merit_hf.utils.throughput`; `ecgs_seen` counts the ECGs of every
+    micro-batch on every process, the ones Accelerate repeats to give every process a full last batch included: they
+    are trained on too).
+
+    A step's loss, and the gradient it steps on, are the mean per report token over the step's whole batch (every
+    micro-batch on every process), as one process given that batch at once computes them: each micro-batch
+    back-propagates its summed token losses, and the gradients are divided by the step's token count before they are
+    clipped. A mean per micro-batch, averaged by DDP and by gradient accumulation, weighted the tokens of a
+    micro-batch with fewer report tokens more, so N processes or N accumulated micro-batches trained otherwise than
+    one batch."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=training_args.weight_decay, fused=True)
     meter = ThroughputMeter(accelerator.device, num_processes=accelerator.num_processes, model=model)
@@ -520,21 +528,28 @@ def _train_stage(
             batch.pop("index")
             meter.count_flops_once(lambda rows: meter.model(**rows).loss, batch)
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
+                labels = batch.pop("labels")
+                loss_sums, token_counts = report_token_loss_sums(model(**batch).logits, labels)
+                accelerator.backward(loss_sums.sum())
+                micro_losses.append(torch.stack([loss_sums.sum().detach().float(), token_counts.sum()]))
+                micro_ecgs += len(batch["input_ids"])
                 if accelerator.sync_gradients:
+                    # One gather per step: this process's loss sum, report tokens and ECGs.
+                    local = torch.cat([torch.stack(micro_losses).sum(dim=0), token_counts.new_tensor([micro_ecgs])])
+                    totals = accelerator.gather(local[None]).sum(dim=0)
+                    # accelerate divided each micro-batch's loss by the accumulation steps and DDP averages the
+                    # processes' gradients: undo both, then divide by the step's report tokens.
+                    scale = accelerator.num_processes * accelerator.gradient_accumulation_steps / totals[1]
+                    for parameter in parameters:
+                        if parameter.grad is not None:
+                            parameter.grad.mul_(scale.to(parameter.grad.dtype))
                     accelerator.clip_grad_norm_(parameters, training_args.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            micro_losses.append(loss.detach())
-            micro_ecgs += len(batch["input_ids"])
             if accelerator.sync_gradients:
                 step += 1
-                # One gather per step: this process's mean micro-batch loss and its ECG count.
-                local = torch.stack([torch.stack(micro_losses).mean().float(), loss.new_tensor(micro_ecgs).float()])
-                gathered = accelerator.gather(local[None])
-                mean_loss, ecgs = gathered[:, 0].mean().item(), int(gathered[:, 1].sum().item())
+                mean_loss, ecgs = (totals[0] / totals[1]).item(), int(totals[2].item())
                 micro_losses, micro_ecgs = [], 0
                 meter.step(ecgs)
                 progress.update(1)
@@ -550,6 +565,16 @@ def _train_stage(
     return losses, meter.totals()
 
 
+def report_token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token loss summed over each row's label tokens (those not `IGNORE_INDEX`), and their count:
+    `(loss_sums, token_counts)`, both `(batch_size,)` float32. The LM's own loss is their ratio over the batch."""
+    targets = labels[:, 1:]
+    losses = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return losses.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1).float()
+
+
 def report_token_losses(accelerator: Accelerator, model, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced next-token loss summed over each report's label tokens, and their count, per example in loader
     order (gathered from every process without duplicates): `(loss_sums, token_counts)`, both `(num_examples,)`."""
@@ -559,10 +584,7 @@ def report_token_losses(accelerator: Accelerator, model, loader: DataLoader) -> 
         for batch in loader:
             batch.pop("index")
             labels = batch.pop("labels")
-            logits = model(**batch).logits[:, :-1].float()
-            targets = labels[:, 1:]
-            losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-            per_example = torch.stack([losses.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1).float()], dim=1)
+            per_example = torch.stack(report_token_loss_sums(model(**batch).logits, labels), dim=1)
             gathered = accelerator.gather_for_metrics(per_example)
             sums.append(gathered[:, 0].cpu())
             counts.append(gathered[:, 1].cpu())
@@ -615,7 +637,9 @@ def generate_reports(
     accelerator: Accelerator, model, processor: MeritProcessor, loader: DataLoader, generation_config: GenerationConfig
 ) -> tuple[dict[int, str], dict[str, float]]:
     """Generated report per example index (gathered from every process), and generation speed over all processes:
-    the tokens every process generated (EOS included, `generated_lengths`) over the longest process's time."""
+    the tokens generated for the examples (EOS included, `generated_lengths`; not for the copies Accelerate adds to
+    give every process a full last batch, so the count is the same with any number of processes) over the longest
+    process's time."""
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
     texts, new_tokens, seconds = {}, 0, 0.0
@@ -627,12 +651,14 @@ def generate_reports(
         output = output[:, batch["input_ids"].shape[1] :]  # generate() returns the prompt, then the new tokens
         eos_token_id = generation_config.eos_token_id
         eos_token_id = processor.tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-        new_tokens += int(generated_lengths(output, eos_token_id, processor.tokenizer.pad_token_id).sum())
+        lengths = generated_lengths(output, eos_token_id, processor.tokenizer.pad_token_id).tolist()
         decoded = processor.batch_decode(output, skip_special_tokens=True)
-        gathered = accelerator.gather_for_metrics(list(zip(indices.tolist(), decoded)), use_gather_object=True)
-        texts.update(dict(gathered))
-    totals = accelerator.gather(torch.tensor([[new_tokens, seconds]], dtype=torch.float64, device=accelerator.device))
-    new_tokens, seconds = int(totals[:, 0].sum()), float(totals[:, 1].max())
+        gathered = accelerator.gather_for_metrics(
+            list(zip(indices.tolist(), decoded, lengths)), use_gather_object=True
+        )
+        texts.update({index: text for index, text, _ in gathered})
+        new_tokens += sum(length for _, _, length in gathered)
+    seconds = float(accelerator.gather(torch.tensor([seconds], dtype=torch.float64, device=accelerator.device)).max())
     speed = {
         "generated_tokens": new_tokens,
         "generation_seconds": seconds,
@@ -654,6 +680,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         mixed_precision=training_args.mixed_precision,
         gradient_accumulation_steps=training_args.gradient_accumulation_steps,
     )
+    require_joined_processes(accelerator.num_processes)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -725,8 +752,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"(non-English {data_args.non_english_reports}ped): {language_counts}"
     )
     teacher_forced = ReportCollator(processor, prompt, model_args.condition_on_ecg, with_reports=True)
+    # The shuffle has its own generator seeded by --seed: without one, one process drew each epoch's order from the
+    # global RNG when the epoch began and N processes drew a generator's seed when the loader was prepared, so the
+    # order depended on the number of processes (and on whatever had used the global RNG before).
     train_loader = DataLoader(
-        train_set, batch_size=training_args.per_device_train_batch_size, shuffle=True, collate_fn=teacher_forced
+        train_set,
+        batch_size=training_args.per_device_train_batch_size,
+        shuffle=True,
+        collate_fn=teacher_forced,
+        generator=torch.Generator().manual_seed(training_args.seed),
     )
 
     # --- stage 1: projector alignment (nothing else trains)
