@@ -7,7 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import AutoFeatureExtractor, AutoModelForSequenceClassification, Trainer, TrainingArguments
+from transformers import (
+    AutoFeatureExtractor,
+    AutoModelForSequenceClassification,
+    Trainer,
+    TrainerState,
+    TrainingArguments,
+)
 
 from merit_hf import MeritEcgModel, MeritFeatureExtractor, MeritForEcgClassification, MeritForPreTraining
 from merit_hf.data import MeritCollator, build_ptbxl, label_names
@@ -286,7 +292,10 @@ def test_fine_tuning_crops_are_keyed_by_seed_epoch_and_ecg_id():
     halves = torch.cat([other(rows[3:])["ecg_values"], other(rows[:3])["ecg_values"]])
     torch.testing.assert_close(torch.cat([halves[3:], halves[:3]]), whole, rtol=0, atol=0)
     callback = finetune.CropEpochCallback(one)
-    callback.on_epoch_begin(None, None, None)  # epoch 0
+    callback.on_epoch_begin(None, TrainerState(epoch=0.0), None)
     assert torch.equal(one(rows)["ecg_values"], whole)
-    callback.on_epoch_begin(None, None, None)  # epoch 1
-    assert not torch.equal(one(rows)["ecg_values"], whole)
+    callback.on_epoch_begin(None, TrainerState(epoch=1.0), None)
+    second = one(rows)["ecg_values"]
+    assert not torch.equal(second, whole)
+    callback.on_epoch_begin(None, TrainerState(epoch=1.5), None)  # resumed half-way through epoch 1
+    assert torch.equal(one(rows)["ecg_values"], second)

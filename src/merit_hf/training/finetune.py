@@ -138,15 +138,14 @@ class KeyedCropCollator(MeritCollator):
 
 
 class CropEpochCallback(TrainerCallback):
-    """Tells a `KeyedCropCollator` the epoch that begins (0, 1, ...)."""
+    """Tells a `KeyedCropCollator` the epoch that begins (0, 1, ...), from the Trainer's state, so that a run resumed
+    from a checkpoint goes on with its epoch's crops."""
 
     def __init__(self, collator: KeyedCropCollator):
         self.collator = collator
-        self.epoch = 0
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.collator.set_epoch(self.epoch)
-        self.epoch += 1
+        self.collator.set_epoch(int(state.epoch or 0))
 
 
 class DefinedMetricEarlyStoppingCallback(EarlyStoppingCallback):

@@ -1254,7 +1254,9 @@ def until_a_process_runs_out(accelerator: Accelerator, batches: Iterable, empty_
     a record on two processes at once. The records a longer part has left are not trained in that epoch, as a
     map-style epoch leaves out what does not fill a last batch on every process. One flag per batch is gathered."""
     for batch in itertools.chain(batches, [None]):
-        has_batch = accelerator.gather(torch.tensor([batch is not None], device=accelerator.device))
+        # int32, not bool: every backend gathers it (NCCL has no bool type of its own)
+        flag = torch.tensor([int(batch is not None)], dtype=torch.int32, device=accelerator.device)
+        has_batch = accelerator.gather(flag) > 0
         if not bool(has_batch.all()):
             empty_processes[:] = torch.nonzero(~has_batch).flatten().tolist()
             return
