@@ -285,7 +285,7 @@ def test_fine_tuning_crops_are_keyed_by_seed_epoch_and_ecg_id():
     extractor = MeritFeatureExtractor(sampling_rate=100, num_samples=800, crop="random")  # 10 s records: 201 positions
 
     def collator():
-        return finetune.KeyedCropCollator(extractor, label_set="superclass", num_classes=5, seed=3)
+        return MeritCollator(extractor, label_set="superclass", num_classes=5, crop_seed=3)
 
     one, other = collator(), collator()
     whole = one(rows)["ecg_values"]

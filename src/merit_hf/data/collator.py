@@ -7,6 +7,7 @@ the embedding CLI and `precompute_ecg_values` feed the model exactly what a user
 from __future__ import annotations
 
 import logging
+import multiprocessing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -51,6 +52,11 @@ class MeritCollator:
             path there (`"cpu"`, `"cuda"`; see `MeritFeatureExtractor.__call__`'s `device`) instead of its per-record
             scipy path (the default). `ecg_values` then stays on that device; with `"cuda"` use it in the main
             process (`num_workers=0`): CUDA cannot run in forked DataLoader workers.
+        crop_seed (`int`, *optional*): with a `crop="random"` feature extractor, cut each record's window at a
+            position drawn from `(crop_seed, epoch, ecg_id)`: the same whatever the number of processes or DataLoader
+            workers and whatever the record is batched with, the same after a resume, and new each epoch
+            (`set_epoch`; the epoch is held in shared memory, so workers, persistent ones too, read the current one).
+            Without it a random crop comes from the feature extractor's own generator.
 
     Example:
 
@@ -74,6 +80,7 @@ class MeritCollator:
         max_length: int = 128,
         empty_report: str = "raise",
         feature_extraction_device: str | torch.device | None = None,
+        crop_seed: int | None = None,
     ):
         if label_set is not None and (num_classes is None or num_classes < 1):
             raise ValueError(
@@ -92,6 +99,9 @@ class MeritCollator:
         self.empty_report = empty_report
         self.num_dropped_empty_reports = 0
         self.feature_extraction_device = feature_extraction_device
+        self.crop_seed = crop_seed
+        # shared with DataLoader workers; only with crop_seed (a shared value pickles only into new processes)
+        self._epoch = None if crop_seed is None else multiprocessing.Value("q", 0, lock=False)
         self.processor = (
             None if tokenizer is None else MeritProcessor(feature_extractor, tokenizer, max_length=max_length)
         )
@@ -100,8 +110,11 @@ class MeritCollator:
         self, rows: Sequence[Mapping[str, Any]], crop_seeds: Callable[[Mapping[str, Any]], Any] | None = None
     ) -> dict[str, torch.Tensor]:
         """The batch of `rows`. `crop_seeds`: a function of a row giving the seed of its random crop (the feature
-        extractor's `crop_seeds`; pretraining keys it by seed, epoch and `ecg_id`); stored `ecg_values` are not
-        cropped again."""
+        extractor's `crop_seeds`; by default `(crop_seed, epoch, ecg_id)` when the collator has a `crop_seed`); stored
+        `ecg_values` are not cropped again."""
+        if crop_seeds is None and self.crop_seed is not None:
+            key = (self.crop_seed, self._epoch.value)
+            crop_seeds = lambda row: (*key, int(row["ecg_id"]))  # noqa: E731
         rows = list(rows)
         if self.tokenizer is not None:
             rows = self._handle_empty_reports(rows)
@@ -171,6 +184,11 @@ class MeritCollator:
         if self.processor is None:
             raise ValueError("MeritCollator: reports need a tokenizer; pass tokenizer= to tokenise them")
         return dict(self.processor(ecgs=signals, text=list(reports), **ecgs))
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch that keys the random crops (`crop_seed`); without a `crop_seed` it has nothing to key."""
+        if self._epoch is not None:
+            self._epoch.value = epoch
 
     def named_record_error(
         self, error: EcgInputError, rows: Mapping[str, Sequence[Any]], dataset_rows: Sequence[int] | None = None

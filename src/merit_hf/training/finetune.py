@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import multiprocessing
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -117,31 +116,14 @@ class ThroughputCallback(TrainerCallback):
         self._switch(None)
 
 
-class KeyedCropCollator(MeritCollator):
-    """`MeritCollator` whose random crops are drawn from `(seed, epoch, ecg_id)`, as pretraining's are: a record's
-    window is the same whatever the number of processes or DataLoader workers and whatever it is batched with, and
-    new each epoch (`set_epoch`, called by `CropEpochCallback`). The crops came from one generator seeded with `seed`
-    in each process: they depended on the number of processes (2 processes of batch 16 fine-tuned otherwise than one
-    of batch 32), and every process cut the same sequence of windows."""
-
-    def __init__(self, *args, seed: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.seed = seed
-        self._epoch = multiprocessing.Value("q", 0, lock=False)  # shared with DataLoader workers
-
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch.value = epoch
-
-    def __call__(self, rows, crop_seeds=None) -> dict[str, torch.Tensor]:
-        key = (self.seed, self._epoch.value)
-        return super().__call__(rows, crop_seeds=crop_seeds or (lambda row: (*key, int(row["ecg_id"]))))
-
-
 class CropEpochCallback(TrainerCallback):
-    """Tells a `KeyedCropCollator` the epoch that begins (0, 1, ...), from the Trainer's state, so that a run resumed
-    from a checkpoint goes on with its epoch's crops."""
+    """Tells a `MeritCollator` with a `crop_seed` the epoch that begins (0, 1, ...), from the Trainer's state, so that
+    a run resumed from a checkpoint goes on with its epoch's crops. The crops are drawn from `(seed, epoch, ecg_id)`,
+    as pretraining's are: they came from one generator seeded with the seed in each process, so they depended on the
+    number of processes (2 processes of batch 16 fine-tuned otherwise than one of batch 32), and every process cut the
+    same sequence of windows."""
 
-    def __init__(self, collator: KeyedCropCollator):
+    def __init__(self, collator: MeritCollator):
         self.collator = collator
 
     def on_epoch_begin(self, args, state, control, **kwargs):
@@ -199,11 +181,8 @@ def fine_tune(
         )
         for split in ("validation", "test")
     }
-    random_crop_extractor = with_crop(feature_extractor, "random", seed)
-    if keyed:
-        random_crops = KeyedCropCollator(random_crop_extractor, label_set=label_set, num_classes=len(names), seed=seed)
-    else:
-        random_crops = MeritCollator(random_crop_extractor, label_set=label_set, num_classes=len(names))
+    random_crops = MeritCollator(with_crop(feature_extractor, "random", seed), label_set=label_set,
+                                 num_classes=len(names), crop_seed=seed if keyed else None)  # fmt: skip
     temporary = tempfile.mkdtemp(prefix="merit_fine_tune_") if checkpoint_dir is None else None
     training_arguments = TrainingArguments(
         output_dir=str(checkpoint_dir or temporary),

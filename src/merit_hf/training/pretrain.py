@@ -48,7 +48,6 @@ import itertools
 import json
 import logging
 import math
-import multiprocessing
 import shutil
 import sys
 import time
@@ -559,9 +558,8 @@ class PretrainingCollator:
 
     `crop="random"` (training; DESIGN: random crop in training, as ST-MEM) cuts each record's window at a position
     drawn from `(seed, epoch, ecg_id)`, as its masking noise is: the same in every run, whatever the number of
-    processes or workers, and after a resume, and new in every epoch. `set_epoch` sets the epoch; it is held in
-    shared memory, so DataLoader workers, persistent ones too, read the current one. `"center"` (evaluation, and
-    training with `--train_crop center`) cuts the middle."""
+    processes or workers, and after a resume, and new in every epoch (`MeritCollator`'s `crop_seed`; `set_epoch` sets
+    the epoch). `"center"` (evaluation, and training with `--train_crop center`) cuts the middle."""
 
     def __init__(
         self,
@@ -576,26 +574,19 @@ class PretrainingCollator:
 
         if crop not in TRAIN_CROPS:
             raise ValueError(f"crop must be one of {TRAIN_CROPS}, got {crop!r}")
-        feature_extractor = with_crop(feature_extractor, crop)
-        self.crop = crop
-        self.seed = seed
-        self._epoch = multiprocessing.Value("q", 0, lock=False)
         self.collator = MeritCollator(
-            feature_extractor,
+            with_crop(feature_extractor, crop),
             tokenizer=tokenizer,
             max_length=max_report_length,
             feature_extraction_device=feature_extraction_device,
+            crop_seed=seed if crop == "random" else None,
         )
 
     def set_epoch(self, epoch: int) -> None:
-        self._epoch.value = epoch
+        self.collator.set_epoch(epoch)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        crop_seeds = None
-        if self.crop == "random":
-            key = (self.seed, self._epoch.value)
-            crop_seeds = lambda row: (*key, int(row["ecg_id"]))  # noqa: E731
-        batch = dict(self.collator(rows, crop_seeds=crop_seeds))
+        batch = dict(self.collator(rows))
         batch["ecg_id"] = torch.tensor([int(row["ecg_id"]) for row in rows], dtype=torch.long)
         return batch
 
