@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from .data.collator import RECORD_ID_COLUMNS, first_failing_record, record_ids
 from .data.ptbxl_versions import DEFAULT_PTBXL_VERSION, PTBXL_VERSIONS, check_ptbxl_version
 from .data.wfdb_folder import DEFAULT_SPLIT_FRACTIONS
 from .evaluation.probe import (
@@ -65,7 +66,6 @@ REQUIRED_COLUMNS = ("signal", "sampling_rate", "lead_names")
 # the shard layout of streamed splits: whole shards per process since stream_part, up to 64 for a folder built in
 # memory; a resume key from before it (a stream position in another layout) is refused, not misread
 STREAM_LAYOUT = "stream-layout-2"
-RECORD_ID_COLUMNS = ("ecg_id", "record", "study_id")  # what names a row in an error, whichever the dataset has
 
 
 def embed_dataset(
@@ -172,16 +172,14 @@ def _named_record_error(
     error: EcgInputError, rows: dict[str, list], split: str | None, inputs_of: Callable[[dict[str, list]], Any]
 ) -> EcgInputError:
     """`error` of a batch of `rows` prefixed with the split and the failing row's `RECORD_ID_COLUMNS`; the row is the
-    first one that fails again on its own (only run once a batch has failed)."""
-    ids = [name for name in RECORD_ID_COLUMNS if name in rows]
+    first one that fails again on its own (`first_failing_record`)."""
     where = f"split {str(split)!r}" if split is not None else "the dataset"
     size = len(rows["signal"])
-    for position in range(size):
-        try:
-            inputs_of({name: values[position : position + 1] for name, values in rows.items()})
-        except EcgInputError:
-            named = ", ".join(f"{name} {rows[name][position]!r}" for name in ids) or "a row without an id column"
-            return EcgInputError(f"{where}, {named} (record {position} of a batch of {size}): {error}")
+    found = first_failing_record(rows, inputs_of)
+    if found is not None:
+        named = ", ".join(record_ids(rows, found[0])) or "a row without an id column"
+        return EcgInputError(f"{where}, {named} (record {found[0]} of a batch of {size}): {error}")
+    ids = [name for name in RECORD_ID_COLUMNS if name in rows]
     named = "; ".join(f"{name} {rows[name]!r}" for name in ids) or f"{size} rows without an id column"
     return EcgInputError(f"{where}, a batch of {named}: {error}")
 

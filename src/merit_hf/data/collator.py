@@ -196,25 +196,25 @@ class MeritCollator:
         """`error`, which the feature extractor raised for a batch of `rows` (columns `signal`, `sampling_rate`,
         `lead_names` and any of `RECORD_ID_COLUMNS`) and which names a record by its position in the batch only,
         prefixed with the `RECORD_ID_COLUMNS` (and `dataset_rows`: the rows' indices in their dataset) of the row
-        that caused it: the first that fails again on its own (run only once a batch has failed). `error` itself
-        when no row fails alone."""
-        size = len(rows["signal"])
-        for position in range(size):
-            try:
-                self.feature_extractor(
-                    [np.asarray(rows["signal"][position])],
-                    sampling_rate=[float(rows["sampling_rate"][position])],
-                    lead_names=[list(rows["lead_names"][position])],
-                )
-            except EcgInputError:
-                named = [f"{name} {_plain(rows[name][position])!r}" for name in RECORD_ID_COLUMNS if name in rows]
-                if dataset_rows is not None:
-                    named.append(f"row {dataset_rows[position]} of the dataset")
-                return EcgInputError(
-                    f"{', '.join(named) or 'a row without an id column'} (record {position} of a batch of {size}): "
-                    f"{error}"
-                )
-        return error
+        that caused it (`first_failing_record`). `error` itself when no row fails alone."""
+        found = first_failing_record(
+            rows,
+            lambda one: self.feature_extractor(
+                [np.asarray(one["signal"][0])],
+                sampling_rate=[float(one["sampling_rate"][0])],
+                lead_names=[list(one["lead_names"][0])],
+            ),
+        )
+        if found is None:
+            return error
+        position = found[0]
+        named = record_ids(rows, position)
+        if dataset_rows is not None:
+            named.append(f"row {dataset_rows[position]} of the dataset")
+        return EcgInputError(
+            f"{', '.join(named) or 'a row without an id column'} (record {position} of a batch of "
+            f"{len(rows['signal'])}): {error}"
+        )
 
     @staticmethod
     def _stored_ecg_values(rows: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
@@ -290,6 +290,26 @@ def precompute_ecg_values(
     )
 
 
+def first_failing_record(
+    rows: Mapping[str, Sequence[Any]], run_alone: Callable[[Mapping[str, Sequence[Any]]], Any]
+) -> tuple[int, EcgInputError] | None:
+    """`(position, error)` of the first row of the batch `rows` (columns of one length, `signal` among them) that
+    raises `EcgInputError` when `run_alone` gets it as a batch of one (every column cut to that row); `None` when no
+    row fails alone. Run only once a whole batch has failed, whose error names a record by its place in the batch:
+    the collator, `precompute_ecg_values`, the embedding command line and report examples name it by its ids."""
+    for position in range(len(rows["signal"])):
+        try:
+            run_alone({name: values[position : position + 1] for name, values in rows.items()})
+        except EcgInputError as error:
+            return position, error
+    return None
+
+
+def record_ids(rows: Mapping[str, Sequence[Any]], position: int) -> list[str]:
+    """The `RECORD_ID_COLUMNS` the batch `rows` has, of its row `position`, as `"name value"` for messages."""
+    return [f"{name} {_plain(rows[name][position])!r}" for name in RECORD_ID_COLUMNS if name in rows]
+
+
 def _plain(value: Any) -> Any:
     """A numpy scalar (rows in the numpy format) as the Python value it holds, for messages."""
     return value.item() if isinstance(value, np.generic) else value
@@ -301,4 +321,4 @@ def with_crop(feature_extractor, crop: str, seed: int | None = None):
     return type(feature_extractor).from_dict({**feature_extractor.to_dict(), "crop": crop, "seed": seed})
 
 
-__all__ = ["MeritCollator", "precompute_ecg_values", "with_crop"]
+__all__ = ["MeritCollator", "first_failing_record", "precompute_ecg_values", "record_ids", "with_crop"]

@@ -43,6 +43,7 @@ from datasets.arrow_writer import ArrowWriter
 from datasets.fingerprint import Hasher
 from tqdm.auto import tqdm
 
+from ..data.collator import first_failing_record
 from ..models.merit.feature_extraction_merit import EcgInputError, MeritFeatureExtractor
 
 logger = logging.getLogger(__name__)
@@ -352,15 +353,21 @@ def _extract(batch: dict[str, Any], feature_extractor: MeritFeatureExtractor) ->
     try:
         return feature_extractor(signals, **kwargs)["ecg_values"]
     except EcgInputError:
+        found = first_failing_record(
+            batch,
+            lambda one: feature_extractor(
+                [np.asarray(one["signal"][0])],
+                sampling_rate=float(one["sampling_rate"][0]),
+                lead_names=list(one["lead_names"][0]),
+                crop="center",
+            ),
+        )
+        if found is None:
+            raise
+        index, error = found
         ids = batch.get("ecg_id")
-        for index, signal in enumerate(signals):  # find the record and name it
-            try:
-                feature_extractor([signal], sampling_rate=kwargs["sampling_rate"][index],
-                                  lead_names=kwargs["lead_names"][index], crop="center")  # fmt: skip
-            except EcgInputError as error:
-                name = f"ecg_id {int(ids[index])}" if ids is not None else f"example {index} of its chunk"
-                raise EcgInputError(f"{name}: {str(error).removeprefix('record 0: ')}") from error
-        raise
+        name = f"ecg_id {int(ids[index])}" if ids is not None else f"example {index} of its chunk"
+        raise EcgInputError(f"{name}: {str(error).removeprefix('record 0: ')}") from error
 
 
 def _processes_sharing(cache_dir: Path, process) -> list[int]:
