@@ -239,6 +239,18 @@ def test_documented_command_parses(command: DocumentedCommand, monkeypatch, caps
         pytest.fail(f"{command}: `{command.text}` is refused: {type(error).__name__}: {error}")
 
 
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules after import of package:RuntimeWarning")
+@pytest.mark.parametrize("target", sorted({c.target for c in COMMANDS} - set(NOT_PARSED)))
+def test_documented_script_help(target: str, monkeypatch, capsys):
+    """`--help` of every documented script prints its usage and exits 0 (a stray `%` in a help text breaks it)."""
+    monkeypatch.chdir(REPO_ROOT)
+    argv = ["push", "--help"] if target == "-m merit_hf.hub" else ["--help"]
+    with pytest.raises(SystemExit) as exit_:
+        parse_as_script(target, argv)
+    assert exit_.value.code == 0, capsys.readouterr().err
+    assert "usage:" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("command", [c for c in COMMANDS if _is_fragment(c)], ids=str)
 def test_documented_fragment_flags_exist(command: DocumentedCommand):
     """`... --mode finetune` cannot be parsed whole; its flags must at least be the script's."""
