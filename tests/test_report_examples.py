@@ -236,9 +236,11 @@ def test_shuffled_ecgs_are_a_derangement_of_row_indices_not_a_copy(tmp_path):
     assert all(twice._ecg_rows != shuffled._ecg_rows) and examples._ecg_rows is None
 
 
-def run_two_processes(monkeypatch, rows, cache_dirs) -> dict:
+def run_two_processes(monkeypatch, rows, cache_dirs, limit=None, fingerprint=None) -> dict:
     """`ReportExamples(rows, ...)` in two processes (threads standing in for them: the barriers, the broadcast and the
-    gather are Accelerate's calls), process r caching under `cache_dirs[r]`: `{rank: (examples, extractor)}`."""
+    gather are Accelerate's calls), process r caching under `cache_dirs[r]`: `{rank: (examples, extractor)}`. `rows`
+    may be a function of the rank, for a stream: each process has its own (one `IterableDataset` iterated by two
+    threads at once is not safe)."""
     import accelerate.utils
 
     barrier, shared, results = threading.Barrier(2), {}, {}
@@ -272,7 +274,9 @@ def run_two_processes(monkeypatch, rows, cache_dirs) -> dict:
     def run(rank):
         local.rank = rank
         extractor = counting_extractor()
-        examples = ReportExamples(rows, extractor, cache_dirs[rank], chunk_size=2, process=Process(rank))
+        source = rows(rank) if callable(rows) else rows
+        examples = ReportExamples(source, extractor, cache_dirs[rank], chunk_size=2, process=Process(rank), limit=limit,
+                                  fingerprint=fingerprint)  # fmt: skip
         results[rank] = (examples, extractor)
 
     threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
@@ -299,6 +303,49 @@ def test_two_processes_prepare_one_shared_cache(monkeypatch, tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == [folder.name]  # no probe file left behind
     alone = counting_extractor()
     assert torch.equal(ReportExamples(rows, alone, tmp_path).ecg_values, expected) and alone.calls == []
+
+
+def test_processes_read_their_own_shards_of_a_stream(monkeypatch, tmp_path):
+    """A stream split between processes (no limit) is read by whole shards, each record by one process only; before,
+    each process read all of it (all of MIMIC-IV-ECG, on every GPU) and kept every second row. The cache equals the
+    one-process build, row for row, in the stream's order."""
+    rows = synthetic_rows(11)
+    shards = [[0, 1, 2], [3, 4], [5, 6, 7], [8], [9, 10]]
+    reads: dict[int, list[int]] = {}
+
+    def generate(shards):  # a shard is given its share of the list: here one list of row indices
+        for index in (index for shard in shards for index in shard):
+            reads.setdefault(threading.get_ident(), []).append(index)
+            yield rows[index]
+
+    features = Features({"ecg_id": Value("int64"), "report": Value("string"), "sampling_rate": Value("int32"),
+                         "lead_names": List(Value("string")), "signal": Array2D((1000, 12), "float32")})  # fmt: skip
+
+    def make_stream(rank=0):
+        return IterableDataset.from_generator(generate, features=features, gen_kwargs={"shards": shards})
+
+    stream = make_stream()
+    assert stream.num_shards == 5
+    results = run_two_processes(monkeypatch, make_stream, [tmp_path, tmp_path], fingerprint="the same stream")
+    expected = all_at_once(rows, counting_extractor())
+    by_process = sorted(reads.values(), key=lambda read: read[0])
+    assert by_process == [[0, 1, 2, 5, 6, 7, 9, 10], [3, 4, 8]]  # shards 0, 2, 4 and 1, 3: each row read once
+    for rank in (0, 1):
+        examples, extractor = results[rank]
+        assert sum(extractor.calls) == (8, 3)[rank]
+        assert torch.equal(examples.ecg_values, expected) and examples.reports == [row["report"] for row in rows]
+        assert examples.dataset["ecg_id"][:] == [row["ecg_id"] for row in rows]
+
+    reads.clear()
+    alone = ReportExamples(stream, counting_extractor(), tmp_path / "alone", fingerprint="the same stream")
+    assert torch.equal(alone.ecg_values, expected) and sum(len(read) for read in reads.values()) == 11
+
+    reads.clear()  # with a limit the first rows are wanted: read in order, by every process, up to the limit
+    limited = [make_stream().take(4), make_stream().take(4)]
+    results = run_two_processes(monkeypatch, limited.__getitem__, [tmp_path / "limited"] * 2, limit=4, fingerprint="4")
+    for rank in (0, 1):
+        examples, extractor = results[rank]
+        assert torch.equal(examples.ecg_values, expected[:4]) and sum(extractor.calls) == 2
 
 
 def test_processes_on_nodes_with_their_own_cache_folders_each_build_the_whole_set(monkeypatch, tmp_path):
@@ -377,3 +424,18 @@ def test_mimic_examples_stream_each_record_once_from_both_layouts(mimic_root, mo
     streamed = ReportExamples(read_mimic_reports(converted, limit=2), counting_extractor(), tmp_path, limit=2,
                               fingerprint=mimic_reports_fingerprint(converted))  # fmt: skip
     assert torch.equal(streamed.ecg_values, expected[:2])
+
+    # two processes, no limit: each reads its own shards of the conversion (row groups where the files are too few)
+    # and of the PhysioNet folder (one record a shard), and both get the one-process examples
+    for source in (converted, mimic_root):
+        read.clear()
+        split = run_two_processes(
+            monkeypatch,
+            lambda rank, source=source: read_mimic_reports(source),
+            [tmp_path / "two" / source.name] * 2,
+            fingerprint=mimic_reports_fingerprint(source),
+        )
+        for rank in (0, 1):
+            assert torch.equal(split[rank][0].ecg_values, expected)
+        assert sum(split[0][1].calls) + sum(split[1][1].calls) == len(rows)
+    assert sorted(read) == sorted(row["ecg_id"] for row in rows)  # the PhysioNet records: each read by one process

@@ -35,7 +35,8 @@ Examples: each record runs through the feature extractor once, `--examples_chunk
 memory-mapped Arrow cache (`merit_hf.training.report_examples`) under `--examples_cache_dir` (default
 `$HF_DATASETS_CACHE/merit_hf_report_examples`), keyed by the data, the limits and the feature extractor's settings: a
 second run with the same ones reuses it, a run killed while preparing leaves nothing that is read as finished. With N
-processes each prepares every N-th example and all of them read the one cache; batches are then sharded by
+processes each prepares every N-th example of a `Dataset` and its own shards of a stream (MIMIC-IV-ECG without a
+limit), and all of them read the one cache; batches are then sharded by
 `accelerator.prepare` as before.
 
 Outputs in `output_dir`: `base_model/` (the frozen base: starting encoder + LM + stage-1 projector,
