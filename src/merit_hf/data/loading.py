@@ -324,7 +324,17 @@ def _load(
         return dataset[split] if split is not None else dataset
     if os.path.exists(path):
         raise NotADirectoryError(f"{path}: expected a dataset folder or a Hub dataset id")
-    return hf_load_dataset(str(path_or_repo_id), name=config, split=split, streaming=streaming)
+    try:
+        return hf_load_dataset(str(path_or_repo_id), name=config, split=split, streaming=streaming)
+    except (ConnectionError, FileNotFoundError) as error:  # offline, or no such Hub dataset
+        clone_only = path.name == "ptbxl_sample"  # the bundled sample the configs name
+        sample = (
+            "; data/ptbxl_sample, which the configs name, is in a clone of the repository only" if clone_only else ""
+        )
+        raise FileNotFoundError(
+            f"{path_or_repo_id}: no such folder in {Path.cwd()}, and no Hub dataset of that id ({error}). Give the "
+            f"dataset's folder, as downloaded from PhysioNet or converted by dataset_scripts/{sample}"
+        ) from error
 
 
 def load_saved(path: str | os.PathLike) -> Dataset | DatasetDict:

@@ -13,6 +13,10 @@ transformers config from it, refusing keys the config does not have.
 A `list[...]` field given one YAML scalar (`report_to: none`) becomes a one-element list, and YAML list elements are
 converted to the declared element type (PyYAML reads `1e-2` as a string). An `X | None` field takes `None`, `none` or
 `null` on the command line as YAML's `null`.
+
+The repository's `configs/` ship inside the package (`merit_hf/configs`), so a pip install runs the documented commands
+outside a clone: a config that is not a file in the working directory, named bare (`tiny`, `tiny.yaml`) or by its
+documented path (`configs/tiny.yaml`), is the packaged copy (`resolve_config_path`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
+import os
 import types
 import typing
 from argparse import ArgumentTypeError
@@ -33,6 +39,11 @@ from transformers.hf_argparser import string_to_bool
 
 YAML_SUFFIXES = (".yaml", ".yml")
 NONE_STRINGS = ("None", "none", "null")
+# src/merit_hf/configs links to the repository's configs/ (one copy); a wheel holds the files themselves
+PACKAGED_CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+DOCUMENTED_CONFIGS_DIR = Path("configs")  # where the README's commands name them: `configs/tiny.yaml`
+
+logger = logging.getLogger(__name__)
 
 
 def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple:
@@ -48,8 +59,8 @@ def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None 
         if action.dest in optional and action.type is not None:
             action.type = _none_or(action.type)
     from_yaml: dict[str, Any] = {}
-    if argv and argv[0].endswith(YAML_SUFFIXES):
-        from_yaml = read_yaml_arguments(argv.pop(0), dataclass_types)
+    if argv and not argv[0].startswith("-"):  # HfArgumentParser takes flags only, so a first word is the config
+        from_yaml = read_yaml_arguments(resolve_config_path(argv.pop(0)), dataclass_types)
         parser.set_defaults(**from_yaml)
     known = {option for action in parser._actions for option in action.option_strings if option.startswith("--")}
     unknown = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--") and arg.split("=", 1)[0] not in known]
@@ -86,6 +97,33 @@ def _unknown_flag_hint(flag: str, known: set[str]) -> str:
         return f"{flag} (a TrainingArguments flag; here: {equivalent})"
     closest = difflib.get_close_matches(flag, sorted(known), n=1)
     return f"{flag} (did you mean {closest[0]}?)" if closest else flag
+
+
+def resolve_config_path(config: str | os.PathLike) -> Path:
+    """The YAML file a job's first argument names: `config` itself where that file exists (relative to the working
+    directory, as always); otherwise, for a bare name (`tiny`, `tiny.yaml`) or the documented `configs/<name>.yaml`,
+    the copy packaged with merit_hf, so that `python -m merit_hf.training.pretrain configs/tiny.yaml` also runs from a
+    pip install outside a clone. Anything else missing raises, listing the packaged names."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    name = path.name if path.suffix in YAML_SUFFIXES else f"{path.name}{YAML_SUFFIXES[0]}"
+    packaged = PACKAGED_CONFIGS_DIR / name
+    if path.parent in (Path("."), DOCUMENTED_CONFIGS_DIR) and packaged.is_file():
+        logger.info("%s: not in %s, using merit_hf's packaged copy %s", config, Path.cwd(), packaged)
+        return packaged
+    names = packaged_config_names()
+    closest = difflib.get_close_matches(Path(name).stem, names, n=1)
+    hint = f"; did you mean {closest[0]!r}?" if closest else ""
+    raise FileNotFoundError(
+        f"{config}: config file not found (no such file in {Path.cwd()}, and merit_hf's packaged configs are "
+        f"{names or 'missing from this install'}: name one as `tiny` or `configs/tiny.yaml`{hint})"
+    )
+
+
+def packaged_config_names() -> list[str]:
+    """The configs shipped in the package (`merit_hf/configs/*.yaml`), by the name `resolve_config_path` takes."""
+    return sorted(path.stem for path in PACKAGED_CONFIGS_DIR.glob(f"*{YAML_SUFFIXES[0]}"))
 
 
 def read_yaml_arguments(path: str | Path, dataclass_types: Sequence[type]) -> dict[str, Any]:
@@ -195,6 +233,8 @@ __all__ = [
     "arguments_to_dict",
     "as_mapping",
     "config_from_argument",
+    "packaged_config_names",
     "parse_arguments",
     "read_yaml_arguments",
+    "resolve_config_path",
 ]
