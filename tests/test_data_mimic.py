@@ -37,7 +37,12 @@ def write_mimic_record(root, subject_id, study_id, signal):
 
 @pytest.fixture
 def mimic_root(tmp_path):
-    root = tmp_path / "mimic-iv-ecg"
+    return write_mimic_root(tmp_path / "mimic-iv-ecg")
+
+
+def write_mimic_root(root):
+    """Six studies in MIMIC-IV-ECG's PhysioNet layout under `root`, with `record_list.csv` and
+    `machine_measurements.csv` (study 6 without a row)."""
     records, measurements = (
         ["subject_id,study_id,file_name,ecg_time,path"],
         [MIMIC_MEASUREMENTS_HEADER, MIMIC_MEASUREMENTS_ROW],
