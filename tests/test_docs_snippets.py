@@ -450,32 +450,7 @@ class Erratum:
     right: str
 
 
-README_ERRATA = [
-    # `torch.inference_mode()`: neither this block nor "Using the model", which it continues, imports torch
-    Erratum(
-        "prepare_for_inference(model.ecg_model",
-        "from merit_hf.models.merit.inference_precision import prepare_for_inference\n",
-        "import torch\n\nfrom merit_hf.models.merit.inference_precision import prepare_for_inference\n",
-    ),
-    # `MeritFeatureExtractor` and `merit_hf` were not imported, and `model(**inputs)` needs an encoder: the two-tower
-    # `model` of "Using the model" also wants `input_ids`
-    Erratum(
-        'window="sliding"',
-        'fe = MeritFeatureExtractor.from_pretrained("quickstart_output/model", missing_leads="mask")\n',
-        "import merit_hf\n"
-        "from merit_hf import MeritEcgModel, MeritFeatureExtractor\n\n"
-        'model = MeritEcgModel.from_pretrained("quickstart_output/model")   # the encoder of any MERIT folder\n'
-        'fe = MeritFeatureExtractor.from_pretrained("quickstart_output/model", missing_leads="mask")\n',
-    ),
-    # the quick-start model's window is 10 s at 100 Hz (1000 samples, configs/quickstart.yaml), not base-p75's 9 s
-    # at 250 Hz (2250): a minute gives 6 windows, 10 s one
-    Erratum('window="sliding"', "# window_stride=2250 default", "# window_stride defaults to num_samples, 1000 here"),
-    Erratum(
-        'window="sliding"',
-        "# the record of each 9 s window: [0, 0, 0, 0, 0, 0, 0, 1, 1]",
-        "# the record of each 10 s window: [0, 0, 0, 0, 0, 0, 1]",
-    ),
-]
+README_ERRATA: list[Erratum] = []
 
 
 def _block_of(key: str) -> DocumentedBlock:
