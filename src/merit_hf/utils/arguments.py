@@ -26,6 +26,7 @@ import difflib
 import json
 import logging
 import os
+import sys
 import types
 import typing
 from argparse import ArgumentTypeError
@@ -53,7 +54,15 @@ def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None 
     field that YAML gives as a mapping is merged into that mapping.
     """
     argv = list(argv) if argv is not None else []
-    parser = HfArgumentParser(list(dataclass_types))
+    parser = HfArgumentParser(
+        list(dataclass_types),
+        prog=_program(),
+        usage="%(prog)s [CONFIG] [--flag value ...]",
+        description=(
+            "CONFIG: a YAML file whose keys are the flags below (flags given after it win), or a config packaged with "
+            f"merit_hf, by name: {', '.join(packaged_config_names()) or 'none in this install'}."
+        ),
+    )
     optional = {name for name, hint in _field_types(dataclass_types).items() if type(None) in typing.get_args(hint)}
     for action in parser._actions:
         if action.dest in optional and action.type is not None:
@@ -97,6 +106,12 @@ def _unknown_flag_hint(flag: str, known: set[str]) -> str:
         return f"{flag} (a TrainingArguments flag; here: {equivalent})"
     closest = difflib.get_close_matches(flag, sorted(known), n=1)
     return f"{flag} (did you mean {closest[0]}?)" if closest else flag
+
+
+def _program() -> str:
+    """How the job was started, for its usage line: `python -m merit_hf.training.probe`, not `probe.py`."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return f"python -m {spec.name}" if spec is not None and spec.name else Path(sys.argv[0] or "merit_hf").name
 
 
 def resolve_config_path(config: str | os.PathLike) -> Path:
