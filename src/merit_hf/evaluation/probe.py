@@ -67,6 +67,10 @@ from .results import EvaluationResults, build_results, encoder_identity, write_r
 logger = logging.getLogger(__name__)
 
 MODES = ("linear", "finetune")
+FINETUNE_METHODS = ("full", "lora")
+# The encoder's linear layers that LoRA adapts by default (`MeritEcgAttention.qkv` / `.proj`, `MeritEcgMLP.fc1` /
+# `.fc2` in every layer): attention and MLP, as LoRA for ViTs and peft's image-classification example do.
+DEFAULT_LORA_TARGET_MODULES = ("qkv", "proj", "fc1", "fc2")
 DATASET_NAMES = ("ptbxl", "wfdb")
 SPLITS = ("train", "validation", "test")
 # A record transform used by the robustness evaluation: (signal, sampling_rate, lead_names, row index) ->
@@ -124,6 +128,31 @@ class ProbeArguments:
     finetune_learning_rate: float = field(default=1e-4, metadata={"help": "Fine-tuning learning rate (AdamW)."})
     finetune_max_epochs: int = field(default=20, metadata={"help": "Fine-tuning epochs at most."})
     finetune_patience: int = field(default=5, metadata={"help": "Fine-tuning early-stopping patience (epochs)."})
+    finetune_method: str = field(
+        default="full",
+        metadata={
+            "help": f"--mode finetune, one of {FINETUNE_METHODS}: 'full' trains every weight; 'lora' trains PEFT LoRA "
+            "adapters on the encoder's linear layers and the head, the encoder's own weights frozen."
+        },
+    )
+    lora_r: int = field(default=8, metadata={"help": "finetune_method lora: the adapters' rank."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "finetune_method lora: scaling (alpha / r)."})
+    lora_dropout: float = field(
+        default=0.1, metadata={"help": "finetune_method lora: dropout on the adapters' input."}
+    )
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGET_MODULES),
+        metadata={
+            "help": "finetune_method lora: names of the encoder's linear layers to adapt (peft target_modules)."
+        },
+    )
+    merge_lora: bool = field(
+        default=False,
+        metadata={
+            "help": "finetune_method lora: also write the model with the adapters merged in, a plain "
+            "MeritForEcgClassification folder (next to the adapter folder)."
+        },
+    )
     num_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the test CIs (0: none)."})
     use_cpu: bool = field(
         default=False,
@@ -154,6 +183,46 @@ class ProbeArguments:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        self._check_finetune_method()
+
+    def _check_finetune_method(self) -> None:
+        """Refuse settings that would be silently ignored: LoRA settings without LoRA, LoRA without fine-tuning."""
+        if self.finetune_method not in FINETUNE_METHODS:
+            raise ValueError(f"finetune_method: must be one of {FINETUNE_METHODS}, got {self.finetune_method!r}")
+        if self.finetune_method == "lora" and self.mode != "finetune":
+            raise ValueError(
+                f"finetune_method 'lora' trains adapters, which needs --mode finetune (mode is {self.mode!r}: the "
+                "linear probe keeps the encoder frozen and trains the head alone)"
+            )
+        if self.finetune_method != "lora":
+            defaults = {name: item.default for name, item in type(self).__dataclass_fields__.items()}
+            changed = [name for name in ("lora_r", "lora_alpha", "lora_dropout", "merge_lora")
+                       if getattr(self, name) != defaults[name]]  # fmt: skip
+            if list(self.lora_target_modules) != list(DEFAULT_LORA_TARGET_MODULES):
+                changed.append("lora_target_modules")
+            if changed:
+                raise ValueError(
+                    f"{', '.join(changed)}: set, but finetune_method is {self.finetune_method!r}, so they would be "
+                    "ignored; add --finetune_method lora (with --mode finetune)"
+                )
+            return
+        if self.lora_r < 1:
+            raise ValueError(f"lora_r: must be >= 1, got {self.lora_r}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha: must be > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_target_modules:
+            raise ValueError("lora_target_modules: name at least one linear layer of the encoder")
+
+    def lora_options(self) -> dict[str, Any]:
+        """The LoRA settings as the results JSON's protocol records them (`finetune_method` 'lora')."""
+        return {
+            "r": self.lora_r,
+            "alpha": self.lora_alpha,
+            "dropout": self.lora_dropout,
+            "target_modules": list(self.lora_target_modules),
+        }
 
     def linear_probe_options(self, seed: int) -> dict[str, Any]:
         """The keyword arguments of `fit_linear_probe` that these settings give."""

@@ -1,6 +1,8 @@
-"""Full fine-tuning of a MERIT encoder with a linear head (`MeritForEcgClassification`) under the probe protocol
+"""Fine-tuning of a MERIT encoder with a linear head (`MeritForEcgClassification`) under the probe protocol
 (`merit_hf.evaluation.probe`), next to its random-init twin: `run_fine_tune` returns the same results layout as
-`run_linear_probe`. Run it with `python -m merit_hf.training.probe --mode finetune`.
+`run_linear_probe`. Run it with `python -m merit_hf.training.probe --mode finetune`: every weight trains, or, with
+`--finetune_method lora`, PEFT LoRA adapters on the encoder's linear layers and the head (`classifier_lora`), saved
+as an adapter beside the results (and merged into a plain classifier with `--merge_lora true`).
 
 The loop is `transformers.Trainer`'s: one evaluation per epoch on the validation split, `EarlyStoppingCallback` on
 its macro AUROC (`compute_metrics_for`, the metrics of `merit_hf.evaluation.metrics`) and `load_best_model_at_end`, so
@@ -46,6 +48,7 @@ from ..models.merit.modeling_merit import MeritEcgModel, MeritForEcgClassificati
 from ..utils.launch import is_first_launched_process, require_joined_processes
 from ..utils.throughput import ThroughputMeter
 from .classification import compute_metrics_for
+from .classifier_lora import add_lora, parameter_counts, save_lora_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -160,16 +163,30 @@ def fine_tune(
     arguments: ProbeArguments,
     seed: int = 0,
     checkpoint_dir: str | Path | None = None,
+    adapter_dir: str | Path | None = None,
+    merged_dir: str | Path | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Fine-tune encoder + head on `rows` of each split (`probe_rows`) with `transformers.Trainer`; returns
     `(validation_logits, test_logits, training_info)` of the best epoch. `arguments.batch_size` is the batch of each
-    process; `training_info` names the number of processes and the global batch they make.
+    process; `training_info` names the number of processes and the global batch they make, the method
+    (`arguments.finetune_method`) and how many parameters it trained.
+
+    With `finetune_method="lora"` the encoder's weights stay as they are and only LoRA adapters and the head train
+    (`classifier_lora.add_lora`). `adapter_dir` (LoRA only) receives the best epoch's adapter and head with the
+    feature extractor, and `merged_dir` the classifier with the adapters merged in; the first process writes them.
+    The adapter's base is `encoder.name_or_path`, the checkpoint it was loaded from.
 
     `checkpoint_dir` holds the Trainer's best checkpoint during the run and is removed at the end; `None` is a
     temporary folder, which only works on one process (every process must read the best checkpoint back: on several,
     give a folder they all see). When the validation macro AUROC cannot be computed in any epoch (no class with both
     positives and negatives), no epoch is best: all epochs run and the last one is kept, as in `fit_linear_probe`.
     """
+    if (adapter_dir is not None or merged_dir is not None) and arguments.finetune_method != "lora":
+        raise ValueError(
+            f"fine_tune: adapter_dir and merged_dir are for finetune_method 'lora', got {arguments.finetune_method!r}"
+        )
+    if merged_dir is not None and adapter_dir is None:
+        raise ValueError("fine_tune: merged_dir needs adapter_dir (the adapter is saved before it is merged)")
     names = label_names(dataset_dict["train"], label_set)
     columns = [*RECORD_COLUMNS, label_set]
     keyed = "ecg_id" in dataset_dict["train"].column_names  # PTB-XL and WFDB folders: crops keyed by the record
@@ -215,6 +232,10 @@ def fine_tune(
         )
     set_seed(seed)  # the head's initialisation
     model = _classifier_from(encoder, names)
+    if arguments.finetune_method == "lora":
+        model.name_or_path = encoder.name_or_path  # the adapter's base_model_name_or_path
+        model = add_lora(model, arguments)
+    parameters = parameter_counts(model)  # before training: a merge at the end unwraps the adapters in place
     meter = ThroughputMeter(training_arguments.device, num_processes=training_arguments.world_size, model=model)
     flops_batch = MeritCollator(centre_crops, label_set=label_set, num_classes=len(names))(
         [train[index] for index in range(min(2, len(train)))]
@@ -236,6 +257,9 @@ def fine_tune(
         trainer.train()
         validation_logits = trainer.predict(evaluation["validation"]).predictions
         test_logits = trainer.predict(evaluation["test"]).predictions
+        saved = {}
+        if adapter_dir is not None and trainer.is_world_process_zero():
+            saved = save_lora_classifier(trainer.model, feature_extractor, adapter_dir, merged_dir)
     finally:
         trainer.accelerator.wait_for_everyone()
         if trainer.is_world_process_zero():
@@ -252,9 +276,25 @@ def fine_tune(
         # `batch_size` is per process: on N processes each step trains N times as many records
         "num_processes": training_arguments.world_size,
         "global_batch_size": arguments.batch_size * training_arguments.world_size,
+        "method": arguments.finetune_method,
+        **parameters,
+        **saved,
         "throughput": meter.totals(),
     }
     return np.asarray(validation_logits, dtype=np.float32), np.asarray(test_logits, dtype=np.float32), training
+
+
+def lora_output_dirs(output_file: str | Path | None, arguments: ProbeArguments) -> dict[str, Path]:
+    """Where a LoRA run of `output_file` (`<name>.json`) saves the fine-tuned encoder: `adapter_dir`
+    `<name>_model_adapter`, and with `arguments.merge_lora` `merged_dir` `<name>_model_merged`; none for a full
+    fine-tune or without an output file."""
+    if output_file is None or arguments.finetune_method != "lora":
+        return {}
+    stem = Path(output_file).with_suffix("")
+    dirs = {"adapter_dir": stem.with_name(f"{stem.name}_model_adapter")}
+    if arguments.merge_lora:
+        dirs["merged_dir"] = stem.with_name(f"{stem.name}_model_merged")
+    return dirs
 
 
 def run_fine_tune(
@@ -268,9 +308,13 @@ def run_fine_tune(
     arguments: ProbeArguments | None = None,
     output_file: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Full fine-tuning (`MeritForEcgClassification`) of the encoder and of its random-init twin; same arguments
-    and results layout as `run_linear_probe`."""
+    """Fine-tuning (`MeritForEcgClassification`, every weight or LoRA as `arguments.finetune_method` says) of the
+    encoder and of its random-init twin; same arguments and results layout as `run_linear_probe`. A LoRA run with an
+    `output_file` saves the encoder's adapter and head beside it (`lora_output_dirs`); the baseline's adapter is not
+    kept (its base is a random draw, not a checkpoint)."""
     arguments = arguments or ProbeArguments(mode="finetune")
+    if arguments.merge_lora and output_file is None:
+        raise ValueError("run_fine_tune: merge_lora writes the merged model beside output_file; give output_file")
     encoder, model_name = load_encoder(model_or_path)
     feature_extractor = feature_extractor or load_feature_extractor(model_or_path, encoder)
     names = label_names(dataset_dict["train"], label_set)
@@ -286,9 +330,11 @@ def run_fine_tune(
             if output_file is None
             else Path(output_file).with_name(f"{Path(output_file).stem}_{role}_checkpoints")
         )
+        saved_dirs = lora_output_dirs(output_file, arguments) if role == "model" else {}
         validation_logits, test_logits, training = fine_tune(
-            role_encoder, feature_extractor, dataset_dict, label_set, rows, arguments, seed, checkpoint_dir
-        )
+            role_encoder, feature_extractor, dataset_dict, label_set, rows, arguments, seed, checkpoint_dir,
+            **saved_dirs,
+        )  # fmt: skip
         scores = evaluate_scores(
             labels["test"], test_logits, labels["validation"], validation_logits, names, arguments.num_bootstrap, seed
         )
@@ -299,11 +345,18 @@ def run_fine_tune(
         }
     protocol = probe_protocol(
         arguments,
-        features="end to end: MeritForEcgClassification (encoder + linear head on pooler_output)",
+        features=(
+            "end to end: MeritForEcgClassification (encoder + linear head on pooler_output)"
+            if arguments.finetune_method == "full"
+            else "end to end: MeritForEcgClassification with PEFT LoRA adapters on the encoder's linear layers "
+            f"{list(arguments.lora_target_modules)}, the encoder's own weights frozen, the linear head trained whole"
+        ),
         head=(
             "linear head, BCE, transformers.Trainer: AdamW (weight decay on all but biases and norms), constant "
             "learning rate; random crop in training, centre crop in evaluation"
         ),
+        finetune_method=arguments.finetune_method,
+        **({"lora": arguments.lora_options()} if arguments.finetune_method == "lora" else {}),
         weight_decay=WEIGHT_DECAY,
         learning_rate=arguments.finetune_learning_rate,
         max_epochs=arguments.finetune_max_epochs,

@@ -1,11 +1,14 @@
 """`python -m merit_hf.training.probe`: the probe protocol's command line (`merit_hf.evaluation.probe`), linear
-probing (`--mode linear`, the default) or full fine-tuning (`--mode finetune`: `merit_hf.training.finetune`, on
-`transformers.Trainer` with early stopping).
+probing (`--mode linear`, the default) or fine-tuning (`--mode finetune`: `merit_hf.training.finetune`, on
+`transformers.Trainer` with early stopping; every weight, or PEFT LoRA adapters and the head with
+`--finetune_method lora`, whose adapter is saved beside the results).
 
 Run (1 CPU, N GPUs and M nodes alike):
 
     python -m merit_hf.training.probe configs/probe_quickstart.yaml
     accelerate launch -m merit_hf.training.probe configs/probe_ptbxl_full.yaml --mode finetune
+    python -m merit_hf.training.probe configs/probe_quickstart.yaml --mode finetune --finetune_method lora \
+        --lora_r 8 --finetune_learning_rate 1e-3 --merge_lora true
     accelerate launch --multi_gpu --num_machines M --num_processes N ... -m merit_hf.training.probe <config>
 
 The linear probe runs on the main process (features are small; the other processes stop at once); fine-tuning uses
@@ -39,6 +42,14 @@ from .finetune import fine_tune, run_fine_tune  # noqa: F401
 logger = logging.getLogger(__name__)
 
 
+def run_task_name(arguments: ProbeArguments) -> str:
+    """The first part of each results file's name: the task, and `-lora` for LoRA fine-tuning, so that a LoRA run
+    and a full one of the same setting can share an `output_dir`."""
+    if arguments.mode == "linear":
+        return "linear-probe"
+    return "fine-tune-lora" if arguments.finetune_method == "lora" else "fine-tune"
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run every (label set, label fraction, seed) of the config; returns `{run name: {"model": auroc, "baseline":
     auroc}}` and writes one results JSON per run to `output_dir`."""
@@ -58,8 +69,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             features = probe_features(encoder, feature_extractor, dataset_dict, seed, arguments.baseline, arguments)
         for label_set in arguments.label_sets:
             for fraction in arguments.label_fractions:
-                task = "linear-probe" if arguments.mode == "linear" else "fine-tune"
-                name = run_name(task, label_set, fraction, seed)
+                name = run_name(run_task_name(arguments), label_set, fraction, seed)
                 output_file = Path(arguments.output_dir) / f"{name}.json"
                 if arguments.mode == "linear":
                     results = run_linear_probe(

@@ -1458,7 +1458,7 @@ class MeritForEcgClassification(MeritPreTrainedModel):
     @can_return_tuple
     def forward(
         self,
-        ecg_values: torch.Tensor,
+        ecg_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         ecg_attention_mask: torch.Tensor | None = None,
         output_attentions: bool | None = None,
@@ -1467,12 +1467,16 @@ class MeritForEcgClassification(MeritPreTrainedModel):
         **kwargs,
     ) -> SequenceClassifierOutput | tuple:
         r"""
+        ecg_values (`torch.FloatTensor` of shape `(batch_size, num_leads, num_samples)`):
+            Output of [`MeritFeatureExtractor`]. Required; it has a default only so that a call through PEFT's
+            sequence-classification wrapper, which passes its first argument on as `input_ids`, gets a clear error.
         labels (`torch.FloatTensor` of shape `(batch_size, num_labels)`, *optional*):
             Multi-hot targets for multi-label classification (the default); class indices `(batch_size,)` for
             `problem_type="single_label_classification"`; values for `"regression"`.
         lead_mask (`torch.BoolTensor` of shape `(batch_size, num_leads)`, *optional*): recorded leads (the missing
             ones are left out, see `MeritEcgModel.forward`).
         """
+        _refuse_text_inputs(type(self).__name__, ecg_values, kwargs)
         ecg_output = self.ecg_model(
             ecg_values,
             ecg_attention_mask=ecg_attention_mask,
@@ -1506,6 +1510,24 @@ class MeritForEcgClassification(MeritPreTrainedModel):
         if problem_type == "regression":
             return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).squeeze(-1))
         raise ValueError(f"problem_type must be one of {PROBLEM_TYPES[1:]}, got {problem_type!r}")
+
+
+# The inputs of a text model, which PEFT's `PeftModelForSequenceClassification` (`task_type="SEQ_CLS"`) passes by
+# name to the model it wraps (`None` unless the caller gave them): a tensor there would vanish into `**kwargs`.
+_TEXT_INPUT_NAMES = ("input_ids", "attention_mask", "inputs_embeds")
+
+
+def _refuse_text_inputs(model_name: str, ecg_values: torch.Tensor | None, kwargs: dict) -> None:
+    """Raise when an ECG classifier is handed a text model's inputs instead of `ecg_values`, or no ECG at all."""
+    given = [name for name in _TEXT_INPUT_NAMES if kwargs.get(name) is not None]
+    if given:
+        raise ValueError(
+            f"{model_name} takes the ECGs as ecg_values (padding as ecg_attention_mask), not {given}; a PEFT model "
+            "with task_type='SEQ_CLS' passes a positional tensor on as input_ids, so call it as "
+            "peft_model(ecg_values=..., labels=...)"
+        )
+    if ecg_values is None:
+        raise ValueError(f"{model_name}: ecg_values is required (batch, num_leads, num_samples)")
 
 
 class MeritForEcgClassificationFromEncoder:
