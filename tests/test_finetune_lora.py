@@ -289,3 +289,35 @@ def test_probe_command_fine_tunes_with_lora_and_saves_adapter_and_merged_model(b
     labels = label_matrix(data["test"], "superclass")[rows]
     auroc = results["model"]["metrics"]["macro_auroc"]["value"]
     assert macro_auroc(labels, logits.numpy()) == pytest.approx(auroc, abs=1e-5)
+
+
+@pytest.mark.slow  # a Trainer run (about 8 s on 2 shared cores)
+def test_readme_trainer_recipe_trains_a_peft_model_with_default_arguments(base_checkpoint, tmp_path):
+    """The README's `Trainer` recipe with `get_peft_model(model, ...)` in place of the model: default
+    `remove_unused_columns` keeps `ecg_values` (Trainer reads the wrapped model's signature), and `save_model` writes
+    the adapter with the feature extractor."""
+    from transformers import Trainer, TrainingArguments
+
+    from merit_hf.data import MeritCollator, build_ptbxl
+    from merit_hf.data import label_names as dataset_label_names
+    from merit_hf.training.classification import add_trainer_columns, compute_metrics_for
+
+    ptbxl = build_ptbxl(BUNDLED_PTBXL, sampling_rate=100, ecg_ids=range(1, 61))
+    names = dataset_label_names(ptbxl, "superclass")
+    feature_extractor = MeritFeatureExtractor.from_model_config(tiny_merit_config(TINY_ECG).ecg_config)
+    model = get_peft_model(load_classifier(base_checkpoint), user_lora_config())
+    data = add_trainer_columns(ptbxl, feature_extractor, "superclass")
+    arguments = TrainingArguments(
+        str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=8, learning_rate=1e-3, report_to="none",
+        use_cpu=True, save_strategy="no",
+    )  # fmt: skip
+    trainer = Trainer(
+        model, arguments, data_collator=MeritCollator(feature_extractor), train_dataset=data["train"],
+        eval_dataset=data["validation"], processing_class=feature_extractor, compute_metrics=compute_metrics_for(names),
+    )  # fmt: skip
+    trainer.train()
+    assert trainer.state.global_step == 2 and "eval_macro_auroc" in trainer.evaluate()
+    trainer.save_model()
+    saved = {path.name for path in (tmp_path / "run").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "preprocessor_config.json"} <= saved
+    assert "model.safetensors" not in saved
