@@ -224,7 +224,6 @@ def test_adapter_folders_are_for_lora_runs_only(tmp_path):
         finetune.run_fine_tune(None, None, arguments=lora)
 
 
-@pytest.mark.slow  # fine_tune on the Trainer twice (about 10 s on 2 shared cores)
 def test_lora_fine_tune_leaves_the_encoder_weights_and_trains_less():
     data = synthetic_ptbxl(sizes=(8, 6, 6))
     rows = probe_rows(data, "superclass")
@@ -247,7 +246,7 @@ def test_lora_fine_tune_leaves_the_encoder_weights_and_trains_less():
     assert trained["full"]["total_parameters"] == sum(p.numel() for p in classifier.parameters())
 
 
-@pytest.mark.slow  # the command end to end on the bundled records (about 15 s on 2 shared cores)
+@pytest.mark.slow  # the command end to end on the bundled records (10-15 s on 2 shared cores)
 def test_probe_command_fine_tunes_with_lora_and_saves_adapter_and_merged_model(base_checkpoint, tmp_path):
     output = tmp_path / "results"
     summary = main(
@@ -291,7 +290,6 @@ def test_probe_command_fine_tunes_with_lora_and_saves_adapter_and_merged_model(b
     assert macro_auroc(labels, logits.numpy()) == pytest.approx(auroc, abs=1e-5)
 
 
-@pytest.mark.slow  # a Trainer run (about 8 s on 2 shared cores)
 def test_readme_trainer_recipe_trains_a_peft_model_with_default_arguments(base_checkpoint, tmp_path):
     """The README's `Trainer` recipe with `get_peft_model(model, ...)` in place of the model: default
     `remove_unused_columns` keeps `ecg_values` (Trainer reads the wrapped model's signature), and `save_model` writes
