@@ -132,7 +132,8 @@ class ProbeArguments:
         default="full",
         metadata={
             "help": f"--mode finetune, one of {FINETUNE_METHODS}: 'full' trains every weight; 'lora' trains PEFT LoRA "
-            "adapters on the encoder's linear layers and the head, the encoder's own weights frozen."
+            "adapters on the encoder's linear layers and the head, the encoder's own weights frozen (LoRA usually "
+            "wants a larger --finetune_learning_rate, e.g. 1e-3)."
         },
     )
     lora_r: int = field(default=8, metadata={"help": "finetune_method lora: the adapters' rank."})
