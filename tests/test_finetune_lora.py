@@ -17,6 +17,7 @@ from merit_hf import MeritFeatureExtractor, MeritForEcgClassification, MeritForP
 from merit_hf.data.collator import precompute_ecg_values
 from merit_hf.evaluation.metrics import macro_auroc
 from merit_hf.evaluation.probe import ProbeArguments, label_matrix, load_dataset_dict, probe_rows
+from merit_hf.hub import check_model_folder
 from merit_hf.training import finetune
 from merit_hf.training.classifier_lora import add_lora, parameter_counts
 from merit_hf.training.probe import main
@@ -270,6 +271,12 @@ def test_probe_command_fine_tunes_with_lora_and_saves_adapter_and_merged_model(b
         path.name for path in adapter.iterdir()
     }
     assert not (output / f"{name}_model_checkpoints").exists()
+    # `hub push` would take the merged folder once it has a card; the adapter once its base is a Hub id
+    assert [problem.split(" ")[0] for problem in check_model_folder(merged)] == ["README.md"]
+    assert check_model_folder(adapter) == [
+        f"adapter_config.json: base_model_name_or_path is the local path '{base_checkpoint}' (nobody else can load "
+        "from it): set it to a Hub id or ''"
+    ]
 
     # the merged folder loads as a plain classifier and gives the adapter's outputs, and the results' test AUROC
     arguments = ProbeArguments(dataset=str(BUNDLED_PTBXL), mode="finetune")

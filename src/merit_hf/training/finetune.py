@@ -61,8 +61,10 @@ WEIGHT_DECAY = 0.01
 def _classifier_from(encoder: MeritEcgModel, names: Sequence[str]) -> MeritForEcgClassification:
     from ..models.merit.configuration_merit import MeritConfig
 
+    # without the encoder's `_name_or_path`: a saved classifier (`--merge_lora`) must not carry a local folder
+    ecg_config = {key: value for key, value in encoder.config.to_dict().items() if key != "_name_or_path"}
     config = MeritConfig(
-        ecg_config=encoder.config.to_dict(),
+        ecg_config=ecg_config,
         id2label=dict(enumerate(names)),
         label2id={name: index for index, name in enumerate(names)},
         problem_type="multi_label_classification",
