@@ -380,6 +380,27 @@ def check_trainer(ran: RanBlock) -> None:
     assert list(reloaded.config.id2label.values()) == names
 
 
+def check_lora(ran: RanBlock) -> None:
+    from merit_hf import MeritForEcgClassification
+
+    peft_model, merged, lora = ran.namespace["peft_model"], ran.namespace["merged"], ran.namespace["lora"]
+    ran.claim(r"print_trainable_parameters\(\)\s*# only the adapters and the head train")
+    trainable = [name for name, parameter in peft_model.named_parameters() if parameter.requires_grad]
+    assert trainable and all(".lora_" in name or ".modules_to_save." in name for name in trainable), trainable
+    assert any(".modules_to_save." in name for name in trainable) and any(".lora_A." in name for name in trainable)
+    assert ran.namespace["trainer"].state.global_step > 0
+    saved = {path.name for path in Path("superclass_lora").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "preprocessor_config.json"} <= saved
+    assert "model.safetensors" not in saved  # the adapter, not the base
+    ran.claim(r"merged = lora\.merge_and_unload\(\)\s*# a plain MeritForEcgClassification, the same outputs")
+    assert type(merged).__name__ == MeritForEcgClassification.__name__
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    batch = ran.namespace["data"]["test"].with_format("torch")[:4]
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(ecg_values=batch["ecg_values"]).logits,
+                                   lora.eval()(ecg_values=batch["ecg_values"]).logits, atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
 def given_a_two_tower_model() -> dict[str, Any]:
     """What the comment's `merit_hf.zero_shot_classify(model, processor, ecgs, candidate_labels, ...)` names."""
     from merit_hf import MeritForPreTraining, MeritProcessor
@@ -433,7 +454,10 @@ BLOCK_CHECKS = [
     BlockCheck('window="sliding"', given_long_and_reduced_records, check_long_and_reduced_records),
     BlockCheck('load_mimic_iv_ecg("mimic_merit"', given_nothing, check_data_loading),
     BlockCheck('ptbxl_version="as_is"', given_nothing, check_ptbxl_versions),
-    BlockCheck("trainer.train()", given_nothing, check_trainer),
+    BlockCheck('TrainingArguments("superclass_ft")', given_nothing, check_trainer),
+    BlockCheck(
+        "get_peft_model(base, lora_config)", given_nothing, check_lora, after='TrainingArguments("superclass_ft")'
+    ),
     BlockCheck('pipeline("zero-shot-ecg-classification"', given_a_two_tower_model, check_zero_shot),
     BlockCheck('load_report_adapter("outputs/report-smollm2/adapter")', given_nothing, check_report_generation),
 ]
