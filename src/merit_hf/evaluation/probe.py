@@ -68,6 +68,8 @@ logger = logging.getLogger(__name__)
 
 MODES = ("linear", "finetune")
 FINETUNE_METHODS = ("full", "lora")
+# Fine-tuning's `--mixed_precision`, pretraining's names (resolved by `merit_hf.training.finetune_precision`).
+FINETUNE_MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 # The encoder's linear layers that LoRA adapts by default (`MeritEcgAttention.qkv` / `.proj`, `MeritEcgMLP.fc1` /
 # `.fc2` in every layer): attention and MLP, as LoRA for ViTs and peft's image-classification example do.
 DEFAULT_LORA_TARGET_MODULES = ("qkv", "proj", "fc1", "fc2")
@@ -154,6 +156,15 @@ class ProbeArguments:
             "MeritForEcgClassification folder (next to the adapter folder)."
         },
     )
+    mixed_precision: str = field(
+        default="auto",
+        metadata={
+            "help": f"--mode finetune, one of {FINETUNE_MIXED_PRECISIONS} (pretraining's names): 'auto' is bf16 on a "
+            "CUDA GPU with bf16 (Ampere and later) and fp32 elsewhere, or what `accelerate launch --mixed_precision` "
+            "asked for; 'no' is fp32; 'fp16' (CUDA, with loss scaling) runs only when asked. A value that contradicts "
+            "the launcher's is refused."
+        },
+    )
     num_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the test CIs (0: none)."})
     use_cpu: bool = field(
         default=False,
@@ -185,6 +196,15 @@ class ProbeArguments:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         self._check_finetune_method()
+        if self.mixed_precision not in FINETUNE_MIXED_PRECISIONS:
+            raise ValueError(
+                f"mixed_precision: must be one of {FINETUNE_MIXED_PRECISIONS}, got {self.mixed_precision!r}"
+            )
+        if self.mixed_precision != "auto" and self.mode != "finetune":
+            raise ValueError(
+                f"mixed_precision {self.mixed_precision!r}: set, but mode is {self.mode!r}, so it would be ignored "
+                "(the linear probe extracts its features in fp32); it is for --mode finetune"
+            )
 
     def _check_finetune_method(self) -> None:
         """Refuse settings that would be silently ignored: LoRA settings without LoRA, LoRA without fine-tuning."""

@@ -9,7 +9,9 @@ its macro AUROC (`compute_metrics_for`, the metrics of `merit_hf.evaluation.metr
 the test logits come from the best epoch. Training rows go through `MeritCollator` with a feature extractor that cuts
 a seeded random crop per record and epoch; validation and test rows get centre crops, computed once
 (`precompute_ecg_values`), which the same collator stacks. `ThroughputCallback` puts the `ThroughputMeter` of every
-other loop of the package on the Trainer's events.
+other loop of the package on the Trainer's events. `--mixed_precision` (`finetune_precision`: bf16 autocast on a
+CUDA GPU with bf16 by default, fp32 elsewhere, and what `accelerate launch --mixed_precision` asks for) sets the
+Trainer's `bf16` / `fp16`; the precision used is written next to the method in the results.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from ..utils.launch import is_first_launched_process, require_joined_processes
 from ..utils.throughput import ThroughputMeter
 from .classification import compute_metrics_for
 from .classifier_lora import add_lora, parameter_counts, save_lora_classifier
+from .finetune_precision import finetune_precision_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +174,8 @@ def fine_tune(
     """Fine-tune encoder + head on `rows` of each split (`probe_rows`) with `transformers.Trainer`; returns
     `(validation_logits, test_logits, training_info)` of the best epoch. `arguments.batch_size` is the batch of each
     process; `training_info` names the number of processes and the global batch they make, the method
-    (`arguments.finetune_method`) and how many parameters it trained.
+    (`arguments.finetune_method`), the mixed precision it trained in (`arguments.mixed_precision` resolved by
+    `finetune_precision`: `"no"`, `"bf16"` or `"fp16"`) and how many parameters it trained.
 
     With `finetune_method="lora"` the encoder's weights stay as they are and only LoRA adapters and the head train
     (`classifier_lora.add_lora`). `adapter_dir` (LoRA only) receives the best epoch's adapter and head with the
@@ -202,6 +206,7 @@ def fine_tune(
     }
     random_crops = MeritCollator(with_crop(feature_extractor, "random", seed), label_set=label_set,
                                  num_classes=len(names), crop_seed=seed if keyed else None)  # fmt: skip
+    precision, precision_arguments = finetune_precision_arguments(arguments.mixed_precision, arguments.use_cpu)
     temporary = tempfile.mkdtemp(prefix="merit_fine_tune_") if checkpoint_dir is None else None
     training_arguments = TrainingArguments(
         output_dir=str(checkpoint_dir or temporary),
@@ -224,7 +229,7 @@ def fine_tune(
         dataloader_pin_memory=torch.cuda.is_available(),
         report_to="none",
         seed=seed,
-        use_cpu=arguments.use_cpu,
+        **precision_arguments,  # bf16, fp16, use_cpu
     )
     require_joined_processes(training_arguments.world_size)
     if temporary is not None and training_arguments.world_size > 1:
@@ -279,6 +284,7 @@ def fine_tune(
         "num_processes": training_arguments.world_size,
         "global_batch_size": arguments.batch_size * training_arguments.world_size,
         "method": arguments.finetune_method,
+        "mixed_precision": precision,
         **parameters,
         **saved,
         "throughput": meter.totals(),
@@ -358,6 +364,7 @@ def run_fine_tune(
             "learning rate; random crop in training, centre crop in evaluation"
         ),
         finetune_method=arguments.finetune_method,
+        mixed_precision=entries["model"]["training"]["mixed_precision"],  # the same for the baseline
         **({"lora": arguments.lora_options()} if arguments.finetune_method == "lora" else {}),
         weight_decay=WEIGHT_DECAY,
         learning_rate=arguments.finetune_learning_rate,
