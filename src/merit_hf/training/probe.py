@@ -13,7 +13,9 @@ Run (1 CPU, N GPUs and M nodes alike):
 
 The linear probe runs on the main process (features are small; the other processes stop at once); fine-tuning uses
 every process (without a GPU, add `--use_cpu true` to join them: otherwise each would fine-tune alone, and this is
-refused). The names of `merit_hf.evaluation.probe` stay importable from here for one release.
+refused). Fine-tuning trains in bf16 autocast on a CUDA GPU with bf16 and in fp32 elsewhere (`--mixed_precision auto`);
+`--mixed_precision no|bf16|fp16`, or `accelerate launch --mixed_precision`, chooses (`finetune_precision`), and the
+results JSON records it. The names of `merit_hf.evaluation.probe` stay importable from here for one release.
 """
 
 from __future__ import annotations
