@@ -165,9 +165,10 @@ def record_training_outputs(monkeypatch) -> list[tuple[torch.dtype, float]]:
 
 
 def fine_tune_tiny(method: str = "full", **settings):
+    """One epoch of 2 steps on synthetic records, on CPU unless `use_cpu=False` is given (on a GPU machine too)."""
     data = synthetic_ptbxl(sizes=(8, 6, 6))
     arguments = ProbeArguments(mode="finetune", finetune_method=method, batch_size=4, finetune_learning_rate=1e-3,
-                               finetune_max_epochs=1, **settings)  # fmt: skip
+                               finetune_max_epochs=1, **{"use_cpu": True, **settings})  # fmt: skip
     encoder, feature_extractor = tiny_encoder()
     return finetune.fine_tune(
         encoder, feature_extractor, data, "superclass", probe_rows(data, "superclass"), arguments
@@ -215,6 +216,23 @@ def test_launcher_precision_is_followed_and_a_contradiction_refused(monkeypatch)
     assert training["mixed_precision"] == "bf16" and {dtype for dtype, _ in recorded} == {torch.bfloat16}
     with pytest.raises(ValueError, match=r"--mixed_precision no contradicts `accelerate launch`'s mixed precision"):
         fine_tune_tiny(mixed_precision="no")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_on_cuda_auto_is_bf16_on_ampere_and_fp16_runs_when_asked(monkeypatch, method):
+    recorded = record_training_outputs(monkeypatch)
+    bf16_gpu = torch.cuda.get_device_capability() >= (8, 0)
+    for choice, expected in (("auto", "bf16" if bf16_gpu else "no"), ("fp16", "fp16")):
+        recorded.clear()
+        *logits, training = fine_tune_tiny(method, use_cpu=False, mixed_precision=choice)
+        assert training["mixed_precision"] == expected
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[expected]
+        assert recorded and {output_dtype for output_dtype, _ in recorded} == {dtype}
+        assert all(math.isfinite(loss) for _, loss in recorded) and all(np.isfinite(array).all() for array in logits)
+    if not bf16_gpu:
+        with pytest.raises(ValueError, match=r"mixed_precision 'bf16' needs a GPU with bf16 \(compute capability"):
+            fine_tune_tiny(method, use_cpu=False, mixed_precision="bf16")
 
 
 @pytest.fixture(scope="module")
