@@ -98,3 +98,21 @@ def test_an_unknown_flag_names_the_trainer_equivalent_or_the_closest_flag():
     )
     (probe,) = parse_arguments([ProbeArguments], ["--model_name_or_path", "m", "--dataset", "d"])  # known flags pass
     assert probe.model_name_or_path == "m"
+
+
+def test_pretraining_auto_precision_does_not_take_emulated_bf16(monkeypatch):
+    """`--mixed_precision auto` on a T4 or V100: `torch.cuda.is_bf16_supported()` says True there (it counts
+    emulation), so auto picked emulated bf16 instead of the documented fp16."""
+    import torch
+
+    from merit_hf.training.pretrain import resolve_mixed_precision
+
+    def bf16_supported(including_emulation: bool = True) -> bool:
+        return including_emulation  # a pre-Ampere GPU: only emulated bf16
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16_supported)
+    assert resolve_mixed_precision("auto", use_cpu=False) == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and later
+    assert resolve_mixed_precision("auto", use_cpu=False) == "bf16"
+    assert resolve_mixed_precision("auto", use_cpu=True) == "no" and resolve_mixed_precision("fp16", True) == "fp16"

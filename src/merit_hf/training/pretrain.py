@@ -487,11 +487,13 @@ def stream_loader_class() -> type:
 
 
 def resolve_mixed_precision(choice: str, use_cpu: bool) -> str:
+    """`--mixed_precision auto`: bf16 on a GPU with bf16 (Ampere and later), fp16 on older CUDA GPUs, fp32 on CPU.
+    `is_bf16_supported()` alone counts emulation (True on a T4 or V100, where bf16 runs emulated and slow)."""
     if choice != "auto":
         return choice
     if use_cpu or not torch.cuda.is_available():
         return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
