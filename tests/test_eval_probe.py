@@ -210,3 +210,21 @@ def test_counts_below_one_are_refused_naming_the_setting(name):
     """A patience of 0 would stop fine-tuning after its first epoch; every count setting must be at least 1."""
     with pytest.raises(ValueError, match=f"^{name}: must be >= 1, got 0$"):
         ProbeArguments(**{name: 0})
+
+
+def test_probe_features_are_computed_on_the_gpu_when_there_is_one(ptbxl_like, monkeypatch):
+    """On a GPU machine the frozen features were computed on the CPU the encoder was loaded on (the full PTB-XL
+    through ViT-B at a few ECGs/s); they now go to the GPU, in fp32, unless `--use_cpu true`. The probe and the
+    robustness evaluation both ask `feature_device`."""
+    from merit_hf.evaluation import probe as probe_module
+    from merit_hf.evaluation.probe import feature_device, probe_features
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert feature_device(ProbeArguments()) == torch.device("cuda")
+    assert feature_device(ProbeArguments(use_cpu=True)) == torch.device("cpu")
+    devices = []
+    monkeypatch.setattr(probe_module, "extract_features", lambda *args, device=None, **kwargs: devices.append(device))
+    probe_features(MeritModel(tiny_merit_config()).ecg_model, None, ptbxl_like, arguments=ProbeArguments())
+    assert devices == [torch.device("cuda")] * 6  # 3 splits x (model, baseline)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert feature_device(ProbeArguments()) == torch.device("cpu")

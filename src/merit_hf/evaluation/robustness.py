@@ -38,6 +38,7 @@ from .probe import (
     ProbeArguments,
     dataset_description,
     extract_features,
+    feature_device,
     fit_linear_probe,
     label_matrix,
     label_names,
@@ -234,6 +235,7 @@ def run_robustness(
                 cache_dir=arguments.cache_dir,
                 # the description carries the shift's parameters: two shifts of one name never share a cache entry
                 cache_tag=f"{name}_{hashlib.sha1(description.encode()).hexdigest()[:12]}_seed{seed}",
+                device=feature_device(arguments),
             )
             shift_results[name][role] = _metrics(
                 labels["test"], probe.decision_function(shifted), names, thresholds, arguments, seed
