@@ -450,3 +450,17 @@ def test_the_cards_how_to_use_code_runs_without_merit_hf(kind, results_file, tmp
         + "print('SNIPPETS-OK')\n"
     )
     run_in_fresh_process(script, tmp_path, "SNIPPETS-OK", context=f"{code}\n")
+
+
+def test_full_and_lora_fine_tuning_of_one_setting_get_rows_of_their_own(encoder_folder, tmp_path):
+    """A LoRA fine-tuning run (`protocol.finetune_method`) and a full one of the same setting were two card rows of
+    the same name; the LoRA row now says `method=lora`."""
+    full, lora = (results_from_our_metrics(1.0, task="fine-tune", seed=seed) for seed in (0, 1))
+    full.protocol["finetune_method"], lora.protocol["finetune_method"] = "full", "lora"
+    lora.seed = full.seed
+    rows = card_rows([full, lora])
+    assert [row.field("method") for row in rows] == [None, "lora"]
+    assert len({row.setting for row in rows}) == 2
+    files = [write_results(run, tmp_path / f"{name}.json") for name, run in (("full", full), ("lora", lora))]
+    card = str(render_model_card(files, "org/merit-ecg", model_folder=encoder_folder))
+    assert "- fine-tune, lora, superclass, 1: " in card and "- fine-tune, superclass, 1: " in card

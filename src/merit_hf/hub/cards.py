@@ -114,7 +114,7 @@ def card_rows(runs: list[EvaluationResults]) -> list[CardRow]:
     """Every setting of the runs, in order: each run's model and baseline, then, for a robustness run, each shift's."""
     rows = []
     for run in runs:
-        setting = [("task", run.task), ("label_set", run.label_set)]
+        setting = [("task", run.task), *_method(run), ("label_set", run.label_set)]
         setting += [(name, _format_scalar(value)) for name, value in (("label_fraction", run.label_fraction),
                                                                       ("seed", run.seed)) if value is not None]  # fmt: skip
         split = str(run.dataset.get("split") or "test")
@@ -124,6 +124,13 @@ def card_rows(runs: list[EvaluationResults]) -> list[CardRow]:
                 shifted = (*setting, ("shift", name))
                 rows.append(CardRow(shifted, run.task, run.label_set, split, shift.model, shift.baseline))
     return rows
+
+
+def _method(run: EvaluationResults) -> list[tuple[str, str]]:
+    """`[("method", "lora")]` for a fine-tuning run that trained LoRA adapters, else nothing: a LoRA run and a full
+    one of the same setting would otherwise get rows of the same name."""
+    method = (run.protocol or {}).get("finetune_method")
+    return [("method", str(method))] if method not in (None, "full") else []
 
 
 def _format_scalar(value: Any) -> str:
@@ -245,7 +252,8 @@ def _protocol_text(runs: list[EvaluationResults]) -> str:
     """Each run's harness settings, as the evaluation recorded them."""
     lines = []
     for run in runs:
-        name = ", ".join(_format_scalar(value) for value in (run.task, run.label_set, run.label_fraction))
+        method = [value for _, value in _method(run)]
+        name = ", ".join(_format_scalar(value) for value in (run.task, *method, run.label_set, run.label_fraction))
         if run.protocol:
             settings = "; ".join(f"{key}={public_path(value)}" for key, value in run.protocol.items())
             lines.append(f"- {name}: {settings}")
