@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merit_hf.evaluation.probe import dataset_description
+from merit_hf.evaluation.probe import dataset_description, feature_device
 from merit_hf.evaluation.results import metric_cell
 from merit_hf.evaluation.robustness import robustness_table, run_robustness
 from merit_hf.evaluation.zero_shot import evaluate_zero_shot
@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     batch_size=arguments.batch_size,
                     output_file=output_dir / f"{name}.json",
                     dataset_extra=dataset_description(arguments),
+                    device=feature_device(arguments),
                 )
         for label_set in suite.robustness_label_sets:
             name = f"robustness_{label_set}_seed{seed}"

@@ -363,3 +363,28 @@ def test_inference_cuts_the_centre_even_with_a_random_crop_feature_extractor(mod
             for extractor in (random_crops, random_crops, centre)
         ]
         assert runs[0] == runs[1] == runs[2], pipeline_class.__name__
+
+
+def test_zero_shot_evaluation_of_a_saved_folder_runs_on_the_gpu_when_there_is_one(model_and_processor, tmp_path,
+                                                                                   monkeypatch):  # fmt: skip
+    """`benchmarks/evaluation.py` hands `evaluate_zero_shot` a folder: the model was loaded on the CPU and stayed
+    there on a GPU machine. It now goes to the GPU when there is one (the harness passes `--use_cpu`'s choice)."""
+    model, processor = model_and_processor
+    model.save_pretrained(tmp_path / "saved")
+    processor.save_pretrained(tmp_path / "saved")
+    moved, original = [], torch.nn.Module.to
+
+    def to(self, *args, **kwargs):  # record the move to "cuda" and stay on the CPU, which this machine has
+        if args and str(args[0]) == "cuda":
+            moved.append(type(self).__name__)
+            return self
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    data = synthetic_ptbxl(sizes=(2, 8, 10))
+    evaluate_zero_shot(str(tmp_path / "saved"), data, "superclass", num_bootstrap=5, baseline=False)
+    assert moved == [type(model).__name__]
+    moved.clear()
+    evaluate_zero_shot(str(tmp_path / "saved"), data, "superclass", num_bootstrap=5, baseline=False, device="cpu")
+    assert moved == []

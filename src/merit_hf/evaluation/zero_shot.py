@@ -98,20 +98,27 @@ def evaluate_zero_shot(
     batch_size: int = 64,
     output_file: str | Path | None = None,
     dataset_extra: dict | None = None,
+    device: torch.device | str | None = None,
 ) -> EvaluationResults:
     """Zero-shot PTB-XL evaluation of every class of `label_set` with the shipped prompts, for the model and its
     random-ECG-tower twin (`random_ecg_tower_like`), on the records with a `label_set` label (as the probe). Scores
     are cosine similarities; `macro_auroc` needs no threshold, `macro_f1` uses per-class thresholds chosen on the
     validation split, and `macro_f1_max_over_thresholds` is MERL's test-split "F1". Returns the run's
     `EvaluationResults` (`merit_hf.evaluation.results`). `dataset_extra` overrides what the results say of the dataset
-    (PTB-XL v1.0.3 by default; `merit_hf.evaluation.probe.dataset_description(arguments)` for other data)."""
+    (PTB-XL v1.0.3 by default; `merit_hf.evaluation.probe.dataset_description(arguments)` for other data).
+    `device`: where the towers run (fp32 either way); default, the GPU when there is one for a model loaded here from
+    a path, and a given model's own device."""
     if isinstance(model_or_path, (str, Path)):
         from transformers import AutoModel, AutoProcessor
 
         model = AutoModel.from_pretrained(str(model_or_path)).eval()
         processor = processor or AutoProcessor.from_pretrained(str(model_or_path))
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
     else:
         model = model_or_path.eval()
+    if device is not None:
+        model = model.to(device)
     # a model instance is named by where it was loaded from (its repr is the whole module tree)
     model_name = (
         str(model_or_path) if isinstance(model_or_path, (str, Path)) else model.name_or_path or type(model).__name__
