@@ -57,22 +57,55 @@ class DocumentedCommand:
 
 def documented_commands() -> list[DocumentedCommand]:
     """The shell commands of fenced `bash`/`sh` blocks that run a Python module or script of this repository."""
+    return _documented(inline=False)
+
+
+def inline_commands() -> list[DocumentedCommand]:
+    """Commands written inline in the prose (`` `python -m merit_hf.hub push ... --results <JSON>` ``) with at least
+    one argument; often a fragment (`` `python -m merit_hf.embedding --precision` ``), so only their flags are
+    checked."""
+    return _documented(inline=True)
+
+
+def _documented(inline: bool) -> list[DocumentedCommand]:
     commands = []
     for path in DOCUMENTS:
         if not path.is_file():
             continue
         relative = str(path.relative_to(REPO_ROOT))
-        fence, start, block = None, 0, []
+        fence, start, block, prose = None, 0, [], []
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if line.lstrip().startswith("```"):
                 if fence is None:
                     fence, start, block = line.strip()[3:].strip(), number, []
                 else:
-                    if fence in SHELL_FENCES:
+                    if fence in SHELL_FENCES and not inline:
                         commands += _commands_of_block(relative, start, block)
                     fence = None
             elif fence is not None:
                 block.append(line)
+            else:
+                prose.append((number, line))
+        if inline:
+            commands += _inline_commands(relative, prose)
+    return commands
+
+
+INLINE_COMMAND = re.compile(r"`((?:python3?|accelerate launch) [^`]+)`")
+
+
+def _inline_commands(document: str, prose: list[tuple[int, str]]) -> list[DocumentedCommand]:
+    """Inline code spans of the prose that are commands; a span may run over a line break."""
+    text = "\n".join(line for _, line in prose)
+    starts = [0]
+    for _, line in prose:
+        starts.append(starts[-1] + len(line) + 1)
+    commands = []
+    for match in INLINE_COMMAND.finditer(text):
+        line = prose[max(index for index, start in enumerate(starts[:-1]) if start <= match.start())][0]
+        command = _parse_command(document, line, " ".join(match.group(1).split()))
+        if command is not None and command.argv:
+            commands.append(command)
     return commands
 
 
@@ -127,6 +160,7 @@ def _command(document, line, text, target, argv) -> DocumentedCommand:
 
 
 COMMANDS = documented_commands()
+INLINE_COMMANDS = inline_commands()
 
 
 class _Parsed(Exception):
@@ -216,6 +250,7 @@ def test_the_documentation_shows_commands():
     targets = {command.target for command in COMMANDS}
     assert {"-m merit_hf.quickstart", "-m merit_hf.training.pretrain", "-m merit_hf.embedding"} <= targets
     assert any(command.target.startswith("benchmarks/") for command in COMMANDS)
+    assert any(command.target == "-m merit_hf.hub" and command.argv[:1] == ("push",) for command in INLINE_COMMANDS)
     assert len(COMMANDS) >= 40
 
 
@@ -277,6 +312,24 @@ def test_a_broken_command_is_caught(monkeypatch):
         parse_as_script("-m merit_hf.training.pretrain", ["configs/tiny.yaml", "--precompute_ecg_values", "true"])
     with pytest.raises(SystemExit):
         parse_as_script("benchmarks/cpu_inference.py", ["--no_such_flag"])
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules after import of package:RuntimeWarning")
+@pytest.mark.parametrize("command", INLINE_COMMANDS, ids=str)
+def test_inline_command_flags_exist(command: DocumentedCommand, monkeypatch, capsys):
+    """Every flag a command in the prose names is one its script lists in `--help` (of its subcommand, for
+    `merit_hf.hub push` / `merit_hf.hub.cards check`)."""
+    monkeypatch.chdir(REPO_ROOT)
+    words = [word.strip("[]") for word in command.argv if word != "..."]
+    flags = sorted({word.split("=", 1)[0] for word in words if word.startswith("--")})
+    first = words[0] if words and not words[0].startswith("-") else None
+    subcommand = [first] if first in ("push", "check", "model") else []
+    with pytest.raises(SystemExit) as exit_:
+        parse_as_script(command.target, [*subcommand, "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "usage:" in out, f"{command}: --help of {command.target} fails"
+    listed = set(re.findall(r"--[A-Za-z0-9_-]+", out))
+    assert set(flags) <= listed, f"{command}: `{command.text}` names {sorted(set(flags) - listed)}, not flags of it"
 
 
 # `merit_hf.results/v1` is a schema name, not a Python one
