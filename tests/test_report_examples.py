@@ -439,3 +439,38 @@ def test_mimic_examples_stream_each_record_once_from_both_layouts(mimic_root, mo
             assert torch.equal(split[rank][0].ecg_values, expected)
         assert sum(split[0][1].calls) + sum(split[1][1].calls) == len(rows)
     assert sorted(read) == sorted(row["ecg_id"] for row in rows)  # the PhysioNet records: each read by one process
+
+
+def test_caches_are_listed_and_those_unused_for_a_while_pruned(tmp_path, capsys):
+    """Every setting change builds a new cache folder and nothing removed the old ones (all of MIMIC-IV-ECG is ~86
+    GB). `prune_report_examples` removes those not built or used for N days: finished ones by their last use (a reuse
+    counts), an unfinished build by its last write; `list` and `prune --dry_run` remove nothing."""
+    import os
+    import time
+
+    from merit_hf.training.report_examples import cached_report_examples, main, prune_report_examples
+
+    rows = synthetic_rows(3)
+    ReportExamples(rows, counting_extractor(), tmp_path)
+    ReportExamples(rows[:2], counting_extractor(), tmp_path)
+    abandoned = tmp_path / "report-examples-abandoned"
+    abandoned.mkdir()
+    (abandoned / "part-00000-of-00001.arrow.incomplete-1-x").write_bytes(b"\0" * 10)
+    entries = cached_report_examples(tmp_path)
+    assert sorted((entry["finished"], entry["num_rows"]) for entry in entries) == [(False, None), (True, 2), (True, 3)]
+    month_ago = time.time() - 31 * 86400
+    for entry in entries:  # all three last used a month ago
+        for path in [entry["path"], *entry["path"].iterdir()]:
+            os.utime(path, (month_ago, month_ago))
+    ReportExamples(rows, counting_extractor(), tmp_path)  # the 3-row cache is reused today
+
+    assert main(["prune", "--cache_dir", str(tmp_path), "--dry_run"]) and len(cached_report_examples(tmp_path)) == 3
+    assert "would remove" in capsys.readouterr().out
+    removed = prune_report_examples(tmp_path, older_than_days=30)
+    assert sorted((entry["finished"], entry["num_rows"]) for entry in removed) == [(False, None), (True, 2)]
+    (kept,) = cached_report_examples(tmp_path)
+    assert kept["num_rows"] == 3 and kept["size_bytes"] > 3 * 12 * 1000 * 4  # the ECG values are in it
+    again = counting_extractor()
+    assert len(ReportExamples(rows, again, tmp_path)) == 3 and again.calls == []  # still reused
+    with pytest.raises(ValueError, match="older_than_days"):
+        prune_report_examples(tmp_path, older_than_days=-1)

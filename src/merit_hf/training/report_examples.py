@@ -20,7 +20,8 @@ The fingerprint covers what the values depend on: the rows (a `Dataset`'s `datas
 list of rows, or the `fingerprint` a caller gives for a stream, e.g. `files_fingerprint` of its folder), `limit`, the
 feature extractor's settings (`crop` and `seed` aside: the examples are always centre crops) and
 `REPORT_EXAMPLES_FORMAT_VERSION`; not the chunk size or the number of processes (the examples are the same). Change
-any of them and a new folder is built; old folders are left for the user to delete.
+any of them and a new folder is built; old folders stay until removed: `python -m merit_hf.training.report_examples
+list|prune [--older_than_days 30]` (`prune_report_examples`; a reuse counts as a use).
 """
 
 from __future__ import annotations
@@ -189,6 +190,8 @@ def prepare_report_examples(
         finished = gather_object([finished])[leader]
     if finished:
         logger.info("report examples: reusing %s (%d examples)", directory, finished["num_rows"])
+        if rank == leader:  # the finished record's time is the folder's last use (`prune_report_examples`)
+            os.utime(directory / FINISHED_FILE)
         return _load(directory), None
     directory.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -569,14 +572,102 @@ def _load(directory: Path) -> Dataset:
     return dataset
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The cache folder: what is there, and removing what has not been used for a while
+# ----------------------------------------------------------------------------------------------------------------------
+def default_examples_cache_dir() -> Path:
+    """Where `report_lora` caches its examples unless `--examples_cache_dir` says otherwise."""
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE) / "merit_hf_report_examples"
+
+
+def cached_report_examples(cache_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """The `report-examples-*` folders of `cache_dir` (default `default_examples_cache_dir()`), oldest use first:
+    `{"path", "finished", "num_rows", "size_bytes", "last_used"}`. `last_used` (seconds since the epoch) is when the
+    folder was last built or reused (its finished record's time), or, for a build that never finished (killed, or
+    still running), when a file in it was last written."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_examples_cache_dir()
+    entries = []
+    for directory in sorted(cache_dir.glob("report-examples-*")) if cache_dir.is_dir() else []:
+        if not directory.is_dir():
+            continue
+        files = [path for path in directory.iterdir() if path.is_file()]
+        marker = directory / FINISHED_FILE
+        record = json.loads(marker.read_text()) if marker.is_file() else None
+        last_used = marker.stat().st_mtime if record else max((f.stat().st_mtime for f in files), default=0.0)
+        entries.append(
+            {
+                "path": directory,
+                "finished": record is not None,
+                "num_rows": record["num_rows"] if record else None,
+                "size_bytes": sum(path.stat().st_size for path in files),
+                "last_used": last_used or directory.stat().st_mtime,
+            }
+        )
+    return sorted(entries, key=lambda entry: entry["last_used"])
+
+
+def prune_report_examples(
+    cache_dir: str | os.PathLike | None = None, older_than_days: float = 30.0, dry_run: bool = False
+) -> list[dict[str, Any]]:
+    """Remove the `report-examples-*` folders of `cache_dir` not built or used for `older_than_days` (finished ones by
+    their last use, unfinished ones by their last write, so that a build in progress is kept); returns their entries
+    (`cached_report_examples`), removed unless `dry_run`. Every setting change builds a new folder and nothing else
+    removes the old ones: all of MIMIC-IV-ECG takes ~86 GB."""
+    if older_than_days < 0:
+        raise ValueError(f"older_than_days: must be at least 0, got {older_than_days}")
+    cutoff = time.time() - older_than_days * 86400
+    stale = [entry for entry in cached_report_examples(cache_dir) if entry["last_used"] < cutoff]
+    for entry in stale if not dry_run else ():
+        shutil.rmtree(entry["path"])
+        logger.info("report examples: removed %s (%.1f GB)", entry["path"], entry["size_bytes"] / 1e9)
+    return stale
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """`python -m merit_hf.training.report_examples list|prune [--cache_dir DIR] [--older_than_days N] [--dry_run]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m merit_hf.training.report_examples",
+        description="The report-generation examples caches (report_lora's --examples_cache_dir): list them, or "
+        "remove those not built or used for --older_than_days.",
+    )
+    parser.add_argument("action", choices=["list", "prune"])
+    parser.add_argument("--cache_dir", default=None, help=f"default: {default_examples_cache_dir()}")
+    parser.add_argument("--older_than_days", type=float, default=30.0, help="prune: last built or used before this")
+    parser.add_argument("--dry_run", action="store_true", help="prune: list what would be removed, remove nothing")
+    args = parser.parse_args(argv)
+    if args.action == "list":
+        entries = cached_report_examples(args.cache_dir)
+    else:
+        entries = prune_report_examples(args.cache_dir, args.older_than_days, args.dry_run)
+    verb = {"list": "", "prune": "would remove " if args.dry_run else "removed "}[args.action]
+    for entry in entries:
+        rows = f"{entry['num_rows']} examples" if entry["finished"] else "unfinished"
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["last_used"]))
+        print(f"{verb}{entry['path']}  {rows}  {entry['size_bytes'] / 1e9:.2f} GB  last used {used}")
+    total = sum(entry["size_bytes"] for entry in entries) / 1e9
+    print(f"{len(entries)} folder(s), {total:.2f} GB" + (f" {verb.strip()}" if verb else ""))
+    return entries
+
+
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "REPORT_EXAMPLES_FORMAT_VERSION",
     "ReportExamples",
+    "cached_report_examples",
+    "default_examples_cache_dir",
     "examples_fingerprint",
     "feature_extractor_settings",
     "files_fingerprint",
     "prepare_report_examples",
+    "prune_report_examples",
     "report_examples_features",
     "rows_fingerprint",
 ]
+
+
+if __name__ == "__main__":
+    main()

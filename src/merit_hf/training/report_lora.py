@@ -78,7 +78,13 @@ from ..models.merit.processing_merit import DEFAULT_REPORT_INSTRUCTION, IGNORE_I
 from ..utils.arguments import arguments_to_dict, config_from_argument, parse_arguments
 from ..utils.launch import require_joined_processes
 from ..utils.throughput import ThroughputMeter
-from .report_examples import DEFAULT_CHUNK_SIZE, ReportExamples, files_fingerprint, rows_fingerprint
+from .report_examples import (
+    DEFAULT_CHUNK_SIZE,
+    ReportExamples,
+    default_examples_cache_dir,
+    files_fingerprint,
+    rows_fingerprint,
+)
 
 BASE_FINGERPRINT_FILE = "merit_report_base.json"
 RESULTS_FILE = "report_results.json"
@@ -728,9 +734,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise ValueError("no training data: give --ptbxl_dir and/or --mimic_dir")
     examples_cache_dir = data_args.examples_cache_dir
     if examples_cache_dir is None:
-        import datasets
-
-        examples_cache_dir = str(Path(datasets.config.HF_DATASETS_CACHE) / "merit_hf_report_examples")
+        examples_cache_dir = str(default_examples_cache_dir())
 
     def report_examples_of(rows, limit: int | None = None, fingerprint: str | None = None) -> ReportExamples:
         return ReportExamples(
