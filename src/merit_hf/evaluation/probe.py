@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -236,6 +237,11 @@ class ProbeArguments:
             raise ValueError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if not self.lora_target_modules:
             raise ValueError("lora_target_modules: name at least one linear layer of the encoder")
+        if importlib.util.find_spec("peft") is None:  # now, not after the data and the model are loaded
+            raise ImportError(
+                "finetune_method 'lora' needs peft, merit_hf's `report` extra: pip install 'merit_hf[report]' (or "
+                "pip install 'peft>=0.17')"
+            )
 
     def lora_options(self) -> dict[str, Any]:
         """The LoRA settings as the results JSON's protocol records them (`finetune_method` 'lora')."""
