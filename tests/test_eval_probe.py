@@ -228,3 +228,32 @@ def test_probe_features_are_computed_on_the_gpu_when_there_is_one(ptbxl_like, mo
     assert devices == [torch.device("cuda")] * 6  # 3 splits x (model, baseline)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert feature_device(ProbeArguments()) == torch.device("cpu")
+
+
+def test_features_on_the_gpu_leave_a_given_model_where_it_was(ptbxl_like, monkeypatch):
+    """`run_linear_probe(model)` on a GPU machine: the features are computed on the GPU, and the model's ECG encoder
+    (for a two-tower model, its `ecg_model`) goes back to the CPU it was on. It stayed on the GPU, the rest of the model
+    on the CPU, so the caller's next `model(...)` failed on mixed devices."""
+    from merit_hf.evaluation import probe as probe_module
+
+    model = MeritModel(tiny_merit_config()).eval()
+    moves, original_to = [], torch.nn.Module.to
+
+    def to(self, *args, **kwargs):  # every move of a module to a device; one to "cuda" stays on this CPU
+        if args and isinstance(args[0], (str, torch.device)):
+            moves.append((self, torch.device(args[0]).type))
+            if moves[-1][1] == "cuda":
+                return self
+        return original_to(self, *args, **kwargs)
+
+    embeddings = probe_module.record_embeddings
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        probe_module, "record_embeddings", lambda encoder, inputs, device: embeddings(encoder, inputs, "cpu")
+    )
+    run_linear_probe(
+        model, ptbxl_like, "superclass", baseline=False, arguments=ProbeArguments(max_epochs=1, num_bootstrap=0)
+    )
+    # each split's features on the GPU, then the encoder back on the CPU
+    assert moves == [(model.ecg_model, "cuda"), (model.ecg_model, "cpu")] * 3

@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -201,6 +203,56 @@ def test_lora_settings_that_make_no_sense_are_refused(settings, message):
 def test_lora_flags_with_the_linear_probe_are_refused_on_the_command_line():
     with pytest.raises(ValueError, match=r"lora_r, lora_alpha: set, but finetune_method is 'full'"):
         main(["--model_name_or_path", "unused", "--lora_r", "4", "--lora_alpha", "8"])
+
+
+# A Python without peft (merit_hf's `report` extra): every finder is told to find no `peft`, as in an environment
+# that never installed it; then what a plain `pip install merit_hf` runs.
+_WITHOUT_PEFT = r"""
+import importlib.util, json, sys
+
+class WithoutPeft:
+    def __init__(self, finder):
+        self.finder = finder
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "peft" or name.startswith("peft."):
+            return None
+        return self.finder.find_spec(name, path, target)
+
+    def __getattr__(self, name):
+        return getattr(self.finder, name)
+
+sys.meta_path[:] = [WithoutPeft(finder) for finder in sys.meta_path]
+assert importlib.util.find_spec("peft") is None
+import merit_hf.training.probe
+from merit_hf.evaluation.probe import ProbeArguments
+from merit_hf.training.classifier_lora import parameter_counts
+from torch import nn
+
+ProbeArguments(mode="finetune")  # full fine-tuning needs no peft
+try:
+    ProbeArguments(mode="finetune", finetune_method="lora")
+    refusal = None
+except ImportError as error:
+    refusal = str(error)
+print(json.dumps({"peft_imported": "peft" in sys.modules, "counts": parameter_counts(nn.Linear(2, 3)),
+                  "refusal": refusal}))
+"""
+
+
+def test_the_probe_command_and_full_fine_tuning_run_without_peft():
+    """peft is the `report` extra, so a plain `pip install merit_hf` has none: the probe command (linear probe and
+    full fine-tuning, and the quick-start's probe step, which imports it) must import without it, and LoRA must say
+    which extra to install when its settings are read, before any data is loaded."""
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_PEFT], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["peft_imported"] is False
+    assert result["counts"] == {"trainable_parameters": 9, "total_parameters": 9}
+    assert result["refusal"] == (
+        "finetune_method 'lora' needs peft, merit_hf's `report` extra: pip install 'merit_hf[report]' (or pip install "
+        "'peft>=0.17')"
+    )
 
 
 @pytest.mark.parametrize(

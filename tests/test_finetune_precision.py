@@ -68,12 +68,14 @@ def test_mixed_precision_resolves_per_device_and_launcher(choice, device_type, c
         ("fp16", "cpu", None, "bf16", r"--mixed_precision fp16 contradicts `accelerate launch`'s mixed precision "
                                       r"'bf16' \(ACCELERATE_MIXED_PRECISION, from its --mixed_precision or its"),
         ("no", "cuda", (9, 0), "bf16", r"--mixed_precision no contradicts `accelerate launch`'s mixed precision"),
-        ("bf16", "cuda", (7, 5), None, r"mixed_precision 'bf16' needs a GPU with bf16 \(compute capability 8.0\+: "
+        ("bf16", "cuda", (7, 5), None, r"^mixed_precision 'bf16' needs a GPU with bf16 \(compute capability 8.0\+: "
                                        r"Ampere and later\); this cuda device has compute capability 7.5. Use 'fp16'"),
-        ("auto", "cuda", (7, 0), "bf16", r"mixed_precision 'bf16' needs a GPU with bf16 .* capability 7.0"),
-        ("fp16", "cpu", None, None, r"mixed_precision 'fp16' is CUDA autocast with loss scaling; on cpu Accelerate "
+        ("auto", "cuda", (7, 0), "bf16", r"^`accelerate launch`'s mixed precision 'bf16' \(ACCELERATE_MIXED_PRECISION"
+                                         r", which --mixed_precision auto follows\) needs a GPU with bf16 .* 7.0"),
+        ("fp16", "cpu", None, None, r"^mixed_precision 'fp16' is CUDA autocast with loss scaling; on cpu Accelerate "
                                     r"would train in fp32 under the name fp16. Use 'bf16' or 'no' there"),
-        ("auto", "cpu", None, "fp16", r"mixed_precision 'fp16' is CUDA autocast"),  # the launcher's, on CPU
+        ("auto", "cpu", None, "fp16", r"^`accelerate launch`'s mixed precision 'fp16' \(ACCELERATE_MIXED_PRECISION, "
+                                      r"which --mixed_precision auto follows\) is CUDA autocast"),  # on CPU
         ("fp32", "cpu", None, None, r"mixed_precision: must be one of \('auto', 'no', 'bf16', 'fp16'\), got 'fp32'"),
     ],
 )  # fmt: skip

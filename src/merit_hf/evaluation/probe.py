@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -236,6 +237,11 @@ class ProbeArguments:
             raise ValueError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if not self.lora_target_modules:
             raise ValueError("lora_target_modules: name at least one linear layer of the encoder")
+        if importlib.util.find_spec("peft") is None:  # now, not after the data and the model are loaded
+            raise ImportError(
+                "finetune_method 'lora' needs peft, merit_hf's `report` extra: pip install 'merit_hf[report]' (or "
+                "pip install 'peft>=0.17')"
+            )
 
     def lora_options(self) -> dict[str, Any]:
         """The LoRA settings as the results JSON's protocol records them (`finetune_method` 'lora')."""
@@ -401,7 +407,9 @@ def extract_features(
     """The encoder's `pooler_output` for every record `(num_records, hidden_size)` float32, centre-cropped.
 
     With `cache_dir`, features are saved as `.npy` under a key of the model weights, the feature-extractor settings,
-    the dataset fingerprint and `cache_tag` (name a `transform` there), and read back on the next call.
+    the dataset fingerprint and `cache_tag` (name a `transform` there), and read back on the next call. `device`
+    (default: the encoder's) is where they are computed; the encoder is moved back where it was afterwards, since it
+    may be part of the caller's model (`load_encoder` of a two-tower model is its `ecg_model`).
     """
     cache_file = None
     if cache_dir is not None and transform is not None and cache_tag == "clean":
@@ -418,13 +426,19 @@ def extract_features(
         if cache_file.is_file():
             return np.load(cache_file)
     device = torch.device(device) if device is not None else encoder.device
+    home = encoder.device
     encoder = encoder.to(device).eval()
     outputs = []
     columns = ["signal", "sampling_rate", "lead_names"]
-    for start in tqdm(range(0, len(dataset), batch_size), desc="features", leave=False, disable=len(dataset) < 1000):
-        rows = dataset.select_columns(columns)[start : start + batch_size]
-        inputs = ecg_model_inputs(feature_extractor, rows, transform, start, crop="center")
-        outputs.append(record_embeddings(encoder, inputs, device).float().cpu().numpy())
+    try:
+        for start in tqdm(
+            range(0, len(dataset), batch_size), desc="features", leave=False, disable=len(dataset) < 1000
+        ):
+            rows = dataset.select_columns(columns)[start : start + batch_size]
+            inputs = ecg_model_inputs(feature_extractor, rows, transform, start, crop="center")
+            outputs.append(record_embeddings(encoder, inputs, device).float().cpu().numpy())
+    finally:
+        encoder.to(home)
     features = np.concatenate(outputs).astype(np.float32)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)

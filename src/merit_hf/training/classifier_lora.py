@@ -30,13 +30,17 @@ head of the right size until `id2label` (or `num_labels`) says how many classes 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 
 from ..evaluation.probe import ProbeArguments
 from ..models.merit.modeling_merit import MeritForEcgClassification
+
+# peft is imported where it is used, as in `report_lora`: it is the `report` extra, and `merit_hf.training.finetune`
+# imports this module for full fine-tuning and the linear probe's command too, which must run without it.
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
 
 # The head that is trained whole and saved in the adapter (peft's `modules_to_save`).
 CLASSIFIER_HEAD = "classifier"
@@ -69,6 +73,8 @@ def check_lora_targets(model: MeritForEcgClassification, target_modules: list[st
 def lora_config(arguments: ProbeArguments) -> LoraConfig:
     """The `LoraConfig` of `arguments` (`finetune_method="lora"`): the targets adapted, the head in `modules_to_save`,
     `task_type=SEQ_CLS` so that the adapter reloads with `AutoPeftModelForSequenceClassification`."""
+    from peft import LoraConfig, TaskType
+
     options = arguments.lora_options()
     return LoraConfig(
         task_type=TaskType.SEQ_CLS,
@@ -83,6 +89,8 @@ def lora_config(arguments: ProbeArguments) -> LoraConfig:
 def add_lora(model: MeritForEcgClassification, arguments: ProbeArguments) -> PeftModel:
     """`model` wrapped by `get_peft_model`: only the adapters and the head train. Its `name_or_path` becomes the
     adapter's `base_model_name_or_path`, what `AutoPeftModelForSequenceClassification` loads the base from."""
+    from peft import get_peft_model
+
     check_lora_targets(model, list(arguments.lora_target_modules))
     return get_peft_model(model, lora_config(arguments))
 
@@ -90,7 +98,7 @@ def add_lora(model: MeritForEcgClassification, arguments: ProbeArguments) -> Pef
 def parameter_counts(model: nn.Module) -> dict[str, int]:
     """`{"trainable_parameters", "total_parameters"}` of `model` (a PEFT model counts its adapters and the head's
     trained copy, not the frozen original head)."""
-    if isinstance(model, PeftModel):
+    if hasattr(model, "get_nb_trainable_parameters"):  # a `PeftModel` (without importing peft for a plain model)
         trainable, total = model.get_nb_trainable_parameters()
     else:
         trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)

@@ -80,20 +80,27 @@ def resolve_finetune_precision(
         )
     if device_type == "cuda" and cuda_capability is None:
         cuda_capability = torch.cuda.get_device_capability()
+    # a refusal names where the precision came from: `auto` takes the launcher's, maybe from a forgotten config file
+    asked = f"mixed_precision {choice!r}"
     if choice == "auto":
+        if launcher is not None:
+            asked = (
+                f"`accelerate launch`'s mixed precision {launcher!r} ({LAUNCHER_ENV}, which --mixed_precision auto "
+                "follows)"
+            )
         choice = launcher or (
             "bf16" if device_type == "cuda" and tuple(cuda_capability) >= BF16_MIN_CUDA_CAPABILITY else "no"
         )
     if choice == "bf16" and device_type == "cuda" and tuple(cuda_capability) < BF16_MIN_CUDA_CAPABILITY:
         raise ValueError(
-            f"mixed_precision 'bf16' needs a GPU with bf16 (compute capability 8.0+: Ampere and later); this cuda "
-            f"device has compute capability {cuda_capability[0]}.{cuda_capability[1]}. Use 'fp16' (its fast half "
-            "precision, with loss scaling) or 'no'"
+            f"{asked} needs a GPU with bf16 (compute capability 8.0+: Ampere and later); this cuda device has compute "
+            f"capability {cuda_capability[0]}.{cuda_capability[1]}. Use 'fp16' (its fast half precision, with loss "
+            "scaling) or 'no'"
         )
     if choice == "fp16" and device_type != "cuda":
         raise ValueError(
-            f"mixed_precision 'fp16' is CUDA autocast with loss scaling; on {device_type} Accelerate would train in "
-            "fp32 under the name fp16. Use 'bf16' or 'no' there"
+            f"{asked} is CUDA autocast with loss scaling; on {device_type} Accelerate would train in fp32 under the "
+            "name fp16. Use 'bf16' or 'no' there"
         )
     return choice
 
