@@ -474,3 +474,12 @@ def test_caches_are_listed_and_those_unused_for_a_while_pruned(tmp_path, capsys)
     assert len(ReportExamples(rows, again, tmp_path)) == 3 and again.calls == []  # still reused
     with pytest.raises(ValueError, match="older_than_days"):
         prune_report_examples(tmp_path, older_than_days=-1)
+
+
+def test_more_sources_than_the_positions_can_number_are_refused_by_name():
+    """A row's position is (source << 56) + ...: from 128 sources on it would overflow int64 in numpy."""
+    from merit_hf.training.report_examples import MAX_PARTS
+
+    rows = synthetic_rows(1)
+    with pytest.raises(ValueError, match=f"{MAX_PARTS + 1} sources; at most {MAX_PARTS}"):
+        prepare_report_examples([rows] * (MAX_PARTS + 1), counting_extractor())

@@ -331,9 +331,10 @@ def _load(
         sample = (
             "; data/ptbxl_sample, which the configs name, is in a clone of the repository only" if clone_only else ""
         )
+        where = "no such folder" if path.is_absolute() else f"no such folder in {Path.cwd()}"
         raise FileNotFoundError(
-            f"{path_or_repo_id}: no such folder in {Path.cwd()}, and no Hub dataset of that id ({error}). Give the "
-            f"dataset's folder, as downloaded from PhysioNet or converted by dataset_scripts/{sample}"
+            f"{path_or_repo_id}: {where}, and no Hub dataset of that id ({error}). Give the dataset's folder, as "
+            f"downloaded from PhysioNet or converted by the repository's dataset_scripts/ (a clone){sample}"
         ) from error
 
 

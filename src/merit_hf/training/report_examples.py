@@ -296,6 +296,7 @@ def _parts(rows: Rows | Sequence[Rows]) -> list[Rows]:
 # A cached row's `position` orders the examples as the source gives them: (source part << 56) + the row's place in its
 # part, which for a stream read by shards (below) is (shard << 32) + the row's place in its shard.
 PART_SHIFT, SHARD_SHIFT = 56, 32
+MAX_PARTS, MAX_STREAM_SHARDS = 1 << (63 - PART_SHIFT), 1 << (PART_SHIFT - SHARD_SHIFT)  # int64 positions
 
 
 def _row_chunks(
@@ -305,6 +306,8 @@ def _row_chunks(
     `parts` read in order. A `Dataset` is read at this process's rows only (`rank`, `rank + world_size`, ...). A stream
     split among processes without a `limit` is read by whole shards, each process its own (`_stream_shard_chunks`);
     with a `limit`, or a list of rows, every process reads it in order up to the limit and keeps its own rows."""
+    if len(parts) > MAX_PARTS:
+        raise ValueError(f"report examples: {len(parts)} sources; at most {MAX_PARTS} (join them into fewer)")
     taken = 0  # rows of the sequence so far, for the limit and the share of each process
     for number, part in enumerate(parts):
         base = number << PART_SHIFT
@@ -345,12 +348,16 @@ def _stream_shard_chunks(
     stream and kept one row in `world_size`: all of MIMIC-IV-ECG, 8 times over on 8 GPUs. The positions follow the
     stream's own order (shard, then row), so the cache is the same on any number of processes."""
     stream = finer_shards(stream, world_size)
-    if stream.num_shards >= 1 << (PART_SHIFT - SHARD_SHIFT):
-        raise ValueError(f"report examples: a stream of {stream.num_shards} shards; at most {1 << 24} are supported")
+    if stream.num_shards > MAX_STREAM_SHARDS:
+        raise ValueError(
+            f"report examples: a stream of {stream.num_shards} shards; at most {MAX_STREAM_SHARDS} are supported"
+        )
     for shard in range(rank, stream.num_shards, world_size):
         row = 0
         for batch in _batches(stream.shard(num_shards=stream.num_shards, index=shard), chunk_size):
             size = len(batch["signal"])
+            if row + size > 1 << SHARD_SHIFT:
+                raise ValueError(f"report examples: shard {shard} of the stream holds over {1 << SHARD_SHIFT} rows")
             yield base + (shard << SHARD_SHIFT) + row + np.arange(size), batch
             row += size
 
