@@ -16,7 +16,6 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from merit_hf import MeritForPreTraining
 from merit_hf.evaluation.probe import ProbeArguments, probe_rows
 from merit_hf.training import finetune, finetune_precision
 from merit_hf.training.finetune_precision import (
@@ -26,8 +25,9 @@ from merit_hf.training.finetune_precision import (
 )
 from merit_hf.training.probe import main
 from merit_hf.utils.arguments import parse_arguments
-from tests.conftest import BUNDLED_PTBXL, REPO_ROOT, tiny_merit_config
+from tests.conftest import BUNDLED_PTBXL, REPO_ROOT
 from tests.test_eval_probe import synthetic_ptbxl
+from tests.test_finetune_lora import base_checkpoint  # noqa: F401  (fixture: a tiny pretraining checkpoint)
 from tests.test_trainer_classification import tiny_encoder
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -237,14 +237,6 @@ def test_on_cuda_auto_is_bf16_on_ampere_and_fp16_runs_when_asked(monkeypatch, me
             fine_tune_tiny(method, use_cpu=False, mixed_precision="bf16")
 
 
-@pytest.fixture(scope="module")
-def base_checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("precision") / "pretrained"
-    torch.manual_seed(0)
-    MeritForPreTraining(tiny_merit_config(TINY_ECG)).save_pretrained(folder)
-    return folder
-
-
 def probe_argv(checkpoint: Path, output: Path, *flags: str) -> list[str]:
     return ["--model_name_or_path", str(checkpoint), "--dataset", str(BUNDLED_PTBXL), "--mode", "finetune",
             "--finetune_max_epochs", "1", "--batch_size", "32", "--num_bootstrap", "0", "--baseline", "false",
@@ -253,7 +245,7 @@ def probe_argv(checkpoint: Path, output: Path, *flags: str) -> list[str]:
 
 @pytest.mark.slow  # the command end to end on the bundled records, twice (about 15 s on 2 shared cores)
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_probe_command_fine_tunes_in_bf16_and_records_it(base_checkpoint, tmp_path, method):
+def test_probe_command_fine_tunes_in_bf16_and_records_it(base_checkpoint, tmp_path, method):  # noqa: F811
     main(probe_argv(base_checkpoint, tmp_path, "--mixed_precision", "bf16", "--finetune_method", method,
                     *(["--finetune_learning_rate", "1e-3"] if method == "lora" else [])))  # fmt: skip
     name = f"fine-tune{'-lora' if method == 'lora' else ''}_superclass_1_seed0"
@@ -264,7 +256,7 @@ def test_probe_command_fine_tunes_in_bf16_and_records_it(base_checkpoint, tmp_pa
 
 
 @pytest.mark.slow  # accelerate launch in a subprocess (about 20 s on 2 shared cores)
-def test_accelerate_launch_mixed_precision_reaches_fine_tuning_and_the_results(base_checkpoint, tmp_path):
+def test_accelerate_launch_mixed_precision_reaches_fine_tuning_and_the_results(base_checkpoint, tmp_path):  # noqa: F811
     """The real launcher, one process (on the GPU where there is one): its --mixed_precision bf16 is what the Trainer
     trains in and the results say so (before the flag existed it was also trained in, but recorded nowhere)."""
     device_flags = [] if torch.cuda.is_available() else ["--cpu"]
