@@ -483,3 +483,19 @@ def test_more_sources_than_the_positions_can_number_are_refused_by_name():
     rows = synthetic_rows(1)
     with pytest.raises(ValueError, match=f"{MAX_PARTS + 1} sources; at most {MAX_PARTS}"):
         prepare_report_examples([rows] * (MAX_PARTS + 1), counting_extractor())
+
+
+def test_a_cache_on_a_read_only_filesystem_is_still_reused(tmp_path, monkeypatch):
+    """A reuse marks the folder as used (`os.utime`); where that is refused (a read-only shared cache), the examples
+    are read all the same."""
+    import os
+
+    rows = synthetic_rows(2)
+    ReportExamples(rows, counting_extractor(), tmp_path)
+
+    def refused(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(os, "utime", refused)
+    again = counting_extractor()
+    assert len(ReportExamples(rows, again, tmp_path)) == 2 and again.calls == []

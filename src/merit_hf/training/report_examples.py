@@ -26,6 +26,7 @@ list|prune [--older_than_days 30]` (`prune_report_examples`; a reuse counts as a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -191,7 +192,8 @@ def prepare_report_examples(
     if finished:
         logger.info("report examples: reusing %s (%d examples)", directory, finished["num_rows"])
         if rank == leader:  # the finished record's time is the folder's last use (`prune_report_examples`)
-            os.utime(directory / FINISHED_FILE)
+            with contextlib.suppress(OSError):  # a cache on a read-only filesystem is still read
+                os.utime(directory / FINISHED_FILE)
         return _load(directory), None
     directory.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
