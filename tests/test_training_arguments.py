@@ -107,12 +107,11 @@ def test_pretraining_auto_precision_does_not_take_emulated_bf16(monkeypatch):
 
     from merit_hf.training.pretrain import resolve_mixed_precision
 
-    def bf16_supported(including_emulation: bool = True) -> bool:
-        return including_emulation  # a pre-Ampere GPU: only emulated bf16
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16_supported)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4: bf16 only emulated
     assert resolve_mixed_precision("auto", use_cpu=False) == "fp16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and later
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # Ampere and later
     assert resolve_mixed_precision("auto", use_cpu=False) == "bf16"
     assert resolve_mixed_precision("auto", use_cpu=True) == "no" and resolve_mixed_precision("fp16", True) == "fp16"

@@ -74,6 +74,7 @@ from transformers import AutoTokenizer, get_scheduler
 
 from ..models.merit.configuration_merit import MeritConfig, MeritEcgConfig
 from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
+from ..models.merit.inference_precision import BF16_MIN_CUDA_CAPABILITY
 from ..models.merit.modeling_merit import MeritForPreTraining
 from ..models.merit.processing_merit import MeritProcessor
 from ..utils.arguments import arguments_to_dict, config_from_argument, parse_arguments
@@ -487,13 +488,14 @@ def stream_loader_class() -> type:
 
 
 def resolve_mixed_precision(choice: str, use_cpu: bool) -> str:
-    """`--mixed_precision auto`: bf16 on a GPU with bf16 (Ampere and later), fp16 on older CUDA GPUs, fp32 on CPU.
-    `is_bf16_supported()` alone counts emulation (True on a T4 or V100, where bf16 runs emulated and slow)."""
+    """`--mixed_precision auto`: bf16 on a GPU with bf16 (Ampere and later), fp16 on older CUDA GPUs, fp32 on CPU;
+    the compute-capability rule of inference and fine-tuning (`torch.cuda.is_bf16_supported()` counts emulation:
+    True on a T4 or V100, where bf16 runs emulated and slow)."""
     if choice != "auto":
         return choice
     if use_cpu or not torch.cuda.is_available():
         return "no"
-    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    return "bf16" if torch.cuda.get_device_capability() >= BF16_MIN_CUDA_CAPABILITY else "fp16"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
