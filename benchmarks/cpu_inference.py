@@ -8,12 +8,15 @@ depend on them), one round times every variant once, and a ratio is the median o
   weights, int8 dynamic quantisation), as the embedding command line runs it. In fp32 the model times one block with
   and without oneDNN-prepacked linear layers and keeps the faster (the JSON says which). In bf16 both attention kernels are
   timed (`merit/bf16-sdpa`, `merit/bf16-matmul`: the fused SDPA kernel and two bf16 matmuls, fixed through
-  `MERIT_CPU_ATTENTION`) and the JSON says which one the model picked by itself on this CPU.
+  `MERIT_CPU_ATTENTION`) and the JSON says which one the model picked by itself on this CPU. In int8 the model
+  times PyTorch's two int8 engines on one block and packs itself under the faster (`merit/int8`);
+  `merit/int8-x86` and `merit/int8-onednn` are the model packed under each (fbgemm's kernels, oneDNN's).
 - `einsum_ref/<precision>`: the same weights with attention written the way ST-MEM writes it (`einsum` scores,
   softmax, `einsum`; `encoder_throughput.einsum_attention`) and plain `nn.Linear` layers, in fp32, bf16 weights
   (cast with `.to()`, without the oneDNN-prepacked linear layers `prepare_for_inference` gives MERIT in bf16 on a
-  CPU), bf16 autocast (how ST-MEM's own code runs bf16) and with the same int8 linear layers. The bf16 ratio is taken against the faster of its two bf16
-  forms.
+  CPU), bf16 autocast (how ST-MEM's own code runs bf16) and with the same int8 linear layers (packed under the
+  quantised engine the model timed and picked, fbgemm's `x86` or oneDNN's `onednn`: the JSON says which). The bf16
+  ratio is taken against the faster of its two bf16 forms.
 - `hubert_ecg_base/<precision>`: transformers' `HubertModel` with HuBERT-ECG base's configuration
   (`encoder_throughput.build`), fp32 and bf16 weights.
 
@@ -43,8 +46,11 @@ from encoder_throughput import _register_einsum, build, set_attention  # noqa: E
 from merit_hf.models.merit import modeling_merit  # noqa: E402
 from merit_hf.models.merit.inference_precision import (  # noqa: E402
     PrepackedLinear,
+    _cpu_int8_engine_choice,
     _cpu_prepacking_choice,
+    _quantize_int8,
     cpu_capability,
+    cpu_int8_engines,
     prepare_for_inference,
 )
 
@@ -75,6 +81,9 @@ def _variants(preset: str, batch: int, with_hubert: bool) -> tuple[dict, dict]:
         "einsum_ref/int8": (models["int8"], inputs, "stmem_einsum", False, None),
         "merit/int8": (models["int8"], inputs, "sdpa", False, None),
     }
+    for engine in cpu_int8_engines():  # each engine side by side; merit/int8 is the one the model picked
+        other = _quantize_int8(copy.deepcopy(fp32), engine).eval()
+        variants[f"merit/int8-{engine}"] = (other, inputs, "sdpa", False, None)
     if with_hubert:
         hubert, make_hubert_input = build("hubert_ecg_base", "-", "sdpa")
         hubert_inputs = make_hubert_input(batch)
@@ -135,10 +144,15 @@ def measure_preset(preset: str, batch: int, rounds: int, with_hubert: bool = Tru
         "fp32 vs einsum_ref/fp32": _paired(times, "einsum_ref/fp32", "merit/fp32"),
         f"bf16 (as picked: {merit_bf16}) vs {bf16_reference}": _paired(times, bf16_reference, merit_bf16),
         f"bf16 (as picked: {merit_bf16}) vs einsum_ref/fp32": _paired(times, "einsum_ref/fp32", merit_bf16),
+        f"bf16 (as picked: {merit_bf16}) vs einsum_ref/bf16-autocast": _paired(
+            times, "einsum_ref/bf16-autocast", merit_bf16
+        ),
         "int8 vs einsum_ref/int8": _paired(times, "einsum_ref/int8", "merit/int8"),
         "int8 vs einsum_ref/fp32": _paired(times, "einsum_ref/fp32", "merit/int8"),
         "bf16-sdpa vs bf16-matmul": _paired(times, "merit/bf16-matmul", "merit/bf16-sdpa"),
     }
+    if {"merit/int8-x86", "merit/int8-onednn"} <= set(times):
+        ratios["int8-onednn vs int8-x86"] = _paired(times, "merit/int8-x86", "merit/int8-onednn")
     if with_hubert:
         ratios["merit/fp32 vs hubert_ecg_base/fp32"] = _paired(times, "hubert_ecg_base/fp32", "merit/fp32")
         ratios[f"{merit_bf16} vs hubert_ecg_base/bf16"] = _paired(times, "hubert_ecg_base/bf16", merit_bf16)
@@ -148,11 +162,14 @@ def measure_preset(preset: str, batch: int, rounds: int, with_hubert: bool = Tru
         "batch": batch,
         "rounds": rounds,
         "ecgs_per_second": rates,
+        "seconds_per_round": {name: [round(value, 5) for value in seconds] for name, seconds in times.items()},
         "ratios": ratios,
         "bf16_attention_picked_by_the_model": picked,
         "min_cosine_to_fp32_pooled_output": cosine,
         "merit_bf16_linear_layers_prepacked": sum(isinstance(m, PrepackedLinear) for m in models["bf16"].modules()),
         "merit_fp32_linear_layers_prepacked": sum(isinstance(m, PrepackedLinear) for m in models["fp32"].modules()),
+        "int8_engine_picked_by_the_model": models["int8"].merit_int8_engine,
+        "int8_engines_timed_by_the_model": {str(key): value for key, value in _cpu_int8_engine_choice.items()},
         "fp32_prepacking_timed_by_the_model": {
             str(key): "prepacked" if value else "nn.Linear" for key, value in _cpu_prepacking_choice.items()
         },

@@ -7,7 +7,7 @@ seed), plus the cosine for a random-init ViT-B/75, whose 12 layers are where rou
     python benchmarks/embedding_precision.py                         # the quick-start model on the bundled records
     python benchmarks/embedding_precision.py --model_name_or_path <checkpoint> --dataset <PTB-XL folder>
 
-Writes `benchmarks/results/embedding_precision_<device>.json`.
+Writes `benchmarks/results/embedding_precision_<device>.json` (`--output` to name another file).
 """
 
 from __future__ import annotations
@@ -22,7 +22,12 @@ import numpy as np
 import torch
 
 from merit_hf import MeritEcgConfig, MeritEcgModel, MeritFeatureExtractor
-from merit_hf.models.merit.inference_precision import CPU_PREPACK_ENV, cpu_capability, prepare_for_inference
+from merit_hf.models.merit.inference_precision import (
+    CPU_PREPACK_ENV,
+    _cpu_int8_engine_choice,
+    cpu_capability,
+    prepare_for_inference,
+)
 from merit_hf.training.probe import (
     SPLITS,
     extract_features,
@@ -88,6 +93,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--label_set", default="superclass")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output", default=None, help="default: benchmarks/results/embedding_precision_<device>.json")
     args = parser.parse_args(argv)
 
     dataset_dict = load_dataset_dict(args.dataset, args.sampling_rate)
@@ -135,6 +141,7 @@ def main(argv=None) -> dict:
         },
         "model": name,
         "dataset": args.dataset,
+        "int8_engine_timed_by_the_model": {str(key): value for key, value in _cpu_int8_engine_choice.items()},
         "cosine_to_fp32": cosines,
         f"linear_probe_{args.label_set}_test": probes,
         "random_init_base_p75_cosine_to_fp32": {
@@ -142,8 +149,8 @@ def main(argv=None) -> dict:
             for precision in precisions[1:]
         },
     }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"embedding_precision_{args.device}.json"
+    out = Path(args.output) if args.output else RESULTS / f"embedding_precision_{args.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     return report

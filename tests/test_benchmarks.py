@@ -129,11 +129,15 @@ def test_encoder_throughput_measures_bf16_weights_and_says_why_fp8_is_skipped_on
 def test_cpu_inference_times_every_precision_against_the_references():
     import cpu_inference
 
+    from merit_hf.models.merit.inference_precision import cpu_int8_engines
+
     result = cpu_inference.measure_preset("tiny-p75", batch=2, rounds=1, with_hubert=False)
     assert set(result["ecgs_per_second"]) == {
         "einsum_ref/fp32", "merit/fp32", "einsum_ref/bf16-autocast", "einsum_ref/bf16", "merit/bf16-sdpa",
-        "merit/bf16-matmul", "einsum_ref/int8", "merit/int8",
+        "merit/bf16-matmul", "einsum_ref/int8", "merit/int8", *(f"merit/int8-{e}" for e in cpu_int8_engines()),
     }  # fmt: skip
+    assert result["int8_engine_picked_by_the_model"] in cpu_int8_engines()
+    assert ("int8-onednn vs int8-x86" in result["ratios"]) is (len(cpu_int8_engines()) == 2)
     assert all(rate > 0 for rate in result["ecgs_per_second"].values())
     assert list(result["bf16_attention_picked_by_the_model"].values())[0] in ("sdpa", "matmul")
     assert all(0.99 < cosine <= 1.0 + 1e-6 for cosine in result["min_cosine_to_fp32_pooled_output"].values())

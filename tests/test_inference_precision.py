@@ -291,6 +291,83 @@ def test_int8_quantises_the_block_linears_only_and_stays_close_to_fp32():
     assert F.cosine_similarity(low, reference).min() > 0.99 and not torch.equal(low, reference)
 
 
+ONEDNN_INT8 = pytest.mark.skipif(
+    "onednn" not in torch.backends.quantized.supported_engines, reason="this PyTorch build has no oneDNN int8 engine"
+)
+
+
+@ONEDNN_INT8
+@pytest.mark.parametrize("faster", ["x86", "onednn"])
+def test_the_int8_engine_is_timed_once_per_shape_and_the_faster_packs_the_model(monkeypatch, caplog, faster):
+    """Without `MERIT_CPU_INT8_ENGINE`, int8 quantises one block under each engine and times it (the timer is injected
+    here, so CI's CPU does not decide the outcome), packs the model under the faster, logs it, times once per block
+    shape, and leaves the caller's global engine as it was."""
+    monkeypatch.delenv(inference_precision.CPU_INT8_ENGINE_ENV, raising=False)
+    monkeypatch.setattr(inference_precision, "_cpu_int8_engine_choice", {})
+    calls = []
+
+    def timer(block, num_tokens):
+        calls.append(num_tokens)
+        return {engine: 1.0 if engine == faster else 2.0 for engine in inference_precision.cpu_int8_engines()}
+
+    monkeypatch.setattr(inference_precision, "time_cpu_int8_engines", timer)
+    global_engine = torch.backends.quantized.engine
+    torch.manual_seed(0)
+    model = MeritEcgModel(tiny_ecg_config()).eval()
+    with caplog.at_level(logging.DEBUG, logger="merit_hf.models.merit.inference_precision"):
+        int8 = prepare_for_inference(model, "int8", "cpu")
+        again = prepare_for_inference(MeritEcgModel(tiny_ecg_config()).eval(), "int8", "cpu")
+    assert calls == [model.config.num_leads * model.config.tokens_per_lead]  # once, with the model's token count
+    assert int8.merit_int8_engine == again.merit_int8_engine == faster
+    assert torch.backends.quantized.engine == global_engine
+    assert f"CPU int8 engine for blocks of {model.config.hidden_size} -> " in caplog.text
+    assert f"threads: {faster} (timed:" in caplog.text
+
+
+@ONEDNN_INT8
+def test_an_int8_model_runs_with_the_engine_it_was_packed_under_and_both_engines_agree(monkeypatch):
+    """Both engines quantise the same way (per-tensor activations, per-tensor int8 weights): their embeddings agree
+    far more closely than either agrees with fp32, and a model packed under oneDNN computes the same whatever the
+    global engine is when it runs."""
+    torch.manual_seed(0)
+    model = MeritEcgModel(tiny_ecg_config()).eval()
+    ecg = torch.randn(3, 12, model.config.num_samples)
+    outputs = {}
+    for engine in ("x86", "onednn"):
+        monkeypatch.setenv(inference_precision.CPU_INT8_ENGINE_ENV, engine)
+        int8 = inference_precision._convert(model, "int8", torch.device("cpu"))
+        assert int8.merit_int8_engine == engine
+        with torch.inference_mode():
+            outputs[engine] = int8(ecg).pooler_output
+            if engine == "onednn":
+                with inference_precision._quantized_engine("x86"):
+                    assert torch.equal(int8(ecg).pooler_output, outputs[engine])
+    with torch.inference_mode():
+        reference = model(ecg).pooler_output
+    across = F.cosine_similarity(outputs["x86"], outputs["onednn"]).min()
+    to_fp32 = min(F.cosine_similarity(output, reference).min() for output in outputs.values())
+    assert across > 0.9999 and to_fp32 > 0.99
+
+
+def test_a_fixed_int8_engine_is_checked(monkeypatch):
+    monkeypatch.setenv(inference_precision.CPU_INT8_ENGINE_ENV, "qnnpack")
+    with pytest.raises(ValueError, match=r"MERIT_CPU_INT8_ENGINE: must be one of \['x86', 'onednn'\], got 'qnnpack'"):
+        prepare_for_inference(MeritEcgModel(tiny_ecg_config()), "int8", "cpu")
+    monkeypatch.setattr(inference_precision, "cpu_int8_engines", lambda: ("x86",))
+    monkeypatch.setenv(inference_precision.CPU_INT8_ENGINE_ENV, "onednn")
+    with pytest.raises(ValueError, match="MERIT_CPU_INT8_ENGINE=onednn: this PyTorch build has no such quantised"):
+        prepare_for_inference(MeritEcgModel(tiny_ecg_config()), "int8", "cpu")
+
+
+@ONEDNN_INT8
+def test_the_int8_engine_timer_times_each_engine_and_leaves_the_block_alone():
+    torch.manual_seed(0)
+    block = MeritEcgModel(tiny_ecg_config()).layers[0]
+    seconds = inference_precision.time_cpu_int8_engines(block, num_tokens=8, batch_size=1, repeats=1)
+    assert set(seconds) == {"x86", "onednn"} and all(0 < value < 60 for value in seconds.values())
+    assert type(block.mlp.fc1) is torch.nn.Linear and block.mlp.fc1.weight.dtype == torch.float32
+
+
 def test_only_int8_makes_a_records_embedding_depend_on_its_batch():
     """Why 'auto' never picks int8: dynamic quantisation scales activations per batch, so the same record embeds
     differently beside louder records (by far more than fp32's rounding)."""

@@ -24,8 +24,13 @@
   fixes the choice (benchmarks, runs that must match bit for bit across machines).
 - `"int8"` (CPU only): dynamic int8 quantisation (int8 weights, activations quantised per batch) of every
   `nn.Linear` inside the Transformer blocks (over 99 % of the FLOPs) through PyTorch's own
-  `torch.ao.quantization.quantize_dynamic` (fbgemm/oneDNN kernels); the patch projection, pooling and heads stay
-  fp32. PyTorch marks `torch.ao.quantization` deprecated in favour of torchao, but torchao 0.18's CPU int8 path
+  `torch.ao.quantization.quantize_dynamic`; the patch projection, pooling and heads stay fp32. Two of PyTorch's
+  quantised engines can run these layers, fbgemm's (`"x86"`, PyTorch's default) and oneDNN's (`"onednn"`, with
+  AMX-INT8 tiles where the CPU has them: 2-5x faster on an AMX Xeon); one block is quantised and timed under each at
+  first use (once per process for each block shape and thread count; `cpu_int8_engine`) and the faster packs the
+  model, which then runs with it whatever the global engine is. The caller's `torch.backends.quantized.engine` is
+  left as it was. `MERIT_CPU_INT8_ENGINE=x86` or `=onednn` fixes the choice. (A deep copy or unpickling of an int8
+  model packs its layers again under the global engine.) PyTorch marks `torch.ao.quantization` deprecated in favour of torchao, but torchao 0.18's CPU int8 path
   (`Int8DynamicActivationInt8WeightConfig`) ran 4x slower than it in eager mode on our CPUs, so we keep the
   working one (benchmarks/README.md, "CPU inference").
 - `"fp8"` (CUDA GPUs with FP8 tensor cores only, compute capability 8.9+: Ada, Hopper, Blackwell): torchao's float8
@@ -43,6 +48,7 @@ one), so calling `zero_shot_classify` in a loop does not convert the model every
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -65,6 +71,9 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PREPACKED_DTYPES = (torch.bfloat16, torch.float32)
 CPU_PREPACK_ENV = "MERIT_CPU_PREPACK"
 _cpu_prepacking_choice: dict[tuple, bool] = {}
+INT8_ENGINES = ("x86", "onednn")
+CPU_INT8_ENGINE_ENV = "MERIT_CPU_INT8_ENGINE"
+_cpu_int8_engine_choice: dict[tuple, str] = {}
 
 
 class PrepackedLinear(nn.Linear):
@@ -347,7 +356,27 @@ def _prepack_block_linears(module: nn.Module) -> nn.Module:
     return module
 
 
-def _quantize_int8(module: nn.Module) -> nn.Module:
+@contextlib.contextmanager
+def _quantized_engine(engine: str):
+    """PyTorch's quantised engine set to `engine` inside the block, the caller's restored after it. The engine a
+    dynamic int8 layer is packed under is the one it runs with, whatever the engine is later."""
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def cpu_int8_engines() -> tuple[str, ...]:
+    """The int8 engines this PyTorch build offers of the two merit_hf chooses between: `"x86"` (fbgemm's AVX2 /
+    AVX512-VNNI kernels for dynamic linear layers) and `"onednn"` (oneDNN's, which use AMX-INT8 tiles where the CPU
+    has them)."""
+    supported = torch.backends.quantized.supported_engines
+    return tuple(engine for engine in INT8_ENGINES if engine in supported)
+
+
+def _quantize_int8(module: nn.Module, engine: str | None = None) -> nn.Module:
     import warnings
 
     from torch.ao.quantization import quantize_dynamic
@@ -358,7 +387,68 @@ def _quantize_int8(module: nn.Module) -> nn.Module:
             "ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning
         )
         warnings.filterwarnings("ignore", message=r".*torch\.quantize_per_tensor.*deprecated", category=UserWarning)
-        return quantize_dynamic(module, names, dtype=torch.qint8, inplace=True)
+        with _quantized_engine(engine or torch.backends.quantized.engine):
+            quantized = quantize_dynamic(module, names, dtype=torch.qint8, inplace=True)
+    quantized.merit_int8_engine = engine or torch.backends.quantized.engine
+    return quantized
+
+
+def time_cpu_int8_engines(
+    block: nn.Module, num_tokens: int, batch_size: int = 2, repeats: int = 3
+) -> dict[str, float]:
+    """Best-of-`repeats` seconds of one forward of the fp32 Transformer block `block` with its linear layers quantised
+    to int8 under each engine of `cpu_int8_engines()`, on random hidden states of `num_tokens` tokens, interleaved.
+    `block` itself is left as it is."""
+    from .modeling_merit import best_interleaved_seconds
+
+    quantized = {
+        engine: _quantize_int8(copy.deepcopy(block).float().eval(), engine).eval() for engine in cpu_int8_engines()
+    }
+    hidden_states = torch.randn(batch_size, num_tokens, block.norm1.normalized_shape[0])
+    runs = {engine: functools.partial(layer, hidden_states) for engine, layer in quantized.items()}
+    return best_interleaved_seconds(runs, repeats)
+
+
+def cpu_int8_engine(module: nn.Module) -> str:
+    """The engine `"int8"` quantises `module`'s Transformer blocks under on this CPU: the faster of
+    `cpu_int8_engines()`, timed on one of `module`'s blocks at first use, once per process for each (hidden size, MLP
+    size, heads, tokens, threads), with the choice logged at debug level. oneDNN's dynamic int8 linear layers ran
+    2-5x faster than fbgemm's on an AMX Xeon (benchmarks/README.md, "CPU inference"); where they are not faster the
+    timing keeps `"x86"`, PyTorch's default. `MERIT_CPU_INT8_ENGINE=x86` or `=onednn` fixes it."""
+    from .modeling_merit import MeritEcgLayer
+
+    engines = cpu_int8_engines()
+    forced = os.environ.get(CPU_INT8_ENGINE_ENV)
+    if forced:
+        if forced not in INT8_ENGINES:
+            raise ValueError(f"{CPU_INT8_ENGINE_ENV}: must be one of {list(INT8_ENGINES)}, got {forced!r}")
+        if forced not in engines:
+            raise ValueError(
+                f"{CPU_INT8_ENGINE_ENV}={forced}: this PyTorch build has no such quantised engine (it has "
+                f"{list(torch.backends.quantized.supported_engines)})"
+            )
+        return forced
+    block = next((child for child in module.modules() if isinstance(child, MeritEcgLayer)), None)
+    if block is None or len(engines) < 2:
+        return engines[0] if engines else torch.backends.quantized.engine
+    config = block.attention.config
+    num_tokens = config.num_leads * config.tokens_per_lead
+    key = (
+        block.mlp.fc1.in_features,
+        block.mlp.fc1.out_features,
+        block.attention.num_heads,
+        num_tokens,
+        torch.get_num_threads(),
+    )
+    if key not in _cpu_int8_engine_choice:
+        seconds = time_cpu_int8_engines(block, num_tokens)
+        _cpu_int8_engine_choice[key] = min(seconds, key=seconds.get)
+        logger.debug(
+            "CPU int8 engine for blocks of %d -> %d, %d tokens, %d threads: %s (timed: %s)",
+            key[0], key[1], num_tokens, key[-1], _cpu_int8_engine_choice[key],
+            {name: f"{value * 1000:.2f} ms" for name, value in seconds.items()},
+        )  # fmt: skip
+    return _cpu_int8_engine_choice[key]
 
 
 def _quantize_fp8(module: nn.Module) -> nn.Module:
@@ -439,7 +529,8 @@ def cpu_prepacking_pays(module: nn.Module, dtype: torch.dtype) -> bool:
 def _convert(module: nn.Module, precision: str, device: torch.device) -> nn.Module:
     if precision == "int8":
         # quantize_dynamic's new layers start in training mode: eval() again (they compute the same either way)
-        return _quantize_int8(copy.deepcopy(module).to(device=device, dtype=torch.float32)).eval()
+        engine = cpu_int8_engine(module)
+        return _quantize_int8(copy.deepcopy(module).to(device=device, dtype=torch.float32), engine).eval()
     if precision == "fp8":
         return _quantize_fp8(copy.deepcopy(module).to(device=device, dtype=torch.bfloat16).eval())
     dtype = _DTYPES[precision]
@@ -514,6 +605,7 @@ __all__ = [
     "CpuCapability",
     "PrepackedLinear",
     "cpu_capability",
+    "cpu_int8_engine",
     "cpu_prepacking_pays",
     "prepare_for_inference",
     "resolve_precision",
