@@ -185,6 +185,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--skip_hubert", action="store_true")
     parser.add_argument("--output", default=str(RESULTS / "cpu_inference.json"))
     args = parser.parse_args(argv)
+    # the model's own choices are timed in this run, not read from the machine's file of earlier ones (unless
+    # MERIT_CPU_CHOICES names one)
+    os.environ.setdefault(modeling_merit.CPU_CHOICES_ENV, "off")
     torch.set_num_threads(args.threads)
     results = []
     for preset in args.presets:

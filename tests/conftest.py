@@ -173,3 +173,10 @@ def shared_ptbxl_dir() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_machine_wide_cpu_choices(monkeypatch):
+    """Kernel choices timed in a test stay in its process: no test reads or writes `$HF_HOME/merit_hf/cpu_choices.json`
+    (tests of that file point `MERIT_CPU_CHOICES` at a temporary one)."""
+    monkeypatch.setenv("MERIT_CPU_CHOICES", "off")

@@ -368,6 +368,115 @@ def test_the_int8_engine_timer_times_each_engine_and_leaves_the_block_alone():
     assert type(block.mlp.fc1) is torch.nn.Linear and block.mlp.fc1.weight.dtype == torch.float32
 
 
+def test_kernel_choices_are_kept_per_machine_in_a_file_every_process_reads(monkeypatch, tmp_path, caplog):
+    """A choice timed in one process is written to `MERIT_CPU_CHOICES` under this machine's key; a new process (here:
+    the in-process choices cleared) reads it instead of timing. Another CPU or PyTorch, a stored value that is not a
+    choice, or an unreadable file means timing again; "off" keeps choices in the process; an unwritable file only
+    costs the timing."""
+    import json
+
+    from merit_hf.models.merit import modeling_merit
+
+    path = tmp_path / "choices" / "cpu_choices.json"
+    monkeypatch.setenv(inference_precision.CPU_INT8_ENGINE_ENV, "")
+    monkeypatch.setenv(modeling_merit.CPU_CHOICES_ENV, str(path))
+    timings = []
+
+    def timer(block, num_tokens):
+        timings.append(num_tokens)
+        return {"nn.Linear": 2.0, "prepacked": 1.0}
+
+    monkeypatch.setattr(inference_precision, "time_cpu_prepacking", timer)
+    model = MeritEcgModel(tiny_ecg_config()).eval()
+
+    def choose() -> bool:
+        monkeypatch.setattr(inference_precision, "_cpu_prepacking_choice", {})  # a new process
+        with caplog.at_level(logging.DEBUG, logger="merit_hf.models.merit.inference_precision"):
+            return cpu_prepacking_pays(model, torch.float32)
+
+    monkeypatch.delenv(CPU_PREPACK_ENV, raising=False)
+    assert choose() and len(timings) == 1
+    stored = json.loads(path.read_text())
+    machine = modeling_merit.cpu_machine_key()
+    assert list(stored) == [machine] and machine.endswith(f"torch {torch.__version__}")
+    (entry,) = stored[machine].values()
+    assert entry["choice"] == "prepacked" and set(entry["seconds"]) == {"nn.Linear", "prepacked"}
+    caplog.clear()
+    assert choose() and len(timings) == 1  # read, not timed
+    assert f"prepacked (kept in {path}, timed {entry['timed_at']}" in caplog.text
+
+    (key,) = stored[machine]
+    stored[machine][key]["choice"] = "something else"  # not a choice: timed again, then rewritten
+    path.write_text(json.dumps(stored))
+    assert choose() and len(timings) == 2
+    assert json.loads(path.read_text())[machine][key]["choice"] == "prepacked"
+    path.write_text("{not json")
+    assert choose() and len(timings) == 3 and json.loads(path.read_text())[machine][key]["choice"] == "prepacked"
+    monkeypatch.setattr(modeling_merit, "cpu_machine_key", lambda: "another CPU | flags 0 | torch 0")
+    assert (
+        choose()
+        and len(timings) == 4
+        and set(json.loads(path.read_text())) == {machine, "another CPU | flags 0 | torch 0"}
+    )
+
+    monkeypatch.setenv(modeling_merit.CPU_CHOICES_ENV, "off")
+    assert choose() and choose() and len(timings) == 6  # each "process" times
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    monkeypatch.setenv(modeling_merit.CPU_CHOICES_ENV, str(blocked / "cpu_choices.json"))  # its folder is a file
+    assert choose() and len(timings) == 7 and blocked.read_text() == ""
+
+
+def test_every_timed_cpu_choice_goes_through_the_machine_file(monkeypatch, tmp_path):
+    """The attention kernel, fp32 prepacking and the int8 engine all keep their choice in the same file."""
+    import json
+
+    from merit_hf.models.merit import modeling_merit
+
+    path = tmp_path / "cpu_choices.json"
+    monkeypatch.setenv(modeling_merit.CPU_CHOICES_ENV, str(path))
+    for name in ("CPU_PREPACK_ENV", "CPU_INT8_ENGINE_ENV"):
+        monkeypatch.delenv(getattr(inference_precision, name), raising=False)
+    monkeypatch.delenv(modeling_merit.CPU_ATTENTION_ENV, raising=False)
+    for module, name in (
+        (inference_precision, "_cpu_prepacking_choice"),
+        (inference_precision, "_cpu_int8_engine_choice"),
+        (modeling_merit, "_cpu_attention_choice"),
+    ):
+        monkeypatch.setattr(module, name, {})
+    model = MeritEcgModel(tiny_ecg_config()).eval()
+    ecg = torch.randn(2, 12, model.config.num_samples)
+    with torch.inference_mode():
+        prepare_for_inference(model, "bf16", "cpu")(ecg)  # the attention kernel (bf16 on a CPU)
+    cpu_prepacking_pays(model, torch.float32)
+    inference_precision.cpu_int8_engine(model)
+    kinds = {key.split(" ")[0] for key in json.loads(path.read_text())[modeling_merit.cpu_machine_key()]}
+    expected = {"attention", "linear-prepacking"} | (
+        {"int8-engine"} if len(inference_precision.cpu_int8_engines()) > 1 else set()
+    )
+    assert kinds == expected
+
+
+@pytest.mark.parametrize("precision, prepack", [("bf16", None), ("fp32", "on"), ("int8", None)])
+def test_a_model_prepared_or_made_under_inference_mode_runs(monkeypatch, precision, prepack):
+    """`prepare_for_inference` called inside `torch.inference_mode()` makes a copy of inference tensors, which keep no
+    write counter: the prepacked layers' weight key and the cache signature used to fail with "Inference tensors do
+    not track version counter" at the first forward."""
+    if prepack:
+        monkeypatch.setenv(CPU_PREPACK_ENV, prepack)
+    torch.manual_seed(0)
+    model = MeritEcgModel(tiny_ecg_config()).eval()
+    ecg = torch.randn(2, 12, model.config.num_samples)
+    with torch.inference_mode():
+        expected = prepare_for_inference(model, precision, "cpu")(ecg).pooler_output
+        made_inside = MeritEcgModel(tiny_ecg_config()).eval()
+        made_inside.load_state_dict(model.state_dict())
+        runner = prepare_for_inference(made_inside, precision, "cpu")
+        assert prepare_for_inference(made_inside, precision, "cpu") is runner  # cached
+        output = runner(ecg).pooler_output
+    assert torch.allclose(output, expected, atol=1e-5)
+
+
 def test_only_int8_makes_a_records_embedding_depend_on_its_batch():
     """Why 'auto' never picks int8: dynamic quantisation scales activations per batch, so the same record embeds
     differently beside louder records (by far more than fp32's rounding)."""

@@ -18,7 +18,7 @@
   on every call, and GELU then rounds once instead of twice. 1.05-1.08x faster on its own, 1.07-1.18x with the GELU,
   outputs identical without the GELU (benchmarks/README.md, "CPU inference"). fp32 linear layers run MKL or
   OpenBLAS instead, and whether oneDNN's prepacked kernel beats them depends on the CPU, so in fp32 on a CPU one
-  Transformer block is timed both ways at first use (once per process for each block shape, token count and thread
+  Transformer block is timed both ways at first use (once per machine for each block shape, token count and thread
   count; `cpu_prepacking_pays`) and the faster is kept: prepacked, the model is a copy that shares the caller's
   weights, and its outputs differ from `nn.Linear`'s by float rounding (about 1e-6). `MERIT_CPU_PREPACK=on` or `=off`
   fixes the choice (benchmarks, runs that must match bit for bit across machines).
@@ -26,16 +26,23 @@
   `nn.Linear` inside the Transformer blocks (over 99 % of the FLOPs) through PyTorch's own
   `torch.ao.quantization.quantize_dynamic`; the patch projection, pooling and heads stay fp32. Two of PyTorch's
   quantised engines can run these layers, fbgemm's (`"x86"`, PyTorch's default) and oneDNN's (`"onednn"`, with
-  AMX-INT8 tiles where the CPU has them: 2-5x faster on an AMX Xeon); one block is quantised and timed under each at
-  first use (once per process for each block shape and thread count; `cpu_int8_engine`) and the faster packs the
-  model, which then runs with it whatever the global engine is. The caller's `torch.backends.quantized.engine` is
-  left as it was. `MERIT_CPU_INT8_ENGINE=x86` or `=onednn` fixes the choice. (A deep copy or unpickling of an int8
-  model packs its layers again under the global engine.) PyTorch marks `torch.ao.quantization` deprecated in favour of torchao, but torchao 0.18's CPU int8 path
+  AMX-INT8 tiles where the CPU has them: 1.4-1.5x the whole int8 model's speed on an AMX Xeon); one block is quantised
+  and timed under each at first use (once per machine for each block shape and thread count; `cpu_int8_engine`) and
+  the faster packs the model, which then runs with it whatever the global engine is. The caller's
+  `torch.backends.quantized.engine` is left as it was. `MERIT_CPU_INT8_ENGINE=x86` or `=onednn` fixes the choice. (A
+  deep copy or unpickling of an int8 model packs its layers again under the global engine.) PyTorch marks
+  `torch.ao.quantization` deprecated in favour of torchao, but torchao 0.18's CPU int8 path
   (`Int8DynamicActivationInt8WeightConfig`) ran 4x slower than it in eager mode on our CPUs, so we keep the
   working one (benchmarks/README.md, "CPU inference").
 - `"fp8"` (CUDA GPUs with FP8 tensor cores only, compute capability 8.9+: Ada, Hopper, Blackwell): torchao's float8
   dynamic quantisation (e4m3 weights and activations, per-row scales) of the same linear layers, on bf16 weights.
   Needs the optional extra `pip install merit_hf[fp8]` (torchao); anywhere else it is a clear error.
+
+Every choice timed on a CPU (the bf16 attention kernel, fp32 prepacking, the int8 engine) is made once per machine:
+kept in the process and in `$HF_HOME/merit_hf/cpu_choices.json` (`MERIT_CPU_CHOICES`: another path, or `off`), keyed by
+the CPU's model name and flags, PyTorch's version and the choice's shape and thread count, so later processes, and the
+other processes of one `accelerate launch`, read it instead of timing (`modeling_merit.cached_cpu_choice`). Delete the
+file to time again.
 
 `prepare_for_inference(module, precision, device)` never changes the module it is given, its training mode included:
 it returns the module itself when it is already in that precision on that device and in eval mode (and, in fp32 on a
@@ -76,6 +83,12 @@ CPU_INT8_ENGINE_ENV = "MERIT_CPU_INT8_ENGINE"
 _cpu_int8_engine_choice: dict[tuple, str] = {}
 
 
+def _version_of(tensor: torch.Tensor) -> int:
+    """The tensor's in-place write counter; 0 for an inference tensor (made under `torch.inference_mode()`, for example
+    a model converted there), which has none: such a tensor is then told apart by its storage only."""
+    return 0 if tensor.is_inference() else tensor._version
+
+
 class PrepackedLinear(nn.Linear):
     """An `nn.Linear` for CPU inference whose weight oneDNN reorders once into its own blocked layout
     (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing pass does), optionally fused with the exact
@@ -96,7 +109,7 @@ class PrepackedLinear(nn.Linear):
         return linear
 
     def _packed_weight(self) -> torch.Tensor:
-        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype)
+        key = (self.weight.data_ptr(), _version_of(self.weight), self.weight.dtype)
         if self._packed is None or self._packed[0] != key:
             self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None))
         return self._packed[1]
@@ -187,19 +200,9 @@ class CpuCapability:
 
 
 def _read_cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str, frozenset[str]] | None:
-    try:
-        text = path.read_text()
-    except OSError:
-        return None
-    model_name, flags = "", frozenset()
-    for line in text.splitlines():
-        name, _, value = line.partition(":")
-        name = name.strip()
-        if name == "model name" and not model_name:
-            model_name = value.strip()
-        elif name == "flags" and not flags:
-            flags = frozenset(value.split())
-    return model_name, flags
+    from .modeling_merit import read_cpuinfo
+
+    return read_cpuinfo(path)
 
 
 def _flags_from_torch() -> frozenset[str]:
@@ -411,7 +414,7 @@ def time_cpu_int8_engines(
 
 def cpu_int8_engine(module: nn.Module) -> str:
     """The engine `"int8"` quantises `module`'s Transformer blocks under on this CPU: the faster of
-    `cpu_int8_engines()`, timed on one of `module`'s blocks at first use, once per process for each (hidden size, MLP
+    `cpu_int8_engines()`, timed on one of `module`'s blocks at first use, once per machine for each (hidden size, MLP
     size, heads, tokens, threads), with the choice logged at debug level. oneDNN's dynamic int8 linear layers ran
     2-5x faster than fbgemm's on an AMX Xeon (benchmarks/README.md, "CPU inference"); where they are not faster the
     timing keeps `"x86"`, PyTorch's default. `MERIT_CPU_INT8_ENGINE=x86` or `=onednn` fixes it."""
@@ -441,12 +444,14 @@ def cpu_int8_engine(module: nn.Module) -> str:
         torch.get_num_threads(),
     )
     if key not in _cpu_int8_engine_choice:
-        seconds = time_cpu_int8_engines(block, num_tokens)
-        _cpu_int8_engine_choice[key] = min(seconds, key=seconds.get)
+        from .modeling_merit import cached_cpu_choice
+
+        _cpu_int8_engine_choice[key], how = cached_cpu_choice(
+            "int8-engine", key, engines, lambda: time_cpu_int8_engines(block, num_tokens)
+        )
         logger.debug(
-            "CPU int8 engine for blocks of %d -> %d, %d tokens, %d threads: %s (timed: %s)",
-            key[0], key[1], num_tokens, key[-1], _cpu_int8_engine_choice[key],
-            {name: f"{value * 1000:.2f} ms" for name, value in seconds.items()},
+            "CPU int8 engine for blocks of %d -> %d, %d tokens, %d threads: %s (%s)",
+            key[0], key[1], num_tokens, key[-1], _cpu_int8_engine_choice[key], how,
         )  # fmt: skip
     return _cpu_int8_engine_choice[key]
 
@@ -489,7 +494,7 @@ def time_cpu_prepacking(block: nn.Module, num_tokens: int, batch_size: int = 2, 
 def cpu_prepacking_pays(module: nn.Module, dtype: torch.dtype) -> bool:
     """Whether `module`'s Transformer blocks run faster on this CPU in `dtype` with prepacked linear layers
     (`PrepackedLinear`). bf16: always, where the operators work (oneDNN otherwise reorders every weight on every
-    call). fp32: timed on one of `module`'s blocks at first use (`time_cpu_prepacking`), once per process for each
+    call). fp32: timed on one of `module`'s blocks at first use (`time_cpu_prepacking`), once per machine for each
     (dtype, hidden size, MLP size, heads, tokens, threads), with the choice logged at debug level.
     `MERIT_CPU_PREPACK=on` or `=off` fixes it."""
     from .modeling_merit import MeritEcgLayer
@@ -515,13 +520,15 @@ def cpu_prepacking_pays(module: nn.Module, dtype: torch.dtype) -> bool:
         torch.get_num_threads(),
     )
     if key not in _cpu_prepacking_choice:
-        seconds = time_cpu_prepacking(block, num_tokens)
-        _cpu_prepacking_choice[key] = seconds["prepacked"] < seconds["nn.Linear"]
+        from .modeling_merit import cached_cpu_choice
+
+        choice, how = cached_cpu_choice(
+            "linear-prepacking", key, ("prepacked", "nn.Linear"), lambda: time_cpu_prepacking(block, num_tokens)
+        )
+        _cpu_prepacking_choice[key] = choice == "prepacked"
         logger.debug(
-            "CPU %s linear layers for blocks of %d -> %d, %d tokens, %d threads: %s (timed: %s)",
-            dtype, key[1], key[2], num_tokens, key[-1],
-            "prepacked" if _cpu_prepacking_choice[key] else "nn.Linear",
-            {name: f"{value * 1000:.2f} ms" for name, value in seconds.items()},
+            "CPU %s linear layers for blocks of %d -> %d, %d tokens, %d threads: %s (%s)",
+            dtype, key[1], key[2], num_tokens, key[-1], choice, how,
         )  # fmt: skip
     return _cpu_prepacking_choice[key]
 
@@ -555,7 +562,7 @@ def _shared_copy(module: nn.Module) -> nn.Module:
 def _parameters_signature(module: nn.Module) -> tuple:
     """Changes whenever a parameter or buffer is replaced or written in place (optimizer steps, `load_state_dict`)."""
     tensors = [*module.parameters(), *module.buffers()]
-    return tuple((tensor.data_ptr(), tensor._version) for tensor in tensors)
+    return tuple((tensor.data_ptr(), _version_of(tensor)) for tensor in tensors)
 
 
 _prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -11,7 +11,11 @@ contrastive branch follows CLIP / MERL. See `MeritEcgConfig` and `MeritConfig` f
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -198,7 +202,8 @@ def matmul_attention_forward(
 # bf16/fp16 attention on CPU: the fused SDPA kernel or `matmul_attention_forward`, whichever this CPU runs faster.
 # The winner depends on the CPU (AMX, AVX512-BF16), its load, oneDNN and torch: two matmuls were 1.6x faster on one
 # AMD EPYC VM, the fused kernel 1.6x faster on a loaded one of the same kind (benchmarks/README.md). So it is timed
-# once per process at first use for each (dtype, heads, tokens, head size, threads), never fixed from one machine.
+# once per machine at first use for each (dtype, heads, tokens, head size, threads), never fixed from one machine
+# (`cached_cpu_choice`).
 # `MERIT_CPU_ATTENTION=sdpa` or `=matmul` fixes it (benchmarks, runs that must be reproducible bit for bit).
 CPU_ATTENTION_ENV = "MERIT_CPU_ATTENTION"
 _cpu_attention_choice: dict[tuple, str] = {}
@@ -236,6 +241,98 @@ def best_interleaved_seconds(runs: dict[str, Callable[[], object]], repeats: int
     return best
 
 
+# Kernel choices timed on a CPU are kept per machine: in the process (the dictionaries beside each choice) and in a
+# JSON file shared by every process on the machine (`MERIT_CPU_CHOICES`: a path, or "off"; default
+# `$HF_HOME/merit_hf/cpu_choices.json`), keyed by the CPU (model name and flags), PyTorch's version and each choice's
+# own key (shape, dtype, threads). So eight processes of one `accelerate launch` do not each time the kernels while
+# the others load the CPU, and a new process starts without timing. Delete the file (or one machine's entry) to time
+# again, for example after a choice was made on a busy machine; every entry keeps its timings and date.
+CPU_CHOICES_ENV = "MERIT_CPU_CHOICES"
+
+
+def read_cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str, frozenset[str]] | None:
+    """The first CPU's model name and feature flags from `/proc/cpuinfo` (None where there is no such file)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    model_name, flags = "", frozenset()
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        name = name.strip()
+        if name == "model name" and not model_name:
+            model_name = value.strip()
+        elif name == "flags" and not flags:
+            flags = frozenset(value.split())
+    return model_name, flags
+
+
+@functools.cache
+def cpu_machine_key() -> str:
+    """What a CPU kernel choice depends on besides its own key: the CPU (model name and a digest of its flags) and
+    PyTorch (its version, which fixes its oneDNN)."""
+    read = read_cpuinfo()
+    model_name, flags = read if read is not None else (platform.processor() or platform.machine(), frozenset())
+    digest = hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:12]
+    return f"{model_name or platform.machine()} | flags {digest} | torch {torch.__version__}"
+
+
+def cpu_choices_file() -> Path | None:
+    """The file kernel choices are kept in across processes, or None when `MERIT_CPU_CHOICES=off`."""
+    setting = os.environ.get(CPU_CHOICES_ENV, "")
+    if setting.lower() == "off":
+        return None
+    if setting:
+        return Path(setting).expanduser()
+    from huggingface_hub.constants import HF_HOME
+
+    return Path(HF_HOME) / "merit_hf" / "cpu_choices.json"
+
+
+def _read_cpu_choices(path: Path) -> dict:
+    try:
+        stored = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        logger.debug("CPU kernel choices: %s unreadable (%s); timing again", path, error)
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
+def cached_cpu_choice(
+    kind: str, key: tuple, choices: tuple[str, ...], time_choices: Callable[[], dict[str, float]]
+) -> tuple[str, str]:
+    """`(choice, how)`: the fastest of `choices` for `kind` and `key` on this machine, from `cpu_choices_file()` when
+    an earlier process timed it (a stored value outside `choices` is timed again), else timed now by `time_choices`
+    (seconds per choice) and stored. `how` says which, for the caller's debug line. A file that cannot be read or
+    written only costs the timing."""
+    path = cpu_choices_file()
+    entry_key = f"{kind} {key}"
+    machine = cpu_machine_key()
+    if path is not None:
+        entry = _read_cpu_choices(path).get(machine, {}).get(entry_key)
+        if isinstance(entry, dict) and entry.get("choice") in choices:
+            return entry["choice"], f"kept in {path}, timed {entry.get('timed_at', '?')}: {entry.get('seconds')} s"
+    seconds = time_choices()
+    choice = min(seconds, key=seconds.get)
+    if path is not None:
+        stored = _read_cpu_choices(path)  # again: another process may have written since
+        stored.setdefault(machine, {})[entry_key] = {
+            "choice": choice,
+            "seconds": {name: round(value, 7) for name, value in seconds.items()},
+            "timed_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            temporary.write_text(json.dumps(stored, indent=1, sort_keys=True))
+            os.replace(temporary, path)  # atomic: a reader sees the old file or the new one
+        except OSError as error:
+            logger.debug("CPU kernel choices: could not write %s (%s)", path, error)
+    return choice, f"timed: { {name: f'{value * 1000:.2f} ms' for name, value in seconds.items()} }"
+
+
 def cpu_reduced_precision_attention(query: torch.Tensor) -> str:
     """`"sdpa"` or `"matmul"`: the faster bf16/fp16 attention kernel on this CPU for `query`'s shape (see above)."""
     forced = os.environ.get(CPU_ATTENTION_ENV)
@@ -248,12 +345,15 @@ def cpu_reduced_precision_attention(query: torch.Tensor) -> str:
     batch_size, num_heads, num_tokens, head_dim = query.shape
     key = (query.dtype, num_heads, num_tokens, head_dim, torch.get_num_threads())
     if key not in _cpu_attention_choice:
-        seconds = time_cpu_attention_kernels(query.dtype, min(batch_size, 16), num_heads, num_tokens, head_dim)
-        _cpu_attention_choice[key] = min(seconds, key=seconds.get)
+        _cpu_attention_choice[key], how = cached_cpu_choice(
+            "attention",
+            key,
+            ("sdpa", "matmul"),
+            lambda: time_cpu_attention_kernels(query.dtype, min(batch_size, 16), num_heads, num_tokens, head_dim),
+        )
         logger.debug(
-            "CPU %s attention for %d heads x %d tokens x %d, %d threads: %s (timed: %s)",
-            query.dtype, num_heads, num_tokens, head_dim, key[-1], _cpu_attention_choice[key],
-            {name: f"{value * 1000:.2f} ms" for name, value in seconds.items()},
+            "CPU %s attention for %d heads x %d tokens x %d, %d threads: %s (%s)",
+            query.dtype, num_heads, num_tokens, head_dim, key[-1], _cpu_attention_choice[key], how,
         )  # fmt: skip
     return _cpu_attention_choice[key]
 
