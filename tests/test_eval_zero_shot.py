@@ -235,6 +235,31 @@ def test_zero_shot_evaluation_on_a_dataset_with_a_random_ecg_tower_baseline(mode
     assert results["model"]["name_or_path"] == (model.name_or_path or "MeritModel")  # not the module's repr
 
 
+def test_a_given_model_keeps_its_training_mode_and_device_after_a_zero_shot_evaluation(model_and_processor):
+    """evaluate_zero_shot switched a given model to eval mode (and moved it to `device=`) for good: a training loop
+    that evaluates between epochs lost its dropout for the rest of the run. Scores still come from eval mode."""
+    model, processor = model_and_processor
+    data = synthetic_ptbxl(sizes=(2, 4, 4))
+    model.eval()
+    reference = evaluate_zero_shot(model, data, processor=processor, baseline=False, num_bootstrap=5)
+    model.train()
+    moved = []
+    original_to = model.to
+
+    def to(*args, **kwargs):
+        moved.append(args or kwargs)
+        return original_to(*args, **kwargs)
+
+    model.to = to
+    try:
+        again = evaluate_zero_shot(model, data, processor=processor, baseline=False, num_bootstrap=5, device="cpu")
+    finally:
+        del model.to
+    assert model.training and all(module.training for module in model.modules())
+    assert moved == [("cpu",), (torch.device("cpu"),)]  # to the device asked for, then back where it was
+    assert again["model"]["metrics"] == reference["model"]["metrics"]  # dropout was off while scoring
+
+
 def test_a_long_record_is_scored_from_the_mean_of_its_window_embeddings(model_and_processor, tokenizer):
     """`window="sliding"`: one row of scores per record, from the projection of the mean of its windows' encoder
     embeddings (the embedding command line's record embedding), missing leads left out; the pipeline agrees, one

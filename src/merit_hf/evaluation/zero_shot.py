@@ -107,7 +107,8 @@ def evaluate_zero_shot(
     `EvaluationResults` (`merit_hf.evaluation.results`). `dataset_extra` overrides what the results say of the dataset
     (PTB-XL v1.0.3 by default; `merit_hf.evaluation.probe.dataset_description(arguments)` for other data).
     `device`: where the towers run (fp32 either way); default, the GPU when there is one for a model loaded here from
-    a path, and a given model's own device."""
+    a path, and a given model's own device. A given model runs in eval mode and is put back in its own training mode
+    and on its own device afterwards."""
     if isinstance(model_or_path, (str, Path)):
         from transformers import AutoModel, AutoProcessor
 
@@ -116,9 +117,34 @@ def evaluate_zero_shot(
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
     else:
-        model = model_or_path.eval()
+        model = model_or_path
+    # a given model is the caller's: its training mode and device are put back afterwards (a training loop that
+    # evaluates between epochs keeps its dropout and its device)
+    given = None if isinstance(model_or_path, (str, Path)) else (model.training, _parameter_device(model))
+    model.eval()
     if device is not None:
-        model = model.to(device)
+        model.to(device)
+    try:
+        return _evaluate_zero_shot(
+            model, model_or_path, dataset_dict, label_set, processor, hypothesis_template, prompt_file, seed,
+            baseline, num_bootstrap, batch_size, output_file, dataset_extra,
+        )  # fmt: skip
+    finally:
+        if given is not None:
+            model.train(given[0])
+            if given[1] is not None:
+                model.to(given[1])
+
+
+def _parameter_device(model: torch.nn.Module) -> torch.device | None:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else None
+
+
+def _evaluate_zero_shot(
+    model, model_or_path, dataset_dict, label_set, processor, hypothesis_template, prompt_file, seed, baseline,
+    num_bootstrap, batch_size, output_file, dataset_extra,
+) -> EvaluationResults:  # fmt: skip
     # a model instance is named by where it was loaded from (its repr is the whole module tree)
     model_name = (
         str(model_or_path) if isinstance(model_or_path, (str, Path)) else model.name_or_path or type(model).__name__
