@@ -562,3 +562,73 @@ def test_zero_shot_scores_of_a_model_in_training_do_not_depend_on_dropout(tmp_pa
     expected = scores(model.eval())["scores"]
     np.testing.assert_allclose(first, expected, rtol=0, atol=1e-6)
     np.testing.assert_allclose(second, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "stored", ['{"MACHINE": "text"}', '{"MACHINE": ["a"]}', '{"MACHINE": {"kind (1,)": "a"}}', "[1, 2]", '"text"']
+)
+def test_a_choices_file_of_another_shape_is_timed_again_and_rewritten(monkeypatch, tmp_path, stored):
+    """Valid JSON that is not {machine: {choice key: entry}} (a hand edit, another program's file) used to raise
+    AttributeError / TypeError out of the first forward instead of costing the timing."""
+    import json
+
+    from merit_hf.models.merit import modeling_merit
+
+    path = tmp_path / "cpu_choices.json"
+    monkeypatch.setenv(modeling_merit.CPU_CHOICES_ENV, str(path))
+    machine = modeling_merit.cpu_machine_key()
+    path.write_text(stored.replace('"MACHINE"', json.dumps(machine)))
+    timings = []
+
+    def timer():
+        timings.append(1)
+        return {"a": 2.0, "b": 1.0}
+
+    assert modeling_merit.cached_cpu_choice("kind", (1,), ("a", "b"), timer)[0] == "b"
+    assert json.loads(path.read_text())[machine]["kind (1,)"]["choice"] == "b"
+    assert modeling_merit.cached_cpu_choice("kind", (1,), ("a", "b"), timer)[0] == "b" and len(timings) == 1
+
+
+def _choose_in_a_process(path, kind, barrier, timings):
+    import os
+    import time
+
+    from merit_hf.models.merit import modeling_merit
+
+    os.environ[modeling_merit.CPU_CHOICES_ENV] = path
+    barrier.wait()
+
+    def timer():
+        with timings.get_lock():
+            timings.value += 1
+        time.sleep(0.3)  # long enough for every other process to reach the file meanwhile
+        return {"a": 2.0, "b": 1.0}
+
+    modeling_merit.cached_cpu_choice(kind, (1,), ("a", "b"), timer)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="forks processes")
+@pytest.mark.parametrize("same_key", [True, False])
+def test_processes_that_start_together_time_a_choice_once_and_lose_no_entry(tmp_path, same_key):
+    """The processes of one `accelerate launch` reach the file at once: one times a choice while the others wait for
+    it and read it (they used to time it all at once, on a CPU they were loading), and choices timed side by side
+    are all kept (each process used to write back the file it had read, dropping the others' entries)."""
+    import json
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    path = tmp_path / "cpu_choices.json"
+    barrier, timings = context.Barrier(4), context.Value("i", 0)
+    kinds = ["kind"] * 4 if same_key else [f"kind{index}" for index in range(4)]
+    processes = [
+        context.Process(target=_choose_in_a_process, args=(str(path), kind, barrier, timings)) for kind in kinds
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+    assert all(process.exitcode == 0 for process in processes)
+    (entries,) = json.loads(path.read_text()).values()
+    assert sorted(entries) == sorted({f"{kind} (1,)" for kind in kinds})
+    assert timings.value == len(set(kinds))
+    assert {file.name for file in tmp_path.iterdir()} <= {path.name, f"{path.name}.lock"}  # no temporary left
