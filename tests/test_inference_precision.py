@@ -632,3 +632,20 @@ def test_processes_that_start_together_time_a_choice_once_and_lose_no_entry(tmp_
     assert sorted(entries) == sorted({f"{kind} (1,)" for kind in kinds})
     assert timings.value == len(set(kinds))
     assert {file.name for file in tmp_path.iterdir()} <= {path.name, f"{path.name}.lock"}  # no temporary left
+
+
+def test_an_arm_cpus_part_and_features_tell_it_apart(tmp_path):
+    """/proc/cpuinfo on aarch64 Linux has no "model name" and no "flags" (it has "CPU part" and "Features"): every ARM
+    machine used to share one key, so a Graviton2's choices were read on a Graviton3 (a volume moved to a new
+    instance, a shared HF_HOME)."""
+    from merit_hf.models.merit.modeling_merit import read_cpuinfo
+
+    def cpuinfo(part: str, features: str):
+        path = tmp_path / f"cpuinfo_{part}"
+        core = f"BogoMIPS\t: 243.75\nFeatures\t: {features}\nCPU implementer\t: 0x41\nCPU architecture: 8\n"
+        path.write_text(f"processor\t: 0\n{core}CPU variant\t: 0x1\nCPU part\t: {part}\nCPU revision\t: 1\n\n")
+        return read_cpuinfo(path)
+
+    graviton2, graviton3 = cpuinfo("0xd0c", "fp asimd atomics"), cpuinfo("0xd40", "fp asimd atomics sve bf16")
+    assert graviton2[0] and graviton2[0] != graviton3[0]
+    assert graviton2[1] == {"fp", "asimd", "atomics"} and "sve" in graviton3[1]

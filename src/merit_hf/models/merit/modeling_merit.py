@@ -254,20 +254,22 @@ CPU_CHOICES_ENV = "MERIT_CPU_CHOICES"
 
 
 def read_cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str, frozenset[str]] | None:
-    """The first CPU's model name and feature flags from `/proc/cpuinfo` (None where there is no such file)."""
+    """The first CPU's model name and feature flags from `/proc/cpuinfo` (None where there is no such file). On ARM
+    Linux, which names neither, its implementer, part and variant and its "Features"."""
     try:
         text = path.read_text()
     except OSError:
         return None
-    model_name, flags = "", frozenset()
+    fields: dict[str, str] = {}
     for line in text.splitlines():
         name, _, value = line.partition(":")
-        name = name.strip()
-        if name == "model name" and not model_name:
-            model_name = value.strip()
-        elif name == "flags" and not flags:
-            flags = frozenset(value.split())
-    return model_name, flags
+        fields.setdefault(name.strip(), value.strip())  # the first CPU's
+    model_name = fields.get("model name", "")
+    if not model_name and "CPU part" in fields:
+        model_name = " ".join(
+            f"{name} {fields[name]}" for name in ("CPU implementer", "CPU part", "CPU variant") if name in fields
+        )
+    return model_name, frozenset(fields.get("flags", fields.get("Features", "")).split())
 
 
 @functools.cache
