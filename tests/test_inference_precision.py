@@ -649,3 +649,56 @@ def test_an_arm_cpus_part_and_features_tell_it_apart(tmp_path):
     graviton2, graviton3 = cpuinfo("0xd0c", "fp asimd atomics"), cpuinfo("0xd40", "fp asimd atomics sve bf16")
     assert graviton2[0] and graviton2[0] != graviton3[0]
     assert graviton2[1] == {"fp", "asimd", "atomics"} and "sve" in graviton3[1]
+
+
+@ONEDNN_INT8
+def test_the_copy_prepare_makes_of_an_int8_model_in_training_keeps_its_engine(monkeypatch):
+    """An int8 model in training mode (a loop that scores between steps) gets a copy from `prepare_for_inference`;
+    deep-copying repacks every int8 layer under the global engine, so a model packed under oneDNN silently ran
+    fbgemm's kernels while still saying `merit_int8_engine == "onednn"`."""
+    monkeypatch.setenv(inference_precision.CPU_INT8_ENGINE_ENV, "onednn")
+    torch.manual_seed(0)
+    model = MeritEcgModel(tiny_ecg_config()).eval()
+    ecg = torch.randn(3, 12, model.config.num_samples)
+    with inference_precision._quantized_engine("x86"), torch.no_grad():
+        int8 = prepare_for_inference(model, "int8", "cpu")
+        expected = int8(ecg).pooler_output
+        copied = prepare_for_inference(int8.train(), "int8", "cpu")
+        assert copied is not int8 and copied.merit_int8_engine == "onednn"
+        assert torch.equal(copied(ecg).pooler_output, expected)
+
+
+def test_threads_quantising_under_different_engines_do_not_mix_them(monkeypatch):
+    """The quantised engine is one global setting: a thread packing under oneDNN while another packed under x86 got
+    x86's packing, labelled onednn, and the caller's engine could be left changed."""
+    import threading
+
+    import torch.ao.quantization
+
+    seen = {}
+    entered, second_inside, first_done = threading.Event(), threading.Event(), threading.Event()
+
+    def quantize_dynamic(module, names, dtype, inplace):
+        if module.engine == "onednn":  # the first thread packs while the second one is inside too, unless it waits
+            entered.set()
+            second_inside.wait(0.5)
+            seen[module.engine] = torch.backends.quantized.engine
+            first_done.set()
+        else:
+            second_inside.set()
+            first_done.wait(0.5)
+            seen[module.engine] = torch.backends.quantized.engine
+        return module
+
+    monkeypatch.setattr(torch.ao.quantization, "quantize_dynamic", quantize_dynamic)
+    modules = {engine: torch.nn.Module() for engine in ("onednn", "x86")}
+    for engine, module in modules.items():
+        module.engine = engine
+    global_engine = torch.backends.quantized.engine
+    first = threading.Thread(target=inference_precision._quantize_int8, args=(modules["onednn"], "onednn"))
+    first.start()
+    entered.wait(10)
+    inference_precision._quantize_int8(modules["x86"], "x86")
+    first.join()
+    assert seen == {"onednn": "onednn", "x86": "x86"}
+    assert torch.backends.quantized.engine == global_engine

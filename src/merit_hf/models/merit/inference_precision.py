@@ -61,6 +61,7 @@ import functools
 import logging
 import os
 import platform
+import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -359,16 +360,21 @@ def _prepack_block_linears(module: nn.Module) -> nn.Module:
     return module
 
 
+_quantized_engine_lock = threading.RLock()
+
+
 @contextlib.contextmanager
 def _quantized_engine(engine: str):
-    """PyTorch's quantised engine set to `engine` inside the block, the caller's restored after it. The engine a
-    dynamic int8 layer is packed under is the one it runs with, whatever the engine is later."""
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = engine
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = previous
+    """PyTorch's quantised engine set to `engine` inside the block, the caller's restored after it; one thread at a
+    time (the engine is one global setting). The engine a dynamic int8 layer is packed under is the one it runs with,
+    whatever the engine is later."""
+    with _quantized_engine_lock:
+        previous = torch.backends.quantized.engine
+        torch.backends.quantized.engine = engine
+        try:
+            yield
+        finally:
+            torch.backends.quantized.engine = previous
 
 
 def cpu_int8_engines() -> tuple[str, ...]:
@@ -556,7 +562,9 @@ def _convert(module: nn.Module, precision: str, device: torch.device) -> nn.Modu
 def _shared_copy(module: nn.Module) -> nn.Module:
     """An eval-mode copy of `module` that shares its parameters and buffers (only the module objects are new)."""
     shared = {id(tensor): tensor for tensor in (*module.parameters(), *module.buffers())}
-    return copy.deepcopy(module, memo=shared).eval()
+    engine = getattr(module, "merit_int8_engine", None)  # deep-copying repacks int8 layers under the global engine
+    with _quantized_engine(engine) if engine else contextlib.nullcontext():
+        return copy.deepcopy(module, memo=shared).eval()
 
 
 def _parameters_signature(module: nn.Module) -> tuple:
