@@ -702,3 +702,15 @@ def test_threads_quantising_under_different_engines_do_not_mix_them(monkeypatch)
     first.join()
     assert seen == {"onednn": "onednn", "x86": "x86"}
     assert torch.backends.quantized.engine == global_engine
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_model_on_a_gpu_quantises_to_int8_on_the_cpu(monkeypatch):
+    """The engine is timed on a CPU copy of one block: timing the GPU model's own block failed (CUDA weights, CPU
+    inputs), where before the timing its CPU copy was quantised."""
+    monkeypatch.delenv(inference_precision.CPU_INT8_ENGINE_ENV, raising=False)
+    monkeypatch.setattr(inference_precision, "_cpu_int8_engine_choice", {})
+    model = MeritEcgModel(tiny_ecg_config()).eval().cuda().to(torch.bfloat16)
+    int8 = prepare_for_inference(model, "int8", "cpu")
+    with torch.no_grad():
+        assert int8(torch.randn(2, 12, model.config.num_samples)).pooler_output.shape == (2, model.config.hidden_size)

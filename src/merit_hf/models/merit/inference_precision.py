@@ -411,7 +411,8 @@ def time_cpu_int8_engines(
     from .modeling_merit import best_interleaved_seconds
 
     quantized = {
-        engine: _quantize_int8(copy.deepcopy(block).float().eval(), engine).eval() for engine in cpu_int8_engines()
+        engine: _quantize_int8(copy.deepcopy(block).to("cpu", torch.float32).eval(), engine).eval()
+        for engine in cpu_int8_engines()
     }
     hidden_states = torch.randn(batch_size, num_tokens, block.norm1.normalized_shape[0])
     runs = {engine: functools.partial(layer, hidden_states) for engine, layer in quantized.items()}
