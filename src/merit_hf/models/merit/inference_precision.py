@@ -50,7 +50,9 @@ CPU, prepacking does not pay), else a converted copy in eval mode (a module in t
 a copy sharing its weights). A module that `"int8"` already quantised runs only as int8: another precision is an
 error, never int8 under another name. The copy is kept with the
 module and reused while the module's parameters are unchanged (a training step or `load_state_dict` makes a new
-one), so calling `zero_shot_classify` in a loop does not convert the model every time.
+one), so calling `zero_shot_classify` in a loop does not convert the model every time. (Not seen: weights made under
+`torch.inference_mode()` and then written in place under it, for example `load_state_dict` inside that block: such
+tensors keep no write counter, and the old copy is returned. Load into a new model, or outside inference mode.)
 """
 
 from __future__ import annotations
@@ -569,7 +571,9 @@ def _shared_copy(module: nn.Module) -> nn.Module:
 
 
 def _parameters_signature(module: nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer is replaced or written in place (optimizer steps, `load_state_dict`)."""
+    """Changes whenever a parameter or buffer is replaced or written in place (optimizer steps, `load_state_dict`),
+    except an inference tensor (made under `torch.inference_mode()`) written in place under it: such a tensor keeps
+    no write counter (`_version_of`)."""
     tensors = [*module.parameters(), *module.buffers()]
     return tuple((tensor.data_ptr(), _version_of(tensor)) for tensor in tensors)
 
