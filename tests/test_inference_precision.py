@@ -347,6 +347,8 @@ def test_an_int8_model_runs_with_the_engine_it_was_packed_under_and_both_engines
     across = F.cosine_similarity(outputs["x86"], outputs["onednn"]).min()
     to_fp32 = min(F.cosine_similarity(output, reference).min() for output in outputs.values())
     assert across > 0.9999 and to_fp32 > 0.99
+    # and they are two packings, not one (fbgemm quantises activations with reduce_range, 7 bits): the engine is used
+    assert not torch.equal(outputs["x86"], outputs["onednn"])
 
 
 def test_a_fixed_int8_engine_is_checked(monkeypatch):
@@ -562,3 +564,155 @@ def test_zero_shot_scores_of_a_model_in_training_do_not_depend_on_dropout(tmp_pa
     expected = scores(model.eval())["scores"]
     np.testing.assert_allclose(first, expected, rtol=0, atol=1e-6)
     np.testing.assert_allclose(second, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "stored", ['{"MACHINE": "text"}', '{"MACHINE": ["a"]}', '{"MACHINE": {"kind (1,)": "a"}}', "[1, 2]", '"text"']
+)
+def test_a_choices_file_of_another_shape_is_timed_again_and_rewritten(monkeypatch, tmp_path, stored):
+    """Valid JSON that is not {machine: {choice key: entry}} (a hand edit, another program's file) used to raise
+    AttributeError / TypeError out of the first forward instead of costing the timing."""
+    import json
+
+    from merit_hf.models.merit import modeling_merit
+
+    path = tmp_path / "cpu_choices.json"
+    monkeypatch.setenv(modeling_merit.CPU_CHOICES_ENV, str(path))
+    machine = modeling_merit.cpu_machine_key()
+    path.write_text(stored.replace('"MACHINE"', json.dumps(machine)))
+    timings = []
+
+    def timer():
+        timings.append(1)
+        return {"a": 2.0, "b": 1.0}
+
+    assert modeling_merit.cached_cpu_choice("kind", (1,), ("a", "b"), timer)[0] == "b"
+    assert json.loads(path.read_text())[machine]["kind (1,)"]["choice"] == "b"
+    assert modeling_merit.cached_cpu_choice("kind", (1,), ("a", "b"), timer)[0] == "b" and len(timings) == 1
+
+
+def _choose_in_a_process(path, kind, barrier, timings):
+    import os
+    import time
+
+    from merit_hf.models.merit import modeling_merit
+
+    os.environ[modeling_merit.CPU_CHOICES_ENV] = path
+    barrier.wait()
+
+    def timer():
+        with timings.get_lock():
+            timings.value += 1
+        time.sleep(0.3)  # long enough for every other process to reach the file meanwhile
+        return {"a": 2.0, "b": 1.0}
+
+    modeling_merit.cached_cpu_choice(kind, (1,), ("a", "b"), timer)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="forks processes")
+@pytest.mark.parametrize("same_key", [True, False])
+def test_processes_that_start_together_time_a_choice_once_and_lose_no_entry(tmp_path, same_key):
+    """The processes of one `accelerate launch` reach the file at once: one times a choice while the others wait for
+    it and read it (they used to time it all at once, on a CPU they were loading), and choices timed side by side
+    are all kept (each process used to write back the file it had read, dropping the others' entries)."""
+    import json
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    path = tmp_path / "cpu_choices.json"
+    barrier, timings = context.Barrier(4), context.Value("i", 0)
+    kinds = ["kind"] * 4 if same_key else [f"kind{index}" for index in range(4)]
+    processes = [
+        context.Process(target=_choose_in_a_process, args=(str(path), kind, barrier, timings)) for kind in kinds
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+    assert all(process.exitcode == 0 for process in processes)
+    (entries,) = json.loads(path.read_text()).values()
+    assert sorted(entries) == sorted({f"{kind} (1,)" for kind in kinds})
+    assert timings.value == len(set(kinds))
+    assert {file.name for file in tmp_path.iterdir()} <= {path.name, f"{path.name}.lock"}  # no temporary left
+
+
+def test_an_arm_cpus_part_and_features_tell_it_apart(tmp_path):
+    """/proc/cpuinfo on aarch64 Linux has no "model name" and no "flags" (it has "CPU part" and "Features"): every ARM
+    machine used to share one key, so a Graviton2's choices were read on a Graviton3 (a volume moved to a new
+    instance, a shared HF_HOME)."""
+    from merit_hf.models.merit.modeling_merit import read_cpuinfo
+
+    def cpuinfo(part: str, features: str):
+        path = tmp_path / f"cpuinfo_{part}"
+        core = f"BogoMIPS\t: 243.75\nFeatures\t: {features}\nCPU implementer\t: 0x41\nCPU architecture: 8\n"
+        path.write_text(f"processor\t: 0\n{core}CPU variant\t: 0x1\nCPU part\t: {part}\nCPU revision\t: 1\n\n")
+        return read_cpuinfo(path)
+
+    graviton2, graviton3 = cpuinfo("0xd0c", "fp asimd atomics"), cpuinfo("0xd40", "fp asimd atomics sve bf16")
+    assert graviton2[0] and graviton2[0] != graviton3[0]
+    assert graviton2[1] == {"fp", "asimd", "atomics"} and "sve" in graviton3[1]
+
+
+@ONEDNN_INT8
+def test_the_copy_prepare_makes_of_an_int8_model_in_training_keeps_its_engine(monkeypatch):
+    """An int8 model in training mode (a loop that scores between steps) gets a copy from `prepare_for_inference`;
+    deep-copying repacks every int8 layer under the global engine, so a model packed under oneDNN silently ran
+    fbgemm's kernels while still saying `merit_int8_engine == "onednn"`."""
+    monkeypatch.setenv(inference_precision.CPU_INT8_ENGINE_ENV, "onednn")
+    torch.manual_seed(0)
+    model = MeritEcgModel(tiny_ecg_config()).eval()
+    ecg = torch.randn(3, 12, model.config.num_samples)
+    with inference_precision._quantized_engine("x86"), torch.no_grad():
+        int8 = prepare_for_inference(model, "int8", "cpu")
+        expected = int8(ecg).pooler_output
+        copied = prepare_for_inference(int8.train(), "int8", "cpu")
+        assert copied is not int8 and copied.merit_int8_engine == "onednn"
+        assert torch.equal(copied(ecg).pooler_output, expected)
+
+
+def test_threads_quantising_under_different_engines_do_not_mix_them(monkeypatch):
+    """The quantised engine is one global setting: a thread packing under oneDNN while another packed under x86 got
+    x86's packing, labelled onednn, and the caller's engine could be left changed."""
+    import threading
+
+    import torch.ao.quantization
+
+    seen = {}
+    entered, second_inside, first_done = threading.Event(), threading.Event(), threading.Event()
+
+    def quantize_dynamic(module, names, dtype, inplace):
+        if module.engine == "onednn":  # the first thread packs while the second one is inside too, unless it waits
+            entered.set()
+            second_inside.wait(0.5)
+            seen[module.engine] = torch.backends.quantized.engine
+            first_done.set()
+        else:
+            second_inside.set()
+            first_done.wait(0.5)
+            seen[module.engine] = torch.backends.quantized.engine
+        return module
+
+    monkeypatch.setattr(torch.ao.quantization, "quantize_dynamic", quantize_dynamic)
+    modules = {engine: torch.nn.Module() for engine in ("onednn", "x86")}
+    for engine, module in modules.items():
+        module.engine = engine
+    global_engine = torch.backends.quantized.engine
+    first = threading.Thread(target=inference_precision._quantize_int8, args=(modules["onednn"], "onednn"))
+    first.start()
+    entered.wait(10)
+    inference_precision._quantize_int8(modules["x86"], "x86")
+    first.join()
+    assert seen == {"onednn": "onednn", "x86": "x86"}
+    assert torch.backends.quantized.engine == global_engine
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_model_on_a_gpu_quantises_to_int8_on_the_cpu(monkeypatch):
+    """The engine is timed on a CPU copy of one block: timing the GPU model's own block failed (CUDA weights, CPU
+    inputs), where before the timing its CPU copy was quantised."""
+    monkeypatch.delenv(inference_precision.CPU_INT8_ENGINE_ENV, raising=False)
+    monkeypatch.setattr(inference_precision, "_cpu_int8_engine_choice", {})
+    model = MeritEcgModel(tiny_ecg_config()).eval().cuda().to(torch.bfloat16)
+    int8 = prepare_for_inference(model, "int8", "cpu")
+    with torch.no_grad():
+        assert int8(torch.randn(2, 12, model.config.num_samples)).pooler_output.shape == (2, model.config.hidden_size)

@@ -50,7 +50,9 @@ CPU, prepacking does not pay), else a converted copy in eval mode (a module in t
 a copy sharing its weights). A module that `"int8"` already quantised runs only as int8: another precision is an
 error, never int8 under another name. The copy is kept with the
 module and reused while the module's parameters are unchanged (a training step or `load_state_dict` makes a new
-one), so calling `zero_shot_classify` in a loop does not convert the model every time.
+one), so calling `zero_shot_classify` in a loop does not convert the model every time. (Not seen: weights made under
+`torch.inference_mode()` and then written in place under it, for example `load_state_dict` inside that block: such
+tensors keep no write counter, and the old copy is returned. Load into a new model, or outside inference mode.)
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ import functools
 import logging
 import os
 import platform
+import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -359,16 +362,21 @@ def _prepack_block_linears(module: nn.Module) -> nn.Module:
     return module
 
 
+_quantized_engine_lock = threading.RLock()
+
+
 @contextlib.contextmanager
 def _quantized_engine(engine: str):
-    """PyTorch's quantised engine set to `engine` inside the block, the caller's restored after it. The engine a
-    dynamic int8 layer is packed under is the one it runs with, whatever the engine is later."""
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = engine
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = previous
+    """PyTorch's quantised engine set to `engine` inside the block, the caller's restored after it; one thread at a
+    time (the engine is one global setting). The engine a dynamic int8 layer is packed under is the one it runs with,
+    whatever the engine is later."""
+    with _quantized_engine_lock:
+        previous = torch.backends.quantized.engine
+        torch.backends.quantized.engine = engine
+        try:
+            yield
+        finally:
+            torch.backends.quantized.engine = previous
 
 
 def cpu_int8_engines() -> tuple[str, ...]:
@@ -405,7 +413,8 @@ def time_cpu_int8_engines(
     from .modeling_merit import best_interleaved_seconds
 
     quantized = {
-        engine: _quantize_int8(copy.deepcopy(block).float().eval(), engine).eval() for engine in cpu_int8_engines()
+        engine: _quantize_int8(copy.deepcopy(block).to("cpu", torch.float32).eval(), engine).eval()
+        for engine in cpu_int8_engines()
     }
     hidden_states = torch.randn(batch_size, num_tokens, block.norm1.normalized_shape[0])
     runs = {engine: functools.partial(layer, hidden_states) for engine, layer in quantized.items()}
@@ -556,11 +565,15 @@ def _convert(module: nn.Module, precision: str, device: torch.device) -> nn.Modu
 def _shared_copy(module: nn.Module) -> nn.Module:
     """An eval-mode copy of `module` that shares its parameters and buffers (only the module objects are new)."""
     shared = {id(tensor): tensor for tensor in (*module.parameters(), *module.buffers())}
-    return copy.deepcopy(module, memo=shared).eval()
+    engine = getattr(module, "merit_int8_engine", None)  # deep-copying repacks int8 layers under the global engine
+    with _quantized_engine(engine) if engine else contextlib.nullcontext():
+        return copy.deepcopy(module, memo=shared).eval()
 
 
 def _parameters_signature(module: nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer is replaced or written in place (optimizer steps, `load_state_dict`)."""
+    """Changes whenever a parameter or buffer is replaced or written in place (optimizer steps, `load_state_dict`),
+    except an inference tensor (made under `torch.inference_mode()`) written in place under it: such a tensor keeps
+    no write counter (`_version_of`)."""
     tensors = [*module.parameters(), *module.buffers()]
     return tuple((tensor.data_ptr(), _version_of(tensor)) for tensor in tensors)
 

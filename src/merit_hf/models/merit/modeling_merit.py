@@ -11,11 +11,14 @@ contrastive branch follows CLIP / MERL. See `MeritEcgConfig` and `MeritConfig` f
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import platform
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -245,26 +248,28 @@ def best_interleaved_seconds(runs: dict[str, Callable[[], object]], repeats: int
 # JSON file shared by every process on the machine (`MERIT_CPU_CHOICES`: a path, or "off"; default
 # `$HF_HOME/merit_hf/cpu_choices.json`), keyed by the CPU (model name and flags), PyTorch's version and each choice's
 # own key (shape, dtype, threads). So eight processes of one `accelerate launch` do not each time the kernels while
-# the others load the CPU, and a new process starts without timing. Delete the file (or one machine's entry) to time
-# again, for example after a choice was made on a busy machine; every entry keeps its timings and date.
+# the others load the CPU (they take turns through a lock file beside it, `cpu_choices.json.lock`: one times, the
+# others read), and a new process starts without timing. Delete the file (or one machine's entry) to time again, for example after a choice was made on a busy machine; every entry keeps its timings and date.
 CPU_CHOICES_ENV = "MERIT_CPU_CHOICES"
 
 
 def read_cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str, frozenset[str]] | None:
-    """The first CPU's model name and feature flags from `/proc/cpuinfo` (None where there is no such file)."""
+    """The first CPU's model name and feature flags from `/proc/cpuinfo` (None where there is no such file). On ARM
+    Linux, which names neither, its implementer, part and variant and its "Features"."""
     try:
         text = path.read_text()
     except OSError:
         return None
-    model_name, flags = "", frozenset()
+    fields: dict[str, str] = {}
     for line in text.splitlines():
         name, _, value = line.partition(":")
-        name = name.strip()
-        if name == "model name" and not model_name:
-            model_name = value.strip()
-        elif name == "flags" and not flags:
-            flags = frozenset(value.split())
-    return model_name, flags
+        fields.setdefault(name.strip(), value.strip())  # the first CPU's
+    model_name = fields.get("model name", "")
+    if not model_name and "CPU part" in fields:
+        model_name = " ".join(
+            f"{name} {fields[name]}" for name in ("CPU implementer", "CPU part", "CPU variant") if name in fields
+        )
+    return model_name, frozenset(fields.get("flags", fields.get("Features", "")).split())
 
 
 @functools.cache
@@ -300,37 +305,99 @@ def _read_cpu_choices(path: Path) -> dict:
     return stored if isinstance(stored, dict) else {}
 
 
+_cpu_choices_lock = threading.RLock()
+_cpu_choices_lock_held = threading.local()
+
+
+@contextlib.contextmanager
+def _cpu_choices_locked(path: Path):
+    """Every thread of this process, and every process that can lock `<path>.lock`, one at a time. Where the lock
+    file cannot be made (a read-only folder) or locked, only the threads of this process."""
+    with _cpu_choices_lock:
+        if getattr(_cpu_choices_lock_held, "value", False):  # this thread already holds the file's lock
+            yield
+            return
+        handle = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(path.with_name(f"{path.name}.lock"), "a+b")  # noqa: SIM115
+            if os.name == "nt":
+                import msvcrt
+
+                handle.seek(0)
+                msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)  # retries for 10 s, then OSError
+            else:
+                import fcntl
+
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        except OSError as error:
+            logger.debug("CPU kernel choices: could not lock %s (%s)", path, error)
+            if handle is not None:
+                handle.close()
+                handle = None
+        _cpu_choices_lock_held.value = True
+        try:
+            yield
+        finally:
+            _cpu_choices_lock_held.value = False
+            if handle is not None:
+                handle.close()  # releases the lock
+
+
+def _write_cpu_choices(path: Path, stored: dict) -> None:
+    temporary = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(
+            "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+        ) as file:
+            temporary = file.name
+            file.write(json.dumps(stored, indent=1, sort_keys=True))
+        os.replace(temporary, path)  # atomic: a reader sees the old file or the new one
+        temporary = None
+    except OSError as error:
+        logger.debug("CPU kernel choices: could not write %s (%s)", path, error)
+    finally:
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+
+
 def cached_cpu_choice(
     kind: str, key: tuple, choices: tuple[str, ...], time_choices: Callable[[], dict[str, float]]
 ) -> tuple[str, str]:
     """`(choice, how)`: the fastest of `choices` for `kind` and `key` on this machine, from `cpu_choices_file()` when
     an earlier process timed it (a stored value outside `choices` is timed again), else timed now by `time_choices`
-    (seconds per choice) and stored. `how` says which, for the caller's debug line. A file that cannot be read or
-    written only costs the timing."""
+    (seconds per choice) and stored. `how` says which, for the caller's debug line. Processes that reach the file at
+    once take turns (a lock file beside it): one times, the others then read its choice. A file that cannot be read,
+    written or locked only costs the timing."""
     path = cpu_choices_file()
+    if path is None:
+        seconds = time_choices()
+        return min(seconds, key=seconds.get), _timed(seconds)
     entry_key = f"{kind} {key}"
     machine = cpu_machine_key()
-    if path is not None:
-        entry = _read_cpu_choices(path).get(machine, {}).get(entry_key)
+    with _cpu_choices_locked(path):
+        entries = _read_cpu_choices(path).get(machine)
+        entry = entries.get(entry_key) if isinstance(entries, dict) else None
         if isinstance(entry, dict) and entry.get("choice") in choices:
             return entry["choice"], f"kept in {path}, timed {entry.get('timed_at', '?')}: {entry.get('seconds')} s"
-    seconds = time_choices()
-    choice = min(seconds, key=seconds.get)
-    if path is not None:
-        stored = _read_cpu_choices(path)  # again: another process may have written since
-        stored.setdefault(machine, {})[entry_key] = {
+        seconds = time_choices()
+        choice = min(seconds, key=seconds.get)
+        stored = _read_cpu_choices(path)  # as it is now, where a process could not take the lock
+        if not isinstance(stored.get(machine), dict):
+            stored[machine] = {}
+        stored[machine][entry_key] = {
             "choice": choice,
             "seconds": {name: round(value, 7) for name, value in seconds.items()},
             "timed_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            temporary.write_text(json.dumps(stored, indent=1, sort_keys=True))
-            os.replace(temporary, path)  # atomic: a reader sees the old file or the new one
-        except OSError as error:
-            logger.debug("CPU kernel choices: could not write %s (%s)", path, error)
-    return choice, f"timed: { {name: f'{value * 1000:.2f} ms' for name, value in seconds.items()} }"
+        _write_cpu_choices(path, stored)
+    return choice, _timed(seconds)
+
+
+def _timed(seconds: dict[str, float]) -> str:
+    return f"timed: { {name: f'{value * 1000:.2f} ms' for name, value in seconds.items()} }"
 
 
 def cpu_reduced_precision_attention(query: torch.Tensor) -> str:
