@@ -28,6 +28,7 @@ from merit_hf.models.merit.inference_precision import (
     cpu_capability,
     prepare_for_inference,
 )
+from merit_hf.models.merit.modeling_merit import CPU_CHOICES_ENV
 from merit_hf.training.probe import (
     SPLITS,
     extract_features,
@@ -95,6 +96,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", default=None, help="default: benchmarks/results/embedding_precision_<device>.json")
     args = parser.parse_args(argv)
+    # choices the model times (int8 engine, fp32 prepacking) are made in this run, not read from earlier ones
+    os.environ.setdefault(CPU_CHOICES_ENV, "off")
 
     dataset_dict = load_dataset_dict(args.dataset, args.sampling_rate)
     encoder, name = load_encoder(args.model_name_or_path)

@@ -429,6 +429,23 @@ def test_kernel_choices_are_kept_per_machine_in_a_file_every_process_reads(monke
     assert choose() and len(timings) == 7 and blocked.read_text() == ""
 
 
+def test_the_machine_key_names_the_cpu_torch_and_a_capped_instruction_set(monkeypatch):
+    """A choice timed with AMX on must not be read with oneDNN capped to AVX2 (`ONEDNN_MAX_CPU_ISA=AVX2`)."""
+    from merit_hf.models.merit import modeling_merit
+
+    for name in modeling_merit.CPU_DISPATCH_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    modeling_merit.cpu_machine_key.cache_clear()
+    plain = modeling_merit.cpu_machine_key()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    modeling_merit.cpu_machine_key.cache_clear()
+    try:
+        capped = modeling_merit.cpu_machine_key()
+    finally:
+        modeling_merit.cpu_machine_key.cache_clear()
+    assert capped == plain + " | ONEDNN_MAX_CPU_ISA=AVX2" and f"| torch {torch.__version__}" in plain
+
+
 def test_every_timed_cpu_choice_goes_through_the_machine_file(monkeypatch, tmp_path):
     """The attention kernel, fp32 prepacking and the int8 engine all keep their choice in the same file."""
     import json

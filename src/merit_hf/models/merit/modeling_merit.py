@@ -246,11 +246,14 @@ def best_interleaved_seconds(runs: dict[str, Callable[[], object]], repeats: int
 
 # Kernel choices timed on a CPU are kept per machine: in the process (the dictionaries beside each choice) and in a
 # JSON file shared by every process on the machine (`MERIT_CPU_CHOICES`: a path, or "off"; default
-# `$HF_HOME/merit_hf/cpu_choices.json`), keyed by the CPU (model name and flags), PyTorch's version and each choice's
-# own key (shape, dtype, threads). So eight processes of one `accelerate launch` do not each time the kernels while
-# the others load the CPU (they take turns through a lock file beside it, `cpu_choices.json.lock`: one times, the
-# others read), and a new process starts without timing. Delete the file (or one machine's entry) to time again, for example after a choice was made on a busy machine; every entry keeps its timings and date.
+# `$HF_HOME/merit_hf/cpu_choices.json`), keyed by the CPU (model name and flags), PyTorch's version, the CPU-dispatch
+# settings that change which kernels run (`ONEDNN_MAX_CPU_ISA`, `DNNL_MAX_CPU_ISA`, `ATEN_CPU_CAPABILITY`) and each
+# choice's own key (shape, dtype, threads). So eight processes of one `accelerate launch` do not each time the kernels
+# while the others load the CPU (they take turns through a lock file beside it, `cpu_choices.json.lock`: one times, the
+# others read), and a new process starts without timing. Delete the file (or one machine's entry) to time again, for
+# example after a choice was made on a busy machine; every entry keeps its timings and date.
 CPU_CHOICES_ENV = "MERIT_CPU_CHOICES"
+CPU_DISPATCH_ENVS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 
 
 def read_cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str, frozenset[str]] | None:
@@ -274,12 +277,16 @@ def read_cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str, frozenset[str
 
 @functools.cache
 def cpu_machine_key() -> str:
-    """What a CPU kernel choice depends on besides its own key: the CPU (model name and a digest of its flags) and
-    PyTorch (its version, which fixes its oneDNN)."""
+    """What a CPU kernel choice depends on besides its own key: the CPU (model name and a digest of its flags),
+    PyTorch (its version, which fixes its oneDNN) and the settings that cap the instruction set its kernels use
+    (`CPU_DISPATCH_ENVS`, where set). Read once per process, as oneDNN and PyTorch read those settings."""
     read = read_cpuinfo()
     model_name, flags = read if read is not None else (platform.processor() or platform.machine(), frozenset())
     digest = hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:12]
-    return f"{model_name or platform.machine()} | flags {digest} | torch {torch.__version__}"
+    dispatch = "".join(
+        f" | {name}={os.environ[name]}" for name in CPU_DISPATCH_ENVS if os.environ.get(name)
+    )  # settings that change which kernels run (AMX off, AVX2 only, ...)
+    return f"{model_name or platform.machine()} | flags {digest} | torch {torch.__version__}{dispatch}"
 
 
 def cpu_choices_file() -> Path | None:
