@@ -30,7 +30,8 @@
   and timed under each at first use (once per machine for each block shape and thread count; `cpu_int8_engine`) and
   the faster packs the model, which then runs with it whatever the global engine is. The caller's
   `torch.backends.quantized.engine` is left as it was. `MERIT_CPU_INT8_ENGINE=x86` or `=onednn` fixes the choice. (A
-  deep copy or unpickling of an int8 model packs its layers again under the global engine.) PyTorch marks
+  deep copy or unpickling of an int8 model packs its layers again under the global engine, and its
+  `merit_int8_engine` then no longer says which; `prepare_for_inference`'s own copies keep the engine.) PyTorch marks
   `torch.ao.quantization` deprecated in favour of torchao, but torchao 0.18's CPU int8 path
   (`Int8DynamicActivationInt8WeightConfig`) ran 4x slower than it in eager mode on our CPUs, so we keep the
   working one (benchmarks/README.md, "CPU inference").
