@@ -460,3 +460,26 @@ def test_tf32_set_by_the_caller_does_not_reach_the_dsp(ptbxl_dir, monkeypatch, d
         torch.set_float32_matmul_precision(previous)
     assert seen == ["highest", "highest"]
     np.testing.assert_allclose(actual["ecg_values"], expected["ecg_values"], rtol=0, atol=MAX_ABS_ERROR)
+
+
+def test_the_centred_float32_copy_is_the_same_on_torch_threads_as_in_numpy():
+    """`_write_centred` copies a float64 record into the batched DSP's float32 input on torch's threads (one pass
+    that numpy runs on one core): bit for bit what numpy's float64 subtraction and cast give, non-finite values,
+    large offsets and subnormal differences included; a read-only, non-native, float32 or reversed record takes numpy's
+    path."""
+    from merit_hf.models.merit.feature_extraction_merit import _write_centred
+
+    rng = np.random.default_rng(0)
+    signal = rng.normal(size=(5000, 12)) * 3 + 300.0  # a lead far off zero: rounding happens after the subtraction
+    signal[7, 2], signal[9, 4], signal[0, 5], signal[11, 6] = np.nan, np.inf, -np.inf, 1e-310
+    read_only = signal.copy()
+    read_only.flags.writeable = False
+    for record in (signal, read_only, signal.astype(">f8"), signal.astype(np.float32), signal[::-1]):
+        out = np.empty((12, 5000), np.float32)
+        offset = _write_centred(out, record)
+        with np.errstate(invalid="ignore", over="ignore"):
+            expected = np.subtract(
+                record.T.astype(np.float64), np.asarray(record[0], np.float64)[:, None], dtype=np.float64
+            ).astype(np.float32)
+        np.testing.assert_array_equal(out, expected)  # NaN where NaN, inf where inf
+        np.testing.assert_array_equal(offset, np.asarray(record[0], np.float64))

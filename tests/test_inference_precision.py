@@ -351,6 +351,16 @@ def test_an_int8_model_runs_with_the_engine_it_was_packed_under_and_both_engines
     assert not torch.equal(outputs["x86"], outputs["onednn"])
 
 
+def test_with_one_int8_engine_to_choose_from_pytorchs_own_engine_packs_the_model(monkeypatch):
+    """On a build that offers fewer than two of the engines timed here (ARM builds: qnnpack, perhaps oneDNN), nothing
+    is timed and the model is packed under PyTorch's own engine, as before the timing existed."""
+    monkeypatch.delenv(inference_precision.CPU_INT8_ENGINE_ENV, raising=False)
+    monkeypatch.setattr(inference_precision, "cpu_int8_engines", lambda: ("onednn",))
+    monkeypatch.setattr(inference_precision, "time_cpu_int8_engines", lambda *args: pytest.fail("nothing to time"))
+    model = MeritEcgModel(tiny_ecg_config()).eval()
+    assert inference_precision.cpu_int8_engine(model) == torch.backends.quantized.engine
+
+
 def test_a_fixed_int8_engine_is_checked(monkeypatch):
     monkeypatch.setenv(inference_precision.CPU_INT8_ENGINE_ENV, "qnnpack")
     with pytest.raises(ValueError, match=r"MERIT_CPU_INT8_ENGINE: must be one of \['x86', 'onednn'\], got 'qnnpack'"):

@@ -1328,6 +1328,17 @@ def _write_centred(out: np.ndarray, signal: np.ndarray) -> np.ndarray:
     NaN or inf there makes the whole lead non-finite, which the batched screen sends to the record-by-record
     checks."""
     offset = np.array(signal[0], dtype=np.float64)
+    if (
+        signal.dtype == np.float64
+        and signal.dtype.isnative
+        and signal.flags.writeable
+        and min(signal.strides, default=0) >= 0  # torch takes no negative strides (a flipped view)
+        and out.flags.writeable
+    ):
+        import torch  # the same float64 arithmetic on torch's intra-op threads: numpy runs this pass on one core
+
+        torch.sub(torch.from_numpy(signal).T, torch.from_numpy(offset)[:, None], out=torch.from_numpy(out))
+        return offset
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, as wanted
         np.subtract(signal.T, offset[:, None], out=out, dtype=np.float64, casting="same_kind")
     return offset

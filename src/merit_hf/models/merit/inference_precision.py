@@ -427,7 +427,8 @@ def cpu_int8_engine(module: nn.Module) -> str:
     `cpu_int8_engines()`, timed on one of `module`'s blocks at first use, once per machine for each (hidden size, MLP
     size, heads, tokens, threads), with the choice logged at debug level. oneDNN's dynamic int8 linear layers ran
     2-5x faster than fbgemm's on an AMX Xeon (benchmarks/README.md, "CPU inference"); where they are not faster the
-    timing keeps `"x86"`, PyTorch's default. `MERIT_CPU_INT8_ENGINE=x86` or `=onednn` fixes it."""
+    timing keeps `"x86"`, PyTorch's default. A build offering fewer than two of them (ARM) keeps PyTorch's own
+    engine, untimed. `MERIT_CPU_INT8_ENGINE=x86` or `=onednn` fixes it."""
     from .modeling_merit import MeritEcgLayer
 
     engines = cpu_int8_engines()
@@ -442,8 +443,8 @@ def cpu_int8_engine(module: nn.Module) -> str:
             )
         return forced
     block = next((child for child in module.modules() if isinstance(child, MeritEcgLayer)), None)
-    if block is None or len(engines) < 2:
-        return engines[0] if engines else torch.backends.quantized.engine
+    if block is None or len(engines) < 2:  # nothing to time (an ARM build, say): PyTorch's own choice, as before
+        return torch.backends.quantized.engine
     config = block.attention.config
     num_tokens = config.num_leads * config.tokens_per_lead
     key = (
