@@ -422,6 +422,21 @@ def time_cpu_int8_engines(
     return best_interleaved_seconds(runs, repeats)
 
 
+def _block_shape_key(block: nn.Module) -> tuple[int, tuple[int, ...]]:
+    """A Transformer block's token count, and what a choice timed on it is kept under: (hidden size, MLP size, heads,
+    tokens, threads)."""
+    config = block.attention.config
+    num_tokens = config.num_leads * config.tokens_per_lead
+    fc1 = block.mlp.fc1
+    return num_tokens, (
+        fc1.in_features,
+        fc1.out_features,
+        block.attention.num_heads,
+        num_tokens,
+        torch.get_num_threads(),
+    )
+
+
 def cpu_int8_engine(module: nn.Module) -> str:
     """The engine `"int8"` quantises `module`'s Transformer blocks under on this CPU: the faster of
     `cpu_int8_engines()`, timed on one of `module`'s blocks at first use, once per machine for each (hidden size, MLP
@@ -445,15 +460,7 @@ def cpu_int8_engine(module: nn.Module) -> str:
     block = next((child for child in module.modules() if isinstance(child, MeritEcgLayer)), None)
     if block is None or len(engines) < 2:  # nothing to time (an ARM build, say): PyTorch's own choice, as before
         return torch.backends.quantized.engine
-    config = block.attention.config
-    num_tokens = config.num_leads * config.tokens_per_lead
-    key = (
-        block.mlp.fc1.in_features,
-        block.mlp.fc1.out_features,
-        block.attention.num_heads,
-        num_tokens,
-        torch.get_num_threads(),
-    )
+    num_tokens, key = _block_shape_key(block)
     if key not in _cpu_int8_engine_choice:
         from .modeling_merit import cached_cpu_choice
 
@@ -520,16 +527,8 @@ def cpu_prepacking_pays(module: nn.Module, dtype: torch.dtype) -> bool:
         return False
     if forced == "on" or dtype == torch.bfloat16:
         return True
-    config = block.attention.config
-    num_tokens = config.num_leads * config.tokens_per_lead
-    key = (
-        dtype,
-        block.mlp.fc1.in_features,
-        block.mlp.fc1.out_features,
-        block.attention.num_heads,
-        num_tokens,
-        torch.get_num_threads(),
-    )
+    num_tokens, shape = _block_shape_key(block)
+    key = (dtype, *shape)
     if key not in _cpu_prepacking_choice:
         from .modeling_merit import cached_cpu_choice
 
