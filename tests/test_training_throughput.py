@@ -199,7 +199,11 @@ def test_pretraining_logs_throughput_per_interval_and_in_totals(pretraining_asse
     assert "eval_loss" in evaluation and set(evaluation) - {"step", "epoch"} == {k for k in evaluation if "eval_" in k}
     for entry in logged:
         assert all(entry[name] > 0 or name.startswith("data_wait") for name in INTERVAL_FIELDS), entry
-        assert entry["achieved_tflops"] > 0 and "mfu" not in entry  # no MFU on CPU without --peak_tflops
+        assert entry["achieved_tflops"] > 0
+        if torch.cuda.is_available():  # the GPU runbook runs this test there: MFU against the GPU's known peak
+            assert 0 < entry["mfu"] < 1, entry
+        else:
+            assert "mfu" not in entry  # no MFU on CPU without --peak_tflops
         assert entry["ecgs_per_second"] * entry["seconds_per_step"] == pytest.approx(8)  # 8 ECGs per step
         # the per-term gradient norms (every logging step by default) are timed as diagnostics
         assert entry["gradient_norm_step"] == entry["step"] and 0 < entry["diagnostics_fraction"] < 1, entry
