@@ -233,10 +233,11 @@ def test_probe_features_are_computed_on_the_gpu_when_there_is_one(ptbxl_like, mo
 def test_features_on_the_gpu_leave_a_given_model_where_it_was(ptbxl_like, monkeypatch):
     """`run_linear_probe(model)` on a GPU machine: the features are computed on the GPU, and the model's ECG encoder
     (for a two-tower model, its `ecg_model`) goes back to the CPU it was on. It stayed on the GPU, the rest of the model
-    on the CPU, so the caller's next `model(...)` failed on mixed devices."""
+    on the CPU, so the caller's next `model(...)` failed on mixed devices. A model in training mode stays in it (its
+    encoder was left in eval mode: no dropout for the rest of a training loop)."""
     from merit_hf.evaluation import probe as probe_module
 
-    model = MeritModel(tiny_merit_config()).eval()
+    model = MeritModel(tiny_merit_config()).train()
     moves, original_to = [], torch.nn.Module.to
 
     def to(self, *args, **kwargs):  # every move of a module to a device; one to "cuda" stays on this CPU
@@ -257,3 +258,4 @@ def test_features_on_the_gpu_leave_a_given_model_where_it_was(ptbxl_like, monkey
     )
     # each split's features on the GPU, then the encoder back on the CPU
     assert moves == [(model.ecg_model, "cuda"), (model.ecg_model, "cpu")] * 3
+    assert all(module.training for module in model.modules())

@@ -46,6 +46,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ from ..data.ptbxl_versions import DEFAULT_PTBXL_VERSION, PTBXL_VERSIONS, check_p
 from ..models.fingerprint import model_fingerprint
 from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
 from ..models.merit.modeling_merit import MeritEcgModel, pool_window_embeddings
-from ..models.merit.pipeline_merit import ecg_encoder_of
+from ..models.merit.pipeline_merit import _in_eval_mode, ecg_encoder_of
 from .metrics import best_f1_thresholds, classification_metrics, macro_auroc
 from .results import EvaluationResults, build_results, encoder_identity, write_results
 
@@ -393,6 +394,23 @@ def record_embeddings(
     return pooled
 
 
+@contextmanager
+def evaluated_on(module: nn.Module, device: torch.device | str | None = None):
+    """`module` in eval mode on `device` (default: where it is) inside the block; afterwards each of its submodules'
+    own training mode and its device, as the caller had them: the module may be the caller's model, or part of it,
+    and a training loop that evaluates between epochs keeps its dropout and its device."""
+    parameter = next(module.parameters(), None)
+    home = parameter.device if parameter is not None else None
+    with _in_eval_mode(module):
+        if device is not None:
+            module.to(device)
+        try:
+            yield module
+        finally:
+            if home is not None:
+                module.to(home)
+
+
 @torch.no_grad()
 def extract_features(
     encoder: MeritEcgModel,
@@ -408,8 +426,9 @@ def extract_features(
 
     With `cache_dir`, features are saved as `.npy` under a key of the model weights, the feature-extractor settings,
     the dataset fingerprint and `cache_tag` (name a `transform` there), and read back on the next call. `device`
-    (default: the encoder's) is where they are computed; the encoder is moved back where it was afterwards, since it
-    may be part of the caller's model (`load_encoder` of a two-tower model is its `ecg_model`).
+    (default: the encoder's) is where they are computed, in eval mode; the encoder goes back to its device and its
+    modes afterwards (`evaluated_on`), since it may be part of the caller's model (`load_encoder` of a two-tower model
+    is its `ecg_model`).
     """
     cache_file = None
     if cache_dir is not None and transform is not None and cache_tag == "clean":
@@ -426,19 +445,15 @@ def extract_features(
         if cache_file.is_file():
             return np.load(cache_file)
     device = torch.device(device) if device is not None else encoder.device
-    home = encoder.device
-    encoder = encoder.to(device).eval()
     outputs = []
     columns = ["signal", "sampling_rate", "lead_names"]
-    try:
+    with evaluated_on(encoder, device):
         for start in tqdm(
             range(0, len(dataset), batch_size), desc="features", leave=False, disable=len(dataset) < 1000
         ):
             rows = dataset.select_columns(columns)[start : start + batch_size]
             inputs = ecg_model_inputs(feature_extractor, rows, transform, start, crop="center")
             outputs.append(record_embeddings(encoder, inputs, device).float().cpu().numpy())
-    finally:
-        encoder.to(home)
     features = np.concatenate(outputs).astype(np.float32)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ from ..models.merit.pipeline_merit import (
     zero_shot_classify,
 )
 from .metrics import best_f1_thresholds, classification_metrics
-from .probe import ecg_model_inputs, label_matrix, label_names, labeled_dataset_dict
+from .probe import ecg_model_inputs, evaluated_on, label_matrix, label_names, labeled_dataset_dict
 from .results import EvaluationResults, build_results, write_results
 
 
@@ -118,85 +118,61 @@ def evaluate_zero_shot(
             device = "cuda" if torch.cuda.is_available() else "cpu"
     else:
         model = model_or_path
-    # a given model is the caller's: its training mode and device are put back afterwards (a training loop that
-    # evaluates between epochs keeps its dropout and its device)
-    given = None if isinstance(model_or_path, (str, Path)) else (model.training, _parameter_device(model))
-    model.eval()
-    if device is not None:
-        model.to(device)
-    try:
-        return _evaluate_zero_shot(
-            model, model_or_path, dataset_dict, label_set, processor, hypothesis_template, prompt_file, seed,
-            baseline, num_bootstrap, batch_size, output_file, dataset_extra,
-        )  # fmt: skip
-    finally:
-        if given is not None:
-            model.train(given[0])
-            if given[1] is not None:
-                model.to(given[1])
-
-
-def _parameter_device(model: torch.nn.Module) -> torch.device | None:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else None
-
-
-def _evaluate_zero_shot(
-    model, model_or_path, dataset_dict, label_set, processor, hypothesis_template, prompt_file, seed, baseline,
-    num_bootstrap, batch_size, output_file, dataset_extra,
-) -> EvaluationResults:  # fmt: skip
-    # a model instance is named by where it was loaded from (its repr is the whole module tree)
-    model_name = (
-        str(model_or_path) if isinstance(model_or_path, (str, Path)) else model.name_or_path or type(model).__name__
-    )
-    if processor is None:
-        raise ValueError("evaluate_zero_shot needs a processor (MeritProcessor) when given a model instance")
-    check_feature_extractor_matches(processor.feature_extractor, model)
-    dataset_dict = labeled_dataset_dict(dataset_dict, label_set)
-    names = label_names(dataset_dict["test"], label_set)
-    descriptions = load_class_descriptions(label_set, prompt_file)
-    prompts = class_prompts(names, hypothesis_template, descriptions)
-    models = {"model": two_tower_model(model)}
-    if baseline:
-        models["baseline"] = random_ecg_tower_like(model, seed)
-    entries = {}
-    for role, role_model in models.items():
-        validation_scores = _dataset_scores(role_model, processor, dataset_dict["validation"], prompts, batch_size)
-        test_scores = _dataset_scores(role_model, processor, dataset_dict["test"], prompts, batch_size)
-        thresholds = best_f1_thresholds(label_matrix(dataset_dict["validation"], label_set), validation_scores)
-        entries[role] = {
-            "name_or_path": model_name if role == "model" else "random-init ECG tower",
-            "init": "pretrained" if role == "model" else f"ECG encoder + projection random (seed {seed})",
-            **classification_metrics(
-                label_matrix(dataset_dict["test"], label_set), test_scores, names, thresholds, num_bootstrap, seed
-            ),
+    with evaluated_on(model, device):  # a given model keeps its training mode and device
+        # a model instance is named by where it was loaded from (its repr is the whole module tree)
+        model_name = (
+            str(model_or_path)
+            if isinstance(model_or_path, (str, Path))
+            else model.name_or_path or type(model).__name__
+        )
+        if processor is None:
+            raise ValueError("evaluate_zero_shot needs a processor (MeritProcessor) when given a model instance")
+        check_feature_extractor_matches(processor.feature_extractor, model)
+        dataset_dict = labeled_dataset_dict(dataset_dict, label_set)
+        names = label_names(dataset_dict["test"], label_set)
+        descriptions = load_class_descriptions(label_set, prompt_file)
+        prompts = class_prompts(names, hypothesis_template, descriptions)
+        models = {"model": two_tower_model(model)}
+        if baseline:
+            models["baseline"] = random_ecg_tower_like(model, seed)
+        entries = {}
+        for role, role_model in models.items():
+            validation_scores = _dataset_scores(role_model, processor, dataset_dict["validation"], prompts, batch_size)
+            test_scores = _dataset_scores(role_model, processor, dataset_dict["test"], prompts, batch_size)
+            thresholds = best_f1_thresholds(label_matrix(dataset_dict["validation"], label_set), validation_scores)
+            entries[role] = {
+                "name_or_path": model_name if role == "model" else "random-init ECG tower",
+                "init": "pretrained" if role == "model" else f"ECG encoder + projection random (seed {seed})",
+                **classification_metrics(
+                    label_matrix(dataset_dict["test"], label_set), test_scores, names, thresholds, num_bootstrap, seed
+                ),
+            }
+        protocol = {
+            "scores": "cosine similarity of L2-normalised ECG and class embeddings; no softmax across classes",
+            "prompts": str(prompt_file or PTBXL_PROMPTS_PATH),
+            "hypothesis_templates": hypothesis_templates(hypothesis_template),
+            "prompt_ensembling": "mean of normalised prompt embeddings per class, re-normalised",
+            "f1_thresholds": "per class, the F1-maximising threshold on the validation split",
+            "num_bootstrap": num_bootstrap,
         }
-    protocol = {
-        "scores": "cosine similarity of L2-normalised ECG and class embeddings; no softmax across classes",
-        "prompts": str(prompt_file or PTBXL_PROMPTS_PATH),
-        "hypothesis_templates": hypothesis_templates(hypothesis_template),
-        "prompt_ensembling": "mean of normalised prompt embeddings per class, re-normalised",
-        "f1_thresholds": "per class, the F1-maximising threshold on the validation split",
-        "num_bootstrap": num_bootstrap,
-    }
-    results = build_results(
-        task="zero-shot",
-        dataset_dict=dataset_dict,
-        label_set=label_set,
-        label_names=names,
-        label_fraction=None,
-        seed=seed,
-        protocol=protocol,
-        **entries,  # model, and baseline when it ran
-        dataset_extra={
-            "num_records": {split: len(dataset_dict[split]) for split in ("train", "validation", "test")},
-            "unlabeled_records": f"records without a {label_set} label are left out of every split",
-            **(dataset_extra or {}),
-        },
-    )
-    if output_file is not None:
-        write_results(results, output_file)
-    return results
+        results = build_results(
+            task="zero-shot",
+            dataset_dict=dataset_dict,
+            label_set=label_set,
+            label_names=names,
+            label_fraction=None,
+            seed=seed,
+            protocol=protocol,
+            **entries,  # model, and baseline when it ran
+            dataset_extra={
+                "num_records": {split: len(dataset_dict[split]) for split in ("train", "validation", "test")},
+                "unlabeled_records": f"records without a {label_set} label are left out of every split",
+                **(dataset_extra or {}),
+            },
+        )
+        if output_file is not None:
+            write_results(results, output_file)
+        return results
 
 
 __all__ = ["evaluate_zero_shot", "random_ecg_tower_like", "zero_shot_classify"]
