@@ -109,18 +109,26 @@ def _inline_commands(document: str, prose: list[tuple[int, str]]) -> list[Docume
     return commands
 
 
-def _commands_of_block(document: str, start: int, lines: list[str]) -> list[DocumentedCommand]:
-    commands, pending, first = [], "", 0
-    for offset, line in enumerate(lines, 1):
+def joined_shell_lines(lines: list[str], first_line: int) -> list[tuple[int, str]]:
+    """`(line number, text)` of every shell command in `lines` (numbered from `first_line`), its continuation lines
+    (ending in a backslash) joined; blank lines and comment lines left out."""
+    joined, pending, start = [], "", first_line
+    for number, line in enumerate(lines, first_line):
         if not pending:
-            first = start + offset
+            start = number
         stripped = line.strip()
         if stripped.endswith("\\"):
             pending += stripped[:-1] + " "
             continue
         text, pending = (pending + stripped).strip(), ""
-        if not text or text.startswith("#"):
-            continue
+        if text and not text.startswith("#"):
+            joined.append((start, text))
+    return joined
+
+
+def _commands_of_block(document: str, start: int, lines: list[str]) -> list[DocumentedCommand]:
+    commands = []
+    for first, text in joined_shell_lines(lines, start + 1):
         for part in text.split("&&"):
             command = _parse_command(document, first, part.strip())
             if command is not None:

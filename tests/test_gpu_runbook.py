@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.test_docs_commands import _forwarded, _parse_command, parse_as_script
+from tests.test_docs_commands import _forwarded, _parse_command, joined_shell_lines, parse_as_script
 
 RUNBOOK = REPO_ROOT / "benchmarks" / "gpu_runbook.sh"
 WHEEL_PLANNER = REPO_ROOT / "benchmarks" / "gpu_runbook_wheels.py"
@@ -32,17 +32,8 @@ def runbook_steps(text: str | None = None) -> list[tuple[int, str, int, list[str
     body = re.search(r"^run_steps\(\) \{\n(.*?)^\}", text, re.S | re.M)
     assert body, "gpu_runbook.sh has no run_steps() { ... } function"
     first = text[: body.start(1)].count("\n") + 1
-    steps, pending, start = [], "", 0
-    for offset, line in enumerate(body.group(1).splitlines()):
-        stripped = line.strip()
-        if not pending:
-            start = first + offset
-        if stripped.endswith("\\"):
-            pending += stripped[:-1] + " "
-            continue
-        joined, pending = (pending + stripped).strip(), ""
-        if not joined or joined.startswith("#"):
-            continue
+    steps = []
+    for start, joined in joined_shell_lines(body.group(1).splitlines(), first):
         words = shlex.split(joined, comments=True)
         assert words[0] == "step" and len(words) > 3, f"gpu_runbook.sh:{start}: not `step NAME BUDGET COMMAND`"
         steps.append((start, words[1], int(words[2]), words[3:]))
