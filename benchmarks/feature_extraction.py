@@ -17,6 +17,10 @@ the median over rounds of `scipy time / variant time`, so drift of a shared mach
   (`resample_and_filter` + window + z-score) at `--gpu_batches`, what the GPU itself sustains (on a CPU-only
   machine the same two run on the CPU, the DSP at the batch of `--num_records`).
 
+Each variant's minor page faults a batch are kept too (`page_faults_per_batch_median`): a temporary of a few MB that
+the C library hands back to the operating system and takes again is paid for in page faults, which depend on what
+ran before in the process as much as on the variant (`dsp_only` at a batch of 64 allocates 16 MB intermediates).
+
     python benchmarks/feature_extraction.py                        # -> results/feature_extraction_<device>.json
     python benchmarks/feature_extraction.py --rounds 3 --num_records 16 --output /tmp/smoke.json   # a smoke run
 """
@@ -30,6 +34,11 @@ import platform
 import statistics
 import time
 from pathlib import Path
+
+try:
+    import resource
+except ImportError:  # Windows: no page-fault counts
+    resource = None
 
 import numpy as np
 import torch
@@ -51,14 +60,22 @@ def ptbxl_500hz(num_records: int) -> list[dict]:
     raise FileNotFoundError("no PTB-XL 500 Hz records found")
 
 
-def timed(function, device: str) -> float:
+def minor_faults() -> int:
+    """This process's minor page faults so far: first touches of memory the C library has just taken from the
+    operating system (a large temporary freed and allocated again can cost more in these than in arithmetic)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
+
+def timed(function, device: str) -> tuple[float, int]:
+    """Seconds one call of `function` took, and the minor page faults during it."""
     if device == "cuda":
         torch.cuda.synchronize()
+    faults = minor_faults()
     start = time.perf_counter()
     function()
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, minor_faults() - faults
 
 
 def one_thread(function):
@@ -124,9 +141,12 @@ def main(argv: list[str] | None = None) -> dict:
         if isinstance(output, dict) or hasattr(output, "keys"):
             max_abs_error[name] = float(np.abs(output["ecg_values"].float().cpu().numpy() - expected).max())
     seconds = {name: [] for name in variants}
+    faults = {name: [] for name in variants}
     for _ in range(args.rounds):
         for name, run in variants.items():
-            seconds[name].append(timed(run, device if "cuda" in name else "cpu"))
+            took, faulted = timed(run, device if "cuda" in name else "cpu")
+            seconds[name].append(took)
+            faults[name].append(faulted)
     sizes = dict.fromkeys(variants, args.num_records)
     sizes.update({f"dsp_only_{device}_{batch}": batch for batch in batches})
     results = {
@@ -148,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
             if name != "scipy"
         },
         "max_abs_error_vs_scipy": max_abs_error,
+        "page_faults_per_batch_median": {name: statistics.median(counts) for name, counts in faults.items()},
     }
     output = Path(args.output or RESULTS / f"feature_extraction_{device}.json")
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -204,3 +204,19 @@ def test_the_evaluation_suite_reads_the_dataset_as_its_arguments_say(monkeypatch
     with pytest.raises(Loaded):
         evaluation.main(["--model_name_or_path", "m", "--dataset", "folder", "--ptbxl_version", "as_is"])
     assert seen["path"] == "folder" and seen["arguments"].ptbxl_version == "as_is"
+
+
+def test_feature_extraction_benchmark_times_both_paths_and_counts_page_faults(tmp_path):
+    """One round on 4 records: every variant timed, the torch path as exact as the tests demand, and a page-fault
+    count per variant (where the platform keeps one)."""
+    import feature_extraction
+
+    result = feature_extraction.main(["--rounds", "1", "--num_records", "4", "--output", str(tmp_path / "fe.json")])
+    variants = {"scipy", "torch_cpu", "torch_cpu_1_thread", "validation_only", "prepare_only", "dsp_only_cpu_4"}
+    assert set(result["ecgs_per_s_median"]) == variants == set(result["page_faults_per_batch_median"])
+    assert all(rate > 0 for rate in result["ecgs_per_s_median"].values())
+    assert all(
+        isinstance(count, (int, float)) and count >= 0 for count in result["page_faults_per_batch_median"].values()
+    )
+    assert result["max_abs_error_vs_scipy"]["scipy"] == 0.0 and result["max_abs_error_vs_scipy"]["torch_cpu"] < 1e-4
+    assert (tmp_path / "fe.json").exists()

@@ -347,8 +347,9 @@ def test_the_batched_screen_clears_real_records_and_only_validates_the_rest(ptbx
     narrow = signal.copy()  # the same within 0.1 mV: three of the exact test's bins hold it all, yet not flat
     narrow[:, 4] = np.tile(np.linspace(-0.05, 0.05, third), SCREEN_GROUP + 1)[: len(signal)]
     stack = torch.from_numpy(np.stack([periodic.T, narrow.T]).astype(np.float32))
-    checked, may_be_flat = screen_records(stack, fe.min_amplitude_mv, fe.max_amplitude_mv, 50)
+    checked, may_be_flat, off_zero = screen_records(stack, fe.min_amplitude_mv, fe.max_amplitude_mv, 50)
     assert checked.all() and may_be_flat[0, 3] and may_be_flat[1, 4] and may_be_flat.sum() == 2
+    assert not off_zero.any()
 
     batch = [signal, periodic, narrow, signal.astype(np.float32)]
     expected, actual = _both_paths({}, batch, sampling_rate=500, lead_names=names, return_tensors="np")
@@ -374,11 +375,11 @@ def test_the_screen_flags_every_flat_lead(offset):
         lead[rng.choice(num_samples, outside - 1, replace=False)] = offset + rng.choice([-1, 1], outside - 1) * 5
     spread = np.percentile(np.abs(leads - np.median(leads, axis=1, keepdims=True)), 99, axis=1)
     assert (spread < 0.02).all()  # flat, by the definition
-    _, may_be_flat = screen_records(torch.from_numpy(leads[None].astype(np.float32)), 0.02, np.inf, outside)
+    _, may_be_flat, _ = screen_records(torch.from_numpy(leads[None].astype(np.float32)), 0.02, np.inf, outside)
     assert may_be_flat.all()
     for lead in leads:
         lead[rng.choice(num_samples, 8 * outside, replace=False)] = offset + rng.uniform(-5, 5, 8 * outside)
-    _, may_be_flat = screen_records(torch.from_numpy(leads[None].astype(np.float32)), 0.02, np.inf, outside)
+    _, may_be_flat, _ = screen_records(torch.from_numpy(leads[None].astype(np.float32)), 0.02, np.inf, outside)
     assert may_be_flat.float().mean() < 0.1
 
 
@@ -483,3 +484,45 @@ def test_the_centred_float32_copy_is_the_same_on_torch_threads_as_in_numpy():
             ).astype(np.float32)
         np.testing.assert_array_equal(out, expected)  # NaN where NaN, inf where inf
         np.testing.assert_array_equal(offset, np.asarray(record[0], np.float64))
+
+
+def test_records_are_cast_as_they_are_unless_a_lead_sits_off_zero(ptbxl_dir, monkeypatch):
+    """The device path copies a record whose leads are the model's, in mV, into float32 as it is (`_write_cast`, bit
+    for bit numpy's cast, whatever the record's layout) and copies it again around its first samples
+    (`_write_centred`) only where the screen's `off_zero` says the cast rounded more than that would: a lead whose
+    values reach farther from 0 mV than its range. No bundled record is copied twice; one 5 mV off zero is, and
+    comes out as on the scipy path; a float32 record, which the cast does not round, never is."""
+    from merit_hf.models.merit import feature_extraction_merit
+    from merit_hf.models.merit.feature_extraction_merit import _write_cast
+    from merit_hf.models.merit.feature_extraction_torch_merit import screen_records
+
+    rng = np.random.default_rng(0)
+    signal = rng.normal(size=(5000, 12)) * 3 + 300.0
+    signal[7, 2], signal[9, 4], signal[0, 5], signal[11, 6] = np.nan, np.inf, -np.inf, 1e-310
+    read_only = signal.copy()
+    read_only.flags.writeable = False
+    for record in (signal, read_only, signal.astype(">f8"), signal.astype(np.float32), signal[::-1]):
+        out = np.empty((12, 5000), np.float32)
+        rounded = _write_cast(out, record)
+        np.testing.assert_array_equal(out, record.T.astype(np.float32))
+        assert rounded == (record.dtype != np.float32)
+
+    recentred = []
+    write_centred = feature_extraction_merit._write_centred
+    monkeypatch.setattr(
+        feature_extraction_merit, "_write_centred", lambda out, record: recentred.append(1) or write_centred(out, record)
+    )
+    real, names = _signal(ptbxl_dir)
+    records = [record["signal"] for record in _bundled_records(ptbxl_dir) if record["sampling_rate"] == 500]
+    MeritFeatureExtractor()(records, sampling_rate=500, lead_names=names, device="cpu")
+    assert recentred == []
+    shifted = real.copy()
+    shifted[:, 5] += 5.0  # lead aVF entirely 5 mV above zero: wider off zero than its range
+    stack = torch.from_numpy(np.stack([real.T, shifted.T]).astype(np.float32))
+    checked, _, off_zero = screen_records(stack, 0.02, 30.0, 50)
+    assert checked.all() and off_zero.tolist() == [False, True]
+    expected, actual = _both_paths({}, [real, shifted], sampling_rate=500, lead_names=names, return_tensors="np")
+    assert len(recentred) == 1
+    np.testing.assert_allclose(actual["ecg_values"], expected["ecg_values"], rtol=0, atol=MAX_ABS_ERROR)
+    MeritFeatureExtractor()([shifted.astype(np.float32)], sampling_rate=500, lead_names=names, device="cpu")
+    assert len(recentred) == 1

@@ -729,10 +729,12 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         error is raised the records screened so far are checked, so that an earlier record's error comes first.
 
         One dict per record: `signal` (`(num_leads, num_samples)` float32, mV, model lead order, less `offset`),
-        `offset` (`(num_leads,)` float64: each lead's first sample, `_write_centred`), `stack` (`(array,
-        slot)`: the signal is `array[slot]`; the records of one rate and length fill `(chunk, num_leads,
-        num_samples)` arrays in order, which the DSP reads as they are), `sampling_rate`, `up` / `down` (the
-        resampling ratio), `present`, `windows` (each window's sample positions after resampling) and `masks`."""
+        `offset` (`(num_leads,)` float64: each lead's first sample, `_write_centred`; zeros for a record copied as it
+        is, `_write_cast`), `rounded` (that copy rounded: the screen decides whether to copy it again centred),
+        `stack` (`(array, slot)`: the signal is `array[slot]`; the records of one rate and length fill `(chunk,
+        num_leads, num_samples)` arrays in order, which the DSP reads as they are), `sampling_rate`, `up` / `down`
+        (the resampling ratio), `present`, `windows` (each window's sample positions after resampling) and
+        `masks`."""
         from .feature_extraction_torch_merit import filtfilt_padlen
 
         sos = self._band_pass_sos()
@@ -755,7 +757,8 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
                 else:
                     signal, present, _ = self._validate_read(signal, names, record_units, name, from_header)
                 entry = self._place(signal, rate, name, present, padding, crop, chunk, len(records) - index, stacks,
-                                    sos, padlen, None if crop_rngs is None else crop_rngs[index])  # fmt: skip
+                                    sos, padlen, None if crop_rngs is None else crop_rngs[index],
+                                    cast=unchecked is not None)  # fmt: skip
             except Exception:
                 try:  # earlier records' errors, then this record's validation, come first on the scipy path
                     self._validate_pending(pending)
@@ -773,10 +776,11 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         return prepared
 
     def _place(
-        self, signal, rate, name, present, padding, crop, chunk, left, stacks, sos, padlen, crop_rng=None
+        self, signal, rate, name, present, padding, crop, chunk, left, stacks, sos, padlen, crop_rng=None, cast=False
     ) -> dict[str, Any]:
         """A record's `_prepare_for_device` entry: its resampling ratio, the filter's length check, its windows, and
-        its signal copied (float32, leads first) into the next slot of its group's array."""
+        its signal copied (float32, leads first) into the next slot of its group's array: around its first samples
+        (`_write_centred`), or with `cast` as it is (`_write_cast`; the screen then says whether that rounded more)."""
         up, down = self._resample_ratio(rate, name)
         length = len(signal)
         pad = min(int(round(rate)), length - 1)
@@ -793,12 +797,16 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         stack, slot = stacks.get((up, down, length), (None, chunk))
         if slot == chunk:  # a new array: at most `chunk` records, and no more than are left
             stack, slot = np.empty((min(chunk, left), signal.shape[1], length), np.float32), 0
-        offset = _write_centred(stack[slot], signal)
+        if cast:
+            rounded, offset = _write_cast(stack[slot], signal), np.zeros(signal.shape[1])
+        else:
+            rounded, offset = False, _write_centred(stack[slot], signal)
         stacks[(up, down, length)] = (stack, slot + 1)
         return {
             "signal": stack[slot],
             "stack": (stack, slot),
             "offset": offset,
+            "rounded": rounded,
             "sampling_rate": rate,
             "up": up,
             "down": down,
@@ -811,7 +819,8 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         """Validation of the records `_prepare_for_device` copied unchecked, in order, then forgotten: the batched
         screen (`screen_records`) on each array they were copied into; the exact flat-lead test on the leads it
         could not clear; `validate_signal` on the rest, which raises the scipy path's error or repairs the record
-        (its slot and `present` rewritten)."""
+        (its slot and `present` rewritten). A record that passes but whose float32 cast rounded more than a copy
+        around its first samples would (`off_zero`) is copied again that way."""
         if not pending:
             return
         import torch
@@ -824,22 +833,25 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             filled[id(stack)] = (stack, max(slot + 1, filled.get(id(stack), (stack, 0))[1]))
         verdicts = {}
         for key, (stack, count) in filled.items():
-            checked, may_be_flat = screen_records(
+            checked, may_be_flat, off_zero = screen_records(
                 torch.from_numpy(stack[:count]),
                 self.min_amplitude_mv,
                 self.max_amplitude_mv,
                 flat_outside(stack.shape[-1]),
             )
-            verdicts[key] = (checked.numpy(), may_be_flat.numpy())
+            verdicts[key] = (checked.numpy(), may_be_flat.numpy(), off_zero.numpy())
         for entry, signal, names, record_units, name, from_header in pending:
             stack, slot = entry["stack"]
-            checked, may_be_flat = verdicts[id(stack)]
+            checked, may_be_flat, off_zero = verdicts[id(stack)]
             leads = np.flatnonzero(may_be_flat[slot])
-            if checked[slot] and not leads.size:
+            if checked[slot] and (
+                not leads.size
+                or not _maybe_flat_columns(_as_float_array(signal, name)[:, leads], self.min_amplitude_mv).size
+            ):
+                if entry["rounded"] and off_zero[slot]:
+                    entry["offset"] = _write_centred(stack[slot], _as_float_array(signal, name))
                 continue
             signal = _as_float_array(signal, name)  # float64, as the checks see it
-            if checked[slot] and not _maybe_flat_columns(signal[:, leads], self.min_amplitude_mv).size:
-                continue
             signal_mv, present, _ = self.validate_signal(signal, names, record_units, name, from_header)
             entry["offset"] = _write_centred(stack[slot], signal_mv)
             entry["present"] = present
@@ -1342,6 +1354,25 @@ def _write_centred(out: np.ndarray, signal: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, as wanted
         np.subtract(signal.T, offset[:, None], out=out, dtype=np.float64, casting="same_kind")
     return offset
+
+
+def _write_cast(out: np.ndarray, signal: np.ndarray) -> bool:
+    """Write `signal` `(num_samples, num_leads)` into `out` `(num_leads, num_samples)` float32 as it is (1.5x faster
+    than `_write_centred`: one pass, no float64 intermediate) and return whether that rounded (a float64 signal).
+    `screen_records`'s `off_zero` says where the rounding exceeds `_write_centred`'s."""
+    if (
+        signal.dtype == np.float64
+        and signal.dtype.isnative
+        and signal.flags.writeable
+        and min(signal.strides, default=0) >= 0  # torch takes no negative strides (a flipped view)
+        and out.flags.writeable
+    ):
+        import torch  # on torch's intra-op threads: numpy runs this pass on one core
+
+        torch.from_numpy(out).copy_(torch.from_numpy(signal).T)
+    else:
+        out[...] = signal.T
+    return signal.dtype != np.float32
 
 
 @lru_cache(maxsize=256)

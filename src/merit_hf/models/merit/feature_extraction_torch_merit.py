@@ -73,11 +73,11 @@ SCREEN_SLACK = 2.0**-20
 
 def screen_records(
     stack: torch.Tensor, min_amplitude_mv: float, max_amplitude_mv: float, outside: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A sufficient test, on a batch at once, that validation (`MeritFeatureExtractor.validate_signal`) passes
     records whose leads are already the model's, in order and in mV, without changing them: `stack`
     `(records, num_leads, num_samples)` (float32 casts of the float64 records). Returns `(checked (records,) bool,
-    may_be_flat (records, num_leads) bool)`:
+    may_be_flat (records, num_leads) bool, off_zero (records,) bool)`:
 
     - `checked`: every value finite and no lead wider than `max_amplitude_mv` peak to peak (finite in float32 implies
       finite in float64; `leads_too_wide` clears a lead whose peak-to-peak range is within the limit, and the
@@ -88,19 +88,25 @@ def screen_records(
       touch at most `outside` groups, so all other groups span less than `2 * min_amplitude_mv` ("quiet"). A lead
       with more than `outside` groups that are not quiet, among any of its groups, is not flat. Samples far apart
       are rarely close in an ECG (a flat stretch and a wave, or two beats' baselines): real leads clear this with
-      room (see the constants).
+      room (see the constants);
+    - `off_zero`: records with a lead whose values reach farther from 0 mV than its peak-to-peak range. The cast
+      rounds a value by up to 2**-24 of it; a lead taken out around one of its values first (`_write_centred`)
+      by up to 2**-24 of its range. Where `off_zero` is false the cast is as exact as that (every lead of the
+      1,987 + 100 PTB-XL records in ../shared/data: their largest |value| is at most 0.93 of their range).
 
     Two reductions over the batch and a few operations on a fifth of it: about 20 µs a record on the 2-core CPU,
     against 110 µs for validation record by record (benchmarks/README.md)."""
     high, low = stack.amax(dim=-1), stack.amin(dim=-1)  # NaN propagates into both
-    slack = torch.maximum(high.abs(), low.abs()).mul_(SCREEN_SLACK)
-    checked = (torch.isfinite(high) & torch.isfinite(low) & ((high - low + slack) <= max_amplitude_mv)).all(dim=-1)
+    extent, spread = torch.maximum(high.abs(), low.abs()), high - low
+    off_zero = (extent > spread).any(dim=-1)
+    slack = extent.mul_(SCREEN_SLACK)
+    checked = (torch.isfinite(high) & torch.isfinite(low) & ((spread + slack) <= max_amplitude_mv)).all(dim=-1)
     records, num_leads, num_samples = stack.shape
     groups = num_samples // SCREEN_GROUP
     if min_amplitude_mv <= 0:  # no flat-lead test
-        return checked, torch.zeros((records, num_leads), dtype=torch.bool, device=stack.device)
+        return checked, torch.zeros((records, num_leads), dtype=torch.bool, device=stack.device), off_zero
     if groups <= outside:  # too few groups to tell
-        return checked, torch.ones((records, num_leads), dtype=torch.bool, device=stack.device)
+        return checked, torch.ones((records, num_leads), dtype=torch.bool, device=stack.device), off_zero
     looked_at = min(groups, max(SCREEN_GROUPS_PER_OUTSIDE * (outside + 1), SCREEN_MIN_GROUPS))
     parts = [stack[..., part * groups : part * groups + looked_at] for part in range(SCREEN_GROUP)]
     group_high, group_low = torch.maximum(parts[0], parts[1]), torch.minimum(parts[0], parts[1])
@@ -108,7 +114,7 @@ def screen_records(
         torch.maximum(group_high, part, out=group_high)
         torch.minimum(group_low, part, out=group_low)
     not_quiet = (group_high.sub_(group_low) > (slack + 2 * min_amplitude_mv)[..., None]).sum(dim=-1)
-    return checked, not_quiet <= outside
+    return checked, not_quiet <= outside, off_zero
 
 
 @lru_cache(maxsize=64)
@@ -373,7 +379,14 @@ def _fft_operators_on(
         return None
     n, spectrum, basis, correction = operators
     as_tensor = partial(torch.as_tensor, dtype=dtype, device=device)
-    return n, as_tensor(spectrum), as_tensor(basis), as_tensor(np.ascontiguousarray(correction.T))
+    # both as `(rank, length)` rows: `basis.T @ x.T` (2.4x faster than `x @ basis` on the 2-core CPU, a product
+    # with only `rank` columns) and the correction's rows
+    return (
+        n,
+        as_tensor(spectrum),
+        as_tensor(np.ascontiguousarray(basis.T)),
+        as_tensor(np.ascontiguousarray(correction.T)),
+    )
 
 
 def sosfiltfilt(signals: torch.Tensor, sos: np.ndarray, start: int = 0, count: int | None = None) -> torch.Tensor:
@@ -390,13 +403,13 @@ def sosfiltfilt(signals: torch.Tensor, sos: np.ndarray, start: int = 0, count: i
     use_fft = extended <= FFT_MAX_LENGTH and rows >= FFT_MIN_ROWS
     operators = _fft_operators_on(key, extended, signals.device, signals.dtype) if use_fft else None
     if operators is not None:
-        n, spectrum, basis, correction = operators
+        n, spectrum, basis_rows, correction = operators
         buffer = signals.new_empty(rows, n)
         buffer[:, :padlen] = 2 * signals[:, :1] - signals[:, 1 : padlen + 1].flip(-1)
         buffer[:, padlen : padlen + length] = signals
         buffer[:, padlen + length : extended] = 2 * signals[:, -1:] - signals[:, -padlen - 1 : -1].flip(-1)
         buffer[:, extended:] = 0
-        ends = buffer[:, :extended] @ basis
+        ends = (basis_rows @ buffer[:, :extended].T).T
         first = padlen + start
         filtered = torch.fft.irfft(torch.fft.rfft(buffer).mul_(spectrum), n)[:, first : first + count]
         return filtered.addmm_(ends, correction[:, first : first + count])
@@ -459,9 +472,11 @@ def normalize(
     if not padded and present is None:
         if normalization == "none":
             return values if out is None else out.copy_(values)
-        # two passes (mean, then the centred squares): 10x faster than `torch.std_mean` on the CPU, and as exact
+        # two passes (mean, then the centred values' norm): 10x faster than `torch.std_mean` on the CPU, and as
+        # exact; the norm reads the centred values without writing their squares (1.3x faster single-threaded)
         centred = torch.sub(values, values.mean(dim=dims, keepdim=True), out=out)
-        std = centred.square().mean(dim=dims, keepdim=True).sqrt_()
+        size = values[0].numel() if len(dims) == 2 else values.shape[-1]
+        std = torch.linalg.vector_norm(centred, dim=dims, keepdim=True).mul_(size**-0.5)
         return centred.div_(std.add_(eps))
     valid = mask[:, None, :].to(values.dtype)
     if present is not None:
