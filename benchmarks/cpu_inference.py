@@ -20,7 +20,12 @@ depend on them), one round times every variant once, and a ratio is the median o
 - `hubert_ecg_base/<precision>`: transformers' `HubertModel` with HuBERT-ECG base's configuration
   (`encoder_throughput.build`), fp32 and bf16 weights.
 
-Also: the cosine of each precision's pooled output to fp32 on the same input, and the CPU's model name and flags.
+Also: the cosine of each precision's pooled output to fp32 on the same input, the CPU's model name and flags, and
+each variant's minor page faults a forward (first touches of memory the C library took from the operating system).
+`prepare_for_inference` makes the process keep the memory it frees (`keep_freed_cpu_memory`), and so every variant
+of the run, the references included, runs without those faults; `MERIT_CPU_ALLOCATOR=system python
+benchmarks/cpu_inference.py` times them with the C library as it is (`results/cpu_inference_amx_system_allocator.json`:
+737,307 faults a forward for the fp32 reference at `base-p75`).
 
     python benchmarks/cpu_inference.py                       # -> benchmarks/results/cpu_inference.json
     python benchmarks/cpu_inference.py --presets tiny-p75 --rounds 2 --output /tmp/smoke.json   # smoke run
@@ -42,6 +47,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from encoder_throughput import _register_einsum, build, set_attention  # noqa: E402
+from feature_extraction import minor_faults  # noqa: E402
 
 from merit_hf.models.merit import modeling_merit  # noqa: E402
 from merit_hf.models.merit.inference_precision import (  # noqa: E402
@@ -130,11 +136,14 @@ def measure_preset(preset: str, batch: int, rounds: int, with_hubert: bool = Tru
     for variant in variants.values():  # warm-up
         _run(variant)
     times: dict[str, list[float]] = {name: [] for name in variants}
+    faults: dict[str, list[int]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, variant in variants.items():
+            faulted = minor_faults()
             start = time.perf_counter()
             _run(variant)
             times[name].append(time.perf_counter() - start)
+            faults[name].append(minor_faults() - faulted)
     os.environ.pop(modeling_merit.CPU_ATTENTION_ENV, None)
     rates = {name: round(batch / statistics.median(seconds), 3) for name, seconds in times.items()}
     bf16_reference = max(("einsum_ref/bf16", "einsum_ref/bf16-autocast"), key=lambda name: rates[name])
@@ -163,6 +172,7 @@ def measure_preset(preset: str, batch: int, rounds: int, with_hubert: bool = Tru
         "rounds": rounds,
         "ecgs_per_second": rates,
         "seconds_per_round": {name: [round(value, 5) for value in seconds] for name, seconds in times.items()},
+        "page_faults_per_forward_median": {name: statistics.median(counts) for name, counts in faults.items()},
         "ratios": ratios,
         "bf16_attention_picked_by_the_model": picked,
         "min_cosine_to_fp32_pooled_output": cosine,

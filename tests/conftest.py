@@ -180,3 +180,10 @@ def _no_machine_wide_cpu_choices(monkeypatch):
     """Kernel choices timed in a test stay in its process: no test reads or writes `$HF_HOME/merit_hf/cpu_choices.json`
     (tests of that file point `MERIT_CPU_CHOICES` at a temporary one)."""
     monkeypatch.setenv("MERIT_CPU_CHOICES", "off")
+
+
+@pytest.fixture(autouse=True)
+def _c_library_left_as_it_is(monkeypatch):
+    """The test process's C library keeps its own allocation settings (`keep_freed_cpu_memory` would make a long
+    pytest run keep up to 1 GiB of freed memory); tests of the setting run it in a subprocess."""
+    monkeypatch.setenv("MERIT_CPU_ALLOCATOR", "system")

@@ -220,3 +220,23 @@ def test_feature_extraction_benchmark_times_both_paths_and_counts_page_faults(tm
     )
     assert result["max_abs_error_vs_scipy"]["scipy"] == 0.0 and result["max_abs_error_vs_scipy"]["torch_cpu"] < 1e-4
     assert (tmp_path / "fe.json").exists()
+
+
+@pytest.mark.slow
+def test_allocator_benchmark_runs_each_setting_in_its_own_process(tmp_path):
+    """`cpu_allocator.py` on the tiny preset: one child process per setting, every precision and batch timed, and
+    the children that keep memory say so (glibc)."""
+    import platform
+
+    import cpu_allocator
+
+    report = cpu_allocator.main([
+        "--presets", "tiny-p75", "--precisions", "fp32", "int8", "--batches", "2", "--repeats", "1", "--rounds", "1",
+        "--output", str(tmp_path / "allocator.json"),
+    ])  # fmt: skip
+    assert [(row["precision"], row["batch"]) for row in report["rows"]] == [("fp32", 2), ("int8", 2)]
+    for row in report["rows"]:
+        assert set(row["ecgs_per_s"]) == {"system", "keep"} and min(row["ecgs_per_s"].values()) > 0
+        assert row["keep_speedup_median"] > 0
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert report["kept_in_keep_children"] == [glibc]

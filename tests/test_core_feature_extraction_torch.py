@@ -510,7 +510,9 @@ def test_records_are_cast_as_they_are_unless_a_lead_sits_off_zero(ptbxl_dir, mon
     recentred = []
     write_centred = feature_extraction_merit._write_centred
     monkeypatch.setattr(
-        feature_extraction_merit, "_write_centred", lambda out, record: recentred.append(1) or write_centred(out, record)
+        feature_extraction_merit,
+        "_write_centred",
+        lambda out, record: recentred.append(1) or write_centred(out, record),
     )
     real, names = _signal(ptbxl_dir)
     records = [record["signal"] for record in _bundled_records(ptbxl_dir) if record["sampling_rate"] == 500]

@@ -743,3 +743,60 @@ def test_a_model_on_a_gpu_quantises_to_int8_on_the_cpu(monkeypatch):
     int8 = prepare_for_inference(model, "int8", "cpu")
     with torch.no_grad():
         assert int8(torch.randn(2, 12, model.config.num_samples)).pooler_output.shape == (2, model.config.hidden_size)
+
+
+GLIBC = sys.platform.startswith("linux") and __import__("platform").libc_ver()[0] == "glibc"
+FAULTS_SCRIPT = """
+import resource, sys
+import torch
+from merit_hf import MeritEcgModel, MeritEcgConfig
+from merit_hf.models.merit.inference_precision import prepare_for_inference
+
+def faults():  # five 48 MiB tensors made and freed: above glibc's largest mmap threshold (32 MiB)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.ones(48 * 2**20 // 4)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+before = faults()
+model = MeritEcgModel(MeritEcgConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+prepare_for_inference(model, "fp32", "cpu")
+faults()  # the heap grows once
+print(before, faults())
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's allocator only")
+@pytest.mark.parametrize("allocator", ["", "keep", "system"])
+def test_preparing_for_the_cpu_keeps_freed_memory_for_reuse_unless_told_not_to(allocator):
+    """Under glibc a 48 MiB tensor is fresh pages from the operating system each time (12,288 page faults); once a
+    model is prepared for the CPU the process reuses the freed memory instead (`keep_freed_cpu_memory`), unless
+    `MERIT_CPU_ALLOCATOR=system`. Run in a subprocess: the setting is the process's."""
+    import subprocess
+
+    from tests.conftest import REPO_ROOT
+
+    env = {**__import__("os").environ, "MERIT_CPU_ALLOCATOR": allocator, "PYTHONPATH": str(REPO_ROOT / "src")}
+    result = subprocess.run(
+        [sys.executable, "-c", FAULTS_SCRIPT], env=env, capture_output=True, text=True, timeout=300, check=True
+    )
+    before, after = map(int, result.stdout.split())
+    assert before > 5 * 12_288 * 0.9  # every tensor faulted in
+    if allocator == "system":
+        assert after > 5 * 12_288 * 0.9
+    else:
+        assert after < 12_288 // 4
+
+
+def test_the_allocator_setting_is_checked_and_asked_for_when_preparing_for_the_cpu(monkeypatch):
+    keep = inference_precision.keep_freed_cpu_memory
+    calls = []
+    monkeypatch.setattr(inference_precision, "keep_freed_cpu_memory", lambda: calls.append(1) or False)
+    model = MeritEcgModel(tiny_ecg_config())
+    prepare_for_inference(model, "fp32", "cpu")
+    assert calls == [1]
+    monkeypatch.setenv("MERIT_CPU_ALLOCATOR", "tcmalloc")
+    with pytest.raises(ValueError, match="MERIT_CPU_ALLOCATOR='tcmalloc': one of"):
+        keep()
+    monkeypatch.setenv("MERIT_CPU_ALLOCATOR", "system")
+    assert keep() is False
