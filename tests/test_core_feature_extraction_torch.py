@@ -463,6 +463,16 @@ def test_tf32_set_by_the_caller_does_not_reach_the_dsp(ptbxl_dir, monkeypatch, d
     np.testing.assert_allclose(actual["ecg_values"], expected["ecg_values"], rtol=0, atol=MAX_ABS_ERROR)
 
 
+def _records_of_every_layout() -> list[np.ndarray]:
+    """One random record 300 mV off zero (rounding happens after a subtraction) with NaN, inf, -inf and a subnormal,
+    as float64, read-only, big-endian, float32 and reversed: the copies' torch path and numpy's fallback."""
+    signal = np.random.default_rng(0).normal(size=(5000, 12)) * 3 + 300.0
+    signal[7, 2], signal[9, 4], signal[0, 5], signal[11, 6] = np.nan, np.inf, -np.inf, 1e-310
+    read_only = signal.copy()
+    read_only.flags.writeable = False
+    return [signal, read_only, signal.astype(">f8"), signal.astype(np.float32), signal[::-1]]
+
+
 def test_the_centred_float32_copy_is_the_same_on_torch_threads_as_in_numpy():
     """`_write_centred` copies a float64 record into the batched DSP's float32 input on torch's threads (one pass
     that numpy runs on one core): bit for bit what numpy's float64 subtraction and cast give, non-finite values,
@@ -470,12 +480,7 @@ def test_the_centred_float32_copy_is_the_same_on_torch_threads_as_in_numpy():
     path."""
     from merit_hf.models.merit.feature_extraction_merit import _write_centred
 
-    rng = np.random.default_rng(0)
-    signal = rng.normal(size=(5000, 12)) * 3 + 300.0  # a lead far off zero: rounding happens after the subtraction
-    signal[7, 2], signal[9, 4], signal[0, 5], signal[11, 6] = np.nan, np.inf, -np.inf, 1e-310
-    read_only = signal.copy()
-    read_only.flags.writeable = False
-    for record in (signal, read_only, signal.astype(">f8"), signal.astype(np.float32), signal[::-1]):
+    for record in _records_of_every_layout():
         out = np.empty((12, 5000), np.float32)
         offset = _write_centred(out, record)
         with np.errstate(invalid="ignore", over="ignore"):
@@ -496,12 +501,7 @@ def test_records_are_cast_as_they_are_unless_a_lead_sits_off_zero(ptbxl_dir, mon
     from merit_hf.models.merit.feature_extraction_merit import _write_cast
     from merit_hf.models.merit.feature_extraction_torch_merit import screen_records
 
-    rng = np.random.default_rng(0)
-    signal = rng.normal(size=(5000, 12)) * 3 + 300.0
-    signal[7, 2], signal[9, 4], signal[0, 5], signal[11, 6] = np.nan, np.inf, -np.inf, 1e-310
-    read_only = signal.copy()
-    read_only.flags.writeable = False
-    for record in (signal, read_only, signal.astype(">f8"), signal.astype(np.float32), signal[::-1]):
+    for record in _records_of_every_layout():
         out = np.empty((12, 5000), np.float32)
         rounded = _write_cast(out, record)
         np.testing.assert_array_equal(out, record.T.astype(np.float32))

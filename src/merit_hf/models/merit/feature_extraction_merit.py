@@ -1331,6 +1331,19 @@ def _as_float_array(record: Any, name: str, keep_float32: bool = False) -> np.nd
         ) from error
 
 
+def _torch_can_copy(signal: np.ndarray, out: np.ndarray) -> bool:
+    """Whether torch can read float64 `signal` and write `out` in place (`torch.from_numpy` of either; it takes no
+    read-only, non-native or negatively strided array): then the copy runs on torch's intra-op threads, where
+    numpy runs it on one core."""
+    return (
+        signal.dtype == np.float64
+        and signal.dtype.isnative
+        and signal.flags.writeable
+        and min(signal.strides, default=0) >= 0  # a flipped view
+        and out.flags.writeable
+    )
+
+
 def _write_centred(out: np.ndarray, signal: np.ndarray) -> np.ndarray:
     """Write `signal` `(num_samples, num_leads)` into `out` `(num_leads, num_samples)` float32 (the batched DSP's
     input) less each lead's first sample, subtracted in float64, and return those offsets `(num_leads,)` float64.
@@ -1340,14 +1353,8 @@ def _write_centred(out: np.ndarray, signal: np.ndarray) -> np.ndarray:
     NaN or inf there makes the whole lead non-finite, which the batched screen sends to the record-by-record
     checks."""
     offset = np.array(signal[0], dtype=np.float64)
-    if (
-        signal.dtype == np.float64
-        and signal.dtype.isnative
-        and signal.flags.writeable
-        and min(signal.strides, default=0) >= 0  # torch takes no negative strides (a flipped view)
-        and out.flags.writeable
-    ):
-        import torch  # the same float64 arithmetic on torch's intra-op threads: numpy runs this pass on one core
+    if _torch_can_copy(signal, out):
+        import torch  # the same float64 arithmetic as numpy's below
 
         torch.sub(torch.from_numpy(signal).T, torch.from_numpy(offset)[:, None], out=torch.from_numpy(out))
         return offset
@@ -1360,14 +1367,8 @@ def _write_cast(out: np.ndarray, signal: np.ndarray) -> bool:
     """Write `signal` `(num_samples, num_leads)` into `out` `(num_leads, num_samples)` float32 as it is (1.5x faster
     than `_write_centred`: one pass, no float64 intermediate) and return whether that rounded (a float64 signal).
     `screen_records`'s `off_zero` says where the rounding exceeds `_write_centred`'s."""
-    if (
-        signal.dtype == np.float64
-        and signal.dtype.isnative
-        and signal.flags.writeable
-        and min(signal.strides, default=0) >= 0  # torch takes no negative strides (a flipped view)
-        and out.flags.writeable
-    ):
-        import torch  # on torch's intra-op threads: numpy runs this pass on one core
+    if _torch_can_copy(signal, out):
+        import torch
 
         torch.from_numpy(out).copy_(torch.from_numpy(signal).T)
     else:
