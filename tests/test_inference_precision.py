@@ -767,6 +767,9 @@ print(before, faults())
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's allocator only")
+@pytest.mark.skipif(
+    inference_precision.allocator_set_by_user() is not None, reason="this environment configures allocation itself"
+)
 @pytest.mark.parametrize("allocator", ["", "keep", "system"])
 def test_preparing_for_the_cpu_keeps_freed_memory_for_reuse_unless_told_not_to(allocator):
     """Under glibc a 48 MiB tensor is fresh pages from the operating system each time (12,288 page faults); once a
@@ -800,3 +803,21 @@ def test_the_allocator_setting_is_checked_and_asked_for_when_preparing_for_the_c
         keep()
     monkeypatch.setenv("MERIT_CPU_ALLOCATOR", "system")
     assert keep() is False
+
+
+def test_an_allocation_the_user_configured_is_left_alone(monkeypatch):
+    """glibc's own malloc variables, a `glibc.malloc` tunable or a preloaded allocator mean the user chose how memory
+    is allocated: `keep_freed_cpu_memory` then changes nothing (and says so)."""
+    configured = inference_precision.allocator_set_by_user
+    assert configured({}) is None
+    assert configured({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX2"}) is None
+    assert configured({"MALLOC_TRIM_THRESHOLD_": "0"}) == "MALLOC_TRIM_THRESHOLD_ is set"
+    assert configured({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}) == "GLIBC_TUNABLES sets glibc.malloc"
+    assert configured({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}) == (
+        "jemalloc is preloaded (LD_PRELOAD)"
+    )
+    monkeypatch.setattr(inference_precision, "_allocator_state", {})
+    monkeypatch.setenv("MERIT_CPU_ALLOCATOR", "keep")
+    monkeypatch.setenv("LD_PRELOAD", "libtcmalloc_minimal.so.4")
+    monkeypatch.setattr(inference_precision.ctypes, "CDLL", lambda *a: pytest.fail("mallopt must not be called"))
+    assert inference_precision.keep_freed_cpu_memory() is False

@@ -62,7 +62,8 @@ for every 4 kB of its larger activations. At `base-p75` and batch 32 on an AMX X
 forward in int8 and 0.48 million in bf16, run 1.67x and 1.32x slower than with the memory kept (benchmarks/README.md,
 "CPU inference"); the embedding command line ran 1.47x faster end to end in bf16 and 1.49x in int8. The process then
 keeps up to 1 GiB of freed memory for reuse, as tcmalloc and jemalloc do (its peak RSS there: +0.39 GB in bf16, +0.95
-GB in int8). `MERIT_CPU_ALLOCATOR=system` leaves the C library as it is.
+GB in int8). `MERIT_CPU_ALLOCATOR=system` leaves the C library as it is, and so does an allocation the process was
+configured with already (glibc's `MALLOC_*_` or `GLIBC_TUNABLES` settings, tcmalloc or jemalloc preloaded).
 """
 
 from __future__ import annotations
@@ -598,20 +599,41 @@ def _parameters_signature(module: nn.Module) -> tuple:
 _prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def allocator_set_by_user(environ: dict[str, str] | None = None) -> str | None:
+    """What in `environ` (default: this process's) already configures how memory is allocated, which
+    `keep_freed_cpu_memory` then leaves alone: glibc's `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` /
+    `MALLOC_TOP_PAD_` / `MALLOC_MMAP_MAX_`, a `glibc.malloc` entry of `GLIBC_TUNABLES`, or tcmalloc, jemalloc or
+    mimalloc in `LD_PRELOAD` (glibc's settings would not reach them). `None` when nothing does."""
+    environ = os.environ if environ is None else environ
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_"):
+        if environ.get(name):
+            return f"{name} is set"
+    if "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
+        return "GLIBC_TUNABLES sets glibc.malloc"
+    preloaded = environ.get("LD_PRELOAD", "").lower()
+    for allocator in ("tcmalloc", "jemalloc", "mimalloc"):
+        if allocator in preloaded:
+            return f"{allocator} is preloaded (LD_PRELOAD)"
+    return None
+
+
 def keep_freed_cpu_memory() -> bool:
     """Make glibc keep the memory this process frees for its next allocations, up to 1 GiB (`KEPT_FREED_BYTES`):
     blocks up to that size come from its heap instead of fresh pages of the operating system, and its heap's free top
     is given back only beyond it (`mallopt(M_MMAP_THRESHOLD)`, `mallopt(M_TRIM_THRESHOLD)`). Done once per process,
-    unless `MERIT_CPU_ALLOCATOR=system`; elsewhere than glibc (macOS, Windows, musl) nothing is done. Returns whether
-    the setting is in force. See the module doc for why."""
+    unless `MERIT_CPU_ALLOCATOR=system`, or the process's allocation was configured already (`allocator_set_by_user`:
+    glibc's own `MALLOC_*_` or `GLIBC_TUNABLES` malloc settings, or another allocator preloaded); elsewhere than glibc
+    (macOS, Windows, musl) nothing is done. Returns whether the setting is in force. See the module doc for why."""
     choice = os.environ.get(CPU_ALLOCATOR_ENV, "keep").strip().lower() or "keep"
     if choice not in CPU_ALLOCATORS:
         raise ValueError(f"{CPU_ALLOCATOR_ENV}={choice!r}: one of {CPU_ALLOCATORS}")
     if choice == "system":
         return False
     if "kept" not in _allocator_state:
-        kept = False
-        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        kept, configured = False, allocator_set_by_user()
+        if configured:
+            logger.debug("C library left as it is: %s", configured)
+        elif platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
             try:
                 libc = ctypes.CDLL("libc.so.6")
                 kept = bool(libc.mallopt(_M_MMAP_THRESHOLD, KEPT_FREED_BYTES)) and bool(
@@ -675,6 +697,7 @@ __all__ = [
     "cpu_capability",
     "cpu_int8_engine",
     "cpu_prepacking_pays",
+    "allocator_set_by_user",
     "keep_freed_cpu_memory",
     "prepare_for_inference",
     "resolve_precision",
