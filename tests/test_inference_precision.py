@@ -821,3 +821,14 @@ def test_an_allocation_the_user_configured_is_left_alone(monkeypatch):
     monkeypatch.setenv("LD_PRELOAD", "libtcmalloc_minimal.so.4")
     monkeypatch.setattr(inference_precision.ctypes, "CDLL", lambda *a: pytest.fail("mallopt must not be called"))
     assert inference_precision.keep_freed_cpu_memory() is False
+
+
+def test_the_default_inference_device_is_the_gpu_when_there_is_one(monkeypatch):
+    """`inference_device`: a given device as it is; else CUDA where available (unless `use_cpu`), else the CPU."""
+    from merit_hf.models.merit.inference_precision import inference_device
+
+    assert inference_device("cpu") == torch.device("cpu") and inference_device(torch.device("meta")).type == "meta"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert inference_device() == torch.device("cuda") and inference_device(use_cpu=True) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert inference_device() == torch.device("cpu")

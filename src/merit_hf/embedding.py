@@ -56,7 +56,7 @@ from .models.merit.feature_extraction_merit import (
     EcgInputError,
     MeritFeatureExtractor,
 )
-from .models.merit.inference_precision import PRECISIONS, prepare_for_inference, resolve_precision
+from .models.merit.inference_precision import PRECISIONS, inference_device, prepare_for_inference, resolve_precision
 from .models.merit.pipeline_merit import WINDOW_POOLINGS, check_feature_extractor_matches, ecg_encoder_of
 from .utils.arguments import parse_arguments
 from .utils.launch import require_joined_processes
@@ -126,9 +126,7 @@ def embed_dataset(
     feature_extractor = feature_extractor or load_feature_extractor(model, encoder)
     check_feature_extractor_matches(feature_extractor, encoder if isinstance(model, (str, Path)) else model)
     split = split if split is not None else getattr(dataset, "split", None)
-    device = (
-        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    device = inference_device(device)
     precision = resolve_precision(precision, device)  # the cache key names what ran, not "auto"
     runner = prepare_for_inference(encoder, precision, device)
     if meter is not None and meter.model is None:

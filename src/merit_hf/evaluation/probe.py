@@ -61,6 +61,7 @@ from ..data.labels import LABEL_SETS
 from ..data.ptbxl_versions import DEFAULT_PTBXL_VERSION, PTBXL_VERSIONS, check_ptbxl_version
 from ..models.fingerprint import model_fingerprint
 from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
+from ..models.merit.inference_precision import inference_device
 from ..models.merit.modeling_merit import MeritEcgModel, pool_window_embeddings
 from ..models.merit.pipeline_merit import _in_eval_mode, ecg_encoder_of
 from .metrics import best_f1_thresholds, classification_metrics, macro_auroc
@@ -618,7 +619,7 @@ def feature_device(arguments: ProbeArguments) -> torch.device:
     """Where the probe's frozen features are computed: the GPU when there is one (`--use_cpu true` keeps the CPU), in
     fp32 either way, as the protocol's features always were. Before, they were computed on the CPU the encoder was
     loaded on, also on a GPU machine: the full PTB-XL through ViT-B at a few ECGs/s."""
-    return torch.device("cuda") if torch.cuda.is_available() and not arguments.use_cpu else torch.device("cpu")
+    return inference_device(use_cpu=arguments.use_cpu)
 
 
 def probe_features(

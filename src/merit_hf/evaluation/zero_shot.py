@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 # `zero_shot_classify` is imported only to keep its 0.1 path (`merit_hf.evaluation.zero_shot.zero_shot_classify`)
+from ..models.merit.inference_precision import inference_device
 from ..models.merit.pipeline_merit import (
     DEFAULT_HYPOTHESIS_TEMPLATE,
     PTBXL_PROMPTS_PATH,
@@ -114,8 +115,7 @@ def evaluate_zero_shot(
 
         model = AutoModel.from_pretrained(str(model_or_path)).eval()
         processor = processor or AutoProcessor.from_pretrained(str(model_or_path))
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = inference_device(device)
     else:
         model = model_or_path
     with evaluated_on(model, device):  # a given model keeps its training mode and device

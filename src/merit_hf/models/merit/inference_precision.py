@@ -599,6 +599,15 @@ def _parameters_signature(module: nn.Module) -> tuple:
 _prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def inference_device(device: torch.device | str | None = None, use_cpu: bool = False) -> torch.device:
+    """Where merit_hf embeds ECGs when the caller does not say: `device` when given, else the GPU when there is one
+    (unless `use_cpu`), else the CPU. The one default of the embedding command line, `zero_shot_classify` /
+    `evaluate_zero_shot` and the probe's features."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() and not use_cpu else "cpu")
+
+
 def allocator_set_by_user(environ: dict[str, str] | None = None) -> str | None:
     """What in `environ` (default: this process's) already configures how memory is allocated, which
     `keep_freed_cpu_memory` then leaves alone: glibc's `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` /
