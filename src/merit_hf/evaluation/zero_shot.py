@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# `zero_shot_classify` is imported only to keep its 0.1 path (`merit_hf.evaluation.zero_shot.zero_shot_classify`)
 from ..models.merit.inference_precision import inference_device
+
+# `zero_shot_classify` is imported only to keep its 0.1 path (`merit_hf.evaluation.zero_shot.zero_shot_classify`)
 from ..models.merit.pipeline_merit import (
     DEFAULT_HYPOTHESIS_TEMPLATE,
     PTBXL_PROMPTS_PATH,

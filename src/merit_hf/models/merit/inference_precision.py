@@ -601,8 +601,8 @@ _prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def inference_device(device: torch.device | str | None = None, use_cpu: bool = False) -> torch.device:
     """Where merit_hf embeds ECGs when the caller does not say: `device` when given, else the GPU when there is one
-    (unless `use_cpu`), else the CPU. The one default of the embedding command line, `zero_shot_classify` /
-    `evaluate_zero_shot` and the probe's features."""
+    (unless `use_cpu`), else the CPU. The one default of the embedding command line, `evaluate_zero_shot` and the
+    probe's features."""
     if device is not None:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() and not use_cpu else "cpu")
@@ -700,13 +700,14 @@ def prepare_for_inference(
 
 
 __all__ = [
-    "PRECISIONS",
     "CpuCapability",
+    "PRECISIONS",
     "PrepackedLinear",
+    "allocator_set_by_user",
     "cpu_capability",
     "cpu_int8_engine",
     "cpu_prepacking_pays",
-    "allocator_set_by_user",
+    "inference_device",
     "keep_freed_cpu_memory",
     "prepare_for_inference",
     "resolve_precision",
