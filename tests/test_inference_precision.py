@@ -816,11 +816,14 @@ def test_an_allocation_the_user_configured_is_left_alone(monkeypatch):
     assert configured({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}) == (
         "jemalloc is preloaded (LD_PRELOAD)"
     )
-    monkeypatch.setattr(inference_precision, "_allocator_state", {})
     monkeypatch.setenv("MERIT_CPU_ALLOCATOR", "keep")
     monkeypatch.setenv("LD_PRELOAD", "libtcmalloc_minimal.so.4")
     monkeypatch.setattr(inference_precision.ctypes, "CDLL", lambda *a: pytest.fail("mallopt must not be called"))
-    assert inference_precision.keep_freed_cpu_memory() is False
+    inference_precision._keep_freed_memory_once.cache_clear()
+    try:
+        assert inference_precision.keep_freed_cpu_memory() is False
+    finally:
+        inference_precision._keep_freed_memory_once.cache_clear()
 
 
 def test_the_default_inference_device_is_the_gpu_when_there_is_one(monkeypatch):

@@ -98,7 +98,6 @@ CPU_ALLOCATORS = ("keep", "system")
 # glibc's mallopt parameters (malloc.h) and what `keep_freed_cpu_memory` sets them to
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 KEPT_FREED_BYTES = 2**30
-_allocator_state: dict[str, bool] = {}
 INT8_ENGINES = ("x86", "onednn")
 CPU_INT8_ENGINE_ENV = "MERIT_CPU_INT8_ENGINE"
 _cpu_int8_engine_choice: dict[tuple, str] = {}
@@ -638,24 +637,28 @@ def keep_freed_cpu_memory() -> bool:
         raise ValueError(f"{CPU_ALLOCATOR_ENV}={choice!r}: one of {CPU_ALLOCATORS}")
     if choice == "system":
         return False
-    if "kept" not in _allocator_state:
-        kept, configured = False, allocator_set_by_user()
-        if configured:
-            logger.debug("C library left as it is: %s", configured)
-        elif platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-            try:
-                libc = ctypes.CDLL("libc.so.6")
-                kept = bool(libc.mallopt(_M_MMAP_THRESHOLD, KEPT_FREED_BYTES)) and bool(
-                    libc.mallopt(_M_TRIM_THRESHOLD, KEPT_FREED_BYTES)
-                )
-            except (OSError, AttributeError) as error:
-                logger.debug("glibc's mallopt unavailable (%s): freed memory goes back as usual", error)
-        _allocator_state["kept"] = kept
-        logger.debug(
-            "C library %s freed memory for reuse (%s=system to leave it)",
-            "keeps up to 1 GiB of" if kept else "left as it is: returns", CPU_ALLOCATOR_ENV,
-        )  # fmt: skip
-    return _allocator_state["kept"]
+    return _keep_freed_memory_once()
+
+
+@functools.cache
+def _keep_freed_memory_once() -> bool:
+    """`keep_freed_cpu_memory`'s `mallopt` calls, made at most once per process; whether they took."""
+    kept, configured = False, allocator_set_by_user()
+    if configured:
+        logger.debug("C library left as it is: %s", configured)
+    elif platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            kept = bool(libc.mallopt(_M_MMAP_THRESHOLD, KEPT_FREED_BYTES)) and bool(
+                libc.mallopt(_M_TRIM_THRESHOLD, KEPT_FREED_BYTES)
+            )
+        except (OSError, AttributeError) as error:
+            logger.debug("glibc's mallopt unavailable (%s): freed memory goes back as usual", error)
+    logger.debug(
+        "C library %s freed memory for reuse (%s=system to leave it)",
+        "keeps up to 1 GiB of" if kept else "left as it is: returns", CPU_ALLOCATOR_ENV,
+    )  # fmt: skip
+    return kept
 
 
 def prepare_for_inference(
