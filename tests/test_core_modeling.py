@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel, AutoModelForPreTraining
+from transformers import AutoModel, AutoModelForPreTraining, AutoModelForSequenceClassification
 
 from merit_hf import MeritEcgModel, MeritForEcgClassification, MeritForPreTraining, MeritModel, modeling_merit
 from merit_hf.models.merit.modeling_merit import contrastive_loss, masked_patch_reconstruction_loss
@@ -371,6 +371,21 @@ def test_classifier_keeps_the_encoder_and_creates_the_head(saved_pretraining):
         classifier(ecg, labels=torch.tensor([0, 2]))
 
 
+def test_loaded_models_train_what_built_ones_train(saved_pretraining):
+    """transformers puts loaded weights into new parameters that require grad: the fixed sin-cos position tables must
+    stay frozen after `from_pretrained` in every class, or fine-tuning trains them."""
+    model, folder = saved_pretraining
+
+    def trainable(m):
+        return {name for name, p in m.named_parameters() if p.requires_grad}
+
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert {name.rpartition(".")[2] for name in frozen} == {"position_embeddings", "decoder_position_embeddings"}
+    for cls in (MeritForPreTraining, MeritModel, MeritEcgModel, MeritForEcgClassification):
+        loaded = cls.from_pretrained(folder)
+        assert trainable(loaded) == trainable(cls(loaded.config)), cls.__name__
+
+
 def test_missing_weights_raise_instead_of_random_init(saved_pretraining):
     _, folder = saved_pretraining
     weights = load_file(folder / "model.safetensors")
@@ -380,6 +395,26 @@ def test_missing_weights_raise_instead_of_random_init(saved_pretraining):
         MeritForPreTraining.from_pretrained(folder)
     with pytest.raises(ValueError, match="Refusing to return a model with randomly initialised weights"):
         AutoModel.from_pretrained(folder)
+
+
+def test_a_saved_classifier_without_its_head_raises_instead_of_a_random_head(saved_pretraining, tmp_path):
+    _, folder = saved_pretraining
+    id2label = {0: "NORM", 1: "MI"}
+    classifier = MeritForEcgClassification.from_pretrained(folder, id2label=id2label)
+    torch.nn.init.constant_(classifier.classifier.weight, 0.5)  # stands in for a trained head
+    classifier.save_pretrained(tmp_path / "classifier")
+    reloaded = MeritForEcgClassification.from_pretrained(tmp_path / "classifier")
+    assert torch.equal(reloaded.classifier.weight, classifier.classifier.weight)
+    weights = load_file(tmp_path / "classifier" / "model.safetensors")
+    del weights["classifier.weight"], weights["classifier.bias"]
+    save_file(weights, tmp_path / "classifier" / "model.safetensors", metadata={"format": "pt"})
+    match = r"missing weights \['classifier.bias', 'classifier.weight'\].*saved as MeritForEcgClassification"
+    with pytest.raises(ValueError, match=match):
+        MeritForEcgClassification.from_pretrained(tmp_path / "classifier")
+    with pytest.raises(ValueError, match=match):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "classifier")
+    # a pretraining folder still gives a new head for a new label set
+    assert MeritForEcgClassification.from_pretrained(folder, id2label=id2label).config.num_labels == 2
 
 
 def test_unexpected_weights_raise(saved_pretraining):

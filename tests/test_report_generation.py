@@ -495,6 +495,27 @@ def test_save_pretrained_and_auto_class_reload(parts, tmp_path):
     torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("freeze", [True, False])
+def test_the_frozen_encoder_stays_frozen_after_loading(parts, tmp_path, freeze):
+    from transformers import AutoModelForCausalLM
+
+    from merit_hf import MeritForReportGeneration
+
+    model, _ = parts
+    model.config.freeze_ecg_encoder = freeze
+    model.save_pretrained(tmp_path)
+    for loaded in (
+        MeritForReportGeneration.from_pretrained(tmp_path),
+        MeritForReportGeneration.from_pretrained(tmp_path, output_loading_info=True)[0],
+        AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True),
+    ):
+        trainable = {name for name, p in loaded.named_parameters() if p.requires_grad}
+        built = MeritForReportGeneration(loaded.config)
+        assert trainable == {name for name, p in built.named_parameters() if p.requires_grad}
+        assert any(name.startswith("ecg_model.") for name in trainable) is not freeze
+        assert all(p.requires_grad for p in loaded.multi_modal_projector.parameters())
+
+
 def rename_safetensors_keys(path, old: str, new: str) -> None:
     """Rewrite a safetensors file with `old` replaced by `new` in its weight names (a checkpoint of an older layout)."""
     from safetensors import safe_open

@@ -782,7 +782,8 @@ class _StrictLoadingMixin:
     """`from_pretrained` that never hands back silently random weights.
 
     Missing keys raise unless they belong to a head that a fine-tuning run is expected to create
-    (`_heads_created_on_load`); so do weights of the wrong shape, unless they belong to such a head and
+    (`_heads_created_on_load`) and the folder was saved as another class (a classifier's own folder holds its trained
+    head: one without it raises); so do weights of the wrong shape, unless they belong to such a head and
     `ignore_mismatched_sizes=True` asks for a new one (a new label set). Unexpected keys raise unless they belong to a
     MERIT part that this class drops on purpose (`_keys_to_ignore_on_load_unexpected`, e.g. the decoder when only the
     encoder is wanted). Checkpoints are read from safetensors only: pickled `.bin` files can run code and are refused.
@@ -849,10 +850,16 @@ class _StrictLoadingMixin:
                     f"{pretrained_model_name_or_path}: the safetensors checkpoint is corrupt or truncated ({error})"
                 ) from error
             raise
-        missing = [k for k in info["missing_keys"] if not k.startswith(cls._heads_created_on_load or ("\0",))]
+        # A head is created only from a folder of another class (a pretraining or encoder folder); a folder saved as
+        # this class has trained its head, and one whose checkpoint lacks it is incomplete.
+        saved_as_this_class = cls.__name__ in (getattr(model.config, "architectures", None) or ())
+        created_heads = () if saved_as_this_class else cls._heads_created_on_load
+        missing = [k for k in info["missing_keys"] if not k.startswith(created_heads or ("\0",))]
         problems = []
         if missing:
             problems.append(f"missing weights {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}")
+            if saved_as_this_class and any(k.startswith(cls._heads_created_on_load or ("\0",)) for k in missing):
+                problems.append(f"the folder was saved as {cls.__name__}, so its head was trained and must be there")
         if info["unexpected_keys"]:
             unexpected = sorted(info["unexpected_keys"])
             problems.append(f"unexpected weights {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
@@ -877,6 +884,8 @@ class _StrictLoadingMixin:
         for module in model.modules():
             if isinstance(module, MeritModel):
                 module.clamp_logit_scale_()
+        # transformers puts every loaded weight into a new `nn.Parameter` that requires grad
+        model._freeze_fixed_parameters()
         # A diverged run saves NaN weights without complaint; every output of the model would then be NaN.
         not_finite = [
             name
@@ -923,8 +932,20 @@ class MeritBasePreTrainedModel(_StrictLoadingMixin, PreTrainedModel):
         "logit_scale",
     )
 
+    # Parameters that never train: the fixed sin-cos position tables (MAE's, ST-MEM's).
+    _fixed_parameter_names = ("position_embeddings", "decoder_position_embeddings")
+
     def _init_weights(self, module: nn.Module) -> None:
         _init_merit_module(self, module, self.config)
+
+    def _freeze_fixed_parameters(self) -> None:
+        """Sets `requires_grad=False` again where the model was built with it: the fixed position tables (and, in
+        subclasses, what their config freezes). `from_pretrained` calls it after loading, since transformers puts
+        every loaded weight into a new `nn.Parameter` that requires grad; without it fine-tuning a loaded model would
+        train (and decay) the sin-cos tables."""
+        for name, parameter in self.named_parameters():
+            if name.rpartition(".")[2] in self._fixed_parameter_names:
+                parameter.requires_grad_(False)
 
     def no_weight_decay(self) -> set[str]:
         """Names of the parameters an optimizer should not decay (timm's convention): biases, norms and every other

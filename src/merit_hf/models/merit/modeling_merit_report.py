@@ -99,6 +99,11 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
         if config.freeze_ecg_encoder:
             self.ecg_model.requires_grad_(False)
 
+    def _freeze_fixed_parameters(self) -> None:
+        super()._freeze_fixed_parameters()
+        if self.config.freeze_ecg_encoder:
+            self.ecg_model.requires_grad_(False)
+
     def train(self, mode: bool = True) -> MeritForReportGeneration:
         super().train(mode)
         if self.config.freeze_ecg_encoder:  # a frozen encoder stays deterministic (no dropout) while the rest trains
