@@ -101,6 +101,12 @@ def test_parse_scp_codes_forms():
         parse_scp_codes("{'NORM': 80.0", record="ecg_id 3")
     with pytest.raises(ScpCodeError, match="is not a dict"):
         parse_scp_codes("['NORM']")
+    for empty in ("", "  ", None, float("nan")):
+        with pytest.raises(ScpCodeError, match="ecg_id 3: scp_codes is empty"):
+            parse_scp_codes(empty, record="ecg_id 3")
+    for text in ("{'NORM': 'abc'}", "{'NORM': -5.0}", "{'NORM': 100.5}", "{'NORM': True}", '{"NORM": NaN}'):
+        with pytest.raises(ScpCodeError, match=r"ecg_id 3: scp_codes .* gives 'NORM' the likelihood .*not a number"):
+            parse_scp_codes(text, record="ecg_id 3")
 
 
 def test_multi_hot():

@@ -181,6 +181,19 @@ def test_unknown_scp_code_names_the_record(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "cell, problem", [("", "scp_codes is empty"), ("{'NORM': 'abc'}", "the likelihood 'abc', not a number")]
+)
+def test_a_bad_scp_codes_cell_names_the_csv_and_ecg_id_and_can_be_skipped(tmp_path, cell, problem):
+    table = _CSV.head(3).copy()
+    table.loc[1, "scp_codes"] = cell
+    root = write_ptbxl(tmp_path / "ptbxl", table)
+    with pytest.raises(ScpCodeError, match=re.escape(f"{root / 'ptbxl_database.csv'} (ecg_id 2): ") + ".*" + problem):
+        build_ptbxl(root)
+    _, report = build_ptbxl(root, on_error="skip", return_report=True)
+    assert (report.total, report.written, report.failed) == (3, 2, 1)
+
+
+@pytest.mark.parametrize(
     "column, cell, problem",
     [("patient_id", "abc", "is not an integer"), ("age", "old", "is not a number"), ("sex", 0.5, "is not an integer"),
      ("site", "?", "is not an integer"), ("validated_by_human", "yes", "is not True or False"),

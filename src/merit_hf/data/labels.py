@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import csv
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -123,14 +124,30 @@ def _statement(row: dict[str, str]) -> ScpStatement:
 
 
 def parse_scp_codes(text: str, record: str = "record") -> dict[str, float]:
-    """PTB-XL's `scp_codes` field (a Python dict literal, e.g. `"{'NORM': 100.0, 'SR': 0.0}"`) or its JSON form."""
+    """PTB-XL's `scp_codes` field (a Python dict literal, e.g. `"{'NORM': 100.0, 'SR': 0.0}"`) or its JSON form.
+
+    Raises `ScpCodeError` naming `record` for an empty or unreadable cell, a value that is not a dict, and a likelihood
+    that is not a number in [0, 100] (PTB-XL's likelihoods are percentages; 0 means unknown)."""
+    if not isinstance(text, str) or not text.strip():
+        raise ScpCodeError(f"{record}: scp_codes is empty ({text!r}); every PTB-XL record has at least one statement")
     try:
         value = json.loads(text) if text.lstrip().startswith('{"') else ast.literal_eval(text)
-    except (ValueError, SyntaxError) as error:
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as error:
         raise ScpCodeError(f"{record}: unreadable scp_codes {text!r} ({error})") from error
     if not isinstance(value, dict):
         raise ScpCodeError(f"{record}: scp_codes {text!r} is not a dict of code -> likelihood")
-    return {str(code): float(likelihood) for code, likelihood in value.items()}
+    codes = {}
+    for code, likelihood in value.items():
+        try:
+            number = float(likelihood)
+        except (TypeError, ValueError):
+            number = math.nan
+        if isinstance(likelihood, bool) or not 0.0 <= number <= 100.0:
+            raise ScpCodeError(
+                f"{record}: scp_codes {text!r} gives {code!r} the likelihood {likelihood!r}, not a number in [0, 100]"
+            )
+        codes[str(code)] = number
+    return codes
 
 
 def multi_hot(label_indices: Iterable[int] | Iterable[Iterable[int]], num_classes: int) -> np.ndarray:

@@ -121,7 +121,7 @@ class PtbxlRecordReader:
         num_samples = PTBXL_SAMPLING_RATES[self.sampling_rate][1]
         record = read_ecg_record(path, sampling_rate=self.sampling_rate, num_samples=num_samples)
         name = f"{path}.hea (ecg_id {meta['ecg_id']})"
-        scp_codes = parse_scp_codes(meta["scp_codes"], record=name)
+        scp_codes = parse_scp_codes(meta["scp_codes"], record=f"{self.root / DATABASE_FILE} (ecg_id {meta['ecg_id']})")
         labels = self.statements.labels(scp_codes, threshold=self.label_threshold, record=name)
         report, edit_note = split_ptbxl_edit_note(meta["report"])
         return {
