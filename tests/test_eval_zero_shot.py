@@ -86,6 +86,15 @@ def test_scores_equal_the_hand_computed_ensemble(model_and_processor, tokenizer)
     np.testing.assert_allclose(out["scores"], expected, atol=1e-5)
 
 
+def test_a_description_given_as_one_string_is_one_description_not_its_letters():
+    one = class_prompts(["MI"], "an ECG showing {}", class_descriptions={"MI": "myocardial infarction"})
+    assert one == [["an ECG showing myocardial infarction"]]
+    assert one == class_prompts(["MI"], "an ECG showing {}", class_descriptions={"MI": ["myocardial infarction"]})
+    for bad in ("", "  ", [""], [None]):
+        with pytest.raises(ValueError, match="label 'MI' has"):
+            class_prompts(["MI"], class_descriptions={"MI": bad})
+
+
 @pytest.mark.parametrize("precision", ["auto", "bf16", "int8"])
 def test_every_cpu_precision_scores_close_to_fp32_and_leaves_the_model_alone(model_and_processor, precision):
     model, processor = model_and_processor

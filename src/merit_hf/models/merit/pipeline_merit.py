@@ -322,11 +322,12 @@ def hypothesis_templates(hypothesis_template: str | Sequence[str]) -> list[str]:
 def class_prompts(
     candidate_labels: Sequence[str],
     hypothesis_template: str | Sequence[str] = DEFAULT_HYPOTHESIS_TEMPLATE,
-    class_descriptions: Mapping[str, Sequence[str]] | str | None = None,
+    class_descriptions: Mapping[str, str | Sequence[str]] | str | None = None,
     prompt_file: str | Path | None = None,
 ) -> list[list[str]]:
     """The texts that describe each candidate label: `template.format(description)` for every template and
-    description. Without `class_descriptions` the label itself is the description (free text).
+    description (a label's descriptions are one string or a list of them). Without `class_descriptions` the label
+    itself is the description (free text).
 
     Raises `ValueError` for an empty or duplicated candidate list, a template without `{}`, and a label that
     `class_descriptions` (a mapping, or the name of a label set of `prompt_file`, by default the shipped PTB-XL
@@ -350,11 +351,15 @@ def class_prompts(
         if class_descriptions is None:
             descriptions = [label]
         elif label in class_descriptions:
-            descriptions = list(class_descriptions[label])
+            given = class_descriptions[label]
+            descriptions = [given] if isinstance(given, str) else list(given)  # one text, or several
         else:
             raise ValueError(f"unknown label {label!r}: the class descriptions know {sorted(class_descriptions)}")
         if not descriptions:
             raise ValueError(f"label {label!r} has no description")
+        for description in descriptions:
+            if not isinstance(description, str) or not description.strip():
+                raise ValueError(f"label {label!r} has a description {description!r} that is not a non-empty string")
         prompts.append([template.format(description) for description in descriptions for template in templates])
     return prompts
 
