@@ -71,7 +71,13 @@ def summary_markdown(runs: dict[str, dict[str, Any]], arguments: ProbeArguments,
     for name, results in runs.items():
         if results["task"] == "robustness":
             lines += ["", f"## Robustness ({name}), model", "", robustness_table(results, "model")]
-            lines += ["", f"## Robustness ({name}), random-init encoder", "", robustness_table(results, "baseline")]
+            if results.get("baseline") is not None:  # `--no_baseline` runs have none
+                lines += [
+                    "",
+                    f"## Robustness ({name}), random-init encoder",
+                    "",
+                    robustness_table(results, "baseline"),
+                ]
     return "\n".join(lines) + "\n"
 
 

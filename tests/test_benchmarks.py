@@ -206,6 +206,28 @@ def test_the_evaluation_suite_reads_the_dataset_as_its_arguments_say(monkeypatch
     assert seen["path"] == "folder" and seen["arguments"].ptbxl_version == "as_is"
 
 
+def test_the_evaluation_summary_of_a_run_without_the_baseline(tmp_path):
+    """`--no_baseline`: the summary was written last and crashed on the missing random-init entry, after every run."""
+    import dataclasses
+
+    import evaluation
+
+    from merit_hf.evaluation.probe import ProbeArguments
+    from merit_hf.evaluation.results import read_results
+    from merit_hf.evaluation.robustness import robustness_table
+
+    results = read_results(REPO_ROOT / "benchmarks/results/evaluation/quickstart/robustness_superclass_seed0.json")
+    shifts = {name: dataclasses.replace(shift, baseline=None) for name, shift in results.shifts.items()}
+    alone = dataclasses.replace(results, baseline=None, shifts=shifts)
+    summary = evaluation.summary_markdown({"robustness_superclass_seed0": alone}, ProbeArguments(), 1.0)
+    assert "## Robustness (robustness_superclass_seed0), model" in summary and "random-init encoder" not in summary
+    assert summary.count("| clean | - |") == 1
+    both = evaluation.summary_markdown({"robustness_superclass_seed0": results}, ProbeArguments(), 1.0)
+    assert both.count("| clean | - |") == 2
+    with pytest.raises(ValueError, match="no 'baseline' entry"):
+        robustness_table(alone, "baseline")
+
+
 def test_feature_extraction_benchmark_times_both_paths_and_counts_page_faults(tmp_path):
     """One round on 4 records: every variant timed, the torch path as exact as the tests demand, and a page-fault
     count per variant (where the platform keeps one)."""

@@ -295,6 +295,8 @@ def robustness_table(results: EvaluationResults, role: str = "model", metric: st
     """One markdown table for `role` (`"model"` or `"baseline"`): every shift, its n, the metric with CI, and the
     change from the clean test split."""
     clean_entry = getattr(results, role)
+    if clean_entry is None:
+        raise ValueError(f"these {results.task} results have no {role!r} entry (the run skipped it)")
     clean = clean_entry.metrics.get(metric)
     lines = [
         f"| shift | kind | n | {metric} [95% CI] | change |",
