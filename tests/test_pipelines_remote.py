@@ -158,6 +158,28 @@ def _save(folder, model, feature_extractor):
     return str(folder)
 
 
+def test_ecg_tasks_take_a_model_in_memory():
+    """`ecg-classification` and `ecg-feature-extraction` are registered with transformers, so `pipeline(task,
+    model=model, feature_extractor=...)` works on a model in memory as it does on a saved folder."""
+    torch.manual_seed(0)
+    classifier = MeritForEcgClassification(tiny_merit_config(id2label=LABELS)).eval()
+    encoder = MeritEcgModel(tiny_ecg_config()).eval()
+    feature_extractor = MeritFeatureExtractor.from_model_config(encoder.config)
+    batch = feature_extractor(str(RECORD), return_tensors="pt")
+    with torch.no_grad():
+        expected_scores = torch.sigmoid(classifier(**batch).logits)[0]
+        expected_embedding = encoder(**batch).pooler_output[0]
+    scores = pipeline("ecg-classification", model=classifier, feature_extractor=feature_extractor)(str(RECORD))
+    index = {label: i for i, label in LABELS.items()}
+    assert [entry["label"] for entry in scores] == sorted(
+        LABELS.values(), key=lambda label: -expected_scores[index[label]]
+    )
+    for entry in scores:
+        assert entry["score"] == pytest.approx(expected_scores[index[entry["label"]]].item())
+    embed = pipeline("ecg-feature-extraction", model=encoder, feature_extractor=feature_extractor)
+    torch.testing.assert_close(embed(str(RECORD), return_tensors=True), expected_embedding, rtol=1e-5, atol=1e-6)
+
+
 def test_pipelines_leave_masked_leads_out(tmp_path):
     """With `missing_leads="mask"`, a 3-lead record's other leads are left out (`lead_mask`), never fed as zeros."""
     torch.manual_seed(0)

@@ -31,7 +31,15 @@ from .modeling_merit_report import MeritForReportGeneration
 
 # The pipeline itself is Hub remote code (pipeline_merit.py travels with a saved two-tower folder, where
 # `pipeline("zero-shot-ecg-classification", model=folder, trust_remote_code=True)` finds it without merit_hf).
-from .pipeline_merit import ZERO_SHOT_ECG_TASK, ZeroShotEcgClassificationPipeline, zero_shot_classify
+from .pipeline_merit import (
+    ECG_CLASSIFICATION_TASK,
+    ECG_FEATURE_EXTRACTION_TASKS,
+    ZERO_SHOT_ECG_TASK,
+    MeritEcgClassificationPipeline,
+    MeritEcgFeatureExtractionPipeline,
+    ZeroShotEcgClassificationPipeline,
+    zero_shot_classify,
+)
 from .processing_merit import MeritProcessor
 
 AutoConfig.register(MeritEcgConfig.model_type, MeritEcgConfig, exist_ok=True)
@@ -69,6 +77,17 @@ PIPELINE_REGISTRY.register_pipeline(
     pipeline_class=ZeroShotEcgClassificationPipeline,
     pt_model=AutoModel,
     type="multimodal",
+)
+# The ECG tasks of a saved folder's `custom_pipelines`, also for a model in memory (`pipeline(task, model=model,
+# feature_extractor=...)`). transformers' own `feature-extraction` (text) stays its own: `ecg-feature-extraction`.
+PIPELINE_REGISTRY.register_pipeline(
+    ECG_CLASSIFICATION_TASK,
+    pipeline_class=MeritEcgClassificationPipeline,
+    pt_model=AutoModelForSequenceClassification,
+    type="audio",  # one signal in, as audio pipelines take
+)
+PIPELINE_REGISTRY.register_pipeline(
+    ECG_FEATURE_EXTRACTION_TASKS[1], pipeline_class=MeritEcgFeatureExtractionPipeline, pt_model=AutoModel, type="audio"
 )
 
 __all__ = [
