@@ -683,6 +683,12 @@ def test_one_lora_step_lowers_the_loss_and_adapter_reload_is_identical(parts, tm
         torch.testing.assert_close(reloaded(**batch).logits, logits, rtol=0, atol=0)
     assert torch.equal(reloaded.generate(**prompts, max_new_tokens=6, do_sample=False), generated)
     assert reprocessor.ecg_seq_length == processor.ecg_seq_length
+    # PEFT's own Auto class, as the README says (the adapter names MERIT's class, imported from an allowed package)
+    from peft import AutoPeftModelForCausalLM
+
+    auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter", import_allowlist=["merit_hf"]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(auto(**batch).logits, logits, rtol=0, atol=0)
 
 
 def test_adapter_for_another_or_no_base_model_raises(parts, lm_dir, tmp_path):
