@@ -417,6 +417,38 @@ def test_a_saved_classifier_without_its_head_raises_instead_of_a_random_head(sav
     assert MeritForEcgClassification.from_pretrained(folder, id2label=id2label).config.num_labels == 2
 
 
+def test_a_config_that_does_not_fit_the_weights_is_named(tmp_path):
+    """transformers' own error for weights of the wrong shape says only "see the report above" (a log that
+    verbosity "error" hides): the shapes, and what to check, are in merit_hf's message."""
+    import json
+
+    encoder = MeritEcgModel(tiny_ecg_config())
+    encoder.save_pretrained(tmp_path / "encoder")
+    config_file = tmp_path / "encoder" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "intermediate_size": 2 * config["intermediate_size"]}))
+    shape = rf"layers.0.mlp.fc1.bias \({config['intermediate_size']},\) in the file, \({2 * config['intermediate_size']},\)"
+    with pytest.raises(ValueError, match=shape + ".*check that config.json is the one these weights were saved with"):
+        MeritEcgModel.from_pretrained(tmp_path / "encoder")
+    config_file.write_text(json.dumps({**config, "model_type": "merit", "ecg_config": config}))
+    two_tower = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**two_tower, "model_type": "merit_ecg"}))  # a mislabelled two-tower config
+    with pytest.raises(ValueError, match="MeritEcgConfig.ecg_config: belongs to the two-tower MeritConfig"):
+        AutoModel.from_pretrained(tmp_path / "encoder")
+    config_file.unlink()
+    with pytest.raises(OSError, match=r"encoder: no config.json"):
+        MeritEcgModel.from_pretrained(tmp_path / "encoder")
+
+    classifier = MeritForEcgClassification(tiny_merit_config(id2label={0: "A", 1: "B"}))
+    classifier.save_pretrained(tmp_path / "classifier")
+    with pytest.raises(ValueError, match=r"classifier.bias \(2,\) in the file, \(3,\).*ignore_mismatched_sizes=True"):
+        MeritForEcgClassification.from_pretrained(tmp_path / "classifier", id2label={0: "A", 1: "B", 2: "C"})
+    new_head = MeritForEcgClassification.from_pretrained(
+        tmp_path / "classifier", id2label={0: "A", 1: "B", 2: "C"}, ignore_mismatched_sizes=True
+    )
+    assert new_head.classifier.weight.shape[0] == 3
+
+
 def test_unexpected_weights_raise(saved_pretraining):
     _, folder = saved_pretraining
     weights = load_file(folder / "model.safetensors")
@@ -452,7 +484,7 @@ def test_a_fine_tuned_classifier_gets_a_new_label_set_only_when_asked(saved_pret
     three = MeritForEcgClassification.from_pretrained(folder, num_labels=3).eval()
     three.save_pretrained(tmp_path / "three")
     five_names = dict(enumerate(["NORM", "IMI", "AMI", "LVH", "LBBB"]))
-    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # transformers' own refusal, keys in its report
+    with pytest.raises(ValueError, match=r"classifier.bias \(3,\) in the file, \(5,\).*ignore_mismatched_sizes=True"):
         MeritForEcgClassification.from_pretrained(tmp_path / "three", id2label=five_names)
     five = MeritForEcgClassification.from_pretrained(
         tmp_path / "three", id2label=five_names, ignore_mismatched_sizes=True
@@ -465,7 +497,9 @@ def test_a_fine_tuned_classifier_gets_a_new_label_set_only_when_asked(saved_pret
     weights = load_file(tmp_path / "three" / "model.safetensors")
     weights["ecg_model.norm.weight"] = torch.ones(7)
     save_file(weights, tmp_path / "three" / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"wrong shape \['ecg_model\.norm\.weight'\]"):
+    with pytest.raises(
+        ValueError, match=r"wrong shape: ecg_model\.norm\.weight \(7,\) in the file, \(32,\) in the model"
+    ):
         MeritForEcgClassification.from_pretrained(tmp_path / "three", ignore_mismatched_sizes=True)
 
 

@@ -179,6 +179,14 @@ class MeritEcgConfig(PreTrainedConfig):
                 "decoder_intermediate_size",
             ),
         )
+        for nested in ("ecg_config", "text_config"):  # a two-tower config.json that says model_type "merit_ecg"
+            _check(
+                not hasattr(self, nested),
+                self,
+                nested,
+                f"belongs to the two-tower MeritConfig (model_type {MeritConfig.model_type!r}), not to the ECG encoder's "
+                f"config (model_type {self.model_type!r}): is config.json's model_type wrong?",
+            )
         leads = self.lead_names
         _check(
             len(leads) == self.num_leads,

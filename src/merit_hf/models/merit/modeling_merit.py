@@ -840,9 +840,15 @@ class _StrictLoadingMixin:
             found = sorted(p.name for p in local.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
             problem = f"pickled weights {found} are refused" if found else "no model.safetensors found"
             raise OSError(f"{local}: {problem}; merit_hf loads safetensors checkpoints only")
+        if local.is_dir() and kwargs.get("config") is None and not (local / "config.json").is_file():
+            raise OSError(
+                f"{local}: no config.json; the weights cannot be read without the config they were saved with"
+            )
+        # transformers raises a bare "see the report above" for weights of the wrong shape; they are named below
+        loading_kwargs = {**kwargs, "ignore_mismatched_sizes": True}
         try:
             model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **loading_kwargs
             )
         except Exception as error:  # the safetensors reader's own messages do not say which file broke
             if "safetensors" in type(error).__module__ or "deserializ" in str(error).lower():
@@ -869,12 +875,16 @@ class _StrictLoadingMixin:
             if not (kwargs.get("ignore_mismatched_sizes") and key.startswith(cls._heads_created_on_load or ("\0",)))
         ]
         if mismatched:
+            shapes = {key: (saved, built) for key, saved, built in info.get("mismatched_keys") or ()}
+            named = [f"{key} {tuple(shapes[key][0])} in the file, {tuple(shapes[key][1])} in the model"
+                     for key in sorted(mismatched)[:4]]  # fmt: skip
             hint = (
-                " (a new head for another label set: ignore_mismatched_sizes=True)"
-                if cls._heads_created_on_load
-                else ""
+                "; a new head for another label set: ignore_mismatched_sizes=True"
+                if any(key.startswith(cls._heads_created_on_load or ("\0",)) for key in mismatched)
+                else "; check that config.json is the one these weights were saved with"
             )
-            problems.append(f"weights of the wrong shape {sorted(mismatched)[:8]}{hint}")
+            more = f" and {len(mismatched) - 4} more" if len(mismatched) > 4 else ""
+            problems.append(f"weights of the wrong shape: {'; '.join(named)}{more}{hint}")
         if problems:
             raise ValueError(
                 f"{pretrained_model_name_or_path}: checkpoint does not match {cls.__name__}: "
