@@ -86,6 +86,22 @@ def test_scores_equal_the_hand_computed_ensemble(model_and_processor, tokenizer)
     np.testing.assert_allclose(out["scores"], expected, atol=1e-5)
 
 
+def test_a_tokenizer_beyond_the_text_towers_vocabulary_is_named(model_and_processor):
+    """Tokens added without `resize_token_embeddings` (or another model's tokenizer): the embedding's bare "index out
+    of range" became an error naming the token id and the table's size, in zero-shot and in the model's own call."""
+    model, processor = model_and_processor
+    table = model.text_model.get_input_embeddings().num_embeddings
+    processor.tokenizer.add_tokens(["qtcprolonged"])
+    assert len(processor.tokenizer) > table
+    with pytest.raises(ValueError, match=rf"gives token id {table}, beyond the text tower's {table} embeddings"):
+        zero_shot_classify(model, processor, _ecgs(1), ["qtcprolonged", "MI"], sampling_rate=250, lead_names=LEADS)
+    tokens = processor.tokenizer(["qtcprolonged"], return_tensors="pt")
+    with pytest.raises(ValueError, match=rf"token id {table} is beyond the text tower's {table} embeddings"):
+        model.get_text_features(tokens["input_ids"], tokens["attention_mask"])
+    # a label the vocabulary covers still works with the enlarged tokenizer
+    assert zero_shot_classify(model, processor, _ecgs(1), ["MI"], sampling_rate=250, lead_names=LEADS)["scores"].shape
+
+
 def test_a_description_given_as_one_string_is_one_description_not_its_letters():
     one = class_prompts(["MI"], "an ECG showing {}", class_descriptions={"MI": "myocardial infarction"})
     assert one == [["an ECG showing myocardial infarction"]]

@@ -910,6 +910,20 @@ class _StrictLoadingMixin:
         return (model, info) if wants_info else model
 
 
+def _check_token_ids(input_ids: torch.Tensor, embeddings: nn.Module | None) -> None:
+    """A token id beyond the text tower's embedding table (a tokenizer of another model, or tokens added without
+    `resize_token_embeddings`) raises naming both sizes, instead of the embedding's bare "index out of range"."""
+    size = getattr(embeddings, "num_embeddings", None)
+    if size is None or input_ids.numel() == 0:
+        return
+    largest = int(input_ids.max())
+    if largest >= size:
+        raise ValueError(
+            f"token id {largest} is beyond the text tower's {size} embeddings: the tokenizer does not belong to this "
+            "model (or tokens were added to it without model.resize_token_embeddings)"
+        )
+
+
 def _frozen_parts_to_eval(module: nn.Module) -> None:
     for child in module.children():
         parameters = list(child.parameters())
@@ -1341,6 +1355,8 @@ class MeritModel(MeritPreTrainedModel):
         if token_type_ids is not None:
             text_inputs["token_type_ids"] = token_type_ids
         text_inputs.update(_output_flags(output_attentions, output_hidden_states))
+        if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():  # free here; a sync on a GPU
+            _check_token_ids(input_ids, self.text_model.get_input_embeddings())
         text_output = self.text_model(**text_inputs, return_dict=True)
         pooled = _pool_text(text_output, attention_mask, self.config.text_pooling)
         return BaseModelOutputWithPooling(

@@ -401,6 +401,14 @@ def encode_class_prompts(model, tokenizer, prompts: Sequence[Sequence[str]], max
     merit = two_tower_model(model)
     texts = [text for class_texts in prompts for text in class_texts]
     tokens = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    table = getattr(merit.text_model.get_input_embeddings(), "num_embeddings", None)
+    largest = int(tokens["input_ids"].max()) if tokens["input_ids"].numel() else -1
+    if table is not None and largest >= table:  # checked here, before the ids reach a GPU
+        raise ValueError(
+            f"the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} gives token id {largest}, beyond the text "
+            f"tower's {table} embeddings: it is another model's tokenizer, or tokens were added to it without "
+            "model.resize_token_embeddings"
+        )
     tokens = {key: value.to(merit.device) for key, value in tokens.items() if key in TEXT_INPUT_NAMES}
     with _in_eval_mode(merit):
         embeddings = F.normalize(merit.get_text_features(**tokens).pooler_output.float(), dim=-1)
