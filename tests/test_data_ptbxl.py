@@ -180,6 +180,14 @@ def test_unknown_scp_code_names_the_record(tmp_path):
         build_ptbxl(root)
 
 
+def test_signal_files_named_by_two_ecg_ids_are_refused(tmp_path):
+    table = _CSV.head(3).copy()
+    table.loc[2, "filename_lr"] = table.loc[1, "filename_lr"]  # ecg_id 3 points at ecg_id 2's record
+    root = write_ptbxl(tmp_path / "ptbxl", table)
+    with pytest.raises(ValueError, match=r"filename_lr 'records100/00000/00002_lr' belongs to ecg_ids \[2, 3\]"):
+        build_ptbxl(root)
+
+
 @pytest.mark.parametrize(
     "cell, problem", [("", "scp_codes is empty"), ("{'NORM': 'abc'}", "the likelihood 'abc', not a number")]
 )

@@ -180,7 +180,7 @@ def read_ptbxl_database(ptbxl_root: str | os.PathLike, ecg_ids: Iterable[int] | 
     """The rows of `ptbxl_database.csv` (all, or those of `ecg_ids`), ordered by `ecg_id`.
 
     Raises `ValueError` naming the csv for a missing column (`DATABASE_COLUMNS`), an `ecg_id` that is not an integer,
-    a repeated `ecg_id` or a `strat_fold` outside 1-10 (of the rows read). The other metadata cells are checked
+    a repeated `ecg_id`, signal files named by two `ecg_id`s, or a `strat_fold` outside 1-10 (of the rows read). The other metadata cells are checked
     record by record, by `PtbxlRecordReader`."""
     path = Path(ptbxl_root) / DATABASE_FILE
     if not path.is_file():
@@ -200,6 +200,14 @@ def read_ptbxl_database(ptbxl_root: str | os.PathLike, ecg_ids: Iterable[int] | 
             f"{path}: ecg_id(s) {duplicated[:10]} listed more than once ({len(duplicated)} in all); each ECG must have "
             "one row: remove the repeated rows"
         )
+    for column in ("filename_lr", "filename_hr"):  # two ecg_ids of one signal: the same ECG twice, once per label
+        shared = table[table[column].notna() & table[column].duplicated(keep=False)]
+        if len(shared):
+            first = shared[shared[column] == shared[column].iloc[0]]
+            raise ValueError(
+                f"{path}: {column} {first[column].iloc[0]!r} belongs to ecg_ids {first['ecg_id'].tolist()} "
+                f"({shared[column].nunique()} file(s) shared in all); each ECG has its own signal files"
+            )
     if ecg_ids is not None:
         wanted = sorted({int(ecg_id) for ecg_id in ecg_ids})
         missing = sorted(set(wanted) - set(table["ecg_id"]))
