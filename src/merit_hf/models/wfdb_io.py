@@ -74,7 +74,7 @@ def read_ecg_record(
         flat_lead_policy="zero" if flat_lead_policy == "drop" else flat_lead_policy,  # dropped below, by column
     )
     signal, _, flat_leads = contract.validate_signal(
-        read["signal"], read["lead_names"], read["units"], name, from_header=True
+        read["signal"], read["lead_names"], read["units"], name, from_header=True, sampling_rate=read["sampling_rate"]
     )
     flat = {lead.strip().lower() for lead in flat_leads}
     flat_leads = [lead for lead in lead_names if lead.lower() in flat]  # in the output's order and spelling
