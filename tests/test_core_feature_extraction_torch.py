@@ -633,3 +633,40 @@ def test_gaps_within_the_bounds_are_repaired_and_the_bounds_are_settings(ptbxl_d
     for field, value in [("max_nan_gap_s", -1.0), ("max_nan_fraction", 1.5)]:
         with pytest.raises(ValueError, match=f"MeritFeatureExtractor.{field}: must be None or"):
             MeritFeatureExtractor(**{field: value})
+
+
+def _with_spike(signal, value, sample=2500, leads=slice(None)):
+    spiked = signal.copy()
+    spiked[sample, leads] = value
+    return spiked
+
+
+@pytest.mark.parametrize(
+    ("what", "change", "message"),
+    [
+        ("1e6 mV in every lead", lambda s: _with_spike(s, 1e6), "record 1: lead I sample 2500 is 1e+06 mV"),
+        ("1000 mV in every lead", lambda s: _with_spike(s, 1000.0), "record 1: lead I sample 2500 is 1000 mV"),
+        ("-80 mV in V5 only", lambda s: _with_spike(s, -80.0, 17, 10), "record 1: lead V5 sample 17 is -80 mV"),
+        # 300 mV off zero (`test_leads_far_from_zero...` passes): the bound is on |x - median|, not on |x|
+        (
+            "a sample 50.1 mV off a lead 300 mV off zero",
+            lambda s: _with_spike(s + 300.0, 350.1, 40, 2),
+            "record 1: lead III sample 40 is 350.1 mV",
+        ),
+    ],  # fmt: skip
+    ids=["1e6 mV", "1000 mV", "-80 mV in V5", "off zero"],
+)
+def test_one_impossible_sample_raises_naming_it_on_both_paths(ptbxl_dir, what, change, message):
+    """One sample farther than `max_sample_deviation_mv` (50 mV) from its lead's median: before, the 99th-percentile
+    bound let it through and it dominated the band-passed, z-scored lead (1e6 mV in every lead of a 500 Hz record:
+    correlation -0.007 with the clean output, max |z| 30)."""
+    signal, names = _signal(ptbxl_dir)
+    fe = MeritFeatureExtractor()
+    for device in (None, "cpu"):
+        with pytest.raises(EcgInputError, match=re.escape(message)) as error:
+            fe([signal, change(signal)], sampling_rate=500, lead_names=names, device=device)
+        assert "beyond the 50 mV no surface ECG reaches" in str(error.value)
+        assert "raise max_sample_deviation_mv" in str(error.value)
+    # the bound is a setting: raised, the record is read (on both paths alike)
+    _both_paths({"max_sample_deviation_mv": 2e6, "max_amplitude_mv": 2e6}, change(signal), sampling_rate=500,
+                lead_names=names)  # fmt: skip

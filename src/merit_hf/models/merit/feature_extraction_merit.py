@@ -14,7 +14,8 @@ saved with every checkpoint as `preprocessor_config.json`:
    short dropouts only: a gap longer than `max_nan_gap_s` or a lead more than `max_nan_fraction` NaN raises naming
    the lead and the gap or share;
 4. units: converted to mV (`V`, `mV`, `uV`/`µV`/`μV`); an unknown unit raises; a signal that says mV but is
-   hundreds of mV wide (almost always µV mislabelled) raises, and so does a flat lead (not recorded, or mV labelled
+   hundreds of mV wide (almost always µV mislabelled) raises, and so does a single sample farther than
+   `max_sample_deviation_mv` from its lead's median (a corrupt value), and a flat lead (not recorded, or mV labelled
    µV; an interpolated lead included) unless `flat_lead_policy` asks to zero or drop it;
 5. resample to `sampling_rate` with a polyphase filter (scipy); an input whose Nyquist frequency is below the
    low-pass cut-off cannot reach the model's band and raises;
@@ -56,6 +57,11 @@ MISSING_LEAD_POLICIES = ("raise", "mask")
 WINDOWS = ("single", "sliding")
 # An ECG spans a few mV; a lead whose 99th percentile of |x - median| exceeds this is almost always a unit error.
 DEFAULT_MAX_AMPLITUDE_MV = 30.0
+# No sample of a surface ECG lies this far from its lead's median: the largest |x - median| of any sample of the 3,099
+# real PTB-XL record files (bundled and ../shared/data, 100 and 500 Hz) is 11.5 mV (ecg_id 710, V2). A sample beyond
+# it is a corrupt value or a saturated amplifier, which the 99th percentile (`DEFAULT_MAX_AMPLITUDE_MV`) never sees:
+# one such sample in a lead dominates its band-passed, z-scored output (correlation < 0.1 with the clean lead).
+DEFAULT_MAX_SAMPLE_DEVIATION_MV = 50.0
 # `nan_policy="interpolate"` repairs gaps up to this long: shorter than any QRS complex (60-120 ms), so a straight line
 # never stands in for a whole beat of a lead...
 DEFAULT_MAX_NAN_GAP_S = 0.05
@@ -361,12 +367,44 @@ def _maybe_flat_columns(signal: np.ndarray, min_amplitude_mv: float) -> np.ndarr
     return candidates[_most_in_three_bins(signal, min_amplitude_mv) >= threshold]
 
 
+def sample_too_far(signal: np.ndarray, max_deviation_mv: float) -> tuple[int, int, float, float, int] | None:
+    """The first lead of `signal` `(num_samples, num_leads)` in mV (finite) with a sample more than `max_deviation_mv`
+    from the lead's median: `(column, sample index, value, median, how many such samples in the lead)`, or `None`.
+    Cheap for every record that passes: a lead's peak-to-peak range bounds each |x - median|, so only leads wider than
+    the bound (none of the real records) take a median."""
+    if max_deviation_mv == np.inf or not signal.size or signal.max() - signal.min() <= max_deviation_mv:
+        return None
+    candidates = np.flatnonzero(np.ptp(signal, axis=0) > max_deviation_mv)
+    if not candidates.size:
+        return None
+    part = signal[:, candidates]
+    median = np.median(part, axis=0)
+    far = np.abs(part - median) > max_deviation_mv
+    leads = np.flatnonzero(far.any(axis=0))
+    if not leads.size:
+        return None
+    lead = int(leads[0])
+    row = int(np.argmax(far[:, lead]))
+    return int(candidates[lead]), row, float(part[row, lead]), float(median[lead]), int(far[:, lead].sum())
+
+
 def check_max_amplitude(
-    signal: np.ndarray, lead_names: list[str], record: str, max_amplitude_mv: float, from_header: bool = False
+    signal: np.ndarray,
+    lead_names: list[str],
+    record: str,
+    max_amplitude_mv: float,
+    from_header: bool = False,
+    max_sample_deviation_mv: float = np.inf,
 ) -> None:
     """Raise if a lead of `signal` `(num_samples, num_leads)` in mV is wider than `max_amplitude_mv` (`leads_too_wide`):
     almost always µV labelled mV. The hint names what to fix: the header's units or gain for a WFDB record
-    (`from_header`), the `units` argument for an array."""
+    (`from_header`), the `units` argument for an array. Then raise if a sample lies more than `max_sample_deviation_mv`
+    from its lead's median (`sample_too_far`: a corrupt value or a saturated amplifier, which the 99th percentile does
+    not see), naming the lead, the sample's index in the record as given and its value. A record whose range is within
+    both bounds (every real one) is cleared by one pass."""
+    limit = min(max_amplitude_mv, max_sample_deviation_mv)
+    if limit == np.inf or not signal.size or signal.max() - signal.min() <= limit:
+        return  # the record's range bounds every lead's |x - median|
     too_wide, widest = leads_too_wide(signal, max_amplitude_mv)
     if too_wide.size:
         hint = (
@@ -377,6 +415,16 @@ def check_max_amplitude(
         raise EcgInputError(
             f"{record}: leads {[lead_names[i] for i in too_wide]} span up to {widest:.0f} mV after unit conversion, "
             f"above the {max_amplitude_mv:g} mV an ECG can span: {hint}"
+        )
+    far = sample_too_far(signal, max_sample_deviation_mv)
+    if far is not None:
+        column, row, value, median, count = far
+        raise EcgInputError(
+            f"{record}: lead {lead_names[column]} sample {row} is {value:.6g} mV, {abs(value - median):.4g} mV from "
+            f"the lead's median ({median:.3g} mV), beyond the {max_sample_deviation_mv:g} mV no surface ECG reaches "
+            f"({count} sample{'s' if count > 1 else ''} of the lead that far): a corrupt value or a saturated "
+            "amplifier (set such samples to NaN and pass nan_policy='interpolate' to repair short gaps, or raise "
+            "max_sample_deviation_mv)"
         )
 
 
@@ -485,6 +533,11 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             `window="sliding"`; defaults to `num_samples` (windows that touch, no overlap).
         max_amplitude_mv (`float`, defaults to 30.0): a lead whose 99th percentile of |x - median| exceeds this
             (after unit conversion) raises as a likely unit error (an ECG spans a few mV).
+        max_sample_deviation_mv (`float`, defaults to 50.0): a single sample farther than this from its lead's median
+            (after unit conversion) raises, naming the lead, the sample's index and its value: a corrupt value or a
+            saturated amplifier, which the 99th percentile does not see (no sample of 3,099 real PTB-XL record files
+            lies more than 11.5 mV from its lead's median). To repair such samples, set them to NaN and pass
+            `nan_policy="interpolate"`.
         min_amplitude_mv (`float`, defaults to 0.02): a lead whose 99th percentile of |x - median| is below this is
             flat: not recorded, or mV data labelled µV (1000x too small). What happens is `flat_lead_policy`.
         flat_lead_policy (`str`, defaults to `"raise"`): `"raise"`; `"zero"` (the lead is fed as zeros, never
@@ -532,6 +585,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         missing_leads: str = "raise",
         window: str = "single",
         window_stride: int | None = None,
+        max_sample_deviation_mv: float = DEFAULT_MAX_SAMPLE_DEVIATION_MV,
         max_nan_gap_s: float | None = DEFAULT_MAX_NAN_GAP_S,
         max_nan_fraction: float | None = DEFAULT_MAX_NAN_FRACTION,
         **kwargs,
@@ -557,6 +611,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         self.missing_leads = missing_leads
         self.window = window
         self.window_stride = None if window_stride is None else int(window_stride)
+        self.max_sample_deviation_mv = float(max_sample_deviation_mv)
         self.max_nan_gap_s = None if max_nan_gap_s is None else float(max_nan_gap_s)
         self.max_nan_fraction = None if max_nan_fraction is None else float(max_nan_fraction)
         self._validate_settings()
@@ -576,6 +631,11 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
                 0 <= self.min_amplitude_mv < self.max_amplitude_mv,
                 "min_amplitude_mv",
                 "must be in [0, max_amplitude_mv)",
+            ),
+            (
+                self.min_amplitude_mv < self.max_sample_deviation_mv,
+                "max_sample_deviation_mv",
+                f"must be above min_amplitude_mv, got {self.max_sample_deviation_mv}",
             ),
             (
                 self.max_nan_gap_s is None or self.max_nan_gap_s >= 0,
@@ -863,7 +923,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             checked, may_be_flat, off_zero = screen_records(
                 torch.from_numpy(stack[:count]),
                 self.min_amplitude_mv,
-                self.max_amplitude_mv,
+                min(self.max_amplitude_mv, self.max_sample_deviation_mv),  # a lead's range bounds both
                 flat_outside(stack.shape[-1]),
             )
             verdicts[key] = (checked.numpy(), may_be_flat.numpy(), off_zero.numpy())
@@ -1029,7 +1089,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
     ) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Steps 2-4 of the contract on a signal already read: shape, units to mV, NaN/inf (raised, or interpolated
         within `max_nan_gap_s` and `max_nan_fraction`), flat leads (interpolated ones included), lead matching and
-        order, amplitude. Returns `(signal (num_samples, num_leads) in mV in
+        order, amplitude (the 99th percentile and every sample). Returns `(signal (num_samples, num_leads) in mV in
         the model's lead order (missing leads zero), present (num_leads,) bool, flat leads)`. The one implementation
         of these checks: the feature extractor's two paths and the dataset reader
         (`merit_hf.models.wfdb_io.read_ecg_record`) call it.
@@ -1045,7 +1105,9 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         signal = self._handle_non_finite(signal, lead_names, name, sampling_rate)  # before the flat-lead check sees it
         signal, lead_names, flat_leads = self._check_flat_leads(signal, list(lead_names), name, from_header)
         signal, present = self._select_leads(signal, list(lead_names), name)
-        check_max_amplitude(signal, self.lead_names, name, self.max_amplitude_mv, from_header)
+        check_max_amplitude(
+            signal, self.lead_names, name, self.max_amplitude_mv, from_header, self.max_sample_deviation_mv
+        )
         return signal, present, flat_leads
 
     # ------------------------------------------------------------------------------------------------------------------
