@@ -274,6 +274,41 @@ def test_save_and_auto_load(tmp_path):
     assert (reloaded.lowpass_hz, reloaded.normalization, reloaded.seed) == (45.0, "zscore_record", 7)
 
 
+def _largest_sample_deviation(root) -> tuple[int, float]:
+    """Every record of a PTB-XL folder through validation with the default bounds (none may be refused), and the
+    largest |x - median| of any of their samples, in mV."""
+    fe = MeritFeatureExtractor()
+    headers = sorted(root.glob("records*/*/*.hea"))
+    largest = 0.0
+    for header in headers:
+        signal, _, _, _ = fe.validate_one(str(header.with_suffix("")), None, None)
+        largest = max(largest, float(np.abs(signal - np.median(signal, axis=0)).max()))
+    return len(headers), largest
+
+
+def test_no_bundled_record_comes_near_the_sample_bound(ptbxl_dir):
+    """`max_sample_deviation_mv` (50 mV) refuses none of the 512 bundled records: their largest |x - median| is
+    11.3 mV (ecg_id 421, V4)."""
+    from merit_hf.models.merit.feature_extraction_merit import DEFAULT_MAX_SAMPLE_DEVIATION_MV
+
+    count, largest = _largest_sample_deviation(ptbxl_dir)
+    assert count == 512
+    assert 11.0 < largest < 11.5 < DEFAULT_MAX_SAMPLE_DEVIATION_MV / 4
+
+
+@pytest.mark.slow
+def test_no_shared_record_comes_near_the_sample_bound():
+    """The same over ../shared/data: the 1,987 records of ptbxl_2k (largest 11.5 mV, ecg_id 710, V2) and the 600 of
+    ptbxl_subset500 at 100 and 500 Hz."""
+    from tests.conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "ptbxl_2k").is_dir():
+        pytest.skip(f"{SHARED_DATA} not present (the shared data folder sits beside the checkout)")
+    assert _largest_sample_deviation(SHARED_DATA / "ptbxl_2k") == (1987, pytest.approx(11.534, abs=1e-3))
+    count, largest = _largest_sample_deviation(SHARED_DATA / "ptbxl_subset500")
+    assert count == 600 and largest < 11.5
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad input: each its own message naming the record
 # ---------------------------------------------------------------------------------------------------------------------

@@ -528,3 +528,145 @@ def test_records_are_cast_as_they_are_unless_a_lead_sits_off_zero(ptbxl_dir, mon
     np.testing.assert_allclose(actual["ecg_values"], expected["ecg_values"], rtol=0, atol=MAX_ABS_ERROR)
     MeritFeatureExtractor()([shifted.astype(np.float32)], sampling_rate=500, lead_names=names, device="cpu")
     assert len(recentred) == 1
+
+
+def _with_gap(signal, lead, start, length, value=np.nan):
+    broken = signal.copy()
+    broken[start : start + length, lead] = value
+    return broken
+
+
+def _nan_but_two_samples(signal):
+    """Every lead NaN but its first and last sample: the audit's record that interpolation made into 12 lines."""
+    broken = np.full_like(signal, np.nan)
+    broken[0], broken[-1] = 0.1, -0.1
+    return broken
+
+
+# 500 Hz: `max_nan_gap_s` 0.05 s is 25 samples, `max_nan_fraction` 5 % is 250 of a lead's 5000
+BEYOND_INTERPOLATION = [
+    (
+        "every lead NaN but two samples",
+        _nan_but_two_samples,
+        "record 1: lead I has 4998 NaN/inf samples of 5000 (99.96%), more than the 5.0% nan_policy='interpolate' "
+        "repairs (max_nan_fraction)",
+    ),
+    (
+        "aVR 90 % NaN",
+        lambda s: _with_gap(s, 3, 250, 4500),
+        "record 1: lead aVR has 4500 NaN/inf samples of 5000 (90.00%), more than the 5.0%",
+    ),
+    (
+        "every other sample of V1 NaN",
+        lambda s: _every_other_nan(s, 6),
+        "record 1: lead V1 has 2500 NaN/inf samples of 5000 (50.00%)",
+    ),
+    (
+        "a gap of 26 samples (52 ms)",
+        lambda s: _with_gap(s, 4, 1000, 26),
+        "record 1: lead aVL has a gap of 26 NaN/inf samples (0.052 s at 500 Hz, samples 1000-1025), longer than the "
+        "0.05 s nan_policy='interpolate' repairs (max_nan_gap_s)",
+    ),
+    (
+        "a 0.4 s gap at the start",
+        lambda s: _with_gap(s, 11, 0, 200),
+        "record 1: lead V6 has a gap of 200 NaN/inf samples (0.4 s at 500 Hz, samples 0-199)",
+    ),
+    (
+        # aVR all zeros but two samples: interpolated to an all-zero lead, which the flat-lead check refuses as it
+        # refuses the same lead without NaN (it skipped leads with NaN before they were interpolated)
+        "an interpolated lead that is flat",
+        lambda s: _with_gap(_with_gap(s, 3, 0, len(s), 0.0), 3, 2000, 20),
+        "record 1: leads ['AVR'] are flat (at most 0 mV of signal, below min_amplitude_mv=0.02): a lead that was not "
+        "recorded",
+    ),
+]
+
+
+def _every_other_nan(signal, lead):
+    broken = signal.copy()
+    broken[::2, lead] = np.nan
+    return broken
+
+
+@pytest.mark.parametrize(
+    ("what", "change", "message"), BEYOND_INTERPOLATION, ids=[w for w, _, _ in BEYOND_INTERPOLATION]
+)
+def test_interpolation_repairs_short_gaps_only_on_both_paths(ptbxl_dir, what, change, message):
+    """`nan_policy="interpolate"` fills gaps up to `max_nan_gap_s` (0.05 s) and `max_nan_fraction` (5 %) of a lead,
+    and raises naming the record, the lead and the gap or share beyond that; an interpolated lead then goes through
+    the flat-lead check. Before, each of these records came back as a tensor: 12 z-scored straight lines, a lead
+    90 % invented, a zero lead fed as a signal."""
+    signal, names = _signal(ptbxl_dir)
+    fe = MeritFeatureExtractor(nan_policy="interpolate")
+    for device in (None, "cpu"):
+        with pytest.raises(EcgInputError, match=re.escape(message)):
+            fe([signal, change(signal)], sampling_rate=500, lead_names=names, device=device)
+
+
+def test_gaps_within_the_bounds_are_repaired_and_the_bounds_are_settings(ptbxl_dir, tmp_path):
+    """A 25-sample gap (exactly 0.05 s at 500 Hz), gaps at both ends, and 240 of 5000 samples of one lead (4.8 %) in
+    short gaps are repaired alike on both paths, close to the record without gaps; a longer gap is repaired when
+    `max_nan_gap_s` allows it, and the bounds are saved with the feature extractor; `None` lifts a bound."""
+    signal, names = _signal(ptbxl_dir)
+    many_short = signal.copy()
+    for start in range(100, 4900, 400):  # 12 gaps of 20 samples: 4.8 % of V3
+        many_short[start : start + 20, 8] = np.nan
+    ecgs = [_with_gap(signal, 4, 1000, 25), _with_gap(_with_gap(signal, 0, 0, 25), 0, 4975, 25), many_short]
+    expected, actual = _both_paths({"nan_policy": "interpolate"}, ecgs, sampling_rate=500, lead_names=names,
+                                   return_tensors="np")  # fmt: skip
+    np.testing.assert_allclose(actual["ecg_values"], expected["ecg_values"], rtol=0, atol=MAX_ABS_ERROR)
+    clean = MeritFeatureExtractor()(signal, sampling_rate=500, lead_names=names, return_tensors="np")["ecg_values"][0]
+    for values, lead in zip(expected["ecg_values"], (4, 0, 8)):
+        assert np.corrcoef(values[lead], clean[lead])[0, 1] > 0.9
+
+    long_gap = _with_gap(signal, 4, 1000, 100)  # 0.2 s
+    with pytest.raises(EcgInputError, match=r"record 0: lead aVL has a gap of 100 NaN/inf samples \(0\.2 s"):
+        MeritFeatureExtractor(nan_policy="interpolate")(long_gap, sampling_rate=500, lead_names=names)
+    MeritFeatureExtractor(nan_policy="interpolate", max_nan_gap_s=0.25).save_pretrained(tmp_path)
+    reloaded = MeritFeatureExtractor.from_pretrained(tmp_path)
+    assert (reloaded.max_nan_gap_s, reloaded.max_nan_fraction) == (0.25, 0.05)
+    for device in (None, "cpu"):
+        assert np.isfinite(reloaded(long_gap, sampling_rate=500, lead_names=names, device=device)["ecg_values"]).all()
+    unbounded = {"nan_policy": "interpolate", "max_nan_gap_s": None, "max_nan_fraction": None}
+    _both_paths(unbounded, _with_gap(signal, 4, 250, 4500), sampling_rate=500, lead_names=names)
+    for field, value in [("max_nan_gap_s", -1.0), ("max_nan_fraction", 1.5)]:
+        with pytest.raises(ValueError, match=f"MeritFeatureExtractor.{field}: must be None or"):
+            MeritFeatureExtractor(**{field: value})
+
+
+def _with_spike(signal, value, sample=2500, leads=slice(None)):
+    spiked = signal.copy()
+    spiked[sample, leads] = value
+    return spiked
+
+
+@pytest.mark.parametrize(
+    ("what", "change", "message"),
+    [
+        ("1e6 mV in every lead", lambda s: _with_spike(s, 1e6), "record 1: lead I sample 2500 is 1e+06 mV"),
+        ("1000 mV in every lead", lambda s: _with_spike(s, 1000.0), "record 1: lead I sample 2500 is 1000 mV"),
+        ("-80 mV in V5 only", lambda s: _with_spike(s, -80.0, 17, 10), "record 1: lead V5 sample 17 is -80 mV"),
+        # 300 mV off zero (`test_leads_far_from_zero...` passes): the bound is on |x - median|, not on |x|
+        (
+            "a sample 50.1 mV off a lead 300 mV off zero",
+            lambda s: _with_spike(s + 300.0, 350.1, 40, 2),
+            "record 1: lead III sample 40 is 350.1 mV",
+        ),
+    ],  # fmt: skip
+    ids=["1e6 mV", "1000 mV", "-80 mV in V5", "off zero"],
+)
+def test_one_impossible_sample_raises_naming_it_on_both_paths(ptbxl_dir, what, change, message):
+    """One sample farther than `max_sample_deviation_mv` (50 mV) from its lead's median: before, the 99th-percentile
+    bound let it through and it dominated the band-passed, z-scored lead (1e6 mV in every lead of a 500 Hz record:
+    correlation -0.007 with the clean output, max |z| 30)."""
+    signal, names = _signal(ptbxl_dir)
+    fe = MeritFeatureExtractor()
+    for device in (None, "cpu"):
+        with pytest.raises(EcgInputError, match=re.escape(message)) as error:
+            fe([signal, change(signal)], sampling_rate=500, lead_names=names, device=device)
+        assert "beyond the 50 mV no surface ECG reaches" in str(error.value)
+        assert "raise max_sample_deviation_mv" in str(error.value)
+    # the bound is a setting: raised, the record is read (on both paths alike)
+    _both_paths({"max_sample_deviation_mv": 2e6, "max_amplitude_mv": 2e6}, change(signal), sampling_rate=500,
+                lead_names=names)  # fmt: skip

@@ -151,8 +151,11 @@ def test_microvolts_labelled_millivolts_are_refused(tmp_path):
     all_leads = r"\['I', 'II', 'III', 'aVR', 'aVL', 'aVF', 'V1', 'V2', 'V3', 'V4', 'V5', 'V6'\]"
     with pytest.raises(EcgInputError, match=rf"{path}\.hea: leads {all_leads} span up to 1217 mV"):
         read_ecg_record(path)
-    # the threshold is an argument: raised above the spread, the record reads as 1000 x the true signal
-    wide = read_ecg_record(path, max_amplitude_mv=2000.0)["signal"]
+    # the thresholds are arguments: raised above the spread, and above every sample (the largest is 1.4 V from its
+    # lead's median here, which the per-sample bound names otherwise), the record reads as 1000 x the true signal
+    with pytest.raises(EcgInputError, match=rf"{path}\.hea: lead I sample \d+ is .* beyond the 50 mV"):
+        read_ecg_record(path, max_amplitude_mv=2000.0)
+    wide = read_ecg_record(path, max_amplitude_mv=2000.0, max_sample_deviation_mv=2000.0)["signal"]
     np.testing.assert_allclose(wide, read_ecg_record(RECORD_1_LR)["signal"] * 1000, rtol=1e-6)
 
 

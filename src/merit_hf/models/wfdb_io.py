@@ -20,6 +20,7 @@ import numpy as np
 from .merit.configuration_merit import STANDARD_LEAD_NAMES
 from .merit.feature_extraction_merit import (
     DEFAULT_MAX_AMPLITUDE_MV,
+    DEFAULT_MAX_SAMPLE_DEVIATION_MV,
     DEFAULT_MIN_AMPLITUDE_MV,
     EcgInputError,
     MeritFeatureExtractor,
@@ -35,6 +36,7 @@ def read_ecg_record(
     max_amplitude_mv: float = DEFAULT_MAX_AMPLITUDE_MV,
     min_amplitude_mv: float = DEFAULT_MIN_AMPLITUDE_MV,
     flat_lead_policy: str = "raise",
+    max_sample_deviation_mv: float = DEFAULT_MAX_SAMPLE_DEVIATION_MV,
 ) -> dict[str, Any]:
     """Read and validate a WFDB record; returns `{"signal": float32 (num_samples, num_leads) in mV, "sampling_rate",
     "lead_names", "record", "flat_leads"}` with the leads in the order of `lead_names`.
@@ -53,6 +55,9 @@ def read_ecg_record(
             is flat (not recorded, or mV labelled µV): `"raise"` (default), `"zero"` (kept as zeros) or `"drop"`
             (left out of `signal` and `lead_names`, as a lead that was not recorded: the input for reduced-lead
             use). `flat_leads` lists them. The feature extractor's check and defaults (`check_lead_amplitudes`).
+        max_sample_deviation_mv: a sample farther than this from its lead's median (in mV) raises, naming the lead
+            and the sample (a corrupt value or a saturated amplifier). The same check and default as
+            `MeritFeatureExtractor(max_sample_deviation_mv=...)`.
     """
     read = read_wfdb_record(path)
     name = read["record"] + ".hea"
@@ -72,9 +77,10 @@ def read_ecg_record(
         max_amplitude_mv=max_amplitude_mv,
         min_amplitude_mv=min_amplitude_mv,
         flat_lead_policy="zero" if flat_lead_policy == "drop" else flat_lead_policy,  # dropped below, by column
+        max_sample_deviation_mv=max_sample_deviation_mv,
     )
     signal, _, flat_leads = contract.validate_signal(
-        read["signal"], read["lead_names"], read["units"], name, from_header=True
+        read["signal"], read["lead_names"], read["units"], name, from_header=True, sampling_rate=read["sampling_rate"]
     )
     flat = {lead.strip().lower() for lead in flat_leads}
     flat_leads = [lead for lead in lead_names if lead.lower() in flat]  # in the output's order and spelling

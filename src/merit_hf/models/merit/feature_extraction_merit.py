@@ -10,10 +10,13 @@ saved with every checkpoint as `preprocessor_config.json`:
    does a lead the model does not use (e.g. the Frank X/Y/Z leads of a 15-lead record), unless `drop_extra_leads=True`;
    with `missing_leads="mask"`, any subset of the leads is accepted: the missing ones are zeros in `ecg_values` and
    `False` in the returned `lead_mask` `(batch, num_leads)`, and the models leave their tokens out;
-3. NaN / inf: raise naming the record and lead, unless `nan_policy="interpolate"` (linear in time);
+3. NaN / inf: raise naming the record and lead, unless `nan_policy="interpolate"` (linear in time), which repairs
+   short dropouts only: a gap longer than `max_nan_gap_s` or a lead more than `max_nan_fraction` NaN raises naming
+   the lead and the gap or share;
 4. units: converted to mV (`V`, `mV`, `uV`/`µV`/`μV`); an unknown unit raises; a signal that says mV but is
-   hundreds of mV wide (almost always µV mislabelled) raises, and so does a flat lead (not recorded, or mV labelled
-   µV) unless `flat_lead_policy` asks to zero or drop it;
+   hundreds of mV wide (almost always µV mislabelled) raises, and so does a single sample farther than
+   `max_sample_deviation_mv` from its lead's median (a corrupt value), and a flat lead (not recorded, or mV labelled
+   µV; an interpolated lead included) unless `flat_lead_policy` asks to zero or drop it;
 5. resample to `sampling_rate` with a polyphase filter (scipy); an input whose Nyquist frequency is below the
    low-pass cut-off cannot reach the model's band and raises;
 6. band-pass (zero-phase Butterworth, 0.67-40 Hz by default, ST-MEM);
@@ -54,6 +57,16 @@ MISSING_LEAD_POLICIES = ("raise", "mask")
 WINDOWS = ("single", "sliding")
 # An ECG spans a few mV; a lead whose 99th percentile of |x - median| exceeds this is almost always a unit error.
 DEFAULT_MAX_AMPLITUDE_MV = 30.0
+# No sample of a surface ECG lies this far from its lead's median: the largest |x - median| of any sample of the 3,099
+# real PTB-XL record files (bundled and ../shared/data, 100 and 500 Hz) is 11.5 mV (ecg_id 710, V2). A sample beyond
+# it is a corrupt value or a saturated amplifier, which the 99th percentile (`DEFAULT_MAX_AMPLITUDE_MV`) never sees:
+# one such sample in a lead dominates its band-passed, z-scored output (correlation < 0.1 with the clean lead).
+DEFAULT_MAX_SAMPLE_DEVIATION_MV = 50.0
+# `nan_policy="interpolate"` repairs gaps up to this long: shorter than any QRS complex (60-120 ms), so a straight line
+# never stands in for a whole beat of a lead...
+DEFAULT_MAX_NAN_GAP_S = 0.05
+# ... and up to this share of a lead's samples in all (many short dropouts still leave 95 % of the lead measured).
+DEFAULT_MAX_NAN_FRACTION = 0.05
 # Below this a lead carries no ECG: not recorded (zeros, a constant), or mV data labelled µV (1000x too small). The
 # smallest lead of 1,987 real PTB-XL records spans 0.079 mV (measured; `leads_too_wide`'s statistic).
 DEFAULT_MIN_AMPLITUDE_MV = 0.02
@@ -354,12 +367,44 @@ def _maybe_flat_columns(signal: np.ndarray, min_amplitude_mv: float) -> np.ndarr
     return candidates[_most_in_three_bins(signal, min_amplitude_mv) >= threshold]
 
 
+def sample_too_far(signal: np.ndarray, max_deviation_mv: float) -> tuple[int, int, float, float, int] | None:
+    """The first lead of `signal` `(num_samples, num_leads)` in mV (finite) with a sample more than `max_deviation_mv`
+    from the lead's median: `(column, sample index, value, median, how many such samples in the lead)`, or `None`.
+    Cheap for every record that passes: a lead's peak-to-peak range bounds each |x - median|, so only leads wider than
+    the bound (none of the real records) take a median."""
+    if max_deviation_mv == np.inf or not signal.size or signal.max() - signal.min() <= max_deviation_mv:
+        return None
+    candidates = np.flatnonzero(np.ptp(signal, axis=0) > max_deviation_mv)
+    if not candidates.size:
+        return None
+    part = signal[:, candidates]
+    median = np.median(part, axis=0)
+    far = np.abs(part - median) > max_deviation_mv
+    leads = np.flatnonzero(far.any(axis=0))
+    if not leads.size:
+        return None
+    lead = int(leads[0])
+    row = int(np.argmax(far[:, lead]))
+    return int(candidates[lead]), row, float(part[row, lead]), float(median[lead]), int(far[:, lead].sum())
+
+
 def check_max_amplitude(
-    signal: np.ndarray, lead_names: list[str], record: str, max_amplitude_mv: float, from_header: bool = False
+    signal: np.ndarray,
+    lead_names: list[str],
+    record: str,
+    max_amplitude_mv: float,
+    from_header: bool = False,
+    max_sample_deviation_mv: float = np.inf,
 ) -> None:
     """Raise if a lead of `signal` `(num_samples, num_leads)` in mV is wider than `max_amplitude_mv` (`leads_too_wide`):
     almost always µV labelled mV. The hint names what to fix: the header's units or gain for a WFDB record
-    (`from_header`), the `units` argument for an array."""
+    (`from_header`), the `units` argument for an array. Then raise if a sample lies more than `max_sample_deviation_mv`
+    from its lead's median (`sample_too_far`: a corrupt value or a saturated amplifier, which the 99th percentile does
+    not see), naming the lead, the sample's index in the record as given and its value. A record whose range is within
+    both bounds (every real one) is cleared by one pass."""
+    limit = min(max_amplitude_mv, max_sample_deviation_mv)
+    if limit == np.inf or not signal.size or signal.max() - signal.min() <= limit:
+        return  # the record's range bounds every lead's |x - median|
     too_wide, widest = leads_too_wide(signal, max_amplitude_mv)
     if too_wide.size:
         hint = (
@@ -370,6 +415,16 @@ def check_max_amplitude(
         raise EcgInputError(
             f"{record}: leads {[lead_names[i] for i in too_wide]} span up to {widest:.0f} mV after unit conversion, "
             f"above the {max_amplitude_mv:g} mV an ECG can span: {hint}"
+        )
+    far = sample_too_far(signal, max_sample_deviation_mv)
+    if far is not None:
+        column, row, value, median, count = far
+        raise EcgInputError(
+            f"{record}: lead {lead_names[column]} sample {row} is {value:.6g} mV, {abs(value - median):.4g} mV from "
+            f"the lead's median ({median:.3g} mV), beyond the {max_sample_deviation_mv:g} mV no surface ECG reaches "
+            f"({count} sample{'s' if count > 1 else ''} of the lead that far): a corrupt value or a saturated "
+            "amplifier (set such samples to NaN and pass nan_policy='interpolate' to repair short gaps, or raise "
+            "max_sample_deviation_mv)"
         )
 
 
@@ -451,8 +506,14 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         crop (`str`, defaults to `"center"`): where to cut a longer record: `"center"`, `"random"` or `"start"`.
         padding (`bool`, defaults to `False`): zero-pad shorter records (and return `ecg_attention_mask`) instead of
             raising.
-        nan_policy (`str`, defaults to `"raise"`): `"raise"` or `"interpolate"` (linear in time; an all-NaN lead
-            still raises).
+        nan_policy (`str`, defaults to `"raise"`): `"raise"` or `"interpolate"`: linear in time, for gaps no longer
+            than `max_nan_gap_s` making up no more than `max_nan_fraction` of a lead; anything more raises naming the
+            lead and the gap. An interpolated lead then goes through the flat-lead check like any other.
+        max_nan_gap_s (`float` or `None`, defaults to 0.05): the longest run of NaN/inf samples, in seconds at the
+            record's rate, that `nan_policy="interpolate"` repairs (50 ms: shorter than any QRS complex, so a straight
+            line never stands in for a whole beat); `None`: no bound.
+        max_nan_fraction (`float` or `None`, defaults to 0.05): the largest share of a lead's samples that
+            `nan_policy="interpolate"` may invent, all gaps together; `None`: no bound.
         derive_limb_leads (`bool`, defaults to `False`): rebuild missing limb leads from two measured ones
             (III = II - I, aVR = -(I + II) / 2, aVL = I - II / 2, aVF = II - I / 2). Off by default: a missing lead
             is an error unless you ask for the repair.
@@ -472,6 +533,11 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             `window="sliding"`; defaults to `num_samples` (windows that touch, no overlap).
         max_amplitude_mv (`float`, defaults to 30.0): a lead whose 99th percentile of |x - median| exceeds this
             (after unit conversion) raises as a likely unit error (an ECG spans a few mV).
+        max_sample_deviation_mv (`float`, defaults to 50.0): a single sample farther than this from its lead's median
+            (after unit conversion) raises, naming the lead, the sample's index and its value: a corrupt value or a
+            saturated amplifier, which the 99th percentile does not see (no sample of 3,099 real PTB-XL record files
+            lies more than 11.5 mV from its lead's median). To repair such samples, set them to NaN and pass
+            `nan_policy="interpolate"`.
         min_amplitude_mv (`float`, defaults to 0.02): a lead whose 99th percentile of |x - median| is below this is
             flat: not recorded, or mV data labelled µV (1000x too small). What happens is `flat_lead_policy`.
         flat_lead_policy (`str`, defaults to `"raise"`): `"raise"`; `"zero"` (the lead is fed as zeros, never
@@ -519,6 +585,9 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         missing_leads: str = "raise",
         window: str = "single",
         window_stride: int | None = None,
+        max_sample_deviation_mv: float = DEFAULT_MAX_SAMPLE_DEVIATION_MV,
+        max_nan_gap_s: float | None = DEFAULT_MAX_NAN_GAP_S,
+        max_nan_fraction: float | None = DEFAULT_MAX_NAN_FRACTION,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -542,6 +611,9 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         self.missing_leads = missing_leads
         self.window = window
         self.window_stride = None if window_stride is None else int(window_stride)
+        self.max_sample_deviation_mv = float(max_sample_deviation_mv)
+        self.max_nan_gap_s = None if max_nan_gap_s is None else float(max_nan_gap_s)
+        self.max_nan_fraction = None if max_nan_fraction is None else float(max_nan_fraction)
         self._validate_settings()
         self._rng = np.random.default_rng(seed)
         self._rng_worker_seed = None  # the DataLoader worker the generator was last seeded for
@@ -559,6 +631,21 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
                 0 <= self.min_amplitude_mv < self.max_amplitude_mv,
                 "min_amplitude_mv",
                 "must be in [0, max_amplitude_mv)",
+            ),
+            (
+                self.min_amplitude_mv < self.max_sample_deviation_mv,
+                "max_sample_deviation_mv",
+                f"must be above min_amplitude_mv, got {self.max_sample_deviation_mv}",
+            ),
+            (
+                self.max_nan_gap_s is None or self.max_nan_gap_s >= 0,
+                "max_nan_gap_s",
+                f"must be None or at least 0 s, got {self.max_nan_gap_s}",
+            ),
+            (
+                self.max_nan_fraction is None or 0 <= self.max_nan_fraction <= 1,
+                "max_nan_fraction",
+                f"must be None or in [0, 1], got {self.max_nan_fraction}",
             ),
             (len({n.lower() for n in self.lead_names}) == len(self.lead_names), "lead_names", "has duplicates"),
             (
@@ -752,10 +839,10 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
                 )
                 if self._screenable(signal, names, record_units):
                     self._check_shape(signal, names, name)
-                    unchecked = (signal, names, record_units, name, from_header)
+                    unchecked = (signal, names, record_units, name, from_header, rate)
                     present = np.ones(len(self.lead_names), dtype=bool)
                 else:
-                    signal, present, _ = self._validate_read(signal, names, record_units, name, from_header)
+                    signal, present, _ = self._validate_read(signal, names, record_units, name, from_header, rate)
                 entry = self._place(signal, rate, name, present, padding, crop, chunk, len(records) - index, stacks,
                                     sos, padlen, None if crop_rngs is None else crop_rngs[index],
                                     cast=unchecked is not None)  # fmt: skip
@@ -836,11 +923,11 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             checked, may_be_flat, off_zero = screen_records(
                 torch.from_numpy(stack[:count]),
                 self.min_amplitude_mv,
-                self.max_amplitude_mv,
+                min(self.max_amplitude_mv, self.max_sample_deviation_mv),  # a lead's range bounds both
                 flat_outside(stack.shape[-1]),
             )
             verdicts[key] = (checked.numpy(), may_be_flat.numpy(), off_zero.numpy())
-        for entry, signal, names, record_units, name, from_header in pending:
+        for entry, signal, names, record_units, name, from_header, rate in pending:
             stack, slot = entry["stack"]
             checked, may_be_flat, off_zero = verdicts[id(stack)]
             leads = np.flatnonzero(may_be_flat[slot])
@@ -852,7 +939,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
                     entry["offset"] = _write_centred(stack[slot], _as_float_array(signal, name))
                 continue
             signal = _as_float_array(signal, name)  # float64, as the checks see it
-            signal_mv, present, _ = self.validate_signal(signal, names, record_units, name, from_header)
+            signal_mv, present, _ = self.validate_signal(signal, names, record_units, name, from_header, rate)
             entry["offset"] = _write_centred(stack[slot], signal_mv)
             entry["present"] = present
         pending.clear()
@@ -932,12 +1019,12 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         signal, sampling_rate, name, lead_names, units, from_header = self._read_input(
             record, sampling_rate, lead_names, units, index
         )
-        signal, present, _ = self._validate_read(signal, lead_names, units, name, from_header)
+        signal, present, _ = self._validate_read(signal, lead_names, units, name, from_header, sampling_rate)
         return signal, sampling_rate, name, present
 
-    def _validate_read(self, signal, lead_names, units, name: str, from_header: bool):
+    def _validate_read(self, signal, lead_names, units, name: str, from_header: bool, sampling_rate: float):
         """`validate_signal` on a signal as `_read_input` returned it (its checks run in float64)."""
-        return self.validate_signal(_as_float_array(signal, name), lead_names, units, name, from_header)
+        return self.validate_signal(_as_float_array(signal, name), lead_names, units, name, from_header, sampling_rate)
 
     def _read_input(
         self, record: Any, sampling_rate: float | None, lead_names: list[str] | None, units: Any, index: int
@@ -998,23 +1085,29 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         units: str | list[str] | None,
         name: str,
         from_header: bool = False,
+        sampling_rate: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """Steps 2-4 of the contract on a signal already read: shape, units to mV, flat leads, lead matching and
-        order, NaN/inf and amplitude. Returns `(signal (num_samples, num_leads) in mV in the model's lead order
-        (missing leads zero), present (num_leads,) bool, flat leads)`. The one implementation of these checks: the
-        feature extractor's two paths and the dataset reader (`merit_hf.models.wfdb_io.read_ecg_record`) call it.
+        """Steps 2-4 of the contract on a signal already read: shape, units to mV, NaN/inf (raised, or interpolated
+        within `max_nan_gap_s` and `max_nan_fraction`), flat leads (interpolated ones included), lead matching and
+        order, amplitude (the 99th percentile and every sample). Returns `(signal (num_samples, num_leads) in mV in
+        the model's lead order (missing leads zero), present (num_leads,) bool, flat leads)`. The one implementation
+        of these checks: the feature extractor's two paths and the dataset reader
+        (`merit_hf.models.wfdb_io.read_ecg_record`) call it.
 
         Args:
             name: what every error starts with (a path, a header file, `record 3`).
             from_header: the units came from a WFDB header (the hints then name its units and ADC gain).
+            sampling_rate: the record's rate in Hz, which `max_nan_gap_s` is measured in (needed only to interpolate).
         """
         signal = self._check_shape(signal, lead_names, name)
         signal = self._to_millivolt(signal, units, name, lead_names)
         self._check_duplicate_leads(lead_names, name)  # before a flat copy could be dropped with its twin's name
+        signal = self._handle_non_finite(signal, lead_names, name, sampling_rate)  # before the flat-lead check sees it
         signal, lead_names, flat_leads = self._check_flat_leads(signal, list(lead_names), name, from_header)
         signal, present = self._select_leads(signal, list(lead_names), name)
-        signal = self._handle_non_finite(signal, name)
-        check_max_amplitude(signal, self.lead_names, name, self.max_amplitude_mv, from_header)
+        check_max_amplitude(
+            signal, self.lead_names, name, self.max_amplitude_mv, from_header, self.max_sample_deviation_mv
+        )
         return signal, present, flat_leads
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -1093,8 +1186,9 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         """`check_lead_amplitudes`' lower bound on the record's own columns (mV) of the model's leads, before leads
         are matched: a flat lead raises, or is zeroed, or is dropped (`flat_lead_policy`), and a dropped lead then
         goes through lead matching as one the record does not have. Leads the model does not use are lead matching's
-        (`drop_extra_leads`), leads with NaN/inf `nan_policy`'s; the upper bound is `check_max_amplitude`'s, after
-        leads are matched. Returns `(signal, lead_names, flat leads)`."""
+        (`drop_extra_leads`); the model's leads hold no NaN/inf any more (`_handle_non_finite` ran first, so an
+        interpolated lead is checked as repaired); the upper bounds are `check_max_amplitude`'s, after leads are
+        matched. Returns `(signal, lead_names, flat leads)`."""
         wanted = set(_lead_keys(self.lead_names))
         keys = _lead_keys(lead_names)
         used = [column for column, key in enumerate(keys) if key in wanted]
@@ -1151,14 +1245,23 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             return signal  # already mV: no copy
         return signal * np.asarray(factors)[None, :]
 
-    def _handle_non_finite(self, signal: np.ndarray, name: str) -> np.ndarray:
+    def _handle_non_finite(
+        self, signal: np.ndarray, lead_names: list[str], name: str, sampling_rate: float | None
+    ) -> np.ndarray:
+        """NaN/inf in the record's columns of the model's leads (others are lead matching's): raise naming the lead,
+        or with `nan_policy="interpolate"` fill each gap linearly in time (an edge gap holds the nearest value), after
+        checking that no gap is longer than `max_nan_gap_s` and no lead more than `max_nan_fraction` invented: a
+        repair is for short dropouts, never a lead made of straight lines. Leads are named as the model names them."""
         if all_finite(signal):
             return signal
         bad = ~np.isfinite(signal)
-        if not bad.any():
+        model_names = dict(zip(_lead_keys(self.lead_names), self.lead_names))
+        keys = _lead_keys(lead_names)
+        columns = [column for column in np.flatnonzero(bad.any(axis=0)) if keys[column] in model_names]
+        if not columns:
             return signal
-        for column in np.flatnonzero(bad.any(axis=0)):
-            lead = self.lead_names[column]
+        for column in columns:
+            lead = model_names[keys[column]]
             count = int(bad[:, column].sum())
             if self.nan_policy == "raise":
                 raise EcgInputError(
@@ -1166,9 +1269,25 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
                 )
             if count == len(signal):
                 raise EcgInputError(f"{name}: lead {lead} is entirely NaN/inf; nothing to interpolate from")
+            if self.max_nan_fraction is not None and count > self.max_nan_fraction * len(signal):
+                raise EcgInputError(
+                    f"{name}: lead {lead} has {count} NaN/inf samples of {len(signal)} ({count / len(signal):.2%}), "
+                    f"more than the {self.max_nan_fraction:.1%} nan_policy='interpolate' repairs (max_nan_fraction)"
+                )
+            if self.max_nan_gap_s is not None:
+                start, length = _longest_run(bad[:, column])
+                if sampling_rate is None:
+                    raise ValueError(f"{name}: validate_signal needs the sampling_rate to bound NaN gaps in seconds")
+                # an invalid rate is left to the rate check, which raises after validation on both paths
+                if np.isfinite(sampling_rate) and sampling_rate > 0 and length > self.max_nan_gap_s * sampling_rate:
+                    raise EcgInputError(
+                        f"{name}: lead {lead} has a gap of {length} NaN/inf samples ({length / sampling_rate:.3g} s "
+                        f"at {sampling_rate:g} Hz, samples {start}-{start + length - 1}), longer than the "
+                        f"{self.max_nan_gap_s:g} s nan_policy='interpolate' repairs (max_nan_gap_s)"
+                    )
         signal = signal.copy()
         time = np.arange(len(signal))
-        for column in np.flatnonzero(bad.any(axis=0)):
+        for column in columns:
             good = ~bad[:, column]
             signal[:, column] = np.interp(time, time[good], signal[good, column])
         return signal
@@ -1402,6 +1521,14 @@ def _unit_factors(units, num_leads: int | None = None) -> list:
     """Each lead's factor to mV (`UNIT_TO_MV`; an unknown unit stands for itself), to compare two spellings."""
     per_lead = [units] * (num_leads or 1) if isinstance(units, str) else list(units)
     return [UNIT_TO_MV.get(str(unit).strip().lower(), str(unit)) for unit in per_lead]
+
+
+def _longest_run(flags: np.ndarray) -> tuple[int, int]:
+    """`(start, length)` of the longest run of `True` in the 1-D bool array `flags` (the first, on a tie)."""
+    edges = np.diff(flags.astype(np.int8), prepend=0, append=0)
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    longest = int(np.argmax(ends - starts))
+    return int(starts[longest]), int(ends[longest] - starts[longest])
 
 
 def _is_list_of_lists(value) -> bool:

@@ -76,12 +76,14 @@ def screen_records(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A sufficient test, on a batch at once, that validation (`MeritFeatureExtractor.validate_signal`) passes
     records whose leads are already the model's, in order and in mV, without changing them: `stack`
-    `(records, num_leads, num_samples)` (float32 casts of the float64 records). Returns `(checked (records,) bool,
-    may_be_flat (records, num_leads) bool, off_zero (records,) bool)`:
+    `(records, num_leads, num_samples)` (float32 casts of the float64 records). `max_amplitude_mv`: the smaller of the
+    feature extractor's upper bounds (`max_amplitude_mv`, `max_sample_deviation_mv`). Returns `(checked (records,)
+    bool, may_be_flat (records, num_leads) bool, off_zero (records,) bool)`:
 
     - `checked`: every value finite and no lead wider than `max_amplitude_mv` peak to peak (finite in float32 implies
-      finite in float64; `leads_too_wide` clears a lead whose peak-to-peak range is within the limit, and the
-      float32 range is within `SCREEN_SLACK` of its largest |value| of the float64 one);
+      finite in float64; a lead's peak-to-peak range bounds each of its |x - median|, so `leads_too_wide` and
+      `sample_too_far` clear a lead whose range is within their limit, and the float32 range is within
+      `SCREEN_SLACK` of its largest |value| of the float64 one);
     - `may_be_flat`: leads that this test cannot clear of being flat; the caller runs the exact test on them. A flat
       lead has all but `outside` of its samples within `min_amplitude_mv` of its median (`flat_outside`). Split the
       lead into `num_samples // SCREEN_GROUP` groups of `SCREEN_GROUP` samples that far apart: the `outside` samples
