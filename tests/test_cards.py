@@ -108,6 +108,8 @@ def test_model_card_values_come_from_the_results_json(results_file, encoder_fold
     assert "label_set=superclass" in row and "label_fraction=0.1" in row
     assert "| leads, in this order | I II III aVR aVL aVF V1 V2 V3 V4 V5 V6 |" in text
     assert "250 Hz (any input rate >= 80 Hz is resampled" in text
+    assert "| NaN / inf | refused, naming the lead |" in text
+    assert "a sample more than 50 mV from its lead's median" in text  # the feature extractor's bounds, as saved
     pyproject = (REPO_ROOT / "pyproject.toml").read_text()  # the range the card states is the package's own
     assert '"transformers>=5.24,<6"' in pyproject and "It needs\n`transformers>=5.24,<6`" in text
     assert 'pipeline("feature-extraction", model="org/merit-ecg", trust_remote_code=True)' in text

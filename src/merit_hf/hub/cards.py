@@ -35,6 +35,7 @@ from huggingface_hub import DatasetCard, EvalResult, ModelCard, ModelCardData
 
 from ..evaluation.metrics import METRIC_DEFINITIONS
 from ..evaluation.results import EvaluationResults, ResultEntry, format_metric, read_results
+from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "merit_model_card.md"  # ships in the wheel
 # The "How to use" code of each kind of MERIT folder: the Auto class its `auto_map` has, and what that model returns.
@@ -189,6 +190,7 @@ def input_contract(model_folder: str | os.PathLike | None) -> str:
             "repository and read its settings there."
         )
     config = json.loads((Path(model_folder) / "preprocessor_config.json").read_text())
+    settings = MeritFeatureExtractor.from_dict(config)  # a folder saved before a setting existed has its default
     rate, window = config.get("sampling_rate"), config.get("num_samples")
     seconds = f" ({window / rate:g} s)" if rate and window else ""
     low, high = config.get("highpass_hz"), config.get("lowpass_hz")
@@ -207,10 +209,28 @@ def input_contract(model_folder: str | os.PathLike | None) -> str:
         ("band-pass", f"{low}-{high} Hz, Butterworth order {config.get('filter_order')}, zero-phase"),
         ("units", "converted to mV (V, mV, uV); unknown units refused"),
         ("normalisation", config.get("normalization")),
-        ("NaN / inf", config.get("nan_policy")),
+        ("NaN / inf", _nan_row(settings)),
+        (
+            "amplitude bounds",
+            f"refused: a lead whose 99th percentile of abs(x - median) exceeds {_bound(settings.max_amplitude_mv)} or "
+            f"is below {_bound(settings.min_amplitude_mv)} (flat leads: {settings.flat_lead_policy}), a sample more "
+            f"than {_bound(settings.max_sample_deviation_mv)} from its lead's median",
+        ),
         ("missing limb leads", "derived (Einthoven/Goldberger)" if config.get("derive_limb_leads") else "refused"),
     ]
     return "\n".join(["| item | value |", "| --- | --- |", *[f"| {key} | {value} |" for key, value in rows]])
+
+
+def _nan_row(settings) -> str:
+    if settings.nan_policy != "interpolate":
+        return "refused, naming the lead" if settings.nan_policy == "raise" else str(settings.nan_policy)
+    gap = "any length" if settings.max_nan_gap_s is None else f"up to {settings.max_nan_gap_s:g} s"
+    share = "any share" if settings.max_nan_fraction is None else f"up to {settings.max_nan_fraction:.0%}"
+    return f"interpolated (linear) in gaps of {gap}, {share} of a lead; beyond that refused"
+
+
+def _bound(value, unit: str = " mV") -> str:
+    return "no bound" if value is None or value == float("inf") else f"{value:g}{unit}"
 
 
 def model_kind(config: Mapping) -> str:
