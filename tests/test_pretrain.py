@@ -403,6 +403,51 @@ def test_incompatible_checkpoint_refused_with_the_differing_fields(reference, as
         run_pretraining(base_argv(assets, tmp_path, resume_from_checkpoint="latest", per_device_train_batch_size=4))
 
 
+def test_resume_with_another_optimisation_is_refused_naming_old_and_new_values(reference, assets, tmp_path, capsys):
+    """The checkpoint's optimizer and scheduler state would silently keep its learning rate, and another --max_steps
+    would reshape the cosine schedule from the resumed step on: both refused, with the values and what to do. A
+    checkpoint of an earlier version, which recorded no optimisation, resumes and says what it could not check."""
+    output_dir, _ = reference
+    shutil.copytree(output_dir / "checkpoints", tmp_path / "checkpoints")
+    message = (
+        f"{tmp_path / 'checkpoints' / f'checkpoint_{STEPS}'}: checkpoint is incompatible with this run, so it cannot "
+        f"be resumed exactly: learning_rate: checkpoint 0.001, this run 0.01; max_steps: checkpoint {STEPS}, this run "
+        f"{2 * STEPS}. Use the checkpoint's settings, or start a new run in another --output_dir. The optimizer and "
+        "scheduler states hold the learning rate, betas, eps and weight decay (the checkpoint's would silently win), "
+        "and the schedule's type, warm-up and length shape every step after the resume. To train longer than "
+        "--max_steps, plan the longer run from the start, or use --lr_scheduler_type constant / constant_with_warmup "
+        "/ inverse_sqrt, whose schedules do not depend on --max_steps: their runs resume with a larger one."
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_pretraining(
+            base_argv(assets, tmp_path, resume_from_checkpoint="latest", learning_rate=0.01, max_steps=2 * STEPS)
+        )
+    for name, value in (("warmup_steps", 5), ("weight_decay", 0.5), ("adam_beta2", 0.5), ("max_grad_norm", 0.5)):
+        with pytest.raises(ValueError, match=f"be resumed exactly: {name}: checkpoint .*, this run {value}\\."):
+            run_pretraining(base_argv(assets, tmp_path, resume_from_checkpoint="latest", **{name: value}))
+
+    state_file = tmp_path / "checkpoints" / f"checkpoint_{STEPS}" / "training_state.json"
+    state = json.loads(state_file.read_text())
+    del state["optimization"]
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    finished = run_pretraining(base_argv(assets, tmp_path, resume_from_checkpoint="latest", learning_rate=0.01))
+    assert finished["global_step"] == STEPS and finished["steps_this_run"] == 0
+    assert "did not record its optimisation settings; resumed without checking that learning_rate," in (
+        capsys.readouterr().out
+    )
+
+
+def test_a_schedule_without_length_resumes_with_a_larger_max_steps(assets, tmp_path):
+    """`constant_with_warmup` does not depend on --max_steps, so its run may be extended on resume, and goes on at
+    the same learning rate."""
+    constant = {"lr_scheduler_type": "constant_with_warmup", "save_steps": 2, "eval_split": "None"}
+    run_pretraining(base_argv(assets, tmp_path, max_steps=2, **constant))
+    extended = run_pretraining(base_argv(assets, tmp_path, max_steps=3, resume_from_checkpoint="latest", **constant))
+    assert extended["global_step"] == 3 and extended["steps_this_run"] == 1
+    assert [entry["learning_rate"] for entry in read_log_history(tmp_path)] == [0.0005, 0.001, 0.001]
+
+
 def test_fresh_run_refuses_an_earlier_run_and_overwrite_starts_again(reference, assets, tmp_path):
     """A run that does not resume would rotate the earlier run's checkpoints in among its own (by step), and
     `latest` would later resume the earlier run; it refuses, and `--overwrite_output_dir true` starts clean."""

@@ -687,10 +687,40 @@ RUN_LAYOUT_KEYS = (
     "seed",
     "stream_layout",
 )
+# The arguments that set the optimisation trajectory (the loss weights and balancing are in the model config). A
+# resumed run cannot take other values: AdamW's state holds its learning rate, betas, eps and weight decay and the
+# scheduler's its base learning rate, so the checkpoint's would silently win; the schedule's shape (type, warm-up,
+# length) is not in its state, so other values would silently reshape it from the resumed step on.
+OPTIMIZATION_KEYS = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "max_steps",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+)
+# transformers' `get_scheduler` gives these schedules no `num_training_steps`: their runs may resume with a larger
+# --max_steps and train on exactly as a run planned that long from the start.
+SCHEDULES_WITHOUT_LENGTH = ("constant", "constant_with_warmup", "inverse_sqrt")
+
+
+def optimization_identity(train_args: PretrainingArguments) -> dict[str, Any]:
+    """`OPTIMIZATION_KEYS` of this run, for `training_state.json`; without `max_steps` for `SCHEDULES_WITHOUT_LENGTH`,
+    which do not depend on it."""
+    return {
+        key: getattr(train_args, key)
+        for key in OPTIMIZATION_KEYS
+        if key != "max_steps" or train_args.lr_scheduler_type not in SCHEDULES_WITHOUT_LENGTH
+    }
 
 
 def check_checkpoint_compatible(path: Path, saved: dict[str, Any], expected: dict[str, Any]) -> None:
-    """Refuse a checkpoint written by a different model or batch layout, naming every field that differs."""
+    """Refuse a checkpoint written by a different model, batch layout or optimisation (`OPTIMIZATION_KEYS`), naming
+    every field that differs with both values. A checkpoint of a merit_hf version that did not record its
+    optimisation is not checked for it."""
     differences = []
     saved_config, expected_config = saved["model_config"], expected["model_config"]
     for key in sorted(set(saved_config) | set(expected_config)):
@@ -699,11 +729,35 @@ def check_checkpoint_compatible(path: Path, saved: dict[str, Any], expected: dic
     for key in RUN_LAYOUT_KEYS:
         if saved.get(key) != expected[key]:
             differences.append(f"{key}: checkpoint {saved.get(key)!r}, this run {expected[key]!r}")
+    # Not recorded by earlier versions (`resume` says so); `max_steps` only where both schedules depend on it.
+    saved_optimization, expected_optimization = saved.get("optimization", {}), expected["optimization"]
+    differing = [
+        key
+        for key in OPTIMIZATION_KEYS
+        if key in saved_optimization
+        and key in expected_optimization
+        and saved_optimization[key] != expected_optimization[key]
+    ]
+    for key in differing:
+        differences.append(f"{key}: checkpoint {saved_optimization[key]!r}, this run {expected_optimization[key]!r}")
     if differences:
+        advice = ". Use the checkpoint's settings, or start a new run in another --output_dir."
+        if differing:
+            advice += (
+                " The optimizer and scheduler states hold the learning rate, betas, eps and weight decay (the "
+                "checkpoint's would silently win), and the schedule's type, warm-up and length shape every step after "
+                "the resume."
+            )
+        if "max_steps" in differing:
+            advice += (
+                " To train longer than --max_steps, plan the longer run from the start, or use --lr_scheduler_type "
+                f"{' / '.join(SCHEDULES_WITHOUT_LENGTH)}, whose schedules do not depend on --max_steps: their runs "
+                "resume with a larger one."
+            )
         raise ValueError(
             f"{path}: checkpoint is incompatible with this run, so it cannot be resumed exactly: "
             + "; ".join(differences)
-            + ". Use a new output_dir, or the same settings as the checkpoint."
+            + advice
         )
 
 
@@ -819,6 +873,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "gradient_accumulation_steps": train_args.gradient_accumulation_steps,
         "seed": train_args.seed,
         "stream_layout": stream_layout(train_loader, accelerator) if streaming else None,
+        "optimization": optimization_identity(train_args),
     }
     global_step, epoch = resume(accelerator, resume_path, run_identity, train_loader if streaming else None)
     start_logging(accelerator, output_dir, global_step, (model_args, data_args, train_args))
@@ -1134,6 +1189,11 @@ def resume(accelerator: Accelerator, resume_path: Path | None, run_identity: dic
         return 0, 0
     saved = json.loads((resume_path / TRAINING_STATE_FILE).read_text())
     check_checkpoint_compatible(resume_path, saved, run_identity)
+    if "optimization" not in saved:
+        accelerator.print(
+            f"{resume_path}: written by a merit_hf version that did not record its optimisation settings; resumed "
+            f"without checking that {', '.join(OPTIMIZATION_KEYS)} are the checkpoint's"
+        )
     accelerator.load_state(str(resume_path))
     if stream_loader is not None:
         stream_state = resume_path / f"stream_state_rank{accelerator.process_index}.json"
