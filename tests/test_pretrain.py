@@ -448,6 +448,50 @@ def test_a_schedule_without_length_resumes_with_a_larger_max_steps(assets, tmp_p
     assert [entry["learning_rate"] for entry in read_log_history(tmp_path)] == [0.0005, 0.001, 0.001]
 
 
+@pytest.mark.parametrize(
+    ("name", "damage", "problem"),
+    [
+        ("model.safetensors", "truncate", "is not a complete safetensors file"),
+        ("optimizer.bin", "truncate", "is not a complete torch.save archive (no zip directory at its end)"),
+        ("optimizer.bin", "flip", "is corrupt: its entry optimizer/data/"),
+        ("scheduler.bin", "truncate", "is not a complete torch.save archive"),
+        ("random_states_0.pkl", "truncate", "is not a complete torch.save archive"),
+        ("random_states_0.pkl", "delete", "is missing"),
+        ("training_state.json", "truncate", "is not valid JSON"),
+        ("run_history.json", "truncate", "is not valid JSON"),
+    ],
+)
+def test_damaged_checkpoint_file_is_refused_naming_it_and_the_checkpoint_before(
+    reference, assets, tmp_path, name, damage, problem
+):
+    """Accelerate's load_state goes on without a damaged random_states_0.pkl (the resume is then not exact) and
+    stops with a bare torch or JSON error on the others: each is refused before anything loads, naming the
+    checkpoint, the file and the problem, and pointing at the checkpoint before it."""
+    output_dir, _ = reference
+    shutil.copytree(output_dir / "checkpoints", tmp_path / "checkpoints")
+    latest = tmp_path / "checkpoints" / f"checkpoint_{STEPS}"
+    path = latest / name
+    if damage == "delete":
+        path.unlink()
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:  # one flipped byte in the data: torch.load would read it without complaint
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    earlier = tmp_path / "checkpoints" / f"checkpoint_{STEPS // 2}"
+    message = (
+        f"{latest}: cannot resume from this checkpoint: {name} {problem}",
+        f"Resume from the checkpoint before it, --resume_from_checkpoint {earlier} (that run removes "
+        f"checkpoint_{STEPS}, as a resume removes every checkpoint after the one it continues).",
+    )
+    with pytest.raises(ValueError, match=re.escape(message[0]) + ".*" + re.escape(message[1])):
+        run_pretraining(base_argv(assets, tmp_path, per_device_train_batch_size=8, resume_from_checkpoint="latest"))
+    shutil.rmtree(earlier)
+    with pytest.raises(ValueError, match=f"No complete checkpoint precedes it in {re.escape(str(latest.parent))}"):
+        run_pretraining(base_argv(assets, tmp_path, per_device_train_batch_size=8, resume_from_checkpoint="latest"))
+
+
 def test_fresh_run_refuses_an_earlier_run_and_overwrite_starts_again(reference, assets, tmp_path):
     """A run that does not resume would rotate the earlier run's checkpoints in among its own (by step), and
     `latest` would later resume the earlier run; it refuses, and `--overwrite_output_dir true` starts clean."""

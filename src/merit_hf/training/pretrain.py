@@ -51,6 +51,7 @@ import math
 import shutil
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,11 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import (
+    OPTIMIZER_NAME,
+    RNG_STATE_NAME,
+    SAFE_WEIGHTS_NAME,
+    SCHEDULER_NAME,
+    WEIGHTS_NAME,
     DataLoaderConfiguration,
     GradientAccumulationPlugin,
     ProjectConfiguration,
@@ -68,6 +74,7 @@ from accelerate.utils import (
     gather_object,
     set_seed,
 )
+from safetensors import SafetensorError, safe_open
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_scheduler
@@ -630,6 +637,81 @@ def find_checkpoint(output_dir: Path, resume_from_checkpoint: str | None) -> Pat
     return path
 
 
+def check_checkpoint_files(path: Path) -> None:
+    """Refuse a checkpoint with a missing, truncated or corrupt file, naming each and the checkpoint before it, before
+    anything is loaded. Accelerate's `load_state` would otherwise stop half-way with a bare torch or safetensors error
+    or, for a damaged `random_states_<process>.pkl`, go on without the RNG states (it logs that at INFO only), and the
+    resumed run would silently differ from an uninterrupted one. Nothing is unpickled: torch.save's zip archives are
+    read against their CRCs (which `torch.load` does not check), a safetensors file's header against its size, and
+    the JSON files are parsed."""
+    problems = _missing_checkpoint_files(path)
+    for file in path.iterdir():
+        if file.is_file() and (problem := _checkpoint_file_problem(file)):
+            problems[file.name] = problem
+    if not problems:
+        return
+    complete = complete_checkpoints(path.parent.parent)  # Accelerate writes <output_dir>/checkpoints/checkpoint_<step>
+    earlier = complete[: complete.index(path)] if path in complete else []
+    if earlier:
+        advice = (
+            f"Resume from the checkpoint before it, --resume_from_checkpoint {earlier[-1]} (that run removes "
+            f"{path.name}, as a resume removes every checkpoint after the one it continues)"
+        )
+    else:
+        advice = f"No complete checkpoint precedes it in {path.parent}: start again with --overwrite_output_dir true"
+    raise ValueError(
+        f"{path}: cannot resume from this checkpoint: "
+        + "; ".join(f"{name} {problem}" for name, problem in sorted(problems.items()))
+        + f". {advice}."
+    )
+
+
+def _missing_checkpoint_files(path: Path) -> dict[str, str]:
+    """The files every checkpoint has, as Accelerate names them: the model, optimizer, scheduler, one RNG state per
+    process (their number from `training_state.json`, checked with the rest when unreadable) and the training
+    state."""
+    try:
+        num_processes = json.loads((path / TRAINING_STATE_FILE).read_text()).get("num_processes", 1)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        num_processes = 1
+    required = [
+        f"{OPTIMIZER_NAME}.bin",
+        f"{SCHEDULER_NAME}.bin",
+        *(f"{RNG_STATE_NAME}_{index}.pkl" for index in range(num_processes)),
+        TRAINING_STATE_FILE,
+    ]
+    missing = {name: "is missing" for name in required if not (path / name).is_file()}
+    if not (path / SAFE_WEIGHTS_NAME).is_file() and not (path / WEIGHTS_NAME).is_file():
+        missing[SAFE_WEIGHTS_NAME] = "is missing"
+    return missing
+
+
+def _checkpoint_file_problem(file: Path) -> str | None:
+    """What is wrong with one checkpoint file, by its kind, or `None`; files of other kinds are not read."""
+    if file.suffix == ".json":
+        try:
+            json.loads(file.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            return f"is not valid JSON ({error}): truncated or corrupt"
+    elif file.suffix == ".safetensors":
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            return f"is not a complete safetensors file ({error})"
+    elif file.suffix in (".bin", ".pt", ".pkl"):  # Accelerate's torch.save archives (a .pkl is one too)
+        if not zipfile.is_zipfile(file):
+            return "is not a complete torch.save archive (no zip directory at its end): truncated or corrupt"
+        try:
+            with zipfile.ZipFile(file) as archive:
+                damaged = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as error:
+            return f"is a damaged torch.save archive ({error})"
+        if damaged is not None:
+            return f"is corrupt: its entry {damaged} does not read back intact (zip CRC or header)"
+    return None
+
+
 def remove_checkpoints_after(output_dir: Path, step: int) -> None:
     """Remove the checkpoints of `output_dir` written after `step`, where this run starts: they belong to a run that
     was interrupted (a half-written one, or one ahead of the checkpoint resumed from) and Accelerate refuses to write
@@ -823,7 +905,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model_args, data_args, train_args = parse_arguments(ARGUMENT_CLASSES, sys.argv[1:] if argv is None else argv)
     output_dir = Path(train_args.output_dir)
     resume_path = find_checkpoint(output_dir, train_args.resume_from_checkpoint)
-    if resume_path is None and not train_args.overwrite_output_dir:
+    if resume_path is not None:
+        check_checkpoint_files(resume_path)  # before the data and model are built: a damaged one fails fast
+    elif not train_args.overwrite_output_dir:
         check_output_dir_free(output_dir)
     accelerator = make_accelerator(train_args, data_args.dataloader_pin_memory)
     require_joined_processes(accelerator.num_processes)
