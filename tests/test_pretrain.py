@@ -492,6 +492,21 @@ def test_damaged_checkpoint_file_is_refused_naming_it_and_the_checkpoint_before(
         run_pretraining(base_argv(assets, tmp_path, per_device_train_batch_size=8, resume_from_checkpoint="latest"))
 
 
+def test_latest_without_a_checkpoint_says_it_starts_at_step_0(assets, tmp_path, capsys):
+    """A preemptible job passes `--resume_from_checkpoint latest` from its first start: with no complete checkpoint
+    the run trains from step 0, and says so (where a misspelt --output_dir would show)."""
+    (tmp_path / "checkpoints" / "checkpoint_5").mkdir(parents=True)  # a save a kill interrupted
+    results = run_pretraining(
+        base_argv(assets, tmp_path, resume_from_checkpoint="latest", max_steps=1, save_steps=1, eval_split="None")
+    )
+    assert (
+        f"--resume_from_checkpoint latest: no complete checkpoint in {tmp_path / 'checkpoints'} (1 incomplete "
+        "checkpoint folder(s) there are removed); training starts at step 0\n"
+    ) in capsys.readouterr().out
+    assert results["steps_this_run"] == 1
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["checkpoint_1"]
+
+
 def test_fresh_run_refuses_an_earlier_run_and_overwrite_starts_again(reference, assets, tmp_path):
     """A run that does not resume would rotate the earlier run's checkpoints in among its own (by step), and
     `latest` would later resume the earlier run; it refuses, and `--overwrite_output_dir true` starts clean."""

@@ -25,7 +25,8 @@ M nodes of 8 GPUs (run on every node, with that node's `--machine_rank`):
     accelerate launch --multi_gpu --num_machines 2 --num_processes 16 --machine_rank 0 \\
         --main_process_ip 10.0.0.1 --main_process_port 29500 -m merit_hf.training.pretrain configs/base.yaml
 
-Resume after a crash, with the same step, optimizer, scheduler, RNG and data position:
+Resume after a crash, with the same step, optimizer, scheduler, RNG and data position (with no checkpoint in
+`output_dir`, `latest` starts at step 0 and says so, so a preemptible job can pass it from its first start):
 
     python -m merit_hf.training.pretrain configs/tiny.yaml --resume_from_checkpoint latest
 
@@ -299,7 +300,11 @@ class PretrainingArguments:
         },
     )
     resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "'latest' (newest complete checkpoint in output_dir, if any) or a folder."}
+        default=None,
+        metadata={
+            "help": "'latest' (newest complete checkpoint in output_dir; with none, training starts at step 0 and says "
+            "so) or a folder."
+        },
     )
     report_to: list[str] = field(
         default_factory=lambda: ["tensorboard"],
@@ -637,6 +642,17 @@ def find_checkpoint(output_dir: Path, resume_from_checkpoint: str | None) -> Pat
     return path
 
 
+def no_checkpoint_message(output_dir: Path) -> str:
+    """What `--resume_from_checkpoint latest` says when `output_dir` has no complete checkpoint: it trains from step 0
+    (so a preemptible job can pass it from its first start), and a misspelt `--output_dir` shows here."""
+    incomplete = all_checkpoints(output_dir)  # saves a kill interrupted; `start_logging` removes them
+    removed = f" ({len(incomplete)} incomplete checkpoint folder(s) there are removed)" if incomplete else ""
+    return (
+        f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir / 'checkpoints'}{removed}; "
+        "training starts at step 0"
+    )
+
+
 def check_checkpoint_files(path: Path) -> None:
     """Refuse a checkpoint with a missing, truncated or corrupt file, naming each and the checkpoint before it, before
     anything is loaded. Accelerate's `load_state` would otherwise stop half-way with a bare torch or safetensors error
@@ -911,6 +927,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         check_output_dir_free(output_dir)
     accelerator = make_accelerator(train_args, data_args.dataloader_pin_memory)
     require_joined_processes(accelerator.num_processes)
+    if resume_path is None and train_args.resume_from_checkpoint == "latest":  # a preemptible job's first start
+        accelerator.print(no_checkpoint_message(output_dir))
     set_seed(train_args.seed)
     if train_args.overwrite_output_dir and accelerator.is_main_process:
         remove_run_outputs(output_dir)
