@@ -317,8 +317,9 @@ def _strict_json(path: Path) -> dict:
 
 def test_resumed_run_results_cover_the_whole_run_and_a_finished_run_keeps_them(reference, assets, tmp_path):
     """Resumed from the middle in a folder with no log of the first half, the run's train_results.json equals the
-    uninterrupted run's (histories, last losses, evaluation, ECGs seen): the checkpoint holds the run so far. Resumed
-    again with no steps left, it keeps the results (evaluation included) and writes no NaN."""
+    uninterrupted run's (histories, last losses, evaluation, ECGs seen, FLOPs per ECG, though its first batch has
+    other report lengths): the checkpoint holds the run so far. Resumed again with no steps left, it keeps the
+    results (evaluation included) and writes no NaN."""
     output_dir, _ = reference
     expected = _strict_json(output_dir / "train_results.json")
     middle = STEPS // 2
@@ -330,6 +331,7 @@ def test_resumed_run_results_cover_the_whole_run_and_a_finished_run_keeps_them(r
     assert resumed["steps_this_run"] == STEPS - middle and len(resumed["loss_history"]) == STEPS
     assert _timing_free(_strict_json(tmp_path / "train_results.json")) == pytest.approx(_timing_free(expected))
     assert resumed["throughput"]["ecgs_seen"] == STEPS * 8
+    assert resumed["throughput"]["flops_per_ecg"] == expected["throughput"]["flops_per_ecg"]
 
     finished = run_pretraining(argv)
     assert finished["steps_this_run"] == 0 and finished["resume_notes"] == []

@@ -78,7 +78,7 @@ from accelerate.utils import (
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, get_scheduler
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
 
 from ..models.merit.configuration_merit import MeritConfig, MeritEcgConfig
 from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
@@ -405,6 +405,24 @@ def masking_noise(ecg_ids: Sequence[int], stream: Sequence[int], shape: tuple[in
     key = [int(value) + 1 for value in stream]  # SeedSequence wants non-negative entropy; -1 marks evaluation
     rows = [np.random.default_rng([*key, int(ecg_id)]).random(shape, dtype=np.float32) for ecg_id in ecg_ids]
     return torch.from_numpy(np.stack(rows))
+
+
+def at_report_length(
+    batch: dict[str, torch.Tensor], max_report_length: int, tokenizer: PreTrainedTokenizerBase
+) -> dict[str, torch.Tensor]:
+    """`batch` with its reports padded to `max_report_length` tokens, as the tokenizer pads: what the throughput meter
+    counts the FLOPs per ECG on. The collator pads each batch to its longest report, so a count on the run's first
+    batch depended on that batch (a resumed run's first batch gave another GFLOP per ECG, TFLOP/s and MFU for the
+    same run); at the configured maximum it is the same for every run of a config: an upper bound where the reports
+    are shorter."""
+    padding = max_report_length - batch["input_ids"].shape[1]
+    if padding <= 0:
+        return batch
+    values = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": tokenizer.pad_token_type_id}
+    return {
+        key: torch.nn.functional.pad(value, (0, padding), value=values[key]) if key in values else value
+        for key, value in batch.items()
+    }
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -1030,7 +1048,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         ecg_ids = batch.pop("ecg_id")
         noise = masking_noise(ecg_ids.tolist(), (train_args.seed, epoch), num_patches).to(accelerator.device)
-        if meter.count_flops_once(lambda rows: meter.model(**rows).loss, {**batch, "noise": noise}):
+        if meter.count_flops_once(
+            lambda rows: meter.model(**at_report_length(rows, model_args.max_report_length, tokenizer)).loss,
+            {**batch, "noise": noise},
+        ):
             accelerator.print(meter.describe())
         with accelerator.accumulate(model):
             with accelerator.autocast():  # the objective computes in the precision the model's forward does
