@@ -317,8 +317,9 @@ def _strict_json(path: Path) -> dict:
 
 def test_resumed_run_results_cover_the_whole_run_and_a_finished_run_keeps_them(reference, assets, tmp_path):
     """Resumed from the middle in a folder with no log of the first half, the run's train_results.json equals the
-    uninterrupted run's (histories, last losses, evaluation, ECGs seen): the checkpoint holds the run so far. Resumed
-    again with no steps left, it keeps the results (evaluation included) and writes no NaN."""
+    uninterrupted run's (histories, last losses, evaluation, ECGs seen, FLOPs per ECG, though its first batch has
+    other report lengths): the checkpoint holds the run so far. Resumed again with no steps left, it keeps the
+    results (evaluation included) and writes no NaN."""
     output_dir, _ = reference
     expected = _strict_json(output_dir / "train_results.json")
     middle = STEPS // 2
@@ -330,6 +331,7 @@ def test_resumed_run_results_cover_the_whole_run_and_a_finished_run_keeps_them(r
     assert resumed["steps_this_run"] == STEPS - middle and len(resumed["loss_history"]) == STEPS
     assert _timing_free(_strict_json(tmp_path / "train_results.json")) == pytest.approx(_timing_free(expected))
     assert resumed["throughput"]["ecgs_seen"] == STEPS * 8
+    assert resumed["throughput"]["flops_per_ecg"] == expected["throughput"]["flops_per_ecg"]
 
     finished = run_pretraining(argv)
     assert finished["steps_this_run"] == 0 and finished["resume_notes"] == []
@@ -401,6 +403,110 @@ def test_incompatible_checkpoint_refused_with_the_differing_fields(reference, as
         run_pretraining(base_argv(assets, tmp_path, resume_from_checkpoint="latest", ecg_config=wider))
     with pytest.raises(ValueError, match=r"per_device_train_batch_size: checkpoint 8, this run 4"):
         run_pretraining(base_argv(assets, tmp_path, resume_from_checkpoint="latest", per_device_train_batch_size=4))
+
+
+def test_resume_with_another_optimisation_is_refused_naming_old_and_new_values(reference, assets, tmp_path, capsys):
+    """The checkpoint's optimizer and scheduler state would silently keep its learning rate, and another --max_steps
+    would reshape the cosine schedule from the resumed step on: both refused, with the values and what to do. A
+    checkpoint of an earlier version, which recorded no optimisation, resumes and says what it could not check."""
+    output_dir, _ = reference
+    shutil.copytree(output_dir / "checkpoints", tmp_path / "checkpoints")
+    message = (
+        f"{tmp_path / 'checkpoints' / f'checkpoint_{STEPS}'}: checkpoint is incompatible with this run, so it cannot "
+        f"be resumed exactly: learning_rate: checkpoint 0.001, this run 0.01; max_steps: checkpoint {STEPS}, this run "
+        f"{2 * STEPS}. Use the checkpoint's settings, or start a new run in another --output_dir. The optimizer and "
+        "scheduler states hold the learning rate, betas, eps and weight decay (the checkpoint's would silently win), "
+        "and the schedule's type, warm-up and length shape every step after the resume. To train longer than "
+        "--max_steps, plan the longer run from the start, or use --lr_scheduler_type constant / constant_with_warmup "
+        "/ inverse_sqrt, whose schedules do not depend on --max_steps: their runs resume with a larger one."
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_pretraining(
+            base_argv(assets, tmp_path, resume_from_checkpoint="latest", learning_rate=0.01, max_steps=2 * STEPS)
+        )
+    for name, value in (("warmup_steps", 5), ("weight_decay", 0.5), ("adam_beta2", 0.5), ("max_grad_norm", 0.5)):
+        with pytest.raises(ValueError, match=f"be resumed exactly: {name}: checkpoint .*, this run {value}\\."):
+            run_pretraining(base_argv(assets, tmp_path, resume_from_checkpoint="latest", **{name: value}))
+
+    state_file = tmp_path / "checkpoints" / f"checkpoint_{STEPS}" / "training_state.json"
+    state = json.loads(state_file.read_text())
+    del state["optimization"]
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    finished = run_pretraining(base_argv(assets, tmp_path, resume_from_checkpoint="latest", learning_rate=0.01))
+    assert finished["global_step"] == STEPS and finished["steps_this_run"] == 0
+    assert "did not record its optimisation settings; resumed without checking that learning_rate," in (
+        capsys.readouterr().out
+    )
+
+
+def test_a_schedule_without_length_resumes_with_a_larger_max_steps(assets, tmp_path):
+    """`constant_with_warmup` does not depend on --max_steps, so its run may be extended on resume, and goes on at
+    the same learning rate."""
+    constant = {"lr_scheduler_type": "constant_with_warmup", "save_steps": 2, "eval_split": "None"}
+    run_pretraining(base_argv(assets, tmp_path, max_steps=2, **constant))
+    extended = run_pretraining(base_argv(assets, tmp_path, max_steps=3, resume_from_checkpoint="latest", **constant))
+    assert extended["global_step"] == 3 and extended["steps_this_run"] == 1
+    assert [entry["learning_rate"] for entry in read_log_history(tmp_path)] == [0.0005, 0.001, 0.001]
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "problem"),
+    [
+        ("model.safetensors", "truncate", "is not a complete safetensors file"),
+        ("optimizer.bin", "truncate", "is not a complete torch.save archive (no zip directory at its end)"),
+        ("optimizer.bin", "flip", "is corrupt: its entry optimizer/data/"),
+        ("scheduler.bin", "truncate", "is not a complete torch.save archive"),
+        ("random_states_0.pkl", "truncate", "is not a complete torch.save archive"),
+        ("random_states_0.pkl", "delete", "is missing"),
+        ("training_state.json", "truncate", "is not valid JSON"),
+        ("run_history.json", "truncate", "is not valid JSON"),
+    ],
+)
+def test_damaged_checkpoint_file_is_refused_naming_it_and_the_checkpoint_before(
+    reference, assets, tmp_path, name, damage, problem
+):
+    """Accelerate's load_state goes on without a damaged random_states_0.pkl (the resume is then not exact) and
+    stops with a bare torch or JSON error on the others: each is refused before anything loads, naming the
+    checkpoint, the file and the problem, and pointing at the checkpoint before it."""
+    output_dir, _ = reference
+    shutil.copytree(output_dir / "checkpoints", tmp_path / "checkpoints")
+    latest = tmp_path / "checkpoints" / f"checkpoint_{STEPS}"
+    path = latest / name
+    if damage == "delete":
+        path.unlink()
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:  # one flipped byte in the data: torch.load would read it without complaint
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    earlier = tmp_path / "checkpoints" / f"checkpoint_{STEPS // 2}"
+    message = (
+        f"{latest}: cannot resume from this checkpoint: {name} {problem}",
+        f"Resume from the checkpoint before it, --resume_from_checkpoint {earlier} (that run removes "
+        f"checkpoint_{STEPS}, as a resume removes every checkpoint after the one it continues).",
+    )
+    with pytest.raises(ValueError, match=re.escape(message[0]) + ".*" + re.escape(message[1])):
+        run_pretraining(base_argv(assets, tmp_path, per_device_train_batch_size=8, resume_from_checkpoint="latest"))
+    shutil.rmtree(earlier)
+    with pytest.raises(ValueError, match=f"No complete checkpoint precedes it in {re.escape(str(latest.parent))}"):
+        run_pretraining(base_argv(assets, tmp_path, per_device_train_batch_size=8, resume_from_checkpoint="latest"))
+
+
+def test_latest_without_a_checkpoint_says_it_starts_at_step_0(assets, tmp_path, capsys):
+    """A preemptible job passes `--resume_from_checkpoint latest` from its first start: with no complete checkpoint
+    the run trains from step 0, and says so (where a misspelt --output_dir would show)."""
+    (tmp_path / "checkpoints" / "checkpoint_5").mkdir(parents=True)  # a save a kill interrupted
+    results = run_pretraining(
+        base_argv(assets, tmp_path, resume_from_checkpoint="latest", max_steps=1, save_steps=1, eval_split="None")
+    )
+    assert (
+        f"--resume_from_checkpoint latest: no complete checkpoint in {tmp_path / 'checkpoints'} (1 incomplete "
+        "checkpoint folder(s) there are removed); training starts at step 0\n"
+    ) in capsys.readouterr().out
+    assert results["steps_this_run"] == 1
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["checkpoint_1"]
 
 
 def test_fresh_run_refuses_an_earlier_run_and_overwrite_starts_again(reference, assets, tmp_path):

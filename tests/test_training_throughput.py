@@ -120,6 +120,41 @@ def test_flop_count_is_forward_plus_backward_and_leaves_the_model_as_it_was():
     assert count_flops_per_sample(model, lambda rows: model(**rows).loss, halves) == pytest.approx(training, rel=1e-3)
 
 
+def test_pretraining_counts_flops_at_the_maximum_report_length_whatever_the_first_batch():
+    """Pretraining counts FLOPs per ECG on its first batch with the reports padded to --max_report_length
+    (`at_report_length`), as the tokenizer pads: first batches padded to 9 or 13 tokens give the count of 16-token
+    reports, so a resumed run, whose first batch is another, reports the same GFLOP per ECG, TFLOP/s and MFU."""
+    from types import SimpleNamespace
+
+    from merit_hf.training.pretrain import at_report_length
+    from merit_hf.utils.throughput import count_flops_per_sample
+
+    model = tiny_pretraining_model()
+    tokenizer = SimpleNamespace(pad_token_id=0, pad_token_type_id=0)
+    full = {**tiny_batch(), "input_ids": torch.randint(5, 120, (4, 16)), "attention_mask": torch.ones(4, 16).long()}
+
+    def first_batch(length: int) -> dict[str, torch.Tensor]:
+        return {
+            **full,
+            "input_ids": full["input_ids"][:, :length],
+            "attention_mask": full["attention_mask"][:, :length],
+        }
+
+    padded = at_report_length(first_batch(9), 16, tokenizer)
+    assert torch.equal(padded["input_ids"][:, :9], full["input_ids"][:, :9]) and not padded["input_ids"][:, 9:].any()
+    assert padded["attention_mask"].sum() == 4 * 9 and padded["ecg_values"] is full["ecg_values"]
+    assert at_report_length(full, 16, tokenizer) is full
+
+    def counted(length: int, max_report_length: int) -> float:
+        return count_flops_per_sample(
+            model, lambda rows: model(**at_report_length(rows, max_report_length, tokenizer)).loss, first_batch(length)
+        )
+
+    at_16 = count_flops_per_sample(model, lambda rows: model(**rows).loss, full)
+    assert counted(9, 16) == counted(13, 16) == at_16
+    assert counted(9, 9) < at_16  # the text tower's share of the count depends on the length
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Activation checkpointing: same loss, same gradients
 # ----------------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ M nodes of 8 GPUs (run on every node, with that node's `--machine_rank`):
     accelerate launch --multi_gpu --num_machines 2 --num_processes 16 --machine_rank 0 \\
         --main_process_ip 10.0.0.1 --main_process_port 29500 -m merit_hf.training.pretrain configs/base.yaml
 
-Resume after a crash, with the same step, optimizer, scheduler, RNG and data position:
+Resume after a crash, with the same step, optimizer, scheduler, RNG and data position (with no checkpoint in
+`output_dir`, `latest` starts at step 0 and says so, so a preemptible job can pass it from its first start):
 
     python -m merit_hf.training.pretrain configs/tiny.yaml --resume_from_checkpoint latest
 
@@ -51,6 +52,7 @@ import math
 import shutil
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +63,11 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import (
+    OPTIMIZER_NAME,
+    RNG_STATE_NAME,
+    SAFE_WEIGHTS_NAME,
+    SCHEDULER_NAME,
+    WEIGHTS_NAME,
     DataLoaderConfiguration,
     GradientAccumulationPlugin,
     ProjectConfiguration,
@@ -68,9 +75,10 @@ from accelerate.utils import (
     gather_object,
     set_seed,
 )
+from safetensors import SafetensorError, safe_open
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, get_scheduler
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
 
 from ..models.merit.configuration_merit import MeritConfig, MeritEcgConfig
 from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
@@ -292,7 +300,11 @@ class PretrainingArguments:
         },
     )
     resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "'latest' (newest complete checkpoint in output_dir, if any) or a folder."}
+        default=None,
+        metadata={
+            "help": "'latest' (newest complete checkpoint in output_dir; with none, training starts at step 0 and says "
+            "so) or a folder."
+        },
     )
     report_to: list[str] = field(
         default_factory=lambda: ["tensorboard"],
@@ -393,6 +405,24 @@ def masking_noise(ecg_ids: Sequence[int], stream: Sequence[int], shape: tuple[in
     key = [int(value) + 1 for value in stream]  # SeedSequence wants non-negative entropy; -1 marks evaluation
     rows = [np.random.default_rng([*key, int(ecg_id)]).random(shape, dtype=np.float32) for ecg_id in ecg_ids]
     return torch.from_numpy(np.stack(rows))
+
+
+def at_report_length(
+    batch: dict[str, torch.Tensor], max_report_length: int, tokenizer: PreTrainedTokenizerBase
+) -> dict[str, torch.Tensor]:
+    """`batch` with its reports padded to `max_report_length` tokens, as the tokenizer pads: what the throughput meter
+    counts the FLOPs per ECG on. The collator pads each batch to its longest report, so a count on the run's first
+    batch depended on that batch (a resumed run's first batch gave another GFLOP per ECG, TFLOP/s and MFU for the
+    same run); at the configured maximum it is the same for every run of a config: an upper bound where the reports
+    are shorter."""
+    padding = max_report_length - batch["input_ids"].shape[1]
+    if padding <= 0:
+        return batch
+    values = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": tokenizer.pad_token_type_id}
+    return {
+        key: torch.nn.functional.pad(value, (0, padding), value=values[key]) if key in values else value
+        for key, value in batch.items()
+    }
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -630,6 +660,92 @@ def find_checkpoint(output_dir: Path, resume_from_checkpoint: str | None) -> Pat
     return path
 
 
+def no_checkpoint_message(output_dir: Path) -> str:
+    """What `--resume_from_checkpoint latest` says when `output_dir` has no complete checkpoint: it trains from step 0
+    (so a preemptible job can pass it from its first start), and a misspelt `--output_dir` shows here."""
+    incomplete = all_checkpoints(output_dir)  # saves a kill interrupted; `start_logging` removes them
+    removed = f" ({len(incomplete)} incomplete checkpoint folder(s) there are removed)" if incomplete else ""
+    return (
+        f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir / 'checkpoints'}{removed}; "
+        "training starts at step 0"
+    )
+
+
+def check_checkpoint_files(path: Path) -> None:
+    """Refuse a checkpoint with a missing, truncated or corrupt file, naming each and the checkpoint before it, before
+    anything is loaded. Accelerate's `load_state` would otherwise stop half-way with a bare torch or safetensors error
+    or, for a damaged `random_states_<process>.pkl`, go on without the RNG states (it logs that at INFO only), and the
+    resumed run would silently differ from an uninterrupted one. Nothing is unpickled: torch.save's zip archives are
+    read against their CRCs (which `torch.load` does not check), a safetensors file's header against its size, and
+    the JSON files are parsed."""
+    problems = _missing_checkpoint_files(path)
+    for file in path.iterdir():
+        if file.is_file() and (problem := _checkpoint_file_problem(file)):
+            problems[file.name] = problem
+    if not problems:
+        return
+    complete = complete_checkpoints(path.parent.parent)  # Accelerate writes <output_dir>/checkpoints/checkpoint_<step>
+    earlier = complete[: complete.index(path)] if path in complete else []
+    if earlier:
+        advice = (
+            f"Resume from the checkpoint before it, --resume_from_checkpoint {earlier[-1]} (that run removes "
+            f"{path.name}, as a resume removes every checkpoint after the one it continues)"
+        )
+    else:
+        advice = f"No complete checkpoint precedes it in {path.parent}: start again with --overwrite_output_dir true"
+    raise ValueError(
+        f"{path}: cannot resume from this checkpoint: "
+        + "; ".join(f"{name} {problem}" for name, problem in sorted(problems.items()))
+        + f". {advice}."
+    )
+
+
+def _missing_checkpoint_files(path: Path) -> dict[str, str]:
+    """The files every checkpoint has, as Accelerate names them: the model, optimizer, scheduler, one RNG state per
+    process (their number from `training_state.json`, checked with the rest when unreadable) and the training
+    state."""
+    try:
+        num_processes = json.loads((path / TRAINING_STATE_FILE).read_text()).get("num_processes", 1)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        num_processes = 1
+    required = [
+        f"{OPTIMIZER_NAME}.bin",
+        f"{SCHEDULER_NAME}.bin",
+        *(f"{RNG_STATE_NAME}_{index}.pkl" for index in range(num_processes)),
+        TRAINING_STATE_FILE,
+    ]
+    missing = {name: "is missing" for name in required if not (path / name).is_file()}
+    if not (path / SAFE_WEIGHTS_NAME).is_file() and not (path / WEIGHTS_NAME).is_file():
+        missing[SAFE_WEIGHTS_NAME] = "is missing"
+    return missing
+
+
+def _checkpoint_file_problem(file: Path) -> str | None:
+    """What is wrong with one checkpoint file, by its kind, or `None`; files of other kinds are not read."""
+    if file.suffix == ".json":
+        try:
+            json.loads(file.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            return f"is not valid JSON ({error}): truncated or corrupt"
+    elif file.suffix == ".safetensors":
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            return f"is not a complete safetensors file ({error})"
+    elif file.suffix in (".bin", ".pt", ".pkl"):  # Accelerate's torch.save archives (a .pkl is one too)
+        if not zipfile.is_zipfile(file):
+            return "is not a complete torch.save archive (no zip directory at its end): truncated or corrupt"
+        try:
+            with zipfile.ZipFile(file) as archive:
+                damaged = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as error:
+            return f"is a damaged torch.save archive ({error})"
+        if damaged is not None:
+            return f"is corrupt: its entry {damaged} does not read back intact (zip CRC or header)"
+    return None
+
+
 def remove_checkpoints_after(output_dir: Path, step: int) -> None:
     """Remove the checkpoints of `output_dir` written after `step`, where this run starts: they belong to a run that
     was interrupted (a half-written one, or one ahead of the checkpoint resumed from) and Accelerate refuses to write
@@ -687,10 +803,40 @@ RUN_LAYOUT_KEYS = (
     "seed",
     "stream_layout",
 )
+# The arguments that set the optimisation trajectory (the loss weights and balancing are in the model config). A
+# resumed run cannot take other values: AdamW's state holds its learning rate, betas, eps and weight decay and the
+# scheduler's its base learning rate, so the checkpoint's would silently win; the schedule's shape (type, warm-up,
+# length) is not in its state, so other values would silently reshape it from the resumed step on.
+OPTIMIZATION_KEYS = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "max_steps",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+)
+# transformers' `get_scheduler` gives these schedules no `num_training_steps`: their runs may resume with a larger
+# --max_steps and train on exactly as a run planned that long from the start.
+SCHEDULES_WITHOUT_LENGTH = ("constant", "constant_with_warmup", "inverse_sqrt")
+
+
+def optimization_identity(train_args: PretrainingArguments) -> dict[str, Any]:
+    """`OPTIMIZATION_KEYS` of this run, for `training_state.json`; without `max_steps` for `SCHEDULES_WITHOUT_LENGTH`,
+    which do not depend on it."""
+    return {
+        key: getattr(train_args, key)
+        for key in OPTIMIZATION_KEYS
+        if key != "max_steps" or train_args.lr_scheduler_type not in SCHEDULES_WITHOUT_LENGTH
+    }
 
 
 def check_checkpoint_compatible(path: Path, saved: dict[str, Any], expected: dict[str, Any]) -> None:
-    """Refuse a checkpoint written by a different model or batch layout, naming every field that differs."""
+    """Refuse a checkpoint written by a different model, batch layout or optimisation (`OPTIMIZATION_KEYS`), naming
+    every field that differs with both values. A checkpoint of a merit_hf version that did not record its
+    optimisation is not checked for it."""
     differences = []
     saved_config, expected_config = saved["model_config"], expected["model_config"]
     for key in sorted(set(saved_config) | set(expected_config)):
@@ -699,11 +845,35 @@ def check_checkpoint_compatible(path: Path, saved: dict[str, Any], expected: dic
     for key in RUN_LAYOUT_KEYS:
         if saved.get(key) != expected[key]:
             differences.append(f"{key}: checkpoint {saved.get(key)!r}, this run {expected[key]!r}")
+    # Not recorded by earlier versions (`resume` says so); `max_steps` only where both schedules depend on it.
+    saved_optimization, expected_optimization = saved.get("optimization", {}), expected["optimization"]
+    differing = [
+        key
+        for key in OPTIMIZATION_KEYS
+        if key in saved_optimization
+        and key in expected_optimization
+        and saved_optimization[key] != expected_optimization[key]
+    ]
+    for key in differing:
+        differences.append(f"{key}: checkpoint {saved_optimization[key]!r}, this run {expected_optimization[key]!r}")
     if differences:
+        advice = ". Use the checkpoint's settings, or start a new run in another --output_dir."
+        if differing:
+            advice += (
+                " The optimizer and scheduler states hold the learning rate, betas, eps and weight decay (the "
+                "checkpoint's would silently win), and the schedule's type, warm-up and length shape every step after "
+                "the resume."
+            )
+        if "max_steps" in differing:
+            advice += (
+                " To train longer than --max_steps, plan the longer run from the start, or use --lr_scheduler_type "
+                f"{' / '.join(SCHEDULES_WITHOUT_LENGTH)}, whose schedules do not depend on --max_steps: their runs "
+                "resume with a larger one."
+            )
         raise ValueError(
             f"{path}: checkpoint is incompatible with this run, so it cannot be resumed exactly: "
             + "; ".join(differences)
-            + ". Use a new output_dir, or the same settings as the checkpoint."
+            + advice
         )
 
 
@@ -769,10 +939,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model_args, data_args, train_args = parse_arguments(ARGUMENT_CLASSES, sys.argv[1:] if argv is None else argv)
     output_dir = Path(train_args.output_dir)
     resume_path = find_checkpoint(output_dir, train_args.resume_from_checkpoint)
-    if resume_path is None and not train_args.overwrite_output_dir:
+    if resume_path is not None:
+        check_checkpoint_files(resume_path)  # before the data and model are built: a damaged one fails fast
+    elif not train_args.overwrite_output_dir:
         check_output_dir_free(output_dir)
     accelerator = make_accelerator(train_args, data_args.dataloader_pin_memory)
     require_joined_processes(accelerator.num_processes)
+    if resume_path is None and train_args.resume_from_checkpoint == "latest":  # a preemptible job's first start
+        accelerator.print(no_checkpoint_message(output_dir))
     set_seed(train_args.seed)
     if train_args.overwrite_output_dir and accelerator.is_main_process:
         remove_run_outputs(output_dir)
@@ -819,6 +993,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "gradient_accumulation_steps": train_args.gradient_accumulation_steps,
         "seed": train_args.seed,
         "stream_layout": stream_layout(train_loader, accelerator) if streaming else None,
+        "optimization": optimization_identity(train_args),
     }
     global_step, epoch = resume(accelerator, resume_path, run_identity, train_loader if streaming else None)
     start_logging(accelerator, output_dir, global_step, (model_args, data_args, train_args))
@@ -873,7 +1048,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         ecg_ids = batch.pop("ecg_id")
         noise = masking_noise(ecg_ids.tolist(), (train_args.seed, epoch), num_patches).to(accelerator.device)
-        if meter.count_flops_once(lambda rows: meter.model(**rows).loss, {**batch, "noise": noise}):
+        if meter.count_flops_once(
+            lambda rows: meter.model(**at_report_length(rows, model_args.max_report_length, tokenizer)).loss,
+            {**batch, "noise": noise},
+        ):
             accelerator.print(meter.describe())
         with accelerator.accumulate(model):
             with accelerator.autocast():  # the objective computes in the precision the model's forward does
@@ -1134,6 +1312,11 @@ def resume(accelerator: Accelerator, resume_path: Path | None, run_identity: dic
         return 0, 0
     saved = json.loads((resume_path / TRAINING_STATE_FILE).read_text())
     check_checkpoint_compatible(resume_path, saved, run_identity)
+    if "optimization" not in saved:
+        accelerator.print(
+            f"{resume_path}: written by a merit_hf version that did not record its optimisation settings; resumed "
+            f"without checking that {', '.join(OPTIMIZATION_KEYS)} are the checkpoint's"
+        )
     accelerator.load_state(str(resume_path))
     if stream_loader is not None:
         stream_state = resume_path / f"stream_state_rank{accelerator.process_index}.json"

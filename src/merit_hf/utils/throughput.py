@@ -13,7 +13,8 @@ The definitions (per logged interval; `totals()` gives the same over the whole r
 - `achieved_tflops`, `mfu`: `ecgs_per_second x flops_per_ecg`, and that / (`peak_tflops x num_processes`). FLOPs per
   ECG are *model* FLOPs: one forward plus the backward to every trainable parameter, counted once by
   `torch.utils.flop_counter` on the run's own first batch (eval mode, so activation checkpointing's recomputation is
-  not counted, as MFU is defined by PaLM, arXiv 2204.02311, appendix B).
+  not counted, as MFU is defined by PaLM, arXiv 2204.02311, appendix B). Pretraining pads that batch's reports to
+  `--max_report_length` first, so its figure does not depend on which batch comes first (a resumed run's is another).
 - `max_memory_allocated_gib` (CUDA): `torch.cuda.max_memory_allocated` over the interval; `peak_memory_gib` in the
   totals is the maximum over the run.
 
