@@ -424,7 +424,8 @@ def test_resume_with_another_optimisation_is_refused_naming_old_and_new_values(r
         run_pretraining(
             base_argv(assets, tmp_path, resume_from_checkpoint="latest", learning_rate=0.01, max_steps=2 * STEPS)
         )
-    for name, value in (("warmup_steps", 5), ("weight_decay", 0.5), ("adam_beta2", 0.5), ("max_grad_norm", 0.5)):
+    changed = (("warmup_steps", 5), ("weight_decay", 0.5), ("adam_beta2", 0.5), ("max_grad_norm", 0.5))
+    for name, value in (*changed, ("freeze_text_model", True)):  # the last: which parameters the optimizer holds
         with pytest.raises(ValueError, match=f"be resumed exactly: {name}: checkpoint .*, this run {value}\\."):
             run_pretraining(base_argv(assets, tmp_path, resume_from_checkpoint="latest", **{name: value}))
 

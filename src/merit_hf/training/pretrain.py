@@ -817,17 +817,18 @@ OPTIMIZATION_KEYS = (
     "adam_beta2",
     "adam_epsilon",
     "max_grad_norm",
+    "freeze_text_model",  # a model argument: which parameters the optimizer holds
 )
 # transformers' `get_scheduler` gives these schedules no `num_training_steps`: their runs may resume with a larger
 # --max_steps and train on exactly as a run planned that long from the start.
 SCHEDULES_WITHOUT_LENGTH = ("constant", "constant_with_warmup", "inverse_sqrt")
 
 
-def optimization_identity(train_args: PretrainingArguments) -> dict[str, Any]:
+def optimization_identity(train_args: PretrainingArguments, model_args: ModelArguments) -> dict[str, Any]:
     """`OPTIMIZATION_KEYS` of this run, for `training_state.json`; without `max_steps` for `SCHEDULES_WITHOUT_LENGTH`,
     which do not depend on it."""
     return {
-        key: getattr(train_args, key)
+        key: getattr(train_args if hasattr(train_args, key) else model_args, key)
         for key in OPTIMIZATION_KEYS
         if key != "max_steps" or train_args.lr_scheduler_type not in SCHEDULES_WITHOUT_LENGTH
     }
@@ -993,7 +994,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "gradient_accumulation_steps": train_args.gradient_accumulation_steps,
         "seed": train_args.seed,
         "stream_layout": stream_layout(train_loader, accelerator) if streaming else None,
-        "optimization": optimization_identity(train_args),
+        "optimization": optimization_identity(train_args, model_args),
     }
     global_step, epoch = resume(accelerator, resume_path, run_identity, train_loader if streaming else None)
     start_logging(accelerator, output_dir, global_step, (model_args, data_args, train_args))
