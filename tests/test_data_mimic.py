@@ -77,6 +77,21 @@ def test_build_reads_the_layout(mimic_root):
     assert (last["report"], last["report_language"], last["cart_id"], last["rr_interval"]) == ("", "", None, None)
 
 
+def test_statements_that_pandas_would_read_as_missing_stay_in_the_report(mimic_root):
+    """Only an empty cell is a missing statement: "NA", "None", "null", "N/A" are text in the report columns (pandas'
+    default would drop them from the report without a word); the number columns keep pandas' missing spellings."""
+    measurements = mimic_root / "machine_measurements.csv"
+    lines = measurements.read_text().splitlines()
+    fields = lines[2].split(",")  # the second study's row: Sinus rhythm,,Normal ECG,...
+    fields[4:10] = ["NA", "Sinus rhythm", "None", "null", "N/A", "Normal ECG"]
+    fields[-9] = "NA"  # rr_interval
+    lines[2] = ",".join(fields)
+    measurements.write_text("\n".join(lines) + "\n")
+    row = build_mimic_iv_ecg(mimic_root)[1]
+    assert row["report"] == "NA. Sinus rhythm. None. null. N/A. Normal ECG"
+    assert row["rr_interval"] is None and row["qrs_axis"] == 77.0
+
+
 def test_unreadable_record_is_reported(mimic_root, tmp_path):
     signal = ptbxl_500hz(7)
     signal[:50, 4] = np.nan  # PTB-XL column 4 is aVL

@@ -102,6 +102,23 @@ def test_leads_rate_and_length_are_kept_as_recorded_and_bad_records_are_reported
         build_wfdb_dataset(spec)  # in memory, on_error="raise" names the first bad record
 
 
+def test_a_label_spelled_like_a_missing_value_is_a_label(tmp_path):
+    """pandas' default would read the class "NA" (and "None", "null") as a missing cell and leave the record unlabelled."""
+    wfdb_dir = tmp_path / "folder"
+    for index, name in enumerate(("one", "two", "three"), start=1):
+        copy_record(SUBSET / "records100" / "00000" / f"0000{index}_lr", wfdb_dir, name)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("id,dx\none,NA\ntwo,None|SR\nthree,\n")
+    spec = WfdbFolderSpec(
+        str(wfdb_dir), labels_csv=str(labels), id_column="id", label_columns=("dx",), label_separator="|"
+    )
+    rows = {row["record"]: row for row in build_wfdb_dataset(spec)}
+    names = label_names(build_wfdb_dataset(spec), "dx")
+    assert names == ["NA", "None", "SR"]
+    assert [names[i] for i in rows["one"]["dx"]] == ["NA"] and [names[i] for i in rows["two"]["dx"]] == ["None", "SR"]
+    assert rows["three"]["dx"] == []
+
+
 def test_bad_csv_input_is_named(tmp_path):
     wfdb_dir, labels, _ = hospital_folder(tmp_path, 3)
     with pytest.raises(ValueError, match="no id column 'ID'"):

@@ -206,10 +206,23 @@ def convert_mimic_iv_ecg(
     )
 
 
+# pandas' default missing-value spellings (its `read_csv` documentation), kept for number and id columns
+PANDAS_MISSING_VALUES = (
+    "", " ", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA",
+    "NULL", "NaN", "None", "n/a", "nan", "null",
+)  # fmt: skip
+
+
 def _read_csv(path: Path, required: Iterable[str]) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; mimic_root must be a PhysioNet MIMIC-IV-ECG folder")
-    table = pd.read_csv(path, low_memory=False)
+    # In the text columns (the report statements, bandwidth, filtering) only an empty cell is missing: pandas' default
+    # would also read a statement "NA", "None", "null" or "N/A" as missing and drop it from the report without a word.
+    # Number and id columns keep pandas' missing-value spellings.
+    columns = pd.read_csv(path, nrows=0).columns
+    text = set(MIMIC_REPORT_COLUMNS) | set(MEASUREMENT_TEXT_COLUMNS)
+    na_values = {column: [""] if column in text else list(PANDAS_MISSING_VALUES) for column in columns}
+    table = pd.read_csv(path, low_memory=False, keep_default_na=False, na_values=na_values)
     missing = [column for column in required if column not in table.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}")

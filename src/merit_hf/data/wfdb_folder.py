@@ -337,7 +337,9 @@ def _csv_rows(path: str | os.PathLike, id_column: str, records: list[str]) -> di
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: CSV file not found")
-    table = pd.read_csv(path, dtype=str, keep_default_na=True)
+    # only an empty cell is missing: pandas' default would also read "NA", "None", "null", "nan" ... as missing and
+    # drop such a label or id without a word (the class "NA" would vanish)
+    table = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
     if id_column not in table.columns:
         raise ValueError(f"{path}: no id column {id_column!r}; its columns are {list(table.columns)}")
     by_name: dict[str, list[str]] = {}
