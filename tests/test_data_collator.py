@@ -1,6 +1,7 @@
 """`MeritCollator` on real PTB-XL rows: the feature extractor per row, tokenised reports, multi-hot labels."""
 
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -55,14 +56,19 @@ def test_empty_report_raises_by_default(rows, tokenizer):
     assert MeritCollator(MeritFeatureExtractor())([rows[443]])["ecg_values"].shape == (1, 12, 2250)
 
 
-def test_empty_report_drop_is_counted_and_logged(rows, tokenizer, caplog):
+def test_empty_report_drop_is_counted_and_logged(rows, tokenizer, caplog, monkeypatch):
     collator = MeritCollator(MeritFeatureExtractor(), tokenizer=tokenizer, label_set="rhythm", num_classes=12,
                              empty_report="drop")  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="merit_hf.data.collator"):
         batch = collator([rows[442], rows[443], rows[444]])
     assert batch["ecg_values"].shape[0] == batch["labels"].shape[0] == batch["input_ids"].shape[0] == 2
     assert collator.num_dropped_empty_reports == 1
-    assert "dropped ecg_id 443 (empty report)" in caplog.text
+    assert "dropped ecg_id 443 (empty report); 1 dropped so far\n" in caplog.text + "\n"
+    # in a DataLoader worker the count is that worker's copy's, and the warning says so
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: SimpleNamespace(id=1))
+    with caplog.at_level(logging.WARNING, logger="merit_hf.data.collator"):
+        collator([rows[443]] * 2 + [rows[444]])
+    assert "3 dropped so far by DataLoader worker 1" in caplog.text
 
 
 def test_stored_preprocessed_values(rows):

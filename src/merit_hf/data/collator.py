@@ -46,8 +46,10 @@ class MeritCollator:
         max_length (`int`, defaults to 128): reports are truncated to this many tokens.
         empty_report (`str`, defaults to `"raise"`): what a row with an empty `report` does when a tokenizer is
             given: `"raise"` (`ValueError` naming the `ecg_id`) or `"drop"` (the row leaves the batch with a logged
-            warning, counted in `num_dropped_empty_reports`). Rows are never silently dropped; to drop them before
-            training instead, `dataset.filter(lambda row: row["report"] != "")`.
+            warning, counted in `num_dropped_empty_reports`; with DataLoader workers each worker counts in its own
+            copy of the collator and its warnings say which worker, so the attribute of the main process's collator
+            stays 0). Rows are never silently dropped; to drop them before training instead,
+            `dataset.filter(lambda row: row["report"] != "")`.
         feature_extraction_device (`str` or `torch.device`, *optional*): run the feature extractor's batched torch
             path there (`"cpu"`, `"cuda"`; see `MeritFeatureExtractor.__call__`'s `device`) instead of its per-record
             scipy path (the default). `ecg_values` then stays on that device; with `"cuda"` use it in the main
@@ -236,8 +238,10 @@ class MeritCollator:
                     f"MeritCollator: {record} has an empty report; filter such rows out or use empty_report='drop'"
                 )
             self.num_dropped_empty_reports += 1
-            logger.warning("MeritCollator: dropped %s (empty report); %d dropped so far", record,
-                           self.num_dropped_empty_reports)  # fmt: skip
+            worker = torch.utils.data.get_worker_info()  # each DataLoader worker counts in its own copy
+            counter = "" if worker is None else f" by DataLoader worker {worker.id}"
+            logger.warning("MeritCollator: dropped %s (empty report); %d dropped so far%s", record,
+                           self.num_dropped_empty_reports, counter)  # fmt: skip
         return kept
 
 
