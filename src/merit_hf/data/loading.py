@@ -207,8 +207,12 @@ def load_mimic_iv_ecg(
     >>> from accelerate import PartialState
     >>> state = PartialState()
     >>> mimic = load_mimic_iv_ecg("mimic_iv_ecg_merit", rank=state.process_index, world_size=state.num_processes)
-    >>> mimic = mimic.shuffle(seed=0, buffer_size=10_000).with_format("numpy")
-    ```"""
+    >>> mimic = mimic.shuffle(seed=0, buffer_size=10_000, max_buffer_input_shards=1).with_format("numpy")
+    ```
+
+    `max_buffer_input_shards=1` is what pretraining uses (`--shuffle_buffer_input_shards`): with datasets' default of
+    10, a `StatefulDataLoader` with 2 or more workers fails to resume such a stream from its `state_dict` (an
+    `IndexError` inside datasets 5.2)."""
     if split is not None and split not in MIMIC_SPLITS:
         raise ValueError(f"split must be one of {MIMIC_SPLITS} or None, got {split!r}")
     dataset = _load(path_or_repo_id, MIMIC_CONFIG, split, streaming, folder=MIMIC_OUTPUT_FOLDER)
