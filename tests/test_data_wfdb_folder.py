@@ -84,6 +84,7 @@ def test_leads_rate_and_length_are_kept_as_recorded_and_bad_records_are_reported
     )
     saved = json.loads((tmp_path / "out" / "data" / "conversion_report.json").read_text())
     assert saved["failed"] == 1 and saved["settings"]["records_without_labels_row"] == 1  # b/broken has no row
+    assert saved["settings"]["labels_csv_ids_without_record"] == 1  # "ghost"
     records = load_wfdb_dataset(tmp_path / "out", split_fractions=(1.0, 0.0, 0.0))["train"]
     by_record = {row["record"]: row for row in records}
     holter = by_record["a/two_lead"]

@@ -146,8 +146,12 @@ def wfdb_folder_tasks(spec: WfdbFolderSpec) -> tuple[list[dict[str, Any]], dict[
     label column; the numbers of leads the headers declare; and counts of what did not match (for the report)."""
     root = Path(spec.wfdb_dir)
     records = find_wfdb_records(root)
-    labels_rows = _csv_rows(spec.labels_csv, spec.id_column, records) if spec.labels_csv else {}
-    reports = _csv_rows(spec.reports_csv, spec.id_column, records) if spec.reports_csv else {}
+    labels_rows, labels_ids_without_record = (
+        _csv_rows(spec.labels_csv, spec.id_column, records) if spec.labels_csv else ({}, [])
+    )
+    reports, reports_ids_without_record = (
+        _csv_rows(spec.reports_csv, spec.id_column, records) if spec.reports_csv else ({}, [])
+    )
     columns = (*spec.label_columns, *spec.metadata_columns, *([spec.patient_column] if spec.patient_column else []))
     _require_columns(spec.labels_csv, labels_rows, columns)
     _require_columns(spec.reports_csv, reports, (spec.report_column,) if spec.reports_csv else ())
@@ -178,6 +182,8 @@ def wfdb_folder_tasks(spec: WfdbFolderSpec) -> tuple[list[dict[str, Any]], dict[
     unmatched = {
         "records_without_labels_row": sum(record not in labels_rows for record in records) if spec.labels_csv else 0,
         "records_without_report": sum(not task["report"] for task in tasks) if spec.reports_csv else 0,
+        "labels_csv_ids_without_record": len(labels_ids_without_record),
+        "reports_csv_ids_without_record": len(reports_ids_without_record),
     }
     for what, count in unmatched.items():
         if count:
@@ -332,8 +338,11 @@ def _read_header(record_path: Path) -> dict[str, Any]:
     }
 
 
-def _csv_rows(path: str | os.PathLike, id_column: str, records: list[str]) -> dict[str, dict[str, Any]]:
-    """`{record: csv row}`; ids match a relative record path, or a file name that is unique in the folder."""
+def _csv_rows(
+    path: str | os.PathLike, id_column: str, records: list[str]
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """`{record: csv row}` and the ids that match no record; ids match a relative record path, or a file name that is
+    unique in the folder."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: CSV file not found")
@@ -360,7 +369,7 @@ def _csv_rows(path: str | os.PathLike, id_column: str, records: list[str]) -> di
         rows[record] = row
     if unknown:
         logger.warning("%s: %d id(s) match no record, e.g. %s", path, len(unknown), unknown[:5])
-    return rows
+    return rows, unknown
 
 
 def _require_columns(path, rows: dict[str, dict], columns: Sequence[str]) -> None:
