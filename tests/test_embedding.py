@@ -64,6 +64,23 @@ def test_map_style_and_streamed_give_the_probe_features(splits, encoder):
     np.testing.assert_allclose(np.stack([row["ecg_embedding"] for row in rows]), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_streamed_and_map_style_files_have_one_schema(splits, encoder, tmp_path):
+    """Shards written either way can be read together: ecg_id int32 and the `datasets` schema metadata in both."""
+    import pyarrow.parquet as pq
+
+    from merit_hf.embedding import write_embeddings_parquet
+
+    split = splits["test"]
+    kwargs = {"batch_size": 8, "device": "cpu", "precision": "fp32"}
+    write_embeddings_parquet(embed_dataset(split, encoder, **kwargs), tmp_path / "map.parquet")
+    streamed = embed_dataset(split.to_iterable_dataset(), encoder, **kwargs)
+    write_embeddings_parquet(streamed, tmp_path / "stream.parquet", resume_key="k", checkpoint_every=4)
+    map_schema, stream_schema = (pq.read_schema(tmp_path / f"{name}.parquet") for name in ("map", "stream"))
+    assert stream_schema.field("ecg_id").type == map_schema.field("ecg_id").type == "int32"
+    assert stream_schema.remove_metadata() == map_schema.remove_metadata()
+    assert b"huggingface" in stream_schema.metadata and b"huggingface" in map_schema.metadata
+
+
 def test_a_rerun_reuses_the_cached_embeddings(splits, encoder, tmp_path):
     from datasets import load_from_disk
 
@@ -108,6 +125,8 @@ def test_auto_precision_is_resolved_before_it_keys_the_cache(splits, encoder, mo
 
 
 def test_bad_settings_are_named(splits, encoder):
+    with pytest.raises(TypeError, match=r"takes one split, e.g. dataset\['train'\], not a dict of splits \['train'"):
+        embed_dataset(splits, encoder, device="cpu")
     with pytest.raises(ValueError, match="precision: must be one of"):
         embed_dataset(splits["test"], encoder, precision="fp64")
     with pytest.raises(ValueError, match="precision 'fp8' needs a CUDA GPU with FP8 tensor cores"):
@@ -323,6 +342,10 @@ def test_a_stopped_streamed_write_resumes_after_its_last_part(tmp_path):
     assert progress["rows"] == 30 and progress["parts"] == 3
     with pytest.raises(ValueError, match=r"train\.parquet\.partial: an unfinished write of other embeddings"):
         write_embeddings_parquet(_stream(50, None, []), path, resume_key="b", checkpoint_every=10)
+    from datasets import Dataset
+
+    with pytest.raises(ValueError, match=r"train\.parquet\.partial: an unfinished streamed write .* --streaming true"):
+        write_embeddings_parquet(Dataset.from_dict({"ecg_id": [1]}), path)  # map-style: no IsADirectoryError
     seen = []
     assert (
         write_embeddings_parquet(_stream(50, None, seen), path, batch_size=5, resume_key="a", checkpoint_every=10)
@@ -434,6 +457,19 @@ def test_a_bad_record_is_named_by_its_split_and_id(splits, encoder):
     streamed = embed_dataset(dataset.to_iterable_dataset(), encoder, batch_size=3, device="cpu")
     with pytest.raises(EcgInputError, match=r"^the dataset, ecg_id 12, record 'b' \(record 1 of a batch of 3\)"):
         list(streamed)
+
+
+def test_nan_policy_is_a_command_line_setting_like_the_other_input_repairs():
+    """The NaN error says `nan_policy='interpolate'` repairs gaps: the command line can ask for it."""
+    from merit_hf.embedding import EmbeddingArguments, with_input_settings
+
+    checkpoint = MeritFeatureExtractor()
+    adjusted = with_input_settings(
+        checkpoint, EmbeddingArguments(model_name_or_path="m", dataset="d", nan_policy="interpolate")
+    )
+    assert (adjusted.nan_policy, checkpoint.nan_policy) == ("interpolate", "raise")
+    with pytest.raises(ValueError, match="nan_policy: must be one of"):
+        with_input_settings(checkpoint, EmbeddingArguments(model_name_or_path="m", dataset="d", nan_policy="zero"))
 
 
 def test_command_line_names_the_split_and_record_of_a_bad_wfdb_record(splits, encoder, tmp_path):

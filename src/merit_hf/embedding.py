@@ -115,6 +115,8 @@ def embed_dataset(
         raise ValueError(f"precision: must be one of {list(PRECISIONS)}, got {precision!r}")
     if window_pooling not in WINDOW_POOLINGS:
         raise ValueError(f"window_pooling: must be one of {WINDOW_POOLINGS}, got {window_pooling!r}")
+    if isinstance(dataset, dict):  # a DatasetDict / IterableDatasetDict, whose "columns" would be its split names
+        raise TypeError(f"embed_dataset takes one split, e.g. dataset['train'], not a dict of splits {list(dataset)}")
     columns = list(dataset.column_names or (dataset.features or {}))
     missing = [name for name in REQUIRED_COLUMNS if name not in columns]
     if missing:
@@ -154,6 +156,14 @@ def embed_dataset(
         "batch_size": batch_size,
         "remove_columns": [name for name in columns if name not in keep_columns],
     }
+    if not hasattr(dataset, "_fingerprint") and dataset.features is not None:
+        # a stream's output types as a map-style split's (inferred there from the kept columns' features and the
+        # float32 arrays); without them a streamed file held ecg_id as int64 and no `datasets` schema metadata
+        from datasets import Features, List, Value
+
+        options["features"] = Features(
+            {**{name: dataset.features[name] for name in keep_columns}, column: List(Value("float32"))}
+        )
     if hasattr(dataset, "_fingerprint"):  # map-style: a fingerprint that a re-run reproduces, so its cache is reused
         weights = weights_fingerprint or model_fingerprint(encoder)  # of the caller's weights, not the copy's
         key = [weights, feature_extractor.to_json_string(), precision, column, list(keep_columns)]
@@ -202,6 +212,7 @@ def write_embeddings_parquet(
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(embedded, Dataset):
         partial = path.with_name(path.name + ".partial")  # a crash leaves only this, never a file that looks complete
+        check_no_unfinished_stream(path)
         embedded.to_parquet(str(partial))
         partial.replace(path)
         return len(embedded)
@@ -212,8 +223,9 @@ def write_embeddings_parquet(
         embedded.load_state_dict(parts.state)
     writer, part_rows = None, 0
     try:
+        schema = embedded.features.arrow_schema if embedded.features is not None else None
         for batch in embedded.iter(batch_size=min(batch_size, checkpoint_every)):
-            table = pa.Table.from_pydict(batch)
+            table = pa.Table.from_pydict(batch, schema=schema)
             writer = writer or pq.ParquetWriter(str(parts.unfinished), table.schema)
             writer.write_table(table)
             part_rows += table.num_rows
@@ -230,6 +242,17 @@ def write_embeddings_parquet(
         parts.remove()
         raise ValueError(f"{path}: the streamed split yielded no records, so there is nothing to write")
     return parts.join_into(path)
+
+
+def check_no_unfinished_stream(path: str | Path) -> None:
+    """Refuse a map-style write of `path` over the `<path>.partial/` folder a stopped streamed write left (it would fail
+    on the folder after embedding the whole split): resume it by streaming, or delete it."""
+    unfinished = Path(path).with_name(Path(path).name + ".partial")
+    if unfinished.is_dir():
+        raise ValueError(
+            f"{unfinished}: an unfinished streamed write of this file is there; resume it with --streaming true and the "
+            "same settings, or delete the folder to write the split map-style"
+        )
 
 
 class _StreamParts:
@@ -360,6 +383,13 @@ class EmbeddingArguments:
             "missing ones are left out); 'raise'. Default: the checkpoint's feature-extractor setting."
         },
     )
+    nan_policy: str | None = field(
+        default=None,
+        metadata={
+            "help": "'interpolate': short NaN/inf gaps are filled linearly (within the feature extractor's "
+            "max_nan_gap_s and max_nan_fraction); 'raise'. Default: the checkpoint's feature-extractor setting."
+        },
+    )
     split_column: str | None = field(
         default=None, metadata={"help": "wfdb: a column of train / validation / test (else a seeded split)."}
     )
@@ -433,9 +463,10 @@ def load_splits(arguments: EmbeddingArguments, shard_index: int = 0, num_shards:
 
 
 def with_input_settings(feature_extractor: MeritFeatureExtractor, arguments: EmbeddingArguments):
-    """A copy of the checkpoint's feature extractor with the command line's window and missing-lead settings."""
+    """A copy of the checkpoint's feature extractor with the command line's window, missing-lead and NaN settings."""
     settings = {"window": arguments.window, "window_stride": arguments.window_stride}
     settings["missing_leads"] = arguments.missing_leads
+    settings["nan_policy"] = arguments.nan_policy
     settings = {name: value for name, value in settings.items() if value is not None}
     if not settings:
         return feature_extractor
@@ -479,6 +510,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         what.append(STREAM_LAYOUT)
     written = {}
     for split, dataset in load_splits(arguments, shard_index, num_shards).items():
+        path = output_dir / f"{split}{suffix}.parquet"
+        if hasattr(dataset, "_fingerprint"):  # map-style: refused before the split is embedded, not after
+            check_no_unfinished_stream(path)
         meter = ThroughputMeter(state.device)
         embedded = embed_dataset(
             dataset,
@@ -494,7 +528,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             feature_extraction_device=arguments.feature_extraction_device,
             split=split,
         )
-        path = output_dir / f"{split}{suffix}.parquet"
         resume_key = hashlib.sha1(json.dumps([*what, split]).encode()).hexdigest()
         rows = write_embeddings_parquet(
             embedded, path, resume_key=resume_key, checkpoint_every=arguments.checkpoint_every
