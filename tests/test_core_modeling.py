@@ -438,6 +438,9 @@ def test_a_config_that_does_not_fit_the_weights_is_named(tmp_path):
     config_file.unlink()
     with pytest.raises(OSError, match=r"encoder: no config.json"):
         MeritEcgModel.from_pretrained(tmp_path / "encoder")
+    for missing in (tmp_path / "nowhere", "./nowhere/model"):  # not transformers' "Repo id must be in the form ..."
+        with pytest.raises(OSError, match=r"nowhere.*: no such folder"):
+            MeritEcgModel.from_pretrained(missing)  # (AutoModel reads the config first: transformers' message)
 
     classifier = MeritForEcgClassification(tiny_merit_config(id2label={0: "A", 1: "B"}))
     classifier.save_pretrained(tmp_path / "classifier")

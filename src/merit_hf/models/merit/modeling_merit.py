@@ -836,6 +836,10 @@ class _StrictLoadingMixin:
         kwargs["use_safetensors"] = True
         wants_info = kwargs.pop("output_loading_info", False)
         local = Path(str(pretrained_model_name_or_path)) / kwargs.get("subfolder", "")
+        name = str(pretrained_model_name_or_path)
+        looks_local = Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
+        if looks_local and not Path(name).expanduser().exists():  # else transformers says "Repo id must use ..."
+            raise OSError(f"{name}: no such folder (a Hub id is 'owner/name')")
         if local.is_dir() and not any(local.glob("*.safetensors")):
             found = sorted(p.name for p in local.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
             problem = f"pickled weights {found} are refused" if found else "no model.safetensors found"
