@@ -43,7 +43,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from merit_hf import zero_shot_classify  # noqa: E402
+from merit_hf import STANDARD_LEAD_NAMES, zero_shot_classify  # noqa: E402
 from merit_hf.models.merit.feature_extraction_merit import EcgInputError, read_wfdb_header, read_wfdb_record  # noqa: E402
 from merit_hf.models.merit.pipeline_merit import encode_ecgs, load_class_descriptions  # noqa: E402
 
@@ -72,8 +72,9 @@ DISCLAIMER = (
 )
 INPUT_POLICY = (
     "Accepted: one WFDB record (`.hea` + `.dat`, upload both) with 1 to 12 of the standard leads (12-lead, limb "
-    f"leads, 2-lead, single-lead) at {', '.join(map(str, ACCEPTED_RATES))} Hz, {MIN_SECONDS:g}-{MAX_SECONDS:g} s, at "
-    f"most {MAX_UPLOAD_BYTES // 2**20} MB. It is resampled to the model's rate; limb leads are derived from two of "
+    f"leads, 2-lead, single-lead) at {', '.join(map(str, ACCEPTED_RATES))} Hz, {MIN_SECONDS:g}-{MAX_SECONDS:g} s and "
+    f"at least the model's window (9 s for base-p75, 10 s for the quick-start model), at most "
+    f"{MAX_UPLOAD_BYTES // 2**20} MB. It is resampled to the model's rate; limb leads are derived from two of "
     "I, II, III, and leads still missing are left out of the model (not fed as zeros)."
 )
 
@@ -301,7 +302,8 @@ def read_record(record: Path) -> dict:
 
 def plot_ecg(signal_mv: np.ndarray, sampling_rate: float, lead_names: list[str], title: str):
     """The 12 leads on ECG paper (fine lines every 0.04 s and 0.1 mV, bold every 0.2 s and 0.5 mV, as 25 mm/s and
-    10 mm/mV paper), limb leads left, chest leads right, the first 10 s."""
+    10 mm/mV paper), limb leads left and chest leads right in their standard places (a reduced-lead record leaves the
+    others blank), the first 10 s."""
     samples = min(len(signal_mv), int(10 * sampling_rate))
     seconds = samples / sampling_rate
     time = np.arange(samples) / sampling_rate
@@ -312,15 +314,22 @@ def plot_ecg(signal_mv: np.ndarray, sampling_rate: float, lead_names: list[str],
     # Grid lines as two line collections per axis: thousands of matplotlib ticks would take seconds to lay out.
     fine_x, bold_x = np.arange(0, seconds + 1e-9, 0.04), np.arange(0, seconds + 1e-9, 0.2)
     fine_y, bold_y = np.arange(low, high + 1e-9, 0.1), np.arange(low, high + 1e-9, 0.5)
+    # each lead in its standard place (I-aVF left, V1-V6 right), whatever order the record stores them in
+    standard = {name.lower(): slot for slot, name in enumerate(STANDARD_LEAD_NAMES)}
+    slots = [standard.get(name.lower(), index) for index, name in enumerate(lead_names)]
+    if len(set(slots)) < len(slots) or max(slots, default=0) >= rows * columns:
+        slots = list(range(len(lead_names)))  # not the standard leads: as recorded
+    for index, slot in enumerate(slots):
+        axes[slot % rows, slot // rows].plot(time, signal_mv[:samples, index], color="black", linewidth=0.7)
+        axes[slot % rows, slot // rows].text(
+            0.05, high - 0.15, lead_names[index], fontsize=10, fontweight="bold", va="top"
+        )
     for index in range(rows * columns):
         axis = axes[index % rows, index // rows]
         axis.vlines(fine_x, low, high, colors=GRID_FINE, linewidth=0.3)
         axis.hlines(fine_y, 0, seconds, colors=GRID_FINE, linewidth=0.3)
         axis.vlines(bold_x, low, high, colors=GRID_BOLD, linewidth=0.6)
         axis.hlines(bold_y, 0, seconds, colors=GRID_BOLD, linewidth=0.6)
-        if index < len(lead_names):
-            axis.plot(time, signal_mv[:samples, index], color="black", linewidth=0.7)
-            axis.text(0.05, high - 0.15, lead_names[index], fontsize=10, fontweight="bold", va="top")
         axis.set_xlim(0, seconds)
         axis.set_ylim(low, high)
         axis.set_facecolor("#fff7f7")

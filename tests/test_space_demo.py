@@ -165,6 +165,32 @@ def test_upload_with_upper_or_mixed_case_extensions(space, tmp_path, header, dat
     assert report == lower_report
 
 
+def test_the_plot_puts_each_lead_in_its_standard_place_whatever_the_stored_order():
+    """Limb leads left, chest leads right: a record storing V1-V6 first is drawn as one storing I-aVF first, and a
+    reduced-lead record leaves the other places blank."""
+    app = load_app_module()
+    signal = np.stack([np.full(1000, 0.1 * (index + 1)) for index in range(12)], axis=1)  # lead k is flat at 0.1 k mV
+
+    def traces(figure):  # figure.axes runs row by row over the 6 x 2 grid: [0::2] is the left column
+        drawn = [(axis.texts[0].get_text(), float(axis.lines[0].get_ydata()[0])) if axis.lines else None
+                 for axis in figure.axes]  # fmt: skip
+        return drawn[0::2], drawn[1::2]
+
+    standard = app.plot_ecg(signal, 100.0, STANDARD_LEADS, "standard")
+    chest_first = [*range(6, 12), *range(6)]
+    stored = app.plot_ecg(signal[:, chest_first], 100.0, [STANDARD_LEADS[i] for i in chest_first], "chest first")
+    left, right = traces(stored)
+    assert traces(standard) == (left, right)
+    assert [name for name, _ in left] == STANDARD_LEADS[:6] and [name for name, _ in right] == STANDARD_LEADS[6:]
+    assert [value for _, value in left + right] == pytest.approx([0.1 * k for k in range(1, 13)])
+    reduced = app.plot_ecg(signal[:, [6, 1]], 100.0, ["V1", "II"], "two leads")
+    placed = {axis.texts[0].get_text(): index for index, axis in enumerate(reduced.axes) if axis.lines}
+    rows = (
+        6  # axes are numbered row by row, 2 columns: place k (column k // 6, row k % 6) is axis 2 * (k % 6) + k // 6
+    )
+    assert placed == {"II": 2 * (1 % rows) + 0, "V1": 2 * (6 % rows) + 1}
+
+
 def test_unreadable_upload_is_a_readable_error(space, tmp_path):
     app, models, _, _ = space
     with pytest.raises(app.DemoInputError) as error:
