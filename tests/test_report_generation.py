@@ -839,6 +839,7 @@ def test_ecg_use_check_tells_an_ecg_blind_model_from_one_that_reads_the_ecg(part
         model.multi_modal_projector.linear_2.bias.zero_()
     blind = ecg_use_check(accelerator, model, dataset, collator, batch_size=3)
     assert blind["shuffled_minus_real"] == pytest.approx(0.0, abs=1e-6)
+    assert blind["real_ecg_better_fraction"] == 0.5  # every report ties: half, as by chance (was 0.0)
 
     text_only = ReportCollator(processor, "write the report.\n", condition_on_ecg=False, with_reports=True)
     no_ecg = ecg_use_check(accelerator, model, dataset, text_only, batch_size=3)

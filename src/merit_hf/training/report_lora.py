@@ -610,7 +610,8 @@ def ecg_use_check(
     (`real_ecg`) and with the ECGs shuffled across reports (`shuffled_ecg`, `ReportExamples.with_shuffled_ecgs`),
     and `shuffled_minus_real`: about 0 when the ECG tokens carry nothing the LM uses (it writes the report prior
     whatever the ECG), positive when it does; `real_ecg_better_fraction` is the share of reports whose own ECG
-    gives them the lower loss (0.5 by chance). Without ECG conditioning only `no_ecg` (the text-only loss)."""
+    gives them the lower loss, an exact tie counting half, so that it is 0.5 by chance and for an ECG-blind model
+    (whose two losses are equal). Without ECG conditioning only `no_ecg` (the text-only loss)."""
 
     def losses(examples: ReportExamples) -> tuple[torch.Tensor, torch.Tensor]:
         loader = accelerator.prepare_data_loader(DataLoader(examples, batch_size=batch_size, collate_fn=collator))
@@ -627,7 +628,7 @@ def ecg_use_check(
         "real_ecg": real,
         "shuffled_ecg": shuffled,
         "shuffled_minus_real": shuffled - real,
-        "real_ecg_better_fraction": float((real_sums < shuffled_sums).float().mean()),
+        "real_ecg_better_fraction": float(((real_sums < shuffled_sums) + 0.5 * (real_sums == shuffled_sums)).mean()),
     }
 
 
