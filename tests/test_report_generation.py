@@ -864,11 +864,38 @@ def test_ecg_use_check_tells_an_ecg_blind_model_from_one_that_reads_the_ecg(part
         ("max_train_reports", "-1", "--max_train_reports: must be None (all) or at least 0, got -1"),
         ("max_eval_reports", "-2", "--max_eval_reports: must be None (all) or at least 0, got -2"),
         ("eval_folds", "8", "--eval_folds: fold(s) [8] are in --train_folds too; the scored reports must be held out"),
+        (
+            "check_folds",
+            "8",
+            "--check_folds: fold(s) [8] are in --train_folds too; the checked reports must be held out",
+        ),
+        ("eval_folds", "11", "--eval_folds: PTB-XL's folds are 1 to 10, got [11]"),
+        ("check_folds", "11", "--check_folds: PTB-XL's folds are 1 to 10, got [11]"),
+        ("train_folds", "0", "--train_folds: PTB-XL's folds are 1 to 10, got [0]"),
+        ("max_grad_norm", "0", "--max_grad_norm: must be more than 0 (None: no clipping), got 0.0"),
+        ("max_grad_norm", "-1", "--max_grad_norm: must be more than 0 (None: no clipping), got -1.0"),
+        ("repetition_penalty", "0", "--repetition_penalty: must be more than 0 (1: no penalty), got 0.0"),
+        ("lora_dropout", "1.5", "--lora_dropout: must be at least 0 and less than 1, got 1.5"),
+        ("lora_alpha", "0", "--lora_alpha: must be at least 1, got 0"),
+        ("learning_rate", "-1", "--learning_rate: must be 0 or more, got -1.0"),
+        ("alignment_learning_rate", "-1", "--alignment_learning_rate: must be 0 or more, got -1.0"),
+        ("weight_decay", "-1", "--weight_decay: must be 0 or more, got -1.0"),
+        ("ptbxl_sampling_rate", "250", "--ptbxl_sampling_rate: must be one of [100, 500] (PTB-XL's rates), got 250"),
+        ("non_english_reports", "foo", "--non_english_reports: must be one of ('drop', 'error'), got 'foo'"),
+        (
+            "lr_scheduler_type",
+            "bogus",
+            "--lr_scheduler_type: must be one of ('linear', 'cosine', "
+            "'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup', 'inverse_sqrt'), got 'bogus'",
+        ),
+        ("ecg_tokens_per_lead", "0", "--ecg_tokens_per_lead: must be at least 1, got 0"),
     ],
 )
 def test_report_lora_refuses_bad_settings_before_loading_anything(tmp_path, flag, value, message):
-    """Settings that would divide by zero, index an empty list or slice reports away are refused when the arguments
-    are parsed: before the language model (here a folder that does not exist) or any data is read."""
+    """Settings that would divide by zero, index an empty list, slice reports away, select no report, silently break
+    training (a gradient clipped to 0 or flipped, LoRA scaled to nothing) or fail only once the LM is loaded or
+    trained are refused when the arguments are parsed: before the language model (here a folder that does not exist)
+    or any data is read."""
     from merit_hf.training.report_lora import main
 
     arguments = [str(REPO_ROOT / "configs" / "report_tiny.yaml"), "--language_model", str(tmp_path / "no_lm")]
@@ -959,7 +986,7 @@ def test_accumulated_micro_batches_step_on_the_gradient_of_their_whole_batch(par
         recorded.clear()
         accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
         training_args = ReportTrainingArguments(gradient_accumulation_steps=accumulation, warmup_ratio=0.0,
-                                                max_grad_norm=1e9)  # fmt: skip
+                                                max_grad_norm=None)  # fmt: skip
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
         _train_stage("alignment", accelerator, model, loader, 1, 0.0, training_args)
         assert len(recorded) == 1

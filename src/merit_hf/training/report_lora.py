@@ -70,6 +70,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 from ..data import drop_empty_reports, load_dataset, load_mimic_iv_ecg
 from ..data.mimic_iv_ecg import MEASUREMENTS_FILE, MimicRecordReader, mimic_iv_ecg_features, read_mimic_tasks
+from ..data.ptbxl import PTBXL_SAMPLING_RATES
 from ..models.merit.configuration_merit import MeritEcgConfig
 from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
 from ..models.merit.modeling_merit import MeritEcgModel
@@ -91,6 +92,12 @@ RESULTS_FILE = "report_results.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 NON_ENGLISH_RULES = ("drop", "error")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
+PTBXL_FOLDS = tuple(range(1, 11))  # PTB-XL's strat_fold
+# transformers' schedulers that `get_scheduler` builds from the warm-up and step counts alone (the others need more
+# arguments or a metric at every step).
+LR_SCHEDULER_TYPES = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+)  # fmt: skip
 
 
 @dataclass
@@ -112,6 +119,10 @@ class ReportModelArguments:
         default=True, metadata={"help": "False: train the encoder too in stage 2 (saved in the adapter)."}
     )
     condition_on_ecg: bool = field(default=True, metadata={"help": "False: the no-ECG baseline (text prompt only)."})
+
+    def __post_init__(self):
+        if self.ecg_tokens_per_lead < 1:
+            raise ValueError(f"--ecg_tokens_per_lead: must be at least 1, got {self.ecg_tokens_per_lead}")
 
 
 @dataclass
@@ -161,6 +172,19 @@ class ReportDataArguments:
     )
 
     def __post_init__(self):
+        if self.ptbxl_sampling_rate not in PTBXL_SAMPLING_RATES:
+            raise ValueError(
+                f"--ptbxl_sampling_rate: must be one of {sorted(PTBXL_SAMPLING_RATES)} (PTB-XL's rates), "
+                f"got {self.ptbxl_sampling_rate}"
+            )
+        if self.non_english_reports not in NON_ENGLISH_RULES:
+            raise ValueError(
+                f"--non_english_reports: must be one of {NON_ENGLISH_RULES}, got {self.non_english_reports!r}"
+            )
+        for name in ("train_folds", "eval_folds", "check_folds"):
+            outside = sorted(set(getattr(self, name)) - set(PTBXL_FOLDS))
+            if outside:  # a fold PTB-XL does not have selects no report, silently
+                raise ValueError(f"--{name}: PTB-XL's folds are 1 to 10, got {outside}")
         if self.max_length < 1:
             raise ValueError(f"--max_length: must be at least 1, got {self.max_length}")
         if self.examples_chunk_size < 1:
@@ -173,6 +197,11 @@ class ReportDataArguments:
         if overlap:  # scores of reports trained on would pass for held-out ones
             raise ValueError(
                 f"--eval_folds: fold(s) {overlap} are in --train_folds too; the scored reports must be held out"
+            )
+        overlap = sorted(set(self.check_folds) & set(self.train_folds))
+        if overlap:  # a model that remembers its training reports would pass the check without reading the ECG
+            raise ValueError(
+                f"--check_folds: fold(s) {overlap} are in --train_folds too; the checked reports must be held out"
             )
 
 
@@ -192,18 +221,20 @@ class ReportTrainingArguments:
     learning_rate: float = field(default=2e-4)
     weight_decay: float = field(default=0.0)
     warmup_ratio: float = field(default=0.03)
-    lr_scheduler_type: str = field(default="linear")
-    max_grad_norm: float = field(default=1.0)
+    lr_scheduler_type: str = field(default="linear", metadata={"help": f"One of {', '.join(LR_SCHEDULER_TYPES)}."})
+    max_grad_norm: float | None = field(
+        default=1.0, metadata={"help": "Clip the gradient norm to this (more than 0); None: no clipping."}
+    )
     lora_r: int = field(default=16)
-    lora_alpha: int = field(default=32)
-    lora_dropout: float = field(default=0.05)
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling is lora_alpha / lora_r; at least 1."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "From 0 to less than 1."})
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         metadata={"help": "LM module names (suffixes) that get LoRA; matched only under `language_model.`"},
     )
     max_new_tokens: int = field(default=64)
     num_beams: int = field(default=1)
-    repetition_penalty: float = field(default=1.0)
+    repetition_penalty: float = field(default=1.0, metadata={"help": "More than 0; 1 is no penalty."})
     do_eval: bool = field(default=True)
     compute_meteor: bool = field(default=True, metadata={"help": "False on machines without WordNet."})
     save_base_model: bool = field(default=True, metadata={"help": "Write base_model/ (needed to reload)."})
@@ -222,6 +253,7 @@ class ReportTrainingArguments:
             "max_new_tokens",
             "num_beams",
             "lora_r",
+            "lora_alpha",  # 0 scales the LoRA update to nothing: stage 2 would train weights that change nothing
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}: must be at least 1, got {getattr(self, name)}")
@@ -230,6 +262,21 @@ class ReportTrainingArguments:
                 raise ValueError(f"--{name}: must be 0 (skip the stage) or more, got {getattr(self, name)}")
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError(f"--warmup_ratio: must be between 0 and 1, got {self.warmup_ratio}")
+        for name in ("alignment_learning_rate", "learning_rate", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name}: must be 0 or more, got {getattr(self, name)}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:  # would scale the gradients by 0 or flip them
+            raise ValueError(f"--max_grad_norm: must be more than 0 (None: no clipping), got {self.max_grad_norm}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"--lora_dropout: must be at least 0 and less than 1, got {self.lora_dropout}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(
+                f"--repetition_penalty: must be more than 0 (1: no penalty), got {self.repetition_penalty}"
+            )
+        if self.lr_scheduler_type not in LR_SCHEDULER_TYPES:
+            raise ValueError(
+                f"--lr_scheduler_type: must be one of {LR_SCHEDULER_TYPES}, got {self.lr_scheduler_type!r}"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -550,7 +597,8 @@ def _train_stage(
                     for parameter in parameters:
                         if parameter.grad is not None:
                             parameter.grad.mul_(scale.to(parameter.grad.dtype))
-                    accelerator.clip_grad_norm_(parameters, training_args.max_grad_norm)
+                    if training_args.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(parameters, training_args.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
