@@ -1010,6 +1010,9 @@ def test_report_lora_with_lora_epochs_0_trains_only_the_projector_and_saves_ever
         + [item for name, value in arguments.items() for item in (f"--{name}", str(value))]
     )
     assert results["skipped_stages"] == {"lora": "--lora_epochs 0"}
+    with pytest.raises(FileExistsError, match="holds an earlier run"):  # the same command again: refused
+        main([str(REPO_ROOT / "configs" / "report_tiny.yaml")]
+             + [item for name, value in arguments.items() for item in (f"--{name}", str(value))])  # fmt: skip
     assert "alignment_loss_last" in results and "lora_loss_last" not in results and "lora_throughput" not in results
     assert json.loads((output_dir / RESULTS_FILE).read_text())["skipped_stages"] == {"lora": "--lora_epochs 0"}
     model, processor = load_report_adapter(output_dir / "adapter")
@@ -1018,6 +1021,31 @@ def test_report_lora_with_lora_epochs_0_trains_only_the_projector_and_saves_ever
                       reports=["sinus rhythm"], return_tensors="pt", crop="center")  # fmt: skip
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, base(**batch).logits)
+
+
+def test_report_lora_refuses_an_earlier_run_or_removes_its_outputs_with_overwrite_output_dir(tmp_path):
+    """A run into an output_dir holding an earlier run's outputs left them beside its own (a stale predictions.jsonl,
+    a base_model/ the new adapter does not belong to). It is refused before anything loads (the LM here is a folder
+    that does not exist), naming the folder and the flag; `--overwrite_output_dir true` removes those outputs, and
+    nothing else, first."""
+    from merit_hf.training.report_lora import PREDICTIONS_FILE, main
+
+    output_dir = tmp_path / "run"
+    (output_dir / "base_model").mkdir(parents=True)
+    (output_dir / PREDICTIONS_FILE).write_text("{}\n")
+    (output_dir / "notes.txt").write_text("not the run's")
+    arguments = [str(REPO_ROOT / "configs" / "report_tiny.yaml"), "--language_model", str(tmp_path / "no_lm"),
+                 "--output_dir", str(output_dir), "--use_cpu", "true"]  # fmt: skip
+    message = (
+        f"{output_dir}: holds an earlier run (base_model, predictions.jsonl). Start again with --overwrite_output_dir "
+        "true (removes them), or choose another --output_dir."
+    )
+    with pytest.raises(FileExistsError, match=f"^{re.escape(message)}$"):
+        main(arguments)
+    assert (output_dir / PREDICTIONS_FILE).is_file()
+    with pytest.raises(OSError, match="no_lm"):  # got past the outputs' removal to loading the LM
+        main(arguments + ["--overwrite_output_dir", "true"])
+    assert sorted(path.name for path in output_dir.iterdir()) == ["notes.txt"]
 
 
 @pytest.mark.slow

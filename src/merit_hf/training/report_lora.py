@@ -43,7 +43,8 @@ Outputs in `output_dir`: `base_model/` (the frozen base: starting encoder + LM +
 `save_pretrained`), `adapter/` (LoRA weights + projector, and the trained encoder with `--freeze_ecg_encoder false`,
 in `adapter_model.safetensors`; `adapter_config.json`, `generation_config.json`, the processor with its `<ecg>` token,
 and `merit_report_base.json`, the fingerprint of the base the adapter belongs to), `predictions.jsonl` and
-`report_results.json`. Reload with `load_report_adapter(output_dir / "adapter")`.
+`report_results.json`. Reload with `load_report_adapter(output_dir / "adapter")`. An `output_dir` that holds any of
+these is refused (the two runs would mix); `--overwrite_output_dir true` removes them first.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ from ..models.merit.processing_merit import DEFAULT_REPORT_INSTRUCTION, IGNORE_I
 from ..utils.arguments import arguments_to_dict, config_from_argument, parse_arguments
 from ..utils.launch import require_joined_processes
 from ..utils.throughput import ThroughputMeter
+from .pretrain import remove_run_outputs
 from .report_examples import (
     DEFAULT_CHUNK_SIZE,
     ReportExamples,
@@ -90,6 +92,8 @@ from .report_examples import (
 BASE_FINGERPRINT_FILE = "merit_report_base.json"
 RESULTS_FILE = "report_results.json"
 PREDICTIONS_FILE = "predictions.jsonl"
+# Everything a run writes in output_dir; `--overwrite_output_dir true` removes these (and nothing else) first.
+RUN_OUTPUTS = ("base_model", "adapter", PREDICTIONS_FILE, RESULTS_FILE)
 NON_ENGLISH_RULES = ("drop", "error")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 PTBXL_FOLDS = tuple(range(1, 11))  # PTB-XL's strat_fold
@@ -208,6 +212,13 @@ class ReportDataArguments:
 @dataclass
 class ReportTrainingArguments:
     output_dir: str = field(default="outputs/report-lora")
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start again in an output_dir that holds an earlier run: remove its base_model/, adapter/, "
+            "predictions and results first. Without it, such a folder is refused."
+        },
+    )
     seed: int = field(default=0)
     per_device_train_batch_size: int = field(default=8)
     per_device_eval_batch_size: int = field(default=16)
@@ -724,6 +735,17 @@ def generate_reports(
     return texts, speed
 
 
+def refuse_earlier_run(output_dir: Path) -> None:
+    """Refuse an `output_dir` holding an earlier run's outputs: the new run would leave them beside its own (a stale
+    `predictions.jsonl`, a `base_model/` that the new adapter does not belong to)."""
+    earlier = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    if earlier:
+        raise FileExistsError(
+            f"{output_dir}: holds an earlier run ({', '.join(earlier)}). Start again with --overwrite_output_dir "
+            "true (removes them), or choose another --output_dir."
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model_args, data_args, training_args = parse_arguments(
         (ReportModelArguments, ReportDataArguments, ReportTrainingArguments),
@@ -731,6 +753,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     if not model_args.language_model:
         raise ValueError("--language_model is required: a folder holding a causal LM and its tokenizer")
+    output_dir = Path(training_args.output_dir)
+    if not training_args.overwrite_output_dir:
+        refuse_earlier_run(output_dir)
     accelerator = Accelerator(
         cpu=training_args.use_cpu,
         mixed_precision=training_args.mixed_precision,
@@ -738,7 +763,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     require_joined_processes(accelerator.num_processes)
     set_seed(training_args.seed)
-    output_dir = Path(training_args.output_dir)
+    if training_args.overwrite_output_dir and accelerator.is_main_process:
+        remove_run_outputs(output_dir, RUN_OUTPUTS)
+    accelerator.wait_for_everyone()
     output_dir.mkdir(parents=True, exist_ok=True)
 
     # --- model and processor
