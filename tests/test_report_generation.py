@@ -1023,6 +1023,32 @@ def test_report_lora_with_lora_epochs_0_trains_only_the_projector_and_saves_ever
         torch.testing.assert_close(model(**batch).logits, base(**batch).logits)
 
 
+def test_the_ecg_use_check_leaves_training_bit_identical(lm_dir, tmp_path):
+    """`--check_folds` is a diagnostic: a run with it trains the same model as one without (the same losses and
+    adapter weights, bit for bit). Its loaders drew from the global RNG after stage 1, so LoRA started from other
+    weights."""
+    from safetensors.torch import load_file
+
+    from merit_hf.training.report_lora import main
+
+    flags = {"language_model": lm_dir, "ptbxl_dir": BUNDLED_PTBXL, "use_cpu": "true", "max_train_reports": 4,
+             "per_device_train_batch_size": 2, "do_eval": "false", "save_base_model": "false"}  # fmt: skip
+    runs = {}
+    for name, check in (("without", {}), ("with", {"check_folds": 9, "max_check_reports": 2})):
+        values = {**flags, **check, "output_dir": tmp_path / name}
+        runs[name] = main(
+            [str(REPO_ROOT / "configs" / "report_tiny.yaml")]
+            + [item for flag, value in values.items() for item in (f"--{flag}", str(value))]
+        )
+    assert "lora_ecg_use_check" in runs["with"] and "lora_ecg_use_check" not in runs["without"]
+    for key in ("alignment_loss_first", "alignment_loss_last", "lora_loss_first", "lora_loss_last"):
+        assert runs["with"][key] == runs["without"][key], key
+    weights = {name: load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in runs}
+    assert weights["with"].keys() == weights["without"].keys()
+    for key, tensor in weights["without"].items():
+        assert torch.equal(weights["with"][key], tensor), key
+
+
 def test_report_lora_refuses_an_earlier_run_or_removes_its_outputs_with_overwrite_output_dir(tmp_path):
     """A run into an output_dir holding an earlier run's outputs left them beside its own (a stale predictions.jsonl,
     a base_model/ the new adapter does not belong to). It is refused before anything loads (the LM here is a folder

@@ -893,6 +893,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from peft import get_peft_model
 
     train_ecg_encoder = not model_args.freeze_ecg_encoder and model_args.condition_on_ecg
+    # Seeded again here, so that LoRA's initial weights and dropout depend on --seed alone: the ECG-use check's
+    # loaders (--check_folds) draw from the global RNG after stage 1, and made a run with the check train another model.
+    set_seed(training_args.seed)
     peft_model = get_peft_model(model, lora_config(training_args, train_ecg_encoder))
     if not model_args.condition_on_ecg:  # the projector gets no gradient without ECG tokens
         for parameter in peft_model.base_model.model.multi_modal_projector.parameters():
