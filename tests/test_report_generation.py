@@ -1049,6 +1049,29 @@ def test_the_ecg_use_check_leaves_training_bit_identical(lm_dir, tmp_path):
         assert torch.equal(weights["with"][key], tensor), key
 
 
+def test_the_no_ecg_baseline_adapter_reloads_with_the_prompt_it_was_trained_with(lm_dir, tmp_path):
+    """`--condition_on_ecg false`: the adapter's processor records it, so reloaded, its `format_prompt()` has no
+    `<ecg>` (it had one: an ECG went through a projector never aligned) and generation from it reproduces the run's
+    predictions.jsonl; an ECG given to it is refused."""
+    from merit_hf.training.report_lora import PREDICTIONS_FILE, load_report_adapter, main
+
+    output_dir = tmp_path / "run"
+    arguments = {"language_model": lm_dir, "ptbxl_dir": BUNDLED_PTBXL, "output_dir": output_dir, "use_cpu": "true",
+                 "max_train_reports": 4, "condition_on_ecg": "false", "compute_meteor": "false"}  # fmt: skip
+    main(
+        [str(REPO_ROOT / "configs" / "report_tiny.yaml")]
+        + [item for name, value in arguments.items() for item in (f"--{name}", str(value))]
+    )
+    model, processor = load_report_adapter(output_dir / "adapter")
+    assert not processor.condition_on_ecg and processor.ecg_token not in processor.format_prompt()
+    predictions = [json.loads(line)["generated"] for line in (output_dir / PREDICTIONS_FILE).read_text().splitlines()]
+    batch = processor(text=[processor.format_prompt()] * len(predictions), return_tensors="pt")
+    new_tokens = model.generate(**batch)[:, batch["input_ids"].shape[1] :]
+    assert len(predictions) == 4 and processor.batch_decode(new_tokens, skip_special_tokens=True) == predictions
+    with pytest.raises(ValueError, match=r"condition_on_ecg=False"):
+        processor(**ecg_kwargs(1), text=[processor.format_prompt()])
+
+
 def test_report_lora_refuses_an_earlier_run_or_removes_its_outputs_with_overwrite_output_dir(tmp_path):
     """A run into an output_dir holding an earlier run's outputs left them beside its own (a stale predictions.jsonl,
     a base_model/ the new adapter does not belong to). It is refused before anything loads (the LM here is a folder

@@ -14,7 +14,8 @@ N GPUs:
 
     accelerate launch --multi_gpu --num_processes 8 -m merit_hf.training.report_lora configs/report_smollm2.yaml
 
-Baselines by flag alone: `--ecg_encoder ''` (random-init encoder), `--condition_on_ecg false` (no ECG in the prompt),
+Baselines by flag alone: `--ecg_encoder ''` (random-init encoder), `--condition_on_ecg false` (no ECG in the prompt;
+the processor saved with the adapter records it, so its `format_prompt()` is the run's prompt, without `<ecg>`),
 `--lora_epochs 0` (stage 1 only: the adapter holds the aligned projector and LoRA weights that change nothing).
 `--alignment_epochs 0` or `--lora_epochs 0` skips that stage; `report_results.json` names it in `skipped_stages`.
 
@@ -780,10 +781,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         max_length=data_args.max_length,
         report_instruction=data_args.instruction,
         use_chat_template=data_args.use_chat_template,
+        condition_on_ecg=model_args.condition_on_ecg,  # saved with the adapter: its prompts are the run's
     )
     prompt = processor.format_prompt()
-    if not model_args.condition_on_ecg:
-        prompt = prompt.replace(f"{processor.ecg_token}\n", "")
 
     # --- data
     # Rows are selected here (PTB-XL) or streamed (MIMIC) and run through the feature extractor once, a chunk at a
