@@ -95,7 +95,7 @@ def run_arm(name: str, flags: list[str], language_model: Path, output_root: Path
     from merit_hf.training.report_lora import main
 
     argv = [str(CONFIG), "--language_model", str(language_model), "--output_dir", str(output_root / name)]
-    argv += ["--save_base_model", "false"]
+    argv += ["--save_base_model", "false", "--overwrite_output_dir", "true"]  # each run replaces the arm's last one
     if quick:
         argv += [
             "--max_train_reports",

@@ -78,3 +78,15 @@ def test_the_curators_edit_note_is_cut_off_every_real_ptbxl_report_and_kept_whol
 
 def test_report_language_undetermined():
     assert report_language("12345 ...") == "und"
+
+
+def test_ekg_is_english_too_and_german_only_where_nothing_else_marks_the_report():
+    """ "EKG" is American English as well as German: English reports that write it are English (they were "de"), and
+    it still tags PTB-XL's German reports whose only marker it is."""
+    assert report_language("Sinus bradycardia. Normal EKG.") == "en"
+    assert report_language("Sinus tachycardia. Abnormal EKG.") == "en"
+    assert report_language("sinus rhythm. normal ekg") == "en"
+    assert report_language("EKG: sinus rhythm") == "en"
+    assert report_language("sinusrhythmus normales ekg") == "de"
+    assert report_language("schrittmacher ekg") == "de"
+    assert report_language("sinus arytmi eljest normalt ekg") == "sv"

@@ -839,6 +839,7 @@ def test_ecg_use_check_tells_an_ecg_blind_model_from_one_that_reads_the_ecg(part
         model.multi_modal_projector.linear_2.bias.zero_()
     blind = ecg_use_check(accelerator, model, dataset, collator, batch_size=3)
     assert blind["shuffled_minus_real"] == pytest.approx(0.0, abs=1e-6)
+    assert blind["real_ecg_better_fraction"] == 0.5  # every report ties: half, as by chance (was 0.0)
 
     text_only = ReportCollator(processor, "write the report.\n", condition_on_ecg=False, with_reports=True)
     no_ecg = ecg_use_check(accelerator, model, dataset, text_only, batch_size=3)
@@ -863,11 +864,38 @@ def test_ecg_use_check_tells_an_ecg_blind_model_from_one_that_reads_the_ecg(part
         ("max_train_reports", "-1", "--max_train_reports: must be None (all) or at least 0, got -1"),
         ("max_eval_reports", "-2", "--max_eval_reports: must be None (all) or at least 0, got -2"),
         ("eval_folds", "8", "--eval_folds: fold(s) [8] are in --train_folds too; the scored reports must be held out"),
+        (
+            "check_folds",
+            "8",
+            "--check_folds: fold(s) [8] are in --train_folds too; the checked reports must be held out",
+        ),
+        ("eval_folds", "11", "--eval_folds: PTB-XL's folds are 1 to 10, got [11]"),
+        ("check_folds", "11", "--check_folds: PTB-XL's folds are 1 to 10, got [11]"),
+        ("train_folds", "0", "--train_folds: PTB-XL's folds are 1 to 10, got [0]"),
+        ("max_grad_norm", "0", "--max_grad_norm: must be more than 0 (None: no clipping), got 0.0"),
+        ("max_grad_norm", "-1", "--max_grad_norm: must be more than 0 (None: no clipping), got -1.0"),
+        ("repetition_penalty", "0", "--repetition_penalty: must be more than 0 (1: no penalty), got 0.0"),
+        ("lora_dropout", "1.5", "--lora_dropout: must be at least 0 and less than 1, got 1.5"),
+        ("lora_alpha", "0", "--lora_alpha: must be at least 1, got 0"),
+        ("learning_rate", "-1", "--learning_rate: must be 0 or more, got -1.0"),
+        ("alignment_learning_rate", "-1", "--alignment_learning_rate: must be 0 or more, got -1.0"),
+        ("weight_decay", "-1", "--weight_decay: must be 0 or more, got -1.0"),
+        ("ptbxl_sampling_rate", "250", "--ptbxl_sampling_rate: must be one of [100, 500] (PTB-XL's rates), got 250"),
+        ("non_english_reports", "foo", "--non_english_reports: must be one of ('drop', 'error'), got 'foo'"),
+        (
+            "lr_scheduler_type",
+            "bogus",
+            "--lr_scheduler_type: must be one of ('linear', 'cosine', "
+            "'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup', 'inverse_sqrt'), got 'bogus'",
+        ),
+        ("ecg_tokens_per_lead", "0", "--ecg_tokens_per_lead: must be at least 1, got 0"),
     ],
 )
 def test_report_lora_refuses_bad_settings_before_loading_anything(tmp_path, flag, value, message):
-    """Settings that would divide by zero, index an empty list or slice reports away are refused when the arguments
-    are parsed: before the language model (here a folder that does not exist) or any data is read."""
+    """Settings that would divide by zero, index an empty list, slice reports away, select no report, silently break
+    training (a gradient clipped to 0 or flipped, LoRA scaled to nothing) or fail only once the LM is loaded or
+    trained are refused when the arguments are parsed: before the language model (here a folder that does not exist)
+    or any data is read."""
     from merit_hf.training.report_lora import main
 
     arguments = [str(REPO_ROOT / "configs" / "report_tiny.yaml"), "--language_model", str(tmp_path / "no_lm")]
@@ -958,7 +986,7 @@ def test_accumulated_micro_batches_step_on_the_gradient_of_their_whole_batch(par
         recorded.clear()
         accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
         training_args = ReportTrainingArguments(gradient_accumulation_steps=accumulation, warmup_ratio=0.0,
-                                                max_grad_norm=1e9)  # fmt: skip
+                                                max_grad_norm=None)  # fmt: skip
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
         _train_stage("alignment", accelerator, model, loader, 1, 0.0, training_args)
         assert len(recorded) == 1
@@ -982,6 +1010,9 @@ def test_report_lora_with_lora_epochs_0_trains_only_the_projector_and_saves_ever
         + [item for name, value in arguments.items() for item in (f"--{name}", str(value))]
     )
     assert results["skipped_stages"] == {"lora": "--lora_epochs 0"}
+    with pytest.raises(FileExistsError, match="holds an earlier run"):  # the same command again: refused
+        main([str(REPO_ROOT / "configs" / "report_tiny.yaml")]
+             + [item for name, value in arguments.items() for item in (f"--{name}", str(value))])  # fmt: skip
     assert "alignment_loss_last" in results and "lora_loss_last" not in results and "lora_throughput" not in results
     assert json.loads((output_dir / RESULTS_FILE).read_text())["skipped_stages"] == {"lora": "--lora_epochs 0"}
     model, processor = load_report_adapter(output_dir / "adapter")
@@ -990,6 +1021,80 @@ def test_report_lora_with_lora_epochs_0_trains_only_the_projector_and_saves_ever
                       reports=["sinus rhythm"], return_tensors="pt", crop="center")  # fmt: skip
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, base(**batch).logits)
+
+
+def test_the_ecg_use_check_leaves_training_bit_identical(lm_dir, tmp_path):
+    """`--check_folds` is a diagnostic: a run with it trains the same model as one without (the same losses and
+    adapter weights, bit for bit). Its loaders drew from the global RNG after stage 1, so LoRA started from other
+    weights."""
+    from safetensors.torch import load_file
+
+    from merit_hf.training.report_lora import main
+
+    flags = {"language_model": lm_dir, "ptbxl_dir": BUNDLED_PTBXL, "use_cpu": "true", "max_train_reports": 4,
+             "per_device_train_batch_size": 2, "do_eval": "false", "save_base_model": "false"}  # fmt: skip
+    runs = {}
+    for name, check in (("without", {}), ("with", {"check_folds": 9, "max_check_reports": 2})):
+        values = {**flags, **check, "output_dir": tmp_path / name}
+        runs[name] = main(
+            [str(REPO_ROOT / "configs" / "report_tiny.yaml")]
+            + [item for flag, value in values.items() for item in (f"--{flag}", str(value))]
+        )
+    assert "lora_ecg_use_check" in runs["with"] and "lora_ecg_use_check" not in runs["without"]
+    for key in ("alignment_loss_first", "alignment_loss_last", "lora_loss_first", "lora_loss_last"):
+        assert runs["with"][key] == runs["without"][key], key
+    weights = {name: load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in runs}
+    assert weights["with"].keys() == weights["without"].keys()
+    for key, tensor in weights["without"].items():
+        assert torch.equal(weights["with"][key], tensor), key
+
+
+def test_the_no_ecg_baseline_adapter_reloads_with_the_prompt_it_was_trained_with(lm_dir, tmp_path):
+    """`--condition_on_ecg false`: the adapter's processor records it, so reloaded, its `format_prompt()` has no
+    `<ecg>` (it had one: an ECG went through a projector never aligned) and generation from it reproduces the run's
+    predictions.jsonl; an ECG given to it is refused."""
+    from merit_hf.training.report_lora import PREDICTIONS_FILE, load_report_adapter, main
+
+    output_dir = tmp_path / "run"
+    arguments = {"language_model": lm_dir, "ptbxl_dir": BUNDLED_PTBXL, "output_dir": output_dir, "use_cpu": "true",
+                 "max_train_reports": 4, "condition_on_ecg": "false", "compute_meteor": "false"}  # fmt: skip
+    main(
+        [str(REPO_ROOT / "configs" / "report_tiny.yaml")]
+        + [item for name, value in arguments.items() for item in (f"--{name}", str(value))]
+    )
+    model, processor = load_report_adapter(output_dir / "adapter")
+    assert not processor.condition_on_ecg and processor.ecg_token not in processor.format_prompt()
+    predictions = [json.loads(line)["generated"] for line in (output_dir / PREDICTIONS_FILE).read_text().splitlines()]
+    batch = processor(text=[processor.format_prompt()] * len(predictions), return_tensors="pt")
+    new_tokens = model.generate(**batch)[:, batch["input_ids"].shape[1] :]
+    assert len(predictions) == 4 and processor.batch_decode(new_tokens, skip_special_tokens=True) == predictions
+    with pytest.raises(ValueError, match=r"condition_on_ecg=False"):
+        processor(**ecg_kwargs(1), text=[processor.format_prompt()])
+
+
+def test_report_lora_refuses_an_earlier_run_or_removes_its_outputs_with_overwrite_output_dir(tmp_path):
+    """A run into an output_dir holding an earlier run's outputs left them beside its own (a stale predictions.jsonl,
+    a base_model/ the new adapter does not belong to). It is refused before anything loads (the LM here is a folder
+    that does not exist), naming the folder and the flag; `--overwrite_output_dir true` removes those outputs, and
+    nothing else, first."""
+    from merit_hf.training.report_lora import PREDICTIONS_FILE, main
+
+    output_dir = tmp_path / "run"
+    (output_dir / "base_model").mkdir(parents=True)
+    (output_dir / PREDICTIONS_FILE).write_text("{}\n")
+    (output_dir / "notes.txt").write_text("not the run's")
+    arguments = [str(REPO_ROOT / "configs" / "report_tiny.yaml"), "--language_model", str(tmp_path / "no_lm"),
+                 "--output_dir", str(output_dir), "--use_cpu", "true"]  # fmt: skip
+    message = (
+        f"{output_dir}: holds an earlier run (base_model, predictions.jsonl). Start again with --overwrite_output_dir "
+        "true (removes them), or choose another --output_dir."
+    )
+    with pytest.raises(FileExistsError, match=f"^{re.escape(message)}$"):
+        main(arguments)
+    assert (output_dir / PREDICTIONS_FILE).is_file()
+    with pytest.raises(OSError, match="no_lm"):  # got past the outputs' removal to loading the LM
+        main(arguments + ["--overwrite_output_dir", "true"])
+    assert sorted(path.name for path in output_dir.iterdir()) == ["notes.txt"]
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@ is rewritten (no lower-casing, no spelling fixes, no removal of clinical phrases
 
 PTB-XL writes reports in German (most), English and Swedish; some Swedish ones carry mis-encoded characters from the
 original export, kept as they are. `report_language` is a tag from word markers (below): `"de"`, `"en"`, `"sv"`,
-`"und"` (text with no marker) or `""` (empty report, e.g. ecg_id 443, whose report is a single space).
+`"und"` (text with no marker) or `""` (empty report, e.g. ecg_id 443, whose report is a single space). "EKG" is
+American English as well as German: it tags a report German only when no other marker is in it.
 
 PTB-XL's curators appended a note to 557 of the 21,837 reports (v1.0.1), always last and always introduced by
 `Edit:`, e.g. "sinus rhythm. normal ecg. Edit: NORM 100, (NORM 100)". It restates the SCP labels (and free comments,
@@ -53,7 +54,7 @@ REPORT_LANGUAGES = ("de", "en", "sv", "und", "")
 # that has the most marker words; a tie or no marker gives "und".
 _LANGUAGE_MARKERS = {
     "de": {
-        "sinusrhythmus", "normales", "ekg", "linkstyp", "rechtstyp", "lagetyp", "steillage", "niederspannung",
+        "sinusrhythmus", "normales", "linkstyp", "rechtstyp", "lagetyp", "steillage", "niederspannung",
         "periphere", "schenkelblock", "rechtsschenkelblock", "linksschenkelblock", "vorhofflimmern", "vorhofflattern",
         "arrhythmie", "sonst", "mit", "und", "nicht", "ausgeschlossen", "auszuschliessen", "wahrscheinlich", "alt",
         "infarkt", "inferiorer", "anteriorer", "unspezifisches", "unspezifische", "abnormales", "pathologische",
@@ -70,6 +71,7 @@ _LANGUAGE_MARKERS = {
         "hypertrophy", "bundle", "branch", "unconfirmed", "report", "ecg", "changes", "segments",
         "depressed", "inverted", "definite", "otherwise", "voltage", "voltages", "suggesting", "excluded", "atrial",
         "arrhythmia", "complexes", "incomplete", "old", "myocardial", "consistent", "disease", "heart",
+        "bradycardia", "tachycardia",
     },
     "sv": {
         "sinusrytm", "vänster", "höger", "el-axel", "skänkelblock", "vänstersidigt", "högersidigt", "inkomplett",
@@ -78,6 +80,9 @@ _LANGUAGE_MARKERS = {
         "t-förändring", "förlopp", "sannolikt", "tidigare", "utan", "och", "förändringar",
     },
 }  # fmt: skip
+# "ekg" is German and American English ("Sinus bradycardia. Normal EKG."), so it decides only where no marker above
+# does: then German, as PTB-XL's "schrittmacher ekg" and "pacemaker ekg" are.
+_FALLBACK_MARKERS = {"de": {"ekg"}}
 _WORD = re.compile(r"[^\W\d_]+(?:-[^\W\d_]+)*")
 
 
@@ -106,6 +111,8 @@ def report_language(text: str) -> str:
         return ""
     words = _WORD.findall(cleaned.casefold())
     scores = {language: sum(word in markers for word in words) for language, markers in _LANGUAGE_MARKERS.items()}
+    if not any(scores.values()):
+        scores = {language: sum(word in markers for word in words) for language, markers in _FALLBACK_MARKERS.items()}
     best = max(scores.values())
     winners = [language for language, score in scores.items() if score == best]
     return winners[0] if best > 0 and len(winners) == 1 else "und"

@@ -770,8 +770,9 @@ def check_output_dir_free(output_dir: Path) -> None:
         )
 
 
-def remove_run_outputs(output_dir: Path) -> None:
-    for name in RUN_OUTPUTS:
+def remove_run_outputs(output_dir: Path, names: Sequence[str] = RUN_OUTPUTS) -> None:
+    """Remove `names` (folders or files) from `output_dir`: a run's outputs, and nothing else of the folder."""
+    for name in names:
         path = output_dir / name
         if path.is_dir():
             shutil.rmtree(path)

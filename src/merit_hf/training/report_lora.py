@@ -14,7 +14,8 @@ N GPUs:
 
     accelerate launch --multi_gpu --num_processes 8 -m merit_hf.training.report_lora configs/report_smollm2.yaml
 
-Baselines by flag alone: `--ecg_encoder ''` (random-init encoder), `--condition_on_ecg false` (no ECG in the prompt),
+Baselines by flag alone: `--ecg_encoder ''` (random-init encoder), `--condition_on_ecg false` (no ECG in the prompt;
+the processor saved with the adapter records it, so its `format_prompt()` is the run's prompt, without `<ecg>`),
 `--lora_epochs 0` (stage 1 only: the adapter holds the aligned projector and LoRA weights that change nothing).
 `--alignment_epochs 0` or `--lora_epochs 0` skips that stage; `report_results.json` names it in `skipped_stages`.
 
@@ -43,7 +44,8 @@ Outputs in `output_dir`: `base_model/` (the frozen base: starting encoder + LM +
 `save_pretrained`), `adapter/` (LoRA weights + projector, and the trained encoder with `--freeze_ecg_encoder false`,
 in `adapter_model.safetensors`; `adapter_config.json`, `generation_config.json`, the processor with its `<ecg>` token,
 and `merit_report_base.json`, the fingerprint of the base the adapter belongs to), `predictions.jsonl` and
-`report_results.json`. Reload with `load_report_adapter(output_dir / "adapter")`.
+`report_results.json`. Reload with `load_report_adapter(output_dir / "adapter")`. An `output_dir` that holds any of
+these is refused (the two runs would mix); `--overwrite_output_dir true` removes them first.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 from ..data import drop_empty_reports, load_dataset, load_mimic_iv_ecg
 from ..data.mimic_iv_ecg import MEASUREMENTS_FILE, MimicRecordReader, mimic_iv_ecg_features, read_mimic_tasks
+from ..data.ptbxl import PTBXL_SAMPLING_RATES
 from ..models.merit.configuration_merit import MeritEcgConfig
 from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
 from ..models.merit.modeling_merit import MeritEcgModel
@@ -78,6 +81,7 @@ from ..models.merit.processing_merit import DEFAULT_REPORT_INSTRUCTION, IGNORE_I
 from ..utils.arguments import arguments_to_dict, config_from_argument, parse_arguments
 from ..utils.launch import require_joined_processes
 from ..utils.throughput import ThroughputMeter
+from .pretrain import remove_run_outputs
 from .report_examples import (
     DEFAULT_CHUNK_SIZE,
     ReportExamples,
@@ -89,8 +93,16 @@ from .report_examples import (
 BASE_FINGERPRINT_FILE = "merit_report_base.json"
 RESULTS_FILE = "report_results.json"
 PREDICTIONS_FILE = "predictions.jsonl"
+# Everything a run writes in output_dir; `--overwrite_output_dir true` removes these (and nothing else) first.
+RUN_OUTPUTS = ("base_model", "adapter", PREDICTIONS_FILE, RESULTS_FILE)
 NON_ENGLISH_RULES = ("drop", "error")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
+PTBXL_FOLDS = tuple(range(1, 11))  # PTB-XL's strat_fold
+# transformers' schedulers that `get_scheduler` builds from the warm-up and step counts alone (the others need more
+# arguments or a metric at every step).
+LR_SCHEDULER_TYPES = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+)  # fmt: skip
 
 
 @dataclass
@@ -112,6 +124,10 @@ class ReportModelArguments:
         default=True, metadata={"help": "False: train the encoder too in stage 2 (saved in the adapter)."}
     )
     condition_on_ecg: bool = field(default=True, metadata={"help": "False: the no-ECG baseline (text prompt only)."})
+
+    def __post_init__(self):
+        if self.ecg_tokens_per_lead < 1:
+            raise ValueError(f"--ecg_tokens_per_lead: must be at least 1, got {self.ecg_tokens_per_lead}")
 
 
 @dataclass
@@ -161,6 +177,19 @@ class ReportDataArguments:
     )
 
     def __post_init__(self):
+        if self.ptbxl_sampling_rate not in PTBXL_SAMPLING_RATES:
+            raise ValueError(
+                f"--ptbxl_sampling_rate: must be one of {sorted(PTBXL_SAMPLING_RATES)} (PTB-XL's rates), "
+                f"got {self.ptbxl_sampling_rate}"
+            )
+        if self.non_english_reports not in NON_ENGLISH_RULES:
+            raise ValueError(
+                f"--non_english_reports: must be one of {NON_ENGLISH_RULES}, got {self.non_english_reports!r}"
+            )
+        for name in ("train_folds", "eval_folds", "check_folds"):
+            outside = sorted(set(getattr(self, name)) - set(PTBXL_FOLDS))
+            if outside:  # a fold PTB-XL does not have selects no report, silently
+                raise ValueError(f"--{name}: PTB-XL's folds are 1 to 10, got {outside}")
         if self.max_length < 1:
             raise ValueError(f"--max_length: must be at least 1, got {self.max_length}")
         if self.examples_chunk_size < 1:
@@ -174,11 +203,23 @@ class ReportDataArguments:
             raise ValueError(
                 f"--eval_folds: fold(s) {overlap} are in --train_folds too; the scored reports must be held out"
             )
+        overlap = sorted(set(self.check_folds) & set(self.train_folds))
+        if overlap:  # a model that remembers its training reports would pass the check without reading the ECG
+            raise ValueError(
+                f"--check_folds: fold(s) {overlap} are in --train_folds too; the checked reports must be held out"
+            )
 
 
 @dataclass
 class ReportTrainingArguments:
     output_dir: str = field(default="outputs/report-lora")
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start again in an output_dir that holds an earlier run: remove its base_model/, adapter/, "
+            "predictions and results first. Without it, such a folder is refused."
+        },
+    )
     seed: int = field(default=0)
     per_device_train_batch_size: int = field(default=8)
     per_device_eval_batch_size: int = field(default=16)
@@ -192,18 +233,20 @@ class ReportTrainingArguments:
     learning_rate: float = field(default=2e-4)
     weight_decay: float = field(default=0.0)
     warmup_ratio: float = field(default=0.03)
-    lr_scheduler_type: str = field(default="linear")
-    max_grad_norm: float = field(default=1.0)
+    lr_scheduler_type: str = field(default="linear", metadata={"help": f"One of {', '.join(LR_SCHEDULER_TYPES)}."})
+    max_grad_norm: float | None = field(
+        default=1.0, metadata={"help": "Clip the gradient norm to this (more than 0); None: no clipping."}
+    )
     lora_r: int = field(default=16)
-    lora_alpha: int = field(default=32)
-    lora_dropout: float = field(default=0.05)
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling is lora_alpha / lora_r; at least 1."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "From 0 to less than 1."})
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         metadata={"help": "LM module names (suffixes) that get LoRA; matched only under `language_model.`"},
     )
     max_new_tokens: int = field(default=64)
     num_beams: int = field(default=1)
-    repetition_penalty: float = field(default=1.0)
+    repetition_penalty: float = field(default=1.0, metadata={"help": "More than 0; 1 is no penalty."})
     do_eval: bool = field(default=True)
     compute_meteor: bool = field(default=True, metadata={"help": "False on machines without WordNet."})
     save_base_model: bool = field(default=True, metadata={"help": "Write base_model/ (needed to reload)."})
@@ -222,6 +265,7 @@ class ReportTrainingArguments:
             "max_new_tokens",
             "num_beams",
             "lora_r",
+            "lora_alpha",  # 0 scales the LoRA update to nothing: stage 2 would train weights that change nothing
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}: must be at least 1, got {getattr(self, name)}")
@@ -230,6 +274,21 @@ class ReportTrainingArguments:
                 raise ValueError(f"--{name}: must be 0 (skip the stage) or more, got {getattr(self, name)}")
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError(f"--warmup_ratio: must be between 0 and 1, got {self.warmup_ratio}")
+        for name in ("alignment_learning_rate", "learning_rate", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name}: must be 0 or more, got {getattr(self, name)}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:  # would scale the gradients by 0 or flip them
+            raise ValueError(f"--max_grad_norm: must be more than 0 (None: no clipping), got {self.max_grad_norm}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"--lora_dropout: must be at least 0 and less than 1, got {self.lora_dropout}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(
+                f"--repetition_penalty: must be more than 0 (1: no penalty), got {self.repetition_penalty}"
+            )
+        if self.lr_scheduler_type not in LR_SCHEDULER_TYPES:
+            raise ValueError(
+                f"--lr_scheduler_type: must be one of {LR_SCHEDULER_TYPES}, got {self.lr_scheduler_type!r}"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -550,7 +609,8 @@ def _train_stage(
                     for parameter in parameters:
                         if parameter.grad is not None:
                             parameter.grad.mul_(scale.to(parameter.grad.dtype))
-                    accelerator.clip_grad_norm_(parameters, training_args.max_grad_norm)
+                    if training_args.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(parameters, training_args.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -610,7 +670,8 @@ def ecg_use_check(
     (`real_ecg`) and with the ECGs shuffled across reports (`shuffled_ecg`, `ReportExamples.with_shuffled_ecgs`),
     and `shuffled_minus_real`: about 0 when the ECG tokens carry nothing the LM uses (it writes the report prior
     whatever the ECG), positive when it does; `real_ecg_better_fraction` is the share of reports whose own ECG
-    gives them the lower loss (0.5 by chance). Without ECG conditioning only `no_ecg` (the text-only loss)."""
+    gives them the lower loss, an exact tie counting half, so that it is 0.5 by chance and for an ECG-blind model
+    (whose two losses are equal). Without ECG conditioning only `no_ecg` (the text-only loss)."""
 
     def losses(examples: ReportExamples) -> tuple[torch.Tensor, torch.Tensor]:
         loader = accelerator.prepare_data_loader(DataLoader(examples, batch_size=batch_size, collate_fn=collator))
@@ -627,7 +688,7 @@ def ecg_use_check(
         "real_ecg": real,
         "shuffled_ecg": shuffled,
         "shuffled_minus_real": shuffled - real,
-        "real_ecg_better_fraction": float((real_sums < shuffled_sums).float().mean()),
+        "real_ecg_better_fraction": float(((real_sums < shuffled_sums) + 0.5 * (real_sums == shuffled_sums)).mean()),
     }
 
 
@@ -675,6 +736,17 @@ def generate_reports(
     return texts, speed
 
 
+def refuse_earlier_run(output_dir: Path) -> None:
+    """Refuse an `output_dir` holding an earlier run's outputs: the new run would leave them beside its own (a stale
+    `predictions.jsonl`, a `base_model/` that the new adapter does not belong to)."""
+    earlier = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    if earlier:
+        raise FileExistsError(
+            f"{output_dir}: holds an earlier run ({', '.join(earlier)}). Start again with --overwrite_output_dir "
+            "true (removes them), or choose another --output_dir."
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model_args, data_args, training_args = parse_arguments(
         (ReportModelArguments, ReportDataArguments, ReportTrainingArguments),
@@ -682,6 +754,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     if not model_args.language_model:
         raise ValueError("--language_model is required: a folder holding a causal LM and its tokenizer")
+    output_dir = Path(training_args.output_dir)
+    if not training_args.overwrite_output_dir:
+        refuse_earlier_run(output_dir)
     accelerator = Accelerator(
         cpu=training_args.use_cpu,
         mixed_precision=training_args.mixed_precision,
@@ -689,7 +764,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     require_joined_processes(accelerator.num_processes)
     set_seed(training_args.seed)
-    output_dir = Path(training_args.output_dir)
+    if training_args.overwrite_output_dir and accelerator.is_main_process:
+        remove_run_outputs(output_dir, RUN_OUTPUTS)
+    accelerator.wait_for_everyone()
     output_dir.mkdir(parents=True, exist_ok=True)
 
     # --- model and processor
@@ -704,10 +781,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         max_length=data_args.max_length,
         report_instruction=data_args.instruction,
         use_chat_template=data_args.use_chat_template,
+        condition_on_ecg=model_args.condition_on_ecg,  # saved with the adapter: its prompts are the run's
     )
     prompt = processor.format_prompt()
-    if not model_args.condition_on_ecg:
-        prompt = prompt.replace(f"{processor.ecg_token}\n", "")
 
     # --- data
     # Rows are selected here (PTB-XL) or streamed (MIMIC) and run through the feature extractor once, a chunk at a
@@ -817,6 +893,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from peft import get_peft_model
 
     train_ecg_encoder = not model_args.freeze_ecg_encoder and model_args.condition_on_ecg
+    # Seeded again here, so that LoRA's initial weights and dropout depend on --seed alone: the ECG-use check's
+    # loaders (--check_folds) draw from the global RNG after stage 1, and made a run with the check train another model.
+    set_seed(training_args.seed)
     peft_model = get_peft_model(model, lora_config(training_args, train_ecg_encoder))
     if not model_args.condition_on_ecg:  # the projector gets no gradient without ECG tokens
         for parameter in peft_model.base_model.model.multi_modal_projector.parameters():

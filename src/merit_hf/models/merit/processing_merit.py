@@ -36,6 +36,9 @@ class MeritProcessor(ProcessorMixin):
         report_instruction (`str`): the user turn after `<ecg>` in `format_prompt()`.
         use_chat_template (`bool`, defaults to `True`): let `format_prompt()` use the tokenizer's chat template when
             it has one (an instruct LLM); a plain `"<ecg>\n{instruction}\n"` otherwise.
+        condition_on_ecg (`bool`, defaults to `True`): `False` for a text-only model (report generation's no-ECG
+            baseline): `format_prompt()` leaves `<ecg>` out and ECGs are refused. Saved with the processor, so that a
+            reloaded adapter prompts as it was trained.
         chat_template (`str`, *optional*): a chat template, as for any processor.
 
     Example:
@@ -54,6 +57,7 @@ class MeritProcessor(ProcessorMixin):
         max_length: int = 128,
         report_instruction: str = DEFAULT_REPORT_INSTRUCTION,
         use_chat_template: bool = True,
+        condition_on_ecg: bool = True,
         chat_template: str | None = None,
         **kwargs,
     ):
@@ -62,6 +66,7 @@ class MeritProcessor(ProcessorMixin):
         self.max_length = max_length
         self.report_instruction = report_instruction
         self.use_chat_template = use_chat_template
+        self.condition_on_ecg = condition_on_ecg
         super().__init__(feature_extractor, tokenizer, chat_template=chat_template)
 
     def __call__(
@@ -96,6 +101,11 @@ class MeritProcessor(ProcessorMixin):
             raise ValueError("MeritProcessor needs ecgs, text, or both")
         if reports is not None and self.ecg_seq_length is None:
             raise ValueError("reports= is for report generation: set ecg_seq_length on the processor")
+        if ecgs is not None and not self.condition_on_ecg:
+            raise ValueError(
+                "this processor prompts without ECGs (condition_on_ecg=False: a text-only model, such as report "
+                "generation's no-ECG baseline); call it with text=[processor.format_prompt()] and no ecgs"
+            )
         data: dict[str, Any] = {}
         num_ecgs = None
         if ecgs is not None:
@@ -167,8 +177,11 @@ class MeritProcessor(ProcessorMixin):
 
     def format_prompt(self, instruction: str | None = None) -> str:
         """The generation prompt for one ECG: `<ecg>` then the instruction, as the user turn of the tokenizer's chat
-        template (with the assistant turn opened) when it has one, else `"<ecg>\n{instruction}\n"`."""
-        content = f"{self.ecg_token}\n{instruction or self.report_instruction}"
+        template (with the assistant turn opened) when it has one, else `"<ecg>\n{instruction}\n"`; without `<ecg>`
+        when `condition_on_ecg` is `False`."""
+        content = instruction or self.report_instruction
+        if self.condition_on_ecg:
+            content = f"{self.ecg_token}\n{content}"
         template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
         if self.use_chat_template and template:
             return self.tokenizer.apply_chat_template(
