@@ -101,6 +101,22 @@ def test_a_rerun_reuses_the_cached_embeddings(splits, encoder, tmp_path):
             hook.remove()
 
 
+def test_model_flops_per_ecg_do_not_depend_on_the_precision(splits, encoder):
+    """The FLOP counter does not see oneDNN's prepacked or int8 linear layers: counted on the prepared model, fp32,
+    bf16 and int8 missed the linear layers and fp16 (plain linears) had them. Counted on the plain model, all agree."""
+    from merit_hf.utils.throughput import ThroughputMeter, count_flops_per_sample
+
+    split = splits["test"].select(range(4))
+    counts = {}
+    for precision in ("fp32", "bf16", "fp16", "int8"):
+        meter = ThroughputMeter("cpu")
+        list(embed_dataset(split, encoder, batch_size=4, device="cpu", precision=precision, meter=meter)["ecg_id"])
+        counts[precision] = meter.flops_per_sample
+    inputs = {"ecg_values": torch.randn(2, 12, encoder.config.num_samples)}
+    plain = count_flops_per_sample(encoder, lambda batch: encoder(**batch).pooler_output, inputs, backward=False)
+    assert counts == dict.fromkeys(counts, plain), counts
+
+
 @pytest.mark.slow
 def test_bf16_embeddings_stay_close(splits, encoder):
     full = np.asarray(embed_dataset(splits["test"], encoder, device="cpu", precision="fp32")["ecg_embedding"])

@@ -132,7 +132,9 @@ def embed_dataset(
     precision = resolve_precision(precision, device)  # the cache key names what ran, not "auto"
     runner = prepare_for_inference(encoder, precision, device)
     if meter is not None and meter.model is None:
-        meter.model = runner
+        # model FLOPs are counted on the plain model: the FLOP counter does not see oneDNN's prepacked linear layers
+        # or the int8 ones, so a count on `runner` missed them (and fp16, run as plain linears, counted them)
+        meter.model = encoder
     extraction_device = device if feature_extraction_device == "encoder" else feature_extraction_device
 
     def inputs_of(rows: dict[str, list]) -> dict[str, torch.Tensor]:
@@ -145,7 +147,9 @@ def embed_dataset(
             except EcgInputError as error:  # it names the record by its index in this batch only
                 raise _named_record_error(error, rows, split, inputs_of) from error
         if meter is not None:
-            meter.count_flops_once(lambda batch: runner(**batch).pooler_output, encoder_inputs(inputs, device), False)
+            meter.count_flops_once(
+                lambda batch: meter.model(**batch).pooler_output, encoder_inputs(inputs, meter.model.device), False
+            )
             meter.step(len(inputs["ecg_values"]))
         with torch.inference_mode():
             pooled = record_embeddings(runner, inputs, device, window_pooling)
