@@ -219,9 +219,10 @@ def clear_local_name_or_path(folder: str | os.PathLike) -> list[str]:
 def check_dataset_folder(folder: str | os.PathLike) -> list[str]:
     """Problems of a converted dataset folder: it needs data files (Parquet/Arrow/JSONL/CSV) and a card `README.md`
     whose `configs:` all resolve to files in the folder ([`merit_hf.hub.cards.dataset_config_problems`]), or
-    `load_dataset(repo, config)` would fail after the push. Dataset loading scripts are refused: the Hub no longer
-    runs them, and data must not need `trust_remote_code`."""
-    from .cards import dataset_config_problems
+    `load_dataset(repo, config)` would fail after the push, and whose `dataset_info` splits `datasets` can read
+    ([`merit_hf.hub.cards.dataset_info_problems`]). Dataset loading scripts are refused: the Hub no longer runs them,
+    and data must not need `trust_remote_code`."""
+    from .cards import dataset_config_problems, dataset_info_problems
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -231,6 +232,7 @@ def check_dataset_folder(folder: str | os.PathLike) -> list[str]:
         problems.append(f"no data files ({', '.join(DATA_SUFFIXES)})")
     if (folder / "README.md").is_file():
         problems.extend(dataset_config_problems(folder / "README.md", folder))
+        problems.extend(dataset_info_problems(folder / "README.md"))
     else:
         problems.append("README.md (the dataset card) is missing")
     scripts = sorted(p.name for p in folder.glob("*.py"))
