@@ -15,7 +15,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
 
+import numpy as np
 import pytest
+import torch
 from huggingface_hub import HfApi
 from huggingface_hub.utils import filter_repo_objects
 
@@ -243,6 +245,68 @@ def test_pickles_missing_code_and_missing_feature_extractor_are_refused(model_fo
     hf_api.assert_not_called()
 
 
+def safetensors_whose_first_bytes_look_like_a_pickle_header() -> bytes:
+    """A valid safetensors file whose header length, its first 8 bytes, begins `80 03` like a protocol-3 pickle."""
+    import struct
+
+    from safetensors.numpy import load, save
+
+    for pad in range(4096):
+        data = save({"w": np.zeros(2, dtype="float32")}, metadata={"pad": "x" * pad})
+        if data[:2] == b"\x80\x03":
+            assert struct.unpack("<Q", data[:8])[0] == 0x380 and load(data)["w"].tolist() == [0.0, 0.0]
+            return data
+    raise AssertionError("no padding gives a header length of 0x380")
+
+
+def test_pickles_are_refused_by_name_and_by_content(model_folder, hf_api, tmp_path):
+    import io
+    import pickle
+    import tarfile
+
+    write(model_folder, "model.pth.tar")
+    write(model_folder, "scaler.joblib", b"\x1f\x8bjoblib's zlib")
+    write(model_folder, "extra/scaler.joblib.gz")
+    write(model_folder, "heads/PROBE.PT")
+    write(model_folder, "heads/probe.weights", pickle.dumps({"bias": [0.0]}, protocol=4))
+    write(model_folder, "state.dat", pickle.dumps([1, 2], protocol=2))
+    torch.save({"w": torch.zeros(2)}, model_folder / "probe.model")  # a zip holding archive/data.pkl
+    legacy = io.BytesIO()
+    with tarfile.open(fileobj=legacy, mode="w") as archive:  # PyTorch's legacy format: a tar with a `pickle` member
+        member = tarfile.TarInfo("pickle")
+        member.size = 4
+        archive.addfile(member, io.BytesIO(b"\x80\x02N."))
+    write(model_folder, "old/model.tar", legacy.getvalue())
+    with pytest.raises(HubFolderError) as error:
+        push_model(model_folder, REPO_ID, endpoint=ENDPOINT)
+    problems = str(error.value).removeprefix(f"{model_folder}: not a Hub-ready model folder: ").split("; ")
+    code = "which can run code when loaded: save weights with save_pretrained (safetensors) and other objects as JSON"
+    assert problems == [
+        "pickled weights ['extra/scaler.joblib.gz', 'heads/PROBE.PT', 'model.pth.tar', 'scaler.joblib'] (merit_hf "
+        "loads safetensors only",
+        "re-save with save_pretrained)",
+        f"heads/probe.weights is a pickle (it starts with a pickle header, protocol 4), {code}",
+        f"old/model.tar is a pickle (a tar holding pickle), {code}",
+        f"probe.model is a pickle (a zip holding probe/data.pkl, as torch.save writes), {code}",
+        f"state.dat is a pickle (it starts with a pickle header, protocol 2), {code}",
+    ]
+    hf_api.assert_not_called()
+
+
+def test_safetensors_json_text_parquet_images_and_npz_are_not_pickles(model_folder, hf_api):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write(model_folder, "heads/probe.safetensors", safetensors_whose_first_bytes_look_like_a_pickle_header())
+    write(model_folder, "probe.json", b'{"classes": ["NORM"]}')
+    write(model_folder, "notes.txt", "Units: mV \u2014 \x80 is not a header in UTF-8 text\n".encode())
+    write(model_folder, "figures/roc.png", b"\x89PNG\r\n\x1a\n" + bytes(64))
+    np.savez(model_folder / "thresholds.npz", thresholds=np.ones(5))  # a zip of .npy arrays
+    pq.write_table(pa.table({"ecg_id": [1, 2]}), model_folder / "eval.parquet")
+    push_model(model_folder, REPO_ID, endpoint=ENDPOINT)
+    hf_api.return_value.upload_folder.assert_called_once()
+
+
 def test_a_folder_without_card_or_weights_is_refused(model_folder, hf_api):
     (model_folder / "README.md").unlink()
     (model_folder / "model.safetensors").unlink()
@@ -323,13 +387,16 @@ def test_results_render_the_model_card_before_the_upload(model_folder, hf_api, t
 def test_dataset_push_needs_data_and_a_card_whose_configs_resolve(tmp_path, hf_api):
     folder = tmp_path / "ptbxl-merit"
     write(folder, "loader.py", b"import datasets\n")
+    write(folder, "label_encoder.pkl")
     with pytest.raises(HubFolderError) as error:
         push_dataset(folder, "org/ptbxl-merit", endpoint=ENDPOINT)
     message = str(error.value)
     assert "no data files (.parquet, .arrow, .jsonl, .csv)" in message
     assert "README.md (the dataset card) is missing" in message
     assert "Python files ['loader.py']: push the converted data, not a loading script" in message
+    assert "pickled weights ['label_encoder.pkl']" in message
     (folder / "loader.py").unlink()
+    (folder / "label_encoder.pkl").unlink()
     write(folder, "data/test-00000-of-00001.parquet", b"PAR1")
     (folder / "README.md").write_text(
         "---\nlicense: cc-by-4.0\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"

@@ -30,7 +30,13 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# Pickles (they can run code when loaded) by name: PyTorch's and Lightning's, joblib's (scikit-learn models and scalers),
+# the `.pth.tar` of older PyTorch code; also compressed (`scaler.joblib.gz`). Other names are found by content
+# ([`pickle_reason`]).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib", ".pth.tar", ".pt.tar", ".ckpt.tar")
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+# `PROTO` (0x80) and a protocol from 2 (Python 2.3) to 5: the first two bytes of every pickle written since.
+PICKLE_PROTOCOLS = range(2, 6)
 # Never uploaded (fnmatch on the path relative to the folder; `*` also matches `/`): hidden files, Python caches, and
 # training-run outputs holding optimizer states and pickles: `checkpoints/checkpoint_<step>/` and TensorBoard `runs/`
 # (merit_hf.training.pretrain's output_dir), `checkpoint-<step>/` (the Trainer's); and the Trainer's run records beside
@@ -91,8 +97,8 @@ def check_model_folder(folder: str | os.PathLike, ignore_patterns: list[str] | N
     """Problems that would stop `from_pretrained(repo, trust_remote_code=True)` after a push; `[]` when none.
 
     Checks: `config.json` exists; its `auto_map` names code files that are present (users without merit_hf get the
-    code from the repo); no file that the push would upload, in any subfolder, is a pickle (`.bin`, `.pt`, ...: they
-    can execute code and are refused by merit_hf); a PEFT adapter (`adapter_config.json`) comes with its
+    code from the repo); no file that the push would upload, in any subfolder, is a pickle (they can execute code and
+    are refused by merit_hf; [`pickle_problems`]); a PEFT adapter (`adapter_config.json`) comes with its
     `adapter_model.safetensors`; the feature extractor (`preprocessor_config.json`, or a processor's
     `processor_config.json` that holds it) is there, since without it users cannot reproduce the input contract; a
     model card `README.md` exists. A `Trainer` output folder passes: its `training_args.bin` and `trainer_state.json`
@@ -115,9 +121,7 @@ def check_model_folder(folder: str | os.PathLike, ignore_patterns: list[str] | N
             module = reference.split("--")[-1].rsplit(".", 1)[0]
             if not (folder / f"{module}.py").is_file():
                 problems.append(f"auto_map names {reference} but {module}.py is missing")
-    pickles = [path for path in pushed_files(folder, ignore_patterns) if path.endswith(PICKLE_SUFFIXES)]
-    if pickles:
-        problems.append(f"pickled weights {pickles} (merit_hf loads safetensors only; re-save with save_pretrained)")
+    problems += pickle_problems(folder, ignore_patterns)
     if (folder / "adapter_config.json").is_file() and not (folder / "adapter_model.safetensors").is_file():
         problems.append("adapter_config.json without adapter_model.safetensors")
     if not adapter_only and not any(folder.glob("*.safetensors")):
@@ -130,6 +134,59 @@ def check_model_folder(folder: str | os.PathLike, ignore_patterns: list[str] | N
     if not (folder / "README.md").is_file():
         problems.append(MISSING_MODEL_CARD)
     return problems + leak_problems(folder, ignore_patterns)
+
+
+def pickle_problems(folder: str | os.PathLike, ignore_patterns: list[str] | None = None) -> list[str]:
+    """The pickles a push would upload: by name (`PICKLE_SUFFIXES`: `.pt`, `.bin`, `.joblib`, `.pth.tar`, ...), then,
+    one problem per file, under any other name by content ([`pickle_reason`]). Pickles can run code when loaded,
+    and merit_hf loads safetensors only."""
+    folder = Path(folder)
+    named, other = [], []
+    for name in pushed_files(folder, ignore_patterns):
+        lower = name.lower()
+        for suffix in COMPRESSION_SUFFIXES:
+            lower = lower.removesuffix(suffix)
+        if lower.endswith(PICKLE_SUFFIXES):
+            named.append(name)
+        elif reason := pickle_reason(folder / name):
+            other.append(
+                f"{name} is a pickle ({reason}), which can run code when loaded: save weights with save_pretrained "
+                "(safetensors) and other objects as JSON"
+            )
+    if named:
+        other.insert(0, f"pickled weights {named} (merit_hf loads safetensors only; re-save with save_pretrained)")
+    return other
+
+
+def pickle_reason(path: str | os.PathLike) -> str | None:
+    """Why the file at `path` is a pickle whatever its name, or `None`. Reads only its first bytes, and for a zip its
+    directory, for a tar its member headers: it starts with a pickle's `PROTO` header (protocol 2 to 5; a
+    safetensors file, whose first 8 bytes are its header's length, is told apart by the `{` that follows them), or it
+    is a zip holding a `.pkl` (`torch.save`'s format: `archive/data.pkl`), or a tar holding a member named as a
+    pickle or `pickle` (PyTorch's legacy `torch.save` format)."""
+    import tarfile
+    import zipfile
+
+    with open(path, "rb") as stream:
+        head = stream.read(512)
+    if len(head) >= 2 and head[0] == 0x80 and head[1] in PICKLE_PROTOCOLS and head[8:9] != b"{":
+        return f"it starts with a pickle header, protocol {head[1]}"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                inner = [member for member in archive.namelist() if member.lower().endswith((".pkl", ".pickle"))]
+        except zipfile.BadZipFile:
+            return None
+        return f"a zip holding {inner[0]}, as torch.save writes" if inner else None
+    if head[257:262] == b"ustar":
+        try:
+            with tarfile.open(path, "r:") as archive:
+                names = archive.getnames()
+        except tarfile.TarError:
+            return None
+        inner = [m for m in names if m.lower().endswith(PICKLE_SUFFIXES) or Path(m).name == "pickle"]
+        return f"a tar holding {inner[0]}" if inner else None
+    return None
 
 
 def leak_problems(folder: str | os.PathLike, ignore_patterns: list[str] | None = None) -> list[str]:
@@ -221,7 +278,7 @@ def check_dataset_folder(folder: str | os.PathLike) -> list[str]:
     whose `configs:` all resolve to files in the folder ([`merit_hf.hub.cards.dataset_config_problems`]), or
     `load_dataset(repo, config)` would fail after the push, and whose `dataset_info` splits `datasets` can read
     ([`merit_hf.hub.cards.dataset_info_problems`]). Dataset loading scripts are refused: the Hub no longer runs them,
-    and data must not need `trust_remote_code`."""
+    and data must not need `trust_remote_code`; so are pickles ([`pickle_problems`])."""
     from .cards import dataset_config_problems, dataset_info_problems
 
     folder = Path(folder)
@@ -238,7 +295,7 @@ def check_dataset_folder(folder: str | os.PathLike) -> list[str]:
     scripts = sorted(p.name for p in folder.glob("*.py"))
     if scripts:
         problems.append(f"Python files {scripts}: push the converted data, not a loading script")
-    return problems + leak_problems(folder)
+    return problems + pickle_problems(folder) + leak_problems(folder)
 
 
 def pushed_files(folder: str | os.PathLike, ignore_patterns: list[str] | None = None) -> list[str]:
