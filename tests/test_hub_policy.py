@@ -25,6 +25,7 @@ from merit_hf import MeritFeatureExtractor, MeritModel
 from merit_hf.hub import (
     DEFAULT_IGNORE_PATTERNS,
     HubFolderError,
+    HubPushError,
     PushResult,
     main,
     push_dataset,
@@ -40,6 +41,7 @@ REPO_ID = "org/merit-ecg"
 ENDPOINT = "http://hub.invalid"
 TOKEN = "hf_test"
 COMMIT = "c0ffee" * 6 + "c0de"
+PARENT = "ba5e" * 10  # main's head before the push
 # What a Trainer or pretraining output_dir holds beside the model, and what editors and Python leave behind.
 RUN_OUTPUTS = [
     ".git/config",
@@ -65,6 +67,7 @@ def hf_api():
             oid=COMMIT, commit_url=f"{ENDPOINT}/{REPO_ID}/commit/{COMMIT}", pr_url=None
         )
         api.repo_info.return_value = SimpleNamespace(private=False)
+        api.list_repo_refs.return_value = refs(main=PARENT)
         yield api_class
 
 
@@ -88,6 +91,12 @@ def model_folder(saved_model, tmp_path) -> Path:
     return folder
 
 
+def refs(tags: dict[str, str] | None = None, **branches: str) -> SimpleNamespace:
+    """What `HfApi.list_repo_refs` returns: branches and tags, each a name and its commit."""
+    entries = lambda mapping: [SimpleNamespace(name=n, target_commit=c) for n, c in mapping.items()]  # noqa: E731
+    return SimpleNamespace(branches=entries(branches), tags=entries(tags or {}))
+
+
 def write(folder: Path, name: str, data: bytes = b"\x80\x04pickle") -> None:
     (folder / name).parent.mkdir(parents=True, exist_ok=True)
     (folder / name).write_bytes(data)
@@ -104,7 +113,7 @@ def test_push_model_is_one_upload_folder_commit_that_leaves_exactly_the_folder(m
     result = push_model(model_folder, REPO_ID, token=TOKEN, endpoint=ENDPOINT)
     api = hf_api.return_value
     hf_api.assert_called_once_with(endpoint=ENDPOINT, token=TOKEN)
-    assert call_names(api) == ["create_repo", "upload_folder"]  # no branch, tag or settings call
+    assert call_names(api) == ["create_repo", "list_repo_refs", "upload_folder"]  # no branch, tag or settings call
     api.create_repo.assert_called_once_with(REPO_ID, repo_type="model", private=None, exist_ok=True)
     upload = api.upload_folder.call_args.kwargs
     assert upload == {
@@ -126,6 +135,7 @@ def test_push_model_is_one_upload_folder_commit_that_leaves_exactly_the_folder(m
         commit_url=f"{ENDPOINT}/{REPO_ID}/commit/{COMMIT}",
         pr_url=None,
         tag=None,
+        changed=True,
     )
 
 
@@ -171,7 +181,7 @@ def test_repeated_pushes_do_not_grow_the_ignore_list(tmp_path, hf_api):
 def test_tag_names_the_new_commit_after_the_upload(model_folder, hf_api):
     result = push_model(model_folder, REPO_ID, tag="v0.1", commit_message="Release", endpoint=ENDPOINT)
     api = hf_api.return_value
-    assert call_names(api) == ["create_repo", "upload_folder", "create_tag"]
+    assert call_names(api) == ["create_repo", "list_repo_refs", "upload_folder", "create_tag"]
     assert api.upload_folder.call_args.kwargs["commit_message"] == "Release"
     api.create_tag.assert_called_once_with(REPO_ID, tag="v0.1", revision=COMMIT, repo_type="model", exist_ok=False)
     assert result.tag == "v0.1"
@@ -180,7 +190,7 @@ def test_tag_names_the_new_commit_after_the_upload(model_folder, hf_api):
 def test_revision_is_a_branch_created_before_the_upload(model_folder, hf_api):
     result = push_model(model_folder, REPO_ID, revision="v2", endpoint=ENDPOINT)
     api = hf_api.return_value
-    assert call_names(api) == ["create_repo", "create_branch", "upload_folder"]
+    assert call_names(api) == ["create_repo", "list_repo_refs", "create_branch", "upload_folder"]
     api.create_branch.assert_called_once_with(REPO_ID, branch="v2", repo_type="model", exist_ok=True)
     assert api.upload_folder.call_args.kwargs["revision"] == "v2" and result.revision == "v2"
 
@@ -195,12 +205,81 @@ def test_create_pr_opens_a_pull_request_against_main(model_folder, hf_api):
     assert "create_tag" not in call_names(api)
 
 
+def test_an_existing_tag_is_refused_before_anything_is_uploaded(model_folder, hf_api):
+    api = hf_api.return_value
+    api.list_repo_refs.return_value = refs(tags={"v0.1": PARENT}, main=PARENT)
+    with pytest.raises(HubPushError) as error:
+        push_model(model_folder, REPO_ID, tag="v0.1", private=True, endpoint=ENDPOINT)
+    assert str(error.value) == (
+        f"{REPO_ID}: tag 'v0.1' already exists (commit {PARENT}); nothing was uploaded. Choose another tag, or "
+        "delete this one first (HfApi().delete_tag) if it should move"
+    )
+    assert call_names(api) == ["create_repo", "list_repo_refs"]  # no upload, no settings change, no branch
+
+
+def test_a_tag_that_fails_after_the_commit_names_the_commit(model_folder, hf_api):
+    import httpx2  # huggingface_hub's HTTP client
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = hf_api.return_value
+    reply = httpx2.Response(409, request=httpx2.Request("POST", f"{ENDPOINT}/api/models/{REPO_ID}/tag/{COMMIT}"))
+    # the same tag, made by someone else since the check
+    api.create_tag.side_effect = HfHubHTTPError("409 Conflict: Tag already exists: v0.1", response=reply)
+    with pytest.raises(HubPushError) as error:
+        push_model(model_folder, REPO_ID, tag="v0.1", endpoint=ENDPOINT)
+    assert str(error.value) == (
+        f"{REPO_ID}: committed {COMMIT} to main ({ENDPOINT}/{REPO_ID}/commit/{COMMIT}), but tagging it 'v0.1' "
+        "failed (409 Conflict: Tag already exists: v0.1). The commit stays; tag it with "
+        f"HfApi().create_tag('{REPO_ID}', tag=..., revision='{COMMIT}', repo_type='model')"
+    )
+
+
+def test_an_unchanged_folder_opens_no_pull_request_and_says_so(model_folder, hf_api, capsys):
+    api = hf_api.return_value
+    # what upload_folder returns when every file is unchanged: main's head, no pull request
+    api.upload_folder.return_value = SimpleNamespace(oid=PARENT, commit_url="", pr_url=None)
+    summary = main(["push", str(model_folder), REPO_ID, "--create-pr", "--endpoint", ENDPOINT])
+    assert (summary["pr_url"], summary["changed"]) == (None, False)
+    err = capsys.readouterr().err
+    assert err == (
+        f"nothing changed: {REPO_ID} main already holds exactly these files, so no pull request was opened "
+        "(pr_url is null)\n"
+    )
+    summary = main(["push", str(model_folder), REPO_ID, "--endpoint", ENDPOINT])
+    assert (summary["commit_oid"], summary["changed"]) == (PARENT, False)
+    assert capsys.readouterr().err == (
+        f"nothing changed: {REPO_ID} main already holds exactly these files, so no commit was made (commit_oid is "
+        "the head of main)\n"
+    )
+    api.upload_folder.return_value = SimpleNamespace(oid=COMMIT, commit_url="", pr_url=f"{ENDPOINT}/discussions/1")
+    assert main(["push", str(model_folder), REPO_ID, "--create-pr", "--endpoint", ENDPOINT])["changed"]
+    assert capsys.readouterr().err == ""
+
+
+def test_the_command_line_reports_a_refused_push_without_a_traceback(model_folder, hf_api, monkeypatch):
+    import runpy
+    import sys
+
+    hf_api.return_value.list_repo_refs.return_value = refs(tags={"v0.1": PARENT}, main=PARENT)
+    monkeypatch.setattr(sys, "argv", ["merit_hf.hub", "push", str(model_folder), REPO_ID, "--tag", "v0.1"])
+    with pytest.raises(SystemExit, match=rf"^error: {REPO_ID}: tag 'v0.1' already exists"):
+        runpy.run_module("merit_hf.hub", run_name="__main__")
+    monkeypatch.setattr(
+        sys, "argv", ["merit_hf.hub", "push", str(model_folder), REPO_ID, "--create-pr", "--tag", "v1"]
+    )
+    with pytest.raises(SystemExit, match="^error: tag and create_pr together"):
+        runpy.run_module("merit_hf.hub", run_name="__main__")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"create_pr": True, "tag": "v1"}, "tag and create_pr together: tag the commit after the pull request"),
         ({"create_pr": True, "revision": "dev"}, "create_pr with revision 'dev': the Hub opens pull requests against"),
         ({"repo_type": "space"}, "repo_type must be 'model' or 'dataset', got 'space'"),
+        ({"tag": "v0.1 final"}, "tag 'v0.1 final' is not a valid git ref name \\(' ' is not allowed\\)"),
+        ({"tag": "v1..2"}, "tag 'v1..2' is not a valid git ref name"),
+        ({"revision": "dev/"}, "revision 'dev/' is not a valid git ref name \\(it cannot start with"),
     ],
 )
 def test_contradictory_arguments_are_refused_before_any_request(model_folder, hf_api, kwargs, message):
@@ -212,19 +291,19 @@ def test_contradictory_arguments_are_refused_before_any_request(model_folder, hf
 def test_private_makes_an_existing_public_repo_private_before_the_upload(model_folder, hf_api):
     api = hf_api.return_value
     push_model(model_folder, REPO_ID, private=True, endpoint=ENDPOINT)
-    assert call_names(api) == ["create_repo", "repo_info", "update_repo_settings", "upload_folder"]
+    assert call_names(api) == ["create_repo", "list_repo_refs", "repo_info", "update_repo_settings", "upload_folder"]
     api.create_repo.assert_called_once_with(REPO_ID, repo_type="model", private=True, exist_ok=True)
     api.update_repo_settings.assert_called_once_with(REPO_ID, private=True, repo_type="model")
 
     api.reset_mock()
     api.repo_info.return_value = SimpleNamespace(private=True)
     push_model(model_folder, REPO_ID, private=True, endpoint=ENDPOINT)  # already private: no settings call
-    assert call_names(api) == ["create_repo", "repo_info", "upload_folder"]
+    assert call_names(api) == ["create_repo", "list_repo_refs", "repo_info", "upload_folder"]
 
     for private in (None, False):  # never publishes an existing private repo, nor asks
         api.reset_mock()
         push_model(model_folder, REPO_ID, private=private, endpoint=ENDPOINT)
-        assert call_names(api) == ["create_repo", "upload_folder"]
+        assert call_names(api) == ["create_repo", "list_repo_refs", "upload_folder"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -221,6 +221,28 @@ def test_pull_request_branch_and_tag(model_folder, fake_hub, tmp_path, monkeypat
         push_model(folder, REPO_ID, create_pr=True, tag="v3", token=TOKEN, endpoint=fake_hub.endpoint)
 
 
+def test_an_existing_tag_is_refused_before_the_upload(model_folder, fake_hub, monkeypatch):
+    """`push --tag v0.1` when v0.1 exists used to commit to main, then fail on the tag with a raw 409 traceback."""
+    import runpy
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    _, _, folder = model_folder
+    first = push_model(folder, REPO_ID, tag="v0.1", token=TOKEN, endpoint=fake_hub.endpoint)
+    (folder / "NOTES.md").write_text("a change that must not reach main\n")
+    command = ["merit_hf.hub", "push", str(folder), REPO_ID, "--tag", "v0.1", "--endpoint", fake_hub.endpoint]
+    monkeypatch.setattr(sys, "argv", command)
+    with pytest.raises(SystemExit) as error:
+        runpy.run_module("merit_hf.hub", run_name="__main__")
+    assert str(error.value) == (
+        f"error: {REPO_ID}: tag 'v0.1' already exists (commit {first.commit_oid}); nothing was uploaded. Choose "
+        "another tag, or delete this one first (HfApi().delete_tag) if it should move"
+    )
+    repo = fake_hub.get_repo("model", REPO_ID)
+    assert repo.branches == {"main": first.commit_oid} and repo.tags == {"v0.1": first.commit_oid}
+    assert not [request for request in fake_hub.request_log if "/commit/" in request][1:]  # only the first push
+
+
 def test_refuses_folders_that_would_not_load(model_folder, tmp_path):
     _, _, folder = model_folder
     assert check_model_folder(folder) == []

@@ -4,6 +4,7 @@ rendered from results JSONs). `python -m merit_hf.hub push ...` is the command l
 from .push import (
     DEFAULT_IGNORE_PATTERNS,
     HubFolderError,
+    HubPushError,
     PushResult,
     check_dataset_folder,
     check_model_folder,
@@ -20,6 +21,7 @@ from .push import (
 __all__ = [
     "DEFAULT_IGNORE_PATTERNS",
     "HubFolderError",
+    "HubPushError",
     "PushResult",
     "check_dataset_folder",
     "check_model_folder",

@@ -25,10 +25,12 @@ import json
 import logging
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
 
 # Pickles (they can run code when loaded) by name: PyTorch's and Lightning's, joblib's (scikit-learn models and scalers),
 # the `.pth.tar` of older PyTorch code; also compressed (`scaler.joblib.gz`). Other names are found by content
@@ -71,6 +73,11 @@ class HubFolderError(ValueError):
     """A folder that would not load after a push. The message names the folder and every problem found."""
 
 
+class HubPushError(ValueError):
+    """A push refused before anything was uploaded (contradictory arguments, a tag that exists), or a step that failed
+    after its commit was made; the message names the repo, and the commit when one was made."""
+
+
 @dataclass
 class PushResult:
     repo_id: str
@@ -80,6 +87,7 @@ class PushResult:
     commit_url: str
     pr_url: str | None = None
     tag: str | None = None
+    changed: bool = True  # False: the branch already held exactly these files; no commit, no pull request
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -347,8 +355,11 @@ def push_folder(
         repo_id: `"org/name"`; created if missing.
         repo_type: `"model"` or `"dataset"`.
         revision: branch to commit to (created from `main` if missing); `None` is `main`.
-        tag: tag the new commit (e.g. `"v0.1"`). Not allowed with `create_pr` (a PR is not released yet).
-        create_pr: open a pull request against `main` instead of committing to it (not with another `revision`).
+        tag: tag the new commit (e.g. `"v0.1"`). Not allowed with `create_pr` (a PR is not released yet). A tag that
+            exists already, or is no valid git ref name, is refused before anything is uploaded; if tagging still
+            fails after the commit, the error names the commit that was made.
+        create_pr: open a pull request against `main` instead of committing to it (not with another `revision`). A
+            folder that `main` already holds opens none (`pr_url` `None`, `changed` `False`).
         private: `True` makes the repo private before anything is uploaded, also an existing public one; `False` or
             `None` only apply when the repo is created (an existing private repo is never made public).
         commit_message, token: as in `HfApi.upload_folder`.
@@ -357,17 +368,28 @@ def push_folder(
             `runs/`).
     """
     if tag and create_pr:
-        raise ValueError("tag and create_pr together: tag the commit after the pull request is merged")
+        raise HubPushError("tag and create_pr together: tag the commit after the pull request is merged")
     branch = revision or "main"
     if create_pr and branch != "main":
-        raise ValueError(
+        raise HubPushError(
             f"create_pr with revision {branch!r}: the Hub opens pull requests against main; drop the revision"
         )
     if repo_type not in ("model", "dataset"):
-        raise ValueError(f"repo_type must be 'model' or 'dataset', got {repo_type!r}")
+        raise HubPushError(f"repo_type must be 'model' or 'dataset', got {repo_type!r}")
+    for kind, name in (("tag", tag), ("revision", revision)):
+        if name and (why := ref_name_problem(name)):
+            raise HubPushError(f"{kind} {name!r} is not a valid git ref name ({why})")
     folder = Path(folder)
     api = HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    refs = api.list_repo_refs(repo_id, repo_type=repo_type)
+    tagged = {ref.name: ref.target_commit for ref in refs.tags}
+    if tag in tagged:  # checked before the upload: create_tag's 409 would come after the commit
+        raise HubPushError(
+            f"{repo_id}: tag {tag!r} already exists (commit {tagged[tag]}); nothing was uploaded. Choose another "
+            "tag, or delete this one first (HfApi().delete_tag) if it should move"
+        )
+    heads = {ref.name: ref.target_commit for ref in refs.branches}
     # create_repo(exist_ok=True) leaves an existing repo's visibility as it is.
     if private and not api.repo_info(repo_id, repo_type=repo_type).private:
         api.update_repo_settings(repo_id, private=True, repo_type=repo_type)
@@ -384,8 +406,17 @@ def push_folder(
         ignore_patterns=list(DEFAULT_IGNORE_PATTERNS if ignore_patterns is None else ignore_patterns),
         delete_patterns="*",
     )
+    # Nothing changed: huggingface_hub makes no commit (and opens no pull request) and returns the branch's head.
+    changed = info.pr_url is not None if create_pr else info.oid != heads.get(branch, heads.get("main"))
     if tag:
-        api.create_tag(repo_id, tag=tag, revision=info.oid, repo_type=repo_type, exist_ok=False)
+        try:
+            api.create_tag(repo_id, tag=tag, revision=info.oid, repo_type=repo_type, exist_ok=False)
+        except HfHubHTTPError as error:  # e.g. the same tag made by someone else since the check
+            made = f"committed {info.oid} to {branch} ({info.commit_url})" if changed else f"{branch} is {info.oid}"
+            raise HubPushError(
+                f"{repo_id}: {made}, but tagging it {tag!r} failed ({error}). The commit stays; tag it with "
+                f"HfApi().create_tag({repo_id!r}, tag=..., revision={info.oid!r}, repo_type={repo_type!r})"
+            ) from error
     return PushResult(
         repo_id=repo_id,
         repo_type=repo_type,
@@ -394,7 +425,18 @@ def push_folder(
         commit_url=info.commit_url,
         pr_url=info.pr_url,
         tag=tag,
+        changed=changed,
     )
+
+
+def ref_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a branch or tag name (git's `check-ref-format` rules: Hub revisions are git refs), or
+    `None`."""
+    if name.startswith(("-", "/")) or name.endswith(("/", ".", ".lock")) or name == "@":
+        return "it cannot start with - or /, end with /, . or .lock, or be @"
+    if match := re.search(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//|(?:^|/)\.", name):
+        return f"{match[0]!r} is not allowed"
+    return None
 
 
 def push_model(
@@ -480,8 +522,17 @@ def main(argv: list[str] | None = None) -> dict:
     if args.repo_type == "dataset":
         if args.results:
             parser.error("--results renders a model card; dataset cards live beside the dataset scripts")
-        summary = asdict(push_dataset(args.folder, args.repo_id, **kwargs))
+        result = push_dataset(args.folder, args.repo_id, **kwargs)
     else:
-        summary = asdict(push_model(args.folder, args.repo_id, results=args.results, **kwargs))
+        result = push_model(args.folder, args.repo_id, results=args.results, **kwargs)
+    if not result.changed:
+        outcome = (
+            "no pull request was opened (pr_url is null)"
+            if args.create_pr
+            else f"no commit was made (commit_oid is the head of {result.revision})"
+        )
+        where = f"{result.repo_id} {'main' if args.create_pr else result.revision}"
+        print(f"nothing changed: {where} already holds exactly these files, so {outcome}", file=sys.stderr)
+    summary = asdict(result)
     print(json.dumps(summary, indent=2))
     return summary
