@@ -195,16 +195,25 @@ def test_corrupted_weights_on_the_server_are_noticed(model_folder, fake_hub, tmp
 
 
 @pytest.mark.slow
-def test_pull_request_branch_and_tag(model_folder, fake_hub, tmp_path, monkeypatch):
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+@pytest.mark.parametrize("upload", ["xet", "lfs"])
+def test_pull_request_branch_and_tag(model_folder, fake_hub, tmp_path, monkeypatch, upload):
+    """With Xet on (the default), huggingface_hub opens the pull request with `create_pull_request`
+    (`POST .../discussions`), then commits to `refs/pr/1`; with Xet off, one commit with `?create_pr=1` does both."""
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", upload == "lfs")
     model, _, folder = model_folder
     first = push_model(folder, REPO_ID, tag="v0.1", token=TOKEN, endpoint=fake_hub.endpoint)
+    unchanged = push_model(folder, REPO_ID, create_pr=True, token=TOKEN, endpoint=fake_hub.endpoint)
+    assert (unchanged.changed, unchanged.pr_url, unchanged.commit_oid) == (False, None, first.commit_oid)
+    assert fake_hub.get_repo("model", REPO_ID).pull_requests == {}  # no empty pull request was opened
     with torch.no_grad():
         model.logit_scale.fill_(1.0)
     model.save_pretrained(folder)
 
+    requests_before = len(fake_hub.request_log)
     proposal = push_model(folder, REPO_ID, create_pr=True, token=TOKEN, endpoint=fake_hub.endpoint)
-    assert proposal.pr_url == f"{fake_hub.endpoint}/org/merit-ecg/discussions/1"
+    assert proposal.pr_url == f"{fake_hub.endpoint}/org/merit-ecg/discussions/1" and proposal.changed
+    opened = f"POST /api/models/{REPO_ID}/discussions" in fake_hub.request_log[requests_before:]
+    assert opened == (upload == "xet"), f"{upload}: the pull request took the other path"
     branch = push_model(folder, REPO_ID, revision="v2", token=TOKEN, endpoint=fake_hub.endpoint, commit_message="v2")
 
     refs = HfApi(endpoint=fake_hub.endpoint).list_repo_refs(REPO_ID, include_pull_requests=True)
