@@ -2,7 +2,9 @@
 transformers client code end to end (create repo, preupload, Xet or Git-LFS upload, commit, download).
 
 It implements the routes that huggingface_hub 2.4 really calls (`../shared/notes/hub.md` §2), plus
-`PUT /api/{type}s/{repo}/settings` as `HfApi.update_repo_settings` sends it (visibility only), and nothing more. It
+`PUT /api/{type}s/{repo}/settings` as `HfApi.update_repo_settings` sends it (visibility only), and
+`POST /api/{type}s/{repo}/discussions` + `GET .../discussions/{num}` for pull requests only (`create_pull_request`,
+which the Xet upload pipeline calls for `create_pr=True`, then commits to `refs/pr/<num>`), and nothing more. It
 listens on 127.0.0.1 only and needs the standard library plus `hf_xet`, which huggingface_hub already depends on.
 
 What it is not: huggingface.co. It has no auth, no permissions, no gated repos, no rate limits, no CDN redirects, no
@@ -108,7 +110,7 @@ class Repo:
     commits: dict[str, Commit] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
-    pull_requests: list[int] = field(default_factory=list)
+    pull_requests: dict[int, str] = field(default_factory=dict)  # number -> title
 
 
 class HubError(Exception):
@@ -257,10 +259,8 @@ class FakeHub:
         header = next((line["value"] for line in lines if line["key"] == "header"), {})
         branch = unquote(revision)
         if create_pr:
-            number = len(repo.pull_requests) + 1
-            repo.pull_requests.append(number)
+            number = self.open_pull_request(repo, header.get("summary", ""), revision)
             branch = f"refs/pr/{number}"
-            repo.branches[branch] = self.resolve_revision(repo, revision)
         elif branch not in repo.branches:
             raise HubError(404, f"Invalid rev id: {branch} (commits go to a branch)", "RevisionNotFound")
         parent = repo.branches[branch]
@@ -281,8 +281,15 @@ class FakeHub:
         url = f"{self.endpoint}/{URL_PREFIX[repo.repo_type]}{repo.repo_id}"
         reply = {"commitUrl": f"{url}/commit/{oid}", "commitOid": oid, "success": True}
         if create_pr:
-            reply["pullRequestUrl"] = f"{url}/discussions/{repo.pull_requests[-1]}"
+            reply["pullRequestUrl"] = f"{url}/discussions/{number}"
         return reply
+
+    def open_pull_request(self, repo: Repo, title: str, base: str = "main") -> int:
+        """A pull request against `base`: its branch `refs/pr/<number>` starts at `base`'s head."""
+        number = len(repo.pull_requests) + 1
+        repo.pull_requests[number] = title
+        repo.branches[f"refs/pr/{number}"] = self.resolve_revision(repo, base)
+        return number
 
     def upload_mode(self, path: str, size: int, sample: bytes) -> str:
         if path.endswith(LFS_SUFFIXES) or size >= LFS_MIN_SIZE or b"\0" in sample:
@@ -423,6 +430,28 @@ class _Handler(BaseHTTPRequestHandler):
                 raise HubError(409, f"Tag already exists: {payload['tag']}")
             repo.tags[payload["tag"]] = hub.resolve_revision(repo, "/".join(rest[1:]))
             return self._send(200, _json_body({}))
+        if action == "discussions" and self.command == "POST":  # create_pull_request (the Xet upload pipeline's)
+            payload = json.loads(body)
+            if not payload.get("pullRequest"):
+                raise HubError(400, "only pull requests are implemented here, not discussions")
+            return self._send(200, _json_body({"num": hub.open_pull_request(repo, payload.get("title", ""))}))
+        if action == "discussions" and len(rest) == 2:  # get_discussion_details, for a pull request
+            number = int(rest[1])
+            if number not in repo.pull_requests:
+                raise HubError(404, f"Discussion {number} not found")
+            details = {
+                "num": number,
+                "title": repo.pull_requests[number],
+                "status": "draft",
+                "isPullRequest": True,
+                "author": {"name": "fake-user"},
+                "createdAt": repo.commits[repo.branches[f"refs/pr/{number}"]].date,
+                "repo": {"name": repo.repo_id, "type": repo.repo_type},
+                "events": [],
+                "changes": {"base": "refs/heads/main"},
+                "filesWithConflicts": [],
+            }
+            return self._send(200, _json_body(details))
         if action == "refs":
             return self._send(200, _json_body(self._refs(repo, query.get("include_prs") in ("1", "true"))))
         if action == "settings" and self.command == "PUT":  # update_repo_settings; only visibility is kept

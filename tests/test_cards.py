@@ -21,6 +21,7 @@ from merit_hf.hub.cards import (
     card_rows,
     dataset_card_problems,
     dataset_config_problems,
+    dataset_info_problems,
     load_results,
     main,
     model_card_problems,
@@ -306,7 +307,10 @@ def test_dataset_card_configs_need_their_files(tmp_path, capsys):
     assert data["dataset_info"] == [
         {
             "config_name": "100hz",
-            "splits": [{"name": "train", "num_examples": 1490}, {"name": "test", "num_examples": 255}],
+            "splits": [  # num_bytes: one int64 column, 8 bytes a row, and its validity bitmap, a bit a row
+                {"name": "train", "num_bytes": 8 * 1490 + 187, "num_examples": 1490},
+                {"name": "test", "num_bytes": 8 * 255 + 32, "num_examples": 255},
+            ],
         }
     ]
     assert data["size_categories"] == ["1K<n<10K"]
@@ -322,6 +326,83 @@ def test_dataset_card_configs_need_their_files(tmp_path, capsys):
     assert capsys.readouterr().out == f"{card}: ok\n"
     with pytest.raises(SystemExit, match="configs entry '500hz': data_files 500hz/train-\\*.parquet match no file"):
         main(["check", str(template), "--kind", "dataset", "--data-folder", str(folder)])
+
+
+def _write_records(path, ecg_ids: list[int], row_group_size: int) -> None:
+    """Rows shaped like a conversion's: a float32 signal per record, a report (one missing), a label list."""
+    import datasets
+
+    features = datasets.Features(
+        {
+            "ecg_id": datasets.Value("int32"),
+            "signal": datasets.Array2D((20, 12), "float32"),
+            "report": datasets.Value("string"),
+            "superclass": datasets.List(datasets.ClassLabel(names=LABELS)),
+        }
+    )
+    rng = np.random.default_rng(len(ecg_ids))
+    rows = {
+        "ecg_id": ecg_ids,
+        "signal": rng.standard_normal((len(ecg_ids), 20, 12)).astype("float32").tolist(),
+        "report": [None if i == 3 else "sinus rhythm " * (i % 4) for i in range(len(ecg_ids))],
+        "superclass": [list(range(i % 3)) for i in range(len(ecg_ids))],
+    }
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(path, batch_size=row_group_size)
+
+
+def test_written_dataset_card_loads_without_a_datasets_warning_and_gives_its_own_num_bytes(tmp_path):
+    """Without `num_bytes` in its `dataset_info` splits, `datasets.load_dataset(folder)` warned on every load that the
+    splits were malformed and ignored the card's counts; the checks said ok."""
+    import logging
+
+    import datasets
+
+    template = tmp_path / "template.md"
+    template.write_text(TWO_CONFIG_CARD)
+    folder = tmp_path / "converted"
+    (folder / "100hz").mkdir(parents=True)
+    _write_records(folder / "100hz" / "train-00000-of-00002.parquet", list(range(23)), row_group_size=10)
+    _write_records(folder / "100hz" / "train-00001-of-00002.parquet", list(range(23, 30)), row_group_size=4)
+    _write_records(folder / "100hz" / "test-00000-of-00001.parquet", list(range(30, 38)), row_group_size=8)
+    card = write_dataset_card(template, folder)
+    stated = {split["name"]: split for split in DatasetCard.load(card).data.to_dict()["dataset_info"][0]["splits"]}
+    assert dataset_card_problems(card, data_folder=folder) == []
+
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    datasets_logger = logging.getLogger("datasets")
+    datasets_logger.addHandler(handler)
+    try:
+        loaded = datasets.load_dataset(str(folder), cache_dir=str(tmp_path / "cache_card"))
+    finally:
+        datasets_logger.removeHandler(handler)
+    assert [record.getMessage() for record in records if "dataset_info" in record.getMessage()] == []
+    # datasets' own sizes, computed while it builds the same files into its cache without our card
+    files = {split: sorted(str(path) for path in (folder / "100hz").glob(f"{split}-*.parquet")) for split in stated}
+    plain = datasets.load_dataset("parquet", data_files=files, cache_dir=str(tmp_path / "cache_plain"))
+    for split in ("train", "test"):
+        assert stated[split]["num_examples"] == loaded[split].num_rows == (30 if split == "train" else 8)
+        assert stated[split]["num_bytes"] == plain[split].info.splits[split].num_bytes > 0
+        assert loaded[split].info.splits[split].num_bytes == stated[split]["num_bytes"]
+
+
+def test_dataset_info_splits_without_num_bytes_are_refused(tmp_path):
+    card = tmp_path / "README.md"
+    card.write_text(
+        TWO_CONFIG_CARD.replace(
+            "---\n# Two rates",
+            "dataset_info:\n- config_name: 100hz\n  splits:\n  - name: train\n    num_examples: 3\n---\n# Two rates",
+        )
+    )
+    problem = (
+        "dataset_info '100hz' split 'train' lacks num_bytes: datasets.load_dataset would ignore the card's split "
+        "counts (write the card with write_dataset_card)"
+    )
+    assert dataset_info_problems(card) == [problem]
+    assert dataset_card_problems(card) == [problem]
+    with pytest.raises(SystemExit, match=re.escape(problem)):
+        main(["check", str(card), "--kind", "dataset"])
 
 
 @pytest.mark.parametrize(

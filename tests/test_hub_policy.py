@@ -15,7 +15,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
 
+import numpy as np
 import pytest
+import torch
 from huggingface_hub import HfApi
 from huggingface_hub.utils import filter_repo_objects
 
@@ -23,6 +25,7 @@ from merit_hf import MeritFeatureExtractor, MeritModel
 from merit_hf.hub import (
     DEFAULT_IGNORE_PATTERNS,
     HubFolderError,
+    HubPushError,
     PushResult,
     main,
     push_dataset,
@@ -38,6 +41,7 @@ REPO_ID = "org/merit-ecg"
 ENDPOINT = "http://hub.invalid"
 TOKEN = "hf_test"
 COMMIT = "c0ffee" * 6 + "c0de"
+PARENT = "ba5e" * 10  # main's head before the push
 # What a Trainer or pretraining output_dir holds beside the model, and what editors and Python leave behind.
 RUN_OUTPUTS = [
     ".git/config",
@@ -63,6 +67,7 @@ def hf_api():
             oid=COMMIT, commit_url=f"{ENDPOINT}/{REPO_ID}/commit/{COMMIT}", pr_url=None
         )
         api.repo_info.return_value = SimpleNamespace(private=False)
+        api.list_repo_refs.return_value = refs(main=PARENT)
         yield api_class
 
 
@@ -86,6 +91,12 @@ def model_folder(saved_model, tmp_path) -> Path:
     return folder
 
 
+def refs(tags: dict[str, str] | None = None, **branches: str) -> SimpleNamespace:
+    """What `HfApi.list_repo_refs` returns: branches and tags, each a name and its commit."""
+    entries = lambda mapping: [SimpleNamespace(name=n, target_commit=c) for n, c in mapping.items()]  # noqa: E731
+    return SimpleNamespace(branches=entries(branches), tags=entries(tags or {}))
+
+
 def write(folder: Path, name: str, data: bytes = b"\x80\x04pickle") -> None:
     (folder / name).parent.mkdir(parents=True, exist_ok=True)
     (folder / name).write_bytes(data)
@@ -102,7 +113,7 @@ def test_push_model_is_one_upload_folder_commit_that_leaves_exactly_the_folder(m
     result = push_model(model_folder, REPO_ID, token=TOKEN, endpoint=ENDPOINT)
     api = hf_api.return_value
     hf_api.assert_called_once_with(endpoint=ENDPOINT, token=TOKEN)
-    assert call_names(api) == ["create_repo", "upload_folder"]  # no branch, tag or settings call
+    assert call_names(api) == ["create_repo", "list_repo_refs", "upload_folder"]  # no branch, tag or settings call
     api.create_repo.assert_called_once_with(REPO_ID, repo_type="model", private=None, exist_ok=True)
     upload = api.upload_folder.call_args.kwargs
     assert upload == {
@@ -124,6 +135,7 @@ def test_push_model_is_one_upload_folder_commit_that_leaves_exactly_the_folder(m
         commit_url=f"{ENDPOINT}/{REPO_ID}/commit/{COMMIT}",
         pr_url=None,
         tag=None,
+        changed=True,
     )
 
 
@@ -169,7 +181,7 @@ def test_repeated_pushes_do_not_grow_the_ignore_list(tmp_path, hf_api):
 def test_tag_names_the_new_commit_after_the_upload(model_folder, hf_api):
     result = push_model(model_folder, REPO_ID, tag="v0.1", commit_message="Release", endpoint=ENDPOINT)
     api = hf_api.return_value
-    assert call_names(api) == ["create_repo", "upload_folder", "create_tag"]
+    assert call_names(api) == ["create_repo", "list_repo_refs", "upload_folder", "create_tag"]
     assert api.upload_folder.call_args.kwargs["commit_message"] == "Release"
     api.create_tag.assert_called_once_with(REPO_ID, tag="v0.1", revision=COMMIT, repo_type="model", exist_ok=False)
     assert result.tag == "v0.1"
@@ -178,7 +190,7 @@ def test_tag_names_the_new_commit_after_the_upload(model_folder, hf_api):
 def test_revision_is_a_branch_created_before_the_upload(model_folder, hf_api):
     result = push_model(model_folder, REPO_ID, revision="v2", endpoint=ENDPOINT)
     api = hf_api.return_value
-    assert call_names(api) == ["create_repo", "create_branch", "upload_folder"]
+    assert call_names(api) == ["create_repo", "list_repo_refs", "create_branch", "upload_folder"]
     api.create_branch.assert_called_once_with(REPO_ID, branch="v2", repo_type="model", exist_ok=True)
     assert api.upload_folder.call_args.kwargs["revision"] == "v2" and result.revision == "v2"
 
@@ -193,12 +205,81 @@ def test_create_pr_opens_a_pull_request_against_main(model_folder, hf_api):
     assert "create_tag" not in call_names(api)
 
 
+def test_an_existing_tag_is_refused_before_anything_is_uploaded(model_folder, hf_api):
+    api = hf_api.return_value
+    api.list_repo_refs.return_value = refs(tags={"v0.1": PARENT}, main=PARENT)
+    with pytest.raises(HubPushError) as error:
+        push_model(model_folder, REPO_ID, tag="v0.1", private=True, endpoint=ENDPOINT)
+    assert str(error.value) == (
+        f"{REPO_ID}: tag 'v0.1' already exists (commit {PARENT}); nothing was uploaded. Choose another tag, or "
+        "delete this one first (HfApi().delete_tag) if it should move"
+    )
+    assert call_names(api) == ["create_repo", "list_repo_refs"]  # no upload, no settings change, no branch
+
+
+def test_a_tag_that_fails_after_the_commit_names_the_commit(model_folder, hf_api):
+    import httpx2  # huggingface_hub's HTTP client
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = hf_api.return_value
+    reply = httpx2.Response(409, request=httpx2.Request("POST", f"{ENDPOINT}/api/models/{REPO_ID}/tag/{COMMIT}"))
+    # the same tag, made by someone else since the check
+    api.create_tag.side_effect = HfHubHTTPError("409 Conflict: Tag already exists: v0.1", response=reply)
+    with pytest.raises(HubPushError) as error:
+        push_model(model_folder, REPO_ID, tag="v0.1", endpoint=ENDPOINT)
+    assert str(error.value) == (
+        f"{REPO_ID}: committed {COMMIT} to main ({ENDPOINT}/{REPO_ID}/commit/{COMMIT}), but tagging it 'v0.1' "
+        "failed (409 Conflict: Tag already exists: v0.1). The commit stays; tag it with "
+        f"HfApi().create_tag('{REPO_ID}', tag=..., revision='{COMMIT}', repo_type='model')"
+    )
+
+
+def test_an_unchanged_folder_opens_no_pull_request_and_says_so(model_folder, hf_api, capsys):
+    api = hf_api.return_value
+    # what upload_folder returns when every file is unchanged: main's head, no pull request
+    api.upload_folder.return_value = SimpleNamespace(oid=PARENT, commit_url="", pr_url=None)
+    summary = main(["push", str(model_folder), REPO_ID, "--create-pr", "--endpoint", ENDPOINT])
+    assert (summary["pr_url"], summary["changed"]) == (None, False)
+    err = capsys.readouterr().err
+    assert err == (
+        f"nothing changed: {REPO_ID} main already holds exactly these files, so no pull request was opened "
+        "(pr_url is null)\n"
+    )
+    summary = main(["push", str(model_folder), REPO_ID, "--endpoint", ENDPOINT])
+    assert (summary["commit_oid"], summary["changed"]) == (PARENT, False)
+    assert capsys.readouterr().err == (
+        f"nothing changed: {REPO_ID} main already holds exactly these files, so no commit was made (commit_oid is "
+        "the head of main)\n"
+    )
+    api.upload_folder.return_value = SimpleNamespace(oid=COMMIT, commit_url="", pr_url=f"{ENDPOINT}/discussions/1")
+    assert main(["push", str(model_folder), REPO_ID, "--create-pr", "--endpoint", ENDPOINT])["changed"]
+    assert capsys.readouterr().err == ""
+
+
+def test_the_command_line_reports_a_refused_push_without_a_traceback(model_folder, hf_api, monkeypatch):
+    import runpy
+    import sys
+
+    hf_api.return_value.list_repo_refs.return_value = refs(tags={"v0.1": PARENT}, main=PARENT)
+    monkeypatch.setattr(sys, "argv", ["merit_hf.hub", "push", str(model_folder), REPO_ID, "--tag", "v0.1"])
+    with pytest.raises(SystemExit, match=rf"^error: {REPO_ID}: tag 'v0.1' already exists"):
+        runpy.run_module("merit_hf.hub", run_name="__main__")
+    monkeypatch.setattr(
+        sys, "argv", ["merit_hf.hub", "push", str(model_folder), REPO_ID, "--create-pr", "--tag", "v1"]
+    )
+    with pytest.raises(SystemExit, match="^error: tag and create_pr together"):
+        runpy.run_module("merit_hf.hub", run_name="__main__")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"create_pr": True, "tag": "v1"}, "tag and create_pr together: tag the commit after the pull request"),
         ({"create_pr": True, "revision": "dev"}, "create_pr with revision 'dev': the Hub opens pull requests against"),
         ({"repo_type": "space"}, "repo_type must be 'model' or 'dataset', got 'space'"),
+        ({"tag": "v0.1 final"}, "tag 'v0.1 final' is not a valid git ref name \\(' ' is not allowed\\)"),
+        ({"tag": "v1..2"}, "tag 'v1..2' is not a valid git ref name"),
+        ({"revision": "dev/"}, "revision 'dev/' is not a valid git ref name \\(it cannot start with"),
     ],
 )
 def test_contradictory_arguments_are_refused_before_any_request(model_folder, hf_api, kwargs, message):
@@ -210,19 +291,19 @@ def test_contradictory_arguments_are_refused_before_any_request(model_folder, hf
 def test_private_makes_an_existing_public_repo_private_before_the_upload(model_folder, hf_api):
     api = hf_api.return_value
     push_model(model_folder, REPO_ID, private=True, endpoint=ENDPOINT)
-    assert call_names(api) == ["create_repo", "repo_info", "update_repo_settings", "upload_folder"]
+    assert call_names(api) == ["create_repo", "list_repo_refs", "repo_info", "update_repo_settings", "upload_folder"]
     api.create_repo.assert_called_once_with(REPO_ID, repo_type="model", private=True, exist_ok=True)
     api.update_repo_settings.assert_called_once_with(REPO_ID, private=True, repo_type="model")
 
     api.reset_mock()
     api.repo_info.return_value = SimpleNamespace(private=True)
     push_model(model_folder, REPO_ID, private=True, endpoint=ENDPOINT)  # already private: no settings call
-    assert call_names(api) == ["create_repo", "repo_info", "upload_folder"]
+    assert call_names(api) == ["create_repo", "list_repo_refs", "repo_info", "upload_folder"]
 
     for private in (None, False):  # never publishes an existing private repo, nor asks
         api.reset_mock()
         push_model(model_folder, REPO_ID, private=private, endpoint=ENDPOINT)
-        assert call_names(api) == ["create_repo", "upload_folder"]
+        assert call_names(api) == ["create_repo", "list_repo_refs", "upload_folder"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -241,6 +322,68 @@ def test_pickles_missing_code_and_missing_feature_extractor_are_refused(model_fo
     assert "pickled weights ['heads/probe.pt', 'pytorch_model.bin']" in message
     assert "preprocessor_config.json is missing: save the feature extractor with the model" in message
     hf_api.assert_not_called()
+
+
+def safetensors_whose_first_bytes_look_like_a_pickle_header() -> bytes:
+    """A valid safetensors file whose header length, its first 8 bytes, begins `80 03` like a protocol-3 pickle."""
+    import struct
+
+    from safetensors.numpy import load, save
+
+    for pad in range(4096):
+        data = save({"w": np.zeros(2, dtype="float32")}, metadata={"pad": "x" * pad})
+        if data[:2] == b"\x80\x03":
+            assert struct.unpack("<Q", data[:8])[0] == 0x380 and load(data)["w"].tolist() == [0.0, 0.0]
+            return data
+    raise AssertionError("no padding gives a header length of 0x380")
+
+
+def test_pickles_are_refused_by_name_and_by_content(model_folder, hf_api, tmp_path):
+    import io
+    import pickle
+    import tarfile
+
+    write(model_folder, "model.pth.tar")
+    write(model_folder, "scaler.joblib", b"\x1f\x8bjoblib's zlib")
+    write(model_folder, "extra/scaler.joblib.gz")
+    write(model_folder, "heads/PROBE.PT")
+    write(model_folder, "heads/probe.weights", pickle.dumps({"bias": [0.0]}, protocol=4))
+    write(model_folder, "state.dat", pickle.dumps([1, 2], protocol=2))
+    torch.save({"w": torch.zeros(2)}, model_folder / "probe.model")  # a zip holding archive/data.pkl
+    legacy = io.BytesIO()
+    with tarfile.open(fileobj=legacy, mode="w") as archive:  # PyTorch's legacy format: a tar with a `pickle` member
+        member = tarfile.TarInfo("pickle")
+        member.size = 4
+        archive.addfile(member, io.BytesIO(b"\x80\x02N."))
+    write(model_folder, "old/model.tar", legacy.getvalue())
+    with pytest.raises(HubFolderError) as error:
+        push_model(model_folder, REPO_ID, endpoint=ENDPOINT)
+    problems = str(error.value).removeprefix(f"{model_folder}: not a Hub-ready model folder: ").split("; ")
+    code = "which can run code when loaded: save weights with save_pretrained (safetensors) and other objects as JSON"
+    assert problems == [
+        "pickled weights ['extra/scaler.joblib.gz', 'heads/PROBE.PT', 'model.pth.tar', 'scaler.joblib'] (merit_hf "
+        "loads safetensors only",
+        "re-save with save_pretrained)",
+        f"heads/probe.weights is a pickle (it starts with a pickle header, protocol 4), {code}",
+        f"old/model.tar is a pickle (a tar holding pickle), {code}",
+        f"probe.model is a pickle (a zip holding probe/data.pkl, as torch.save writes), {code}",
+        f"state.dat is a pickle (it starts with a pickle header, protocol 2), {code}",
+    ]
+    hf_api.assert_not_called()
+
+
+def test_safetensors_json_text_parquet_images_and_npz_are_not_pickles(model_folder, hf_api):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write(model_folder, "heads/probe.safetensors", safetensors_whose_first_bytes_look_like_a_pickle_header())
+    write(model_folder, "probe.json", b'{"classes": ["NORM"]}')
+    write(model_folder, "notes.txt", "Units: mV \u2014 \x80 is not a header in UTF-8 text\n".encode())
+    write(model_folder, "figures/roc.png", b"\x89PNG\r\n\x1a\n" + bytes(64))
+    np.savez(model_folder / "thresholds.npz", thresholds=np.ones(5))  # a zip of .npy arrays
+    pq.write_table(pa.table({"ecg_id": [1, 2]}), model_folder / "eval.parquet")
+    push_model(model_folder, REPO_ID, endpoint=ENDPOINT)
+    hf_api.return_value.upload_folder.assert_called_once()
 
 
 def test_a_folder_without_card_or_weights_is_refused(model_folder, hf_api):
@@ -323,13 +466,16 @@ def test_results_render_the_model_card_before_the_upload(model_folder, hf_api, t
 def test_dataset_push_needs_data_and_a_card_whose_configs_resolve(tmp_path, hf_api):
     folder = tmp_path / "ptbxl-merit"
     write(folder, "loader.py", b"import datasets\n")
+    write(folder, "label_encoder.pkl")
     with pytest.raises(HubFolderError) as error:
         push_dataset(folder, "org/ptbxl-merit", endpoint=ENDPOINT)
     message = str(error.value)
     assert "no data files (.parquet, .arrow, .jsonl, .csv)" in message
     assert "README.md (the dataset card) is missing" in message
     assert "Python files ['loader.py']: push the converted data, not a loading script" in message
+    assert "pickled weights ['label_encoder.pkl']" in message
     (folder / "loader.py").unlink()
+    (folder / "label_encoder.pkl").unlink()
     write(folder, "data/test-00000-of-00001.parquet", b"PAR1")
     (folder / "README.md").write_text(
         "---\nlicense: cc-by-4.0\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"

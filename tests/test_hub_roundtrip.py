@@ -195,16 +195,25 @@ def test_corrupted_weights_on_the_server_are_noticed(model_folder, fake_hub, tmp
 
 
 @pytest.mark.slow
-def test_pull_request_branch_and_tag(model_folder, fake_hub, tmp_path, monkeypatch):
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+@pytest.mark.parametrize("upload", ["xet", "lfs"])
+def test_pull_request_branch_and_tag(model_folder, fake_hub, tmp_path, monkeypatch, upload):
+    """With Xet on (the default), huggingface_hub opens the pull request with `create_pull_request`
+    (`POST .../discussions`), then commits to `refs/pr/1`; with Xet off, one commit with `?create_pr=1` does both."""
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", upload == "lfs")
     model, _, folder = model_folder
     first = push_model(folder, REPO_ID, tag="v0.1", token=TOKEN, endpoint=fake_hub.endpoint)
+    unchanged = push_model(folder, REPO_ID, create_pr=True, token=TOKEN, endpoint=fake_hub.endpoint)
+    assert (unchanged.changed, unchanged.pr_url, unchanged.commit_oid) == (False, None, first.commit_oid)
+    assert fake_hub.get_repo("model", REPO_ID).pull_requests == {}  # no empty pull request was opened
     with torch.no_grad():
         model.logit_scale.fill_(1.0)
     model.save_pretrained(folder)
 
+    requests_before = len(fake_hub.request_log)
     proposal = push_model(folder, REPO_ID, create_pr=True, token=TOKEN, endpoint=fake_hub.endpoint)
-    assert proposal.pr_url == f"{fake_hub.endpoint}/org/merit-ecg/discussions/1"
+    assert proposal.pr_url == f"{fake_hub.endpoint}/org/merit-ecg/discussions/1" and proposal.changed
+    opened = f"POST /api/models/{REPO_ID}/discussions" in fake_hub.request_log[requests_before:]
+    assert opened == (upload == "xet"), f"{upload}: the pull request took the other path"
     branch = push_model(folder, REPO_ID, revision="v2", token=TOKEN, endpoint=fake_hub.endpoint, commit_message="v2")
 
     refs = HfApi(endpoint=fake_hub.endpoint).list_repo_refs(REPO_ID, include_pull_requests=True)
@@ -219,6 +228,28 @@ def test_pull_request_branch_and_tag(model_folder, fake_hub, tmp_path, monkeypat
     assert weights("v2") == (folder / "model.safetensors").read_bytes()
     with pytest.raises(ValueError, match="tag and create_pr"):
         push_model(folder, REPO_ID, create_pr=True, tag="v3", token=TOKEN, endpoint=fake_hub.endpoint)
+
+
+def test_an_existing_tag_is_refused_before_the_upload(model_folder, fake_hub, monkeypatch):
+    """`push --tag v0.1` when v0.1 exists used to commit to main, then fail on the tag with a raw 409 traceback."""
+    import runpy
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    _, _, folder = model_folder
+    first = push_model(folder, REPO_ID, tag="v0.1", token=TOKEN, endpoint=fake_hub.endpoint)
+    (folder / "NOTES.md").write_text("a change that must not reach main\n")
+    command = ["merit_hf.hub", "push", str(folder), REPO_ID, "--tag", "v0.1", "--endpoint", fake_hub.endpoint]
+    monkeypatch.setattr(sys, "argv", command)
+    with pytest.raises(SystemExit) as error:
+        runpy.run_module("merit_hf.hub", run_name="__main__")
+    assert str(error.value) == (
+        f"error: {REPO_ID}: tag 'v0.1' already exists (commit {first.commit_oid}); nothing was uploaded. Choose "
+        "another tag, or delete this one first (HfApi().delete_tag) if it should move"
+    )
+    repo = fake_hub.get_repo("model", REPO_ID)
+    assert repo.branches == {"main": first.commit_oid} and repo.tags == {"v0.1": first.commit_oid}
+    assert not [request for request in fake_hub.request_log if "/commit/" in request][1:]  # only the first push
 
 
 def test_refuses_folders_that_would_not_load(model_folder, tmp_path):

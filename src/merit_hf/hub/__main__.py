@@ -2,9 +2,9 @@
 
 import sys
 
-from .push import HubFolderError, main
+from .push import HubFolderError, HubPushError, main
 
 try:
     main()
-except HubFolderError as error:
+except (HubFolderError, HubPushError) as error:
     sys.exit(f"error: {error}")

@@ -455,6 +455,7 @@ def dataset_card_problems(
         problems.append("no citation of the source data")
     if "licen" not in text:
         problems.append("the text does not state the licence")
+    problems.extend(dataset_info_problems(card))
     if data_folder is not None:
         problems.extend(dataset_config_problems(card, data_folder))
     return problems
@@ -481,30 +482,88 @@ def dataset_config_problems(card: DatasetCard | str | os.PathLike, folder: str |
     return problems
 
 
-def split_rows(card: DatasetCard, folder: str | os.PathLike) -> dict[str, dict[str, int]]:
-    """`{config_name: {split: rows}}` of the card's `configs:` entries whose Parquet files are in `folder` (rows read
-    from the files' footers)."""
-    import pyarrow.parquet as pq
+def dataset_info_problems(card: DatasetCard | str | os.PathLike) -> list[str]:
+    """The `dataset_info` splits of a dataset card that `datasets` cannot read: each needs `name`, `num_examples` and
+    `num_bytes`, or `load_dataset` ignores all of the card's split counts (and warns "Ignoring part of dataset_info
+    from the dataset card: The 'splits' field in YAML is malformed ..." on every load)."""
+    card = card if isinstance(card, DatasetCard) else DatasetCard.load(card)
+    problems = []
+    for info in _as_list_of_dicts(card.data.to_dict().get("dataset_info")):
+        for split in info.get("splits") or []:
+            split = split if isinstance(split, Mapping) else {"name": split}
+            missing = [key for key in ("name", "num_examples", "num_bytes") if split.get(key) is None]
+            if missing:
+                name = split.get("name")
+                problems.append(
+                    f"dataset_info {info.get('config_name', 'default')!r} split {name!r} lacks "
+                    f"{', '.join(missing)}: datasets.load_dataset would ignore the card's split counts (write the "
+                    "card with write_dataset_card)"
+                )
+    return problems
+
+
+def split_files(card: DatasetCard, folder: str | os.PathLike) -> dict[str, dict[str, list[str]]]:
+    """`{config_name: {split: files}}` of the card's `configs:` entries, each split's patterns resolved in `folder`
+    as `load_dataset(folder)` resolves them (a pattern that matches nothing adds no file)."""
     from datasets.data_files import resolve_pattern
 
-    counts: dict[str, dict[str, int]] = {}
+    files: dict[str, dict[str, list[str]]] = {}
     for config in card.data.to_dict().get("configs") or []:
         for split, patterns in _split_patterns(config):
             if split is None:
                 continue
-            rows = 0
+            found = files.setdefault(config.get("config_name", "default"), {}).setdefault(split, [])
             for pattern in patterns:
                 try:
-                    files = resolve_pattern(pattern, str(folder))
+                    found.extend(resolve_pattern(pattern, str(folder)))
                 except FileNotFoundError:
                     continue
-                for file in files:
-                    try:
-                        rows += pq.read_metadata(file).num_rows
-                    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
-                        raise ValueError(f"{file}: not a readable Parquet file ({error})") from error
-            counts.setdefault(config.get("config_name", "default"), {})[split] = rows
+    return files
+
+
+def split_rows(card: DatasetCard, folder: str | os.PathLike) -> dict[str, dict[str, int]]:
+    """`{config_name: {split: rows}}` of the card's `configs:` entries whose Parquet files are in `folder` (rows read
+    from the files' footers)."""
+    import pyarrow.parquet as pq
+
+    counts: dict[str, dict[str, int]] = {}
+    for name, splits in split_files(card, folder).items():
+        for split, files in splits.items():
+            rows = 0
+            for file in files:
+                try:
+                    rows += pq.read_metadata(file).num_rows
+                except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+                    raise ValueError(f"{file}: not a readable Parquet file ({error})") from error
+            counts.setdefault(name, {})[split] = rows
     return counts
+
+
+def arrow_num_bytes(files: list[str]) -> int:
+    """A split's `num_bytes` as `datasets` defines it: the Arrow size (`pa.Table.nbytes`) of the tables its Parquet
+    builder writes into the cache. They are read as that builder reads them (one batch per row group, the size of the
+    first one; cast to the features of the first file's schema), since the offsets and validity buffers of each batch
+    count. The Parquet footers cannot give it (they hold encoded sizes), so the data are read, one batch at a time."""
+    import pyarrow as pa
+    import pyarrow.dataset as pds
+    from datasets import Features
+    from datasets.table import table_cast
+
+    total, schema = 0, None
+    file_format = pds.ParquetFileFormat()
+    for file in files:
+        with open(file, "rb") as stream:
+            fragment = file_format.make_fragment(stream)
+            if schema is None:
+                schema = Features.from_arrow_schema(fragment.physical_schema).arrow_schema
+            if not fragment.row_groups:
+                continue
+            batches = fragment.to_batches(
+                batch_size=fragment.row_groups[0].num_rows, batch_readahead=0, fragment_readahead=0
+            )
+            for batch in batches:
+                total += table_cast(pa.Table.from_batches([batch]).combine_chunks(), schema).nbytes
+    return total
 
 
 def size_category(num_rows: int) -> str:
@@ -525,8 +584,9 @@ def write_dataset_card(template: str | os.PathLike, folder: str | os.PathLike) -
     """Write the dataset card `template` (which lists every configuration a conversion can produce) to
     `folder/README.md`, keeping only the `configs:` entries that have data in `folder`: a 100 Hz conversion must not
     announce a `500hz` config. An entry with only some of its files stays, for [`dataset_config_problems`] to name.
-    The YAML's `dataset_info` then gives each kept config's splits with the rows their files hold (`num_examples`),
-    and `size_categories` the bucket of the largest config: the numbers of this folder (a subset, or records the
+    The YAML's `dataset_info` then gives each kept config's splits with the rows their files hold (`num_examples`)
+    and their Arrow size (`num_bytes`, [`arrow_num_bytes`]; without it `datasets` ignores the counts), and
+    `size_categories` the bucket of the largest config: the numbers of this folder (a subset, or records the
     conversion skipped), not of the data set the template describes."""
     card = DatasetCard.load(template)
     unmatched = _unmatched_data_files(card, folder)
@@ -539,8 +599,15 @@ def write_dataset_card(template: str | os.PathLike, folder: str | os.PathLike) -
         ]
     counts = split_rows(card, folder)
     if counts:
+        files = split_files(card, folder)
         card.data.dataset_info = [
-            {"config_name": name, "splits": [{"name": split, "num_examples": rows} for split, rows in splits.items()]}
+            {
+                "config_name": name,
+                "splits": [
+                    {"name": split, "num_bytes": arrow_num_bytes(files[name][split]), "num_examples": rows}
+                    for split, rows in splits.items()
+                ],
+            }
             for name, splits in counts.items()
         ]
         card.data.size_categories = [size_category(max(sum(splits.values()) for splits in counts.values()))]
@@ -629,10 +696,13 @@ if __name__ == "__main__":
 __all__ = [
     "CardError",
     "CardRow",
+    "arrow_num_bytes",
     "card_rows",
     "dataset_card_problems",
     "dataset_config_problems",
+    "dataset_info_problems",
     "size_category",
+    "split_files",
     "split_rows",
     "evaluation_table",
     "input_contract",

@@ -25,12 +25,20 @@ import json
 import logging
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# Pickles (they can run code when loaded) by name: PyTorch's and Lightning's, joblib's (scikit-learn models and scalers),
+# the `.pth.tar` of older PyTorch code; also compressed (`scaler.joblib.gz`). Other names are found by content
+# ([`pickle_reason`]).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib", ".pth.tar", ".pt.tar", ".ckpt.tar")
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+# `PROTO` (0x80) and a protocol from 2 (Python 2.3) to 5: the first two bytes of every pickle written since.
+PICKLE_PROTOCOLS = range(2, 6)
 # Never uploaded (fnmatch on the path relative to the folder; `*` also matches `/`): hidden files, Python caches, and
 # training-run outputs holding optimizer states and pickles: `checkpoints/checkpoint_<step>/` and TensorBoard `runs/`
 # (merit_hf.training.pretrain's output_dir), `checkpoint-<step>/` (the Trainer's); and the Trainer's run records beside
@@ -65,6 +73,11 @@ class HubFolderError(ValueError):
     """A folder that would not load after a push. The message names the folder and every problem found."""
 
 
+class HubPushError(ValueError):
+    """A push refused before anything was uploaded (contradictory arguments, a tag that exists), or a step that failed
+    after its commit was made; the message names the repo, and the commit when one was made."""
+
+
 @dataclass
 class PushResult:
     repo_id: str
@@ -74,6 +87,7 @@ class PushResult:
     commit_url: str
     pr_url: str | None = None
     tag: str | None = None
+    changed: bool = True  # False: the branch already held exactly these files; no commit, no pull request
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -91,8 +105,8 @@ def check_model_folder(folder: str | os.PathLike, ignore_patterns: list[str] | N
     """Problems that would stop `from_pretrained(repo, trust_remote_code=True)` after a push; `[]` when none.
 
     Checks: `config.json` exists; its `auto_map` names code files that are present (users without merit_hf get the
-    code from the repo); no file that the push would upload, in any subfolder, is a pickle (`.bin`, `.pt`, ...: they
-    can execute code and are refused by merit_hf); a PEFT adapter (`adapter_config.json`) comes with its
+    code from the repo); no file that the push would upload, in any subfolder, is a pickle (they can execute code and
+    are refused by merit_hf; [`pickle_problems`]); a PEFT adapter (`adapter_config.json`) comes with its
     `adapter_model.safetensors`; the feature extractor (`preprocessor_config.json`, or a processor's
     `processor_config.json` that holds it) is there, since without it users cannot reproduce the input contract; a
     model card `README.md` exists. A `Trainer` output folder passes: its `training_args.bin` and `trainer_state.json`
@@ -115,9 +129,7 @@ def check_model_folder(folder: str | os.PathLike, ignore_patterns: list[str] | N
             module = reference.split("--")[-1].rsplit(".", 1)[0]
             if not (folder / f"{module}.py").is_file():
                 problems.append(f"auto_map names {reference} but {module}.py is missing")
-    pickles = [path for path in pushed_files(folder, ignore_patterns) if path.endswith(PICKLE_SUFFIXES)]
-    if pickles:
-        problems.append(f"pickled weights {pickles} (merit_hf loads safetensors only; re-save with save_pretrained)")
+    problems += pickle_problems(folder, ignore_patterns)
     if (folder / "adapter_config.json").is_file() and not (folder / "adapter_model.safetensors").is_file():
         problems.append("adapter_config.json without adapter_model.safetensors")
     if not adapter_only and not any(folder.glob("*.safetensors")):
@@ -130,6 +142,59 @@ def check_model_folder(folder: str | os.PathLike, ignore_patterns: list[str] | N
     if not (folder / "README.md").is_file():
         problems.append(MISSING_MODEL_CARD)
     return problems + leak_problems(folder, ignore_patterns)
+
+
+def pickle_problems(folder: str | os.PathLike, ignore_patterns: list[str] | None = None) -> list[str]:
+    """The pickles a push would upload: by name (`PICKLE_SUFFIXES`: `.pt`, `.bin`, `.joblib`, `.pth.tar`, ...), then,
+    one problem per file, under any other name by content ([`pickle_reason`]). Pickles can run code when loaded,
+    and merit_hf loads safetensors only."""
+    folder = Path(folder)
+    named, other = [], []
+    for name in pushed_files(folder, ignore_patterns):
+        lower = name.lower()
+        for suffix in COMPRESSION_SUFFIXES:
+            lower = lower.removesuffix(suffix)
+        if lower.endswith(PICKLE_SUFFIXES):
+            named.append(name)
+        elif reason := pickle_reason(folder / name):
+            other.append(
+                f"{name} is a pickle ({reason}), which can run code when loaded: save weights with save_pretrained "
+                "(safetensors) and other objects as JSON"
+            )
+    if named:
+        other.insert(0, f"pickled weights {named} (merit_hf loads safetensors only; re-save with save_pretrained)")
+    return other
+
+
+def pickle_reason(path: str | os.PathLike) -> str | None:
+    """Why the file at `path` is a pickle whatever its name, or `None`. Reads only its first bytes, and for a zip its
+    directory, for a tar its member headers: it starts with a pickle's `PROTO` header (protocol 2 to 5; a
+    safetensors file, whose first 8 bytes are its header's length, is told apart by the `{` that follows them), or it
+    is a zip holding a `.pkl` (`torch.save`'s format: `archive/data.pkl`), or a tar holding a member named as a
+    pickle or `pickle` (PyTorch's legacy `torch.save` format)."""
+    import tarfile
+    import zipfile
+
+    with open(path, "rb") as stream:
+        head = stream.read(512)
+    if len(head) >= 2 and head[0] == 0x80 and head[1] in PICKLE_PROTOCOLS and head[8:9] != b"{":
+        return f"it starts with a pickle header, protocol {head[1]}"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                inner = [member for member in archive.namelist() if member.lower().endswith((".pkl", ".pickle"))]
+        except zipfile.BadZipFile:
+            return None
+        return f"a zip holding {inner[0]}, as torch.save writes" if inner else None
+    if head[257:262] == b"ustar":
+        try:
+            with tarfile.open(path, "r:") as archive:
+                names = archive.getnames()
+        except tarfile.TarError:
+            return None
+        inner = [m for m in names if m.lower().endswith(PICKLE_SUFFIXES) or Path(m).name == "pickle"]
+        return f"a tar holding {inner[0]}" if inner else None
+    return None
 
 
 def leak_problems(folder: str | os.PathLike, ignore_patterns: list[str] | None = None) -> list[str]:
@@ -219,9 +284,10 @@ def clear_local_name_or_path(folder: str | os.PathLike) -> list[str]:
 def check_dataset_folder(folder: str | os.PathLike) -> list[str]:
     """Problems of a converted dataset folder: it needs data files (Parquet/Arrow/JSONL/CSV) and a card `README.md`
     whose `configs:` all resolve to files in the folder ([`merit_hf.hub.cards.dataset_config_problems`]), or
-    `load_dataset(repo, config)` would fail after the push. Dataset loading scripts are refused: the Hub no longer
-    runs them, and data must not need `trust_remote_code`."""
-    from .cards import dataset_config_problems
+    `load_dataset(repo, config)` would fail after the push, and whose `dataset_info` splits `datasets` can read
+    ([`merit_hf.hub.cards.dataset_info_problems`]). Dataset loading scripts are refused: the Hub no longer runs them,
+    and data must not need `trust_remote_code`; so are pickles ([`pickle_problems`])."""
+    from .cards import dataset_config_problems, dataset_info_problems
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -231,12 +297,13 @@ def check_dataset_folder(folder: str | os.PathLike) -> list[str]:
         problems.append(f"no data files ({', '.join(DATA_SUFFIXES)})")
     if (folder / "README.md").is_file():
         problems.extend(dataset_config_problems(folder / "README.md", folder))
+        problems.extend(dataset_info_problems(folder / "README.md"))
     else:
         problems.append("README.md (the dataset card) is missing")
     scripts = sorted(p.name for p in folder.glob("*.py"))
     if scripts:
         problems.append(f"Python files {scripts}: push the converted data, not a loading script")
-    return problems + leak_problems(folder)
+    return problems + pickle_problems(folder) + leak_problems(folder)
 
 
 def pushed_files(folder: str | os.PathLike, ignore_patterns: list[str] | None = None) -> list[str]:
@@ -288,8 +355,11 @@ def push_folder(
         repo_id: `"org/name"`; created if missing.
         repo_type: `"model"` or `"dataset"`.
         revision: branch to commit to (created from `main` if missing); `None` is `main`.
-        tag: tag the new commit (e.g. `"v0.1"`). Not allowed with `create_pr` (a PR is not released yet).
-        create_pr: open a pull request against `main` instead of committing to it (not with another `revision`).
+        tag: tag the new commit (e.g. `"v0.1"`). Not allowed with `create_pr` (a PR is not released yet). A tag that
+            exists already, or is no valid git ref name, is refused before anything is uploaded; if tagging still
+            fails after the commit, the error names the commit that was made.
+        create_pr: open a pull request against `main` instead of committing to it (not with another `revision`). A
+            folder that `main` already holds opens none (`pr_url` `None`, `changed` `False`).
         private: `True` makes the repo private before anything is uploaded, also an existing public one; `False` or
             `None` only apply when the repo is created (an existing private repo is never made public).
         commit_message, token: as in `HfApi.upload_folder`.
@@ -298,17 +368,28 @@ def push_folder(
             `runs/`).
     """
     if tag and create_pr:
-        raise ValueError("tag and create_pr together: tag the commit after the pull request is merged")
+        raise HubPushError("tag and create_pr together: tag the commit after the pull request is merged")
     branch = revision or "main"
     if create_pr and branch != "main":
-        raise ValueError(
+        raise HubPushError(
             f"create_pr with revision {branch!r}: the Hub opens pull requests against main; drop the revision"
         )
     if repo_type not in ("model", "dataset"):
-        raise ValueError(f"repo_type must be 'model' or 'dataset', got {repo_type!r}")
+        raise HubPushError(f"repo_type must be 'model' or 'dataset', got {repo_type!r}")
+    for kind, name in (("tag", tag), ("revision", revision)):
+        if name and (why := ref_name_problem(name)):
+            raise HubPushError(f"{kind} {name!r} is not a valid git ref name ({why})")
     folder = Path(folder)
     api = HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    refs = api.list_repo_refs(repo_id, repo_type=repo_type)
+    tagged = {ref.name: ref.target_commit for ref in refs.tags}
+    if tag in tagged:  # checked before the upload: create_tag's 409 would come after the commit
+        raise HubPushError(
+            f"{repo_id}: tag {tag!r} already exists (commit {tagged[tag]}); nothing was uploaded. Choose another "
+            "tag, or delete this one first (HfApi().delete_tag) if it should move"
+        )
+    heads = {ref.name: ref.target_commit for ref in refs.branches}
     # create_repo(exist_ok=True) leaves an existing repo's visibility as it is.
     if private and not api.repo_info(repo_id, repo_type=repo_type).private:
         api.update_repo_settings(repo_id, private=True, repo_type=repo_type)
@@ -325,8 +406,17 @@ def push_folder(
         ignore_patterns=list(DEFAULT_IGNORE_PATTERNS if ignore_patterns is None else ignore_patterns),
         delete_patterns="*",
     )
+    # Nothing changed: huggingface_hub makes no commit (and opens no pull request) and returns the branch's head.
+    changed = info.pr_url is not None if create_pr else info.oid != heads.get(branch, heads.get("main"))
     if tag:
-        api.create_tag(repo_id, tag=tag, revision=info.oid, repo_type=repo_type, exist_ok=False)
+        try:
+            api.create_tag(repo_id, tag=tag, revision=info.oid, repo_type=repo_type, exist_ok=False)
+        except HfHubHTTPError as error:  # e.g. the same tag made by someone else since the check
+            made = f"committed {info.oid} to {branch} ({info.commit_url})" if changed else f"{branch} is {info.oid}"
+            raise HubPushError(
+                f"{repo_id}: {made}, but tagging it {tag!r} failed ({error}). The commit stays; tag it with "
+                f"HfApi().create_tag({repo_id!r}, tag=..., revision={info.oid!r}, repo_type={repo_type!r})"
+            ) from error
     return PushResult(
         repo_id=repo_id,
         repo_type=repo_type,
@@ -335,7 +425,18 @@ def push_folder(
         commit_url=info.commit_url,
         pr_url=info.pr_url,
         tag=tag,
+        changed=changed,
     )
+
+
+def ref_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a branch or tag name (git's `check-ref-format` rules: Hub revisions are git refs), or
+    `None`."""
+    if name.startswith(("-", "/")) or name.endswith(("/", ".", ".lock")) or name == "@":
+        return "it cannot start with - or /, end with /, . or .lock, or be @"
+    if match := re.search(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//|(?:^|/)\.", name):
+        return f"{match[0]!r} is not allowed"
+    return None
 
 
 def push_model(
@@ -421,8 +522,17 @@ def main(argv: list[str] | None = None) -> dict:
     if args.repo_type == "dataset":
         if args.results:
             parser.error("--results renders a model card; dataset cards live beside the dataset scripts")
-        summary = asdict(push_dataset(args.folder, args.repo_id, **kwargs))
+        result = push_dataset(args.folder, args.repo_id, **kwargs)
     else:
-        summary = asdict(push_model(args.folder, args.repo_id, results=args.results, **kwargs))
+        result = push_model(args.folder, args.repo_id, results=args.results, **kwargs)
+    if not result.changed:
+        outcome = (
+            "no pull request was opened (pr_url is null)"
+            if args.create_pr
+            else f"no commit was made (commit_oid is the head of {result.revision})"
+        )
+        where = f"{result.repo_id} {'main' if args.create_pr else result.revision}"
+        print(f"nothing changed: {where} already holds exactly these files, so {outcome}", file=sys.stderr)
+    summary = asdict(result)
     print(json.dumps(summary, indent=2))
     return summary
