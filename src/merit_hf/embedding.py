@@ -160,14 +160,6 @@ def embed_dataset(
         "batch_size": batch_size,
         "remove_columns": [name for name in columns if name not in keep_columns],
     }
-    if not hasattr(dataset, "_fingerprint") and dataset.features is not None:
-        # a stream's output types as a map-style split's (inferred there from the kept columns' features and the
-        # float32 arrays); without them a streamed file held ecg_id as int64 and no `datasets` schema metadata
-        from datasets import Features, List, Value
-
-        options["features"] = Features(
-            {**{name: dataset.features[name] for name in keep_columns}, column: List(Value("float32"))}
-        )
     if hasattr(dataset, "_fingerprint"):  # map-style: a fingerprint that a re-run reproduces, so its cache is reused
         weights = weights_fingerprint or model_fingerprint(encoder)  # of the caller's weights, not the copy's
         key = [weights, feature_extractor.to_json_string(), precision, column, list(keep_columns)]
@@ -178,6 +170,14 @@ def embed_dataset(
             json.dumps([dataset._fingerprint, key, batch_size]).encode()
         ).hexdigest()
         options["desc"] = "embedding"
+    elif dataset.features is not None:
+        # a stream's output types as a map-style split's (inferred there from the kept columns' features and the
+        # float32 arrays); without them a streamed file held ecg_id as int64 and no `datasets` schema metadata
+        from datasets import Features, List, Value
+
+        options["features"] = Features(
+            {**{name: dataset.features[name] for name in keep_columns}, column: List(Value("float32"))}
+        )
     return dataset.map(embed, **options)
 
 

@@ -39,6 +39,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_merit import PROBLEM_TYPES, MeritConfig, MeritEcgConfig
 from .pipeline_merit import (  # pool_window_embeddings lives there, where the pipelines can use it
+    check_token_ids,
     custom_pipelines_for,
     ecg_encoder_of,
     pool_window_embeddings,
@@ -864,11 +865,11 @@ class _StrictLoadingMixin:
         # this class has trained its head, and one whose checkpoint lacks it is incomplete.
         saved_as_this_class = cls.__name__ in (getattr(model.config, "architectures", None) or ())
         created_heads = () if saved_as_this_class else cls._heads_created_on_load
-        missing = [k for k in info["missing_keys"] if not k.startswith(created_heads or ("\0",))]
+        missing = [k for k in info["missing_keys"] if not k.startswith(created_heads)]
         problems = []
         if missing:
             problems.append(f"missing weights {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}")
-            if saved_as_this_class and any(k.startswith(cls._heads_created_on_load or ("\0",)) for k in missing):
+            if saved_as_this_class and any(k.startswith(cls._heads_created_on_load) for k in missing):
                 problems.append(f"the folder was saved as {cls.__name__}, so its head was trained and must be there")
         if info["unexpected_keys"]:
             unexpected = sorted(info["unexpected_keys"])
@@ -876,7 +877,7 @@ class _StrictLoadingMixin:
         mismatched = [
             key
             for key, *_ in info.get("mismatched_keys") or ()
-            if not (kwargs.get("ignore_mismatched_sizes") and key.startswith(cls._heads_created_on_load or ("\0",)))
+            if not (kwargs.get("ignore_mismatched_sizes") and key.startswith(cls._heads_created_on_load))
         ]
         if mismatched:
             shapes = {key: (saved, built) for key, saved, built in info.get("mismatched_keys") or ()}
@@ -884,7 +885,7 @@ class _StrictLoadingMixin:
                      for key in sorted(mismatched)[:4]]  # fmt: skip
             hint = (
                 "; a new head for another label set: ignore_mismatched_sizes=True"
-                if any(key.startswith(cls._heads_created_on_load or ("\0",)) for key in mismatched)
+                if any(key.startswith(cls._heads_created_on_load) for key in mismatched)
                 else "; check that config.json is the one these weights were saved with"
             )
             more = f" and {len(mismatched) - 4} more" if len(mismatched) > 4 else ""
@@ -912,20 +913,6 @@ class _StrictLoadingMixin:
                 "hold NaN or inf values (a diverged training run, or a corrupt file); refusing to load them"
             )
         return (model, info) if wants_info else model
-
-
-def _check_token_ids(input_ids: torch.Tensor, embeddings: nn.Module | None) -> None:
-    """A token id beyond the text tower's embedding table (a tokenizer of another model, or tokens added without
-    `resize_token_embeddings`) raises naming both sizes, instead of the embedding's bare "index out of range"."""
-    size = getattr(embeddings, "num_embeddings", None)
-    if size is None or input_ids.numel() == 0:
-        return
-    largest = int(input_ids.max())
-    if largest >= size:
-        raise ValueError(
-            f"token id {largest} is beyond the text tower's {size} embeddings: the tokenizer does not belong to this "
-            "model (or tokens were added to it without model.resize_token_embeddings)"
-        )
 
 
 def _frozen_parts_to_eval(module: nn.Module) -> None:
@@ -1360,7 +1347,7 @@ class MeritModel(MeritPreTrainedModel):
             text_inputs["token_type_ids"] = token_type_ids
         text_inputs.update(_output_flags(output_attentions, output_hidden_states))
         if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():  # free here; a sync on a GPU
-            _check_token_ids(input_ids, self.text_model.get_input_embeddings())
+            check_token_ids(input_ids, self.text_model.get_input_embeddings())
         text_output = self.text_model(**text_inputs, return_dict=True)
         pooled = _pool_text(text_output, attention_mask, self.config.text_pooling)
         return BaseModelOutputWithPooling(

@@ -96,8 +96,7 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
         self.generation_config = self.suppress_ecg_token(self.generation_config)
-        if config.freeze_ecg_encoder:
-            self.ecg_model.requires_grad_(False)
+        self._freeze_fixed_parameters()
 
     def _freeze_fixed_parameters(self) -> None:
         super()._freeze_fixed_parameters()

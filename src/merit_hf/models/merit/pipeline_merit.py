@@ -395,20 +395,28 @@ def _in_eval_mode(module: torch.nn.Module):
 
 
 @torch.no_grad()
+def check_token_ids(input_ids: torch.Tensor, embeddings: torch.nn.Module | None) -> None:
+    """A token id beyond the text tower's embedding table (a tokenizer of another model, or tokens added without
+    `resize_token_embeddings`) raises naming both sizes, instead of the embedding's bare "index out of range"."""
+    size = getattr(embeddings, "num_embeddings", None)
+    if size is None or input_ids.numel() == 0:
+        return
+    largest = int(input_ids.max())
+    if largest >= size:
+        raise ValueError(
+            f"token id {largest} is beyond the text tower's {size} embeddings: the tokenizer does not belong to this "
+            "model (or tokens were added to it without model.resize_token_embeddings)"
+        )
+
+
 def encode_class_prompts(model, tokenizer, prompts: Sequence[Sequence[str]], max_length: int = 128) -> torch.Tensor:
     """One L2-normalised embedding per class `(num_classes, projection_dim)`: the normalised mean of the normalised
     embeddings of its prompts (prompt ensembling)."""
     merit = two_tower_model(model)
     texts = [text for class_texts in prompts for text in class_texts]
     tokens = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    table = getattr(merit.text_model.get_input_embeddings(), "num_embeddings", None)
-    largest = int(tokens["input_ids"].max()) if tokens["input_ids"].numel() else -1
-    if table is not None and largest >= table:  # checked here, before the ids reach a GPU
-        raise ValueError(
-            f"the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} gives token id {largest}, beyond the text "
-            f"tower's {table} embeddings: it is another model's tokenizer, or tokens were added to it without "
-            "model.resize_token_embeddings"
-        )
+    if merit.device.type != "cpu":  # checked before the ids reach a GPU; on a CPU `get_text_features` checks them
+        check_token_ids(tokens["input_ids"], merit.text_model.get_input_embeddings())
     tokens = {key: value.to(merit.device) for key, value in tokens.items() if key in TEXT_INPUT_NAMES}
     with _in_eval_mode(merit):
         embeddings = F.normalize(merit.get_text_features(**tokens).pooler_output.float(), dim=-1)
@@ -789,6 +797,7 @@ __all__ = [
     "ZeroShotEcgClassificationPipeline",
     "check_feature_extractor_matches",
     "check_finite_ecg_values",
+    "check_token_ids",
     "class_prompts",
     "custom_pipelines_for",
     "encode_class_prompts",
