@@ -193,6 +193,15 @@ def test_probe_script_from_yaml(ptbxl_like, tmp_path):
     assert saved["model"]["name_or_path"] == str(model_dir) and saved["seed"] == 1
     with pytest.raises(ValueError, match="label_sets"):
         main([str(tmp_path / "probe.yaml"), "--label_sets", "diagnostic"])
+    # A second run under the same names (another model, say) refuses before computing, naming the file, and keeps
+    # the first run's results; --overwrite_output_dir true replaces them.
+    before = (tmp_path / "out" / "linear-probe_superclass_1_seed1.json").read_bytes()
+    with pytest.raises(FileExistsError, match=r"linear-probe_superclass_1_seed1\.json.*--overwrite_output_dir true"):
+        main([str(tmp_path / "probe.yaml"), "--seeds", "1", "--model_name_or_path", str(tmp_path / "missing")])
+    assert (tmp_path / "out" / "linear-probe_superclass_1_seed1.json").read_bytes() == before
+    assert main([str(tmp_path / "probe.yaml"), "--seeds", "2"]) != {}  # another seed: another file, no refusal
+    main([str(tmp_path / "probe.yaml"), "--seeds", "1", "--baseline", "false", "--overwrite_output_dir", "true"])
+    assert not read_results(tmp_path / "out" / "linear-probe_superclass_1_seed1.json").to_dict().get("baseline")
 
 
 @pytest.mark.slow

@@ -123,6 +123,11 @@ class ProbeArguments:
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Label draw, head init, bootstrap."})
     baseline: bool = field(default=True, metadata={"help": "Also run a random-init encoder under the same harness."})
     output_dir: str = field(default="results/probe", metadata={"help": "Where the results JSON files go."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace results (and LoRA adapters) an earlier run wrote under the same names; refused "
+                  "otherwise, before anything is computed."},
+    )  # fmt: skip
     cache_dir: str | None = field(default=None, metadata={"help": "Feature cache on disk (keyed by model + data)."})
     batch_size: int = field(default=64, metadata={"help": "Feature-extraction and fine-tuning batch size."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Linear probe learning rate (Adam; MERL)."})

@@ -39,7 +39,7 @@ from ..evaluation.probe import (
 )
 from ..utils.arguments import parse_arguments
 from ..utils.launch import is_first_launched_process
-from .finetune import fine_tune, run_fine_tune  # noqa: F401
+from .finetune import fine_tune, lora_output_dirs, run_fine_tune  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +52,46 @@ def run_task_name(arguments: ProbeArguments) -> str:
     return "fine-tune-lora" if arguments.finetune_method == "lora" else "fine-tune"
 
 
+def planned_outputs(arguments: ProbeArguments) -> list[Path]:
+    """What the run writes into `output_dir`: one results JSON per (seed, label set, fraction) and, for LoRA
+    fine-tuning, the adapter (and merged model) folders beside each."""
+    paths = []
+    for seed in arguments.seeds:
+        for label_set in arguments.label_sets:
+            for fraction in arguments.label_fractions:
+                output_file = (
+                    Path(arguments.output_dir)
+                    / f"{run_name(run_task_name(arguments), label_set, fraction, seed)}.json"
+                )
+                paths.append(output_file)
+                if arguments.mode != "linear":
+                    paths.extend(lora_output_dirs(output_file, arguments).values())
+    return paths
+
+
+def check_outputs_free(arguments: ProbeArguments) -> None:
+    """Refuse to replace an earlier run's results (another model's, perhaps) unless `--overwrite_output_dir true`:
+    results of the same task, label set, fraction and seed share a file name."""
+    if arguments.overwrite_output_dir:
+        return
+    existing = [path for path in planned_outputs(arguments) if path.exists()]
+    if existing:
+        names = ", ".join(path.name for path in existing[:4]) + (
+            f" and {len(existing) - 4} more" if len(existing) > 4 else ""
+        )
+        raise FileExistsError(
+            f"{arguments.output_dir}: holds results this run would replace ({names}). Pass --overwrite_output_dir "
+            "true to replace them, or choose another --output_dir."
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run every (label set, label fraction, seed) of the config; returns `{run name: {"model": auroc, "baseline":
     auroc}}` and writes one results JSON per run to `output_dir`."""
     (arguments,) = parse_arguments([ProbeArguments], sys.argv[1:] if argv is None else argv)
     if not arguments.model_name_or_path:
         raise ValueError("model_name_or_path: required (a MERIT checkpoint folder or Hub id)")
+    check_outputs_free(arguments)  # before the data and model load, on every process
     if arguments.mode == "linear" and not is_first_launched_process():
         logger.info("linear probe: it runs on the main process; this process has nothing to do")
         return {}
