@@ -441,6 +441,26 @@ def test_resume_with_another_optimisation_is_refused_naming_old_and_new_values(r
     )
 
 
+def test_resume_on_other_data_or_precision_warns_and_notes_both_values(reference, assets, tmp_path, caplog):
+    """Another training split size (or split, crop, dataset, report length, precision) is allowed on resume (data
+    folders move, hardware changes), but said: a warning and a resume note with both values."""
+    output_dir, _ = reference
+    middle = STEPS // 2
+    shutil.copytree(
+        output_dir / "checkpoints" / f"checkpoint_{middle}", tmp_path / "checkpoints" / f"checkpoint_{middle}"
+    )
+    argv = base_argv(assets, tmp_path, per_device_train_batch_size=8, resume_from_checkpoint="latest",
+                     max_train_samples=100, eval_split="None")  # fmt: skip
+    with caplog.at_level("WARNING", logger="merit_hf.training.pretrain"):
+        resumed = run_pretraining(argv)
+    notes = [record.getMessage() for record in caplog.records if record.name == "merit_hf.training.pretrain"]
+    assert resumed["steps_this_run"] == STEPS - middle and resumed["resume_notes"] == notes and len(notes) == 1
+    assert (
+        f"resumed from checkpoint_{middle} with other data or precision (max_train_samples: checkpoint None, this run "
+        "100; train_records: checkpoint 106, this run 100): the steps after it use this run's" in notes[0]
+    )
+
+
 def test_a_schedule_without_length_resumes_with_a_larger_max_steps(assets, tmp_path):
     """`constant_with_warmup` does not depend on --max_steps, so its run may be extended on resume, and goes on at
     the same learning rate."""

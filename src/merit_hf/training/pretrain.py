@@ -820,6 +820,10 @@ OPTIMIZATION_KEYS = (
     "max_grad_norm",
     "freeze_text_model",  # a model argument: which parameters the optimizer holds
 )
+# What a resumed run may change, with a warning and a note in train_results.json: the data it trains on (a data
+# folder may move, so its path is not compared; the record count is) and the precision it computes in (a run may
+# resume on hardware without bf16). The steps after the checkpoint then differ from the run it began.
+DATA_KEYS = ("dataset_name", "source_sampling_rate", "ptbxl_version", "train_split", "max_train_samples", "train_crop")
 # transformers' `get_scheduler` gives these schedules no `num_training_steps`: their runs may resume with a larger
 # --max_steps and train on exactly as a run planned that long from the start.
 SCHEDULES_WITHOUT_LENGTH = ("constant", "constant_with_warmup", "inverse_sqrt")
@@ -835,29 +839,58 @@ def optimization_identity(train_args: PretrainingArguments, model_args: ModelArg
     }
 
 
+def differing_values(saved: dict[str, Any], expected: dict[str, Any], keys: Sequence[str]) -> list[str]:
+    """`"key: checkpoint <saved value>, this run <value>"` for each of `keys` whose values differ."""
+    return [
+        f"{key}: checkpoint {saved.get(key)!r}, this run {expected.get(key)!r}"
+        for key in keys
+        if saved.get(key) != expected.get(key)
+    ]
+
+
+def data_identity(data_args: DataArguments, model_args: ModelArguments, train_records: int | None, precision: str):
+    """`DATA_KEYS`, `max_report_length`, the training split's record count (None for a stream) and the mixed
+    precision of this run, for `training_state.json` (`resume_notes_for_changes` compares them)."""
+    identity: dict[str, Any] = {key: getattr(data_args, key) for key in DATA_KEYS}
+    identity.update(
+        max_report_length=model_args.max_report_length, train_records=train_records, mixed_precision=precision
+    )
+    return identity
+
+
+def resume_notes_for_changes(resume_path: Path | None, saved: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """A note naming each data or precision setting (`data_identity`) this resumed run changes, with both values;
+    none for a checkpoint of a merit_hf version that did not record them."""
+    if resume_path is None or "data" not in saved:
+        return []
+    changed = differing_values(saved["data"], expected["data"], list(expected["data"]))
+    if not changed:
+        return []
+    return [
+        f"resumed from {resume_path.name} with other data or precision ({'; '.join(changed)}): the steps after it "
+        "use this run's, so the run as a whole matches neither setting run from the start"
+    ]
+
+
 def check_checkpoint_compatible(path: Path, saved: dict[str, Any], expected: dict[str, Any]) -> None:
     """Refuse a checkpoint written by a different model, batch layout or optimisation (`OPTIMIZATION_KEYS`), naming
     every field that differs with both values. A checkpoint of a merit_hf version that did not record its
     optimisation is not checked for it."""
-    differences = []
-    saved_config, expected_config = saved["model_config"], expected["model_config"]
-    for key in sorted(set(saved_config) | set(expected_config)):
-        if saved_config.get(key) != expected_config.get(key):
-            differences.append(f"{key}: checkpoint {saved_config.get(key)!r}, this run {expected_config.get(key)!r}")
-    for key in RUN_LAYOUT_KEYS:
-        if saved.get(key) != expected[key]:
-            differences.append(f"{key}: checkpoint {saved.get(key)!r}, this run {expected[key]!r}")
-    # Not recorded by earlier versions (`resume` says so); `max_steps` only where both schedules depend on it.
     saved_optimization, expected_optimization = saved.get("optimization", {}), expected["optimization"]
+    # `optimization` was not recorded by earlier versions (`resume` says so); `max_steps` is compared only where both
+    # schedules depend on it.
     differing = [
         key
         for key in OPTIMIZATION_KEYS
-        if key in saved_optimization
-        and key in expected_optimization
+        if key in saved_optimization and key in expected_optimization
         and saved_optimization[key] != expected_optimization[key]
+    ]  # fmt: skip
+    model_keys = sorted(set(saved["model_config"]) | set(expected["model_config"]))
+    differences = [
+        *differing_values(saved["model_config"], expected["model_config"], model_keys),
+        *differing_values(saved, expected, RUN_LAYOUT_KEYS),
+        *differing_values(saved_optimization, expected_optimization, differing),
     ]
-    for key in differing:
-        differences.append(f"{key}: checkpoint {saved_optimization[key]!r}, this run {expected_optimization[key]!r}")
     if differences:
         advice = ". Use the checkpoint's settings, or start a new run in another --output_dir."
         if differing:
@@ -996,6 +1029,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "seed": train_args.seed,
         "stream_layout": stream_layout(train_loader, accelerator) if streaming else None,
         "optimization": optimization_identity(train_args, model_args),
+        "data": data_identity(
+            data_args, model_args, None if streaming else len(train_loader.dataset), accelerator.mixed_precision
+        ),
     }
     global_step, epoch = resume(accelerator, resume_path, run_identity, train_loader if streaming else None)
     start_logging(accelerator, output_dir, global_step, (model_args, data_args, train_args))
@@ -1003,7 +1039,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     meter.add_run_counts(earlier["throughput"])
     resume_notes = earlier["resume_notes"]
     if global_step < train_args.max_steps:
-        for note in resume_notes_for_stream(resume_path, streaming, data_args.shuffle_buffer_size):
+        saved_state = json.loads((resume_path / TRAINING_STATE_FILE).read_text()) if resume_path else {}
+        for note in [
+            *resume_notes_for_changes(resume_path, saved_state, run_identity),
+            *resume_notes_for_stream(resume_path, streaming, data_args.shuffle_buffer_size),
+        ]:
             if accelerator.is_main_process:
                 logger.warning(note)
             resume_notes.append(note)
