@@ -356,6 +356,10 @@ def test_pickles_are_refused_by_name_and_by_content(model_folder, hf_api, tmp_pa
         member.size = 4
         archive.addfile(member, io.BytesIO(b"\x80\x02N."))
     write(model_folder, "old/model.tar", legacy.getvalue())
+    write(model_folder, "run.cfg", b"cos\nsystem\n(S'echo hi'\ntR.")  # protocol 0 by hand: runs a shell command
+    write(model_folder, "labels.dat", pickle.dumps({"NORM": [1, 2.5]}, protocol=1))  # no header either
+    np.save(model_folder / "thresholds.npy", np.array([{"NORM": 0.5}], dtype=object), allow_pickle=True)
+    np.savez(model_folder / "classes.npz", names=np.array(["NORM", None], dtype=object))
     with pytest.raises(HubFolderError) as error:
         push_model(model_folder, REPO_ID, endpoint=ENDPOINT)
     problems = str(error.value).removeprefix(f"{model_folder}: not a Hub-ready model folder: ").split("; ")
@@ -364,10 +368,14 @@ def test_pickles_are_refused_by_name_and_by_content(model_folder, hf_api, tmp_pa
         "pickled weights ['extra/scaler.joblib.gz', 'heads/PROBE.PT', 'model.pth.tar', 'scaler.joblib'] (merit_hf "
         "loads safetensors only",
         "re-save with save_pretrained)",
+        f"classes.npz is a pickle (a zip holding names.npy, a NumPy array of Python objects (a pickle)), {code}",
         f"heads/probe.weights is a pickle (it starts with a pickle header, protocol 4), {code}",
+        f"labels.dat is a pickle (it is a pickle of protocol 0 or 1 (no header)), {code}",
         f"old/model.tar is a pickle (a tar holding pickle), {code}",
         f"probe.model is a pickle (a zip holding probe/data.pkl, as torch.save writes), {code}",
+        f"run.cfg is a pickle (it is a pickle of protocol 0 or 1 (no header)), {code}",
         f"state.dat is a pickle (it starts with a pickle header, protocol 2), {code}",
+        f"thresholds.npy is a pickle (a NumPy array of Python objects, stored as a pickle), {code}",
     ]
     hf_api.assert_not_called()
 
@@ -381,6 +389,9 @@ def test_safetensors_json_text_parquet_images_and_npz_are_not_pickles(model_fold
     write(model_folder, "notes.txt", "Units: mV \u2014 \x80 is not a header in UTF-8 text\n".encode())
     write(model_folder, "figures/roc.png", b"\x89PNG\r\n\x1a\n" + bytes(64))
     np.savez(model_folder / "thresholds.npz", thresholds=np.ones(5))  # a zip of .npy arrays
+    np.save(model_folder / "classes.npy", np.array(["NORM", "MI"]))  # strings, not objects
+    write(model_folder, "summary.txt", b"Sinus rhythm. Normal ECG.")  # ends as a pickle ends
+    write(model_folder, "stop.txt", b".")
     pq.write_table(pa.table({"ecg_id": [1, 2]}), model_folder / "eval.parquet")
     push_model(model_folder, REPO_ID, endpoint=ENDPOINT)
     hf_api.return_value.upload_folder.assert_called_once()

@@ -167,11 +167,14 @@ def pickle_problems(folder: str | os.PathLike, ignore_patterns: list[str] | None
 
 
 def pickle_reason(path: str | os.PathLike) -> str | None:
-    """Why the file at `path` is a pickle whatever its name, or `None`. Reads only its first bytes, and for a zip its
-    directory, for a tar its member headers: it starts with a pickle's `PROTO` header (protocol 2 to 5; a
-    safetensors file, whose first 8 bytes are its header's length, is told apart by the `{` that follows them), or it
-    is a zip holding a `.pkl` (`torch.save`'s format: `archive/data.pkl`), or a tar holding a member named as a
-    pickle or `pickle` (PyTorch's legacy `torch.save` format)."""
+    """Why the file at `path` is a pickle whatever its name, or `None`. Reads only its first bytes, for a zip its
+    directory (and its `.npy` members' headers), for a tar its member headers, and the whole of a file up to
+    `TEXT_SCAN_LIMIT` that ends as a pickle ends: it starts with a pickle's `PROTO` header (protocol 2 to 5; a
+    safetensors file, whose first 8 bytes are its header's length, is told apart by the `{` that follows them); it is
+    a NumPy `.npy` array of Python objects (stored as a pickle), or a zip holding one (`.npz`) or a `.pkl`
+    (`torch.save`'s format: `archive/data.pkl`); a tar holding a member named as a pickle or `pickle` (PyTorch's
+    legacy `torch.save` format); or it parses, to its last byte, as a pickle of protocol 0 or 1, which have no
+    header (`pickle_without_header`)."""
     import tarfile
     import zipfile
 
@@ -179,13 +182,23 @@ def pickle_reason(path: str | os.PathLike) -> str | None:
         head = stream.read(512)
     if len(head) >= 2 and head[0] == 0x80 and head[1] in PICKLE_PROTOCOLS and head[8:9] != b"{":
         return f"it starts with a pickle header, protocol {head[1]}"
+    if head.startswith(NPY_MAGIC):
+        with open(path, "rb") as stream:
+            return "a NumPy array of Python objects, stored as a pickle" if npy_holds_objects(stream) else None
     if head.startswith(b"PK\x03\x04"):
         try:
             with zipfile.ZipFile(path) as archive:
                 inner = [member for member in archive.namelist() if member.lower().endswith((".pkl", ".pickle"))]
-        except zipfile.BadZipFile:
+                if inner:
+                    return f"a zip holding {inner[0]}, as torch.save writes"
+                for member in archive.namelist():
+                    if member.lower().endswith(".npy"):
+                        with archive.open(member) as stream:
+                            if npy_holds_objects(stream):
+                                return f"a zip holding {member}, a NumPy array of Python objects (a pickle)"
+        except (zipfile.BadZipFile, ValueError):
             return None
-        return f"a zip holding {inner[0]}, as torch.save writes" if inner else None
+        return None
     if head[257:262] == b"ustar":
         try:
             with tarfile.open(path, "r:") as archive:
@@ -194,7 +207,54 @@ def pickle_reason(path: str | os.PathLike) -> str | None:
             return None
         inner = [m for m in names if m.lower().endswith(PICKLE_SUFFIXES) or Path(m).name == "pickle"]
         return f"a tar holding {inner[0]}" if inner else None
-    return None
+    return pickle_without_header(path)
+
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def npy_holds_objects(stream) -> bool:
+    """Whether the `.npy` array whose file starts at `stream` holds Python objects (dtype `O`, also inside a
+    structured dtype): NumPy stores those as a pickle. Reads the header only."""
+    import ast
+    import struct
+
+    import numpy as np
+
+    try:
+        magic = stream.read(8)  # b"\x93NUMPY", major and minor version
+        size_format = "<H" if magic[6:7] == b"\x01" else "<I"  # versions 2 and 3 have a 4-byte header length
+        (length,) = struct.unpack(size_format, stream.read(struct.calcsize(size_format)))
+        header = ast.literal_eval(stream.read(min(length, 2**20)).decode("utf-8"))
+        return bool(np.lib.format.descr_to_dtype(header["descr"]).hasobject)
+    except (ValueError, TypeError, KeyError, SyntaxError, UnicodeDecodeError, struct.error, OSError):
+        return False
+
+
+def pickle_without_header(path: str | os.PathLike) -> str | None:
+    """`"it is a pickle of protocol 0 or 1 (no header)"` when the file, at most `TEXT_SCAN_LIMIT` bytes, ends in
+    `STOP` and `pickletools` parses it to its last byte with a consistent stack and memo (no text or data file
+    does); nothing is unpickled. Small code-running pickles are usually written this way by hand."""
+    import io
+    import pickletools
+
+    path = Path(path)
+    if not 0 < path.stat().st_size <= TEXT_SCAN_LIMIT:
+        return None
+    with open(path, "rb") as stream:
+        stream.seek(-1, os.SEEK_END)
+        if stream.read(1) != b".":  # every pickle ends with STOP: most files are not read further
+            return None
+        stream.seek(0)
+        data = stream.read()
+    try:
+        *_, (opcode, _, position) = pickletools.genops(data)
+        if opcode.name != "STOP" or position != len(data) - 1:
+            return None
+        pickletools.dis(data, out=io.StringIO())  # checks the stack and memo that genops does not
+    except Exception:  # any malformed input: not a pickle  # noqa: BLE001
+        return None
+    return "it is a pickle of protocol 0 or 1 (no header)"
 
 
 def leak_problems(folder: str | os.PathLike, ignore_patterns: list[str] | None = None) -> list[str]:
