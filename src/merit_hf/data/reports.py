@@ -110,9 +110,10 @@ def report_language(text: str) -> str:
     if not cleaned:
         return ""
     words = _WORD.findall(cleaned.casefold())
-    scores = {language: sum(word in markers for word in words) for language, markers in _LANGUAGE_MARKERS.items()}
-    if not any(scores.values()):
-        scores = {language: sum(word in markers for word in words) for language, markers in _FALLBACK_MARKERS.items()}
+    for table in (_LANGUAGE_MARKERS, _FALLBACK_MARKERS):  # the fallback's weaker markers only where none is found
+        scores = {language: sum(word in markers for word in words) for language, markers in table.items()}
+        if any(scores.values()):
+            break
     best = max(scores.values())
     winners = [language for language, score in scores.items() if score == best]
     return winners[0] if best > 0 and len(winners) == 1 else "und"
