@@ -234,6 +234,31 @@ def test_a_converted_dataset_gets_the_drops_and_a_stale_twin_raises(twins, conse
     assert json.loads(_row(fresh, 1371)["scp_codes"]) == ptbxl_v1_0_3_changes().consensus[1371]
 
 
+def test_a_dataset_converted_as_is_gets_v1_0_3_ages_when_loaded_as_v1_0_3(tmp_path):
+    """ecg_id 279 and 282 are 91 in v1.0.1's csv: converted as is, a v1.0.3 load stores them as 300, as the
+    in-memory path does, map-style (the column order kept, the count in the description) and streamed."""
+    folder = _physionet_folder(tmp_path / "old", BUNDLED_PTBXL, range(277, 284))
+    convert_ptbxl(folder, tmp_path / "as_is", ptbxl_version="as_is")
+
+    def ages(dataset):
+        return {ecg_id: age for split in dataset.values() for ecg_id, age in zip(split["ecg_id"], split["age"])}
+
+    kept = load_ptbxl(tmp_path / "as_is", ptbxl_version="as_is")
+    assert ages(kept)[279] == 91 and ages(kept)[282] == 91
+    loaded = load_ptbxl(tmp_path / "as_is")
+    assert ages(loaded) == {**ages(kept), 279: 300.0, 282: 300.0}
+    assert {split: loaded[split].column_names for split in loaded} == {split: kept[split].column_names for split in kept}
+    assert {split: loaded[split].features for split in loaded} == {split: kept[split].features for split in kept}
+    descriptions = " ".join(split.info.description for split in loaded.values())
+    assert "stored the age of 2 patient(s) over 89 as 300" in descriptions
+    streamed = {
+        row["ecg_id"]: row["age"]
+        for split in loaded
+        for row in load_ptbxl(tmp_path / "as_is", split=split, streaming=True)
+    }
+    assert streamed == ages(loaded)
+
+
 def test_the_description_travels_with_save_to_disk(twins, tmp_path):
     build_ptbxl(twins)["train"].save_to_disk(str(tmp_path / "saved"))  # (an empty split does not load back)
     assert "dropped 7 of" in load_from_disk(str(tmp_path / "saved")).info.description

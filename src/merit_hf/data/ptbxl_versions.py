@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from .conversion import parse_number
 from .labels import parse_scp_codes
 from .streams import column_values, filter_stream
@@ -195,9 +197,13 @@ def apply_ptbxl_version_to_dataset(dataset, version: str = DEFAULT_PTBXL_VERSION
             return [int(ecg_id) not in changes.dropped for ecg_id in ecg_ids]
 
         logger.info(
-            "%s: streaming; v1.0.3's %d duplicate ECGs are left out as rows are read", source, len(changes.dropped)
+            "%s: streaming; v1.0.3's %d duplicate ECGs are left out and ages over 89 stored as %d as rows are read",
+            source,
+            len(changes.dropped),
+            AGE_OVER_89,
         )
-        return filter_stream(dataset, keep)  # on Arrow batches: the rows after it stay Arrow
+        transform = cap_ages if "age" in columns else None
+        return filter_stream(dataset, keep, transform=transform)  # on Arrow batches: the rows after it stay Arrow
     ecg_ids = dataset["ecg_id"][:]
     relabel = [index for index, ecg_id in enumerate(ecg_ids) if int(ecg_id) in changes.consensus]
     if relabel and "scp_codes" in columns:
@@ -205,11 +211,31 @@ def apply_ptbxl_version_to_dataset(dataset, version: str = DEFAULT_PTBXL_VERSION
             check(ecg_ids[index], scp_codes)
     keep = [index for index, ecg_id in enumerate(ecg_ids) if int(ecg_id) not in changes.dropped]
     report = PtbxlVersionReport(version, dropped=sorted(int(ecg_ids[i]) for i in set(range(len(ecg_ids))) - set(keep)))
+    if report.dropped:
+        dataset = dataset.select(keep)
+    if "age" in columns:  # a dataset converted with ptbxl_version="as_is" kept ages over 89
+        ages = dataset["age"][:]
+        capped = cap_ages({"age": ages})["age"]
+        report.ages_capped = [int(i) for i, a, c in zip(dataset["ecg_id"][:], ages, capped) if c == AGE_OVER_89 != a]
+        if report.ages_capped:  # one column replaced in memory; the others stay memory-mapped
+            order, age_feature = dataset.column_names, dataset.features["age"]
+            dataset = dataset.remove_columns("age").add_column("age", capped, feature=age_feature)
+            dataset = dataset.select_columns(order)
     if report.changed:
         logger.info("%s: %s", source, report.summary())
-        dataset = dataset.select(keep)
     describe(dataset, report)
     return dataset
+
+
+def cap_ages(batch):
+    """`batch` (an Arrow table or a dict of lists) with each age over 89 stored as `AGE_OVER_89`, as v1.0.2 and later
+    store it; missing ages stay missing."""
+    ages = column_values(batch, "age")
+    capped = [AGE_OVER_89 if isinstance(age, (int, float)) and 89 < age != AGE_OVER_89 else age for age in ages]
+    if isinstance(batch, dict):
+        return {**batch, "age": capped}
+    index = batch.schema.get_field_index("age")
+    return batch.set_column(index, batch.schema.field(index), pa.array(capped, type=batch.schema.field(index).type))
 
 
 def describe(dataset, report: PtbxlVersionReport) -> None:

@@ -22,19 +22,22 @@ from datasets.distributed import split_dataset_by_node
 logger = logging.getLogger(__name__)
 
 
-def filter_stream(part: IterableDataset, keep, with_indices: bool = False) -> IterableDataset:
+def filter_stream(part: IterableDataset, keep, with_indices: bool = False, transform=None) -> IterableDataset:
     """`part` with the rows for which `keep(batch)` (or `keep(batch, indices)`) is true, `part`'s format kept; `keep`
-    reads a column as a list with `column_values(batch, name)`. The batches are Arrow tables where the stream still has
+    reads a column as a list with `column_values(batch, name)`. `transform(batch)`, if given, then changes the kept
+    rows' values (not their columns or types) and returns the batch in its form, an Arrow table or a dict of lists. The batches are Arrow tables where the stream still has
     them, so the rows after the filter stay Arrow; this is a `map` that returns fewer rows, since two Arrow `filter`s
     in a row fail in datasets 5.2 (their mask columns clash). After a Python step (a `filter` or `map` on rows) the
     rows are Python: an Arrow batch of them takes its types from their values (an empty label list as `list<null>`)
     and cannot be joined to the next one, so they are filtered as Python batches."""
     if part._ex_iterable.iter_arrow is None:
-        return part.filter(keep, with_indices=with_indices, batched=True)
+        kept_rows = part.filter(keep, with_indices=with_indices, batched=True)
+        return kept_rows if transform is None else kept_rows.map(transform, batched=True, features=part.features)
     format_type = part._formatting.format_type if part._formatting is not None else None
 
     def kept(table: pa.Table, *indices) -> pa.Table:
-        return table.filter(pa.array(keep(table, *indices), type=pa.bool_()))
+        table = table.filter(pa.array(keep(table, *indices), type=pa.bool_()))
+        return table if transform is None else transform(table)
 
     arrow = part.with_format("arrow")
     return arrow.map(kept, with_indices=with_indices, batched=True, features=part.features).with_format(format_type)
