@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from datasets import DatasetDict
 from transformers import pipeline
 
 from merit_hf import MeritFeatureExtractor, MeritModel, MeritProcessor, zero_shot_classify
@@ -283,6 +284,22 @@ def test_a_given_model_keeps_its_training_mode_and_device_after_a_zero_shot_eval
     assert model.training and all(module.training for module in model.modules())
     assert moved == [("cpu",), (torch.device("cpu"),)]  # to the device asked for, then back where it was
     assert again["model"]["metrics"] == reference["model"]["metrics"]  # dropout was off while scoring
+
+
+def test_zero_shot_evaluation_needs_no_labelled_training_records(model_and_processor):
+    """Zero-shot uses validation (F1 thresholds) and test only: a dataset whose train split has no labelled record,
+    or no train split at all (a test-only conversion), is scored exactly as one that has them."""
+    model, processor = model_and_processor
+    data = synthetic_ptbxl(sizes=(2, 4, 4))
+    reference = evaluate_zero_shot(model, data, processor=processor, baseline=False, num_bootstrap=5)
+    unlabeled_train = DatasetDict({**data, "train": data["train"].map(lambda row: {"superclass": []})})
+    without_train = DatasetDict({split: data[split] for split in ("validation", "test")})
+    for variant in (unlabeled_train, without_train):
+        results = evaluate_zero_shot(model, variant, processor=processor, baseline=False, num_bootstrap=5)
+        assert results["model"]["metrics"] == reference["model"]["metrics"]
+    assert results.dataset["num_records"] == {"validation": 4, "test": 4}
+    with pytest.raises(ValueError, match=r"no validation split \(the dataset has \['test'\]\)"):
+        evaluate_zero_shot(model, DatasetDict({"test": data["test"]}), processor=processor, baseline=False)
 
 
 def test_a_long_record_is_scored_from_the_mean_of_its_window_embeddings(model_and_processor, tokenizer):

@@ -315,12 +315,20 @@ def probe_rows(dataset_dict, label_set: str, label_fraction: float = 1.0, seed: 
     return rows
 
 
-def labeled_dataset_dict(dataset_dict, label_set: str):
-    """Each split restricted to its records with a `label_set` label (`probe_rows` at label fraction 1)."""
+def labeled_dataset_dict(dataset_dict, label_set: str, splits: Sequence[str] = SPLITS):
+    """`splits` of `dataset_dict`, each restricted to its records with a `label_set` label (as `probe_rows` at label
+    fraction 1); a split without one raises, naming it. Zero-shot needs no training split: `("validation", "test")`."""
     from datasets import DatasetDict
 
-    rows = probe_rows(dataset_dict, label_set)
-    return DatasetDict({split: dataset_dict[split].select(rows[split]) for split in SPLITS})
+    labeled = {}
+    for split in splits:
+        if split not in dataset_dict:
+            raise ValueError(f"no {split} split (the dataset has {sorted(dataset_dict)})")
+        kept = np.flatnonzero(label_matrix(dataset_dict[split], label_set).any(axis=1))
+        if len(kept) == 0:
+            raise ValueError(f"the {split} split has no record with a {label_set} label")
+        labeled[split] = dataset_dict[split].select(kept)
+    return DatasetDict(labeled)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

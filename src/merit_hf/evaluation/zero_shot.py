@@ -129,7 +129,10 @@ def evaluate_zero_shot(
         if processor is None:
             raise ValueError("evaluate_zero_shot needs a processor (MeritProcessor) when given a model instance")
         check_feature_extractor_matches(processor.feature_extractor, model)
-        dataset_dict = labeled_dataset_dict(dataset_dict, label_set)
+        num_records = {
+            split: len(dataset_dict[split]) for split in ("train", "validation", "test") if split in dataset_dict
+        }
+        dataset_dict = labeled_dataset_dict(dataset_dict, label_set, splits=("validation", "test"))  # no training
         names = label_names(dataset_dict["test"], label_set)
         descriptions = load_class_descriptions(label_set, prompt_file)
         prompts = class_prompts(names, hypothesis_template, descriptions)
@@ -166,8 +169,11 @@ def evaluate_zero_shot(
             protocol=protocol,
             **entries,  # model, and baseline when it ran
             dataset_extra={
-                "num_records": {split: len(dataset_dict[split]) for split in ("train", "validation", "test")},
-                "unlabeled_records": f"records without a {label_set} label are left out of every split",
+                "num_records": {
+                    **num_records,  # the training split as given (zero-shot does not use it)
+                    **{split: len(dataset_dict[split]) for split in ("validation", "test")},
+                },
+                "unlabeled_records": f"records without a {label_set} label are left out of validation and test",
                 **(dataset_extra or {}),
             },
         )
