@@ -247,7 +247,9 @@ def test_a_dataset_converted_as_is_gets_v1_0_3_ages_when_loaded_as_v1_0_3(tmp_pa
     assert ages(kept)[279] == 91 and ages(kept)[282] == 91
     loaded = load_ptbxl(tmp_path / "as_is")
     assert ages(loaded) == {**ages(kept), 279: 300.0, 282: 300.0}
-    assert {split: loaded[split].column_names for split in loaded} == {split: kept[split].column_names for split in kept}
+    assert {split: loaded[split].column_names for split in loaded} == {
+        split: kept[split].column_names for split in kept
+    }
     assert {split: loaded[split].features for split in loaded} == {split: kept[split].features for split in kept}
     descriptions = " ".join(split.info.description for split in loaded.values())
     assert "stored the age of 2 patient(s) over 89 as 300" in descriptions

@@ -160,6 +160,15 @@ def test_splits_keep_patients_whole_are_seeded_and_follow_a_column(tmp_path):
     by_column = load_wfdb_dataset(tmp_path / "out", split_column="split")
     for name, part in by_column.items():
         assert {split_of[record.rsplit("/", 1)[-1]] for record in part["record"]} == {name}
+    # How the splits were drawn travels with them, and evaluation results read it (not PTB-XL's folds).
+    from merit_hf.evaluation.results import described_dataset
+
+    assert described_dataset(a) == {
+        "name": str(tmp_path / "out"),
+        "version": None,
+        "splits": "WFDB folder: train / validation / test by seeded split [0.6, 0.2, 0.2] (seed 3), patients kept whole",
+    }
+    assert described_dataset(by_column)["splits"] == "WFDB folder: train / validation / test by column 'split'"
     with pytest.raises(ValueError, match=r"split_column 'rhythm': record .* has .*every value must be one of"):
         load_wfdb_dataset(tmp_path / "out", split_column="rhythm")
     with pytest.raises(ValueError, match="three fractions"):

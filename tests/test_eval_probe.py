@@ -23,7 +23,7 @@ from merit_hf.training.probe import (
     run_linear_probe,
 )
 
-from .conftest import tiny_merit_config
+from .conftest import BUNDLED_PTBXL, tiny_merit_config
 
 LEADS = ["I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6"]
 CLASSES = ["CD", "HYP", "MI", "NORM", "STTC"]
@@ -170,6 +170,20 @@ def test_run_linear_probe_writes_results_with_baseline(ptbxl_like, tmp_path):
     assert saved["baseline"]["name_or_path"] == "random-init"
     assert results["model"]["metrics"] == saved["model"]["metrics"]
     assert len(list((tmp_path / "c").glob("features_*.npy"))) == 6  # 3 splits x (model, baseline), cached
+
+
+def test_results_say_which_ptbxl_rows_were_scored():
+    """The results JSON read "PTB-XL v1.0.3" whatever the data: PTB-XL built as is (duplicates and v1.0.1 labels
+    kept) now says so from the data's own description, from Python as from the command line."""
+    from merit_hf.data import build_ptbxl
+    from merit_hf.evaluation.results import AS_IS_VERSION
+
+    arguments = ProbeArguments(num_bootstrap=0, max_epochs=1)
+    encoder = MeritModel(tiny_merit_config()).eval()
+    for version, expected in (("as_is", AS_IS_VERSION), ("1.0.3", "1.0.3")):
+        data = build_ptbxl(BUNDLED_PTBXL, ecg_ids=range(1, 201), ptbxl_version=version)
+        results = run_linear_probe(encoder, data, "superclass", baseline=False, arguments=arguments)
+        assert results.dataset["version"] == expected and results.dataset["name"] == "ptb-xl"
 
 
 def test_probe_script_from_yaml(ptbxl_like, tmp_path):

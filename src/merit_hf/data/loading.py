@@ -258,6 +258,16 @@ def load_wfdb_dataset(
             )
         records = records[WFDB_RECORDS_SPLIT]
     dataset = split_wfdb_dataset(records, split_column, split_fractions, seed)
+    how = (
+        f"column {split_column!r}"
+        if split_column
+        else f"seeded split {list(split_fractions)} (seed {seed}), patients kept whole"
+    )
+    for part in dataset.values():  # what the splits are travels with them (evaluation results read it)
+        previous = [line for line in (part.info.description or "").splitlines() if not line.startswith("WFDB folder ")]
+        part.info.description = "\n".join(
+            [*previous, f"WFDB folder {path_or_repo_id}: train / validation / test by {how}"]
+        )
     if split is not None:
         dataset = dataset[split]
     return _to_iterable(dataset) if streaming else dataset

@@ -14,8 +14,8 @@ different things. Every number we report therefore carries its name from `METRIC
 A class with no positive (or no negative) example in a split has no AUROC there. It is reported by name in
 `absent_classes` and left out of the macro mean; it is never silently dropped. Confidence intervals are percentile
 bootstrap intervals over records (`bootstrap_ci`). A resample is kept only if it holds every class the split holds
-(a positive and a negative), as in the PTB-XL benchmark (Strodthoff et al. 2021), so that every resample averages over
-the same classes as the point estimate. Dropping the absent classes per resample instead would drop exactly the rare,
+(a positive and a negative; the PTB-XL benchmark of Strodthoff et al. 2021 asks only for a positive of each class),
+so that every resample averages over the same classes as the point estimate. Dropping the absent classes per resample instead would drop exactly the rare,
 low-scoring ones and shift the interval above the estimate.
 """
 
@@ -40,7 +40,8 @@ METRIC_DEFINITIONS = {
     "macro_f1",
     "per_class_auroc": "ROC AUC of each class on the evaluated split; null for an absent class",
     "ci": "95% percentile bootstrap interval over records (resampled with replacement, seeded; only resamples holding "
-    "every class present in the split are kept, as in Strodthoff et al. 2021)",
+    "every class present in the split, with a positive and a negative, are kept; Strodthoff et al. 2021 keep those with "
+    "a positive of every class)",
 }
 
 

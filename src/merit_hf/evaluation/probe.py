@@ -65,7 +65,7 @@ from ..models.merit.inference_precision import inference_device
 from ..models.merit.modeling_merit import MeritEcgModel, pool_window_embeddings
 from ..models.merit.pipeline_merit import _in_eval_mode, ecg_encoder_of
 from .metrics import best_f1_thresholds, classification_metrics, macro_auroc
-from .results import EvaluationResults, build_results, encoder_identity, write_results
+from .results import AS_IS_VERSION, EvaluationResults, build_results, encoder_identity, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -592,7 +592,7 @@ def dataset_description(arguments: ProbeArguments) -> dict[str, Any]:
     """What the results JSON says of a dataset that is not PTB-XL (its name, and how its splits were drawn), or of
     PTB-XL read with `ptbxl_version="as_is"` (its labels are then the folder's, not v1.0.3's)."""
     if arguments.dataset_name == "ptbxl" and arguments.ptbxl_version == "as_is":
-        return {"version": "as_is: the metadata's own rows and labels (ptbxl_version='as_is'), not v1.0.3's"}
+        return {"version": AS_IS_VERSION}
     if arguments.dataset_name != "wfdb":
         return {}
     splits = (

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -278,6 +279,27 @@ def _dataset_source(dataset_dict) -> str | None:
     return None
 
 
+AS_IS_VERSION = "as_is: the metadata's own rows and labels (ptbxl_version='as_is'), not v1.0.3's"
+_WFDB_DESCRIPTION = re.compile(r"WFDB folder (?P<name>.+?): (?P<splits>train / validation / test by .+)")
+
+
+def described_dataset(dataset_dict) -> dict[str, Any]:
+    """What the splits' `info.description` says of the data, overriding the PTB-XL v1.0.3 defaults: a WFDB folder's
+    name and how it was split (`load_wfdb_dataset` writes it), or PTB-XL read with `ptbxl_version="as_is"` (the
+    loaders write it); `{}` when it says neither."""
+    lines = [
+        line
+        for split in dataset_dict.values()
+        for line in (getattr(getattr(split, "info", None), "description", None) or "").splitlines()
+    ]
+    for line in lines:
+        if match := _WFDB_DESCRIPTION.fullmatch(line):
+            return {"name": match["name"], "version": None, "splits": f"WFDB folder: {match['splits']}"}
+    if any(line.startswith("PTB-XL metadata as is") for line in lines):
+        return {"version": AS_IS_VERSION}
+    return {}
+
+
 def build_results(
     task: str,
     dataset_dict,
@@ -303,6 +325,7 @@ def build_results(
         "source": _dataset_source(dataset_dict),
         "split": "test",
         "splits": "PTB-XL strat_fold 1-8 train, 9 validation, 10 test",
+        **described_dataset(dataset_dict),
         **(dataset_extra or {}),
     }
     return EvaluationResults(
