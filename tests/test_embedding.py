@@ -279,6 +279,40 @@ def test_shards_together_give_the_whole_split(tmp_path, streaming):
         main([*common, "--output_dir", str(tmp_path / "bad"), "--num_shards", "2"])
 
 
+def test_a_rerun_in_another_shard_layout_is_refused_or_clears_the_old_files(tmp_path):
+    """One process, then two into the same folder, left test.parquet beside test-0000i-of-00002.parquet, and the
+    folder loaded every record twice. Now refused before anything is written, naming the files; with
+    --overwrite_output_dir true the other layout's files of these splits (and its summary) go, other splits stay."""
+    from datasets import load_dataset
+
+    torch.manual_seed(0)
+    folder = tmp_path / "model"
+    MeritEcgModel(tiny_ecg_config()).save_pretrained(folder)
+    out = tmp_path / "emb"
+    common = ["--model_name_or_path", str(folder), "--dataset", str(BUNDLED_PTBXL), "--splits", "test",
+              "--precision", "fp32", "--output_dir", str(out)]  # fmt: skip
+    whole = main(common)
+    (out / "validation.parquet").write_bytes(b"another split: kept")
+    (out / "test-00001-of-00003.parquet.partial").mkdir()  # an unfinished stream of a third layout
+    before = sorted(path.name for path in out.iterdir())
+    with pytest.raises(
+        FileExistsError,
+        match=r"emb: holds embeddings of test written as another number of shards "
+        r"\(embeddings.json, test-00001-of-00003.parquet.partial, test.parquet\).*--overwrite_output_dir",
+    ):
+        main([*common, "--num_shards", "2", "--shard_index", "0"])
+    assert sorted(path.name for path in out.iterdir()) == before
+    for index in (0, 1):
+        main([*common, "--num_shards", "2", "--shard_index", str(index), "--overwrite_output_dir", "true"])
+    assert sorted(path.name for path in out.iterdir()) == [
+        "embeddings-00000-of-00002.json", "embeddings-00001-of-00002.json", "test-00000-of-00002.parquet",
+        "test-00001-of-00002.parquet", "validation.parquet",
+    ]  # fmt: skip
+    loaded = load_dataset("parquet", data_files=str(out / "test-*.parquet"), split="train")
+    assert sorted(loaded["ecg_id"]) == sorted(set(loaded["ecg_id"])) and len(loaded) == whole["splits"]["test"]["rows"]
+    main([*common, "--num_shards", "2", "--shard_index", "0"])  # the same layout again: its own file is replaced
+
+
 @pytest.mark.slow
 def test_accelerate_launch_embeds_one_shard_per_process(tmp_path):
     import subprocess

@@ -31,6 +31,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -259,6 +260,44 @@ def check_no_unfinished_stream(path: str | Path) -> None:
         )
 
 
+_SHARD_FILE = re.compile(r"(?P<stem>.+?)(?:-\d{5}-of-(?P<num_shards>\d{5}))?(?P<kind>\.parquet(?:\.partial)?|\.json)")
+
+
+def other_layout_files(output_dir: Path, splits: Sequence[str], num_shards: int) -> list[Path]:
+    """The files (and unfinished `.partial/` folders) of `splits`, and the `embeddings*.json` summaries, that a run
+    with another number of shards wrote into `output_dir`: `test.parquet` beside `test-00000-of-00002.parquet` would
+    give every record of the split twice to `load_dataset("parquet", data_dir=output_dir)`."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in sorted(output_dir.iterdir()):
+        match = _SHARD_FILE.fullmatch(path.name)
+        if match is None or int(match["num_shards"] or 1) == num_shards:
+            continue
+        if (match["stem"] == "embeddings") if match["kind"] == ".json" else (match["stem"] in splits):
+            found.append(path)
+    return found
+
+
+def clear_other_layouts(output_dir: Path, splits: Sequence[str], num_shards: int, overwrite: bool) -> None:
+    """Refuse (naming the files) or, with `overwrite`, remove `other_layout_files`; every process decides alike."""
+    import shutil
+
+    found = other_layout_files(output_dir, splits, num_shards)
+    if found and not overwrite:
+        names = ", ".join(path.name for path in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise FileExistsError(
+            f"{output_dir}: holds embeddings of {', '.join(splits)} written as another number of shards ({names}); this "
+            f"run writes {num_shards} shard(s), and the folder would then hold those records twice. Pass "
+            "--overwrite_output_dir true to remove them, or choose another --output_dir."
+        )
+    for path in found:  # several processes may remove the same file: whichever comes second finds nothing
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 class _StreamParts:
     """The `<file>.partial/` folder of a streamed write: finished parts plus `progress.json` (rows, parts, the
     stream state after the last finished part, and the key of what is being embedded)."""
@@ -346,6 +385,13 @@ class EmbeddingArguments:
     splits: list[str] = field(default_factory=lambda: ["train", "validation", "test"])
     streaming: bool = field(default=False, metadata={"help": "Stream the splits (always on for MIMIC-IV-ECG)."})
     output_dir: str = field(default="embeddings", metadata={"help": "One `<split>.parquet` per split."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Remove the files of these splits that another shard layout wrote into --output_dir (refused "
+            "otherwise: the folder would hold those records twice). A rerun in the same layout replaces its files."
+        },
+    )
     batch_size: int = field(default=64)
     precision: str = field(
         default="auto",
@@ -513,7 +559,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         # a saved stream position is only valid in the shard layout it was saved in (merit_hf.data.streams)
         what.append(STREAM_LAYOUT)
     written = {}
-    for split, dataset in load_splits(arguments, shard_index, num_shards).items():
+    splits = load_splits(arguments, shard_index, num_shards)
+    clear_other_layouts(output_dir, list(splits), num_shards, arguments.overwrite_output_dir)
+    for split, dataset in splits.items():
         path = output_dir / f"{split}{suffix}.parquet"
         if hasattr(dataset, "_fingerprint"):  # map-style: refused before the split is embedded, not after
             check_no_unfinished_stream(path)
