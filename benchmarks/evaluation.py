@@ -36,14 +36,24 @@ from merit_hf.training.probe import (
     run_name,
 )
 from merit_hf.utils.arguments import parse_arguments
+from merit_hf.utils.launch import is_first_launched_process
 
 
 @dataclass
 class SuiteArguments:
     """What the suite adds to the probe's arguments."""
 
-    zero_shot_label_sets: list[str] = field(default_factory=lambda: ["superclass"])
-    robustness_label_sets: list[str] = field(default_factory=lambda: ["superclass"])
+    zero_shot_label_sets: list[str] = field(
+        default_factory=lambda: ["superclass"], metadata={"help": "Label sets scored zero-shot; 'none' for none."}
+    )
+    robustness_label_sets: list[str] = field(
+        default_factory=lambda: ["superclass"], metadata={"help": "Label sets of the robustness shifts; 'none'."}
+    )
+
+    def __post_init__(self):
+        for name in ("zero_shot_label_sets", "robustness_label_sets"):  # `none` (any case) for no label set
+            setattr(self, name, [value for value in getattr(self, name) if str(value).lower() != "none"])
+
     skip_zero_shot: bool = field(default=False, metadata={"help": "For ECG-only checkpoints (no text tower)."})
 
 
@@ -85,6 +95,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     arguments, suite = parse_arguments([ProbeArguments, SuiteArguments], sys.argv[1:] if argv is None else argv)
     if not arguments.model_name_or_path:
         raise ValueError("model_name_or_path: required")
+    if not is_first_launched_process():  # the suite runs on one process; the others would redo it and write alike
+        print("benchmarks/evaluation.py runs on the first process of a launch; this one has nothing to do")
+        return {}
     start = time.perf_counter()
     output_dir = Path(arguments.output_dir)
     dataset_dict = load_dataset_dict(arguments.dataset, arguments.sampling_rate, arguments)

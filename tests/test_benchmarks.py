@@ -206,6 +206,23 @@ def test_the_evaluation_suite_reads_the_dataset_as_its_arguments_say(monkeypatch
     assert seen["path"] == "folder" and seen["arguments"].ptbxl_version == "as_is"
 
 
+def test_the_evaluation_suite_runs_once_per_launch_and_takes_none_for_no_label_set(monkeypatch):
+    """Under `accelerate launch` every process ran the whole suite and wrote the same files; `none` was read as a
+    label set named 'None' and crashed at the end."""
+    import evaluation
+
+    from merit_hf.utils.arguments import parse_arguments
+
+    monkeypatch.setattr(evaluation, "load_dataset_dict", lambda *args, **kwargs: pytest.fail("process 1 loaded data"))
+    monkeypatch.setenv("RANK", "1")
+    assert evaluation.main(["--model_name_or_path", "m", "--dataset", "folder"]) == {}
+    _, suite = parse_arguments(
+        [evaluation.ProbeArguments, evaluation.SuiteArguments],
+        ["--robustness_label_sets", "None", "--zero_shot_label_sets", "none"],
+    )
+    assert suite.robustness_label_sets == [] and suite.zero_shot_label_sets == []
+
+
 def test_the_evaluation_summary_of_a_run_without_the_baseline(tmp_path):
     """`--no_baseline`: the summary was written last and crashed on the missing random-init entry, after every run."""
     import dataclasses

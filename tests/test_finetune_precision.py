@@ -269,3 +269,30 @@ def test_accelerate_launch_mixed_precision_reaches_fine_tuning_and_the_results(b
     results = json.loads((tmp_path / "fine-tune_superclass_1_seed0.json").read_text())
     assert results["protocol"]["mixed_precision"] == "bf16"
     assert results["model"]["training"]["mixed_precision"] == "bf16"
+
+
+@pytest.mark.slow  # two launches of 2 and 1 processes (about 40 s on 2 shared cores)
+def test_two_processes_with_batch_b_fine_tune_as_one_with_batch_2b(base_checkpoint, tmp_path):  # noqa: F811
+    """The README's claim for `--mode finetune`: random crops keyed by (seed, epoch, ecg_id) and DDP's mean gradient
+    make 2 processes of batch b train as 1 process of batch 2b, when the training records are a multiple of 2b (172
+    superclass records at label fraction 0.5 = 2 x 86; otherwise Accelerate pads the last batch with repeats)."""
+    common = ["-m", "merit_hf.training.probe", "--model_name_or_path", str(base_checkpoint), "--dataset",
+              str(BUNDLED_PTBXL), "--mode", "finetune", "--label_fractions", "0.5", "--finetune_max_epochs", "2",
+              "--num_bootstrap", "0", "--baseline", "false", "--use_cpu", "true"]  # fmt: skip
+    runs = {
+        "two": [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", *common, "--batch_size", "43"],
+        "one": [sys.executable, *common, "--batch_size", "86"],
+    }  # fmt: skip
+    results = {}
+    for name, argv in runs.items():
+        done = subprocess.run([*argv, "--output_dir", str(tmp_path / name)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=400)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[name] = json.loads((tmp_path / name / "fine-tune_superclass_0.5_seed0.json").read_text())
+    two, one = results["two"]["model"], results["one"]["model"]
+    assert two["training"]["num_processes"] == 2 and two["training"]["global_batch_size"] == 86
+    assert two["training"]["throughput"]["ecgs_seen"] == one["training"]["throughput"]["ecgs_seen"] == 2 * 172
+    assert two["metrics"]["macro_auroc"]["value"] == pytest.approx(one["metrics"]["macro_auroc"]["value"], abs=1e-5)
+    assert two["metrics"]["macro_f1"]["value"] == pytest.approx(one["metrics"]["macro_f1"]["value"], abs=1e-5)
+    assert two["training"]["best_epoch"] == one["training"]["best_epoch"]

@@ -16,7 +16,7 @@ written in parts with the stream's state, so a run that stops resumes after its 
 `--precision auto` (the default) runs bf16 weights on a GPU and, on a CPU, bf16 where the CPU computes it natively,
 else fp32 (`merit_hf.models.merit.inference_precision`). `--precision int8` is about as fast as bf16 weights on CPUs
 with AVX512-BF16 and the fastest on CPUs without native bf16, at a small accuracy cost; on an AMX Xeon bf16 weights
-run 1.4-1.5x as fast as int8 (benchmarks/README.md, "CPU inference"). For many ECGs on CPU pick a `small-p125` checkpoint. Every record is centre-cropped to the
+run 1.5-1.7x as fast as int8 with freed memory kept, 1.8-2.1x without (benchmarks/README.md, "CPU inference"). For many ECGs on CPU pick a `small-p125` checkpoint. Every record is centre-cropped to the
 encoder's window, as in the linear-probe protocol.
 Long records (a 60 s strip, a Holter) can instead be embedded window by window and pooled per record, and records
 without some leads from the leads they have:
