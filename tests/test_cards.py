@@ -118,6 +118,25 @@ def test_model_card_values_come_from_the_results_json(results_file, encoder_fold
     assert 'AutoModel.from_pretrained("org/merit-ecg", trust_remote_code=True)' in text
 
 
+def test_the_card_says_when_the_loss_weights_were_balanced(results_file, encoder_folder):
+    """A gradient-norm-balanced model's card read "reconstruction_weight=1.0, contrastive_weight=1.0", its starting
+    weights; the balancing (and the decoder) are now named. A fixed-weight model's line is as before."""
+    config = json.loads((encoder_folder / "config.json").read_text())
+    config.update(reconstruction_weight=1.0, contrastive_weight=1.0)
+    (encoder_folder / "config.json").write_text(json.dumps(config))
+    fixed = str(render_model_card(results_file, "org/merit-ecg", model_folder=encoder_folder))
+    assert "Loss weights: reconstruction_weight=1.0, contrastive_weight=1.0.\n" in fixed
+    config.update(loss_balancing="gradient_norm", loss_balancing_interval=10, loss_balancing_max_ratio=100.0)
+    config["ecg_config"]["decoder_attention"] = "axial"
+    (encoder_folder / "config.json").write_text(json.dumps(config))
+    balanced = str(render_model_card(results_file, "org/merit-ecg", model_folder=encoder_folder))
+    assert "patch_size=75, decoder_attention=axial." in balanced
+    assert (
+        "contrastive_weight=1.0 (loss_balancing=gradient_norm: the reconstruction weight starts there and follows the "
+        "two terms' gradient norms into the encoder, re-measured every 10 steps, within 100.0x of it)." in balanced
+    )
+
+
 def test_several_runs_pair_each_number_with_its_baseline():
     runs = [results_from_our_metrics(fraction) for fraction in (0.01, 1.0)]
     rows = card_rows(load_results([runs[0], runs[1].to_dict()]))  # a run as an object or as its JSON layout

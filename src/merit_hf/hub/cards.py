@@ -259,11 +259,24 @@ def _training_text(runs: list[EvaluationResults], model_folder: str | os.PathLik
     if model_folder is not None and (Path(model_folder) / "config.json").is_file():
         config = json.loads((Path(model_folder) / "config.json").read_text())
         ecg = config.get("ecg_config", config)
-        keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size", "mask_ratio")
+        keys = (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "patch_size",
+            "mask_ratio",
+            "decoder_attention",
+        )
         shape = ", ".join(f"{key}={ecg[key]}" for key in keys if key in ecg)
         weights = ", ".join(
             f"{key}={config[key]}" for key in ("reconstruction_weight", "contrastive_weight") if key in config
         )
+        if weights and config.get("loss_balancing") == "gradient_norm":  # the weight moved during training
+            weights += (
+                f" (loss_balancing=gradient_norm: the reconstruction weight starts there and follows the two terms' "
+                f"gradient norms into the encoder, re-measured every {config.get('loss_balancing_interval')} steps, "
+                f"within {config.get('loss_balancing_max_ratio')}x of it)"
+            )
         parts.append(f"Architecture (`config.json`): {shape}." + (f" Loss weights: {weights}." if weights else ""))
     return "\n\n".join(parts) or "The training run did not record its settings in the results JSON."
 
