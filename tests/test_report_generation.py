@@ -9,6 +9,7 @@ import copy
 import json
 import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -1084,7 +1085,7 @@ def test_report_lora_refuses_an_earlier_run_or_removes_its_outputs_with_overwrit
     (output_dir / PREDICTIONS_FILE).write_text("{}\n")
     (output_dir / "notes.txt").write_text("not the run's")
     arguments = [str(REPO_ROOT / "configs" / "report_tiny.yaml"), "--language_model", str(tmp_path / "no_lm"),
-                 "--output_dir", str(output_dir), "--use_cpu", "true"]  # fmt: skip
+                 "--output_dir", str(output_dir), "--use_cpu", "true", "--compute_meteor", "false"]  # fmt: skip
     message = (
         f"{output_dir}: holds an earlier run (base_model, predictions.jsonl). Start again with --overwrite_output_dir "
         "true (removes them), or choose another --output_dir."
@@ -1095,6 +1096,88 @@ def test_report_lora_refuses_an_earlier_run_or_removes_its_outputs_with_overwrit
     with pytest.raises(OSError, match="no_lm"):  # got past the outputs' removal to loading the LM
         main(arguments + ["--overwrite_output_dir", "true"])
     assert sorted(path.name for path in output_dir.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize(
+    ("hidden", "flags", "message"),
+    [
+        (["peft"], {}, "report_lora needs peft, not installed: pip install 'merit_hf[report]'"),
+        (
+            ["evaluate", "rouge_score"],
+            {},
+            "report_lora needs evaluate, rouge-score, not installed: pip install 'merit_hf[report]' (or --do_eval "
+            "false: no scores, so no evaluate, rouge-score)",
+        ),
+        (["gguf"], {"gguf_file": "lm.gguf"}, "report_lora needs gguf, not installed: pip install 'merit_hf[report]'"),
+    ],
+)
+def test_report_lora_refuses_missing_packages_before_loading_or_writing_anything(
+    tmp_path, monkeypatch, hidden, flags, message
+):
+    """Without peft a run trained stage 1, wrote base_model/ and then failed; without evaluate (sacrebleu, rouge-score,
+    nltk) it trained both stages and generated, then failed scoring, with no predictions.jsonl; a rerun was refused
+    for the base_model/ left behind. The missing packages are named, with the install command, before the language
+    model (here a folder that does not exist) loads and before the output_dir is made or cleared."""
+    from merit_hf.training.report_lora import main
+
+    for module in hidden:
+        monkeypatch.setitem(sys.modules, module, None)  # as if not installed: import and find_spec say so
+    output_dir = tmp_path / "run"
+    (output_dir / "base_model").mkdir(parents=True)
+    arguments = [str(REPO_ROOT / "configs" / "report_tiny.yaml"), "--language_model", str(tmp_path / "no_lm"),
+                 "--output_dir", str(output_dir), "--overwrite_output_dir", "true"]  # fmt: skip
+    arguments += [item for name, value in flags.items() for item in (f"--{name}", value)]
+    with pytest.raises(ImportError, match=f"^{re.escape(message)}$"):
+        main(arguments)
+    assert [path.name for path in output_dir.iterdir()] == ["base_model"]  # not cleared by --overwrite_output_dir
+    if "evaluate" in hidden:  # the scoring packages are needed only to score
+        with pytest.raises(OSError, match="no_lm"):
+            main(arguments + ["--do_eval", "false"])
+
+
+def test_report_lora_refuses_meteor_without_wordnet_before_loading_anything(tmp_path, monkeypatch):
+    """METEOR (on by default) needs NLTK's WordNet, which pip does not install: a run without it failed after
+    training and generating, pointing to a script of the clone. It is refused first, naming the download command and
+    the flag that skips METEOR."""
+    import nltk.data
+
+    from merit_hf.training.report_lora import main
+
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "no_nltk_data")])
+    output_dir = tmp_path / "run"
+    arguments = [str(REPO_ROOT / "configs" / "report_tiny.yaml"), "--language_model", str(tmp_path / "no_lm"),
+                 "--output_dir", str(output_dir)]  # fmt: skip
+    message = (
+        "--compute_meteor: METEOR needs NLTK's WordNet 3.0 (corpora/wordnet on NLTK_DATA), not found: python -m "
+        "nltk.downloader wordnet, or --compute_meteor false to skip METEOR"
+    )
+    with pytest.raises(LookupError, match=f"^{re.escape(message)}$"):
+        main(arguments)
+    assert not output_dir.exists()
+    with pytest.raises(OSError, match="no_lm"):  # without METEOR the run goes on to load the LM
+        main(arguments + ["--compute_meteor", "false"])
+
+
+def test_report_lora_writes_the_predictions_before_scoring_them(lm_dir, tmp_path, monkeypatch):
+    """A scoring failure after generation lost the generated reports: predictions.jsonl was written after the
+    scores. It is written first now."""
+    from merit_hf.evaluation import report_metrics
+    from merit_hf.training.report_lora import PREDICTIONS_FILE, main
+
+    def failing_scores(*args, **kwargs):
+        raise RuntimeError("scoring failed")
+
+    monkeypatch.setattr(report_metrics, "compute_report_metrics", failing_scores)
+    output_dir = tmp_path / "run"
+    arguments = {"language_model": lm_dir, "ptbxl_dir": BUNDLED_PTBXL, "output_dir": output_dir, "use_cpu": "true",
+                 "max_train_reports": 4, "alignment_epochs": 0, "compute_meteor": "false"}  # fmt: skip
+    with pytest.raises(RuntimeError, match="scoring failed"):
+        main(
+            [str(REPO_ROOT / "configs" / "report_tiny.yaml")]
+            + [item for name, value in arguments.items() for item in (f"--{name}", str(value))]
+        )
+    lines = [json.loads(line) for line in (output_dir / PREDICTIONS_FILE).read_text().splitlines()]
+    assert len(lines) == 4 and all(isinstance(line["generated"], str) and line["report"] for line in lines)
 
 
 @pytest.mark.slow

