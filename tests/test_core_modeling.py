@@ -681,6 +681,20 @@ def test_return_dict_false_in_the_config_gives_tuples_from_every_class():
     assert isinstance(pretraining(ecg, input_ids=input_ids, noise=noise, return_dict=True).loss, torch.Tensor)
 
 
+@pytest.mark.parametrize("contrastive_input", ["full", "masked"])
+def test_pretraining_runs_when_the_ecg_config_asks_for_tuples(contrastive_input):
+    # torchscript=True on the ECG config also sets return_dict=False; the outer class decides its own output
+    ecg, input_ids, noise = _inputs()
+    config = tiny_merit_config({"return_dict": False}, contrastive_input=contrastive_input)
+    model = MeritForPreTraining(config).eval()
+    out = model(ecg, input_ids=input_ids, noise=noise)
+    assert out.reconstruction_loss is not None and out.contrastive_loss is not None
+    with torch.no_grad():
+        model.merit.ecg_model.config.return_dict = True
+        expected = model(ecg, input_ids=input_ids, noise=noise)
+    torch.testing.assert_close(out.loss, expected.loss)
+
+
 def test_trainer_sees_that_pretraining_returns_its_loss():
     from transformers.utils import can_return_loss
 

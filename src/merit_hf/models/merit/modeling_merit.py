@@ -1559,7 +1559,12 @@ class MeritForPreTraining(MeritPreTrainedModel):
         masked_output = None
         if use_reconstruction or (use_contrastive and config.contrastive_input == "masked"):
             masked_output = ecg_model(
-                ecg_values, ecg_attention_mask=ecg_attention_mask, noise=noise, apply_masking=True, lead_mask=lead_mask
+                ecg_values,
+                ecg_attention_mask=ecg_attention_mask,
+                noise=noise,
+                apply_masking=True,
+                lead_mask=lead_mask,
+                return_dict=True,  # whatever the ECG config's return_dict says: this class decides its own output
             )
 
         loss = 0.0
@@ -1585,7 +1590,7 @@ class MeritForPreTraining(MeritPreTrainedModel):
                 ecg_pooled = masked_output.pooler_output
             else:
                 ecg_pooled = ecg_model(
-                    ecg_values, ecg_attention_mask=ecg_attention_mask, lead_mask=lead_mask
+                    ecg_values, ecg_attention_mask=ecg_attention_mask, lead_mask=lead_mask, return_dict=True
                 ).pooler_output
             ecg_embeds = F.normalize(self.merit.ecg_projection(ecg_pooled), dim=-1)
             text_features = self.merit.get_text_features(input_ids, attention_mask, token_type_ids, return_dict=True)
