@@ -116,7 +116,9 @@ class MeritForPreTrainingOutput(ModelOutput):
     ids_restore (`torch.LongTensor`, *optional*): undoes the per-lead shuffle.
     logits_per_ecg, logits_per_text (`torch.FloatTensor`, *optional*): local scaled similarities.
     ecg_embeds, text_embeds (`torch.FloatTensor`, *optional*): L2-normalised local embeddings.
-    logit_scale (`torch.FloatTensor` of shape `()`, *optional*): the clamped inverse temperature used.
+    logit_scale (`torch.FloatTensor` of shape `()`, *optional*): the inverse temperature used, `exp(logit_scale)` of
+        the parameter as it is (not clamped here: `clamp_logit_scale_()` keeps the parameter in range after each
+        optimizer step).
     """
 
     loss: torch.FloatTensor | None = None
