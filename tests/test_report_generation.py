@@ -139,6 +139,25 @@ def test_report_config_derives_and_validates_ecg_seq_length():
         MeritReportConfig(ecg_config=ecg_config, text_config=text_config, ecg_token_index=1, ecg_tokens_per_lead=21)
 
 
+@pytest.mark.parametrize("scheme", ["xavier_uniform", "trunc_normal"])
+def test_the_projector_follows_the_ecg_init_scheme_and_initializer_range_only_with_trunc_normal(scheme):
+    """As `MeritReportConfig.initializer_range` documents; report-generation benchmarks were measured with xavier."""
+    from transformers import LlamaConfig
+
+    from merit_hf import MeritForReportGeneration, MeritReportConfig
+
+    torch.manual_seed(0)
+    text_config = LlamaConfig(vocab_size=100, hidden_size=256, num_hidden_layers=1, num_attention_heads=4,
+                              intermediate_size=64)  # fmt: skip
+    config = MeritReportConfig(ecg_config=tiny_ecg_config(**ECG_CONFIG, initializer_scheme=scheme),
+                               text_config=text_config, ecg_token_index=99, initializer_range=0.001)  # fmt: skip
+    linear_1 = MeritForReportGeneration(config).multi_modal_projector.linear_1
+    fan_out, fan_in = linear_1.weight.shape
+    expected = (2 / (fan_in + fan_out)) ** 0.5 if scheme == "xavier_uniform" else 0.001
+    assert linear_1.weight.std().item() == pytest.approx(expected, rel=0.1)
+    assert not linear_1.bias.any()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Processor
 # ----------------------------------------------------------------------------------------------------------------------
