@@ -275,6 +275,16 @@ def test_padding_is_ignored():
     assert not torch.allclose(a, model(ecg).pooler_output)
 
 
+def test_an_all_padding_record_is_refused_by_name():
+    model = MeritEcgModel(tiny_ecg_config()).eval()
+    mask = torch.ones(3, 2250, dtype=torch.long)
+    mask[1] = 0
+    with pytest.raises(ValueError, match=r"ecg_attention_mask: records \[1\] are all padding"):
+        model(torch.randn(3, 12, 2250), ecg_attention_mask=mask)
+    mask[1, :1] = 1  # one real sample is enough
+    assert torch.isfinite(model(torch.randn(3, 12, 2250), ecg_attention_mask=mask).pooler_output).all()
+
+
 def test_wrong_input_shape_is_explained():
     model = MeritEcgModel(tiny_ecg_config())
     with pytest.raises(ValueError, match=r"ecg_values must have shape \(batch, 12 leads, 2250 samples\) at 250 Hz"):

@@ -1142,6 +1142,13 @@ class MeritEcgModel(MeritEcgPreTrainedModel):
                 f"ecg_attention_mask must have shape (batch, {config.num_samples}), got {tuple(ecg_attention_mask.shape)}"
             )
         valid = ecg_attention_mask.reshape(batch_size, config.num_patches_per_lead, config.patch_size).any(-1)
+        if not torch.compiler.is_compiling():  # an all-padding record would give a constant embedding, not an error
+            empty = torch.nonzero(~valid.any(dim=1)).flatten().tolist()
+            if empty:
+                raise ValueError(
+                    f"ecg_attention_mask: records {empty} are all padding; an ECG needs at least one real sample "
+                    "(1 in the mask)"
+                )
         return valid.float()[:, None, :].expand(-1, config.num_leads, -1).contiguous()
 
     def _check_lead_mask(self, lead_mask: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
