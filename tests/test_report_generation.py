@@ -577,6 +577,31 @@ def test_folder_saved_with_the_old_ecg_encoder_names_loads_bit_identically(parts
         )
 
 
+@pytest.mark.parametrize("prefix", ["ecg_model.", "ecg_encoder."])
+def test_the_encoder_and_a_classifier_load_from_a_report_models_folder(parts, tmp_path, prefix):
+    """A report model trained with `--freeze_ecg_encoder false` holds a fine-tuned encoder: `MeritEcgModel` and
+    `MeritForEcgClassification` (a new head) take it, leaving out the projector and the LM, also from a folder saved
+    when the encoder was `ecg_encoder`."""
+    from merit_hf import MeritConfig, MeritEcgModel, MeritForEcgClassification
+
+    model, _ = parts
+    with torch.no_grad():
+        for parameter in model.ecg_model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)  # not what a new encoder's init would give
+    model.save_pretrained(tmp_path)
+    rename_safetensors_keys(tmp_path / "model.safetensors", "ecg_model.", prefix)
+    expected = model.ecg_model.state_dict()
+    encoder = MeritEcgModel.from_pretrained(tmp_path)
+    assert encoder.state_dict().keys() == expected.keys()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in encoder.state_dict().items())
+    classifier = MeritForEcgClassification.from_pretrained(tmp_path, id2label={0: "NORM", 1: "MI"})
+    assert type(classifier.config) is MeritConfig and classifier.config.num_labels == 2
+    saved_ecg_config = {**model.config.ecg_config.to_dict(), "dtype": "float32"}
+    assert classifier.config.ecg_config.to_dict() == saved_ecg_config
+    loaded = classifier.ecg_model.state_dict()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in expected.items())
+
+
 def test_adapter_saved_with_the_old_ecg_encoder_module_name_loads(parts, tmp_path):
     """An adapter whose trained encoder was saved as `ecg_encoder` (`modules_to_save` and weight names) loads onto
     `ecg_model` with the adapter's encoder weights, giving the adapted model's logits."""

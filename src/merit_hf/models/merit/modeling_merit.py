@@ -37,7 +37,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, can_return_tuple, logging
 from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_merit import PROBLEM_TYPES, MeritConfig, MeritEcgConfig
+from .configuration_merit import PROBLEM_TYPES, MeritConfig, MeritEcgConfig, MeritReportConfig
 from .pipeline_merit import (  # pool_window_embeddings lives there, where the pipelines can use it
     check_token_ids,
     custom_pipelines_for,
@@ -1090,8 +1090,9 @@ class MeritEcgModel(MeritEcgPreTrainedModel):
     torch.Size([2, 64])
     ```"""
 
-    # Loads the encoder out of any MERIT checkpoint (two-tower, pretraining or classification) too.
-    _checkpoint_key_mapping = {r"^merit\.ecg_model\.": "", r"^ecg_model\.": ""}
+    # Loads the encoder out of any MERIT checkpoint (two-tower, pretraining, classification or report generation, whose
+    # folders saved before the encoder was named `ecg_model` hold `ecg_encoder.*`) too.
+    _checkpoint_key_mapping = {r"^merit\.ecg_model\.": "", r"^ecg_model\.": "", r"^ecg_encoder\.": ""}
     _keys_to_ignore_on_load_unexpected = [
         r"^(merit\.)?decoder\.",
         r"text_model\.",
@@ -1099,6 +1100,8 @@ class MeritEcgModel(MeritEcgPreTrainedModel):
         r"ecg_projection\.",
         r"logit_scale",
         r"^classifier\.",
+        r"^multi_modal_projector\.",
+        r"^language_model\.",
     ]
 
     def __init__(self, config: MeritEcgConfig):
@@ -1629,8 +1632,8 @@ class MeritForEcgClassification(MeritPreTrainedModel):
     The MERIT ECG encoder with a linear head on `pooler_output`. Multi-label (one sigmoid per class, BCE) unless
     `config.problem_type` says otherwise, because PTB-XL statements co-occur. Class names live in `config.id2label`.
 
-    `from_pretrained` takes a pretraining, two-tower or encoder-only (`MeritEcgModel`) checkpoint: it keeps the
-    encoder and creates the head; every other missing weight raises. A fine-tuned classifier gets a head for another
+    `from_pretrained` takes a pretraining, two-tower, encoder-only (`MeritEcgModel`) or report-generation checkpoint: it
+    keeps the encoder and creates the head; every other missing weight raises. A fine-tuned classifier gets a head for another
     label set with `ignore_mismatched_sizes=True`.
 
     Example:
@@ -1648,12 +1651,15 @@ class MeritForEcgClassification(MeritPreTrainedModel):
         "AutoModelForSequenceClassification": "modeling_merit.MeritForEcgClassification",
     }
     _encoder_only_key_mapping = {r"^(embeddings|layers|norm|pooler_norm)\.": r"ecg_model.\1."}
+    _report_key_mapping = {r"^ecg_encoder\.": "ecg_model."}  # `MeritForReportGeneration._checkpoint_key_mapping`
     _keys_to_ignore_on_load_unexpected = [
         r"^decoder\.",
         r"text_model\.",
         r"text_projection\.",
         r"ecg_projection\.",
         r"logit_scale",
+        r"^multi_modal_projector\.",
+        r"^language_model\.",
     ]
 
     def __init__(self, config: MeritConfig):
@@ -1668,14 +1674,18 @@ class MeritForEcgClassification(MeritPreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         # An encoder-only folder: its MeritEcgConfig is wrapped in a MeritConfig and its weights mapped under
-        # `ecg_model.`. The Auto classes pass that config in, already holding the caller's config kwargs.
+        # `ecg_model.`. The Auto classes pass that config in, already holding the caller's config kwargs. A report
+        # model's folder: its encoder config is wrapped the same way (its weights are already under `ecg_model.`).
         config = kwargs.get("config")
         if config is None or getattr(config, "model_type", None) == MeritEcgConfig.model_type:
             hub = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
             config_dict, _ = PreTrainedConfig.get_config_dict(
                 pretrained_model_name_or_path, **{k: kwargs[k] for k in hub if k in kwargs}
             )
-            if config is not None or config_dict.get("model_type") == MeritEcgConfig.model_type:
+            if config is None and config_dict.get("model_type") == MeritReportConfig.model_type:
+                kwargs = _encoder_only_classifier_kwargs(config_dict["ecg_config"], None, kwargs)
+                kwargs.setdefault("key_mapping", cls._report_key_mapping)
+            elif config is not None or config_dict.get("model_type") == MeritEcgConfig.model_type:
                 kwargs.pop("config", None)
                 kwargs = _encoder_only_classifier_kwargs(config_dict, config, kwargs)
                 kwargs.setdefault("key_mapping", cls._encoder_only_key_mapping)
