@@ -496,6 +496,48 @@ def test_missing_leads_soft_tokens_are_left_out_of_the_language_model(parts):
     assert torch.equal(new, model.generate(**{**batch, "ecg_values": other}, **options))
 
 
+def test_inputs_embeds_with_the_masked_attention_mask_equal_ecg_values_with_lead_mask(parts):
+    """`embed_inputs(..., lead_mask=...)` then `inputs_embeds` with `mask_missing_lead_tokens`'s attention mask gives
+    the logits and the generated tokens of `input_ids` + `ecg_values` + `lead_mask`; a `lead_mask` that would be
+    ignored (no `ecg_values`) raises instead of leaving the missing leads' soft tokens attended."""
+    model, processor = parts
+    processor.feature_extractor.missing_leads = "mask"
+    try:
+        ecgs = [ecg_batch(2)[0][:, :2], ecg_batch(2)[1]]  # record 0 has leads I and II only
+        prompts = [processor.format_prompt(), "<ecg>\nWrite the report of this 12-lead ECG, sinus rhythm or not.\n"]
+        batch = processor(ecgs=ecgs[:1], sampling_rate=100, lead_names=["I", "II"], text=prompts[:1])
+        full = processor(**{**ecg_kwargs(1), "ecgs": ecgs[1:]}, text=prompts[1:])
+    finally:
+        processor.feature_extractor.missing_leads = "raise"
+    length = max(batch["input_ids"].shape[1], full["input_ids"].shape[1])
+
+    def left_pad(tensor, value):
+        return torch.nn.functional.pad(tensor, (length - tensor.shape[1], 0), value=value)
+
+    pad_id = processor.tokenizer.pad_token_id
+    input_ids = torch.cat([left_pad(batch["input_ids"], pad_id), left_pad(full["input_ids"], pad_id)])
+    attention_mask = torch.cat([left_pad(batch["attention_mask"], 0), left_pad(full["attention_mask"], 0)])
+    ecg_values = torch.cat([batch["ecg_values"], full["ecg_values"]])
+    lead_mask = torch.cat([batch["lead_mask"], torch.ones(1, 12, dtype=torch.bool)])
+    assert lead_mask[0].sum() == 2 and (attention_mask == 0).any()
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "ecg_values": ecg_values,
+              "lead_mask": lead_mask}  # fmt: skip
+    masked = model.mask_missing_lead_tokens(input_ids, attention_mask, lead_mask)
+    with torch.no_grad():
+        inputs_embeds, _ = model.embed_inputs(input_ids, ecg_values, lead_mask=lead_mask)
+        expected = model(**inputs).logits
+        torch.testing.assert_close(model(inputs_embeds=inputs_embeds, attention_mask=masked).logits, expected)
+        assert not torch.allclose(model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits, expected)
+    options = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
+    from_ids = model.generate(**inputs, **options)[:, length:]
+    assert torch.equal(model.generate(inputs_embeds=inputs_embeds, attention_mask=masked, **options), from_ids)
+    message = r"lead_mask was given without ecg_values and would be ignored; .*mask_missing_lead_tokens"
+    with pytest.raises(ValueError, match=message):
+        model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, lead_mask=lead_mask)
+    with pytest.raises(ValueError, match=message):
+        model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, lead_mask=lead_mask, **options)
+
+
 def test_save_pretrained_and_auto_class_reload(parts, tmp_path):
     from transformers import AutoModelForCausalLM, AutoProcessor
 
