@@ -275,6 +275,16 @@ def test_padding_is_ignored():
     assert not torch.allclose(a, model(ecg).pooler_output)
 
 
+def test_an_all_padding_record_is_refused_by_name():
+    model = MeritEcgModel(tiny_ecg_config()).eval()
+    mask = torch.ones(3, 2250, dtype=torch.long)
+    mask[1] = 0
+    with pytest.raises(ValueError, match=r"ecg_attention_mask: records \[1\] are all padding"):
+        model(torch.randn(3, 12, 2250), ecg_attention_mask=mask)
+    mask[1, :1] = 1  # one real sample is enough
+    assert torch.isfinite(model(torch.randn(3, 12, 2250), ecg_attention_mask=mask).pooler_output).all()
+
+
 def test_wrong_input_shape_is_explained():
     model = MeritEcgModel(tiny_ecg_config())
     with pytest.raises(ValueError, match=r"ecg_values must have shape \(batch, 12 leads, 2250 samples\) at 250 Hz"):
@@ -679,6 +689,20 @@ def test_return_dict_false_in_the_config_gives_tuples_from_every_class():
     features = two_towers.get_ecg_features(ecg, return_dict=True).pooler_output
     torch.testing.assert_close(features, two_towers.get_ecg_features(ecg)[1])
     assert isinstance(pretraining(ecg, input_ids=input_ids, noise=noise, return_dict=True).loss, torch.Tensor)
+
+
+@pytest.mark.parametrize("contrastive_input", ["full", "masked"])
+def test_pretraining_runs_when_the_ecg_config_asks_for_tuples(contrastive_input):
+    # torchscript=True on the ECG config also sets return_dict=False; the outer class decides its own output
+    ecg, input_ids, noise = _inputs()
+    config = tiny_merit_config({"return_dict": False}, contrastive_input=contrastive_input)
+    model = MeritForPreTraining(config).eval()
+    out = model(ecg, input_ids=input_ids, noise=noise)
+    assert out.reconstruction_loss is not None and out.contrastive_loss is not None
+    with torch.no_grad():
+        model.merit.ecg_model.config.return_dict = True
+        expected = model(ecg, input_ids=input_ids, noise=noise)
+    torch.testing.assert_close(out.loss, expected.loss)
 
 
 def test_trainer_sees_that_pretraining_returns_its_loss():

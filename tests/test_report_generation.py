@@ -140,6 +140,25 @@ def test_report_config_derives_and_validates_ecg_seq_length():
         MeritReportConfig(ecg_config=ecg_config, text_config=text_config, ecg_token_index=1, ecg_tokens_per_lead=21)
 
 
+@pytest.mark.parametrize("scheme", ["xavier_uniform", "trunc_normal"])
+def test_the_projector_follows_the_ecg_init_scheme_and_initializer_range_only_with_trunc_normal(scheme):
+    """As `MeritReportConfig.initializer_range` documents; report-generation benchmarks were measured with xavier."""
+    from transformers import LlamaConfig
+
+    from merit_hf import MeritForReportGeneration, MeritReportConfig
+
+    torch.manual_seed(0)
+    text_config = LlamaConfig(vocab_size=100, hidden_size=256, num_hidden_layers=1, num_attention_heads=4,
+                              intermediate_size=64)  # fmt: skip
+    config = MeritReportConfig(ecg_config=tiny_ecg_config(**ECG_CONFIG, initializer_scheme=scheme),
+                               text_config=text_config, ecg_token_index=99, initializer_range=0.001)  # fmt: skip
+    linear_1 = MeritForReportGeneration(config).multi_modal_projector.linear_1
+    fan_out, fan_in = linear_1.weight.shape
+    expected = (2 / (fan_in + fan_out)) ** 0.5 if scheme == "xavier_uniform" else 0.001
+    assert linear_1.weight.std().item() == pytest.approx(expected, rel=0.1)
+    assert not linear_1.bias.any()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Processor
 # ----------------------------------------------------------------------------------------------------------------------
@@ -478,6 +497,48 @@ def test_missing_leads_soft_tokens_are_left_out_of_the_language_model(parts):
     assert torch.equal(new, model.generate(**{**batch, "ecg_values": other}, **options))
 
 
+def test_inputs_embeds_with_the_masked_attention_mask_equal_ecg_values_with_lead_mask(parts):
+    """`embed_inputs(..., lead_mask=...)` then `inputs_embeds` with `mask_missing_lead_tokens`'s attention mask gives
+    the logits and the generated tokens of `input_ids` + `ecg_values` + `lead_mask`; a `lead_mask` that would be
+    ignored (no `ecg_values`) raises instead of leaving the missing leads' soft tokens attended."""
+    model, processor = parts
+    processor.feature_extractor.missing_leads = "mask"
+    try:
+        ecgs = [ecg_batch(2)[0][:, :2], ecg_batch(2)[1]]  # record 0 has leads I and II only
+        prompts = [processor.format_prompt(), "<ecg>\nWrite the report of this 12-lead ECG, sinus rhythm or not.\n"]
+        batch = processor(ecgs=ecgs[:1], sampling_rate=100, lead_names=["I", "II"], text=prompts[:1])
+        full = processor(**{**ecg_kwargs(1), "ecgs": ecgs[1:]}, text=prompts[1:])
+    finally:
+        processor.feature_extractor.missing_leads = "raise"
+    length = max(batch["input_ids"].shape[1], full["input_ids"].shape[1])
+
+    def left_pad(tensor, value):
+        return torch.nn.functional.pad(tensor, (length - tensor.shape[1], 0), value=value)
+
+    pad_id = processor.tokenizer.pad_token_id
+    input_ids = torch.cat([left_pad(batch["input_ids"], pad_id), left_pad(full["input_ids"], pad_id)])
+    attention_mask = torch.cat([left_pad(batch["attention_mask"], 0), left_pad(full["attention_mask"], 0)])
+    ecg_values = torch.cat([batch["ecg_values"], full["ecg_values"]])
+    lead_mask = torch.cat([batch["lead_mask"], torch.ones(1, 12, dtype=torch.bool)])
+    assert lead_mask[0].sum() == 2 and (attention_mask == 0).any()
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "ecg_values": ecg_values,
+              "lead_mask": lead_mask}  # fmt: skip
+    masked = model.mask_missing_lead_tokens(input_ids, attention_mask, lead_mask)
+    with torch.no_grad():
+        inputs_embeds, _ = model.embed_inputs(input_ids, ecg_values, lead_mask=lead_mask)
+        expected = model(**inputs).logits
+        torch.testing.assert_close(model(inputs_embeds=inputs_embeds, attention_mask=masked).logits, expected)
+        assert not torch.allclose(model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits, expected)
+    options = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
+    from_ids = model.generate(**inputs, **options)[:, length:]
+    assert torch.equal(model.generate(inputs_embeds=inputs_embeds, attention_mask=masked, **options), from_ids)
+    message = r"lead_mask was given without ecg_values and would be ignored; .*mask_missing_lead_tokens"
+    with pytest.raises(ValueError, match=message):
+        model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, lead_mask=lead_mask)
+    with pytest.raises(ValueError, match=message):
+        model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, lead_mask=lead_mask, **options)
+
+
 def test_save_pretrained_and_auto_class_reload(parts, tmp_path):
     from transformers import AutoModelForCausalLM, AutoProcessor
 
@@ -557,6 +618,31 @@ def test_folder_saved_with_the_old_ecg_encoder_names_loads_bit_identically(parts
         assert sorted(handle.keys()) == sorted(  # noqa: SIM118
             name.replace("ecg_encoder.", "ecg_model.") for name in names
         )
+
+
+@pytest.mark.parametrize("prefix", ["ecg_model.", "ecg_encoder."])
+def test_the_encoder_and_a_classifier_load_from_a_report_models_folder(parts, tmp_path, prefix):
+    """A report model trained with `--freeze_ecg_encoder false` holds a fine-tuned encoder: `MeritEcgModel` and
+    `MeritForEcgClassification` (a new head) take it, leaving out the projector and the LM, also from a folder saved
+    when the encoder was `ecg_encoder`."""
+    from merit_hf import MeritConfig, MeritEcgModel, MeritForEcgClassification
+
+    model, _ = parts
+    with torch.no_grad():
+        for parameter in model.ecg_model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)  # not what a new encoder's init would give
+    model.save_pretrained(tmp_path)
+    rename_safetensors_keys(tmp_path / "model.safetensors", "ecg_model.", prefix)
+    expected = model.ecg_model.state_dict()
+    encoder = MeritEcgModel.from_pretrained(tmp_path)
+    assert encoder.state_dict().keys() == expected.keys()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in encoder.state_dict().items())
+    classifier = MeritForEcgClassification.from_pretrained(tmp_path, id2label={0: "NORM", 1: "MI"})
+    assert type(classifier.config) is MeritConfig and classifier.config.num_labels == 2
+    saved_ecg_config = {**model.config.ecg_config.to_dict(), "dtype": "float32"}
+    assert classifier.config.ecg_config.to_dict() == saved_ecg_config
+    loaded = classifier.ecg_model.state_dict()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in expected.items())
 
 
 def test_adapter_saved_with_the_old_ecg_encoder_module_name_loads(parts, tmp_path):

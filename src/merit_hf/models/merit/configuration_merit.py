@@ -423,7 +423,10 @@ class MeritReportConfig(PreTrainedConfig):
         projector_bias (`bool`, defaults to `True`): bias in both projector layers.
         freeze_ecg_encoder (`bool`, defaults to `True`): keep the encoder frozen (ECG-Chat, GEM); `False` trains it
             too (anyECG-chat, Q-HEART).
-        initializer_range (`float`): std of the projector's truncated-normal init.
+        initializer_range (`float`, defaults to 0.02): the projector is initialised as the ECG tower's Linear layers
+            are (`ecg_config.initializer_scheme`): xavier-uniform with zero biases by default, whatever this says; it
+            is the std of a truncated normal only with `initializer_scheme="trunc_normal"`. transformers also reads it,
+            e.g. for the rows that `resize_token_embeddings(..., mean_resizing=False)` adds to the input embeddings.
 
     Example:
 

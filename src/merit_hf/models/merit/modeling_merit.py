@@ -37,7 +37,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, can_return_tuple, logging
 from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_merit import PROBLEM_TYPES, MeritConfig, MeritEcgConfig
+from .configuration_merit import PROBLEM_TYPES, MeritConfig, MeritEcgConfig, MeritReportConfig
 from .pipeline_merit import (  # pool_window_embeddings lives there, where the pipelines can use it
     check_token_ids,
     custom_pipelines_for,
@@ -116,7 +116,9 @@ class MeritForPreTrainingOutput(ModelOutput):
     ids_restore (`torch.LongTensor`, *optional*): undoes the per-lead shuffle.
     logits_per_ecg, logits_per_text (`torch.FloatTensor`, *optional*): local scaled similarities.
     ecg_embeds, text_embeds (`torch.FloatTensor`, *optional*): L2-normalised local embeddings.
-    logit_scale (`torch.FloatTensor` of shape `()`, *optional*): the clamped inverse temperature used.
+    logit_scale (`torch.FloatTensor` of shape `()`, *optional*): the inverse temperature used, `exp(logit_scale)` of
+        the parameter as it is (not clamped here: `clamp_logit_scale_()` keeps the parameter in range after each
+        optimizer step).
     """
 
     loss: torch.FloatTensor | None = None
@@ -1088,8 +1090,9 @@ class MeritEcgModel(MeritEcgPreTrainedModel):
     torch.Size([2, 64])
     ```"""
 
-    # Loads the encoder out of any MERIT checkpoint (two-tower, pretraining or classification) too.
-    _checkpoint_key_mapping = {r"^merit\.ecg_model\.": "", r"^ecg_model\.": ""}
+    # Loads the encoder out of any MERIT checkpoint (two-tower, pretraining, classification or report generation, whose
+    # folders saved before the encoder was named `ecg_model` hold `ecg_encoder.*`) too.
+    _checkpoint_key_mapping = {r"^merit\.ecg_model\.": "", r"^ecg_model\.": "", r"^ecg_encoder\.": ""}
     _keys_to_ignore_on_load_unexpected = [
         r"^(merit\.)?decoder\.",
         r"text_model\.",
@@ -1097,6 +1100,8 @@ class MeritEcgModel(MeritEcgPreTrainedModel):
         r"ecg_projection\.",
         r"logit_scale",
         r"^classifier\.",
+        r"^multi_modal_projector\.",
+        r"^language_model\.",
     ]
 
     def __init__(self, config: MeritEcgConfig):
@@ -1140,6 +1145,13 @@ class MeritEcgModel(MeritEcgPreTrainedModel):
                 f"ecg_attention_mask must have shape (batch, {config.num_samples}), got {tuple(ecg_attention_mask.shape)}"
             )
         valid = ecg_attention_mask.reshape(batch_size, config.num_patches_per_lead, config.patch_size).any(-1)
+        if not torch.compiler.is_compiling():  # an all-padding record would give a constant embedding, not an error
+            empty = torch.nonzero(~valid.any(dim=1)).flatten().tolist()
+            if empty:
+                raise ValueError(
+                    f"ecg_attention_mask: records {empty} are all padding; an ECG needs at least one real sample "
+                    "(1 in the mask)"
+                )
         return valid.float()[:, None, :].expand(-1, config.num_leads, -1).contiguous()
 
     def _check_lead_mask(self, lead_mask: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
@@ -1559,7 +1571,12 @@ class MeritForPreTraining(MeritPreTrainedModel):
         masked_output = None
         if use_reconstruction or (use_contrastive and config.contrastive_input == "masked"):
             masked_output = ecg_model(
-                ecg_values, ecg_attention_mask=ecg_attention_mask, noise=noise, apply_masking=True, lead_mask=lead_mask
+                ecg_values,
+                ecg_attention_mask=ecg_attention_mask,
+                noise=noise,
+                apply_masking=True,
+                lead_mask=lead_mask,
+                return_dict=True,  # whatever the ECG config's return_dict says: this class decides its own output
             )
 
         loss = 0.0
@@ -1585,7 +1602,7 @@ class MeritForPreTraining(MeritPreTrainedModel):
                 ecg_pooled = masked_output.pooler_output
             else:
                 ecg_pooled = ecg_model(
-                    ecg_values, ecg_attention_mask=ecg_attention_mask, lead_mask=lead_mask
+                    ecg_values, ecg_attention_mask=ecg_attention_mask, lead_mask=lead_mask, return_dict=True
                 ).pooler_output
             ecg_embeds = F.normalize(self.merit.ecg_projection(ecg_pooled), dim=-1)
             text_features = self.merit.get_text_features(input_ids, attention_mask, token_type_ids, return_dict=True)
@@ -1615,8 +1632,8 @@ class MeritForEcgClassification(MeritPreTrainedModel):
     The MERIT ECG encoder with a linear head on `pooler_output`. Multi-label (one sigmoid per class, BCE) unless
     `config.problem_type` says otherwise, because PTB-XL statements co-occur. Class names live in `config.id2label`.
 
-    `from_pretrained` takes a pretraining, two-tower or encoder-only (`MeritEcgModel`) checkpoint: it keeps the
-    encoder and creates the head; every other missing weight raises. A fine-tuned classifier gets a head for another
+    `from_pretrained` takes a pretraining, two-tower, encoder-only (`MeritEcgModel`) or report-generation checkpoint: it
+    keeps the encoder and creates the head; every other missing weight raises. A fine-tuned classifier gets a head for another
     label set with `ignore_mismatched_sizes=True`.
 
     Example:
@@ -1634,12 +1651,15 @@ class MeritForEcgClassification(MeritPreTrainedModel):
         "AutoModelForSequenceClassification": "modeling_merit.MeritForEcgClassification",
     }
     _encoder_only_key_mapping = {r"^(embeddings|layers|norm|pooler_norm)\.": r"ecg_model.\1."}
+    _report_key_mapping = {r"^ecg_encoder\.": "ecg_model."}  # `MeritForReportGeneration._checkpoint_key_mapping`
     _keys_to_ignore_on_load_unexpected = [
         r"^decoder\.",
         r"text_model\.",
         r"text_projection\.",
         r"ecg_projection\.",
         r"logit_scale",
+        r"^multi_modal_projector\.",
+        r"^language_model\.",
     ]
 
     def __init__(self, config: MeritConfig):
@@ -1654,14 +1674,18 @@ class MeritForEcgClassification(MeritPreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         # An encoder-only folder: its MeritEcgConfig is wrapped in a MeritConfig and its weights mapped under
-        # `ecg_model.`. The Auto classes pass that config in, already holding the caller's config kwargs.
+        # `ecg_model.`. The Auto classes pass that config in, already holding the caller's config kwargs. A report
+        # model's folder: its encoder config is wrapped the same way (its weights are already under `ecg_model.`).
         config = kwargs.get("config")
         if config is None or getattr(config, "model_type", None) == MeritEcgConfig.model_type:
             hub = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
             config_dict, _ = PreTrainedConfig.get_config_dict(
                 pretrained_model_name_or_path, **{k: kwargs[k] for k in hub if k in kwargs}
             )
-            if config is not None or config_dict.get("model_type") == MeritEcgConfig.model_type:
+            if config is None and config_dict.get("model_type") == MeritReportConfig.model_type:
+                kwargs = _encoder_only_classifier_kwargs(config_dict["ecg_config"], None, kwargs)
+                kwargs.setdefault("key_mapping", cls._report_key_mapping)
+            elif config is not None or config_dict.get("model_type") == MeritEcgConfig.model_type:
                 kwargs.pop("config", None)
                 kwargs = _encoder_only_classifier_kwargs(config_dict, config, kwargs)
                 kwargs.setdefault("key_mapping", cls._encoder_only_key_mapping)

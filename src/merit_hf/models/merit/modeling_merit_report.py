@@ -252,7 +252,10 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token embeddings of `input_ids` with the projected ECG tokens scattered into the `<ecg>` positions.
 
-        Returns `(inputs_embeds, ecg_features)`; `ecg_features` is `None` when no ECG was given.
+        Returns `(inputs_embeds, ecg_features)`; `ecg_features` is `None` when no ECG was given. With `lead_mask`, pass
+        `forward` / `generate` these `inputs_embeds` with `attention_mask=mask_missing_lead_tokens(input_ids,
+        attention_mask, lead_mask)`: the embeddings cannot carry which `<ecg>` positions stand for missing leads, and
+        with that mask the results equal those of `input_ids` + `ecg_values` + `lead_mask`.
         """
         inputs_embeds = self.get_input_embeddings()(input_ids)
         if ecg_values is None:
@@ -293,15 +296,22 @@ class MeritForReportGeneration(MeritReportPreTrainedModel, GenerationMixin):
             Padding mask of the ECGs (feature extractor with `padding=True`).
         lead_mask (`torch.BoolTensor` of shape `(num_ecgs, num_leads)`, *optional*):
             Recorded leads (feature extractor with `missing_leads="mask"`): the encoder leaves the missing ones out,
-            and their `<ecg>` positions are masked in the LM's `attention_mask`.
+            and their `<ecg>` positions are masked in the LM's `attention_mask`. Only with `ecg_values` (else it
+            raises: with `inputs_embeds`, mask the `attention_mask` with `mask_missing_lead_tokens` instead).
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Next-token targets, -100 where no loss is taken (prompt, ECG tokens, padding); the processor builds them.
         inputs_embeds (`torch.FloatTensor`, *optional*):
-            Ready embeddings (ECG tokens already in place, e.g. from `embed_inputs`).
+            Ready embeddings (ECG tokens already in place, e.g. from `embed_inputs`; see there for `lead_mask`).
         return_dict (`bool`, *optional*): `False` (or `config.return_dict=False`) gives a tuple, as in Llava.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
+        if lead_mask is not None and ecg_values is None:
+            raise ValueError(
+                "lead_mask was given without ecg_values and would be ignored; with inputs_embeds from "
+                "embed_inputs(..., lead_mask=lead_mask), pass attention_mask=model.mask_missing_lead_tokens(input_ids, "
+                "attention_mask, lead_mask) instead, so that the missing leads' <ecg> positions are masked"
+            )
         ecg_features = None
         if inputs_embeds is None:
             inputs_embeds, ecg_features = self.embed_inputs(input_ids, ecg_values, ecg_attention_mask, lead_mask)
