@@ -693,6 +693,34 @@ def test_two_processes_equal_one_process_with_double_batch(reference, assets, tm
 
 
 @pytest.mark.slow
+def test_each_process_draws_its_own_dropout_masks(assets, tmp_path):
+    """Every process began training from the same RNG state, so row i of each process's batch got the same text-tower
+    dropout masks (the README says each draws its own). The RNG state at the first training forward now differs."""
+    script = tmp_path / "trace.py"
+    script.write_text(
+        "import hashlib, os, sys, torch\n"
+        "from merit_hf import MeritForPreTraining\n"
+        "from merit_hf.training import pretrain\n"
+        "forward = MeritForPreTraining.forward\n"
+        "def traced(self, *args, **kwargs):\n"
+        "    out = sys.argv[-1] + f\"/rng_{os.environ['RANK']}.txt\"\n"
+        "    if self.training and not os.path.exists(out):\n"
+        "        open(out, 'w').write(hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest())\n"
+        "    return forward(self, *args, **kwargs)\n"
+        "MeritForPreTraining.forward = traced\n"
+        "pretrain.main(sys.argv[1:-1])\n"
+    )
+    argv = [ACCELERATE, "launch", "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes",
+            "2", "--num_machines", "1", "--main_process_port", str(free_port()), str(script)]  # fmt: skip
+    argv += base_argv(assets, tmp_path / "run", use_cpu="true", max_steps=1, save_steps=1, eval_split="None")
+    done = subprocess.run([*argv, str(tmp_path)], env=subprocess_env(), cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=LAUNCH_TIMEOUT_S)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    states = [(tmp_path / f"rng_{rank}.txt").read_text() for rank in (0, 1)]
+    assert len(states[0]) == 40 and states[0] != states[1]
+
+
+@pytest.mark.slow
 def test_two_processes_with_loss_balancing_equal_one_process_with_double_batch(assets, tmp_path):
     """The balanced reconstruction weight comes from the encoder gradient norms, which each process measured on its
     own rows: the processes then trained with different weights, the logged one being process 0's, and neither the

@@ -1033,6 +1033,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             data_args, model_args, None if streaming else len(train_loader.dataset), accelerator.mixed_precision
         ),
     }
+    if accelerator.num_processes > 1:
+        # Every process has the same RNG state here; dropout (the text tower's) should draw its own masks on each. The
+        # data order (seedable sampler), ECG masks and crops are keyed by seed and record and stay as they are; one
+        # process keeps its stream. A resume then restores each process's own state.
+        set_seed(train_args.seed, device_specific=True)
     global_step, epoch = resume(accelerator, resume_path, run_identity, train_loader if streaming else None)
     start_logging(accelerator, output_dir, global_step, (model_args, data_args, train_args))
     earlier = load_run_history(resume_path)
