@@ -1382,6 +1382,47 @@ def test_report_lora_on_two_processes_equals_one_process(lm_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_report_lora_processes_draw_their_own_dropout_masks(lm_dir, tmp_path):
+    """Every process entered each stage with the same RNG state, so LoRA's dropout gave row i of each process's
+    batch the same masks. The RNG state at each process's first training forward now differs."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "trace.py"
+    script.write_text(
+        "import hashlib, os, sys, torch\n"
+        "from merit_hf import MeritForReportGeneration\n"
+        "from merit_hf.training import report_lora\n"
+        "forward = MeritForReportGeneration.forward\n"
+        "def traced(self, *args, **kwargs):\n"
+        "    out = sys.argv[-1] + f\"/rng_{os.environ['RANK']}.txt\"\n"
+        "    if self.training and not os.path.exists(out):\n"
+        "        open(out, 'w').write(hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest())\n"
+        "    return forward(self, *args, **kwargs)\n"
+        "MeritForReportGeneration.forward = traced\n"
+        "report_lora.main(sys.argv[1:-1])\n"
+    )
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    flags = {"language_model": lm_dir, "ptbxl_dir": BUNDLED_PTBXL, "use_cpu": "true", "do_eval": "false",
+             "lora_epochs": 0, "per_device_train_batch_size": 4, "output_dir": tmp_path / "run"}  # fmt: skip
+    argv = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(port),
+            str(script), str(REPO_ROOT / "configs" / "report_tiny.yaml"),
+            *[item for name, value in flags.items() for item in (f"--{name}", str(value))], str(tmp_path)]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("ACCELERATE_USE_CPU", None)
+    done = subprocess.run(argv, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    states = [(tmp_path / f"rng_{rank}.txt").read_text() for rank in (0, 1)]
+    assert len(states[0]) == 40 and states[0] != states[1]
+
+
+@pytest.mark.slow
 def test_report_lora_saves_and_reloads_a_trained_encoder(lm_dir, tmp_path, monkeypatch):
     """`--freeze_ecg_encoder false`: the encoder trained in stage 2 goes into the adapter (PEFT `modules_to_save`), so
     the reloaded model gives the trained model's logits; base_model/ keeps the starting encoder the fingerprint

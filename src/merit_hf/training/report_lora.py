@@ -888,6 +888,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if epochs == 0:
             skip_stage(stage, f"--{stage}_epochs 0")
             return module.to(accelerator.device)  # where prepare would have put it, for generation
+        if accelerator.num_processes > 1:
+            # The processes' RNG states are equal here: dropout (--lora_dropout, the LM's own) should draw its own masks
+            # on each. The order is the loader's own seeded generator's and is unchanged; one process keeps its stream.
+            set_seed(training_args.seed, device_specific=True)
         losses, results[f"{stage}_throughput"] = _train_stage(
             stage, accelerator, module, train_loader, epochs, learning_rate, training_args
         )
