@@ -131,16 +131,21 @@ def test_the_package_imports_nothing_that_only_a_clone_has():
 # The wheel, installed, outside the clone
 
 
-def build_wheel(tmp_path: Path) -> Path:
-    """`pip wheel --no-deps` of a copy of the source tree (links kept as links, as git checks them out), so a stale
-    `build/` in the checkout cannot add files that the sources no longer have."""
-    source = tmp_path / "source"
-    for name in ("pyproject.toml", "README.md"):
+def copy_source_tree(source: Path, folders: tuple[str, ...] = ("src", "configs")) -> Path:
+    """A copy of what a build reads (links kept as links, as git checks them out), so a stale `build/` in the checkout
+    cannot add files that the sources no longer have."""
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO_ROOT / name, source / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for folder in ("src", "configs"):
+    for folder in folders:
         shutil.copytree(REPO_ROOT / folder, source / folder, symlinks=True, ignore=ignore)
+    return source
+
+
+def build_wheel(tmp_path: Path) -> Path:
+    """`pip wheel --no-deps` of a copy of the source tree."""
+    source = copy_source_tree(tmp_path / "source")
     # offline, use this environment's setuptools; without it, pip fetches the build requirements (CI: from PyPI)
     isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
     command = [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", str(tmp_path / "dist")]
@@ -205,7 +210,13 @@ def test_wheel_installed_outside_the_clone_trains_loads_and_classifies(tmp_path)
     }
     assert {f"merit_hf/configs/{name}.yaml" for name in packaged_config_names()} <= package_files
     assert sorted(package_files - in_wheel) == []
-    assert {name.split("/")[0] for name in in_wheel} == {"merit_hf", wheel.name.split("-py3")[0] + ".dist-info"}
+    dist_info = wheel.name.split("-py3")[0] + ".dist-info"
+    assert {name.split("/")[0] for name in in_wheel} == {"merit_hf", dist_info}
+    # the licence text itself (Apache-2.0 §4(a)), declared in the metadata
+    assert zipfile.ZipFile(wheel).read(f"{dist_info}/licenses/LICENSE") == (REPO_ROOT / "LICENSE").read_bytes()
+    metadata = zipfile.ZipFile(wheel).read(f"{dist_info}/METADATA").decode()
+    assert "License-Expression: Apache-2.0" in metadata.splitlines()
+    assert "License-File: LICENSE" in metadata.splitlines()
 
     python = install_in_throwaway_venv(wheel, tmp_path / "venv")
     run_dir = tmp_path / "elsewhere"
