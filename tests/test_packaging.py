@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -134,7 +135,7 @@ def test_the_package_imports_nothing_that_only_a_clone_has():
 def copy_source_tree(source: Path, folders: tuple[str, ...] = ("src", "configs")) -> Path:
     """A copy of what a build reads (links kept as links, as git checks them out), so a stale `build/` in the checkout
     cannot add files that the sources no longer have."""
-    for name in ("pyproject.toml", "README.md", "LICENSE"):
+    for name in ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"):
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO_ROOT / name, source / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
@@ -152,6 +153,25 @@ def build_wheel(tmp_path: Path) -> Path:
     subprocess.run([*command, str(source)], check=True, capture_output=True, text=True, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("merit_hf-*.whl")
     return wheel
+
+
+@pytest.mark.slow
+def test_sdist_holds_the_licence_and_no_tests(tmp_path):
+    """setuptools adds `tests/test*.py` to an sdist by default, without the conftest, helpers and data they need:
+    MANIFEST.in prunes the folder (the tests run from a clone). The licence text ships."""
+    source = copy_source_tree(tmp_path / "source", folders=("src", "configs", "tests"))
+    build = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    done = subprocess.run(
+        [sys.executable, "-c", build, str(tmp_path / "dist")],
+        cwd=source, check=True, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    archive = tmp_path / "dist" / done.stdout.strip().splitlines()[-1]
+    top = archive.name.removesuffix(".tar.gz")
+    with tarfile.open(archive) as sdist:
+        names = {name.removeprefix(f"{top}/") for name in sdist.getnames()}
+        assert sdist.extractfile(f"{top}/LICENSE").read() == (REPO_ROOT / "LICENSE").read_bytes()
+    assert sorted(name for name in names if name.split("/")[0] == "tests") == []
+    assert {"README.md", "pyproject.toml", "src/merit_hf/__init__.py", "src/merit_hf/configs/tiny.yaml"} <= names
 
 
 def install_in_throwaway_venv(wheel: Path, venv: Path) -> Path:
