@@ -596,3 +596,19 @@ def main(argv: list[str] | None = None) -> dict:
     summary = asdict(result)
     print(json.dumps(summary, indent=2))
     return summary
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """`python -m merit_hf.hub` and `python -m merit_hf.hub.push`: `main`, a refused push as one `error:` line."""
+    try:
+        main(argv)
+    except (HubFolderError, HubPushError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    # `python -m merit_hf.hub.push` runs this file a second time, as `__main__`; the imported module's `cli` is the one
+    # whose exception classes the rest of the package raises
+    from merit_hf.hub.push import cli as _cli
+
+    _cli()
