@@ -18,11 +18,13 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
+import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
 
 from merit_hf.training.pretrain import ARGUMENT_CLASSES
 from merit_hf.utils.arguments import PACKAGED_CONFIGS_DIR, packaged_config_names, parse_arguments, resolve_config_path
@@ -126,6 +128,19 @@ def test_the_package_imports_nothing_that_only_a_clone_has():
                 f"{path.relative_to(REPO_ROOT)}: {name}" for name in names if name.split(".")[0] in REPOSITORY_ONLY
             ]
     assert offenders == []
+
+
+@pytest.mark.parametrize("requirements", ["pyproject.toml", "spaces_demo/requirements.txt"])
+def test_numpy_floor_is_one_that_pyarrow_runs_with(requirements):
+    """pyarrow 26, which `datasets` pulls in, declares no NumPy requirement but stops at import with "pyarrow requires
+    NumPy 2.0 or newer": a floor below 2 lets pip keep a NumPy 1 with which `merit_hf.data` cannot be imported."""
+    text = (REPO_ROOT / requirements).read_text()
+    if requirements.endswith(".toml"):
+        lines = tomllib.loads(text)["project"]["dependencies"]
+    else:
+        lines = [line for line in text.splitlines() if line and not line.startswith(("#", "-"))]
+    (numpy,) = [Requirement(line) for line in lines if Requirement(line).name == "numpy"]
+    assert not numpy.specifier.contains("1.26.4") and numpy.specifier.contains("2.0.0"), numpy
 
 
 # ----------------------------------------------------------------------------------------------------------------------
