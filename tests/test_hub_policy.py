@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -554,6 +555,18 @@ def test_module_paths_run_the_command_line(module, usage, tmp_path):
         assert done.returncode == 1, done.stdout + done.stderr[-2000:]
         assert f"error: {tmp_path}: not a Hub-ready model folder: config.json is missing" in done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_docstring_examples_name_the_quickstart_model_folder():
+    """The quick-start saves the model to `<output_dir>/model`; `quickstart_output` itself has no config.json and a
+    push of it is refused (a card rendered for it has no input contract)."""
+    from merit_hf.hub import cards
+    from merit_hf.quickstart import QuickstartArguments
+
+    folder = f"{QuickstartArguments().output_dir}/model"
+    texts = (push_module.__doc__, push_module.push_model.__doc__, cards.__doc__)
+    named = [match.group(1) for text in texts for match in re.finditer(r"(quickstart_output[^\s\"]*)", text)]
+    assert len(named) == 4 and set(named) == {folder}, named
 
 
 def test_the_mock_follows_huggingface_hub_signatures(hf_api):

@@ -7,8 +7,8 @@ picks), to a branch, a pull request, and/or a tag.
 Command line:
 
 ```bash
-python -m merit_hf.hub push quickstart_output org/merit-ecg --results results.json --tag v0.1
-python -m merit_hf.hub push quickstart_output org/merit-ecg --create-pr --message "Retrained on fold 1-8"
+python -m merit_hf.hub push quickstart_output/model org/merit-ecg --results results.json --tag v0.1
+python -m merit_hf.hub push quickstart_output/model org/merit-ecg --create-pr --message "Retrained on fold 1-8"
 python -m merit_hf.hub push converted/ptbxl org/ptbxl-merit --repo-type dataset
 ```
 
@@ -521,7 +521,7 @@ def push_model(
     Example:
 
     ```python
-    >>> push_model("quickstart_output", "org/merit-ecg", results="results.json", tag="v0.1")  # doctest: +SKIP
+    >>> push_model("quickstart_output/model", "org/merit-ecg", results="results.json", tag="v0.1")  # doctest: +SKIP
     ```"""
     folder = Path(folder)
     if results is not None:
