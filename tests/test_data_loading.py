@@ -119,6 +119,35 @@ def test_an_unknown_name_is_refused(small_ptbxl):
         load_dataset("ptb", small_ptbxl)
 
 
+@pytest.mark.parametrize("name", ["ptbxl", "mimic_iv_ecg", "wfdb"])
+def test_an_unconverted_folder_names_converters_a_pip_install_can_find(name, tmp_path):
+    """dataset_scripts/ is in a clone only: the message says whose it is, and names the package's own converters."""
+    import merit_hf.data
+
+    converters = ("convert_ptbxl", "convert_mimic_iv_ecg", "convert_wfdb_folder")
+    assert all(callable(getattr(merit_hf.data, converter)) for converter in converters)
+    with pytest.raises(FileNotFoundError) as raised:
+        load_dataset(name, tmp_path)
+    assert str(raised.value).endswith(
+        "convert the dataset first (a script in dataset_scripts/ of the merit_hf repository, or merit_hf.data's "
+        f"{', '.join(converters)})"
+    )
+
+
+def test_a_wfdb_dataset_without_records_names_the_repository_converter(tmp_path):
+    from datasets import DatasetDict
+
+    from merit_hf.data import load_wfdb_dataset
+
+    DatasetDict({"train": Dataset.from_dict({"ecg_id": ["a"]})}).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ValueError) as raised:
+        load_wfdb_dataset(tmp_path / "saved")
+    assert str(raised.value).endswith(
+        "convert the folder with dataset_scripts/wfdb/convert.py in the merit_hf repository "
+        "(or merit_hf.data.convert_wfdb_folder)"
+    )
+
+
 def test_streamed_filters_keep_the_rows_arrow(mimic_root, tmp_path):  # noqa: F811
     """The empty-report filter and the node filter (2 shards, 3 processes), alone and together, run on Arrow batches:
     after a filter on Python rows, `with_format("numpy")` rebuilt each signal value by value, as float64 (40x slower

@@ -294,7 +294,19 @@ def test_documented_script_help(target: str, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "usage:" in out
     if target.startswith("-m merit_hf.training.") or target == "-m merit_hf.embedding":  # a YAML config comes first
-        assert f"usage: python {target} [CONFIG] [--flag value ...]" in out and "tiny" in out
+        assert f"usage: python {target} [CONFIG] [--flag value ...]" in out
+        # only the packaged configs this command accepts, by name (`embedding tiny` is refused: unknown arguments)
+        configs = PACKAGED_CONFIGS_BY_COMMAND[target]
+        sentence = f"by name: {configs}." if configs else "merit_hf packages no config for this command."
+        assert sentence in " ".join(out.split())
+
+
+PACKAGED_CONFIGS_BY_COMMAND = {
+    "-m merit_hf.training.pretrain": "base, quickstart, tiny",
+    "-m merit_hf.training.probe": "probe_ptbxl_full, probe_quickstart",
+    "-m merit_hf.training.report_lora": "report_smollm2, report_tiny",
+    "-m merit_hf.embedding": "",
+}
 
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if _is_fragment(c)], ids=str)

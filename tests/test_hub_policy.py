@@ -11,6 +11,10 @@ the wire is its own business; `tests/test_hub_roundtrip.py` runs the real client
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -34,7 +38,7 @@ from merit_hf.hub import (
     pushed_files,
 )
 from merit_hf.hub import push as push_module
-from tests.conftest import tiny_merit_config
+from tests.conftest import REPO_ROOT, tiny_merit_config
 from tests.test_cards import results_from_our_metrics
 
 REPO_ID = "org/merit-ecg"
@@ -524,6 +528,45 @@ def test_command_line_refuses_a_card_for_a_dataset_and_has_no_cache_command(tmp_
     with pytest.raises(SystemExit):  # offline use goes through the library: from_pretrained(folder)
         main(["cache", str(tmp_path), "org/d"])
     hf_api.assert_not_called()
+
+
+def run_module(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m module args` in a new process, this checkout's `src` first on its path, the Hub offline."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", module, *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.parametrize(
+    ("module", "usage"),
+    [
+        ("merit_hf.hub.push", "usage: python -m merit_hf.hub "),
+        ("merit_hf.cards", "usage: python -m merit_hf.hub.cards "),
+    ],
+)
+def test_module_paths_run_the_command_line(module, usage, tmp_path):
+    """`python -m merit_hf.hub.push` (and the 0.1 alias `python -m merit_hf.cards`) is the documented command, not a
+    silent exit 0 that leaves a CI script believing it pushed."""
+    done = run_module(module, "--help", cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.startswith(usage), done.stdout + done.stderr[-2000:]
+    if module == "merit_hf.hub.push":
+        done = run_module(module, "push", str(tmp_path), REPO_ID, cwd=tmp_path)
+        assert done.returncode == 1, done.stdout + done.stderr[-2000:]
+        assert f"error: {tmp_path}: not a Hub-ready model folder: config.json is missing" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_docstring_examples_name_the_quickstart_model_folder():
+    """The quick-start saves the model to `<output_dir>/model`; `quickstart_output` itself has no config.json and a
+    push of it is refused (a card rendered for it has no input contract)."""
+    from merit_hf.hub import cards
+    from merit_hf.quickstart import QuickstartArguments
+
+    folder = f"{QuickstartArguments().output_dir}/model"
+    texts = (push_module.__doc__, push_module.push_model.__doc__, cards.__doc__)
+    named = [match.group(1) for text in texts for match in re.finditer(r"(quickstart_output[^\s\"]*)", text)]
+    assert len(named) == 4 and set(named) == {folder}, named
 
 
 def test_the_mock_follows_huggingface_hub_signatures(hf_api):

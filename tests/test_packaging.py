@@ -17,11 +17,14 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
+import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
 
 from merit_hf.training.pretrain import ARGUMENT_CLASSES
 from merit_hf.utils.arguments import PACKAGED_CONFIGS_DIR, packaged_config_names, parse_arguments, resolve_config_path
@@ -127,26 +130,63 @@ def test_the_package_imports_nothing_that_only_a_clone_has():
     assert offenders == []
 
 
+@pytest.mark.parametrize("requirements", ["pyproject.toml", "spaces_demo/requirements.txt"])
+def test_numpy_floor_is_one_that_pyarrow_runs_with(requirements):
+    """pyarrow 26, which `datasets` pulls in, declares no NumPy requirement but stops at import with "pyarrow requires
+    NumPy 2.0 or newer": a floor below 2 lets pip keep a NumPy 1 with which `merit_hf.data` cannot be imported."""
+    text = (REPO_ROOT / requirements).read_text()
+    if requirements.endswith(".toml"):
+        lines = tomllib.loads(text)["project"]["dependencies"]
+    else:
+        lines = [line for line in text.splitlines() if line and not line.startswith(("#", "-"))]
+    (numpy,) = [Requirement(line) for line in lines if Requirement(line).name == "numpy"]
+    assert not numpy.specifier.contains("1.26.4") and numpy.specifier.contains("2.0.0"), numpy
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The wheel, installed, outside the clone
 
 
-def build_wheel(tmp_path: Path) -> Path:
-    """`pip wheel --no-deps` of a copy of the source tree (links kept as links, as git checks them out), so a stale
-    `build/` in the checkout cannot add files that the sources no longer have."""
-    source = tmp_path / "source"
-    for name in ("pyproject.toml", "README.md"):
+def copy_source_tree(source: Path, folders: tuple[str, ...] = ("src", "configs")) -> Path:
+    """A copy of what a build reads (links kept as links, as git checks them out), so a stale `build/` in the checkout
+    cannot add files that the sources no longer have."""
+    for name in ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"):
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO_ROOT / name, source / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for folder in ("src", "configs"):
+    for folder in folders:
         shutil.copytree(REPO_ROOT / folder, source / folder, symlinks=True, ignore=ignore)
+    return source
+
+
+def build_wheel(tmp_path: Path) -> Path:
+    """`pip wheel --no-deps` of a copy of the source tree."""
+    source = copy_source_tree(tmp_path / "source")
     # offline, use this environment's setuptools; without it, pip fetches the build requirements (CI: from PyPI)
     isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
     command = [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", str(tmp_path / "dist")]
     subprocess.run([*command, str(source)], check=True, capture_output=True, text=True, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("merit_hf-*.whl")
     return wheel
+
+
+@pytest.mark.slow
+def test_sdist_holds_the_licence_and_no_tests(tmp_path):
+    """setuptools adds `tests/test*.py` to an sdist by default, without the conftest, helpers and data they need:
+    MANIFEST.in prunes the folder (the tests run from a clone). The licence text ships."""
+    source = copy_source_tree(tmp_path / "source", folders=("src", "configs", "tests"))
+    build = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    done = subprocess.run(
+        [sys.executable, "-c", build, str(tmp_path / "dist")],
+        cwd=source, check=True, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    archive = tmp_path / "dist" / done.stdout.strip().splitlines()[-1]
+    top = archive.name.removesuffix(".tar.gz")
+    with tarfile.open(archive) as sdist:
+        names = {name.removeprefix(f"{top}/") for name in sdist.getnames()}
+        assert sdist.extractfile(f"{top}/LICENSE").read() == (REPO_ROOT / "LICENSE").read_bytes()
+    assert sorted(name for name in names if name.split("/")[0] == "tests") == []
+    assert {"README.md", "pyproject.toml", "src/merit_hf/__init__.py", "src/merit_hf/configs/tiny.yaml"} <= names
 
 
 def install_in_throwaway_venv(wheel: Path, venv: Path) -> Path:
@@ -205,7 +245,13 @@ def test_wheel_installed_outside_the_clone_trains_loads_and_classifies(tmp_path)
     }
     assert {f"merit_hf/configs/{name}.yaml" for name in packaged_config_names()} <= package_files
     assert sorted(package_files - in_wheel) == []
-    assert {name.split("/")[0] for name in in_wheel} == {"merit_hf", wheel.name.split("-py3")[0] + ".dist-info"}
+    dist_info = wheel.name.split("-py3")[0] + ".dist-info"
+    assert {name.split("/")[0] for name in in_wheel} == {"merit_hf", dist_info}
+    # the licence text itself (Apache-2.0 §4(a)), declared in the metadata
+    assert zipfile.ZipFile(wheel).read(f"{dist_info}/licenses/LICENSE") == (REPO_ROOT / "LICENSE").read_bytes()
+    metadata = zipfile.ZipFile(wheel).read(f"{dist_info}/METADATA").decode()
+    assert "License-Expression: Apache-2.0" in metadata.splitlines()
+    assert "License-File: LICENSE" in metadata.splitlines()
 
     python = install_in_throwaway_venv(wheel, tmp_path / "venv")
     run_dir = tmp_path / "elsewhere"

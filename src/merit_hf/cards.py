@@ -4,4 +4,7 @@ import sys
 
 from .hub import cards as _moved
 
-sys.modules[__name__] = _moved
+if __name__ == "__main__":  # `python -m merit_hf.cards`: the command line of `python -m merit_hf.hub.cards`
+    _moved.main()
+else:
+    sys.modules[__name__] = _moved

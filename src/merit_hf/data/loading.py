@@ -254,7 +254,7 @@ def load_wfdb_dataset(
         if WFDB_RECORDS_SPLIT not in records:
             raise ValueError(
                 f"{path_or_repo_id}: no {WFDB_RECORDS_SPLIT!r} split (it has {sorted(records)}); convert the folder with "
-                "dataset_scripts/wfdb/convert.py"
+                "dataset_scripts/wfdb/convert.py in the merit_hf repository (or merit_hf.data.convert_wfdb_folder)"
             )
         records = records[WFDB_RECORDS_SPLIT]
     dataset = split_wfdb_dataset(records, split_column, split_fractions, seed)
@@ -325,7 +325,8 @@ def _load(
             found = sorted(child.name for child in path.iterdir() if child.is_dir() and any(child.glob("*.parquet")))
             raise FileNotFoundError(
                 f"{path}: no {data_dir.name}/ folder of Parquet shards (found {found or 'none'}) and no save_to_disk "
-                "folder; convert the dataset first (dataset_scripts/)"
+                "folder; convert the dataset first (a script in dataset_scripts/ of the merit_hf repository, or "
+                "merit_hf.data's convert_ptbxl, convert_mimic_iv_ecg, convert_wfdb_folder)"
             )
         data_dir = data_dir if data_dir.is_dir() else path
         _check_finished(data_dir)

@@ -183,7 +183,8 @@ def apply_ptbxl_version_to_dataset(dataset, version: str = DEFAULT_PTBXL_VERSION
             raise ValueError(
                 f"{source}: ecg_id {ecg_id} has scp_codes {scp_codes} but PTB-XL v1.0.3 gives it {consensus} (a "
                 "kept duplicate relabelled by consensus), and its label columns were computed at conversion: convert "
-                "the dataset again (dataset_scripts/ptbxl/convert.py applies v1.0.3's changes) or load it with "
+                "the dataset again (dataset_scripts/ptbxl/convert.py in the merit_hf repository, or "
+                "merit_hf.data.convert_ptbxl, applies v1.0.3's changes) or load it with "
                 "ptbxl_version='as_is'"
             )
 

@@ -13,7 +13,8 @@ entry (the random-init encoder of the same run); a robustness run adds one row g
 dataset and the metric definitions come from the same files.
 
 ```bash
-python -m merit_hf.hub.cards model results.json --model-folder quickstart_output --repo-id org/merit-ecg -o README.md
+python -m merit_hf.hub.cards model results.json --model-folder quickstart_output/model --repo-id org/merit-ecg \
+    -o README.md
 python -m merit_hf.hub.cards check dataset_scripts/ptbxl/README.md --kind dataset
 python -m merit_hf.hub.cards check ptbxl_merit/README.md --kind dataset --data-folder ptbxl_merit  # configs have files
 ```

@@ -7,8 +7,8 @@ picks), to a branch, a pull request, and/or a tag.
 Command line:
 
 ```bash
-python -m merit_hf.hub push quickstart_output org/merit-ecg --results results.json --tag v0.1
-python -m merit_hf.hub push quickstart_output org/merit-ecg --create-pr --message "Retrained on fold 1-8"
+python -m merit_hf.hub push quickstart_output/model org/merit-ecg --results results.json --tag v0.1
+python -m merit_hf.hub push quickstart_output/model org/merit-ecg --create-pr --message "Retrained on fold 1-8"
 python -m merit_hf.hub push converted/ptbxl org/ptbxl-merit --repo-type dataset
 ```
 
@@ -521,7 +521,7 @@ def push_model(
     Example:
 
     ```python
-    >>> push_model("quickstart_output", "org/merit-ecg", results="results.json", tag="v0.1")  # doctest: +SKIP
+    >>> push_model("quickstart_output/model", "org/merit-ecg", results="results.json", tag="v0.1")  # doctest: +SKIP
     ```"""
     folder = Path(folder)
     if results is not None:
@@ -596,3 +596,19 @@ def main(argv: list[str] | None = None) -> dict:
     summary = asdict(result)
     print(json.dumps(summary, indent=2))
     return summary
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """`python -m merit_hf.hub` and `python -m merit_hf.hub.push`: `main`, a refused push as one `error:` line."""
+    try:
+        main(argv)
+    except (HubFolderError, HubPushError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    # `python -m merit_hf.hub.push` runs this file a second time, as `__main__`; the imported module's `cli` is the one
+    # whose exception classes the rest of the package raises
+    from merit_hf.hub.push import cli as _cli
+
+    _cli()

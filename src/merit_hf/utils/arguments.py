@@ -54,13 +54,16 @@ def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None 
     field that YAML gives as a mapping is merged into that mapping.
     """
     argv = list(argv) if argv is not None else []
+    packaged = packaged_config_names(dataclass_types)
     parser = HfArgumentParser(
         list(dataclass_types),
         prog=_program(),
         usage="%(prog)s [CONFIG] [--flag value ...]",
-        description=(
-            "CONFIG: a YAML file whose keys are the flags below (flags given after it win), or a config packaged with "
-            f"merit_hf, by name: {', '.join(packaged_config_names()) or 'none in this install'}."
+        description="CONFIG: a YAML file whose keys are the flags below (flags given after it win)"
+        + (
+            f", or a config packaged with merit_hf for this command, by name: {', '.join(packaged)}."
+            if packaged
+            else "; merit_hf packages no config for this command."
         ),
     )
     optional = {name for name, hint in _field_types(dataclass_types).items() if type(None) in typing.get_args(hint)}
@@ -136,9 +139,14 @@ def resolve_config_path(config: str | os.PathLike) -> Path:
     )
 
 
-def packaged_config_names() -> list[str]:
-    """The configs shipped in the package (`merit_hf/configs/*.yaml`), by the name `resolve_config_path` takes."""
-    return sorted(path.stem for path in PACKAGED_CONFIGS_DIR.glob(f"*{YAML_SUFFIXES[0]}"))
+def packaged_config_names(dataclass_types: Sequence[type] | None = None) -> list[str]:
+    """The configs shipped in the package (`merit_hf/configs/*.yaml`), by the name `resolve_config_path` takes; with
+    `dataclass_types`, only those whose every key is one of their fields (the configs that command accepts)."""
+    paths = sorted(PACKAGED_CONFIGS_DIR.glob(f"*{YAML_SUFFIXES[0]}"))
+    if dataclass_types is not None:
+        known = {field.name for cls in dataclass_types for field in dataclasses.fields(cls)}
+        paths = [path for path in paths if set(yaml.safe_load(path.read_text()) or {}) <= known]
+    return [path.stem for path in paths]
 
 
 def read_yaml_arguments(path: str | Path, dataclass_types: Sequence[type]) -> dict[str, Any]:
