@@ -379,7 +379,9 @@ class EmbeddingArguments:
     )
     dataset_name: str = field(
         default="ptbxl",
-        metadata={"help": "'ptbxl', 'mimic_iv_ecg' or 'wfdb' (a folder converted by dataset_scripts/wfdb)."},
+        metadata={
+            "help": "'ptbxl', 'mimic_iv_ecg' or 'wfdb' (a folder converted by the repository's dataset_scripts/wfdb or merit_hf.data.convert_wfdb_folder)."
+        },
     )
     sampling_rate: int = field(default=100, metadata={"help": "Which PTB-XL records to read (100 or 500 Hz)."})
     splits: list[str] = field(default_factory=lambda: ["train", "validation", "test"])

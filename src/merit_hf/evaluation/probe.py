@@ -96,7 +96,9 @@ class ProbeArguments:
     )
     dataset_name: str = field(
         default="ptbxl",
-        metadata={"help": "'ptbxl', or 'wfdb': a folder converted by dataset_scripts/wfdb (its own label columns)."},
+        metadata={
+            "help": "'ptbxl', or 'wfdb': a folder converted by the repository's dataset_scripts/wfdb or merit_hf.data.convert_wfdb_folder (its own label columns)."
+        },
     )
     split_column: str | None = field(
         default=None, metadata={"help": "wfdb: a column of train / validation / test (else a seeded split)."}
