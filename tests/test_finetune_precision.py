@@ -92,7 +92,7 @@ def test_launcher_precision_is_read_from_accelerate_launch_environment(monkeypat
     assert launcher_mixed_precision() == "bf16"
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
     message = r"ACCELERATE_MIXED_PRECISION='fp8' \(from `accelerate launch --mixed_precision` or its config file\): "
-    with pytest.raises(ValueError, match=message + "fine-tuning runs 'no', 'bf16' or 'fp16'"):
+    with pytest.raises(ValueError, match=message + "merit_hf trains in 'no', 'bf16' or 'fp16'"):
         launcher_mixed_precision()
 
 

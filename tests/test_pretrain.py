@@ -393,6 +393,31 @@ def test_nan_loss_stops_before_checkpoint_and_names_step_and_batch(assets, tmp_p
     assert not (tmp_path / "model").exists()
 
 
+def test_a_non_finite_gradient_with_a_finite_loss_stops_before_the_step(assets, tmp_path, monkeypatch):
+    """Only the losses were checked: an inf gradient went into the weights and the next checkpoint, and the stop came a
+    step later naming the wrong batch. Now the gradient norm is checked before the optimizer step (clipping or not)."""
+    from accelerate import Accelerator
+
+    original = Accelerator.backward
+    calls = {"count": 0}
+
+    def poisoned(self, loss, **kwargs):
+        original(self, loss, **kwargs)
+        calls["count"] += 1
+        if calls["count"] == 3:  # the third step's gradients
+            parameter = next(p for p in self.unwrap_model(self._models[0]).parameters() if p.grad is not None)
+            parameter.grad.view(-1)[0] = float("inf")
+
+    monkeypatch.setattr(Accelerator, "backward", poisoned)
+    for clipping in ("1.0", "None"):
+        output_dir = tmp_path / clipping
+        with pytest.raises(FloatingPointError, match=r"non-finite gradient norm \(inf\) at step 3 \(epoch 0, batch 2 "
+                           r"of the epoch\) with a finite loss\. Stopped before the optimizer step"):  # fmt: skip
+            run_pretraining(base_argv(assets, output_dir, save_steps=1, eval_steps=0, max_grad_norm=clipping))
+        assert sorted(path.name for path in (output_dir / "checkpoints").iterdir()) == ["checkpoint_1", "checkpoint_2"]
+        calls["count"] = 0
+
+
 def test_incompatible_checkpoint_refused_with_the_differing_fields(reference, assets, tmp_path):
     output_dir, _ = reference
     shutil.copytree(output_dir / "checkpoints", tmp_path / "checkpoints")
@@ -796,7 +821,9 @@ def test_gradient_norm_balancing_adapts_and_logs_the_reconstruction_weight(asset
              "eval_steps": 0}  # fmt: skip
     results = run_pretraining(base_argv(assets, tmp_path / "logged", **flags))
     weights = [entry["reconstruction_weight"] for entry in read_log_history(tmp_path / "logged")]
-    assert len(weights) == 4 and weights[0] != 1.0 and weights[0] == weights[1] != weights[2] == weights[3]
+    # each step logs the weight its loss used: the config's 1.0 at step 1, step 1's update at steps 2-3, step 3's at 4
+    assert len(weights) == 4 and weights[0] == 1.0 and weights[1] == weights[2] != weights[3] and weights[1] != 1.0
+    assert results["final_reconstruction_weight"] == weights[3]  # no update after step 3
     assert all(1 / 100 <= weight <= 100 for weight in weights)
     assert [entry["reconstruction_weight"] for entry in results["encoder_gradient_norms"]] == weights
     assert json.loads((tmp_path / "logged" / "model" / "config.json").read_text())["loss_balancing"] == "gradient_norm"

@@ -1573,3 +1573,22 @@ def test_generated_lengths_count_the_eos_and_stop_there_even_when_pad_is_eos():
     assert generated_lengths(new_tokens, [eos, 99], pad).tolist() == [3, 5, 1]  # several EOS ids
     padded = torch.tensor([[5, 6, 3, 0, 0], [7, 0, 0, 0, 0]])  # pad 0, EOS 3, second row cut by max_new_tokens
     assert generated_lengths(padded, 3, 0).tolist() == [3, 1]
+
+
+def test_report_lora_precision_follows_the_launcher_and_refuses_fp16_on_cpu(monkeypatch):
+    """The script's --mixed_precision (default "no") overruled `accelerate launch --mixed_precision bf16`, which then
+    trained in fp32 and recorded nothing, and fp16 on CPU trained in fp32 under the name fp16: fine-tuning's rules now."""
+    from merit_hf.training.report_lora import report_mixed_precision
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert (
+        report_mixed_precision(None, use_cpu=True) == "no" and report_mixed_precision("bf16", use_cpu=True) == "bf16"
+    )
+    with pytest.raises(ValueError, match="mixed_precision 'fp16' is CUDA autocast with loss scaling; on cpu"):
+        report_mixed_precision("fp16", use_cpu=True)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert report_mixed_precision(None, use_cpu=True) == "bf16"
+    with pytest.raises(
+        ValueError, match="--mixed_precision no contradicts `accelerate launch`'s mixed precision 'bf16'"
+    ):
+        report_mixed_precision("no", use_cpu=True)

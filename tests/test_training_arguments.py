@@ -114,4 +114,23 @@ def test_pretraining_auto_precision_does_not_take_emulated_bf16(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # Ampere and later
     assert resolve_mixed_precision("auto", use_cpu=False) == "bf16"
-    assert resolve_mixed_precision("auto", use_cpu=True) == "no" and resolve_mixed_precision("fp16", True) == "fp16"
+    assert resolve_mixed_precision("auto", use_cpu=True) == "no"
+
+
+def test_pretraining_precision_follows_the_launcher_and_refuses_fp16_on_cpu(monkeypatch):
+    """`accelerate launch --mixed_precision bf16` was overruled by the script's own value (the run trained in fp32 and
+    recorded "no"), and --mixed_precision fp16 on CPU trained in fp32 under the name fp16: both as fine-tuning now."""
+    import torch
+
+    from merit_hf.training.pretrain import resolve_mixed_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_mixed_precision("auto", use_cpu=True, launcher="bf16") == "bf16"
+    assert resolve_mixed_precision("bf16", use_cpu=True, launcher="bf16") == "bf16"
+    assert resolve_mixed_precision("bf16", use_cpu=True) == "bf16"
+    with pytest.raises(
+        ValueError, match="--mixed_precision no contradicts `accelerate launch`'s mixed precision 'bf16'"
+    ):
+        resolve_mixed_precision("no", use_cpu=True, launcher="bf16")
+    with pytest.raises(ValueError, match="mixed_precision 'fp16' is CUDA autocast with loss scaling; on cpu"):
+        resolve_mixed_precision("fp16", use_cpu=True)

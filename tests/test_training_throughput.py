@@ -281,6 +281,32 @@ def test_gradient_norm_logging_steps_sets_what_the_diagnostics_cost(pretraining_
     measured = [entry for entry in logged if "encoder_grad_norm_reconstruction" in entry]
     assert [entry["gradient_norm_step"] for entry in measured] == [1, 3, 5]
     assert all(entry["reconstruction_weight"] > 0 for entry in logged)
+    # the weight logged is the one the step's loss used (it was the next step's, after a balancing update)
+    train = [entry for entry in logged if "train_loss" in entry]
+    for entry in train:
+        combined = (
+            entry["reconstruction_weight"] * entry["train_reconstruction_loss"] + entry["train_contrastive_loss"]
+        )
+        assert entry["train_loss"] == pytest.approx(combined, rel=1e-5), entry
+    assert len({entry["reconstruction_weight"] for entry in train}) > 1  # it did move
+
+
+@pytest.mark.slow
+def test_selective_checkpointing_trains_in_bf16_as_without_it(pretraining_assets, tmp_path):
+    """`--activation_checkpointing selective` under bf16 autocast stopped in the first backward (torch refused the
+    recomputed weight casts that autocast had cached in the forward, which runs the encoder twice); without autocast's
+    cache it trains, with the losses of the run without checkpointing."""
+
+    def run(name, *flags):
+        argv = [str(TINY_YAML), "--text_model_name_or_path", pretraining_assets["text"], "--data_dir",
+                pretraining_assets["data"], "--output_dir", str(tmp_path / name), "--max_steps", "2", "--save_steps",
+                "2", "--eval_split", "None", "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true",
+                "--mixed_precision", "bf16", *flags]  # fmt: skip
+        return run_pretraining(argv)
+
+    selective = run("selective", "--activation_checkpointing", "selective")
+    plain = run("plain")
+    assert selective["loss_history"] == pytest.approx(plain["loss_history"], rel=1e-3)
 
 
 @pytest.mark.slow

@@ -301,7 +301,7 @@ def _reconstruction_summary(train_results: dict[str, Any]) -> dict[str, float] |
         "first_share": shares[0],
         "first_share_step": norms[0]["step"],
         "mean_share": sum(shares) / len(shares),
-        "last_weight": norms[-1].get("reconstruction_weight", 1.0),
+        "last_weight": train_results.get("final_reconstruction_weight", norms[-1].get("reconstruction_weight", 1.0)),
     }
 
 

@@ -49,8 +49,8 @@ def launcher_mixed_precision() -> str | None:
         return None
     if value not in ("bf16", "fp16"):
         raise ValueError(
-            f"{LAUNCHER_ENV}={value!r} (from `accelerate launch --mixed_precision` or its config file): fine-tuning "
-            "runs 'no', 'bf16' or 'fp16'"
+            f"{LAUNCHER_ENV}={value!r} (from `accelerate launch --mixed_precision` or its config file): merit_hf "
+            "trains in 'no', 'bf16' or 'fp16'"
         )
     return value
 

@@ -68,6 +68,7 @@ from accelerate.utils import (
     SAFE_WEIGHTS_NAME,
     SCHEDULER_NAME,
     WEIGHTS_NAME,
+    AutocastKwargs,
     DataLoaderConfiguration,
     GradientAccumulationPlugin,
     ProjectConfiguration,
@@ -89,6 +90,7 @@ from ..utils.arguments import arguments_to_dict, config_from_argument, parse_arg
 from ..utils.launch import require_joined_processes
 from ..utils.throughput import ThroughputMeter, dataloader_options
 from .activation_checkpointing import enable_activation_checkpointing
+from .finetune_precision import launcher_mixed_precision, resolve_finetune_precision
 from .losses import PretrainingLosses, PretrainingObjective
 
 logger = logging.getLogger(__name__)
@@ -517,15 +519,19 @@ def stream_loader_class() -> type:
     return StatefulDataLoader
 
 
-def resolve_mixed_precision(choice: str, use_cpu: bool) -> str:
+def resolve_mixed_precision(choice: str, use_cpu: bool, launcher: str | None = None) -> str:
     """`--mixed_precision auto`: bf16 on a GPU with bf16 (Ampere and later), fp16 on older CUDA GPUs, fp32 on CPU;
     the compute-capability rule of inference and fine-tuning (`torch.cuda.is_bf16_supported()` counts emulation:
-    True on a T4 or V100, where bf16 runs emulated and slow)."""
-    if choice != "auto":
-        return choice
-    if use_cpu or not torch.cuda.is_available():
-        return "no"
-    return "bf16" if torch.cuda.get_device_capability() >= BF16_MIN_CUDA_CAPABILITY else "fp16"
+    True on a T4 or V100, where bf16 runs emulated and slow). `launcher`: `accelerate launch`'s mixed precision
+    (`launcher_mixed_precision()`), which `auto` follows and another explicit value contradicts (refused, as in
+    fine-tuning: the Accelerator's argument would silently overrule the launcher's). fp16 off CUDA is refused:
+    Accelerate would train in fp32 under that name."""
+    device_type = "cpu" if use_cpu or not torch.cuda.is_available() else "cuda"
+    if choice == "auto" and launcher is None:
+        if device_type != "cuda":
+            return "no"
+        return "bf16" if torch.cuda.get_device_capability() >= BF16_MIN_CUDA_CAPABILITY else "fp16"
+    return resolve_finetune_precision(choice, device_type, launcher=launcher)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1101,8 +1107,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ):
             accelerator.print(meter.describe())
         with accelerator.accumulate(model):
+            step_weight = balancer.weight  # what this step's loss uses (a balancing step updates it after the forward)
             with accelerator.autocast():  # the objective computes in the precision the model's forward does
-                losses = objective(model(**batch, noise=noise), balancer.weight)
+                losses = objective(model(**batch, noise=noise), step_weight)
             step_losses.append(
                 mean_over_processes(accelerator, losses, ecg_ids, (global_step + 1, epoch, batch_index))
             )
@@ -1120,8 +1127,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 if balancing:  # a measurement for the log only must not change what is trained
                     balancer.update(gradient_norms)
             accelerator.backward(losses.loss)
-            if accelerator.sync_gradients and train_args.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
+            if accelerator.sync_gradients:
+                check_gradient_norm(
+                    accelerator, model, train_args.max_grad_norm, (global_step + 1, epoch, batch_index)
+                )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             unwrapped.clamp_logit_scale_()  # open_clip: clamp the parameter after the step, never in forward
@@ -1139,7 +1148,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             record.update(gradient_norms)  # the newest measurement, once
             gradient_norms = {}
         if balancer.enabled:
-            record["reconstruction_weight"] = balancer.weight
+            record["reconstruction_weight"] = step_weight
         history.append(record)
         progress.update(1)
         progress.set_postfix(loss=f"{step_mean[0]:.4f}", **meter.postfix)
@@ -1184,6 +1193,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         **last_eval,
         **histories(history),
         "throughput": meter.totals(),
+        # under loss balancing, the weight the next step would use (the logs hold the one each step used)
+        **({"final_reconstruction_weight": balancer.weight} if balancer.enabled else {}),
         "resume_notes": resume_notes,
         "model_dir": str(model_dir),
         "output_dir": str(output_dir),
@@ -1209,7 +1220,15 @@ def make_accelerator(train_args: PretrainingArguments, pin_memory: bool) -> Acce
     report_to = [name for name in train_args.report_to if name != "none"]
     return Accelerator(
         cpu=train_args.use_cpu,
-        mixed_precision=resolve_mixed_precision(train_args.mixed_precision, train_args.use_cpu),
+        mixed_precision=resolve_mixed_precision(
+            train_args.mixed_precision, train_args.use_cpu, launcher_mixed_precision()
+        ),
+        # Selective checkpointing recomputes the element-wise work in the backward, where autocast's cached low-precision
+        # weight copies of a forward that ran the encoder twice (contrastive_input "full") are already freed: the
+        # recomputation casts again and torch refuses the extra op. Without the cache every cast is recomputed alike.
+        kwargs_handlers=[AutocastKwargs(cache_enabled=False)]
+        if train_args.activation_checkpointing == "selective"
+        else None,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=train_args.gradient_accumulation_steps, sync_with_dataloader=False
         ),
@@ -1500,10 +1519,27 @@ def mean_over_processes(
         raise FloatingPointError(
             f"non-finite loss at step {position[0]} (epoch {position[1]}, batch {position[2]} of the epoch, process "
             f"{accelerator.process_index}: loss {values.tolist()}; ecg_ids {ecg_ids.tolist()}). Stopped before the "
-            "optimizer step; no checkpoint was written from this state. Lower the learning rate or use bf16 instead "
-            "of fp16."
+            "optimizer step; no checkpoint was written from this state. Lower the learning rate"
+            + (" or use bf16 instead of fp16." if accelerator.mixed_precision == "fp16" else ".")
         )
     return gathered.mean(dim=0)
+
+
+def check_gradient_norm(
+    accelerator: Accelerator, model, max_grad_norm: float | None, position: tuple[int, int, int]
+) -> None:
+    """Clip the gradients to `max_grad_norm` (None: not clipped) and stop before the optimizer step when their total
+    norm is not finite, naming the `(step, epoch, batch of the epoch)`: a finite loss can still give an inf or NaN
+    gradient, which the step would write into the weights (and the next checkpoint). The norm is the same on every
+    process (the gradients are reduced), so all stop together. Under fp16 the gradient scaler skips such steps
+    itself, and lowers its scale."""
+    norm = accelerator.clip_grad_norm_(model.parameters(), math.inf if max_grad_norm is None else max_grad_norm)
+    if accelerator.mixed_precision != "fp16" and norm is not None and not torch.isfinite(norm):
+        raise FloatingPointError(
+            f"non-finite gradient norm ({float(norm)}) at step {position[0]} (epoch {position[1]}, batch "
+            f"{position[2]} of the epoch) with a finite loss. Stopped before the optimizer step; no checkpoint was "
+            "written from this state. Lower the learning rate, or look for a record or layer that overflows."
+        )
 
 
 def log_step(accelerator: Accelerator, output_dir: Path, meter: ThroughputMeter, record: dict) -> None:

@@ -82,6 +82,7 @@ from ..models.merit.processing_merit import DEFAULT_REPORT_INSTRUCTION, IGNORE_I
 from ..utils.arguments import arguments_to_dict, config_from_argument, parse_arguments
 from ..utils.launch import require_joined_processes
 from ..utils.throughput import ThroughputMeter
+from .finetune_precision import launcher_mixed_precision, resolve_finetune_precision, training_device_type
 from .pretrain import remove_run_outputs
 from .report_examples import (
     DEFAULT_CHUNK_SIZE,
@@ -251,12 +252,18 @@ class ReportTrainingArguments:
     do_eval: bool = field(default=True)
     compute_meteor: bool = field(default=True, metadata={"help": "False on machines without WordNet."})
     save_base_model: bool = field(default=True, metadata={"help": "Write base_model/ (needed to reload)."})
-    mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16'."})
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={
+            "help": "'no', 'bf16' or 'fp16' (CUDA only); unset: `accelerate launch`'s mixed precision, else 'no'. A "
+            "value that contradicts the launcher's is refused."
+        },
+    )
     use_cpu: bool = field(default=False)
     logging_steps: int = field(default=10)
 
     def __post_init__(self):
-        if self.mixed_precision not in MIXED_PRECISIONS:
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"--mixed_precision: must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}")
         for name in (
             "per_device_train_batch_size",
@@ -748,6 +755,16 @@ def refuse_earlier_run(output_dir: Path) -> None:
         )
 
 
+def report_mixed_precision(choice: str | None, use_cpu: bool) -> str:
+    """The run's mixed precision: `choice`, or unset `accelerate launch`'s (`ACCELERATE_MIXED_PRECISION`), else
+    "no". A choice that contradicts the launcher's is refused (the Accelerator's argument would silently overrule it),
+    and so is fp16 off CUDA (Accelerate would train in fp32 under that name): fine-tuning's rules."""
+    launcher = launcher_mixed_precision()
+    if choice is None and launcher is None:
+        return "no"
+    return resolve_finetune_precision(choice or "auto", training_device_type(use_cpu), launcher=launcher)
+
+
 def check_report_requirements(model_args: ReportModelArguments, training_args: ReportTrainingArguments) -> None:
     """Refuse, before anything loads or is written, a run that lacks a package it needs (merit_hf's `report` extra)
     or, with METEOR on, NLTK's WordNet: such a run failed only after training, its base_model/ already written and its
@@ -786,7 +803,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         refuse_earlier_run(output_dir)
     accelerator = Accelerator(
         cpu=training_args.use_cpu,
-        mixed_precision=training_args.mixed_precision,
+        mixed_precision=report_mixed_precision(training_args.mixed_precision, training_args.use_cpu),
         gradient_accumulation_steps=training_args.gradient_accumulation_steps,
     )
     require_joined_processes(accelerator.num_processes)
@@ -873,6 +890,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # --- stage 1: projector alignment (nothing else trains)
     results: dict[str, Any] = {"arguments": arguments_to_dict(model_args, data_args, training_args)}
+    results["mixed_precision"] = accelerator.mixed_precision  # what the run trained in (the launcher's included)
     results["num_train_reports"], results["num_eval_reports"] = len(train_set), num_eval_reports
 
     check_set = report_examples_of(check_rows) if check_rows is not None and check_rows.num_rows else None
