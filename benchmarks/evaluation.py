@@ -2,7 +2,9 @@
 encoder under the same harness, written as results JSONs plus one markdown summary.
 
     # the bundled 500 records (smoke-test scale) and the quick-start model:
-    python benchmarks/evaluation.py configs/probe_quickstart.yaml
+    python benchmarks/evaluation.py configs/probe_quickstart.yaml   # -> results/probe_quickstart/
+    python benchmarks/evaluation.py configs/probe_quickstart.yaml --output_dir benchmarks/results/evaluation/quickstart \\
+        --overwrite_output_dir true                                # the shipped results, again
     # the full protocol on the full PTB-XL (all label sets, 1/10/100 %, 3 seeds):
     python benchmarks/evaluation.py configs/probe_ptbxl_full.yaml --model_name_or_path <checkpoint> \\
         --dataset <ptb-xl-1.0.3 folder or converted dataset> --zero_shot_label_sets superclass subclass
@@ -91,6 +93,34 @@ def summary_markdown(runs: dict[str, dict[str, Any]], arguments: ProbeArguments,
     return "\n".join(lines) + "\n"
 
 
+def suite_outputs(arguments: ProbeArguments, suite: SuiteArguments) -> list[Path]:
+    """The files the suite writes into `output_dir`."""
+    names = [
+        run_name("linear-probe", label_set, fraction, seed)
+        for seed in arguments.seeds
+        for label_set in arguments.label_sets
+        for fraction in arguments.label_fractions
+    ]
+    for seed in arguments.seeds:
+        names += [] if suite.skip_zero_shot else [f"zero-shot_{ls}_seed{seed}" for ls in suite.zero_shot_label_sets]
+        names += [f"robustness_{label_set}_seed{seed}" for label_set in suite.robustness_label_sets]
+    return [Path(arguments.output_dir) / f"{name}.json" for name in names] + [
+        Path(arguments.output_dir) / "summary.md"
+    ]
+
+
+def check_suite_outputs_free(arguments: ProbeArguments, suite: SuiteArguments) -> None:
+    """Refuse, before anything is computed, to replace results an earlier run wrote (the shipped ones, or another
+    model's) unless `--overwrite_output_dir true`, as the probe command does."""
+    existing = [path.name for path in suite_outputs(arguments, suite) if path.exists()]
+    if existing and not arguments.overwrite_output_dir:
+        shown = ", ".join(existing[:4]) + (f" and {len(existing) - 4} more" if len(existing) > 4 else "")
+        raise FileExistsError(
+            f"{arguments.output_dir}: holds results this run would replace ({shown}). Pass --overwrite_output_dir "
+            "true to replace them, or choose another --output_dir."
+        )
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     arguments, suite = parse_arguments([ProbeArguments, SuiteArguments], sys.argv[1:] if argv is None else argv)
     if not arguments.model_name_or_path:
@@ -100,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     start = time.perf_counter()
     output_dir = Path(arguments.output_dir)
+    check_suite_outputs_free(arguments, suite)
     dataset_dict = load_dataset_dict(arguments.dataset, arguments.sampling_rate, arguments)
     encoder, _ = load_encoder(arguments.model_name_or_path)
     feature_extractor = load_feature_extractor(arguments.model_name_or_path, encoder)

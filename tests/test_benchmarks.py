@@ -223,6 +223,28 @@ def test_the_evaluation_suite_runs_once_per_launch_and_takes_none_for_no_label_s
     assert suite.robustness_label_sets == [] and suite.zero_shot_label_sets == []
 
 
+def test_the_evaluation_suite_refuses_to_replace_earlier_results(tmp_path, monkeypatch):
+    """The documented command rewrote the shipped results in benchmarks/results/evaluation/quickstart without a
+    word; its config now writes elsewhere, and the suite refuses existing results files unless told to replace them."""
+    import evaluation
+    import yaml
+
+    config = yaml.safe_load((REPO_ROOT / "configs" / "probe_quickstart.yaml").read_text())
+    assert not config["output_dir"].startswith("benchmarks/")
+    (tmp_path / "zero-shot_superclass_seed0.json").write_text("{}")
+    monkeypatch.setattr(evaluation, "load_dataset_dict", lambda *args, **kwargs: pytest.fail("loaded before refusing"))
+    with pytest.raises(FileExistsError, match=r"holds results this run would replace \(zero-shot_superclass_seed0"):
+        evaluation.main(["--model_name_or_path", "m", "--dataset", "folder", "--output_dir", str(tmp_path)])
+
+    class Loaded(Exception):
+        pass
+
+    monkeypatch.setattr(evaluation, "load_dataset_dict", lambda *args, **kwargs: (_ for _ in ()).throw(Loaded()))
+    with pytest.raises(Loaded):
+        evaluation.main(["--model_name_or_path", "m", "--dataset", "folder", "--output_dir", str(tmp_path),
+                         "--overwrite_output_dir", "true"])  # fmt: skip
+
+
 def test_the_evaluation_summary_of_a_run_without_the_baseline(tmp_path):
     """`--no_baseline`: the summary was written last and crashed on the missing random-init entry, after every run."""
     import dataclasses

@@ -289,7 +289,8 @@ def test_refuses_to_overwrite_a_finished_conversion(converted):
 
 
 def test_missing_config_is_named(converted):
-    with pytest.raises(FileNotFoundError, match=r"no 500hz/ folder of Parquet shards \(found \['100hz'\]\)"):
+    with pytest.raises(FileNotFoundError, match=r"converted at 100 Hz, not 500 Hz \(no 500hz/ folder\): pass "
+                       r"--sampling_rate 100 \(sampling_rate=100\), or convert the 500 Hz records too"):  # fmt: skip
         load_ptbxl(converted[0], sampling_rate=500)
 
 

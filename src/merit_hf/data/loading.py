@@ -323,6 +323,13 @@ def _load(
         data_dir = path / (folder or config)
         if not data_dir.is_dir() and not any(path.glob("*.parquet")):
             found = sorted(child.name for child in path.iterdir() if child.is_dir() and any(child.glob("*.parquet")))
+            rates = [name.removesuffix("hz") for name in found if name.endswith("hz") and name[:-2].isdigit()]
+            if rates and config.endswith("hz"):  # a PTB-XL conversion at another rate
+                raise FileNotFoundError(
+                    f"{path}: converted at {' and '.join(rate + ' Hz' for rate in rates)}, not {config[:-2]} Hz (no "
+                    f"{data_dir.name}/ folder): pass --sampling_rate {rates[0]} (sampling_rate={rates[0]}), or convert "
+                    f"the {config[:-2]} Hz records too"
+                )
             raise FileNotFoundError(
                 f"{path}: no {data_dir.name}/ folder of Parquet shards (found {found or 'none'}) and no save_to_disk "
                 "folder; convert the dataset first (a script in dataset_scripts/ of the merit_hf repository, or "
