@@ -137,6 +137,13 @@ def test_the_card_says_when_the_loss_weights_were_balanced(results_file, encoder
     )
 
 
+def test_the_protocol_lines_name_the_label_fraction_and_leave_it_out_of_zero_shot():
+    """A zero-shot run's protocol line read "zero-shot, superclass, None:"."""
+    card = ModelCard.load(REPO_ROOT / "model_cards" / "examples" / "merit-ecg-quickstart.md").text
+    assert "- zero-shot, superclass: scores=" in card and "- linear-probe, rhythm, label_fraction=1: " in card
+    assert "None:" not in card
+
+
 def test_several_runs_pair_each_number_with_its_baseline():
     runs = [results_from_our_metrics(fraction) for fraction in (0.01, 1.0)]
     rows = card_rows(load_results([runs[0], runs[1].to_dict()]))  # a run as an object or as its JSON layout
@@ -565,4 +572,7 @@ def test_full_and_lora_fine_tuning_of_one_setting_get_rows_of_their_own(encoder_
     assert len({row.setting for row in rows}) == 2
     files = [write_results(run, tmp_path / f"{name}.json") for name, run in (("full", full), ("lora", lora))]
     card = str(render_model_card(files, "org/merit-ecg", model_folder=encoder_folder))
-    assert "- fine-tune, lora, superclass, 1: " in card and "- fine-tune, superclass, 1: " in card
+    assert (
+        "- fine-tune, lora, superclass, label_fraction=1: " in card
+        and "- fine-tune, superclass, label_fraction=1: " in card
+    )

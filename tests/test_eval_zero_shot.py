@@ -297,7 +297,11 @@ def test_zero_shot_evaluation_needs_no_labelled_training_records(model_and_proce
     for variant in (unlabeled_train, without_train):
         results = evaluate_zero_shot(model, variant, processor=processor, baseline=False, num_bootstrap=5)
         assert results["model"]["metrics"] == reference["model"]["metrics"]
-    assert results.dataset["num_records"] == {"validation": 4, "test": 4}
+        counts = results.dataset["num_records"]
+        assert counts == ({"train": 0} if "train" in variant else {}) | {"validation": 4, "test": 4}
+    assert reference.dataset["num_records"]["train"] == 2  # labelled training records, as the probe counts them
+    # the shipped prompts by their place in the package, not this machine's path (results go into Hub cards)
+    assert reference.protocol["prompts"] == "merit_hf/models/merit/prompts/ptbxl_prompts.json"
     with pytest.raises(ValueError, match=r"no validation split \(the dataset has \['test'\]\)"):
         evaluate_zero_shot(model, DatasetDict({"test": data["test"]}), processor=processor, baseline=False)
 

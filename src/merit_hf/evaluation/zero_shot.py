@@ -129,9 +129,12 @@ def evaluate_zero_shot(
         if processor is None:
             raise ValueError("evaluate_zero_shot needs a processor (MeritProcessor) when given a model instance")
         check_feature_extractor_matches(processor.feature_extractor, model)
-        num_records = {
-            split: len(dataset_dict[split]) for split in ("train", "validation", "test") if split in dataset_dict
-        }
+        # the training records with a label, as the probe counts them (zero-shot does not use them; 0 when none)
+        num_records = (
+            {"train": int(label_matrix(dataset_dict["train"], label_set).any(axis=1).sum())}
+            if "train" in dataset_dict
+            else {}
+        )
         dataset_dict = labeled_dataset_dict(dataset_dict, label_set, splits=("validation", "test"))  # no training
         names = label_names(dataset_dict["test"], label_set)
         descriptions = load_class_descriptions(label_set, prompt_file)
@@ -153,7 +156,8 @@ def evaluate_zero_shot(
             }
         protocol = {
             "scores": "cosine similarity of L2-normalised ECG and class embeddings; no softmax across classes",
-            "prompts": str(prompt_file or PTBXL_PROMPTS_PATH),
+            # the shipped file by its place in the package, not this machine's path (results travel to the Hub)
+            "prompts": str(prompt_file) if prompt_file else shipped_prompts_name(),
             "hypothesis_templates": hypothesis_templates(hypothesis_template),
             "prompt_ensembling": "mean of normalised prompt embeddings per class, re-normalised",
             "f1_thresholds": "per class, the F1-maximising threshold on the validation split",
@@ -170,7 +174,7 @@ def evaluate_zero_shot(
             **entries,  # model, and baseline when it ran
             dataset_extra={
                 "num_records": {
-                    **num_records,  # the training split as given (zero-shot does not use it)
+                    **num_records,
                     **{split: len(dataset_dict[split]) for split in ("validation", "test")},
                 },
                 "unlabeled_records": f"records without a {label_set} label are left out of validation and test",
@@ -180,6 +184,12 @@ def evaluate_zero_shot(
         if output_file is not None:
             write_results(results, output_file)
         return results
+
+
+def shipped_prompts_name() -> str:
+    """The shipped prompt file as `merit_hf/...`, its place in the package (the same on every machine)."""
+    package = Path(__file__).resolve().parents[1]
+    return f"merit_hf/{Path(PTBXL_PROMPTS_PATH).resolve().relative_to(package).as_posix()}"
 
 
 __all__ = ["evaluate_zero_shot", "random_ecg_tower_like", "zero_shot_classify"]

@@ -287,7 +287,8 @@ def _protocol_text(runs: list[EvaluationResults]) -> str:
     lines = []
     for run in runs:
         method = [value for _, value in _method(run)]
-        name = ", ".join(_format_scalar(value) for value in (run.task, *method, run.label_set, run.label_fraction))
+        fraction = [] if run.label_fraction is None else [f"label_fraction={_format_scalar(run.label_fraction)}"]
+        name = ", ".join([*(_format_scalar(value) for value in (run.task, *method, run.label_set)), *fraction])
         if run.protocol:
             settings = "; ".join(f"{key}={public_path(value)}" for key, value in run.protocol.items())
             lines.append(f"- {name}: {settings}")
