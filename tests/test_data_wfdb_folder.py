@@ -202,6 +202,8 @@ def test_wfdb_folder_end_to_end_convert_embed_probe_finetune(tmp_path):
     assert {split: info["rows"] for split, info in summary["splits"].items()} == {
         split: len(part) for split, part in data.items()
     }
+    # which records each split holds, for the probe's --split_* to match (the README's two commands disagreed)
+    assert summary["split"] == {"split_column": None, "split_fractions": [0.8, 0.1, 0.1], "split_seed": 0}
     common = ["--model_name_or_path", str(model_dir), "--dataset_name", "wfdb", "--dataset", str(out),
               "--label_sets", "rhythm", "--num_bootstrap", "0", "--batch_size", "16",
               "--split_fractions", "0.6", "0.2", "0.2", "--split_seed", "1"]  # fmt: skip

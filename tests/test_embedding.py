@@ -313,6 +313,30 @@ def test_a_rerun_in_another_shard_layout_is_refused_or_clears_the_old_files(tmp_
     main([*common, "--num_shards", "2", "--shard_index", "0"])  # the same layout again: its own file is replaced
 
 
+def test_a_folder_never_mixes_two_models_embeddings(tmp_path):
+    """Embedding one split with another model left the other splits' files of the first in the folder, and the summary
+    listed only the new split. The summary now lists every split of the folder; another model's are refused, or
+    removed on request."""
+    torch.manual_seed(0)
+    for name in ("a", "b"):
+        MeritEcgModel(tiny_ecg_config()).save_pretrained(tmp_path / name)
+    out = tmp_path / "emb"
+
+    def embed(model, split, *flags):
+        return main(["--model_name_or_path", str(tmp_path / model), "--dataset", str(BUNDLED_PTBXL), "--splits", split,
+                     "--precision", "fp32", "--output_dir", str(out), *flags])  # fmt: skip
+
+    embed("a", "test")
+    assert set(embed("a", "validation")["splits"]) == {"test", "validation"}  # the same model: listed together
+    assert set(json.loads((out / "embeddings.json").read_text())["splits"]) == {"test", "validation"}
+    with pytest.raises(FileExistsError, match=r"emb: holds embeddings of validation from another model.*embedding test "
+                       r"with this one would mix two in one folder.*--overwrite_output_dir true"):  # fmt: skip
+        embed("b", "test")
+    assert (out / "validation.parquet").is_file()
+    summary = embed("b", "test", "--overwrite_output_dir", "true")
+    assert set(summary["splits"]) == {"test"} and not (out / "validation.parquet").exists()
+
+
 @pytest.mark.slow
 def test_accelerate_launch_embeds_one_shard_per_process(tmp_path):
     import subprocess

@@ -298,6 +298,29 @@ def clear_other_layouts(output_dir: Path, splits: Sequence[str], num_shards: int
             path.unlink(missing_ok=True)
 
 
+def kept_splits(summary_file: Path, embedding_key: str, splits: Sequence[str], arguments) -> dict[str, Any]:
+    """The entries of an earlier summary (`embeddings*.json`) for splits this run does not write, so that the folder's
+    summary lists every split in it. Those splits must come from the same model, feature-extractor setting, precision
+    and data (`embedding_key`): another's are refused, naming them, or removed with `--overwrite_output_dir true`
+    (one folder would otherwise mix two models' embeddings)."""
+    if not summary_file.is_file():
+        return {}
+    earlier = json.loads(summary_file.read_text())
+    others = {split: entry for split, entry in earlier.get("splits", {}).items() if split not in splits}
+    if not others or earlier.get("embedding_key") == embedding_key:
+        return others
+    if not arguments.overwrite_output_dir:
+        raise FileExistsError(
+            f"{summary_file.parent}: holds embeddings of {', '.join(sorted(others))} from another model, feature "
+            f"extractor setting, precision or data ({earlier.get('model')!r}, {earlier.get('precision')!r}); "
+            f"embedding {', '.join(splits)} with this one would mix two in one folder. Embed every split, choose "
+            "another --output_dir, or pass --overwrite_output_dir true to remove them."
+        )
+    for entry in others.values():
+        Path(entry["path"]).unlink(missing_ok=True)
+    return {}
+
+
 class _StreamParts:
     """The `<file>.partial/` folder of a streamed write: finished parts plus `progress.json` (rows, parts, the
     stream state after the last finished part, and the key of what is being embedded)."""
@@ -560,9 +583,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if arguments.streaming or arguments.dataset_name == "mimic_iv_ecg":
         # a saved stream position is only valid in the shard layout it was saved in (merit_hf.data.streams)
         what.append(STREAM_LAYOUT)
-    written = {}
     splits = load_splits(arguments, shard_index, num_shards)
     clear_other_layouts(output_dir, list(splits), num_shards, arguments.overwrite_output_dir)
+    embedding_key = hashlib.sha1(json.dumps(what).encode()).hexdigest()  # what every split of the folder must share
+    written = kept_splits(output_dir / f"embeddings{suffix}.json", embedding_key, list(splits), arguments)
     for split, dataset in splits.items():
         path = output_dir / f"{split}{suffix}.parquet"
         if hasattr(dataset, "_fingerprint"):  # map-style: refused before the split is embedded, not after
@@ -594,6 +618,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             shown = ", ".join(f"{key} {value:.4g}" for key, value in totals.items() if not isinstance(value, str))
             print(f"{split}: {shown}", flush=True)
     summary = {
+        "embedding_key": embedding_key,
         "model": name,
         "dataset": arguments.dataset,
         "precision": precision,
@@ -602,6 +627,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "window": feature_extractor.window,
         **({"window_pooling": arguments.window_pooling} if feature_extractor.window == "sliding" else {}),
         "shard": {"index": shard_index, "num_shards": num_shards},
+        # which records each split holds: the probe's --split_* must match to score the same ones
+        **(
+            {
+                "split": {
+                    "split_column": arguments.split_column,
+                    "split_fractions": arguments.split_fractions,
+                    "split_seed": arguments.split_seed,
+                }
+            }
+            if arguments.dataset_name == "wfdb"
+            else {}
+        ),  # fmt: skip
         "splits": written,
     }
     (output_dir / f"embeddings{suffix}.json").write_text(json.dumps(summary, indent=2))

@@ -59,6 +59,7 @@ from tqdm.auto import tqdm
 
 from ..data.labels import LABEL_SETS
 from ..data.ptbxl_versions import DEFAULT_PTBXL_VERSION, PTBXL_VERSIONS, check_ptbxl_version
+from ..data.wfdb_folder import DEFAULT_SPLIT_FRACTIONS
 from ..models.fingerprint import model_fingerprint
 from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
 from ..models.merit.inference_precision import inference_device
@@ -104,7 +105,7 @@ class ProbeArguments:
         default=None, metadata={"help": "wfdb: a column of train / validation / test (else a seeded split)."}
     )
     split_fractions: list[float] = field(
-        default_factory=lambda: [0.8, 0.1, 0.1],
+        default_factory=lambda: list(DEFAULT_SPLIT_FRACTIONS),  # the embedding command's default too
         metadata={"help": "wfdb: train, validation, test fractions of the seeded split (patients kept whole)."},
     )
     split_seed: int = field(default=0, metadata={"help": "wfdb: the seed of that split."})
