@@ -574,3 +574,31 @@ def test_the_mock_follows_huggingface_hub_signatures(hf_api):
     with pytest.raises(TypeError):
         hf_api.return_value.upload_folder(repo_id=REPO_ID, folder="x")
     assert isinstance(hf_api.return_value, HfApi)
+
+
+def test_an_adapter_whose_base_is_a_local_folder_is_refused(tmp_path, hf_api, monkeypatch):
+    """The README's LoRA fine-tune writes base_model_name_or_path "quickstart_output/model" (and PEFT's card the tag
+    base_model:adapter:quickstart_output/model): it passed, and on the Hub it names a repo of that id, or a user's own
+    folder of that name, as the base. A Hub id that is no local folder passes."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "quickstart_output" / "model").mkdir(parents=True)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    write(adapter, "adapter_model.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    card = "---\nbase_model: {base}\nlibrary_name: peft\n---\n# adapter\n"
+    for base, refused in (("quickstart_output/model", True), ("./model", True), ("org/merit-ecg", False)):
+        (adapter / "adapter_config.json").write_text(
+            json.dumps({"peft_type": "LORA", "base_model_name_or_path": base})
+        )
+        (adapter / "README.md").write_text(card.format(base=base))
+        problems = [problem for problem in push_module.check_model_folder(adapter) if "local folder" in problem]
+        if refused:
+            assert problems == [
+                f"{where} is the local folder {base!r}: on the Hub it would name a repo of that id (or a user's own "
+                "folder of that name) as the adapter's base. Push the base model first and write its Hub id there "
+                "(peft: config = PeftConfig.from_pretrained(folder); config.base_model_name_or_path = 'org/name'; "
+                "config.save_pretrained(folder); and the card's base_model)"
+                for where in ("adapter_config.json's base_model_name_or_path", "the card's base_model")
+            ]
+        else:
+            assert problems == []

@@ -132,6 +132,7 @@ def check_model_folder(folder: str | os.PathLike, ignore_patterns: list[str] | N
     problems += pickle_problems(folder, ignore_patterns)
     if (folder / "adapter_config.json").is_file() and not (folder / "adapter_model.safetensors").is_file():
         problems.append("adapter_config.json without adapter_model.safetensors")
+    problems += adapter_base_problems(folder)
     if not adapter_only and not any(folder.glob("*.safetensors")):
         problems.append("no *.safetensors weights")
     if not adapter_only and not _has_feature_extractor(folder):
@@ -142,6 +143,40 @@ def check_model_folder(folder: str | os.PathLike, ignore_patterns: list[str] | N
     if not (folder / "README.md").is_file():
         problems.append(MISSING_MODEL_CARD)
     return problems + leak_problems(folder, ignore_patterns)
+
+
+def adapter_base_problems(folder: str | os.PathLike) -> list[str]:
+    """A PEFT adapter whose base model is named by a local folder (`adapter_config.json`'s `base_model_name_or_path`,
+    or the card's `base_model`): `quickstart_output/model` reads as a Hub id, so the pushed adapter would load that
+    repo's weights, or a folder of that name in the user's working directory, as its base, without a word. An
+    absolute path is refused by [`leak_problems`] as any local path is."""
+    import yaml
+
+    folder = Path(folder)
+    names = []
+    if (folder / "adapter_config.json").is_file():
+        names.append(("adapter_config.json's base_model_name_or_path", json.loads(
+            (folder / "adapter_config.json").read_text()).get("base_model_name_or_path")))  # fmt: skip
+    card = folder / "README.md"
+    if card.is_file() and (text := card.read_text(encoding="utf-8")).startswith("---"):
+        try:
+            metadata = yaml.safe_load(text.split("---", 2)[1]) or {}
+        except yaml.YAMLError:
+            metadata = {}
+        bases = metadata.get("base_model") if isinstance(metadata, dict) else None
+        names += [("the card's base_model", base) for base in _as_list(bases) if isinstance(base, str)]
+    problems = []
+    for where, name in names:
+        if not name or os.path.isabs(name):
+            continue
+        if name.startswith(("./", "../", "~")) or (Path.cwd() / name).exists() or (folder.parent / name).exists():
+            problems.append(
+                f"{where} is the local folder {name!r}: on the Hub it would name a repo of that id (or a user's own "
+                "folder of that name) as the adapter's base. Push the base model first and write its Hub id there "
+                "(peft: config = PeftConfig.from_pretrained(folder); config.base_model_name_or_path = 'org/name'; "
+                "config.save_pretrained(folder); and the card's base_model)"
+            )
+    return problems
 
 
 def pickle_problems(folder: str | os.PathLike, ignore_patterns: list[str] | None = None) -> list[str]:
