@@ -462,6 +462,9 @@ SNIPPET_CHECKS = {
         assert type(model).__name__ == "MeritForEcgClassification" and tuple(logits.shape) == (1, 3)
         assert sorted(score["label"] for score in scores) == ["CD", "MI", "NORM"], scores
         """,
+    "classifier_adapter": """
+        assert type(merged).__name__ == "MeritForEcgClassification" and tuple(logits.shape) == (1, 5), logits.shape
+        """,
     "report": """
         assert type(model).__name__ == "MeritForReportGeneration", type(model)
         assert isinstance(report, str), report
@@ -484,6 +487,17 @@ def save_tiny_folder(kind: str, folder: Path) -> list[str]:
     from tests.conftest import tiny_ecg_config, tiny_merit_config
 
     torch.manual_seed(0)
+    if kind == "classifier_adapter":  # the probe command's LoRA output: adapter + head, its base named by path
+        from merit_hf.evaluation.probe import ProbeArguments
+        from merit_hf.training.classifier_lora import add_lora, save_lora_classifier
+
+        base_dir = folder.parent / "base"
+        MeritModel(tiny_merit_config()).save_pretrained(base_dir)
+        MeritFeatureExtractor().save_pretrained(base_dir)
+        classifier = MeritForEcgClassification.from_pretrained(base_dir, id2label=dict(enumerate(LABELS)))
+        peft_model = add_lora(classifier, ProbeArguments(mode="finetune", finetune_method="lora"))
+        save_lora_classifier(peft_model, MeritFeatureExtractor(), folder)
+        return list(MeritFeatureExtractor().lead_names)
     if kind == "report":
         from tests.test_report_generation import ECG_CONFIG, tiny_llama, train_sentencepiece_tokenizer
 
@@ -518,12 +532,24 @@ def card_python_blocks(card: ModelCard) -> list[str]:
         ("encoder", "AutoModel"),
         ("two_tower", "AutoModel"),
         ("classifier", "AutoModelForSequenceClassification"),
+        ("classifier_adapter", "AutoPeftModelForSequenceClassification"),
         ("report", "AutoModelForCausalLM"),
     ],
 )
 def test_each_kind_of_folder_gets_its_own_loading_code(kind, auto_class, results_file, tmp_path):
+    """A LoRA classifier's adapter folder (adapter_config.json, no config.json) got the two-tower card's code."""
     folder = tmp_path / "model"
     folder.mkdir()
+    if kind == "classifier_adapter":
+        (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "task_type": "SEQ_CLS"}))
+        card = render_model_card(results_file, CARD_REPO_ID, model_folder=folder)
+        code = "\n".join(card_python_blocks(card))
+        assert (
+            f'{auto_class}.from_pretrained("{CARD_REPO_ID}", trust_remote_code=True, id2label={{0: "CD"'
+            in code.replace("'", '"')
+        )
+        assert "get_ecg_features" not in code and "merge_and_unload()" in code
+        return
     auto_map = {"encoder": {"AutoModel": "x"}, "two_tower": {"AutoModel": "x"},
                 "classifier": {"AutoModelForSequenceClassification": "x"}, "report": {}}[kind]  # fmt: skip
     model_type = {"encoder": "merit_ecg", "report": "merit_report"}.get(kind, "merit")
@@ -536,7 +562,7 @@ def test_each_kind_of_folder_gets_its_own_loading_code(kind, auto_class, results
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["encoder", "two_tower", "classifier", "report"])
+@pytest.mark.parametrize("kind", ["encoder", "two_tower", "classifier", "classifier_adapter", "report"])
 def test_the_cards_how_to_use_code_runs_without_merit_hf(kind, results_file, tmp_path):
     """The card's Python blocks, run as written in a process that cannot import merit_hf, with the saved tiny folder
     for the repo id, a random 10 s 500 Hz signal and the feature extractor's lead names for `signal` and `leads`, and

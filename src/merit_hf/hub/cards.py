@@ -40,7 +40,7 @@ from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "merit_model_card.md"  # ships in the wheel
 # The "How to use" code of each kind of MERIT folder: the Auto class its `auto_map` has, and what that model returns.
-MODEL_KINDS = ("encoder", "two_tower", "classifier", "report")
+MODEL_KINDS = ("encoder", "two_tower", "classifier", "classifier_adapter", "report")
 USAGE_TEMPLATES = {kind: DEFAULT_TEMPLATE.with_name(f"usage_{kind}.md") for kind in MODEL_KINDS}
 METRIC_TYPES = {"auroc": "roc_auc", "auc": "roc_auc", "f1": "f1", "accuracy": "accuracy", "bleu": "bleu"}
 DEFAULT_TAGS = [
@@ -234,6 +234,14 @@ def _bound(value, unit: str = " mV") -> str:
     return "no bound" if value is None or value == float("inf") else f"{value:g}{unit}"
 
 
+def adapter_task(model_folder: str | os.PathLike | None) -> str | None:
+    """The `task_type` of a PEFT adapter folder (`adapter_config.json`: `"SEQ_CLS"` for a classifier's LoRA adapter
+    and head, `"CAUSAL_LM"` for a report model's), or None when the folder holds none."""
+    if model_folder is None or not (Path(model_folder) / "adapter_config.json").is_file():
+        return None
+    return json.loads((Path(model_folder) / "adapter_config.json").read_text()).get("task_type")
+
+
 def model_kind(config: Mapping) -> str:
     """The kind of MERIT model a folder's `config.json` holds (one of `MODEL_KINDS`): `"encoder"` (`MeritEcgModel`),
     `"report"` (`MeritForReportGeneration`), `"classifier"` (`MeritForEcgClassification`: its `auto_map` has
@@ -356,6 +364,9 @@ def render_model_card(
     if model_folder is not None and (Path(model_folder) / "config.json").is_file():
         config = json.loads((Path(model_folder) / "config.json").read_text())
     kind = model_kind(config)
+    adapter = adapter_task(model_folder)
+    if adapter is not None and not config:  # a PEFT adapter folder: its base comes from adapter_config.json
+        kind = {"SEQ_CLS": "classifier_adapter", "CAUSAL_LM": "report"}.get(adapter, kind)
     is_report = kind == "report"
     if is_report and not base_model:
         raise CardError("a report-generation card needs base_model (the language model it was adapted from)")
@@ -390,7 +401,9 @@ def render_model_card(
         metadata=card_data.to_yaml(),
         title=name,
         repo_id=repo_id,
-        usage=string.Template(USAGE_TEMPLATES[kind].read_text()).substitute(repo_id=repo_id).strip(),
+        usage=string.Template(USAGE_TEMPLATES[kind].read_text())
+        .substitute(repo_id=repo_id, id2label=repr(dict(enumerate(runs[0].label_names))) if runs else "{}")
+        .strip(),
         summary=(
             "An ECG-conditioned report generator: the MERIT ECG encoder, a projector and a causal language model."
             if is_report
