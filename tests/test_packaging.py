@@ -111,8 +111,9 @@ def test_a_missing_dataset_folder_is_named_with_where_the_sample_lives(tmp_path,
     monkeypatch.chdir(tmp_path)
     with pytest.raises(
         FileNotFoundError, match=r"^data/ptbxl_sample: no such folder in .*in a clone of the repository"
-    ):
+    ) as raised:
         load_dataset("ptbxl", "data/ptbxl_sample")
+    assert "commands' --dataset, pretraining's --data_dir, report LoRA's --ptbxl_dir" in str(raised.value)
 
 
 def test_the_package_imports_nothing_that_only_a_clone_has():

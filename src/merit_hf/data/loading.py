@@ -355,8 +355,10 @@ def _load(
         )
         where = "no such folder" if path.is_absolute() else f"no such folder in {Path.cwd()}"
         raise FileNotFoundError(
-            f"{path_or_repo_id}: {where}, and no Hub dataset of that id ({error}). Give the dataset's folder, as "
-            f"downloaded from PhysioNet or converted by the repository's dataset_scripts/ (a clone){sample}"
+            f"{path_or_repo_id}: {where}, and no Hub dataset of that id ({error}). Give the dataset's folder (the "
+            "probe, evaluation and embedding commands' --dataset, pretraining's --data_dir, report LoRA's "
+            "--ptbxl_dir), as downloaded from PhysioNet or converted by the repository's dataset_scripts/ (a "
+            f"clone){sample}"
         ) from error
 
 
