@@ -1592,3 +1592,22 @@ def test_report_lora_precision_follows_the_launcher_and_refuses_fp16_on_cpu(monk
         ValueError, match="--mixed_precision no contradicts `accelerate launch`'s mixed precision 'bf16'"
     ):
         report_mixed_precision("no", use_cpu=True)
+
+
+def test_an_ecg_config_beside_a_loaded_encoder_is_named_as_unused(tmp_path, caplog):
+    """configs/report_tiny.yaml's ecg_config block was silently ignored with --ecg_encoder: the loaded encoder's own
+    config wins, and the fields that differ are now named in a warning."""
+    from merit_hf import MeritEcgModel
+    from merit_hf.training.report_lora import ReportModelArguments, build_report_model
+    from tests.conftest import tiny_ecg_config
+
+    MeritEcgModel(tiny_ecg_config()).save_pretrained(tmp_path / "encoder")
+    tokenizer = train_sentencepiece_tokenizer(tmp_path / "spm")
+    arguments = ReportModelArguments(language_model="unused", ecg_encoder=str(tmp_path / "encoder"),
+                                     ecg_config={**ECG_CONFIG, "hidden_size": 48})  # fmt: skip
+    with caplog.at_level("WARNING", logger="merit_hf.training.report_lora"):
+        model = build_report_model(arguments, tokenizer, tiny_llama(len(tokenizer)))
+    assert model.config.ecg_config.hidden_size == tiny_ecg_config().hidden_size
+    (message,) = [record.getMessage() for record in caplog.records if record.name == "merit_hf.training.report_lora"]
+    assert "ecg_config is for a random-init encoder and is not used with --ecg_encoder" in message
+    assert f"hidden_size: ecg_config 48, the encoder's {tiny_ecg_config().hidden_size}" in message

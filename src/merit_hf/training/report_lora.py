@@ -53,6 +53,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import re
 import sys
@@ -428,6 +429,19 @@ def load_language_model(path: str, gguf_file: str | None = None):
 def build_report_model(model_args: ReportModelArguments, tokenizer, language_model) -> MeritForReportGeneration:
     if model_args.ecg_encoder:
         ecg_encoder = MeritEcgModel.from_pretrained(model_args.ecg_encoder)
+        if model_args.ecg_config:  # a YAML's block for a random-init encoder (configs/report_tiny.yaml has one)
+            asked = config_from_argument(MeritEcgConfig, model_args.ecg_config, "ecg_config").to_dict()
+            loaded = ecg_encoder.config.to_dict()
+            differing = [f"{key}: ecg_config {asked[key]!r}, the encoder's {loaded.get(key)!r}"
+                         for key in sorted(set(asked) & set(loaded)) if asked[key] != loaded.get(key)
+                         and key not in ("_name_or_path", "transformers_version", "architectures", "dtype")]  # fmt: skip
+            if differing:
+                logging.getLogger(__name__).warning(
+                    "ecg_config is for a random-init encoder and is not used with --ecg_encoder %s, whose own config "
+                    "differs: %s",
+                    model_args.ecg_encoder,
+                    "; ".join(differing),
+                )
     else:
         ecg_encoder = MeritEcgModel(config_from_argument(MeritEcgConfig, model_args.ecg_config, "ecg_config"))
     return MeritForReportGeneration.from_parts(
