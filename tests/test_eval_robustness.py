@@ -49,6 +49,52 @@ def test_white_noise_has_the_stated_snr(record, snr_db):
     assert abs(residual.mean()) < 0.05 * residual.std()  # zero-mean noise, not a shifted baseline
 
 
+def test_band_limited_noise_reaches_the_model_at_the_stated_snr_whatever_the_record_rate():
+    """White noise up to a 500 Hz record's Nyquist frequency lost 8 dB of its power to the feature extractor's 40 Hz
+    low-pass (a 100 Hz record's 1 dB): the same nominal SNR was a different shift at each rate. Limited to the model's
+    band, nearly all its power passes the band-pass at both rates, and the raw SNR is still the stated one."""
+    from merit_hf.evaluation.shifts import band_limited
+
+    for rate in (100, 500):
+        signal, fields = wfdb.rdsamp(
+            str(BUNDLED_PTBXL / f"records{rate}" / "00000" / f"00001_{'lr' if rate == 100 else 'hr'}")
+        )
+        noisy = add_white_noise(signal, 10.0, np.random.default_rng(0), band_hz=(0.67, 40.0), sampling_rate=rate)
+        np.testing.assert_allclose(measured_snr_db(signal, noisy), 10.0, atol=1e-6)
+        noise = noisy - signal
+        kept = signal_power(band_limited(noise, rate, (0.67, 40.0))) / signal_power(noise)
+        assert kept.min() > 0.85, (rate, kept)
+        white = add_white_noise(signal, 10.0, np.random.default_rng(0)) - signal
+        kept_white = signal_power(band_limited(white, rate, (0.67, 40.0))) / signal_power(white)
+        assert (kept_white.mean() < 0.2) == (rate == 500), (rate, kept_white.mean())  # what the old shift lost
+    with pytest.raises(ValueError, match="band_hz needs the record's sampling_rate"):
+        add_white_noise(signal, 10.0, np.random.default_rng(0), band_hz=(0.67, 40.0))
+
+
+def test_shifts_keep_a_few_nan_samples_where_they_are_and_the_rest_finite(record):
+    """A record the extractor repairs (`nan_policy="interpolate"`) with one NaN sample: noise and wander made the whole
+    lead NaN (their powers were NaN), the low-rate device spread it over 84 samples; both were then refused."""
+    signal, rate, _ = record
+    broken = signal.copy()
+    broken[500, 1] = np.nan
+    for shifted in (
+        add_white_noise(broken, 10.0, np.random.default_rng(0)),
+        add_white_noise(broken, 10.0, np.random.default_rng(0), band_hz=(0.67, 40.0), sampling_rate=rate),
+        add_baseline_wander(broken, rate, 0.0, np.random.default_rng(0)),
+        acquired_at_rate(broken, rate, 50)[0],
+    ):
+        assert np.array_equal(np.isnan(shifted), np.isnan(broken))
+
+
+def test_the_low_rate_device_adds_no_edge_step_for_a_lead_offset(record):
+    """`resample_poly` padded the edges with zeros, pulling each lead towards 0 there by its offset: a 2 mV offset
+    changed the shifted record by over 1 mV near the ends. The edges are padded with their line now."""
+    signal, rate, _ = record
+    plain, _ = acquired_at_rate(signal, rate, 50)
+    offset, _ = acquired_at_rate(signal + 2.0, rate, 50)
+    assert np.abs(offset - 2.0 - plain).max() < 0.01  # was 1.1 mV near the ends (the filter's DC gain is 1 - 5e-4)
+
+
 @pytest.mark.parametrize("snr_db", [10.0, 0.0])
 def test_baseline_wander_has_the_stated_snr_and_frequency(record, snr_db):
     signal, rate, _ = record
@@ -196,6 +242,11 @@ def test_robustness_reports_every_shift_for_model_and_baseline(tmp_path):
     for name, shift in results["shifts"].items():
         assert {"model", "baseline", "kind", "description"} <= set(shift), name
     assert results["shifts"]["device_CS-12_to_other"]["model"]["num_records"] == 4  # test rows 0, 3, 6, 9
+    # tuned on the source family's own validation records (5 of 8), never on the families it is tested on
+    assert (
+        "early stopping and F1 thresholds on its 5 validation records"
+        in (results["shifts"]["device_CS-12_to_other"]["description"])
+    )
     assert results["shifts"]["sex_female"]["model"]["num_records"] == 5
     clean = results["model"]["metrics"]["macro_auroc"]["value"]
     noisy = results["shifts"]["white_noise_10db"]["model"]["metrics"]["macro_auroc"]["value"]
@@ -215,3 +266,14 @@ def test_random_shifts_name_their_seed_so_cached_features_of_another_seed_are_no
     random_shifts = {name for name in first if name.startswith(("white_noise", "baseline_wander"))}
     assert random_shifts and all(first[name][0] != second[name][0] for name in random_shifts)
     assert all(first[name][0] == second[name][0] for name in set(first) - random_shifts)
+
+
+def test_a_record_a_shift_makes_unreadable_is_named_with_the_shift():
+    """The feature extractor's refusal of a shifted record did not say which shift made it (after the clean probe)."""
+    torch.manual_seed(7)
+    model = MeritModel(tiny_merit_config()).eval()
+    data = synthetic_ptbxl(sizes=(16, 8, 10))
+    broken = {"all_nan": ("every sample NaN", lambda signal, sr, leads, row: (signal * np.nan, sr))}
+    arguments = ProbeArguments(max_epochs=1, num_bootstrap=0, ptbxl_version="as_is")
+    with pytest.raises(ValueError, match=r"^shift all_nan: .*NaN"):
+        run_robustness(model, data, "superclass", baseline=False, arguments=arguments, shifts=broken, group_columns=())

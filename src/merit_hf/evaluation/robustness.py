@@ -5,14 +5,15 @@ as in the probe protocol); its F1 thresholds are chosen on the clean validation 
 
 | kind | shift | what changes |
 | --- | --- | --- |
-| input | `acquired_at_<rate>hz` | what a device sampling at that rate keeps: nothing above half the rate (`shifts.acquired_at_rate`) |
-| input | `white_noise_<snr>db` | Gaussian noise at the stated SNR per lead (`shifts.add_white_noise`) |
+| input | `acquired_at_<rate>hz` | the record resampled to that rate and back: a low-pass at -6 dB at half the rate, -3 dB just below (`shifts.acquired_at_rate`; a real recording at 50 Hz is refused by the input contract) |
+| input | `white_noise_<snr>db` | Gaussian noise in the model's band-pass band at the stated SNR per lead (`shifts.add_white_noise`), the same SNR at the model whatever the record's rate |
 | input | `baseline_wander_<snr>db` | 0.3 Hz sinusoidal drift at the stated SNR per lead on the raw record (`shifts.add_baseline_wander`); the extractor's 0.67 Hz high-pass removes most of it, so this measures the input contract more than the encoder |
 | input | `limb_leads_only`, `precordial_leads_only`, `lead_II_only` | the other leads are zeroed |
 | input | `leads_<n>_masked` / `leads_<n>_zeroed` for n in 1, 2, 3, 6, 8, 12 | only the `shifts.LEAD_SUBSETS[n]` leads recorded: left out of the encoder (`lead_mask`, feature extractor with `missing_leads="mask"`), or fed as zeros (what a model without `lead_mask` has to do) |
 | group | `device_<group>_to_other` | the probe is retrained on training records of the most frequent device family (the
-  device name's first word, e.g. `CS-12`) and tested on test records of the other families; `device_<group>_in` is
-  the same probe on test records of its own family |
+  device name's first word, e.g. `CS-12`), with early stopping and F1 thresholds on that family's validation records,
+  and tested on test records of the other families; `device_<group>_in` is the same probe on test records of its own
+  family (the shift's effect is `to_other` minus `in`; the change column compares each with the clean probe) |
 | group | `site_<site>_to_other` / `site_<site>_in` | the same with the recording site |
 | subgroup | `age_<lo>_<hi>`, `sex_<name>` | the clean probe on a test subgroup (PTB-XL codes age > 89 as 300) |
 
@@ -72,24 +73,29 @@ def input_shifts(
     wander_frequency_hz: float = 0.3,
     seed: int = 0,
     lead_counts: Sequence[int] = tuple(LEAD_SUBSETS),
+    noise_band_hz: tuple[float | None, float | None] | None = (0.67, 40.0),
 ) -> dict[str, tuple[str, Callable]]:
     """`{name: (description, transform)}`; a transform maps `(signal, rate, lead_names, row) -> (signal, rate)`, or
     `(signal, rate, lead_names)` for a record that has fewer leads (the `leads_<n>_masked` rows).
     Random shifts draw from `numpy.random.default_rng([seed, row])`, so every record gets the same noise on every run;
     their descriptions name `seed`, so shifts of another seed never share cached features (the cache is keyed by the
-    description).
+    description). `noise_band_hz`: the band the white noise is limited to, the model's band-pass (`run_robustness`
+    passes its feature extractor's), so that the stated SNR is what reaches the model at any record rate; `None`:
+    white up to the record's Nyquist frequency.
     """
     shifts: dict[str, tuple[str, Callable]] = {}
     for rate in device_rates:
         shifts[f"acquired_at_{rate}hz"] = (
-            f"records resampled to {rate} Hz and back to their own rate (scipy polyphase): nothing above {rate / 2:g} Hz",
+            f"records resampled to {rate} Hz and back to their own rate (scipy polyphase, edges padded with their "
+            f"line): a low-pass at -6 dB at {rate / 2:g} Hz",
             lambda signal, sr, leads, row, rate=rate: acquired_at_rate(signal, sr, rate),
         )
+    band = "" if noise_band_hz is None else " in the model's {:g}-{:g} Hz band".format(*noise_band_hz)
     for snr in noise_snrs_db:
         shifts[f"white_noise_{snr:g}db"] = (
-            f"additive Gaussian noise, SNR {snr:g} dB per lead (noise seed {seed})",
+            f"additive Gaussian noise{band}, SNR {snr:g} dB per lead (noise seed {seed})",
             lambda signal, sr, leads, row, snr=snr: (
-                add_white_noise(signal, snr, np.random.default_rng([seed, row])),
+                add_white_noise(signal, snr, np.random.default_rng([seed, row]), noise_band_hz, sr),
                 sr,
             ),
         )
@@ -182,7 +188,8 @@ def run_robustness(
     arguments = arguments or ProbeArguments()
     encoder, model_name = load_encoder(model_or_path)
     feature_extractor = feature_extractor or load_feature_extractor(model_or_path, encoder)
-    shifts = input_shifts(seed=seed) if shifts is None else shifts
+    if shifts is None:  # the noise in the band the model keeps (its feature extractor's band-pass)
+        shifts = input_shifts(seed=seed, noise_band_hz=(feature_extractor.highpass_hz, feature_extractor.lowpass_hz))
     dataset_dict = labeled_dataset_dict(dataset_dict, label_set)
     features = probe_features(encoder, feature_extractor, dataset_dict, seed, baseline, arguments)
     encoders = {"model": encoder}
@@ -192,16 +199,18 @@ def run_robustness(
     labels = {split: label_matrix(dataset_dict[split], label_set) for split in ("train", "validation", "test")}
     test = dataset_dict["test"]
 
-    def fit(role: str, rows: np.ndarray | None = None):
+    def fit(role: str, rows: np.ndarray | None = None, validation_rows: np.ndarray | None = None):
         train_rows = np.arange(len(labels["train"])) if rows is None else rows
+        kept = np.arange(len(labels["validation"])) if validation_rows is None else validation_rows
+        validation = features[role]["validation"][kept]
         probe = fit_linear_probe(
             features[role]["train"][train_rows],
             labels["train"][train_rows],
-            features[role]["validation"],
-            labels["validation"],
+            validation,
+            labels["validation"][kept],
             **arguments.linear_probe_options(seed),
         )
-        thresholds = best_f1_thresholds(labels["validation"], probe.decision_function(features[role]["validation"]))
+        thresholds = best_f1_thresholds(labels["validation"][kept], probe.decision_function(validation))
         return probe, thresholds
 
     def score_test_rows(role: str, probe, thresholds, rows: np.ndarray) -> dict[str, Any]:
@@ -226,17 +235,20 @@ def run_robustness(
         shift_results[name] = {"kind": "input", "description": description}
         for role, role_encoder in encoders.items():
             probe, thresholds = clean[role]
-            shifted = extract_features(
-                role_encoder,
-                reduced_leads,
-                test,
-                arguments.batch_size,
-                transform=transform,
-                cache_dir=arguments.cache_dir,
-                # the description carries the shift's parameters: two shifts of one name never share a cache entry
-                cache_tag=f"{name}_{hashlib.sha1(description.encode()).hexdigest()[:12]}_seed{seed}",
-                device=feature_device(arguments),
-            )
+            try:
+                shifted = extract_features(
+                    role_encoder,
+                    reduced_leads,
+                    test,
+                    arguments.batch_size,
+                    transform=transform,
+                    cache_dir=arguments.cache_dir,
+                    # the description carries the shift's parameters: two shifts of one name never share a cache entry
+                    cache_tag=f"{name}_{hashlib.sha1(description.encode()).hexdigest()[:12]}_seed{seed}",
+                    device=feature_device(arguments),
+                )
+            except ValueError as error:  # a record the shift made unreadable: say which shift
+                raise ValueError(f"shift {name}: {error}") from error
             shift_results[name][role] = _metrics(
                 labels["test"], probe.decision_function(shifted), names, thresholds, arguments, seed
             )
@@ -247,17 +259,28 @@ def run_robustness(
         values, counts = np.unique(train_groups, return_counts=True)
         source = values[np.argmax(counts)]
         source_rows = np.flatnonzero(train_groups == source)
+        # Early stopping and thresholds on the source group's validation records only: the other groups' would tune
+        # the probe on the very shift it is tested under.
+        source_validation = np.flatnonzero(_group_values(dataset_dict["validation"], column) == source)
+        chosen_on = (
+            f"its {len(source_validation)} validation records"
+            if len(source_validation)
+            else "all validation records (the group has none)"
+        )
+        fitted = {
+            role: fit(role, source_rows, source_validation if len(source_validation) else None) for role in encoders
+        }
         for suffix, test_rows in (("in", test_groups == source), ("to_other", test_groups != source)):
             key = f"{column}_{source}_{suffix}"
             target = f"{column} {source}" if suffix == "in" else f"{column}s other than {source}"
             shift_results[key] = {
                 "kind": "group",
-                "description": f"probe trained on {len(source_rows)} training records of {column} {source}, "
-                f"tested on test records of {target}",
+                "description": f"probe trained on {len(source_rows)} training records of {column} {source}, early "
+                f"stopping and F1 thresholds on {chosen_on}, tested on test records of {target}",
             }
             rows = np.flatnonzero(test_rows)
             for role in encoders:
-                shift_results[key][role] = score_test_rows(role, *fit(role, source_rows), rows)
+                shift_results[key][role] = score_test_rows(role, *fitted[role], rows)
 
     subgroups = []
     ages = np.array([np.nan if age is None else age for age in test["age"]], dtype=np.float64)

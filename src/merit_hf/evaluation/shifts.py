@@ -4,13 +4,17 @@ Each shift takes one record as WFDB gives it, `signal` `(num_samples, num_leads)
 `sampling_rate`, and returns a new `(signal, sampling_rate)`. They change the input exactly as their name says, and
 the tests measure it:
 
-- `acquired_at_rate(signal, rate, device_rate)`: what a device sampling at `device_rate` keeps of the record (resampled
-  down to `device_rate` and back to its own rate with scipy's polyphase filter: nothing above `device_rate / 2`).
-  Presenting a record at another rate alone would change nothing the model sees: the feature extractor resamples
-  every input to the model's rate;
+- `acquired_at_rate(signal, rate, device_rate)`: the record resampled down to `device_rate` and back to its own rate
+  with scipy's polyphase filter (edges padded with the line through them, so a lead's offset adds no step): its
+  anti-aliasing low-pass is -3 dB at about 0.48 x `device_rate` and -6 dB at half of it (24 and 25 Hz for 50 Hz),
+  -22 dB at 0.55 x and -56 dB at 0.6 x. Presenting a record at another rate alone would change nothing the model
+  sees: the feature extractor resamples every input to the model's rate (and refuses a real 50 Hz recording);
 - `resample_record(signal, rate, target_rate)`: the polyphase resampling itself;
-- `add_white_noise(signal, snr_db, rng)`: Gaussian noise scaled per lead so that
-  `10 log10(P_signal / P_noise) = snr_db`, with powers measured around each lead's mean;
+- `add_white_noise(signal, snr_db, rng, band_hz)`: Gaussian noise scaled per lead so that
+  `10 log10(P_signal / P_noise) = snr_db`, with powers measured around each lead's mean; with `band_hz` (the model's
+  band-pass, as the robustness evaluation passes it) the noise is band-limited first, so the stated SNR is what
+  reaches the model whatever the record's rate (white noise up to a 500 Hz record's Nyquist frequency lost 8 dB of its
+  power to the feature extractor's 40 Hz low-pass, up to a 100 Hz record's 1 dB);
 - `add_baseline_wander(signal, rate, snr_db, frequency_hz, rng)`: a sinusoid at `frequency_hz` (respiration-like,
   0.3 Hz by default) with random phase per lead, scaled to the same SNR definition;
 - `zero_leads(signal, lead_names, keep)`: every lead not in `keep` set to 0 (a missing lead, as zeros);
@@ -25,6 +29,7 @@ Group shifts (devices, sites, age, sex) select records instead of changing them;
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from fractions import Fraction
 
@@ -54,9 +59,13 @@ def _as_signal(signal: np.ndarray) -> np.ndarray:
 
 
 def signal_power(signal: np.ndarray) -> np.ndarray:
-    """Mean power of each lead around its mean, `(num_leads,)`."""
+    """Mean power of each lead around its mean, `(num_leads,)`, over its finite samples (a record the feature
+    extractor repairs with `nan_policy="interpolate"` may hold a few NaNs)."""
     signal = _as_signal(signal)
-    return np.mean((signal - signal.mean(axis=0)) ** 2, axis=0)
+    finite = np.where(np.isfinite(signal), signal, np.nan)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN lead has no power: nan
+        return np.nanmean((finite - np.nanmean(finite, axis=0)) ** 2, axis=0)
 
 
 def measured_snr_db(clean: np.ndarray, noisy: np.ndarray) -> np.ndarray:
@@ -68,14 +77,43 @@ def _scale_to_snr(signal: np.ndarray, noise: np.ndarray, snr_db: float) -> np.nd
     signal_pow, noise_pow = signal_power(signal), signal_power(noise)
     if np.any(noise_pow <= 0):
         raise ValueError("the generated noise has zero power")
-    target = signal_pow / 10 ** (snr_db / 10)
+    target = np.nan_to_num(signal_pow) / 10 ** (snr_db / 10)  # an all-NaN lead gets none (it stays what it was)
     return noise * np.sqrt(target / noise_pow)[None, :]
 
 
-def add_white_noise(signal: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.ndarray:
-    """Add zero-mean Gaussian noise at `snr_db` dB per lead (a flat lead, power 0, stays flat)."""
+def band_limited(noise: np.ndarray, sampling_rate: float, band_hz: tuple[float | None, float | None]) -> np.ndarray:
+    """`noise` filtered to `band_hz` (low, high; either `None`: open) with a zero-phase 4th-order Butterworth, the
+    feature extractor's filter; a band edge at or above the record's Nyquist frequency is left open."""
+    low, high = band_hz
+    nyquist = sampling_rate / 2
+    low = low if low is not None and 0 < low < nyquist else None
+    high = high if high is not None and high < nyquist else None
+    if low is None and high is None:
+        return noise
+    if low is not None and high is not None:
+        sos = sp_signal.butter(4, [low, high], btype="bandpass", fs=sampling_rate, output="sos")
+    elif low is not None:
+        sos = sp_signal.butter(4, low, btype="highpass", fs=sampling_rate, output="sos")
+    else:
+        sos = sp_signal.butter(4, high, btype="lowpass", fs=sampling_rate, output="sos")
+    return sp_signal.sosfiltfilt(sos, noise, axis=0)
+
+
+def add_white_noise(
+    signal: np.ndarray,
+    snr_db: float,
+    rng: np.random.Generator,
+    band_hz: tuple[float | None, float | None] | None = None,
+    sampling_rate: float | None = None,
+) -> np.ndarray:
+    """Add zero-mean Gaussian noise at `snr_db` dB per lead (a flat lead, power 0, stays flat; NaN samples stay NaN).
+    With `band_hz` (and the record's `sampling_rate`) the noise is limited to that band before it is scaled."""
     signal = _as_signal(signal)
     noise = rng.standard_normal(signal.shape)
+    if band_hz is not None:
+        if sampling_rate is None:
+            raise ValueError("add_white_noise: band_hz needs the record's sampling_rate")
+        noise = band_limited(noise, sampling_rate, band_hz)
     return signal + _scale_to_snr(signal, noise, snr_db)
 
 
@@ -129,24 +167,39 @@ def keep_leads(signal: np.ndarray, lead_names: Sequence[str], keep: Sequence[str
     return signal[:, columns].copy(), [lead_names[column] for column in columns]
 
 
-def resample_record(signal: np.ndarray, sampling_rate: float, target_rate: float) -> tuple[np.ndarray, float]:
-    """Resample with scipy's polyphase filter (the feature extractor's own method); returns `(signal, target_rate)`."""
+def resample_record(
+    signal: np.ndarray, sampling_rate: float, target_rate: float, padtype: str = "constant"
+) -> tuple[np.ndarray, float]:
+    """Resample with scipy's polyphase filter (the feature extractor's own method); returns `(signal, target_rate)`.
+    `padtype` as `scipy.signal.resample_poly`'s (its default pads with zeros)."""
     signal = _as_signal(signal)
     ratio = Fraction(target_rate / sampling_rate).limit_denominator(1000)
     if abs(float(ratio) * sampling_rate - target_rate) > 1e-6 * target_rate:
         raise ValueError(f"cannot resample {sampling_rate:g} Hz to {target_rate:g} Hz exactly")
-    return sp_signal.resample_poly(signal, ratio.numerator, ratio.denominator, axis=0), float(target_rate)
+    resampled = sp_signal.resample_poly(signal, ratio.numerator, ratio.denominator, axis=0, padtype=padtype)
+    return resampled, float(target_rate)
 
 
 def acquired_at_rate(signal: np.ndarray, sampling_rate: float, device_rate: float) -> tuple[np.ndarray, float]:
-    """The record as a `device_rate` Hz device would have captured it, returned at its own `sampling_rate`."""
+    """The record as a `device_rate` Hz device would have captured it, returned at its own `sampling_rate`. The edges
+    are padded with the line through them (zeros would pull each lead towards 0 there, by its offset); NaN samples
+    are bridged linearly for the filter and are NaN again afterwards, so a repairable record stays repairable."""
     if not 0 < device_rate < sampling_rate:
         raise ValueError(
             f"device_rate must be below the record's {sampling_rate:g} Hz to change it, got {device_rate:g} Hz"
         )
-    low, _ = resample_record(signal, sampling_rate, device_rate)
-    restored, _ = resample_record(low, device_rate, sampling_rate)
-    return restored[: len(signal)], float(sampling_rate)
+    signal = _as_signal(signal)
+    missing = ~np.isfinite(signal)
+    bridged = signal.copy()
+    for lead in np.flatnonzero(missing.any(axis=0)):
+        finite = np.flatnonzero(~missing[:, lead])
+        if len(finite):
+            bridged[:, lead] = np.interp(np.arange(len(signal)), finite, signal[finite, lead])
+    low, _ = resample_record(bridged, sampling_rate, device_rate, padtype="line")
+    restored, _ = resample_record(low, device_rate, sampling_rate, padtype="line")
+    restored = restored[: len(signal)]
+    restored[missing] = signal[missing]
+    return restored, float(sampling_rate)
 
 
 __all__ = [
