@@ -641,7 +641,9 @@ class ZeroShotEcgClassificationPipeline(Pipeline):
     Zero-shot ECG classification: scores one ECG (an array `(num_samples, num_leads)` with `sampling_rate` and
     `lead_names`, or a WFDB record path) against free-text or PTB-XL class descriptions. As `zero_shot_classify`:
     masked leads are left out, and a record cut into windows (`window="sliding"`) is scored with the projection of the
-    mean of its windows' embeddings; a feature extractor that does not match the model config raises.
+    mean of its windows' embeddings; a feature extractor that does not match the model config raises. A
+    `feature_extractor=` given to `pipeline(...)` (beside a processor or a folder) replaces the processor's, as the
+    other ECG pipelines take it.
 
     Call arguments:
         candidate_labels (`list[str]`): the classes.
@@ -658,20 +660,29 @@ class ZeroShotEcgClassificationPipeline(Pipeline):
     """
 
     _load_processor = None
-    _load_feature_extractor = None
+    _load_feature_extractor = False  # the folder's is inside its processor: a feature_extractor here is the caller's
     _load_tokenizer = None
     _load_image_processor = False
     _load_video_processor = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        given = self.feature_extractor
+        if isinstance(given, (str, Path)):  # a folder or Hub id, which transformers loads only for the other pipelines
+            from transformers import AutoFeatureExtractor
+
+            given = AutoFeatureExtractor.from_pretrained(given)
         if self.processor is None:
-            if self.feature_extractor is None or self.tokenizer is None:
+            if given is None or self.tokenizer is None:
                 raise ValueError(
                     f"{ZERO_SHOT_ECG_TASK} needs a MeritProcessor (processor=...) or both a feature_extractor and a "
                     "tokenizer"
                 )
-            self.processor = MeritProcessor(self.feature_extractor, self.tokenizer)
+            self.processor = MeritProcessor(given, self.tokenizer)
+        elif given is not None and given is not self.processor.feature_extractor:
+            self.processor = copy.copy(self.processor)  # the given feature extractor wins; the caller's is unchanged
+            self.processor.feature_extractor = given
+        self.feature_extractor = self.processor.feature_extractor
         check_feature_extractor_matches(self.processor.feature_extractor, self.model)
         self._class_embedding_cache: dict[tuple, torch.Tensor] = {}
 
