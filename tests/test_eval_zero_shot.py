@@ -496,3 +496,26 @@ def test_the_pipeline_uses_a_feature_extractor_given_to_it(model_and_processor, 
     for source in ({"model": model, "processor": processor}, folder):  # no feature_extractor=: the processor's
         np.testing.assert_allclose(scores(pipeline(ZERO_SHOT_ECG_TASK, device="cpu", **source), record, **kwargs),
                                    centre, atol=1e-5)  # fmt: skip
+
+
+def test_the_pipeline_recomputes_class_embeddings_after_the_text_tower_changes(model_and_processor):
+    """A pipeline on a model in memory (scored between training steps) keeps class embeddings only while the text
+    tower's weights stay as they were: after an in-place change its scores are `zero_shot_classify`'s again."""
+    model, processor = model_and_processor
+    classifier = pipeline(ZERO_SHOT_ECG_TASK, model=model, processor=processor, device="cpu")
+    ecg, labels = _ecgs(1, seed=5)[0], ["sinus rhythm", "atrial fibrillation"]
+    kwargs = {"sampling_rate": 250, "lead_names": LEADS, "candidate_labels": labels, "precision": "fp32"}
+
+    def scores():
+        return [{item["label"]: item["score"] for item in classifier(ecg, **kwargs)}[label] for label in labels]
+
+    before = scores()
+    np.testing.assert_allclose(before, zero_shot_classify(model, processor, ecg, **kwargs)["scores"][0], atol=1e-5)
+    assert scores() == before  # unchanged weights: the same (cached) class embeddings
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # an optimizer step, in place, on one weight of the text encoder
+        weight = model.text_model.encoder.layer[0].output.dense.weight
+        weight.add_(torch.randn(weight.shape, generator=generator))
+    after = scores()
+    assert not np.allclose(after, before, atol=1e-3)
+    np.testing.assert_allclose(after, zero_shot_classify(model, processor, ecg, **kwargs)["scores"][0], atol=1e-5)

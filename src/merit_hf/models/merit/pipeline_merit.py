@@ -600,6 +600,15 @@ def zero_shot_classify(
     return {"labels": labels, "scores": scores}
 
 
+def _weights_signature(*modules: torch.nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer of `modules` is replaced or written in place (an optimizer step,
+    `load_state_dict`, `.to()`): each tensor's storage and in-place write counter, as
+    `merit_hf.models.merit.inference_precision` keys its converted copy of the ECG tower (an inference tensor, made
+    under `torch.inference_mode()`, has no counter and is told apart by its storage only)."""
+    tensors = [tensor for module in modules for tensor in (*module.parameters(), *module.buffers())]
+    return tuple((tensor.data_ptr(), 0 if tensor.is_inference() else tensor._version) for tensor in tensors)
+
+
 def _folder_prompt_file(name_or_path: str | None) -> str | None:
     """The `zero_shot_prompts.json` of a saved model (a local folder or a Hub repository), or None."""
     if not name_or_path:
@@ -684,7 +693,8 @@ class ZeroShotEcgClassificationPipeline(Pipeline):
             self.processor.feature_extractor = given
         self.feature_extractor = self.processor.feature_extractor
         check_feature_extractor_matches(self.processor.feature_extractor, self.model)
-        self._class_embedding_cache: dict[tuple, torch.Tensor] = {}
+        # prompts -> (the text tower's weights signature, class embeddings): recomputed once the weights change
+        self._class_embedding_cache: dict[tuple, tuple[tuple, torch.Tensor]] = {}
 
     def _sanitize_parameters(
         self,
@@ -740,11 +750,15 @@ class ZeroShotEcgClassificationPipeline(Pipeline):
         prompt_file = self._prompt_file() if isinstance(class_descriptions, str) else None
         prompts = class_prompts(candidate_labels, hypothesis_template, class_descriptions, prompt_file)
         key = tuple(tuple(texts) for texts in prompts)
-        if key not in self._class_embedding_cache:
-            self._class_embedding_cache[key] = encode_class_prompts(
+        merit = two_tower_model(self.model)
+        signature = _weights_signature(merit.text_model, merit.text_projection)
+        cached = self._class_embedding_cache.get(key)
+        if cached is None or cached[0] != signature:
+            embeddings = encode_class_prompts(
                 self.model, self.processor.tokenizer, prompts, max_length=self.processor.max_length
             )
-        return self._class_embedding_cache[key]
+            self._class_embedding_cache[key] = cached = (signature, embeddings)
+        return cached[1]
 
     def _forward(
         self,
