@@ -135,6 +135,11 @@ def test_zero_shot_pipeline_from_a_saved_two_tower_folder_without_merit_hf(tmp_p
             raise SystemExit("an unknown label set should raise")
         except ValueError as error:
             assert "no-such-set" in str(error), error
+        try:  # an item of a list is named by its position
+            classify([{str(RECORD)!r}, {str(RECORD) + "_missing"!r}], candidate_labels=["NORM"])
+            raise SystemExit("a missing record should raise")
+        except ValueError as error:
+            assert str(error).startswith("item 1 of the inputs: "), error
         print("ZERO-SHOT-OK")
         """
     _run_without_merit_hf(tmp_path, body, "ZERO-SHOT-OK")
@@ -249,3 +254,33 @@ def test_a_feature_extractor_that_disagrees_with_the_model_raises(tmp_path, fiel
             pipeline(task, model=folder, trust_remote_code=True)
     config_file.write_text(json.dumps({**settings, "lead_names": [lead.upper() for lead in LEADS]}))
     assert pipeline("feature-extraction", model=folder, trust_remote_code=True)(str(RECORD))
+
+
+def test_a_bad_item_of_a_list_is_named_by_its_position(tokenizer):
+    """Each pipeline hands its feature extractor one item at a time, which would call every item "record 0": the error
+    names the bad item's position among the inputs, whatever the batch size (a path keeps its own name too)."""
+    torch.manual_seed(0)
+    config = tiny_merit_config(id2label=LABELS)
+    feature_extractor = MeritFeatureExtractor.from_model_config(config.ecg_config)
+    processor = MeritProcessor(feature_extractor, tokenizer)
+    good, bad = _signal(10, 250, 12, seed=1), _signal(10, 250, 12, seed=2)
+    bad[100, 3] = np.nan
+    runs = [
+        (pipeline("ecg-classification", model=MeritForEcgClassification(config).eval(),
+                  feature_extractor=feature_extractor), {}),
+        (pipeline("ecg-feature-extraction", model=MeritEcgModel(config.ecg_config).eval(),
+                  feature_extractor=feature_extractor), {}),
+        (pipeline("zero-shot-ecg-classification", model=MeritForPreTraining(config).eval(), processor=processor),
+         {"candidate_labels": ["NORM", "MI"]}),
+    ]  # fmt: skip
+    for classify, kwargs in runs:
+        for batch_size in (1, 2):
+            with pytest.raises(ValueError, match=r"^item 1 of the inputs: lead aVR has 1 NaN/inf samples"):
+                classify([good, bad, good], sampling_rate=250, lead_names=LEADS, batch_size=batch_size, **kwargs)
+        missing = str(RECORD.parent / "99999_lr")
+        with pytest.raises(
+            ValueError, match=rf"^item 2 of the inputs: {re.escape(missing)}\.hea: WFDB header not found"
+        ):
+            classify([str(RECORD), str(RECORD), missing], **kwargs)
+        with pytest.raises(ValueError, match=r"^record 0: lead aVR has 1 NaN/inf samples"):  # one ECG, not a list
+            classify(bad, sampling_rate=250, lead_names=LEADS, **kwargs)

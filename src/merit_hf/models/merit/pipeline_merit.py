@@ -36,7 +36,7 @@ import importlib
 import json
 import shutil
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Sized
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -163,6 +163,60 @@ def pool_window_embeddings(
     return pooled.scatter_reduce(0, index, window_embeddings, reduce=reduce, include_self=False)
 
 
+class _NumberedItem:
+    """One item of a list (or dataset) given to a pipeline, with its position there, so that an error names it."""
+
+    __slots__ = ("position", "value")
+
+    def __init__(self, position: int, value: Any):
+        self.position, self.value = position, value
+
+
+class _NumberedItems:
+    """A list or dataset whose items come as `_NumberedItem`s (sized and indexable, as transformers' pipelines and a
+    `DataLoader` with workers take it)."""
+
+    def __init__(self, items: Sequence[Any]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> _NumberedItem:
+        return _NumberedItem(index, self.items[index])
+
+
+def _numbered_iterator(pipeline: Pipeline, inputs, *args, **kwargs):
+    """transformers' `get_iterator` over `inputs` (a list, a dataset or a generator) with each item numbered."""
+    if isinstance(inputs, Sized):
+        numbered = _NumberedItems(inputs)
+    else:
+        numbered = (_NumberedItem(position, item) for position, item in enumerate(inputs))
+    return Pipeline.get_iterator(pipeline, numbered, *args, **kwargs)
+
+
+def _extract_features(feature_extractor, ecg, sampling_rate=None, lead_names=None, units=None):
+    """The feature extractor's tensors for one pipeline item, cut at the centre whatever crop the folder was saved
+    with. An item of a list is one record to the feature extractor, which would name it "record 0": its errors name
+    the item's position among the inputs instead ("item 1 of the inputs: lead aVR has 1 NaN/inf samples")."""
+    position = None
+    if isinstance(ecg, _NumberedItem):
+        position, ecg = ecg.position, ecg.value
+    try:
+        return feature_extractor(
+            ecg, sampling_rate=sampling_rate, lead_names=lead_names, units=units, return_tensors="pt", crop="center"
+        )
+    except ValueError as error:
+        if position is None:
+            raise
+        message = f"item {position} of the inputs: {str(error).removeprefix('record 0: ')}"
+        try:
+            renamed = type(error)(message)  # EcgInputError, a ValueError
+        except TypeError:
+            renamed = ValueError(message)
+        raise renamed from error
+
+
 class _MeritEcgPipeline(Pipeline):
     """One ECG in (array `(num_samples, num_leads)` with `sampling_rate` and `lead_names`, or a WFDB record path),
     through the checkpoint's feature extractor."""
@@ -196,10 +250,11 @@ class _MeritEcgPipeline(Pipeline):
             raise TypeError(f"{type(self).__name__} got unexpected arguments {sorted(kwargs)}")
         return {}
 
+    def get_iterator(self, inputs, *args, **kwargs):
+        return _numbered_iterator(self, inputs, *args, **kwargs)
+
     def preprocess(self, ecg, sampling_rate=None, lead_names=None, units=None):
-        features = self.feature_extractor(  # inference cuts the centre, whatever crop the folder was trained with
-            ecg, sampling_rate=sampling_rate, lead_names=lead_names, units=units, return_tensors="pt", crop="center"
-        )
+        features = _extract_features(self.feature_extractor, ecg, sampling_rate, lead_names, units)
         item = _record_item(features)
         return {key: value.to(self.dtype) if value.is_floating_point() else value for key, value in item.items()}
 
@@ -729,10 +784,11 @@ class ZeroShotEcgClassificationPipeline(Pipeline):
             forward["precision"] = precision
         return preprocess, forward, postprocess
 
+    def get_iterator(self, inputs, *args, **kwargs):
+        return _numbered_iterator(self, inputs, *args, **kwargs)
+
     def preprocess(self, ecg, sampling_rate=None, lead_names=None, units=None):
-        features = self.processor.feature_extractor(  # the centre, whatever crop the folder was saved with
-            ecg, sampling_rate=sampling_rate, lead_names=lead_names, units=units, return_tensors="pt", crop="center"
-        )
+        features = _extract_features(self.processor.feature_extractor, ecg, sampling_rate, lead_names, units)
         return _record_item(features)
 
     def _prompt_file(self) -> str | None:
