@@ -284,3 +284,21 @@ def test_a_bad_item_of_a_list_is_named_by_its_position(tokenizer):
             classify([str(RECORD), str(RECORD), missing], **kwargs)
         with pytest.raises(ValueError, match=r"^record 0: lead aVR has 1 NaN/inf samples"):  # one ECG, not a list
             classify(bad, sampling_rate=250, lead_names=LEADS, **kwargs)
+
+
+def test_ecg_classification_top_k_follows_text_classification():
+    """`top_k=None` (the default): every class; an int >= 1: the k best (all of them when k is larger); anything
+    else is refused naming top_k, instead of `[:top_k]` dropping the last class (-1), returning nothing (0) or a bare
+    TypeError ("2")."""
+    torch.manual_seed(0)
+    config = tiny_merit_config(id2label=LABELS)
+    classify = pipeline("ecg-classification", model=MeritForEcgClassification(config).eval(),
+                        feature_extractor=MeritFeatureExtractor.from_model_config(config.ecg_config))  # fmt: skip
+    every = classify(str(RECORD))
+    assert sorted(entry["label"] for entry in every) == sorted(LABELS.values())
+    assert classify(str(RECORD), top_k=None) == every
+    for top_k, count in ((1, 1), (2, 2), (np.int64(2), 2), (3, 3), (10, 3)):
+        assert classify(str(RECORD), top_k=top_k) == every[:count]
+    for top_k in (0, -1, "2", 1.5, True):
+        with pytest.raises(ValueError, match=rf"top_k must be a whole number >= 1 .* got {re.escape(repr(top_k))}"):
+            classify(str(RECORD), top_k=top_k)

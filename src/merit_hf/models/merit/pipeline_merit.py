@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import numbers
 import shutil
 import string
 from collections.abc import Mapping, Sequence, Sized
@@ -295,7 +296,8 @@ class MeritEcgFeatureExtractionPipeline(_MeritEcgPipeline):
 class MeritEcgClassificationPipeline(_MeritEcgPipeline):
     r"""
     Per-class scores of a fine-tuned `MeritForEcgClassification`, sorted by score: `[{"label", "score"}, ...]`
-    (`top_k` keeps the first k). Multi-label models (the default) score every class with its own sigmoid;
+    (`top_k`, an int >= 1, keeps the first k; `None`, the default, every class, as in text classification).
+    Multi-label models (the default) score every class with its own sigmoid;
     `problem_type="single_label_classification"` models with a softmax over the classes. A record cut into windows
     (`window="sliding"`) is scored from the mean of its windows' logits: the linear head applied to the mean of the
     windows' embeddings, the record embedding the `feature-extraction` task and the embedding command line give.
@@ -303,7 +305,14 @@ class MeritEcgClassificationPipeline(_MeritEcgPipeline):
 
     def _postprocess_parameters(self, top_k=None, **kwargs) -> dict[str, Any]:
         super()._postprocess_parameters(**kwargs)
-        return {} if top_k is None else {"top_k": top_k}
+        if top_k is None:
+            return {}
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
+            raise ValueError(
+                f"top_k must be a whole number >= 1 (the classes to return, the highest scores first) or None for "
+                f"every class, got {top_k!r}"
+            )
+        return {"top_k": int(top_k)}
 
     def _forward(self, model_inputs):
         windows, record_index = _record_windows(model_inputs)
