@@ -459,3 +459,63 @@ def test_zero_shot_evaluation_of_a_saved_folder_runs_on_the_gpu_when_there_is_on
     moved.clear()
     evaluate_zero_shot(str(tmp_path / "saved"), data, "superclass", num_bootstrap=5, baseline=False, device="cpu")
     assert moved == []
+
+
+def test_the_pipeline_uses_a_feature_extractor_given_to_it(model_and_processor, tmp_path):
+    """`pipeline(..., feature_extractor=...)`, as the other ECG pipelines take it, wins over the processor's (a model in
+    memory) and the folder's: a 30 s record is scored from all its windows (`window="sliding"`), not its centre, and
+    missing leads are left out (`missing_leads="mask"`) instead of refused. The caller's processor is left alone, and
+    a `processor=` given with a folder wins over the folder's."""
+    model, processor = model_and_processor
+    sliding = MeritFeatureExtractor.from_model_config(model.config.ecg_config, window="sliding", missing_leads="mask")
+    windowed = MeritProcessor(sliding, processor.tokenizer)
+    record, labels = np.concatenate(_ecgs(3, seed=4)), ["sinus rhythm", "atrial fibrillation", "MI"]
+    kwargs = {"sampling_rate": 250, "lead_names": LEADS, "candidate_labels": labels, "precision": "fp32"}
+    centre = zero_shot_classify(model, processor, record, **kwargs)["scores"][0]
+    expected = zero_shot_classify(model, windowed, record, **kwargs)["scores"][0]
+    three_leads = {**kwargs, "lead_names": LEADS[:3]}
+    expected_three = zero_shot_classify(model, windowed, record[:, :3], **three_leads)["scores"][0]
+    assert not np.allclose(expected, centre, atol=1e-3)  # the windows' mean differs from the centre crop
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    sliding.save_pretrained(tmp_path / "sliding")
+    folder = {"model": str(tmp_path), "trust_remote_code": True}
+
+    def scores(classifier, ecg, **call):
+        by_label = {item["label"]: item["score"] for item in classifier(ecg, **call)}
+        return [by_label[label] for label in labels]
+
+    for source in ({"model": model, "processor": processor, "feature_extractor": sliding},
+                   {**folder, "feature_extractor": sliding}, {**folder, "processor": windowed},
+                   {**folder, "feature_extractor": str(tmp_path / "sliding")}):  # fmt: skip
+        classifier = pipeline(ZERO_SHOT_ECG_TASK, device="cpu", **source)
+        np.testing.assert_allclose(scores(classifier, record, **kwargs), expected, atol=1e-5)
+        np.testing.assert_allclose(scores(classifier, record[:, :3], **three_leads), expected_three, atol=1e-5)
+        assert classifier.processor.feature_extractor is classifier.feature_extractor
+    assert processor.feature_extractor.window == "single"
+    for source in ({"model": model, "processor": processor}, folder):  # no feature_extractor=: the processor's
+        np.testing.assert_allclose(scores(pipeline(ZERO_SHOT_ECG_TASK, device="cpu", **source), record, **kwargs),
+                                   centre, atol=1e-5)  # fmt: skip
+
+
+def test_the_pipeline_recomputes_class_embeddings_after_the_text_tower_changes(model_and_processor):
+    """A pipeline on a model in memory (scored between training steps) keeps class embeddings only while the text
+    tower's weights stay as they were: after an in-place change its scores are `zero_shot_classify`'s again."""
+    model, processor = model_and_processor
+    classifier = pipeline(ZERO_SHOT_ECG_TASK, model=model, processor=processor, device="cpu")
+    ecg, labels = _ecgs(1, seed=5)[0], ["sinus rhythm", "atrial fibrillation"]
+    kwargs = {"sampling_rate": 250, "lead_names": LEADS, "candidate_labels": labels, "precision": "fp32"}
+
+    def scores():
+        return [{item["label"]: item["score"] for item in classifier(ecg, **kwargs)}[label] for label in labels]
+
+    before = scores()
+    np.testing.assert_allclose(before, zero_shot_classify(model, processor, ecg, **kwargs)["scores"][0], atol=1e-5)
+    assert scores() == before  # unchanged weights: the same (cached) class embeddings
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # an optimizer step, in place, on one weight of the text encoder
+        weight = model.text_model.encoder.layer[0].output.dense.weight
+        weight.add_(torch.randn(weight.shape, generator=generator))
+    after = scores()
+    assert not np.allclose(after, before, atol=1e-3)
+    np.testing.assert_allclose(after, zero_shot_classify(model, processor, ecg, **kwargs)["scores"][0], atol=1e-5)

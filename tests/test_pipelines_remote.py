@@ -135,6 +135,11 @@ def test_zero_shot_pipeline_from_a_saved_two_tower_folder_without_merit_hf(tmp_p
             raise SystemExit("an unknown label set should raise")
         except ValueError as error:
             assert "no-such-set" in str(error), error
+        try:  # an item of a list is named by its position
+            classify([{str(RECORD)!r}, {str(RECORD) + "_missing"!r}], candidate_labels=["NORM"])
+            raise SystemExit("a missing record should raise")
+        except ValueError as error:
+            assert str(error).startswith("item 1 of the inputs: "), error
         print("ZERO-SHOT-OK")
         """
     _run_without_merit_hf(tmp_path, body, "ZERO-SHOT-OK")
@@ -249,3 +254,51 @@ def test_a_feature_extractor_that_disagrees_with_the_model_raises(tmp_path, fiel
             pipeline(task, model=folder, trust_remote_code=True)
     config_file.write_text(json.dumps({**settings, "lead_names": [lead.upper() for lead in LEADS]}))
     assert pipeline("feature-extraction", model=folder, trust_remote_code=True)(str(RECORD))
+
+
+def test_a_bad_item_of_a_list_is_named_by_its_position(tokenizer):
+    """Each pipeline hands its feature extractor one item at a time, which would call every item "record 0": the error
+    names the bad item's position among the inputs, whatever the batch size (a path keeps its own name too)."""
+    torch.manual_seed(0)
+    config = tiny_merit_config(id2label=LABELS)
+    feature_extractor = MeritFeatureExtractor.from_model_config(config.ecg_config)
+    processor = MeritProcessor(feature_extractor, tokenizer)
+    good, bad = _signal(10, 250, 12, seed=1), _signal(10, 250, 12, seed=2)
+    bad[100, 3] = np.nan
+    runs = [
+        (pipeline("ecg-classification", model=MeritForEcgClassification(config).eval(),
+                  feature_extractor=feature_extractor), {}),
+        (pipeline("ecg-feature-extraction", model=MeritEcgModel(config.ecg_config).eval(),
+                  feature_extractor=feature_extractor), {}),
+        (pipeline("zero-shot-ecg-classification", model=MeritForPreTraining(config).eval(), processor=processor),
+         {"candidate_labels": ["NORM", "MI"]}),
+    ]  # fmt: skip
+    for classify, kwargs in runs:
+        for batch_size in (1, 2):
+            with pytest.raises(ValueError, match=r"^item 1 of the inputs: lead aVR has 1 NaN/inf samples"):
+                classify([good, bad, good], sampling_rate=250, lead_names=LEADS, batch_size=batch_size, **kwargs)
+        missing = str(RECORD.parent / "99999_lr")
+        with pytest.raises(
+            ValueError, match=rf"^item 2 of the inputs: {re.escape(missing)}\.hea: WFDB header not found"
+        ):
+            classify([str(RECORD), str(RECORD), missing], **kwargs)
+        with pytest.raises(ValueError, match=r"^record 0: lead aVR has 1 NaN/inf samples"):  # one ECG, not a list
+            classify(bad, sampling_rate=250, lead_names=LEADS, **kwargs)
+
+
+def test_ecg_classification_top_k_follows_text_classification():
+    """`top_k=None` (the default): every class; an int >= 1: the k best (all of them when k is larger); anything
+    else is refused naming top_k, instead of `[:top_k]` dropping the last class (-1), returning nothing (0) or a bare
+    TypeError ("2")."""
+    torch.manual_seed(0)
+    config = tiny_merit_config(id2label=LABELS)
+    classify = pipeline("ecg-classification", model=MeritForEcgClassification(config).eval(),
+                        feature_extractor=MeritFeatureExtractor.from_model_config(config.ecg_config))  # fmt: skip
+    every = classify(str(RECORD))
+    assert sorted(entry["label"] for entry in every) == sorted(LABELS.values())
+    assert classify(str(RECORD), top_k=None) == every
+    for top_k, count in ((1, 1), (2, 2), (np.int64(2), 2), (3, 3), (10, 3)):
+        assert classify(str(RECORD), top_k=top_k) == every[:count]
+    for top_k in (0, -1, "2", 1.5, True):
+        with pytest.raises(ValueError, match=rf"top_k must be a whole number >= 1 .* got {re.escape(repr(top_k))}"):
+            classify(str(RECORD), top_k=top_k)

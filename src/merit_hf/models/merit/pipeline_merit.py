@@ -34,9 +34,10 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import numbers
 import shutil
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Sized
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -163,6 +164,60 @@ def pool_window_embeddings(
     return pooled.scatter_reduce(0, index, window_embeddings, reduce=reduce, include_self=False)
 
 
+class _NumberedItem:
+    """One item of a list (or dataset) given to a pipeline, with its position there, so that an error names it."""
+
+    __slots__ = ("position", "value")
+
+    def __init__(self, position: int, value: Any):
+        self.position, self.value = position, value
+
+
+class _NumberedItems:
+    """A list or dataset whose items come as `_NumberedItem`s (sized and indexable, as transformers' pipelines and a
+    `DataLoader` with workers take it)."""
+
+    def __init__(self, items: Sequence[Any]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> _NumberedItem:
+        return _NumberedItem(index, self.items[index])
+
+
+def _numbered_iterator(pipeline: Pipeline, inputs, *args, **kwargs):
+    """transformers' `get_iterator` over `inputs` (a list, a dataset or a generator) with each item numbered."""
+    if isinstance(inputs, Sized):
+        numbered = _NumberedItems(inputs)
+    else:
+        numbered = (_NumberedItem(position, item) for position, item in enumerate(inputs))
+    return Pipeline.get_iterator(pipeline, numbered, *args, **kwargs)
+
+
+def _extract_features(feature_extractor, ecg, sampling_rate=None, lead_names=None, units=None):
+    """The feature extractor's tensors for one pipeline item, cut at the centre whatever crop the folder was saved
+    with. An item of a list is one record to the feature extractor, which would name it "record 0": its errors name
+    the item's position among the inputs instead ("item 1 of the inputs: lead aVR has 1 NaN/inf samples")."""
+    position = None
+    if isinstance(ecg, _NumberedItem):
+        position, ecg = ecg.position, ecg.value
+    try:
+        return feature_extractor(
+            ecg, sampling_rate=sampling_rate, lead_names=lead_names, units=units, return_tensors="pt", crop="center"
+        )
+    except ValueError as error:
+        if position is None:
+            raise
+        message = f"item {position} of the inputs: {str(error).removeprefix('record 0: ')}"
+        try:
+            renamed = type(error)(message)  # EcgInputError, a ValueError
+        except TypeError:
+            renamed = ValueError(message)
+        raise renamed from error
+
+
 class _MeritEcgPipeline(Pipeline):
     """One ECG in (array `(num_samples, num_leads)` with `sampling_rate` and `lead_names`, or a WFDB record path),
     through the checkpoint's feature extractor."""
@@ -196,10 +251,11 @@ class _MeritEcgPipeline(Pipeline):
             raise TypeError(f"{type(self).__name__} got unexpected arguments {sorted(kwargs)}")
         return {}
 
+    def get_iterator(self, inputs, *args, **kwargs):
+        return _numbered_iterator(self, inputs, *args, **kwargs)
+
     def preprocess(self, ecg, sampling_rate=None, lead_names=None, units=None):
-        features = self.feature_extractor(  # inference cuts the centre, whatever crop the folder was trained with
-            ecg, sampling_rate=sampling_rate, lead_names=lead_names, units=units, return_tensors="pt", crop="center"
-        )
+        features = _extract_features(self.feature_extractor, ecg, sampling_rate, lead_names, units)
         item = _record_item(features)
         return {key: value.to(self.dtype) if value.is_floating_point() else value for key, value in item.items()}
 
@@ -240,7 +296,8 @@ class MeritEcgFeatureExtractionPipeline(_MeritEcgPipeline):
 class MeritEcgClassificationPipeline(_MeritEcgPipeline):
     r"""
     Per-class scores of a fine-tuned `MeritForEcgClassification`, sorted by score: `[{"label", "score"}, ...]`
-    (`top_k` keeps the first k). Multi-label models (the default) score every class with its own sigmoid;
+    (`top_k`, an int >= 1, keeps the first k; `None`, the default, every class, as in text classification).
+    Multi-label models (the default) score every class with its own sigmoid;
     `problem_type="single_label_classification"` models with a softmax over the classes. A record cut into windows
     (`window="sliding"`) is scored from the mean of its windows' logits: the linear head applied to the mean of the
     windows' embeddings, the record embedding the `feature-extraction` task and the embedding command line give.
@@ -248,7 +305,14 @@ class MeritEcgClassificationPipeline(_MeritEcgPipeline):
 
     def _postprocess_parameters(self, top_k=None, **kwargs) -> dict[str, Any]:
         super()._postprocess_parameters(**kwargs)
-        return {} if top_k is None else {"top_k": top_k}
+        if top_k is None:
+            return {}
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
+            raise ValueError(
+                f"top_k must be a whole number >= 1 (the classes to return, the highest scores first) or None for "
+                f"every class, got {top_k!r}"
+            )
+        return {"top_k": int(top_k)}
 
     def _forward(self, model_inputs):
         windows, record_index = _record_windows(model_inputs)
@@ -600,6 +664,15 @@ def zero_shot_classify(
     return {"labels": labels, "scores": scores}
 
 
+def _weights_signature(*modules: torch.nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer of `modules` is replaced or written in place (an optimizer step,
+    `load_state_dict`, `.to()`): each tensor's storage and in-place write counter, as
+    `merit_hf.models.merit.inference_precision` keys its converted copy of the ECG tower (an inference tensor, made
+    under `torch.inference_mode()`, has no counter and is told apart by its storage only)."""
+    tensors = [tensor for module in modules for tensor in (*module.parameters(), *module.buffers())]
+    return tuple((tensor.data_ptr(), 0 if tensor.is_inference() else tensor._version) for tensor in tensors)
+
+
 def _folder_prompt_file(name_or_path: str | None) -> str | None:
     """The `zero_shot_prompts.json` of a saved model (a local folder or a Hub repository), or None."""
     if not name_or_path:
@@ -641,7 +714,9 @@ class ZeroShotEcgClassificationPipeline(Pipeline):
     Zero-shot ECG classification: scores one ECG (an array `(num_samples, num_leads)` with `sampling_rate` and
     `lead_names`, or a WFDB record path) against free-text or PTB-XL class descriptions. As `zero_shot_classify`:
     masked leads are left out, and a record cut into windows (`window="sliding"`) is scored with the projection of the
-    mean of its windows' embeddings; a feature extractor that does not match the model config raises.
+    mean of its windows' embeddings; a feature extractor that does not match the model config raises. A
+    `feature_extractor=` given to `pipeline(...)` (beside a processor or a folder) replaces the processor's, as the
+    other ECG pipelines take it.
 
     Call arguments:
         candidate_labels (`list[str]`): the classes.
@@ -658,22 +733,32 @@ class ZeroShotEcgClassificationPipeline(Pipeline):
     """
 
     _load_processor = None
-    _load_feature_extractor = None
+    _load_feature_extractor = False  # the folder's is inside its processor: a feature_extractor here is the caller's
     _load_tokenizer = None
     _load_image_processor = False
     _load_video_processor = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        given = self.feature_extractor
+        if isinstance(given, (str, Path)):  # a folder or Hub id, which transformers loads only for the other pipelines
+            from transformers import AutoFeatureExtractor
+
+            given = AutoFeatureExtractor.from_pretrained(given)
         if self.processor is None:
-            if self.feature_extractor is None or self.tokenizer is None:
+            if given is None or self.tokenizer is None:
                 raise ValueError(
                     f"{ZERO_SHOT_ECG_TASK} needs a MeritProcessor (processor=...) or both a feature_extractor and a "
                     "tokenizer"
                 )
-            self.processor = MeritProcessor(self.feature_extractor, self.tokenizer)
+            self.processor = MeritProcessor(given, self.tokenizer)
+        elif given is not None and given is not self.processor.feature_extractor:
+            self.processor = copy.copy(self.processor)  # the given feature extractor wins; the caller's is unchanged
+            self.processor.feature_extractor = given
+        self.feature_extractor = self.processor.feature_extractor
         check_feature_extractor_matches(self.processor.feature_extractor, self.model)
-        self._class_embedding_cache: dict[tuple, torch.Tensor] = {}
+        # prompts -> (the text tower's weights signature, class embeddings): recomputed once the weights change
+        self._class_embedding_cache: dict[tuple, tuple[tuple, torch.Tensor]] = {}
 
     def _sanitize_parameters(
         self,
@@ -708,10 +793,11 @@ class ZeroShotEcgClassificationPipeline(Pipeline):
             forward["precision"] = precision
         return preprocess, forward, postprocess
 
+    def get_iterator(self, inputs, *args, **kwargs):
+        return _numbered_iterator(self, inputs, *args, **kwargs)
+
     def preprocess(self, ecg, sampling_rate=None, lead_names=None, units=None):
-        features = self.processor.feature_extractor(  # the centre, whatever crop the folder was saved with
-            ecg, sampling_rate=sampling_rate, lead_names=lead_names, units=units, return_tensors="pt", crop="center"
-        )
+        features = _extract_features(self.processor.feature_extractor, ecg, sampling_rate, lead_names, units)
         return _record_item(features)
 
     def _prompt_file(self) -> str | None:
@@ -729,11 +815,15 @@ class ZeroShotEcgClassificationPipeline(Pipeline):
         prompt_file = self._prompt_file() if isinstance(class_descriptions, str) else None
         prompts = class_prompts(candidate_labels, hypothesis_template, class_descriptions, prompt_file)
         key = tuple(tuple(texts) for texts in prompts)
-        if key not in self._class_embedding_cache:
-            self._class_embedding_cache[key] = encode_class_prompts(
+        merit = two_tower_model(self.model)
+        signature = _weights_signature(merit.text_model, merit.text_projection)
+        cached = self._class_embedding_cache.get(key)
+        if cached is None or cached[0] != signature:
+            embeddings = encode_class_prompts(
                 self.model, self.processor.tokenizer, prompts, max_length=self.processor.max_length
             )
-        return self._class_embedding_cache[key]
+            self._class_embedding_cache[key] = cached = (signature, embeddings)
+        return cached[1]
 
     def _forward(
         self,
