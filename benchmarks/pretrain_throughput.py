@@ -342,17 +342,21 @@ COMPILE_OPTIONS = {"compile": ("none", None, True), "compile + selective": ("sel
 
 
 def memory_options_group(preset: str, batch_size: int, options: list[str], warmup: int, steps: int,
-                         peak_tflops: float | None) -> list[dict]:  # fmt: skip
+                         peak_tflops: float | None, device: str | None = None,
+                         bf16_autocast: bool | None = None) -> list[dict]:  # fmt: skip
     """Every option of one (preset, batch) in one process on the same weights and inputs: the step of the GPU
     measurements in issue 14 (both losses, MiniLM-shaped text tower, 64-token reports, bf16 autocast on CUDA, fused
-    AdamW). Peak memory per option after `reset_peak_memory_stats`; an option that runs out of memory says so."""
+    AdamW). Peak memory per option after `reset_peak_memory_stats`; an option that runs out of memory says so.
+    `device`: default CUDA when present; `bf16_autocast`: default on CUDA only. Under selective checkpointing
+    autocast's cache is off, as the pretraining script runs it (`make_accelerator`)."""
     from accelerate.utils import compile_regions
     from transformers import BertConfig
 
     from merit_hf import MeritConfig, MeritEcgConfig, MeritForPreTraining
     from merit_hf.training.activation_checkpointing import enable_activation_checkpointing
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bf16_autocast = device.type == "cuda" if bf16_autocast is None else bf16_autocast
     ecg_config = MeritEcgConfig.from_preset(preset)
     text = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
     torch.manual_seed(0)
@@ -367,7 +371,6 @@ def memory_options_group(preset: str, batch_size: int, options: list[str], warmu
     batch = {key: value.to(device) for key, value in batch.items()}
     flops_per_ecg = count_flops_per_sample(model, lambda rows: model(**rows).loss, batch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     peak = peak_tflops if peak_tflops is not None else default_peak_tflops(device)
     results = []
     for name in options:
@@ -375,8 +378,10 @@ def memory_options_group(preset: str, batch_size: int, options: list[str], warmu
         num_layers = ecg_config.num_hidden_layers // 2 if layers == "half" else layers
         enable_activation_checkpointing(model, mode, num_layers)
         forward = compile_regions(model) if compiled else model
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast,
+                                  cache_enabled=mode != "selective")  # fmt: skip
 
-        def train_step(forward=forward):
+        def train_step(forward=forward, autocast=autocast):
             with autocast:
                 loss = forward(**batch).loss
             loss.backward()
@@ -421,6 +426,8 @@ def memory_options_benchmark(args) -> list[dict]:
                    "--memory_warmup_steps", str(args.memory_warmup_steps), "--memory_steps", str(args.memory_steps)]  # fmt: skip
         if args.peak_tflops is not None:
             command += ["--peak_tflops", str(args.peak_tflops)]
+        if args.cpu:
+            command.append("--cpu")
         done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=3600)
         if done.returncode != 0:
             results.append({"preset": preset, "batch_size": batch, "error": done.stderr[-2000:]})
@@ -510,7 +517,7 @@ def main() -> None:
     if args.single_memory_group:
         preset, batch = args.single_memory_group
         group = memory_options_group(preset, int(batch), args.options, args.memory_warmup_steps, args.memory_steps,
-                                     args.peak_tflops)  # fmt: skip
+                                     args.peak_tflops, device_name)  # fmt: skip
         print(json.dumps(group))
         return
     if args.end_to_end or args.memory_options:

@@ -111,6 +111,39 @@ def test_pretraining_memory_options_group_runs_every_option():
 
 
 @pytest.mark.slow
+def test_pretraining_memory_options_selective_runs_under_bf16_autocast():
+    """Selective checkpointing under bf16 autocast (on a GPU; forced on here) with autocast's cache on failed in the
+    backward ("aten._to_copy.default invocation index 2 ... not found in storage"), and is not how the pretraining
+    script runs it (`make_accelerator` turns the cache off for selective)."""
+    import pretrain_throughput
+
+    results = pretrain_throughput.memory_options_group("tiny-p75", 2, ["selective"], warmup=0, steps=1,
+                                                       peak_tflops=1.0, device="cpu", bf16_autocast=True)  # fmt: skip
+    assert "error" not in results[0], results[0]
+    assert results[0]["ecgs_per_second"] > 0
+
+
+def test_pretraining_memory_options_passes_cpu_to_each_group(monkeypatch):
+    """`--memory_options --cpu` on a GPU machine: each (preset, batch) runs in its own process, which picked CUDA."""
+    import subprocess
+
+    import pretrain_throughput
+
+    commands = []
+
+    def run(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, stdout="[]\n", stderr="")
+
+    monkeypatch.setattr(pretrain_throughput.subprocess, "run", run)
+    monkeypatch.setattr(sys, "argv", ["pretrain_throughput.py", "--memory_options", "--cpu", "--base_batches", "1",
+                                      "--small_batches", "--output", "/dev/null"])  # fmt: skip
+    pretrain_throughput.main()
+    groups = [command for command in commands if "--single_memory_group" in command]  # platform runs `uname` too
+    assert len(groups) == 1 and "--cpu" in groups[0]
+
+
+@pytest.mark.slow
 def test_encoder_throughput_measures_bf16_weights_and_says_why_fp8_is_skipped_on_cpu():
     """The GPU run compares autocast, bf16 weights and fp8; on a CPU the same code measures bf16 weights and records
     why fp8 cannot run there."""
