@@ -143,6 +143,22 @@ def test_pretraining_memory_options_passes_cpu_to_each_group(monkeypatch):
     assert len(groups) == 1 and "--cpu" in groups[0]
 
 
+def test_encoder_throughput_mfu_uses_the_peak_of_the_h100_variant(monkeypatch, tmp_path):
+    """The MFU of a bf16 row is against the package's peak for the GPU's name: an H100 PCIe's 756 TFLOP/s, not the
+    SXM's 989 that every "H100" got."""
+    import torch
+
+    row = {"row": "merit_encoder", "preset": "tiny-p75", "variant": "sdpa", "mode": "infer", "dtype": "bf16",
+           "ecgs_per_second": 1.0, "gflop_per_ecg_forward": 1.0, "achieved_tflops": 75.6,
+           "fraction_of_matmul_peak": 0.5}  # fmt: skip
+    monkeypatch.setattr(encoder_throughput, "_in_subprocess", lambda **kwargs: {"results": [dict(row)]})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    report = encoder_throughput.main(["--device", "cuda", "--dtypes", "bf16", "--presets", "tiny-p75", "--modes",
+                                      "infer", "--skip_hubert", "--output", str(tmp_path / "out.json")])  # fmt: skip
+    assert report["results"][0]["mfu_vs_dense_bf16_peak"] == pytest.approx(0.1)
+
+
 @pytest.mark.slow
 def test_encoder_throughput_measures_bf16_weights_and_says_why_fp8_is_skipped_on_cpu():
     """The GPU run compares autocast, bf16 weights and fp8; on a CPU the same code measures bf16 weights and records
