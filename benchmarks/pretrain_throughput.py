@@ -143,9 +143,9 @@ def scaling_benchmark(args) -> dict:
     """The real script, same total batch, 1 process x all cores vs 2 processes x 1 core."""
     results = {}
     cores = os.cpu_count() or 1
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
-    two_processes = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                     "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29731"]  # fmt: skip
+    two_processes = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                     "29731"]  # fmt: skip
     layouts = {  # name: (launcher, threads per process, batch per process, extra flags)
         "1 process x 1 thread": ([sys.executable], 1, args.scaling_batch_size, []),
         f"1 process x {cores} threads": ([sys.executable], cores, args.scaling_batch_size, []),

@@ -161,3 +161,16 @@ def test_the_device_call_fits_the_tool():
     done = subprocess.run(["bash", str(RUNBOOK), "call"], capture_output=True, text=True, cwd=REPO_ROOT)
     assert done.returncode == 0 and len(done.stdout) < 2000
     assert '"command": "bash benchmarks/gpu_runbook.sh run"' in done.stdout and '".whl", ".gpudata"' in done.stdout
+
+
+def test_tests_launch_accelerate_through_their_interpreter():
+    """The launcher tests ran the `accelerate` console script beside `sys.executable`, which pip on the GPU machine
+    puts in another bin/ than its python3's. They run `python -m accelerate.commands.launch` now."""
+    from tests.conftest import ACCELERATE_LAUNCH
+
+    beside = ".with_name(" + '"accelerate")'  # split: this file would match itself
+    for folder in ("tests", "benchmarks"):
+        for path in (REPO_ROOT / folder).glob("*.py"):
+            assert beside not in path.read_text(), path
+    done = subprocess.run([*ACCELERATE_LAUNCH, "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--num_processes" in done.stdout, done.stderr[-2000:]
