@@ -20,7 +20,8 @@ the per-term gradient norms the default logs every logging step (`--gradient_nor
 extractor's batched torch path in the workers (`--feature_extraction_device cpu`). The script's
 own throughput log gives its rate over the steady intervals (the first, with worker start-up and warm-up, left out),
 its data-wait and diagnostics shares; where it is below 90 % of the step alone, `limited_by` says which stage limits.
-Writes `results/pretrain_end_to_end_<device>.json`. On a GPU, as issue 18 ran it:
+Writes `results/pretrain_end_to_end_<device>.json` (after the step alone and after each variant). On a GPU, as
+issue 18 ran it:
 
     python benchmarks/pretrain_throughput.py --end_to_end --config configs/base.yaml --e2e_batch_size 128 \
         --e2e_num_workers 8 --e2e_flags --text_model_name_or_path <text encoder folder>
@@ -302,18 +303,25 @@ def end_to_end_script(args, extra: list[str]) -> dict:
     }
 
 
-def end_to_end_benchmark(args) -> dict:
-    """Step alone and the script's variants, in one run; which stage limits where the script is below 90 %."""
+def end_to_end_benchmark(args, written=None) -> dict:
+    """Step alone and the script's variants, in one run; which stage limits where the script is below 90 %.
+    `written(result so far)` is called after the step alone and after each variant (to write it: a run cut short
+    keeps what finished)."""
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     step = end_to_end_step_alone(args, device)
     chosen = args.e2e_variants or list(END_TO_END_VARIANTS)
-    variants = {name: end_to_end_script(args, END_TO_END_VARIANTS[name]) for name in chosen}
-    for result in variants.values():
-        steady = result["steady"]
-        steady["of_step_alone"] = steady["ecgs_per_second"] / step["ecgs_per_second"]
-        steady["limited_by"] = _limiting_stage(steady)
-    return {"config": args.config, "data_dir": args.data_dir, "device": str(device), "step_alone": step,
-            "script": variants, "num_workers": args.e2e_num_workers}  # fmt: skip
+    result = {"config": args.config, "data_dir": args.data_dir, "device": str(device), "step_alone": step,
+              "script": {}, "num_workers": args.e2e_num_workers}  # fmt: skip
+    for name in [None, *chosen]:
+        if name is not None:
+            variant = end_to_end_script(args, END_TO_END_VARIANTS[name])
+            steady = variant["steady"]
+            steady["of_step_alone"] = steady["ecgs_per_second"] / step["ecgs_per_second"]
+            steady["limited_by"] = _limiting_stage(steady)
+            result["script"][name] = variant
+        if written is not None:
+            written(result)
+    return result
 
 
 def _limiting_stage(steady: dict) -> str:
@@ -523,12 +531,16 @@ def main() -> None:
     if args.end_to_end or args.memory_options:
         name = "pretrain_end_to_end" if args.end_to_end else "pretrain_memory_mfu"
         result = {"machine": _machine()}
-        if args.end_to_end:
-            result["end_to_end"] = end_to_end_benchmark(args)
-        else:
-            result["memory_options"] = memory_options_benchmark(args)
         output = Path(args.output or REPO_ROOT / "benchmarks" / "results" / f"{name}_{device_name}.json")
         output.parent.mkdir(parents=True, exist_ok=True)
+        if args.end_to_end:
+
+            def written(part: dict) -> None:
+                output.write_text(json.dumps({**result, "end_to_end": part}, indent=2) + "\n")
+
+            result["end_to_end"] = end_to_end_benchmark(args, written)
+        else:
+            result["memory_options"] = memory_options_benchmark(args)
         output.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
         print(f"wrote {output}")

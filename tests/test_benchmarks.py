@@ -159,6 +159,65 @@ def test_encoder_throughput_mfu_uses_the_peak_of_the_h100_variant(monkeypatch, t
     assert report["results"][0]["mfu_vs_dense_bf16_peak"] == pytest.approx(0.1)
 
 
+def test_finetune_precision_writes_each_run_as_it_finishes(monkeypatch, tmp_path):
+    """The JSON was written only after all runs: a run cut short by the device call's limit brought nothing back.
+    Now after every run ("partial" until the checks), and whole at the end."""
+    import json
+
+    import finetune_precision
+
+    def measure(method, precision, *args):
+        if stop_after is not None and len(measured) == stop_after:
+            raise TimeoutError("the step's budget")
+        measured.append((method, precision))
+        recorded = "no" if precision == "auto" else precision  # 'auto' on a CPU
+        return {"method": method, "asked": precision, "protocol_mixed_precision": recorded,
+                "training_mixed_precision": recorded, "seconds_per_step": 1.0, "test_macro_auroc": 0.5}  # fmt: skip
+
+    monkeypatch.setattr(finetune_precision, "measure", measure)
+    monkeypatch.setattr(finetune_precision, "load_dataset_dict", lambda *args: None)
+    monkeypatch.setattr(finetune_precision, "training_device_type", lambda: "cpu")
+    monkeypatch.setattr(finetune_precision.torch, "set_num_threads", lambda threads: None)
+    output = tmp_path / "finetune_precision.json"
+    monkeypatch.setattr(sys, "argv", ["finetune_precision.py", "--output", str(output)])
+    measured, stop_after = [], 2
+    with pytest.raises(TimeoutError):
+        finetune_precision.main()
+    written = json.loads(output.read_text())
+    assert [(row["method"], row["asked"]) for row in written["results"]] == [("full", "no"), ("full", "auto")]
+    assert written["partial"].startswith("2 of 6 runs") and "checks" not in written
+    measured, stop_after = [], None
+    finetune_precision.main()
+    written = json.loads(output.read_text())
+    assert len(written["results"]) == 6 and "partial" not in written and all(written["checks"].values())
+
+
+def test_end_to_end_writes_each_row_as_it_finishes(monkeypatch, tmp_path):
+    """The end-to-end JSON was written only after the step alone and every script run."""
+    import json
+
+    import pretrain_throughput
+
+    def script(args, extra):
+        if extra == pretrain_throughput.END_TO_END_VARIANTS["no per-term gradient norms"]:
+            raise TimeoutError("the step's budget")
+        steady = {"ecgs_per_second": 50.0, "data_wait_fraction": 0.0, "diagnostics_fraction": 0.0}
+        return {"flags": extra, "steady": steady}
+
+    monkeypatch.setattr(pretrain_throughput, "end_to_end_step_alone", lambda args, device: {"ecgs_per_second": 100.0})
+    monkeypatch.setattr(pretrain_throughput, "end_to_end_script", script)
+    monkeypatch.chdir(REPO_ROOT)  # main changes to the repository root
+    output = tmp_path / "e2e.json"
+    monkeypatch.setattr(sys, "argv", ["pretrain_throughput.py", "--end_to_end", "--cpu", "--output", str(output),
+                                      "--e2e_variants", "persistent workers (default)", "no per-term gradient norms"])  # fmt: skip
+    with pytest.raises(TimeoutError):
+        pretrain_throughput.main()
+    written = json.loads(output.read_text())["end_to_end"]
+    assert written["step_alone"] == {"ecgs_per_second": 100.0}
+    assert list(written["script"]) == ["persistent workers (default)"]
+    assert written["script"]["persistent workers (default)"]["steady"]["of_step_alone"] == 0.5
+
+
 @pytest.mark.slow
 def test_encoder_throughput_measures_bf16_weights_and_says_why_fp8_is_skipped_on_cpu():
     """The GPU run compares autocast, bf16 weights and fp8; on a CPU the same code measures bf16 weights and records
