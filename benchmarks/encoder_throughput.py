@@ -43,7 +43,6 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def einsum_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -383,7 +382,9 @@ def main(argv=None) -> dict:
         "torch": torch.__version__,
     }
     if on_gpu:
-        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in machine["device"]), None)
+        from merit_hf.utils.throughput import default_peak_tflops
+
+        peak = default_peak_tflops(args.device)
         for result in results:
             if peak and result["dtype"] == "bf16":
                 result["mfu_vs_dense_bf16_peak"] = round(result["achieved_tflops"] / peak, 4)

@@ -2,8 +2,8 @@
 each run resolved to and recorded, seconds per step, peak CUDA memory, test macro AUROC, and the refusals.
 
     python benchmarks/finetune_precision.py              # CUDA: a ViT-B-shaped encoder; CPU: the quick-start shape
-    # -> results/finetune_precision_cuda.json (results/finetune_precision_cpu.json without a GPU); exits 1 if a check
-    #    fails, naming it
+    # -> results/finetune_precision_cuda.json (results/finetune_precision_cpu.json without a GPU; written after each
+    #    run, "partial" until the last); exits 1 if a check fails, naming it
 
 Every run goes through the probe protocol's fine-tuning (`merit_hf.training.finetune.run_fine_tune`, the code behind
 `python -m merit_hf.training.probe --mode finetune`): random-init encoder (seed 0), batch 32, `--epochs` epochs with
@@ -115,28 +115,8 @@ def main() -> None:
     shape = args.shape or ("base" if device == "cuda" else "quickstart")
     precisions = ["no", "auto", "bf16", *(["fp16"] if device == "cuda" else [])]
     dataset_dict = load_dataset_dict(REPO_ROOT / "data" / "ptbxl_sample", 100, ProbeArguments(mode="finetune"))
-    rows = []
-    for method in ("full", "lora"):
-        for precision in precisions:
-            rows.append(measure(method, precision, shape, args.epochs, args.seed, dataset_dict))
-            print(json.dumps(rows[-1]), flush=True)
-    auto = resolve_finetune_precision("auto", device)
-    refusal = refusal_under_launcher()
-    checks = {
-        "auto_resolves_as_the_device_rule_says": auto
-        == ("bf16" if device == "cuda" and torch.cuda.get_device_capability() >= (8, 0) else "no"),
-        "every_run_records_its_precision": all(
-            row["protocol_mixed_precision"]
-            == row["training_mixed_precision"]
-            == (auto if row["asked"] == "auto" else row["asked"])
-            for row in rows
-        ),
-        "every_test_auroc_is_finite": all(math.isfinite(row["test_macro_auroc"]) for row in rows),
-        "contradiction_with_accelerate_launch_is_refused": "contradicts `accelerate launch`" in refusal,
-    }
-    by_key = {(row["method"], row["asked"]): row for row in rows}
     cpu = cpu_capability()
-    report = {
+    header = {
         "benchmark": "finetune_precision",
         "command": " ".join(["python", "benchmarks/finetune_precision.py", *sys.argv[1:]]),
         "model": f"random init, {shape} shape"
@@ -152,6 +132,34 @@ def main() -> None:
             "note": "CPU shared with other jobs: times are indicative" if device == "cpu" else "",
         },
         "torch": torch.__version__,
+    }
+    output = Path(args.output or RESULTS / f"finetune_precision_{device}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    runs = [(method, precision) for method in ("full", "lora") for precision in precisions]
+    rows = []
+    for method, precision in runs:
+        rows.append(measure(method, precision, shape, args.epochs, args.seed, dataset_dict))
+        print(json.dumps(rows[-1]), flush=True)
+        # after every run, so that a run cut short (a time limit) keeps the rows that finished
+        partial = f"{len(rows)} of {len(runs)} runs; the checks come after the last"
+        output.write_text(json.dumps({**header, "partial": partial, "results": rows}, indent=2) + "\n")
+    auto = resolve_finetune_precision("auto", device)
+    refusal = refusal_under_launcher()
+    checks = {
+        "auto_resolves_as_the_device_rule_says": auto
+        == ("bf16" if device == "cuda" and torch.cuda.get_device_capability() >= (8, 0) else "no"),
+        "every_run_records_its_precision": all(
+            row["protocol_mixed_precision"]
+            == row["training_mixed_precision"]
+            == (auto if row["asked"] == "auto" else row["asked"])
+            for row in rows
+        ),
+        "every_test_auroc_is_finite": all(math.isfinite(row["test_macro_auroc"]) for row in rows),
+        "contradiction_with_accelerate_launch_is_refused": "contradicts `accelerate launch`" in refusal,
+    }
+    by_key = {(row["method"], row["asked"]): row for row in rows}
+    report = {
+        **header,
         "auto_resolves_to": auto,
         "refusal_under_accelerate_launch_bf16_with_fp16": refusal,
         "results": rows,
@@ -164,8 +172,6 @@ def main() -> None:
         },  # fmt: skip
         "checks": checks,
     }
-    output = Path(args.output or RESULTS / f"finetune_precision_{device}.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({"checks": checks, "step_time_vs_fp32": report["step_time_vs_fp32"]}, indent=2))
     print(f"wrote {output}")

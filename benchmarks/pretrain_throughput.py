@@ -20,7 +20,8 @@ the per-term gradient norms the default logs every logging step (`--gradient_nor
 extractor's batched torch path in the workers (`--feature_extraction_device cpu`). The script's
 own throughput log gives its rate over the steady intervals (the first, with worker start-up and warm-up, left out),
 its data-wait and diagnostics shares; where it is below 90 % of the step alone, `limited_by` says which stage limits.
-Writes `results/pretrain_end_to_end_<device>.json`. On a GPU, as issue 18 ran it:
+Writes `results/pretrain_end_to_end_<device>.json` (after the step alone and after each variant). On a GPU, as
+issue 18 ran it:
 
     python benchmarks/pretrain_throughput.py --end_to_end --config configs/base.yaml --e2e_batch_size 128 \
         --e2e_num_workers 8 --e2e_flags --text_model_name_or_path <text encoder folder>
@@ -143,9 +144,9 @@ def scaling_benchmark(args) -> dict:
     """The real script, same total batch, 1 process x all cores vs 2 processes x 1 core."""
     results = {}
     cores = os.cpu_count() or 1
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
-    two_processes = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                     "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29731"]  # fmt: skip
+    two_processes = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                     "29731"]  # fmt: skip
     layouts = {  # name: (launcher, threads per process, batch per process, extra flags)
         "1 process x 1 thread": ([sys.executable], 1, args.scaling_batch_size, []),
         f"1 process x {cores} threads": ([sys.executable], cores, args.scaling_batch_size, []),
@@ -302,18 +303,25 @@ def end_to_end_script(args, extra: list[str]) -> dict:
     }
 
 
-def end_to_end_benchmark(args) -> dict:
-    """Step alone and the script's variants, in one run; which stage limits where the script is below 90 %."""
+def end_to_end_benchmark(args, written=None) -> dict:
+    """Step alone and the script's variants, in one run; which stage limits where the script is below 90 %.
+    `written(result so far)` is called after the step alone and after each variant (to write it: a run cut short
+    keeps what finished)."""
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     step = end_to_end_step_alone(args, device)
     chosen = args.e2e_variants or list(END_TO_END_VARIANTS)
-    variants = {name: end_to_end_script(args, END_TO_END_VARIANTS[name]) for name in chosen}
-    for result in variants.values():
-        steady = result["steady"]
-        steady["of_step_alone"] = steady["ecgs_per_second"] / step["ecgs_per_second"]
-        steady["limited_by"] = _limiting_stage(steady)
-    return {"config": args.config, "data_dir": args.data_dir, "device": str(device), "step_alone": step,
-            "script": variants, "num_workers": args.e2e_num_workers}  # fmt: skip
+    result = {"config": args.config, "data_dir": args.data_dir, "device": str(device), "step_alone": step,
+              "script": {}, "num_workers": args.e2e_num_workers}  # fmt: skip
+    for name in [None, *chosen]:
+        if name is not None:
+            variant = end_to_end_script(args, END_TO_END_VARIANTS[name])
+            steady = variant["steady"]
+            steady["of_step_alone"] = steady["ecgs_per_second"] / step["ecgs_per_second"]
+            steady["limited_by"] = _limiting_stage(steady)
+            result["script"][name] = variant
+        if written is not None:
+            written(result)
+    return result
 
 
 def _limiting_stage(steady: dict) -> str:
@@ -342,17 +350,21 @@ COMPILE_OPTIONS = {"compile": ("none", None, True), "compile + selective": ("sel
 
 
 def memory_options_group(preset: str, batch_size: int, options: list[str], warmup: int, steps: int,
-                         peak_tflops: float | None) -> list[dict]:  # fmt: skip
+                         peak_tflops: float | None, device: str | None = None,
+                         bf16_autocast: bool | None = None) -> list[dict]:  # fmt: skip
     """Every option of one (preset, batch) in one process on the same weights and inputs: the step of the GPU
     measurements in issue 14 (both losses, MiniLM-shaped text tower, 64-token reports, bf16 autocast on CUDA, fused
-    AdamW). Peak memory per option after `reset_peak_memory_stats`; an option that runs out of memory says so."""
+    AdamW). Peak memory per option after `reset_peak_memory_stats`; an option that runs out of memory says so.
+    `device`: default CUDA when present; `bf16_autocast`: default on CUDA only. Under selective checkpointing
+    autocast's cache is off, as the pretraining script runs it (`make_accelerator`)."""
     from accelerate.utils import compile_regions
     from transformers import BertConfig
 
     from merit_hf import MeritConfig, MeritEcgConfig, MeritForPreTraining
     from merit_hf.training.activation_checkpointing import enable_activation_checkpointing
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bf16_autocast = device.type == "cuda" if bf16_autocast is None else bf16_autocast
     ecg_config = MeritEcgConfig.from_preset(preset)
     text = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
     torch.manual_seed(0)
@@ -367,7 +379,6 @@ def memory_options_group(preset: str, batch_size: int, options: list[str], warmu
     batch = {key: value.to(device) for key, value in batch.items()}
     flops_per_ecg = count_flops_per_sample(model, lambda rows: model(**rows).loss, batch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     peak = peak_tflops if peak_tflops is not None else default_peak_tflops(device)
     results = []
     for name in options:
@@ -375,8 +386,10 @@ def memory_options_group(preset: str, batch_size: int, options: list[str], warmu
         num_layers = ecg_config.num_hidden_layers // 2 if layers == "half" else layers
         enable_activation_checkpointing(model, mode, num_layers)
         forward = compile_regions(model) if compiled else model
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast,
+                                  cache_enabled=mode != "selective")  # fmt: skip
 
-        def train_step(forward=forward):
+        def train_step(forward=forward, autocast=autocast):
             with autocast:
                 loss = forward(**batch).loss
             loss.backward()
@@ -421,6 +434,8 @@ def memory_options_benchmark(args) -> list[dict]:
                    "--memory_warmup_steps", str(args.memory_warmup_steps), "--memory_steps", str(args.memory_steps)]  # fmt: skip
         if args.peak_tflops is not None:
             command += ["--peak_tflops", str(args.peak_tflops)]
+        if args.cpu:
+            command.append("--cpu")
         done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=3600)
         if done.returncode != 0:
             results.append({"preset": preset, "batch_size": batch, "error": done.stderr[-2000:]})
@@ -510,18 +525,22 @@ def main() -> None:
     if args.single_memory_group:
         preset, batch = args.single_memory_group
         group = memory_options_group(preset, int(batch), args.options, args.memory_warmup_steps, args.memory_steps,
-                                     args.peak_tflops)  # fmt: skip
+                                     args.peak_tflops, device_name)  # fmt: skip
         print(json.dumps(group))
         return
     if args.end_to_end or args.memory_options:
         name = "pretrain_end_to_end" if args.end_to_end else "pretrain_memory_mfu"
         result = {"machine": _machine()}
-        if args.end_to_end:
-            result["end_to_end"] = end_to_end_benchmark(args)
-        else:
-            result["memory_options"] = memory_options_benchmark(args)
         output = Path(args.output or REPO_ROOT / "benchmarks" / "results" / f"{name}_{device_name}.json")
         output.parent.mkdir(parents=True, exist_ok=True)
+        if args.end_to_end:
+
+            def written(part: dict) -> None:
+                output.write_text(json.dumps({**result, "end_to_end": part}, indent=2) + "\n")
+
+            result["end_to_end"] = end_to_end_benchmark(args, written)
+        else:
+            result["memory_options"] = memory_options_benchmark(args)
         output.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
         print(f"wrote {output}")

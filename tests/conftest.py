@@ -6,6 +6,7 @@ Nothing here downloads anything: the Hub is forced offline and HF_HOME is privat
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -38,6 +39,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 BUNDLED_PTBXL = REPO_ROOT / "data" / "ptbxl_sample"
+# `accelerate launch` through the interpreter running the tests: its console script is not always beside it (pip's
+# scripts on a GPU machine go to another bin/ than /usr/bin/python3's)
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 TINY_REPORTS = [
     "sinus rhythm normal ecg",

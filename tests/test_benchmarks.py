@@ -111,6 +111,114 @@ def test_pretraining_memory_options_group_runs_every_option():
 
 
 @pytest.mark.slow
+def test_pretraining_memory_options_selective_runs_under_bf16_autocast():
+    """Selective checkpointing under bf16 autocast (on a GPU; forced on here) with autocast's cache on failed in the
+    backward ("aten._to_copy.default invocation index 2 ... not found in storage"), and is not how the pretraining
+    script runs it (`make_accelerator` turns the cache off for selective)."""
+    import pretrain_throughput
+
+    results = pretrain_throughput.memory_options_group("tiny-p75", 2, ["selective"], warmup=0, steps=1,
+                                                       peak_tflops=1.0, device="cpu", bf16_autocast=True)  # fmt: skip
+    assert "error" not in results[0], results[0]
+    assert results[0]["ecgs_per_second"] > 0
+
+
+def test_pretraining_memory_options_passes_cpu_to_each_group(monkeypatch):
+    """`--memory_options --cpu` on a GPU machine: each (preset, batch) runs in its own process, which picked CUDA."""
+    import subprocess
+
+    import pretrain_throughput
+
+    commands = []
+
+    def run(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, stdout="[]\n", stderr="")
+
+    monkeypatch.setattr(pretrain_throughput.subprocess, "run", run)
+    monkeypatch.setattr(sys, "argv", ["pretrain_throughput.py", "--memory_options", "--cpu", "--base_batches", "1",
+                                      "--small_batches", "--output", "/dev/null"])  # fmt: skip
+    pretrain_throughput.main()
+    groups = [command for command in commands if "--single_memory_group" in command]  # platform runs `uname` too
+    assert len(groups) == 1 and "--cpu" in groups[0]
+
+
+def test_encoder_throughput_mfu_uses_the_peak_of_the_h100_variant(monkeypatch, tmp_path):
+    """The MFU of a bf16 row is against the package's peak for the GPU's name: an H100 PCIe's 756 TFLOP/s, not the
+    SXM's 989 that every "H100" got."""
+    import torch
+
+    row = {"row": "merit_encoder", "preset": "tiny-p75", "variant": "sdpa", "mode": "infer", "dtype": "bf16",
+           "ecgs_per_second": 1.0, "gflop_per_ecg_forward": 1.0, "achieved_tflops": 75.6,
+           "fraction_of_matmul_peak": 0.5}  # fmt: skip
+    monkeypatch.setattr(encoder_throughput, "_in_subprocess", lambda **kwargs: {"results": [dict(row)]})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    report = encoder_throughput.main(["--device", "cuda", "--dtypes", "bf16", "--presets", "tiny-p75", "--modes",
+                                      "infer", "--skip_hubert", "--output", str(tmp_path / "out.json")])  # fmt: skip
+    assert report["results"][0]["mfu_vs_dense_bf16_peak"] == pytest.approx(0.1)
+
+
+def test_finetune_precision_writes_each_run_as_it_finishes(monkeypatch, tmp_path):
+    """The JSON was written only after all runs: a run cut short by the device call's limit brought nothing back.
+    Now after every run ("partial" until the checks), and whole at the end."""
+    import json
+
+    import finetune_precision
+
+    def measure(method, precision, *args):
+        if stop_after is not None and len(measured) == stop_after:
+            raise TimeoutError("the step's budget")
+        measured.append((method, precision))
+        recorded = "no" if precision == "auto" else precision  # 'auto' on a CPU
+        return {"method": method, "asked": precision, "protocol_mixed_precision": recorded,
+                "training_mixed_precision": recorded, "seconds_per_step": 1.0, "test_macro_auroc": 0.5}  # fmt: skip
+
+    monkeypatch.setattr(finetune_precision, "measure", measure)
+    monkeypatch.setattr(finetune_precision, "load_dataset_dict", lambda *args: None)
+    monkeypatch.setattr(finetune_precision, "training_device_type", lambda: "cpu")
+    monkeypatch.setattr(finetune_precision.torch, "set_num_threads", lambda threads: None)
+    output = tmp_path / "finetune_precision.json"
+    monkeypatch.setattr(sys, "argv", ["finetune_precision.py", "--output", str(output)])
+    measured, stop_after = [], 2
+    with pytest.raises(TimeoutError):
+        finetune_precision.main()
+    written = json.loads(output.read_text())
+    assert [(row["method"], row["asked"]) for row in written["results"]] == [("full", "no"), ("full", "auto")]
+    assert written["partial"].startswith("2 of 6 runs") and "checks" not in written
+    measured, stop_after = [], None
+    finetune_precision.main()
+    written = json.loads(output.read_text())
+    assert len(written["results"]) == 6 and "partial" not in written and all(written["checks"].values())
+
+
+def test_end_to_end_writes_each_row_as_it_finishes(monkeypatch, tmp_path):
+    """The end-to-end JSON was written only after the step alone and every script run."""
+    import json
+
+    import pretrain_throughput
+
+    def script(args, extra):
+        if extra == pretrain_throughput.END_TO_END_VARIANTS["no per-term gradient norms"]:
+            raise TimeoutError("the step's budget")
+        steady = {"ecgs_per_second": 50.0, "data_wait_fraction": 0.0, "diagnostics_fraction": 0.0}
+        return {"flags": extra, "steady": steady}
+
+    monkeypatch.setattr(pretrain_throughput, "end_to_end_step_alone", lambda args, device: {"ecgs_per_second": 100.0})
+    monkeypatch.setattr(pretrain_throughput, "end_to_end_script", script)
+    monkeypatch.chdir(REPO_ROOT)  # main changes to the repository root
+    output = tmp_path / "e2e.json"
+    monkeypatch.setattr(sys, "argv", ["pretrain_throughput.py", "--end_to_end", "--cpu", "--output", str(output),
+                                      "--e2e_variants", "persistent workers (default)", "no per-term gradient norms"])  # fmt: skip
+    with pytest.raises(TimeoutError):
+        pretrain_throughput.main()
+    written = json.loads(output.read_text())["end_to_end"]
+    assert written["step_alone"] == {"ecgs_per_second": 100.0}
+    assert list(written["script"]) == ["persistent workers (default)"]
+    assert written["script"]["persistent workers (default)"]["steady"]["of_step_alone"] == 0.5
+
+
+@pytest.mark.slow
 def test_encoder_throughput_measures_bf16_weights_and_says_why_fp8_is_skipped_on_cpu():
     """The GPU run compares autocast, bf16 weights and fp8; on a CPU the same code measures bf16 weights and records
     why fp8 cannot run there."""

@@ -2,7 +2,10 @@
 filtering reproduced to rounding in float64, the same output within float32 rounding on every bundled PTB-XL record,
 and the same errors, crops, masks and options."""
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -435,6 +438,15 @@ def test_complex_input_raises_on_both_paths(ptbxl_dir):
             MeritFeatureExtractor()([signal, signal + 0.1j], sampling_rate=500, lead_names=names, device=device)
 
 
+def _matmul_precision(full: bool = False):
+    """The float32 matmul precision the products run in: per backend on torch >= 2.9, where the legacy getter still
+    says what the legacy setter last set; `full=True`: what full float32 reads as."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+        return ("ieee", "ieee") if full else tuple(backend.fp32_precision for backend in backends)
+    return "highest" if full else torch.get_float32_matmul_precision()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_tf32_set_by_the_caller_does_not_reach_the_dsp(ptbxl_dir, monkeypatch, device):
     """`TrainingArguments(tf32=True)` / `allow_tf32 = True` (float32 matmul precision "high"): the resampling and
@@ -445,7 +457,7 @@ def test_tf32_set_by_the_caller_does_not_reach_the_dsp(ptbxl_dir, monkeypatch, d
     resample = feature_extraction_torch_merit.resample_poly_padded
 
     def recording(*args):
-        seen.append(torch.get_float32_matmul_precision())
+        seen.append(_matmul_precision())
         return resample(*args)
 
     monkeypatch.setattr(feature_extraction_torch_merit, "resample_poly_padded", recording)
@@ -459,8 +471,45 @@ def test_tf32_set_by_the_caller_does_not_reach_the_dsp(ptbxl_dir, monkeypatch, d
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(previous)
-    assert seen == ["highest", "highest"]
+    assert seen == [_matmul_precision(full=True)] * 2
     np.testing.assert_allclose(actual["ecg_values"], expected["ecg_values"], rtol=0, atol=MAX_ABS_ERROR)
+
+
+_TF32_THE_NEW_WAY = """
+import numpy as np, torch
+from merit_hf import MeritFeatureExtractor
+from merit_hf.models.merit import feature_extraction_torch_merit as fet
+
+signal = np.random.default_rng(0).normal(size=(5000, 12)) * 0.3
+fe = MeritFeatureExtractor()
+names = list(fe.lead_names)
+expected = fe([signal, signal[::5]], sampling_rate=[500, 100], lead_names=names, return_tensors="np")["ecg_values"]
+seen, resample = [], fet.resample_poly_padded
+def recording(*args):
+    seen.append((torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision))
+    return resample(*args)
+fet.resample_poly_padded = recording
+torch.backends.fp32_precision = "tf32"  # transformers' enable_tf32(True) on torch >= 2.9
+actual = fe([signal, signal[::5]], sampling_rate=[500, 100], lead_names=names, return_tensors="np", device="cpu")
+assert seen == [("ieee", "ieee")] * 2, seen
+after = (torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
+         torch.backends.mkldnn.matmul.fp32_precision)
+assert after == ("tf32",) * 3, after
+assert np.abs(actual["ecg_values"] - expected).max() <= 1e-4
+print("TF32 NEW API OK")
+"""
+
+
+@pytest.mark.skipif(not hasattr(torch.backends, "fp32_precision"), reason="torch < 2.9 has no per-backend precision")
+def test_tf32_set_through_the_new_api_does_not_break_the_dsp():
+    """`TrainingArguments(tf32=True)` on torch >= 2.9 sets `torch.backends.fp32_precision = "tf32"`, after which
+    `torch.get_float32_matmul_precision()` raised ("mix of the legacy and new APIs") and every `device=` call failed.
+    A fresh process (the setting is process-global, and an earlier legacy call hides the error): the products run in
+    "ieee", the caller's "tf32" is back after, and the output is the scipy path's."""
+    done = subprocess.run([sys.executable, "-c", _TF32_THE_NEW_WAY], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "TF32 NEW API OK" in done.stdout
 
 
 def _records_of_every_layout() -> list[np.ndarray]:

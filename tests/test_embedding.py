@@ -343,8 +343,8 @@ def test_accelerate_launch_embeds_one_shard_per_process(tmp_path):
 
     from datasets import load_dataset
 
-    from tests.conftest import REPO_ROOT
-    from tests.test_pretrain import ACCELERATE, free_port, subprocess_env
+    from tests.conftest import ACCELERATE_LAUNCH, REPO_ROOT
+    from tests.test_pretrain import free_port, subprocess_env
 
     torch.manual_seed(0)
     folder = tmp_path / "model"
@@ -352,7 +352,7 @@ def test_accelerate_launch_embeds_one_shard_per_process(tmp_path):
     common = ["--model_name_or_path", str(folder), "--dataset", str(BUNDLED_PTBXL), "--splits", "test",
               "--precision", "fp32"]  # fmt: skip
     whole = main([*common, "--output_dir", str(tmp_path / "whole")])
-    launch = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+    launch = [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
               "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "merit_hf.embedding"]  # fmt: skip
     done = subprocess.run([*launch, *common, "--output_dir", str(tmp_path / "launched"), "--use_cpu", "true"],
                           env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -25,12 +25,11 @@ from merit_hf.training.finetune_precision import (
 )
 from merit_hf.training.probe import main
 from merit_hf.utils.arguments import parse_arguments
-from tests.conftest import BUNDLED_PTBXL, REPO_ROOT
+from tests.conftest import ACCELERATE_LAUNCH, BUNDLED_PTBXL, REPO_ROOT
 from tests.test_eval_probe import synthetic_ptbxl
 from tests.test_finetune_lora import base_checkpoint  # noqa: F401  (fixture: a tiny pretraining checkpoint)
 from tests.test_trainer_classification import tiny_encoder
 
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 # The bundled records' own rate and length: nothing to resample, short sequences (20 patches per lead).
 TINY_ECG = {"sampling_rate": 100, "num_samples": 1000, "patch_size": 50}
 
@@ -260,7 +259,7 @@ def test_accelerate_launch_mixed_precision_reaches_fine_tuning_and_the_results(b
     """The real launcher, one process (on the GPU where there is one): its --mixed_precision bf16 is what the Trainer
     trains in and the results say so (before the flag existed it was also trained in, but recorded nowhere)."""
     device_flags = [] if torch.cuda.is_available() else ["--cpu"]
-    argv = [ACCELERATE, "launch", *device_flags, "--num_processes", "1", "--num_machines", "1", "--mixed_precision",
+    argv = [*ACCELERATE_LAUNCH, *device_flags, "--num_processes", "1", "--num_machines", "1", "--mixed_precision",
             "bf16", "--dynamo_backend", "no", "-m", "merit_hf.training.probe",
             *probe_argv(base_checkpoint, tmp_path)]  # fmt: skip
     done = subprocess.run(argv, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO_ROOT, capture_output=True,
@@ -280,7 +279,7 @@ def test_two_processes_with_batch_b_fine_tune_as_one_with_batch_2b(base_checkpoi
               str(BUNDLED_PTBXL), "--mode", "finetune", "--label_fractions", "0.5", "--finetune_max_epochs", "2",
               "--num_bootstrap", "0", "--baseline", "false", "--use_cpu", "true"]  # fmt: skip
     runs = {
-        "two": [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "two": [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no", *common, "--batch_size", "43"],
         "one": [sys.executable, *common, "--batch_size", "86"],
     }  # fmt: skip

@@ -257,6 +257,37 @@ def test_an_int8_model_runs_as_int8_or_not_at_all():
             prepare_for_inference(int8, precision, "cpu")
 
 
+class Float8Tensor(torch.Tensor):
+    """Stands in for torchao 0.18's float8 weight (`torchao.quantization.Float8Tensor`, a tensor subclass that
+    `quantize_` puts on each `nn.Linear`; its quantisation needs a GPU of compute capability 8.9+)."""
+
+
+Float8Tensor.__module__ = "torchao.quantization"
+
+
+@pytest.mark.parametrize("weights", ["stand-in", "torchao"])
+def test_an_fp8_model_runs_as_fp8_or_not_at_all(monkeypatch, weights):
+    """torchao keeps `nn.Linear` and swaps its weight, so an fp8 copy was not seen as quantised: asked for "bf16" (or
+    "auto" on a GPU) it came back unchanged, still fp8, under the name bf16."""
+    torch.manual_seed(0)
+    model = MeritEcgModel(tiny_ecg_config()).to(torch.bfloat16).eval()
+    linear = next(child for child in model.modules() if isinstance(child, torch.nn.Linear))
+    if weights == "torchao":
+        pytest.importorskip("torchao")
+        from torchao.quantization import PerRow
+        from torchao.quantization.quantize_.workflows.float8.float8_tensor import Float8Tensor as TorchaoFloat8
+
+        weight = TorchaoFloat8.from_hp(linear.weight.detach(), granularity=PerRow())
+    else:
+        weight = linear.weight.detach().as_subclass(Float8Tensor)
+    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert prepare_for_inference(model, "fp8", "cuda") is model
+    for precision, device in (("bf16", "cpu"), ("fp32", "cpu"), ("auto", "cuda"), ("bf16", "cuda")):
+        with pytest.raises(ValueError, match=r"MeritEcgModel is already quantised to fp8 .* pass the model it was"):
+            prepare_for_inference(model, precision, device)
+
+
 def test_bf16_on_a_gpu_without_bf16_is_an_error_and_every_choice_is_logged(caplog):
     with pytest.raises(
         ValueError, match=r"precision 'bf16' needs a GPU with bf16 .* cuda has compute capability 7\.5\. Use 'fp16'"

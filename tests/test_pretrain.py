@@ -22,11 +22,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import BUNDLED_PTBXL, REPO_ROOT, run_pretraining, tiny_text_config, train_tiny_tokenizer
+from tests.conftest import (
+    ACCELERATE_LAUNCH,
+    BUNDLED_PTBXL,
+    REPO_ROOT,
+    run_pretraining,
+    tiny_text_config,
+    train_tiny_tokenizer,
+)
 
 TINY_YAML = REPO_ROOT / "configs" / "tiny.yaml"
 PYTHON = sys.executable
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 LAUNCH_TIMEOUT_S = 300
 STEPS = 8
 
@@ -688,7 +694,7 @@ def test_a_streamed_parquet_epoch_does_not_wait_for_reader_threads(tmp_path, mon
 # Several processes (gloo on CPU)
 # ----------------------------------------------------------------------------------------------------------------------
 def launch_argv(*launcher_flags: str) -> list[str]:
-    return [ACCELERATE, "launch", "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", *launcher_flags,
+    return [*ACCELERATE_LAUNCH, "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", *launcher_flags,
             "-m", "merit_hf.training.pretrain"]  # fmt: skip
 
 
@@ -735,7 +741,7 @@ def test_each_process_draws_its_own_dropout_masks(assets, tmp_path):
         "MeritForPreTraining.forward = traced\n"
         "pretrain.main(sys.argv[1:-1])\n"
     )
-    argv = [ACCELERATE, "launch", "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes",
+    argv = [*ACCELERATE_LAUNCH, "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes",
             "2", "--num_machines", "1", "--main_process_port", str(free_port()), str(script)]  # fmt: skip
     argv += base_argv(assets, tmp_path / "run", use_cpu="true", max_steps=1, save_steps=1, eval_split="None")
     done = subprocess.run([*argv, str(tmp_path)], env=subprocess_env(), cwd=REPO_ROOT, capture_output=True,
@@ -957,7 +963,7 @@ def test_two_processes_stream_uneven_shards_in_step_and_resume_exactly(assets, t
 
     def launch(run: str, **overrides) -> list[list[dict]]:
         (tmp_path / f"{run}_trace").mkdir()
-        argv = [ACCELERATE, "launch", "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no",
+        argv = [*ACCELERATE_LAUNCH, "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()), str(script),
                 *base_argv(assets, tmp_path / run, **{**flags, **overrides}), str(tmp_path / f"{run}_trace")]  # fmt: skip
         done = subprocess.run(argv, env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True,

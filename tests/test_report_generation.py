@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import BUNDLED_PTBXL, REPO_ROOT, TINY_REPORTS, run_in_fresh_process, tiny_ecg_config
+from tests.conftest import (
+    ACCELERATE_LAUNCH,
+    BUNDLED_PTBXL,
+    REPO_ROOT,
+    TINY_REPORTS,
+    run_in_fresh_process,
+    tiny_ecg_config,
+)
 
 ECG_CONFIG = {"sampling_rate": 100, "num_samples": 1000, "patch_size": 50}
 SPM_VOCAB_SIZE = 64
@@ -1333,8 +1340,6 @@ def test_report_lora_on_two_processes_equals_one_process(lm_dir, tmp_path):
     import os
     import socket
     import subprocess
-    import sys
-    from pathlib import Path
 
     flags = {"language_model": lm_dir, "ptbxl_dir": BUNDLED_PTBXL, "compute_meteor": "false", "use_cpu": "true",
              "check_folds": 9, "max_check_reports": 5, "max_eval_reports": 5, "per_device_eval_batch_size": 2}  # fmt: skip
@@ -1348,7 +1353,7 @@ def test_report_lora_on_two_processes_equals_one_process(lm_dir, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--mixed_precision", "no",
+    launcher = [*ACCELERATE_LAUNCH, "--multi_gpu", "--mixed_precision", "no",
                 "--dynamo_backend", "no", "--num_processes", "2", "--num_machines", "1", "--main_process_port",
                 str(port), "-m", "merit_hf.training.report_lora"]  # fmt: skip
     two_dir = tmp_path / "two"
@@ -1388,8 +1393,6 @@ def test_report_lora_processes_draw_their_own_dropout_masks(lm_dir, tmp_path):
     import os
     import socket
     import subprocess
-    import sys
-    from pathlib import Path
 
     script = tmp_path / "trace.py"
     script.write_text(
@@ -1410,7 +1413,7 @@ def test_report_lora_processes_draw_their_own_dropout_masks(lm_dir, tmp_path):
         port = sock.getsockname()[1]
     flags = {"language_model": lm_dir, "ptbxl_dir": BUNDLED_PTBXL, "use_cpu": "true", "do_eval": "false",
              "lora_epochs": 0, "per_device_train_batch_size": 4, "output_dir": tmp_path / "run"}  # fmt: skip
-    argv = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--mixed_precision", "no",
+    argv = [*ACCELERATE_LAUNCH, "--multi_gpu", "--mixed_precision", "no",
             "--dynamo_backend", "no", "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(port),
             str(script), str(REPO_ROOT / "configs" / "report_tiny.yaml"),
             *[item for name, value in flags.items() for item in (f"--{name}", str(value))], str(tmp_path)]  # fmt: skip

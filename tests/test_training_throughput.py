@@ -89,12 +89,15 @@ def test_meter_counts_diagnostics_in_the_step_and_shows_their_share():
 
 
 def test_default_peak_by_gpu_name(monkeypatch):
+    """Whole words of the name: "L40" got the L4's peak and "A10G" (not in the table) the A10's."""
     from merit_hf.training import throughput
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for name, peak in (("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
-                       ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0),
-                       ("NVIDIA GeForce RTX 3090", None)):  # fmt: skip
+    for name, peak in (("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+                       ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0), ("NVIDIA GH200 480GB", 989.0),
+                       ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A100 80GB PCIe", 312.0), ("NVIDIA L40S", 362.0),
+                       ("NVIDIA L40", 181.0), ("NVIDIA L4", 121.0), ("NVIDIA A10", 125.0),
+                       ("NVIDIA A10G", None), ("NVIDIA GeForce RTX 3090", None)):  # fmt: skip
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert throughput.default_peak_tflops("cuda") == peak, name
     assert throughput.default_peak_tflops("cpu") is None

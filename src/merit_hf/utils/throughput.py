@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -35,7 +36,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 # Dense bf16 tensor-core TFLOP/s from the vendor's data sheets (they print the figure with sparsity, twice these).
-# Matched in order against `torch.cuda.get_device_name()`, so the more specific names come first.
+# Matched in order against the whole words of `torch.cuda.get_device_name()` (split at spaces and hyphens, any case),
+# so the more specific names come first, and "L40" is not the L4 nor "A10G" the A10.
 PEAK_DENSE_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H200 NVL", 835.0),  # NVIDIA H200 data sheet: BF16 1,671 TFLOPS with sparsity (NVL)
     ("H200", 989.0),  # NVIDIA H200 data sheet: BF16 1,979 TFLOPS with sparsity (SXM)
@@ -45,6 +47,7 @@ PEAK_DENSE_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H100", 989.0),  # NVIDIA H100 data sheet: BF16 1,979 TFLOPS with sparsity (SXM; "NVIDIA H100 80GB HBM3")
     ("A100", 312.0),  # NVIDIA A100 data sheet: BF16 312 TFLOPS dense, SXM and PCIe
     ("L40S", 362.0),  # NVIDIA L40S data sheet: BF16 733 TFLOPS with sparsity
+    ("L40", 181.0),  # NVIDIA L40 data sheet: BF16 362 TFLOPS with sparsity
     ("L4", 121.0),  # NVIDIA L4 data sheet: BF16 242 TFLOPS with sparsity
     ("A10", 125.0),  # NVIDIA A10 data sheet: BF16 250 TFLOPS with sparsity
 )
@@ -58,8 +61,8 @@ def default_peak_tflops(device: torch.device | str) -> float | None:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_DENSE_BF16_TFLOPS if key in name), None)
+    words = " ".join(re.split(r"[\s-]+", torch.cuda.get_device_name(device).lower()))
+    return next((peak for key, peak in PEAK_DENSE_BF16_TFLOPS if f" {key.lower()} " in f" {words} "), None)
 
 
 def _attention_configs(model: torch.nn.Module) -> list:

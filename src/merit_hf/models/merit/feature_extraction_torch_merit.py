@@ -494,16 +494,31 @@ def normalize(
 
 @contextmanager
 def full_float32_matmuls():
-    """float32 matrix products in full float32 inside the block (`torch.set_float32_matmul_precision("highest")`),
-    whatever the caller set: `TrainingArguments(tf32=True)` or `torch.backends.cuda.matmul.allow_tf32 = True`, usual
-    for training on a GPU, would run the resampling and filtering products in TF32 (10-bit mantissas, about 1e-3 of a
-    sample; "medium" may use bf16 on a CPU). The caller's setting is restored after."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
+    """float32 matrix products in full float32 inside the block, whatever the caller set: `TrainingArguments(tf32=True)`
+    or `torch.backends.cuda.matmul.allow_tf32 = True`, usual for training on a GPU, would run the resampling and
+    filtering products in TF32 (10-bit mantissas, about 1e-3 of a sample; "medium" may use bf16 on a CPU). On torch
+    >= 2.9 through the per-backend `fp32_precision` ("ieee"): there `TrainingArguments(tf32=True)` sets
+    `torch.backends.fp32_precision = "tf32"`, after which `torch.get_float32_matmul_precision()` raises (a mix of the
+    legacy and new APIs). Older torch: `torch.set_float32_matmul_precision("highest")`. The caller's setting is
+    restored after."""
+    matmul = [torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None)]
+    backends = [backend for backend in matmul if backend is not None and hasattr(backend, "fp32_precision")]
+    if not backends:
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(previous)
+        return
+    previous = [backend.fp32_precision for backend in backends]
     try:
+        for backend in backends:
+            backend.fp32_precision = "ieee"
         yield
     finally:
-        torch.set_float32_matmul_precision(previous)
+        for backend, precision in zip(backends, previous):
+            backend.fp32_precision = precision
 
 
 def extract_batch(

@@ -48,8 +48,8 @@ file to time again.
 `prepare_for_inference(module, precision, device)` never changes the module it is given, its training mode included:
 it returns the module itself when it is already in that precision on that device and in eval mode (and, in fp32 on a
 CPU, prepacking does not pay), else a converted copy in eval mode (a module in training mode that needs no conversion:
-a copy sharing its weights). A module that `"int8"` already quantised runs only as int8: another precision is an
-error, never int8 under another name. The copy is kept with the
+a copy sharing its weights). A module that `"int8"` or `"fp8"` already quantised runs only in that precision: another
+is an error, never int8 or fp8 under another name. The copy is kept with the
 module and reused while the module's parameters are unchanged (a training step or `load_state_dict` makes a new
 one), so calling `zero_shot_classify` in a loop does not convert the model every time. (Not seen: weights made under
 `torch.inference_mode()` and then written in place under it, for example `load_state_dict` inside that block: such
@@ -331,8 +331,17 @@ def resolve_precision(
     return choice
 
 
-def _is_quantized(module: nn.Module) -> bool:
-    return any("quantized" in type(child).__module__ for child in module.modules())
+def _quantization(module: nn.Module) -> str | None:
+    """`"int8"` for PyTorch's dynamic quantisation (layers from a `quantized` module), `"fp8"` for torchao's float8
+    (it keeps `nn.Linear` and swaps in a weight tensor subclass, `torchao.quantization.Float8Tensor` in 0.18), else
+    `None`."""
+    if any("quantized" in type(child).__module__ for child in module.modules()):
+        return "int8"
+    for parameter in module.parameters():
+        kind = type(parameter)
+        if kind.__module__.split(".")[0] == "torchao" and "float8" in kind.__name__.lower():
+            return "fp8"
+    return None
 
 
 def _state(module: nn.Module) -> tuple[torch.dtype | None, torch.device | None]:
@@ -671,20 +680,21 @@ def prepare_for_inference(
     cached beside `module` until its parameters change. The caller's module is never cast, quantised or switched to
     eval mode (a training loop that scores zero-shot between steps keeps its dropout, whatever the CPU).
 
-    Raises `ValueError` for a module already quantised to int8 (what `"int8"` returns) asked for another precision.
+    Raises `ValueError` for a module already quantised to int8 or fp8 (what `"int8"` and `"fp8"` return) asked for
+    another precision.
     """
     dtype, current_device = _state(module)
     device = torch.device(device) if device is not None else (current_device or torch.device("cpu"))
     resolved = resolve_precision(precision, device)
     if device.type == "cpu":
         keep_freed_cpu_memory()
-    quantized = _is_quantized(module)
-    if quantized and resolved != "int8":
+    quantized = _quantization(module)
+    if quantized is not None and resolved != quantized:
         raise ValueError(
-            f"{type(module).__name__} is already quantised to int8 (prepare_for_inference(..., 'int8') returns such a "
-            f"copy); it cannot run in {resolved!r}: pass the model it was made from"
+            f"{type(module).__name__} is already quantised to {quantized} (prepare_for_inference(..., {quantized!r}) "
+            f"returns such a copy); it cannot run in {resolved!r}: pass the model it was made from"
         )
-    ready = quantized or (
+    ready = quantized is not None or (
         resolved in _DTYPES
         and dtype in (None, _DTYPES[resolved])
         and (current_device is None or _same_device(current_device, device))
