@@ -1098,8 +1098,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model.train()
     while global_step < train_args.max_steps:
         epoch, batch_index, batch = next(batches)
+        ecg_ids = batch.pop("ecg_id")  # stays on the CPU: the masking noise is drawn there (no device round trip)
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-        ecg_ids = batch.pop("ecg_id")
         noise = masking_noise(ecg_ids.tolist(), (train_args.seed, epoch), num_patches).to(accelerator.device)
         if meter.count_flops_once(
             lambda rows: meter.model(**at_report_length(rows, model_args.max_report_length, tokenizer)).loss,
@@ -1597,8 +1597,8 @@ def evaluate(model, eval_loader, accelerator: Accelerator, seed: int, num_patche
     objective = PretrainingObjective(accelerator.unwrap_model(model).config, equal_batches=False)
     per_record = []
     for batch in eval_loader:
+        ecg_ids = batch.pop("ecg_id")  # on the CPU, as in training
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-        ecg_ids = batch.pop("ecg_id")
         records = _num_real_records(accelerator, len(ecg_ids))
         rows = max(records, 1)
         noise = masking_noise(ecg_ids[:rows].tolist(), (seed, -1), num_patches).to(accelerator.device)

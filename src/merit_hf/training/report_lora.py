@@ -735,8 +735,11 @@ def generate_reports(
     texts, new_tokens, seconds = {}, 0, 0.0
     for batch in tqdm(loader, desc="generate", disable=not accelerator.is_local_main_process):
         indices = batch.pop("index")
+        synchronize = torch.cuda.synchronize if accelerator.device.type == "cuda" else (lambda: None)
+        synchronize()  # the timed work is the GPU's, not only its launch
         start = time.perf_counter()
         output = unwrapped.generate(**batch, generation_config=generation_config)
+        synchronize()
         seconds += time.perf_counter() - start
         output = output[:, batch["input_ids"].shape[1] :]  # generate() returns the prompt, then the new tokens
         eos_token_id = generation_config.eos_token_id
