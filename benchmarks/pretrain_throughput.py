@@ -436,9 +436,12 @@ def memory_options_benchmark(args) -> list[dict]:
             command += ["--peak_tflops", str(args.peak_tflops)]
         if args.cpu:
             command.append("--cpu")
-        done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=3600)
+        # Its stderr goes straight to this run's log, where each row it prints as measured stays if the run is cut
+        # short (a GPU call's deadline); the finished group's rows come back on its stdout.
+        done = subprocess.run(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True, timeout=3600)
         if done.returncode != 0:
-            results.append({"preset": preset, "batch_size": batch, "error": done.stderr[-2000:]})
+            results.append({"preset": preset, "batch_size": batch,
+                            "error": f"exit status {done.returncode}; its traceback is in this run's log (stderr)"})  # fmt: skip
             continue
         results.extend(json.loads(done.stdout.strip().splitlines()[-1]))
         for result in results[-len(options) :]:

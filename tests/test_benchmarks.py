@@ -129,10 +129,12 @@ def test_pretraining_memory_options_passes_cpu_to_each_group(monkeypatch):
 
     import pretrain_throughput
 
-    commands = []
+    commands, group_kwargs = [], []
 
     def run(command, **kwargs):
         commands.append(command)
+        if "--single_memory_group" in command:
+            group_kwargs.append(kwargs)
         return subprocess.CompletedProcess(command, 0, stdout="[]\n", stderr="")
 
     monkeypatch.setattr(pretrain_throughput.subprocess, "run", run)
@@ -141,6 +143,9 @@ def test_pretraining_memory_options_passes_cpu_to_each_group(monkeypatch):
     pretrain_throughput.main()
     groups = [command for command in commands if "--single_memory_group" in command]  # platform runs `uname` too
     assert len(groups) == 1 and "--cpu" in groups[0]
+    # the group's stderr is not captured: its rows reach the log as measured, also when a deadline cuts the run short
+    assert all(kwargs.get("stdout") == subprocess.PIPE and "stderr" not in kwargs and not kwargs.get("capture_output")
+               for kwargs in group_kwargs)  # fmt: skip
 
 
 def test_encoder_throughput_mfu_uses_the_peak_of_the_h100_variant(monkeypatch, tmp_path):
