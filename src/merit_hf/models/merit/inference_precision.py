@@ -83,6 +83,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .pipeline_merit import tensor_version, weights_signature
+
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "fp8")
@@ -101,12 +103,6 @@ KEPT_FREED_BYTES = 2**30
 INT8_ENGINES = ("x86", "onednn")
 CPU_INT8_ENGINE_ENV = "MERIT_CPU_INT8_ENGINE"
 _cpu_int8_engine_choice: dict[tuple, str] = {}
-
-
-def _version_of(tensor: torch.Tensor) -> int:
-    """The tensor's in-place write counter; 0 for an inference tensor (made under `torch.inference_mode()`, for example
-    a model converted there), which has none: such a tensor is then told apart by its storage only."""
-    return 0 if tensor.is_inference() else tensor._version
 
 
 class PrepackedLinear(nn.Linear):
@@ -129,7 +125,7 @@ class PrepackedLinear(nn.Linear):
         return linear
 
     def _packed_weight(self) -> torch.Tensor:
-        key = (self.weight.data_ptr(), _version_of(self.weight), self.weight.dtype)
+        key = (self.weight.data_ptr(), tensor_version(self.weight), self.weight.dtype)
         if self._packed is None or self._packed[0] != key:
             self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None))
         return self._packed[1]
@@ -596,14 +592,6 @@ def _shared_copy(module: nn.Module) -> nn.Module:
         return copy.deepcopy(module, memo=shared).eval()
 
 
-def _parameters_signature(module: nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer is replaced or written in place (optimizer steps, `load_state_dict`),
-    except an inference tensor (made under `torch.inference_mode()`) written in place under it: such a tensor keeps
-    no write counter (`_version_of`)."""
-    tensors = [*module.parameters(), *module.buffers()]
-    return tuple((tensor.data_ptr(), _version_of(tensor)) for tensor in tensors)
-
-
 _prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -702,7 +690,7 @@ def prepare_for_inference(
     )
     if ready and not module.training:
         return module
-    signature = (resolved, str(device), _parameters_signature(module))
+    signature = (resolved, str(device), weights_signature(module))
     cached = _prepared.get(module)
     if cached is not None and cached[0] == signature:
         return cached[1]

@@ -664,13 +664,19 @@ def zero_shot_classify(
     return {"labels": labels, "scores": scores}
 
 
-def _weights_signature(*modules: torch.nn.Module) -> tuple:
+def tensor_version(tensor: torch.Tensor) -> int:
+    """The tensor's in-place write counter; 0 for an inference tensor (made under `torch.inference_mode()`, for example
+    a model converted there), which has none: such a tensor is then told apart by its storage only."""
+    return 0 if tensor.is_inference() else tensor._version
+
+
+def weights_signature(*modules: torch.nn.Module) -> tuple:
     """Changes whenever a parameter or buffer of `modules` is replaced or written in place (an optimizer step,
-    `load_state_dict`, `.to()`): each tensor's storage and in-place write counter, as
-    `merit_hf.models.merit.inference_precision` keys its converted copy of the ECG tower (an inference tensor, made
-    under `torch.inference_mode()`, has no counter and is told apart by its storage only)."""
+    `load_state_dict`, `.to()`): each tensor's storage and write counter (`tensor_version`), except for an inference
+    tensor written in place under `torch.inference_mode()`, which keeps no counter. What the zero-shot pipeline keys its
+    class embeddings by, and `merit_hf.models.merit.inference_precision` its converted copy of the ECG tower."""
     tensors = [tensor for module in modules for tensor in (*module.parameters(), *module.buffers())]
-    return tuple((tensor.data_ptr(), 0 if tensor.is_inference() else tensor._version) for tensor in tensors)
+    return tuple((tensor.data_ptr(), tensor_version(tensor)) for tensor in tensors)
 
 
 def _folder_prompt_file(name_or_path: str | None) -> str | None:
@@ -816,7 +822,7 @@ class ZeroShotEcgClassificationPipeline(Pipeline):
         prompts = class_prompts(candidate_labels, hypothesis_template, class_descriptions, prompt_file)
         key = tuple(tuple(texts) for texts in prompts)
         merit = two_tower_model(self.model)
-        signature = _weights_signature(merit.text_model, merit.text_projection)
+        signature = weights_signature(merit.text_model, merit.text_projection)
         cached = self._class_embedding_cache.get(key)
         if cached is None or cached[0] != signature:
             embeddings = encode_class_prompts(
