@@ -309,10 +309,7 @@ def probe_rows(dataset_dict, label_set: str, label_fraction: float = 1.0, seed: 
     """The rows of each split that the protocol uses for `label_set`: records with at least one class of the set
     (the PTB-XL benchmark drops the others from every split, Strodthoff et al. 2021, as MERL's split files do), and
     of those, `label_fraction` of the training rows (`label_fraction_rows`)."""
-    rows = {split: np.flatnonzero(label_matrix(dataset_dict[split], label_set).any(axis=1)) for split in SPLITS}
-    for split, kept in rows.items():
-        if len(kept) == 0:
-            raise ValueError(f"the {split} split has no record with a {label_set} label")
+    rows = {split: labeled_rows(dataset_dict, split, label_set) for split in SPLITS}
     subset = label_fraction_rows(dataset_dict["train"].select(rows["train"]), label_set, label_fraction, seed)
     rows["train"] = rows["train"][subset]
     return rows
@@ -323,15 +320,20 @@ def labeled_dataset_dict(dataset_dict, label_set: str, splits: Sequence[str] = S
     fraction 1); a split without one raises, naming it. Zero-shot needs no training split: `("validation", "test")`."""
     from datasets import DatasetDict
 
-    labeled = {}
     for split in splits:
         if split not in dataset_dict:
             raise ValueError(f"no {split} split (the dataset has {sorted(dataset_dict)})")
-        kept = np.flatnonzero(label_matrix(dataset_dict[split], label_set).any(axis=1))
-        if len(kept) == 0:
-            raise ValueError(f"the {split} split has no record with a {label_set} label")
-        labeled[split] = dataset_dict[split].select(kept)
-    return DatasetDict(labeled)
+    return DatasetDict(
+        {split: dataset_dict[split].select(labeled_rows(dataset_dict, split, label_set)) for split in splits}
+    )
+
+
+def labeled_rows(dataset_dict, split: str, label_set: str) -> np.ndarray:
+    """The rows of `split` with at least one class of `label_set`; none raises, naming the split."""
+    rows = np.flatnonzero(label_matrix(dataset_dict[split], label_set).any(axis=1))
+    if len(rows) == 0:
+        raise ValueError(f"the {split} split has no record with a {label_set} label")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ from fractions import Fraction
 import numpy as np
 from scipy import signal as sp_signal
 
+from ..models.merit.feature_extraction_merit import _butterworth_sos
+
 LIMB_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF")
 PRECORDIAL_LEADS = ("V1", "V2", "V3", "V4", "V5", "V6")
 # The reduced lead sets of the PhysioNet/CinC Challenge 2021 ("Will Two Do?": 2, 3 and 6 leads), plus a single lead
@@ -82,21 +84,15 @@ def _scale_to_snr(signal: np.ndarray, noise: np.ndarray, snr_db: float) -> np.nd
 
 
 def band_limited(noise: np.ndarray, sampling_rate: float, band_hz: tuple[float | None, float | None]) -> np.ndarray:
-    """`noise` filtered to `band_hz` (low, high; either `None`: open) with a zero-phase 4th-order Butterworth, the
-    feature extractor's filter; a band edge at or above the record's Nyquist frequency is left open."""
+    """`noise` filtered to `band_hz` (low, high; either `None`: open) with a zero-phase 4th-order Butterworth, designed
+    as the feature extractor designs its (2nd-order) band-pass; a band edge at or above the record's Nyquist frequency
+    is left open."""
     low, high = band_hz
     nyquist = sampling_rate / 2
     low = low if low is not None and 0 < low < nyquist else None
     high = high if high is not None and high < nyquist else None
-    if low is None and high is None:
-        return noise
-    if low is not None and high is not None:
-        sos = sp_signal.butter(4, [low, high], btype="bandpass", fs=sampling_rate, output="sos")
-    elif low is not None:
-        sos = sp_signal.butter(4, low, btype="highpass", fs=sampling_rate, output="sos")
-    else:
-        sos = sp_signal.butter(4, high, btype="lowpass", fs=sampling_rate, output="sos")
-    return sp_signal.sosfiltfilt(sos, noise, axis=0)
+    sos = _butterworth_sos(4, low, high, sampling_rate)  # the feature extractor's design function (cached)
+    return noise if sos is None else sp_signal.sosfiltfilt(sos, noise, axis=0)
 
 
 def add_white_noise(
