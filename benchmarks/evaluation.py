@@ -30,6 +30,7 @@ from merit_hf.evaluation.robustness import robustness_table, run_robustness
 from merit_hf.evaluation.zero_shot import evaluate_zero_shot
 from merit_hf.training.probe import (
     ProbeArguments,
+    check_outputs_free,
     load_dataset_dict,
     load_encoder,
     load_feature_extractor,
@@ -109,18 +110,6 @@ def suite_outputs(arguments: ProbeArguments, suite: SuiteArguments) -> list[Path
     ]
 
 
-def check_suite_outputs_free(arguments: ProbeArguments, suite: SuiteArguments) -> None:
-    """Refuse, before anything is computed, to replace results an earlier run wrote (the shipped ones, or another
-    model's) unless `--overwrite_output_dir true`, as the probe command does."""
-    existing = [path.name for path in suite_outputs(arguments, suite) if path.exists()]
-    if existing and not arguments.overwrite_output_dir:
-        shown = ", ".join(existing[:4]) + (f" and {len(existing) - 4} more" if len(existing) > 4 else "")
-        raise FileExistsError(
-            f"{arguments.output_dir}: holds results this run would replace ({shown}). Pass --overwrite_output_dir "
-            "true to replace them, or choose another --output_dir."
-        )
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     arguments, suite = parse_arguments([ProbeArguments, SuiteArguments], sys.argv[1:] if argv is None else argv)
     if not arguments.model_name_or_path:
@@ -130,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     start = time.perf_counter()
     output_dir = Path(arguments.output_dir)
-    check_suite_outputs_free(arguments, suite)
+    check_outputs_free(arguments, suite_outputs(arguments, suite))  # before anything is computed
     dataset_dict = load_dataset_dict(arguments.dataset, arguments.sampling_rate, arguments)
     encoder, _ = load_encoder(arguments.model_name_or_path)
     feature_extractor = load_feature_extractor(arguments.model_name_or_path, encoder)

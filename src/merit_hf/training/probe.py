@@ -69,12 +69,13 @@ def planned_outputs(arguments: ProbeArguments) -> list[Path]:
     return paths
 
 
-def check_outputs_free(arguments: ProbeArguments) -> None:
+def check_outputs_free(arguments: ProbeArguments, planned: Sequence[Path] | None = None) -> None:
     """Refuse to replace an earlier run's results (another model's, perhaps) unless `--overwrite_output_dir true`:
-    results of the same task, label set, fraction and seed share a file name."""
+    results of the same task, label set, fraction and seed share a file name. `planned`: what the run writes
+    (default `planned_outputs`; `benchmarks/evaluation.py` passes its suite's files)."""
     if arguments.overwrite_output_dir:
         return
-    existing = [path for path in planned_outputs(arguments) if path.exists()]
+    existing = [path for path in (planned_outputs(arguments) if planned is None else planned) if path.exists()]
     if existing:
         names = ", ".join(path.name for path in existing[:4]) + (
             f" and {len(existing) - 4} more" if len(existing) > 4 else ""
