@@ -1044,13 +1044,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         # data order (seedable sampler), ECG masks and crops are keyed by seed and record and stay as they are; one
         # process keeps its stream. A resume then restores each process's own state.
         set_seed(train_args.seed, device_specific=True)
-    global_step, epoch = resume(accelerator, resume_path, run_identity, train_loader if streaming else None)
+    global_step, epoch, saved_state = resume(
+        accelerator, resume_path, run_identity, train_loader if streaming else None
+    )
     start_logging(accelerator, output_dir, global_step, (model_args, data_args, train_args))
     earlier = load_run_history(resume_path)
     meter.add_run_counts(earlier["throughput"])
     resume_notes = earlier["resume_notes"]
     if global_step < train_args.max_steps:
-        saved_state = json.loads((resume_path / TRAINING_STATE_FILE).read_text()) if resume_path else {}
         for note in [
             *resume_notes_for_changes(resume_path, saved_state, run_identity),
             *resume_notes_for_stream(resume_path, streaming, data_args.shuffle_buffer_size),
@@ -1371,11 +1372,12 @@ def prepare_dataloaders(accelerator: Accelerator, train_loader, eval_loader, str
 
 
 def resume(accelerator: Accelerator, resume_path: Path | None, run_identity: dict, stream_loader=None):
-    """`(global_step, epoch)` where this run starts: `(0, 0)`, or a checkpoint's, after loading everything
-    Accelerate holds (model, optimizer, scheduler, RNG, gradient-accumulation phase, the balancer) and, for a stream,
-    this process's stream position. The epoch is the stream's; a map-style run derives it from the step."""
+    """`(global_step, epoch, saved state)` where this run starts: `(0, 0, {})`, or a checkpoint's, after loading
+    everything Accelerate holds (model, optimizer, scheduler, RNG, gradient-accumulation phase, the balancer) and, for
+    a stream, this process's stream position. The epoch is the stream's; a map-style run derives it from the step.
+    The saved state is the checkpoint's `training_state.json`."""
     if resume_path is None:
-        return 0, 0
+        return 0, 0, {}
     saved = json.loads((resume_path / TRAINING_STATE_FILE).read_text())
     check_checkpoint_compatible(resume_path, saved, run_identity)
     if "optimization" not in saved:
@@ -1388,7 +1390,7 @@ def resume(accelerator: Accelerator, resume_path: Path | None, run_identity: dic
         stream_state = resume_path / f"stream_state_rank{accelerator.process_index}.json"
         stream_loader.load_state_dict(json.loads(stream_state.read_text()))
     accelerator.print(f"Resumed from {resume_path} at step {saved['global_step']}")
-    return saved["global_step"], saved["epoch"]
+    return saved["global_step"], saved["epoch"], saved
 
 
 def load_run_history(resume_path: Path | None) -> dict[str, Any]:

@@ -733,9 +733,9 @@ def generate_reports(
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
     texts, new_tokens, seconds = {}, 0, 0.0
+    synchronize = torch.cuda.synchronize if accelerator.device.type == "cuda" else (lambda: None)
     for batch in tqdm(loader, desc="generate", disable=not accelerator.is_local_main_process):
         indices = batch.pop("index")
-        synchronize = torch.cuda.synchronize if accelerator.device.type == "cuda" else (lambda: None)
         synchronize()  # the timed work is the GPU's, not only its launch
         start = time.perf_counter()
         output = unwrapped.generate(**batch, generation_config=generation_config)
