@@ -298,18 +298,18 @@ def clear_other_layouts(output_dir: Path, splits: Sequence[str], num_shards: int
             path.unlink(missing_ok=True)
 
 
-def kept_splits(summary_file: Path, embedding_key: str, splits: Sequence[str], arguments) -> dict[str, Any]:
+def kept_splits(summary_file: Path, embedding_key: str, splits: Sequence[str], overwrite: bool) -> dict[str, Any]:
     """The entries of an earlier summary (`embeddings*.json`) for splits this run does not write, so that the folder's
     summary lists every split in it. Those splits must come from the same model, feature-extractor setting, precision
     and data (`embedding_key`): another's are refused, naming them, or removed with `--overwrite_output_dir true`
-    (one folder would otherwise mix two models' embeddings)."""
+    (one folder would otherwise mix two models' embeddings); `overwrite`, as in `clear_other_layouts`."""
     if not summary_file.is_file():
         return {}
     earlier = json.loads(summary_file.read_text())
     others = {split: entry for split, entry in earlier.get("splits", {}).items() if split not in splits}
     if not others or earlier.get("embedding_key") == embedding_key:
         return others
-    if not arguments.overwrite_output_dir:
+    if not overwrite:
         raise FileExistsError(
             f"{summary_file.parent}: holds embeddings of {', '.join(sorted(others))} from another model, feature "
             f"extractor setting, precision or data ({earlier.get('model')!r}, {earlier.get('precision')!r}); "
@@ -586,7 +586,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     splits = load_splits(arguments, shard_index, num_shards)
     clear_other_layouts(output_dir, list(splits), num_shards, arguments.overwrite_output_dir)
     embedding_key = hashlib.sha1(json.dumps(what).encode()).hexdigest()  # what every split of the folder must share
-    written = kept_splits(output_dir / f"embeddings{suffix}.json", embedding_key, list(splits), arguments)
+    written = kept_splits(
+        output_dir / f"embeddings{suffix}.json", embedding_key, list(splits), arguments.overwrite_output_dir
+    )
     for split, dataset in splits.items():
         path = output_dir / f"{split}{suffix}.parquet"
         if hasattr(dataset, "_fingerprint"):  # map-style: refused before the split is embedded, not after
