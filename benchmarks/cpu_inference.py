@@ -19,8 +19,14 @@ depend on them), one round times every variant once, and a ratio is the median o
   ratio is taken against the faster of its two bf16 forms.
 - `hubert_ecg_base/<precision>`: transformers' `HubertModel` with HuBERT-ECG base's configuration
   (`encoder_throughput.build`), fp32 and bf16 weights.
+- `matmul_floor/<precision>` (fp32, bf16): the encoder's matrix products alone, unfused (`MatmulFloor`): every
+  block's four linear layers (through MERIT's own prepared layers, GELU left out) and attention's two batched
+  products, on fixed inputs of the model's shapes, without layer norms, residual additions, GELU or softmax. No
+  implementation that computes the same products with these kernels can be faster, so `reference time / floor time`
+  bounds the ratio any implementation can reach against the reference on this CPU (the JSON's `ratios`).
 
-Also: the cosine of each precision's pooled output to fp32 on the same input, the CPU's model name and flags, and
+Also: where a `merit/bf16-sdpa` forward spends its time (`torch.profiler`, by operator group, after the timed rounds)
+and what one fp32 exponential of every block's attention scores costs alone; the cosine of each precision's pooled output to fp32 on the same input, the CPU's model name and flags, and
 each variant's minor page faults a forward (first touches of memory the C library took from the operating system).
 `prepare_for_inference` makes the process keep the memory it frees (`keep_freed_cpu_memory`), and so every variant
 of the run, the references included, runs without those faults; `MERIT_CPU_ALLOCATOR=system python
@@ -40,6 +46,7 @@ import os
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -68,6 +75,96 @@ TARGETS = {
 }
 
 
+class MatmulFloor(torch.nn.Module):
+    """The matrix products of `model`'s Transformer blocks alone: per block qkv, proj, fc1 (without its GELU) and fc2
+    through the model's own layers (oneDNN-prepacked where `prepare_for_inference` prepacked them), and the two
+    batched products of attention (scores `q k^T`, output `p v`), each on a fixed contiguous input of its real shape
+    and dtype. Layer norms, residual additions, GELU, softmax and the copies between layouts are left out: its time
+    is what any implementation spends in these kernels at least."""
+
+    def __init__(self, model, batch: int, tokens: int):
+        super().__init__()
+        self.model = model
+        layer = model.layers[0]
+        hidden, heads = layer.attention.proj.in_features, layer.attention.num_heads
+        dtype = layer.attention.qkv.weight.dtype
+        generator = torch.Generator().manual_seed(0)
+
+        def fixed(*shape):
+            return torch.randn(*shape, generator=generator).to(dtype)
+
+        self.hidden = fixed(batch, tokens, hidden)
+        self.intermediate = fixed(batch, tokens, layer.mlp.fc1.out_features)
+        self.query = fixed(batch, heads, tokens, hidden // heads)
+        self.key_transposed = fixed(batch, heads, hidden // heads, tokens)
+        self.probabilities = fixed(batch, heads, tokens, tokens)
+        self.value = fixed(batch, heads, tokens, hidden // heads)
+
+    @staticmethod
+    def _linear(layer, inputs):
+        if isinstance(layer, PrepackedLinear) and inputs.dtype == layer.weight.dtype:
+            return torch.ops.mkldnn._linear_pointwise(inputs, layer._packed_weight(), layer.bias, "none", [], "")
+        return F.linear(inputs, layer.weight, layer.bias)
+
+    def forward(self, ecg_values=None):
+        for layer in self.model.layers:
+            self._linear(layer.attention.qkv, self.hidden)
+            torch.matmul(self.query, self.key_transposed)
+            torch.matmul(self.probabilities, self.value)
+            self._linear(layer.attention.proj, self.hidden)
+            self._linear(layer.mlp.fc1, self.hidden)
+            output = self._linear(layer.mlp.fc2, self.intermediate)
+        return types.SimpleNamespace(pooler_output=None, last_hidden_state=output)
+
+
+def _token_count(model, inputs) -> int:
+    """How many tokens `model`'s Transformer blocks see for `inputs` (read from the first block's input)."""
+    seen = []
+    handle = model.layers[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    try:
+        with torch.inference_mode():
+            model(**inputs)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+OPERATOR_GROUPS = {  # profiler names -> where a bf16 forward's time goes
+    "linear layers (GELU fused into fc1)": ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear"),
+    "attention kernel": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::bmm", "aten::_softmax"),
+    "residual additions": ("aten::add",),
+    "layer norms": ("aten::native_layer_norm",),
+}
+
+
+def _time_breakdown(variant, tokens: int, forwards: int = 3) -> dict:
+    """Milliseconds a forward of `variant` spends in each operator group (`torch.profiler`, self CPU time, mean of
+    `forwards`), and what one exponential over every block's attention scores costs in fp32 alone (the softmax's
+    least work, whatever kernel does it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(forwards):
+            _run(variant)
+    groups = dict.fromkeys([*OPERATOR_GROUPS, "everything else"], 0.0)
+    for event in profiler.key_averages():
+        group = next((g for g, names in OPERATOR_GROUPS.items() if event.key in names), "everything else")
+        groups[group] += event.self_cpu_time_total / 1e3 / forwards
+    model, inputs = variant[0], variant[1]
+    heads = model.layers[0].attention.num_heads
+    scores = torch.randn(inputs["ecg_values"].shape[0], heads, tokens, tokens)
+    seconds = []
+    for _ in range(5):
+        start = time.perf_counter()
+        torch.exp(scores)
+        seconds.append(time.perf_counter() - start)
+    return {
+        "ms_per_forward": {group: round(value, 1) for group, value in groups.items()},
+        "ms_per_forward_total": round(sum(groups.values()), 1),
+        "fp32_exp_of_all_attention_scores_ms": round(statistics.median(seconds) * 1e3 * len(model.layers), 1),
+    }
+
+
 def _variants(preset: str, batch: int, with_hubert: bool) -> tuple[dict, dict]:
     """`{name: (model, inputs, attention, autocast, forced_cpu_attention)}` and the fp32 model's pooled output."""
     _register_einsum()
@@ -87,6 +184,10 @@ def _variants(preset: str, batch: int, with_hubert: bool) -> tuple[dict, dict]:
         "einsum_ref/int8": (models["int8"], inputs, "stmem_einsum", False, None),
         "merit/int8": (models["int8"], inputs, "sdpa", False, None),
     }
+    tokens = _token_count(fp32, inputs)
+    for precision in ("fp32", "bf16"):
+        floor = MatmulFloor(models[precision], batch, tokens)
+        variants[f"matmul_floor/{precision}"] = (floor, inputs, "sdpa", False, None)
     for engine in cpu_int8_engines():  # each engine side by side; merit/int8 is the one the model picked
         other = _quantize_int8(copy.deepcopy(fp32), engine).eval()
         variants[f"merit/int8-{engine}"] = (other, inputs, "sdpa", False, None)
@@ -144,6 +245,8 @@ def measure_preset(preset: str, batch: int, rounds: int, with_hubert: bool = Tru
             _run(variant)
             times[name].append(time.perf_counter() - start)
             faults[name].append(minor_faults() - faulted)
+    tokens = _token_count(models["bf16"], variants["merit/fp32"][1])
+    breakdown = _time_breakdown(variants["merit/bf16-sdpa"], tokens)
     os.environ.pop(modeling_merit.CPU_ATTENTION_ENV, None)
     rates = {name: round(batch / statistics.median(seconds), 3) for name, seconds in times.items()}
     bf16_reference = max(("einsum_ref/bf16", "einsum_ref/bf16-autocast"), key=lambda name: rates[name])
@@ -159,6 +262,15 @@ def measure_preset(preset: str, batch: int, rounds: int, with_hubert: bool = Tru
         "int8 vs einsum_ref/int8": _paired(times, "einsum_ref/int8", "merit/int8"),
         "int8 vs einsum_ref/fp32": _paired(times, "einsum_ref/fp32", "merit/int8"),
         "bf16-sdpa vs bf16-matmul": _paired(times, "merit/bf16-matmul", "merit/bf16-sdpa"),
+        # the most any implementation using these matrix-product kernels could reach against the reference
+        "matmul_floor/fp32 vs einsum_ref/fp32": _paired(times, "einsum_ref/fp32", "matmul_floor/fp32"),
+        f"matmul_floor/bf16 vs {bf16_reference}": _paired(times, bf16_reference, "matmul_floor/bf16"),
+        "matmul_floor/bf16 vs einsum_ref/bf16-autocast": _paired(
+            times, "einsum_ref/bf16-autocast", "matmul_floor/bf16"
+        ),
+        # how far MERIT is above the floor: floor time / MERIT time
+        "merit/fp32 vs matmul_floor/fp32": _paired(times, "matmul_floor/fp32", "merit/fp32"),
+        f"{merit_bf16} vs matmul_floor/bf16": _paired(times, "matmul_floor/bf16", merit_bf16),
     }
     if {"merit/int8-x86", "merit/int8-onednn"} <= set(times):
         ratios["int8-onednn vs int8-x86"] = _paired(times, "merit/int8-x86", "merit/int8-onednn")
@@ -175,6 +287,7 @@ def measure_preset(preset: str, batch: int, rounds: int, with_hubert: bool = Tru
         "page_faults_per_forward_median": {name: statistics.median(counts) for name, counts in faults.items()},
         "ratios": ratios,
         "bf16_attention_picked_by_the_model": picked,
+        "merit_bf16_sdpa_time_breakdown": breakdown,
         "min_cosine_to_fp32_pooled_output": cosine,
         "merit_bf16_linear_layers_prepacked": sum(isinstance(m, PrepackedLinear) for m in models["bf16"].modules()),
         "merit_fp32_linear_layers_prepacked": sum(isinstance(m, PrepackedLinear) for m in models["fp32"].modules()),

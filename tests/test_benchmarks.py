@@ -248,7 +248,13 @@ def test_cpu_inference_times_every_precision_against_the_references():
     assert set(result["ecgs_per_second"]) == {
         "einsum_ref/fp32", "merit/fp32", "einsum_ref/bf16-autocast", "einsum_ref/bf16", "merit/bf16-sdpa",
         "merit/bf16-matmul", "einsum_ref/int8", "merit/int8", *(f"merit/int8-{e}" for e in cpu_int8_engines()),
+        "matmul_floor/fp32", "matmul_floor/bf16",
     }  # fmt: skip
+    assert "matmul_floor/bf16 vs einsum_ref/bf16-autocast" in result["ratios"]
+    breakdown = result["merit_bf16_sdpa_time_breakdown"]
+    assert breakdown["ms_per_forward"]["linear layers (GELU fused into fc1)"] > 0
+    assert breakdown["ms_per_forward"]["attention kernel"] > 0
+    assert breakdown["ms_per_forward_total"] == pytest.approx(sum(breakdown["ms_per_forward"].values()), abs=0.3)
     assert result["int8_engine_picked_by_the_model"] in cpu_int8_engines()
     assert ("int8-onednn vs int8-x86" in result["ratios"]) is (len(cpu_int8_engines()) == 2)
     assert all(rate > 0 for rate in result["ecgs_per_second"].values())
@@ -256,6 +262,31 @@ def test_cpu_inference_times_every_precision_against_the_references():
     assert all(0.99 < cosine <= 1.0 + 1e-6 for cosine in result["min_cosine_to_fp32_pooled_output"].values())
     assert result["min_cosine_to_fp32_pooled_output"]["merit/fp32"] > 0.99999  # prepacked or not: float rounding
     assert set(result["fp32_prepacking_timed_by_the_model"].values()) <= {"prepacked", "nn.Linear"}
+
+
+def test_cpu_inference_matmul_floor_computes_exactly_the_blocks_matrix_products():
+    """The floor's FLOPs are the encoder blocks' matrix products, attention's included, and nothing else: the model's
+    forward FLOPs (eager attention, so the counter sees the score and output products) less the patch projection."""
+    import cpu_inference
+    import torch
+    from encoder_throughput import build
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model, make_input = build("merit_encoder", "tiny-p75", "eager")
+    model.eval()
+    inputs = make_input(2)
+    tokens = cpu_inference._token_count(model, inputs)
+    floor = cpu_inference.MatmulFloor(model, batch=2, tokens=tokens)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counted_model:
+        model(**inputs)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counted_floor:
+        floor()
+    projection = model.embeddings.patch_projection
+    patches = inputs["ecg_values"].shape[1] * (inputs["ecg_values"].shape[-1] // projection.in_features)
+    embedding_flops = 2 * 2 * patches * projection.in_features * projection.out_features
+    assert counted_floor.get_total_flops() == counted_model.get_total_flops() - embedding_flops
+    assert floor.probabilities.shape == (2, model.config.num_attention_heads, tokens, tokens)
 
 
 def test_cross_lead_copy_baseline_is_exact_when_a_visible_lead_carries_the_hidden_signal():

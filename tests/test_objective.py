@@ -393,3 +393,27 @@ def test_contrastive_logits_are_fp32_under_bf16_autocast():
     assert (logits.double() - exact).abs().max() < 1e-4
     assert (bf16.double() - exact).abs().max() > 0.05  # the error the fp32 path avoids
     torch.testing.assert_close(loss, contrastive_loss(exact.float()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_class", ["MeritModel", "MeritForPreTraining"])
+def test_models_normalise_the_embeddings_in_fp32_under_bf16_autocast(model_class):
+    """CPU autocast runs `F.normalize` in bf16: the unit vectors the fp32 similarity matmul then multiplied had norms
+    off by up to 0.004, so the logits carried bf16's error however they were multiplied. The models now normalise in
+    fp32: unit norms to fp32 precision, and logits from exactly those vectors."""
+    import merit_hf
+
+    torch.manual_seed(0)
+    model = getattr(merit_hf, model_class)(tiny_merit_config()).eval()
+    batch = {
+        "ecg_values": torch.randn(6, 12, model.config.ecg_config.num_samples),
+        "input_ids": torch.randint(5, 100, (6, 12)),
+        "attention_mask": torch.ones(6, 12, dtype=torch.long),
+    }
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model(**batch)
+    for embeds in (output.ecg_embeds, output.text_embeds):
+        assert embeds.dtype == torch.float32
+        torch.testing.assert_close(embeds.norm(dim=-1), torch.ones(6), rtol=0, atol=1e-6)
+    scale = model.logit_scale if model_class == "MeritModel" else model.merit.logit_scale
+    expected = scale.exp().double() * output.ecg_embeds.double() @ output.text_embeds.double().t()
+    assert (output.logits_per_ecg.double() - expected).abs().max() < 1e-4

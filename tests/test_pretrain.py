@@ -838,6 +838,26 @@ def test_gradient_norm_balancing_adapts_and_logs_the_reconstruction_weight(asset
     assert unlogged["loss_history"] == results["loss_history"]
 
 
+def test_gradient_norm_logging_leaves_training_alone_under_activation_checkpointing(assets, tmp_path):
+    """Under `--activation_checkpointing` (and `torch_compile`) the per-term gradient norms need one extra forward per
+    term, whose dropout drew from the training RNG: with a dropout text tower, logging the norms every step changed
+    every later step's loss. The extra forwards now replay the step's RNG state and leave the stream alone."""
+    from transformers import BertConfig, BertModel
+
+    text = tmp_path / "text_dropout"
+    shutil.copytree(assets["text"], text)
+    config = BertConfig.from_pretrained(text)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.1
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(text)
+    flags = {"text_model_name_or_path": text, "activation_checkpointing": "selective", "max_steps": 3,
+             "save_steps": 3, "eval_steps": 0, "logging_steps": 1}  # fmt: skip
+    logged = run_pretraining(base_argv(assets, tmp_path / "logged", gradient_norm_logging_steps=1, **flags))
+    unlogged = run_pretraining(base_argv(assets, tmp_path / "unlogged", gradient_norm_logging_steps=0, **flags))
+    assert len(logged["encoder_gradient_norms"]) == 3 and not unlogged.get("encoder_gradient_norms")
+    assert logged["loss_history"] == unlogged["loss_history"]
+
+
 def test_training_crops_are_keyed_by_seed_epoch_and_ecg_id_also_in_persistent_workers(tmp_path):
     """`--train_crop random`: a record's window position comes from (seed, epoch, ecg_id), as its masking noise: the
     same whatever it is batched with and in a persistent DataLoader worker (the epoch is in shared memory), new in

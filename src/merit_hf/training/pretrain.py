@@ -45,6 +45,7 @@ resume), `log_history.jsonl` (one line per logged step, and one per evaluation b
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -489,6 +490,28 @@ def loss_term_gradient_norms(
             norms["encoder_grad_norm_reconstruction"] / total if total else math.nan
         )
     return norms
+
+
+class RngReplay:
+    """The global RNG of the CPU and of `device` as it is now, to run a block again under: inside `with replay():`
+    dropout draws the masks it drew from here on, and the RNG after the block is as it was before it.
+
+    The per-term gradient norms under selective activation checkpointing or `torch.compile` need one extra forward of
+    the step's batch per term. Run under the step's RNG state they see the step's own dropout masks, and the RNG
+    stream the training steps draw from does not depend on how often the log measures them."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu_state = torch.get_rng_state()
+        self.device_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with torch.random.fork_rng(devices=[self.device] if self.device_state is not None else []):
+            torch.set_rng_state(self.cpu_state)
+            if self.device_state is not None:
+                torch.cuda.set_rng_state(self.device_state, self.device)
+            yield
 
 
 def isolated_from_global_rng(batches: Iterable) -> Iterator:
@@ -1109,6 +1132,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             accelerator.print(meter.describe())
         with accelerator.accumulate(model):
             step_weight = balancer.weight  # what this step's loss uses (a balancing step updates it after the forward)
+            step_rng = RngReplay(accelerator.device) if fresh_graph_per_term else None
             with accelerator.autocast():  # the objective computes in the precision the model's forward does
                 losses = objective(model(**batch, noise=noise), step_weight)
             step_losses.append(
@@ -1117,11 +1141,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             norm_logging = gradient_norm_logging_steps and (global_step + 1) % gradient_norm_logging_steps == 0
             balancing = accelerator.sync_gradients and balancer.due(global_step + 1)
             if balancing or (accelerator.sync_gradients and norm_logging):
-                again = (
-                    (lambda: objective(unwrapped(**batch, noise=noise), balancer.weight))
-                    if fresh_graph_per_term
-                    else None
-                )
+                again = None
+                if fresh_graph_per_term:
+
+                    def again():  # the step's batch again, with the step's dropout masks; the RNG left as it is
+                        with step_rng():
+                            return objective(unwrapped(**batch, noise=noise), balancer.weight)
+
                 with accelerator.autocast(), meter.diagnostics():
                     gradient_norms = loss_term_gradient_norms(unwrapped, losses, balancer.weight, again)
                     gradient_norms["gradient_norm_step"] = global_step + 1  # logged with the next logging step

@@ -754,10 +754,18 @@ def masked_patch_reconstruction_loss(
     return (per_patch * weights).sum() / weights.sum().clamp(min=1.0)
 
 
+def unit_vectors(embeddings: torch.Tensor) -> torch.Tensor:
+    """`embeddings` L2-normalised along the last dimension, in fp32 whatever their dtype: bf16 unit vectors have norms
+    off by up to 0.004 (CPU autocast keeps `normalize` in bf16), an error `similarity_logits` would scale by up to 100
+    however precisely it multiplies them."""
+    return F.normalize(embeddings.float(), dim=-1)
+
+
 def similarity_logits(ecg_embeds: torch.Tensor, text_embeds: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """`scale * ecg_embeds @ text_embeds.T`, in fp32 also under autocast. In bf16 a cosine keeps 8 bits (about 0.004
     at 1), which the scale (up to 100) turns into logit errors of about 0.4; the matmul is `batch x batch x
-    projection_dim`, too small for its precision to cost time."""
+    projection_dim`, too small for its precision to cost time. The models pass fp32 unit vectors (`unit_vectors`):
+    rounded to bf16 before this, they carry that error in already."""
     device_type = ecg_embeds.device.type
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         with torch.autocast(device_type, enabled=False):
@@ -1400,8 +1408,8 @@ class MeritModel(MeritPreTrainedModel):
         }
         ecg_output = self.get_ecg_features(ecg_values, ecg_attention_mask, lead_mask=lead_mask, **flags)
         text_output = self.get_text_features(input_ids, attention_mask, token_type_ids, **flags)
-        ecg_embeds = F.normalize(ecg_output.pooler_output, dim=-1)
-        text_embeds = F.normalize(text_output.pooler_output, dim=-1)
+        ecg_embeds = unit_vectors(ecg_output.pooler_output)
+        text_embeds = unit_vectors(text_output.pooler_output)
         scale = self.logit_scale.exp()
         logits_per_ecg = similarity_logits(ecg_embeds, text_embeds, scale)
         loss = contrastive_loss(logits_per_ecg) if return_loss else None
@@ -1604,9 +1612,9 @@ class MeritForPreTraining(MeritPreTrainedModel):
                 ecg_pooled = ecg_model(
                     ecg_values, ecg_attention_mask=ecg_attention_mask, lead_mask=lead_mask, return_dict=True
                 ).pooler_output
-            ecg_embeds = F.normalize(self.merit.ecg_projection(ecg_pooled), dim=-1)
+            ecg_embeds = unit_vectors(self.merit.ecg_projection(ecg_pooled))
             text_features = self.merit.get_text_features(input_ids, attention_mask, token_type_ids, return_dict=True)
-            text_embeds = F.normalize(text_features.pooler_output, dim=-1)
+            text_embeds = unit_vectors(text_features.pooler_output)
             scale = self.merit.logit_scale.exp()
             logits_per_ecg = similarity_logits(ecg_embeds, text_embeds, scale)
             contrastive = contrastive_loss(logits_per_ecg)
