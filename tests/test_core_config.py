@@ -57,6 +57,11 @@ def test_ecg_config_validation_names_the_field(kwargs, message):
         ({"text_pooling": "max"}, "MeritConfig.text_pooling: expected one of ('mean', 'cls', 'pooler'), got max"),
         ({"contrastive_weight": 0.0, "reconstruction_weight": 0.0}, "no loss would be trained"),
         ({"contrastive_weight": -1.0}, "MeritConfig.contrastive_weight: must be >= 0"),
+        (
+            {"ecg_config": {"mask_ratio": 0.0}},
+            "MeritConfig.reconstruction_weight: is 1.0 but ecg_config.mask_ratio 0.0 "
+            "hides no patch (all 30 per lead stay visible)",
+        ),
         ({"projection_dim": 0}, "MeritConfig.projection_dim: must be a positive integer"),
         ({"logit_scale_init_value": 9.0}, "MeritConfig.logit_scale_init_value: 9.0 is above logit_scale_max"),
     ],

@@ -275,6 +275,31 @@ def test_padding_is_ignored():
     assert not torch.allclose(a, model(ecg).pooler_output)
 
 
+def test_masking_keeps_the_visible_patches_on_the_signal_of_a_padded_record():
+    """Patches made only of padding are hidden before any patch with signal: a record two-thirds long (20 real
+    patches of 30) keeps all 7 visible patches per lead on its signal, in the noise's order among the real patches;
+    without padding (row 0) the mask is the noise's alone."""
+    config = tiny_ecg_config()
+    model = MeritEcgModel(config).eval()
+    torch.manual_seed(0)
+    ecg = torch.randn(2, 12, 2250)
+    mask = torch.ones(2, 2250, dtype=torch.long)
+    mask[1, 1500:] = 0  # patches 20..29 of row 1 are padding
+    noise = torch.rand(2, 12, 30)
+    noise[1, :, 20:] = 0.0  # the noise alone would keep padding visible first
+    with torch.no_grad():
+        output = model(ecg, ecg_attention_mask=mask, noise=noise, apply_masking=True)
+    visible = output.mask == 0
+    assert (visible.sum(dim=-1) == config.num_visible_patches).all()
+    assert not visible[1, :, 20:].any()  # no padding visible
+    expected = torch.zeros(12, 20, dtype=torch.bool)  # the 7 smallest noises among the real patches
+    expected.scatter_(1, noise[1, :, :20].argsort(dim=-1)[:, : config.num_visible_patches], True)
+    assert torch.equal(visible[1, :, :20], expected)
+    unpadded = torch.zeros(12, 30, dtype=torch.bool)
+    unpadded.scatter_(1, noise[0].argsort(dim=-1)[:, : config.num_visible_patches], True)
+    assert torch.equal(visible[0], unpadded)
+
+
 def test_an_all_padding_record_is_refused_by_name():
     model = MeritEcgModel(tiny_ecg_config()).eval()
     mask = torch.ones(3, 2250, dtype=torch.long)

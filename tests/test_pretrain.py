@@ -598,6 +598,22 @@ def test_split_smaller_than_one_batch_is_refused(assets, tmp_path, streaming):
         run_pretraining(argv)
 
 
+def test_a_contrastive_batch_of_one_pair_is_refused(assets, tmp_path):
+    """InfoNCE over one ECG-report pair is exactly 0 with no gradient: the run would train reconstruction alone."""
+    from merit_hf import MeritConfig
+    from merit_hf.training.pretrain import check_contrastive_batch
+
+    with pytest.raises(ValueError, match=re.escape("gives the contrastive term 1 ECG-report pair per step")):
+        run_pretraining(base_argv(assets, tmp_path, per_device_train_batch_size=1))
+    config = MeritConfig()
+    check_contrastive_batch(config, 1, 2)  # gathered over two processes: two pairs
+    config.gather_contrastive_features = False
+    with pytest.raises(ValueError, match="gather_contrastive_features=False"):
+        check_contrastive_batch(config, 1, 2)
+    config.contrastive_weight = 0.0
+    check_contrastive_batch(config, 1, 1)  # reconstruction only: nothing to contrast
+
+
 def test_misspelled_ecg_config_key_is_refused(assets, tmp_path):
     with pytest.raises(
         ValueError,

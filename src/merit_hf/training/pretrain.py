@@ -1049,6 +1049,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     train_loader, eval_loader = prepare_dataloaders(
         accelerator, train_loader, eval_loader, streaming, data_args.train_split
     )
+    check_contrastive_batch(unwrapped.config, train_args.per_device_train_batch_size, accelerator.num_processes)
     objective = PretrainingObjective(unwrapped.config)  # the contrastive term over every process's batch
     run_identity = {
         "model_config": comparable_config(unwrapped.config),
@@ -1378,6 +1379,21 @@ def make_optimizer(model: MeritForPreTraining, train_args: PretrainingArguments)
         num_training_steps=train_args.max_steps,
     )
     return optimizer, scheduler
+
+
+def check_contrastive_batch(config: MeritConfig, per_device_batch_size: int, num_processes: int) -> None:
+    """Refuse a contrastive term over a single pair: InfoNCE of one ECG and its report has no negative, so it is
+    exactly 0 with no gradient, and the run would train the reconstruction term alone under the name of both."""
+    if config.contrastive_weight == 0:
+        return
+    pairs = per_device_batch_size * (num_processes if config.gather_contrastive_features else 1)
+    if pairs < 2:
+        raise ValueError(
+            f"--per_device_train_batch_size {per_device_batch_size} x {num_processes} process(es) gives the contrastive "
+            f"term {pairs} ECG-report pair per step (gather_contrastive_features={config.gather_contrastive_features}):"
+            " with no other report to contrast with, InfoNCE is 0 and trains nothing; use a batch of at least 2 pairs "
+            "(CLIP-style training wants hundreds), or --contrastive_weight 0 for reconstruction only"
+        )
 
 
 def prepare_dataloaders(accelerator: Accelerator, train_loader, eval_loader, streaming: bool, split_name: str):

@@ -102,7 +102,9 @@ class MeritEcgConfig(PreTrainedConfig):
             checkpoint's own weights are loaded as saved, whatever this field says.
         qkv_bias (`bool`): bias on query/key/value projections.
         use_separator_tokens (`bool`): add ST-MEM's learnable [SEP] token at both ends of every lead.
-        mask_ratio (`float`, defaults to 0.75): fraction of each lead's patches hidden in masked ECG modelling.
+        mask_ratio (`float`, defaults to 0.75): fraction of each lead's patches hidden in masked ECG modelling,
+            rounded as ViT-MAE rounds it: `int(N * (1 - mask_ratio))` of a lead's N patches stay visible
+            (`num_visible_patches`), so 0.75 hides 23 of `base-p75`'s 30 patches.
         decoder_hidden_size, decoder_num_hidden_layers, decoder_num_attention_heads, decoder_intermediate_size:
             the masked-modelling decoder (ST-MEM: 256 wide, 4 layers).
         decoder_attention (`str`, defaults to `"per_lead"`): which tokens a decoder token attends to.
@@ -377,6 +379,15 @@ class MeritConfig(PreTrainedConfig):
             self,
             "contrastive_weight",
             "and reconstruction_weight are both 0: no loss would be trained",
+        )
+        ecg = self.ecg_config
+        _check(
+            self.reconstruction_weight == 0 or ecg.num_visible_patches < ecg.num_patches_per_lead,
+            self,
+            "reconstruction_weight",
+            f"is {self.reconstruction_weight} but ecg_config.mask_ratio {ecg.mask_ratio} hides no patch (all "
+            f"{ecg.num_patches_per_lead} per lead stay visible): the reconstruction loss would be 0 with no gradient; "
+            "set a mask_ratio that hides patches, or reconstruction_weight=0",
         )
         _check(
             self.logit_scale_init_value <= self.logit_scale_max,
