@@ -65,10 +65,14 @@ def _distributed() -> bool:
 
 
 def _all_gather_rows(features: torch.Tensor) -> torch.Tensor:
-    """Every process's `features` (the same shape on each) stacked along dim 0; backward: reduce-scatter (sum)."""
-    from torch.distributed._functional_collectives import all_gather_single_autograd
+    """Every process's `features` (the same shape on each) stacked along dim 0; backward: reduce-scatter (sum).
 
-    return all_gather_single_autograd(features.contiguous(), 0, dist.group.WORLD)
+    `all_gather_single_autograd` is torch 2.13's name; the torch floor (2.6) has the same collective as
+    `all_gather_tensor_autograd`, which 2.13 keeps as a deprecated alias."""
+    from torch.distributed import _functional_collectives as collectives
+
+    gather = getattr(collectives, "all_gather_single_autograd", None) or collectives.all_gather_tensor_autograd
+    return gather(features.contiguous(), 0, dist.group.WORLD)
 
 
 class ContrastiveLoss(nn.Module):
