@@ -250,9 +250,16 @@ def test_objective_on_one_process_is_the_model_loss_term_for_term():
     assert losses.contrastive_loss is None and torch.equal(losses.loss, losses.reconstruction_loss)
 
 
+def _deprecations(caught) -> list[str]:
+    """The FutureWarnings and DeprecationWarnings among `caught` (`warnings.catch_warnings(record=True)`)."""
+    return [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+
+
 def _contrastive_on_two_processes(rank: int, port: int, ecg, text, out_dir) -> None:
-    """One of two gloo processes: the gathered loss and local gradients for even and uneven splits of the rows."""
+    """One of two gloo processes: the gathered loss and local gradients for even and uneven splits of the rows, and
+    the deprecation warnings the gather raised."""
     import os
+    import warnings
 
     import torch.distributed as dist
 
@@ -261,13 +268,16 @@ def _contrastive_on_two_processes(rank: int, port: int, ecg, text, out_dir) -> N
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     results = {}
-    for split in ((2, 2), (3, 1), (4, 0)):
-        start = sum(split[:rank])
-        local_ecg = ecg[start : start + split[rank]].clone().requires_grad_(True)
-        local_text = text[start : start + split[rank]].clone().requires_grad_(True)
-        loss = ContrastiveLoss(equal_batches=split[0] == split[1])(local_ecg, local_text, torch.tensor(10.0))
-        loss.backward()
-        results[split] = (loss.detach(), local_ecg.grad, local_text.grad)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for split in ((2, 2), (3, 1), (4, 0)):
+            start = sum(split[:rank])
+            local_ecg = ecg[start : start + split[rank]].clone().requires_grad_(True)
+            local_text = text[start : start + split[rank]].clone().requires_grad_(True)
+            loss = ContrastiveLoss(equal_batches=split[0] == split[1])(local_ecg, local_text, torch.tensor(10.0))
+            loss.backward()
+            results[split] = (loss.detach(), local_ecg.grad, local_text.grad)
+    results["deprecations"] = _deprecations(caught)
     torch.save(results, out_dir / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -276,7 +286,8 @@ def _contrastive_on_two_processes(rank: int, port: int, ecg, text, out_dir) -> N
 def test_contrastive_loss_over_two_processes_equals_one_process_over_all_rows(tmp_path):
     """Every process gets the loss of the whole gathered batch, and after DDP's averaging (here: / 2) the gradient
     of each process's rows is the one-process gradient, also when processes hold different numbers of rows (an
-    eval's last batch without its padding; one process may hold none)."""
+    eval's last batch without its padding; one process may hold none). The gather raises no deprecation warning
+    (`torch.distributed.nn.functional.all_gather`, used before, warned on every call)."""
     import torch.multiprocessing as mp
 
     from merit_hf.training.losses import ContrastiveLoss
@@ -296,6 +307,7 @@ def test_contrastive_loss_over_two_processes_equals_one_process_over_all_rows(tm
             torch.testing.assert_close(loss, expected.detach(), msg=f"{split} rank {rank}")
         torch.testing.assert_close(torch.cat([results[split][1] for results in ranks]) / 2, one_ecg.grad)
         torch.testing.assert_close(torch.cat([results[split][2] for results in ranks]) / 2, one_text.grad)
+    assert [results["deprecations"] for results in ranks] == [[], []]
 
 
 def _gradient_norms_on_two_processes(rank: int, port: int, batch, out_dir) -> None:
@@ -342,6 +354,99 @@ def test_gradient_norms_over_two_processes_equal_one_process_over_all_rows(tmp_p
         assert norms.keys() == expected.keys()
         for name, value in expected.items():
             assert norms[name] == pytest.approx(value, rel=1e-4), f"rank {rank}: {name}"
+
+
+def _batch_with_missing_leads_and_padding() -> dict[str, torch.Tensor]:
+    """4 records; process 0 gets rows 0-1 (10 missing leads, and 10 padded patches of 12 leads), process 1 rows 2-3 (8
+    missing leads): their numbers of hidden patches that hold signal differ."""
+    generator = torch.Generator().manual_seed(0)
+    lead_mask = torch.ones(4, 12, dtype=torch.bool)
+    lead_mask[0, :10] = False
+    lead_mask[3, 4:] = False
+    ecg_attention_mask = torch.ones(4, 2250, dtype=torch.long)
+    ecg_attention_mask[1, -750:] = 0
+    return {"ecg_values": torch.randn(4, 12, 2250, generator=generator),
+            "input_ids": torch.randint(5, 100, (4, 6), generator=generator),
+            "noise": torch.rand(4, 12, 30, generator=generator),
+            "lead_mask": lead_mask, "ecg_attention_mask": ecg_attention_mask}  # fmt: skip
+
+
+def _objective_step(model, forward, batch) -> dict:
+    """What a pretraining step computes from `batch`: the objective (reconstruction weight 1.3, as a balanced step
+    passes it), the per-term encoder gradient norms, then the backward of the loss."""
+    from merit_hf.training.losses import PretrainingObjective
+    from merit_hf.training.pretrain import loss_term_gradient_norms
+
+    output = forward(**batch)
+    losses = PretrainingObjective(model.config)(output, reconstruction_weight=1.3)
+    norms = loss_term_gradient_norms(model, losses, 1.3)
+    losses.loss.backward()
+    return {
+        "count": output.reconstruction_patch_count.item(),
+        "losses": [losses.loss.item(), losses.reconstruction_loss.item(), losses.contrastive_loss.item()],
+        "norms": norms,
+        "gradients": {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None},
+    }
+
+
+def _pretraining_step_on_two_processes(rank: int, port: int, batch, out_dir) -> None:
+    """One of two gloo processes: a DDP-wrapped model's pretraining step on its half of `batch` (rows 2 * rank, +1)."""
+    import os
+    import warnings
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = MeritForPreTraining(tiny_merit_config(contrastive_weight=0.7))
+    half = {key: value[2 * rank : 2 * rank + 2] for key, value in batch.items()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _objective_step(model, DistributedDataParallel(model), half)
+    result["deprecations"] = _deprecations(caught)
+    torch.save(result, out_dir / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_pretraining_step_over_two_processes_with_missing_leads_equals_one_process_over_all_rows(tmp_path):
+    """The reconstruction term is a mean over hidden patches that hold signal; with missing leads and padding the two
+    processes hold different numbers of them. DDP averages the processes' terms (and gradients), which weighted
+    the two processes alike: 1.35720 against one process's 1.35739, the decoder's gradient 2% off. The objective
+    weights each process's term by its share of those patches, so the logged mean over processes, the gradient DDP
+    steps with and the per-term encoder gradient norms (loss balancing) are those of one process over all rows."""
+    import torch.multiprocessing as mp
+
+    from tests.test_pretrain import free_port
+
+    batch = _batch_with_missing_leads_and_padding()
+    torch.manual_seed(0)
+    model = MeritForPreTraining(tiny_merit_config(contrastive_weight=0.7))
+    expected = _objective_step(model, model, batch)
+    mp.spawn(_pretraining_step_on_two_processes, args=(free_port(), batch, tmp_path), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert ranks[0]["count"] != ranks[1]["count"]  # the case the weighting is for
+    assert ranks[0]["count"] + ranks[1]["count"] == expected["count"]
+    for rank, result in enumerate(ranks):
+        assert result["losses"][2] == pytest.approx(expected["losses"][2], rel=1e-6)  # contrastive: the same on each
+        for name, value in expected["norms"].items():
+            assert result["norms"][name] == pytest.approx(value, rel=1e-5), f"rank {rank}: {name}"
+    # loss and reconstruction term: their mean over processes is what pretraining logs
+    mean_over_processes = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"])]
+    assert mean_over_processes == pytest.approx(expected["losses"], rel=1e-6)
+    for name in expected["gradients"]:
+        assert torch.equal(ranks[0]["gradients"][name], ranks[1]["gradients"][name]), name  # DDP's mean
+    # The gradient DDP steps with, per part the reconstruction term reaches (relative L2 error; without the weighting
+    # 4e-3 for the encoder and 3e-2 for the decoder, with it 2e-6 and 2e-7: fp32 rounding)
+    for part in ("merit.ecg_model.", "decoder.", "merit.ecg_projection."):
+        names = [name for name in expected["gradients"] if name.startswith(part)]
+        one = torch.cat([expected["gradients"][name].flatten() for name in names])
+        two = torch.cat([ranks[0]["gradients"][name].flatten() for name in names])
+        error = ((two - one).norm() / one.norm()).item()
+        assert error < 1e-5, f"{part}: {error:.1e}"
+    assert [result["deprecations"] for result in ranks] == [[], []]  # the objective's gather warns no more
 
 
 def test_identical_reports_in_a_batch_give_the_multi_positive_infonce_loss_and_gradient():

@@ -3,9 +3,11 @@ one CPU, N GPUs or M nodes.
 
 The reconstruction term is `MeritForPreTraining`'s own; the contrastive term is computed here, by
 `merit_hf.training.losses.PretrainingObjective` (open_clip's `ClipLoss` shape), which gathers both embeddings from every
-process **with gradient** before InfoNCE, so N processes of batch b train like one process of batch N*b. Masking noise is
-drawn per record from `(seed, epoch, ecg_id)`, so the masks, and hence the losses, do not depend on how records are
-spread over processes either.
+process **with gradient** before InfoNCE, and weights each process's reconstruction term by its share of the batch's
+hidden patches that hold signal (fewer on a process whose records miss leads or are padded). So N processes of batch b
+log the loss, and step with the gradient, of one process of batch N*b (up to floating-point rounding, and where no
+dropout draws per-process masks). Masking noise is drawn per record from `(seed, epoch, ecg_id)`, so the masks, and
+hence the losses, do not depend on how records are spread over processes either.
 
 One CPU (or one GPU):
 
@@ -460,8 +462,10 @@ def loss_term_gradient_norms(
 
     With several processes the norms are those of the gradient DDP steps with, the mean of the processes' gradients
     (one all-reduce per term): the same on every process, so loss balancing gives all of them one weight, and the same
-    as one process of the whole batch. A process's own gradient is no estimate of it for the contrastive term, whose
-    gathered backward hands each process N times its rows' share of the whole batch's gradient.
+    as one process of the whole batch (the objective's reconstruction term is already weighted by the process's
+    share of hidden patches, so this mean is that of the whole batch's pooled term). A process's own gradient is no
+    estimate of it for the contrastive term, whose gathered backward hands each process N times its rows' share of the
+    whole batch's gradient.
     """
     config = model.config
     if reconstruction_weight is None:

@@ -119,6 +119,11 @@ class MeritForPreTrainingOutput(ModelOutput):
     logit_scale (`torch.FloatTensor` of shape `()`, *optional*): the inverse temperature used, `exp(logit_scale)` of
         the parameter as it is (not clamped here: `clamp_logit_scale_()` keeps the parameter in range after each
         optimizer step).
+    reconstruction_patch_count (`torch.FloatTensor` of shape `()`, *optional*): how many patches
+        `reconstruction_loss` averages over: the hidden patches that hold signal (not padding, not a missing lead) in
+        this batch; `reconstruction_loss` is their summed MSE over `max(count, 1)`. Pretraining on several processes
+        weights each process's term by it, so that the term is the mean over the hidden patches of all their batches
+        (`merit_hf.training.losses.PretrainingObjective`).
     """
 
     loss: torch.FloatTensor | None = None
@@ -132,6 +137,7 @@ class MeritForPreTrainingOutput(ModelOutput):
     ecg_embeds: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
     logit_scale: torch.FloatTensor | None = None
+    reconstruction_patch_count: torch.FloatTensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -754,10 +760,17 @@ def masked_patch_reconstruction_loss(
         var = target.var(dim=-1, keepdim=True, unbiased=False)
         target = (target - mean) / (var + eps) ** 0.5
     per_patch = ((predicted_patches.float() - target.float()) ** 2).mean(dim=-1)
+    weights = reconstruction_patch_weights(mask, patch_attention_mask)
+    return (per_patch * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def reconstruction_patch_weights(mask: torch.Tensor, patch_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """1 for the patches `masked_patch_reconstruction_loss` averages over (hidden, and holding signal where
+    `patch_attention_mask` is given), 0 elsewhere, as fp32 of `mask`'s shape: their sum is the loss's denominator."""
     weights = mask.float()
     if patch_attention_mask is not None:
         weights = weights * patch_attention_mask.float()
-    return (per_patch * weights).sum() / weights.sum().clamp(min=1.0)
+    return weights
 
 
 def unit_vectors(embeddings: torch.Tensor) -> torch.Tensor:
@@ -1594,7 +1607,7 @@ class MeritForPreTraining(MeritPreTrainedModel):
             )
 
         loss = 0.0
-        reconstruction_loss = predicted = None
+        reconstruction_loss = predicted = reconstruction_patch_count = None
         if use_reconstruction:
             predicted = self.decoder(
                 masked_output.last_hidden_state, masked_output.ids_restore, masked_output.patch_attention_mask
@@ -1607,6 +1620,9 @@ class MeritForPreTraining(MeritPreTrainedModel):
                 config.ecg_config.norm_pix_loss,
                 masked_output.patch_attention_mask,
             )
+            reconstruction_patch_count = reconstruction_patch_weights(
+                masked_output.mask, masked_output.patch_attention_mask
+            ).sum()
             weight = config.reconstruction_weight if reconstruction_weight is None else reconstruction_weight
             loss = loss + weight * reconstruction_loss
 
@@ -1638,6 +1654,7 @@ class MeritForPreTraining(MeritPreTrainedModel):
             ecg_embeds=ecg_embeds,
             text_embeds=text_embeds,
             logit_scale=scale,
+            reconstruction_patch_count=reconstruction_patch_count,
         )
 
 
