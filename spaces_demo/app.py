@@ -1,9 +1,10 @@
 """MERIT ECG demo: a Gradio Blocks app for clinician-researchers (runs as a Hugging Face Space or locally).
 
-Upload a WFDB record (`.hea` + `.dat`) or pick a bundled real PTB-XL record, and see the 12 leads on an ECG grid,
-zero-shot scores per class, the nearest bundled examples in embedding space, and a generated report. The app only
-wires the UI to tested merit_hf functions: `read_wfdb_record` and the feature extractor (the input contract),
-`zero_shot_classify`, `encode_ecgs`, and `MeritForReportGeneration.generate`.
+Upload a WFDB record (`.hea` + `.dat`) or pick a bundled real PTB-XL record, and see its leads on an ECG grid (the
+window the model reads), zero-shot scores per class, the nearest bundled examples in embedding space, and a generated
+report. The app only wires the UI to tested merit_hf functions: `read_wfdb_record` and the feature extractor (the
+input contract), `class_prompts`, `encode_class_prompts`, `encode_ecgs` and `similarity_scores` (the steps of
+`zero_shot_classify`, with the class embeddings computed once), and `MeritForReportGeneration.generate`.
 
 Run locally (one command, from the repository root; http://127.0.0.1:7860):
 
@@ -17,9 +18,10 @@ written by `merit_hf.training.report_lora`; unset: the report panel says it is u
 
 Input policy (stated in the UI): one WFDB record with 1 to 12 of the standard leads (a 12-lead ECG, the 6 limb leads,
 a 2-lead Holter, a single-lead device) at 100, 250, 500 or 1000 Hz (the rates of PTB-XL, MIMIC-IV-ECG and the
-model), 9 to 60 s long, at most 5 MB; it is resampled to the model's rate by the feature extractor and the panel says
-so. Limb leads are derived from two of I, II, III; leads still missing are left out of the model (`lead_mask`), never
-fed as zeros, and the panel lists them. Anything else gets a readable error, and nothing is read outside the upload.
+model), 9 to 60 s long, at most 5 MB (Gradio refuses a larger file; uploads are deleted from its cache within 20
+minutes); it is resampled to the model's rate by the feature extractor and the panel says so. Limb leads are derived
+from two of I, II, III; leads still missing are left out of the model (`lead_mask`), never fed as zeros, and the
+panel lists them. Anything else gets a readable error, and nothing is read outside the upload.
 """
 
 from __future__ import annotations
@@ -32,20 +34,28 @@ import json  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
-from merit_hf import STANDARD_LEAD_NAMES, zero_shot_classify  # noqa: E402
-from merit_hf.models.merit.feature_extraction_merit import EcgInputError, read_wfdb_header, read_wfdb_record  # noqa: E402
-from merit_hf.models.merit.pipeline_merit import encode_ecgs, load_class_descriptions  # noqa: E402
+from merit_hf import STANDARD_LEAD_NAMES  # noqa: E402
+from merit_hf.models.merit.feature_extraction_merit import (  # noqa: E402
+    UNIT_TO_MV,
+    EcgInputError,
+    read_wfdb_header,
+    read_wfdb_record,
+)
+from merit_hf.models.merit.pipeline_merit import (  # noqa: E402
+    class_prompts,
+    encode_class_prompts,
+    encode_ecgs,
+    load_class_descriptions,
+    similarity_scores,
+)
 
 APP_DIR = Path(__file__).resolve().parent
 EXAMPLES_DIR = APP_DIR / "examples"
@@ -54,7 +64,9 @@ DEFAULT_MODELS = (REPO_ROOT / "quickstart_output" / "model", REPO_ROOT / "quicks
 SPACE_MODEL = "org/merit-ecg"  # what the Space card declares; the deployed Space sets MERIT_MODEL to it
 ACCEPTED_RATES = (100, 250, 500, 1000)
 MIN_SECONDS, MAX_SECONDS = 9.0, 60.0
-MAX_UPLOAD_BYTES = 5 * 1024 * 1024
+MAX_UPLOAD_BYTES = 5 * 1024 * 1024  # the app's limit on the whole record, and Gradio's on each file
+# Gradio's cache keeps a copy of every upload: every 10 minutes, those older than 10 minutes are deleted
+UPLOAD_CACHE_SECONDS = (600, 600)
 MAX_LEADS = 12
 # The demo's zero-shot menu: merit_hf.data.labels.LABEL_SETS without "all" (71 classes do not fit a plot), most
 # readable first.
@@ -75,7 +87,8 @@ INPUT_POLICY = (
     f"leads, 2-lead, single-lead) at {', '.join(map(str, ACCEPTED_RATES))} Hz, {MIN_SECONDS:g}-{MAX_SECONDS:g} s and "
     f"at least the model's window (9 s for base-p75, 10 s for the quick-start model), at most "
     f"{MAX_UPLOAD_BYTES // 2**20} MB. It is resampled to the model's rate; limb leads are derived from two of "
-    "I, II, III, and leads still missing are left out of the model (not fed as zeros)."
+    "I, II, III, and leads still missing are left out of the model (not fed as zeros). Uploads are deleted from the "
+    f"server within {sum(UPLOAD_CACHE_SECONDS) // 60} minutes."
 )
 
 
@@ -88,7 +101,7 @@ class DemoInputError(ValueError):
 _SETTING = r"(?:pass\s+)?[a-z_]+=(?:True|'[^']*')"
 _LIBRARY_HINTS = (
     re.compile(rf"\s*\((?:[^()]|\([^()]*\))*?\b{_SETTING}(?:[^()]|\([^()]*\))*\)"),  # a parenthesis naming one
-    re.compile(rf"[.;]\s*{_SETTING}.*$"),  # a closing clause that starts with a setting
+    re.compile(rf"[.;:]\s*{_SETTING}.*$"),  # a closing clause that starts with a setting
 )
 
 
@@ -108,6 +121,8 @@ class DemoModels:
     report_model: torch.nn.Module | None = None
     report_processor: object | None = None
     report_status: str = "No report model configured (set MERIT_REPORT_MODEL): report generation is unavailable."
+    # label set of the menu -> class embeddings `(num_classes, projection_dim)` (`menu_class_embeddings`)
+    class_embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -130,10 +145,12 @@ def default_model_path() -> str:
 
 
 def load_models(model_path: str, report_model_path: str | None = None) -> DemoModels:
-    """The two-tower model (zero-shot, embeddings; on the GPU when the Space has one) and, if given, the report model
-    (CPU), in eval mode. Loaded with merit_hf's own classes: the Python files a checkpoint carries (its remote code)
-    are never run. The ECG tower runs in `precision="auto"` (`merit_hf.models.merit.inference_precision`): bf16 weights on a GPU,
-    the fastest accurate path on the CPU the Space runs on."""
+    """The two-tower model (zero-shot, embeddings) and, if given, the report model (CPU), in eval mode, with the class
+    embeddings of the zero-shot menu. The two-tower model runs on a GPU when torch sees one (a local run with a CUDA
+    build of torch); the Space's requirements.txt installs the CPU build, so the Space runs on its CPU. Loaded with
+    merit_hf's own classes: the Python files a checkpoint carries (its remote code) are never run. The ECG tower runs
+    in `precision="auto"` (`merit_hf.models.merit.inference_precision`): bf16 weights on a GPU, the fastest accurate
+    path on a CPU."""
     from merit_hf import MeritModel, MeritProcessor
 
     model = MeritModel.from_pretrained(model_path).eval()
@@ -148,21 +165,47 @@ def load_models(model_path: str, report_model_path: str | None = None) -> DemoMo
             "a test or quick-start model with random or barely trained weights: **its scores, neighbours and "
             "reports are meaningless**. They only show that the pipeline runs."
         )
-    accept_reduced_leads(processor.feature_extractor)
-    models = DemoModels(model=model, processor=processor, name=str(model_path), warning=warning)
+    demo_settings(processor.feature_extractor)
+    models = DemoModels(
+        model=model,
+        processor=processor,
+        name=str(model_path),
+        warning=warning,
+        class_embeddings=menu_class_embeddings(model, processor),
+    )
     if report_model_path:
         models.report_model, models.report_processor = load_report_model(report_model_path)
-        accept_reduced_leads(models.report_processor.feature_extractor)
+        demo_settings(models.report_processor.feature_extractor)
         models.report_status = f"Report model: `{report_model_path}` (greedy decoding, {MAX_NEW_TOKENS} new tokens)."
     return models
 
 
-def accept_reduced_leads(feature_extractor) -> None:
-    """The demo's lead policy on the model's own feature extractor: limb leads derived from two of I, II, III, and
-    the leads still missing left out of the model (`lead_mask`). A 12-lead record is processed exactly as before."""
+def demo_settings(feature_extractor) -> None:
+    """The demo's settings on the model's own feature extractor, whatever the folder saved: the central window, one
+    per record (`crop="center"`, which `zero_shot_classify` also forces; `window="single"`: the example index and the
+    plot have one window per record); limb leads derived from two of I, II, III, and the leads still missing left out
+    of the model (`lead_mask`). A 12-lead record is processed exactly as before."""
+    feature_extractor.crop = "center"
+    feature_extractor.window = "single"
     feature_extractor.derive_limb_leads = True
     feature_extractor.missing_leads = "mask"
     feature_extractor._validate_settings()
+
+
+def menu_class_embeddings(model, processor) -> dict[str, torch.Tensor]:
+    """The class embeddings of each label set of the menu, as `zero_shot_classify` computes them (the shipped PTB-XL
+    prompts, the default template), once at start-up: the prompts never change, and the text tower would be most of
+    each click's time (a BERT-base text tower takes 0.2-0.8 s per label set on 2 vCPUs, one ECG 0.06 s). Read-only
+    afterwards, so concurrent clicks share it."""
+    return {
+        label_set: encode_class_prompts(
+            model,
+            processor.tokenizer,
+            class_prompts(list(load_class_descriptions(label_set)), class_descriptions=label_set),
+            max_length=processor.max_length,
+        )
+        for label_set in ZERO_SHOT_MENU
+    }
 
 
 def load_report_model(path: str):
@@ -275,11 +318,13 @@ def check_duration(record: Path, seconds: float) -> None:
 
 
 def _signal_file_names(header_path: Path) -> list[str]:
-    """First field of each signal line of a WFDB header (the signal file), read as text before any parsing."""
-    try:
-        lines = header_path.read_bytes()[:65536].decode("ascii").splitlines()
-    except UnicodeDecodeError as error:
-        raise DemoInputError(f"'{header_path.name}' is not a WFDB header (not plain text).") from error
+    """First field of each signal line of a WFDB header (the signal file), read as text before any parsing. Only a
+    binary file is refused here: `read_wfdb_header` judges the text (it reads UTF-8, e.g. a comment in German or a
+    unit written µV)."""
+    raw = header_path.read_bytes()[:65536]
+    if b"\0" in raw:
+        raise DemoInputError(f"'{header_path.name}' is not a WFDB header (a binary file, not text).")
+    lines = raw.decode("utf-8", errors="replace").splitlines()
     lines = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     return [line.split()[0] for line in lines[1:]]
 
@@ -295,24 +340,49 @@ def read_record(record: Path) -> dict:
     return read
 
 
+def model_inputs(feature_extractor, record: Path) -> dict:
+    """The feature extractor's output for the record, read from its path: the errors then name what an uploader can
+    fix (the header's units and ADC gain), not the `units=` argument of a caller with arrays."""
+    try:
+        return feature_extractor(str(record), return_tensors="pt")
+    except EcgInputError as error:  # named by its private path: keep only the record's name
+        problem = str(error).replace(f"{record}:", f"'{record.name}':").replace(f"{record.parent}{os.sep}", "")
+        raise DemoInputError(for_visitors(problem)) from error
+
+
+def signal_in_mv(record: dict) -> np.ndarray:
+    """`read_wfdb_record`'s signal in mV, converted with the feature extractor's unit table (no unit: mV)."""
+    return record["signal"] * np.array([UNIT_TO_MV.get(str(unit).strip().lower(), 1.0) for unit in record["units"]])
+
+
+def leads_text(count: int) -> str:
+    return f"{count} lead{'' if count == 1 else 's'}"
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Outputs
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def plot_ecg(signal_mv: np.ndarray, sampling_rate: float, lead_names: list[str], title: str):
-    """The 12 leads on ECG paper (fine lines every 0.04 s and 0.1 mV, bold every 0.2 s and 0.5 mV, as 25 mm/s and
-    10 mm/mV paper), limb leads left and chest leads right in their standard places (a reduced-lead record leaves the
-    others blank), the first 10 s."""
-    samples = min(len(signal_mv), int(10 * sampling_rate))
+def plot_ecg(
+    signal_mv: np.ndarray, sampling_rate: float, lead_names: list[str], title: str, start_s: float = 0.0
+) -> Figure:
+    """The leads of `signal_mv` `(num_samples, num_leads)`, whose first sample is at `start_s` seconds of the record,
+    on ECG paper (fine lines every 0.04 s and 0.1 mV, bold every 0.2 s and 0.5 mV, as 25 mm/s and 10 mm/mV paper),
+    limb leads left and chest leads right in their standard places (a reduced-lead record leaves the others blank),
+    at most +-`PLOT_LIMIT_MV`. A figure of matplotlib's object API, not pyplot: the queue draws two at once in worker
+    threads, and pyplot's global figure list is not thread-safe (nor closed when a later step fails)."""
+    samples = len(signal_mv)
     seconds = samples / sampling_rate
-    time = np.arange(samples) / sampling_rate
+    time = start_s + np.arange(samples) / sampling_rate
+    end_s = start_s + seconds
     rows, columns = 6, 2
-    figure, axes = plt.subplots(rows, columns, figsize=(16, 9.5), sharex=True, squeeze=False)
-    low = float(np.clip(np.floor(signal_mv[:samples].min() * 2) / 2, -PLOT_LIMIT_MV, -1.5))
-    high = float(np.clip(np.ceil(signal_mv[:samples].max() * 2) / 2, 1.5, PLOT_LIMIT_MV))
+    figure = Figure(figsize=(16, 9.5))
+    axes = figure.subplots(rows, columns, sharex=True, squeeze=False)
+    low = float(np.clip(np.floor(signal_mv.min() * 2) / 2, -PLOT_LIMIT_MV, -1.5))
+    high = float(np.clip(np.ceil(signal_mv.max() * 2) / 2, 1.5, PLOT_LIMIT_MV))
     # Grid lines as two line collections per axis: thousands of matplotlib ticks would take seconds to lay out.
-    fine_x, bold_x = np.arange(0, seconds + 1e-9, 0.04), np.arange(0, seconds + 1e-9, 0.2)
+    fine_x, bold_x = np.arange(start_s, end_s + 1e-9, 0.04), np.arange(start_s, end_s + 1e-9, 0.2)
     fine_y, bold_y = np.arange(low, high + 1e-9, 0.1), np.arange(low, high + 1e-9, 0.5)
     # each lead in its standard place (I-aVF left, V1-V6 right), whatever order the record stores them in
     standard = {name.lower(): slot for slot, name in enumerate(STANDARD_LEAD_NAMES)}
@@ -320,21 +390,21 @@ def plot_ecg(signal_mv: np.ndarray, sampling_rate: float, lead_names: list[str],
     if len(set(slots)) < len(slots) or max(slots, default=0) >= rows * columns:
         slots = list(range(len(lead_names)))  # not the standard leads: as recorded
     for index, slot in enumerate(slots):
-        axes[slot % rows, slot // rows].plot(time, signal_mv[:samples, index], color="black", linewidth=0.7)
+        axes[slot % rows, slot // rows].plot(time, signal_mv[:, index], color="black", linewidth=0.7)
         axes[slot % rows, slot // rows].text(
-            0.05, high - 0.15, lead_names[index], fontsize=10, fontweight="bold", va="top"
+            start_s + 0.05, high - 0.15, lead_names[index], fontsize=10, fontweight="bold", va="top"
         )
     for index in range(rows * columns):
         axis = axes[index % rows, index // rows]
         axis.vlines(fine_x, low, high, colors=GRID_FINE, linewidth=0.3)
-        axis.hlines(fine_y, 0, seconds, colors=GRID_FINE, linewidth=0.3)
+        axis.hlines(fine_y, start_s, end_s, colors=GRID_FINE, linewidth=0.3)
         axis.vlines(bold_x, low, high, colors=GRID_BOLD, linewidth=0.6)
-        axis.hlines(bold_y, 0, seconds, colors=GRID_BOLD, linewidth=0.6)
-        axis.set_xlim(0, seconds)
+        axis.hlines(bold_y, start_s, end_s, colors=GRID_BOLD, linewidth=0.6)
+        axis.set_xlim(start_s, end_s)
         axis.set_ylim(low, high)
         axis.set_facecolor("#fff7f7")
         axis.set_yticks([])
-        axis.set_xticks(np.arange(0, seconds + 1e-9, 1.0))
+        axis.set_xticks(np.arange(np.ceil(start_s), end_s + 1e-9, 1.0))
         axis.tick_params(length=0, labelbottom=index % rows == rows - 1)
     for axis in axes[-1]:
         axis.set_xlabel("time (s); grid: 0.04 s and 0.1 mV (fine), 0.2 s and 0.5 mV (bold)")
@@ -343,20 +413,12 @@ def plot_ecg(signal_mv: np.ndarray, sampling_rate: float, lead_names: list[str],
     return figure
 
 
-def zero_shot_table(
-    models: DemoModels, ecg_values: torch.Tensor, label_set: str, lead_mask: torch.Tensor | None = None
-) -> list[list]:
+def zero_shot_table(models: DemoModels, ecg_embedding: torch.Tensor, label_set: str) -> list[list]:
+    """The classes of `label_set`, best first: the cosine similarity of the ECG embedding `(1, projection_dim)`
+    (`encode_ecgs`) to each class, as `zero_shot_classify` scores it (`multi_label=True`)."""
     descriptions = load_class_descriptions(label_set)
     labels = list(descriptions)
-    result = zero_shot_classify(
-        models.model,
-        models.processor,
-        ecg_values=ecg_values,
-        candidate_labels=labels,
-        class_descriptions=label_set,
-        lead_mask=lead_mask,
-    )
-    scores = result["scores"][0]
+    scores = similarity_scores(models.model, ecg_embedding, models.class_embeddings[label_set])[0]
     order = np.argsort(-scores, kind="stable")
     return [[labels[i], descriptions[labels[i]][0], round(float(scores[i]), 4)] for i in order]
 
@@ -387,10 +449,8 @@ class ExampleIndex:
         )
         self.embeddings = encode_ecgs(models.model, ecg_values["ecg_values"])
 
-    def nearest(
-        self, models: DemoModels, ecg_values: torch.Tensor, count: int = 3, lead_mask: torch.Tensor | None = None
-    ) -> list[list]:
-        query = encode_ecgs(models.model, ecg_values, lead_mask=lead_mask)
+    def nearest(self, query: torch.Tensor, count: int = 3) -> list[list]:
+        """The `count` examples nearest to the ECG embedding `query` `(1, projection_dim)` (`encode_ecgs`)."""
         similarity = (query @ self.embeddings.T)[0].cpu().numpy()
         order = np.argsort(-similarity, kind="stable")[:count]
         return [
@@ -440,9 +500,12 @@ def _select_record(index: ExampleIndex, files: list | None, example: str | None,
 
 def analyse(models: DemoModels, index: ExampleIndex, files: list | None, example: str | None, label_set: str):
     """Everything the page shows for one record. Raises `DemoInputError` / `EcgInputError` for bad input."""
+    feature_extractor = models.processor.feature_extractor
     with tempfile.TemporaryDirectory(prefix="merit_demo_upload_") as workdir:
         try:
-            record = read_record(_select_record(index, files, example, Path(workdir)))
+            path = _select_record(index, files, example, Path(workdir))
+            record = read_record(path)
+            features = model_inputs(feature_extractor, path)
         except OSError as error:  # a file gone or unreadable: name it, never the private folder it was copied to
             name = Path(error.filename).name if error.filename else "the record"
             raise DemoInputError(
@@ -450,39 +513,34 @@ def analyse(models: DemoModels, index: ExampleIndex, files: list | None, example
                 "and .dat files again."
             ) from error
     name = Path(record["record"]).name
-    units = record["units"]
-    feature_extractor = models.processor.feature_extractor
-    try:
-        features = feature_extractor(
-            record["signal"],
-            sampling_rate=record["sampling_rate"],
-            lead_names=record["lead_names"],
-            units=units,
-            return_tensors="pt",
-        )
-    except EcgInputError as error:
-        raise DemoInputError(for_visitors(str(error).replace("record 0", f"'{name}'"))) from error
-    to_mv = np.array([{"uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3}.get(u.lower(), 1.0) for u in units])
-    signal_mv = record["signal"] * to_mv
     rate = record["sampling_rate"]
     seconds = len(record["signal"]) / rate
-    figure = plot_ecg(
-        signal_mv,
-        rate,
-        record["lead_names"],
-        f"{name}: {len(record['lead_names'])} leads, {rate:g} Hz, {seconds:.1f} s",
-    )
     model_rate = feature_extractor.sampling_rate
     window = feature_extractor.num_samples / model_rate
+    # the model's window (`crop="center"`) in the record's time; a record is at least one window long
+    start = max(0.0, (seconds - window) / 2)
+    shown = signal_in_mv(record)[round(start * rate) : round((start + window) * rate)]
+    clipped = [lead for lead, peak in zip(record["lead_names"], np.abs(shown).max(axis=0)) if peak > PLOT_LIMIT_MV]
+    clip_note = f"; clipped at ±{PLOT_LIMIT_MV:g} mV: {', '.join(clipped)}" if clipped else ""
+    described = f"{leads_text(len(record['lead_names']))}, {rate:g} Hz, {seconds:.1f} s"
+    figure = plot_ecg(
+        shown,
+        rate,
+        record["lead_names"],
+        f"{name}: {described}; the model's window, {start:.1f}-{start + window:.1f} s{clip_note}",
+        start_s=start,
+    )
     resampled = f"Resampled {rate:g} Hz -> {model_rate} Hz; the" if rate != model_rate else "The"
     ecg_values, lead_mask = features["ecg_values"], features.get("lead_mask")
     status = (
-        f"Record `{name}`: {len(record['lead_names'])} leads, {rate:g} Hz, {seconds:.1f} s. "
-        f"{resampled} model reads the central {window:g} s."
+        f"Record `{name}`: {described}. {resampled} model reads the central {window:g} s "
+        f"({start:.1f}-{start + window:.1f} s), which the plot shows."
+        + (f" Leads beyond ±{PLOT_LIMIT_MV:g} mV are clipped on the plot: {', '.join(clipped)}." if clipped else "")
         + lead_status(feature_extractor.lead_names, record["lead_names"], lead_mask)
     )
-    scores = zero_shot_table(models, ecg_values, label_set, lead_mask)
-    neighbours = index.nearest(models, ecg_values, lead_mask=lead_mask)
+    embedding = encode_ecgs(models.model, ecg_values, lead_mask=lead_mask)  # once, for the scores and neighbours
+    scores = zero_shot_table(models, embedding, label_set)
+    neighbours = index.nearest(embedding)
     report = generate_report(models, record["signal"], record)
     return figure, scores, neighbours, report, status
 
@@ -512,10 +570,9 @@ def create_demo(models: DemoModels) -> gr.Blocks:
             figure, scores, neighbours, report, status = analyse(models, index, files, example, label_set)
         except (DemoInputError, EcgInputError) as error:
             raise gr.Error(str(error), print_exception=False) from None
-        plt.close(figure)
         return figure, scores, neighbours, report, status
 
-    with gr.Blocks(title="MERIT ECG demo") as demo:
+    with gr.Blocks(title="MERIT ECG demo", delete_cache=UPLOAD_CACHE_SECONDS) as demo:
         gr.Markdown("# MERIT: 12-lead ECG embeddings, zero-shot scores and reports")
         gr.Markdown(DISCLAIMER)
         gr.Markdown(f"Model: `{models.name}`. {models.report_status}")
@@ -534,7 +591,7 @@ def create_demo(models: DemoModels) -> gr.Blocks:
                 gr.Markdown(INPUT_POLICY)
                 status = gr.Markdown(first_status)
             with gr.Column(scale=3):
-                plot = gr.Plot(figure, label="12-lead ECG (first 10 s)", elem_id="ecg-plot")
+                plot = gr.Plot(figure, label="ECG: the window the model reads", elem_id="ecg-plot")
         with gr.Row():
             scores = gr.Dataframe(
                 first_scores,
@@ -557,8 +614,6 @@ def create_demo(models: DemoModels) -> gr.Blocks:
             outputs=[plot, scores, neighbours, report, status],
             api_name="analyse",
         )
-    plt.close(figure)
-
     return demo
 
 
@@ -570,7 +625,7 @@ def main() -> None:
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
         share=False,
         show_error=True,
-        max_file_size="10mb",
+        max_file_size=MAX_UPLOAD_BYTES,
     )
 
 

@@ -16,11 +16,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 
 import numpy as np
 import pytest
 import torch
 import wfdb
+from packaging.requirements import Requirement
 
 from merit_hf import (
     MeritEcgModel,
@@ -28,6 +30,7 @@ from merit_hf import (
     MeritForPreTraining,
     MeritForReportGeneration,
     MeritProcessor,
+    zero_shot_classify,
 )
 from tests.conftest import BUNDLED_PTBXL, REPO_ROOT, tiny_ecg_config, tiny_merit_config, train_tiny_tokenizer
 from tests.test_report_generation import tiny_llama, train_sentencepiece_tokenizer
@@ -120,7 +123,7 @@ def test_bundled_example_shows_every_feature(space):
 
     record = str(app.EXAMPLES_DIR / "00003_lr")
     ecg_values = models.processor.feature_extractor(record, return_tensors="pt")["ecg_values"]
-    direct = app.zero_shot_classify(
+    direct = zero_shot_classify(
         models.model,
         models.processor,
         ecg_values=ecg_values,
@@ -326,7 +329,7 @@ def test_reduced_lead_uploads_leave_the_missing_leads_out(space, tmp_path, leads
     app, models, client, _ = space
     files = write_record(tmp_path, "reduced", lead_names=leads)
     _, scores, neighbours, report, status = analyse(client, files=files)
-    assert f"`reduced`: {len(leads)} leads, 500 Hz, 10.0 s" in status
+    assert f"`reduced`: {len(leads)} lead{'s' if len(leads) > 1 else ''}, 500 Hz, 10.0 s" in status
     assert (f"Derived from the recorded limb leads: {derived}." in status) == (derived is not None)
     assert f"Not recorded, left out of the model: {left_out}." in status
 
@@ -336,8 +339,8 @@ def test_reduced_lead_uploads_leave_the_missing_leads_out(space, tmp_path, leads
     )
     labels = ["CD", "HYP", "MI", "NORM", "STTC"]
     common = {"ecg_values": features["ecg_values"], "candidate_labels": labels, "class_descriptions": "superclass"}
-    direct = app.zero_shot_classify(models.model, models.processor, lead_mask=features["lead_mask"], **common)
-    zero_filled = app.zero_shot_classify(models.model, models.processor, **common)
+    direct = zero_shot_classify(models.model, models.processor, lead_mask=features["lead_mask"], **common)
+    zero_filled = zero_shot_classify(models.model, models.processor, **common)
     got = {row[0]: row[2] for row in scores["data"]}
     for label, score in zip(labels, direct["scores"][0], strict=True):
         assert got[label] == pytest.approx(float(score), abs=1e-4)
@@ -410,30 +413,50 @@ def test_space_card_matches_the_app():
     assert card.data.sdk == "gradio"
     assert card.data.sdk_version == gradio.__version__, "pin sdk_version to the Gradio the tests ran"
     assert (REPO_ROOT / "spaces_demo" / card.data.app_file).is_file()
-    assert "org/merit-ecg" in card.data.models
     app = load_app_module()
-    assert app.SPACE_MODEL in card.data.models
+    assert card.data.models == [app.SPACE_MODEL], "the card lists the models the Space loads, nothing else"
     for item in app.example_catalogue():
         for suffix in (".hea", ".dat"):
             assert (app.EXAMPLES_DIR / f"{item['record']}{suffix}").is_file()
     assert (app.EXAMPLES_DIR / "LICENSE.txt").read_text().startswith("Creative Commons Attribution 4.0")
 
 
+def space_requirements() -> list[Requirement]:
+    """The requirements of spaces_demo/requirements.txt given by name (not the options, nor a wheel's file name)."""
+    lines = (REPO_ROOT / "spaces_demo" / "requirements.txt").read_text().splitlines()
+    return [Requirement(line) for line in lines if line.strip() and not line.startswith(("#", "-", "./"))]
+
+
+def test_space_requirements_install_the_wheel_the_deploy_steps_build():
+    """merit_hf is not on PyPI: the requirements' `merit_hf>=0.1.0` failed the Space's build (or installed what anyone
+    published under that unclaimed name). They install the wheel that the README's "Deploying" builds beside
+    app.py, under the file name pip gives it."""
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    wheel = f"./{project['name']}-{project['version']}-py3-none-any.whl"
+    lines = (REPO_ROOT / "spaces_demo" / "requirements.txt").read_text().splitlines()
+    assert wheel in lines
+    assert "merit_hf" not in {requirement.name for requirement in space_requirements()}, "never merit_hf by name"
+    deploying = " ".join((REPO_ROOT / "spaces_demo" / "README.md").read_text().split("## Deploying")[1].split())
+    assert "`python -m pip wheel --no-deps -w spaces_demo .`" in deploying and f"`{wheel}`" in deploying
+
+
+def test_the_app_says_the_space_runs_on_its_cpu():
+    """The requirements install the CPU build of torch, so a GPU Space runs the app on its CPU; the docstring said
+    the app ran "on the GPU when the Space has one"."""
+    assert "download.pytorch.org/whl/cpu" in (REPO_ROOT / "spaces_demo" / "requirements.txt").read_text()
+    docstring = " ".join(load_app_module().load_models.__doc__.split())
+    assert "the Space runs on its CPU" in docstring and "when the Space has one" not in docstring
+
+
 def test_space_requirements_install_peft_for_a_report_adapter():
     """`MERIT_REPORT_MODEL` may name a LoRA adapter folder, which the app loads through peft; the Space's requirements
     installed merit_hf without peft, so such a Space failed at start-up. They install it, at the version merit_hf's
     `report` extra asks for."""
-    import tomllib
-
-    from packaging.requirements import Requirement
-
-    lines = (REPO_ROOT / "spaces_demo" / "requirements.txt").read_text().splitlines()
-    requirements = [Requirement(line) for line in lines if line.strip() and not line.startswith(("#", "-"))]
-    by_name = {requirement.name: requirement for requirement in requirements}
+    by_name = {requirement.name: requirement for requirement in space_requirements()}
     pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
     report_extra = [Requirement(line) for line in pyproject["project"]["optional-dependencies"]["report"]]
     peft = next(requirement for requirement in report_extra if requirement.name == "peft")
-    if "report" not in by_name["merit_hf"].extras:
+    if "merit_hf" not in by_name or "report" not in by_name["merit_hf"].extras:  # the wheel: merit_hf, no extra
         assert "peft" in by_name, "spaces_demo/requirements.txt: a LoRA adapter as MERIT_REPORT_MODEL needs peft"
         assert by_name["peft"].specifier == peft.specifier
 
@@ -521,9 +544,205 @@ def test_errors_leave_out_the_library_settings_a_visitor_cannot_set():
     ]
     cases += [(flat, STANDARD_LEADS, "a lead that was not recorded, or a unit 1000x too small")]
     cases += [(signal[:, :8], STANDARD_LEADS[:8], "8 leads given, 12 expected")]
+    cases += [(signal * 1000, STANDARD_LEADS, "above the 30 mV an ECG can span")]  # "...: pass units='uV'"
     for values, leads, kept in cases:
         with pytest.raises(EcgInputError) as error:
             strict(values, sampling_rate=100, lead_names=leads)
         assert re.search(r"[a-z_]+=(True|')", str(error.value))  # the library names a setting ...
         shown = app.for_visitors(str(error.value))
         assert kept in shown and not re.search(r"[a-z_]+=(True|')", shown), shown  # ... the page does not
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What a record looks like on the page, called in-process on the server's models
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def direct(space):
+    """The app module, the server's models and an index of the bundled examples, for `app.analyse` in-process."""
+    app, models, _, _ = space
+    return app, models, app.ExampleIndex(models)
+
+
+def edited_upload(directory, edit=None):
+    """`UPLOAD_RECORD` in `directory` with its header text passed through `edit`."""
+    directory.mkdir(parents=True)
+    header, data = directory / "00001_lr.hea", directory / "00001_lr.dat"
+    text = UPLOAD_RECORD.with_suffix(".hea").read_text()
+    header.write_text(edit(text) if edit else text, encoding="utf-8")
+    shutil.copyfile(UPLOAD_RECORD.with_suffix(".dat"), data)
+    return [header, data]
+
+
+def plotted(figure) -> dict[str, np.ndarray]:
+    """Lead name -> the values drawn for it."""
+    return {axis.texts[0].get_text(): axis.lines[0].get_ydata() for axis in figure.axes if axis.lines}
+
+
+def test_a_record_in_nanovolt_is_plotted_in_millivolt(direct, tmp_path):
+    """The plot converts with the feature extractor's unit table: the app's own table did not know nV, which the
+    model reads, and drew such a record 10^6 too large (clipped at the plot's limit)."""
+    app, models, index = direct
+    nano = edited_upload(tmp_path / "nv", lambda text: text.replace("1000.0(0)/mV", "0.001(0)/nV"))
+    figure, scores, *_ = app.analyse(models, index, nano, None, "superclass")
+    _, mv_scores, *_ = app.analyse(models, index, edited_upload(tmp_path / "mv"), None, "superclass")
+    millivolt, fields = wfdb.rdsamp(str(UPLOAD_RECORD))
+    axes = [axis for axis in figure.axes if axis.lines]
+    assert len(axes) == 12
+    for axis in axes:  # each lead as drawn, against the record in mV at the same samples (100 Hz)
+        samples = np.round(axis.lines[0].get_xdata() * 100).astype(int)
+        column = fields["sig_name"].index(axis.texts[0].get_text())
+        np.testing.assert_allclose(axis.lines[0].get_ydata(), millivolt[samples, column], atol=1e-9)
+    assert scores == mv_scores
+
+
+def test_a_header_in_utf8_is_read_as_the_library_reads_it(direct, tmp_path):
+    """A comment in German and a unit written µV, which `read_wfdb_header` reads: the app refused any non-ASCII byte
+    as "not a WFDB header (not plain text)". A binary file is still refused before parsing."""
+    app, models, index = direct
+
+    def utf8(text):
+        return text.replace("1000.0(0)/mV", "1.0(0)/µV") + "# Befund: Grundlinie überdreht\n"
+
+    figure, scores, neighbours, _, status = app.analyse(models, index, edited_upload(tmp_path / "uv", utf8), None,
+                                                        "superclass")  # fmt: skip
+    mv_figure, *mv_outputs = app.analyse(models, index, edited_upload(tmp_path / "mv"), None, "superclass")
+    assert [scores, neighbours, status] == [mv_outputs[0], mv_outputs[1], mv_outputs[3]]
+    for lead, values in plotted(mv_figure).items():
+        np.testing.assert_allclose(plotted(figure)[lead], values, atol=1e-9)
+    binary = edited_upload(tmp_path / "binary")
+    binary[0].write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    with pytest.raises(app.DemoInputError, match=r"^'00001_lr.hea' is not a WFDB header \(a binary file, not text\)"):
+        app.analyse(models, index, binary, None, "superclass")
+
+
+@pytest.mark.parametrize(
+    ("unit", "hint"),
+    [
+        ("1.0(0)/mV", "span up to 1217 mV after unit conversion, above the 30 mV an ECG can span: the header's units "
+         "or ADC gain are probably wrong (µV stored as mV, or a gain of 1 instead of 1000)"),
+        ("1000.0(0)/uV", "every lead is flat, mV labelled µV (1000x too small)? check the header's units and ADC gain"),
+    ],
+)  # fmt: skip
+def test_unit_errors_point_to_the_headers_units_and_gain(direct, tmp_path, unit, hint):
+    """A visitor can fix an upload's header, not set the library's `units=` argument ("pass units='uV'")."""
+    app, models, index = direct
+    files = edited_upload(tmp_path / "units", lambda text: text.replace("1000.0(0)/mV", unit))
+    with pytest.raises(app.DemoInputError) as error:
+        app.analyse(models, index, files, None, "superclass")
+    message = str(error.value)
+    assert message.startswith("'00001_lr': leads [") and message.endswith(hint), message
+    assert "units=" not in message and tempfile.gettempdir() not in message
+
+
+@pytest.mark.parametrize("saved", [{"crop": "random"}, {"window": "sliding"}])
+def test_a_folder_saved_with_a_random_crop_or_sliding_windows_reads_the_central_window(tmp_path, tokenizer, saved):
+    """The app fixes the feature extractor's window, whatever the folder saved: with `crop="random"` two clicks gave
+    two scores (the status said "central"), with `window="sliding"` the example index held one row per window and
+    the app could not start (IndexError)."""
+    app = load_app_module()
+    folder = tmp_path / "merit"
+    torch.manual_seed(0)
+    model = MeritForPreTraining(tiny_merit_config())
+    model.save_pretrained(folder)
+    feature_extractor = MeritFeatureExtractor.from_model_config(model.config.ecg_config, **saved)
+    MeritProcessor(feature_extractor, tokenizer).save_pretrained(folder)
+    models = app.load_models(str(folder))
+    index = app.ExampleIndex(models)
+    _, scores, neighbours, _, status = app.analyse(models, index, None, "00003_lr", "superclass")
+    assert app.analyse(models, index, None, "00003_lr", "superclass")[1] == scores
+    assert neighbours[0][0] == "PTB-XL 3" and neighbours[0][3] == pytest.approx(1.0, abs=1e-4)
+    assert "model reads the central 9 s (0.5-9.5 s), which the plot shows" in status
+    centre = MeritFeatureExtractor.from_model_config(model.config.ecg_config)
+    ecg_values = centre(str(app.EXAMPLES_DIR / "00003_lr"), return_tensors="pt")["ecg_values"]
+    labels = [row[0] for row in scores]
+    direct = zero_shot_classify(
+        models.model, models.processor, ecg_values=ecg_values, candidate_labels=labels, class_descriptions="superclass"
+    )
+    assert [row[2] for row in scores] == pytest.approx(direct["scores"][0].tolist(), abs=1e-4)
+
+
+def test_a_click_encodes_the_ecg_once_and_no_class_prompt(direct, monkeypatch):
+    """The class prompts' embeddings are computed once at start-up (the text tower was most of each click's time),
+    and one ECG embedding serves the scores and the neighbours (it was encoded twice); the scores are still
+    `zero_shot_classify`'s."""
+    from merit_hf.models.merit import pipeline_merit
+
+    app, models, index = direct
+    record = str(app.EXAMPLES_DIR / "00022_lr")
+    expected = {}
+    for label_set in app.ZERO_SHOT_MENU:
+        labels = list(app.load_class_descriptions(label_set))
+        result = zero_shot_classify(models.model, models.processor, ecgs=record, candidate_labels=labels,
+                                    class_descriptions=label_set)  # fmt: skip
+        expected[label_set] = dict(zip(labels, result["scores"][0].tolist(), strict=True))
+    calls = {"ecg": 0, "text": 0}
+    original = pipeline_merit.encode_ecgs
+
+    def counted(*args, **kwargs):
+        calls["ecg"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_merit, "encode_ecgs", counted)
+    monkeypatch.setattr(app, "encode_ecgs", counted)
+    text_model = pipeline_merit.two_tower_model(models.model).text_model
+    hook = text_model.register_forward_hook(lambda *_: calls.__setitem__("text", calls["text"] + 1))
+    try:
+        tables = {label_set: app.analyse(models, index, None, "00022_lr", label_set)[1] for label_set in expected}
+    finally:
+        hook.remove()
+    assert calls == {"ecg": len(expected), "text": 0}
+    for label_set, table in tables.items():
+        assert {row[0]: row[2] for row in table} == pytest.approx(expected[label_set], abs=1e-4)
+
+
+def test_the_plot_shows_the_models_window_and_says_what_it_clips(direct, tmp_path):
+    """A 20 s single-lead record: the plot is the central 9 s the model reads (it was the first 10 s, which a 60 s
+    record's window does not even overlap), a lead beyond the plot's +-4 mV is said to be clipped, and "1 lead"."""
+    app, models, index = direct
+    signal = np.random.default_rng(0).normal(scale=0.2, size=(10000, 1))
+    signal[::500] = 6.0  # a 6 mV spike every second (high-voltage QRS)
+    wfdb.wrsamp("strip", fs=500, units=["mV"], sig_name=["II"], p_signal=signal, fmt=["16"], write_dir=str(tmp_path))
+    files = [tmp_path / "strip.hea", tmp_path / "strip.dat"]
+    figure, _, _, _, status = app.analyse(models, index, files, None, "superclass")
+    assert status.startswith("Record `strip`: 1 lead, 500 Hz, 20.0 s. Resampled 500 Hz -> 250 Hz; the model reads "
+                             "the central 9 s (5.5-14.5 s), which the plot shows. Leads beyond ±4 mV are clipped on "
+                             "the plot: II."), status  # fmt: skip
+    assert (
+        figure.get_suptitle() == "strip: 1 lead, 500 Hz, 20.0 s; the model's window, 5.5-14.5 s; clipped at ±4 mV: II"
+    )
+    (axis,) = [axis for axis in figure.axes if axis.lines]
+    assert axis.get_xlim() == pytest.approx((5.5, 14.5))
+    read = app.read_wfdb_record(files[0])["signal"][2750:7250, 0]
+    np.testing.assert_allclose(axis.lines[0].get_xdata(), 5.5 + np.arange(4500) / 500)
+    np.testing.assert_allclose(axis.lines[0].get_ydata(), read)
+
+
+def test_the_plot_uses_no_pyplot_state():
+    """Two queue workers draw at once: the figure is matplotlib's object API, never in pyplot's global list (which
+    is not thread-safe, and kept a figure when a later step of the click failed)."""
+    import matplotlib.figure
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    figure = load_app_module().plot_ecg(np.full((1000, 12), 0.1), 100.0, STANDARD_LEADS, "flat")
+    assert isinstance(figure, matplotlib.figure.Figure) and plt.get_fignums() == before
+
+
+def test_main_limits_uploads_to_the_stated_size_and_deletes_them(direct, monkeypatch):
+    """Gradio's own upload limit is the 5 MB the page states (it was 10 MB, with Gradio's message above 10 MB), and
+    its cached copies of uploads are deleted (they stayed on disk, refused uploads included)."""
+    import gradio
+
+    app, models, _ = direct
+    launched = {}
+    monkeypatch.setattr(app, "default_model_path", lambda: "tiny")
+    monkeypatch.setattr(app, "load_models", lambda *args: models)
+    monkeypatch.setattr(gradio.Blocks, "launch", lambda demo, **kwargs: launched.update(kwargs, demo=demo))
+    app.main()
+    assert launched["max_file_size"] == app.MAX_UPLOAD_BYTES == 5 * 2**20
+    assert "at most 5 MB" in app.INPUT_POLICY and "Uploads are deleted from the server within 20 minutes" in (
+        app.INPUT_POLICY
+    )
+    assert launched["demo"].delete_cache == app.UPLOAD_CACHE_SECONDS == (600, 600)
