@@ -322,6 +322,68 @@ def test_int8_quantises_the_block_linears_only_and_stays_close_to_fp32():
     assert F.cosine_similarity(low, reference).min() > 0.99 and not torch.equal(low, reference)
 
 
+def test_blocks_of_a_folders_own_modeling_file_are_converted_as_merit_hfs(tmp_path, monkeypatch, caplog):
+    """A model loaded with `trust_remote_code=True` has the saved folder's classes (same names, another module); the
+    blocks were recognised with `isinstance` against merit_hf's, so int8 quantised nothing, bf16 prepacked nothing, and
+    both were logged as converted. They convert as merit_hf's classes do now, to the same outputs, and the log line
+    counts what was converted."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    monkeypatch.setenv(CPU_PREPACK_ENV, "on")
+    monkeypatch.setenv("MERIT_CPU_ATTENTION", "sdpa")
+    if inference_precision.cpu_int8_engines():
+        monkeypatch.setenv(inference_precision.CPU_INT8_ENGINE_ENV, inference_precision.cpu_int8_engines()[0])
+    torch.manual_seed(0)
+    model = MeritEcgModel(tiny_ecg_config()).eval()
+    model.save_pretrained(tmp_path)
+    remote_class = get_class_from_dynamic_module("modeling_merit.MeritEcgModel", str(tmp_path))
+    remote = remote_class.from_pretrained(tmp_path).eval()
+    assert remote_class is not MeritEcgModel and remote_class.__module__.startswith("transformers_modules")
+    num_linears = 4 * model.config.num_hidden_layers
+    ecg = torch.randn(2, 12, model.config.num_samples)
+    with caplog.at_level(logging.DEBUG, logger="merit_hf.models.merit.inference_precision"):
+        int8 = prepare_for_inference(remote, "int8", "cpu")
+        quantised = [layer for layer in int8.modules() if layer._get_name() == "DynamicQuantizedLinear"]
+        assert len(quantised) == num_linears
+        assert (
+            f"converted for int8 inference on cpu: {num_linears} linear layers of 2 Transformer blocks" in caplog.text
+        )
+        with torch.inference_mode():
+            expected = prepare_for_inference(model, "int8", "cpu")(ecg).pooler_output
+            torch.testing.assert_close(int8(ecg).pooler_output, expected, rtol=0, atol=0)
+        if cpu_prepacking_works():
+            bf16 = prepare_for_inference(remote, "bf16", "cpu")
+            assert sum(isinstance(layer, PrepackedLinear) for layer in bf16.modules()) == num_linears
+            assert type(bf16.layers[0].mlp.act) is torch.nn.Identity  # the GELU fused into fc1
+            assert f"{num_linears} linear layers of 2 Transformer blocks prepacked for oneDNN (2 with" in caplog.text
+            with torch.inference_mode():
+                expected = prepare_for_inference(model, "bf16", "cpu")(ecg).pooler_output
+                torch.testing.assert_close(bf16(ecg).pooler_output, expected, rtol=0, atol=0)
+    assert inference_precision.is_merit_module(remote.layers[0], "MeritEcgLayer")
+    assert not inference_precision.is_merit_module(torch.nn.Linear(2, 2), "MeritEcgLayer")
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_int8_or_fp8_of_a_module_without_transformer_blocks_is_an_error(monkeypatch, precision):
+    """A module with no block whose linear layers int8 or fp8 quantise (other layers; or blocks not recognised, as a
+    folder's own classes were) ran unquantised, logged as converted. It is an error now, naming the module."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    device = "cpu" if precision == "int8" else "cuda"
+    head = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.GELU(), torch.nn.Linear(16, 16)).eval()
+    with pytest.raises(ValueError, match=rf"precision '{precision}' quantises .* Sequential .* has no Transformer"):
+        prepare_for_inference(head, precision, device)
+    if precision == "int8":
+        # MERIT's projection head runs fp32 beside an int8 encoder (bf16 beside an fp8 one): what the zero-shot
+        # pipeline of a folder saved by an earlier merit_hf asks for (remote code), with the encoder's precision
+        from merit_hf.models.merit.modeling_merit import MeritProjectionHead
+
+        projection = MeritProjectionHead(32, 16, "gelu").eval()
+        assert prepare_for_inference(projection, "int8", "cpu") is projection  # fp32 on the CPU already
+    else:  # blocks, but none of their linear layers of sizes torch._scaled_mm takes
+        with pytest.raises(ValueError, match="has no linear layer fp8 can take"):
+            inference_precision._check_something_to_quantise(MeritEcgModel(tiny_ecg_config(hidden_size=24)), "fp8")
+
+
 ONEDNN_INT8 = pytest.mark.skipif(
     "onednn" not in torch.backends.quantized.supported_engines, reason="this PyTorch build has no oneDNN int8 engine"
 )

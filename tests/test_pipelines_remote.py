@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import re
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from transformers import pipeline
 
+import merit_hf
 from merit_hf import (
     MeritEcgModel,
     MeritFeatureExtractor,
@@ -143,6 +145,81 @@ def test_zero_shot_pipeline_from_a_saved_two_tower_folder_without_merit_hf(tmp_p
         print("ZERO-SHOT-OK")
         """
     _run_without_merit_hf(tmp_path, body, "ZERO-SHOT-OK")
+
+
+@pytest.mark.slow
+def test_zero_shot_pipeline_from_a_saved_folder_with_merit_hf_installed_runs_each_precision_as_merit_hf(
+    tmp_path, tokenizer, monkeypatch
+):
+    """A user with merit_hf installed loads a two-tower folder through its remote code: the folder's pipeline uses
+    merit_hf's precision tools, which recognised Transformer blocks with `isinstance` against merit_hf's own classes,
+    and the first `pipeline()` call's model has the folder's classes (`transformers_modules...modeling_merit`). So
+    int8 quantised nothing (fp32 scores, logged as "converted to int8"), bf16 and "auto" skipped the prepacked, GELU-
+    fused path, and a second `pipeline()` call (merit_hf's classes, registered by the first call's import) scored
+    differently. Every precision now scores as `zero_shot_classify` does in-package, in both calls."""
+    from merit_hf.models.merit.inference_precision import cpu_int8_engines
+
+    # the CPU kernel choices fixed, so that neither process times them differently
+    monkeypatch.setenv("MERIT_CPU_ATTENTION", "sdpa")
+    monkeypatch.setenv("MERIT_CPU_PREPACK", "on")
+    if cpu_int8_engines():
+        monkeypatch.setenv("MERIT_CPU_INT8_ENGINE", cpu_int8_engines()[0])
+    torch.manual_seed(0)
+    pretraining = MeritForPreTraining(tiny_merit_config()).eval()
+    processor = MeritProcessor(MeritFeatureExtractor.from_model_config(tiny_merit_config().ecg_config), tokenizer)
+    folder = tmp_path / "merit"
+    pretraining.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    labels = ["sinus rhythm", "atrial fibrillation", "myocardial infarction"]
+    precisions = ("fp32", "bf16", "int8", "auto")
+    expected = {
+        precision: zero_shot_classify(pretraining, processor, str(RECORD), labels, precision=precision)["scores"][0]
+        for precision in precisions
+    }
+    assert not np.array_equal(expected["int8"], expected["fp32"])  # int8 is told apart from fp32 by its scores
+    np.savez(tmp_path / "expected.npz", **expected)
+    num_linears = 4 * pretraining.config.ecg_config.num_hidden_layers  # q/k/v, output, fc1, fc2 of each block
+    source = str(Path(merit_hf.__file__).resolve().parents[1])  # this checkout's merit_hf, not another install
+    script = f"""
+        import logging, sys
+        sys.path.insert(0, {source!r})
+        import numpy as np
+        from transformers import pipeline
+
+        class Lines(logging.Handler):
+            lines = []
+            def emit(self, record):
+                self.lines.append(record.getMessage())
+
+        logger = logging.getLogger("merit_hf.models.merit.inference_precision")
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(Lines())
+        expected = np.load({str(tmp_path / "expected.npz")!r})
+        labels = {labels!r}
+        for call in range(2):
+            classify = pipeline("zero-shot-ecg-classification", model={str(folder)!r}, trust_remote_code=True,
+                                device="cpu")
+            if call == 0:  # merit_hf is not imported yet: the folder's own classes, merit_hf's precision tools
+                assert type(classify.model).__module__.startswith("transformers_modules"), type(classify.model)
+            for precision in {precisions!r}:
+                out = classify({str(RECORD)!r}, candidate_labels=labels, precision=precision)
+                scores = {{entry["label"]: entry["score"] for entry in out}}
+                np.testing.assert_array_equal(
+                    [scores[label] for label in labels], expected[precision], err_msg=f"call {{call}}, {{precision}}"
+                )
+            import merit_hf
+            from merit_hf.models.merit import inference_precision
+            assert merit_hf.__file__.startswith({source!r}), merit_hf.__file__
+            encoder = getattr(classify.model, "merit", classify.model).ecg_model
+            int8 = inference_precision.prepare_for_inference(encoder, "int8", "cpu")  # the pipeline's, cached
+            quantised = [m for m in int8.modules() if m._get_name() == "DynamicQuantizedLinear"]
+            assert len(quantised) == {num_linears}, (call, len(quantised))
+        said = [line for line in Lines.lines if "for int8 inference" in line]
+        assert said and all("{num_linears} linear layers of" in line for line in said), Lines.lines
+        assert not any("int8" in line and "no layer quantised" in line for line in Lines.lines), Lines.lines
+        print("PRECISIONS-OK")
+        """
+    run_in_fresh_process(textwrap.dedent(script), tmp_path, "PRECISIONS-OK")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -101,6 +101,8 @@ CPU_ALLOCATORS = ("keep", "system")
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 KEPT_FREED_BYTES = 2**30
 INT8_ENGINES = ("x86", "onednn")
+# int8 and fp8 quantise the encoder's Transformer blocks only: what a projection head runs beside such an encoder
+QUANTISED_HEAD_PRECISIONS = {"int8": "fp32", "fp8": "bf16"}
 CPU_INT8_ENGINE_ENV = "MERIT_CPU_INT8_ENGINE"
 _cpu_int8_engine_choice: dict[tuple, str] = {}
 
@@ -333,10 +335,20 @@ def _quantization(module: nn.Module) -> str | None:
     `None`."""
     if any("quantized" in type(child).__module__ for child in module.modules()):
         return "int8"
+    return next((kind for kind in map(_quantization_of_parameter, module.parameters()) if kind), None)
+
+
+def _quantization_of_parameter(parameter: torch.Tensor) -> str | None:
+    """`"fp8"` for a torchao float8 weight (a tensor subclass), else `None`."""
+    kind = type(parameter)
+    return "fp8" if kind.__module__.split(".")[0] == "torchao" and "float8" in kind.__name__.lower() else None
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of `module`'s floating-point parameters that are not quantised (the first one's), or `None`."""
     for parameter in module.parameters():
-        kind = type(parameter)
-        if kind.__module__.split(".")[0] == "torchao" and "float8" in kind.__name__.lower():
-            return "fp8"
+        if parameter.is_floating_point() and _quantization_of_parameter(parameter) is None:
+            return parameter.dtype
     return None
 
 
@@ -349,13 +361,28 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
+def is_merit_module(module: nn.Module, class_name: str) -> bool:
+    """Whether `module` is a `class_name` (or a subclass of one) of merit_hf's `modeling_merit` or of a copy of that
+    file. A saved folder loaded with `trust_remote_code=True` runs its own `modeling_merit.py`, whose classes are other
+    class objects of the same names (`transformers_modules.<folder>.<hash>.modeling_merit.MeritEcgLayer`), so
+    `isinstance` against merit_hf's own classes missed them: int8 then quantised nothing and bf16 prepacked nothing.
+    The class is recognised by its name and the module that defines it, whichever copy of the file that is."""
+    return any(
+        klass.__name__ == class_name and klass.__module__.rpartition(".")[2] == "modeling_merit"
+        for klass in type(module).__mro__
+    )
+
+
+def _blocks(module: nn.Module) -> list[nn.Module]:
+    """`module`'s Transformer blocks (`MeritEcgLayer`, from whichever copy of modeling_merit its classes come)."""
+    return [child for child in module.modules() if is_merit_module(child, "MeritEcgLayer")]
+
+
 def _block_linears(module: nn.Module) -> dict[str, nn.Linear]:
     """Every `nn.Linear` inside a Transformer block (attention q/k/v + output, MLP): what int8 and fp8 quantise."""
-    from .modeling_merit import MeritEcgLayer
-
     linears = {}
     for block_name, block in module.named_modules():
-        if isinstance(block, MeritEcgLayer):
+        if is_merit_module(block, "MeritEcgLayer"):
             for name, child in block.named_modules():
                 if isinstance(child, nn.Linear):
                     linears[f"{block_name}.{name}" if block_name else name] = child
@@ -367,13 +394,11 @@ def _prepack_block_linears(module: nn.Module) -> nn.Module:
     (`hidden_act="gelu"`) fused into it (the block's `act` becomes the identity)."""
     from transformers.activations import GELUActivation
 
-    from .modeling_merit import MeritEcgMLP
-
     for name, linear in _block_linears(module).items():
         parent_name, _, leaf = name.rpartition(".")
         parent = module.get_submodule(parent_name)
         fuse = (
-            isinstance(parent, MeritEcgMLP)
+            is_merit_module(parent, "MeritEcgMLP")
             and leaf == "fc1"
             and type(parent.act) is GELUActivation
             and parent.act.act is nn.functional.gelu
@@ -465,8 +490,6 @@ def cpu_int8_engine(module: nn.Module) -> str:
     2-5x faster than fbgemm's on an AMX Xeon (benchmarks/README.md, "CPU inference"); where they are not faster the
     timing keeps `"x86"`, PyTorch's default. A build offering fewer than two of them (ARM) keeps PyTorch's own
     engine, untimed. `MERIT_CPU_INT8_ENGINE=x86` or `=onednn` fixes it."""
-    from .modeling_merit import MeritEcgLayer
-
     engines = cpu_int8_engines()
     forced = os.environ.get(CPU_INT8_ENGINE_ENV)
     if forced:
@@ -478,7 +501,7 @@ def cpu_int8_engine(module: nn.Module) -> str:
                 f"{list(torch.backends.quantized.supported_engines)})"
             )
         return forced
-    block = next((child for child in module.modules() if isinstance(child, MeritEcgLayer)), None)
+    block = next(iter(_blocks(module)), None)
     if block is None or len(engines) < 2:  # nothing to time (an ARM build, say): PyTorch's own choice, as before
         return torch.backends.quantized.engine
     num_tokens, key = _block_shape_key(block)
@@ -495,6 +518,11 @@ def cpu_int8_engine(module: nn.Module) -> str:
     return _cpu_int8_engine_choice[key]
 
 
+def _fp8_shapes(linear: nn.Linear) -> bool:
+    """Whether fp8 can quantise `linear`: torch._scaled_mm needs both matmul dimensions divisible by 16."""
+    return linear.in_features % 16 == 0 and linear.out_features % 16 == 0
+
+
 def _quantize_fp8(module: nn.Module) -> nn.Module:
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
@@ -502,12 +530,7 @@ def _quantize_fp8(module: nn.Module) -> nn.Module:
         raise ImportError(
             "precision 'fp8' needs torchao: pip install 'merit_hf[fp8]' (or pip install torchao)"
         ) from error
-    # torch._scaled_mm needs both matmul dimensions divisible by 16
-    chosen = {
-        id(linear)
-        for linear in _block_linears(module).values()
-        if linear.in_features % 16 == 0 and linear.out_features % 16 == 0
-    }
+    chosen = {id(linear) for linear in _block_linears(module).values() if _fp8_shapes(linear)}
     quantize_(
         module,
         Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
@@ -536,14 +559,12 @@ def cpu_prepacking_pays(module: nn.Module, dtype: torch.dtype) -> bool:
     call). fp32: timed on one of `module`'s blocks at first use (`time_cpu_prepacking`), once per machine for each
     (dtype, hidden size, MLP size, heads, tokens, threads), with the choice logged at debug level.
     `MERIT_CPU_PREPACK=on` or `=off` fixes it."""
-    from .modeling_merit import MeritEcgLayer
-
     if dtype not in PREPACKED_DTYPES:
         return False
     forced = os.environ.get(CPU_PREPACK_ENV)
     if forced and forced not in ("on", "off"):
         raise ValueError(f"{CPU_PREPACK_ENV}: must be 'on' or 'off', got {forced!r}")
-    block = next((child for child in module.modules() if isinstance(child, MeritEcgLayer)), None)
+    block = next(iter(_blocks(module)), None)
     if block is None or forced == "off" or not cpu_prepacking_works(dtype):
         return False
     if forced == "on" or dtype == torch.bfloat16:
@@ -564,7 +585,25 @@ def cpu_prepacking_pays(module: nn.Module, dtype: torch.dtype) -> bool:
     return _cpu_prepacking_choice[key]
 
 
+def _check_something_to_quantise(module: nn.Module, precision: str) -> None:
+    """`ValueError` when `precision` (`"int8"` or `"fp8"`) would quantise nothing in `module`: it quantises the linear
+    layers of MERIT's Transformer blocks only, and a module without any (other layers, or a model whose blocks are
+    not recognised) would run unquantised under the name int8 or fp8."""
+    linears = _block_linears(module)
+    if precision == "fp8":
+        linears = {name: linear for name, linear in linears.items() if _fp8_shapes(linear)}
+    if not linears:
+        what = "no Transformer block (MeritEcgLayer)" if not _blocks(module) else "no linear layer fp8 can take"
+        raise ValueError(
+            f"precision {precision!r} quantises the linear layers of MERIT's Transformer blocks, and "
+            f"{type(module).__name__} ({type(module).__module__}) has {what}: nothing would be quantised. Pass the "
+            "ECG encoder (a MeritEcgModel), or run a float precision"
+        )
+
+
 def _convert(module: nn.Module, precision: str, device: torch.device) -> nn.Module:
+    if precision in ("int8", "fp8"):
+        _check_something_to_quantise(module, precision)
     if precision == "int8":
         # quantize_dynamic's new layers start in training mode: eval() again (they compute the same either way)
         engine = cpu_int8_engine(module)
@@ -668,14 +707,24 @@ def prepare_for_inference(
     cached beside `module` until its parameters change. The caller's module is never cast, quantised or switched to
     eval mode (a training loop that scores zero-shot between steps keeps its dropout, whatever the CPU).
 
+    The Transformer blocks are recognised by their class's name and defining module (`is_merit_module`), so a model
+    loaded from a saved folder with `trust_remote_code=True` (the folder's own `modeling_merit.py`) converts as
+    merit_hf's classes do. The debug line says what was converted (`conversion_summary`).
+
     Raises `ValueError` for a module already quantised to int8 or fp8 (what `"int8"` and `"fp8"` return) asked for
-    another precision.
+    another precision, and for `"int8"` or `"fp8"` of a module in which they would quantise nothing (no Transformer
+    block), except MERIT's projection head, which runs fp32 beside an int8 encoder and bf16 beside an fp8 one
+    (`QUANTISED_HEAD_PRECISIONS`; what the zero-shot pipeline of a folder saved by an earlier merit_hf asks for).
     """
     dtype, current_device = _state(module)
     device = torch.device(device) if device is not None else (current_device or torch.device("cpu"))
     resolved = resolve_precision(precision, device)
     if device.type == "cpu":
         keep_freed_cpu_memory()
+    if resolved in QUANTISED_HEAD_PRECISIONS and is_merit_module(module, "MeritProjectionHead"):
+        # the zero-shot pipeline of a folder saved by an earlier merit_hf (remote code) passes its projection head
+        # with the encoder's int8 / fp8; they quantise the Transformer blocks only, and the head ran fp32 / bf16
+        resolved = QUANTISED_HEAD_PRECISIONS[resolved]
     quantized = _quantization(module)
     if quantized is not None and resolved != quantized:
         raise ValueError(
@@ -696,8 +745,39 @@ def prepare_for_inference(
         return cached[1]
     converted = _shared_copy(module) if ready else _convert(module, resolved, device)
     _prepared[module] = (signature, converted)
-    logger.debug("%s converted to %s on %s for inference", type(module).__name__, resolved, device)
+    logger.debug(
+        "%s %s for %s inference on %s: %s",
+        type(module).__name__, "shared (an eval-mode copy)" if ready else "converted", resolved, device,
+        conversion_summary(converted),
+    )  # fmt: skip
     return converted
+
+
+def conversion_summary(module: nn.Module) -> str:
+    """What `prepare_for_inference` made of a module, counted in it: its Transformer blocks' linear layers quantised
+    to int8 (and the engine) or fp8, or prepacked for oneDNN (and how many with their GELU fused), and the dtype of
+    the other weights. The debug line of every conversion ends with it, so a conversion that changed nothing says so."""
+    num_blocks = len(_blocks(module))
+    blocks = f"{num_blocks} Transformer block{'s' * (num_blocks != 1)}"
+    int8 = fp8 = prepacked = fused = 0
+    for child in module.modules():
+        if child._get_name() == "DynamicQuantizedLinear":
+            int8 += 1
+        elif isinstance(child, PrepackedLinear):
+            prepacked += 1
+            fused += child.activation == "gelu"
+        elif isinstance(child, nn.Linear) and _quantization_of_parameter(child.weight) == "fp8":
+            fp8 += 1
+    dtype = _float_dtype(module)
+    weights = f"{str(dtype).removeprefix('torch.')} weights" if dtype is not None else "no float weights"
+    if int8:
+        engine = getattr(module, "merit_int8_engine", None)
+        return f"{int8} linear layers of {blocks} quantised to int8{f' ({engine} engine)' if engine else ''}, else {weights}"
+    if fp8:
+        return f"{fp8} linear layers of {blocks} quantised to fp8, else {weights}"
+    if prepacked:
+        return f"{prepacked} linear layers of {blocks} prepacked for oneDNN ({fused} with the GELU fused), {weights}"
+    return f"{weights}, no layer quantised or prepacked ({blocks})"
 
 
 __all__ = [
@@ -708,7 +788,9 @@ __all__ = [
     "cpu_capability",
     "cpu_int8_engine",
     "cpu_prepacking_pays",
+    "conversion_summary",
     "inference_device",
+    "is_merit_module",
     "keep_freed_cpu_memory",
     "prepare_for_inference",
     "resolve_precision",

@@ -490,11 +490,15 @@ def encode_class_prompts(model, tokenizer, prompts: Sequence[Sequence[str]], max
 
 
 _FALLBACK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# int8 and fp8 quantise the encoder's Transformer blocks only: what the projection head runs beside such an encoder
+# (as merit_hf's inference_precision.QUANTISED_HEAD_PRECISIONS; this file runs without merit_hf too)
+QUANTISED_HEAD_PRECISIONS = {"int8": "fp32", "fp8": "bf16"}
 
 
 def _precision_module():
     """`merit_hf.models.merit.inference_precision` when merit_hf is installed (CPU capability detection, int8, fp8), else None:
-    a Hub folder run without merit_hf falls back to plain dtype casts."""
+    a Hub folder run without merit_hf falls back to plain dtype casts. It recognises the Transformer blocks of this
+    folder's own `modeling_merit.py` classes (remote code) as it does merit_hf's, so both convert alike."""
     try:
         return importlib.import_module("merit_hf.models.merit.inference_precision")
     except ImportError:
@@ -560,7 +564,8 @@ def encode_ecgs(
     result has one row per record."""
     merit = two_tower_model(model)
     encoder = _prepare_for_inference(merit.ecg_model, precision, merit.device)
-    projection = _prepare_for_inference(merit.ecg_projection, precision, merit.device)
+    head_precision = QUANTISED_HEAD_PRECISIONS.get(precision, precision)
+    projection = _prepare_for_inference(merit.ecg_projection, head_precision, merit.device)
     pooled = []
     for start in range(0, len(ecg_values), batch_size):
         batch = ecg_values[start : start + batch_size].to(merit.device, dtype=torch.float32)
