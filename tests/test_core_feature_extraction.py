@@ -274,6 +274,27 @@ def test_save_and_auto_load(tmp_path):
     assert (reloaded.lowpass_hz, reloaded.normalization, reloaded.seed) == (45.0, "zscore_record", 7)
 
 
+def test_a_feature_extractor_saved_after_its_processor_names_only_itself(tmp_path):
+    """`ProcessorMixin.save_pretrained` leaves the processor's `auto_map` entry on the feature extractor object: saved
+    alone afterwards (an encoder or classifier folder, no tokenizer), its file sent `AutoProcessor` to a
+    `MeritProcessor` that failed on the missing tokenizer. The processor's entry stays in its own file."""
+    import json
+
+    from merit_hf import MeritProcessor
+    from tests.conftest import train_tiny_tokenizer
+
+    processor = MeritProcessor(
+        feature_extractor=MeritFeatureExtractor(), tokenizer=train_tiny_tokenizer(tmp_path / "t")
+    )
+    processor.save_pretrained(tmp_path / "processor")
+    processor.feature_extractor.save_pretrained(tmp_path / "encoder")
+    assert json.loads((tmp_path / "encoder" / "preprocessor_config.json").read_text())["auto_map"] == {
+        "AutoFeatureExtractor": "feature_extraction_merit.MeritFeatureExtractor"
+    }
+    saved = json.loads((tmp_path / "processor" / "processor_config.json").read_text())
+    assert saved["auto_map"] == {"AutoProcessor": "processing_merit.MeritProcessor"}
+
+
 def _largest_sample_deviation(root) -> tuple[int, float]:
     """Every record of a PTB-XL folder through validation with the default bounds (none may be refused), and the
     largest |x - median| of any of their samples, in mV."""

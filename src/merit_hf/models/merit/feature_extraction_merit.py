@@ -675,6 +675,13 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         output["window"] = self.window  # transformers drops a `window` attribute (audio extractors' window arrays)
         output.pop("_rng", None)
         output.pop("_rng_worker_seed", None)
+        auto_map = output.get("auto_map")
+        if isinstance(auto_map, dict) and "AutoProcessor" in auto_map:
+            # `ProcessorMixin.save_pretrained` writes the processor's entry onto this object (it removes it from the
+            # tokenizer only), so a feature extractor saved alone later, in an encoder or classifier folder without
+            # a tokenizer, sent `AutoProcessor` to a processor it could not build. The processor's own entry lives in
+            # `processor_config.json`.
+            output["auto_map"] = {key: value for key, value in auto_map.items() if key != "AutoProcessor"}
         return output
 
     @classmethod
