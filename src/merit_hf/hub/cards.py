@@ -466,8 +466,11 @@ class WeightsCheck:
                 "weights fingerprint (written before merit_hf recorded one), so nothing ties their numbers to this "
                 "checkpoint's weights."
             )
+        reasons: dict[str, list[str]] = {}
         for name, why in self.unchecked:
-            parts.append(f"**Not checked against these weights:** {name}: {why}.")
+            reasons.setdefault(why, []).append(name)
+        for why, names in reasons.items():
+            parts.append(f"**Not checked against these weights:** the results of {_runs_text(names)}: {why}.")
         return "\n\n".join(parts)
 
 
