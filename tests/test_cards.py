@@ -206,9 +206,14 @@ def test_the_shipped_results_files_still_render_the_shipped_example_card():
     files = [SHIPPED_RESULTS / f"{name}.json" for name in EXAMPLE_CARD_RUNS]
     card = render_model_card(files, "org/merit-ecg-quickstart", datasets=["org/ptbxl-merit"])
     assert card.data.to_dict()["model-index"] == example.data.to_dict()["model-index"]
-    assert _section(card.text, "## Evaluation", "## Training") == _section(
-        example.text, "## Evaluation", "## Training"
-    )
+    # the weights paragraph aside: without the model folder (not shipped) the weights cannot be checked here
+    rendered, shipped = (_section(c.text, "## Evaluation", "## Training").split("\n\n") for c in (card, example))
+    (unchecked,) = [paragraph for paragraph in rendered if paragraph.startswith("**Not checked")]
+    assert "the card was rendered without the model folder" in unchecked
+    (checked,) = [paragraph for paragraph in shipped if paragraph.startswith("Weights: ")]
+    fingerprints = {value for file in files for value in read_results(file).model.weights_fingerprint.values()}
+    assert all(f"`{fingerprint}`" in checked for fingerprint in fingerprints) and "checked when this card" in checked
+    assert [p for p in rendered if p != unchecked] == [p for p in shipped if p != checked]
     raw = json.loads((SHIPPED_RESULTS / "linear-probe_superclass_1_seed0.json").read_text())
 
     def cell(metric: dict) -> str:
@@ -273,10 +278,39 @@ def test_dataset_card_checks(tmp_path):
 
 @pytest.mark.parametrize("name", ["ptbxl", "mimic_iv_ecg", "wfdb"])
 def test_shipped_dataset_cards_are_complete(name):
+    """The WFDB card is a template (the converter cannot know the records' licence or source): it passed unedited,
+    `license: other` and "Replace this section before sharing" included, and is now refused until it is edited."""
     card = REPO_ROOT / "dataset_scripts" / name / "README.md"
     if not card.is_file():
         pytest.skip(f"{card} not written yet (dataset scripts, issue 4)")
-    assert dataset_card_problems(card) == []
+    if name != "wfdb":
+        assert dataset_card_problems(card) == []
+        return
+    problems = dataset_card_problems(card)
+    assert problems[0].startswith("license is `other` without `license_name`")
+    assert [problem.split(":")[0] for problem in problems[1:]] == [
+        "the card still holds the template's 'Replace this section before sharing'",
+        "the card still holds the template's 'Set the licence and describe the source before you share'",
+    ]
+    edited = (
+        card.read_text()
+        .replace("license: other", "license: other\nlicense_name: ludb-terms\nlicense_link: https://x.org/terms")
+        .replace("Replace this section before sharing: state", "The records come from LUDB;")
+        .replace("**Set the licence and describe the source before you\nshare this card**", "The source is LUDB")
+    )
+    assert dataset_card_problems(DatasetCard(edited)) == []
+
+
+def test_licences_are_hub_identifiers():
+    """`license: not-a-license` and `license: other` without `license_name` passed every check."""
+    from merit_hf.hub.cards import license_problems
+
+    assert license_problems({"license": "apache-2.0"}) == license_problems({"license": ["mit", "cc-by-4.0"]}) == []
+    assert license_problems({"license": "other", "license_name": "llama3-community"}) == []
+    (unknown,) = license_problems({"license": "not-a-license"})
+    assert unknown.startswith("license 'not-a-license' is not a Hub licence identifier")
+    (other,) = license_problems({"license": "other"})
+    assert other.startswith("license is `other` without `license_name`")
 
 
 TWO_CONFIG_CARD = """---
@@ -469,6 +503,11 @@ SNIPPET_CHECKS = {
         assert type(model).__name__ == "MeritForReportGeneration", type(model)
         assert isinstance(report, str), report
         """,
+    "report_adapter": """
+        assert type(model).__name__ == "MeritForReportGeneration", type(model)
+        assert getattr(model, "_hf_peft_config_loaded", False), "the adapter was not applied"
+        assert isinstance(report, str), report
+        """,
 }
 
 
@@ -498,6 +537,23 @@ def save_tiny_folder(kind: str, folder: Path) -> list[str]:
         peft_model = add_lora(classifier, ProbeArguments(mode="finetune", finetune_method="lora"))
         save_lora_classifier(peft_model, MeritFeatureExtractor(), folder)
         return list(MeritFeatureExtractor().lead_names)
+    if kind == "report_adapter":  # save_report_adapter's folder: LoRA + projector, processor, its base named by path
+        from peft import get_peft_model
+
+        from merit_hf.training.report_lora import (
+            ReportTrainingArguments,
+            base_fingerprint,
+            lora_config,
+            save_report_adapter,
+        )
+
+        base_dir = folder.parent / "report_base"
+        leads = save_tiny_folder("report", base_dir)
+        base = MeritForReportGeneration.from_pretrained(base_dir)
+        peft_model = get_peft_model(base, lora_config(ReportTrainingArguments(output_dir=str(folder.parent / "run"))))
+        processor = MeritProcessor.from_pretrained(base_dir)
+        save_report_adapter(peft_model, processor, base.generation_config, folder, base_fingerprint(base), base_dir)
+        return leads
     if kind == "report":
         from tests.test_report_generation import ECG_CONFIG, tiny_llama, train_sentencepiece_tokenizer
 
@@ -534,21 +590,47 @@ def card_python_blocks(card: ModelCard) -> list[str]:
         ("classifier", "AutoModelForSequenceClassification"),
         ("classifier_adapter", "AutoPeftModelForSequenceClassification"),
         ("report", "AutoModelForCausalLM"),
+        ("report_adapter", "AutoModelForCausalLM"),
     ],
 )
 def test_each_kind_of_folder_gets_its_own_loading_code(kind, auto_class, results_file, tmp_path):
-    """A LoRA classifier's adapter folder (adapter_config.json, no config.json) got the two-tower card's code."""
+    """A LoRA classifier's adapter folder (adapter_config.json, no config.json) got the two-tower card's code, and so
+    did a report model's adapter folder (`save_report_adapter`: `task_type` null), whose `AutoModel` code fails. Each
+    kind now gets its own code and metadata: an adapter's card says `library_name: peft` and names its base model (from
+    `adapter_config.json`) and that it needs peft; a classifier is no `feature-extraction` model; no card offers the
+    Hub's widget (`inference: false`), which would send text and no ECG."""
     folder = tmp_path / "model"
     folder.mkdir()
-    if kind == "classifier_adapter":
-        (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "task_type": "SEQ_CLS"}))
+    expected = {"encoder": ("transformers", "feature-extraction"), "two_tower": ("transformers", "feature-extraction"),
+                "classifier": ("transformers", "other"), "classifier_adapter": ("peft", "other"),
+                "report": ("transformers", "text-generation"), "report_adapter": ("peft", "text-generation")}  # fmt: skip
+    if kind in ("classifier_adapter", "report_adapter"):
+        adapter = {"peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": "org/merit-ecg"}
+        if kind == "report_adapter":  # as save_report_adapter writes it
+            adapter = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": "org/merit-report",
+                       "auto_mapping": {"base_model_class": "MeritForReportGeneration",
+                                        "parent_library": "merit_hf.models.merit.modeling_merit_report"}}  # fmt: skip
+        (folder / "adapter_config.json").write_text(json.dumps(adapter))
         card = render_model_card(results_file, CARD_REPO_ID, model_folder=folder)
         code = "\n".join(card_python_blocks(card))
-        assert (
-            f'{auto_class}.from_pretrained("{CARD_REPO_ID}", trust_remote_code=True, id2label={{0: "CD"'
-            in code.replace("'", '"')
-        )
-        assert "get_ecg_features" not in code and "merge_and_unload()" in code
+        data = card.data.to_dict()
+        assert (data["library_name"], data["pipeline_tag"]) == expected[kind]
+        assert data["base_model"] == adapter["base_model_name_or_path"] and data["inference"] is False
+        assert "and `peft` (this repository holds a PEFT adapter" in card.text
+        assert "get_ecg_features" not in code
+        if kind == "classifier_adapter":
+            assert (
+                f'{auto_class}.from_pretrained("{CARD_REPO_ID}", trust_remote_code=True, id2label={{0: "CD"'
+                in code.replace("'", '"')
+            )
+            assert "merge_and_unload()" in code
+        else:
+            assert f'{auto_class}.from_pretrained("{CARD_REPO_ID}", trust_remote_code=True)' in code
+            assert "generate(" in code and "AutoProcessor" in code
+        del adapter["base_model_name_or_path"]
+        (folder / "adapter_config.json").write_text(json.dumps(adapter))
+        with pytest.raises(CardError, match="an adapter card needs base_model"):
+            render_model_card(results_file, CARD_REPO_ID, model_folder=folder)
         return
     auto_map = {"encoder": {"AutoModel": "x"}, "two_tower": {"AutoModel": "x"},
                 "classifier": {"AutoModelForSequenceClassification": "x"}, "report": {}}[kind]  # fmt: skip
@@ -559,10 +641,16 @@ def test_each_kind_of_folder_gets_its_own_loading_code(kind, auto_class, results
     assert f'{auto_class}.from_pretrained("{CARD_REPO_ID}", trust_remote_code=True)' in code
     assert ("get_ecg_features" in code) == (kind == "two_tower")
     assert ("generate(" in code) == (kind == "report")
+    data = card.data.to_dict()
+    assert (data["library_name"], data["pipeline_tag"]) == expected[kind] and data["inference"] is False
+    assert "PyTorch, NumPy and SciPy" in card.text and "also needs `wfdb` when its signals" in card.text
+    assert "peft" not in card.text.split("## How to use")[1].split("```")[0]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["encoder", "two_tower", "classifier", "classifier_adapter", "report"])
+@pytest.mark.parametrize(
+    "kind", ["encoder", "two_tower", "classifier", "classifier_adapter", "report", "report_adapter"]
+)
 def test_the_cards_how_to_use_code_runs_without_merit_hf(kind, results_file, tmp_path):
     """The card's Python blocks, run as written in a process that cannot import merit_hf, with the saved tiny folder
     for the repo id, a random 10 s 500 Hz signal and the feature extractor's lead names for `signal` and `leads`, and
@@ -602,3 +690,149 @@ def test_full_and_lora_fine_tuning_of_one_setting_get_rows_of_their_own(encoder_
         "- fine-tune, lora, superclass, label_fraction=1: " in card
         and "- fine-tune, superclass, label_fraction=1: " in card
     )
+
+
+def test_a_report_folder_reads_its_input_contract_from_the_processor_config(results_file, tmp_path):
+    """A report model's folder keeps its feature extractor inside `processor_config.json`; the card said "No
+    `preprocessor_config.json` was found" although `AutoFeatureExtractor` loads it from there."""
+    folder = tmp_path / "merit-report"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "merit_report"}))
+    settings = MeritFeatureExtractor(sampling_rate=100, num_samples=1000).to_dict()
+    (folder / "processor_config.json").write_text(json.dumps({"feature_extractor": settings}))
+    card = render_model_card(results_file, "org/merit-report", model_folder=folder, base_model="org/tiny-llm")
+    contract = _section(card.text, "## Input contract", "## Evaluation")
+    assert "No feature extractor settings" not in contract
+    assert "| sampling rate | 100 Hz" in contract and "| window | 1000 samples (10 s)" in contract
+
+
+def test_model_index_entries_are_told_apart_by_their_keys_and_leave_shifts_out(tmp_path):
+    """A robustness run gave 32 `roc_auc` entries with the keys of the clean PTB-XL test run (shifted inputs filed as
+    PTB-XL test results), two label fractions shared every key but the display name, and MERL's optimistic test-split
+    F1 was indexed as `f1`."""
+    runs = [results_from_our_metrics(fraction) for fraction in (0.1, 1.0)]
+    files = [write_results(run, tmp_path / f"probe{index}.json") for index, run in enumerate(runs)]
+    robustness = SHIPPED_RESULTS / "robustness_superclass_seed0.json"
+    card = render_model_card([*files, robustness], "org/merit-ecg", datasets=["org/ptbxl-merit"])
+    results = ModelCard(str(card)).data.eval_results
+    keys = [
+        (r.task_type, r.dataset_type, r.dataset_config, r.dataset_split, r.metric_type, r.metric_config)
+        for r in results
+    ]
+    assert len(keys) == len(set(keys))
+    assert not any("shift=" in r.metric_name for r in results)
+    assert len(results) == 2 * 2 + 3  # two probe runs (AUROC, upper bound), the clean robustness run's three
+    bounds = [r for r in results if r.metric_name.startswith("macro_f1_max_over_thresholds")]
+    assert bounds and {r.metric_type for r in bounds} == {"f1-max-over-thresholds"}
+    assert {r.metric_type for r in results if r.metric_name.startswith("macro_f1 ")} == {"f1"}
+    assert (
+        "| task=robustness, label_set=superclass, label_fraction=1, seed=0, shift=baseline_wander_0db |" in card.text
+    )
+    assert "the `model-index` metadata leaves them out" in card.text
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The card's numbers are of the folder's weights
+# ----------------------------------------------------------------------------------------------------------------------
+def _saved_two_tower(folder: Path, seed: int) -> Path:
+    import torch
+
+    from merit_hf import MeritModel
+    from tests.conftest import tiny_merit_config
+
+    torch.manual_seed(seed)
+    model = MeritModel(tiny_merit_config())
+    model.save_pretrained(folder)
+    MeritFeatureExtractor.from_model_config(model.config.ecg_config).save_pretrained(folder)
+    return folder
+
+
+def test_the_probe_records_the_weights_and_the_card_refuses_other_weights(tmp_path, caplog):
+    """Any results JSON rendered a card for any folder: a random tiny encoder's card claimed the quick-start model's
+    AUROC. The probe now records the evaluated weights' fingerprint; the card checks it against the folder, refuses
+    other weights (or, when asked, says so in bold), and says so when a file records none."""
+    from merit_hf.data import build_ptbxl
+    from merit_hf.evaluation.probe import ProbeArguments, run_linear_probe
+
+    evaluated = _saved_two_tower(tmp_path / "evaluated", seed=0)
+    other = _saved_two_tower(tmp_path / "other", seed=1)
+    data = build_ptbxl(BUNDLED_PTBXL, ecg_ids=range(1, 201))
+    arguments = ProbeArguments(num_bootstrap=0, max_epochs=1)
+    results = run_linear_probe(str(evaluated), data, "superclass", baseline=False, arguments=arguments)
+    recorded = results.model.weights_fingerprint
+    assert set(recorded) == {"ecg_encoder"} and len(recorded["ecg_encoder"]) == 16
+    path = write_results(results, tmp_path / "results.json")
+    assert read_results(path).model.weights_fingerprint == recorded
+
+    card = render_model_card(path, "org/merit-ecg", model_folder=evaluated)
+    assert f"record the fingerprint of the weights they evaluated (`{recorded['ecg_encoder']}`" in card.text
+    assert "Not checked" not in card.text and "Warning" not in card.text
+    with pytest.raises(CardError, match=r"the results are not of this folder's weights: linear-probe, superclass"):
+        render_model_card(path, "org/merit-ecg", model_folder=other)
+    flagged = render_model_card(path, "org/merit-ecg", model_folder=other, allow_weights_mismatch=True)
+    assert "**Warning: these are not this checkpoint's numbers.**" in flagged.text
+    assert f"ecg_encoder `{recorded['ecg_encoder']}`" in flagged.text
+
+    legacy = json.loads(path.read_text())
+    del legacy["model"]["weights_fingerprint"]  # as every file written before it was recorded
+    with caplog.at_level("WARNING", logger="merit_hf.hub.cards"):
+        unchecked = render_model_card(legacy, "org/merit-ecg", model_folder=other)
+    assert "**Not checked against these weights:** the results files of `linear-probe, superclass" in unchecked.text
+    assert "not checked against the weights" in caplog.text
+    without_folder = render_model_card(path, "org/merit-ecg")
+    assert "the card was rendered without the model folder" in without_folder.text
+
+
+def test_zero_shot_and_lora_fine_tuning_record_what_a_card_checks(tmp_path):
+    """Zero-shot numbers depend on both towers: a folder whose text tower differs is refused. A LoRA fine-tuning run
+    records its saved adapter's and merged encoder's fingerprints, which the adapter's and the merged model's cards
+    match."""
+    import torch
+
+    from merit_hf import MeritForEcgClassification, MeritModel
+    from merit_hf.evaluation.zero_shot import zero_shot_fingerprints
+    from merit_hf.hub.cards import check_weights
+    from merit_hf.models.fingerprint import weights_fingerprint
+    from merit_hf.training.finetune import fine_tuned_identity
+
+    folder = _saved_two_tower(tmp_path / "two_tower", seed=0)
+    run = results_from_our_metrics(task="zero-shot")
+    run.model.weights_fingerprint = zero_shot_fingerprints(MeritModel.from_pretrained(folder))
+    assert len(check_weights([run], folder).matched) == 1
+    changed = MeritModel.from_pretrained(folder)
+    with torch.no_grad():
+        next(changed.text_model.parameters()).add_(1.0)  # the ECG tower as it was, another text tower
+    changed.save_pretrained(tmp_path / "changed")
+    MeritFeatureExtractor().save_pretrained(tmp_path / "changed")
+    ((_, recorded, found),) = check_weights([run], tmp_path / "changed").mismatched
+    assert recorded["ecg_encoder"] == found["ecg_encoder"] and recorded["two_tower"] != found["two_tower"]
+
+    adapter_dir, merged_dir = tmp_path / "adapter", tmp_path / "merged"
+    save_tiny_folder("classifier_adapter", adapter_dir)
+    MeritForEcgClassification.from_pretrained(adapter_dir.parent / "base").save_pretrained(merged_dir)
+    MeritFeatureExtractor().save_pretrained(merged_dir)
+    identity = {"name_or_path": "base", "init": "pretrained", "weights_fingerprint": {"ecg_encoder": "0" * 16}}
+    identity = fine_tuned_identity(identity, {"adapter_dir": str(adapter_dir), "merged_dir": str(merged_dir)})
+    assert set(identity["weights_fingerprint"]) == {"ecg_encoder", "adapter", "fine_tuned_ecg_encoder"}
+    lora = results_from_our_metrics(1.0, task="fine-tune")
+    lora.model.weights_fingerprint = identity["weights_fingerprint"]
+    assert len(check_weights([lora], adapter_dir).matched) == len(check_weights([lora], merged_dir).matched) == 1
+    assert (
+        weights_fingerprint(MeritModel.from_pretrained(folder).ecg_model)
+        == zero_shot_fingerprints(MeritModel.from_pretrained(folder))["ecg_encoder"]
+    )
+
+
+def test_the_cards_command_line_says_what_is_wrong_in_one_line(tmp_path):
+    """A card that cannot be rendered (a report model without --base-model) ended in a CardError traceback."""
+    from tests.test_hub_policy import run_module
+
+    results = write_results(results_from_our_metrics(), tmp_path / "results.json")
+    folder = tmp_path / "merit-report"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "merit_report"}))
+    done = run_module("merit_hf.hub.cards", "model", str(results), "--repo-id", "org/r", "--model-folder",
+                      str(folder), "-o", str(tmp_path / "README.md"), cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().endswith("error: a report-generation card needs base_model (the language model it "
+                                        "was adapted from)")  # fmt: skip

@@ -409,6 +409,6 @@ def test_convert_cli_writes_shards_and_card(tmp_path):
     assert check_dataset_folder(tmp_path / "out") == []
     shutil.copyfile(template, tmp_path / "out" / "README.md")  # the template as-is: push refuses it
     assert check_dataset_folder(tmp_path / "out") == [
-        "configs entry '500hz': data_files 500hz/train-*.parquet, 500hz/validation-*.parquet, "
+        "README.md: configs entry '500hz': data_files 500hz/train-*.parquet, 500hz/validation-*.parquet, "
         f"500hz/test-*.parquet match no file in {tmp_path / 'out'}"
     ]

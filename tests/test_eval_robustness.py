@@ -216,6 +216,9 @@ def test_robustness_reports_every_shift_for_model_and_baseline(tmp_path):
         model, data, "superclass", arguments=arguments, shifts=shifts, output_file=tmp_path / "robustness.json"
     )
     assert results["task"] == "robustness" and (tmp_path / "robustness.json").is_file()
+    from merit_hf.models.fingerprint import weights_fingerprint
+
+    assert results.model.weights_fingerprint == {"ecg_encoder": weights_fingerprint(model.ecg_model)}
     assert results["dataset"]["version"].startswith("as_is")  # the rows as read, not v1.0.3's: said so
     expected = {
         "acquired_at_50hz",

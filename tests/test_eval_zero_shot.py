@@ -259,6 +259,12 @@ def test_zero_shot_evaluation_on_a_dataset_with_a_random_ecg_tower_baseline(mode
         assert results[role]["num_records"] == 10
     assert results["baseline"]["name_or_path"] == "random-init ECG tower"
     assert results["model"]["name_or_path"] == (model.name_or_path or "MeritModel")  # not the module's repr
+    from merit_hf.evaluation.zero_shot import zero_shot_fingerprints  # the weights the numbers are of
+
+    assert (
+        results.model.weights_fingerprint == zero_shot_fingerprints(model)
+        and results.baseline.weights_fingerprint is None
+    )
 
 
 def test_a_given_model_keeps_its_training_mode_and_device_after_a_zero_shot_evaluation(model_and_processor):

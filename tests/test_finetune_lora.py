@@ -323,11 +323,26 @@ def test_probe_command_fine_tunes_with_lora_and_saves_adapter_and_merged_model(b
         path.name for path in adapter.iterdir()
     }
     assert not (output / f"{name}_model_checkpoints").exists()
+    # the weights the numbers are of: the encoder it started from, the adapter, the merged model's encoder
+    assert set(results["model"]["weights_fingerprint"]) == {"ecg_encoder", "adapter", "fine_tuned_ecg_encoder"}
+    from merit_hf.evaluation.results import read_results
+    from merit_hf.hub.cards import check_weights
+
+    run = read_results(output / f"{name}.json")
+    assert len(check_weights([run], merged).matched) == len(check_weights([run], adapter).matched) == 1
+    assert len(check_weights([run], base_checkpoint).matched) == 1  # the encoder it started from: its card's numbers
     # `hub push` would take the merged folder once it has a card; the adapter once its base is a Hub id
     assert [problem.split(" ")[0] for problem in check_model_folder(merged)] == ["README.md"]
+    # PEFT's own card lacks what the Hub files a model by, names no base, and tags it with the local path
     assert check_model_folder(adapter) == [
+        "README.md: metadata 'license' is missing",
+        "README.md: metadata 'pipeline_tag' is missing",
+        "README.md has no base_model, and this folder is a classifier_adapter: name the model it was built on (for an "
+        "adapter, the Hub id in adapter_config.json's base_model_name_or_path; push with --base-model)",
+        f"README.md names local paths ['{base_checkpoint}']: write file names or Hub ids instead, or leave the file "
+        "out of the push",
         f"adapter_config.json: base_model_name_or_path is the local path '{base_checkpoint}' (nobody else can load "
-        "from it): set it to a Hub id or ''"
+        "from it): set it to a Hub id or ''",
     ]
 
     # the merged folder loads as a plain classifier and gives the adapter's outputs, and the results' test AUROC

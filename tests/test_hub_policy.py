@@ -22,7 +22,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.utils import filter_repo_objects
 
 from merit_hf import MeritFeatureExtractor, MeritModel
@@ -91,8 +91,20 @@ def model_folder(saved_model, tmp_path) -> Path:
     folder.mkdir()
     for path in saved_model.iterdir():
         (folder / path.name).write_bytes(path.read_bytes())
-    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# MERIT\nUnits: mV, 10 mm/mV.\n")
+    (folder / "README.md").write_text(HAND_WRITTEN_CARD)
     return folder
+
+
+# The least a model card needs to pass the push check (`model_card_problems`): what the Hub reads to file it.
+CARD_METADATA = "library_name: transformers\nlicense: apache-2.0\npipeline_tag: feature-extraction\ntags:\n- ecg\n"
+HAND_WRITTEN_CARD = f"---\n{CARD_METADATA}---\n# MERIT\nUnits: mV, 10 mm/mV.\n"
+
+
+# The least a dataset card needs to pass the push check (`dataset_card_problems`).
+DATASET_CARD = (
+    "---\nlicense: cc-by-4.0\npretty_name: PTB-XL (merit_hf)\ntags:\n- ecg\n---\n# PTB-XL\n"
+    "Licence: CC BY 4.0. Cite Wagner et al. (2020), https://doi.org/10.1038/s41597-020-0495-6.\n"
+)
 
 
 def refs(tags: dict[str, str] | None = None, **branches: str) -> SimpleNamespace:
@@ -417,10 +429,12 @@ def test_a_token_or_a_local_path_is_refused(model_folder, hf_api):
     with pytest.raises(HubFolderError, match=r"logs/train.log holds a Hugging Face token \(line 2: hf_aB3d\.\.\.\)"):
         push_model(model_folder, REPO_ID, endpoint=ENDPOINT)
     (model_folder / "logs" / "train.log").unlink()
-    (model_folder / "README.md").write_text("# MERIT\nPrompts in /home/me/merit/prompts.json\n")
+    (model_folder / "README.md").write_text(
+        f"---\n{CARD_METADATA}---\n# MERIT\nPrompts in /home/me/merit/prompts.json\n"
+    )
     with pytest.raises(HubFolderError, match=r"README.md names local paths \['/home/me/merit/prompts.json'\]"):
         push_model(model_folder, REPO_ID, endpoint=ENDPOINT)
-    (model_folder / "README.md").write_text("# MERIT\n")
+    (model_folder / "README.md").write_text(HAND_WRITTEN_CARD)
     config = json.loads((model_folder / "preprocessor_config.json").read_text())
     (model_folder / "preprocessor_config.json").write_text(json.dumps({**config, "prompts": "/home/me/p.json"}))
     with pytest.raises(HubFolderError, match=r"preprocessor_config.json: prompts is the local path '/home/me/p.json'"):
@@ -499,7 +513,7 @@ def test_dataset_push_needs_data_and_a_card_whose_configs_resolve(tmp_path, hf_a
     with pytest.raises(HubFolderError, match=r"data/train-\*\.parquet"):
         push_dataset(folder, "org/ptbxl-merit", endpoint=ENDPOINT)
     hf_api.assert_not_called()
-    (folder / "README.md").write_text("---\nlicense: cc-by-4.0\n---\n# PTB-XL\n")
+    (folder / "README.md").write_text(DATASET_CARD)
     push_dataset(folder, "org/ptbxl-merit", tag="v1", endpoint=ENDPOINT)
     api = hf_api.return_value
     api.create_repo.assert_called_once_with("org/ptbxl-merit", repo_type="dataset", private=None, exist_ok=True)
@@ -602,3 +616,178 @@ def test_an_adapter_whose_base_is_a_local_folder_is_refused(tmp_path, hf_api, mo
             ]
         else:
             assert problems == []
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The card fits the folder, and the push leaves the folder as it was
+# ----------------------------------------------------------------------------------------------------------------------
+def test_the_push_command_takes_the_card_options_and_reports_a_card_error_in_one_line(
+    model_folder, hf_api, tmp_path, monkeypatch
+):
+    """`push --results` had no --base-model, --dataset or --license (cards rendered through it had no `datasets:` and
+    always apache-2.0), and a card that could not be rendered ended in a CardError traceback."""
+    import runpy
+
+    from merit_hf.evaluation import write_results
+
+    results = [write_results(results_from_our_metrics(f), tmp_path / f"r{f}.json") for f in (0.1, 1.0)]
+    (model_folder / "README.md").unlink()
+    main(["push", str(model_folder), REPO_ID, "--results", *map(str, results), "--dataset", "org/ptbxl-merit",
+          "--license", "cc-by-nc-4.0", "--base-model", "org/merit-ecg-base", "--endpoint", ENDPOINT])  # fmt: skip
+    card = ModelCard.load(model_folder / "README.md")
+    assert card.data.datasets == ["org/ptbxl-merit"] and card.data.license == "cc-by-nc-4.0"
+    assert card.data.base_model == "org/merit-ecg-base"
+    assert {r.dataset_type for r in card.data.eval_results} == {"org/ptbxl-merit"}
+    assert {r.metric_config for r in card.data.eval_results} == {
+        "task=linear-probe, label_fraction=0.1, seed=0",
+        "task=linear-probe, label_fraction=1, seed=0",
+    }
+    with pytest.raises(SystemExit):  # card options without results: nothing to render
+        main(["push", str(model_folder), REPO_ID, "--base-model", "org/x", "--endpoint", ENDPOINT])
+
+    config = json.loads((model_folder / "config.json").read_text())
+    (model_folder / "config.json").write_text(json.dumps({**config, "model_type": "merit_report"}))
+    monkeypatch.setattr(sys, "argv", ["merit_hf.hub", "push", str(model_folder), REPO_ID, "--results",
+                                      str(results[0]), "--overwrite-card"])  # fmt: skip
+    with pytest.raises(SystemExit, match="^error: a report-generation card needs base_model"):
+        runpy.run_module("merit_hf.hub", run_name="__main__")
+
+
+def test_an_existing_card_is_not_overwritten_and_a_refused_push_puts_it_back(model_folder, hf_api, tmp_path):
+    """`push --results` replaced a hand-written README.md without a word, and a push refused after the card was
+    rendered left the new card in place of the old one."""
+    from merit_hf.evaluation import write_results
+
+    results = write_results(results_from_our_metrics(), tmp_path / "results.json")
+    with pytest.raises(HubPushError, match=r"README.md exists and differs from the card rendered from the results"):
+        push_model(model_folder, REPO_ID, results=results, endpoint=ENDPOINT)
+    assert (model_folder / "README.md").read_text() == HAND_WRITTEN_CARD
+
+    write(model_folder, "optimizer.pt")  # refused by the check, after the card was rendered
+    with pytest.raises(HubFolderError, match="pickled weights"):
+        push_model(model_folder, REPO_ID, results=results, overwrite_card=True, endpoint=ENDPOINT)
+    assert (model_folder / "README.md").read_text() == HAND_WRITTEN_CARD
+    (model_folder / "README.md").unlink()
+    with pytest.raises(HubFolderError, match="pickled weights"):
+        push_model(model_folder, REPO_ID, results=results, endpoint=ENDPOINT)
+    assert not (model_folder / "README.md").exists()
+    hf_api.assert_not_called()
+
+    (model_folder / "optimizer.pt").unlink()
+    (model_folder / "README.md").write_text(HAND_WRITTEN_CARD)
+    push_model(model_folder, REPO_ID, results=results, overwrite_card=True, endpoint=ENDPOINT)
+    assert "model-index" in (model_folder / "README.md").read_text()
+    push_model(model_folder, REPO_ID, results=results, endpoint=ENDPOINT)  # the same card again: nothing to refuse
+
+
+def test_configs_are_put_back_when_the_upload_fails(model_folder, hf_api):
+    """The local `_name_or_path` cleared for the upload stayed cleared when the upload failed (restored only when the
+    check refused the folder); the folder is now left as it was whatever happens."""
+    config = json.loads((model_folder / "config.json").read_text())
+    config["text_config"]["_name_or_path"] = "/home/me/.venv/lib/python3.11/site-packages/minilm/model"
+    (model_folder / "config.json").write_text(json.dumps(config))
+    before = (model_folder / "config.json").read_bytes()
+    hf_api.return_value.upload_folder.side_effect = ConnectionError("the Hub went away")
+    with pytest.raises(ConnectionError):
+        push_model(model_folder, REPO_ID, endpoint=ENDPOINT)
+    assert (model_folder / "config.json").read_bytes() == before
+    hf_api.return_value.upload_folder.side_effect = None
+    push_model(model_folder, REPO_ID, endpoint=ENDPOINT)
+    assert (model_folder / "config.json").read_bytes() == before
+
+
+def test_local_paths_in_any_pushed_text_file_and_large_stray_files_are_refused(model_folder, hf_api):
+    """Only `.json` and `.md` files were searched for local paths: a `train_config.yaml` or `train.log` naming
+    `/home/alice/...` passed, and so did a 16 MB `val_embeddings.npy`."""
+    for name, text in (
+        ("train_config.yaml", "output_dir: /home/alice/secret_project/run1\n"),
+        ("logs/train.log", "step 1 saved to /data/alice/run1/ckpt\n"),
+        ("notes.txt", "weights copied from C:\\Users\\alice\\merit\n"),
+        ("setup.cfg", "[paths]\ncache = ~/merit/cache\n"),
+        ("train.py", "DATA = '/scratch/alice/ptbxl'\n"),
+        ("README.md", f"---\n{CARD_METADATA}- base_model:adapter:/home/alice/base\n---\n# MERIT\n"),  # PEFT's tag
+    ):
+        write(model_folder, name, text.encode())
+        with pytest.raises(HubFolderError, match=rf"{re.escape(name)} names local paths"):
+            push_model(model_folder, REPO_ID, endpoint=ENDPOINT)
+        (model_folder / name).unlink()
+    (model_folder / "README.md").write_text(HAND_WRITTEN_CARD)
+    assert "/proc/cpuinfo" in (model_folder / "modeling_merit.py").read_text()  # the OS's own paths pass
+
+    np.save(model_folder / "val_embeddings.npy", np.zeros((4096, 1024), np.float32))  # 16 MiB
+    with pytest.raises(HubFolderError, match=r"val_embeddings.npy is 16.0 MiB and neither weights \(\*.safetensors\)"):
+        push_model(model_folder, REPO_ID, endpoint=ENDPOINT)
+    hf_api.assert_not_called()
+    push_model(model_folder, REPO_ID, endpoint=ENDPOINT, ignore_patterns=[*DEFAULT_IGNORE_PATTERNS, "*.npy"])
+    (model_folder / "val_embeddings.npy").unlink()
+    write(model_folder, "tokenizer.json", b"{" + b" " * (11 * 2**20) + b"}")  # a large tokenizer is part of the model
+    push_model(model_folder, REPO_ID, endpoint=ENDPOINT)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "problem"),
+    [
+        ("license: apache-2.0\n", "README.md: metadata 'library_name' is missing"),  # a PEFT or Trainer card
+        (CARD_METADATA.replace("apache-2.0", "not-a-license"), "README.md: license 'not-a-license' is not a Hub"),
+        (
+            CARD_METADATA + "model-index: [{name: x, results: [{task: {}}]}]\n",
+            "README.md: the card's metadata does not parse",
+        ),  # fmt: skip
+    ],
+)
+def test_the_card_metadata_is_checked_before_the_upload(model_folder, hf_api, metadata, problem):
+    """The push only checked that README.md existed: metadata the Hub needs, or a licence it does not know, passed."""
+    (model_folder / "README.md").write_text(f"---\n{metadata}---\n# MERIT\n")
+    with pytest.raises(HubFolderError, match=re.escape(problem)):
+        push_model(model_folder, REPO_ID, endpoint=ENDPOINT)
+    hf_api.assert_not_called()
+
+
+def test_a_card_for_another_kind_of_folder_or_other_weights_is_refused(model_folder, hf_api, tmp_path):
+    """A two-tower card (AutoModel code, no base_model) passed the check in a report adapter's folder, and a card
+    rendered for one folder's weights could be pushed with others."""
+    from merit_hf.hub.cards import render_model_card
+
+    card = render_model_card(results_from_our_metrics(), REPO_ID, model_folder=model_folder)
+    card.save(model_folder / "README.md")
+    assert push_module.check_model_folder(model_folder) == []
+    adapter = tmp_path / "report_adapter"
+    adapter.mkdir()
+    write(adapter, "adapter_model.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": "org/merit-report",
+        "auto_mapping": {"base_model_class": "MeritForReportGeneration"}}))  # fmt: skip
+    card.save(adapter / "README.md")
+    problems = push_module.check_model_folder(adapter)
+    assert any(p.startswith("README.md is the card of a two_tower folder, but this folder holds a report_adapter")
+               for p in problems), problems  # fmt: skip
+    assert any(p.startswith("README.md has no base_model, and this folder is a report_adapter") for p in problems)
+
+    other = tmp_path / "other"
+    other.mkdir()
+    for path in model_folder.iterdir():
+        (other / path.name).write_bytes(path.read_bytes())
+    weights = other / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one weight changed
+    weights.write_bytes(bytes(data))
+    with pytest.raises(HubFolderError, match=r"README.md was rendered for other weights \(weight files [0-9a-f]{16}"):
+        push_model(other, REPO_ID, endpoint=ENDPOINT)
+    hf_api.assert_not_called()
+
+
+def test_an_unedited_dataset_card_template_is_refused(tmp_path, hf_api):
+    """A WFDB conversion keeps the template card (`license: other`, "Replace this section before sharing"): it passed
+    the dataset push check, and the data would have been published without a licence."""
+    import datasets
+
+    from merit_hf.hub.cards import write_dataset_card
+
+    folder = tmp_path / "wfdb-merit"
+    datasets.Dataset.from_dict({"ecg_id": [0, 1]}).to_parquet(folder / "data" / "records-00000-of-00001.parquet")
+    write_dataset_card(REPO_ROOT / "dataset_scripts" / "wfdb" / "README.md", folder)
+    with pytest.raises(HubFolderError) as error:
+        push_dataset(folder, "org/wfdb-merit", endpoint=ENDPOINT)
+    assert "README.md: license is `other` without `license_name`" in str(error.value)
+    assert "README.md: the card still holds the template's 'Replace this section before sharing'" in str(error.value)
+    hf_api.assert_not_called()

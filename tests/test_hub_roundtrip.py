@@ -45,6 +45,7 @@ from tests.conftest import BUNDLED_PTBXL, tiny_merit_config
 from tests.hub_server import FakeHub
 from tests.test_cards import results_from_our_metrics
 from tests.test_core_remote_code import BLOCK_MERIT_HF
+from tests.test_hub_policy import DATASET_CARD
 
 pytestmark = pytest.mark.slow  # a loopback server, Xet and LFS uploads, fresh processes: about a minute
 
@@ -120,9 +121,14 @@ def model_folder(tmp_path, tokenizer):
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     feature_extractor.save_pretrained(folder)
+    render_card(folder)
+    return model, processor, folder
+
+
+def render_card(folder: Path) -> None:
+    """The folder's card, rendered again whenever its weights change (the push refuses a card of other weights)."""
     card = render_model_card(results_from_our_metrics(), REPO_ID, model_folder=folder, datasets=["org/ptbxl-merit"])
     card.save(folder / "README.md")
-    return model, processor, folder
 
 
 @pytest.fixture
@@ -152,6 +158,7 @@ def test_push_xet_and_lfs_then_from_pretrained_in_fresh_process(model_folder, fa
             with torch.no_grad():
                 model.logit_scale.fill_(2.0)
             model.save_pretrained(folder)
+            render_card(folder)
         requests_before = len(fake_hub.request_log)
         result = push_model(folder, repo_id, tag="v0.1", token=TOKEN, endpoint=fake_hub.endpoint)
 
@@ -208,6 +215,7 @@ def test_pull_request_branch_and_tag(model_folder, fake_hub, tmp_path, monkeypat
     with torch.no_grad():
         model.logit_scale.fill_(1.0)
     model.save_pretrained(folder)
+    render_card(folder)
 
     requests_before = len(fake_hub.request_log)
     proposal = push_model(folder, REPO_ID, create_pr=True, token=TOKEN, endpoint=fake_hub.endpoint)
@@ -287,6 +295,7 @@ def test_repush_leaves_exactly_the_folder(model_folder, fake_hub, tmp_path, monk
     (folder / "adapter_model.safetensors").write_bytes(b"not read")
     (folder / "notes").mkdir()
     (folder / "notes" / "old.txt").write_text("from the first push")
+    render_card(folder)  # the card records the folder's weight files, adapter_model.safetensors included
     push_model(folder, REPO_ID, token=TOKEN, endpoint=fake_hub.endpoint)
     api = HfApi(endpoint=fake_hub.endpoint)
     assert "adapter_config.json" in pushed_files(folder) and "notes/old.txt" in pushed_files(folder)
@@ -294,6 +303,7 @@ def test_repush_leaves_exactly_the_folder(model_folder, fake_hub, tmp_path, monk
 
     for name in ("adapter_config.json", "adapter_model.safetensors", "notes/old.txt"):
         (folder / name).unlink()
+    render_card(folder)
     push_model(folder, REPO_ID, token=TOKEN, endpoint=fake_hub.endpoint, commit_message="encoder only")
     assert sorted(api.list_repo_files(REPO_ID)) == sorted([".gitattributes", *pushed_files(folder)])
     assert "notes/old.txt" not in pushed_files(folder) and "config.json" in pushed_files(folder)
@@ -352,7 +362,7 @@ def test_push_converted_dataset(fake_hub, tmp_path, monkeypatch):
     datasets.Dataset.from_dict(rows).to_parquet(folder / "data" / "test-00000-of-00001.parquet")
     with pytest.raises(HubFolderError, match="README.md \\(the dataset card\\) is missing"):
         push_dataset(folder, "org/ptbxl-merit", token=TOKEN, endpoint=fake_hub.endpoint)
-    (folder / "README.md").write_text("---\nlicense: cc-by-4.0\npretty_name: PTB-XL (merit_hf)\n---\n# PTB-XL\n")
+    (folder / "README.md").write_text(DATASET_CARD)
     push_dataset(folder, "org/ptbxl-merit", token=TOKEN, endpoint=fake_hub.endpoint)
 
     snapshot = Path(snapshot_download("org/ptbxl-merit", repo_type="dataset", cache_dir=tmp_path / "dataset_cache"))

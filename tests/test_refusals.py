@@ -235,10 +235,12 @@ def model_folder(tmp_path):
     model = MeritModel(tiny_merit_config())
     model.save_pretrained(folder)
     MeritFeatureExtractor.from_model_config(model.config.ecg_config).save_pretrained(folder)
-    (folder / "README.md").write_text(
-        "---\nlicense: apache-2.0\n---\n# a model\nUnits: 10 mm/mV, see docs/usage.md.\n"
-    )
+    (folder / "README.md").write_text(f"---\n{CARD_METADATA}---\n# a model\nUnits: 10 mm/mV, see docs/usage.md.\n")
     return folder
+
+
+# what the push check needs of a card's metadata (`merit_hf.hub.cards.model_card_problems`)
+CARD_METADATA = "library_name: transformers\nlicense: apache-2.0\npipeline_tag: feature-extraction\ntags:\n- ecg\n"
 
 
 def test_push_refuses_tokens_in_any_text_file(model_folder):
@@ -271,9 +273,10 @@ def test_push_clears_local_name_or_path_and_refuses_other_local_paths(model_fold
     assert clear_local_name_or_path(model_folder) == ["config.json: text_config._name_or_path"]
     assert json.loads((model_folder / "config.json").read_text())["text_config"]["_name_or_path"] == ""
     assert check_model_folder(model_folder) == []
-    (model_folder / "README.md").write_text("# card\nPrompts: /home/me/merit/prompts.json\n")
+    (model_folder / "README.md").write_text(f"---\n{CARD_METADATA}---\n# card\nPrompts: /home/me/merit/prompts.json\n")
     assert check_model_folder(model_folder) == [
-        "README.md names local paths ['/home/me/merit/prompts.json']: write file names or Hub ids instead"
+        "README.md names local paths ['/home/me/merit/prompts.json']: write file names or Hub ids instead, or leave "
+        "the file out of the push"
     ]
 
 

@@ -5,6 +5,6 @@ import sys
 from .hub import cards as _moved
 
 if __name__ == "__main__":  # `python -m merit_hf.cards`: the command line of `python -m merit_hf.hub.cards`
-    _moved.main()
+    _moved.cli()
 else:
     sys.modules[__name__] = _moved

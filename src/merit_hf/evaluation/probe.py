@@ -729,7 +729,7 @@ def run_linear_probe(
         )
         scores["training"] = {"best_epoch": probe.best_epoch, "epochs_run": probe.epochs_run}
         entries[role] = {
-            **encoder_identity(role, model_name, seed),
+            **encoder_identity(role, model_name, seed, encoder),
             **scores,
         }
     results = build_results(

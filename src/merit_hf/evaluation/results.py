@@ -18,6 +18,7 @@ Schema `merit_hf.results/v1` (one file per run: one task, one label set, one lab
   "metric_definitions": {"macro_auroc": "...", "macro_f1": "...", ...},
   "model": {
     "name_or_path": "org/merit-ecg", "init": "pretrained",
+    "weights_fingerprint": {"ecg_encoder": "3f2a9c0d1b7e4a65"},
     "metrics": {"macro_auroc": {"value": 0.91, "ci_low": 0.90, "ci_high": 0.92},
                 "macro_f1": {...}, "macro_f1_max_over_thresholds": {...}},
     "per_class": {"CD": {"auroc": 0.9, "f1": 0.7, "num_positive": 496}, ...},
@@ -28,6 +29,13 @@ Schema `merit_hf.results/v1` (one file per run: one task, one label set, one lab
   "created": "2026-11-25T11:00:00+00:00"
 }
 ```
+
+`model.weights_fingerprint` names the weights the numbers are of (`merit_hf.models.fingerprint.weights_fingerprint`,
+a hash of the tensors): `ecg_encoder`, the MERIT ECG encoder that was evaluated (for fine-tuning, the one it started
+from); `two_tower` (zero-shot), the whole two-tower model, text tower included; `adapter` and `fine_tuned_ecg_encoder`
+(LoRA fine-tuning), the saved adapter file's tensors and the encoder of the merged model. A model card rendered from
+the file checks them against the folder's weights (`merit_hf.hub.cards`). Files written before merit_hf recorded it
+have none; a card says that their numbers could not be checked.
 
 Metric values are fractions in [0, 1] (multiply by 100 for the papers' percentages); `null` means undefined (for
 example AUROC of a class absent from the test split, listed in `absent_classes`). `baseline` is `null` only when a
@@ -94,20 +102,30 @@ def format_metric(metric: MetricValue | None) -> str:
 class ResultEntry:
     """The test-split numbers of one encoder in one setting (`classification_metrics`' layout), with its identity
     (`name_or_path`, `init`) where the entry has one: the top-level `model` / `baseline` entries do, shift entries
-    do not. `per_class` maps a class to `{"auroc", "f1", "num_positive"}`; `extra` keeps any other field (the
-    probe's `training`) in its place."""
+    do not. `per_class` maps a class to `{"auroc", "f1", "num_positive"}`; `weights_fingerprint` (the `model` entry of
+    files written since merit_hf recorded it) maps what was hashed to its `weights_fingerprint`; `extra` keeps any other
+    field (the probe's `training`) in its place."""
 
     metrics: dict[str, MetricValue]
     num_records: int | None = None
     name_or_path: str | None = None
     init: str | None = None
+    weights_fingerprint: dict[str, str] | None = None
     per_class: dict[str, dict[str, Any]] | None = None
     absent_classes: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ResultEntry:
-        known = ("name_or_path", "init", "metrics", "per_class", "absent_classes", "num_records")
+        known = (
+            "name_or_path",
+            "init",
+            "weights_fingerprint",
+            "metrics",
+            "per_class",
+            "absent_classes",
+            "num_records",
+        )
         if not isinstance(data.get("metrics"), Mapping):
             raise ValueError(f"a results entry needs a 'metrics' mapping; it has {sorted(data)}")
         return cls(
@@ -115,6 +133,7 @@ class ResultEntry:
             num_records=data.get("num_records"),
             name_or_path=data.get("name_or_path"),
             init=data.get("init"),
+            weights_fingerprint=dict(data["weights_fingerprint"]) if data.get("weights_fingerprint") else None,
             per_class=data.get("per_class"),
             absent_classes=data.get("absent_classes"),
             extra={key: value for key, value in data.items() if key not in known},
@@ -124,6 +143,8 @@ class ResultEntry:
         """The JSON layout, fields in the order the harness has always written them; absent fields stay absent."""
         data = {"name_or_path": self.name_or_path, "init": self.init}
         data = {key: value for key, value in data.items() if value is not None}
+        if self.weights_fingerprint is not None:
+            data["weights_fingerprint"] = self.weights_fingerprint
         data["metrics"] = {name: metric.to_dict() for name, metric in self.metrics.items()}
         if self.per_class is not None:
             data["per_class"] = self.per_class
@@ -346,11 +367,18 @@ def build_results(
     )
 
 
-def encoder_identity(role: str, model_name: str, seed: int) -> dict[str, str]:
+def encoder_identity(role: str, model_name: str, seed: int, encoder=None) -> dict[str, Any]:
     """`name_or_path` and `init` of a results entry: the evaluated model (`role="model"`), or its random-init twin
-    drawn with `seed` (`role="baseline"`, `merit_hf.evaluation.probe.random_init_like`)."""
+    drawn with `seed` (`role="baseline"`, `merit_hf.evaluation.probe.random_init_like`). With `encoder` (the evaluated
+    MERIT ECG encoder), the model's entry also records `weights_fingerprint: {"ecg_encoder": ...}`, which ties the
+    numbers to those weights (a model card checks it against its folder)."""
     if role == "model":
-        return {"name_or_path": model_name, "init": "pretrained"}
+        identity: dict[str, Any] = {"name_or_path": model_name, "init": "pretrained"}
+        if encoder is not None:
+            from ..models.fingerprint import weights_fingerprint
+
+            identity["weights_fingerprint"] = {"ecg_encoder": weights_fingerprint(encoder)}
+        return identity
     return {"name_or_path": "random-init", "init": f"random (seed {seed}, same config)"}
 
 

@@ -223,7 +223,7 @@ def run_robustness(
     entries = {}
     for role, (probe, thresholds) in clean.items():
         entries[role] = {
-            **encoder_identity(role, model_name, seed),
+            **encoder_identity(role, model_name, seed, encoder),
             **_metrics(
                 labels["test"], probe.decision_function(features[role]["test"]), names, thresholds, arguments, seed
             ),

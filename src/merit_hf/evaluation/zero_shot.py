@@ -150,6 +150,7 @@ def evaluate_zero_shot(
             entries[role] = {
                 "name_or_path": model_name if role == "model" else "random-init ECG tower",
                 "init": "pretrained" if role == "model" else f"ECG encoder + projection random (seed {seed})",
+                **({"weights_fingerprint": zero_shot_fingerprints(role_model)} if role == "model" else {}),
                 **classification_metrics(
                     label_matrix(dataset_dict["test"], label_set), test_scores, names, thresholds, num_bootstrap, seed
                 ),
@@ -184,6 +185,16 @@ def evaluate_zero_shot(
         if output_file is not None:
             write_results(results, output_file)
         return results
+
+
+def zero_shot_fingerprints(model) -> dict[str, str]:
+    """What a zero-shot results file records of the evaluated weights: `ecg_encoder`, the `weights_fingerprint` of the
+    ECG tower's encoder (as the probe records it), and `two_tower`, of the whole two-tower model (projections and text
+    tower included), which a model card checks against its folder (`merit_hf.hub.cards`)."""
+    from ..models.fingerprint import weights_fingerprint
+    from ..models.merit.pipeline_merit import ecg_encoder_of
+
+    return {"ecg_encoder": weights_fingerprint(ecg_encoder_of(model)), "two_tower": weights_fingerprint(model)}
 
 
 def shipped_prompts_name() -> str:

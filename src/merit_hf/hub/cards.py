@@ -1,10 +1,12 @@
 """Model cards rendered from the evaluation results JSON, and checks for model and dataset cards.
 
 Every number on a card comes from the results JSON that `merit_hf.evaluation` wrote, never typed by hand (timm's
-habit). The card's YAML carries `library_name`, `pipeline_tag`, `license`, `tags`, `datasets`, `base_model` (report
-model) and a `model-index` with the real values; its body states intended use and limits, the input contract read
-from the checkpoint's `preprocessor_config.json`, the protocol, and the random-init encoder baseline next to every
-number.
+habit), and is checked against the folder's weights: each results JSON records the `weights_fingerprint` of the
+weights it evaluated ([`check_weights`]). The card's YAML carries `library_name` (`peft` for an adapter folder),
+`pipeline_tag`, `inference: false`, `license`, `tags`, `datasets`, `base_model` (report model, adapters) and a
+`model-index` with the real values; its body states what the code needs, intended use and limits, the input contract
+read from the checkpoint's feature extractor settings, the protocol, and the random-init encoder baseline next to
+every number. Its hidden last line records the kind of folder and its weight files, which the push checks.
 
 Results: the `merit_hf.results/v1` files that the evaluation harness writes (any of them, old ones included), read as
 `merit_hf.evaluation.results.EvaluationResults`. Each run gives one row group of the card's table, its setting
@@ -23,10 +25,13 @@ python -m merit_hf.hub.cards check ptbxl_merit/README.md --kind dataset --data-f
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import logging
 import os
 import re
 import string
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +43,32 @@ from ..evaluation.metrics import METRIC_DEFINITIONS
 from ..evaluation.results import EvaluationResults, ResultEntry, format_metric, read_results
 from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "merit_model_card.md"  # ships in the wheel
 # The "How to use" code of each kind of MERIT folder: the Auto class its `auto_map` has, and what that model returns.
-MODEL_KINDS = ("encoder", "two_tower", "classifier", "classifier_adapter", "report")
+MODEL_KINDS = ("encoder", "two_tower", "classifier", "classifier_adapter", "report", "report_adapter")
 USAGE_TEMPLATES = {kind: DEFAULT_TEMPLATE.with_name(f"usage_{kind}.md") for kind in MODEL_KINDS}
+ADAPTER_KINDS = ("classifier_adapter", "report_adapter")  # PEFT adapter folders: library_name peft, base_model needed
+# The Hub metadata of each kind: `library_name` (adapters: `peft`, the Hub's convention) and `pipeline_tag`. The Hub has
+# no ECG or time-series classification task, and `feature-extraction` would file a classifier as an embedder: `other`.
+# Every MERIT card also sets `inference: false`: the Hub's widgets send text or images, never an ECG, and they do not
+# run a repository's own code.
+KIND_METADATA = {
+    "encoder": ("transformers", "feature-extraction"),
+    "two_tower": ("transformers", "feature-extraction"),
+    "classifier": ("transformers", "other"),
+    "classifier_adapter": ("peft", "other"),
+    "report": ("transformers", "text-generation"),
+    "report_adapter": ("peft", "text-generation"),
+}
 METRIC_TYPES = {"auroc": "roc_auc", "auc": "roc_auc", "f1": "f1", "accuracy": "accuracy", "bleu": "bleu"}
+# Metrics indexed under a type of their own, never with the metric they bound: MERL's test-split "F1" chooses each
+# class's threshold on the test labels themselves (an optimistic upper bound of macro F1).
+OWN_METRIC_TYPES = {"macro_f1_max_over_thresholds": "f1-max-over-thresholds"}
+# The hidden line a rendered card carries (after its text): the kind of folder it was rendered for and the digest of
+# that folder's weight files, which `merit_hf.hub.push.check_model_folder` compares with the folder it pushes.
+CARD_MARKER = re.compile(r"<!-- merit_hf card: kind=(?P<kind>[\w-]+)(?: weights=(?P<weights>[0-9a-f]+))? -->")
 DEFAULT_TAGS = [
     "ecg",
     "electrocardiogram",
@@ -61,6 +87,23 @@ DATA_CITATIONS = {
 }
 REQUIRED_MODEL_METADATA = ("library_name", "license", "tags", "pipeline_tag")
 REQUIRED_DATASET_METADATA = ("license", "pretty_name", "tags")
+# The Hub's licence identifiers (https://huggingface.co/docs/hub/repositories-licenses). Any other licence is `other`
+# with `license_name` (and `license_link` to its text, or a LICENSE file in the repository).
+HUB_LICENSES = frozenset(
+    """apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0 bigcode-openrail-m
+    afl-3.0 artistic-2.0 bsl-1.0 bsd bsd-2-clause bsd-3-clause bsd-3-clause-clear c-uda cc cc0-1.0 cc-by-2.0 cc-by-2.5
+    cc-by-3.0 cc-by-4.0 cc-by-sa-3.0 cc-by-sa-4.0 cc-by-nc-2.0 cc-by-nc-3.0 cc-by-nc-4.0 cc-by-nd-4.0 cc-by-nc-nd-3.0
+    cc-by-nc-nd-4.0 cc-by-nc-sa-2.0 cc-by-nc-sa-3.0 cc-by-nc-sa-4.0 cdla-sharing-1.0 cdla-permissive-1.0
+    cdla-permissive-2.0 wtfpl ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1 agpl-3.0 gfdl gpl gpl-2.0 gpl-3.0 lgpl lgpl-2.1
+    lgpl-3.0 isc lppl-1.3c ms-pl mpl-2.0 odc-by odbl openrail++ osl-3.0 postgresql ofl-1.1 ncsa unlicense zlib pddl
+    lgpl-lr deepfloyd-if-license llama2 llama3 llama3.1 llama3.2 llama3.3 gemma unknown other""".split()  # noqa: SIM905
+)
+# Sentences of the shipped dataset-card templates (`dataset_scripts/wfdb/README.md`) that the author must replace
+# before sharing: a card that still holds one is the unedited template.
+TEMPLATE_PLACEHOLDERS = (
+    "Replace this section before sharing",
+    "Set the licence and describe the source before you share",
+)
 
 
 class CardError(ValueError):
@@ -159,14 +202,24 @@ def evaluation_table(rows: list[CardRow]) -> str:
 
 
 def eval_results_for_index(rows: list[CardRow], dataset_id: str, dataset_name: str) -> list[EvalResult]:
-    """`model-index` entries for the trained model's values (the baseline stays in the card body)."""
+    """`model-index` entries for the trained model's values on the evaluation split (the baseline stays in the card
+    body). Each entry is told apart by its keys, not only by its display name: `dataset.config` is the label set and
+    `metric.config` the rest of the setting (task, method, label fraction, seed), so no two entries share
+    `(task.type, dataset.type, dataset.config, dataset.split, metric.type, metric.config)`. Robustness shifts are left
+    out: their inputs are shifted or their records a subgroup, so they are no results on the dataset's split (they
+    stay in the card's table). `macro_f1_max_over_thresholds` (thresholds chosen on the test labels) is indexed as
+    `f1-max-over-thresholds`, never as `f1`."""
     results = []
     for row in rows:
+        if row.field("shift") is not None:
+            continue
         zero_shot = row.task == "zero-shot"
         for name, metric in row.model.metrics.items():
             if metric.value is None:
                 continue
-            metric_type = next((t for key, t in METRIC_TYPES.items() if key in name.lower()), name)
+            metric_type = OWN_METRIC_TYPES.get(name) or next(
+                (t for key, t in METRIC_TYPES.items() if key in name.lower()), name
+            )
             results.append(
                 EvalResult(
                     task_type="zero-shot-classification" if zero_shot else "multi-label-classification",
@@ -177,20 +230,37 @@ def eval_results_for_index(rows: list[CardRow], dataset_id: str, dataset_name: s
                     dataset_split=row.split,
                     metric_type=metric_type,
                     metric_name=f"{name} ({row.setting_text()})",
+                    metric_config=", ".join(f"{key}={value}" for key, value in row.setting if key != "label_set"),
                     metric_value=round(metric.value, 4),
                 )
             )
     return results
 
 
+def feature_extractor_config(model_folder: str | os.PathLike | None) -> dict | None:
+    """The feature extractor's saved settings: `preprocessor_config.json`, or the `feature_extractor` entry of a
+    processor's `processor_config.json` (a report model's folder and its adapter folder keep it there; transformers
+    reads it from either); `None` when the folder has neither."""
+    if model_folder is None:
+        return None
+    folder = Path(model_folder)
+    if (folder / "preprocessor_config.json").is_file():
+        return json.loads((folder / "preprocessor_config.json").read_text())
+    if (folder / "processor_config.json").is_file():
+        nested = json.loads((folder / "processor_config.json").read_text()).get("feature_extractor")
+        return nested if isinstance(nested, dict) else None
+    return None
+
+
 def input_contract(model_folder: str | os.PathLike | None) -> str:
-    """The preprocessing contract as read from the checkpoint's `preprocessor_config.json`."""
-    if model_folder is None or not (Path(model_folder) / "preprocessor_config.json").is_file():
+    """The preprocessing contract as read from the checkpoint's feature extractor settings
+    ([`feature_extractor_config`])."""
+    config = feature_extractor_config(model_folder)
+    if config is None:
         return (
-            "No `preprocessor_config.json` was found next to this card: load the feature extractor from the same "
-            "repository and read its settings there."
+            "No feature extractor settings (`preprocessor_config.json`, or `processor_config.json` holding them) were "
+            "found next to this card: load the feature extractor from the same repository and read its settings there."
         )
-    config = json.loads((Path(model_folder) / "preprocessor_config.json").read_text())
     settings = MeritFeatureExtractor.from_dict(config)  # a folder saved before a setting existed has its default
     rate, window = config.get("sampling_rate"), config.get("num_samples")
     seconds = f" ({window / rate:g} s)" if rate and window else ""
@@ -236,10 +306,38 @@ def _bound(value, unit: str = " mV") -> str:
 
 def adapter_task(model_folder: str | os.PathLike | None) -> str | None:
     """The `task_type` of a PEFT adapter folder (`adapter_config.json`: `"SEQ_CLS"` for a classifier's LoRA adapter
-    and head, `"CAUSAL_LM"` for a report model's), or None when the folder holds none."""
+    and head, `"CAUSAL_LM"` for a report model's, or none: `save_report_adapter` writes `task_type: null`), or None
+    when the folder holds none."""
+    config = adapter_config(model_folder)
+    return None if config is None else config.get("task_type")
+
+
+def adapter_config(model_folder: str | os.PathLike | None) -> dict | None:
+    """The folder's `adapter_config.json` (a PEFT adapter folder), or None."""
     if model_folder is None or not (Path(model_folder) / "adapter_config.json").is_file():
         return None
-    return json.loads((Path(model_folder) / "adapter_config.json").read_text()).get("task_type")
+    return json.loads((Path(model_folder) / "adapter_config.json").read_text())
+
+
+def folder_kind(model_folder: str | os.PathLike | None) -> str:
+    """The kind of MERIT folder (one of `MODEL_KINDS`) whose card is rendered: [`model_kind`] of its `config.json`;
+    for a PEFT adapter folder (`adapter_config.json` and no `config.json`), `"report_adapter"` when it adapts a report
+    model (`task_type` `CAUSAL_LM`, or `auto_mapping.base_model_class` `MeritForReportGeneration`: what
+    `save_report_adapter` writes), `"classifier_adapter"` for a classifier's (`task_type` `SEQ_CLS`, the probe
+    command's LoRA output), and `"adapter"` (no kind a card is rendered for) for any other adapter; `"two_tower"`
+    without a folder."""
+    config = {}
+    if model_folder is not None and (Path(model_folder) / "config.json").is_file():
+        config = json.loads((Path(model_folder) / "config.json").read_text())
+    adapter = adapter_config(model_folder)
+    if config or adapter is None:
+        return model_kind(config)
+    base_class = (adapter.get("auto_mapping") or {}).get("base_model_class")
+    if adapter.get("task_type") == "CAUSAL_LM" or base_class == "MeritForReportGeneration":
+        return "report_adapter"
+    if adapter.get("task_type") == "SEQ_CLS" or base_class == "MeritForEcgClassification":
+        return "classifier_adapter"
+    return "adapter"
 
 
 def model_kind(config: Mapping) -> str:
@@ -331,6 +429,199 @@ def _display_name(dataset_id: str) -> str:
     return next((name for key, name in DATASET_NAMES.items() if key in lowered), dataset_id)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Which weights the numbers are of
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WeightsCheck:
+    """How each run's numbers relate to the folder's weights: `matched`, `mismatched` (`(run, recorded, folder's)`),
+    `unrecorded` (results files that record no `weights_fingerprint`) and `unchecked` (`(run, why)`)."""
+
+    matched: list[tuple[str, dict[str, str]]]
+    mismatched: list[tuple[str, dict[str, str], dict[str, str]]]
+    unrecorded: list[str]
+    unchecked: list[tuple[str, str]]
+
+    def text(self) -> str:
+        """The card's paragraph about it (in its Evaluation section)."""
+        parts = []
+        if self.matched:
+            fingerprints = sorted({value for _, recorded in self.matched for value in recorded.values()})
+            parts.append(
+                f"Weights: the results of {_runs_text([name for name, _ in self.matched])} record the fingerprint of "
+                f"the weights they evaluated ({', '.join(f'`{f}`' for f in fingerprints)}; "
+                "`merit_hf.models.fingerprint.weights_fingerprint`), and it is that of this checkpoint's weights: "
+                "checked when this card was rendered."
+            )
+        for name, recorded, found in self.mismatched:
+            parts.append(
+                f"**Warning: these are not this checkpoint's numbers.** The results of {name} were computed on other "
+                f"weights ({_fingerprints_text(recorded)}), not on this checkpoint's ({_fingerprints_text(found)})."
+            )
+        if self.unrecorded:
+            parts.append(
+                f"**Not checked against these weights:** the results files of {_runs_text(self.unrecorded)} record no "
+                "weights fingerprint (written before merit_hf recorded one), so nothing ties their numbers to this "
+                "checkpoint's weights."
+            )
+        reasons: dict[str, list[str]] = {}
+        for name, why in self.unchecked:
+            reasons.setdefault(why, []).append(name)
+        for why, names in reasons.items():
+            parts.append(f"**Not checked against these weights:** the results of {_runs_text(names)}: {why}.")
+        return "\n\n".join(parts)
+
+
+def _runs_text(names: list[str]) -> str:
+    return "; ".join(f"`{name}`" for name in names)
+
+
+def _fingerprints_text(fingerprints: Mapping[str, str]) -> str:
+    return ", ".join(f"{key} `{value}`" for key, value in sorted(fingerprints.items()))
+
+
+def run_name(run: EvaluationResults) -> str:
+    """A run as the card's protocol lines name it: `linear-probe, superclass, label_fraction=1, seed=0`."""
+    method = [value for _, value in _method(run)]
+    fraction = [] if run.label_fraction is None else [f"label_fraction={_format_scalar(run.label_fraction)}"]
+    return ", ".join([*(_format_scalar(v) for v in (run.task, *method, run.label_set)), *fraction, f"seed={run.seed}"])
+
+
+class FolderWeights:
+    """The fingerprints of a model folder's weights, each computed once and only when asked for, as the evaluation
+    computed them of the weights it evaluated: `ecg_encoder` (the encoder `merit_hf.evaluation.probe.load_encoder`
+    reads from the folder), `two_tower` (the model `evaluate_zero_shot` loads with `AutoModel`) and `adapter` (a PEFT
+    adapter folder's `adapter_model.safetensors`). A value is `None` when the folder has no such weights; `why` says
+    why."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self._values: dict[str, str | None] = {}
+        self.why: dict[str, str] = {}
+
+    def get(self, key: str) -> str | None:
+        if key not in self._values:
+            self._values[key] = self._compute(key)
+        return self._values[key]
+
+    def _compute(self, key: str) -> str | None:
+        from ..models.fingerprint import safetensors_fingerprint, weights_fingerprint
+
+        if key == "adapter":
+            path = self.folder / "adapter_model.safetensors"
+            if not path.is_file():
+                self.why[key] = "the folder holds no PEFT adapter"
+                return None
+            return safetensors_fingerprint(path)
+        if not (self.folder / "config.json").is_file() or not any(self.folder.glob("*.safetensors")):
+            self.why[key] = "the folder holds no model weights (config.json and *.safetensors)"
+            return None
+        try:
+            if key == "ecg_encoder":
+                from ..evaluation.probe import load_encoder
+
+                return weights_fingerprint(load_encoder(self.folder)[0])
+            if key == "two_tower":
+                from transformers import AutoModel
+
+                from ..models.merit.pipeline_merit import two_tower_model
+
+                return weights_fingerprint(two_tower_model(AutoModel.from_pretrained(str(self.folder))))
+        except (OSError, ValueError, TypeError, KeyError) as error:
+            self.why[key] = f"its weights could not be loaded as the evaluation loads them ({error})"
+            return None
+        raise KeyError(key)
+
+
+def check_weights(runs: list[EvaluationResults], model_folder: str | os.PathLike | None) -> WeightsCheck:
+    """Compare the `weights_fingerprint` each run recorded (`merit_hf.evaluation.results`) with the weights of
+    `model_folder`. A run matches when the folder's ECG encoder is the one it evaluated (or, for a LoRA fine-tuning
+    run, the merged model's encoder it saved) and, for zero-shot, the folder's two towers are too; a PEFT adapter
+    folder matches the run that saved that adapter. Runs without a fingerprint (files written before merit_hf
+    recorded one) are `unrecorded`; without a folder, or a folder with no weights of the kind the run recorded, a run
+    is `unchecked`."""
+    check = WeightsCheck([], [], [], [])
+    folder = FolderWeights(model_folder) if model_folder is not None else None
+    for run in runs:
+        name, recorded = run_name(run), run.model.weights_fingerprint or {}
+        if not recorded:
+            check.unrecorded.append(name)
+            continue
+        if folder is None:
+            check.unchecked.append((name, "the card was rendered without the model folder"))
+            continue
+        if (folder.folder / "adapter_config.json").is_file() and not (folder.folder / "config.json").is_file():
+            if "adapter" not in recorded:
+                check.unchecked.append((name, "this folder holds a PEFT adapter, and the results record the weights of "
+                                              f"no adapter ({_fingerprints_text(recorded)})"))  # fmt: skip
+                continue
+            keys = ["adapter"]
+        else:
+            keys = ["ecg_encoder"]
+            if "two_tower" in recorded:
+                keys.append("two_tower")
+        found = {key: folder.get(key) for key in keys}
+        if any(value is None for value in found.values()):
+            missing = next(key for key, value in found.items() if value is None)
+            check.unchecked.append((name, f"{folder.why.get(missing, 'no weights')}; the results record "
+                                          f"{_fingerprints_text(recorded)}"))  # fmt: skip
+            continue
+        accepted = {
+            "adapter": {recorded.get("adapter")},
+            "ecg_encoder": {recorded.get("ecg_encoder"), recorded.get("fine_tuned_ecg_encoder")},
+            "two_tower": {recorded.get("two_tower")},
+        }
+        if all(value in accepted[key] - {None} for key, value in found.items()):
+            check.matched.append((name, {key: value for key, value in found.items() if value is not None}))
+        else:
+            check.mismatched.append((name, recorded, {key: value for key, value in found.items() if value}))
+    return check
+
+
+def folder_weights_digest(model_folder: str | os.PathLike | None) -> str | None:
+    """A 16-hex-digit SHA-256 of the folder's weight files (`*.safetensors` at its top, names and bytes, in name
+    order), or None when it has none: the card records it ([`CARD_MARKER`]), and the push refuses a card recorded for
+    other weight files ([`card_marker`])."""
+    if model_folder is None:
+        return None
+    files = sorted(Path(model_folder).glob("*.safetensors"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as stream:
+            for block in iter(lambda: stream.read(2**22), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def card_marker(card_text: str) -> tuple[str, str | None] | None:
+    """`(kind, weights digest or None)` that a card rendered by merit_hf records, or None for any other card."""
+    match = CARD_MARKER.search(card_text)
+    return (match["kind"], match["weights"]) if match else None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The card
+# ----------------------------------------------------------------------------------------------------------------------
+SUMMARIES = {
+    "encoder": "A 12-lead ECG encoder pretrained with MERIT's two branches on one encoder: masked ECG modelling "
+    "(structure) and ECG-report contrastive alignment (semantics).",
+    "two_tower": "A 12-lead ECG encoder pretrained with MERIT's two branches on one encoder: masked ECG modelling "
+    "(structure) and ECG-report contrastive alignment (semantics), with a text tower for zero-shot classification.",
+    "classifier": "A 12-lead ECG classifier: a MERIT ECG encoder with a linear head, fine-tuned on the labels named "
+    "in its config (`id2label`).",
+    "classifier_adapter": "A LoRA adapter and classification head for a MERIT ECG encoder (the base model named "
+    "below), fine-tuned on the labels given at loading.",
+    "report": "An ECG-conditioned report generator: the MERIT ECG encoder, a projector and a causal language model.",
+    "report_adapter": "A LoRA adapter (and projector) for an ECG-conditioned report generator: the MERIT ECG encoder, "
+    "a projector and a causal language model, the base model named below.",
+}
+
+
 def render_model_card(
     results: str | os.PathLike | Mapping | EvaluationResults | list,
     repo_id: str,
@@ -343,6 +634,7 @@ def render_model_card(
     pipeline_tag: str | None = None,
     extra_tags: list[str] | None = None,
     template: str | os.PathLike = DEFAULT_TEMPLATE,
+    allow_weights_mismatch: bool = False,
 ) -> ModelCard:
     """Render a MERIT model card from a results JSON; the returned `ModelCard` parses and carries `model-index`.
 
@@ -350,37 +642,66 @@ def render_model_card(
         results: the results written by `merit_hf.evaluation` (paths, loaded JSON or `EvaluationResults`; a list for
             several runs, e.g. linear probe at 1/10/100 % labels and zero-shot).
         repo_id: the Hub repository the card is for (used in the usage snippet).
-        model_folder: the `save_pretrained` folder; its `preprocessor_config.json` gives the input contract and its
-            `config.json` the architecture and the kind of model ([`model_kind`]), whose loading and inference
-            code the card shows. A report model (`model_type` `"merit_report"`) gets `pipeline_tag:
-            text-generation`, the others `feature-extraction`.
+        model_folder: the `save_pretrained` folder; its feature extractor settings give the input contract, its
+            `config.json` the architecture and the kind of model ([`folder_kind`]), whose loading and inference code
+            the card shows, `library_name` (`peft` for an adapter folder) and `pipeline_tag` (`feature-extraction`
+            for an encoder or two towers, `text-generation` for a report model, `other` for a classifier), and its
+            weights are checked against the `weights_fingerprint` each results file recorded ([`check_weights`]).
         datasets: Hub ids of the training/evaluation datasets (YAML `datasets`).
-        base_model: for the report model, the language model it was adapted from (YAML `base_model`).
+        base_model: the report model's language model (required); for an adapter folder, the model it adapts
+            (default: `adapter_config.json`'s `base_model_name_or_path`; required); for a classifier, the encoder it
+            was fine-tuned from (optional). YAML `base_model`.
         template: a `string.Template` Markdown file with `$metadata`, `$title`, ... placeholders.
+        allow_weights_mismatch: render results whose recorded weights are not the folder's; the card then says so in
+            bold. Without it they raise `CardError`. Results that record no fingerprint (older files), or a card
+            rendered without the folder, are not refused: the card says that they were not checked, and a warning is
+            logged.
     """
     runs = load_results(results)
     rows = card_rows(runs)
-    config = {}
-    if model_folder is not None and (Path(model_folder) / "config.json").is_file():
-        config = json.loads((Path(model_folder) / "config.json").read_text())
-    kind = model_kind(config)
-    adapter = adapter_task(model_folder)
-    if adapter is not None and not config:  # a PEFT adapter folder: its base comes from adapter_config.json
-        kind = {"SEQ_CLS": "classifier_adapter", "CAUSAL_LM": "report"}.get(adapter, kind)
-    is_report = kind == "report"
-    if is_report and not base_model:
+    kind = folder_kind(model_folder)
+    if kind not in MODEL_KINDS:
+        raise CardError(
+            f"{model_folder}: a PEFT adapter of task_type {adapter_task(model_folder)!r}; merit_hf renders cards for "
+            "classifier (SEQ_CLS) and report-generation adapters"
+        )
+    adapter = adapter_config(model_folder) if kind in ADAPTER_KINDS else None
+    if adapter is not None and not base_model:
+        base_model = adapter.get("base_model_name_or_path") or None
+    if kind == "report" and not base_model:
         raise CardError("a report-generation card needs base_model (the language model it was adapted from)")
+    if kind in ADAPTER_KINDS and not base_model:
+        raise CardError(
+            f"an adapter card needs base_model (the model the adapter is loaded onto): {model_folder}/"
+            "adapter_config.json names none in base_model_name_or_path; pass base_model (--base-model) with its Hub id"
+        )
+    weights = check_weights(runs, model_folder)
+    if weights.mismatched and not allow_weights_mismatch:
+        raise CardError(
+            "the results are not of this folder's weights: "
+            + "; ".join(
+                f"{name} evaluated {_fingerprints_text(recorded)}, {model_folder} holds {_fingerprints_text(found)}"
+                for name, recorded, found in weights.mismatched
+            )
+            + ". Evaluate this folder and render the card from those results, or pass allow_weights_mismatch=True "
+            "(--allow-weights-mismatch) to publish them with a warning on the card"
+        )
+    for problem in [*weights.mismatched, *weights.unrecorded, *weights.unchecked]:
+        logger.warning("model card for %s: not checked against the weights, or of other weights: %s", repo_id, problem)
+    library_name, default_tag = KIND_METADATA[kind]
+    is_report = kind in ("report", "report_adapter")
     dataset_id, dataset_name = _evaluation_dataset(runs, datasets)
     name = model_name or repo_id.split("/")[-1]
     card_data = ModelCardData(
         model_name=name,
-        library_name="transformers",
-        pipeline_tag=pipeline_tag or ("text-generation" if is_report else "feature-extraction"),
+        library_name=library_name,
+        pipeline_tag=pipeline_tag or default_tag,
         license=license,
         tags=[*DEFAULT_TAGS, *(["report-generation"] if is_report else []), "custom_code", *(extra_tags or [])],
         datasets=datasets,
         base_model=base_model,
         eval_results=eval_results_for_index(rows, dataset_id, dataset_name),
+        inference=False,
     )
     definitions = {key: value for run in runs for key, value in run.metric_definitions.items()}
     definitions = definitions or dict(METRIC_DEFINITIONS)
@@ -391,12 +712,22 @@ def render_model_card(
             "`merit_hf.evaluation`; brackets are 95% bootstrap intervals when the evaluation computed them. The "
             "random-init column is the same architecture with untrained weights, run through the same harness: "
             "the gap between the two columns is what pretraining adds.",
+            *filter(None, [weights.text()]),
             evaluation_table(rows),
+            *(
+                [
+                    "Rows with a `shift` are the model under a distribution shift (robustness): they are not results "
+                    "on the dataset's split, so the `model-index` metadata leaves them out."
+                ]
+                if any(row.field("shift") is not None for row in rows)
+                else []
+            ),  # fmt: skip
             "Metric definitions:\n\n" + "\n".join(f"- `{key}`: {value}" for key, value in definitions.items()),
         ]
     )
     used = {dataset_name, *(_display_name(d) for d in (datasets or []))}
     citations = "\n".join(f"- {DATA_CITATIONS[key]}" for key in DATA_CITATIONS if key in used)
+    digest = folder_weights_digest(model_folder)
     body = string.Template(Path(template).read_text()).substitute(
         metadata=card_data.to_yaml(),
         title=name,
@@ -404,13 +735,7 @@ def render_model_card(
         usage=string.Template(USAGE_TEMPLATES[kind].read_text())
         .substitute(repo_id=repo_id, id2label=repr(dict(enumerate(runs[0].label_names))) if runs else "{}")
         .strip(),
-        summary=(
-            "An ECG-conditioned report generator: the MERIT ECG encoder, a projector and a causal language model."
-            if is_report
-            else "A 12-lead ECG encoder pretrained with MERIT's two branches on one encoder: masked ECG modelling "
-            "(structure) and ECG-report contrastive alignment (semantics), with a text tower for zero-shot "
-            "classification."
-        ),
+        summary=SUMMARIES[kind],
         intended_use=(
             "- Intended: research on ECG representation learning; embeddings for linear probes and fine-tuning; "
             "zero-shot scoring of ECGs against text descriptions"
@@ -420,17 +745,35 @@ def render_model_card(
             "from few hospitals and devices; performance across age, sex and ethnicity was not audited; "
             "zero-shot scores are cosine similarities, not calibrated probabilities."
         ),
+        requirements=requirements_text(kind),
         input_contract=input_contract(model_folder),
         evaluation=evaluation,
         training=_training_text(runs, model_folder),
         data_citations=("Data:\n\n" + citations) if citations else "",
         transformers_requirement=transformers_requirement(),
+        card_marker=f"<!-- merit_hf card: kind={kind}{f' weights={digest}' if digest else ''} -->",
     )
     card = ModelCard(body)
     problems = model_card_problems(card)
     if problems:
         raise CardError("rendered card is invalid: " + "; ".join(problems))
     return card
+
+
+def requirements_text(kind: str) -> str:
+    """What the card's code needs besides transformers: the packages the remote code imports (the feature
+    extractor's filters and resampling are SciPy's), `wfdb` for the WFDB layouts that merit_hf does not read itself,
+    and `peft` for an adapter."""
+    text = (
+        "PyTorch, NumPy and SciPy (the feature extractor's band-pass filter and resampling; transformers and PyTorch do "
+        "not install it)"
+    )
+    if kind in ADAPTER_KINDS:
+        text += ", and `peft` (this repository holds a PEFT adapter, loaded onto the base model named in its metadata)"
+    return (
+        text + ". Reading a WFDB record by its path also needs `wfdb` when its signals are stored in a format other "
+        "than 16 (PTB-XL's and MIMIC-IV-ECG's records are read without it)"
+    )
 
 
 def transformers_requirement() -> str:
@@ -460,24 +803,73 @@ def transformers_requirement() -> str:
 
 
 def model_card_problems(card: ModelCard | str | os.PathLike) -> list[str]:
-    """Problems of a model card: missing required metadata, or a `model-index` that does not parse back."""
-    card = card if isinstance(card, ModelCard) else ModelCard.load(card)
+    """Problems of a model card, found locally with huggingface_hub's own parsing (`ModelCard`, `ModelCardData`):
+    metadata that does not parse, missing required metadata (`REQUIRED_MODEL_METADATA`), a licence that is no Hub
+    licence identifier ([`license_problems`]), or a `model-index` that does not parse back into eval results."""
+    try:
+        card = card if isinstance(card, ModelCard) else ModelCard.load(card)
+    except Exception as error:  # huggingface_hub raises ValueError, yaml its own errors, model-index KeyError  # noqa: BLE001
+        return [f"the card's metadata does not parse ({type(error).__name__}: {error})"]
     data = card.data.to_dict()
     problems = [f"metadata {key!r} is missing" for key in REQUIRED_MODEL_METADATA if not data.get(key)]
+    problems += license_problems(data)
     if "model-index" in data and not card.data.eval_results:
         problems.append("model-index does not parse into eval results")
     return problems
 
 
+def license_problems(metadata: Mapping) -> list[str]:
+    """A `license` that is not one of the Hub's identifiers (`HUB_LICENSES`), or `license: other` without the
+    `license_name` the Hub asks for."""
+    problems = []
+    for license_id in _as_list_of_strings(metadata.get("license")):
+        if license_id not in HUB_LICENSES:
+            problems.append(
+                f"license {license_id!r} is not a Hub licence identifier (https://huggingface.co/docs/hub/"
+                "repositories-licenses): use one, or `license: other` with `license_name` and `license_link`"
+            )
+        elif license_id == "other" and not metadata.get("license_name"):
+            problems.append(
+                "license is `other` without `license_name`: name the licence (and link its text with `license_link`, "
+                "or add a LICENSE file), or use a Hub licence identifier"
+            )
+    return problems
+
+
+def template_problems(card: ModelCard | DatasetCard) -> list[str]:
+    """The placeholder sentences of a shipped card template (`TEMPLATE_PLACEHOLDERS`) that a card still holds: it is
+    the unedited template (the WFDB dataset card, which cannot know the records' licence or source)."""
+    text = " ".join(card.text.split())
+    return [
+        f"the card still holds the template's {placeholder!r}: replace that section (licence and source of the data) "
+        "before sharing"
+        for placeholder in TEMPLATE_PLACEHOLDERS
+        if placeholder in text
+    ]
+
+
+def _as_list_of_strings(value) -> list[str]:
+    if value is None:
+        return []
+    return [str(item) for item in value] if isinstance(value, (list, tuple)) else [str(value)]
+
+
 def dataset_card_problems(
     card: DatasetCard | str | os.PathLike, data_folder: str | os.PathLike | None = None
 ) -> list[str]:
-    """Problems of a dataset card (the converted PTB-XL / MIMIC-IV-ECG cards beside `dataset_scripts/`): required
-    metadata, a citation of the source data, and a licence statement in the text. With `data_folder` (the converted
+    """Problems of a dataset card (the converted PTB-XL / MIMIC-IV-ECG cards beside `dataset_scripts/`): metadata that
+    does not parse (`DatasetCard`), required metadata, a Hub licence identifier ([`license_problems`]: the WFDB
+    template's `license: other` without `license_name` is refused), no sentence left of a template
+    ([`template_problems`]), a citation of the source data, and a licence statement in the text. With `data_folder` (the converted
     folder the card goes with), also every `configs:` entry must have its data there ([`dataset_config_problems`])."""
-    card = card if isinstance(card, DatasetCard) else DatasetCard.load(card)
+    try:
+        card = card if isinstance(card, DatasetCard) else DatasetCard.load(card)
+    except Exception as error:  # huggingface_hub raises ValueError, yaml its own errors  # noqa: BLE001
+        return [f"the card's metadata does not parse ({type(error).__name__}: {error})"]
     data = card.data.to_dict()
     problems = [f"metadata {key!r} is missing" for key in REQUIRED_DATASET_METADATA if not data.get(key)]
+    problems += license_problems(data)
+    problems += template_problems(card)
     text = card.text.lower()
     if "doi.org" not in text and "citation" not in text and "cite" not in text:
         problems.append("no citation of the source data")
@@ -687,9 +1079,7 @@ def main(argv: list[str] | None = None) -> None:
     model.add_argument("results", nargs="+", help="one or several results JSONs")
     model.add_argument("--repo-id", required=True)
     model.add_argument("--model-folder")
-    model.add_argument("--dataset", action="append", dest="datasets", help="Hub dataset id (repeatable)")
-    model.add_argument("--base-model")
-    model.add_argument("--license", default="apache-2.0")
+    add_card_arguments(model)
     model.add_argument("-o", "--output", required=True)
     check = commands.add_parser("check", help="check a model or dataset card")
     check.add_argument("card")
@@ -701,9 +1091,7 @@ def main(argv: list[str] | None = None) -> None:
             args.results if len(args.results) > 1 else args.results[0],
             args.repo_id,
             model_folder=args.model_folder,
-            datasets=args.datasets,
-            base_model=args.base_model,
-            license=args.license,
+            **card_options(args),
         )
         card.save(args.output)
         print(f"wrote {args.output}")
@@ -717,8 +1105,47 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.card}: ok")
 
 
+def add_card_arguments(parser: argparse.ArgumentParser) -> None:
+    """The card options that `python -m merit_hf.hub.cards model` and `python -m merit_hf.hub push` share."""
+    parser.add_argument("--dataset", action="append", dest="datasets", help="Hub dataset id (repeatable)")
+    parser.add_argument(
+        "--base-model",
+        help="the model this one was built on (YAML base_model): required for a report model (its language model); "
+        "for an adapter folder, default: adapter_config.json's base_model_name_or_path",
+    )
+    parser.add_argument("--license", help="a Hub licence identifier (default: apache-2.0)")
+    parser.add_argument(
+        "--allow-weights-mismatch",
+        action="store_true",
+        help="render results whose recorded weights are not the folder's; the card says so in bold",
+    )
+
+
+def card_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`render_model_card` keywords from the options of [`add_card_arguments`] that were given."""
+    options = {
+        "datasets": args.datasets,
+        "base_model": args.base_model,
+        "license": args.license,
+        "allow_weights_mismatch": args.allow_weights_mismatch,
+    }
+    return {key: value for key, value in options.items() if value not in (None, False)}
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """`python -m merit_hf.hub.cards`: `main`, a card that cannot be rendered as one `error:` line."""
+    try:
+        main(argv)
+    except CardError as error:
+        sys.exit(f"error: {error}")
+
+
 if __name__ == "__main__":
-    main()
+    # `python -m merit_hf.hub.cards` runs this file a second time, as `__main__`: the imported module's `cli` catches the
+    # CardError its own functions raise
+    from merit_hf.hub.cards import cli as _cli
+
+    _cli()
 
 
 __all__ = [
@@ -737,6 +1164,12 @@ __all__ = [
     "load_results",
     "model_card_problems",
     "model_kind",
+    "folder_kind",
+    "check_weights",
+    "license_problems",
+    "template_problems",
+    "card_marker",
+    "cli",
     "render_model_card",
     "write_dataset_card",
 ]

@@ -7,7 +7,9 @@ picks), to a branch, a pull request, and/or a tag.
 Command line:
 
 ```bash
-python -m merit_hf.hub push quickstart_output/model org/merit-ecg --results results.json --tag v0.1
+python -m merit_hf.hub push quickstart_output/model org/merit-ecg --results results.json --tag v0.1 \
+    --dataset org/ptbxl-merit --license apache-2.0
+python -m merit_hf.hub push report_adapter org/merit-report-lora --results results.json --base-model org/merit-report
 python -m merit_hf.hub push quickstart_output/model org/merit-ecg --create-pr --message "Retrained on fold 1-8"
 python -m merit_hf.hub push converted/ptbxl org/ptbxl-merit --repo-type dataset
 ```
@@ -62,9 +64,18 @@ DATA_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".csv")
 LARGE_FILE_SUFFIXES = (".safetensors", ".parquet", ".arrow", ".npy", ".npz", ".h5", ".dat")
 # A Hugging Face access token (`hf_` and 30-odd letters and digits), e.g. pasted into notes or printed in a log.
 HUB_TOKEN = re.compile(r"hf_[A-Za-z0-9]{30,}")
-# An absolute local path in Markdown: `/a/b` (not inside a URL or after a word: `mm/mV`), `~/a`, `C:\a`.
-LOCAL_PATH_IN_TEXT = re.compile(r"(?<![\w/:.~-])(?:/|~/)(?:[\w.+-]+/)+[\w.+-]+|\b[A-Za-z]:\\[^\s`'\")]+")
+# An absolute local path in text: `/a/b` (not inside a URL or after a word: `mm/mV`; after a colon it is one, as in
+# PEFT's tag `base_model:adapter:/home/me/base`), `~/a`, `C:\a`.
+LOCAL_PATH_IN_TEXT = re.compile(r"(?<![\w/.~-])(?:/|~/)(?:[\w.+-]+/)+[\w.+-]+|\b[A-Za-z]:\\[^\s`'\")]+")
+# Paths of the operating system, the same on every machine (the remote code reads `/proc/cpuinfo`): no leak.
+SYSTEM_PATHS = ("/proc/", "/dev/", "/sys/")
 TEXT_SCAN_LIMIT = 64 * 2**20  # bytes; larger pushed files are data (weights, shards) and are not read
+# A pushed file above this size that is neither weights nor a tokenizer (a model folder) or data (a dataset folder) is
+# refused as an accidental upload: saved embeddings or predictions (`val_embeddings.npy`), a copied dataset, a video.
+LARGE_FILE_LIMIT = 10 * 2**20  # bytes
+# What a model folder holds above that size: weights, and tokenizers (a Llama or Gemma `tokenizer.json` is 9-33 MB;
+# SentencePiece models are `*.model`).
+MODEL_LARGE_FILES = (".safetensors", "tokenizer.json", "vocab.json", "vocab.txt", "merges.txt", ".model")
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +85,13 @@ class HubFolderError(ValueError):
 
 
 class HubPushError(ValueError):
-    """A push refused before anything was uploaded (contradictory arguments, a tag that exists), or a step that failed
-    after its commit was made; the message names the repo, and the commit when one was made."""
+    """A push refused before anything was uploaded (contradictory arguments, a tag that exists, a card that would be
+    overwritten), or a step that failed after its commit was made; the message names the repo, and the commit when one
+    was made (`commit_oid`, else `None`)."""
+
+    def __init__(self, message: str, commit_oid: str | None = None):
+        super().__init__(message)
+        self.commit_oid = commit_oid
 
 
 @dataclass
@@ -109,8 +125,13 @@ def check_model_folder(folder: str | os.PathLike, ignore_patterns: list[str] | N
     are refused by merit_hf; [`pickle_problems`]); a PEFT adapter (`adapter_config.json`) comes with its
     `adapter_model.safetensors`; the feature extractor (`preprocessor_config.json`, or a processor's
     `processor_config.json` that holds it) is there, since without it users cannot reproduce the input contract; a
-    model card `README.md` exists. A `Trainer` output folder passes: its `training_args.bin` and `trainer_state.json`
-    are never uploaded (`DEFAULT_IGNORE_PATTERNS`). `ignore_patterns` as in [`push_folder`].
+    model card `README.md` exists, its metadata parse with huggingface_hub and hold what the Hub needs
+    ([`merit_hf.hub.cards.model_card_problems`]: `library_name`, `license` as a Hub licence identifier, `tags`,
+    `pipeline_tag`, a `model-index` that parses), and it fits the folder ([`card_folder_problems`]: the kind of folder
+    and the weights a merit_hf card was rendered for, and the `base_model` of an adapter or report model); no file
+    larger than `LARGE_FILE_LIMIT` that is neither weights nor a tokenizer ([`large_file_problems`]); nothing leaks
+    ([`leak_problems`]). A `Trainer` output folder passes: its `training_args.bin` and `trainer_state.json` are never
+    uploaded (`DEFAULT_IGNORE_PATTERNS`). `ignore_patterns` as in [`push_folder`].
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -142,7 +163,78 @@ def check_model_folder(folder: str | os.PathLike, ignore_patterns: list[str] | N
         )
     if not (folder / "README.md").is_file():
         problems.append(MISSING_MODEL_CARD)
+    else:
+        from .cards import model_card_problems
+
+        problems += [f"README.md: {problem}" for problem in model_card_problems(folder / "README.md")]
+        problems += card_folder_problems(folder)
+    problems += large_file_problems(folder, MODEL_LARGE_FILES, "weights (*.safetensors) nor a tokenizer file",
+                                    ignore_patterns)  # fmt: skip
     return problems + leak_problems(folder, ignore_patterns)
+
+
+def card_folder_problems(folder: str | os.PathLike) -> list[str]:
+    """A model card `README.md` that does not fit its folder: a card rendered by merit_hf for another kind of folder
+    (its hidden `merit_hf card` line, [`merit_hf.hub.cards.card_marker`], against
+    [`merit_hf.hub.cards.folder_kind`]: a two-tower card's code fails on a report adapter) or for other weight files
+    (its numbers are of other weights); and, whoever wrote the card, a PEFT adapter or report model whose card has no
+    `base_model` (the Hub links a model to what it was built on through it)."""
+    import yaml
+
+    from .cards import ADAPTER_KINDS, card_marker, folder_kind, folder_weights_digest
+
+    folder = Path(folder)
+    text = (folder / "README.md").read_text(encoding="utf-8")
+    kind = folder_kind(folder)
+    problems = []
+    marker = card_marker(text)
+    render = (
+        "render it again for this folder (python -m merit_hf.hub push <folder> <repo> --results <results JSON> "
+        "--overwrite-card, or python -m merit_hf.hub.cards model ... --model-folder <folder>)"
+    )
+    if marker is not None and marker[0] != kind:
+        problems.append(
+            f"README.md is the card of a {marker[0]} folder, but this folder holds a {kind} (its code and metadata "
+            f"would not work for this folder): {render}"
+        )
+    elif marker is not None and marker[1] is not None and marker[1] != folder_weights_digest(folder):
+        problems.append(
+            f"README.md was rendered for other weights (weight files {marker[1]}; this folder's are "
+            f"{folder_weights_digest(folder)}), so its numbers are not of these weights: {render}"
+        )
+    metadata = {}
+    if text.startswith("---"):
+        try:
+            metadata = yaml.safe_load(text.split("---", 2)[1]) or {}
+        except yaml.YAMLError:
+            metadata = {}  # model_card_problems names the error
+    if (kind in ADAPTER_KINDS or kind in ("adapter", "report")) and not (
+        isinstance(metadata, dict) and metadata.get("base_model")
+    ):
+        problems.append(
+            f"README.md has no base_model, and this folder is a {kind}: name the model it was built on (for an "
+            "adapter, the Hub id in adapter_config.json's base_model_name_or_path; push with --base-model)"
+        )
+    return problems
+
+
+def large_file_problems(
+    folder: str | os.PathLike, allowed: tuple[str, ...], allowed_text: str, ignore_patterns: list[str] | None = None
+) -> list[str]:
+    """The pushed files larger than `LARGE_FILE_LIMIT` whose names do not end with one of `allowed`: an accidental
+    upload (saved embeddings, predictions, a copy of the data), named with its size. Move it out of the folder, or leave
+    it out with `ignore_patterns` (`--ignore` on the command line)."""
+    folder = Path(folder)
+    problems = []
+    for name in pushed_files(folder, ignore_patterns):
+        size = (folder / name).stat().st_size
+        if size > LARGE_FILE_LIMIT and not name.lower().endswith(allowed):
+            problems.append(
+                f"{name} is {size / 2**20:.1f} MiB and neither {allowed_text} (larger than "
+                f"{LARGE_FILE_LIMIT // 2**20} MiB): move it out of the folder, or leave it out with --ignore {name!r} "
+                "(ignore_patterns in Python)"
+            )
+    return problems
 
 
 def adapter_base_problems(folder: str | os.PathLike) -> list[str]:
@@ -294,9 +386,11 @@ def pickle_without_header(path: str | os.PathLike) -> str | None:
 
 def leak_problems(folder: str | os.PathLike, ignore_patterns: list[str] | None = None) -> list[str]:
     """What a push would publish by mistake, one problem per file: a Hugging Face token (`hf_` + 30 or more letters
-    and digits) in any text file it uploads (notes, logs, configs), and an absolute local path in a JSON config or a
-    Markdown card (it shows the author's folder layout, and nobody else can load from it). Binary and data files
-    (`LARGE_FILE_SUFFIXES`, files with NUL bytes or above `TEXT_SCAN_LIMIT`) are not read."""
+    and digits) in any text file it uploads (notes, logs, configs), and an absolute local path (it shows the author's
+    folder layout, and nobody else can load from it) in any text file it uploads: a JSON file's values
+    (`output_dir: "/home/..."`), and anywhere in any other text (a card, `train_config.yaml`, `train.log`, a `.txt`,
+    `.cfg`, `.toml` or `.py` file), except the operating system's own `/proc/`, `/dev/`, `/sys/`. Binary and data
+    files (`LARGE_FILE_SUFFIXES`, files with NUL bytes or above `TEXT_SCAN_LIMIT`) are not read."""
     folder = Path(folder)
     problems = []
     for name in pushed_files(folder, ignore_patterns):
@@ -323,10 +417,13 @@ def leak_problems(folder: str | os.PathLike, ignore_patterns: list[str] | None =
                 f"{name}: {key} is the local path {value!r} (nobody else can load from it): set it to a Hub id or ''"
                 for key, value in paths
             ]
-        elif name.endswith(".md"):
-            found = sorted(set(LOCAL_PATH_IN_TEXT.findall(text)))
+        else:
+            found = sorted({path for path in LOCAL_PATH_IN_TEXT.findall(text) if not path.startswith(SYSTEM_PATHS)})
             if found:
-                problems.append(f"{name} names local paths {found[:5]}: write file names or Hub ids instead")
+                problems.append(
+                    f"{name} names local paths {found[:5]}: write file names or Hub ids instead, or leave the file "
+                    "out of the push"
+                )
     return problems
 
 
@@ -381,8 +478,12 @@ def check_dataset_folder(folder: str | os.PathLike) -> list[str]:
     whose `configs:` all resolve to files in the folder ([`merit_hf.hub.cards.dataset_config_problems`]), or
     `load_dataset(repo, config)` would fail after the push, and whose `dataset_info` splits `datasets` can read
     ([`merit_hf.hub.cards.dataset_info_problems`]). Dataset loading scripts are refused: the Hub no longer runs them,
-    and data must not need `trust_remote_code`; so are pickles ([`pickle_problems`])."""
-    from .cards import dataset_config_problems, dataset_info_problems
+    and data must not need `trust_remote_code`; so are pickles ([`pickle_problems`]), files larger than
+    `LARGE_FILE_LIMIT` that are not data ([`large_file_problems`]), and a card that
+    [`merit_hf.hub.cards.dataset_card_problems`] refuses: metadata that does not parse, no `license` (a Hub licence
+    identifier; `other` needs `license_name`), `pretty_name` or `tags`, a template's placeholder left in it (the WFDB
+    card, whose licence the converter cannot know), no citation or licence statement in its text."""
+    from .cards import dataset_card_problems
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -391,13 +492,13 @@ def check_dataset_folder(folder: str | os.PathLike) -> list[str]:
     if not any(p.suffix in DATA_SUFFIXES for p in folder.rglob("*") if p.is_file()):
         problems.append(f"no data files ({', '.join(DATA_SUFFIXES)})")
     if (folder / "README.md").is_file():
-        problems.extend(dataset_config_problems(folder / "README.md", folder))
-        problems.extend(dataset_info_problems(folder / "README.md"))
+        problems.extend(f"README.md: {problem}" for problem in dataset_card_problems(folder / "README.md", folder))
     else:
         problems.append("README.md (the dataset card) is missing")
     scripts = sorted(p.name for p in folder.glob("*.py"))
     if scripts:
         problems.append(f"Python files {scripts}: push the converted data, not a loading script")
+    problems += large_file_problems(folder, DATA_SUFFIXES, f"data ({', '.join(DATA_SUFFIXES)})")
     return problems + pickle_problems(folder) + leak_problems(folder)
 
 
@@ -510,7 +611,8 @@ def push_folder(
             made = f"committed {info.oid} to {branch} ({info.commit_url})" if changed else f"{branch} is {info.oid}"
             raise HubPushError(
                 f"{repo_id}: {made}, but tagging it {tag!r} failed ({error}). The commit stays; tag it with "
-                f"HfApi().create_tag({repo_id!r}, tag=..., revision={info.oid!r}, repo_type={repo_type!r})"
+                f"HfApi().create_tag({repo_id!r}, tag=..., revision={info.oid!r}, repo_type={repo_type!r})",
+                commit_oid=info.oid,
             ) from error
     return PushResult(
         repo_id=repo_id,
@@ -538,20 +640,27 @@ def push_model(
     folder: str | os.PathLike,
     repo_id: str,
     *,
-    results: str | os.PathLike | dict | None = None,
+    results: str | os.PathLike | dict | list | None = None,
     card_kwargs: dict | None = None,
+    overwrite_card: bool = False,
     **push_kwargs,
 ) -> PushResult:
     """Push a folder written by `save_pretrained` (model, feature extractor, processor, tokenizer, and for the
     report model its adapter) so that `AutoModel.from_pretrained(repo_id, trust_remote_code=True)` works for users
     who never installed merit_hf.
 
-    With `results` (the evaluation results JSON, or its path), the model card `README.md` is first rendered into the
-    folder by [`merit_hf.hub.cards.render_model_card`] (`card_kwargs` go to it), so the card's numbers are the ones our
-    evaluation wrote. The folder is checked by [`check_model_folder`] before anything is sent: nothing is uploaded
-    if a text file holds a Hub token or a config or card holds an absolute local path ([`leak_problems`]); a local
-    `_name_or_path` (where a sub-model was loaded from, never read to load) is first set to `""` in place
-    ([`clear_local_name_or_path`]), and restored if the folder is refused.
+    With `results` (the evaluation results JSON, its path, or a list of them), the model card `README.md` is first
+    rendered into the folder by [`merit_hf.hub.cards.render_model_card`] (`card_kwargs` go to it: `datasets`,
+    `base_model`, `license`, `allow_weights_mismatch`), so the card's numbers are the ones our evaluation wrote, and of
+    this folder's weights. An existing `README.md` that differs from the rendered card is refused (`HubPushError`,
+    nothing changed) unless `overwrite_card=True`. The folder is checked by [`check_model_folder`] before anything is
+    sent: nothing is uploaded if a text file holds a Hub token or an absolute local path ([`leak_problems`]); a local
+    `_name_or_path` (where a sub-model was loaded from, never read to load) is set to `""` for the upload
+    ([`clear_local_name_or_path`]).
+
+    The folder is left as it was, whatever happens: the configs edited for the upload are put back afterwards, and a
+    card rendered here is kept only when the push went through (or made its commit before a later step failed); a
+    refused or failed push puts the earlier `README.md` back (or removes the new one).
 
     Example:
 
@@ -559,20 +668,38 @@ def push_model(
     >>> push_model("quickstart_output/model", "org/merit-ecg", results="results.json", tag="v0.1")  # doctest: +SKIP
     ```"""
     folder = Path(folder)
+    card_path = folder / "README.md"
+    earlier_card = card_path.read_bytes() if card_path.is_file() else None
+    rendered = None
     if results is not None:
         from .cards import render_model_card
 
-        card = render_model_card(results, repo_id=repo_id, model_folder=folder, **(card_kwargs or {}))
-        card.save(folder / "README.md")
+        rendered = str(render_model_card(results, repo_id=repo_id, model_folder=folder, **(card_kwargs or {})))
+        if earlier_card is not None and earlier_card != rendered.encode("utf-8") and not overwrite_card:
+            raise HubPushError(
+                f"{card_path} exists and differs from the card rendered from the results; nothing was changed or "
+                "uploaded. Pass overwrite_card=True (--overwrite-card) to replace it, or push without results to "
+                "publish it as it is"
+            )
     configs = {path: path.read_bytes() for path in folder.glob("*.json")}
-    clear_local_name_or_path(folder)
     try:
+        if rendered is not None:
+            with open(card_path, "w", encoding="utf-8", newline="") as stream:  # as ModelCard.save writes it
+                stream.write(rendered)
+        clear_local_name_or_path(folder)
         _raise_if(check_model_folder(folder, push_kwargs.get("ignore_patterns")), folder, "model")
-    except HubFolderError:  # a refused folder is left as it was
-        for path, content in configs.items():
-            path.write_bytes(content)
+        return push_folder(folder, repo_id, repo_type="model", **push_kwargs)
+    except BaseException as error:
+        if rendered is not None and getattr(error, "commit_oid", None) is None:  # nothing was committed
+            if earlier_card is None:
+                card_path.unlink(missing_ok=True)
+            else:
+                card_path.write_bytes(earlier_card)
         raise
-    return push_folder(folder, repo_id, repo_type="model", **push_kwargs)
+    finally:
+        for path, content in configs.items():
+            if not path.is_file() or path.read_bytes() != content:
+                path.write_bytes(content)
 
 
 def push_dataset(folder: str | os.PathLike, repo_id: str, **push_kwargs) -> PushResult:
@@ -589,13 +716,32 @@ def push_dataset(folder: str | os.PathLike, repo_id: str, **push_kwargs) -> Push
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from .cards import add_card_arguments, card_options
+
     parser = argparse.ArgumentParser(prog="python -m merit_hf.hub", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     push = commands.add_parser("push", help="check a folder and upload it to a Hub repo")
     push.add_argument("folder")
     push.add_argument("repo_id")
     push.add_argument("--repo-type", choices=("model", "dataset"), default="model")
-    push.add_argument("--results", help="evaluation results JSON: render the model card from it first")
+    push.add_argument(
+        "--results",
+        nargs="+",
+        action="extend",
+        help="evaluation results JSON(s): render the model card README.md from them first",
+    )
+    card = push.add_argument_group("model card (with --results; as python -m merit_hf.hub.cards model)")
+    add_card_arguments(card)
+    card.add_argument(
+        "--overwrite-card", action="store_true", help="replace an existing README.md that differs from the new card"
+    )
+    push.add_argument(
+        "--ignore",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="also leave out files matching PATTERN (repeatable; fnmatch on the path in the folder)",
+    )
     push.add_argument("--revision", help="branch (created from main if missing)")
     push.add_argument("--tag", help="tag the new commit, e.g. v0.1")
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
@@ -614,12 +760,25 @@ def main(argv: list[str] | None = None) -> dict:
         "private": args.private,
         "endpoint": args.endpoint,
     }
+    if args.ignore:
+        kwargs["ignore_patterns"] = [*DEFAULT_IGNORE_PATTERNS, *args.ignore]
+    options = {key: value for key, value in card_options(args).items() if value}
+    if args.overwrite_card:
+        options["overwrite_card"] = True
     if args.repo_type == "dataset":
-        if args.results:
-            parser.error("--results renders a model card; dataset cards live beside the dataset scripts")
+        if args.results or options:
+            parser.error(
+                "--results and the card options render a model card; dataset cards live beside the dataset scripts"
+            )
         result = push_dataset(args.folder, args.repo_id, **kwargs)
     else:
-        result = push_model(args.folder, args.repo_id, results=args.results, **kwargs)
+        if options and not args.results:
+            parser.error(f"{', '.join(sorted(options))}: card options need --results (the card is rendered from them)")
+        overwrite = options.pop("overwrite_card", False)
+        results = args.results if args.results is None or len(args.results) > 1 else args.results[0]
+        result = push_model(
+            args.folder, args.repo_id, results=results, card_kwargs=options, overwrite_card=overwrite, **kwargs
+        )
     if not result.changed:
         outcome = (
             "no pull request was opened (pr_url is null)"
@@ -634,10 +793,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    """`python -m merit_hf.hub` and `python -m merit_hf.hub.push`: `main`, a refused push as one `error:` line."""
+    """`python -m merit_hf.hub` and `python -m merit_hf.hub.push`: `main`, a refused push or a card that cannot be
+    rendered as one `error:` line."""
+    from .cards import CardError
+
     try:
         main(argv)
-    except (HubFolderError, HubPushError) as error:
+    except (HubFolderError, HubPushError, CardError) as error:
         sys.exit(f"error: {error}")
 
 

@@ -305,6 +305,22 @@ def lora_output_dirs(output_file: str | Path | None, arguments: ProbeArguments) 
     return dirs
 
 
+def fine_tuned_identity(identity: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
+    """The model entry's identity (`encoder_identity`, its `weights_fingerprint` of the encoder the run started from),
+    plus the fingerprints of what a LoRA run saved (`training`'s `adapter_dir` and `merged_dir`): `adapter`, the
+    adapter file's tensors, and `fine_tuned_ecg_encoder`, the merged model's encoder. A card of either folder is then
+    checked against the numbers it shows (`merit_hf.hub.cards`)."""
+    from ..models.fingerprint import safetensors_fingerprint, weights_fingerprint
+
+    fingerprints = dict(identity.get("weights_fingerprint") or {})
+    adapter_file = Path(training["adapter_dir"]) / "adapter_model.safetensors" if training.get("adapter_dir") else None
+    if adapter_file is not None and adapter_file.is_file():
+        fingerprints["adapter"] = safetensors_fingerprint(adapter_file)
+    if training.get("merged_dir") and Path(training["merged_dir"]).is_dir():
+        fingerprints["fine_tuned_ecg_encoder"] = weights_fingerprint(load_encoder(training["merged_dir"])[0])
+    return {**identity, "weights_fingerprint": fingerprints} if fingerprints else identity
+
+
 def run_fine_tune(
     model_or_path,
     dataset_dict,
@@ -329,6 +345,7 @@ def run_fine_tune(
     rows = probe_rows(dataset_dict, label_set, label_fraction, seed)
     labels = {split: label_matrix(dataset_dict[split], label_set)[rows[split]] for split in SPLITS}
     entries = {}
+    identity = encoder_identity("model", model_name, seed, encoder)  # before training: the weights it started from
     encoders = {"model": encoder}
     if baseline:
         encoders["baseline"] = random_init_like(encoder, seed)
@@ -348,7 +365,11 @@ def run_fine_tune(
         )
         scores["training"] = training
         entries[role] = {
-            **encoder_identity(role, model_name, seed),
+            **(
+                fine_tuned_identity(identity, training)
+                if role == "model"
+                else encoder_identity(role, model_name, seed)
+            ),
             **scores,
         }
     protocol = probe_protocol(
