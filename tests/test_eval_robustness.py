@@ -217,6 +217,8 @@ def test_robustness_reports_every_shift_for_model_and_baseline(tmp_path):
     )
     assert results["task"] == "robustness" and (tmp_path / "robustness.json").is_file()
     assert results["dataset"]["version"].startswith("as_is")  # the rows as read, not v1.0.3's: said so
+    assert results.dataset["sampling_rate"] == 100  # the records', before the feature extractor resamples them
+    assert results.protocol["feature_extractor"]["sampling_rate"] == model.config.ecg_config.sampling_rate
     expected = {
         "acquired_at_50hz",
         "white_noise_10db",
