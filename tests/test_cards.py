@@ -224,6 +224,21 @@ def test_the_shipped_results_files_still_render_the_shipped_example_card():
     assert f"{row}{cell(model)} | {cell(baseline)} | {raw['dataset']['num_records']['test']} |" in card.text
 
 
+def test_a_run_that_records_its_records_rate_and_feature_extractor_renders_the_rate_not_the_settings(tmp_path):
+    """Newer results files record `dataset.sampling_rate` and `protocol.feature_extractor` (the shipped ones do not,
+    and render as before): the card says the rate once, and leaves the feature extractor's settings to its
+    preprocessing section rather than repeating them in every protocol line."""
+    data = json.loads((SHIPPED_RESULTS / "linear-probe_superclass_1_seed0.json").read_text())
+    data["dataset"].update(sampling_rate=100, label_threshold=0.0, source="data/ptbxl_sample")
+    data["protocol"]["feature_extractor"] = {"sampling_rate": 250, "num_samples": 2250, "normalization": "zscore_lead"}
+    (tmp_path / "new.json").write_text(json.dumps(data))
+    card = render_model_card(tmp_path / "new.json", "org/merit-ecg-quickstart").text
+    assert "Records' sampling rate: 100 Hz (before the feature extractor resamples them)." in card
+    assert "feature_extractor=" not in card and "learning_rate=0.001" in card
+    shipped = render_model_card(SHIPPED_RESULTS / "linear-probe_superclass_1_seed0.json", "org/x").text
+    assert "sampling rate" not in shipped
+
+
 def test_a_robustness_run_gives_each_shift_its_own_model_and_baseline_rows():
     """Shifts are read from the run's `shifts`, not guessed from names: `baseline_wander_0db` is a shift of the model
     (the name-matching reader of 0.1 took it for a baseline and left its row out)."""

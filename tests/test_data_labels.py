@@ -66,6 +66,21 @@ def test_ecg_id_39_and_the_likelihood_threshold(statements, scp_codes):
     }
 
 
+@pytest.mark.parametrize("threshold", [-1, 100.5, 150, float("nan"), "high", True])
+def test_a_likelihood_threshold_outside_0_100_is_refused_naming_it(statements, threshold, tmp_path):
+    """`labels({"NORM": 100}, threshold=150)` returned no label at all, without a word, and `build_ptbxl` built a
+    dataset of unlabelled records with it; a threshold is a likelihood in [0, 100], and is now refused otherwise, by
+    the conversion before it reads a record."""
+    from merit_hf.data import build_ptbxl
+
+    with pytest.raises(ValueError, match=r"^label_threshold: must be a likelihood in \[0, 100\] \(%\), got"):
+        statements.labels({"NORM": 100.0}, threshold=threshold)
+    with pytest.raises(ValueError, match="^label_threshold: must be a likelihood in"):
+        build_ptbxl(BUNDLED_PTBXL, ecg_ids=[1], label_threshold=threshold)
+    assert statements.labels({"NORM": 100.0}, threshold=100)["superclass"] == ["NORM"]  # the ends are fine
+    assert statements.labels({"NORM": 0.0}, threshold=0)["superclass"] == ["NORM"]
+
+
 def test_ecg_ids_45_181_17(statements, scp_codes):
     assert statements.labels(scp_codes[45]) == {
         "superclass": ["CD", "HYP"],

@@ -84,6 +84,34 @@ def test_metrics_equal_scikit_learn_on_random_data_with_ties():
     np.testing.assert_allclose(per_class_f1(y_true, y_score, fixed), expected_f1)
 
 
+def test_of_thresholds_with_the_same_best_f1_the_highest_is_chosen():
+    """The tie rule, pinned (the shipped results were computed with it): predicting the top record (F1 2/3) and
+    predicting all four (F1 2/3) tie; `best_f1_thresholds` takes the higher threshold, 0.9. The usual sklearn recipe,
+    the first maximum over `precision_recall_curve`'s thresholds (low to high), takes the lower one, 0.6; both are
+    F1-maximising on this split, and they differ on another."""
+    y_true = np.array([[1], [0], [0], [1]])
+    y_score = np.array([[0.9], [0.8], [0.7], [0.6]])
+    assert best_f1_thresholds(y_true, y_score).tolist() == [0.9]
+    precision, recall, thresholds = precision_recall_curve(y_true[:, 0], y_score[:, 0])
+    f1 = 2 * precision[:-1] * recall[:-1] / (precision[:-1] + recall[:-1])
+    assert f1[0] == f1[-1] == f1.max() and thresholds[np.argmax(f1)] == 0.6
+    other_split = (np.array([[1], [1], [0]]), np.array([[0.95], [0.65], [0.1]]))
+    assert per_class_f1(*other_split, [0.9])[0] == pytest.approx(2 / 3)
+    assert per_class_f1(*other_split, [0.6])[0] == 1.0
+
+
+def test_a_negative_bootstrap_count_is_refused_naming_it():
+    """`num_bootstrap=-1` was taken as "on" (`if num_bootstrap:`) and failed in `bootstrap_ci` as `num_resamples`."""
+    from merit_hf.evaluation.zero_shot import evaluate_zero_shot
+
+    with pytest.raises(ValueError, match=r"^num_bootstrap: must be >= 0 \(0: no confidence intervals\), got -1$"):
+        classification_metrics(Y_TRUE, Y_SCORE, ["a", "b", "c"], num_bootstrap=-1)
+    with pytest.raises(ValueError, match="^num_bootstrap: must be >= 0"):  # before the model (missing) is loaded
+        evaluate_zero_shot("missing-model-folder", {}, num_bootstrap=-1)
+    with pytest.raises(ValueError, match="^batch_size: must be >= 1, got 0$"):
+        evaluate_zero_shot("missing-model-folder", {}, batch_size=0)
+
+
 def test_bootstrap_interval_is_seeded_and_brackets_the_value():
     rng = np.random.default_rng(1)
     y_true = rng.integers(0, 2, (120, 3))

@@ -17,6 +17,7 @@ from merit_hf.training.probe import (
     fit_linear_probe,
     label_fraction_rows,
     label_matrix,
+    load_dataset_dict,
     main,
     random_init_like,
     run_fine_tune,
@@ -225,6 +226,7 @@ def test_fine_tune_runs_and_reports_both_encoders():
     results = run_fine_tune(model, synthetic_ptbxl(sizes=(8, 6, 6)), "superclass", 1.0, seed=0, arguments=arguments)
     assert results["task"] == "fine-tune"
     assert results["model"]["training"]["epochs_run"] == 1
+    assert results.dataset["sampling_rate"] == 100 and results.protocol["feature_extractor"]["window"] == "single"
     assert results["baseline"]["metrics"]["macro_auroc"]["value"] is not None
 
 
@@ -233,6 +235,84 @@ def test_counts_below_one_are_refused_naming_the_setting(name):
     """A patience of 0 would stop fine-tuning after its first epoch; every count setting must be at least 1."""
     with pytest.raises(ValueError, match=f"^{name}: must be >= 1, got 0$"):
         ProbeArguments(**{name: 0})
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("num_bootstrap", "-1", r"^num_bootstrap: must be >= 0 \(0: no confidence intervals\), got -1$"),
+        ("learning_rate", "0", r"^learning_rate: must be a finite number > 0, got 0\.0$"),
+        ("learning_rate", "nan", r"^learning_rate: must be a finite number > 0, got nan$"),
+        ("finetune_learning_rate", "-1e-4", r"^finetune_learning_rate: must be a finite number > 0, got -0\.0001$"),
+        ("finetune_learning_rate", "0", r"^finetune_learning_rate: must be a finite number > 0, got 0\.0$"),
+        ("finetune_learning_rate", "inf", r"^finetune_learning_rate: must be a finite number > 0, got inf$"),
+        ("weight_decay", "-0.1", r"^weight_decay: must be a finite number >= 0, got -0\.1$"),
+        ("weight_decay", "nan", r"^weight_decay: must be a finite number >= 0, got nan$"),
+    ],
+)
+def test_evaluation_settings_are_refused_when_the_flags_are_parsed(flag, value, message, tmp_path):
+    """`--num_bootstrap -1` was accepted and raised only when the bootstrap ran, after a whole fine-tune, naming no
+    flag; a negative learning rate raised torch's "Invalid learning rate" and 0 trained nothing, silently. Each is now
+    refused when the command line is parsed, naming the flag, before the model (missing here) is looked for."""
+    with pytest.raises(ValueError, match=message):
+        main(["--model_name_or_path", str(tmp_path / "missing"), "--mode", "finetune", f"--{flag}={value}"])
+    ProbeArguments(mode="finetune", num_bootstrap=0, weight_decay=0.0, learning_rate=1e-5)  # the edges that are fine
+
+
+def test_a_negative_bootstrap_count_set_after_parsing_is_refused_before_fine_tuning(ptbxl_like, monkeypatch):
+    from merit_hf.training import finetune
+
+    monkeypatch.setattr(finetune, "fine_tune", lambda *args, **kwargs: pytest.fail("fine-tuned before refusing"))
+    arguments = ProbeArguments(mode="finetune")
+    arguments.num_bootstrap = -1
+    with pytest.raises(ValueError, match="^num_bootstrap: must be >= 0"):
+        run_fine_tune(MeritModel(tiny_merit_config()), ptbxl_like, "superclass", arguments=arguments)
+
+
+def test_results_say_where_the_records_came_from_at_which_rate_and_how_they_were_read(tmp_path):
+    """The results JSON of PTB-XL read from a PhysioNet folder said `"source": null`, and no file said at which rate
+    the records were (100 or 500 Hz), with which label threshold their labels were made, or what the feature extractor
+    did to them: two runs at 100 and 500 Hz could not be told apart. A folder as given, the records' rate, the
+    threshold and the feature extractor's settings are now recorded; a copy saved to disk is named by its own folder
+    and keeps the threshold, and converted shards are named by their folder (not the datasets cache they were read
+    into) with the threshold of their conversion."""
+    from merit_hf.data import build_ptbxl, convert_ptbxl
+    from merit_hf.evaluation.probe import load_feature_extractor
+
+    arguments = ProbeArguments(num_bootstrap=0, max_epochs=1)
+    encoder = MeritModel(tiny_merit_config()).eval()
+    extractor = load_feature_extractor(encoder, encoder.ecg_model)
+    data = build_ptbxl(BUNDLED_PTBXL, ecg_ids=range(1, 201), label_threshold=50)
+    results = run_linear_probe(encoder, data, "superclass", baseline=False, arguments=arguments)
+    assert results.dataset["source"] == str(BUNDLED_PTBXL)
+    assert results.dataset["sampling_rate"] == 100 and results.dataset["label_threshold"] == 50.0
+    recorded = results.protocol["feature_extractor"]
+    assert recorded["sampling_rate"] == extractor.sampling_rate and recorded["num_samples"] == extractor.num_samples
+    assert (recorded["highpass_hz"], recorded["lowpass_hz"], recorded["normalization"], recorded["window"]) == (
+        extractor.highpass_hz,
+        extractor.lowpass_hz,
+        extractor.normalization,
+        extractor.window,
+    )
+    data.save_to_disk(str(tmp_path / "saved"))
+    convert_ptbxl(BUNDLED_PTBXL, tmp_path / "converted", ecg_ids=range(1, 201), label_threshold=35)
+    for folder, threshold in (("saved", 50.0), ("converted", 35.0)):
+        loaded = load_dataset_dict(tmp_path / folder)
+        results = run_linear_probe(encoder, loaded, "superclass", baseline=False, arguments=arguments)
+        assert results.dataset["source"] == str(tmp_path / folder)  # not the datasets cache the shards went to
+        assert results.dataset["label_threshold"] == threshold and results.dataset["sampling_rate"] == 100
+
+
+def test_the_records_left_out_are_named_in_english_for_every_label_set(ptbxl_like):
+    from merit_hf.evaluation.probe import a_label_of, dataset_info, probe_rows
+
+    assert [a_label_of(name) for name in ("superclass", "all", "arrhythmia")] == [
+        "a superclass label",
+        "a label of set 'all'",
+        "an arrhythmia label",
+    ]
+    info = dataset_info(ptbxl_like, "superclass", probe_rows(ptbxl_like, "superclass"))
+    assert info["unlabeled_records"] == "records without a superclass label are left out of every split"
 
 
 def test_probe_features_are_computed_on_the_gpu_when_there_is_one(ptbxl_like, monkeypatch):

@@ -220,6 +220,8 @@ def test_robustness_reports_every_shift_for_model_and_baseline(tmp_path):
 
     assert results.model.weights_fingerprint == {"ecg_encoder": weights_fingerprint(model.ecg_model)}
     assert results["dataset"]["version"].startswith("as_is")  # the rows as read, not v1.0.3's: said so
+    assert results.dataset["sampling_rate"] == 100  # the records', before the feature extractor resamples them
+    assert results.protocol["feature_extractor"]["sampling_rate"] == model.config.ecg_config.sampling_rate
     expected = {
         "acquired_at_50hz",
         "white_noise_10db",

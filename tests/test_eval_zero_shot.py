@@ -254,6 +254,12 @@ def test_zero_shot_evaluation_on_a_dataset_with_a_random_ecg_tower_baseline(mode
     )  # fmt: skip
     assert results["task"] == "zero-shot" and results["label_names"] == ["CD", "HYP", "MI", "NORM", "STTC"]
     assert {key: results["dataset"][key] for key in described} == described
+    assert results.dataset["sampling_rate"] == 100
+    assert results.protocol["feature_extractor"]["num_samples"] == processor.feature_extractor.num_samples
+    assert (
+        results.dataset["unlabeled_records"]
+        == "records without a superclass label are left out of validation and test"
+    )
     for role in ("model", "baseline"):
         assert set(results[role]["metrics"]) == {"macro_auroc", "macro_f1", "macro_f1_max_over_thresholds"}
         assert results[role]["num_records"] == 10

@@ -35,7 +35,14 @@ from datasets.distributed import split_dataset_by_node
 
 from .labels import LABEL_SETS
 from .mimic_iv_ecg import MIMIC_OUTPUT_FOLDER
-from .ptbxl import PTBXL_SPLITS, build_ptbxl, is_physionet_ptbxl, ptbxl_config_name
+from .ptbxl import (
+    PTBXL_SPLITS,
+    build_ptbxl,
+    describe_source,
+    described_source,
+    is_physionet_ptbxl,
+    ptbxl_config_name,
+)
 from .ptbxl_versions import DEFAULT_PTBXL_VERSION, apply_ptbxl_version_to_dataset, check_ptbxl_version
 from .reports import drop_empty_reports as _drop_empty_reports
 from .streams import column_values, filter_stream, stream_part
@@ -178,6 +185,7 @@ def load_ptbxl(
             lambda part, name: apply_ptbxl_version_to_dataset(part, ptbxl_version, f"{path_or_repo_id} ({name})"),
             split,
         )
+        _map_splits(dataset, lambda part, _: _describe_ptbxl_source(part, path_or_repo_id, sampling_rate), split)
     if label_set is not None and drop_unlabeled:
         dataset = _map_splits(dataset, lambda part, _: _drop_unlabeled(part, label_set))
     if label_fraction < 1.0:
@@ -423,6 +431,27 @@ def _to_iterable(dataset: Dataset | DatasetDict) -> IterableDataset | IterableDa
     if isinstance(dataset, DatasetDict):
         return IterableDatasetDict({name: _to_iterable(part) for name, part in dataset.items()})
     return dataset.to_iterable_dataset(num_shards=max(1, min(dataset.num_rows, IN_MEMORY_STREAM_SHARDS)))
+
+
+def _describe_ptbxl_source(part: Dataset | IterableDataset, path_or_repo_id, sampling_rate: int) -> None:
+    """Write into `part.info.description` where it was read from (`describe_source`): the folder or Hub id as given,
+    and the label threshold its labels were made with, from the conversion's report (a converted folder) or from what
+    the dataset already said (a `save_to_disk` copy of `build_ptbxl`'s output); the results JSON records both."""
+    from .conversion import REPORT_FILE
+
+    path = Path(path_or_repo_id)
+    threshold = described_source(part).get("label_threshold")
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        data_format = "a dataset saved with save_to_disk"
+    elif path.is_dir():
+        data_format = "converted Parquet shards"
+        report = path / ptbxl_config_name(sampling_rate) / REPORT_FILE
+        report = report if report.is_file() else path / REPORT_FILE  # shards right in the folder
+        if report.is_file():
+            threshold = json.loads(report.read_text(encoding="utf-8")).get("settings", {}).get("label_threshold")
+    else:
+        data_format = "a Hub dataset"
+    describe_source(part, path_or_repo_id, threshold, data_format)
 
 
 def _map_splits(dataset: AnyDataset, function, split: str | None = None) -> AnyDataset:

@@ -50,12 +50,16 @@ from .conversion import (
     rows_to_dataset,
     write_parquet_shards,
 )
-from .labels import DEFAULT_LABEL_THRESHOLD, LABEL_SETS, ScpStatements, parse_scp_codes
+from .labels import DEFAULT_LABEL_THRESHOLD, LABEL_SETS, ScpStatements, check_label_threshold, parse_scp_codes
 from .ptbxl_versions import DEFAULT_PTBXL_VERSION, apply_ptbxl_version, check_ptbxl_version, describe
 from .reports import report_language, split_ptbxl_edit_note
 
 logger = logging.getLogger(__name__)
 
+# The line of each split's `info.description` (kept by `save_to_disk`) that says where `build_ptbxl` read the records
+# from, and `load_ptbxl` where it loaded them: `PTB-XL source: {"source": <folder or Hub id as given>, ...}`; the
+# results JSON of an evaluation reads it (`merit_hf.evaluation.results.described_dataset`).
+SOURCE_DESCRIPTION_PREFIX = "PTB-XL source: "
 LEAD_NAMES_PTBXL = ("I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6")
 PTBXL_SAMPLING_RATES = {100: ("filename_lr", 1000), 500: ("filename_hr", 5000)}
 PTBXL_SPLITS = {"train": tuple(range(1, 9)), "validation": (9,), "test": (10,)}
@@ -245,7 +249,9 @@ def build_ptbxl(
     Args:
         ptbxl_root: folder with `ptbxl_database.csv`, `scp_statements.csv`, `records100/`, `records500/`.
         sampling_rate: 100 (`records100`, 1000 samples) or 500 (`records500`, 5000 samples).
-        label_threshold: likelihood (%) a diagnostic statement needs to count (see `merit_hf.data.labels`).
+        label_threshold: likelihood (%, in [0, 100]) a diagnostic statement needs to count (see
+            `merit_hf.data.labels`). It and `ptbxl_root` (as given) are written into every split's
+            `info.description` (`describe_source`), which an evaluation's results JSON records.
         ecg_ids: only these records (default: all rows of the database).
         num_proc: worker processes that read the records.
         on_error: `"raise"` (the first unreadable record raises `EcgInputError` / `ScpCodeError` naming it, or
@@ -280,6 +286,7 @@ def build_ptbxl(
             raise_first_failure(split_metas, reader, reader.record_name, split_report)
         splits[split] = rows_to_dataset(rows, features)
         describe(splits[split], version_report)
+        describe_source(splits[split], ptbxl_root, reader.label_threshold)
         report = report.merge(split_report)
     if report.failures:
         logger.warning("PTB-XL %s Hz: %s", sampling_rate, report.summary())
@@ -324,9 +331,40 @@ def convert_ptbxl(
     )
 
 
+def describe_source(
+    dataset, source: str | os.PathLike, label_threshold: float | None, data_format: str = "PhysioNet PTB-XL folder"
+) -> None:
+    """Write into `dataset.info.description` (after its other lines, replacing an earlier source line) where its
+    records were read from, `source` as given (a folder or Hub id), in which `data_format`, and the `label_threshold`
+    their labels were computed with when it is known (`None`: not said). `build_ptbxl` writes it (a dataset built in
+    memory has no cache files that would name its folder), and `load_ptbxl` again for the folder or Hub id it read;
+    the results JSON of an evaluation records it (`merit_hf.evaluation.results.described_dataset`)."""
+    described = {"source": str(source), "format": data_format}
+    if label_threshold is not None:
+        described["label_threshold"] = float(label_threshold)
+    info = dataset.info
+    kept = [line for line in (info.description or "").splitlines() if not line.startswith(SOURCE_DESCRIPTION_PREFIX)]
+    info.description = "\n".join([*kept, SOURCE_DESCRIPTION_PREFIX + json.dumps(described)])
+
+
+def described_source(dataset) -> dict[str, Any]:
+    """What `describe_source` wrote into `dataset.info.description` (`source`, `format`, `label_threshold`); `{}`
+    when it wrote nothing there, or something unreadable."""
+    info = getattr(dataset, "info", None)
+    for line in (getattr(info, "description", None) or "").splitlines():
+        if line.startswith(SOURCE_DESCRIPTION_PREFIX):
+            try:
+                described = json.loads(line.removeprefix(SOURCE_DESCRIPTION_PREFIX))
+            except ValueError:
+                return {}
+            return described if isinstance(described, dict) else {}
+    return {}
+
+
 def _reader_and_rows(ptbxl_root, sampling_rate, label_threshold, ecg_ids, ptbxl_version=DEFAULT_PTBXL_VERSION):
     """The record reader and the metadata rows as `ptbxl_version` has them (and what that changed)."""
     _check_rate(sampling_rate)
+    label_threshold = check_label_threshold(label_threshold)  # before any record is read
     check_ptbxl_version(ptbxl_version)
     root = Path(ptbxl_root)
     statements = ScpStatements.from_csv(root / STATEMENTS_FILE)
@@ -357,6 +395,8 @@ __all__ = [
     "PtbxlRecordReader",
     "build_ptbxl",
     "convert_ptbxl",
+    "describe_source",
+    "described_source",
     "is_physionet_ptbxl",
     "ptbxl_config_name",
     "ptbxl_features",

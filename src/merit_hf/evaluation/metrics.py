@@ -6,7 +6,8 @@ different things. Every number we report therefore carries its name from `METRIC
 - `macro_auroc`: mean over classes of the per-class ROC AUC (equal to `sklearn.metrics.roc_auc_score` per column;
   computed from ranks so that 1000 bootstrap resamples of 71 classes take seconds, not minutes).
 - `macro_f1`: mean over classes of the per-class F1 at a threshold per class **chosen on the validation split**
-  (the threshold that maximises that class's F1 there), then applied unchanged to the test split.
+  (the threshold that maximises that class's F1 there; of tied thresholds the highest, see `best_f1_thresholds`),
+  then applied unchanged to the test split.
 - `macro_f1_max_over_thresholds`: mean over classes of the per-class **best** F1 over all thresholds of the
   precision-recall curve **on the test split itself** (MERL's zero-shot "F1"). It peeks at the test labels, so it is
   an upper bound and never comparable to `macro_f1`.
@@ -43,6 +44,15 @@ METRIC_DEFINITIONS = {
     "every class present in the split, with a positive and a negative, are kept; Strodthoff et al. 2021 keep those with "
     "a positive of every class)",
 }
+
+
+def check_evaluation_counts(num_bootstrap: int = 0, batch_size: int = 1) -> None:
+    """Refuse a negative `num_bootstrap` (0 turns the intervals off) and a `batch_size` below 1, naming the setting:
+    checked where an evaluation starts, not when its bootstrap runs, after the scoring (or a fine-tune)."""
+    if num_bootstrap < 0:
+        raise ValueError(f"num_bootstrap: must be >= 0 (0: no confidence intervals), got {num_bootstrap}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
 
 
 def _check_arrays(y_true: Any, y_score: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -104,7 +114,14 @@ def _f1_at_every_threshold(y_true: np.ndarray, y_score: np.ndarray) -> tuple[np.
 def best_f1_thresholds(y_true: Any, y_score: Any) -> np.ndarray:
     """Per class, the score threshold (predict `score >= threshold`) that maximises F1 on (`y_true`, `y_score`);
     `+inf` for a class without positives (predict nothing), so that a threshold chosen on validation never invents
-    positives. The same thresholds as `sklearn.metrics.precision_recall_curve` yields (the tests check this)."""
+    positives.
+
+    The candidates are the class's distinct scores, the thresholds of `sklearn.metrics.precision_recall_curve`, and
+    the best F1 is the same as there (the tests check this). Ties: when several thresholds give the same best F1, this
+    picks the **highest** of them (the fewest records predicted positive). A recomputation that takes the first
+    maximum over `precision_recall_curve`'s thresholds (`np.argmax` of its F1), which run from low to high, picks the
+    **lowest** one instead: same F1 here, but another test F1 when the threshold is applied to another split. The
+    results shipped so far were computed with this rule, and it stays."""
     y_true, y_score = _check_arrays(y_true, y_score)
     thresholds = np.full(y_true.shape[1], np.inf)
     for c in range(y_true.shape[1]):
@@ -212,6 +229,7 @@ def classification_metrics(
         `{"metrics": {name: {"value", "ci_low", "ci_high"}}, "per_class": {label: {"auroc", "f1", "num_positive"}},
         "absent_classes": [...], "num_records": n}`; NaN becomes `None` (JSON `null`).
     """
+    check_evaluation_counts(num_bootstrap=num_bootstrap)
     y_true, y_score = _check_arrays(y_true, y_score)
     if len(label_names) != y_true.shape[1]:
         raise ValueError(f"{len(label_names)} label names for {y_true.shape[1]} classes")
@@ -252,6 +270,7 @@ __all__ = [
     "METRIC_DEFINITIONS",
     "best_f1_thresholds",
     "bootstrap_ci",
+    "check_evaluation_counts",
     "classification_metrics",
     "macro_auroc",
     "macro_f1",

@@ -65,8 +65,15 @@ from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
 from ..models.merit.inference_precision import inference_device
 from ..models.merit.modeling_merit import MeritEcgModel, pool_window_embeddings
 from ..models.merit.pipeline_merit import _in_eval_mode, ecg_encoder_of
-from .metrics import best_f1_thresholds, classification_metrics, macro_auroc
-from .results import AS_IS_VERSION, EvaluationResults, build_results, encoder_identity, write_results
+from .metrics import best_f1_thresholds, check_evaluation_counts, classification_metrics, macro_auroc
+from .results import (
+    AS_IS_VERSION,
+    EvaluationResults,
+    build_results,
+    encoder_identity,
+    feature_extractor_settings,
+    write_results,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +214,14 @@ class ProbeArguments:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        # checked now, not after a fine-tune of hours: the bootstrap runs once training is over, and torch's own
+        # "Invalid learning rate" names no setting (a learning rate of 0 would train nothing, silently)
+        check_evaluation_counts(num_bootstrap=self.num_bootstrap)
+        for name in ("learning_rate", "finetune_learning_rate"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name}: must be a finite number > 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay: must be a finite number >= 0, got {self.weight_decay}")
         self._check_finetune_method()
         if self.mixed_precision not in FINETUNE_MIXED_PRECISIONS:
             raise ValueError(
@@ -571,6 +586,14 @@ def evaluate_scores(
     )
 
 
+def a_label_of(label_set: str) -> str:
+    """`a superclass label`, `an arrhythmia label`, `a label of set 'all'`: how the results JSON names the label that
+    records need to be kept ('a all label' read as a typo)."""
+    if label_set == "all":
+        return "a label of set 'all'"
+    return f"{'an' if label_set[:1].lower() in tuple('aeiou') else 'a'} {label_set} label"
+
+
 def dataset_info(dataset_dict, label_set: str, rows: dict[str, np.ndarray]) -> dict[str, Any]:
     """Record counts, and the classes the probe never saw a positive of (their head is untrained; they stay in the
     macro mean, as in every published protocol, but are named)."""
@@ -587,7 +610,7 @@ def dataset_info(dataset_dict, label_set: str, rows: dict[str, np.ndarray]) -> d
             "test": int(len(rows["test"])),
             "in_splits": {split: len(dataset_dict[split]) for split in SPLITS},
         },
-        "unlabeled_records": f"records without a {label_set} label are left out of every split",
+        "unlabeled_records": f"records without {a_label_of(label_set)} are left out of every split",
         "train_label_counts": counts,
         "classes_without_training_positives": [name for name, count in counts.items() if count == 0],
     }
@@ -613,7 +636,8 @@ def dataset_description(arguments: ProbeArguments) -> dict[str, Any]:
 
 
 def probe_protocol(arguments: ProbeArguments | None = None, **overrides) -> dict[str, Any]:
-    """The protocol fields written into every results JSON."""
+    """The protocol fields written into every results JSON; `overrides` replace or add fields (the runs add
+    `feature_extractor`, `merit_hf.evaluation.results.feature_extractor_settings`)."""
     arguments = arguments or ProbeArguments()
     protocol = {
         "splits": "PTB-XL strat_fold 1-8 train, 9 validation, 10 test",
@@ -739,7 +763,7 @@ def run_linear_probe(
         label_names=names,
         label_fraction=label_fraction,
         seed=seed,
-        protocol=probe_protocol(arguments),
+        protocol=probe_protocol(arguments, feature_extractor=feature_extractor_settings(feature_extractor)),
         **entries,  # model, and baseline when it ran
         dataset_extra={**dataset_info(dataset_dict, label_set, rows), **dataset_description(arguments)},
     )

@@ -8,13 +8,14 @@ Schema `merit_hf.results/v1` (one file per run: one task, one label set, one lab
   "task": "linear-probe" | "fine-tune" | "zero-shot" | "robustness",
   "dataset": {
     "name": "ptb-xl", "version": "1.0.3", "source": "<folder or Hub id>",
+    "sampling_rate": 500, "label_threshold": 0.0,
     "split": "test", "splits": "PTB-XL strat_fold 1-8 train, 9 validation, 10 test",
     "num_records": {"train": 17084, "validation": 2146, "test": 2158, "in_splits": {"train": ..., ...}},
     "train_label_counts": {"CD": ..., ...}
   },
   "label_set": "superclass", "label_names": ["CD", "HYP", "MI", "NORM", "STTC"],
   "label_fraction": 0.01, "seed": 0,
-  "protocol": {...every hyper-parameter of the harness...},
+  "protocol": {...every hyper-parameter of the harness..., "feature_extractor": {"sampling_rate": 250, ...}},
   "metric_definitions": {"macro_auroc": "...", "macro_f1": "...", ...},
   "model": {
     "name_or_path": "org/merit-ecg", "init": "pretrained",
@@ -36,6 +37,15 @@ from); `two_tower` (zero-shot), the whole two-tower model, text tower included; 
 (LoRA fine-tuning), the saved adapter file's tensors and the encoder of the merged model. A model card rendered from
 the file checks them against the folder's weights (`merit_hf.hub.cards`). Files written before merit_hf recorded it
 have none; a card says that their numbers could not be checked.
+
+`dataset.source` is the folder or Hub id that merit_hf's PTB-XL loaders read the data from, as it was given (a
+PhysioNet folder built in memory, a converted or `save_to_disk` folder, a Hub id: `merit_hf.data.build_ptbxl` and
+`load_ptbxl` write it, and the `label_threshold` the labels were computed with where it is known, into the splits'
+`info.description`), else the folder of the data's cache files; `null` when neither says.
+`dataset.sampling_rate` is the rate of the dataset's records, in Hz, as their `sampling_rate` column has it (a sorted
+list when they differ), before the feature extractor resamples them; `protocol.feature_extractor` is what that feature
+extractor does (`feature_extractor_settings`). Files written before these keys existed lack them; readers take them as
+unknown.
 
 Metric values are fractions in [0, 1] (multiply by 100 for the papers' percentages); `null` means undefined (for
 example AUROC of a class absent from the test split, listed in `absent_classes`). `baseline` is `null` only when a
@@ -300,6 +310,46 @@ def _dataset_source(dataset_dict) -> str | None:
     return None
 
 
+def _records_sampling_rate(dataset_dict) -> int | float | list | None:
+    """The `sampling_rate` of the records in every split (Hz): one number, a sorted list when they differ, `None`
+    without that column."""
+    from datasets import Dataset
+
+    found = set()
+    for split in dataset_dict.values():
+        if isinstance(split, Dataset) and "sampling_rate" in split.column_names:
+            found.update(split.select_columns(["sampling_rate"])[:]["sampling_rate"])
+    rates = sorted(int(rate) if float(rate).is_integer() else float(rate) for rate in found if rate is not None)
+    return (rates[0] if len(rates) == 1 else rates) if rates else None
+
+
+# What of a feature extractor's settings decides the model's input (`feature_extractor_settings`); its checks of the
+# records (amplitude limits, NaN policy, ...) refuse records but do not change those it keeps.
+FEATURE_EXTRACTOR_SETTINGS = (
+    "lead_names",
+    "sampling_rate",
+    "num_samples",
+    "window",
+    "window_stride",
+    "padding",
+    "highpass_hz",
+    "lowpass_hz",
+    "filter_order",
+    "normalization",
+    "derive_limb_leads",
+)
+
+
+def feature_extractor_settings(feature_extractor) -> dict[str, Any]:
+    """The settings of `feature_extractor` (a `MeritFeatureExtractor`) that a results JSON records under
+    `protocol.feature_extractor`: the leads, the rate records are resampled to, the window (`num_samples`, single or
+    sliding), padding, the band-pass filter and the normalisation. The crop is the protocol's (centre crop for
+    features and evaluation, a random crop per epoch for fine-tuning's training records), named in the protocol's
+    `features` / `head`, not the extractor's saved default."""
+    settings = feature_extractor.to_dict()
+    return {name: settings[name] for name in FEATURE_EXTRACTOR_SETTINGS if name in settings}
+
+
 AS_IS_VERSION = "as_is: the metadata's own rows and labels (ptbxl_version='as_is'), not v1.0.3's"
 _WFDB_DESCRIPTION = re.compile(r"WFDB folder (?P<name>.+?): (?P<splits>train / validation / test by .+)")
 
@@ -307,18 +357,24 @@ _WFDB_DESCRIPTION = re.compile(r"WFDB folder (?P<name>.+?): (?P<splits>train / v
 def described_dataset(dataset_dict) -> dict[str, Any]:
     """What the splits' `info.description` says of the data, overriding the PTB-XL v1.0.3 defaults: a WFDB folder's
     name and how it was split (`load_wfdb_dataset` writes it), or PTB-XL read with `ptbxl_version="as_is"` (the
-    loaders write it); `{}` when it says neither."""
+    loaders write it); and the folder or Hub id PTB-XL was read from, with its `label_threshold` where known
+    (`build_ptbxl` and `load_ptbxl` write them, `merit_hf.data.ptbxl.describe_source`: `source` and
+    `label_threshold`); `{}` when it says none of these."""
+    from ..data.ptbxl import described_source
+
     lines = [
         line
         for split in dataset_dict.values()
         for line in (getattr(getattr(split, "info", None), "description", None) or "").splitlines()
     ]
+    source = next((found for split in dataset_dict.values() if (found := described_source(split))), {})
+    described = {key: source[key] for key in ("source", "label_threshold") if key in source}
     for line in lines:
         if match := _WFDB_DESCRIPTION.fullmatch(line):
-            return {"name": match["name"], "version": None, "splits": f"WFDB folder: {match['splits']}"}
+            return {**described, "name": match["name"], "version": None, "splits": f"WFDB folder: {match['splits']}"}
     if any(line.startswith("PTB-XL metadata as is") for line in lines):
-        return {"version": AS_IS_VERSION}
-    return {}
+        return {**described, "version": AS_IS_VERSION}
+    return described
 
 
 def build_results(
@@ -340,13 +396,18 @@ def build_results(
     "baseline"}}`); `extra` adds other top-level fields."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    described = described_dataset(dataset_dict)
+    # where merit_hf's loaders read the data from, as given; else the folder of its cache files
+    source = described.get("source") or _dataset_source(dataset_dict)
+    sampling_rate = _records_sampling_rate(dataset_dict)
     dataset = {
         "name": DATASET_NAME,
         "version": PTBXL_VERSION,
-        "source": _dataset_source(dataset_dict),
+        "source": source,
+        **({"sampling_rate": sampling_rate} if sampling_rate is not None else {}),
         "split": "test",
         "splits": "PTB-XL strat_fold 1-8 train, 9 validation, 10 test",
-        **described_dataset(dataset_dict),
+        **{key: value for key, value in described.items() if key != "source"},
         **(dataset_extra or {}),
     }
     return EvaluationResults(
@@ -427,6 +488,7 @@ __all__ = [
     "build_results",
     "encoder_identity",
     "environment",
+    "feature_extractor_settings",
     "format_metric",
     "metric_cell",
     "read_results",

@@ -50,7 +50,14 @@ from .probe import (
     probe_protocol,
     random_init_like,
 )
-from .results import EvaluationResults, build_results, encoder_identity, format_metric, write_results
+from .results import (
+    EvaluationResults,
+    build_results,
+    encoder_identity,
+    feature_extractor_settings,
+    format_metric,
+    write_results,
+)
 from .shifts import (
     LEAD_SUBSETS,
     LIMB_LEADS,
@@ -304,7 +311,11 @@ def run_robustness(
         label_names=names,
         label_fraction=1.0,
         seed=seed,
-        protocol=probe_protocol(arguments, robustness="linear probe trained on clean data; test split shifted"),
+        protocol=probe_protocol(
+            arguments,
+            robustness="linear probe trained on clean data; test split shifted",
+            feature_extractor=feature_extractor_settings(feature_extractor),
+        ),
         **entries,  # model, and baseline when it ran
         shifts=shift_results,
         dataset_extra=dataset_description(arguments),

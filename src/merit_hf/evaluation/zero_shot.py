@@ -44,9 +44,9 @@ from ..models.merit.pipeline_merit import (
     two_tower_model,
     zero_shot_classify,
 )
-from .metrics import best_f1_thresholds, classification_metrics
-from .probe import ecg_model_inputs, evaluated_on, label_matrix, label_names, labeled_dataset_dict
-from .results import EvaluationResults, build_results, write_results
+from .metrics import best_f1_thresholds, check_evaluation_counts, classification_metrics
+from .probe import a_label_of, ecg_model_inputs, evaluated_on, label_matrix, label_names, labeled_dataset_dict
+from .results import EvaluationResults, build_results, feature_extractor_settings, write_results
 
 
 def random_ecg_tower_like(model, seed: int = 0):
@@ -111,6 +111,7 @@ def evaluate_zero_shot(
     `device`: where the towers run (fp32 either way); default, the GPU when there is one for a model loaded here from
     a path, and a given model's own device. A given model runs in eval mode and is put back in its own training mode
     and on its own device afterwards."""
+    check_evaluation_counts(num_bootstrap=num_bootstrap, batch_size=batch_size)  # before a model is loaded
     if isinstance(model_or_path, (str, Path)):
         from transformers import AutoModel, AutoProcessor
 
@@ -163,6 +164,7 @@ def evaluate_zero_shot(
             "prompt_ensembling": "mean of normalised prompt embeddings per class, re-normalised",
             "f1_thresholds": "per class, the F1-maximising threshold on the validation split",
             "num_bootstrap": num_bootstrap,
+            "feature_extractor": feature_extractor_settings(processor.feature_extractor),
         }
         results = build_results(
             task="zero-shot",
@@ -178,7 +180,7 @@ def evaluate_zero_shot(
                     **num_records,
                     **{split: len(dataset_dict[split]) for split in ("validation", "test")},
                 },
-                "unlabeled_records": f"records without a {label_set} label are left out of validation and test",
+                "unlabeled_records": f"records without {a_label_of(label_set)} are left out of validation and test",
                 **(dataset_extra or {}),
             },
         )

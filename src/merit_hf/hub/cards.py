@@ -389,18 +389,32 @@ def _training_text(runs: list[EvaluationResults], model_folder: str | os.PathLik
 
 
 def _protocol_text(runs: list[EvaluationResults]) -> str:
-    """Each run's harness settings, as the evaluation recorded them."""
+    """Each run's harness settings, as the evaluation recorded them (but its `feature_extractor` settings: the card's
+    preprocessing section gives them, from `preprocessor_config.json`), and the records' sampling rate where the
+    results record it."""
     lines = []
     for run in runs:
         method = [value for _, value in _method(run)]
         fraction = [] if run.label_fraction is None else [f"label_fraction={_format_scalar(run.label_fraction)}"]
         name = ", ".join([*(_format_scalar(value) for value in (run.task, *method, run.label_set)), *fraction])
         if run.protocol:
-            settings = "; ".join(f"{key}={public_path(value)}" for key, value in run.protocol.items())
+            settings = "; ".join(
+                f"{key}={public_path(value)}" for key, value in run.protocol.items() if key != "feature_extractor"
+            )
             lines.append(f"- {name}: {settings}")
     splits = {run.dataset.get("splits") for run in runs} - {None}
+    recorded: set[float] = set()  # one rate per file, or a list where its records differ; older files lack it
+    for run in runs:
+        rate = run.dataset.get("sampling_rate")
+        recorded.update(rate if isinstance(rate, list) else [] if rate is None else [rate])
+    rates = sorted(recorded)
     text = "\n".join(lines) or "- The results JSON does not record the harness settings."
-    return text + ("\n\nSplits: " + "; ".join(sorted(splits)) if splits else "")
+    if splits:
+        text += "\n\nSplits: " + "; ".join(sorted(splits))
+    if rates:
+        listed = " / ".join(f"{rate:g}" for rate in rates)
+        text += f"\n\nRecords' sampling rate: {listed} Hz (before the feature extractor resamples them)."
+    return text
 
 
 def public_path(value: Any) -> Any:

@@ -96,8 +96,11 @@ def add_lora(model: MeritForEcgClassification, arguments: ProbeArguments) -> Pef
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """`{"trainable_parameters", "total_parameters"}` of `model` (a PEFT model counts its adapters and the head's
-    trained copy, not the frozen original head)."""
+    """`{"trainable_parameters", "total_parameters"}` of `model`. For a PEFT model (peft's
+    `get_nb_trainable_parameters`), `trainable_parameters` is the adapters and the head's trained copy, and
+    `total_parameters` counts every parameter it holds: the frozen base, its original head included, the adapters and
+    the head's trained copy (so the head is counted twice; e.g. 66,181 trained of 871,790 = 805,609 base + 65,536
+    adapters + 645 head copy on the quick-start shape with r = 8)."""
     if hasattr(model, "get_nb_trainable_parameters"):  # a `PeftModel` (without importing peft for a plain model)
         trainable, total = model.get_nb_trainable_parameters()
     else:

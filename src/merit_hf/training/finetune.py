@@ -12,6 +12,12 @@ a seeded random crop per record and epoch; validation and test rows get centre c
 other loop of the package on the Trainer's events. `--mixed_precision` (`finetune_precision`: bf16 autocast on a
 CUDA GPU with bf16 by default, fp32 elsewhere, and what `accelerate launch --mixed_precision` asks for) sets the
 Trainer's `bf16` / `fp16`; the precision used is written next to the method in the results.
+
+No resume: a fine-tune keeps only its best epoch's weights while it runs (`save_only_model`: no optimizer, scheduler
+or RNG state) and removes them at the end, and nothing passes `resume_from_checkpoint`. An interrupted run is started
+again with the same command, from epoch 0; that is safe (the `checkpoint-*` folders the interrupted run left in
+`<run>_<role>_checkpoints/` are removed at the end, and the results equal a clean run's), but the epochs already
+trained are lost.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from ..data.collator import MeritCollator, precompute_ecg_values, with_crop
+from ..evaluation.metrics import check_evaluation_counts
 from ..evaluation.probe import (
     SPLITS,
     ProbeArguments,
@@ -44,7 +51,7 @@ from ..evaluation.probe import (
     probe_rows,
     random_init_like,
 )
-from ..evaluation.results import build_results, encoder_identity, write_results
+from ..evaluation.results import build_results, encoder_identity, feature_extractor_settings, write_results
 from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
 from ..models.merit.modeling_merit import MeritEcgModel, MeritForEcgClassification
 from ..utils.launch import is_first_launched_process, require_joined_processes
@@ -126,10 +133,12 @@ class ThroughputCallback(TrainerCallback):
 
 class CropEpochCallback(TrainerCallback):
     """Tells a `MeritCollator` with a `crop_seed` the epoch that begins (0, 1, ...), from the Trainer's state, so that
-    a run resumed from a checkpoint goes on with its epoch's crops. The crops are drawn from `(seed, epoch, ecg_id)`,
+    each epoch gets its own crops, whatever the number of processes. The crops are drawn from `(seed, epoch, ecg_id)`,
     as pretraining's are: they came from one generator seeded with the seed in each process, so they depended on the
     number of processes (2 processes of batch 16 fine-tuned otherwise than one of batch 32), and every process cut the
-    same sequence of windows."""
+    same sequence of windows. `fine_tune` itself never resumes (see the module docstring); in a Trainer of your own
+    that resumes from a full checkpoint (`trainer.train(resume_from_checkpoint=...)`), the epoch comes from the
+    restored state, so the resumed epochs get the crops they would have had."""
 
     def __init__(self, collator: MeritCollator):
         self.collator = collator
@@ -182,9 +191,10 @@ def fine_tune(
     feature extractor, and `merged_dir` the classifier with the adapters merged in; the first process writes them.
     The adapter's base is `encoder.name_or_path`, the checkpoint it was loaded from.
 
-    `checkpoint_dir` holds the Trainer's best checkpoint during the run and is removed at the end; `None` is a
-    temporary folder, which only works on one process (every process must read the best checkpoint back: on several,
-    give a folder they all see). When the validation macro AUROC cannot be computed in any epoch (no class with both
+    `checkpoint_dir` holds the Trainer's best checkpoint during the run (weights only, so not a point to resume from)
+    and is removed at the end; `None` is a temporary folder, which only works on one process (every process must read
+    the best checkpoint back: on several, give a folder they all see). An interrupted fine-tune cannot be resumed: run
+    it again, from epoch 0. When the validation macro AUROC cannot be computed in any epoch (no class with both
     positives and negatives), no epoch is best: all epochs run and the last one is kept, as in `fit_linear_probe`.
     """
     if (adapter_dir is not None or merged_dir is not None) and arguments.finetune_method != "lora":
@@ -337,6 +347,7 @@ def run_fine_tune(
     `output_file` saves the encoder's adapter and head beside it (`lora_output_dirs`); the baseline's adapter is not
     kept (its base is a random draw, not a checkpoint)."""
     arguments = arguments or ProbeArguments(mode="finetune")
+    check_evaluation_counts(num_bootstrap=arguments.num_bootstrap)  # now, not after the fine-tune (if set since)
     if arguments.merge_lora and output_file is None:
         raise ValueError("run_fine_tune: merge_lora writes the merged model beside output_file; give output_file")
     encoder, model_name = load_encoder(model_or_path)
@@ -392,6 +403,7 @@ def run_fine_tune(
         max_epochs=arguments.finetune_max_epochs,
         patience=arguments.finetune_patience,
         batch_size=arguments.batch_size,
+        feature_extractor=feature_extractor_settings(feature_extractor),
     )
     results = build_results(
         task="fine-tune",
