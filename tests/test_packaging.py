@@ -282,9 +282,16 @@ def test_wheel_installed_outside_the_clone_trains_loads_and_classifies(tmp_path)
     assert loaded["merit_hf"].startswith(str(tmp_path / "venv")), loaded["merit_hf"]  # the wheel, not src/
     assert loaded["model_class"] == "MeritModel" and loaded["labels"] == ["CD", "MI", "NORM"]
 
+    # the shipped results are of the quick-start's weights, not this 2-step model's: refused unless asked for, and
+    # then the card says so
     card = ["model", str(SHIPPED_RESULTS), "--repo-id", "org/merit-tiny", "--model-folder", str(model_dir)]
-    run_outside_the_clone(python, ["-m", "merit_hf.hub.cards", *card, "-o", "card.md"], run_dir)
-    assert "org/merit-tiny" in (run_dir / "card.md").read_text()
+    done = run_outside_the_clone(python, ["-m", "merit_hf.hub.cards", *card, "-o", "card.md"], run_dir, check=False)
+    assert done.returncode != 0 and "the results are not of this folder's weights" in done.stderr
+    run_outside_the_clone(
+        python, ["-m", "merit_hf.hub.cards", *card, "--allow-weights-mismatch", "-o", "card.md"], run_dir
+    )
+    rendered = (run_dir / "card.md").read_text()
+    assert "org/merit-tiny" in rendered and "these are not this checkpoint's numbers" in rendered
 
     done = run_outside_the_clone(python, ["-m", "merit_hf.quickstart"], run_dir, check=False)
     assert done.returncode != 0 and "no --data_dir given" in done.stderr and "physionet.org" in done.stderr

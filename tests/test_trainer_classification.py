@@ -158,9 +158,9 @@ def test_fine_tune_without_improvement_stops_at_epoch_one_plus_patience(monkeypa
     recorded = recording_compute_metrics(monkeypatch)
     data = synthetic_ptbxl(sizes=(8, 6, 6))
     encoder, feature_extractor = tiny_encoder()
-    arguments = ProbeArguments(  # learning rate 0: every epoch scores the same, so only epoch 1 is ever best
-        mode="finetune", batch_size=8, finetune_learning_rate=0.0, finetune_max_epochs=10, finetune_patience=1
-    )
+    arguments = ProbeArguments(  # a step of 1e-30 is below every weight's rounding (0 is refused): every epoch
+        mode="finetune", batch_size=8, finetune_learning_rate=1e-30, finetune_max_epochs=10, finetune_patience=1
+    )  # scores the same, so only epoch 1 is ever best
     *_, training = finetune.fine_tune(encoder, feature_extractor, data, "superclass", probe_rows(data, "superclass"),
                                       arguments)  # fmt: skip
     assert (training["best_epoch"], training["epochs_run"]) == (1, 2)
