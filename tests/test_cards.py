@@ -326,6 +326,10 @@ def test_licences_are_hub_identifiers():
     assert unknown.startswith("license 'not-a-license' is not a Hub licence identifier")
     (other,) = license_problems({"license": "other"})
     assert other.startswith("license is `other` without `license_name`")
+    # identifiers the Hub accepts (https://huggingface.co/docs/hub/repositories-licenses) that the list lacked
+    hub_ids = ["apple-amlr", "apple-ascl", "eupl-1.2", "fair-noncommercial-research-license", "grok2-community",
+               "h-research", "intel-research", "llama4", "openmdw-1.0"]  # fmt: skip
+    assert [license_problems({"license": license_id}) for license_id in hub_ids] == [[]] * len(hub_ids)
 
 
 TWO_CONFIG_CARD = """---

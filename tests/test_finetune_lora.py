@@ -337,10 +337,12 @@ def test_probe_command_fine_tunes_with_lora_and_saves_adapter_and_merged_model(b
     assert len(check_weights([run], base_checkpoint).matched) == 1  # the encoder it started from: its card's numbers
     # `hub push` would take the merged folder once it has a card; the adapter once its base is a Hub id
     assert [problem.split(" ")[0] for problem in check_model_folder(merged)] == ["README.md"]
-    # PEFT's own card lacks what the Hub files a model by, names no base, and tags it with the local path
+    # PEFT's own card (its unedited template, which `push --results` replaces) names no base and tags it with the
+    # local path
+    from merit_hf.hub.push import peft_template_card
+
+    assert peft_template_card((adapter / "README.md").read_text())
     assert check_model_folder(adapter) == [
-        "README.md: metadata 'license' is missing",
-        "README.md: metadata 'pipeline_tag' is missing",
         "README.md has no base_model, and this folder is a classifier_adapter: name the model it was built on (for an "
         "adapter, the Hub id in adapter_config.json's base_model_name_or_path; push with --base-model)",
         f"README.md names local paths ['{base_checkpoint}']: write file names or Hub ids instead, or leave the file "

@@ -727,7 +727,6 @@ def test_local_paths_in_any_pushed_text_file_and_large_stray_files_are_refused(m
 @pytest.mark.parametrize(
     ("metadata", "problem"),
     [
-        ("license: apache-2.0\n", "README.md: metadata 'library_name' is missing"),  # a PEFT or Trainer card
         (CARD_METADATA.replace("apache-2.0", "not-a-license"), "README.md: license 'not-a-license' is not a Hub"),
         (
             CARD_METADATA + "model-index: [{name: x, results: [{task: {}}]}]\n",
@@ -771,7 +770,7 @@ def test_a_card_for_another_kind_of_folder_or_other_weights_is_refused(model_fol
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1  # one weight changed
     weights.write_bytes(bytes(data))
-    with pytest.raises(HubFolderError, match=r"README.md was rendered for other weights \(weight files [0-9a-f]{16}"):
+    with pytest.raises(HubFolderError, match=r"README.md was rendered for other weights \(tensors [0-9a-f]{16}"):
         push_model(other, REPO_ID, endpoint=ENDPOINT)
     hf_api.assert_not_called()
 
@@ -791,3 +790,209 @@ def test_an_unedited_dataset_card_template_is_refused(tmp_path, hf_api):
     assert "README.md: license is `other` without `license_name`" in str(error.value)
     assert "README.md: the card still holds the template's 'Replace this section before sharing'" in str(error.value)
     hf_api.assert_not_called()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Review findings: what the Hub accepts passes, leaks are found where they are
+# ----------------------------------------------------------------------------------------------------------------------
+def test_ignore_patterns_reach_the_dataset_folder_check(tmp_path, hf_api):
+    """The dataset refusal said `--ignore 'val_embeddings.npy'`, but the dataset check never got the patterns."""
+    folder = tmp_path / "ptbxl-merit"
+    write(folder, "data/test-00000-of-00001.parquet", b"PAR1")
+    (folder / "README.md").write_text(DATASET_CARD)
+    np.save(folder / "val_embeddings.npy", np.zeros((3 * 2**20,), np.float32))  # 12 MiB
+    write(folder, "notes/loader.py", b"DATA = '/home/alice/ptbxl'\n")
+    with pytest.raises(HubFolderError, match=r"val_embeddings.npy is 12.0 MiB .* --ignore 'val_embeddings.npy'"):
+        push_dataset(folder, "org/ptbxl-merit", endpoint=ENDPOINT)
+    hf_api.assert_not_called()
+    patterns = [*DEFAULT_IGNORE_PATTERNS, "val_embeddings.npy", "notes/*"]
+    assert push_module.check_dataset_folder(folder, patterns) == []
+    push_dataset(folder, "org/ptbxl-merit", endpoint=ENDPOINT, ignore_patterns=patterns)
+    main(["push", str(folder), "org/ptbxl-merit", "--repo-type", "dataset", "--endpoint", ENDPOINT,
+          "--ignore", "val_embeddings.npy", "--ignore", "notes/*"])  # fmt: skip
+    assert hf_api.return_value.upload_folder.call_count == 2
+
+
+def trainer_card() -> str:
+    """The card `Trainer.create_model_card` writes after a run without evaluation (`model-index` with no results)."""
+    from transformers.modelcard import TrainingSummary
+
+    summary = TrainingSummary(model_name="merit-ecg-finetuned", finetuned_from="org/merit-ecg", tasks=None,
+                              dataset=None, eval_results={}, hyperparameters={"learning_rate": 1e-4})  # fmt: skip
+    return summary.to_model_card()
+
+
+def peft_card(base: str = "org/merit-ecg") -> str:
+    """What PEFT's `save_pretrained` writes beside an adapter (`PeftModel.create_or_update_model_card`): the default
+    template of huggingface_hub, its metadata, and its `Framework versions` block."""
+    from huggingface_hub import ModelCardData
+
+    card = ModelCard.from_template(ModelCardData())
+    card.data["library_name"] = "peft"
+    card.data["tags"] = [f"base_model:adapter:{base}", "lora", "transformers"]
+    card.data["base_model"] = base
+    card.text = "\n".join([*card.text.splitlines(), "### Framework versions\n\n- PEFT 0.21.2"])
+    return str(card)
+
+
+@pytest.mark.parametrize(
+    "card",
+    [
+        "---\nlicense: mit\n---\n# My MERIT\n",  # a hand-written card: no library_name, tags or pipeline_tag
+        "---\ntags:\n- ecg\n---\n# My MERIT\n",  # no licence: a warning
+        "trainer",
+        "peft",
+    ],
+)
+def test_cards_the_hub_accepts_pass_the_push_check(model_folder, hf_api, card, caplog):
+    """A card was refused for lacking `library_name`, `tags` or `pipeline_tag`, none of which the Hub requires, and a
+    Trainer card for its `model-index` without results (`results: []`)."""
+    from merit_hf.hub.cards import model_card_problems
+
+    text = {"trainer": trainer_card, "peft": peft_card}.get(card, lambda: card)()
+    if card == "trainer":
+        assert "results: []" in text
+    (model_folder / "README.md").write_text(text)
+    assert model_card_problems(model_folder / "README.md") == []
+    with caplog.at_level("WARNING", logger="merit_hf.hub.cards"):
+        assert push_module.check_model_folder(model_folder) == []
+    assert ("names no license" in caplog.text) == ("license" not in text.split("---")[1])
+    push_model(model_folder, REPO_ID, endpoint=ENDPOINT)
+
+
+def test_the_weights_marker_is_of_the_tensors_not_of_the_files(model_folder, hf_api, tmp_path):
+    """The card recorded a digest of the weight files' bytes: the same weights re-saved with other sharding were
+    refused as "rendered for other weights"."""
+    from merit_hf.hub.cards import card_marker, folder_weights_digest, render_model_card
+
+    card = render_model_card(results_from_our_metrics(), REPO_ID, model_folder=model_folder)
+    card.save(model_folder / "README.md")
+    digest = card_marker(str(card))[1]
+    assert digest is not None and push_module.check_model_folder(model_folder) == []
+    model = MeritModel.from_pretrained(model_folder)
+    (model_folder / "model.safetensors").unlink()
+    model.save_pretrained(model_folder, max_shard_size="20KB")
+    assert len(list(model_folder.glob("*.safetensors"))) > 1
+    assert folder_weights_digest(model_folder) == digest
+    assert push_module.check_model_folder(model_folder) == []
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    for path in model_folder.glob("*.safetensors"):
+        path.unlink()
+    model.save_pretrained(model_folder)
+    (problem,) = push_module.check_model_folder(model_folder)
+    assert problem.startswith(f"README.md was rendered for other weights (tensors {digest}; this folder's tensors")
+
+
+def adapter_folder(tmp_path: Path, card: str | None) -> Path:
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "classifier_adapter"
+    folder.mkdir()
+    save_file({"lora_A.weight": torch.zeros(2, 4)}, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": "org/merit-ecg"}))  # fmt: skip
+    if card is not None:
+        (folder / "README.md").write_text(card)
+    return folder
+
+
+def test_peft_s_own_template_card_is_replaced_without_overwrite_card(tmp_path, hf_api):
+    """Every adapter folder holds PEFT's template README.md, so `push <adapter> --results ...` always needed
+    `--overwrite-card`, with a message that did not say who wrote that README."""
+    from merit_hf.evaluation import write_results
+
+    results = write_results(results_from_our_metrics(), tmp_path / "results.json")
+    folder = adapter_folder(tmp_path, peft_card())
+    assert push_module.peft_template_card(peft_card())
+    push_model(folder, "org/merit-lora", results=results, endpoint=ENDPOINT)
+    assert "<!-- merit_hf card: kind=classifier_adapter" in (folder / "README.md").read_text()
+
+    edited = peft_card().replace("[More Information Needed]", "Alice, for the ECG group", 1)
+    assert not push_module.peft_template_card(edited)
+    assert not push_module.peft_template_card(
+        peft_card().replace("library_name: peft", "library_name: peft\nlicense: mit")
+    )
+    (folder / "README.md").write_text(edited)
+    with pytest.raises(
+        HubPushError, match=r"README.md exists and differs .* \(PEFT's save_pretrained wrote it, and it"
+    ):
+        push_model(folder, "org/merit-lora", results=results, endpoint=ENDPOINT)
+    assert (folder / "README.md").read_text() == edited
+    push_model(folder, "org/merit-lora", results=results, overwrite_card=True, endpoint=ENDPOINT)
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("tools/convert.py", "#!/usr/bin/env python\n# matches /ab/cd/12 and /etc/hosts\n"),
+        ("notes.txt", "POST /v1/chat/completions and GET /api/models/org\n"),
+        (
+            "tokenizer.json",
+            json.dumps({"model": {"vocab": [["/s", -9.1], ["/usr/x", -2.0]], "merges": ["/ s", "Ġ /", "/ >"]}}),
+        ),  # fmt: skip
+        ("vocab.json", json.dumps({"/s": 1, "/home/x/y": 2})),
+        ("merges.txt", "#version: 0.2\n/ s\n/ >\n"),
+        ("config_extra.json", json.dumps({"route": "/v1/chat/completions", "example": "a/b/c"})),
+    ],
+)
+def test_text_that_is_no_local_path_passes(model_folder, hf_api, name, text):
+    """Shebangs, API routes, examples in comments and tokenizer vocabularies and merges were taken as local paths."""
+    write(model_folder, name, text.encode())
+    assert push_module.leak_problems(model_folder) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "found"),
+    [
+        ("notes.txt", "the weights are at file:///home/me/x\n", "file:///home/me/x"),
+        ("run.py", "#!/usr/bin/env python\nROOT = '/work/alice/ptbxl'\n", "/work/alice/ptbxl"),
+        (
+            "train/dataset_info.json",
+            json.dumps({"description": 'PTB-XL labels\nPTB-XL source: {"source": "/work/main/data/ptbxl_sample"}'}),
+            "/work/main/data/ptbxl_sample",
+        ),
+        ("run_config.json", json.dumps({"output_dir": "/lustre/alice/run1"}), "/lustre/alice/run1"),
+        ("README.md", f"---\n{CARD_METADATA}---\nsee file:///home/me/x\n", "file:///home/me/x"),
+    ],
+)
+def test_local_paths_anywhere_in_text_and_json_strings_are_found(model_folder, hf_api, name, text, found):
+    """A path inside a JSON string (a `save_to_disk` `dataset_info.json` description) and a `file://` URL passed."""
+    write(model_folder, name, text.encode())
+    (problem,) = push_module.leak_problems(model_folder)
+    assert problem.startswith(name) and found in problem, problem
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "qwen.tiktoken",
+        "tokenizer_config.json",
+        "added_tokens.json",
+        "special_tokens_map.json",
+        "vocab.bpe",
+        "model.safetensors.index.json",
+    ],  # fmt: skip
+)
+def test_large_tokenizer_files_and_the_weights_index_are_part_of_the_model(model_folder, hf_api, name):
+    with open(model_folder / name, "wb") as stream:  # sparse 11 MiB
+        stream.truncate(11 * 2**20)
+    assert push_module.large_file_problems(model_folder, push_module.MODEL_LARGE_FILES, "weights") == []
+
+
+def test_a_card_rendered_without_the_folder_records_no_kind(tmp_path, hf_api, saved_model, model_folder):
+    """A card rendered without --model-folder was labelled a two_tower card, and the push refused it for an encoder
+    ("the card of a two_tower folder, but this folder holds a encoder")."""
+    from merit_hf.hub.cards import card_marker, render_model_card
+
+    card = str(render_model_card(results_from_our_metrics(), REPO_ID))
+    assert card_marker(card) == (None, None) and "<!-- merit_hf card -->" in card
+    encoder = tmp_path / "encoder"
+    encoder.mkdir()
+    for path in model_folder.iterdir():
+        (encoder / path.name).write_bytes(path.read_bytes())
+    config = json.loads((encoder / "config.json").read_text())
+    (encoder / "config.json").write_text(json.dumps({**config, "model_type": "merit_ecg"}))
+    (encoder / "README.md").write_text(card)
+    assert not [p for p in push_module.check_model_folder(encoder) if "is the card of" in p]
+    assert push_module._a("encoder") == "an encoder" and push_module._a("two_tower") == "a two_tower"

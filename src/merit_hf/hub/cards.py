@@ -66,9 +66,14 @@ METRIC_TYPES = {"auroc": "roc_auc", "auc": "roc_auc", "f1": "f1", "accuracy": "a
 # Metrics indexed under a type of their own, never with the metric they bound: MERL's test-split "F1" chooses each
 # class's threshold on the test labels themselves (an optimistic upper bound of macro F1).
 OWN_METRIC_TYPES = {"macro_f1_max_over_thresholds": "f1-max-over-thresholds"}
-# The hidden line a rendered card carries (after its text): the kind of folder it was rendered for and the digest of
-# that folder's weight files, which `merit_hf.hub.push.check_model_folder` compares with the folder it pushes.
-CARD_MARKER = re.compile(r"<!-- merit_hf card: kind=(?P<kind>[\w-]+)(?: weights=(?P<weights>[0-9a-f]+))? -->")
+# The hidden line a rendered card carries (after its text): the kind of folder it was rendered for and the
+# fingerprint of that folder's tensors ([`folder_weights_digest`]), which `merit_hf.hub.push.check_model_folder`
+# compares with the folder it pushes. A card rendered without a folder records neither (`<!-- merit_hf card -->`).
+# Cards of an earlier merit_hf recorded `weights=`, a digest of the weight files' bytes: its kind is still compared,
+# its digest is not (it changed with sharding).
+CARD_MARKER = re.compile(
+    r"<!-- merit_hf card(?::(?: kind=(?P<kind>[\w-]+))?(?: (?P<field>weights|tensors)=(?P<weights>[0-9a-f]+))?)? -->"
+)
 DEFAULT_TAGS = [
     "ecg",
     "electrocardiogram",
@@ -85,6 +90,8 @@ DATA_CITATIONS = {
     "MIMIC-IV-ECG": "MIMIC-IV-ECG: Gow, B. et al. (2023). MIMIC-IV-ECG: Diagnostic Electrocardiogram Matched Subset "
     "(version 1.0). PhysioNet. https://doi.org/10.13026/4nqg-sb35 (ODbL 1.0).",
 }
+# What every card merit_hf renders holds (checked when it is rendered). The Hub requires none of it, so a card written
+# by hand, by the Trainer or by PEFT is not refused for lacking it at the push; a missing `license` is logged.
 REQUIRED_MODEL_METADATA = ("library_name", "license", "tags", "pipeline_tag")
 REQUIRED_DATASET_METADATA = ("license", "pretty_name", "tags")
 # The Hub's licence identifiers (https://huggingface.co/docs/hub/repositories-licenses). Any other licence is `other`
@@ -96,7 +103,9 @@ HUB_LICENSES = frozenset(
     cc-by-nc-nd-4.0 cc-by-nc-sa-2.0 cc-by-nc-sa-3.0 cc-by-nc-sa-4.0 cdla-sharing-1.0 cdla-permissive-1.0
     cdla-permissive-2.0 wtfpl ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1 agpl-3.0 gfdl gpl gpl-2.0 gpl-3.0 lgpl lgpl-2.1
     lgpl-3.0 isc lppl-1.3c ms-pl mpl-2.0 odc-by odbl openrail++ osl-3.0 postgresql ofl-1.1 ncsa unlicense zlib pddl
-    lgpl-lr deepfloyd-if-license llama2 llama3 llama3.1 llama3.2 llama3.3 gemma unknown other""".split()  # noqa: SIM905
+    lgpl-lr deepfloyd-if-license llama2 llama3 llama3.1 llama3.2 llama3.3 llama4 gemma eupl-1.2 apple-amlr apple-ascl
+    fair-noncommercial-research-license grok2-community h-research intel-research openmdw-1.0 unknown
+    other""".split()  # noqa: SIM905
 )
 # Sentences of the shipped dataset-card templates (`dataset_scripts/wfdb/README.md`) that the author must replace
 # before sharing: a card that still holds one is the unedited template.
@@ -325,7 +334,7 @@ def folder_kind(model_folder: str | os.PathLike | None) -> str:
     model (`task_type` `CAUSAL_LM`, or `auto_mapping.base_model_class` `MeritForReportGeneration`: what
     `save_report_adapter` writes), `"classifier_adapter"` for a classifier's (`task_type` `SEQ_CLS`, the probe
     command's LoRA output), and `"adapter"` (no kind a card is rendered for) for any other adapter; `"two_tower"`
-    without a folder."""
+    without a folder (the card's code is then a guess, and the card records no kind: [`CARD_MARKER`])."""
     config = {}
     if model_folder is not None and (Path(model_folder) / "config.json").is_file():
         config = json.loads((Path(model_folder) / "config.json").read_text())
@@ -595,27 +604,44 @@ def check_weights(runs: list[EvaluationResults], model_folder: str | os.PathLike
 
 
 def folder_weights_digest(model_folder: str | os.PathLike | None) -> str | None:
-    """A 16-hex-digit SHA-256 of the folder's weight files (`*.safetensors` at its top, names and bytes, in name
-    order), or None when it has none: the card records it ([`CARD_MARKER`]), and the push refuses a card recorded for
-    other weight files ([`card_marker`])."""
+    """The fingerprint of the tensors in the folder's weight files (`*.safetensors` at its top, read with safetensors'
+    `safe_open`, no model built; [`merit_hf.models.fingerprint.safetensors_files_fingerprint`]: names, shapes and
+    values), or None when it has none. The same weights re-saved with other sharding or another safetensors header
+    give the same fingerprint; one changed value gives another. A file that safetensors cannot read is hashed by its
+    name and bytes into the fingerprint. The card records it ([`CARD_MARKER`]), and the push refuses a card recorded
+    for other tensors ([`card_marker`])."""
     if model_folder is None:
         return None
     files = sorted(Path(model_folder).glob("*.safetensors"))
     if not files:
         return None
-    digest = hashlib.sha256()
+    from safetensors import SafetensorError, safe_open
+
+    from ..models.fingerprint import safetensors_files_fingerprint
+
+    readable, unreadable = [], []
     for path in files:
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as stream:
-            for block in iter(lambda: stream.read(2**22), b""):
-                digest.update(block)
+        try:
+            with safe_open(str(path), framework="pt"):
+                readable.append(path)
+        except (SafetensorError, OSError):
+            unreadable.append(path)
+    if not unreadable:
+        return safetensors_files_fingerprint(readable)
+    digest = hashlib.sha256(safetensors_files_fingerprint(readable).encode() if readable else b"")
+    for path in unreadable:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
-def card_marker(card_text: str) -> tuple[str, str | None] | None:
-    """`(kind, weights digest or None)` that a card rendered by merit_hf records, or None for any other card."""
+def card_marker(card_text: str) -> tuple[str | None, str | None] | None:
+    """`(kind, tensors fingerprint)` that a card rendered by merit_hf records, or None for any other card. The kind is
+    None for a card rendered without a folder; the fingerprint is None then, and for a card of an earlier merit_hf
+    (its `weights=` digest of the files' bytes cannot be compared with [`folder_weights_digest`])."""
     match = CARD_MARKER.search(card_text)
-    return (match["kind"], match["weights"]) if match else None
+    if not match:
+        return None
+    return match["kind"], match["weights"] if match["field"] == "tensors" else None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -742,6 +768,14 @@ def render_model_card(
     used = {dataset_name, *(_display_name(d) for d in (datasets or []))}
     citations = "\n".join(f"- {DATA_CITATIONS[key]}" for key in DATA_CITATIONS if key in used)
     digest = folder_weights_digest(model_folder)
+    if model_folder is None:
+        logger.warning(
+            "the card is rendered without the model folder: its code assumes a two-tower model, and it records no "
+            "kind of folder or weights (render it with the folder to have them checked at the push)"
+        )
+        marker = "<!-- merit_hf card -->"
+    else:
+        marker = f"<!-- merit_hf card: kind={kind}{f' tensors={digest}' if digest else ''} -->"
     body = string.Template(Path(template).read_text()).substitute(
         metadata=card_data.to_yaml(),
         title=name,
@@ -765,10 +799,10 @@ def render_model_card(
         training=_training_text(runs, model_folder),
         data_citations=("Data:\n\n" + citations) if citations else "",
         transformers_requirement=transformers_requirement(),
-        card_marker=f"<!-- merit_hf card: kind={kind}{f' weights={digest}' if digest else ''} -->",
+        card_marker=marker,
     )
     card = ModelCard(body)
-    problems = model_card_problems(card)
+    problems = model_card_problems(card, required=REQUIRED_MODEL_METADATA)
     if problems:
         raise CardError("rendered card is invalid: " + "; ".join(problems))
     return card
@@ -816,18 +850,25 @@ def transformers_requirement() -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def model_card_problems(card: ModelCard | str | os.PathLike) -> list[str]:
+def model_card_problems(card: ModelCard | str | os.PathLike, required: tuple[str, ...] = ()) -> list[str]:
     """Problems of a model card, found locally with huggingface_hub's own parsing (`ModelCard`, `ModelCardData`):
-    metadata that does not parse, missing required metadata (`REQUIRED_MODEL_METADATA`), a licence that is no Hub
-    licence identifier ([`license_problems`]), or a `model-index` that does not parse back into eval results."""
+    metadata that does not parse, a licence that is no Hub licence identifier ([`license_problems`]), a `model-index`
+    with results that do not parse back into eval results, and missing metadata among `required` (what a card
+    merit_hf renders must hold, `REQUIRED_MODEL_METADATA`; the push requires none: the Hub does not). A card without a
+    `license` passes with a logged warning; so does a `model-index` whose entries have no results (`results: []`, what
+    the Trainer writes when no evaluation ran)."""
     try:
         card = card if isinstance(card, ModelCard) else ModelCard.load(card)
     except Exception as error:  # huggingface_hub raises ValueError, yaml its own errors, model-index KeyError  # noqa: BLE001
         return [f"the card's metadata does not parse ({type(error).__name__}: {error})"]
     data = card.data.to_dict()
-    problems = [f"metadata {key!r} is missing" for key in REQUIRED_MODEL_METADATA if not data.get(key)]
+    problems = [f"metadata {key!r} is missing" for key in required if not data.get(key)]
+    if "license" not in required and not data.get("license"):
+        logger.warning("the model card names no license: the Hub shows none (add `license:` to its metadata)")
     problems += license_problems(data)
-    if "model-index" in data and not card.data.eval_results:
+    index = data.get("model-index")
+    has_results = any(isinstance(entry, dict) and entry.get("results") for entry in _as_list_of_dicts(index))
+    if index is not None and has_results and not card.data.eval_results:
         problems.append("model-index does not parse into eval results")
     return problems
 

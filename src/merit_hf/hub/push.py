@@ -64,18 +64,48 @@ DATA_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".csv")
 LARGE_FILE_SUFFIXES = (".safetensors", ".parquet", ".arrow", ".npy", ".npz", ".h5", ".dat")
 # A Hugging Face access token (`hf_` and 30-odd letters and digits), e.g. pasted into notes or printed in a log.
 HUB_TOKEN = re.compile(r"hf_[A-Za-z0-9]{30,}")
-# An absolute local path in text: `/a/b` (not inside a URL or after a word: `mm/mV`; after a colon it is one, as in
-# PEFT's tag `base_model:adapter:/home/me/base`), `~/a`, `C:\a`.
-LOCAL_PATH_IN_TEXT = re.compile(r"(?<![\w/.~-])(?:/|~/)(?:[\w.+-]+/)+[\w.+-]+|\b[A-Za-z]:\\[^\s`'\")]+")
-# Paths of the operating system, the same on every machine (the remote code reads `/proc/cpuinfo`): no leak.
-SYSTEM_PATHS = ("/proc/", "/dev/", "/sys/")
+# An absolute local path in a Markdown card: `/a/b` (not inside a URL or after a word: `mm/mV`; after a colon it is
+# one, as in PEFT's tag `base_model:adapter:/home/me/base`; also as a `file://` URL), `~/a`, `C:\a`.
+LOCAL_PATH_IN_TEXT = re.compile(r"(?:file://|(?<![\w/.~-]))(?:/|~/)(?:[\w.+-]+/)+[\w.+-]+|\b[A-Za-z]:\\[^\s`'\")]+")
+# Roots under which a path is a user's or a machine's own folder, whatever the text around it: outside Markdown cards
+# (code, configs, logs, JSON values) only paths under these are taken as leaks, so that a shebang (`#!/usr/bin/env`),
+# an API route (`/v1/chat/completions`) or an example in a comment passes.
+USER_ROOTS = ("home", "Users", "root", "tmp", "mnt", "media", "data", "scratch", "work", "opt", "var", "srv")
+USER_PATH_IN_TEXT = re.compile(
+    rf"(?:file://|(?<![\w/.~-]))/(?:{'|'.join(USER_ROOTS)})/[\w.+-][^\s`'\"<>|,;)\]}}]*"
+    r"|(?<![\w/.~-])~/[\w.+-][^\s`'\"<>|,;)\]}]*|\b[A-Za-z]:\\[^\s`'\")]+"
+)
+# Paths of the operating system, the same on every machine (the remote code reads `/proc/cpuinfo`, scripts start with
+# `#!/usr/bin/env`): no leak.
+SYSTEM_PATHS = ("/proc/", "/dev/", "/sys/", "/usr/", "/bin/", "/etc/")
+# JSON keys whose value names a file or folder: a value of theirs that is an absolute path is a leak wherever it lies.
+PATH_KEY = re.compile(r"(?:^|_)(?:name_or_path|path|paths|dir|directory|file|files|root|folder|cache)$")
+# Tokenizer vocabularies and merges: their entries are pieces of text (`/s`, `/ >`), never paths, and are not searched
+# for paths (only for tokens).
+TOKENIZER_DATA_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "merges.txt", "vocab.bpe", ".model", ".tiktoken")
 TEXT_SCAN_LIMIT = 64 * 2**20  # bytes; larger pushed files are data (weights, shards) and are not read
 # A pushed file above this size that is neither weights nor a tokenizer (a model folder) or data (a dataset folder) is
 # refused as an accidental upload: saved embeddings or predictions (`val_embeddings.npy`), a copied dataset, a video.
 LARGE_FILE_LIMIT = 10 * 2**20  # bytes
-# What a model folder holds above that size: weights, and tokenizers (a Llama or Gemma `tokenizer.json` is 9-33 MB;
-# SentencePiece models are `*.model`).
-MODEL_LARGE_FILES = (".safetensors", "tokenizer.json", "vocab.json", "vocab.txt", "merges.txt", ".model")
+# What a model folder holds above that size: weights and their index, and tokenizers (a Llama or Gemma
+# `tokenizer.json` is 9-33 MB; SentencePiece models are `*.model`, tiktoken's `*.tiktoken`).
+MODEL_LARGE_FILES = (
+    ".safetensors",
+    ".safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "added_tokens.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "vocab.txt",
+    "vocab.bpe",
+    "merges.txt",
+    ".model",
+    ".tiktoken",
+)
+# The sentence of PEFT's own card (huggingface_hub's template, which `save_pretrained` writes beside an adapter):
+# [`peft_template_card`] recognises that card when nobody edited it.
+PEFT_FRAMEWORK_HEADING = "### Framework versions"
 
 logger = logging.getLogger(__name__)
 
@@ -125,9 +155,10 @@ def check_model_folder(folder: str | os.PathLike, ignore_patterns: list[str] | N
     are refused by merit_hf; [`pickle_problems`]); a PEFT adapter (`adapter_config.json`) comes with its
     `adapter_model.safetensors`; the feature extractor (`preprocessor_config.json`, or a processor's
     `processor_config.json` that holds it) is there, since without it users cannot reproduce the input contract; a
-    model card `README.md` exists, its metadata parse with huggingface_hub and hold what the Hub needs
-    ([`merit_hf.hub.cards.model_card_problems`]: `library_name`, `license` as a Hub licence identifier, `tags`,
-    `pipeline_tag`, a `model-index` that parses), and it fits the folder ([`card_folder_problems`]: the kind of folder
+    model card `README.md` exists, its metadata parse with huggingface_hub ([`merit_hf.hub.cards.model_card_problems`]:
+    a `license` is a Hub licence identifier, a `model-index` with results parses; `library_name`, `tags` and
+    `pipeline_tag` are not required, as the Hub does not require them, and a missing `license` is only logged), and it
+    fits the folder ([`card_folder_problems`]: the kind of folder
     and the weights a merit_hf card was rendered for, and the `base_model` of an adapter or report model); no file
     larger than `LARGE_FILE_LIMIT` that is neither weights nor a tokenizer ([`large_file_problems`]); nothing leaks
     ([`leak_problems`]). A `Trainer` output folder passes: its `training_args.bin` and `trainer_state.json` are never
@@ -176,8 +207,9 @@ def check_model_folder(folder: str | os.PathLike, ignore_patterns: list[str] | N
 def card_folder_problems(folder: str | os.PathLike) -> list[str]:
     """A model card `README.md` that does not fit its folder: a card rendered by merit_hf for another kind of folder
     (its hidden `merit_hf card` line, [`merit_hf.hub.cards.card_marker`], against
-    [`merit_hf.hub.cards.folder_kind`]: a two-tower card's code fails on a report adapter) or for other weight files
-    (its numbers are of other weights); and, whoever wrote the card, a PEFT adapter or report model whose card has no
+    [`merit_hf.hub.cards.folder_kind`]: a two-tower card's code fails on a report adapter; a card rendered without a
+    folder records no kind and is not compared) or for other tensors (its numbers are of other weights; compared by
+    tensor content, [`merit_hf.hub.cards.folder_weights_digest`], so re-sharding the same weights passes); and, whoever wrote the card, a PEFT adapter or report model whose card has no
     `base_model` (the Hub links a model to what it was built on through it)."""
     import yaml
 
@@ -192,15 +224,15 @@ def card_folder_problems(folder: str | os.PathLike) -> list[str]:
         "render it again for this folder (python -m merit_hf.hub push <folder> <repo> --results <results JSON> "
         "--overwrite-card, or python -m merit_hf.hub.cards model ... --model-folder <folder>)"
     )
-    if marker is not None and marker[0] != kind:
+    if marker is not None and marker[0] is not None and marker[0] != kind:
         problems.append(
-            f"README.md is the card of a {marker[0]} folder, but this folder holds a {kind} (its code and metadata "
-            f"would not work for this folder): {render}"
+            f"README.md is the card of {_a(marker[0])} folder, but this folder holds {_a(kind)} (its code and "
+            f"metadata would not work for this folder): {render}"
         )
-    elif marker is not None and marker[1] is not None and marker[1] != folder_weights_digest(folder):
+    elif marker is not None and marker[1] is not None and marker[1] != (digest := folder_weights_digest(folder)):
         problems.append(
-            f"README.md was rendered for other weights (weight files {marker[1]}; this folder's are "
-            f"{folder_weights_digest(folder)}), so its numbers are not of these weights: {render}"
+            f"README.md was rendered for other weights (tensors {marker[1]}; this folder's tensors are {digest}): its "
+            f"numbers are not of these weights: {render}"
         )
     metadata = {}
     if text.startswith("---"):
@@ -386,11 +418,23 @@ def pickle_without_header(path: str | os.PathLike) -> str | None:
 
 def leak_problems(folder: str | os.PathLike, ignore_patterns: list[str] | None = None) -> list[str]:
     """What a push would publish by mistake, one problem per file: a Hugging Face token (`hf_` + 30 or more letters
-    and digits) in any text file it uploads (notes, logs, configs), and an absolute local path (it shows the author's
-    folder layout, and nobody else can load from it) in any text file it uploads: a JSON file's values
-    (`output_dir: "/home/..."`), and anywhere in any other text (a card, `train_config.yaml`, `train.log`, a `.txt`,
-    `.cfg`, `.toml` or `.py` file), except the operating system's own `/proc/`, `/dev/`, `/sys/`. Binary and data
-    files (`LARGE_FILE_SUFFIXES`, files with NUL bytes or above `TEXT_SCAN_LIMIT`) are not read."""
+    and digits) in any text file it uploads (notes, logs, configs, tokenizer files), and an absolute local path (it
+    shows the author's folder layout, and nobody else can load from it) in a text file it uploads. The rule for paths:
+
+    - a Markdown file (the card): any absolute path (`/a/b`, also as `file:///a/b`, `~/a`, `C:\\a`;
+      [`LOCAL_PATH_IN_TEXT`]), except the operating system's own (`SYSTEM_PATHS`: `/proc/`, `/dev/`, `/sys/`, `/usr/`,
+      `/bin/`, `/etc/`);
+    - any other text file (`train_config.yaml`, `train.log`, `.txt`, `.cfg`, `.toml`, `.py`) and any JSON string value
+      (anywhere inside the string: a `save_to_disk` `dataset_info.json` description naming its source): a path under a
+      user's or machine's own root (`USER_ROOTS`: `/home/`, `/Users/`, `/root/`, `/tmp/`, `/mnt/`, `/media/`,
+      `/data/`, `/scratch/`, `/work/`, `/opt/`, `/var/`, `/srv/`; `~/`, `C:\\`; also after `file://`;
+      [`USER_PATH_IN_TEXT`]), so that shebangs, API routes and examples in comments pass;
+    - a JSON value of a key that names a file or folder (`PATH_KEY`: `base_model_name_or_path`, `output_dir`,
+      `cache_dir`, ...) that is itself an absolute path, under any root;
+    - tokenizer vocabularies and merges (`TOKENIZER_DATA_FILES`: `tokenizer.json`, `vocab.json`, `merges.txt`,
+      `*.model`, ...) are not searched for paths: their entries (`/s`, `/ >`) are text pieces.
+
+    Binary and data files (`LARGE_FILE_SUFFIXES`, files with NUL bytes or above `TEXT_SCAN_LIMIT`) are not read."""
     folder = Path(folder)
     problems = []
     for name in pushed_files(folder, ignore_patterns):
@@ -408,23 +452,36 @@ def leak_problems(folder: str | os.PathLike, ignore_patterns: list[str] | None =
                 f"{name} holds a Hugging Face token (line {line}: {token[0][:7]}...): remove the file or the token "
                 "before pushing, and revoke the token at https://huggingface.co/settings/tokens"
             )
+        if name.rsplit("/", 1)[-1].lower().endswith(TOKENIZER_DATA_FILES):
+            continue
         if name.endswith(".json"):
             try:
-                paths = _local_paths_in_json(json.loads(text), "")
+                paths = _local_paths_in_json(json.loads(text), "", anywhere=True)
             except json.JSONDecodeError:
                 paths = []
             problems += [
                 f"{name}: {key} is the local path {value!r} (nobody else can load from it): set it to a Hub id or ''"
-                for key, value in paths
+                if value == whole
+                else f"{name}: {key} names the local path {value!r}: remove it from the text"
+                for key, value, whole in paths
             ]
         else:
-            found = sorted({path for path in LOCAL_PATH_IN_TEXT.findall(text) if not path.startswith(SYSTEM_PATHS)})
+            pattern = LOCAL_PATH_IN_TEXT if name.lower().endswith(".md") else USER_PATH_IN_TEXT
+            found = sorted({path for path in pattern.findall(text) if not _system_path(path)})
             if found:
                 problems.append(
                     f"{name} names local paths {found[:5]}: write file names or Hub ids instead, or leave the file "
                     "out of the push"
                 )
     return problems
+
+
+def _system_path(path: str) -> bool:
+    return path.removeprefix("file://").startswith(SYSTEM_PATHS)
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
 
 
 def _has_feature_extractor(folder: Path) -> bool:
@@ -434,13 +491,25 @@ def _has_feature_extractor(folder: Path) -> bool:
     return processor.is_file() and "feature_extractor" in json.loads(processor.read_text())
 
 
-def _local_paths_in_json(value, key: str) -> list[tuple[str, str]]:
+def _local_paths_in_json(value, key: str, anywhere: bool = False) -> list[tuple[str, str, str]]:
+    """`(key, path, whole value)` for the JSON string values that are an absolute local path (a path-naming key's, or
+    any key's with `anywhere=False`), and, with `anywhere`, the paths under `USER_ROOTS` inside any string value."""
     if isinstance(value, dict):
-        return [pair for k, v in value.items() for pair in _local_paths_in_json(v, f"{key}.{k}" if key else k)]
+        return [
+            found for k, v in value.items() for found in _local_paths_in_json(v, f"{key}.{k}" if key else k, anywhere)
+        ]
     if isinstance(value, list):
-        return [pair for i, v in enumerate(value) for pair in _local_paths_in_json(v, f"{key}[{i}]")]
-    if isinstance(value, str) and re.match(r"^(/[^/]|~/|[A-Za-z]:[\\/])", value):
-        return [(key, value)]
+        return [found for i, v in enumerate(value) for found in _local_paths_in_json(v, f"{key}[{i}]", anywhere)]
+    if not isinstance(value, str):
+        return []
+    last_key = re.sub(r"\[\d+\]$", "", key).rsplit(".", 1)[-1]
+    whole = bool(re.match(r"^(/[^/]|~/|[A-Za-z]:[\\/])", value)) and not _system_path(value)
+    if whole and (not anywhere or PATH_KEY.search(last_key)):
+        return [(key, value, value)]
+    if anywhere:
+        return [
+            (key, path, value) for path in dict.fromkeys(USER_PATH_IN_TEXT.findall(value)) if not _system_path(path)
+        ]
     return []
 
 
@@ -457,7 +526,7 @@ def clear_local_name_or_path(folder: str | os.PathLike) -> list[str]:
             continue
         keys = [
             key
-            for key, _ in _local_paths_in_json(config, "")
+            for key, _, _ in _local_paths_in_json(config, "")
             if key.split(".")[-1] == "_name_or_path" and "[" not in key
         ]
         for key in keys:
@@ -473,7 +542,7 @@ def clear_local_name_or_path(folder: str | os.PathLike) -> list[str]:
     return cleared
 
 
-def check_dataset_folder(folder: str | os.PathLike) -> list[str]:
+def check_dataset_folder(folder: str | os.PathLike, ignore_patterns: list[str] | None = None) -> list[str]:
     """Problems of a converted dataset folder: it needs data files (Parquet/Arrow/JSONL/CSV) and a card `README.md`
     whose `configs:` all resolve to files in the folder ([`merit_hf.hub.cards.dataset_config_problems`]), or
     `load_dataset(repo, config)` would fail after the push, and whose `dataset_info` splits `datasets` can read
@@ -482,24 +551,26 @@ def check_dataset_folder(folder: str | os.PathLike) -> list[str]:
     `LARGE_FILE_LIMIT` that are not data ([`large_file_problems`]), and a card that
     [`merit_hf.hub.cards.dataset_card_problems`] refuses: metadata that does not parse, no `license` (a Hub licence
     identifier; `other` needs `license_name`), `pretty_name` or `tags`, a template's placeholder left in it (the WFDB
-    card, whose licence the converter cannot know), no citation or licence statement in its text."""
+    card, whose licence the converter cannot know), no citation or licence statement in its text. Only the files the
+    push uploads are checked: `ignore_patterns` as in [`push_folder`] (`--ignore`)."""
     from .cards import dataset_card_problems
 
     folder = Path(folder)
     if not folder.is_dir():
         return [f"{folder} is not a folder"]
     problems = []
-    if not any(p.suffix in DATA_SUFFIXES for p in folder.rglob("*") if p.is_file()):
+    pushed = pushed_files(folder, ignore_patterns)
+    if not any(name.endswith(DATA_SUFFIXES) for name in pushed):
         problems.append(f"no data files ({', '.join(DATA_SUFFIXES)})")
     if (folder / "README.md").is_file():
         problems.extend(f"README.md: {problem}" for problem in dataset_card_problems(folder / "README.md", folder))
     else:
         problems.append("README.md (the dataset card) is missing")
-    scripts = sorted(p.name for p in folder.glob("*.py"))
+    scripts = sorted(name for name in pushed if "/" not in name and name.endswith(".py"))
     if scripts:
         problems.append(f"Python files {scripts}: push the converted data, not a loading script")
-    problems += large_file_problems(folder, DATA_SUFFIXES, f"data ({', '.join(DATA_SUFFIXES)})")
-    return problems + pickle_problems(folder) + leak_problems(folder)
+    problems += large_file_problems(folder, DATA_SUFFIXES, f"data ({', '.join(DATA_SUFFIXES)})", ignore_patterns)
+    return problems + pickle_problems(folder, ignore_patterns) + leak_problems(folder, ignore_patterns)
 
 
 def pushed_files(folder: str | os.PathLike, ignore_patterns: list[str] | None = None) -> list[str]:
@@ -664,6 +735,9 @@ def push_model(
 
     Example:
 
+    PEFT's `save_pretrained` writes its own template card beside an adapter; that card, unedited
+    ([`peft_template_card`]), is replaced without `overwrite_card`.
+
     ```python
     >>> push_model("quickstart_output/model", "org/merit-ecg", results="results.json", tag="v0.1")  # doctest: +SKIP
     ```"""
@@ -675,11 +749,17 @@ def push_model(
         from .cards import render_model_card
 
         rendered = str(render_model_card(results, repo_id=repo_id, model_folder=folder, **(card_kwargs or {})))
-        if earlier_card is not None and earlier_card != rendered.encode("utf-8") and not overwrite_card:
+        replaceable = earlier_card is None or earlier_card == rendered.encode("utf-8") or overwrite_card
+        if not replaceable and peft_template_card(earlier_card.decode("utf-8", errors="replace")):
+            logger.info("%s is PEFT's unedited template card (written by save_pretrained): replaced", card_path)
+            replaceable = True
+        if not replaceable:
+            peft = "library_name: peft" in earlier_card.decode("utf-8", errors="replace")
             raise HubPushError(
-                f"{card_path} exists and differs from the card rendered from the results; nothing was changed or "
-                "uploaded. Pass overwrite_card=True (--overwrite-card) to replace it, or push without results to "
-                "publish it as it is"
+                f"{card_path} exists and differs from the card rendered from the results"
+                + (" (PEFT's save_pretrained wrote it, and it has been edited since)" if peft else "")
+                + "; nothing was changed or uploaded. Pass overwrite_card=True (--overwrite-card) to replace it, or "
+                "push without results to publish it as it is"
             )
     configs = {path: path.read_bytes() for path in folder.glob("*.json")}
     try:
@@ -702,11 +782,43 @@ def push_model(
                 path.write_bytes(content)
 
 
+def peft_template_card(text: str) -> bool:
+    """Whether `text` is the card PEFT's `save_pretrained` writes beside an adapter, unedited: huggingface_hub's
+    default model-card template (`ModelCard.from_template(ModelCardData())`), word for word, followed by PEFT's
+    `### Framework versions` block (`- PEFT <version>` lines), under metadata that holds only what PEFT sets
+    (`library_name`, `tags`, `base_model`, `pipeline_tag`). Any edit of the text or another metadata key makes it a
+    card someone wrote, which only `overwrite_card` replaces."""
+    import yaml
+    from huggingface_hub import ModelCard, ModelCardData
+
+    if not text.startswith("---"):
+        return False
+    parts = text.split("---", 2)
+    if len(parts) < 3:
+        return False
+    try:
+        metadata = yaml.safe_load(parts[1]) or {}
+    except yaml.YAMLError:
+        return False
+    if not isinstance(metadata, dict) or metadata.get("library_name") != "peft":
+        return False
+    if set(metadata) - {"library_name", "tags", "base_model", "pipeline_tag"}:
+        return False
+    body = parts[2]
+    if PEFT_FRAMEWORK_HEADING not in body:
+        return False
+    body, framework = body.rsplit(PEFT_FRAMEWORK_HEADING, 1)
+    if not all(line.startswith("- PEFT ") for line in framework.split("\n") if line.strip()):
+        return False
+    template = ModelCard.from_template(ModelCardData()).text
+    return " ".join(body.split()) == " ".join(template.split())
+
+
 def push_dataset(folder: str | os.PathLike, repo_id: str, **push_kwargs) -> PushResult:
     """Push a converted dataset folder (Parquet/Arrow shards + its card `README.md`) as a dataset repo; it then
     loads with `datasets.load_dataset(repo_id)`, without any loading script."""
     folder = Path(folder)
-    _raise_if(check_dataset_folder(folder), folder, "dataset")
+    _raise_if(check_dataset_folder(folder, push_kwargs.get("ignore_patterns")), folder, "dataset")
     return push_folder(folder, repo_id, repo_type="dataset", **push_kwargs)
 
 

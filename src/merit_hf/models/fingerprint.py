@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -54,10 +55,33 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
 def safetensors_fingerprint(path: str | os.PathLike) -> str:
     """[`tensors_fingerprint`] of the tensors of a `.safetensors` file (a PEFT adapter's `adapter_model.safetensors`):
     equal to [`weights_fingerprint`] of a module whose `state_dict` holds exactly those tensors under those names."""
+    return safetensors_files_fingerprint([path])
+
+
+def safetensors_files_fingerprint(paths: Iterable[str | os.PathLike]) -> str:
+    """[`tensors_fingerprint`] of all the tensors of several `.safetensors` files (a sharded checkpoint's shards),
+    read one at a time with `safe_open` (no model is built, and at most one tensor is held): it depends on the
+    tensors' names, shapes and values only, not on how they are split into files or on the files' headers."""
     from safetensors import safe_open
 
-    with safe_open(str(Path(path)), framework="pt") as file:
-        return tensors_fingerprint((name, file.get_tensor(name)) for name in file.keys())  # noqa: SIM118
+    located = {}
+    for path in paths:
+        with safe_open(str(Path(path)), framework="pt") as file:
+            located.update({name: str(Path(path)) for name in file.keys()})  # noqa: SIM118
+    digest = hashlib.sha1()
+    with ExitStack() as stack:
+        opened = {path: stack.enter_context(safe_open(path, framework="pt")) for path in sorted(set(located.values()))}
+        for name in sorted(located):
+            tensor = opened[located[name]].get_tensor(name)
+            digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+            digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
-__all__ = ["model_fingerprint", "safetensors_fingerprint", "tensors_fingerprint", "weights_fingerprint"]
+__all__ = [
+    "model_fingerprint",
+    "safetensors_files_fingerprint",
+    "safetensors_fingerprint",
+    "tensors_fingerprint",
+    "weights_fingerprint",
+]
