@@ -12,6 +12,7 @@ from datasets import load_dataset
 
 import merit_hf.data.conversion as conversion
 from merit_hf.data import build_mimic_iv_ecg, convert_mimic_iv_ecg, load_mimic_iv_ecg
+from merit_hf.hub import check_dataset_folder
 from tests.conftest import BUNDLED_PTBXL, REPO_ROOT
 from tests.test_data_reports import MIMIC_MEASUREMENTS_HEADER, MIMIC_MEASUREMENTS_ROW
 
@@ -103,7 +104,7 @@ def test_unreadable_record_is_reported(mimic_root, tmp_path):
     report = convert_mimic_iv_ecg(mimic_root, tmp_path / "out", records_per_shard=4)
     assert (report.total, report.written, report.failed) == (7, 6, 1)
     saved = json.loads((tmp_path / "out" / "data" / "conversion_report.json").read_text())
-    assert saved["failed"] == 1 and saved["failures"][0]["record"].endswith(path)
+    assert saved["failed"] == 1 and saved["failures"][0]["record"] == path  # as PhysioNet names it
     assert "lead aVL has 50 NaN/inf samples" in saved["failures"][0]["reason"]
     assert load_mimic_iv_ecg(tmp_path / "out", streaming=False).num_rows == 6
 
@@ -244,3 +245,22 @@ def test_convert_cli(mimic_root, tmp_path):
     assert len(list((output / "data").glob("train-*-of-00002.parquet"))) == 2
     by_card = load_dataset(str(output), name="default", split="train", streaming=True)  # as from the Hub
     assert [row["ecg_id"] for row in by_card] == [study for _, study in STUDIES]
+
+
+def test_the_converted_folder_names_no_local_path(mimic_root, tmp_path):
+    """A failed record is named as PhysioNet names it, relative to --mimic_root: the conversion report is uploaded
+    with the shards, and its absolute path (the converting machine's folders) was refused by the push's leak check."""
+    signal = ptbxl_500hz(7)
+    signal[:50, 4] = np.nan
+    path = write_mimic_record(mimic_root, 10003046, 46000006, signal)
+    with (mimic_root / "record_list.csv").open("a") as handle:
+        handle.write(f"10003046,46000006,46000006,2180-07-23 08:44:00,{path}\n")
+    script = runpy.run_path(str(REPO_ROOT / "dataset_scripts/mimic_iv_ecg/convert.py"), run_name="mimic_convert")
+    output = tmp_path / "out"
+    assert script["main"](["--mimic_root", str(mimic_root), "--output_dir", str(output)]) == 0
+    report = (output / "data" / "conversion_report.json").read_text()
+    assert str(tmp_path) not in report
+    (failure,) = json.loads(report)["failures"]
+    assert failure["record"] == path == "files/p1000/p10003046/s46000006/46000006"
+    assert failure["reason"].startswith(f"{path}.hea: lead aVL has 50 NaN/inf samples")
+    assert check_dataset_folder(output) == []

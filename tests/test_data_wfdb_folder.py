@@ -23,6 +23,7 @@ from merit_hf.data import (
     load_wfdb_dataset,
     read_ecg_record,
 )
+from merit_hf.hub import leak_problems
 from tests.conftest import REPO_ROOT, SHARED_DATA, tiny_merit_config
 
 SUBSET = SHARED_DATA / "ptbxl_subset500"
@@ -77,14 +78,15 @@ def test_leads_rate_and_length_are_kept_as_recorded_and_bad_records_are_reported
 
     report = convert_wfdb_folder(spec, tmp_path / "out")
     assert (report.total, report.written, report.failed) == (3, 2, 1)
-    assert report.failures[0].record == str(wfdb_dir / "b" / "broken")
-    assert report.failures[0].reason.endswith(
-        "broken.dat: signal file holds 1000 bytes, the header declares 1000 "
+    assert report.failures[0].record == "b/broken"  # relative to wfdb_dir: the report is uploaded with the shards
+    assert report.failures[0].reason == (
+        "b/broken.dat: signal file holds 1000 bytes, the header declares 1000 "
         "samples x 12 signals in format 16 (24000 bytes): truncated"
     )
     saved = json.loads((tmp_path / "out" / "data" / "conversion_report.json").read_text())
     assert saved["failed"] == 1 and saved["settings"]["records_without_labels_row"] == 1  # b/broken has no row
     assert saved["settings"]["labels_csv_ids_without_record"] == 1  # "ghost"
+    assert saved["settings"]["labels_csv"] == "labels.csv" and str(tmp_path) not in json.dumps(saved)
     records = load_wfdb_dataset(tmp_path / "out", split_fractions=(1.0, 0.0, 0.0))["train"]
     by_record = {row["record"]: row for row in records}
     holter = by_record["a/two_lead"]
@@ -101,6 +103,26 @@ def test_leads_rate_and_length_are_kept_as_recorded_and_bad_records_are_reported
         convert_wfdb_folder(spec, tmp_path / "out")
     with pytest.raises(EcgInputError, match=r"broken\.dat: signal file holds 1000 bytes.*truncated"):
         build_wfdb_dataset(spec)  # in memory, on_error="raise" names the first bad record
+
+
+def test_the_converted_folder_names_no_local_path(tmp_path):
+    """The conversion report is uploaded with the shards: a failed record is named relative to --wfdb_dir and the
+    CSVs by their file names (absolute paths were refused by the push's leak check)."""
+    wfdb_dir, labels, _ = hospital_folder(tmp_path, 3)
+    broken = next(wfdb_dir.rglob("*.dat"))
+    broken.write_bytes(broken.read_bytes()[:1000])
+    convert = runpy.run_path(str(REPO_ROOT / "dataset_scripts" / "wfdb" / "convert.py"), run_name="wfdb_convert")
+    out = tmp_path / "out"
+    assert convert["main"](["--wfdb_dir", str(wfdb_dir), "--output_dir", str(out), "--labels_csv", str(labels),
+                            "--id_column", "file", "--label_columns", "rhythm", "--reports_csv", str(labels)]) == 0  # fmt: skip
+    report = (out / "data" / "conversion_report.json").read_text()
+    assert str(tmp_path) not in report
+    saved = json.loads(report)
+    record = broken.relative_to(wfdb_dir).with_suffix("").as_posix()
+    assert [failure["record"] for failure in saved["failures"]] == [record]
+    assert saved["failures"][0]["reason"].startswith(f"{record}.dat: signal file holds 1000 bytes")
+    assert saved["settings"]["labels_csv"] == saved["settings"]["reports_csv"] == "labels.csv"
+    assert leak_problems(out) == []  # the push's check (its card, an unedited template here, is checked apart)
 
 
 def test_a_label_spelled_like_a_missing_value_is_a_label(tmp_path):

@@ -202,7 +202,7 @@ def test_converter_lists_a_flat_record_in_the_report(tmp_path):
     report = convert_ptbxl(root, tmp_path / "out", sampling_rate=100)
     assert (report.total, report.written) == (2, 1)
     saved = json.loads((tmp_path / "out" / "100hz" / "conversion_report.json").read_text())
-    assert [failure["record"] for failure in saved["failures"]] == [str(flat)]
+    assert [failure["record"] for failure in saved["failures"]] == [table.filename_lr.iloc[1]]  # relative to root
     assert "leads ['V1'] are flat" in saved["failures"][0]["reason"]
 
 

@@ -899,6 +899,37 @@ def test_ptbxl_reports_load_from_a_converted_folder(bundled_ptbxl_rows, tmp_path
         np.testing.assert_array_equal(example["signal"], reference["signal"])
 
 
+def test_the_examples_cache_key_is_the_datas_not_the_path_it_was_read_by(bundled_ptbxl_rows, tmp_path, monkeypatch):
+    """The cache key (`rows_fingerprint`) of the same PTB-XL read by an absolute path, a relative one or a link is one
+    key, for a PhysioNet folder and a converted one; other data is another key. The `PTB-XL source:` line (the folder
+    as given) made every spelling of the path a new key, so the whole cache was rebuilt; it stays in the description."""
+    import os
+
+    from merit_hf.data import convert_ptbxl
+    from merit_hf.data.ptbxl import described_source
+    from merit_hf.training.report_examples import rows_fingerprint
+    from merit_hf.training.report_lora import load_ptbxl_rows, read_ptbxl_reports
+
+    def key(rows):
+        return rows._fingerprint, rows_fingerprint(read_ptbxl_reports(rows, list(range(1, 9)))[0])
+
+    expected = key(bundled_ptbxl_rows)
+    (tmp_path / "link").symlink_to(BUNDLED_PTBXL)
+    monkeypatch.chdir(tmp_path)
+    relative = os.path.relpath(BUNDLED_PTBXL)
+    assert key(load_ptbxl_rows(relative)) == key(load_ptbxl_rows("link")) == expected
+    assert described_source(load_ptbxl_rows("link"))["source"] == "link"  # the folder as given, still described
+    assert described_source(bundled_ptbxl_rows)["source"] == str(BUNDLED_PTBXL)
+
+    ecg_ids = bundled_ptbxl_rows["ecg_id"]
+    convert_ptbxl(BUNDLED_PTBXL, tmp_path / "converted", sampling_rate=100, ecg_ids=ecg_ids[:30])
+    convert_ptbxl(BUNDLED_PTBXL, tmp_path / "fewer", sampling_rate=100, ecg_ids=ecg_ids[:29])
+    (tmp_path / "converted_link").symlink_to(tmp_path / "converted")
+    converted = key(load_ptbxl_rows(tmp_path / "converted"))
+    assert key(load_ptbxl_rows("converted")) == key(load_ptbxl_rows("converted_link")) == converted
+    assert len({converted, key(load_ptbxl_rows("fewer")), expected}) == 3
+
+
 def test_ecg_use_check_tells_an_ecg_blind_model_from_one_that_reads_the_ecg(parts):
     """`ecg_use_check`: the loss with real and with shuffled ECGs is the model's own token-mean loss, equal for both
     when the projector writes zeros whatever the ECG (so the ECG carries nothing), different once it does not."""

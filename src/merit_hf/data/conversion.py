@@ -189,6 +189,7 @@ def write_parquet_shards(
     overwrite: bool = False,
     desc: str = "converting",
     settings: dict[str, Any] | None = None,
+    root: str | os.PathLike | None = None,
 ) -> ConversionReport:
     """Write `tasks` (`{split: [task, ...]}`) as `output_dir/{split}-{i:05d}-of-{n:05d}.parquet`, resumably (a split
     with no task writes no file: an empty Parquet file breaks `datasets`' Parquet builder).
@@ -196,6 +197,10 @@ def write_parquet_shards(
     `settings` (JSON values, e.g. a label threshold) are what else decides the rows. A resumed conversion must have the
     same records (their content: metadata and reports), `features`, `records_per_shard` and `settings` as the
     interrupted one, so that no dataset mixes two rule sets; the settings are kept in the finished report.
+
+    `root` is the folder the records are read from: the failures written (record names and reasons) name files
+    relative to it (`files/p1000/.../40689238`, as the source names its records), so that no local path of the
+    converting machine reaches the report, which is uploaded with the shards.
 
     Returns the report of the whole conversion (also saved as `conversion_report.json`, which marks the folder as
     finished).
@@ -243,7 +248,7 @@ def write_parquet_shards(
                 jobs.append((shard, split_tasks[index * records_per_shard : (index + 1) * records_per_shard]))
     total = sum(len(split_tasks) for split_tasks in tasks.values())
     done = total - sum(len(job_tasks) for _, job_tasks in jobs)
-    work = partial(_write_shard, row_fn=row_fn, record_name=record_name, features=features)
+    work = partial(_write_shard, row_fn=row_fn, record_name=record_name, features=features, root=root)
     with tqdm(total=total, initial=done, desc=desc, unit="rec") as progress:
         for written in _map(work, jobs, num_proc):
             progress.update(written)
@@ -286,9 +291,24 @@ class ShardPaths:
         return self.output_dir / PROGRESS_DIR / f"{self.split}-{self.index:05d}.json"
 
 
-def _write_shard(job: tuple[ShardPaths, Sequence[Any]], row_fn, record_name, features: Features) -> int:
+def relative_failure(failure: RecordFailure, root: str | os.PathLike | None) -> RecordFailure:
+    """`failure` with the paths under `root` written relative to it (its record name and, in its reason, every path
+    that starts with `root`); an absolute `root` left alone in the reason is written as its last component."""
+    if root is None or str(Path(root)) == ".":
+        return failure
+    root = str(Path(root))
+    # `root/` where a path starts (not inside a longer one: `root` "data" leaves "metadata/x" alone)
+    under_root = re.compile(r"(?<![\w.~/\\-])" + re.escape(root.rstrip(os.sep) + os.sep))
+    record, reason = under_root.sub("", failure.record), under_root.sub("", failure.reason)
+    if os.path.isabs(root):
+        record, reason = record.replace(root, Path(root).name), reason.replace(root, Path(root).name)
+    return RecordFailure(record, reason)
+
+
+def _write_shard(job: tuple[ShardPaths, Sequence[Any]], row_fn, record_name, features: Features, root=None) -> int:
     shard, tasks = job
     rows, failures = convert_records(tasks, row_fn, record_name)
+    failures = [relative_failure(failure, root) for failure in failures]
     report = ConversionReport(len(tasks), len(rows), failures)
     _write_json_atomic(shard.failures, report.to_dict())
     temporary = shard.parquet.with_name(shard.parquet.name + ".tmp")

@@ -190,7 +190,8 @@ def convert_mimic_iv_ecg(
 
     Resumable: rerun the same command after a crash and the finished shards are kept, the others redone (no record
     lost or duplicated). A finished output is replaced only with `overwrite=True`. Unreadable records are listed
-    (file + reason) in `output_dir/data/conversion_report.json`.
+    (file + reason) in `output_dir/data/conversion_report.json`, named relative to `mimic_root` as PhysioNet names
+    them (`files/p1000/p10000032/s40689238/40689238`): the report is uploaded with the shards.
     """
     reader = MimicRecordReader(Path(mimic_root))
     return write_parquet_shards(
@@ -203,6 +204,7 @@ def convert_mimic_iv_ecg(
         num_proc=num_proc,
         overwrite=overwrite,
         desc="MIMIC-IV-ECG",
+        root=mimic_root,
     )
 
 

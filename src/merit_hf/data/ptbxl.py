@@ -308,7 +308,8 @@ def convert_ptbxl(
     """Convert a PhysioNet PTB-XL folder to Parquet shards `output_dir/{100hz|500hz}/{split}-*.parquet`.
 
     Resumable after a crash, refuses to replace a finished conversion unless `overwrite=True`; unreadable records are
-    listed (file + reason) in `output_dir/{config}/conversion_report.json`. The dataset card (`README.md` with the
+    listed (file + reason, named relative to `ptbxl_root`: `records100/00000/00001_lr`) in
+    `output_dir/{config}/conversion_report.json`. The dataset card (`README.md` with the
     `configs:`) is written by `dataset_scripts/ptbxl/convert.py`. `ptbxl_version` as in `build_ptbxl` (default
     `"1.0.3"`: the shards hold v1.0.3's rows and labels); it is one of the conversion's recorded settings.
     """
@@ -323,6 +324,7 @@ def convert_ptbxl(
         num_proc=num_proc,
         overwrite=overwrite,
         desc=f"PTB-XL {sampling_rate} Hz",
+        root=ptbxl_root,
         settings={
             "sampling_rate": sampling_rate,
             "label_threshold": float(label_threshold),

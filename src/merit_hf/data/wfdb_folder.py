@@ -247,8 +247,8 @@ def convert_wfdb_folder(
     """Convert a WFDB folder to `output_dir/data/records-*.parquet` (one split, `records`).
 
     Resumable after a crash (rerun the same command), refuses to replace a finished conversion unless
-    `overwrite=True`. Unreadable records are listed (file + reason) in `output_dir/data/conversion_report.json`,
-    whose `settings` also keep the CSV options and how many records had no labels row or report.
+    `overwrite=True`. Unreadable records are listed (file + reason, named relative to `wfdb_dir`) in
+    `output_dir/data/conversion_report.json`, whose `settings` also keep the CSV options and how many records had no labels row or report.
     """
     tasks, class_names, lead_counts, unmatched = wfdb_folder_tasks(spec)
     reader = WfdbRecordReader(Path(spec.wfdb_dir), spec.label_columns, spec.metadata_columns)
@@ -257,6 +257,9 @@ def convert_wfdb_folder(
         for key, value in vars(spec).items()
         if key != "wfdb_dir"
     }
+    for key in ("labels_csv", "reports_csv"):  # the file, not where it lies on this machine (the report is uploaded)
+        if settings[key] is not None:
+            settings[key] = Path(settings[key]).name
     return write_parquet_shards(
         {WFDB_RECORDS_SPLIT: tasks},
         row_fn=reader,
@@ -268,6 +271,7 @@ def convert_wfdb_folder(
         overwrite=overwrite,
         desc="WFDB records",
         settings={**settings, **unmatched},
+        root=spec.wfdb_dir,
     )
 
 

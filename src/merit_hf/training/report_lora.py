@@ -74,7 +74,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 from ..data import drop_empty_reports, load_dataset, load_mimic_iv_ecg
 from ..data.mimic_iv_ecg import MEASUREMENTS_FILE, MimicRecordReader, mimic_iv_ecg_features, read_mimic_tasks
-from ..data.ptbxl import PTBXL_SAMPLING_RATES
+from ..data.ptbxl import PTBXL_SAMPLING_RATES, SOURCE_DESCRIPTION_PREFIX
 from ..models.merit.configuration_merit import MeritEcgConfig
 from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
 from ..models.merit.modeling_merit import MeritEcgModel
@@ -308,9 +308,29 @@ class ReportTrainingArguments:
 def load_ptbxl_rows(ptbxl_dir: str | Path, sampling_rate: int = 100) -> Dataset:
     """Every PTB-XL record as `merit_hf.data` gives it to pretraining, all folds in one `Dataset` in `ecg_id` order:
     `merit_hf.data.load_dataset("ptbxl", ...)`: a PhysioNet folder (in memory) or a converted one (Parquet shards,
-    `save_to_disk`, Hub id)."""
-    splits = load_dataset("ptbxl", ptbxl_dir, sampling_rate=sampling_rate)
-    return concatenate_datasets(list(splits.values())).sort("ecg_id")
+    `save_to_disk`, Hub id).
+
+    Its fingerprint (the report examples' cache key, `rows_fingerprint`) does not depend on how the folder was named:
+    `concatenate_datasets` hashes the splits' `info.description`, whose `PTB-XL source:` line
+    (`merit_hf.data.ptbxl.describe_source`) names the folder as given, so the same data by a relative or an absolute
+    path or through a link rebuilt the whole cache. The line is left out of the join and put back after it (naming
+    `ptbxl_dir` as given), and a local folder is read by its resolved path (the Parquet files' cache, which a
+    converted folder's fingerprint is made of, is keyed by their paths; a moved converted folder is still new data to
+    `datasets`, a PhysioNet folder is not: it is hashed by content).
+    """
+    local = Path(ptbxl_dir).expanduser()
+    splits = load_dataset("ptbxl", local.resolve() if local.exists() else ptbxl_dir, sampling_rate=sampling_rate)
+    sources = []
+    for split in splits.values():
+        lines = (split.info.description or "").splitlines()
+        sources += [line for line in lines if line.startswith(SOURCE_DESCRIPTION_PREFIX)]
+        split.info.description = "\n".join(line for line in lines if not line.startswith(SOURCE_DESCRIPTION_PREFIX))
+    rows = concatenate_datasets(list(splits.values())).sort("ecg_id")
+    if sources:  # after the join and the sort: a description set now is in no fingerprint
+        described = {**json.loads(sources[0].removeprefix(SOURCE_DESCRIPTION_PREFIX)), "source": str(ptbxl_dir)}
+        kept = (rows.info.description or "").splitlines()
+        rows.info.description = "\n".join([*kept, SOURCE_DESCRIPTION_PREFIX + json.dumps(described)])
+    return rows
 
 
 def read_ptbxl_reports(
