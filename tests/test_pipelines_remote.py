@@ -98,17 +98,23 @@ def test_pipelines_from_saved_folders_without_merit_hf(tmp_path):
     _run_without_merit_hf(tmp_path, body, "PIPELINES-OK")
 
 
-@pytest.mark.slow
-def test_zero_shot_pipeline_from_a_saved_two_tower_folder_without_merit_hf(tmp_path, tokenizer):
-    """`zero-shot-ecg-classification` from a saved MeritForPreTraining folder in a fresh process: free-text labels and
-    `class_descriptions="superclass"` (read from the folder's zero_shot_prompts.json) score as `zero_shot_classify`
-    does here."""
+def saved_two_tower_folder(tmp_path, tokenizer):
+    """A tiny random `MeritForPreTraining` (seed 0) and its processor, saved to `tmp_path / "merit"`."""
     torch.manual_seed(0)
     pretraining = MeritForPreTraining(tiny_merit_config()).eval()
     processor = MeritProcessor(MeritFeatureExtractor.from_model_config(tiny_merit_config().ecg_config), tokenizer)
     folder = tmp_path / "merit"
     pretraining.save_pretrained(folder)
     processor.save_pretrained(folder)
+    return pretraining, processor, folder
+
+
+@pytest.mark.slow
+def test_zero_shot_pipeline_from_a_saved_two_tower_folder_without_merit_hf(tmp_path, tokenizer):
+    """`zero-shot-ecg-classification` from a saved MeritForPreTraining folder in a fresh process: free-text labels and
+    `class_descriptions="superclass"` (read from the folder's zero_shot_prompts.json) score as `zero_shot_classify`
+    does here."""
+    pretraining, processor, folder = saved_two_tower_folder(tmp_path, tokenizer)
     assert "zero-shot-ecg-classification" in json.loads((folder / "config.json").read_text())["custom_pipelines"]
     assert json.loads((folder / "zero_shot_prompts.json").read_text()) == json.loads(PTBXL_PROMPTS_PATH.read_text())
 
@@ -164,12 +170,7 @@ def test_zero_shot_pipeline_from_a_saved_folder_with_merit_hf_installed_runs_eac
     monkeypatch.setenv("MERIT_CPU_PREPACK", "on")
     if cpu_int8_engines():
         monkeypatch.setenv("MERIT_CPU_INT8_ENGINE", cpu_int8_engines()[0])
-    torch.manual_seed(0)
-    pretraining = MeritForPreTraining(tiny_merit_config()).eval()
-    processor = MeritProcessor(MeritFeatureExtractor.from_model_config(tiny_merit_config().ecg_config), tokenizer)
-    folder = tmp_path / "merit"
-    pretraining.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    pretraining, processor, folder = saved_two_tower_folder(tmp_path, tokenizer)
     labels = ["sinus rhythm", "atrial fibrillation", "myocardial infarction"]
     precisions = ("fp32", "bf16", "int8", "auto")
     expected = {
