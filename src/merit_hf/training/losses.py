@@ -30,7 +30,7 @@ from torch import nn
 from ..models.merit.configuration_merit import MeritConfig
 from ..models.merit.modeling_merit import contrastive_loss, similarity_logits
 
-__all__ = ["ContrastiveLoss", "PretrainingLosses", "PretrainingObjective", "gather_with_grad"]
+__all__ = ["ContrastiveLoss", "PretrainingLosses", "PretrainingObjective", "gather_with_grad", "several_processes"]
 
 
 def gather_with_grad(features: torch.Tensor, equal_batches: bool = True) -> torch.Tensor:
@@ -47,7 +47,7 @@ def gather_with_grad(features: torch.Tensor, equal_batches: bool = True) -> torc
     The gather is `torch.distributed._functional_collectives.all_gather_single_autograd` (gloo, NCCL), the successor
     torch names for `torch.distributed.nn.functional.all_gather`, which warns that it is deprecated.
     """
-    if not _distributed():
+    if not several_processes():
         return features
     if equal_batches:
         return _all_gather_rows(features)
@@ -60,7 +60,8 @@ def gather_with_grad(features: torch.Tensor, equal_batches: bool = True) -> torc
     return torch.cat([gathered[rank * rows : rank * rows + count] for rank, count in enumerate(counts)], dim=0)
 
 
-def _distributed() -> bool:
+def several_processes() -> bool:
+    """Whether `torch.distributed` runs more than one process."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -154,7 +155,7 @@ class PretrainingObjective(nn.Module):
         loss = 0.0
         reconstruction = output.reconstruction_loss
         if reconstruction is not None:
-            if self.equal_batches and _distributed():
+            if self.equal_batches and several_processes():
                 reconstruction = reconstruction * self._share_of_reconstruction_patches(output)
             loss = loss + reconstruction_weight * reconstruction
         contrastive = None

@@ -94,7 +94,7 @@ from ..utils.launch import require_joined_processes
 from ..utils.throughput import ThroughputMeter, dataloader_options
 from .activation_checkpointing import enable_activation_checkpointing
 from .finetune_precision import launcher_mixed_precision, resolve_finetune_precision
-from .losses import PretrainingLosses, PretrainingObjective
+from .losses import PretrainingLosses, PretrainingObjective, several_processes
 
 logger = logging.getLogger(__name__)
 
@@ -484,7 +484,7 @@ def loss_term_gradient_norms(
             norms[f"encoder_grad_norm_{name}"] = 0.0
             continue
         gradient = torch.cat(gradients)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if several_processes():
             dist.all_reduce(gradient)
             gradient /= dist.get_world_size()
         norms[f"encoder_grad_norm_{name}"] = gradient.norm().item()
