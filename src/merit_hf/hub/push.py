@@ -211,7 +211,6 @@ def card_folder_problems(folder: str | os.PathLike) -> list[str]:
     folder records no kind and is not compared) or for other tensors (its numbers are of other weights; compared by
     tensor content, [`merit_hf.hub.cards.folder_weights_digest`], so re-sharding the same weights passes); and, whoever wrote the card, a PEFT adapter or report model whose card has no
     `base_model` (the Hub links a model to what it was built on through it)."""
-    import yaml
 
     from .cards import ADAPTER_KINDS, card_marker, folder_kind, folder_weights_digest
 
@@ -234,12 +233,7 @@ def card_folder_problems(folder: str | os.PathLike) -> list[str]:
             f"README.md was rendered for other weights (tensors {marker[1]}; this folder's tensors are {digest}): its "
             f"numbers are not of these weights: {render}"
         )
-    metadata = {}
-    if text.startswith("---"):
-        try:
-            metadata = yaml.safe_load(text.split("---", 2)[1]) or {}
-        except yaml.YAMLError:
-            metadata = {}  # model_card_problems names the error
+    metadata = card_metadata(text) or {}  # metadata that does not parse: model_card_problems names the error
     if (kind in ADAPTER_KINDS or kind in ("adapter", "report")) and not (
         isinstance(metadata, dict) and metadata.get("base_model")
     ):
@@ -274,20 +268,16 @@ def adapter_base_problems(folder: str | os.PathLike) -> list[str]:
     or the card's `base_model`): `quickstart_output/model` reads as a Hub id, so the pushed adapter would load that
     repo's weights, or a folder of that name in the user's working directory, as its base, without a word. An
     absolute path is refused by [`leak_problems`] as any local path is."""
-    import yaml
+
+    from .cards import adapter_config
 
     folder = Path(folder)
     names = []
-    if (folder / "adapter_config.json").is_file():
-        names.append(("adapter_config.json's base_model_name_or_path", json.loads(
-            (folder / "adapter_config.json").read_text()).get("base_model_name_or_path")))  # fmt: skip
+    if (config := adapter_config(folder)) is not None:
+        names.append(("adapter_config.json's base_model_name_or_path", config.get("base_model_name_or_path")))
     card = folder / "README.md"
-    if card.is_file() and (text := card.read_text(encoding="utf-8")).startswith("---"):
-        try:
-            metadata = yaml.safe_load(text.split("---", 2)[1]) or {}
-        except yaml.YAMLError:
-            metadata = {}
-        bases = metadata.get("base_model") if isinstance(metadata, dict) else None
+    if card.is_file() and (metadata := card_metadata(card.read_text(encoding="utf-8"))):
+        bases = metadata.get("base_model")
         names += [("the card's base_model", base) for base in _as_list(bases) if isinstance(base, str)]
     problems = []
     for where, name in names:
@@ -782,29 +772,37 @@ def push_model(
                 path.write_bytes(content)
 
 
+def card_metadata(text: str) -> dict | None:
+    """The YAML metadata block at the top of a card's `text` as a mapping, or None when there is none, it does not
+    parse, or it is not a mapping."""
+    import yaml
+
+    if not text.startswith("---"):
+        return None
+    parts = text.split("---", 2)
+    try:
+        metadata = yaml.safe_load(parts[1]) or {}
+    except yaml.YAMLError:
+        return None
+    return metadata if isinstance(metadata, dict) else None
+
+
 def peft_template_card(text: str) -> bool:
     """Whether `text` is the card PEFT's `save_pretrained` writes beside an adapter, unedited: huggingface_hub's
     default model-card template (`ModelCard.from_template(ModelCardData())`), word for word, followed by PEFT's
     `### Framework versions` block (`- PEFT <version>` lines), under metadata that holds only what PEFT sets
     (`library_name`, `tags`, `base_model`, `pipeline_tag`). Any edit of the text or another metadata key makes it a
     card someone wrote, which only `overwrite_card` replaces."""
-    import yaml
     from huggingface_hub import ModelCard, ModelCardData
 
-    if not text.startswith("---"):
+    if len(text.split("---", 2)) < 3:
         return False
-    parts = text.split("---", 2)
-    if len(parts) < 3:
-        return False
-    try:
-        metadata = yaml.safe_load(parts[1]) or {}
-    except yaml.YAMLError:
-        return False
-    if not isinstance(metadata, dict) or metadata.get("library_name") != "peft":
+    metadata = card_metadata(text)
+    if metadata is None or metadata.get("library_name") != "peft":
         return False
     if set(metadata) - {"library_name", "tags", "base_model", "pipeline_tag"}:
         return False
-    body = parts[2]
+    body = text.split("---", 2)[2]
     if PEFT_FRAMEWORK_HEADING not in body:
         return False
     body, framework = body.rsplit(PEFT_FRAMEWORK_HEADING, 1)
