@@ -74,7 +74,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 from ..data import drop_empty_reports, load_dataset, load_mimic_iv_ecg
 from ..data.mimic_iv_ecg import MEASUREMENTS_FILE, MimicRecordReader, mimic_iv_ecg_features, read_mimic_tasks
-from ..data.ptbxl import PTBXL_SAMPLING_RATES, SOURCE_DESCRIPTION_PREFIX
+from ..data.ptbxl import PTBXL_SAMPLING_RATES, SOURCE_DESCRIPTION_PREFIX, describe_source, described_source
 from ..models.merit.configuration_merit import MeritEcgConfig
 from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
 from ..models.merit.modeling_merit import MeritEcgModel
@@ -320,16 +320,13 @@ def load_ptbxl_rows(ptbxl_dir: str | Path, sampling_rate: int = 100) -> Dataset:
     """
     local = Path(ptbxl_dir).expanduser()
     splits = load_dataset("ptbxl", local.resolve() if local.exists() else ptbxl_dir, sampling_rate=sampling_rate)
-    sources = []
+    described = next((found for split in splits.values() if (found := described_source(split))), {})
     for split in splits.values():
         lines = (split.info.description or "").splitlines()
-        sources += [line for line in lines if line.startswith(SOURCE_DESCRIPTION_PREFIX)]
         split.info.description = "\n".join(line for line in lines if not line.startswith(SOURCE_DESCRIPTION_PREFIX))
     rows = concatenate_datasets(list(splits.values())).sort("ecg_id")
-    if sources:  # after the join and the sort: a description set now is in no fingerprint
-        described = {**json.loads(sources[0].removeprefix(SOURCE_DESCRIPTION_PREFIX)), "source": str(ptbxl_dir)}
-        kept = (rows.info.description or "").splitlines()
-        rows.info.description = "\n".join([*kept, SOURCE_DESCRIPTION_PREFIX + json.dumps(described)])
+    if described:  # after the join and the sort: a description set now is in no fingerprint
+        describe_source(rows, ptbxl_dir, described.get("label_threshold"), described["format"])
     return rows
 
 
