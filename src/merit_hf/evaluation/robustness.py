@@ -207,17 +207,15 @@ def run_robustness(
     test = dataset_dict["test"]
 
     def fit(role: str, rows: np.ndarray | None = None, validation_rows: np.ndarray | None = None):
-        train_rows = np.arange(len(labels["train"])) if rows is None else rows
-        kept = np.arange(len(labels["validation"])) if validation_rows is None else validation_rows
-        validation = features[role]["validation"][kept]
-        probe = fit_linear_probe(
-            features[role]["train"][train_rows],
-            labels["train"][train_rows],
-            validation,
-            labels["validation"][kept],
-            **arguments.linear_probe_options(seed),
-        )
-        thresholds = best_f1_thresholds(labels["validation"][kept], probe.decision_function(validation))
+        def part(split: str, chosen: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+            """`split`'s features and labels, only the `chosen` rows when given (all of them without a copy)."""
+            if chosen is None:
+                return features[role][split], labels[split]
+            return features[role][split][chosen], labels[split][chosen]
+
+        (train_x, train_y), (validation_x, validation_y) = part("train", rows), part("validation", validation_rows)
+        probe = fit_linear_probe(train_x, train_y, validation_x, validation_y, **arguments.linear_probe_options(seed))
+        thresholds = best_f1_thresholds(validation_y, probe.decision_function(validation_x))
         return probe, thresholds
 
     def score_test_rows(role: str, probe, thresholds, rows: np.ndarray) -> dict[str, Any]:
