@@ -835,13 +835,13 @@ def test_two_machines_on_one_host_equal_one_machine(reference, assets, tmp_path)
                                rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
-def test_gradient_norm_balancing_adapts_and_logs_the_reconstruction_weight(assets, tmp_path):
+def test_gradient_norm_balancing_adapts_and_logs_the_reconstruction_weight(assets, tmp_path, capfd):
     """The weight moves every `loss_balancing_interval` steps (here 2: at steps 1 and 3), however often the gradient
     norms are measured for the log: tiny.yaml logs (and so measures) every step, and those measurements moved the
     weight too, so a logging flag changed what was trained (`--gradient_norm_logging_steps 0` gave other losses)."""
     flags = {"loss_balancing": "gradient_norm", "loss_balancing_interval": 2, "max_steps": 4, "save_steps": 4,
              "eval_steps": 0}  # fmt: skip
-    results = run_pretraining(base_argv(assets, tmp_path / "logged", **flags))
+    results = run_pretraining(base_argv(assets, tmp_path / "logged", disable_tqdm="false", **flags))
     weights = [entry["reconstruction_weight"] for entry in read_log_history(tmp_path / "logged")]
     # each step logs the weight its loss used: the config's 1.0 at step 1, step 1's update at steps 2-3, step 3's at 4
     assert len(weights) == 4 and weights[0] == 1.0 and weights[1] == weights[2] != weights[3] and weights[1] != 1.0
@@ -849,6 +849,12 @@ def test_gradient_norm_balancing_adapts_and_logs_the_reconstruction_weight(asset
     assert all(1 / 100 <= weight <= 100 for weight in weights)
     assert [entry["reconstruction_weight"] for entry in results["encoder_gradient_norms"]] == weights
     assert json.loads((tmp_path / "logged" / "model" / "config.json").read_text())["loss_balancing"] == "gradient_norm"
+    # the loss carries the weight, so the progress bar shows the two terms and the weight beside it
+    last = read_log_history(tmp_path / "logged")[-1]
+    bar = [line for line in re.split(r"[\r\n]", capfd.readouterr().err) if line.startswith("pretrain:")][-1]
+    for name, value in (("rec", "train_reconstruction_loss"), ("con", "train_contrastive_loss")):
+        assert f"{name}={last[value]:.4f}" in bar
+    assert f"w_rec={weights[3]:.3g}" in bar
     unlogged = run_pretraining(base_argv(assets, tmp_path / "unlogged", gradient_norm_logging_steps=0, **flags))
     assert [entry["reconstruction_weight"] for entry in read_log_history(tmp_path / "unlogged")] == weights
     assert unlogged["loss_history"] == results["loss_history"]

@@ -123,8 +123,55 @@ def test_summary_prints_n_a_for_values_a_run_did_not_measure(capsys):
     entry = SimpleNamespace(metrics={"macro_auroc": None})
     print_summary(results, {}, SimpleNamespace(model=entry, baseline=entry))
     printed = capsys.readouterr().out
-    assert "n/a ECGs/s; train loss n/a -> n/a (reconstruction n/a, contrastive n/a)" in printed
+    assert "n/a ECGs/s; train loss n/a -> n/a (reconstruction n/a, contrastive n/a; weights n/a" in printed
     assert "validation loss n/a (reconstruction n/a, contrastive n/a)" in printed
+
+
+def test_the_train_loss_is_printed_at_the_config_weights(tmp_path, capsys):
+    """The balancer's reconstruction weight grows as the term falls, so the optimised loss rises (5.6 -> 45.5 in the
+    quick-start) while both terms fall: the summary's train loss is the terms at the config's weights, first to last,
+    and the optimised loss is a line of its own."""
+    from types import SimpleNamespace
+
+    from merit_hf.quickstart import _loss_at_config_weights, _reconstruction_summary, print_summary
+
+    (tmp_path / "config.json").write_text(json.dumps({"reconstruction_weight": 2.0, "contrastive_weight": 1.0}))
+    train_results = {
+        "loss_history": [5.0, 30.0],
+        "reconstruction_loss_history": [2.0, 0.5],
+        "contrastive_loss_history": [3.0, 2.0],
+        "train_loss": 30.0,
+        "train_reconstruction_loss": 0.5,
+        "train_contrastive_loss": 2.0,
+        "encoder_gradient_norms": [{"step": 1, "reconstruction_gradient_share": 0.4, "reconstruction_weight": 56.0}],
+    }
+    at_config = _loss_at_config_weights(train_results, tmp_path)
+    assert at_config == {"reconstruction_weight": 2.0, "contrastive_weight": 1.0, "first": 7.0, "last": 3.0}
+    results = {
+        "pretraining": {"global_step": 2, "total_batch_size": 8, "train_ecgs_per_second": 1.0, "train_loss": 30.0,
+                        "train_reconstruction_loss": 0.5, "train_contrastive_loss": 2.0},
+        "data": {"records": {"train": 1, "validation": 1, "test": 1}, "source": "data"},
+        "first_train_loss": 5.0,
+        "train_loss_at_config_weights": at_config,
+        "reconstruction": _reconstruction_summary(train_results),
+        "probe": {"label_set": "superclass", "results_file": "probe.json"},
+        "remote_code_check": {"model_class": "transformers_modules.x.MeritModel"},
+        "model_dir": "model",
+        "output_dir": "out",
+        "wall_time_s": 60.0,
+    }  # fmt: skip
+    entry = SimpleNamespace(metrics={"macro_auroc": None})
+    print_summary(results, train_results, SimpleNamespace(model=entry, baseline=entry))
+    printed = capsys.readouterr().out
+    assert (
+        "train loss 7.000 -> 3.000 (reconstruction 0.500, contrastive 2.000; weights 2:1 as in the config)" in printed
+    )
+    assert "with the balancer's reconstruction weight: 5.000 -> 30.000" in printed
+    results["reconstruction"]["last_weight"] = 2.0  # no balancing: the two losses are one, printed once
+    print_summary(results, train_results, SimpleNamespace(model=entry, baseline=entry))
+    assert "balancer" not in capsys.readouterr().out
+    train_results["contrastive_loss_history"] = []  # a term with no value: no sum
+    assert _loss_at_config_weights(train_results, tmp_path)["first"] is None
 
 
 def test_every_console_script_exits_0_after_a_run(monkeypatch):

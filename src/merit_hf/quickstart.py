@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if key in train_results
         },
         "first_train_loss": history[0] if history else None,
+        "train_loss_at_config_weights": _loss_at_config_weights(train_results, model_dir),
         "reconstruction": _reconstruction_summary(train_results),
         "probe": {
             "label_set": arguments.label_set,
@@ -280,6 +281,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
     print_summary(results, train_results, probe_results)
     return results
+
+
+def _loss_at_config_weights(train_results: dict[str, Any], model_dir: Path) -> dict[str, float | None]:
+    """The train loss's first and last values at the config's weights (`reconstruction_weight`, `contrastive_weight`
+    in the saved `config.json`), from the two terms. The logged `loss` carries the balancer's reconstruction weight
+    (`loss_balancing: gradient_norm`), which grows as the term falls (49.7 at the end of the quick-start), so its
+    first and last values (5.6 -> 45.5) do not say whether training lowered the loss; these do, on one scale, the
+    one the validation loss uses."""
+    config = json.loads((model_dir / "config.json").read_text())
+    weights = (config.get("reconstruction_weight", 1.0), config.get("contrastive_weight", 1.0))
+
+    def weighted(reconstruction: float | None, contrastive: float | None) -> float | None:
+        terms = [(weight, value) for weight, value in zip(weights, (reconstruction, contrastive)) if weight]
+        if any(value is None for _, value in terms):
+            return None
+        return sum(weight * value for weight, value in terms)
+
+    def first(name: str) -> float | None:
+        history = train_results.get(f"{name}_loss_history") or []
+        return history[0] if history else None
+
+    return {
+        "reconstruction_weight": weights[0],
+        "contrastive_weight": weights[1],
+        "first": weighted(first("reconstruction"), first("contrastive")),
+        "last": weighted(train_results.get("train_reconstruction_loss"), train_results.get("train_contrastive_loss")),
+    }
 
 
 def _reconstruction_summary(train_results: dict[str, Any]) -> dict[str, float] | None:
@@ -309,6 +337,7 @@ def print_summary(results: dict[str, Any], train_results: dict[str, Any], probe_
     from .evaluation.results import format_metric
 
     pretraining, counts = results["pretraining"], results["data"]["records"]
+    at_config = results.get("train_loss_at_config_weights") or {}
     model_dir, output_dir = results["model_dir"], results["output_dir"]
     lines = [
         "",
@@ -317,11 +346,17 @@ def print_summary(results: dict[str, Any], train_results: dict[str, Any], probe_
         f"{counts['validation']}, test {counts['test']} ({results['data']['source']})",
         f"  pretraining {pretraining['global_step']} steps x {pretraining['total_batch_size']} ECG-report pairs, "
         f"{_number(pretraining.get('train_ecgs_per_second'), '.1f')} ECGs/s; train loss "
-        f"{_number(results['first_train_loss'])} -> {_number(pretraining.get('train_loss'))} (reconstruction "
+        f"{_number(at_config.get('first'))} -> {_number(at_config.get('last'))} (reconstruction "
         f"{_number(pretraining.get('train_reconstruction_loss'))}, contrastive "
-        f"{_number(pretraining.get('train_contrastive_loss'))})",
+        f"{_number(pretraining.get('train_contrastive_loss'))}; weights {_weights(at_config)} as in the config)",
     ]
     reconstruction = results["reconstruction"]
+    balanced = reconstruction and reconstruction["last_weight"] != at_config.get("reconstruction_weight")
+    if balanced and pretraining.get("train_loss") is not None and results.get("first_train_loss") is not None:
+        lines.append(
+            f"              the loss optimised, with the balancer's reconstruction weight: "
+            f"{_number(results['first_train_loss'])} -> {_number(pretraining['train_loss'])}"
+        )
     if reconstruction:
         lines.append(
             f"              masked modelling: reconstruction {reconstruction['first']:.3f} -> "
@@ -349,6 +384,12 @@ def print_summary(results: dict[str, Any], train_results: dict[str, Any], probe_
         f"  data credit {PTBXL_CITATION}",
     ]
     print("\n".join(lines), flush=True)
+
+
+def _weights(at_config: dict[str, Any]) -> str:
+    """`1:1` for the config's reconstruction and contrastive weights, "n/a" where the results have none."""
+    weights = [at_config.get(name) for name in ("reconstruction_weight", "contrastive_weight")]
+    return "n/a" if None in weights else ":".join(format(weight, "g") for weight in weights)
 
 
 def _number(value: float | None, spec: str = ".3f") -> str:

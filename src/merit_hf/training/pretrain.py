@@ -1183,7 +1183,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             record["reconstruction_weight"] = step_weight
         history.append(record)
         progress.update(1)
-        progress.set_postfix(loss=f"{step_mean[0]:.4f}", **meter.postfix)
+        terms = {}
+        if balancer.enabled:  # the loss carries the balancer's weight, which grows as the term falls: show the terms
+            terms = {"rec": f"{step_mean[1]:.4f}", "con": f"{step_mean[2]:.4f}", "w_rec": f"{step_weight:.3g}"}
+        progress.set_postfix(loss=f"{step_mean[0]:.4f}", **terms, **meter.postfix)
         evaluated = eval_loader is not None and (
             (bool(train_args.eval_steps) and global_step % train_args.eval_steps == 0)
             or global_step == train_args.max_steps
