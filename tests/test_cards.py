@@ -842,6 +842,31 @@ def test_zero_shot_and_lora_fine_tuning_record_what_a_card_checks(tmp_path):
     )
 
 
+def test_a_sharded_checkpoint_s_fingerprint_opens_each_file_once(tmp_path, monkeypatch):
+    """`safetensors_files_fingerprint` opened every file twice (its tensor names, then its tensors)."""
+    import safetensors
+
+    from merit_hf import MeritModel
+    from merit_hf.models.fingerprint import safetensors_files_fingerprint
+    from tests.conftest import tiny_merit_config
+
+    model = MeritModel(tiny_merit_config())
+    model.save_pretrained(tmp_path / "whole")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    whole = sorted((tmp_path / "whole").glob("*.safetensors"))
+    shards = sorted((tmp_path / "sharded").glob("*.safetensors"))
+    assert len(whole) == 1 and len(shards) > 1
+    opened, safe_open = [], safetensors.safe_open
+    monkeypatch.setattr(
+        safetensors, "safe_open", lambda path, **kwargs: opened.append(path) or safe_open(path, **kwargs)
+    )
+    digest = safetensors_files_fingerprint(shards)
+    assert sorted(opened) == sorted(map(str, shards))
+    assert (
+        digest == safetensors_files_fingerprint(whole) == safetensors_files_fingerprint([*reversed(shards), shards[0]])
+    )
+
+
 def test_the_cards_command_line_says_what_is_wrong_in_one_line(tmp_path):
     """A card that cannot be rendered (a report model without --base-model) ended in a CardError traceback."""
     from tests.test_hub_policy import run_module
