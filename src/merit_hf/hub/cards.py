@@ -515,9 +515,9 @@ def run_name(run: EvaluationResults) -> str:
 class FolderWeights:
     """The fingerprints of a model folder's weights, each computed once and only when asked for, as the evaluation
     computed them of the weights it evaluated: `ecg_encoder` (the encoder `merit_hf.evaluation.probe.load_encoder`
-    reads from the folder), `two_tower` (the model `evaluate_zero_shot` loads with `AutoModel`) and `adapter` (a PEFT
-    adapter folder's `adapter_model.safetensors`). A value is `None` when the folder has no such weights; `why` says
-    why."""
+    reads from the folder), `two_tower` (the model `evaluate_zero_shot` loads with `AutoModel`), `adapter` (a PEFT
+    adapter folder's `adapter_model.safetensors`) and `tensors` (the card's [`folder_weights_digest`]). A value is
+    `None` when the folder has no such weights; `why` says why."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
@@ -532,6 +532,12 @@ class FolderWeights:
     def _compute(self, key: str) -> str | None:
         from ..models.fingerprint import safetensors_fingerprint, weights_fingerprint
 
+        if key == "tensors":
+            adapter = self.folder / "adapter_model.safetensors"
+            if self._values.get("adapter") is not None and sorted(self.folder.glob("*.safetensors")) == [adapter]:
+                # the adapter's tensors are all the folder's, and they were read: the same fingerprint
+                return self._values["adapter"]
+            return folder_weights_digest(self.folder)
         if key == "adapter":
             path = self.folder / "adapter_model.safetensors"
             if not path.is_file():
@@ -558,15 +564,20 @@ class FolderWeights:
         raise KeyError(key)
 
 
-def check_weights(runs: list[EvaluationResults], model_folder: str | os.PathLike | None) -> WeightsCheck:
+def check_weights(
+    runs: list[EvaluationResults], model_folder: str | os.PathLike | FolderWeights | None
+) -> WeightsCheck:
     """Compare the `weights_fingerprint` each run recorded (`merit_hf.evaluation.results`) with the weights of
     `model_folder`. A run matches when the folder's ECG encoder is the one it evaluated (or, for a LoRA fine-tuning
     run, the merged model's encoder it saved) and, for zero-shot, the folder's two towers are too; a PEFT adapter
     folder matches the run that saved that adapter. Runs without a fingerprint (files written before merit_hf
     recorded one) are `unrecorded`; without a folder, or a folder with no weights of the kind the run recorded, a run
-    is `unchecked`."""
+    is `unchecked`. A [`FolderWeights`] given for the folder keeps the fingerprints computed here for its caller."""
     check = WeightsCheck([], [], [], [])
-    folder = FolderWeights(model_folder) if model_folder is not None else None
+    if model_folder is None or isinstance(model_folder, FolderWeights):
+        folder = model_folder
+    else:
+        folder = FolderWeights(model_folder)
     for run in runs:
         name, recorded = run_name(run), run.model.weights_fingerprint or {}
         if not recorded:
@@ -715,7 +726,8 @@ def render_model_card(
             f"an adapter card needs base_model (the model the adapter is loaded onto): {model_folder}/"
             "adapter_config.json names none in base_model_name_or_path; pass base_model (--base-model) with its Hub id"
         )
-    weights = check_weights(runs, model_folder)
+    folder_weights = FolderWeights(model_folder) if model_folder is not None else None
+    weights = check_weights(runs, folder_weights)
     if weights.mismatched and not allow_weights_mismatch:
         raise CardError(
             "the results are not of this folder's weights: "
@@ -767,7 +779,7 @@ def render_model_card(
     )
     used = {dataset_name, *(_display_name(d) for d in (datasets or []))}
     citations = "\n".join(f"- {DATA_CITATIONS[key]}" for key in DATA_CITATIONS if key in used)
-    digest = folder_weights_digest(model_folder)
+    digest = folder_weights.get("tensors") if folder_weights is not None else None
     if model_folder is None:
         logger.warning(
             "the card is rendered without the model folder: its code assumes a two-tower model, and it records no "
