@@ -515,7 +515,8 @@ def run_name(run: EvaluationResults) -> str:
 class FolderWeights:
     """The fingerprints of a model folder's weights, each computed once and only when asked for, as the evaluation
     computed them of the weights it evaluated: `ecg_encoder` (the encoder `merit_hf.evaluation.probe.load_encoder`
-    reads from the folder), `two_tower` (the model `evaluate_zero_shot` loads with `AutoModel`), `adapter` (a PEFT
+    reads from the folder), `two_tower` (the model `evaluate_zero_shot` loads with `AutoModel`; the same load gives
+    `ecg_encoder` too, as [`merit_hf.evaluation.zero_shot.zero_shot_fingerprints`] records both), `adapter` (a PEFT
     adapter folder's `adapter_model.safetensors`) and `tensors` (the card's [`folder_weights_digest`]). A value is
     `None` when the folder has no such weights; `why` says why."""
 
@@ -555,9 +556,12 @@ class FolderWeights:
             if key == "two_tower":
                 from transformers import AutoModel
 
+                from ..evaluation.zero_shot import zero_shot_fingerprints
                 from ..models.merit.pipeline_merit import two_tower_model
 
-                return weights_fingerprint(two_tower_model(AutoModel.from_pretrained(str(self.folder))))
+                fingerprints = zero_shot_fingerprints(two_tower_model(AutoModel.from_pretrained(str(self.folder))))
+                self._values.setdefault("ecg_encoder", fingerprints["ecg_encoder"])
+                return fingerprints["two_tower"]
         except (OSError, ValueError, TypeError, KeyError) as error:
             self.why[key] = f"its weights could not be loaded as the evaluation loads them ({error})"
             return None
@@ -596,6 +600,7 @@ def check_weights(
             keys = ["ecg_encoder"]
             if "two_tower" in recorded:
                 keys.append("two_tower")
+                folder.get("two_tower")  # first: its one load of the folder gives ecg_encoder too
         found = {key: folder.get(key) for key in keys}
         if any(value is None for value in found.values()):
             missing = next(key for key, value in found.items() if value is None)
