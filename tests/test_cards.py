@@ -870,6 +870,21 @@ def test_a_zero_shot_run_is_checked_on_one_load_of_the_folder(tmp_path, monkeypa
     assert len(check_weights([probe_run], folder).matched) == 1 and loads == ["load_encoder"]
 
 
+def test_a_run_is_named_with_its_seed_and_its_protocol_line_without_it():
+    from merit_hf.hub.cards import run_name
+
+    run = results_from_our_metrics(1.0, task="fine-tune", seed=3)
+    run.protocol["finetune_method"] = "lora"
+    assert run_name(run) == "fine-tune, lora, superclass, label_fraction=1, seed=3"
+    assert run_name(run, with_seed=False) == "fine-tune, lora, superclass, label_fraction=1"
+    zero_shot = results_from_our_metrics(task="zero-shot")
+    zero_shot.label_fraction = None
+    assert run_name(zero_shot) == "zero-shot, superclass, seed=0"
+    card = render_model_card([run, zero_shot], "org/merit-ecg")
+    assert "- fine-tune, lora, superclass, label_fraction=1: " in card.text
+    assert "- zero-shot, superclass: " in card.text
+
+
 def test_a_sharded_checkpoint_s_fingerprint_opens_each_file_once(tmp_path, monkeypatch):
     """`safetensors_files_fingerprint` opened every file twice (its tensor names, then its tensors)."""
     import safetensors

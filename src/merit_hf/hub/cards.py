@@ -403,14 +403,11 @@ def _protocol_text(runs: list[EvaluationResults]) -> str:
     results record it."""
     lines = []
     for run in runs:
-        method = [value for _, value in _method(run)]
-        fraction = [] if run.label_fraction is None else [f"label_fraction={_format_scalar(run.label_fraction)}"]
-        name = ", ".join([*(_format_scalar(value) for value in (run.task, *method, run.label_set)), *fraction])
         if run.protocol:
             settings = "; ".join(
                 f"{key}={public_path(value)}" for key, value in run.protocol.items() if key != "feature_extractor"
             )
-            lines.append(f"- {name}: {settings}")
+            lines.append(f"- {run_name(run, with_seed=False)}: {settings}")
     splits = {run.dataset.get("splits") for run in runs} - {None}
     recorded: set[float] = set()  # one rate per file, or a list where its records differ; older files lack it
     for run in runs:
@@ -505,11 +502,13 @@ def _fingerprints_text(fingerprints: Mapping[str, str]) -> str:
     return ", ".join(f"{key} `{value}`" for key, value in sorted(fingerprints.items()))
 
 
-def run_name(run: EvaluationResults) -> str:
-    """A run as the card's protocol lines name it: `linear-probe, superclass, label_fraction=1, seed=0`."""
+def run_name(run: EvaluationResults, *, with_seed: bool = True) -> str:
+    """A run as the card's weights check names it: `linear-probe, superclass, label_fraction=1, seed=0`; with
+    `with_seed=False`, as its protocol lines name it: `linear-probe, superclass, label_fraction=1`."""
     method = [value for _, value in _method(run)]
     fraction = [] if run.label_fraction is None else [f"label_fraction={_format_scalar(run.label_fraction)}"]
-    return ", ".join([*(_format_scalar(v) for v in (run.task, *method, run.label_set)), *fraction, f"seed={run.seed}"])
+    seed = [f"seed={run.seed}"] if with_seed else []
+    return ", ".join([*(_format_scalar(v) for v in (run.task, *method, run.label_set)), *fraction, *seed])
 
 
 class FolderWeights:
