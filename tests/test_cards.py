@@ -842,6 +842,74 @@ def test_zero_shot_and_lora_fine_tuning_record_what_a_card_checks(tmp_path):
     )
 
 
+def test_a_zero_shot_run_is_checked_on_one_load_of_the_folder(tmp_path, monkeypatch):
+    """A zero-shot run's two fingerprints were checked on two loads of the folder (its encoder, then its two towers);
+    one load gives both, as `zero_shot_fingerprints` records them."""
+    from transformers import AutoModel
+
+    from merit_hf import MeritModel
+    from merit_hf.evaluation import probe
+    from merit_hf.evaluation.zero_shot import zero_shot_fingerprints
+    from merit_hf.hub.cards import check_weights
+
+    folder = _saved_two_tower(tmp_path / "two_tower", seed=0)
+    run = results_from_our_metrics(task="zero-shot")
+    run.model.weights_fingerprint = zero_shot_fingerprints(MeritModel.from_pretrained(folder))
+    loads, load_encoder, from_pretrained = [], probe.load_encoder, AutoModel.from_pretrained
+    monkeypatch.setattr(probe, "load_encoder", lambda *args: loads.append("load_encoder") or load_encoder(*args))
+    monkeypatch.setattr(
+        AutoModel,
+        "from_pretrained",
+        lambda *args, **kwargs: loads.append("AutoModel") or from_pretrained(*args, **kwargs),
+    )
+    ((_, found),) = check_weights([run], folder).matched
+    assert found == run.model.weights_fingerprint and loads == ["AutoModel"]
+    probe_run = results_from_our_metrics(1.0)  # a probe run's encoder: loaded as the probe loads it
+    probe_run.model.weights_fingerprint = {"ecg_encoder": run.model.weights_fingerprint["ecg_encoder"]}
+    loads.clear()
+    assert len(check_weights([probe_run], folder).matched) == 1 and loads == ["load_encoder"]
+
+
+def test_a_run_is_named_with_its_seed_and_its_protocol_line_without_it():
+    from merit_hf.hub.cards import run_name
+
+    run = results_from_our_metrics(1.0, task="fine-tune", seed=3)
+    run.protocol["finetune_method"] = "lora"
+    assert run_name(run) == "fine-tune, lora, superclass, label_fraction=1, seed=3"
+    assert run_name(run, with_seed=False) == "fine-tune, lora, superclass, label_fraction=1"
+    zero_shot = results_from_our_metrics(task="zero-shot")
+    zero_shot.label_fraction = None
+    assert run_name(zero_shot) == "zero-shot, superclass, seed=0"
+    card = render_model_card([run, zero_shot], "org/merit-ecg")
+    assert "- fine-tune, lora, superclass, label_fraction=1: " in card.text
+    assert "- zero-shot, superclass: " in card.text
+
+
+def test_a_sharded_checkpoint_s_fingerprint_opens_each_file_once(tmp_path, monkeypatch):
+    """`safetensors_files_fingerprint` opened every file twice (its tensor names, then its tensors)."""
+    import safetensors
+
+    from merit_hf import MeritModel
+    from merit_hf.models.fingerprint import safetensors_files_fingerprint
+    from tests.conftest import tiny_merit_config
+
+    model = MeritModel(tiny_merit_config())
+    model.save_pretrained(tmp_path / "whole")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    whole = sorted((tmp_path / "whole").glob("*.safetensors"))
+    shards = sorted((tmp_path / "sharded").glob("*.safetensors"))
+    assert len(whole) == 1 and len(shards) > 1
+    opened, safe_open = [], safetensors.safe_open
+    monkeypatch.setattr(
+        safetensors, "safe_open", lambda path, **kwargs: opened.append(path) or safe_open(path, **kwargs)
+    )
+    digest = safetensors_files_fingerprint(shards)
+    assert sorted(opened) == sorted(map(str, shards))
+    assert (
+        digest == safetensors_files_fingerprint(whole) == safetensors_files_fingerprint([*reversed(shards), shards[0]])
+    )
+
+
 def test_the_cards_command_line_says_what_is_wrong_in_one_line(tmp_path):
     """A card that cannot be rendered (a report model without --base-model) ended in a CardError traceback."""
     from tests.test_hub_policy import run_module

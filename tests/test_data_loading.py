@@ -3,6 +3,7 @@ pretraining; PTB-XL from its PhysioNet folder or converted, MIMIC-IV-ECG streame
 on request."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -61,6 +62,39 @@ def test_ptbxl_from_the_physionet_folder_and_converted_are_the_same_rows(small_p
             assert loaded[split]["report"][:] == built[split]["report"][:]
     everything = [ecg_id for split in built.values() for ecg_id in split["ecg_id"][:]]
     assert sorted(everything) == list(ECG_IDS)
+
+
+def test_every_split_names_its_source_its_format_and_its_label_threshold(small_ptbxl, tmp_path, monkeypatch):
+    """Each split of a converted or saved PTB-XL folder says where it was read from, in which format, and the label
+    threshold of its labels (the conversion's report, or what the saved split said), loaded whole, one split at a
+    time, or streamed; the folder's format and report are read once for all its splits."""
+    from merit_hf.data import convert_ptbxl
+    from merit_hf.data.ptbxl import described_source
+
+    build_ptbxl(small_ptbxl, label_threshold=50).save_to_disk(str(tmp_path / "saved"))
+    convert_ptbxl(small_ptbxl, tmp_path / "converted", records_per_shard=10, label_threshold=35)
+    for folder, data_format, threshold in (
+        ("saved", "a dataset saved with save_to_disk", 50.0),
+        ("converted", "converted Parquet shards", 35.0),
+    ):
+        expected = {"source": str(tmp_path / folder), "format": data_format, "label_threshold": threshold}
+        whole = load_dataset("ptbxl", tmp_path / folder)
+        assert len(whole) > 1 and all(described_source(part) == expected for part in whole.values())
+        split = next(iter(whole))
+        assert described_source(load_dataset("ptbxl", tmp_path / folder, split=split)) == expected
+        if folder == "converted":
+            streamed = load_dataset("ptbxl", tmp_path / folder, streaming=True)
+            assert all(described_source(part) == expected for part in streamed.values())
+    reports, read_text = [], Path.read_text
+
+    def counting_read_text(path: Path, *args, **kwargs) -> str:
+        if path.name == conversion.REPORT_FILE:
+            reports.append(path)
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counting_read_text)
+    load_dataset("ptbxl", tmp_path / "converted")
+    assert len(reports) == 1, "the conversion's report was read for each split"
 
 
 def test_a_saved_split_without_rows_loads_empty_with_its_features(small_ptbxl, tmp_path):

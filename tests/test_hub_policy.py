@@ -492,6 +492,40 @@ def test_results_render_the_model_card_before_the_upload(model_folder, hf_api, t
     assert "org/ptbxl-merit" in card
 
 
+def test_a_push_with_results_reads_the_folder_s_tensors_once(model_folder, hf_api, tmp_path, monkeypatch):
+    """A push that rendered its card hashed the folder's tensors twice (for the card's marker, then for the check of
+    that marker against the folder); an adapter's card hashed the adapter twice more (for the results' weights check,
+    then for the marker)."""
+    from merit_hf.evaluation import write_results
+    from merit_hf.models import fingerprint
+
+    hashed, files_fingerprint = [], fingerprint.safetensors_files_fingerprint
+
+    def counting_fingerprint(paths) -> str:
+        paths = list(paths)
+        hashed.append(sorted(Path(path).name for path in paths))
+        return files_fingerprint(paths)
+
+    adapter = adapter_folder(tmp_path, peft_card())
+    run = results_from_our_metrics()
+    run.model.weights_fingerprint = {
+        "adapter": fingerprint.safetensors_fingerprint(adapter / "adapter_model.safetensors")
+    }
+    monkeypatch.setattr(fingerprint, "safetensors_files_fingerprint", counting_fingerprint)
+    results = write_results(results_from_our_metrics(), tmp_path / "results.json")
+    push_model(model_folder, REPO_ID, results=results, overwrite_card=True, endpoint=ENDPOINT)
+    assert hashed == [["model.safetensors"]]
+    assert (
+        f"tensors={files_fingerprint([model_folder / 'model.safetensors'])} -->"
+        in (model_folder / "README.md").read_text()
+    )
+    hashed.clear()
+    push_model(adapter, "org/merit-lora", results=write_results(run, tmp_path / "adapter.json"), endpoint=ENDPOINT)
+    assert hashed == [["adapter_model.safetensors"]]
+    card = (adapter / "README.md").read_text()
+    assert f"tensors={run.model.weights_fingerprint['adapter']} -->" in card and "checked when this card" in card
+
+
 def test_dataset_push_needs_data_and_a_card_whose_configs_resolve(tmp_path, hf_api):
     folder = tmp_path / "ptbxl-merit"
     write(folder, "loader.py", b"import datasets\n")

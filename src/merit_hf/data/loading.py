@@ -185,7 +185,7 @@ def load_ptbxl(
             lambda part, name: apply_ptbxl_version_to_dataset(part, ptbxl_version, f"{path_or_repo_id} ({name})"),
             split,
         )
-        _map_splits(dataset, lambda part, _: _describe_ptbxl_source(part, path_or_repo_id, sampling_rate), split)
+        _describe_ptbxl_source(dataset, path_or_repo_id, sampling_rate, split)
     if label_set is not None and drop_unlabeled:
         dataset = _map_splits(dataset, lambda part, _: _drop_unlabeled(part, label_set))
     if label_fraction < 1.0:
@@ -433,14 +433,15 @@ def _to_iterable(dataset: Dataset | DatasetDict) -> IterableDataset | IterableDa
     return dataset.to_iterable_dataset(num_shards=max(1, min(dataset.num_rows, IN_MEMORY_STREAM_SHARDS)))
 
 
-def _describe_ptbxl_source(part: Dataset | IterableDataset, path_or_repo_id, sampling_rate: int) -> None:
-    """Write into `part.info.description` where it was read from (`describe_source`): the folder or Hub id as given,
-    and the label threshold its labels were made with, from the conversion's report (a converted folder) or from what
-    the dataset already said (a `save_to_disk` copy of `build_ptbxl`'s output); the results JSON records both."""
+def _describe_ptbxl_source(dataset: AnyDataset, path_or_repo_id, sampling_rate: int, split: str | None) -> None:
+    """Write into each split's `info.description` where it was read from (`describe_source`): the folder or Hub id as
+    given, and the label threshold its labels were made with, from the conversion's report (a converted folder) or
+    from what the split already said (a `save_to_disk` copy of `build_ptbxl`'s output); the results JSON records
+    both. The source's format and report are read once, for all its splits."""
     from .conversion import REPORT_FILE
 
     path = Path(path_or_repo_id)
-    threshold = described_source(part).get("label_threshold")
+    from_report, report_threshold = False, None  # a converted folder's report says the threshold of every split
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         data_format = "a dataset saved with save_to_disk"
     elif path.is_dir():
@@ -448,10 +449,18 @@ def _describe_ptbxl_source(part: Dataset | IterableDataset, path_or_repo_id, sam
         report = path / ptbxl_config_name(sampling_rate) / REPORT_FILE
         report = report if report.is_file() else path / REPORT_FILE  # shards right in the folder
         if report.is_file():
-            threshold = json.loads(report.read_text(encoding="utf-8")).get("settings", {}).get("label_threshold")
+            from_report = True
+            report_threshold = (
+                json.loads(report.read_text(encoding="utf-8")).get("settings", {}).get("label_threshold")
+            )
     else:
         data_format = "a Hub dataset"
-    describe_source(part, path_or_repo_id, threshold, data_format)
+
+    def describe(part: Dataset | IterableDataset, _) -> None:
+        threshold = report_threshold if from_report else described_source(part).get("label_threshold")
+        describe_source(part, path_or_repo_id, threshold, data_format)
+
+    _map_splits(dataset, describe, split)
 
 
 def _map_splits(dataset: AnyDataset, function, split: str | None = None) -> AnyDataset:

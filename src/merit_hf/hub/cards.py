@@ -403,14 +403,11 @@ def _protocol_text(runs: list[EvaluationResults]) -> str:
     results record it."""
     lines = []
     for run in runs:
-        method = [value for _, value in _method(run)]
-        fraction = [] if run.label_fraction is None else [f"label_fraction={_format_scalar(run.label_fraction)}"]
-        name = ", ".join([*(_format_scalar(value) for value in (run.task, *method, run.label_set)), *fraction])
         if run.protocol:
             settings = "; ".join(
                 f"{key}={public_path(value)}" for key, value in run.protocol.items() if key != "feature_extractor"
             )
-            lines.append(f"- {name}: {settings}")
+            lines.append(f"- {run_name(run, with_seed=False)}: {settings}")
     splits = {run.dataset.get("splits") for run in runs} - {None}
     recorded: set[float] = set()  # one rate per file, or a list where its records differ; older files lack it
     for run in runs:
@@ -505,19 +502,22 @@ def _fingerprints_text(fingerprints: Mapping[str, str]) -> str:
     return ", ".join(f"{key} `{value}`" for key, value in sorted(fingerprints.items()))
 
 
-def run_name(run: EvaluationResults) -> str:
-    """A run as the card's protocol lines name it: `linear-probe, superclass, label_fraction=1, seed=0`."""
+def run_name(run: EvaluationResults, *, with_seed: bool = True) -> str:
+    """A run as the card's weights check names it: `linear-probe, superclass, label_fraction=1, seed=0`; with
+    `with_seed=False`, as its protocol lines name it: `linear-probe, superclass, label_fraction=1`."""
     method = [value for _, value in _method(run)]
     fraction = [] if run.label_fraction is None else [f"label_fraction={_format_scalar(run.label_fraction)}"]
-    return ", ".join([*(_format_scalar(v) for v in (run.task, *method, run.label_set)), *fraction, f"seed={run.seed}"])
+    seed = [f"seed={run.seed}"] if with_seed else []
+    return ", ".join([*(_format_scalar(v) for v in (run.task, *method, run.label_set)), *fraction, *seed])
 
 
 class FolderWeights:
     """The fingerprints of a model folder's weights, each computed once and only when asked for, as the evaluation
     computed them of the weights it evaluated: `ecg_encoder` (the encoder `merit_hf.evaluation.probe.load_encoder`
-    reads from the folder), `two_tower` (the model `evaluate_zero_shot` loads with `AutoModel`) and `adapter` (a PEFT
-    adapter folder's `adapter_model.safetensors`). A value is `None` when the folder has no such weights; `why` says
-    why."""
+    reads from the folder), `two_tower` (the model `evaluate_zero_shot` loads with `AutoModel`; the same load gives
+    `ecg_encoder` too, as [`merit_hf.evaluation.zero_shot.zero_shot_fingerprints`] records both), `adapter` (a PEFT
+    adapter folder's `adapter_model.safetensors`) and `tensors` (the card's [`folder_weights_digest`]). A value is
+    `None` when the folder has no such weights; `why` says why."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
@@ -532,6 +532,12 @@ class FolderWeights:
     def _compute(self, key: str) -> str | None:
         from ..models.fingerprint import safetensors_fingerprint, weights_fingerprint
 
+        if key == "tensors":
+            adapter = self.folder / "adapter_model.safetensors"
+            if self._values.get("adapter") is not None and sorted(self.folder.glob("*.safetensors")) == [adapter]:
+                # the adapter's tensors are all the folder's, and they were read: the same fingerprint
+                return self._values["adapter"]
+            return folder_weights_digest(self.folder)
         if key == "adapter":
             path = self.folder / "adapter_model.safetensors"
             if not path.is_file():
@@ -549,24 +555,32 @@ class FolderWeights:
             if key == "two_tower":
                 from transformers import AutoModel
 
+                from ..evaluation.zero_shot import zero_shot_fingerprints
                 from ..models.merit.pipeline_merit import two_tower_model
 
-                return weights_fingerprint(two_tower_model(AutoModel.from_pretrained(str(self.folder))))
+                fingerprints = zero_shot_fingerprints(two_tower_model(AutoModel.from_pretrained(str(self.folder))))
+                self._values.setdefault("ecg_encoder", fingerprints["ecg_encoder"])
+                return fingerprints["two_tower"]
         except (OSError, ValueError, TypeError, KeyError) as error:
             self.why[key] = f"its weights could not be loaded as the evaluation loads them ({error})"
             return None
         raise KeyError(key)
 
 
-def check_weights(runs: list[EvaluationResults], model_folder: str | os.PathLike | None) -> WeightsCheck:
+def check_weights(
+    runs: list[EvaluationResults], model_folder: str | os.PathLike | FolderWeights | None
+) -> WeightsCheck:
     """Compare the `weights_fingerprint` each run recorded (`merit_hf.evaluation.results`) with the weights of
     `model_folder`. A run matches when the folder's ECG encoder is the one it evaluated (or, for a LoRA fine-tuning
     run, the merged model's encoder it saved) and, for zero-shot, the folder's two towers are too; a PEFT adapter
     folder matches the run that saved that adapter. Runs without a fingerprint (files written before merit_hf
     recorded one) are `unrecorded`; without a folder, or a folder with no weights of the kind the run recorded, a run
-    is `unchecked`."""
+    is `unchecked`. A [`FolderWeights`] given for the folder keeps the fingerprints computed here for its caller."""
     check = WeightsCheck([], [], [], [])
-    folder = FolderWeights(model_folder) if model_folder is not None else None
+    if model_folder is None or isinstance(model_folder, FolderWeights):
+        folder = model_folder
+    else:
+        folder = FolderWeights(model_folder)
     for run in runs:
         name, recorded = run_name(run), run.model.weights_fingerprint or {}
         if not recorded:
@@ -585,6 +599,7 @@ def check_weights(runs: list[EvaluationResults], model_folder: str | os.PathLike
             keys = ["ecg_encoder"]
             if "two_tower" in recorded:
                 keys.append("two_tower")
+                folder.get("two_tower")  # first: its one load of the folder gives ecg_encoder too
         found = {key: folder.get(key) for key in keys}
         if any(value is None for value in found.values()):
             missing = next(key for key, value in found.items() if value is None)
@@ -715,7 +730,8 @@ def render_model_card(
             f"an adapter card needs base_model (the model the adapter is loaded onto): {model_folder}/"
             "adapter_config.json names none in base_model_name_or_path; pass base_model (--base-model) with its Hub id"
         )
-    weights = check_weights(runs, model_folder)
+    folder_weights = FolderWeights(model_folder) if model_folder is not None else None
+    weights = check_weights(runs, folder_weights)
     if weights.mismatched and not allow_weights_mismatch:
         raise CardError(
             "the results are not of this folder's weights: "
@@ -767,7 +783,7 @@ def render_model_card(
     )
     used = {dataset_name, *(_display_name(d) for d in (datasets or []))}
     citations = "\n".join(f"- {DATA_CITATIONS[key]}" for key in DATA_CITATIONS if key in used)
-    digest = folder_weights_digest(model_folder)
+    digest = folder_weights.get("tensors") if folder_weights is not None else None
     if model_folder is None:
         logger.warning(
             "the card is rendered without the model folder: its code assumes a two-tower model, and it records no "

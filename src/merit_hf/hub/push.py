@@ -147,7 +147,9 @@ MISSING_MODEL_CARD = (
 )
 
 
-def check_model_folder(folder: str | os.PathLike, ignore_patterns: list[str] | None = None) -> list[str]:
+def check_model_folder(
+    folder: str | os.PathLike, ignore_patterns: list[str] | None = None, *, weights_digest: str | None = None
+) -> list[str]:
     """Problems that would stop `from_pretrained(repo, trust_remote_code=True)` after a push; `[]` when none.
 
     Checks: `config.json` exists; its `auto_map` names code files that are present (users without merit_hf get the
@@ -162,7 +164,8 @@ def check_model_folder(folder: str | os.PathLike, ignore_patterns: list[str] | N
     and the weights a merit_hf card was rendered for, and the `base_model` of an adapter or report model); no file
     larger than `LARGE_FILE_LIMIT` that is neither weights nor a tokenizer ([`large_file_problems`]); nothing leaks
     ([`leak_problems`]). A `Trainer` output folder passes: its `training_args.bin` and `trainer_state.json` are never
-    uploaded (`DEFAULT_IGNORE_PATTERNS`). `ignore_patterns` as in [`push_folder`].
+    uploaded (`DEFAULT_IGNORE_PATTERNS`). `ignore_patterns` as in [`push_folder`]. `weights_digest`: the folder's
+    [`merit_hf.hub.cards.folder_weights_digest`] when the caller has it already (as [`card_folder_problems`] takes it).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -198,19 +201,21 @@ def check_model_folder(folder: str | os.PathLike, ignore_patterns: list[str] | N
         from .cards import model_card_problems
 
         problems += [f"README.md: {problem}" for problem in model_card_problems(folder / "README.md")]
-        problems += card_folder_problems(folder)
+        problems += card_folder_problems(folder, weights_digest=weights_digest)
     problems += large_file_problems(folder, MODEL_LARGE_FILES, "weights (*.safetensors) nor a tokenizer file",
                                     ignore_patterns)  # fmt: skip
     return problems + leak_problems(folder, ignore_patterns)
 
 
-def card_folder_problems(folder: str | os.PathLike) -> list[str]:
+def card_folder_problems(folder: str | os.PathLike, *, weights_digest: str | None = None) -> list[str]:
     """A model card `README.md` that does not fit its folder: a card rendered by merit_hf for another kind of folder
     (its hidden `merit_hf card` line, [`merit_hf.hub.cards.card_marker`], against
     [`merit_hf.hub.cards.folder_kind`]: a two-tower card's code fails on a report adapter; a card rendered without a
     folder records no kind and is not compared) or for other tensors (its numbers are of other weights; compared by
     tensor content, [`merit_hf.hub.cards.folder_weights_digest`], so re-sharding the same weights passes); and, whoever wrote the card, a PEFT adapter or report model whose card has no
-    `base_model` (the Hub links a model to what it was built on through it)."""
+    `base_model` (the Hub links a model to what it was built on through it). `weights_digest`: the folder's
+    [`merit_hf.hub.cards.folder_weights_digest`] when the caller has it already (`push_model`: the card it has just
+    rendered for this folder records it), so that the weights are not read again; `None` computes it when needed."""
 
     from .cards import ADAPTER_KINDS, card_marker, folder_kind, folder_weights_digest
 
@@ -228,7 +233,11 @@ def card_folder_problems(folder: str | os.PathLike) -> list[str]:
             f"README.md is the card of {_a(marker[0])} folder, but this folder holds {_a(kind)} (its code and "
             f"metadata would not work for this folder): {render}"
         )
-    elif marker is not None and marker[1] is not None and marker[1] != (digest := folder_weights_digest(folder)):
+    elif (
+        marker is not None
+        and marker[1] is not None
+        and marker[1] != (digest := weights_digest or folder_weights_digest(folder))
+    ):
         problems.append(
             f"README.md was rendered for other weights (tensors {marker[1]}; this folder's tensors are {digest}): its "
             f"numbers are not of these weights: {render}"
@@ -734,11 +743,12 @@ def push_model(
     folder = Path(folder)
     card_path = folder / "README.md"
     earlier_card = card_path.read_bytes() if card_path.is_file() else None
-    rendered = None
+    rendered = digest = None
     if results is not None:
-        from .cards import render_model_card
+        from .cards import card_marker, render_model_card
 
         rendered = str(render_model_card(results, repo_id=repo_id, model_folder=folder, **(card_kwargs or {})))
+        digest = (card_marker(rendered) or (None, None))[1]  # the folder's tensors, read once, for the check below
         replaceable = earlier_card is None or earlier_card == rendered.encode("utf-8") or overwrite_card
         if not replaceable and peft_template_card(earlier_card.decode("utf-8", errors="replace")):
             logger.info("%s is PEFT's unedited template card (written by save_pretrained): replaced", card_path)
@@ -757,7 +767,8 @@ def push_model(
             with open(card_path, "w", encoding="utf-8", newline="") as stream:  # as ModelCard.save writes it
                 stream.write(rendered)
         clear_local_name_or_path(folder)
-        _raise_if(check_model_folder(folder, push_kwargs.get("ignore_patterns")), folder, "model")
+        problems = check_model_folder(folder, push_kwargs.get("ignore_patterns"), weights_digest=digest)
+        _raise_if(problems, folder, "model")
         return push_folder(folder, repo_id, repo_type="model", **push_kwargs)
     except BaseException as error:
         if rendered is not None and getattr(error, "commit_oid", None) is None:  # nothing was committed

@@ -61,18 +61,20 @@ def safetensors_fingerprint(path: str | os.PathLike) -> str:
 def safetensors_files_fingerprint(paths: Iterable[str | os.PathLike]) -> str:
     """[`tensors_fingerprint`] of all the tensors of several `.safetensors` files (a sharded checkpoint's shards),
     read one at a time with `safe_open` (no model is built, and at most one tensor is held): it depends on the
-    tensors' names, shapes and values only, not on how they are split into files or on the files' headers."""
+    tensors' names, shapes and values only, not on how they are split into files or on the files' headers. Each file
+    is opened once (also a path given twice); a tensor name found in several files is read from the last of them."""
     from safetensors import safe_open
 
     located = {}
-    for path in paths:
-        with safe_open(str(Path(path)), framework="pt") as file:
-            located.update({name: str(Path(path)) for name in file.keys()})  # noqa: SIM118
     digest = hashlib.sha1()
     with ExitStack() as stack:
-        opened = {path: stack.enter_context(safe_open(path, framework="pt")) for path in sorted(set(located.values()))}
+        opened = {}
+        for path in map(str, map(Path, paths)):
+            if path not in opened:
+                opened[path] = stack.enter_context(safe_open(path, framework="pt"))
+            located.update(dict.fromkeys(opened[path].keys(), opened[path]))
         for name in sorted(located):
-            tensor = opened[located[name]].get_tensor(name)
+            tensor = located[name].get_tensor(name)
             digest.update(f"{name}:{tuple(tensor.shape)};".encode())
             digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
