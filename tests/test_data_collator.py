@@ -189,3 +189,68 @@ def test_a_bad_record_is_named_by_its_row_not_its_place_in_the_batch(device):
     message = rf"^ecg_id {ecg_id}, row 5 of the dataset \(record 1 of a batch of \d+\): record 1: lead III"
     with pytest.raises(ValueError, match=message):
         precompute_ecg_values(broken, extractor, batch_size=4, feature_extraction_device=device)
+
+
+def short_records(ecg_ids=range(1, 5), seconds: float = 3.0):
+    """The first `seconds` of real PTB-XL records at 100 Hz: shorter than the 9 s window, so `padding=True` pads."""
+    from datasets import Dataset
+
+    dataset = build_ptbxl(BUNDLED_PTBXL, sampling_rate=100, ecg_ids=ecg_ids)["train"].with_format("numpy")
+    cut = int(seconds * 100)
+    return Dataset.from_list(
+        [
+            {
+                "ecg_id": int(row["ecg_id"]),
+                "signal": row["signal"][:cut],
+                "sampling_rate": 100,
+                "lead_names": list(row["lead_names"]),
+            }
+            for row in dataset
+        ]
+    )
+
+
+def test_precomputed_values_keep_the_attention_mask_of_padded_records(tmp_path):
+    """With `padding=True`, a 3 s record's 6 s of zero padding are marked by `ecg_attention_mask`; the stored values
+    carry it to the batch (it was dropped, so the padding reached the model as signal), also after `save_to_disk`,
+    Parquet and streaming. Stored rows without the mask are refused by a padding collator."""
+    import datasets
+
+    records = short_records()
+    extractor = MeritFeatureExtractor(padding=True)
+    stored = precompute_ecg_values(records, extractor, batch_size=2)
+    assert "ecg_attention_mask" in stored.column_names
+    fresh_batch = MeritCollator(extractor)(list(records.with_format("numpy")))
+    assert fresh_batch["ecg_attention_mask"].sum(dim=1).tolist() == [750] * len(records)  # 3 s of 9 s at 250 Hz
+    stored.save_to_disk(str(tmp_path / "saved"))
+    stored.to_parquet(str(tmp_path / "stored.parquet"))
+    reloaded = {
+        "in memory": list(stored.with_format("numpy")),
+        "save_to_disk": list(datasets.load_from_disk(str(tmp_path / "saved")).with_format("numpy")),
+        "parquet": list(datasets.load_dataset("parquet", data_files=str(tmp_path / "stored.parquet"), split="train")),
+        "streamed": list(
+            datasets.load_dataset(
+                "parquet", data_files=str(tmp_path / "stored.parquet"), split="train", streaming=True
+            )
+        ),
+    }
+    for how, rows in reloaded.items():
+        batch = MeritCollator(extractor)(rows)
+        assert set(batch) == {"ecg_values", "ecg_attention_mask"}, how
+        assert batch["ecg_attention_mask"].dtype == fresh_batch["ecg_attention_mask"].dtype, how
+        assert torch.equal(batch["ecg_attention_mask"], fresh_batch["ecg_attention_mask"]), how
+        torch.testing.assert_close(batch["ecg_values"], fresh_batch["ecg_values"])
+    unmasked = [
+        {key: value for key, value in row.items() if key != "ecg_attention_mask"} for row in reloaded["parquet"]
+    ]
+    with pytest.raises(ValueError, match=r"ecg_id 1 \(row 0 of the batch\) holds stored ecg_values without "
+                                         r"ecg_attention_mask, but this collator's feature extractor \(padding=True\)"):  # fmt: skip
+        MeritCollator(extractor)(unmasked)
+    mixed = [unmasked[0], *reloaded["parquet"][1:]]
+    with pytest.raises(ValueError, match=r"without ecg_attention_mask, but this collator's feature extractor"):
+        MeritCollator(extractor)(mixed)
+    # precomputing again with other settings leaves no column of the first values behind
+    full_length = build_ptbxl(BUNDLED_PTBXL, sampling_rate=100, ecg_ids=range(1, 3))["train"]
+    again = precompute_ecg_values(precompute_ecg_values(full_length, extractor), MeritFeatureExtractor())
+    assert "ecg_attention_mask" not in again.column_names
+    assert set(MeritCollator(MeritFeatureExtractor())(list(again.with_format("numpy")))) == {"ecg_values"}
