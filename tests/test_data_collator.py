@@ -189,3 +189,126 @@ def test_a_bad_record_is_named_by_its_row_not_its_place_in_the_batch(device):
     message = rf"^ecg_id {ecg_id}, row 5 of the dataset \(record 1 of a batch of \d+\): record 1: lead III"
     with pytest.raises(ValueError, match=message):
         precompute_ecg_values(broken, extractor, batch_size=4, feature_extraction_device=device)
+
+
+def short_records(ecg_ids=range(1, 5), seconds: float = 3.0):
+    """The first `seconds` of real PTB-XL records at 100 Hz: shorter than the 9 s window, so `padding=True` pads."""
+    from datasets import Dataset
+
+    dataset = build_ptbxl(BUNDLED_PTBXL, sampling_rate=100, ecg_ids=ecg_ids)["train"].with_format("numpy")
+    cut = int(seconds * 100)
+    return Dataset.from_list(
+        [
+            {
+                "ecg_id": int(row["ecg_id"]),
+                "signal": row["signal"][:cut],
+                "sampling_rate": 100,
+                "lead_names": list(row["lead_names"]),
+            }
+            for row in dataset
+        ]
+    )
+
+
+def test_precomputed_values_keep_the_attention_mask_of_padded_records(tmp_path):
+    """With `padding=True`, a 3 s record's 6 s of zero padding are marked by `ecg_attention_mask`; the stored values
+    carry it to the batch (it was dropped, so the padding reached the model as signal), also after `save_to_disk`,
+    Parquet and streaming. Stored rows without the mask are refused by a padding collator."""
+    import datasets
+
+    records = short_records()
+    extractor = MeritFeatureExtractor(padding=True)
+    stored = precompute_ecg_values(records, extractor, batch_size=2)
+    assert {"ecg_attention_mask", "ecg_values_settings"} <= set(stored.column_names)
+    fresh_batch = MeritCollator(extractor)(list(records.with_format("numpy")))
+    assert fresh_batch["ecg_attention_mask"].sum(dim=1).tolist() == [750] * len(records)  # 3 s of 9 s at 250 Hz
+    stored.save_to_disk(str(tmp_path / "saved"))
+    stored.to_parquet(str(tmp_path / "stored.parquet"))
+    reloaded = {
+        "in memory": list(stored.with_format("numpy")),
+        "save_to_disk": list(datasets.load_from_disk(str(tmp_path / "saved")).with_format("numpy")),
+        "parquet": list(datasets.load_dataset("parquet", data_files=str(tmp_path / "stored.parquet"), split="train")),
+        "streamed": list(
+            datasets.load_dataset(
+                "parquet", data_files=str(tmp_path / "stored.parquet"), split="train", streaming=True
+            )
+        ),
+    }
+    for how, rows in reloaded.items():
+        batch = MeritCollator(extractor)(rows)
+        assert set(batch) == {"ecg_values", "ecg_attention_mask"}, how
+        assert batch["ecg_attention_mask"].dtype == fresh_batch["ecg_attention_mask"].dtype, how
+        assert torch.equal(batch["ecg_attention_mask"], fresh_batch["ecg_attention_mask"]), how
+        torch.testing.assert_close(batch["ecg_values"], fresh_batch["ecg_values"])
+    unmasked = [
+        {key: value for key, value in row.items() if key != "ecg_attention_mask"} for row in reloaded["parquet"]
+    ]
+    with pytest.raises(ValueError, match=r"ecg_id 1 \(row 0 of the batch\) holds stored ecg_values without "
+                                         r"ecg_attention_mask, but this collator's feature extractor \(padding=True\)"):  # fmt: skip
+        MeritCollator(extractor)(unmasked)
+    mixed = [unmasked[0], *reloaded["parquet"][1:]]
+    with pytest.raises(ValueError, match=r"without ecg_attention_mask, but this collator's feature extractor"):
+        MeritCollator(extractor)(mixed)
+    # precomputing again with other settings leaves no column of the first values behind
+    full_length = build_ptbxl(BUNDLED_PTBXL, sampling_rate=100, ecg_ids=range(1, 3))["train"]
+    again = precompute_ecg_values(precompute_ecg_values(full_length, extractor), MeritFeatureExtractor())
+    assert "ecg_attention_mask" not in again.column_names
+    assert set(MeritCollator(MeritFeatureExtractor())(list(again.with_format("numpy")))) == {"ecg_values"}
+
+
+def test_stored_values_are_checked_against_the_collators_feature_extractor(tmp_path):
+    """Values stored with another feature extractor were stacked as they were (100 Hz x 500 samples in a batch of a
+    250 Hz x 2250 model). The shape is checked on every row; the settings `precompute_ecg_values` records, whatever
+    the shape, also after Parquet and streaming."""
+    import datasets
+
+    dataset = build_ptbxl(BUNDLED_PTBXL, sampling_rate=100, ecg_ids=range(1, 5))["train"]
+    collator = MeritCollator(MeritFeatureExtractor())  # 250 Hz, 2250 samples, zscore_lead
+    other_rate = precompute_ecg_values(
+        dataset, MeritFeatureExtractor(sampling_rate=100, num_samples=500, lowpass_hz=40)
+    )
+    ecg_id = int(other_rate[0]["ecg_id"])
+    with pytest.raises(ValueError, match=rf"^MeritCollator: ecg_id {ecg_id} \(row 0 of the batch\) holds stored "
+                                         r"ecg_values of shape \(12, 500\), but this collator's feature extractor "
+                                         r"gives \(12, 2250\) \(12 leads, 2250 samples at 250 Hz\)\."):  # fmt: skip
+        collator(list(other_rate.with_format("numpy")))
+    # values stored some other way (no ecg_values_settings) get the shape check
+    with pytest.raises(ValueError, match=r"^MeritCollator: row 1 of the batch holds stored ecg_values of shape "
+                                         r"\(12, 2249\)"):  # fmt: skip
+        collator([{"ecg_values": np.zeros((12, 2250), np.float32)}, {"ecg_values": np.zeros((12, 2249), np.float32)}])
+    # the same shape from other settings: the recorded settings tell them apart, naming both values
+    other_normalization = precompute_ecg_values(dataset, MeritFeatureExtractor(normalization="zscore_record"))
+    other_normalization.to_parquet(str(tmp_path / "stored.parquet"))
+    streamed = datasets.load_dataset("parquet", data_files=str(tmp_path / "stored.parquet"), split="train",
+                                     streaming=True)  # fmt: skip
+    for rows in (list(other_normalization.with_format("numpy")), list(streamed)):
+        with pytest.raises(
+            ValueError,
+            match=rf"^MeritCollator: ecg_id {ecg_id} \(row 0 of the batch\) holds ecg_values made with other feature "
+            r"extractor settings than this collator's \(stored with normalization='zscore_record', this feature "
+            r"extractor has normalization='zscore_lead'\)\. Store them again",
+        ):
+            collator(rows)
+    swapped = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V6", "V5"]  # V5 and V6 swapped
+    standard_order = list(precompute_ecg_values(dataset, MeritFeatureExtractor()))
+    with pytest.raises(ValueError, match=r"stored with lead_names=\[.*'V5', 'V6'\], this feature extractor has"):
+        MeritCollator(MeritFeatureExtractor(lead_names=swapped))(standard_order)
+    # a crop is not a setting of the values: fine_tune stores centre crops and collates them with its random-crop
+    # collator (stored windows are not cut again), and a feature extractor saved and loaded back is the same
+    from merit_hf.data.collator import with_crop
+
+    centre = precompute_ecg_values(dataset, with_crop(MeritFeatureExtractor(), "center"))
+    random_crops = MeritCollator(with_crop(MeritFeatureExtractor(), "random", 0), crop_seed=0)
+    torch.testing.assert_close(random_crops(list(centre.with_format("numpy")))["ecg_values"],
+                               collator(list(dataset.with_format("numpy")))["ecg_values"])  # fmt: skip
+    MeritFeatureExtractor().save_pretrained(tmp_path / "fe")
+    reloaded = MeritCollator(MeritFeatureExtractor.from_pretrained(tmp_path / "fe"))(list(centre.with_format("numpy")))
+    assert reloaded["ecg_values"].shape == (len(dataset), 12, 2250)
+    # a batch where only some rows hold a lead_mask is refused, not stacked without it
+    masked = precompute_ecg_values(dataset, MeritFeatureExtractor(missing_leads="mask"))
+    rows = list(masked.with_format("numpy"))
+    rows[1] = {key: value for key, value in rows[1].items() if key not in ("lead_mask", "ecg_values_settings")}
+    with pytest.raises(ValueError, match=r"row 1 of the batch\) holds stored ecg_values without lead_mask"):
+        MeritCollator(MeritFeatureExtractor(missing_leads="mask"))(rows)
+    with pytest.raises(ValueError, match=r"without lead_mask, but other rows of the batch hold one \(3 of 4\)"):
+        collator([{key: value for key, value in row.items() if key != "ecg_values_settings"} for row in rows])

@@ -913,6 +913,21 @@ def test_training_crops_are_keyed_by_seed_epoch_and_ecg_id_also_in_persistent_wo
         DataArguments(precompute_ecg_values=True)
 
 
+def test_precomputed_values_train_and_resume_as_computed_ones(assets, tmp_path):
+    """`--precompute_ecg_values true`: the stored values (checked by the collators against their feature extractors,
+    whose crops differ from the one that stored them) give the loss curve of values computed every step, and a run
+    resumed from its checkpoint on values stored again continues that curve."""
+    flags = {"per_device_train_batch_size": 8, "train_crop": "center"}
+    computed = run_pretraining(base_argv(assets, tmp_path / "computed", **flags))
+    stored = run_pretraining(base_argv(assets, tmp_path / "stored", precompute_ecg_values="true", **flags))
+    assert stored["loss_history"] == computed["loss_history"]
+    checkpoint = tmp_path / "stored" / "checkpoints" / f"checkpoint_{STEPS // 2}"
+    resumed = run_pretraining(base_argv(assets, tmp_path / "resumed", precompute_ecg_values="true",
+                                        resume_from_checkpoint=str(checkpoint), **flags))  # fmt: skip
+    assert resumed["steps_this_run"] == STEPS - STEPS // 2
+    assert resumed["loss_history"] == computed["loss_history"]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Streamed splits on several processes: the processes' parts differ by up to a shard
 # ----------------------------------------------------------------------------------------------------------------------

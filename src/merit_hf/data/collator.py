@@ -6,6 +6,7 @@ the embedding CLI and `precompute_ecg_values` feed the model exactly what a user
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +24,27 @@ logger = logging.getLogger(__name__)
 
 EMPTY_REPORT_POLICIES = ("raise", "drop")
 RECORD_ID_COLUMNS = ("ecg_id", "record", "study_id")  # what names a row in an error, whichever the dataset has
+ECG_VALUES_SETTINGS_COLUMN = "ecg_values_settings"  # what `precompute_ecg_values` stores beside `ecg_values`
+PRECOMPUTED_COLUMNS = ("ecg_values", "ecg_attention_mask", "lead_mask", ECG_VALUES_SETTINGS_COLUMN)
+# The feature extractor settings that decide the values a record gets: the output grid, the filters, the
+# normalisation and the repairs. Left out: `crop` / `seed` (a stored window is not cut again, so the training and
+# evaluation collators of one model, which differ only in their crop, both read values stored once), `window` (only
+# "single" can be stored) and the limits (`max_amplitude_mv`, ...), which decide whether a record is refused, not
+# what its values are.
+ECG_VALUES_SETTINGS = (
+    "lead_names",
+    "sampling_rate",
+    "num_samples",
+    "highpass_hz",
+    "lowpass_hz",
+    "filter_order",
+    "normalization",
+    "padding",
+    "missing_leads",
+    "derive_limb_leads",
+    "flat_lead_policy",
+    "nan_policy",
+)
 
 
 class MeritCollator:
@@ -33,7 +55,9 @@ class MeritCollator:
     and `lead_names`, so PTB-XL at 100 or 500 Hz and MIMIC-IV-ECG can be mixed; with a tokenizer, ECGs and reports go
     through `MeritProcessor` together (`model_inputs`). Rows that already hold a pre-processed `ecg_values`
     `(num_leads, num_samples)` (e.g. from `precompute_ecg_values` with the same feature extractor) are stacked as
-    they are.
+    they are, with their stored `ecg_attention_mask` and `lead_mask`, once they are checked against the feature
+    extractor (`check_stored_ecg_values`): each row's shape must be the one it gives, a row's `ecg_values_settings`
+    (written by `precompute_ecg_values`) must equal its settings, and every row must hold the masks it returns.
 
     Args:
         feature_extractor (`MeritFeatureExtractor`): the model's input contract.
@@ -124,7 +148,7 @@ class MeritCollator:
             raise ValueError("MeritCollator: no rows left to collate (every report in the batch was empty)")
         reports = [str(row["report"]) for row in rows] if self.tokenizer is not None else None
         if all("ecg_values" in row for row in rows):
-            batch = self._stored_ecg_values(rows)
+            batch = self.stored_ecg_values(rows)
             if reports is not None:
                 batch.update(self.processor(text=reports, return_tensors="pt"))
         else:
@@ -218,13 +242,68 @@ class MeritCollator:
             f"{len(rows['signal'])}): {error}"
         )
 
-    @staticmethod
-    def _stored_ecg_values(rows: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    def stored_ecg_values(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """The batch of `rows` that hold pre-processed `ecg_values`: the values and their stored masks
+        (`ecg_attention_mask`, `lead_mask`) stacked, once `check_stored_ecg_values` has accepted them."""
+        self.check_stored_ecg_values(rows)
         values = np.stack([np.asarray(row["ecg_values"], dtype=np.float32) for row in rows])
         batch = {"ecg_values": torch.from_numpy(values)}
-        if all("lead_mask" in row for row in rows):  # stored by precompute_ecg_values with missing_leads="mask"
-            batch["lead_mask"] = torch.from_numpy(np.stack([np.asarray(row["lead_mask"], dtype=bool) for row in rows]))
+        for name, dtype in (("ecg_attention_mask", np.int64), ("lead_mask", bool)):  # the feature extractor's dtypes
+            if rows[0].get(name) is not None:  # every row has it (checked)
+                batch[name] = torch.from_numpy(np.stack([np.asarray(row[name], dtype=dtype) for row in rows]))
         return batch
+
+    def check_stored_ecg_values(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Refuse (`ValueError`, naming the row by its `RECORD_ID_COLUMNS`) stored `ecg_values` that this collator's
+        feature extractor would not have given: a shape other than its `(num_leads, num_samples)`; an
+        `ecg_values_settings` (what `precompute_ecg_values` records) other than its own, naming the settings that
+        differ; or rows without a mask it returns (`ecg_attention_mask` with `padding=True`, `lead_mask` with
+        `missing_leads="mask"`: unmasked zero padding or missing leads would reach the model as signal), and a batch
+        where only some rows hold a mask. Rows without `ecg_values_settings` (values stored some other way) get the
+        shape and mask checks only."""
+        extractor = self.feature_extractor
+        expected = (len(extractor.lead_names), int(extractor.num_samples))
+        own_settings = None
+        for position, row in enumerate(rows):
+            shape = tuple(np.shape(row["ecg_values"]))
+            if shape != expected:
+                raise ValueError(
+                    f"MeritCollator: {_row_name(row, position)} holds stored ecg_values of shape {shape}, but this "
+                    f"collator's feature extractor gives {expected} ({len(extractor.lead_names)} leads, "
+                    f"{extractor.num_samples} samples at {extractor.sampling_rate} Hz). The values were made with "
+                    "other settings: store them again with this feature extractor (precompute_ecg_values), or drop "
+                    "the ecg_values column to compute them from the signals."
+                )
+            stored = row.get(ECG_VALUES_SETTINGS_COLUMN)
+            if stored is None:
+                continue
+            own_settings = ecg_values_settings(extractor) if own_settings is None else own_settings
+            difference = "" if stored == own_settings else settings_difference(stored, own_settings)
+            if difference:
+                raise ValueError(
+                    f"MeritCollator: {_row_name(row, position)} holds ecg_values made with other feature extractor "
+                    f"settings than this collator's ({difference}). Store them again with this feature extractor "
+                    "(precompute_ecg_values), or drop the ecg_values column to compute them from the signals."
+                )
+        masks = (
+            ("ecg_attention_mask", extractor.padding, "padding=True", "zero padding"),
+            ("lead_mask", extractor.missing_leads == "mask", 'missing_leads="mask"', "missing leads' zeros"),
+        )
+        for name, returned, setting, hidden in masks:
+            lacking = [position for position, row in enumerate(rows) if row.get(name) is None]
+            if not lacking or (len(lacking) == len(rows) and not returned):
+                continue
+            position = lacking[0]
+            why = (
+                f"this collator's feature extractor ({setting}) returns one"
+                if returned
+                else f"other rows of the batch hold one ({len(rows) - len(lacking)} of {len(rows)})"
+            )
+            raise ValueError(
+                f"MeritCollator: {_row_name(rows[position], position)} holds stored ecg_values without {name}, "
+                f"but {why}; without it the {hidden} would reach the model as signal. Store the values with "
+                f"precompute_ecg_values, which keeps the {name} column, or add that column yourself."
+            )
 
     def _handle_empty_reports(self, rows: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
         kept = []
@@ -253,9 +332,13 @@ def precompute_ecg_values(
     feature_extraction_device: str | torch.device | None = None,
 ):
     """Store the feature extractor's output as an `ecg_values` column `Array2D((num_leads, num_samples), float32)`,
-    which `MeritCollator` then stacks without recomputing (the `signal` column is kept); with
-    `missing_leads="mask"`, a `lead_mask` column (`num_leads` bools) beside it. `feature_extraction_device`: as
-    `MeritCollator`'s (the batched torch path; the values are moved back to the CPU to be stored).
+    which `MeritCollator` then stacks without recomputing (the `signal` column is kept). Beside it: with
+    `padding=True`, an `ecg_attention_mask` column (`num_samples` int8: 1 on signal, 0 on the zero padding of a
+    shorter record); with `missing_leads="mask"`, a `lead_mask` column (`num_leads` bools); and always
+    `ecg_values_settings`, a string of the feature extractor settings that decide the values (`ecg_values_settings`),
+    which `MeritCollator` compares with its own feature extractor's before it uses the values. Being columns, they
+    survive `save_to_disk`, Parquet and streaming. `feature_extraction_device`: as `MeritCollator`'s (the batched
+    torch path; the values are moved back to the CPU to be stored).
 
     Worth it when the same records are read for many epochs: resampling and filtering cost more than reading. The
     stored values are fixed, so a `crop="random"` augmentation of the feature extractor no longer varies per epoch.
@@ -267,11 +350,20 @@ def precompute_ecg_values(
             "precompute_ecg_values stores one window per record; use a feature extractor with window='single'"
         )
     num_leads, num_samples = len(feature_extractor.lead_names), feature_extractor.num_samples
+    earlier = [name for name in PRECOMPUTED_COLUMNS if name in dataset.column_names]
+    if earlier:  # values stored before, maybe with other settings: none of their columns may outlive them
+        dataset = dataset.remove_columns(earlier)
     features = dataset.features.copy()
     features["ecg_values"] = Array2D(shape=(num_leads, num_samples), dtype="float32")
-    with_lead_mask = feature_extractor.missing_leads == "mask"
-    if with_lead_mask:
+    stored = ["ecg_values"]
+    if feature_extractor.padding:  # the feature extractor returns ecg_attention_mask
+        features["ecg_attention_mask"] = List(Value("int8"), length=num_samples)
+        stored.append("ecg_attention_mask")
+    if feature_extractor.missing_leads == "mask":
         features["lead_mask"] = List(Value("bool"), length=num_leads)
+        stored.append("lead_mask")
+    features[ECG_VALUES_SETTINGS_COLUMN] = Value("string")
+    settings = ecg_values_settings(feature_extractor)
 
     collator = MeritCollator(feature_extractor, feature_extraction_device=feature_extraction_device)
 
@@ -280,17 +372,47 @@ def precompute_ecg_values(
             extracted = collator.model_inputs(batch["signal"], batch["sampling_rate"], batch["lead_names"])
         except EcgInputError as error:  # it names the record by its position in this batch only
             raise collator.named_record_error(error, batch, indices) from error
-        if with_lead_mask:
-            return {
-                "ecg_values": extracted["ecg_values"].cpu().numpy(),
-                "lead_mask": extracted["lead_mask"].cpu().numpy(),
-            }
-        return {"ecg_values": extracted["ecg_values"].cpu().numpy()}
+        columns = {name: extracted[name].cpu().numpy() for name in stored}
+        if "ecg_attention_mask" in columns:
+            columns["ecg_attention_mask"] = columns["ecg_attention_mask"].astype(np.int8)
+        return {**columns, ECG_VALUES_SETTINGS_COLUMN: [settings] * len(indices)}
 
     return (
         dataset.with_format("numpy")
         .map(add_values, batched=True, with_indices=True, batch_size=batch_size, num_proc=num_proc, features=features)
         .with_format(None)
+    )
+
+
+def ecg_values_settings(feature_extractor) -> str:
+    """The settings of `feature_extractor` that decide the `ecg_values` it gives a record (`ECG_VALUES_SETTINGS`), as
+    a short JSON string: what `precompute_ecg_values` stores with the values in its `ecg_values_settings` column, and
+    what `MeritCollator` compares with its own feature extractor's before it stacks stored values."""
+    settings = {name: getattr(feature_extractor, name) for name in ECG_VALUES_SETTINGS}
+    settings["lead_names"] = list(settings["lead_names"])
+    return json.dumps(settings, separators=(",", ":"))
+
+
+def settings_difference(stored: Any, own: str) -> str:
+    """How the `ecg_values_settings` `stored` with some values differ from `own` (this feature extractor's), for
+    messages: `"stored with name=value, this feature extractor has name=value"` for each setting that differs; `""`
+    when none does."""
+    own_settings = json.loads(own)
+    try:
+        stored_settings = json.loads(stored)
+    except (TypeError, ValueError):
+        stored_settings = None
+    if not isinstance(stored_settings, dict):
+        return (
+            f"the stored ecg_values_settings {stored!r} is not what precompute_ecg_values writes; this feature "
+            f"extractor has {own}"
+        )
+    names = [name for name in own_settings if stored_settings.get(name, "not recorded") != own_settings[name]]
+    names += [name for name in stored_settings if name not in own_settings]
+    return "; ".join(
+        f"stored with {name}={stored_settings.get(name, 'not recorded')!r}, "
+        f"this feature extractor has {name}={own_settings.get(name, 'not recorded')!r}"
+        for name in names
     )
 
 
@@ -314,6 +436,12 @@ def record_ids(rows: Mapping[str, Sequence[Any]], position: int) -> list[str]:
     return [f"{name} {_plain(rows[name][position])!r}" for name in RECORD_ID_COLUMNS if name in rows]
 
 
+def _row_name(row: Mapping[str, Any], position: int) -> str:
+    """A row of a batch as messages name it: its `RECORD_ID_COLUMNS`, and its position in the batch."""
+    named = [f"{name} {_plain(row[name])!r}" for name in RECORD_ID_COLUMNS if name in row]
+    return f"{', '.join(named)} (row {position} of the batch)" if named else f"row {position} of the batch"
+
+
 def _plain(value: Any) -> Any:
     """A numpy scalar (rows in the numpy format) as the Python value it holds, for messages."""
     return value.item() if isinstance(value, np.generic) else value
@@ -325,4 +453,12 @@ def with_crop(feature_extractor, crop: str, seed: int | None = None):
     return type(feature_extractor).from_dict({**feature_extractor.to_dict(), "crop": crop, "seed": seed})
 
 
-__all__ = ["MeritCollator", "first_failing_record", "precompute_ecg_values", "record_ids", "with_crop"]
+__all__ = [
+    "ECG_VALUES_SETTINGS",
+    "MeritCollator",
+    "ecg_values_settings",
+    "first_failing_record",
+    "precompute_ecg_values",
+    "record_ids",
+    "with_crop",
+]

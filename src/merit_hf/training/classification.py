@@ -56,8 +56,9 @@ logger = logging.getLogger(__name__)
 def add_trainer_columns(dataset, feature_extractor, label_set: str, batch_size: int = 64, num_proc: int | None = None):
     """`dataset` (a `Dataset` or `DatasetDict` in the merit_hf schema: PTB-XL, MIMIC-IV-ECG, a converted WFDB
     folder) with the two columns `MeritForEcgClassification.forward` takes: `ecg_values` `(num_leads, num_samples)`
-    float32 and `labels`, the multi-hot float32 vector of `label_set` (a `List(ClassLabel)` column). The other
-    columns stay; `Trainer` drops them.
+    float32 and `labels`, the multi-hot float32 vector of `label_set` (a `List(ClassLabel)` column), with what
+    `precompute_ecg_values` stores beside `ecg_values` (the masks the feature extractor returns, which `forward` takes
+    too, and `ecg_values_settings`). The other columns stay; `Trainer` drops them.
 
     Records without a class of `label_set` are left out (logged), as the probe protocol leaves them out of every split
     (`merit_hf.evaluation.probe.probe_rows`, after the PTB-XL benchmark): their all-zero targets would train "no
