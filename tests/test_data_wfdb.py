@@ -1,5 +1,6 @@
 """Strict WFDB reading: real PTB-XL values, and each bad input with its message naming the file."""
 
+import re
 import shutil
 
 import numpy as np
@@ -259,3 +260,40 @@ def test_the_reader_refuses_with_the_feature_extractors_own_message(tmp_path):
             MeritFeatureExtractor()(str(path))
         assert str(extractor.value).startswith(f"{path}: ")
         assert str(reader.value) == f"{path}.hea: " + str(extractor.value)[len(f"{path}: ") :]
+
+
+def write_multi_frequency(folder, name):
+    """A real 500 Hz PTB-XL record as a multi-frequency record of frame rate 250 Hz: leads I and II keep all their
+    samples (2 per frame), the other leads every second one. Returns the path and the original signal."""
+    original = wfdb.rdrecord(str(RECORD_1_HR))
+    fast = {"I", "II"}
+    expanded = [
+        original.p_signal[:, column] if lead in fast else original.p_signal[::2, column]
+        for column, lead in enumerate(original.sig_name)
+    ]
+    wfdb.wrsamp(name, fs=250, units=["mV"] * 12, sig_name=original.sig_name, e_p_signal=expanded,
+                samps_per_frame=[2 if lead in fast else 1 for lead in original.sig_name], fmt=["16"] * 12,
+                adc_gain=[1000.0] * 12, baseline=[0] * 12, write_dir=str(folder))  # fmt: skip
+    return folder / name, original.p_signal
+
+
+def test_a_multi_frequency_record_is_refused_by_every_reader(tmp_path):
+    """wfdb's default reading (`smooth_frames=True`) averages each frame's samples: lead I would come back at 250 Hz
+    with half its samples averaged away, without a word. Every reader refuses it, naming the header and the leads."""
+    from merit_hf import MeritFeatureExtractor
+    from merit_hf.models.merit.feature_extraction_merit import read_wfdb_header, read_wfdb_record
+
+    path, original = write_multi_frequency(tmp_path, "multi_rate")
+    smoothed = wfdb.rdrecord(str(path)).p_signal
+    assert smoothed.shape == (2500, 12) and not np.allclose(smoothed[:, 0], original[::2, 0])  # the hazard
+    exact = wfdb.rdrecord(str(path), smooth_frames=False).e_p_signal  # what the message recommends
+    np.testing.assert_array_equal(exact[0], original[:, 0])
+    message = re.escape(
+        f"{path}.hea: a multi-frequency record: signal(s) I (2 samples per frame, 500 Hz), II (2 samples per frame, "
+        "500 Hz) are sampled faster than the record's frame rate of 250 Hz."
+    )
+    for read in (read_wfdb_header, read_wfdb_record, read_ecg_record):
+        with pytest.raises(EcgInputError, match=message + ".*smooth_frames=False"):
+            read(path)
+    with pytest.raises(EcgInputError, match=message):
+        MeritFeatureExtractor()(str(path))

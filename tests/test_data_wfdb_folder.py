@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import runpy
 
 import numpy as np
@@ -103,6 +104,24 @@ def test_leads_rate_and_length_are_kept_as_recorded_and_bad_records_are_reported
         convert_wfdb_folder(spec, tmp_path / "out")
     with pytest.raises(EcgInputError, match=r"broken\.dat: signal file holds 1000 bytes.*truncated"):
         build_wfdb_dataset(spec)  # in memory, on_error="raise" names the first bad record
+
+
+def test_a_multi_frequency_record_in_a_folder_is_refused_by_name(tmp_path):
+    """A multi-frequency record is refused by name (build) or listed in the report (convert); the rest is written."""
+    from tests.test_data_wfdb import write_multi_frequency
+
+    wfdb_dir = tmp_path / "export"
+    wfdb_dir.mkdir()
+    copy_record(SUBSET / "records100" / "00000" / "00001_lr", wfdb_dir, "twelve")
+    path, _ = write_multi_frequency(wfdb_dir, "multi_rate")
+    spec = WfdbFolderSpec(str(wfdb_dir))
+    message = f"{path}.hea: a multi-frequency record: signal(s) I (2 samples per frame, 500 Hz), II (2 samples per"
+    with pytest.raises(EcgInputError, match=re.escape(message)):
+        build_wfdb_dataset(spec)
+    report = convert_wfdb_folder(spec, tmp_path / "out")
+    assert (report.total, report.written, report.failed) == (2, 1, 1)
+    assert report.failures[0].record == "multi_rate"
+    assert report.failures[0].reason.startswith("multi_rate.hea: a multi-frequency record: signal(s) I (2 samples")
 
 
 def test_the_converted_folder_names_no_local_path(tmp_path):

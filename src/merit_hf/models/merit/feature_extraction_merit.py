@@ -89,6 +89,7 @@ def read_wfdb_record(path: str | os.PathLike) -> dict[str, Any]:
     Records stored as PTB-XL and MIMIC-IV-ECG store theirs (one format-16 file) are read with numpy from the header
     as `read_wfdb_header` parsed it; `wfdb` reads every other layout, after a check that it parses the header to the
     same fields (its parser took about 4 ms a header, 17x the rest of reading a PTB-XL record).
+
     """
     record_path = _wfdb_record_path(path)
     fields = read_wfdb_header(record_path)
@@ -103,12 +104,8 @@ def read_wfdb_record(path: str | os.PathLike) -> dict[str, Any]:
             import wfdb
 
             record = wfdb.rdrecord(str(record_path), physical=False)
-            digital = record.d_signal
-            if (
-                digital is not None
-                and not any(meta.skew or [])
-                and all(n in (None, 1) for n in meta.samps_per_frame or [])
-            ):
+            digital = record.d_signal  # one sample per frame (`_parse_header`): nothing was averaged
+            if digital is not None and not any(meta.skew or []):
                 _check_checksums(meta, digital, record_path)  # wfdb never checks them: a wrong format reads garbage
             signal = record.dac() if digital is not None else None
         except EcgInputError:
@@ -186,19 +183,43 @@ def read_wfdb_header(path: str | os.PathLike) -> WfdbHeader:
     before `wfdb` substitutes a default for a missing or invalid one (see `wfdb_header_merit`). Raises
     `EcgInputError` naming the header file, the line, the field and its value: for a missing or unreadable header, an
     uncalibrated lead (ADC gain 0 or none), a missing or non-positive sampling frequency, a signal line without a lead
-    name, a record or file name wfdb cannot read (non-ASCII), a multi-segment record. The one check every reader of
-    records uses (the feature extractor, the dataset reader and converters, the Space)."""
+    name, a record or file name wfdb cannot read (non-ASCII), a multi-frequency record (a signal with more than one
+    sample per frame, which wfdb would average down to the frame rate), a multi-segment record. The one check every
+    reader of records uses (the feature extractor, the dataset reader and converters, the Space)."""
     header = _wfdb_record_path(path).with_suffix(".hea")
+    return _parse_header(header, _header_text(header))
+
+
+def _header_text(header: Path) -> str:
     if not header.is_file():
         raise EcgInputError(f"{header}: WFDB header not found")
     try:
-        text = header.read_bytes().decode("utf-8")
+        return header.read_bytes().decode("utf-8")
     except UnicodeDecodeError as error:
         raise EcgInputError(f"{header}: not a WFDB header (not UTF-8 or ASCII text: {error})") from error
+
+
+def _parse_header(header: Path, text: str) -> WfdbHeader:
+    """`parse_wfdb_header` with the file named, and multi-frequency records refused."""
     try:
-        return parse_wfdb_header(text)
+        fields = parse_wfdb_header(text)
     except WfdbHeaderError as error:
         raise EcgInputError(f"{header}: {error}") from error
+    faster = [line for line in fields.signals if line.samples_per_frame > 1]
+    if faster:
+        rates = ", ".join(
+            f"{line.lead_name} ({line.samples_per_frame} samples per frame, "
+            f"{line.samples_per_frame * fields.sampling_rate:g} Hz)"
+            for line in faster
+        )
+        raise EcgInputError(
+            f"{header}: a multi-frequency record: signal(s) {rates} are sampled faster than the record's frame rate of "
+            f"{fields.sampling_rate:g} Hz. merit_hf reads one sampling rate per record, and wfdb's default reading "
+            "would average their samples down to the frame rate without a word. Resample the record to one rate "
+            "first: read it with wfdb.rdrecord(record, smooth_frames=False), bring every signal to one rate (e.g. "
+            "wfdb.processing.resample_sig) and write it with wfdb.wrsamp"
+        )
+    return fields
 
 
 def _is_format16(meta) -> bool:
