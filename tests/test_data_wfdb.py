@@ -262,6 +262,81 @@ def test_the_reader_refuses_with_the_feature_extractors_own_message(tmp_path):
         assert str(reader.value) == f"{path}.hea: " + str(extractor.value)[len(f"{path}: ") :]
 
 
+def write_multi_segment(folder, name, signal, leads, lengths, fs=500, gains=None):
+    """A fixed-layout multi-segment record `name` (master header + segments `name_1`, `name_2`, ...) of `signal`,
+    cut into parts of `lengths` samples, each segment written with its own ADC gain (`gains`, default 1000/mV)."""
+    gains = gains or [1000.0] * len(lengths)
+    names, start = [], 0
+    for number, (length, gain) in enumerate(zip(lengths, gains), start=1):
+        names.append(f"{name}_{number}")
+        wfdb.wrsamp(names[-1], fs=fs, units=["mV"] * len(leads), sig_name=leads, p_signal=signal[start : start + length],
+                    fmt=["16"] * len(leads), adc_gain=[gain] * len(leads), baseline=[0] * len(leads),
+                    write_dir=str(folder))  # fmt: skip
+        start += length
+    segments = [wfdb.rdheader(str(folder / segment)) for segment in names]
+    wfdb.MultiRecord(segments=segments, layout="fixed", record_name=name, fs=fs, n_sig=len(leads), sig_len=start,
+                     seg_name=names, seg_len=list(lengths)).wrheader(write_dir=str(folder))  # fmt: skip
+    return folder / name
+
+
+def test_a_multi_segment_record_is_read_as_one_record(tmp_path):
+    """A real 500 Hz PTB-XL record cut into three segments, the second at another ADC gain: read as one record, equal
+    to the original sample for sample, as wfdb's own multi-to-single reading gives it, by every reader."""
+    from merit_hf import MeritFeatureExtractor
+    from merit_hf.models.merit.feature_extraction_merit import read_wfdb_record
+
+    original = wfdb.rdrecord(str(RECORD_1_HR))
+    path = write_multi_segment(tmp_path, "ms", original.p_signal, original.sig_name, [2000, 1500, 1500],
+                               gains=[1000.0, 2000.0, 1000.0])  # fmt: skip
+    assert path.with_suffix(".hea").read_text().splitlines()[:2] == ["ms/3 12 500 5000", "ms_1 2000"]
+    read = read_wfdb_record(path)
+    np.testing.assert_array_equal(read["signal"], original.p_signal)
+    np.testing.assert_array_equal(read["signal"], wfdb.rdrecord(str(path)).p_signal)
+    assert (read["sampling_rate"], read["lead_names"]) == (500.0, PTBXL_LEADS)
+    np.testing.assert_array_equal(
+        read_ecg_record(path, sampling_rate=500, num_samples=5000)["signal"], read_ecg_record(RECORD_1_HR)["signal"]
+    )
+    extractor = MeritFeatureExtractor()
+    np.testing.assert_array_equal(extractor(str(path))["ecg_values"], extractor(str(RECORD_1_HR))["ecg_values"])
+
+
+def test_a_multi_segment_record_that_is_not_one_recording_is_refused(tmp_path):
+    """Segments are checked as records of their own and against each other; a gap, a variable layout, a missing or
+    mismatched segment raise naming the master header and the segment."""
+    original = wfdb.rdrecord(str(RECORD_1_HR))
+    path = write_multi_segment(tmp_path, "ms", original.p_signal, original.sig_name, [2500, 2500])
+    master = path.with_suffix(".hea")
+    where = f"{master}: multi-segment record of segments ['ms_1', 'ms_2']"
+    second = tmp_path / "ms_2.hea"
+    text = second.read_text()
+    second.write_text(text.replace(" V6", " V7"))
+    with pytest.raises(
+        EcgInputError, match=re.escape(f"{where}: segment ms_2 does not match the record: lead names [")
+    ):
+        read_ecg_record(path)
+    second.write_text(text.replace("ms_2 12 500 2500", "ms_2 12 250 2500"))
+    with pytest.raises(EcgInputError, match=re.escape("sampling rate 250 Hz (the master: 500 Hz)")):
+        read_ecg_record(path)
+    second.write_text(text)
+    shutil.copyfile(tmp_path / "ms_1.dat", tmp_path / "ms_2.dat")  # same size, another part's samples
+    with pytest.raises(EcgInputError, match=re.escape(f"{where}: segment ms_2 cannot be read: {tmp_path / 'ms_2'}")):
+        read_ecg_record(path)
+    second.unlink()
+    with pytest.raises(
+        EcgInputError, match=re.escape(f"segment ms_2 cannot be read: {second}: WFDB header not found")
+    ):
+        read_ecg_record(path)
+    master.write_text("ms/3 12 500 5000\nms_1 2500\n~ 100\nms_2 2400\n")
+    with pytest.raises(EcgInputError, match=re.escape("segment(s) [2] are gaps ('~', no signal)")):
+        read_ecg_record(path)
+    master.write_text("ms/3 12 500 5000\nms_0 0\nms_1 2500\nms_2 2500\n")
+    with pytest.raises(EcgInputError, match=re.escape("a variable layout (segment ms_0 of 0 samples")):
+        read_ecg_record(path)
+    master.write_text("ms/2 12 500 6000\nms_1 2500\nms_2 2500\n")
+    with pytest.raises(EcgInputError, match=re.escape(f"{master}: record line declares 6000 samples, its 2 segments")):
+        read_ecg_record(path)
+
+
 def write_multi_frequency(folder, name):
     """A real 500 Hz PTB-XL record as a multi-frequency record of frame rate 250 Hz: leads I and II keep all their
     samples (2 per frame), the other leads every second one. Returns the path and the original signal."""
