@@ -127,6 +127,37 @@ def test_a_repeated_measurements_row_is_collapsed_and_a_conflicting_one_refused(
     assert build_mimic_iv_ecg(mimic_root, study_ids=[42000002])["ecg_id"] == [42000002]
 
 
+def test_requested_study_ids_missing_from_the_record_list_raise(mimic_root, tmp_path):
+    """As PTB-XL's `ecg_ids`: an id that is not in `record_list.csv` raises, naming it and how many, for build and
+    convert alike (it was left out without a word)."""
+    absent = [123, 99999999] + list(range(1, 11))
+    message = re.escape(
+        f"{mimic_root / 'record_list.csv'}: study_id(s) [1, 2, 3, 4, 5, 6, 7, 8, 9, 10] not in the record list (12 of "
+        "the 13 requested)"
+    )
+    with pytest.raises(KeyError, match=message):
+        build_mimic_iv_ecg(mimic_root, study_ids=[40689238, *absent])
+    with pytest.raises(KeyError, match=r"study_id\(s\) \[123\] not in the record list \(1 of the 2 requested\)"):
+        convert_mimic_iv_ecg(mimic_root, tmp_path / "out", study_ids=[40689238, 123])
+    assert not (tmp_path / "out").exists()
+    assert build_mimic_iv_ecg(mimic_root, study_ids=[40689238])["ecg_id"] == [40689238]
+
+
+def test_a_measurements_row_of_another_subject_is_refused(mimic_root):
+    """study_id is unique in MIMIC-IV-ECG: a measurements row whose subject_id differs from record_list.csv's comes
+    from a mixed or corrupt file, and its report would be attached to another patient's ECG."""
+    table = mimic_root / "machine_measurements.csv"
+    line = measurements_line(mimic_root, 44000004)
+    table.write_text(table.read_text().replace(line, line.replace("10002428,", "99999999,", 1)))
+    message = re.escape(
+        f"{table}: study_id 44000004 belongs to subject_id 99999999 there but to subject_id 10002428 in "
+        f"{mimic_root / 'record_list.csv'} (1 such study_id(s): [44000004])"
+    )
+    with pytest.raises(ValueError, match=message):
+        build_mimic_iv_ecg(mimic_root)
+    assert build_mimic_iv_ecg(mimic_root, study_ids=[43000003])["patient_id"] == [10001725]  # only joined rows count
+
+
 def test_a_non_numeric_measurement_names_its_study(mimic_root):
     path = mimic_root / "machine_measurements.csv"
     text = path.read_text()

@@ -280,3 +280,23 @@ def test_an_unknown_version_is_refused(twins):
     ):
         with pytest.raises(ValueError, match=r"ptbxl_version must be one of \('1.0.3', 'as_is'\)"):
             call()
+
+
+def test_requested_ecg_ids_that_v1_0_3_drops_are_named_in_a_warning(caplog):
+    """`ecg_ids=[137, 139]` are both v1.0.3 duplicates: the splits come out empty, and a warning (the default log level
+    shows it) names each id, the twin it duplicates, and `ptbxl_version="as_is"`."""
+    with caplog.at_level("WARNING", logger="merit_hf.data.ptbxl"):
+        built = build_ptbxl(BUNDLED_PTBXL, ecg_ids=[137, 139, 138])
+    assert _ids(built) == [138]
+    warnings = [record for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    twin_of = ptbxl_v1_0_3_changes().dropped
+    assert str(BUNDLED_PTBXL / "ptbxl_database.csv") in message and "2 requested ecg_id(s)" in message
+    assert f"137 (a duplicate of {twin_of[137]}), 139 (a duplicate of {twin_of[139]})" in message
+    assert "ptbxl_version='as_is'" in message
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="merit_hf.data.ptbxl"):
+        assert _ids(build_ptbxl(BUNDLED_PTBXL, ecg_ids=[137, 139], ptbxl_version="as_is")) == [137, 139]
+        build_ptbxl(BUNDLED_PTBXL, ecg_ids=[1, 2])  # nothing asked for is dropped: no warning
+    assert not [record for record in caplog.records if record.levelname == "WARNING"]

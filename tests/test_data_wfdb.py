@@ -1,5 +1,6 @@
 """Strict WFDB reading: real PTB-XL values, and each bad input with its message naming the file."""
 
+import re
 import shutil
 
 import numpy as np
@@ -259,3 +260,115 @@ def test_the_reader_refuses_with_the_feature_extractors_own_message(tmp_path):
             MeritFeatureExtractor()(str(path))
         assert str(extractor.value).startswith(f"{path}: ")
         assert str(reader.value) == f"{path}.hea: " + str(extractor.value)[len(f"{path}: ") :]
+
+
+def write_multi_segment(folder, name, signal, leads, lengths, fs=500, gains=None):
+    """A fixed-layout multi-segment record `name` (master header + segments `name_1`, `name_2`, ...) of `signal`,
+    cut into parts of `lengths` samples, each segment written with its own ADC gain (`gains`, default 1000/mV)."""
+    gains = gains or [1000.0] * len(lengths)
+    names, start = [], 0
+    for number, (length, gain) in enumerate(zip(lengths, gains), start=1):
+        names.append(f"{name}_{number}")
+        wfdb.wrsamp(names[-1], fs=fs, units=["mV"] * len(leads), sig_name=leads, p_signal=signal[start : start + length],
+                    fmt=["16"] * len(leads), adc_gain=[gain] * len(leads), baseline=[0] * len(leads),
+                    write_dir=str(folder))  # fmt: skip
+        start += length
+    segments = [wfdb.rdheader(str(folder / segment)) for segment in names]
+    wfdb.MultiRecord(segments=segments, layout="fixed", record_name=name, fs=fs, n_sig=len(leads), sig_len=start,
+                     seg_name=names, seg_len=list(lengths)).wrheader(write_dir=str(folder))  # fmt: skip
+    return folder / name
+
+
+def test_a_multi_segment_record_is_read_as_one_record(tmp_path):
+    """A real 500 Hz PTB-XL record cut into three segments, the second at another ADC gain: read as one record, equal
+    to the original sample for sample, as wfdb's own multi-to-single reading gives it, by every reader."""
+    from merit_hf import MeritFeatureExtractor
+    from merit_hf.models.merit.feature_extraction_merit import read_wfdb_record
+
+    original = wfdb.rdrecord(str(RECORD_1_HR))
+    path = write_multi_segment(tmp_path, "ms", original.p_signal, original.sig_name, [2000, 1500, 1500],
+                               gains=[1000.0, 2000.0, 1000.0])  # fmt: skip
+    assert path.with_suffix(".hea").read_text().splitlines()[:2] == ["ms/3 12 500 5000", "ms_1 2000"]
+    read = read_wfdb_record(path)
+    np.testing.assert_array_equal(read["signal"], original.p_signal)
+    np.testing.assert_array_equal(read["signal"], wfdb.rdrecord(str(path)).p_signal)
+    assert (read["sampling_rate"], read["lead_names"]) == (500.0, PTBXL_LEADS)
+    np.testing.assert_array_equal(
+        read_ecg_record(path, sampling_rate=500, num_samples=5000)["signal"], read_ecg_record(RECORD_1_HR)["signal"]
+    )
+    extractor = MeritFeatureExtractor()
+    np.testing.assert_array_equal(extractor(str(path))["ecg_values"], extractor(str(RECORD_1_HR))["ecg_values"])
+
+
+def test_a_multi_segment_record_that_is_not_one_recording_is_refused(tmp_path):
+    """Segments are checked as records of their own and against each other; a gap, a variable layout, a missing or
+    mismatched segment raise naming the master header and the segment."""
+    original = wfdb.rdrecord(str(RECORD_1_HR))
+    path = write_multi_segment(tmp_path, "ms", original.p_signal, original.sig_name, [2500, 2500])
+    master = path.with_suffix(".hea")
+    where = f"{master}: multi-segment record of segments ['ms_1', 'ms_2']"
+    second = tmp_path / "ms_2.hea"
+    text = second.read_text()
+    second.write_text(text.replace(" V6", " V7"))
+    with pytest.raises(
+        EcgInputError, match=re.escape(f"{where}: segment ms_2 does not match the record: lead names [")
+    ):
+        read_ecg_record(path)
+    second.write_text(text.replace("ms_2 12 500 2500", "ms_2 12 250 2500"))
+    with pytest.raises(EcgInputError, match=re.escape("sampling rate 250 Hz (the master: 500 Hz)")):
+        read_ecg_record(path)
+    second.write_text(text)
+    shutil.copyfile(tmp_path / "ms_1.dat", tmp_path / "ms_2.dat")  # same size, another part's samples
+    with pytest.raises(EcgInputError, match=re.escape(f"{where}: segment ms_2 cannot be read: {tmp_path / 'ms_2'}")):
+        read_ecg_record(path)
+    second.unlink()
+    with pytest.raises(
+        EcgInputError, match=re.escape(f"segment ms_2 cannot be read: {second}: WFDB header not found")
+    ):
+        read_ecg_record(path)
+    master.write_text("ms/3 12 500 5000\nms_1 2500\n~ 100\nms_2 2400\n")
+    with pytest.raises(EcgInputError, match=re.escape("segment(s) [2] are gaps ('~', no signal)")):
+        read_ecg_record(path)
+    master.write_text("ms/3 12 500 5000\nms_0 0\nms_1 2500\nms_2 2500\n")
+    with pytest.raises(EcgInputError, match=re.escape("a variable layout (segment ms_0 of 0 samples")):
+        read_ecg_record(path)
+    master.write_text("ms/2 12 500 6000\nms_1 2500\nms_2 2500\n")
+    with pytest.raises(EcgInputError, match=re.escape(f"{master}: record line declares 6000 samples, its 2 segments")):
+        read_ecg_record(path)
+
+
+def write_multi_frequency(folder, name):
+    """A real 500 Hz PTB-XL record as a multi-frequency record of frame rate 250 Hz: leads I and II keep all their
+    samples (2 per frame), the other leads every second one. Returns the path and the original signal."""
+    original = wfdb.rdrecord(str(RECORD_1_HR))
+    fast = {"I", "II"}
+    expanded = [
+        original.p_signal[:, column] if lead in fast else original.p_signal[::2, column]
+        for column, lead in enumerate(original.sig_name)
+    ]
+    wfdb.wrsamp(name, fs=250, units=["mV"] * 12, sig_name=original.sig_name, e_p_signal=expanded,
+                samps_per_frame=[2 if lead in fast else 1 for lead in original.sig_name], fmt=["16"] * 12,
+                adc_gain=[1000.0] * 12, baseline=[0] * 12, write_dir=str(folder))  # fmt: skip
+    return folder / name, original.p_signal
+
+
+def test_a_multi_frequency_record_is_refused_by_every_reader(tmp_path):
+    """wfdb's default reading (`smooth_frames=True`) averages each frame's samples: lead I would come back at 250 Hz
+    with half its samples averaged away, without a word. Every reader refuses it, naming the header and the leads."""
+    from merit_hf import MeritFeatureExtractor
+    from merit_hf.models.merit.feature_extraction_merit import read_wfdb_header, read_wfdb_record
+
+    path, original = write_multi_frequency(tmp_path, "multi_rate")
+    smoothed = wfdb.rdrecord(str(path)).p_signal
+    assert smoothed.shape == (2500, 12) and not np.allclose(smoothed[:, 0], original[::2, 0])  # the hazard
+    exact = wfdb.rdrecord(str(path), smooth_frames=False).e_p_signal  # what the message recommends
+    np.testing.assert_array_equal(exact[0], original[:, 0])
+    message = re.escape(
+        f"{path}.hea: a multi-frequency record: signal(s) I (2 samples per frame, 500 Hz), II (2 samples per frame, "
+        "500 Hz) are sampled faster than the record's frame rate of 250 Hz."
+    )
+    for read in (read_wfdb_header, read_wfdb_record, read_ecg_record):
+        with pytest.raises(EcgInputError, match=message + ".*smooth_frames=False"):
+            read(path)
+    with pytest.raises(EcgInputError, match=message):
+        MeritFeatureExtractor()(str(path))

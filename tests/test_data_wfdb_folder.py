@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import runpy
 
 import numpy as np
@@ -23,6 +24,7 @@ from merit_hf.data import (
     load_wfdb_dataset,
     read_ecg_record,
 )
+from merit_hf.data.wfdb_folder import find_wfdb_records
 from merit_hf.hub import leak_problems
 from tests.conftest import REPO_ROOT, SHARED_DATA, tiny_merit_config
 
@@ -103,6 +105,49 @@ def test_leads_rate_and_length_are_kept_as_recorded_and_bad_records_are_reported
         convert_wfdb_folder(spec, tmp_path / "out")
     with pytest.raises(EcgInputError, match=r"broken\.dat: signal file holds 1000 bytes.*truncated"):
         build_wfdb_dataset(spec)  # in memory, on_error="raise" names the first bad record
+
+
+def test_a_multi_segment_record_is_one_row_and_its_segments_none(tmp_path):
+    """A folder holding a valid multi-segment record (a real 500 Hz PTB-XL record in two segments): one row, named by
+    its master header, with its labels and all 5000 samples; its segment headers are no records of their own."""
+    from tests.test_data_wfdb import RECORD_1_HR, write_multi_segment
+
+    wfdb_dir = tmp_path / "export"
+    (wfdb_dir / "ward").mkdir(parents=True)
+    original = wfdb.rdrecord(str(RECORD_1_HR))
+    write_multi_segment(wfdb_dir / "ward", "ms", original.p_signal, original.sig_name, [3000, 2000])
+    copy_record(SUBSET / "records100" / "00000" / "00001_lr", wfdb_dir, "twelve")
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame({"id": ["ms", "twelve"], "dx": ["NORM", "AF"]}).to_csv(labels, index=False)
+    spec = WfdbFolderSpec(str(wfdb_dir), labels_csv=str(labels), id_column="id", label_columns=("dx",))
+    assert find_wfdb_records(wfdb_dir) == ["twelve", "ward/ms"]
+    dataset = build_wfdb_dataset(spec)  # on_error="raise": nothing is wrong with the folder
+    assert dataset["record"] == ["twelve", "ward/ms"] and dataset["dx"] == [[0], [1]]
+    row = dataset.with_format("numpy")[1]
+    assert row["signal"].shape == (5000, 12) and row["sampling_rate"] == 500.0
+    np.testing.assert_array_equal(row["signal"], original.p_signal.astype(np.float32))
+    report = convert_wfdb_folder(spec, tmp_path / "out")
+    assert (report.total, report.written, report.failed) == (2, 2, 0)
+    converted = load_wfdb_dataset(tmp_path / "out", split_fractions=(1.0, 0.0, 0.0))["train"]
+    assert sorted(converted["record"]) == ["twelve", "ward/ms"]
+
+
+def test_a_multi_frequency_record_in_a_folder_is_refused_by_name(tmp_path):
+    """A multi-frequency record is refused by name (build) or listed in the report (convert); the rest is written."""
+    from tests.test_data_wfdb import write_multi_frequency
+
+    wfdb_dir = tmp_path / "export"
+    wfdb_dir.mkdir()
+    copy_record(SUBSET / "records100" / "00000" / "00001_lr", wfdb_dir, "twelve")
+    path, _ = write_multi_frequency(wfdb_dir, "multi_rate")
+    spec = WfdbFolderSpec(str(wfdb_dir))
+    message = f"{path}.hea: a multi-frequency record: signal(s) I (2 samples per frame, 500 Hz), II (2 samples per"
+    with pytest.raises(EcgInputError, match=re.escape(message)):
+        build_wfdb_dataset(spec)
+    report = convert_wfdb_folder(spec, tmp_path / "out")
+    assert (report.total, report.written, report.failed) == (2, 1, 1)
+    assert report.failures[0].record == "multi_rate"
+    assert report.failures[0].reason.startswith("multi_rate.hea: a multi-frequency record: signal(s) I (2 samples")
 
 
 def test_the_converted_folder_names_no_local_path(tmp_path):

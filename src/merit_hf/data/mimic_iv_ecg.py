@@ -116,13 +116,22 @@ class MimicRecordReader:
 
 def read_mimic_tasks(mimic_root: str | os.PathLike, study_ids: Iterable[int] | None = None) -> list[dict[str, Any]]:
     """One task per row of `record_list.csv` (in file order), with its report and measurements attached (a
-    measurement that is not a number as its text, which `MimicRecordReader` refuses for that record alone)."""
+    measurement that is not a number as its text, which `MimicRecordReader` refuses for that record alone). A
+    requested study_id missing from `record_list.csv` raises `KeyError` (as PTB-XL's `ecg_ids`), and so does (as
+    `ValueError`) a measurements row whose subject_id differs from the record list's for its study."""
     root = Path(mimic_root)
     records = _integer_ids(_read_csv(root / RECORD_LIST_FILE, RECORD_LIST_COLUMNS), root / RECORD_LIST_FILE)
     measurements = _read_csv(root / MEASUREMENTS_FILE, ("study_id", "cart_id", *MIMIC_REPORT_COLUMNS))
     measurements = _integer_ids(measurements, root / MEASUREMENTS_FILE)
     if study_ids is not None:
-        records = records[records["study_id"].isin({int(study_id) for study_id in study_ids})]
+        wanted = {int(study_id) for study_id in study_ids}
+        missing = sorted(wanted - set(records["study_id"]))
+        if missing:
+            raise KeyError(
+                f"{root / RECORD_LIST_FILE}: study_id(s) {missing[:10]} not in the record list ({len(missing)} of the "
+                f"{len(wanted)} requested)"
+            )
+        records = records[records["study_id"].isin(wanted)]
     duplicated = records["study_id"][records["study_id"].duplicated()]
     if len(duplicated):
         raise ValueError(f"{root / RECORD_LIST_FILE}: study_id(s) {sorted(set(duplicated))[:10]} listed twice")
@@ -133,6 +142,20 @@ def read_mimic_tasks(mimic_root: str | os.PathLike, study_ids: Iterable[int] | N
             f"{root / MEASUREMENTS_FILE}: study_id(s) {sorted(set(conflicting))[:10]} listed twice with different "
             "values; keep one row per study"
         )
+    if "subject_id" in measurements.columns:  # study_id is unique in MIMIC-IV-ECG: another subject is a mixed file
+        joined = measurements[["study_id", "subject_id"]].merge(
+            records[["study_id", "subject_id"]], on="study_id", suffixes=("_measured", "_listed")
+        )
+        clashes = joined[joined["subject_id_measured"] != joined["subject_id_listed"]].sort_values("study_id")
+        if len(clashes):
+            first = clashes.iloc[0]
+            raise ValueError(
+                f"{root / MEASUREMENTS_FILE}: study_id {first['study_id']} belongs to subject_id "
+                f"{first['subject_id_measured']} there but to subject_id {first['subject_id_listed']} in "
+                f"{root / RECORD_LIST_FILE} ({len(clashes)} such study_id(s): {list(clashes['study_id'])[:10]}); the "
+                "two files do not come from the same MIMIC-IV-ECG release, or one is corrupt, so its reports and "
+                "measurements would be attached to another patient's ECG"
+            )
     measurements = measurements.set_index("study_id").to_dict("index")  # `.loc` per record took 4x longer
     tasks, unmatched = [], 0
     for record in records.to_dict("records"):

@@ -23,7 +23,8 @@ human-validated reports). One row per ECG:
 Labels: see `merit_hf.data.labels` (likelihood threshold, class order). Metadata version: by default the rows and
 labels follow PTB-XL v1.0.3 whatever version the csv is (`ptbxl_version="1.0.3"`: v1.0.3's 38 duplicates dropped,
 its consensus `scp_codes` in 16 kept twins), `ptbxl_version="as_is"` keeps the csv's rows; see
-`merit_hf.data.ptbxl_versions`. The ages stay as the csv has them (v1.0.2+ write 300 for ages above 89, v1.0.1 does not).
+`merit_hf.data.ptbxl_versions`. Ages above 89 are stored as 300, as v1.0.2 and later write them (v1.0.1's csv keeps
+the real age), unless `ptbxl_version="as_is"`, which keeps the csv's ages.
 """
 
 from __future__ import annotations
@@ -51,7 +52,13 @@ from .conversion import (
     write_parquet_shards,
 )
 from .labels import DEFAULT_LABEL_THRESHOLD, LABEL_SETS, ScpStatements, check_label_threshold, parse_scp_codes
-from .ptbxl_versions import DEFAULT_PTBXL_VERSION, apply_ptbxl_version, check_ptbxl_version, describe
+from .ptbxl_versions import (
+    DEFAULT_PTBXL_VERSION,
+    apply_ptbxl_version,
+    check_ptbxl_version,
+    describe,
+    ptbxl_v1_0_3_changes,
+)
 from .reports import report_language, split_ptbxl_edit_note
 
 logger = logging.getLogger(__name__)
@@ -374,6 +381,15 @@ def _reader_and_rows(ptbxl_root, sampling_rate, label_threshold, ecg_ids, ptbxl_
     rows, version_report = apply_ptbxl_version(
         read_ptbxl_database(root, ecg_ids), ptbxl_version, str(root / DATABASE_FILE)
     )
+    if ecg_ids is not None and version_report.dropped:  # asked for by id, left out: say so at the default log level
+        twin_of = ptbxl_v1_0_3_changes().dropped
+        logger.warning(
+            "%s: %d requested ecg_id(s) left out as PTB-XL v1.0.3 duplicates (ptbxl_version='1.0.3'): %s; ask for "
+            "the kept twin instead, or pass ptbxl_version='as_is' to keep the csv's rows",
+            root / DATABASE_FILE,
+            len(version_report.dropped),
+            ", ".join(f"{ecg_id} (a duplicate of {twin_of[ecg_id]})" for ecg_id in version_report.dropped),
+        )
     return reader, rows, version_report
 
 

@@ -1,6 +1,7 @@
 """Any folder of WFDB records (a hospital export, LUDB, PhysioNet/CinC 2021, CPSC 2021, ...) as a `datasets` table.
 
-Records are found by their `.hea` header, in any sub-folder; each is read and validated as PTB-XL records are
+Records are found by their `.hea` header, in any sub-folder (a multi-segment record by its master header, its segments
+joined into one signal and never listed as records of their own); each is read and validated as PTB-XL records are
 (`merit_hf.models.wfdb_io.read_ecg_record`: header and signal file agree, known units converted to mV, no NaN/inf,
 a plausible amplitude) but kept **as recorded**: any lead subset, in the header's order and spelling, at the header's
 sampling rate, at full length. Records that cannot be read are listed with file and reason in
@@ -45,7 +46,8 @@ import numpy as np
 import pandas as pd
 from datasets import Array2D, ClassLabel, Dataset, DatasetDict, Features, List, Value
 
-from ..models.wfdb_io import EcgInputError, read_ecg_record
+from ..models.merit.wfdb_header_merit import WfdbHeaderError, parse_multi_segment_header
+from ..models.wfdb_io import read_ecg_record
 from .conversion import ConversionReport, raise_first_failure, read_rows, rows_to_dataset, write_parquet_shards
 from .reports import clean_report, report_language
 
@@ -93,18 +95,28 @@ class WfdbFolderSpec:
 
 def find_wfdb_records(wfdb_dir: str | os.PathLike) -> list[str]:
     """Every record under `wfdb_dir` (found by its `.hea` header, hidden folders skipped), as paths relative to the
-    folder without extension, sorted."""
+    folder without extension, sorted. A multi-segment record is one record, its master header: the segments it lists
+    are read as its parts (`read_wfdb_record`), never as records of their own."""
     root = Path(wfdb_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a folder of WFDB records")
-    records = sorted(
+    headers = sorted(
         header.relative_to(root).with_suffix("").as_posix()
         for header in root.rglob("*.hea")
         if not any(part.startswith(".") for part in header.relative_to(root).parts)
     )
-    if not records:
+    if not headers:
         raise FileNotFoundError(f"{root}: no WFDB header (*.hea) in this folder or below it")
-    return records
+    segments_of = {record: _segments(root, record) for record in headers}
+    segments = {segment for parts in segments_of.values() for segment in parts}
+    masters = [record for record, parts in segments_of.items() if parts]
+    if masters:
+        logger.info(
+            "%s: %d multi-segment record(s) read as one record each (e.g. %s, segments %s); their %d segment "
+            "header(s) are not records of their own",
+            root, len(masters), masters[0], segments_of[masters[0]], len(segments),
+        )  # fmt: skip
+    return [record for record in headers if record not in segments]
 
 
 @dataclass(frozen=True)
@@ -119,11 +131,6 @@ class WfdbRecordReader:
         return str(self.root / task["record"])
 
     def __call__(self, task: dict[str, Any]) -> dict[str, Any]:
-        if task["multi_segment"]:
-            raise EcgInputError(
-                f"{self.record_name(task)}.hea: a multi-segment WFDB record; its segments are converted as records of "
-                "their own"
-            )
         record = read_ecg_record(self.record_name(task), lead_names=None)
         report = task["report"]
         return {
@@ -326,20 +333,31 @@ def _seeded_split(dataset: Dataset, split_fractions: Sequence[float], seed: int)
 
 
 def _read_header(record_path: Path) -> dict[str, Any]:
-    """What the task needs from the header: lead count, comments, multi-segment or not (a header that does not
-    parse gives no lead count: the record reader raises its own error for it)."""
+    """What the task needs from the header: lead count and comments (a multi-segment record's master header gives
+    both; a header that does not parse gives no lead count: the record reader raises its own error for it)."""
     import wfdb
 
     try:
         header = wfdb.rdheader(str(record_path))
     except Exception:  # reported when the record is read, with the reader's message
-        return {"num_leads": 0, "header_comments": "", "multi_segment": False}
-    multi_segment = isinstance(header, wfdb.MultiRecord)
+        return {"num_leads": 0, "header_comments": ""}
     return {
-        "num_leads": 0 if multi_segment else int(header.n_sig or 0),
+        "num_leads": int(header.n_sig or 0),
         "header_comments": "\n".join(str(line).strip() for line in header.comments or []),
-        "multi_segment": multi_segment,
     }
+
+
+def _segments(root: Path, record: str) -> list[str]:
+    """The segments that `record`'s header lists if it is a multi-segment master header, as records relative to
+    `root` (`[]` for any other header, and for one that does not parse: the record reader raises its own error)."""
+    try:
+        master = parse_multi_segment_header((root / f"{record}.hea").read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, WfdbHeaderError):
+        return []
+    if master is None:
+        return []
+    folder = Path(record).parent
+    return [(folder / name).as_posix() for name, _ in master.segments if name != "~"]
 
 
 def _csv_rows(

@@ -47,7 +47,14 @@ from transformers import BatchFeature
 from transformers.feature_extraction_utils import FeatureExtractionMixin
 
 from .configuration_merit import STANDARD_LEAD_NAMES
-from .wfdb_header_merit import WfdbHeader, WfdbHeaderError, parse_wfdb_header, wfdb_read_differences
+from .wfdb_header_merit import (
+    WfdbHeader,
+    WfdbHeaderError,
+    WfdbMultiSegmentHeader,
+    parse_multi_segment_header,
+    parse_wfdb_header,
+    wfdb_read_differences,
+)
 
 UNIT_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3, "nv": 1e-6}
 NAN_POLICIES = ("raise", "interpolate")
@@ -89,9 +96,28 @@ def read_wfdb_record(path: str | os.PathLike) -> dict[str, Any]:
     Records stored as PTB-XL and MIMIC-IV-ECG store theirs (one format-16 file) are read with numpy from the header
     as `read_wfdb_header` parsed it; `wfdb` reads every other layout, after a check that it parses the header to the
     same fields (its parser took about 4 ms a header, 17x the rest of reading a PTB-XL record).
+
+    A multi-segment record (a master header listing segments) is read as one record: each segment is read and checked
+    as a record of its own, and their signals are joined in order, exactly (each segment converted with its own gain
+    and baseline). Its segments must hold the same leads, in the same order, in the same units, at the master's
+    sampling rate, and as many samples as the master lists; a gap (a `~` segment) and a variable layout (a layout
+    segment of 0 samples) raise: convert such a record to a single-segment one first (e.g. `wfdb.rdrecord` +
+    `wfdb.wrsamp`).
     """
     record_path = _wfdb_record_path(path)
-    fields = read_wfdb_header(record_path)
+    header = record_path.with_suffix(".hea")
+    text = _header_text(header)
+    try:
+        multi_segment = parse_multi_segment_header(text)
+    except WfdbHeaderError as error:
+        raise EcgInputError(f"{header}: {error}") from error
+    if multi_segment is not None:
+        return _read_multi_segment_record(record_path, multi_segment)
+    return _read_single_segment_record(record_path, _parse_header(header, text))
+
+
+def _read_single_segment_record(record_path: Path, fields: WfdbHeader) -> dict[str, Any]:
+    """`read_wfdb_record` for a single-segment record whose header `fields` are parsed."""
     meta = _as_wfdb_meta(fields)
     if _is_format16(meta):  # PTB-XL's and MIMIC-IV-ECG's layout: read with numpy from the header as written
         _check_signal_files(meta, record_path)
@@ -103,12 +129,8 @@ def read_wfdb_record(path: str | os.PathLike) -> dict[str, Any]:
             import wfdb
 
             record = wfdb.rdrecord(str(record_path), physical=False)
-            digital = record.d_signal
-            if (
-                digital is not None
-                and not any(meta.skew or [])
-                and all(n in (None, 1) for n in meta.samps_per_frame or [])
-            ):
+            digital = record.d_signal  # one sample per frame (`_parse_header`): nothing was averaged
+            if digital is not None and not any(meta.skew or []):
                 _check_checksums(meta, digital, record_path)  # wfdb never checks them: a wrong format reads garbage
             signal = record.dac() if digital is not None else None
         except EcgInputError:
@@ -128,6 +150,59 @@ def read_wfdb_record(path: str | os.PathLike) -> dict[str, Any]:
         "sampling_rate": fields.sampling_rate,
         "lead_names": fields.lead_names,
         "units": [line.units for line in fields.signals],
+        "record": str(record_path),
+    }
+
+
+def _read_multi_segment_record(record_path: Path, master: WfdbMultiSegmentHeader) -> dict[str, Any]:
+    """`read_wfdb_record` for a multi-segment record: its segments read one by one, checked against the master header
+    and against each other, and joined."""
+    header = record_path.with_suffix(".hea")
+    names = [name for name, _ in master.segments]
+    where = f"{header}: multi-segment record of segments {names}"
+    if "~" in names:
+        gaps = [number for number, name in enumerate(names, start=1) if name == "~"]
+        raise EcgInputError(
+            f"{where}: segment(s) {gaps} are gaps ('~', no signal), which merit_hf does not fill; convert the record "
+            "to single-segment records of its recorded parts (e.g. wfdb.rdrecord and wfdb.wrsamp)"
+        )
+    if any(length == 0 for _, length in master.segments):
+        raise EcgInputError(
+            f"{where}: a variable layout (segment {names[0]} of 0 samples is its layout header): its segments may "
+            "hold different leads; convert it to a single-segment record first (e.g. wfdb.rdrecord with m2s=True and "
+            "wfdb.wrsamp)"
+        )
+    parts, first = [], None
+    for name, length in master.segments:
+        segment = record_path.parent / name
+        segment_header = segment.with_suffix(".hea")
+        try:
+            text = _header_text(segment_header)
+            if parse_multi_segment_header(text) is not None:
+                raise EcgInputError(f"{segment_header}: a multi-segment header, which cannot be a segment")
+            read = _read_single_segment_record(segment, _parse_header(segment_header, text))
+        except (EcgInputError, WfdbHeaderError) as error:
+            raise EcgInputError(f"{where}: segment {name} cannot be read: {error}") from error
+        first = first or read
+        differences = [
+            f"{key.replace('_', ' ')} {read[key]} (segment {names[0]}: {first[key]})"
+            for key in ("lead_names", "units")
+            if read[key] != first[key]
+        ]
+        if read["sampling_rate"] != master.sampling_rate:
+            differences.append(f"sampling rate {read['sampling_rate']:g} Hz (the master: {master.sampling_rate:g} Hz)")
+        if len(read["lead_names"]) != master.num_signals:
+            differences.append(f"{len(read['lead_names'])} signals (the master: {master.num_signals})")
+        if len(read["signal"]) != length:
+            differences.append(f"{len(read['signal'])} samples (the master lists {length})")
+        if differences:
+            raise EcgInputError(f"{where}: segment {name} does not match the record: {'; '.join(differences)}")
+        parts.append(read["signal"])
+    return {
+        "signal": np.concatenate(parts),
+        "sampling_rate": master.sampling_rate,
+        "lead_names": first["lead_names"],
+        "units": first["units"],
         "record": str(record_path),
     }
 
@@ -186,19 +261,44 @@ def read_wfdb_header(path: str | os.PathLike) -> WfdbHeader:
     before `wfdb` substitutes a default for a missing or invalid one (see `wfdb_header_merit`). Raises
     `EcgInputError` naming the header file, the line, the field and its value: for a missing or unreadable header, an
     uncalibrated lead (ADC gain 0 or none), a missing or non-positive sampling frequency, a signal line without a lead
-    name, a record or file name wfdb cannot read (non-ASCII), a multi-segment record. The one check every reader of
-    records uses (the feature extractor, the dataset reader and converters, the Space)."""
+    name, a record or file name wfdb cannot read (non-ASCII), a multi-frequency record (a signal with more than one
+    sample per frame, which wfdb would average down to the frame rate), a multi-segment master header (which
+    `read_wfdb_record` reads segment by segment). The one check every reader of records uses (the feature extractor,
+    the dataset reader and converters, the Space)."""
     header = _wfdb_record_path(path).with_suffix(".hea")
+    return _parse_header(header, _header_text(header))
+
+
+def _header_text(header: Path) -> str:
     if not header.is_file():
         raise EcgInputError(f"{header}: WFDB header not found")
     try:
-        text = header.read_bytes().decode("utf-8")
+        return header.read_bytes().decode("utf-8")
     except UnicodeDecodeError as error:
         raise EcgInputError(f"{header}: not a WFDB header (not UTF-8 or ASCII text: {error})") from error
+
+
+def _parse_header(header: Path, text: str) -> WfdbHeader:
+    """`parse_wfdb_header` with the file named, and multi-frequency records refused."""
     try:
-        return parse_wfdb_header(text)
+        fields = parse_wfdb_header(text)
     except WfdbHeaderError as error:
         raise EcgInputError(f"{header}: {error}") from error
+    faster = [line for line in fields.signals if line.samples_per_frame > 1]
+    if faster:
+        rates = ", ".join(
+            f"{line.lead_name} ({line.samples_per_frame} samples per frame, "
+            f"{line.samples_per_frame * fields.sampling_rate:g} Hz)"
+            for line in faster
+        )
+        raise EcgInputError(
+            f"{header}: a multi-frequency record: signal(s) {rates} are sampled faster than the record's frame rate of "
+            f"{fields.sampling_rate:g} Hz. merit_hf reads one sampling rate per record, and wfdb's default reading "
+            "would average their samples down to the frame rate without a word. Resample the record to one rate "
+            "first: read it with wfdb.rdrecord(record, smooth_frames=False), bring every signal to one rate (e.g. "
+            "wfdb.processing.resample_sig) and write it with wfdb.wrsamp"
+        )
+    return fields
 
 
 def _is_format16(meta) -> bool:

@@ -68,6 +68,54 @@ class WfdbHeader:
         return [signal.lead_name for signal in self.signals]
 
 
+@dataclass(frozen=True)
+class WfdbMultiSegmentHeader:
+    """The master header of a multi-segment record: its record line and its segments `(name, num_samples)` in order
+    (`"~"` names a gap, a null segment; a first segment of 0 samples is the layout header of a variable layout)."""
+
+    record_name: str
+    num_signals: int
+    sampling_rate: float
+    num_samples: int | None
+    segments: tuple[tuple[str, int], ...]
+
+
+def parse_multi_segment_header(text: str) -> WfdbMultiSegmentHeader | None:
+    """The master header of a multi-segment record (record line `name/segments signals Hz [samples]`, then one line
+    `segment samples` per segment), or `None` when `text` is a single-segment header (or has no record line, which
+    `parse_wfdb_header` refuses). Raises `WfdbHeaderError` for a master header outside the grammar."""
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if not lines or "/" not in lines[0].split()[0]:
+        return None
+    fields = lines[0].split()
+    name, _, count = fields[0].partition("/")
+    if not count.isdigit() or int(count) == 0:
+        raise WfdbHeaderError(f"record line: number of segments {count!r} of multi-segment record {name!r} is not a "
+                              "positive whole number")  # fmt: skip
+    record_name, num_signals, sampling_rate, num_samples = _parse_record_line(" ".join([name, *fields[1:]]))
+    if len(lines) - 1 != int(count):
+        raise WfdbHeaderError(
+            f"corrupt or truncated WFDB header (record line declares {count} segments, {len(lines) - 1} segment lines "
+            "found)"
+        )
+    segments = []
+    for number, line in enumerate(lines[1:], start=1):
+        parts = line.split()
+        if len(parts) != 2 or not (parts[0] == "~" or _RECORD_NAME.fullmatch(parts[0])) or not parts[1].isdigit():
+            raise WfdbHeaderError(
+                f"segment line {number}: {line!r} is not 'segment_name number_of_samples' (a plain ASCII record name "
+                "or '~')"
+            )
+        segments.append((parts[0], int(parts[1])))
+    total = sum(length for _, length in segments)
+    if num_samples is not None and total != num_samples:
+        raise WfdbHeaderError(
+            f"record line declares {num_samples} samples, its {len(segments)} segments hold {total} together"
+        )
+    return WfdbMultiSegmentHeader(record_name, num_signals, sampling_rate, num_samples, tuple(segments))
+
+
 def parse_wfdb_header(text: str) -> WfdbHeader:
     """The header's record line and signal lines (comment lines skipped). Raises `WfdbHeaderError` naming the line,
     the field and its value for anything outside the grammar, for an uncalibrated lead (gain 0 or none), a missing,
@@ -90,7 +138,10 @@ def _parse_record_line(line: str) -> tuple[str, int, float, int | None]:
     fields = line.split()
     name = fields[0]
     if "/" in name:
-        raise WfdbHeaderError(f"record line: {name!r} is a multi-segment record, which merit_hf does not read")
+        raise WfdbHeaderError(
+            f"record line: {name!r} is the master header of a multi-segment record (segments, no signals of its own); "
+            "read_wfdb_record reads the record, segment by segment"
+        )
     if not _RECORD_NAME.fullmatch(name):
         raise WfdbHeaderError(
             f"record line: record name {name!r} holds characters other than ASCII letters, digits, '_' and '-', "
@@ -208,4 +259,12 @@ def wfdb_read_differences(header: WfdbHeader, meta) -> list[str]:
 
 _META_FIELDS = ("file_name", "fmt", "samps_per_frame", "skew", "byte_offset", "adc_gain", "baseline")
 
-__all__ = ["WfdbHeader", "WfdbHeaderError", "WfdbSignalLine", "parse_wfdb_header", "wfdb_read_differences"]
+__all__ = [
+    "WfdbHeader",
+    "WfdbHeaderError",
+    "WfdbMultiSegmentHeader",
+    "WfdbSignalLine",
+    "parse_multi_segment_header",
+    "parse_wfdb_header",
+    "wfdb_read_differences",
+]
