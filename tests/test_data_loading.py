@@ -108,6 +108,11 @@ def test_a_saved_split_without_rows_loads_empty_with_its_features(small_ptbxl, t
     assert len(loaded["test"]) == 0 and loaded["test"].features == built["test"].features
     assert loaded["train"]["ecg_id"][:] == built["train"]["ecg_id"][:]
     assert len(load_dataset("ptbxl", tmp_path / "saved", split="test")) == 0
+    # streamed: an empty stream with the split's columns and source line (datasets cannot cut 0 rows into shards)
+    streamed = load_dataset("ptbxl", tmp_path / "saved", streaming=True)
+    assert list(streamed["test"]) == [] and streamed["test"].features == built["test"].features
+    assert streamed["test"].info.description == loaded["test"].info.description != ""
+    assert ecg_ids(streamed["train"]) == built["train"]["ecg_id"][:]
 
 
 def test_one_split_streamed_and_cut_by_node(small_ptbxl):

@@ -430,7 +430,16 @@ def _to_iterable(dataset: Dataset | DatasetDict) -> IterableDataset | IterableDa
     processes and DataLoader workers each read their own."""
     if isinstance(dataset, DatasetDict):
         return IterableDatasetDict({name: _to_iterable(part) for name, part in dataset.items()})
+    if dataset.num_rows == 0:  # datasets cannot cut 0 rows into shards: an empty stream of the same columns
+        stream = IterableDataset.from_generator(_no_rows, features=dataset.features)
+        stream.info.description = dataset.info.description
+        return stream
     return dataset.to_iterable_dataset(num_shards=max(1, min(dataset.num_rows, IN_MEMORY_STREAM_SHARDS)))
+
+
+def _no_rows():
+    """The rows of an empty split (a module-level generator, so that DataLoader workers can unpickle its stream)."""
+    yield from ()
 
 
 def _describe_ptbxl_source(dataset: AnyDataset, path_or_repo_id, sampling_rate: int, split: str | None) -> None:
