@@ -301,7 +301,8 @@ class PretrainingArguments:
         default=2,
         metadata={
             "help": "Keep only the newest N checkpoints. Accelerate removes the oldest before it writes the next, so "
-            "with 1 a run killed while saving has no complete checkpoint to resume: keep at least 2."
+            "with 1 a run killed while saving has no complete checkpoint to resume: keep at least 2. None keeps every "
+            "checkpoint."
         },
     )
     resume_from_checkpoint: str | None = field(
@@ -345,6 +346,12 @@ class PretrainingArguments:
                 raise ValueError(f"--{name}: must be at least 1, got {getattr(self, name)}")
         if self.logging_steps < 1:
             raise ValueError(f"--logging_steps: must be at least 1, got {self.logging_steps}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(
+                f"--save_total_limit: the number of newest checkpoints to keep, at least 1 (2 or more, so that a run "
+                f"killed while saving still has a complete one), or None to keep every checkpoint; got "
+                f"{self.save_total_limit}"
+            )
         if self.gradient_norm_logging_steps is not None and self.gradient_norm_logging_steps < 0:
             raise ValueError(
                 f"--gradient_norm_logging_steps: must be 0 (never) or more, got {self.gradient_norm_logging_steps}"
