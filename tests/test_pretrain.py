@@ -415,13 +415,24 @@ def test_a_non_finite_gradient_with_a_finite_loss_stops_before_the_step(assets, 
             parameter.grad.view(-1)[0] = float("inf")
 
     monkeypatch.setattr(Accelerator, "backward", poisoned)
-    for clipping in ("1.0", "None"):
+    for clipping in ("1.0", "None", "0"):
         output_dir = tmp_path / clipping
         with pytest.raises(FloatingPointError, match=r"non-finite gradient norm \(inf\) at step 3 \(epoch 0, batch 2 "
                            r"of the epoch\) with a finite loss\. Stopped before the optimizer step"):  # fmt: skip
             run_pretraining(base_argv(assets, output_dir, save_steps=1, eval_steps=0, max_grad_norm=clipping))
         assert sorted(path.name for path in (output_dir / "checkpoints").iterdir()) == ["checkpoint_1", "checkpoint_2"]
         calls["count"] = 0
+
+
+def test_max_grad_norm_0_turns_clipping_off_as_none_does(assets, tmp_path):
+    """transformers' convention: `--max_grad_norm 0` does not clip. It clipped every gradient to a norm of 0, so the
+    run logged losses (the masks change) and saved a model whose weights never moved."""
+    flags = {"max_steps": 3, "save_steps": 3, "eval_steps": 0, "eval_split": "None"}
+    unclipped = run_pretraining(base_argv(assets, tmp_path / "none", max_grad_norm="None", **flags))
+    zero = run_pretraining(base_argv(assets, tmp_path / "zero", max_grad_norm=0, **flags))
+    assert zero["loss_history"] == unclipped["loss_history"]
+    clipped = run_pretraining(base_argv(assets, tmp_path / "clipped", max_grad_norm=1e-3, **flags))
+    assert clipped["loss_history"][1:] != unclipped["loss_history"][1:]  # clipping does act where it is asked for
 
 
 def test_incompatible_checkpoint_refused_with_the_differing_fields(reference, assets, tmp_path):

@@ -139,6 +139,10 @@ def test_pretraining_precision_follows_the_launcher_and_refuses_fp16_on_cpu(monk
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
+        (
+            ["--max_grad_norm", "-1"],
+            "--max_grad_norm: the largest gradient norm to clip to, 0 or None for no clipping; got -1.0",
+        ),
         (["--save_total_limit", "0"], "--save_total_limit: the number of newest checkpoints to keep, at least 1"),
         (["--save_total_limit", "-2"], "or None to keep every checkpoint; got -2"),
     ],

@@ -268,7 +268,13 @@ class PretrainingArguments:
     adam_beta1: float = field(default=0.9)
     adam_beta2: float = field(default=0.95)
     adam_epsilon: float = field(default=1e-8)
-    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping; None turns it off."})
+    max_grad_norm: float | None = field(
+        default=1.0,
+        metadata={
+            "help": "Clip the gradients' total norm to this; 0 or None: no clipping (the norm is still checked to be "
+            "finite), as in transformers' TrainingArguments."
+        },
+    )
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Any transformers scheduler name."})
     warmup_steps: int = field(default=0)
     mixed_precision: str = field(
@@ -346,6 +352,11 @@ class PretrainingArguments:
                 raise ValueError(f"--{name}: must be at least 1, got {getattr(self, name)}")
         if self.logging_steps < 1:
             raise ValueError(f"--logging_steps: must be at least 1, got {self.logging_steps}")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise ValueError(
+                f"--max_grad_norm: the largest gradient norm to clip to, 0 or None for no clipping; got "
+                f"{self.max_grad_norm}, and a negative norm has no meaning"
+            )
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ValueError(
                 f"--save_total_limit: the number of newest checkpoints to keep, at least 1 (2 or more, so that a run "
@@ -1586,12 +1597,13 @@ def mean_over_processes(
 def check_gradient_norm(
     accelerator: Accelerator, model, max_grad_norm: float | None, position: tuple[int, int, int]
 ) -> None:
-    """Clip the gradients to `max_grad_norm` (None: not clipped) and stop before the optimizer step when their total
-    norm is not finite, naming the `(step, epoch, batch of the epoch)`: a finite loss can still give an inf or NaN
-    gradient, which the step would write into the weights (and the next checkpoint). The norm is the same on every
-    process (the gradients are reduced), so all stop together. Under fp16 the gradient scaler skips such steps
-    itself, and lowers its scale."""
-    norm = accelerator.clip_grad_norm_(model.parameters(), math.inf if max_grad_norm is None else max_grad_norm)
+    """Clip the gradients to `max_grad_norm` (0 or None: not clipped, as in transformers) and stop before the
+    optimizer step when their total norm is not finite, naming the `(step, epoch, batch of the epoch)`: a finite loss
+    can still give an inf or NaN gradient, which the step would write into the weights (and the next checkpoint). The
+    norm is the same on every process (the gradients are reduced), so all stop together. Under fp16 the gradient
+    scaler skips such steps itself, and lowers its scale."""
+    # `clip_grad_norm_` to an infinite norm measures without scaling; to 0 it would zero every gradient.
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
     if accelerator.mixed_precision != "fp16" and norm is not None and not torch.isfinite(norm):
         raise FloatingPointError(
             f"non-finite gradient norm ({float(norm)}) at step {position[0]} (epoch {position[1]}, batch "
