@@ -353,7 +353,8 @@ def test_evaluation_between_logging_steps_is_logged_on_its_own_line(assets, tmp_
     logged = read_log_history(tmp_path)
     assert [entry["step"] for entry in logged] == [2, 3, 4]
     assert "eval_loss" not in logged[0] and "train_loss" in logged[0]
-    assert sorted(logged[1]) == ["epoch", "eval_contrastive_loss", "eval_loss", "eval_reconstruction_loss", "step"]
+    assert sorted(logged[1]) == ["epoch", "eval_contrastive_loss", "eval_contrastive_records", "eval_loss",
+                                 "eval_reconstruction_loss", "step"]  # fmt: skip
     assert "eval_loss" in logged[2] and "train_loss" in logged[2]
 
 
@@ -623,6 +624,37 @@ def test_a_contrastive_batch_of_one_pair_is_refused(assets, tmp_path):
         check_contrastive_batch(config, 1, 2)
     config.contrastive_weight = 0.0
     check_contrastive_batch(config, 1, 1)  # reconstruction only: nothing to contrast
+
+
+def test_eval_contrastive_loss_covers_full_global_eval_batches_only(assets, tmp_path):
+    """Each eval record carried its batch's InfoNCE, so a short last batch (fewer negatives) pulled the mean down: 17
+    records at eval batch 16 gave the 16-record value x 16/17 (the 17th record's InfoNCE is 0). The contrastive term
+    now covers the full global batches (the 17th record counts for the reconstruction term only), a split smaller than
+    one batch is used whole, and an eval batch of one pair is refused."""
+    from merit_hf import MeritConfig
+
+    flags = {"max_steps": 1, "save_steps": 1, "eval_steps": 1, "eval_split": "train", "per_device_eval_batch_size": 16}
+    runs = {
+        records: run_pretraining(base_argv(assets, tmp_path / str(records), max_eval_samples=records, **flags))
+        for records in (16, 17, 10)
+    }
+    assert runs[17]["eval_contrastive_loss"] == pytest.approx(runs[16]["eval_contrastive_loss"], rel=1e-6)
+    assert runs[16]["eval_contrastive_records"] == runs[17]["eval_contrastive_records"] == 16
+    assert runs[17]["eval_reconstruction_loss"] != runs[16]["eval_reconstruction_loss"]  # the 17th record counts there
+    assert runs[10]["eval_contrastive_records"] == 10 and runs[10]["eval_contrastive_loss"] > 0
+    config = MeritConfig()
+    for results in runs.values():
+        assert results["eval_loss"] == pytest.approx(
+            config.reconstruction_weight * results["eval_reconstruction_loss"]
+            + config.contrastive_weight * results["eval_contrastive_loss"]
+        )
+    logged = read_log_history(tmp_path / "17")[-1]
+    assert logged["eval_contrastive_records"] == 16
+    with pytest.raises(ValueError, match=re.escape("--per_device_eval_batch_size 1 x 1 process(es) gives the eval "
+                                                   "contrastive term 1 ECG-report pair per batch")):  # fmt: skip
+        run_pretraining(base_argv(assets, tmp_path / "one", **{**flags, "per_device_eval_batch_size": 1}))
+    with pytest.raises(ValueError, match=re.escape("--eval_split 'train': 1 record(s)")):
+        run_pretraining(base_argv(assets, tmp_path / "single", max_eval_samples=1, **flags))
 
 
 def test_misspelled_ecg_config_key_is_refused(assets, tmp_path):

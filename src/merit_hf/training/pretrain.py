@@ -1072,6 +1072,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         accelerator, train_loader, eval_loader, streaming, data_args.train_split
     )
     check_contrastive_batch(unwrapped.config, train_args.per_device_train_batch_size, accelerator.num_processes)
+    if eval_loader is not None:
+        check_contrastive_batch(
+            unwrapped.config, train_args.per_device_eval_batch_size, accelerator.num_processes, role="eval"
+        )
+        check_eval_split_contrastive(unwrapped.config, eval_loader, data_args.eval_split)
     objective = PretrainingObjective(unwrapped.config)  # the contrastive term over every process's batch
     run_identity = {
         "model_config": comparable_config(unwrapped.config),
@@ -1406,18 +1411,41 @@ def make_optimizer(model: MeritForPreTraining, train_args: PretrainingArguments)
     return optimizer, scheduler
 
 
-def check_contrastive_batch(config: MeritConfig, per_device_batch_size: int, num_processes: int) -> None:
+def check_contrastive_batch(
+    config: MeritConfig, per_device_batch_size: int, num_processes: int, role: str = "train"
+) -> None:
     """Refuse a contrastive term over a single pair: InfoNCE of one ECG and its report has no negative, so it is
-    exactly 0 with no gradient, and the run would train the reconstruction term alone under the name of both."""
+    exactly 0 with no gradient, and the run would train the reconstruction term alone under the name of both.
+    `role="eval"`: the same for the eval batch (`--per_device_eval_batch_size`), whose contrastive loss would be 0."""
     if config.contrastive_weight == 0:
         return
     pairs = per_device_batch_size * (num_processes if config.gather_contrastive_features else 1)
     if pairs < 2:
+        consequence = "trains nothing" if role == "train" else "says nothing about the alignment"
         raise ValueError(
-            f"--per_device_train_batch_size {per_device_batch_size} x {num_processes} process(es) gives the contrastive "
-            f"term {pairs} ECG-report pair per step (gather_contrastive_features={config.gather_contrastive_features}):"
-            " with no other report to contrast with, InfoNCE is 0 and trains nothing; use a batch of at least 2 pairs "
-            "(CLIP-style training wants hundreds), or --contrastive_weight 0 for reconstruction only"
+            f"--per_device_{role}_batch_size {per_device_batch_size} x {num_processes} process(es) gives the "
+            f"{'eval ' if role == 'eval' else ''}contrastive term {pairs} ECG-report pair per "
+            f"{'step' if role == 'train' else 'batch'} (gather_contrastive_features="
+            f"{config.gather_contrastive_features}): with no other report to contrast with, InfoNCE is 0 and "
+            f"{consequence}; use a batch of at least 2 pairs (CLIP-style training wants hundreds), or "
+            "--contrastive_weight 0 for reconstruction only"
+        )
+
+
+def check_eval_split_contrastive(config: MeritConfig, eval_loader, split_name: str) -> None:
+    """Refuse an eval split of a single record where the contrastive term is on: it is the eval contrastive term's
+    only batch (`evaluate`), of one pair, whose InfoNCE is 0. A split of unknown length (a stream) is not checked."""
+    if eval_loader is None or config.contrastive_weight == 0:
+        return
+    try:
+        records = len(eval_loader.dataset)
+    except TypeError:
+        return
+    if records < 2:
+        raise ValueError(
+            f"--eval_split {split_name!r}: {records} record(s), so the eval contrastive term would have no other "
+            "report to contrast with (InfoNCE 0); use at least 2 eval records (--max_eval_samples), --eval_split "
+            "None, or --contrastive_weight 0"
         )
 
 
@@ -1656,7 +1684,17 @@ def _as_tensor(value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, eval_loader, accelerator: Accelerator, seed: int, num_patches: tuple[int, int]) -> dict:
-    """Mean losses over the eval split, per record, the same for any number of processes.
+    """Mean losses over the eval split, per record; for a given global eval batch (`per_device_eval_batch_size` x
+    processes), the same for any number of processes.
+
+    `eval_reconstruction_loss` is the mean over every record, each carrying its batch's term. The contrastive term
+    depends on how many pairs its batch holds (they are each other's negatives), so `eval_contrastive_loss` is the
+    mean over the full global batches only: the records of a last, shorter batch count for the reconstruction term
+    but not for it (at eval batch 16, a 17th record in a batch of its own has no negative and an InfoNCE of 0, which
+    would pull the mean down). An eval split smaller than one global batch is its only batch, used whole.
+    `eval_contrastive_records` is how many records the contrastive term covers (0 where it is off), and `eval_loss`
+    is `reconstruction_weight x eval_reconstruction_loss + contrastive_weight x eval_contrastive_loss` at the
+    config's weights.
 
     The last batch is padded with duplicates so that every process gets one. They are left out of the model's batch
     (so out of the reconstruction term, and no false negatives in the contrastive term, which gathers the real
@@ -1664,12 +1702,18 @@ def evaluate(model, eval_loader, accelerator: Accelerator, seed: int, num_patche
     model needs a record, the gather needs every process). `gather_for_metrics` then drops the padding's rows of the
     per-record losses."""
     model.eval()
-    objective = PretrainingObjective(accelerator.unwrap_model(model).config, equal_batches=False)
+    config = accelerator.unwrap_model(model).config
+    objective = PretrainingObjective(config, equal_batches=False)
+    state = accelerator.gradient_state
     per_record = []
-    for batch in eval_loader:
+    for index, batch in enumerate(eval_loader):
         ecg_ids = batch.pop("ecg_id")  # on the CPU, as in training
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         records = _num_real_records(accelerator, len(ecg_ids))
+        # Whether this batch's contrastive term counts: a full global batch, or the split's only batch. The same
+        # decision on every process (the remainder is global).
+        short = state.end_of_dataloader and state.remainder > 0
+        counted = not short or index == 0
         rows = max(records, 1)
         noise = masking_noise(ecg_ids[:rows].tolist(), (seed, -1), num_patches).to(accelerator.device)
         output = model(**{key: value[:rows] for key, value in batch.items()}, noise=noise)
@@ -1677,10 +1721,27 @@ def evaluate(model, eval_loader, accelerator: Accelerator, seed: int, num_patche
             output.ecg_embeds, output.text_embeds = output.ecg_embeds[:0], output.text_embeds[:0]
         with accelerator.autocast():
             losses = objective(output)
-        values = torch.stack([_as_tensor(getattr(losses, name), losses.loss) for name in _LOSS_NAMES]).float()
+        in_contrastive = float(counted and losses.contrastive_loss is not None)
+        values = torch.stack(
+            [
+                _as_tensor(losses.reconstruction_loss, losses.loss),
+                _as_tensor(losses.contrastive_loss, losses.loss),
+                torch.tensor(in_contrastive, device=losses.loss.device),
+            ]
+        ).float()
         per_record.append(accelerator.gather_for_metrics(values[None].expand(len(ecg_ids), -1).contiguous()))
-    means = torch.cat(per_record).mean(dim=0).tolist()
-    return {f"eval_{name}": value for name, value in zip(_LOSS_NAMES, means)}
+    reconstruction, contrastive, in_contrastive = torch.cat(per_record).double().unbind(dim=1)
+    contrastive_records = int(in_contrastive.sum().item())
+    reconstruction_loss = reconstruction.mean().item()
+    contrastive_loss = (
+        (contrastive * in_contrastive).sum().item() / contrastive_records if contrastive_records else 0.0
+    )
+    return {
+        "eval_loss": config.reconstruction_weight * reconstruction_loss + config.contrastive_weight * contrastive_loss,
+        "eval_reconstruction_loss": reconstruction_loss,
+        "eval_contrastive_loss": contrastive_loss,
+        "eval_contrastive_records": contrastive_records,
+    }
 
 
 def _num_real_records(accelerator: Accelerator, batch_size: int) -> int:
