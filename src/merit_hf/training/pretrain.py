@@ -1145,6 +1145,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     last_eval: dict[str, float] = earlier["last_eval"]
     start = time.perf_counter() - earlier["train_runtime_s"]
     steps_this_run = 0
+    meter.start()  # the set-up above (prepare, loading a checkpoint, trackers) is no part of the first interval
 
     # ---- The loop: one micro-batch per iteration, one optimizer step every gradient_accumulation_steps --------------
     model.train()

@@ -121,8 +121,9 @@ def count_flops_per_sample(
 class ThroughputMeter:
     """Measures a training (or embedding) loop per logged interval and over the whole run.
 
-    Hooks: iterate the batches through `timed(...)` (data wait; or wrap the batch preparation in `with
-    meter.waiting():`), call `count_flops_once(...)` with the first batch,
+    Hooks: call `start()` right before the loop's first batch (what came before it, model and data set-up, a
+    checkpoint to load, trackers, counts in no interval), iterate the batches through `timed(...)` (data wait; or wrap
+    the batch preparation in `with meter.waiting():`), call `count_flops_once(...)` with the first batch,
     `step(num_samples)` after each optimizer step, wrap evaluation and checkpoints in `with meter.excluded():`,
     diagnostics the run pays for inside the loop (the per-term gradient norms) in `with meter.diagnostics():` (counted,
     and shown as their own share), and call `interval()` where the loop logs; `totals()` at the end.
@@ -154,6 +155,14 @@ class ThroughputMeter:
         self.data_bound_warned = False
 
     # -- hooks --------------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the first interval now: the time since the meter was made (set-up) counts in no interval and not in
+        the run's totals. Call it right before the loop takes its first batch, so that the first interval measures
+        the loop, data waits included, as the later ones do."""
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+        self._reset_interval(time.perf_counter())
+
     def timed(self, batches: Iterable) -> Iterator:
         """Yield from `batches`, adding the time blocked in `iter()` (worker start-up) and `next()` to the data wait."""
         start = time.perf_counter()
