@@ -903,6 +903,31 @@ def test_gradient_norm_balancing_adapts_and_logs_the_reconstruction_weight(asset
     assert unlogged["loss_history"] == results["loss_history"]
 
 
+def test_a_gradient_norm_measurement_between_logging_steps_is_logged_after_a_resume_and_at_the_last_step(
+    assets, tmp_path
+):
+    """Balancing measures at steps 1, 4, 7 and 10; lines are logged at 4, 8 and 10. Step 7's measurement waits in
+    memory for step 8's line: a checkpoint at step 7 did not keep it, so after a resume from there the step-8 line
+    lacked it. And the last line (step 10, not a multiple of --logging_steps) left out step 10's measurement."""
+    flags = {"loss_balancing": "gradient_norm", "loss_balancing_interval": 3, "gradient_norm_logging_steps": 0,
+             "logging_steps": 4, "max_steps": 10, "save_steps": 7, "eval_steps": 0, "eval_split": "None"}  # fmt: skip
+    whole = tmp_path / "whole"
+    expected = run_pretraining(base_argv(assets, whole, **flags))
+    logged = {entry["step"]: entry for entry in read_log_history(whole)}
+    assert sorted(logged) == [4, 8, 10]
+    assert [logged[step].get("gradient_norm_step") for step in (4, 8, 10)] == [4, 7, 10]
+    assert [entry["step"] for entry in expected["encoder_gradient_norms"]] == [4, 8, 10]
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole / "checkpoints" / "checkpoint_7", resumed / "checkpoints" / "checkpoint_7")
+    results = run_pretraining(base_argv(assets, resumed, resume_from_checkpoint="latest", **flags))
+    line = next(entry for entry in read_log_history(resumed) if entry["step"] == 8)
+    for name in ("gradient_norm_step", "encoder_grad_norm_reconstruction", "encoder_grad_norm_contrastive",
+                 "reconstruction_gradient_share"):  # fmt: skip
+        assert line[name] == logged[8][name], name
+    assert results["encoder_gradient_norms"] == expected["encoder_gradient_norms"]
+
+
 def test_gradient_norm_logging_leaves_training_alone_under_activation_checkpointing(assets, tmp_path):
     """Under `--activation_checkpointing` (and `torch_compile`) the per-term gradient norms need one extra forward per
     term, whose dropout drew from the training RNG: with a dropout text tower, logging the norms every step changed

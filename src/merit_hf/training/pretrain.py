@@ -298,7 +298,9 @@ class PretrainingArguments:
         metadata={
             "help": "Log each loss term's gradient norm into the ECG encoder (and the reconstruction share) every N "
             "steps: two extra backward passes each time. None: every logging step; 0: never (loss balancing still "
-            "measures them every loss_balancing_interval steps, and those are logged)."
+            "measures them every loss_balancing_interval steps). A log line carries the newest measurement since the "
+            "line before it, with its gradient_norm_step; where a logging interval holds several, the earlier ones are "
+            "not logged."
         },
     )
     eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (and at the end)."})
@@ -1140,7 +1142,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         training_batches(accelerator, train_loader, streaming, epoch, skip, resume_path is not None, data_args)
     )
     step_losses: list[torch.Tensor] = []
-    gradient_norms: dict[str, float] = {}
+    # the newest measurement not yet logged (a checkpoint between logging steps keeps it, so a resume logs it too)
+    gradient_norms: dict[str, float] = earlier["pending_gradient_norms"]
     history: list[dict[str, float]] = earlier["history"]  # every step of the run, those before a resume included
     last_eval: dict[str, float] = earlier["last_eval"]
     start = time.perf_counter() - earlier["train_runtime_s"]
@@ -1200,7 +1203,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         step_losses.clear()
         record = {"step": global_step, "epoch": epoch, "learning_rate": scheduler.get_last_lr()[0]}
         record.update({f"train_{name}": value for name, value in zip(_LOSS_NAMES, step_mean)})
-        if global_step % train_args.logging_steps == 0 and gradient_norms:
+        logged = global_step % train_args.logging_steps == 0 or global_step == train_args.max_steps
+        if logged and gradient_norms:
             record.update(gradient_norms)  # the newest measurement, once
             gradient_norms = {}
         if balancer.enabled:
@@ -1220,13 +1224,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 last_eval = evaluate(model, eval_loader, accelerator, train_args.seed, num_patches)
             record.update(last_eval)
             model.train()
-        if global_step % train_args.logging_steps == 0 or global_step == train_args.max_steps:
+        if logged:
             record.update(meter.interval())
             log_step(accelerator, output_dir, meter, record)
         elif evaluated:  # on its own line, as transformers' Trainer logs an evaluation
             log_step(accelerator, output_dir, meter, {"step": global_step, "epoch": epoch, **last_eval})
         if global_step % train_args.save_steps == 0 or global_step == train_args.max_steps:
-            so_far = run_history(history, last_eval, time.perf_counter() - start, meter, resume_notes)
+            so_far = run_history(history, last_eval, time.perf_counter() - start, meter, resume_notes, gradient_norms)
             with meter.excluded():
                 save_checkpoint(
                     accelerator, global_step, epoch, run_identity, so_far, train_loader if streaming else None
@@ -1492,17 +1496,31 @@ def resume(accelerator: Accelerator, resume_path: Path | None, run_identity: dic
 def load_run_history(resume_path: Path | None) -> dict[str, Any]:
     """The run up to a checkpoint, as `run_history` wrote it: empty for a new run, or for a checkpoint of a merit_hf
     version that did not write it (its train_results.json then covers only the resumed part)."""
-    earlier = {"history": [], "last_eval": {}, "train_runtime_s": 0.0, "throughput": {}, "resume_notes": []}
+    earlier = {
+        "history": [],
+        "last_eval": {},
+        "train_runtime_s": 0.0,
+        "throughput": {},
+        "resume_notes": [],
+        "pending_gradient_norms": {},
+    }
     if resume_path is not None and (resume_path / RUN_HISTORY_FILE).is_file():
         earlier.update(json.loads((resume_path / RUN_HISTORY_FILE).read_text()))
     return earlier
 
 
 def run_history(
-    history: list[dict], last_eval: dict, runtime: float, meter: ThroughputMeter, resume_notes: list[str]
+    history: list[dict],
+    last_eval: dict,
+    runtime: float,
+    meter: ThroughputMeter,
+    resume_notes: list[str],
+    pending_gradient_norms: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """What a checkpoint keeps of the run so far for train_results.json: the per-step values `histories` and the
-    results read, the last evaluation, the seconds since the run began and the throughput meter's counts."""
+    results read, the last evaluation, the seconds since the run began, the throughput meter's counts (with its FLOPs
+    per ECG) and the gradient-norm measurement not yet logged (one made between logging steps, which the next log
+    line carries: after a resume as without one)."""
     return json_safe(
         {
             "history": [{key: value for key, value in entry.items() if _kept_in_history(key)} for entry in history],
@@ -1510,6 +1528,7 @@ def run_history(
             "train_runtime_s": runtime,
             "throughput": meter.run_counts(),
             "resume_notes": resume_notes,
+            "pending_gradient_norms": pending_gradient_norms or {},
         }
     )
 
