@@ -339,11 +339,23 @@ def test_resumed_run_results_cover_the_whole_run_and_a_finished_run_keeps_them(r
     assert resumed["throughput"]["ecgs_seen"] == STEPS * 8
     assert resumed["throughput"]["flops_per_ecg"] == expected["throughput"]["flops_per_ecg"]
 
+    first = _strict_json(tmp_path / "train_results.json")
+
     finished = run_pretraining(argv)
     assert finished["steps_this_run"] == 0 and finished["resume_notes"] == []
     written = _strict_json(tmp_path / "train_results.json")
     assert _timing_free(written) == pytest.approx(_timing_free(expected))
     assert written["eval_loss"] == pytest.approx(expected["eval_loss"]) and written["train_loss"] is not None
+    # its timing too: the FLOPs per ECG (no batch to count them on) and the runtime (not this invocation's)
+    for name in ("train_runtime_s", "train_ecgs_per_second", "throughput"):
+        assert written[name] == first[name], name
+    # without a train_results.json beside it, the checkpoint's counts and runtime
+    (tmp_path / "train_results.json").unlink()
+    again = run_pretraining(argv)
+    saved = json.loads((tmp_path / "checkpoints" / f"checkpoint_{STEPS}" / "run_history.json").read_text())
+    assert again["train_runtime_s"] == saved["train_runtime_s"]
+    assert again["throughput"]["flops_per_ecg"] == expected["throughput"]["flops_per_ecg"]
+    assert again["throughput"]["achieved_tflops"] > 0
 
 
 def test_evaluation_between_logging_steps_is_logged_on_its_own_line(assets, tmp_path):

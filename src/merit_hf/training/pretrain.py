@@ -1237,6 +1237,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 )
     progress.close()
     runtime = time.perf_counter() - start
+    throughput = meter.totals()
+    if steps_this_run == 0:  # a finished run resumed: its results stand, not this invocation's set-up time
+        runtime, throughput = finished_run_timing(output_dir, global_step, earlier["train_runtime_s"], throughput)
 
     # ---- Finishing: the Hub folder, the results ----------------------------------------------------------------------
     # The last step evaluated; a run resumed with no steps left has its checkpoint's evaluation, except one written by
@@ -1255,7 +1258,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         **({key: value for key, value in history[-1].items() if key.startswith("train_")} if history else {}),
         **last_eval,
         **histories(history),
-        "throughput": meter.totals(),
+        "throughput": throughput,
         # under loss balancing, the weight the next step would use (the logs hold the one each step used)
         **({"final_reconstruction_weight": balancer.weight} if balancer.enabled else {}),
         "resume_notes": resume_notes,
@@ -1507,6 +1510,23 @@ def load_run_history(resume_path: Path | None) -> dict[str, Any]:
     if resume_path is not None and (resume_path / RUN_HISTORY_FILE).is_file():
         earlier.update(json.loads((resume_path / RUN_HISTORY_FILE).read_text()))
     return earlier
+
+
+def finished_run_timing(
+    output_dir: Path, global_step: int, checkpoint_runtime: float, throughput: dict[str, Any]
+) -> tuple[float, dict[str, Any]]:
+    """`(train_runtime_s, throughput)` of a run resumed with no step left to train: those of its
+    `train_results.json` in `output_dir` where that file is of the same step (so resuming a finished run keeps its
+    results), else the checkpoint's runtime (taken before the checkpoint was written) and `throughput` (the meter's
+    totals, from the checkpoint's counts)."""
+    path = output_dir / RESULTS_FILE
+    try:
+        results = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        results = {}
+    if results.get("global_step") == global_step and isinstance(results.get("train_runtime_s"), (int, float)):
+        return results["train_runtime_s"], results.get("throughput") or throughput
+    return checkpoint_runtime, throughput
 
 
 def run_history(
