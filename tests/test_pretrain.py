@@ -940,6 +940,27 @@ def test_a_gradient_norm_measurement_between_logging_steps_is_logged_after_a_res
     assert results["encoder_gradient_norms"] == expected["encoder_gradient_norms"]
 
 
+def test_tensorboard_drops_an_interrupted_run_s_steps_after_the_checkpoint_it_resumes(assets, tmp_path):
+    """log_history.jsonl is cut back to the checkpoint a run resumes from; TensorBoard's events of the killed run's
+    later steps stayed in its file under runs/, so TensorBoard showed steps 5-8 twice. The resumed writer now passes
+    `purge_step`, and TensorBoard discards the earlier file's events from there on."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    flags = {"report_to": "tensorboard", "logging_steps": 1, "save_steps": 4, "eval_steps": 0, "eval_split": "None"}
+    run_pretraining(base_argv(assets, tmp_path, **flags))
+    shutil.rmtree(tmp_path / "checkpoints" / f"checkpoint_{STEPS}")  # killed while saving the last checkpoint
+    shutil.rmtree(tmp_path / "model")
+    time.sleep(1.1)  # the writer names its file by the second: the resumed run's file sorts after the first
+    run_pretraining(base_argv(assets, tmp_path, resume_from_checkpoint="latest", **flags))
+    (run_dir,) = [path for path in (tmp_path / "runs").iterdir() if path.is_dir()]
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 2
+    accumulator = event_accumulator.EventAccumulator(str(run_dir), size_guidance={event_accumulator.SCALARS: 0})
+    accumulator.Reload()
+    points = accumulator.Scalars("train_loss")
+    assert [point.step for point in points] == list(range(1, STEPS + 1))
+    logged = [entry["train_loss"] for entry in read_log_history(tmp_path)]
+    assert [point.value for point in points] == pytest.approx(logged)
+
+
 def test_gradient_norm_logging_leaves_training_alone_under_activation_checkpointing(assets, tmp_path):
     """Under `--activation_checkpointing` (and `torch_compile`) the per-term gradient norms need one extra forward per
     term, whose dropout drew from the training RNG: with a dropout text tower, logging the norms every step changed

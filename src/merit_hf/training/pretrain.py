@@ -1570,8 +1570,12 @@ def resume_notes_for_stream(resume_path: Path | None, streaming: bool, shuffle_b
 
 
 def start_logging(accelerator: Accelerator, output_dir: Path, global_step: int, arguments: Sequence) -> None:
-    """Drop what an interrupted run wrote after `global_step` (checkpoints, log lines), so this run's follow on
-    exactly, and start the trackers with the hyperparameters."""
+    """Drop what an interrupted run wrote after `global_step` (checkpoints, log lines, TensorBoard's events), so this
+    run's follow on exactly, and start the trackers with the hyperparameters.
+
+    TensorBoard's events stay in the interrupted run's file under `runs/`: the writer is given `purge_step`, which
+    tells TensorBoard to discard every event of an earlier file from the step after `global_step` on (a killed run's
+    steps after its checkpoint would otherwise show twice, beside the resumed run's)."""
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_checkpoints_after(output_dir, global_step)
@@ -1582,7 +1586,11 @@ def start_logging(accelerator: Accelerator, output_dir: Path, global_step: int, 
         for key, value in arguments_to_dict(*arguments).items()
     }
     hyperparameters["num_processes"] = accelerator.num_processes
-    accelerator.init_trackers(arguments[2].run_name, config=hyperparameters)
+    accelerator.init_trackers(
+        arguments[2].run_name,
+        config=hyperparameters,
+        init_kwargs={"tensorboard": {"purge_step": global_step + 1}},
+    )
 
 
 def training_batches(
