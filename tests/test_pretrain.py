@@ -339,11 +339,23 @@ def test_resumed_run_results_cover_the_whole_run_and_a_finished_run_keeps_them(r
     assert resumed["throughput"]["ecgs_seen"] == STEPS * 8
     assert resumed["throughput"]["flops_per_ecg"] == expected["throughput"]["flops_per_ecg"]
 
+    first = _strict_json(tmp_path / "train_results.json")
+
     finished = run_pretraining(argv)
     assert finished["steps_this_run"] == 0 and finished["resume_notes"] == []
     written = _strict_json(tmp_path / "train_results.json")
     assert _timing_free(written) == pytest.approx(_timing_free(expected))
     assert written["eval_loss"] == pytest.approx(expected["eval_loss"]) and written["train_loss"] is not None
+    # its timing too: the FLOPs per ECG (no batch to count them on) and the runtime (not this invocation's)
+    for name in ("train_runtime_s", "train_ecgs_per_second", "throughput"):
+        assert written[name] == first[name], name
+    # without a train_results.json beside it, the checkpoint's counts and runtime
+    (tmp_path / "train_results.json").unlink()
+    again = run_pretraining(argv)
+    saved = json.loads((tmp_path / "checkpoints" / f"checkpoint_{STEPS}" / "run_history.json").read_text())
+    assert again["train_runtime_s"] == saved["train_runtime_s"]
+    assert again["throughput"]["flops_per_ecg"] == expected["throughput"]["flops_per_ecg"]
+    assert again["throughput"]["achieved_tflops"] > 0
 
 
 def test_evaluation_between_logging_steps_is_logged_on_its_own_line(assets, tmp_path):
@@ -353,7 +365,8 @@ def test_evaluation_between_logging_steps_is_logged_on_its_own_line(assets, tmp_
     logged = read_log_history(tmp_path)
     assert [entry["step"] for entry in logged] == [2, 3, 4]
     assert "eval_loss" not in logged[0] and "train_loss" in logged[0]
-    assert sorted(logged[1]) == ["epoch", "eval_contrastive_loss", "eval_loss", "eval_reconstruction_loss", "step"]
+    assert sorted(logged[1]) == ["epoch", "eval_contrastive_loss", "eval_contrastive_records", "eval_loss",
+                                 "eval_reconstruction_loss", "step"]  # fmt: skip
     assert "eval_loss" in logged[2] and "train_loss" in logged[2]
 
 
@@ -415,13 +428,24 @@ def test_a_non_finite_gradient_with_a_finite_loss_stops_before_the_step(assets, 
             parameter.grad.view(-1)[0] = float("inf")
 
     monkeypatch.setattr(Accelerator, "backward", poisoned)
-    for clipping in ("1.0", "None"):
+    for clipping in ("1.0", "None", "0"):
         output_dir = tmp_path / clipping
         with pytest.raises(FloatingPointError, match=r"non-finite gradient norm \(inf\) at step 3 \(epoch 0, batch 2 "
                            r"of the epoch\) with a finite loss\. Stopped before the optimizer step"):  # fmt: skip
             run_pretraining(base_argv(assets, output_dir, save_steps=1, eval_steps=0, max_grad_norm=clipping))
         assert sorted(path.name for path in (output_dir / "checkpoints").iterdir()) == ["checkpoint_1", "checkpoint_2"]
         calls["count"] = 0
+
+
+def test_max_grad_norm_0_turns_clipping_off_as_none_does(assets, tmp_path):
+    """transformers' convention: `--max_grad_norm 0` does not clip. It clipped every gradient to a norm of 0, so the
+    run logged losses (the masks change) and saved a model whose weights never moved."""
+    flags = {"max_steps": 3, "save_steps": 3, "eval_steps": 0, "eval_split": "None"}
+    unclipped = run_pretraining(base_argv(assets, tmp_path / "none", max_grad_norm="None", **flags))
+    zero = run_pretraining(base_argv(assets, tmp_path / "zero", max_grad_norm=0, **flags))
+    assert zero["loss_history"] == unclipped["loss_history"]
+    clipped = run_pretraining(base_argv(assets, tmp_path / "clipped", max_grad_norm=1e-3, **flags))
+    assert clipped["loss_history"][1:] != unclipped["loss_history"][1:]  # clipping does act where it is asked for
 
 
 def test_incompatible_checkpoint_refused_with_the_differing_fields(reference, assets, tmp_path):
@@ -612,6 +636,37 @@ def test_a_contrastive_batch_of_one_pair_is_refused(assets, tmp_path):
         check_contrastive_batch(config, 1, 2)
     config.contrastive_weight = 0.0
     check_contrastive_batch(config, 1, 1)  # reconstruction only: nothing to contrast
+
+
+def test_eval_contrastive_loss_covers_full_global_eval_batches_only(assets, tmp_path):
+    """Each eval record carried its batch's InfoNCE, so a short last batch (fewer negatives) pulled the mean down: 17
+    records at eval batch 16 gave the 16-record value x 16/17 (the 17th record's InfoNCE is 0). The contrastive term
+    now covers the full global batches (the 17th record counts for the reconstruction term only), a split smaller than
+    one batch is used whole, and an eval batch of one pair is refused."""
+    from merit_hf import MeritConfig
+
+    flags = {"max_steps": 1, "save_steps": 1, "eval_steps": 1, "eval_split": "train", "per_device_eval_batch_size": 16}
+    runs = {
+        records: run_pretraining(base_argv(assets, tmp_path / str(records), max_eval_samples=records, **flags))
+        for records in (16, 17, 10)
+    }
+    assert runs[17]["eval_contrastive_loss"] == pytest.approx(runs[16]["eval_contrastive_loss"], rel=1e-6)
+    assert runs[16]["eval_contrastive_records"] == runs[17]["eval_contrastive_records"] == 16
+    assert runs[17]["eval_reconstruction_loss"] != runs[16]["eval_reconstruction_loss"]  # the 17th record counts there
+    assert runs[10]["eval_contrastive_records"] == 10 and runs[10]["eval_contrastive_loss"] > 0
+    config = MeritConfig()
+    for results in runs.values():
+        assert results["eval_loss"] == pytest.approx(
+            config.reconstruction_weight * results["eval_reconstruction_loss"]
+            + config.contrastive_weight * results["eval_contrastive_loss"]
+        )
+    logged = read_log_history(tmp_path / "17")[-1]
+    assert logged["eval_contrastive_records"] == 16
+    with pytest.raises(ValueError, match=re.escape("--per_device_eval_batch_size 1 x 1 process(es) gives the eval "
+                                                   "contrastive term 1 ECG-report pair per batch")):  # fmt: skip
+        run_pretraining(base_argv(assets, tmp_path / "one", **{**flags, "per_device_eval_batch_size": 1}))
+    with pytest.raises(ValueError, match=re.escape("--eval_split 'train': 1 record(s)")):
+        run_pretraining(base_argv(assets, tmp_path / "single", max_eval_samples=1, **flags))
 
 
 def test_misspelled_ecg_config_key_is_refused(assets, tmp_path):
@@ -858,6 +913,52 @@ def test_gradient_norm_balancing_adapts_and_logs_the_reconstruction_weight(asset
     unlogged = run_pretraining(base_argv(assets, tmp_path / "unlogged", gradient_norm_logging_steps=0, **flags))
     assert [entry["reconstruction_weight"] for entry in read_log_history(tmp_path / "unlogged")] == weights
     assert unlogged["loss_history"] == results["loss_history"]
+
+
+def test_a_gradient_norm_measurement_between_logging_steps_is_logged_after_a_resume_and_at_the_last_step(
+    assets, tmp_path
+):
+    """Balancing measures at steps 1, 4, 7 and 10; lines are logged at 4, 8 and 10. Step 7's measurement waits in
+    memory for step 8's line: a checkpoint at step 7 did not keep it, so after a resume from there the step-8 line
+    lacked it. And the last line (step 10, not a multiple of --logging_steps) left out step 10's measurement."""
+    flags = {"loss_balancing": "gradient_norm", "loss_balancing_interval": 3, "gradient_norm_logging_steps": 0,
+             "logging_steps": 4, "max_steps": 10, "save_steps": 7, "eval_steps": 0, "eval_split": "None"}  # fmt: skip
+    whole = tmp_path / "whole"
+    expected = run_pretraining(base_argv(assets, whole, **flags))
+    logged = {entry["step"]: entry for entry in read_log_history(whole)}
+    assert sorted(logged) == [4, 8, 10]
+    assert [logged[step].get("gradient_norm_step") for step in (4, 8, 10)] == [4, 7, 10]
+    assert [entry["step"] for entry in expected["encoder_gradient_norms"]] == [4, 8, 10]
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole / "checkpoints" / "checkpoint_7", resumed / "checkpoints" / "checkpoint_7")
+    results = run_pretraining(base_argv(assets, resumed, resume_from_checkpoint="latest", **flags))
+    line = next(entry for entry in read_log_history(resumed) if entry["step"] == 8)
+    for name in ("gradient_norm_step", "encoder_grad_norm_reconstruction", "encoder_grad_norm_contrastive",
+                 "reconstruction_gradient_share"):  # fmt: skip
+        assert line[name] == logged[8][name], name
+    assert results["encoder_gradient_norms"] == expected["encoder_gradient_norms"]
+
+
+def test_tensorboard_drops_an_interrupted_run_s_steps_after_the_checkpoint_it_resumes(assets, tmp_path):
+    """log_history.jsonl is cut back to the checkpoint a run resumes from; TensorBoard's events of the killed run's
+    later steps stayed in its file under runs/, so TensorBoard showed steps 5-8 twice. The resumed writer now passes
+    `purge_step`, and TensorBoard discards the earlier file's events from there on."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    flags = {"report_to": "tensorboard", "logging_steps": 1, "save_steps": 4, "eval_steps": 0, "eval_split": "None"}
+    run_pretraining(base_argv(assets, tmp_path, **flags))
+    shutil.rmtree(tmp_path / "checkpoints" / f"checkpoint_{STEPS}")  # killed while saving the last checkpoint
+    shutil.rmtree(tmp_path / "model")
+    time.sleep(1.1)  # the writer names its file by the second: the resumed run's file sorts after the first
+    run_pretraining(base_argv(assets, tmp_path, resume_from_checkpoint="latest", **flags))
+    (run_dir,) = [path for path in (tmp_path / "runs").iterdir() if path.is_dir()]
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 2
+    accumulator = event_accumulator.EventAccumulator(str(run_dir), size_guidance={event_accumulator.SCALARS: 0})
+    accumulator.Reload()
+    points = accumulator.Scalars("train_loss")
+    assert [point.step for point in points] == list(range(1, STEPS + 1))
+    logged = [entry["train_loss"] for entry in read_log_history(tmp_path)]
+    assert [point.value for point in points] == pytest.approx(logged)
 
 
 def test_gradient_norm_logging_leaves_training_alone_under_activation_checkpointing(assets, tmp_path):

@@ -134,3 +134,23 @@ def test_pretraining_precision_follows_the_launcher_and_refuses_fp16_on_cpu(monk
         resolve_mixed_precision("no", use_cpu=True, launcher="bf16")
     with pytest.raises(ValueError, match="mixed_precision 'fp16' is CUDA autocast with loss scaling; on cpu"):
         resolve_mixed_precision("fp16", use_cpu=True)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--max_grad_norm", "-1"],
+            "--max_grad_norm: the largest gradient norm to clip to, 0 or None for no clipping; got -1.0",
+        ),
+        (["--save_total_limit", "0"], "--save_total_limit: the number of newest checkpoints to keep, at least 1"),
+        (["--save_total_limit", "-2"], "or None to keep every checkpoint; got -2"),
+    ],
+)
+def test_pretraining_refuses_a_negative_clipping_norm_and_a_checkpoint_limit_below_1(flags, message):
+    """A negative clipping norm has no meaning (0 turns clipping off; it used to scale every gradient to 0), and
+    `--save_total_limit 0` kept one checkpoint, not none."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_arguments(ARGUMENT_CLASSES, flags)
+    *_, train_args = parse_arguments(ARGUMENT_CLASSES, ["--max_grad_norm", "0", "--save_total_limit", "1"])
+    assert train_args.max_grad_norm == 0 and train_args.save_total_limit == 1  # 0: no clipping, as transformers

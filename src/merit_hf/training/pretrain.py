@@ -268,7 +268,13 @@ class PretrainingArguments:
     adam_beta1: float = field(default=0.9)
     adam_beta2: float = field(default=0.95)
     adam_epsilon: float = field(default=1e-8)
-    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping; None turns it off."})
+    max_grad_norm: float | None = field(
+        default=1.0,
+        metadata={
+            "help": "Clip the gradients' total norm to this; 0 or None: no clipping (the norm is still checked to be "
+            "finite), as in transformers' TrainingArguments."
+        },
+    )
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Any transformers scheduler name."})
     warmup_steps: int = field(default=0)
     mixed_precision: str = field(
@@ -292,7 +298,9 @@ class PretrainingArguments:
         metadata={
             "help": "Log each loss term's gradient norm into the ECG encoder (and the reconstruction share) every N "
             "steps: two extra backward passes each time. None: every logging step; 0: never (loss balancing still "
-            "measures them every loss_balancing_interval steps, and those are logged)."
+            "measures them every loss_balancing_interval steps). A log line carries the newest measurement since the "
+            "line before it, with its gradient_norm_step; where a logging interval holds several, the earlier ones are "
+            "not logged."
         },
     )
     eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (and at the end)."})
@@ -301,7 +309,8 @@ class PretrainingArguments:
         default=2,
         metadata={
             "help": "Keep only the newest N checkpoints. Accelerate removes the oldest before it writes the next, so "
-            "with 1 a run killed while saving has no complete checkpoint to resume: keep at least 2."
+            "with 1 a run killed while saving has no complete checkpoint to resume: keep at least 2. None keeps every "
+            "checkpoint."
         },
     )
     resume_from_checkpoint: str | None = field(
@@ -345,6 +354,17 @@ class PretrainingArguments:
                 raise ValueError(f"--{name}: must be at least 1, got {getattr(self, name)}")
         if self.logging_steps < 1:
             raise ValueError(f"--logging_steps: must be at least 1, got {self.logging_steps}")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise ValueError(
+                f"--max_grad_norm: the largest gradient norm to clip to, 0 or None for no clipping; got "
+                f"{self.max_grad_norm}, and a negative norm has no meaning"
+            )
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(
+                f"--save_total_limit: the number of newest checkpoints to keep, at least 1 (2 or more, so that a run "
+                f"killed while saving still has a complete one), or None to keep every checkpoint; got "
+                f"{self.save_total_limit}"
+            )
         if self.gradient_norm_logging_steps is not None and self.gradient_norm_logging_steps < 0:
             raise ValueError(
                 f"--gradient_norm_logging_steps: must be 0 (never) or more, got {self.gradient_norm_logging_steps}"
@@ -1054,6 +1074,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         accelerator, train_loader, eval_loader, streaming, data_args.train_split
     )
     check_contrastive_batch(unwrapped.config, train_args.per_device_train_batch_size, accelerator.num_processes)
+    if eval_loader is not None:
+        check_contrastive_batch(
+            unwrapped.config, train_args.per_device_eval_batch_size, accelerator.num_processes, role="eval"
+        )
+        check_eval_split_contrastive(unwrapped.config, eval_loader, data_args.eval_split)
     objective = PretrainingObjective(unwrapped.config)  # the contrastive term over every process's batch
     run_identity = {
         "model_config": comparable_config(unwrapped.config),
@@ -1117,11 +1142,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         training_batches(accelerator, train_loader, streaming, epoch, skip, resume_path is not None, data_args)
     )
     step_losses: list[torch.Tensor] = []
-    gradient_norms: dict[str, float] = {}
+    # the newest measurement not yet logged (a checkpoint between logging steps keeps it, so a resume logs it too)
+    gradient_norms: dict[str, float] = earlier["pending_gradient_norms"]
     history: list[dict[str, float]] = earlier["history"]  # every step of the run, those before a resume included
     last_eval: dict[str, float] = earlier["last_eval"]
     start = time.perf_counter() - earlier["train_runtime_s"]
     steps_this_run = 0
+    meter.start()  # the set-up above (prepare, loading a checkpoint, trackers) is no part of the first interval
 
     # ---- The loop: one micro-batch per iteration, one optimizer step every gradient_accumulation_steps --------------
     model.train()
@@ -1176,7 +1203,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         step_losses.clear()
         record = {"step": global_step, "epoch": epoch, "learning_rate": scheduler.get_last_lr()[0]}
         record.update({f"train_{name}": value for name, value in zip(_LOSS_NAMES, step_mean)})
-        if global_step % train_args.logging_steps == 0 and gradient_norms:
+        logged = global_step % train_args.logging_steps == 0 or global_step == train_args.max_steps
+        if logged and gradient_norms:
             record.update(gradient_norms)  # the newest measurement, once
             gradient_norms = {}
         if balancer.enabled:
@@ -1196,19 +1224,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 last_eval = evaluate(model, eval_loader, accelerator, train_args.seed, num_patches)
             record.update(last_eval)
             model.train()
-        if global_step % train_args.logging_steps == 0 or global_step == train_args.max_steps:
+        if logged:
             record.update(meter.interval())
             log_step(accelerator, output_dir, meter, record)
         elif evaluated:  # on its own line, as transformers' Trainer logs an evaluation
             log_step(accelerator, output_dir, meter, {"step": global_step, "epoch": epoch, **last_eval})
         if global_step % train_args.save_steps == 0 or global_step == train_args.max_steps:
-            so_far = run_history(history, last_eval, time.perf_counter() - start, meter, resume_notes)
+            so_far = run_history(history, last_eval, time.perf_counter() - start, meter, resume_notes, gradient_norms)
             with meter.excluded():
                 save_checkpoint(
                     accelerator, global_step, epoch, run_identity, so_far, train_loader if streaming else None
                 )
     progress.close()
     runtime = time.perf_counter() - start
+    throughput = meter.totals()
+    if steps_this_run == 0:  # a finished run resumed: its results stand, not this invocation's set-up time
+        runtime, throughput = finished_run_timing(output_dir, global_step, earlier["train_runtime_s"], throughput)
 
     # ---- Finishing: the Hub folder, the results ----------------------------------------------------------------------
     # The last step evaluated; a run resumed with no steps left has its checkpoint's evaluation, except one written by
@@ -1227,7 +1258,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         **({key: value for key, value in history[-1].items() if key.startswith("train_")} if history else {}),
         **last_eval,
         **histories(history),
-        "throughput": meter.totals(),
+        "throughput": throughput,
         # under loss balancing, the weight the next step would use (the logs hold the one each step used)
         **({"final_reconstruction_weight": balancer.weight} if balancer.enabled else {}),
         "resume_notes": resume_notes,
@@ -1388,18 +1419,41 @@ def make_optimizer(model: MeritForPreTraining, train_args: PretrainingArguments)
     return optimizer, scheduler
 
 
-def check_contrastive_batch(config: MeritConfig, per_device_batch_size: int, num_processes: int) -> None:
+def check_contrastive_batch(
+    config: MeritConfig, per_device_batch_size: int, num_processes: int, role: str = "train"
+) -> None:
     """Refuse a contrastive term over a single pair: InfoNCE of one ECG and its report has no negative, so it is
-    exactly 0 with no gradient, and the run would train the reconstruction term alone under the name of both."""
+    exactly 0 with no gradient, and the run would train the reconstruction term alone under the name of both.
+    `role="eval"`: the same for the eval batch (`--per_device_eval_batch_size`), whose contrastive loss would be 0."""
     if config.contrastive_weight == 0:
         return
     pairs = per_device_batch_size * (num_processes if config.gather_contrastive_features else 1)
     if pairs < 2:
+        consequence = "trains nothing" if role == "train" else "says nothing about the alignment"
         raise ValueError(
-            f"--per_device_train_batch_size {per_device_batch_size} x {num_processes} process(es) gives the contrastive "
-            f"term {pairs} ECG-report pair per step (gather_contrastive_features={config.gather_contrastive_features}):"
-            " with no other report to contrast with, InfoNCE is 0 and trains nothing; use a batch of at least 2 pairs "
-            "(CLIP-style training wants hundreds), or --contrastive_weight 0 for reconstruction only"
+            f"--per_device_{role}_batch_size {per_device_batch_size} x {num_processes} process(es) gives the "
+            f"{'eval ' if role == 'eval' else ''}contrastive term {pairs} ECG-report pair per "
+            f"{'step' if role == 'train' else 'batch'} (gather_contrastive_features="
+            f"{config.gather_contrastive_features}): with no other report to contrast with, InfoNCE is 0 and "
+            f"{consequence}; use a batch of at least 2 pairs (CLIP-style training wants hundreds), or "
+            "--contrastive_weight 0 for reconstruction only"
+        )
+
+
+def check_eval_split_contrastive(config: MeritConfig, eval_loader, split_name: str) -> None:
+    """Refuse an eval split of a single record where the contrastive term is on: it is the eval contrastive term's
+    only batch (`evaluate`), of one pair, whose InfoNCE is 0. A split of unknown length (a stream) is not checked."""
+    if eval_loader is None or config.contrastive_weight == 0:
+        return
+    try:
+        records = len(eval_loader.dataset)
+    except TypeError:
+        return
+    if records < 2:
+        raise ValueError(
+            f"--eval_split {split_name!r}: {records} record(s), so the eval contrastive term would have no other "
+            "report to contrast with (InfoNCE 0); use at least 2 eval records (--max_eval_samples), --eval_split "
+            "None, or --contrastive_weight 0"
         )
 
 
@@ -1445,17 +1499,48 @@ def resume(accelerator: Accelerator, resume_path: Path | None, run_identity: dic
 def load_run_history(resume_path: Path | None) -> dict[str, Any]:
     """The run up to a checkpoint, as `run_history` wrote it: empty for a new run, or for a checkpoint of a merit_hf
     version that did not write it (its train_results.json then covers only the resumed part)."""
-    earlier = {"history": [], "last_eval": {}, "train_runtime_s": 0.0, "throughput": {}, "resume_notes": []}
+    earlier = {
+        "history": [],
+        "last_eval": {},
+        "train_runtime_s": 0.0,
+        "throughput": {},
+        "resume_notes": [],
+        "pending_gradient_norms": {},
+    }
     if resume_path is not None and (resume_path / RUN_HISTORY_FILE).is_file():
         earlier.update(json.loads((resume_path / RUN_HISTORY_FILE).read_text()))
     return earlier
 
 
+def finished_run_timing(
+    output_dir: Path, global_step: int, checkpoint_runtime: float, throughput: dict[str, Any]
+) -> tuple[float, dict[str, Any]]:
+    """`(train_runtime_s, throughput)` of a run resumed with no step left to train: those of its
+    `train_results.json` in `output_dir` where that file is of the same step (so resuming a finished run keeps its
+    results), else the checkpoint's runtime (taken before the checkpoint was written) and `throughput` (the meter's
+    totals, from the checkpoint's counts)."""
+    path = output_dir / RESULTS_FILE
+    try:
+        results = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        results = {}
+    if results.get("global_step") == global_step and isinstance(results.get("train_runtime_s"), (int, float)):
+        return results["train_runtime_s"], results.get("throughput") or throughput
+    return checkpoint_runtime, throughput
+
+
 def run_history(
-    history: list[dict], last_eval: dict, runtime: float, meter: ThroughputMeter, resume_notes: list[str]
+    history: list[dict],
+    last_eval: dict,
+    runtime: float,
+    meter: ThroughputMeter,
+    resume_notes: list[str],
+    pending_gradient_norms: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """What a checkpoint keeps of the run so far for train_results.json: the per-step values `histories` and the
-    results read, the last evaluation, the seconds since the run began and the throughput meter's counts."""
+    results read, the last evaluation, the seconds since the run began, the throughput meter's counts (with its FLOPs
+    per ECG) and the gradient-norm measurement not yet logged (one made between logging steps, which the next log
+    line carries: after a resume as without one)."""
     return json_safe(
         {
             "history": [{key: value for key, value in entry.items() if _kept_in_history(key)} for entry in history],
@@ -1463,6 +1548,7 @@ def run_history(
             "train_runtime_s": runtime,
             "throughput": meter.run_counts(),
             "resume_notes": resume_notes,
+            "pending_gradient_norms": pending_gradient_norms or {},
         }
     )
 
@@ -1484,8 +1570,12 @@ def resume_notes_for_stream(resume_path: Path | None, streaming: bool, shuffle_b
 
 
 def start_logging(accelerator: Accelerator, output_dir: Path, global_step: int, arguments: Sequence) -> None:
-    """Drop what an interrupted run wrote after `global_step` (checkpoints, log lines), so this run's follow on
-    exactly, and start the trackers with the hyperparameters."""
+    """Drop what an interrupted run wrote after `global_step` (checkpoints, log lines, TensorBoard's events), so this
+    run's follow on exactly, and start the trackers with the hyperparameters.
+
+    TensorBoard's events stay in the interrupted run's file under `runs/`: the writer is given `purge_step`, which
+    tells TensorBoard to discard every event of an earlier file from the step after `global_step` on (a killed run's
+    steps after its checkpoint would otherwise show twice, beside the resumed run's)."""
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_checkpoints_after(output_dir, global_step)
@@ -1496,7 +1586,11 @@ def start_logging(accelerator: Accelerator, output_dir: Path, global_step: int, 
         for key, value in arguments_to_dict(*arguments).items()
     }
     hyperparameters["num_processes"] = accelerator.num_processes
-    accelerator.init_trackers(arguments[2].run_name, config=hyperparameters)
+    accelerator.init_trackers(
+        arguments[2].run_name,
+        config=hyperparameters,
+        init_kwargs={"tensorboard": {"purge_step": global_step + 1}},
+    )
 
 
 def training_batches(
@@ -1579,12 +1673,13 @@ def mean_over_processes(
 def check_gradient_norm(
     accelerator: Accelerator, model, max_grad_norm: float | None, position: tuple[int, int, int]
 ) -> None:
-    """Clip the gradients to `max_grad_norm` (None: not clipped) and stop before the optimizer step when their total
-    norm is not finite, naming the `(step, epoch, batch of the epoch)`: a finite loss can still give an inf or NaN
-    gradient, which the step would write into the weights (and the next checkpoint). The norm is the same on every
-    process (the gradients are reduced), so all stop together. Under fp16 the gradient scaler skips such steps
-    itself, and lowers its scale."""
-    norm = accelerator.clip_grad_norm_(model.parameters(), math.inf if max_grad_norm is None else max_grad_norm)
+    """Clip the gradients to `max_grad_norm` (0 or None: not clipped, as in transformers) and stop before the
+    optimizer step when their total norm is not finite, naming the `(step, epoch, batch of the epoch)`: a finite loss
+    can still give an inf or NaN gradient, which the step would write into the weights (and the next checkpoint). The
+    norm is the same on every process (the gradients are reduced), so all stop together. Under fp16 the gradient
+    scaler skips such steps itself, and lowers its scale."""
+    # `clip_grad_norm_` to an infinite norm measures without scaling; to 0 it would zero every gradient.
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
     if accelerator.mixed_precision != "fp16" and norm is not None and not torch.isfinite(norm):
         raise FloatingPointError(
             f"non-finite gradient norm ({float(norm)}) at step {position[0]} (epoch {position[1]}, batch "
@@ -1637,7 +1732,17 @@ def _as_tensor(value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, eval_loader, accelerator: Accelerator, seed: int, num_patches: tuple[int, int]) -> dict:
-    """Mean losses over the eval split, per record, the same for any number of processes.
+    """Mean losses over the eval split, per record; for a given global eval batch (`per_device_eval_batch_size` x
+    processes), the same for any number of processes.
+
+    `eval_reconstruction_loss` is the mean over every record, each carrying its batch's term. The contrastive term
+    depends on how many pairs its batch holds (they are each other's negatives), so `eval_contrastive_loss` is the
+    mean over the full global batches only: the records of a last, shorter batch count for the reconstruction term
+    but not for it (at eval batch 16, a 17th record in a batch of its own has no negative and an InfoNCE of 0, which
+    would pull the mean down). An eval split smaller than one global batch is its only batch, used whole.
+    `eval_contrastive_records` is how many records the contrastive term covers (0 where it is off), and `eval_loss`
+    is `reconstruction_weight x eval_reconstruction_loss + contrastive_weight x eval_contrastive_loss` at the
+    config's weights.
 
     The last batch is padded with duplicates so that every process gets one. They are left out of the model's batch
     (so out of the reconstruction term, and no false negatives in the contrastive term, which gathers the real
@@ -1645,12 +1750,18 @@ def evaluate(model, eval_loader, accelerator: Accelerator, seed: int, num_patche
     model needs a record, the gather needs every process). `gather_for_metrics` then drops the padding's rows of the
     per-record losses."""
     model.eval()
-    objective = PretrainingObjective(accelerator.unwrap_model(model).config, equal_batches=False)
+    config = accelerator.unwrap_model(model).config
+    objective = PretrainingObjective(config, equal_batches=False)
+    state = accelerator.gradient_state
     per_record = []
-    for batch in eval_loader:
+    for index, batch in enumerate(eval_loader):
         ecg_ids = batch.pop("ecg_id")  # on the CPU, as in training
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         records = _num_real_records(accelerator, len(ecg_ids))
+        # Whether this batch's contrastive term counts: a full global batch, or the split's only batch. The same
+        # decision on every process (the remainder is global).
+        short = state.end_of_dataloader and state.remainder > 0
+        counted = not short or index == 0
         rows = max(records, 1)
         noise = masking_noise(ecg_ids[:rows].tolist(), (seed, -1), num_patches).to(accelerator.device)
         output = model(**{key: value[:rows] for key, value in batch.items()}, noise=noise)
@@ -1658,10 +1769,27 @@ def evaluate(model, eval_loader, accelerator: Accelerator, seed: int, num_patche
             output.ecg_embeds, output.text_embeds = output.ecg_embeds[:0], output.text_embeds[:0]
         with accelerator.autocast():
             losses = objective(output)
-        values = torch.stack([_as_tensor(getattr(losses, name), losses.loss) for name in _LOSS_NAMES]).float()
+        in_contrastive = float(counted and losses.contrastive_loss is not None)
+        values = torch.stack(
+            [
+                _as_tensor(losses.reconstruction_loss, losses.loss),
+                _as_tensor(losses.contrastive_loss, losses.loss),
+                torch.tensor(in_contrastive, device=losses.loss.device),
+            ]
+        ).float()
         per_record.append(accelerator.gather_for_metrics(values[None].expand(len(ecg_ids), -1).contiguous()))
-    means = torch.cat(per_record).mean(dim=0).tolist()
-    return {f"eval_{name}": value for name, value in zip(_LOSS_NAMES, means)}
+    reconstruction, contrastive, in_contrastive = torch.cat(per_record).double().unbind(dim=1)
+    contrastive_records = int(in_contrastive.sum().item())
+    reconstruction_loss = reconstruction.mean().item()
+    contrastive_loss = (
+        (contrastive * in_contrastive).sum().item() / contrastive_records if contrastive_records else 0.0
+    )
+    return {
+        "eval_loss": config.reconstruction_weight * reconstruction_loss + config.contrastive_weight * contrastive_loss,
+        "eval_reconstruction_loss": reconstruction_loss,
+        "eval_contrastive_loss": contrastive_loss,
+        "eval_contrastive_records": contrastive_records,
+    }
 
 
 def _num_real_records(accelerator: Accelerator, batch_size: int) -> int:

@@ -121,8 +121,9 @@ def count_flops_per_sample(
 class ThroughputMeter:
     """Measures a training (or embedding) loop per logged interval and over the whole run.
 
-    Hooks: iterate the batches through `timed(...)` (data wait; or wrap the batch preparation in `with
-    meter.waiting():`), call `count_flops_once(...)` with the first batch,
+    Hooks: call `start()` right before the loop's first batch (what came before it, model and data set-up, a
+    checkpoint to load, trackers, counts in no interval), iterate the batches through `timed(...)` (data wait; or wrap
+    the batch preparation in `with meter.waiting():`), call `count_flops_once(...)` with the first batch,
     `step(num_samples)` after each optimizer step, wrap evaluation and checkpoints in `with meter.excluded():`,
     diagnostics the run pays for inside the loop (the per-term gradient norms) in `with meter.diagnostics():` (counted,
     and shown as their own share), and call `interval()` where the loop logs; `totals()` at the end.
@@ -146,6 +147,7 @@ class ThroughputMeter:
         self.num_processes = num_processes
         self.model = model
         self.flops_per_sample: float | None = None
+        self._earlier_flops_per_sample: float | None = None  # an earlier part's count (`add_run_counts`)
         self.postfix: dict[str, str] = {}  # short strings for the progress bar, from the last interval
         self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
         self._run = {"seconds": 0.0, "data_wait": 0.0, "diagnostics": 0.0, "steps": 0, "samples": 0}
@@ -154,6 +156,14 @@ class ThroughputMeter:
         self.data_bound_warned = False
 
     # -- hooks --------------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the first interval now: the time since the meter was made (set-up) counts in no interval and not in
+        the run's totals. Call it right before the loop takes its first batch, so that the first interval measures
+        the loop, data waits included, as the later ones do."""
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+        self._reset_interval(time.perf_counter())
+
     def timed(self, batches: Iterable) -> Iterator:
         """Yield from `batches`, adding the time blocked in `iter()` (worker start-up) and `next()` to the data wait."""
         start = time.perf_counter()
@@ -229,7 +239,9 @@ class ThroughputMeter:
         now = time.perf_counter()
         seconds = max(now - self._interval["start"] - self._interval["excluded"], 1e-9)
         current = self._interval
-        metrics = self._metrics(seconds, current["data_wait"], current["steps"], current["samples"])
+        metrics = self._metrics(
+            seconds, current["data_wait"], current["steps"], current["samples"], self.flops_per_sample
+        )
         metrics.update(self._diagnostics_metrics(seconds, current["diagnostics"], current["steps"]))
         if self._cuda:
             peak = torch.cuda.max_memory_allocated(self.device)
@@ -248,10 +260,11 @@ class ThroughputMeter:
         return metrics
 
     def run_counts(self) -> dict[str, float]:
-        """The whole run's raw counts (seconds, data wait, steps, samples), the interval still open included without
-        closing it: what a checkpoint keeps, so that a resumed run's `totals()` cover the whole run
-        (`add_run_counts`)."""
-        counts = dict(self._run)
+        """The whole run's raw counts (seconds, data wait, steps, samples) and its FLOPs per sample, the interval
+        still open included without closing it: what a checkpoint keeps, so that a resumed run's `totals()` cover the
+        whole run (`add_run_counts`)."""
+        counts: dict[str, Any] = dict(self._run)
+        counts["flops_per_sample"] = self._flops_per_sample()
         for key in ("data_wait", "diagnostics", "steps", "samples"):
             counts[key] += self._interval[key]
         open_seconds = time.perf_counter() - self._interval["start"] - self._interval["excluded"]
@@ -259,9 +272,12 @@ class ThroughputMeter:
         return counts
 
     def add_run_counts(self, counts: dict[str, float]) -> None:
-        """Add an earlier part of the run (`run_counts` of a checkpoint) to the whole run's counts."""
+        """Add an earlier part of the run (`run_counts` of a checkpoint) to the whole run's counts. Its FLOPs per
+        sample stand in for this part's where this part counts none (a finished run resumed trains no batch)."""
         for key in self._run:
             self._run[key] += counts.get(key, 0)
+        if counts.get("flops_per_sample") is not None:
+            self._earlier_flops_per_sample = counts["flops_per_sample"]
 
     def totals(self) -> dict[str, float]:
         """The same metrics over the whole run (an interval still open is closed first), plus
@@ -271,12 +287,15 @@ class ThroughputMeter:
         if self._interval["steps"]:
             self.interval()
         run = self._run
-        totals = self._metrics(max(run["seconds"], 1e-9), run["data_wait"], run["steps"], run["samples"])
+        flops_per_sample = self._flops_per_sample()
+        totals = self._metrics(
+            max(run["seconds"], 1e-9), run["data_wait"], run["steps"], run["samples"], flops_per_sample
+        )
         totals.update(self._diagnostics_metrics(max(run["seconds"], 1e-9), run["diagnostics"], run["steps"]))
         totals.update(ecgs_seen=run["samples"], measured_seconds=run["seconds"], steps_measured=run["steps"])
         totals["limited_by"] = "data" if totals["data_wait_fraction"] > DATA_BOUND_FRACTION else "step"
-        if self.flops_per_sample is not None:
-            totals["flops_per_ecg"] = self.flops_per_sample
+        if flops_per_sample is not None:
+            totals["flops_per_ecg"] = flops_per_sample
         if self.peak_tflops is not None:
             totals["peak_tflops"] = self.peak_tflops
         if self._cuda:
@@ -306,6 +325,10 @@ class ThroughputMeter:
         return f"throughput: {flops}; {peak}"
 
     # -- internals ----------------------------------------------------------------------------------------------------
+    def _flops_per_sample(self) -> float | None:
+        """This part's count, else an earlier part's (`add_run_counts`)."""
+        return self.flops_per_sample if self.flops_per_sample is not None else self._earlier_flops_per_sample
+
     def _reset_interval(self, now: float) -> None:
         self._interval = {
             "start": now,
@@ -325,15 +348,17 @@ class ThroughputMeter:
             "diagnostics_fraction": min(diagnostics / seconds, 1.0),
         }
 
-    def _metrics(self, seconds: float, data_wait: float, steps: int, samples: int) -> dict[str, float]:
+    def _metrics(
+        self, seconds: float, data_wait: float, steps: int, samples: int, flops_per_sample: float | None
+    ) -> dict[str, float]:
         metrics = {
             "seconds_per_step": seconds / steps if steps else float("nan"),
             "data_wait_seconds_per_step": data_wait / steps if steps else float("nan"),
             "data_wait_fraction": min(data_wait / seconds, 1.0),
             "ecgs_per_second": samples / seconds,
         }
-        if self.flops_per_sample is not None:
-            metrics["achieved_tflops"] = metrics["ecgs_per_second"] * self.flops_per_sample / 1e12
+        if flops_per_sample is not None:
+            metrics["achieved_tflops"] = metrics["ecgs_per_second"] * flops_per_sample / 1e12
             if self.peak_tflops:
                 metrics["mfu"] = metrics["achieved_tflops"] / (self.peak_tflops * self.num_processes)
         return metrics
