@@ -145,12 +145,24 @@ def test_pretraining_precision_follows_the_launcher_and_refuses_fp16_on_cpu(monk
         ),
         (["--save_total_limit", "0"], "--save_total_limit: the number of newest checkpoints to keep, at least 1"),
         (["--save_total_limit", "-2"], "or None to keep every checkpoint; got -2"),
+        (
+            ["--activation_checkpointing_layers", "4"],
+            "nothing is checkpointed with --activation_checkpointing none; add --activation_checkpointing full",
+        ),
+        (["--torch_compile_regional", "true"], "nothing is compiled without --torch_compile true"),
     ],
 )
 def test_pretraining_refuses_a_negative_clipping_norm_and_a_checkpoint_limit_below_1(flags, message):
     """A negative clipping norm has no meaning (0 turns clipping off; it used to scale every gradient to 0), and
-    `--save_total_limit 0` kept one checkpoint, not none."""
+    `--save_total_limit 0` kept one checkpoint, not none. A flag that only qualifies another one that is off was
+    ignored without a word (`--activation_checkpointing_layers`, `--torch_compile_regional`)."""
     with pytest.raises(ValueError, match=re.escape(message)):
         parse_arguments(ARGUMENT_CLASSES, flags)
     *_, train_args = parse_arguments(ARGUMENT_CLASSES, ["--max_grad_norm", "0", "--save_total_limit", "1"])
     assert train_args.max_grad_norm == 0 and train_args.save_total_limit == 1  # 0: no clipping, as transformers
+    *_, train_args = parse_arguments(
+        ARGUMENT_CLASSES,
+        ["--activation_checkpointing", "full", "--activation_checkpointing_layers", "4", "--torch_compile", "true",
+         "--torch_compile_regional", "true"],
+    )  # fmt: skip
+    assert train_args.activation_checkpointing_layers == 4 and train_args.torch_compile_regional

@@ -369,6 +369,17 @@ class PretrainingArguments:
             raise ValueError(
                 f"--gradient_norm_logging_steps: must be 0 (never) or more, got {self.gradient_norm_logging_steps}"
             )
+        if self.activation_checkpointing_layers is not None and self.activation_checkpointing == "none":
+            raise ValueError(
+                f"--activation_checkpointing_layers {self.activation_checkpointing_layers}: says how many layers to "
+                "checkpoint, and nothing is checkpointed with --activation_checkpointing none; add "
+                "--activation_checkpointing full or selective"
+            )
+        if self.torch_compile_regional and not self.torch_compile:
+            raise ValueError(
+                "--torch_compile_regional true: says how to compile, and nothing is compiled without --torch_compile "
+                "true; add it"
+            )
         if self.overwrite_output_dir and self.resume_from_checkpoint is not None:
             raise ValueError(
                 "--overwrite_output_dir: removes the checkpoints that --resume_from_checkpoint "
