@@ -1225,7 +1225,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         terms = {}
         if balancer.enabled:  # the loss carries the balancer's weight, which grows as the term falls: show the terms
             terms = {"rec": f"{step_mean[1]:.4f}", "con": f"{step_mean[2]:.4f}", "w_rec": f"{step_weight:.3g}"}
-        progress.set_postfix(loss=f"{step_mean[0]:.4f}", **terms, **meter.postfix)
+        progress.set_postfix({"loss": f"{step_mean[0]:.4f}", **terms, **meter.postfix})  # in this order
         evaluated = eval_loader is not None and (
             (bool(train_args.eval_steps) and global_step % train_args.eval_steps == 0)
             or global_step == train_args.max_steps
