@@ -1304,6 +1304,60 @@ def test_report_lora_writes_the_predictions_before_scoring_them(lm_dir, tmp_path
     assert len(lines) == 4 and all(isinstance(line["generated"], str) and line["report"] for line in lines)
 
 
+def lm_with_generation_settings(lm_dir, directory, **settings):
+    """A copy of the tiny LM whose generation_config.json adds `settings` (as instruct LMs ship sampling ones)."""
+    shutil.copytree(lm_dir, directory)
+    path = directory / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **settings}))
+    return directory
+
+
+def tiny_run_arguments(**flags) -> list[str]:
+    return [str(REPO_ROOT / "configs" / "report_tiny.yaml")] + [
+        item for name, value in flags.items() for item in (f"--{name}", str(value))
+    ]
+
+
+def test_report_lora_decodes_greedily_with_an_lm_that_samples_and_saves_everything(lm_dir, tmp_path):
+    """An LM whose generation_config.json samples (temperature / top_p / top_k, as Qwen2.5- and Llama-3-Instruct
+    ship) made the run fail after both stages had trained: transformers refused to save the adapter's greedy config
+    that kept them, leaving a half-written adapter/ and no predictions. The run's decoding resets them and keeps its
+    own flags; the adapter reloads with them."""
+    from transformers import GenerationConfig
+
+    from merit_hf.training.report_lora import PREDICTIONS_FILE, RESULTS_FILE, main
+
+    sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.05}
+    language_model = lm_with_generation_settings(lm_dir, tmp_path / "lm", **sampling)
+    output_dir = tmp_path / "run"
+    main(tiny_run_arguments(language_model=language_model, ptbxl_dir=BUNDLED_PTBXL, output_dir=output_dir,
+                            use_cpu="true", max_train_reports=4, alignment_epochs=0, compute_meteor="false",
+                            repetition_penalty=1.3))  # fmt: skip
+    assert (output_dir / PREDICTIONS_FILE).is_file() and (output_dir / RESULTS_FILE).is_file()
+    saved = json.loads((output_dir / "adapter" / "generation_config.json").read_text())
+    assert not set(sampling) - {"do_sample"} & set(saved)
+    assert saved["do_sample"] is False and saved["max_new_tokens"] == 8 and saved["repetition_penalty"] == 1.3
+    GenerationConfig.from_pretrained(output_dir / "adapter").validate(strict=True)
+
+
+def test_report_lora_refuses_lm_generation_settings_it_cannot_save_before_training(lm_dir, tmp_path, monkeypatch):
+    """Generation settings that transformers will not save with the run's decoding are refused once the LM is
+    loaded, before any data is prepared or any stage trains, naming transformers' objection."""
+    from merit_hf.training import report_lora
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stage trained")
+
+    monkeypatch.setattr(report_lora, "_train_stage", no_training)
+    language_model = lm_with_generation_settings(lm_dir, tmp_path / "lm", output_scores=True)
+    output_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"(?s)^The language model's generation settings .* cannot be saved with the "
+                       r"adapter\. Fix the language model's generation_config\.json\. .*output_scores"):  # fmt: skip
+        report_lora.main(tiny_run_arguments(language_model=language_model, ptbxl_dir=BUNDLED_PTBXL,
+                                            output_dir=output_dir, use_cpu="true", compute_meteor="false"))  # fmt: skip
+    assert not output_dir.exists() or not list(output_dir.iterdir())
+
+
 @pytest.mark.slow
 def test_report_lora_script_end_to_end(lm_dir, tmp_path):
     from merit_hf.data import read_ecg_record

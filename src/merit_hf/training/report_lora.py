@@ -106,6 +106,14 @@ PTBXL_FOLDS = tuple(range(1, 11))  # PTB-XL's strat_fold
 LR_SCHEDULER_TYPES = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
 )  # fmt: skip
+# Generation flags that only sampling uses, and those that only beam search uses. An LM's generation_config.json often
+# sets the first (Qwen2.5-Instruct and Llama-3-Instruct sample with temperature / top_p / top_k), and transformers
+# refuses to save a greedy config that keeps them: the run's decoding (greedy, or beam search with --num_beams) resets
+# them (`report_generation_config`).
+SAMPLING_ONLY_GENERATION_FLAGS = (
+    "temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff",
+)  # fmt: skip
+BEAM_ONLY_GENERATION_FLAGS = ("early_stopping", "length_penalty", "num_beam_groups", "diversity_penalty")
 
 
 @dataclass
@@ -799,6 +807,42 @@ def report_mixed_precision(choice: str | None, use_cpu: bool) -> str:
     return resolve_finetune_precision(choice or "auto", training_device_type(use_cpu), launcher=launcher)
 
 
+def report_generation_config(
+    base: GenerationConfig, training_args: ReportTrainingArguments, tokenizer
+) -> GenerationConfig:
+    """The run's decoding settings (saved as the adapter's `generation_config.json` and used for `predictions.jsonl`):
+    the report model's generation config (the LM's, with `<ecg>` suppressed) with the run's flags
+    (`--max_new_tokens`, `--num_beams`, `--repetition_penalty`), no sampling, one sequence per prompt, and the
+    tokenizer's pad and EOS tokens. The LM's sampling-only flags (`SAMPLING_ONLY_GENERATION_FLAGS`), and its
+    beam-only ones with `--num_beams 1`, are reset: kept, transformers refused to save the config, after training.
+
+    Validated strictly (as `save_pretrained` does) when built, so that `main` refuses a combination that cannot be
+    saved before anything trains; the `ValueError` names transformers' objections."""
+    settings = base.to_dict()
+    reset = SAMPLING_ONLY_GENERATION_FLAGS + (BEAM_ONLY_GENERATION_FLAGS if training_args.num_beams == 1 else ())
+    for name in reset:
+        settings.pop(name, None)  # the default (None): unset
+    settings.update(
+        max_new_tokens=training_args.max_new_tokens,
+        num_beams=training_args.num_beams,
+        do_sample=False,
+        num_return_sequences=1,  # one report per ECG
+        repetition_penalty=training_args.repetition_penalty,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    generation_config = GenerationConfig.from_dict(settings)
+    try:
+        generation_config.validate(strict=True)
+    except ValueError as error:
+        raise ValueError(
+            "The language model's generation settings (its generation_config.json) together with the run's decoding "
+            f"flags (--max_new_tokens, --num_beams, --repetition_penalty; no sampling) cannot be saved with the "
+            f"adapter. Fix the language model's generation_config.json. transformers says: {error}"
+        ) from error
+    return generation_config
+
+
 def check_report_requirements(model_args: ReportModelArguments, training_args: ReportTrainingArguments) -> None:
     """Refuse, before anything loads or is written, a run that lacks a package it needs (merit_hf's `report` extra)
     or, with METEOR on, NLTK's WordNet: such a run failed only after training, its base_model/ already written and its
@@ -851,6 +895,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     tokenizer, language_model = load_language_model(model_args.language_model, model_args.gguf_file)
     model = build_report_model(model_args, tokenizer, language_model)
     del language_model
+    # Built and validated now: a combination transformers refuses to save failed only after training.
+    generation_config = report_generation_config(model.generation_config, training_args, tokenizer)
     feature_extractor = MeritFeatureExtractor.from_model_config(model.config.ecg_config)
     processor = MeritProcessor(
         feature_extractor,
@@ -985,17 +1031,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             parameter.requires_grad_(False)
     peft_model = train_stage("lora", peft_model, training_args.lora_epochs, training_args.learning_rate)
 
-    generation_config = GenerationConfig.from_dict(
-        {
-            **model.generation_config.to_dict(),
-            "max_new_tokens": training_args.max_new_tokens,
-            "num_beams": training_args.num_beams,
-            "do_sample": False,
-            "repetition_penalty": training_args.repetition_penalty,
-            "pad_token_id": tokenizer.pad_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-        }
-    )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_report_adapter(
