@@ -1358,6 +1358,48 @@ def test_report_lora_refuses_lm_generation_settings_it_cannot_save_before_traini
     assert not output_dir.exists() or not list(output_dir.iterdir())
 
 
+def regenerate(model, processor, predictions: list[dict], **generate_kwargs) -> list[str]:
+    """The reports `model` writes for the records of predictions.jsonl, in one batch as the run wrote them."""
+    from merit_hf.data import read_ecg_record
+
+    records = [read_ecg_record(str(BUNDLED_PTBXL / line["filename"]), sampling_rate=100, num_samples=1000)
+               for line in predictions]  # fmt: skip
+    batch = processor(ecgs=[record["signal"] for record in records], sampling_rate=100,
+                      lead_names=records[0]["lead_names"], text=[processor.format_prompt()] * len(records),
+                      return_tensors="pt", crop="center")  # fmt: skip
+    new_tokens = model.generate(**batch, **generate_kwargs)[:, batch["input_ids"].shape[1] :]
+    return processor.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def test_a_run_folder_moved_elsewhere_reloads_its_own_base_and_writes_the_same_reports(lm_dir, tmp_path):
+    """adapter_config.json records base_model/ by its absolute path (for PEFT), so a run folder moved or copied failed
+    to reload. `load_report_adapter` reads the base_model/ beside the adapter, wherever the folder is now. A run
+    with --save_base_model false records no base (it named a folder that never existed): reloading asks for one."""
+    from merit_hf.training.report_lora import PREDICTIONS_FILE, load_report_adapter, main
+
+    flags = {"language_model": lm_dir, "ptbxl_dir": BUNDLED_PTBXL, "use_cpu": "true", "max_train_reports": 4,
+             "compute_meteor": "false"}  # fmt: skip
+    main(tiny_run_arguments(**flags, output_dir=tmp_path / "run"))
+    recorded = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert recorded["base_model_name_or_path"] == str((tmp_path / "run" / "base_model").resolve())
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.move(tmp_path / "run", moved)  # the recorded folder is gone
+    predictions = [json.loads(line) for line in (moved / PREDICTIONS_FILE).read_text().splitlines()]
+    model, processor = load_report_adapter(moved / "adapter")
+    assert len(predictions) == 4 and regenerate(model, processor, predictions) == [
+        line["generated"] for line in predictions
+    ]
+
+    main(tiny_run_arguments(**flags, output_dir=tmp_path / "no_base", save_base_model="false", do_eval="false"))
+    assert not (tmp_path / "no_base" / "base_model").exists()
+    recorded = json.loads((tmp_path / "no_base" / "adapter" / "adapter_config.json").read_text())
+    assert not recorded["base_model_name_or_path"]
+    with pytest.raises(ValueError, match=r"names no base model .*--save_base_model false.*; pass base_model=\.\.\."):
+        load_report_adapter(tmp_path / "no_base" / "adapter")
+    # the same seed, encoder and LM: the moved run's base is this run's base too (the fingerprint checks it)
+    load_report_adapter(tmp_path / "no_base" / "adapter", base_model=str(moved / "base_model"))
+
+
 @pytest.mark.slow
 def test_report_lora_script_end_to_end(lm_dir, tmp_path):
     from merit_hf.data import read_ecg_record
