@@ -1400,6 +1400,31 @@ def test_a_run_folder_moved_elsewhere_reloads_its_own_base_and_writes_the_same_r
     load_report_adapter(tmp_path / "no_base" / "adapter", base_model=str(moved / "base_model"))
 
 
+def test_peft_auto_class_writes_the_runs_predictions_with_the_adapters_generation_config(lm_dir, tmp_path):
+    """The README's PEFT route: `AutoPeftModelForCausalLM` loads the adapter's weights, but generates with
+    base_model/'s generation settings; with the adapter's `generation_config.json` passed to `generate()` it writes
+    the reports of predictions.jsonl, as `load_report_adapter` does."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import GenerationConfig
+
+    from merit_hf import MeritProcessor
+    from merit_hf.training.report_lora import PREDICTIONS_FILE, main
+
+    output_dir = tmp_path / "run"
+    main(tiny_run_arguments(language_model=lm_dir, ptbxl_dir=BUNDLED_PTBXL, output_dir=output_dir, use_cpu="true",
+                            max_train_reports=4, compute_meteor="false", max_new_tokens=12,
+                            repetition_penalty=1.5))  # fmt: skip
+    adapter = output_dir / "adapter"
+    predictions = [json.loads(line) for line in (output_dir / PREDICTIONS_FILE).read_text().splitlines()]
+    model = AutoPeftModelForCausalLM.from_pretrained(adapter, import_allowlist=["merit_hf"]).eval()
+    processor = MeritProcessor.from_pretrained(adapter)
+    assert model.generation_config.max_new_tokens != 12  # base_model/'s settings, not the run's
+    generation_config = GenerationConfig.from_pretrained(adapter)
+    assert (generation_config.max_new_tokens, generation_config.repetition_penalty) == (12, 1.5)
+    reports = regenerate(model, processor, predictions, generation_config=generation_config)
+    assert len(predictions) == 4 and reports == [line["generated"] for line in predictions]
+
+
 @pytest.mark.slow
 def test_report_lora_script_end_to_end(lm_dir, tmp_path):
     from merit_hf.data import read_ecg_record
