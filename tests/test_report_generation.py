@@ -1304,6 +1304,127 @@ def test_report_lora_writes_the_predictions_before_scoring_them(lm_dir, tmp_path
     assert len(lines) == 4 and all(isinstance(line["generated"], str) and line["report"] for line in lines)
 
 
+def lm_with_generation_settings(lm_dir, directory, **settings):
+    """A copy of the tiny LM whose generation_config.json adds `settings` (as instruct LMs ship sampling ones)."""
+    shutil.copytree(lm_dir, directory)
+    path = directory / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **settings}))
+    return directory
+
+
+def tiny_run_arguments(**flags) -> list[str]:
+    return [str(REPO_ROOT / "configs" / "report_tiny.yaml")] + [
+        item for name, value in flags.items() for item in (f"--{name}", str(value))
+    ]
+
+
+def test_report_lora_decodes_greedily_with_an_lm_that_samples_and_saves_everything(lm_dir, tmp_path):
+    """An LM whose generation_config.json samples (temperature / top_p / top_k, as Qwen2.5- and Llama-3-Instruct
+    ship) made the run fail after both stages had trained: transformers refused to save the adapter's greedy config
+    that kept them, leaving a half-written adapter/ and no predictions. The run's decoding resets them and keeps its
+    own flags; the adapter reloads with them."""
+    from transformers import GenerationConfig
+
+    from merit_hf.training.report_lora import PREDICTIONS_FILE, RESULTS_FILE, main
+
+    sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.05}
+    language_model = lm_with_generation_settings(lm_dir, tmp_path / "lm", **sampling)
+    output_dir = tmp_path / "run"
+    main(tiny_run_arguments(language_model=language_model, ptbxl_dir=BUNDLED_PTBXL, output_dir=output_dir,
+                            use_cpu="true", max_train_reports=4, alignment_epochs=0, compute_meteor="false",
+                            repetition_penalty=1.3))  # fmt: skip
+    assert (output_dir / PREDICTIONS_FILE).is_file() and (output_dir / RESULTS_FILE).is_file()
+    saved = json.loads((output_dir / "adapter" / "generation_config.json").read_text())
+    assert not set(sampling) - {"do_sample"} & set(saved)
+    assert saved["do_sample"] is False and saved["max_new_tokens"] == 8 and saved["repetition_penalty"] == 1.3
+    GenerationConfig.from_pretrained(output_dir / "adapter").validate(strict=True)
+
+
+def test_report_lora_refuses_lm_generation_settings_it_cannot_save_before_training(lm_dir, tmp_path, monkeypatch):
+    """Generation settings that transformers will not save with the run's decoding are refused once the LM is
+    loaded, before any data is prepared or any stage trains, naming transformers' objection."""
+    from merit_hf.training import report_lora
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stage trained")
+
+    monkeypatch.setattr(report_lora, "_train_stage", no_training)
+    language_model = lm_with_generation_settings(lm_dir, tmp_path / "lm", output_scores=True)
+    output_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"(?s)^The language model's generation settings .* cannot be saved with the "
+                       r"adapter\. Fix the language model's generation_config\.json\. .*output_scores"):  # fmt: skip
+        report_lora.main(tiny_run_arguments(language_model=language_model, ptbxl_dir=BUNDLED_PTBXL,
+                                            output_dir=output_dir, use_cpu="true", compute_meteor="false"))  # fmt: skip
+    assert not output_dir.exists() or not list(output_dir.iterdir())
+
+
+def regenerate(model, processor, predictions: list[dict], **generate_kwargs) -> list[str]:
+    """The reports `model` writes for the records of predictions.jsonl, in one batch as the run wrote them."""
+    from merit_hf.data import read_ecg_record
+
+    records = [read_ecg_record(str(BUNDLED_PTBXL / line["filename"]), sampling_rate=100, num_samples=1000)
+               for line in predictions]  # fmt: skip
+    batch = processor(ecgs=[record["signal"] for record in records], sampling_rate=100,
+                      lead_names=records[0]["lead_names"], text=[processor.format_prompt()] * len(records),
+                      return_tensors="pt", crop="center")  # fmt: skip
+    new_tokens = model.generate(**batch, **generate_kwargs)[:, batch["input_ids"].shape[1] :]
+    return processor.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def test_a_run_folder_moved_elsewhere_reloads_its_own_base_and_writes_the_same_reports(lm_dir, tmp_path):
+    """adapter_config.json records base_model/ by its absolute path (for PEFT), so a run folder moved or copied failed
+    to reload. `load_report_adapter` reads the base_model/ beside the adapter, wherever the folder is now. A run
+    with --save_base_model false records no base (it named a folder that never existed): reloading asks for one."""
+    from merit_hf.training.report_lora import PREDICTIONS_FILE, load_report_adapter, main
+
+    flags = {"language_model": lm_dir, "ptbxl_dir": BUNDLED_PTBXL, "use_cpu": "true", "max_train_reports": 4,
+             "compute_meteor": "false"}  # fmt: skip
+    main(tiny_run_arguments(**flags, output_dir=tmp_path / "run"))
+    recorded = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert recorded["base_model_name_or_path"] == str((tmp_path / "run" / "base_model").resolve())
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.move(tmp_path / "run", moved)  # the recorded folder is gone
+    predictions = [json.loads(line) for line in (moved / PREDICTIONS_FILE).read_text().splitlines()]
+    model, processor = load_report_adapter(moved / "adapter")
+    assert len(predictions) == 4 and regenerate(model, processor, predictions) == [
+        line["generated"] for line in predictions
+    ]
+
+    main(tiny_run_arguments(**flags, output_dir=tmp_path / "no_base", save_base_model="false", do_eval="false"))
+    assert not (tmp_path / "no_base" / "base_model").exists()
+    recorded = json.loads((tmp_path / "no_base" / "adapter" / "adapter_config.json").read_text())
+    assert not recorded["base_model_name_or_path"]
+    with pytest.raises(ValueError, match=r"names no base model .*--save_base_model false.*; pass base_model=\.\.\."):
+        load_report_adapter(tmp_path / "no_base" / "adapter")
+    # the same seed, encoder and LM: the moved run's base is this run's base too (the fingerprint checks it)
+    load_report_adapter(tmp_path / "no_base" / "adapter", base_model=str(moved / "base_model"))
+
+
+def test_peft_auto_class_writes_the_runs_predictions_with_the_adapters_generation_config(lm_dir, tmp_path):
+    """The README's PEFT route: `AutoPeftModelForCausalLM` loads the adapter's weights, but generates with
+    base_model/'s generation settings; with the adapter's `generation_config.json` passed to `generate()` it writes
+    the reports of predictions.jsonl, as `load_report_adapter` does."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import GenerationConfig
+
+    from merit_hf import MeritProcessor
+    from merit_hf.training.report_lora import PREDICTIONS_FILE, main
+
+    output_dir = tmp_path / "run"
+    main(tiny_run_arguments(language_model=lm_dir, ptbxl_dir=BUNDLED_PTBXL, output_dir=output_dir, use_cpu="true",
+                            max_train_reports=4, compute_meteor="false", max_new_tokens=12,
+                            repetition_penalty=1.5))  # fmt: skip
+    adapter = output_dir / "adapter"
+    predictions = [json.loads(line) for line in (output_dir / PREDICTIONS_FILE).read_text().splitlines()]
+    model = AutoPeftModelForCausalLM.from_pretrained(adapter, import_allowlist=["merit_hf"]).eval()
+    processor = MeritProcessor.from_pretrained(adapter)
+    assert model.generation_config.max_new_tokens != 12  # base_model/'s settings, not the run's
+    generation_config = GenerationConfig.from_pretrained(adapter)
+    assert (generation_config.max_new_tokens, generation_config.repetition_penalty) == (12, 1.5)
+    reports = regenerate(model, processor, predictions, generation_config=generation_config)
+    assert len(predictions) == 4 and reports == [line["generated"] for line in predictions]
+
+
 @pytest.mark.slow
 def test_report_lora_script_end_to_end(lm_dir, tmp_path):
     from merit_hf.data import read_ecg_record

@@ -162,6 +162,7 @@ def prepare_report_examples(
     if limit is not None and limit < 0:
         raise ValueError(f"limit: must be None (all) or at least 0, got {limit}")
     parts = _parts(rows)
+    _refuse_rows_without_reports(parts, limit)
     source = fingerprint if fingerprint is not None else rows_fingerprint(parts)
     rank, world_size = (0, 1) if process is None else (process.process_index, process.num_processes)
     if cache_dir is None or source is None:
@@ -218,6 +219,9 @@ class ReportExamples(torch.utils.data.Dataset):
     Args:
         examples: a `Dataset`, an `IterableDataset` (streamed once) or a list of rows with `ecg_id`, `report`,
             `signal`, `sampling_rate`, `lead_names` (and optionally `filename`); or a sequence of those, in order.
+            Every `report` must be text (`has_report_text`): rows with None, NaN or an empty report are refused with
+            a `ValueError` that counts them and names the first by its `ecg_id` (else its row), before anything is
+            cached (a stream's as its chunk is read); drop them first (`merit_hf.data.drop_empty_reports`).
         feature_extractor: the model's input contract.
         args, options: `cache_dir`, `limit`, `chunk_size`, `fingerprint`, `process`, as `prepare_report_examples`
             takes them. Without `cache_dir` the examples go to a temporary folder removed with this object.
@@ -377,10 +381,62 @@ def _batches(part: IterableDataset | Sequence[dict[str, Any]], chunk_size: int) 
 
 def _columns(names: Iterable[str]) -> list[str]:
     names = list(names)
-    missing = [name for name in ROW_COLUMNS if name not in names and name != "ecg_id"]
+    required = [name for name in ROW_COLUMNS if name != "ecg_id"]
+    missing = [name for name in required if name not in names]
     if missing:
-        raise KeyError(f"report examples need the columns {list(ROW_COLUMNS)}; missing {missing} (found {names})")
+        raise KeyError(
+            f"report examples need the columns {required} (ecg_id and filename are optional); missing {missing} "
+            f"(found {names})"
+        )
     return [name for name in (*ROW_COLUMNS, "filename") if name in names]
+
+
+def has_report_text(report: Any) -> bool:
+    """Whether `report` is text a model can be trained on and scored against: a string with more than whitespace
+    (not `None`, NaN, another type, `""`)."""
+    return isinstance(report, str) and bool(report.strip())
+
+
+def _missing_reports_error(count: int, total: int, where: str, first: str, report: Any) -> ValueError:
+    return ValueError(
+        f"Report examples need report text, but {count} of the {total} rows {where} have none (None, NaN, not a "
+        f"string, or empty or only whitespace); the first is {first} (report {report!r}). Drop those rows first "
+        "(merit_hf.data.drop_empty_reports drops the empty ones of a Dataset): a missing report is never stored as "
+        "the text 'None' or 'nan', nor left to fail during training."
+    )
+
+
+def _refuse_rows_without_reports(parts: list[Rows], limit: int | None) -> None:
+    """Raise `_missing_reports_error` when a row among the first `limit` of the `Dataset`s and lists of rows in
+    `parts` has no report text (`has_report_text`), naming the first by its `ecg_id` (else its row) and counting them
+    all, before anything is cached. A stream is checked as it is read (`_build_part`), and the parts after it are
+    left to that check too (where the limit ends in them is not known yet)."""
+    missing, total, first, taken = 0, 0, None, 0
+    for number, part in enumerate(parts):
+        remaining = None if limit is None else limit - taken
+        if isinstance(part, IterableDataset) or (remaining is not None and remaining <= 0):
+            break
+        _columns(part.column_names if isinstance(part, Dataset) else part[0] if part else ROW_COLUMNS)
+        if isinstance(part, Dataset):
+            count = part.num_rows if remaining is None else min(part.num_rows, remaining)
+            columns = [name for name in ("ecg_id", "report") if name in part.column_names]
+            rows = part.select(range(count)).select_columns(columns).iter(batch_size=10_000)
+            batches = ((batch.get("ecg_id", [None] * len(batch["report"])), batch["report"]) for batch in rows)
+        else:
+            count = len(part) if remaining is None else min(len(part), remaining)
+            batches = [([row.get("ecg_id") for row in part[:count]], [row.get("report") for row in part[:count]])]
+        index = 0
+        for ecg_ids, reports in batches:
+            for ecg_id, report in zip(ecg_ids, reports, strict=True):
+                if not has_report_text(report):
+                    missing += 1
+                    if first is None:
+                        name = f"row {index}" + (f" of source {number}" if len(parts) > 1 else "")
+                        first = (f"ecg_id {int(ecg_id)}" if ecg_id is not None else name, report)
+                index += 1
+        total, taken = total + count, taken + count
+    if missing:
+        raise _missing_reports_error(missing, total, "given", *first)
 
 
 def _extract(batch: dict[str, Any], feature_extractor: MeritFeatureExtractor) -> np.ndarray:
@@ -499,8 +555,16 @@ def _build_part(
     try:
         with ArrowWriter(features=features, path=str(temporary)) as writer:
             for positions, batch in _row_chunks(parts, limit, chunk_size, rank, world_size):
-                values = _extract(batch, feature_extractor)
                 filenames, ecg_ids = batch.get("filename"), batch.get("ecg_id")
+                missing = [index for index, report in enumerate(batch["report"]) if not has_report_text(report)]
+                if missing:  # a stream's rows (the others were checked before the build)
+                    first = missing[0]
+                    name = f"ecg_id {int(ecg_ids[first])}" if ecg_ids is not None else f"row {first} of the chunk"
+                    where = "of a chunk read from a stream (counted in this chunk only)"
+                    raise _missing_reports_error(
+                        len(missing), len(batch["report"]), where, name, batch["report"][first]
+                    )
+                values = _extract(batch, feature_extractor)
                 writer.write_batch(
                     {
                         "position": positions.tolist(),

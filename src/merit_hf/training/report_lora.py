@@ -44,8 +44,10 @@ Outputs in `output_dir`: `base_model/` (the frozen base: starting encoder + LM +
 `save_pretrained`), `adapter/` (LoRA weights + projector, and the trained encoder with `--freeze_ecg_encoder false`,
 in `adapter_model.safetensors`; `adapter_config.json`, `generation_config.json`, the processor with its `<ecg>` token,
 and `merit_report_base.json`, the fingerprint of the base the adapter belongs to), `predictions.jsonl` and
-`report_results.json`. Reload with `load_report_adapter(output_dir / "adapter")`. An `output_dir` that holds any of
-these is refused (the two runs would mix); `--overwrite_output_dir true` removes them first.
+`report_results.json`. Reload with `load_report_adapter(output_dir / "adapter")`, which reads the `base_model/` beside
+the adapter, so an `output_dir` moved or copied whole reloads too (`--save_base_model false` writes no base and
+records none: pass `base_model=`). An `output_dir` that holds any of these is refused (the two runs would mix);
+`--overwrite_output_dir true` removes them first.
 """
 
 from __future__ import annotations
@@ -106,6 +108,14 @@ PTBXL_FOLDS = tuple(range(1, 11))  # PTB-XL's strat_fold
 LR_SCHEDULER_TYPES = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
 )  # fmt: skip
+# Generation flags that only sampling uses, and those that only beam search uses. An LM's generation_config.json often
+# sets the first (Qwen2.5-Instruct and Llama-3-Instruct sample with temperature / top_p / top_k), and transformers
+# refuses to save a greedy config that keeps them: the run's decoding (greedy, or beam search with --num_beams) resets
+# them (`report_generation_config`).
+SAMPLING_ONLY_GENERATION_FLAGS = (
+    "temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff",
+)  # fmt: skip
+BEAM_ONLY_GENERATION_FLAGS = ("early_stopping", "length_penalty", "num_beam_groups", "diversity_penalty")
 
 
 @dataclass
@@ -522,8 +532,10 @@ def save_report_adapter(
     """Adapter (LoRA + projector), processor, `generation_config.json` and the base fingerprint in one folder.
 
     `base_model_path` (the base's folder or Hub id) goes to `adapter_config.json` as `base_model_name_or_path`, so
-    that `load_report_adapter(directory)` finds the base; without it PEFT records the base's own `name_or_path`
-    (none for a model built with `from_parts`).
+    that `load_report_adapter(directory)` and PEFT's `AutoPeftModelForCausalLM` find the base; without it PEFT records
+    the base's own `name_or_path` (none for a model built with `from_parts`). `load_report_adapter` looks for a
+    `base_model/` folder beside `directory` first (the run layout `report_lora` writes), so a run folder moved or
+    copied whole still reloads.
     """
     directory = Path(directory)
     if base_model_path is not None:
@@ -535,11 +547,38 @@ def save_report_adapter(
     (directory / BASE_FINGERPRINT_FILE).write_text(json.dumps(base, indent=2) + "\n")
 
 
+def saved_base_model(adapter_dir: str | Path) -> str:
+    """Where the base of the adapter in `adapter_dir` is: `base_model/` beside it when that holds a model (the layout
+    `report_lora` writes, wherever the run folder has been moved or copied to), else the `base_model_name_or_path`
+    of its `adapter_config.json` (a folder or a Hub id). Raises `ValueError` when neither names one, and
+    `FileNotFoundError` when the recorded base is a local folder that no longer exists."""
+    adapter_dir = Path(adapter_dir)
+    beside = adapter_dir.parent / "base_model"
+    if (beside / "config.json").is_file():
+        return str(beside)
+    recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not recorded:
+        raise ValueError(
+            f"{adapter_dir}: adapter_config.json names no base model (base_model_name_or_path is empty), and there is "
+            "no base_model/ beside the adapter (a run with --save_base_model false writes none); pass base_model=... "
+            "(the base MeritForReportGeneration or its folder)"
+        )
+    if Path(recorded).is_absolute() and not Path(recorded).exists():
+        raise FileNotFoundError(
+            f"{adapter_dir}: adapter_config.json names the base model {recorded}, which does not exist, and there is "
+            f"no base_model/ beside the adapter ({beside}); pass base_model=... (the base MeritForReportGeneration "
+            "or its folder)"
+        )
+    return recorded
+
+
 def load_report_adapter(adapter_dir: str | Path, base_model: MeritForReportGeneration | str | None = None):
     """`(PeftModel, MeritProcessor)` from an adapter folder written by this script (`save_report_adapter`).
 
-    `base_model` defaults to the `base_model_name_or_path` recorded in `adapter_config.json` (`ValueError` when it
-    names none). Raises `ValueError` naming the differences when the adapter was trained on another base model. An
+    `base_model` defaults to the `base_model/` folder beside `adapter_dir` (the run layout `report_lora` writes: a
+    run folder moved or copied whole reloads from its own copy), else the `base_model_name_or_path` recorded in
+    `adapter_config.json` (`ValueError` when it names none, `FileNotFoundError` when it names a local folder that is
+    gone: pass `base_model=`). Raises `ValueError` naming the differences when the adapter was trained on another base model. An
     encoder trained with the adapter (`--freeze_ecg_encoder false`) is in the adapter and replaces the base's
     (PEFT's `modules_to_save`); adapters saved while the encoder was named `ecg_encoder` load too (the module and its
     weights are renamed to `ecg_model` on the way in).
@@ -550,14 +589,9 @@ def load_report_adapter(adapter_dir: str | Path, base_model: MeritForReportGener
     fingerprint_file = adapter_dir / BASE_FINGERPRINT_FILE
     if not fingerprint_file.is_file():
         raise FileNotFoundError(f"{fingerprint_file}: not a merit_hf report adapter (no base fingerprint)")
-    if base_model is None or isinstance(base_model, str):
-        if base_model is None:
-            base_model = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            if not base_model:
-                raise ValueError(
-                    f"{adapter_dir}: adapter_config.json names no base model (base_model_name_or_path is empty); "
-                    "pass base_model=... (the base MeritForReportGeneration or its folder)"
-                )
+    if base_model is None:
+        base_model = saved_base_model(adapter_dir)
+    if isinstance(base_model, (str, Path)):
         base_model = MeritForReportGeneration.from_pretrained(base_model)
     expected = json.loads(fingerprint_file.read_text())
     found = base_fingerprint(base_model)
@@ -799,6 +833,42 @@ def report_mixed_precision(choice: str | None, use_cpu: bool) -> str:
     return resolve_finetune_precision(choice or "auto", training_device_type(use_cpu), launcher=launcher)
 
 
+def report_generation_config(
+    base: GenerationConfig, training_args: ReportTrainingArguments, tokenizer
+) -> GenerationConfig:
+    """The run's decoding settings (saved as the adapter's `generation_config.json` and used for `predictions.jsonl`):
+    the report model's generation config (the LM's, with `<ecg>` suppressed) with the run's flags
+    (`--max_new_tokens`, `--num_beams`, `--repetition_penalty`), no sampling, one sequence per prompt, and the
+    tokenizer's pad and EOS tokens. The LM's sampling-only flags (`SAMPLING_ONLY_GENERATION_FLAGS`), and its
+    beam-only ones with `--num_beams 1`, are reset: kept, transformers refused to save the config, after training.
+
+    Validated strictly (as `save_pretrained` does) when built, so that `main` refuses a combination that cannot be
+    saved before anything trains; the `ValueError` names transformers' objections."""
+    settings = base.to_dict()
+    reset = SAMPLING_ONLY_GENERATION_FLAGS + (BEAM_ONLY_GENERATION_FLAGS if training_args.num_beams == 1 else ())
+    for name in reset:
+        settings.pop(name, None)  # the default (None): unset
+    settings.update(
+        max_new_tokens=training_args.max_new_tokens,
+        num_beams=training_args.num_beams,
+        do_sample=False,
+        num_return_sequences=1,  # one report per ECG
+        repetition_penalty=training_args.repetition_penalty,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    generation_config = GenerationConfig.from_dict(settings)
+    try:
+        generation_config.validate(strict=True)
+    except ValueError as error:
+        raise ValueError(
+            "The language model's generation settings (its generation_config.json) together with the run's decoding "
+            f"flags (--max_new_tokens, --num_beams, --repetition_penalty; no sampling) cannot be saved with the "
+            f"adapter. Fix the language model's generation_config.json. transformers says: {error}"
+        ) from error
+    return generation_config
+
+
 def check_report_requirements(model_args: ReportModelArguments, training_args: ReportTrainingArguments) -> None:
     """Refuse, before anything loads or is written, a run that lacks a package it needs (merit_hf's `report` extra)
     or, with METEOR on, NLTK's WordNet: such a run failed only after training, its base_model/ already written and its
@@ -851,6 +921,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     tokenizer, language_model = load_language_model(model_args.language_model, model_args.gguf_file)
     model = build_report_model(model_args, tokenizer, language_model)
     del language_model
+    # Built and validated now: a combination transformers refuses to save failed only after training.
+    generation_config = report_generation_config(model.generation_config, training_args, tokenizer)
     feature_extractor = MeritFeatureExtractor.from_model_config(model.config.ecg_config)
     processor = MeritProcessor(
         feature_extractor,
@@ -985,21 +1057,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             parameter.requires_grad_(False)
     peft_model = train_stage("lora", peft_model, training_args.lora_epochs, training_args.learning_rate)
 
-    generation_config = GenerationConfig.from_dict(
-        {
-            **model.generation_config.to_dict(),
-            "max_new_tokens": training_args.max_new_tokens,
-            "num_beams": training_args.num_beams,
-            "do_sample": False,
-            "repetition_penalty": training_args.repetition_penalty,
-            "pad_token_id": tokenizer.pad_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-        }
-    )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        # The base's absolute path, for PEFT's AutoPeftModelForCausalLM (which reads it relative to the working
+        # folder); load_report_adapter finds base_model/ beside the adapter wherever the run folder goes. Without a
+        # saved base nothing is recorded: the LM alone is no base (PEFT would build a MERIT model from its config).
         save_report_adapter(
-            peft_model, processor, generation_config, output_dir / "adapter", fingerprint, base_model_path=base_dir
+            peft_model,
+            processor,
+            generation_config,
+            output_dir / "adapter",
+            fingerprint,
+            base_model_path=base_dir if training_args.save_base_model else None,
         )
 
     # --- evaluation: generate for the eval reports and score them
