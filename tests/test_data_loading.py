@@ -136,6 +136,7 @@ def test_empty_reports_are_dropped_on_request_only(small_ptbxl):
 
 def test_has_report_is_the_one_test_of_an_empty_report():
     assert [has_report(text) for text in ("sinus rhythm", "", " ", "\n\t", None)] == [True, False, False, False, False]
+    assert not has_report(float("nan")) and has_report("nan")  # pandas' missing value, not the text "nan"
     rows = Dataset.from_dict({"ecg_id": [1, 2, 3], "report": ["a", " ", ""]})
     assert drop_empty_reports(rows)["ecg_id"] == [1]
     assert [row["ecg_id"] for row in drop_empty_reports(rows.to_iterable_dataset())] == [1]

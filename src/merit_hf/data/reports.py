@@ -29,8 +29,11 @@ from collections.abc import Mapping
 
 def has_report(report: str | None) -> bool:
     """Whether a row's `report` holds text: the one test of an empty report (`""`, whitespace, a missing value) that
-    every user of reports applies (`drop_empty_reports`, `MeritCollator`'s `empty_report`)."""
-    return bool(str(report or "").strip())
+    every user of reports applies (`drop_empty_reports`, `MeritCollator`'s `empty_report`). A float NaN (pandas'
+    missing value, in rows built in Python) is missing too, not the text "nan"."""
+    if report is None or (isinstance(report, float) and report != report):
+        return False
+    return bool(str(report).strip())
 
 
 def drop_empty_reports(dataset):
