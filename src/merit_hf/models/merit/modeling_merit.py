@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -34,7 +35,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput, can_return_tuple, logging
+from transformers.utils import ModelOutput, PushToHubMixin, can_return_tuple, logging
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_merit import PROBLEM_TYPES, MeritConfig, MeritEcgConfig, MeritReportConfig
@@ -808,6 +809,16 @@ def contrastive_loss(logits_per_ecg: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+# The keyword arguments of transformers' `push_to_hub`, which `save_pretrained(push_to_hub=True, ...)` passes on to it;
+# those that are also `save_pretrained`'s own stay for the save as well.
+_SAVE_AND_PUSH_ARGUMENTS = ("token", "max_shard_size")
+_PUSH_TO_HUB_ARGUMENTS = tuple(
+    name
+    for name, parameter in inspect.signature(PushToHubMixin.push_to_hub).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name not in _SAVE_AND_PUSH_ARGUMENTS
+)
+
+
 class _StrictLoadingMixin:
     """`from_pretrained` that never hands back silently random weights.
 
@@ -842,7 +853,9 @@ class _StrictLoadingMixin:
         # is saved first and then pushed whole (`push_to_hub` saves it again into a temporary folder, through here).
         push_to_hub = kwargs.pop("push_to_hub", False)
         repo_id = kwargs.pop("repo_id", Path(save_directory).name)
-        hub_kwargs = {key: kwargs.pop(key) for key in ("commit_message", "create_pr", "private") if key in kwargs}
+        # every argument of `push_to_hub` (`revision`, `commit_description`, `tags`, ...) goes to it; `token` and
+        # `max_shard_size` are also `save_pretrained`'s own
+        hub_kwargs = {key: kwargs.pop(key) for key in _PUSH_TO_HUB_ARGUMENTS if key in kwargs}
         result = super().save_pretrained(save_directory, *args, **kwargs)
         is_main_process = kwargs.get("is_main_process", True)
         pipelines = getattr(self.config, "custom_pipelines", None) or {}
@@ -850,7 +863,7 @@ class _StrictLoadingMixin:
             # the prompt file behind class_descriptions="superclass" in the folder's zero-shot pipeline
             save_zero_shot_prompts(save_directory, self.name_or_path)
         if push_to_hub and is_main_process:
-            hub_kwargs.update({key: kwargs[key] for key in ("token", "max_shard_size") if key in kwargs})
+            hub_kwargs.update({key: kwargs[key] for key in _SAVE_AND_PUSH_ARGUMENTS if key in kwargs})
             self.push_to_hub(repo_id, **hub_kwargs)
         return result
 
