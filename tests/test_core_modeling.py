@@ -583,8 +583,9 @@ def test_the_classifier_loads_an_encoder_only_folder(saved_pretraining, tmp_path
 
 def test_auto_classifier_loads_encoder_only_and_two_tower_folders(saved_pretraining, tmp_path):
     """`AutoModelForSequenceClassification` on an encoder-only folder (its `auto_map`, as README shows it) gives a
-    `MeritForEcgClassification` with the encoder's weights and the caller's head settings; a two-tower folder too."""
-    from transformers import AutoModelForSequenceClassification
+    `MeritForEcgClassification` with the encoder's weights and the caller's head settings, and the attention
+    implementation asked for (which the Auto class hands over inside the encoder config); a two-tower folder too."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     model, folder = saved_pretraining
     MeritEcgModel.from_pretrained(folder).save_pretrained(tmp_path / "encoder")
@@ -593,16 +594,22 @@ def test_auto_classifier_loads_encoder_only_and_two_tower_folders(saved_pretrain
     ecg = torch.randn(2, 12, 2250)
     for source, remote in [("encoder", True), ("encoder", False), ("two-towers", True), ("two-towers", False)]:
         classifier = AutoModelForSequenceClassification.from_pretrained(  # remote code, or merit_hf's registration
-            tmp_path / source, trust_remote_code=remote, id2label=id2label, output_hidden_states=True
-        ).eval()
+            tmp_path / source, trust_remote_code=remote, id2label=id2label, output_hidden_states=True,
+            attn_implementation="eager",
+        ).eval()  # fmt: skip
         assert type(classifier).__name__ == "MeritForEcgClassification", source
         assert classifier.config.id2label == id2label
         assert classifier.config.problem_type == "multi_label_classification"
+        assert classifier.ecg_model.config._attn_implementation == "eager", source
         with torch.no_grad():
-            out = classifier(ecg)
+            out = classifier(ecg, output_attentions=True)
             expected = model.merit.ecg_model(ecg).pooler_output
             torch.testing.assert_close(classifier.ecg_model(ecg).pooler_output, expected)
         assert out.logits.shape == (2, 5) and len(out.hidden_states) == 3, source
+        assert len(out.attentions) == 2, source
+    encoder_config = AutoConfig.from_pretrained(tmp_path / "encoder", attn_implementation="eager")
+    from_config = AutoModelForSequenceClassification.from_config(encoder_config)
+    assert from_config.ecg_model.config._attn_implementation == "eager"
 
 
 def test_classifier_from_an_encoder_folder_takes_config_kwargs_into_its_config(saved_pretraining, tmp_path):

@@ -147,8 +147,10 @@ def test_auto_classifier_from_encoder_only_and_two_tower_folders_without_merit_h
         id2label = {{0: "NORM", 1: "MI", 2: "CD"}}
         for name in ("encoder", "two-towers"):
             classifier = AutoModelForSequenceClassification.from_pretrained(
-                {str(tmp_path)!r} + "/" + name, trust_remote_code=True, id2label=id2label, output_hidden_states=True
+                {str(tmp_path)!r} + "/" + name, trust_remote_code=True, id2label=id2label, output_hidden_states=True,
+                attn_implementation="eager",
             ).eval()
+            assert classifier.ecg_model.config._attn_implementation == "eager", name
             assert type(classifier).__name__ == "MeritForEcgClassification", type(classifier)
             assert type(classifier).__module__.startswith("transformers_modules"), type(classifier).__module__
             assert classifier.config.id2label == id2label, classifier.config.id2label

@@ -1853,8 +1853,11 @@ def _encoder_only_classifier_kwargs(saved_dict: dict, given_config: PreTrainedCo
     `config` becomes a `MeritConfig` around the encoder config that takes the kwargs which are its attributes, as
     transformers' `from_pretrained` puts them in the config it loads (`num_labels`, `id2label`, `problem_type`,
     `output_hidden_states`, ...); the other kwargs stay for loading. `given_config` is the encoder config that an Auto
-    class loaded with those kwargs already in it: the attributes they changed are taken over."""
+    class loaded with those kwargs already in it: the attributes they changed are taken over, and so is the attention
+    implementation that it holds privately (`to_dict()` leaves it out, and the Auto class consumed the kwarg)."""
     ecg_dict = dict(saved_dict) if given_config is None else given_config.to_dict()
+    if given_config is not None and getattr(given_config, "_attn_implementation", None) is not None:
+        kwargs = {"attn_implementation": given_config._attn_implementation, **kwargs}
     for key in ("auto_map", "architectures", "custom_pipelines"):
         ecg_dict.pop(key, None)
     attributes = MeritConfig(ecg_config=ecg_dict)
