@@ -668,6 +668,29 @@ def test_output_flags_reach_the_encoder_everywhere(caplog):
         MeritForPreTraining(config)(ecg, input_ids=input_ids, output_hidden_states=True)
 
 
+def test_two_tower_output_flags_default_to_its_config(tmp_path):
+    """As transformers models (and `MeritForEcgClassification`): a flag left `None` is the model config's, set by
+    `from_pretrained(..., output_hidden_states=True)` or on `model.config` at runtime; the towers' own configs are
+    copies that these never reach. A flag given in the call still wins."""
+    ecg, input_ids, noise = _inputs()
+    torch.manual_seed(0)
+    config = tiny_merit_config()
+    MeritModel(config).save_pretrained(tmp_path / "two-towers")
+    model = AutoModel.from_pretrained(tmp_path / "two-towers", output_hidden_states=True).eval()
+    assert model.config.output_hidden_states and not model.ecg_model.config.output_hidden_states
+    assert len(model.get_ecg_features(ecg).hidden_states) == 3
+    out = model(ecg, input_ids=input_ids)
+    assert len(out.ecg_model_output.hidden_states) == 3 and len(out.text_model_output.hidden_states) == 2
+    assert model.get_ecg_features(ecg, output_hidden_states=False).hidden_states is None
+    model = MeritModel(config).eval()
+    model.set_attn_implementation("eager")
+    assert model.get_text_features(input_ids).attentions is None
+    model.config.output_attentions = True
+    assert len(model.get_ecg_features(ecg).attentions) == 2 and len(model.get_text_features(input_ids).attentions) == 1
+    pretraining = MeritForPreTraining(tiny_merit_config(output_hidden_states=True)).eval()
+    assert pretraining(ecg, input_ids=input_ids, noise=noise).loss is not None  # losses only, whatever the config
+
+
 @pytest.mark.slow  # flex attention compiles its kernel: about 20 s on 2 CPU cores with a cold inductor cache
 def test_flex_attention_takes_the_padding_and_lead_masks():
     """The key mask is built for the kernel the config names (a BlockMask for flex); a 4D additive mask crashed it."""

@@ -1372,7 +1372,7 @@ class MeritModel(MeritPreTrainedModel):
             apply_masking=apply_masking,
             lead_mask=lead_mask,
             return_dict=True,
-            **_output_flags(output_attentions, output_hidden_states),
+            **_config_output_flags(self.config, output_attentions, output_hidden_states),
         )
         return BaseModelOutputWithPooling(
             last_hidden_state=ecg_output.last_hidden_state,
@@ -1397,7 +1397,7 @@ class MeritModel(MeritPreTrainedModel):
         text_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             text_inputs["token_type_ids"] = token_type_ids
-        text_inputs.update(_output_flags(output_attentions, output_hidden_states))
+        text_inputs.update(_config_output_flags(self.config, output_attentions, output_hidden_states))
         if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():  # free here; a sync on a GPU
             check_token_ids(input_ids, self.text_model.get_input_embeddings())
         text_output = self.text_model(**text_inputs, return_dict=True)
@@ -1480,6 +1480,18 @@ def _output_flags(output_attentions: bool | None, output_hidden_states: bool | N
     """The output flags a caller set; one left `None` is not passed on, so the tower falls back to its own config."""
     flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
     return {name: value for name, value in flags.items() if value is not None}
+
+
+def _config_output_flags(
+    config: PreTrainedConfig, output_attentions: bool | None, output_hidden_states: bool | None
+) -> dict[str, bool]:
+    """The output flags for a tower: the caller's, and where one is `None` the model's own config's, as in
+    transformers (`from_pretrained(..., output_hidden_states=True)` and `model.config.output_hidden_states = True`
+    set it there); the towers' configs are copies that these never reach."""
+    return {
+        "output_attentions": config.output_attentions if output_attentions is None else output_attentions,
+        "output_hidden_states": config.output_hidden_states if output_hidden_states is None else output_hidden_states,
+    }
 
 
 def _text_encoder_from_config(config: MeritConfig) -> PreTrainedModel:
@@ -1648,7 +1660,14 @@ class MeritForPreTraining(MeritPreTrainedModel):
                     ecg_values, ecg_attention_mask=ecg_attention_mask, lead_mask=lead_mask, return_dict=True
                 ).pooler_output
             ecg_embeds = unit_vectors(self.merit.ecg_projection(ecg_pooled))
-            text_features = self.merit.get_text_features(input_ids, attention_mask, token_type_ids, return_dict=True)
+            text_features = self.merit.get_text_features(  # losses only: no hidden states, whatever the config says
+                input_ids,
+                attention_mask,
+                token_type_ids,
+                output_attentions=False,
+                output_hidden_states=False,
+                return_dict=True,
+            )
             text_embeds = unit_vectors(text_features.pooler_output)
             scale = self.merit.logit_scale.exp()
             logits_per_ecg = similarity_logits(ecg_embeds, text_embeds, scale)
