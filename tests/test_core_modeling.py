@@ -668,6 +668,24 @@ def test_output_flags_reach_the_encoder_everywhere(caplog):
         MeritForPreTraining(config)(ecg, input_ids=input_ids, output_hidden_states=True)
 
 
+@pytest.mark.parametrize("model_class", [MeritModel, MeritForPreTraining])
+def test_resize_token_embeddings_resizes_the_text_tower(model_class, tmp_path):
+    """After tokens are added to the report tokenizer: the text tower's embeddings grow (transformers' generic
+    method would try the ECG patch projection, the model's input embeddings), and the size is saved."""
+    model = model_class(tiny_merit_config())
+    merit = model if model_class is MeritModel else model.merit
+    size = merit.text_model.get_input_embeddings().num_embeddings
+    embeddings = model.resize_token_embeddings(size + 3)
+    assert embeddings is merit.text_model.get_input_embeddings() and embeddings.num_embeddings == size + 3
+    assert model.config.text_config.vocab_size == size + 3
+    model.save_pretrained(tmp_path / "resized")
+    reloaded = model_class.from_pretrained(tmp_path / "resized")
+    reloaded_merit = reloaded if model_class is MeritModel else reloaded.merit
+    assert reloaded_merit.text_model.get_input_embeddings().num_embeddings == size + 3
+    with pytest.raises(ValueError, match="MeritForEcgClassification has no text tower"):
+        MeritForEcgClassification(tiny_merit_config()).resize_token_embeddings(size + 3)
+
+
 def test_two_tower_output_flags_default_to_its_config(tmp_path):
     """As transformers models (and `MeritForEcgClassification`): a flag left `None` is the model config's, set by
     `from_pretrained(..., output_hidden_states=True)` or on `model.config` at runtime; the towers' own configs are

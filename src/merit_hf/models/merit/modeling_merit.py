@@ -1066,6 +1066,20 @@ class MeritPreTrainedModel(MeritBasePreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         ecg_encoder_of(self).set_input_embeddings(value)
 
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, *args, **kwargs) -> nn.Embedding:
+        """The text tower's `resize_token_embeddings` (after tokens were added to the report tokenizer): the input
+        embeddings of a MERIT model are the ECG patch projection, which has no vocabulary."""
+        merit = self if hasattr(self, "text_model") else getattr(self, "merit", None)
+        if merit is None:
+            raise ValueError(
+                f"{type(self).__name__} has no text tower, hence no token embeddings to resize (its input embeddings "
+                "are the ECG patch projection)"
+            )
+        embeddings = merit.text_model.resize_token_embeddings(new_num_tokens, *args, **kwargs)
+        merit.config.text_config.vocab_size = merit.text_model.config.vocab_size  # saved with the model
+        self.config.text_config.vocab_size = merit.text_model.config.vocab_size
+        return embeddings
+
 
 def _init_merit_module(model: PreTrainedModel, module: nn.Module, config) -> None:
     """transformers-5 style init: every write goes through `transformers.initialization`, which skips tensors that a
