@@ -196,6 +196,15 @@ def test_processor_rejects_ecg_report_count_mismatch(ptbxl_dir, tokenizer):
         processor(ecgs=[record, record], text=["sinus rhythm"])
     with pytest.raises(ValueError, match=re.escape("1 ECGs for 2 reports; give one report per ECG")):
         processor(ecgs=record, text=["sinus rhythm", "left bundle branch block"])
+    # A record cut into windows is several rows of ecg_values: the message says so
+    sliding = MeritProcessor(MeritFeatureExtractor(window="sliding", window_stride=100), tokenizer, max_length=16)
+    message = "1 ECGs cut into 4 windows (the feature extractor's window='sliding') for 1 reports"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sliding(ecgs=record, text=["sinus rhythm"])
+    batch = sliding(ecgs=record, text=["sinus rhythm"] * 4)
+    assert (
+        batch["ecg_values"].shape[0] == batch["input_ids"].shape[0] == 4 and batch["record_index"].tolist() == [0] * 4
+    )
     # Report generation may put several ECGs in one prompt: there the placeholders are counted instead.
     tokenizer.add_special_tokens({"additional_special_tokens": ["<ecg>"]})
     generation = MeritProcessor(MeritFeatureExtractor(), tokenizer, ecg_seq_length=2)

@@ -87,7 +87,9 @@ class MeritProcessor(ProcessorMixin):
         Args:
             ecgs: records for the feature extractor (arrays `(num_samples, num_leads)` or WFDB paths).
             text: one report/prompt or a list. An empty report raises (it would train the model to match silence);
-                with `ecgs` (and no `ecg_seq_length`) there must be one report per ECG.
+                with `ecgs` (and no `ecg_seq_length`) there must be one report per row of `ecg_values`: per ECG, or
+                per window when the feature extractor cuts records into windows (`window="sliding"`; a report per
+                record then raises: repeated in a batch, a report would be a negative of its own ECG's other windows).
             sampling_rate, lead_names, units: passed to the feature extractor (rate and names required for arrays;
                 units default to mV for arrays and come from the header for paths).
             return_tensors, padding, truncation, max_length: passed to the tokenizer (for reports; prompts for
@@ -137,6 +139,15 @@ class MeritProcessor(ProcessorMixin):
                 if not isinstance(item, str) or not item.strip():
                     raise ValueError(f"text {index}: empty report {item!r}; drop the pair or give its report")
             if self.ecg_seq_length is None and num_ecgs is not None and len(texts) != num_ecgs:
+                record_index = data.get("record_index")
+                if record_index is not None:  # window="sliding": the rows are windows, not records
+                    num_records = len({int(index) for index in record_index})
+                    raise ValueError(
+                        f"{num_records} ECGs cut into {num_ecgs} windows (the feature extractor's window='sliding') "
+                        f"for {len(texts)} reports: the processor pairs each report with one row of ecg_values; "
+                        "for ECG-report pairs use a feature extractor with window='single', or give one report per "
+                        "window (repeat each record's report as record_index says)"
+                    )
                 raise ValueError(f"{num_ecgs} ECGs for {len(texts)} reports; give one report per ECG")
             texts = self._expand_ecg_tokens(texts, num_ecgs)
             max_length = max_length or self.max_length
