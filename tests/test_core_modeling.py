@@ -559,11 +559,34 @@ def test_each_saved_class_lists_the_auto_classes_that_load_its_folder(saved_pret
     assert set(auto_map["MeritModel"]) == {"AutoConfig", "AutoModel", "AutoModelForSequenceClassification"}
     assert auto_map["MeritForEcgClassification"] == {
         "AutoConfig": "configuration_merit.MeritConfig",
+        "AutoModel": "modeling_merit.MeritClassifierFolderAutoModel",  # a refusal that says what loads the folder
         "AutoModelForSequenceClassification": "modeling_merit.MeritForEcgClassification",
     }
     # a re-saved encoder keeps its own weight names, not the loading key mapping's inverse
     keys = set(load_file(tmp_path / "MeritEcgModel" / "model.safetensors"))
     assert keys == set(MeritEcgModel(model.config.ecg_config).state_dict())
+
+
+def test_auto_model_on_a_classifier_folder_says_what_loads_it(saved_pretraining, tmp_path, caplog):
+    """A classifier's folder has no text tower: `AutoModel` (a `MeritModel` for a `MeritConfig`) refuses it before
+    loading, with no report of 30 "newly initialized" weights first, and says what loads it; so does its remote-code
+    `auto_map` entry (tests/test_core_remote_code.py runs it without merit_hf)."""
+    _, folder = saved_pretraining
+    classifier = MeritForEcgClassification.from_pretrained(folder, num_labels=2).eval()
+    classifier.save_pretrained(tmp_path / "classifier")
+    message = r"classifier holds a MeritForEcgClassification .* AutoModelForSequenceClassification.from_pretrained"
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        for load in (AutoModel.from_pretrained, MeritModel.from_pretrained, AutoModelForPreTraining.from_pretrained):
+            with pytest.raises(ValueError, match=message):
+                load(tmp_path / "classifier")
+        with pytest.raises(ValueError, match=message):
+            AutoModel.from_pretrained(tmp_path / "classifier", trust_remote_code=True)  # the auto_map entry
+    assert "newly initialized" not in caplog.text and "MISSING" not in caplog.text
+    encoder = MeritEcgModel.from_pretrained(tmp_path / "classifier").eval()
+    ecg = torch.randn(1, 12, 2250)
+    with torch.no_grad():
+        assert torch.equal(encoder(ecg).pooler_output, classifier.ecg_model(ecg).pooler_output)
 
 
 def test_the_classifier_loads_an_encoder_only_folder(saved_pretraining, tmp_path):

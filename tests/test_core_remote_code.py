@@ -130,11 +130,12 @@ def test_auto_classifier_from_encoder_only_and_two_tower_folders_without_merit_h
     """README's fine-tuning start, `AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True,
     id2label=...)`, on an encoder-only (`MeritEcgModel`) and a two-tower folder, in a process without merit_hf: the
     folder's `auto_map` gives a `MeritForEcgClassification` holding the saved encoder and the caller's labels."""
-    from merit_hf import MeritEcgModel, MeritModel
+    from merit_hf import MeritEcgModel, MeritForEcgClassification, MeritModel
 
     two_towers = MeritModel(tiny_merit_config()).eval()
     two_towers.save_pretrained(tmp_path / "two-towers")
     two_towers.ecg_model.save_pretrained(tmp_path / "encoder")
+    MeritForEcgClassification.from_pretrained(tmp_path / "encoder", num_labels=2).save_pretrained(tmp_path / "clf")
     ecg = torch.randn(2, 12, 2250, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = MeritEcgModel.from_pretrained(tmp_path / "encoder").eval()(ecg).pooler_output
@@ -158,6 +159,15 @@ def test_auto_classifier_from_encoder_only_and_two_tower_folders_without_merit_h
                 out = classifier(expected["ecg"])
                 torch.testing.assert_close(classifier.ecg_model(expected["ecg"]).pooler_output, expected["pooled"])
             assert out.logits.shape == (2, 3) and len(out.hidden_states) == 3
+        # AutoModel on a classifier's folder: its auto_map entry says what loads it (not transformers'
+        # "Unrecognized configuration class" with a list of every model type)
+        from transformers import AutoModel
+        try:
+            AutoModel.from_pretrained({str(tmp_path / "clf")!r}, trust_remote_code=True)
+            raise SystemExit("AutoModel loaded a classifier folder")
+        except ValueError as error:
+            assert "holds a MeritForEcgClassification" in str(error), error
+            assert "AutoModelForSequenceClassification.from_pretrained" in str(error), error
         print("CLASSIFIERS-OK")
         """
     )

@@ -1058,6 +1058,28 @@ class MeritPreTrainedModel(MeritBasePreTrainedModel):
         "AutoModelForSequenceClassification": "modeling_merit.MeritForEcgClassification",
     }
     _pipeline_auto_class = "AutoModel"
+    _has_text_tower = True  # a classifier's folder holds no text tower to load
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        # A classifier's folder (what AutoModel, which maps a MeritConfig to MeritModel, is often pointed at for the
+        # fine-tuned encoder) is refused before loading, instead of after a report of the missing text tower.
+        if cls._has_text_tower:
+            config = kwargs.get("config")
+            if isinstance(config, PreTrainedConfig):
+                architectures = config.architectures
+            else:
+                hub = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+                try:
+                    config_dict, _ = PreTrainedConfig.get_config_dict(
+                        pretrained_model_name_or_path, **{k: kwargs[k] for k in hub if k in kwargs}
+                    )
+                except Exception:  # no folder, no config.json, ...: the loading below names the problem
+                    config_dict = {}
+                architectures = config_dict.get("architectures")
+            if MeritForEcgClassification.__name__ in (architectures or ()):
+                raise ValueError(_classifier_folder_message(pretrained_model_name_or_path, cls.__name__))
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     # The ECG encoder's patch projection (`MeritEcgModel.get_input_embeddings`) for every model that wraps it.
     def get_input_embeddings(self) -> nn.Module:
@@ -1723,8 +1745,11 @@ class MeritForEcgClassification(MeritPreTrainedModel):
 
     _heads_created_on_load = ("classifier.",)
     _pipeline_auto_class = "AutoModelForSequenceClassification"
+    _has_text_tower = False
     _auto_map = {
         "AutoConfig": "configuration_merit.MeritConfig",
+        # the two-tower `MeritModel` that `AutoModel` gives for a `MeritConfig` cannot load it: this says what can
+        "AutoModel": "modeling_merit.MeritClassifierFolderAutoModel",
         "AutoModelForSequenceClassification": "modeling_merit.MeritForEcgClassification",
     }
     _encoder_only_key_mapping = {r"^(embeddings|layers|norm|pooler_norm)\.": r"ecg_model.\1."}
@@ -1875,6 +1900,39 @@ class MeritForEcgClassificationFromEncoder:
     @classmethod
     def register_for_auto_class(cls, auto_class: str = "AutoModelForSequenceClassification") -> None:
         """Nothing to record: a saved classifier's `auto_map` names `MeritForEcgClassification` itself."""
+
+
+def _classifier_folder_message(folder, loader: str) -> str:
+    return (
+        f"{folder} holds a MeritForEcgClassification (the ECG encoder and a classification head, no text tower), "
+        f"which {loader} cannot load: load the classifier with AutoModelForSequenceClassification.from_pretrained "
+        "(its encoder is model.ecg_model), or the encoder alone with MeritEcgModel.from_pretrained(folder) "
+        "(merit_hf installed)"
+    )
+
+
+class MeritClassifierFolderAutoModel:
+    r"""
+    What `AutoModel` finds in a classifier folder's `auto_map`: it raises a `ValueError` that says how to load the
+    folder (`AutoModelForSequenceClassification`, whose `ecg_model` is the fine-tuned encoder, or
+    `MeritEcgModel.from_pretrained`). Without it, `AutoModel.from_pretrained(folder, trust_remote_code=True)` fails
+    with transformers' "Unrecognized configuration class" and a list of every model type; with merit_hf installed
+    the two-tower `MeritModel` refuses the folder with the same message.
+    """
+
+    config_class = MeritConfig
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        raise ValueError(_classifier_folder_message(pretrained_model_name_or_path, "AutoModel"))
+
+    @classmethod
+    def _from_config(cls, config: MeritConfig, **kwargs):
+        raise ValueError(_classifier_folder_message("this config", "AutoModel"))
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoModel") -> None:
+        """Nothing to record: a saved classifier's `auto_map` names this class itself."""
 
 
 # `from_pretrained` arguments that transformers keeps for loading even where a config has an attribute of that name.
