@@ -221,3 +221,19 @@ def test_processor_rejects_ecg_report_count_mismatch(ptbxl_dir, tokenizer):
     batch = generation(ecgs=[record, record], text=["<ecg> then <ecg>"])
     assert batch["ecg_values"].shape == (2, 12, 2250) and batch["input_ids"].shape[0] == 1
     assert int((batch["input_ids"] == tokenizer.convert_tokens_to_ids("<ecg>")).sum()) == 4
+
+
+def test_processor_refuses_unknown_arguments(ptbxl_dir, tokenizer):
+    """`ecg=` for `ecgs=` went into the tokenizer's kwargs and the batch came back without ecg_values; unknown names
+    raise, while the tokenizer's arguments (transformers' `TextKwargs`) and the feature extractor's still pass."""
+    processor = MeritProcessor(MeritFeatureExtractor(), tokenizer, max_length=16)
+    record = str(ptbxl_dir / "records100" / "00000" / "00001_lr")
+    with pytest.raises(TypeError, match=re.escape("MeritProcessor() got unexpected arguments ['ecg']")):
+        processor(ecg=record, text=["sinus rhythm"])
+    with pytest.raises(TypeError, match=re.escape("unexpected arguments ['crop_seed', 'sampling_rates']")):
+        processor(ecgs=record, crop_seed=1, sampling_rates=100)
+    batch = processor(
+        ecgs=record, text=["sinus rhythm"], crop="start", ecg_padding=False, padding_side="left",
+        return_token_type_ids=False, images=None, videos=None, audio=None,
+    )  # fmt: skip
+    assert batch["ecg_values"].shape == (1, 12, 2250) and "token_type_ids" not in batch
