@@ -709,6 +709,20 @@ def test_resize_token_embeddings_resizes_the_text_tower(model_class, tmp_path):
         MeritForEcgClassification(tiny_merit_config()).resize_token_embeddings(size + 3)
 
 
+def test_set_attn_implementation_on_the_classifier_has_no_text_tower_to_warn_about(caplog):
+    """The classifier's `MeritConfig` holds a `text_config` with no model behind it: transformers warned that it set
+    it "without finding the associated sub-model ... undefined behavior". The encoder gets the setting, silently."""
+    classifier = MeritForEcgClassification(tiny_merit_config(num_labels=2))
+    text_config = classifier.config.text_config
+    with caplog.at_level("WARNING"):
+        classifier.set_attn_implementation("eager")
+    assert "without finding the associated sub-model" not in caplog.text
+    assert classifier.config._attn_implementation == classifier.ecg_model.config._attn_implementation == "eager"
+    assert classifier.config.text_config is text_config
+    out = classifier.eval()(torch.randn(1, 12, 2250), output_attentions=True)
+    assert len(out.attentions) == 2
+
+
 def test_two_tower_output_flags_default_to_its_config(tmp_path):
     """As transformers models (and `MeritForEcgClassification`): a flag left `None` is the model config's, set by
     `from_pretrained(..., output_hidden_states=True)` or on `model.config` at runtime; the towers' own configs are

@@ -1793,6 +1793,16 @@ class MeritForEcgClassification(MeritPreTrainedModel):
                 kwargs.setdefault("key_mapping", cls._encoder_only_key_mapping)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        # The config's `text_config` (a `MeritConfig` holds one) has no model here: transformers would set it "in the
+        # dark" and warn of undefined behaviour. It is left out for the call; the ECG encoder gets the setting.
+        text_config = self.config.text_config
+        self.config.text_config = None
+        try:
+            return super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        finally:
+            self.config.text_config = text_config
+
     @can_return_tuple
     def forward(
         self,
