@@ -76,7 +76,8 @@ def test_a_config_broken_after_it_was_built_is_refused_when_saved(tmp_path):
 
     config = tiny_merit_config()
     config.ecg_config.mask_ratio = 1.0  # no check at assignment: the shapes are checked together
-    with pytest.raises(StrictDataclassError, match=__import__("re").escape("mask_ratio: must be in [0, 1), got 1.0")):
+    message = __import__("re").escape("MeritEcgConfig.mask_ratio: must be in [0, 1), got 1.0")
+    with pytest.raises(ValueError, match=message):  # the ValueError of construction, not huggingface_hub's error
         config.ecg_config.save_pretrained(tmp_path)
     with pytest.raises(StrictDataclassError, match="expected one of"):
         config.contrastive_input = "both"  # a Literal field is checked at once
@@ -88,3 +89,23 @@ def test_visible_patches_follow_the_mask_ratio_as_written(mask_ratio, visible):
     0.933 masked)."""
     config = MeritEcgConfig(mask_ratio=mask_ratio)
     assert config.num_patches_per_lead == 30 and config.num_visible_patches == visible
+
+
+def test_problem_type_is_checked_when_it_is_set(tmp_path):
+    """transformers sets `from_pretrained`'s config kwargs after the config's validation: a bad `problem_type` (a
+    typo of `multi_label_classification`) fails there, naming the allowed values, not at the first loss."""
+    from transformers import AutoModelForSequenceClassification
+
+    from merit_hf import MeritForEcgClassification
+
+    message = r"MeritConfig.problem_type: must be one of \(None, 'multi_label_classification', .*got 'multilabel'"
+    config = tiny_merit_config(num_labels=3)
+    with pytest.raises(ValueError, match=message):
+        config.problem_type = "multilabel"
+    MeritForEcgClassification(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path, problem_type="multilabel")
+    with pytest.raises(ValueError, match=message):
+        MeritConfig.from_pretrained(tmp_path, problem_type="multilabel")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path, problem_type="single_label_classification")
+    assert reloaded.config.problem_type == "single_label_classification"

@@ -229,6 +229,27 @@ def test_padding_on_request_returns_an_attention_mask(ptbxl_dir):
     assert (out["ecg_values"][0, :, 1000:] == 0).all()
 
 
+def test_padding_takes_transformers_padding_strategies(ptbxl_dir):
+    """`"do_not_pad"` is a string, hence truthy: it padded. transformers' `PaddingStrategy` values (strings or the
+    enum) now mean what they say; every window is `num_samples` long, so "longest" and "max_length" both pad to it."""
+    from transformers.utils import PaddingStrategy
+
+    signal, _ = _signal(ptbxl_dir)
+    short = signal[:2000]  # 1000 samples at 250 Hz
+    fe = MeritFeatureExtractor()
+    for padding in ("do_not_pad", PaddingStrategy.DO_NOT_PAD, False):
+        with pytest.raises(EcgInputError, match="shorter than the 2250-sample window"):
+            fe(short, sampling_rate=500, lead_names=PTBXL_LEADS, padding=padding)
+        with pytest.raises(EcgInputError, match="shorter than the 2250-sample window"):
+            MeritFeatureExtractor(padding=padding)(short, sampling_rate=500, lead_names=PTBXL_LEADS)
+    for padding in ("longest", "max_length", PaddingStrategy.MAX_LENGTH, True):
+        out = fe(short, sampling_rate=500, lead_names=PTBXL_LEADS, padding=padding, return_tensors="np")
+        assert out["ecg_attention_mask"].sum() == 1000, padding
+    assert MeritFeatureExtractor(padding="max_length").padding is True
+    with pytest.raises(ValueError, match=r"padding must be True, False or one of \('longest', 'max_length', 'do_not"):
+        fe(short, sampling_rate=500, lead_names=PTBXL_LEADS, padding="yes")
+
+
 def test_return_attention_mask_forces_or_drops_the_mask(ptbxl_dir):
     signal, _ = _signal(ptbxl_dir)
     short = signal[:2000]  # 1000 samples at 250 Hz

@@ -559,11 +559,34 @@ def test_each_saved_class_lists_the_auto_classes_that_load_its_folder(saved_pret
     assert set(auto_map["MeritModel"]) == {"AutoConfig", "AutoModel", "AutoModelForSequenceClassification"}
     assert auto_map["MeritForEcgClassification"] == {
         "AutoConfig": "configuration_merit.MeritConfig",
+        "AutoModel": "modeling_merit.MeritClassifierFolderAutoModel",  # a refusal that says what loads the folder
         "AutoModelForSequenceClassification": "modeling_merit.MeritForEcgClassification",
     }
     # a re-saved encoder keeps its own weight names, not the loading key mapping's inverse
     keys = set(load_file(tmp_path / "MeritEcgModel" / "model.safetensors"))
     assert keys == set(MeritEcgModel(model.config.ecg_config).state_dict())
+
+
+def test_auto_model_on_a_classifier_folder_says_what_loads_it(saved_pretraining, tmp_path, caplog):
+    """A classifier's folder has no text tower: `AutoModel` (a `MeritModel` for a `MeritConfig`) refuses it before
+    loading, with no report of 30 "newly initialized" weights first, and says what loads it; so does its remote-code
+    `auto_map` entry (tests/test_core_remote_code.py runs it without merit_hf)."""
+    _, folder = saved_pretraining
+    classifier = MeritForEcgClassification.from_pretrained(folder, num_labels=2).eval()
+    classifier.save_pretrained(tmp_path / "classifier")
+    message = r"classifier holds a MeritForEcgClassification .* AutoModelForSequenceClassification.from_pretrained"
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        for load in (AutoModel.from_pretrained, MeritModel.from_pretrained, AutoModelForPreTraining.from_pretrained):
+            with pytest.raises(ValueError, match=message):
+                load(tmp_path / "classifier")
+        with pytest.raises(ValueError, match=message):
+            AutoModel.from_pretrained(tmp_path / "classifier", trust_remote_code=True)  # the auto_map entry
+    assert "newly initialized" not in caplog.text and "MISSING" not in caplog.text
+    encoder = MeritEcgModel.from_pretrained(tmp_path / "classifier").eval()
+    ecg = torch.randn(1, 12, 2250)
+    with torch.no_grad():
+        assert torch.equal(encoder(ecg).pooler_output, classifier.ecg_model(ecg).pooler_output)
 
 
 def test_the_classifier_loads_an_encoder_only_folder(saved_pretraining, tmp_path):
@@ -583,8 +606,9 @@ def test_the_classifier_loads_an_encoder_only_folder(saved_pretraining, tmp_path
 
 def test_auto_classifier_loads_encoder_only_and_two_tower_folders(saved_pretraining, tmp_path):
     """`AutoModelForSequenceClassification` on an encoder-only folder (its `auto_map`, as README shows it) gives a
-    `MeritForEcgClassification` with the encoder's weights and the caller's head settings; a two-tower folder too."""
-    from transformers import AutoModelForSequenceClassification
+    `MeritForEcgClassification` with the encoder's weights and the caller's head settings, and the attention
+    implementation asked for (which the Auto class hands over inside the encoder config); a two-tower folder too."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     model, folder = saved_pretraining
     MeritEcgModel.from_pretrained(folder).save_pretrained(tmp_path / "encoder")
@@ -593,16 +617,22 @@ def test_auto_classifier_loads_encoder_only_and_two_tower_folders(saved_pretrain
     ecg = torch.randn(2, 12, 2250)
     for source, remote in [("encoder", True), ("encoder", False), ("two-towers", True), ("two-towers", False)]:
         classifier = AutoModelForSequenceClassification.from_pretrained(  # remote code, or merit_hf's registration
-            tmp_path / source, trust_remote_code=remote, id2label=id2label, output_hidden_states=True
-        ).eval()
+            tmp_path / source, trust_remote_code=remote, id2label=id2label, output_hidden_states=True,
+            attn_implementation="eager",
+        ).eval()  # fmt: skip
         assert type(classifier).__name__ == "MeritForEcgClassification", source
         assert classifier.config.id2label == id2label
         assert classifier.config.problem_type == "multi_label_classification"
+        assert classifier.ecg_model.config._attn_implementation == "eager", source
         with torch.no_grad():
-            out = classifier(ecg)
+            out = classifier(ecg, output_attentions=True)
             expected = model.merit.ecg_model(ecg).pooler_output
             torch.testing.assert_close(classifier.ecg_model(ecg).pooler_output, expected)
         assert out.logits.shape == (2, 5) and len(out.hidden_states) == 3, source
+        assert len(out.attentions) == 2, source
+    encoder_config = AutoConfig.from_pretrained(tmp_path / "encoder", attn_implementation="eager")
+    from_config = AutoModelForSequenceClassification.from_config(encoder_config)
+    assert from_config.ecg_model.config._attn_implementation == "eager"
 
 
 def test_classifier_from_an_encoder_folder_takes_config_kwargs_into_its_config(saved_pretraining, tmp_path):
@@ -659,6 +689,61 @@ def test_output_flags_reach_the_encoder_everywhere(caplog):
     assert "attn_implementation='eager'" in caplog.text
     with pytest.raises(ValueError, match="MeritForPreTraining returns losses, not hidden_states"):
         MeritForPreTraining(config)(ecg, input_ids=input_ids, output_hidden_states=True)
+
+
+@pytest.mark.parametrize("model_class", [MeritModel, MeritForPreTraining])
+def test_resize_token_embeddings_resizes_the_text_tower(model_class, tmp_path):
+    """After tokens are added to the report tokenizer: the text tower's embeddings grow (transformers' generic
+    method would try the ECG patch projection, the model's input embeddings), and the size is saved."""
+    model = model_class(tiny_merit_config())
+    merit = model if model_class is MeritModel else model.merit
+    size = merit.text_model.get_input_embeddings().num_embeddings
+    embeddings = model.resize_token_embeddings(size + 3)
+    assert embeddings is merit.text_model.get_input_embeddings() and embeddings.num_embeddings == size + 3
+    assert model.config.text_config.vocab_size == size + 3
+    model.save_pretrained(tmp_path / "resized")
+    reloaded = model_class.from_pretrained(tmp_path / "resized")
+    reloaded_merit = reloaded if model_class is MeritModel else reloaded.merit
+    assert reloaded_merit.text_model.get_input_embeddings().num_embeddings == size + 3
+    with pytest.raises(ValueError, match="MeritForEcgClassification has no text tower"):
+        MeritForEcgClassification(tiny_merit_config()).resize_token_embeddings(size + 3)
+
+
+def test_set_attn_implementation_on_the_classifier_has_no_text_tower_to_warn_about(caplog):
+    """The classifier's `MeritConfig` holds a `text_config` with no model behind it: transformers warned that it set
+    it "without finding the associated sub-model ... undefined behavior". The encoder gets the setting, silently."""
+    classifier = MeritForEcgClassification(tiny_merit_config(num_labels=2))
+    text_config = classifier.config.text_config
+    with caplog.at_level("WARNING"):
+        classifier.set_attn_implementation("eager")
+    assert "without finding the associated sub-model" not in caplog.text
+    assert classifier.config._attn_implementation == classifier.ecg_model.config._attn_implementation == "eager"
+    assert classifier.config.text_config is text_config
+    out = classifier.eval()(torch.randn(1, 12, 2250), output_attentions=True)
+    assert len(out.attentions) == 2
+
+
+def test_two_tower_output_flags_default_to_its_config(tmp_path):
+    """As transformers models (and `MeritForEcgClassification`): a flag left `None` is the model config's, set by
+    `from_pretrained(..., output_hidden_states=True)` or on `model.config` at runtime; the towers' own configs are
+    copies that these never reach. A flag given in the call still wins."""
+    ecg, input_ids, noise = _inputs()
+    torch.manual_seed(0)
+    config = tiny_merit_config()
+    MeritModel(config).save_pretrained(tmp_path / "two-towers")
+    model = AutoModel.from_pretrained(tmp_path / "two-towers", output_hidden_states=True).eval()
+    assert model.config.output_hidden_states and not model.ecg_model.config.output_hidden_states
+    assert len(model.get_ecg_features(ecg).hidden_states) == 3
+    out = model(ecg, input_ids=input_ids)
+    assert len(out.ecg_model_output.hidden_states) == 3 and len(out.text_model_output.hidden_states) == 2
+    assert model.get_ecg_features(ecg, output_hidden_states=False).hidden_states is None
+    model = MeritModel(config).eval()
+    model.set_attn_implementation("eager")
+    assert model.get_text_features(input_ids).attentions is None
+    model.config.output_attentions = True
+    assert len(model.get_ecg_features(ecg).attentions) == 2 and len(model.get_text_features(input_ids).attentions) == 1
+    pretraining = MeritForPreTraining(tiny_merit_config(output_hidden_states=True)).eval()
+    assert pretraining(ecg, input_ids=input_ids, noise=noise).loss is not None  # losses only, whatever the config
 
 
 @pytest.mark.slow  # flex attention compiles its kernel: about 20 s on 2 CPU cores with a cold inductor cache

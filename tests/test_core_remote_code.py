@@ -130,11 +130,12 @@ def test_auto_classifier_from_encoder_only_and_two_tower_folders_without_merit_h
     """README's fine-tuning start, `AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True,
     id2label=...)`, on an encoder-only (`MeritEcgModel`) and a two-tower folder, in a process without merit_hf: the
     folder's `auto_map` gives a `MeritForEcgClassification` holding the saved encoder and the caller's labels."""
-    from merit_hf import MeritEcgModel, MeritModel
+    from merit_hf import MeritEcgModel, MeritForEcgClassification, MeritModel
 
     two_towers = MeritModel(tiny_merit_config()).eval()
     two_towers.save_pretrained(tmp_path / "two-towers")
     two_towers.ecg_model.save_pretrained(tmp_path / "encoder")
+    MeritForEcgClassification.from_pretrained(tmp_path / "encoder", num_labels=2).save_pretrained(tmp_path / "clf")
     ecg = torch.randn(2, 12, 2250, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = MeritEcgModel.from_pretrained(tmp_path / "encoder").eval()(ecg).pooler_output
@@ -147,8 +148,10 @@ def test_auto_classifier_from_encoder_only_and_two_tower_folders_without_merit_h
         id2label = {{0: "NORM", 1: "MI", 2: "CD"}}
         for name in ("encoder", "two-towers"):
             classifier = AutoModelForSequenceClassification.from_pretrained(
-                {str(tmp_path)!r} + "/" + name, trust_remote_code=True, id2label=id2label, output_hidden_states=True
+                {str(tmp_path)!r} + "/" + name, trust_remote_code=True, id2label=id2label, output_hidden_states=True,
+                attn_implementation="eager",
             ).eval()
+            assert classifier.ecg_model.config._attn_implementation == "eager", name
             assert type(classifier).__name__ == "MeritForEcgClassification", type(classifier)
             assert type(classifier).__module__.startswith("transformers_modules"), type(classifier).__module__
             assert classifier.config.id2label == id2label, classifier.config.id2label
@@ -156,6 +159,15 @@ def test_auto_classifier_from_encoder_only_and_two_tower_folders_without_merit_h
                 out = classifier(expected["ecg"])
                 torch.testing.assert_close(classifier.ecg_model(expected["ecg"]).pooler_output, expected["pooled"])
             assert out.logits.shape == (2, 3) and len(out.hidden_states) == 3
+        # AutoModel on a classifier's folder: its auto_map entry says what loads it (not transformers'
+        # "Unrecognized configuration class" with a list of every model type)
+        from transformers import AutoModel
+        try:
+            AutoModel.from_pretrained({str(tmp_path / "clf")!r}, trust_remote_code=True)
+            raise SystemExit("AutoModel loaded a classifier folder")
+        except ValueError as error:
+            assert "holds a MeritForEcgClassification" in str(error), error
+            assert "AutoModelForSequenceClassification.from_pretrained" in str(error), error
         print("CLASSIFIERS-OK")
         """
     )
@@ -194,9 +206,34 @@ def test_processor_rejects_ecg_report_count_mismatch(ptbxl_dir, tokenizer):
         processor(ecgs=[record, record], text=["sinus rhythm"])
     with pytest.raises(ValueError, match=re.escape("1 ECGs for 2 reports; give one report per ECG")):
         processor(ecgs=record, text=["sinus rhythm", "left bundle branch block"])
+    # A record cut into windows is several rows of ecg_values: the message says so
+    sliding = MeritProcessor(MeritFeatureExtractor(window="sliding", window_stride=100), tokenizer, max_length=16)
+    message = "1 ECGs cut into 4 windows (the feature extractor's window='sliding') for 1 reports"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sliding(ecgs=record, text=["sinus rhythm"])
+    batch = sliding(ecgs=record, text=["sinus rhythm"] * 4)
+    assert (
+        batch["ecg_values"].shape[0] == batch["input_ids"].shape[0] == 4 and batch["record_index"].tolist() == [0] * 4
+    )
     # Report generation may put several ECGs in one prompt: there the placeholders are counted instead.
     tokenizer.add_special_tokens({"additional_special_tokens": ["<ecg>"]})
     generation = MeritProcessor(MeritFeatureExtractor(), tokenizer, ecg_seq_length=2)
     batch = generation(ecgs=[record, record], text=["<ecg> then <ecg>"])
     assert batch["ecg_values"].shape == (2, 12, 2250) and batch["input_ids"].shape[0] == 1
     assert int((batch["input_ids"] == tokenizer.convert_tokens_to_ids("<ecg>")).sum()) == 4
+
+
+def test_processor_refuses_unknown_arguments(ptbxl_dir, tokenizer):
+    """`ecg=` for `ecgs=` went into the tokenizer's kwargs and the batch came back without ecg_values; unknown names
+    raise, while the tokenizer's arguments (transformers' `TextKwargs`) and the feature extractor's still pass."""
+    processor = MeritProcessor(MeritFeatureExtractor(), tokenizer, max_length=16)
+    record = str(ptbxl_dir / "records100" / "00000" / "00001_lr")
+    with pytest.raises(TypeError, match=re.escape("MeritProcessor() got unexpected arguments ['ecg']")):
+        processor(ecg=record, text=["sinus rhythm"])
+    with pytest.raises(TypeError, match=re.escape("unexpected arguments ['crop_seed', 'sampling_rates']")):
+        processor(ecgs=record, crop_seed=1, sampling_rates=100)
+    batch = processor(
+        ecgs=record, text=["sinus rhythm"], crop="start", ecg_padding=False, padding_side="left",
+        return_token_type_ids=False, images=None, videos=None, audio=None,
+    )  # fmt: skip
+    assert batch["ecg_values"].shape == (1, 12, 2250) and "token_type_ids" not in batch

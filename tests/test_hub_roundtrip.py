@@ -427,3 +427,27 @@ def test_save_pretrained_with_push_to_hub_uploads_the_zero_shot_prompts(model_fo
     prompts = hf_hub_download("org/merit-ecg-saved", "zero_shot_prompts.json", cache_dir=tmp_path / "cache")
     assert Path(prompts).read_text() == (tmp_path / "saved" / "zero_shot_prompts.json").read_text()
     assert api.list_repo_commits("org/merit-ecg-saved")[0].title == "save"
+
+
+@pytest.mark.slow
+def test_save_pretrained_with_push_to_hub_keeps_the_revision(model_folder, fake_hub, tmp_path, monkeypatch):
+    """`save_pretrained(push_to_hub=True, revision=...)` commits to that branch, with `push_to_hub`'s other
+    arguments (`commit_description`), and leaves `main` alone."""
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    model, _, _ = model_folder
+    api = HfApi(endpoint=fake_hub.endpoint)
+    api.create_repo("org/merit-ecg-branch")
+    api.create_branch("org/merit-ecg-branch", branch="dev")
+    model.save_pretrained(
+        tmp_path / "saved",
+        push_to_hub=True,
+        repo_id="org/merit-ecg-branch",
+        revision="dev",
+        commit_message="to dev",
+        commit_description="the dev branch only",
+    )
+    assert {"config.json", "model.safetensors", "modeling_merit.py"} <= set(
+        api.list_repo_files("org/merit-ecg-branch", revision="dev")
+    )
+    assert "model.safetensors" not in api.list_repo_files("org/merit-ecg-branch")  # main
+    assert api.list_repo_commits("org/merit-ecg-branch", revision="dev")[0].title == "to dev"

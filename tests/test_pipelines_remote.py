@@ -380,3 +380,31 @@ def test_ecg_classification_top_k_follows_text_classification():
     for top_k in (0, -1, "2", 1.5, True):
         with pytest.raises(ValueError, match=rf"top_k must be a whole number >= 1 .* got {re.escape(repr(top_k))}"):
             classify(str(RECORD), top_k=top_k)
+
+
+def test_ecg_classification_applies_the_function_of_the_problem_type():
+    """As transformers' text classification: regression heads give their raw outputs (a QTc in ms is no
+    probability), single-label a softmax, multi-label a sigmoid per class; `function_to_apply` overrides it."""
+    torch.manual_seed(0)
+    feature_extractor = MeritFeatureExtractor.from_model_config(tiny_ecg_config())
+    batch = feature_extractor(str(RECORD), return_tensors="pt")
+    expected = {
+        "regression": lambda logits: logits,
+        "single_label_classification": lambda logits: logits.softmax(dim=-1),
+        "multi_label_classification": torch.sigmoid,
+    }
+    for problem_type, function in expected.items():
+        id2label = {0: "QTc_ms"} if problem_type == "regression" else LABELS
+        model = MeritForEcgClassification(tiny_merit_config(id2label=id2label, problem_type=problem_type)).eval()
+        with torch.no_grad():
+            model.classifier.bias.fill_(400.0)  # a QTc-sized output that a sigmoid would squash to 1.0
+            logits = model(**batch).logits[0]
+        classify = pipeline("ecg-classification", model=model, feature_extractor=feature_extractor)
+        scores = {entry["label"]: entry["score"] for entry in classify(str(RECORD))}
+        for index, label in id2label.items():
+            assert scores[label] == pytest.approx(function(logits)[index].item(), rel=1e-6), problem_type
+        for name, given in (("none", lambda x: x), ("SIGMOID", torch.sigmoid), ("softmax", lambda x: x.softmax(-1))):
+            scores = {entry["label"]: entry["score"] for entry in classify(str(RECORD), function_to_apply=name)}
+            assert scores[id2label[0]] == pytest.approx(given(logits)[0].item(), rel=1e-6), (problem_type, name)
+    with pytest.raises(ValueError, match=r"function_to_apply must be one of \('sigmoid', 'softmax', 'none'\)"):
+        classify(str(RECORD), function_to_apply="relu")

@@ -38,25 +38,29 @@ def _raises_value_error(config_class: type[PreTrainedConfig]) -> type[PreTrained
 
     `@strict` checks every field against its type (`Literal` choices included) and then runs the `validate_*` hooks,
     but reports a failure as huggingface_hub's `StrictDataclassError`, which is no `ValueError` and, for a field of
-    the wrong type, does not name the config. Later `validate()` calls (`save_pretrained` runs one) keep its errors.
+    the wrong type, does not name the config. Later `validate()` calls (`save_pretrained` runs one) raise the same
+    `ValueError`.
     """
-    init = config_class.__init__
 
-    @functools.wraps(init)
-    def __init__(self, *args, **kwargs):
-        try:
-            init(self, *args, **kwargs)
-        except StrictDataclassClassValidationError as error:  # a validate_* hook raised the ValueError below
-            raise error.__cause__ from None
-        except StrictDataclassFieldValidationError as error:
-            named = re.match(r"Validation error for field '([^']+)'", str(error))
-            if named is None:  # a message format this code does not know: keep huggingface_hub's error
-                raise
-            field = named.group(1)
-            problem = str(error.__cause__).removeprefix(f"Field '{field}' ")
-            raise ValueError(f"{config_class.__name__}.{field}: {problem}") from None
+    def as_value_error(method):
+        @functools.wraps(method)
+        def wrapped(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except StrictDataclassClassValidationError as error:  # a validate_* hook raised the ValueError below
+                raise error.__cause__ from None
+            except StrictDataclassFieldValidationError as error:
+                named = re.match(r"Validation error for field '([^']+)'", str(error))
+                if named is None:  # a message format this code does not know: keep huggingface_hub's error
+                    raise
+                field = named.group(1)
+                problem = str(error.__cause__).removeprefix(f"Field '{field}' ")
+                raise ValueError(f"{config_class.__name__}.{field}: {problem}") from None
 
-    config_class.__init__ = __init__
+        return wrapped
+
+    config_class.__init__ = as_value_error(config_class.__init__)
+    config_class.validate = as_value_error(config_class.validate)
     return config_class
 
 
@@ -360,6 +364,13 @@ class MeritConfig(PreTrainedConfig):
     loss_balancing_interval: int = 10
     loss_balancing_max_ratio: float | int = 100.0
     initializer_range: float = 0.02
+
+    def __setattr__(self, name, value):
+        # transformers sets `from_pretrained`'s config kwargs (`problem_type="multilabel"`) after validation: checked
+        # here, so that a bad value fails at load time and not at the first loss
+        if name == "problem_type":
+            _check(value in PROBLEM_TYPES, self, "problem_type", f"must be one of {PROBLEM_TYPES}, got {value!r}")
+        super().__setattr__(name, value)
 
     def validate_architecture(self):
         """Part of `@strict`-powered validation (at construction and on `save_pretrained`): the losses, the

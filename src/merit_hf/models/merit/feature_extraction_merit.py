@@ -62,6 +62,22 @@ NORMALIZATIONS = ("zscore_lead", "zscore_record", "none")
 CROPS = ("center", "random", "start")
 MISSING_LEAD_POLICIES = ("raise", "mask")
 WINDOWS = ("single", "sliding")
+# transformers' `PaddingStrategy` values: every window is `num_samples` long, so "longest" and "max_length" both pad a
+# shorter record to it
+PADDING_STRATEGIES = {"longest": True, "max_length": True, "do_not_pad": False}
+
+
+def padding_flag(padding: Any) -> bool:
+    """`padding` as given to a transformers feature extractor (a bool, a `PaddingStrategy` or its string) as the
+    bool this one uses; a string is no longer truthy ("do_not_pad" padded)."""
+    value = getattr(padding, "value", padding)  # a `PaddingStrategy`
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value in PADDING_STRATEGIES:
+        return PADDING_STRATEGIES[value]
+    raise ValueError(f"padding must be True, False or one of {tuple(PADDING_STRATEGIES)}, got {padding!r}")
+
+
 # An ECG spans a few mV; a lead whose 99th percentile of |x - median| exceeds this is almost always a unit error.
 DEFAULT_MAX_AMPLITUDE_MV = 30.0
 # No sample of a surface ECG lies this far from its lead's median: the largest |x - median| of any sample of the 3,099
@@ -605,7 +621,8 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
             over all leads and samples, ST-MEM) or `"none"` (keep mV).
         crop (`str`, defaults to `"center"`): where to cut a longer record: `"center"`, `"random"` or `"start"`.
         padding (`bool`, defaults to `False`): zero-pad shorter records (and return `ecg_attention_mask`) instead of
-            raising.
+            raising. transformers' `PaddingStrategy` values work too: `"longest"` and `"max_length"` pad (to the
+            `num_samples` window), `"do_not_pad"` does not.
         nan_policy (`str`, defaults to `"raise"`): `"raise"` or `"interpolate"`: linear in time, for gaps no longer
             than `max_nan_gap_s` making up no more than `max_nan_fraction` of a lead; anything more raises naming the
             lead and the gap. An interpolated lead then goes through the flat-lead check like any other.
@@ -699,7 +716,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         self.filter_order = int(filter_order)
         self.normalization = normalization
         self.crop = crop
-        self.padding = bool(padding)
+        self.padding = padding_flag(padding)
         self.nan_policy = nan_policy
         self.derive_limb_leads = bool(derive_limb_leads)
         self.drop_extra_leads = bool(drop_extra_leads)
@@ -844,7 +861,7 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
         records = self._as_list(ecgs)
         if not records:
             raise EcgInputError("no ECG given (empty list)")
-        padding = self.padding if padding is None else padding
+        padding = self.padding if padding is None else padding_flag(padding)
         crop = self.crop if crop is None else crop
         if crop not in CROPS:
             raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")

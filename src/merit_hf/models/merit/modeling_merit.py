@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -34,7 +35,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput, can_return_tuple, logging
+from transformers.utils import ModelOutput, PushToHubMixin, can_return_tuple, logging
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_merit import PROBLEM_TYPES, MeritConfig, MeritEcgConfig, MeritReportConfig
@@ -808,6 +809,16 @@ def contrastive_loss(logits_per_ecg: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+# The keyword arguments of transformers' `push_to_hub`, which `save_pretrained(push_to_hub=True, ...)` passes on to it;
+# those that are also `save_pretrained`'s own stay for the save as well.
+_SAVE_AND_PUSH_ARGUMENTS = ("token", "max_shard_size")
+_PUSH_TO_HUB_ARGUMENTS = tuple(
+    name
+    for name, parameter in inspect.signature(PushToHubMixin.push_to_hub).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name not in _SAVE_AND_PUSH_ARGUMENTS
+)
+
+
 class _StrictLoadingMixin:
     """`from_pretrained` that never hands back silently random weights.
 
@@ -842,7 +853,9 @@ class _StrictLoadingMixin:
         # is saved first and then pushed whole (`push_to_hub` saves it again into a temporary folder, through here).
         push_to_hub = kwargs.pop("push_to_hub", False)
         repo_id = kwargs.pop("repo_id", Path(save_directory).name)
-        hub_kwargs = {key: kwargs.pop(key) for key in ("commit_message", "create_pr", "private") if key in kwargs}
+        # every argument of `push_to_hub` (`revision`, `commit_description`, `tags`, ...) goes to it; `token` and
+        # `max_shard_size` are also `save_pretrained`'s own
+        hub_kwargs = {key: kwargs.pop(key) for key in _PUSH_TO_HUB_ARGUMENTS if key in kwargs}
         result = super().save_pretrained(save_directory, *args, **kwargs)
         is_main_process = kwargs.get("is_main_process", True)
         pipelines = getattr(self.config, "custom_pipelines", None) or {}
@@ -850,7 +863,7 @@ class _StrictLoadingMixin:
             # the prompt file behind class_descriptions="superclass" in the folder's zero-shot pipeline
             save_zero_shot_prompts(save_directory, self.name_or_path)
         if push_to_hub and is_main_process:
-            hub_kwargs.update({key: kwargs[key] for key in ("token", "max_shard_size") if key in kwargs})
+            hub_kwargs.update({key: kwargs[key] for key in _SAVE_AND_PUSH_ARGUMENTS if key in kwargs})
             self.push_to_hub(repo_id, **hub_kwargs)
         return result
 
@@ -1045,6 +1058,28 @@ class MeritPreTrainedModel(MeritBasePreTrainedModel):
         "AutoModelForSequenceClassification": "modeling_merit.MeritForEcgClassification",
     }
     _pipeline_auto_class = "AutoModel"
+    _has_text_tower = True  # a classifier's folder holds no text tower to load
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        # A classifier's folder (what AutoModel, which maps a MeritConfig to MeritModel, is often pointed at for the
+        # fine-tuned encoder) is refused before loading, instead of after a report of the missing text tower.
+        if cls._has_text_tower:
+            config = kwargs.get("config")
+            if isinstance(config, PreTrainedConfig):
+                architectures = config.architectures
+            else:
+                hub = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+                try:
+                    config_dict, _ = PreTrainedConfig.get_config_dict(
+                        pretrained_model_name_or_path, **{k: kwargs[k] for k in hub if k in kwargs}
+                    )
+                except Exception:  # no folder, no config.json, ...: the loading below names the problem
+                    config_dict = {}
+                architectures = config_dict.get("architectures")
+            if MeritForEcgClassification.__name__ in (architectures or ()):
+                raise ValueError(_classifier_folder_message(pretrained_model_name_or_path, cls.__name__))
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     # The ECG encoder's patch projection (`MeritEcgModel.get_input_embeddings`) for every model that wraps it.
     def get_input_embeddings(self) -> nn.Module:
@@ -1052,6 +1087,20 @@ class MeritPreTrainedModel(MeritBasePreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Module) -> None:
         ecg_encoder_of(self).set_input_embeddings(value)
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, *args, **kwargs) -> nn.Embedding:
+        """The text tower's `resize_token_embeddings` (after tokens were added to the report tokenizer): the input
+        embeddings of a MERIT model are the ECG patch projection, which has no vocabulary."""
+        merit = self if hasattr(self, "text_model") else getattr(self, "merit", None)
+        if merit is None:
+            raise ValueError(
+                f"{type(self).__name__} has no text tower, hence no token embeddings to resize (its input embeddings "
+                "are the ECG patch projection)"
+            )
+        embeddings = merit.text_model.resize_token_embeddings(new_num_tokens, *args, **kwargs)
+        merit.config.text_config.vocab_size = merit.text_model.config.vocab_size  # saved with the model
+        self.config.text_config.vocab_size = merit.text_model.config.vocab_size
+        return embeddings
 
 
 def _init_merit_module(model: PreTrainedModel, module: nn.Module, config) -> None:
@@ -1359,7 +1408,7 @@ class MeritModel(MeritPreTrainedModel):
             apply_masking=apply_masking,
             lead_mask=lead_mask,
             return_dict=True,
-            **_output_flags(output_attentions, output_hidden_states),
+            **_config_output_flags(self.config, output_attentions, output_hidden_states),
         )
         return BaseModelOutputWithPooling(
             last_hidden_state=ecg_output.last_hidden_state,
@@ -1384,7 +1433,7 @@ class MeritModel(MeritPreTrainedModel):
         text_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             text_inputs["token_type_ids"] = token_type_ids
-        text_inputs.update(_output_flags(output_attentions, output_hidden_states))
+        text_inputs.update(_config_output_flags(self.config, output_attentions, output_hidden_states))
         if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():  # free here; a sync on a GPU
             check_token_ids(input_ids, self.text_model.get_input_embeddings())
         text_output = self.text_model(**text_inputs, return_dict=True)
@@ -1467,6 +1516,18 @@ def _output_flags(output_attentions: bool | None, output_hidden_states: bool | N
     """The output flags a caller set; one left `None` is not passed on, so the tower falls back to its own config."""
     flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
     return {name: value for name, value in flags.items() if value is not None}
+
+
+def _config_output_flags(
+    config: PreTrainedConfig, output_attentions: bool | None, output_hidden_states: bool | None
+) -> dict[str, bool]:
+    """The output flags for a tower: the caller's, and where one is `None` the model's own config's, as in
+    transformers (`from_pretrained(..., output_hidden_states=True)` and `model.config.output_hidden_states = True`
+    set it there); the towers' configs are copies that these never reach."""
+    return {
+        "output_attentions": config.output_attentions if output_attentions is None else output_attentions,
+        "output_hidden_states": config.output_hidden_states if output_hidden_states is None else output_hidden_states,
+    }
 
 
 def _text_encoder_from_config(config: MeritConfig) -> PreTrainedModel:
@@ -1635,7 +1696,14 @@ class MeritForPreTraining(MeritPreTrainedModel):
                     ecg_values, ecg_attention_mask=ecg_attention_mask, lead_mask=lead_mask, return_dict=True
                 ).pooler_output
             ecg_embeds = unit_vectors(self.merit.ecg_projection(ecg_pooled))
-            text_features = self.merit.get_text_features(input_ids, attention_mask, token_type_ids, return_dict=True)
+            text_features = self.merit.get_text_features(  # losses only: no hidden states, whatever the config says
+                input_ids,
+                attention_mask,
+                token_type_ids,
+                output_attentions=False,
+                output_hidden_states=False,
+                return_dict=True,
+            )
             text_embeds = unit_vectors(text_features.pooler_output)
             scale = self.merit.logit_scale.exp()
             logits_per_ecg = similarity_logits(ecg_embeds, text_embeds, scale)
@@ -1677,8 +1745,11 @@ class MeritForEcgClassification(MeritPreTrainedModel):
 
     _heads_created_on_load = ("classifier.",)
     _pipeline_auto_class = "AutoModelForSequenceClassification"
+    _has_text_tower = False
     _auto_map = {
         "AutoConfig": "configuration_merit.MeritConfig",
+        # the two-tower `MeritModel` that `AutoModel` gives for a `MeritConfig` cannot load it: this says what can
+        "AutoModel": "modeling_merit.MeritClassifierFolderAutoModel",
         "AutoModelForSequenceClassification": "modeling_merit.MeritForEcgClassification",
     }
     _encoder_only_key_mapping = {r"^(embeddings|layers|norm|pooler_norm)\.": r"ecg_model.\1."}
@@ -1721,6 +1792,16 @@ class MeritForEcgClassification(MeritPreTrainedModel):
                 kwargs = _encoder_only_classifier_kwargs(config_dict, config, kwargs)
                 kwargs.setdefault("key_mapping", cls._encoder_only_key_mapping)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        # The config's `text_config` (a `MeritConfig` holds one) has no model here: transformers would set it "in the
+        # dark" and warn of undefined behaviour. It is left out for the call; the ECG encoder gets the setting.
+        text_config = self.config.text_config
+        self.config.text_config = None
+        try:
+            return super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        finally:
+            self.config.text_config = text_config
 
     @can_return_tuple
     def forward(
@@ -1831,6 +1912,39 @@ class MeritForEcgClassificationFromEncoder:
         """Nothing to record: a saved classifier's `auto_map` names `MeritForEcgClassification` itself."""
 
 
+def _classifier_folder_message(folder, loader: str) -> str:
+    return (
+        f"{folder} holds a MeritForEcgClassification (the ECG encoder and a classification head, no text tower), "
+        f"which {loader} cannot load: load the classifier with AutoModelForSequenceClassification.from_pretrained "
+        "(its encoder is model.ecg_model), or the encoder alone with MeritEcgModel.from_pretrained(folder) "
+        "(merit_hf installed)"
+    )
+
+
+class MeritClassifierFolderAutoModel:
+    r"""
+    What `AutoModel` finds in a classifier folder's `auto_map`: it raises a `ValueError` that says how to load the
+    folder (`AutoModelForSequenceClassification`, whose `ecg_model` is the fine-tuned encoder, or
+    `MeritEcgModel.from_pretrained`). Without it, `AutoModel.from_pretrained(folder, trust_remote_code=True)` fails
+    with transformers' "Unrecognized configuration class" and a list of every model type; with merit_hf installed
+    the two-tower `MeritModel` refuses the folder with the same message.
+    """
+
+    config_class = MeritConfig
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        raise ValueError(_classifier_folder_message(pretrained_model_name_or_path, "AutoModel"))
+
+    @classmethod
+    def _from_config(cls, config: MeritConfig, **kwargs):
+        raise ValueError(_classifier_folder_message("this config", "AutoModel"))
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoModel") -> None:
+        """Nothing to record: a saved classifier's `auto_map` names this class itself."""
+
+
 # `from_pretrained` arguments that transformers keeps for loading even where a config has an attribute of that name.
 _LOADING_KWARGS = ("dtype", "torch_dtype", "attn_implementation", "experts_implementation")
 
@@ -1840,8 +1954,11 @@ def _encoder_only_classifier_kwargs(saved_dict: dict, given_config: PreTrainedCo
     `config` becomes a `MeritConfig` around the encoder config that takes the kwargs which are its attributes, as
     transformers' `from_pretrained` puts them in the config it loads (`num_labels`, `id2label`, `problem_type`,
     `output_hidden_states`, ...); the other kwargs stay for loading. `given_config` is the encoder config that an Auto
-    class loaded with those kwargs already in it: the attributes they changed are taken over."""
+    class loaded with those kwargs already in it: the attributes they changed are taken over, and so is the attention
+    implementation that it holds privately (`to_dict()` leaves it out, and the Auto class consumed the kwarg)."""
     ecg_dict = dict(saved_dict) if given_config is None else given_config.to_dict()
+    if given_config is not None and getattr(given_config, "_attn_implementation", None) is not None:
+        kwargs = {"attn_implementation": given_config._attn_implementation, **kwargs}
     for key in ("auto_map", "architectures", "custom_pipelines"):
         ecg_dict.pop(key, None)
     attributes = MeritConfig(ecg_config=ecg_dict)

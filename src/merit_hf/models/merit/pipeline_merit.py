@@ -293,35 +293,62 @@ class MeritEcgFeatureExtractionPipeline(_MeritEcgPipeline):
         return embedding if return_tensors else embedding.tolist()
 
 
+CLASSIFICATION_FUNCTIONS = ("sigmoid", "softmax", "none")  # transformers' `ClassificationFunction` values
+
+
 class MeritEcgClassificationPipeline(_MeritEcgPipeline):
     r"""
     Per-class scores of a fine-tuned `MeritForEcgClassification`, sorted by score: `[{"label", "score"}, ...]`
     (`top_k`, an int >= 1, keeps the first k; `None`, the default, every class, as in text classification).
-    Multi-label models (the default) score every class with its own sigmoid;
-    `problem_type="single_label_classification"` models with a softmax over the classes. A record cut into windows
-    (`window="sliding"`) is scored from the mean of its windows' logits: the linear head applied to the mean of the
-    windows' embeddings, the record embedding the `feature-extraction` task and the embedding command line give.
+    As transformers' text-classification pipeline, the function applied to the logits follows `problem_type`:
+    multi-label models (the default) score every class with its own sigmoid,
+    `problem_type="single_label_classification"` models with a softmax over the classes, and `"regression"` models
+    give their raw outputs; `function_to_apply` (`"sigmoid"`, `"softmax"` or `"none"`) overrides it. A record cut
+    into windows (`window="sliding"`) is scored from the mean of its windows' logits: the linear head applied to the
+    mean of the windows' embeddings, the record embedding the `feature-extraction` task and the embedding command line
+    give.
     """
 
-    def _postprocess_parameters(self, top_k=None, **kwargs) -> dict[str, Any]:
+    def _postprocess_parameters(self, top_k=None, function_to_apply=None, **kwargs) -> dict[str, Any]:
         super()._postprocess_parameters(**kwargs)
+        postprocess = {}
+        if function_to_apply is not None:
+            # a string, or transformers' `ClassificationFunction` (a str enum), in any case
+            name = str(getattr(function_to_apply, "value", function_to_apply)).lower()
+            if name not in CLASSIFICATION_FUNCTIONS:
+                raise ValueError(
+                    f"function_to_apply must be one of {CLASSIFICATION_FUNCTIONS} (as in text classification), "
+                    f"got {function_to_apply!r}"
+                )
+            postprocess["function_to_apply"] = name
         if top_k is None:
-            return {}
+            return postprocess
         if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
             raise ValueError(
                 f"top_k must be a whole number >= 1 (the classes to return, the highest scores first) or None for "
                 f"every class, got {top_k!r}"
             )
-        return {"top_k": int(top_k)}
+        return {**postprocess, "top_k": int(top_k)}
 
     def _forward(self, model_inputs):
         windows, record_index = _record_windows(model_inputs)
         return {"logits": pool_window_embeddings(self.model(**windows).logits.float(), record_index)}
 
-    def postprocess(self, model_outputs, top_k: int | None = None) -> list[dict[str, Any]]:
+    def postprocess(
+        self, model_outputs, top_k: int | None = None, function_to_apply: str | None = None
+    ) -> list[dict[str, Any]]:
         logits = model_outputs["logits"][0].float()
-        single_label = self.model.config.problem_type == "single_label_classification"
-        scores = logits.softmax(dim=-1) if single_label else torch.sigmoid(logits)
+        if function_to_apply is None:
+            # the classifier's `_loss` reads a missing problem_type as multi-label
+            function_to_apply = {"regression": "none", "single_label_classification": "softmax"}.get(
+                self.model.config.problem_type, "sigmoid"
+            )
+        if function_to_apply == "softmax":
+            scores = logits.softmax(dim=-1)
+        elif function_to_apply == "sigmoid":
+            scores = torch.sigmoid(logits)
+        else:
+            scores = logits
         order = torch.argsort(scores, descending=True, stable=True).tolist()
         id2label = self.model.config.id2label
         return [{"label": id2label[index], "score": float(scores[index])} for index in order][:top_k]
@@ -887,6 +914,7 @@ def custom_pipelines_for(
 
 
 __all__ = [
+    "CLASSIFICATION_FUNCTIONS",
     "DEFAULT_HYPOTHESIS_TEMPLATE",
     "ECG_CLASSIFICATION_TASK",
     "ECG_FEATURE_EXTRACTION_TASKS",

@@ -3,10 +3,11 @@ with ECG placeholders (report generation). This file is Hub remote code."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from transformers import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ProcessorMixin, TextKwargs
 
 DEFAULT_REPORT_INSTRUCTION = "Write the report of this 12-lead ECG."
 IGNORE_INDEX = -100  # label value that `CrossEntropyLoss` (and every transformers LM loss) skips
@@ -87,7 +88,9 @@ class MeritProcessor(ProcessorMixin):
         Args:
             ecgs: records for the feature extractor (arrays `(num_samples, num_leads)` or WFDB paths).
             text: one report/prompt or a list. An empty report raises (it would train the model to match silence);
-                with `ecgs` (and no `ecg_seq_length`) there must be one report per ECG.
+                with `ecgs` (and no `ecg_seq_length`) there must be one report per row of `ecg_values`: per ECG, or
+                per window when the feature extractor cuts records into windows (`window="sliding"`; a report per
+                record then raises: repeated in a batch, a report would be a negative of its own ECG's other windows).
             sampling_rate, lead_names, units: passed to the feature extractor (rate and names required for arrays;
                 units default to mV for arrays and come from the header for paths).
             return_tensors, padding, truncation, max_length: passed to the tokenizer (for reports; prompts for
@@ -95,7 +98,8 @@ class MeritProcessor(ProcessorMixin):
             reports: target reports for report generation, one per prompt in `text` (`text` defaults to
                 `format_prompt()` once per ECG); adds `labels`. Needs `ecg_seq_length`.
             kwargs: other feature-extractor arguments (`padding` of the window is `ecg_padding`, `crop`, `device`:
-                its batched torch path, `crop_seeds`).
+                its batched torch path, `crop_seeds`) and tokenizer arguments (transformers' `TextKwargs`, such as
+                `padding_side`); any other name raises a `TypeError` (`ecg=` for `ecgs=` would go unnoticed).
         """
         if ecgs is None and text is None:
             raise ValueError("MeritProcessor needs ecgs, text, or both")
@@ -106,15 +110,24 @@ class MeritProcessor(ProcessorMixin):
                 "this processor prompts without ECGs (condition_on_ecg=False: a text-only model, such as report "
                 "generation's no-ECG baseline); call it with text=[processor.format_prompt()] and no ecgs"
             )
+        fe_kwargs = {
+            "crop": kwargs.pop("crop", None),
+            "padding": kwargs.pop("ecg_padding", None),
+            "device": kwargs.pop("device", None),
+            "crop_seeds": kwargs.pop("crop_seeds", None),
+        }
+        for modality in ("images", "videos", "audio"):  # what `ProcessorMixin.apply_chat_template` passes, as None
+            if kwargs.get(modality, 0) is None:
+                del kwargs[modality]
+        unknown = sorted(set(kwargs) - self._tokenizer_kwargs())
+        if unknown:  # a typo (`ecg=` for `ecgs=`) would otherwise vanish into the tokenizer's kwargs
+            raise TypeError(
+                f"{type(self).__name__}() got unexpected arguments {unknown}; it takes ecgs=, text=, reports=, the "
+                "feature extractor's crop, ecg_padding, device and crop_seeds, and the tokenizer's arguments"
+            )
         data: dict[str, Any] = {}
         num_ecgs = None
         if ecgs is not None:
-            fe_kwargs = {
-                "crop": kwargs.pop("crop", None),
-                "padding": kwargs.pop("ecg_padding", None),
-                "device": kwargs.pop("device", None),
-                "crop_seeds": kwargs.pop("crop_seeds", None),
-            }
             ecg_features = self.feature_extractor(
                 ecgs,
                 sampling_rate=sampling_rate,
@@ -137,6 +150,15 @@ class MeritProcessor(ProcessorMixin):
                 if not isinstance(item, str) or not item.strip():
                     raise ValueError(f"text {index}: empty report {item!r}; drop the pair or give its report")
             if self.ecg_seq_length is None and num_ecgs is not None and len(texts) != num_ecgs:
+                record_index = data.get("record_index")
+                if record_index is not None:  # window="sliding": the rows are windows, not records
+                    num_records = len({int(index) for index in record_index})
+                    raise ValueError(
+                        f"{num_records} ECGs cut into {num_ecgs} windows (the feature extractor's window='sliding') "
+                        f"for {len(texts)} reports: the processor pairs each report with one row of ecg_values; "
+                        "for ECG-report pairs use a feature extractor with window='single', or give one report per "
+                        "window (repeat each record's report as record_index says)"
+                    )
                 raise ValueError(f"{num_ecgs} ECGs for {len(texts)} reports; give one report per ECG")
             texts = self._expand_ecg_tokens(texts, num_ecgs)
             max_length = max_length or self.max_length
@@ -156,6 +178,15 @@ class MeritProcessor(ProcessorMixin):
             )
             data.update(text_inputs)
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _tokenizer_kwargs(self) -> set[str]:
+        """The keyword arguments a processor passes on to its tokenizer: transformers' `TextKwargs` and the named
+        parameters of this tokenizer's `__call__`."""
+        names = set(TextKwargs.__annotations__)
+        for name, parameter in inspect.signature(self.tokenizer.__call__).parameters.items():
+            if parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+                names.add(name)
+        return names
 
     def _expand_ecg_tokens(self, texts: list[str], num_ecgs: int | None) -> list[str]:
         if self.ecg_seq_length is None:
