@@ -155,13 +155,44 @@ def test_bad_settings_are_named(splits, encoder):
         main(["--output_dir", "unused"])
 
 
-def test_an_empty_stream_is_named_not_written(splits, encoder, tmp_path):
+def test_an_empty_split_is_written_as_an_empty_file_with_the_schema(splits, encoder, tmp_path):
+    """The part of a split that a process gets when there are more processes than records is empty: it was an error
+    (a stream) or an IndexError (map-style), and killed the launch. It is now a file of no rows, and the same schema."""
+    import pyarrow.parquet as pq
+
     from merit_hf.embedding import write_embeddings_parquet
 
-    empty = embed_dataset(splits["test"].to_iterable_dataset().filter(lambda row: False), encoder, device="cpu")
-    with pytest.raises(ValueError, match=r"empty\.parquet: the streamed split yielded no records"):
-        write_embeddings_parquet(empty, tmp_path / "empty.parquet")
-    assert not list(tmp_path.iterdir())
+    streamed = embed_dataset(splits["test"].to_iterable_dataset().filter(lambda row: False), encoder, device="cpu")
+    mapped = embed_dataset(splits["test"].select([]), encoder, device="cpu")
+    full = embed_dataset(splits["test"], encoder, device="cpu", precision="fp32")
+    assert write_embeddings_parquet(streamed, tmp_path / "streamed.parquet") == 0
+    assert write_embeddings_parquet(mapped, tmp_path / "mapped.parquet") == 0
+    assert write_embeddings_parquet(full, tmp_path / "full.parquet") == len(splits["test"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["full.parquet", "mapped.parquet", "streamed.parquet"]
+    schema = pq.read_schema(tmp_path / "full.parquet")
+    for name in ("streamed", "mapped"):
+        assert pq.read_schema(tmp_path / f"{name}.parquet").equals(schema), name
+        assert pq.read_metadata(tmp_path / f"{name}.parquet").num_rows == 0
+
+
+def test_more_shards_than_records_leaves_the_last_shards_empty(tmp_path):
+    """--num_shards 70 (an 8-GPU launch on a small split does the same): the shards past the split's 66 records died
+    with a bare IndexError (map-style) or "the streamed split yielded no records". They now write an empty file, and
+    the folder still loads every record once."""
+    from datasets import load_dataset
+
+    torch.manual_seed(0)
+    MeritEcgModel(tiny_ecg_config()).save_pretrained(tmp_path / "model")
+    common = ["--model_name_or_path", str(tmp_path / "model"), "--dataset", str(BUNDLED_PTBXL), "--splits", "test",
+              "--precision", "fp32", "--num_shards", "70"]  # fmt: skip
+    for streaming in ("false", "true"):
+        out = tmp_path / f"streaming_{streaming}"
+        summary = main([*common, "--streaming", streaming, "--output_dir", str(out), "--shard_index", "69"])
+        assert summary["splits"]["test"]["rows"] == 0 and summary["shard"] == {"index": 69, "num_shards": 70}
+        assert (out / "test-00069-of-00070.parquet").is_file() and (out / "embeddings-00069-of-00070.json").is_file()
+    first = main([*common, "--output_dir", str(tmp_path / "streaming_false"), "--shard_index", "0"])
+    loaded = load_dataset("parquet", data_files=str(tmp_path / "streaming_false" / "test-*.parquet"), split="train")
+    assert len(loaded) == first["splits"]["test"]["rows"] == 1 and len(loaded[0]["ecg_embedding"]) == 32
 
 
 @pytest.mark.slow

@@ -161,6 +161,13 @@ def embed_dataset(
         "batch_size": batch_size,
         "remove_columns": [name for name in columns if name not in keep_columns],
     }
+    if hasattr(dataset, "_fingerprint") and len(dataset) == 0:  # `map` adds no column to an empty split
+        from datasets import Dataset, Features, List, Value
+
+        features = Features(
+            {**{name: dataset.features[name] for name in keep_columns}, column: List(Value("float32"))}
+        )
+        return Dataset.from_dict({name: [] for name in features}, features=features, split=dataset.split)
     if hasattr(dataset, "_fingerprint"):  # map-style: a fingerprint that a re-run reproduces, so its cache is reused
         weights = weights_fingerprint or model_fingerprint(encoder)  # of the caller's weights, not the copy's
         key = [weights, feature_extractor.to_json_string(), precision, column, list(keep_columns)]
@@ -243,9 +250,16 @@ def write_embeddings_parquet(
             writer.close()
     if writer is not None:
         parts.finish_part(part_rows, embedded.state_dict())
-    if parts.rows == 0:
+    if parts.rows == 0:  # a shard of a split smaller than the number of processes: an empty file, as map-style
         parts.remove()
-        raise ValueError(f"{path}: the streamed split yielded no records, so there is nothing to write")
+        if embedded.features is None:
+            raise ValueError(
+                f"{path}: the streamed split yielded no records and has no schema to write an empty file of"
+            )
+        scratch = path.with_name(path.name + ".partial")
+        pq.write_table(embedded.features.arrow_schema.empty_table(), str(scratch))
+        scratch.replace(path)
+        return 0
     return parts.join_into(path)
 
 
