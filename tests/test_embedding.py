@@ -368,6 +368,34 @@ def test_a_folder_never_mixes_two_models_embeddings(tmp_path):
     assert set(summary["splits"]) == {"test"} and not (out / "validation.parquet").exists()
 
 
+def test_flags_that_would_do_nothing_or_fail_late_are_refused_at_parsing(tmp_path, monkeypatch):
+    """--window_pooling without sliding windows and --split_* with PTB-XL were accepted and did nothing;
+    --num_shards 0 said "shard_index must be in [0, 0)"; --feature_extraction_device gpu0 failed after the model and
+    data had loaded, without naming the flag."""
+    import merit_hf.embedding as embedding
+
+    common = ["--model_name_or_path", "not loaded", "--output_dir", str(tmp_path / "unused")]
+    for flags, message in (
+        (["--window", "single", "--window_pooling", "max"], r"window_pooling: 'max' pools the windows of --window sliding"),
+        (["--split_fractions", "0.5", "0.25", "0.25"], r"--split_fractions: only with --dataset_name wfdb"),
+        (["--split_seed", "3", "--split_column", "fold"], r"--split_column, --split_seed: only with --dataset_name wfdb"),
+        (["--num_shards", "0", "--shard_index", "0"], r"num_shards: must be >= 1 .*got 0"),
+        (["--num_shards", "2", "--shard_index", "2"], r"shard_index: must be in \[0, 2\) for --num_shards 2, got 2"),
+        (["--feature_extraction_device", "gpu0"], r"feature_extraction_device: must be 'encoder' or a torch device .*'gpu0'"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            main([*common, *flags])
+    torch.manual_seed(0)
+    MeritEcgModel(tiny_ecg_config()).save_pretrained(tmp_path / "model")  # its feature extractor: window "single"
+    monkeypatch.setattr(embedding, "load_splits", lambda *args: pytest.fail("data read before refusing"))
+    with pytest.raises(
+        ValueError, match=r"window_pooling: 'max' .* the checkpoint's feature extractor has window 'single'"
+    ):
+        main(
+            ["--model_name_or_path", str(tmp_path / "model"), "--window_pooling", "max", "--output_dir", str(tmp_path)]
+        )
+
+
 @pytest.mark.slow
 def test_accelerate_launch_embeds_one_shard_per_process(tmp_path):
     import subprocess

@@ -521,10 +521,44 @@ class EmbeddingArguments:
                 raise ValueError(f"{name}: must be one of {allowed}, got {value!r}")
         if self.window_stride is not None and self.window != "sliding":
             raise ValueError("window_stride: only with --window sliding")
+        if self.window == "single" and self.window_pooling != "mean":  # else checked on the checkpoint's window
+            raise ValueError(
+                f"window_pooling: {self.window_pooling!r} pools the windows of --window sliding, and --window single "
+                "gives each record one window; pass --window sliding, or leave --window_pooling out"
+            )
+        if self.dataset_name != "wfdb":  # the loaders of the other datasets have their own, fixed splits
+            given = [
+                f"--{name}"
+                for name, value, default in (
+                    ("split_column", self.split_column, None),
+                    ("split_fractions", list(self.split_fractions), list(DEFAULT_SPLIT_FRACTIONS)),
+                    ("split_seed", self.split_seed, 0),
+                )
+                if value != default
+            ]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)}: only with --dataset_name wfdb (a folder split here); {self.dataset_name} "
+                    "has its own train / validation / test splits, which these would not change"
+                )
         if (self.num_shards is None) != (self.shard_index is None):
             raise ValueError("num_shards and shard_index go together: give both or neither")
+        if self.num_shards is not None and self.num_shards < 1:
+            raise ValueError(
+                f"num_shards: must be >= 1 (the number of parts each split is cut into), got {self.num_shards}"
+            )
         if self.num_shards is not None and not 0 <= self.shard_index < self.num_shards:
-            raise ValueError(f"shard_index: must be in [0, {self.num_shards}), got {self.shard_index}")
+            raise ValueError(
+                f"shard_index: must be in [0, {self.num_shards}) for --num_shards {self.num_shards}, got {self.shard_index}"
+            )
+        if self.feature_extraction_device not in (None, "encoder"):
+            try:
+                torch.device(self.feature_extraction_device)
+            except RuntimeError as error:
+                raise ValueError(
+                    f"feature_extraction_device: must be 'encoder' or a torch device such as 'cpu' or 'cuda:0', got "
+                    f"{self.feature_extraction_device!r}"
+                ) from error
 
 
 def load_splits(arguments: EmbeddingArguments, shard_index: int = 0, num_shards: int = 1) -> dict[str, Any]:
@@ -581,6 +615,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     encoder, name = load_encoder(arguments.model_name_or_path)
     feature_extractor = with_input_settings(load_feature_extractor(arguments.model_name_or_path, encoder), arguments)
     check_feature_extractor_matches(feature_extractor, encoder)  # before any split is read
+    if feature_extractor.window != "sliding" and arguments.window_pooling != "mean":
+        raise ValueError(
+            f"window_pooling: {arguments.window_pooling!r} pools the windows of --window sliding, and the checkpoint's "
+            f"feature extractor has window {feature_extractor.window!r} (one window per record); pass --window "
+            "sliding, or leave --window_pooling out"
+        )
     output_dir = Path(arguments.output_dir)
     suffix = f"-{shard_index:05d}-of-{num_shards:05d}" if num_shards > 1 else ""
     weights = model_fingerprint(encoder)  # once: the cache key of every map-style split and the resume key
