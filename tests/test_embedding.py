@@ -360,12 +360,66 @@ def test_a_folder_never_mixes_two_models_embeddings(tmp_path):
     embed("a", "test")
     assert set(embed("a", "validation")["splits"]) == {"test", "validation"}  # the same model: listed together
     assert set(json.loads((out / "embeddings.json").read_text())["splits"]) == {"test", "validation"}
-    with pytest.raises(FileExistsError, match=r"emb: holds embeddings of validation from another model.*embedding test "
-                       r"with this one would mix two in one folder.*--overwrite_output_dir true"):  # fmt: skip
+    with pytest.raises(FileExistsError, match=r"emb: holds embeddings of validation from another model.*"
+                       r"weights_fingerprint '\w+' there, '\w+' here\); embedding test with this one would mix two in one "
+                       r"folder.*--overwrite_output_dir true would delete their embeddings \(validation.parquet\)"):  # fmt: skip
         embed("b", "test")
     assert (out / "validation.parquet").is_file()
     summary = embed("b", "test", "--overwrite_output_dir", "true")
     assert set(summary["splits"]) == {"test"} and not (out / "validation.parquet").exists()
+
+
+def test_a_split_streamed_or_named_by_another_path_joins_the_folder(tmp_path, monkeypatch):
+    """The same model and precision were refused as "another model" when one split was streamed and the other not, or
+    the dataset was named once by its absolute and once by a relative path, and the suggested --overwrite_output_dir
+    deleted the other split's valid embeddings. Only what decides the embeddings must agree now; a difference is
+    named, and the flag's advice says what it deletes."""
+    import os
+
+    torch.manual_seed(0)
+    MeritEcgModel(tiny_ecg_config()).save_pretrained(tmp_path / "model")
+    out = tmp_path / "emb"
+
+    def embed(split, dataset, *flags):
+        return main(["--model_name_or_path", str(tmp_path / "model"), "--dataset", dataset, "--splits", split,
+                     "--output_dir", str(out), *flags])  # fmt: skip
+
+    embed("test", str(BUNDLED_PTBXL), "--precision", "fp32")
+    monkeypatch.chdir(BUNDLED_PTBXL.parent)
+    relative = os.path.relpath(BUNDLED_PTBXL)
+    summary = embed("validation", relative, "--precision", "fp32", "--streaming", "true")
+    assert set(summary["splits"]) == {"test", "validation"} and summary["dataset"] == relative
+    assert summary["dataset_path"] == str(BUNDLED_PTBXL.resolve())
+    with pytest.raises(FileExistsError, match=r"\(precision 'fp32' there, 'bf16' here\); embedding train with this one.*"
+                       r"another --output_dir; --overwrite_output_dir true would delete their embeddings \(test.parquet, "
+                       r"validation.parquet\)"):  # fmt: skip
+        embed("train", relative, "--precision", "bf16")
+    assert (out / "test.parquet").is_file() and (out / "validation.parquet").is_file()
+
+
+def test_the_summary_records_which_records_and_inputs_were_embedded(tmp_path):
+    """embeddings.json of a default run and of a --ptbxl_version as_is one (other rows) were the same in every field
+    but an opaque key; it now records the dataset, rate, version, kept columns and the feature-extractor settings."""
+    torch.manual_seed(0)
+    MeritEcgModel(tiny_ecg_config()).save_pretrained(tmp_path / "model")
+    common = ["--model_name_or_path", str(tmp_path / "model"), "--dataset", str(BUNDLED_PTBXL), "--splits", "test",
+              "--precision", "fp32"]  # fmt: skip
+    default = main([*common, "--output_dir", str(tmp_path / "default")])
+    as_is = main([*common, "--output_dir", str(tmp_path / "as_is"), "--ptbxl_version", "as_is",
+                  "--missing_leads", "mask", "--keep_columns", "ecg_id", "patient_id"])  # fmt: skip
+    assert json.loads((tmp_path / "as_is" / "embeddings.json").read_text()) == as_is
+    assert default["dataset_name"] == "ptbxl" and default["sampling_rate"] == 100
+    assert (default["ptbxl_version"], as_is["ptbxl_version"]) == ("1.0.3", "as_is")
+    assert (default["keep_columns"], as_is["keep_columns"]) == (["ecg_id"], ["ecg_id", "patient_id"])
+    assert (
+        default["feature_extractor"]["missing_leads"] == "raise"
+        and as_is["feature_extractor"]["missing_leads"] == "mask"
+    )
+    for name in ("window", "window_stride", "nan_policy", "num_samples", "sampling_rate", "lowpass_hz"):
+        assert name in default["feature_extractor"], name
+    assert default["weights_fingerprint"] == as_is["weights_fingerprint"]
+    differing = {name for name in default if default[name] != as_is[name]}
+    assert differing == {"embedding_key", "ptbxl_version", "keep_columns", "feature_extractor", "splits"}
 
 
 def test_flags_that_would_do_nothing_or_fail_late_are_refused_at_parsing(tmp_path, monkeypatch):
