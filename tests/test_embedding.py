@@ -155,13 +155,44 @@ def test_bad_settings_are_named(splits, encoder):
         main(["--output_dir", "unused"])
 
 
-def test_an_empty_stream_is_named_not_written(splits, encoder, tmp_path):
+def test_an_empty_split_is_written_as_an_empty_file_with_the_schema(splits, encoder, tmp_path):
+    """The part of a split that a process gets when there are more processes than records is empty: it was an error
+    (a stream) or an IndexError (map-style), and killed the launch. It is now a file of no rows, and the same schema."""
+    import pyarrow.parquet as pq
+
     from merit_hf.embedding import write_embeddings_parquet
 
-    empty = embed_dataset(splits["test"].to_iterable_dataset().filter(lambda row: False), encoder, device="cpu")
-    with pytest.raises(ValueError, match=r"empty\.parquet: the streamed split yielded no records"):
-        write_embeddings_parquet(empty, tmp_path / "empty.parquet")
-    assert not list(tmp_path.iterdir())
+    streamed = embed_dataset(splits["test"].to_iterable_dataset().filter(lambda row: False), encoder, device="cpu")
+    mapped = embed_dataset(splits["test"].select([]), encoder, device="cpu")
+    full = embed_dataset(splits["test"], encoder, device="cpu", precision="fp32")
+    assert write_embeddings_parquet(streamed, tmp_path / "streamed.parquet") == 0
+    assert write_embeddings_parquet(mapped, tmp_path / "mapped.parquet") == 0
+    assert write_embeddings_parquet(full, tmp_path / "full.parquet") == len(splits["test"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["full.parquet", "mapped.parquet", "streamed.parquet"]
+    schema = pq.read_schema(tmp_path / "full.parquet")
+    for name in ("streamed", "mapped"):
+        assert pq.read_schema(tmp_path / f"{name}.parquet").equals(schema), name
+        assert pq.read_metadata(tmp_path / f"{name}.parquet").num_rows == 0
+
+
+def test_more_shards_than_records_leaves_the_last_shards_empty(tmp_path):
+    """--num_shards 70 (an 8-GPU launch on a small split does the same): the shards past the split's 66 records died
+    with a bare IndexError (map-style) or "the streamed split yielded no records". They now write an empty file, and
+    the folder still loads every record once."""
+    from datasets import load_dataset
+
+    torch.manual_seed(0)
+    MeritEcgModel(tiny_ecg_config()).save_pretrained(tmp_path / "model")
+    common = ["--model_name_or_path", str(tmp_path / "model"), "--dataset", str(BUNDLED_PTBXL), "--splits", "test",
+              "--precision", "fp32", "--num_shards", "70"]  # fmt: skip
+    for streaming in ("false", "true"):
+        out = tmp_path / f"streaming_{streaming}"
+        summary = main([*common, "--streaming", streaming, "--output_dir", str(out), "--shard_index", "69"])
+        assert summary["splits"]["test"]["rows"] == 0 and summary["shard"] == {"index": 69, "num_shards": 70}
+        assert (out / "test-00069-of-00070.parquet").is_file() and (out / "embeddings-00069-of-00070.json").is_file()
+    first = main([*common, "--output_dir", str(tmp_path / "streaming_false"), "--shard_index", "0"])
+    loaded = load_dataset("parquet", data_files=str(tmp_path / "streaming_false" / "test-*.parquet"), split="train")
+    assert len(loaded) == first["splits"]["test"]["rows"] == 1 and len(loaded[0]["ecg_embedding"]) == 32
 
 
 @pytest.mark.slow
@@ -329,12 +360,94 @@ def test_a_folder_never_mixes_two_models_embeddings(tmp_path):
     embed("a", "test")
     assert set(embed("a", "validation")["splits"]) == {"test", "validation"}  # the same model: listed together
     assert set(json.loads((out / "embeddings.json").read_text())["splits"]) == {"test", "validation"}
-    with pytest.raises(FileExistsError, match=r"emb: holds embeddings of validation from another model.*embedding test "
-                       r"with this one would mix two in one folder.*--overwrite_output_dir true"):  # fmt: skip
+    with pytest.raises(FileExistsError, match=r"emb: holds embeddings of validation from another model.*"
+                       r"weights_fingerprint '\w+' there, '\w+' here\); embedding test with this one would mix two in one "
+                       r"folder.*--overwrite_output_dir true would delete their embeddings \(validation.parquet\)"):  # fmt: skip
         embed("b", "test")
     assert (out / "validation.parquet").is_file()
     summary = embed("b", "test", "--overwrite_output_dir", "true")
     assert set(summary["splits"]) == {"test"} and not (out / "validation.parquet").exists()
+
+
+def test_a_split_streamed_or_named_by_another_path_joins_the_folder(tmp_path, monkeypatch):
+    """The same model and precision were refused as "another model" when one split was streamed and the other not, or
+    the dataset was named once by its absolute and once by a relative path, and the suggested --overwrite_output_dir
+    deleted the other split's valid embeddings. Only what decides the embeddings must agree now; a difference is
+    named, and the flag's advice says what it deletes."""
+    import os
+
+    torch.manual_seed(0)
+    MeritEcgModel(tiny_ecg_config()).save_pretrained(tmp_path / "model")
+    out = tmp_path / "emb"
+
+    def embed(split, dataset, *flags):
+        return main(["--model_name_or_path", str(tmp_path / "model"), "--dataset", dataset, "--splits", split,
+                     "--output_dir", str(out), *flags])  # fmt: skip
+
+    embed("test", str(BUNDLED_PTBXL), "--precision", "fp32")
+    monkeypatch.chdir(BUNDLED_PTBXL.parent)
+    relative = os.path.relpath(BUNDLED_PTBXL)
+    summary = embed("validation", relative, "--precision", "fp32", "--streaming", "true")
+    assert set(summary["splits"]) == {"test", "validation"} and summary["dataset"] == relative
+    assert summary["dataset_path"] == str(BUNDLED_PTBXL.resolve())
+    with pytest.raises(FileExistsError, match=r"\(precision 'fp32' there, 'bf16' here\); embedding train with this one.*"
+                       r"another --output_dir; --overwrite_output_dir true would delete their embeddings \(test.parquet, "
+                       r"validation.parquet\)"):  # fmt: skip
+        embed("train", relative, "--precision", "bf16")
+    assert (out / "test.parquet").is_file() and (out / "validation.parquet").is_file()
+
+
+def test_the_summary_records_which_records_and_inputs_were_embedded(tmp_path):
+    """embeddings.json of a default run and of a --ptbxl_version as_is one (other rows) were the same in every field
+    but an opaque key; it now records the dataset, rate, version, kept columns and the feature-extractor settings."""
+    torch.manual_seed(0)
+    MeritEcgModel(tiny_ecg_config()).save_pretrained(tmp_path / "model")
+    common = ["--model_name_or_path", str(tmp_path / "model"), "--dataset", str(BUNDLED_PTBXL), "--splits", "test",
+              "--precision", "fp32"]  # fmt: skip
+    default = main([*common, "--output_dir", str(tmp_path / "default")])
+    as_is = main([*common, "--output_dir", str(tmp_path / "as_is"), "--ptbxl_version", "as_is",
+                  "--missing_leads", "mask", "--keep_columns", "ecg_id", "patient_id"])  # fmt: skip
+    assert json.loads((tmp_path / "as_is" / "embeddings.json").read_text()) == as_is
+    assert default["dataset_name"] == "ptbxl" and default["sampling_rate"] == 100
+    assert (default["ptbxl_version"], as_is["ptbxl_version"]) == ("1.0.3", "as_is")
+    assert (default["keep_columns"], as_is["keep_columns"]) == (["ecg_id"], ["ecg_id", "patient_id"])
+    assert (
+        default["feature_extractor"]["missing_leads"] == "raise"
+        and as_is["feature_extractor"]["missing_leads"] == "mask"
+    )
+    for name in ("window", "window_stride", "nan_policy", "num_samples", "sampling_rate", "lowpass_hz"):
+        assert name in default["feature_extractor"], name
+    assert default["weights_fingerprint"] == as_is["weights_fingerprint"]
+    differing = {name for name in default if default[name] != as_is[name]}
+    assert differing == {"embedding_key", "ptbxl_version", "keep_columns", "feature_extractor", "splits"}
+
+
+def test_flags_that_would_do_nothing_or_fail_late_are_refused_at_parsing(tmp_path, monkeypatch):
+    """--window_pooling without sliding windows and --split_* with PTB-XL were accepted and did nothing;
+    --num_shards 0 said "shard_index must be in [0, 0)"; --feature_extraction_device gpu0 failed after the model and
+    data had loaded, without naming the flag."""
+    import merit_hf.embedding as embedding
+
+    common = ["--model_name_or_path", "not loaded", "--output_dir", str(tmp_path / "unused")]
+    for flags, message in (
+        (["--window", "single", "--window_pooling", "max"], r"window_pooling: 'max' pools the windows of --window sliding"),
+        (["--split_fractions", "0.5", "0.25", "0.25"], r"--split_fractions: only with --dataset_name wfdb"),
+        (["--split_seed", "3", "--split_column", "fold"], r"--split_column, --split_seed: only with --dataset_name wfdb"),
+        (["--num_shards", "0", "--shard_index", "0"], r"num_shards: must be >= 1 .*got 0"),
+        (["--num_shards", "2", "--shard_index", "2"], r"shard_index: must be in \[0, 2\) for --num_shards 2, got 2"),
+        (["--feature_extraction_device", "gpu0"], r"feature_extraction_device: must be 'encoder' or a torch device .*'gpu0'"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            main([*common, *flags])
+    torch.manual_seed(0)
+    MeritEcgModel(tiny_ecg_config()).save_pretrained(tmp_path / "model")  # its feature extractor: window "single"
+    monkeypatch.setattr(embedding, "load_splits", lambda *args: pytest.fail("data read before refusing"))
+    with pytest.raises(
+        ValueError, match=r"window_pooling: 'max' .* the checkpoint's feature extractor has window 'single'"
+    ):
+        main(
+            ["--model_name_or_path", str(tmp_path / "model"), "--window_pooling", "max", "--output_dir", str(tmp_path)]
+        )
 
 
 @pytest.mark.slow

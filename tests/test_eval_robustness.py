@@ -160,6 +160,61 @@ def test_a_low_rate_device_keeps_nothing_above_half_its_rate(record):
         acquired_at_rate(signal, rate, 500)
 
 
+def _tone_response_db(frequency: float, rate: float, device_rate: float) -> float:
+    """The gain of `acquired_at_rate` at `frequency`: a tone through it, amplitudes by least squares (edges left out)."""
+    time = np.arange(int(20 * rate)) / rate
+    tone = np.cos(2 * np.pi * frequency * time + 0.7)[:, None]
+    shifted, _ = acquired_at_rate(tone, rate, device_rate)
+    middle = slice(len(time) // 4, 3 * len(time) // 4)
+    basis = np.c_[np.cos(2 * np.pi * frequency * time[middle]), np.sin(2 * np.pi * frequency * time[middle])]
+    amplitude = [np.hypot(*np.linalg.lstsq(basis, x[middle, 0], rcond=None)[0]) for x in (tone, shifted)]
+    return 20 * np.log10(amplitude[1] / amplitude[0])
+
+
+def _close_to(documented_db: float, measured_db: float) -> bool:
+    return abs(measured_db - documented_db) <= max(0.5, 0.05 * abs(documented_db))
+
+
+@pytest.mark.parametrize(("rate", "device_rate"), [(100, 50), (500, 50), (500, 40)])
+def test_the_device_rate_shift_has_the_documented_response(rate, device_rate):
+    """The shift filters twice (down to the device rate and back up), so its response is the anti-aliasing filter's
+    squared; the docs quoted one pass (-6 dB at half the device rate, where the shift is at -12 dB, and -6 dB is
+    reached at 0.48 x). `ACQUIRED_AT_RATE_RESPONSE_DB` is what the docs quote, measured here."""
+    from merit_hf.evaluation.shifts import ACQUIRED_AT_RATE_RESPONSE_DB
+
+    for fraction, documented in ACQUIRED_AT_RATE_RESPONSE_DB.items():
+        measured = _tone_response_db(fraction * device_rate, rate, device_rate)
+        assert _close_to(documented, measured), (fraction * device_rate, documented, measured)
+    assert _tone_response_db(0.4 * device_rate, rate, device_rate) > -0.1  # the band below is kept
+    assert _tone_response_db(0.6 * device_rate, rate, device_rate) < -90
+
+
+def test_every_quoted_figure_of_the_device_rate_shift_is_its_measured_response():
+    """Each "-N dB at F Hz" (or "at F x" the device rate) that the shift's docs, its robustness description and the
+    benchmarks README give for a 50 Hz device is measured on the shift, so the texts cannot drift from the code."""
+    import re
+
+    from merit_hf.evaluation import robustness, shifts
+
+    from .conftest import REPO_ROOT
+
+    readme = (REPO_ROOT / "benchmarks" / "README.md").read_text()
+    texts = {
+        "shifts docstring": shifts.__doc__.split("- `acquired_at_rate(")[1].split("\n- ")[0],
+        "robustness table": next(line for line in robustness.__doc__.splitlines() if "`acquired_at_<rate>hz`" in line),
+        "results description": input_shifts(device_rates=(50,))["acquired_at_50hz"][0],
+        "benchmarks README": readme.split("`acquired_at_50hz` is a low-pass")[1].split("\n\n")[0],
+    }
+    for name, text in texts.items():
+        # "-N dB at F Hz" or "-N dB at F x" (a fraction of the device rate)
+        figures = re.findall(r"(-\d+(?:\.\d+)?)\s+dB\s+at\s+(?:about\s+)?(\d+(?:\.\d+)?)\s+(x|Hz)\b", text)
+        assert len(figures) >= 3, (name, text)
+        for db, value, unit in figures:
+            frequency = float(value) * (50 if unit == "x" else 1)
+            measured = _tone_response_db(frequency, 500, 50)
+            assert _close_to(float(db), measured), (name, db, frequency, measured)
+
+
 def test_masked_lead_shifts_feed_only_the_recorded_leads(record):
     """A checkpoint whose feature extractor derives limb leads turned `leads_2_masked` (I, II) into six leads."""
     from merit_hf import MeritFeatureExtractor

@@ -161,6 +161,13 @@ def embed_dataset(
         "batch_size": batch_size,
         "remove_columns": [name for name in columns if name not in keep_columns],
     }
+    if hasattr(dataset, "_fingerprint") and len(dataset) == 0:  # `map` adds no column to an empty split
+        from datasets import Dataset, Features, List, Value
+
+        features = Features(
+            {**{name: dataset.features[name] for name in keep_columns}, column: List(Value("float32"))}
+        )
+        return Dataset.from_dict({name: [] for name in features}, features=features, split=dataset.split)
     if hasattr(dataset, "_fingerprint"):  # map-style: a fingerprint that a re-run reproduces, so its cache is reused
         weights = weights_fingerprint or model_fingerprint(encoder)  # of the caller's weights, not the copy's
         key = [weights, feature_extractor.to_json_string(), precision, column, list(keep_columns)]
@@ -243,9 +250,16 @@ def write_embeddings_parquet(
             writer.close()
     if writer is not None:
         parts.finish_part(part_rows, embedded.state_dict())
-    if parts.rows == 0:
+    if parts.rows == 0:  # a shard of a split smaller than the number of processes: an empty file, as map-style
         parts.remove()
-        raise ValueError(f"{path}: the streamed split yielded no records, so there is nothing to write")
+        if embedded.features is None:
+            raise ValueError(
+                f"{path}: the streamed split yielded no records and has no schema to write an empty file of"
+            )
+        scratch = path.with_name(path.name + ".partial")
+        pq.write_table(embedded.features.arrow_schema.empty_table(), str(scratch))
+        scratch.replace(path)
+        return 0
     return parts.join_into(path)
 
 
@@ -298,27 +312,58 @@ def clear_other_layouts(output_dir: Path, splits: Sequence[str], num_shards: int
             path.unlink(missing_ok=True)
 
 
-def kept_splits(summary_file: Path, embedding_key: str, splits: Sequence[str], overwrite: bool) -> dict[str, Any]:
+def kept_splits(
+    summary_file: Path,
+    embedding_key: str,
+    splits: Sequence[str],
+    overwrite: bool,
+    settings: dict[str, Any] | None = None,
+    legacy_key: str | None = None,
+) -> dict[str, Any]:
     """The entries of an earlier summary (`embeddings*.json`) for splits this run does not write, so that the folder's
     summary lists every split in it. Those splits must come from the same model, feature-extractor setting, precision
-    and data (`embedding_key`): another's are refused, naming them, or removed with `--overwrite_output_dir true`
-    (one folder would otherwise mix two models' embeddings); `overwrite`, as in `clear_other_layouts`."""
+    and data (`embedding_key`, of `settings`; or `legacy_key`, the key a summary written before `settings` has):
+    another's are refused, naming the settings that differ, or removed with `--overwrite_output_dir true` (one folder
+    would otherwise mix two models' embeddings); `overwrite`, as in `clear_other_layouts`."""
     if not summary_file.is_file():
         return {}
     earlier = json.loads(summary_file.read_text())
     others = {split: entry for split, entry in earlier.get("splits", {}).items() if split not in splits}
-    if not others or earlier.get("embedding_key") == embedding_key:
+    if not others or earlier.get("embedding_key") in (embedding_key, legacy_key):
         return others
     if not overwrite:
+        files = ", ".join(Path(entry["path"]).name for _, entry in sorted(others.items()))
         raise FileExistsError(
             f"{summary_file.parent}: holds embeddings of {', '.join(sorted(others))} from another model, feature "
-            f"extractor setting, precision or data ({earlier.get('model')!r}, {earlier.get('precision')!r}); "
-            f"embedding {', '.join(splits)} with this one would mix two in one folder. Embed every split, choose "
-            "another --output_dir, or pass --overwrite_output_dir true to remove them."
+            f"extractor setting, precision or data ({_settings_differences(earlier, settings or {})}); embedding "
+            f"{', '.join(splits)} with this one would mix two in one folder. Embed every split with one setting, or "
+            f"choose another --output_dir; --overwrite_output_dir true would delete their embeddings ({files}) and "
+            "keep only this run's."
         )
     for entry in others.values():
         Path(entry["path"]).unlink(missing_ok=True)
     return {}
+
+
+def _settings_differences(earlier: dict[str, Any], settings: dict[str, Any]) -> str:
+    """Which of `settings` (`embedding_settings`) an earlier summary has otherwise, with both values."""
+    if not any(name in earlier for name in settings if name not in ("precision", "shard", "split")):
+        return (
+            f"model {earlier.get('model')!r}, precision {earlier.get('precision')!r}: written by an earlier merit_hf, "
+            "whose embeddings.json does not record the settings to compare"
+        )
+    differences = []
+    for name in settings:
+        there, here = earlier.get(name), settings[name]
+        if isinstance(there, dict) and isinstance(here, dict):
+            differences += [
+                f"{name}.{key} {there.get(key)!r} there, {here.get(key)!r} here"
+                for key in sorted(set(there) | set(here))
+                if there.get(key) != here.get(key)
+            ]
+        elif there != here:
+            differences.append(f"{name} {there!r} there, {here!r} here")
+    return "; ".join(differences) or "the same settings, another key"
 
 
 class _StreamParts:
@@ -414,7 +459,8 @@ class EmbeddingArguments:
         default=False,
         metadata={
             "help": "Remove the files of these splits that another shard layout wrote into --output_dir (refused "
-            "otherwise: the folder would hold those records twice). A rerun in the same layout replaces its files."
+            "otherwise: the folder would hold those records twice), and the other splits' files there when another "
+            "model, precision or input setting embedded them. A rerun in the same layout replaces its files."
         },
     )
     batch_size: int = field(default=64)
@@ -507,10 +553,44 @@ class EmbeddingArguments:
                 raise ValueError(f"{name}: must be one of {allowed}, got {value!r}")
         if self.window_stride is not None and self.window != "sliding":
             raise ValueError("window_stride: only with --window sliding")
+        if self.window == "single" and self.window_pooling != "mean":  # else checked on the checkpoint's window
+            raise ValueError(
+                f"window_pooling: {self.window_pooling!r} pools the windows of --window sliding, and --window single "
+                "gives each record one window; pass --window sliding, or leave --window_pooling out"
+            )
+        if self.dataset_name != "wfdb":  # the loaders of the other datasets have their own, fixed splits
+            given = [
+                f"--{name}"
+                for name, value, default in (
+                    ("split_column", self.split_column, None),
+                    ("split_fractions", list(self.split_fractions), list(DEFAULT_SPLIT_FRACTIONS)),
+                    ("split_seed", self.split_seed, 0),
+                )
+                if value != default
+            ]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)}: only with --dataset_name wfdb (a folder split here); {self.dataset_name} "
+                    "has its own train / validation / test splits, which these would not change"
+                )
         if (self.num_shards is None) != (self.shard_index is None):
             raise ValueError("num_shards and shard_index go together: give both or neither")
+        if self.num_shards is not None and self.num_shards < 1:
+            raise ValueError(
+                f"num_shards: must be >= 1 (the number of parts each split is cut into), got {self.num_shards}"
+            )
         if self.num_shards is not None and not 0 <= self.shard_index < self.num_shards:
-            raise ValueError(f"shard_index: must be in [0, {self.num_shards}), got {self.shard_index}")
+            raise ValueError(
+                f"shard_index: must be in [0, {self.num_shards}) for --num_shards {self.num_shards}, got {self.shard_index}"
+            )
+        if self.feature_extraction_device not in (None, "encoder"):
+            try:
+                torch.device(self.feature_extraction_device)
+            except RuntimeError as error:
+                raise ValueError(
+                    f"feature_extraction_device: must be 'encoder' or a torch device such as 'cpu' or 'cuda:0', got "
+                    f"{self.feature_extraction_device!r}"
+                ) from error
 
 
 def load_splits(arguments: EmbeddingArguments, shard_index: int = 0, num_shards: int = 1) -> dict[str, Any]:
@@ -535,6 +615,55 @@ def load_splits(arguments: EmbeddingArguments, shard_index: int = 0, num_shards:
     if unknown:
         raise ValueError(f"splits {unknown}: {arguments.dataset} has {sorted(everything)}")
     return {split: everything[split] for split in arguments.splits}
+
+
+_NOT_INPUT_SETTINGS = ("feature_extractor_type", "auto_map", "processor_class", "crop", "seed")
+
+
+def dataset_identity(dataset: str) -> str:
+    """`--dataset` as an absolute path when it is a local folder or file (however it was spelled), else as given (a
+    Hub id)."""
+    path = Path(dataset).expanduser()
+    return str(path.resolve()) if path.exists() else dataset
+
+
+def embedding_settings(
+    arguments: EmbeddingArguments,
+    feature_extractor: MeritFeatureExtractor,
+    weights: str,
+    precision: str,
+    shard_index: int,
+    num_shards: int,
+) -> dict[str, Any]:
+    """What decides the records and inputs a run embeds, and so its embeddings: recorded in `embeddings.json`, and
+    what every split of one folder must share (`kept_splits`). Whether a split was streamed is not among them (the
+    files are identical), nor the batch size."""
+    settings: dict[str, Any] = {
+        "weights_fingerprint": weights,
+        "precision": precision,
+        "dataset_path": dataset_identity(arguments.dataset),
+        "dataset_name": arguments.dataset_name,
+    }
+    if arguments.dataset_name == "ptbxl":  # which records: the 100 or 500 Hz files, v1.0.3's rows or the folder's
+        settings.update(sampling_rate=arguments.sampling_rate, ptbxl_version=arguments.ptbxl_version)
+    if arguments.dataset_name == "wfdb":  # which records each split holds: the probe's --split_* must match
+        settings["split"] = {
+            "split_column": arguments.split_column,
+            "split_fractions": list(arguments.split_fractions),
+            "split_seed": arguments.split_seed,
+        }
+    settings["keep_columns"] = list(arguments.keep_columns)
+    # the window, stride, missing-lead and NaN settings (the command line's overrides included), filters, leads; not
+    # the crop and its seed (records are centre-cropped here whatever the checkpoint saved) nor the class's names
+    settings["feature_extractor"] = {
+        name: value for name, value in feature_extractor.to_dict().items() if name not in _NOT_INPUT_SETTINGS
+    }
+    if feature_extractor.window == "sliding":
+        settings["window_pooling"] = arguments.window_pooling
+    if arguments.feature_extraction_device is not None:
+        settings["feature_extraction_device"] = arguments.feature_extraction_device
+    settings["shard"] = {"index": shard_index, "num_shards": num_shards}
+    return settings
 
 
 def with_input_settings(feature_extractor: MeritFeatureExtractor, arguments: EmbeddingArguments):
@@ -567,6 +696,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     encoder, name = load_encoder(arguments.model_name_or_path)
     feature_extractor = with_input_settings(load_feature_extractor(arguments.model_name_or_path, encoder), arguments)
     check_feature_extractor_matches(feature_extractor, encoder)  # before any split is read
+    if feature_extractor.window != "sliding" and arguments.window_pooling != "mean":
+        raise ValueError(
+            f"window_pooling: {arguments.window_pooling!r} pools the windows of --window sliding, and the checkpoint's "
+            f"feature extractor has window {feature_extractor.window!r} (one window per record); pass --window "
+            "sliding, or leave --window_pooling out"
+        )
     output_dir = Path(arguments.output_dir)
     suffix = f"-{shard_index:05d}-of-{num_shards:05d}" if num_shards > 1 else ""
     weights = model_fingerprint(encoder)  # once: the cache key of every map-style split and the resume key
@@ -583,11 +718,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if arguments.streaming or arguments.dataset_name == "mimic_iv_ecg":
         # a saved stream position is only valid in the shard layout it was saved in (merit_hf.data.streams)
         what.append(STREAM_LAYOUT)
+    settings = embedding_settings(arguments, feature_extractor, weights, precision, shard_index, num_shards)
     splits = load_splits(arguments, shard_index, num_shards)
     clear_other_layouts(output_dir, list(splits), num_shards, arguments.overwrite_output_dir)
-    embedding_key = hashlib.sha1(json.dumps(what).encode()).hexdigest()  # what every split of the folder must share
+    # what every split of the folder must share: not how it was read (streamed or not) nor how its path was spelled
+    embedding_key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     written = kept_splits(
-        output_dir / f"embeddings{suffix}.json", embedding_key, list(splits), arguments.overwrite_output_dir
+        output_dir / f"embeddings{suffix}.json",
+        embedding_key,
+        list(splits),
+        arguments.overwrite_output_dir,
+        settings=settings,
+        legacy_key=hashlib.sha1(json.dumps(what).encode()).hexdigest(),  # the key of summaries before `settings`
     )
     for split, dataset in splits.items():
         path = output_dir / f"{split}{suffix}.parquet"
@@ -623,24 +765,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "embedding_key": embedding_key,
         "model": name,
         "dataset": arguments.dataset,
-        "precision": precision,
         "precision_requested": arguments.precision,
         "hidden_size": encoder.config.hidden_size,
         "window": feature_extractor.window,
-        **({"window_pooling": arguments.window_pooling} if feature_extractor.window == "sliding" else {}),
-        "shard": {"index": shard_index, "num_shards": num_shards},
-        # which records each split holds: the probe's --split_* must match to score the same ones
-        **(
-            {
-                "split": {
-                    "split_column": arguments.split_column,
-                    "split_fractions": arguments.split_fractions,
-                    "split_seed": arguments.split_seed,
-                }
-            }
-            if arguments.dataset_name == "wfdb"
-            else {}
-        ),  # fmt: skip
+        **settings,
         "splits": written,
     }
     (output_dir / f"embeddings{suffix}.json").write_text(json.dumps(summary, indent=2))

@@ -500,6 +500,8 @@ def _split_by_node(dataset: AnyDataset, rank: int | None, world_size: int | None
 def _node_part(part: Dataset | IterableDataset, rank: int, world_size: int) -> Dataset | IterableDataset:
     if isinstance(part, IterableDataset):
         return stream_part(part, rank, world_size)
+    if rank >= part.num_rows:  # more processes than records: the last parts are empty (`shard` raised IndexError)
+        return part.select([])
     return split_dataset_by_node(part, rank=rank, world_size=world_size)
 
 

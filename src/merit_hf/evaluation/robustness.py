@@ -5,7 +5,7 @@ as in the probe protocol); its F1 thresholds are chosen on the clean validation 
 
 | kind | shift | what changes |
 | --- | --- | --- |
-| input | `acquired_at_<rate>hz` | the record resampled to that rate and back: a low-pass at -6 dB at half the rate, -3 dB just below (`shifts.acquired_at_rate`; a real recording at 50 Hz is refused by the input contract) |
+| input | `acquired_at_<rate>hz` | the record resampled to that rate and back, through the anti-aliasing filter twice: a low-pass at -3 dB at 0.465 x the rate, -6 dB at 0.48 x, -21 dB at 0.52 x and -45 dB at 0.55 x (`shifts.acquired_at_rate`; a real recording at 50 Hz is refused by the input contract) |
 | input | `white_noise_<snr>db` | Gaussian noise in the model's band-pass band at the stated SNR per lead (`shifts.add_white_noise`), the same SNR at the model whatever the record's rate |
 | input | `baseline_wander_<snr>db` | 0.3 Hz sinusoidal drift at the stated SNR per lead on the raw record (`shifts.add_baseline_wander`); the extractor's 0.67 Hz high-pass removes most of it, so this measures the input contract more than the encoder |
 | input | `limb_leads_only`, `precordial_leads_only`, `lead_II_only` | the other leads are zeroed |
@@ -59,6 +59,7 @@ from .results import (
     write_results,
 )
 from .shifts import (
+    ACQUIRED_AT_RATE_RESPONSE_DB,
     LEAD_SUBSETS,
     LIMB_LEADS,
     PRECORDIAL_LEADS,
@@ -92,9 +93,12 @@ def input_shifts(
     """
     shifts: dict[str, tuple[str, Callable]] = {}
     for rate in device_rates:
+        response = ", ".join(
+            f"{db} dB at {fraction * rate:g} Hz" for fraction, db in ACQUIRED_AT_RATE_RESPONSE_DB.items()
+        )
         shifts[f"acquired_at_{rate}hz"] = (
             f"records resampled to {rate} Hz and back to their own rate (scipy polyphase, edges padded with their "
-            f"line): a low-pass at -6 dB at {rate / 2:g} Hz",
+            f"line; its anti-aliasing filter applied twice): a low-pass at {response}",
             lambda signal, sr, leads, row, rate=rate: acquired_at_rate(signal, sr, rate),
         )
     band = "" if noise_band_hz is None else " in the model's {:g}-{:g} Hz band".format(*noise_band_hz)

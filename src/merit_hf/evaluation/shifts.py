@@ -5,10 +5,14 @@ Each shift takes one record as WFDB gives it, `signal` `(num_samples, num_leads)
 the tests measure it:
 
 - `acquired_at_rate(signal, rate, device_rate)`: the record resampled down to `device_rate` and back to its own rate
-  with scipy's polyphase filter (edges padded with the line through them, so a lead's offset adds no step): its
-  anti-aliasing low-pass is -3 dB at about 0.48 x `device_rate` and -6 dB at half of it (24 and 25 Hz for 50 Hz),
-  -22 dB at 0.55 x and -56 dB at 0.6 x. Presenting a record at another rate alone would change nothing the model
-  sees: the feature extractor resamples every input to the model's rate (and refuses a real 50 Hz recording);
+  with scipy's polyphase filter (edges padded with the line through them, so a lead's offset adds no step). Its
+  anti-aliasing low-pass (-6 dB at half `device_rate`) filters the record twice, down and back up, so the shift's
+  response is -3 dB at 0.465 x `device_rate`, -6 dB at 0.48 x, -21 dB at 0.52 x and -45 dB at 0.55 x (-3 dB at
+  23.25 Hz, -6 dB at 24 Hz, -21 dB at 26 Hz and -45 dB at 27.5 Hz for 50 Hz; `ACQUIRED_AT_RATE_RESPONSE_DB`,
+  measured by the tests). Content just above half `device_rate` also comes back folded below it (26 Hz returns at
+  24 Hz, 14 dB down), and a tone at exactly half of it keeps between -6 dB and nothing, by its phase against the
+  device's samples. Presenting a record at another rate alone would change nothing the model sees: the feature
+  extractor resamples every input to the model's rate (and refuses a real 50 Hz recording);
 - `resample_record(signal, rate, target_rate)`: the polyphase resampling itself;
 - `add_white_noise(signal, snr_db, rng, band_hz)`: Gaussian noise scaled per lead so that
   `10 log10(P_signal / P_noise) = snr_db`, with powers measured around each lead's mean; with `band_hz` (the model's
@@ -38,6 +42,9 @@ from scipy import signal as sp_signal
 
 from ..models.merit.feature_extraction_merit import _butterworth_sos
 
+# the response of `acquired_at_rate` (both passes of the anti-aliasing filter) in dB, by frequency as a fraction of
+# the device rate: what the docs and the robustness descriptions quote, measured by tests/test_eval_robustness.py
+ACQUIRED_AT_RATE_RESPONSE_DB = {0.465: -3, 0.48: -6, 0.52: -21, 0.55: -45}
 LIMB_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF")
 PRECORDIAL_LEADS = ("V1", "V2", "V3", "V4", "V5", "V6")
 # The reduced lead sets of the PhysioNet/CinC Challenge 2021 ("Will Two Do?": 2, 3 and 6 leads), plus a single lead
@@ -199,6 +206,7 @@ def acquired_at_rate(signal: np.ndarray, sampling_rate: float, device_rate: floa
 
 
 __all__ = [
+    "ACQUIRED_AT_RATE_RESPONSE_DB",
     "LEAD_SUBSETS",
     "LIMB_LEADS",
     "PRECORDIAL_LEADS",
