@@ -923,3 +923,22 @@ def test_the_cards_command_line_says_what_is_wrong_in_one_line(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert done.stderr.strip().endswith("error: a report-generation card needs base_model (the language model it "
                                         "was adapted from)")  # fmt: skip
+
+
+def test_a_classifier_folder_is_told_from_a_two_tower_one_by_its_architectures_or_auto_map():
+    """A classifier's `auto_map` now names `AutoModel` too (`MeritClassifierFolderAutoModel`, which refuses and says
+    what loads the folder), so "an `AutoModel` entry" no longer meant a two-tower folder: the card showed a classifier
+    `AutoModel` code that fails."""
+    from merit_hf.hub.cards import model_kind
+
+    classifier_map = {"AutoModelForSequenceClassification": "modeling_merit.MeritForEcgClassification"}
+    refusing = {**classifier_map, "AutoModel": "modeling_merit.MeritClassifierFolderAutoModel"}
+    two_tower = {**classifier_map, "AutoModel": "modeling_merit.MeritModel"}
+    assert model_kind({"model_type": "merit", "auto_map": refusing}) == "classifier"
+    assert model_kind({"model_type": "merit", "auto_map": classifier_map}) == "classifier"  # saved before
+    assert model_kind({"model_type": "merit", "architectures": ["MeritForEcgClassification"]}) == "classifier"
+    assert model_kind({"model_type": "merit", "auto_map": two_tower}) == "two_tower"
+    assert model_kind({"model_type": "merit", "architectures": ["MeritForPreTraining"]}) == "two_tower"
+    assert (
+        model_kind({"model_type": "merit_ecg"}) == "encoder" and model_kind({"model_type": "merit_report"}) == "report"
+    )

@@ -351,16 +351,21 @@ def folder_kind(model_folder: str | os.PathLike | None) -> str:
 
 def model_kind(config: Mapping) -> str:
     """The kind of MERIT model a folder's `config.json` holds (one of `MODEL_KINDS`): `"encoder"` (`MeritEcgModel`),
-    `"report"` (`MeritForReportGeneration`), `"classifier"` (`MeritForEcgClassification`: its `auto_map` has
-    `AutoModelForSequenceClassification` but no `AutoModel`), else `"two_tower"` (`MeritModel` /
-    `MeritForPreTraining`, and a card rendered without a model folder)."""
+    `"report"` (`MeritForReportGeneration`), `"classifier"` (`MeritForEcgClassification`: its `architectures`, or
+    an `auto_map` with `AutoModelForSequenceClassification` and either no `AutoModel` (folders saved before
+    merit_hf named one) or `MeritClassifierFolderAutoModel`, the entry that refuses), else `"two_tower"`
+    (`MeritModel` / `MeritForPreTraining`, and a card rendered without a model folder)."""
     model_type = config.get("model_type")
     if model_type == "merit_ecg":
         return "encoder"
     if model_type == "merit_report":
         return "report"
+    if "MeritForEcgClassification" in (config.get("architectures") or ()):
+        return "classifier"
     auto_map = config.get("auto_map") or {}
-    if "AutoModelForSequenceClassification" in auto_map and "AutoModel" not in auto_map:
+    auto_model = auto_map.get("AutoModel")
+    refusing = auto_model is None or str(auto_model).endswith("MeritClassifierFolderAutoModel")
+    if "AutoModelForSequenceClassification" in auto_map and refusing:
         return "classifier"
     return "two_tower"
 
