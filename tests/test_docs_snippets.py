@@ -221,10 +221,16 @@ def given_nothing() -> dict[str, Any]:
 def check_using_the_model(ran: RanBlock) -> None:
     shape = tuple(int(size) for size in ran.claim(r"signal: \((\d+), (\d+)\) as WFDB gives it").groups())
     assert ran.namespace["signal"].shape == shape
-    model, batch, emb = ran.namespace["model"], ran.namespace["batch"], ran.namespace["emb"]
-    with torch.no_grad():  # the projected embedding of the encoder's pooled output
-        torch.testing.assert_close(emb, model.ecg_projection(model.ecg_model(**batch).pooler_output))
-    assert emb.shape == (1, model.config.projection_dim) and torch.isfinite(emb).all()
+    model, batch = ran.namespace["model"], ran.namespace["batch"]
+    projected, features = ran.namespace["projected"], ran.namespace["features"]
+    with torch.no_grad():  # `projected` is the projection of the encoder's pooled output, `features` that output
+        pooled = model.ecg_model(**batch).pooler_output
+        torch.testing.assert_close(projected, model.ecg_projection(pooled))
+    torch.testing.assert_close(features, pooled)
+    assert projected.shape == (1, model.config.projection_dim) and torch.isfinite(projected).all()
+    assert features.shape == (1, model.config.ecg_config.hidden_size)
+    ran.claim(r"\(1, projection_dim\): the ECG-report shared space")
+    ran.claim(r"\(1, hidden_size\): the encoder's own pooled features")
 
 
 def check_precision(ran: RanBlock) -> None:
@@ -238,10 +244,10 @@ def check_precision(ran: RanBlock) -> None:
         assert value.dtype == as_saved[name].dtype and torch.equal(value, as_saved[name]), f"{name} was changed"
     with torch.no_grad():
         reference = model.ecg_model(**batch).pooler_output
-    emb = ran.namespace["emb"]
-    assert emb.shape == reference.shape
-    cosine = torch.nn.functional.cosine_similarity(emb.float(), reference).item()
-    assert cosine > 0.99, f"the {emb.dtype} copy's embedding is {cosine:.5f} from the model's"
+    features = ran.namespace["features"]
+    assert features.shape == reference.shape
+    cosine = torch.nn.functional.cosine_similarity(features.float(), reference).item()
+    assert cosine > 0.99, f"the {features.dtype} copy's features are {cosine:.5f} from the model's"
 
 
 def given_subclass_names() -> dict[str, Any]:
@@ -442,12 +448,12 @@ def check_report_generation(ran: RanBlock) -> None:
 
 
 BLOCK_CHECKS = [
-    BlockCheck("emb = model.get_ecg_features(**batch).pooler_output", given_a_record, check_using_the_model),
+    BlockCheck("projected = model.get_ecg_features(**batch).pooler_output", given_a_record, check_using_the_model),
     BlockCheck(
         "prepare_for_inference(model.ecg_model",
         given_nothing,
         check_precision,
-        after="emb = model.get_ecg_features(**batch).pooler_output",
+        after="projected = model.get_ecg_features(**batch).pooler_output",
     ),
     BlockCheck('clf.save_pretrained("merit-ptbxl-super")', given_subclass_names, check_classifier),
     BlockCheck("embed_dataset(dataset, model", given_a_dataset_and_a_model, check_embed_dataset),
