@@ -231,6 +231,7 @@ def test_splits_keep_patients_whole_are_seeded_and_follow_a_column(tmp_path):
     from merit_hf.evaluation.results import described_dataset
 
     assert described_dataset(a) == {
+        "source": str(tmp_path / "out"),  # the folder as given, not the datasets cache its shards were read into
         "name": str(tmp_path / "out"),
         "version": None,
         "splits": "WFDB folder: train / validation / test by seeded split [0.6, 0.2, 0.2] (seed 3), patients kept whole",
@@ -283,6 +284,7 @@ def test_wfdb_folder_end_to_end_convert_embed_probe_finetune(tmp_path):
         results = json.loads((tmp_path / folder / f"{name}.json").read_text())
         assert (
             results["dataset"]["name"] == str(out)
+            and results["dataset"]["source"] == str(out)  # not the datasets cache the shards were read into
             and "seeded split [0.6, 0.2, 0.2] (seed 1)" in results["dataset"]["splits"]
         )
         assert results["label_names"] == sorted({row["rhythm"] for row in rows})

@@ -271,11 +271,14 @@ def load_wfdb_dataset(
         if split_column
         else f"seeded split {list(split_fractions)} (seed {seed}), patients kept whole"
     )
+    data_format = _source_format(Path(path_or_repo_id))
     for part in dataset.values():  # what the splits are travels with them (evaluation results read it)
         previous = [line for line in (part.info.description or "").splitlines() if not line.startswith("WFDB folder ")]
         part.info.description = "\n".join(
             [*previous, f"WFDB folder {path_or_repo_id}: train / validation / test by {how}"]
         )
+        # the folder or Hub id as given, as for PTB-XL (not the datasets cache its shards were read into)
+        describe_source(part, path_or_repo_id, None, data_format)
     if split is not None:
         dataset = dataset[split]
     return _to_iterable(dataset) if streaming else dataset
@@ -442,6 +445,13 @@ def _no_rows():
     yield from ()
 
 
+def _source_format(path: Path) -> str:
+    """How a dataset's folder or Hub id holds it, as `describe_source` records it."""
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        return "a dataset saved with save_to_disk"
+    return "converted Parquet shards" if path.is_dir() else "a Hub dataset"
+
+
 def _describe_ptbxl_source(dataset: AnyDataset, path_or_repo_id, sampling_rate: int, split: str | None) -> None:
     """Write into each split's `info.description` where it was read from (`describe_source`): the folder or Hub id as
     given, and the label threshold its labels were made with, from the conversion's report (a converted folder) or
@@ -451,10 +461,8 @@ def _describe_ptbxl_source(dataset: AnyDataset, path_or_repo_id, sampling_rate: 
 
     path = Path(path_or_repo_id)
     from_report, report_threshold = False, None  # a converted folder's report says the threshold of every split
-    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-        data_format = "a dataset saved with save_to_disk"
-    elif path.is_dir():
-        data_format = "converted Parquet shards"
+    data_format = _source_format(path)
+    if data_format == "converted Parquet shards":
         report = path / ptbxl_config_name(sampling_rate) / REPORT_FILE
         report = report if report.is_file() else path / REPORT_FILE  # shards right in the folder
         if report.is_file():
@@ -462,8 +470,6 @@ def _describe_ptbxl_source(dataset: AnyDataset, path_or_repo_id, sampling_rate: 
             report_threshold = (
                 json.loads(report.read_text(encoding="utf-8")).get("settings", {}).get("label_threshold")
             )
-    else:
-        data_format = "a Hub dataset"
 
     def describe(part: Dataset | IterableDataset, _) -> None:
         threshold = report_threshold if from_report else described_source(part).get("label_threshold")
