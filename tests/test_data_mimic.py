@@ -4,6 +4,7 @@ with the real `machine_measurements.csv` header and blank-field row."""
 import json
 import re
 import runpy
+import shutil
 
 import numpy as np
 import pytest
@@ -276,6 +277,16 @@ def test_convert_cli(mimic_root, tmp_path):
     assert len(list((output / "data").glob("train-*-of-00002.parquet"))) == 2
     by_card = load_dataset(str(output), name="default", split="train", streaming=True)  # as from the Hub
     assert [row["ecg_id"] for row in by_card] == [study for _, study in STUDIES]
+
+
+def test_convert_cli_fails_when_no_record_was_written(mimic_root, tmp_path, capsys):
+    """A folder with the metadata but no waveforms converted to an empty, loadable output with exit code 0."""
+    shutil.rmtree(mimic_root / "files")
+    script = runpy.run_path(str(REPO_ROOT / "dataset_scripts/mimic_iv_ecg/convert.py"), run_name="mimic_convert")
+    assert script["main"](["--mimic_root", str(mimic_root), "--output_dir", str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert f"no record was written ({len(STUDIES)} of {len(STUDIES)} failed" in error
+    assert "conversion_report.json" in error
 
 
 def test_the_converted_folder_names_no_local_path(mimic_root, tmp_path):
