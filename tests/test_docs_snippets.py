@@ -289,9 +289,9 @@ def given_a_dataset_and_a_model() -> dict[str, Any]:
 def check_embed_dataset(ran: RanBlock) -> None:
     from merit_hf import MeritFeatureExtractor
 
-    ran.claim(r"adds `ecg_embedding`")
+    ran.claim(r"returns ecg_id \+ ecg_embedding \(keep_columns= keeps others\)")
     dataset, model, embedded = ran.namespace["dataset"], ran.namespace["model"], ran.namespace["embedded"]
-    assert "ecg_embedding" in embedded.column_names and embedded.num_rows == dataset.num_rows
+    assert embedded.column_names == ["ecg_id", "ecg_embedding"] and embedded.num_rows == dataset.num_rows
     assert embedded["ecg_id"] == dataset["ecg_id"]
     features = MeritFeatureExtractor.from_pretrained(QUICKSTART_MODEL)(
         np.asarray(dataset[0]["signal"]), sampling_rate=100, lead_names=dataset[0]["lead_names"], return_tensors="pt"
