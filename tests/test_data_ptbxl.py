@@ -412,3 +412,19 @@ def test_convert_cli_writes_shards_and_card(tmp_path):
         "README.md: configs entry '500hz': data_files 500hz/train-*.parquet, 500hz/validation-*.parquet, "
         f"500hz/test-*.parquet match no file in {tmp_path / 'out'}"
     ]
+
+
+def test_the_converter_fails_when_no_record_was_written(tmp_path, capsys):
+    """A PTB-XL folder with its CSVs but no records: every record failed, the dataset card's writer crashed on the
+    empty Parquet shards (pyarrow refuses a batch size of 0) with a traceback, and nothing said why."""
+    root = tmp_path / "ptbxl"
+    root.mkdir()
+    for name in ("ptbxl_database.csv", "scp_statements.csv"):
+        shutil.copy(BUNDLED_PTBXL / name, root / name)
+    script = runpy.run_path(str(REPO_ROOT / "dataset_scripts/ptbxl/convert.py"), run_name="ptbxl_convert")
+    assert script["main"](["--ptbxl_root", str(root), "--output_dir", str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert "error: no record was written (488 of 488 failed; the reasons are in the conversion_report.json" in error
+    assert "is --ptbxl_root the PTB-XL folder with its records100 waveforms?" in error
+    card = DatasetCard.load(tmp_path / "out" / "README.md")  # the card of an empty conversion says 0 rows
+    assert {split["num_examples"] for config in card.data.dataset_info for split in config["splits"]} == {0}

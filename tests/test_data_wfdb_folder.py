@@ -288,3 +288,15 @@ def test_wfdb_folder_end_to_end_convert_embed_probe_finetune(tmp_path):
             and "seeded split [0.6, 0.2, 0.2] (seed 1)" in results["dataset"]["splits"]
         )
         assert results["label_names"] == sorted({row["rhythm"] for row in rows})
+
+
+def test_the_converter_fails_when_no_record_was_written(tmp_path, capsys):
+    """A folder whose one record has a corrupt header converted to an empty, loadable output with exit code 0."""
+
+    records = tmp_path / "records"
+    records.mkdir()
+    (records / "rec1.hea").write_text("rec1 12 500 5000\nbroken line\n")
+    script = runpy.run_path(str(REPO_ROOT / "dataset_scripts/wfdb/convert.py"), run_name="wfdb_convert")
+    assert script["main"](["--wfdb_dir", str(records), "--output_dir", str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert "error: no record was written (1 of 1 failed" in error and "does --wfdb_dir hold WFDB records" in error

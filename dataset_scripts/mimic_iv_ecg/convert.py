@@ -4,15 +4,14 @@
         --output_dir mimic_iv_ecg_merit --num_proc 16
     # crashed or interrupted? run the same command again: finished shards are kept, no record is lost or repeated
 
-A finished output is replaced only with `--overwrite`. The command fails (exit code 1) when no record was written. Unreadable records are listed (file + reason) in
-`<output_dir>/data/conversion_report.json`. All logic lives in `merit_hf.data.mimic_iv_ecg`.
+A finished output is replaced only with `--overwrite`. Unreadable records are listed (file + reason) in
+`<output_dir>/data/conversion_report.json`; the command fails (exit code 1) when no record was written. All logic lives in `merit_hf.data.mimic_iv_ecg`.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,15 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     shutil.copyfile(CARD, Path(args.output_dir) / "README.md")
     print(report.summary())
-    if report.written == 0:  # an empty output still loads: say so, and fail the command
-        print(
-            f"error: no record was written ({report.failed} of {report.total} failed; the reasons are in "
-            f"{Path(args.output_dir) / 'data' / 'conversion_report.json'}): is --mimic_root the MIMIC-IV-ECG folder "
-            "with its waveforms under files/?",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    return report.command_status(
+        args.output_dir, "is --mimic_root the MIMIC-IV-ECG folder with its waveforms under files/?"
+    )
 
 
 if __name__ == "__main__":

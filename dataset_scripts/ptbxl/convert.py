@@ -6,7 +6,8 @@
     python -m merit_hf.hub push ptbxl_merit <user>/ptbxl-merit --repo-type dataset   # optional: checked upload
 
 Rerunning after a crash resumes; a finished configuration is replaced only with `--overwrite`. Unreadable records
-are listed in `<output_dir>/<config>/conversion_report.json`. The dataset card `<output_dir>/README.md` is this
+are listed in `<output_dir>/<config>/conversion_report.json`; the command fails (exit code 1) when no record was
+written. The dataset card `<output_dir>/README.md` is this
 folder's, listing only the configs converted so far. All logic lives in `merit_hf.data.ptbxl`.
 """
 
@@ -59,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     write_dataset_card(CARD, args.output_dir)
     print(report.summary())
-    return 0
+    return report.command_status(
+        args.output_dir, f"is --ptbxl_root the PTB-XL folder with its records{args.sampling_rate} waveforms?"
+    )
 
 
 if __name__ == "__main__":

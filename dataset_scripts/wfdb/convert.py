@@ -7,7 +7,7 @@ plus this folder's dataset card.
 
 Records are found by their `.hea` in any sub-folder and kept as recorded (any leads, rate and length). Rerunning after
 a crash resumes; a finished conversion is replaced only with `--overwrite`. Unreadable records are listed in
-`<output_dir>/data/conversion_report.json`. All logic lives in `merit_hf.data.wfdb_folder`.
+`<output_dir>/data/conversion_report.json`; the command fails (exit code 1) when no record was written. All logic lives in `merit_hf.data.wfdb_folder`.
 """
 
 from __future__ import annotations
@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     write_dataset_card(CARD, args.output_dir)
     print(report.summary())
-    return 0
+    return report.command_status(
+        args.output_dir, "does --wfdb_dir hold WFDB records (each .hea with its signal files)?"
+    )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import math
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -105,6 +106,19 @@ class ConversionReport:
 
     def save(self, path: str | os.PathLike) -> None:
         _write_json_atomic(Path(path), self.to_dict())
+
+    def command_status(self, output_dir: str | os.PathLike, question: str) -> int:
+        """A conversion command's exit status: 0, or 1 after an error on stderr when no record was written (an empty
+        output still loads, so a run that read nothing must not look like one that worked). `question` names what
+        to check, e.g. whether the root folder holds the waveforms."""
+        if self.written:
+            return 0
+        print(
+            f"error: no record was written ({self.failed} of {self.total} failed; the reasons are in the "
+            f"{REPORT_FILE} under {output_dir}): {question}",
+            file=sys.stderr,
+        )
+        return 1
 
     def summary(self, max_failures: int = 20) -> str:
         """One line of counts, then one line per failure (the first `max_failures`)."""

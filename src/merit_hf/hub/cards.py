@@ -1054,8 +1054,8 @@ def arrow_num_bytes(files: list[str]) -> int:
                 schema = Features.from_arrow_schema(fragment.physical_schema).arrow_schema
             if not fragment.row_groups:
                 continue
-            batches = fragment.to_batches(
-                batch_size=fragment.row_groups[0].num_rows, batch_readahead=0, fragment_readahead=0
+            batches = fragment.to_batches(  # an empty file's one row group has 0 rows, which pyarrow refuses as a size
+                batch_size=max(1, fragment.row_groups[0].num_rows), batch_readahead=0, fragment_readahead=0
             )
             for batch in batches:
                 total += table_cast(pa.Table.from_batches([batch]).combine_chunks(), schema).nbytes
