@@ -166,3 +166,17 @@ def test_pretraining_refuses_a_negative_clipping_norm_and_a_checkpoint_limit_bel
          "--torch_compile_regional", "true"],
     )  # fmt: skip
     assert train_args.activation_checkpointing_layers == 4 and train_args.torch_compile_regional
+
+
+def test_max_grad_norm_0_and_none_are_one_optimisation_for_resume():
+    """Both turn clipping off, so the resume check (which compares `optimization_identity` with the checkpoint's)
+    must not refuse a run started with one and resumed with the other; 1.0 stays another optimisation."""
+    from merit_hf.training.pretrain import differing_values, optimization_identity
+
+    identities = []
+    for value in ("0", "None", "1.0"):
+        model_args, _, train_args = parse_arguments(ARGUMENT_CLASSES, ["--max_grad_norm", value])
+        identities.append(optimization_identity(train_args, model_args))
+    zero, none, one = identities
+    assert zero["max_grad_norm"] is None and not differing_values(zero, none, list(none))
+    assert differing_values(zero, one, list(one)) == ["max_grad_norm: checkpoint None, this run 1.0"]

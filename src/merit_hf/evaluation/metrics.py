@@ -7,7 +7,9 @@ different things. Every number we report therefore carries its name from `METRIC
   computed from ranks so that 1000 bootstrap resamples of 71 classes take seconds, not minutes).
 - `macro_f1`: mean over classes of the per-class F1 at a threshold per class **chosen on the validation split**
   (the threshold that maximises that class's F1 there; of tied thresholds the highest, see `best_f1_thresholds`),
-  then applied unchanged to the test split.
+  then applied unchanged to the test split. A class with no positive in the validation split gets the threshold
+  `+inf` (predict nothing: no threshold is invented), so its test F1 is 0 and, since the test split holds it, it
+  stays in the macro mean.
 - `macro_f1_max_over_thresholds`: mean over classes of the per-class **best** F1 over all thresholds of the
   precision-recall curve **on the test split itself** (MERL's zero-shot "F1"). It peeks at the test labels, so it is
   an upper bound and never comparable to `macro_f1`.

@@ -895,12 +895,15 @@ SCHEDULES_WITHOUT_LENGTH = ("constant", "constant_with_warmup", "inverse_sqrt")
 
 def optimization_identity(train_args: PretrainingArguments, model_args: ModelArguments) -> dict[str, Any]:
     """`OPTIMIZATION_KEYS` of this run, for `training_state.json`; without `max_steps` for `SCHEDULES_WITHOUT_LENGTH`,
-    which do not depend on it."""
-    return {
+    which do not depend on it. `max_grad_norm` 0 is written as None: both mean no clipping, so a run started with
+    one resumes with the other."""
+    identity = {
         key: getattr(train_args if hasattr(train_args, key) else model_args, key)
         for key in OPTIMIZATION_KEYS
         if key != "max_steps" or train_args.lr_scheduler_type not in SCHEDULES_WITHOUT_LENGTH
     }
+    identity["max_grad_norm"] = identity["max_grad_norm"] or None
+    return identity
 
 
 def differing_values(saved: dict[str, Any], expected: dict[str, Any], keys: Sequence[str]) -> list[str]:
