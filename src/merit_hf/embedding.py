@@ -553,11 +553,8 @@ class EmbeddingArguments:
                 raise ValueError(f"{name}: must be one of {allowed}, got {value!r}")
         if self.window_stride is not None and self.window != "sliding":
             raise ValueError("window_stride: only with --window sliding")
-        if self.window == "single" and self.window_pooling != "mean":  # else checked on the checkpoint's window
-            raise ValueError(
-                f"window_pooling: {self.window_pooling!r} pools the windows of --window sliding, and --window single "
-                "gives each record one window; pass --window sliding, or leave --window_pooling out"
-            )
+        if self.window == "single":  # else checked on the checkpoint's window, once it is loaded (`main`)
+            check_window_pooling(self.window_pooling, "single", "--window single gives each record one window")
         if self.dataset_name != "wfdb":  # the loaders of the other datasets have their own, fixed splits
             given = [
                 f"--{name}"
@@ -591,6 +588,16 @@ class EmbeddingArguments:
                     f"feature_extraction_device: must be 'encoder' or a torch device such as 'cpu' or 'cuda:0', got "
                     f"{self.feature_extraction_device!r}"
                 ) from error
+
+
+def check_window_pooling(window_pooling: str, window: str, why: str) -> None:
+    """Refuse a `--window_pooling` other than the default where there are no windows to pool: `window` is not
+    "sliding" (`why` says where that comes from), so each record gets one window."""
+    if window != "sliding" and window_pooling != "mean":
+        raise ValueError(
+            f"window_pooling: {window_pooling!r} pools the windows of --window sliding, and {why}; pass --window "
+            "sliding, or leave --window_pooling out"
+        )
 
 
 def load_splits(arguments: EmbeddingArguments, shard_index: int = 0, num_shards: int = 1) -> dict[str, Any]:
@@ -696,12 +703,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     encoder, name = load_encoder(arguments.model_name_or_path)
     feature_extractor = with_input_settings(load_feature_extractor(arguments.model_name_or_path, encoder), arguments)
     check_feature_extractor_matches(feature_extractor, encoder)  # before any split is read
-    if feature_extractor.window != "sliding" and arguments.window_pooling != "mean":
-        raise ValueError(
-            f"window_pooling: {arguments.window_pooling!r} pools the windows of --window sliding, and the checkpoint's "
-            f"feature extractor has window {feature_extractor.window!r} (one window per record); pass --window "
-            "sliding, or leave --window_pooling out"
-        )
+    check_window_pooling(
+        arguments.window_pooling,
+        feature_extractor.window,
+        f"the checkpoint's feature extractor has window {feature_extractor.window!r} (one window per record)",
+    )
     output_dir = Path(arguments.output_dir)
     suffix = f"-{shard_index:05d}-of-{num_shards:05d}" if num_shards > 1 else ""
     weights = model_fingerprint(encoder)  # once: the cache key of every map-style split and the resume key

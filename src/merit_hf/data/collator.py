@@ -438,7 +438,7 @@ def record_ids(rows: Mapping[str, Sequence[Any]], position: int) -> list[str]:
 
 def _row_name(row: Mapping[str, Any], position: int) -> str:
     """A row of a batch as messages name it: its `RECORD_ID_COLUMNS`, and its position in the batch."""
-    named = [f"{name} {_plain(row[name])!r}" for name in RECORD_ID_COLUMNS if name in row]
+    named = record_ids({name: [value] for name, value in row.items()}, 0)  # a batch of this one row
     return f"{', '.join(named)} (row {position} of the batch)" if named else f"row {position} of the batch"
 
 
