@@ -24,6 +24,11 @@ depend on them), one round times every variant once, and a ratio is the median o
   products, on fixed inputs of the model's shapes, without layer norms, residual additions, GELU or softmax. No
   implementation that computes the same products with these kernels can be faster, so `reference time / floor time`
   bounds the ratio any implementation can reach against the reference on this CPU (the JSON's `ratios`).
+- With `--compile`, `<name>/bf16-compiled` for MERIT and the einsum reference: a bf16-weights copy with plain
+  `nn.Linear` layers (oneDNN's prepacked ones do not trace) under `torch.compile` (inductor) with its `freezing` on
+  (`FrozenCompiled`): inductor then prepacks the weights itself and fuses the layer norms, residual additions and
+  GELU into the products around them. Compile seconds are in the JSON; the model is not compiled anywhere else in
+  merit_hf (benchmarks/README.md says why).
 
 Also: where a `merit/bf16-sdpa` forward spends its time (`torch.profiler`, by operator group, after the timed rounds)
 and what one fp32 exponential of every block's attention scores costs alone; the cosine of each precision's pooled output to fp32 on the same input, the CPU's model name and flags, and
@@ -117,6 +122,22 @@ class MatmulFloor(torch.nn.Module):
         return types.SimpleNamespace(pooler_output=None, last_hidden_state=output)
 
 
+class FrozenCompiled(torch.nn.Module):
+    """`torch.compile(module)` with inductor's `freezing` on for every call, so a recompilation (another input
+    shape) freezes too: weights become constants, prepacked for oneDNN by inductor, and the layer norms, residual
+    additions and GELU fuse into the kernels around the products. Inference only (`torch.inference_mode`)."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.compiled = torch.compile(module)
+
+    def forward(self, **inputs):
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            return self.compiled(**inputs)
+
+
 def _token_count(model, inputs) -> int:
     """How many tokens `model`'s Transformer blocks see for `inputs` (read from the first block's input)."""
     seen = []
@@ -165,7 +186,7 @@ def _time_breakdown(variant, tokens: int, forwards: int = 3) -> dict:
     }
 
 
-def _variants(preset: str, batch: int, with_hubert: bool) -> tuple[dict, dict]:
+def _variants(preset: str, batch: int, with_hubert: bool, compile_bf16: bool = False) -> tuple[dict, dict]:
     """`{name: (model, inputs, attention, autocast, forced_cpu_attention)}` and the fp32 model's pooled output."""
     _register_einsum()
     torch.manual_seed(0)
@@ -184,6 +205,11 @@ def _variants(preset: str, batch: int, with_hubert: bool) -> tuple[dict, dict]:
         "einsum_ref/int8": (models["int8"], inputs, "stmem_einsum", False, None),
         "merit/int8": (models["int8"], inputs, "sdpa", False, None),
     }
+    if compile_bf16:
+        for name, attention in (("merit", "sdpa"), ("einsum_ref", "stmem_einsum")):
+            plain = copy.deepcopy(fp32).to(torch.bfloat16).eval()
+            set_attention(plain, attention)  # fixed before tracing: the trace keeps the kernel it saw
+            variants[f"{name}/bf16-compiled"] = (FrozenCompiled(plain), inputs, attention, False, None)
     tokens = _token_count(fp32, inputs)
     for precision in ("fp32", "bf16"):
         floor = MatmulFloor(models[precision], batch, tokens)
@@ -222,8 +248,8 @@ def _paired(times: dict, reference: str, name: str) -> dict:
     return {"median": round(statistics.median(pairs), 3), "range": [round(min(pairs), 3), round(max(pairs), 3)]}
 
 
-def measure_preset(preset: str, batch: int, rounds: int, with_hubert: bool = True) -> dict:
-    variants, models = _variants(preset, batch, with_hubert)
+def measure_preset(preset: str, batch: int, rounds: int, with_hubert: bool = True, compile_bf16: bool = False) -> dict:
+    variants, models = _variants(preset, batch, with_hubert, compile_bf16)
     saved_choice = dict(modeling_merit._cpu_attention_choice)
     modeling_merit._cpu_attention_choice.clear()
     _run((models["bf16"], variants["merit/fp32"][1], "sdpa", False, None))  # lets the model time and pick its kernel
@@ -231,7 +257,12 @@ def measure_preset(preset: str, batch: int, rounds: int, with_hubert: bool = Tru
     modeling_merit._cpu_attention_choice.update(saved_choice)
     reference_output = _run((variants["einsum_ref/fp32"][0], variants["merit/fp32"][1], "sdpa", False, None)).float()
     cosine = {}  # to the plain fp32 model (nn.Linear, SDPA)
-    for name in ("merit/fp32", "merit/bf16-sdpa", "merit/bf16-matmul", "merit/int8"):
+    compile_seconds = {}
+    for name in [name for name in variants if name.endswith("-compiled")]:  # the first call compiles
+        start = time.perf_counter()
+        _run(variants[name])
+        compile_seconds[name] = round(time.perf_counter() - start, 1)
+    for name in ("merit/fp32", "merit/bf16-sdpa", "merit/bf16-matmul", "merit/int8", *compile_seconds):
         output = _run(variants[name]).float()
         cosine[name] = round(F.cosine_similarity(output, reference_output).min().item(), 6)
     for variant in variants.values():  # warm-up
@@ -272,6 +303,12 @@ def measure_preset(preset: str, batch: int, rounds: int, with_hubert: bool = Tru
         "merit/fp32 vs matmul_floor/fp32": _paired(times, "matmul_floor/fp32", "merit/fp32"),
         f"{merit_bf16} vs matmul_floor/bf16": _paired(times, "matmul_floor/bf16", merit_bf16),
     }
+    if compile_bf16:
+        for reference in ("einsum_ref/bf16", "einsum_ref/bf16-autocast", "einsum_ref/bf16-compiled", merit_bf16):
+            ratios[f"merit/bf16-compiled vs {reference}"] = _paired(times, reference, "merit/bf16-compiled")
+        ratios["einsum_ref/bf16-compiled vs einsum_ref/bf16"] = _paired(
+            times, "einsum_ref/bf16", "einsum_ref/bf16-compiled"
+        )
     if {"merit/int8-x86", "merit/int8-onednn"} <= set(times):
         ratios["int8-onednn vs int8-x86"] = _paired(times, "merit/int8-x86", "merit/int8-onednn")
     if with_hubert:
@@ -289,6 +326,7 @@ def measure_preset(preset: str, batch: int, rounds: int, with_hubert: bool = Tru
         "bf16_attention_picked_by_the_model": picked,
         "merit_bf16_sdpa_time_breakdown": breakdown,
         "min_cosine_to_fp32_pooled_output": cosine,
+        **({"compile_seconds": compile_seconds} if compile_bf16 else {}),
         "merit_bf16_linear_layers_prepacked": sum(isinstance(m, PrepackedLinear) for m in models["bf16"].modules()),
         "merit_fp32_linear_layers_prepacked": sum(isinstance(m, PrepackedLinear) for m in models["fp32"].modules()),
         "int8_engine_picked_by_the_model": models["int8"].merit_int8_engine,
@@ -306,6 +344,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip_hubert", action="store_true")
+    parser.add_argument(
+        "--compile", action="store_true", help="Add MERIT and the reference in bf16 under frozen torch.compile."
+    )
     parser.add_argument("--output", default=str(RESULTS / "cpu_inference.json"))
     args = parser.parse_args(argv)
     # the model's own choices are timed in this run, not read from the machine's file of earlier ones (unless
@@ -314,7 +355,9 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     results = []
     for preset in args.presets:
-        result = measure_preset(preset, args.batch, args.rounds, with_hubert=not args.skip_hubert)
+        result = measure_preset(
+            preset, args.batch, args.rounds, with_hubert=not args.skip_hubert, compile_bf16=args.compile
+        )
         results.append(result)
         print(json.dumps(result, indent=2), flush=True)
     report = {

@@ -244,12 +244,14 @@ def test_cpu_inference_times_every_precision_against_the_references():
 
     from merit_hf.models.merit.inference_precision import cpu_int8_engines
 
-    result = cpu_inference.measure_preset("tiny-p75", batch=2, rounds=1, with_hubert=False)
+    result = cpu_inference.measure_preset("tiny-p75", batch=2, rounds=1, with_hubert=False, compile_bf16=True)
     assert set(result["ecgs_per_second"]) == {
         "einsum_ref/fp32", "merit/fp32", "einsum_ref/bf16-autocast", "einsum_ref/bf16", "merit/bf16-sdpa",
         "merit/bf16-matmul", "einsum_ref/int8", "merit/int8", *(f"merit/int8-{e}" for e in cpu_int8_engines()),
-        "matmul_floor/fp32", "matmul_floor/bf16",
+        "matmul_floor/fp32", "matmul_floor/bf16", "merit/bf16-compiled", "einsum_ref/bf16-compiled",
     }  # fmt: skip
+    assert set(result["compile_seconds"]) == {"merit/bf16-compiled", "einsum_ref/bf16-compiled"}
+    assert "merit/bf16-compiled vs einsum_ref/bf16-compiled" in result["ratios"]
     assert "matmul_floor/bf16 vs einsum_ref/bf16-autocast" in result["ratios"]
     breakdown = result["merit_bf16_sdpa_time_breakdown"]
     assert breakdown["ms_per_forward"]["linear layers (GELU fused into fc1)"] > 0
