@@ -135,9 +135,17 @@ class ProbeArguments:
     output_dir: str = field(default="results/probe", metadata={"help": "Where the results JSON files go."})
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Replace results (and LoRA adapters) an earlier run wrote under the same names; refused "
-                  "otherwise, before anything is computed."},
+        metadata={"help": "Replace results (and LoRA adapters, and an interrupted fine-tune's checkpoint folders) "
+                  "an earlier run wrote under the same names; refused otherwise, before anything is computed."},
     )  # fmt: skip
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "--mode finetune: 'latest' continues an interrupted run in output_dir: results files it finished "
+            "with the same settings are kept, each fine-tune it left half-done continues from its newest complete "
+            "checkpoint (pretraining's name; with none, that fine-tune starts at epoch 0 and says so)."
+        },
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Feature cache on disk (keyed by model + data)."})
     batch_size: int = field(default=64, metadata={"help": "Feature-extraction and fine-tuning batch size."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Linear probe learning rate (Adam; MERL)."})
@@ -148,6 +156,14 @@ class ProbeArguments:
     finetune_learning_rate: float = field(default=1e-4, metadata={"help": "Fine-tuning learning rate (AdamW)."})
     finetune_max_epochs: int = field(default=20, metadata={"help": "Fine-tuning epochs at most."})
     finetune_patience: int = field(default=5, metadata={"help": "Fine-tuning early-stopping patience (epochs)."})
+    finetune_save_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "--mode finetune: also write a full checkpoint every N optimizer steps inside an epoch (each "
+            "epoch's end writes one), so that an interrupted epoch of hours resumes near where it stopped; None: at "
+            "epoch ends only."
+        },
+    )
     finetune_method: str = field(
         default="full",
         metadata={
@@ -231,6 +247,31 @@ class ProbeArguments:
             raise ValueError(
                 f"mixed_precision {self.mixed_precision!r}: set, but mode is {self.mode!r}, so it would be ignored "
                 "(the linear probe extracts its features in fp32); it is for --mode finetune"
+            )
+        self._check_resume()
+
+    def _check_resume(self) -> None:
+        """Refuse resume settings that mean nothing here: a resume of the linear probe (it keeps no checkpoints), a
+        checkpoint folder (the command runs one fine-tune per label set, fraction, seed and encoder, each with its
+        own checkpoints), a resume that --overwrite_output_dir would throw away."""
+        if self.finetune_save_steps is not None and self.finetune_save_steps < 1:
+            raise ValueError(f"finetune_save_steps: must be >= 1 (or None), got {self.finetune_save_steps}")
+        for name in ("resume_from_checkpoint", "finetune_save_steps"):
+            if getattr(self, name) is not None and self.mode != "finetune":
+                raise ValueError(
+                    f"{name} {getattr(self, name)!r}: set, but mode is {self.mode!r}, so it would be ignored (the "
+                    "linear probe keeps no checkpoints: run it again); it is for --mode finetune"
+                )
+        if self.resume_from_checkpoint not in (None, "latest"):
+            raise ValueError(
+                f"resume_from_checkpoint: 'latest' or unset, got {self.resume_from_checkpoint!r}: the command runs "
+                "a fine-tune per label set, label fraction, seed and encoder, each with its own checkpoints in "
+                "output_dir, and 'latest' continues each from its newest complete one"
+            )
+        if self.overwrite_output_dir and self.resume_from_checkpoint is not None:
+            raise ValueError(
+                "--overwrite_output_dir: replaces the results and removes the checkpoints that "
+                f"--resume_from_checkpoint {self.resume_from_checkpoint!r} would continue from; give one or the other"
             )
 
     def _check_finetune_method(self) -> None:

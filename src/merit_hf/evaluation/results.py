@@ -377,6 +377,24 @@ def described_dataset(dataset_dict) -> dict[str, Any]:
     return described
 
 
+def results_dataset(dataset_dict, dataset_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `dataset` entry of a results JSON of `dataset_dict` (`build_results`), with `dataset_extra` added."""
+    described = described_dataset(dataset_dict)
+    # where merit_hf's loaders read the data from, as given; else the folder of its cache files
+    source = described.get("source") or _dataset_source(dataset_dict)
+    sampling_rate = _records_sampling_rate(dataset_dict)
+    return {
+        "name": DATASET_NAME,
+        "version": PTBXL_VERSION,
+        "source": source,
+        **({"sampling_rate": sampling_rate} if sampling_rate is not None else {}),
+        "split": "test",
+        "splits": "PTB-XL strat_fold 1-8 train, 9 validation, 10 test",
+        **{key: value for key, value in described.items() if key != "source"},
+        **(dataset_extra or {}),
+    }
+
+
 def build_results(
     task: str,
     dataset_dict,
@@ -396,23 +414,9 @@ def build_results(
     "baseline"}}`); `extra` adds other top-level fields."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    described = described_dataset(dataset_dict)
-    # where merit_hf's loaders read the data from, as given; else the folder of its cache files
-    source = described.get("source") or _dataset_source(dataset_dict)
-    sampling_rate = _records_sampling_rate(dataset_dict)
-    dataset = {
-        "name": DATASET_NAME,
-        "version": PTBXL_VERSION,
-        "source": source,
-        **({"sampling_rate": sampling_rate} if sampling_rate is not None else {}),
-        "split": "test",
-        "splits": "PTB-XL strat_fold 1-8 train, 9 validation, 10 test",
-        **{key: value for key, value in described.items() if key != "source"},
-        **(dataset_extra or {}),
-    }
     return EvaluationResults(
         task=task,
-        dataset=dataset,
+        dataset=results_dataset(dataset_dict, dataset_extra),
         label_set=label_set,
         label_names=list(label_names),
         label_fraction=label_fraction,
@@ -463,11 +467,21 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def json_safe(value: Any) -> Any:
+    """`value` as a results JSON holds it: NaN/inf `None`, numpy scalars plain numbers, tuples lists, keys strings
+    (what a value read back from a written file compares equal to)."""
+    return json.loads(json.dumps(_json_safe(value), allow_nan=False))
+
+
 def write_results(results: EvaluationResults, path: str | Path) -> Path:
-    """Write `results` as indented JSON in the v1 layout (NaN/inf become `null`, numpy scalars plain numbers)."""
+    """Write `results` as indented JSON in the v1 layout (NaN/inf become `null`, numpy scalars plain numbers). The
+    file appears whole or not at all (written beside it, then renamed): a run killed while writing leaves no
+    truncated results, which a resumed fine-tune would otherwise find (`--resume_from_checkpoint`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_json_safe(results.to_dict()), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(_json_safe(results.to_dict()), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    partial.replace(path)
     return path
 
 
@@ -490,7 +504,9 @@ __all__ = [
     "environment",
     "feature_extractor_settings",
     "format_metric",
+    "json_safe",
     "metric_cell",
     "read_results",
+    "results_dataset",
     "write_results",
 ]

@@ -55,7 +55,6 @@ import math
 import shutil
 import sys
 import time
-import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +78,6 @@ from accelerate.utils import (
     gather_object,
     set_seed,
 )
-from safetensors import SafetensorError, safe_open
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
@@ -93,6 +91,7 @@ from ..utils.arguments import arguments_to_dict, config_from_argument, parse_arg
 from ..utils.launch import require_joined_processes
 from ..utils.throughput import ThroughputMeter, dataloader_options
 from .activation_checkpointing import enable_activation_checkpointing
+from .checkpoint_integrity import damaged_files
 from .finetune_precision import launcher_mixed_precision, resolve_finetune_precision
 from .losses import PretrainingLosses, PretrainingObjective, several_processes
 
@@ -742,10 +741,7 @@ def check_checkpoint_files(path: Path) -> None:
     resumed run would silently differ from an uninterrupted one. Nothing is unpickled: torch.save's zip archives are
     read against their CRCs (which `torch.load` does not check), a safetensors file's header against its size, and
     the JSON files are parsed."""
-    problems = _missing_checkpoint_files(path)
-    for file in path.iterdir():
-        if file.is_file() and (problem := _checkpoint_file_problem(file)):
-            problems[file.name] = problem
+    problems = {**_missing_checkpoint_files(path), **damaged_files(path)}
     if not problems:
         return
     complete = complete_checkpoints(path.parent.parent)  # Accelerate writes <output_dir>/checkpoints/checkpoint_<step>
@@ -782,32 +778,6 @@ def _missing_checkpoint_files(path: Path) -> dict[str, str]:
     if not (path / SAFE_WEIGHTS_NAME).is_file() and not (path / WEIGHTS_NAME).is_file():
         missing[SAFE_WEIGHTS_NAME] = "is missing"
     return missing
-
-
-def _checkpoint_file_problem(file: Path) -> str | None:
-    """What is wrong with one checkpoint file, by its kind, or `None`; files of other kinds are not read."""
-    if file.suffix == ".json":
-        try:
-            json.loads(file.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            return f"is not valid JSON ({error}): truncated or corrupt"
-    elif file.suffix == ".safetensors":
-        try:
-            with safe_open(file, framework="pt"):
-                pass
-        except (SafetensorError, OSError) as error:
-            return f"is not a complete safetensors file ({error})"
-    elif file.suffix in (".bin", ".pt", ".pkl"):  # Accelerate's torch.save archives (a .pkl is one too)
-        if not zipfile.is_zipfile(file):
-            return "is not a complete torch.save archive (no zip directory at its end): truncated or corrupt"
-        try:
-            with zipfile.ZipFile(file) as archive:
-                damaged = archive.testzip()
-        except (zipfile.BadZipFile, OSError, EOFError) as error:
-            return f"is a damaged torch.save archive ({error})"
-        if damaged is not None:
-            return f"is corrupt: its entry {damaged} does not read back intact (zip CRC or header)"
-    return None
 
 
 def remove_checkpoints_after(output_dir: Path, step: int) -> None:

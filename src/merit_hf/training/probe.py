@@ -7,6 +7,8 @@ Run (1 CPU, N GPUs and M nodes alike):
 
     python -m merit_hf.training.probe configs/probe_quickstart.yaml
     accelerate launch -m merit_hf.training.probe configs/probe_ptbxl_full.yaml --mode finetune
+    accelerate launch -m merit_hf.training.probe configs/probe_ptbxl_full.yaml --mode finetune \
+        --resume_from_checkpoint latest   # after an interruption: keeps what was finished, continues the rest
     python -m merit_hf.training.probe configs/probe_quickstart.yaml --mode finetune --finetune_method lora \
         --lora_r 8 --finetune_learning_rate 1e-3 --merge_lora true
     accelerate launch --multi_gpu --num_machines M --num_processes N ... -m merit_hf.training.probe <config>
@@ -39,7 +41,8 @@ from ..evaluation.probe import (
 )
 from ..utils.arguments import parse_arguments
 from ..utils.launch import is_first_launched_process
-from .finetune import fine_tune, lora_output_dirs, run_fine_tune  # noqa: F401
+from .finetune import check_fine_tune_resumable, fine_tune, lora_output_dirs, run_fine_tune  # noqa: F401
+from .finetune_resume import ROLES, role_checkpoint_dir
 
 logger = logging.getLogger(__name__)
 
@@ -52,20 +55,27 @@ def run_task_name(arguments: ProbeArguments) -> str:
     return "fine-tune-lora" if arguments.finetune_method == "lora" else "fine-tune"
 
 
+def units(arguments: ProbeArguments) -> list[tuple[int, str, float, Path]]:
+    """`(seed, label set, label fraction, results file)` of each unit of the run, in the order it runs them."""
+    return [
+        (seed, label_set, fraction,
+         Path(arguments.output_dir) / f"{run_name(run_task_name(arguments), label_set, fraction, seed)}.json")
+        for seed in arguments.seeds
+        for label_set in arguments.label_sets
+        for fraction in arguments.label_fractions
+    ]  # fmt: skip
+
+
 def planned_outputs(arguments: ProbeArguments) -> list[Path]:
-    """What the run writes into `output_dir`: one results JSON per (seed, label set, fraction) and, for LoRA
-    fine-tuning, the adapter (and merged model) folders beside each."""
+    """What the run writes into `output_dir`: one results JSON per (seed, label set, fraction) and, for fine-tuning,
+    the folders each role keeps while it runs (`<run>_<role>_checkpoints`, an interrupted run's to resume) and, for
+    LoRA, the adapter (and merged model) folders beside each."""
     paths = []
-    for seed in arguments.seeds:
-        for label_set in arguments.label_sets:
-            for fraction in arguments.label_fractions:
-                output_file = (
-                    Path(arguments.output_dir)
-                    / f"{run_name(run_task_name(arguments), label_set, fraction, seed)}.json"
-                )
-                paths.append(output_file)
-                if arguments.mode != "linear":
-                    paths.extend(lora_output_dirs(output_file, arguments).values())
+    for *_, output_file in units(arguments):
+        paths.append(output_file)
+        if arguments.mode != "linear":
+            paths.extend(role_checkpoint_dir(output_file, role) for role in ROLES)
+            paths.extend(lora_output_dirs(output_file, arguments).values())
     return paths
 
 
@@ -80,9 +90,14 @@ def check_outputs_free(arguments: ProbeArguments, planned: Sequence[Path] | None
         names = ", ".join(path.name for path in existing[:4]) + (
             f" and {len(existing) - 4} more" if len(existing) > 4 else ""
         )
+        resume = (
+            " To continue an interrupted fine-tune, keeping what it finished, pass --resume_from_checkpoint latest."
+            if arguments.mode == "finetune"
+            else ""
+        )
         raise FileExistsError(
             f"{arguments.output_dir}: holds results this run would replace ({names}). Pass --overwrite_output_dir "
-            "true to replace them, or choose another --output_dir."
+            f"true to replace them, or choose another --output_dir.{resume}"
         )
 
 
@@ -92,13 +107,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     (arguments,) = parse_arguments([ProbeArguments], sys.argv[1:] if argv is None else argv)
     if not arguments.model_name_or_path:
         raise ValueError("model_name_or_path: required (a MERIT checkpoint folder or Hub id)")
-    check_outputs_free(arguments)  # before the data and model load, on every process
+    if arguments.resume_from_checkpoint is None:
+        check_outputs_free(arguments)  # before the data and model load, on every process
     if arguments.mode == "linear" and not is_first_launched_process():
         logger.info("linear probe: it runs on the main process; this process has nothing to do")
         return {}
     dataset_dict = load_dataset_dict(arguments.dataset, arguments.sampling_rate, arguments)
     encoder, _ = load_encoder(arguments.model_name_or_path)
     feature_extractor = load_feature_extractor(arguments.model_name_or_path, encoder)
+    if arguments.resume_from_checkpoint is not None:  # refuse other settings now, not after hours of training
+        for seed, label_set, fraction, output_file in units(arguments):
+            check_fine_tune_resumable(encoder, dataset_dict, label_set, fraction, seed, feature_extractor, arguments,
+                                      output_file)  # fmt: skip
     summary: dict[str, Any] = {}
     for seed in arguments.seeds:
         features = None

@@ -15,13 +15,19 @@ import os
 def require_joined_processes(num_processes: int, flag: str = "--use_cpu true") -> None:
     """Raise when the launcher started more processes (`WORLD_SIZE`, set by `torchrun` and `accelerate launch`) than
     the `num_processes` this process's Accelerate state has joined, naming the flag that joins them."""
-    launched = int(os.environ.get("WORLD_SIZE", "1") or "1")
+    launched = launched_processes()
     if launched > num_processes:
         raise RuntimeError(
             f"launched as {launched} processes (WORLD_SIZE={launched}), but this one runs alone as {num_processes} "
             f"of them: without a GPU, Accelerate joins processes only on the CPU when asked to. Pass {flag} (each "
             "process would otherwise run the whole job and write the same files)"
         )
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (`WORLD_SIZE`; 1 without a launcher): the processes a job runs on once
+    `require_joined_processes` has passed, known before any Accelerate state exists."""
+    return int(os.environ.get("WORLD_SIZE", "1") or "1")
 
 
 def is_first_launched_process() -> bool:
@@ -31,4 +37,4 @@ def is_first_launched_process() -> bool:
     return int(os.environ.get("RANK", "0") or "0") == 0
 
 
-__all__ = ["is_first_launched_process", "require_joined_processes"]
+__all__ = ["is_first_launched_process", "launched_processes", "require_joined_processes"]
