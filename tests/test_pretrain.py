@@ -1014,6 +1014,20 @@ def test_training_crops_are_keyed_by_seed_epoch_and_ecg_id_also_in_persistent_wo
         DataArguments(precompute_ecg_values=True)
 
 
+def test_a_ptbxl_rate_with_mimic_is_refused():
+    """`--source_sampling_rate` picks PTB-XL's 100 or 500 Hz records; with MIMIC-IV-ECG (500 Hz only) it was
+    accepted and changed nothing."""
+    from merit_hf.data.mimic_iv_ecg import MIMIC_SAMPLING_RATE
+    from merit_hf.training import pretrain
+
+    refusal = r"^--source_sampling_rate 100: selects PTB-XL's 100 or 500 Hz records; MIMIC-IV-ECG has its 500 Hz"
+    with pytest.raises(ValueError, match=refusal):
+        pretrain.DataArguments(dataset_name="mimic_iv_ecg", source_sampling_rate=100)
+    pretrain.DataArguments(dataset_name="mimic_iv_ecg")  # the default is MIMIC-IV-ECG's rate
+    pretrain.DataArguments(dataset_name="ptbxl", source_sampling_rate=100)
+    assert pretrain.MIMIC_IV_ECG_SAMPLING_RATE == MIMIC_SAMPLING_RATE
+
+
 def test_precomputed_values_train_and_resume_as_computed_ones(assets, tmp_path):
     """`--precompute_ecg_values true`: the stored values (checked by the collators against their feature extractors,
     whose crops differ from the one that stored them) give the loss curve of values computed every step, and a run

@@ -152,6 +152,11 @@ class ModelArguments:
     max_report_length: int = field(default=128, metadata={"help": "Reports are truncated to this many tokens."})
 
 
+# merit_hf.data.mimic_iv_ecg.MIMIC_SAMPLING_RATE (not imported here: the data layer loads lazily; a test keeps them
+# equal)
+MIMIC_IV_ECG_SAMPLING_RATE = 500
+
+
 @dataclass
 class DataArguments:
     """Where the ECG-report pairs come from."""
@@ -230,6 +235,13 @@ class DataArguments:
     )
 
     def __post_init__(self):
+        if self.dataset_name == "mimic_iv_ecg" and self.source_sampling_rate != MIMIC_IV_ECG_SAMPLING_RATE:
+            raise ValueError(
+                f"--source_sampling_rate {self.source_sampling_rate}: selects PTB-XL's 100 or 500 Hz records; "
+                f"MIMIC-IV-ECG has its {MIMIC_IV_ECG_SAMPLING_RATE} Hz records only, read as recorded and resampled to "
+                f"the model's rate, so it would change nothing: leave --source_sampling_rate out (or pass "
+                f"{MIMIC_IV_ECG_SAMPLING_RATE}) with --dataset_name mimic_iv_ecg"
+            )
         if self.feature_extraction_device not in (None, "cpu"):
             raise ValueError(
                 f"--feature_extraction_device: None or 'cpu', got {self.feature_extraction_device!r} (the GPU path "
