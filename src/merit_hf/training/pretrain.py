@@ -1088,6 +1088,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     train_loader, eval_loader, streaming = make_dataloaders(
         accelerator, data_args, train_args, feature_extractor, collators
     )
+    eval_split = eval_loader.dataset if eval_loader is not None else None  # whole: `prepare` may cut a stream
     optimizer, scheduler = make_optimizer(model, train_args)
     # The meter counts FLOPs on the eager model (before prepare wraps or compiles it).
     meter = ThroughputMeter(accelerator.device, train_args.peak_tflops, accelerator.num_processes, model)
@@ -1104,7 +1105,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         check_contrastive_batch(
             unwrapped.config, train_args.per_device_eval_batch_size, accelerator.num_processes, role="eval"
         )
-        check_eval_split_contrastive(unwrapped.config, eval_loader, data_args.eval_split)
+        check_eval_split_contrastive(unwrapped.config, eval_split, data_args.eval_split)
     objective = PretrainingObjective(unwrapped.config)  # the contrastive term over every process's batch
     run_identity = {
         "model_config": comparable_config(unwrapped.config),
@@ -1466,15 +1467,17 @@ def check_contrastive_batch(
         )
 
 
-def check_eval_split_contrastive(config: MeritConfig, eval_loader, split_name: str) -> None:
+def check_eval_split_contrastive(config: MeritConfig, eval_split, split_name: str) -> None:
     """Refuse an eval split of a single record where the contrastive term is on: it is the eval contrastive term's
-    only batch (`evaluate`), of one pair, whose InfoNCE is 0. A split of unknown length (a stream) is not checked."""
-    if eval_loader is None or config.contrastive_weight == 0:
+    only batch (`evaluate`), of one pair, whose InfoNCE is 0. `eval_split`: the eval loader's dataset before
+    `prepare` (which may give each process a part of a stream). A stream's length is unknown, so its first two records
+    are counted (a MIMIC-IV-ECG eval split, `--max_eval_samples 1`, was not checked and reported an InfoNCE of 0)."""
+    if eval_split is None or config.contrastive_weight == 0:
         return
     try:
-        records = len(eval_loader.dataset)
-    except TypeError:
-        return
+        records = len(eval_split)
+    except TypeError:  # a stream: read as far as a second record
+        records = sum(1 for _ in itertools.islice(iter(eval_split), 2))
     if records < 2:
         raise ValueError(
             f"--eval_split {split_name!r}: {records} record(s), so the eval contrastive term would have no other "
