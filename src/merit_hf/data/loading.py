@@ -22,6 +22,7 @@ so the rows after a filter stay Arrow and `with_format("numpy")` reads them fast
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -510,13 +511,18 @@ def _map_splits(dataset: AnyDataset, function, split: str | None = None) -> AnyD
 
 def _drop_unlabeled(dataset: Dataset | IterableDataset, label_set: str) -> Dataset | IterableDataset:
     if isinstance(dataset, IterableDataset):
-        return filter_stream(dataset, lambda batch: [len(labels) > 0 for labels in column_values(batch, label_set)])
+        return filter_stream(dataset, functools.partial(rows_with_labels, label_set=label_set))
     keep = [index for index, row in enumerate(dataset[label_set][:]) if row]
     if len(keep) < dataset.num_rows:
         logger.info(
             "dropped %d of %d records with no %s label", dataset.num_rows - len(keep), dataset.num_rows, label_set
         )
     return dataset.select(keep) if len(keep) < dataset.num_rows else dataset
+
+
+def rows_with_labels(batch, label_set: str) -> list[bool]:
+    """`_drop_unlabeled`'s `keep` on a stream's batch (module level: DataLoader workers get the stream pickled)."""
+    return [len(labels) > 0 for labels in column_values(batch, label_set)]
 
 
 def _split_by_node(dataset: AnyDataset, rank: int | None, world_size: int | None) -> AnyDataset:
