@@ -265,6 +265,28 @@ def test_a_shift_that_changes_nothing_gives_the_clean_input_whatever_the_flat_le
     assert two["lead_mask"].sum(dim=1).tolist() == [2, 2]  # I and II: never the limb leads rebuilt from them
 
 
+def test_shifts_that_break_einthoven_on_purpose_are_not_warned_about(record):
+    """Noise added to each lead on its own breaks Einthoven's law, as a lead-swap would: the clean extraction checks
+    the records, the shifted path does not warn about every shifted record."""
+    import warnings
+
+    from merit_hf import MeritFeatureExtractor
+    from merit_hf.data import EcgLeadSwapWarning
+    from merit_hf.evaluation.robustness import shifted_as_read
+    from merit_hf.training.probe import ecg_model_inputs
+
+    signal, rate, leads = record
+    rows = {"signal": [signal], "sampling_rate": [rate], "lead_names": [leads]}
+    noise = input_shifts(noise_snrs_db=(5,))["white_noise_5db"][1]
+    extractor = MeritFeatureExtractor()
+    with pytest.warns(EcgLeadSwapWarning, match="record 0: Einthoven's law does not hold"):
+        extractor(noise(signal, rate, leads, 0)[0], sampling_rate=rate, lead_names=leads)  # what the check sees
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EcgLeadSwapWarning)
+        ecg_model_inputs(reduced_lead_extractor(extractor), rows, shifted_as_read(extractor, noise))
+    assert extractor.lead_swap_policy == "warn"  # the caller's extractor is left as it was
+
+
 def test_robustness_with_a_drop_policy_extractor_scores_unchanged_shifts_as_clean():
     """End to end: a checkpoint whose feature extractor drops flat leads (`missing_leads="mask"`), test records with a
     flat lead III: the all-leads shifts must score exactly as the clean test split."""

@@ -626,7 +626,11 @@ def load_splits(arguments: EmbeddingArguments, shard_index: int = 0, num_shards:
     return {split: everything[split] for split in arguments.splits}
 
 
-_NOT_INPUT_SETTINGS = ("feature_extractor_type", "auto_map", "processor_class", "crop", "seed")
+# the lead-swap check warns about or refuses a record, never changes its values
+_NOT_INPUT_SETTINGS = (
+    "feature_extractor_type", "auto_map", "processor_class", "crop", "seed", "lead_swap_policy",
+    "max_limb_lead_residual",
+)  # fmt: skip
 
 
 def dataset_identity(dataset: str) -> str:
