@@ -115,6 +115,23 @@ def test_a_saved_split_without_rows_loads_empty_with_its_features(small_ptbxl, t
     assert ecg_ids(streamed["train"]) == built["train"]["ecg_id"][:]
 
 
+def test_a_saved_ptbxl_at_another_rate_than_asked_is_refused(small_ptbxl, tmp_path):
+    """A `save_to_disk` folder holds the rate it was built at, and `sampling_rate` (the CLIs' --sampling_rate) was
+    ignored for it: 500 Hz asked, 100 Hz records returned without a word, map-style and streamed."""
+    build_ptbxl(small_ptbxl, sampling_rate=100).save_to_disk(str(tmp_path / "saved"))
+    message = (
+        rf"{tmp_path / 'saved'} \(train\): its records are 100 Hz, not the 500 Hz that sampling_rate=500 asks for "
+        r"\(the probe's and embedding's --sampling_rate, pretraining's --source_sampling_rate\); .* pass "
+        r"--sampling_rate 100 \(sampling_rate=100\)"
+    )
+    for streaming in (False, True):
+        with pytest.raises(ValueError, match=message):
+            load_dataset("ptbxl", tmp_path / "saved", sampling_rate=500, streaming=streaming)
+    with pytest.raises(ValueError, match=r"\(test\): its records are 100 Hz, not the 500 Hz"):
+        load_dataset("ptbxl", tmp_path / "saved", split="test", sampling_rate=500)
+    assert load_dataset("ptbxl", tmp_path / "saved", sampling_rate=100)["train"].unique("sampling_rate") == [100]
+
+
 def test_one_split_streamed_and_cut_by_node(small_ptbxl):
     split = next(name for name, part in build_ptbxl(small_ptbxl).items() if part.num_rows >= 2)
     whole = load_dataset("ptbxl", small_ptbxl, split=split)

@@ -236,6 +236,35 @@ def test_a_converted_dataset_gets_the_drops_and_a_stale_twin_raises(twins, conse
     assert json.loads(_row(fresh, 1371)["scp_codes"]) == ptbxl_v1_0_3_changes().consensus[1371]
 
 
+def test_filtered_streams_pickle_for_spawned_dataloader_workers(twins, tmp_path):
+    """The functions that filter a stream (v1.0.3's rows, labelled rows, rows with a report, one row in N of
+    `stream_part`) and `filter_stream`'s own map were closures: `pickle` refused every filtered stream ("Can't pickle
+    local object 'filter_stream.<locals>.kept'"), so a DataLoader worker started with `spawn` (macOS and Windows'
+    default) could not receive one."""
+    import pickle
+
+    from torch.utils.data import DataLoader
+
+    from merit_hf.data.streams import stream_part
+
+    convert_ptbxl(twins, tmp_path / "twins", ptbxl_version="as_is")
+    streams = {
+        "v1.0.3 rows": load_ptbxl(tmp_path / "twins", split="validation", streaming=True),
+        "labelled rows": load_ptbxl(tmp_path / "twins", split="validation", streaming=True, label_set="superclass"),
+        "rows with a report": load_dataset(
+            "ptbxl", tmp_path / "twins", split="validation", streaming=True, drop_empty_reports=True
+        ),
+    }
+    streams["one row in two"] = stream_part(streams["v1.0.3 rows"], 0, 2)  # a single shard: the fallback filter
+    for name, stream in streams.items():
+        expected = [row["ecg_id"] for row in stream]
+        assert [row["ecg_id"] for row in pickle.loads(pickle.dumps(stream))] == expected, name
+    assert [row["ecg_id"] for row in streams["rows with a report"]] == [144]  # 140 and 143 left out
+    ecg_ids = streams["rows with a report"].select_columns(["ecg_id"])
+    loader = DataLoader(ecg_ids, batch_size=None, num_workers=1, multiprocessing_context="spawn")
+    assert [int(row["ecg_id"]) for row in loader] == [144]
+
+
 def test_a_dataset_converted_as_is_gets_v1_0_3_ages_when_loaded_as_v1_0_3(tmp_path):
     """ecg_id 279 and 282 are 91 in v1.0.1's csv: converted as is, a v1.0.3 load stores them as 300, as the
     in-memory path does, map-style (the column order kept, the count in the description) and streamed."""

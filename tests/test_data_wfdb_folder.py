@@ -132,6 +132,51 @@ def test_a_multi_segment_record_is_one_row_and_its_segments_none(tmp_path):
     assert sorted(converted["record"]) == ["twelve", "ward/ms"]
 
 
+def test_each_header_is_read_and_parsed_once_and_gives_what_wfdb_reads(tmp_path, monkeypatch):
+    """The folder scan read every header twice: its own parser for multi-segment detection, then `wfdb.rdheader`
+    (about 7 ms a header) for the lead count and comments. One read and one parse now give all three, equal to what
+    `wfdb.rdheader` reads (comments as ASCII, without their `#`); only headers outside the grammar still go to wfdb."""
+    from pathlib import Path
+
+    from merit_hf.data import wfdb_folder
+    from tests.test_data_wfdb import RECORD_1_HR, write_multi_segment
+
+    wfdb_dir = tmp_path / "export"
+    copy_record(SUBSET / "records100" / "00000" / "00001_lr", wfdb_dir, "twelve")
+    commented = copy_record(SUBSET / "records100" / "00000" / "00002_lr", wfdb_dir / "cinc", "commented")
+    text = commented.with_suffix(".hea").read_text().replace(" ", "\t").replace("\n", "\r\n")
+    commented.with_suffix(".hea").write_text(text + "# Age: 56\r\n#Dx: 426783006,164934002 \u00cf \u00b5V\r\n")
+    uncalibrated = copy_record(SUBSET / "records100" / "00000" / "00003_lr", wfdb_dir, "uncalibrated")
+    text = uncalibrated.with_suffix(".hea").read_text().replace("1000.0(0)/mV", "0(0)/mV")
+    uncalibrated.with_suffix(".hea").write_text(text + "# gain 0: outside the grammar\n")
+    latin1 = copy_record(SUBSET / "records100" / "00000" / "00004_lr", wfdb_dir, "latin1")
+    latin1.with_suffix(".hea").write_bytes(
+        latin1.with_suffix(".hea").read_bytes() + "# Sex: M\xe4\n".encode("latin-1")
+    )
+    (wfdb_dir / "ward").mkdir()
+    original = wfdb.rdrecord(str(RECORD_1_HR))
+    write_multi_segment(wfdb_dir / "ward", "ms", original.p_signal, original.sig_name, [3000, 2000])
+    records = ["cinc/commented", "latin1", "twelve", "uncalibrated", "ward/ms"]
+    expected = {}
+    for record in records:  # what the scan took from wfdb.rdheader before
+        header = wfdb.rdheader(str(wfdb_dir / record))
+        comments = "\n".join(str(line).strip() for line in header.comments or [])
+        expected[record] = (int(header.n_sig or 0), comments)
+    assert expected["cinc/commented"] == (12, "Age: 56\nDx: 426783006,164934002  V")  # non-ASCII dropped, as wfdb does
+
+    reads, wfdb_reads, read_bytes, rdheader = [], [], Path.read_bytes, wfdb.rdheader
+    monkeypatch.setattr(Path, "read_bytes", lambda path: reads.append(path.name) or read_bytes(path))
+    monkeypatch.setattr(wfdb, "rdheader", lambda name, *args, **kwargs: wfdb_reads.append(Path(name).name)
+                        or rdheader(name, *args, **kwargs))  # fmt: skip
+    tasks, _, lead_counts, _ = wfdb_folder.wfdb_folder_tasks(WfdbFolderSpec(str(wfdb_dir)))
+    assert sorted(reads) == sorted(f"{Path(name).name}.hea" for name in [*records, "ward/ms_1", "ward/ms_2"])
+    assert sorted(wfdb_reads) == ["latin1", "uncalibrated"]  # outside the grammar (not UTF-8; gain 0): wfdb reads it
+    assert [task["record"] for task in tasks] == records  # the segments are parts of ward/ms, not records
+    assert {task["record"]: (task["num_leads"], task["header_comments"]) for task in tasks} == expected
+    assert lead_counts == {12}
+    assert wfdb_folder.scan_wfdb_headers(wfdb_dir)["ward/ms"].segments == ("ward/ms_1", "ward/ms_2")
+
+
 def test_a_multi_frequency_record_in_a_folder_is_refused_by_name(tmp_path):
     """A multi-frequency record is refused by name (build) or listed in the report (convert); the rest is written."""
     from tests.test_data_wfdb import write_multi_frequency

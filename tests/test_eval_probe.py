@@ -259,6 +259,15 @@ def test_evaluation_settings_are_refused_when_the_flags_are_parsed(flag, value, 
     ProbeArguments(mode="finetune", num_bootstrap=0, weight_decay=0.0, learning_rate=1e-5)  # the edges that are fine
 
 
+def test_sampling_rate_for_a_dataset_it_does_not_apply_to_is_refused(tmp_path):
+    """`--sampling_rate` picks PTB-XL's 100 or 500 Hz records; with `--dataset_name wfdb` it was accepted and changed
+    nothing (a WFDB folder's records keep their recorded rates)."""
+    with pytest.raises(ValueError, match=r"^--sampling_rate 500: only with --dataset_name ptbxl .* wfdb records are"):
+        main(["--model_name_or_path", str(tmp_path / "missing"), "--dataset_name", "wfdb", "--sampling_rate", "500"])
+    assert ProbeArguments(dataset_name="wfdb").sampling_rate == 100  # the default, which PTB-XL alone reads
+    assert ProbeArguments(sampling_rate=500).sampling_rate == 500
+
+
 def test_a_negative_bootstrap_count_set_after_parsing_is_refused_before_fine_tuning(ptbxl_like, monkeypatch):
     from merit_hf.training import finetune
 

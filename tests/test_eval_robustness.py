@@ -228,6 +228,119 @@ def test_masked_lead_shifts_feed_only_the_recorded_leads(record):
         assert lead_mask.sum() == count, count
 
 
+FLAT_LEAD_EXTRACTORS = {
+    "drop, masked": {"flat_lead_policy": "drop", "missing_leads": "mask"},
+    "drop, derived": {"flat_lead_policy": "drop", "derive_limb_leads": True},
+    "zero": {"flat_lead_policy": "zero"},
+}
+
+
+@pytest.mark.parametrize("settings", list(FLAT_LEAD_EXTRACTORS.values()), ids=list(FLAT_LEAD_EXTRACTORS))
+def test_a_shift_that_changes_nothing_gives_the_clean_input_whatever_the_flat_lead_policy(record, settings):
+    """`reduced_lead_extractor` forced `flat_lead_policy="zero"` on the raw record: a flat lead III that the clean
+    extractor left out (`"drop"` with `missing_leads="mask"`) or rebuilt (`"drop"` with `derive_limb_leads`) was fed
+    as zeros in every shift, so the shifted features differed from the clean ones by more than the shift. The shift
+    now gets the record as the clean extractor read it."""
+    from merit_hf import MeritFeatureExtractor
+    from merit_hf.evaluation.robustness import shifted_as_read
+    from merit_hf.training.probe import ecg_model_inputs
+
+    signal, rate, leads = record
+    flat_iii = signal.copy()
+    flat_iii[:, 2] = 0.0
+    rows = {"signal": [signal, flat_iii], "sampling_rate": [rate, rate], "lead_names": [leads, leads]}
+    extractor = MeritFeatureExtractor(**settings)
+    clean = ecg_model_inputs(extractor, rows)
+    clean_mask = clean.get("lead_mask", torch.ones(2, 12, dtype=torch.bool))
+    shifts = input_shifts(lead_counts=(2, 12))
+    unchanged = {name: shifts[name][1] for name in ("leads_12_masked", "leads_12_zeroed")}
+    unchanged["identity"] = lambda signal, sr, names, row: (signal, sr)
+    for name, transform in unchanged.items():
+        shifted = ecg_model_inputs(reduced_lead_extractor(extractor), rows, shifted_as_read(extractor, transform))
+        torch.testing.assert_close(shifted["ecg_values"], clean["ecg_values"], rtol=0, atol=0, msg=name)
+        assert torch.equal(shifted["lead_mask"], clean_mask), name
+    two = ecg_model_inputs(
+        reduced_lead_extractor(extractor), rows, shifted_as_read(extractor, shifts["leads_2_masked"][1])
+    )
+    assert two["lead_mask"].sum(dim=1).tolist() == [2, 2]  # I and II: never the limb leads rebuilt from them
+
+
+def test_shifts_that_break_einthoven_on_purpose_are_not_warned_about(record):
+    """Noise added to each lead on its own breaks Einthoven's law, as a lead-swap would: the clean extraction checks
+    the records, the shifted path does not warn about every shifted record."""
+    import warnings
+
+    from merit_hf import MeritFeatureExtractor
+    from merit_hf.data import EcgLeadSwapWarning
+    from merit_hf.evaluation.robustness import shifted_as_read
+    from merit_hf.training.probe import ecg_model_inputs
+
+    signal, rate, leads = record
+    rows = {"signal": [signal], "sampling_rate": [rate], "lead_names": [leads]}
+    noise = input_shifts(noise_snrs_db=(5,))["white_noise_5db"][1]
+    extractor = MeritFeatureExtractor()
+    with pytest.warns(EcgLeadSwapWarning, match="record 0: Einthoven's law does not hold"):
+        extractor(noise(signal, rate, leads, 0)[0], sampling_rate=rate, lead_names=leads)  # what the check sees
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EcgLeadSwapWarning)
+        ecg_model_inputs(reduced_lead_extractor(extractor), rows, shifted_as_read(extractor, noise))
+    assert extractor.lead_swap_policy == "warn"  # the caller's extractor is left as it was
+
+
+def test_robustness_with_a_drop_policy_extractor_scores_unchanged_shifts_as_clean():
+    """End to end: a checkpoint whose feature extractor drops flat leads (`missing_leads="mask"`), test records with a
+    flat lead III: the all-leads shifts must score exactly as the clean test split."""
+    from merit_hf import MeritFeatureExtractor
+
+    torch.manual_seed(7)
+    model = MeritModel(tiny_merit_config()).eval()
+    data = synthetic_ptbxl(sizes=(16, 8, 10))
+    data["test"] = data["test"].map(lambda row, index: {"signal": np.where(np.arange(12) == 2, 0.0, row["signal"])
+                                    if index % 2 else row["signal"]}, with_indices=True)  # fmt: skip
+    extractor = MeritFeatureExtractor.from_model_config(
+        model.config.ecg_config, flat_lead_policy="drop", missing_leads="mask"
+    )
+    shifts = {name: shift for name, shift in input_shifts(lead_counts=(12,)).items() if name.startswith("leads_12")}
+    arguments = ProbeArguments(max_epochs=2, num_bootstrap=0, ptbxl_version="as_is")
+    results = run_robustness(
+        model, data, "superclass", baseline=False, feature_extractor=extractor, arguments=arguments, shifts=shifts,
+        group_columns=(),
+    )  # fmt: skip
+    clean = results["model"]["metrics"]["macro_auroc"]["value"]
+    for name in shifts:
+        assert results["shifts"][name]["model"]["metrics"]["macro_auroc"]["value"] == clean, name
+
+
+def test_limb_leads_only_and_leads_6_zeroed_are_one_input_computed_once(monkeypatch):
+    """Both zero every lead but the six limb leads (`LEAD_SUBSETS[6]` is `LIMB_LEADS`): their features were computed
+    twice per encoder. They share one transform now, computed once, and both names keep their entry."""
+    from merit_hf.evaluation import robustness
+
+    shifts = input_shifts(device_rates=(), noise_snrs_db=(), wander_snrs_db=(), lead_counts=(6,))
+    assert shifts["limb_leads_only"][1] is shifts["leads_6_zeroed"][1]
+    assert shifts["precordial_leads_only"][1] is not shifts["leads_6_zeroed"][1]
+    extracted = []
+    original = robustness.extract_features
+
+    def counting(*args, **kwargs):
+        extracted.append(kwargs["cache_tag"].split("_seed")[0].rsplit("_", 1)[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(robustness, "extract_features", counting)
+    torch.manual_seed(7)
+    model = MeritModel(tiny_merit_config()).eval()
+    chosen = {name: shifts[name] for name in ("limb_leads_only", "leads_6_zeroed", "leads_6_masked")}
+    results = run_robustness(
+        model, synthetic_ptbxl(sizes=(16, 8, 10)), "superclass",
+        arguments=ProbeArguments(max_epochs=1, num_bootstrap=0, ptbxl_version="as_is"), shifts=chosen,
+        group_columns=(),
+    )  # fmt: skip
+    assert extracted == ["limb_leads_only"] * 2 + ["leads_6_masked"] * 2  # one pass each for model and baseline
+    for role in ("model", "baseline"):
+        assert results["shifts"]["limb_leads_only"][role] == results["shifts"]["leads_6_zeroed"][role]
+    assert results["shifts"]["leads_6_zeroed"]["description"] != results["shifts"]["limb_leads_only"]["description"]
+
+
 @pytest.mark.slow
 def test_shift_features_are_cached_per_parameters(tmp_path):
     from merit_hf import MeritEcgModel, MeritFeatureExtractor

@@ -669,6 +669,34 @@ def test_eval_contrastive_loss_covers_full_global_eval_batches_only(assets, tmp_
         run_pretraining(base_argv(assets, tmp_path / "single", max_eval_samples=1, **flags))
 
 
+def test_a_streamed_eval_split_of_one_record_is_refused(assets, tmp_path):
+    """A streamed eval split (MIMIC-IV-ECG's) has no length, so the one-pair refusal of a map-style split skipped it:
+    `--max_eval_samples 1` ran and reported an eval InfoNCE of 0. A stream's first two records are counted now."""
+    pytest.importorskip("torchdata", reason="streamed pretraining needs torchdata's StatefulDataLoader")
+    from merit_hf.data import convert_mimic_iv_ecg
+    from tests.test_data_mimic import write_mimic_root
+
+    convert_mimic_iv_ecg(write_mimic_root(tmp_path / "mimic"), tmp_path / "converted")
+    flags = {"dataset_name": "mimic_iv_ecg", "data_dir": tmp_path / "converted", "source_sampling_rate": 500,
+             "eval_split": "train", "max_eval_samples": 1, "shuffle_buffer_size": 1, "per_device_train_batch_size": 2,
+             "max_steps": 1, "save_steps": 1, "eval_steps": 1}  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape("--eval_split 'train': 1 record(s)")):
+        run_pretraining(base_argv(assets, tmp_path / "run", **flags))
+
+
+def test_a_stream_is_counted_to_its_second_record_for_the_eval_contrastive_term():
+    from datasets import Dataset
+
+    from merit_hf import MeritConfig
+    from merit_hf.training.pretrain import check_eval_split_contrastive
+
+    stream = Dataset.from_dict({"ecg_id": [1, 2, 3]}).to_iterable_dataset()
+    with pytest.raises(ValueError, match=re.escape("--eval_split 'validation': 1 record(s)")):
+        check_eval_split_contrastive(MeritConfig(), stream.take(1), "validation")
+    check_eval_split_contrastive(MeritConfig(), stream.take(2), "validation")
+    check_eval_split_contrastive(MeritConfig(contrastive_weight=0.0), stream.take(1), "validation")  # nothing to pair
+
+
 def test_misspelled_ecg_config_key_is_refused(assets, tmp_path):
     with pytest.raises(
         ValueError,
@@ -1012,6 +1040,20 @@ def test_training_crops_are_keyed_by_seed_epoch_and_ecg_id_also_in_persistent_wo
         from merit_hf.training.pretrain import DataArguments
 
         DataArguments(precompute_ecg_values=True)
+
+
+def test_a_ptbxl_rate_with_mimic_is_refused():
+    """`--source_sampling_rate` picks PTB-XL's 100 or 500 Hz records; with MIMIC-IV-ECG (500 Hz only) it was
+    accepted and changed nothing."""
+    from merit_hf.data.mimic_iv_ecg import MIMIC_SAMPLING_RATE
+    from merit_hf.training import pretrain
+
+    refusal = r"^--source_sampling_rate 100: selects PTB-XL's 100 or 500 Hz records; MIMIC-IV-ECG has its 500 Hz"
+    with pytest.raises(ValueError, match=refusal):
+        pretrain.DataArguments(dataset_name="mimic_iv_ecg", source_sampling_rate=100)
+    pretrain.DataArguments(dataset_name="mimic_iv_ecg")  # the default is MIMIC-IV-ECG's rate
+    pretrain.DataArguments(dataset_name="ptbxl", source_sampling_rate=100)
+    assert pretrain.MIMIC_IV_ECG_SAMPLING_RATE == MIMIC_SAMPLING_RATE
 
 
 def test_precomputed_values_train_and_resume_as_computed_ones(assets, tmp_path):

@@ -6,6 +6,7 @@ from `../shared/data` copied into the test's folder and corrupted there. Each ba
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -185,6 +186,121 @@ def test_real_records_are_not_flat():
         pytest.skip(f"{SUBSET} not present")
     for path in records:
         assert read_ecg_record(path.with_suffix(""))["flat_leads"] == []
+
+
+def exchange_lead_names(path, first: int, second: int) -> None:
+    """Exchange the names of two signal lines (0 = the first lead) in the header: the data stay where they are."""
+    header = path.with_suffix(".hea")
+    lines = header.read_text().splitlines()
+    fields = [lines[first + 1].split(), lines[second + 1].split()]
+    fields[0][-1], fields[1][-1] = fields[1][-1], fields[0][-1]
+    lines[first + 1], lines[second + 1] = " ".join(fields[0]), " ".join(fields[1])
+    header.write_text("\n".join(lines) + "\n")
+
+
+def lead_swap_warnings(read) -> list[str]:
+    """The messages of the `EcgLeadSwapWarning`s (`merit_hf.data`) that `read()` gives."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read()
+    return [str(warning.message) for warning in caught if warning.category.__name__ == "EcgLeadSwapWarning"]
+
+
+def test_limb_leads_swapped_in_a_header_are_named(record):
+    """A header with I and II exchanged was read as a valid ECG: the model got lead II's signal under lead I's
+    embedding. Einthoven's law (I + III - II = 0) no longer holds, which every reader now says, naming the file and
+    the likely swap: a warning by default, an error with lead_swap_policy="raise", nothing with "off"."""
+    signal = read_wfdb_record(record)["signal"]
+    exchange_lead_names(record, 0, 1)
+    assert read_wfdb_record(record)["lead_names"][:2] == ["II", "I"]  # a valid header: the names are all it changes
+    problem = (
+        r": Einthoven's law does not hold: I \+ III - II has \d+% of the RMS of its largest lead \(I or III exchanged "
+        r"with II, .*\); .* two limb leads are likely swapped in the header"
+    )
+    readers = {  # each with the name its messages give the record
+        "read_ecg_record": (lambda **policy: read_ecg_record(record, **policy), f"{record}.hea"),
+        "feature extractor": (lambda **policy: MeritFeatureExtractor(**policy)(str(record)), str(record)),
+        "feature extractor, torch path": (
+            lambda **policy: MeritFeatureExtractor(**policy)(str(record), device="cpu"),
+            str(record),
+        ),
+        "feature extractor, array": (
+            lambda **policy: MeritFeatureExtractor(**policy)(
+                signal, sampling_rate=100, lead_names=["II", "I", *PTBXL_LEADS[2:]]
+            ),
+            "record 0",
+        ),
+        # the model's lead names in order: the torch path's batched screen clears the record without validate_signal
+        "feature extractor, torch path, screened array": (
+            lambda **policy: MeritFeatureExtractor(**policy)(
+                [signal, signal[:, [1, 0, *range(2, 12)]]], sampling_rate=100, lead_names=PTBXL_LEADS, device="cpu"
+            ),
+            "record 1",
+        ),
+    }
+    for reader, (read, name) in readers.items():
+        found = lead_swap_warnings(read)
+        assert len(found) == 1 and re.match(re.escape(name) + problem, found[0]), (reader, found)
+        with pytest.raises(EcgInputError, match="Einthoven's law does not hold"):
+            read(lead_swap_policy="raise")
+        assert lead_swap_warnings(lambda: read(lead_swap_policy="off")) == [], reader
+    exchange_lead_names(record, 0, 1)  # the names back where they belong
+    assert lead_swap_warnings(lambda: read_ecg_record(record)) == []
+    assert lead_swap_warnings(lambda: MeritFeatureExtractor()(str(record), device="cpu")) == []
+
+
+def test_an_augmented_lead_swapped_and_a_flat_lead_zeroed(record):
+    """Goldberger's law (aVR + aVL + aVF = 0) names an augmented lead exchanged with a limb lead; a flat lead zeroed by
+    `flat_lead_policy="zero"` (or a missing one) is left out of the laws instead of breaking Einthoven's."""
+    exchange_lead_names(record, 0, 4)  # I and aVL
+    found = lead_swap_warnings(lambda: read_ecg_record(record))
+    assert len(found) == 1 and "Goldberger's law does not hold: aVR + aVL + aVF has" in found[0], found
+    exchange_lead_names(record, 0, 4)
+    set_lead(record, 2, 0)  # lead III not recorded
+    assert lead_swap_warnings(lambda: read_ecg_record(record, flat_lead_policy="zero")) == []
+    assert lead_swap_warnings(lambda: MeritFeatureExtractor(flat_lead_policy="zero")(str(record))) == []
+
+
+def test_real_records_keep_einthoven_and_goldberger_laws():
+    """The threshold lies between every real record and every record with I and II exchanged
+    (benchmarks/results/limb_lead_residuals.json, measured on 1,987 + 100 records), and the shared records pass."""
+    from merit_hf.models.merit.feature_extraction_merit import DEFAULT_MAX_LIMB_LEAD_RESIDUAL
+    from tests.conftest import REPO_ROOT
+
+    measured = json.loads((REPO_ROOT / "benchmarks" / "results" / "limb_lead_residuals.json").read_text())
+    assert measured["max_limb_lead_residual"] == DEFAULT_MAX_LIMB_LEAD_RESIDUAL
+    assert (
+        measured["largest_as_labelled"] < DEFAULT_MAX_LIMB_LEAD_RESIDUAL < measured["smallest_with_I_and_II_exchanged"]
+    )
+    records = [
+        *sorted((SUBSET / "records100").glob("*/*.hea"))[:100],
+        *sorted((SUBSET / "records500").glob("*/*.hea")),
+    ]
+    if not records:
+        pytest.skip(f"{SUBSET} not present")
+    for path in records:
+        assert lead_swap_warnings(lambda path=path: read_ecg_record(path.with_suffix(""), lead_names=None)) == [], path
+
+
+def test_the_lead_swap_settings_are_saved_and_older_configs_load(tmp_path):
+    extractor = MeritFeatureExtractor(lead_swap_policy="raise", max_limb_lead_residual=0.2)
+    extractor.save_pretrained(tmp_path / "new")
+    reloaded = MeritFeatureExtractor.from_pretrained(tmp_path / "new")
+    assert (reloaded.lead_swap_policy, reloaded.max_limb_lead_residual) == ("raise", 0.2)
+    config = json.loads((tmp_path / "new" / "preprocessor_config.json").read_text())
+    del config["lead_swap_policy"], config["max_limb_lead_residual"]  # saved before the check existed
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "preprocessor_config.json").write_text(json.dumps(config))
+    older = MeritFeatureExtractor.from_pretrained(tmp_path / "old")
+    assert (older.lead_swap_policy, older.max_limb_lead_residual) == ("warn", 0.1)
+    with pytest.raises(
+        ValueError, match=r"MeritFeatureExtractor.lead_swap_policy: must be one of \('warn', 'raise', 'off'\)"
+    ):
+        MeritFeatureExtractor(lead_swap_policy="ignore")
+    with pytest.raises(ValueError, match="MeritFeatureExtractor.max_limb_lead_residual: must be positive"):
+        MeritFeatureExtractor(max_limb_lead_residual=0)
 
 
 def test_converter_lists_a_flat_record_in_the_report(tmp_path):

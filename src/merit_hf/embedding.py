@@ -44,6 +44,7 @@ from .data.collator import RECORD_ID_COLUMNS, first_failing_record, record_ids
 from .data.ptbxl_versions import DEFAULT_PTBXL_VERSION, PTBXL_VERSIONS, check_ptbxl_version
 from .data.wfdb_folder import DEFAULT_SPLIT_FRACTIONS
 from .evaluation.probe import (
+    check_sampling_rate_flag,
     ecg_model_inputs,
     encoder_inputs,
     load_encoder,
@@ -570,6 +571,7 @@ class EmbeddingArguments:
                     f"{', '.join(given)}: only with --dataset_name wfdb (a folder split here); {self.dataset_name} "
                     "has its own train / validation / test splits, which these would not change"
                 )
+        check_sampling_rate_flag(self.dataset_name, self.sampling_rate, type(self).__dataclass_fields__)
         if (self.num_shards is None) != (self.shard_index is None):
             raise ValueError("num_shards and shard_index go together: give both or neither")
         if self.num_shards is not None and self.num_shards < 1:
@@ -624,7 +626,11 @@ def load_splits(arguments: EmbeddingArguments, shard_index: int = 0, num_shards:
     return {split: everything[split] for split in arguments.splits}
 
 
-_NOT_INPUT_SETTINGS = ("feature_extractor_type", "auto_map", "processor_class", "crop", "seed")
+# the lead-swap check warns about or refuses a record, never changes its values
+_NOT_INPUT_SETTINGS = (
+    "feature_extractor_type", "auto_map", "processor_class", "crop", "seed", "lead_swap_policy",
+    "max_limb_lead_residual",
+)  # fmt: skip
 
 
 def dataset_identity(dataset: str) -> str:

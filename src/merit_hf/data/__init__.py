@@ -10,7 +10,7 @@
   path.
 """
 
-from ..models.merit.feature_extraction_merit import EcgInputError
+from ..models.merit.feature_extraction_merit import EcgInputError, EcgLeadSwapWarning
 from ..models.wfdb_io import read_ecg_record
 from .collator import MeritCollator, precompute_ecg_values
 from .conversion import ConversionReport, RecordFailure
@@ -63,6 +63,7 @@ __all__ = [
     "PTBXL_VERSIONS",
     "ConversionReport",
     "EcgInputError",
+    "EcgLeadSwapWarning",
     "MeritCollator",
     "RecordFailure",
     "ScpCodeError",

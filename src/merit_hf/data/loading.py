@@ -22,6 +22,7 @@ so the rows after a filter stay Arrow and `with_format("numpy")` reads them fast
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -180,6 +181,7 @@ def load_ptbxl(
         dataset = _to_iterable(dataset) if streaming else dataset
     else:
         dataset = _load(path_or_repo_id, ptbxl_config_name(sampling_rate), split, streaming)
+        _map_splits(dataset, lambda part, name: _check_records_rate(part, sampling_rate, path_or_repo_id, name), split)
         dataset = _map_splits(
             dataset,
             lambda part, name: apply_ptbxl_version_to_dataset(part, ptbxl_version, f"{path_or_repo_id} ({name})"),
@@ -478,6 +480,29 @@ def _describe_ptbxl_source(dataset: AnyDataset, path_or_repo_id, sampling_rate: 
     _map_splits(dataset, describe, split)
 
 
+def _check_records_rate(part: Dataset | IterableDataset, sampling_rate: int, source, name: str | None) -> None:
+    """Refuse a PTB-XL split whose records are not at `sampling_rate`: a converter folder and a Hub repo hold one
+    configuration per rate and `sampling_rate` picks it, but a `save_to_disk` folder (or shards right in the folder)
+    holds the rate it was built at, which was returned whatever `sampling_rate` asked for. A stream is checked on its
+    first record (a PTB-XL split has one rate)."""
+    if "sampling_rate" not in (part.column_names or ()):
+        return
+    if isinstance(part, IterableDataset):
+        first = next(iter(part.select_columns(["sampling_rate"]).take(1)), None)
+        rates = set() if first is None else {first["sampling_rate"]}
+    else:
+        rates = set(part.unique("sampling_rate"))
+    other = sorted(rate for rate in rates if rate != sampling_rate)
+    if other:
+        found = " and ".join(f"{rate:g} Hz" for rate in other)
+        raise ValueError(
+            f"{source}{f' ({name})' if name else ''}: its records are {found}, not the {sampling_rate} Hz that "
+            f"sampling_rate={sampling_rate} asks for (the probe's and embedding's --sampling_rate, pretraining's "
+            "--source_sampling_rate); a dataset saved with save_to_disk holds the rate it was built at: pass "
+            f"--sampling_rate {other[0]:g} (sampling_rate={other[0]:g}), or build it again at {sampling_rate} Hz"
+        )
+
+
 def _map_splits(dataset: AnyDataset, function, split: str | None = None) -> AnyDataset:
     if isinstance(dataset, (DatasetDict, IterableDatasetDict)):
         return type(dataset)({name: function(part, name) for name, part in dataset.items()})
@@ -486,13 +511,18 @@ def _map_splits(dataset: AnyDataset, function, split: str | None = None) -> AnyD
 
 def _drop_unlabeled(dataset: Dataset | IterableDataset, label_set: str) -> Dataset | IterableDataset:
     if isinstance(dataset, IterableDataset):
-        return filter_stream(dataset, lambda batch: [len(labels) > 0 for labels in column_values(batch, label_set)])
+        return filter_stream(dataset, functools.partial(rows_with_labels, label_set=label_set))
     keep = [index for index, row in enumerate(dataset[label_set][:]) if row]
     if len(keep) < dataset.num_rows:
         logger.info(
             "dropped %d of %d records with no %s label", dataset.num_rows - len(keep), dataset.num_rows, label_set
         )
     return dataset.select(keep) if len(keep) < dataset.num_rows else dataset
+
+
+def rows_with_labels(batch, label_set: str) -> list[bool]:
+    """`_drop_unlabeled`'s `keep` on a stream's batch (module level: DataLoader workers get the stream pickled)."""
+    return [len(labels) > 0 for labels in column_values(batch, label_set)]
 
 
 def _split_by_node(dataset: AnyDataset, rank: int | None, world_size: int | None) -> AnyDataset:

@@ -173,43 +173,21 @@ def apply_ptbxl_version_to_dataset(dataset, version: str = DEFAULT_PTBXL_VERSION
         logger.warning("%s: no ecg_id column, so PTB-XL v1.0.3's changes cannot be applied; rows as stored", source)
         return dataset
     changes = ptbxl_v1_0_3_changes()
-    inputs = ["ecg_id", "scp_codes"] if "scp_codes" in columns else ["ecg_id"]
-
-    def check(ecg_id: int, scp_codes: str | None = None) -> None:
-        consensus = changes.consensus.get(int(ecg_id))
-        if consensus is None or scp_codes is None:
-            return
-        if parse_scp_codes(scp_codes, record=f"{source} (ecg_id {ecg_id})") != consensus:
-            raise ValueError(
-                f"{source}: ecg_id {ecg_id} has scp_codes {scp_codes} but PTB-XL v1.0.3 gives it {consensus} (a "
-                "kept duplicate relabelled by consensus), and its label columns were computed at conversion: convert "
-                "the dataset again (dataset_scripts/ptbxl/convert.py in the merit_hf repository, or "
-                "merit_hf.data.convert_ptbxl, applies v1.0.3's changes) or load it with "
-                "ptbxl_version='as_is'"
-            )
-
     if isinstance(dataset, IterableDataset):
-
-        def keep(batch) -> list[bool]:
-            ecg_ids = column_values(batch, "ecg_id")
-            scp_codes = column_values(batch, "scp_codes") if "scp_codes" in inputs else [None] * len(ecg_ids)
-            for ecg_id, codes in zip(ecg_ids, scp_codes):
-                check(ecg_id, codes)
-            return [int(ecg_id) not in changes.dropped for ecg_id in ecg_ids]
-
         logger.info(
             "%s: streaming; v1.0.3's %d duplicate ECGs are left out and ages over 89 stored as %d as rows are read",
             source,
             len(changes.dropped),
             AGE_OVER_89,
         )
+        keep = PtbxlV103Rows(source, with_scp_codes="scp_codes" in columns)
         transform = cap_ages if "age" in columns else None
         return filter_stream(dataset, keep, transform=transform)  # on Arrow batches: the rows after it stay Arrow
     ecg_ids = dataset["ecg_id"][:]
     relabel = [index for index, ecg_id in enumerate(ecg_ids) if int(ecg_id) in changes.consensus]
     if relabel and "scp_codes" in columns:
         for index, scp_codes in zip(relabel, dataset.select(relabel)["scp_codes"][:]):
-            check(ecg_ids[index], scp_codes)
+            check_consensus(ecg_ids[index], scp_codes, source)
     keep = [index for index, ecg_id in enumerate(ecg_ids) if int(ecg_id) not in changes.dropped]
     report = PtbxlVersionReport(version, dropped=sorted(int(ecg_ids[i]) for i in set(range(len(ecg_ids))) - set(keep)))
     if report.dropped:
@@ -226,6 +204,39 @@ def apply_ptbxl_version_to_dataset(dataset, version: str = DEFAULT_PTBXL_VERSION
         logger.info("%s: %s", source, report.summary())
     describe(dataset, report)
     return dataset
+
+
+def check_consensus(ecg_id: int, scp_codes: str | None, source: str) -> None:
+    """Raise for a converted row that v1.0.3 relabels by consensus and whose `scp_codes` (so its label columns,
+    computed at conversion) are not the consensus."""
+    consensus = ptbxl_v1_0_3_changes().consensus.get(int(ecg_id))
+    if consensus is None or scp_codes is None:
+        return
+    if parse_scp_codes(scp_codes, record=f"{source} (ecg_id {ecg_id})") != consensus:
+        raise ValueError(
+            f"{source}: ecg_id {ecg_id} has scp_codes {scp_codes} but PTB-XL v1.0.3 gives it {consensus} (a kept "
+            "duplicate relabelled by consensus), and its label columns were computed at conversion: convert the "
+            "dataset again (dataset_scripts/ptbxl/convert.py in the merit_hf repository, or "
+            "merit_hf.data.convert_ptbxl, applies v1.0.3's changes) or load it with ptbxl_version='as_is'"
+        )
+
+
+@dataclass(frozen=True)
+class PtbxlV103Rows:
+    """`keep` of a streamed converted split as v1.0.3 has it: its rows not dropped as duplicates, each relabelled twin
+    checked (`check_consensus`) as it is read. A module-level class, not a closure: a DataLoader worker started with
+    `spawn` (macOS and Windows' default) gets the stream pickled, and a local function cannot be."""
+
+    source: str
+    with_scp_codes: bool = True
+
+    def __call__(self, batch) -> list[bool]:
+        dropped = ptbxl_v1_0_3_changes().dropped
+        ecg_ids = column_values(batch, "ecg_id")
+        scp_codes = column_values(batch, "scp_codes") if self.with_scp_codes else [None] * len(ecg_ids)
+        for ecg_id, codes in zip(ecg_ids, scp_codes):
+            check_consensus(ecg_id, codes, self.source)
+        return [int(ecg_id) not in dropped for ecg_id in ecg_ids]
 
 
 def cap_ages(batch):

@@ -42,11 +42,18 @@ def drop_empty_reports(dataset):
     with or to generate. A stream keeps its rows Arrow (`merit_hf.data.streams.filter_stream`)."""
     from datasets import IterableDataset
 
-    from .streams import column_values, filter_stream
+    from .streams import filter_stream
 
     if isinstance(dataset, IterableDataset):
-        return filter_stream(dataset, lambda batch: [has_report(text) for text in column_values(batch, "report")])
+        return filter_stream(dataset, rows_with_a_report)
     return dataset.filter(has_report, input_columns=["report"])
+
+
+def rows_with_a_report(batch) -> list[bool]:
+    """`drop_empty_reports`' `keep` on a stream's batch (module level: DataLoader workers get the stream pickled)."""
+    from .streams import column_values
+
+    return [has_report(text) for text in column_values(batch, "report")]
 
 
 MIMIC_REPORT_COLUMNS = tuple(f"report_{index}" for index in range(18))

@@ -13,7 +13,10 @@ and gives each process whole shards.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pyarrow as pa
 from datasets import IterableDataset
@@ -29,18 +32,35 @@ def filter_stream(part: IterableDataset, keep, with_indices: bool = False, trans
     them, so the rows after the filter stay Arrow; this is a `map` that returns fewer rows, since two Arrow `filter`s
     in a row fail in datasets 5.2 (their mask columns clash). After a Python step (a `filter` or `map` on rows) the
     rows are Python: an Arrow batch of them takes its types from their values (an empty label list as `list<null>`)
-    and cannot be joined to the next one, so they are filtered as Python batches."""
+    and cannot be joined to the next one, so they are filtered as Python batches. `keep` and `transform` must be
+    picklable (module-level functions or classes, `functools.partial` of them), as DataLoader workers started with
+    `spawn` receive the stream pickled."""
     if part._ex_iterable.iter_arrow is None:
         kept_rows = part.filter(keep, with_indices=with_indices, batched=True)
         return kept_rows if transform is None else kept_rows.map(transform, batched=True, features=part.features)
     format_type = part._formatting.format_type if part._formatting is not None else None
-
-    def kept(table: pa.Table, *indices) -> pa.Table:
-        table = table.filter(pa.array(keep(table, *indices), type=pa.bool_()))
-        return table if transform is None else transform(table)
-
     arrow = part.with_format("arrow")
+    kept = KeptArrowRows(keep, transform)
     return arrow.map(kept, with_indices=with_indices, batched=True, features=part.features).with_format(format_type)
+
+
+@dataclass(frozen=True)
+class KeptArrowRows:
+    """The function `filter_stream` maps over Arrow batches: the rows `keep` keeps, then `transform`d. A module-level
+    class, not a closure, like every function a stream holds (`keep` and `transform` too): a DataLoader worker started
+    with `spawn` (macOS and Windows' default) gets the stream pickled, and a local function cannot be."""
+
+    keep: Callable
+    transform: Callable | None = None
+
+    def __call__(self, table: pa.Table, *indices) -> pa.Table:
+        table = table.filter(pa.array(self.keep(table, *indices), type=pa.bool_()))
+        return table if self.transform is None else self.transform(table)
+
+
+def every_nth_row(batch, indices: list[int], rank: int, world_size: int) -> list[bool]:
+    """`keep` of `stream_part`'s fallback: the rows whose index is `rank` modulo `world_size`."""
+    return [index % world_size == rank for index in indices]
 
 
 def column_values(batch, name: str) -> list:
@@ -83,7 +103,7 @@ def stream_part(stream: IterableDataset, rank: int, world_size: int, shards_per_
         world_size,
         world_size,
     )
-    return filter_stream(stream, lambda _, indices: [index % world_size == rank for index in indices], True)
+    return filter_stream(stream, functools.partial(every_nth_row, rank=rank, world_size=world_size), True)
 
 
-__all__ = ["column_values", "filter_stream", "finer_shards", "stream_part"]
+__all__ = ["KeptArrowRows", "column_values", "every_nth_row", "filter_stream", "finer_shards", "stream_part"]

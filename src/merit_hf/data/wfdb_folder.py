@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 from datasets import Array2D, ClassLabel, Dataset, DatasetDict, Features, List, Value
 
-from ..models.merit.wfdb_header_merit import WfdbHeaderError, parse_multi_segment_header
+from ..models.merit.wfdb_header_merit import WfdbHeaderError, parse_multi_segment_header, parse_wfdb_header
 from ..models.wfdb_io import read_ecg_record
 from .conversion import ConversionReport, raise_first_failure, read_rows, rows_to_dataset, write_parquet_shards
 from .reports import clean_report, report_language
@@ -93,10 +93,22 @@ class WfdbFolderSpec:
             raise ValueError("label_separator must not be empty")
 
 
-def find_wfdb_records(wfdb_dir: str | os.PathLike) -> list[str]:
+@dataclass(frozen=True)
+class WfdbHeaderSummary:
+    """What a folder scan reads from one header: the segments a multi-segment master header lists (as records
+    relative to the folder; `()` for any other header), the number of signals its record line declares, and its `#`
+    comment lines (CinC 2021 keeps `Dx`, `Age`, `Sex` there)."""
+
+    segments: tuple[str, ...] = ()
+    num_leads: int = 0
+    header_comments: str = ""
+
+
+def scan_wfdb_headers(wfdb_dir: str | os.PathLike) -> dict[str, WfdbHeaderSummary]:
     """Every record under `wfdb_dir` (found by its `.hea` header, hidden folders skipped), as paths relative to the
-    folder without extension, sorted. A multi-segment record is one record, its master header: the segments it lists
-    are read as its parts (`read_wfdb_record`), never as records of their own."""
+    folder without extension, sorted, each with its header's `WfdbHeaderSummary`: every header is read and parsed
+    once. A multi-segment record is one record, its master header: the segments it lists are read as its parts
+    (`read_wfdb_record`), never as records of their own."""
     root = Path(wfdb_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a folder of WFDB records")
@@ -107,16 +119,22 @@ def find_wfdb_records(wfdb_dir: str | os.PathLike) -> list[str]:
     )
     if not headers:
         raise FileNotFoundError(f"{root}: no WFDB header (*.hea) in this folder or below it")
-    segments_of = {record: _segments(root, record) for record in headers}
-    segments = {segment for parts in segments_of.values() for segment in parts}
-    masters = [record for record, parts in segments_of.items() if parts]
+    summaries = {record: _summarise_header(root, record) for record in headers}
+    segments = {segment for summary in summaries.values() for segment in summary.segments}
+    masters = [record for record, summary in summaries.items() if summary.segments]
     if masters:
         logger.info(
             "%s: %d multi-segment record(s) read as one record each (e.g. %s, segments %s); their %d segment "
             "header(s) are not records of their own",
-            root, len(masters), masters[0], segments_of[masters[0]], len(segments),
+            root, len(masters), masters[0], list(summaries[masters[0]].segments), len(segments),
         )  # fmt: skip
-    return [record for record in headers if record not in segments]
+    return {record: summary for record, summary in summaries.items() if record not in segments}
+
+
+def find_wfdb_records(wfdb_dir: str | os.PathLike) -> list[str]:
+    """Every record under `wfdb_dir`, as paths relative to the folder without extension, sorted (`scan_wfdb_headers`:
+    hidden folders skipped, a multi-segment record listed once, by its master header)."""
+    return list(scan_wfdb_headers(wfdb_dir))
 
 
 @dataclass(frozen=True)
@@ -152,7 +170,8 @@ def wfdb_folder_tasks(spec: WfdbFolderSpec) -> tuple[list[dict[str, Any]], dict[
     """One task per record (its CSV label indices, metadata, report, header comments); the class names of every
     label column; the numbers of leads the headers declare; and counts of what did not match (for the report)."""
     root = Path(spec.wfdb_dir)
-    records = find_wfdb_records(root)
+    headers = scan_wfdb_headers(root)
+    records = list(headers)
     labels_rows, labels_ids_without_record = (
         _csv_rows(spec.labels_csv, spec.id_column, records) if spec.labels_csv else ({}, [])
     )
@@ -168,9 +187,9 @@ def wfdb_folder_tasks(spec: WfdbFolderSpec) -> tuple[list[dict[str, Any]], dict[
     }
     tasks, lead_counts = [], set()
     for ecg_id, record in enumerate(records):
-        header = _read_header(root / record)
-        if header["num_leads"]:
-            lead_counts.add(header["num_leads"])
+        header = headers[record]
+        if header.num_leads:
+            lead_counts.add(header.num_leads)
         row = labels_rows.get(record, {})
         tasks.append(
             {
@@ -183,7 +202,8 @@ def wfdb_folder_tasks(spec: WfdbFolderSpec) -> tuple[list[dict[str, Any]], dict[
                 },
                 "metadata": {column: _text(row.get(column)) for column in spec.metadata_columns},
                 "report": clean_report(_text(reports.get(record, {}).get(spec.report_column)) or ""),
-                **header,
+                "num_leads": header.num_leads,
+                "header_comments": header.header_comments,
             }
         )
     unmatched = {
@@ -332,32 +352,40 @@ def _seeded_split(dataset: Dataset, split_fractions: Sequence[float], seed: int)
     return split_of_group[group_of_row]
 
 
-def _read_header(record_path: Path) -> dict[str, Any]:
-    """What the task needs from the header: lead count and comments (a multi-segment record's master header gives
-    both; a header that does not parse gives no lead count: the record reader raises its own error for it)."""
+def _summarise_header(root: Path, record: str) -> WfdbHeaderSummary:
+    """`record`'s header read once: its segments if it is a multi-segment master header, its lead count and its
+    comments. Parsed by the header(5) grammar (`wfdb_header_merit`, which the record reader uses too); the lead count
+    and comments are then what `wfdb.rdheader` gives for the header: its record line's number of signals, and its
+    comment lines read as ASCII (other characters dropped) without their `#`. A header that the grammar refuses goes to
+    `wfdb.rdheader` itself (whose parser is the slow part of a folder scan), and one that neither reads has no
+    segments, no lead count and no comments: the record reader raises its own error for it."""
+    try:
+        raw = (root / f"{record}.hea").read_bytes()
+        text = raw.decode("utf-8")
+        master = parse_multi_segment_header(text)
+        num_leads = master.num_signals if master is not None else len(parse_wfdb_header(text).signals)
+    except (OSError, UnicodeDecodeError, WfdbHeaderError):
+        return _summarise_with_wfdb(root, record)
+    lines = (line.strip() for line in raw.decode("ascii", errors="ignore").splitlines())
+    comments = "\n".join(line.strip(" \t#").strip() for line in lines if line.startswith("#"))
+    if master is None:
+        return WfdbHeaderSummary((), num_leads, comments)
+    folder = Path(record).parent
+    segments = tuple((folder / name).as_posix() for name, _ in master.segments if name != "~")
+    return WfdbHeaderSummary(segments, num_leads, comments)
+
+
+def _summarise_with_wfdb(root: Path, record: str) -> WfdbHeaderSummary:
+    """The lead count and comments `wfdb.rdheader` reads from a header outside the grammar (no segments: a master
+    header the grammar refuses is no multi-segment record; the record reader says why)."""
     import wfdb
 
     try:
-        header = wfdb.rdheader(str(record_path))
+        header = wfdb.rdheader(str(root / record))
     except Exception:  # reported when the record is read, with the reader's message
-        return {"num_leads": 0, "header_comments": ""}
-    return {
-        "num_leads": int(header.n_sig or 0),
-        "header_comments": "\n".join(str(line).strip() for line in header.comments or []),
-    }
-
-
-def _segments(root: Path, record: str) -> list[str]:
-    """The segments that `record`'s header lists if it is a multi-segment master header, as records relative to
-    `root` (`[]` for any other header, and for one that does not parse: the record reader raises its own error)."""
-    try:
-        master = parse_multi_segment_header((root / f"{record}.hea").read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, WfdbHeaderError):
-        return []
-    if master is None:
-        return []
-    folder = Path(record).parent
-    return [(folder / name).as_posix() for name, _ in master.segments if name != "~"]
+        return WfdbHeaderSummary()
+    comments = "\n".join(str(line).strip() for line in header.comments or [])
+    return WfdbHeaderSummary((), int(header.n_sig or 0), comments)
 
 
 def _csv_rows(

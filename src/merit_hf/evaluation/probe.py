@@ -214,6 +214,7 @@ class ProbeArguments:
         if self.dataset_name not in DATASET_NAMES:
             raise ValueError(f"dataset_name: must be one of {DATASET_NAMES}, got {self.dataset_name!r}")
         check_ptbxl_version(self.ptbxl_version)
+        check_sampling_rate_flag(self.dataset_name, self.sampling_rate, type(self).__dataclass_fields__)
         for label_set in self.label_sets if self.dataset_name == "ptbxl" else ():
             if label_set not in LABEL_SETS:
                 raise ValueError(f"label_sets: {label_set!r} is not one of {LABEL_SETS}")
@@ -328,6 +329,18 @@ class ProbeArguments:
             "weight_decay": self.weight_decay,
             "seed": seed,
         }
+
+
+def check_sampling_rate_flag(dataset_name: str, sampling_rate: int, fields: dict) -> None:
+    """Refuse `--sampling_rate` (which of PTB-XL's 100 / 500 Hz records to read) set for another dataset, where it
+    would change nothing: MIMIC-IV-ECG and WFDB-folder records are read at their recorded rates (the feature extractor
+    resamples every record to the model's). `fields`: the arguments' dataclass fields (its default is not refused)."""
+    if dataset_name != "ptbxl" and sampling_rate != fields["sampling_rate"].default:
+        raise ValueError(
+            f"--sampling_rate {sampling_rate}: only with --dataset_name ptbxl (which of PTB-XL's 100 or 500 Hz "
+            f"records to read); {dataset_name} records are read at their recorded rates, which the feature "
+            "extractor resamples to the model's, so it would change nothing: leave --sampling_rate out"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------

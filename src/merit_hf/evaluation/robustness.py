@@ -8,7 +8,7 @@ as in the probe protocol); its F1 thresholds are chosen on the clean validation 
 | input | `acquired_at_<rate>hz` | the record resampled to that rate and back, through the anti-aliasing filter twice: a low-pass at -3 dB at 0.465 x the rate, -6 dB at 0.48 x, -21 dB at 0.52 x and -45 dB at 0.55 x (`shifts.acquired_at_rate`; a real recording at 50 Hz is refused by the input contract) |
 | input | `white_noise_<snr>db` | Gaussian noise in the model's band-pass band at the stated SNR per lead (`shifts.add_white_noise`), the same SNR at the model whatever the record's rate |
 | input | `baseline_wander_<snr>db` | 0.3 Hz sinusoidal drift at the stated SNR per lead on the raw record (`shifts.add_baseline_wander`); the extractor's 0.67 Hz high-pass removes most of it, so this measures the input contract more than the encoder |
-| input | `limb_leads_only`, `precordial_leads_only`, `lead_II_only` | the other leads are zeroed |
+| input | `limb_leads_only`, `precordial_leads_only`, `lead_II_only` | the other leads are zeroed (`limb_leads_only` is the input of `leads_6_zeroed`: computed once, reported under both names) |
 | input | `leads_<n>_masked` / `leads_<n>_zeroed` for n in 1, 2, 3, 6, 8, 12 | only the `shifts.LEAD_SUBSETS[n]` leads recorded: left out of the encoder (`lead_mask`, feature extractor with `missing_leads="mask"`), or fed as zeros (what a model without `lead_mask` has to do) |
 | group | `device_<group>_to_other` | the probe is retrained on training records of the most frequent device family (the
   device name's first word, e.g. `CS-12`), with early stopping and F1 thresholds on that family's validation records,
@@ -17,7 +17,13 @@ as in the probe protocol); its F1 thresholds are chosen on the clean validation 
 | group | `site_<site>_to_other` / `site_<site>_in` | the same with the recording site |
 | subgroup | `age_<lo>_<hi>`, `sex_<name>` | the clean probe on a test subgroup (PTB-XL codes age > 89 as 300) |
 
-SNR: `10 log10(P_signal / P_noise)` with powers around each lead's mean, measured on the raw record in mV.
+SNR: `10 log10(P_signal / P_noise)` with powers around each lead's mean, measured on the record in mV.
+
+An input shift changes the record as the model's feature extractor reads it (`shifted_as_read`: its leads in the
+model's order, its flat leads zeroed, dropped, derived or left out and its NaN gaps repaired as the extractor's
+settings say), and the shifted record is then embedded by `reduced_lead_extractor`; so a shift that changes nothing
+gives the clean features exactly, whatever `flat_lead_policy`, `derive_limb_leads` and `missing_leads` the checkpoint's
+feature extractor was saved with.
 
 Every entry reports macro AUROC and macro F1 (with clean-validation thresholds) with bootstrap CIs, and the number
 of records; the results JSON is `task="robustness"` with a `shifts` mapping (schema in
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -119,15 +126,17 @@ def input_shifts(
                 sr,
             ),
         )
+    zeroing: dict[tuple[str, ...], Callable] = {}  # one transform per lead set, which run_robustness computes once
+
+    def other_leads_zeroed(keep: Sequence[str]) -> Callable:
+        return zeroing.setdefault(tuple(keep), _other_leads_zeroed(keep))
+
     for name, keep in (
         ("limb_leads_only", LIMB_LEADS),
         ("precordial_leads_only", PRECORDIAL_LEADS),
         ("lead_II_only", ("II",)),
     ):
-        shifts[name] = (
-            f"only {', '.join(keep)} kept; the other leads zeroed",
-            lambda signal, sr, leads, row, keep=keep: (zero_leads(signal, leads, keep), sr),
-        )
+        shifts[name] = (f"only {', '.join(keep)} kept; the other leads zeroed", other_leads_zeroed(keep))
     for count in lead_counts:
         keep = LEAD_SUBSETS[count]
         shifts[f"leads_{count}_masked"] = (
@@ -136,31 +145,72 @@ def input_shifts(
         )
         shifts[f"leads_{count}_zeroed"] = (
             f"{count} leads recorded ({', '.join(keep)}); the others fed as zeros (no lead_mask)",
-            lambda signal, sr, leads, row, keep=keep: (zero_leads(signal, leads, keep), sr),
+            other_leads_zeroed(keep),
         )
     return shifts
+
+
+def _leads_it_has(keep: Sequence[str], lead_names: Sequence[str]) -> list[str]:
+    """The leads of `keep` that the record has: a lead the clean feature extractor left out (a flat lead it dropped,
+    with `missing_leads="mask"`) is not recorded in any shift of the record either."""
+    names = {str(name).lower() for name in lead_names}
+    return [lead for lead in keep if lead.lower() in names]
 
 
 def _recorded_leads_only(keep: Sequence[str]) -> Callable:
     """A transform to the record that has only the `keep` leads (their columns and names; the others are gone)."""
 
     def transform(signal, sampling_rate, lead_names, row):
-        kept, names = keep_leads(signal, lead_names, keep)
+        kept, names = keep_leads(signal, lead_names, _leads_it_has(keep, lead_names))
         return kept, sampling_rate, names
 
     return transform
 
 
+def _other_leads_zeroed(keep: Sequence[str]) -> Callable:
+    """A transform that feeds every lead but the `keep` leads as zeros."""
+
+    def transform(signal, sampling_rate, lead_names, row):
+        return zero_leads(signal, lead_names, _leads_it_has(keep, lead_names)), sampling_rate
+
+    return transform
+
+
 def reduced_lead_extractor(feature_extractor):
-    """The feature extractor of the input shifts: records with fewer leads are embedded from the leads they have
-    (`missing_leads="mask"`), never from limb leads derived from them (`derive_limb_leads` off: `leads_2_masked` must
-    feed I and II, not the six limb leads rebuilt from them), and zeroed leads are fed as zeros (the `*_zeroed`
-    shifts). A 12-lead record gets exactly what the clean feature extractor gives it (its lead_mask is all True)."""
+    """The feature extractor of the input shifts, run on a record as `feature_extractor` read it and then shifted
+    (`shifted_as_read`): records with fewer leads are embedded from the leads they have (`missing_leads="mask"`),
+    never from limb leads derived from them (`derive_limb_leads` off: `leads_2_masked` must feed I and II, not the six
+    limb leads rebuilt from them), and zeroed leads are fed as zeros (the `*_zeroed` shifts). The record's own repairs
+    (a flat lead zeroed, or dropped and then derived or masked; NaN gaps interpolated) were made by `feature_extractor`
+    before the shift, so an unshifted record gets exactly the clean features."""
     reduced_leads = copy.deepcopy(feature_extractor)
     reduced_leads.missing_leads = "mask"
     reduced_leads.derive_limb_leads = False
     reduced_leads.flat_lead_policy = "zero"
+    reduced_leads.lead_swap_policy = "off"  # the shifts break Einthoven's law on purpose (noise, zeroed leads)
     return reduced_leads
+
+
+def shifted_as_read(feature_extractor, transform: Callable) -> Callable:
+    """`transform` applied to the record as `feature_extractor` reads it (`validate_signal`: its leads in mV in the
+    model's order, its flat leads zeroed, or dropped and derived or left out, as `flat_lead_policy`,
+    `derive_limb_leads` and `missing_leads` say, its NaN gaps repaired by `nan_policy`), for `reduced_lead_extractor`.
+    Shifting the raw record instead fed a flat lead that a `flat_lead_policy="drop"` extractor leaves out (or rebuilds)
+    as zeros in every shift, so the shifted features differed from the clean ones the probe was fitted on by more
+    than the shift. The leads the extractor left out are not in the record the shift gets."""
+
+    reader = copy.deepcopy(feature_extractor)
+    reader.lead_swap_policy = "off"  # the clean extraction checked (and warned about) every record already
+
+    def transform_as_read(signal, sampling_rate, lead_names, row):
+        read, present, _ = reader.validate_signal(
+            signal, lead_names, None, f"record {row}", sampling_rate=sampling_rate
+        )
+        names = [lead for lead, recorded in zip(feature_extractor.lead_names, present) if recorded]
+        shifted, shifted_rate, *shifted_names = transform(read[:, present], sampling_rate, names, row)
+        return shifted, shifted_rate, shifted_names[0] if shifted_names else names
+
+    return transform_as_read
 
 
 def device_family(device: str | None) -> str:
@@ -239,25 +289,37 @@ def run_robustness(
         }
 
     reduced_leads = reduced_lead_extractor(feature_extractor)
+    read_by = feature_extractor.to_json_string()
     shift_results: dict[str, dict[str, Any]] = {}
+    # Shifts that share one transform are one input: `limb_leads_only` and `leads_6_zeroed` (the six limb leads are
+    # the 6-lead set) are computed once and reported under both names (only shared features are kept in memory).
+    uses = Counter(transform for _, transform in shifts.values())
+    shared: dict[tuple[Callable, str], np.ndarray] = {}
     for name, (description, transform) in shifts.items():
         shift_results[name] = {"kind": "input", "description": description}
         for role, role_encoder in encoders.items():
             probe, thresholds = clean[role]
-            try:
-                shifted = extract_features(
-                    role_encoder,
-                    reduced_leads,
-                    test,
-                    arguments.batch_size,
-                    transform=transform,
-                    cache_dir=arguments.cache_dir,
-                    # the description carries the shift's parameters: two shifts of one name never share a cache entry
-                    cache_tag=f"{name}_{hashlib.sha1(description.encode()).hexdigest()[:12]}_seed{seed}",
-                    device=feature_device(arguments),
-                )
-            except ValueError as error:  # a record the shift made unreadable: say which shift
-                raise ValueError(f"shift {name}: {error}") from error
+            shifted = shared.get((transform, role))
+            if shifted is None:
+                # the description carries the shift's parameters, and the clean extractor's settings how the record
+                # was read before it (the key names only the reduced extractor's): neither two shifts of one name nor
+                # one shift after two extractors share a cache entry
+                cache_tag = f"{name}_{hashlib.sha1((description + read_by).encode()).hexdigest()[:12]}_seed{seed}"
+                try:
+                    shifted = extract_features(
+                        role_encoder,
+                        reduced_leads,
+                        test,
+                        arguments.batch_size,
+                        transform=shifted_as_read(feature_extractor, transform),
+                        cache_dir=arguments.cache_dir,
+                        cache_tag=cache_tag,
+                        device=feature_device(arguments),
+                    )
+                except ValueError as error:  # a record the shift made unreadable: say which shift
+                    raise ValueError(f"shift {name}: {error}") from error
+                if uses[transform] > 1:
+                    shared[transform, role] = shifted
             shift_results[name][role] = _metrics(
                 labels["test"], probe.decision_function(shifted), names, thresholds, arguments, seed
             )
@@ -350,4 +412,12 @@ def robustness_table(results: EvaluationResults, role: str = "model", metric: st
     return "\n".join(lines)
 
 
-__all__ = ["AGE_BINS", "device_family", "input_shifts", "reduced_lead_extractor", "robustness_table", "run_robustness"]
+__all__ = [
+    "AGE_BINS",
+    "device_family",
+    "input_shifts",
+    "reduced_lead_extractor",
+    "robustness_table",
+    "run_robustness",
+    "shifted_as_read",
+]

@@ -37,6 +37,7 @@ def read_ecg_record(
     min_amplitude_mv: float = DEFAULT_MIN_AMPLITUDE_MV,
     flat_lead_policy: str = "raise",
     max_sample_deviation_mv: float = DEFAULT_MAX_SAMPLE_DEVIATION_MV,
+    lead_swap_policy: str = "warn",
 ) -> dict[str, Any]:
     """Read and validate a WFDB record; returns `{"signal": float32 (num_samples, num_leads) in mV, "sampling_rate",
     "lead_names", "record", "flat_leads"}` with the leads in the order of `lead_names`.
@@ -58,6 +59,9 @@ def read_ecg_record(
         max_sample_deviation_mv: a sample farther than this from its lead's median (in mV) raises, naming the lead
             and the sample (a corrupt value or a saturated amplifier). The same check and default as
             `MeritFeatureExtractor(max_sample_deviation_mv=...)`.
+        lead_swap_policy: a record whose limb leads break Einthoven's or Goldberger's law (two leads likely swapped in
+            its header) gives an `EcgLeadSwapWarning` naming the file (`"warn"`, default), raises (`"raise"`) or
+            passes (`"off"`). The same check and default as `MeritFeatureExtractor(lead_swap_policy=...)`.
     """
     read = read_wfdb_record(path)
     name = read["record"] + ".hea"
@@ -78,6 +82,7 @@ def read_ecg_record(
         min_amplitude_mv=min_amplitude_mv,
         flat_lead_policy="zero" if flat_lead_policy == "drop" else flat_lead_policy,  # dropped below, by column
         max_sample_deviation_mv=max_sample_deviation_mv,
+        lead_swap_policy=lead_swap_policy,
     )
     signal, _, flat_leads = contract.validate_signal(
         read["signal"], read["lead_names"], read["units"], name, from_header=True, sampling_rate=read["sampling_rate"]

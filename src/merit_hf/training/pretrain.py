@@ -151,6 +151,11 @@ class ModelArguments:
     max_report_length: int = field(default=128, metadata={"help": "Reports are truncated to this many tokens."})
 
 
+# merit_hf.data.mimic_iv_ecg.MIMIC_SAMPLING_RATE (not imported here: the data layer loads lazily; a test keeps them
+# equal)
+MIMIC_IV_ECG_SAMPLING_RATE = 500
+
+
 @dataclass
 class DataArguments:
     """Where the ECG-report pairs come from."""
@@ -229,6 +234,13 @@ class DataArguments:
     )
 
     def __post_init__(self):
+        if self.dataset_name == "mimic_iv_ecg" and self.source_sampling_rate != MIMIC_IV_ECG_SAMPLING_RATE:
+            raise ValueError(
+                f"--source_sampling_rate {self.source_sampling_rate}: selects PTB-XL's 100 or 500 Hz records; "
+                f"MIMIC-IV-ECG has its {MIMIC_IV_ECG_SAMPLING_RATE} Hz records only, read as recorded and resampled to "
+                f"the model's rate, so it would change nothing: leave --source_sampling_rate out (or pass "
+                f"{MIMIC_IV_ECG_SAMPLING_RATE}) with --dataset_name mimic_iv_ecg"
+            )
         if self.feature_extraction_device not in (None, "cpu"):
             raise ValueError(
                 f"--feature_extraction_device: None or 'cpu', got {self.feature_extraction_device!r} (the GPU path "
@@ -1046,6 +1058,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     train_loader, eval_loader, streaming = make_dataloaders(
         accelerator, data_args, train_args, feature_extractor, collators
     )
+    eval_split = eval_loader.dataset if eval_loader is not None else None  # whole: `prepare` may cut a stream
     optimizer, scheduler = make_optimizer(model, train_args)
     # The meter counts FLOPs on the eager model (before prepare wraps or compiles it).
     meter = ThroughputMeter(accelerator.device, train_args.peak_tflops, accelerator.num_processes, model)
@@ -1062,7 +1075,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         check_contrastive_batch(
             unwrapped.config, train_args.per_device_eval_batch_size, accelerator.num_processes, role="eval"
         )
-        check_eval_split_contrastive(unwrapped.config, eval_loader, data_args.eval_split)
+        check_eval_split_contrastive(unwrapped.config, eval_split, data_args.eval_split)
     objective = PretrainingObjective(unwrapped.config)  # the contrastive term over every process's batch
     run_identity = {
         "model_config": comparable_config(unwrapped.config),
@@ -1424,15 +1437,17 @@ def check_contrastive_batch(
         )
 
 
-def check_eval_split_contrastive(config: MeritConfig, eval_loader, split_name: str) -> None:
+def check_eval_split_contrastive(config: MeritConfig, eval_split, split_name: str) -> None:
     """Refuse an eval split of a single record where the contrastive term is on: it is the eval contrastive term's
-    only batch (`evaluate`), of one pair, whose InfoNCE is 0. A split of unknown length (a stream) is not checked."""
-    if eval_loader is None or config.contrastive_weight == 0:
+    only batch (`evaluate`), of one pair, whose InfoNCE is 0. `eval_split`: the eval loader's dataset before
+    `prepare` (which may give each process a part of a stream). A stream's length is unknown, so its first two records
+    are counted (a MIMIC-IV-ECG eval split, `--max_eval_samples 1`, was not checked and reported an InfoNCE of 0)."""
+    if eval_split is None or config.contrastive_weight == 0:
         return
     try:
-        records = len(eval_loader.dataset)
-    except TypeError:
-        return
+        records = len(eval_split)
+    except TypeError:  # a stream: read as far as a second record
+        records = sum(1 for _ in itertools.islice(iter(eval_split), 2))
     if records < 2:
         raise ValueError(
             f"--eval_split {split_name!r}: {records} record(s), so the eval contrastive term would have no other "
