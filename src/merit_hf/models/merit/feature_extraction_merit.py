@@ -751,7 +751,10 @@ class MeritFeatureExtractor(FeatureExtractionMixin):
     >>> import numpy as np
     >>> from merit_hf import MeritFeatureExtractor
     >>> fe = MeritFeatureExtractor()
-    >>> signal = np.random.randn(5000, 12) * 0.1  # (num_samples, num_leads) in mV, as wfdb gives it
+    >>> rng = np.random.default_rng(0)
+    >>> i, ii = rng.normal(0, 0.1, (2, 5000))  # two recorded limb leads in mV; the other four follow from them
+    >>> limb = np.stack([i, ii, ii - i, -(i + ii) / 2, i - ii / 2, ii - i / 2], axis=1)
+    >>> signal = np.concatenate([limb, rng.normal(0, 0.1, (5000, 6))], axis=1)  # (num_samples, num_leads), as wfdb
     >>> leads = ["I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6"]
     >>> fe(signal, sampling_rate=500, lead_names=leads, return_tensors="np")["ecg_values"].shape
     (1, 12, 2250)
