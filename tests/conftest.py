@@ -70,6 +70,19 @@ def run_in_fresh_process(script: str, tmp_path: Path, marker: str, context: str 
     assert marker in result.stdout, result.stdout[-2000:]
 
 
+def with_limb_leads_derived(signal):
+    """`signal` (num_samples, 12), in the standard lead order, with III, aVR, aVL and aVF computed from I and II as an
+    ECG machine derives them: synthetic noise then obeys Einthoven's and Goldberger's laws, which the feature
+    extractor checks (`lead_swap_policy`), so a test of something else runs without an `EcgLeadSwapWarning`."""
+    signal = signal.copy()
+    lead_i, lead_ii = signal[:, 0], signal[:, 1]
+    signal[:, 2] = lead_ii - lead_i
+    signal[:, 3] = -(lead_i + lead_ii) / 2
+    signal[:, 4] = lead_i - lead_ii / 2
+    signal[:, 5] = lead_ii - lead_i / 2
+    return signal
+
+
 def tiny_ecg_config(**overrides):
     from merit_hf import MeritEcgConfig
 

@@ -1158,7 +1158,7 @@ def test_two_processes_stream_uneven_shards_in_step_and_resume_exactly(assets, t
     script = tmp_path / "traced_pretrain.py"
     script.write_text(TRACE_SCRIPT)
     flags = {"dataset_name": "mimic_iv_ecg", "data_dir": tmp_path / "converted", "eval_split": "None",
-             "dataloader_num_workers": 1, "shuffle_buffer_size": 1, "max_steps": 8, "save_steps": 4, "eval_steps": 0,
+             "source_sampling_rate": 500, "dataloader_num_workers": 1, "shuffle_buffer_size": 1, "max_steps": 8, "save_steps": 4, "eval_steps": 0,
              "per_device_train_batch_size": 2, "use_cpu": "true"}  # fmt: skip
 
     def launch(run: str, **overrides) -> list[list[dict]]:

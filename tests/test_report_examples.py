@@ -18,7 +18,13 @@ from datasets import Array2D, Features, IterableDataset, List, Value
 from merit_hf import MeritFeatureExtractor
 from merit_hf.training import report_examples as report_examples_module
 from merit_hf.training.report_examples import ReportExamples, feature_extractor_settings, prepare_report_examples
-from tests.conftest import BUNDLED_PTBXL, TINY_REPORTS, tiny_ecg_config, train_tiny_tokenizer
+from tests.conftest import (
+    BUNDLED_PTBXL,
+    TINY_REPORTS,
+    tiny_ecg_config,
+    train_tiny_tokenizer,
+    with_limb_leads_derived,
+)
 from tests.test_data_mimic import mimic_root  # noqa: F401  (fixture: a MIMIC-IV-ECG folder in the PhysioNet layout)
 
 ECG_CONFIG = {"sampling_rate": 100, "num_samples": 1000, "patch_size": 50}
@@ -47,7 +53,7 @@ def counting_extractor(**settings) -> CountingExtractor:
 def synthetic_rows(count: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     return [{"ecg_id": 1000 + index, "report": TINY_REPORTS[index % len(TINY_REPORTS)], "sampling_rate": 100,
-             "lead_names": LEADS, "signal": rng.normal(scale=0.3, size=(1000, 12)).astype(np.float32)}
+             "lead_names": LEADS, "signal": with_limb_leads_derived(rng.normal(scale=0.3, size=(1000, 12))).astype(np.float32)}
             for index in range(count)]  # fmt: skip
 
 
@@ -60,7 +66,7 @@ def synthetic_stream(count: int) -> IterableDataset:
         rng = np.random.default_rng(0)
         for index in range(count):
             yield {"ecg_id": index, "report": "sinus rhythm", "sampling_rate": 100, "lead_names": LEADS,
-                   "signal": rng.normal(scale=0.3, size=(1000, 12)).astype(np.float32)}  # fmt: skip
+                   "signal": with_limb_leads_derived(rng.normal(scale=0.3, size=(1000, 12))).astype(np.float32)}  # fmt: skip
 
     return IterableDataset.from_generator(generate, features=features, gen_kwargs={"count": count})
 

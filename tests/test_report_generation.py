@@ -22,6 +22,7 @@ from tests.conftest import (
     TINY_REPORTS,
     run_in_fresh_process,
     tiny_ecg_config,
+    with_limb_leads_derived,
 )
 
 ECG_CONFIG = {"sampling_rate": 100, "num_samples": 1000, "patch_size": 50}
@@ -106,7 +107,7 @@ def parts(lm_dir):
 
 def ecg_batch(count: int, seed: int = 0):
     rng = np.random.default_rng(seed)
-    return [rng.normal(scale=0.3, size=(1000, 12)) for _ in range(count)]
+    return [with_limb_leads_derived(rng.normal(scale=0.3, size=(1000, 12))) for _ in range(count)]
 
 
 def ecg_kwargs(count: int, seed: int = 0):
