@@ -240,3 +240,13 @@ def test_mimic_on_more_processes_than_files_reads_row_groups(mimic_root, tmp_pat
     parts = [ecg_ids(node) for node in nodes]
     assert sorted(sum(parts, [])) == sorted(ecg_ids(load_dataset("mimic_iv_ecg", tmp_path / "out", split="train")))
     assert sorted(map(len, parts)) == [1, 2, 3]  # shards of 2, 1, 2, 1 records: (0, 3), (1,), (2,)
+
+
+@pytest.mark.parametrize("name", ["mimic_iv_ecg", "wfdb"])
+def test_a_ptbxl_version_with_another_dataset_is_refused_before_anything_is_read(name, tmp_path):
+    """load_dataset (pretraining's, the probe's and the embedding command's entry point) took ptbxl_version="as_is"
+    for MIMIC-IV-ECG and WFDB folders and did nothing with it."""
+    from merit_hf.data import load_dataset
+
+    with pytest.raises(ValueError, match=rf"^--ptbxl_version as_is: only with --dataset_name ptbxl .* {name} has no"):
+        load_dataset(name, tmp_path / "not read", ptbxl_version="as_is")

@@ -435,6 +435,7 @@ def test_flags_that_would_do_nothing_or_fail_late_are_refused_at_parsing(tmp_pat
         (["--split_seed", "3", "--split_column", "fold"], r"--split_column, --split_seed: only with --dataset_name wfdb"),
         (["--dataset_name", "wfdb", "--sampling_rate", "500"], r"--sampling_rate 500: only with --dataset_name ptbxl .*wfdb records are read at their recorded rates"),
         (["--dataset_name", "mimic_iv_ecg", "--sampling_rate", "500"], r"--sampling_rate 500: only with --dataset_name ptbxl .*mimic_iv_ecg records"),
+        (["--dataset_name", "mimic_iv_ecg", "--ptbxl_version", "as_is"], r"--ptbxl_version as_is: only with --dataset_name ptbxl .*mimic_iv_ecg has no"),
         (["--num_shards", "0", "--shard_index", "0"], r"num_shards: must be >= 1 .*got 0"),
         (["--num_shards", "2", "--shard_index", "2"], r"shard_index: must be in \[0, 2\) for --num_shards 2, got 2"),
         (["--feature_extraction_device", "gpu0"], r"feature_extraction_device: must be 'encoder' or a torch device .*'gpu0'"),

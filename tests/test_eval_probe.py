@@ -268,6 +268,16 @@ def test_sampling_rate_for_a_dataset_it_does_not_apply_to_is_refused(tmp_path):
     assert ProbeArguments(sampling_rate=500).sampling_rate == 500
 
 
+def test_a_ptbxl_version_for_another_dataset_is_refused(tmp_path):
+    """`--ptbxl_version as_is` with `--dataset_name wfdb` (or mimic_iv_ecg) was accepted and changed nothing."""
+    with pytest.raises(
+        ValueError, match=r"^--ptbxl_version as_is: only with --dataset_name ptbxl .* wfdb has no PTB-XL"
+    ):
+        main(["--model_name_or_path", str(tmp_path / "missing"), "--dataset_name", "wfdb", "--ptbxl_version", "as_is"])
+    assert ProbeArguments(dataset_name="wfdb").ptbxl_version == "1.0.3"  # the default is not refused
+    assert ProbeArguments(ptbxl_version="as_is").ptbxl_version == "as_is"
+
+
 def test_a_negative_bootstrap_count_set_after_parsing_is_refused_before_fine_tuning(ptbxl_like, monkeypatch):
     from merit_hf.training import finetune
 

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from .data.collator import RECORD_ID_COLUMNS, first_failing_record, record_ids
-from .data.ptbxl_versions import DEFAULT_PTBXL_VERSION, PTBXL_VERSIONS, check_ptbxl_version
+from .data.ptbxl_versions import DEFAULT_PTBXL_VERSION, PTBXL_VERSIONS, check_ptbxl_version_for
 from .data.wfdb_folder import DEFAULT_SPLIT_FRACTIONS
 from .evaluation.probe import (
     check_sampling_rate_flag,
@@ -538,7 +538,7 @@ class EmbeddingArguments:
     def __post_init__(self):
         if self.dataset_name not in DATASET_NAMES:
             raise ValueError(f"dataset_name: must be one of {DATASET_NAMES}, got {self.dataset_name!r}")
-        check_ptbxl_version(self.ptbxl_version)
+        check_ptbxl_version_for(self.dataset_name, self.ptbxl_version)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.batch_size < 1:

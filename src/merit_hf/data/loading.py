@@ -44,7 +44,12 @@ from .ptbxl import (
     is_physionet_ptbxl,
     ptbxl_config_name,
 )
-from .ptbxl_versions import DEFAULT_PTBXL_VERSION, apply_ptbxl_version_to_dataset, check_ptbxl_version
+from .ptbxl_versions import (
+    DEFAULT_PTBXL_VERSION,
+    apply_ptbxl_version_to_dataset,
+    check_ptbxl_version,
+    check_ptbxl_version_for,
+)
 from .reports import drop_empty_reports as _drop_empty_reports
 from .streams import column_values, filter_stream, stream_part
 from .wfdb_folder import DEFAULT_SPLIT_FRACTIONS
@@ -89,7 +94,8 @@ def load_dataset(
             ECG-report pairs of pretraining and report generation, with the cleaned report text of the conversion.
         label_fraction, label_set, drop_unlabeled: PTB-XL only, see `load_ptbxl` (`seed` seeds the label fraction).
         ptbxl_version: PTB-XL only: `"1.0.3"` (default: rows and labels follow PTB-XL v1.0.3 whatever metadata
-            version the folder holds) or `"as_is"`; see `load_ptbxl`.
+            version the folder holds) or `"as_is"`; see `load_ptbxl`. Another value with another dataset raises
+            (`check_ptbxl_version_for`): it would change nothing.
         split_column, split_fractions: WFDB folders only, see `load_wfdb_dataset` (`seed` seeds the split).
 
     Example:
@@ -100,6 +106,7 @@ def load_dataset(
     >>> sorted(ptbxl), ptbxl["validation"].num_rows  # 81 v1.0.1 rows, 3 of them duplicates v1.0.3 drops
     (['test', 'train', 'validation'], 78)
     ```"""
+    check_ptbxl_version_for(name, ptbxl_version)
     if name == "ptbxl":
         dataset = load_ptbxl(
             path_or_repo_id,

@@ -121,6 +121,17 @@ def check_ptbxl_version(version: str) -> str:
     return version
 
 
+def check_ptbxl_version_for(dataset_name: str, ptbxl_version: str) -> None:
+    """Refuse a `ptbxl_version` other than the default for a dataset that is not PTB-XL: MIMIC-IV-ECG and WFDB folders
+    have no PTB-XL versions, so `--ptbxl_version as_is` with them was accepted and changed nothing."""
+    check_ptbxl_version(ptbxl_version)
+    if dataset_name != "ptbxl" and ptbxl_version != DEFAULT_PTBXL_VERSION:
+        raise ValueError(
+            f"--ptbxl_version {ptbxl_version}: only with --dataset_name ptbxl (which PTB-XL version's rows and labels "
+            f"to read); {dataset_name} has no PTB-XL versions, so it would change nothing: leave --ptbxl_version out"
+        )
+
+
 def apply_ptbxl_version(
     rows: Iterable[dict[str, Any]], version: str = DEFAULT_PTBXL_VERSION, source: str = "ptbxl_database.csv"
 ) -> tuple[list[dict[str, Any]], PtbxlVersionReport]:

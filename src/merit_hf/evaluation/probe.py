@@ -58,7 +58,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.labels import LABEL_SETS
-from ..data.ptbxl_versions import DEFAULT_PTBXL_VERSION, PTBXL_VERSIONS, check_ptbxl_version
+from ..data.ptbxl_versions import DEFAULT_PTBXL_VERSION, PTBXL_VERSIONS, check_ptbxl_version_for
 from ..data.wfdb_folder import DEFAULT_SPLIT_FRACTIONS
 from ..models.fingerprint import model_fingerprint
 from ..models.merit.feature_extraction_merit import MeritFeatureExtractor
@@ -213,7 +213,7 @@ class ProbeArguments:
             raise ValueError(f"mode: must be one of {MODES}, got {self.mode!r}")
         if self.dataset_name not in DATASET_NAMES:
             raise ValueError(f"dataset_name: must be one of {DATASET_NAMES}, got {self.dataset_name!r}")
-        check_ptbxl_version(self.ptbxl_version)
+        check_ptbxl_version_for(self.dataset_name, self.ptbxl_version)
         check_sampling_rate_flag(self.dataset_name, self.sampling_rate, type(self).__dataclass_fields__)
         for label_set in self.label_sets if self.dataset_name == "ptbxl" else ():
             if label_set not in LABEL_SETS:
