@@ -678,6 +678,7 @@ def test_a_streamed_eval_split_of_one_record_is_refused(assets, tmp_path):
 
     convert_mimic_iv_ecg(write_mimic_root(tmp_path / "mimic"), tmp_path / "converted")
     flags = {"dataset_name": "mimic_iv_ecg", "data_dir": tmp_path / "converted", "source_sampling_rate": 500,
+             "ptbxl_version": "1.0.3",
              "eval_split": "train", "max_eval_samples": 1, "shuffle_buffer_size": 1, "per_device_train_batch_size": 2,
              "max_steps": 1, "save_steps": 1, "eval_steps": 1}  # fmt: skip
     with pytest.raises(ValueError, match=re.escape("--eval_split 'train': 1 record(s)")):
@@ -1158,7 +1159,7 @@ def test_two_processes_stream_uneven_shards_in_step_and_resume_exactly(assets, t
     script = tmp_path / "traced_pretrain.py"
     script.write_text(TRACE_SCRIPT)
     flags = {"dataset_name": "mimic_iv_ecg", "data_dir": tmp_path / "converted", "eval_split": "None",
-             "source_sampling_rate": 500, "dataloader_num_workers": 1, "shuffle_buffer_size": 1, "max_steps": 8, "save_steps": 4, "eval_steps": 0,
+             "source_sampling_rate": 500, "ptbxl_version": "1.0.3", "dataloader_num_workers": 1, "shuffle_buffer_size": 1, "max_steps": 8, "save_steps": 4, "eval_steps": 0,
              "per_device_train_batch_size": 2, "use_cpu": "true"}  # fmt: skip
 
     def launch(run: str, **overrides) -> list[list[dict]]:
