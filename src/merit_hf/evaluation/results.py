@@ -473,16 +473,22 @@ def json_safe(value: Any) -> Any:
     return json.loads(json.dumps(_json_safe(value), allow_nan=False))
 
 
-def write_results(results: EvaluationResults, path: str | Path) -> Path:
-    """Write `results` as indented JSON in the v1 layout (NaN/inf become `null`, numpy scalars plain numbers). The
-    file appears whole or not at all (written beside it, then renamed): a run killed while writing leaves no
-    truncated results, which a resumed fine-tune would otherwise find (`--resume_from_checkpoint`)."""
+def write_json_whole(path: str | Path, value: Any, indent: int = 2) -> Path:
+    """Write `value` as indented JSON with `json_safe`'s conversions (NaN/inf `null`, numpy scalars plain numbers)
+    that appears whole or not at all (written beside `path`, then renamed): a run killed while writing leaves no
+    truncated file, which a resumed fine-tune would otherwise find (`--resume_from_checkpoint`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(_json_safe(results.to_dict()), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    partial.write_text(json.dumps(_json_safe(value), indent=indent, allow_nan=False) + "\n", encoding="utf-8")
     partial.replace(path)
     return path
+
+
+def write_results(results: EvaluationResults, path: str | Path) -> Path:
+    """Write `results` as indented JSON in the v1 layout (NaN/inf become `null`, numpy scalars plain numbers), whole
+    or not at all (`write_json_whole`)."""
+    return write_json_whole(path, results.to_dict())
 
 
 def read_results(path: str | Path) -> EvaluationResults:

@@ -37,7 +37,7 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_N
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME
 
-from ..evaluation.results import EvaluationResults, json_safe, read_results
+from ..evaluation.results import EvaluationResults, json_safe, read_results, write_json_whole
 from ..utils.throughput import ThroughputMeter
 from .checkpoint_integrity import damaged_files
 
@@ -143,13 +143,6 @@ def _read_json(path: Path) -> Any:
         ) from error
 
 
-def write_json(path: Path, value: Any) -> None:
-    """Write `value` as JSON that appears whole or not at all (written beside `path`, then renamed)."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(json_safe(value), indent=1) + "\n")
-    partial.replace(path)
-
-
 def finished_unit(output_file: Path, settings: Mapping[str, Any], roles: Sequence[str]) -> EvaluationResults | None:
     """What `--resume_from_checkpoint latest` does with a unit before it trains anything: its results file, when an
     earlier run finished it with these `settings` (`None` when it is not written yet). Refuses a results file or a
@@ -196,12 +189,12 @@ def start_role(folder: Path, settings: Mapping[str, Any], resume: bool) -> None:
     if not resume and folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / SETTINGS_FILE, settings)
+    write_json_whole(folder / SETTINGS_FILE, settings, indent=1)
 
 
 def finish_role(folder: Path, entry: Mapping[str, Any]) -> None:
     """Keep a role's results entry once it is trained and scored, so that a resume does not train it again."""
-    write_json(folder / FINISHED_FILE, entry)
+    write_json_whole(folder / FINISHED_FILE, entry, indent=1)
 
 
 def remove_role_folders(output_file: Path) -> None:
@@ -336,8 +329,8 @@ class RunHistoryCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            write_json(folder / RUN_HISTORY_FILE,
-                       {"throughput": self.meter.run_counts(), "resumed_at_steps": self.resumed_at_steps})  # fmt: skip
+            write_json_whole(folder / RUN_HISTORY_FILE, indent=1,
+                             value={"throughput": self.meter.run_counts(), "resumed_at_steps": self.resumed_at_steps})  # fmt: skip
 
 
 class SaveStepsCallback(TrainerCallback):
